@@ -1,0 +1,62 @@
+"""The ``llmrec`` command.
+
+Each command group lives beside the code it drives and adds itself through a ``register_cli``
+function; this module only collects them, so a group can be read (and tested) on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that provide `register_cli(subparsers)`, in the order their commands are listed.
+COMMAND_MODULES = (
+    "llmrec.data.cli",
+    "llmrec.models.backbone",
+    "llmrec.evaluation.cli",
+    "llmrec.training.cli",
+    "llmrec.seqrec.cli",
+    "llmrec.bench",
+    "llmrec.quickstart",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmrec import __version__
+
+    parser = argparse.ArgumentParser(prog="llmrec", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"llmrec {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that command group is not part of this build
+                continue
+            raise
+        module.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if rest and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        # Our errors (DataFormatError, ConfigError, ...) carry file/row/field; no traceback for them.
+        print(f"llmrec: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""One schema for recipes and command lines: dataclasses parsed by ``HfArgumentParser``.
+
+Every config is a dataclass whose fields carry a ``help`` string (the TRL convention). A recipe YAML
+is a flat mapping of those field names; command-line ``--field value`` overrides it. Unknown keys in
+a recipe are an error that names the file and the key (with the nearest known key), never ignored.
+YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or command line that does not fit the config schema."""
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML (safe loader) into a flat dict; clear errors for missing/bad files."""
+    from llmrec.resources import resolve_resource
+
+    try:
+        path = resolve_resource(path, "recipes")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of option names to values")
+    return data
+
+
+def field_names(classes: Sequence[type]) -> set[str]:
+    return {f.name for cls in classes for f in dataclasses.fields(cls) if f.init}
+
+
+def check_keys(data: dict[str, Any], classes: Sequence[type], source: str) -> None:
+    """Raise :class:`ConfigError` naming ``source`` for every key no dataclass knows."""
+    known = field_names(classes)
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        parts = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, known, n=1)
+            parts.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigError(f"{source}: unknown option(s) {', '.join(parts)}")
+
+
+def parse_config(
+    classes: Sequence[type],
+    config_path: str | Path | None = None,
+    args: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple:
+    """Build the dataclasses from a recipe, then ``extra`` values, then command-line overrides.
+
+    Returns one instance per class, in order. ``args`` are ``--name value`` pairs (the remainder of
+    the CLI after the subcommand's own flags).
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(list(classes))
+    data: dict[str, Any] = {}
+    if config_path is not None:
+        data = read_recipe(config_path)
+        check_keys(data, classes, str(config_path))
+    if extra:
+        check_keys(extra, classes, "arguments")
+        data.update(extra)
+    if args:
+        # Parse the command line on top of the recipe: the recipe's values become defaults.
+        parser.set_defaults(**data)
+        # Required fields given by the recipe must not be demanded again on the command line.
+        for action in parser._actions:
+            if action.dest in data:
+                action.required = False
+        try:
+            outputs, unknown = parser.parse_known_args(list(args))
+        except SystemExit as e:
+            raise ConfigError(f"bad command-line override in {list(args)}") from e
+        if unknown:
+            raise ConfigError(f"unknown command-line option(s): {' '.join(unknown)}")
+        result = []
+        for cls in classes:
+            names = {f.name for f in dataclasses.fields(cls) if f.init}
+            result.append(cls(**{k: v for k, v in vars(outputs).items() if k in names}))
+        return tuple(result)
+    try:
+        return tuple(parser.parse_dict(data))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{config_path or 'config'}: {e}") from None
+
+
+def to_dict(*configs: Any) -> dict[str, Any]:
+    """Flatten config dataclasses into one JSON-friendly dict (for results files and checkpoints)."""
+    out: dict[str, Any] = {}
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            out[f.name] = v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v)
+    return out

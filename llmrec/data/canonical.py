@@ -1,0 +1,187 @@
+"""The canonical prepared-dataset layout that every reader writes and every model reads.
+
+A prepared directory ``DIR`` holds:
+
+* ``catalog.jsonl`` -- one item per line, ``{"item_id": int, "raw_id": str, "title": str}``, ids
+  contiguous from 1 (0 is reserved for padding), in the order of the source's own ids;
+* ``train.jsonl`` / ``valid.jsonl`` / ``test.jsonl`` -- one example per line,
+  ``{"user_id": str, "history_item_ids": [int, ...], "target_item_id": int, "timestamp": int | null}``,
+  histories oldest first and already cut to the ``max_history`` used at preparation;
+* ``stats.json`` -- raw and cleaned counts, rows per split, cleaning and skip counts, options used.
+
+The split files store item ids only (titles would repeat every history many times over);
+:func:`load_prepared` adds ``history_titles`` and ``target_title`` from the catalogue, which gives the
+canonical row: user id, history item ids, history titles, target item id, target title, timestamp.
+JSON lines are written with sorted keys and fixed separators, so the same input gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "valid", "test")
+CATALOG_FILE = "catalog.jsonl"
+STATS_FILE = "stats.json"
+PAD_ITEM_ID = 0
+
+ROW_FIELDS = ("user_id", "history_item_ids", "target_item_id", "timestamp")
+
+
+class DataFormatError(ValueError):
+    """A malformed input file: the message names the file, the row (1-based line) and the field."""
+
+    def __init__(self, path: str | os.PathLike, row: int | None, field: str | None, problem: str):
+        self.path, self.row, self.field, self.problem = str(path), row, field, problem
+        where = str(path)
+        if row is not None:
+            where += f", row {row}"
+        if field is not None:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {problem}")
+
+
+def dumps_line(obj: Any) -> str:
+    """One deterministic JSON line (sorted keys, no spaces, UTF-8 kept)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    n = 0
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(dumps_line(row))
+            n += 1
+    return n
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(path, i, None, f"not valid JSON ({e.msg})") from None
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike):
+    """Yield a temporary directory beside ``final``; on success it replaces ``final`` in one rename.
+
+    If the body raises, the temporary directory is removed and ``final`` is left as it was, so a
+    failed run never leaves a half-written output directory.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+@dataclass
+class PreparedData:
+    """A loaded prepared directory: the catalogue, the splits (HF ``DatasetDict``) and the stats."""
+
+    directory: Path
+    catalog: Any  # llmrec.data.catalog.ItemCatalog
+    splits: Any  # datasets.DatasetDict
+    stats: dict
+
+    @property
+    def num_items(self) -> int:
+        return len(self.catalog)
+
+
+def load_prepared(
+    directory: str | os.PathLike,
+    splits: Iterable[str] | None = None,
+    max_history: int | None = None,
+    with_titles: bool = True,
+) -> PreparedData:
+    """Load a directory written by ``llmrec data prepare`` (or a named embedded sample).
+
+    ``splits`` defaults to the split files present. ``max_history`` keeps the most recent items of
+    each history. ``with_titles`` adds ``history_titles`` / ``target_title`` columns.
+    """
+    from datasets import Dataset, DatasetDict, Features, Sequence, Value
+
+    from llmrec.data.catalog import ItemCatalog
+    from llmrec.data.samples import resolve_dataset_dir
+
+    directory = resolve_dataset_dir(directory)
+    catalog = ItemCatalog.load(directory / CATALOG_FILE)
+    stats_path = directory / STATS_FILE
+    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.exists() else {}
+    wanted = list(splits) if splits is not None else [s for s in SPLITS if (directory / f"{s}.jsonl").exists()]
+    if not wanted:
+        raise FileNotFoundError(f"{directory}: no split files (train/valid/test.jsonl) found")
+    features = Features(
+        {
+            "user_id": Value("string"),
+            "history_item_ids": Sequence(Value("int64")),
+            "target_item_id": Value("int64"),
+            "timestamp": Value("int64"),
+        }
+    )
+    out = {}
+    for name in wanted:
+        path = directory / f"{name}.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"{directory}: split '{name}' is missing ({path.name} not found)")
+        cols: dict[str, list] = {k: [] for k in ROW_FIELDS}
+        for row in read_jsonl(path):
+            hist = row["history_item_ids"]
+            if max_history is not None and max_history > 0:
+                hist = hist[-max_history:]
+            cols["user_id"].append(row["user_id"])
+            cols["history_item_ids"].append(hist)
+            cols["target_item_id"].append(row["target_item_id"])
+            cols["timestamp"].append(row["timestamp"])
+        if with_titles:
+            title = catalog.title
+            cols["history_titles"] = [[title(i) for i in h] for h in cols["history_item_ids"]]
+            cols["target_title"] = [title(i) for i in cols["target_item_id"]]
+            feats = features.copy()
+            feats["history_titles"] = Sequence(Value("string"))
+            feats["target_title"] = Value("string")
+        else:
+            feats = features
+        out[name] = Dataset.from_dict(cols, features=feats)
+    return PreparedData(directory=directory, catalog=catalog, splits=DatasetDict(out), stats=stats)

@@ -1,0 +1,217 @@
+"""The item catalogue: item id <-> title, and the report of what title cleaning found and did.
+
+Title kinds found in real recommendation data (see ../shared/data/README.md):
+
+* ``html``        -- an HTML fragment instead of a title (e.g. ``<span class="a-size-medium ...``,
+                     29 items of the LatentR3 CDs data);
+* ``placeholder`` -- a generated stand-in such as ``title_1234`` (19 items of DEALRec Games);
+* ``empty``       -- missing or whitespace only;
+* ``duplicate``   -- the same title as another item (448 items of Games).
+
+:class:`TitlePolicy` says what happens to each kind: ``drop`` removes the item and every interaction
+with it before examples are formed (as if it had never been seen); ``keep`` keeps it. The default
+drops html, placeholder and empty titles (an LLM cannot generate them meaningfully) and keeps
+duplicates: items sharing a title become one path of the decoding trie and evaluation reports
+title-level and item-level matching. The counts land in ``stats.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmrec.data.canonical import CATALOG_FILE, DataFormatError, read_jsonl, write_jsonl
+
+TITLE_KINDS = ("html", "placeholder", "empty", "duplicate")
+POLICIES = ("keep", "drop")
+
+_HTML_RE = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(\s|>|/|$)")
+_PLACEHOLDER_RE = re.compile(r"^title_\d+$")
+
+
+def classify_title(title: str | None) -> str | None:
+    """Return the defect kind of one title (``html``/``placeholder``/``empty``) or ``None``.
+
+    >>> classify_title('<span class="a-size-medium a-color-secondary')
+    'html'
+    >>> classify_title("title_17"), classify_title("  "), classify_title("Anno 2070")
+    ('placeholder', 'empty', None)
+    """
+    if title is None or not str(title).strip():
+        return "empty"
+    t = str(title).strip()
+    if _HTML_RE.search(t):
+        return "html"
+    if _PLACEHOLDER_RE.match(t):
+        return "placeholder"
+    return None
+
+
+@dataclass
+class TitlePolicy:
+    """What to do with each kind of bad title: ``keep`` or ``drop`` (the item and its interactions)."""
+
+    html: str = "drop"
+    placeholder: str = "drop"
+    empty: str = "drop"
+    duplicate: str = "keep"
+
+    def __post_init__(self) -> None:
+        for kind in TITLE_KINDS:
+            if getattr(self, kind) not in POLICIES:
+                raise ValueError(f"title policy for '{kind}' must be one of {POLICIES}, got {getattr(self, kind)!r}")
+
+    @classmethod
+    def parse(cls, spec: str | None) -> TitlePolicy:
+        """Parse ``"html=drop,duplicate=drop"`` (unnamed kinds keep their defaults)."""
+        policy = cls()
+        if not spec:
+            return policy
+        for part in spec.split(","):
+            if "=" not in part:
+                raise ValueError(f"bad title policy '{part}': expected kind=keep|drop")
+            kind, value = (s.strip() for s in part.split("=", 1))
+            if kind not in TITLE_KINDS:
+                raise ValueError(f"unknown title kind '{kind}' in title policy; kinds: {TITLE_KINDS}")
+            setattr(policy, kind, value)
+        policy.__post_init__()
+        return policy
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: getattr(self, k) for k in TITLE_KINDS}
+
+
+@dataclass
+class CleaningReport:
+    """Counts of each title kind found and of the items dropped because of it."""
+
+    found: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TITLE_KINDS, 0))
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TITLE_KINDS, 0))
+    policy: dict[str, str] = field(default_factory=dict)
+    dropped_raw_ids: list[str] = field(default_factory=list)
+    items_sharing_a_title: int = 0
+
+    def as_dict(self) -> dict:
+        return {"found": dict(self.found), "dropped_items": dict(self.dropped), "policy": dict(self.policy),
+                "items_sharing_a_title": self.items_sharing_a_title}
+
+
+def clean_titles(
+    raw_titles: Mapping[str, str | None], policy: TitlePolicy | None = None
+) -> tuple[dict[str, str], CleaningReport]:
+    """Apply ``policy`` to ``raw_id -> title``; return the kept ``raw_id -> stripped title`` and a report.
+
+    A duplicate is any item whose stripped title equals another *kept* item's title (after the other
+    kinds are handled), so dropping duplicates removes every item of a shared title.
+    """
+    policy = policy or TitlePolicy()
+    report = CleaningReport(policy=policy.as_dict())
+    kept: dict[str, str] = {}
+    for raw_id, title in raw_titles.items():
+        kind = classify_title(title)
+        if kind is not None:
+            report.found[kind] += 1
+            if getattr(policy, kind) == "drop":
+                report.dropped[kind] += 1
+                report.dropped_raw_ids.append(raw_id)
+                continue
+        kept[raw_id] = "" if title is None else str(title).strip()
+    counts = Counter(kept.values())
+    shared = {t for t, c in counts.items() if c > 1}
+    # Like the data READMEs: an item is a duplicate if an earlier item already has its title
+    # (items - distinct titles); the number of items in shared-title groups is reported beside it.
+    report.found["duplicate"] = len(kept) - len(counts)
+    report.items_sharing_a_title = sum(counts[t] for t in shared)
+    if policy.duplicate == "drop":
+        for raw_id in [r for r, t in kept.items() if t in shared]:
+            del kept[raw_id]
+            report.dropped["duplicate"] += 1
+            report.dropped_raw_ids.append(raw_id)
+    return kept, report
+
+
+def _raw_sort_key(raw_id: str):
+    # Numeric source ids keep their numeric order (1, 2, ..., 10), others sort as strings.
+    return (0, int(raw_id), "") if raw_id.isdigit() else (1, 0, raw_id)
+
+
+class ItemCatalog:
+    """Item ids (contiguous from 1; 0 is padding) with their titles and source ids.
+
+    >>> cat = ItemCatalog.from_titles({"10": "Halo", "2": "Tetris", "7": "Halo"})
+    >>> cat.title(1), cat.raw_id(1), cat.item_ids_for_title("Halo")
+    ('Tetris', '2', [2, 3])
+    """
+
+    def __init__(self, raw_ids: Iterable[str], titles: Iterable[str]):
+        self.raw_ids: list[str] = [str(r) for r in raw_ids]
+        self.titles: list[str] = list(titles)
+        if len(self.raw_ids) != len(self.titles):
+            raise ValueError("raw_ids and titles differ in length")
+        self._by_raw = {r: i + 1 for i, r in enumerate(self.raw_ids)}
+        if len(self._by_raw) != len(self.raw_ids):
+            raise ValueError("duplicate raw item ids in catalogue")
+        self._by_title: dict[str, list[int]] = defaultdict(list)
+        for i, t in enumerate(self.titles):
+            self._by_title[t].append(i + 1)
+
+    @classmethod
+    def from_titles(cls, raw_titles: Mapping[str, str]) -> ItemCatalog:
+        """Number ``raw_id -> title`` from 1 in the order of the source ids."""
+        order = sorted(raw_titles, key=_raw_sort_key)
+        return cls(order, [raw_titles[r] for r in order])
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+    @property
+    def item_ids(self) -> range:
+        return range(1, len(self.titles) + 1)
+
+    def title(self, item_id: int) -> str:
+        if not 1 <= item_id <= len(self.titles):
+            raise KeyError(f"item id {item_id} is not in the catalogue (ids 1..{len(self.titles)})")
+        return self.titles[item_id - 1]
+
+    def raw_id(self, item_id: int) -> str:
+        return self.raw_ids[item_id - 1]
+
+    def id_for_raw(self, raw_id: str) -> int | None:
+        return self._by_raw.get(str(raw_id))
+
+    def item_ids_for_title(self, title: str) -> list[int]:
+        """All item ids carrying ``title`` (several when items share a title), ascending."""
+        return list(self._by_title.get(title, []))
+
+    def unique_titles(self) -> list[str]:
+        """Distinct titles in first-occurrence order (one decoding path each)."""
+        return list(self._by_title)
+
+    def save(self, path: str | Path) -> None:
+        write_jsonl(
+            Path(path),
+            ({"item_id": i + 1, "raw_id": r, "title": t} for i, (r, t) in enumerate(zip(self.raw_ids, self.titles))),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ItemCatalog:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CATALOG_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"catalogue file not found: {path}")
+        raw_ids, titles = [], []
+        for n, row in enumerate(read_jsonl(path), start=1):
+            for key in ("item_id", "raw_id", "title"):
+                if key not in row:
+                    raise DataFormatError(path, n, key, "missing")
+            if row["item_id"] != n:
+                raise DataFormatError(path, n, "item_id", f"expected {n} (ids must be contiguous from 1)")
+            raw_ids.append(row["raw_id"])
+            titles.append(row["title"])
+        if not titles:
+            raise DataFormatError(path, None, None, "the catalogue is empty")
+        return cls(raw_ids, titles)

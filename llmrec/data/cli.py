@@ -1,0 +1,126 @@
+"""``llmrec data prepare`` and ``llmrec data stats``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from llmrec.data.formats import FORMATS
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def read_source(args: argparse.Namespace):
+    """Dispatch to the reader of ``args.format``."""
+    from llmrec.data import formats
+
+    inp = Path(args.input)
+    if not inp.exists():
+        raise FileNotFoundError(f"input not found: {inp}")
+    splits = _split_list(args.splits)
+    cutoffs = tuple(int(x) for x in args.time_cutoffs.split(",")) if args.time_cutoffs else None
+    if cutoffs is not None and len(cutoffs) != 2:
+        raise ValueError("--time-cutoffs takes two timestamps: VALID_START,TEST_START")
+    if args.format == "d3-csv":
+        return formats.read_d3_csv(inp, splits or ["train", "valid", "test"], args.category)
+    if args.format == "seq-txt":
+        return formats.read_seq_txt(inp, args.titles_from, args.on_unknown_item, splits)
+    if args.format == "recbole":
+        return formats.read_recbole(inp, args.category, args.on_unknown_item)
+    if args.format == "csv":
+        inter = Path(args.interactions) if args.interactions else inp / "interactions.csv"
+        items = Path(args.items) if args.items else inp / "items.csv"
+        return formats.read_generic_csv(inter, items, args.split, args.valid_ratio, args.test_ratio, cutoffs, args.on_unknown_item)
+    if args.format == "amazon2023":
+        if not args.category:
+            raise ValueError("--format amazon2023 needs --category (e.g. Video_Games)")
+        return formats.read_amazon2023(inp, args.category, args.split, args.valid_ratio, args.test_ratio, cutoffs,
+                                       args.min_rating, args.on_unknown_item)
+    if args.format == "amazon2018":
+        if not args.category:
+            raise ValueError("--format amazon2018 needs --category (e.g. Video_Games)")
+        return formats.read_amazon2018(inp, args.category, start=args.start, end=args.end, min_items=args.min_items)
+    raise ValueError(f"unknown format {args.format!r}; known: {', '.join(FORMATS)}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from llmrec.data.catalog import TitlePolicy
+    from llmrec.data.prepare import PrepareOptions, prepare
+
+    opts = PrepareOptions(max_history=args.max_history, eval_rows=args.eval_rows,
+                          title_policy=TitlePolicy.parse(args.title_policy))
+    raw = read_source(args)
+    stats = prepare(raw, args.output, opts, _split_list(args.splits))
+    print(format_stats(stats))
+    return 0
+
+
+def format_stats(stats: dict) -> str:
+    """A short human-readable summary of a stats.json."""
+    raw, clean = stats["raw"], stats["cleaned"]
+    lines = [
+        f"source: {json.dumps(stats.get('source', {}), sort_keys=True)}",
+        f"raw:     users {raw['users']:,}  items {raw['items']:,}  interactions {raw['interactions']:,}  "
+        f"(catalogue titles {raw['catalog_items']:,})",
+    ]
+    for split, c in raw.get("per_split", {}).items():
+        lines.append(f"  raw {split}: " + "  ".join(f"{k} {v:,}" for k, v in c.items()))
+    lines.append(f"cleaned: users {clean['users']:,}  items {clean['items_in_examples']:,}  "
+                 f"catalogue {clean['catalog_items']:,}  examples {clean['examples']:,}")
+    lines.append("rows:    " + "  ".join(f"{s} {n:,}" for s, n in stats["rows"].items()))
+    c = stats["cleaning"]
+    lines.append("titles:  " + "  ".join(f"{k} {c['found'][k]} found/{c['dropped_items'][k]} dropped ({c['policy'][k]})"
+                                         for k in c["found"]))
+    if stats.get("skipped"):
+        lines.append("skipped: " + "  ".join(f"{k} {v:,}" for k, v in stats["skipped"].items()))
+    return "\n".join(lines)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from llmrec.data.samples import resolve_dataset_dir
+
+    path = resolve_dataset_dir(args.directory) / "stats.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a prepared directory")
+    stats = json.loads(path.read_text(encoding="utf-8"))
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    data = subparsers.add_parser("data", help="prepare datasets into the canonical form, show their stats")
+    sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = sub.add_parser("prepare", help="convert a source dataset into DIR/{train,valid,test}.jsonl + catalog + stats",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--format", required=True, choices=FORMATS, help="source format")
+    p.add_argument("--input", required=True, help="source file or directory")
+    p.add_argument("--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--splits", default=None, help="comma-separated splits to prepare (default: all three; "
+                   "a missing split is an error unless named here, e.g. valid,test)")
+    p.add_argument("--max-history", type=int, default=50, help="keep the last N history items (0 = all)")
+    p.add_argument("--eval-rows", choices=("all", "first"), default="all",
+                   help="time splits: one row per valid/test interaction (all) or only the user's first")
+    p.add_argument("--title-policy", default=None,
+                   help="keep/drop per title kind, e.g. 'html=drop,placeholder=drop,empty=drop,duplicate=keep' (the default)")
+    p.add_argument("--category", default=None, help="category / file-name stem when a folder holds several")
+    p.add_argument("--titles-from", choices=("auto", "npy", "jsonl"), default="auto", help="seq-txt: title map source")
+    p.add_argument("--on-unknown-item", choices=("error", "skip"), default="error",
+                   help="an interaction with an item that has no title: error, or skip and count it")
+    p.add_argument("--split", choices=("loo", "time"), default="loo", help="csv/amazon2023: leave-one-out or global time split")
+    p.add_argument("--valid-ratio", type=float, default=0.1, help="time split: share of interactions in valid")
+    p.add_argument("--test-ratio", type=float, default=0.1, help="time split: share of interactions in test")
+    p.add_argument("--time-cutoffs", default=None, help="time split: absolute cutoffs VALID_START,TEST_START instead of ratios")
+    p.add_argument("--min-rating", type=float, default=None, help="amazon2023: keep interactions rated at least this")
+    p.add_argument("--interactions", default=None, help="csv: interactions file (default INPUT/interactions.csv)")
+    p.add_argument("--items", default=None, help="csv: items file (default INPUT/items.csv)")
+    p.add_argument("--start", default="2017-10", help="amazon2018: window start YYYY-MM (widened back as D3 does)")
+    p.add_argument("--end", default="2018-11", help="amazon2018: window end YYYY-MM (exclusive)")
+    p.add_argument("--min-items", type=int, default=5000, help="amazon2018: widen the window until this many items")
+    p.set_defaults(func=cmd_prepare)
+    s = sub.add_parser("stats", help="print the stats of a prepared directory")
+    s.add_argument("directory", help="prepared directory or embedded sample name")
+    s.add_argument("--json", action="store_true", help="print the raw stats.json")
+    s.set_defaults(func=cmd_stats)

@@ -1,0 +1,561 @@
+"""Readers: each turns one source format into :class:`RawData`, the input of ``prepare``.
+
+Every reader validates as it reads and raises :class:`DataFormatError` naming file, row (1-based
+line, header included for CSV) and field. Nothing is cleaned here: cleaning and example forming
+happen in :mod:`llmrec.data.prepare`, the same for every format.
+
+``RawData`` comes in one of three shapes:
+
+* ``windows`` -- per user, interactions already cut into train/valid/test time windows
+  (DEALRec Games sequence files; CSV/Amazon data split at global time cutoffs);
+* ``loo``     -- per user, one chronological sequence split leave-one-out later;
+* ``rows``    -- examples already formed per split (D3/BIGRec/LatentR3 CSV, raw Amazon 2018 via the
+  D3 protocol).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import html
+import io
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from llmrec.data.canonical import SPLITS, DataFormatError
+
+FORMATS = ("d3-csv", "seq-txt", "recbole", "csv", "amazon2018", "amazon2023")
+
+
+@dataclass
+class RawRow:
+    user: str
+    history: list[str]
+    target: str
+    timestamp: int | None
+
+
+@dataclass
+class RawData:
+    """What a reader found, in source ids, before any cleaning."""
+
+    titles: dict[str, str | None]
+    mode: str  # "windows" | "loo" | "rows"
+    # windows / loo: user -> split ("train"/"valid"/"test", or "all" for loo) -> [(item, timestamp)]
+    sequences: dict[str, dict[str, list[tuple[str, int | None]]]] = field(default_factory=dict)
+    rows: dict[str, list[RawRow]] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _open_text(path: Path):
+    """Open a UTF-8 text file (gzip if it ends in .gz); bytes that are not UTF-8 raise per row."""
+    if not path.exists():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict", newline="")
+    return open(path, encoding="utf-8", errors="strict", newline="")
+
+
+def _lines(path: Path):
+    """Yield (line number, text) and turn undecodable bytes into a DataFormatError for that line."""
+    if not path.exists():
+        raise FileNotFoundError(f"input file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, n, None, f"bytes that are not UTF-8 at offset {e.start}") from None
+
+
+def _csv_rows(path: Path, delimiter: str = ","):
+    """Yield (line number, dict row) of a CSV file with a header, with per-row decoding errors."""
+    text_lines = (line for _, line in _lines(path))
+    reader = csv.reader(text_lines, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataFormatError(path, 1, None, "empty file (no header)") from None
+    except csv.Error as e:
+        raise DataFormatError(path, 1, None, f"bad CSV header ({e})") from None
+    header = [h.strip() for h in header]
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataFormatError(path, reader.line_num, None, f"bad CSV ({e})") from None
+        except DataFormatError:
+            raise
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise DataFormatError(
+                path, reader.line_num, None, f"{len(values)} fields where the header has {len(header)}"
+            )
+        yield reader.line_num, dict(zip(header, values))
+
+
+def _require(row: dict, key: str, path: Path, n: int) -> str:
+    if key not in row:
+        raise DataFormatError(path, n, key, "missing column")
+    return row[key]
+
+
+def _int(value, path: Path, n: int, fld: str) -> int:
+    try:
+        f = float(value)
+        if f != int(f):
+            raise ValueError
+        return int(f)
+    except (TypeError, ValueError, OverflowError):
+        raise DataFormatError(path, n, fld, f"expected an integer, got {str(value)[:40]!r}") from None
+
+
+def _literal_list(value: str, path: Path, n: int, fld: str) -> list:
+    # ast.literal_eval evaluates literals only: never eval() data.
+    try:
+        out = ast.literal_eval(value)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        raise DataFormatError(path, n, fld, f"not a list literal: {value[:60]!r}") from None
+    if not isinstance(out, (list, tuple)):
+        raise DataFormatError(path, n, fld, f"expected a list literal, got {type(out).__name__}")
+    return list(out)
+
+
+def _one_file(directory: Path, pattern: str, what: str, category: str | None) -> Path:
+    files = sorted(directory.glob(pattern))
+    if category:
+        files = [f for f in files if f.name.startswith(category)]
+    if not files:
+        raise FileNotFoundError(f"{directory}: no {what} file matching '{pattern}'" + (f" for '{category}'" if category else ""))
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files)
+        raise ValueError(f"{directory}: several {what} files ({names}); pick one with --category")
+    return files[0]
+
+
+# --------------------------------------------------------------------------- D3 / BIGRec / LatentR3 CSV
+
+
+def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None) -> RawData:
+    """D3/BIGRec/LatentR3 layout: ``info/<cat>.txt`` (``title<TAB>id``) + ``<split>/<cat>.csv``."""
+    info = _one_file(input_dir / "info", "*.txt", "info", category)
+    titles: dict[str, str | None] = {}
+    for n, line in _lines(info):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise DataFormatError(info, n, None, "expected 'title<TAB>item_id'")
+        title, item = line.rsplit("\t", 1)
+        _int(item, info, n, "item_id")
+        if item.strip() in titles:
+            raise DataFormatError(info, n, "item_id", f"item id {item.strip()} appears twice")
+        titles[item.strip()] = title
+    cat = category or info.stem
+    raw = RawData(titles=titles, mode="rows", source={"format": "d3-csv", "info": str(info)})
+    for split in splits:
+        path = input_dir / split / f"{cat}.csv"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{input_dir}: split '{split}' is missing ({path} not found); "
+                "name the splits that exist with --splits (e.g. --splits valid,test)"
+            )
+        rows = []
+        for n, row in _csv_rows(path):
+            user = _require(row, "user_id", path, n)
+            hist = [str(_int(x, path, n, "history_item_id")) for x in _literal_list(_require(row, "history_item_id", path, n), path, n, "history_item_id")]
+            target = str(_int(_require(row, "item_id", path, n), path, n, "item_id"))
+            ts = _int(_require(row, "timestamp", path, n), path, n, "timestamp")
+            # The titles columns must agree in length with the ids (a cheap consistency check).
+            if "history_item_title" in row:
+                htitles = _literal_list(row["history_item_title"], path, n, "history_item_title")
+                if len(htitles) != len(hist):
+                    raise DataFormatError(path, n, "history_item_title", "length differs from history_item_id")
+            for item, fld in [(i, "history_item_id") for i in hist] + [(target, "item_id")]:
+                if item not in titles:
+                    raise DataFormatError(path, n, fld, f"item {item} is not in {info.name}")
+            rows.append(RawRow(user, hist, target, ts))
+        raw.rows[split] = rows
+    return raw
+
+
+# --------------------------------------------------------------------------- sequence text + title map
+
+
+def _seq_file(path: Path, split: str, known: dict, seqs: dict, on_unknown: str, skipped: dict) -> None:
+    for n, line in _lines(path):
+        parts = line.split()
+        if not parts:
+            continue
+        user = parts[0]
+        _int(user, path, n, "user_id")
+        items = []
+        for pos, tok in enumerate(parts[1:], start=1):
+            _int(tok, path, n, f"item {pos}")
+            if tok not in known:
+                if on_unknown == "skip":
+                    skipped["unknown_item_interactions"] = skipped.get("unknown_item_interactions", 0) + 1
+                    continue
+                raise DataFormatError(path, n, f"item {pos}", f"item {tok} has no title in the title map")
+            items.append((tok, None))
+        entry = seqs.setdefault(user, {})
+        if split in entry:
+            raise DataFormatError(path, n, "user_id", f"user {user} appears twice")
+        entry[split] = items
+
+
+def read_seq_titles(input_dir: Path, titles_from: str = "auto") -> dict[str, str | None]:
+    """Title map of a DEALRec/TransRec folder: ``title_maps.npy`` (restricted unpickler) or
+    ``derived/items.jsonl``. Keys are the ids used in the sequence files."""
+    npy = input_dir / "title_maps.npy"
+    jsonl = input_dir / "derived" / "items.jsonl"
+    if titles_from == "auto":
+        titles_from = "npy" if npy.exists() else "jsonl"
+    if titles_from == "npy":
+        from llmrec.data.safe_npy import load_npy_restricted
+
+        maps = load_npy_restricted(npy) if npy.exists() else None
+        if maps is None:
+            raise FileNotFoundError(f"title map not found: {npy}")
+        if not isinstance(maps, dict):
+            raise DataFormatError(npy, None, None, "expected a pickled dict of title maps")
+        for key in ("seqid2title", "id2title"):
+            if key in maps:
+                return {str(k): (None if v is None else str(v)) for k, v in maps[key].items()}
+        raise DataFormatError(npy, None, None, f"no 'seqid2title' or 'id2title' map (keys: {list(maps)})")
+    if titles_from == "jsonl":
+        titles: dict[str, str | None] = {}
+        for n, line in _lines(jsonl):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(jsonl, n, None, f"not valid JSON ({e.msg})") from None
+            key = "seq_id" if "seq_id" in obj else "item_id"
+            if key not in obj:
+                raise DataFormatError(jsonl, n, "item_id", "missing (expected seq_id or item_id)")
+            titles[str(obj[key])] = obj.get("title")
+        return titles
+    raise ValueError(f"--titles-from must be auto, npy or jsonl, got {titles_from!r}")
+
+
+def read_seq_txt(input_dir: Path, titles_from: str = "auto", on_unknown: str = "error", splits: list[str] | None = None) -> RawData:
+    """DEALRec time-split (``sequential_{train,valid,test}.txt``) or TransRec leave-one-out
+    (``sequential_data.txt``) sequence files, with their title map."""
+    titles = read_seq_titles(input_dir, titles_from)
+    seqs: dict[str, dict] = {}
+    skipped: dict[str, int] = {}
+    if (input_dir / "sequential_data.txt").exists():
+        _seq_file(input_dir / "sequential_data.txt", "all", titles, seqs, on_unknown, skipped)
+        mode = "loo"
+    else:
+        mode = "windows"
+        for split in splits or list(SPLITS):
+            path = input_dir / f"sequential_{split}.txt"
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"{input_dir}: split '{split}' is missing ({path.name} not found); "
+                    "name the splits that exist with --splits"
+                )
+            _seq_file(path, split, titles, seqs, on_unknown, skipped)
+    return RawData(titles=titles, mode=mode, sequences=seqs, skipped=skipped, source={"format": "seq-txt"})
+
+
+# --------------------------------------------------------------------------- RecBole atomic files
+
+
+def _recbole_header(path: Path, header_line: str) -> dict[str, int]:
+    cols = {}
+    for i, h in enumerate(header_line.rstrip("\r\n").split("\t")):
+        cols[h.split(":", 1)[0].strip()] = i
+    return cols
+
+
+def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "error") -> RawData:
+    """RecBole atomic ``<name>.inter`` + ``<name>.item`` (tab-separated, typed header)."""
+    inter = _one_file(input_dir, "*.inter", ".inter", name)
+    item = inter.with_suffix(".item")
+    if not item.exists():
+        raise FileNotFoundError(f"item file not found: {item}")
+    titles: dict[str, str | None] = {}
+    lines = _lines(item)
+    try:
+        _, header = next(lines)
+    except StopIteration:
+        raise DataFormatError(item, 1, None, "empty file (no header)") from None
+    cols = _recbole_header(item, header)
+    if "item_id" not in cols:
+        raise DataFormatError(item, 1, "item_id", "missing column")
+    title_col = next((c for c in cols if "title" in c), None)
+    if title_col is None:
+        raise DataFormatError(item, 1, "title", "no title column (expected e.g. movie_title:token_seq)")
+    for n, line in lines:
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) <= max(cols["item_id"], cols[title_col]):
+            raise DataFormatError(item, n, title_col, "missing field")
+        titles[parts[cols["item_id"]].strip()] = parts[cols[title_col]]
+    seqs: dict[str, dict] = {}
+    skipped: dict[str, int] = {}
+    lines = _lines(inter)
+    try:
+        _, header = next(lines)
+    except StopIteration:
+        raise DataFormatError(inter, 1, None, "empty file (no header)") from None
+    cols = _recbole_header(inter, header)
+    for key in ("user_id", "item_id", "timestamp"):
+        if key not in cols:
+            raise DataFormatError(inter, 1, key, "missing column")
+    events: dict[str, list] = defaultdict(list)
+    for n, line in lines:
+        if not line.strip():
+            continue
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) < len(cols):
+            raise DataFormatError(inter, n, None, f"{len(parts)} fields where the header has {len(cols)}")
+        user, it = parts[cols["user_id"]].strip(), parts[cols["item_id"]].strip()
+        ts = _int(parts[cols["timestamp"]], inter, n, "timestamp")
+        if it not in titles:
+            if on_unknown == "skip":
+                skipped["unknown_item_interactions"] = skipped.get("unknown_item_interactions", 0) + 1
+                continue
+            raise DataFormatError(inter, n, "item_id", f"item {it} is not in {item.name}")
+        events[user].append((ts, n, it))
+    for user, ev in events.items():
+        ev.sort(key=lambda e: (e[0], e[1]))  # by time; ties keep file order (stable, fixed)
+        seqs[user] = {"all": [(it, ts) for ts, _, it in ev]}
+    return RawData(titles=titles, mode="loo", sequences=seqs, skipped=skipped, source={"format": "recbole", "inter": str(inter)})
+
+
+# --------------------------------------------------------------------------- generic CSV and Amazon 2023
+
+
+def _events_to_sequences(
+    events: dict[str, list[tuple[int, int, str]]], split: str, valid_ratio: float, test_ratio: float,
+    cutoffs: tuple[int, int] | None,
+) -> tuple[str, dict]:
+    """Order each user's events by (time, file order); split leave-one-out or at global time cutoffs.
+
+    For ``time``: the cutoffs are the timestamps at the (1 - valid - test) and (1 - test) quantiles of
+    all interactions (or the given absolute ``cutoffs``); an interaction goes to train if
+    ts < t1, valid if t1 <= ts < t2, test if ts >= t2.
+    """
+    for ev in events.values():
+        ev.sort(key=lambda e: (e[0], e[1]))
+    if split == "loo":
+        return "loo", {u: {"all": [(it, ts) for ts, _, it in ev]} for u, ev in events.items()}
+    if split != "time":
+        raise ValueError(f"--split must be 'loo' or 'time', got {split!r}")
+    if cutoffs is None:
+        all_ts = sorted(ts for ev in events.values() for ts, _, _ in ev)
+        if not all_ts:
+            raise ValueError("no interactions to split")
+        t1 = all_ts[min(len(all_ts) - 1, int(len(all_ts) * (1 - valid_ratio - test_ratio)))]
+        t2 = all_ts[min(len(all_ts) - 1, int(len(all_ts) * (1 - test_ratio)))]
+    else:
+        t1, t2 = cutoffs
+    seqs = {}
+    for u, ev in events.items():
+        w = {"train": [], "valid": [], "test": []}
+        for ts, _, it in ev:
+            w["train" if ts < t1 else "valid" if ts < t2 else "test"].append((it, ts))
+        seqs[u] = w
+    return "windows", seqs
+
+
+def read_generic_csv(
+    interactions: Path, items: Path, split: str = "loo", valid_ratio: float = 0.1, test_ratio: float = 0.1,
+    cutoffs: tuple[int, int] | None = None, on_unknown: str = "error",
+    columns: tuple[str, str, str, str, str] = ("user", "item", "timestamp", "item", "title"),
+) -> RawData:
+    """A pair of CSV files: interactions (user, item, timestamp) and items (item, title)."""
+    u_col, i_col, t_col, item_col, title_col = columns
+    titles: dict[str, str | None] = {}
+    for n, row in _csv_rows(items):
+        it = _require(row, item_col, items, n).strip()
+        if not it:
+            raise DataFormatError(items, n, item_col, "empty item id")
+        if it in titles:
+            raise DataFormatError(items, n, item_col, f"item {it} appears twice")
+        titles[it] = _require(row, title_col, items, n)
+    events: dict[str, list] = defaultdict(list)
+    skipped: dict[str, int] = {}
+    for n, row in _csv_rows(interactions):
+        user = _require(row, u_col, interactions, n).strip()
+        it = _require(row, i_col, interactions, n).strip()
+        ts = _int(_require(row, t_col, interactions, n), interactions, n, t_col)
+        if not user:
+            raise DataFormatError(interactions, n, u_col, "empty user id")
+        if it not in titles:
+            if on_unknown == "skip":
+                skipped["unknown_item_interactions"] = skipped.get("unknown_item_interactions", 0) + 1
+                continue
+            raise DataFormatError(interactions, n, i_col, f"item {it!r} is not in {items.name}")
+        events[user].append((ts, n, it))
+    mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs)
+    return RawData(titles=titles, mode=mode, sequences=seqs, skipped=skipped, source={"format": "csv", "split": split})
+
+
+def _jsonl_objects(path: Path):
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, n, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataFormatError(path, n, None, "expected a JSON object")
+        yield n, obj
+
+
+def _find(directory: Path, stems: list[str]) -> Path:
+    for stem in stems:
+        for suffix in ("", ".gz"):
+            p = directory / f"{stem}{suffix}"
+            if p.exists():
+                return p
+    raise FileNotFoundError(f"{directory}: none of {', '.join(stems)} (or .gz) found")
+
+
+def read_amazon2023(
+    input_dir: Path, category: str, split: str = "time", valid_ratio: float = 0.1, test_ratio: float = 0.1,
+    cutoffs: tuple[int, int] | None = None, min_rating: float | None = None, on_unknown: str = "skip",
+) -> RawData:
+    """Amazon Reviews 2023: ``<Category>.jsonl`` (user_id, parent_asin, rating, timestamp in ms) and
+    ``meta_<Category>.jsonl`` (parent_asin, title). Items without metadata are skipped by default
+    (counted), as ReaRec requires items to have a title."""
+    reviews = _find(input_dir, [f"{category}.jsonl"])
+    meta = _find(input_dir, [f"meta_{category}.jsonl"])
+    titles: dict[str, str | None] = {}
+    for n, obj in _jsonl_objects(meta):
+        if "parent_asin" not in obj:
+            raise DataFormatError(meta, n, "parent_asin", "missing")
+        titles[str(obj["parent_asin"])] = obj.get("title")
+    events: dict[str, list] = defaultdict(list)
+    skipped: dict[str, int] = {}
+    for n, obj in _jsonl_objects(reviews):
+        for key in ("user_id", "parent_asin", "timestamp"):
+            if key not in obj:
+                raise DataFormatError(reviews, n, key, "missing")
+        if min_rating is not None:
+            if "rating" not in obj:
+                raise DataFormatError(reviews, n, "rating", "missing")
+            if float(obj["rating"]) < min_rating:
+                skipped["below_min_rating"] = skipped.get("below_min_rating", 0) + 1
+                continue
+        it = str(obj["parent_asin"])
+        if it not in titles:
+            if on_unknown == "skip":
+                skipped["unknown_item_interactions"] = skipped.get("unknown_item_interactions", 0) + 1
+                continue
+            raise DataFormatError(reviews, n, "parent_asin", f"item {it} has no metadata in {meta.name}")
+        events[str(obj["user_id"])].append((_int(obj["timestamp"], reviews, n, "timestamp"), n, it))
+    mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs)
+    return RawData(titles=titles, mode=mode, sequences=seqs, skipped=skipped, source={"format": "amazon2023", "category": category})
+
+
+# --------------------------------------------------------------------------- raw Amazon 2018 (D3 protocol)
+
+
+def _d3_clean_title(title) -> str | None:
+    """D3's title filter: drop missing and ``<span id`` titles, unescape, strip spaces and quotes,
+    keep 2+ characters and at most 20 words."""
+    if not isinstance(title, str) or "<span id" in title:
+        return None
+    t = html.unescape(title.replace("&quot;", '"').replace("&amp;", "&")).strip().strip('"').strip()
+    if len(t) <= 1 or len(t.split()) > 20:
+        return None
+    return t
+
+
+def _kcore(events: list[tuple[str, str, int, int]], k: int) -> list:
+    while True:
+        uc: dict[str, int] = defaultdict(int)
+        ic: dict[str, int] = defaultdict(int)
+        for u, i, _, _ in events:
+            uc[u] += 1
+            ic[i] += 1
+        kept = [e for e in events if uc[e[0]] >= k and ic[e[1]] >= k]
+        if len(kept) == len(events):
+            return kept
+        events = kept
+
+
+def read_amazon2018(
+    input_dir: Path, category: str, start: str = "2017-10", end: str = "2018-11", min_items: int = 5000,
+    widen_months: int = 3, kcore: int = 5, max_history: int = 10, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+) -> RawData:
+    """Raw Amazon Reviews 2018 json/json.gz + meta, processed as D3/LatentR3's ``process.py``:
+    time window [start, end) in local time, title filter, iterative k-core, widen the window back by
+    ``widen_months`` until there are ``min_items`` items (or the data runs out), one example per
+    position with the previous <= ``max_history`` items, global 80/10/10 by target time."""
+    reviews = _find(input_dir, [f"{category}_5.json", f"{category}.json"])
+    meta = _find(input_dir, [f"meta_{category}.json"])
+    raw_titles: dict[str, str | None] = {}
+    for n, obj in _jsonl_objects(meta):
+        if "asin" not in obj:
+            raise DataFormatError(meta, n, "asin", "missing")
+        raw_titles[str(obj["asin"])] = obj.get("title")
+    titles = {a: _d3_clean_title(t) for a, t in raw_titles.items()}
+    all_events = []
+    for n, obj in _jsonl_objects(reviews):
+        for key in ("reviewerID", "asin", "unixReviewTime"):
+            if key not in obj:
+                raise DataFormatError(reviews, n, key, "missing")
+        all_events.append((str(obj["reviewerID"]), str(obj["asin"]), _int(obj["unixReviewTime"], reviews, n, "unixReviewTime"), n))
+
+    def month_ts(ym: tuple[int, int]) -> int:
+        return int(datetime(ym[0], ym[1], 1).timestamp())  # local time, as D3 does
+
+    sy, sm = (int(x) for x in start.split("-"))
+    ey, em = (int(x) for x in end.split("-"))
+    earliest = min((e[2] for e in all_events), default=0)
+    while True:
+        lo, hi = month_ts((sy, sm)), month_ts((ey, em))
+        events = [e for e in all_events if lo <= e[2] < hi and titles.get(e[1])]
+        events = _kcore(events, kcore)
+        n_items = len({e[1] for e in events})
+        if n_items >= min_items or lo <= earliest:
+            break
+        sm -= widen_months
+        while sm <= 0:
+            sm += 12
+            sy -= 1
+    items = sorted({e[1] for e in events})
+    random.Random(42).shuffle(items)  # D3 numbers items in a seeded shuffle; we keep the order in raw ids
+    by_user: dict[str, list] = defaultdict(list)
+    for u, i, ts, n in events:
+        by_user[u].append((ts, n, i))
+    samples = []
+    for u in sorted(by_user):
+        ev = sorted(by_user[u], key=lambda e: (e[0], e[1]))
+        for pos in range(1, len(ev)):
+            hist = [i for _, _, i in ev[max(0, pos - max_history):pos]]
+            samples.append(RawRow(u, hist, ev[pos][2], ev[pos][0]))
+    samples.sort(key=lambda r: r.timestamp)  # stable: ties keep user/position order
+    n = len(samples)
+    a, b = int(n * ratios[0]), int(n * (ratios[0] + ratios[1]))
+    rows = {"train": samples[:a], "valid": samples[a:b], "test": samples[b:]}
+    kept_titles = {i: titles[i] for i in items}
+    window = f"{sy}-{sm}-{ey}-{em}"
+    return RawData(
+        titles=kept_titles, mode="rows", rows=rows,
+        source={"format": "amazon2018", "category": category, "window": window, "raw_reviews": len(all_events),
+                "raw_meta_items": len(raw_titles)},
+    )

@@ -1,0 +1,44 @@
+"""Named datasets that ship with the package (the quickstart's embedded Amazon Games sample).
+
+``games-sample`` is a small real sample of DEALRec Amazon Games, cut by
+``scripts/make_games_sample.py`` from ../shared/data; it ships as raw sequence files + title map
+(``llmrec/data/samples/games_sample``) and is prepared on first use into a cache directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+SAMPLES = {"games-sample": "games_sample"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMREC_CACHE", Path.home() / ".cache" / "llmrec"))
+
+
+def sample_source(name: str) -> Path:
+    if name not in SAMPLES:
+        raise KeyError(f"unknown sample '{name}'; known: {', '.join(SAMPLES)}")
+    return SAMPLES_DIR / SAMPLES[name]
+
+
+def resolve_dataset_dir(directory: str | os.PathLike) -> Path:
+    """A prepared directory, or the name of an embedded sample (prepared into the cache on first use)."""
+    name = str(directory)
+    if name in SAMPLES and not Path(name).exists():
+        target = cache_root() / "data" / name
+        if not (target / "stats.json").exists():
+            from llmrec.data.formats import read_seq_txt
+            from llmrec.data.prepare import prepare
+
+            prepare(read_seq_txt(sample_source(name)), target)
+        return target
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"prepared dataset directory not found: {path} (run `llmrec data prepare` first, "
+            f"or use an embedded sample: {', '.join(SAMPLES)})"
+        )
+    return path
