@@ -28,7 +28,10 @@ def resolve_dataset_dir(directory: str | os.PathLike) -> Path:
     """A prepared directory, or the name of an embedded sample (prepared into the cache on first use)."""
     name = str(directory)
     if name in SAMPLES and not Path(name).exists():
-        target = cache_root() / "data" / name
+        from llmrec import __version__
+
+        # Keyed by version: a newer llmrec may prepare differently, so it never reads a stale copy.
+        target = cache_root() / "data" / f"{name}-{__version__}"
         if not (target / "stats.json").exists():
             from llmrec.data.formats import read_seq_txt
             from llmrec.data.prepare import prepare

@@ -1,0 +1,146 @@
+"""Prompt templates (text files in ``prompts/``) rendered into TRL's prompt/completion form.
+
+A template file has a YAML front matter between ``---`` lines (``history_item``,
+``history_separator``, ``completion``, ``answer_prefix``, comments) and then the prompt body with the
+placeholders ``{noun}`` and ``{history}``. The body ends with the answer prefix; the completion is
+the target title in the template's completion format (``"{title}"\\n`` for D3), and the tokenizer's
+EOS closes it when tokenized.
+
+Shipped templates: ``d3`` (verbatim D3/BIGRec/LatentR3 wording, typos included, for comparability)
+and ``clean``. ``use_chat_template=True`` wraps the prompt as a user turn with the tokenizer's chat
+template (the answer then follows the assistant header directly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from llmrec.resources import resource_dir
+
+TEMPLATE_KEYS = {"description", "history_item", "history_separator", "completion", "answer_prefix"}
+
+
+class PromptError(ValueError):
+    """A template file that cannot be used, or an example that cannot be rendered."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    body: str
+    history_item: str = '"{title}"'
+    history_separator: str = ", "
+    completion_format: str = '"{title}"\n'
+    answer_prefix: str = ""
+    description: str = ""
+
+    @classmethod
+    def load(cls, name_or_path: str) -> PromptTemplate:
+        """Load ``d3`` / ``clean`` (shipped) or a path to a template file."""
+        path = Path(name_or_path)
+        if not path.exists():
+            path = resource_dir("prompts") / f"{name_or_path}.txt"
+        if not path.exists():
+            known = sorted(p.stem for p in resource_dir("prompts").glob("*.txt"))
+            raise PromptError(f"prompt template '{name_or_path}' not found (shipped: {', '.join(known)})")
+        text = path.read_text(encoding="utf-8")
+        if not text.startswith("---\n") or "\n---\n" not in text[3:]:
+            raise PromptError(f"{path}: expected a '---' front matter block before the prompt body")
+        head, body = text[4:].split("\n---\n", 1)
+        try:
+            meta = yaml.safe_load(head) or {}
+        except yaml.YAMLError as e:
+            raise PromptError(f"{path}: bad front matter ({e})") from None
+        unknown = set(meta) - TEMPLATE_KEYS
+        if unknown:
+            raise PromptError(f"{path}: unknown front matter keys {sorted(unknown)}")
+        if "{history}" not in body:
+            raise PromptError(f"{path}: the body has no {{history}} placeholder")
+        tpl = cls(
+            name=path.stem,
+            body=body,
+            history_item=meta.get("history_item", '"{title}"'),
+            history_separator=meta.get("history_separator", ", "),
+            completion_format=meta.get("completion", '"{title}"\n'),
+            answer_prefix=meta.get("answer_prefix", ""),
+            description=meta.get("description", ""),
+        )
+        if tpl.answer_prefix and not body.endswith(tpl.answer_prefix):
+            raise PromptError(f"{path}: the body does not end with answer_prefix {tpl.answer_prefix!r}")
+        return tpl
+
+    def render_prompt(self, history_titles: list[str], noun: str = "items") -> str:
+        if not history_titles:
+            raise PromptError("cannot render a prompt for an empty history")
+        history = self.history_separator.join(self.history_item.replace("{title}", t) for t in history_titles)
+        # str.replace, not str.format: titles may contain braces.
+        return self.body.replace("{noun}", noun).replace("{history}", history)
+
+    def render_completion(self, title: str) -> str:
+        return self.completion_format.replace("{title}", title)
+
+
+def wrap_chat(tokenizer, prompt: str) -> str:
+    """Put ``prompt`` in a user turn of the tokenizer's chat template, ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError("use_chat_template is set but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def render_example(
+    template: PromptTemplate,
+    history_titles: list[str],
+    target_title: str | None = None,
+    noun: str = "items",
+    tokenizer=None,
+    use_chat_template: bool = False,
+) -> dict[str, str]:
+    """One sample -> TRL's ``{"prompt": ..., "completion": ...}`` (completion empty when no target)."""
+    prompt = template.render_prompt(history_titles, noun)
+    if use_chat_template:
+        prompt = wrap_chat(tokenizer, prompt)
+    completion = template.render_completion(target_title) if target_title is not None else ""
+    return {"prompt": prompt, "completion": completion}
+
+
+def encode(tokenizer, text: str, first: bool) -> list[int]:
+    """Token ids of a text piece; special tokens (BOS) only on the first piece, as D3 concatenates parts."""
+    return tokenizer(text, add_special_tokens=first)["input_ids"]
+
+
+def render_to_fit(
+    template: PromptTemplate,
+    tokenizer,
+    history_titles: list[str],
+    target_title: str | None,
+    max_length: int,
+    noun: str = "items",
+    use_chat_template: bool = False,
+) -> tuple[dict[str, str], int]:
+    """Render, dropping the oldest history items until prompt + completion + EOS fit ``max_length``.
+
+    The history is truncated from the left, never the answer: a row whose answer cannot fit even
+    with a single history item raises :class:`PromptError`. Returns the example and how many
+    history items were dropped.
+    """
+    completion_len = 0
+    if target_title is not None:
+        completion_len = len(encode(tokenizer, template.render_completion(target_title), first=False)) + 1
+    dropped = 0
+    hist = list(history_titles)
+    while True:
+        ex = render_example(template, hist, target_title, noun, tokenizer, use_chat_template)
+        n = len(encode(tokenizer, ex["prompt"], first=True)) + completion_len
+        if n <= max_length:
+            return ex, dropped
+        if len(hist) == 1:
+            raise PromptError(
+                f"prompt with a single history item and its answer needs {n} tokens > max_length {max_length}"
+            )
+        hist = hist[1:]
+        dropped += 1
