@@ -1,0 +1,420 @@
+"""Constrained beam search over catalogue titles (D3 / BIGRec / LatentR3 style evaluation).
+
+:func:`constrained_beam_search` ranks the titles of a :class:`~llmrec.decoding.trie.TitleTrie` for a
+left-padded batch of prompts. It reproduces the semantics of transformers' beam search
+(``generate(num_beams=B, num_return_sequences=B, early_stopping=True, do_sample=False,
+length_penalty=lp, prefix_allowed_tokens_fn=...)``), but with its own loop:
+
+* each prompt is prefilled once (``generate`` prefills every prompt ``B`` times);
+* the beams' trie nodes are a tensor and their allowed continuations are gathered from the trie's CSR
+  arrays, so there is no per-beam Python;
+* only the live beams are forwarded: beams that finished, beams that fell off (fewer valid continuations
+  than beams) and rows that are done are dropped from the batch and the KV cache.
+
+Semantics matched (transformers 5.x ``GenerationMixin._beam_search``):
+
+* step scores are ``log_softmax`` over the full vocabulary of the fp32 raw logits; disallowed tokens are
+  ``-inf`` (what ``PrefixConstrainedLogitsProcessor`` does);
+* at each step the top ``2B`` continuations of a row (over all its beams) are taken; those among the first
+  ``B`` that end a title (emit EOS) become finished hypotheses, scored ``sum_logprobs / L**length_penalty``
+  where ``L`` is the number of generated tokens *including* the EOS (transformers' ``cur_len + 1 -
+  decoder_prompt_len``); the running beams of the next step are the first ``B`` of the ``2B`` that did not
+  finish;
+* a row keeps its ``B`` best finished hypotheses and stops accepting new ones once it holds ``B``
+  (``early_stopping=True``), or when it has no running beam left. The search stops when every row is done.
+
+The one deliberate difference: transformers starts beams ``1..B-1`` at score ``-1e9`` (copies of beam 0)
+and lets finished beams re-enter the running set with a ``-1e9`` penalty, so when a row has fewer valid
+continuations than beams those placeholder beams are carried along, can "finish" with scores around
+``-1e9 / L**lp``, and may even fill the row's ``B`` slots. Here such beams simply do not exist: a row
+returns only real, finite-scored titles, possibly fewer than ``B``. Whenever a row has at least ``B`` live
+continuations the two searches coincide (the tests check this against :func:`reference_constrained_beam_search`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmrec.decoding.trie import TitleTrie
+
+__all__ = [
+    "BeamSearchOutput",
+    "PromptState",
+    "prefill_prompts",
+    "constrained_beam_search",
+    "constrained_beam_search_from_state",
+    "reference_constrained_beam_search",
+    "make_prefix_allowed_tokens_fn",
+]
+
+
+@dataclass
+class BeamSearchOutput:
+    """Result of constrained beam search for one prompt.
+
+    Attributes:
+        hypotheses: ``(title_index, score)`` pairs, best first; ``score`` is the beam score
+            (sum of token log-probs, EOS included, divided by ``length ** length_penalty``). Only real
+            titles with finite scores; fewer than ``num_beams`` when the catalogue allows fewer.
+        title_ranking: the title indices of ``hypotheses`` (indices into ``trie.titles``).
+        item_ranking: ``title_ranking`` expanded to item ids (each title's items in ascending id order,
+            no repeats); see :meth:`TitleTrie.items_for_titles`.
+    """
+
+    hypotheses: list[tuple[int, float]]
+    title_ranking: list[int]
+    item_ranking: list[int]
+
+    @classmethod
+    def from_hypotheses(cls, trie: TitleTrie, hypotheses: list[tuple[int, float]]) -> BeamSearchOutput:
+        titles = [t for t, _ in hypotheses]
+        return cls(hypotheses=hypotheses, title_ranking=titles, item_ranking=trie.items_for_titles(titles))
+
+
+@dataclass
+class PromptState:
+    """Everything the search needs once the prompts have been consumed by the model.
+
+    Build it with :func:`prefill_prompts`, or yourself when the prompt is not plain token ids (e.g. a
+    latent "thought" appended via ``inputs_embeds`` on top of a prefilled cache). Row ``r`` of every field
+    belongs to prompt ``r``.
+
+    Attributes:
+        next_token_logits: ``[R, V]`` logits predicting the first completion token.
+        past_key_values: a transformers ``Cache`` (e.g. ``DynamicCache``) with ``R`` rows holding every
+            position attended so far. The search reorders / shrinks it in place.
+        attention_mask: ``[R, T]`` 0/1 mask over the cached positions (left padding = leading zeros).
+        next_position_ids: ``[R]`` position id of the first completion token (for a left-padded row:
+            number of real tokens so far).
+    """
+
+    next_token_logits: torch.Tensor
+    past_key_values: object
+    attention_mask: torch.Tensor
+    next_position_ids: torch.Tensor
+
+
+@torch.no_grad()
+def prefill_prompts(
+    model,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    inputs_embeds: torch.Tensor | None = None,
+) -> PromptState:
+    """Run the prompts through ``model`` once and return the state to start decoding from.
+
+    Args:
+        model: a causal LM (transformers ``*ForCausalLM``, possibly PEFT-wrapped), in eval mode.
+        input_ids: ``[R, P]`` left-padded prompt ids (or pass ``inputs_embeds`` ``[R, P, H]``).
+        attention_mask: ``[R, P]``; defaults to all ones. Must be left-padded: the last column all ones.
+
+    Position ids follow ``generate``: ``cumsum(mask) - 1`` (0 on padding), so a left-padded row gets the
+    same positions as if it were alone.
+    """
+    from transformers import DynamicCache
+
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    ref = input_ids if input_ids is not None else inputs_embeds
+    device = ref.device
+    if attention_mask is None:
+        attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=device)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded (attention_mask[:, -1] must be all ones)")
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,  # only the last position's logits are needed; [R, P, V] could be huge
+    )
+    return PromptState(
+        next_token_logits=out.logits[:, -1, :],
+        past_key_values=out.past_key_values,
+        attention_mask=attention_mask,
+        next_position_ids=position_ids[:, -1] + 1,
+    )
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    model,
+    trie: TitleTrie,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    num_beams: int,
+    length_penalty: float = 1.0,
+) -> list[BeamSearchOutput]:
+    """Rank the trie's titles for each prompt of a left-padded batch by constrained beam search.
+
+    Args:
+        model: causal LM in eval mode (dropout would make the search non-deterministic).
+        trie: the catalogue; its ``context_prefix`` should be what the prompts end with.
+        input_ids, attention_mask: ``[R, P]`` left-padded prompts.
+        num_beams: beam width ``B``; at most ``B`` titles are returned per prompt.
+        length_penalty: exponent on the generated length (EOS included) dividing the summed log-probs;
+            1.0 as in BIGRec / LatentR3, 0.0 (plain sum) as in D3.
+
+    Returns:
+        One :class:`BeamSearchOutput` per prompt.
+    """
+    state = prefill_prompts(model, input_ids, attention_mask)
+    return constrained_beam_search_from_state(
+        model, trie, state, num_beams=num_beams, length_penalty=length_penalty
+    )
+
+
+@torch.no_grad()
+def constrained_beam_search_from_state(
+    model,
+    trie: TitleTrie,
+    state: PromptState,
+    *,
+    num_beams: int,
+    length_penalty: float = 1.0,
+) -> list[BeamSearchOutput]:
+    """Constrained beam search starting from a prefilled :class:`PromptState` (see the module docstring).
+
+    ``state.past_key_values`` is consumed (reordered and shrunk in place). Returns one
+    :class:`BeamSearchOutput` per row of the state.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    logits = state.next_token_logits
+    device = logits.device
+    n_rows = logits.shape[0]
+    beams = num_beams
+    tt = trie.tensors_on(device)
+    cache = state.past_key_values
+
+    # Live beams, kept sorted by row and, within a row, best first (the order transformers keeps its
+    # running beams in, which decides the candidate order on exact ties). Beam i uses cache row i.
+    live_row = torch.arange(n_rows, device=device)
+    live_node = torch.zeros(n_rows, dtype=torch.long, device=device)  # all at the root
+    live_score = torch.zeros(n_rows, dtype=torch.float32, device=device)
+    attn = state.attention_mask.to(device=device, dtype=torch.long)
+    next_pos = state.next_position_ids.to(device=device, dtype=torch.long)
+
+    fin_score = torch.full((n_rows, beams), float("-inf"), dtype=torch.float32, device=device)
+    fin_title = torch.full((n_rows, beams), -1, dtype=torch.long, device=device)
+    row_full = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    neg_inf = torch.tensor(float("-inf"), device=device)
+
+    step = 0
+    while True:
+        # -- step log-probs of the allowed continuations only: logit - logsumexp (== log_softmax gathered)
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1)
+        counts = tt.child_ptr[live_node + 1] - tt.child_ptr[live_node]
+        beam_of_edge = torch.repeat_interleave(torch.arange(live_node.numel(), device=device), counts)
+        n_edges = beam_of_edge.numel()
+        edge_offset = torch.arange(n_edges, device=device) - torch.repeat_interleave(
+            counts.cumsum(0) - counts, counts
+        )
+        edge = tt.child_ptr[live_node][beam_of_edge] + edge_offset
+        tok = tt.child_tokens[edge]
+        cand = live_score[beam_of_edge] + (logits[beam_of_edge, tok] - lse[beam_of_edge])
+
+        # -- lay each row's candidates out densely (beam-major, token ascending, as transformers'
+        # flattened [beam * V + token] order) and take the top 2B per row.
+        row_of_edge = live_row[beam_of_edge]
+        row_counts = torch.bincount(row_of_edge, minlength=n_rows)
+        pos_in_row = torch.arange(n_edges, device=device) - (row_counts.cumsum(0) - row_counts)[row_of_edge]
+        width = max(int(row_counts.max()), 1)
+        dense = torch.full((n_rows, width), float("-inf"), dtype=torch.float32, device=device)
+        dense[row_of_edge, pos_in_row] = cand
+        dense_edge = torch.full((n_rows, width), -1, dtype=torch.long, device=device)
+        dense_edge[row_of_edge, pos_in_row] = torch.arange(n_edges, device=device)
+        k = min(2 * beams, width)
+        top_val, top_pos = dense.topk(k, dim=1)
+        top_edge = dense_edge.gather(1, top_pos)
+        valid = (top_edge >= 0) & torch.isfinite(top_val)
+        top_edge_safe = top_edge.clamp(min=0)
+        child = tt.child_nodes[edge[top_edge_safe]]
+        title_at = tt.terminal[child]
+        is_fin = valid & (title_at >= 0)
+
+        # -- finished hypotheses: only the first B of the 2B may be kept, and only while the row
+        # has free slots (early_stopping=True); score normalised by the generated length incl. EOS.
+        in_top_b = torch.arange(k, device=device) < beams
+        take = is_fin & in_top_b[None, :] & ~row_full[:, None]
+        norm = top_val / float(step + 1) ** length_penalty
+        merged_score = torch.cat([fin_score, torch.where(take, norm, neg_inf)], dim=1)
+        merged_title = torch.cat([fin_title, torch.where(take, title_at, -1)], dim=1)
+        fin_score, keep_idx = merged_score.topk(beams, dim=1)
+        fin_title = merged_title.gather(1, keep_idx)
+        row_full = (fin_title >= 0).all(dim=1)
+
+        # -- running beams of the next step: the first B of the 2B that did not finish, in rows still open.
+        not_fin = valid & ~is_fin
+        keep = not_fin & ((not_fin.cumsum(dim=1) - 1) < beams) & ~row_full[:, None]
+        sel_row, sel_k = keep.nonzero(as_tuple=True)  # row-major: rows sorted, best first within a row
+        if sel_row.numel() == 0:
+            break
+        sel_edge = edge[top_edge[sel_row, sel_k]]
+        src_beam = beam_of_edge[top_edge[sel_row, sel_k]]
+        new_tok = tt.child_tokens[sel_edge]
+        live_row = sel_row
+        live_node = tt.child_nodes[sel_edge]
+        live_score = top_val[sel_row, sel_k]
+
+        # -- advance the model by one token for the surviving beams only.
+        cache.reorder_cache(src_beam)
+        attn = torch.cat([attn[src_beam], attn.new_ones((src_beam.numel(), 1))], dim=1)
+        pos = next_pos[src_beam]
+        out = model(
+            input_ids=new_tok[:, None],
+            attention_mask=attn,
+            position_ids=pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :]
+        next_pos = pos + 1
+        step += 1
+
+    fin_score_l = fin_score.tolist()
+    fin_title_l = fin_title.tolist()
+    results = []
+    for r in range(n_rows):
+        hyps = [
+            (t, s) for t, s in zip(fin_title_l[r], fin_score_l[r], strict=True) if t >= 0 and s > float("-inf")
+        ]
+        results.append(BeamSearchOutput.from_hypotheses(trie, hyps))
+    return results
+
+
+# ---------------------------------------------------------------------------------------- reference
+
+# Hypotheses whose unnormalised log-prob is below this are transformers' placeholder beams (started or
+# re-entered at -1e9), not real titles.
+_PLACEHOLDER_LOGPROB = -1e8
+
+
+def make_prefix_allowed_tokens_fn(trie: TitleTrie, prompt_length: int) -> Callable[[int, torch.Tensor], list[int]]:
+    """A ``prefix_allowed_tokens_fn`` over a plain nested-dict trie, as D3 / LatentR3 write it.
+
+    Prefixes that are not in the trie, or that already ended with EOS, are only reached by transformers'
+    placeholder beams (score <= -1e9). transformers 5 raises on an empty list, so they get one token that is
+    not EOS: such a beam can then never "finish" before ``max_new_tokens`` and take a slot a real title
+    could still fill (it would with ``[eos]``: the beam re-finishes at the next step with a score around
+    ``-1e9 / L**lp``, which outranks the empty-slot placeholder ``-1e9``).
+    """
+    root: dict[int, dict] = {}
+    for path in trie.title_token_ids:
+        node = root
+        for tok in path:
+            node = node.setdefault(tok, {})
+    fallback = [0 if trie.eos_token_id != 0 else 1]
+
+    def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:
+        node = root
+        for tok in sent[prompt_length:].tolist():
+            node = node.get(tok)
+            if node is None:
+                return fallback
+        return list(node) if node else fallback
+
+    return allowed
+
+
+@torch.no_grad()
+def reference_constrained_beam_search(
+    model,
+    trie: TitleTrie,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    num_beams: int,
+    length_penalty: float = 1.0,
+) -> list[BeamSearchOutput]:
+    """The same search done by transformers' ``generate`` with ``prefix_allowed_tokens_fn`` (slow).
+
+    Uses a complete ``GenerationConfig`` (greedy beam search, ``early_stopping=True``,
+    ``num_return_sequences=num_beams``, neutral penalties) and temporarily blanks
+    ``model.generation_config`` so none of the checkpoint's generation defaults leak in. Returned
+    sequences are mapped back to title indices; placeholder beams (score ``<= -1e9`` before length
+    normalisation, or not a complete title) and repeated titles are dropped.
+    """
+    from transformers import GenerationConfig
+
+    if trie.eos_token_id is None:
+        raise ValueError("the reference search needs a trie built with add_eos=True")
+    if num_beams < 2:
+        raise ValueError("num_beams must be >= 2: with num_beams=1 generate() runs greedy decoding instead")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    prompt_length = input_ids.shape[1]
+    pad = getattr(model.config, "pad_token_id", None)
+    gen_config = GenerationConfig(
+        do_sample=False,
+        num_beams=num_beams,
+        num_return_sequences=num_beams,
+        early_stopping=True,
+        length_penalty=float(length_penalty),
+        max_new_tokens=trie.max_depth,
+        min_new_tokens=0,
+        # Sampling warpers are never applied with do_sample=False; neutral values anyway (top_k is left
+        # unset: any explicit value triggers a "flag ignored" warning).
+        temperature=1.0,
+        top_p=1.0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        eos_token_id=trie.eos_token_id,
+        pad_token_id=pad if pad is not None else trie.eos_token_id,
+        use_cache=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=gen_config,
+            prefix_allowed_tokens_fn=make_prefix_allowed_tokens_fn(trie, prompt_length),
+        )
+    finally:
+        model.generation_config = saved
+
+    path_to_title = {tuple(p): i for i, p in enumerate(trie.title_token_ids)}
+    seqs = out.sequences[:, prompt_length:].tolist()
+    scores = out.sequences_scores.tolist()
+    results = []
+    for r in range(input_ids.shape[0]):
+        hyps: list[tuple[int, float]] = []
+        seen: set[int] = set()
+        for j in range(r * num_beams, (r + 1) * num_beams):
+            gen = seqs[j]
+            title = None
+            for n in range(1, min(len(gen), trie.max_depth) + 1):
+                title = path_to_title.get(tuple(gen[:n]))
+                if title is not None:
+                    break
+            if title is None or title in seen:
+                continue
+            length = len(trie.title_token_ids[title])
+            raw = scores[j] * length**length_penalty
+            if not raw > _PLACEHOLDER_LOGPROB:
+                continue
+            seen.add(title)
+            hyps.append((title, scores[j]))
+        results.append(BeamSearchOutput.from_hypotheses(trie, hyps))
+    return results

@@ -1,0 +1,291 @@
+"""Evaluate a recommender on a split with constrained beam search (or a popularity ranking).
+
+Protocol, written into every ``results.json``: split, rows (a fixed, seeded subset or all), history
+length, prompt, beams, length penalty, matching level, model and checkpoint, package versions.
+
+How the work is shared: rows are cut into batches in one global order, and batch ``b`` goes to
+process ``b % world_size``. A batch therefore holds the same rows (and the same padding) whatever the
+number of processes, so one process and several give the same rankings. Each process appends its
+finished rows to ``rankings/part-<rank>.jsonl`` as it goes; a rerun reads every part file and skips
+finished rows, so an interrupted evaluation resumes where it stopped (the output directory must be on
+a filesystem all processes share, as it is on one machine). The main process then merges the parts
+in row order, computes the metrics and writes ``rankings.jsonl``, ``results.json`` and ``results.md``
+atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmrec.data.canonical import atomic_write_json, atomic_write_text, dumps_line, load_prepared, read_jsonl
+from llmrec.evaluation.metrics import compute_metrics
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("beam", "popularity")
+
+
+@dataclass
+class EvalConfig:
+    """Options of ``llmrec evaluate`` (recipe keys and ``--name value`` overrides)."""
+
+    dataset: str = field(default="games-sample", metadata={"help": "Prepared dataset directory or embedded sample name."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate: valid or test."})
+    max_rows: int = field(default=0, metadata={"help": "Evaluate a seeded random subset of this many rows (0 = all)."})
+    row_seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
+    method: str = field(default="beam", metadata={"help": "beam (constrained beam search with the LM) or popularity."})
+    model_name_or_path: str = field(default="smollm2-135m", metadata={"help": "Hub id, local dir, or alias (smollm2-135m, qwen2.5-coder-0.5b, tiny-qwen2, tiny-llama)."})
+    checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint directory to evaluate instead of the base model."})
+    dtype: str = field(default="bfloat16", metadata={"help": "Model dtype: bfloat16, float32, float16."})
+    prompt: str = field(default="d3", metadata={"help": "Prompt template name (prompts/) or path."})
+    noun: str = field(default="video games", metadata={"help": "Item noun used by the prompt (D3: 'video games' for Games)."})
+    use_chat_template: bool = field(default=False, metadata={"help": "Wrap the prompt in the tokenizer's chat template."})
+    history_length: int = field(default=10, metadata={"help": "Most recent history items shown in the prompt (D3: 10)."})
+    max_prompt_length: int = field(default=512, metadata={"help": "Token budget of prompt + answer; longer histories are cut from the left."})
+    num_beams: int = field(default=10, metadata={"help": "Beams (and returned titles) per row."})
+    length_penalty: float = field(default=1.0, metadata={"help": "Beam score = logprob sum / length**penalty (1.0 BIGRec/LatentR3, 0.0 D3)."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per batch (per process)."})
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20], metadata={"help": "Cut-offs K of HR@K, NDCG@K, MRR@K."})
+    output_dir: str = field(default="runs/eval", metadata={"help": "Where rankings and results are written."})
+    seed: int = field(default=0, metadata={"help": "Random seed (evaluation is deterministic; kept for the record)."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.split not in ("train", "valid", "test"):
+            raise ValueError(f"split must be train, valid or test, got {self.split!r}")
+        if self.num_beams < 1 or self.batch_size < 1:
+            raise ValueError("num_beams and batch_size must be >= 1")
+        self.ks = sorted({int(k) for k in self.ks})
+
+
+def select_rows(n: int, max_rows: int, seed: int) -> list[int]:
+    """Row indices of the evaluated subset: all rows, or ``max_rows`` drawn with ``seed`` (sorted)."""
+    if max_rows <= 0 or max_rows >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=max_rows, replace=False).tolist())
+
+
+def protocol_fingerprint(protocol: dict) -> str:
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rank_of(ranking: list, target) -> int | None:
+    try:
+        return ranking.index(target)
+    except ValueError:
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("llmrec", "torch", "transformers", "peft", "trl", "accelerate", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def popularity_ranking(train_targets: list[int], k: int) -> list[int]:
+    """The ``k`` most frequent training targets, ties by ascending item id."""
+    counts = Counter(train_targets)
+    return [i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def markdown_table(rows: list[dict], ks: list[int], level: str = "item") -> str:
+    """A markdown table of HR@K / NDCG@K per evaluated method."""
+    metric_names = [f"{m}@{k}" for m in ("hr", "ndcg") for k in ks]
+    header = "| method | rows | " + " | ".join(n.upper() if n.startswith("hr") else n.replace("ndcg", "NDCG") for n in metric_names) + " |"
+    lines = [header, "|" + "---|" * (2 + len(metric_names))]
+    for r in rows:
+        m = r["metrics"][level]
+        cells = [f"{m[n]:.4f}" if n in m else "-" for n in metric_names]
+        lines.append(f"| {r['name']} | {r['protocol']['rows']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class Evaluator:
+    """Runs one evaluation described by an :class:`EvalConfig` (see the module docstring)."""
+
+    def __init__(self, config: EvalConfig):
+        self.config = config
+        from accelerate import PartialState
+
+        self.state = PartialState()
+        self.out = Path(config.output_dir)
+
+    # ------------------------------------------------------------------ setup
+
+    def _protocol(self, data, rows: list[int]) -> dict:
+        c = self.config
+        p = {
+            "dataset": str(data.directory), "split": c.split, "rows": len(rows), "max_rows": c.max_rows,
+            "row_seed": c.row_seed, "method": c.method, "history_length": c.history_length,
+            "ks": c.ks, "matching": ["item", "title"], "history_masked": False,
+        }
+        if c.method == "beam":
+            p.update({
+                "model": c.model_name_or_path, "checkpoint": c.checkpoint, "dtype": c.dtype, "prompt": c.prompt,
+                "noun": c.noun, "use_chat_template": c.use_chat_template, "num_beams": c.num_beams,
+                "length_penalty": c.length_penalty, "max_prompt_length": c.max_prompt_length,
+                "batch_size": c.batch_size,
+                "ranking": "beams in score order; item level expands each title to its items in ascending id order",
+            })
+        return p
+
+    def _check_rows(self, data, split) -> None:
+        n = data.num_items
+        for i, row in enumerate(split):
+            t = row["target_item_id"]
+            if not 1 <= t <= n:
+                raise ValueError(f"{data.directory}/{self.config.split}.jsonl, row {i + 1}, field 'target_item_id': "
+                                 f"item {t} is not in the catalogue (ids 1..{n})")
+            if not row["history_item_ids"]:
+                raise ValueError(f"{data.directory}/{self.config.split}.jsonl, row {i + 1}, field 'history_item_ids': empty history")
+
+    def _done_rows(self) -> dict[int, dict]:
+        done: dict[int, dict] = {}
+        for part in sorted((self.out / "rankings").glob("part-*.jsonl")):
+            for rec in read_jsonl(part):
+                done[rec["row"]] = rec
+        return done
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> dict | None:
+        """Evaluate (resuming if possible); returns the results dict on the main process."""
+        c = self.config
+        if c.method == "beam" and c.checkpoint is not None:
+            from llmrec.models.checkpoint import checkpoint_kind
+
+            checkpoint_kind(c.checkpoint)  # fail before anything is written
+        data = load_prepared(c.dataset, splits=sorted({c.split, "train"}), max_history=c.history_length)
+        split = data.splits[c.split]
+        self._check_rows(data, split)
+        rows = select_rows(len(split), c.max_rows, c.row_seed)
+        protocol = self._protocol(data, rows)
+        fp = protocol_fingerprint(protocol)
+        results_path = self.out / "results.json"
+        if results_path.exists():
+            prev = json.loads(results_path.read_text())
+            if prev.get("fingerprint") == fp:
+                logger.info("%s is complete for this protocol; nothing to do", results_path)
+                return prev
+            raise ValueError(f"{self.out} holds results of a different protocol; choose another output_dir")
+        proto_path = self.out / "protocol.json"
+        if self.state.is_main_process:
+            if proto_path.exists() and json.loads(proto_path.read_text()).get("fingerprint") != fp:
+                raise ValueError(f"{self.out} holds a partial evaluation of a different protocol; choose another output_dir")
+            (self.out / "rankings").mkdir(parents=True, exist_ok=True)
+            atomic_write_json(proto_path, {"fingerprint": fp, "protocol": protocol})
+        self.state.wait_for_everyone()
+
+        done = self._done_rows()
+        start = time.perf_counter()
+        if c.method == "popularity":
+            new = self._run_popularity(data, split, rows, done)
+        else:
+            new = self._run_beam(data, split, rows, done)
+        elapsed = time.perf_counter() - start
+        self.state.wait_for_everyone()
+        if not self.state.is_main_process:
+            return None
+        del new
+        records = self._done_rows()
+        missing = [r for r in rows if r not in records]
+        if missing:
+            raise RuntimeError(f"{len(missing)} rows have no ranking after evaluation (e.g. row {missing[0]})")
+        ordered = [records[r] for r in rows]
+        max_k = c.num_beams if c.method == "beam" else None
+        metrics = {
+            "item": compute_metrics([rec["item_rank"] for rec in ordered], c.ks, max_k=max_k),
+            "title": compute_metrics([rec["title_rank"] for rec in ordered], c.ks, max_k=max_k),
+        }
+        name = c.method if c.method == "popularity" else (
+            f"{Path(c.checkpoint).name} ({c.model_name_or_path})" if c.checkpoint else f"zero-shot {c.model_name_or_path}")
+        results = {
+            "name": name, "fingerprint": fp, "protocol": protocol, "metrics": metrics,
+            "primary_matching": "item", "num_processes": self.state.num_processes,
+            "eval_seconds_this_run": round(elapsed, 2), "versions": package_versions(),
+        }
+        atomic_write_text(self.out / "rankings.jsonl", "".join(dumps_line(rec) for rec in ordered))
+        atomic_write_text(self.out / "results.md", markdown_table([results], [k for k in c.ks if max_k is None or k <= max_k]))
+        atomic_write_json(results_path, results)
+        return results
+
+    def _append(self, records: list[dict]) -> None:
+        path = self.out / "rankings" / f"part-{self.state.process_index}.jsonl"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(dumps_line(r) for r in records))
+            f.flush()
+
+    def _record(self, data, split, row: int, titles: list[str], items: list[int], scores: list[float]) -> dict:
+        ex = split[row]
+        target = ex["target_item_id"]
+        return {
+            "row": row, "user_id": ex["user_id"], "target_item_id": target,
+            "item_ranking": items, "title_ranking": titles, "scores": scores,
+            "item_rank": rank_of(items, target), "title_rank": rank_of(titles, data.catalog.title(target)),
+        }
+
+    def _run_popularity(self, data, split, rows, done) -> list[dict]:
+        k = max(self.config.ks)
+        items = popularity_ranking(list(data.splits["train"]["target_item_id"]), k)
+        titles = list(dict.fromkeys(data.catalog.title(i) for i in items))
+        todo = [r for r in rows if r not in done]
+        mine = todo[self.state.process_index::self.state.num_processes]
+        recs = [self._record(data, split, r, titles, items, []) for r in mine]
+        if recs:
+            self._append(recs)
+        return recs
+
+    def _run_beam(self, data, split, rows, done) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        from llmrec.decoding.search import build_catalog_trie, rank_batch
+        from llmrec.models.checkpoint import load_for_inference
+        from llmrec.prompts import PromptTemplate
+
+        c = self.config
+        template = PromptTemplate.load(c.prompt)
+        batches = [rows[i:i + c.batch_size] for i in range(0, len(rows), c.batch_size)]
+        mine = [b for i, b in enumerate(batches) if i % self.state.num_processes == self.state.process_index]
+        todo = [b for b in mine if not all(r in done for r in b)]
+        if not todo:
+            return []
+        model, tokenizer = load_for_inference(c.model_name_or_path, c.checkpoint, c.dtype, self.state.device)
+        trie = build_catalog_trie(data.catalog, tokenizer, template, c.use_chat_template)
+        recs_all = []
+        bar = tqdm(total=len(rows), initial=len(rows) - sum(len(b) for b in todo) * self.state.num_processes,
+                   desc=f"evaluate {c.split}", disable=not self.state.is_main_process, unit="row")
+        for batch in todo:
+            examples = [split[r] for r in batch]
+            ranked = rank_batch(model, tokenizer, trie, template, examples, c)
+            recs = [self._record(data, split, r, t, i, s) for r, (t, i, s) in zip(batch, ranked)]
+            self._append(recs)
+            recs_all.extend(recs)
+            bar.update(len(batch) * self.state.num_processes)
+        bar.close()
+        return recs_all
+
+
+def evaluate(config: EvalConfig) -> dict | None:
+    """Run an evaluation; the results dict on the main process (None on the others)."""
+    torch.manual_seed(config.seed)
+    return Evaluator(config).run()
+
+
+def asdict_config(config: EvalConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,176 @@
+"""Top-K ranking metrics with one target per row: HR@K, NDCG@K, MRR@K.
+
+Everything is computed from the 0-based *rank* of the target in each row's ranked list (``None`` or
+``-1`` when the target is not in the list, e.g. not among the beams):
+
+* ``hr@K   = 1                    if rank < K else 0``
+* ``ndcg@K = 1 / log2(rank + 2)   if rank < K else 0``  (one relevant item, so IDCG = 1)
+* ``mrr@K  = 1 / (rank + 1)       if rank < K else 0``
+
+Generative models get ranks from their ranked item lists (:func:`rank_of_target`); ID-based models that
+score the whole catalogue get them from :func:`ranks_from_scores`. Per-row values
+(:func:`per_row_metrics`) allow paired comparisons between models (:func:`paired_bootstrap_ci`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_KS: tuple[int, ...] = (1, 3, 5, 10, 20)
+METRIC_NAMES: tuple[str, ...] = ("hr", "ndcg", "mrr")
+
+RankLike = Sequence[int | None] | np.ndarray | torch.Tensor
+
+
+def rank_of_target(ranked_ids: Iterable[Hashable], target: Hashable) -> int | None:
+    """0-based position of the first occurrence of ``target`` in ``ranked_ids``, or ``None`` if absent."""
+    for i, x in enumerate(ranked_ids):
+        if x == target:
+            return i
+    return None
+
+
+def _ranks_array(ranks: RankLike) -> np.ndarray:
+    """int64 array with ``-1`` for absent targets (``None`` or any negative rank)."""
+    if isinstance(ranks, torch.Tensor):
+        arr = ranks.detach().cpu().numpy().astype(np.int64, copy=False).reshape(-1)
+    elif isinstance(ranks, np.ndarray):
+        arr = ranks.astype(np.int64, copy=False).reshape(-1)
+    else:
+        arr = np.fromiter((-1 if r is None else int(r) for r in ranks), dtype=np.int64)
+    return np.where(arr < 0, -1, arr)
+
+
+def _check_ks(ks: Iterable[int]) -> list[int]:
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    return ks
+
+
+def per_row_metrics(ranks: RankLike, ks: Iterable[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
+    """Per-row metric values, keyed ``"hr@K"``, ``"ndcg@K"``, ``"mrr@K"``; each a float64 array [n_rows]."""
+    arr = _ranks_array(ranks)
+    found = arr >= 0
+    # Absent rows get a placeholder rank; the `hit` mask zeroes them below.
+    safe = np.where(found, arr, 0).astype(np.float64)
+    ndcg_full = 1.0 / np.log2(safe + 2.0)
+    mrr_full = 1.0 / (safe + 1.0)
+    out: dict[str, np.ndarray] = {}
+    for k in _check_ks(ks):
+        hit = found & (arr < k)
+        out[f"hr@{k}"] = hit.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(hit, ndcg_full, 0.0)
+        out[f"mrr@{k}"] = np.where(hit, mrr_full, 0.0)
+    return out
+
+
+def compute_metrics(
+    ranks: RankLike, ks: Iterable[int] = DEFAULT_KS, max_k: int | None = None
+) -> dict[str, float]:
+    """Mean HR@K / NDCG@K / MRR@K over rows.
+
+    Args:
+        ranks: per row, the 0-based rank of the target, ``None`` / ``-1`` if absent.
+        ks: cutoffs.
+        max_k: the length of the ranked lists (e.g. the number of beams). Cutoffs above it are not
+            reported, since a list of ``max_k`` items cannot support them.
+
+    Returns:
+        ``{"hr@K": ..., "ndcg@K": ..., "mrr@K": ...}`` for each reported K.
+    """
+    all_ks = _check_ks(ks)
+    ks = all_ks if max_k is None else [k for k in all_ks if k <= max_k]
+    if not ks:
+        raise ValueError(f"no cutoff in {all_ks} is <= max_k={max_k}")
+    arr = _ranks_array(ranks)
+    if arr.size == 0:
+        raise ValueError("cannot compute metrics over zero rows")
+    rows = per_row_metrics(arr, ks)
+    return {name: float(v.mean()) for name, v in rows.items()}
+
+
+@torch.no_grad()
+def ranks_from_scores(
+    scores: torch.Tensor, targets: torch.Tensor, *, chunk_elements: int = 1 << 24
+) -> torch.Tensor:
+    """0-based rank of each row's target under full-catalogue scores (higher score = better).
+
+    ``rank = #{j : s_j > s_t} + #{j < t : s_j == s_t}``: ties are broken by item id, the lower id
+    ranking first, so the target ranks after equally-scored items with smaller ids (deterministic, and
+    neither optimistic nor random). Items masked with ``-inf`` rank last; NaN scores never count as higher.
+
+    Args:
+        scores: ``[B, N]`` float scores.
+        targets: ``[B]`` target item indices (columns of ``scores``).
+        chunk_elements: rows are processed in chunks of about this many scores, so the boolean
+            temporaries stay small whatever ``B`` is.
+
+    Returns:
+        LongTensor ``[B]`` on ``scores.device``.
+
+    Raises:
+        ValueError: if a target's own score is NaN (its rank would be meaningless).
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [B, N], got shape {tuple(scores.shape)}")
+    n_rows, n_items = scores.shape
+    targets = targets.to(device=scores.device, dtype=torch.long).reshape(-1)
+    if targets.numel() != n_rows:
+        raise ValueError(f"got {targets.numel()} targets for {n_rows} rows")
+    if n_rows and (int(targets.min()) < 0 or int(targets.max()) >= n_items):
+        raise ValueError(f"targets must be in [0, {n_items})")
+    target_scores = scores.gather(1, targets[:, None])  # [B, 1]
+    if torch.isnan(target_scores).any():
+        raise ValueError("some targets have NaN scores")
+    out = torch.empty(n_rows, dtype=torch.long, device=scores.device)
+    col = torch.arange(n_items, device=scores.device)
+    step = max(1, chunk_elements // max(n_items, 1))
+    for lo in range(0, n_rows, step):
+        hi = min(lo + step, n_rows)
+        s, ts, tg = scores[lo:hi], target_scores[lo:hi], targets[lo:hi, None]
+        higher = (s > ts).sum(dim=1)
+        tied_before = ((s == ts) & (col[None, :] < tg)).sum(dim=1)
+        out[lo:hi] = higher + tied_before
+    return out
+
+
+def paired_bootstrap_ci(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    n_resamples: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> tuple[float, float, float]:
+    """Paired bootstrap confidence interval for ``mean(a) - mean(b)``.
+
+    ``a`` and ``b`` are per-row values of one metric for two systems on the *same* rows (e.g. from
+    :func:`per_row_metrics`). Rows are resampled with replacement ``n_resamples`` times; the interval is
+    the ``alpha/2`` and ``1 - alpha/2`` percentiles of the resampled mean differences.
+
+    Returns:
+        ``(mean_diff, lo, hi)`` where ``mean_diff`` is the observed difference.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples must have the same length, got {a.size} and {b.size}")
+    if a.size == 0:
+        raise ValueError("cannot bootstrap zero rows")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    diff = a - b
+    n = diff.size
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples, dtype=np.float64)
+    # Resample in chunks so the index matrix stays around 4M entries whatever n is.
+    chunk = max(1, (1 << 22) // n)
+    for lo in range(0, n_resamples, chunk):
+        hi = min(lo + chunk, n_resamples)
+        idx = rng.integers(0, n, size=(hi - lo, n))
+        means[lo:hi] = diff[idx].mean(axis=1)
+    lo_q, hi_q = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(diff.mean()), float(lo_q), float(hi_q)

@@ -1,0 +1,99 @@
+"""Configuration of ``llmrec seqrec train`` (one flat dataclass; recipe YAML keys = field names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class SeqRecConfig:
+    """Everything one ID-model training run needs."""
+
+    dataset_dir: str = _f("", "prepared dataset directory (`llmrec data prepare` output)")
+    output_dir: str = _f("runs/seqrec", "run directory: checkpoints, results.json, results.md")
+    model: str = _f("sasrec", "sasrec | rearec-erl | rearec-prl | lares")
+    seed: int = _f(42, "random seed (model init, shuffling, dropout, depth sampling)")
+    # data
+    max_history: int = _f(50, "history length L (most recent items kept; pad id 0, left padding)")
+    train_mode: str = _f(
+        "sequence",
+        "sequence: group a user's prefix rows into one sequence and train every prefix in one causal "
+        "pass (per-position loss); rows: one example per train row, last-position loss",
+    )
+    # backbone
+    hidden_size: int = _f(64, "embedding / hidden size d")
+    n_layers: int = _f(2, "Transformer layers (SASRec / ReaRec encoder)")
+    n_heads: int = _f(2, "attention heads")
+    inner_size: int = _f(256, "feed-forward inner size")
+    dropout: float = _f(0.5, "hidden dropout")
+    attn_dropout: float = _f(0.5, "attention dropout")
+    input_dropout: float | None = _f(None, "dropout after the input LayerNorm (None = dropout; ReaRec code uses 0.2)")
+    temperature: float = _f(1.0, "logits = h.E^T / temperature (ReaRec code: 0.07; RecBole SASRec: 1)")
+    # optimisation
+    epochs: int = _f(200, "maximum training epochs (phase 1)")
+    batch_size: int = _f(256, "global training batch (examples; split across processes)")
+    eval_batch_size: int = _f(256, "evaluation batch (rows)")
+    lr: float = _f(1e-3, "Adam learning rate")
+    weight_decay: float = _f(0.0, "Adam weight decay")
+    patience: int = _f(10, "early stopping: epochs without a better validation metric")
+    valid_metric: str = _f("ndcg@10", "validation metric for early stopping and model selection")
+    eval_every: int = _f(1, "validate every N epochs")
+    ks: list[int] = _f([1, 5, 10, 20], "cut-offs K of the reported metrics")
+    mask_history: bool = _f(False, "set the scores of history items to -inf at evaluation (default: no masking)")
+    resume: bool = _f(True, "resume from the run directory's checkpoints if present")
+    max_train_batches: int = _f(0, "stop an epoch after N batches (0 = all; for smoke tests)")
+    progress: bool = _f(True, "tqdm progress bars on the main process")
+    # ReaRec
+    reason_steps: int = _f(2, "ReaRec: reasoning steps K (same in training and inference)")
+    kl_weight: float = _f(0.05, "ERL: weight lambda of the KL diversity term (subtracted)")
+    kl_cap: float = _f(1.0, "ERL: cap on the per-row mean pairwise KL (0 = unbounded)")
+    pta_alpha: float = _f(5.0, "PRL: temperature annealing alpha (step k at tau*alpha^(K-k))")
+    pl_weight: float = _f(1.0, "PRL: weight of the mean CE of the earlier steps")
+    cl_weight: float = _f(1.0, "PRL: weight of the reasoning-aware contrastive loss")
+    noise_std: float = _f(0.01, "PRL: std of the Gaussian noise on reasoning tokens of the noisy view")
+    warmup_epochs: int = _f(2, "PRL: epochs before the noisy view and the contrastive loss start")
+    cl_max_rows: int = _f(1024, "PRL: max rows in one contrastive similarity matrix (random subset)")
+    # LARES
+    n_pre_layers: int = _f(1, "LARES: pre-block layers")
+    n_core_layers: int = _f(1, "LARES: shared recurrent core layers")
+    mean_recurrence: int = _f(4, "LARES: mean training depth mu, and the evaluation depth")
+    depth_sampling: str = _f("poisson-lognormal", "LARES: poisson-lognormal | constant")
+    state_init: str = _f("normal_zero", "LARES: normal (random also at eval) | normal_zero (zeros at eval) | zero")
+    state_std: float = _f(1.0, "LARES: initial-state truncated-normal std")
+    state_scale: float = _f(3.0, "LARES: initial-state scale omega")
+    fuse: str = _f("add", "LARES: add (average) | concat | linear")
+    tla_weight: float = _f(0.1, "LARES SPT: trajectory-level alignment weight alpha")
+    sla_weight: float = _f(0.5, "LARES SPT: step-level alignment weight gamma")
+    align_tau: float = _f(1.0, "LARES SPT: alignment NCE temperature")
+    align_sim: str = _f("dot", "LARES SPT: dot | cos")
+    sla_exclude_final: bool = _f(False, "LARES SPT: never draw the final step for SLA")
+    filter_topk: int = _f(100, "LARES: keep a train row for RPT if its target is in the top-k in any pass")
+    filter_passes: int = _f(3, "LARES: filter passes (random initial state each)")
+    rpt_epochs: int = _f(0, "LARES: RPT epochs (0 = skip RPT)")
+    rpt_lr: float = _f(5e-4, "LARES RPT: learning rate")
+    rpt_batch_size: int = _f(400, "LARES RPT: rows per batch")
+    rpt_group: int = _f(4, "LARES RPT: rollouts G per row")
+    rpt_beta: float = _f(1.0, "LARES RPT: KL weight beta")
+    rpt_reward: str = _f("recall", "LARES RPT: recall | ndcg")
+    rpt_reward_k: int = _f(10, "LARES RPT: reward cut-off k")
+    rpt_dropout: float = _f(0.1, "LARES RPT: dropout of the policy")
+    rpt_patience: int = _f(3, "LARES RPT: early-stopping patience")
+    test_depths: list[int] = _f([], "LARES: extra test depths to report (e.g. 1 2 4 8 12)")
+
+    def __post_init__(self) -> None:
+        from llmrec.seqrec.models import MODEL_NAMES
+
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}")
+        if self.reason_steps < 0:
+            raise ValueError(f"reason_steps (K) must be >= 0, got {self.reason_steps}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("batch sizes must be >= 1")
+        if self.train_mode not in ("sequence", "rows"):
+            raise ValueError(f"train_mode must be 'sequence' or 'rows', got {self.train_mode!r}")

@@ -1,0 +1,539 @@
+"""SASRec, ReaRec (ERL / PRL) and LARES on the shared :class:`~llmrec.seqrec.modules.Backbone`.
+
+Every model implements the same two calls used by the trainer:
+
+* ``loss(batch, ctx) -> (loss, logs)`` -- ``batch`` has ``input_ids`` / ``target_ids`` ``[B, L]``
+  (0 = no loss there, see :mod:`llmrec.seqrec.data`). Per-position cross-entropies are **summed and
+  divided by ``ctx.denom``** (the global number of loss positions / number of processes), so the
+  gradient averaged by DDP equals the single-process gradient of the same global batch exactly.
+* ``score(input_ids) -> [B, N]`` -- full-ranking scores of items ``1..N`` (column ``j`` = item
+  ``j + 1``) for the last position of left-padded histories.
+
+Paper/spec choices (see ../shared/papers/rearec-lares.md) are documented where they are made; the
+defects of the official code listed there (ERL reading PRL's noise, PRL's contrastive term undefined
+during warm-up, K = 0 crashing, the reference model run with gradients) are not reproduced.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmrec.seqrec.modules import KV, Backbone, Encoder, causal_mask, init_weights
+
+MODEL_NAMES = ("sasrec", "rearec-erl", "rearec-prl", "lares")
+
+
+@dataclass
+class LossContext:
+    """What a loss needs besides the batch."""
+
+    denom: torch.Tensor | float = 1.0  # normaliser of summed per-position losses
+    epoch: int = 0  # 0-based training epoch
+    aug_pool: Any = None  # SameTargetPool (LARES SPT)
+    extra: dict = field(default_factory=dict)
+
+
+def _query_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Positions to read out: every position in sequence mode, the last one for last-position rows."""
+    L = targets.shape[1]
+    if targets[:, :-1].any():
+        return torch.arange(L, device=targets.device)
+    return torch.tensor([L - 1], device=targets.device)
+
+
+class SeqRecModel(nn.Module):
+    """Base class: a backbone, a loss and last-position scoring."""
+
+    backbone: Backbone
+
+    def forward(self, batch: dict[str, torch.Tensor], ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
+        # The training forward IS the loss, so a DDP-wrapped model syncs gradients through it.
+        return self.loss(batch, ctx)
+
+    def loss(self, batch: dict[str, torch.Tensor], ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def user_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """The vector scored against the item table at the last position ``[B, d]``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.item_logits(self.user_vectors(ids))
+
+    def ce_sum(self, h: torch.Tensor, targets: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Full-softmax cross-entropy over all N items, summed over rows (targets are item ids 1..N)."""
+        return F.cross_entropy(self.backbone.item_logits(h, temperature), targets - 1, reduction="sum")
+
+
+class SASRec(SeqRecModel):
+    """Causal Transformer, tied item embeddings, full-softmax CE (per position or last position)."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.apply(init_weights)
+
+    def user_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        h, _, _ = self.backbone.encode(ids)
+        return h[:, -1]
+
+    def loss(self, batch, ctx):
+        ids, tgt = batch["input_ids"], batch["target_ids"]
+        h, _, _ = self.backbone.encode(ids)
+        m = tgt > 0
+        ce = self.ce_sum(h[m], tgt[m])
+        return ce / ctx.denom, {"ce": ce.detach().item() / max(int(m.sum()), 1)}
+
+
+class ReaRec(SeqRecModel):
+    """ReaRec: K reasoning steps that feed the last hidden state back (ERL or PRL learning).
+
+    Step k builds the token ``r_{k-1} + p^R_k`` (reasoning position embedding ``p^R``, a separate
+    table from the item positions), applies the backbone's input LayerNorm + dropout, and runs the same
+    encoder on it with every layer's K/V cache, so a step costs one token per prefix.
+
+    ``reason`` takes the query positions ``qpos``: the last position at inference (plain KV-cached
+    decoding) or every position in sequence-mode training. There the reasoning tokens of ALL prefixes
+    of the one encoded sequence run together: the token of prefix ``p`` attends to item keys
+    ``j <= p`` and to its own earlier reasoning tokens only (a block mask), which is exactly the
+    per-prefix computation (tested against per-prefix forwards).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        mode: str = "erl",
+        reason_steps: int = 2,
+        kl_weight: float = 0.05,
+        kl_cap: float = 1.0,
+        pta_alpha: float = 5.0,
+        pl_weight: float = 1.0,
+        cl_weight: float = 1.0,
+        noise_std: float = 0.01,
+        warmup_epochs: int = 2,
+        cl_max_rows: int = 1024,
+    ):
+        super().__init__()
+        if mode not in ("erl", "prl"):
+            raise ValueError(f"ReaRec mode must be 'erl' or 'prl', got {mode!r}")
+        if reason_steps < 0:
+            raise ValueError(f"reason_steps (K) must be >= 0, got {reason_steps}")
+        self.backbone, self.mode, self.K = backbone, mode, reason_steps
+        self.kl_weight, self.kl_cap = kl_weight, kl_cap
+        self.pta_alpha, self.pl_weight = pta_alpha, pl_weight
+        self.cl_weight, self.noise_std, self.warmup_epochs, self.cl_max_rows = cl_weight, noise_std, warmup_epochs, cl_max_rows
+        # Reasoning position embeddings (only when K > 0, so DDP sees no unused parameter).
+        self.rpe = nn.Embedding(reason_steps, backbone.hidden) if reason_steps > 0 else None
+        self.apply(init_weights)
+
+    # -- reasoning ---------------------------------------------------------------------------------
+    def reason(
+        self,
+        h: torch.Tensor,
+        cache: list[KV],
+        valid: torch.Tensor,
+        qpos: torch.Tensor,
+        base: torch.Tensor | None = None,
+        noise_std: float = 0.0,
+    ) -> torch.Tensor:
+        """Run K steps from the encoded items; return ``R [B, K+1, P, d]`` (``R[:, 0]`` = r0 at ``qpos``).
+
+        ``base`` (``[B, K+1, P, d]``) builds step k's token from ``base[:, k-1]`` instead of this
+        chain's own previous state (PRL's noisy view reuses the clean chain's states, as its code does);
+        ``noise_std`` adds fresh Gaussian noise to every reasoning token (std, not variance).
+        """
+        B, L, _ = h.shape
+        P = qpos.numel()
+        states = [h[:, qpos]]
+        if self.K == 0:
+            return torch.stack(states, 1)
+        item_allow = valid[:, None, :] & (torch.arange(L, device=h.device)[None, None, :] <= qpos[None, :, None])
+        own = torch.eye(P, dtype=torch.bool, device=h.device).expand(B, P, P)
+        past = cache
+        for k in range(1, self.K + 1):
+            src = states[-1] if base is None else base[:, k - 1]
+            x = src + self.rpe.weight[k - 1]
+            if noise_std > 0:
+                x = x + torch.randn_like(x) * noise_std
+            x = self.backbone.input_norm(x)
+            mask = torch.cat([item_allow] + [own] * k, dim=-1)[:, None]
+            r, past = self.backbone.encoder(x, mask, past)
+            states.append(r)
+        return torch.stack(states, 1)
+
+    @torch.no_grad()
+    def reason_recompute(self, ids: torch.Tensor) -> torch.Tensor:
+        """Reference without a cache: re-encode items + all reasoning tokens so far at every step.
+
+        Returns ``R [B, K+1, d]`` at the last position; used by tests to check the KV-cached path.
+        """
+        x_items = self.backbone.embed(ids)
+        valid = ids > 0
+        h, _ = self.backbone.encoder(x_items, causal_mask(valid))
+        states, toks = [h[:, -1]], []
+        for k in range(1, self.K + 1):
+            toks.append(self.backbone.input_norm(states[-1] + self.rpe.weight[k - 1]))
+            x = torch.cat([x_items, torch.stack(toks, 1)], 1)
+            v = torch.cat([valid, torch.ones(len(ids), k, dtype=torch.bool, device=ids.device)], 1)
+            out, _ = self.backbone.encoder(x, causal_mask(v))
+            states.append(out[:, -1])
+        return torch.stack(states, 1)
+
+    def _readout(self, R: torch.Tensor) -> torch.Tensor:
+        # ERL: the mean of all K+1 states INCLUDING r0 (the paper's 1/K is a typo); PRL: r_K.
+        return R.mean(1) if self.mode == "erl" else R[:, -1]
+
+    def user_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        h, cache, valid = self.backbone.encode(ids)
+        R = self.reason(h, cache, valid, torch.tensor([ids.shape[1] - 1], device=ids.device))
+        return self._readout(R[:, :, 0])
+
+    # -- losses ------------------------------------------------------------------------------------
+    def loss(self, batch, ctx):
+        ids, tgt = batch["input_ids"], batch["target_ids"]
+        h, cache, valid = self.backbone.encode(ids)
+        qpos = _query_positions(tgt)
+        R = self.reason(h, cache, valid, qpos)  # [B, K+1, P, d]
+        m = tgt[:, qpos] > 0  # [B, P]
+        Rm = R.permute(0, 2, 1, 3)[m]  # [M, K+1, d]
+        t = tgt[:, qpos][m]
+        n = max(int(m.sum()), 1)
+        logs: dict[str, float] = {}
+        if self.mode == "erl":
+            ce = self.ce_sum(Rm.mean(1), t)
+            loss = ce / ctx.denom
+            logs["ce"] = ce.detach().item() / n
+            if self.kl_weight > 0 and self.K > 0:
+                kl = self._erl_diversity(Rm)
+                loss = loss - self.kl_weight * kl.sum() / ctx.denom
+                logs["kl"] = kl.mean().detach().item()
+        else:
+            ce = self.ce_sum(Rm[:, -1], t)
+            loss = ce / ctx.denom
+            logs["ce"] = ce.detach().item() / n
+            if self.K > 0 and self.pl_weight > 0:
+                # Progressive temperature annealing: step k at tau * alpha^(K-k); the code's form (final
+                # step at tau + w_pl * MEAN of the earlier steps' CEs), not the paper's plain sum.
+                tau = self.backbone.temperature
+                pl = sum(self.ce_sum(Rm[:, k], t, tau * self.pta_alpha ** (self.K - k)) for k in range(self.K)) / self.K
+                loss = loss + self.pl_weight * pl / ctx.denom
+                logs["pta"] = pl.detach().item() / n
+            # Reasoning-aware contrastive learning, only after warm-up; exactly 0 before it (the
+            # official code leaves it undefined there and crashes).
+            if self.K > 0 and self.cl_weight > 0 and self.noise_std > 0 and ctx.epoch >= self.warmup_epochs:
+                h2, cache2, _ = self.backbone.encode(ids)  # second view: its own dropout masks and cache
+                R2 = self.reason(h2, cache2, valid, qpos, base=R, noise_std=self.noise_std)
+                R2m = R2.permute(0, 2, 1, 3)[m]
+                cl = self._rcl(Rm, R2m)
+                loss = loss + self.cl_weight * cl
+                logs["rcl"] = cl.detach().item()
+        return loss, logs
+
+    def _erl_diversity(self, Rm: torch.Tensor) -> torch.Tensor:
+        """Per-row mean over ordered step pairs (i != j) of KL(p_j || sg(p_i)), capped at ``kl_cap``.
+
+        Maximising a KL is unbounded; the cap (0 = none) stops the diversity term from running away
+        once steps are already distinct (the gradient vanishes above it).
+        """
+        logp = F.log_softmax(self.backbone.item_logits(Rm), -1)  # [M, K+1, N]
+        p = logp.exp()
+        K1 = Rm.shape[1]
+        total = Rm.new_zeros(Rm.shape[0])
+        for i in range(K1):
+            for j in range(K1):
+                if i != j:
+                    total = total + (p[:, j] * (logp[:, j] - logp[:, i].detach())).sum(-1)
+        kl = total / (K1 * (K1 - 1))
+        return kl.clamp(max=self.kl_cap) if self.kl_cap > 0 else kl
+
+    def _rcl(self, Rm: torch.Tensor, R2m: torch.Tensor) -> torch.Tensor:
+        """InfoNCE per step k >= 1: noisy r~_k vs clean r_k of the same row, others in the batch negatives.
+
+        Rows beyond ``cl_max_rows`` are subsampled (sequence mode has one row per position, and the
+        similarity matrix is rows^2). Negatives are local to the process (not gathered).
+        """
+        M = Rm.shape[0]
+        if M > self.cl_max_rows:
+            idx = torch.randperm(M, device=Rm.device)[: self.cl_max_rows]
+            Rm, R2m = Rm[idx], R2m[idx]
+        labels = torch.arange(Rm.shape[0], device=Rm.device)
+        tau = self.backbone.temperature
+        return sum(F.cross_entropy(R2m[:, k] @ Rm[:, k].T / tau, labels) for k in range(1, self.K + 1)) / self.K
+
+
+class LARES(SeqRecModel):
+    """LARES: a pre-block, then a shared recurrent core that refines EVERY position ``k`` times.
+
+    ``T_0 = scale * truncnorm(std)`` (per token and dimension) in training; ``T_t = C(LN(f(T_{t-1}, H)))``
+    with ``f`` = average (``add``), ``concat`` (Linear 2d->d) or ``linear`` (sigmoid gate). Depth ``k``
+    is drawn once per forward call from the Poisson-lognormal scheme in training and fixed to
+    ``mean_recurrence`` at evaluation. ``state_init="normal_zero"`` (default here) uses a zero initial
+    state at evaluation so metrics are deterministic; ``"normal"`` keeps the official random one.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        n_pre_layers: int = 1,
+        n_core_layers: int = 1,
+        heads: int = 2,
+        inner: int = 256,
+        dropout: float = 0.5,
+        attn_dropout: float = 0.5,
+        mean_recurrence: int = 4,
+        depth_sampling: str = "poisson-lognormal",
+        state_init: str = "normal_zero",
+        state_std: float = 1.0,
+        state_scale: float = 3.0,
+        fuse: str = "add",
+        tla_weight: float = 0.1,
+        sla_weight: float = 0.5,
+        align_tau: float = 1.0,
+        align_sim: str = "dot",
+        sla_exclude_final: bool = False,
+    ):
+        super().__init__()
+        if mean_recurrence < 1:
+            raise ValueError(f"mean_recurrence must be >= 1, got {mean_recurrence}")
+        if depth_sampling not in ("poisson-lognormal", "constant"):
+            raise ValueError(f"depth_sampling must be 'poisson-lognormal' or 'constant', got {depth_sampling!r}")
+        if state_init not in ("normal", "normal_zero", "zero"):
+            raise ValueError(f"state_init must be normal/normal_zero/zero, got {state_init!r}")
+        if fuse not in ("add", "concat", "linear"):
+            raise ValueError(f"fuse must be add/concat/linear, got {fuse!r}")
+        if align_sim not in ("dot", "cos"):
+            raise ValueError(f"align_sim must be dot/cos, got {align_sim!r}")
+        self.backbone = backbone
+        d, eps = backbone.hidden, 1e-12
+        # The backbone's own encoder is the pre-block A; the core C has its own (shared-over-steps) layers.
+        backbone.encoder = Encoder(n_pre_layers, d, heads, inner, dropout, attn_dropout, eps)
+        self.core = Encoder(n_core_layers, d, heads, inner, dropout, attn_dropout, eps)
+        self.core_ln = nn.LayerNorm(d, eps=eps)
+        self.fuse = fuse
+        if fuse == "concat":
+            self.fuse_proj = nn.Linear(2 * d, d)
+        elif fuse == "linear":
+            self.fuse_gate = nn.Parameter(torch.zeros(d))
+        self.mean_recurrence, self.depth_sampling = mean_recurrence, depth_sampling
+        self.state_init, self.state_std, self.state_scale = state_init, state_std, state_scale
+        self.tla_weight, self.sla_weight, self.align_tau, self.align_sim = tla_weight, sla_weight, align_tau, align_sim
+        self.sla_exclude_final = sla_exclude_final
+        # RPT settings (set by the trainer before the RPT phase).
+        self.rpt: dict[str, Any] = {}
+        self.reference: LARES | None = None
+        self.apply(init_weights)
+
+    # -- recurrence --------------------------------------------------------------------------------
+    def sample_depth(self) -> int:
+        """Training depth: k = 1 + Poisson(lambda), lambda ~ LogNormal(ln mu - s^2/2, s = 0.5), k <= 3 mu."""
+        mu = self.mean_recurrence
+        if self.depth_sampling == "constant" or not self.training:
+            return mu
+        s = 0.5
+        rate = math.exp(torch.randn(()).item() * s + math.log(mu) - s * s / 2)
+        k = 1 + int(torch.poisson(torch.tensor(rate)).item())
+        return min(k, 3 * mu)
+
+    def initial_state(self, like: torch.Tensor, random: bool | None = None) -> torch.Tensor:
+        if random is None:
+            random = self.state_init == "normal" or (self.state_init == "normal_zero" and self.training)
+        if not random:
+            return torch.zeros_like(like)
+        z = torch.empty_like(like)
+        nn.init.trunc_normal_(z, 0.0, self.state_std, -3 * self.state_std, 3 * self.state_std)
+        return self.state_scale * z
+
+    def _fuse(self, T: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        if self.fuse == "add":
+            return (T + H) / 2
+        if self.fuse == "concat":
+            return self.fuse_proj(torch.cat([T, H], -1))
+        g = torch.sigmoid(self.fuse_gate)
+        return g * T + (1 - g) * H
+
+    def states(
+        self, ids: torch.Tensor, depth: int, T0: torch.Tensor | None = None, collect: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run pre-block + ``depth`` core steps; return the final ``T [B, L, d]`` and, if ``collect``
+        (positions) is given, the state at those positions after every step."""
+        valid = ids > 0
+        mask = causal_mask(valid)
+        H, _ = self.backbone.encoder(self.backbone.embed(ids), mask)
+        T = self.initial_state(H) if T0 is None else T0
+        steps = []
+        for _ in range(depth):
+            T, _ = self.core(self.core_ln(self._fuse(T, H)), mask)
+            if collect is not None:
+                steps.append(T[:, collect])
+        return T, steps
+
+    def user_vectors(self, ids: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        T, _ = self.states(ids, depth or self.mean_recurrence)
+        return T[:, -1]
+
+    @torch.no_grad()
+    def score(self, ids: torch.Tensor, depth: int | None = None) -> torch.Tensor:
+        return self.backbone.item_logits(self.user_vectors(ids, depth))
+
+    # -- SPT ---------------------------------------------------------------------------------------
+    def _nce(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.align_sim == "cos":
+            x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+        return F.cross_entropy(x @ y.T / self.align_tau, torch.arange(len(x), device=x.device))
+
+    def loss(self, batch, ctx):
+        if ctx.extra.get("phase") == "rpt":
+            return self.rpt_loss(batch, ctx)
+        ids, tgt = batch["input_ids"], batch["target_ids"]
+        # (a) recommendation loss at every loss position, with its own random depth.
+        T, _ = self.states(ids, self.sample_depth())
+        m = tgt > 0
+        ce = self.ce_sum(T[m], tgt[m])
+        loss = ce / ctx.denom
+        logs = {"ce": ce.detach().item() / max(int(m.sum()), 1), "depth": 0.0}
+        if (self.tla_weight > 0 or self.sla_weight > 0) and ctx.aug_pool is not None:
+            # Alignment on each example's last position (its newest train row): (b) the same sequence
+            # with a fresh depth k', (c) another train row with the same target, same k'. In-batch
+            # negatives are local to the process and include same-target rows (as the code does).
+            last = torch.tensor([ids.shape[1] - 1], device=ids.device)
+            k2 = self.sample_depth()
+            Tb, steps = self.states(ids, k2, collect=last)
+            u_b = Tb[:, -1]
+            aug = ctx.aug_pool.sample(tgt[:, -1], batch["row_index"]).to(ids.device)
+            u_c = self.states(aug, k2)[0][:, -1]
+            logs["depth"] = float(k2)
+            if self.tla_weight > 0:
+                tla = (self._nce(u_b, u_c) + self._nce(u_c, u_b)) / 2
+                loss = loss + self.tla_weight * tla
+                logs["tla"] = tla.detach().item()
+            n_choices = k2 - 1 if self.sla_exclude_final else k2
+            if self.sla_weight > 0 and k2 > 1 and n_choices > 0:
+                j = int(torch.randint(n_choices, ()).item())
+                t_j = steps[j][:, 0]
+                sla = (self._nce(u_b, t_j) + self._nce(t_j, u_b)) / 2
+                loss = loss + self.sla_weight * sla
+                logs["sla"] = sla.detach().item()
+        return loss, logs
+
+    # -- RPT ---------------------------------------------------------------------------------------
+    def make_reference(self) -> None:
+        """Freeze a copy of the current (SPT) model as the RPT reference (eval mode, no grad)."""
+        ref = copy.deepcopy(self)
+        ref.reference = None
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        # Stored outside the module tree so it is not trained, saved or wrapped by DDP.
+        object.__setattr__(self, "reference", ref)
+
+    def rpt_loss(self, batch, ctx):
+        """GRPO-style post-training on last-position rows (see the spec, section 2.5).
+
+        G rollouts per row, each a full forward with its own random depth k_g, initial state and
+        dropout. Per-step "action" log-prob l_{g,t} = log softmax(o_{g,t} E^T)[v+]; reward from the
+        final step (Recall@k or NDCG@k of the target, pad/history unmasked); group-normalised
+        advantage; k3 KL to the frozen SPT reference run with the SAME depth and initial state, under
+        no_grad. loss = -mean_t[exp(l - sg(l)) A_g - beta KL_t], averaged over rows and rollouts.
+        """
+        from llmrec.evaluation.metrics import ranks_from_scores
+
+        cfg = self.rpt
+        G, beta, rk = int(cfg.get("group", 4)), float(cfg.get("beta", 1.0)), int(cfg.get("reward_k", 10))
+        ids, tgt = batch["input_ids"], batch["target_ids"][:, -1]
+        last = torch.tensor([ids.shape[1] - 1], device=ids.device)
+        B = len(ids)
+        rewards, terms = [], []
+        for _ in range(G):
+            k = self.sample_depth()
+            with torch.no_grad():
+                T0 = self.initial_state(ids.new_empty((*ids.shape, self.backbone.hidden), dtype=torch.float), random=True)
+            _, steps = self.states(ids, k, T0=T0, collect=last)
+            o = torch.stack([s[:, 0] for s in steps], 1)  # [B, k, d]
+            logp_all = F.log_softmax(self.backbone.item_logits(o), -1)  # [B, k, N]
+            logp = logp_all.gather(-1, (tgt - 1)[:, None, None].expand(B, k, 1)).squeeze(-1)  # [B, k]
+            with torch.no_grad():
+                ranks = ranks_from_scores(logp_all[:, -1].detach(), tgt - 1)
+                if cfg.get("reward", "recall") == "ndcg":
+                    r = torch.where(ranks < rk, 1.0 / torch.log2(ranks.float() + 2), torch.zeros(()))
+                else:
+                    r = (ranks < rk).float()
+                ref = self.reference
+                _, rsteps = ref.states(ids, k, T0=T0, collect=last)
+                ro = torch.stack([s[:, 0] for s in rsteps], 1)
+                ref_logp = F.log_softmax(ref.backbone.item_logits(ro), -1)
+                ref_logp = ref_logp.gather(-1, (tgt - 1)[:, None, None].expand(B, k, 1)).squeeze(-1)
+            rewards.append(r.to(ids.device))
+            diff = ref_logp - logp
+            kl = torch.exp(diff) - diff - 1
+            terms.append((logp, kl))
+        R = torch.stack(rewards, 1)  # [B, G]
+        A = (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-4)
+        total = ids.new_zeros((), dtype=torch.float)
+        for g, (logp, kl) in enumerate(terms):
+            per_step = torch.exp(logp - logp.detach()) * A[:, g : g + 1] - beta * kl
+            total = total - per_step.mean(1).sum()
+        # Rows summed and divided by denom (rows per process) -> mean over rows; then over rollouts.
+        loss = total / (ctx.denom * G)
+        return loss, {"reward": R.mean().detach().item(), "kl": sum(k.mean().item() for _, k in terms) / G}
+
+
+def build_model(cfg: Any, num_items: int) -> SeqRecModel:
+    """Build the model named by ``cfg.model`` from a :class:`~llmrec.seqrec.config.SeqRecConfig`."""
+    if cfg.model not in MODEL_NAMES:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {MODEL_NAMES}")
+    bb = Backbone(
+        num_items,
+        cfg.max_history,
+        hidden=cfg.hidden_size,
+        n_layers=cfg.n_layers,
+        heads=cfg.n_heads,
+        inner=cfg.inner_size,
+        dropout=cfg.dropout,
+        attn_dropout=cfg.attn_dropout,
+        input_dropout=cfg.input_dropout,
+        temperature=cfg.temperature,
+    )
+    if cfg.model == "sasrec":
+        return SASRec(bb)
+    if cfg.model.startswith("rearec"):
+        return ReaRec(
+            bb,
+            mode=cfg.model.split("-")[1],
+            reason_steps=cfg.reason_steps,
+            kl_weight=cfg.kl_weight,
+            kl_cap=cfg.kl_cap,
+            pta_alpha=cfg.pta_alpha,
+            pl_weight=cfg.pl_weight,
+            cl_weight=cfg.cl_weight,
+            noise_std=cfg.noise_std,
+            warmup_epochs=cfg.warmup_epochs,
+            cl_max_rows=cfg.cl_max_rows,
+        )
+    return LARES(
+        bb,
+        n_pre_layers=cfg.n_pre_layers,
+        n_core_layers=cfg.n_core_layers,
+        heads=cfg.n_heads,
+        inner=cfg.inner_size,
+        dropout=cfg.dropout,
+        attn_dropout=cfg.attn_dropout,
+        mean_recurrence=cfg.mean_recurrence,
+        depth_sampling=cfg.depth_sampling,
+        state_init=cfg.state_init,
+        state_std=cfg.state_std,
+        state_scale=cfg.state_scale,
+        fuse=cfg.fuse,
+        tla_weight=cfg.tla_weight,
+        sla_weight=cfg.sla_weight,
+        align_tau=cfg.align_tau,
+        align_sim=cfg.align_sim,
+        sla_exclude_final=cfg.sla_exclude_final,
+    )

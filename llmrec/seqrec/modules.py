@@ -1,0 +1,155 @@
+"""Transformer building blocks and the backbone interface shared by SASRec, ReaRec and LARES.
+
+The layers follow RecBole's (and so both papers' code) **post-LN** Transformer: attention ->
+dropout -> residual -> LayerNorm, then FFN (GELU) -> dropout -> residual -> LayerNorm. Attention
+takes an explicit boolean mask ``[B, 1, Q, K]`` (True = may attend) and an optional per-layer
+key/value cache, so the same code runs a plain causal pass, a KV-cached reasoning step, and the
+"every prefix at once" reasoning pass (queries of many prefixes, each masked to its own keys).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention whose keys/values are ``cache + new tokens`` (cache may be ``None``)."""
+
+    def __init__(self, hidden: int, heads: int, attn_dropout: float):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of n_heads {heads}")
+        self.heads, self.head_dim, self.attn_dropout = heads, hidden // heads, attn_dropout
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        b, q, d = x.shape
+        qkv = self.qkv(x).view(b, q, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qh, k, v = qkv[0], qkv[1], qkv[2]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        o = F.scaled_dot_product_attention(
+            qh, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        return self.out(o.transpose(1, 2).reshape(b, q, d)), (k, v)
+
+
+class TransformerLayer(nn.Module):
+    """One post-LN layer (RecBole's ``TransformerLayer``)."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float, eps: float):
+        super().__init__()
+        self.attn = SelfAttention(hidden, heads, attn_dropout)
+        self.ln1 = nn.LayerNorm(hidden, eps=eps)
+        self.fc1 = nn.Linear(hidden, inner)
+        self.fc2 = nn.Linear(inner, hidden)
+        self.ln2 = nn.LayerNorm(hidden, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attn(x, mask, past)
+        x = self.ln1(x + self.drop(a))
+        f = self.fc2(F.gelu(self.fc1(x)))
+        return self.ln2(x + self.drop(f)), kv
+
+
+class Encoder(nn.Module):
+    """A stack of layers; ``forward`` returns the last layer's output and every layer's full K/V."""
+
+    def __init__(self, n_layers: int, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float, eps: float):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            TransformerLayer(hidden, heads, inner, dropout, attn_dropout, eps) for _ in range(n_layers)
+        )
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, past: list[KV] | None = None
+    ) -> tuple[torch.Tensor, list[KV]]:
+        cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, mask, None if past is None else past[i])
+            cache.append(kv)
+        return x, cache
+
+
+def causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, L, L]`` mask: causal, keys must be real items; the diagonal is always open.
+
+    Opening the diagonal keeps padding queries (left padding) from having an all-masked row (which
+    would give NaN); their outputs are never read.
+    """
+    L = valid.shape[1]
+    tri = torch.ones(L, L, dtype=torch.bool, device=valid.device).tril()
+    m = tri[None] & valid[:, None, :]
+    return (m | torch.eye(L, dtype=torch.bool, device=valid.device)[None])[:, None]
+
+
+def positions_from_oldest(valid: torch.Tensor) -> torch.Tensor:
+    """Absolute positions counted from the oldest real item (0, 1, ...); padding gets 0."""
+    return (valid.long().cumsum(1) - 1).clamp_min(0)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """RecBole/ReaRec init: normal(0, 0.02) weights, zero biases, unit LayerNorm."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(0.0, std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
+
+
+class Backbone(nn.Module):
+    """The interface every reasoning module is written against.
+
+    * ``embed(ids)`` -> input vectors ``[B, L, d]`` (item + position embedding, LayerNorm, dropout);
+    * ``input_norm(x)`` -> the same LayerNorm + dropout, for vectors that are not items (reasoning tokens);
+    * ``encode(ids)`` -> ``(h [B, L, d], kv cache per layer, valid [B, L])``;
+    * ``item_logits(h)`` -> scores over the N real items ``[..., N]`` (column ``j`` is item ``j + 1``):
+      dot product with the tied item table, divided by ``temperature``.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        hidden: int = 64,
+        n_layers: int = 2,
+        heads: int = 2,
+        inner: int = 256,
+        dropout: float = 0.5,
+        attn_dropout: float = 0.5,
+        input_dropout: float | None = None,
+        temperature: float = 1.0,
+        eps: float = 1e-12,
+    ):
+        super().__init__()
+        self.num_items, self.max_len, self.hidden, self.temperature = num_items, max_len, hidden, temperature
+        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, hidden)
+        self.in_ln = nn.LayerNorm(hidden, eps=eps)
+        self.in_drop = nn.Dropout(dropout if input_dropout is None else input_dropout)
+        self.encoder = Encoder(n_layers, hidden, heads, inner, dropout, attn_dropout, eps)
+
+    def input_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.in_drop(self.in_ln(x))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        valid = ids > 0
+        return self.input_norm(self.item_emb(ids) + self.pos_emb(positions_from_oldest(valid)))
+
+    def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[KV], torch.Tensor]:
+        valid = ids > 0
+        h, cache = self.encoder(self.embed(ids), causal_mask(valid))
+        return h, cache, valid
+
+    def item_logits(self, h: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        return h @ self.item_emb.weight[1:].T / t

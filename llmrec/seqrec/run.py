@@ -1,0 +1,153 @@
+"""Train + select on validation + test one ID model; write ``results.json`` and ``results.md``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmrec.config import to_dict
+from llmrec.data.canonical import atomic_write_json, atomic_write_text
+from llmrec.seqrec.config import SeqRecConfig
+from llmrec.seqrec.data import SameTargetPool, load_seqrec_data
+from llmrec.seqrec.models import LARES, ReaRec, build_model
+from llmrec.seqrec.trainer import SeqRecTrainer, make_accelerator
+
+logger = logging.getLogger(__name__)
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Set every dropout (hidden, input and attention) of ``model`` to ``p`` (LARES RPT uses 0.1)."""
+    from llmrec.seqrec.modules import SelfAttention
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+        elif isinstance(m, SelfAttention):
+            m.attn_dropout = p
+
+
+def _protocol(cfg: SeqRecConfig, data, model) -> dict[str, Any]:
+    import json
+
+    stats_file = data.directory / "stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    proto = data.protocol()
+    proto.update(
+        {
+            "split": stats.get("options", {}).get("split_mode", "unknown"),
+            "eval_rows": stats.get("options", {}).get("eval_rows"),
+            "ranking": "full (all items), ties broken by smaller item id",
+            "mask_history": cfg.mask_history,
+            "valid_metric": cfg.valid_metric,
+            "model_selection": "best validation epoch (test never used for selection)",
+        }
+    )
+    if isinstance(model, ReaRec):
+        proto["reason_steps_K"] = model.K
+        proto["readout"] = "mean(r0..rK)" if model.mode == "erl" else "r_K"
+    if isinstance(model, LARES):
+        proto["eval_depth"] = model.mean_recurrence
+        proto["eval_initial_state"] = "random" if model.state_init == "normal" else "zero"
+    return proto
+
+
+def results_markdown(res: dict[str, Any]) -> str:
+    """A small Markdown table of one run's validation/test metrics and timings."""
+    ks = [k for k in ("hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20") if k in res["test"]]
+    lines = [
+        f"# {res['model']} on {res['protocol']['dataset_dir']}",
+        "",
+        f"split: {res['protocol']['split']}, history {res['protocol']['max_history']}, "
+        f"mask_history {res['protocol']['mask_history']}, train_mode {res['protocol']['train_mode']}",
+        "",
+        "| split | " + " | ".join(ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
+    for split in ("valid", "test"):
+        lines.append(f"| {split} | " + " | ".join(f"{res[split][k]:.4f}" for k in ks) + " |")
+    t = res["timings"]
+    lines += [
+        "",
+        f"epochs {t['epochs']} (best {res['best_epoch']}), {t['epoch_s']:.2f} s/epoch, "
+        f"inference {t['infer_ms_per_row']:.3f} ms/row at eval batch {t['eval_batch_size']}",
+    ]
+    for depth, m in res.get("test_by_depth", {}).items():
+        lines.append(f"- test at depth {depth}: ndcg@10 {m['ndcg@10']:.4f} hr@10 {m['hr@10']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
+    """Run one configuration end to end (resumable); return the results dict (also written to disk)."""
+    if not cfg.dataset_dir:
+        raise ValueError("dataset_dir is required (a directory written by `llmrec data prepare`)")
+    out = Path(cfg.output_dir)
+    acc = make_accelerator(cfg.seed)
+    data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode)
+    model = build_model(cfg, data.num_items)
+    trainer = SeqRecTrainer(cfg, data, model, acc, out)
+    t_start = time.perf_counter()
+    pool = SameTargetPool(data.train_rows) if isinstance(model, LARES) else None
+    phases = [trainer.fit("train", data.train, cfg.lr, cfg.epochs, cfg.patience, cfg.batch_size, aug_pool=pool)]
+    extra: dict[str, Any] = {}
+    if isinstance(model, LARES) and cfg.rpt_epochs > 0:
+        keep = trainer.lares_filter()
+        extra["rpt_rows_kept"] = int(keep.sum())
+        extra["rpt_rows_total"] = len(keep)
+        logger.info("LARES filter kept %d / %d train rows for RPT", keep.sum(), len(keep))
+        model.rpt = {"group": cfg.rpt_group, "beta": cfg.rpt_beta, "reward": cfg.rpt_reward, "reward_k": cfg.rpt_reward_k}
+        model.make_reference()
+        spt_valid = phases[0].best_valid
+        set_dropout(model, cfg.rpt_dropout)
+        rpt = trainer.fit("rpt", data.rows_examples(keep), cfg.rpt_lr, cfg.rpt_epochs, cfg.rpt_patience, cfg.rpt_batch_size)
+        phases.append(rpt)
+        # Model selection on validation only: keep the SPT weights if RPT never beat them.
+        if not rpt.best_valid or rpt.best_valid[cfg.valid_metric] <= spt_valid[cfg.valid_metric]:
+            from llmrec.seqrec.trainer import _load_weights
+
+            _load_weights(trainer.unwrapped, out / "train" / "best.safetensors")
+            extra["selected_phase"] = "spt"
+        else:
+            extra["selected_phase"] = "rpt"
+    train_s = time.perf_counter() - t_start
+    best = max(phases, key=lambda p: p.best_valid.get(cfg.valid_metric, -1.0)) if len(phases) > 1 else phases[0]
+    if extra.get("selected_phase") == "spt":
+        best = phases[0]
+    trainer.eval_seconds, trainer.eval_rows = 0.0, 0
+    test = trainer.evaluate(data.test, desc="test")
+    infer_ms = 1000 * trainer.eval_seconds / max(trainer.eval_rows, 1)
+    res: dict[str, Any] = {
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "protocol": _protocol(cfg, data, model),
+        "best_epoch": best.best_epoch,
+        "valid": best.best_valid,
+        "test": test,
+        "timings": {
+            "epochs": sum(p.epochs_run for p in phases),
+            "epoch_s": sum(sum(p.epoch_seconds) for p in phases) / max(sum(len(p.epoch_seconds) for p in phases), 1),
+            "epoch_s_by_phase": {p.name: sum(p.epoch_seconds) / max(len(p.epoch_seconds), 1) for p in phases},
+            "train_total_s": train_s,
+            "infer_ms_per_row": infer_ms,
+            "eval_batch_size": cfg.eval_batch_size,
+            "num_processes": acc.num_processes,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "phases": [p.__dict__ for p in phases],
+        "config": to_dict(cfg),
+    }
+    res.update(extra)
+    if isinstance(model, LARES) and cfg.test_depths:
+        res["test_by_depth"] = {str(d): trainer.evaluate(data.test, depth=d, desc=f"test depth {d}") for d in cfg.test_depths}
+    if acc.is_main_process:
+        atomic_write_json(out / RESULTS_JSON, res)
+        atomic_write_text(out / RESULTS_MD, results_markdown(res))
+        logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if k.endswith("@10")})
+    acc.wait_for_everyone()
+    return res

@@ -1,0 +1,256 @@
+"""One full-ranking trainer for SASRec, ReaRec and LARES, on accelerate.
+
+* Any number of processes (``accelerate launch``): the loader is prepared with ``split_batches=True``
+  so ``batch_size`` is the GLOBAL batch, each process sees its slice, and the prepared (DDP) model
+  averages gradients. Summed per-position losses are divided by the global number of loss positions
+  divided by the number of processes, so 2 processes give the same update as 1 with the same batch.
+  In-batch negatives of the contrastive terms (PRL RCL, LARES TLA/SLA) are NOT gathered across
+  processes: each process contrasts within its own slice (documented deviation; with one process
+  nothing changes).
+* Early stopping on a validation metric (``ndcg@10`` by default); the best weights of a phase are
+  kept as ``<phase>/best.safetensors``; ``<phase>/last.safetensors`` + ``last_optim.pt`` +
+  ``state.json`` are written every epoch so an interrupted run resumes where it stopped.
+* Evaluation ranks ALL items for every row (no sampled negatives), does not mask history items unless
+  ``mask_history``; metrics come from :mod:`llmrec.evaluation.metrics` (ties: smaller id first).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from llmrec.data.canonical import atomic_write_json
+from llmrec.seqrec.data import EvalRows, SameTargetPool, SeqRecData, SplitRows
+from llmrec.seqrec.models import LARES, LossContext, SeqRecModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PhaseResult:
+    """Outcome of one training phase."""
+
+    name: str
+    best_epoch: int = -1
+    best_valid: dict[str, float] = field(default_factory=dict)
+    epochs_run: int = 0
+    epoch_seconds: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_accelerator(seed: int):
+    """An Accelerator whose loaders split each global batch across processes."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    acc = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True))
+    set_seed(seed)
+    return acc
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+
+
+class SeqRecTrainer:
+    """Trains one model in one or more phases and evaluates it with full ranking."""
+
+    def __init__(self, cfg: Any, data: SeqRecData, model: SeqRecModel, accelerator, output_dir: Path):
+        self.cfg, self.data, self.acc, self.out = cfg, data, accelerator, Path(output_dir)
+        self.model = model
+        self.wrapped = accelerator.prepare(model)
+        self.is_main = accelerator.is_main_process
+        self.eval_seconds = 0.0
+        self.eval_rows = 0
+
+    @property
+    def unwrapped(self) -> SeqRecModel:
+        return self.acc.unwrap_model(self.wrapped)
+
+    def _bar(self, it, **kw):
+        from tqdm.auto import tqdm
+
+        return tqdm(it, disable=not (self.is_main and self.cfg.progress), leave=False, dynamic_ncols=True, **kw)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ranks(self, rows: SplitRows, depth: int | None = None, desc: str = "eval") -> torch.Tensor:
+        """0-based full-ranking rank of every row's target (in row order, gathered across processes)."""
+        from llmrec.evaluation.metrics import ranks_from_scores
+
+        model = self.unwrapped
+        was_training = model.training
+        model.eval()
+        loader = self.acc.prepare(DataLoader(EvalRows(rows), batch_size=self.cfg.eval_batch_size, shuffle=False))
+        all_ranks, all_idx = [], []
+        for batch in self._bar(loader, desc=desc):
+            ids = batch["input_ids"]
+            t0 = time.perf_counter()
+            scores = model.score(ids, depth) if (depth is not None and isinstance(model, LARES)) else model.score(ids)
+            self.eval_seconds += time.perf_counter() - t0
+            self.eval_rows += len(ids)
+            if self.cfg.mask_history:
+                hist = torch.zeros_like(scores, dtype=torch.bool)
+                valid = ids > 0
+                rows_i = torch.arange(len(ids), device=ids.device)[:, None].expand_as(ids)[valid]
+                hist[rows_i, ids[valid] - 1] = True
+                scores = scores.masked_fill(hist, float("-inf"))
+            r = ranks_from_scores(scores, batch["target"] - 1)
+            r, idx = self.acc.gather_for_metrics((r, batch["index"]))
+            all_ranks.append(r.cpu())
+            all_idx.append(idx.cpu())
+        model.train(was_training)
+        ranks = torch.cat(all_ranks)
+        order = torch.cat(all_idx).argsort()
+        return ranks[order]
+
+    def evaluate(self, rows: SplitRows, depth: int | None = None, desc: str = "eval") -> dict[str, float]:
+        from llmrec.evaluation.metrics import compute_metrics
+
+        ranks = self.ranks(rows, depth, desc)
+        m = compute_metrics(ranks, ks=tuple(self.cfg.ks))
+        return {k: float(v) for k, v in m.items()}
+
+    # -- training ----------------------------------------------------------------------------------
+    def fit(
+        self,
+        phase: str,
+        examples: Dataset,
+        lr: float,
+        epochs: int,
+        patience: int,
+        batch_size: int,
+        extra: dict | None = None,
+        aug_pool: SameTargetPool | None = None,
+    ) -> PhaseResult:
+        """Train until ``epochs`` or early stopping; leave the best weights loaded; resumable."""
+        cfg, acc = self.cfg, self.acc
+        pdir = self.out / phase
+        done_file, state_file = pdir / "done.json", pdir / "state.json"
+        best_path, last_path, optim_path = pdir / "best.safetensors", pdir / "last.safetensors", pdir / "last_optim.pt"
+        if cfg.resume and done_file.exists() and best_path.exists():
+            res = PhaseResult(**json.loads(done_file.read_text()))
+            _load_weights(self.unwrapped, best_path)
+            logger.info("phase %s already finished (best epoch %d); loaded its best weights", phase, res.best_epoch)
+            return res
+        if batch_size % acc.num_processes:
+            raise ValueError(f"batch size {batch_size} is not divisible by {acc.num_processes} processes")
+        optim = torch.optim.Adam(self.wrapped.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(examples, batch_size=batch_size, shuffle=True, generator=gen)
+        optim, loader = acc.prepare(optim, loader)
+        res = PhaseResult(name=phase)
+        start_epoch, bad = 0, 0
+        if cfg.resume and state_file.exists() and last_path.exists():
+            st = json.loads(state_file.read_text())
+            _load_weights(self.unwrapped, last_path)
+            optim.load_state_dict(torch.load(optim_path, map_location="cpu", weights_only=True))
+            res = PhaseResult(**st["result"])
+            start_epoch, bad = st["epoch"] + 1, st["bad"]
+            torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
+            logger.info("phase %s: resuming at epoch %d", phase, start_epoch)
+        metric = cfg.valid_metric
+        extra = dict(extra or {}, phase=phase)
+        for epoch in range(start_epoch, epochs):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            self.wrapped.train()
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            n_batches = 0
+            bar = self._bar(loader, desc=f"{phase} epoch {epoch + 1}/{epochs}")
+            for batch in bar:
+                local = (batch["target_ids"] > 0).sum().float()
+                denom = acc.reduce(local, reduction="sum") / acc.num_processes
+                ctx = LossContext(denom=denom.clamp_min(1.0), epoch=epoch, aug_pool=aug_pool, extra=extra)
+                loss, logs = self.wrapped(batch, ctx)
+                acc.backward(loss)
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                logs["loss"] = loss.detach().item()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_batches += 1
+                if self.is_main and cfg.progress:
+                    bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                if cfg.max_train_batches and n_batches >= cfg.max_train_batches:
+                    break
+            secs = time.perf_counter() - t0
+            res.epoch_seconds.append(secs)
+            res.epochs_run = epoch + 1
+            entry: dict[str, Any] = {"epoch": epoch + 1, "seconds": round(secs, 3)}
+            entry.update({k: round(v / max(n_batches, 1), 5) for k, v in sums.items()})
+            improved = False
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
+                valid = self.evaluate(self.data.valid, desc="valid")
+                entry["valid"] = valid
+                if metric not in valid:
+                    raise ValueError(f"valid_metric {metric!r} not among the metrics {sorted(valid)}")
+                if not res.best_valid or valid[metric] > res.best_valid[metric]:
+                    res.best_valid, res.best_epoch, bad, improved = valid, epoch + 1, 0, True
+                else:
+                    bad += 1
+            res.history.append(entry)
+            if self.is_main:
+                logger.info(
+                    "%s epoch %d: loss %.4f  valid %s %.4f  (%.1fs)%s",
+                    phase, epoch + 1, entry.get("loss", float("nan")), metric,
+                    entry.get("valid", {}).get(metric, float("nan")), secs, "  *best*" if improved else "",
+                )
+                if improved:
+                    _save_weights(self.unwrapped, best_path)
+                _save_weights(self.unwrapped, last_path)
+                tmp = optim_path.with_name(optim_path.name + ".tmp")
+                torch.save(optim.state_dict(), tmp)
+                tmp.replace(optim_path)
+                atomic_write_json(
+                    state_file,
+                    {"epoch": epoch, "bad": bad, "result": res.__dict__, "torch_rng": torch.get_rng_state().tolist()},
+                )
+            acc.wait_for_everyone()
+            if bad >= patience:
+                logger.info("%s: early stop after epoch %d (best epoch %d)", phase, epoch + 1, res.best_epoch)
+                break
+        acc.wait_for_everyone()
+        if best_path.exists():
+            _load_weights(self.unwrapped, best_path)
+        if self.is_main:
+            atomic_write_json(done_file, res.__dict__)
+        acc.wait_for_everyone()
+        return res
+
+    # -- LARES between-phase filter ----------------------------------------------------------------
+    @torch.no_grad()
+    def lares_filter(self) -> np.ndarray:
+        """Keep a train row if its target is in the top-``filter_topk`` in ANY of ``filter_passes``
+        eval-mode passes with a random initial state (the official filter); returns a row mask."""
+        model = self.unwrapped
+        assert isinstance(model, LARES)
+        saved = model.state_init
+        model.state_init = "normal"  # random T0 even in eval mode: the passes differ through it
+        try:
+            keep = torch.zeros(len(self.data.train_rows), dtype=torch.bool)
+            for p in range(self.cfg.filter_passes):
+                keep |= self.ranks(self.data.train_rows, desc=f"filter pass {p + 1}") < self.cfg.filter_topk
+        finally:
+            model.state_init = saved
+        return keep.numpy()

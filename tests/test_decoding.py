@@ -1,0 +1,242 @@
+import random
+
+import pytest
+import torch
+
+from llmrec.decoding.beam_search import (
+    PromptState,
+    constrained_beam_search,
+    constrained_beam_search_from_state,
+    make_prefix_allowed_tokens_fn,
+    prefill_prompts,
+    reference_constrained_beam_search,
+)
+from llmrec.decoding.trie import TitleTokenizationError, TitleTrie
+from llmrec.models.tiny import build_tiny
+
+PREFIX = "### Response: \n"
+PROMPTS = [
+    "Below is an instruction that describes a task. ### Response: \n",
+    'The user has palyed the following video gamess before: "Anno 2070", "Halo", "Kirby" ### Response: \n',
+    "x ### Response: \n",
+]
+WORDS = (
+    "Super Mario Bros. Zelda Breath of the Wild Nintendo Switch PlayStation Xbox One PC Game Edition Call "
+    "Duty Black Ops Grand Theft Auto Final Fantasy Pokemon Red Blue Halo Skyrim Tetris Sonic Kirby 2 3 Vol. "
+    "Gold Deluxe Ultimate"
+).split()
+
+
+@pytest.fixture(scope="module", params=["tiny-qwen2", "tiny-llama"])
+def tiny(request):
+    return build_tiny(request.param)
+
+
+def random_catalogue(seed: int, n: int) -> tuple[list[str], list[int]]:
+    """Random multi-word titles plus a duplicated title and titles that are prefixes of others."""
+    rng = random.Random(seed)
+    titles = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) for _ in range(n)]
+    titles += [titles[0], titles[1] + " 2", titles[2] + " Deluxe Edition"]
+    ids = list(range(100, 100 + len(titles)))
+    rng.shuffle(ids)
+    return titles, ids
+
+
+def encode(tok, prompts):
+    enc = tok(prompts, return_tensors="pt", padding=True)  # tiny tokenizers pad on the left
+    return enc.input_ids, enc.attention_mask
+
+
+def teacher_forced_score(model, tok, prompt, path, length_penalty):
+    p = tok(prompt, return_tensors="pt").input_ids
+    ids = torch.cat([p, torch.tensor([path])], dim=1)
+    with torch.no_grad():
+        logp = model(ids).logits[0].float().log_softmax(-1)
+    tgt = torch.tensor(path)
+    total = logp[p.shape[1] - 1 : -1].gather(1, tgt[:, None]).sum().item()
+    return total / len(path) ** length_penalty
+
+
+# ------------------------------------------------------------------------------------------ trie
+
+
+def test_trie_structure(tiny):
+    _, tok = tiny
+    titles = ["Halo", "Zelda", "Halo 2", "Halo", "Kirby Gold"]
+    trie = TitleTrie(tok, titles, [5, 3, 9, 1, 7], context_prefix=PREFIX)
+    assert trie.titles == ["Halo", "Zelda", "Halo 2", "Kirby Gold"]
+    assert trie.title_item_ids == [[1, 5], [3], [9], [7]]
+    assert trie.item_to_title == {5: 0, 1: 0, 3: 1, 9: 2, 7: 3}
+    for t, path in enumerate(trie.title_token_ids):
+        want = tok(f'"{trie.titles[t]}"\n', add_special_tokens=False).input_ids + [tok.eos_token_id]
+        assert path == want  # no BOS, even for the Llama-style tokenizer
+        node = 0
+        for d, token in enumerate(path):
+            assert int(trie.terminal[node]) == -1
+            toks, kids = trie.children(node)
+            assert toks == sorted(toks)
+            node = kids[toks.index(token)]
+            assert int(trie.depth[node]) == d + 1
+        assert int(trie.terminal[node]) == t
+        assert trie.children(node) == ([], [])
+    assert trie.max_depth == max(len(p) for p in trie.title_token_ids)
+    assert trie.child_ptr.shape == (trie.num_nodes + 1,)
+    assert trie.child_tokens.shape == trie.child_nodes.shape == (trie.num_nodes - 1,)
+    assert trie.items_for_titles([2, 0, 0]) == [9, 1, 5]
+
+
+def test_trie_errors(tiny):
+    _, tok = tiny
+    with pytest.raises(ValueError, match="empty catalogue"):
+        TitleTrie(tok, [], [], context_prefix=PREFIX)
+    with pytest.raises(ValueError, match="unique"):
+        TitleTrie(tok, ["a", "b"], [1, 1], context_prefix=PREFIX)
+    # A trailing space in the answer prefix merges with word-initial titles (" Zelda" is one token),
+    # but not with punctuation-initial ones.
+    titles = ["...And Justice", "Zelda", "!Kirby", "2070"]
+    with pytest.raises(TitleTokenizationError) as err:
+        TitleTrie(tok, titles, [1, 2, 3, 4], context_prefix="### Response: ", completion_format="{title}\n")
+    msg = str(err.value)
+    assert "2 of 4" in msg and "'Zelda'" in msg and "'2070'" in msg and "Kirby" not in msg
+    # The same titles are fine after a newline.
+    TitleTrie(tok, titles, [1, 2, 3, 4], context_prefix="### Response: \n", completion_format="{title}\n")
+
+
+def test_trie_prefix_titles_need_eos(tiny):
+    _, tok = tiny
+    with pytest.raises(ValueError, match="add_eos=True"):
+        TitleTrie(tok, ["Halo", "Halo 2"], [1, 2], context_prefix="R:\n", completion_format="{title}", add_eos=False)
+
+
+# ------------------------------------------------------------------------------------ beam search
+
+
+@pytest.mark.parametrize("seed,n_titles", [(0, 40), (1, 60), (2, 150)])
+@pytest.mark.parametrize("num_beams", [4, 10])
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_matches_transformers_generate(tiny, seed, n_titles, num_beams, length_penalty):
+    model, tok = tiny
+    titles, ids = random_catalogue(seed, n_titles)
+    trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
+    input_ids, mask = encode(tok, PROMPTS)
+    assert (mask == 0).any()  # rows of different lengths, left-padded
+    ours = constrained_beam_search(model, trie, input_ids, mask, num_beams=num_beams, length_penalty=length_penalty)
+    ref = reference_constrained_beam_search(
+        model, trie, input_ids, mask, num_beams=num_beams, length_penalty=length_penalty
+    )
+    for o, r in zip(ours, ref, strict=True):
+        assert len(o.hypotheses) == num_beams
+        assert o.title_ranking == r.title_ranking
+        assert o.item_ranking == r.item_ranking
+        for (_, so), (_, sr) in zip(o.hypotheses, r.hypotheses, strict=True):
+            assert so == pytest.approx(sr, abs=1e-4)
+
+
+def test_scores_are_sequence_logprobs_and_items_expand(tiny):
+    model, tok = tiny
+    titles, ids = random_catalogue(3, 30)
+    trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
+    input_ids, mask = encode(tok, PROMPTS)
+    for lp in (1.0, 0.0, 0.5):
+        out = constrained_beam_search(model, trie, input_ids, mask, num_beams=5, length_penalty=lp)
+        for prompt, row in zip(PROMPTS, out, strict=True):
+            scores = [s for _, s in row.hypotheses]
+            assert scores == sorted(scores, reverse=True)
+            assert len(set(row.title_ranking)) == len(row.title_ranking)
+            for t, s in row.hypotheses:
+                path = trie.title_token_ids[t]
+                assert s == pytest.approx(teacher_forced_score(model, tok, prompt, path, lp), abs=1e-4)
+            assert row.item_ranking == [i for t in row.title_ranking for i in sorted(trie.title_item_ids[t])]
+
+
+def test_batch_equals_single_prompts(tiny):
+    model, tok = tiny
+    titles, ids = random_catalogue(4, 50)
+    trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
+    batched = constrained_beam_search(model, trie, *encode(tok, PROMPTS), num_beams=6)
+    for prompt, row in zip(PROMPTS, batched, strict=True):
+        (single,) = constrained_beam_search(model, trie, *encode(tok, [prompt]), num_beams=6)
+        assert single.title_ranking == row.title_ranking
+        for (_, a), (_, b) in zip(single.hypotheses, row.hypotheses, strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_fewer_completions_than_beams(tiny, length_penalty):
+    """A catalogue smaller than the beam: every title comes back once, with its exact score, and no
+    placeholder beam is returned. transformers may return fewer (its -1e9 placeholder beams can fill the
+    finished slots), but whatever it returns must be ours, with the same scores and relative order."""
+    model, tok = tiny
+    titles = ["Halo", "Halo 2", "Zelda", "Halo", "Kirby Gold Deluxe Edition"]
+    trie = TitleTrie(tok, titles, [4, 2, 8, 6, 1], context_prefix=PREFIX)
+    input_ids, mask = encode(tok, PROMPTS)
+    ours = constrained_beam_search(model, trie, input_ids, mask, num_beams=8, length_penalty=length_penalty)
+    ref = reference_constrained_beam_search(model, trie, input_ids, mask, num_beams=8, length_penalty=length_penalty)
+    for prompt, o, r in zip(PROMPTS, ours, ref, strict=True):
+        assert sorted(o.title_ranking) == list(range(trie.num_titles))
+        assert sorted(o.item_ranking) == [1, 2, 4, 6, 8]
+        for t, s in o.hypotheses:
+            want = teacher_forced_score(model, tok, prompt, trie.title_token_ids[t], length_penalty)
+            assert s == pytest.approx(want, abs=1e-4)
+        ours_score = dict(o.hypotheses)
+        assert [t for t in o.title_ranking if t in dict(r.hypotheses)] == r.title_ranking
+        for t, s in r.hypotheses:
+            assert s == pytest.approx(ours_score[t], abs=1e-4)
+
+
+def test_single_title_and_beam_of_one(tiny):
+    model, tok = tiny
+    input_ids, mask = encode(tok, PROMPTS)
+    trie = TitleTrie(tok, ["Halo"], [7], context_prefix=PREFIX)
+    for row in constrained_beam_search(model, trie, input_ids, mask, num_beams=3):
+        assert row.title_ranking == [0] and row.item_ranking == [7]
+    # num_beams=1 is greedy decoding (generate switches to its greedy loop, so compare with that).
+    titles, ids = random_catalogue(5, 40)
+    trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
+    ours = constrained_beam_search(model, trie, input_ids, mask, num_beams=1)
+    with torch.no_grad():
+        greedy = model.generate(
+            input_ids=input_ids, attention_mask=mask, do_sample=False, num_beams=1,
+            max_new_tokens=trie.max_depth, eos_token_id=trie.eos_token_id, pad_token_id=trie.eos_token_id,
+            prefix_allowed_tokens_fn=make_prefix_allowed_tokens_fn(trie, input_ids.shape[1]),
+        )
+    for row, seq in zip(ours, greedy[:, input_ids.shape[1]:].tolist(), strict=True):
+        (title,) = row.title_ranking
+        path = trie.title_token_ids[title]
+        assert seq[: len(path)] == path
+    with pytest.raises(ValueError, match="num_beams"):
+        reference_constrained_beam_search(model, trie, input_ids, mask, num_beams=1)
+
+
+def test_search_from_custom_prompt_state(tiny):
+    """The search runs from any prefilled state, e.g. a prompt consumed in two chunks (as LatentR3 will
+    append a latent thought to a prefilled cache)."""
+    from transformers import DynamicCache
+
+    model, tok = tiny
+    titles, ids = random_catalogue(6, 40)
+    trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
+    input_ids, mask = encode(tok, PROMPTS)
+    want = constrained_beam_search(model, trie, input_ids, mask, num_beams=5)
+
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=input_ids[:, :-3], attention_mask=mask[:, :-3], position_ids=pos[:, :-3],
+              past_key_values=cache, use_cache=True)
+        embeds = model.get_input_embeddings()(input_ids[:, -3:])
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos[:, -3:],
+                    past_key_values=cache, use_cache=True)
+    state = PromptState(out.logits[:, -1], cache, mask, pos[:, -1] + 1)
+    got = constrained_beam_search_from_state(model, trie, state, num_beams=5)
+    for g, w in zip(got, want, strict=True):
+        assert g.title_ranking == w.title_ranking
+        for (_, a), (_, b) in zip(g.hypotheses, w.hypotheses, strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_prefill_rejects_right_padding(tiny):
+    model, tok = tiny
+    input_ids, mask = encode(tok, PROMPTS)
+    with pytest.raises(ValueError, match="left-padded"):
+        prefill_prompts(model, input_ids, mask.flip(1))

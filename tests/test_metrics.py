@@ -1,0 +1,138 @@
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmrec.evaluation.metrics import (
+    compute_metrics,
+    paired_bootstrap_ci,
+    per_row_metrics,
+    rank_of_target,
+    ranks_from_scores,
+)
+
+
+def test_rank_of_target():
+    assert rank_of_target([5, 3, 9], 5) == 0
+    assert rank_of_target([5, 3, 9], 9) == 2
+    assert rank_of_target([5, 3, 9], 4) is None
+    assert rank_of_target([], 4) is None
+    assert rank_of_target([1, 2, 2], 2) == 1  # first occurrence
+
+
+def test_hand_computed():
+    # ranks: hit at 0, hit at 2, hit at 4, absent (None), absent (-1)
+    m = compute_metrics([0, 2, 4, None, -1], ks=(1, 3, 5))
+    assert m["hr@1"] == pytest.approx(1 / 5)
+    assert m["hr@3"] == pytest.approx(2 / 5)
+    assert m["hr@5"] == pytest.approx(3 / 5)
+    assert m["ndcg@1"] == pytest.approx(1 / 5)
+    assert m["ndcg@3"] == pytest.approx((1 + 1 / math.log2(4)) / 5)
+    assert m["ndcg@5"] == pytest.approx((1 + 0.5 + 1 / math.log2(6)) / 5)
+    assert m["mrr@3"] == pytest.approx((1 + 1 / 3) / 5)
+    assert m["mrr@5"] == pytest.approx((1 + 1 / 3 + 1 / 5) / 5)
+    assert set(m) == {f"{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 3, 5)}
+
+
+def test_max_k_filters_cutoffs_and_inputs():
+    m = compute_metrics(np.array([0, 12]), ks=(1, 5, 10, 20), max_k=10)
+    assert set(m) == {f"{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 5, 10)}
+    assert compute_metrics(torch.tensor([0, 12]), ks=(20,))["hr@20"] == 1.0
+    with pytest.raises(ValueError):
+        compute_metrics([0], ks=(20,), max_k=10)
+    with pytest.raises(ValueError):
+        compute_metrics([], ks=(1,))
+
+
+def _plain_metrics(ranks, ks):
+    out = {}
+    for k in ks:
+        hr = ndcg = mrr = 0.0
+        for r in ranks:
+            if r is not None and r < k:
+                hr += 1
+                ndcg += 1 / math.log2(r + 2)
+                mrr += 1 / (r + 1)
+        out[f"hr@{k}"] = hr / len(ranks)
+        out[f"ndcg@{k}"] = ndcg / len(ranks)
+        out[f"mrr@{k}"] = mrr / len(ranks)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lists=st.lists(
+        st.tuples(st.permutations(list(range(30))), st.integers(0, 40), st.integers(1, 30)), min_size=1, max_size=20
+    ),
+    ks=st.sets(st.integers(1, 25), min_size=1, max_size=5),
+)
+def test_against_plain_python(lists, ks):
+    ranks = []
+    for perm, target, list_len in lists:
+        ranked = perm[:list_len]
+        ranks.append(rank_of_target(ranked, target))
+    got = compute_metrics(ranks, ks)
+    want = _plain_metrics(ranks, sorted(ks))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-12)
+    rows = per_row_metrics(ranks, ks)
+    for key in want:
+        assert rows[key].shape == (len(ranks),)
+        assert rows[key].mean() == pytest.approx(want[key], abs=1e-12)
+
+
+def _argsort_ranks(scores, targets):
+    # Independent: stable sort on (-score) after ordering by id, i.e. lexicographic (score desc, id asc).
+    out = []
+    for row, t in zip(scores.tolist(), targets.tolist(), strict=True):
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+        out.append(order.index(t))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ranks_from_scores_vs_argsort(seed):
+    g = torch.Generator().manual_seed(seed)
+    n_rows, n_items = 17, 50
+    # Few distinct values -> many ties, to exercise the tie rule.
+    scores = torch.randint(0, 6, (n_rows, n_items), generator=g).float()
+    scores[0, :5] = float("-inf")
+    targets = torch.randint(0, n_items, (n_rows,), generator=g)
+    got = ranks_from_scores(scores, targets, chunk_elements=3 * n_items)  # force several chunks
+    assert got.dtype == torch.long
+    assert got.tolist() == _argsort_ranks(scores, targets)
+    # And continuous scores agree with torch.argsort.
+    scores = torch.randn(n_rows, n_items, generator=g)
+    want = [int((torch.argsort(-row) == t).nonzero()) for row, t in zip(scores, targets, strict=True)]
+    assert ranks_from_scores(scores, targets).tolist() == want
+
+
+def test_ranks_from_scores_tie_rule_and_errors():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
+    assert ranks_from_scores(scores, torch.tensor([1])).tolist() == [0]
+    assert ranks_from_scores(scores, torch.tensor([3])).tolist() == [2]
+    assert ranks_from_scores(scores, torch.tensor([4])).tolist() == [4]
+    with pytest.raises(ValueError):
+        ranks_from_scores(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError):
+        ranks_from_scores(scores, torch.tensor([5]))
+
+
+def test_paired_bootstrap():
+    rng = random.Random(0)
+    a = np.array([rng.random() < 0.6 for _ in range(400)], dtype=float)
+    b = np.array([rng.random() < 0.4 for _ in range(400)], dtype=float)
+    diff, lo, hi = paired_bootstrap_ci(a, b, n_resamples=2000, seed=1)
+    assert diff == pytest.approx(a.mean() - b.mean())
+    assert lo < diff < hi
+    assert lo > 0  # a is clearly better
+    assert paired_bootstrap_ci(a, b, n_resamples=2000, seed=1) == (diff, lo, hi)  # seeded
+    same = paired_bootstrap_ci(a, a, n_resamples=500)
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci(a, b[:-1])
