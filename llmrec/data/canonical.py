@@ -166,8 +166,18 @@ def load_prepared(
         if not path.exists():
             raise FileNotFoundError(f"{directory}: split '{name}' is missing ({path.name} not found)")
         cols: dict[str, list] = {k: [] for k in ROW_FIELDS}
-        for row in read_jsonl(path):
+        n_items = len(catalog)
+        for n, row in enumerate(read_jsonl(path), start=1):
+            for key in ROW_FIELDS:
+                if key not in row:
+                    raise DataFormatError(path, n, key, "missing")
             hist = row["history_item_ids"]
+            if not isinstance(hist, list):
+                raise DataFormatError(path, n, "history_item_ids", "expected a list of item ids")
+            for fld, ids in (("history_item_ids", hist), ("target_item_id", [row["target_item_id"]])):
+                for i in ids:
+                    if not isinstance(i, int) or not 1 <= i <= n_items:
+                        raise DataFormatError(path, n, fld, f"item {i!r} is not in the catalogue (ids 1..{n_items})")
             if max_history is not None and max_history > 0:
                 hist = hist[-max_history:]
             cols["user_id"].append(row["user_id"])

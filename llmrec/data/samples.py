@@ -36,7 +36,12 @@ def resolve_dataset_dir(directory: str | os.PathLike) -> Path:
             from llmrec.data.formats import read_seq_txt
             from llmrec.data.prepare import prepare
 
-            prepare(read_seq_txt(sample_source(name)), target)
+            try:
+                prepare(read_seq_txt(sample_source(name)), target)
+            except OSError:
+                # Several processes may prepare the sample at once; one rename wins, which is fine.
+                if not (target / "stats.json").exists():
+                    raise
         return target
     path = Path(directory)
     if not path.is_dir():

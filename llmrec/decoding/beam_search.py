@@ -23,22 +23,31 @@ Semantics matched (transformers 5.x ``GenerationMixin._beam_search``):
 * a row keeps its ``B`` best finished hypotheses and stops accepting new ones once it holds ``B``
   (``early_stopping=True``), or when it has no running beam left. The search stops when every row is done.
 
-The one deliberate difference: transformers starts beams ``1..B-1`` at score ``-1e9`` (copies of beam 0)
-and lets finished beams re-enter the running set with a ``-1e9`` penalty, so when a row has fewer valid
-continuations than beams those placeholder beams are carried along, can "finish" with scores around
-``-1e9 / L**lp``, and may even fill the row's ``B`` slots. Here such beams simply do not exist: a row
-returns only real, finite-scored titles, possibly fewer than ``B``. Whenever a row has at least ``B`` live
-continuations the two searches coincide (the tests check this against :func:`reference_constrained_beam_search`).
+The one deliberate difference is transformers' placeholder beams. It starts beams ``1..B-1`` as copies
+of beam 0 at score ``-1e9``, and refills the running set with just-finished beams at a ``-1e9`` penalty
+when fewer than ``B`` of the top ``2B`` continuations are unfinished. Such a beam copies a real one (or
+extends a finished title), and if it reaches EOS among the first ``B`` candidates it is recorded as a
+finished hypothesis with score about ``-1e9 / L**lp``. Such a hypothesis takes one of the row's ``B``
+slots and can make the row "full" while real titles are still being decoded. That only happens while
+a row has had fewer than ``B`` real continuations at every step (a catalogue smaller than the beam, or
+one whose titles all share their first words), and there transformers returns fewer real titles than it
+could. Here placeholder beams do not exist: a row returns only real titles with finite scores
+(possibly fewer than ``B``), and otherwise the two searches coincide. The tests check this against
+:func:`reference_constrained_beam_search`, which drops placeholder hypotheses from ``generate``'s output.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmrec.decoding.trie import TitleTrie
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 __all__ = [
     "BeamSearchOutput",
@@ -92,7 +101,7 @@ class PromptState:
     """
 
     next_token_logits: torch.Tensor
-    past_key_values: object
+    past_key_values: Cache
     attention_mask: torch.Tensor
     next_position_ids: torch.Tensor
 

@@ -55,6 +55,9 @@ class TitleTrie:
         add_eos: append ``eos_token_id`` to every completion, so that a path ends exactly when the model
             emits EOS (this is what makes the search stop, as transformers' EOS stopping criterion does).
         eos_token_id: defaults to ``tokenizer.eos_token_id`` (pass e.g. ``<|im_end|>`` for chat models).
+        joint_tokenization: ``True`` when prompt and completion are tokenized as one string (then every
+            title must tokenize the same after ``context_prefix`` as alone, checked here); ``False`` for
+            D3's convention of tokenizing them separately and concatenating the ids.
 
     Items sharing a title share one path; :attr:`title_item_ids` keeps the item ids of each distinct
     title (ascending). Distinct titles are numbered in order of first appearance in ``titles``.
@@ -77,6 +80,7 @@ class TitleTrie:
         completion_format: str = DEFAULT_COMPLETION_FORMAT,
         add_eos: bool = True,
         eos_token_id: int | None = None,
+        joint_tokenization: bool = True,
     ) -> None:
         titles = list(titles)
         item_ids = [int(i) for i in item_ids]
@@ -117,7 +121,12 @@ class TitleTrie:
         }
 
         completions = [completion_format.format(title=t) for t in self.titles]
-        paths = _tokenize_in_context(tokenizer, context_prefix, completions, self.titles)
+        if joint_tokenization:
+            paths = _tokenize_in_context(tokenizer, context_prefix, completions, self.titles)
+        else:
+            # D3's convention: prompt and completion are tokenized separately and the ids
+            # concatenated (in training and in evaluation alike), so there is no boundary to check.
+            paths = _encode_many(tokenizer, completions)
         if add_eos:
             bad = [t for t, p in zip(self.titles, paths, strict=True) if eos_token_id in p]
             if bad:

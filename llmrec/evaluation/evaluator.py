@@ -52,6 +52,7 @@ class EvalConfig:
     history_length: int = field(default=10, metadata={"help": "Most recent history items shown in the prompt (D3: 10)."})
     max_prompt_length: int = field(default=512, metadata={"help": "Token budget of prompt + answer; longer histories are cut from the left."})
     num_beams: int = field(default=10, metadata={"help": "Beams (and returned titles) per row."})
+    tokenization: str = field(default="separate", metadata={"help": "separate (D3: prompt and answer tokenized apart, ids concatenated) or joint (one string; titles checked at the boundary)."})
     length_penalty: float = field(default=1.0, metadata={"help": "Beam score = logprob sum / length**penalty (1.0 BIGRec/LatentR3, 0.0 D3)."})
     batch_size: int = field(default=8, metadata={"help": "Rows per batch (per process)."})
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20], metadata={"help": "Cut-offs K of HR@K, NDCG@K, MRR@K."})
@@ -121,9 +122,9 @@ class Evaluator:
 
     def __init__(self, config: EvalConfig):
         self.config = config
-        from accelerate import PartialState
+        from llmrec.distributed import distributed_state
 
-        self.state = PartialState()
+        self.state = distributed_state()
         self.out = Path(config.output_dir)
 
     # ------------------------------------------------------------------ setup
@@ -138,7 +139,7 @@ class Evaluator:
         if c.method == "beam":
             p.update({
                 "model": c.model_name_or_path, "checkpoint": c.checkpoint, "dtype": c.dtype, "prompt": c.prompt,
-                "noun": c.noun, "use_chat_template": c.use_chat_template, "num_beams": c.num_beams,
+                "noun": c.noun, "use_chat_template": c.use_chat_template, "tokenization": c.tokenization, "num_beams": c.num_beams,
                 "length_penalty": c.length_penalty, "max_prompt_length": c.max_prompt_length,
                 "batch_size": c.batch_size,
                 "ranking": "beams in score order; item level expands each title to its items in ascending id order",
@@ -266,7 +267,7 @@ class Evaluator:
         if not todo:
             return []
         model, tokenizer = load_for_inference(c.model_name_or_path, c.checkpoint, c.dtype, self.state.device)
-        trie = build_catalog_trie(data.catalog, tokenizer, template, c.use_chat_template)
+        trie = build_catalog_trie(data.catalog, tokenizer, template, c.use_chat_template, c.tokenization)
         recs_all = []
         bar = tqdm(total=len(rows), initial=len(rows) - sum(len(b) for b in todo) * self.state.num_processes,
                    desc=f"evaluate {c.split}", disable=not self.state.is_main_process, unit="row")

@@ -1,0 +1,139 @@
+"""``llmrec bench ...``: speed and quality benchmarks that write a results file.
+
+Every benchmark measures its contenders side by side in one run on the same inputs (these machines
+are shared and noisy: ratios are what is comparable, absolute seconds are not) and prints, as its last
+line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def _count_forwards(model):
+    """Attach a counter of ``model.forward`` calls; returns (counter dict, handle)."""
+    counter = {"n": 0}
+
+    def hook(module, args, kwargs):
+        counter["n"] += 1
+
+    return counter, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@torch.no_grad()
+def floor_decode(model, input_ids, attention_mask, num_beams: int, steps: int) -> None:
+    """The bare model work any exact beam search must do: one prefill per prompt, then ``steps``
+    cached single-token forwards for all ``rows x beams`` (no search logic, no cache reordering)."""
+    from llmrec.decoding.beam_search import prefill_prompts
+
+    state = prefill_prompts(model, input_ids, attention_mask)
+    cache = state.past_key_values
+    cache.batch_repeat_interleave(num_beams)
+    mask = state.attention_mask.repeat_interleave(num_beams, dim=0)
+    pos = state.next_position_ids.repeat_interleave(num_beams, dim=0)
+    tok = state.next_token_logits.argmax(-1).repeat_interleave(num_beams, dim=0)
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=cache,
+                    use_cache=True)
+        cache = out.past_key_values
+        tok = out.logits[:, -1].argmax(-1)
+        pos = pos + 1
+
+
+def bench_decoding(args: argparse.Namespace) -> dict:
+    """Ours vs transformers' ``generate`` + ``prefix_allowed_tokens_fn`` vs the floor, same rows."""
+    from llmrec.data.canonical import load_prepared
+    from llmrec.decoding.beam_search import constrained_beam_search, reference_constrained_beam_search
+    from llmrec.decoding.search import build_catalog_trie, encode_prompts, render_prompts
+    from llmrec.evaluation.evaluator import EvalConfig, select_rows
+    from llmrec.models.backbone import load_backbone
+    from llmrec.prompts import PromptTemplate
+
+    torch.manual_seed(0)
+    cfg = EvalConfig(dataset=args.dataset, model_name_or_path=args.model, dtype=args.dtype, num_beams=args.beams,
+                     batch_size=args.batch_size, length_penalty=args.length_penalty, noun=args.noun)
+    data = load_prepared(cfg.dataset, splits=["test"], max_history=cfg.history_length)
+    split = data.splits["test"]
+    rows = select_rows(len(split), args.rows, args.seed)
+    model, tok = load_backbone(args.model, dtype=args.dtype)
+    template = PromptTemplate.load(cfg.prompt)
+    trie = build_catalog_trie(data.catalog, tok, template)
+    batches = [[split[r] for r in rows[i:i + cfg.batch_size]] for i in range(0, len(rows), cfg.batch_size)]
+    encoded = [encode_prompts(tok, render_prompts(template, tok, b, cfg), "cpu") for b in batches]
+    counter, handle = _count_forwards(model)
+    times = {"ours": 0.0, "reference": 0.0, "floor": 0.0}
+    ours_lists, ref_lists, steps = [], [], []
+    # Interleave the contenders batch by batch so that machine noise hits all of them alike.
+    for ids, mask in encoded:
+        counter["n"] = 0
+        t = time.perf_counter()
+        outs = constrained_beam_search(model, trie, ids, mask, num_beams=cfg.num_beams, length_penalty=cfg.length_penalty)
+        times["ours"] += time.perf_counter() - t
+        steps.append(counter["n"] - 1)
+        ours_lists += [o.title_ranking for o in outs]
+        t = time.perf_counter()
+        refs = reference_constrained_beam_search(model, trie, ids, mask, num_beams=cfg.num_beams,
+                                                 length_penalty=cfg.length_penalty)
+        times["reference"] += time.perf_counter() - t
+        ref_lists += [o.title_ranking for o in refs]
+        t = time.perf_counter()
+        floor_decode(model, ids, mask, cfg.num_beams, steps[-1])
+        times["floor"] += time.perf_counter() - t
+    handle.remove()
+    n = len(rows)
+    result = {
+        "rows": n, "beams": cfg.num_beams, "model": args.model, "dtype": args.dtype, "batch_size": cfg.batch_size,
+        "mean_prompt_tokens": round(sum(int(m.sum()) for _, m in encoded) / n, 1),
+        "mean_steps_per_batch": round(sum(steps) / len(steps), 2),
+        "ours_rows_per_s": round(n / times["ours"], 4),
+        "reference_rows_per_s": round(n / times["reference"], 4),
+        "floor_rows_per_s": round(n / times["floor"], 4),
+        "speedup_vs_reference": round(times["reference"] / times["ours"], 3),
+        "ours_over_floor": round(times["ours"] / times["floor"], 3),
+        "identical_rankings": round(sum(a == b for a, b in zip(ours_lists, ref_lists)) / n, 4),
+    }
+    return result
+
+
+def _print_table(result: dict, keys: list[str]) -> None:
+    width = max(len(k) for k in keys)
+    for k in keys:
+        print(f"{k:<{width}}  {result[k]}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llmrec.data.canonical import atomic_write_json
+
+    if args.bench == "decoding":
+        result = bench_decoding(args)
+        _print_table(result, list(result))
+    else:  # pragma: no cover - argparse restricts the choices
+        raise ValueError(args.bench)
+    if args.output:
+        atomic_write_json(Path(args.output), result)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (print a table and a last-line JSON object)")
+    sub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    d = sub.add_parser("decoding", help="constrained beam search: ours vs generate+prefix_allowed_tokens_fn vs floor",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--dataset", default="games-sample", help="prepared dir or sample name (test rows are used)")
+    d.add_argument("--rows", type=int, default=32)
+    d.add_argument("--beams", type=int, default=10)
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--dtype", default="bfloat16")
+    d.add_argument("--length-penalty", type=float, default=1.0)
+    d.add_argument("--noun", default="video games")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--output", default=None, help="also write the JSON result here")
+    d.set_defaults(func=cmd_bench)

@@ -1,0 +1,95 @@
+"""Glue between prepared data, prompts and the constrained beam search (used by the evaluator)."""
+
+from __future__ import annotations
+
+import torch
+
+from llmrec.decoding.beam_search import constrained_beam_search
+from llmrec.decoding.trie import TitleTrie
+from llmrec.prompts import PromptTemplate, render_to_fit, wrap_chat
+
+
+def answer_context(template: PromptTemplate, tokenizer, use_chat_template: bool) -> str:
+    """The text every prompt ends with right before the answer (what the trie checks titles against)."""
+    if use_chat_template:
+        return wrap_chat(tokenizer, template.render_prompt(["x"]))
+    if not template.answer_prefix:
+        raise ValueError(f"prompt template '{template.name}' declares no answer_prefix")
+    return template.answer_prefix
+
+
+TOKENIZATIONS = ("separate", "joint")
+
+
+def build_catalog_trie(
+    catalog, tokenizer, template: PromptTemplate, use_chat_template: bool = False, tokenization: str = "separate"
+) -> TitleTrie:
+    """A :class:`TitleTrie` over every catalogue title, in the template's completion format + EOS.
+
+    ``tokenization="separate"`` (default, D3's convention, also used by SFT): the prompt and the
+    completion are tokenized on their own and the ids concatenated. Then the prompt's tail must
+    tokenize the same at the end of a real prompt as alone, which is checked here. ``"joint"``:
+    prompt + completion are one string, and every title must tokenize the same after the answer
+    prefix as alone (checked by the trie; BPE tokenizers that merge the prefix's trailing space
+    with the next character fail this, e.g. SmolLM2 with the D3 prompt).
+    """
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"tokenization must be one of {TOKENIZATIONS}, got {tokenization!r}")
+    context = answer_context(template, tokenizer, use_chat_template)
+    if tokenization == "separate":
+        sample = template.render_prompt(["Example title"])
+        if use_chat_template:
+            sample = wrap_chat(tokenizer, sample)
+        tail = tokenizer(context, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+        if ids[len(ids) - len(tail):] != tail:
+            raise ValueError(
+                f"prompt template '{template.name}': its answer prefix {context!r} tokenizes differently at the "
+                "end of a prompt than alone; the decoding root would be ambiguous"
+            )
+    return TitleTrie(
+        tokenizer,
+        catalog.titles,
+        list(catalog.item_ids),
+        context_prefix=context,
+        completion_format=template.completion_format,
+        joint_tokenization=tokenization == "joint",
+    )
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` / ``attention_mask`` (special tokens such as BOS included)."""
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    width = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for r, e in enumerate(encoded):
+        ids[r, width - len(e):] = torch.tensor(e, dtype=torch.long)
+        mask[r, width - len(e):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def render_prompts(template: PromptTemplate, tokenizer, examples: list[dict], config) -> list[str]:
+    """Prompts for ``examples`` (canonical rows with titles), histories cut from the left to fit."""
+    out = []
+    for ex in examples:
+        rendered, _ = render_to_fit(
+            template, tokenizer, list(ex["history_titles"]), ex["target_title"], config.max_prompt_length,
+            noun=config.noun, use_chat_template=config.use_chat_template,
+        )
+        out.append(rendered["prompt"])
+    return out
+
+
+def rank_batch(model, tokenizer, trie: TitleTrie, template: PromptTemplate, examples: list[dict], config):
+    """Constrained beam search for a batch; per row ``(titles, item ids, scores)`` best first."""
+    prompts = render_prompts(template, tokenizer, examples, config)
+    device = next(model.parameters()).device
+    ids, mask = encode_prompts(tokenizer, prompts, device)
+    outputs = constrained_beam_search(model, trie, ids, mask, num_beams=config.num_beams,
+                                      length_penalty=config.length_penalty)
+    return [
+        ([trie.titles[t] for t in o.title_ranking], list(o.item_ranking), [round(float(s), 6) for _, s in o.hypotheses])
+        for o in outputs
+    ]

@@ -1,0 +1,222 @@
+"""Benchmark the latent SFT step: plain LM vs the efficient latent form vs the paper's naive form.
+
+    python scripts/bench_latent_forward.py --model smollm2-135m --batch-size 4 --steps 5
+
+For each of a few batches of D3-style prompts (left-padded, 150-250 tokens) and title completions
+(15-25 tokens, right-padded), times one forward + backward (LoRA adapters and, for the latent forms,
+the pooling head trainable) in bf16 for:
+
+* ``plain``        -- the N=0 path: one pass over [prompt, completion], logits on the completion only;
+* ``plain_hf``     -- (reference) the stock ``model(input_ids, labels=...)`` call, logits everywhere;
+* ``latent``       -- :meth:`LatentReasoningLM.forward` (prompt once with a KV cache, then [latent, completion]);
+* ``naive_latent`` -- :meth:`LatentReasoningLM.forward_naive` (N+1 full-sequence passes, SFT right padding).
+
+Variants are interleaved within each step so that load from other processes hits them alike; the
+median over the timed steps is reported. Exactness is measured separately in float32 (LoRA B
+initialised randomly so every adapter tensor has a gradient): max |logit difference| over the
+completion tokens and max relative gradient difference (per tensor, max |diff| / max |naive|).
+The last line of output is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from llmrec.models.backbone import load_backbone
+from llmrec.models.latent import (
+    IGNORE_INDEX,
+    LatentConfig,
+    LatentReasoningLM,
+    add_latent_tokens,
+    build_naive_inputs,
+    padding_position_ids,
+)
+from llmrec.prompts import PromptTemplate
+
+ITEMS = Path(__file__).resolve().parent.parent / "llmrec/data/samples/games_sample/derived/items.jsonl"
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def make_batches(tokenizer, args) -> list[dict[str, torch.Tensor]]:
+    """Random D3 prompts over catalogue titles whose token lengths fall in the requested ranges."""
+    rng = random.Random(args.seed)
+    titles = [json.loads(line)["title"] for line in ITEMS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    template = PromptTemplate.load("d3")
+    eos = tokenizer.eos_token
+    cmin, cmax = args.completion_len
+    pmin, pmax = args.prompt_len
+    targets = [
+        t for t in titles
+        if cmin <= len(tokenizer(template.render_completion(t) + eos, add_special_tokens=False).input_ids) <= cmax
+    ]
+    if not targets:
+        raise SystemExit(f"no title gives a completion of {cmin}-{cmax} tokens")
+    batches = []
+    for _ in range(args.num_batches):
+        prompts, completions = [], []
+        while len(prompts) < args.batch_size:
+            history = rng.sample(titles, rng.randint(3, 10))
+            prompt = template.render_prompt(history, noun="video games")
+            n = len(tokenizer(prompt).input_ids)
+            if pmin <= n <= pmax:
+                prompts.append(prompt)
+                completions.append(template.render_completion(rng.choice(targets)) + eos)
+        tokenizer.padding_side = "left"
+        p = tokenizer(prompts, return_tensors="pt", padding=True)
+        tokenizer.padding_side = "right"
+        c = tokenizer(completions, return_tensors="pt", padding=True, add_special_tokens=False)
+        batches.append(
+            {"prompt_input_ids": p.input_ids, "prompt_attention_mask": p.attention_mask,
+             "completion_input_ids": c.input_ids, "completion_attention_mask": c.attention_mask}
+        )
+    return batches
+
+
+def build(args, dtype: str, random_lora_b: bool):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load_backbone(args.model, dtype=dtype)
+    cfg0 = LatentConfig(num_latent_tokens=0)
+    cfg = LatentConfig(num_latent_tokens=args.num_latent)
+    add_latent_tokens(tok, model, cfg)
+    torch.manual_seed(args.seed)
+    lora = LoraConfig(
+        r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+        target_modules=args.lora_targets.split(","), init_lora_weights=not random_lora_b,
+    )
+    peft_model = get_peft_model(model, lora)
+    peft_model.train()
+    torch.manual_seed(args.seed + 1)
+    latent = LatentReasoningLM(peft_model, cfg)
+    plain = LatentReasoningLM(peft_model, cfg0)
+    return latent, plain, tok
+
+
+def steps_for(latent: LatentReasoningLM, plain: LatentReasoningLM, tok):
+    ids = latent.config.latent_token_ids
+
+    def plain_step(b):
+        return plain.loss(**b).loss
+
+    def plain_hf_step(b):
+        p, pm, c, cm = b.values()
+        ids_, mask = torch.cat([p, c], 1), torch.cat([pm, cm], 1)
+        labels = torch.cat([torch.full_like(p, IGNORE_INDEX), c.masked_fill(cm == 0, IGNORE_INDEX)], 1)
+        return plain.model(input_ids=ids_, attention_mask=mask, position_ids=padding_position_ids(mask),
+                           labels=labels).loss
+
+    def latent_step(b):
+        return latent.loss(**b).loss
+
+    def naive_step(b):
+        x, am, lab = build_naive_inputs(*b.values(), ids, tok.pad_token_id, "right")
+        return latent.loss(input_ids=x, attention_mask=am, labels=lab).loss
+
+    return {"plain": plain_step, "plain_hf": plain_hf_step, "latent": latent_step, "naive_latent": naive_step}
+
+
+def timed(fn, batch, model) -> float:
+    t0 = time.perf_counter()
+    loss = fn(batch)
+    loss.backward()
+    dt = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return dt
+
+
+def exactness(args, batches) -> tuple[float, float]:
+    """Max |logit diff| and max relative grad diff of the efficient vs the naive form, in float32."""
+    latent, _, tok = build(args, "float32", random_lora_b=True)
+    ids = latent.config.latent_token_ids
+    max_logit, max_rel = 0.0, 0.0
+    for b in batches[: args.exact_batches]:
+        eff = latent.loss(**b)
+        eff.loss.backward()
+        g_eff = {n: p.grad.clone() for n, p in latent.named_parameters() if p.grad is not None}
+        latent.zero_grad(set_to_none=True)
+        x, am, lab = build_naive_inputs(*b.values(), ids, tok.pad_token_id, "right")
+        nai = latent.loss(input_ids=x, attention_mask=am, labels=lab)
+        nai.loss.backward()
+        g_nai = {n: p.grad.clone() for n, p in latent.named_parameters() if p.grad is not None}
+        latent.zero_grad(set_to_none=True)
+        a = eff.logits[eff.labels != IGNORE_INDEX].detach()
+        c = nai.logits[nai.labels != IGNORE_INDEX].detach()
+        max_logit = max(max_logit, (a - c).abs().max().item())
+        for n, g in g_nai.items():
+            max_rel = max(max_rel, (g_eff[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-30))
+    return max_logit, max_rel
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="backbone alias, directory or hub id")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"))
+    ap.add_argument("--completion-len", type=int, nargs=2, default=(15, 25), metavar=("MIN", "MAX"))
+    ap.add_argument("--num-latent", type=int, default=1, help="latent tokens N of the latent forms")
+    ap.add_argument("--num-batches", type=int, default=3, help="distinct batches, cycled over the steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
+    ap.add_argument("--dtype", default="bfloat16", help="dtype of the timed runs")
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-targets", default=LORA_TARGETS)
+    ap.add_argument("--exact-batches", type=int, default=1, help="batches used for the float32 exactness check")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    latent, plain, tok = build(args, args.dtype, random_lora_b=False)
+    batches = make_batches(tok, args)
+    shapes = [(b["prompt_input_ids"].shape[1], b["completion_input_ids"].shape[1]) for b in batches]
+    print(f"model {args.model} ({args.dtype}), batch {args.batch_size}, N={args.num_latent}, "
+          f"[prompt cols, completion cols] per batch: {shapes}, torch threads {torch.get_num_threads()}",
+          file=sys.stderr)
+    fns = steps_for(latent, plain, tok)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for step in range(args.warmup + args.steps):
+        batch = batches[step % len(batches)]
+        order = list(fns) if step % 2 == 0 else list(reversed(fns))
+        for name in order:
+            dt = timed(fns[name], batch, latent)
+            if step >= args.warmup:
+                times[name].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    del latent, plain
+
+    max_logit, max_rel = exactness(args, batches)
+
+    print(f"{'variant':<14}{'median s':>10}{'min s':>9}{'max s':>9}{'x plain':>9}")
+    for k, v in times.items():
+        print(f"{k:<14}{med[k]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}{med[k] / med['plain']:>9.3f}")
+    print(f"float32 efficient vs naive: max |logit diff| {max_logit:.3g}, max rel grad diff {max_rel:.3g}")
+    result = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "num_latent_tokens": args.num_latent,
+        "batch_shapes": shapes,
+        "plain_step_s": round(med["plain"], 4),
+        "plain_hf_full_logits_step_s": round(med["plain_hf"], 4),
+        "latent_step_s": round(med["latent"], 4),
+        "naive_latent_step_s": round(med["naive_latent"], 4),
+        "latent_over_plain": round(med["latent"] / med["plain"], 4),
+        "naive_over_plain": round(med["naive_latent"] / med["plain"], 4),
+        "max_abs_logit_diff_vs_naive": max_logit,
+        "max_rel_grad_diff_vs_naive": max_rel,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

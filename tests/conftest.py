@@ -1,0 +1,56 @@
+"""Shared fixtures: a small prepared dataset in the canonical layout, written offline."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from llmrec.data.canonical import atomic_write_json, write_jsonl
+from llmrec.data.catalog import ItemCatalog
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+WORDS = ["Super", "Mario", "Zelda", "Halo", "Tetris", "Sonic", "Kirby", "Metroid", "Prime", "Deluxe",
+         "Edition", "PC", "Gold", "Collection", "Street", "Fighter", "Dark", "Souls", "Minecraft", "Pokemon"]
+
+
+def make_titles(n: int, seed: int = 0) -> list[str]:
+    """Distinct-ish random titles from the tiny tokenizer's vocabulary words, with some duplicates
+    and some titles that are prefixes of others."""
+    rng = random.Random(seed)
+    titles = []
+    for i in range(n):
+        if i % 7 == 3 and titles:
+            titles.append(titles[-1])  # a title shared by two items
+        elif i % 5 == 4 and titles:
+            titles.append(titles[-1] + " " + rng.choice(WORDS))  # extends an earlier title
+        else:
+            titles.append(" ".join(rng.sample(WORDS, rng.randint(1, 3))) + f" {i}")
+    return titles
+
+
+def write_prepared(directory: Path, n_items: int = 30, n_users: int = 12, seed: int = 0) -> Path:
+    """A prepared directory (catalog + train/valid/test) with leave-one-out rows."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    titles = make_titles(n_items, seed)
+    ItemCatalog([str(i) for i in range(1, n_items + 1)], titles).save(directory / "catalog.jsonl")
+    splits = {"train": [], "valid": [], "test": []}
+    for u in range(n_users):
+        seq = [rng.randint(1, n_items) for _ in range(rng.randint(4, 9))]
+        for pos in range(1, len(seq)):
+            split = "test" if pos == len(seq) - 1 else "valid" if pos == len(seq) - 2 else "train"
+            splits[split].append({"user_id": str(u), "history_item_ids": seq[:pos], "target_item_id": seq[pos],
+                                  "timestamp": pos})
+    for name, rows in splits.items():
+        write_jsonl(directory / f"{name}.jsonl", rows)
+    atomic_write_json(directory / "stats.json", {"rows": {k: len(v) for k, v in splits.items()}})
+    return directory
+
+
+@pytest.fixture
+def prepared_dir(tmp_path: Path) -> Path:
+    return write_prepared(tmp_path / "data")
