@@ -8,6 +8,7 @@ YAML is read with ``yaml.safe_load`` only.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 from collections.abc import Sequence
@@ -56,6 +57,33 @@ def check_keys(data: dict[str, Any], classes: Sequence[type], source: str) -> No
         raise ConfigError(f"{source}: unknown option(s) {', '.join(parts)}")
 
 
+def _coerce(parser, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Convert recipe strings the way the command line would and check choices.
+
+    YAML reads ``1e-4`` as a string, and ``parse_dict`` does no conversion, so without this a recipe
+    could put a ``str`` into a ``float`` field (while the same value on the command line is converted).
+    """
+    out = dict(data)
+    for action in parser._actions:
+        k = action.dest
+        if k not in out or action.type is None:
+            continue
+        v = out[k]
+        try:
+            if isinstance(v, str):
+                v = action.type(v)
+            elif isinstance(v, list) and action.nargs in ("+", "*"):
+                v = [action.type(x) if isinstance(x, str) else x for x in v]
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"{source}: option '{k}': cannot read {out[k]!r} ({e})") from None
+        if action.choices is not None and v is not None:
+            for x in v if isinstance(v, list) else [v]:
+                if x not in action.choices:
+                    raise ConfigError(f"{source}: option '{k}': {x!r} is not one of {list(action.choices)}")
+        out[k] = v
+    return out
+
+
 def parse_config(
     classes: Sequence[type],
     config_path: str | Path | None = None,
@@ -70,13 +98,15 @@ def parse_config(
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(list(classes))
+    parser.allow_abbrev = False  # "--epoch" must not silently mean "--epochs" (a recipe's "epoch" is an error)
     data: dict[str, Any] = {}
     if config_path is not None:
         data = read_recipe(config_path)
         check_keys(data, classes, str(config_path))
+        data = _coerce(parser, data, str(config_path))
     if extra:
         check_keys(extra, classes, "arguments")
-        data.update(extra)
+        data.update(_coerce(parser, extra, "arguments"))
     if args:
         # Parse the command line on top of the recipe: the recipe's values become defaults.
         parser.set_defaults(**data)

@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         order = list(fns) if step % 2 == 0 else list(reversed(fns))
         for name in order:
             dt = timed(fns[name], batch, latent)
+            print(f"step {step} {'warm-up' if step < args.warmup else 'timed'} {name}: {dt:.3f} s",
+                  file=sys.stderr, flush=True)
             if step >= args.warmup:
                 times[name].append(dt)
     med = {k: statistics.median(v) for k, v in times.items()}

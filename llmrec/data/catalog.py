@@ -135,7 +135,8 @@ def clean_titles(
 
 def _raw_sort_key(raw_id: str):
     # Numeric source ids keep their numeric order (1, 2, ..., 10), others sort as strings.
-    return (0, int(raw_id), "") if raw_id.isdigit() else (1, 0, raw_id)
+    # isdecimal, not isdigit: int() rejects digits such as "²" that isdigit() accepts.
+    return (0, int(raw_id), "") if raw_id.isdecimal() else (1, 0, raw_id)
 
 
 class ItemCatalog:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from llmrec.data.canonical import SPLITS
 from llmrec.data.formats import FORMATS
 
 
@@ -58,6 +59,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _in_split_order(d: dict) -> list:
+    # stats.json is written with sorted keys: print train, valid, test in their natural order
+    return sorted(d.items(), key=lambda kv: SPLITS.index(kv[0]) if kv[0] in SPLITS else len(SPLITS))
+
+
 def format_stats(stats: dict) -> str:
     """A short human-readable summary of a stats.json."""
     raw, clean = stats["raw"], stats["cleaned"]
@@ -66,11 +72,11 @@ def format_stats(stats: dict) -> str:
         f"raw:     users {raw['users']:,}  items {raw['items']:,}  interactions {raw['interactions']:,}  "
         f"(catalogue titles {raw['catalog_items']:,})",
     ]
-    for split, c in raw.get("per_split", {}).items():
+    for split, c in _in_split_order(raw.get("per_split", {})):
         lines.append(f"  raw {split}: " + "  ".join(f"{k} {v:,}" for k, v in c.items()))
     lines.append(f"cleaned: users {clean['users']:,}  items {clean['items_in_examples']:,}  "
                  f"catalogue {clean['catalog_items']:,}  examples {clean['examples']:,}")
-    lines.append("rows:    " + "  ".join(f"{s} {n:,}" for s, n in stats["rows"].items()))
+    lines.append("rows:    " + "  ".join(f"{s} {n:,}" for s, n in _in_split_order(stats["rows"])))
     c = stats["cleaning"]
     lines.append("titles:  " + "  ".join(f"{k} {c['found'][k]} found/{c['dropped_items'][k]} dropped ({c['policy'][k]})"
                                          for k in c["found"]))

@@ -22,6 +22,7 @@ import html
 import io
 import json
 import random
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -71,7 +72,15 @@ def _lines(path: Path):
         raise FileNotFoundError(f"input file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
+        lines, n = iter(f), 0
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated .gz
+                raise DataFormatError(path, n + 1, None, f"cannot read the file ({type(e).__name__}: {e})") from None
+            n += 1
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -127,7 +136,7 @@ def _literal_list(value: str, path: Path, n: int, fld: str) -> list:
     # ast.literal_eval evaluates literals only: never eval() data.
     try:
         out = ast.literal_eval(value)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # TypeError: {[1]: 2}
         raise DataFormatError(path, n, fld, f"not a list literal: {value[:60]!r}") from None
     if not isinstance(out, (list, tuple)):
         raise DataFormatError(path, n, fld, f"expected a list literal, got {type(out).__name__}")
@@ -234,17 +243,13 @@ def read_seq_titles(input_dir: Path, titles_from: str = "auto") -> dict[str, str
             raise DataFormatError(npy, None, None, "expected a pickled dict of title maps")
         for key in ("seqid2title", "id2title"):
             if key in maps:
+                if not isinstance(maps[key], dict):
+                    raise DataFormatError(npy, None, key, f"expected a dict, got {type(maps[key]).__name__}")
                 return {str(k): (None if v is None else str(v)) for k, v in maps[key].items()}
         raise DataFormatError(npy, None, None, f"no 'seqid2title' or 'id2title' map (keys: {list(maps)})")
     if titles_from == "jsonl":
         titles: dict[str, str | None] = {}
-        for n, line in _lines(jsonl):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(jsonl, n, None, f"not valid JSON ({e.msg})") from None
+        for n, obj in _jsonl_objects(jsonl):
             key = "seq_id" if "seq_id" in obj else "item_id"
             if key not in obj:
                 raise DataFormatError(jsonl, n, "item_id", "missing (expected seq_id or item_id)")
@@ -456,7 +461,11 @@ def read_amazon2023(
         if min_rating is not None:
             if "rating" not in obj:
                 raise DataFormatError(reviews, n, "rating", "missing")
-            if float(obj["rating"]) < min_rating:
+            try:
+                rating = float(obj["rating"])
+            except (TypeError, ValueError):
+                raise DataFormatError(reviews, n, "rating", f"expected a number, got {str(obj['rating'])[:40]!r}") from None
+            if rating < min_rating:
                 skipped["below_min_rating"] = skipped.get("below_min_rating", 0) + 1
                 continue
         it = str(obj["parent_asin"])

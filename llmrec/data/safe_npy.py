@@ -70,11 +70,14 @@ def load_npy_restricted(path: str | Path):
             if read_header is None:
                 raise ValueError(f"unsupported .npy version {version}")
             shape, fortran, dtype = read_header(f, max_header_size=1 << 20)
-        except ValueError as e:
-            raise ValueError(f"{path}: not a .npy file ({e})") from None
+        except Exception as e:  # numpy parses the header with ast/tokenize: any error means a bad header
+            raise ValueError(f"{path}: not a .npy file ({type(e).__name__}: {e})") from None
         if not dtype.hasobject:
             f.seek(0)
-            return np.load(f, allow_pickle=False)
+            try:
+                return np.load(f, allow_pickle=False)
+            except Exception as e:  # a truncated or corrupted array body
+                raise ValueError(f"{path}: cannot read the array ({type(e).__name__}: {e})") from None
         try:
             arr = _RestrictedUnpickler(io.BufferedReader(f), str(path)).load()
         except UnsafePickleError:

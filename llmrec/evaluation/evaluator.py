@@ -172,7 +172,9 @@ class Evaluator:
             from llmrec.models.checkpoint import checkpoint_kind
 
             checkpoint_kind(c.checkpoint)  # fail before anything is written
-        data = load_prepared(c.dataset, splits=sorted({c.split, "train"}), max_history=c.history_length)
+        # Popularity needs the training targets; the LM path only the evaluated split.
+        wanted = sorted({c.split, "train"}) if c.method == "popularity" else [c.split]
+        data = load_prepared(c.dataset, splits=wanted, max_history=c.history_length)
         split = data.splits[c.split]
         self._check_rows(data, split)
         rows = select_rows(len(split), c.max_rows, c.row_seed)

@@ -1,7 +1,7 @@
 """``llmrec seqrec train``: train and test an ID-based sequential recommender from a recipe.
 
-    llmrec seqrec train --config recipes/seqrec/sasrec_ml100k.yaml [--field value ...]
-    accelerate launch --num_processes 2 -m llmrec.cli seqrec train --config ...   # several processes
+llmrec seqrec train --config recipes/seqrec/sasrec_ml100k.yaml [--field value ...]
+accelerate launch --num_processes 2 -m llmrec.cli seqrec train --config ...   # several processes
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ class SeqRecConfig:
     inner_size: int = _f(256, "feed-forward inner size")
     dropout: float = _f(0.5, "hidden dropout")
     attn_dropout: float = _f(0.5, "attention dropout")
-    input_dropout: float | None = _f(None, "dropout after the input LayerNorm (None = dropout; ReaRec code uses 0.2)")
+    input_dropout: float | None = _f(
+        None, "dropout after the input LayerNorm (None = dropout; ReaRec code uses 0.2)"
+    )
     temperature: float = _f(1.0, "logits = h.E^T / temperature (ReaRec code: 0.07; RecBole SASRec: 1)")
     # optimisation
     epochs: int = _f(200, "maximum training epochs (phase 1)")
@@ -45,10 +47,13 @@ class SeqRecConfig:
     valid_metric: str = _f("ndcg@10", "validation metric for early stopping and model selection")
     eval_every: int = _f(1, "validate every N epochs")
     ks: list[int] = _f([1, 5, 10, 20], "cut-offs K of the reported metrics")
-    mask_history: bool = _f(False, "set the scores of history items to -inf at evaluation (default: no masking)")
+    mask_history: bool = _f(
+        False, "set the scores of history items to -inf at evaluation (default: no masking)"
+    )
     resume: bool = _f(True, "resume from the run directory's checkpoints if present")
     max_train_batches: int = _f(0, "stop an epoch after N batches (0 = all; for smoke tests)")
     progress: bool = _f(True, "tqdm progress bars on the main process")
+    num_threads: int = _f(0, "torch intra-op threads per process (0 = torch's default)")
     # ReaRec
     reason_steps: int = _f(2, "ReaRec: reasoning steps K (same in training and inference)")
     kl_weight: float = _f(0.05, "ERL: weight lambda of the KL diversity term (subtracted)")
@@ -64,7 +69,9 @@ class SeqRecConfig:
     n_core_layers: int = _f(1, "LARES: shared recurrent core layers")
     mean_recurrence: int = _f(4, "LARES: mean training depth mu, and the evaluation depth")
     depth_sampling: str = _f("poisson-lognormal", "LARES: poisson-lognormal | constant")
-    state_init: str = _f("normal_zero", "LARES: normal (random also at eval) | normal_zero (zeros at eval) | zero")
+    state_init: str = _f(
+        "normal_zero", "LARES: normal (random also at eval) | normal_zero (zeros at eval) | zero"
+    )
     state_std: float = _f(1.0, "LARES: initial-state truncated-normal std")
     state_scale: float = _f(3.0, "LARES: initial-state scale omega")
     fuse: str = _f("add", "LARES: add (average) | concat | linear")
@@ -76,6 +83,7 @@ class SeqRecConfig:
     filter_topk: int = _f(100, "LARES: keep a train row for RPT if its target is in the top-k in any pass")
     filter_passes: int = _f(3, "LARES: filter passes (random initial state each)")
     rpt_epochs: int = _f(0, "LARES: RPT epochs (0 = skip RPT)")
+    rpt_max_rows: int = _f(0, "LARES RPT: train on a random subset of at most this many kept rows (0 = all)")
     rpt_lr: float = _f(5e-4, "LARES RPT: learning rate")
     rpt_batch_size: int = _f(400, "LARES RPT: rows per batch")
     rpt_group: int = _f(4, "LARES RPT: rollouts G per row")

@@ -115,7 +115,9 @@ def build_chains(
     return chains
 
 
-def chain_windows(chains: list[tuple[list[int], list[int]]], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def chain_windows(
+    chains: list[tuple[list[int], list[int]]], length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut chains into left-padded training windows: ``inputs [E, L]``, ``targets [E, L]``, ``row_index [E]``.
 
     ``row_index`` is the train row of each window's last target (used by LARES's same-target
@@ -286,15 +288,21 @@ def load_seqrec_data(
         train_rows=tr,
         valid=splits["valid"],
         test=splits["test"],
-        train=TrainExamples(np.zeros((0, max_history), np.int64), np.zeros((0, max_history), np.int64), np.zeros(0, np.int64)),
+        train=TrainExamples(
+            np.zeros((0, max_history), np.int64), np.zeros((0, max_history), np.int64), np.zeros(0, np.int64)
+        ),
     )
     if train_mode == "sequence":
         chains = build_chains(tr.user_ids, tr.histories, list(tr.targets))
         data.train = TrainExamples(*chain_windows(chains, max_history))
         n_rows = sum(1 for h in tr.histories if h)
         if data.train.num_targets != n_rows:  # every non-empty-history row must land on exactly one position
-            raise AssertionError(f"sequence grouping lost rows: {data.train.num_targets} targets vs {n_rows} rows")
-        logger.info("train: %d rows grouped into %d chains / %d windows", n_rows, len(chains), len(data.train))
+            raise AssertionError(
+                f"sequence grouping lost rows: {data.train.num_targets} targets vs {n_rows} rows"
+            )
+        logger.info(
+            "train: %d rows grouped into %d chains / %d windows", n_rows, len(chains), len(data.train)
+        )
     else:
         data.train = data.rows_examples()
     if len(data.train) == 0:

@@ -53,7 +53,9 @@ class SeqRecModel(nn.Module):
 
     backbone: Backbone
 
-    def forward(self, batch: dict[str, torch.Tensor], ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self, batch: dict[str, torch.Tensor], ctx: LossContext
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         # The training forward IS the loss, so a DDP-wrapped model syncs gradients through it.
         return self.loss(batch, ctx)
 
@@ -68,7 +70,9 @@ class SeqRecModel(nn.Module):
     def score(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.item_logits(self.user_vectors(ids))
 
-    def ce_sum(self, h: torch.Tensor, targets: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    def ce_sum(
+        self, h: torch.Tensor, targets: torch.Tensor, temperature: float | None = None
+    ) -> torch.Tensor:
         """Full-softmax cross-entropy over all N items, summed over rows (targets are item ids 1..N)."""
         return F.cross_entropy(self.backbone.item_logits(h, temperature), targets - 1, reduction="sum")
 
@@ -129,7 +133,12 @@ class ReaRec(SeqRecModel):
         self.backbone, self.mode, self.K = backbone, mode, reason_steps
         self.kl_weight, self.kl_cap = kl_weight, kl_cap
         self.pta_alpha, self.pl_weight = pta_alpha, pl_weight
-        self.cl_weight, self.noise_std, self.warmup_epochs, self.cl_max_rows = cl_weight, noise_std, warmup_epochs, cl_max_rows
+        self.cl_weight, self.noise_std, self.warmup_epochs, self.cl_max_rows = (
+            cl_weight,
+            noise_std,
+            warmup_epochs,
+            cl_max_rows,
+        )
         # Reasoning position embeddings (only when K > 0, so DDP sees no unused parameter).
         self.rpe = nn.Embedding(reason_steps, backbone.hidden) if reason_steps > 0 else None
         self.apply(init_weights)
@@ -155,7 +164,9 @@ class ReaRec(SeqRecModel):
         states = [h[:, qpos]]
         if self.K == 0:
             return torch.stack(states, 1)
-        item_allow = valid[:, None, :] & (torch.arange(L, device=h.device)[None, None, :] <= qpos[None, :, None])
+        item_allow = valid[:, None, :] & (
+            torch.arange(L, device=h.device)[None, None, :] <= qpos[None, :, None]
+        )
         own = torch.eye(P, dtype=torch.bool, device=h.device).expand(B, P, P)
         past = cache
         for k in range(1, self.K + 1):
@@ -223,7 +234,10 @@ class ReaRec(SeqRecModel):
                 # Progressive temperature annealing: step k at tau * alpha^(K-k); the code's form (final
                 # step at tau + w_pl * MEAN of the earlier steps' CEs), not the paper's plain sum.
                 tau = self.backbone.temperature
-                pl = sum(self.ce_sum(Rm[:, k], t, tau * self.pta_alpha ** (self.K - k)) for k in range(self.K)) / self.K
+                pl = (
+                    sum(self.ce_sum(Rm[:, k], t, tau * self.pta_alpha ** (self.K - k)) for k in range(self.K))
+                    / self.K
+                )
                 loss = loss + self.pl_weight * pl / ctx.denom
                 logs["pta"] = pl.detach().item() / n
             # Reasoning-aware contrastive learning, only after warm-up; exactly 0 before it (the
@@ -266,7 +280,9 @@ class ReaRec(SeqRecModel):
             Rm, R2m = Rm[idx], R2m[idx]
         labels = torch.arange(Rm.shape[0], device=Rm.device)
         tau = self.backbone.temperature
-        return sum(F.cross_entropy(R2m[:, k] @ Rm[:, k].T / tau, labels) for k in range(1, self.K + 1)) / self.K
+        return (
+            sum(F.cross_entropy(R2m[:, k] @ Rm[:, k].T / tau, labels) for k in range(1, self.K + 1)) / self.K
+        )
 
 
 class LARES(SeqRecModel):
@@ -304,7 +320,9 @@ class LARES(SeqRecModel):
         if mean_recurrence < 1:
             raise ValueError(f"mean_recurrence must be >= 1, got {mean_recurrence}")
         if depth_sampling not in ("poisson-lognormal", "constant"):
-            raise ValueError(f"depth_sampling must be 'poisson-lognormal' or 'constant', got {depth_sampling!r}")
+            raise ValueError(
+                f"depth_sampling must be 'poisson-lognormal' or 'constant', got {depth_sampling!r}"
+            )
         if state_init not in ("normal", "normal_zero", "zero"):
             raise ValueError(f"state_init must be normal/normal_zero/zero, got {state_init!r}")
         if fuse not in ("add", "concat", "linear"):
@@ -324,7 +342,12 @@ class LARES(SeqRecModel):
             self.fuse_gate = nn.Parameter(torch.zeros(d))
         self.mean_recurrence, self.depth_sampling = mean_recurrence, depth_sampling
         self.state_init, self.state_std, self.state_scale = state_init, state_std, state_scale
-        self.tla_weight, self.sla_weight, self.align_tau, self.align_sim = tla_weight, sla_weight, align_tau, align_sim
+        self.tla_weight, self.sla_weight, self.align_tau, self.align_sim = (
+            tla_weight,
+            sla_weight,
+            align_tau,
+            align_sim,
+        )
         self.sla_exclude_final = sla_exclude_final
         # RPT settings (set by the trainer before the RPT phase).
         self.rpt: dict[str, Any] = {}
@@ -360,7 +383,11 @@ class LARES(SeqRecModel):
         return g * T + (1 - g) * H
 
     def states(
-        self, ids: torch.Tensor, depth: int, T0: torch.Tensor | None = None, collect: torch.Tensor | None = None
+        self,
+        ids: torch.Tensor,
+        depth: int,
+        T0: torch.Tensor | None = None,
+        collect: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run pre-block + ``depth`` core steps; return the final ``T [B, L, d]`` and, if ``collect``
         (positions) is given, the state at those positions after every step."""
@@ -454,7 +481,9 @@ class LARES(SeqRecModel):
         for _ in range(G):
             k = self.sample_depth()
             with torch.no_grad():
-                T0 = self.initial_state(ids.new_empty((*ids.shape, self.backbone.hidden), dtype=torch.float), random=True)
+                T0 = self.initial_state(
+                    ids.new_empty((*ids.shape, self.backbone.hidden), dtype=torch.float), random=True
+                )
             _, steps = self.states(ids, k, T0=T0, collect=last)
             o = torch.stack([s[:, 0] for s in steps], 1)  # [B, k, d]
             logp_all = F.log_softmax(self.backbone.item_logits(o), -1)  # [B, k, N]

@@ -62,7 +62,16 @@ class TransformerLayer(nn.Module):
 class Encoder(nn.Module):
     """A stack of layers; ``forward`` returns the last layer's output and every layer's full K/V."""
 
-    def __init__(self, n_layers: int, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float, eps: float):
+    def __init__(
+        self,
+        n_layers: int,
+        hidden: int,
+        heads: int,
+        inner: int,
+        dropout: float,
+        attn_dropout: float,
+        eps: float,
+    ):
         super().__init__()
         self.layers = nn.ModuleList(
             TransformerLayer(hidden, heads, inner, dropout, attn_dropout, eps) for _ in range(n_layers)

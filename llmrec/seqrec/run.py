@@ -88,24 +88,51 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     if not cfg.dataset_dir:
         raise ValueError("dataset_dir is required (a directory written by `llmrec data prepare`)")
     out = Path(cfg.output_dir)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
     acc = make_accelerator(cfg.seed)
     data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode)
     model = build_model(cfg, data.num_items)
     trainer = SeqRecTrainer(cfg, data, model, acc, out)
     t_start = time.perf_counter()
     pool = SameTargetPool(data.train_rows) if isinstance(model, LARES) else None
-    phases = [trainer.fit("train", data.train, cfg.lr, cfg.epochs, cfg.patience, cfg.batch_size, aug_pool=pool)]
+    phases = [
+        trainer.fit("train", data.train, cfg.lr, cfg.epochs, cfg.patience, cfg.batch_size, aug_pool=pool)
+    ]
     extra: dict[str, Any] = {}
     if isinstance(model, LARES) and cfg.rpt_epochs > 0:
-        keep = trainer.lares_filter()
+        import numpy as np
+
+        rng = np.random.default_rng(cfg.seed)
+        candidates = None
+        n_rows = len(data.train_rows)
+        if cfg.rpt_max_rows and 3 * cfg.rpt_max_rows < n_rows:
+            # Budget cap (CPU): filter a random candidate subset (3x the budget) instead of every row.
+            candidates = rng.choice(n_rows, 3 * cfg.rpt_max_rows, replace=False)
+            extra["rpt_filter_candidates"] = len(candidates)
+        keep = trainer.lares_filter(candidates)
         extra["rpt_rows_kept"] = int(keep.sum())
+        if cfg.rpt_max_rows and keep.sum() > cfg.rpt_max_rows:
+            # Budget cap (CPU): a seeded random subset of the kept rows.
+            kept = np.nonzero(keep)[0]
+            chosen = rng.choice(kept, cfg.rpt_max_rows, replace=False)
+            keep = np.zeros_like(keep)
+            keep[chosen] = True
+            extra["rpt_rows_used"] = int(keep.sum())
         extra["rpt_rows_total"] = len(keep)
         logger.info("LARES filter kept %d / %d train rows for RPT", keep.sum(), len(keep))
-        model.rpt = {"group": cfg.rpt_group, "beta": cfg.rpt_beta, "reward": cfg.rpt_reward, "reward_k": cfg.rpt_reward_k}
+        model.rpt = {
+            "group": cfg.rpt_group,
+            "beta": cfg.rpt_beta,
+            "reward": cfg.rpt_reward,
+            "reward_k": cfg.rpt_reward_k,
+        }
         model.make_reference()
         spt_valid = phases[0].best_valid
         set_dropout(model, cfg.rpt_dropout)
-        rpt = trainer.fit("rpt", data.rows_examples(keep), cfg.rpt_lr, cfg.rpt_epochs, cfg.rpt_patience, cfg.rpt_batch_size)
+        rpt = trainer.fit(
+            "rpt", data.rows_examples(keep), cfg.rpt_lr, cfg.rpt_epochs, cfg.rpt_patience, cfg.rpt_batch_size
+        )
         phases.append(rpt)
         # Model selection on validation only: keep the SPT weights if RPT never beat them.
         if not rpt.best_valid or rpt.best_valid[cfg.valid_metric] <= spt_valid[cfg.valid_metric]:
@@ -116,7 +143,9 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
         else:
             extra["selected_phase"] = "rpt"
     train_s = time.perf_counter() - t_start
-    best = max(phases, key=lambda p: p.best_valid.get(cfg.valid_metric, -1.0)) if len(phases) > 1 else phases[0]
+    best = (
+        max(phases, key=lambda p: p.best_valid.get(cfg.valid_metric, -1.0)) if len(phases) > 1 else phases[0]
+    )
     if extra.get("selected_phase") == "spt":
         best = phases[0]
     trainer.eval_seconds, trainer.eval_rows = 0.0, 0
@@ -131,7 +160,8 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
         "test": test,
         "timings": {
             "epochs": sum(p.epochs_run for p in phases),
-            "epoch_s": sum(sum(p.epoch_seconds) for p in phases) / max(sum(len(p.epoch_seconds) for p in phases), 1),
+            "epoch_s": sum(sum(p.epoch_seconds) for p in phases)
+            / max(sum(len(p.epoch_seconds) for p in phases), 1),
             "epoch_s_by_phase": {p.name: sum(p.epoch_seconds) / max(len(p.epoch_seconds), 1) for p in phases},
             "train_total_s": train_s,
             "infer_ms_per_row": infer_ms,
@@ -144,7 +174,9 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     }
     res.update(extra)
     if isinstance(model, LARES) and cfg.test_depths:
-        res["test_by_depth"] = {str(d): trainer.evaluate(data.test, depth=d, desc=f"test depth {d}") for d in cfg.test_depths}
+        res["test_by_depth"] = {
+            str(d): trainer.evaluate(data.test, depth=d, desc=f"test depth {d}") for d in cfg.test_depths
+        }
     if acc.is_main_process:
         atomic_write_json(out / RESULTS_JSON, res)
         atomic_write_text(out / RESULTS_MD, results_markdown(res))

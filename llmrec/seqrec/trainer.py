@@ -51,7 +51,12 @@ def make_accelerator(seed: int):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
-    acc = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True))
+    # cpu=True when there is no GPU: accelerate then turns a multi-process launch (WORLD_SIZE > 1) into
+    # gloo MULTI_CPU; without it the launched processes would each train alone.
+    acc = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
+    )
     set_seed(seed)
     return acc
 
@@ -89,7 +94,9 @@ class SeqRecTrainer:
     def _bar(self, it, **kw):
         from tqdm.auto import tqdm
 
-        return tqdm(it, disable=not (self.is_main and self.cfg.progress), leave=False, dynamic_ncols=True, **kw)
+        return tqdm(
+            it, disable=not (self.is_main and self.cfg.progress), leave=False, dynamic_ncols=True, **kw
+        )
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -100,12 +107,18 @@ class SeqRecTrainer:
         model = self.unwrapped
         was_training = model.training
         model.eval()
-        loader = self.acc.prepare(DataLoader(EvalRows(rows), batch_size=self.cfg.eval_batch_size, shuffle=False))
+        loader = self.acc.prepare(
+            DataLoader(EvalRows(rows), batch_size=self.cfg.eval_batch_size, shuffle=False)
+        )
         all_ranks, all_idx = [], []
         for batch in self._bar(loader, desc=desc):
             ids = batch["input_ids"]
             t0 = time.perf_counter()
-            scores = model.score(ids, depth) if (depth is not None and isinstance(model, LARES)) else model.score(ids)
+            scores = (
+                model.score(ids, depth)
+                if (depth is not None and isinstance(model, LARES))
+                else model.score(ids)
+            )
             self.eval_seconds += time.perf_counter() - t0
             self.eval_rows += len(ids)
             if self.cfg.mask_history:
@@ -146,11 +159,17 @@ class SeqRecTrainer:
         cfg, acc = self.cfg, self.acc
         pdir = self.out / phase
         done_file, state_file = pdir / "done.json", pdir / "state.json"
-        best_path, last_path, optim_path = pdir / "best.safetensors", pdir / "last.safetensors", pdir / "last_optim.pt"
+        best_path, last_path, optim_path = (
+            pdir / "best.safetensors",
+            pdir / "last.safetensors",
+            pdir / "last_optim.pt",
+        )
         if cfg.resume and done_file.exists() and best_path.exists():
             res = PhaseResult(**json.loads(done_file.read_text()))
             _load_weights(self.unwrapped, best_path)
-            logger.info("phase %s already finished (best epoch %d); loaded its best weights", phase, res.best_epoch)
+            logger.info(
+                "phase %s already finished (best epoch %d); loaded its best weights", phase, res.best_epoch
+            )
             return res
         if batch_size % acc.num_processes:
             raise ValueError(f"batch size {batch_size} is not divisible by {acc.num_processes} processes")
@@ -213,8 +232,13 @@ class SeqRecTrainer:
             if self.is_main:
                 logger.info(
                     "%s epoch %d: loss %.4f  valid %s %.4f  (%.1fs)%s",
-                    phase, epoch + 1, entry.get("loss", float("nan")), metric,
-                    entry.get("valid", {}).get(metric, float("nan")), secs, "  *best*" if improved else "",
+                    phase,
+                    epoch + 1,
+                    entry.get("loss", float("nan")),
+                    metric,
+                    entry.get("valid", {}).get(metric, float("nan")),
+                    secs,
+                    "  *best*" if improved else "",
                 )
                 if improved:
                     _save_weights(self.unwrapped, best_path)
@@ -224,7 +248,12 @@ class SeqRecTrainer:
                 tmp.replace(optim_path)
                 atomic_write_json(
                     state_file,
-                    {"epoch": epoch, "bad": bad, "result": res.__dict__, "torch_rng": torch.get_rng_state().tolist()},
+                    {
+                        "epoch": epoch,
+                        "bad": bad,
+                        "result": res.__dict__,
+                        "torch_rng": torch.get_rng_state().tolist(),
+                    },
                 )
             acc.wait_for_everyone()
             if bad >= patience:
@@ -240,17 +269,32 @@ class SeqRecTrainer:
 
     # -- LARES between-phase filter ----------------------------------------------------------------
     @torch.no_grad()
-    def lares_filter(self) -> np.ndarray:
+    def lares_filter(self, candidates: np.ndarray | None = None) -> np.ndarray:
         """Keep a train row if its target is in the top-``filter_topk`` in ANY of ``filter_passes``
-        eval-mode passes with a random initial state (the official filter); returns a row mask."""
+        eval-mode passes with a random initial state (the official filter); returns a row mask.
+
+        ``candidates`` (row indices) restricts the passes to those rows (others are not kept): with an
+        RPT row budget, filtering a random candidate subset costs a fraction of all train rows.
+        """
         model = self.unwrapped
         assert isinstance(model, LARES)
+        tr = self.data.train_rows
+        idx = np.arange(len(tr)) if candidates is None else np.sort(candidates)
+        sub = SplitRows(
+            "train",
+            tr.inputs[idx],
+            tr.targets[idx],
+            [tr.histories[i] for i in idx],
+            [tr.user_ids[i] for i in idx],
+        )
         saved = model.state_init
         model.state_init = "normal"  # random T0 even in eval mode: the passes differ through it
         try:
-            keep = torch.zeros(len(self.data.train_rows), dtype=torch.bool)
+            hit = torch.zeros(len(idx), dtype=torch.bool)
             for p in range(self.cfg.filter_passes):
-                keep |= self.ranks(self.data.train_rows, desc=f"filter pass {p + 1}") < self.cfg.filter_topk
+                hit |= self.ranks(sub, desc=f"filter pass {p + 1}") < self.cfg.filter_topk
         finally:
             model.state_init = saved
-        return keep.numpy()
+        keep = np.zeros(len(tr), dtype=bool)
+        keep[idx[hit.numpy()]] = True
+        return keep

@@ -1,0 +1,158 @@
+"""Multi-seed benchmark of the ID models on one split, and an inference-latency comparison.
+
+``run_seqrec_benchmark`` trains and tests every model for every seed on the same prepared split,
+skipping (model, seed) runs whose ``results.json`` already exists (so an interrupted benchmark resumes),
+prints a mean +- std table and writes ``seqrec_bench.json`` / ``seqrec_bench.md`` into ``output``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmrec.data.canonical import atomic_write_json, atomic_write_text
+
+REPORTED = ("ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row")
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
+
+
+def run_seqrec_benchmark(
+    dataset_dir: str | Path,
+    models: list[str],
+    seeds: int,
+    output: Path,
+    model_overrides: dict[str, dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> dict[str, dict[str, float]]:
+    """Train + test each model for seeds ``0..seeds-1`` (config seed = 42 + s) on ``dataset_dir``.
+
+    ``overrides`` are :class:`~llmrec.seqrec.config.SeqRecConfig` fields applied to every run (a
+    ``config`` key names a recipe whose values come first, with ``model`` replaced per run);
+    ``model_overrides[model]`` adds per-model fields. Returns
+    ``{model: {"ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row", "<key>_std", "seeds"}}``.
+    """
+    from llmrec.config import check_keys, read_recipe
+    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.seqrec.run import RESULTS_JSON, run_seqrec
+
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    output = Path(output)
+    base: dict[str, Any] = {}
+    recipe = overrides.pop("config", None)
+    if recipe:
+        base.update(read_recipe(recipe))
+        check_keys(base, [SeqRecConfig], str(recipe))
+    check_keys(overrides, [SeqRecConfig], "benchmark overrides")
+    runs: dict[str, list[dict]] = {}
+    for model in models:
+        for s in range(seeds):
+            run_dir = output / "runs" / f"{model}_seed{s}"
+            res_file = run_dir / RESULTS_JSON
+            if res_file.exists():
+                res = json.loads(res_file.read_text())
+            else:
+                fields = {**base, **overrides, **(model_overrides or {}).get(model, {})}
+                fields.update(model=model, dataset_dir=str(dataset_dir), output_dir=str(run_dir), seed=42 + s)
+                res = run_seqrec(SeqRecConfig(**fields))
+            runs.setdefault(model, []).append(res)
+    summary: dict[str, dict[str, float]] = {}
+    for model, rs in runs.items():
+        vals = {
+            "ndcg@10": [r["test"]["ndcg@10"] for r in rs],
+            "hr@10": [r["test"]["hr@10"] for r in rs],
+            "epoch_s": [r["timings"]["epoch_s"] for r in rs],
+            "infer_ms_per_row": [r["timings"]["infer_ms_per_row"] for r in rs],
+        }
+        row: dict[str, float] = {"seeds": len(rs)}
+        for k, xs in vals.items():
+            row[k], row[f"{k}_std"] = _mean_std(xs)
+        summary[model] = row
+    table = benchmark_table(summary, str(dataset_dir))
+    print(table)
+    atomic_write_json(
+        output / "seqrec_bench.json",
+        {
+            "dataset_dir": str(dataset_dir),
+            "summary": summary,
+            "runs": {m: [_brief(r) for r in rs] for m, rs in runs.items()},
+        },
+    )
+    atomic_write_text(output / "seqrec_bench.md", table)
+    return summary
+
+
+def _brief(r: dict) -> dict:
+    return {
+        "seed": r["seed"],
+        "test": r["test"],
+        "valid": r["valid"],
+        "best_epoch": r["best_epoch"],
+        "timings": r["timings"],
+        "protocol": r["protocol"],
+    }
+
+
+def benchmark_table(summary: dict[str, dict[str, float]], title: str) -> str:
+    """Markdown table: mean +- std over seeds of each reported number."""
+    lines = [
+        f"# seqrec benchmark: {title}",
+        "",
+        "| model | seeds | NDCG@10 | HR@10 | s/epoch | ms/row (inference) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, r in summary.items():
+        lines.append(
+            f"| {m} | {int(r['seeds'])} | {r['ndcg@10']:.4f} ± {r['ndcg@10_std']:.4f} | "
+            f"{r['hr@10']:.4f} ± {r['hr@10_std']:.4f} | {r['epoch_s']:.2f} ± {r['epoch_s_std']:.2f} | "
+            f"{r['infer_ms_per_row']:.3f} ± {r['infer_ms_per_row_std']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def measure_inference(
+    dataset_dir: str | Path,
+    models: dict[str, dict[str, Any]],
+    eval_batch_size: int = 256,
+    repeats: int = 5,
+    split: str = "test",
+) -> dict[str, dict[str, float]]:
+    """Scoring latency per row of each model over a split, at ``eval_batch_size``.
+
+    ``models`` maps a label to SeqRecConfig fields (e.g. ``{"sasrec": {"model": "sasrec"},
+    "rearec-k2": {"model": "rearec-erl", "reason_steps": 2}}``). Latency does not depend on the
+    weights, so models are freshly initialised. The models are timed in turn, ``repeats`` rounds
+    interleaved (so background load hits all alike); the median round is reported.
+    """
+    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.seqrec.data import load_seqrec_data
+    from llmrec.seqrec.models import build_model
+
+    built = {}
+    data = None
+    for label, fields in models.items():
+        cfg = SeqRecConfig(dataset_dir=str(dataset_dir), **fields)
+        if data is None:
+            data = load_seqrec_data(dataset_dir, cfg.max_history)
+        torch.manual_seed(0)
+        built[label] = build_model(cfg, data.num_items).eval()
+    rows = torch.from_numpy(getattr(data, split).inputs)
+    times: dict[str, list[float]] = {k: [] for k in built}
+    for m in built.values():  # warm-up
+        m.score(rows[:eval_batch_size])
+    for _ in range(repeats):
+        for label, m in built.items():
+            t0 = time.perf_counter()
+            for i in range(0, len(rows), eval_batch_size):
+                m.score(rows[i : i + eval_batch_size])
+            times[label].append(1000 * (time.perf_counter() - t0) / len(rows))
+    return {k: {"ms_per_row": statistics.median(v), "rounds": v} for k, v in times.items()}

@@ -1,0 +1,166 @@
+"""``llmrec data prepare`` / ``llmrec data stats`` through ``llmrec.cli.main``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmrec.cli import main
+
+EVENTS = [("a", "i1", 1), ("a", "i2", 2), ("a", "i3", 3), ("b", "i1", 4), ("b", "i3", 5), ("a", "i4", 6),
+          ("b", "i2", 7), ("c", "i2", 8), ("a", "i5", 9), ("b", "i4", 10)]
+
+
+def write_csv_source(root: Path, events=EVENTS) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "interactions.csv").write_text("user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in events))
+    (root / "items.csv").write_text("item,title\n" + "".join(f"i{k},Title {k}\n" for k in range(1, 6)))
+    return root
+
+
+def write_d3_source(root: Path, with_train: bool = False) -> Path:
+    (root / "info").mkdir(parents=True)
+    (root / "info" / "Music_5.txt").write_text("One\t0\nTwo\t1\nThree\t2\n")
+    header = ("user_id,item_asins,item_asin,history_item_id,item_id,history_item_title,item_title,history_rating,"
+              "rating,history_timestamp,timestamp\n")
+    splits = ["valid", "test"] + (["train"] if with_train else [])
+    for k, split in enumerate(splits):
+        (root / split).mkdir()
+        (root / split / "Music_5.csv").write_text(
+            header + f"""u{k},"['A0', 'A1']",A2,"[0, 1]",2,"['One', 'Two']",Three,"[5.0, 4.0]",5.0,"[1, 2]",{10 + k}\n""")
+    return root
+
+
+def prepare_args(fmt: str, src: Path, out: Path, *extra: str) -> list[str]:
+    return ["data", "prepare", "--format", fmt, "--input", str(src), "--output", str(out), *extra]
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prepare_csv_writes_files(tmp_path: Path, capsys):
+    src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("csv", src, out, "--split", "time", "--time-cutoffs", "5,8", "--max-history", "2")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["catalog.jsonl", "stats.json", "test.jsonl", "train.jsonl",
+                                                      "valid.jsonl"]
+    test_rows = read_rows(out / "test.jsonl")
+    assert [(r["user_id"], r["history_item_ids"], r["target_item_id"]) for r in test_rows] == [
+        ("a", [3, 4], 5), ("b", [3, 2], 4)]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["options"]["max_history"] == 2 and stats["rows"] == {"train": 2, "valid": 3, "test": 2}
+    printed = capsys.readouterr().out
+    assert "rows:    train 2  valid 3  test 2" in printed
+    assert "raw:     users 3  items 5  interactions 10" in printed
+
+
+def test_prepare_seq_txt_and_d3_with_named_splits(tmp_path: Path, capsys):
+    seq = tmp_path / "seq"
+    (seq / "derived").mkdir(parents=True)
+    (seq / "derived" / "items.jsonl").write_text(
+        "".join(json.dumps({"seq_id": k, "title": f"Game {k}"}) + "\n" for k in range(1, 5)))
+    (seq / "sequential_train.txt").write_text("1 1 2\n2 3 4\n")
+    (seq / "sequential_valid.txt").write_text("1 3\n2 1\n")
+    assert main(prepare_args("seq-txt", seq, tmp_path / "o1", "--splits", "train,valid",
+                             "--titles-from", "jsonl", "--eval-rows", "first")) == 0
+    assert sorted(p.name for p in (tmp_path / "o1").iterdir()) == ["catalog.jsonl", "stats.json", "train.jsonl",
+                                                                   "valid.jsonl"]
+    d3 = write_d3_source(tmp_path / "d3")
+    assert main(prepare_args("d3-csv", d3, tmp_path / "o2", "--splits", "valid,test")) == 0
+    assert read_rows(tmp_path / "o2" / "test.jsonl") == [
+        {"user_id": "u1", "history_item_ids": [1, 2], "target_item_id": 3, "timestamp": 11}]
+    capsys.readouterr()
+    # without --splits the missing train split is a clear error, not a traceback
+    assert main(prepare_args("d3-csv", d3, tmp_path / "o3")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmrec: error:") and "split 'train' is missing" in err and "--splits" in err
+    assert "Traceback" not in err and not (tmp_path / "o3").exists()
+
+
+def test_wrong_format_is_an_argparse_error(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(prepare_args("parquet", tmp_path, tmp_path / "out"))
+    assert e.value.code == 2
+    assert "invalid choice: 'parquet'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["data"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(prepare_args("csv", tmp_path, tmp_path / "out", "--frobnicate"))
+    assert e.value.code == 2
+
+
+def test_malformed_input_returns_1_and_names_file_row_field(tmp_path: Path, capsys):
+    src = write_csv_source(tmp_path / "src", EVENTS[:3] + [("b", "i2", "yesterday")] + EVENTS[3:])
+    out = tmp_path / "out"
+    assert main(prepare_args("csv", src, out)) == 1
+    err = capsys.readouterr().err
+    assert f"{src / 'interactions.csv'}, row 5, field 'timestamp': expected an integer, got 'yesterday'" in err
+    assert "Traceback" not in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_failing_run_keeps_existing_output(tmp_path: Path, capsys):
+    src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("csv", src, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (src / "items.csv").write_bytes(b"item,title\ni1,\xff\xfe\n")
+    assert main(prepare_args("csv", src, out)) == 1
+    assert "items.csv, row 2: bytes that are not UTF-8" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--time-cutoffs", "5"], "--time-cutoffs takes two timestamps"),
+        (["--title-policy", "html=sometimes"], "title policy for 'html'"),
+        (["--split", "time", "--time-cutoffs", "5,x"], "invalid literal"),
+    ],
+)
+def test_bad_options_return_1(tmp_path: Path, capsys, extra, message):
+    src = write_csv_source(tmp_path / "src")
+    assert main(prepare_args("csv", src, tmp_path / "out", *extra)) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_missing_input_and_category(tmp_path: Path, capsys):
+    assert main(prepare_args("csv", tmp_path / "nope", tmp_path / "out")) == 1
+    assert "input not found" in capsys.readouterr().err
+    assert main(prepare_args("amazon2023", tmp_path, tmp_path / "out")) == 1
+    assert "needs --category" in capsys.readouterr().err
+
+
+def test_prepare_amazon2023(tmp_path: Path, capsys):
+    src = tmp_path / "amz"
+    src.mkdir()
+    reviews = [("u1", "B1", 1), ("u1", "B2", 2), ("u1", "B3", 3), ("u1", "B4", 4), ("u2", "B2", 5), ("u2", "B3", 6),
+               ("u2", "B1", 7)]
+    (src / "Toys.jsonl").write_text("".join(
+        json.dumps({"user_id": u, "parent_asin": a, "rating": 5.0, "timestamp": t}) + "\n" for u, a, t in reviews))
+    (src / "meta_Toys.jsonl").write_text("".join(
+        json.dumps({"parent_asin": f"B{k}", "title": f"Toy {k}"}) + "\n" for k in range(1, 5)))
+    out = tmp_path / "out"
+    assert main(prepare_args("amazon2023", src, out, "--category", "Toys")) == 0
+    assert [r["target_item_id"] for r in read_rows(out / "test.jsonl")] == [4, 1]
+
+
+def test_stats_prints(tmp_path: Path, capsys):
+    src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("csv", src, out)) == 0
+    capsys.readouterr()
+    assert main(["data", "stats", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("source: ")
+    assert "rows:    train 3  valid 2  test 2" in printed
+    assert "titles:  " in printed and "html 0 found/0 dropped (drop)" in printed
+    assert "skipped: train_rows_empty_history 3  users_too_short_for_leave_one_out 1" in printed
+    assert main(["data", "stats", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((out / "stats.json").read_text())
+    assert main(["data", "stats", str(tmp_path / "nope")]) == 1
+    assert "prepared dataset directory not found" in capsys.readouterr().err
+    assert main(["data", "stats", str(src)]) == 1
+    assert "not a prepared directory" in capsys.readouterr().err

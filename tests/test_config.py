@@ -1,0 +1,149 @@
+"""Config schema: YAML recipes + command-line overrides parsed into dataclasses (llmrec.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from llmrec.config import ConfigError, check_keys, parse_config, read_recipe, to_dict
+
+
+@dataclass
+class DataCfg:
+    dataset: str = field(metadata={"help": "prepared dataset directory"})
+    max_history: int = field(default=10, metadata={"help": "history items kept"})
+    noun: str = field(default="items", metadata={"help": "noun used in the prompt"})
+
+
+@dataclass
+class TrainCfg:
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    epochs: int = field(default=1, metadata={"help": "training epochs"})
+    use_chat_template: bool = field(default=False, metadata={"help": "wrap prompts in the chat template"})
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10], metadata={"help": "cut-offs of the metrics"})
+    note: str | None = field(default=None, metadata={"help": "free text"})
+    dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "compute dtype"})
+
+
+CLASSES = [DataCfg, TrainCfg]
+
+
+def recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_recipe_only(tmp_path: Path):
+    p = recipe(tmp_path, "dataset: data/games\nepochs: 3\nks: [1, 3]\nuse_chat_template: true\nnote: hi\n")
+    data, train = parse_config(CLASSES, p)
+    assert data == DataCfg(dataset="data/games", max_history=10, noun="items")
+    assert train == TrainCfg(epochs=3, ks=[1, 3], use_chat_template=True, note="hi")
+
+
+def test_recipe_plus_cli_overrides(tmp_path: Path):
+    p = recipe(tmp_path, "dataset: data/games\nepochs: 3\nlearning_rate: 0.001\nnoun: video games\n")
+    data, train = parse_config(CLASSES, p, ["--epochs", "5", "--ks", "1", "20", "--use_chat_template", "true",
+                                            "--dtype", "bfloat16"])
+    # the recipe's required field is not demanded again on the command line; the rest keep the recipe's values
+    assert data == DataCfg(dataset="data/games", noun="video games")
+    assert train.epochs == 5 and train.ks == [1, 20] and train.use_chat_template is True
+    assert train.learning_rate == 0.001 and train.dtype == "bfloat16"
+    # a CLI value beats the recipe's; the recipe beats the dataclass default
+    data, _ = parse_config(CLASSES, p, ["--dataset", "other", "--max_history", "7"])
+    assert data.dataset == "other" and data.max_history == 7 and data.noun == "video games"
+
+
+def test_cli_only_and_extra(tmp_path: Path):
+    data, train = parse_config(CLASSES, None, ["--dataset", "d", "--learning_rate", "2e-5"])
+    assert data.dataset == "d" and train.learning_rate == pytest.approx(2e-5)
+    p = recipe(tmp_path, "dataset: d\nepochs: 2\n")
+    _, train = parse_config(CLASSES, p, None, extra={"epochs": 4})
+    assert train.epochs == 4
+    _, train = parse_config(CLASSES, p, ["--epochs", "6"], extra={"epochs": 4})
+    assert train.epochs == 6
+    with pytest.raises(ConfigError, match=r"arguments: unknown option\(s\) 'epoch' \(did you mean 'epochs'\?\)"):
+        parse_config(CLASSES, p, None, extra={"epoch": 4})
+
+
+def test_recipe_values_are_typed_like_the_command_line(tmp_path: Path):
+    # YAML 1.1 reads "1e-4" as a string: it must still land in the float field as a float
+    p = recipe(tmp_path, "dataset: d\nlearning_rate: 1e-4\nepochs: '3'\n")
+    _, train = parse_config(CLASSES, p)
+    assert train.learning_rate == pytest.approx(1e-4) and isinstance(train.learning_rate, float)
+    assert train.epochs == 3
+    _, train2 = parse_config(CLASSES, p, ["--note", "x"])
+    assert train2.learning_rate == train.learning_rate and train2.epochs == 3
+    bad = recipe(tmp_path, "dataset: d\nepochs: three\n", "bad.yaml")
+    for args in (None, ["--note", "x"]):
+        with pytest.raises(ConfigError, match=r"bad.yaml: option 'epochs': cannot read 'three'"):
+            parse_config(CLASSES, bad, args)
+    bad = recipe(tmp_path, "dataset: d\ndtype: float16\n", "bad2.yaml")
+    with pytest.raises(ConfigError, match=r"bad2.yaml: option 'dtype': 'float16' is not one of"):
+        parse_config(CLASSES, bad)
+
+
+def test_unknown_recipe_key_names_file_key_and_suggestion(tmp_path: Path):
+    p = recipe(tmp_path, "dataset: d\nlearning_rat: 0.1\nzzz_unrelated: 1\n")
+    with pytest.raises(ConfigError) as e:
+        parse_config(CLASSES, p)
+    msg = str(e.value)
+    assert msg.startswith(str(p))
+    assert "'learning_rat' (did you mean 'learning_rate'?)" in msg
+    assert "'zzz_unrelated'" in msg and "'zzz_unrelated' (did you mean" not in msg
+
+
+def test_unknown_cli_option(tmp_path: Path):
+    p = recipe(tmp_path, "dataset: d\n")
+    with pytest.raises(ConfigError, match=r"unknown command-line option\(s\): --bogus 1"):
+        parse_config(CLASSES, p, ["--bogus", "1"])
+    # no abbreviations: "--epoch" is not "--epochs"
+    with pytest.raises(ConfigError, match="--epoch"):
+        parse_config(CLASSES, p, ["--epoch", "3"])
+    with pytest.raises(ConfigError, match="bad command-line override"):
+        parse_config(CLASSES, p, ["--epochs", "many"])
+
+
+def test_missing_required_field(tmp_path: Path):
+    p = recipe(tmp_path, "epochs: 2\n")
+    with pytest.raises(ConfigError, match="recipe.yaml"):
+        parse_config(CLASSES, p)
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path):
+    marker = tmp_path / "PWNED"
+    p = recipe(tmp_path, f"dataset: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_config(CLASSES, p)
+    assert not marker.exists()
+    p = recipe(tmp_path, "dataset: !!python/object:collections.OrderedDict {}\n", "obj.yaml")
+    with pytest.raises(ConfigError, match=r"obj.yaml: not valid YAML.*python/object"):
+        read_recipe(p)
+
+
+def test_read_recipe_errors_and_shipped_recipes(tmp_path: Path, monkeypatch):
+    with pytest.raises(ConfigError, match="not found"):
+        read_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        read_recipe(recipe(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_recipe(recipe(tmp_path, "a: [1, 2\n"))
+    assert read_recipe(recipe(tmp_path, "# only a comment\n")) == {}
+    # shipped recipes resolve from any working directory
+    monkeypatch.chdir(tmp_path)
+    shipped = read_recipe("recipes/games/eval.yaml")
+    assert shipped["prompt"] == "d3" and shipped["ks"] == [1, 3, 5, 10, 20]
+    assert read_recipe("games/eval.yaml") == shipped
+
+
+def test_check_keys_and_to_dict():
+    check_keys({"dataset": "d", "epochs": 1}, CLASSES, "x")
+    with pytest.raises(ConfigError, match="^x: unknown option"):
+        check_keys({"epoch": 1}, CLASSES, "x")
+    d = to_dict(DataCfg(dataset="d"), TrainCfg(note=None))
+    assert d == {"dataset": "d", "max_history": 10, "noun": "items", "learning_rate": 1e-4, "epochs": 1,
+                 "use_chat_template": False, "ks": [1, 5, 10], "note": None, "dtype": "float32"}
+    assert to_dict(DataCfg(dataset=Path("a/b")))["dataset"] == "a/b"
