@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -123,11 +124,12 @@ def steps_for(latent: LatentReasoningLM, plain: LatentReasoningLM, tok):
     return {"plain": plain_step, "plain_hf": plain_hf_step, "latent": latent_step, "naive_latent": naive_step}
 
 
-def timed(fn, batch, model) -> float:
-    t0 = time.perf_counter()
+def timed(fn, batch, model) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward + backward."""
+    w0, c0 = time.perf_counter(), time.process_time()
     loss = fn(batch)
     loss.backward()
-    dt = time.perf_counter() - t0
+    dt = (time.perf_counter() - w0, time.process_time() - c0)
     model.zero_grad(set_to_none=True)
     return dt
 
@@ -171,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exact-batches", type=int, default=1, help="batches used for the float32 exactness check")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="clock of the headline numbers: wall time, or this process's CPU time (robust when other "
+        "processes share the cores; both are printed)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,28 +189,39 @@ def main(argv: list[str] | None = None) -> int:
           f"[prompt cols, completion cols] per batch: {shapes}, torch threads {torch.get_num_threads()}",
           file=sys.stderr)
     fns = steps_for(latent, plain, tok)
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    walls: dict[str, list[float]] = {k: [] for k in fns}
+    cpus: dict[str, list[float]] = {k: [] for k in fns}
     for step in range(args.warmup + args.steps):
         batch = batches[step % len(batches)]
         order = list(fns) if step % 2 == 0 else list(reversed(fns))
         for name in order:
-            dt = timed(fns[name], batch, latent)
-            print(f"step {step} {'warm-up' if step < args.warmup else 'timed'} {name}: {dt:.3f} s",
-                  file=sys.stderr, flush=True)
+            wall, cpu = timed(fns[name], batch, latent)
+            print(f"step {step} {'warm-up' if step < args.warmup else 'timed'} {name}: wall {wall:.3f} s, "
+                  f"cpu {cpu:.3f} s", file=sys.stderr, flush=True)
             if step >= args.warmup:
-                times[name].append(dt)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    times = cpus if args.clock == "cpu" else walls
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_other = {k: statistics.median(v) for k, v in (walls if args.clock == "cpu" else cpus).items()}
     del latent, plain
 
     max_logit, max_rel = exactness(args, batches)
 
-    print(f"{'variant':<14}{'median s':>10}{'min s':>9}{'max s':>9}{'x plain':>9}")
+    other = "wall" if args.clock == "cpu" else "cpu"
+    print(f"clock: {args.clock} (median {other} time in the last columns); host load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'variant':<14}{'median s':>10}{'min s':>9}{'max s':>9}{'x plain':>9}{other + ' s':>10}{'x plain':>9}")
     for k, v in times.items():
-        print(f"{k:<14}{med[k]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}{med[k] / med['plain']:>9.3f}")
+        print(f"{k:<14}{med[k]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}{med[k] / med['plain']:>9.3f}"
+              f"{med_other[k]:>10.3f}{med_other[k] / med_other['plain']:>9.3f}")
     print(f"float32 efficient vs naive: max |logit diff| {max_logit:.3g}, max rel grad diff {max_rel:.3g}")
     result = {
         "model": args.model,
         "dtype": args.dtype,
+        "clock": args.clock,
+        "torch_threads": torch.get_num_threads(),
+        "steps_timed": args.steps,
         "batch_size": args.batch_size,
         "num_latent_tokens": args.num_latent,
         "batch_shapes": shapes,
@@ -213,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         "naive_latent_step_s": round(med["naive_latent"], 4),
         "latent_over_plain": round(med["latent"] / med["plain"], 4),
         "naive_over_plain": round(med["naive_latent"] / med["plain"], 4),
+        f"{other}_latent_over_plain": round(med_other["latent"] / med_other["plain"], 4),
+        f"{other}_naive_over_plain": round(med_other["naive_latent"] / med_other["plain"], 4),
         "max_abs_logit_diff_vs_naive": max_logit,
         "max_rel_grad_diff_vs_naive": max_rel,
     }

@@ -52,6 +52,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "IGNORE_INDEX",
     "LATENT_CONFIG_NAME",
     "LATENT_HEAD_NAME",
     "LatentConfig",
@@ -402,6 +403,7 @@ class LatentLMOutput:
             for N >= 1, ``logits[:, 0]`` is the output at the last latent position). Naive form
             ``[B, L-1, V]``: the full sequence's logits without the last position.
         labels: same shape as ``logits[..., 0]``; the target token ids, -100 where nothing is scored.
+            Logits at -100 positions (padding queries) are unspecified and differ between the forms.
         latents: ``[B, N, H]`` pooled latent vectors in the head's dtype (noise included), ``None`` for N=0.
         latent_hidden_states: ``[B, N, H]`` final-layer hidden states at the latent positions.
         loss: filled by :meth:`LatentReasoningLM.loss`.
@@ -419,8 +421,9 @@ class LatentPrefix:
     """The state after the prompt and latents 1..N-1 went through the LM (see :meth:`~LatentReasoningLM.encode_prefix`).
 
     The last latent ``latents[:, -1]`` has been pooled but not yet fed to the LM: the next call feeds it
-    (followed by answer tokens). For GRPO-style groups, the prefix of one prompt can be built once and
-    expanded (``past_key_values.batch_repeat_interleave``) before feeding differently-noised last latents.
+    (followed by answer tokens). For GRPO-style groups with N=1, the prefix of each prompt can be built
+    once, expanded with :meth:`repeat_interleave`, and given differently-noised last latents
+    (``dataclasses.replace(prefix, latents=prefix.latents + eps)``) before :meth:`decode_completion`.
 
     Attributes:
         past_key_values: transformers ``Cache`` of every consumed position (``None`` in cache-less mode).
@@ -442,6 +445,25 @@ class LatentPrefix:
     next_position_ids: torch.Tensor
     latents: torch.Tensor | None
     prompt_length: int
+
+    def repeat_interleave(self, repeats: int) -> LatentPrefix:
+        """Each row ``repeats`` times in a row (a GRPO group per prompt). The cache is expanded in place."""
+        if self.past_key_values is not None:
+            self.past_key_values.batch_repeat_interleave(repeats)
+
+        def rep(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.repeat_interleave(repeats, dim=0)
+
+        return LatentPrefix(
+            past_key_values=self.past_key_values,
+            inputs_embeds=rep(self.inputs_embeds),
+            hidden_states=rep(self.hidden_states),
+            attention_mask=rep(self.attention_mask),
+            position_ids=rep(self.position_ids),
+            next_position_ids=rep(self.next_position_ids),
+            latents=rep(self.latents),
+            prompt_length=self.prompt_length,
+        )
 
 
 class LatentReasoningLM(nn.Module):
@@ -658,6 +680,7 @@ class LatentReasoningLM(nn.Module):
         completion_attention_mask: torch.Tensor | None = None,
         *,
         latent_noise: torch.Tensor | None = None,
+        return_loss: bool = False,
     ) -> LatentLMOutput:
         """Efficient latent forward (one LM pass over prompt + latents + completion, cache-reused).
 
@@ -667,16 +690,23 @@ class LatentReasoningLM(nn.Module):
             completion_input_ids / completion_attention_mask: ``[B, C]`` answer tokens (EOS included),
                 **right**-padded.
             latent_noise: optional ``[B, N, H]`` added to the pooled latents (LR-GRPO).
+            return_loss: also set ``loss`` (mean CE over the completion tokens). Use this rather than
+                :meth:`loss` when the wrapper is inside DistributedDataParallel: DDP only arms its gradient
+                all-reduce when its own ``forward`` is called.
 
         Returns a :class:`LatentLMOutput` with aligned ``logits [B, C, V]`` / ``labels [B, C]``.
         With ``num_latent_tokens=0`` this is one plain LM pass over [prompt, completion].
         """
         if self.num_latent_tokens == 0:
-            return self._forward_plain(
+            out = self._forward_plain(
                 prompt_input_ids, prompt_attention_mask, completion_input_ids, completion_attention_mask
             )
-        prefix = self.encode_prefix(prompt_input_ids, prompt_attention_mask, latent_noise=latent_noise)
-        return self.decode_completion(prefix, completion_input_ids, completion_attention_mask)
+        else:
+            prefix = self.encode_prefix(prompt_input_ids, prompt_attention_mask, latent_noise=latent_noise)
+            out = self.decode_completion(prefix, completion_input_ids, completion_attention_mask)
+        if return_loss:
+            out.loss = completion_cross_entropy(out.logits, out.labels)
+        return out
 
     def _forward_plain(
         self,
@@ -781,11 +811,12 @@ class LatentReasoningLM(nn.Module):
         latent_noise: torch.Tensor | None = None,
         reduction: str = "mean",
     ) -> LatentLMOutput:
-        """Cross-entropy over the completion tokens; the output's ``loss`` is set.
+        """Cross-entropy over the completion tokens; returns the output with ``loss`` set.
 
         Pass the efficient form's four tensors, or ``input_ids``/``attention_mask`` (and optionally
         ``labels``) for the naive form. Both score exactly the completion tokens (never prompt, latents
-        or padding), so they give the same loss.
+        or padding), so they give the same loss. Under DDP call ``ddp_model(..., return_loss=True)``
+        instead (this method bypasses DDP's forward).
         """
         if input_ids is not None:
             if prompt_input_ids is not None:

@@ -1,0 +1,671 @@
+"""Supervised fine-tuning with latent reasoning tokens (LatentR3 SFT; BIGRec when ``num_latent_tokens=0``).
+
+The data path matches the evaluator's "separate" tokenization exactly: the prompt is tokenized on its
+own *with* special tokens (BOS for Llama-style tokenizers), the completion (``"title"\\n``) on its own
+*without* special tokens, and EOS is appended. Histories are cut from the left so that
+prompt + latents + completion + EOS fit ``max_length``; the answer is never cut.
+
+The model is :class:`llmrec.models.latent.LatentReasoningLM` around a LoRA (peft) or fully trained
+causal LM; the pooling head always trains. The loss is the cross-entropy over the completion tokens
+only, normalised by the number of completion tokens of the whole optimiser step (across gradient
+accumulation and processes), as HF's causal-LM loss.
+
+A checkpoint directory (``checkpoint-<step>`` and the final ``output_dir``) holds:
+
+* the LM: a peft adapter in its standard form (``adapter_config.json`` + ``adapter_model.safetensors``)
+  or, for ``finetune=full``, ``config.json`` + ``model*.safetensors``;
+* ``latent_config.json`` (+ ``latent_head.safetensors`` for N >= 1), written by latent.py;
+* ``latent_embeddings.safetensors`` (adapter checkpoints with N >= 1): the embedding rows of the latent
+  token ids, which a resized vocabulary adds outside the adapter;
+* the tokenizer (with the latent tokens), ``llmrec_config.json`` and ``training_args.json``;
+* in ``checkpoint-*`` only, the Trainer's resume state (``optimizer.pt``, ``scheduler.pt``,
+  ``rng_state*.pth``, ``trainer_state.json``).
+
+:func:`load_sft_checkpoint` rebuilds a :class:`LatentReasoningLM` from such a directory for inference;
+decode with ``prefill_with_latents`` and the constrained beam search (see ``tests/test_sft.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from llmrec.config import ConfigError
+from llmrec.distributed import has_accelerator
+from llmrec.models.latent import (
+    IGNORE_INDEX,
+    LATENT_HEAD_NAME,
+    LatentConfig,
+    LatentReasoningLM,
+    add_latent_tokens,
+    completion_cross_entropy,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LLMREC_CONFIG_NAME",
+    "LATENT_EMBEDDINGS_NAME",
+    "LatentSFTCollator",
+    "LatentSFTConfig",
+    "LatentSFTModule",
+    "LatentSFTTrainer",
+    "build_model",
+    "encode_example",
+    "last_complete_checkpoint",
+    "load_sft_checkpoint",
+    "load_sft_weights",
+    "run_sft",
+    "save_sft_checkpoint",
+]
+
+LLMREC_CONFIG_NAME = "llmrec_config.json"
+LATENT_EMBEDDINGS_NAME = "latent_embeddings.safetensors"
+TRAINING_ARGS_JSON = "training_args.json"
+RESULTS_NAME = "train_results.json"
+FINETUNE_MODES = ("lora", "qlora", "full")
+# Fields of the SFT config stored in llmrec_config.json (what inference needs to rebuild prompts + model).
+_CHECKPOINT_FIELDS = (
+    "model_name_or_path", "dataset", "prompt", "noun", "history_length", "max_length", "num_latent_tokens",
+    "latent_tokens", "head_num_heads", "head_dim", "rope_base", "head_dtype", "finetune", "model_dtype",
+    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+)
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class LatentSFTConfig(transformers.TrainingArguments):
+    """SFT of a causal LM with latent reasoning tokens; defaults sized for a small CPU run."""
+
+    model_name_or_path: str = field(
+        default="tiny-qwen2",
+        metadata={"help": "Base model: an llmrec alias (smollm2-135m, tiny-qwen2, ...), a local directory or a hub id."},
+    )
+    dataset: str = field(
+        default="games-sample",
+        metadata={"help": "Prepared dataset directory (llmrec data prepare) or the name of an embedded sample."},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(
+        default="valid", metadata={"help": "Split for the validation loss (model selection); empty/None = no eval."}
+    )
+    max_train_rows: int | None = field(
+        default=None, metadata={"help": "Train on a seeded random subset of this many rows (None = all)."}
+    )
+    max_eval_rows: int | None = field(
+        default=200, metadata={"help": "Validation loss on a seeded random subset of this many rows (None = all)."}
+    )
+    history_length: int = field(default=10, metadata={"help": "Most recent history items kept per row."})
+    prompt: str = field(default="d3", metadata={"help": "Prompt template name (prompts/*.txt) or path."})
+    noun: str = field(default="video games", metadata={"help": "Item noun used by the prompt template."})
+    max_length: int = field(
+        default=512,
+        metadata={"help": "Max tokens of prompt + latents + completion + EOS; history is cut from the left, never the answer."},
+    )
+    num_latent_tokens: int = field(
+        default=1, metadata={"help": "Number of latent thought tokens before the answer (0 = BIGRec baseline)."}
+    )
+    latent_tokens: list[str] | None = field(
+        default=None, metadata={"help": "Latent token strings (default <|Thought|> / <|Thought_i|>)."}
+    )
+    head_num_heads: int = field(default=1, metadata={"help": "Attention heads of the latent pooling head."})
+    head_dim: int | None = field(default=None, metadata={"help": "Pooling head query/key width per head (None = full)."})
+    rope_base: float = field(default=1000.0, metadata={"help": "RoPE base of the pooling head."})
+    head_dtype: str = field(default="float32", metadata={"help": "dtype of the pooling head."})
+    finetune: str = field(
+        default="lora",
+        metadata={"help": "lora (peft adapter on the LM), qlora (4-bit base via bitsandbytes + LoRA) or full.",
+                  "choices": list(FINETUNE_MODES)},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Module names LoRA is applied to."},
+    )
+    model_dtype: str = field(
+        default="bfloat16", metadata={"help": "dtype the base model is loaded in (bfloat16, float32, float16)."}
+    )
+    early_stopping_patience: int = field(
+        default=1, metadata={"help": "Stop after this many evaluations without a better eval_loss (0 = off)."}
+    )
+    # Trainer defaults changed for this task (D3/LatentR3 recipe, CPU sized).
+    output_dir: str | None = field(default="runs/sft", metadata={"help": "Where checkpoints and results go."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_steps: float = field(default=20, metadata={"help": "Linear warmup steps."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Training epochs."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Micro-batch per process."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Eval batch per process."})
+    eval_strategy: str = field(default="steps", metadata={"help": "no | steps | epoch."})
+    eval_steps: float | None = field(default=50, metadata={"help": "Evaluate every N optimiser steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "no | steps | epoch | best."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimiser steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep this many checkpoints (the best is kept)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best eval_loss checkpoint at the end."})
+    metric_for_best_model: str | None = field(default="eval_loss", metadata={"help": "Model selection metric."})
+    greater_is_better: bool | None = field(default=False, metadata={"help": "Whether a larger metric is better."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (custom collator)."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Logging integrations."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP unused-parameter search."})
+    prediction_loss_only: bool = field(default=True, metadata={"help": "Eval computes the loss only."})
+
+    def __post_init__(self) -> None:
+        if self.finetune not in FINETUNE_MODES:
+            raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        if self.num_latent_tokens < 0:
+            raise ConfigError("num_latent_tokens must be >= 0")
+        if self.max_length <= self.num_latent_tokens + 2:
+            raise ConfigError(f"max_length {self.max_length} is too small")
+        if self.eval_split in ("", "none", "None"):
+            self.eval_split = None
+        if self.eval_split is None:
+            self.eval_strategy = "no"
+            self.load_best_model_at_end = False
+            self.early_stopping_patience = 0
+        if not has_accelerator():
+            self.use_cpu = True
+        self.remove_unused_columns = False
+        super().__post_init__()
+
+    def latent_config(self) -> LatentConfig:
+        return LatentConfig(
+            num_latent_tokens=self.num_latent_tokens, latent_tokens=self.latent_tokens,
+            head_num_heads=self.head_num_heads, head_dim=self.head_dim, rope_base=self.rope_base,
+            head_dtype=self.head_dtype,
+        )
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _CHECKPOINT_FIELDS}
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def encode_example(template, tokenizer, history_titles, target_title, max_length: int, noun: str,
+                   num_latent_tokens: int) -> tuple[list[int], list[int], int]:
+    """``(prompt_ids, completion_ids, dropped)`` in the evaluator's "separate" tokenization.
+
+    prompt ids include special tokens; completion ids are the completion text without special tokens
+    plus EOS. The oldest history items are dropped until prompt + latents + completion + EOS fit.
+    """
+    from llmrec.prompts import render_to_fit
+
+    rendered, dropped = render_to_fit(
+        template, tokenizer, list(history_titles), target_title, max_length - num_latent_tokens, noun=noun
+    )
+    prompt_ids = tokenizer(rendered["prompt"], add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(rendered["completion"], add_special_tokens=False)["input_ids"]
+    return list(prompt_ids), list(completion_ids) + [tokenizer.eos_token_id], dropped
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def _subset(n: int, k: int | None, seed: int) -> list[int]:
+    if k is None or k >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
+def build_dataset(config: LatentSFTConfig, tokenizer, split: str, max_rows: int | None) -> _ListDataset:
+    from llmrec.data.canonical import load_prepared
+    from llmrec.prompts import PromptError, PromptTemplate
+
+    data = load_prepared(config.dataset, splits=[split], max_history=config.history_length)
+    rows = data.splits[split]
+    template = PromptTemplate.load(config.prompt)
+    out, skipped, dropped_total = [], 0, 0
+    for i in _subset(len(rows), max_rows, config.seed):
+        row = rows[i]
+        try:
+            p, c, dropped = encode_example(
+                template, tokenizer, row["history_titles"], row["target_title"], config.max_length, config.noun,
+                config.num_latent_tokens,
+            )
+        except PromptError:
+            skipped += 1
+            continue
+        dropped_total += dropped
+        out.append({"prompt_ids": p, "completion_ids": c})
+    if skipped:
+        logger.warning("%s: skipped %d rows whose answer does not fit max_length=%d", split, skipped, config.max_length)
+    logger.info("%s: %d rows (%d history items dropped to fit)", split, len(out), dropped_total)
+    if not out:
+        raise ValueError(f"split '{split}' of {config.dataset} has no usable rows")
+    return _ListDataset(out)
+
+
+@dataclass
+class LatentSFTCollator:
+    """Left-padded prompts, right-padded completions (+ ``labels`` = completion ids, -100 on padding)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        b = len(features)
+        pw = max(len(f["prompt_ids"]) for f in features)
+        cw = max(len(f["completion_ids"]) for f in features)
+        p_ids = torch.full((b, pw), self.pad_token_id, dtype=torch.long)
+        p_mask = torch.zeros((b, pw), dtype=torch.long)
+        c_ids = torch.full((b, cw), self.pad_token_id, dtype=torch.long)
+        c_mask = torch.zeros((b, cw), dtype=torch.long)
+        for r, f in enumerate(features):
+            p, c = f["prompt_ids"], f["completion_ids"]
+            p_ids[r, pw - len(p):] = torch.tensor(p, dtype=torch.long)
+            p_mask[r, pw - len(p):] = 1
+            c_ids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
+            c_mask[r, : len(c)] = 1
+        return {
+            "prompt_input_ids": p_ids,
+            "prompt_attention_mask": p_mask,
+            "completion_input_ids": c_ids,
+            "completion_attention_mask": c_mask,
+            "labels": c_ids.masked_fill(c_mask == 0, IGNORE_INDEX),
+        }
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def _init_new_rows(lm: nn.Module, old_rows: int) -> None:
+    """Deterministic init of rows added by a resize: the mean of the old rows (input and untied output)."""
+    mats = [lm.get_input_embeddings().weight]
+    out = lm.get_output_embeddings()
+    if out is not None and out.weight is not mats[0]:
+        mats.append(out.weight)
+    with torch.no_grad():
+        for w in mats:
+            if w.shape[0] > old_rows:
+                w[old_rows:] = w[:old_rows].float().mean(0, keepdim=True).to(w.dtype)
+
+
+def _load_base(config: LatentSFTConfig):
+    from llmrec.models.backbone import load_backbone
+
+    if config.finetune != "qlora":
+        return load_backbone(config.model_name_or_path, dtype=config.model_dtype)
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "finetune=qlora needs bitsandbytes 4-bit kernels on a CUDA GPU; this machine has none. "
+            "Use finetune=lora (or full) on CPU."
+        )
+    try:
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, config.model_dtype),
+        )
+        model, tok = load_backbone(config.model_name_or_path, dtype=config.model_dtype, quantization_config=quant)
+    except ImportError as e:
+        raise ConfigError(f"finetune=qlora needs bitsandbytes: {e}") from None
+    return prepare_model_for_kbit_training(model), tok
+
+
+def _causal(m: nn.Module) -> nn.Module:
+    get_base = getattr(m, "get_base_model", None)
+    return get_base() if callable(get_base) else m
+
+
+def build_model(config: LatentSFTConfig):
+    """``(LatentReasoningLM, tokenizer)``: base LM + latent tokens + LoRA (or full) + a fresh pooling head."""
+    transformers.set_seed(config.seed)
+    base, tokenizer = _load_base(config)
+    latent = config.latent_config()
+    old_rows = base.get_input_embeddings().weight.shape[0]
+    add_latent_tokens(tokenizer, base, latent)
+    if base.get_input_embeddings().weight.shape[0] > old_rows:
+        _init_new_rows(base, old_rows)
+    if config.finetune in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM", bias="none",
+        )
+        lm = get_peft_model(base, lora)
+    else:
+        lm = base
+        for p in lm.parameters():
+            p.requires_grad_(True)
+    from transformers.trainer_utils import align_special_tokens
+
+    align_special_tokens(_causal(lm), tokenizer)
+    model = LatentReasoningLM(lm, latent)
+    if model.latent_head is not None:
+        for p in model.latent_head.parameters():
+            p.requires_grad_(True)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def _is_peft(m: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(m, PeftModel)
+
+
+def save_sft_checkpoint(model: LatentReasoningLM, tokenizer, output_dir: str | os.PathLike,
+                        sft_fields: dict[str, Any] | None = None, training_args: dict | None = None) -> None:
+    """Write the LM (adapter or full), the latent head + config, the tokenizer and the llmrec config."""
+    from safetensors.torch import save_file
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = model.model
+    if _is_peft(lm):
+        lm.save_pretrained(str(out), save_embedding_layers=False)
+        ids = list(model.config.latent_token_ids or [])
+        if ids:
+            causal = model.causal_lm
+            emb = causal.get_input_embeddings().weight
+            rows = {"latent_token_ids": torch.tensor(ids), "input_embeddings": emb[ids].detach().cpu().contiguous()}
+            head = causal.get_output_embeddings()
+            if head is not None and head.weight is not emb:
+                rows["output_embeddings"] = head.weight[ids].detach().cpu().contiguous()
+            save_file(rows, str(out / LATENT_EMBEDDINGS_NAME), metadata={"format": "llmrec-latent"})
+    else:
+        lm.save_pretrained(str(out))
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    payload = {"format": "llmrec-sft", "version": 1, "tokenization": "separate",
+               "latent_token_ids": list(model.config.latent_token_ids or []),
+               "embedding_rows": model.embed_tokens.weight.shape[0], **(sft_fields or {})}
+    (out / LLMREC_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    if training_args is not None:
+        (out / TRAINING_ARGS_JSON).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
+
+
+def load_sft_weights(model: LatentReasoningLM, checkpoint: str | os.PathLike) -> None:
+    """Load the trained weights of ``checkpoint`` (adapter or full LM, and the head) into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    ckpt = Path(checkpoint)
+    lm = model.model
+    if _is_peft(lm):
+        from peft import set_peft_model_state_dict
+
+        path = ckpt / "adapter_model.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{ckpt}: no adapter_model.safetensors to resume from")
+        result = set_peft_model_state_dict(lm, load_file(str(path)))
+        if result.unexpected_keys:
+            raise ValueError(f"{ckpt}: unexpected adapter keys {result.unexpected_keys[:5]}")
+        emb_path = ckpt / LATENT_EMBEDDINGS_NAME
+        if emb_path.exists():
+            rows = load_file(str(emb_path))
+            ids = rows["latent_token_ids"].tolist()
+            causal = model.causal_lm
+            with torch.no_grad():
+                causal.get_input_embeddings().weight[ids] = rows["input_embeddings"].to(
+                    causal.get_input_embeddings().weight.dtype)
+                if "output_embeddings" in rows:
+                    w = causal.get_output_embeddings().weight
+                    w[ids] = rows["output_embeddings"].to(w.dtype)
+    else:
+        from transformers.trainer_utils import load_sharded_checkpoint
+
+        single = ckpt / "model.safetensors"
+        if single.exists():
+            result = lm.load_state_dict(load_file(str(single)), strict=False)
+            tied = set(getattr(lm, "all_tied_weights_keys", {}) or {}) | set(getattr(lm, "_tied_weights_keys", None) or [])
+            missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"{ckpt}: missing {missing[:5]} / unexpected {result.unexpected_keys[:5]} weights")
+        else:
+            load_sharded_checkpoint(lm, str(ckpt), strict=False)
+    if model.latent_head is not None:
+        head_path = ckpt / LATENT_HEAD_NAME
+        if not head_path.exists():
+            raise FileNotFoundError(f"{ckpt}: no {LATENT_HEAD_NAME}")
+        model.latent_head.load_state_dict(load_file(str(head_path)), strict=True)
+
+
+def load_sft_checkpoint(
+    checkpoint: str | os.PathLike,
+    model_name_or_path: str | None = None,
+    dtype: str = "float32",
+    device: torch.device | str | None = None,
+    merge: bool = True,
+) -> tuple[LatentReasoningLM, Any, dict[str, Any]]:
+    """Load an SFT checkpoint for inference: ``(LatentReasoningLM in eval mode, tokenizer, llmrec config)``.
+
+    For an adapter checkpoint, ``model_name_or_path`` (default: the one recorded in ``llmrec_config.json``)
+    is loaded, resized to the checkpoint tokenizer, given the saved latent embedding rows, and the adapter
+    is applied (merged when ``merge``). A checkpoint without ``latent_config.json`` gives the plain LM (N=0).
+    Decode with :meth:`LatentReasoningLM.prefill_with_latents` -> ``PromptState`` -> constrained beam search.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from llmrec.models.backbone import load_backbone
+    from llmrec.models.checkpoint import checkpoint_kind
+    from llmrec.models.latent import LATENT_CONFIG_NAME
+
+    ckpt = Path(checkpoint)
+    kind = checkpoint_kind(ckpt)
+    meta_path = ckpt / LLMREC_CONFIG_NAME
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    if kind == "full":
+        lm, tokenizer = load_backbone(str(ckpt), dtype=dtype)
+    else:
+        from peft import PeftModel
+
+        base_name = model_name_or_path or meta.get("model_name_or_path")
+        if not base_name:
+            raise ValueError(f"{ckpt}: no base model recorded; pass model_name_or_path")
+        lm, tokenizer = load_backbone(base_name, dtype=dtype)
+        if (ckpt / "tokenizer_config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        rows = lm.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            _init_new_rows(lm, rows)
+        emb_path = ckpt / LATENT_EMBEDDINGS_NAME
+        if emb_path.exists():
+            saved = load_file(str(emb_path))
+            ids = saved["latent_token_ids"].tolist()
+            with torch.no_grad():
+                w = lm.get_input_embeddings().weight
+                w[ids] = saved["input_embeddings"].to(w.dtype)
+                if "output_embeddings" in saved:
+                    o = lm.get_output_embeddings().weight
+                    o[ids] = saved["output_embeddings"].to(o.dtype)
+        lm = PeftModel.from_pretrained(lm, str(ckpt))
+        if merge:
+            lm = lm.merge_and_unload()
+    if (ckpt / LATENT_CONFIG_NAME).exists():
+        model = LatentReasoningLM.from_pretrained(ckpt, lm, tokenizer)
+    else:
+        model = LatentReasoningLM(lm, LatentConfig(num_latent_tokens=0))
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer, meta
+
+
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The highest ``checkpoint-N`` in ``output_dir`` whose save finished (``trainer_state.json`` written last)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = []
+    for p in folder.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").exists():
+            found.append((int(m.group(1)), p))
+    return str(max(found)[1]) if found else None
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class LatentSFTModule(nn.Module):
+    """What the Trainer holds: a pass-through around :class:`LatentReasoningLM`.
+
+    The wrapper's ``config`` attribute is a :class:`LatentConfig`, which the Trainer would mistake for a
+    transformers config (it calls ``model.config.get_text_config()``); this module has no ``config``.
+    """
+
+    def __init__(self, latent_lm: LatentReasoningLM):
+        super().__init__()
+        self.latent_lm = latent_lm
+
+    def forward(self, **kwargs):
+        return self.latent_lm(**kwargs)
+
+
+def _latent_lm(module: nn.Module) -> LatentReasoningLM:
+    while not isinstance(module, LatentReasoningLM):
+        inner = getattr(module, "latent_lm", None)
+        if inner is None:
+            inner = getattr(module, "module", None)  # DDP and friends
+        if inner is None:
+            raise TypeError(f"no LatentReasoningLM inside {type(module).__name__}")
+        module = inner
+    return module
+
+
+class LatentSFTTrainer(transformers.Trainer):
+    """Trainer for :class:`LatentReasoningLM`: completion-only loss, llmrec checkpoint layout."""
+
+    def __init__(self, *args, sft_config: LatentSFTConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sft_config = sft_config if sft_config is not None else (
+            self.args if isinstance(self.args, LatentSFTConfig) else None)
+        # The loss below is a sum normalised by the step's completion-token count (num_items_in_batch).
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        inputs.pop("labels", None)
+        out = model(**inputs)
+        if num_items_in_batch is None:
+            loss = completion_cross_entropy(out.logits, out.labels)
+        else:
+            loss = completion_cross_entropy(out.logits, out.labels, reduction="sum") / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes
+        return (loss, out) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = dict(self._prepare_inputs(inputs))
+        inputs.pop("labels", None)
+        with torch.no_grad():
+            out = model(**inputs)
+            loss = completion_cross_entropy(out.logits, out.labels).detach()
+        return loss, None, None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = _latent_lm(self.accelerator.unwrap_model(self.model))
+        fields_ = self.sft_config.checkpoint_fields() if self.sft_config is not None else {}
+        save_sft_checkpoint(model, self.processing_class, output_dir, fields_, self.args.to_dict())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = _latent_lm(self.accelerator.unwrap_model(model if model is not None else self.model))
+        logger.info("resuming weights from %s", resume_from_checkpoint)
+        load_sft_weights(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info("loading best model from %s (eval_loss %s)", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        load_sft_weights(_latent_lm(self.accelerator.unwrap_model(self.model)), self.state.best_model_checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
+    """Train; resume from the last complete checkpoint in ``output_dir``; write ``train_results.json``.
+
+    ``callbacks`` are extra ``TrainerCallback`` objects (early stopping is added from the config).
+    Returns the results dict (also written, atomically, to ``output_dir/train_results.json``).
+    """
+    t0 = time.time()
+    out_dir = Path(config.output_dir)
+    model, tokenizer = build_model(config)
+    t_model = time.time()
+    train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
+    eval_ds = build_dataset(config, tokenizer, config.eval_split, config.max_eval_rows) if config.eval_split else None
+    t_data = time.time()
+    callbacks = list(callbacks or [])
+    if eval_ds is not None and config.early_stopping_patience > 0 and config.load_best_model_at_end:
+        callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = LatentSFTTrainer(
+        model=LatentSFTModule(model), args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=LatentSFTCollator(pad), processing_class=tokenizer, callbacks=callbacks, sft_config=config,
+    )
+    resume = last_complete_checkpoint(out_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
+    train_out = trainer.train(resume_from_checkpoint=resume)
+    t_train = time.time()
+    trainer.save_model(str(out_dir))
+    history = trainer.state.log_history
+    results = {
+        "output_dir": str(out_dir),
+        "resumed_from": resume,
+        "global_step": trainer.state.global_step,
+        "train_loss": train_out.training_loss,
+        "train_losses": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_eval_loss": trainer.state.best_metric,
+        "num_train_rows": len(train_ds),
+        "num_eval_rows": len(eval_ds) if eval_ds is not None else 0,
+        "world_size": config.world_size,
+        "timings_s": {"model": round(t_model - t0, 3), "data": round(t_data - t_model, 3),
+                      "train": round(t_train - t_data, 3), "total": round(time.time() - t0, 3)},
+        "config": config.checkpoint_fields(),
+        "metrics": train_out.metrics,
+    }
+    if config.should_save:
+        _atomic_write_json(out_dir / RESULTS_NAME, results)
+    return results
+

@@ -1,0 +1,335 @@
+"""SFT with latent tokens (llmrec.training.sft): tiny models in float32, a handful of steps each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmrec.config import ConfigError, parse_config
+from llmrec.training.sft import (
+    LatentSFTCollator,
+    LatentSFTConfig,
+    build_model,
+    encode_example,
+    last_complete_checkpoint,
+    load_sft_weights,
+    run_sft,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine's cores are shared; tiny matmuls are ~100x faster on one thread than oversubscribed.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_config(out: Path, data: Path, **kw) -> LatentSFTConfig:
+    base = dict(
+        output_dir=str(out), model_name_or_path="tiny-qwen2", model_dtype="float32", dataset=str(data),
+        max_train_rows=4, eval_split=None, max_length=384, history_length=2, learning_rate=1e-2, warmup_steps=0,
+        per_device_train_batch_size=2, gradient_accumulation_steps=1, max_steps=8, logging_steps=1,
+        save_strategy="no", lora_dropout=0.0, lora_r=4, lora_alpha=8, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return LatentSFTConfig(**base)
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.parametrize("n_latent", [0, 1])
+def test_loss_decreases_lora(tmp_path, prepared_dir, n_latent):
+    cfg = make_config(tmp_path / "run", prepared_dir, num_latent_tokens=n_latent, max_steps=10)
+    res = run_sft(cfg)
+    losses = [r["loss"] for r in res["train_losses"]]
+    assert len(losses) == 10
+    assert mean(losses[-3:]) < mean(losses[:3]) - 0.3, losses
+    assert json.loads((tmp_path / "run" / "train_results.json").read_text())["global_step"] == 10
+
+
+def test_checkpoint_contents_and_reload(tmp_path, prepared_dir):
+    out = tmp_path / "run"
+    cfg = make_config(out, prepared_dir, num_latent_tokens=1, max_steps=2, save_strategy="steps", save_steps=2,
+                      eval_split="valid", max_eval_rows=4, eval_strategy="steps", eval_steps=2)
+    res = run_sft(cfg)
+    assert res["eval_losses"] and res["best_checkpoint"].endswith("checkpoint-2")
+    final = {p.name for p in out.iterdir() if p.is_file()}
+    for name in ("adapter_config.json", "adapter_model.safetensors", "latent_config.json", "latent_head.safetensors",
+                 "tokenizer_config.json", "tokenizer.json", "llmrec_config.json", "train_results.json"):
+        assert name in final, (name, final)
+    assert not [n for n in final if n.endswith((".bin", ".pt", ".pth", ".pkl"))], final
+    ckpt = Path(last_complete_checkpoint(out))
+    weights = {p.name for p in ckpt.iterdir()} - {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+    assert not [n for n in weights if n.endswith((".bin", ".pt", ".pth", ".pkl"))], weights
+    meta = json.loads((out / "llmrec_config.json").read_text())
+    assert meta["num_latent_tokens"] == 1 and meta["prompt"] == "d3" and meta["tokenization"] == "separate"
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA"
+    # A fresh model + the checkpoint reproduces the trained adapter and head.
+    model, tok = build_model(make_config(tmp_path / "other", prepared_dir, num_latent_tokens=1))
+    load_sft_weights(model, out)
+    assert tok.convert_tokens_to_ids("<|Thought|>") == meta["latent_token_ids"][0]
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    from peft import get_peft_model_state_dict
+
+    now = get_peft_model_state_dict(model.model)
+    assert set(saved) == set(now)
+    for k in saved:
+        assert torch.equal(saved[k], now[k]), k
+    head = load_file(str(out / "latent_head.safetensors"))
+    for k, v in model.latent_head.state_dict().items():
+        assert torch.equal(head[k], v), k
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def test_resume_matches_uninterrupted(tmp_path, prepared_dir):
+    from transformers import TrainerCallback
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Killed
+
+    kw = dict(num_latent_tokens=1, max_steps=6, save_strategy="steps", save_steps=3, lora_dropout=0.1,
+              learning_rate=5e-3, warmup_steps=2)
+    full = run_sft(make_config(tmp_path / "a", prepared_dir, **kw))
+    with pytest.raises(_Killed):
+        run_sft(make_config(tmp_path / "b", prepared_dir, **kw), callbacks=[KillAfterSave()])
+    assert last_complete_checkpoint(tmp_path / "b").endswith("checkpoint-3")
+    assert not (tmp_path / "b" / "train_results.json").exists()
+    resumed = run_sft(make_config(tmp_path / "b", prepared_dir, **kw))
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 6
+    for name in ("adapter_model.safetensors", "latent_head.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert set(a) == set(b)
+        for k in a:
+            assert (a[k] - b[k]).abs().max().item() <= 1e-6, (name, k)
+    la = {r["step"]: r["loss"] for r in full["train_losses"]}
+    lb = {r["step"]: r["loss"] for r in resumed["train_losses"]}
+    for step in (4, 5, 6):
+        assert abs(la[step] - lb[step]) <= 1e-6
+
+
+def test_tokenizer_already_has_latent_token(tmp_path, prepared_dir):
+    from llmrec.models.backbone import load_backbone
+    from llmrec.models.latent import LatentConfig, add_latent_tokens
+
+    base, tok = load_backbone("tiny-qwen2", dtype="float32")
+    add_latent_tokens(tok, base, LatentConfig(num_latent_tokens=1))
+    tid = tok.convert_tokens_to_ids("<|Thought|>")
+    rows = base.get_input_embeddings().weight.shape[0]
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    cfg = make_config(tmp_path / "run", prepared_dir, model_name_or_path=str(tmp_path / "base"), max_steps=1)
+    model, tok2 = build_model(cfg)
+    assert tok2.convert_tokens_to_ids("<|Thought|>") == tid and len(tok2) == len(tok)
+    assert model.config.latent_token_ids == [tid]
+    assert model.embed_tokens.weight.shape[0] == rows
+    res = run_sft(cfg)
+    assert res["global_step"] == 1
+
+
+@pytest.mark.parametrize("kind", ["tiny-qwen2", "tiny-llama"])
+def test_truncates_history_from_left_never_answer(kind):
+    from llmrec.models.backbone import load_backbone
+    from llmrec.prompts import PromptTemplate
+
+    _, tok = load_backbone(kind, dtype="float32")
+    template = PromptTemplate.load("d3")
+    history = [f"Super Mario {i} Deluxe Edition" for i in range(40)]
+    target = "Halo Gold Collection"
+    p, c, dropped = encode_example(template, tok, history, target, 330, "video games", 1)
+    assert dropped > 0
+    assert len(p) + 1 + len(c) <= 330
+    assert c == tok(template.render_completion(target), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    text = tok.decode(p)
+    assert "Super Mario 39 Deluxe" in text and "Super Mario 0 Deluxe" not in text
+    if tok.bos_token_id is not None and kind == "tiny-llama":
+        assert p[0] == tok.bos_token_id and c[0] != tok.bos_token_id
+    # The collator: prompts left-padded, completions right-padded, labels = completion (-100 on padding).
+    p2, c2, _ = encode_example(template, tok, history[-1:], "Tetris", 330, "video games", 1)
+    batch = LatentSFTCollator(tok.pad_token_id)([{"prompt_ids": p, "completion_ids": c},
+                                                 {"prompt_ids": p2, "completion_ids": c2}])
+    assert batch["prompt_attention_mask"][:, -1].all() and batch["completion_attention_mask"][:, 0].all()
+    assert batch["prompt_attention_mask"][1, 0] == 0 and batch["prompt_input_ids"][1, -len(p2):].tolist() == p2
+    assert batch["labels"][1, : len(c2)].tolist() == c2 and (batch["labels"][1, len(c2):] == -100).all()
+
+
+def test_unknown_recipe_key_is_config_error(tmp_path):
+    from llmrec.cli import main
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model_name_or_path: tiny-qwen2\nlora_rank: 8\n")
+    with pytest.raises(ConfigError, match="lora_rank"):
+        parse_config([LatentSFTConfig], recipe)
+    assert main(["sft", "--config", str(recipe)]) == 1
+
+
+def test_shipped_recipes_parse():
+    root = Path(__file__).resolve().parents[1] / "recipes" / "games"
+    (lat,) = parse_config([LatentSFTConfig], root / "sft_latent.yaml")
+    (big,) = parse_config([LatentSFTConfig], root / "sft_bigrec.yaml")
+    assert lat.num_latent_tokens == 1 and big.num_latent_tokens == 0
+    assert lat.dataset == big.dataset == "games-sample" and lat.model_name_or_path == "smollm2-135m"
+    assert "accelerate launch" in (root / "sft_latent.yaml").read_text().splitlines()[1]
+
+
+def test_qlora_without_gpu_is_a_clear_error(tmp_path, prepared_dir):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ConfigError, match="qlora"):
+        build_model(make_config(tmp_path / "q", prepared_dir, finetune="qlora"))
+
+
+def test_cli_sft_in_process(tmp_path, prepared_dir, capsys):
+    from llmrec.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model_name_or_path: tiny-qwen2\nmodel_dtype: float32\ndataset: {prepared_dir}\nmax_train_rows: 2\n"
+        "eval_split: none\nhistory_length: 2\nmax_length: 384\nper_device_train_batch_size: 2\n"
+        f"save_strategy: 'no'\ndisable_tqdm: true\noutput_dir: {tmp_path / 'out'}\n"
+    )
+    assert main(["sft", "--config", str(recipe), "--max_steps", "1", "--num_latent_tokens", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.rindex('{\n  "output_dir"'):])["global_step"] == 1
+    assert json.loads((tmp_path / "out" / "llmrec_config.json").read_text())["num_latent_tokens"] == 0
+    assert not (tmp_path / "out" / "latent_head.safetensors").exists()
+
+
+DIST_SCRIPT = """
+import sys
+import torch
+from safetensors.torch import save_file
+from transformers import TrainerCallback
+from llmrec.config import parse_config
+from llmrec.training.sft import LatentSFTConfig, _latent_lm, run_sft
+
+torch.set_num_threads(1)
+recipe, out, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+(cfg,) = parse_config([LatentSFTConfig], recipe, ["--output_dir", out] + rest)
+
+
+class DumpRank(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        m = _latent_lm(model)
+        sd = {k: v.detach().contiguous() for k, v in m.named_parameters() if v.requires_grad}
+        save_file(sd, f"{out}/rank{args.process_index}.safetensors")
+
+
+run_sft(cfg, callbacks=[DumpRank()])
+"""
+
+
+def _launch_sft(n: int, tmp_path: Path, recipe: Path, out: Path, *rest: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "dist_sft.py"
+    script.write_text(DIST_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29700 + os.getpid() % 1000 + n))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--multi_gpu", "--num_processes", str(n)] if n > 1 else ["--num_processes", "1"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", env["MASTER_PORT"], str(script), str(recipe), str(out), *rest]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_two_processes_match_one_process(tmp_path, prepared_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model_name_or_path: tiny-qwen2\nmodel_dtype: float32\ndataset: {prepared_dir}\nmax_train_rows: 8\n"
+        "eval_split: none\nhistory_length: 2\nmax_length: 384\nlora_dropout: 0.0\nlora_r: 4\nlora_alpha: 8\n"
+        "num_latent_tokens: 1\nlearning_rate: 5.0e-3\nwarmup_steps: 0\nmax_steps: 3\nlogging_steps: 1\n"
+        "per_device_train_batch_size: 2\nsave_strategy: 'no'\ndisable_tqdm: true\nseed: 0\n"
+    )
+    # Same global batch (4 rows/step): 1 process x 2 accumulation steps vs 2 processes x 1.
+    _launch_sft(1, tmp_path, recipe, tmp_path / "one", "--gradient_accumulation_steps", "2")
+    _launch_sft(2, tmp_path, recipe, tmp_path / "two", "--gradient_accumulation_steps", "1")
+    r0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "two" / "rank1.safetensors"))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    assert r0.keys() == r1.keys() == single.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+        assert (r0[k] - single[k]).abs().max().item() <= 1e-5, k
+    one = json.loads((tmp_path / "one" / "train_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "train_results.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    l1 = [r["loss"] for r in one["train_losses"]]
+    l2 = [r["loss"] for r in two["train_losses"]]
+    assert len(l1) == len(l2) == 3
+    assert l1 == pytest.approx(l2, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["tiny-qwen2", "tiny-llama"])
+def test_inference_loading_matches_training_model(tmp_path, prepared_dir, kind):
+    """What the evaluator needs for N>=1: load_sft_checkpoint -> prefill_with_latents -> beam search."""
+    from llmrec.data.canonical import load_prepared
+    from llmrec.decoding.beam_search import PromptState, constrained_beam_search_from_state
+    from llmrec.decoding.search import build_catalog_trie, encode_prompts
+    from llmrec.prompts import PromptTemplate
+    from llmrec.training.sft import load_sft_checkpoint
+
+    out = tmp_path / "run"
+    cfg = make_config(out, prepared_dir, model_name_or_path=kind, num_latent_tokens=1, max_steps=2)
+    run_sft(cfg)
+    trained, tok = build_model(make_config(tmp_path / "x", prepared_dir, model_name_or_path=kind, num_latent_tokens=1))
+    load_sft_weights(trained, out)
+    trained.eval()
+    model, tok2, meta = load_sft_checkpoint(out)
+    assert meta["num_latent_tokens"] == 1 and model.config.latent_token_ids == trained.config.latent_token_ids
+    template = PromptTemplate.load("d3")
+    data = load_prepared(prepared_dir, splits=["valid"], max_history=2)
+    rows = [data.splits["valid"][i] for i in range(3)]
+    feats = [dict(zip(("prompt_ids", "completion_ids"), encode_example(
+        template, tok, r["history_titles"], r["target_title"], 384, "video games", 1)[:2])) for r in rows]
+    batch = LatentSFTCollator(tok.pad_token_id)(feats)
+    batch.pop("labels")
+    with torch.no_grad():
+        want = trained(**batch).logits[:, 0]
+        cache, logits, mask, pos = model.prefill_with_latents(batch["prompt_input_ids"], batch["prompt_attention_mask"])
+    assert (logits - want).abs().max().item() < 1e-4
+    prompts = [template.render_prompt(r["history_titles"], "video games") for r in rows]
+    ids, pmask = encode_prompts(tok2, prompts, "cpu")
+    assert torch.equal(ids, batch["prompt_input_ids"])
+    trie = build_catalog_trie(data.catalog, tok2, template)
+    cache, logits, mask, pos = model.prefill_with_latents(ids, pmask)
+    outs = constrained_beam_search_from_state(model.causal_lm, trie, PromptState(logits, cache, mask, pos), num_beams=3)
+    assert len(outs) == 3 and all(len(o.item_ranking) >= 1 for o in outs)
+
+
+def test_full_finetune_checkpoint(tmp_path, prepared_dir):
+    from llmrec.training.sft import load_sft_checkpoint
+
+    out = tmp_path / "run"
+    cfg = make_config(out, prepared_dir, model_name_or_path="tiny-llama", finetune="full", num_latent_tokens=1,
+                      max_steps=2, learning_rate=1e-3)
+    run_sft(cfg)
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "latent_head.safetensors", "llmrec_config.json",
+            "tokenizer_config.json"} <= files
+    assert "adapter_config.json" not in files and not [n for n in files if n.endswith((".bin", ".pt", ".pth"))]
+    trained, tok = build_model(make_config(tmp_path / "x", prepared_dir, model_name_or_path="tiny-llama",
+                                           finetune="full", num_latent_tokens=1))
+    load_sft_weights(trained, out)
+    model, _, _ = load_sft_checkpoint(out)
+    ids = torch.tensor([tok("Halo Gold")["input_ids"]])
+    with torch.no_grad():
+        a = model.prefill_with_latents(ids, torch.ones_like(ids))[1]
+        b = trained.eval().prefill_with_latents(ids, torch.ones_like(ids))[1]
+    assert (a - b).abs().max().item() < 1e-5
