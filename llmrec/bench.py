@@ -101,6 +101,12 @@ def bench_decoding(args: argparse.Namespace) -> dict:
     return result
 
 
+def _yaml_scalar(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def _print_table(result: dict, keys: list[str]) -> None:
     width = max(len(k) for k in keys)
     for k in keys:
@@ -113,6 +119,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "decoding":
         result = bench_decoding(args)
         _print_table(result, list(result))
+    elif args.bench == "seqrec":
+        from llmrec.config import ConfigError
+        from llmrec.seqrec.bench import run_seqrec_benchmark
+
+        overrides: dict = {}
+        if args.config:
+            overrides["config"] = args.config
+        rest = list(args.overrides)
+        while rest:  # --field value pairs for SeqRecConfig
+            key = rest.pop(0)
+            if not key.startswith("--") or not rest:
+                raise ConfigError(f"expected --field value overrides, got {key!r}")
+            overrides[key[2:]] = _yaml_scalar(rest.pop(0))
+        result = run_seqrec_benchmark(args.dataset, [m.strip() for m in args.models.split(",") if m.strip()],
+                                      args.seeds, Path(args.output_dir), **overrides)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(args.bench)
     if args.output:
@@ -137,3 +158,13 @@ def register_cli(subparsers) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output", default=None, help="also write the JSON result here")
     d.set_defaults(func=cmd_bench)
+    s = sub.add_parser("seqrec", help="train and test ID-based models per seed on one split; mean +- std table",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Extra --field value pairs are SeqRecConfig fields applied to every run.")
+    s.add_argument("--dataset", required=True, help="prepared dataset directory")
+    s.add_argument("--models", default="sasrec,rearec-erl,rearec-prl,lares")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--config", default=None, help="a seqrec recipe whose values come first")
+    s.add_argument("--output-dir", default="benchmarks/results/seqrec", help="runs and summary (resumable)")
+    s.add_argument("--output", default=None, help="also write the JSON result here")
+    s.set_defaults(func=cmd_bench, accepts_overrides=True)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from llmrec.decoding.beam_search import constrained_beam_search
+from llmrec.decoding.beam_search import (
+    PromptState,
+    constrained_beam_search,
+    constrained_beam_search_from_state,
+)
 from llmrec.decoding.trie import TitleTrie
+from llmrec.models.latent import LatentReasoningLM
 from llmrec.prompts import PromptTemplate, render_to_fit, wrap_chat
 
 
@@ -87,8 +92,17 @@ def rank_batch(model, tokenizer, trie: TitleTrie, template: PromptTemplate, exam
     prompts = render_prompts(template, tokenizer, examples, config)
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
-    outputs = constrained_beam_search(model, trie, ids, mask, num_beams=config.num_beams,
-                                      length_penalty=config.length_penalty)
+    if isinstance(model, LatentReasoningLM):
+        # Prefill the prompt, pool and feed the (noise-free) latents, then search from that state.
+        with torch.no_grad():
+            cache, logits, full_mask, next_pos = model.prefill_with_latents(ids, mask)
+        state = PromptState(next_token_logits=logits.float(), past_key_values=cache, attention_mask=full_mask,
+                            next_position_ids=next_pos)
+        outputs = constrained_beam_search_from_state(model.causal_lm, trie, state, num_beams=config.num_beams,
+                                                     length_penalty=config.length_penalty)
+    else:
+        outputs = constrained_beam_search(model, trie, ids, mask, num_beams=config.num_beams,
+                                          length_penalty=config.length_penalty)
     return [
         ([trie.titles[t] for t in o.title_ranking], list(o.item_ranking), [round(float(s), 6) for _, s in o.hypotheses])
         for o in outputs

@@ -48,7 +48,11 @@ def load_for_inference(
     dtype: str = "bfloat16",
     device: torch.device | str | None = None,
 ):
-    """Return ``(model, tokenizer)`` ready for evaluation (eval mode, on ``device``)."""
+    """Return ``(model, tokenizer)`` ready for evaluation (eval mode, on ``device``).
+
+    An llmrec training checkpoint (it has ``llmrec_config.json``) gives a
+    :class:`~llmrec.models.latent.LatentReasoningLM`; anything else a plain causal LM.
+    """
     from llmrec.models.backbone import load_backbone
 
     if checkpoint is None:
@@ -56,6 +60,12 @@ def load_for_inference(
         return model, tokenizer
     kind = checkpoint_kind(checkpoint)
     ckpt = Path(checkpoint)
+    if (ckpt / "llmrec_config.json").exists():
+        # An llmrec SFT/GRPO checkpoint: adapter or full weights + latent head + latent embeddings.
+        from llmrec.training.sft import load_sft_checkpoint
+
+        model, tokenizer, _ = load_sft_checkpoint(ckpt, model_name_or_path, dtype=dtype, device=device)
+        return model, tokenizer
     if kind == "full":
         model, tokenizer = load_backbone(str(ckpt), dtype=dtype, device=device)
         return model, tokenizer
