@@ -136,7 +136,8 @@ def clean_titles(
 def _raw_sort_key(raw_id: str):
     # Numeric source ids keep their numeric order (1, 2, ..., 10), others sort as strings.
     # isdecimal, not isdigit: int() rejects digits such as "²" that isdigit() accepts.
-    return (0, int(raw_id), raw_id) if raw_id.isdecimal() else (1, 0, raw_id)  # raw id breaks ties ("2" vs "02")
+    # Equal values ("2" and "02") are ordered shortest first, then as strings, so the order is total.
+    return (0, int(raw_id), len(raw_id), raw_id) if raw_id.isdecimal() else (1, 0, 0, raw_id)
 
 
 class ItemCatalog:
