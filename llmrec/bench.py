@@ -119,6 +119,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "decoding":
         result = bench_decoding(args)
         _print_table(result, list(result))
+    elif args.bench == "latent-sft":
+        from llmrec.bench_latent_sft import bench_latent_sft
+
+        result = bench_latent_sft(args)
     elif args.bench == "seqrec":
         from llmrec.config import ConfigError
         from llmrec.seqrec.bench import run_seqrec_benchmark
@@ -158,6 +162,13 @@ def register_cli(subparsers) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output", default=None, help="also write the JSON result here")
     d.set_defaults(func=cmd_bench)
+    from llmrec.bench_latent_sft import add_arguments as add_latent_sft_arguments
+
+    ls = sub.add_parser("latent-sft", help="SFT step time: plain vs our latent forward vs the naive two-pass form",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_latent_sft_arguments(ls)
+    ls.add_argument("--output", default=None, help="also write the JSON result here")
+    ls.set_defaults(func=cmd_bench)
     s = sub.add_parser("seqrec", help="train and test ID-based models per seed on one split; mean +- std table",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Extra --field value pairs are SeqRecConfig fields applied to every run.")

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "llmrec.evaluation.cli",
     "llmrec.training.cli",
     "llmrec.seqrec.cli",
+    "llmrec.recommend",
     "llmrec.bench",
     "llmrec.quickstart",
 )

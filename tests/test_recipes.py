@@ -27,6 +27,10 @@ def schema_for(path: Path):
         from llmrec.training.sft import LatentSFTConfig
 
         return [LatentSFTConfig]
+    if name.startswith("grpo"):
+        from llmrec.training.grpo import LatentGRPOConfig
+
+        return [LatentGRPOConfig]
     raise AssertionError(f"no schema known for recipe {path}")
 
 

@@ -34,6 +34,12 @@ one whose titles all share their first words), and there transformers returns fe
 could. Here placeholder beams do not exist: a row returns only real titles with finite scores
 (possibly fewer than ``B``), and otherwise the two searches coincide. The tests check this against
 :func:`reference_constrained_beam_search`, which drops placeholder hypotheses from ``generate``'s output.
+
+D3 guidance (optional, :mod:`llmrec.decoding.guidance`): with a :class:`TitleGuidance` of weight ``w``,
+each candidate's step log-prob gains ``w * log(M(child) / M(node))`` (the ID model's item mass under the
+trie nodes) before the top-``2B`` selection, as a ``LogitsProcessor`` would add it in ``generate``; the
+returned scores therefore include ``w * log P_ID(title)`` (length-normalised with the rest). Without
+guidance, or with ``w = 0``, the search is the unguided one bit for bit.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmrec.decoding.guidance import TitleGuidance
 from llmrec.decoding.trie import TitleTrie
 
 if TYPE_CHECKING:
@@ -57,6 +64,7 @@ __all__ = [
     "constrained_beam_search_from_state",
     "reference_constrained_beam_search",
     "make_prefix_allowed_tokens_fn",
+    "TrieGuidanceLogitsProcessor",
 ]
 
 
@@ -163,6 +171,7 @@ def constrained_beam_search(
     *,
     num_beams: int,
     length_penalty: float = 1.0,
+    guidance: TitleGuidance | None = None,
 ) -> list[BeamSearchOutput]:
     """Rank the trie's titles for each prompt of a left-padded batch by constrained beam search.
 
@@ -173,13 +182,15 @@ def constrained_beam_search(
         num_beams: beam width ``B``; at most ``B`` titles are returned per prompt.
         length_penalty: exponent on the generated length (EOS included) dividing the summed log-probs;
             1.0 as in BIGRec / LatentR3, 0.0 (plain sum) as in D3.
+        guidance: optional D3 guidance by an ID model (one row per prompt); see
+            :mod:`llmrec.decoding.guidance`. ``None`` or weight 0 = the plain LM search.
 
     Returns:
         One :class:`BeamSearchOutput` per prompt.
     """
     state = prefill_prompts(model, input_ids, attention_mask)
     return constrained_beam_search_from_state(
-        model, trie, state, num_beams=num_beams, length_penalty=length_penalty
+        model, trie, state, num_beams=num_beams, length_penalty=length_penalty, guidance=guidance
     )
 
 
@@ -191,17 +202,28 @@ def constrained_beam_search_from_state(
     *,
     num_beams: int,
     length_penalty: float = 1.0,
+    guidance: TitleGuidance | None = None,
 ) -> list[BeamSearchOutput]:
     """Constrained beam search starting from a prefilled :class:`PromptState` (see the module docstring).
 
     ``state.past_key_values`` is consumed (reordered and shrunk in place). Returns one
-    :class:`BeamSearchOutput` per row of the state.
+    :class:`BeamSearchOutput` per row of the state. ``guidance`` (one row per state row) adds the ID
+    model's ``w * log(M(child) / M(node))`` to each candidate's step log-prob.
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     logits = state.next_token_logits
     device = logits.device
     n_rows = logits.shape[0]
+    if guidance is not None and not guidance.active:
+        guidance = None  # weight 0: exactly the unguided search
+    if guidance is not None:
+        if guidance.node_log_mass.shape != (n_rows, trie.num_nodes):
+            raise ValueError(
+                f"guidance.node_log_mass has shape {tuple(guidance.node_log_mass.shape)}, expected "
+                f"({n_rows}, {trie.num_nodes}) (rows x trie nodes)"
+            )
+        guidance = guidance.to(device)
     beams = num_beams
     tt = trie.tensors_on(device)
     cache = state.past_key_values
@@ -232,7 +254,12 @@ def constrained_beam_search_from_state(
         )
         edge = tt.child_ptr[live_node][beam_of_edge] + edge_offset
         tok = tt.child_tokens[edge]
-        cand = live_score[beam_of_edge] + (logits[beam_of_edge, tok] - lse[beam_of_edge])
+        step_logp = logits[beam_of_edge, tok] - lse[beam_of_edge]
+        if guidance is not None:
+            step_logp = step_logp + guidance.step_bonus(
+                live_row[beam_of_edge], live_node[beam_of_edge], tt.child_nodes[edge]
+            )
+        cand = live_score[beam_of_edge] + step_logp
 
         # -- lay each row's candidates out densely (beam-major, token ascending, as transformers'
         # flattened [beam * V + token] order) and take the top 2B per row.
@@ -338,6 +365,49 @@ def make_prefix_allowed_tokens_fn(trie: TitleTrie, prompt_length: int) -> Callab
     return allowed
 
 
+class TrieGuidanceLogitsProcessor:
+    """D3 guidance as a transformers ``LogitsProcessor``, walking a plain nested-dict trie per beam (slow).
+
+    transformers' beam search calls processors on the step log-probs (after ``log_softmax``, and after
+    the ``PrefixConstrainedLogitsProcessor`` that ``prefix_allowed_tokens_fn`` adds), so adding
+    ``w * log(M(child) / M(node))`` to each allowed token here is what :func:`constrained_beam_search_from_state`
+    does with a :class:`TitleGuidance`. Beam ``j`` of ``generate``'s flat batch belongs to prompt
+    ``j // num_beams``. Prefixes that are not in the trie (transformers' placeholder beams) are left as
+    they are.
+    """
+
+    def __init__(self, trie: TitleTrie, guidance: TitleGuidance, prompt_length: int, num_beams: int):
+        tokens, nodes, ptr = trie.child_tokens.tolist(), trie.child_nodes.tolist(), trie.child_ptr.tolist()
+
+        def build(node: int) -> dict[int, tuple[int, dict]]:
+            return {tokens[e]: (nodes[e], build(nodes[e])) for e in range(ptr[node], ptr[node + 1])}
+
+        self.root: dict[int, tuple[int, dict]] = build(0)  # token -> (child node, its children)
+        self.log_mass = guidance.node_log_mass.float().cpu()
+        self.weight = guidance.weight
+        self.prompt_length = prompt_length
+        self.num_beams = num_beams
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bonus = torch.zeros_like(scores)
+        for j, sent in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            row = j // self.num_beams
+            node, children = 0, self.root
+            for tok in sent:
+                if tok not in children:
+                    children = None
+                    break
+                node, children = children[tok]
+            if not children:
+                continue
+            toks = list(children)
+            kids = torch.tensor([children[t][0] for t in toks])
+            step = self.weight * (self.log_mass[row, kids] - self.log_mass[row, node])
+            step = step.masked_fill(step.isnan(), float("-inf"))  # a placeholder beam at a zero-mass node
+            bonus[j, toks] = step.to(bonus.device, bonus.dtype)
+        return scores + bonus
+
+
 @torch.no_grad()
 def reference_constrained_beam_search(
     model,
@@ -347,6 +417,7 @@ def reference_constrained_beam_search(
     *,
     num_beams: int,
     length_penalty: float = 1.0,
+    guidance: TitleGuidance | None = None,
 ) -> list[BeamSearchOutput]:
     """The same search done by transformers' ``generate`` with ``prefix_allowed_tokens_fn`` (slow).
 
@@ -354,9 +425,10 @@ def reference_constrained_beam_search(
     ``num_return_sequences=num_beams``, neutral penalties) and temporarily blanks
     ``model.generation_config`` so none of the checkpoint's generation defaults leak in. Returned
     sequences are mapped back to title indices; placeholder beams (score ``<= -1e9`` before length
-    normalisation, or not a complete title) and repeated titles are dropped.
+    normalisation, or not a complete title) and repeated titles are dropped. ``guidance`` (weight > 0)
+    is applied by a :class:`TrieGuidanceLogitsProcessor`.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     if trie.eos_token_id is None:
         raise ValueError("the reference search needs a trie built with add_eos=True")
@@ -391,6 +463,9 @@ def reference_constrained_beam_search(
         output_scores=True,
         return_dict_in_generate=True,
     )
+    processors = LogitsProcessorList()
+    if guidance is not None and guidance.active:
+        processors.append(TrieGuidanceLogitsProcessor(trie, guidance, prompt_length, num_beams))
     saved = model.generation_config
     model.generation_config = GenerationConfig()
     try:
@@ -399,6 +474,7 @@ def reference_constrained_beam_search(
             attention_mask=attention_mask,
             generation_config=gen_config,
             prefix_allowed_tokens_fn=make_prefix_allowed_tokens_fn(trie, prompt_length),
+            logits_processor=processors,
         )
     finally:
         model.generation_config = saved

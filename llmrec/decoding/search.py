@@ -9,6 +9,7 @@ from llmrec.decoding.beam_search import (
     constrained_beam_search,
     constrained_beam_search_from_state,
 )
+from llmrec.decoding.guidance import TitleGuidance
 from llmrec.decoding.trie import TitleTrie
 from llmrec.models.latent import LatentReasoningLM
 from llmrec.prompts import PromptTemplate, render_to_fit, wrap_chat
@@ -87,8 +88,14 @@ def render_prompts(template: PromptTemplate, tokenizer, examples: list[dict], co
     return out
 
 
-def rank_batch(model, tokenizer, trie: TitleTrie, template: PromptTemplate, examples: list[dict], config):
-    """Constrained beam search for a batch; per row ``(titles, item ids, scores)`` best first."""
+def rank_batch(
+    model, tokenizer, trie: TitleTrie, template: PromptTemplate, examples: list[dict], config,
+    guidance: TitleGuidance | None = None,
+):
+    """Constrained beam search for a batch; per row ``(titles, item ids, scores)`` best first.
+
+    ``guidance``: optional D3 guidance by an ID model, one row per example (scores then include it).
+    """
     prompts = render_prompts(template, tokenizer, examples, config)
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
@@ -99,10 +106,10 @@ def rank_batch(model, tokenizer, trie: TitleTrie, template: PromptTemplate, exam
         state = PromptState(next_token_logits=logits.float(), past_key_values=cache, attention_mask=full_mask,
                             next_position_ids=next_pos)
         outputs = constrained_beam_search_from_state(model.causal_lm, trie, state, num_beams=config.num_beams,
-                                                     length_penalty=config.length_penalty)
+                                                     length_penalty=config.length_penalty, guidance=guidance)
     else:
         outputs = constrained_beam_search(model, trie, ids, mask, num_beams=config.num_beams,
-                                          length_penalty=config.length_penalty)
+                                          length_penalty=config.length_penalty, guidance=guidance)
     return [
         ([trie.titles[t] for t in o.title_ranking], list(o.item_ranking), [round(float(s), 6) for _, s in o.hypotheses])
         for o in outputs

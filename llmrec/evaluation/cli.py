@@ -29,3 +29,35 @@ def register_cli(subparsers) -> None:
     p.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/games/eval.yaml)")
     p.add_argument("--checkpoint", default=None, help="trained checkpoint directory to evaluate")
     p.set_defaults(func=cmd_evaluate, accepts_overrides=True)
+    register_compare_cli(subparsers)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from llmrec.data.canonical import atomic_write_json
+    from llmrec.evaluation.compare import compare_runs, comparison_table
+
+    result = compare_runs(args.runs, [m.strip() for m in args.metrics.split(",") if m.strip()], level=args.level,
+                          n_resamples=args.resamples, seed=args.seed)
+    print(comparison_table(result), end="")
+    if args.output:
+        atomic_write_json(Path(args.output), result)
+    print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def register_compare_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="paired comparison of evaluation runs on their shared rows (bootstrap 95%% intervals)",
+        description="The first run is the baseline of every difference.",
+    )
+    p.add_argument("runs", nargs="+", help="llmrec evaluate output directories")
+    p.add_argument("--metrics", default="hr@10,ndcg@10", help="comma-separated, e.g. hr@5,ndcg@10,mrr@10")
+    p.add_argument("--level", default="item", choices=("item", "title"), help="matching level")
+    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--output", default=None, help="also write the JSON result here")
+    p.set_defaults(func=cmd_compare)

@@ -1,7 +1,15 @@
 """Evaluate a recommender on a split with constrained beam search (or a popularity ranking).
 
 Protocol, written into every ``results.json``: split, rows (a fixed, seeded subset or all), history
-length, prompt, beams, length penalty, matching level, model and checkpoint, package versions.
+length, prompt, beams, length penalty, matching level, model and checkpoint, package versions, and
+(only when it is on) the D3 guidance: ``protocol["guidance"]`` holds the ID model's run directory,
+weight, model name and history length; no ``guidance`` key means plain LM scores.
+
+D3 guidance (``guidance_checkpoint``, ``guidance_weight``): a trained ``llmrec seqrec train`` run on the
+same prepared dataset scores every row from its history ids (cut to the ID model's own ``max_history``,
+not the prompt's ``history_length``); the softmax over its N items guides the beam search (see
+:mod:`llmrec.decoding.guidance`): a title's beam score becomes ``(log p_LM(title) + w * log
+P_ID(title)) / L ** length_penalty``, and ``w`` also steers which beams survive each step.
 
 How the work is shared: rows are cut into batches in one global order, and batch ``b`` goes to
 process ``b % world_size``. A batch therefore holds the same rows (and the same padding) whatever the
@@ -54,6 +62,8 @@ class EvalConfig:
     num_beams: int = field(default=10, metadata={"help": "Beams (and returned titles) per row."})
     tokenization: str = field(default="separate", metadata={"help": "separate (D3: prompt and answer tokenized apart, ids concatenated) or joint (one string; titles checked at the boundary)."})
     length_penalty: float = field(default=1.0, metadata={"help": "Beam score = logprob sum / length**penalty (1.0 BIGRec/LatentR3, 0.0 D3)."})
+    guidance_checkpoint: str | None = field(default=None, metadata={"help": "D3 text-free assistant: a `llmrec seqrec train` output_dir (same prepared dataset) whose ID model guides the beam search (None = off)."})
+    guidance_weight: float = field(default=1.0, metadata={"help": "Weight w of the guidance: each step adds w * log P_ID(token | prefix), so a title gains w * log P_ID(title) (0 = off)."})
     batch_size: int = field(default=8, metadata={"help": "Rows per batch (per process)."})
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20], metadata={"help": "Cut-offs K of HR@K, NDCG@K, MRR@K."})
     output_dir: str = field(default="runs/eval", metadata={"help": "Where rankings and results are written."})
@@ -66,7 +76,16 @@ class EvalConfig:
             raise ValueError(f"split must be train, valid or test, got {self.split!r}")
         if self.num_beams < 1 or self.batch_size < 1:
             raise ValueError("num_beams and batch_size must be >= 1")
+        if not self.guidance_weight >= 0:
+            raise ValueError(f"guidance_weight must be >= 0, got {self.guidance_weight}")
+        if self.guidance_checkpoint is not None and self.method != "beam":
+            raise ValueError("guidance_checkpoint only applies to method=beam")
         self.ks = sorted({int(k) for k in self.ks})
+
+    @property
+    def guided(self) -> bool:
+        """D3 guidance is on: a guidance checkpoint and a non-zero weight."""
+        return self.method == "beam" and self.guidance_checkpoint is not None and self.guidance_weight != 0
 
 
 def select_rows(n: int, max_rows: int, seed: int) -> list[int]:
@@ -126,6 +145,8 @@ class Evaluator:
 
         self.state = distributed_state()
         self.out = Path(config.output_dir)
+        self.guidance_model = None
+        self.guidance_info: dict | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -144,7 +165,34 @@ class Evaluator:
                 "batch_size": c.batch_size,
                 "ranking": "beams in score order; item level expands each title to its items in ascending id order",
             })
+            if c.guided:
+                # Only when on, so the fingerprints of unguided evaluations stay what they were.
+                g = self.guidance_info
+                p["guidance"] = {
+                    "checkpoint": c.guidance_checkpoint, "weight": c.guidance_weight, "id_model": g["model"],
+                    "id_max_history": g["max_history"], "id_weights": g["weights"],
+                    "score": "(LM logprob + weight * log P_ID(title)) / length**length_penalty; "
+                             "P_ID = ID-model softmax mass of the title's items",
+                }
         return p
+
+    def _load_guidance(self, data) -> None:
+        """Load the ID model (every process; it is small) and check it against the catalogue."""
+        from llmrec.decoding.guidance import load_guidance_model
+
+        c = self.config
+        if not c.guided:
+            if c.guidance_checkpoint is not None:
+                logger.warning("guidance_weight is 0: guidance_checkpoint %s is not used", c.guidance_checkpoint)
+            return
+        self.guidance_model, self.guidance_info = load_guidance_model(
+            c.guidance_checkpoint, self.state.device, num_items=data.num_items)
+        trained_on = Path(str(self.guidance_info["dataset_dir"])) / "catalog.jsonl"
+        ours = Path(data.directory) / "catalog.jsonl"
+        if trained_on.exists() and ours.exists() and trained_on.read_bytes() != ours.read_bytes():
+            raise ValueError(
+                f"guidance checkpoint {c.guidance_checkpoint}: the ID model was trained on {trained_on.parent}, whose "
+                f"catalogue differs from {ours.parent}'s (item ids would not match)")
 
     def _check_rows(self, data, split) -> None:
         n = data.num_items
@@ -177,6 +225,7 @@ class Evaluator:
         data = load_prepared(c.dataset, splits=wanted, max_history=c.history_length)
         split = data.splits[c.split]
         self._check_rows(data, split)
+        self._load_guidance(data)  # fail before anything is written
         rows = select_rows(len(split), c.max_rows, c.row_seed)
         protocol = self._protocol(data, rows)
         fp = protocol_fingerprint(protocol)
@@ -218,6 +267,8 @@ class Evaluator:
         }
         name = c.method if c.method == "popularity" else (
             f"{Path(c.checkpoint).name} ({c.model_name_or_path})" if c.checkpoint else f"zero-shot {c.model_name_or_path}")
+        if c.guided:
+            name += f" + D3 guidance ({self.guidance_info['model']}, w={c.guidance_weight:g})"
         results = {
             "name": name, "fingerprint": fp, "protocol": protocol, "metrics": metrics,
             "primary_matching": "item", "num_processes": self.state.num_processes,
@@ -270,18 +321,41 @@ class Evaluator:
             return []
         model, tokenizer = load_for_inference(c.model_name_or_path, c.checkpoint, c.dtype, self.state.device)
         trie = build_catalog_trie(data.catalog, tokenizer, template, c.use_chat_template, c.tokenization)
+        guide = self._guidance_source(trie) if c.guided else None
         recs_all = []
         bar = tqdm(total=len(rows), initial=len(rows) - sum(len(b) for b in todo) * self.state.num_processes,
                    desc=f"evaluate {c.split}", disable=not self.state.is_main_process, unit="row")
         for batch in todo:
             examples = [split[r] for r in batch]
-            ranked = rank_batch(model, tokenizer, trie, template, examples, c)
+            ranked = rank_batch(model, tokenizer, trie, template, examples, c,
+                                guidance=guide(batch) if guide is not None else None)
             recs = [self._record(data, split, r, t, i, s) for r, (t, i, s) in zip(batch, ranked)]
             self._append(recs)
             recs_all.extend(recs)
             bar.update(len(batch) * self.state.num_processes)
         bar.close()
         return recs_all
+
+    def _guidance_source(self, trie):
+        """A function ``rows -> TitleGuidance`` scoring the rows' histories with the ID model."""
+        from llmrec.decoding.guidance import ItemMassIndex, TitleGuidance, item_log_probs_from_scores
+        from llmrec.seqrec.data import left_pad
+
+        c = self.config
+        length = int(self.guidance_info["max_history"])
+        # The prompt's rows were cut to history_length; the ID model reads up to its own max_history.
+        hist_data = load_prepared(c.dataset, splits=[c.split], max_history=length, with_titles=False)
+        histories = list(hist_data.splits[c.split]["history_item_ids"])
+        index = ItemMassIndex(trie)
+        device = self.state.device
+
+        def guide(rows: list[int]) -> TitleGuidance:
+            ids = torch.from_numpy(left_pad([list(histories[r]) for r in rows], length)).to(device)
+            with torch.no_grad():
+                scores = self.guidance_model.score(ids)
+            return TitleGuidance.from_item_log_probs(index, item_log_probs_from_scores(scores), c.guidance_weight)
+
+        return guide
 
 
 def evaluate(config: EvalConfig) -> dict | None:

@@ -1,4 +1,4 @@
-"""``llmrec sft``: supervised fine-tuning with latent reasoning tokens (or the BIGRec baseline)."""
+"""``llmrec sft`` (SFT with latent reasoning tokens, or the BIGRec baseline) and ``llmrec grpo`` (latent GRPO)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,20 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grpo(args: argparse.Namespace) -> int:
+    from llmrec.config import parse_config
+    from llmrec.training.grpo import LatentGRPOConfig, run_grpo
+
+    (config,) = parse_config([LatentGRPOConfig], args.config, args.overrides)
+    results = run_grpo(config)
+    if config.should_save:
+        last = results["log_history"][-1] if results["log_history"] else {}
+        summary = {k: results[k] for k in ("output_dir", "global_step", "skipped_groups", "resumed_from")}
+        summary["last_step"] = {k: last[k] for k in ("reward", "loss", "latent_norm", "noise_norm") if k in last}
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "sft",
@@ -28,3 +42,11 @@ def register_cli(subparsers) -> None:
     )
     p.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/games/sft_latent.yaml)")
     p.set_defaults(func=cmd_sft, accepts_overrides=True)
+    g = subparsers.add_parser(
+        "grpo",
+        help="latent GRPO from a latent SFT checkpoint (noise-perturbed latents, continuous rewards)",
+        description="Options not listed here are LatentGRPOConfig / trl GRPOConfig fields, given as --name value "
+        "(see recipes/games/grpo_latent.yaml). Reruns resume from the last checkpoint in output_dir.",
+    )
+    g.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/games/grpo_latent.yaml)")
+    g.set_defaults(func=cmd_grpo, accepts_overrides=True)

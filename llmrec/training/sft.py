@@ -140,6 +140,11 @@ class LatentSFTConfig(transformers.TrainingArguments):
     model_dtype: str = field(
         default="bfloat16", metadata={"help": "dtype the base model is loaded in (bfloat16, float32, float16)."}
     )
+    retrain: bool = field(
+        default=False,
+        metadata={"help": "Train again even if output_dir holds a finished run (train_results.json); "
+                  "by default such a run is skipped, so pipelines can be rerun."},
+    )
     early_stopping_patience: int = field(
         default=1, metadata={"help": "Stop after this many evaluations without a better eval_loss (0 = off)."}
     )
@@ -628,6 +633,10 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     """
     t0 = time.time()
     out_dir = Path(config.output_dir)
+    if (out_dir / RESULTS_NAME).exists() and not config.retrain:
+        # A finished run is not resumed: early stopping ended it, and resuming would train on past that point.
+        logger.info("%s holds a finished run (%s); skipping (set retrain: true to train again)", out_dir, RESULTS_NAME)
+        return json.loads((out_dir / RESULTS_NAME).read_text(encoding="utf-8"))
     model, tokenizer = build_model(config)
     t_model = time.time()
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)

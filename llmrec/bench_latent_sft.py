@@ -1,6 +1,6 @@
-"""Benchmark the latent SFT step: plain LM vs the efficient latent form vs the paper's naive form.
+"""``llmrec bench latent-sft``: the latent SFT step, plain LM vs the efficient latent form vs the paper's naive form.
 
-    python scripts/bench_latent_forward.py --model smollm2-135m --batch-size 4 --steps 5
+    llmrec bench latent-sft --model smollm2-135m --batch-size 4 --steps 5 --output benchmarks/results/latent_sft.json
 
 For each of a few batches of D3-style prompts (left-padded, 150-250 tokens) and title completions
 (15-25 tokens, right-padded), times one forward + backward (LoRA adapters and, for the latent forms,
@@ -42,7 +42,7 @@ from llmrec.models.latent import (
 )
 from llmrec.prompts import PromptTemplate
 
-ITEMS = Path(__file__).resolve().parent.parent / "llmrec/data/samples/games_sample/derived/items.jsonl"
+ITEMS = Path(__file__).resolve().parent / "data/samples/games_sample/derived/items.jsonl"
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -157,8 +157,8 @@ def exactness(args, batches) -> tuple[float, float]:
     return max_logit, max_rel
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of ``llmrec bench latent-sft``."""
     ap.add_argument("--model", default="smollm2-135m", help="backbone alias, directory or hub id")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"))
@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         help="clock of the headline numbers: wall time, or this process's CPU time (robust when other "
         "processes share the cores; both are printed)",
     )
-    args = ap.parse_args(argv)
+
+
+def bench_latent_sft(args: argparse.Namespace) -> dict:
+    """Time the three forms side by side on the same batches; exactness in float32. Returns the result dict."""
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -236,9 +239,4 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_logit_diff_vs_naive": max_logit,
         "max_rel_grad_diff_vs_naive": max_rel,
     }
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return result

@@ -1,0 +1,84 @@
+"""Paired comparison of evaluation runs on the same rows: ``llmrec compare RUN_A RUN_B ...``.
+
+Each run is an ``llmrec evaluate`` output directory (``results.json`` + ``rankings.jsonl``). Runs are
+compared on the rows they share (same split row and same target item); the first run is the baseline
+of every difference. Differences come with their paired bootstrap 95% interval
+(:func:`llmrec.evaluation.metrics.paired_bootstrap_ci`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics
+
+
+def load_rankings(run_dir: str | Path) -> dict[int, dict]:
+    """``row -> ranking record`` of an evaluation run (clear error if the run is missing or unfinished)."""
+    run = Path(run_dir)
+    path = run / "rankings.jsonl"
+    if not (run / "results.json").exists() or not path.exists():
+        raise FileNotFoundError(f"{run}: not a finished evaluation (needs results.json and rankings.jsonl)")
+    records = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: {e}") from None
+        records[int(rec["row"])] = rec
+    return records
+
+
+def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "item", n_resamples: int = 10000,
+                 seed: int = 0) -> dict:
+    """Per-run metric means on the shared rows and each run's difference to the first run (with CI)."""
+    if len(run_dirs) < 2:
+        raise ValueError("compare needs at least two runs")
+    if level not in ("item", "title"):
+        raise ValueError(f"level must be 'item' or 'title', got {level!r}")
+    runs = [load_rankings(r) for r in run_dirs]
+    shared = sorted(set.intersection(*(set(r) for r in runs)))
+    for row in shared:
+        targets = {r[row]["target_item_id"] for r in runs}
+        if len(targets) != 1:
+            raise ValueError(f"row {row} has different targets in the runs ({sorted(targets)}): not the same split")
+    if not shared:
+        raise ValueError("the runs share no rows")
+    ks = sorted({int(m.split("@")[1]) for m in metrics})
+    per_run = []
+    for recs in runs:
+        ranks = [recs[row][f"{level}_rank"] for row in shared]
+        per_run.append(per_row_metrics(ranks, ks))  # None = target not in the list
+    out = {"rows": len(shared), "level": level, "runs": [str(r) for r in run_dirs], "metrics": {}, "differences": {}}
+    for m in metrics:
+        if m not in per_run[0]:
+            raise ValueError(f"unknown metric {m!r}; use e.g. ndcg@10, hr@10, mrr@10")
+        out["metrics"][m] = [float(v[m].mean()) for v in per_run]
+        diffs = []
+        for v in per_run[1:]:
+            d, lo, hi = paired_bootstrap_ci(v[m], per_run[0][m], n_resamples=n_resamples, seed=seed)
+            diffs.append({"diff": d, "ci95": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)})
+        out["differences"][m] = diffs
+    return out
+
+
+def comparison_table(result: dict) -> str:
+    """Markdown: one row per run, each metric with its difference to the first run and the 95% interval."""
+    metrics = list(result["metrics"])
+    head = "| run | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
+    lines = []
+    for i, run in enumerate(result["runs"]):
+        cells = []
+        for m in metrics:
+            v = result["metrics"][m][i]
+            if i == 0:
+                cells.append(f"{v:.4f}")
+            else:
+                d = result["differences"][m][i - 1]
+                cells.append(f"{v:.4f} ({d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}])")
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + f"\n\n{result['rows']} shared rows, {result['level']}-level matching; " \
+        "differences to the first run with paired bootstrap 95% intervals.\n"

@@ -1,0 +1,849 @@
+"""Recommend with a trained model: :class:`Recommender` (Python API) and ``llmrec recommend`` (CLI).
+
+What a user does after training::
+
+    from llmrec.recommend import Recommender
+
+    rec = Recommender.from_pretrained("runs/games/sft_latent")          # dataset read from the checkpoint
+    rec.recommend(["Halo 3", "Gears of War"], k=10)                      # -> [Recommendation, ...]
+    rec.recommend([["Halo 3"], [12, 40, 7]], k=5)                        # a batch -> one list per history
+
+``from_pretrained`` accepts
+
+* an llmrec SFT (latent or BIGRec-style) or GRPO checkpoint -- it has ``llmrec_config.json``, which
+  records the base model, dataset, prompt, noun, history length and token budget used in training;
+  those are the defaults here (each can be overridden);
+* another causal-LM checkpoint (a full ``save_pretrained`` model, or a peft adapter applied to
+  ``base_model`` / the adapter's recorded base), or a plain base model (an alias such as
+  ``smollm2-135m`` / ``tiny-qwen2``, a local model directory or a hub id) for zero-shot use: these
+  record no dataset, so ``dataset`` is required, and prompt settings default to ``llmrec evaluate``'s;
+* a finished ``llmrec seqrec train`` run directory (``results.json`` + ``train/best.safetensors``,
+  ``rpt/best.safetensors`` when LARES's RPT phase was selected): the ID model is rebuilt from the
+  config stored in ``results.json`` and given the selected best weights.
+
+How items are ranked -- the same as the evaluation of each model kind, so what ``recommend`` returns for
+a history is what the evaluator ranked for it:
+
+* **LLM**: the history's titles (the most recent ``history_length``) are rendered with the prompt
+  template and the catalogue's titles are ranked by constrained beam search
+  (:func:`llmrec.decoding.search.rank_batch`, the evaluator's code path) with ``num_beams >= k``. A
+  title shared by several items expands to those items in ascending id order (the evaluator's item
+  level); each item carries its title's beam score (log-probability / length**length_penalty). Beam
+  search is approximate, so the beam width changes the ranking: with the default ``num_beams = k`` the
+  top 3 of ``k=5`` need not be the result of ``k=3``; fix ``num_beams`` to make rankings independent
+  of ``k`` (the evaluator's ``num_beams`` reproduces its rankings). The
+  prompt keeps the most recent history items that fit ``max_prompt_length`` minus the latent tokens
+  minus the longest catalogue answer (the evaluator reserves room for the true answer, which a
+  recommender does not know); histories short enough to fit are rendered exactly as the evaluator
+  renders them.
+* **ID models** (SASRec, ReaRec, LARES): every catalogue item is scored for the left-padded history
+  (:meth:`~llmrec.seqrec.models.SeqRecModel.score`; padding id 0 is never a candidate) and the top ``k``
+  are returned, ties broken by the smaller item id (as the seqrec evaluation ranks).
+
+History items are **not excluded** by default, following both evaluations (``history_masked: False``
+in the evaluator's protocol; ``mask_history`` of the seqrec run, False unless the run set it).
+``exclude_history=True`` removes the history's item ids from the candidates (item level: another item
+sharing a history item's title stays a candidate); for LLMs the beam is widened by the number of
+distinct history titles so that ``k`` items remain whenever the catalogue has them.
+
+Histories are lists of titles (``str``) or catalogue item ids (``int``), which may be mixed; a string is
+always a title (titles such as ``"1942"`` exist). A title is matched exactly, then after Unicode NFKC,
+case folding and whitespace collapsing (:func:`normalize_title`). A title that still matches nothing,
+or matches several distinct titles after normalisation, is an :class:`UnknownItemError` naming the
+title and its 1-based position (``on_unknown="error"``, default) or is dropped with a logged warning
+and recorded in :attr:`Recommender.last_skipped` (``on_unknown="skip"``). An id outside the catalogue
+is always an error, as is an empty history (or one whose every item was skipped). A title shared by
+several items stands for the item with the smallest id (this matters only for ID models; pass ids to
+choose).
+
+The CLI (``llmrec recommend``) prints a table for one ``--history`` or maps ``--input`` JSONL
+(``{"history": [...], "user": ...}`` per line) to ``--output`` JSONL (``{"user": ...,
+"recommendations": [{"item_id", "title", "score"}], "skipped": [...]}`` per line, same order),
+written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import logging
+import numbers
+import os
+import sys
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ON_UNKNOWN",
+    "HistoryError",
+    "Recommendation",
+    "Recommender",
+    "ResolvedHistory",
+    "SkippedItem",
+    "UnknownItemError",
+    "normalize_title",
+    "register_cli",
+]
+
+ON_UNKNOWN = ("error", "skip")
+SEQREC_RESULTS = "results.json"
+# Defaults for LLMs whose checkpoint records no settings (base models, plain checkpoints): EvalConfig's.
+LLM_DEFAULTS: dict[str, Any] = {
+    "prompt": "d3", "noun": "video games", "history_length": 10, "max_prompt_length": 512,
+    "length_penalty": 1.0, "tokenization": "separate", "use_chat_template": False, "dtype": "bfloat16",
+    "batch_size": 8,
+}
+SEQREC_BATCH_SIZE = 256
+
+
+# ------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One recommended item.
+
+    Attributes:
+        item_id: catalogue item id (1..N).
+        title: the item's catalogue title.
+        score: the model's score, higher is better; comparable within one model only (LLM: beam score,
+            the title's summed token log-probability / length**length_penalty; ID model: the item logit).
+    """
+
+    item_id: int
+    title: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"item_id", "title", "score"}`` (the JSONL output form)."""
+        return {"item_id": self.item_id, "title": self.title, "score": self.score}
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    """A history entry dropped by ``on_unknown="skip"``: its 1-based position, value and why."""
+
+    position: int
+    value: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "value": self.value, "reason": self.reason}
+
+
+@dataclass
+class ResolvedHistory:
+    """A history mapped to catalogue item ids (oldest first), with the entries that were skipped."""
+
+    item_ids: list[int]
+    skipped: list[SkippedItem]
+
+
+class HistoryError(ValueError):
+    """A history that cannot be used (empty, wrong type of entry, unknown item)."""
+
+
+class UnknownItemError(HistoryError):
+    """A title or item id that is not in the catalogue (the message names it and its position)."""
+
+
+def normalize_title(title: str) -> str:
+    """The key of the second, lenient title match: NFKC, case folded, whitespace collapsed.
+
+    >>> normalize_title("  Super  MARIO\\tbros ")
+    'super mario bros'
+    """
+    return " ".join(unicodedata.normalize("NFKC", title).casefold().split())
+
+
+class _TitleIndex:
+    """Title -> item id lookups over a catalogue (exact first, then normalised)."""
+
+    def __init__(self, catalog) -> None:
+        self.catalog = catalog
+        self.exact: dict[str, int] = {}
+        for item_id, title in enumerate(catalog.titles, start=1):
+            self.exact.setdefault(title, item_id)  # ascending ids: a shared title keeps its smallest id
+        self.normalized: dict[str, list[str]] = {}
+        for title in self.exact:
+            self.normalized.setdefault(normalize_title(title), []).append(title)
+
+    def lookup(self, title: str) -> tuple[int | None, str]:
+        """``(item id, "")`` or ``(None, reason)``."""
+        if title in self.exact:
+            return self.exact[title], ""
+        candidates = self.normalized.get(normalize_title(title), [])
+        if len(candidates) == 1:
+            return self.exact[candidates[0]], ""
+        if candidates:
+            shown = ", ".join(repr(c) for c in candidates[:5])
+            return None, f"matches {len(candidates)} catalogue titles after case/whitespace normalisation ({shown})"
+        return None, "is not in the catalogue (no exact or case/whitespace-insensitive match)"
+
+    def suggestions(self, title: str, n: int = 3) -> list[str]:
+        close = difflib.get_close_matches(normalize_title(title), list(self.normalized), n=n, cutoff=0.6)
+        return [self.normalized[c][0] for c in close]
+
+
+# ------------------------------------------------------------------------------------------- backends
+
+
+@dataclass
+class _DecodeSettings:
+    """What :func:`llmrec.decoding.search.rank_batch` reads from an evaluation config."""
+
+    max_prompt_length: int
+    noun: str
+    use_chat_template: bool
+    num_beams: int
+    length_penalty: float
+
+
+class _LLMBackend:
+    kind = "llm"
+
+    def __init__(self, model, tokenizer, catalog, *, prompt: str, noun: str, use_chat_template: bool,
+                 tokenization: str, max_prompt_length: int, num_beams: int | None, length_penalty: float,
+                 batch_size: int) -> None:
+        from llmrec.decoding.search import build_catalog_trie
+        from llmrec.models.latent import LatentReasoningLM
+        from llmrec.prompts import PromptTemplate
+
+        self.model, self.tokenizer, self.catalog = model, tokenizer, catalog
+        self.template = PromptTemplate.load(prompt)
+        self.trie = build_catalog_trie(catalog, tokenizer, self.template, use_chat_template, tokenization)
+        self.noun, self.use_chat_template = noun, use_chat_template
+        self.num_beams, self.length_penalty, self.batch_size = num_beams, length_penalty, batch_size
+        self.num_latent_tokens = model.num_latent_tokens if isinstance(model, LatentReasoningLM) else 0
+        longest_answer = max(len(p) for p in self.trie.title_token_ids)  # completion + EOS
+        self.prompt_budget = max_prompt_length - self.num_latent_tokens - longest_answer
+        if self.prompt_budget < 1:
+            raise ValueError(
+                f"max_prompt_length {max_prompt_length} leaves no room for a prompt: the longest catalogue "
+                f"answer takes {longest_answer} tokens and there are {self.num_latent_tokens} latent tokens"
+            )
+
+    def beams_for(self, k: int, histories: list[list[int]], exclude: bool) -> int:
+        beams = max(self.num_beams or k, k)
+        if exclude:
+            beams += max(len({self.catalog.title(i) for i in h}) for h in histories)
+        return beams
+
+    @torch.no_grad()
+    def recommend(self, histories: list[list[int]], k: int, exclude: bool) -> list[list[Recommendation]]:
+        from llmrec.decoding.search import rank_batch
+
+        settings = _DecodeSettings(self.prompt_budget, self.noun, self.use_chat_template,
+                                   self.beams_for(k, histories, exclude), self.length_penalty)
+        examples = [{"history_titles": [self.catalog.title(i) for i in h], "target_title": None}
+                    for h in histories]
+        out = []
+        for h, (titles, items, scores) in zip(
+            histories, rank_batch(self.model, self.tokenizer, self.trie, self.template, examples, settings)
+        ):
+            score_of = dict(zip(titles, scores))
+            seen = set(h) if exclude else set()
+            recs = []
+            for item in items:
+                if item in seen:
+                    continue
+                title = self.catalog.title(item)
+                recs.append(Recommendation(int(item), title, float(score_of[title])))
+                if len(recs) == k:
+                    break
+            out.append(recs)
+        return out
+
+
+class _SeqRecBackend:
+    kind = "seqrec"
+
+    def __init__(self, model, catalog, max_history: int, device: torch.device, batch_size: int) -> None:
+        self.model, self.catalog, self.max_history = model, catalog, max_history
+        self.device, self.batch_size = device, batch_size
+
+    def scores(self, histories: list[list[int]]) -> torch.Tensor:
+        """``[B, N]`` full-catalogue scores (column ``j`` = item ``j + 1``) for left-padded histories."""
+        from llmrec.seqrec.data import left_pad
+
+        ids = torch.from_numpy(left_pad(histories, self.max_history)).to(self.device)
+        with torch.no_grad():
+            return self.model.score(ids).float()
+
+    def recommend(self, histories: list[list[int]], k: int, exclude: bool) -> list[list[Recommendation]]:
+        scores = self.scores(histories)
+        if exclude:
+            # As the seqrec evaluation's mask_history: every history item id scores -inf.
+            for r, h in enumerate(histories):
+                scores[r, torch.tensor(sorted(set(h)), device=scores.device) - 1] = float("-inf")
+        # A stable descending sort ranks equal scores by the smaller item id, as ranks_from_scores does.
+        values, order = torch.sort(scores, dim=1, descending=True, stable=True)
+        values, order = values[:, :k].cpu(), order[:, :k].cpu()
+        out = []
+        for vs, cols in zip(values.tolist(), order.tolist()):
+            out.append([Recommendation(c + 1, self.catalog.title(c + 1), float(v))
+                        for v, c in zip(vs, cols) if v != float("-inf")])
+        return out
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _default_device(device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_dataset(dataset: str | os.PathLike | None, recorded: str | None, source: str) -> Path:
+    from llmrec.data.samples import resolve_dataset_dir
+
+    if dataset is None and not recorded:
+        raise ValueError(f"{source} records no dataset: pass dataset=<prepared dataset directory> (--dataset)")
+    try:
+        return resolve_dataset_dir(dataset if dataset is not None else recorded)
+    except FileNotFoundError as e:
+        if dataset is None:
+            raise FileNotFoundError(
+                f"{e} -- this is the dataset recorded by {source}; pass dataset=<prepared directory> "
+                "(--dataset) if it moved"
+            ) from None
+        raise
+
+
+def _load_catalog(data_dir: Path):
+    from llmrec.data.canonical import CATALOG_FILE
+    from llmrec.data.catalog import ItemCatalog
+
+    return ItemCatalog.load(data_dir / CATALOG_FILE)
+
+
+def is_seqrec_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an ``llmrec seqrec train`` run directory (finished or not)."""
+    from llmrec.seqrec.models import MODEL_NAMES
+
+    path = Path(path)
+    if (path / "train" / "best.safetensors").exists():
+        return True
+    results = path / SEQREC_RESULTS
+    if not results.is_file():
+        return False
+    try:
+        cfg = json.loads(results.read_text(encoding="utf-8")).get("config")
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model") in MODEL_NAMES
+
+
+def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int | None):
+    from safetensors.torch import load_file
+
+    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.seqrec.models import build_model
+
+    results_path = path / SEQREC_RESULTS
+    if not results_path.exists():
+        raise FileNotFoundError(
+            f"{path} is a seqrec run without {SEQREC_RESULTS}: the run has not finished (rerun "
+            "`llmrec seqrec train` with the same output_dir to resume it)"
+        )
+    res = json.loads(results_path.read_text(encoding="utf-8"))
+    stored = res.get("config")
+    if not isinstance(stored, dict):
+        raise ValueError(f"{results_path}: no 'config' mapping (not written by `llmrec seqrec train`?)")
+    known = {f.name for f in dataclasses.fields(SeqRecConfig)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        logger.warning("%s: ignoring config keys this llmrec does not know: %s", results_path, unknown)
+    cfg = SeqRecConfig(**{k: v for k, v in stored.items() if k in known})
+    data_dir = _resolve_dataset(dataset, cfg.dataset_dir, str(results_path))
+    catalog = _load_catalog(data_dir)
+    phase = "rpt" if res.get("selected_phase") == "rpt" else "train"
+    weights = path / phase / "best.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{path}: the selected weights {phase}/best.safetensors are missing")
+    state = load_file(str(weights))
+    key = "backbone.item_emb.weight"
+    if key in state and state[key].shape[0] - 1 != len(catalog):
+        raise ValueError(
+            f"{weights} was trained on a catalogue of {state[key].shape[0] - 1} items, but {data_dir} has "
+            f"{len(catalog)}: pass the dataset the run was trained on"
+        )
+    model = build_model(cfg, len(catalog))
+    model.load_state_dict(state)
+    model.eval().to(device)
+    if history_length is not None and not 1 <= history_length <= cfg.max_history:
+        raise ValueError(f"history_length must be in 1..{cfg.max_history} (the model's max_history), "
+                         f"got {history_length}")
+    info = {"kind": "seqrec", "source": "seqrec-run", "checkpoint": str(path), "model": cfg.model,
+            "weights": str(weights), "dataset": str(data_dir), "mask_history": cfg.mask_history}
+    return model, catalog, cfg, info
+
+
+def _check_model_name(name: str) -> None:
+    """Refuse a missing local path before it is mistaken for a hub id (``runs/sft`` looks like ``org/name``)."""
+    from llmrec.models.backbone import _looks_like_path, known_aliases
+
+    if name in known_aliases():
+        return
+    path = Path(name).expanduser()
+    if path.exists() or _looks_like_path(name) or (path.parent != Path(".") and path.parent.is_dir()):
+        raise FileNotFoundError(
+            f"checkpoint directory not found: {name} (not a directory, and not a model alias: "
+            f"{', '.join(known_aliases())})"
+        )
+
+
+def _read_llmrec_config(path: Path) -> dict[str, Any]:
+    from llmrec.training.sft import LLMREC_CONFIG_NAME
+
+    meta_path = path / LLMREC_CONFIG_NAME
+    return json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+
+
+# ------------------------------------------------------------------------------------------- recommender
+
+
+class Recommender:
+    """Top-k recommendations for item histories with a trained model (see the module docstring).
+
+    Build one with :meth:`from_pretrained`; call :meth:`recommend`. Attributes:
+
+    * ``kind`` -- ``"llm"`` or ``"seqrec"``;
+    * ``catalog`` -- the :class:`~llmrec.data.catalog.ItemCatalog` items are drawn from;
+    * ``history_length`` -- most recent history items the model sees;
+    * ``info`` -- where the model came from and the settings in use (printed by the CLI);
+    * ``last_skipped`` -- per history of the last :meth:`recommend` call, the entries dropped by
+      ``on_unknown="skip"`` (empty lists when nothing was skipped).
+    """
+
+    def __init__(self, backend: _LLMBackend | _SeqRecBackend, catalog, *, history_length: int,
+                 batch_size: int, on_unknown: str = "error", exclude_history: bool = False,
+                 info: dict[str, Any] | None = None) -> None:
+        if on_unknown not in ON_UNKNOWN:
+            raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
+        if history_length < 1 or batch_size < 1:
+            raise ValueError("history_length and batch_size must be >= 1")
+        self._backend = backend
+        self.kind: str = backend.kind
+        self.catalog = catalog
+        self.history_length = history_length
+        self.batch_size = batch_size
+        self.on_unknown = on_unknown
+        self.exclude_history = exclude_history
+        self.info: dict[str, Any] = dict(info or {}, history_length=history_length,
+                                         exclude_history=exclude_history)
+        self.last_skipped: list[list[SkippedItem]] = []
+        self._titles = _TitleIndex(catalog)
+
+    def __repr__(self) -> str:
+        return (f"Recommender(kind={self.kind!r}, model={self.info.get('model')!r}, "
+                f"checkpoint={self.info.get('checkpoint')!r}, items={len(self.catalog)})")
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The underlying model (a causal LM / LatentReasoningLM, or a seqrec model), in eval mode."""
+        return self._backend.model
+
+    # -- construction --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint_dir: str | os.PathLike,
+        dataset: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+        *,
+        base_model: str | None = None,
+        dtype: str | None = None,
+        prompt: str | None = None,
+        noun: str | None = None,
+        history_length: int | None = None,
+        max_prompt_length: int | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
+        tokenization: str | None = None,
+        use_chat_template: bool | None = None,
+        batch_size: int | None = None,
+        on_unknown: str = "error",
+        exclude_history: bool | None = None,
+    ) -> Recommender:
+        """Load a trained model (or a base model for zero-shot use) with its catalogue.
+
+        Args:
+            checkpoint_dir: an llmrec SFT checkpoint, another causal-LM checkpoint (full model or peft
+                adapter), a ``llmrec seqrec train`` run directory, or a base model name (alias, hub id or
+                model directory) -- see the module docstring.
+            dataset: prepared dataset directory (or embedded sample name) whose catalogue is ranked.
+                Default: the one recorded by the checkpoint; required for base models and plain checkpoints.
+            device: where the model runs (default: CUDA if available, else CPU).
+            base_model: base LM of an adapter checkpoint (default: the one it records).
+            dtype: LLM dtype (default: the SFT checkpoint's ``model_dtype``, else ``bfloat16``); ID models
+                run in float32.
+            prompt, noun, history_length, max_prompt_length, tokenization: prompt settings of LLMs
+                (default: those recorded in the SFT checkpoint's ``llmrec_config.json``, else
+                ``llmrec evaluate``'s defaults). ``history_length`` also applies to ID models (default and
+                maximum: the run's ``max_history``).
+            num_beams: LLM beam width (default ``k``; never fewer than ``k``). Fix it (e.g. to the
+                evaluation's ``num_beams``) for rankings that do not depend on ``k``.
+            length_penalty: LLM beam score = log-prob sum / length**length_penalty (default 1.0).
+            use_chat_template: wrap LLM prompts in the tokenizer's chat template (default False).
+            batch_size: histories per forward batch (default 8 for LLMs, 256 for ID models).
+            on_unknown: ``"error"`` or ``"skip"`` for history titles not in the catalogue.
+            exclude_history: remove history items from the recommendations (default: as the model's
+                evaluation -- no for LLMs, the run's ``mask_history`` for ID models).
+
+        Raises:
+            FileNotFoundError: missing checkpoint files or dataset (the message says which).
+            ValueError: unusable settings or a checkpoint/dataset mismatch.
+        """
+        if on_unknown not in ON_UNKNOWN:
+            raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
+        dev = _default_device(device)
+        path = Path(checkpoint_dir)
+        if path.is_dir() and is_seqrec_run(path):
+            llm_only = {"base_model": base_model, "dtype": dtype, "prompt": prompt, "noun": noun,
+                        "max_prompt_length": max_prompt_length, "num_beams": num_beams,
+                        "length_penalty": length_penalty, "tokenization": tokenization,
+                        "use_chat_template": use_chat_template}
+            ignored = sorted(k for k, v in llm_only.items() if v is not None)
+            if ignored:
+                logger.warning("%s is an ID-model run: ignoring LLM-only options %s", path, ignored)
+            model, catalog, cfg, info = _load_seqrec(path, dataset, dev, history_length)
+            length = history_length or cfg.max_history
+            backend = _SeqRecBackend(model, catalog, cfg.max_history, dev, batch_size or SEQREC_BATCH_SIZE)
+            exclude = cfg.mask_history if exclude_history is None else exclude_history
+            return cls(backend, catalog, history_length=length, batch_size=backend.batch_size,
+                       on_unknown=on_unknown, exclude_history=exclude, info=info)
+        return cls._from_llm(
+            path, str(checkpoint_dir), dataset, dev, base_model=base_model, dtype=dtype, prompt=prompt,
+            noun=noun, history_length=history_length, max_prompt_length=max_prompt_length,
+            num_beams=num_beams, length_penalty=length_penalty, tokenization=tokenization,
+            use_chat_template=use_chat_template, batch_size=batch_size, on_unknown=on_unknown,
+            exclude_history=exclude_history,
+        )
+
+    @classmethod
+    def _from_llm(cls, path: Path, name: str, dataset, device: torch.device, **opts: Any) -> Recommender:
+        from llmrec.models.checkpoint import CheckpointError, checkpoint_kind, load_for_inference
+
+        if opts.get("num_beams") is not None and opts["num_beams"] < 1:
+            raise ValueError(f"num_beams must be >= 1, got {opts['num_beams']}")
+        meta: dict[str, Any] = {}
+        if path.is_dir():
+            meta = _read_llmrec_config(path)
+            if meta:
+                # GRPO writes the SFT layout, plus a "grpo" record in llmrec_config.json.
+                source = "llmrec GRPO checkpoint" if "grpo" in meta else "llmrec SFT checkpoint"
+            else:
+                try:
+                    source = f"checkpoint ({checkpoint_kind(path)})"
+                except CheckpointError as e:
+                    raise CheckpointError(
+                        f"{e}; nor is it a `llmrec seqrec train` run (results.json + train/best.safetensors)"
+                    ) from None
+        else:
+            _check_model_name(name)
+            source = "base model"
+
+        def setting(key: str, meta_key: str | None = None) -> Any:
+            if opts.get(key) is not None:
+                return opts[key]
+            return meta.get(meta_key or key, LLM_DEFAULTS[key])
+
+        dtype = setting("dtype", "model_dtype")
+        data_dir = _resolve_dataset(dataset, meta.get("dataset"), f"{name} ({source})")
+        catalog = _load_catalog(data_dir)
+        base = opts.get("base_model")
+        if meta:
+            from llmrec.training.sft import load_sft_checkpoint
+
+            model, tokenizer, meta = load_sft_checkpoint(path, base, dtype=dtype, device=device)
+            base = base or meta.get("model_name_or_path")
+        elif path.is_dir():
+            if checkpoint_kind(path) == "adapter" and base is None:
+                adapter_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+                base = adapter_cfg.get("base_model_name_or_path")
+                if not base:
+                    raise ValueError(f"{path}: the adapter records no base model; pass base_model (--base-model)")
+            model, tokenizer = load_for_inference(base or str(path), str(path), dtype, device)
+        else:
+            model, tokenizer = load_for_inference(name, None, dtype, device)
+            base = name
+        max_prompt_length = int(setting("max_prompt_length", "max_length"))
+        backend = _LLMBackend(
+            model, tokenizer, catalog, prompt=setting("prompt"), noun=setting("noun"),
+            use_chat_template=bool(setting("use_chat_template")), tokenization=setting("tokenization"),
+            max_prompt_length=max_prompt_length, num_beams=opts.get("num_beams"),
+            length_penalty=float(setting("length_penalty")), batch_size=int(setting("batch_size")),
+        )
+        info = {
+            "kind": "llm", "source": source, "checkpoint": str(path) if path.is_dir() else None, "model": base,
+            "dataset": str(data_dir), "dtype": dtype, "prompt": backend.template.name, "noun": backend.noun,
+            "num_beams": opts.get("num_beams"), "length_penalty": backend.length_penalty,
+            "max_prompt_length": max_prompt_length, "tokenization": setting("tokenization"),
+            "use_chat_template": backend.use_chat_template, "num_latent_tokens": backend.num_latent_tokens,
+        }
+        # The evaluator never masks history items (protocol: history_masked False).
+        exclude = bool(opts.get("exclude_history") or False)
+        return cls(backend, catalog, history_length=int(setting("history_length")), batch_size=backend.batch_size,
+                   on_unknown=opts["on_unknown"], exclude_history=exclude, info=info)
+
+    # -- histories -----------------------------------------------------------------------------------
+
+    def resolve_history(self, history: Sequence[str | int], on_unknown: str | None = None,
+                        label: str = "history") -> ResolvedHistory:
+        """Map one history (titles and/or item ids, oldest first) to catalogue item ids.
+
+        Titles are matched exactly, then case/whitespace-normalised; ``on_unknown`` (default: the
+        recommender's) decides whether an unmatched title raises :class:`UnknownItemError` or is skipped
+        with a warning (and listed in the result). Ids outside the catalogue and empty histories always
+        raise. ``label`` names the history in messages (``""``: positions only). The whole history is
+        resolved (not only the ``history_length`` most recent items), so every problem is reported.
+        """
+        on_unknown = on_unknown or self.on_unknown
+        if on_unknown not in ON_UNKNOWN:
+            raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
+        if isinstance(history, (str, bytes)) or not isinstance(history, Iterable):
+            raise TypeError(f"{label or 'history'}: a history is a list of item titles or ids, "
+                            f"got {type(history).__name__}")
+        history = list(history)
+        if not history:
+            raise HistoryError(f"{label or 'history'} is empty: give at least one item title or catalogue id")
+        at = f"{label}, " if label else ""
+        n = len(self.catalog)
+        ids: list[int] = []
+        skipped: list[SkippedItem] = []
+        for pos, value in enumerate(history, start=1):
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                if not 1 <= int(value) <= n:
+                    raise UnknownItemError(
+                        f"{at}position {pos}: item id {int(value)} is not in the catalogue (ids 1..{n})")
+                ids.append(int(value))
+                continue
+            if not isinstance(value, str):
+                raise HistoryError(f"{at}position {pos}: expected an item title (str) or id (int), "
+                                   f"got {type(value).__name__} {value!r}")
+            item, reason = self._titles.lookup(value)
+            if item is not None:
+                ids.append(item)
+                continue
+            if on_unknown == "skip":
+                logger.warning("%sposition %d: skipping title %r: %s", at, pos, value, reason)
+                skipped.append(SkippedItem(pos, value, reason))
+                continue
+            hint = self._titles.suggestions(value) if reason.startswith("is not in") else []
+            more = f"; closest titles: {', '.join(repr(s) for s in hint)}" if hint else ""
+            raise UnknownItemError(f"{at}position {pos}: title {value!r} {reason}{more} "
+                                   "(on_unknown='skip' / --on-unknown skip drops such titles)")
+        if not ids:
+            raise HistoryError(f"{label or 'history'}: all {len(history)} of its items were unknown titles "
+                               "and were skipped; nothing to recommend from")
+        return ResolvedHistory(ids, skipped)
+
+    @staticmethod
+    def _as_batch(histories: Any) -> tuple[list, bool]:
+        if isinstance(histories, (str, bytes)):
+            raise TypeError("histories must be one history (a list of titles / ids) or a list of histories, "
+                            "got a single string: wrap it in a list")
+        if not isinstance(histories, Sequence):
+            if not isinstance(histories, Iterable):
+                raise TypeError(f"histories must be a list, got {type(histories).__name__}")
+            histories = list(histories)
+        if len(histories) == 0:
+            raise HistoryError("history is empty: give at least one item title or catalogue id")
+        first = histories[0]
+        single = isinstance(first, (str, numbers.Integral))
+        return ([histories] if single else list(histories)), single
+
+    # -- recommending --------------------------------------------------------------------------------
+
+    def recommend(
+        self,
+        histories: Sequence[str | int] | Sequence[Sequence[str | int]],
+        k: int = 10,
+        *,
+        on_unknown: str | None = None,
+        exclude_history: bool | None = None,
+        progress: bool = False,
+    ) -> list[Recommendation] | list[list[Recommendation]]:
+        """Top-``k`` items for one history or a batch of histories.
+
+        Args:
+            histories: one history -- a list of item titles (``str``) and/or catalogue ids (``int``), oldest
+                first -- or a list of such histories. Only the ``history_length`` most recent items are used.
+            k: number of items per history (fewer only if the catalogue, minus excluded items, has fewer).
+            on_unknown: override the recommender's ``"error"`` / ``"skip"`` for this call.
+            exclude_history: override whether history items are removed from the recommendations.
+            progress: show a progress bar over batches.
+
+        Returns:
+            For one history, a list of :class:`Recommendation`, best first; for a batch, one such list per
+            history, in order. What was skipped is in :attr:`last_skipped`.
+
+        Raises:
+            UnknownItemError: an unknown item id, or an unknown title with ``on_unknown="error"``.
+            HistoryError: an empty history (or one emptied by skipping), or an entry of the wrong type.
+        """
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        batch, single = self._as_batch(histories)
+        resolved = [self.resolve_history(h, on_unknown, label="history" if single else f"history {i}")
+                    for i, h in enumerate(batch)]
+        self.last_skipped = [r.skipped for r in resolved]
+        exclude = self.exclude_history if exclude_history is None else exclude_history
+        kept = [r.item_ids[-self.history_length:] for r in resolved]
+        chunks = [kept[i:i + self.batch_size] for i in range(0, len(kept), self.batch_size)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="recommend", unit="batch")
+        out: list[list[Recommendation]] = []
+        for chunk in chunks:
+            out.extend(self._backend.recommend(chunk, int(k), bool(exclude)))
+        return out[0] if single else out
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _read_input(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of every non-blank line of a histories JSONL file, shape-checked."""
+    from llmrec.data.canonical import DataFormatError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(path, n, None, f"not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataFormatError(path, n, None, 'expected an object like {"history": [...], "user": ...}')
+            if "history" not in row:
+                raise DataFormatError(path, n, "history", "missing")
+            if not isinstance(row["history"], list):
+                raise DataFormatError(path, n, "history", "expected a list of item titles or ids")
+            rows.append((n, row))
+    return rows
+
+
+def _table(recs: list[Recommendation]) -> str:
+    width = max([len(str(r.item_id)) for r in recs] + [7])
+    lines = [f"{'rank':>4}  {'item_id':>{width}}  {'score':>10}  title"]
+    for rank, r in enumerate(recs, start=1):
+        lines.append(f"{rank:>4}  {r.item_id:>{width}}  {r.score:>10.4f}  {r.title}")
+    return "\n".join(lines)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    """``llmrec recommend``: see :func:`register_cli`."""
+    from llmrec.data.canonical import DataFormatError, atomic_write_text, dumps_line
+
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.input is not None:
+        input_path = Path(args.input)
+        rows = _read_input(input_path)
+    else:
+        input_path = None
+        history: list[str | int] = list(args.history)
+        if args.item_ids:
+            try:
+                history = [int(x) for x in history]
+            except ValueError:
+                raise ValueError(f"--item-ids: every --history value must be an integer id, got {args.history}") from None
+        rows = [(0, {"history": history})]
+    rec = Recommender.from_pretrained(
+        args.checkpoint, args.dataset, args.device, base_model=args.base_model, dtype=args.dtype,
+        prompt=args.prompt, noun=args.noun, history_length=args.history_length, num_beams=args.num_beams,
+        batch_size=args.batch_size, on_unknown=args.on_unknown, exclude_history=args.exclude_history,
+    )
+    resolved = []
+    for n, row in rows:
+        label = "--history" if input_path is None else ""
+        try:
+            resolved.append(rec.resolve_history(row["history"], label=label))
+        except (HistoryError, TypeError) as e:
+            if input_path is None:
+                raise
+            raise DataFormatError(input_path, n, "history", str(e)) from None
+    recs = rec.recommend([r.item_ids for r in resolved], k=args.k, progress=input_path is not None) if resolved else []
+    n_skipped = sum(len(r.skipped) for r in resolved)
+    if input_path is None and args.output is None:
+        src = rec.info.get("checkpoint") or rec.info.get("model")
+        print(f"top {args.k} for a history of {len(resolved[0].item_ids)} items "
+              f"({rec.kind} model {src}, catalogue {rec.info['dataset']}):")
+        print(_table(recs[0]))
+        for s in resolved[0].skipped:
+            print(f"skipped position {s.position}: {s.value!r} ({s.reason})", file=sys.stderr)
+        return 0
+    lines = []
+    for (_, row), r, items in zip(rows, resolved, recs):
+        out: dict[str, Any] = {"recommendations": [x.to_dict() for x in items],
+                               "skipped": [s.to_dict() for s in r.skipped]}
+        if "user" in row:
+            out["user"] = row["user"]
+        lines.append(dumps_line(out))
+    if args.output is None:
+        sys.stdout.write("".join(lines))
+    else:
+        atomic_write_text(args.output, "".join(lines))
+        print(f"wrote {len(lines)} lines to {args.output} (k={args.k}; {n_skipped} unknown titles skipped)")
+    if n_skipped:
+        logger.warning("skipped %d unknown history titles in %d histories (listed under 'skipped')",
+                       n_skipped, sum(bool(r.skipped) for r in resolved))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add the ``recommend`` command."""
+    p = subparsers.add_parser(
+        "recommend",
+        help="top-k items for user histories with a trained model (table, or JSONL in/out)",
+        description="llmrec recommend --checkpoint DIR --history 'title 1' 'title 2' --k 10   (prints a table)\n"
+                    "llmrec recommend --checkpoint DIR --input histories.jsonl --output recs.jsonl\n\n"
+                    'Input lines: {"history": [titles or item ids], "user": optional}; output lines: '
+                    '{"user", "recommendations": [{"item_id", "title", "score"}], "skipped": [...]}, same order.',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="llmrec SFT checkpoint, causal-LM checkpoint, `llmrec seqrec train` run directory, "
+                        "or a base model (alias / hub id) for zero-shot use")
+    p.add_argument("--dataset", default=None,
+                   help="prepared dataset directory or sample name (default: the one the checkpoint records)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--history", nargs="+", metavar="ITEM", help="one history, oldest first (titles)")
+    src.add_argument("--input", metavar="JSONL", help="histories, one JSON object per line")
+    p.add_argument("--output", metavar="JSONL", default=None,
+                   help="where recommendations go, written atomically (default: stdout / a table for --history)")
+    p.add_argument("--k", type=int, default=10, help="recommendations per history (default 10)")
+    p.add_argument("--item-ids", action="store_true", help="--history values are catalogue item ids, not titles")
+    p.add_argument("--on-unknown", choices=ON_UNKNOWN, default="error",
+                   help="a history title not in the catalogue: error (default) or skip it with a warning")
+    p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
+                   help="remove history items from the recommendations (default: as the model's evaluation, "
+                        "i.e. no for LLMs and the run's mask_history for ID models)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="LLM dtype (default: the checkpoint's, else bfloat16)")
+    p.add_argument("--base-model", default=None, help="base LM of an adapter checkpoint (default: recorded)")
+    p.add_argument("--num-beams", type=int, default=None, help="LLM beams (default and minimum: --k)")
+    p.add_argument("--batch-size", type=int, default=None, help="histories per batch")
+    p.add_argument("--prompt", default=None, help="LLM prompt template (default: the checkpoint's, else d3)")
+    p.add_argument("--noun", default=None, help="LLM item noun (default: the checkpoint's, else 'video games')")
+    p.add_argument("--history-length", type=int, default=None,
+                   help="most recent history items used (default: the checkpoint's)")
+    p.set_defaults(func=cmd_recommend)

@@ -1,0 +1,869 @@
+"""Latent GRPO (LatentR3's "LR-GRPO"): reinforce the pooled latent with continuous rule-based rewards.
+
+No text is generated. Each **group** is one training prompt with its true next item and ``G`` members:
+member 0 keeps the pooled latent ``r``, members ``1..G-1`` use ``r + eps`` with Gaussian ``eps``. Every
+member is scored by reward functions of the true title's likelihood under its latent
+(:mod:`llmrec.training.rewards`), advantages are computed over the whole optimiser batch gathered from
+every process (:mod:`llmrec.training.advantages`), and the clipped-ratio objective pushes the pooling
+head (and optionally LoRA) towards latents that make the true item likely.
+
+What differs from the reference code (see ``../shared/papers/latentr3.md`` section 7), on purpose:
+
+* gradients go through the accelerate-prepared (DDP/FSDP) module, so processes stay in sync;
+* "batch" in the batch advantage is the whole optimiser batch (all processes, all accumulation
+  micro-steps): the batch is scored first without gradients, then trained on;
+* noise is drawn per sample from ``(seed, epoch, dataset row, member)``, never from a process's RNG, so the
+  process layout cannot change it, and member 0 of *every* group is noise-free;
+* with ``num_iterations >= 2`` the ratio is taken against the scoring pass and the clip acts;
+* groups with a NaN/inf reward are skipped (advantage 0, excluded from every normalisation) and counted.
+
+The prompt is shared by the ``G`` members, so its KV cache and the pooled latent are computed once per
+prompt and only ``[latent + eps, target]`` runs per member; ``naive_forward: true`` runs the paper's
+per-member two-pass form instead (the reference the fast path is tested against).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from trl import GRPOConfig
+
+from llmrec.config import ConfigError
+from llmrec.distributed import accelerator_kwargs, has_accelerator
+from llmrec.models.latent import LatentReasoningLM, build_naive_inputs
+from llmrec.training.advantages import ADVANTAGE_MODES, compute_advantages
+from llmrec.training.rewards import RANK_REWARDS, REWARD_FUNCTIONS, RewardInputs, combine_rewards
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GRPOBatch", "LatentGRPOConfig", "LatentGRPOModule", "LatentGRPOTrainer", "member_noise", "run_grpo"]
+
+STATE_NAME = "grpo_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+RESULTS_NAME = "grpo_results.json"
+NOISE_MODES = ("absolute", "relative")
+LOSS_TYPES = ("grpo", "dapo")
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class LatentGRPOConfig(GRPOConfig):
+    """Latent GRPO on top of an llmrec SFT checkpoint; TRL's ``GRPOConfig`` fields keep their meaning.
+
+    ``num_generations`` is the group size G; ``per_device_train_batch_size`` counts members (rows), so it
+    holds ``per_device_train_batch_size / G`` prompts; the optimiser batch is
+    ``per_device_train_batch_size x processes x gradient_accumulation_steps`` rows.
+    """
+
+    sft_checkpoint: str | None = field(
+        default=None, metadata={"help": "Output directory of `llmrec sft` (with N >= 1 latent tokens) to start from."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Base model of an adapter checkpoint (default: the one the checkpoint records)."}
+    )
+    model_dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32 | bfloat16 | float16."})
+    dataset: str | None = field(
+        default=None, metadata={"help": "Prepared dataset directory or sample name (default: the SFT checkpoint's)."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split whose rows are the prompts."})
+    max_train_rows: int | None = field(
+        default=None, metadata={"help": "Use a seeded random subset of this many prompts (None = all)."}
+    )
+    history_length: int | None = field(default=None, metadata={"help": "Items of history (default: the SFT one)."})
+    max_length: int | None = field(default=None, metadata={"help": "Prompt + latents + answer tokens (default: SFT's)."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["neg_ppl"],
+        metadata={"help": f"Reward functions, by name: {sorted(REWARD_FUNCTIONS)}. Weighted by reward_weights."},
+    )
+    advantage_mode: str = field(
+        default="batch",
+        metadata={"help": "batch: LatentR3's (reward - mean noise-free reward of the optimiser batch) / L2 norm; "
+                  "group: GRPO z-score within each group."},
+    )
+    noise_scale: float = field(default=1.5, metadata={"help": "Std of the latent noise (the paper: 1.5, absolute)."})
+    noise_mode: str = field(
+        default="absolute",
+        metadata={"help": "absolute: eps ~ N(0, noise_scale^2 I); relative: std noise_scale * ||r|| / sqrt(H), so "
+                  "that ||eps|| is about noise_scale * ||r||."},
+    )
+    rank_candidates: int = field(
+        default=100, metadata={"help": "Candidate set size (target included) of rank-based rewards."}
+    )
+    rank_chunk_rows: int = field(
+        default=64, metadata={"help": "Rows per forward when scoring candidates (memory vs speed)."}
+    )
+    train_lora: bool = field(
+        default=False, metadata={"help": "Also train the SFT LoRA adapter (default: the pooling head only, as the paper)."}
+    )
+    naive_forward: bool = field(
+        default=False, metadata={"help": "Use the per-member two-pass reference form (slow; for checks and benchmarks)."}
+    )
+    retrain: bool = field(
+        default=False, metadata={"help": "Train again even if output_dir holds a finished run."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (the paper sweeps 1e-5..5e-4)."})
+    loss_type: str = field(
+        default="grpo",
+        metadata={"help": "grpo: mean over each member's tokens, then over members; dapo: mean over all tokens "
+                  "of the optimiser batch (the paper's token mean)."},
+    )
+    epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clip (1 + epsilon_high), the paper's."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Run the model without dropout (deterministic)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Rows (members) per process per micro-step."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the prompts."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N optimiser steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimiser steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep this many checkpoints."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "none or tensorboard."})
+    bf16: bool | None = field(default=False, metadata={"help": "Unused: set model_dtype instead."})
+
+    def __post_init__(self) -> None:
+        if self.num_generations is None or self.num_generations < 2:
+            raise ConfigError(f"num_generations (the group size G) must be >= 2, got {self.num_generations}")
+        if self.per_device_train_batch_size % self.num_generations != 0:
+            raise ConfigError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be a multiple of "
+                f"num_generations ({self.num_generations}): a micro-batch holds whole groups"
+            )
+        if not self.noise_scale > 0 or not math.isfinite(self.noise_scale):
+            raise ConfigError(f"noise_scale must be > 0, got {self.noise_scale}")
+        if self.noise_mode not in NOISE_MODES:
+            raise ConfigError(f"noise_mode must be one of {NOISE_MODES}, got {self.noise_mode!r}")
+        if self.advantage_mode not in ADVANTAGE_MODES:
+            raise ConfigError(f"advantage_mode must be one of {sorted(ADVANTAGE_MODES)}, got {self.advantage_mode!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {LOSS_TYPES} for latent GRPO, got {self.loss_type!r}")
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [r.strip() for r in self.reward_funcs.split(",") if r.strip()]
+        unknown = [r for r in self.reward_funcs if r not in REWARD_FUNCTIONS]
+        if unknown or not self.reward_funcs:
+            raise ConfigError(f"unknown reward function(s) {unknown}; choose from {sorted(REWARD_FUNCTIONS)}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
+                              "reward functions")
+        if any(r in RANK_REWARDS for r in self.reward_funcs) and self.rank_candidates < 2:
+            raise ConfigError("rank_candidates must be >= 2")
+        if self.num_iterations < 1:
+            raise ConfigError("num_iterations must be >= 1")
+        if self.sft_checkpoint and Path(self.output_dir).resolve() == Path(self.sft_checkpoint).resolve():
+            raise ConfigError("output_dir must differ from sft_checkpoint (the SFT checkpoint is read, never overwritten)")
+        if not has_accelerator():
+            self.use_cpu = True
+        super().__post_init__()
+        global_rows = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+        if global_rows % self.num_generations:
+            raise ConfigError(f"the global batch ({global_rows} rows) must be divisible by num_generations")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        ws = self.reward_weights or [1.0] * len(self.reward_funcs)
+        return dict(zip(self.reward_funcs, (float(w) for w in ws)))
+
+    @property
+    def prompts_per_micro_batch(self) -> int:
+        return self.per_device_train_batch_size // self.num_generations
+
+
+# ------------------------------------------------------------------------------------------------ noise
+
+
+def _seed_for(seed: int, epoch: int, row: int, salt: int) -> int:
+    # A fixed mix (not Python's hash, which is salted per process) of the identifiers of one draw.
+    x = (seed * 1_000_003 + epoch) * 1_000_033 + row
+    return (x * 31 + salt) % (2**63 - 1)
+
+
+def member_noise(seed: int, epoch: int, row: int, group_size: int, hidden: int) -> torch.Tensor:
+    """Standard normal ``[G, H]`` for one prompt (member 0 is zeros), from the seed and the row only."""
+    g = torch.Generator().manual_seed(_seed_for(seed, epoch, row, 1))
+    eps = torch.randn(group_size - 1, hidden, generator=g)
+    return torch.cat([torch.zeros(1, hidden), eps], dim=0)
+
+
+def candidate_items(seed: int, epoch: int, row: int, target: int, num_items: int, k: int) -> list[int]:
+    """``k`` item ids in 1..num_items with the target at position 0 and ``k-1`` distinct others."""
+    if k > num_items:
+        raise ValueError(f"rank_candidates={k} exceeds the catalogue size {num_items}")
+    g = torch.Generator().manual_seed(_seed_for(seed, epoch, row, 2))
+    others = [i for i in (torch.randperm(num_items, generator=g)[:k] + 1).tolist() if i != target][: k - 1]
+    return [target] + others
+
+
+# ------------------------------------------------------------------------------------------------ batch
+
+
+@dataclass
+class GRPOBatch:
+    """One micro-batch of ``B`` prompts x ``G`` members (rows ``b*G + k``); filled by scoring, used by training."""
+
+    rows: list[int]  # dataset rows of the B prompts
+    positions: list[int]  # positions of the prompts in the optimiser batch (global order)
+    prompt_input_ids: torch.Tensor  # [B, P] left-padded
+    prompt_attention_mask: torch.Tensor
+    completion_input_ids: torch.Tensor  # [B, C] right-padded
+    completion_attention_mask: torch.Tensor
+    noise: torch.Tensor | None = None  # [B*G, H] scaled noise added to the last latent
+    old_logprobs: torch.Tensor | None = None  # [B*G, C] at scoring time
+    ref_logprobs: torch.Tensor | None = None  # [B*G, C] under the frozen reference (beta > 0)
+    advantages: torch.Tensor | None = None  # [B*G]
+    valid: torch.Tensor | None = None  # [B*G] False for members of skipped groups
+
+
+def _collate(rows: list[dict], pad: int) -> dict[str, torch.Tensor]:
+    b = len(rows)
+    pw = max(len(r["prompt_ids"]) for r in rows)
+    cw = max(len(r["completion_ids"]) for r in rows)
+    out = {
+        "prompt_input_ids": torch.full((b, pw), pad, dtype=torch.long),
+        "prompt_attention_mask": torch.zeros((b, pw), dtype=torch.long),
+        "completion_input_ids": torch.full((b, cw), pad, dtype=torch.long),
+        "completion_attention_mask": torch.zeros((b, cw), dtype=torch.long),
+    }
+    for i, r in enumerate(rows):
+        p, c = r["prompt_ids"], r["completion_ids"]
+        out["prompt_input_ids"][i, pw - len(p):] = torch.tensor(p)
+        out["prompt_attention_mask"][i, pw - len(p):] = 1
+        out["completion_input_ids"][i, : len(c)] = torch.tensor(c)
+        out["completion_attention_mask"][i, : len(c)] = 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- module
+
+
+def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p of ``ids`` under ``logits`` ([M, C, V] -> [M, C]), in float32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+
+
+class LatentGRPOModule(nn.Module):
+    """The per-member log-likelihood of the true title under a (noised) latent, shared-prefix or naive.
+
+    Called through the accelerate-prepared wrapper so that DDP/FSDP see every forward that needs gradients.
+    """
+
+    def __init__(self, latent_lm: LatentReasoningLM, group_size: int, naive: bool = False, pad_token_id: int = 0):
+        super().__init__()
+        self.latent_lm = latent_lm
+        self.group_size = group_size
+        self.naive = naive
+        self.pad_token_id = pad_token_id
+
+    def forward(self, prompt_input_ids, prompt_attention_mask, completion_input_ids, completion_attention_mask,
+                noise=None, noise_fn=None):
+        """``(token_logprobs [B*G, C], latent [B, H], noise [B*G, H])``.
+
+        ``noise`` is added to the last latent of each member; or ``noise_fn(latent)`` draws it from the
+        pooled (noise-free) latents ``[B, H]`` (relative noise scales need them).
+        """
+        lm = self.latent_lm
+        g = self.group_size
+        if self.naive:
+            return self._naive(prompt_input_ids, prompt_attention_mask, completion_input_ids,
+                               completion_attention_mask, noise, noise_fn)
+        prefix = lm.encode_prefix(prompt_input_ids, prompt_attention_mask, use_cache=None)
+        latent = prefix.latents[:, -1]
+        if noise is None:
+            if noise_fn is None:
+                raise ValueError("give noise or noise_fn")
+            noise = noise_fn(latent.detach())
+        members = prefix.repeat_interleave(g)
+        last = members.latents[:, -1] + noise.to(members.latents.dtype)
+        members = dataclasses.replace(members, latents=torch.cat([members.latents[:, :-1], last[:, None]], dim=1))
+        c_ids = completion_input_ids.repeat_interleave(g, dim=0)
+        c_mask = completion_attention_mask.repeat_interleave(g, dim=0)
+        out = lm.decode_completion(members, c_ids, c_mask)
+        return _token_logprobs(out.logits, c_ids), latent, noise
+
+    def _naive(self, p_ids, p_mask, c_ids, c_mask, noise, noise_fn):
+        # The paper's form, member by member: N+1 full passes over [prompt, latents, completion] per member.
+        lm = self.latent_lm
+        g = self.group_size
+        if noise is None:
+            if noise_fn is None:
+                raise ValueError("give noise or noise_fn")
+            with torch.no_grad():
+                noise = noise_fn(lm.encode_prefix(p_ids, p_mask).latents[:, -1])
+        n = lm.num_latent_tokens
+        ids = lm.config.latent_token_ids
+        x, am, lab = build_naive_inputs(p_ids.repeat_interleave(g, 0), p_mask.repeat_interleave(g, 0),
+                                        c_ids.repeat_interleave(g, 0), c_mask.repeat_interleave(g, 0), ids,
+                                        self.pad_token_id, "right")
+        rows = []
+        latent = None
+        for m in range(x.shape[0]):
+            full = torch.zeros(1, n, lm.lm_config.hidden_size, device=x.device)
+            full[0, -1] = noise[m].to(full.dtype)
+            out = lm.forward_naive(x[m : m + 1], am[m : m + 1], lab[m : m + 1], latent_noise=full)
+            labels = out.labels[0]
+            keep = labels != -100
+            lp = _token_logprobs(out.logits[:, keep], labels[keep][None])[0]
+            row = torch.zeros(c_ids.shape[1], device=lp.device, dtype=lp.dtype)
+            row[: lp.shape[0]] = lp
+            rows.append(row)
+            if m % g == 0:
+                r = (out.latents[0, -1] - noise[m].to(out.latents.dtype))[None]
+                latent = r if latent is None else torch.cat([latent, r], 0)
+        return torch.stack(rows), latent, noise
+
+
+@torch.no_grad()
+def score_candidates(latent_lm: LatentReasoningLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     member_latents: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor,
+                     chunk_rows: int) -> torch.Tensor:
+    """Mean per-token log-likelihood of each candidate completion under each member's latent, ``[G, K]``.
+
+    ``prompt_ids [1, P]`` one prompt; ``member_latents [G, H]`` (noise included); ``cand_ids [K, C]``.
+    """
+    g, k = member_latents.shape[0], cand_ids.shape[0]
+    prefix = latent_lm.encode_prefix(prompt_ids, prompt_mask, use_cache=True)
+    out = torch.empty(g * k, dtype=torch.float32, device=cand_ids.device)
+    member_of = torch.arange(g, device=cand_ids.device).repeat_interleave(k)
+    cand_of = torch.arange(k, device=cand_ids.device).repeat(g)
+    for lo in range(0, g * k, chunk_rows):
+        hi = min(lo + chunk_rows, g * k)
+        part = dataclasses.replace(prefix, past_key_values=copy.deepcopy(prefix.past_key_values))
+        part = part.repeat_interleave(hi - lo)
+        lat = member_latents[member_of[lo:hi]].to(part.latents.dtype)
+        part = dataclasses.replace(part, latents=torch.cat([part.latents[:, :-1], lat[:, None]], dim=1))
+        ids, mask = cand_ids[cand_of[lo:hi]], cand_mask[cand_of[lo:hi]]
+        res = latent_lm.decode_completion(part, ids, mask)
+        lp = _token_logprobs(res.logits, ids)
+        m = mask.to(lp.dtype)
+        out[lo:hi] = (lp * m).sum(-1) / m.sum(-1)
+    return out.view(g, k)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def _load_policy(config: LatentGRPOConfig):
+    """The SFT checkpoint as ``(LatentReasoningLM, tokenizer, llmrec meta)`` with the trainable parts set."""
+    from llmrec.training.sft import load_sft_checkpoint
+
+    if not config.sft_checkpoint:
+        raise ConfigError("sft_checkpoint is required: the output_dir of `llmrec sft` with num_latent_tokens >= 1")
+    model, tok, meta = load_sft_checkpoint(config.sft_checkpoint, config.model_name_or_path, dtype=config.model_dtype,
+                                           merge=not config.train_lora)
+    if model.num_latent_tokens < 1:
+        raise ConfigError(f"{config.sft_checkpoint} has no latent token: latent GRPO needs a latent SFT checkpoint")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.latent_head.parameters():
+        p.requires_grad_(True)
+    if config.train_lora:
+        names = [n for n, p in model.model.named_parameters() if "lora_" in n]
+        if not names:
+            raise ConfigError(f"train_lora: {config.sft_checkpoint} is not a LoRA checkpoint")
+        for n, p in model.model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+    return model, tok, meta
+
+
+def _save_flat(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class LatentGRPOTrainer:
+    """The latent GRPO loop: score the optimiser batch without gradients, gather, advantages, then train.
+
+    Args:
+        config: a :class:`LatentGRPOConfig`.
+        model / tokenizer / meta: as returned by the SFT checkpoint loader (default: loaded from
+            ``config.sft_checkpoint``).
+        rows: encoded prompts (``prompt_ids``, ``completion_ids``, ``target_item_id``); default: the
+            configured split of the checkpoint's dataset.
+        num_items: catalogue size (rank rewards sample candidates from it).
+        candidate_completions: ``item_id -> completion token ids`` (rank rewards).
+    """
+
+    def __init__(self, config: LatentGRPOConfig, model=None, tokenizer=None, meta=None, rows=None,
+                 num_items: int | None = None, candidate_completions: dict[int, list[int]] | None = None,
+                 callbacks: list | None = None):
+        from accelerate import Accelerator
+
+        self.config = config
+        torch.manual_seed(config.seed)
+        if model is None:
+            model, tokenizer, meta = _load_policy(config)
+        self.tokenizer = tokenizer
+        self.meta = dict(meta or {})
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if rows is None:
+            rows, num_items, candidate_completions = self._load_rows(model)
+        self.rows = rows
+        self.num_items = num_items
+        self.candidate_completions = candidate_completions or {}
+        self.uses_candidates = any(r in RANK_REWARDS and w != 0 for r, w in config.weights.items())
+        if self.uses_candidates and (not num_items or not self.candidate_completions):
+            raise ConfigError("rank-based rewards need the catalogue (num_items, candidate_completions)")
+        self.accelerator = Accelerator(gradient_accumulation_steps=1, **accelerator_kwargs())
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        if config.per_device_train_batch_size * self.world * config.gradient_accumulation_steps % config.num_generations:
+            raise ConfigError("the global batch must be divisible by num_generations")
+        self.prompts_per_step = (config.per_device_train_batch_size * self.world * config.gradient_accumulation_steps
+                                 // config.num_generations)
+        if self.prompts_per_step > len(rows):
+            raise ConfigError(f"an optimiser step needs {self.prompts_per_step} prompts, the split has {len(rows)}")
+        self.steps_per_epoch = len(rows) // self.prompts_per_step  # the last incomplete batch of an epoch is dropped
+        self.max_steps = config.max_steps if config.max_steps > 0 else max(
+            1, int(self.steps_per_epoch * config.num_train_epochs))
+        if config.disable_dropout:
+            model.eval()
+        else:
+            model.train()
+        self.ref_model = None
+        if config.beta > 0:
+            self.ref_model = copy.deepcopy(model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        self.latent_lm = model
+        module = LatentGRPOModule(model, config.num_generations, config.naive_forward, self.pad)
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                           eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=config.get_warmup_steps(self.max_steps * config.num_iterations),
+                                       num_training_steps=self.max_steps * config.num_iterations)
+        self.module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
+        self.callbacks = list(callbacks or [])
+        self.global_step = 0
+        self.log_history: list[dict] = []
+        self.skipped_groups = 0
+        self.nonfinite_steps = 0
+        self.writer = None
+
+    # -- data
+
+    def _load_rows(self, model):
+        from llmrec.data.canonical import load_prepared
+        from llmrec.prompts import PromptError, PromptTemplate
+        from llmrec.training.sft import _subset, encode_example
+
+        c = self.config
+        meta = self.meta
+        dataset = c.dataset or meta.get("dataset")
+        if not dataset:
+            raise ConfigError("no dataset given and the SFT checkpoint records none")
+        history = c.history_length or meta.get("history_length", 10)
+        max_length = c.max_length or meta.get("max_length", 512)
+        template = PromptTemplate.load(meta.get("prompt", "d3"))
+        noun = meta.get("noun", "items")
+        data = load_prepared(dataset, splits=[c.train_split], max_history=history)
+        split = data.splits[c.train_split]
+        rows, skipped = [], 0
+        for i in _subset(len(split), c.max_train_rows, c.seed):
+            ex = split[i]
+            try:
+                p, comp, _ = encode_example(template, self.tokenizer, ex["history_titles"], ex["target_title"],
+                                            max_length, noun, model.num_latent_tokens)
+            except PromptError:
+                skipped += 1
+                continue
+            rows.append({"prompt_ids": p, "completion_ids": comp, "target_item_id": int(ex["target_item_id"])})
+        if skipped:
+            logger.warning("%s: skipped %d rows whose answer does not fit max_length=%d", c.train_split, skipped,
+                           max_length)
+        if not rows:
+            raise ValueError(f"split '{c.train_split}' of {dataset} has no usable rows")
+        cands = None
+        if any(r in RANK_REWARDS for r in c.reward_funcs):
+            eos = self.tokenizer.eos_token_id
+            cands = {}
+            for item in data.catalog.item_ids:
+                text = template.render_completion(data.catalog.title(item))
+                cands[item] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos]
+        return rows, len(data.catalog), cands
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Row order of an epoch (seeded; identical on every process)."""
+        g = torch.Generator().manual_seed(_seed_for(self.config.seed, epoch, 0, 3))
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def local_micro_batches(self, step: int) -> list[GRPOBatch]:
+        """This process's micro-batches of optimiser step ``step`` (prompt j of the step goes to process j % world)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        start = within * self.prompts_per_step
+        picked = order[start : start + self.prompts_per_step]
+        mine = [(j, picked[j]) for j in range(self.rank, len(picked), self.world)]
+        per = self.config.prompts_per_micro_batch
+        out = []
+        for lo in range(0, len(mine), per):
+            chunk = mine[lo : lo + per]
+            tensors = _collate([self.rows[r] for _, r in chunk], self.pad)
+            out.append(GRPOBatch(rows=[r for _, r in chunk], positions=[j for j, _ in chunk], **tensors))
+        return out
+
+    # -- scoring
+
+    def _scaled_noise(self, epoch: int, rows: list[int], latent: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        g, h = c.num_generations, latent.shape[-1]
+        eps = torch.cat([member_noise(c.seed, epoch, r, g, h) for r in rows]).to(latent.device, torch.float32)
+        if c.noise_mode == "absolute":
+            return eps * c.noise_scale
+        norms = latent.float().norm(dim=-1).repeat_interleave(g)[:, None]
+        return eps * (c.noise_scale * norms / math.sqrt(h))
+
+    @torch.no_grad()
+    def score(self, step: int, batches: list[GRPOBatch]) -> dict[str, float]:
+        """Rewards of every member (no gradients), gathered; fills noise, old/ref log-probs and advantages."""
+        c = self.config
+        g = c.num_generations
+        epoch = step // self.steps_per_epoch
+        dev = self.accelerator.device
+        per_fn: dict[str, list[torch.Tensor]] = {name: [] for name in c.reward_funcs}
+        positions, latent_norms, noise_norms = [], [], []
+        for b in batches:
+            t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
+                                                      "completion_input_ids", "completion_attention_mask")}
+            lp, latent, b.noise = self.module(**t, noise_fn=lambda r, rows=b.rows: self._scaled_noise(epoch, rows, r))
+            b.old_logprobs = lp
+            if self.ref_model is not None:
+                ref = LatentGRPOModule(self.ref_model, g, c.naive_forward, self.pad)
+                b.ref_logprobs, _, _ = ref(**t, noise=b.noise)
+            mask = t["completion_attention_mask"].repeat_interleave(g, 0)
+            inputs = RewardInputs(lp, mask)
+            if self.uses_candidates:
+                inputs.candidate_scores, inputs.target_index = self._candidate_scores(epoch, b, t, latent)
+            for name in c.reward_funcs:
+                per_fn[name].append(REWARD_FUNCTIONS[name](inputs).double())
+            positions.append(torch.tensor(b.positions, device=dev))
+            latent_norms.append(latent.float().norm(dim=-1))
+            noise_norms.append(b.noise.view(len(b.rows), g, -1)[:, 1:].norm(dim=-1).mean(-1))
+        local = {name: torch.cat(v).view(-1, g) for name, v in per_fn.items()}
+        # Gather in the global order of the step's prompts (positions 0..prompts_per_step-1, each once), so every
+        # process computes the same advantages whatever the layout.
+        pos = self.accelerator.gather(torch.cat(positions))
+        order = torch.argsort(pos)
+        if not torch.equal(pos[order], torch.arange(len(pos), device=pos.device)):
+            raise RuntimeError("the processes' prompt positions do not cover the optimiser batch exactly once")
+        gathered = {name: self.accelerator.gather(v)[order] for name, v in local.items()}
+        total = combine_rewards({n: v for n, v in gathered.items() if c.weights[n] != 0},
+                                {n: w for n, w in c.weights.items() if w != 0})
+        adv, valid = compute_advantages(total, c.advantage_mode)
+        for b in batches:  # back to this process's groups (row j of the gathered arrays is position j)
+            idx = torch.tensor(b.positions, device=dev)
+            b.advantages = adv[idx].reshape(-1).float()
+            b.valid = valid[idx].repeat_interleave(g)
+        n_bad = int((~valid).sum())
+        self.skipped_groups += n_bad
+        lat = self.accelerator.gather(torch.cat(latent_norms))
+        noi = self.accelerator.gather(torch.cat(noise_norms))
+        stats: dict[str, float] = {}
+        for name, v in gathered.items():
+            ok = v[valid]
+            stats[f"rewards/{name}/mean"] = float(ok.mean()) if ok.numel() else float("nan")
+            stats[f"rewards/{name}/std"] = float(ok.std()) if ok.numel() > 1 else 0.0
+        ok = total[valid]
+        stats.update({
+            "reward": float(ok.mean()) if ok.numel() else float("nan"),
+            "reward_std": float(ok.std()) if ok.numel() > 1 else 0.0,
+            "advantage/abs_mean": float(adv[valid].abs().mean()) if bool(valid.any()) else 0.0,
+            "advantage/std": float(adv[valid].std()) if bool(valid.any()) else 0.0,
+            "latent_norm": float(lat.mean()),
+            "noise_norm": float(noi.mean()),
+            "skipped_groups": n_bad,
+            "skipped_groups_total": self.skipped_groups,
+        })
+        # Normalisers of the loss over the whole optimiser batch (all processes, all micro-steps).
+        tokens = sum(float((b.completion_attention_mask.sum(-1).repeat_interleave(g).to(dev) * b.valid).sum())
+                     for b in batches)
+        members = sum(float(b.valid.sum()) for b in batches)
+        totals = self.accelerator.reduce(torch.tensor([tokens, members], device=dev, dtype=torch.float64), "sum")
+        self._norm_tokens, self._norm_members = float(totals[0]), float(totals[1])
+        return stats
+
+    def _candidate_scores(self, epoch, b: GRPOBatch, t, latent) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        g = c.num_generations
+        scores = []
+        for i, row in enumerate(b.rows):
+            target = self.rows[row]["target_item_id"]
+            items = candidate_items(c.seed, epoch, row, target, self.num_items, c.rank_candidates)
+            cand = _collate([{"prompt_ids": [0], "completion_ids": self.candidate_completions[it]} for it in items],
+                            self.pad)
+            p_ids = t["prompt_input_ids"][i : i + 1]
+            p_mask = t["prompt_attention_mask"][i : i + 1]
+            keep = int(p_mask.sum())
+            members = latent[i : i + 1].float() + b.noise[i * g : (i + 1) * g]
+            scores.append(score_candidates(
+                self.latent_lm, p_ids[:, -keep:], p_mask[:, -keep:], members,
+                cand["completion_input_ids"].to(p_ids.device), cand["completion_attention_mask"].to(p_ids.device),
+                c.rank_chunk_rows,
+            ))
+        s = torch.cat(scores)
+        return s, torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
+
+    # -- training
+
+    def _loss(self, b: GRPOBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        dev = self.accelerator.device
+        t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
+                                                  "completion_input_ids", "completion_attention_mask")}
+        lp, _, _ = self.module(**t, noise=b.noise)
+        mask = t["completion_attention_mask"].repeat_interleave(c.num_generations, 0).float() * b.valid[:, None].float()
+        old = lp.detach() if (c.num_iterations == 1) else b.old_logprobs
+        ratio = torch.exp(lp - old)
+        adv = b.advantages[:, None]
+        hi = 1.0 + (c.epsilon_high if c.epsilon_high is not None else c.epsilon)
+        clipped = torch.clamp(ratio, 1.0 - c.epsilon, hi)
+        per_token = -torch.min(ratio * adv, clipped * adv)
+        kl = None
+        if c.beta > 0:
+            d = b.ref_logprobs - lp
+            kl = torch.exp(d) - d - 1.0
+            per_token = per_token + c.beta * kl
+        world = self.world
+        if c.loss_type == "grpo":
+            per_member = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            loss = per_member.sum() * world / max(self._norm_members, 1.0)
+        else:  # dapo: token mean over the optimiser batch
+            loss = (per_token * mask).sum() * world / max(self._norm_tokens, 1.0)
+        n_tok = mask.sum().clamp(min=1)
+        is_clipped = ((ratio < 1.0 - c.epsilon) & (adv < 0)) | ((ratio > hi) & (adv > 0))
+        stats = {"clip_ratio": float((is_clipped.float() * mask).sum() / n_tok)}
+        if kl is not None:
+            stats["kl"] = float((kl * mask).sum() / n_tok)
+        return loss, stats
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Score, then ``num_iterations`` optimiser updates on the scored batch. Returns the logged stats."""
+        c = self.config
+        batches = self.local_micro_batches(step)
+        stats = self.score(step, batches)
+        loss_sum, clip, kls = 0.0, [], []
+        for _ in range(c.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for m, b in enumerate(batches):
+                last = m == len(batches) - 1
+                # Gradients are all-reduced once per optimiser update, on the last micro-step.
+                ctx = self.accelerator.no_sync(self.module) if not last else contextlib.nullcontext()
+                with ctx:
+                    loss, s = self._loss(b)
+                    self.accelerator.backward(loss)
+                loss_sum += float(loss.detach())
+                clip.append(s["clip_ratio"])
+                if "kl" in s:
+                    kls.append(s["kl"])
+            params = [p for p in self.module.parameters() if p.requires_grad]
+            finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+            flag = self.accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=self.accelerator.device), "sum")
+            if float(flag) > 0:
+                self.nonfinite_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                logger.warning("step %d: non-finite gradient, update skipped", step)
+                continue
+            if c.max_grad_norm and c.max_grad_norm > 0:
+                stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, c.max_grad_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+        loss_total = torch.tensor([loss_sum / c.num_iterations], device=self.accelerator.device)
+        stats["loss"] = float(self.accelerator.reduce(loss_total, "mean"))
+        stats["clip_ratio"] = float(sum(clip) / max(len(clip), 1))
+        if kls:
+            stats["kl"] = float(sum(kls) / len(kls))
+        stats["learning_rate"] = float(self.scheduler.get_last_lr()[0])
+        stats["nonfinite_grad_steps"] = self.nonfinite_steps
+        return stats
+
+    # -- checkpoints
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        module = self.accelerator.unwrap_model(self.module)
+        return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path | None:
+        """``output_dir/checkpoint-<step>``: trainable weights, AdamW state (safetensors) and the loop state."""
+        self.accelerator.wait_for_everyone()
+        out = Path(self.config.output_dir) / f"checkpoint-{self.global_step}"
+        if self.accelerator.is_main_process:
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _save_flat(self._trainable_state(), tmp / "trainable.safetensors")
+            opt = self.optimizer.state_dict()
+            flat, groups = {}, []
+            for pid, st in opt["state"].items():
+                for k, v in st.items():
+                    flat[f"{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            for gr in opt["param_groups"]:
+                groups.append({k: v for k, v in gr.items()})
+            _save_flat(flat, tmp / OPTIMIZER_NAME, metadata={"param_groups": json.dumps(groups)})
+            state = {"global_step": self.global_step, "log_history": self.log_history,
+                     "skipped_groups": self.skipped_groups, "nonfinite_steps": self.nonfinite_steps}
+            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+            self._rotate()
+        self.accelerator.wait_for_everyone()
+        return out
+
+    def _rotate(self) -> None:
+        limit = self.config.save_total_limit
+        if not limit:
+            return
+        ckpts = sorted(_checkpoints(Path(self.config.output_dir)), key=lambda p: int(p.name.split("-")[1]))
+        for old in ckpts[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path / "trainable.safetensors"))
+        own = self._trainable_state()
+        if set(weights) != set(own):
+            raise ValueError(f"{path}: trainable tensors {sorted(set(weights) ^ set(own))[:5]} do not match this run")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(weights[n].to(p.dtype))
+        flat = load_file(str(path / OPTIMIZER_NAME))
+        with safe_open(str(path / OPTIMIZER_NAME), "pt") as f:
+            groups = json.loads(f.metadata()["param_groups"])
+        state: dict[int, dict] = {}
+        for key, v in flat.items():
+            pid, name = key.split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        st = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+        self.global_step = int(st["global_step"])
+        self.log_history = list(st["log_history"])
+        self.skipped_groups = int(st["skipped_groups"])
+        self.nonfinite_steps = int(st["nonfinite_steps"])
+        for _ in range(self.global_step * self.config.num_iterations):  # the schedule is a function of the step count
+            self.scheduler.step()
+
+    def save_model(self, output_dir: str | Path) -> None:
+        """A checkpoint `llmrec evaluate --checkpoint` reads: the SFT checkpoint with this run's trained weights."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        from llmrec.training.sft import LLMREC_CONFIG_NAME, save_sft_checkpoint
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        lm = self.accelerator.unwrap_model(self.module).latent_lm
+        src = Path(self.config.sft_checkpoint) if self.config.sft_checkpoint else None
+        if self.config.train_lora or src is None:
+            save_sft_checkpoint(lm, self.tokenizer, out, sft_fields=self.meta)
+        else:
+            # Head-only training: the LM is the SFT checkpoint's; copy its files and write the new head.
+            for f in src.iterdir():
+                if f.is_file() and f.name not in ("train_results.json", RESULTS_NAME):
+                    shutil.copy2(f, out / f.name)
+            lm.save_pretrained(out)
+        meta = json.loads((out / LLMREC_CONFIG_NAME).read_text(encoding="utf-8")) if (out / LLMREC_CONFIG_NAME).exists() else {}
+        meta["grpo"] = {"sft_checkpoint": str(src) if src else None, "steps": self.global_step,
+                        "advantage_mode": self.config.advantage_mode, "reward_funcs": self.config.reward_funcs,
+                        "noise_scale": self.config.noise_scale, "noise_mode": self.config.noise_mode,
+                        "learning_rate": self.config.learning_rate, "train_lora": self.config.train_lora}
+        (out / LLMREC_CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+
+    # -- loop
+
+    def train(self, resume: bool = True) -> dict:
+        """Run to ``max_steps`` (resuming from the last checkpoint in ``output_dir``); return the results dict."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        out_dir = Path(c.output_dir)
+        resumed = None
+        if resume:
+            last = last_grpo_checkpoint(out_dir)
+            if last is not None:
+                self.load_checkpoint(last)
+                resumed = str(last)
+                logger.info("resuming from %s (step %d)", last, self.global_step)
+        if "tensorboard" in (c.report_to or []) and self.accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(c.logging_dir or str(out_dir / "runs"))
+        t0 = time.time()
+        bar = tqdm(total=self.max_steps, initial=self.global_step, desc="latent GRPO",
+                   disable=not self.accelerator.is_main_process)
+        while self.global_step < self.max_steps:
+            stats = self.train_step(self.global_step)
+            self.global_step += 1
+            stats["step"] = self.global_step
+            stats["epoch"] = self.global_step / self.steps_per_epoch
+            self.log_history.append(stats)
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward']:.3f}", loss=f"{stats['loss']:.4f}")
+            if self.writer is not None:
+                for k, v in stats.items():
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
+            if c.logging_steps and self.global_step % max(int(c.logging_steps), 1) == 0:
+                logger.info("step %d: %s", self.global_step,
+                            {k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()})
+            if c.save_steps and self.global_step % max(int(c.save_steps), 1) == 0 and self.global_step < self.max_steps:
+                self.save_checkpoint()
+            for cb in self.callbacks:  # after the checkpoint, so a callback that stops the run finds it saved
+                cb(self, stats)
+        bar.close()
+        self.save_model(out_dir)
+        results = {
+            "output_dir": str(out_dir), "sft_checkpoint": c.sft_checkpoint, "resumed_from": resumed,
+            "global_step": self.global_step, "max_steps": self.max_steps, "prompts": len(self.rows),
+            "prompts_per_step": self.prompts_per_step, "world_size": self.world,
+            "skipped_groups": self.skipped_groups, "nonfinite_grad_steps": self.nonfinite_steps,
+            "train_seconds_this_run": round(time.time() - t0, 3), "log_history": self.log_history,
+        }
+        if self.accelerator.is_main_process:
+            from llmrec.data.canonical import atomic_write_json
+
+            atomic_write_json(out_dir / RESULTS_NAME, results)
+        if self.writer is not None:
+            self.writer.close()
+        self.accelerator.wait_for_everyone()
+        return results
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    if not out_dir.is_dir():
+        return []
+    return [p for p in out_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+            and p.name.split("-", 1)[1].isdigit()]
+
+
+def last_grpo_checkpoint(out_dir: str | Path) -> Path | None:
+    """The highest complete ``checkpoint-N`` (its state file is written last, inside a renamed temp dir)."""
+    done = [p for p in _checkpoints(Path(out_dir)) if (p / STATE_NAME).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def run_grpo(config: LatentGRPOConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Train (resuming from the last checkpoint; a finished run is skipped unless ``retrain``)."""
+    out = Path(config.output_dir)
+    if (out / RESULTS_NAME).exists() and not config.retrain:
+        logger.info("%s holds a finished run (%s); skipping (set retrain: true to train again)", out, RESULTS_NAME)
+        return json.loads((out / RESULTS_NAME).read_text(encoding="utf-8"))
+    trainer = LatentGRPOTrainer(config, callbacks=callbacks)
+    return trainer.train()
+

@@ -1,0 +1,103 @@
+"""Continuous rule-based rewards of latent GRPO: small pure functions over a group's scores.
+
+Every reward takes a :class:`RewardInputs` (the members' per-token log-probabilities of the true next
+item's title under their latent, and optionally the scores of a sampled candidate set) and returns one
+float per member. Rewards are combined as a weighted sum (TRL's ``reward_funcs`` / ``reward_weights``);
+:data:`REWARD_FUNCTIONS` is the registry recipes name them from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["REWARD_FUNCTIONS", "RewardInputs", "combine_rewards", "log_likelihood", "neg_ppl", "reciprocal_rank"]
+
+
+@dataclass
+class RewardInputs:
+    """What a reward may look at, for ``M`` members (rows).
+
+    Attributes:
+        token_logprobs: ``[M, T]`` log p(y_t | prompt, latent, y_<t) of the target title's tokens.
+        token_mask: ``[M, T]`` 1 where ``token_logprobs`` is a real target token, 0 on padding.
+        candidate_scores: ``[M, C]`` mean per-token log-likelihood of each sampled candidate title under the
+            member's latent, or ``None`` when no rank-based reward is enabled.
+        target_index: ``[M]`` column of the true item in ``candidate_scores``.
+    """
+
+    token_logprobs: torch.Tensor
+    token_mask: torch.Tensor
+    candidate_scores: torch.Tensor | None = None
+    target_index: torch.Tensor | None = None
+
+
+def _mean_logprob(inputs: RewardInputs) -> torch.Tensor:
+    mask = inputs.token_mask.to(inputs.token_logprobs.dtype)
+    count = mask.sum(-1)
+    if bool((count == 0).any()):
+        raise ValueError("a member has no target tokens")
+    return (inputs.token_logprobs * mask).sum(-1) / count
+
+
+def neg_ppl(inputs: RewardInputs) -> torch.Tensor:
+    """Minus the perplexity of the true title: ``-exp(-mean_t log p(y_t))`` (the LatentR3 paper's reward).
+
+    >>> lp = torch.log(torch.tensor([[0.5, 0.5], [0.25, 1.0]]))
+    >>> neg_ppl(RewardInputs(lp, torch.ones(2, 2)))
+    tensor([-2., -2.])
+    """
+    return -torch.exp(-_mean_logprob(inputs))
+
+
+def log_likelihood(inputs: RewardInputs) -> torch.Tensor:
+    """Mean per-token log-likelihood of the true title (bounded above by 0, unlike ``neg_ppl`` not exploding).
+
+    >>> lp = torch.tensor([[-1.0, -3.0, 0.0], [-0.5, 0.0, 0.0]])
+    >>> log_likelihood(RewardInputs(lp, torch.tensor([[1, 1, 0], [1, 0, 0]])))
+    tensor([-2.0000, -0.5000])
+    """
+    return _mean_logprob(inputs)
+
+
+def reciprocal_rank(inputs: RewardInputs) -> torch.Tensor:
+    """``1 / rank`` of the true item among the sampled candidates, ranked by ``candidate_scores``.
+
+    Ties are counted against the target (rank = 1 + candidates scoring at least as high, itself excluded),
+    so a latent that makes every candidate look alike earns nothing.
+
+    >>> scores = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0], [-2.0, -2.0, -5.0]])
+    >>> reciprocal_rank(RewardInputs(torch.zeros(3, 1), torch.ones(3, 1), scores, torch.tensor([0, 2, 1])))
+    tensor([1.0000, 0.3333, 0.5000])
+    """
+    if inputs.candidate_scores is None or inputs.target_index is None:
+        raise ValueError("reciprocal_rank needs candidate_scores and target_index (enable rank_candidates)")
+    scores = inputs.candidate_scores
+    target = scores.gather(1, inputs.target_index[:, None].long())
+    at_least = (scores >= target).sum(-1) - 1  # the target itself is not a competitor
+    return 1.0 / (1.0 + at_least.to(scores.dtype))
+
+
+REWARD_FUNCTIONS: dict[str, Callable[[RewardInputs], torch.Tensor]] = {
+    "neg_ppl": neg_ppl,
+    "log_likelihood": log_likelihood,
+    "reciprocal_rank": reciprocal_rank,
+}
+RANK_REWARDS = frozenset({"reciprocal_rank"})
+
+
+def combine_rewards(per_function: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Weighted sum of the rewards (``sum_k w_k r_k``); a NaN/inf in any term makes the member's total non-finite.
+
+    >>> combine_rewards({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([10.0, 0.0])}, {"a": 1.0, "b": 0.5})
+    tensor([6., 2.])
+    """
+    total = None
+    for name, values in per_function.items():
+        term = weights[name] * values
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no reward function")
+    return total

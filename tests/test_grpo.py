@@ -1,0 +1,375 @@
+"""Latent GRPO (llmrec.training.grpo): rewards, advantages, the shared-prefix form against the naive
+per-member form, config errors, NaN groups, resume, checkpoints, and 1 vs 2 processes. Tiny models, float32."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmrec.config import ConfigError
+from llmrec.training.advantages import batch_advantages, compute_advantages, group_advantages
+from llmrec.training.grpo import (
+    LatentGRPOConfig,
+    LatentGRPOModule,
+    LatentGRPOTrainer,
+    candidate_items,
+    member_noise,
+    run_grpo,
+    score_candidates,
+)
+from llmrec.training.rewards import (
+    REWARD_FUNCTIONS,
+    RewardInputs,
+    combine_rewards,
+    log_likelihood,
+    neg_ppl,
+    reciprocal_rank,
+)
+from llmrec.training.sft import LatentSFTConfig, run_sft
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------------------------ rewards
+
+
+def test_neg_ppl_and_log_likelihood_hand_computed():
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.1, 1.0, 1.0]]))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    inputs = RewardInputs(lp, mask)
+    # member 0: mean log p = (log .5 + log .25) / 2 = log(1/sqrt(8)) -> ppl sqrt(8); member 1: ppl 10
+    assert neg_ppl(inputs).tolist() == pytest.approx([-math.sqrt(8), -10.0], rel=1e-6)
+    assert log_likelihood(inputs).tolist() == pytest.approx([math.log(1 / math.sqrt(8)), math.log(0.1)], rel=1e-6)
+    with pytest.raises(ValueError, match="no target tokens"):
+        neg_ppl(RewardInputs(lp, torch.zeros_like(mask)))
+
+
+def test_reciprocal_rank_hand_computed_with_ties():
+    scores = torch.tensor([[-1.0, -0.5, -3.0, -0.2],   # target (col 0) beaten by 2 -> rank 3
+                           [-1.0, -1.0, -1.0, -1.0],   # all tied: ties count against the target -> rank 4
+                           [0.0, -1.0, -2.0, -3.0]])   # best -> rank 1
+    rr = reciprocal_rank(RewardInputs(torch.zeros(3, 1), torch.ones(3, 1), scores, torch.zeros(3, dtype=torch.long)))
+    assert rr.tolist() == pytest.approx([1 / 3, 1 / 4, 1.0])
+    with pytest.raises(ValueError, match="candidate_scores"):
+        reciprocal_rank(RewardInputs(torch.zeros(1, 1), torch.ones(1, 1)))
+
+
+def test_combine_rewards_weighted_sum_and_registry():
+    total = combine_rewards({"neg_ppl": torch.tensor([-2.0, -4.0]), "log_likelihood": torch.tensor([-1.0, 0.0])},
+                            {"neg_ppl": 0.5, "log_likelihood": 2.0})
+    assert total.tolist() == [-3.0, -2.0]
+    assert {"neg_ppl", "log_likelihood", "reciprocal_rank"} <= set(REWARD_FUNCTIONS)
+
+
+# --------------------------------------------------------------------------------------------- advantages
+
+
+def test_batch_advantage_hand_computed():
+    r = torch.tensor([[1.0, 2.0, 0.0], [3.0, 3.0, 6.0]], dtype=torch.float64)
+    a = batch_advantages(r, torch.tensor([True, True]))
+    raw = torch.tensor([[-1.0, 0.0, -2.0], [1.0, 1.0, 4.0]], dtype=torch.float64)  # baseline (1 + 3) / 2 = 2
+    assert torch.allclose(a, raw / (raw.norm() + 1e-6))
+
+
+def test_group_advantage_hand_computed():
+    r = torch.tensor([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]], dtype=torch.float64)
+    a = group_advantages(r, torch.tensor([True, True]))
+    assert a[0].tolist() == pytest.approx([-1 / 1.0001, 0.0, 1 / 1.0001])  # std (unbiased) of 1,2,3 is 1
+    assert a[1].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("mode", ["batch", "group"])
+def test_non_finite_group_is_skipped(mode):
+    r = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3.0, float("inf")], [0.0, 5.0]])
+    adv, valid = compute_advantages(r, mode)
+    assert valid.tolist() == [True, False, False, True]
+    assert adv[1].tolist() == [0.0, 0.0] and adv[2].tolist() == [0.0, 0.0]
+    ref, _ = compute_advantages(r[[0, 3]], mode)  # the bad groups take no part in the baseline or the norm
+    assert torch.allclose(adv[[0, 3]], ref)
+    assert torch.isfinite(adv).all()
+
+
+def test_advantage_errors():
+    with pytest.raises(ValueError, match="advantage mode"):
+        compute_advantages(torch.zeros(2, 2), "nope")
+    with pytest.raises(ValueError, match="G >= 2"):
+        compute_advantages(torch.zeros(2, 1), "group")
+
+
+# ------------------------------------------------------------------------------------------------- noise
+
+
+def test_noise_depends_on_seed_epoch_row_only():
+    a = member_noise(0, 0, 7, 4, 16)
+    assert torch.equal(a, member_noise(0, 0, 7, 4, 16))
+    assert a[0].abs().sum() == 0 and a[1:].abs().sum() > 0
+    assert not torch.equal(a, member_noise(0, 0, 8, 4, 16))
+    assert not torch.equal(a, member_noise(0, 1, 7, 4, 16))
+    assert not torch.equal(a, member_noise(1, 0, 7, 4, 16))
+    c = candidate_items(0, 0, 3, target=5, num_items=20, k=6)
+    assert c[0] == 5 and len(set(c)) == 6 and all(1 <= i <= 20 for i in c)
+    with pytest.raises(ValueError, match="exceeds"):
+        candidate_items(0, 0, 3, target=5, num_items=4, k=6)
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+def test_config_errors(tmp_path):
+    base = dict(output_dir=str(tmp_path / "o"), sft_checkpoint=str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match="num_generations"):
+        LatentGRPOConfig(**base, num_generations=1, per_device_train_batch_size=4)
+    with pytest.raises(ConfigError, match="multiple of"):
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=6)
+    with pytest.raises(ConfigError, match="noise_scale"):
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, noise_scale=0.0)
+    with pytest.raises(ConfigError, match="noise_scale"):
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, noise_scale=-1.0)
+    with pytest.raises(ConfigError, match="unknown reward"):
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, reward_funcs=["bleu"])
+    with pytest.raises(ConfigError, match="reward_weights"):
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, reward_weights=[1.0, 2.0])
+    with pytest.raises(ConfigError, match="output_dir must differ"):
+        LatentGRPOConfig(output_dir=str(tmp_path / "s"), sft_checkpoint=str(tmp_path / "s"), num_generations=4,
+                         per_device_train_batch_size=4)
+
+
+# ----------------------------------------------------------------------------------------- tiny SFT start
+
+
+def _sft(root: Path, data: Path, model: str = "tiny-qwen2", n_latent: int = 1) -> Path:
+    out = root / f"sft-{model}-{n_latent}"
+    if not (out / "train_results.json").exists():
+        run_sft(LatentSFTConfig(
+            output_dir=str(out), model_name_or_path=model, dataset=str(data), max_train_rows=8, eval_split=None,
+            max_length=384, history_length=2, learning_rate=1e-2, per_device_train_batch_size=2, max_steps=2,
+            save_strategy="no", lora_r=4, lora_alpha=8, lora_dropout=0.0, num_latent_tokens=n_latent,
+            disable_tqdm=True, seed=0,
+        ))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    from conftest import write_prepared
+
+    root = tmp_path_factory.mktemp("grpo")
+    data = write_prepared(root / "data")
+    return _sft(root, data), data, root
+
+
+def grpo_config(out: Path, sft: Path, **kw) -> LatentGRPOConfig:
+    base = dict(output_dir=str(out), sft_checkpoint=str(sft), num_generations=4, per_device_train_batch_size=4,
+                gradient_accumulation_steps=2, max_steps=3, learning_rate=5e-3, save_steps=100, seed=0,
+                warmup_steps=0, lr_scheduler_type="constant", disable_tqdm=True)
+    base.update(kw)
+    return LatentGRPOConfig(**base)
+
+
+def _fast_vs_naive(trainer: LatentGRPOTrainer):
+    """Token log-probs and head/LoRA gradients of one micro-batch under both forms, same noise."""
+    batch = trainer.local_micro_batches(0)[0]
+    module = trainer.accelerator.unwrap_model(trainer.module)
+    t = {k: getattr(batch, k) for k in ("prompt_input_ids", "prompt_attention_mask", "completion_input_ids",
+                                         "completion_attention_mask")}
+    g = module.group_size
+    torch.manual_seed(3)
+    noise = torch.randn(len(batch.rows) * g, module.latent_lm.lm_config.hidden_size) * 0.7
+    noise[::g] = 0
+    weights = torch.randn(len(batch.rows) * g, t["completion_input_ids"].shape[1])
+    mask = t["completion_attention_mask"].repeat_interleave(g, 0)
+    results = []
+    for naive in (False, True):
+        module.naive = naive
+        module.zero_grad(set_to_none=True)
+        lp, latent, _ = module(**t, noise=noise)
+        (lp * weights * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        results.append((lp.detach() * mask, latent.detach(), grads))
+    module.naive = False
+    return results
+
+
+@pytest.mark.parametrize("model,n_latent,train_lora", [
+    ("tiny-qwen2", 1, False), ("tiny-llama", 1, True), ("tiny-qwen2", 2, True), ("tiny-llama", 2, False),
+])
+def test_shared_prefix_equals_naive_per_member_form(tmp_path, sft_dir, model, n_latent, train_lora):
+    _, data, root = sft_dir
+    sft = _sft(root, data, model, n_latent)
+    trainer = LatentGRPOTrainer(grpo_config(tmp_path / "o", sft, train_lora=train_lora, per_device_train_batch_size=8))
+    (lp_a, lat_a, g_a), (lp_b, lat_b, g_b) = _fast_vs_naive(trainer)
+    assert (lp_a - lp_b).abs().max().item() < 1e-4
+    assert (lat_a - lat_b).abs().max().item() < 1e-5
+    assert g_a.keys() == g_b.keys() and g_a
+    assert any("lora_" in k for k in g_a) == train_lora
+    assert any("latent_head" in k for k in g_a)
+    for k in g_a:
+        rel = (g_a[k] - g_b[k]).abs().max().item() / max(g_b[k].abs().max().item(), 1e-30)
+        assert rel < 1e-4, (k, rel)
+
+
+def test_training_runs_and_checkpoint_evaluates(tmp_path, sft_dir):
+    sft, data, _ = sft_dir
+    out = tmp_path / "grpo"
+    res = run_grpo(grpo_config(out, sft, reward_funcs=["neg_ppl", "reciprocal_rank"], reward_weights=[1.0, 1.0],
+                               rank_candidates=5))
+    assert res["global_step"] == 3 and len(res["log_history"]) == 3
+    last = res["log_history"][-1]
+    for key in ("rewards/neg_ppl/mean", "rewards/reciprocal_rank/mean", "advantage/abs_mean", "latent_norm",
+                "noise_norm", "clip_ratio", "loss", "skipped_groups_total"):
+        assert key in last, key
+    names = {p.name for p in out.iterdir() if p.is_file()}
+    assert {"latent_head.safetensors", "adapter_model.safetensors", "llmrec_config.json", "grpo_results.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    # The head changed and the (frozen) adapter did not.
+    assert not torch.equal(load_file(str(out / "latent_head.safetensors"))["q_proj.weight"],
+                           load_file(str(sft / "latent_head.safetensors"))["q_proj.weight"])
+    assert load_file(str(out / "adapter_model.safetensors")).keys() == load_file(
+        str(sft / "adapter_model.safetensors")).keys()
+    meta = json.loads((out / "llmrec_config.json").read_text())
+    assert meta["grpo"]["steps"] == 3
+    # `llmrec evaluate --checkpoint` reads it.
+    from llmrec.evaluation.evaluator import EvalConfig, evaluate
+
+    r = evaluate(EvalConfig(dataset=str(data), model_name_or_path="tiny-qwen2", checkpoint=str(out), max_rows=4,
+                            num_beams=3, ks=[1, 3], history_length=2, output_dir=str(tmp_path / "eval")))
+    assert r["protocol"]["checkpoint"] == str(out)
+    # A finished run is skipped on a rerun.
+    assert run_grpo(grpo_config(out, sft))["train_seconds_this_run"] == res["train_seconds_this_run"]
+
+
+def test_nan_reward_group_is_skipped_and_counted(tmp_path, sft_dir, monkeypatch):
+    sft, _, _ = sft_dir
+    import llmrec.training.grpo as grpo
+
+    real = REWARD_FUNCTIONS["neg_ppl"]
+
+    def poisoned(inputs):
+        r = real(inputs).clone()
+        r[1] = float("nan")  # one member of the first group of every micro-batch
+        return r
+
+    monkeypatch.setitem(grpo.REWARD_FUNCTIONS, "neg_ppl", poisoned)
+    res = run_grpo(grpo_config(tmp_path / "o", sft, max_steps=2))
+    assert res["skipped_groups"] == 2 * 2 * 1  # 2 steps x 2 micro-batches x 1 poisoned group each
+    head = load_file(str(tmp_path / "o" / "latent_head.safetensors"))
+    assert all(torch.isfinite(v).all() for v in head.values())
+    assert all(math.isfinite(h["loss"]) for h in res["log_history"])
+
+
+def test_resume_matches_uninterrupted(tmp_path, sft_dir):
+    sft, _, _ = sft_dir
+    full = run_grpo(grpo_config(tmp_path / "full", sft, max_steps=4, num_iterations=2))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_2(trainer, stats):
+        if trainer.global_step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        LatentGRPOTrainer(grpo_config(tmp_path / "cut", sft, max_steps=4, num_iterations=2, save_steps=2),
+                          callbacks=[stop_after_2]).train()
+    assert (tmp_path / "cut" / "checkpoint-2" / "grpo_state.json").exists()
+    resumed = run_grpo(grpo_config(tmp_path / "cut", sft, max_steps=4, num_iterations=2, save_steps=2))
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    a = load_file(str(tmp_path / "full" / "latent_head.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "latent_head.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert [h["loss"] for h in full["log_history"]] == pytest.approx([h["loss"] for h in resumed["log_history"]],
+                                                                      abs=1e-6)
+    # num_iterations=2: the second update of each batch sees a ratio != 1, so the clip can act.
+    assert any(h["clip_ratio"] >= 0 for h in full["log_history"])
+
+
+def test_score_candidates_matches_per_candidate_forward(sft_dir):
+    sft, _, _ = sft_dir
+    from llmrec.training.sft import load_sft_checkpoint
+
+    model, tok, _ = load_sft_checkpoint(sft)
+    torch.manual_seed(0)
+    prompt = torch.randint(5, 100, (1, 9))
+    cands = torch.randint(5, 100, (3, 4))
+    cmask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    lat = torch.randn(2, model.lm_config.hidden_size)
+    got = score_candidates(model, prompt, torch.ones_like(prompt), lat, cands, cmask, chunk_rows=4)
+    module = LatentGRPOModule(model, group_size=1)
+    for gi in range(2):
+        for ci in range(3):
+            with torch.no_grad():
+                base = model.encode_prefix(prompt).latents[:, -1]
+                lp, _, _ = module(prompt, torch.ones_like(prompt), cands[ci : ci + 1], cmask[ci : ci + 1],
+                                  noise=lat[gi : gi + 1] - base)
+            m = cmask[ci].float()
+            want = (lp[0] * m).sum() / m.sum()
+            assert abs(got[gi, ci].item() - want.item()) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------- two processes
+
+DIST_SCRIPT = """
+import sys, torch
+from safetensors.torch import save_file
+from llmrec.training.grpo import LatentGRPOConfig, LatentGRPOTrainer
+torch.set_num_threads(1)
+sft, out, accum, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+cfg = LatentGRPOConfig(output_dir=out, sft_checkpoint=sft, num_generations=4, per_device_train_batch_size=4,
+                       gradient_accumulation_steps=accum, max_steps=3, learning_rate=5e-3, save_steps=100, seed=0,
+                       warmup_steps=0, lr_scheduler_type="constant", disable_tqdm=True, advantage_mode=mode,
+                       num_iterations=2)
+t = LatentGRPOTrainer(cfg)
+res = t.train()
+state = {k: v.detach().contiguous() for k, v in t._trainable_state().items()}
+save_file(state, f"{out}/rank{t.accelerator.process_index}.safetensors")
+"""
+
+
+def _launch(n: int, tmp_path: Path, sft: Path, out: Path, accum: int, mode: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "dist_grpo.py"
+    script.write_text(DIST_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29400 + os.getpid() % 1000 + n))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--multi_gpu", "--num_processes", str(n)] if n > 1 else ["--num_processes", "1"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", env["MASTER_PORT"], str(script), str(sft), str(out), str(accum), mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("mode", ["batch", "group"])
+def test_two_processes_match_one_process(tmp_path, sft_dir, mode):
+    sft, _, _ = sft_dir
+    # Same optimiser batch (4 prompts x G=4): 1 process x 4 accumulation steps vs 2 processes x 2.
+    _launch(1, tmp_path, sft, tmp_path / "one", 4, mode)
+    _launch(2, tmp_path, sft, tmp_path / "two", 2, mode)
+    r0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "two" / "rank1.safetensors"))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    assert r0.keys() == r1.keys() == single.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+        assert (r0[k] - single[k]).abs().max().item() <= 1e-5, k
+    one = json.loads((tmp_path / "one" / "grpo_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "grpo_results.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for a, b in zip(one["log_history"], two["log_history"]):
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+

@@ -1,0 +1,331 @@
+"""Recommending with a trained model (llmrec.recommend): LLMs, ID models, histories, CLI. Tiny models, seconds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_prepared
+
+from llmrec.data.canonical import load_prepared
+from llmrec.data.catalog import ItemCatalog
+from llmrec.evaluation.evaluator import EvalConfig, evaluate
+from llmrec.models.checkpoint import CheckpointError
+from llmrec.recommend import (
+    HistoryError,
+    Recommendation,
+    Recommender,
+    UnknownItemError,
+    _TitleIndex,
+    normalize_title,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors on a shared 2-core machine: extra intra-op threads only add synchronisation.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("recommend") / "data")
+
+
+@pytest.fixture(scope="module")
+def zero_shot(data_dir) -> Recommender:
+    return Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="float32", batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def seqrec_run(data_dir, tmp_path_factory) -> Path:
+    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.seqrec.run import run_seqrec
+
+    out = tmp_path_factory.mktemp("seqrec") / "run"
+    run_seqrec(SeqRecConfig(
+        dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=10, hidden_size=16,
+        n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=2, batch_size=8,
+        eval_batch_size=16, progress=False, num_threads=1,
+    ))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sft_run(data_dir, tmp_path_factory) -> Path:
+    from llmrec.training.sft import LatentSFTConfig, run_sft
+
+    out = tmp_path_factory.mktemp("sft") / "run"
+    run_sft(LatentSFTConfig(
+        output_dir=str(out), model_name_or_path="tiny-qwen2", model_dtype="float32", dataset=str(data_dir),
+        max_train_rows=4, eval_split=None, max_length=384, history_length=2, learning_rate=1e-2, warmup_steps=0,
+        per_device_train_batch_size=2, max_steps=2, logging_steps=1, save_strategy="no", lora_dropout=0.0,
+        lora_r=4, lora_alpha=8, seed=0, disable_tqdm=True, num_latent_tokens=1, dataloader_num_workers=0,
+    ))
+    return out
+
+
+def eval_config(data: Path, out: Path, **kw) -> EvalConfig:
+    base = dict(dataset=str(data), split="test", method="beam", model_name_or_path="tiny-qwen2", dtype="float32",
+                prompt="d3", noun="video games", num_beams=4, batch_size=3, ks=[1, 3], output_dir=str(out))
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def read_rankings(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "rankings.jsonl").read_text().splitlines()]
+
+
+# -- LLM -------------------------------------------------------------------------------------------------
+
+
+def assert_same_as_evaluator(recs: list[list[Recommendation]], ranked: list[dict], k: int) -> None:
+    for got, want in zip(recs, ranked, strict=True):
+        assert [r.item_id for r in got] == want["item_ranking"][:k]
+        score_of = dict(zip(want["title_ranking"], want["scores"]))
+        assert [r.score for r in got] == [score_of[r.title] for r in got]
+
+
+def test_llm_recommendations_equal_the_evaluator_ranking(data_dir, zero_shot, tmp_path):
+    """Same model, same beams, same batches: recommend() returns the evaluator's item ranking and scores."""
+    evaluate(eval_config(data_dir, tmp_path / "ev"))
+    ranked = read_rankings(tmp_path / "ev")
+    histories = list(load_prepared(data_dir, splits=["test"]).splits["test"]["history_item_ids"])
+    recs = zero_shot.recommend(histories, k=4)
+    assert len(recs) == 12 and all(len(r) == 4 for r in recs)
+    assert_same_as_evaluator(recs, ranked, 4)
+    assert zero_shot.info["kind"] == "llm" and zero_shot.info["source"] == "base model"
+
+
+def test_titles_ids_and_normalised_titles_give_the_same_result(zero_shot):
+    cat = zero_shot.catalog
+    by_id = [[1, 5, 9], [12, 2]]
+    by_title = [[cat.title(i) for i in h] for h in by_id]
+    messy = [["  " + t.upper().replace(" ", "   ") + " " for t in h] for h in by_title]
+    mixed = [[by_title[0][0], 5, by_title[0][2]], [12, by_title[1][1]]]
+    want = zero_shot.recommend(by_id, k=3)
+    assert len(want) == 2 and all(len(r) == 3 for r in want)
+    assert zero_shot.recommend(by_title, k=3) == want
+    assert zero_shot.recommend(messy, k=3) == want
+    assert zero_shot.recommend(mixed, k=3) == want
+    # One history (not wrapped in a batch) gives its list directly.
+    assert zero_shot.recommend(by_title[0], k=3) == zero_shot.recommend([by_title[0]], k=3)[0]
+    assert all(isinstance(r, Recommendation) and r.title == cat.title(r.item_id) for r in want[0])
+
+
+def test_unknown_title_is_an_error_naming_the_title_and_its_position(zero_shot):
+    history = [zero_shot.catalog.title(1), "Halo Infinite Deluxe 99", zero_shot.catalog.title(3)]
+    with pytest.raises(UnknownItemError, match=r"position 2: title 'Halo Infinite Deluxe 99' is not in the catalogue"):
+        zero_shot.recommend(history, k=3)
+    with pytest.raises(UnknownItemError, match=r"history 1, position 1: title 'nope'"):
+        zero_shot.recommend([[1], ["nope"]], k=3)
+
+
+def test_skip_drops_unknown_titles_with_a_warning_and_records_them(zero_shot, caplog):
+    cat = zero_shot.catalog
+    history = [cat.title(1), "Halo Infinite Deluxe 99", cat.title(3)]
+    with caplog.at_level(logging.WARNING, logger="llmrec.recommend"):
+        got = zero_shot.recommend(history, k=3, on_unknown="skip")
+    assert "position 2: skipping title 'Halo Infinite Deluxe 99'" in caplog.text
+    assert [[s.position for s in h] for h in zero_shot.last_skipped] == [[2]]
+    assert got == zero_shot.recommend([1, 3], k=3)
+    assert zero_shot.last_skipped == [[]]  # reset by the last call ...
+    zero_shot.recommend([history, [2]], k=3, on_unknown="skip")
+    (skipped,), none = zero_shot.last_skipped  # ... and one list per history
+    assert none == [] and skipped.position == 2 and skipped.value == "Halo Infinite Deluxe 99"
+    with pytest.raises(HistoryError, match="all 2 of its items were unknown"):
+        zero_shot.recommend(["nope", "neither"], k=3, on_unknown="skip")
+
+
+def test_bad_histories_are_clear_errors(zero_shot):
+    n = len(zero_shot.catalog)
+    with pytest.raises(HistoryError, match="history is empty"):
+        zero_shot.recommend([], k=3)
+    with pytest.raises(HistoryError, match="history 1 is empty"):
+        zero_shot.recommend([[1, 2], []], k=3)
+    for bad in (0, n + 1, -3):
+        with pytest.raises(UnknownItemError, match=rf"position 2: item id {bad} is not in the catalogue \(ids 1..{n}\)"):
+            zero_shot.recommend([1, bad], k=3)
+    with pytest.raises(UnknownItemError, match="item id"):
+        zero_shot.recommend([1, n + 1], k=3, on_unknown="skip")  # unknown ids are never skipped
+    with pytest.raises(HistoryError, match="position 2: expected an item title"):
+        zero_shot.recommend([1, 2.5], k=3)
+    with pytest.raises(HistoryError, match="position 1: expected an item title"):
+        zero_shot.recommend([True], k=3)
+    with pytest.raises(TypeError, match="single string"):
+        zero_shot.recommend(zero_shot.catalog.title(1), k=3)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        zero_shot.recommend([1], k=0)
+    with pytest.raises(ValueError, match="on_unknown"):
+        zero_shot.recommend([1], k=3, on_unknown="ignore")
+
+
+def test_title_matching_is_exact_then_normalised_and_refuses_ambiguity():
+    assert normalize_title("  Super  MARIO\tbros ") == "super mario bros"
+    index = _TitleIndex(ItemCatalog(["a", "b", "c", "d"], ["Halo", "HALO", "Tetris", "Halo"]))
+    assert index.lookup("Halo") == (1, "") and index.lookup("HALO") == (2, "")  # exact first; shared -> smallest id
+    assert index.lookup(" tetris ") == (3, "")
+    item, reason = index.lookup("halo")
+    assert item is None and "matches 2 catalogue titles" in reason
+
+
+def test_exclude_history_llm(zero_shot):
+    history = [12, 7, 23]  # among the tiny model's favourite titles, so they would be recommended
+    plain = zero_shot.recommend(history, k=5)
+    assert set(history) & {r.item_id for r in plain}
+    got = zero_shot.recommend(history, k=5, exclude_history=True)
+    assert len(got) == 5 and not set(history) & {r.item_id for r in got}
+
+
+def test_sft_checkpoint_loads_and_recommends(data_dir, sft_run, tmp_path, capsys):
+    """A saved latent SFT checkpoint: settings and dataset come from it; rankings equal the evaluator's."""
+    rec = Recommender.from_pretrained(sft_run, batch_size=3)
+    assert rec.info["source"] == "llmrec SFT checkpoint" and rec.info["num_latent_tokens"] == 1
+    assert rec.history_length == 2 and rec.info["dtype"] == "float32" and rec.info["model"] == "tiny-qwen2"
+    assert Path(rec.info["dataset"]) == data_dir
+    evaluate(eval_config(data_dir, tmp_path / "ev", checkpoint=str(sft_run), history_length=2))
+    histories = list(load_prepared(data_dir, splits=["test"]).splits["test"]["history_item_ids"])
+    recs = rec.recommend(histories, k=4)  # the recommender keeps the 2 most recent items, as the evaluator
+    assert_same_as_evaluator(recs, read_rankings(tmp_path / "ev"), 4)
+
+    from llmrec.cli import main
+
+    assert main(["recommend", "--checkpoint", str(sft_run), "--item-ids", "--history", "1", "2", "--k", "3"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [int(line.split()[1]) for line in table[2:]] == [r.item_id for r in rec.recommend([1, 2], k=3)]
+
+
+def test_full_model_checkpoint_without_llmrec_config(data_dir, tmp_path):
+    """A plain save_pretrained directory is a checkpoint too (dataset required); it ranks as the evaluator."""
+    from llmrec.models.tiny import build_tiny
+
+    model, tok = build_tiny("tiny-qwen2")
+    model.save_pretrained(tmp_path / "full")
+    tok.save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match="records no dataset"):
+        Recommender.from_pretrained(tmp_path / "full")
+    rec = Recommender.from_pretrained(tmp_path / "full", dataset=data_dir, dtype="float32", batch_size=3)
+    assert rec.info["source"] == "checkpoint (full)"
+    evaluate(eval_config(data_dir, tmp_path / "ev", checkpoint=str(tmp_path / "full")))
+    histories = list(load_prepared(data_dir, splits=["test"]).splits["test"]["history_item_ids"])
+    assert_same_as_evaluator(rec.recommend(histories, k=4), read_rankings(tmp_path / "ev"), 4)
+
+
+# -- ID models -------------------------------------------------------------------------------------------
+
+
+def test_seqrec_recommendations_are_the_top_k_of_its_scores(data_dir, seqrec_run):
+    from safetensors.torch import load_file
+
+    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.seqrec.data import left_pad
+    from llmrec.seqrec.models import build_model
+
+    rec = Recommender.from_pretrained(seqrec_run)
+    assert rec.kind == "seqrec" and rec.info["model"] == "sasrec" and rec.history_length == 10
+    assert rec.exclude_history is False  # the run's mask_history
+    cfg = SeqRecConfig(**json.loads((seqrec_run / "results.json").read_text())["config"])
+    model = build_model(cfg, 30)
+    model.load_state_dict(load_file(str(seqrec_run / "train" / "best.safetensors")))
+    model.eval()
+    histories = [[1, 2, 3], [30], list(range(1, 16))]
+    scores = model.score(torch.from_numpy(left_pad(histories, 10)))
+    got = rec.recommend(histories, k=5)
+    for row, recs in zip(scores, got):
+        order = sorted(range(30), key=lambda j: (-row[j].item(), j))[:5]
+        assert [r.item_id for r in recs] == [j + 1 for j in order]
+        assert [r.score for r in recs] == pytest.approx([row[j].item() for j in order])
+    # Titles give the same as ids; k beyond the catalogue returns every item; exclusion masks history ids.
+    assert rec.recommend([rec.catalog.title(i) for i in histories[0]], k=5) == rec.recommend(histories[0], k=5)
+    assert rec.catalog.title(3) == rec.catalog.title(4)  # a shared title stands for its smallest id
+    assert rec.recommend([rec.catalog.title(4)], k=5) == rec.recommend([3], k=5) != rec.recommend([4], k=5)
+    assert len(rec.recommend([1], k=100)) == 30
+    excluded = rec.recommend(histories[0], k=30, exclude_history=True)
+    assert len(excluded) == 27 and not {1, 2, 3} & {r.item_id for r in excluded}
+
+
+def test_seqrec_dataset_mismatch_and_bad_checkpoints_are_clear_errors(seqrec_run, tmp_path):
+    other = write_prepared(tmp_path / "small", n_items=20)
+    with pytest.raises(ValueError, match="trained on a catalogue of 30 items, but .* has 20"):
+        Recommender.from_pretrained(seqrec_run, dataset=other)
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "train").mkdir(parents=True)
+    (unfinished / "train" / "best.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        Recommender.from_pretrained(unfinished)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="nor is it a `llmrec seqrec train` run"):
+        Recommender.from_pretrained(junk)
+    with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+        Recommender.from_pretrained(tmp_path / "missing" / "run")
+    with pytest.raises(ValueError, match="records no dataset"):
+        Recommender.from_pretrained("tiny-qwen2")
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+
+
+def test_cli_jsonl_in_and_out(seqrec_run, tmp_path, capsys):
+    from llmrec.cli import main
+
+    rec = Recommender.from_pretrained(seqrec_run)
+    cat = rec.catalog
+    inp = tmp_path / "histories.jsonl"
+    inp.write_text(
+        json.dumps({"user": "u1", "history": [1, 2, 3]}) + "\n\n"
+        + json.dumps({"history": [cat.title(4), cat.title(5).upper()]}) + "\n"
+        + json.dumps({"user": 7, "history": [cat.title(6), "No Such Game", 8]}) + "\n"
+    )
+    out = tmp_path / "out" / "recs.jsonl"
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), "--output", str(out),
+                 "--k", "4", "--on-unknown", "skip"]) == 0
+    assert "wrote 3 lines" in capsys.readouterr().out
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    # Items 3 and 4 share a title: the title stands for the smaller id.
+    want = rec.recommend([[1, 2, 3], [3, 5], [6, 8]], k=4)
+    assert [x.get("user") for x in lines] == ["u1", None, 7] and "user" not in lines[1]
+    for line, recs in zip(lines, want):
+        assert line["recommendations"] == [r.to_dict() for r in recs]
+    assert lines[0]["skipped"] == [] and lines[2]["skipped"][0]["position"] == 2
+    assert lines[2]["skipped"][0]["value"] == "No Such Game"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["recs.jsonl"]  # atomic: no temporary left behind
+    # Without --output the same lines go to stdout.
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), "--k", "4",
+                 "--on-unknown", "skip"]) == 0
+    assert capsys.readouterr().out == out.read_text()
+
+    # Default on_unknown=error: the file, its line and the title are named; nothing is written.
+    out2 = tmp_path / "out2.jsonl"
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), "--output", str(out2)]) == 1
+    err = capsys.readouterr().err
+    assert "histories.jsonl, row 4, field 'history': position 2: title 'No Such Game'" in err
+    assert not out2.exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user": "x", "items": [1]}\n')
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(bad), "--output", str(out2)]) == 1
+    assert "bad.jsonl, row 1, field 'history': missing" in capsys.readouterr().err
+
+
+def test_cli_history_prints_a_table(data_dir, zero_shot, capsys):
+    from llmrec.cli import main
+
+    titles = [zero_shot.catalog.title(2), zero_shot.catalog.title(9)]
+    want = zero_shot.recommend(titles, k=3)
+    args = ["recommend", "--checkpoint", "tiny-qwen2", "--dataset", str(data_dir), "--dtype", "float32", "--k", "3"]
+    assert main([*args, "--history", *titles]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:2] == ["rank", "item_id"]
+    for line, r in zip(table[2:], want, strict=True):
+        assert line.split(maxsplit=3) == [str(want.index(r) + 1), str(r.item_id), f"{r.score:.4f}", r.title]
+    assert main([*args, "--item-ids", "--history", "2", "9"]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == table[2:]
+    assert main([*args, "--history", "Not A Title"]) == 1
+    assert "--history, position 1: title 'Not A Title' is not in the catalogue" in capsys.readouterr().err
