@@ -123,6 +123,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from llmrec.bench_latent_sft import bench_latent_sft
 
         result = bench_latent_sft(args)
+    elif args.bench == "grpo":
+        from llmrec.bench_grpo import bench_grpo
+
+        result = bench_grpo(args)
     elif args.bench == "seqrec":
         from llmrec.config import ConfigError
         from llmrec.seqrec.bench import run_seqrec_benchmark
@@ -169,6 +173,13 @@ def register_cli(subparsers) -> None:
     add_latent_sft_arguments(ls)
     ls.add_argument("--output", default=None, help="also write the JSON result here")
     ls.set_defaults(func=cmd_bench)
+    from llmrec.bench_grpo import add_arguments as add_grpo_arguments
+
+    gr = sub.add_parser("grpo", help="latent GRPO step time: shared-prefix form vs the naive per-member form",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_grpo_arguments(gr)
+    gr.add_argument("--output", default=None, help="also write the JSON result here")
+    gr.set_defaults(func=cmd_bench)
     s = sub.add_parser("seqrec", help="train and test ID-based models per seed on one split; mean +- std table",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Extra --field value pairs are SeqRecConfig fields applied to every run.")

@@ -193,7 +193,8 @@ def _fast_vs_naive(trainer: LatentGRPOTrainer):
     for naive in (False, True):
         module.naive = naive
         module.zero_grad(set_to_none=True)
-        lp, latent, _ = module(**t, noise=noise)
+        res = module(**t, noise=noise)
+        lp, latent = res.logprobs, res.latent
         (lp * weights * mask).sum().backward()
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
         results.append((lp.detach() * mask, latent.detach(), grads))
@@ -311,8 +312,8 @@ def test_score_candidates_matches_per_candidate_forward(sft_dir):
         for ci in range(3):
             with torch.no_grad():
                 base = model.encode_prefix(prompt).latents[:, -1]
-                lp, _, _ = module(prompt, torch.ones_like(prompt), cands[ci : ci + 1], cmask[ci : ci + 1],
-                                  noise=lat[gi : gi + 1] - base)
+                lp = module(prompt, torch.ones_like(prompt), cands[ci : ci + 1], cmask[ci : ci + 1],
+                            noise=lat[gi : gi + 1] - base).logprobs
             m = cmask[ci].float()
             want = (lp[0] * m).sum() / m.sum()
             assert abs(got[gi, ci].item() - want.item()) < 1e-4
@@ -373,3 +374,51 @@ def test_two_processes_match_one_process(tmp_path, sft_dir, mode):
         assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
+
+
+def test_cli_grpo_in_process(tmp_path, sft_dir, capsys):
+    from llmrec.cli import main
+
+    sft, _, _ = sft_dir
+    recipe = tmp_path / "g.yaml"
+    recipe.write_text(f"sft_checkpoint: {sft}\nnum_generations: 2\nper_device_train_batch_size: 2\nmax_steps: 2\n"
+                      "reward_funcs: [log_likelihood]\nadvantage_mode: group\nnoise_mode: relative\nnoise_scale: 0.5\n"
+                      "disable_tqdm: true\n")
+    assert main(["grpo", "--config", str(recipe), "--output_dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["global_step"] == 2 and "reward" in summary["last_step"]
+    # a misspelt option is a clear error (exit 1, message names it), not a silently ignored value
+    assert main(["grpo", "--config", str(recipe), "--output_dir", str(tmp_path / "o2"), "--noise_scal", "1"]) == 1
+    assert "noise_scal" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-llama"])
+def test_reused_prompt_state_equals_fresh_prompt_pass(tmp_path, sft_dir, model):
+    _, data, root = sft_dir
+    trainer = LatentGRPOTrainer(grpo_config(tmp_path / "o", _sft(root, data, model, 1), per_device_train_batch_size=8))
+    module = trainer.accelerator.unwrap_model(trainer.module)
+    assert module.prompt_state_reusable()
+    batch = trainer.local_micro_batches(0)[0]
+    t = {k: getattr(batch, k) for k in ("prompt_input_ids", "prompt_attention_mask", "completion_input_ids",
+                                         "completion_attention_mask")}
+    noise = torch.randn(len(batch.rows) * 4, module.latent_lm.lm_config.hidden_size)
+    with torch.no_grad():
+        state = module(**t, noise=noise, keep_prompt_state=True).prompt_state
+    assert state is not None
+    outs = []
+    for kw in ({}, {"prompt_state": state}, {"prompt_state": state}):  # twice: the kept state is not consumed
+        module.zero_grad(set_to_none=True)
+        lp = module(**t, noise=noise, **kw).logprobs
+        lp.sum().backward()
+        outs.append((lp.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+    for lp, grads in outs[1:]:
+        assert torch.allclose(lp, outs[0][0], atol=1e-5, rtol=0)
+        assert grads.keys() == outs[0][1].keys()
+        for k in grads:
+            assert torch.allclose(grads[k], outs[0][1][k], atol=1e-6, rtol=1e-5), k
+    next(module.latent_lm.model.parameters()).requires_grad_(True)
+    assert not module.prompt_state_reusable()  # a trainable LM weight makes the prompt pass depend on training
+    with pytest.raises(ValueError, match="frozen LM"):
+        module(**t, noise=noise, prompt_state=state)

@@ -521,7 +521,10 @@ class LatentReasoningLM(nn.Module):
         return self.causal_lm.get_decoder()
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.causal_lm.get_output_embeddings()(hidden)
+        # Apply the head to a contiguous 2-D view: on a sliced (non-contiguous) 3-D input, torch falls back to a
+        # batched matmul that copies the whole [V, H] weight once per row (most of a GRPO step's time on CPU).
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return self.causal_lm.get_output_embeddings()(flat).view(*hidden.shape[:-1], -1)
 
     def _cache_usable(self) -> bool:
         """False when a checkpointed decoder layer would silently drop the KV cache (training + checkpointing)."""

@@ -49,7 +49,7 @@ from llmrec.training.rewards import RANK_REWARDS, REWARD_FUNCTIONS, RewardInputs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GRPOBatch", "LatentGRPOConfig", "LatentGRPOModule", "LatentGRPOTrainer", "member_noise", "run_grpo"]
+__all__ = ["GRPOBatch", "LatentGRPOConfig", "LatentGRPOModule", "MemberScores", "LatentGRPOTrainer", "member_noise", "run_grpo"]
 
 STATE_NAME = "grpo_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
@@ -222,6 +222,7 @@ class GRPOBatch:
     ref_logprobs: torch.Tensor | None = None  # [B*G, C] under the frozen reference (beta > 0)
     advantages: torch.Tensor | None = None  # [B*G]
     valid: torch.Tensor | None = None  # [B*G] False for members of skipped groups
+    prompt_state: Any = None  # the prompts' encoded state from scoring, reused by the loss pass when exact
 
 
 def _collate(rows: list[dict], pad: int) -> dict[str, torch.Tensor]:
@@ -251,6 +252,24 @@ def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)
 
 
+@dataclass
+class MemberScores:
+    """Output of :class:`LatentGRPOModule`: per-member target log-probs and what produced them.
+
+    Attributes:
+        logprobs: ``[B*G, C]`` log p of each completion token (padding positions are unspecified).
+        latent: ``[B, H]`` the pooled, noise-free latents.
+        noise: ``[B*G, H]`` the noise added to each member's last latent.
+        prompt_state: the prompts' encoded state (KV cache, hidden states) when ``keep_prompt_state`` was
+            asked and reuse is exact (N = 1, frozen LM); give it back as ``prompt_state`` to skip the prompt pass.
+    """
+
+    logprobs: torch.Tensor
+    latent: torch.Tensor
+    noise: torch.Tensor
+    prompt_state: Any = None
+
+
 class LatentGRPOModule(nn.Module):
     """The per-member log-likelihood of the true title under a (noised) latent, shared-prefix or naive.
 
@@ -264,20 +283,41 @@ class LatentGRPOModule(nn.Module):
         self.naive = naive
         self.pad_token_id = pad_token_id
 
+    def prompt_state_reusable(self) -> bool:
+        """The prompt pass can be reused across calls only if it involves no trainable LM weight and no latent
+        is fed back through the LM before the last one (N = 1): then only the head's pooling depends on training."""
+        lm = self.latent_lm
+        return (not self.naive and lm.num_latent_tokens == 1
+                and not any(p.requires_grad for p in lm.model.parameters()))
+
     def forward(self, prompt_input_ids, prompt_attention_mask, completion_input_ids, completion_attention_mask,
-                noise=None, noise_fn=None):
-        """``(token_logprobs [B*G, C], latent [B, H], noise [B*G, H])``.
+                noise=None, noise_fn=None, keep_prompt_state: bool = False, prompt_state=None) -> MemberScores:
+        """Score the G members of each prompt; see :class:`MemberScores`.
 
         ``noise`` is added to the last latent of each member; or ``noise_fn(latent)`` draws it from the
-        pooled (noise-free) latents ``[B, H]`` (relative noise scales need them).
+        pooled (noise-free) latents ``[B, H]`` (relative noise scales need them). ``prompt_state`` (from an
+        earlier call with ``keep_prompt_state``) replaces the prompt pass; the latent is pooled again from
+        its hidden states, so the head still receives gradients.
         """
         lm = self.latent_lm
         g = self.group_size
         if self.naive:
             return self._naive(prompt_input_ids, prompt_attention_mask, completion_input_ids,
                                completion_attention_mask, noise, noise_fn)
-        prefix = lm.encode_prefix(prompt_input_ids, prompt_attention_mask, use_cache=None)
-        latent = prefix.latents[:, -1]
+        kept = None
+        if prompt_state is not None:
+            if not self.prompt_state_reusable():
+                raise ValueError("prompt_state reuse needs N = 1 latent token and a frozen LM")
+            prefix = dataclasses.replace(prompt_state, past_key_values=copy.deepcopy(prompt_state.past_key_values))
+            hidden = prefix.hidden_states
+            latent = lm.latent_head(hidden, prefix.attention_mask, hidden.shape[1] - 1)
+            prefix = dataclasses.replace(prefix, latents=latent[:, None])
+        else:
+            prefix = lm.encode_prefix(prompt_input_ids, prompt_attention_mask, use_cache=None)
+            latent = prefix.latents[:, -1]
+            if keep_prompt_state and self.prompt_state_reusable() and prefix.past_key_values is not None:
+                # repeat_interleave below expands the cache in place: keep an untouched copy
+                kept = dataclasses.replace(prefix, past_key_values=copy.deepcopy(prefix.past_key_values), latents=None)
         if noise is None:
             if noise_fn is None:
                 raise ValueError("give noise or noise_fn")
@@ -288,7 +328,7 @@ class LatentGRPOModule(nn.Module):
         c_ids = completion_input_ids.repeat_interleave(g, dim=0)
         c_mask = completion_attention_mask.repeat_interleave(g, dim=0)
         out = lm.decode_completion(members, c_ids, c_mask)
-        return _token_logprobs(out.logits, c_ids), latent, noise
+        return MemberScores(_token_logprobs(out.logits, c_ids), latent, noise, kept)
 
     def _naive(self, p_ids, p_mask, c_ids, c_mask, noise, noise_fn):
         # The paper's form, member by member: N+1 full passes over [prompt, latents, completion] per member.
@@ -319,7 +359,7 @@ class LatentGRPOModule(nn.Module):
             if m % g == 0:
                 r = (out.latents[0, -1] - noise[m].to(out.latents.dtype))[None]
                 latent = r if latent is None else torch.cat([latent, r], 0)
-        return torch.stack(rows), latent, noise
+        return MemberScores(torch.stack(rows), latent, noise)
 
 
 @torch.no_grad()
@@ -541,11 +581,13 @@ class LatentGRPOTrainer:
         for b in batches:
             t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
                                                       "completion_input_ids", "completion_attention_mask")}
-            lp, latent, b.noise = self.module(**t, noise_fn=lambda r, rows=b.rows: self._scaled_noise(epoch, rows, r))
+            res = self.module(**t, noise_fn=lambda r, rows=b.rows: self._scaled_noise(epoch, rows, r),
+                              keep_prompt_state=True)
+            lp, latent, b.noise, b.prompt_state = res.logprobs, res.latent, res.noise, res.prompt_state
             b.old_logprobs = lp
             if self.ref_model is not None:
                 ref = LatentGRPOModule(self.ref_model, g, c.naive_forward, self.pad)
-                b.ref_logprobs, _, _ = ref(**t, noise=b.noise)
+                b.ref_logprobs = ref(**t, noise=b.noise).logprobs
             mask = t["completion_attention_mask"].repeat_interleave(g, 0)
             inputs = RewardInputs(lp, mask)
             if self.uses_candidates:
@@ -626,7 +668,8 @@ class LatentGRPOTrainer:
         dev = self.accelerator.device
         t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
                                                   "completion_input_ids", "completion_attention_mask")}
-        lp, _, _ = self.module(**t, noise=b.noise)
+        # The prompt pass of the scoring step is reused when exact (frozen LM, N = 1): the head is re-applied.
+        lp = self.module(**t, noise=b.noise, prompt_state=b.prompt_state).logprobs
         mask = t["completion_attention_mask"].repeat_interleave(c.num_generations, 0).float() * b.valid[:, None].float()
         old = lp.detach() if (c.num_iterations == 1) else b.old_logprobs
         ratio = torch.exp(lp - old)

@@ -1,0 +1,146 @@
+"""``llmrec bench grpo``: one latent-GRPO step, our shared-prefix form vs the naive per-member form.
+
+    llmrec bench grpo --model smollm2-135m --group-size 8 --output benchmarks/results/grpo_smollm2.json
+
+A step is what the trainer does per micro-batch: score the G members without gradients, then the
+loss forward and backward (pooling head trainable, LLM frozen: the paper's setting; ``--train-lora``
+adds LoRA adapters). Both forms run on the same batches, interleaved, in ``--dtype`` (bf16 by default);
+exactness (max relative gradient difference of every trainable tensor) is measured in float32.
+The last line of output is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from llmrec.bench_latent_sft import make_batches
+from llmrec.models.backbone import load_backbone
+from llmrec.models.latent import LatentConfig, LatentReasoningLM, add_latent_tokens
+from llmrec.training.grpo import LatentGRPOModule, member_noise
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of ``llmrec bench grpo``."""
+    ap.add_argument("--model", default="smollm2-135m", help="backbone alias, directory or hub id")
+    ap.add_argument("--group-size", type=int, default=8, help="G members per prompt")
+    ap.add_argument("--prompts", type=int, default=1, help="prompts per micro-batch (the paper: 1 group per device)")
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"))
+    ap.add_argument("--completion-len", type=int, nargs=2, default=(15, 25), metavar=("MIN", "MAX"))
+    ap.add_argument("--num-batches", type=int, default=3, help="distinct batches, cycled over the steps")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per form")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per form (median reported)")
+    ap.add_argument("--dtype", default="bfloat16", help="dtype of the timed runs")
+    ap.add_argument("--noise-scale", type=float, default=1.5)
+    ap.add_argument("--train-lora", action="store_true", help="also train LoRA adapters (default: head only)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def _build(args, dtype: str) -> tuple[LatentGRPOModule, object]:
+    model, tok = load_backbone(args.model, dtype=dtype)
+    cfg = LatentConfig(num_latent_tokens=1)
+    add_latent_tokens(tok, model, cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if args.train_lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(args.seed)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    torch.manual_seed(args.seed + 1)
+    lm = LatentReasoningLM(model, cfg)
+    lm.eval()  # no dropout: both forms see the same function
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return LatentGRPOModule(lm, args.group_size, naive=False, pad_token_id=pad), tok
+
+
+def _inputs(args, batch: dict[str, torch.Tensor], hidden: int, step: int):
+    b = batch["prompt_input_ids"].shape[0]
+    noise = torch.cat([member_noise(args.seed, 0, step * 100 + i, args.group_size, hidden) for i in range(b)])
+    g = torch.Generator().manual_seed(args.seed + step)
+    advantages = torch.randn(b * args.group_size, generator=g)
+    return noise * args.noise_scale, advantages
+
+
+def _step(module: LatentGRPOModule, batch, noise, advantages) -> None:
+    """Score without gradients, then the loss forward + backward (per-member mean log-prob x advantage),
+    as the trainer does (it reuses the scoring pass's prompt state when that is exact)."""
+    with torch.no_grad():
+        state = module(**batch, noise=noise, keep_prompt_state=True).prompt_state
+    lp = module(**batch, noise=noise, prompt_state=state).logprobs
+    mask = batch["completion_attention_mask"].repeat_interleave(module.group_size, 0).to(lp.dtype)
+    loss = -((lp * mask).sum(-1) / mask.sum(-1) * advantages).mean()
+    loss.backward()
+
+
+def _grads(module: LatentGRPOModule, batch, noise, advantages, naive: bool) -> dict[str, torch.Tensor]:
+    module.naive = naive
+    module.zero_grad(set_to_none=True)
+    lp = module(**batch, noise=noise).logprobs
+    mask = batch["completion_attention_mask"].repeat_interleave(module.group_size, 0).to(lp.dtype)
+    (-((lp * mask).sum(-1) / mask.sum(-1) * advantages).mean()).backward()
+    out = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def bench_grpo(args: argparse.Namespace) -> dict:
+    """Time both forms side by side on the same batches; exactness in float32. Returns the result dict."""
+    if args.group_size < 2:
+        raise ValueError("--group-size must be >= 2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    module, tok = _build(args, args.dtype)
+    args.batch_size = args.prompts
+    batches = make_batches(tok, args)
+    hidden = module.latent_lm.lm_config.hidden_size
+    inputs = [_inputs(args, b, hidden, i) for i, b in enumerate(batches)]
+    shapes = [(b["prompt_input_ids"].shape[1], b["completion_input_ids"].shape[1]) for b in batches]
+    print(f"model {args.model} ({args.dtype}), G={args.group_size}, prompts/micro-batch {args.prompts}, "
+          f"[prompt cols, completion cols] per batch: {shapes}, torch threads {torch.get_num_threads()}",
+          file=sys.stderr)
+    times: dict[str, list[float]] = {"ours": [], "naive": []}
+    for step in range(args.warmup + args.steps):
+        i = step % len(batches)
+        order = ["ours", "naive"] if step % 2 == 0 else ["naive", "ours"]
+        for name in order:
+            module.naive = name == "naive"
+            t = time.perf_counter()
+            _step(module, batches[i], *inputs[i])
+            dt = time.perf_counter() - t
+            module.zero_grad(set_to_none=True)
+            print(f"step {step} {'warm-up' if step < args.warmup else 'timed'} {name}: {dt:.3f} s", file=sys.stderr,
+                  flush=True)
+            if step >= args.warmup:
+                times[name].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    del module
+
+    exact, _ = _build(args, "float32")
+    max_rel = 0.0
+    for b, (noise, adv) in zip(batches[:1], inputs[:1]):
+        a = _grads(exact, b, noise, adv, naive=False)
+        c = _grads(exact, b, noise, adv, naive=True)
+        if a.keys() != c.keys() or not a:
+            raise RuntimeError("the two forms train different tensors")
+        for n in a:
+            max_rel = max(max_rel, (a[n] - c[n]).abs().max().item() / max(c[n].abs().max().item(), 1e-30))
+    print(f"host load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"{'form':<8}{'median s':>10}{'min s':>9}{'max s':>9}")
+    for k, v in times.items():
+        print(f"{k:<8}{med[k]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}")
+    print(f"ours/naive {med['ours'] / med['naive']:.3f}; float32 max rel grad diff {max_rel:.3g}")
+    return {
+        "model": args.model, "dtype": args.dtype, "group_size": args.group_size, "prompts": args.prompts,
+        "train_lora": bool(args.train_lora), "steps_timed": args.steps, "batch_shapes": shapes,
+        "torch_threads": torch.get_num_threads(),
+        "ours_step_s": round(med["ours"], 4), "naive_step_s": round(med["naive"], 4),
+        "ours_over_naive": round(med["ours"] / med["naive"], 4), "max_rel_grad_diff_vs_naive": max_rel,
+    }

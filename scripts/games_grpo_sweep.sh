@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Latent GRPO on top of the latent SFT checkpoint of scripts/games_sft_comparison.sh (run that first):
+# a learning-rate x advantage-mode sweep of short runs screened on 200 *validation* rows, then the best run
+# against its SFT starting point on the same 500 test rows as the other methods. Every stage skips or resumes
+# finished work. Results: runs/games-cmp/grpo_sweep.md and compare_grpo.{md,json}.
+#   bash scripts/games_grpo_sweep.sh          # GRPO_ROWS=128 prompts per run by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/games-cmp}
+GRPO_ROWS=${GRPO_ROWS:-128}
+EVAL_ROWS=${EVAL_ROWS:-500}
+LRS=${LRS:-"1e-5 5e-5 1e-4"}
+MODES=${MODES:-"batch group"}
+DATA=data/games
+SFT="$OUT/sft_latent"
+[ -f "$SFT/train_results.json" ] || { echo "no finished latent SFT in $SFT: run scripts/games_sft_comparison.sh" >&2; exit 1; }
+VAL=(--config recipes/games/eval.yaml --dataset "$DATA" --split valid --max_rows 200)
+llmrec evaluate "${VAL[@]}" --checkpoint "$SFT" --output_dir "$OUT/val_sft_latent"
+runs=("$OUT/val_sft_latent")
+for mode in $MODES; do
+  for lr in $LRS; do
+    name="grpo_${mode}_lr${lr}"
+    llmrec grpo --config recipes/games/grpo_latent.yaml --sft_checkpoint "$SFT" --dataset "$DATA" \
+      --model_dtype bfloat16 --max_train_rows "$GRPO_ROWS" --per_device_train_batch_size 8 \
+      --gradient_accumulation_steps 4 --advantage_mode "$mode" --learning_rate "$lr" --save_steps 4 \
+      --output_dir "$OUT/$name"
+    llmrec evaluate "${VAL[@]}" --checkpoint "$OUT/$name" --output_dir "$OUT/val_$name"
+    runs+=("$OUT/val_$name")
+  done
+done
+llmrec compare "${runs[@]}" --metrics hr@10,ndcg@10 --output "$OUT/grpo_sweep.json" | head -n -1 | tee "$OUT/grpo_sweep.md"
+# The best run on validation NDCG@10 (ties: the first) goes to the test comparison.
+best=$(python - "$OUT/grpo_sweep.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+vals = r["metrics"]["ndcg@10"][1:]
+runs = r["runs"][1:]
+print(runs[max(range(len(vals)), key=lambda i: (vals[i], -i))].split("/val_", 1)[1])
+PY
+)
+echo "best on validation: $best"
+llmrec evaluate --config recipes/games/eval.yaml --dataset "$DATA" --max_rows "$EVAL_ROWS" --checkpoint "$OUT/$best" \
+  --output_dir "$OUT/eval_$best"
+llmrec compare "$OUT/eval_sft_latent" "$OUT/eval_$best" "$OUT/eval_sft_bigrec" --metrics hr@1,hr@5,hr@10,ndcg@5,ndcg@10 \
+  --output "$OUT/compare_grpo.json" | head -n -1 | tee "$OUT/compare_grpo.md"
