@@ -65,6 +65,16 @@ def test_reciprocal_rank_hand_computed_with_ties():
         reciprocal_rank(RewardInputs(torch.zeros(1, 1), torch.ones(1, 1)))
 
 
+def test_docstring_examples_hold():
+    import doctest
+
+    import llmrec.training.advantages as advantages
+    import llmrec.training.rewards as rewards
+
+    for mod in (rewards, advantages):
+        assert doctest.testmod(mod).failed == 0, mod.__name__
+
+
 def test_combine_rewards_weighted_sum_and_registry():
     total = combine_rewards({"neg_ppl": torch.tensor([-2.0, -4.0]), "log_likelihood": torch.tensor([-1.0, 0.0])},
                             {"neg_ppl": 0.5, "log_likelihood": 2.0})
@@ -236,8 +246,8 @@ def test_training_runs_and_checkpoint_evaluates(tmp_path, sft_dir):
     # The head changed and the (frozen) adapter did not.
     assert not torch.equal(load_file(str(out / "latent_head.safetensors"))["q_proj.weight"],
                            load_file(str(sft / "latent_head.safetensors"))["q_proj.weight"])
-    assert load_file(str(out / "adapter_model.safetensors")).keys() == load_file(
-        str(sft / "adapter_model.safetensors")).keys()
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(sft / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((out / "llmrec_config.json").read_text())
     assert meta["grpo"]["steps"] == 3
     # `llmrec evaluate --checkpoint` reads it.
@@ -246,6 +256,12 @@ def test_training_runs_and_checkpoint_evaluates(tmp_path, sft_dir):
     r = evaluate(EvalConfig(dataset=str(data), model_name_or_path="tiny-qwen2", checkpoint=str(out), max_rows=4,
                             num_beams=3, ks=[1, 3], history_length=2, output_dir=str(tmp_path / "eval")))
     assert r["protocol"]["checkpoint"] == str(out)
+    from llmrec.training.sft import load_sft_checkpoint
+
+    loaded, _, _ = load_sft_checkpoint(out)
+    trained = load_file(str(out / "latent_head.safetensors"))
+    for k, v in loaded.latent_head.state_dict().items():
+        assert torch.equal(v, trained[k]), k
     # A finished run is skipped on a rerun.
     assert run_grpo(grpo_config(out, sft))["train_seconds_this_run"] == res["train_seconds_this_run"]
 
@@ -258,15 +274,73 @@ def test_nan_reward_group_is_skipped_and_counted(tmp_path, sft_dir, monkeypatch)
 
     def poisoned(inputs):
         r = real(inputs).clone()
-        r[1] = float("nan")  # one member of the first group of every micro-batch
+        r[1] = float("nan")  # one member of the first of the 2 groups of every micro-batch
         return r
 
     monkeypatch.setitem(grpo.REWARD_FUNCTIONS, "neg_ppl", poisoned)
-    res = run_grpo(grpo_config(tmp_path / "o", sft, max_steps=2))
+    out = tmp_path / "o"
+    res = run_grpo(grpo_config(out, sft, max_steps=2, per_device_train_batch_size=8))
     assert res["skipped_groups"] == 2 * 2 * 1  # 2 steps x 2 micro-batches x 1 poisoned group each
-    head = load_file(str(tmp_path / "o" / "latent_head.safetensors"))
+    assert res["nonfinite_grad_steps"] == 0 and all(math.isfinite(h["loss"]) for h in res["log_history"])
+    head = load_file(str(out / "latent_head.safetensors"))
+    before = load_file(str(sft / "latent_head.safetensors"))
     assert all(torch.isfinite(v).all() for v in head.values())
-    assert all(math.isfinite(h["loss"]) for h in res["log_history"])
+    assert not torch.equal(head["q_proj.weight"], before["q_proj.weight"])  # the valid groups trained it
+
+
+def test_nan_inside_the_model_skips_the_group_not_the_step(tmp_path, sft_dir):
+    """A prompt whose forward is NaN (here: a NaN input embedding) gives NaN rewards; its group is skipped and
+    never enters the loss pass, so the other groups still train and no NaN reaches the weights."""
+    sft, _, _ = sft_dir
+    trainer = LatentGRPOTrainer(grpo_config(tmp_path / "o", sft, max_steps=1, per_device_train_batch_size=8))
+    used = {t for r in trainer.rows for t in r["prompt_ids"] + r["completion_ids"]}
+    used |= {trainer.pad, trainer.tokenizer.eos_token_id, *trainer.latent_lm.config.latent_token_ids}  # padding too
+    emb = trainer.latent_lm.embed_tokens
+    bad = next(i for i in range(10, emb.weight.shape[0]) if i not in used)
+
+    def nan_for_bad(module, args, output):  # the input embedding of `bad` is NaN (the tied LM head stays finite)
+        return output.masked_fill((args[0] == bad)[..., None], float("nan"))
+
+    emb.register_forward_hook(nan_for_bad)
+    row = trainer.epoch_order(0)[0]
+    trainer.rows[row] = dict(trainer.rows[row], prompt_ids=[bad] + trainer.rows[row]["prompt_ids"])
+    before = {k: v.detach().clone() for k, v in trainer._trainable_state().items()}
+    res = trainer.train()
+    assert res["skipped_groups"] == 1 and res["nonfinite_grad_steps"] == 0
+    after = trainer._trainable_state()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kw", [
+    {"beta": 0.1},
+    {"loss_type": "dapo", "advantage_mode": "group"},
+    {"reward_funcs": ["neg_ppl", "reciprocal_rank"], "reward_weights": [1.0, 0.0]},  # weight 0: never computed
+    {"save_steps": 0.5, "logging_steps": 0.5, "noise_mode": "relative"},
+])
+def test_options_train(tmp_path, sft_dir, kw):
+    sft, _, _ = sft_dir
+    out = tmp_path / "o"
+    res = run_grpo(grpo_config(out, sft, max_steps=2, **kw))
+    hist = res["log_history"]
+    assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
+    if "beta" in kw:
+        # the reference is the starting policy: no divergence before the first update, some after it
+        assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-7) and hist[1]["kl"] > 0
+    if "reward_weights" in kw:
+        assert "rewards/reciprocal_rank/mean" not in hist[-1]
+    if kw.get("save_steps") == 0.5:
+        assert (out / "checkpoint-1" / "grpo_state.json").exists()
+
+
+def test_clip_acts_with_several_iterations(tmp_path, sft_dir):
+    sft, _, _ = sft_dir
+    res = run_grpo(grpo_config(tmp_path / "o", sft, max_steps=2, num_iterations=3, learning_rate=0.3,
+                               epsilon=0.01, epsilon_high=0.01, advantage_mode="group"))
+    assert max(h["clip_ratio"] for h in res["log_history"]) > 0
+    res1 = run_grpo(grpo_config(tmp_path / "p", sft, max_steps=2, num_iterations=1, learning_rate=0.3,
+                                epsilon=0.01, epsilon_high=0.01, advantage_mode="group"))
+    assert all(h["clip_ratio"] == 0 for h in res1["log_history"])  # ratio == 1: the clip never fires
 
 
 def test_resume_matches_uninterrupted(tmp_path, sft_dir):
@@ -292,8 +366,6 @@ def test_resume_matches_uninterrupted(tmp_path, sft_dir):
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     assert [h["loss"] for h in full["log_history"]] == pytest.approx([h["loss"] for h in resumed["log_history"]],
                                                                       abs=1e-6)
-    # num_iterations=2: the second update of each batch sees a ratio != 1, so the clip can act.
-    assert any(h["clip_ratio"] >= 0 for h in full["log_history"])
 
 
 def test_score_candidates_matches_per_candidate_forward(sft_dir):
@@ -327,7 +399,7 @@ from safetensors.torch import save_file
 from llmrec.training.grpo import LatentGRPOConfig, LatentGRPOTrainer
 torch.set_num_threads(1)
 sft, out, accum, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-cfg = LatentGRPOConfig(output_dir=out, sft_checkpoint=sft, num_generations=4, per_device_train_batch_size=4,
+cfg = LatentGRPOConfig(output_dir=out, sft_checkpoint=sft, num_generations=4, per_device_train_batch_size=8,
                        gradient_accumulation_steps=accum, max_steps=3, learning_rate=5e-3, save_steps=100, seed=0,
                        warmup_steps=0, lr_scheduler_type="constant", disable_tqdm=True, advantage_mode=mode,
                        num_iterations=2)
@@ -357,7 +429,8 @@ def _launch(n: int, tmp_path: Path, sft: Path, out: Path, accum: int, mode: str)
 @pytest.mark.parametrize("mode", ["batch", "group"])
 def test_two_processes_match_one_process(tmp_path, sft_dir, mode):
     sft, _, _ = sft_dir
-    # Same optimiser batch (4 prompts x G=4): 1 process x 4 accumulation steps vs 2 processes x 2.
+    # Same optimiser batch (8 prompts x G=4, 2 prompts per micro-batch): 1 process x 4 accumulation steps vs
+    # 2 processes x 2, so micro-batches hold different prompts in the two layouts.
     _launch(1, tmp_path, sft, tmp_path / "one", 4, mode)
     _launch(2, tmp_path, sft, tmp_path / "two", 2, mode)
     r0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
@@ -370,6 +443,7 @@ def test_two_processes_match_one_process(tmp_path, sft_dir, mode):
     one = json.loads((tmp_path / "one" / "grpo_results.json").read_text())
     two = json.loads((tmp_path / "two" / "grpo_results.json").read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert len(one["log_history"]) == len(two["log_history"]) == 3
     for a, b in zip(one["log_history"], two["log_history"]):
         assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)

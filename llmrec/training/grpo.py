@@ -114,7 +114,8 @@ class LatentGRPOConfig(GRPOConfig):
         default=False, metadata={"help": "Use the per-member two-pass reference form (slow; for checks and benchmarks)."}
     )
     retrain: bool = field(
-        default=False, metadata={"help": "Train again even if output_dir holds a finished run."}
+        default=False, metadata={"help": "Train again from the SFT checkpoint even if output_dir holds a finished "
+                                 "run or checkpoints (by default a finished run is skipped and a cut one resumed)."}
     )
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (the paper sweeps 1e-5..5e-4)."})
     loss_type: str = field(
@@ -195,13 +196,17 @@ def member_noise(seed: int, epoch: int, row: int, group_size: int, hidden: int) 
     return torch.cat([torch.zeros(1, hidden), eps], dim=0)
 
 
-def candidate_items(seed: int, epoch: int, row: int, target: int, num_items: int, k: int) -> list[int]:
-    """``k`` item ids in 1..num_items with the target at position 0 and ``k-1`` distinct others."""
-    if k > num_items:
-        raise ValueError(f"rank_candidates={k} exceeds the catalogue size {num_items}")
+def candidate_items(seed: int, epoch: int, row: int, target: int, num_items: int, k: int,
+                    exclude: frozenset[int] = frozenset()) -> list[int]:
+    """``k`` item ids in 1..num_items with the target at position 0 and ``k-1`` distinct others.
+
+    ``exclude`` (e.g. items sharing the target's title, which would tie with it) are never drawn.
+    """
+    if k > num_items - len(exclude - {target}):
+        raise ValueError(f"rank_candidates={k} exceeds the catalogue size {num_items} (minus excluded items)")
     g = torch.Generator().manual_seed(_seed_for(seed, epoch, row, 2))
-    others = [i for i in (torch.randperm(num_items, generator=g)[:k] + 1).tolist() if i != target][: k - 1]
-    return [target] + others
+    others = [i for i in (torch.randperm(num_items, generator=g) + 1).tolist() if i != target and i not in exclude]
+    return [target] + others[: k - 1]
 
 
 # ------------------------------------------------------------------------------------------------ batch
@@ -454,10 +459,25 @@ class LatentGRPOTrainer:
         self.rows = rows
         self.num_items = num_items
         self.candidate_completions = candidate_completions or {}
-        self.uses_candidates = any(r in RANK_REWARDS and w != 0 for r, w in config.weights.items())
+        by_text: dict[tuple, set[int]] = {}
+        for item, ids in self.candidate_completions.items():
+            by_text.setdefault(tuple(ids), set()).add(item)
+        # Items sharing a title tie with the target in a rank reward: they are not drawn as candidates.
+        self.same_title = {k: frozenset(v) for k, v in by_text.items() if len(v) > 1}
+        # Rewards with weight 0 are neither computed nor logged (a rank reward would need candidate scoring).
+        self.active_rewards = [r for r in config.reward_funcs if config.weights[r] != 0]
+        if not self.active_rewards:
+            raise ConfigError("every reward weight is 0: nothing to train on")
+        self.uses_candidates = any(r in RANK_REWARDS for r in self.active_rewards)
         if self.uses_candidates and (not num_items or not self.candidate_completions):
             raise ConfigError("rank-based rewards need the catalogue (num_items, candidate_completions)")
         self.accelerator = Accelerator(gradient_accumulation_steps=1, **accelerator_kwargs())
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # Saving, clipping and candidate scoring here read whole (unsharded) parameters.
+            raise ConfigError(f"latent GRPO runs on one device or with DDP (multi-GPU/CPU), not with "
+                              f"{self.accelerator.distributed_type.value}: the trained head is small, shard nothing")
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         if config.per_device_train_batch_size * self.world * config.gradient_accumulation_steps % config.num_generations:
@@ -473,11 +493,6 @@ class LatentGRPOTrainer:
             model.eval()
         else:
             model.train()
-        self.ref_model = None
-        if config.beta > 0:
-            self.ref_model = copy.deepcopy(model).eval()
-            for p in self.ref_model.parameters():
-                p.requires_grad_(False)
         self.latent_lm = model
         module = LatentGRPOModule(model, config.num_generations, config.naive_forward, self.pad)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -489,6 +504,21 @@ class LatentGRPOTrainer:
                                        num_warmup_steps=config.get_warmup_steps(self.max_steps * config.num_iterations),
                                        num_training_steps=self.max_steps * config.num_iterations)
         self.module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
+        self.ref_module = None
+        if config.beta > 0:
+            # The frozen reference is the starting policy. Head-only training shares the (frozen) LM and copies
+            # the head; with LoRA trained, the whole wrapper is copied.
+            if config.train_lora:
+                ref = copy.deepcopy(model)
+            else:
+                ref = LatentReasoningLM(model.model, model.config, head=copy.deepcopy(model.latent_head))
+            for p in ref.latent_head.parameters():
+                p.requires_grad_(False)
+            if config.train_lora:
+                for p in ref.parameters():
+                    p.requires_grad_(False)
+            ref.to(self.accelerator.device).eval()
+            self.ref_module = LatentGRPOModule(ref, config.num_generations, config.naive_forward, self.pad)
         self.callbacks = list(callbacks or [])
         self.global_step = 0
         self.log_history: list[dict] = []
@@ -576,7 +606,7 @@ class LatentGRPOTrainer:
         g = c.num_generations
         epoch = step // self.steps_per_epoch
         dev = self.accelerator.device
-        per_fn: dict[str, list[torch.Tensor]] = {name: [] for name in c.reward_funcs}
+        per_fn: dict[str, list[torch.Tensor]] = {name: [] for name in self.active_rewards}
         positions, latent_norms, noise_norms = [], [], []
         for b in batches:
             t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
@@ -585,14 +615,14 @@ class LatentGRPOTrainer:
                               keep_prompt_state=True)
             lp, latent, b.noise, b.prompt_state = res.logprobs, res.latent, res.noise, res.prompt_state
             b.old_logprobs = lp
-            if self.ref_model is not None:
-                ref = LatentGRPOModule(self.ref_model, g, c.naive_forward, self.pad)
-                b.ref_logprobs = ref(**t, noise=b.noise).logprobs
+            if self.ref_module is not None:
+                reuse = b.prompt_state if self.ref_module.prompt_state_reusable() else None
+                b.ref_logprobs = self.ref_module(**t, noise=b.noise, prompt_state=reuse).logprobs
             mask = t["completion_attention_mask"].repeat_interleave(g, 0)
             inputs = RewardInputs(lp, mask)
             if self.uses_candidates:
                 inputs.candidate_scores, inputs.target_index = self._candidate_scores(epoch, b, t, latent)
-            for name in c.reward_funcs:
+            for name in self.active_rewards:
                 per_fn[name].append(REWARD_FUNCTIONS[name](inputs).double())
             positions.append(torch.tensor(b.positions, device=dev))
             latent_norms.append(latent.float().norm(dim=-1))
@@ -605,8 +635,7 @@ class LatentGRPOTrainer:
         if not torch.equal(pos[order], torch.arange(len(pos), device=pos.device)):
             raise RuntimeError("the processes' prompt positions do not cover the optimiser batch exactly once")
         gathered = {name: self.accelerator.gather(v)[order] for name, v in local.items()}
-        total = combine_rewards({n: v for n, v in gathered.items() if c.weights[n] != 0},
-                                {n: w for n, w in c.weights.items() if w != 0})
+        total = combine_rewards(gathered, c.weights)
         adv, valid = compute_advantages(total, c.advantage_mode)
         for b in batches:  # back to this process's groups (row j of the gathered arrays is position j)
             idx = torch.tensor(b.positions, device=dev)
@@ -646,7 +675,8 @@ class LatentGRPOTrainer:
         scores = []
         for i, row in enumerate(b.rows):
             target = self.rows[row]["target_item_id"]
-            items = candidate_items(c.seed, epoch, row, target, self.num_items, c.rank_candidates)
+            same_title = self.same_title.get(tuple(self.candidate_completions[target]), frozenset())
+            items = candidate_items(c.seed, epoch, row, target, self.num_items, c.rank_candidates, same_title)
             cand = _collate([{"prompt_ids": [0], "completion_ids": self.candidate_completions[it]} for it in items],
                             self.pad)
             p_ids = t["prompt_input_ids"][i : i + 1]
@@ -665,29 +695,50 @@ class LatentGRPOTrainer:
 
     def _loss(self, b: GRPOBatch) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
+        g = c.num_generations
         dev = self.accelerator.device
         t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
                                                   "completion_input_ids", "completion_attention_mask")}
+        noise, old, ref, adv = b.noise, b.old_logprobs, b.ref_logprobs, b.advantages
+        state = b.prompt_state
+        scale = 1.0
+        keep = b.valid.view(-1, g)[:, 0].nonzero().flatten()
+        if keep.numel() < len(b.rows):
+            # Skipped groups never enter the model: a NaN inside their forward would reach every gradient
+            # (NaN x 0 is NaN). A micro-batch without a valid group still runs one prompt, at zero weight, so
+            # that every process takes part in the gradient all-reduce.
+            if keep.numel() == 0:
+                keep, scale = keep.new_zeros(1), 0.0
+            members = (keep[:, None] * g + torch.arange(g, device=keep.device)).flatten()
+            t = {k: v[keep] for k, v in t.items()}
+            noise, old, adv = noise[members], old[members], adv[members]
+            ref = ref[members] if ref is not None else None
+            state = None  # recompute the prompt pass for the kept prompts
         # The prompt pass of the scoring step is reused when exact (frozen LM, N = 1): the head is re-applied.
-        lp = self.module(**t, noise=b.noise, prompt_state=b.prompt_state).logprobs
-        mask = t["completion_attention_mask"].repeat_interleave(c.num_generations, 0).float() * b.valid[:, None].float()
-        old = lp.detach() if (c.num_iterations == 1) else b.old_logprobs
-        ratio = torch.exp(lp - old)
-        adv = b.advantages[:, None]
+        lp = self.module(**t, noise=noise, prompt_state=state).logprobs
+        mask = t["completion_attention_mask"].repeat_interleave(g, 0).float()
+        if c.num_iterations == 1:
+            old = lp.detach()  # the ratio is exactly 1 (as TRL); only the advantage-weighted gradient acts
+        ratio = torch.exp(torch.where(mask > 0, lp - old, torch.zeros_like(lp)))
+        adv = adv[:, None]
         hi = 1.0 + (c.epsilon_high if c.epsilon_high is not None else c.epsilon)
         clipped = torch.clamp(ratio, 1.0 - c.epsilon, hi)
         per_token = -torch.min(ratio * adv, clipped * adv)
         kl = None
         if c.beta > 0:
-            d = b.ref_logprobs - lp
+            d = torch.where(mask > 0, ref - lp, torch.zeros_like(lp))
             kl = torch.exp(d) - d - 1.0
             per_token = per_token + c.beta * kl
+        # DDP averages gradients over processes, hence x world: the sum over processes and micro-steps is then
+        # the objective normalised over the whole optimiser batch, whatever the layout.
         world = self.world
+        per_token = torch.where(mask > 0, per_token, torch.zeros_like(per_token))
         if c.loss_type == "grpo":
-            per_member = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            per_member = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
             loss = per_member.sum() * world / max(self._norm_members, 1.0)
         else:  # dapo: token mean over the optimiser batch
-            loss = (per_token * mask).sum() * world / max(self._norm_tokens, 1.0)
+            loss = per_token.sum() * world / max(self._norm_tokens, 1.0)
+        loss = loss * scale
         n_tok = mask.sum().clamp(min=1)
         is_clipped = ((ratio < 1.0 - c.epsilon) & (adv < 0)) | ((ratio > hi) & (adv > 0))
         stats = {"clip_ratio": float((is_clipped.float() * mask).sum() / n_tok)}
@@ -717,20 +768,25 @@ class LatentGRPOTrainer:
             params = [p for p in self.module.parameters() if p.requires_grad]
             finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
             flag = self.accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=self.accelerator.device), "sum")
-            if float(flag) > 0:
-                self.nonfinite_steps += 1
+            if float(flag) > 0 or self._norm_members == 0:
+                # No NaN reaches the weights; a batch whose groups were all skipped does not move AdamW either.
+                if float(flag) > 0:
+                    self.nonfinite_steps += 1
+                    logger.warning("step %d: non-finite gradient, update skipped", step)
                 self.optimizer.zero_grad(set_to_none=True)
-                logger.warning("step %d: non-finite gradient, update skipped", step)
-                continue
-            if c.max_grad_norm and c.max_grad_norm > 0:
-                stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, c.max_grad_norm))
-            self.optimizer.step()
-            self.scheduler.step()
+            else:
+                if c.max_grad_norm and c.max_grad_norm > 0:
+                    stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.module.parameters(),
+                                                                                c.max_grad_norm))
+                self.optimizer.step()
+            self.scheduler.step()  # always: the schedule stays a function of the step count (resume relies on it)
         loss_total = torch.tensor([loss_sum / c.num_iterations], device=self.accelerator.device)
         stats["loss"] = float(self.accelerator.reduce(loss_total, "mean"))
-        stats["clip_ratio"] = float(sum(clip) / max(len(clip), 1))
+        dev = self.accelerator.device
+        stats["clip_ratio"] = float(self.accelerator.reduce(torch.tensor([sum(clip) / max(len(clip), 1)], device=dev),
+                                                            "mean"))
         if kls:
-            stats["kl"] = float(sum(kls) / len(kls))
+            stats["kl"] = float(self.accelerator.reduce(torch.tensor([sum(kls) / len(kls)], device=dev), "mean"))
         stats["learning_rate"] = float(self.scheduler.get_last_lr()[0])
         stats["nonfinite_grad_steps"] = self.nonfinite_steps
         return stats
@@ -846,7 +902,7 @@ class LatentGRPOTrainer:
         if "tensorboard" in (c.report_to or []) and self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(c.logging_dir or str(out_dir / "runs"))
+            self.writer = SummaryWriter(getattr(c, "logging_dir", None) or str(out_dir / "runs"))
         t0 = time.time()
         bar = tqdm(total=self.max_steps, initial=self.global_step, desc="latent GRPO",
                    disable=not self.accelerator.is_main_process)
@@ -862,10 +918,11 @@ class LatentGRPOTrainer:
                 for k, v in stats.items():
                     if isinstance(v, (int, float)) and math.isfinite(v):
                         self.writer.add_scalar(f"train/{k}", v, self.global_step)
-            if c.logging_steps and self.global_step % max(int(c.logging_steps), 1) == 0:
+            if c.logging_steps and self.global_step % _every(c.logging_steps, self.max_steps) == 0:
                 logger.info("step %d: %s", self.global_step,
                             {k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()})
-            if c.save_steps and self.global_step % max(int(c.save_steps), 1) == 0 and self.global_step < self.max_steps:
+            if c.save_steps and self.global_step % _every(c.save_steps, self.max_steps) == 0 and \
+                    self.global_step < self.max_steps:
                 self.save_checkpoint()
             for cb in self.callbacks:  # after the checkpoint, so a callback that stops the run finds it saved
                 cb(self, stats)
@@ -888,6 +945,11 @@ class LatentGRPOTrainer:
         return results
 
 
+def _every(x: float, max_steps: int) -> int:
+    """A ``*_steps`` value in optimiser steps: a fraction of the run when in (0, 1), as transformers reads it."""
+    return max(1, math.ceil(x * max_steps)) if 0 < x < 1 else max(1, int(x))
+
+
 def _checkpoints(out_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         return []
@@ -908,5 +970,5 @@ def run_grpo(config: LatentGRPOConfig, callbacks: list | None = None) -> dict[st
         logger.info("%s holds a finished run (%s); skipping (set retrain: true to train again)", out, RESULTS_NAME)
         return json.loads((out / RESULTS_NAME).read_text(encoding="utf-8"))
     trainer = LatentGRPOTrainer(config, callbacks=callbacks)
-    return trainer.train()
+    return trainer.train(resume=not config.retrain)
 

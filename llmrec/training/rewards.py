@@ -35,19 +35,21 @@ class RewardInputs:
 
 
 def _mean_logprob(inputs: RewardInputs) -> torch.Tensor:
-    mask = inputs.token_mask.to(inputs.token_logprobs.dtype)
+    # float64: exp(-mean) overflows float32 once the mean log-prob drops below about -88.
+    lp = inputs.token_logprobs.double()
+    mask = inputs.token_mask.to(torch.float64)
     count = mask.sum(-1)
     if bool((count == 0).any()):
         raise ValueError("a member has no target tokens")
-    return (inputs.token_logprobs * mask).sum(-1) / count
+    return torch.where(mask > 0, lp, torch.zeros_like(lp)).sum(-1) / count
 
 
 def neg_ppl(inputs: RewardInputs) -> torch.Tensor:
     """Minus the perplexity of the true title: ``-exp(-mean_t log p(y_t))`` (the LatentR3 paper's reward).
 
     >>> lp = torch.log(torch.tensor([[0.5, 0.5], [0.25, 1.0]]))
-    >>> neg_ppl(RewardInputs(lp, torch.ones(2, 2)))
-    tensor([-2., -2.])
+    >>> [round(x, 6) for x in neg_ppl(RewardInputs(lp, torch.ones(2, 2))).tolist()]
+    [-2.0, -2.0]
     """
     return -torch.exp(-_mean_logprob(inputs))
 
@@ -57,7 +59,7 @@ def log_likelihood(inputs: RewardInputs) -> torch.Tensor:
 
     >>> lp = torch.tensor([[-1.0, -3.0, 0.0], [-0.5, 0.0, 0.0]])
     >>> log_likelihood(RewardInputs(lp, torch.tensor([[1, 1, 0], [1, 0, 0]])))
-    tensor([-2.0000, -0.5000])
+    tensor([-2.0000, -0.5000], dtype=torch.float64)
     """
     return _mean_logprob(inputs)
 
