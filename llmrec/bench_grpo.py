@@ -82,6 +82,7 @@ def _step(module: LatentGRPOModule, batch, noise, advantages) -> None:
 
 def _grads(module: LatentGRPOModule, batch, noise, advantages, naive: bool) -> dict[str, torch.Tensor]:
     module.naive = naive
+    module.naive_rows_per_pass = 1
     module.zero_grad(set_to_none=True)
     lp = module(**batch, noise=noise).logprobs
     mask = batch["completion_attention_mask"].repeat_interleave(module.group_size, 0).to(lp.dtype)
@@ -106,12 +107,15 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     print(f"model {args.model} ({args.dtype}), G={args.group_size}, prompts/micro-batch {args.prompts}, "
           f"[prompt cols, completion cols] per batch: {shapes}, torch threads {torch.get_num_threads()}",
           file=sys.stderr)
-    times: dict[str, list[float]] = {"ours": [], "naive": []}
+    times: dict[str, list[float]] = {"ours": [], "naive": [], "naive_batched": []}
     for step in range(args.warmup + args.steps):
         i = step % len(batches)
-        order = ["ours", "naive"] if step % 2 == 0 else ["naive", "ours"]
+        order = list(times) if step % 2 == 0 else list(reversed(times))
         for name in order:
-            module.naive = name == "naive"
+            module.naive = name != "ours"
+            # naive: member by member (the reference); naive_batched: a group's rows in one pass per
+            # LM call, as the LatentR3 code runs it (more memory, fewer calls).
+            module.naive_rows_per_pass = args.group_size * args.prompts if name == "naive_batched" else 1
             t = time.perf_counter()
             _step(module, batches[i], *inputs[i])
             dt = time.perf_counter() - t
@@ -133,14 +137,17 @@ def bench_grpo(args: argparse.Namespace) -> dict:
         for n in a:
             max_rel = max(max_rel, (a[n] - c[n]).abs().max().item() / max(c[n].abs().max().item(), 1e-30))
     print(f"host load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"{'form':<8}{'median s':>10}{'min s':>9}{'max s':>9}")
+    print(f"{'form':<15}{'median s':>10}{'min s':>9}{'max s':>9}")
     for k, v in times.items():
-        print(f"{k:<8}{med[k]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}")
-    print(f"ours/naive {med['ours'] / med['naive']:.3f}; float32 max rel grad diff {max_rel:.3g}")
+        print(f"{k:<15}{med[k]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}")
+    print(f"ours/naive {med['ours'] / med['naive']:.3f} (ours/naive_batched {med['ours'] / med['naive_batched']:.3f}); "
+          f"float32 max rel grad diff {max_rel:.3g}")
     return {
         "model": args.model, "dtype": args.dtype, "group_size": args.group_size, "prompts": args.prompts,
         "train_lora": bool(args.train_lora), "steps_timed": args.steps, "batch_shapes": shapes,
         "torch_threads": torch.get_num_threads(),
         "ours_step_s": round(med["ours"], 4), "naive_step_s": round(med["naive"], 4),
         "ours_over_naive": round(med["ours"] / med["naive"], 4), "max_rel_grad_diff_vs_naive": max_rel,
+        "naive_batched_step_s": round(med["naive_batched"], 4),
+        "ours_over_naive_batched": round(med["ours"] / med["naive_batched"], 4),
     }

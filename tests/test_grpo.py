@@ -200,8 +200,8 @@ def _fast_vs_naive(trainer: LatentGRPOTrainer):
     weights = torch.randn(len(batch.rows) * g, t["completion_input_ids"].shape[1])
     mask = t["completion_attention_mask"].repeat_interleave(g, 0)
     results = []
-    for naive in (False, True):
-        module.naive = naive
+    for naive, rows_per_pass in ((False, 1), (True, 1), (True, 3)):
+        module.naive, module.naive_rows_per_pass = naive, rows_per_pass
         module.zero_grad(set_to_none=True)
         res = module(**t, noise=noise)
         lp, latent = res.logprobs, res.latent
@@ -219,7 +219,10 @@ def test_shared_prefix_equals_naive_per_member_form(tmp_path, sft_dir, model, n_
     _, data, root = sft_dir
     sft = _sft(root, data, model, n_latent)
     trainer = LatentGRPOTrainer(grpo_config(tmp_path / "o", sft, train_lora=train_lora, per_device_train_batch_size=8))
-    (lp_a, lat_a, g_a), (lp_b, lat_b, g_b) = _fast_vs_naive(trainer)
+    (lp_a, lat_a, g_a), (lp_b, lat_b, g_b), (lp_c, _, g_c) = _fast_vs_naive(trainer)
+    assert (lp_b - lp_c).abs().max().item() < 1e-5  # naive, member by member vs 3 rows per pass (padded)
+    for k in g_b:
+        assert torch.allclose(g_b[k], g_c[k], atol=1e-6, rtol=1e-4), k
     assert (lp_a - lp_b).abs().max().item() < 1e-4
     assert (lat_a - lat_b).abs().max().item() < 1e-5
     assert g_a.keys() == g_b.keys() and g_a

@@ -281,12 +281,15 @@ class LatentGRPOModule(nn.Module):
     Called through the accelerate-prepared wrapper so that DDP/FSDP see every forward that needs gradients.
     """
 
-    def __init__(self, latent_lm: LatentReasoningLM, group_size: int, naive: bool = False, pad_token_id: int = 0):
+    def __init__(self, latent_lm: LatentReasoningLM, group_size: int, naive: bool = False, pad_token_id: int = 0,
+                 naive_rows_per_pass: int = 1):
         super().__init__()
         self.latent_lm = latent_lm
         self.group_size = group_size
         self.naive = naive
         self.pad_token_id = pad_token_id
+        # The naive form runs member by member (1); the reference code batches a group's G rows per pass (G).
+        self.naive_rows_per_pass = naive_rows_per_pass
 
     def prompt_state_reusable(self) -> bool:
         """The prompt pass can be reused across calls only if it involves no trainable LM weight and no latent
@@ -349,21 +352,23 @@ class LatentGRPOModule(nn.Module):
         x, am, lab = build_naive_inputs(p_ids.repeat_interleave(g, 0), p_mask.repeat_interleave(g, 0),
                                         c_ids.repeat_interleave(g, 0), c_mask.repeat_interleave(g, 0), ids,
                                         self.pad_token_id, "right")
-        rows = []
-        latent = None
-        for m in range(x.shape[0]):
-            full = torch.zeros(1, n, lm.lm_config.hidden_size, device=x.device)
-            full[0, -1] = noise[m].to(full.dtype)
-            out = lm.forward_naive(x[m : m + 1], am[m : m + 1], lab[m : m + 1], latent_noise=full)
-            labels = out.labels[0]
-            keep = labels != -100
-            lp = _token_logprobs(out.logits[:, keep], labels[keep][None])[0]
-            row = torch.zeros(c_ids.shape[1], device=lp.device, dtype=lp.dtype)
-            row[: lp.shape[0]] = lp
-            rows.append(row)
-            if m % g == 0:
-                r = (out.latents[0, -1] - noise[m].to(out.latents.dtype))[None]
-                latent = r if latent is None else torch.cat([latent, r], 0)
+        rows, latents = [], []
+        step = max(1, self.naive_rows_per_pass)
+        for lo in range(0, x.shape[0], step):
+            hi = min(lo + step, x.shape[0])
+            full = torch.zeros(hi - lo, n, lm.lm_config.hidden_size, device=x.device)
+            full[:, -1] = noise[lo:hi].to(full.dtype)
+            out = lm.forward_naive(x[lo:hi], am[lo:hi], lab[lo:hi], latent_noise=full)
+            for j in range(hi - lo):
+                labels = out.labels[j]
+                keep = labels != -100
+                lp = _token_logprobs(out.logits[j : j + 1, keep], labels[keep][None])[0]
+                row = torch.zeros(c_ids.shape[1], device=lp.device, dtype=lp.dtype)
+                row[: lp.shape[0]] = lp
+                rows.append(row)
+                if (lo + j) % g == 0:
+                    latents.append(out.latents[j, -1] - noise[lo + j].to(out.latents.dtype))
+        latent = torch.stack(latents)
         return MemberScores(torch.stack(rows), latent, noise)
 
 
