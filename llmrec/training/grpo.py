@@ -522,7 +522,8 @@ class LatentGRPOTrainer:
             if config.train_lora:
                 for p in ref.parameters():
                     p.requires_grad_(False)
-            ref.to(self.accelerator.device).eval()
+            ref.to(self.accelerator.device)
+            (ref if config.train_lora else ref.latent_head).eval()  # the shared LM keeps the policy's mode
             self.ref_module = LatentGRPOModule(ref, config.num_generations, config.naive_forward, self.pad)
         self.callbacks = list(callbacks or [])
         self.global_step = 0
