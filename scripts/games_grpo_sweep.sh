@@ -41,5 +41,7 @@ PY
 echo "best on validation: $best"
 llmrec evaluate --config recipes/games/eval.yaml --dataset "$DATA" --max_rows "$EVAL_ROWS" --checkpoint "$OUT/$best" \
   --output_dir "$OUT/eval_$best"
+# (the SFT evaluations come from scripts/games_sft_comparison.sh, possibly still running beside this script)
+while [ ! -f "$OUT/eval_sft_latent/results.json" ] || [ ! -f "$OUT/eval_sft_bigrec/results.json" ]; do sleep 30; done
 llmrec compare "$OUT/eval_sft_latent" "$OUT/eval_$best" "$OUT/eval_sft_bigrec" --metrics hr@1,hr@5,hr@10,ndcg@5,ndcg@10 \
   --output "$OUT/compare_grpo.json" | head -n -1 | tee "$OUT/compare_grpo.md"
