@@ -38,7 +38,8 @@ def test_there_are_recipes():
     assert len(RECIPES) >= 10
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name != "accelerate"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name != "accelerate"],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_recipe_loads_against_its_schema(path):
     configs = parse_config(schema_for(path), path)
     assert len(configs) == 1

@@ -24,14 +24,19 @@ def sample_source(name: str) -> Path:
     return SAMPLES_DIR / SAMPLES[name]
 
 
+def sample_cache_dir(name: str) -> Path:
+    """Where the embedded sample ``name`` is prepared on first use (whether or not it is there yet)."""
+    from llmrec import __version__
+
+    # Keyed by version: a newer llmrec may prepare differently, so it never reads a stale copy.
+    return cache_root() / "data" / f"{name}-{__version__}"
+
+
 def resolve_dataset_dir(directory: str | os.PathLike) -> Path:
     """A prepared directory, or the name of an embedded sample (prepared into the cache on first use)."""
     name = str(directory)
     if name in SAMPLES and not Path(name).exists():
-        from llmrec import __version__
-
-        # Keyed by version: a newer llmrec may prepare differently, so it never reads a stale copy.
-        target = cache_root() / "data" / f"{name}-{__version__}"
+        target = sample_cache_dir(name)
         if not (target / "stats.json").exists():
             from llmrec.data.formats import read_seq_txt
             from llmrec.data.prepare import prepare

@@ -10,6 +10,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from llmrec.evaluation.evaluator import EvalConfig, evaluate
 
     extra = {"checkpoint": args.checkpoint} if args.checkpoint else None
+    from llmrec.dry_run import maybe_dry_run
+
+    if (code := maybe_dry_run("evaluate", args, extra=extra)) is not None:
+        return code
     (config,) = parse_config([EvalConfig], args.config, args.overrides, extra=extra)
     results = evaluate(config)
     if results is not None:
@@ -28,6 +32,9 @@ def register_cli(subparsers) -> None:
     )
     p.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/games/eval.yaml)")
     p.add_argument("--checkpoint", default=None, help="trained checkpoint directory to evaluate")
+    from llmrec.dry_run import add_dry_run_arguments
+
+    add_dry_run_arguments(p)
     p.set_defaults(func=cmd_evaluate, accepts_overrides=True)
     register_compare_cli(subparsers)
 

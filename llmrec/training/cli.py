@@ -7,6 +7,10 @@ import json
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    from llmrec.dry_run import maybe_dry_run
+
+    if (code := maybe_dry_run("sft", args)) is not None:
+        return code
     from llmrec.config import parse_config
     from llmrec.training.sft import LatentSFTConfig, run_sft
 
@@ -20,6 +24,10 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
+    from llmrec.dry_run import maybe_dry_run
+
+    if (code := maybe_dry_run("grpo", args)) is not None:
+        return code
     from llmrec.config import parse_config
     from llmrec.training.grpo import LatentGRPOConfig, run_grpo
 
@@ -34,6 +42,8 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers) -> None:
+    from llmrec.dry_run import add_dry_run_arguments
+
     p = subparsers.add_parser(
         "sft",
         help="supervised fine-tuning (LoRA/full) with N latent thought tokens; N=0 is the BIGRec baseline",
@@ -41,6 +51,7 @@ def register_cli(subparsers) -> None:
         "--name value (see recipes/games/sft_latent.yaml). Reruns resume from the last checkpoint in output_dir.",
     )
     p.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/games/sft_latent.yaml)")
+    add_dry_run_arguments(p)
     p.set_defaults(func=cmd_sft, accepts_overrides=True)
     g = subparsers.add_parser(
         "grpo",
@@ -49,4 +60,5 @@ def register_cli(subparsers) -> None:
         "(see recipes/games/grpo_latent.yaml). Reruns resume from the last checkpoint in output_dir.",
     )
     g.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/games/grpo_latent.yaml)")
+    add_dry_run_arguments(g)
     g.set_defaults(func=cmd_grpo, accepts_overrides=True)

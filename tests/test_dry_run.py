@@ -1,0 +1,420 @@
+"""``--dry-run`` of ``llmrec sft`` / ``grpo`` / ``evaluate`` (llmrec.dry_run): every shipped GPU and Games recipe
+resolves in-process, parameter counts on the meta device match the real models, missing inputs are reported with
+the command that makes them, config errors stay errors, and nothing is written. No download, no real weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmrec.cli import main
+from llmrec.dry_run import (
+    EXIT_INVALID,
+    EXIT_MISSING,
+    EXIT_READY,
+    count_parameters,
+    grpo_steps_per_epoch,
+    known_config_path,
+    resolve_accelerate_plan,
+    resolve_architecture,
+    trainer_steps_per_epoch,
+)
+from llmrec.resources import resource_dir
+
+RECIPES = resource_dir("recipes")
+GPU_RECIPES = sorted((RECIPES / "gpu").glob("*.yaml"))
+GAMES_RECIPES = sorted((RECIPES / "games").glob("*.yaml"))
+QWEN = "Qwen/Qwen2.5-1.5B"
+QWEN_PARAMS = 1_543_714_304  # tied embeddings: 151,936 x 1,536 counted once
+QWEN_HEAD = 3 * (1536 * 1536 + 1536)  # the pooling head: full-width Q, K, V with bias
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """One thread; the hub unreachable (offline mode) and an empty HF cache; a private llmrec cache; the test's own
+    cwd; no launcher env."""
+    from huggingface_hub import constants
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setenv("LLMREC_CACHE", str(tmp_path / "llmrec_cache"))
+    for k in ("ACCELERATE_MIXED_PRECISION", "WORLD_SIZE", "LOCAL_RANK", "RANK", "ACCELERATE_USE_FSDP",
+              "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(k, raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield
+    torch.set_num_threads(old)
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def dry(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv + ["--dry-run"])
+    out = capsys.readouterr().out
+    return code, out
+
+
+def number(out: str, key: str) -> int:
+    m = re.search(rf"^  {re.escape(key)}: ([\d,]+)", out, flags=re.M)
+    assert m, f"no '{key}' line in:\n{out}"
+    return int(m.group(1).replace(",", ""))
+
+
+def stage_of(path: Path) -> str:
+    return "evaluate" if path.name.startswith("eval") else path.name.split("_")[0]
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+def test_gpu_recipes_exist():
+    names = {p.name for p in GPU_RECIPES}
+    assert {"sft_bigrec_lora.yaml", "sft_latent_lora.yaml", "sft_latent_full.yaml", "grpo_latent.yaml", "eval.yaml",
+            "eval_d3.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: p.name)
+def test_gpu_recipe_dry_run(path, tmp_path, capsys):
+    before = tree(tmp_path)
+    label = f"recipes/gpu/{path.name}"
+    code, out = dry([stage_of(path), "--config", label], capsys)
+    assert tree(tmp_path) == before, "a dry run wrote files"
+    # The full category is not prepared here: a missing input, reported with the amazon2018 prepare command.
+    assert code == EXIT_MISSING, out
+    assert "MISSING dataset data/Video_Games" in out
+    assert "llmrec data prepare --format amazon2018 --input raw/amazon2018 --category Video_Games " \
+           "--output data/Video_Games" in out
+    assert "  model: Qwen/Qwen2.5-1.5B in " in out
+    assert "known_configs/Qwen__Qwen2.5-1.5B.json (the hub is unreachable: offline mode" in out
+    # The recipe's own launch command gives the plan: recipes/accelerate/ddp.yaml, 2 processes, bf16.
+    assert "accelerate launch --config_file recipes/accelerate/ddp.yaml" in out
+    assert "  processes: 2" in out and "  distributed type: MULTI_GPU" in out
+    assert f"exit code {EXIT_MISSING}" in out.splitlines()[-1]
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    launch = [line for line in header if line.startswith("#   accelerate launch")]
+    assert launch[0].startswith("#   accelerate launch --config_file recipes/accelerate/ddp.yaml -m llmrec.cli ")
+    assert launch[0].endswith(f" --config {label}")
+
+
+def test_gpu_sft_recipes_follow_the_paper(capsys):
+    code, out = dry(["sft", "--config", "recipes/gpu/sft_latent_full.yaml"], capsys)
+    assert code == EXIT_MISSING
+    for line in ("finetune: full", "learning_rate: 0.0003", "num_train_epochs: 3", "early_stopping_patience: 1",
+                 "max_length: 512", "global batch: 128 rows = 4 x 16 x 2 processes", "mixed precision: bf16"):
+        assert line in out, line
+    assert number(out, "parameters total") == QWEN_PARAMS + QWEN_HEAD
+    assert number(out, "parameters trainable") == QWEN_PARAMS + QWEN_HEAD
+    code, out = dry(["sft", "--config", "recipes/gpu/sft_latent_lora.yaml"], capsys)
+    assert "global batch: 128 rows" in out and "finetune: lora" in out
+    assert number(out, "parameters trainable") < 0.02 * QWEN_PARAMS
+    code, out = dry(["sft", "--config", "recipes/gpu/sft_bigrec_lora.yaml"], capsys)
+    assert "num_latent_tokens: 0" in out and "latent pooling head" not in out
+
+
+def test_gpu_grpo_recipe_is_head_only_on_ddp(capsys):
+    code, out = dry(["grpo", "--config", "recipes/gpu/grpo_latent.yaml"], capsys)
+    assert code == EXIT_MISSING
+    for line in ("num_generations: 8", "noise_scale: 1.5", "advantage_mode: batch", "lr_scheduler_type: cosine",
+                 "learning_rate: 0.0001", "train_lora: False", "num_train_epochs: 1",
+                 "global batch: 256 rows = 16 x 8 x 2 processes = 32 prompts"):
+        assert line in out, line
+    # The SFT checkpoint it starts from is missing: the SFT recipe that writes it is named.
+    assert "MISSING SFT checkpoint runs/gpu/sft_latent_full" in out
+    assert "-m llmrec.cli sft --config recipes/gpu/sft_latent_full.yaml" in out
+    assert number(out, "parameters trainable") == QWEN_HEAD
+    assert "FSDP" in (RECIPES / "gpu" / "grpo_latent.yaml").read_text().split("\nsft_checkpoint")[0]
+
+
+def test_gpu_eval_recipes(capsys):
+    code, out = dry(["evaluate", "--config", "recipes/gpu/eval.yaml"], capsys)
+    assert code == EXIT_MISSING
+    assert "num_beams: 10" in out and "length_penalty: 1.0" in out
+    assert "MISSING checkpoint runs/gpu/grpo_latent" in out and "grpo --config recipes/gpu/grpo_latent.yaml" in out
+    # The checkpoint is not there yet; its shape comes from the recipes that make it (GRPO <- full latent SFT).
+    assert "recipes/gpu/sft_latent_full.yaml (via recipes/gpu/grpo_latent.yaml)" in out
+    assert number(out, "parameters total") == QWEN_PARAMS + QWEN_HEAD
+    code, out = dry(["evaluate", "--config", "recipes/gpu/eval_d3.yaml"], capsys)
+    assert "length_penalty: 0.0" in out
+    assert "MISSING guidance run runs/gpu/sasrec_Video_Games" in out
+    assert "llmrec seqrec train --config recipes/seqrec/sasrec_games.yaml --dataset_dir data/Video_Games " \
+           "--output_dir runs/gpu/sasrec_Video_Games" in out
+
+
+@pytest.mark.parametrize("path", GAMES_RECIPES, ids=lambda p: p.name)
+def test_games_recipe_dry_run(path, tmp_path, capsys):
+    from llmrec.models.backbone import alias_is_installed
+
+    before = tree(tmp_path)
+    code, out = dry([stage_of(path), "--config", f"recipes/games/{path.name}"], capsys)
+    assert tree(tmp_path) == before, "a dry run wrote files (the embedded sample must not be prepared)"
+    assert "model (meta device" in out and "parameters total" in out
+    alias_ok = alias_is_installed("smollm2-135m")
+    if path.name.startswith("sft"):
+        # games-sample is embedded: present. The model alias is the only possible missing input.
+        assert "dataset: games-sample (embedded sample)" in out
+        assert code == (EXIT_READY if alias_ok else EXIT_MISSING), out
+        assert "  processes: 2" in out  # the recipe's launch command: --multi_gpu --num_processes 2
+    else:
+        assert code == EXIT_MISSING, out  # data/games or runs/games/sft_latent is not in this empty cwd
+    if path.name.startswith("grpo"):
+        assert "-m llmrec.cli sft --config recipes/games/sft_latent.yaml" in out
+    if path.name == "eval.yaml":
+        assert "llmrec data prepare --format seq-txt --input ../shared/data/amazon_games_dealrec --output data/games" in out
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+def test_qwen_meta_model_parameter_count():
+    arch = resolve_architecture(QWEN)
+    assert "known_configs/Qwen__Qwen2.5-1.5B.json" in arch.source and "unreachable" in arch.source
+    cfg = arch.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.tie_word_embeddings) == (1536, 28, 151936, True)
+    counts = count_parameters(cfg, "bfloat16")
+    assert counts.total == QWEN_PARAMS and counts.total == pytest.approx(1.54e9, rel=0.01)
+    assert counts.weight_bytes == 2 * QWEN_PARAMS
+    from llmrec.models.latent import LatentConfig
+
+    lora = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"]}
+    c = count_parameters(cfg, "bfloat16", lora=lora, latent=LatentConfig(num_latent_tokens=1), train_lora=True)
+    # LoRA r: r * (in + out) per adapted matrix, 7 per layer, 28 layers
+    per_layer = 8 * ((1536 + 1536) * 2 + (1536 + 256) * 2 + (1536 + 8960) * 3)
+    assert c.parts["LoRA adapters"] == 28 * per_layer
+    assert c.parts["latent pooling head"] == QWEN_HEAD
+    assert c.trainable == 28 * per_layer + QWEN_HEAD
+    with pytest.raises(ValueError):
+        count_parameters(cfg, lora={**lora, "target_modules": ["no_such_proj"]})
+
+
+def test_architecture_from_hf_cache_and_local_dir(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    shipped = json.loads(known_config_path(QWEN).read_text())
+    cache = tmp_path / "hf"
+    snap = cache / "models--Qwen--Qwen2.5-1.5B" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (cache / "models--Qwen--Qwen2.5-1.5B" / "refs").mkdir()
+    (cache / "models--Qwen--Qwen2.5-1.5B" / "refs" / "main").write_text("abc123")
+    (snap / "config.json").write_text(json.dumps({**shipped, "num_hidden_layers": 2}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    arch = resolve_architecture(QWEN)
+    assert arch.source.startswith("Hugging Face cache") and arch.config.num_hidden_layers == 2
+    local = tmp_path / "local_model"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({**shipped, "num_hidden_layers": 3}))
+    assert resolve_architecture(str(local)).config.num_hidden_layers == 3
+    assert resolve_architecture(str(local / "config.json")).source.startswith("local config file")
+    with pytest.raises(ValueError, match="not a model directory"):
+        resolve_architecture(str(tmp_path / "nope" / "x"))
+
+
+def test_architecture_from_the_hub_and_refusals(monkeypatch):
+    import llmrec.dry_run as dr
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(dr, "_hub_unreachable_reason", lambda: None)
+    shipped = json.loads(known_config_path(QWEN).read_text())
+    monkeypatch.setattr(dr, "_fetch_hub_config", lambda repo: {**shipped, "num_hidden_layers": 4})
+    arch = resolve_architecture(QWEN)
+    assert arch.source.startswith("the Hugging Face Hub") and arch.config.num_hidden_layers == 4
+
+    def refused(repo):
+        raise dr._HubAnswered("the hub answered HTTP 404")
+
+    monkeypatch.setattr(dr, "_fetch_hub_config", refused)
+    with pytest.raises(ValueError, match="404"):  # reached but refused: no shipped fallback
+        resolve_architecture(QWEN)
+
+    def unreachable(repo):
+        raise ConnectionError("timed out")
+
+    monkeypatch.setattr(dr, "_fetch_hub_config", unreachable)
+    assert "unreachable: ConnectionError: timed out" in resolve_architecture(QWEN).source
+    with pytest.raises(ValueError, match="unreachable"):  # no shipped config for this one
+        resolve_architecture("someone/unknown-model")
+
+
+# ------------------------------------------------------------------------- tiny models, real checkpoints
+
+
+def sft_args(data: Path, out: Path, **kw: str) -> list[str]:
+    args = {"model_name_or_path": "tiny-qwen2", "model_dtype": "float32", "dataset": str(data),
+            "output_dir": str(out), "lora_r": "4", "lora_alpha": "8", "per_device_train_batch_size": "2",
+            "gradient_accumulation_steps": "3", "eval_strategy": "no", "save_strategy": "no",
+            "load_best_model_at_end": "false", **kw}
+    return [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_sft_ready_counts_match_the_real_model(finetune, tmp_path, prepared_dir, capsys):
+    from llmrec.config import parse_config
+    from llmrec.training.sft import LatentSFTConfig, build_model
+
+    before = tree(tmp_path)
+    argv = ["sft"] + sft_args(prepared_dir, tmp_path / "out", finetune=finetune, num_latent_tokens="1")
+    code, out = dry(argv + ["--num-processes", "2"], capsys)
+    assert code == EXIT_READY, out
+    assert tree(tmp_path) == before
+    assert out.splitlines()[-1] == f"dry run: READY; exit code {EXIT_READY}"
+    assert "global batch: 12 rows = 2 x 3 x 2 processes" in out
+    train_rows = json.loads((prepared_dir / "stats.json").read_text())["rows"]["train"]
+    assert number(out, "steps per epoch") == trainer_steps_per_epoch(train_rows, 2, 2, 3)
+    # The meta-device counts are those of the model the trainer builds (latent token row added to the vocabulary).
+    (config,) = parse_config([LatentSFTConfig], None, argv[1:])
+    model, _ = build_model(config)
+    assert number(out, "parameters total") == sum(p.numel() for p in model.parameters())
+    assert number(out, "parameters trainable") == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_steps_per_epoch_formulas():
+    # Trainer + accelerate: 100 rows / 4 per device = 25 batches, 13 per process; 3 full steps of 4 + 1 partial.
+    assert trainer_steps_per_epoch(100, 4, 2, 4) == 4
+    assert trainer_steps_per_epoch(3, 4, 2, 4) == 1
+    # GRPO: 16 rows x 2 processes x 8 accumulation / G 8 = 32 prompts per step; the last partial batch is dropped.
+    assert grpo_steps_per_epoch(1000, 16, 2, 8, 8) == 31
+
+
+@pytest.fixture
+def sft_checkpoint(tmp_path, prepared_dir) -> Path:
+    """A real (tiny, untrained) latent SFT adapter checkpoint on ``prepared_dir``."""
+    from llmrec.training.sft import LatentSFTConfig, build_model, save_sft_checkpoint
+
+    cfg = LatentSFTConfig(model_name_or_path="tiny-qwen2", model_dtype="float32", dataset=str(prepared_dir),
+                          output_dir=str(tmp_path / "sft"), num_latent_tokens=1, lora_r=4, lora_alpha=8,
+                          history_length=3, max_length=256, eval_split=None)
+    model, tok = build_model(cfg)
+    save_sft_checkpoint(model, tok, tmp_path / "sft", cfg.checkpoint_fields())
+    return tmp_path / "sft"
+
+
+def test_grpo_ready_matches_the_trainer(sft_checkpoint, tmp_path, capsys):
+    from llmrec.config import parse_config
+    from llmrec.training.grpo import LatentGRPOConfig, LatentGRPOTrainer
+
+    argv = ["grpo", "--sft_checkpoint", str(sft_checkpoint), "--output_dir", str(tmp_path / "grpo"),
+            "--num_generations", "4", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+            "--model_dtype", "float32"]
+    before = tree(tmp_path)
+    code, out = dry(argv, capsys)
+    assert code == EXIT_READY, out
+    assert tree(tmp_path) == before
+    assert "finetune lora, 1 latent token(s)" in out
+    trainer = LatentGRPOTrainer(parse_config([LatentGRPOConfig], None, argv[1:])[0])
+    assert number(out, "steps per epoch") == trainer.steps_per_epoch
+    assert number(out, "total steps") == trainer.max_steps
+    model = trainer.latent_lm
+    assert number(out, "parameters total") == sum(p.numel() for p in model.parameters())
+    assert number(out, "parameters trainable") == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_evaluate_ready_with_checkpoint(sft_checkpoint, prepared_dir, tmp_path, capsys):
+    from llmrec.training.sft import load_sft_checkpoint
+
+    before = tree(tmp_path)
+    code, out = dry(["evaluate", "--dataset", str(prepared_dir), "--model_name_or_path", "tiny-qwen2",
+                     "--checkpoint", str(sft_checkpoint), "--output_dir", str(tmp_path / "ev"), "--batch_size", "2",
+                     "--accelerate-config", "recipes/accelerate/cpu_2proc.yaml"], capsys)
+    assert code == EXIT_READY, out
+    assert tree(tmp_path) == before
+    test_rows = json.loads((prepared_dir / "stats.json").read_text())["rows"]["test"]
+    assert f"{test_rows:,} of {test_rows:,} test rows in {-(-test_rows // 2):,} batches" in out
+    assert "from: accelerate config recipes/accelerate/cpu_2proc.yaml" in out
+    model, _, _ = load_sft_checkpoint(sft_checkpoint, "tiny-qwen2")
+    assert number(out, "parameters total") == sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------- inputs, errors
+
+
+def test_missing_dataset_is_reported_and_other_checks_still_run(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "data"
+    code, out = dry(["sft", "--model_name_or_path", "tiny-qwen2", "--dataset", str(missing)], capsys)
+    assert code == EXIT_MISSING
+    assert f"MISSING dataset {missing} (directory not found)" in out
+    assert f"llmrec data prepare --format <format> --input <raw dir> --output {missing}" in out
+    assert "parameters total" in out and "global batch" in out and "steps per epoch: unknown" in out
+    assert not missing.exists()
+
+
+def test_missing_split_is_reported(prepared_dir, capsys):
+    (prepared_dir / "valid.jsonl").unlink()
+    code, out = dry(["sft", "--model_name_or_path", "tiny-qwen2", "--dataset", str(prepared_dir)], capsys)
+    assert code == EXIT_MISSING and "MISSING split 'valid'" in out
+
+
+def test_unknown_key_is_still_a_config_error(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("# llmrec sft --config bad.yaml\nmodel_name_or_path: tiny-qwen2\nlearning_rat: 1.0e-4\n")
+    assert main(["sft", "--config", str(recipe), "--dry-run"]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "unknown option(s) 'learning_rat' (did you mean 'learning_rate'?)" in err
+    assert main(["grpo", "--config", "recipes/gpu/grpo_latent.yaml", "--noise_scal", "2", "--dry-run"]) == EXIT_INVALID
+    assert "noise_scal" in capsys.readouterr().err
+
+
+def test_prepared_sample_gives_steps(tmp_path, capsys):
+    from llmrec.data.samples import resolve_dataset_dir, sample_cache_dir
+
+    assert resolve_dataset_dir("games-sample") == sample_cache_dir("games-sample")  # the real run prepares it here
+    code, out = dry(["sft", "--config", "recipes/games/sft_latent.yaml"], capsys)
+    # 2,000 rows (max_train_rows) / (4 per device x 2 processes) = 250 batches per process / 4 accumulation
+    assert "steps per epoch: 63 (2,000 training rows)" in out
+    assert "validation loss: every 25 steps on 200 valid rows" in out
+
+
+def test_without_dry_run_the_command_runs(prepared_dir, tmp_path, capsys):
+    out_dir = tmp_path / "pop"
+    assert main(["evaluate", "--method", "popularity", "--dataset", str(prepared_dir), "--output_dir", str(out_dir)]) == 0
+    assert (out_dir / "results.json").exists()
+
+
+def test_dry_run_only_flags_need_dry_run(capsys):
+    for stage in ("sft", "grpo", "evaluate"):
+        assert main([stage, "--num-processes", "2"]) == EXIT_INVALID
+        assert "only apply with --dry-run" in capsys.readouterr().err
+
+
+def test_grpo_refuses_fsdp_and_deepspeed_plans(capsys):
+    for cfg in ("recipes/accelerate/fsdp.yaml", "recipes/accelerate/zero2.yaml"):
+        code, out = dry(["grpo", "--config", "recipes/gpu/grpo_latent.yaml", "--accelerate-config", cfg], capsys)
+        assert code == EXIT_INVALID, out
+        assert "ERROR latent GRPO runs on one device or with DDP" in out
+
+
+def test_accelerate_plan_sources(monkeypatch, capsys):
+    plan = resolve_accelerate_plan("recipes/accelerate/single_gpu.yaml")
+    assert (plan.num_processes, plan.distributed_type, plan.mixed_precision) == (1, "NO", "bf16")
+    plan = resolve_accelerate_plan("recipes/accelerate/ddp.yaml", num_processes=8)
+    assert (plan.num_processes, plan.distributed_type) == (8, "MULTI_GPU")
+    assert resolve_accelerate_plan().source.startswith("no accelerate config")
+    code, out = dry(["sft", "--config", "recipes/gpu/sft_latent_full.yaml", "--accelerate-config",
+                     "recipes/accelerate/single_gpu.yaml", "--gradient_accumulation_steps", "32"], capsys)
+    assert "global batch: 128 rows = 4 x 32 x 1 processes" in out
+    # Under `accelerate launch` the plan is the launcher's, and only rank 0 prints.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    plan = resolve_accelerate_plan()
+    assert (plan.num_processes, plan.distributed_type, plan.mixed_precision) == (4, "MULTI_GPU", "bf16")
+    for k in ("ACCELERATE_MIXED_PRECISION", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k)  # parsing a TrainingArguments under a fake launcher env would try to rendezvous
+    monkeypatch.setenv("RANK", "1")
+    code, out = dry(["sft", "--config", "recipes/gpu/sft_latent_full.yaml"], capsys)
+    assert code == EXIT_MISSING and out == ""  # same verdict, printed by rank 0 only
+    from llmrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="accelerate config"):
+        resolve_accelerate_plan("recipes/accelerate/no_such.yaml")
+
+
