@@ -1,0 +1,32 @@
+"""README results tables are copies of the generated files in benchmarks/results (scripts/update_readme_results.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("update_readme_results", ROOT / "scripts" / "update_readme_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_render_replaces_blocks_and_keeps_missing(tmp_path):
+    mod = _module()
+    (tmp_path / "a.md").write_text("| x |\n|---|\n| 1 |\n")
+    text = "intro\n<!-- results:a -->\nold\n<!-- /results:a -->\n<!-- results:b -->\nkeep\n<!-- /results:b -->\n"
+    new, missing = mod.render(text, tmp_path)
+    assert new == ("intro\n<!-- results:a -->\n| x |\n|---|\n| 1 |\n<!-- /results:a -->\n"
+                   "<!-- results:b -->\nkeep\n<!-- /results:b -->\n")
+    assert missing == ["b"]
+
+
+def test_readme_tables_match_results_files():
+    mod = _module()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    new, _ = mod.render(readme, ROOT / "benchmarks" / "results")
+    assert new == readme, "run: python scripts/update_readme_results.py"
