@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# The same prompts and title vocabulary as the unguided decoding tests.
+from test_decoding import PREFIX, PROMPTS, WORDS
+
 from llmrec.decoding.beam_search import constrained_beam_search, reference_constrained_beam_search
 from llmrec.decoding.guidance import (
     ItemMassIndex,
@@ -20,18 +23,6 @@ from llmrec.decoding.guidance import (
 )
 from llmrec.decoding.trie import TitleTrie
 from llmrec.models.tiny import build_tiny
-
-PREFIX = "### Response: \n"
-PROMPTS = [
-    "Below is an instruction that describes a task. ### Response: \n",
-    'The user has palyed the following video gamess before: "Anno 2070", "Halo", "Kirby" ### Response: \n',
-    "x ### Response: \n",
-]
-WORDS = (
-    "Super Mario Bros. Zelda Breath of the Wild Nintendo Switch PlayStation Xbox One PC Game Edition Call "
-    "Duty Black Ops Grand Theft Auto Final Fantasy Pokemon Red Blue Halo Skyrim Tetris Sonic Kirby 2 3 Vol. "
-    "Gold Deluxe Ultimate"
-).split()
 
 
 @pytest.fixture(scope="module", params=["tiny-qwen2", "tiny-llama"])
