@@ -142,6 +142,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             overrides[key[2:]] = _yaml_scalar(rest.pop(0))
         result = run_seqrec_benchmark(args.dataset, [m.strip() for m in args.models.split(",") if m.strip()],
                                       args.seeds, Path(args.output_dir), **overrides)
+    elif args.bench == "pipeline":
+        from llmrec.bench_pipeline import cmd_pipeline
+
+        result = cmd_pipeline(args)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(args.bench)
     if args.output:
@@ -190,3 +194,11 @@ def register_cli(subparsers) -> None:
     s.add_argument("--output-dir", default="benchmarks/results/seqrec", help="runs and summary (resumable)")
     s.add_argument("--output", default=None, help="also write the JSON result here")
     s.set_defaults(func=cmd_bench, accepts_overrides=True)
+    from llmrec.bench_pipeline import add_arguments as add_pipeline_arguments
+
+    pl = sub.add_parser("pipeline", help="every method on one protocol: one table (mean +- std over seeds), paired "
+                        "CIs, a PNG plot (resumable; --report-only reports what has finished)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_pipeline_arguments(pl)
+    pl.add_argument("--output", default=None, help="also write the last-line JSON here")
+    pl.set_defaults(func=cmd_bench)

@@ -39,7 +39,7 @@ from llmrec.evaluation.metrics import compute_metrics
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("beam", "popularity")
+METHODS = ("beam", "popularity", "seqrec")
 
 
 @dataclass
@@ -50,9 +50,9 @@ class EvalConfig:
     split: str = field(default="test", metadata={"help": "Split to evaluate: valid or test."})
     max_rows: int = field(default=0, metadata={"help": "Evaluate a seeded random subset of this many rows (0 = all)."})
     row_seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
-    method: str = field(default="beam", metadata={"help": "beam (constrained beam search with the LM) or popularity."})
+    method: str = field(default="beam", metadata={"help": "beam (constrained beam search with the LM), popularity, or seqrec (full ranking by the ID model of a `llmrec seqrec train` run given as checkpoint)."})
     model_name_or_path: str = field(default="smollm2-135m", metadata={"help": "Hub id, local dir, or alias (smollm2-135m, qwen2.5-coder-0.5b, tiny-qwen2, tiny-llama)."})
-    checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint directory to evaluate instead of the base model."})
+    checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint directory to evaluate instead of the base model (method=seqrec: the seqrec run directory)."})
     dtype: str = field(default="bfloat16", metadata={"help": "Model dtype: bfloat16, float32, float16."})
     prompt: str = field(default="d3", metadata={"help": "Prompt template name (prompts/) or path."})
     noun: str = field(default="video games", metadata={"help": "Item noun used by the prompt (D3: 'video games' for Games)."})
@@ -80,6 +80,8 @@ class EvalConfig:
             raise ValueError(f"guidance_weight must be >= 0, got {self.guidance_weight}")
         if self.guidance_checkpoint is not None and self.method != "beam":
             raise ValueError("guidance_checkpoint only applies to method=beam")
+        if self.method == "seqrec" and not self.checkpoint:
+            raise ValueError("method=seqrec needs checkpoint: a `llmrec seqrec train` output_dir")
         self.ks = sorted({int(k) for k in self.ks})
 
     @property
@@ -147,6 +149,8 @@ class Evaluator:
         self.out = Path(config.output_dir)
         self.guidance_model = None
         self.guidance_info: dict | None = None
+        self.seqrec_model = None
+        self.seqrec_info: dict | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -157,6 +161,14 @@ class Evaluator:
             "row_seed": c.row_seed, "method": c.method, "history_length": c.history_length,
             "ks": c.ks, "matching": ["item", "title"], "history_masked": False,
         }
+        if c.method == "seqrec":
+            g = self.seqrec_info
+            p.update({
+                "checkpoint": c.checkpoint, "id_model": g["model"], "id_weights": g["weights"],
+                "history_length": g["max_history"], "history_masked": g["mask_history"],
+                "ranking": "full catalogue by the ID model's scores, ties by the smaller item id; the list keeps "
+                           "the top max(ks) items, the item rank is the target's full-catalogue rank",
+            })
         if c.method == "beam":
             p.update({
                 "model": c.model_name_or_path, "checkpoint": c.checkpoint, "dtype": c.dtype, "prompt": c.prompt,
@@ -187,12 +199,31 @@ class Evaluator:
             return
         self.guidance_model, self.guidance_info = load_guidance_model(
             c.guidance_checkpoint, self.state.device, num_items=data.num_items)
-        trained_on = Path(str(self.guidance_info["dataset_dir"])) / "catalog.jsonl"
+        self._check_catalog(data, data.num_items, self.guidance_info["dataset_dir"],
+                            f"guidance checkpoint {c.guidance_checkpoint}")
+
+    @staticmethod
+    def _check_catalog(data, num_items: int, trained_dir, what: str) -> None:
+        """An ID model's item ids only mean something on the catalogue it was trained on."""
+        if num_items != data.num_items:
+            raise ValueError(f"{what}: the ID model was trained on {num_items} items, {data.directory} has "
+                             f"{data.num_items}")
+        trained_on = Path(str(trained_dir)) / "catalog.jsonl"
         ours = Path(data.directory) / "catalog.jsonl"
         if trained_on.exists() and ours.exists() and trained_on.read_bytes() != ours.read_bytes():
             raise ValueError(
-                f"guidance checkpoint {c.guidance_checkpoint}: the ID model was trained on {trained_on.parent}, whose "
+                f"{what}: the ID model was trained on {trained_on.parent}, whose "
                 f"catalogue differs from {ours.parent}'s (item ids would not match)")
+
+    def _load_seqrec(self) -> int:
+        """Load the evaluated ID model (method=seqrec); returns its history length."""
+        from llmrec.decoding.guidance import load_guidance_model
+
+        c = self.config
+        self.seqrec_model, info = load_guidance_model(c.checkpoint, self.state.device)
+        cfg = json.loads((Path(c.checkpoint) / "results.json").read_text(encoding="utf-8"))["config"]
+        self.seqrec_info = {**info, "mask_history": bool(cfg.get("mask_history", False))}
+        return int(info["max_history"])
 
     def _check_rows(self, data, split) -> None:
         n = data.num_items
@@ -222,10 +253,15 @@ class Evaluator:
             checkpoint_kind(c.checkpoint)  # fail before anything is written
         # Popularity needs the training targets; the LM path only the evaluated split.
         wanted = sorted({c.split, "train"}) if c.method == "popularity" else [c.split]
-        data = load_prepared(c.dataset, splits=wanted, max_history=c.history_length)
+        history_length = c.history_length
+        if c.method == "seqrec":
+            history_length = self._load_seqrec()  # the ID model reads its own history length
+        data = load_prepared(c.dataset, splits=wanted, max_history=history_length)
         split = data.splits[c.split]
         self._check_rows(data, split)
         self._load_guidance(data)  # fail before anything is written
+        if c.method == "seqrec":
+            self._check_catalog(data, self.seqrec_info["num_items"], self.seqrec_info["dataset_dir"], c.checkpoint)
         rows = select_rows(len(split), c.max_rows, c.row_seed)
         protocol = self._protocol(data, rows)
         fp = protocol_fingerprint(protocol)
@@ -248,6 +284,8 @@ class Evaluator:
         start = time.perf_counter()
         if c.method == "popularity":
             new = self._run_popularity(data, split, rows, done)
+        elif c.method == "seqrec":
+            new = self._run_seqrec(data, split, rows, done)
         else:
             new = self._run_beam(data, split, rows, done)
         elapsed = time.perf_counter() - start
@@ -265,8 +303,13 @@ class Evaluator:
             "item": compute_metrics([rec["item_rank"] for rec in ordered], c.ks, max_k=max_k),
             "title": compute_metrics([rec["title_rank"] for rec in ordered], c.ks, max_k=max_k),
         }
-        name = c.method if c.method == "popularity" else (
-            f"{Path(c.checkpoint).name} ({c.model_name_or_path})" if c.checkpoint else f"zero-shot {c.model_name_or_path}")
+        if c.method == "popularity":
+            name = "popularity"
+        elif c.method == "seqrec":
+            name = f"{Path(c.checkpoint).name} ({self.seqrec_info['model']})"
+        else:
+            name = (f"{Path(c.checkpoint).name} ({c.model_name_or_path})" if c.checkpoint
+                    else f"zero-shot {c.model_name_or_path}")
         if c.guided:
             name += f" + D3 guidance ({self.guidance_info['model']}, w={c.guidance_weight:g})"
         results = {
@@ -304,6 +347,43 @@ class Evaluator:
         if recs:
             self._append(recs)
         return recs
+
+    def _run_seqrec(self, data, split, rows, done) -> list[dict]:
+        """Full-catalogue ranking by the ID model; rows in batches of 256 (a forward is cheap)."""
+        from tqdm.auto import tqdm
+
+        from llmrec.evaluation.metrics import ranks_from_scores
+        from llmrec.seqrec.data import left_pad
+
+        info, model = self.seqrec_info, self.seqrec_model
+        k = max(self.config.ks)
+        todo = [r for r in rows if r not in done]
+        mine = todo[self.state.process_index::self.state.num_processes]
+        recs_all = []
+        for i in tqdm(range(0, len(mine), 256), desc=f"evaluate {self.config.split} ({info['model']})",
+                      disable=not self.state.is_main_process, unit="batch"):
+            batch = mine[i:i + 256]
+            histories = [list(split[r]["history_item_ids"]) for r in batch]
+            ids = torch.from_numpy(left_pad(histories, int(info["max_history"]))).to(self.state.device)
+            with torch.no_grad():
+                scores = model.score(ids).float()
+            if info["mask_history"]:
+                for j, h in enumerate(histories):
+                    scores[j, torch.tensor(sorted(set(h)), device=scores.device) - 1] = float("-inf")
+            targets = torch.tensor([split[r]["target_item_id"] for r in batch], device=scores.device)
+            full_ranks = ranks_from_scores(scores, targets - 1).tolist()
+            # A stable descending sort puts equal scores in ascending id order, as ranks_from_scores counts.
+            values, order = torch.sort(scores, dim=1, descending=True, stable=True)
+            recs = []
+            for j, r in enumerate(batch):
+                items = [c + 1 for c in order[j, :k].tolist()]
+                titles = list(dict.fromkeys(data.catalog.title(t) for t in items))
+                rec = self._record(data, split, r, titles, items, [round(v, 6) for v in values[j, :k].tolist()])
+                rec["item_rank"] = int(full_ranks[j])  # beyond the list too: the metrics need only K <= max(ks)
+                recs.append(rec)
+            self._append(recs)
+            recs_all.extend(recs)
+        return recs_all
 
     def _run_beam(self, data, split, rows, done) -> list[dict]:
         from tqdm.auto import tqdm

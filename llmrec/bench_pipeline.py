@@ -1,0 +1,500 @@
+"""``llmrec bench pipeline``: every method of the package on one protocol, one table, one plot.
+
+One fixed protocol: a prepared split (the Games time split by default), a train subset drawn with each
+seed for the LLMs (the ID models train on the whole train split: they are cheap), and ONE test subset
+(``--test-rows`` rows drawn with ``--row-seed``) shared by every method and every seed, so all
+differences are paired. Methods:
+
+=========================  ====================================================================
+popularity                 most frequent training targets
+zero-shot                  the base LM, constrained beam search over the catalogue's titles
+bigrec-sft                 BIGRec-style SFT (LoRA, the title only), recipes/games/sft_bigrec.yaml
+bigrec-sft+d3              the same checkpoint, D3 decoding (length_penalty 0 + SASRec guidance)
+latent-sft                 latent-reasoning SFT, recipes/games/sft_latent.yaml
+latent-sft+grpo            latent GRPO from it, recipes/games/grpo_latent.yaml
+latent-sft+grpo+d3         the GRPO checkpoint with D3 decoding
+sasrec, rearec-erl,        ID models (recipes/seqrec/<model>_games.yaml), evaluated by full
+rearec-prl, lares          ranking over all items (``llmrec evaluate --method seqrec``)
+=========================  ====================================================================
+
+Every stage writes its own directory and is skipped when its output exists (training resumes from
+its last checkpoint, evaluation from its finished rows), so a long report can be completed over
+several runs; ``--report-only`` builds the report from whatever has finished. Seed 0's stages sit at
+the top of ``--output-dir`` (the layout of ``scripts/games_sft_comparison.sh``, whose finished runs are
+thus reused), seed ``s > 0``'s under ``seed<s>/``. The seed-independent evaluations (popularity,
+zero-shot) are shared by all seeds.
+
+The report (``<results-dir>/<name>.md``, ``.json`` and ``.png``): per method HR@K / NDCG@K (K = 1, 5,
+10; 20 where the ranked list is long enough) as mean +- std over the finished seeds, title-level
+NDCG@10, training and evaluation time, and the paired bootstrap 95% intervals of the differences the
+LatentR3 claims are about (per-row metrics averaged over seeds first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ID_MODELS = ("sasrec", "rearec-erl", "rearec-prl", "lares")
+METHODS = ("popularity", "zero-shot", "bigrec-sft", "bigrec-sft+d3", "latent-sft", "latent-sft+grpo",
+           "latent-sft+grpo+d3", *ID_MODELS)
+LABELS = {
+    "popularity": "Popularity", "zero-shot": "Zero-shot LM", "bigrec-sft": "BIGRec SFT",
+    "bigrec-sft+d3": "BIGRec SFT + D3", "latent-sft": "Latent SFT", "latent-sft+grpo": "Latent SFT + GRPO",
+    "latent-sft+grpo+d3": "Latent SFT + GRPO + D3", "sasrec": "SASRec", "rearec-erl": "ReaRec-ERL",
+    "rearec-prl": "ReaRec-PRL", "lares": "LARES",
+}
+# (name, treatment, baseline): the differences the targets of the report name.
+DIFFERENCES = (
+    ("latent+GRPO vs BIGRec SFT", "latent-sft+grpo", "bigrec-sft"),
+    ("latent+GRPO+D3 vs BIGRec SFT+D3", "latent-sft+grpo+d3", "bigrec-sft+d3"),
+    ("latent+GRPO vs best ID model", "latent-sft+grpo", "best-id"),
+    ("latent+GRPO vs latent SFT", "latent-sft+grpo", "latent-sft"),
+    ("latent SFT vs BIGRec SFT", "latent-sft", "bigrec-sft"),
+    ("BIGRec SFT+D3 vs BIGRec SFT", "bigrec-sft+d3", "bigrec-sft"),
+)
+REPORT_KS = (1, 5, 10, 20)
+SEED_INDEPENDENT = ("popularity", "zero-shot")
+
+
+@dataclass
+class PipelineOptions:
+    """What ``llmrec bench pipeline`` runs (the command-line flags, one to one)."""
+
+    dataset: str = "data/games"
+    model: str = "smollm2-135m"
+    seeds: int = 1
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    output_dir: str = "runs/games-cmp"
+    results_dir: str = "benchmarks/results"
+    name: str = "pipeline_games_smollm2"
+    train_rows: int = 1024
+    test_rows: int = 500
+    row_seed: int = 0
+    grpo_rows: int = 64
+    grpo_overrides: dict[str, Any] = field(default_factory=dict)
+    d3_weight: float = 1.0
+    id_overrides: dict[str, Any] = field(default_factory=dict)
+    recipes: str | None = None
+    report_only: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.test_rows < 1 or self.train_rows < 1 or self.grpo_rows < 1:
+            raise ValueError("test_rows, train_rows and grpo_rows must be >= 1")
+        if not self.d3_weight > 0:
+            raise ValueError(f"d3_weight must be > 0 (D3 without guidance is not D3), got {self.d3_weight}")
+
+
+class Pipeline:
+    """Runs the stages of :class:`PipelineOptions` (skipping finished ones) and writes the report."""
+
+    def __init__(self, opts: PipelineOptions):
+        from llmrec.resources import resource_dir
+
+        self.opts = opts
+        self.out = Path(opts.output_dir)
+        self.recipes = Path(opts.recipes) if opts.recipes else resource_dir("recipes")
+        self.data_dir = Path(opts.dataset)
+
+    # ------------------------------------------------------------------ layout
+
+    def seed_dir(self, seed: int) -> Path:
+        return self.out if seed == 0 else self.out / f"seed{seed}"
+
+    def stage_dir(self, stage: str, seed: int) -> Path:
+        return self.seed_dir(seed) / stage
+
+    def eval_dir(self, method: str, seed: int) -> Path:
+        if method in SEED_INDEPENDENT:
+            return self.out / ("eval_popularity" if method == "popularity" else "eval_zero_shot")
+        names = {"bigrec-sft": "eval_sft_bigrec", "bigrec-sft+d3": "eval_sft_bigrec_d3",
+                 "latent-sft": "eval_sft_latent", "latent-sft+grpo": "eval_grpo_latent",
+                 "latent-sft+grpo+d3": "eval_grpo_latent_d3"}
+        return self.stage_dir(names.get(method, f"eval_{method}"), seed)
+
+    def needs(self, method: str) -> list[str]:
+        """Training stages a method's evaluation needs, in order."""
+        return {
+            "bigrec-sft": ["sft_bigrec"], "bigrec-sft+d3": ["sft_bigrec", "seqrec_sasrec"],
+            "latent-sft": ["sft_latent"], "latent-sft+grpo": ["sft_latent", "grpo_latent"],
+            "latent-sft+grpo+d3": ["sft_latent", "grpo_latent", "seqrec_sasrec"],
+        }.get(method, [f"seqrec_{method}"] if method in ID_MODELS else [])
+
+    # ------------------------------------------------------------------ stages
+
+    def _sft(self, kind: str, seed: int) -> Path:
+        from llmrec.config import parse_config
+        from llmrec.training.sft import LatentSFTConfig, run_sft
+
+        out = self.stage_dir(f"sft_{kind}", seed)
+        o = self.opts
+        # The settings of scripts/games_sft_comparison.sh (model selection on 200 validation rows).
+        (cfg,) = parse_config([LatentSFTConfig], self.recipes / "games" / f"sft_{kind}.yaml", extra=dict(
+            dataset=str(self.data_dir), model_name_or_path=o.model, model_dtype="bfloat16",
+            max_train_rows=o.train_rows, max_eval_rows=200, per_device_train_batch_size=8,
+            gradient_accumulation_steps=2, eval_steps=16, save_steps=16, logging_steps=4, num_train_epochs=1,
+            seed=seed, output_dir=str(out)))
+        run_sft(cfg)
+        return out
+
+    def _grpo(self, seed: int) -> Path:
+        from llmrec.config import parse_config
+        from llmrec.training.grpo import LatentGRPOConfig, run_grpo
+
+        out = self.stage_dir("grpo_latent", seed)
+        o = self.opts
+        extra = dict(sft_checkpoint=str(self.stage_dir("sft_latent", seed)), dataset=str(self.data_dir),
+                     model_dtype="bfloat16", max_train_rows=o.grpo_rows, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=4, save_steps=4, seed=seed, output_dir=str(out))
+        extra.update(o.grpo_overrides)
+        (cfg,) = parse_config([LatentGRPOConfig], self.recipes / "games" / "grpo_latent.yaml", extra=extra)
+        run_grpo(cfg)
+        return out
+
+    def _seqrec(self, model: str, seed: int) -> Path:
+        from llmrec.config import check_keys, read_recipe
+        from llmrec.seqrec.config import SeqRecConfig
+        from llmrec.seqrec.run import run_seqrec
+
+        out = self.stage_dir(f"seqrec_{model}", seed)
+        recipe = self.recipes / "seqrec" / f"{model}_games.yaml"
+        fields = read_recipe(recipe)
+        fields.update(self.opts.id_overrides)
+        check_keys(fields, [SeqRecConfig], str(recipe))
+        fields.update(dataset_dir=str(self.data_dir), output_dir=str(out), seed=42 + seed)
+        run_seqrec(SeqRecConfig(**fields))  # resumes; a finished run returns its results
+        return out
+
+    def _train(self, stage: str, seed: int) -> None:
+        done = {"sft_bigrec": "train_results.json", "sft_latent": "train_results.json",
+                "grpo_latent": "grpo_results.json"}.get(stage, "results.json")
+        if (self.stage_dir(stage, seed) / done).exists():
+            return
+        print(f"== seed {seed}: train {stage}", flush=True)
+        if stage.startswith("sft_"):
+            self._sft(stage[4:], seed)
+        elif stage == "grpo_latent":
+            self._grpo(seed)
+        else:
+            self._seqrec(stage[len("seqrec_"):], seed)
+
+    def _evaluate(self, method: str, seed: int) -> None:
+        from llmrec.config import parse_config
+        from llmrec.evaluation.evaluator import EvalConfig, evaluate
+
+        out = self.eval_dir(method, seed)
+        if (out / "results.json").exists():
+            return
+        print(f"== seed {seed}: evaluate {method} -> {out}", flush=True)
+        extra: dict[str, Any] = dict(dataset=str(self.data_dir), max_rows=self.opts.test_rows,
+                                     row_seed=self.opts.row_seed, output_dir=str(out))
+        extra["model_name_or_path"] = self.opts.model
+        if method == "popularity":
+            extra["method"] = "popularity"
+        elif method in ID_MODELS:
+            extra.update(method="seqrec", checkpoint=str(self.stage_dir(f"seqrec_{method}", seed)))
+        elif method != "zero-shot":
+            ckpt = "sft_bigrec" if method.startswith("bigrec") else (
+                "grpo_latent" if "grpo" in method else "sft_latent")
+            extra["checkpoint"] = str(self.stage_dir(ckpt, seed))
+            if method.endswith("+d3"):
+                extra.update(length_penalty=0.0, guidance_checkpoint=str(self.stage_dir("seqrec_sasrec", seed)),
+                             guidance_weight=self.opts.d3_weight)
+        (cfg,) = parse_config([EvalConfig], self.recipes / "games" / "eval.yaml", extra=extra)
+        evaluate(cfg)
+
+    def run(self) -> dict:
+        """Run what is missing (unless ``report_only``), then write and return the report."""
+        o = self.opts
+        if not o.report_only:
+            self._ensure_data()
+            for seed in range(o.seeds):
+                for method in o.methods:
+                    if seed > 0 and method in SEED_INDEPENDENT:
+                        continue
+                    for stage in self.needs(method):
+                        self._train(stage, seed)
+                    self._evaluate(method, seed)
+        return self.report()
+
+    def _ensure_data(self) -> None:
+        if not (self.data_dir / "stats.json").exists():
+            raise FileNotFoundError(
+                f"{self.data_dir} is not a prepared dataset; prepare it first, e.g. `llmrec data prepare --format "
+                f"seq-txt --input ../shared/data/amazon_games_dealrec --output {self.data_dir}`")
+
+    # ------------------------------------------------------------------ report
+
+    def _finished(self) -> dict[str, dict[int, Path]]:
+        runs: dict[str, dict[int, Path]] = {}
+        for method in self.opts.methods:
+            for seed in range(self.opts.seeds if method not in SEED_INDEPENDENT else 1):
+                d = self.eval_dir(method, seed)
+                if (d / "results.json").exists() and (d / "rankings.jsonl").exists():
+                    runs.setdefault(method, {})[seed] = d
+        return runs
+
+    def _train_seconds(self, method: str, seed: int) -> float | None:
+        total, any_found = 0.0, False
+        for stage in self.needs(method):
+            d = self.stage_dir(stage, seed)
+            if stage.startswith("sft_") and (d / "train_results.json").exists():
+                total += json.loads((d / "train_results.json").read_text())["timings_s"]["train"]
+            elif stage == "grpo_latent" and (d / "grpo_results.json").exists():
+                total += json.loads((d / "grpo_results.json").read_text())["train_seconds_this_run"]
+            elif stage.startswith("seqrec_") and (d / "results.json").exists():
+                t = json.loads((d / "results.json").read_text()).get("timings", {})
+                total += float(t.get("train_total_s", 0.0))
+            else:
+                continue
+            any_found = True
+        return round(total, 1) if any_found else None
+
+    def report(self) -> dict:
+        """Collect the finished evaluations into ``<results_dir>/<name>.{json,md,png}``."""
+        import numpy as np
+
+        from llmrec.data.canonical import atomic_write_json, atomic_write_text
+        from llmrec.evaluation.compare import load_rankings
+        from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics
+
+        o = self.opts
+        finished = self._finished()
+        if not finished:
+            raise FileNotFoundError(f"no finished evaluation under {self.out}: nothing to report")
+        rankings = {m: {s: load_rankings(d) for s, d in seeds.items()} for m, seeds in finished.items()}
+        rows = sorted(set.intersection(*(set(r) for seeds in rankings.values() for r in seeds.values())))
+        some = next(iter(next(iter(rankings.values())).values()))
+        expected = o.test_rows
+        if len(rows) != expected:
+            logger.warning("the finished evaluations share %d rows, not %d: check their protocols", len(rows), expected)
+        methods: dict[str, dict] = {}
+        per_row: dict[str, dict[str, np.ndarray]] = {}  # method -> metric -> per-row mean over seeds
+        for method, seeds in rankings.items():
+            first = json.loads((finished[method][min(seeds)] / "results.json").read_text())
+            max_k = first["protocol"].get("num_beams") if first["protocol"]["method"] == "beam" else None
+            ks = [k for k in REPORT_KS if max_k is None or k <= max_k]
+            per_seed: dict[str, list[float]] = {}
+            stacks: dict[str, list[np.ndarray]] = {}
+            for _seed, recs in sorted(seeds.items()):
+                for level in ("item", "title"):
+                    vals = per_row_metrics([recs[r][f"{level}_rank"] for r in rows], ks)
+                    for name, v in vals.items():
+                        if name.startswith("mrr"):
+                            continue
+                        key = name if level == "item" else f"title_{name}"
+                        per_seed.setdefault(key, []).append(float(v.mean()))
+                        stacks.setdefault(key, []).append(v)
+            per_row[method] = {k: np.mean(v, axis=0) for k, v in stacks.items()}
+            train_s = [self._train_seconds(method, s) for s in sorted(seeds)]
+            eval_s = [json.loads((finished[method][s] / "results.json").read_text()).get("eval_seconds_this_run")
+                      for s in sorted(seeds)]
+            methods[method] = {
+                "label": LABELS[method], "seeds": sorted(seeds), "ks": ks,
+                "mean": {k: statistics.fmean(v) for k, v in per_seed.items()},
+                "std": {k: (statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in per_seed.items()},
+                "per_seed": per_seed, "train_seconds": train_s, "eval_seconds": eval_s,
+                "history_length": None if method == "popularity" else first["protocol"].get("history_length"),
+                "runs": [str(finished[method][s]) for s in sorted(seeds)],
+            }
+        ids = [m for m in ID_MODELS if m in methods]
+        best_id = max(ids, key=lambda m: methods[m]["mean"]["ndcg@10"]) if ids else None
+        diffs = []
+        for label, treat, base in DIFFERENCES:
+            base = best_id if base == "best-id" else base
+            if base is None or treat not in per_row or base not in per_row:
+                continue
+            entry = {"name": label, "treatment": treat, "baseline": base, "metrics": {}}
+            for metric in ("ndcg@10", "hr@10"):
+                d, lo, hi = paired_bootstrap_ci(per_row[treat][metric], per_row[base][metric], seed=0)
+                rel = d / methods[base]["mean"][metric] if methods[base]["mean"][metric] > 0 else math.nan
+                entry["metrics"][metric] = {"diff": d, "ci95": [lo, hi], "relative": rel,
+                                            "excludes_zero": bool(lo > 0 or hi < 0)}
+            diffs.append(entry)
+        beam = [m for m in finished if m not in ID_MODELS and m != "popularity"]
+        first_proto = (json.loads((next(iter(finished[beam[0]].values())) / "results.json").read_text())
+                       if beam else {"protocol": {}})
+        result = {
+            "name": o.name,
+            "protocol": {
+                "dataset": str(self.data_dir), "test_split": "test", "test_rows": len(rows), "row_seed": o.row_seed,
+                "test_row_ids": [[r, some[r]["user_id"], some[r]["target_item_id"]] for r in rows],
+                "llm": o.model, "llm_train_rows": o.train_rows,
+                "llm_train_subset": "rows drawn from the train split with the seed (random.Random(seed).sample)",
+                "grpo_prompts": o.grpo_rows, "grpo_overrides": o.grpo_overrides, "d3_weight": o.d3_weight,
+                "id_models_train_on": "the whole train split", "id_overrides": o.id_overrides,
+                "matching": "item level (title level reported too); items absent from a ranked list are misses",
+                "llm_eval": {k: first_proto["protocol"].get(k) for k in ("num_beams", "prompt", "dtype")},
+                "seeds": o.seeds,
+            },
+            "methods": methods, "best_id_model": best_id, "differences": diffs,
+            "missing": [m for m in o.methods if m not in methods],
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        results_dir = Path(o.results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(results_dir / f"{o.name}.json", result)
+        md = report_markdown(result, command=self.command())
+        atomic_write_text(results_dir / f"{o.name}.md", md)
+        plot_report(result, results_dir / f"{o.name}.png")
+        print(md, end="")
+        return result
+
+    def command(self) -> str:
+        o = self.opts
+        parts = ["llmrec bench pipeline", f"--dataset {o.dataset}", f"--model {o.model}", f"--seeds {o.seeds}"]
+        if o.grpo_overrides:
+            parts.append("--grpo " + " ".join(f"{k}={v}" for k, v in o.grpo_overrides.items()))
+        return " ".join(parts)
+
+
+def _fmt(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
+
+
+def report_markdown(result: dict, command: str = "") -> str:
+    """The report as Markdown: protocol line, metrics table, differences table, missing methods."""
+    p = result["protocol"]
+    lines = [
+        f"{p['test_rows']} test rows of {p['dataset']} (the same rows, seed {p['row_seed']}, for every method), "
+        f"item-level matching, items missing from a list count as misses. LLMs: {p['llm']} bf16, "
+        f"{p['llm_train_rows']} train rows per seed, {p['llm_eval']['num_beams']} beams; GRPO {p['grpo_prompts']} "
+        f"prompts; D3 = length penalty 0 + SASRec guidance (weight {p['d3_weight']:g}). ID models: the whole "
+        f"train split, full ranking over all items. Values: mean ± std over seeds (seeds column); hist = history length read; times are wall seconds on a "
+        f"shared 2-core CPU (training: all stages the method needs).",
+        "",
+    ]
+    if command:
+        lines += [f"Reproduce: `{command}`", ""]
+    ks = [1, 5, 10, 20]
+    head = "| method | seeds | hist | " + " | ".join(f"HR@{k}" for k in ks) + " | " + " | ".join(
+        f"NDCG@{k}" for k in ks) + " | title NDCG@10 | train s | eval s |"
+    lines += [head, "|" + "---|" * (3 + 2 * len(ks) + 3)]
+    for m in result["methods"].values():
+        n = len(m["seeds"])
+        cells = []
+        for kind in ("hr", "ndcg"):
+            for k in ks:
+                key = f"{kind}@{k}"
+                cells.append(_fmt(m["mean"][key], m["std"][key], n) if key in m["mean"] else "-")
+        title = _fmt(m["mean"]["title_ndcg@10"], m["std"]["title_ndcg@10"], n) if "title_ndcg@10" in m["mean"] else "-"
+        train = [t for t in m["train_seconds"] if t is not None]
+        evals = [t for t in m["eval_seconds"] if t is not None]
+        times = [f"{statistics.fmean(ts):.0f}" if ts else "-" for ts in (train, evals)]
+        hist = m["history_length"] if m["history_length"] is not None else "-"
+        lines.append(f"| {m['label']} | {n} | {hist} | " + " | ".join(cells) + f" | {title} | "
+                     + " | ".join(times) + " |")
+    lines += ["", "Differences (paired bootstrap 95% intervals over the test rows; per-row metrics averaged over "
+              "seeds first):", "", "| difference | NDCG@10 diff [95% CI] | rel. | HR@10 diff [95% CI] |", "|---|---|---|---|"]
+    for d in result["differences"]:
+        n, h = d["metrics"]["ndcg@10"], d["metrics"]["hr@10"]
+        name = d["name"]
+        if d["baseline"] in ID_MODELS and d["treatment"] not in ID_MODELS:
+            name += f" ({result['methods'][d['baseline']]['label']})"
+        rel = f"{n['relative'] * 100:+.0f}%" if math.isfinite(n["relative"]) else "-"
+        lines.append(f"| {name} | {n['diff']:+.4f} [{n['ci95'][0]:+.4f}, {n['ci95'][1]:+.4f}] | {rel} | "
+                     f"{h['diff']:+.4f} [{h['ci95'][0]:+.4f}, {h['ci95'][1]:+.4f}] |")
+    if result["missing"]:
+        lines += ["", "Not finished yet (no evaluation): " + ", ".join(LABELS[m] for m in result["missing"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(result: dict, path: Path) -> None:
+    """NDCG@K by method (bars = mean over seeds, error bars = std), written atomically as PNG."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(result["methods"].items())
+    ks = [1, 5, 10]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) + 2), 4.0))
+    width = 0.8 / len(ks)
+    for j, k in enumerate(ks):
+        xs = [i + (j - (len(ks) - 1) / 2) * width for i in range(len(methods))]
+        means = [m["mean"].get(f"ndcg@{k}", 0.0) for _, m in methods]
+        stds = [m["std"].get(f"ndcg@{k}", 0.0) for _, m in methods]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"NDCG@{k}")
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels([m["label"] for _, m in methods], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("NDCG@K")
+    p = result["protocol"]
+    ax.set_title(f"{Path(p['dataset']).name}: {p['test_rows']} test rows, LLM {p['llm']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _pairs(values: list[str], what: str) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for v in values:
+        if "=" not in v:
+            raise ValueError(f"{what}: expected key=value, got {v!r}")
+        k, raw = v.split("=", 1)
+        out[k.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def options_from_args(args: argparse.Namespace) -> PipelineOptions:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    return PipelineOptions(
+        dataset=args.dataset, model=args.model, seeds=args.seeds, methods=methods, output_dir=args.output_dir,
+        results_dir=args.results_dir, name=args.name, train_rows=args.train_rows, test_rows=args.test_rows,
+        row_seed=args.row_seed, grpo_rows=args.grpo_rows, grpo_overrides=_pairs(args.grpo, "--grpo"),
+        d3_weight=args.d3_weight, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
+        report_only=args.report_only)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="data/games", help="prepared dataset directory (the Games time split)")
+    p.add_argument("--model", default="smollm2-135m", help="LLM backbone (alias, hub id or local dir)")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds 0..N-1 (the test rows stay the same)")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of: {','.join(METHODS)}")
+    p.add_argument("--output-dir", default="runs/games-cmp", help="where the stages write (resumable)")
+    p.add_argument("--results-dir", default="benchmarks/results", help="where the report is written")
+    p.add_argument("--name", default="pipeline_games_smollm2", help="report file name (no extension)")
+    p.add_argument("--train-rows", type=int, default=1024, help="LLM SFT train rows per seed")
+    p.add_argument("--test-rows", type=int, default=500, help="test rows shared by every method")
+    p.add_argument("--row-seed", type=int, default=0, help="seed of the test rows")
+    p.add_argument("--grpo-rows", type=int, default=64, help="GRPO prompts per seed")
+    p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="LatentGRPOConfig overrides, e.g. noise_mode=relative noise_scale=0.3")
+    p.add_argument("--id", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="SeqRecConfig overrides for every ID model, e.g. epochs=10 patience=3")
+    p.add_argument("--d3-weight", type=float, default=1.0, help="weight of the SASRec guidance in D3 decoding")
+    p.add_argument("--recipes", default=None, help="recipe directory (default: the shipped recipes)")
+    p.add_argument("--report-only", action="store_true", help="run nothing; report the finished evaluations")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> dict:
+    result = Pipeline(options_from_args(args)).run()
+    return {m: {k: round(v, 6) for k, v in r["mean"].items() if k in ("ndcg@10", "hr@10")}
+            for m, r in result["methods"].items()}

@@ -1,0 +1,105 @@
+"""``llmrec bench pipeline`` end to end on a tiny model: every stage, one report, a rerun that runs nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import write_prepared
+
+METHODS = "popularity,zero-shot,bigrec-sft,bigrec-sft+d3,latent-sft,latent-sft+grpo,latent-sft+grpo+d3,sasrec"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _args(data: Path, out: Path, **kw) -> list[str]:
+    args = ["bench", "pipeline", "--dataset", str(data), "--model", "tiny-qwen2", "--methods", METHODS,
+            "--output-dir", str(out / "runs"), "--results-dir", str(out / "results"), "--name", "tiny",
+            "--train-rows", "8", "--test-rows", "6", "--grpo-rows", "4", "--id", "epochs=2", "hidden_size=16",
+            "inner_size=32", "max_history=5", "progress=false", "num_threads=1"]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from llmrec.cli import main
+
+    root = tmp_path_factory.mktemp("pipeline")
+    data = write_prepared(root / "data", n_items=30, n_users=14, seed=5)
+    assert main(_args(data, root)) == 0
+    return root, data
+
+
+def test_report_has_every_method_on_the_same_rows(report):
+    root, _ = report
+    res = json.loads((root / "results" / "tiny.json").read_text())
+    assert set(res["methods"]) == set(METHODS.split(","))
+    assert res["missing"] == []
+    assert res["protocol"]["test_rows"] == 6
+    rows = [r[0] for r in res["protocol"]["test_row_ids"]]
+    for m in res["methods"].values():
+        for run in m["runs"]:
+            ranked = [json.loads(line)["row"] for line in (Path(run) / "rankings.jsonl").read_text().splitlines()]
+            assert sorted(ranked) == rows
+    # ID models read their own history length; LLMs the prompt's
+    assert res["methods"]["sasrec"]["history_length"] == 5
+    assert res["methods"]["bigrec-sft"]["history_length"] == 10
+    assert "ndcg@20" in res["methods"]["sasrec"]["mean"] and "ndcg@20" not in res["methods"]["bigrec-sft"]["mean"]
+    names = {d["name"] for d in res["differences"]}
+    assert {"latent+GRPO vs BIGRec SFT", "latent+GRPO+D3 vs BIGRec SFT+D3", "latent+GRPO vs best ID model"} <= names
+    for d in res["differences"]:
+        lo, hi = d["metrics"]["ndcg@10"]["ci95"]
+        assert lo <= d["metrics"]["ndcg@10"]["diff"] <= hi
+    assert (root / "results" / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (root / "results" / "tiny.md").read_text()
+    assert "| Latent SFT + GRPO + D3 |" in md and "Reproduce: `llmrec bench pipeline" in md
+
+
+def test_d3_evaluations_use_the_sasrec_of_the_same_seed(report):
+    root, _ = report
+    proto = json.loads((root / "runs" / "eval_grpo_latent_d3" / "results.json").read_text())["protocol"]
+    assert proto["length_penalty"] == 0.0
+    assert proto["guidance"]["checkpoint"] == str(root / "runs" / "seqrec_sasrec")
+
+
+def test_rerun_skips_finished_stages(report):
+    from llmrec.cli import main
+
+    root, data = report
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "runs").rglob("results.json")}
+    stamps.update({p: p.stat().st_mtime_ns for p in (root / "runs").rglob("*_results.json")})
+    assert main(_args(data, root)) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_report_only_and_bad_options(report, tmp_path):
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+
+    root, data = report
+    with pytest.raises(ValueError, match="unknown method"):
+        PipelineOptions(methods=["sasrec", "bert4rec"])
+    with pytest.raises(ValueError, match="d3_weight"):
+        PipelineOptions(d3_weight=0)
+    with pytest.raises(FileNotFoundError, match="nothing to report"):
+        Pipeline(PipelineOptions(dataset=str(data), output_dir=str(tmp_path / "empty"), report_only=True,
+                                 results_dir=str(tmp_path / "r"))).run()
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        Pipeline(PipelineOptions(dataset=str(tmp_path / "nodata"), output_dir=str(tmp_path / "x"),
+                                 methods=["popularity"])).run()
+    # a subset of the finished methods reports just those
+    res = Pipeline(PipelineOptions(dataset=str(data), output_dir=str(root / "runs"), report_only=True,
+                                   methods=["popularity", "sasrec"], results_dir=str(tmp_path / "r"),
+                                   name="sub", test_rows=6)).run()
+    assert set(res["methods"]) == {"popularity", "sasrec"}
+    assert not (tmp_path / "r" / "sub.md.tmp").exists()

@@ -1,0 +1,112 @@
+"""``llmrec evaluate --method seqrec``: an ID model evaluated through the LLM path's evaluator.
+
+The pipeline report puts ID models and LLMs in one table on the same test rows, so the evaluator's
+full-ranking path must give exactly what the seqrec trainer's own test evaluation gives, and write
+rankings that ``llmrec compare`` can pair with the LLM runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import write_prepared
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_prepared(tmp_path_factory.mktemp("data") / "prep", n_items=40, n_users=30, seed=3)
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(data_dir, tmp_path_factory) -> Path:
+    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.seqrec.run import run_seqrec
+
+    out = tmp_path_factory.mktemp("runs") / "sasrec"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_seqrec(SeqRecConfig(
+            dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=6, hidden_size=16,
+            n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=3, batch_size=8,
+            eval_batch_size=16, lr=1e-2, patience=3, progress=False, num_threads=1, seed=0,
+            ks=[1, 5, 10, 20]))
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def _config(data: Path, run: Path, out: Path, **kw):
+    from llmrec.evaluation.evaluator import EvalConfig
+
+    base = dict(dataset=str(data), split="test", method="seqrec", checkpoint=str(run), ks=[1, 5, 10, 20],
+                output_dir=str(out))
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_seqrec_method_equals_the_seqrec_test_metrics(data_dir, sasrec_run, tmp_path):
+    from llmrec.evaluation.evaluator import evaluate
+
+    res = evaluate(_config(data_dir, sasrec_run, tmp_path / "eval"))
+    trained = json.loads((sasrec_run / "results.json").read_text())
+    for k in ("hr@1", "hr@10", "ndcg@10", "ndcg@20", "mrr@10"):
+        assert res["metrics"]["item"][k] == pytest.approx(trained["test"][k], abs=1e-9), k
+    assert res["protocol"]["history_length"] == 6  # the ID model's own, not the prompt's 10
+    assert res["protocol"]["id_model"] == "sasrec"
+
+
+def test_seqrec_rankings_are_the_recommenders_top_k_and_full_ranks(data_dir, sasrec_run, tmp_path):
+    from llmrec.data.canonical import load_prepared, read_jsonl
+    from llmrec.evaluation.evaluator import evaluate
+    from llmrec.recommend import Recommender
+
+    out = tmp_path / "eval"
+    evaluate(_config(data_dir, sasrec_run, out, max_rows=15, row_seed=1))
+    recs = list(read_jsonl(out / "rankings.jsonl"))
+    assert len(recs) == 15
+    rec = Recommender.from_pretrained(sasrec_run, dataset=data_dir)
+    split = load_prepared(data_dir, splits=["test"], max_history=6).splits["test"]
+    lists = rec.recommend([list(split[r["row"]]["history_item_ids"]) for r in recs], k=20)
+    for r, expected in zip(recs, lists):
+        assert r["item_ranking"] == [e.item_id for e in expected]
+        if r["item_rank"] < 20:
+            assert r["item_ranking"][r["item_rank"]] == r["target_item_id"]
+        else:  # a full-catalogue rank beyond the list
+            assert r["target_item_id"] not in r["item_ranking"]
+        assert r["title_ranking"] == list(dict.fromkeys(e.title for e in expected))
+
+
+def test_seqrec_runs_pair_with_llm_runs_in_compare(data_dir, sasrec_run, tmp_path):
+    from llmrec.evaluation.compare import compare_runs
+    from llmrec.evaluation.evaluator import EvalConfig, evaluate
+
+    evaluate(_config(data_dir, sasrec_run, tmp_path / "id"))
+    evaluate(EvalConfig(dataset=str(data_dir), split="test", method="popularity", ks=[1, 5, 10, 20],
+                        output_dir=str(tmp_path / "pop")))
+    res = compare_runs([tmp_path / "pop", tmp_path / "id"], ["hr@10", "ndcg@20"])
+    assert res["rows"] == len(load_rows(data_dir))
+
+
+def load_rows(data_dir: Path) -> list:
+    from llmrec.data.canonical import read_jsonl
+
+    return list(read_jsonl(data_dir / "test.jsonl"))
+
+
+def test_seqrec_method_errors(data_dir, sasrec_run, tmp_path):
+    from llmrec.evaluation.evaluator import evaluate
+    from llmrec.models.checkpoint import CheckpointError
+
+    with pytest.raises(ValueError, match="method=seqrec needs checkpoint"):
+        _config(data_dir, sasrec_run, tmp_path / "a", checkpoint=None)
+    with pytest.raises(CheckpointError, match="not found"):
+        evaluate(_config(data_dir, tmp_path / "missing", tmp_path / "b"))
+    other = write_prepared(tmp_path / "other", n_items=25, n_users=10, seed=4)
+    with pytest.raises(ValueError, match="trained on 40 items"):
+        evaluate(_config(other, sasrec_run, tmp_path / "c"))
+    assert not (tmp_path / "c" / "results.json").exists()
