@@ -81,6 +81,7 @@ class PipelineOptions:
     test_rows: int = 500
     row_seed: int = 0
     grpo_rows: int = 64
+    grpo_stage: str = "grpo_latent"
     grpo_overrides: dict[str, Any] = field(default_factory=dict)
     d3_weight: float = 1.0
     id_overrides: dict[str, Any] = field(default_factory=dict)
@@ -116,14 +117,15 @@ class Pipeline:
         return self.out if seed == 0 else self.out / f"seed{seed}"
 
     def stage_dir(self, stage: str, seed: int) -> Path:
-        return self.seed_dir(seed) / stage
+        # The GRPO run's directory is selectable, so a run chosen by a validation sweep can be reported.
+        return self.seed_dir(seed) / (self.opts.grpo_stage if stage == "grpo_latent" else stage)
 
     def eval_dir(self, method: str, seed: int) -> Path:
         if method in SEED_INDEPENDENT:
             return self.out / ("eval_popularity" if method == "popularity" else "eval_zero_shot")
         names = {"bigrec-sft": "eval_sft_bigrec", "bigrec-sft+d3": "eval_sft_bigrec_d3",
-                 "latent-sft": "eval_sft_latent", "latent-sft+grpo": "eval_grpo_latent",
-                 "latent-sft+grpo+d3": "eval_grpo_latent_d3"}
+                 "latent-sft": "eval_sft_latent", "latent-sft+grpo": f"eval_{self.opts.grpo_stage}",
+                 "latent-sft+grpo+d3": f"eval_{self.opts.grpo_stage}_d3"}
         return self.stage_dir(names.get(method, f"eval_{method}"), seed)
 
     def needs(self, method: str) -> list[str]:
@@ -326,6 +328,11 @@ class Pipeline:
                                             "excludes_zero": bool(lo > 0 or hi < 0)}
             diffs.append(entry)
         beam = [m for m in finished if m not in ID_MODELS and m != "popularity"]
+        grpo_dir = self.stage_dir("grpo_latent", 0)
+        grpo_settings: dict[str, Any] = {}
+        if (grpo_dir / "grpo_results.json").exists() and (grpo_dir / "llmrec_config.json").exists():
+            grpo_settings = dict(json.loads((grpo_dir / "llmrec_config.json").read_text()).get("grpo", {}))
+            grpo_settings["prompts"] = json.loads((grpo_dir / "grpo_results.json").read_text()).get("prompts")
         first_proto = (json.loads((next(iter(finished[beam[0]].values())) / "results.json").read_text())
                        if beam else {"protocol": {}})
         result = {
@@ -335,7 +342,7 @@ class Pipeline:
                 "test_row_ids": [[r, some[r]["user_id"], some[r]["target_item_id"]] for r in rows],
                 "llm": o.model, "llm_train_rows": o.train_rows,
                 "llm_train_subset": "rows drawn from the train split with the seed (random.Random(seed).sample)",
-                "grpo_prompts": o.grpo_rows, "grpo_overrides": o.grpo_overrides, "d3_weight": o.d3_weight,
+                "grpo_run": o.grpo_stage, "grpo_settings": grpo_settings, "d3_weight": o.d3_weight,
                 "id_models_train_on": "the whole train split", "id_overrides": o.id_overrides,
                 "matching": "item level (title level reported too); items absent from a ranked list are misses",
                 "llm_eval": {k: first_proto["protocol"].get(k) for k in ("num_beams", "prompt", "dtype")},
@@ -357,9 +364,19 @@ class Pipeline:
     def command(self) -> str:
         o = self.opts
         parts = ["llmrec bench pipeline", f"--dataset {o.dataset}", f"--model {o.model}", f"--seeds {o.seeds}"]
+        if o.grpo_stage != "grpo_latent":
+            parts.append(f"--grpo-stage {o.grpo_stage}")
         if o.grpo_overrides:
             parts.append("--grpo " + " ".join(f"{k}={v}" for k, v in o.grpo_overrides.items()))
         return " ".join(parts)
+
+
+def _grpo_text(g: dict) -> str:
+    if not g:
+        return "-"
+    return (f"{g.get('prompts')} prompts, {g.get('steps')} steps, lr {g.get('learning_rate'):g}, "
+            f"{g.get('advantage_mode')} advantages, noise {g.get('noise_scale'):g} {g.get('noise_mode')}, "
+            f"rewards {','.join(g.get('reward_funcs') or [])}")
 
 
 def _fmt(mean: float, std: float, seeds: int) -> str:
@@ -372,8 +389,7 @@ def report_markdown(result: dict, command: str = "") -> str:
     lines = [
         f"{p['test_rows']} test rows of {p['dataset']} (the same rows, seed {p['row_seed']}, for every method), "
         f"item-level matching, items missing from a list count as misses. LLMs: {p['llm']} bf16, "
-        f"{p['llm_train_rows']} train rows per seed, {p['llm_eval']['num_beams']} beams; GRPO {p['grpo_prompts']} "
-        f"prompts; D3 = length penalty 0 + SASRec guidance (weight {p['d3_weight']:g}). ID models: the whole "
+        f"{p['llm_train_rows']} train rows per seed, {p['llm_eval']['num_beams']} beams; GRPO: {_grpo_text(p['grpo_settings'])}; D3 = length penalty 0 + SASRec guidance (weight {p['d3_weight']:g}). ID models: the whole "
         f"train split, full ranking over all items. Values: mean ± std over seeds (seeds column); hist = history length read; times are wall seconds on a "
         f"shared 2-core CPU (training: all stages the method needs).",
         "",
@@ -468,7 +484,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
     return PipelineOptions(
         dataset=args.dataset, model=args.model, seeds=args.seeds, methods=methods, output_dir=args.output_dir,
         results_dir=args.results_dir, name=args.name, train_rows=args.train_rows, test_rows=args.test_rows,
-        row_seed=args.row_seed, grpo_rows=args.grpo_rows, grpo_overrides=_pairs(args.grpo, "--grpo"),
+        row_seed=args.row_seed, grpo_rows=args.grpo_rows, grpo_stage=args.grpo_stage, grpo_overrides=_pairs(args.grpo, "--grpo"),
         d3_weight=args.d3_weight, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
         report_only=args.report_only)
 
@@ -485,6 +501,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-rows", type=int, default=500, help="test rows shared by every method")
     p.add_argument("--row-seed", type=int, default=0, help="seed of the test rows")
     p.add_argument("--grpo-rows", type=int, default=64, help="GRPO prompts per seed")
+    p.add_argument("--grpo-stage", default="grpo_latent",
+                   help="directory name of the GRPO run (e.g. the run a validation sweep selected)")
     p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE",
                    help="LatentGRPOConfig overrides, e.g. noise_mode=relative noise_scale=0.3")
     p.add_argument("--id", nargs="*", default=[], metavar="KEY=VALUE",

@@ -887,7 +887,8 @@ class LatentGRPOTrainer:
         meta["grpo"] = {"sft_checkpoint": str(src) if src else None, "steps": self.global_step,
                         "advantage_mode": self.config.advantage_mode, "reward_funcs": self.config.reward_funcs,
                         "noise_scale": self.config.noise_scale, "noise_mode": self.config.noise_mode,
-                        "learning_rate": self.config.learning_rate, "train_lora": self.config.train_lora}
+                        "learning_rate": self.config.learning_rate, "train_lora": self.config.train_lora,
+                        "num_generations": self.config.num_generations, "max_train_rows": self.config.max_train_rows}
         (out / LLMREC_CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
 
     # -- loop
