@@ -6,11 +6,22 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmrec.data.canonical import atomic_write_json, write_jsonl
 from llmrec.data.catalog import ItemCatalog
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Every fast test runs on one torch thread: the tensors are tiny and the test machines' cores are
+    shared, so extra intra-op threads only add synchronisation (10-100x slower when oversubscribed)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 WORDS = ["Super", "Mario", "Zelda", "Halo", "Tetris", "Sonic", "Kirby", "Metroid", "Prime", "Deluxe",

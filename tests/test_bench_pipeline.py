@@ -6,19 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import write_prepared
 
 METHODS = "popularity,zero-shot,bigrec-sft,bigrec-sft+d3,latent-sft,latent-sft+grpo,latent-sft+grpo+d3,sasrec"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _args(data: Path, out: Path, **kw) -> list[str]:

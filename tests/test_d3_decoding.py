@@ -211,15 +211,10 @@ def _train_sasrec(data_dir: Path, out: Path) -> Path:
     from llmrec.seqrec.config import SeqRecConfig
     from llmrec.seqrec.run import run_seqrec
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_seqrec(SeqRecConfig(
-            dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=5, hidden_size=16,
-            n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=3, batch_size=8,
-            eval_batch_size=16, lr=1e-2, patience=3, progress=False, num_threads=1, seed=0))
-    finally:
-        torch.set_num_threads(n)
+    run_seqrec(SeqRecConfig(
+        dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=5, hidden_size=16,
+        n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=3, batch_size=8,
+        eval_batch_size=16, lr=1e-2, patience=3, progress=False, num_threads=1, seed=0))
     return out
 
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import write_prepared
 
@@ -27,16 +26,10 @@ def sasrec_run(data_dir, tmp_path_factory) -> Path:
     from llmrec.seqrec.run import run_seqrec
 
     out = tmp_path_factory.mktemp("runs") / "sasrec"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_seqrec(SeqRecConfig(
-            dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=6, hidden_size=16,
-            n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=3, batch_size=8,
-            eval_batch_size=16, lr=1e-2, patience=3, progress=False, num_threads=1, seed=0,
-            ks=[1, 5, 10, 20]))
-    finally:
-        torch.set_num_threads(n)
+    run_seqrec(SeqRecConfig(
+        dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=6, hidden_size=16,
+        n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=3, batch_size=8,
+        eval_batch_size=16, lr=1e-2, patience=3, progress=False, num_threads=1, seed=0, ks=[1, 5, 10, 20]))
     return out
 
 

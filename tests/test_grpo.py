@@ -32,15 +32,6 @@ from llmrec.training.rewards import (
 )
 from llmrec.training.sft import LatentSFTConfig, run_sft
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ------------------------------------------------------------------------------------------------ rewards
 
 

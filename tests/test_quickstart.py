@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
 from llmrec.cli import main
 
 
 def test_quickstart_tiny_end_to_end_and_rerun(tmp_path, prepared_dir, capsys):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a shared machine
-    try:
-        _run(tmp_path, prepared_dir, capsys)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(tmp_path, prepared_dir, capsys):
     out = tmp_path / "qs"
     argv = ["quickstart", "--dataset", str(prepared_dir), "--model", "tiny-qwen2", "--dtype", "float32",
             "--rows", "4", "--beams", "3", "--batch-size", "4", "--train-rows", "8", "--grpo-rows", "4",

@@ -24,15 +24,6 @@ from llmrec.recommend import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: extra intra-op threads only add synchronisation.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return write_prepared(tmp_path_factory.mktemp("recommend") / "data")

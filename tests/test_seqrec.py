@@ -16,15 +16,6 @@ from llmrec.seqrec.models import LARES, ReaRec, build_model
 from llmrec.seqrec.modules import Backbone
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: extra intra-op threads only add synchronisation (10x slower on a busy 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_successor_dataset(
     root: Path, num_items: int = 12, users: int = 16, length: int = 9, max_history: int = 50
 ) -> Path:

@@ -9,14 +9,6 @@ from llmrec.seqrec.models import LossContext, ReaRec
 from llmrec.seqrec.modules import Backbone
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(
     K: int, seed: int, dtype: torch.dtype, kl_cap: float = 0.0, temperature: float = 1.0, n_items: int = 40
 ):

@@ -21,15 +21,6 @@ from llmrec.training.sft import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine's cores are shared; tiny matmuls are ~100x faster on one thread than oversubscribed.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_config(out: Path, data: Path, **kw) -> LatentSFTConfig:
     base = dict(
         output_dir=str(out), model_name_or_path="tiny-qwen2", model_dtype="float32", dataset=str(data),
