@@ -337,6 +337,34 @@ def test_clip_acts_with_several_iterations(tmp_path, sft_dir):
     assert all(h["clip_ratio"] == 0 for h in res1["log_history"])  # ratio == 1: the clip never fires
 
 
+def test_held_out_rewards_before_and_after_training(tmp_path, sft_dir):
+    """eval_rows: noise-free rewards on validation rows, the same under the naive per-member form, recorded
+    before and after; a teacher-forced reference computed by hand from the SFT model gives the same value."""
+    sft, data, _ = sft_dir
+    res = run_grpo(grpo_config(tmp_path / "a", sft, eval_rows=5, max_steps=2, learning_rate=5e-2))
+    before, after = res["eval_before"], res["eval_after"]
+    assert before["rows"] == after["rows"] == 5 and before["split"] == "valid"
+    for v in (before, after):
+        assert math.isfinite(v["neg_ppl"]) and math.isfinite(v["log_likelihood"])
+        assert v["neg_ppl"] <= -1.0  # a perplexity is >= 1
+    assert after != before  # the head moved
+    naive = LatentGRPOTrainer(grpo_config(tmp_path / "b", sft, eval_rows=5, naive_forward=True))
+    fast = LatentGRPOTrainer(grpo_config(tmp_path / "c", sft, eval_rows=5))
+    b_naive, b_fast = naive.evaluate_rewards(), fast.evaluate_rewards()
+    assert b_fast == pytest.approx(before, abs=1e-6)
+    rows = fast.evaluate_rewards(per_row=True)["per_row"]["log_likelihood"]
+    assert len(rows) == 5 and sum(rows) / 5 == pytest.approx(before["log_likelihood"], abs=1e-9)
+    assert b_naive["log_likelihood"] == pytest.approx(b_fast["log_likelihood"], abs=1e-5)
+    assert b_naive["neg_ppl"] == pytest.approx(b_fast["neg_ppl"], rel=1e-5)
+    # A held-out row's log-likelihood from the SFT forward: minus its mean completion-token cross-entropy.
+    row = fast._eval_rows[0]
+    with torch.no_grad():
+        out = fast.latent_lm(torch.tensor([row["prompt_ids"]]), torch.ones(1, len(row["prompt_ids"]), dtype=torch.long),
+                             torch.tensor([row["completion_ids"]]), return_loss=True)
+    fast._eval_rows = [row]
+    assert fast.evaluate_rewards()["log_likelihood"] == pytest.approx(-float(out.loss), abs=1e-4)
+
+
 def test_resume_matches_uninterrupted(tmp_path, sft_dir):
     sft, _, _ = sft_dir
     full = run_grpo(grpo_config(tmp_path / "full", sft, max_steps=4, num_iterations=2))
