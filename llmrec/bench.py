@@ -190,7 +190,8 @@ def register_cli(subparsers) -> None:
     s.add_argument("--dataset", required=True, help="prepared dataset directory")
     s.add_argument("--models", default="sasrec,rearec-erl,rearec-prl,lares")
     s.add_argument("--seeds", type=int, default=3)
-    s.add_argument("--config", default=None, help="a seqrec recipe whose values come first")
+    s.add_argument("--config", default=None, help="a seqrec recipe whose values come first; '{model}' in the path "
+                   "is replaced per model, e.g. 'recipes/seqrec/{model}_ml100k.yaml'")
     s.add_argument("--output-dir", default="benchmarks/results/seqrec", help="runs and summary (resumable)")
     s.add_argument("--output", default=None, help="also write the JSON result here")
     s.set_defaults(func=cmd_bench, accepts_overrides=True)

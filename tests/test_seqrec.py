@@ -261,6 +261,24 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     assert (out / "runs" / "sasrec_seed0" / "results.json").stat().st_mtime_ns == stamp
 
 
+def test_benchmark_reads_each_models_own_recipe(tmp_path):
+    from llmrec.config import ConfigError
+    from llmrec.seqrec.bench import run_seqrec_benchmark
+
+    d = write_successor_dataset(tmp_path / "d")
+    for model, steps in (("sasrec", ""), ("rearec-erl", "reason_steps: 1\n")):
+        (tmp_path / f"{model}_x.yaml").write_text(
+            f"model: {model}\nmax_history: 10\nhidden_size: 16\nn_layers: 1\nepochs: 1\nbatch_size: 8\n{steps}")
+    out = tmp_path / "bench"
+    run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 1, out, config=str(tmp_path / "{model}_x.yaml"), progress=False)
+    cfg = json.loads((out / "runs" / "rearec-erl_seed0" / "results.json").read_text())["config"]
+    assert cfg["reason_steps"] == 1 and cfg["hidden_size"] == 16
+    (tmp_path / "lares_x.yaml").write_text("model: lares\nhidden_sise: 16\n")
+    with pytest.raises(ConfigError, match="hidden_sise"):  # checked before any training starts
+        run_seqrec_benchmark(d, ["sasrec", "lares"], 1, tmp_path / "b2", config=str(tmp_path / "{model}_x.yaml"))
+    assert not (tmp_path / "b2").exists()
+
+
 def test_cli_train_writes_results(tmp_path):
     from llmrec.cli import main
 

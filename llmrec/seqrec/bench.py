@@ -35,7 +35,8 @@ def run_seqrec_benchmark(
     """Train + test each model for seeds ``0..seeds-1`` (config seed = 42 + s) on ``dataset_dir``.
 
     ``overrides`` are :class:`~llmrec.seqrec.config.SeqRecConfig` fields applied to every run (a
-    ``config`` key names a recipe whose values come first, with ``model`` replaced per run);
+    ``config`` key names a recipe whose values come first, with ``model`` replaced per run; ``{model}`` in
+    its path is replaced by each model's name, so every model reads its own recipe);
     ``model_overrides[model]`` adds per-model fields. Returns
     ``{model: {"ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row", "<key>_std", "seeds"}}``.
     """
@@ -46,11 +47,19 @@ def run_seqrec_benchmark(
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     output = Path(output)
-    base: dict[str, Any] = {}
     recipe = overrides.pop("config", None)
-    if recipe:
-        base.update(read_recipe(recipe))
-        check_keys(base, [SeqRecConfig], str(recipe))
+
+    def recipe_for(model: str) -> dict[str, Any]:
+        # "{model}" in the recipe path picks each model's own recipe (e.g. recipes/seqrec/{model}_ml100k.yaml).
+        if not recipe:
+            return {}
+        path = str(recipe).replace("{model}", model)
+        fields = read_recipe(path)
+        check_keys(fields, [SeqRecConfig], path)
+        return fields
+
+    for model in models:  # every recipe read (and checked) before the first run starts
+        recipe_for(model)
     check_keys(overrides, [SeqRecConfig], "benchmark overrides")
     runs: dict[str, list[dict]] = {}
     for model in models:
@@ -60,7 +69,7 @@ def run_seqrec_benchmark(
             if res_file.exists():
                 res = json.loads(res_file.read_text())
             else:
-                fields = {**base, **overrides, **(model_overrides or {}).get(model, {})}
+                fields = {**recipe_for(model), **overrides, **(model_overrides or {}).get(model, {})}
                 fields.update(model=model, dataset_dir=str(dataset_dir), output_dir=str(run_dir), seed=42 + s)
                 res = run_seqrec(SeqRecConfig(**fields))
             runs.setdefault(model, []).append(res)
