@@ -162,29 +162,87 @@ class Pipeline:
         extra = dict(sft_checkpoint=str(self.stage_dir("sft_latent", seed)), dataset=str(self.data_dir),
                      model_dtype="bfloat16", max_train_rows=o.grpo_rows, per_device_train_batch_size=8,
                      gradient_accumulation_steps=4, save_steps=4, seed=seed, output_dir=str(out))
+        if seed > 0:  # every seed trains with the settings of seed 0's run (which a sweep may have chosen)
+            extra.update(self._grpo_settings(0, for_training=True))
         extra.update(o.grpo_overrides)
         (cfg,) = parse_config([LatentGRPOConfig], self.recipes / "games" / "grpo_latent.yaml", extra=extra)
         run_grpo(cfg)
         return out
 
+    def _seqrec_fields(self, model: str, seed: int) -> dict[str, Any]:
+        from llmrec.config import coerce_fields, read_recipe
+        from llmrec.seqrec.config import SeqRecConfig
+
+        recipe = self.recipes / "seqrec" / f"{model}_games.yaml"
+        fields = coerce_fields([SeqRecConfig], {**read_recipe(recipe), **self.opts.id_overrides},
+                               f"{recipe} + --id")
+        fields.update(model=model, dataset_dir=str(self.data_dir), output_dir=str(self.stage_dir(f"seqrec_{model}", seed)),
+                      seed=42 + seed)
+        return fields
+
     def _seqrec(self, model: str, seed: int) -> Path:
-        from llmrec.config import check_keys, read_recipe
         from llmrec.seqrec.config import SeqRecConfig
         from llmrec.seqrec.run import run_seqrec
 
-        out = self.stage_dir(f"seqrec_{model}", seed)
-        recipe = self.recipes / "seqrec" / f"{model}_games.yaml"
-        fields = read_recipe(recipe)
-        fields.update(self.opts.id_overrides)
-        check_keys(fields, [SeqRecConfig], str(recipe))
-        fields.update(dataset_dir=str(self.data_dir), output_dir=str(out), seed=42 + seed)
-        run_seqrec(SeqRecConfig(**fields))  # resumes; a finished run returns its results
-        return out
+        fields = self._seqrec_fields(model, seed)
+        run_seqrec(SeqRecConfig(**fields))  # resumes a cut run
+        return Path(fields["output_dir"])
+
+    def _grpo_settings(self, seed: int, for_training: bool = False) -> dict[str, Any]:
+        """The settings a finished GRPO run recorded (``llmrec_config.json``), or {} if it has not finished."""
+        d = self.stage_dir("grpo_latent", seed)
+        if not ((d / "grpo_results.json").exists() and (d / "llmrec_config.json").exists()):
+            return {}
+        g = dict(json.loads((d / "llmrec_config.json").read_text()).get("grpo", {}))
+        if for_training:
+            keys = ("advantage_mode", "reward_funcs", "noise_scale", "noise_mode", "learning_rate", "train_lora",
+                    "num_generations", "max_train_rows")
+            return {k: g[k] for k in keys if g.get(k) is not None}
+        g["prompts"] = json.loads((d / "grpo_results.json").read_text()).get("prompts")
+        return g
+
+    def _check_finished(self, stage: str, seed: int) -> None:
+        """A finished training stage is reused only if it was made with what this pipeline asks for."""
+        d = self.stage_dir(stage, seed)
+        o = self.opts
+        wanted: dict[str, Any] = {}
+        found: dict[str, Any] = {}
+        if stage.startswith("sft_"):
+            res = json.loads((d / "train_results.json").read_text())
+            args = json.loads((d / "training_args.json").read_text()) if (d / "training_args.json").exists() else {}
+            n_train = json.loads((self.data_dir / "stats.json").read_text()).get("rows", {}).get("train")
+            wanted = {"model": o.model, "dataset": str(self.data_dir), "train_rows": min(o.train_rows, n_train or o.train_rows),
+                      "seed": seed}
+            found = {"model": res.get("config", {}).get("model_name_or_path"), "dataset": res.get("config", {}).get("dataset"),
+                     "train_rows": res.get("num_train_rows"), "seed": args.get("seed", seed)}
+        elif stage == "grpo_latent":
+            g = self._grpo_settings(seed)
+            wanted = {"sft_checkpoint": str(self.stage_dir("sft_latent", seed)), **o.grpo_overrides}
+            if o.grpo_stage == "grpo_latent" or seed > 0:
+                wanted["prompts"] = o.grpo_rows
+            found = {"prompts": g.get("prompts"), **{k: g.get(k) for k in wanted if k != "prompts"}}
+            if seed > 0 and (self.stage_dir("grpo_latent", 0) / "grpo_results.json").exists():
+                ref = self._grpo_settings(0, for_training=True)
+                wanted.update({k: v for k, v in ref.items() if k not in o.grpo_overrides and k != "max_train_rows"})
+                found.update({k: g.get(k) for k in ref if k not in found})
+        elif stage.startswith("seqrec_"):
+            cfg = json.loads((d / "results.json").read_text()).get("config", {})
+            fields = self._seqrec_fields(stage[len("seqrec_"):], seed)
+            keys = ["model", "dataset_dir", "seed", *self.opts.id_overrides]
+            wanted = {k: fields[k] for k in keys}
+            found = {k: cfg.get(k) for k in keys}
+        bad = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v and not (
+            isinstance(v, float) and isinstance(found.get(k), (int, float)) and abs(found[k] - v) <= 1e-12 * abs(v))}
+        if bad:
+            details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in bad.items())
+            raise ValueError(f"{d} holds a finished run made with {details}; use another --output-dir"
+                             f"{' or --grpo-stage' if stage == 'grpo_latent' else ''}, or remove the run")
 
     def _train(self, stage: str, seed: int) -> None:
         done = {"sft_bigrec": "train_results.json", "sft_latent": "train_results.json",
                 "grpo_latent": "grpo_results.json"}.get(stage, "results.json")
         if (self.stage_dir(stage, seed) / done).exists():
+            self._check_finished(stage, seed)
             return
         print(f"== seed {seed}: train {stage}", flush=True)
         if stage.startswith("sft_"):
@@ -199,9 +257,10 @@ class Pipeline:
         from llmrec.evaluation.evaluator import EvalConfig, evaluate
 
         out = self.eval_dir(method, seed)
-        if (out / "results.json").exists():
-            return
-        print(f"== seed {seed}: evaluate {method} -> {out}", flush=True)
+        # A finished evaluation is still passed to the evaluator: it returns the stored results when their
+        # protocol fingerprint (rows, checkpoint, decoding) is this one, and refuses a different protocol.
+        if not (out / "results.json").exists():
+            print(f"== seed {seed}: evaluate {method} -> {out}", flush=True)
         extra: dict[str, Any] = dict(dataset=str(self.data_dir), max_rows=self.opts.test_rows,
                                      row_seed=self.opts.row_seed, output_dir=str(out))
         extra["model_name_or_path"] = self.opts.model
@@ -279,20 +338,32 @@ class Pipeline:
         if not finished:
             raise FileNotFoundError(f"no finished evaluation under {self.out}: nothing to report")
         rankings = {m: {s: load_rankings(d) for s, d in seeds.items()} for m, seeds in finished.items()}
+        protocols = {(m, s): json.loads((d / "results.json").read_text())["protocol"]
+                     for m, seeds in finished.items() for s, d in seeds.items()}
         rows = sorted(set.intersection(*(set(r) for seeds in rankings.values() for r in seeds.values())))
-        some = next(iter(next(iter(rankings.values())).values()))
-        expected = o.test_rows
-        if len(rows) != expected:
-            logger.warning("the finished evaluations share %d rows, not %d: check their protocols", len(rows), expected)
+        sizes = {len(r) for seeds in rankings.values() for r in seeds.values()}
+        if not rows or sizes != {len(rows)}:
+            detail = "; ".join(f"{finished[m][s]}: {p.get('rows')} rows (max_rows {p.get('max_rows')}, row_seed "
+                               f"{p.get('row_seed')})" for (m, s), p in protocols.items())
+            raise ValueError(f"the finished evaluations are not on the same test rows ({len(rows)} shared): {detail}")
+        # The same row index must be the same example (user, target) in every run.
+        ref_method, ref_seeds = next(iter(rankings.items()))
+        some = next(iter(ref_seeds.values()))
+        for m, seeds in rankings.items():
+            for s, recs in seeds.items():
+                for r in rows:
+                    if (recs[r]["user_id"], recs[r]["target_item_id"]) != (some[r]["user_id"], some[r]["target_item_id"]):
+                        raise ValueError(f"row {r} is user {recs[r]['user_id']} -> {recs[r]['target_item_id']} in "
+                                         f"{finished[m][s]} but user {some[r]['user_id']} -> "
+                                         f"{some[r]['target_item_id']} in {finished[ref_method][min(ref_seeds)]}")
         methods: dict[str, dict] = {}
-        per_row: dict[str, dict[str, np.ndarray]] = {}  # method -> metric -> per-row mean over seeds
+        per_row: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # method -> seed -> metric -> per-row values
         for method, seeds in rankings.items():
-            first = json.loads((finished[method][min(seeds)] / "results.json").read_text())
-            max_k = first["protocol"].get("num_beams") if first["protocol"]["method"] == "beam" else None
+            first = protocols[(method, min(seeds))]
+            max_k = first.get("num_beams") if first["method"] == "beam" else None
             ks = [k for k in REPORT_KS if max_k is None or k <= max_k]
             per_seed: dict[str, list[float]] = {}
-            stacks: dict[str, list[np.ndarray]] = {}
-            for _seed, recs in sorted(seeds.items()):
+            for seed, recs in sorted(seeds.items()):
                 for level in ("item", "title"):
                     vals = per_row_metrics([recs[r][f"{level}_rank"] for r in rows], ks)
                     for name, v in vals.items():
@@ -300,8 +371,7 @@ class Pipeline:
                             continue
                         key = name if level == "item" else f"title_{name}"
                         per_seed.setdefault(key, []).append(float(v.mean()))
-                        stacks.setdefault(key, []).append(v)
-            per_row[method] = {k: np.mean(v, axis=0) for k, v in stacks.items()}
+                        per_row.setdefault(method, {}).setdefault(seed, {})[key] = v
             train_s = [self._train_seconds(method, s) for s in sorted(seeds)]
             eval_s = [json.loads((finished[method][s] / "results.json").read_text()).get("eval_seconds_this_run")
                       for s in sorted(seeds)]
@@ -310,7 +380,7 @@ class Pipeline:
                 "mean": {k: statistics.fmean(v) for k, v in per_seed.items()},
                 "std": {k: (statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in per_seed.items()},
                 "per_seed": per_seed, "train_seconds": train_s, "eval_seconds": eval_s,
-                "history_length": None if method == "popularity" else first["protocol"].get("history_length"),
+                "history_length": None if method == "popularity" else first.get("history_length"),
                 "runs": [str(finished[method][s]) for s in sorted(seeds)],
             }
         ids = [m for m in ID_MODELS if m in methods]
@@ -320,33 +390,43 @@ class Pipeline:
             base = best_id if base == "best-id" else base
             if base is None or treat not in per_row or base not in per_row:
                 continue
-            entry = {"name": label, "treatment": treat, "baseline": base, "metrics": {}}
+            # Pair on the seeds both have (a seed-independent baseline pairs with every seed).
+            shared = sorted(set(per_row[treat]) & set(per_row[base])) or (
+                sorted(per_row[treat]) if base in SEED_INDEPENDENT else [])
+            if not shared:
+                continue
+            entry = {"name": label, "treatment": treat, "baseline": base, "seeds": shared, "metrics": {}}
             for metric in ("ndcg@10", "hr@10"):
-                d, lo, hi = paired_bootstrap_ci(per_row[treat][metric], per_row[base][metric], seed=0)
-                rel = d / methods[base]["mean"][metric] if methods[base]["mean"][metric] > 0 else math.nan
+                t = np.mean([per_row[treat][s][metric] for s in shared], axis=0)
+                b = np.mean([per_row[base][s if s in per_row[base] else min(per_row[base])][metric] for s in shared],
+                            axis=0)
+                d, lo, hi = paired_bootstrap_ci(t, b, seed=0)
+                rel = d / float(b.mean()) if float(b.mean()) > 0 else math.nan
                 entry["metrics"][metric] = {"diff": d, "ci95": [lo, hi], "relative": rel,
                                             "excludes_zero": bool(lo > 0 or hi < 0)}
             diffs.append(entry)
-        beam = [m for m in finished if m not in ID_MODELS and m != "popularity"]
-        grpo_dir = self.stage_dir("grpo_latent", 0)
-        grpo_settings: dict[str, Any] = {}
-        if (grpo_dir / "grpo_results.json").exists() and (grpo_dir / "llmrec_config.json").exists():
-            grpo_settings = dict(json.loads((grpo_dir / "llmrec_config.json").read_text()).get("grpo", {}))
-            grpo_settings["prompts"] = json.loads((grpo_dir / "grpo_results.json").read_text()).get("prompts")
-        first_proto = (json.loads((next(iter(finished[beam[0]].values())) / "results.json").read_text())
-                       if beam else {"protocol": {}})
+        # The protocol as the runs recorded it (not as this invocation's flags say).
+        beam = [(m, s) for (m, s), p in protocols.items() if p["method"] == "beam"]
+        llm_proto = protocols[beam[0]] if beam else {}
+        guided = [p for p in protocols.values() if p.get("guidance")]
+        sft = [self.stage_dir(st, 0) / "train_results.json" for st in ("sft_latent", "sft_bigrec")]
+        sft = [json.loads(f.read_text()) for f in sft if f.exists()]
+        any_proto = next(iter(protocols.values()))
         result = {
             "name": o.name,
             "protocol": {
-                "dataset": str(self.data_dir), "test_split": "test", "test_rows": len(rows), "row_seed": o.row_seed,
+                "dataset": any_proto["dataset"], "test_split": any_proto["split"], "test_rows": len(rows),
+                "row_seed": any_proto["row_seed"],
                 "test_row_ids": [[r, some[r]["user_id"], some[r]["target_item_id"]] for r in rows],
-                "llm": o.model, "llm_train_rows": o.train_rows,
+                "llm": llm_proto.get("model"), "llm_train_rows": sft[0]["num_train_rows"] if sft else None,
                 "llm_train_subset": "rows drawn from the train split with the seed (random.Random(seed).sample)",
-                "grpo_run": o.grpo_stage, "grpo_settings": grpo_settings, "d3_weight": o.d3_weight,
+                "grpo_run": o.grpo_stage, "grpo_settings": self._grpo_settings(0),
+                "d3_weight": guided[0]["guidance"]["weight"] if guided else None,
                 "id_models_train_on": "the whole train split", "id_overrides": o.id_overrides,
                 "matching": "item level (title level reported too); items absent from a ranked list are misses",
-                "llm_eval": {k: first_proto["protocol"].get(k) for k in ("num_beams", "prompt", "dtype")},
+                "llm_eval": {k: llm_proto.get(k) for k in ("num_beams", "prompt", "dtype")},
                 "seeds": o.seeds,
+                "best_id_model_selection": "highest mean NDCG@10 on these test rows",
             },
             "methods": methods, "best_id_model": best_id, "differences": diffs,
             "missing": [m for m in o.methods if m not in methods],
@@ -362,12 +442,19 @@ class Pipeline:
         return result
 
     def command(self) -> str:
-        o = self.opts
+        """The command line that reproduces this report (options that differ from the defaults)."""
+        o, d = self.opts, PipelineOptions()
         parts = ["llmrec bench pipeline", f"--dataset {o.dataset}", f"--model {o.model}", f"--seeds {o.seeds}"]
-        if o.grpo_stage != "grpo_latent":
-            parts.append(f"--grpo-stage {o.grpo_stage}")
-        if o.grpo_overrides:
-            parts.append("--grpo " + " ".join(f"{k}={v}" for k, v in o.grpo_overrides.items()))
+        flags = {"methods": "--methods", "output_dir": "--output-dir", "results_dir": "--results-dir", "name": "--name",
+                 "train_rows": "--train-rows", "test_rows": "--test-rows", "row_seed": "--row-seed",
+                 "grpo_rows": "--grpo-rows", "grpo_stage": "--grpo-stage", "d3_weight": "--d3-weight"}
+        for field_name, flag in flags.items():
+            value = getattr(o, field_name)
+            if value != getattr(d, field_name):
+                parts.append(f"{flag} {','.join(value) if isinstance(value, list) else value}")
+        for flag, pairs in (("--grpo", o.grpo_overrides), ("--id", o.id_overrides)):
+            if pairs:
+                parts.append(flag + " " + " ".join(f"{k}={v}" for k, v in pairs.items()))
         return " ".join(parts)
 
 
@@ -386,14 +473,17 @@ def _fmt(mean: float, std: float, seeds: int) -> str:
 def report_markdown(result: dict, command: str = "") -> str:
     """The report as Markdown: protocol line, metrics table, differences table, missing methods."""
     p = result["protocol"]
-    lines = [
-        f"{p['test_rows']} test rows of {p['dataset']} (the same rows, seed {p['row_seed']}, for every method), "
-        f"item-level matching, items missing from a list count as misses. LLMs: {p['llm']} bf16, "
-        f"{p['llm_train_rows']} train rows per seed, {p['llm_eval']['num_beams']} beams; GRPO: {_grpo_text(p['grpo_settings'])}; D3 = length penalty 0 + SASRec guidance (weight {p['d3_weight']:g}). ID models: the whole "
-        f"train split, full ranking over all items. Values: mean ± std over seeds (seeds column); hist = history length read; times are wall seconds on a "
-        f"shared 2-core CPU (training: all stages the method needs).",
-        "",
-    ]
+    text = (f"{p['test_rows']} test rows of {p['dataset']} (the same rows, seed {p['row_seed']}, for every method), "
+            "item-level matching, items missing from a list count as misses.")
+    if p.get("llm"):
+        text += (f" LLMs: {p['llm']} {p['llm_eval'].get('dtype')}, {p['llm_train_rows']} train rows per seed, "
+                 f"{p['llm_eval'].get('num_beams')} beams; GRPO: {_grpo_text(p['grpo_settings'])}.")
+    if p.get("d3_weight") is not None:
+        text += f" D3 = length penalty 0 + SASRec guidance (weight {p['d3_weight']:g})."
+    text += (" ID models: the whole train split, full ranking over all items. Values: mean ± std over seeds (seeds "
+             "column); hist = history length read; times are wall seconds of each stage's last (possibly resumed) "
+             "invocation on a shared 2-core CPU (training: all stages the method needs).")
+    lines = [text, ""]
     if command:
         lines += [f"Reproduce: `{command}`", ""]
     ks = [1, 5, 10, 20]
@@ -414,8 +504,9 @@ def report_markdown(result: dict, command: str = "") -> str:
         hist = m["history_length"] if m["history_length"] is not None else "-"
         lines.append(f"| {m['label']} | {n} | {hist} | " + " | ".join(cells) + f" | {title} | "
                      + " | ".join(times) + " |")
-    lines += ["", "Differences (paired bootstrap 95% intervals over the test rows; per-row metrics averaged over "
-              "seeds first):", "", "| difference | NDCG@10 diff [95% CI] | rel. | HR@10 diff [95% CI] |", "|---|---|---|---|"]
+    lines += ["", "Differences (paired bootstrap 95% intervals over the test rows, on the seeds both methods have, "
+              "per-row metrics averaged over those seeds first; the best ID model is the one with the highest mean "
+              "NDCG@10 on these same rows):", "", "| difference | NDCG@10 diff [95% CI] | rel. | HR@10 diff [95% CI] |", "|---|---|---|---|"]
     for d in result["differences"]:
         n, h = d["metrics"]["ndcg@10"], d["metrics"]["hr@10"]
         name = d["name"]

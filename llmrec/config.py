@@ -84,6 +84,15 @@ def _coerce(parser, data: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
+def coerce_fields(classes: Sequence[type], data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check ``data``'s keys against the dataclasses and convert strings as the command line would
+    (YAML reads ``1e-3`` as a string): for values collected outside :func:`parse_config`."""
+    from transformers import HfArgumentParser
+
+    check_keys(data, classes, source)
+    return _coerce(HfArgumentParser(list(classes)), data, source)
+
+
 def parse_config(
     classes: Sequence[type],
     config_path: str | Path | None = None,

@@ -33,14 +33,16 @@ def main() -> int:
     from llmrec.training.grpo import LatentGRPOConfig, LatentGRPOTrainer
 
     results, per_row = [], []
-    for ckpt in args.checkpoints:
+    for n, ckpt in enumerate(args.checkpoints):
         done = Path(ckpt) / ("grpo_results.json" if (Path(ckpt) / "grpo_results.json").exists() else "train_results.json")
         if not done.exists():
+            if n == 0:
+                raise SystemExit(f"{ckpt}: the baseline checkpoint has not finished training")
             print(f"skip {ckpt}: not a finished run", file=sys.stderr)
             continue
         # G = 2 (the minimum) and 8 prompts per batch: every member is the noise-free latent here.
         cfg = LatentGRPOConfig(output_dir="/tmp/unused", sft_checkpoint=ckpt, model_dtype=args.dtype,
-                               num_generations=2, per_device_train_batch_size=16, max_train_rows=2,
+                               num_generations=2, per_device_train_batch_size=16, max_train_rows=8,
                                eval_rows=args.rows, eval_split=args.split, seed=args.seed, disable_tqdm=True)
         trainer = LatentGRPOTrainer(cfg)
         full = trainer.evaluate_rewards(per_row=True)
@@ -52,7 +54,7 @@ def main() -> int:
     for res, vals in zip(results[1:], per_row[1:]):
         d, lo, hi = paired_bootstrap_ci(vals, base, seed=0)
         res["log_likelihood_diff_vs_first"] = {"diff": d, "ci95": [lo, hi]}
-    out = {"split": args.split, "rows": args.rows, "row_seed": args.seed, "results": results}
+    out = {"split": args.split, "rows": results[0]["rows"], "row_seed": args.seed, "results": results}
     if args.output:
         from llmrec.data.canonical import atomic_write_json
 

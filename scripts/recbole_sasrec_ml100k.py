@@ -75,7 +75,7 @@ def main() -> int:
     best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
     train_s = time.perf_counter() - t0
     test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
-    epochs_run = trainer.cur_epoch if hasattr(trainer, "cur_epoch") else None
+    epochs_run = len(trainer.train_loss_dict)  # one entry per trained epoch
     out = {
         "library": "recbole 1.2.0", "model": "SASRec", "dataset": "ml-100k", "seed": args.seed,
         "protocol": {k: cfg[k] for k in ("eval_args", "MAX_ITEM_LIST_LENGTH", "hidden_size", "inner_size", "n_layers",
@@ -89,7 +89,7 @@ def main() -> int:
         "torch_threads": torch.get_num_threads(),
     }
     if epochs_run:
-        out["epoch_s"] = round(train_s / (epochs_run + 1), 1)
+        out["epoch_s"] = round(train_s / epochs_run, 1)  # includes each epoch's validation
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

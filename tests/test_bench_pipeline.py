@@ -75,6 +75,34 @@ def test_rerun_skips_finished_stages(report):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_changed_options_are_refused_not_silently_reused(report, capsys):
+    from llmrec.cli import main
+
+    root, data = report
+    capsys.readouterr()
+    assert main(_args(data, root, row_seed=7)) == 1  # other test rows: the evaluator refuses
+    assert "different protocol" in capsys.readouterr().err
+    assert main(_args(data, root, train_rows=9)) == 1  # another SFT subset size
+    assert "train_rows=8 (asked: 9)" in capsys.readouterr().err
+    args = _args(data, root)
+    args[args.index("--id") + 1: args.index("--id") + 1] = ["dropout=0.3"]
+    assert main(args) == 1  # another ID-model setting
+    assert "dropout=0.5 (asked: 0.3)" in capsys.readouterr().err
+    res = json.loads((root / "results" / "tiny.json").read_text())
+    assert res["protocol"]["row_seed"] == 0 and res["protocol"]["llm"] == "tiny-qwen2"
+    assert res["protocol"]["llm_train_rows"] == 8
+
+
+def test_id_overrides_are_typed_and_the_command_is_complete(report):
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+
+    root, data = report
+    p = Pipeline(PipelineOptions(dataset=str(data), output_dir=str(root / "runs"), id_overrides={"lr": "1e-3"},
+                                 test_rows=6, methods=["sasrec"]))
+    assert p._seqrec_fields("sasrec", 0)["lr"] == 0.001
+    assert "--test-rows 6" in p.command() and "--methods sasrec" in p.command() and "--id lr=1e-3" in p.command()
+
+
 def test_report_only_and_bad_options(report, tmp_path):
     from llmrec.bench_pipeline import Pipeline, PipelineOptions
 
@@ -89,6 +117,17 @@ def test_report_only_and_bad_options(report, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
         Pipeline(PipelineOptions(dataset=str(tmp_path / "nodata"), output_dir=str(tmp_path / "x"),
                                  methods=["popularity"])).run()
+    # evaluations on different rows are refused, naming each run's rows
+    import shutil
+
+    other = tmp_path / "other"
+    Pipeline(PipelineOptions(dataset=str(data), output_dir=str(other), methods=["popularity"], test_rows=3,
+                             results_dir=str(tmp_path / "r"), name="pop")).run()
+    shutil.copytree(root / "runs" / "eval_sasrec", other / "eval_sasrec")
+    with pytest.raises(ValueError, match="not on the same test rows"):
+        Pipeline(PipelineOptions(dataset=str(data), output_dir=str(other), methods=["popularity", "sasrec"],
+                                 report_only=True, results_dir=str(tmp_path / "r"), name="mixed")).run()
+    assert not (tmp_path / "r" / "mixed.json").exists()
     # a subset of the finished methods reports just those
     res = Pipeline(PipelineOptions(dataset=str(data), output_dir=str(root / "runs"), report_only=True,
                                    methods=["popularity", "sasrec"], results_dir=str(tmp_path / "r"),

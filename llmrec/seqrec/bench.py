@@ -40,7 +40,7 @@ def run_seqrec_benchmark(
     ``model_overrides[model]`` adds per-model fields. Returns
     ``{model: {"ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row", "<key>_std", "seeds"}}``.
     """
-    from llmrec.config import check_keys, read_recipe
+    from llmrec.config import coerce_fields, read_recipe
     from llmrec.seqrec.config import SeqRecConfig
     from llmrec.seqrec.run import RESULTS_JSON, run_seqrec
 
@@ -54,13 +54,11 @@ def run_seqrec_benchmark(
         if not recipe:
             return {}
         path = str(recipe).replace("{model}", model)
-        fields = read_recipe(path)
-        check_keys(fields, [SeqRecConfig], path)
-        return fields
+        return coerce_fields([SeqRecConfig], read_recipe(path), path)
 
     for model in models:  # every recipe read (and checked) before the first run starts
         recipe_for(model)
-    check_keys(overrides, [SeqRecConfig], "benchmark overrides")
+    overrides = coerce_fields([SeqRecConfig], overrides, "benchmark overrides")
     runs: dict[str, list[dict]] = {}
     for model in models:
         for s in range(seeds):

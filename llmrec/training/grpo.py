@@ -722,6 +722,8 @@ class LatentGRPOTrainer:
         if self._eval_rows is None:
             self._eval_rows = self._encode_split(self.latent_lm, c.eval_split, c.eval_rows)[0]
         rows, g, dev = self._eval_rows, c.num_generations, self.accelerator.device
+        # The unwrapped module: a DDP forward may run collectives, and processes can hold different row counts.
+        module = self.accelerator.unwrap_model(self.module)
         mine = list(range(self.rank, len(rows), self.world))
         per = c.prompts_per_micro_batch
         # [row index, neg_ppl, log_likelihood]; padded with index -1 to the same length on every process.
@@ -729,7 +731,7 @@ class LatentGRPOTrainer:
         for lo in range(0, len(mine), per):
             chunk = mine[lo:lo + per]
             t = {k: v.to(dev) for k, v in _collate([rows[r] for r in chunk], self.pad).items()}
-            res = self.module(**t, noise_fn=lambda r: torch.zeros(r.shape[0] * g, r.shape[-1], device=r.device))
+            res = module(**t, noise_fn=lambda r: torch.zeros(r.shape[0] * g, r.shape[-1], device=r.device))
             lp = res.logprobs.view(-1, g, res.logprobs.shape[-1])[:, 0]  # member 0: the pooled latent itself
             inputs = RewardInputs(lp, t["completion_attention_mask"])
             local[lo:lo + len(chunk), 0] = torch.tensor(chunk, dtype=torch.float64, device=dev)
@@ -937,7 +939,8 @@ class LatentGRPOTrainer:
                         "advantage_mode": self.config.advantage_mode, "reward_funcs": self.config.reward_funcs,
                         "noise_scale": self.config.noise_scale, "noise_mode": self.config.noise_mode,
                         "learning_rate": self.config.learning_rate, "train_lora": self.config.train_lora,
-                        "num_generations": self.config.num_generations, "max_train_rows": self.config.max_train_rows}
+                        "num_generations": self.config.num_generations, "max_train_rows": self.config.max_train_rows,
+                        "seed": self.config.seed}
         (out / LLMREC_CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
 
     # -- loop
