@@ -144,6 +144,11 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="output_dir must differ"):
         LatentGRPOConfig(output_dir=str(tmp_path / "s"), sft_checkpoint=str(tmp_path / "s"), num_generations=4,
                          per_device_train_batch_size=4)
+    # TRL options this trainer does not implement are refused rather than silently ignored
+    for name, value in (("scale_rewards", "batch"), ("importance_sampling_level", "sequence"), ("delta", 2.0),
+                        ("use_vllm", True), ("temperature", 0.7), ("optim", "adafactor")):
+        with pytest.raises(ConfigError, match=f"{name}=.*does not implement"):
+            LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: value})
 
 
 # ----------------------------------------------------------------------------------------- tiny SFT start

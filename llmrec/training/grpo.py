@@ -56,6 +56,25 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 RESULTS_NAME = "grpo_results.json"
 NOISE_MODES = ("absolute", "relative")
 LOSS_TYPES = ("grpo", "dapo")
+# TRL GRPOConfig fields this trainer does not implement: setting one would otherwise be silently ignored.
+IGNORED_TRL_FIELDS = {
+    "scale_rewards": "advantages come from advantage_mode",
+    "importance_sampling_level": "the ratio is per token",
+    "delta": "no two-sided clipping",
+    "top_entropy_quantile": "no entropy masking",
+    "mask_truncated_completions": "no text is generated",
+    "use_vllm": "no text is generated",
+    "sync_ref_model": "the reference is the frozen SFT model",
+    "temperature": "no text is generated",
+    "top_p": "no text is generated",
+    "top_k": "no text is generated",
+    "repetition_penalty": "no text is generated",
+    "generation_batch_size": "no text is generated",
+    "steps_per_generation": "every optimiser batch is scored once (num_iterations reuses it)",
+    "off_policy_mask_threshold": "no off-policy masking",
+    "torch_compile": "not supported",
+    "optim": "the optimiser is torch AdamW (adam_beta1/2, adam_epsilon, weight_decay apply)",
+}
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -141,6 +160,11 @@ class LatentGRPOConfig(GRPOConfig):
     bf16: bool | None = field(default=False, metadata={"help": "Unused: set model_dtype instead."})
 
     def __post_init__(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name in IGNORED_TRL_FIELDS}
+        for name, why in IGNORED_TRL_FIELDS.items():
+            if name in defaults and getattr(self, name) != defaults[name]:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is a TRL GRPOConfig option latent GRPO does not "
+                                  f"implement ({why}); remove it")
         if self.num_generations is None or self.num_generations < 2:
             raise ConfigError(f"num_generations (the group size G) must be >= 2, got {self.num_generations}")
         if self.per_device_train_batch_size % self.num_generations != 0:
