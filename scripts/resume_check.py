@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(cmd: list[str], log: Path) -> None:
     with open(log, "a") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if rc:
+        raise SystemExit(f"{' '.join(cmd[2:4])} failed (exit {rc}); see {log}")
 
 
 def _run_and_kill(cmd: list[str], log: Path, ready) -> float:
@@ -119,7 +121,8 @@ def main() -> int:
     for run in ("sft_full", "sft_cut", "grpo_full", "grpo_cut"):
         e = out / f"eval_{run}"
         _run([*llmrec, "evaluate", "--config", "recipes/games/eval.yaml", "--dataset", args.dataset, "--max_rows",
-              str(args.eval_rows), "--checkpoint", str(out / run), "--output_dir", str(e)], log)
+              str(args.eval_rows), "--model_name_or_path", args.model, "--checkpoint", str(out / run),
+              "--output_dir", str(e)], log)
         evals[run] = e
     metrics, same_rankings = {}, {}
     for name in ("sft", "grpo"):

@@ -192,6 +192,13 @@ def test_sft_checkpoint_loads_and_recommends(data_dir, sft_run, tmp_path, capsys
     assert [int(line.split()[1]) for line in table[2:]] == [r.item_id for r in rec.recommend([1, 2], k=3)]
 
 
+def test_a_checkpoint_on_another_base_model_is_a_clear_error(sft_run):
+    from llmrec.models.checkpoint import load_for_inference
+
+    with pytest.raises(ValueError, match="was trained on base model 'tiny-qwen2'.*not 'tiny-llama'"):
+        load_for_inference("tiny-llama", str(sft_run), "float32", torch.device("cpu"))
+
+
 def test_full_model_checkpoint_without_llmrec_config(data_dir, tmp_path):
     """A plain save_pretrained directory is a checkpoint too (dataset required); it ranks as the evaluator."""
     from llmrec.models.tiny import build_tiny

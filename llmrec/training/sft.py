@@ -486,7 +486,13 @@ def load_sft_checkpoint(
     else:
         from peft import PeftModel
 
-        base_name = model_name_or_path or meta.get("model_name_or_path")
+        recorded = meta.get("model_name_or_path")
+        if model_name_or_path and recorded and str(model_name_or_path) != str(recorded):
+            # An adapter on the wrong base fails deep inside loading (shape mismatches) or, worse, loads.
+            raise ValueError(
+                f"{ckpt} was trained on base model {recorded!r} ({LLMREC_CONFIG_NAME}), not {model_name_or_path!r}: "
+                f"pass model_name_or_path {recorded!r} (or leave it unset)")
+        base_name = model_name_or_path or recorded
         if not base_name:
             raise ValueError(f"{ckpt}: no base model recorded; pass model_name_or_path")
         lm, tokenizer = load_backbone(base_name, dtype=dtype)
