@@ -65,3 +65,16 @@ def write_prepared(directory: Path, n_items: int = 30, n_users: int = 12, seed: 
 @pytest.fixture
 def prepared_dir(tmp_path: Path) -> Path:
     return write_prepared(tmp_path / "data")
+
+
+def train_tiny_sasrec(data_dir: Path, out: Path, **overrides) -> Path:
+    """A finished ``llmrec seqrec train`` run of a tiny SASRec on ``data_dir`` (seconds on one thread)."""
+    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.seqrec.run import run_seqrec
+
+    fields = dict(dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=5, hidden_size=16,
+                  n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=3, batch_size=8,
+                  eval_batch_size=16, lr=1e-2, patience=3, progress=False, num_threads=1, seed=0)
+    fields.update(overrides)
+    run_seqrec(SeqRecConfig(**fields))
+    return out

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 # The same prompts and title vocabulary as the unguided decoding tests.
+from conftest import train_tiny_sasrec
 from test_decoding import PREFIX, PROMPTS, WORDS
 
 from llmrec.decoding.beam_search import constrained_beam_search, reference_constrained_beam_search
@@ -207,20 +208,9 @@ def test_guidance_shape_is_checked(tiny_qwen):
 # --------------------------------------------------------------------------------------- evaluator
 
 
-def _train_sasrec(data_dir: Path, out: Path) -> Path:
-    from llmrec.seqrec.config import SeqRecConfig
-    from llmrec.seqrec.run import run_seqrec
-
-    run_seqrec(SeqRecConfig(
-        dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=5, hidden_size=16,
-        n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=3, batch_size=8,
-        eval_batch_size=16, lr=1e-2, patience=3, progress=False, num_threads=1, seed=0))
-    return out
-
-
 @pytest.fixture
 def sasrec_run(prepared_dir, tmp_path) -> Path:
-    return _train_sasrec(prepared_dir, tmp_path / "sasrec")
+    return train_tiny_sasrec(prepared_dir, tmp_path / "sasrec")
 
 
 def _eval_config(data: Path, out: Path, **kw):

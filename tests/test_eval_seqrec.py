@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_prepared
+from tests.conftest import train_tiny_sasrec, write_prepared
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +22,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sasrec_run(data_dir, tmp_path_factory) -> Path:
-    from llmrec.seqrec.config import SeqRecConfig
-    from llmrec.seqrec.run import run_seqrec
-
-    out = tmp_path_factory.mktemp("runs") / "sasrec"
-    run_seqrec(SeqRecConfig(
-        dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=6, hidden_size=16,
-        n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=3, batch_size=8,
-        eval_batch_size=16, lr=1e-2, patience=3, progress=False, num_threads=1, seed=0, ks=[1, 5, 10, 20]))
-    return out
+    return train_tiny_sasrec(data_dir, tmp_path_factory.mktemp("runs") / "sasrec", max_history=6, ks=[1, 5, 10, 20])
 
 
 def _config(data: Path, run: Path, out: Path, **kw):

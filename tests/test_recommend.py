@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_prepared
+from conftest import train_tiny_sasrec, write_prepared
 
 from llmrec.data.canonical import load_prepared
 from llmrec.data.catalog import ItemCatalog
@@ -36,16 +36,8 @@ def zero_shot(data_dir) -> Recommender:
 
 @pytest.fixture(scope="module")
 def seqrec_run(data_dir, tmp_path_factory) -> Path:
-    from llmrec.seqrec.config import SeqRecConfig
-    from llmrec.seqrec.run import run_seqrec
-
-    out = tmp_path_factory.mktemp("seqrec") / "run"
-    run_seqrec(SeqRecConfig(
-        dataset_dir=str(data_dir), output_dir=str(out), model="sasrec", max_history=10, hidden_size=16,
-        n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=2, batch_size=8,
-        eval_batch_size=16, progress=False, num_threads=1,
-    ))
-    return out
+    return train_tiny_sasrec(data_dir, tmp_path_factory.mktemp("seqrec") / "run", max_history=10, epochs=2,
+                             lr=1e-3, patience=10, seed=42)
 
 
 @pytest.fixture(scope="module")
