@@ -258,6 +258,9 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     stamp = (out / "runs" / "sasrec_seed0" / "results.json").stat().st_mtime_ns
     again = run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 2, out, **kw)  # every run is skipped
     assert again == summary
+    partial = run_seqrec_benchmark(d, ["sasrec", "lares"], 3, out, report_only=True, **kw)  # trains nothing
+    assert set(partial) == {"sasrec"} and partial["sasrec"]["seeds"] == 2
+    assert not (out / "runs" / "lares_seed0").exists()
     assert (out / "runs" / "sasrec_seed0" / "results.json").stat().st_mtime_ns == stamp
 
 

@@ -30,6 +30,7 @@ def run_seqrec_benchmark(
     seeds: int,
     output: Path,
     model_overrides: dict[str, dict[str, Any]] | None = None,
+    report_only: bool = False,
     **overrides: Any,
 ) -> dict[str, dict[str, float]]:
     """Train + test each model for seeds ``0..seeds-1`` (config seed = 42 + s) on ``dataset_dir``.
@@ -37,7 +38,8 @@ def run_seqrec_benchmark(
     ``overrides`` are :class:`~llmrec.seqrec.config.SeqRecConfig` fields applied to every run (a
     ``config`` key names a recipe whose values come first, with ``model`` replaced per run; ``{model}`` in
     its path is replaced by each model's name, so every model reads its own recipe);
-    ``model_overrides[model]`` adds per-model fields. Returns
+    ``model_overrides[model]`` adds per-model fields; ``report_only`` trains nothing and summarises the
+    finished runs (seeds that have not finished are left out, and the table says how many seeds each has). Returns
     ``{model: {"ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row", "<key>_std", "seeds"}}``.
     """
     from llmrec.config import coerce_fields, read_recipe
@@ -66,6 +68,8 @@ def run_seqrec_benchmark(
             res_file = run_dir / RESULTS_JSON
             if res_file.exists():
                 res = json.loads(res_file.read_text())
+            elif report_only:  # summarise what has finished; a cut run is not reported
+                continue
             else:
                 fields = {**recipe_for(model), **overrides, **(model_overrides or {}).get(model, {})}
                 fields.update(model=model, dataset_dir=str(dataset_dir), output_dir=str(run_dir), seed=42 + s)
