@@ -342,6 +342,40 @@ def test_clip_acts_with_several_iterations(tmp_path, sft_dir):
     assert all(h["clip_ratio"] == 0 for h in res1["log_history"])  # ratio == 1: the clip never fires
 
 
+@pytest.mark.parametrize("noise_mode,scale", [("absolute", 0.7), ("relative", 0.3)])
+def test_gaussian_policy_logprob_is_the_score_function_gradient(tmp_path, sft_dir, noise_mode, scale):
+    """policy_logprob=gaussian: the loss gradient equals that of -sum_k A_k (eps_k / std_k^2) . r_theta (the
+    score-function / evolution-strategies estimator of grad E[reward]), normalised over the optimiser batch."""
+    sft, _, _ = sft_dir
+    trainer = LatentGRPOTrainer(grpo_config(tmp_path / "g", sft, policy_logprob="gaussian", advantage_mode="group",
+                                            noise_mode=noise_mode, noise_scale=scale))
+    batches = trainer.local_micro_batches(0)
+    trainer.score(0, batches)
+    params = [p for p in trainer.module.parameters() if p.requires_grad]
+    b = batches[0]
+    loss, stats = trainer._loss(b)
+    got = torch.autograd.grad(loss, params)
+    g = trainer.config.num_generations
+    t = {k: getattr(b, k) for k in ("prompt_input_ids", "prompt_attention_mask", "completion_input_ids",
+                                     "completion_attention_mask")}
+    r = trainer.module(**t, noise=b.noise).latent.float()  # [B, H] with gradient
+    std = trainer._noise_std(b.latent)
+    if noise_mode == "absolute":
+        assert torch.allclose(std, torch.full_like(std, scale))
+    else:
+        assert torch.allclose(std, scale * b.latent.norm(dim=-1) / math.sqrt(b.latent.shape[-1]))
+    w = (b.advantages[:, None] * b.noise.float() / std.repeat_interleave(g)[:, None] ** 2)  # [B*G, H]
+    surrogate = -(w * r.repeat_interleave(g, 0)).sum() * trainer.world / trainer._norm_members
+    want = torch.autograd.grad(surrogate, params)
+    for a, e in zip(got, want):
+        assert torch.allclose(a, e, rtol=1e-4, atol=1e-7)
+    assert stats["clip_ratio"] == 0.0
+    # member 0 of each group carries no noise, hence no gradient; beta > 0 is refused in this mode
+    assert float(b.noise.view(-1, g, b.noise.shape[-1])[:, 0].abs().max()) == 0.0
+    with pytest.raises(ConfigError, match="beta > 0"):
+        grpo_config(tmp_path / "h", sft, policy_logprob="gaussian", beta=0.1)
+
+
 def test_held_out_rewards_before_and_after_training(tmp_path, sft_dir):
     """eval_rows: noise-free rewards on validation rows, the same under the naive per-member form, recorded
     before and after; a teacher-forced reference computed by hand from the SFT model gives the same value."""

@@ -56,6 +56,7 @@ OPTIMIZER_NAME = "optimizer.safetensors"
 RESULTS_NAME = "grpo_results.json"
 NOISE_MODES = ("absolute", "relative")
 LOSS_TYPES = ("grpo", "dapo")
+POLICY_LOGPROBS = ("target", "gaussian")
 # TRL GRPOConfig fields this trainer does not implement: setting one would otherwise be silently ignored.
 IGNORED_TRL_FIELDS = {
     "scale_rewards": "advantages come from advantage_mode",
@@ -120,6 +121,16 @@ class LatentGRPOConfig(GRPOConfig):
         metadata={"help": "absolute: eps ~ N(0, noise_scale^2 I); relative: std noise_scale * ||r|| / sqrt(H), so "
                   "that ||eps|| is about noise_scale * ||r||."},
     )
+    policy_logprob: str = field(
+        default="target",
+        metadata={"help": "What the ratio and the advantage weight. target (the paper): the per-token log-probs of "
+                  "the true title under each member's noised latent -- a pathwise, advantage-weighted likelihood "
+                  "gradient, which does not follow the gradient of the expected reward (with zero-mean advantages "
+                  "it has no first-order effect on the noise-free latent; with mostly negative ones it lowers the "
+                  "target's likelihood). gaussian: the log-density of each member's latent under N(latent, std^2 I) "
+                  "of the current head -- the score-function (evolution-strategies) gradient of the expected "
+                  "reward; one 'token' per member."},
+    )
     eval_rows: int = field(
         default=0,
         metadata={"help": "Held-out rows (eval_split, seeded subset) whose noise-free rewards -- neg_ppl and "
@@ -178,6 +189,10 @@ class LatentGRPOConfig(GRPOConfig):
             raise ConfigError(f"noise_mode must be one of {NOISE_MODES}, got {self.noise_mode!r}")
         if self.advantage_mode not in ADVANTAGE_MODES:
             raise ConfigError(f"advantage_mode must be one of {sorted(ADVANTAGE_MODES)}, got {self.advantage_mode!r}")
+        if self.policy_logprob not in POLICY_LOGPROBS:
+            raise ConfigError(f"policy_logprob must be one of {POLICY_LOGPROBS}, got {self.policy_logprob!r}")
+        if self.policy_logprob == "gaussian" and self.beta > 0:
+            raise ConfigError("beta > 0 (a KL to the reference) is only implemented for policy_logprob 'target'")
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type must be one of {LOSS_TYPES} for latent GRPO, got {self.loss_type!r}")
         if isinstance(self.reward_funcs, str):
@@ -257,6 +272,7 @@ class GRPOBatch:
     old_logprobs: torch.Tensor | None = None  # [B*G, C] at scoring time
     ref_logprobs: torch.Tensor | None = None  # [B*G, C] under the frozen reference (beta > 0)
     advantages: torch.Tensor | None = None  # [B*G]
+    latent: torch.Tensor | None = None  # [B, H] the noise-free latents at scoring time (detached)
     valid: torch.Tensor | None = None  # [B*G] False for members of skipped groups
     prompt_state: Any = None  # the prompts' encoded state from scoring, reused by the loss pass when exact
 
@@ -639,10 +655,14 @@ class LatentGRPOTrainer:
         c = self.config
         g, h = c.num_generations, latent.shape[-1]
         eps = torch.cat([member_noise(c.seed, epoch, r, g, h) for r in rows]).to(latent.device, torch.float32)
+        return eps * self._noise_std(latent).repeat_interleave(g)[:, None]
+
+    def _noise_std(self, latent: torch.Tensor) -> torch.Tensor:
+        """``[B]`` per-prompt std of the member noise (what :meth:`_scaled_noise` multiplies N(0, I) by)."""
+        c = self.config
         if c.noise_mode == "absolute":
-            return eps * c.noise_scale
-        norms = latent.float().norm(dim=-1).repeat_interleave(g)[:, None]
-        return eps * (c.noise_scale * norms / math.sqrt(h))
+            return torch.full((latent.shape[0],), c.noise_scale, device=latent.device)
+        return c.noise_scale * latent.float().norm(dim=-1) / math.sqrt(latent.shape[-1])
 
     @torch.no_grad()
     def score(self, step: int, batches: list[GRPOBatch]) -> dict[str, float]:
@@ -660,6 +680,7 @@ class LatentGRPOTrainer:
                               keep_prompt_state=True)
             lp, latent, b.noise, b.prompt_state = res.logprobs, res.latent, res.noise, res.prompt_state
             b.old_logprobs = lp
+            b.latent = latent.detach().float()
             if self.ref_module is not None:
                 reuse = b.prompt_state if self.ref_module.prompt_state_reusable() else None
                 b.ref_logprobs = self.ref_module(**t, noise=b.noise, prompt_state=reuse).logprobs
@@ -794,8 +815,18 @@ class LatentGRPOTrainer:
             ref = ref[members] if ref is not None else None
             state = None  # recompute the prompt pass for the kept prompts
         # The prompt pass of the scoring step is reused when exact (frozen LM, N = 1): the head is re-applied.
-        lp = self.module(**t, noise=noise, prompt_state=state).logprobs
+        res = self.module(**t, noise=noise, prompt_state=state)
+        lp = res.logprobs
         mask = t["completion_attention_mask"].repeat_interleave(g, 0).float()
+        if c.policy_logprob == "gaussian":
+            # Each member's latent z_k = r_old + eps_k as a sample of N(r_theta, std_k^2 I): one "token" per member.
+            r_old = b.latent if keep.numel() == len(b.rows) else b.latent[keep]
+            std = self._noise_std(r_old).repeat_interleave(g)[:, None]  # [P*G, 1]
+            z = r_old.repeat_interleave(g, 0) + noise.float()
+            r = res.latent.float().repeat_interleave(g, 0)
+            lp = -((z - r) ** 2).sum(-1, keepdim=True) / (2 * std**2)
+            old = -(noise.float() ** 2).sum(-1, keepdim=True) / (2 * std**2)  # the same density under r_old
+            mask = torch.ones_like(lp)
         if c.num_iterations == 1:
             old = lp.detach()  # the ratio is exactly 1 (as TRL); only the advantage-weighted gradient acts
         ratio = torch.exp(torch.where(mask > 0, lp - old, torch.zeros_like(lp)))
@@ -812,7 +843,7 @@ class LatentGRPOTrainer:
         # the objective normalised over the whole optimiser batch, whatever the layout.
         world = self.world
         per_token = torch.where(mask > 0, per_token, torch.zeros_like(per_token))
-        if c.loss_type == "grpo":
+        if c.loss_type == "grpo" or c.policy_logprob == "gaussian":
             per_member = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
             loss = per_member.sum() * world / max(self._norm_members, 1.0)
         else:  # dapo: token mean over the optimiser batch
