@@ -56,9 +56,18 @@ def main() -> int:
         res["log_likelihood_diff_vs_first"] = {"diff": d, "ci95": [lo, hi]}
     out = {"split": args.split, "rows": results[0]["rows"], "row_seed": args.seed, "results": results}
     if args.output:
-        from llmrec.data.canonical import atomic_write_json
+        from llmrec.data.canonical import atomic_write_json, atomic_write_text
 
         atomic_write_json(Path(args.output), out)
+        lines = [f"Held-out rewards of the noise-free latent on {out['rows']} {args.split} rows (seed {args.seed}; "
+                 "`python scripts/grpo_heldout_rewards.py ...`); first row = the baseline of the differences "
+                 "(paired bootstrap 95% intervals over rows):", "",
+                 "| checkpoint | mean log-likelihood / token | diff [95% CI] | mean -PPL |", "|---|---|---|---|"]
+        for r in results:
+            d = r.get("log_likelihood_diff_vs_first")
+            diff = f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "-"
+            lines.append(f"| {r['checkpoint']} | {r['log_likelihood']:.4f} | {diff} | {r['neg_ppl']:.2f} |")
+        atomic_write_text(Path(args.output).with_suffix(".md"), "\n".join(lines) + "\n")
     print(json.dumps(out))
     return 0
 
