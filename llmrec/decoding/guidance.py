@@ -183,7 +183,7 @@ def load_guidance_model(run_dir: str | Path, device: torch.device | str = "cpu",
 
     The run's ``results.json`` holds its config (model, sizes, ``max_history``); the weights are the
     selected phase's ``best.safetensors``. Returns ``(model, info)`` with ``info`` holding ``model``,
-    ``max_history``, ``num_items``, ``dataset_dir`` (as trained) and ``weights``.
+    ``max_history``, ``num_items``, ``dataset_dir`` (as trained), ``weights`` and ``mask_history``.
 
     Raises:
         CheckpointError: the directory, ``results.json`` or the weights file is missing.
@@ -232,6 +232,6 @@ def load_guidance_model(run_dir: str | Path, device: torch.device | str = "cpu",
     info = {
         "model": cfg.model, "max_history": cfg.max_history, "num_items": trained_items,
         "dataset_dir": results.get("protocol", {}).get("dataset_dir", cfg.dataset_dir),
-        "weights": str(weights.relative_to(run)),
+        "weights": str(weights.relative_to(run)), "mask_history": bool(cfg.mask_history),
     }
     return model, info

@@ -220,10 +220,8 @@ class Evaluator:
         from llmrec.decoding.guidance import load_guidance_model
 
         c = self.config
-        self.seqrec_model, info = load_guidance_model(c.checkpoint, self.state.device)
-        cfg = json.loads((Path(c.checkpoint) / "results.json").read_text(encoding="utf-8"))["config"]
-        self.seqrec_info = {**info, "mask_history": bool(cfg.get("mask_history", False))}
-        return int(info["max_history"])
+        self.seqrec_model, self.seqrec_info = load_guidance_model(c.checkpoint, self.state.device)
+        return int(self.seqrec_info["max_history"])
 
     def _check_rows(self, data, split) -> None:
         n = data.num_items
