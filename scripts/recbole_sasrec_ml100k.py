@@ -12,6 +12,11 @@ hidden 64, 2 layers, 2 heads, inner 256, dropout 0.5, full-softmax CE, full rank
 validation NDCG@10 with patience 10. RecBole's full-ranking evaluation masks the items of the user's training
 history; llmrec's protocol does not, so the masking is switched off here unless ``--mask-history`` is given (the
 JSON records which). Writes one JSON object with the test metrics, the epochs run and the seconds per epoch.
+
+RecBole trains every prefix as its own sample (~110 s per epoch here, often 50+ epochs), so the run is resumable:
+after every epoch the model, optimiser, early-stopping state and all random states (global torch, numpy, python,
+the training loader's shuffling generator) go to ``--work-dir/latest.pth``; a rerun with the same arguments
+continues from there and gives the same numbers as an uninterrupted run. A finished ``--output`` is not redone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -33,8 +39,19 @@ def main() -> int:
     ap.add_argument("--stopping-step", type=int, default=10)
     ap.add_argument("--mask-history", action="store_true", help="RecBole's default: training items score -inf")
     ap.add_argument("--output", required=True)
+    ap.add_argument("--work-dir", default=None,
+                    help="checkpoints for resuming (default: <repo>/runs/recbole_sasrec_ml100k_seed<seed>)")
     args = ap.parse_args()
+    if Path(args.output).exists():
+        print(f"{args.output} exists: finished earlier, nothing to do")
+        return 0
+    # RecBole writes log/ and log_tensorboard/ into the working directory, so users run this from a scratch
+    # directory: the default checkpoint place is the repository's runs/, not the working directory.
+    default_work = Path(__file__).resolve().parent.parent / "runs" / f"recbole_sasrec_ml100k_seed{args.seed}"
+    work_dir = Path(args.work_dir).resolve() if args.work_dir else default_work
+    work_dir.mkdir(parents=True, exist_ok=True)
 
+    import numpy as np
     import torch
     from recbole.config import Config
     from recbole.data import create_dataset, data_preparation
@@ -71,9 +88,53 @@ def main() -> int:
             return super()._full_sort_batch_eval((interaction, None, positive_u, positive_i))
 
     trainer = (Trainer if args.mask_history else NoMaskTrainer)(config, model)
+    trainer.saved_model_file = str(work_dir / "best.pth")  # RecBole saves the best-validation model here
+    latest = work_dir / "latest.pth"
+    setup = {"seed": args.seed, "stopping_step": args.stopping_step,
+             "mask_history": bool(args.mask_history)}
+    prior_s, resumed_at, stopped = 0.0, [], False
+    if latest.exists():
+        state = torch.load(latest, map_location="cpu", weights_only=False)
+        if state["setup"] != setup:
+            sys.exit(f"{latest} was written with {state['setup']}, this run asks for {setup}: "
+                     "use another --work-dir or delete it")
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.start_epoch = state["epoch"] + 1
+        trainer.cur_step, trainer.best_valid_score = state["cur_step"], state["best_valid_score"]
+        trainer.best_valid_result = state["best_valid_result"]
+        trainer.train_loss_dict = state["train_loss_dict"]
+        train_data.generator.set_state(state["loader_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+        prior_s, resumed_at, stopped = state["train_s"], state["resumed_at"] + [trainer.start_epoch], state["stopped"]
+        print(f"resuming from {latest} at epoch {trainer.start_epoch} (best valid NDCG@10 "
+              f"{trainer.best_valid_score:.4f}, {trainer.cur_step} epochs without improvement)", flush=True)
     t0 = time.perf_counter()
-    best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
-    train_s = time.perf_counter() - t0
+
+    def save_latest(epoch_idx: int, valid_score: float) -> None:
+        """After each epoch's validation: everything a rerun needs to continue exactly here (written atomically)."""
+        state = {
+            "setup": setup, "epoch": epoch_idx, "cur_step": trainer.cur_step,
+            "best_valid_score": trainer.best_valid_score, "best_valid_result": trainer.best_valid_result,
+            "train_loss_dict": trainer.train_loss_dict, "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(), "loader_rng": train_data.generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+            "train_s": prior_s + time.perf_counter() - t0, "resumed_at": resumed_at,
+            "stopped": trainer.cur_step >= trainer.stopping_step,
+        }
+        torch.save(state, work_dir / "latest.tmp")
+        os.replace(work_dir / "latest.tmp", latest)
+        print(f"epoch {epoch_idx}: valid NDCG@10 {valid_score:.4f} (best {trainer.best_valid_score:.4f}), "
+              f"{state['train_s']:.0f} s so far", flush=True)
+
+    if stopped or trainer.start_epoch >= args.epochs:
+        best_valid_score, best_valid = trainer.best_valid_score, trainer.best_valid_result
+    else:
+        best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False,
+                                                   callback_fn=save_latest)
+    train_s = prior_s + time.perf_counter() - t0
     test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     epochs_run = len(trainer.train_loss_dict)  # one entry per trained epoch
     out = {
@@ -85,7 +146,7 @@ def main() -> int:
         "users": int(dataset.user_num) - 1, "items": int(dataset.item_num) - 1,
         "test": {k.lower(): float(v) for k, v in test.items()},
         "best_valid": {k.lower(): float(v) for k, v in best_valid.items()}, "best_valid_ndcg@10": float(best_valid_score),
-        "train_seconds": round(train_s, 1), "epochs_run": epochs_run,
+        "train_seconds": round(train_s, 1), "epochs_run": epochs_run, "resumed_at_epochs": resumed_at,
         "torch_threads": torch.get_num_threads(),
     }
     if epochs_run:

@@ -5,15 +5,62 @@ dropout -> residual -> LayerNorm, then FFN (GELU) -> dropout -> residual -> Laye
 takes an explicit boolean mask ``[B, 1, Q, K]`` (True = may attend) and an optional per-layer
 key/value cache, so the same code runs a plain causal pass, a KV-cached reasoning step, and the
 "every prefix at once" reasoning pass (queries of many prefixes, each masked to its own keys).
+
+Dropout on the CPU draws uniform numbers instead of calling ``bernoulli_``: these models run with
+p = 0.5 on every hidden state and attention map, and CPU ``bernoulli_`` was a quarter of a ReaRec
+training step (about 4x slower than ``rand_like``). Same distribution, another random stream; GPUs keep
+the fused kernels.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout (keep with probability ``1 - p``, scale kept values by ``1 / (1 - p)``).
+
+    Equals ``F.dropout`` in distribution. On the CPU the keep mask is ``rand_like(x) >= p`` (about 4x
+    faster than the ``bernoulli_`` inside ``F.dropout``); elsewhere it is ``F.dropout`` itself.
+
+    >>> _ = torch.manual_seed(0); y = dropout(torch.ones(10_000), 0.25, True)
+    >>> sorted(set(y.tolist())) == [0.0, 4 / 3] and abs((y == 0).float().mean().item() - 0.25) < 0.02
+    True
+    """
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu" or p >= 1:
+        return F.dropout(x, p, training)
+    return x * ((torch.rand_like(x) >= p) * (1.0 / (1.0 - p)))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` through :func:`dropout` (same module type and state, so ``set_dropout`` still finds it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) masked) @ v`` with dropout on the attention weights.
+
+    Without dropout (evaluation) or off the CPU this is ``F.scaled_dot_product_attention``. With
+    dropout on the CPU, SDPA falls back to its math path with ``bernoulli_`` (2.8x the cost of the
+    no-dropout call); the same math with :func:`dropout` is about 1.5x faster in training.
+    """
+    if dropout_p == 0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return dropout(weights, dropout_p, True) @ v
 
 
 class SelfAttention(nn.Module):
@@ -34,9 +81,7 @@ class SelfAttention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
-        o = F.scaled_dot_product_attention(
-            qh, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        o = attention(qh, k, v, mask, self.attn_dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(b, q, d)), (k, v)
 
 
@@ -50,7 +95,7 @@ class TransformerLayer(nn.Module):
         self.fc1 = nn.Linear(hidden, inner)
         self.fc2 = nn.Linear(inner, hidden)
         self.ln2 = nn.LayerNorm(hidden, eps=eps)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
         a, kv = self.attn(x, mask, past)
@@ -144,7 +189,7 @@ class Backbone(nn.Module):
         self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.in_ln = nn.LayerNorm(hidden, eps=eps)
-        self.in_drop = nn.Dropout(dropout if input_dropout is None else input_dropout)
+        self.in_drop = Dropout(dropout if input_dropout is None else input_dropout)
         self.encoder = Encoder(n_layers, hidden, heads, inner, dropout, attn_dropout, eps)
 
     def input_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,4 +206,6 @@ class Backbone(nn.Module):
 
     def item_logits(self, h: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         t = self.temperature if temperature is None else temperature
-        return h @ self.item_emb.weight[1:].T / t
+        logits = h @ self.item_emb.weight[1:].T
+        # Dividing by 1 is a full pass over [rows, N] (and one more in backward) for nothing.
+        return logits if t == 1 else logits / t
