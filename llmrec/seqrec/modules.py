@@ -30,8 +30,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     faster than the ``bernoulli_`` inside ``F.dropout``); elsewhere it is ``F.dropout`` itself.
 
     >>> _ = torch.manual_seed(0); y = dropout(torch.ones(10_000), 0.25, True)
-    >>> sorted(set(y.tolist())) == [0.0, 4 / 3] and abs((y == 0).float().mean().item() - 0.25) < 0.02
-    True
+    >>> round((y == 0).float().mean().item(), 2), round(y.max().item(), 4)  # dropped share, kept value
+    (0.24, 1.3333)
     """
     if not training or p == 0:
         return x
