@@ -271,23 +271,20 @@ class _SeqRecBackend:
         self.model, self.catalog, self.max_history = model, catalog, max_history
         self.device, self.batch_size = device, batch_size
 
-    def scores(self, histories: list[list[int]]) -> torch.Tensor:
-        """``[B, N]`` full-catalogue scores (column ``j`` = item ``j + 1``) for left-padded histories."""
-        from llmrec.seqrec.data import left_pad
+    def scores(self, histories: list[list[int]], exclude: bool = False) -> torch.Tensor:
+        """``[B, N]`` full-catalogue scores (column ``j`` = item ``j + 1``) for left-padded histories.
 
-        ids = torch.from_numpy(left_pad(histories, self.max_history)).to(self.device)
-        with torch.no_grad():
-            return self.model.score(ids).float()
+        ``exclude``: every history item id scores -inf (as the seqrec evaluation's mask_history).
+        """
+        from llmrec.seqrec.scoring import score_histories
+
+        return score_histories(self.model, histories, self.max_history, self.device, exclude)
 
     def recommend(self, histories: list[list[int]], k: int, exclude: bool) -> list[list[Recommendation]]:
-        scores = self.scores(histories)
-        if exclude:
-            # As the seqrec evaluation's mask_history: every history item id scores -inf.
-            for r, h in enumerate(histories):
-                scores[r, torch.tensor(sorted(set(h)), device=scores.device) - 1] = float("-inf")
-        # A stable descending sort ranks equal scores by the smaller item id, as ranks_from_scores does.
-        values, order = torch.sort(scores, dim=1, descending=True, stable=True)
-        values, order = values[:, :k].cpu(), order[:, :k].cpu()
+        from llmrec.seqrec.scoring import top_k
+
+        values, order = top_k(self.scores(histories, exclude), k)
+        values, order = values.cpu(), order.cpu()
         out = []
         for vs, cols in zip(values.tolist(), order.tolist()):
             out.append([Recommendation(c + 1, self.catalog.title(c + 1), float(v))

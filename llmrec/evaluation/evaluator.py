@@ -351,7 +351,7 @@ class Evaluator:
         from tqdm.auto import tqdm
 
         from llmrec.evaluation.metrics import ranks_from_scores
-        from llmrec.seqrec.data import left_pad
+        from llmrec.seqrec.scoring import score_histories, top_k
 
         info, model = self.seqrec_info, self.seqrec_model
         k = max(self.config.ks)
@@ -362,21 +362,16 @@ class Evaluator:
                       disable=not self.state.is_main_process, unit="batch"):
             batch = mine[i:i + 256]
             histories = [list(split[r]["history_item_ids"]) for r in batch]
-            ids = torch.from_numpy(left_pad(histories, int(info["max_history"]))).to(self.state.device)
-            with torch.no_grad():
-                scores = model.score(ids).float()
-            if info["mask_history"]:
-                for j, h in enumerate(histories):
-                    scores[j, torch.tensor(sorted(set(h)), device=scores.device) - 1] = float("-inf")
+            scores = score_histories(model, histories, int(info["max_history"]), self.state.device,
+                                     bool(info["mask_history"]))
             targets = torch.tensor([split[r]["target_item_id"] for r in batch], device=scores.device)
             full_ranks = ranks_from_scores(scores, targets - 1).tolist()
-            # A stable descending sort puts equal scores in ascending id order, as ranks_from_scores counts.
-            values, order = torch.sort(scores, dim=1, descending=True, stable=True)
+            values, order = top_k(scores, k)
             recs = []
             for j, r in enumerate(batch):
-                items = [c + 1 for c in order[j, :k].tolist()]
+                items = [c + 1 for c in order[j].tolist()]
                 titles = list(dict.fromkeys(data.catalog.title(t) for t in items))
-                rec = self._record(data, split, r, titles, items, [round(v, 6) for v in values[j, :k].tolist()])
+                rec = self._record(data, split, r, titles, items, [round(v, 6) for v in values[j].tolist()])
                 rec["item_rank"] = int(full_ranks[j])  # beyond the list too: the metrics need only K <= max(ks)
                 recs.append(rec)
             self._append(recs)
@@ -417,7 +412,7 @@ class Evaluator:
     def _guidance_source(self, trie):
         """A function ``rows -> TitleGuidance`` scoring the rows' histories with the ID model."""
         from llmrec.decoding.guidance import ItemMassIndex, TitleGuidance, item_log_probs_from_scores
-        from llmrec.seqrec.data import left_pad
+        from llmrec.seqrec.scoring import score_histories
 
         c = self.config
         length = int(self.guidance_info["max_history"])
@@ -428,9 +423,7 @@ class Evaluator:
         device = self.state.device
 
         def guide(rows: list[int]) -> TitleGuidance:
-            ids = torch.from_numpy(left_pad([list(histories[r]) for r in rows], length)).to(device)
-            with torch.no_grad():
-                scores = self.guidance_model.score(ids)
+            scores = score_histories(self.guidance_model, [list(histories[r]) for r in rows], length, device)
             return TitleGuidance.from_item_log_probs(index, item_log_probs_from_scores(scores), c.guidance_weight)
 
         return guide

@@ -1,0 +1,45 @@
+"""Full-catalogue scoring of raw histories by a trained ID model (evaluation, D3 guidance, recommend)."""
+
+from __future__ import annotations
+
+import torch
+
+from llmrec.seqrec.data import left_pad
+
+
+def score_histories(
+    model: torch.nn.Module,
+    histories: list[list[int]],
+    max_history: int,
+    device: torch.device | str,
+    mask_history: bool = False,
+) -> torch.Tensor:
+    """``[B, N]`` float scores (column ``j`` = item ``j + 1``) of the item ids after each history.
+
+    Histories are left-padded (or cut to their last ``max_history`` items) as in training. With
+    ``mask_history`` every item of a row's own history scores ``-inf`` (the seqrec evaluation's option).
+
+    >>> from llmrec.seqrec.models import SASRec
+    >>> from llmrec.seqrec.modules import Backbone
+    >>> model = SASRec(Backbone(num_items=5, max_len=4, hidden=8, heads=2, inner=16)).eval()
+    >>> s = score_histories(model, [[1, 2], [3]], 4, "cpu", mask_history=True)
+    >>> s.shape, s[0, :2].tolist()
+    (torch.Size([2, 5]), [-inf, -inf])
+    """
+    ids = torch.from_numpy(left_pad(histories, max_history)).to(device)
+    with torch.no_grad():
+        scores = model.score(ids).float()
+    if mask_history:
+        for row, history in enumerate(histories):
+            scores[row, torch.tensor(sorted(set(history)), device=scores.device) - 1] = float("-inf")
+    return scores
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best ``(values, columns)`` per row; equal scores rank the smaller item id first.
+
+    The stable descending sort gives the same order as :func:`llmrec.evaluation.metrics.ranks_from_scores`
+    counts ranks, so a list and its reported rank never disagree on ties.
+    """
+    values, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    return values[:, :k], order[:, :k]
