@@ -309,14 +309,15 @@ class MemberScores:
     """Output of :class:`LatentGRPOModule`: per-member target log-probs and what produced them.
 
     Attributes:
-        logprobs: ``[B*G, C]`` log p of each completion token (padding positions are unspecified).
+        logprobs: ``[B*G, C]`` log p of each completion token (padding positions are unspecified); None when
+            only the latents were asked (``latent_only``).
         latent: ``[B, H]`` the pooled, noise-free latents.
         noise: ``[B*G, H]`` the noise added to each member's last latent.
         prompt_state: the prompts' encoded state (KV cache, hidden states) when ``keep_prompt_state`` was
             asked and reuse is exact (N = 1, frozen LM); give it back as ``prompt_state`` to skip the prompt pass.
     """
 
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
     latent: torch.Tensor
     noise: torch.Tensor
     prompt_state: Any = None
@@ -346,16 +347,21 @@ class LatentGRPOModule(nn.Module):
                 and not any(p.requires_grad for p in lm.model.parameters()))
 
     def forward(self, prompt_input_ids, prompt_attention_mask, completion_input_ids, completion_attention_mask,
-                noise=None, noise_fn=None, keep_prompt_state: bool = False, prompt_state=None) -> MemberScores:
+                noise=None, noise_fn=None, keep_prompt_state: bool = False, prompt_state=None,
+                latent_only: bool = False) -> MemberScores:
         """Score the G members of each prompt; see :class:`MemberScores`.
 
         ``noise`` is added to the last latent of each member; or ``noise_fn(latent)`` draws it from the
         pooled (noise-free) latents ``[B, H]`` (relative noise scales need them). ``prompt_state`` (from an
         earlier call with ``keep_prompt_state``) replaces the prompt pass; the latent is pooled again from
-        its hidden states, so the head still receives gradients.
+        its hidden states, so the head still receives gradients. ``latent_only`` stops after pooling (no
+        completion pass): the Gaussian policy's log-density needs only the latents.
         """
         lm = self.latent_lm
         g = self.group_size
+        if self.naive and latent_only:
+            return MemberScores(None, lm.encode_prefix(prompt_input_ids, prompt_attention_mask).latents[:, -1],
+                                noise, None)
         if self.naive:
             return self._naive(prompt_input_ids, prompt_attention_mask, completion_input_ids,
                                completion_attention_mask, noise, noise_fn)
@@ -377,6 +383,8 @@ class LatentGRPOModule(nn.Module):
             if noise_fn is None:
                 raise ValueError("give noise or noise_fn")
             noise = noise_fn(latent.detach())
+        if latent_only:
+            return MemberScores(None, latent, noise, kept)
         members = prefix.repeat_interleave(g)
         last = members.latents[:, -1] + noise.to(members.latents.dtype)
         members = dataclasses.replace(members, latents=torch.cat([members.latents[:, :-1], last[:, None]], dim=1))
@@ -815,10 +823,9 @@ class LatentGRPOTrainer:
             ref = ref[members] if ref is not None else None
             state = None  # recompute the prompt pass for the kept prompts
         # The prompt pass of the scoring step is reused when exact (frozen LM, N = 1): the head is re-applied.
-        res = self.module(**t, noise=noise, prompt_state=state)
-        lp = res.logprobs
-        mask = t["completion_attention_mask"].repeat_interleave(g, 0).float()
-        if c.policy_logprob == "gaussian":
+        gaussian = c.policy_logprob == "gaussian"
+        res = self.module(**t, noise=noise, prompt_state=state, latent_only=gaussian)
+        if gaussian:
             # Each member's latent z_k = r_old + eps_k as a sample of N(r_theta, std_k^2 I): one "token" per member.
             r_old = b.latent if keep.numel() == len(b.rows) else b.latent[keep]
             std = self._noise_std(r_old).repeat_interleave(g)[:, None]  # [P*G, 1]
@@ -827,6 +834,9 @@ class LatentGRPOTrainer:
             lp = -((z - r) ** 2).sum(-1, keepdim=True) / (2 * std**2)
             old = -(noise.float() ** 2).sum(-1, keepdim=True) / (2 * std**2)  # the same density under r_old
             mask = torch.ones_like(lp)
+        else:
+            lp = res.logprobs
+            mask = t["completion_attention_mask"].repeat_interleave(g, 0).float()
         if c.num_iterations == 1:
             old = lp.detach()  # the ratio is exactly 1 (as TRL); only the advantage-weighted gradient acts
         ratio = torch.exp(torch.where(mask > 0, lp - old, torch.zeros_like(lp)))
@@ -843,7 +853,7 @@ class LatentGRPOTrainer:
         # the objective normalised over the whole optimiser batch, whatever the layout.
         world = self.world
         per_token = torch.where(mask > 0, per_token, torch.zeros_like(per_token))
-        if c.loss_type == "grpo" or c.policy_logprob == "gaussian":
+        if c.loss_type == "grpo" or gaussian:
             per_member = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
             loss = per_member.sum() * world / max(self._norm_members, 1.0)
         else:  # dapo: token mean over the optimiser batch
