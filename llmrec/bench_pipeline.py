@@ -194,6 +194,12 @@ class Pipeline:
         if not ((d / "grpo_results.json").exists() and (d / "llmrec_config.json").exists()):
             return {}
         g = dict(json.loads((d / "llmrec_config.json").read_text()).get("grpo", {}))
+        args_file = d / "training_args.json"
+        args = json.loads(args_file.read_text()) if args_file.exists() else {}
+        if "advantage_mode" in args:
+            # The run's full LatentGRPOConfig, so any --grpo key can be checked (runs before this file was written
+            # by GRPO hold a copy of the SFT's training args instead: those lack the GRPO fields and are ignored).
+            g = {**args, **g}
         if for_training:
             keys = ("advantage_mode", "reward_funcs", "noise_scale", "noise_mode", "learning_rate", "train_lora",
                     "num_generations", "max_train_rows")

@@ -88,6 +88,10 @@ def test_changed_options_are_refused_not_silently_reused(report, capsys):
     args[args.index("--id") + 1: args.index("--id") + 1] = ["dropout=0.3"]
     assert main(args) == 1  # another ID-model setting
     assert "dropout=0.5 (asked: 0.3)" in capsys.readouterr().err
+    # A GRPO option outside the summary in llmrec_config.json is checked against the run's training_args.json.
+    assert main(_args(data, root, grpo="epsilon=0.2")) == 0
+    assert main(_args(data, root, grpo="epsilon=0.3")) == 1
+    assert "epsilon=0.2 (asked: 0.3)" in capsys.readouterr().err
     res = json.loads((root / "results" / "tiny.json").read_text())
     assert res["protocol"]["row_seed"] == 0 and res["protocol"]["llm"] == "tiny-qwen2"
     assert res["protocol"]["llm_train_rows"] == 8

@@ -249,6 +249,10 @@ def test_training_runs_and_checkpoint_evaluates(tmp_path, sft_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((out / "llmrec_config.json").read_text())
     assert meta["grpo"]["steps"] == 3
+    # training_args.json is this run's GRPO configuration, not a copy of the SFT checkpoint's.
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["output_dir"] == str(out) and args["reward_funcs"] == ["neg_ppl", "reciprocal_rank"]
+    assert args["advantage_mode"] and args["policy_logprob"] == "target"
     # `llmrec evaluate --checkpoint` reads it.
     from llmrec.evaluation.evaluator import EvalConfig, evaluate
 

@@ -985,7 +985,7 @@ class LatentGRPOTrainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        from llmrec.training.sft import LLMREC_CONFIG_NAME, save_sft_checkpoint
+        from llmrec.training.sft import LLMREC_CONFIG_NAME, TRAINING_ARGS_JSON, save_sft_checkpoint
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -996,7 +996,7 @@ class LatentGRPOTrainer:
         else:
             # Head-only training: the LM is the SFT checkpoint's; copy its files and write the new head.
             for f in src.iterdir():
-                if f.is_file() and f.name not in ("train_results.json", RESULTS_NAME):
+                if f.is_file() and f.name not in ("train_results.json", RESULTS_NAME, TRAINING_ARGS_JSON):
                     shutil.copy2(f, out / f.name)
             lm.save_pretrained(out)
         meta = json.loads((out / LLMREC_CONFIG_NAME).read_text(encoding="utf-8")) if (out / LLMREC_CONFIG_NAME).exists() else {}
@@ -1007,6 +1007,9 @@ class LatentGRPOTrainer:
                         "num_generations": self.config.num_generations, "max_train_rows": self.config.max_train_rows,
                         "seed": self.config.seed}
         (out / LLMREC_CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+        # This run's full configuration (the SFT checkpoint's training_args.json is not copied: it described SFT).
+        (out / TRAINING_ARGS_JSON).write_text(json.dumps(self.config.to_dict(), indent=2, default=str) + "\n",
+                                              encoding="utf-8")
 
     # -- loop
 
