@@ -905,9 +905,22 @@ def _checkpoint_meta(path: Path) -> dict[str, Any]:
     return _read_json(meta_path) if meta_path.exists() else {}
 
 
+def _read_checkpoint(ckpt: Path, report: DryRunReport) -> tuple[str | None, dict[str, Any], Any]:
+    """``(kind, llmrec_config.json, LatentConfig or None)`` of an existing checkpoint; a bad one is a report error."""
+    from llmrec.models.checkpoint import CheckpointError, checkpoint_kind
+    from llmrec.models.latent import LATENT_CONFIG_NAME, LatentConfig
+
+    kind = None
+    try:
+        kind = checkpoint_kind(ckpt)
+    except CheckpointError as e:
+        report.error(str(e))
+    latent = LatentConfig.load_json(ckpt / LATENT_CONFIG_NAME)[0] if (ckpt / LATENT_CONFIG_NAME).exists() else None
+    return kind, _checkpoint_meta(ckpt), latent
+
+
 def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report: DryRunReport) -> None:
     """Checks of ``llmrec grpo``: the SFT checkpoint, data, head-only (or + LoRA) counts, groups and steps."""
-    from llmrec.models.checkpoint import CheckpointError, checkpoint_kind
     from llmrec.models.latent import LATENT_CONFIG_NAME, LatentConfig
 
     _report_config(report, config, _GRPO_FIELDS)
@@ -931,13 +944,9 @@ def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report:
             report.note("until it exists, the model below is model_name_or_path with one latent token and the "
                         "default pooling head")
     else:
-        try:
-            kind = checkpoint_kind(ckpt)
-        except CheckpointError as e:
-            report.error(str(e))
-        meta = _checkpoint_meta(ckpt)
-        if (ckpt / LATENT_CONFIG_NAME).exists():
-            latent, _ = LatentConfig.load_json(ckpt / LATENT_CONFIG_NAME)
+        kind, meta, found_latent = _read_checkpoint(ckpt, report)
+        if found_latent is not None:
+            latent = found_latent
             if latent.num_latent_tokens < 1:
                 report.error(f"{ckpt} has no latent token: latent GRPO needs a latent SFT checkpoint")
         elif kind is not None:
@@ -1012,8 +1021,6 @@ def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report:
 
 def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, report: DryRunReport) -> None:
     """Checks of ``llmrec evaluate``: data, checkpoint, guidance run, model on meta, row sharding."""
-    from llmrec.models.checkpoint import CheckpointError, checkpoint_kind
-    from llmrec.models.latent import LATENT_CONFIG_NAME, LatentConfig
 
     _report_config(report, config, _EVAL_FIELDS)
     wanted = sorted({config.split, "train"}) if config.method == "popularity" else [config.split]
@@ -1034,13 +1041,7 @@ def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, rep
             elif planned is None:
                 report.note("until it exists, the model below is the base model alone (no latent head)")
         else:
-            try:
-                kind = checkpoint_kind(ckpt)
-            except CheckpointError as e:
-                report.error(str(e))
-            meta = _checkpoint_meta(ckpt)
-            if (ckpt / LATENT_CONFIG_NAME).exists():
-                latent, _ = LatentConfig.load_json(ckpt / LATENT_CONFIG_NAME)
+            kind, meta, latent = _read_checkpoint(ckpt, report)
             report.item("checkpoint", f"{ckpt} ({kind or '?'}, "
                         f"{latent.num_latent_tokens if latent else 0} latent token(s))")
             if meta.get("dataset") and Path(str(meta["dataset"])) != Path(config.dataset):
