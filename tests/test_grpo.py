@@ -118,6 +118,11 @@ def test_noise_depends_on_seed_epoch_row_only():
     assert not torch.equal(a, member_noise(0, 0, 8, 4, 16))
     assert not torch.equal(a, member_noise(0, 1, 7, 4, 16))
     assert not torch.equal(a, member_noise(1, 0, 7, 4, 16))
+    m = member_noise(0, 0, 7, 5, 16, antithetic=True)
+    assert m[0].abs().sum() == 0 and torch.equal(m[2], -m[1]) and torch.equal(m[4], -m[3])
+    assert not torch.equal(m[1].abs(), m[3].abs())
+    with pytest.raises(ValueError, match="even number"):
+        member_noise(0, 0, 7, 4, 16, antithetic=True)
     c = candidate_items(0, 0, 3, target=5, num_items=20, k=6)
     assert c[0] == 5 and len(set(c)) == 6 and all(1 <= i <= 20 for i in c)
     with pytest.raises(ValueError, match="exceeds"):
@@ -137,6 +142,8 @@ def test_config_errors(tmp_path):
         LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, noise_scale=0.0)
     with pytest.raises(ConfigError, match="noise_scale"):
         LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, noise_scale=-1.0)
+    with pytest.raises(ConfigError, match="num_generations must be odd"):
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, antithetic_noise=True)
     with pytest.raises(ConfigError, match="unknown reward"):
         LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, reward_funcs=["bleu"])
     with pytest.raises(ConfigError, match="reward_weights"):
@@ -346,13 +353,15 @@ def test_clip_acts_with_several_iterations(tmp_path, sft_dir):
     assert all(h["clip_ratio"] == 0 for h in res1["log_history"])  # ratio == 1: the clip never fires
 
 
-@pytest.mark.parametrize("noise_mode,scale", [("absolute", 0.7), ("relative", 0.3)])
-def test_gaussian_policy_logprob_is_the_score_function_gradient(tmp_path, sft_dir, noise_mode, scale):
+@pytest.mark.parametrize("noise_mode,scale,antithetic", [("absolute", 0.7, False), ("relative", 0.3, False),
+                                                         ("relative", 0.3, True)])
+def test_gaussian_policy_logprob_is_the_score_function_gradient(tmp_path, sft_dir, noise_mode, scale, antithetic):
     """policy_logprob=gaussian: the loss gradient equals that of -sum_k A_k (eps_k / std_k^2) . r_theta (the
     score-function / evolution-strategies estimator of grad E[reward]), normalised over the optimiser batch."""
     sft, _, _ = sft_dir
+    group = dict(num_generations=5, per_device_train_batch_size=10, antithetic_noise=True) if antithetic else {}
     trainer = LatentGRPOTrainer(grpo_config(tmp_path / "g", sft, policy_logprob="gaussian", advantage_mode="group",
-                                            noise_mode=noise_mode, noise_scale=scale))
+                                            noise_mode=noise_mode, noise_scale=scale, **group))
     batches = trainer.local_micro_batches(0)
     trainer.score(0, batches)
     params = [p for p in trainer.module.parameters() if p.requires_grad]
@@ -375,7 +384,10 @@ def test_gaussian_policy_logprob_is_the_score_function_gradient(tmp_path, sft_di
         assert torch.allclose(a, e, rtol=1e-4, atol=1e-7)
     assert stats["clip_ratio"] == 0.0
     # member 0 of each group carries no noise, hence no gradient; beta > 0 is refused in this mode
-    assert float(b.noise.view(-1, g, b.noise.shape[-1])[:, 0].abs().max()) == 0.0
+    per_group = b.noise.view(-1, g, b.noise.shape[-1])
+    assert float(per_group[:, 0].abs().max()) == 0.0
+    if antithetic:  # mirrored pairs (1, 2), (3, 4)
+        assert torch.equal(per_group[:, 2], -per_group[:, 1]) and torch.equal(per_group[:, 4], -per_group[:, 3])
     with pytest.raises(ConfigError, match="beta > 0"):
         grpo_config(tmp_path / "h", sft, policy_logprob="gaussian", beta=0.1)
 
