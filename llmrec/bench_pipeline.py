@@ -83,7 +83,8 @@ class PipelineOptions:
     grpo_rows: int = 64
     grpo_stage: str = "grpo_latent"
     grpo_overrides: dict[str, Any] = field(default_factory=dict)
-    d3_weight: float = 1.0
+    d3_weights: list[float] = field(default_factory=lambda: [1.0])
+    d3_valid_rows: int = 200
     id_overrides: dict[str, Any] = field(default_factory=dict)
     recipes: str | None = None
     report_only: bool = False
@@ -96,8 +97,10 @@ class PipelineOptions:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.test_rows < 1 or self.train_rows < 1 or self.grpo_rows < 1:
             raise ValueError("test_rows, train_rows and grpo_rows must be >= 1")
-        if not self.d3_weight > 0:
-            raise ValueError(f"d3_weight must be > 0 (D3 without guidance is not D3), got {self.d3_weight}")
+        if not self.d3_weights or not all(w > 0 for w in self.d3_weights):
+            raise ValueError(f"d3_weights must be > 0 (D3 without guidance is not D3), got {self.d3_weights}")
+        if self.d3_valid_rows < 1:
+            raise ValueError(f"d3_valid_rows must be >= 1, got {self.d3_valid_rows}")
 
 
 class Pipeline:
@@ -120,13 +123,34 @@ class Pipeline:
         # The GRPO run's directory is selectable, so a run chosen by a validation sweep can be reported.
         return self.seed_dir(seed) / (self.opts.grpo_stage if stage == "grpo_latent" else stage)
 
-    def eval_dir(self, method: str, seed: int) -> Path:
+    def eval_dir(self, method: str, seed: int, d3_weight: float | None = None) -> Path:
+        """Test evaluation directory; a D3 method's depends on its guidance weight (1.0: no suffix)."""
         if method in SEED_INDEPENDENT:
             return self.out / ("eval_popularity" if method == "popularity" else "eval_zero_shot")
         names = {"bigrec-sft": "eval_sft_bigrec", "bigrec-sft+d3": "eval_sft_bigrec_d3",
                  "latent-sft": "eval_sft_latent", "latent-sft+grpo": f"eval_{self.opts.grpo_stage}",
                  "latent-sft+grpo+d3": f"eval_{self.opts.grpo_stage}_d3"}
-        return self.stage_dir(names.get(method, f"eval_{method}"), seed)
+        name = names.get(method, f"eval_{method}")
+        if method.endswith("+d3"):
+            w = self.d3_weight(method, seed) if d3_weight is None else d3_weight
+            name += "" if w == 1.0 else f"_w{w:g}"
+        return self.stage_dir(name, seed)
+
+    def d3_selection_file(self, method: str, seed: int) -> Path:
+        return self.seed_dir(seed) / "d3_selection" / f"{method}.json"
+
+    def d3_weight(self, method: str, seed: int) -> float:
+        """The guidance weight of a D3 method: the only one given, or the one selected on validation rows."""
+        if len(self.opts.d3_weights) == 1:
+            return self.opts.d3_weights[0]
+        f = self.d3_selection_file(method, seed)
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: the D3 weight of {method} (seed {seed}) has not been selected yet")
+        sel = json.loads(f.read_text())
+        if sorted(float(w) for w in sel["valid_ndcg@10"]) != sorted(self.opts.d3_weights):
+            raise ValueError(f"{f} selected among weights {sorted(sel['valid_ndcg@10'])}, asked: "
+                             f"{sorted(self.opts.d3_weights)}; remove it to select again")
+        return float(sel["chosen"])
 
     def needs(self, method: str) -> list[str]:
         """Training stages a method's evaluation needs, in order."""
@@ -258,17 +282,46 @@ class Pipeline:
         else:
             self._seqrec(stage[len("seqrec_"):], seed)
 
-    def _evaluate(self, method: str, seed: int) -> None:
+    def _select_d3_weight(self, method: str, seed: int) -> None:
+        """Evaluate a D3 method with every weight of the grid on ``d3_valid_rows`` validation rows; keep the best.
+
+        Selection by NDCG@10 (ties: the smaller weight), written to ``d3_selection/<method>.json`` of the seed;
+        the test rows are never looked at.
+        """
+        from llmrec.data.canonical import atomic_write_json
+
+        o = self.opts
+        f = self.d3_selection_file(method, seed)
+        if len(o.d3_weights) == 1 or f.exists():
+            return
+        scores: dict[str, float] = {}
+        for w in o.d3_weights:
+            out = f.parent / f"{method}_w{w:g}"
+            self._evaluate(method, seed, split="valid", max_rows=o.d3_valid_rows, d3_weight=w, out=out)
+            res = json.loads((out / "results.json").read_text())
+            scores[f"{w:g}"] = float(res["metrics"]["item"]["ndcg@10"])
+        chosen = max(o.d3_weights, key=lambda w: (scores[f"{w:g}"], -w))
+        print(f"== seed {seed}: {method} D3 weight {chosen:g} (validation NDCG@10 "
+              + ", ".join(f"{k}: {v:.4f}" for k, v in scores.items()) + ")", flush=True)
+        atomic_write_json(f, {"method": method, "seed": seed, "split": "valid", "rows": o.d3_valid_rows,
+                              "row_seed": o.row_seed, "valid_ndcg@10": scores, "chosen": chosen})
+
+    def _evaluate(self, method: str, seed: int, split: str = "test", max_rows: int | None = None,
+                  d3_weight: float | None = None, out: Path | None = None) -> dict:
         from llmrec.config import parse_config
         from llmrec.evaluation.evaluator import EvalConfig, evaluate
 
-        out = self.eval_dir(method, seed)
+        if method.endswith("+d3") and d3_weight is None:
+            self._select_d3_weight(method, seed)
+            d3_weight = self.d3_weight(method, seed)
+        out = out or self.eval_dir(method, seed, d3_weight)
         # A finished evaluation is still passed to the evaluator: it returns the stored results when their
         # protocol fingerprint (rows, checkpoint, decoding) is this one, and refuses a different protocol.
         if not (out / "results.json").exists():
-            print(f"== seed {seed}: evaluate {method} -> {out}", flush=True)
-        extra: dict[str, Any] = dict(dataset=str(self.data_dir), max_rows=self.opts.test_rows,
-                                     row_seed=self.opts.row_seed, output_dir=str(out))
+            print(f"== seed {seed}: evaluate {method} ({split}) -> {out}", flush=True)
+        extra: dict[str, Any] = dict(dataset=str(self.data_dir), split=split,
+                                     max_rows=max_rows or self.opts.test_rows, row_seed=self.opts.row_seed,
+                                     output_dir=str(out))
         extra["model_name_or_path"] = self.opts.model
         if method == "popularity":
             extra["method"] = "popularity"
@@ -280,9 +333,9 @@ class Pipeline:
             extra["checkpoint"] = str(self.stage_dir(ckpt, seed))
             if method.endswith("+d3"):
                 extra.update(length_penalty=0.0, guidance_checkpoint=str(self.stage_dir("seqrec_sasrec", seed)),
-                             guidance_weight=self.opts.d3_weight)
+                             guidance_weight=d3_weight)
         (cfg,) = parse_config([EvalConfig], self.recipes / "games" / "eval.yaml", extra=extra)
-        evaluate(cfg)
+        return evaluate(cfg)
 
     def run(self) -> dict:
         """Run what is missing (unless ``report_only``), then write and return the report."""
@@ -310,7 +363,10 @@ class Pipeline:
         runs: dict[str, dict[int, Path]] = {}
         for method in self.opts.methods:
             for seed in range(self.opts.seeds if method not in SEED_INDEPENDENT else 1):
-                d = self.eval_dir(method, seed)
+                try:
+                    d = self.eval_dir(method, seed)
+                except FileNotFoundError:  # a D3 weight not selected yet: its test evaluation cannot exist
+                    continue
                 if (d / "results.json").exists() and (d / "rankings.jsonl").exists():
                     runs.setdefault(method, {})[seed] = d
         return runs
@@ -428,6 +484,9 @@ class Pipeline:
                 "llm_train_subset": "rows drawn from the train split with the seed (random.Random(seed).sample)",
                 "grpo_run": o.grpo_stage, "grpo_settings": self._grpo_settings(0),
                 "d3_weight": guided[0]["guidance"]["weight"] if guided else None,
+                "d3_weights": {m: {s: protocols[(m, s)]["guidance"]["weight"] for s in seeds}
+                               for m, seeds in finished.items() if m.endswith("+d3")},
+                "d3_selection": self._d3_selections(finished),
                 "id_models_train_on": "the whole train split", "id_overrides": o.id_overrides,
                 "matching": "item level (title level reported too); items absent from a ranked list are misses",
                 "llm_eval": {k: llm_proto.get(k) for k in ("num_beams", "prompt", "dtype")},
@@ -447,17 +506,27 @@ class Pipeline:
         print(md, end="")
         return result
 
+    def _d3_selections(self, finished: dict[str, dict[int, Path]]) -> dict[str, dict[int, dict]]:
+        out: dict[str, dict[int, dict]] = {}
+        for m, seeds in finished.items():
+            for s in seeds:
+                f = self.d3_selection_file(m, s)
+                if m.endswith("+d3") and f.exists():
+                    out.setdefault(m, {})[s] = json.loads(f.read_text())
+        return out
+
     def command(self) -> str:
         """The command line that reproduces this report (options that differ from the defaults)."""
         o, d = self.opts, PipelineOptions()
         parts = ["llmrec bench pipeline", f"--dataset {o.dataset}", f"--model {o.model}", f"--seeds {o.seeds}"]
         flags = {"methods": "--methods", "output_dir": "--output-dir", "results_dir": "--results-dir", "name": "--name",
                  "train_rows": "--train-rows", "test_rows": "--test-rows", "row_seed": "--row-seed",
-                 "grpo_rows": "--grpo-rows", "grpo_stage": "--grpo-stage", "d3_weight": "--d3-weight"}
+                 "grpo_rows": "--grpo-rows", "grpo_stage": "--grpo-stage", "d3_weights": "--d3-weight",
+                 "d3_valid_rows": "--d3-valid-rows"}
         for field_name, flag in flags.items():
             value = getattr(o, field_name)
             if value != getattr(d, field_name):
-                parts.append(f"{flag} {','.join(value) if isinstance(value, list) else value}")
+                parts.append(f"{flag} {','.join(f'{v:g}' if isinstance(v, float) else v for v in value) if isinstance(value, list) else value}")
         for flag, pairs in (("--grpo", o.grpo_overrides), ("--id", o.id_overrides)):
             if pairs:
                 parts.append(flag + " " + " ".join(f"{k}={v}" for k, v in pairs.items()))
@@ -484,7 +553,14 @@ def report_markdown(result: dict, command: str = "") -> str:
     if p.get("llm"):
         text += (f" LLMs: {p['llm']} {p['llm_eval'].get('dtype')}, {p['llm_train_rows']} train rows per seed, "
                  f"{p['llm_eval'].get('num_beams')} beams; GRPO: {_grpo_text(p['grpo_settings'])}.")
-    if p.get("d3_weight") is not None:
+    selections = p.get("d3_selection") or {}
+    if selections:
+        first = next(iter(next(iter(selections.values())).values()))
+        chosen = "; ".join(LABELS[m] + ": " + ", ".join(f"{sel['chosen']:g}" for _, sel in sorted(seeds.items()))
+                           for m, seeds in selections.items())
+        text += (f" D3 = length penalty 0 + SASRec guidance, its weight selected per method and seed by NDCG@10 on "
+                 f"{first['rows']} validation rows among {', '.join(first['valid_ndcg@10'])} ({chosen}).")
+    elif p.get("d3_weight") is not None:
         text += f" D3 = length penalty 0 + SASRec guidance (weight {p['d3_weight']:g})."
     text += (" ID models: the whole train split, full ranking over all items. Values: mean ± std over seeds (seeds "
              "column); hist = history length read; times are wall seconds of each stage's last (possibly resumed) "
@@ -582,7 +658,8 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         dataset=args.dataset, model=args.model, seeds=args.seeds, methods=methods, output_dir=args.output_dir,
         results_dir=args.results_dir, name=args.name, train_rows=args.train_rows, test_rows=args.test_rows,
         row_seed=args.row_seed, grpo_rows=args.grpo_rows, grpo_stage=args.grpo_stage, grpo_overrides=_pairs(args.grpo, "--grpo"),
-        d3_weight=args.d3_weight, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
+        d3_weights=[float(w) for w in str(args.d3_weight).split(",") if w.strip()],
+        d3_valid_rows=args.d3_valid_rows, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
         report_only=args.report_only)
 
 
@@ -604,7 +681,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LatentGRPOConfig overrides, e.g. noise_mode=relative noise_scale=0.3")
     p.add_argument("--id", nargs="*", default=[], metavar="KEY=VALUE",
                    help="SeqRecConfig overrides for every ID model, e.g. epochs=10 patience=3")
-    p.add_argument("--d3-weight", type=float, default=1.0, help="weight of the SASRec guidance in D3 decoding")
+    p.add_argument("--d3-weight", default="1", help="weight of the SASRec guidance in D3 decoding; a comma list "
+                   "(e.g. 0.3,1,3) selects one per D3 method and seed on --d3-valid-rows validation rows")
+    p.add_argument("--d3-valid-rows", type=int, default=200, help="validation rows of the D3 weight selection")
     p.add_argument("--recipes", default=None, help="recipe directory (default: the shipped recipes)")
     p.add_argument("--report-only", action="store_true", help="run nothing; report the finished evaluations")
 

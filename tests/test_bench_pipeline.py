@@ -113,8 +113,8 @@ def test_report_only_and_bad_options(report, tmp_path):
     root, data = report
     with pytest.raises(ValueError, match="unknown method"):
         PipelineOptions(methods=["sasrec", "bert4rec"])
-    with pytest.raises(ValueError, match="d3_weight"):
-        PipelineOptions(d3_weight=0)
+    with pytest.raises(ValueError, match="d3_weights"):
+        PipelineOptions(d3_weights=[1.0, 0])
     with pytest.raises(FileNotFoundError, match="nothing to report"):
         Pipeline(PipelineOptions(dataset=str(data), output_dir=str(tmp_path / "empty"), report_only=True,
                                  results_dir=str(tmp_path / "r"))).run()
@@ -138,3 +138,40 @@ def test_report_only_and_bad_options(report, tmp_path):
                                    name="sub", test_rows=6)).run()
     assert set(res["methods"]) == {"popularity", "sasrec"}
     assert not (tmp_path / "r" / "sub.md.tmp").exists()
+
+
+def test_d3_weight_selected_on_validation_rows(report, capsys):
+    """--d3-weight with several values: each D3 method picks its weight by NDCG@10 on validation rows (recorded,
+    ties to the smaller weight), is tested with that weight only, and a rerun selects nothing again."""
+    from llmrec.cli import main
+
+    root, data = report
+    args = _args(data, root, d3_weight="0.5,2", d3_valid_rows=4, name="tiny_d3")
+    args[args.index("--methods") + 1] = "bigrec-sft,bigrec-sft+d3"
+    assert main(args) == 0
+    sel = json.loads((root / "runs" / "d3_selection" / "bigrec-sft+d3.json").read_text())
+    assert set(sel["valid_ndcg@10"]) == {"0.5", "2"} and sel["rows"] == 4 and sel["split"] == "valid"
+    scores = {float(k): v for k, v in sel["valid_ndcg@10"].items()}
+    assert sel["chosen"] == max(scores, key=lambda w: (scores[w], -w))
+    for w in (0.5, 2):
+        valid = json.loads((root / "runs" / "d3_selection" / f"bigrec-sft+d3_w{w:g}" / "results.json").read_text())
+        assert valid["protocol"]["split"] == "valid" and valid["protocol"]["guidance"]["weight"] == w
+    test_dir = root / "runs" / f"eval_sft_bigrec_d3_w{sel['chosen']:g}"
+    assert json.loads((test_dir / "results.json").read_text())["protocol"]["guidance"]["weight"] == sel["chosen"]
+    res = json.loads((root / "results" / "tiny_d3.json").read_text())
+    assert res["methods"]["bigrec-sft+d3"]["runs"] == [str(test_dir)]
+    assert res["protocol"]["d3_selection"]["bigrec-sft+d3"]["0"]["chosen"] == sel["chosen"]
+    assert "selected per method and seed by NDCG@10 on 4 validation rows" in (root / "results" / "tiny_d3.md").read_text()
+    from llmrec.bench_pipeline import Pipeline, options_from_args
+    from llmrec.cli import build_parser
+
+    ns = build_parser().parse_args(args)
+    assert "--d3-weight 0.5,2 --d3-valid-rows 4" in Pipeline(options_from_args(ns)).command()
+    stamp = (root / "runs" / "d3_selection" / "bigrec-sft+d3.json").stat().st_mtime_ns
+    assert main(args) == 0  # rerun: nothing selected or evaluated again
+    assert (root / "runs" / "d3_selection" / "bigrec-sft+d3.json").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    other = _args(data, root, d3_weight="0.5,3", d3_valid_rows=4, name="tiny_d3")
+    other[other.index("--methods") + 1] = "bigrec-sft+d3"
+    assert main(other) == 1
+    assert "remove it to select again" in capsys.readouterr().err
