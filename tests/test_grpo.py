@@ -573,3 +573,24 @@ def test_reused_prompt_state_equals_fresh_prompt_pass(tmp_path, sft_dir, model):
     assert not module.prompt_state_reusable()  # a trainable LM weight makes the prompt pass depend on training
     with pytest.raises(ValueError, match="frozen LM"):
         module(**t, noise=noise, prompt_state=state)
+
+
+def test_exclude_sft_rows_draws_prompts_the_sft_never_saw(tmp_path, sft_dir):
+    """The SFT fixture trained on a seeded subset of 8 train rows: by default GRPO with the same seed and 8 prompts
+    gets exactly those rows back; exclude_sft_rows draws 8 others (and refuses a GRPO output as its source)."""
+    from llmrec.training.sft import _subset
+
+    sft, data, _ = sft_dir
+    n_train = json.loads((data / "stats.json").read_text())["rows"]["train"]
+    sft_rows = set(_subset(n_train, 8, 0))
+    same = LatentGRPOTrainer(grpo_config(tmp_path / "a", sft, max_train_rows=8, eval_rows=4))
+    assert {r["row_index"] for r in same.rows} == sft_rows
+    fresh = LatentGRPOTrainer(grpo_config(tmp_path / "b", sft, max_train_rows=8, exclude_sft_rows=True, eval_rows=4))
+    fresh_rows = {r["row_index"] for r in fresh.rows}
+    assert len(fresh_rows) == 8 and not fresh_rows & sft_rows
+    # the held-out rows come from another split and are not filtered
+    fresh.evaluate_rewards(), same.evaluate_rewards()
+    assert [r["row_index"] for r in fresh._eval_rows] == [r["row_index"] for r in same._eval_rows]
+    run_grpo(grpo_config(tmp_path / "g", sft, max_steps=1))
+    with pytest.raises(ConfigError, match="is a GRPO output"):
+        LatentGRPOTrainer(grpo_config(tmp_path / "c", tmp_path / "g", exclude_sft_rows=True))

@@ -101,6 +101,13 @@ class LatentGRPOConfig(GRPOConfig):
         default=None, metadata={"help": "Prepared dataset directory or sample name (default: the SFT checkpoint's)."}
     )
     train_split: str = field(default="train", metadata={"help": "Split whose rows are the prompts."})
+    exclude_sft_rows: bool = field(
+        default=False,
+        metadata={"help": "Draw the prompts only from rows the SFT checkpoint did not train on (when it trained on "
+                  "a seeded subset of the same split, as max_train_rows does; read from its training_args.json). "
+                  "With the default (the paper: both stages on the train set), a small SFT subset and the same "
+                  "seed make the GRPO prompts a subset of the SFT's own rows."},
+    )
     max_train_rows: int | None = field(
         default=None, metadata={"help": "Use a seeded random subset of this many prompts (None = all)."}
     )
@@ -634,7 +641,15 @@ class LatentGRPOTrainer:
         data = load_prepared(dataset, splits=[split_name], max_history=history)
         split = data.splits[split_name]
         rows, skipped = [], 0
-        for i in _subset(len(split), max_rows, c.seed):
+        candidates = list(range(len(split)))
+        if c.exclude_sft_rows and split_name == c.train_split:
+            seen = self._sft_train_rows(split_name, len(split))
+            candidates = [i for i in candidates if i not in seen]
+            logger.info("exclude_sft_rows: %d of %d %s rows were the SFT's; drawing from the other %d",
+                        len(seen), len(split), split_name, len(candidates))
+            if not candidates:
+                raise ConfigError(f"exclude_sft_rows: the SFT checkpoint trained on every {split_name} row")
+        for i in (candidates[j] for j in _subset(len(candidates), max_rows, c.seed)):
             ex = split[i]
             try:
                 p, comp, _ = encode_example(template, self.tokenizer, ex["history_titles"], ex["target_title"],
@@ -642,13 +657,29 @@ class LatentGRPOTrainer:
             except PromptError:
                 skipped += 1
                 continue
-            rows.append({"prompt_ids": p, "completion_ids": comp, "target_item_id": int(ex["target_item_id"])})
+            rows.append({"prompt_ids": p, "completion_ids": comp, "target_item_id": int(ex["target_item_id"]),
+                         "row_index": i})
         if skipped:
             logger.warning("%s: skipped %d rows whose answer does not fit max_length=%d", split_name, skipped,
                            max_length)
         if not rows:
             raise ValueError(f"split '{split_name}' of {dataset} has no usable rows")
         return rows, data, template
+
+    def _sft_train_rows(self, split_name: str, n: int) -> set[int]:
+        """Row indices of ``split_name`` the SFT checkpoint trained on (its seeded ``max_train_rows`` subset)."""
+        from llmrec.training.sft import TRAINING_ARGS_JSON, _subset
+
+        f = Path(self.config.sft_checkpoint) / TRAINING_ARGS_JSON
+        if not f.exists():
+            raise ConfigError(f"exclude_sft_rows: {f} is missing, so the SFT's train rows are unknown")
+        args = json.loads(f.read_text(encoding="utf-8"))
+        if "advantage_mode" in args:
+            raise ConfigError(f"exclude_sft_rows: {self.config.sft_checkpoint} is a GRPO output; give the SFT "
+                              "checkpoint it started from")
+        if args.get("train_split", "train") != split_name:
+            return set()
+        return set(_subset(n, args.get("max_train_rows"), int(args.get("seed", 0))))
 
     def _load_rows(self, model):
         c = self.config
