@@ -652,13 +652,20 @@ def _pairs(values: list[str], what: str) -> dict[str, Any]:
     return out
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in str(text).split(",") if w.strip()]
+    except ValueError:
+        raise ValueError(f"--d3-weight: expected numbers separated by commas (e.g. 0.3,1,3), got {text!r}") from None
+
+
 def options_from_args(args: argparse.Namespace) -> PipelineOptions:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     return PipelineOptions(
         dataset=args.dataset, model=args.model, seeds=args.seeds, methods=methods, output_dir=args.output_dir,
         results_dir=args.results_dir, name=args.name, train_rows=args.train_rows, test_rows=args.test_rows,
         row_seed=args.row_seed, grpo_rows=args.grpo_rows, grpo_stage=args.grpo_stage, grpo_overrides=_pairs(args.grpo, "--grpo"),
-        d3_weights=[float(w) for w in str(args.d3_weight).split(",") if w.strip()],
+        d3_weights=_weights(args.d3_weight),
         d3_valid_rows=args.d3_valid_rows, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
         report_only=args.report_only)
 

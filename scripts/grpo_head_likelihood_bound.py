@@ -67,6 +67,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=32, help="optimiser steps (one pass over the prompts)")
     ap.add_argument("--eval-rows", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exclude-sft-rows", action="store_true",
+                    help="prompts from train rows the SFT did not train on (LatentGRPOConfig.exclude_sft_rows)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--output-root", default="runs/games-cmp")
     ap.add_argument("--results", default=None, help="writes <results>.json and <results>.md")
@@ -94,7 +96,7 @@ def main() -> int:
                                    num_generations=2, per_device_train_batch_size=2 * per_step,
                                    gradient_accumulation_steps=1, max_train_rows=args.prompts, num_train_epochs=1,
                                    learning_rate=lr, eval_rows=args.eval_rows, seed=args.seed, save_steps=8,
-                                   retrain=False)
+                                   exclude_sft_rows=args.exclude_sft_rows, retrain=False)
             trainer = trainer_cls(cfg)
             before = trainer.evaluate_rewards(per_row=True)
             trainer.config.eval_rows = 0  # measured here, with per-row values, instead of inside train()
@@ -116,9 +118,12 @@ def main() -> int:
 
         base = Path(args.results)
         atomic_write_json(base.with_suffix(".json"), {"sft_checkpoint": args.sft_checkpoint, "eval_rows":
-                                                      args.eval_rows, "seed": args.seed, "runs": runs})
+                                                      args.eval_rows, "seed": args.seed, "prompts": args.prompts,
+                                                      "steps": args.steps, "exclude_sft_rows": args.exclude_sft_rows,
+                                                      "runs": runs})
+        source = "train rows the SFT never saw" if args.exclude_sft_rows else "train rows (seeded subset)"
         lines = [f"Head-only training with the exact likelihood gradient (`python scripts/grpo_head_likelihood_bound.py"
-                 f" {args.sft_checkpoint} ...`): {args.prompts} prompts, {args.steps} steps, held-out mean per-token "
+                 f" {args.sft_checkpoint} ...`): {args.prompts} prompts ({source}), {args.steps} steps, held-out mean per-token "
                  f"log-likelihood of the true title under the noise-free latent on {args.eval_rows} validation rows "
                  "(paired bootstrap 95% interval of after - before):", "",
                  "| run | lr | before | after | diff [95% CI] |", "|---|---|---|---|---|"]

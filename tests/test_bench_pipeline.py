@@ -115,6 +115,11 @@ def test_report_only_and_bad_options(report, tmp_path):
         PipelineOptions(methods=["sasrec", "bert4rec"])
     with pytest.raises(ValueError, match="d3_weights"):
         PipelineOptions(d3_weights=[1.0, 0])
+    from llmrec.bench_pipeline import _weights
+
+    assert _weights("0.3, 1,3") == [0.3, 1.0, 3.0]
+    with pytest.raises(ValueError, match="numbers separated by commas"):
+        _weights("0.3;1")
     with pytest.raises(FileNotFoundError, match="nothing to report"):
         Pipeline(PipelineOptions(dataset=str(data), output_dir=str(tmp_path / "empty"), report_only=True,
                                  results_dir=str(tmp_path / "r"))).run()
