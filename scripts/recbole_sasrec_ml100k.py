@@ -15,8 +15,10 @@ JSON records which). Writes one JSON object with the test metrics, the epochs ru
 
 RecBole trains every prefix as its own sample (~110 s per epoch here, often 50+ epochs), so the run is resumable:
 after every epoch the model, optimiser, early-stopping state and all random states (global torch, numpy, python,
-the training loader's shuffling generator) go to ``--work-dir/latest.pth``; a rerun with the same arguments
-continues from there and gives the same numbers as an uninterrupted run. A finished ``--output`` is not redone.
+the training loader's shuffling generator) go to ``--work-dir/latest.pth`` (RecBole's own pickle format: this
+script runs RecBole as a reference, in its own venv); a rerun with the same arguments continues from there with
+that state restored (meant to match an uninterrupted run; not checked bitwise). A finished ``--output`` is not
+redone.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def main() -> int:
             "optimizer": trainer.optimizer.state_dict(), "loader_rng": train_data.generator.get_state(),
             "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
             "train_s": prior_s + time.perf_counter() - t0, "resumed_at": resumed_at,
-            "stopped": trainer.cur_step >= trainer.stopping_step,
+            "stopped": trainer.cur_step > trainer.stopping_step,  # RecBole's early_stopping rule
         }
         torch.save(state, work_dir / "latest.tmp")
         os.replace(work_dir / "latest.tmp", latest)
