@@ -105,6 +105,36 @@ def test_chains_regroup_prefix_rows_with_truncated_histories():
     assert inputs[0].tolist() == seq[-5:-1] and tgts[0].tolist() == seq[-4:]
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+def test_window_stride_trains_each_row_once_with_enough_context(stride):
+    """Every row's target is one loss position exactly once, with its full history when the chain has it
+    (``length - stride`` earlier items at least) and the right items as that context; stride = length is the
+    non-overlapping default and stride = 1 is one window per prefix (RecBole's samples)."""
+    seq = list(range(1, 15))
+    users = ["a"] * (len(seq) - 1)
+    hists = [seq[:t][-4:] for t in range(1, len(seq))]
+    targets = seq[1:]
+    chains = build_chains(users, hists, targets)
+    length = 4
+    inputs, tgts, _ = chain_windows(chains, length, stride)
+    assert sorted(tgts[tgts > 0].tolist()) == sorted(targets)
+    assert all(int((row > 0).sum()) <= stride for row in tgts)
+    for inp, tgt in zip(inputs.tolist(), tgts.tolist()):
+        for j, t in enumerate(tgt):
+            if t:
+                context = [x for x in inp[: j + 1] if x]
+                # the window holds the true preceding items, at least length - stride of them (or all there are)
+                assert context == seq[: seq.index(t)][-len(context):]
+                assert len(context) >= min(length - stride + 1, seq.index(t))
+    if stride == length:
+        ref = chain_windows(chains, length)
+        assert all((a == b).all() for a, b in zip(ref, (inputs, tgts, _)))
+    if stride == 1:
+        assert len(inputs) == len(targets)
+    with pytest.raises(ValueError, match="window stride"):
+        chain_windows(chains, length, length + 1)
+
+
 def test_load_sequence_and_rows_modes(tmp_path):
     d = write_successor_dataset(tmp_path / "d")
     seq = load_seqrec_data(d, max_history=10, train_mode="sequence")

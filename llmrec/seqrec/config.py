@@ -26,6 +26,13 @@ class SeqRecConfig:
         "sequence: group a user's prefix rows into one sequence and train every prefix in one causal "
         "pass (per-position loss); rows: one example per train row, last-position loss",
     )
+    window_stride: int = _f(
+        0,
+        "sequence mode: a window ends every window_stride positions and trains its last window_stride "
+        "positions, so each of them sees >= max_history - window_stride earlier items (0 = max_history: "
+        "non-overlapping windows, the first positions of a window see few items; 1 = every prefix with its "
+        "full history, as RecBole's samples, at max_history times the windows)",
+    )
     # backbone
     hidden_size: int = _f(64, "embedding / hidden size d")
     n_layers: int = _f(2, "Transformer layers (SASRec / ReaRec encoder)")
@@ -103,5 +110,7 @@ class SeqRecConfig:
             raise ValueError(f"reason_steps (K) must be >= 0, got {self.reason_steps}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
+        if not 0 <= self.window_stride <= self.max_history:
+            raise ValueError(f"window_stride must be in 0..max_history ({self.max_history}), got {self.window_stride}")
         if self.train_mode not in ("sequence", "rows"):
             raise ValueError(f"train_mode must be 'sequence' or 'rows', got {self.train_mode!r}")

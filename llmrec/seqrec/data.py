@@ -116,30 +116,40 @@ def build_chains(
 
 
 def chain_windows(
-    chains: list[tuple[list[int], list[int]]], length: int
+    chains: list[tuple[list[int], list[int]]], length: int, stride: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut chains into left-padded training windows: ``inputs [E, L]``, ``targets [E, L]``, ``row_index [E]``.
 
+    Windows end every ``stride`` positions from the chain's end (default ``length``: windows do not overlap)
+    and carry the loss of their last ``stride`` positions only, so every train row is one loss position
+    exactly once. With ``stride < length`` each loss position sees at least ``length - stride`` earlier
+    items (or all there are) instead of as few as none at a window's start: closer to per-prefix training
+    (``stride = 1``, RecBole's samples) at ``length / stride`` times the windows.
     ``row_index`` is the train row of each window's last target (used by LARES's same-target
     augmentation); windows without any loss position are dropped.
     """
+    stride = length if stride is None else stride
+    if not 1 <= stride <= length:
+        raise ValueError(f"window stride must be in 1..{length} (the window length), got {stride}")
     inputs, targets, row_index = [], [], []
     for seq, row_of in chains:
         n_in = len(seq) - 1  # input positions 0..n_in-1, position p predicts seq[p + 1]
         end = n_in
         while end > 0:
             start = max(0, end - length)
-            rows = row_of[start:end]
+            first_loss = max(start, end - stride)
+            rows = row_of[first_loss:end]
             if any(r >= 0 for r in rows):
                 inp = np.zeros(length, dtype=np.int64)
                 tgt = np.zeros(length, dtype=np.int64)
                 w = end - start
                 inp[length - w :] = seq[start:end]
-                tgt[length - w :] = [seq[p + 1] if row_of[p] >= 0 else PAD_ITEM_ID for p in range(start, end)]
+                tgt[length - w :] = [seq[p + 1] if p >= first_loss and row_of[p] >= 0 else PAD_ITEM_ID
+                                     for p in range(start, end)]
                 inputs.append(inp)
                 targets.append(tgt)
                 row_index.append(rows[-1])
-            end = start
+            end = first_loss
     if not inputs:
         return np.zeros((0, length), np.int64), np.zeros((0, length), np.int64), np.zeros(0, np.int64)
     return np.stack(inputs), np.stack(targets), np.asarray(row_index, dtype=np.int64)
@@ -255,7 +265,7 @@ class SeqRecData:
 
 
 def load_seqrec_data(
-    directory: str | os.PathLike, max_history: int = 50, train_mode: str = "sequence"
+    directory: str | os.PathLike, max_history: int = 50, train_mode: str = "sequence", window_stride: int = 0
 ) -> SeqRecData:
     """Load a prepared directory into id tensors (see the module docstring); clear errors on bad data."""
     if max_history < 1:
@@ -294,7 +304,7 @@ def load_seqrec_data(
     )
     if train_mode == "sequence":
         chains = build_chains(tr.user_ids, tr.histories, list(tr.targets))
-        data.train = TrainExamples(*chain_windows(chains, max_history))
+        data.train = TrainExamples(*chain_windows(chains, max_history, window_stride or None))
         n_rows = sum(1 for h in tr.histories if h)
         if data.train.num_targets != n_rows:  # every non-empty-history row must land on exactly one position
             raise AssertionError(

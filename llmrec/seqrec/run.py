@@ -91,7 +91,7 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     acc = make_accelerator(cfg.seed)
-    data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode)
+    data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode, cfg.window_stride)
     model = build_model(cfg, data.num_items)
     trainer = SeqRecTrainer(cfg, data, model, acc, out)
     t_start = time.perf_counter()
