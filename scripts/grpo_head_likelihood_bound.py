@@ -121,7 +121,8 @@ def main() -> int:
                                                       args.eval_rows, "seed": args.seed, "prompts": args.prompts,
                                                       "steps": args.steps, "exclude_sft_rows": args.exclude_sft_rows,
                                                       "runs": runs})
-        source = "train rows the SFT never saw" if args.exclude_sft_rows else "train rows (seeded subset)"
+        source = ("train rows the SFT never saw" if args.exclude_sft_rows else
+                  f"seeded train subset, seed {args.seed}: the SFT's own rows when it used the same seed and >= as many")
         lines = [f"Head-only training with the exact likelihood gradient (`python scripts/grpo_head_likelihood_bound.py"
                  f" {args.sft_checkpoint} ...`): {args.prompts} prompts ({source}), {args.steps} steps, held-out mean per-token "
                  f"log-likelihood of the true title under the noise-free latent on {args.eval_rows} validation rows "
