@@ -1,0 +1,46 @@
+"""Per-seed table of two ``llmrec bench seqrec`` results (same model, seeds and data; one setting changed).
+
+    python scripts/seqrec_compare_runs.py benchmarks/results/seqrec_ml100k_bench.json "stride 50 (default)" \
+        runs/seqrec-bench-ml100k-stride25/seqrec_bench.json "stride 25" --model sasrec \
+        --title "SASRec on ML-100K, training windows ..." --output benchmarks/results/seqrec_ml100k_stride25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("first")
+    ap.add_argument("first_label")
+    ap.add_argument("second")
+    ap.add_argument("second_label")
+    ap.add_argument("--model", default="sasrec")
+    ap.add_argument("--title", default="")
+    ap.add_argument("--output", required=True, help="writes <output>.md and <output>.json (a copy of the second)")
+    args = ap.parse_args()
+    lines = [args.title, ""] if args.title else []
+    lines += ["| setting | seed | valid NDCG@10 | test NDCG@10 | test HR@10 | best epoch |", "|---|---|---|---|---|---|"]
+    for path, label in ((args.first, args.first_label), (args.second, args.second_label)):
+        runs = json.loads(Path(path).read_text())["runs"][args.model]
+        for r in runs:
+            lines.append(f"| {label} | {r['seed']} | {r['valid']['ndcg@10']:.4f} | {r['test']['ndcg@10']:.4f} | "
+                         f"{r['test']['hr@10']:.4f} | {r['best_epoch']} |")
+        n = len(runs)
+        lines.append(f"| {label} | mean | {sum(r['valid']['ndcg@10'] for r in runs) / n:.4f} | "
+                     f"{sum(r['test']['ndcg@10'] for r in runs) / n:.4f} | "
+                     f"{sum(r['test']['hr@10'] for r in runs) / n:.4f} | |")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    shutil.copy(args.second, out.with_suffix(".json"))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
