@@ -137,7 +137,11 @@ def main() -> int:
         best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=False,
                                                    callback_fn=save_latest)
     train_s = prior_s + time.perf_counter() - t0
-    test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    # RecBole's own load_best_model calls torch.load with torch's weights_only default, which refuses the pickled
+    # config in its checkpoint (torch >= 2.6): load the best-validation weights here instead.
+    best = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)
+    trainer.model.load_state_dict(best["state_dict"])
+    test = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
     epochs_run = len(trainer.train_loss_dict)  # one entry per trained epoch
     out = {
         "library": "recbole 1.2.0", "model": "SASRec", "dataset": "ml-100k", "seed": args.seed,
