@@ -19,7 +19,14 @@ rearec-prl, lares          ranking over all items (``llmrec evaluate --method se
 
 Every stage writes its own directory and is skipped when its output exists (training resumes from
 its last checkpoint, evaluation from its finished rows), so a long report can be completed over
-several runs; ``--report-only`` builds the report from whatever has finished. Seed 0's stages sit at
+several runs; ``--report-only`` builds the report from whatever has finished.
+
+The small files a report needs -- each test evaluation's ``results.json`` and its rankings (item ids and
+ranks; titles and beam scores left out), the D3 selections, the training summaries -- are also copied to
+``<results-dir>/<name>_runs/`` (same layout as ``--output-dir``), which is meant to be committed: a
+checkout without the run directory (another machine, a later session) still reports every finished
+method, and ``run`` skips a method whose test evaluation is there, so the report grows across machines
+without retraining what it already holds. Weights are never copied. Seed 0's stages sit at
 the top of ``--output-dir`` (the layout of ``scripts/games_sft_comparison.sh``, whose finished runs are
 thus reused), seed ``s > 0``'s under ``seed<s>/``. The seed-independent evaluations (popularity,
 zero-shot) are shared by all seeds.
@@ -116,6 +123,25 @@ class Pipeline:
 
     # ------------------------------------------------------------------ layout
 
+    @property
+    def archive_dir(self) -> Path:
+        """The committed mirror of the report's small files (see the module docstring)."""
+        return Path(self.opts.results_dir) / f"{self.opts.name}_runs"
+
+    def _find(self, path: Path) -> Path:
+        """``path`` (under ``--output-dir``) if it exists, else its archived copy if that exists, else ``path``."""
+        if path.exists():
+            return path
+        mirror = self.archive_dir / path.relative_to(self.out)
+        return mirror if mirror.exists() else path
+
+    def _finished_eval_dir(self, d: Path) -> Path | None:
+        """Where the finished evaluation ``d`` is (the run directory first, then the archive), or None."""
+        for cand in (d, self.archive_dir / d.relative_to(self.out)):
+            if (cand / "results.json").exists() and (cand / "rankings.jsonl").exists():
+                return cand
+        return None
+
     def seed_dir(self, seed: int) -> Path:
         return self.out if seed == 0 else self.out / f"seed{seed}"
 
@@ -143,7 +169,7 @@ class Pipeline:
         """The guidance weight of a D3 method: the only one given, or the one selected on validation rows."""
         if len(self.opts.d3_weights) == 1:
             return self.opts.d3_weights[0]
-        f = self.d3_selection_file(method, seed)
+        f = self._find(self.d3_selection_file(method, seed))
         if not f.exists():
             raise FileNotFoundError(f"{f}: the D3 weight of {method} (seed {seed}) has not been selected yet")
         sel = json.loads(f.read_text())
@@ -215,10 +241,11 @@ class Pipeline:
     def _grpo_settings(self, seed: int, for_training: bool = False) -> dict[str, Any]:
         """The settings a finished GRPO run recorded (``llmrec_config.json``), or {} if it has not finished."""
         d = self.stage_dir("grpo_latent", seed)
-        if not ((d / "grpo_results.json").exists() and (d / "llmrec_config.json").exists()):
+        results_file, config_file = self._find(d / "grpo_results.json"), self._find(d / "llmrec_config.json")
+        if not (results_file.exists() and config_file.exists()):
             return {}
-        g = dict(json.loads((d / "llmrec_config.json").read_text()).get("grpo", {}))
-        args_file = d / "training_args.json"
+        g = dict(json.loads(config_file.read_text()).get("grpo", {}))
+        args_file = self._find(d / "training_args.json")
         args = json.loads(args_file.read_text()) if args_file.exists() else {}
         if "advantage_mode" in args:
             # The run's full LatentGRPOConfig, so any --grpo key can be checked (runs before this file was written
@@ -228,7 +255,7 @@ class Pipeline:
             keys = ("advantage_mode", "reward_funcs", "noise_scale", "noise_mode", "learning_rate", "train_lora",
                     "num_generations", "max_train_rows")
             return {k: g[k] for k in keys if g.get(k) is not None}
-        g["prompts"] = json.loads((d / "grpo_results.json").read_text()).get("prompts")
+        g["prompts"] = json.loads(results_file.read_text()).get("prompts")
         return g
 
     def _check_finished(self, stage: str, seed: int) -> None:
@@ -251,7 +278,7 @@ class Pipeline:
             if o.grpo_stage == "grpo_latent" or seed > 0:
                 wanted["prompts"] = o.grpo_rows
             found = {"prompts": g.get("prompts"), **{k: g.get(k) for k in wanted if k != "prompts"}}
-            if seed > 0 and (self.stage_dir("grpo_latent", 0) / "grpo_results.json").exists():
+            if seed > 0 and self._find(self.stage_dir("grpo_latent", 0) / "grpo_results.json").exists():
                 ref = self._grpo_settings(0, for_training=True)
                 wanted.update({k: v for k, v in ref.items() if k not in o.grpo_overrides and k != "max_train_rows"})
                 found.update({k: g.get(k) for k in ref if k not in found})
@@ -292,7 +319,7 @@ class Pipeline:
 
         o = self.opts
         f = self.d3_selection_file(method, seed)
-        if len(o.d3_weights) == 1 or f.exists():
+        if len(o.d3_weights) == 1 or self._find(f).exists():
             return
         scores: dict[str, float] = {}
         for w in o.d3_weights:
@@ -346,9 +373,13 @@ class Pipeline:
                 for method in o.methods:
                     if seed > 0 and method in SEED_INDEPENDENT:
                         continue
+                    if self._archived_only(method, seed):
+                        print(f"== seed {seed}: {method} finished in {self.archive_dir} (skipped)", flush=True)
+                        continue
                     for stage in self.needs(method):
                         self._train(stage, seed)
                     self._evaluate(method, seed)
+                    self._archive(method, seed, self.eval_dir(method, seed))  # now, not at the end: runs get cut
         return self.report()
 
     def _ensure_data(self) -> None:
@@ -359,6 +390,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ report
 
+    def _archived_only(self, method: str, seed: int) -> bool:
+        """True if the method's test evaluation is in the archive but not in the run directory."""
+        try:
+            d = self.eval_dir(method, seed)
+        except FileNotFoundError:
+            return False
+        found = self._finished_eval_dir(d)
+        return found is not None and found != d
+
     def _finished(self) -> dict[str, dict[int, Path]]:
         runs: dict[str, dict[int, Path]] = {}
         for method in self.opts.methods:
@@ -367,20 +407,47 @@ class Pipeline:
                     d = self.eval_dir(method, seed)
                 except FileNotFoundError:  # a D3 weight not selected yet: its test evaluation cannot exist
                     continue
-                if (d / "results.json").exists() and (d / "rankings.jsonl").exists():
-                    runs.setdefault(method, {})[seed] = d
+                found = self._finished_eval_dir(d)
+                if found is not None:
+                    runs.setdefault(method, {})[seed] = found
         return runs
+
+    def _archive(self, method: str, seed: int, eval_dir: Path) -> None:
+        """Copy what the report needs of one finished evaluation (from the run directory) into the archive."""
+        from llmrec.data.canonical import atomic_write_text
+
+        def put(src: Path, text: str | None = None) -> None:
+            dst = self.archive_dir / src.relative_to(self.out)
+            text = src.read_text(encoding="utf-8") if text is None else text
+            if not dst.exists() or dst.read_text(encoding="utf-8") != text:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(dst, text)
+
+        put(eval_dir / "results.json")
+        keep = ("row", "user_id", "target_item_id", "item_ranking", "item_rank", "title_rank")
+        lines = [json.loads(line) for line in (eval_dir / "rankings.jsonl").read_text(encoding="utf-8").splitlines()
+                 if line.strip()]
+        put(eval_dir / "rankings.jsonl",
+            "".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in sorted(lines, key=lambda r: r["row"])))
+        for stage in self.needs(method):
+            for name in ("train_results.json", "training_args.json", "grpo_results.json", "llmrec_config.json",
+                         "results.json"):
+                if (self.stage_dir(stage, seed) / name).exists():
+                    put(self.stage_dir(stage, seed) / name)
+        if method.endswith("+d3") and self.d3_selection_file(method, seed).exists():
+            put(self.d3_selection_file(method, seed))
 
     def _train_seconds(self, method: str, seed: int) -> float | None:
         total, any_found = 0.0, False
         for stage in self.needs(method):
             d = self.stage_dir(stage, seed)
-            if stage.startswith("sft_") and (d / "train_results.json").exists():
-                total += json.loads((d / "train_results.json").read_text())["timings_s"]["train"]
-            elif stage == "grpo_latent" and (d / "grpo_results.json").exists():
-                total += json.loads((d / "grpo_results.json").read_text())["train_seconds_this_run"]
-            elif stage.startswith("seqrec_") and (d / "results.json").exists():
-                t = json.loads((d / "results.json").read_text()).get("timings", {})
+            sft, grpo, seqrec = (self._find(d / n) for n in ("train_results.json", "grpo_results.json", "results.json"))
+            if stage.startswith("sft_") and sft.exists():
+                total += json.loads(sft.read_text())["timings_s"]["train"]
+            elif stage == "grpo_latent" and grpo.exists():
+                total += json.loads(grpo.read_text())["train_seconds_this_run"]
+            elif stage.startswith("seqrec_") and seqrec.exists():
+                t = json.loads(seqrec.read_text()).get("timings", {})
                 total += float(t.get("train_total_s", 0.0))
             else:
                 continue
@@ -471,7 +538,7 @@ class Pipeline:
         beam = [(m, s) for (m, s), p in protocols.items() if p["method"] == "beam"]
         llm_proto = protocols[beam[0]] if beam else {}
         guided = [p for p in protocols.values() if p.get("guidance")]
-        sft = [self.stage_dir(st, 0) / "train_results.json" for st in ("sft_latent", "sft_bigrec")]
+        sft = [self._find(self.stage_dir(st, 0) / "train_results.json") for st in ("sft_latent", "sft_bigrec")]
         sft = [json.loads(f.read_text()) for f in sft if f.exists()]
         any_proto = next(iter(protocols.values()))
         result = {
@@ -499,6 +566,10 @@ class Pipeline:
         }
         results_dir = Path(o.results_dir)
         results_dir.mkdir(parents=True, exist_ok=True)
+        for m, seeds in finished.items():
+            for s, d in seeds.items():
+                if d == self.eval_dir(m, s):  # from the run directory (not already the archived copy)
+                    self._archive(m, s, d)
         atomic_write_json(results_dir / f"{o.name}.json", result)
         md = report_markdown(result, command=self.command())
         atomic_write_text(results_dir / f"{o.name}.md", md)
@@ -510,7 +581,7 @@ class Pipeline:
         out: dict[str, dict[int, dict]] = {}
         for m, seeds in finished.items():
             for s in seeds:
-                f = self.d3_selection_file(m, s)
+                f = self._find(self.d3_selection_file(m, s))
                 if m.endswith("+d3") and f.exists():
                     out.setdefault(m, {})[s] = json.loads(f.read_text())
         return out

@@ -180,3 +180,38 @@ def test_d3_weight_selected_on_validation_rows(report, capsys):
     other[other.index("--methods") + 1] = "bigrec-sft+d3"
     assert main(other) == 1
     assert "remove it to select again" in capsys.readouterr().err
+
+
+def test_archive_lets_another_checkout_report_and_skip_finished_methods(report, tmp_path, capsys):
+    """The report's small files are mirrored into <results>/<name>_runs/ (no weights, compact rankings); with that
+    mirror and an empty run directory (a fresh clone), a rerun trains and evaluates nothing and reports the same."""
+    import shutil
+
+    from llmrec.cli import main
+
+    root, data = report
+    archive = root / "results" / "tiny_runs"
+    files = [p for p in archive.rglob("*") if p.is_file()]
+    assert files and not any(p.suffix in (".safetensors", ".pt", ".bin") for p in files)
+    rec = json.loads((archive / "eval_sft_latent" / "rankings.jsonl").read_text().splitlines()[0])
+    assert {"row", "user_id", "target_item_id", "item_rank", "title_rank"} <= set(rec) and "title_ranking" not in rec
+    assert (archive / "sft_latent" / "train_results.json").exists()
+    assert (archive / "seqrec_sasrec" / "results.json").exists()
+    before = json.loads((root / "results" / "tiny.json").read_text())
+
+    results = tmp_path / "results"
+    shutil.copytree(root / "results", results)
+    args = _args(data, tmp_path)  # same options, empty --output-dir tmp_path/runs
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "== seed 0: train" not in out and "evaluate" not in out
+    assert out.count("(skipped)") == len(METHODS.split(","))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    after = json.loads((results / "tiny.json").read_text())
+    assert set(after["methods"]) == set(before["methods"])
+    for m, r in before["methods"].items():
+        assert after["methods"][m]["mean"] == pytest.approx(r["mean"])
+        assert after["methods"][m]["train_seconds"] == r["train_seconds"]
+    assert after["differences"] == before["differences"]
+    assert after["protocol"]["grpo_settings"] == before["protocol"]["grpo_settings"]
+    assert after["protocol"]["llm_train_rows"] == before["protocol"]["llm_train_rows"]
