@@ -69,6 +69,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--exclude-sft-rows", action="store_true",
                     help="prompts from train rows the SFT did not train on (LatentGRPOConfig.exclude_sft_rows)")
+    ap.add_argument("--train-lora", action="store_true",
+                    help="train the LoRA adapter too (LatentGRPOConfig.train_lora): the ceiling of a GRPO run that does")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--output-root", default="runs/games-cmp")
     ap.add_argument("--results", default=None, help="writes <results>.json and <results>.md")
@@ -85,7 +87,7 @@ def main() -> int:
     per_step = args.prompts // args.steps
     runs = []
     for lr in args.lr:
-        out = Path(args.output_root) / f"head_ll_lr{lr:g}"
+        out = Path(args.output_root) / f"{'lora' if args.train_lora else 'head'}_ll_lr{lr:g}"
         if (out / RESULTS_NAME).exists() and (out / "per_row.json").exists():
             res = json.loads((out / RESULTS_NAME).read_text())
             rows = json.loads((out / "per_row.json").read_text())
@@ -96,7 +98,8 @@ def main() -> int:
                                    num_generations=2, per_device_train_batch_size=2 * per_step,
                                    gradient_accumulation_steps=1, max_train_rows=args.prompts, num_train_epochs=1,
                                    learning_rate=lr, eval_rows=args.eval_rows, seed=args.seed, save_steps=8,
-                                   exclude_sft_rows=args.exclude_sft_rows, retrain=False)
+                                   exclude_sft_rows=args.exclude_sft_rows, train_lora=args.train_lora,
+                                   retrain=False)
             trainer = trainer_cls(cfg)
             before = trainer.evaluate_rewards(per_row=True)
             trainer.config.eval_rows = 0  # measured here, with per-row values, instead of inside train()
@@ -120,10 +123,12 @@ def main() -> int:
         atomic_write_json(base.with_suffix(".json"), {"sft_checkpoint": args.sft_checkpoint, "eval_rows":
                                                       args.eval_rows, "seed": args.seed, "prompts": args.prompts,
                                                       "steps": args.steps, "exclude_sft_rows": args.exclude_sft_rows,
+                                                      "train_lora": args.train_lora,
                                                       "runs": runs})
         source = ("train rows the SFT never saw" if args.exclude_sft_rows else
                   f"seeded train subset, seed {args.seed}: the SFT's own rows when it used the same seed and >= as many")
-        lines = [f"Head-only training with the exact likelihood gradient (`python scripts/grpo_head_likelihood_bound.py"
+        what = "Head + LoRA" if args.train_lora else "Head-only"
+        lines = [f"{what} training with the exact likelihood gradient (`python scripts/grpo_head_likelihood_bound.py"
                  f" {args.sft_checkpoint} ...`): {args.prompts} prompts ({source}), {args.steps} steps, held-out mean per-token "
                  f"log-likelihood of the true title under the noise-free latent on {args.eval_rows} validation rows "
                  "(paired bootstrap 95% interval of after - before):", "",

@@ -596,9 +596,11 @@ def test_exclude_sft_rows_draws_prompts_the_sft_never_saw(tmp_path, sft_dir):
         LatentGRPOTrainer(grpo_config(tmp_path / "c", tmp_path / "g", exclude_sft_rows=True))
 
 
-def test_head_likelihood_bound_script_follows_the_exact_likelihood_gradient(tmp_path, sft_dir):
+@pytest.mark.parametrize("train_lora", [False, True])
+def test_head_likelihood_bound_script_follows_the_exact_likelihood_gradient(tmp_path, sft_dir, train_lora):
     """scripts/grpo_head_likelihood_bound.py: one step is plain gradient ascent on the mean per-token log-likelihood
-    of the true titles under the noise-free latent (same batch, checked against autograd on that objective)."""
+    of the true titles under the noise-free latent (same batch, checked against autograd on that objective), on the
+    head alone or (--train-lora) on the head and the LoRA adapter."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -608,7 +610,7 @@ def test_head_likelihood_bound_script_follows_the_exact_likelihood_gradient(tmp_
     sft, _, _ = sft_dir
     trainer = mod.make_trainer_class()(grpo_config(tmp_path / "b", sft, num_generations=2, per_device_train_batch_size=4,
                                                    gradient_accumulation_steps=1, max_train_rows=8, max_grad_norm=0.0,
-                                                   learning_rate=1e-3))
+                                                   learning_rate=1e-3, train_lora=train_lora))
     b = trainer.local_micro_batches(0)[0]
     t = {k: getattr(b, k) for k in ("prompt_input_ids", "prompt_attention_mask", "completion_input_ids",
                                      "completion_attention_mask")}
@@ -620,6 +622,8 @@ def test_head_likelihood_bound_script_follows_the_exact_likelihood_gradient(tmp_
         return ((lp * m).sum(-1) / m.sum(-1)).mean()
 
     params = [p for p in trainer.module.parameters() if p.requires_grad]
+    names = [n for n, p in trainer.module.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in names) == train_lora
     want = torch.autograd.grad(-mean_ll(), params)
     before = mean_ll().item()
     trainer.optimizer.zero_grad(set_to_none=True)
