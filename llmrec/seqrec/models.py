@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmrec.seqrec.erl_loss import fused_erl_loss
 from llmrec.seqrec.modules import KV, Backbone, Encoder, causal_mask, init_weights
 
 MODEL_NAMES = ("sasrec", "rearec-erl", "rearec-prl", "lares")
@@ -46,42 +47,6 @@ def _query_positions(targets: torch.Tensor) -> torch.Tensor:
     if targets[:, :-1].any():
         return torch.arange(L, device=targets.device)
     return torch.tensor([L - 1], device=targets.device)
-
-
-class _PairwiseKL(torch.autograd.Function):
-    """``sum_{i != j} KL(p_j || sg(p_i))`` per row from logits ``z / temperature``, ``z [M, K1, N]``.
-
-    ``p_k = softmax(z_k / temperature)``; taking the temperature here instead of in ``item_logits``
-    saves a division pass over ``[M, K1, N]`` in each direction (none at all when it is 1).
-
-    Closed form: with ``l_k = log p_k`` and ``S = sum_i l_i``, ``sum_{i != j} (l_j - l_i) = K1 l_j - S =: g_j``,
-    so the value is ``sum_j f_j`` with ``f_j = <p_j, g_j>`` -- one pass instead of K1 (K1 - 1) passes.
-
-    Gradient (the stop-gradient makes ``g_j`` depend on ``z_j`` only through ``(K1 - 1) l_j``):
-    ``d/dz_j = p_j * (g_j - f_j) + (K1 - 1) * sum_n p_jn dl_jn/dz_j``, and the last sum is
-    ``p_j - p_j * sum_n p_jn = 0``. So ``grad_z_j = p_j * (g_j - f_j)`` exactly, which is what autograd
-    computes for the loop form (up to rounding), without building its graph: the loop's
-    ``K1 (K1 - 1)`` slices each scattered a full-size zero gradient back in the backward pass.
-    With the temperature, the gradient w.r.t. the raw ``z`` is that divided by ``temperature``.
-    """
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        ctx.temperature = temperature
-        logp = F.log_softmax(z if temperature == 1 else z / temperature, -1)
-        p = logp.exp()
-        S = logp.sum(1, keepdim=True)
-        g = logp.mul_(z.shape[1]).sub_(S)  # K1 l_j - S, in place (l is not needed afterwards)
-        f = torch.linalg.vecdot(p, g)  # [M, K1]
-        ctx.save_for_backward(p, g, f)
-        return f.sum(1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        p, g, f = ctx.saved_tensors
-        if ctx.temperature != 1:
-            grad = grad / ctx.temperature  # [M]: cheaper than dividing the [M, K1, N] result
-        return (g - f.unsqueeze(-1)).mul_(p).mul_(grad[:, None, None]), None
 
 
 class SeqRecModel(nn.Module):
@@ -255,13 +220,14 @@ class ReaRec(SeqRecModel):
         n = max(int(m.sum()), 1)
         logs: dict[str, float] = {}
         if self.mode == "erl":
-            ce = self.ce_sum(Rm.mean(1), t)
-            loss = ce / ctx.denom
-            logs["ce"] = ce.detach().item() / n
             if self.kl_weight > 0 and self.K > 0:
-                kl = self._erl_diversity(Rm)
-                loss = loss - self.kl_weight * kl.sum() / ctx.denom
-                logs["kl"] = kl.mean().detach().item()
+                loss, ce, kl = self._erl_loss(Rm, t, float(ctx.denom))
+                logs["ce"] = ce.item() / n
+                logs["kl"] = kl.mean().item()
+            else:
+                ce = self.ce_sum(Rm.mean(1), t)
+                loss = ce / ctx.denom
+                logs["ce"] = ce.detach().item() / n
         else:
             ce = self.ce_sum(Rm[:, -1], t)
             loss = ce / ctx.denom
@@ -287,24 +253,32 @@ class ReaRec(SeqRecModel):
                 logs["rcl"] = cl.detach().item()
         return loss, logs
 
-    def _erl_diversity(self, Rm: torch.Tensor) -> torch.Tensor:
-        """Per-row mean over ordered step pairs (i != j) of KL(p_j || sg(p_i)), capped at ``kl_cap``.
+    def _erl_loss(
+        self, Rm: torch.Tensor, targets: torch.Tensor, denom: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ERL's loss of states ``Rm [M, K+1, d]``: CE of the mean state minus ``kl_weight`` x the capped pairwise
+        diversity, both summed and divided by ``denom``; returns ``(loss, ce_sum, kl_per_row)``.
 
-        Maximising a KL is unbounded; the cap (0 = none) stops the diversity term from running away
-        once steps are already distinct (the gradient vanishes above it). One pass over the
-        ``[M, K+1, N]`` logits (:class:`_PairwiseKL`); :meth:`_erl_diversity_reference` is the plain
-        double loop it equals (value and gradients, tested).
+        One chunked pass over the item table (:func:`llmrec.seqrec.erl_loss.fused_erl_loss`);
+        :meth:`_erl_loss_reference` is the plain form it equals (value and gradients, tested).
         """
-        K1 = Rm.shape[1]
         bb = self.backbone
-        # bb.item_logits(Rm) with its 1/temperature applied inside _PairwiseKL (the reference test
-        # uses item_logits itself, so the two cannot drift apart unnoticed).
-        z = Rm @ bb.item_emb.weight[1:].T
-        kl = _PairwiseKL.apply(z, bb.temperature) / (K1 * (K1 - 1))
-        return kl.clamp(max=self.kl_cap) if self.kl_cap > 0 else kl
+        return fused_erl_loss(Rm, bb.item_emb.weight[1:], targets - 1, bb.temperature, self.kl_weight,
+                              self.kl_cap, denom)
+
+    def _erl_loss_reference(
+        self, Rm: torch.Tensor, targets: torch.Tensor, denom: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_erl_loss` in plain autograd: ``ce_sum`` of the mean state and :meth:`_erl_diversity_reference`."""
+        ce = self.ce_sum(Rm.mean(1), targets)
+        kl = self._erl_diversity_reference(Rm)
+        kl_used = kl.clamp(max=self.kl_cap) if self.kl_cap > 0 else kl
+        return ce / denom - self.kl_weight * kl_used.sum() / denom, ce.detach(), kl.detach()
 
     def _erl_diversity_reference(self, Rm: torch.Tensor) -> torch.Tensor:
-        """The definition of :meth:`_erl_diversity` as a double loop over step pairs (slow; for tests)."""
+        """ERL's diversity per row, uncapped: the mean over ordered step pairs ``i != j`` of
+        ``KL(p_j || sg(p_i))``, as a plain double loop (slow; the definition the fused loss is tested against).
+        Maximising a KL is unbounded: the loss caps it at ``kl_cap`` (0 = none; no gradient above the cap)."""
         logp = F.log_softmax(self.backbone.item_logits(Rm), -1)  # [M, K+1, N]
         p = logp.exp()
         K1 = Rm.shape[1]
@@ -313,8 +287,7 @@ class ReaRec(SeqRecModel):
             for j in range(K1):
                 if i != j:
                     total = total + (p[:, j] * (logp[:, j] - logp[:, i].detach())).sum(-1)
-        kl = total / (K1 * (K1 - 1))
-        return kl.clamp(max=self.kl_cap) if self.kl_cap > 0 else kl
+        return total / (K1 * (K1 - 1))
 
     def _rcl(self, Rm: torch.Tensor, R2m: torch.Tensor) -> torch.Tensor:
         """InfoNCE per step k >= 1: noisy r~_k vs clean r_k of the same row, others in the batch negatives.
