@@ -524,3 +524,23 @@ def test_described_config_builds_a_meta_model_for_dry_runs():
         model = AutoModelForCausalLM.from_config(config)
     assert next(model.parameters()).is_meta
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_fast_dtype_is_bf16_only_where_native(monkeypatch):
+    """``fast`` resolves to bfloat16 where the hardware computes it natively, else float32; configs record the
+    concrete name (what a run really used), never ``fast``."""
+    import llmrec.models.backbone as bb
+    from llmrec.evaluation.evaluator import EvalConfig
+    from llmrec.training.grpo import LatentGRPOConfig
+    from llmrec.training.sft import LatentSFTConfig
+
+    for native, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(bb, "native_bf16", lambda native=native: native)
+        assert bb.concrete_dtype_name("fast") == want and bb.concrete_dtype_name("FAST") == want
+        assert bb.resolve_dtype("fast") == getattr(torch, want)
+        assert EvalConfig(dtype="fast").dtype == want
+        assert LatentSFTConfig(output_dir="x", model_dtype="fast").model_dtype == want
+        assert LatentGRPOConfig(output_dir="x", sft_checkpoint="s", model_dtype="fast").model_dtype == want
+    assert bb.concrete_dtype_name("float16") == "float16"
+    with pytest.raises(ValueError, match="fast"):
+        bb.resolve_dtype("int8")

@@ -53,7 +53,8 @@ class EvalConfig:
     method: str = field(default="beam", metadata={"help": "beam (constrained beam search with the LM), popularity, or seqrec (full ranking by the ID model of a `llmrec seqrec train` run given as checkpoint)."})
     model_name_or_path: str = field(default="smollm2-135m", metadata={"help": "Hub id, local dir, or alias (smollm2-135m, qwen2.5-coder-0.5b, tiny-qwen2, tiny-llama)."})
     checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint directory to evaluate instead of the base model (method=seqrec: the seqrec run directory)."})
-    dtype: str = field(default="bfloat16", metadata={"help": "Model dtype: bfloat16, float32, float16."})
+    dtype: str = field(default="bfloat16", metadata={"help": "Model dtype: bfloat16, float32, float16, or fast (bfloat16 where the hardware "
+                                              "computes it natively, else float32)."})
     prompt: str = field(default="d3", metadata={"help": "Prompt template name (prompts/) or path."})
     noun: str = field(default="video games", metadata={"help": "Item noun used by the prompt (D3: 'video games' for Games)."})
     use_chat_template: bool = field(default=False, metadata={"help": "Wrap the prompt in the tokenizer's chat template."})
@@ -70,6 +71,9 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "Random seed (evaluation is deterministic; kept for the record)."})
 
     def __post_init__(self) -> None:
+        from llmrec.models.backbone import concrete_dtype_name
+
+        self.dtype = concrete_dtype_name(self.dtype)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.split not in ("train", "valid", "test"):

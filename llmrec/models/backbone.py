@@ -66,6 +66,7 @@ __all__ = [
     "alias_cache_path",
     "alias_is_cached",
     "alias_is_installed",
+    "concrete_dtype_name",
     "convert_alias",
     "convert_gguf",
     "default_cache_dir",
@@ -73,6 +74,7 @@ __all__ = [
     "install_alias",
     "known_aliases",
     "load_backbone",
+    "native_bf16",
     "register_cli",
     "resolve_dtype",
 ]
@@ -186,6 +188,31 @@ def _alias(name: str) -> GGUFAlias:
         ) from None
 
 
+def native_bf16() -> bool:
+    """True if this machine computes bfloat16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere (AVX2-only CPUs, for one) bfloat16 matmuls are emulated and run ~20x slower than float32 (measured:
+    a SmolLM2-135M SFT step 814 s in bf16 vs 40 s in fp32 on a 2-core AMD EPYC with AVX2 only).
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def concrete_dtype_name(name: str) -> str:
+    """``"fast"`` -> ``"bfloat16"`` where :func:`native_bf16`, else ``"float32"``; any other name unchanged.
+
+    Configs resolve ``"fast"`` once, so what a run records (and fingerprints) is the dtype it really used.
+    """
+    if str(name).lower() != "fast":
+        return name
+    return "bfloat16" if native_bf16() else "float32"
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """Map a dtype name ("bfloat16", "float32", "float16", "auto", or short forms) to a torch dtype.
 
@@ -193,11 +220,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """
     if isinstance(dtype, torch.dtype):
         return dtype
-    key = str(dtype).lower().removeprefix("torch.")
+    key = concrete_dtype_name(str(dtype).lower().removeprefix("torch."))
     if key == "auto":
         return "auto"
     if key not in _DTYPE_NAMES:
-        raise ValueError(f"unsupported dtype '{dtype}'; use one of bfloat16, float32, float16, auto")
+        raise ValueError(f"unsupported dtype '{dtype}'; use one of bfloat16, float32, float16, auto, fast")
     return _DTYPE_NAMES[key]
 
 

@@ -96,7 +96,8 @@ class LatentGRPOConfig(GRPOConfig):
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base model of an adapter checkpoint (default: the one the checkpoint records)."}
     )
-    model_dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32 | bfloat16 | float16."})
+    model_dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32 | bfloat16 | float16 | fast "
+                                                                   "(bfloat16 where native, else float32)."})
     dataset: str | None = field(
         default=None, metadata={"help": "Prepared dataset directory or sample name (default: the SFT checkpoint's)."}
     )
@@ -184,6 +185,9 @@ class LatentGRPOConfig(GRPOConfig):
     bf16: bool | None = field(default=False, metadata={"help": "Unused: set model_dtype instead."})
 
     def __post_init__(self) -> None:
+        from llmrec.models.backbone import concrete_dtype_name
+
+        self.model_dtype = concrete_dtype_name(self.model_dtype)
         defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name in IGNORED_TRL_FIELDS}
         for name, why in IGNORED_TRL_FIELDS.items():
             if name in defaults and getattr(self, name) != defaults[name]:

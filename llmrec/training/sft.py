@@ -138,7 +138,8 @@ class LatentSFTConfig(transformers.TrainingArguments):
         metadata={"help": "Module names LoRA is applied to."},
     )
     model_dtype: str = field(
-        default="bfloat16", metadata={"help": "dtype the base model is loaded in (bfloat16, float32, float16)."}
+        default="bfloat16", metadata={"help": "dtype the base model is loaded in (bfloat16, float32, float16, or fast: "
+                                            "bfloat16 where the hardware computes it natively, else float32)."}
     )
     retrain: bool = field(
         default=False,
@@ -171,6 +172,9 @@ class LatentSFTConfig(transformers.TrainingArguments):
     prediction_loss_only: bool = field(default=True, metadata={"help": "Eval computes the loss only."})
 
     def __post_init__(self) -> None:
+        from llmrec.models.backbone import concrete_dtype_name
+
+        self.model_dtype = concrete_dtype_name(self.model_dtype)
         if self.finetune not in FINETUNE_MODES:
             raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
         if self.num_latent_tokens < 0:
