@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmrec.seqrec.erl_loss import fused_erl_loss
+from llmrec.seqrec.fused_losses import fused_ce_sum, fused_erl_loss
 from llmrec.seqrec.modules import KV, Backbone, Encoder, causal_mask, init_weights
 
 MODEL_NAMES = ("sasrec", "rearec-erl", "rearec-prl", "lares")
@@ -75,7 +75,10 @@ class SeqRecModel(nn.Module):
         self, h: torch.Tensor, targets: torch.Tensor, temperature: float | None = None
     ) -> torch.Tensor:
         """Full-softmax cross-entropy over all N items, summed over rows (targets are item ids 1..N)."""
-        return F.cross_entropy(self.backbone.item_logits(h, temperature), targets - 1, reduction="sum")
+        bb = self.backbone
+        t = bb.temperature if temperature is None else temperature
+        # Chunked, exact (llmrec.seqrec.fused_losses): the plain form is F.cross_entropy(bb.item_logits(h, t), ...).
+        return fused_ce_sum(h, bb.item_emb.weight[1:], targets - 1, t)
 
 
 class SASRec(SeqRecModel):
@@ -259,7 +262,7 @@ class ReaRec(SeqRecModel):
         """ERL's loss of states ``Rm [M, K+1, d]``: CE of the mean state minus ``kl_weight`` x the capped pairwise
         diversity, both summed and divided by ``denom``; returns ``(loss, ce_sum, kl_per_row)``.
 
-        One chunked pass over the item table (:func:`llmrec.seqrec.erl_loss.fused_erl_loss`);
+        One chunked pass over the item table (:func:`llmrec.seqrec.fused_losses.fused_erl_loss`);
         :meth:`_erl_loss_reference` is the plain form it equals (value and gradients, tested).
         """
         bb = self.backbone
@@ -269,8 +272,8 @@ class ReaRec(SeqRecModel):
     def _erl_loss_reference(
         self, Rm: torch.Tensor, targets: torch.Tensor, denom: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_erl_loss` in plain autograd: ``ce_sum`` of the mean state and :meth:`_erl_diversity_reference`."""
-        ce = self.ce_sum(Rm.mean(1), targets)
+        """:meth:`_erl_loss` in plain autograd: the CE of the mean state and :meth:`_erl_diversity_reference`."""
+        ce = F.cross_entropy(self.backbone.item_logits(Rm.mean(1)), targets - 1, reduction="sum")
         kl = self._erl_diversity_reference(Rm)
         kl_used = kl.clamp(max=self.kl_cap) if self.kl_cap > 0 else kl
         return ce / denom - self.kl_weight * kl_used.sum() / denom, ce.detach(), kl.detach()

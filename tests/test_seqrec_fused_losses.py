@@ -1,12 +1,15 @@
-"""ReaRec-ERL's loss: the fused chunked pass (llmrec.seqrec.erl_loss) equals the plain form (autograd over the CE of
-the mean state and a double loop of pairwise KLs) in value and gradients."""
+"""The fused chunked losses (llmrec.seqrec.fused_losses) equal their plain autograd forms in value and gradients:
+the full-softmax cross-entropy of every ID model, and ReaRec-ERL's loss (CE of the mean state and a double loop of
+pairwise KLs); and every model's training loss matches the plain form end to end."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llmrec.seqrec.erl_loss import fused_erl_loss
+import torch.nn.functional as F
+
+from llmrec.seqrec.fused_losses import fused_ce_sum, fused_erl_loss
 from llmrec.seqrec.models import LossContext, ReaRec
 from llmrec.seqrec.modules import Backbone
 
@@ -125,5 +128,70 @@ def test_erl_training_loss_matches_the_plain_form_end_to_end():
     assert logs["ce"] == pytest.approx(logs_ref["ce"], rel=1e-9)
     assert torch.allclose(loss, loss_ref, rtol=1e-9)
     assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        assert torch.allclose(grads[n], grads_ref[n], rtol=1e-7, atol=1e-10), n
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+@pytest.mark.parametrize("temperature", [1.0, 0.3], ids=["t1", "t0.3"])
+@pytest.mark.parametrize("chunk", [None, 1, 130], ids=["one-chunk", "row-chunks", "uneven-chunks"])
+def test_fused_ce_sum_equals_cross_entropy(dtype, tol, temperature, chunk):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(11, 8, generator=g, dtype=dtype).requires_grad_(True)
+    E = torch.randn(40, 8, generator=g, dtype=dtype).requires_grad_(True)
+    targets = torch.randint(0, 40, (11,), generator=g)
+    got = fused_ce_sum(h, E, targets, temperature, chunk_elements=chunk)
+    gh, gE = torch.autograd.grad(got * 0.7, (h, E))
+    want = F.cross_entropy(h @ E.T / temperature, targets, reduction="sum")
+    wh, wE = torch.autograd.grad(want * 0.7, (h, E))
+    assert got.dtype == dtype and torch.allclose(got, want, rtol=tol)
+    for a, b in ((gh, wh), (gE, wE)):
+        assert torch.allclose(a, b, rtol=tol, atol=tol * b.abs().max()), (a - b).abs().max()
+    with torch.no_grad():  # evaluation: the value only
+        assert torch.allclose(fused_ce_sum(h, E, targets, temperature, chunk_elements=chunk), want, rtol=tol)
+    with pytest.raises(ValueError, match=r"\[M, d\]"):
+        fused_ce_sum(h[None], E, targets)
+
+
+@pytest.mark.parametrize("name", ["sasrec", "rearec-erl", "rearec-prl", "lares"])
+def test_training_losses_match_plain_cross_entropy_end_to_end(name, monkeypatch):
+    """Each model's training loss (dropout off, fixed epoch past PRL's warm-up) with the fused CE vs with the plain
+    F.cross_entropy over the full logits: same loss, same gradients for every parameter."""
+    from llmrec.seqrec import models as M
+    from llmrec.seqrec.config import SeqRecConfig
+
+    cfg = SeqRecConfig(model=name, dataset_dir="unused", output_dir="unused", max_history=6, hidden_size=16,
+                       n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, mean_recurrence=2,
+                       depth_sampling="constant")
+    torch.manual_seed(0)
+    model = M.build_model(cfg, 40).double().train()
+    with torch.no_grad():
+        model.backbone.item_emb.weight.normal_(0.0, 0.5)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 41, (4, 6), generator=g)
+    ids[0, :2] = 0
+    tgt = torch.randint(1, 41, (4, 6), generator=g)
+    tgt[0, :2] = 0
+    batch = {"input_ids": ids, "target_ids": tgt, "row_index": torch.arange(4)}
+    ctx = M.LossContext(denom=torch.tensor(float((tgt > 0).sum())), epoch=5)
+
+    def run():
+        torch.manual_seed(1)  # any sampling inside the loss draws the same numbers in both runs
+        model.zero_grad(set_to_none=True)
+        loss, _ = model.loss(batch, ctx)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run()
+
+    def plain_ce_sum(self, h, targets, temperature=None):
+        return F.cross_entropy(self.backbone.item_logits(h, temperature), targets - 1, reduction="sum")
+
+    monkeypatch.setattr(M.SeqRecModel, "ce_sum", plain_ce_sum)
+    if name == "rearec-erl":
+        model._erl_loss = model._erl_loss_reference
+    loss_ref, grads_ref = run()
+    assert torch.allclose(loss, loss_ref, rtol=1e-9)
+    assert grads and grads.keys() == grads_ref.keys()
     for n in grads:
         assert torch.allclose(grads[n], grads_ref[n], rtol=1e-7, atol=1e-10), n
