@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from llmrec.seqrec.fused_losses import fused_ce_sum, fused_erl_loss
