@@ -381,7 +381,9 @@ def test_gaussian_policy_logprob_is_the_score_function_gradient(tmp_path, sft_di
     surrogate = -(w * r.repeat_interleave(g, 0)).sum() * trainer.world / trainer._norm_members
     want = torch.autograd.grad(surrogate, params)
     for a, e in zip(got, want):
-        assert torch.allclose(a, e, rtol=1e-4, atol=1e-7)
+        # fp32 sums in another order: with antithetic pairs the members' terms cancel, so an element far below the
+        # tensor's scale carries rounding of that scale (seen: 5.7e-6 on an element of 0.04 in a tensor up to 30).
+        assert torch.allclose(a, e, rtol=1e-4, atol=1e-6 * float(e.abs().max()))
     assert stats["clip_ratio"] == 0.0
     # member 0 of each group carries no noise, hence no gradient; beta > 0 is refused in this mode
     per_group = b.noise.view(-1, g, b.noise.shape[-1])
