@@ -4,7 +4,8 @@
 # Each (model, seed) run is kept in $OUT/runs/, so a rerun skips finished runs and resumes a cut one.
 #   OMP_NUM_THREADS=1 bash scripts/seqrec_ml100k.sh              # MODELS / SEEDS / OUT override the defaults
 #   REPORT_ONLY=1 bash scripts/seqrec_ml100k.sh                    # tables from the finished runs only
-# Writes $OUT/seqrec_bench.{json,md} and the committed copy benchmarks/results/seqrec_ml100k_bench.{json,md}.
+# Writes $OUT/seqrec_bench.{json,md} and the committed copy benchmarks/results/seqrec_ml100k_bench.{json,md}, which
+# keeps the committed models that $OUT does not hold (so models can be run on different machines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-/tmp/prep/ml100k}
@@ -21,6 +22,13 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 bench = json.loads((out / "seqrec_bench.json").read_text())
+# Keep the committed models this run directory does not hold (run on another machine, whose runs/ is gone).
+committed = Path("benchmarks/results") / "seqrec_ml100k_bench.json"
+if committed.exists():
+    old = json.loads(committed.read_text())
+    for m in old.get("summary", {}):
+        if m not in bench["summary"]:
+            bench["summary"][m], bench["runs"][m] = old["summary"][m], old["runs"][m]
 lines = ["ML-100K, leave-one-out, history 50, d 64, full ranking over all items, no history masking; every model",
          "with its own recipe (recipes/seqrec/<model>_ml100k.yaml), early stopping on validation NDCG@10; mean ± std",
          "over the finished seeds of 42, 43, 44 (seeds column); wall times on a shared 2-core CPU, one torch thread per run",
@@ -28,7 +36,8 @@ lines = ["ML-100K, leave-one-out, history 50, d 64, full ranking over all items,
          "", "| model | seeds | test NDCG@10 | test HR@10 | NDCG@20 | best epochs | s/epoch | inference ms/row |",
          "|---|---|---|---|---|---|---|---|"]
 sasrec = bench["summary"].get("sasrec", {}).get("ndcg@10")
-for m, s in bench["summary"].items():
+for m, s in sorted(bench["summary"].items(), key=lambda kv: ("sasrec", "rearec-erl", "rearec-prl", "lares").index(kv[0])
+                   if kv[0] in ("sasrec", "rearec-erl", "rearec-prl", "lares") else 9):
     runs = bench["runs"][m]
     n20 = [r["test"]["ndcg@20"] for r in runs]
     best = ", ".join(str(r["best_epoch"]) for r in runs)
