@@ -46,8 +46,7 @@ def _chunk_rows(rows_per_state: int, n_items: int, chunk_elements: int | None, c
 
 class _FusedCESum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, E, targets, temperature, chunk_rows):
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, h, E, targets, temperature, chunk_rows, want_grad):
         inv_t = 1.0 / temperature
         grad_h = torch.empty_like(h) if want_grad else None
         grad_E = torch.zeros_like(E) if want_grad else None
@@ -73,7 +72,7 @@ class _FusedCESum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_E = ctx.saved_tensors
-        return grad_h * grad_out, grad_E * grad_out, None, None, None
+        return grad_h * grad_out, grad_E * grad_out, None, None, None, None
 
 
 def fused_ce_sum(
@@ -88,7 +87,9 @@ def fused_ce_sum(
     if h.dim() != 2:
         raise ValueError(f"h must be [M, d], got {tuple(h.shape)}")
     rows = _chunk_rows(1, item_table.shape[0], chunk_elements, h.is_cuda)
-    return _FusedCESum.apply(h, item_table, targets, float(temperature), rows)
+    # Under no_grad (or with nothing to differentiate) only the value is computed.
+    want_grad = torch.is_grad_enabled() and (h.requires_grad or item_table.requires_grad)
+    return _FusedCESum.apply(h, item_table, targets, float(temperature), rows, want_grad)
 
 
 class _FusedERLLoss(torch.autograd.Function):
