@@ -17,6 +17,7 @@ MODES=${MODES:-"batch group"}
 NOISE_MODE=${NOISE_MODE:-absolute}
 NOISE_SCALE=${NOISE_SCALE:-1.5}
 VAL_ROWS=${VAL_ROWS:-200}
+DTYPE=${DTYPE:-bfloat16}   # the committed results' setting; DTYPE=fast on a CPU without native bf16
 NAME=${NAME:-games_grpo}
 # Run names carry the noise setting unless it is the recipe's default (keeps the first sweep's names).
 TAG=""; [ "$NOISE_MODE/$NOISE_SCALE" = "absolute/1.5" ] || TAG="_${NOISE_MODE}${NOISE_SCALE}"
@@ -24,14 +25,14 @@ VTAG="val"; [ "$VAL_ROWS" = 200 ] || VTAG="val${VAL_ROWS}"
 DATA=data/games
 SFT="$OUT/sft_latent"
 [ -f "$SFT/train_results.json" ] || { echo "no finished latent SFT in $SFT: run scripts/games_sft_comparison.sh" >&2; exit 1; }
-VAL=(--config recipes/games/eval.yaml --dataset "$DATA" --split valid --max_rows "$VAL_ROWS")
+VAL=(--config recipes/games/eval.yaml --dataset "$DATA" --split valid --max_rows "$VAL_ROWS" --dtype "$DTYPE")
 llmrec evaluate "${VAL[@]}" --checkpoint "$SFT" --output_dir "$OUT/${VTAG}_sft_latent"
 runs=("$OUT/${VTAG}_sft_latent")
 for mode in $MODES; do
   for lr in $LRS; do
     name="grpo_${mode}_lr${lr}${TAG}"
     llmrec grpo --config recipes/games/grpo_latent.yaml --sft_checkpoint "$SFT" --dataset "$DATA" \
-      --model_dtype bfloat16 --max_train_rows "$GRPO_ROWS" --per_device_train_batch_size 8 \
+      --model_dtype "$DTYPE" --max_train_rows "$GRPO_ROWS" --per_device_train_batch_size 8 \
       --gradient_accumulation_steps 4 --advantage_mode "$mode" --learning_rate "$lr" --save_steps 4 \
       --noise_mode "$NOISE_MODE" --noise_scale "$NOISE_SCALE" \
       --output_dir "$OUT/$name"
@@ -50,7 +51,7 @@ print(runs[max(range(len(vals)), key=lambda i: (vals[i], -i))].rsplit("/", 1)[-1
 PY
 )
 echo "best on validation: $best"
-llmrec evaluate --config recipes/games/eval.yaml --dataset "$DATA" --max_rows "$EVAL_ROWS" --checkpoint "$OUT/$best" \
+llmrec evaluate --config recipes/games/eval.yaml --dataset "$DATA" --max_rows "$EVAL_ROWS" --dtype "$DTYPE" --checkpoint "$OUT/$best" \
   --output_dir "$OUT/eval_$best"
 # (the SFT evaluations come from scripts/games_sft_comparison.sh, possibly still running beside this script)
 while [ ! -f "$OUT/eval_sft_latent/results.json" ] || [ ! -f "$OUT/eval_sft_bigrec/results.json" ]; do sleep 30; done

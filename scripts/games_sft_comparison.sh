@@ -8,15 +8,16 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/games-cmp}
 TRAIN_ROWS=${TRAIN_ROWS:-1024}
 EVAL_ROWS=${EVAL_ROWS:-500}
+DTYPE=${DTYPE:-bfloat16}   # the committed results' setting; DTYPE=fast on a CPU without native bf16 (~20x faster there)
 DATA=data/games
 [ -f "$DATA/stats.json" ] || llmrec data prepare --format seq-txt --input ../shared/data/amazon_games_dealrec --output "$DATA"
 # Same data, steps and seed for both SFT runs; model selection on 200 validation rows (never on test rows).
-COMMON=(--dataset "$DATA" --model_dtype bfloat16 --max_train_rows "$TRAIN_ROWS" --max_eval_rows 200
+COMMON=(--dataset "$DATA" --model_dtype "$DTYPE" --max_train_rows "$TRAIN_ROWS" --max_eval_rows 200
         --per_device_train_batch_size 8 --gradient_accumulation_steps 2 --eval_steps 16 --save_steps 16
         --logging_steps 4 --num_train_epochs 1 --seed 0)
 llmrec sft --config recipes/games/sft_bigrec.yaml "${COMMON[@]}" --output_dir "$OUT/sft_bigrec"
 llmrec sft --config recipes/games/sft_latent.yaml "${COMMON[@]}" --output_dir "$OUT/sft_latent"
-EVAL=(--config recipes/games/eval.yaml --dataset "$DATA" --max_rows "$EVAL_ROWS")
+EVAL=(--config recipes/games/eval.yaml --dataset "$DATA" --max_rows "$EVAL_ROWS" --dtype "$DTYPE")
 llmrec evaluate "${EVAL[@]}" --method popularity --output_dir "$OUT/eval_popularity"
 llmrec evaluate "${EVAL[@]}" --output_dir "$OUT/eval_zero_shot"
 llmrec evaluate "${EVAL[@]}" --checkpoint "$OUT/sft_bigrec" --output_dir "$OUT/eval_sft_bigrec"
