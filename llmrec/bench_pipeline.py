@@ -128,16 +128,20 @@ class Pipeline:
         """The committed mirror of the report's small files (see the module docstring)."""
         return Path(self.opts.results_dir) / f"{self.opts.name}_runs"
 
+    def _mirror(self, path: Path) -> Path:
+        """The archived copy of ``path`` (a path under ``--output-dir``)."""
+        return self.archive_dir / path.relative_to(self.out)
+
     def _find(self, path: Path) -> Path:
         """``path`` (under ``--output-dir``) if it exists, else its archived copy if that exists, else ``path``."""
         if path.exists():
             return path
-        mirror = self.archive_dir / path.relative_to(self.out)
+        mirror = self._mirror(path)
         return mirror if mirror.exists() else path
 
     def _finished_eval_dir(self, d: Path) -> Path | None:
         """Where the finished evaluation ``d`` is (the run directory first, then the archive), or None."""
-        for cand in (d, self.archive_dir / d.relative_to(self.out)):
+        for cand in (d, self._mirror(d)):
             if (cand / "results.json").exists() and (cand / "rankings.jsonl").exists():
                 return cand
         return None
@@ -417,7 +421,7 @@ class Pipeline:
         from llmrec.data.canonical import atomic_write_text
 
         def put(src: Path, text: str | None = None) -> None:
-            dst = self.archive_dir / src.relative_to(self.out)
+            dst = self._mirror(src)
             text = src.read_text(encoding="utf-8") if text is None else text
             if not dst.exists() or dst.read_text(encoding="utf-8") != text:
                 dst.parent.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,8 @@ lines = ["ML-100K, leave-one-out, history 50, d 64, full ranking over all items,
          "", "| model | seeds | test NDCG@10 | test HR@10 | NDCG@20 | best epochs | s/epoch | inference ms/row |",
          "|---|---|---|---|---|---|---|---|"]
 sasrec = bench["summary"].get("sasrec", {}).get("ndcg@10")
-for m, s in sorted(bench["summary"].items(), key=lambda kv: ("sasrec", "rearec-erl", "rearec-prl", "lares").index(kv[0])
-                   if kv[0] in ("sasrec", "rearec-erl", "rearec-prl", "lares") else 9):
+order = ["sasrec", "rearec-erl", "rearec-prl", "lares"]
+for m, s in sorted(bench["summary"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
     runs = bench["runs"][m]
     n20 = [r["test"]["ndcg@20"] for r in runs]
     best = ", ".join(str(r["best_epoch"]) for r in runs)
