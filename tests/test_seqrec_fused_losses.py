@@ -194,3 +194,39 @@ def test_training_losses_match_plain_cross_entropy_end_to_end(name, monkeypatch)
     assert grads and grads.keys() == grads_ref.keys()
     for n in grads:
         assert torch.allclose(grads[n], grads_ref[n], rtol=1e-7, atol=1e-10), n
+
+
+@pytest.mark.parametrize("name", ["sasrec", "rearec-erl"])
+def test_fused_losses_compute_in_float32_under_bf16_autocast(name):
+    """Under bf16 autocast (``--mixed_precision bf16``) the fused losses upcast as autocast does for
+    F.cross_entropy: the loss is float32, equal to the plain float32 form on the same bf16 states, and every
+    parameter gets a gradient in its own dtype (ERL used to crash here mixing bf16 and float32 matmuls)."""
+    from llmrec.seqrec import models as M
+    from llmrec.seqrec.config import SeqRecConfig
+
+    cfg = SeqRecConfig(model=name, dataset_dir="unused", output_dir="unused", max_history=6, hidden_size=16,
+                       n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0)
+    torch.manual_seed(0)
+    model = M.build_model(cfg, 40).train()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 41, (4, 6), generator=g)
+    tgt = torch.randint(1, 41, (4, 6), generator=g)
+    batch = {"input_ids": ids, "target_ids": tgt, "row_index": torch.arange(4)}
+    ctx = M.LossContext(denom=torch.tensor(float(tgt.numel())), epoch=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(batch, ctx)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), n
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(7, 16, generator=g).bfloat16().requires_grad_(True)
+    E = torch.randn(40, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (7,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_ce_sum(h, E, t, chunk_elements=50)
+    want = F.cross_entropy(h.float() @ E.T, t, reduction="sum")
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5)
+    (gh,) = torch.autograd.grad(got, (h,))
+    assert gh.dtype == torch.bfloat16

@@ -24,7 +24,11 @@ gradients off (evaluation) only the value is computed.
   ``f_j = <p_j, g_j>`` (the stop-gradient leaves ``(K1 - 1) l_j`` as the only dependence on ``z_j``, whose
   softmax-weighted sum vanishes). :meth:`llmrec.seqrec.models.ReaRec._erl_loss_reference` is the plain form.
 
-Both are tested against their plain forms in value and gradients (tests/test_seqrec_fused_losses.py).
+Both are tested against their plain forms in value and gradients (tests/test_seqrec_fused_losses.py). Under
+autocast (``accelerate launch --mixed_precision bf16``) both compute in float32 with autocast off, as autocast runs
+``F.cross_entropy``: a log-sum-exp over thousands of items in bf16 loses the loss's precision, and the chunk
+matmuls would otherwise mix the autocast dtype with the float32 gradient buffers. Gradients flow back to the
+inputs in their own dtypes.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ def _chunk_rows(rows_per_state: int, n_items: int, chunk_elements: int | None, c
     if chunk_elements is None:
         chunk_elements = GPU_CHUNK_ELEMENTS if cuda else CPU_CHUNK_ELEMENTS
     return max(1, chunk_elements // (rows_per_state * n_items))
+
+
+def _at_least_float32(states: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in their common dtype, at least float32 (bf16/fp16 autocast outputs are upcast; float64 stays)."""
+    dtype = torch.promote_types(torch.promote_types(states.dtype, table.dtype), torch.float32)
+    return states.to(dtype), table.to(dtype)
 
 
 class _FusedCESum(torch.autograd.Function):
@@ -89,7 +99,9 @@ def fused_ce_sum(
     rows = _chunk_rows(1, item_table.shape[0], chunk_elements, h.is_cuda)
     # Under no_grad (or with nothing to differentiate) only the value is computed.
     want_grad = torch.is_grad_enabled() and (h.requires_grad or item_table.requires_grad)
-    return _FusedCESum.apply(h, item_table, targets, float(temperature), rows, want_grad)
+    h, item_table = _at_least_float32(h, item_table)
+    with torch.autocast(h.device.type, enabled=False):
+        return _FusedCESum.apply(h, item_table, targets, float(temperature), rows, want_grad)
 
 
 class _FusedERLLoss(torch.autograd.Function):
@@ -165,5 +177,7 @@ def fused_erl_loss(
     if R.dim() != 3 or R.shape[1] < 2:
         raise ValueError(f"R must be [M, K+1, d] with K >= 1, got {tuple(R.shape)}")
     chunk_rows = _chunk_rows(R.shape[1], item_table.shape[0], chunk_elements, R.is_cuda)
-    return _FusedERLLoss.apply(R, item_table, targets, float(temperature), float(kl_weight), float(kl_cap),
-                               float(denom), chunk_rows)
+    R, item_table = _at_least_float32(R, item_table)
+    with torch.autocast(R.device.type, enabled=False):
+        return _FusedERLLoss.apply(R, item_table, targets, float(temperature), float(kl_weight), float(kl_cap),
+                                   float(denom), chunk_rows)
