@@ -19,7 +19,10 @@ rearec-prl, lares          ranking over all items (``llmrec evaluate --method se
 
 Every stage writes its own directory and is skipped when its output exists (training resumes from
 its last checkpoint, evaluation from its finished rows), so a long report can be completed over
-several runs; ``--report-only`` builds the report from whatever has finished.
+several runs; ``--report-only`` builds the report from whatever has finished. Stages and evaluations
+are locked (``<output-dir>/.locks/``): several processes on one output directory, each with its own
+``--methods``, can run side by side (one per core on a CPU) and share the stages they have in common;
+each writes the report of its own methods, and a final ``--report-only`` with all of them writes the whole.
 
 The small files a report needs -- each test evaluation's ``results.json`` and its rankings (item ids and
 ranks; titles and beam scores left out), the D3 selections, the training summaries -- are also copied to
@@ -299,19 +302,33 @@ class Pipeline:
             raise ValueError(f"{d} holds a finished run made with {details}; use another --output-dir"
                              f"{' or --grpo-stage' if stage == 'grpo_latent' else ''}, or remove the run")
 
+    def _lock(self, name: str, seed: int):
+        """An exclusive file lock on one stage or evaluation of one seed.
+
+        Two pipeline processes on the same ``--output-dir`` (e.g. two lanes with disjoint ``--methods`` whose D3
+        methods both need SASRec) thus never train or evaluate the same thing at once: the second waits, then
+        finds the work finished and reuses it.
+        """
+        from filelock import FileLock
+
+        d = self.seed_dir(seed) / ".locks"
+        d.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(d / f"{name}.lock"))
+
     def _train(self, stage: str, seed: int) -> None:
         done = {"sft_bigrec": "train_results.json", "sft_latent": "train_results.json",
                 "grpo_latent": "grpo_results.json"}.get(stage, "results.json")
-        if (self.stage_dir(stage, seed) / done).exists():
-            self._check_finished(stage, seed)
-            return
-        print(f"== seed {seed}: train {stage}", flush=True)
-        if stage.startswith("sft_"):
-            self._sft(stage[4:], seed)
-        elif stage == "grpo_latent":
-            self._grpo(seed)
-        else:
-            self._seqrec(stage[len("seqrec_"):], seed)
+        with self._lock(stage, seed):
+            if (self.stage_dir(stage, seed) / done).exists():
+                self._check_finished(stage, seed)
+                return
+            print(f"== seed {seed}: train {stage}", flush=True)
+            if stage.startswith("sft_"):
+                self._sft(stage[4:], seed)
+            elif stage == "grpo_latent":
+                self._grpo(seed)
+            else:
+                self._seqrec(stage[len("seqrec_"):], seed)
 
     def _select_d3_weight(self, method: str, seed: int) -> None:
         """Evaluate a D3 method with every weight of the grid on ``d3_valid_rows`` validation rows; keep the best.
@@ -382,8 +399,9 @@ class Pipeline:
                         continue
                     for stage in self.needs(method):
                         self._train(stage, seed)
-                    self._evaluate(method, seed)
-                    self._archive(method, seed, self.eval_dir(method, seed))  # now, not at the end: runs get cut
+                    with self._lock(f"eval_{method}", seed):
+                        self._evaluate(method, seed)
+                        self._archive(method, seed, self.eval_dir(method, seed))  # now, not at the end: runs get cut
         return self.report()
 
     def _ensure_data(self) -> None:

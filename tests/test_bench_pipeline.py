@@ -215,3 +215,47 @@ def test_archive_lets_another_checkout_report_and_skip_finished_methods(report, 
     assert after["differences"] == before["differences"]
     assert after["protocol"]["grpo_settings"] == before["protocol"]["grpo_settings"]
     assert after["protocol"]["llm_train_rows"] == before["protocol"]["llm_train_rows"]
+
+
+def test_two_processes_on_one_output_dir_share_a_stage_instead_of_training_it_twice(tmp_path, monkeypatch):
+    """Two pipelines (lanes) started side by side on one --output-dir, both needing SASRec: the stage lock makes
+    the second wait while the first trains, then reuse its run (one training, both reports hold SASRec)."""
+    import threading
+    import time
+
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+
+    data = write_prepared(tmp_path / "data", n_items=30, n_users=14, seed=5)
+    trained, started = [], threading.Event()
+    real = Pipeline._seqrec
+
+    def slow_seqrec(self, model, seed):
+        trained.append(model)
+        started.set()
+        time.sleep(1.0)  # long enough for the other lane to reach the stage
+        return real(self, model, seed)
+
+    monkeypatch.setattr(Pipeline, "_seqrec", slow_seqrec)
+
+    def lane(name: str, errors: list) -> None:
+        try:
+            Pipeline(PipelineOptions(
+                dataset=str(data), model="tiny-qwen2", methods=["popularity", "sasrec"], output_dir=str(tmp_path / "runs"),
+                results_dir=str(tmp_path / "results"), name=name, test_rows=6,
+                id_overrides={"epochs": 1, "hidden_size": 16, "inner_size": 32, "max_history": 5, "progress": False,
+                              "num_threads": 1})).run()
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    errors: list = []
+    first = threading.Thread(target=lane, args=("lane_a", errors))
+    first.start()
+    assert started.wait(60)
+    second = threading.Thread(target=lane, args=("lane_b", errors))
+    second.start()
+    first.join(300)
+    second.join(300)
+    assert not errors, errors
+    assert trained == ["sasrec"]
+    a, b = (json.loads((tmp_path / "results" / f"{n}.json").read_text()) for n in ("lane_a", "lane_b"))
+    assert a["methods"]["sasrec"]["mean"] == b["methods"]["sasrec"]["mean"]
