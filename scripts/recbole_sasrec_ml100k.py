@@ -1,9 +1,11 @@
 """Reference number for the ID baselines: RecBole 1.2's SASRec on ML-100K, the protocol of recipes/seqrec/*_ml100k.yaml.
 
-Runs in its own virtual environment (RecBole pins old libraries; it is not a dependency of llmrec):
+Runs in its own virtual environment (RecBole pins old libraries; it is not a dependency of llmrec). RecBole 1.2.0
+uses ``np.float_``, removed in NumPy 2, hence numpy < 2 and a pandas that accepts it; its model registry imports
+kmeans_pytorch, which it does not declare:
 
     python3 -m venv /work/recbole-venv
-    /work/recbole-venv/bin/pip install torch==2.13.0 recbole==1.2.0
+    /work/recbole-venv/bin/pip install torch==2.13.0 recbole==1.2.0 "numpy<2" "pandas<2.3" kmeans-pytorch
     /work/recbole-venv/bin/python scripts/recbole_sasrec_ml100k.py --data ../shared/data --seed 42 \
         --output benchmarks/results/recbole_sasrec_ml100k_seed42.json
 
