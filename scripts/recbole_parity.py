@@ -1,0 +1,85 @@
+"""SASRec on ML-100K: llmrec's runs beside RecBole 1.2's on the same protocol, per seed and mean +- std.
+
+    python scripts/recbole_parity.py --recbole 'benchmarks/results/recbole_sasrec_ml100k_seed*.json' \
+        --ours benchmarks/results/seqrec_ml100k_bench.json "llmrec, stride 50 (default)" \
+        --ours benchmarks/results/seqrec_ml100k_stride25.json "llmrec, window_stride 25" \
+        --output benchmarks/results/sasrec_recbole_parity_ml100k
+
+RecBole's numbers come from ``scripts/recbole_sasrec_ml100k.py`` (its own venv; one JSON per seed); ours from
+``llmrec bench seqrec`` results files (their ``sasrec`` runs). Writes ``<output>.json`` and ``<output>.md``. The
+seeds of the two libraries are not the same random streams: the comparison is of means over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import statistics
+from pathlib import Path
+
+METRICS = ("ndcg@10", "hr@10", "ndcg@20")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recbole", required=True, help="glob of scripts/recbole_sasrec_ml100k.py outputs")
+    ap.add_argument("--ours", nargs=2, action="append", required=True, metavar=("RESULTS_JSON", "LABEL"),
+                    help="an llmrec bench seqrec results file and its label (repeatable)")
+    ap.add_argument("--output", required=True, help="output path without extension")
+    args = ap.parse_args()
+
+    from llmrec.data.canonical import atomic_write_json, atomic_write_text
+
+    settings: dict[str, dict[int, dict[str, float]]] = {}
+    rec_files = sorted(glob.glob(args.recbole))
+    if not rec_files:
+        raise SystemExit(f"no RecBole results match {args.recbole!r}")
+    rec: dict[int, dict[str, float]] = {}
+    for f in rec_files:
+        r = json.loads(Path(f).read_text())
+        if r.get("history_masking"):
+            raise SystemExit(f"{f}: RecBole ran with history masking; llmrec's protocol does not mask")
+        t = r["test"]
+        rec[int(r["seed"])] = {"ndcg@10": t["ndcg@10"], "hr@10": t["hit@10"], "ndcg@20": t["ndcg@20"]}
+    settings["RecBole 1.2 SASRec"] = rec
+    for path, label in args.ours:
+        runs = json.loads(Path(path).read_text())["runs"].get("sasrec", [])
+        if not runs:
+            raise SystemExit(f"{path}: no sasrec runs")
+        settings[label] = {int(r["seed"]): {m: r["test"][m] for m in METRICS} for r in runs}
+
+    ref = _mean_std([v["ndcg@10"] for v in rec.values()])[0]
+    summary = {}
+    for label, by_seed in settings.items():
+        s = {m: _mean_std([v[m] for v in by_seed.values()]) for m in METRICS}
+        summary[label] = {"seeds": sorted(by_seed), **{m: {"mean": mu, "std": sd} for m, (mu, sd) in s.items()},
+                          "ndcg@10_vs_recbole": s["ndcg@10"][0] / ref - 1.0}
+    out = {"recbole_files": rec_files, "ours_files": [p for p, _ in args.ours], "per_seed": settings,
+           "summary": summary}
+    seeds = sorted({s for by in settings.values() for s in by})
+    lines = ["SASRec on ML-100K (leave-one-out, history 50, d 64, 2 layers, dropout 0.5, full-softmax CE, full "
+             "ranking, no history masking, selection on validation NDCG@10): RecBole 1.2 "
+             "(`scripts/recbole_sasrec_ml100k.py`, its own venv) beside llmrec (`llmrec bench seqrec`), test NDCG@10 per "
+             "seed (the libraries' seeds are different random streams) and mean ± std "
+             "(`python scripts/recbole_parity.py`):", "",
+             "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " | NDCG@10 | HR@10 | NDCG@20 | vs RecBole |",
+             "|---|" + "---|" * len(seeds) + "---|---|---|---|"]
+    for label, by_seed in settings.items():
+        s = summary[label]
+        cells = [f"{by_seed[x]['ndcg@10']:.4f}" if x in by_seed else "-" for x in seeds]
+        rel = "" if label.startswith("RecBole") else f"{100 * s['ndcg@10_vs_recbole']:+.1f}%"
+        lines.append(f"| {label} | " + " | ".join(cells) + " | "
+                     + " | ".join(f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in METRICS) + f" | {rel} |")
+    atomic_write_json(Path(args.output + ".json"), out)
+    atomic_write_text(Path(args.output + ".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
