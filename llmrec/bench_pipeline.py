@@ -22,7 +22,7 @@ its last checkpoint, evaluation from its finished rows), so a long report can be
 several runs; ``--report-only`` builds the report from whatever has finished. Stages and evaluations
 are locked (``<output-dir>/.locks/``): several processes on one output directory, each with its own
 ``--methods``, can run side by side (one per core on a CPU) and share the stages they have in common;
-each writes the report of its own methods, and a final ``--report-only`` with all of them writes the whole.
+run them with ``--no-report`` and write the report of all of them with a final ``--report-only``.
 
 The small files a report needs -- each test evaluation's ``results.json`` and its rankings (item ids and
 ranks; titles and beam scores left out), the D3 selections, the training summaries -- are also copied to
@@ -98,8 +98,11 @@ class PipelineOptions:
     id_overrides: dict[str, Any] = field(default_factory=dict)
     recipes: str | None = None
     report_only: bool = False
+    no_report: bool = False
 
     def __post_init__(self) -> None:
+        if self.report_only and self.no_report:
+            raise ValueError("report_only and no_report exclude each other")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -386,7 +389,8 @@ class Pipeline:
         return evaluate(cfg)
 
     def run(self) -> dict:
-        """Run what is missing (unless ``report_only``), then write and return the report."""
+        """Run what is missing (unless ``report_only``), then write and return the report (unless ``no_report``:
+        then ``{}``)."""
         o = self.opts
         if not o.report_only:
             self._ensure_data()
@@ -402,6 +406,8 @@ class Pipeline:
                     with self._lock(f"eval_{method}", seed):
                         self._evaluate(method, seed)
                         self._archive(method, seed, self.eval_dir(method, seed))  # now, not at the end: runs get cut
+        if o.no_report:
+            return {}
         return self.report()
 
     def _ensure_data(self) -> None:
@@ -760,7 +766,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         row_seed=args.row_seed, grpo_rows=args.grpo_rows, grpo_stage=args.grpo_stage, grpo_overrides=_pairs(args.grpo, "--grpo"),
         d3_weights=_weights(args.d3_weight),
         d3_valid_rows=args.d3_valid_rows, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
-        report_only=args.report_only)
+        report_only=args.report_only, no_report=args.no_report)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -786,9 +792,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d3-valid-rows", type=int, default=200, help="validation rows of the D3 weight selection")
     p.add_argument("--recipes", default=None, help="recipe directory (default: the shipped recipes)")
     p.add_argument("--report-only", action="store_true", help="run nothing; report the finished evaluations")
+    p.add_argument("--no-report", action="store_true",
+                   help="run the stages, write no report (for lanes run side by side: a lane's report would hold "
+                   "only its own --methods; finish with --report-only)")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> dict:
     result = Pipeline(options_from_args(args)).run()
     return {m: {k: round(v, 6) for k, v in r["mean"].items() if k in ("ndcg@10", "hr@10")}
-            for m, r in result["methods"].items()}
+            for m, r in result.get("methods", {}).items()}

@@ -49,11 +49,12 @@ def main() -> int:
     if Path(args.output).exists():
         print(f"{args.output} exists: finished earlier, nothing to do")
         return 0
-    # RecBole writes log/ and log_tensorboard/ into the working directory, so users run this from a scratch
-    # directory: the default checkpoint place is the repository's runs/, not the working directory.
     default_work = Path(__file__).resolve().parent.parent / "runs" / f"recbole_sasrec_ml100k_seed{args.seed}"
     work_dir = Path(args.work_dir).resolve() if args.work_dir else default_work
     work_dir.mkdir(parents=True, exist_ok=True)
+    output, data_dir = Path(args.output).resolve(), Path(args.data).resolve()
+    # RecBole writes log/ and log_tensorboard/ into the working directory: keep them beside the checkpoints.
+    os.chdir(work_dir)
 
     import numpy as np
     import torch
@@ -66,7 +67,7 @@ def main() -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = Path(tempfile.mkdtemp(prefix="recbole_"))
     # RecBole reads <data_path>/<dataset>/<dataset>.inter: point it at a link named ml-100k.
-    (work / "ml-100k").symlink_to(Path(args.data).resolve() / "ml-100k_recbole")
+    (work / "ml-100k").symlink_to(data_dir / "ml-100k_recbole")
     cfg = {
         "data_path": str(work), "dataset": "ml-100k", "checkpoint_dir": str(work / "saved"),
         "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
@@ -159,7 +160,7 @@ def main() -> int:
     }
     if epochs_run:
         out["epoch_s"] = round(train_s / epochs_run, 1)  # includes each epoch's validation
-    path = Path(args.output)
+    path = output
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")

@@ -219,7 +219,8 @@ def test_archive_lets_another_checkout_report_and_skip_finished_methods(report, 
 
 def test_two_processes_on_one_output_dir_share_a_stage_instead_of_training_it_twice(tmp_path, monkeypatch):
     """Two pipelines (lanes) started side by side on one --output-dir, both needing SASRec: the stage lock makes
-    the second wait while the first trains, then reuse its run (one training, both reports hold SASRec)."""
+    the second wait while the first trains, then reuse its run (one training); lanes run with --no-report, and a
+    final --report-only reports all their methods."""
     import threading
     import time
 
@@ -237,25 +238,31 @@ def test_two_processes_on_one_output_dir_share_a_stage_instead_of_training_it_tw
 
     monkeypatch.setattr(Pipeline, "_seqrec", slow_seqrec)
 
-    def lane(name: str, errors: list) -> None:
+    def options(methods: list[str], **kw) -> PipelineOptions:
+        return PipelineOptions(
+            dataset=str(data), model="tiny-qwen2", methods=methods, output_dir=str(tmp_path / "runs"),
+            results_dir=str(tmp_path / "results"), name="lanes", test_rows=6,
+            id_overrides={"epochs": 1, "hidden_size": 16, "inner_size": 32, "max_history": 5, "progress": False,
+                          "num_threads": 1}, **kw)
+
+    def lane(methods: list[str], errors: list) -> None:
         try:
-            Pipeline(PipelineOptions(
-                dataset=str(data), model="tiny-qwen2", methods=["popularity", "sasrec"], output_dir=str(tmp_path / "runs"),
-                results_dir=str(tmp_path / "results"), name=name, test_rows=6,
-                id_overrides={"epochs": 1, "hidden_size": 16, "inner_size": 32, "max_history": 5, "progress": False,
-                              "num_threads": 1})).run()
+            assert Pipeline(options(methods, no_report=True)).run() == {}
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
     errors: list = []
-    first = threading.Thread(target=lane, args=("lane_a", errors))
+    first = threading.Thread(target=lane, args=(["sasrec"], errors))
     first.start()
     assert started.wait(60)
-    second = threading.Thread(target=lane, args=("lane_b", errors))
+    second = threading.Thread(target=lane, args=(["popularity", "sasrec"], errors))
     second.start()
     first.join(300)
     second.join(300)
     assert not errors, errors
     assert trained == ["sasrec"]
-    a, b = (json.loads((tmp_path / "results" / f"{n}.json").read_text()) for n in ("lane_a", "lane_b"))
-    assert a["methods"]["sasrec"]["mean"] == b["methods"]["sasrec"]["mean"]
+    assert not (tmp_path / "results" / "lanes.json").exists()  # lanes write no (partial) report
+    res = Pipeline(options(["popularity", "sasrec"], report_only=True)).run()
+    assert set(res["methods"]) == {"popularity", "sasrec"} and res["missing"] == []
+    with pytest.raises(ValueError, match="exclude each other"):
+        options(["sasrec"], report_only=True, no_report=True)
