@@ -48,7 +48,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +120,19 @@ class Pipeline:
     """Runs the stages of :class:`PipelineOptions` (skipping finished ones) and writes the report."""
 
     def __init__(self, opts: PipelineOptions):
+        from llmrec.config import coerce_fields
         from llmrec.resources import resource_dir
 
+        # Typed and checked at once (YAML reads 1e-5 as a string; a wrong key should fail before hours of work),
+        # so the finished-stage checks compare numbers with numbers.
+        if opts.grpo_overrides:
+            from llmrec.training.grpo import LatentGRPOConfig
+
+            opts = replace(opts, grpo_overrides=coerce_fields([LatentGRPOConfig], opts.grpo_overrides, "--grpo"))
+        if opts.id_overrides:
+            from llmrec.seqrec.config import SeqRecConfig
+
+            opts = replace(opts, id_overrides=coerce_fields([SeqRecConfig], opts.id_overrides, "--id"))
         self.opts = opts
         self.out = Path(opts.output_dir)
         self.recipes = Path(opts.recipes) if opts.recipes else resource_dir("recipes")
@@ -293,11 +304,14 @@ class Pipeline:
                 wanted.update({k: v for k, v in ref.items() if k not in o.grpo_overrides and k != "max_train_rows"})
                 found.update({k: g.get(k) for k in ref if k not in found})
         elif stage.startswith("seqrec_"):
-            cfg = json.loads((d / "results.json").read_text()).get("config", {})
-            fields = self._seqrec_fields(stage[len("seqrec_"):], seed)
-            keys = ["model", "dataset_dir", "seed", *self.opts.id_overrides]
-            wanted = {k: fields[k] for k in keys}
-            found = {k: cfg.get(k) for k in keys}
+            from llmrec.config import to_dict
+            from llmrec.seqrec.config import SeqRecConfig, training_fields
+
+            # Every field that decides what was trained (recipe edits included), not only the --id keys.
+            cfg = training_fields(json.loads((d / "results.json").read_text()).get("config", {}))
+            wanted = json.loads(json.dumps(training_fields(to_dict(SeqRecConfig(
+                **self._seqrec_fields(stage[len("seqrec_"):], seed))))))
+            found = {k: cfg.get(k) for k in wanted}
         bad = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v and not (
             isinstance(v, float) and isinstance(found.get(k), (int, float)) and abs(found[k] - v) <= 1e-12 * abs(v))}
         if bad:
@@ -619,6 +633,7 @@ class Pipeline:
         o, d = self.opts, PipelineOptions()
         parts = ["llmrec bench pipeline", f"--dataset {o.dataset}", f"--model {o.model}", f"--seeds {o.seeds}"]
         flags = {"methods": "--methods", "output_dir": "--output-dir", "results_dir": "--results-dir", "name": "--name",
+                 "recipes": "--recipes",
                  "train_rows": "--train-rows", "test_rows": "--test-rows", "row_seed": "--row-seed",
                  "grpo_rows": "--grpo-rows", "grpo_stage": "--grpo-stage", "d3_weights": "--d3-weight",
                  "d3_valid_rows": "--d3-valid-rows"}
@@ -628,7 +643,10 @@ class Pipeline:
                 parts.append(f"{flag} {','.join(f'{v:g}' if isinstance(v, float) else v for v in value) if isinstance(value, list) else value}")
         for flag, pairs in (("--grpo", o.grpo_overrides), ("--id", o.id_overrides)):
             if pairs:
-                parts.append(flag + " " + " ".join(f"{k}={v}" for k, v in pairs.items()))
+                # JSON lists without spaces survive the shell and parse back as YAML: reward_funcs=["a","b"]
+                parts.append(flag + " " + " ".join(
+                    f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}"
+                    for k, v in pairs.items()))
         return " ".join(parts)
 
 

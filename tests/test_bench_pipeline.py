@@ -104,7 +104,18 @@ def test_id_overrides_are_typed_and_the_command_is_complete(report):
     p = Pipeline(PipelineOptions(dataset=str(data), output_dir=str(root / "runs"), id_overrides={"lr": "1e-3"},
                                  test_rows=6, methods=["sasrec"]))
     assert p._seqrec_fields("sasrec", 0)["lr"] == 0.001
-    assert "--test-rows 6" in p.command() and "--methods sasrec" in p.command() and "--id lr=1e-3" in p.command()
+    assert "--test-rows 6" in p.command() and "--methods sasrec" in p.command() and "--id lr=0.001" in p.command()
+    # --grpo values are typed at once too: a finished GRPO run's recorded 1e-05 must match an asked "1e-5"
+    g = Pipeline(PipelineOptions(dataset=str(data), grpo_overrides={"learning_rate": "1e-5",
+                                                                    "reward_funcs": ["neg_ppl", "log_likelihood"]}))
+    assert g.opts.grpo_overrides["learning_rate"] == 1e-5
+    assert '--grpo learning_rate=1e-05 reward_funcs=["neg_ppl","log_likelihood"]' in g.command()
+    from llmrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--grpo: unknown option.*'learning_rte'"):
+        Pipeline(PipelineOptions(dataset=str(data), grpo_overrides={"learning_rte": 1e-5}))
+    with pytest.raises(ConfigError, match="--id: unknown option.*'epoch'"):
+        Pipeline(PipelineOptions(dataset=str(data), id_overrides={"epoch": 3}))
 
 
 def test_report_only_and_bad_options(report, tmp_path):

@@ -59,6 +59,23 @@ def test_beam_evaluation_and_resume_give_the_same_rankings(prepared_dir, tmp_pat
     assert resumed["metrics"] == full["metrics"]
     again = [json.loads(x) for x in (tmp_path / "resumed" / "rankings.jsonl").read_text().splitlines()]
     assert [r["item_ranking"] for r in again] == [r["item_ranking"] for r in ranked]
+    # Killed in the middle of writing a record: the partial last line is dropped, the file truncated, and the
+    # resumed run ends with the same rankings (and a part file of complete lines).
+    cut_dir = tmp_path / "cut" / "rankings"
+    cut_dir.mkdir(parents=True)
+    text = "".join(json.dumps(r) + "\n" for r in ranked[:3]) + json.dumps(ranked[3])[:25]
+    (cut_dir / "part-0.jsonl").write_text(text)
+    cut = evaluate(tiny_config(prepared_dir, tmp_path / "cut"))
+    assert cut["metrics"] == full["metrics"]
+    again = [json.loads(x) for x in (tmp_path / "cut" / "rankings.jsonl").read_text().splitlines()]
+    assert [r["item_ranking"] for r in again] == [r["item_ranking"] for r in ranked]
+    assert all(json.loads(x) for x in (cut_dir / "part-0.jsonl").read_text().splitlines())
+    # A malformed complete line is an error naming the file and line, not a silent skip.
+    bad_dir = tmp_path / "bad" / "rankings"
+    bad_dir.mkdir(parents=True)
+    (bad_dir / "part-0.jsonl").write_text(json.dumps(ranked[0]) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"part-0.jsonl.*2.*not valid JSON"):
+        evaluate(tiny_config(prepared_dir, tmp_path / "bad"))
     # A finished evaluation is not redone; a different protocol in the same dir is refused.
     assert evaluate(tiny_config(prepared_dir, tmp_path / "full"))["metrics"] == full["metrics"]
     with pytest.raises(ValueError, match="different protocol"):

@@ -265,6 +265,37 @@ def test_resume_skips_finished_phase(tmp_path):
     assert again["test"] == first["test"] and again["timings"]["epochs"] == first["timings"]["epochs"]
 
 
+def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
+    """A rerun in the same output_dir with another training setting must not load (and report) the old weights;
+    settings that do not change training (progress, eval batch, extra test depths) still resume."""
+    import dataclasses
+
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=2, eval_every=1)
+    first = run_seqrec(cfg)
+    again = run_seqrec(dataclasses.replace(cfg, progress=not cfg.progress, eval_batch_size=3))
+    assert again["test"] == first["test"]
+    with pytest.raises(ValueError, match=r"holds a run made with lr=.*\(asked: 0\.5\)"):
+        run_seqrec(dataclasses.replace(cfg, lr=0.5))
+    fresh = run_seqrec(dataclasses.replace(cfg, lr=0.5, resume=False))  # trains from scratch there
+    assert json.loads((Path(cfg.output_dir) / "run_config.json").read_text())["config"]["lr"] == 0.5
+    assert fresh["config"]["lr"] == 0.5
+    with pytest.raises(ValueError, match="holds a run made with lr="):
+        run_seqrec(cfg)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(temperature=0.0), "temperature"), (dict(dropout=1.0), "dropout"), (dict(valid_metric="ndcg@50"), "valid_metric"),
+    (dict(valid_metric="auc@10"), "valid_metric"), (dict(test_depths=[0, 2]), "test_depths"),
+    (dict(model="lares", rpt_epochs=1, rpt_group=1), "rpt_group"),
+])
+def test_bad_settings_are_refused_at_once(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SeqRecConfig(dataset_dir="x", **bad)
+
+
 def test_build_model_names(tmp_path):
     for name in ("sasrec", "rearec-erl", "rearec-prl", "lares"):
         m = build_model(SeqRecConfig(dataset_dir="x", model=name, hidden_size=8, inner_size=8), 10)

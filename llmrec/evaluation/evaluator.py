@@ -34,7 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmrec.data.canonical import atomic_write_json, atomic_write_text, dumps_line, load_prepared, read_jsonl
+from llmrec.data.canonical import (
+    DataFormatError,
+    atomic_write_json,
+    atomic_write_text,
+    dumps_line,
+    load_prepared,
+)
 from llmrec.evaluation.metrics import compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -238,9 +244,29 @@ class Evaluator:
                 raise ValueError(f"{data.directory}/{self.config.split}.jsonl, row {i + 1}, field 'history_item_ids': empty history")
 
     def _done_rows(self) -> dict[int, dict]:
+        """The rows finished so far (every process's part file).
+
+        A kill in the middle of :meth:`_append` can leave a partial last line: it is dropped (its rows are
+        evaluated again) and this process truncates its own part file to the last complete line, so the next
+        append does not glue a record onto it. A malformed complete line is still an error.
+        """
         done: dict[int, dict] = {}
         for part in sorted((self.out / "rankings").glob("part-*.jsonl")):
-            for rec in read_jsonl(part):
+            raw = part.read_bytes()
+            complete = raw[: raw.rfind(b"\n") + 1]
+            if len(complete) < len(raw):
+                logger.warning("%s: dropping a partial last record (%d bytes; an interrupted write); its rows are "
+                               "evaluated again", part, len(raw) - len(complete))
+                if part.name == f"part-{self.state.process_index}.jsonl":
+                    with open(part, "r+b") as f:
+                        f.truncate(len(complete))
+            for i, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataFormatError(part, i, None, f"not valid JSON ({e.msg})") from None
                 done[rec["row"]] = rec
         return done
 

@@ -11,6 +11,15 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# Fields that do not change what a run trains or selects: a resumed or reused run may differ in them.
+RESULT_NEUTRAL_FIELDS = ("output_dir", "resume", "progress", "num_threads", "eval_batch_size", "test_depths")
+
+
+def training_fields(config: dict) -> dict:
+    """The fields of a config dict (``to_dict(SeqRecConfig)``) that decide what a run trains and selects."""
+    return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_FIELDS}
+
+
 @dataclass
 class SeqRecConfig:
     """Everything one ID-model training run needs."""
@@ -114,3 +123,17 @@ class SeqRecConfig:
             raise ValueError(f"window_stride must be in 0..max_history ({self.max_history}), got {self.window_stride}")
         if self.train_mode not in ("sequence", "rows"):
             raise ValueError(f"train_mode must be 'sequence' or 'rows', got {self.train_mode!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("dropout", "attn_dropout", "input_dropout", "rpt_dropout"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        metric, _, k = self.valid_metric.partition("@")
+        if metric not in ("hr", "ndcg", "mrr") or not k.isdigit() or int(k) not in self.ks:
+            raise ValueError(f"valid_metric must be hr|ndcg|mrr@K with K in ks {self.ks}, got {self.valid_metric!r}")
+        if any(d < 1 for d in self.test_depths):
+            raise ValueError(f"test_depths must be >= 1, got {self.test_depths}")
+        if self.rpt_epochs > 0 and self.rpt_group < 2:
+            # one rollout has no group spread: its standardised advantage is 0/0
+            raise ValueError(f"rpt_group (G) must be >= 2 for RPT, got {self.rpt_group}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from llmrec.config import to_dict
 from llmrec.data.canonical import atomic_write_json, atomic_write_text
-from llmrec.seqrec.config import SeqRecConfig
+from llmrec.seqrec.config import SeqRecConfig, training_fields
 from llmrec.seqrec.data import SameTargetPool, load_seqrec_data
 from llmrec.seqrec.models import LARES, ReaRec, build_model
 from llmrec.seqrec.trainer import SeqRecTrainer, make_accelerator
@@ -83,6 +84,37 @@ def results_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RUN_CONFIG_JSON = "run_config.json"
+
+
+def _run_identity(cfg: SeqRecConfig) -> dict[str, Any]:
+    """What a run directory's checkpoints were trained with: the training fields and the data's statistics."""
+    stats = Path(cfg.dataset_dir) / "stats.json"
+    return {"config": training_fields(to_dict(cfg)),
+            "data_stats": json.loads(stats.read_text()) if stats.exists() else None}
+
+
+def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> None:
+    """Refuse to resume (or reuse) checkpoints trained with other settings or data; record this run's identity.
+
+    Without this a rerun with, say, another learning rate in the same ``output_dir`` would load the old run's
+    weights and report them under the new config.
+    """
+    path = out / RUN_CONFIG_JSON
+    want = json.loads(json.dumps(_run_identity(cfg)))  # JSON round trip: compare like with like
+    if cfg.resume and path.exists():
+        have = json.loads(path.read_text())
+        diff = {k: (have["config"].get(k), v) for k, v in want["config"].items() if have["config"].get(k) != v}
+        if have.get("data_stats") != want["data_stats"]:
+            diff["dataset (stats.json)"] = ("another dataset", str(Path(cfg.dataset_dir) / "stats.json"))
+        if diff:
+            details = ", ".join(f"{k}={h!r} (asked: {w!r})" for k, (h, w) in diff.items())
+            raise ValueError(f"{out} holds a run made with {details}; use another output_dir, set resume: false to "
+                             "train from scratch there, or remove it")
+    if is_main:
+        atomic_write_json(path, want)
+
+
 def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     """Run one configuration end to end (resumable); return the results dict (also written to disk)."""
     if not cfg.dataset_dir:
@@ -91,6 +123,7 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     acc = make_accelerator(cfg.seed)
+    _check_resumable(cfg, out, acc.is_main_process)
     data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode, cfg.window_stride)
     model = build_model(cfg, data.num_items)
     trainer = SeqRecTrainer(cfg, data, model, acc, out)
