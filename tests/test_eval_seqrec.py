@@ -95,3 +95,17 @@ def test_seqrec_method_errors(data_dir, sasrec_run, tmp_path):
     with pytest.raises(ValueError, match="trained on 40 items"):
         evaluate(_config(other, sasrec_run, tmp_path / "c"))
     assert not (tmp_path / "c" / "results.json").exists()
+
+
+def test_an_evaluation_is_not_reused_after_its_model_is_retrained(data_dir, tmp_path):
+    """The protocol holds the weights' digest: retraining the model in the same run directory (other settings,
+    resume off) makes the finished evaluation a different protocol, refused instead of silently reused."""
+    from llmrec.evaluation.evaluator import evaluate, weights_sha256
+
+    run = train_tiny_sasrec(data_dir, tmp_path / "run", max_history=6, ks=[1, 5, 10, 20])
+    first = evaluate(_config(data_dir, run, tmp_path / "eval"))
+    assert first["protocol"]["id_weights_sha256"] == weights_sha256(run / first["protocol"]["id_weights"])
+    assert evaluate(_config(data_dir, run, tmp_path / "eval"))["metrics"] == first["metrics"]  # same weights
+    train_tiny_sasrec(data_dir, run, max_history=6, ks=[1, 5, 10, 20], lr=0.05, resume=False)
+    with pytest.raises(ValueError, match="different protocol"):
+        evaluate(_config(data_dir, run, tmp_path / "eval"))

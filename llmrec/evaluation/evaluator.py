@@ -107,6 +107,20 @@ def select_rows(n: int, max_rows: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=max_rows, replace=False).tolist())
 
 
+def weights_sha256(path: str | Path) -> str | None:
+    """Content identity of trained weights: the digest of a weights file, or of a checkpoint directory's top-level
+    ``*.safetensors`` files (adapter, latent head, full weights) in name order; None if there are none.
+
+    Part of an evaluation's protocol, so a stage retrained in the same directory is not matched with the
+    results of its previous weights.
+    """
+    from llmrec.models.backbone import sha256_of_files
+
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
+    return sha256_of_files(files) if files else None
+
+
 def protocol_fingerprint(protocol: dict) -> str:
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -175,6 +189,7 @@ class Evaluator:
             g = self.seqrec_info
             p.update({
                 "checkpoint": c.checkpoint, "id_model": g["model"], "id_weights": g["weights"],
+                "id_weights_sha256": weights_sha256(Path(c.checkpoint) / g["weights"]),
                 "history_length": g["max_history"], "history_masked": g["mask_history"],
                 "ranking": "full catalogue by the ID model's scores, ties by the smaller item id; the list keeps "
                            "the top max(ks) items, the item rank is the target's full-catalogue rank",
@@ -187,12 +202,15 @@ class Evaluator:
                 "batch_size": c.batch_size,
                 "ranking": "beams in score order; item level expands each title to its items in ascending id order",
             })
+            if c.checkpoint:
+                p["checkpoint_sha256"] = weights_sha256(c.checkpoint)
             if c.guided:
                 # Only when on, so the fingerprints of unguided evaluations stay what they were.
                 g = self.guidance_info
                 p["guidance"] = {
                     "checkpoint": c.guidance_checkpoint, "weight": c.guidance_weight, "id_model": g["model"],
                     "id_max_history": g["max_history"], "id_weights": g["weights"],
+                    "id_weights_sha256": weights_sha256(Path(c.guidance_checkpoint) / g["weights"]),
                     "score": "(LM logprob + weight * log P_ID(title)) / length**length_penalty; "
                              "P_ID = ID-model softmax mass of the title's items",
                 }

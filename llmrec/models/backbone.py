@@ -384,7 +384,7 @@ def _atomic_dir(dest: Path) -> Iterator[tuple[Path, Path]]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _sha256_concat(files: Sequence[Path], out: Path | None = None) -> str:
+def sha256_of_files(files: Sequence[Path], out: Path | None = None) -> str:
     """Digest of the files' concatenation, also writing it to ``out`` when given."""
     digest = hashlib.sha256()
     with contextlib.ExitStack() as stack:
@@ -402,10 +402,10 @@ def _materialize_gguf(spec: GGUFAlias, scratch: Path) -> Path:
     """Path of the alias's verified GGUF file; split files are concatenated into ``scratch``."""
     files = _source_files(spec)
     if len(files) == 1:
-        gguf_path, digest = files[0], _sha256_concat(files)
+        gguf_path, digest = files[0], sha256_of_files(files)
     else:
         gguf_path = scratch / f"{spec.name}.gguf"
-        digest = _sha256_concat(files, gguf_path)
+        digest = sha256_of_files(files, gguf_path)
     if digest != spec.sha256:
         raise ConversionError(
             f"the GGUF file of '{spec.name}' has sha256 {digest}, expected {spec.sha256}; the installed "
