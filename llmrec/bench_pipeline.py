@@ -194,9 +194,14 @@ class Pipeline:
         if not f.exists():
             raise FileNotFoundError(f"{f}: the D3 weight of {method} (seed {seed}) has not been selected yet")
         sel = json.loads(f.read_text())
-        if sorted(float(w) for w in sel["valid_ndcg@10"]) != sorted(self.opts.d3_weights):
-            raise ValueError(f"{f} selected among weights {sorted(sel['valid_ndcg@10'])}, asked: "
-                             f"{sorted(self.opts.d3_weights)}; remove it to select again")
+        grid, asked = sorted(float(w) for w in sel["valid_ndcg@10"]), sorted(self.opts.d3_weights)
+        # The grid's keys are written with :g (6 significant digits): compare at that precision.
+        same_grid = len(grid) == len(asked) and all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(grid, asked))
+        same_rows = (sel.get("rows"), sel.get("row_seed")) == (self.opts.d3_valid_rows, self.opts.row_seed)
+        if not (same_grid and same_rows):
+            raise ValueError(f"{f} selected among weights {grid} on {sel.get('rows')} validation rows (row seed "
+                             f"{sel.get('row_seed')}), asked: {asked} on {self.opts.d3_valid_rows} rows (row seed "
+                             f"{self.opts.row_seed}); remove it to select again")
         return float(sel["chosen"])
 
     def needs(self, method: str) -> list[str]:
@@ -517,6 +522,7 @@ class Pipeline:
             detail = "; ".join(f"{finished[m][s]}: {p.get('rows')} rows (max_rows {p.get('max_rows')}, row_seed "
                                f"{p.get('row_seed')})" for (m, s), p in protocols.items())
             raise ValueError(f"the finished evaluations are not on the same test rows ({len(rows)} shared): {detail}")
+        self._check_same_protocol(protocols, finished)
         # The same row index must be the same example (user, target) in every run.
         ref_method, ref_seeds = next(iter(rankings.items()))
         some = next(iter(ref_seeds.values()))
@@ -531,8 +537,10 @@ class Pipeline:
         per_row: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # method -> seed -> metric -> per-row values
         for method, seeds in rankings.items():
             first = protocols[(method, min(seeds))]
-            max_k = first.get("num_beams") if first["method"] == "beam" else None
-            ks = [k for k in REPORT_KS if max_k is None or k <= max_k]
+            # K up to the list length: the beams, and the longest cut-off the evaluation kept a list for.
+            max_k = min((first.get("num_beams") or math.inf) if first["method"] == "beam" else math.inf,
+                        max(first.get("ks") or REPORT_KS))
+            ks = [k for k in REPORT_KS if k <= max_k]
             per_seed: dict[str, list[float]] = {}
             for seed, recs in sorted(seeds.items()):
                 for level in ("item", "title"):
@@ -562,8 +570,7 @@ class Pipeline:
             if base is None or treat not in per_row or base not in per_row:
                 continue
             # Pair on the seeds both have (a seed-independent baseline pairs with every seed).
-            shared = sorted(set(per_row[treat]) & set(per_row[base])) or (
-                sorted(per_row[treat]) if base in SEED_INDEPENDENT else [])
+            shared = sorted(per_row[treat]) if base in SEED_INDEPENDENT else sorted(set(per_row[treat]) & set(per_row[base]))
             if not shared:
                 continue
             entry = {"name": label, "treatment": treat, "baseline": base, "seeds": shared, "metrics": {}}
@@ -619,12 +626,28 @@ class Pipeline:
         print(md, end="")
         return result
 
+    @staticmethod
+    def _check_same_protocol(protocols: dict[tuple[str, int], dict], finished: dict[str, dict[int, Path]]) -> None:
+        """One test set for every run, and one LM setting for every beam-search run (length penalty and guidance
+        aside: D3 changes them), so a finished run made with other options cannot slip into the table."""
+        shared = ("dataset", "split", "row_seed")
+        beam = ("model", "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams",
+                "max_prompt_length")
+        ref: dict[str, tuple[tuple[str, int], Any]] = {}
+        for (m, s), p in protocols.items():
+            for key in shared + (beam if p["method"] == "beam" else ()):
+                first = ref.setdefault(key, ((m, s), p.get(key)))
+                if p.get(key) != first[1]:
+                    (m0, s0), v0 = first
+                    raise ValueError(f"the finished evaluations differ in {key}: {v0!r} in {finished[m0][s0]}, "
+                                     f"{p.get(key)!r} in {finished[m][s]}; rerun one of them or report them apart")
+
     def _d3_selections(self, finished: dict[str, dict[int, Path]]) -> dict[str, dict[int, dict]]:
         out: dict[str, dict[int, dict]] = {}
         for m, seeds in finished.items():
             for s in seeds:
                 f = self._find(self.d3_selection_file(m, s))
-                if m.endswith("+d3") and f.exists():
+                if len(self.opts.d3_weights) > 1 and m.endswith("+d3") and f.exists():
                     out.setdefault(m, {})[s] = json.loads(f.read_text())
         return out
 

@@ -154,6 +154,17 @@ def test_report_only_and_bad_options(report, tmp_path):
                                    name="sub", test_rows=6)).run()
     assert set(res["methods"]) == {"popularity", "sasrec"}
     assert not (tmp_path / "r" / "sub.md.tmp").exists()
+    # a finished beam evaluation made with another LM setting is refused, naming both runs
+    mixed = tmp_path / "mixed_runs"
+    for name in ("eval_sft_bigrec", "eval_sft_latent"):
+        shutil.copytree(root / "runs" / name, mixed / name)
+    f = mixed / "eval_sft_latent" / "results.json"
+    res_json = json.loads(f.read_text())
+    res_json["protocol"]["num_beams"] += 1
+    f.write_text(json.dumps(res_json))
+    with pytest.raises(ValueError, match=r"differ in num_beams: .*eval_sft_\w+.*eval_sft_\w+"):
+        Pipeline(PipelineOptions(dataset=str(data), output_dir=str(mixed), methods=["bigrec-sft", "latent-sft"],
+                                 report_only=True, results_dir=str(tmp_path / "r"), name="beams")).run()
 
 
 def test_d3_weight_selected_on_validation_rows(report, capsys):
@@ -183,6 +194,10 @@ def test_d3_weight_selected_on_validation_rows(report, capsys):
 
     ns = build_parser().parse_args(args)
     assert "--d3-weight 0.5,2 --d3-valid-rows 4" in Pipeline(options_from_args(ns)).command()
+    # a selection made on other validation rows is not reused
+    ns.d3_valid_rows = 5
+    with pytest.raises(ValueError, match="on 4 validation rows .* asked: .* on 5 rows"):
+        Pipeline(options_from_args(ns)).d3_weight("bigrec-sft+d3", 0)
     stamp = (root / "runs" / "d3_selection" / "bigrec-sft+d3.json").stat().st_mtime_ns
     assert main(args) == 0  # rerun: nothing selected or evaluated again
     assert (root / "runs" / "d3_selection" / "bigrec-sft+d3.json").stat().st_mtime_ns == stamp
