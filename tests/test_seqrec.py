@@ -157,6 +157,15 @@ def test_history_id_outside_catalogue_is_a_clear_error(tmp_path):
         load_seqrec_data(d)
 
 
+def test_empty_evaluation_history_is_a_clear_error(tmp_path):
+    d = write_successor_dataset(tmp_path / "d")
+    rows = [json.loads(line) for line in (d / "test.jsonl").read_text().splitlines()]
+    rows[1]["history_item_ids"] = []
+    write_jsonl(d / "test.jsonl", rows)
+    with pytest.raises(ValueError, match=r"test\.jsonl, row 2, field 'history_item_ids': empty history"):
+        load_seqrec_data(d)
+
+
 def test_empty_split_is_a_clear_error(tmp_path):
     d = write_successor_dataset(tmp_path / "d")
     (d / "test.jsonl").write_text("")
@@ -263,6 +272,38 @@ def test_resume_skips_finished_phase(tmp_path):
     first = run_seqrec(cfg)
     again = run_seqrec(cfg)  # finished phase: loads best weights, does not retrain
     assert again["test"] == first["test"] and again["timings"]["epochs"] == first["timings"]["epochs"]
+
+
+def test_resume_after_an_early_stop_trains_no_extra_epoch(tmp_path):
+    """Cut after the early stop's checkpoint but before done.json: the rerun finishes without another epoch."""
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=40, eval_every=1, patience=1)
+    first = run_seqrec(cfg)
+    assert first["timings"]["epochs"] < 40  # it did stop early
+    out = Path(cfg.output_dir)
+    (out / "train" / "done.json").unlink()
+    (out / "results.json").unlink()
+    again = run_seqrec(cfg)
+    assert again["timings"]["epochs"] == first["timings"]["epochs"] and again["test"] == first["test"]
+
+
+def test_lares_resumed_after_spt_filters_and_trains_rpt_as_an_uninterrupted_run(tmp_path):
+    import shutil
+
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, model="lares", epochs=2, mean_recurrence=2, rpt_epochs=1, rpt_batch_size=16,
+                   rpt_lr=1e-3, dropout=0.1, attn_dropout=0.1)
+    first = run_seqrec(cfg)
+    out = Path(cfg.output_dir)
+    shutil.rmtree(out / "rpt")  # cut right after SPT
+    (out / "results.json").unlink()
+    again = run_seqrec(cfg)
+    assert again["rpt_rows_kept"] == first["rpt_rows_kept"]
+    assert again["test"] == first["test"]
 
 
 def test_resume_refuses_checkpoints_of_other_settings(tmp_path):

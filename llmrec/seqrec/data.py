@@ -67,6 +67,9 @@ def left_pad(histories: list[list[int]], length: int) -> np.ndarray:
 def _check_ids(split: str, histories: list[list[int]], targets: list[int], num_items: int, directory) -> None:
     """Raise ``ValueError`` naming the split file, row and field of the first id outside 1..N."""
     for r, (h, t) in enumerate(zip(histories, targets), start=1):
+        if not h and split != "train":  # scoring all-padding input would rank items from nothing
+            raise ValueError(f"{directory}/{split}.jsonl, row {r}, field 'history_item_ids': empty history (an "
+                             "evaluation row needs at least one item)")
         if not 1 <= t <= num_items:
             raise ValueError(
                 f"{directory}/{split}.jsonl, row {r}, field 'target_item_id': item id {t} is not in the "

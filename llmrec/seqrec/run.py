@@ -143,6 +143,9 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
             # Budget cap (CPU): filter a random candidate subset (3x the budget) instead of every row.
             candidates = rng.choice(n_rows, 3 * cfg.rpt_max_rows, replace=False)
             extra["rpt_filter_candidates"] = len(candidates)
+        # Seeded at each phase boundary: a run resumed after SPT filters the same rows, and starts RPT from the
+        # same random state, as an uninterrupted one.
+        torch.manual_seed(cfg.seed + 1)
         keep = trainer.lares_filter(candidates)
         extra["rpt_rows_kept"] = int(keep.sum())
         if cfg.rpt_max_rows and keep.sum() > cfg.rpt_max_rows:
@@ -163,6 +166,7 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
         model.make_reference()
         spt_valid = phases[0].best_valid
         set_dropout(model, cfg.rpt_dropout)
+        torch.manual_seed(cfg.seed + 2)
         rpt = trainer.fit(
             "rpt", data.rows_examples(keep), cfg.rpt_lr, cfg.rpt_epochs, cfg.rpt_patience, cfg.rpt_batch_size
         )

@@ -189,7 +189,8 @@ class SeqRecTrainer:
             logger.info("phase %s: resuming at epoch %d", phase, start_epoch)
         metric = cfg.valid_metric
         extra = dict(extra or {}, phase=phase)
-        for epoch in range(start_epoch, epochs):
+        # A run cut between its early stop and done.json resumes to the end, not into one more epoch.
+        for epoch in range(start_epoch, epochs if bad < patience else start_epoch):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             self.wrapped.train()
