@@ -610,6 +610,7 @@ class Pipeline:
                 "best_id_model_selection": "highest mean NDCG@10 on these test rows",
             },
             "methods": methods, "best_id_model": best_id, "differences": diffs,
+            "id_models_full_test": self._id_full_test(finished),
             "missing": [m for m in o.methods if m not in methods],
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
@@ -625,6 +626,24 @@ class Pipeline:
         plot_report(result, results_dir / f"{o.name}.png")
         print(md, end="")
         return result
+
+    def _id_full_test(self, finished: dict[str, dict[int, Path]]) -> dict[str, dict[int, dict]]:
+        """Each finished ID model's own evaluation on the WHOLE test split (its training run's results.json), beside
+        the table's shared subset: the numbers the ID-model benchmark (``llmrec bench seqrec``) reports."""
+        out: dict[str, dict[int, dict]] = {}
+        for m in ID_MODELS:
+            for s in finished.get(m, {}):
+                f = self._find(self.stage_dir(f"seqrec_{m}", s) / "results.json")
+                if not f.exists():
+                    continue
+                r = json.loads(f.read_text())
+                out.setdefault(m, {})[s] = {
+                    "test": {k: r["test"][k] for k in ("ndcg@10", "hr@10", "ndcg@20", "hr@20") if k in r["test"]},
+                    "valid_ndcg@10": r.get("valid", {}).get("ndcg@10"), "best_epoch": r.get("best_epoch"),
+                    "epochs": r.get("timings", {}).get("epochs"), "epoch_s": r.get("timings", {}).get("epoch_s"),
+                    "test_rows": r.get("protocol", {}).get("rows", {}).get("test"),
+                }
+        return out
 
     @staticmethod
     def _check_same_protocol(protocols: dict[tuple[str, int], dict], finished: dict[str, dict[int, Path]]) -> None:
@@ -737,6 +756,19 @@ def report_markdown(result: dict, command: str = "") -> str:
         rel = f"{n['relative'] * 100:+.0f}%" if math.isfinite(n["relative"]) else "-"
         lines.append(f"| {name} | {n['diff']:+.4f} [{n['ci95'][0]:+.4f}, {n['ci95'][1]:+.4f}] | {rel} | "
                      f"{h['diff']:+.4f} [{h['ci95'][0]:+.4f}, {h['ci95'][1]:+.4f}] |")
+    full = result.get("id_models_full_test") or {}
+    if full:
+        n_rows = {r["test_rows"] for seeds in full.values() for r in seeds.values()}
+        lines += ["", f"ID models on the whole test split ({', '.join(str(n) for n in sorted(n_rows, key=str))} rows; "
+                  "each run's own evaluation after selection on the whole validation split, as `llmrec bench seqrec` "
+                  "reports it):", "", "| model | seed | valid NDCG@10 | test NDCG@10 | test HR@10 | test NDCG@20 | "
+                  "best epoch / epochs run | s/epoch |", "|---|---|---|---|---|---|---|---|"]
+        for m, seeds in full.items():
+            for s, r in sorted(seeds.items()):
+                t = r["test"]
+                lines.append(f"| {LABELS[m]} | {s} | {r['valid_ndcg@10']:.4f} | {t['ndcg@10']:.4f} | {t['hr@10']:.4f} | "
+                             f"{t.get('ndcg@20', math.nan):.4f} | {r['best_epoch']} / {r['epochs']} | "
+                             f"{r['epoch_s']:.0f} |")
     if result["missing"]:
         lines += ["", "Not finished yet (no evaluation): " + ", ".join(LABELS[m] for m in result["missing"]) + "."]
     return "\n".join(lines) + "\n"

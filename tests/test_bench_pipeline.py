@@ -56,6 +56,11 @@ def test_report_has_every_method_on_the_same_rows(report):
     assert (root / "results" / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (root / "results" / "tiny.md").read_text()
     assert "| Latent SFT + GRPO + D3 |" in md and "Reproduce: `llmrec bench pipeline" in md
+    # the ID model's own whole-test-split numbers (its training run's results.json) are reported beside
+    trained = json.loads((root / "runs" / "seqrec_sasrec" / "results.json").read_text())
+    full = res["id_models_full_test"]["sasrec"]["0"]
+    assert full["test"]["ndcg@10"] == trained["test"]["ndcg@10"] and full["best_epoch"] == trained["best_epoch"]
+    assert "ID models on the whole test split" in md and f"| SASRec | 0 | {trained['valid']['ndcg@10']:.4f} |" in md
 
 
 def test_d3_evaluations_use_the_sasrec_of_the_same_seed(report):
