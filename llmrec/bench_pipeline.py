@@ -660,6 +660,14 @@ class Pipeline:
                     (m0, s0), v0 = first
                     raise ValueError(f"the finished evaluations differ in {key}: {v0!r} in {finished[m0][s0]}, "
                                      f"{p.get(key)!r} in {finished[m][s]}; rerun one of them or report them apart")
+        # A D3 row and its plain row decode the same checkpoint (a stage retrained on another machine may not be
+        # bitwise the same; evaluations made before the digest was recorded are not checked).
+        for (m, s), p in protocols.items():
+            plain = protocols.get((m.removesuffix("+d3"), s)) if m.endswith("+d3") else None
+            if plain and None not in (plain.get("checkpoint_sha256"), p.get("checkpoint_sha256")) and \
+                    plain["checkpoint_sha256"] != p["checkpoint_sha256"]:
+                raise ValueError(f"{finished[m][s]} decoded other weights than {finished[m.removesuffix('+d3')][s]} "
+                                 "(checkpoint digests differ): D3 must be compared on the same checkpoint; rerun one")
 
     def _d3_selections(self, finished: dict[str, dict[int, Path]]) -> dict[str, dict[int, dict]]:
         out: dict[str, dict[int, dict]] = {}

@@ -170,6 +170,18 @@ def test_report_only_and_bad_options(report, tmp_path):
     with pytest.raises(ValueError, match=r"differ in num_beams: .*eval_sft_\w+.*eval_sft_\w+"):
         Pipeline(PipelineOptions(dataset=str(data), output_dir=str(mixed), methods=["bigrec-sft", "latent-sft"],
                                  report_only=True, results_dir=str(tmp_path / "r"), name="beams")).run()
+    # a D3 row must decode the same checkpoint as its plain row
+    d3 = tmp_path / "d3_runs"
+    for name in ("eval_sft_bigrec", "eval_sft_bigrec_d3"):
+        shutil.copytree(root / "runs" / name, d3 / name)
+    assert json.loads((d3 / "eval_sft_bigrec" / "results.json").read_text())["protocol"]["checkpoint_sha256"]
+    f = d3 / "eval_sft_bigrec_d3" / "results.json"
+    res_json = json.loads(f.read_text())
+    res_json["protocol"]["checkpoint_sha256"] = "0" * 64
+    f.write_text(json.dumps(res_json))
+    with pytest.raises(ValueError, match="decoded other weights"):
+        Pipeline(PipelineOptions(dataset=str(data), output_dir=str(d3), methods=["bigrec-sft", "bigrec-sft+d3"],
+                                 report_only=True, results_dir=str(tmp_path / "r"), name="d3pair")).run()
 
 
 def test_d3_weight_selected_on_validation_rows(report, capsys):
