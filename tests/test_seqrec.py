@@ -306,6 +306,39 @@ def test_lares_resumed_after_spt_filters_and_trains_rpt_as_an_uninterrupted_run(
     assert again["test"] == first["test"]
 
 
+def test_a_run_cut_while_writing_its_checkpoint_resumes_from_the_previous_complete_one(tmp_path, monkeypatch):
+    """Killed after an epoch's weights were written but before its state.json: the rerun resumes from the previous
+    epoch's complete checkpoint (slot and best file named by the state) and ends as an uninterrupted run."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from llmrec.seqrec import trainer as T
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=3, eval_every=1, patience=5, dropout=0.1, attn_dropout=0.1)
+    whole = run_seqrec(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")))
+
+    real, calls = T.atomic_write_json, []
+
+    def dies_at_second_state(path, obj, *a, **kw):
+        if Path(path).name == "state.json":
+            calls.append(path)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("killed")
+        return real(path, obj, *a, **kw)
+
+    monkeypatch.setattr(T, "atomic_write_json", dies_at_second_state)
+    with pytest.raises(KeyboardInterrupt):
+        run_seqrec(cfg)
+    monkeypatch.setattr(T, "atomic_write_json", real)
+    resumed = run_seqrec(cfg)
+    assert resumed["test"] == whole["test"] and resumed["best_epoch"] == whole["best_epoch"]
+    a, b = (load_file(str(Path(o) / "train" / "best.safetensors")) for o in (tmp_path / "whole", cfg.output_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
     """A rerun in the same output_dir with another training setting must not load (and report) the old weights;
     settings that do not change training (progress, eval batch, extra test depths) still resume."""

@@ -70,6 +70,12 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
     tmp.replace(path)
 
 
+def _last_paths(pdir: Path, slot: int | None) -> tuple[Path, Path]:
+    """The weights and optimiser files of checkpoint slot 0/1 (None: the single files of the older layout)."""
+    suffix = "" if slot is None else f"-{slot}"
+    return pdir / f"last{suffix}.safetensors", pdir / f"last_optim{suffix}.pt"
+
+
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -159,11 +165,12 @@ class SeqRecTrainer:
         cfg, acc = self.cfg, self.acc
         pdir = self.out / phase
         done_file, state_file = pdir / "done.json", pdir / "state.json"
-        best_path, last_path, optim_path = (
-            pdir / "best.safetensors",
-            pdir / "last.safetensors",
-            pdir / "last_optim.pt",
-        )
+        best_path = pdir / "best.safetensors"  # the phase's result, written when it ends
+        # Per-epoch checkpoints alternate between two slots and state.json, written last, names the slot and best
+        # file it goes with: a run cut while writing them resumes from the previous complete set, never from new
+        # weights with an old state.
+        slot: int | None = None
+        best_file: str | None = None
         if cfg.resume and done_file.exists() and best_path.exists():
             res = PhaseResult(**json.loads(done_file.read_text()))
             _load_weights(self.unwrapped, best_path)
@@ -179,8 +186,10 @@ class SeqRecTrainer:
         optim, loader = acc.prepare(optim, loader)
         res = PhaseResult(name=phase)
         start_epoch, bad = 0, 0
-        if cfg.resume and state_file.exists() and last_path.exists():
+        if cfg.resume and state_file.exists():
             st = json.loads(state_file.read_text())
+            slot, best_file = st.get("slot"), st.get("best_file", "best.safetensors")  # absent: the older layout
+            last_path, optim_path = _last_paths(pdir, slot)
             _load_weights(self.unwrapped, last_path)
             optim.load_state_dict(torch.load(optim_path, map_location="cpu", weights_only=True))
             res = PhaseResult(**st["result"])
@@ -241,8 +250,11 @@ class SeqRecTrainer:
                     secs,
                     "  *best*" if improved else "",
                 )
-                if improved:
-                    _save_weights(self.unwrapped, best_path)
+                if improved:  # into the file the current state does not name
+                    best_file = "best-1.safetensors" if best_file == "best-0.safetensors" else "best-0.safetensors"
+                    _save_weights(self.unwrapped, pdir / best_file)
+                slot = 0 if slot != 0 else 1
+                last_path, optim_path = _last_paths(pdir, slot)
                 _save_weights(self.unwrapped, last_path)
                 tmp = optim_path.with_name(optim_path.name + ".tmp")
                 torch.save(optim.state_dict(), tmp)
@@ -252,6 +264,8 @@ class SeqRecTrainer:
                     {
                         "epoch": epoch,
                         "bad": bad,
+                        "slot": slot,
+                        "best_file": best_file,
                         "result": res.__dict__,
                         "torch_rng": torch.get_rng_state().tolist(),
                     },
@@ -261,8 +275,13 @@ class SeqRecTrainer:
                 logger.info("%s: early stop after epoch %d (best epoch %d)", phase, epoch + 1, res.best_epoch)
                 break
         acc.wait_for_everyone()
-        if best_path.exists():
-            _load_weights(self.unwrapped, best_path)
+        # Rank 0 wrote the checkpoints: every rank reads which best file its last state names.
+        if state_file.exists():
+            best_file = json.loads(state_file.read_text()).get("best_file", "best.safetensors")
+        if best_file and (pdir / best_file).exists():
+            _load_weights(self.unwrapped, pdir / best_file)
+            if self.is_main:
+                _save_weights(self.unwrapped, best_path)
         if self.is_main:
             atomic_write_json(done_file, res.__dict__)
         acc.wait_for_everyone()
