@@ -62,15 +62,20 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return n
 
 
+def parse_jsonl_lines(lines: Iterable[str], path: Path) -> Iterator[dict]:
+    """The JSON records of ``lines`` (blank lines skipped); a malformed one raises naming ``path`` and its line."""
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, i, None, f"not valid JSON ({e.msg})") from None
+
+
 def read_jsonl(path: Path) -> Iterator[dict]:
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, i, None, f"not valid JSON ({e.msg})") from None
+        yield from parse_jsonl_lines(f, path)
 
 
 @contextmanager

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from llmrec.data.canonical import (
-    DataFormatError,
     atomic_write_json,
     atomic_write_text,
     dumps_line,
     load_prepared,
+    parse_jsonl_lines,
 )
 from llmrec.evaluation.metrics import compute_metrics
 
@@ -278,13 +278,7 @@ class Evaluator:
                 if part.name == f"part-{self.state.process_index}.jsonl":
                     with open(part, "r+b") as f:
                         f.truncate(len(complete))
-            for i, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(part, i, None, f"not valid JSON ({e.msg})") from None
+            for rec in parse_jsonl_lines(complete.decode("utf-8").splitlines(), part):
                 done[rec["row"]] = rec
         return done
 
