@@ -353,7 +353,24 @@ def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
     assert again["test"] == first["test"]
     with pytest.raises(ValueError, match=r"holds a run made with lr=.*\(asked: 0\.5\)"):
         run_seqrec(dataclasses.replace(cfg, lr=0.5))
-    fresh = run_seqrec(dataclasses.replace(cfg, lr=0.5, resume=False))  # trains from scratch there
+    # From scratch there (resume off), cut in its first epoch, then resumed: the old run's state is gone, so the
+    # result is that of an uninterrupted lr-0.5 run, not of the old run's checkpoints trained on.
+    from llmrec.seqrec import trainer as T
+
+    real_eval = T.SeqRecTrainer.evaluate
+
+    def killed(*a, **kw):
+        raise KeyboardInterrupt("killed")
+
+    T.SeqRecTrainer.evaluate = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_seqrec(dataclasses.replace(cfg, lr=0.5, resume=False))
+    finally:
+        T.SeqRecTrainer.evaluate = real_eval
+    fresh = run_seqrec(dataclasses.replace(cfg, lr=0.5))
+    alone = run_seqrec(dataclasses.replace(cfg, lr=0.5, output_dir=str(tmp_path / "alone")))
+    assert fresh["test"] == alone["test"] and fresh["best_epoch"] == alone["best_epoch"]
     assert json.loads((Path(cfg.output_dir) / "run_config.json").read_text())["config"]["lr"] == 0.5
     assert fresh["config"]["lr"] == 0.5
     with pytest.raises(ValueError, match="holds a run made with lr="):

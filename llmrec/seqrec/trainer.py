@@ -171,6 +171,10 @@ class SeqRecTrainer:
         # weights with an old state.
         slot: int | None = None
         best_file: str | None = None
+        if not cfg.resume and self.is_main:  # training from scratch: an older run's state must not be resumed later
+            for f in (done_file, state_file):
+                f.unlink(missing_ok=True)
+        acc.wait_for_everyone()
         if cfg.resume and done_file.exists() and best_path.exists():
             res = PhaseResult(**json.loads(done_file.read_text()))
             _load_weights(self.unwrapped, best_path)
