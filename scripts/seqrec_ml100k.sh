@@ -40,7 +40,9 @@ order = ["sasrec", "rearec-erl", "rearec-prl", "lares"]
 for m, s in sorted(bench["summary"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
     runs = bench["runs"][m]
     n20 = [r["test"]["ndcg@20"] for r in runs]
-    best = ", ".join(str(r["best_epoch"]) for r in runs)
+    # LARES: an epoch of its RPT phase when RPT beat the SPT weights on validation.
+    best = ", ".join(("" if r.get("best_phase", "train") == "train" else r["best_phase"].upper() + " ")
+                     + str(r["best_epoch"]) for r in runs)
     rel = f" ({(s['ndcg@10'] / sasrec - 1) * 100:+.1f}% vs SASRec)" if sasrec and m != "sasrec" else ""
     lines.append(f"| {m} | {int(s['seeds'])} | {s['ndcg@10']:.4f} ± {s['ndcg@10_std']:.4f}{rel} | "
                  f"{s['hr@10']:.4f} ± {s['hr@10_std']:.4f} | {sum(n20) / len(n20):.4f} | {best} | "

@@ -262,6 +262,11 @@ def test_each_model_overfits_the_successor_pattern(tmp_path, model, extra):
     assert saved["timings"]["epoch_s"] > 0 and saved["timings"]["infer_ms_per_row"] > 0
     if model.startswith("rearec"):
         assert saved["protocol"]["reason_steps_K"] == 2
+    # The best epoch is counted within the phase whose weights were selected (LARES: SPT "train" or "rpt").
+    phase = next(p for p in saved["phases"] if p["name"] == saved["best_phase"])
+    assert saved["best_epoch"] == phase["best_epoch"] and saved["valid"] == phase["best_valid"]
+    if model == "lares":
+        assert saved["best_phase"] == saved["selected_phase"].replace("spt", "train")
 
 
 def test_resume_skips_finished_phase(tmp_path):

@@ -107,6 +107,7 @@ def _brief(r: dict) -> dict:
         "test": r["test"],
         "valid": r["valid"],
         "best_epoch": r["best_epoch"],
+        "best_phase": r.get("best_phase", "train"),
         "timings": r["timings"],
         "protocol": r["protocol"],
     }

@@ -76,7 +76,7 @@ def results_markdown(res: dict[str, Any]) -> str:
     t = res["timings"]
     lines += [
         "",
-        f"epochs {t['epochs']} (best {res['best_epoch']}), {t['epoch_s']:.2f} s/epoch, "
+        f"epochs {t['epochs']} (best: epoch {res['best_epoch']} of phase {res.get('best_phase', 'train')}), {t['epoch_s']:.2f} s/epoch, "
         f"inference {t['infer_ms_per_row']:.3f} ms/row at eval batch {t['eval_batch_size']}",
     ]
     for depth, m in res.get("test_by_depth", {}).items():
@@ -192,7 +192,8 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
         "model": cfg.model,
         "seed": cfg.seed,
         "protocol": _protocol(cfg, data, model),
-        "best_epoch": best.best_epoch,
+        "best_epoch": best.best_epoch,  # counted within best_phase
+        "best_phase": best.name,
         "valid": best.best_valid,
         "test": test,
         "timings": {
