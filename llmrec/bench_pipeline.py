@@ -23,6 +23,8 @@ several runs; ``--report-only`` builds the report from whatever has finished. St
 are locked (``<output-dir>/.locks/``): several processes on one output directory, each with its own
 ``--methods``, can run side by side (one per core on a CPU) and share the stages they have in common;
 run them with ``--no-report`` and write the report of all of them with a final ``--report-only``.
+Each training run and evaluation runs in a fresh process of its own (:mod:`llmrec.isolation`; ``--in-process``
+turns this off), so memory does not pile up across stages.
 
 The small files a report needs -- each test evaluation's ``results.json`` and its rankings (item ids and
 ranks; titles and beam scores left out), the D3 selections, the training summaries -- are also copied to
@@ -48,6 +50,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,7 @@ class PipelineOptions:
     recipes: str | None = None
     report_only: bool = False
     no_report: bool = False
+    in_process: bool = False
 
     def __post_init__(self) -> None:
         if self.report_only and self.no_report:
@@ -214,6 +218,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
 
+    def _call(self, fn: Callable[..., Any], cfg: Any) -> Any:
+        """``fn(cfg)``: in a fresh process per stage (see :mod:`llmrec.isolation`), unless ``in_process`` or
+        under a multi-process launch (whose process group a child cannot join)."""
+        from llmrec.isolation import in_distributed_launch, run_isolated
+
+        if self.opts.in_process or in_distributed_launch():
+            return fn(cfg)
+        return run_isolated(fn, cfg)
+
     def _sft(self, kind: str, seed: int) -> Path:
         from llmrec.config import parse_config
         from llmrec.training.sft import LatentSFTConfig, run_sft
@@ -226,7 +239,7 @@ class Pipeline:
             max_train_rows=o.train_rows, max_eval_rows=200, per_device_train_batch_size=8,
             gradient_accumulation_steps=2, eval_steps=16, save_steps=16, logging_steps=4, num_train_epochs=1,
             seed=seed, output_dir=str(out)))
-        run_sft(cfg)
+        self._call(run_sft, cfg)
         return out
 
     def _grpo(self, seed: int) -> Path:
@@ -242,7 +255,7 @@ class Pipeline:
             extra.update(self._grpo_settings(0, for_training=True))
         extra.update(o.grpo_overrides)
         (cfg,) = parse_config([LatentGRPOConfig], self.recipes / "games" / "grpo_latent.yaml", extra=extra)
-        run_grpo(cfg)
+        self._call(run_grpo, cfg)
         return out
 
     def _seqrec_fields(self, model: str, seed: int) -> dict[str, Any]:
@@ -261,7 +274,7 @@ class Pipeline:
         from llmrec.seqrec.run import run_seqrec
 
         fields = self._seqrec_fields(model, seed)
-        run_seqrec(SeqRecConfig(**fields))  # resumes a cut run
+        self._call(run_seqrec, SeqRecConfig(**fields))  # resumes a cut run
         return Path(fields["output_dir"])
 
     def _grpo_settings(self, seed: int, for_training: bool = False) -> dict[str, Any]:
@@ -405,7 +418,7 @@ class Pipeline:
                 extra.update(length_penalty=0.0, guidance_checkpoint=str(self.stage_dir("seqrec_sasrec", seed)),
                              guidance_weight=d3_weight)
         (cfg,) = parse_config([EvalConfig], self.recipes / "games" / "eval.yaml", extra=extra)
-        return evaluate(cfg)
+        return self._call(evaluate, cfg)
 
     def run(self) -> dict:
         """Run what is missing (unless ``report_only``), then write and return the report (unless ``no_report``:
@@ -847,7 +860,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         row_seed=args.row_seed, grpo_rows=args.grpo_rows, grpo_stage=args.grpo_stage, grpo_overrides=_pairs(args.grpo, "--grpo"),
         d3_weights=_weights(args.d3_weight),
         d3_valid_rows=args.d3_valid_rows, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
-        report_only=args.report_only, no_report=args.no_report)
+        report_only=args.report_only, no_report=args.no_report, in_process=args.in_process)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -876,6 +889,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true",
                    help="run the stages, write no report (for lanes run side by side: a lane's report would hold "
                    "only its own --methods; finish with --report-only)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every stage in this process instead of a fresh process per stage (the default, which "
+                   "returns each stage's memory: one process running them all grew to ~12 GB on Games)")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> dict:

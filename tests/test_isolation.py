@@ -1,0 +1,63 @@
+"""Stages in their own process (llmrec.isolation) and the pipeline's use of them."""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import signal
+
+import pytest
+
+from llmrec.isolation import StageProcessError, run_isolated
+
+
+def _pid_and_env(_cfg=None) -> tuple[int, str | None]:
+    return os.getpid(), os.environ.get("LLMREC_ISOLATION_PROBE")
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_returns_the_value_computed_in_another_process_with_the_same_environment(monkeypatch):
+    monkeypatch.setenv("LLMREC_ISOLATION_PROBE", "inherited")
+    assert run_isolated(operator.add, 2, 3) == 5
+    pid, env = run_isolated(_pid_and_env)
+    assert pid != os.getpid() and env == "inherited"
+
+
+class _Unpicklable(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a} and {b}")
+
+
+def _raise_unpicklable() -> None:
+    raise _Unpicklable(1, 2)
+
+
+def test_an_exception_in_the_stage_is_raised_in_the_parent_as_itself_with_its_traceback():
+    with pytest.raises(json.JSONDecodeError, match="Expecting property name") as e:
+        run_isolated(json.loads, "{")
+    cause = e.value.__cause__
+    assert isinstance(cause, StageProcessError) and "Traceback" in str(cause) and "json" in str(cause)
+    # one that cannot be rebuilt from its pickle comes back as text
+    with pytest.raises(StageProcessError, match="_Unpicklable: 1 and 2") as e2:
+        run_isolated(_raise_unpicklable)
+    assert "In the stage's process" in str(e2.value)
+
+
+def test_a_stage_killed_by_a_signal_is_reported_not_taken_for_success():
+    with pytest.raises(StageProcessError, match="SIGKILL.*out of memory"):
+        run_isolated(_die)
+
+
+def test_pipeline_runs_stages_in_their_own_process_unless_asked_or_distributed(tmp_path, monkeypatch):
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+
+    isolated = Pipeline(PipelineOptions(dataset=str(tmp_path), output_dir=str(tmp_path / "runs")))
+    assert isolated._call(_pid_and_env, None)[0] != os.getpid()
+    here = Pipeline(PipelineOptions(dataset=str(tmp_path), output_dir=str(tmp_path / "runs"), in_process=True))
+    assert here._call(_pid_and_env, None)[0] == os.getpid()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate launch: a child cannot join the process group
+    assert isolated._call(_pid_and_env, None)[0] == os.getpid()
