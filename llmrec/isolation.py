@@ -3,7 +3,7 @@
 A pipeline that trains and evaluates many models one after another in one Python process keeps growing:
 what a stage frees is rarely handed back to the operating system (allocator caches, fragmentation, objects
 kept alive by library-level caches), so by the fourth or fifth stage a process can hold several times what
-any single stage needs. On a 24 GiB machine two such processes side by side were killed by the OOM killer.
+any single stage needs. On a 24 GiB machine, of two such processes side by side one was killed by the OOM killer.
 A stage run by :func:`run_isolated` starts from a clean process and returns all of its memory when it ends.
 
 The child is started with the ``spawn`` method (no fork of a process that holds threads and torch state),
