@@ -40,7 +40,12 @@ def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
             conn.send(("error", f"{type(e).__name__}: {e}", tb))
         conn.close()
         raise SystemExit(1) from None
-    conn.send(("ok", result, ""))
+    try:
+        conn.send(("ok", result, ""))
+    except Exception as e:  # the stage ran, but its value cannot come back: say so, not "exit code 1"
+        conn.send(("error", f"its return value ({type(result).__name__}) cannot be pickled: {e}", ""))
+        conn.close()
+        raise SystemExit(1) from None
     conn.close()
 
 

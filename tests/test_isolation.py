@@ -47,6 +47,15 @@ def test_an_exception_in_the_stage_is_raised_in_the_parent_as_itself_with_its_tr
     assert "In the stage's process" in str(e2.value)
 
 
+def _return_a_lambda():
+    return lambda: None
+
+
+def test_a_return_value_that_cannot_be_pickled_is_named_not_reported_as_a_crash():
+    with pytest.raises(StageProcessError, match="return value \\(function\\) cannot be pickled"):
+        run_isolated(_return_a_lambda)
+
+
 def test_a_stage_killed_by_a_signal_is_reported_not_taken_for_success():
     with pytest.raises(StageProcessError, match="SIGKILL.*out of memory"):
         run_isolated(_die)
