@@ -8,7 +8,9 @@ A stage run by :func:`run_isolated` starts from a clean process and returns all 
 
 The child is started with the ``spawn`` method (no fork of a process that holds threads and torch state),
 inherits the environment (``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES``, ...) and the terminal, so its progress
-bars show as usual; the function, its arguments and its return value must be picklable.
+bars show as usual; the function, its arguments and its return value must be picklable. The child ends itself
+when the parent goes away however it ended (``kill``, SIGKILL, a scheduler's SIGTERM, where the parent has no
+chance to stop it), so a stopped pipeline never leaves a stage training on its own in the background.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,7 +32,17 @@ class StageProcessError(RuntimeError):
     """A stage run by :func:`run_isolated` raised, or its process died."""
 
 
-def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def _exit_when_orphaned(parent_pid: int, interval_s: float) -> None:
+    # A child whose parent died is re-parented (to init or a subreaper): its parent id changes.
+    while True:
+        time.sleep(interval_s)
+        if os.getppid() != parent_pid:
+            os._exit(1)  # nobody waits for the result; a stage left running would go on writing its outputs
+
+
+def _child(conn, parent_pid: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid, 1.0), daemon=True,
+                     name="llmrec-exit-with-parent").start()
     try:
         result = fn(*args, **kwargs)
     except BaseException as e:  # any failure, KeyboardInterrupt included, goes back to the parent
@@ -68,7 +82,7 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
     name = getattr(fn, "__qualname__", repr(fn))
-    proc = ctx.Process(target=_child, args=(sender, fn, args, kwargs), name=f"llmrec:{name}")
+    proc = ctx.Process(target=_child, args=(sender, os.getpid(), fn, args, kwargs), name=f"llmrec:{name}")
     proc.start()
     sender.close()  # the child holds the only writer: recv() ends with EOFError if it dies without a word
     try:

@@ -70,3 +70,46 @@ def test_pipeline_runs_stages_in_their_own_process_unless_asked_or_distributed(t
     assert here._call(_pid_and_env, None)[0] == os.getpid()
     monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate launch: a child cannot join the process group
     assert isolated._call(_pid_and_env, None)[0] == os.getpid()
+
+
+_PARENT = """
+import multiprocessing, threading, time
+from llmrec.isolation import run_isolated
+
+def report_child():
+    while not multiprocessing.active_children():
+        time.sleep(0.05)
+    print(multiprocessing.active_children()[0].pid, flush=True)
+
+threading.Thread(target=report_child, daemon=True).start()
+run_isolated(time.sleep, 120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie nobody reaped has ended too
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+def test_the_stage_process_ends_when_its_parent_is_killed():
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert not _gone(child)
+        parent.send_signal(signal.SIGTERM)  # Python's default SIGTERM: the parent dies without cleaning up
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gone(child), "the stage process outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait()
