@@ -419,6 +419,12 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     assert set(partial) == {"sasrec"} and partial["sasrec"]["seeds"] == 2
     assert not (out / "runs" / "lares_seed0").exists()
     assert (out / "runs" / "sasrec_seed0" / "results.json").stat().st_mtime_ns == stamp
+    # a finished run made with other settings is not reported as if made with these
+    with pytest.raises(ValueError, match=r"sasrec_seed0.*results.json.*epochs=2 \(asked: 3\)"):
+        run_seqrec_benchmark(d, ["sasrec"], 1, out, **{**kw, "epochs": 3})
+    with pytest.raises(ValueError, match=r"hidden_size=16 \(asked: 8\)"):
+        run_seqrec_benchmark(d, ["sasrec"], 1, out, report_only=True, **{**kw, "hidden_size": 8})
+    assert run_seqrec_benchmark(d, ["sasrec"], 1, out, **{**kw, "progress": True})["sasrec"]["seeds"] == 1
 
 
 def test_benchmark_reads_each_models_own_recipe(tmp_path):

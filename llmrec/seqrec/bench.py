@@ -42,8 +42,8 @@ def run_seqrec_benchmark(
     finished runs (seeds that have not finished are left out, and the table says how many seeds each has). Returns
     ``{model: {"ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row", "<key>_std", "seeds"}}``.
     """
-    from llmrec.config import coerce_fields, read_recipe
-    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.config import coerce_fields, read_recipe, to_dict
+    from llmrec.seqrec.config import SeqRecConfig, training_field_differences
     from llmrec.seqrec.run import RESULTS_JSON, run_seqrec
 
     if seeds < 1:
@@ -66,13 +66,20 @@ def run_seqrec_benchmark(
         for s in range(seeds):
             run_dir = output / "runs" / f"{model}_seed{s}"
             res_file = run_dir / RESULTS_JSON
+            fields = {**recipe_for(model), **overrides, **(model_overrides or {}).get(model, {})}
+            fields.update(model=model, dataset_dir=str(dataset_dir), output_dir=str(run_dir), seed=42 + s)
             if res_file.exists():
                 res = json.loads(res_file.read_text())
+                # A finished run is reused only if it was trained with what is asked now (an edited recipe or
+                # other options must not be reported under results of the old settings).
+                diff = training_field_differences(res.get("config", {}), to_dict(SeqRecConfig(**fields)))
+                if diff:
+                    details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in sorted(diff.items()))
+                    raise ValueError(f"{res_file} is a finished run made with {details}; remove it or use "
+                                     "another output directory")
             elif report_only:  # summarise what has finished; a cut run is not reported
                 continue
             else:
-                fields = {**recipe_for(model), **overrides, **(model_overrides or {}).get(model, {})}
-                fields.update(model=model, dataset_dir=str(dataset_dir), output_dir=str(run_dir), seed=42 + s)
                 res = run_seqrec(SeqRecConfig(**fields))
             runs.setdefault(model, []).append(res)
     summary: dict[str, dict[str, float]] = {}

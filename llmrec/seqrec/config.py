@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def _f(default, help: str, **kw):
@@ -18,6 +21,22 @@ RESULT_NEUTRAL_FIELDS = ("output_dir", "resume", "progress", "num_threads", "eva
 def training_fields(config: dict) -> dict:
     """The fields of a config dict (``to_dict(SeqRecConfig)``) that decide what a run trains and selects."""
     return {k: v for k, v in config.items() if k not in RESULT_NEUTRAL_FIELDS}
+
+
+def training_field_differences(found: dict, wanted: dict) -> dict[str, tuple[Any, Any]]:
+    """``{field: (found, wanted)}`` for the training fields where a finished run's config (``found``, as read back
+    from its ``results.json``) differs from the config asked for now (``wanted``, a ``to_dict`` of a config).
+
+    Both go through JSON first (tuples vs lists); floats equal to a relative 1e-12 count as equal.
+    """
+    found, wanted = json.loads(json.dumps(training_fields(found))), json.loads(json.dumps(training_fields(wanted)))
+
+    def same(f: Any, w: Any) -> bool:
+        if isinstance(w, float) and isinstance(f, (int, float)) and not isinstance(f, bool):
+            return math.isclose(f, w, rel_tol=1e-12)
+        return f == w
+
+    return {k: (found.get(k), w) for k, w in wanted.items() if not same(found.get(k), w)}
 
 
 @dataclass
