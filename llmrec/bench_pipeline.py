@@ -323,13 +323,13 @@ class Pipeline:
                 found.update({k: g.get(k) for k in ref if k not in found})
         elif stage.startswith("seqrec_"):
             from llmrec.config import to_dict
-            from llmrec.seqrec.config import SeqRecConfig, training_fields
+            from llmrec.seqrec.config import SeqRecConfig, training_field_differences
 
             # Every field that decides what was trained (recipe edits included), not only the --id keys.
-            cfg = training_fields(json.loads((d / "results.json").read_text()).get("config", {}))
-            wanted = json.loads(json.dumps(training_fields(to_dict(SeqRecConfig(
-                **self._seqrec_fields(stage[len("seqrec_"):], seed))))))
-            found = {k: cfg.get(k) for k in wanted}
+            diff = training_field_differences(
+                json.loads((d / "results.json").read_text()).get("config", {}),
+                to_dict(SeqRecConfig(**self._seqrec_fields(stage[len("seqrec_"):], seed))))
+            found, wanted = {k: f for k, (f, _) in diff.items()}, {k: w for k, (_, w) in diff.items()}
         bad = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v and not (
             isinstance(v, float) and isinstance(found.get(k), (int, float)) and abs(found[k] - v) <= 1e-12 * abs(v))}
         if bad:

@@ -463,3 +463,17 @@ def test_cli_train_writes_results(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"model: sasrec\ndataset_dir: {d}\nreason_step: 2\n")
     assert main(["seqrec", "train", "--config", str(bad)]) == 1
+
+
+def test_training_field_differences_names_changed_fields_and_reads_missing_ones_as_defaults():
+    from llmrec.config import to_dict
+    from llmrec.seqrec.config import training_field_differences
+
+    asked = to_dict(SeqRecConfig(dataset_dir="x", lr=1e-3, test_depths=[1, 2]))
+    finished = {**asked, "lr": 1e-3 * (1 + 1e-14), "output_dir": "elsewhere", "test_depths": []}
+    assert training_field_differences(finished, asked) == {}  # float noise and result-neutral fields
+    finished["hidden_size"] = 32
+    del finished["sla_exclude_final"]  # a field the run's code did not have yet: its default
+    assert training_field_differences(finished, asked) == {"hidden_size": (32, asked["hidden_size"])}
+    assert training_field_differences(finished, {**asked, "sla_exclude_final": True}) == {
+        "hidden_size": (32, asked["hidden_size"]), "sla_exclude_final": (False, True)}

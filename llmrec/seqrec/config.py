@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
@@ -27,9 +27,13 @@ def training_field_differences(found: dict, wanted: dict) -> dict[str, tuple[Any
     """``{field: (found, wanted)}`` for the training fields where a finished run's config (``found``, as read back
     from its ``results.json``) differs from the config asked for now (``wanted``, a ``to_dict`` of a config).
 
-    Both go through JSON first (tuples vs lists); floats equal to a relative 1e-12 count as equal.
+    Both go through JSON first (tuples vs lists); floats equal to a relative 1e-12 count as equal. A field the
+    finished run does not record (added to the config after it ran) counts as its default, the behaviour of the
+    code that trained it.
     """
-    found, wanted = json.loads(json.dumps(training_fields(found))), json.loads(json.dumps(training_fields(wanted)))
+    defaults = json.loads(json.dumps(config_defaults()))
+    found = {**defaults, **json.loads(json.dumps(training_fields(found)))}
+    wanted = json.loads(json.dumps(training_fields(wanted)))
 
     def same(f: Any, w: Any) -> bool:
         if isinstance(w, float) and isinstance(f, (int, float)) and not isinstance(f, bool):
@@ -156,3 +160,14 @@ class SeqRecConfig:
         if self.rpt_epochs > 0 and self.rpt_group < 2:
             # one rollout has no group spread: its standardised advantage is 0/0
             raise ValueError(f"rpt_group (G) must be >= 2 for RPT, got {self.rpt_group}")
+
+
+def config_defaults() -> dict[str, Any]:
+    """Every :class:`SeqRecConfig` field with its default value (fields with a factory: a fresh value)."""
+    out: dict[str, Any] = {}
+    for f in fields(SeqRecConfig):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
