@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics
+from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics, rows_for_power
 
 
 def load_rankings(run_dir: str | Path) -> dict[int, dict]:
@@ -33,8 +33,15 @@ def load_rankings(run_dir: str | Path) -> dict[int, dict]:
 
 
 def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "item", n_resamples: int = 10000,
-                 seed: int = 0) -> dict:
-    """Per-run metric means on the shared rows and each run's difference to the first run (with CI)."""
+                 seed: int = 0, power_rel: list[float] | tuple[float, ...] = ()) -> dict:
+    """Per-run metric means on the shared rows and each run's difference to the first run (with CI).
+
+    ``power_rel`` (e.g. ``[0.03, 0.17]``): for each difference, also the rows a paired comparison with rows like
+    these would need to detect a true difference of that size relative to the baseline's mean (two-sided 5%,
+    80% power; :func:`~llmrec.evaluation.metrics.rows_for_power`), under ``"rows_for_power"``.
+    """
+    if any(r <= 0 for r in power_rel):
+        raise ValueError(f"power_rel values must be > 0 (relative effects, e.g. 0.03), got {list(power_rel)}")
     if len(run_dirs) < 2:
         raise ValueError("compare needs at least two runs")
     if level not in ("item", "title"):
@@ -60,7 +67,11 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
         diffs = []
         for v in per_run[1:]:
             d, lo, hi = paired_bootstrap_ci(v[m], per_run[0][m], n_resamples=n_resamples, seed=seed)
-            diffs.append({"diff": d, "ci95": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)})
+            entry = {"diff": d, "ci95": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)}
+            base = float(per_run[0][m].mean())
+            if power_rel and base > 0:
+                entry["rows_for_power"] = {f"{r:g}": rows_for_power(v[m], per_run[0][m], r * base) for r in power_rel}
+            diffs.append(entry)
         out["differences"][m] = diffs
     return out
 
@@ -80,5 +91,17 @@ def comparison_table(result: dict) -> str:
                 d = result["differences"][m][i - 1]
                 cells.append(f"{v:.4f} ({d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}])")
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + f"\n\n{result['rows']} shared rows, {result['level']}-level matching; " \
+    text = head + "\n".join(lines) + f"\n\n{result['rows']} shared rows, {result['level']}-level matching; " \
         "differences to the first run with paired bootstrap 95% intervals.\n"
+    power = [(m, i, d["rows_for_power"]) for m in metrics for i, d in enumerate(result["differences"][m], 1)
+             if d.get("rows_for_power")]
+    if power:
+        rels = list(power[0][2])
+        text += ("\nRows a paired comparison would need to detect a true difference of the given size relative to the "
+                 "baseline's mean (two-sided 5%, 80% power, per-row spread as observed here):\n\n"
+                 "| run | metric | " + " | ".join(f"{float(r):.0%}" for r in rels) + " |\n|---|---|"
+                 + "---|" * len(rels) + "\n")
+        for m, i, rows in power:
+            cells = ["-" if n != n else f"{n:,.0f}" for n in rows.values()]  # nan: no row differs
+            text += f"| {result['runs'][i]} | {m} | " + " | ".join(cells) + " |\n"
+    return text

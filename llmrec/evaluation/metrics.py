@@ -174,3 +174,35 @@ def paired_bootstrap_ci(
         means[lo:hi] = diff[idx].mean(axis=1)
     lo_q, hi_q = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(diff.mean()), float(lo_q), float(hi_q)
+
+
+def rows_for_power(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    effect: float,
+    alpha: float = 0.05,
+    power: float = 0.8,
+) -> float:
+    """Rows a paired comparison needs to detect a true difference of ``effect`` in ``mean(a) - mean(b)``.
+
+    The usual normal-approximation sample size of a two-sided paired test,
+    ``n = ((z[1 - alpha/2] + z[power]) * sd / effect) ** 2``, with ``sd`` the standard deviation of the per-row
+    differences ``a - b`` observed here (so it answers: with rows like these, how many would a difference of that
+    size need to show up at level ``alpha`` with probability ``power``). ``nan`` when no row differs (no
+    estimate of the spread).
+
+    >>> round(rows_for_power([1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], effect=0.1))
+    196
+    """
+    from statistics import NormalDist
+
+    diff = np.asarray(a, dtype=np.float64).reshape(-1) - np.asarray(b, dtype=np.float64).reshape(-1)
+    if diff.size < 2:
+        raise ValueError(f"need at least 2 paired rows, got {diff.size}")
+    if effect == 0 or not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
+        raise ValueError(f"need effect != 0 and alpha, power in (0, 1); got {effect}, {alpha}, {power}")
+    sd = float(diff.std(ddof=1))
+    if sd == 0.0:
+        return float("nan")
+    z = NormalDist().inv_cdf(1.0 - alpha / 2.0) + NormalDist().inv_cdf(power)
+    return float((z * sd / effect) ** 2)
