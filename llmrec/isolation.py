@@ -20,7 +20,6 @@ import os
 import pickle
 import signal
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -32,17 +31,19 @@ class StageProcessError(RuntimeError):
     """A stage run by :func:`run_isolated` raised, or its process died."""
 
 
-def _exit_when_orphaned(parent_pid: int, interval_s: float) -> None:
-    # A child whose parent died is re-parented (to init or a subreaper): its parent id changes.
-    while True:
-        time.sleep(interval_s)
-        if os.getppid() != parent_pid:
-            os._exit(1)  # nobody waits for the result; a stage left running would go on writing its outputs
+def _exit_when_parent_ends(sentinel: int) -> None:
+    from multiprocessing.connection import wait
+
+    # multiprocessing's parent sentinel becomes ready when the parent process ends (its end of a pipe closes).
+    wait([sentinel])
+    os._exit(1)  # nobody waits for the result; a stage left running would go on writing its outputs
 
 
-def _child(conn, parent_pid: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid, 1.0), daemon=True,
-                     name="llmrec-exit-with-parent").start()
+def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_when_parent_ends, args=(parent.sentinel,), daemon=True,
+                         name="llmrec-exit-with-parent").start()
     try:
         result = fn(*args, **kwargs)
     except BaseException as e:  # any failure, KeyboardInterrupt included, goes back to the parent
@@ -82,7 +83,7 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
     name = getattr(fn, "__qualname__", repr(fn))
-    proc = ctx.Process(target=_child, args=(sender, os.getpid(), fn, args, kwargs), name=f"llmrec:{name}")
+    proc = ctx.Process(target=_child, args=(sender, fn, args, kwargs), name=f"llmrec:{name}")
     proc.start()
     sender.close()  # the child holds the only writer: recv() ends with EOFError if it dies without a word
     try:

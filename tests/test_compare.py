@@ -39,16 +39,30 @@ def test_rows_for_power_by_hand():
 
 
 def test_compare_reports_rows_needed_relative_to_the_baseline(tmp_path):
-    base = _run(tmp_path / "a", [0, None, 3, None, 12, 1])
-    other = _run(tmp_path / "b", [0, 2, None, None, 12, 1])
-    res = compare_runs([base, other], ["hr@10", "ndcg@10"], power_rel=[0.1, 0.5])
-    per_a = np.array([1, 0, 1, 0, 0, 1.0])
-    per_b = np.array([1, 1, 0, 0, 0, 1.0])
-    want = rows_for_power(per_b, per_a, 0.5 * per_a.mean())
-    assert res["differences"]["hr@10"][0]["rows_for_power"]["0.5"] == pytest.approx(want)
-    assert res["differences"]["hr@10"][0]["rows_for_power"]["0.1"] == pytest.approx(25 * want)
+    base = _run(tmp_path / "a", [0, None, 3, None, 12, 1])  # hr@10 mean 1/2
+    other = _run(tmp_path / "b", [0, 2, None, 4, 12, 1])  # hr@10 mean 2/3: a scale by its mean would differ
+    same = _run(tmp_path / "c", [0, None, 3, None, 12, 1])  # identical to the baseline: no spread
+    res = compare_runs([base, other, same], ["hr@10", "ndcg@10"], power_rel=[0.1, 0.5])
+    for metric in ("hr@10", "ndcg@10"):
+        per = {}
+        for name, ranks in (("a", [0, None, 3, None, 12, 1]), ("b", [0, 2, None, 4, 12, 1])):
+            found = [r is not None and r < 10 for r in ranks]
+            per[name] = np.array([(1.0 if metric == "hr@10" else 1 / math.log2(r + 2)) if f else 0.0
+                                  for r, f in zip(ranks, found)])
+        for rel in (0.1, 0.5):
+            want = math.ceil(rows_for_power(per["b"], per["a"], rel * per["a"].mean()))
+            assert res["differences"][metric][0]["rows_for_power"][f"{rel:g}"] == want
+        assert res["differences"][metric][1]["rows_for_power"] == {"0.1": None, "0.5": None}
+    json.dumps(res, allow_nan=False)  # no NaN in the JSON result
     table = comparison_table(res)
-    assert "| 10% | 50% |" in table and f"{want:,.0f}" in table
+    assert "| 10% | 50% |" in table and "| - | - |" in table
+    assert f"{res['differences']['hr@10'][0]['rows_for_power']['0.1']:,}" in table
     assert "rows_for_power" not in compare_runs([base, other], ["hr@10"])["differences"]["hr@10"][0]
-    with pytest.raises(ValueError, match="power_rel"):
-        compare_runs([base, other], ["hr@10"], power_rel=[-0.1])
+    for bad in ([-0.1], [float("nan")], [float("inf")]):
+        with pytest.raises(ValueError, match="power_rel"):
+            compare_runs([base, other], ["hr@10"], power_rel=bad)
+
+
+def test_rows_for_power_refuses_unpaired_inputs():
+    with pytest.raises(ValueError, match="same length"):
+        rows_for_power([1.0], [0.0, 0.0, 1.0, 0.0], effect=0.1)

@@ -470,7 +470,7 @@ def test_training_field_differences_names_changed_fields_and_reads_missing_ones_
     from llmrec.seqrec.config import training_field_differences
 
     asked = to_dict(SeqRecConfig(dataset_dir="x", lr=1e-3, test_depths=[1, 2]))
-    finished = {**asked, "lr": 1e-3 * (1 + 1e-14), "output_dir": "elsewhere", "test_depths": []}
+    finished = {**asked, "lr": 1e-3 * (1 + 1e-14), "output_dir": "elsewhere", "test_depths": [], "dataset_dir": "x/"}
     assert training_field_differences(finished, asked) == {}  # float noise and result-neutral fields
     finished["hidden_size"] = 32
     del finished["sla_exclude_final"]  # a field the run's code did not have yet: its default

@@ -9,6 +9,7 @@ of every difference. Differences come with their paired bootstrap 95% interval
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics, rows_for_power
@@ -38,10 +39,11 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
 
     ``power_rel`` (e.g. ``[0.03, 0.17]``): for each difference, also the rows a paired comparison with rows like
     these would need to detect a true difference of that size relative to the baseline's mean (two-sided 5%,
-    80% power; :func:`~llmrec.evaluation.metrics.rows_for_power`), under ``"rows_for_power"``.
+    80% power; :func:`~llmrec.evaluation.metrics.rows_for_power`, rounded up), under ``"rows_for_power"``: ``None``
+    where no shared row differs (no spread to go by) or the baseline's mean is 0 (no relative effect).
     """
-    if any(r <= 0 for r in power_rel):
-        raise ValueError(f"power_rel values must be > 0 (relative effects, e.g. 0.03), got {list(power_rel)}")
+    if not all(0 < r < math.inf for r in power_rel):  # also refuses nan
+        raise ValueError(f"power_rel values must be finite and > 0 (relative effects, e.g. 0.03), got {list(power_rel)}")
     if len(run_dirs) < 2:
         raise ValueError("compare needs at least two runs")
     if level not in ("item", "title"):
@@ -68,9 +70,13 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
         for v in per_run[1:]:
             d, lo, hi = paired_bootstrap_ci(v[m], per_run[0][m], n_resamples=n_resamples, seed=seed)
             entry = {"diff": d, "ci95": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)}
-            base = float(per_run[0][m].mean())
-            if power_rel and base > 0:
-                entry["rows_for_power"] = {f"{r:g}": rows_for_power(v[m], per_run[0][m], r * base) for r in power_rel}
+            if power_rel:
+                if len(shared) < 2:
+                    raise ValueError(f"the runs share {len(shared)} row: the rows needed (power_rel) take >= 2")
+                base = float(per_run[0][m].mean())
+                needed = {f"{r:g}": rows_for_power(v[m], per_run[0][m], r * base) if base > 0 else math.nan
+                          for r in power_rel}
+                entry["rows_for_power"] = {r: None if math.isnan(n) else math.ceil(n) for r, n in needed.items()}
             diffs.append(entry)
         out["differences"][m] = diffs
     return out
@@ -94,14 +100,15 @@ def comparison_table(result: dict) -> str:
     text = head + "\n".join(lines) + f"\n\n{result['rows']} shared rows, {result['level']}-level matching; " \
         "differences to the first run with paired bootstrap 95% intervals.\n"
     power = [(m, i, d["rows_for_power"]) for m in metrics for i, d in enumerate(result["differences"][m], 1)
-             if d.get("rows_for_power")]
+             if "rows_for_power" in d]
     if power:
         rels = list(power[0][2])
         text += ("\nRows a paired comparison would need to detect a true difference of the given size relative to the "
-                 "baseline's mean (two-sided 5%, 80% power, per-row spread as observed here):\n\n"
-                 "| run | metric | " + " | ".join(f"{float(r):.0%}" for r in rels) + " |\n|---|---|"
+                 "baseline's mean (two-sided 5%, 80% power, per-row spread as observed here; - : no row differs or "
+                 "the baseline's mean is 0):\n\n"
+                 "| run | metric | " + " | ".join(f"{float(r) * 100:g}%" for r in rels) + " |\n|---|---|"
                  + "---|" * len(rels) + "\n")
         for m, i, rows in power:
-            cells = ["-" if n != n else f"{n:,.0f}" for n in rows.values()]  # nan: no row differs
+            cells = ["-" if n is None else f"{n:,}" for n in rows.values()]
             text += f"| {result['runs'][i]} | {m} | " + " | ".join(cells) + " |\n"
     return text

@@ -14,6 +14,7 @@ score the whole catalogue get them from :func:`ranks_from_scores`. Per-row value
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
@@ -188,18 +189,22 @@ def rows_for_power(
     The usual normal-approximation sample size of a two-sided paired test,
     ``n = ((z[1 - alpha/2] + z[power]) * sd / effect) ** 2``, with ``sd`` the standard deviation of the per-row
     differences ``a - b`` observed here (so it answers: with rows like these, how many would a difference of that
-    size need to show up at level ``alpha`` with probability ``power``). ``nan`` when no row differs (no
-    estimate of the spread).
+    size need to show up at level ``alpha`` with probability ``power``; round up for a row count). ``nan`` when no
+    row differs (no estimate of the spread).
 
-    >>> round(rows_for_power([1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], effect=0.1))
-    196
+    >>> math.ceil(rows_for_power([1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], effect=0.1))
+    197
     """
     from statistics import NormalDist
 
-    diff = np.asarray(a, dtype=np.float64).reshape(-1) - np.asarray(b, dtype=np.float64).reshape(-1)
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired samples must have the same length, got {a.size} and {b.size}")
+    diff = a - b
     if diff.size < 2:
         raise ValueError(f"need at least 2 paired rows, got {diff.size}")
-    if effect == 0 or not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
+    if effect == 0 or not math.isfinite(effect) or not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
         raise ValueError(f"need effect != 0 and alpha, power in (0, 1); got {effect}, {alpha}, {power}")
     sd = float(diff.std(ddof=1))
     if sd == 0.0:

@@ -70,6 +70,9 @@ def run_seqrec_benchmark(
             fields.update(model=model, dataset_dir=str(dataset_dir), output_dir=str(run_dir), seed=42 + s)
             if res_file.exists():
                 res = json.loads(res_file.read_text())
+                if "config" not in res:
+                    raise ValueError(f"{res_file} records no config, so what it was trained with cannot be checked; "
+                                     "remove it or use another output directory")
                 # A finished run is reused only if it was trained with what is asked now (an edited recipe or
                 # other options must not be reported under results of the old settings).
                 diff = training_field_differences(res.get("config", {}), to_dict(SeqRecConfig(**fields)))

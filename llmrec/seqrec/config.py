@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -34,9 +35,12 @@ def training_field_differences(found: dict, wanted: dict) -> dict[str, tuple[Any
     defaults = json.loads(json.dumps(config_defaults()))
     found = {**defaults, **json.loads(json.dumps(training_fields(found)))}
     wanted = json.loads(json.dumps(training_fields(wanted)))
+    for cfg in (found, wanted):  # "data/x/" and "data/x" are one directory
+        if cfg.get("dataset_dir"):
+            cfg["dataset_dir"] = os.path.normpath(cfg["dataset_dir"])
 
     def same(f: Any, w: Any) -> bool:
-        if isinstance(w, float) and isinstance(f, (int, float)) and not isinstance(f, bool):
+        if isinstance(w, float) and isinstance(f, (int, float)):
             return math.isclose(f, w, rel_tol=1e-12)
         return f == w
 
