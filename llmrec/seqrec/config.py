@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -32,7 +32,9 @@ def training_field_differences(found: dict, wanted: dict) -> dict[str, tuple[Any
     finished run does not record (added to the config after it ran) counts as its default, the behaviour of the
     code that trained it.
     """
-    defaults = json.loads(json.dumps(config_defaults()))
+    from llmrec.config import to_dict
+
+    defaults = json.loads(json.dumps(to_dict(SeqRecConfig())))
     found = {**defaults, **json.loads(json.dumps(training_fields(found)))}
     wanted = json.loads(json.dumps(training_fields(wanted)))
     for cfg in (found, wanted):  # "data/x/" and "data/x" are one directory
@@ -164,14 +166,3 @@ class SeqRecConfig:
         if self.rpt_epochs > 0 and self.rpt_group < 2:
             # one rollout has no group spread: its standardised advantage is 0/0
             raise ValueError(f"rpt_group (G) must be >= 2 for RPT, got {self.rpt_group}")
-
-
-def config_defaults() -> dict[str, Any]:
-    """Every :class:`SeqRecConfig` field with its default value (fields with a factory: a fresh value)."""
-    out: dict[str, Any] = {}
-    for f in fields(SeqRecConfig):
-        if f.default is not MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not MISSING:
-            out[f.name] = f.default_factory()
-    return out
