@@ -66,3 +66,28 @@ def test_compare_reports_rows_needed_relative_to_the_baseline(tmp_path):
 def test_rows_for_power_refuses_unpaired_inputs():
     with pytest.raises(ValueError, match="same length"):
         rows_for_power([1.0], [0.0, 0.0, 1.0, 0.0], effect=0.1)
+
+
+def test_seed_groups_average_each_row_over_the_seeds_first(tmp_path):
+    a0 = _run(tmp_path / "a0", [0, None, 3, None])
+    a1 = _run(tmp_path / "a1", [None, None, 3, 1])
+    b0 = _run(tmp_path / "b0", [0, 2, None, None])
+    b1 = _run(tmp_path / "b1", [1, 2, 0, None])
+    res = compare_runs([a0, a1, b0, b1], ["hr@10", "ndcg@10"], seeds_per_run=2, n_resamples=200)
+
+    def ndcg(ranks):
+        return np.array([0.0 if r is None else 1 / math.log2(r + 2) for r in ranks])
+
+    a = (ndcg([0, None, 3, None]) + ndcg([None, None, 3, 1])) / 2
+    b = (ndcg([0, 2, None, None]) + ndcg([1, 2, 0, None])) / 2
+    assert res["metrics"]["ndcg@10"] == pytest.approx([a.mean(), b.mean()])
+    assert res["metrics"]["hr@10"] == pytest.approx([(2 + 2) / 8, (2 + 3) / 8])
+    assert res["differences"]["ndcg@10"][0]["diff"] == pytest.approx(b.mean() - a.mean())
+    assert res["runs"] == [f"{a0} + {a1}", f"{b0} + {b1}"] and res["seeds_per_run"] == 2
+    assert "averaged over the 2 seeds" in comparison_table(res)
+    # one seed per run is the plain comparison; the directories must split into whole groups of two runs or more
+    assert compare_runs([a0, b0], ["hr@10"], n_resamples=200)["metrics"]["hr@10"] == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="groups of seeds_per_run = 3"):
+        compare_runs([a0, a1, b0, b1], ["hr@10"], seeds_per_run=3)
+    with pytest.raises(ValueError, match="at least two runs"):
+        compare_runs([a0, a1], ["hr@10"], seeds_per_run=2)

@@ -48,7 +48,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     result = compare_runs(args.runs, [m.strip() for m in args.metrics.split(",") if m.strip()], level=args.level,
                           n_resamples=args.resamples, seed=args.seed,
-                          power_rel=[float(r) for r in args.power_rel.split(",") if r.strip()])
+                          power_rel=[float(r) for r in args.power_rel.split(",") if r.strip()],
+                          seeds_per_run=args.seeds_per_run)
     print(comparison_table(result), end="")
     if args.output:
         atomic_write_json(Path(args.output), result)
@@ -70,5 +71,8 @@ def register_compare_cli(subparsers) -> None:
     p.add_argument("--power-rel", default="", metavar="R1,R2",
                    help="also print the rows needed to detect true differences of these sizes relative to the "
                         "baseline's mean (e.g. 0.03,0.17; two-sided 5%%, 80%% power)")
+    p.add_argument("--seeds-per-run", type=int, default=1, metavar="N",
+                   help="every N consecutive directories are the seeds of one run (e.g. --seeds-per-run 3 A0 A1 A2 B0 "
+                        "B1 B2): each row's metrics are averaged over them before the differences")
     p.add_argument("--output", default=None, help="also write the JSON result here")
     p.set_defaults(func=cmd_compare)

@@ -3,7 +3,9 @@
 Each run is an ``llmrec evaluate`` output directory (``results.json`` + ``rankings.jsonl``). Runs are
 compared on the rows they share (same split row and same target item); the first run is the baseline
 of every difference. Differences come with their paired bootstrap 95% interval
-(:func:`llmrec.evaluation.metrics.paired_bootstrap_ci`).
+(:func:`llmrec.evaluation.metrics.paired_bootstrap_ci`). With ``seeds_per_run`` > 1 every run is a group of
+that many directories (the seeds of one method): each row's metrics are averaged over the group's seeds before
+the differences, so the interval is over rows of seed-averaged values (as ``llmrec bench pipeline`` reports).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics, rows_for_power
 
@@ -34,8 +38,12 @@ def load_rankings(run_dir: str | Path) -> dict[int, dict]:
 
 
 def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "item", n_resamples: int = 10000,
-                 seed: int = 0, power_rel: list[float] | tuple[float, ...] = ()) -> dict:
+                 seed: int = 0, power_rel: list[float] | tuple[float, ...] = (), seeds_per_run: int = 1) -> dict:
     """Per-run metric means on the shared rows and each run's difference to the first run (with CI).
+
+    ``seeds_per_run`` = n > 1: every n consecutive directories are the seeds of one run (``A0 A1 B0 B1`` with n =
+    2 compares A with B), each row's metrics averaged over them first; the result's ``runs`` then lists the
+    groups, each as its directories joined by ``" + "``.
 
     ``power_rel`` (e.g. ``[0.03, 0.17]``): for each difference, also the rows a paired comparison with rows like
     these would need to detect a true difference of that size relative to the baseline's mean (two-sided 5%,
@@ -44,7 +52,10 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
     """
     if not all(0 < r < math.inf for r in power_rel):  # also refuses nan
         raise ValueError(f"power_rel values must be finite and > 0 (relative effects, e.g. 0.03), got {list(power_rel)}")
-    if len(run_dirs) < 2:
+    if seeds_per_run < 1 or len(run_dirs) % seeds_per_run:
+        raise ValueError(f"{len(run_dirs)} run directories do not split into groups of seeds_per_run = {seeds_per_run}")
+    groups = [list(run_dirs[i:i + seeds_per_run]) for i in range(0, len(run_dirs), seeds_per_run)]
+    if len(groups) < 2:
         raise ValueError("compare needs at least two runs")
     if level not in ("item", "title"):
         raise ValueError(f"level must be 'item' or 'title', got {level!r}")
@@ -57,11 +68,11 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
     if not shared:
         raise ValueError("the runs share no rows")
     ks = sorted({int(m.split("@")[1]) for m in metrics})
-    per_run = []
-    for recs in runs:
-        ranks = [recs[row][f"{level}_rank"] for row in shared]
-        per_run.append(per_row_metrics(ranks, ks))  # None = target not in the list
-    out = {"rows": len(shared), "level": level, "runs": [str(r) for r in run_dirs], "metrics": {}, "differences": {}}
+    per_seed = [per_row_metrics([recs[row][f"{level}_rank"] for row in shared], ks) for recs in runs]  # None = miss
+    per_run = [{m: np.mean([per_seed[i][m] for i in range(g, g + seeds_per_run)], axis=0) for m in per_seed[g]}
+               for g in range(0, len(runs), seeds_per_run)]
+    out = {"rows": len(shared), "level": level, "runs": [" + ".join(str(r) for r in g) for g in groups],
+           "seeds_per_run": seeds_per_run, "metrics": {}, "differences": {}}
     for m in metrics:
         if m not in per_run[0]:
             raise ValueError(f"unknown metric {m!r}; use e.g. ndcg@10, hr@10, mrr@10")
@@ -97,8 +108,10 @@ def comparison_table(result: dict) -> str:
                 d = result["differences"][m][i - 1]
                 cells.append(f"{v:.4f} ({d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}])")
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    text = head + "\n".join(lines) + f"\n\n{result['rows']} shared rows, {result['level']}-level matching; " \
-        "differences to the first run with paired bootstrap 95% intervals.\n"
+    seeds = result.get("seeds_per_run", 1)
+    text = head + "\n".join(lines) + f"\n\n{result['rows']} shared rows, {result['level']}-level matching" + (
+        f", each row's metrics averaged over the {seeds} seeds of a run" if seeds > 1 else "") + \
+        "; differences to the first run with paired bootstrap 95% intervals.\n"
     power = [(m, i, d["rows_for_power"]) for m in metrics for i, d in enumerate(result["differences"][m], 1)
              if "rows_for_power" in d]
     if power:
