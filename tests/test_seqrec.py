@@ -412,6 +412,18 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
         assert key in summary["sasrec"]
     assert "± " in capsys.readouterr().out
     assert (out / "seqrec_bench.json").exists() and (out / "seqrec_bench.md").exists()
+    # every model beside the first gets its paired interval over the test rows, seeds averaged per row first
+    from llmrec.evaluation.compare import compare_runs
+
+    r = out / "runs"
+    want = compare_runs([r / "sasrec_seed0/test_eval", r / "sasrec_seed1/test_eval", r / "rearec-erl_seed0/test_eval",
+                         r / "rearec-erl_seed1/test_eval"], ["ndcg@10"], seeds_per_run=2)["differences"]["ndcg@10"][0]
+    paired = json.loads((out / "seqrec_bench.json").read_text())["paired"]
+    assert set(paired) == {"rearec-erl"} and paired["rearec-erl"]["seeds"] == [42, 43]
+    assert paired["rearec-erl"]["ndcg@10"]["ci95"] == want["ci95"]
+    assert summary["rearec-erl"]["ndcg@10_diff"] == pytest.approx(
+        summary["rearec-erl"]["ndcg@10"] - summary["sasrec"]["ndcg@10"])
+    assert "NDCG@10 vs sasrec [95% CI]" in (out / "seqrec_bench.md").read_text()
     stamp = (out / "runs" / "sasrec_seed0" / "results.json").stat().st_mtime_ns
     again = run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 2, out, **kw)  # every run is skipped
     assert again == summary
@@ -425,6 +437,13 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"hidden_size=16 \(asked: 8\)"):
         run_seqrec_benchmark(d, ["sasrec"], 1, out, report_only=True, **{**kw, "hidden_size": 8})
     assert run_seqrec_benchmark(d, ["sasrec"], 1, out, **{**kw, "progress": True})["sasrec"]["seeds"] == 1
+    # a test_eval whose metrics are not the run's own (e.g. left from an earlier run there) is refused, not paired
+    stale = r / "rearec-erl_seed0/test_eval/results.json"
+    res = json.loads(stale.read_text())
+    res["metrics"]["item"]["ndcg@10"] += 0.01
+    stale.write_text(json.dumps(res))
+    with pytest.raises(ValueError, match=r"rearec-erl_seed0/test_eval: test ndcg@10 .* is not the run's own"):
+        run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 2, out, **kw)
 
 
 def test_benchmark_reads_each_models_own_recipe(tmp_path):

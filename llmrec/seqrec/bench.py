@@ -2,7 +2,10 @@
 
 ``run_seqrec_benchmark`` trains and tests every model for every seed on the same prepared split,
 skipping (model, seed) runs whose ``results.json`` already exists (so an interrupted benchmark resumes),
-prints a mean +- std table and writes ``seqrec_bench.json`` / ``seqrec_bench.md`` into ``output``.
+prints a mean +- std table and writes ``seqrec_bench.json`` / ``seqrec_bench.md`` into ``output``. Each finished
+run's test rows are also ranked by ``llmrec evaluate --method seqrec`` (``<run>/test_eval``, the per-row file that
+``llmrec compare`` reads), so every model gets its paired bootstrap 95% interval against the first model (per-row
+metrics averaged over the seeds both have), not only mean +- std over seeds.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ def run_seqrec_benchmark(
         recipe_for(model)
     overrides = coerce_fields([SeqRecConfig], overrides, "benchmark overrides")
     runs: dict[str, list[dict]] = {}
+    run_dirs: dict[str, dict[int, Path]] = {}
     for model in models:
         for s in range(seeds):
             run_dir = output / "runs" / f"{model}_seed{s}"
@@ -85,6 +89,8 @@ def run_seqrec_benchmark(
             else:
                 res = run_seqrec(SeqRecConfig(**fields))
             runs.setdefault(model, []).append(res)
+            run_dirs.setdefault(model, {})[s] = run_dir
+    paired = paired_differences(run_dirs, runs, dataset_dir)
     summary: dict[str, dict[str, float]] = {}
     for model, rs in runs.items():
         vals = {
@@ -96,8 +102,13 @@ def run_seqrec_benchmark(
         row: dict[str, float] = {"seeds": len(rs)}
         for k, xs in vals.items():
             row[k], row[f"{k}_std"] = _mean_std(xs)
+        if model in paired:
+            for metric in ("ndcg@10", "hr@10"):
+                d = paired[model][metric]
+                row[f"{metric}_diff"], (row[f"{metric}_diff_lo"], row[f"{metric}_diff_hi"]) = d["diff"], d["ci95"]
+            row["paired_rows"] = paired[model]["rows"]
         summary[model] = row
-    table = benchmark_table(summary, str(dataset_dir))
+    table = benchmark_table(summary, str(dataset_dir), baseline=next(iter(runs), None))
     print(table)
     atomic_write_json(
         output / "seqrec_bench.json",
@@ -105,10 +116,61 @@ def run_seqrec_benchmark(
             "dataset_dir": str(dataset_dir),
             "summary": summary,
             "runs": {m: [_brief(r) for r in rs] for m, rs in runs.items()},
+            "paired": paired,
         },
     )
     atomic_write_text(output / "seqrec_bench.md", table)
     return summary
+
+
+def test_rankings(run_dir: Path, dataset_dir: str | Path, expected: dict[str, float]) -> Path:
+    """``<run_dir>/test_eval``: the run's test rows ranked by ``llmrec evaluate --method seqrec`` (made if missing).
+
+    Its metrics must be the run's own test metrics (``expected``, from ``results.json``): the same model, rows and
+    tie-breaking; a mismatch (e.g. a stale ``test_eval`` left from an earlier run in that directory) is an error.
+    """
+    from accelerate import PartialState
+
+    from llmrec.evaluation.evaluator import EvalConfig, evaluate
+
+    out = run_dir / "test_eval"
+    if not (out / "results.json").exists():
+        evaluate(EvalConfig(method="seqrec", checkpoint=str(run_dir), dataset=str(dataset_dir), split="test",
+                            output_dir=str(out)))
+    PartialState().wait_for_everyone()  # the main process writes the files the others read next
+    got = json.loads((out / "results.json").read_text())["metrics"]["item"]
+    for metric in ("ndcg@10", "hr@10"):
+        if abs(got[metric] - expected[metric]) > 1e-6:
+            raise ValueError(f"{out}: test {metric} {got[metric]:.6f} is not the run's own {expected[metric]:.6f} "
+                             f"({run_dir / 'results.json'}); remove {out} to rank the test rows again")
+    return out
+
+
+def paired_differences(run_dirs: dict[str, dict[int, Path]], runs: dict[str, list[dict]],
+                       dataset_dir: str | Path) -> dict[str, dict]:
+    """Each model against the first one: paired bootstrap 95% intervals of the NDCG@10 and HR@10 differences.
+
+    Pairs on the test rows, with each row's metrics averaged over the seeds both models have
+    (:func:`llmrec.evaluation.compare.compare_runs` with ``seeds_per_run``). Returns ``{model: {"baseline",
+    "seeds", "rows", "ndcg@10": {"diff", "ci95", "excludes_zero"}, "hr@10": {...}}}``.
+    """
+    from llmrec.evaluation.compare import compare_runs
+
+    if not run_dirs:
+        return {}
+    evals = {m: {s: test_rankings(d, dataset_dir, r["test"]) for (s, d), r in zip(sorted(seeds.items()), runs[m])}
+             for m, seeds in run_dirs.items()}
+    baseline, *others = list(evals)
+    out: dict[str, dict] = {}
+    for model in others:
+        shared = sorted(set(evals[model]) & set(evals[baseline]))
+        if not shared:
+            continue
+        res = compare_runs([evals[baseline][s] for s in shared] + [evals[model][s] for s in shared],
+                           ["ndcg@10", "hr@10"], seeds_per_run=len(shared))
+        out[model] = {"baseline": baseline, "seeds": [42 + s for s in shared], "rows": res["rows"],
+                      **{m: res["differences"][m][0] for m in ("ndcg@10", "hr@10")}}
+    return out
 
 
 def _brief(r: dict) -> dict:
@@ -123,21 +185,26 @@ def _brief(r: dict) -> dict:
     }
 
 
-def benchmark_table(summary: dict[str, dict[str, float]], title: str) -> str:
-    """Markdown table: mean +- std over seeds of each reported number."""
+def benchmark_table(summary: dict[str, dict[str, float]], title: str, baseline: str | None = None) -> str:
+    """Markdown table: mean +- std over seeds of each reported number, and the paired differences to ``baseline``."""
+    vs = f"NDCG@10 vs {baseline} [95% CI]" if baseline else "NDCG@10 diff [95% CI]"
     lines = [
         f"# seqrec benchmark: {title}",
         "",
-        "| model | seeds | NDCG@10 | HR@10 | s/epoch | ms/row (inference) |",
-        "|---|---|---|---|---|---|",
+        f"| model | seeds | NDCG@10 | HR@10 | {vs} | s/epoch | ms/row (inference) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m, r in summary.items():
+        diff = (f"{r['ndcg@10_diff']:+.4f} [{r['ndcg@10_diff_lo']:+.4f}, {r['ndcg@10_diff_hi']:+.4f}]"
+                if "ndcg@10_diff" in r else "-")
         lines.append(
             f"| {m} | {int(r['seeds'])} | {r['ndcg@10']:.4f} ± {r['ndcg@10_std']:.4f} | "
-            f"{r['hr@10']:.4f} ± {r['hr@10_std']:.4f} | {r['epoch_s']:.2f} ± {r['epoch_s_std']:.2f} | "
+            f"{r['hr@10']:.4f} ± {r['hr@10_std']:.4f} | {diff} | {r['epoch_s']:.2f} ± {r['epoch_s_std']:.2f} | "
             f"{r['infer_ms_per_row']:.3f} ± {r['infer_ms_per_row_std']:.3f} |"
         )
-    return "\n".join(lines) + "\n"
+    rows = {int(p) for p in (summary[m].get("paired_rows") for m in summary) if p}
+    return "\n".join(lines) + "\n" + (f"\nDifferences: paired bootstrap over the {rows.pop()} test rows, each row's "
+                                      "metrics averaged over the seeds both models have.\n" if len(rows) == 1 else "")
 
 
 @torch.no_grad()
