@@ -123,7 +123,7 @@ def run_seqrec_benchmark(
     return summary
 
 
-def test_rankings(run_dir: Path, dataset_dir: str | Path, expected: dict[str, float]) -> Path:
+def rank_test_rows(run_dir: Path, dataset_dir: str | Path, expected: dict[str, float]) -> Path:
     """``<run_dir>/test_eval``: the run's test rows ranked by ``llmrec evaluate --method seqrec`` (made if missing).
 
     Its metrics must be the run's own test metrics (``expected``, from ``results.json``): the same model, rows and
@@ -158,7 +158,7 @@ def paired_differences(run_dirs: dict[str, dict[int, Path]], runs: dict[str, lis
 
     if not run_dirs:
         return {}
-    evals = {m: {s: test_rankings(d, dataset_dir, r["test"]) for (s, d), r in zip(sorted(seeds.items()), runs[m])}
+    evals = {m: {s: rank_test_rows(d, dataset_dir, r["test"]) for (s, d), r in zip(sorted(seeds.items()), runs[m])}
              for m, seeds in run_dirs.items()}
     baseline, *others = list(evals)
     out: dict[str, dict] = {}
