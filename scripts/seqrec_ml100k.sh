@@ -35,9 +35,9 @@ paired = bench.get("paired", {})
 lines = ["ML-100K, leave-one-out, history 50, d 64, full ranking over all items, no history masking; every model",
          "with its own recipe (recipes/seqrec/<model>_ml100k.yaml), early stopping on validation NDCG@10; mean ± std",
          "over the finished seeds of 42, 43, 44 (seeds column); wall times on a shared 2-core CPU, one torch thread per run",
-         "(`bash scripts/seqrec_ml100k.sh`; models with no finished seed are not listed). In brackets: the paired",
-         "bootstrap 95% interval of the NDCG@10 difference to SASRec over the 943 test rows (each row averaged over the",
-         "seeds; models whose runs were made before the benchmark kept per-row rankings have none).",
+         "(`bash scripts/seqrec_ml100k.sh`; models with no finished seed are not listed). Where SASRec's runs were",
+         "benchmarked together with a model's, the brackets add the paired bootstrap 95% interval of the NDCG@10",
+         "difference over the 943 test rows (each row averaged over the seeds).",
          "", "| model | seeds | test NDCG@10 | test HR@10 | NDCG@20 | best epochs | s/epoch | inference ms/row |",
          "|---|---|---|---|---|---|---|---|"]
 sasrec = bench["summary"].get("sasrec", {}).get("ndcg@10")
