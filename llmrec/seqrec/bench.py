@@ -65,7 +65,7 @@ def run_seqrec_benchmark(
         recipe_for(model)
     overrides = coerce_fields([SeqRecConfig], overrides, "benchmark overrides")
     runs: dict[str, list[dict]] = {}
-    run_dirs: dict[str, dict[int, Path]] = {}
+    finished: dict[str, dict[int, tuple[Path, dict]]] = {}  # model -> seed -> (run dir, its test metrics)
     for model in models:
         for s in range(seeds):
             run_dir = output / "runs" / f"{model}_seed{s}"
@@ -89,8 +89,8 @@ def run_seqrec_benchmark(
             else:
                 res = run_seqrec(SeqRecConfig(**fields))
             runs.setdefault(model, []).append(res)
-            run_dirs.setdefault(model, {})[s] = run_dir
-    paired = paired_differences(run_dirs, runs, dataset_dir)
+            finished.setdefault(model, {})[res["seed"]] = (run_dir, res["test"])
+    paired = paired_differences(finished, dataset_dir)
     summary: dict[str, dict[str, float]] = {}
     for model, rs in runs.items():
         vals = {
@@ -146,20 +146,20 @@ def rank_test_rows(run_dir: Path, dataset_dir: str | Path, expected: dict[str, f
     return out
 
 
-def paired_differences(run_dirs: dict[str, dict[int, Path]], runs: dict[str, list[dict]],
-                       dataset_dir: str | Path) -> dict[str, dict]:
+def paired_differences(finished: dict[str, dict[int, tuple[Path, dict]]], dataset_dir: str | Path) -> dict[str, dict]:
     """Each model against the first one: paired bootstrap 95% intervals of the NDCG@10 and HR@10 differences.
 
-    Pairs on the test rows, with each row's metrics averaged over the seeds both models have
+    ``finished``: model -> config seed -> (run directory, the run's test metrics). Pairs on the test rows, with
+    each row's metrics averaged over the seeds both models have
     (:func:`llmrec.evaluation.compare.compare_runs` with ``seeds_per_run``). Returns ``{model: {"baseline",
     "seeds", "rows", "ndcg@10": {"diff", "ci95", "excludes_zero"}, "hr@10": {...}}}``.
     """
     from llmrec.evaluation.compare import compare_runs
 
-    if not run_dirs:
+    evals = {m: {seed: rank_test_rows(d, dataset_dir, test) for seed, (d, test) in seeds.items()}
+             for m, seeds in finished.items()}
+    if not evals:
         return {}
-    evals = {m: {s: rank_test_rows(d, dataset_dir, r["test"]) for (s, d), r in zip(sorted(seeds.items()), runs[m])}
-             for m, seeds in run_dirs.items()}
     baseline, *others = list(evals)
     out: dict[str, dict] = {}
     for model in others:
@@ -168,7 +168,7 @@ def paired_differences(run_dirs: dict[str, dict[int, Path]], runs: dict[str, lis
             continue
         res = compare_runs([evals[baseline][s] for s in shared] + [evals[model][s] for s in shared],
                            ["ndcg@10", "hr@10"], seeds_per_run=len(shared))
-        out[model] = {"baseline": baseline, "seeds": [42 + s for s in shared], "rows": res["rows"],
+        out[model] = {"baseline": baseline, "seeds": shared, "rows": res["rows"],
                       **{m: res["differences"][m][0] for m in ("ndcg@10", "hr@10")}}
     return out
 
