@@ -49,6 +49,7 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -386,6 +387,12 @@ class Pipeline:
         chosen = max(o.d3_weights, key=lambda w: (scores[f"{w:g}"], -w))
         print(f"== seed {seed}: {method} D3 weight {chosen:g} (validation NDCG@10 "
               + ", ".join(f"{k}: {v:.4f}" for k, v in scores.items()) + ")", flush=True)
+        if len(o.d3_weights) > 1 and chosen in (min(o.d3_weights), max(o.d3_weights)):
+            # A best weight on the grid's edge says the optimum may lie beyond it: the per-weight evaluations are
+            # kept, so a wider grid (after removing the selection file) only evaluates the new weights.
+            print(f"WARNING: the D3 weight chosen for {method} (seed {seed}) is the grid's "
+                  f"{'largest' if chosen == max(o.d3_weights) else 'smallest'}; consider a wider --d3-weight grid",
+                  file=sys.stderr, flush=True)
         atomic_write_json(f, {"method": method, "seed": seed, "split": "valid", "rows": o.d3_valid_rows,
                               "row_seed": o.row_seed, "valid_ndcg@10": scores, "chosen": chosen})
 
@@ -736,7 +743,13 @@ def report_markdown(result: dict, command: str = "") -> str:
     selections = p.get("d3_selection") or {}
     if selections:
         first = next(iter(next(iter(selections.values())).values()))
-        chosen = "; ".join(LABELS[m] + ": " + ", ".join(f"{sel['chosen']:g}" for _, sel in sorted(seeds.items()))
+        def _chosen(sel: dict) -> str:
+            grid = [float(w) for w in sel["valid_ndcg@10"]]
+            edge = " (the grid's largest)" if sel["chosen"] == max(grid) else \
+                " (the grid's smallest)" if sel["chosen"] == min(grid) else ""
+            return f"{sel['chosen']:g}{edge}"
+
+        chosen = "; ".join(LABELS[m] + ": " + ", ".join(_chosen(sel) for _, sel in sorted(seeds.items()))
                            for m, seeds in selections.items())
         text += (f" D3 = length penalty 0 + SASRec guidance, its weight selected per method and seed by NDCG@10 on "
                  f"{first['rows']} validation rows among {', '.join(first['valid_ndcg@10'])} ({chosen}).")

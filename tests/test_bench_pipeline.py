@@ -205,7 +205,12 @@ def test_d3_weight_selected_on_validation_rows(report, capsys):
     res = json.loads((root / "results" / "tiny_d3.json").read_text())
     assert res["methods"]["bigrec-sft+d3"]["runs"] == [str(test_dir)]
     assert res["protocol"]["d3_selection"]["bigrec-sft+d3"]["0"]["chosen"] == sel["chosen"]
-    assert "selected per method and seed by NDCG@10 on 4 validation rows" in (root / "results" / "tiny_d3.md").read_text()
+    md = (root / "results" / "tiny_d3.md").read_text()
+    assert "selected per method and seed by NDCG@10 on 4 validation rows" in md
+    # with two weights the choice is always on an edge of the grid: said in the log and in the report
+    edge = "largest" if sel["chosen"] == 2 else "smallest"
+    assert f"is the grid's {edge}; consider a wider --d3-weight grid" in capsys.readouterr().err
+    assert f"BIGRec SFT + D3: {sel['chosen']:g} (the grid's {edge})" in md
     from llmrec.bench_pipeline import Pipeline, options_from_args
     from llmrec.cli import build_parser
 
