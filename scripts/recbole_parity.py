@@ -3,10 +3,13 @@
     python scripts/recbole_parity.py --recbole 'benchmarks/results/recbole_sasrec_ml100k_seed*.json' \
         --ours benchmarks/results/seqrec_ml100k_bench.json "llmrec, stride 50 (default)" \
         --ours benchmarks/results/seqrec_ml100k_stride25.json "llmrec, window_stride 25" \
-        --output benchmarks/results/sasrec_recbole_parity_ml100k
+        --ours runs/sasrec_rows_b2048_s42/results.json "llmrec, train_mode rows, batch 2048" \
+        --crosscheck 'runs/recbole_in_llmrec_seed*' --output benchmarks/results/sasrec_recbole_parity_ml100k
 
 RecBole's numbers come from ``scripts/recbole_sasrec_ml100k.py`` (its own venv; one JSON per seed); ours from
-``llmrec bench seqrec`` results files (their ``sasrec`` runs). Writes ``<output>.json`` and ``<output>.md``. The
+``llmrec bench seqrec`` results files (their ``sasrec`` runs) or single ``llmrec seqrec train`` runs' ``results.json``.
+``--crosscheck`` adds RecBole's own trained weights evaluated by llmrec (directories written by
+``scripts/recbole_weights_in_llmrec.py``, each with ``eval_valid/`` and ``eval_test/`` from ``llmrec evaluate``). Writes ``<output>.json`` and ``<output>.md``. The
 seeds of the two libraries are not the same random streams: the comparison is of means over seeds.
 """
 
@@ -25,11 +28,36 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _crosscheck(dirs: list[str], rec: dict[int, dict[str, float]], out: dict) -> list[str]:
+    """Table lines: RecBole's own numbers beside llmrec's evaluation of RecBole's trained weights, per seed."""
+    if not dirs:
+        raise SystemExit("--crosscheck matches no directory")
+    lines = ["", "RecBole's trained weights loaded into llmrec's SASRec (`scripts/recbole_weights_in_llmrec.py`) and "
+             "evaluated by llmrec (`llmrec evaluate --method seqrec`), beside RecBole's own evaluation of them:", "",
+             "| seed | valid NDCG@10 RecBole / llmrec | test NDCG@10 RecBole / llmrec | test HR@10 RecBole / llmrec |",
+             "|---|---|---|---|"]
+    out["crosscheck"] = {}
+    for d in dirs:
+        seed = int(json.loads((Path(d) / "results.json").read_text())["source"]["seed"])
+        if seed not in rec:
+            raise SystemExit(f"{d}: RecBole seed {seed} has no results file among --recbole")
+        got = {split: json.loads((Path(d) / f"eval_{split}" / "results.json").read_text())["metrics"]["item"]
+               for split in ("valid", "test")}
+        r = rec[seed]
+        out["crosscheck"][seed] = {"dir": d, "valid_ndcg@10": got["valid"]["ndcg@10"], "test": got["test"]}
+        lines.append(f"| {seed} | {r['valid_ndcg@10']:.4f} / {got['valid']['ndcg@10']:.4f} | {r['ndcg@10']:.4f} / "
+                     f"{got['test']['ndcg@10']:.4f} | {r['hr@10']:.4f} / {got['test']['hr@10']:.4f} |")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recbole", required=True, help="glob of scripts/recbole_sasrec_ml100k.py outputs")
     ap.add_argument("--ours", nargs=2, action="append", required=True, metavar=("RESULTS_JSON", "LABEL"),
                     help="an llmrec bench seqrec results file and its label (repeatable)")
+    ap.add_argument("--crosscheck", default=None,
+                    help="glob of run directories holding RecBole's weights (scripts/recbole_weights_in_llmrec.py), "
+                         "evaluated by llmrec into eval_valid/ and eval_test/")
     ap.add_argument("--output", required=True, help="output path without extension")
     args = ap.parse_args()
 
@@ -45,18 +73,21 @@ def main() -> int:
         if r.get("history_masking"):
             raise SystemExit(f"{f}: RecBole ran with history masking; llmrec's protocol does not mask")
         t = r["test"]
-        rec[int(r["seed"])] = {"ndcg@10": t["ndcg@10"], "hr@10": t["hit@10"], "ndcg@20": t["ndcg@20"]}
+        rec[int(r["seed"])] = {"ndcg@10": t["ndcg@10"], "hr@10": t["hit@10"], "ndcg@20": t["ndcg@20"],
+                               "valid_ndcg@10": r["best_valid_ndcg@10"]}
     settings["RecBole 1.2 SASRec"] = rec
     for path, label in args.ours:
-        runs = json.loads(Path(path).read_text())["runs"].get("sasrec", [])
+        res = json.loads(Path(path).read_text())
+        runs = res["runs"].get("sasrec", []) if "runs" in res else [res] if res.get("model") == "sasrec" else []
         if not runs:
-            raise SystemExit(f"{path}: no sasrec runs")
-        settings[label] = {int(r["seed"]): {m: r["test"][m] for m in METRICS} for r in runs}
+            raise SystemExit(f"{path}: no sasrec runs (an `llmrec bench seqrec` result or a sasrec run's results.json)")
+        settings[label] = {int(r["seed"]): {**{m: r["test"][m] for m in METRICS}, "valid_ndcg@10": r["valid"]["ndcg@10"]}
+                           for r in runs}
 
     ref = _mean_std([v["ndcg@10"] for v in rec.values()])[0]
     summary = {}
     for label, by_seed in settings.items():
-        s = {m: _mean_std([v[m] for v in by_seed.values()]) for m in METRICS}
+        s = {m: _mean_std([v[m] for v in by_seed.values()]) for m in (*METRICS, "valid_ndcg@10")}
         summary[label] = {"seeds": sorted(by_seed), **{m: {"mean": mu, "std": sd} for m, (mu, sd) in s.items()},
                           "ndcg@10_vs_recbole": s["ndcg@10"][0] / ref - 1.0}
     out = {"recbole_files": rec_files, "ours_files": [p for p, _ in args.ours], "per_seed": settings,
@@ -67,14 +98,18 @@ def main() -> int:
              "(`scripts/recbole_sasrec_ml100k.py`, its own venv) beside llmrec (`llmrec bench seqrec`), test NDCG@10 per "
              "seed (the libraries' seeds are different random streams) and mean ± std "
              "(`python scripts/recbole_parity.py`):", "",
-             "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " | NDCG@10 | HR@10 | NDCG@20 | vs RecBole |",
-             "|---|" + "---|" * len(seeds) + "---|---|---|---|"]
+             "| setting | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | NDCG@10 | HR@10 | NDCG@20 | vs RecBole | valid NDCG@10 |",
+             "|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
     for label, by_seed in settings.items():
         s = summary[label]
         cells = [f"{by_seed[x]['ndcg@10']:.4f}" if x in by_seed else "-" for x in seeds]
         rel = "" if label.startswith("RecBole") else f"{100 * s['ndcg@10_vs_recbole']:+.1f}%"
         lines.append(f"| {label} | " + " | ".join(cells) + " | "
-                     + " | ".join(f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in METRICS) + f" | {rel} |")
+                     + " | ".join(f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in METRICS) + f" | {rel} | "
+                     + f"{s['valid_ndcg@10']['mean']:.4f} ± {s['valid_ndcg@10']['std']:.4f} |")
+    if args.crosscheck:
+        lines += _crosscheck(sorted(glob.glob(args.crosscheck)), rec, out)
     atomic_write_json(Path(args.output + ".json"), out)
     atomic_write_text(Path(args.output + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

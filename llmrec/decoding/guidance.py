@@ -197,30 +197,30 @@ def load_guidance_model(run_dir: str | Path, device: torch.device | str = "cpu",
 
     run = Path(run_dir)
     if not run.is_dir():
-        raise CheckpointError(f"guidance checkpoint not found: {run} (expected a `llmrec seqrec train` output_dir)")
+        raise CheckpointError(f"ID-model (seqrec) checkpoint not found: {run} (expected a `llmrec seqrec train` output_dir)")
     results_path = run / "results.json"
     if not results_path.exists():
         present = sorted(p.name for p in run.iterdir())
         raise CheckpointError(
-            f"guidance checkpoint {run}: results.json is missing (it holds the run's config and is written when "
+            f"ID-model (seqrec) checkpoint {run}: results.json is missing (it holds the run's config and is written when "
             f"`llmrec seqrec train` finishes); found {present[:12] or 'nothing'}"
         )
     results = json.loads(results_path.read_text(encoding="utf-8"))
     if not isinstance(results.get("config"), dict):
-        raise CheckpointError(f"guidance checkpoint {run}: results.json has no 'config' (not a seqrec run?)")
+        raise CheckpointError(f"ID-model (seqrec) checkpoint {run}: results.json has no 'config' (not a seqrec run?)")
     weights = guidance_weights_path(run, results)
     if not weights.exists():
-        raise CheckpointError(f"guidance checkpoint {run}: weights {weights.relative_to(run)} are missing")
+        raise CheckpointError(f"ID-model (seqrec) checkpoint {run}: weights {weights.relative_to(run)} are missing")
     known = {f.name for f in dataclasses.fields(SeqRecConfig)}
     cfg = SeqRecConfig(**{k: v for k, v in results["config"].items() if k in known})
     state = load_file(str(weights))
     key = "backbone.item_emb.weight"
     if key not in state:
-        raise CheckpointError(f"guidance checkpoint {run}: {weights.name} has no {key} (not a seqrec model?)")
+        raise CheckpointError(f"ID-model (seqrec) checkpoint {run}: {weights.name} has no {key} (not a seqrec model?)")
     trained_items = int(state[key].shape[0]) - 1
     if num_items is not None and trained_items != num_items:
         raise ValueError(
-            f"guidance checkpoint {run}: the ID model was trained on a catalogue of {trained_items} items, but "
+            f"ID-model (seqrec) checkpoint {run}: the ID model was trained on a catalogue of {trained_items} items, but "
             f"the evaluated catalogue has {num_items}; train it on the same prepared dataset"
         )
     model = build_model(cfg, trained_items)
