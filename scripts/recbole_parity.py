@@ -3,14 +3,16 @@
     python scripts/recbole_parity.py --recbole 'benchmarks/results/recbole_sasrec_ml100k_seed*.json' \
         --ours benchmarks/results/seqrec_ml100k_bench.json "llmrec, stride 50 (default)" \
         --ours benchmarks/results/seqrec_ml100k_stride25.json "llmrec, window_stride 25" \
-        --ours runs/sasrec_rows_b2048_s42/results.json "llmrec, train_mode rows, batch 2048" \
+        --ours benchmarks/results/seqrec_ml100k_stride10.json "llmrec, window_stride 10" \
+        --ours 'benchmarks/results/sasrec_ml100k_rows_b2048_seed*.json' "llmrec, train_mode rows, batch 2048" \
         --crosscheck 'runs/recbole_in_llmrec_seed*' --output benchmarks/results/sasrec_recbole_parity_ml100k
 
 RecBole's numbers come from ``scripts/recbole_sasrec_ml100k.py`` (its own venv; one JSON per seed); ours from
-``llmrec bench seqrec`` results files (their ``sasrec`` runs) or single ``llmrec seqrec train`` runs' ``results.json``.
+``llmrec bench seqrec`` results files (their ``sasrec`` runs) or single ``llmrec seqrec train`` runs' ``results.json``
+(a glob of them: one setting, one file per seed).
 ``--crosscheck`` adds RecBole's own trained weights evaluated by llmrec (directories written by
-``scripts/recbole_weights_in_llmrec.py``, each with ``eval_valid/`` and ``eval_test/`` from ``llmrec evaluate``). Writes ``<output>.json`` and ``<output>.md``. The
-seeds of the two libraries are not the same random streams: the comparison is of means over seeds.
+``scripts/recbole_weights_in_llmrec.py``, each with ``eval_valid/`` and ``eval_test/`` from ``llmrec evaluate``).
+Writes ``<output>.json`` and ``<output>.md``. The seeds of the two libraries are not the same random streams: the comparison is of means over seeds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ METRICS = ("ndcg@10", "hr@10", "ndcg@20")
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(stat: dict[str, float], n: int) -> str:
+    """``mean ± std``, or the single value of a one-seed setting (whose std is not 0 but unknown)."""
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}" if n > 1 else f"{stat['mean']:.4f} (1 seed)"
 
 
 def _crosscheck(dirs: list[str], rec: dict[int, dict[str, float]], out: dict) -> list[str]:
@@ -54,7 +61,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recbole", required=True, help="glob of scripts/recbole_sasrec_ml100k.py outputs")
     ap.add_argument("--ours", nargs=2, action="append", required=True, metavar=("RESULTS_JSON", "LABEL"),
-                    help="an llmrec bench seqrec results file and its label (repeatable)")
+                    help="an llmrec bench seqrec results file (or a glob of sasrec runs' results.json) and its "
+                         "label (repeatable)")
     ap.add_argument("--crosscheck", default=None,
                     help="glob of run directories holding RecBole's weights (scripts/recbole_weights_in_llmrec.py), "
                          "evaluated by llmrec into eval_valid/ and eval_test/")
@@ -76,11 +84,13 @@ def main() -> int:
         rec[int(r["seed"])] = {"ndcg@10": t["ndcg@10"], "hr@10": t["hit@10"], "ndcg@20": t["ndcg@20"],
                                "valid_ndcg@10": r["best_valid_ndcg@10"]}
     settings["RecBole 1.2 SASRec"] = rec
-    for path, label in args.ours:
-        res = json.loads(Path(path).read_text())
-        runs = res["runs"].get("sasrec", []) if "runs" in res else [res] if res.get("model") == "sasrec" else []
+    for pattern, label in args.ours:
+        runs = []
+        for path in sorted(glob.glob(pattern)) or [pattern]:
+            res = json.loads(Path(path).read_text())
+            runs += res["runs"].get("sasrec", []) if "runs" in res else [res] if res.get("model") == "sasrec" else []
         if not runs:
-            raise SystemExit(f"{path}: no sasrec runs (an `llmrec bench seqrec` result or a sasrec run's results.json)")
+            raise SystemExit(f"{pattern}: no sasrec runs (`llmrec bench seqrec` results or sasrec runs' results.json)")
         settings[label] = {int(r["seed"]): {**{m: r["test"][m] for m in METRICS}, "valid_ndcg@10": r["valid"]["ndcg@10"]}
                            for r in runs}
 
@@ -106,8 +116,8 @@ def main() -> int:
         cells = [f"{by_seed[x]['ndcg@10']:.4f}" if x in by_seed else "-" for x in seeds]
         rel = "" if label.startswith("RecBole") else f"{100 * s['ndcg@10_vs_recbole']:+.1f}%"
         lines.append(f"| {label} | " + " | ".join(cells) + " | "
-                     + " | ".join(f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in METRICS) + f" | {rel} | "
-                     + f"{s['valid_ndcg@10']['mean']:.4f} ± {s['valid_ndcg@10']['std']:.4f} |")
+                     + " | ".join(_fmt(s[m], len(by_seed)) for m in METRICS) + f" | {rel} | "
+                     + _fmt(s["valid_ndcg@10"], len(by_seed)) + " |")
     if args.crosscheck:
         lines += _crosscheck(sorted(glob.glob(args.crosscheck)), rec, out)
     atomic_write_json(Path(args.output + ".json"), out)
