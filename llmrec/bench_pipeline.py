@@ -745,14 +745,15 @@ def report_markdown(result: dict, command: str = "") -> str:
         first = next(iter(next(iter(selections.values())).values()))
         def _chosen(sel: dict) -> str:
             grid = [float(w) for w in sel["valid_ndcg@10"]]
-            edge = " (the grid's largest)" if sel["chosen"] == max(grid) else \
-                " (the grid's smallest)" if sel["chosen"] == min(grid) else ""
+            edge = ", the grid's largest" if sel["chosen"] == max(grid) else \
+                ", the grid's smallest" if sel["chosen"] == min(grid) else ""
             return f"{sel['chosen']:g}{edge}"
 
         chosen = "; ".join(LABELS[m] + ": " + ", ".join(_chosen(sel) for _, sel in sorted(seeds.items()))
                            for m, seeds in selections.items())
         text += (f" D3 = length penalty 0 + SASRec guidance, its weight selected per method and seed by NDCG@10 on "
-                 f"{first['rows']} validation rows among {', '.join(first['valid_ndcg@10'])} ({chosen}).")
+                 f"{first['rows']} validation rows among "
+                 f"{', '.join(sorted(first['valid_ndcg@10'], key=float))} ({chosen}).")
     elif p.get("d3_weight") is not None:
         text += f" D3 = length penalty 0 + SASRec guidance (weight {p['d3_weight']:g})."
     text += (" ID models: the whole train split, full ranking over all items. Values: mean ± std over seeds (seeds "

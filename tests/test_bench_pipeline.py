@@ -210,7 +210,7 @@ def test_d3_weight_selected_on_validation_rows(report, capsys):
     # with two weights the choice is always on an edge of the grid: said in the log and in the report
     edge = "largest" if sel["chosen"] == 2 else "smallest"
     assert f"is the grid's {edge}; consider a wider --d3-weight grid" in capsys.readouterr().err
-    assert f"BIGRec SFT + D3: {sel['chosen']:g} (the grid's {edge})" in md
+    assert f"among 0.5, 2 (BIGRec SFT + D3: {sel['chosen']:g}, the grid's {edge})" in md
     from llmrec.bench_pipeline import Pipeline, options_from_args
     from llmrec.cli import build_parser
 
