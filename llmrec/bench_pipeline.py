@@ -387,12 +387,12 @@ class Pipeline:
         chosen = max(o.d3_weights, key=lambda w: (scores[f"{w:g}"], -w))
         print(f"== seed {seed}: {method} D3 weight {chosen:g} (validation NDCG@10 "
               + ", ".join(f"{k}: {v:.4f}" for k, v in scores.items()) + ")", flush=True)
-        if len(o.d3_weights) > 1 and chosen in (min(o.d3_weights), max(o.d3_weights)):
+        edge = grid_edge(chosen, o.d3_weights)
+        if edge:
             # A best weight on the grid's edge says the optimum may lie beyond it: the per-weight evaluations are
             # kept, so a wider grid (after removing the selection file) only evaluates the new weights.
-            print(f"WARNING: the D3 weight chosen for {method} (seed {seed}) is the grid's "
-                  f"{'largest' if chosen == max(o.d3_weights) else 'smallest'}; consider a wider --d3-weight grid",
-                  file=sys.stderr, flush=True)
+            print(f"WARNING: the D3 weight chosen for {method} (seed {seed}) is the grid's {edge}; consider a wider "
+                  "--d3-weight grid", file=sys.stderr, flush=True)
         atomic_write_json(f, {"method": method, "seed": seed, "split": "valid", "rows": o.d3_valid_rows,
                               "row_seed": o.row_seed, "valid_ndcg@10": scores, "chosen": chosen})
 
@@ -732,6 +732,13 @@ def _fmt(mean: float, std: float, seeds: int) -> str:
     return f"{mean:.4f} ± {std:.4f}" if seeds > 1 else f"{mean:.4f}"
 
 
+def grid_edge(chosen: float, grid: list[float]) -> str | None:
+    """``"largest"`` / ``"smallest"`` when ``chosen`` is on the edge of a grid of several weights, else None."""
+    if len(grid) < 2:
+        return None
+    return "largest" if chosen == max(grid) else "smallest" if chosen == min(grid) else None
+
+
 def report_markdown(result: dict, command: str = "") -> str:
     """The report as Markdown: protocol line, metrics table, differences table, missing methods."""
     p = result["protocol"]
@@ -744,10 +751,8 @@ def report_markdown(result: dict, command: str = "") -> str:
     if selections:
         first = next(iter(next(iter(selections.values())).values()))
         def _chosen(sel: dict) -> str:
-            grid = [float(w) for w in sel["valid_ndcg@10"]]
-            edge = ", the grid's largest" if sel["chosen"] == max(grid) else \
-                ", the grid's smallest" if sel["chosen"] == min(grid) else ""
-            return f"{sel['chosen']:g}{edge}"
+            edge = grid_edge(sel["chosen"], [float(w) for w in sel["valid_ndcg@10"]])
+            return f"{sel['chosen']:g}" + (f", the grid's {edge}" if edge else "")
 
         chosen = "; ".join(LABELS[m] + ": " + ", ".join(_chosen(sel) for _, sel in sorted(seeds.items()))
                            for m, seeds in selections.items())
