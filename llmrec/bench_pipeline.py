@@ -95,6 +95,7 @@ class PipelineOptions:
     test_rows: int = 500
     row_seed: int = 0
     grpo_rows: int = 64
+    dtype: str = "bfloat16"
     grpo_stage: str = "grpo_latent"
     grpo_overrides: dict[str, Any] = field(default_factory=dict)
     d3_weights: list[float] = field(default_factory=lambda: [1.0])
@@ -236,7 +237,7 @@ class Pipeline:
         o = self.opts
         # The settings of scripts/games_sft_comparison.sh (model selection on 200 validation rows).
         (cfg,) = parse_config([LatentSFTConfig], self.recipes / "games" / f"sft_{kind}.yaml", extra=dict(
-            dataset=str(self.data_dir), model_name_or_path=o.model, model_dtype="bfloat16",
+            dataset=str(self.data_dir), model_name_or_path=o.model, model_dtype=o.dtype,
             max_train_rows=o.train_rows, max_eval_rows=200, per_device_train_batch_size=8,
             gradient_accumulation_steps=2, eval_steps=16, save_steps=16, logging_steps=4, num_train_epochs=1,
             seed=seed, output_dir=str(out)))
@@ -250,7 +251,7 @@ class Pipeline:
         out = self.stage_dir("grpo_latent", seed)
         o = self.opts
         extra = dict(sft_checkpoint=str(self.stage_dir("sft_latent", seed)), dataset=str(self.data_dir),
-                     model_dtype="bfloat16", max_train_rows=o.grpo_rows, per_device_train_batch_size=8,
+                     model_dtype=o.dtype, max_train_rows=o.grpo_rows, per_device_train_batch_size=8,
                      gradient_accumulation_steps=4, save_steps=4, seed=seed, output_dir=str(out))
         if seed > 0:  # every seed trains with the settings of seed 0's run (which a sweep may have chosen)
             extra.update(self._grpo_settings(0, for_training=True))
@@ -300,6 +301,8 @@ class Pipeline:
 
     def _check_finished(self, stage: str, seed: int) -> None:
         """A finished training stage is reused only if it was made with what this pipeline asks for."""
+        from llmrec.models.backbone import concrete_dtype_name
+
         d = self.stage_dir(stage, seed)
         o = self.opts
         wanted: dict[str, Any] = {}
@@ -309,14 +312,17 @@ class Pipeline:
             args = json.loads((d / "training_args.json").read_text()) if (d / "training_args.json").exists() else {}
             n_train = json.loads((self.data_dir / "stats.json").read_text()).get("rows", {}).get("train")
             wanted = {"model": o.model, "dataset": str(self.data_dir), "train_rows": min(o.train_rows, n_train or o.train_rows),
-                      "seed": seed}
+                      "seed": seed, "model_dtype": concrete_dtype_name(o.dtype)}
             found = {"model": res.get("config", {}).get("model_name_or_path"), "dataset": res.get("config", {}).get("dataset"),
-                     "train_rows": res.get("num_train_rows"), "seed": args.get("seed", seed)}
+                     "train_rows": res.get("num_train_rows"), "seed": args.get("seed", seed),
+                     "model_dtype": res.get("config", {}).get("model_dtype")}
         elif stage == "grpo_latent":
             g = self._grpo_settings(seed)
             wanted = {"sft_checkpoint": str(self.stage_dir("sft_latent", seed)), **o.grpo_overrides}
             if o.grpo_stage == "grpo_latent" or seed > 0:
                 wanted["prompts"] = o.grpo_rows
+            if g.get("model_dtype") is not None:  # recorded by every run since GRPO wrote its own training args
+                wanted["model_dtype"] = concrete_dtype_name(o.dtype)
             found = {"prompts": g.get("prompts"), **{k: g.get(k) for k in wanted if k != "prompts"}}
             if seed > 0 and self._find(self.stage_dir("grpo_latent", 0) / "grpo_results.json").exists():
                 ref = self._grpo_settings(0, for_training=True)
@@ -413,6 +419,7 @@ class Pipeline:
                                      max_rows=max_rows or self.opts.test_rows, row_seed=self.opts.row_seed,
                                      output_dir=str(out))
         extra["model_name_or_path"] = self.opts.model
+        extra["dtype"] = self.opts.dtype
         if method == "popularity":
             extra["method"] = "popularity"
         elif method in ID_MODELS:
@@ -617,6 +624,7 @@ class Pipeline:
                 "row_seed": any_proto["row_seed"],
                 "test_row_ids": [[r, some[r]["user_id"], some[r]["target_item_id"]] for r in rows],
                 "llm": llm_proto.get("model"), "llm_train_rows": sft[0]["num_train_rows"] if sft else None,
+                "llm_train_dtype": sft[0].get("config", {}).get("model_dtype") if sft else None,
                 "llm_train_subset": "rows drawn from the train split with the seed (random.Random(seed).sample)",
                 "grpo_run": o.grpo_stage, "grpo_settings": self._grpo_settings(0),
                 "d3_weight": guided[0]["guidance"]["weight"] if guided else None,
@@ -705,7 +713,7 @@ class Pipeline:
         flags = {"methods": "--methods", "output_dir": "--output-dir", "results_dir": "--results-dir", "name": "--name",
                  "recipes": "--recipes",
                  "train_rows": "--train-rows", "test_rows": "--test-rows", "row_seed": "--row-seed",
-                 "grpo_rows": "--grpo-rows", "grpo_stage": "--grpo-stage", "d3_weights": "--d3-weight",
+                 "grpo_rows": "--grpo-rows", "grpo_stage": "--grpo-stage", "d3_weights": "--d3-weight", "dtype": "--dtype",
                  "d3_valid_rows": "--d3-valid-rows"}
         for field_name, flag in flags.items():
             value = getattr(o, field_name)
@@ -876,7 +884,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
     return PipelineOptions(
         dataset=args.dataset, model=args.model, seeds=args.seeds, methods=methods, output_dir=args.output_dir,
         results_dir=args.results_dir, name=args.name, train_rows=args.train_rows, test_rows=args.test_rows,
-        row_seed=args.row_seed, grpo_rows=args.grpo_rows, grpo_stage=args.grpo_stage, grpo_overrides=_pairs(args.grpo, "--grpo"),
+        row_seed=args.row_seed, grpo_rows=args.grpo_rows, dtype=args.dtype, grpo_stage=args.grpo_stage, grpo_overrides=_pairs(args.grpo, "--grpo"),
         d3_weights=_weights(args.d3_weight),
         d3_valid_rows=args.d3_valid_rows, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
         report_only=args.report_only, no_report=args.no_report, in_process=args.in_process)
@@ -894,6 +902,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-rows", type=int, default=500, help="test rows shared by every method")
     p.add_argument("--row-seed", type=int, default=0, help="seed of the test rows")
     p.add_argument("--grpo-rows", type=int, default=64, help="GRPO prompts per seed")
+    p.add_argument("--dtype", default="bfloat16",
+                   help="dtype of every LM stage (SFT, GRPO, beam search); the committed report used bfloat16 on a "
+                        "CPU with native bf16. 'fast': bfloat16 where the hardware computes it natively, else float32 "
+                        "(on an AVX2-only CPU bfloat16 is ~20x slower). A finished stage made in another dtype is "
+                        "refused, and the report refuses evaluations of different dtypes")
     p.add_argument("--grpo-stage", default="grpo_latent",
                    help="directory name of the GRPO run (e.g. the run a validation sweep selected)")
     p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE",

@@ -35,24 +35,43 @@ def _fmt(stat: dict[str, float], n: int) -> str:
     return f"{stat['mean']:.4f} ± {stat['std']:.4f}" if n > 1 else f"{stat['mean']:.4f} (1 seed)"
 
 
-def _crosscheck(dirs: list[str], rec: dict[int, dict[str, float]], out: dict) -> list[str]:
-    """Table lines: RecBole's own numbers beside llmrec's evaluation of RecBole's trained weights, per seed."""
+def _crosscheck_entries(pattern: str) -> dict[int, dict]:
+    """Per RecBole seed: llmrec's evaluation of RecBole's trained weights (``dir``, ``valid_ndcg@10``, ``test``).
+
+    ``pattern`` is a glob of directories written by ``scripts/recbole_weights_in_llmrec.py`` (each with
+    ``eval_valid/`` and ``eval_test/`` from ``llmrec evaluate``), or an earlier output JSON of this script, whose
+    ``crosscheck`` section is reused (the run directories are not committed; the numbers are).
+    """
+    if pattern.endswith(".json") and Path(pattern).is_file():
+        saved = json.loads(Path(pattern).read_text()).get("crosscheck")
+        if not saved:
+            raise SystemExit(f"{pattern}: no crosscheck section (an output of this script run with --crosscheck DIRS)")
+        return {int(seed): entry for seed, entry in saved.items()}
+    dirs = sorted(glob.glob(pattern))
     if not dirs:
-        raise SystemExit("--crosscheck matches no directory")
+        raise SystemExit(f"--crosscheck {pattern!r} matches no directory")
+    entries = {}
+    for d in dirs:
+        seed = int(json.loads((Path(d) / "results.json").read_text())["source"]["seed"])
+        got = {split: json.loads((Path(d) / f"eval_{split}" / "results.json").read_text())["metrics"]["item"]
+               for split in ("valid", "test")}
+        entries[seed] = {"dir": d, "valid_ndcg@10": got["valid"]["ndcg@10"], "test": got["test"]}
+    return entries
+
+
+def _crosscheck(entries: dict[int, dict], rec: dict[int, dict[str, float]], out: dict) -> list[str]:
+    """Table lines: RecBole's own numbers beside llmrec's evaluation of RecBole's trained weights, per seed."""
     lines = ["", "RecBole's trained weights loaded into llmrec's SASRec (`scripts/recbole_weights_in_llmrec.py`) and "
              "evaluated by llmrec (`llmrec evaluate --method seqrec`), beside RecBole's own evaluation of them:", "",
              "| seed | valid NDCG@10 RecBole / llmrec | test NDCG@10 RecBole / llmrec | test HR@10 RecBole / llmrec |",
              "|---|---|---|---|"]
     out["crosscheck"] = {}
-    for d in dirs:
-        seed = int(json.loads((Path(d) / "results.json").read_text())["source"]["seed"])
+    for seed, got in sorted(entries.items()):
         if seed not in rec:
-            raise SystemExit(f"{d}: RecBole seed {seed} has no results file among --recbole")
-        got = {split: json.loads((Path(d) / f"eval_{split}" / "results.json").read_text())["metrics"]["item"]
-               for split in ("valid", "test")}
+            raise SystemExit(f"{got['dir']}: RecBole seed {seed} has no results file among --recbole")
         r = rec[seed]
-        out["crosscheck"][seed] = {"dir": d, "valid_ndcg@10": got["valid"]["ndcg@10"], "test": got["test"]}
-        lines.append(f"| {seed} | {r['valid_ndcg@10']:.4f} / {got['valid']['ndcg@10']:.4f} | {r['ndcg@10']:.4f} / "
+        out["crosscheck"][seed] = got
+        lines.append(f"| {seed} | {r['valid_ndcg@10']:.4f} / {got['valid_ndcg@10']:.4f} | {r['ndcg@10']:.4f} / "
                      f"{got['test']['ndcg@10']:.4f} | {r['hr@10']:.4f} / {got['test']['hr@10']:.4f} |")
     return lines
 
@@ -65,7 +84,8 @@ def main() -> int:
                          "label (repeatable)")
     ap.add_argument("--crosscheck", default=None,
                     help="glob of run directories holding RecBole's weights (scripts/recbole_weights_in_llmrec.py), "
-                         "evaluated by llmrec into eval_valid/ and eval_test/")
+                         "evaluated by llmrec into eval_valid/ and eval_test/; or an earlier --output JSON of this "
+                         "script, whose cross-check is reused")
     ap.add_argument("--output", required=True, help="output path without extension")
     args = ap.parse_args()
 
@@ -119,7 +139,7 @@ def main() -> int:
                      + " | ".join(_fmt(s[m], len(by_seed)) for m in METRICS) + f" | {rel} | "
                      + _fmt(s["valid_ndcg@10"], len(by_seed)) + " |")
     if args.crosscheck:
-        lines += _crosscheck(sorted(glob.glob(args.crosscheck)), rec, out)
+        lines += _crosscheck(_crosscheck_entries(args.crosscheck), rec, out)
     atomic_write_json(Path(args.output + ".json"), out)
     atomic_write_text(Path(args.output + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

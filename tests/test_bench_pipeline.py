@@ -123,6 +123,19 @@ def test_id_overrides_are_typed_and_the_command_is_complete(report):
         Pipeline(PipelineOptions(dataset=str(data), id_overrides={"epoch": 3}))
 
 
+def test_a_finished_stage_of_another_dtype_is_refused(report):
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+
+    root, data = report
+    same = dict(dataset=str(data), model="tiny-qwen2", output_dir=str(root / "runs"), train_rows=8, grpo_rows=4)
+    Pipeline(PipelineOptions(**same))._check_finished("sft_latent", 0)  # the fixture trained in bfloat16
+    other = Pipeline(PipelineOptions(**same, dtype="float32"))
+    assert "--dtype float32" in other.command()
+    for stage in ("sft_latent", "grpo_latent"):
+        with pytest.raises(ValueError, match=r"model_dtype='bfloat16' \(asked: 'float32'\)"):
+            other._check_finished(stage, 0)
+
+
 def test_report_only_and_bad_options(report, tmp_path):
     from llmrec.bench_pipeline import Pipeline, PipelineOptions
 
