@@ -4,8 +4,11 @@
         --ours benchmarks/results/seqrec_ml100k_bench.json "llmrec, stride 50 (default)" \
         --ours benchmarks/results/seqrec_ml100k_stride25.json "llmrec, window_stride 25" \
         --ours benchmarks/results/seqrec_ml100k_stride10.json "llmrec, window_stride 10" \
+        --ours benchmarks/results/seqrec_ml100k_stride25_dropout0.3.json "llmrec, window_stride 25, dropout 0.3" \
+        --ours benchmarks/results/seqrec_ml100k_stride25_dropout0.2.json "llmrec, window_stride 25, dropout 0.2" \
         --ours 'benchmarks/results/sasrec_ml100k_rows_b2048_seed*.json' "llmrec, train_mode rows, batch 2048" \
-        --crosscheck 'runs/recbole_in_llmrec_seed*' --output benchmarks/results/sasrec_recbole_parity_ml100k
+        --crosscheck benchmarks/results/sasrec_recbole_parity_ml100k.json \
+        --output benchmarks/results/sasrec_recbole_parity_ml100k
 
 RecBole's numbers come from ``scripts/recbole_sasrec_ml100k.py`` (its own venv; one JSON per seed); ours from
 ``llmrec bench seqrec`` results files (their ``sasrec`` runs) or single ``llmrec seqrec train`` runs' ``results.json``
