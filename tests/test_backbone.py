@@ -544,3 +544,18 @@ def test_fast_dtype_is_bf16_only_where_native(monkeypatch):
     assert bb.concrete_dtype_name("float16") == "float16"
     with pytest.raises(ValueError, match="fast"):
         bb.resolve_dtype("int8")
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_once(monkeypatch, caplog):
+    import llmrec.models.backbone as bb
+
+    for native, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(bb, "native_bf16", lambda native=native: native)
+        monkeypatch.setattr(bb, "_warned_emulated_bf16", False)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="llmrec.models.backbone"):
+            bb.load_backbone("tiny-qwen2", dtype="bfloat16")
+            bb.load_backbone("tiny-qwen2", dtype="bfloat16")
+            bb.load_backbone("tiny-qwen2", dtype="float32")
+        hits = [r for r in caplog.records if "without native bf16" in r.getMessage()]
+        assert len(hits) == (1 if warned else 0)
