@@ -758,12 +758,24 @@ def report_markdown(result: dict, command: str = "") -> str:
     selections = p.get("d3_selection") or {}
     if selections:
         first = next(iter(next(iter(selections.values())).values()))
-        def _chosen(sel: dict) -> str:
-            edge = grid_edge(sel["chosen"], [float(w) for w in sel["valid_ndcg@10"]])
-            return f"{sel['chosen']:g}" + (f", the grid's {edge}" if edge else "")
+        def _chosen(seeds: dict[int, dict]) -> str:
+            """The chosen weights of one method, seeds with the same choice together: "100 (seeds 0, 1; the grid's
+            largest)"; one seed: "100, the grid's largest"."""
+            groups: dict[tuple[float, str | None], list[int]] = {}
+            for s, sel in sorted(seeds.items()):
+                edge = grid_edge(sel["chosen"], [float(w) for w in sel["valid_ndcg@10"]])
+                groups.setdefault((sel["chosen"], edge), []).append(s)
+            if len(seeds) == 1:
+                ((w, edge),) = groups
+                return f"{w:g}" + (f", the grid's {edge}" if edge else "")
+            parts = []
+            for (w, edge), ss in groups.items():
+                notes = [("seed " if len(ss) == 1 else "seeds ") + ", ".join(map(str, ss))]
+                notes += [f"the grid's {edge}"] if edge else []
+                parts.append(f"{w:g} ({'; '.join(notes)})")
+            return ", ".join(parts)
 
-        chosen = "; ".join(LABELS[m] + ": " + ", ".join(_chosen(sel) for _, sel in sorted(seeds.items()))
-                           for m, seeds in selections.items())
+        chosen = "; ".join(f"{LABELS[m]}: {_chosen(seeds)}" for m, seeds in selections.items())
         text += (f" D3 = length penalty 0 + SASRec guidance, its weight selected per method and seed by NDCG@10 on "
                  f"{first['rows']} validation rows among "
                  f"{', '.join(sorted(first['valid_ndcg@10'], key=float))} ({chosen}).")

@@ -224,6 +224,15 @@ def test_d3_weight_selected_on_validation_rows(report, capsys):
     edge = "largest" if sel["chosen"] == 2 else "smallest"
     assert f"is the grid's {edge}; consider a wider --d3-weight grid" in capsys.readouterr().err
     assert f"among 0.5, 2 (BIGRec SFT + D3: {sel['chosen']:g}, the grid's {edge})" in md
+    # several seeds: those with the same choice are named together
+    from llmrec.bench_pipeline import report_markdown
+
+    by_seed = res["protocol"]["d3_selection"]["bigrec-sft+d3"]
+    by_seed["1"] = dict(by_seed["0"])
+    by_seed["2"] = dict(by_seed["0"], chosen=2.5 - sel["chosen"])  # the other weight, the other edge
+    other = "smallest" if edge == "largest" else "largest"
+    assert (f"(BIGRec SFT + D3: {sel['chosen']:g} (seeds 0, 1; the grid's {edge}), {2.5 - sel['chosen']:g} "
+            f"(seed 2; the grid's {other}))") in report_markdown(res)
     from llmrec.bench_pipeline import Pipeline, options_from_args
     from llmrec.cli import build_parser
 
