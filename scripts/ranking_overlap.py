@@ -2,7 +2,9 @@
 
 Each argument is an ``llmrec evaluate`` output directory (its ``rankings.jsonl``); the first is the reference.
 For every other run it prints the mean over the shared rows of |top-K items of the run ∩ top-K items of the
-reference| / K (item level, as the metrics: a title shared by several items counts as those items):
+reference| / K (item level, as the metrics: a title shared by several items counts as those items), and how the
+two runs' hits@K overlap: rows hit by the run, by the reference, by both, by either (the per-row oracle of the two;
+far above both alone means the runs are complementary):
 
     B=benchmarks/results/pipeline_games_smollm2_runs
     python scripts/ranking_overlap.py $B/eval_sasrec $B/eval_sft_bigrec $B/eval_sft_bigrec_d3_w3 \\
@@ -16,15 +18,16 @@ import json
 from pathlib import Path
 
 
-def top_items(run: Path, k: int) -> dict[int, set[int]]:
-    """Row -> its top-``k`` item ids."""
-    out: dict[int, set[int]] = {}
+def top_items(run: Path, k: int) -> dict[int, tuple[set[int], bool]]:
+    """Row -> (its top-``k`` item ids, whether the target is among them)."""
+    out: dict[int, tuple[set[int], bool]] = {}
     with (run / "rankings.jsonl").open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             rec = json.loads(line)
-            if "item_ranking" not in rec:
-                raise SystemExit(f"{run}/rankings.jsonl line {n}: no item_ranking")
-            out[int(rec["row"])] = set(rec["item_ranking"][:k])
+            if "item_ranking" not in rec or "item_rank" not in rec:
+                raise SystemExit(f"{run}/rankings.jsonl line {n}: no item_ranking / item_rank")
+            rank = rec["item_rank"]  # 0-based, as the metrics; None: not in the list
+            out[int(rec["row"])] = (set(rec["item_ranking"][:k]), rank is not None and rank < k)
     return out
 
 
@@ -35,14 +38,19 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=10)
     args = ap.parse_args()
     ref = top_items(args.reference, args.k)
-    print(f"| run | rows | mean top-{args.k} overlap with {args.reference.name} |\n|---|---|---|")
+    k, name = args.k, args.reference.name
+    print(f"| run | rows | mean top-{k} overlap with {name} | hits@{k} | {name} hits | both | either |\n"
+          "|---|---|---|---|---|---|---|")
     for run in args.runs:
-        lists = top_items(run, args.k)
+        lists = top_items(run, k)
         rows = sorted(set(lists) & set(ref))
         if not rows:
             raise SystemExit(f"{run}: no rows in common with {args.reference}")
-        share = sum(len(lists[r] & ref[r]) for r in rows) / (args.k * len(rows))
-        print(f"| {run.name} | {len(rows)} | {share:.2f} |")
+        share = sum(len(lists[r][0] & ref[r][0]) for r in rows) / (k * len(rows))
+        hit, ref_hit = [lists[r][1] for r in rows], [ref[r][1] for r in rows]
+        both = sum(a and b for a, b in zip(hit, ref_hit))
+        either = sum(a or b for a, b in zip(hit, ref_hit))
+        print(f"| {run.name} | {len(rows)} | {share:.2f} | {sum(hit)} | {sum(ref_hit)} | {both} | {either} |")
     return 0
 
 
