@@ -2,7 +2,7 @@
 
     python scripts/recbole_parity.py --recbole 'benchmarks/results/recbole_sasrec_ml100k_seed*.json' \
         --ours benchmarks/results/seqrec_ml100k_bench.json "llmrec, stride 50 (default)" \
-        --ours benchmarks/results/seqrec_ml100k_stride25.json "llmrec, window_stride 25" \
+        --ours benchmarks/results/seqrec_ml100k_stride25_9seeds.json "llmrec, window_stride 25" \
         --ours benchmarks/results/seqrec_ml100k_stride10.json "llmrec, window_stride 10" \
         --ours benchmarks/results/seqrec_ml100k_stride25_dropout0.3.json "llmrec, window_stride 25, dropout 0.3" \
         --ours benchmarks/results/seqrec_ml100k_stride25_dropout0.2.json "llmrec, window_stride 25, dropout 0.2" \
