@@ -713,8 +713,8 @@ class Pipeline:
         flags = {"methods": "--methods", "output_dir": "--output-dir", "results_dir": "--results-dir", "name": "--name",
                  "recipes": "--recipes",
                  "train_rows": "--train-rows", "test_rows": "--test-rows", "row_seed": "--row-seed",
-                 "grpo_rows": "--grpo-rows", "grpo_stage": "--grpo-stage", "d3_weights": "--d3-weight", "dtype": "--dtype",
-                 "d3_valid_rows": "--d3-valid-rows"}
+                 "grpo_rows": "--grpo-rows", "grpo_stage": "--grpo-stage", "d3_weights": "--d3-weight",
+                 "d3_valid_rows": "--d3-valid-rows", "dtype": "--dtype"}
         for field_name, flag in flags.items():
             value = getattr(o, field_name)
             if value != getattr(d, field_name):

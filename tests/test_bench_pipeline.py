@@ -16,7 +16,8 @@ METHODS = "popularity,zero-shot,bigrec-sft,bigrec-sft+d3,latent-sft,latent-sft+g
 def _args(data: Path, out: Path, **kw) -> list[str]:
     args = ["bench", "pipeline", "--dataset", str(data), "--model", "tiny-qwen2", "--methods", METHODS,
             "--output-dir", str(out / "runs"), "--results-dir", str(out / "results"), "--name", "tiny",
-            "--train-rows", "8", "--test-rows", "6", "--grpo-rows", "4", "--id", "epochs=2", "hidden_size=16",
+            "--train-rows", "8", "--test-rows", "6", "--grpo-rows", "4", "--dtype", "float32",  # bf16: slow on AVX2
+            "--id", "epochs=2", "hidden_size=16",
             "inner_size=32", "max_history=5", "progress=false", "num_threads=1"]
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
@@ -128,11 +129,13 @@ def test_a_finished_stage_of_another_dtype_is_refused(report):
 
     root, data = report
     same = dict(dataset=str(data), model="tiny-qwen2", output_dir=str(root / "runs"), train_rows=8, grpo_rows=4)
-    Pipeline(PipelineOptions(**same))._check_finished("sft_latent", 0)  # the fixture trained in bfloat16
-    other = Pipeline(PipelineOptions(**same, dtype="float32"))
-    assert "--dtype float32" in other.command()
+    fixture = Pipeline(PipelineOptions(**same, dtype="float32"))  # what the fixture trained with
+    assert "--dtype float32" in fixture.command()
+    fixture._check_finished("sft_latent", 0)
+    other = Pipeline(PipelineOptions(**same))  # the default, bfloat16
+    assert "--dtype" not in other.command()
     for stage in ("sft_latent", "grpo_latent"):
-        with pytest.raises(ValueError, match=r"model_dtype='bfloat16' \(asked: 'float32'\)"):
+        with pytest.raises(ValueError, match=r"model_dtype='float32' \(asked: 'bfloat16'\)"):
             other._check_finished(stage, 0)
 
 
