@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from llmrec.data.canonical import atomic_write_json
+from llmrec.data.canonical import atomic_directory, atomic_write_json, write_jsonl
 from llmrec.evaluation.compare import load_rankings
 from llmrec.evaluation.metrics import compute_metrics
 
@@ -64,21 +62,14 @@ def main() -> int:
         records.append({"row": r, "user_id": a.get("user_id"), "target_item_id": target, "item_ranking": fused[:max(KS)],
                         "item_rank": rank})
     metrics = compute_metrics(ranks, KS)
-    # Written beside the output and renamed into place: never a half-written run directory.
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=args.output.name + ".", dir=args.output.parent))
-    with (tmp / "rankings.jsonl").open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    atomic_write_json(tmp / "results.json", {
-        "name": f"reciprocal rank fusion of {args.run_a} and {args.run_b}",
-        "protocol": {"method": "rank_fusion", "runs": [str(args.run_a), str(args.run_b)], "c": args.c,
-                     "rows": len(rows), "matching": ["item"]},
-        "metrics": {"item": metrics},
-    })
-    if args.output.exists():
-        shutil.rmtree(args.output)
-    tmp.rename(args.output)
+    with atomic_directory(args.output) as tmp:  # never a half-written run directory
+        write_jsonl(tmp / "rankings.jsonl", records)
+        atomic_write_json(tmp / "results.json", {
+            "name": f"reciprocal rank fusion of {args.run_a} and {args.run_b}",
+            "protocol": {"method": "rank_fusion", "runs": [str(args.run_a), str(args.run_b)], "c": args.c,
+                         "rows": len(rows), "matching": ["item"]},
+            "metrics": {"item": metrics},
+        })
     print(json.dumps({"rows": len(rows), **{k: round(v, 6) for k, v in metrics.items() if not k.startswith("mrr")}}))
     return 0
 
