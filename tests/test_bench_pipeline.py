@@ -18,7 +18,10 @@ def _args(data: Path, out: Path, **kw) -> list[str]:
             "--output-dir", str(out / "runs"), "--results-dir", str(out / "results"), "--name", "tiny",
             "--train-rows", "8", "--test-rows", "6", "--grpo-rows", "4", "--dtype", "float32",  # bf16: slow on AVX2
             "--id", "epochs=2", "hidden_size=16",
-            "inner_size=32", "max_history=5", "progress=false", "num_threads=1"]
+            "inner_size=32", "max_history=5", "progress=false", "num_threads=1",
+            # Stages in this process: a fresh process per stage costs ~4 s of imports, and these tests run the
+            # pipeline ~10 times; test_stages_in_their_own_processes_give_the_same_results covers the default.
+            "--in-process"]
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     return args
@@ -62,6 +65,33 @@ def test_report_has_every_method_on_the_same_rows(report):
     full = res["id_models_full_test"]["sasrec"]["0"]
     assert full["test"]["ndcg@10"] == trained["test"]["ndcg@10"] and full["best_epoch"] == trained["best_epoch"]
     assert "ID models on the whole test split" in md and f"| SASRec | 0 | {trained['valid']['ndcg@10']:.4f} |" in md
+
+
+def test_stages_in_their_own_processes_give_the_same_results(report, tmp_path):
+    """The default (each training run and evaluation in a fresh process) trains and ranks exactly as the fixture's
+    in-process stages: the configs survive pickling, and nothing the parent process holds changes a result."""
+    from llmrec.cli import main
+
+    root, data = report
+    args = _args(data, tmp_path)
+    args.remove("--in-process")
+    args[args.index("--methods") + 1] = "latent-sft+grpo"
+    assert main(args + ["--no-report"]) == 0
+
+    def ranks(runs: Path) -> list[tuple[int, int]]:
+        lines = (runs / "eval_grpo_latent" / "rankings.jsonl").read_text().splitlines()
+        return sorted((r["row"], r["item_rank"]) for r in map(json.loads, lines))
+
+    assert ranks(tmp_path / "runs") == ranks(root / "runs")
+
+    def summary(runs: Path) -> tuple:
+        sft = json.loads((runs / "sft_latent" / "train_results.json").read_text())
+        grpo = json.loads((runs / "grpo_latent" / "grpo_results.json").read_text())
+        logs = [{k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k}
+                for e in grpo["log_history"]]
+        return sft["train_loss"], sft["eval_losses"], logs
+
+    assert summary(tmp_path / "runs") == summary(root / "runs")
 
 
 def test_d3_evaluations_use_the_sasrec_of_the_same_seed(report):

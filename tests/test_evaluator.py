@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -108,22 +105,14 @@ def test_empty_catalogue_is_a_clear_error(prepared_dir, tmp_path):
         evaluate(tiny_config(prepared_dir, tmp_path / "ev"))
 
 
-def _accelerate_eval(args: list[str], env: dict, nproc: int) -> None:
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    launch += ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--cpu", "--num_processes", "1"]
-    launch += ["--main_process_port", str(29500 + os.getpid() % 1000 + nproc), "-m", "llmrec.cli", "evaluate", *args]
-    subprocess.run(launch, check=True, env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_two_processes_give_the_same_results_as_one(prepared_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    from llmrec.cli import main
+    from tests.launching import accelerate_launch
+
     common = ["--dataset", str(prepared_dir), "--model_name_or_path", "tiny-qwen2", "--dtype", "float32",
               "--num_beams", "4", "--batch_size", "2", "--ks", "1", "3", "--split", "test"]
-    try:
-        _accelerate_eval([*common, "--output_dir", str(tmp_path / "one")], env, 1)
-        _accelerate_eval([*common, "--output_dir", str(tmp_path / "two")], env, 2)
-    except subprocess.CalledProcessError as e:
-        pytest.fail(f"accelerate launch failed:\n{e.stdout}\n{e.stderr}")
+    assert main(["evaluate", *common, "--output_dir", str(tmp_path / "one")]) == 0  # 1 process: this one
+    accelerate_launch(2, ["-m", "llmrec.cli", "evaluate", *common, "--output_dir", tmp_path / "two"])
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["num_processes"] == 2 and one["num_processes"] == 1

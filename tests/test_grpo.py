@@ -477,56 +477,45 @@ import sys, torch
 from safetensors.torch import save_file
 from llmrec.training.grpo import LatentGRPOConfig, LatentGRPOTrainer
 torch.set_num_threads(1)
-sft, out, accum, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-cfg = LatentGRPOConfig(output_dir=out, sft_checkpoint=sft, num_generations=4, per_device_train_batch_size=8,
-                       gradient_accumulation_steps=accum, max_steps=3, learning_rate=5e-3, save_steps=100, seed=0,
-                       warmup_steps=0, lr_scheduler_type="constant", disable_tqdm=True, advantage_mode=mode,
-                       num_iterations=2)
-t = LatentGRPOTrainer(cfg)
-res = t.train()
-state = {k: v.detach().contiguous() for k, v in t._trainable_state().items()}
-save_file(state, f"{out}/rank{t.accelerator.process_index}.safetensors")
+sft, out, accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for mode in ("batch", "group"):
+    cfg = LatentGRPOConfig(output_dir=f"{out}/{mode}", sft_checkpoint=sft, num_generations=4,
+                           per_device_train_batch_size=8, gradient_accumulation_steps=accum, max_steps=3,
+                           learning_rate=5e-3, save_steps=100, seed=0, warmup_steps=0, lr_scheduler_type="constant",
+                           disable_tqdm=True, advantage_mode=mode, num_iterations=2)
+    t = LatentGRPOTrainer(cfg)
+    res = t.train()
+    state = {k: v.detach().contiguous() for k, v in t._trainable_state().items()}
+    save_file(state, f"{out}/{mode}/rank{t.accelerator.process_index}.safetensors")
 """
 
 
-def _launch(n: int, tmp_path: Path, sft: Path, out: Path, accum: int, mode: str) -> None:
-    import os
-    import subprocess
-    import sys
+def test_two_processes_match_one_process(tmp_path, sft_dir):
+    from tests.launching import accelerate_launch, run_script_here
 
+    sft, _, _ = sft_dir
     script = tmp_path / "dist_grpo.py"
     script.write_text(DIST_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29400 + os.getpid() % 1000 + n))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--multi_gpu", "--num_processes", str(n)] if n > 1 else ["--num_processes", "1"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", env["MASTER_PORT"], str(script), str(sft), str(out), str(accum), mode]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-@pytest.mark.parametrize("mode", ["batch", "group"])
-def test_two_processes_match_one_process(tmp_path, sft_dir, mode):
-    sft, _, _ = sft_dir
     # Same optimiser batch (8 prompts x G=4, 2 prompts per micro-batch): 1 process x 4 accumulation steps vs
-    # 2 processes x 2, so micro-batches hold different prompts in the two layouts.
-    _launch(1, tmp_path, sft, tmp_path / "one", 4, mode)
-    _launch(2, tmp_path, sft, tmp_path / "two", 2, mode)
-    r0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
-    r1 = load_file(str(tmp_path / "two" / "rank1.safetensors"))
-    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
-    assert r0.keys() == r1.keys() == single.keys()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k
-        assert (r0[k] - single[k]).abs().max().item() <= 1e-5, k
-    one = json.loads((tmp_path / "one" / "grpo_results.json").read_text())
-    two = json.loads((tmp_path / "two" / "grpo_results.json").read_text())
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert len(one["log_history"]) == len(two["log_history"]) == 3
-    for a, b in zip(one["log_history"], two["log_history"]):
-        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-
+    # 2 processes x 2, so micro-batches hold different prompts in the two layouts; both advantage modes.
+    run_script_here(script, sft, tmp_path / "one", 4)
+    accelerate_launch(2, [script, sft, tmp_path / "two", 2])
+    for mode in ("batch", "group"):
+        one_dir, two_dir = tmp_path / "one" / mode, tmp_path / "two" / mode
+        r0 = load_file(str(two_dir / "rank0.safetensors"))
+        r1 = load_file(str(two_dir / "rank1.safetensors"))
+        single = load_file(str(one_dir / "rank0.safetensors"))
+        assert r0.keys() == r1.keys() == single.keys()
+        for k in r0:
+            assert torch.equal(r0[k], r1[k]), (mode, k)
+            assert (r0[k] - single[k]).abs().max().item() <= 1e-5, (mode, k)
+        one = json.loads((one_dir / "grpo_results.json").read_text())
+        two = json.loads((two_dir / "grpo_results.json").read_text())
+        assert (one["world_size"], two["world_size"]) == (1, 2)
+        assert len(one["log_history"]) == len(two["log_history"]) == 3
+        for a, b in zip(one["log_history"], two["log_history"]):
+            assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
 def test_cli_grpo_in_process(tmp_path, sft_dir, capsys):

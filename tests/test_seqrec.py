@@ -279,6 +279,22 @@ def test_resume_skips_finished_phase(tmp_path):
     assert again["test"] == first["test"] and again["timings"]["epochs"] == first["timings"]["epochs"]
 
 
+def test_num_threads_applies_to_the_run_only(tmp_path, monkeypatch):
+    """Several stages in one process (the pipeline's --in-process, the tests): a run's thread count ends with it."""
+    import torch
+
+    from llmrec.seqrec import run as run_module
+
+    seen = []
+    real = run_module._run_seqrec
+    monkeypatch.setattr(run_module, "_run_seqrec", lambda cfg: seen.append(torch.get_num_threads()) or real(cfg))
+    before = torch.get_num_threads()
+    d = write_successor_dataset(tmp_path / "d")
+    wanted = 2 if before == 1 else 1
+    run_module.run_seqrec(tiny_cfg(tmp_path, d, epochs=1, num_threads=wanted))
+    assert seen == [wanted] and torch.get_num_threads() == before
+
+
 def test_resume_after_an_early_stop_trains_no_extra_epoch(tmp_path):
     """Cut after the early stop's checkpoint but before done.json: the rerun finishes without another epoch."""
     from llmrec.seqrec.run import run_seqrec

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launching import accelerate_launch, run_script_here  # noqa: E402
 from test_seqrec import write_successor_dataset  # noqa: E402
 
 SCRIPT = textwrap.dedent(
@@ -41,29 +39,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _launch(n: int, script: Path, data: Path, out: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + os.getpid() % 1000 + n))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    if n > 1:
-        cmd = launcher + ["--multi_gpu", "--num_processes", str(n), "--num_machines", "1"]
-    else:
-        cmd = launcher + ["--num_processes", "1", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", env["MASTER_PORT"]]
-    proc = subprocess.run(
-        cmd + [str(script), str(data), str(out)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-@pytest.mark.skipif(shutil.which("true") is None, reason="needs a POSIX shell environment")
 def test_two_processes_match_one_process(tmp_path):
     from safetensors.torch import load_file
 
     data = write_successor_dataset(tmp_path / "d")  # 16 train windows = 2 global batches of 8
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    _launch(1, script, data, tmp_path / "one")
-    _launch(2, script, data, tmp_path / "two")
+    run_script_here(script, data, tmp_path / "one")  # 1 process: this one
+    accelerate_launch(2, [script, data, tmp_path / "two"])
     for name in ("sasrec", "rearec-erl", "rearec-prl", "lares"):
         a, b = (load_file(str(_last_weights(tmp_path / run / name / "train"))) for run in ("one", "two"))
         assert a.keys() == b.keys()

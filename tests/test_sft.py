@@ -224,22 +224,6 @@ run_sft(cfg, callbacks=[DumpRank()])
 """
 
 
-def _launch_sft(n: int, tmp_path: Path, recipe: Path, out: Path, *rest: str) -> None:
-    import os
-    import subprocess
-    import sys
-
-    script = tmp_path / "dist_sft.py"
-    script.write_text(DIST_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29700 + os.getpid() % 1000 + n))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--multi_gpu", "--num_processes", str(n)] if n > 1 else ["--num_processes", "1"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", env["MASTER_PORT"], str(script), str(recipe), str(out), *rest]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
 def test_two_processes_match_one_process(tmp_path, prepared_dir):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -248,9 +232,13 @@ def test_two_processes_match_one_process(tmp_path, prepared_dir):
         "num_latent_tokens: 1\nlearning_rate: 5.0e-3\nwarmup_steps: 0\nmax_steps: 3\nlogging_steps: 1\n"
         "per_device_train_batch_size: 2\nsave_strategy: 'no'\ndisable_tqdm: true\nseed: 0\n"
     )
+    from tests.launching import accelerate_launch, run_script_here
+
+    script = tmp_path / "dist_sft.py"
+    script.write_text(DIST_SCRIPT)
     # Same global batch (4 rows/step): 1 process x 2 accumulation steps vs 2 processes x 1.
-    _launch_sft(1, tmp_path, recipe, tmp_path / "one", "--gradient_accumulation_steps", "2")
-    _launch_sft(2, tmp_path, recipe, tmp_path / "two", "--gradient_accumulation_steps", "1")
+    run_script_here(script, recipe, tmp_path / "one", "--gradient_accumulation_steps", "2")
+    accelerate_launch(2, [script, recipe, tmp_path / "two", "--gradient_accumulation_steps", "1"])
     r0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "two" / "rank1.safetensors"))
     single = load_file(str(tmp_path / "one" / "rank0.safetensors"))

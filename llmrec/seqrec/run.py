@@ -116,12 +116,25 @@ def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> None:
 
 
 def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
-    """Run one configuration end to end (resumable); return the results dict (also written to disk)."""
+    """Run one configuration end to end (resumable); return the results dict (also written to disk).
+
+    ``num_threads`` > 0 sets torch's intra-op threads for the run only: the caller's setting is restored after it
+    (the pipeline's ``--in-process`` stages and the tests run several stages in one process).
+    """
     if not cfg.dataset_dir:
         raise ValueError("dataset_dir is required (a directory written by `llmrec data prepare`)")
+    if cfg.num_threads <= 0:
+        return _run_seqrec(cfg)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        return _run_seqrec(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
     acc = make_accelerator(cfg.seed)
     _check_resumable(cfg, out, acc.is_main_process)
     data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode, cfg.window_stride)
