@@ -42,9 +42,11 @@ a history is what the evaluator ranked for it:
 
 History items are **not excluded** by default, following both evaluations (``history_masked: False``
 in the evaluator's protocol; ``mask_history`` of the seqrec run, False unless the run set it).
-``exclude_history=True`` removes the history's item ids from the candidates (item level: another item
-sharing a history item's title stays a candidate); for LLMs the beam is widened by the number of
-distinct history titles so that ``k`` items remain whenever the catalogue has them.
+``exclude_history=True`` removes the item ids of the whole given history from the candidates (also those older
+than the ``history_length`` items the model reads; item level: another item sharing a history item's title stays a
+candidate); for LLMs each history's beam is widened by the number of its distinct history titles so that ``k``
+items remain whenever the catalogue has them, and histories are decoded in groups of equal width, so a history's
+recommendations do not depend on the other histories of its batch.
 
 Histories are lists of titles (``str``) or catalogue item ids (``int``), which may be mixed; a string is
 always a title (titles such as ``"1942"`` exist). A title is matched exactly, then after Unicode NFKC,
@@ -232,35 +234,44 @@ class _LLMBackend:
                 f"answer takes {longest_answer} tokens and there are {self.num_latent_tokens} latent tokens"
             )
 
-    def beams_for(self, k: int, histories: list[list[int]], exclude: bool) -> int:
+    def beams_for(self, k: int, excluded: set[int] | None) -> int:
+        """Beam width for one history: ``num_beams`` (at least ``k``), plus one per distinct title among the
+        excluded item ids, so that ``k`` items remain after removing them whenever the catalogue has them."""
         beams = max(self.num_beams or k, k)
-        if exclude:
-            beams += max(len({self.catalog.title(i) for i in h}) for h in histories)
+        if excluded:
+            beams += len({self.catalog.title(i) for i in excluded})
         return beams
 
     @torch.no_grad()
-    def recommend(self, histories: list[list[int]], k: int, exclude: bool) -> list[list[Recommendation]]:
+    def recommend(self, histories: list[list[int]], k: int,
+                  excluded: list[set[int]] | None) -> list[list[Recommendation]]:
         from llmrec.decoding.search import rank_batch
 
-        settings = _DecodeSettings(self.prompt_budget, self.noun, self.use_chat_template,
-                                   self.beams_for(k, histories, exclude), self.length_penalty)
-        examples = [{"history_titles": [self.catalog.title(i) for i in h], "target_title": None}
-                    for h in histories]
-        out = []
-        for h, (titles, items, scores) in zip(
-            histories, rank_batch(self.model, self.tokenizer, self.trie, self.template, examples, settings)
-        ):
-            score_of = dict(zip(titles, scores))
-            seen = set(h) if exclude else set()
-            recs = []
-            for item in items:
-                if item in seen:
-                    continue
-                title = self.catalog.title(item)
-                recs.append(Recommendation(int(item), title, float(score_of[title])))
-                if len(recs) == k:
-                    break
-            out.append(recs)
+        out: list[list[Recommendation]] = [[] for _ in histories]
+        # Histories that need the same beam width are decoded together: a history's recommendations must not
+        # depend on which other histories share its batch (beam search is approximate: a wider beam can find
+        # another top-k).
+        by_width: dict[int, list[int]] = {}
+        for i in range(len(histories)):
+            by_width.setdefault(self.beams_for(k, excluded[i] if excluded else None), []).append(i)
+        for width, members in by_width.items():
+            settings = _DecodeSettings(self.prompt_budget, self.noun, self.use_chat_template, width,
+                                       self.length_penalty)
+            examples = [{"history_titles": [self.catalog.title(i) for i in histories[m]], "target_title": None}
+                        for m in members]
+            ranked = rank_batch(self.model, self.tokenizer, self.trie, self.template, examples, settings)
+            for m, (titles, items, scores) in zip(members, ranked):
+                score_of = dict(zip(titles, scores))
+                seen = excluded[m] if excluded else set()
+                recs = []
+                for item in items:
+                    if item in seen:
+                        continue
+                    title = self.catalog.title(item)
+                    recs.append(Recommendation(int(item), title, float(score_of[title])))
+                    if len(recs) == k:
+                        break
+                out[m] = recs
         return out
 
 
@@ -271,19 +282,25 @@ class _SeqRecBackend:
         self.model, self.catalog, self.max_history = model, catalog, max_history
         self.device, self.batch_size = device, batch_size
 
-    def scores(self, histories: list[list[int]], exclude: bool = False) -> torch.Tensor:
+    def scores(self, histories: list[list[int]], excluded: list[set[int]] | None = None) -> torch.Tensor:
         """``[B, N]`` full-catalogue scores (column ``j`` = item ``j + 1``) for left-padded histories.
 
-        ``exclude``: every history item id scores -inf (as the seqrec evaluation's mask_history).
+        ``excluded``: per history, item ids that score -inf (the whole given history, which may be longer than
+        the part the model reads).
         """
         from llmrec.seqrec.scoring import score_histories
 
-        return score_histories(self.model, histories, self.max_history, self.device, exclude)
+        scores = score_histories(self.model, histories, self.max_history, self.device)
+        for row, ids in enumerate(excluded or []):
+            if ids:
+                scores[row, torch.tensor(sorted(ids), device=scores.device) - 1] = float("-inf")
+        return scores
 
-    def recommend(self, histories: list[list[int]], k: int, exclude: bool) -> list[list[Recommendation]]:
+    def recommend(self, histories: list[list[int]], k: int,
+                  excluded: list[set[int]] | None) -> list[list[Recommendation]]:
         from llmrec.seqrec.scoring import top_k
 
-        values, order = top_k(self.scores(histories, exclude), k)
+        values, order = top_k(self.scores(histories, excluded), k)
         values, order = values.cpu(), order.cpu()
         out = []
         for vs, cols in zip(values.tolist(), order.tolist()):
@@ -698,15 +715,18 @@ class Recommender:
                     for i, h in enumerate(batch)]
         self.last_skipped = [r.skipped for r in resolved]
         exclude = self.exclude_history if exclude_history is None else exclude_history
-        kept = [r.item_ids[-self.history_length:] for r in resolved]
-        chunks = [kept[i:i + self.batch_size] for i in range(0, len(kept), self.batch_size)]
+        kept = [r.item_ids[-self.history_length:] for r in resolved]  # what the model reads
+        # Exclusion covers the whole given history, not only the part the model reads.
+        excluded = [set(r.item_ids) for r in resolved] if exclude else None
+        starts = range(0, len(kept), self.batch_size)
         if progress:
             from tqdm.auto import tqdm
 
-            chunks = tqdm(chunks, desc="recommend", unit="batch")
+            starts = tqdm(starts, desc="recommend", unit="batch")
         out: list[list[Recommendation]] = []
-        for chunk in chunks:
-            out.extend(self._backend.recommend(chunk, int(k), bool(exclude)))
+        for lo in starts:
+            hi = lo + self.batch_size
+            out.extend(self._backend.recommend(kept[lo:hi], int(k), excluded[lo:hi] if excluded else None))
         return out[0] if single else out
 
 

@@ -161,13 +161,13 @@ def test_config_errors(tmp_path):
 # ----------------------------------------------------------------------------------------- tiny SFT start
 
 
-def _sft(root: Path, data: Path, model: str = "tiny-qwen2", n_latent: int = 1) -> Path:
-    out = root / f"sft-{model}-{n_latent}"
+def _sft(root: Path, data: Path, model: str = "tiny-qwen2", n_latent: int = 1, lora_dropout: float = 0.0) -> Path:
+    out = root / f"sft-{model}-{n_latent}" if lora_dropout == 0 else root / f"sft-{model}-{n_latent}-d{lora_dropout}"
     if not (out / "train_results.json").exists():
         run_sft(LatentSFTConfig(
             output_dir=str(out), model_name_or_path=model, dataset=str(data), max_train_rows=8, eval_split=None,
             max_length=384, history_length=2, learning_rate=1e-2, per_device_train_batch_size=2, max_steps=2,
-            save_strategy="no", lora_r=4, lora_alpha=8, lora_dropout=0.0, num_latent_tokens=n_latent,
+            save_strategy="no", lora_r=4, lora_alpha=8, lora_dropout=lora_dropout, num_latent_tokens=n_latent,
             disable_tqdm=True, seed=0,
         ))
     return out
@@ -298,11 +298,10 @@ def test_nan_reward_group_is_skipped_and_counted(tmp_path, sft_dir, monkeypatch)
     assert not torch.equal(head["q_proj.weight"], before["q_proj.weight"])  # the valid groups trained it
 
 
-def test_nan_inside_the_model_skips_the_group_not_the_step(tmp_path, sft_dir):
-    """A prompt whose forward is NaN (here: a NaN input embedding) gives NaN rewards; its group is skipped and
-    never enters the loss pass, so the other groups still train and no NaN reaches the weights."""
-    sft, _, _ = sft_dir
-    trainer = LatentGRPOTrainer(grpo_config(tmp_path / "o", sft, max_steps=1, per_device_train_batch_size=8))
+def _train_with_a_nan_prompt(out: Path, sft: Path, **kw) -> tuple[LatentGRPOTrainer, dict, dict]:
+    """One step on 2 prompts (G=4) where the first prompt's forward is NaN (here: a NaN input embedding); the
+    trainer, its results and the weights before training."""
+    trainer = LatentGRPOTrainer(grpo_config(out, sft, max_steps=1, **kw))
     used = {t for r in trainer.rows for t in r["prompt_ids"] + r["completion_ids"]}
     used |= {trainer.pad, trainer.tokenizer.eos_token_id, *trainer.latent_lm.config.latent_token_ids}  # padding too
     emb = trainer.latent_lm.embed_tokens
@@ -315,11 +314,26 @@ def test_nan_inside_the_model_skips_the_group_not_the_step(tmp_path, sft_dir):
     row = trainer.epoch_order(0)[0]
     trainer.rows[row] = dict(trainer.rows[row], prompt_ids=[bad] + trainer.rows[row]["prompt_ids"])
     before = {k: v.detach().clone() for k, v in trainer._trainable_state().items()}
-    res = trainer.train()
-    assert res["skipped_groups"] == 1 and res["nonfinite_grad_steps"] == 0
-    after = trainer._trainable_state()
-    assert all(torch.isfinite(v).all() for v in after.values())
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    return trainer, trainer.train(), before
+
+
+def test_nan_inside_the_model_skips_the_group_not_the_step(tmp_path, sft_dir):
+    """A prompt whose forward is NaN gives NaN rewards; its group is skipped and never enters the loss pass, so
+    the other group still trains and no NaN reaches the weights, whatever the micro-batch layout: with one prompt
+    per micro-batch, the NaN prompt's micro-batch has no valid group and runs a zero-weight pass on a finite
+    prompt instead (a pass on the NaN prompt itself made the gradient NaN and dropped the whole step)."""
+    sft, _, _ = sft_dir
+    after = {}
+    for per_device, accum in ((8, 1), (4, 2)):
+        trainer, res, before = _train_with_a_nan_prompt(tmp_path / f"o{per_device}", sft,
+                                                        per_device_train_batch_size=per_device,
+                                                        gradient_accumulation_steps=accum)
+        assert res["skipped_groups"] == 1 and res["nonfinite_grad_steps"] == 0, per_device
+        after[per_device] = trainer._trainable_state()
+        assert all(torch.isfinite(v).all() for v in after[per_device].values())
+        assert any(not torch.equal(before[k], after[per_device][k]) for k in before)
+    for k, v in after[8].items():  # the same update from the same optimiser batch
+        assert (v - after[4][k]).abs().max().item() <= 1e-5, k
 
 
 @pytest.mark.parametrize("kw", [
@@ -422,9 +436,14 @@ def test_held_out_rewards_before_and_after_training(tmp_path, sft_dir):
     assert fast.evaluate_rewards()["log_likelihood"] == pytest.approx(-float(out.loss), abs=1e-4)
 
 
-def test_resume_matches_uninterrupted(tmp_path, sft_dir):
-    sft, _, _ = sft_dir
-    full = run_grpo(grpo_config(tmp_path / "full", sft, max_steps=4, num_iterations=2))
+@pytest.mark.parametrize("dropout", [False, True])
+def test_resume_matches_uninterrupted(tmp_path, sft_dir, dropout):
+    sft, data, root = sft_dir
+    kw: dict = dict(num_iterations=2)
+    if dropout:  # LoRA dropout on during GRPO: the resumed run must draw the same masks
+        sft = _sft(root, data, lora_dropout=0.3)
+        kw = dict(train_lora=True, disable_dropout=False)
+    full = run_grpo(grpo_config(tmp_path / "full", sft, max_steps=4, **kw))
 
     class Stop(Exception):
         pass
@@ -434,10 +453,10 @@ def test_resume_matches_uninterrupted(tmp_path, sft_dir):
             raise Stop
 
     with pytest.raises(Stop):
-        LatentGRPOTrainer(grpo_config(tmp_path / "cut", sft, max_steps=4, num_iterations=2, save_steps=2),
+        LatentGRPOTrainer(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, **kw),
                           callbacks=[stop_after_2]).train()
     assert (tmp_path / "cut" / "checkpoint-2" / "grpo_state.json").exists()
-    resumed = run_grpo(grpo_config(tmp_path / "cut", sft, max_steps=4, num_iterations=2, save_steps=2))
+    resumed = run_grpo(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, **kw))
     assert resumed["resumed_from"].endswith("checkpoint-2")
     a = load_file(str(tmp_path / "full" / "latent_head.safetensors"))
     b = load_file(str(tmp_path / "cut" / "latent_head.safetensors"))
@@ -477,45 +496,45 @@ import sys, torch
 from safetensors.torch import save_file
 from llmrec.training.grpo import LatentGRPOConfig, LatentGRPOTrainer
 torch.set_num_threads(1)
-sft, out, accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
-for mode in ("batch", "group"):
-    cfg = LatentGRPOConfig(output_dir=f"{out}/{mode}", sft_checkpoint=sft, num_generations=4,
-                           per_device_train_batch_size=8, gradient_accumulation_steps=accum, max_steps=3,
-                           learning_rate=5e-3, save_steps=100, seed=0, warmup_steps=0, lr_scheduler_type="constant",
-                           disable_tqdm=True, advantage_mode=mode, num_iterations=2)
-    t = LatentGRPOTrainer(cfg)
-    res = t.train()
-    state = {k: v.detach().contiguous() for k, v in t._trainable_state().items()}
-    save_file(state, f"{out}/{mode}/rank{t.accelerator.process_index}.safetensors")
+sft, out, accum, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+cfg = LatentGRPOConfig(output_dir=out, sft_checkpoint=sft, num_generations=4, per_device_train_batch_size=8,
+                       gradient_accumulation_steps=accum, max_steps=3, learning_rate=5e-3, save_steps=100, seed=0,
+                       warmup_steps=0, lr_scheduler_type="constant", disable_tqdm=True, advantage_mode=mode,
+                       num_iterations=2)
+t = LatentGRPOTrainer(cfg)
+res = t.train()
+state = {k: v.detach().contiguous() for k, v in t._trainable_state().items()}
+save_file(state, f"{out}/rank{t.accelerator.process_index}.safetensors")
 """
 
 
-def test_two_processes_match_one_process(tmp_path, sft_dir):
+@pytest.mark.parametrize("mode", ["batch", "group"])
+def test_two_processes_match_one_process(tmp_path, sft_dir, mode):
     from tests.launching import accelerate_launch, run_script_here
 
     sft, _, _ = sft_dir
     script = tmp_path / "dist_grpo.py"
     script.write_text(DIST_SCRIPT)
     # Same optimiser batch (8 prompts x G=4, 2 prompts per micro-batch): 1 process x 4 accumulation steps vs
-    # 2 processes x 2, so micro-batches hold different prompts in the two layouts; both advantage modes.
-    run_script_here(script, sft, tmp_path / "one", 4)
-    accelerate_launch(2, [script, sft, tmp_path / "two", 2])
-    for mode in ("batch", "group"):
-        one_dir, two_dir = tmp_path / "one" / mode, tmp_path / "two" / mode
-        r0 = load_file(str(two_dir / "rank0.safetensors"))
-        r1 = load_file(str(two_dir / "rank1.safetensors"))
-        single = load_file(str(one_dir / "rank0.safetensors"))
-        assert r0.keys() == r1.keys() == single.keys()
-        for k in r0:
-            assert torch.equal(r0[k], r1[k]), (mode, k)
-            assert (r0[k] - single[k]).abs().max().item() <= 1e-5, (mode, k)
-        one = json.loads((one_dir / "grpo_results.json").read_text())
-        two = json.loads((two_dir / "grpo_results.json").read_text())
-        assert (one["world_size"], two["world_size"]) == (1, 2)
-        assert len(one["log_history"]) == len(two["log_history"]) == 3
-        for a, b in zip(one["log_history"], two["log_history"]):
-            assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
-            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    # 2 processes x 2, so micro-batches hold different prompts in the two layouts. One training per launch: two
+    # trainers in one launched process once ended in SIGABRT at exit ("terminate called without an active
+    # exception") after both had finished.
+    run_script_here(script, sft, tmp_path / "one", 4, mode)
+    accelerate_launch(2, [script, sft, tmp_path / "two", 2, mode])
+    r0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
+    r1 = load_file(str(tmp_path / "two" / "rank1.safetensors"))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    assert r0.keys() == r1.keys() == single.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+        assert (r0[k] - single[k]).abs().max().item() <= 1e-5, k
+    one = json.loads((tmp_path / "one" / "grpo_results.json").read_text())
+    two = json.loads((tmp_path / "two" / "grpo_results.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert len(one["log_history"]) == len(two["log_history"]) == 3
+    for a, b in zip(one["log_history"], two["log_history"]):
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
 def test_cli_grpo_in_process(tmp_path, sft_dir, capsys):

@@ -166,6 +166,27 @@ def test_exclude_history_llm(zero_shot):
     assert len(got) == 5 and not set(history) & {r.item_id for r in got}
 
 
+def test_exclude_history_llm_does_not_depend_on_the_batch_and_covers_the_whole_history(data_dir):
+    """Each history's beam is widened by its own number of history titles: alone or batched with histories that
+    need wider beams, it gets the same recommendations. Items older than the history_length the model reads are
+    excluded too."""
+    from llmrec.data.canonical import load_prepared
+
+    rec = Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="float32", batch_size=8,
+                                      history_length=2, exclude_history=True)
+    histories = [list(r["history_item_ids"]) for r in load_prepared(data_dir, splits=["test"]).splits["test"]]
+    assert len({len(set(h)) for h in histories}) > 1  # histories of different widths share a batch
+    batched = rec.recommend(histories, k=3)
+    for h, recs in zip(histories, batched):
+        alone = rec.recommend(h, k=3)
+        assert [r.item_id for r in alone] == [r.item_id for r in recs]
+        assert [r.score for r in alone] == pytest.approx([r.score for r in recs], abs=1e-4)  # padding: float noise
+        assert len(recs) == 3 and not set(h) & {r.item_id for r in recs}
+    long = [12, 7, 23, 5]  # the model reads [23, 5]; 12 and 7 are among the tiny model's favourite titles
+    assert {12, 7} & {r.item_id for r in rec.recommend(long[-2:], k=5)}
+    assert not set(long) & {r.item_id for r in rec.recommend(long, k=5)}
+
+
 def test_sft_checkpoint_loads_and_recommends(data_dir, sft_run, tmp_path, capsys):
     """A saved latent SFT checkpoint: settings and dataset come from it; rankings equal the evaluator's."""
     rec = Recommender.from_pretrained(sft_run, batch_size=3)
@@ -238,6 +259,10 @@ def test_seqrec_recommendations_are_the_top_k_of_its_scores(data_dir, seqrec_run
     assert len(rec.recommend([1], k=100)) == 30
     excluded = rec.recommend(histories[0], k=30, exclude_history=True)
     assert len(excluded) == 27 and not {1, 2, 3} & {r.item_id for r in excluded}
+    # exclusion covers the whole given history, also the items older than the history_length the model reads
+    short = Recommender.from_pretrained(seqrec_run, history_length=1, exclude_history=True)
+    everything = short.recommend([3], k=30, exclude_history=False)
+    assert short.recommend([1, 2, 3], k=30) == [r for r in everything if r.item_id not in {1, 2, 3}]
 
 
 def test_seqrec_dataset_mismatch_and_bad_checkpoints_are_clear_errors(seqrec_run, tmp_path):

@@ -622,6 +622,7 @@ class LatentGRPOTrainer:
         self.global_step = 0
         self.log_history: list[dict] = []
         self.skipped_groups = 0
+        self._finite_row: int | None = None  # set by score(): see _zero_weight_pass
         self.nonfinite_steps = 0
         self.writer = None
 
@@ -702,12 +703,15 @@ class LatentGRPOTrainer:
         g = torch.Generator().manual_seed(_seed_for(self.config.seed, epoch, 0, 3))
         return torch.randperm(len(self.rows), generator=g).tolist()
 
+    def step_rows(self, step: int) -> list[int]:
+        """The dataset rows of optimiser step ``step``, in their global order (identical on every process)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.prompts_per_step
+        return self.epoch_order(epoch)[start : start + self.prompts_per_step]
+
     def local_micro_batches(self, step: int) -> list[GRPOBatch]:
         """This process's micro-batches of optimiser step ``step`` (prompt j of the step goes to process j % world)."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
-        start = within * self.prompts_per_step
-        picked = order[start : start + self.prompts_per_step]
+        picked = self.step_rows(step)
         mine = [(j, picked[j]) for j in range(self.rank, len(picked), self.world)]
         per = self.config.prompts_per_micro_batch
         out = []
@@ -772,6 +776,10 @@ class LatentGRPOTrainer:
         gathered = {name: self.accelerator.gather(v)[order] for name, v in local.items()}
         total = combine_rewards(gathered, c.weights)
         adv, valid = compute_advantages(total, c.advantage_mode)
+        # A prompt scored finite on some process: the input of the zero-weight pass of a micro-batch whose groups
+        # were all skipped (see _loss); every process knows the step's prompts, so any of them can run it.
+        first_ok = valid.nonzero().flatten()
+        self._finite_row = None if first_ok.numel() == 0 else self.step_rows(step)[int(first_ok[0])]
         for b in batches:  # back to this process's groups (row j of the gathered arrays is position j)
             idx = torch.tensor(b.positions, device=dev)
             b.advantages = adv[idx].reshape(-1).float()
@@ -872,10 +880,11 @@ class LatentGRPOTrainer:
         state = b.prompt_state
         scale = 1.0
         keep = b.valid.view(-1, g)[:, 0].nonzero().flatten()
+        if keep.numel() == 0 and self._finite_row is not None:
+            return self._zero_weight_pass(b), {}
         if keep.numel() < len(b.rows):
             # Skipped groups never enter the model: a NaN inside their forward would reach every gradient
-            # (NaN x 0 is NaN). A micro-batch without a valid group still runs one prompt, at zero weight, so
-            # that every process takes part in the gradient all-reduce.
+            # (NaN x 0 is NaN). (No group of the whole step is valid: the step is dropped anyway.)
             if keep.numel() == 0:
                 keep, scale = keep.new_zeros(1), 0.0
             members = (keep[:, None] * g + torch.arange(g, device=keep.device)).flatten()
@@ -927,9 +936,25 @@ class LatentGRPOTrainer:
             stats["kl"] = float((kl * mask).sum() / n_tok)
         return loss, stats
 
+    def _zero_weight_pass(self, b: GRPOBatch) -> torch.Tensor:
+        """A zero loss through the model for a micro-batch whose groups were all skipped, so that this process
+        still takes part in the gradient all-reduce. Its input is a prompt that scored finite in this step (a
+        skipped prompt may be NaN inside the model, and NaN x 0 is NaN: one such prompt would then drop the
+        whole step, or not, depending on how prompts fall into micro-batches), with noise-free members."""
+        g = self.config.num_generations
+        dev = self.accelerator.device
+        t = {k: v.to(dev) for k, v in _collate([self.rows[self._finite_row]], self.pad).items()}
+        noise = torch.zeros(g, b.noise.shape[-1], device=dev, dtype=b.noise.dtype)
+        gaussian = self.config.policy_logprob == "gaussian"
+        res = self.module(**t, noise=noise, prompt_state=None, latent_only=gaussian)
+        return (res.latent if gaussian else res.logprobs).float().sum() * 0.0
+
     def train_step(self, step: int) -> dict[str, float]:
         """Score, then ``num_iterations`` optimiser updates on the scored batch. Returns the logged stats."""
         c = self.config
+        # Dropout, when on (disable_dropout: false), draws from the global RNG: seeded per step and process, so a
+        # run resumed from a checkpoint draws the masks an uninterrupted run does (no RNG state to save).
+        torch.manual_seed(_seed_for(c.seed, step, self.rank, 4))
         batches = self.local_micro_batches(step)
         stats = self.score(step, batches)
         loss_sum, clip, kls = 0.0, [], []
@@ -943,7 +968,8 @@ class LatentGRPOTrainer:
                     loss, s = self._loss(b)
                     self.accelerator.backward(loss)
                 loss_sum += float(loss.detach())
-                clip.append(s["clip_ratio"])
+                if "clip_ratio" in s:  # not from a zero-weight pass
+                    clip.append(s["clip_ratio"])
                 if "kl" in s:
                     kls.append(s["kl"])
             params = [p for p in self.module.parameters() if p.requires_grad]
