@@ -73,6 +73,13 @@ def test_beam_evaluation_and_resume_give_the_same_rankings(prepared_dir, tmp_pat
     (bad_dir / "part-0.jsonl").write_text(json.dumps(ranked[0]) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"part-0.jsonl.*2.*not valid JSON"):
         evaluate(tiny_config(prepared_dir, tmp_path / "bad"))
+    # Records of other rows (the dataset prepared again in place: same directory, other targets) are refused,
+    # not merged into the new evaluation.
+    stale_dir = tmp_path / "stale" / "rankings"
+    stale_dir.mkdir(parents=True)
+    write_jsonl(stale_dir / "part-0.jsonl", [dict(ranked[0], target_item_id=ranked[0]["target_item_id"] % 30 + 1)])
+    with pytest.raises(ValueError, match=rf"row {ranked[0]['row']} is user .*was the dataset prepared again"):
+        evaluate(tiny_config(prepared_dir, tmp_path / "stale"))
     # A finished evaluation is not redone; a different protocol in the same dir is refused.
     assert evaluate(tiny_config(prepared_dir, tmp_path / "full"))["metrics"] == full["metrics"]
     with pytest.raises(ValueError, match="different protocol"):

@@ -312,3 +312,45 @@ def test_full_finetune_checkpoint(tmp_path, prepared_dir):
         a = model.prefill_with_latents(ids, torch.ones_like(ids))[1]
         b = trained.eval().prefill_with_latents(ids, torch.ones_like(ids))[1]
     assert (a - b).abs().max().item() < 1e-5
+
+
+def test_retrain_trains_a_finished_run_again_from_the_start(tmp_path, prepared_dir):
+    """``retrain: true`` on a finished run: its checkpoints are removed and training starts at step 0 (resuming
+    from the finished run's last checkpoint would train nothing)."""
+    out = tmp_path / "run"
+    first = run_sft(make_config(out, prepared_dir, max_steps=4, save_strategy="steps", save_steps=2))
+    assert (out / "checkpoint-4").is_dir()
+    again = run_sft(make_config(out, prepared_dir, max_steps=2, save_strategy="steps", save_steps=2,
+                                learning_rate=5e-3, retrain=True))
+    assert again["resumed_from"] is None and again["global_step"] == 2
+    assert not (out / "checkpoint-4").exists() and (out / "checkpoint-2").is_dir()
+    assert again["train_loss"] != first["train_loss"]
+
+
+@pytest.mark.parametrize("n_latent", [0, 1])
+def test_gradient_checkpointing_trains_as_without_it(tmp_path, prepared_dir, n_latent):
+    """gradient_checkpointing recomputes activations in the backward pass: same losses and weights, and the
+    LoRA adapter gets gradients also without a latent token (no input of a layer then requires grad)."""
+    from transformers import TrainerCallback
+
+    class SeeCheckpointing(TrainerCallback):
+        on = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.on.append(any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))
+
+    runs = {}
+    for gc in (False, True):
+        out = tmp_path / f"gc{gc}"
+        seen = SeeCheckpointing()
+        seen.on = []
+        res = run_sft(make_config(out, prepared_dir, max_steps=2, num_latent_tokens=n_latent,
+                                  gradient_checkpointing=gc), callbacks=[seen])
+        assert seen.on == [gc, gc]  # the decoder layers do checkpoint (or not)
+        runs[gc] = res, load_file(str(out / "adapter_model.safetensors"))
+    (plain, w_plain), (ckpt, w_ckpt) = runs[False], runs[True]
+    assert [r["loss"] for r in ckpt["train_losses"]] == pytest.approx([r["loss"] for r in plain["train_losses"]],
+                                                                      abs=1e-5)
+    assert w_plain.keys() == w_ckpt.keys()
+    for k in w_plain:
+        assert (w_plain[k] - w_ckpt[k]).abs().max().item() <= 1e-5, k

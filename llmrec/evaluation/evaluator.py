@@ -282,6 +282,21 @@ class Evaluator:
                 done[rec["row"]] = rec
         return done
 
+    def _check_done_rows(self, done: dict[int, dict], split) -> None:
+        """Records of a partial evaluation are reused only for the rows they were made for: the fingerprint names
+        the dataset directory, not its contents, and a dataset prepared again in place may have other rows."""
+        if not done:
+            return
+        users, targets = list(split["user_id"]), list(split["target_item_id"])
+        for row, rec in sorted(done.items()):
+            ex = (users[row], targets[row]) if 0 <= row < len(users) else None
+            if ex is None or (rec["user_id"], rec["target_item_id"]) != ex:
+                found = "no such row" if ex is None else f"user {ex[0]!r}, target {ex[1]}"
+                raise ValueError(
+                    f"{self.out / 'rankings'}: the partial evaluation's row {row} is user {rec['user_id']!r}, target "
+                    f"{rec['target_item_id']}, but {self.config.split} row {row} of {self.config.dataset} has "
+                    f"{found} (was the dataset prepared again?); remove {self.out} or choose another output_dir")
+
     # ------------------------------------------------------------------ run
 
     def run(self) -> dict | None:
@@ -321,6 +336,7 @@ class Evaluator:
         self.state.wait_for_everyone()
 
         done = self._done_rows()
+        self._check_done_rows(done, split)
         start = time.perf_counter()
         if c.method == "popularity":
             new = self._run_popularity(data, split, rows, done)
@@ -381,8 +397,7 @@ class Evaluator:
         k = max(self.config.ks)
         items = popularity_ranking(list(data.splits["train"]["target_item_id"]), k)
         titles = list(dict.fromkeys(data.catalog.title(i) for i in items))
-        todo = [r for r in rows if r not in done]
-        mine = todo[self.state.process_index::self.state.num_processes]
+        mine = [r for r in rows[self.state.process_index::self.state.num_processes] if r not in done]
         recs = [self._record(data, split, r, titles, items, []) for r in mine]
         if recs:
             self._append(recs)
@@ -397,8 +412,7 @@ class Evaluator:
 
         info, model = self.seqrec_info, self.seqrec_model
         k = max(self.config.ks)
-        todo = [r for r in rows if r not in done]
-        mine = todo[self.state.process_index::self.state.num_processes]
+        mine = [r for r in rows[self.state.process_index::self.state.num_processes] if r not in done]
         recs_all = []
         for i in tqdm(range(0, len(mine), 256), desc=f"evaluate {self.config.split} ({info['model']})",
                       disable=not self.state.is_main_process, unit="batch"):

@@ -32,6 +32,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,8 +144,9 @@ class LatentSFTConfig(transformers.TrainingArguments):
     )
     retrain: bool = field(
         default=False,
-        metadata={"help": "Train again even if output_dir holds a finished run (train_results.json); "
-                  "by default such a run is skipped, so pipelines can be rerun."},
+        metadata={"help": "Train again, from the start, even if output_dir holds a finished run (train_results.json): "
+                  "that run's checkpoint-* directories are removed first. By default such a run is skipped, so "
+                  "pipelines can be rerun."},
     )
     early_stopping_patience: int = field(
         default=1, metadata={"help": "Stop after this many evaluations without a better eval_loss (0 = off)."}
@@ -564,6 +566,18 @@ class LatentSFTModule(nn.Module):
     def forward(self, **kwargs):
         return self.latent_lm(**kwargs)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """The Trainer's ``gradient_checkpointing``, applied to the base LM's decoder layers (transformers'
+        default there is non-reentrant, which also gives a LoRA adapter its gradients when no input of a
+        checkpointed layer requires grad, as without a latent token)."""
+        self.latent_lm.causal_lm.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+            offload=offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.latent_lm.causal_lm.activation_checkpointing_disable()
+
 
 def _latent_lm(module: nn.Module) -> LatentReasoningLM:
     while not isinstance(module, LatentReasoningLM):
@@ -647,6 +661,19 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         # A finished run is not resumed: early stopping ended it, and resuming would train on past that point.
         logger.info("%s holds a finished run (%s); skipping (set retrain: true to train again)", out_dir, RESULTS_NAME)
         return json.loads((out_dir / RESULTS_NAME).read_text(encoding="utf-8"))
+    if (out_dir / RESULTS_NAME).exists() and config.retrain:
+        from accelerate import PartialState
+
+        # Resuming from the finished run's last checkpoint would train nothing; and a stale checkpoint with a
+        # higher step than this run reaches would be what a later resume of this run picks up.
+        old = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
+        logger.warning("retrain: training %s again from the start; removing the finished run's %d checkpoint(s)",
+                       out_dir, len(old))
+        if PartialState().is_main_process:
+            for ckpt in old:
+                shutil.rmtree(ckpt)
+            (out_dir / RESULTS_NAME).unlink()
+        PartialState().wait_for_everyone()
     model, tokenizer = build_model(config)
     t_model = time.time()
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
