@@ -45,6 +45,22 @@ def test_seqrec_method_equals_the_seqrec_test_metrics(data_dir, sasrec_run, tmp_
     assert res["protocol"]["id_model"] == "sasrec"
 
 
+def test_mask_history_masks_the_same_items_in_training_and_evaluation(data_dir, tmp_path):
+    """With mask_history the run's own test metrics (trainer) equal the evaluator's: both mask the history items
+    the model reads (the last max_history), on rows where masking the whole history would differ."""
+    from llmrec.data.canonical import load_prepared
+    from llmrec.evaluation.evaluator import evaluate
+
+    run = train_tiny_sasrec(data_dir, tmp_path / "masked", max_history=2, ks=[1, 5, 10, 20], mask_history=True)
+    test = load_prepared(data_dir, splits=["test"]).splits["test"]
+    # rows whose target is among the history items the model does not read: other maskings would differ there
+    assert any(r["target_item_id"] in r["history_item_ids"][:-2] for r in test)
+    res = evaluate(_config(data_dir, run, tmp_path / "eval"))
+    trained = json.loads((run / "results.json").read_text())
+    for k in ("hr@1", "hr@10", "ndcg@10", "ndcg@20"):
+        assert res["metrics"]["item"][k] == pytest.approx(trained["test"][k], abs=1e-9), k
+
+
 def test_seqrec_rankings_are_the_recommenders_top_k_and_full_ranks(data_dir, sasrec_run, tmp_path):
     from llmrec.data.canonical import load_prepared, read_jsonl
     from llmrec.evaluation.evaluator import evaluate

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent(
     data_dir, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     common = dict(dataset_dir=data_dir, max_history=10, hidden_size=16, n_layers=1, n_heads=2, inner_size=32,
-                  dropout=0.0, attn_dropout=0.0, epochs=2, batch_size=8, eval_batch_size=8, lr=1e-2,
+                  dropout=0.0, attn_dropout=0.0, epochs=2, batch_size=6, eval_batch_size=8, lr=1e-2,
                   progress=False, resume=False)
     models = {
         "sasrec": {},
@@ -42,7 +42,9 @@ SCRIPT = textwrap.dedent(
 def test_two_processes_match_one_process(tmp_path):
     from safetensors.torch import load_file
 
-    data = write_successor_dataset(tmp_path / "d")  # 16 train windows = 2 global batches of 8
+    # 16 train windows in global batches of 6, 6 and 4: with 2 processes accelerate fills the last batch with 2
+    # rows from the epoch's start (3 per process), which must carry no loss.
+    data = write_successor_dataset(tmp_path / "d")
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     run_script_here(script, data, tmp_path / "one")  # 1 process: this one
@@ -51,7 +53,10 @@ def test_two_processes_match_one_process(tmp_path):
         a, b = (load_file(str(_last_weights(tmp_path / run / name / "train"))) for run in ("one", "two"))
         assert a.keys() == b.keys()
         for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (name, k, (a[k] - b[k]).abs().max())
+            # atol 3e-5: the key part of the qkv bias has no true gradient (softmax ignores it), and Adam turns
+            # the float noise of its gradient (other summation order per layout) into steps of ~1e-5 there; the
+            # rows the loader adds to a last batch, if trained on, move the weights by ~1e-2.
+            assert torch.allclose(a[k], b[k], atol=3e-5, rtol=1e-4), (name, k, (a[k] - b[k]).abs().max())
         one = json.loads((tmp_path / "one" / name / "results.json").read_text())
         two = json.loads((tmp_path / "two" / name / "results.json").read_text())
         assert (one["timings"]["num_processes"], two["timings"]["num_processes"]) == (1, 2)

@@ -93,7 +93,8 @@ class SeqRecConfig:
     eval_every: int = _f(1, "validate every N epochs")
     ks: list[int] = _f([1, 5, 10, 20], "cut-offs K of the reported metrics")
     mask_history: bool = _f(
-        False, "set the scores of history items to -inf at evaluation (default: no masking)"
+        False, "set the scores of the history items the model reads (the last max_history) to -inf at evaluation, "
+        "in the trainer and in `llmrec evaluate --method seqrec` alike (default: no masking)"
     )
     resume: bool = _f(True, "resume from the run directory's checkpoints if present")
     max_train_batches: int = _f(0, "stop an epoch after N batches (0 = all; for smoke tests)")

@@ -450,15 +450,20 @@ class LARES(SeqRecModel):
         ce = self.ce_sum(T[m], tgt[m])
         loss = ce / ctx.denom
         logs = {"ce": ce.detach().item() / max(int(m.sum()), 1), "depth": 0.0}
-        if (self.tla_weight > 0 or self.sla_weight > 0) and ctx.aug_pool is not None:
+        real = tgt[:, -1] > 0  # False only for rows the loader added to fill a last batch (no target)
+        if (self.tla_weight > 0 or self.sla_weight > 0) and ctx.aug_pool is not None and bool(real.any()):
             # Alignment on each example's last position (its newest train row): (b) the same sequence
             # with a fresh depth k', (c) another train row with the same target, same k'. In-batch
             # negatives are local to the process and include same-target rows (as the code does).
+            if not bool(real.all()):
+                ids, tgt, row_index = ids[real], tgt[real], batch["row_index"][real]
+            else:
+                row_index = batch["row_index"]
             last = torch.tensor([ids.shape[1] - 1], device=ids.device)
             k2 = self.sample_depth()
             Tb, steps = self.states(ids, k2, collect=last)
             u_b = Tb[:, -1]
-            aug = ctx.aug_pool.sample(tgt[:, -1], batch["row_index"]).to(ids.device)
+            aug = ctx.aug_pool.sample(tgt[:, -1], row_index).to(ids.device)
             u_c = self.states(aug, k2)[0][:, -1]
             logs["depth"] = float(k2)
             if self.tla_weight > 0:
@@ -499,6 +504,9 @@ class LARES(SeqRecModel):
         cfg = self.rpt
         G, beta, rk = int(cfg.get("group", 4)), float(cfg.get("beta", 1.0)), int(cfg.get("reward_k", 10))
         ids, tgt = batch["input_ids"], batch["target_ids"][:, -1]
+        # Rows the loader added to fill a last batch have no target: any item stands in, and they weigh 0.
+        real = (tgt > 0).float()
+        tgt = tgt.clamp(min=1)
         last = torch.tensor([ids.shape[1] - 1], device=ids.device)
         B = len(ids)
         rewards, terms = [], []
@@ -532,7 +540,7 @@ class LARES(SeqRecModel):
         total = ids.new_zeros((), dtype=torch.float)
         for g, (logp, kl) in enumerate(terms):
             per_step = torch.exp(logp - logp.detach()) * A[:, g : g + 1] - beta * kl
-            total = total - per_step.mean(1).sum()
+            total = total - (per_step.mean(1) * real).sum()
         # Rows summed and divided by denom (rows per process) -> mean over rows; then over rollouts.
         loss = total / (ctx.denom * G)
         return loss, {"reward": R.mean().detach().item(), "kl": sum(k.mean().item() for _, k in terms) / G}

@@ -31,7 +31,8 @@ def score_histories(
         scores = model.score(ids).float()
     if mask_history:
         for row, history in enumerate(histories):
-            scores[row, torch.tensor(sorted(set(history)), device=scores.device) - 1] = float("-inf")
+            if history:
+                scores[row, torch.tensor(sorted(set(history)), device=scores.device) - 1] = float("-inf")
     return scores
 
 

@@ -61,6 +61,23 @@ def make_accelerator(seed: int):
     return acc
 
 
+def _without_loader_padding(batch: dict, remainder: int, process_index: int) -> dict:
+    """The epoch's short last batch without the rows accelerate adds to it.
+
+    With several processes (``split_batches``, even batches) accelerate completes a short last batch of
+    ``remainder`` examples with examples from the start of the epoch, so that every process gets the same number
+    of rows; process ``p`` holds the global rows ``p * local .. (p + 1) * local - 1``. Those beyond ``remainder``
+    get no target (no loss position, not counted in the loss normaliser; the models' row-level terms skip rows
+    without a last target), so every train row is still one loss position exactly once, as on one process.
+    """
+    tgt = batch["target_ids"]
+    position = process_index * len(tgt) + torch.arange(len(tgt), device=tgt.device)
+    added = position >= remainder
+    if not bool(added.any()):
+        return batch
+    return dict(batch, target_ids=tgt.masked_fill(added[:, None], 0))
+
+
 def _save_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -187,6 +204,7 @@ class SeqRecTrainer:
         optim = torch.optim.Adam(self.wrapped.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed)
         loader = DataLoader(examples, batch_size=batch_size, shuffle=True, generator=gen)
+        remainder, last_batch = len(examples) % batch_size, -(-len(examples) // batch_size) - 1
         optim, loader = acc.prepare(optim, loader)
         res = PhaseResult(name=phase)
         start_epoch, bad = 0, 0
@@ -199,6 +217,8 @@ class SeqRecTrainer:
             res = PhaseResult(**st["result"])
             start_epoch, bad = st["epoch"] + 1, st["bad"]
             torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
+            if st.get("cuda_rng") and torch.cuda.is_available() and len(st["cuda_rng"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([torch.tensor(g, dtype=torch.uint8) for g in st["cuda_rng"]])
             logger.info("phase %s: resuming at epoch %d", phase, start_epoch)
         metric = cfg.valid_metric
         extra = dict(extra or {}, phase=phase)
@@ -212,6 +232,8 @@ class SeqRecTrainer:
             n_batches = 0
             bar = self._bar(loader, desc=f"{phase} epoch {epoch + 1}/{epochs}")
             for batch in bar:
+                if n_batches == last_batch and remainder:
+                    batch = _without_loader_padding(batch, remainder, acc.process_index)
                 local = (batch["target_ids"] > 0).sum().float()
                 denom = acc.reduce(local, reduction="sum") / acc.num_processes
                 ctx = LossContext(denom=denom.clamp_min(1.0), epoch=epoch, aug_pool=aug_pool, extra=extra)
@@ -272,6 +294,9 @@ class SeqRecTrainer:
                         "best_file": best_file,
                         "result": res.__dict__,
                         "torch_rng": torch.get_rng_state().tolist(),
+                        # dropout on GPU draws from the CUDA generators
+                        "cuda_rng": [g.tolist() for g in torch.cuda.get_rng_state_all()]
+                        if torch.cuda.is_available() else None,
                     },
                 )
             acc.wait_for_everyone()
