@@ -50,7 +50,7 @@ def bench_decoding(args: argparse.Namespace) -> dict:
     """Ours vs transformers' ``generate`` + ``prefix_allowed_tokens_fn`` vs the floor, same rows."""
     from llmrec.data.canonical import load_prepared
     from llmrec.decoding.beam_search import constrained_beam_search, reference_constrained_beam_search
-    from llmrec.decoding.search import build_catalog_trie, encode_prompts, render_prompts
+    from llmrec.decoding.search import answer_budget, build_catalog_trie, encode_prompts, render_prompts
     from llmrec.evaluation.evaluator import EvalConfig, select_rows
     from llmrec.models.backbone import load_backbone
     from llmrec.prompts import PromptTemplate
@@ -65,7 +65,8 @@ def bench_decoding(args: argparse.Namespace) -> dict:
     template = PromptTemplate.load(cfg.prompt)
     trie = build_catalog_trie(data.catalog, tok, template)
     batches = [[split[r] for r in rows[i:i + cfg.batch_size]] for i in range(0, len(rows), cfg.batch_size)]
-    encoded = [encode_prompts(tok, render_prompts(template, tok, b, cfg), "cpu") for b in batches]
+    budget = answer_budget(trie, model)
+    encoded = [encode_prompts(tok, render_prompts(template, tok, b, cfg, budget), "cpu") for b in batches]
     counter, handle = _count_forwards(model)
     times = {"ours": 0.0, "reference": 0.0, "floor": 0.0}
     ours_lists, ref_lists, steps = [], [], []

@@ -33,9 +33,7 @@ a history is what the evaluator ranked for it:
   top 3 of ``k=5`` need not be the result of ``k=3``; fix ``num_beams`` to make rankings independent
   of ``k`` (the evaluator's ``num_beams`` reproduces its rankings). The
   prompt keeps the most recent history items that fit ``max_prompt_length`` minus the latent tokens
-  minus the longest catalogue answer (the evaluator reserves room for the true answer, which a
-  recommender does not know); histories short enough to fit are rendered exactly as the evaluator
-  renders them.
+  minus the longest catalogue answer, exactly as the evaluator renders it (neither reads the true answer).
 * **ID models** (SASRec, ReaRec, LARES): every catalogue item is scored for the left-padded history
   (:meth:`~llmrec.seqrec.models.SeqRecModel.score`; padding id 0 is never a candidate) and the top ``k``
   are returned, ties broken by the smaller item id (as the seqrec evaluation ranks).
@@ -208,6 +206,7 @@ class _DecodeSettings:
     use_chat_template: bool
     num_beams: int
     length_penalty: float
+    prompt_fit: str = "longest_answer"  # a recommender has no answer to leave room for
 
 
 class _LLMBackend:
@@ -227,8 +226,10 @@ class _LLMBackend:
         self.num_beams, self.length_penalty, self.batch_size = num_beams, length_penalty, batch_size
         self.num_latent_tokens = model.num_latent_tokens if isinstance(model, LatentReasoningLM) else 0
         longest_answer = max(len(p) for p in self.trie.title_token_ids)  # completion + EOS
-        self.prompt_budget = max_prompt_length - self.num_latent_tokens - longest_answer
-        if self.prompt_budget < 1:
+        # rank_batch leaves room for the longest answer and the latent tokens itself (answer_budget): checked here
+        # so that a budget too small fails when the recommender is built.
+        self.max_prompt_length = max_prompt_length
+        if max_prompt_length - self.num_latent_tokens - longest_answer < 1:
             raise ValueError(
                 f"max_prompt_length {max_prompt_length} leaves no room for a prompt: the longest catalogue "
                 f"answer takes {longest_answer} tokens and there are {self.num_latent_tokens} latent tokens"
@@ -255,7 +256,7 @@ class _LLMBackend:
         for i in range(len(histories)):
             by_width.setdefault(self.beams_for(k, excluded[i] if excluded else None), []).append(i)
         for width, members in by_width.items():
-            settings = _DecodeSettings(self.prompt_budget, self.noun, self.use_chat_template, width,
+            settings = _DecodeSettings(self.max_prompt_length, self.noun, self.use_chat_template, width,
                                        self.length_penalty)
             examples = [{"history_titles": [self.catalog.title(i) for i in histories[m]], "target_title": None}
                         for m in members]

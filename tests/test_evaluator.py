@@ -161,3 +161,13 @@ def test_evaluator_loads_a_latent_sft_checkpoint(prepared_dir, tmp_path):
         cache, logits, m, pos = model.prefill_with_latents(ids, mask)
     outs = constrained_beam_search_from_state(model.causal_lm, trie, PromptState(logits, cache, m, pos), num_beams=4)
     assert [o.item_ranking for o in outs] == [r["item_ranking"] for r in saved[:3]]
+
+
+def test_prompt_fit_longest_answer_is_recorded_and_the_default_fingerprint_is_unchanged(prepared_dir, tmp_path):
+    default = evaluate(tiny_config(prepared_dir, tmp_path / "own", max_rows=4))
+    assert "prompt_fit" not in default["protocol"]  # finished evaluations of the default stay reusable
+    longest = evaluate(tiny_config(prepared_dir, tmp_path / "longest", max_rows=4, prompt_fit="longest_answer"))
+    assert longest["protocol"]["prompt_fit"] == "longest_answer"
+    assert longest["fingerprint"] != default["fingerprint"]
+    with pytest.raises(ValueError, match="prompt_fit must be one of"):
+        tiny_config(prepared_dir, tmp_path / "x", prompt_fit="answer")

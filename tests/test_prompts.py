@@ -238,3 +238,26 @@ def test_wheel_ships_templates_and_recipes(tmp_path: Path):
     lines = out.stdout.splitlines()
     assert lines[0].startswith(str(target)) and lines[1] == str(target / "llmrec" / "_resources" / "prompts")
     assert lines[2] == "d3" and lines[3] == repr("### Response: \n")
+
+
+def test_evaluation_prompts_are_cut_without_looking_at_the_answer(tokenizer):
+    """prompt_fit longest_answer: two rows with the same history get the same prompt whatever their answers, also
+    when the history must be cut (the budget reserves a fixed answer length, not the row's own)."""
+    from types import SimpleNamespace
+
+    from llmrec.decoding.search import render_prompts
+
+    tpl = PromptTemplate.load("d3")
+    history = [f"Super Mario Zelda {i}" for i in range(12)]
+    rows = [{"history_titles": history, "target_title": "Halo"},
+            {"history_titles": history, "target_title": "Halo Tetris Deluxe Edition Collection Gold Dark Souls"}]
+    full = render_example(tpl, history, None, "video games")["prompt"]
+    cfg = SimpleNamespace(max_prompt_length=len(encode(tokenizer, full, first=True)) + 10, noun="video games",
+                          use_chat_template=False, prompt_fit="longest_answer")
+    short, long = render_prompts(tpl, tokenizer, rows, cfg, reserved=30)
+    assert short == long and short != full and short.startswith(full[:20])
+    assert len(encode(tokenizer, short, first=True)) <= cfg.max_prompt_length - 30
+    # the default, own_answer, fits each row with its own answer: the long answer's row keeps less history
+    cfg.prompt_fit = "own_answer"
+    short, long = render_prompts(tpl, tokenizer, rows, cfg, reserved=30)
+    assert len(encode(tokenizer, long, first=True)) < len(encode(tokenizer, short, first=True))

@@ -76,12 +76,27 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def render_prompts(template: PromptTemplate, tokenizer, examples: list[dict], config) -> list[str]:
-    """Prompts for ``examples`` (canonical rows with titles), histories cut from the left to fit."""
+def answer_budget(trie: TitleTrie, model=None) -> int:
+    """Tokens a prompt leaves free: the longest catalogue answer (completion + EOS), plus the model's latent
+    tokens. Prompts are cut to fit without looking at the row's true answer, whose length would otherwise decide
+    how much history a row keeps."""
+    latent = model.num_latent_tokens if isinstance(model, LatentReasoningLM) else 0
+    return max(len(p) for p in trie.title_token_ids) + latent
+
+
+def render_prompts(template: PromptTemplate, tokenizer, examples: list[dict], config, reserved: int = 0) -> list[str]:
+    """Prompts for ``examples`` (rows with ``history_titles``), histories cut from the left to fit.
+
+    ``config.prompt_fit`` (default ``own_answer``): ``own_answer`` fits prompt + the row's ``target_title`` in
+    ``config.max_prompt_length`` (as SFT does); ``longest_answer`` fits the prompt alone in
+    ``max_prompt_length - reserved`` (see :func:`answer_budget`) and never reads the target.
+    """
+    own = getattr(config, "prompt_fit", "own_answer") == "own_answer"
     out = []
     for ex in examples:
         rendered, _ = render_to_fit(
-            template, tokenizer, list(ex["history_titles"]), ex["target_title"], config.max_prompt_length,
+            template, tokenizer, list(ex["history_titles"]), ex["target_title"] if own else None,
+            config.max_prompt_length if own else config.max_prompt_length - reserved,
             noun=config.noun, use_chat_template=config.use_chat_template,
         )
         out.append(rendered["prompt"])
@@ -96,7 +111,7 @@ def rank_batch(
 
     ``guidance``: optional D3 guidance by an ID model, one row per example (scores then include it).
     """
-    prompts = render_prompts(template, tokenizer, examples, config)
+    prompts = render_prompts(template, tokenizer, examples, config, answer_budget(trie, model))
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
     if isinstance(model, LatentReasoningLM):

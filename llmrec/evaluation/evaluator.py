@@ -46,6 +46,7 @@ from llmrec.evaluation.metrics import compute_metrics
 logger = logging.getLogger(__name__)
 
 METHODS = ("beam", "popularity", "seqrec")
+PROMPT_FITS = ("own_answer", "longest_answer")
 
 
 @dataclass
@@ -65,7 +66,13 @@ class EvalConfig:
     noun: str = field(default="video games", metadata={"help": "Item noun used by the prompt (D3: 'video games' for Games)."})
     use_chat_template: bool = field(default=False, metadata={"help": "Wrap the prompt in the tokenizer's chat template."})
     history_length: int = field(default=10, metadata={"help": "Most recent history items shown in the prompt (D3: 10)."})
-    max_prompt_length: int = field(default=512, metadata={"help": "Token budget of prompt + answer; longer histories are cut from the left."})
+    max_prompt_length: int = field(default=512, metadata={"help": "Token budget of prompt + answer; longer histories are cut from the left (see prompt_fit)."})
+    prompt_fit: str = field(default="own_answer", metadata={"help": "What a prompt leaves room for within max_prompt_length: own_answer (the row's "
+                                                                    "true answer, as in SFT; then how much history a row keeps depends on its "
+                                                                    "answer's length: 3 of the Games report's 500 test rows at 512 tokens) or "
+                                                                    "longest_answer (the longest catalogue answer + the latent tokens: never reads "
+                                                                    "the answer; what `llmrec recommend` does). own_answer is the default so that "
+                                                                    "finished evaluations stay comparable."})
     num_beams: int = field(default=10, metadata={"help": "Beams (and returned titles) per row."})
     tokenization: str = field(default="separate", metadata={"help": "separate (D3: prompt and answer tokenized apart, ids concatenated) or joint (one string; titles checked at the boundary)."})
     length_penalty: float = field(default=1.0, metadata={"help": "Beam score = logprob sum / length**penalty (1.0 BIGRec/LatentR3, 0.0 D3)."})
@@ -84,6 +91,8 @@ class EvalConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.split not in ("train", "valid", "test"):
             raise ValueError(f"split must be train, valid or test, got {self.split!r}")
+        if self.prompt_fit not in PROMPT_FITS:
+            raise ValueError(f"prompt_fit must be one of {PROMPT_FITS}, got {self.prompt_fit!r}")
         if self.num_beams < 1 or self.batch_size < 1:
             raise ValueError("num_beams and batch_size must be >= 1")
         if not self.guidance_weight >= 0:
@@ -204,6 +213,8 @@ class Evaluator:
             })
             if c.checkpoint:
                 p["checkpoint_sha256"] = weights_sha256(c.checkpoint)
+            if c.prompt_fit != "own_answer":  # only when not the default: earlier fingerprints stay what they were
+                p["prompt_fit"] = c.prompt_fit
             if c.guided:
                 # Only when on, so the fingerprints of unguided evaluations stay what they were.
                 g = self.guidance_info
