@@ -589,8 +589,8 @@ class Pipeline:
                 "history_length": None if method == "popularity" else first.get("history_length"),
                 "runs": [str(finished[method][s]) for s in sorted(seeds)],
             }
-        ids = [m for m in ID_MODELS if m in methods]
-        best_id = max(ids, key=lambda m: methods[m]["mean"]["ndcg@10"]) if ids else None
+        id_full_test = self._id_full_test(finished)
+        best_id = self._best_id_model([m for m in ID_MODELS if m in methods], id_full_test)
         diffs = []
         for label, treat, base in DIFFERENCES:
             base = best_id if base == "best-id" else base
@@ -635,10 +635,11 @@ class Pipeline:
                 "matching": "item level (title level reported too); items absent from a ranked list are misses",
                 "llm_eval": {k: llm_proto.get(k) for k in ("num_beams", "prompt", "dtype")},
                 "seeds": o.seeds,
-                "best_id_model_selection": "highest mean NDCG@10 on these test rows",
+                "best_id_model_selection": "highest mean validation NDCG@10 (each run's own model selection "
+                                           "split; never the test rows)",
             },
             "methods": methods, "best_id_model": best_id, "differences": diffs,
-            "id_models_full_test": self._id_full_test(finished),
+            "id_models_full_test": id_full_test,
             "missing": [m for m in o.methods if m not in methods],
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
@@ -654,6 +655,20 @@ class Pipeline:
         plot_report(result, results_dir / f"{o.name}.png")
         print(md, end="")
         return result
+
+    @staticmethod
+    def _best_id_model(ids: list[str], id_full_test: dict[str, dict[int, dict]]) -> str | None:
+        """The ID model the LLM is compared with: the highest mean validation NDCG@10 over its seeds (the same
+        validation split each run selected its epoch on). Choosing on the test rows would compare against the
+        luckiest of several noisy test estimates. None when a model's validation score is missing."""
+        valid: dict[str, float] = {}
+        for m in ids:
+            scores = [r.get("valid_ndcg@10") for r in id_full_test.get(m, {}).values()]
+            if not scores or any(v is None for v in scores):
+                logger.warning("no validation NDCG@10 for %s: no 'best ID model' difference is reported", m)
+                return None
+            valid[m] = statistics.fmean(scores)
+        return max(ids, key=lambda m: valid[m]) if ids else None
 
     def _id_full_test(self, finished: dict[str, dict[int, Path]]) -> dict[str, dict[int, dict]]:
         """Each finished ID model's own evaluation on the WHOLE test split (its training run's results.json), beside
@@ -679,7 +694,7 @@ class Pipeline:
         aside: D3 changes them), so a finished run made with other options cannot slip into the table."""
         shared = ("dataset", "split", "row_seed")
         beam = ("model", "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams",
-                "max_prompt_length")
+                "max_prompt_length", "prompt_fit")
         ref: dict[str, tuple[tuple[str, int], Any]] = {}
         for (m, s), p in protocols.items():
             for key in shared + (beam if p["method"] == "beam" else ()):
@@ -781,7 +796,7 @@ def report_markdown(result: dict, command: str = "") -> str:
                  f"{', '.join(sorted(first['valid_ndcg@10'], key=float))} ({chosen}).")
     elif p.get("d3_weight") is not None:
         text += f" D3 = length penalty 0 + SASRec guidance (weight {p['d3_weight']:g})."
-    text += (" ID models: the whole train split, full ranking over all items. Values: mean ± std over seeds (seeds "
+    text += (" ID models: the whole train split, full ranking over all items. Values: mean ± sample std (n - 1) over seeds (seeds "
              "column); hist = history length read; times are wall seconds of each stage's last (possibly resumed) "
              "invocation on a shared 2-core CPU (training: all stages the method needs).")
     lines = [text, ""]
@@ -807,7 +822,7 @@ def report_markdown(result: dict, command: str = "") -> str:
                      + " | ".join(times) + " |")
     lines += ["", "Differences (paired bootstrap 95% intervals over the test rows, on the seeds both methods have, "
               "per-row metrics averaged over those seeds first; the best ID model is the one with the highest mean "
-              "NDCG@10 on these same rows):", "", "| difference | NDCG@10 diff [95% CI] | rel. | HR@10 diff [95% CI] |", "|---|---|---|---|"]
+              "validation NDCG@10, never chosen on the test rows):", "", "| difference | NDCG@10 diff [95% CI] | rel. | HR@10 diff [95% CI] |", "|---|---|---|---|"]
     for d in result["differences"]:
         n, h = d["metrics"]["ndcg@10"], d["metrics"]["hr@10"]
         name = d["name"]

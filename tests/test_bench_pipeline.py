@@ -369,3 +369,15 @@ def test_two_processes_on_one_output_dir_share_a_stage_instead_of_training_it_tw
     assert set(res["methods"]) == {"popularity", "sasrec"} and res["missing"] == []
     with pytest.raises(ValueError, match="exclude each other"):
         options(["sasrec"], report_only=True, no_report=True)
+
+
+def test_best_id_model_is_chosen_on_validation_not_on_the_test_rows():
+    from llmrec.bench_pipeline import Pipeline
+
+    full = {"sasrec": {0: {"valid_ndcg@10": 0.05, "test": {"ndcg@10": 0.01}},
+                       1: {"valid_ndcg@10": 0.03, "test": {"ndcg@10": 0.01}}},
+            "lares": {0: {"valid_ndcg@10": 0.035, "test": {"ndcg@10": 0.09}}}}
+    assert Pipeline._best_id_model(["sasrec", "lares"], full) == "sasrec"  # valid 0.04 vs 0.035; test says lares
+    full["lares"][0]["valid_ndcg@10"] = None
+    assert Pipeline._best_id_model(["sasrec", "lares"], full) is None
+    assert Pipeline._best_id_model([], full) is None
