@@ -440,6 +440,23 @@ def test_generic_csv_time_split_by_ratio(tmp_path: Path):
     assert st["raw"]["per_split"]["valid"] == {"users": 1, "items": 1, "interactions": 1}
 
 
+def test_time_split_ratios_are_checked_and_exact():
+    from llmrec.data.formats import _events_to_sequences
+
+    def counts(n: int, valid: float, test: float) -> tuple[int, int, int]:
+        events = {"u": [(t, t, f"i{t}") for t in range(n)]}
+        _, seqs = _events_to_sequences(events, "time", valid, test, None)
+        return tuple(len(seqs["u"][k]) for k in ("train", "valid", "test"))
+
+    assert counts(10, 0.1, 0.1) == (8, 1, 1)
+    assert counts(30, 0.05, 0.05) == (27, 1, 2)  # 30 * 0.9 is 26.999999999999996 in floats: still 27 in train
+    assert counts(10, 0.1, 0.0) == (9, 1, 0)  # a ratio of 0 leaves that split empty
+    assert counts(10, 0.0, 0.0) == (10, 0, 0)
+    for valid, test in ((0.6, 0.6), (-0.5, 0.1), (0.1, -0.1), (0.5, 0.5)):
+        with pytest.raises(ValueError, match="each must be >= 0 and their sum < 1"):
+            counts(10, valid, test)
+
+
 def test_generic_csv_time_split_absolute_cutoffs(tmp_path: Path):
     root = write_generic(tmp_path / "src")
     out = tmp_path / "out"
@@ -616,6 +633,31 @@ def test_amazon2018_d3_protocol(tmp_path: Path):
     assert st["rows"] == {"train": 44, "valid": 5, "test": 6}
     assert st["skipped"] == {}
     assert st["raw"]["users"] == 5 and st["raw"]["items"] == 12 and st["raw"]["catalog_items"] == 12
+
+
+@pytest.mark.skipif(not hasattr(__import__("time"), "tzset"), reason="needs time.tzset (POSIX)")
+def test_amazon2018_window_does_not_depend_on_the_machine_time_zone(tmp_path: Path, monkeypatch):
+    """Month boundaries are UTC: a review stamped at midnight UTC on the window's first day is in, wherever this
+    runs (in local time, UTC-7 put that day before the window's start)."""
+    import time
+
+    src = write_amazon2018(tmp_path / "src")
+    reviews = gzip.open(src / "Toys_5.json.gz", "rt").read().splitlines()
+    first_day = 1506816000  # 2017-10-01 00:00 UTC
+    edge = [json.dumps({"reviewerID": "U7", "asin": f"A{k:02d}", "unixReviewTime": first_day + (k - 3) * DAY})
+            for k in range(3, 9)]
+    with gzip.open(src / "Toys_5.json.gz", "wt", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in reviews + edge)
+    rows = []
+    for tz in ("UTC", "America/Los_Angeles", "Asia/Shanghai"):
+        monkeypatch.setenv("TZ", tz)
+        time.tzset()
+        rows.append(formats.read_amazon2018(src, "Toys", min_items=1).rows)
+    monkeypatch.delenv("TZ")
+    time.tzset()
+    assert rows[0] == rows[1] == rows[2]
+    u7 = [r for split in rows[0].values() for r in split if r.user == "U7"]
+    assert len(u7) == 5  # all six reviews of U7 kept, the one on the first day too
 
 
 def test_amazon2018_widens_window_back(tmp_path: Path):
@@ -849,3 +891,20 @@ def test_bad_npy_files_give_value_errors_naming_the_file(tmp_path: Path):
     plain.write_bytes(plain.read_bytes()[:-40])
     with pytest.raises(ValueError, match=r"plain.npy: cannot read the array"):
         load_npy_restricted(plain)
+
+
+def test_integer_fields_are_exact_and_conflicting_titles_are_errors(tmp_path: Path):
+    from llmrec.data.formats import _int, _set_title
+
+    f = tmp_path / "x.csv"
+    assert _int("1700000000123456789", f, 1, "ts") == 1700000000123456789  # a float would round it
+    assert _int(1700000000123456789, f, 1, "ts") == 1700000000123456789
+    assert _int("12", f, 1, "ts") == _int(12.0, f, 1, "ts") == _int(" 1.2e1", f, 1, "ts") == 12
+    for bad in ("1.5", "x", None, True):
+        with pytest.raises(DataFormatError, match="expected an integer"):
+            _int(bad, f, 3, "ts")
+    titles: dict = {}
+    _set_title(titles, "7", "Halo", f, 1, "item_id")
+    _set_title(titles, "7", "Halo", f, 2, "item_id")  # the same title again: harmless
+    with pytest.raises(DataFormatError, match=r"x.csv.*row 3.*item_id.*item 7 appears twice with different titles"):
+        _set_title(titles, "7", "Tetris", f, 3, "item_id")

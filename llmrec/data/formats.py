@@ -21,11 +21,12 @@ import gzip
 import html
 import io
 import json
+import math
 import random
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from llmrec.data.canonical import SPLITS, DataFormatError
@@ -123,13 +124,30 @@ def _require(row: dict, key: str, path: Path, n: int) -> str:
 
 
 def _int(value, path: Path, n: int, fld: str) -> int:
+    """An integer field: ``12``, ``"12"``, ``12.0`` or ``"1.2e1"``; exact for integers beyond 2**53 (nanosecond
+    timestamps), which a float would round."""
     try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value.strip())
         f = float(value)
         if f != int(f):
             raise ValueError
         return int(f)
     except (TypeError, ValueError, OverflowError):
         raise DataFormatError(path, n, fld, f"expected an integer, got {str(value)[:40]!r}") from None
+
+
+def _set_title(titles: dict[str, str | None], item: str, title: str | None, path: Path, n: int, fld: str) -> None:
+    """Record an item's title; the same id again with another title is an error (which one holds?), with the same
+    title it is harmless."""
+    if item in titles and titles[item] != title:
+        raise DataFormatError(path, n, fld, f"item {item} appears twice with different titles "
+                                            f"({titles[item]!r}, {title!r})")
+    titles[item] = title
 
 
 def _literal_list(value: str, path: Path, n: int, fld: str) -> list:
@@ -253,7 +271,7 @@ def read_seq_titles(input_dir: Path, titles_from: str = "auto") -> dict[str, str
             key = "seq_id" if "seq_id" in obj else "item_id"
             if key not in obj:
                 raise DataFormatError(jsonl, n, "item_id", "missing (expected seq_id or item_id)")
-            titles[str(obj[key])] = obj.get("title")
+            _set_title(titles, str(obj[key]), obj.get("title"), jsonl, n, key)
         return titles
     raise ValueError(f"--titles-from must be auto, npy or jsonl, got {titles_from!r}")
 
@@ -314,7 +332,7 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
         parts = line.rstrip("\r\n").split("\t")
         if len(parts) <= max(cols["item_id"], cols[title_col]):
             raise DataFormatError(item, n, title_col, "missing field")
-        titles[parts[cols["item_id"]].strip()] = parts[cols[title_col]]
+        _set_title(titles, parts[cols["item_id"]].strip(), parts[cols[title_col]], item, n, "item_id")
     seqs: dict[str, dict] = {}
     skipped: dict[str, int] = {}
     lines = _lines(inter)
@@ -367,11 +385,20 @@ def _events_to_sequences(
     if split != "time":
         raise ValueError(f"--split must be 'loo' or 'time', got {split!r}")
     if cutoffs is None:
+        if not (valid_ratio >= 0 and test_ratio >= 0 and valid_ratio + test_ratio < 1):
+            raise ValueError(f"--valid-ratio {valid_ratio} and --test-ratio {test_ratio}: each must be >= 0 and "
+                             "their sum < 1")
         all_ts = sorted(ts for ev in events.values() for ts, _, _ in ev)
         if not all_ts:
             raise ValueError("no interactions to split")
-        t1 = all_ts[min(len(all_ts) - 1, int(len(all_ts) * (1 - valid_ratio - test_ratio)))]
-        t2 = all_ts[min(len(all_ts) - 1, int(len(all_ts) * (1 - test_ratio)))]
+
+        def cutoff(train_share: float) -> float:
+            # The timestamp of the first interaction after the first `train_share` of them (+1e-9: 30 * 0.9 is
+            # 26.999999999999996 in floats); none left (a ratio of 0): nothing goes past it.
+            i = math.floor(len(all_ts) * train_share + 1e-9)
+            return all_ts[i] if i < len(all_ts) else math.inf
+
+        t1, t2 = cutoff(1 - valid_ratio - test_ratio), cutoff(1 - test_ratio)
     else:
         t1, t2 = cutoffs
     seqs = {}
@@ -451,7 +478,7 @@ def read_amazon2023(
     for n, obj in _jsonl_objects(meta):
         if "parent_asin" not in obj:
             raise DataFormatError(meta, n, "parent_asin", "missing")
-        titles[str(obj["parent_asin"])] = obj.get("title")
+        _set_title(titles, str(obj["parent_asin"]), obj.get("title"), meta, n, "parent_asin")
     events: dict[str, list] = defaultdict(list)
     skipped: dict[str, int] = {}
     for n, obj in _jsonl_objects(reviews):
@@ -511,7 +538,7 @@ def read_amazon2018(
     widen_months: int = 3, kcore: int = 5, max_history: int = 10, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
 ) -> RawData:
     """Raw Amazon Reviews 2018 json/json.gz + meta, processed as D3/LatentR3's ``process.py``:
-    time window [start, end) in local time, title filter, iterative k-core, widen the window back by
+    time window [start, end) in UTC, title filter, iterative k-core, widen the window back by
     ``widen_months`` until there are ``min_items`` items (or the data runs out), one example per
     position with the previous <= ``max_history`` items, global 80/10/10 by target time."""
     reviews = _find(input_dir, [f"{category}_5.json", f"{category}.json"])
@@ -530,7 +557,9 @@ def read_amazon2018(
         all_events.append((str(obj["reviewerID"]), str(obj["asin"]), _int(obj["unixReviewTime"], reviews, n, "unixReviewTime"), n))
 
     def month_ts(ym: tuple[int, int]) -> int:
-        return int(datetime(ym[0], ym[1], 1).timestamp())  # local time, as D3 does
+        # UTC (Amazon's unixReviewTime values are midnight-UTC day stamps): D3's code uses the local time of the
+        # machine it runs on, which would make the window, and so the splits, depend on where this runs.
+        return int(datetime(ym[0], ym[1], 1, tzinfo=timezone.utc).timestamp())
 
     sy, sm = (int(x) for x in start.split("-"))
     ey, em = (int(x) for x in end.split("-"))
