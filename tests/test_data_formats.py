@@ -230,7 +230,8 @@ def test_seq_txt_windows(tmp_path: Path, titles_as: str):
     assert rows_of(out, "valid") == SEQ_VALID
     assert rows_of(out, "test") == SEQ_TEST
     st = stats_of(out)
-    assert st["skipped"] == {"train_rows_empty_history": 3}
+    # the placeholder-titled item's one valid interaction is counted as dropped
+    assert st["skipped"] == {"train_rows_empty_history": 3, "valid_interactions_item_dropped": 1}
     assert st["raw"]["users"] == 3 and st["raw"]["items"] == 5 and st["raw"]["interactions"] == 12
     assert st["raw"]["per_split"] == {"train": {"users": 3, "items": 4, "interactions": 6},
                                       "valid": {"users": 2, "items": 3, "interactions": 3},
@@ -257,7 +258,8 @@ def test_seq_txt_eval_rows_first_and_max_history(tmp_path: Path):
     prepare(formats.read_seq_txt(src), out, PrepareOptions(eval_rows="first"))
     assert rows_of(out, "test") == [SEQ_TEST[0], SEQ_TEST[2]]
     assert rows_of(out, "valid") == SEQ_VALID
-    assert stats_of(out)["skipped"] == {"test_rows_not_first": 1, "train_rows_empty_history": 3}
+    assert stats_of(out)["skipped"] == {"test_rows_not_first": 1, "train_rows_empty_history": 3,
+                                        "valid_interactions_item_dropped": 1}
     out2 = tmp_path / "h2"
     prepare(formats.read_seq_txt(src), out2, PrepareOptions(max_history=2))
     assert rows_of(out2, "valid") == [("1", [2, 3], 4, None), ("3", [4, 1], 2, None)]
@@ -908,3 +910,17 @@ def test_integer_fields_are_exact_and_conflicting_titles_are_errors(tmp_path: Pa
     _set_title(titles, "7", "Halo", f, 2, "item_id")  # the same title again: harmless
     with pytest.raises(DataFormatError, match=r"x.csv.*row 3.*item_id.*item 7 appears twice with different titles"):
         _set_title(titles, "7", "Tetris", f, 3, "item_id")
+
+
+def test_eval_rows_first_never_lets_a_later_interaction_stand_in(tmp_path: Path):
+    """A user whose first valid interaction has no history (nothing before it) has no valid row under
+    eval_rows=first: the second valid interaction, whose history holds a valid-period item, is not used."""
+    raw = formats.RawData(titles={"a": "A game", "b": "B game", "c": "C game"}, mode="windows",
+                          sequences={"u": {"train": [], "valid": [("a", 1), ("b", 2)], "test": [("c", 3)]},
+                                     "v": {"train": [("a", 1), ("c", 2)], "valid": [("b", 3)], "test": [("c", 4)]}})
+    out = tmp_path / "first"
+    prepare(raw, out, PrepareOptions(eval_rows="first"))
+    assert rows_of(out, "valid") == [("v", [1, 3], 2, 3)]
+    assert rows_of(out, "test") == [("u", [1, 2], 3, 3), ("v", [1, 3, 2], 3, 4)]
+    assert stats_of(out)["skipped"] == {"train_rows_empty_history": 1, "valid_rows_empty_history": 1,
+                                        "valid_rows_not_first": 1}

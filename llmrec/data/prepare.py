@@ -83,6 +83,8 @@ def _rows_from_sequences(raw: RawData, to_id: dict[str, int], opts: PrepareOptio
     for user, windows in raw.sequences.items():
         if raw.mode == "loo":
             seq = [(to_id[it], ts) for it, ts in windows.get("all", []) if it in to_id]
+            if len(seq) < len(windows.get("all", [])):  # items the title policy dropped: counted, not silent
+                skips["interactions_item_dropped"] += len(windows.get("all", [])) - len(seq)
             n = len(seq)
             if n < 3:
                 skips["users_too_short_for_leave_one_out"] += 1
@@ -94,16 +96,20 @@ def _rows_from_sequences(raw: RawData, to_id: dict[str, int], opts: PrepareOptio
                     if it in to_id:
                         seq.append((to_id[it], ts))
                         labels.append(split)
+                    else:  # an item the title policy dropped: counted, not silent
+                        skips[f"{split}_interactions_item_dropped"] += 1
         seen_eval: set[str] = set()
         for pos, ((item, ts), split) in enumerate(zip(seq, labels)):
-            if pos == 0:
-                skips[f"{split}_rows_empty_history"] += 1
-                continue
+            # eval_rows "first": the user's first interaction of the split, even when it has no history (then the
+            # user has no row there), never a later one standing in for it.
             if opts.eval_rows == "first" and split != "train":
                 if split in seen_eval:
                     skips[f"{split}_rows_not_first"] += 1
                     continue
                 seen_eval.add(split)
+            if pos == 0:
+                skips[f"{split}_rows_empty_history"] += 1
+                continue
             hist = [i for i, _ in seq[max(0, pos - h) if h > 0 else 0:pos]]
             out[split].append({"user_id": user, "history_item_ids": hist, "target_item_id": item, "timestamp": ts})
     return out
