@@ -91,3 +91,23 @@ def test_seed_groups_average_each_row_over_the_seeds_first(tmp_path):
         compare_runs([a0, a1, b0, b1], ["hr@10"], seeds_per_run=3)
     with pytest.raises(ValueError, match="at least two runs"):
         compare_runs([a0, a1], ["hr@10"], seeds_per_run=2)
+
+
+def test_a_k_beyond_what_a_run_reports_is_refused(tmp_path):
+    """@20 of a 10-beam run would count every target ranked past the list as a miss: refused, naming the run."""
+    import json
+
+    from llmrec.evaluation.compare import compare_runs
+
+    dirs = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "rankings.jsonl").write_text(json.dumps({"row": 0, "user_id": "u", "target_item_id": 1,
+                                                      "item_rank": 0, "title_rank": 0}) + "\n")
+        proto = {"method": "beam", "num_beams": 10} if name == "b" else {"method": "seqrec"}
+        (d / "results.json").write_text(json.dumps({"protocol": proto}))
+        dirs.append(d)
+    assert compare_runs(dirs, ["ndcg@10"])["rows"] == 1
+    with pytest.raises(ValueError, match=r"b ranks 10 titles per row .*ndcg@20 would count"):
+        compare_runs([dirs[0], dirs[1]], ["ndcg@10", "ndcg@20"])

@@ -67,6 +67,14 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
             raise ValueError(f"row {row} has different targets in the runs ({sorted(targets)}): not the same split")
     if not shared:
         raise ValueError("the runs share no rows")
+    for r in run_dirs:  # K beyond a beam run's list (e.g. @20 of 10 beams) would count unranked targets as misses
+        res = Path(r) / "results.json"
+        proto = json.loads(res.read_text()).get("protocol", {}) if res.exists() else {}
+        beams = proto.get("num_beams") if proto.get("method") == "beam" else None
+        beyond = [m for m in metrics if beams and int(m.split("@")[1]) > beams]
+        if beyond:
+            raise ValueError(f"{r} ranks {beams} titles per row (num_beams, {res}): {', '.join(beyond)} would count "
+                             "targets it never ranked as misses; compare at K <= num_beams")
     ks = sorted({int(m.split("@")[1]) for m in metrics})
     per_seed = [per_row_metrics([recs[row][f"{level}_rank"] for row in shared], ks) for recs in runs]  # None = miss
     per_run = [{m: np.mean([per_seed[i][m] for i in range(g, g + seeds_per_run)], axis=0) for m in per_seed[g]}
