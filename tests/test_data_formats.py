@@ -393,6 +393,9 @@ def test_recbole_errors(tmp_path: Path):
     (src / "ml.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\t2\n")
     with pytest.raises(DataFormatError, match=r"row 2: 2 fields where the header has 3"):
         formats.read_recbole(src)
+    (src / "ml.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\t2\t5\t9\n")  # one too many
+    with pytest.raises(DataFormatError, match=r"row 2: 4 fields where the header has 3"):
+        formats.read_recbole(src)
     (src / "ml.inter").write_text("user_id:token\titem_id:token\n")
     with pytest.raises(DataFormatError, match=r"row 1, field 'timestamp': missing column"):
         formats.read_recbole(src)

@@ -349,7 +349,7 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
         if not line.strip():
             continue
         parts = line.rstrip("\r\n").split("\t")
-        if len(parts) < len(cols):
+        if len(parts) != len(cols):
             raise DataFormatError(inter, n, None, f"{len(parts)} fields where the header has {len(cols)}")
         user, it = parts[cols["user_id"]].strip(), parts[cols["item_id"]].strip()
         ts = _int(parts[cols["timestamp"]], inter, n, "timestamp")
