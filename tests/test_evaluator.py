@@ -171,3 +171,28 @@ def test_prompt_fit_longest_answer_is_recorded_and_the_default_fingerprint_is_un
     assert longest["fingerprint"] != default["fingerprint"]
     with pytest.raises(ValueError, match="prompt_fit must be one of"):
         tiny_config(prepared_dir, tmp_path / "x", prompt_fit="answer")
+
+
+def test_rows_are_split_by_process_before_finished_rows_are_removed(prepared_dir, tmp_path):
+    """Two processes read the part files at their own times: process 0 may append before process 1 reads. Each
+    takes its share of the rows first, so process 1's share does not depend on what process 0 has written."""
+    from llmrec.data.canonical import load_prepared
+    from llmrec.evaluation.evaluator import Evaluator, select_rows
+
+    class FakeState:  # one of 2 processes, without a process group (the interleaving is played out here)
+        def __init__(self, index: int):
+            self.process_index, self.num_processes, self.is_main_process, self.device = index, 2, index == 0, "cpu"
+
+        def wait_for_everyone(self) -> None:
+            pass
+
+    cfg = tiny_config(prepared_dir, tmp_path / "ev", method="popularity")
+    first, second = Evaluator(cfg), Evaluator(cfg)
+    first.state, second.state = FakeState(0), FakeState(1)
+    data = load_prepared(cfg.dataset, splits=["test", "train"], max_history=cfg.history_length)
+    split = data.splits["test"]
+    rows = select_rows(len(split), 0, 0)
+    (tmp_path / "ev" / "rankings").mkdir(parents=True)
+    first._run_popularity(data, split, rows, first._done_rows())  # process 0 appends its share ...
+    second._run_popularity(data, split, rows, second._done_rows())  # ... before process 1 reads the part files
+    assert sorted(first._done_rows()) == sorted(rows)
