@@ -22,6 +22,21 @@ class ConfigError(ValueError):
     """A recipe or command line that does not fit the config schema."""
 
 
+class _UniqueKeySafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"option {key!r} is given twice (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML (safe loader) into a flat dict; clear errors for missing/bad files."""
     from llmrec.resources import resolve_resource
@@ -31,7 +46,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeySafeLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if data is None:
@@ -70,10 +85,12 @@ def _coerce(parser, data: dict[str, Any], source: str) -> dict[str, Any]:
             continue
         v = out[k]
         try:
-            if isinstance(v, str):
-                v = action.type(v)
-            elif isinstance(v, list) and action.nargs in ("+", "*"):
-                v = [action.type(x) if isinstance(x, str) else x for x in v]
+            if action.nargs in ("+", "*"):
+                if v is not None and not isinstance(v, list):
+                    v = [v]  # one value for a list option, as `--k 3` on the command line
+                v = None if v is None else [_typed(action.type, x) for x in v]
+            else:
+                v = _typed(action.type, v)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
             raise ConfigError(f"{source}: option '{k}': cannot read {out[k]!r} ({e})") from None
         if action.choices is not None and v is not None:
@@ -82,6 +99,26 @@ def _coerce(parser, data: dict[str, Any], source: str) -> dict[str, Any]:
                     raise ConfigError(f"{source}: option '{k}': {x!r} is not one of {list(action.choices)}")
         out[k] = v
     return out
+
+
+def _typed(convert, value: Any) -> Any:
+    """One option value as the command line would read it: strings through the option's type; other YAML values
+    checked against it (``true`` is not a number, a list is not one value, ``1.5`` is not an integer)."""
+    if isinstance(value, str) or value is None:
+        return value if value is None else convert(value)
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"expected one value, got a {type(value).__name__}")
+    if convert in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("expected a number")
+        if convert is int and value != int(value):
+            raise ValueError("expected an integer")
+        return convert(value)
+    if convert is str:
+        if isinstance(value, bool):
+            raise ValueError("expected a string (quote it)")
+        return str(value)
+    return value
 
 
 def coerce_fields(classes: Sequence[type], data: dict[str, Any], source: str) -> dict[str, Any]:

@@ -86,6 +86,26 @@ def test_recipe_values_are_typed_like_the_command_line(tmp_path: Path):
         parse_config(CLASSES, bad)
 
 
+def test_yaml_values_of_the_wrong_type_and_repeated_keys_are_errors(tmp_path: Path):
+    """Non-string YAML values are checked against the field as the command line would read them, and a key given
+    twice is an error (plain YAML keeps the last one silently)."""
+    p = recipe(tmp_path, "dataset: 1942\nks: 3\nlearning_rate: 1\nepochs: 2.0\n")
+    data, train = parse_config(CLASSES, p)
+    assert data.dataset == "1942" and train.ks == [3] and train.learning_rate == 1.0 and train.epochs == 2
+    assert isinstance(train.learning_rate, float)
+    for i, (text, why) in enumerate((("learning_rate: true", "expected a number"),
+                                     ("epochs: 1.5", "expected an integer"),
+                                     ("ks: [1.5]", "expected an integer"),
+                                     ("noun: [a, b]", "expected one value"),
+                                     ("noun: yes", "expected a string"))):
+        bad = recipe(tmp_path, f"dataset: d\n{text}\n", f"bad{i}.yaml")
+        with pytest.raises(ConfigError, match=rf"bad{i}.yaml: option '\w+': cannot read .*{why}"):
+            parse_config(CLASSES, bad)
+    twice = recipe(tmp_path, "dataset: d\nepochs: 1\nepochs: 2\n", "twice.yaml")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML .*option 'epochs' is given twice \(lines 2 and 3\)"):
+        parse_config(CLASSES, twice)
+
+
 def test_unknown_recipe_key_names_file_key_and_suggestion(tmp_path: Path):
     p = recipe(tmp_path, "dataset: d\nlearning_rat: 0.1\nzzz_unrelated: 1\n")
     with pytest.raises(ConfigError) as e:
