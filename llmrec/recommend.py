@@ -289,13 +289,9 @@ class _SeqRecBackend:
         ``excluded``: per history, item ids that score -inf (the whole given history, which may be longer than
         the part the model reads).
         """
-        from llmrec.seqrec.scoring import score_histories
+        from llmrec.seqrec.scoring import mask_items, score_histories
 
-        scores = score_histories(self.model, histories, self.max_history, self.device)
-        for row, ids in enumerate(excluded or []):
-            if ids:
-                scores[row, torch.tensor(sorted(ids), device=scores.device) - 1] = float("-inf")
-        return scores
+        return mask_items(score_histories(self.model, histories, self.max_history, self.device), excluded or [])
 
     def recommend(self, histories: list[list[int]], k: int,
                   excluded: list[set[int]] | None) -> list[list[Recommendation]]:

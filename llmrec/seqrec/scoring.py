@@ -30,9 +30,15 @@ def score_histories(
     with torch.no_grad():
         scores = model.score(ids).float()
     if mask_history:
-        for row, history in enumerate(histories):
-            if history:
-                scores[row, torch.tensor(sorted(set(history)), device=scores.device) - 1] = float("-inf")
+        mask_items(scores, histories)
+    return scores
+
+
+def mask_items(scores: torch.Tensor, items_per_row) -> torch.Tensor:
+    """Set ``scores[row, item - 1]`` to -inf for every item id of each row's collection (in place; returned)."""
+    for row, items in enumerate(items_per_row):
+        if items:
+            scores[row, torch.tensor(sorted(set(items)), device=scores.device) - 1] = float("-inf")
     return scores
 
 
