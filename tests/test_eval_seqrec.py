@@ -72,14 +72,16 @@ def test_seqrec_rankings_are_the_recommenders_top_k_and_full_ranks(data_dir, sas
     assert len(recs) == 15
     rec = Recommender.from_pretrained(sasrec_run, dataset=data_dir)
     split = load_prepared(data_dir, splits=["test"], max_history=6).splits["test"]
-    lists = rec.recommend([list(split[r["row"]]["history_item_ids"]) for r in recs], k=20)
-    for r, expected in zip(recs, lists):
+    lists = rec.recommend([list(split[r["row"]]["history_item_ids"]) for r in recs], k=40)  # the whole catalogue
+    for r, whole in zip(recs, lists):
+        expected = whole[:20]
         assert r["item_ranking"] == [e.item_id for e in expected]
         if r["item_rank"] < 20:
             assert r["item_ranking"][r["item_rank"]] == r["target_item_id"]
         else:  # a full-catalogue rank beyond the list
             assert r["target_item_id"] not in r["item_ranking"]
-        assert r["title_ranking"] == list(dict.fromkeys(e.title for e in expected))
+        # the first 20 distinct titles of the whole ranking (these titles are not all unique)
+        assert r["title_ranking"] == list(dict.fromkeys(e.title for e in whole))[:20]
 
 
 def test_seqrec_runs_pair_with_llm_runs_in_compare(data_dir, sasrec_run, tmp_path):
@@ -125,3 +127,35 @@ def test_an_evaluation_is_not_reused_after_its_model_is_retrained(data_dir, tmp_
     train_tiny_sasrec(data_dir, run, max_history=6, ks=[1, 5, 10, 20], lr=0.05, resume=False)
     with pytest.raises(ValueError, match="different protocol"):
         evaluate(_config(data_dir, run, tmp_path / "eval"))
+
+
+def test_title_metrics_read_past_items_that_share_a_title(tmp_path):
+    """Items sharing a title: the title list is the first max(ks) distinct titles of the whole ranking, so a target
+    title ranked within K among titles is a hit even when the top max(ks) items hold fewer than K titles."""
+    from llmrec.data.catalog import ItemCatalog
+    from llmrec.evaluation.evaluator import EvalConfig, evaluate
+    from llmrec.recommend import Recommender
+
+    data = write_prepared(tmp_path / "prep", n_items=40, n_users=30, seed=3)
+    # 14 titles, three items each (the last one two): the top 20 items hold about 7 of them
+    ItemCatalog([str(i) for i in range(1, 41)], [f"Game {(i - 1) // 3}" for i in range(1, 41)]).save(
+        data / "catalog.jsonl")
+    run = train_tiny_sasrec(data, tmp_path / "sasrec", max_history=6, ks=[1, 5, 10, 20])
+    out = tmp_path / "eval"
+    res = evaluate(_config(data, run, out))
+    recs = [json.loads(x) for x in (out / "rankings.jsonl").read_text().splitlines()]
+    from llmrec.data.canonical import load_prepared
+
+    split = load_prepared(data, splits=["test"], max_history=6).splits["test"]
+    full = Recommender.from_pretrained(run, dataset=data).recommend(
+        [list(split[r["row"]]["history_item_ids"]) for r in recs], k=40)
+    for r, ranked in zip(recs, full):
+        titles = list(dict.fromkeys(e.title for e in ranked))
+        assert len(titles) == 14 and r["title_ranking"] == titles
+        assert r["title_rank"] == titles.index(f"Game {(r['target_item_id'] - 1) // 3}")
+    assert res["metrics"]["title"]["hr@20"] == 1.0  # every title is within the first 20 titles
+    assert res["metrics"]["title"]["hr@10"] == pytest.approx(sum(r["title_rank"] < 10 for r in recs) / len(recs))
+
+    pop = evaluate(EvalConfig(dataset=str(data), split="test", method="popularity", ks=[1, 5, 10, 20],
+                              output_dir=str(tmp_path / "pop")))
+    assert pop["metrics"]["title"]["hr@20"] == 1.0

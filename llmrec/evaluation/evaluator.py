@@ -28,6 +28,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -153,10 +154,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def popularity_ranking(train_targets: list[int], k: int) -> list[int]:
-    """The ``k`` most frequent training targets, ties by ascending item id."""
+def popularity_ranking(train_targets: list[int], k: int | None = None) -> list[int]:
+    """The ``k`` (all when None) most frequent training targets, ties by ascending item id."""
     counts = Counter(train_targets)
     return [i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def distinct_titles(ranked_items: Iterable[int], title_of: Callable[[int], str], k: int) -> list[str]:
+    """The first ``k`` distinct titles of an item ranking (a title ranks where its best item does).
+
+    Read from the whole ranking, not only its first ``k`` items: items sharing a title would otherwise leave
+    fewer than ``k`` titles and count a target title ranked ``<= k`` among titles as a miss.
+
+    >>> distinct_titles([4, 7, 5, 9], {4: "a", 7: "a", 5: "b", 9: "c"}.get, 2)
+    ['a', 'b']
+    """
+    titles: dict[str, None] = {}
+    for item in ranked_items:
+        titles.setdefault(title_of(item))
+        if len(titles) == k:
+            break
+    return list(titles)
 
 
 def markdown_table(rows: list[dict], ks: list[int], level: str = "item") -> str:
@@ -203,6 +221,9 @@ class Evaluator:
                 "ranking": "full catalogue by the ID model's scores, ties by the smaller item id; the list keeps "
                            "the top max(ks) items, the item rank is the target's full-catalogue rank",
             })
+            # The title list is the first max(ks) distinct titles of the whole ranking. Until 2026-12-03 it was
+            # the titles of the top max(ks) items (fewer when items share a title); not part of the fingerprint,
+            # so finished evaluations stay valid: on the committed Games rows the two agree at K <= 10.
         if c.method == "beam":
             p.update({
                 "model": c.model_name_or_path, "checkpoint": c.checkpoint, "dtype": c.dtype, "prompt": c.prompt,
@@ -406,8 +427,8 @@ class Evaluator:
 
     def _run_popularity(self, data, split, rows, done) -> list[dict]:
         k = max(self.config.ks)
-        items = popularity_ranking(list(data.splits["train"]["target_item_id"]), k)
-        titles = list(dict.fromkeys(data.catalog.title(i) for i in items))
+        ranking = popularity_ranking(list(data.splits["train"]["target_item_id"]))
+        items, titles = ranking[:k], distinct_titles(ranking, data.catalog.title, k)
         mine = [r for r in rows[self.state.process_index::self.state.num_processes] if r not in done]
         recs = [self._record(data, split, r, titles, items, []) for r in mine]
         if recs:
@@ -433,12 +454,15 @@ class Evaluator:
                                      bool(info["mask_history"]))
             targets = torch.tensor([split[r]["target_item_id"] for r in batch], device=scores.device)
             full_ranks = ranks_from_scores(scores, targets - 1).tolist()
-            values, order = top_k(scores, k)
+            values, order = top_k(scores, scores.shape[1])
+            values = values[:, :k].tolist()
             recs = []
             for j, r in enumerate(batch):
-                items = [c + 1 for c in order[j].tolist()]
-                titles = list(dict.fromkeys(data.catalog.title(t) for t in items))
-                rec = self._record(data, split, r, titles, items, [round(v, 6) for v in values[j].tolist()])
+                items = [c + 1 for c in order[j, :k].tolist()]
+                # Read further down the ranking in blocks only while shared titles leave fewer than k.
+                ranked = (c + 1 for at in range(0, order.shape[1], 4 * k) for c in order[j, at:at + 4 * k].tolist())
+                titles = distinct_titles(ranked, data.catalog.title, k)
+                rec = self._record(data, split, r, titles, items, [round(v, 6) for v in values[j]])
                 rec["item_rank"] = int(full_ranks[j])  # beyond the list too: the metrics need only K <= max(ks)
                 recs.append(rec)
             self._append(recs)
