@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,13 +74,31 @@ def check_keys(data: dict[str, Any], classes: Sequence[type], source: str) -> No
         raise ConfigError(f"{source}: unknown option(s) {', '.join(parts)}")
 
 
-def _coerce(parser, data: dict[str, Any], source: str) -> dict[str, Any]:
+def _required_values(classes: Sequence[type]) -> set[str]:
+    """Names of the fields whose type does not admit None (``lr: float``, not ``lr: float | None``)."""
+    names: set[str] = set()
+    for cls in classes:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001 - an unresolvable annotation elsewhere: no None check for this class
+            continue
+        for f in dataclasses.fields(cls):
+            hint = hints.get(f.name)
+            if f.init and hint is not None and hint is not Any and type(None) not in typing.get_args(hint):
+                names.add(f.name)
+    return names
+
+
+def _coerce(parser, data: dict[str, Any], source: str, classes: Sequence[type] = ()) -> dict[str, Any]:
     """Convert recipe strings the way the command line would and check choices.
 
     YAML reads ``1e-4`` as a string, and ``parse_dict`` does no conversion, so without this a recipe
     could put a ``str`` into a ``float`` field (while the same value on the command line is converted).
+    ``null`` is refused for a field whose type does not admit None.
     """
     out = dict(data)
+    for k in sorted(_required_values(classes) & {k for k, v in out.items() if v is None}):
+        raise ConfigError(f"{source}: option '{k}': null is not allowed (it needs a value)")
     for action in parser._actions:
         k = action.dest
         if k not in out or action.type is None:
@@ -127,7 +147,22 @@ def coerce_fields(classes: Sequence[type], data: dict[str, Any], source: str) ->
     from transformers import HfArgumentParser
 
     check_keys(data, classes, source)
-    return _coerce(HfArgumentParser(list(classes)), data, source)
+    return _coerce(HfArgumentParser(list(classes)), data, source, classes)
+
+
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf(inity)?", re.IGNORECASE)
+
+
+def _attach_negative_numbers(args: list[str]) -> list[str]:
+    """``--lr -1e-5`` -> ``--lr=-1e-5``: argparse (before Python 3.13) reads a value starting with ``-`` that is
+    not a plain decimal as an option, so a negative number in scientific notation would be an error."""
+    out: list[str] = []
+    for a in args:
+        if (out and _NEGATIVE_NUMBER.fullmatch(a) and out[-1].startswith("--") and "=" not in out[-1]):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
 
 
 def parse_config(
@@ -149,10 +184,10 @@ def parse_config(
     if config_path is not None:
         data = read_recipe(config_path)
         check_keys(data, classes, str(config_path))
-        data = _coerce(parser, data, str(config_path))
+        data = _coerce(parser, data, str(config_path), classes)
     if extra:
         check_keys(extra, classes, "arguments")
-        data.update(_coerce(parser, extra, "arguments"))
+        data.update(_coerce(parser, extra, "arguments", classes))
     if args:
         # Parse the command line on top of the recipe: the recipe's values become defaults.
         parser.set_defaults(**data)
@@ -161,7 +196,7 @@ def parse_config(
             if action.dest in data:
                 action.required = False
         try:
-            outputs, unknown = parser.parse_known_args(list(args))
+            outputs, unknown = parser.parse_known_args(_attach_negative_numbers(list(args)))
         except SystemExit as e:
             raise ConfigError(f"bad command-line override in {list(args)}") from e
         if unknown:

@@ -60,6 +60,10 @@ def test_recipe_plus_cli_overrides(tmp_path: Path):
 def test_cli_only_and_extra(tmp_path: Path):
     data, train = parse_config(CLASSES, None, ["--dataset", "d", "--learning_rate", "2e-5"])
     assert data.dataset == "d" and train.learning_rate == pytest.approx(2e-5)
+    # a negative number in scientific notation is a value, not an option (argparse before 3.13)
+    for value in ("-1e-5", "-1E-5", "-.5", "-2", "-inf"):
+        _, train = parse_config(CLASSES, None, ["--dataset", "d", "--learning_rate", value, "--epochs", "2"])
+        assert train.learning_rate == float(value) and train.epochs == 2
     p = recipe(tmp_path, "dataset: d\nepochs: 2\n")
     _, train = parse_config(CLASSES, p, None, extra={"epochs": 4})
     assert train.epochs == 4
@@ -101,6 +105,14 @@ def test_yaml_values_of_the_wrong_type_and_repeated_keys_are_errors(tmp_path: Pa
         bad = recipe(tmp_path, f"dataset: d\n{text}\n", f"bad{i}.yaml")
         with pytest.raises(ConfigError, match=rf"bad{i}.yaml: option '\w+': cannot read .*{why}"):
             parse_config(CLASSES, bad)
+    # null only where the field admits None
+    _, train = parse_config(CLASSES, recipe(tmp_path, "dataset: d\nnote: null\n", "none.yaml"))
+    assert train.note is None
+    for extra_args in (None, ["--epochs", "2"]):
+        with pytest.raises(ConfigError, match=r"null.yaml: option 'learning_rate': null is not allowed"):
+            parse_config(CLASSES, recipe(tmp_path, "dataset: d\nlearning_rate: null\n", "null.yaml"), extra_args)
+    with pytest.raises(ConfigError, match=r"arguments: option 'epochs': null is not allowed"):
+        parse_config(CLASSES, None, ["--dataset", "d"], extra={"epochs": None})
     twice = recipe(tmp_path, "dataset: d\nepochs: 1\nepochs: 2\n", "twice.yaml")
     with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML .*option 'epochs' is given twice \(lines 2 and 3\)"):
         parse_config(CLASSES, twice)
