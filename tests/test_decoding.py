@@ -162,6 +162,37 @@ def test_batch_equals_single_prompts(tiny):
             assert a == pytest.approx(b, abs=1e-4)
 
 
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_tied_titles_rank_the_same_alone_and_in_a_batch(tiny, length_penalty):
+    """Two tokens with the same embedding and output row make titles that differ only by them score exactly
+    alike (common with bf16 logits); their order must not depend on the prompt's batch-mates (torch.topk's tie
+    order changes with the tensor's width, which the batch sets)."""
+    import copy
+
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    single = [w for w in WORDS if len(tok(" " + w, add_special_tokens=False).input_ids) == 1]
+    a, b = (tok(" " + w, add_special_tokens=False).input_ids[0] for w in single[:2])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[b] = model.get_input_embeddings().weight[a]
+        model.get_output_embeddings().weight[b] = model.get_output_embeddings().weight[a]
+    rng = random.Random(0)
+    base = list(dict.fromkeys(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(15)))
+    titles = list(dict.fromkeys(base + [t + " " + w for t in base[:6] for w in single[:2]]))
+    rng.shuffle(titles)
+    trie = TitleTrie(tok, titles, list(range(1, len(titles) + 1)), context_prefix=PREFIX)
+    batched = constrained_beam_search(model, trie, *encode(tok, PROMPTS), num_beams=8, length_penalty=length_penalty)
+    ties = 0
+    for prompt, row in zip(PROMPTS, batched, strict=True):
+        (alone,) = constrained_beam_search(model, trie, *encode(tok, [prompt]), num_beams=8,
+                                           length_penalty=length_penalty)
+        assert alone.title_ranking == row.title_ranking
+        scores = [s for _, s in alone.hypotheses]
+        ties += len(scores) - len(set(scores))
+    assert ties > 0  # the case under test occurs
+    ids, mask = encode(tok, PROMPTS)
+    assert constrained_beam_search(model, trie, ids[:0], mask[:0], num_beams=8) == []  # an empty batch
+
+
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0])
 def test_fewer_completions_than_beams(tiny, length_penalty):
     """A catalogue smaller than the beam: every title comes back once, with its exact score, and no

@@ -188,10 +188,18 @@ def constrained_beam_search(
     Returns:
         One :class:`BeamSearchOutput` per prompt.
     """
+    if input_ids.shape[0] == 0:
+        return []
     state = prefill_prompts(model, input_ids, attention_mask)
     return constrained_beam_search_from_state(
         model, trie, state, num_beams=num_beams, length_penalty=length_penalty, guidance=guidance
     )
+
+
+def _best(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``(values, columns)`` per row; equal values keep their column order (stable)."""
+    values, columns = torch.sort(scores, dim=1, descending=True, stable=True)
+    return values[:, :k], columns[:, :k]
 
 
 @torch.no_grad()
@@ -215,6 +223,8 @@ def constrained_beam_search_from_state(
     logits = state.next_token_logits
     device = logits.device
     n_rows = logits.shape[0]
+    if n_rows == 0:
+        return []
     if guidance is not None and not guidance.active:
         guidance = None  # weight 0: exactly the unguided search
     if guidance is not None:
@@ -272,7 +282,9 @@ def constrained_beam_search_from_state(
         dense_edge = torch.full((n_rows, width), -1, dtype=torch.long, device=device)
         dense_edge[row_of_edge, pos_in_row] = torch.arange(n_edges, device=device)
         k = min(2 * beams, width)
-        top_val, top_pos = dense.topk(k, dim=1)
+        # A stable sort, not topk: topk's order of equal scores changes with the tensor's width (the batch's
+        # largest candidate count), so tied titles would rank by their batch-mates.
+        top_val, top_pos = _best(dense, k)
         top_edge = dense_edge.gather(1, top_pos)
         valid = (top_edge >= 0) & torch.isfinite(top_val)
         top_edge_safe = top_edge.clamp(min=0)
@@ -287,7 +299,7 @@ def constrained_beam_search_from_state(
         norm = top_val / float(step + 1) ** length_penalty
         merged_score = torch.cat([fin_score, torch.where(take, norm, neg_inf)], dim=1)
         merged_title = torch.cat([fin_title, torch.where(take, title_at, -1)], dim=1)
-        fin_score, keep_idx = merged_score.topk(beams, dim=1)
+        fin_score, keep_idx = _best(merged_score, beams)  # ties: earlier-finished first, then candidate order
         fin_title = merged_title.gather(1, keep_idx)
         row_full = (fin_title >= 0).all(dim=1)
 

@@ -111,6 +111,8 @@ def rank_batch(
 
     ``guidance``: optional D3 guidance by an ID model, one row per example (scores then include it).
     """
+    if not examples:
+        return []
     prompts = render_prompts(template, tokenizer, examples, config, answer_budget(trie, model))
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
