@@ -919,6 +919,17 @@ def _read_checkpoint(ckpt: Path, report: DryRunReport) -> tuple[str | None, dict
     return kind, _checkpoint_meta(ckpt), latent
 
 
+def _adapter_base(report: DryRunReport, ckpt: Path, model_name_or_path: str | None) -> str | None:
+    """The base an adapter checkpoint loads onto (its recorded one); naming another is an error, as in the run."""
+    from llmrec.models.checkpoint import adapter_base, recorded_base
+
+    try:
+        return adapter_base(ckpt, model_name_or_path)
+    except ValueError as e:
+        report.error(str(e))
+        return recorded_base(ckpt)[0] or model_name_or_path
+
+
 def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report: DryRunReport) -> None:
     """Checks of ``llmrec grpo``: the SFT checkpoint, data, head-only (or + LoRA) counts, groups and steps."""
     from llmrec.models.latent import LATENT_CONFIG_NAME, LatentConfig
@@ -964,6 +975,8 @@ def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report:
         else:
             report.item("dataset", "the SFT checkpoint's (not there yet)")
     base = config.model_name_or_path or meta.get("model_name_or_path")
+    if kind == "adapter":
+        base = _adapter_base(report, ckpt, config.model_name_or_path)
     model_name = str(ckpt) if kind == "full" else base
     lora = None
     if config.train_lora:
@@ -1058,6 +1071,8 @@ def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, rep
                                  fix)
     if config.method == "beam":
         name = str(config.checkpoint) if kind == "full" else config.model_name_or_path
+        if kind == "adapter":
+            name = _adapter_base(report, Path(config.checkpoint), config.model_name_or_path)
         counts = _model_section(report, name, config.dtype, embedding_rows=_recorded_rows(kind, meta), latent=latent,
                                 train_head=False)
         if counts is not None:

@@ -546,6 +546,53 @@ def test_fast_dtype_is_bf16_only_where_native(monkeypatch):
         bb.resolve_dtype("int8")
 
 
+def test_a_gpu_that_only_emulates_bf16_is_not_native(monkeypatch):
+    """Pre-Ampere GPUs (T4, V100) can hold bf16 tensors, which ``torch.cuda.is_bf16_supported()`` counts by
+    default; ``fast`` must still pick float32 there."""
+    import llmrec.models.backbone as bb
+
+    calls = []
+
+    def supported(including_emulation: bool = True) -> bool:
+        calls.append(including_emulation)
+        return including_emulation  # an sm_75 GPU: bf16 only by emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert bb.native_bf16() is False and calls == [False]
+    assert bb.concrete_dtype_name("fast") == "float32"
+
+
+def test_a_plain_adapter_loads_onto_its_recorded_base_only(tmp_path):
+    """A peft adapter saved outside llmrec records its base in adapter_config.json: another base is an error
+    naming both (it used to be a warning, then a shape error deep in peft, or a silent load on a same-shaped
+    model), the recorded one or no name loads it."""
+    from peft import LoraConfig, get_peft_model
+
+    from llmrec.models.checkpoint import load_for_inference
+
+    model, tok = bb_load("tiny-qwen2")
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    base, _ = bb_load(str(tmp_path / "base"))
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    for other in ("tiny-llama", "tiny-qwen2"):
+        with pytest.raises(ValueError, match=rf"trained on base model '.*base' \(adapter_config.json\), not '{other}'"):
+            load_for_inference(other, str(tmp_path / "adapter"), "float32")
+    merged = peft_model.merge_and_unload()
+    ids = torch.tensor([[1, 2, 3]])
+    for name in (str(tmp_path / "base"), None):
+        loaded, _ = load_for_inference(name, str(tmp_path / "adapter"), "float32")
+        torch.testing.assert_close(loaded(ids).logits, merged(ids).logits)
+
+
+def bb_load(name: str):
+    from llmrec.models.backbone import load_backbone
+
+    return load_backbone(name, dtype="float32")
+
+
 def test_bf16_on_a_cpu_that_emulates_it_is_warned_once(monkeypatch, caplog):
     import llmrec.models.backbone as bb
 

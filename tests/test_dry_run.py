@@ -334,6 +334,18 @@ def test_evaluate_ready_with_checkpoint(sft_checkpoint, prepared_dir, tmp_path, 
     assert number(out, "parameters total") == sum(p.numel() for p in model.parameters())
 
 
+def test_a_checkpoint_on_another_base_model_is_an_error_as_in_the_run(sft_checkpoint, prepared_dir, tmp_path, capsys):
+    """The run refuses an adapter checkpoint on a base other than its recorded one; so does the dry run (it used
+    to report READY with the named model's architecture and counts)."""
+    for argv in (["evaluate", "--dataset", str(prepared_dir), "--checkpoint", str(sft_checkpoint),
+                  "--output_dir", str(tmp_path / "ev")],
+                 ["grpo", "--sft_checkpoint", str(sft_checkpoint), "--output_dir", str(tmp_path / "grpo"),
+                  "--num_generations", "4", "--per_device_train_batch_size", "8", "--model_dtype", "float32"]):
+        code, out = dry([*argv, "--model_name_or_path", "tiny-llama"], capsys)
+        assert code == EXIT_INVALID, out
+        assert "was trained on base model 'tiny-qwen2' (llmrec_config.json), not 'tiny-llama'" in out
+
+
 # ---------------------------------------------------------------------------------------- inputs, errors
 
 

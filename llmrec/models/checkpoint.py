@@ -4,8 +4,8 @@ A checkpoint directory is one of:
 
 * a full model saved with ``save_pretrained`` (``config.json`` + ``*.safetensors``);
 * a peft adapter in its standard form (``adapter_config.json`` + ``adapter_model.safetensors``),
-  applied to ``model_name_or_path`` (or to the adapter's recorded base when that is a local dir
-  or alias) and merged for speed.
+  applied to its recorded base model and merged for speed; naming another base is an error (an adapter on
+  the wrong base fails deep inside peft on a shape mismatch or, worse, loads).
 
 A tokenizer saved in the checkpoint is preferred over the base model's (a trained checkpoint may
 have added tokens). A directory that is neither form is a clear error listing what is missing.
@@ -42,8 +42,49 @@ def checkpoint_kind(path: str | Path) -> str:
     )
 
 
+def recorded_base(checkpoint: str | Path) -> tuple[str | None, str]:
+    """``(base model, file it is recorded in)`` of an adapter checkpoint: llmrec's ``llmrec_config.json``
+    first, else peft's ``adapter_config.json`` (``base_model_name_or_path``); ``(None, "")`` when neither has one."""
+    ckpt = Path(checkpoint)
+    for name, key in (("llmrec_config.json", "model_name_or_path"), ("adapter_config.json", "base_model_name_or_path")):
+        if (ckpt / name).exists():
+            value = json.loads((ckpt / name).read_text(encoding="utf-8")).get(key)
+            if value:
+                return str(value), name
+    return None, ""
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two names of one base model: equal, or the same directory (an alias and its converted cache folder)."""
+    if a == b:
+        return True
+    from llmrec.models.backbone import TINY_ALIASES, alias_cache_path, known_aliases
+
+    def where(name: str) -> Path | None:
+        if name in known_aliases() and name not in TINY_ALIASES:
+            return alias_cache_path(name).resolve()
+        return Path(name).resolve() if Path(name).is_dir() else None
+
+    wa, wb = where(a), where(b)
+    return wa is not None and wa == wb
+
+
+def adapter_base(checkpoint: str | Path, model_name_or_path: str | None) -> str:
+    """The base model to load an adapter checkpoint onto: its recorded base, which ``model_name_or_path`` (when
+    given) must name. Raises :class:`ValueError` naming both on a mismatch, or when neither names a base."""
+    recorded, source = recorded_base(checkpoint)
+    if model_name_or_path and recorded and not _same_model(str(model_name_or_path), recorded):
+        raise ValueError(
+            f"{checkpoint} was trained on base model {recorded!r} ({source}), not {model_name_or_path!r}: "
+            f"pass model_name_or_path {recorded!r}")
+    base = model_name_or_path or recorded
+    if not base:
+        raise ValueError(f"{checkpoint}: no base model recorded; pass model_name_or_path")
+    return str(base)
+
+
 def load_for_inference(
-    model_name_or_path: str,
+    model_name_or_path: str | None,
     checkpoint: str | None = None,
     dtype: str = "bfloat16",
     device: torch.device | str | None = None,
@@ -51,7 +92,8 @@ def load_for_inference(
     """Return ``(model, tokenizer)`` ready for evaluation (eval mode, on ``device``).
 
     An llmrec training checkpoint (it has ``llmrec_config.json``) gives a
-    :class:`~llmrec.models.latent.LatentReasoningLM`; anything else a plain causal LM.
+    :class:`~llmrec.models.latent.LatentReasoningLM`; anything else a plain causal LM. For an adapter checkpoint
+    ``model_name_or_path`` may be None (its recorded base) and must otherwise name that base.
     """
     from llmrec.models.backbone import load_backbone
 
@@ -71,15 +113,7 @@ def load_for_inference(
         return model, tokenizer
     from peft import PeftModel
 
-    base = model_name_or_path
-    recorded = json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if recorded and recorded != base:
-        # The adapter says which base it was trained on; a mismatch is allowed (same architecture
-        # under another name, e.g. an alias vs its cached directory) but worth a warning.
-        import logging
-
-        logging.getLogger(__name__).warning("adapter was trained on '%s', applying it to '%s'", recorded, base)
-    model, tokenizer = load_backbone(base, dtype=dtype)
+    model, tokenizer = load_backbone(adapter_base(ckpt, model_name_or_path), dtype=dtype)
     if (ckpt / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 

@@ -480,7 +480,7 @@ def load_sft_checkpoint(
     from transformers import AutoTokenizer
 
     from llmrec.models.backbone import load_backbone
-    from llmrec.models.checkpoint import checkpoint_kind
+    from llmrec.models.checkpoint import adapter_base, checkpoint_kind
     from llmrec.models.latent import LATENT_CONFIG_NAME
 
     ckpt = Path(checkpoint)
@@ -492,16 +492,7 @@ def load_sft_checkpoint(
     else:
         from peft import PeftModel
 
-        recorded = meta.get("model_name_or_path")
-        if model_name_or_path and recorded and str(model_name_or_path) != str(recorded):
-            # An adapter on the wrong base fails deep inside loading (shape mismatches) or, worse, loads.
-            raise ValueError(
-                f"{ckpt} was trained on base model {recorded!r} ({LLMREC_CONFIG_NAME}), not {model_name_or_path!r}: "
-                f"pass model_name_or_path {recorded!r} (or leave it unset)")
-        base_name = model_name_or_path or recorded
-        if not base_name:
-            raise ValueError(f"{ckpt}: no base model recorded; pass model_name_or_path")
-        lm, tokenizer = load_backbone(base_name, dtype=dtype)
+        lm, tokenizer = load_backbone(adapter_base(ckpt, model_name_or_path), dtype=dtype)
         if (ckpt / "tokenizer_config.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
             if tokenizer.pad_token is None:
