@@ -204,6 +204,32 @@ def test_kv_cached_reasoning_equals_recomputing_the_extended_sequence():
     assert torch.allclose(cached, full, atol=1e-5), (cached - full).abs().max()
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_attention_over_cache_blocks_equals_attention_over_the_concatenated_cache(dropout_p):
+    """Same outputs and gradients as concatenating the blocks first (dropout: same random stream, as the
+    weights tensor has the same shape either way)."""
+    from llmrec.seqrec.modules import attention, attention_over_blocks
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 4, 8, generator=g, requires_grad=True)
+    ks = [torch.randn(3, 2, n, 8, generator=g, requires_grad=True) for n in (6, 4, 4)]
+    vs = [torch.randn(3, 2, n, 8, generator=g, requires_grad=True) for n in (6, 4, 4)]
+    mask = torch.rand(3, 1, 4, 14, generator=g) > 0.3
+    mask[..., 0] = True
+    outs, grads = [], []
+    for blocks in (True, False):
+        torch.manual_seed(1)
+        if blocks:
+            o = attention_over_blocks(q, tuple(ks), tuple(vs), mask, dropout_p)
+        else:
+            o = attention(q, torch.cat(ks, 2), torch.cat(vs, 2), mask, dropout_p)
+        outs.append(o)
+        grads.append(torch.autograd.grad((o * torch.arange(o.numel()).view_as(o).sin()).sum(), [q, *ks, *vs]))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_batched_prefix_reasoning_equals_per_prefix_forwards():
     model = _rearec(K=2)
     ids = torch.tensor([[0, 0, 5, 3, 8, 2, 9], [4, 4, 1, 7, 6, 2, 3]])

@@ -214,18 +214,25 @@ def measure_inference(
     eval_batch_size: int = 256,
     repeats: int = 5,
     split: str = "test",
-) -> dict[str, dict[str, float]]:
+    clock: str = "process",
+) -> dict[str, dict[str, Any]]:
     """Scoring latency per row of each model over a split, at ``eval_batch_size``.
 
     ``models`` maps a label to SeqRecConfig fields (e.g. ``{"sasrec": {"model": "sasrec"},
     "rearec-k2": {"model": "rearec-erl", "reason_steps": 2}}``). Latency does not depend on the
-    weights, so models are freshly initialised. The models are timed in turn, ``repeats`` rounds
-    interleaved (so background load hits all alike); the median round is reported.
+    weights, so models are freshly initialised. After one warm-up pass of every model, the models are timed in
+    turn, ``repeats`` rounds interleaved (so background load hits all alike); the median round is reported, and
+    ``ratio_vs_first``, the median over rounds of each round's time over the first model's in the same round.
+    ``clock``: ``"process"`` (CPU time of this process: other jobs on a shared machine barely move it) or
+    ``"wall"``.
     """
     from llmrec.seqrec.config import SeqRecConfig
     from llmrec.seqrec.data import load_seqrec_data
     from llmrec.seqrec.models import build_model
 
+    if clock not in ("process", "wall"):
+        raise ValueError(f"clock must be 'process' or 'wall', got {clock!r}")
+    now = time.process_time if clock == "process" else time.perf_counter
     built = {}
     data = None
     for label, fields in models.items():
@@ -236,12 +243,16 @@ def measure_inference(
         built[label] = build_model(cfg, data.num_items).eval()
     rows = torch.from_numpy(getattr(data, split).inputs)
     times: dict[str, list[float]] = {k: [] for k in built}
-    for m in built.values():  # warm-up
-        m.score(rows[:eval_batch_size])
+    for m in built.values():  # warm-up: the whole split once
+        for i in range(0, len(rows), eval_batch_size):
+            m.score(rows[i : i + eval_batch_size])
     for _ in range(repeats):
         for label, m in built.items():
-            t0 = time.perf_counter()
+            t0 = now()
             for i in range(0, len(rows), eval_batch_size):
                 m.score(rows[i : i + eval_batch_size])
-            times[label].append(1000 * (time.perf_counter() - t0) / len(rows))
-    return {k: {"ms_per_row": statistics.median(v), "rounds": v} for k, v in times.items()}
+            times[label].append(1000 * (now() - t0) / len(rows))
+    first = next(iter(times.values()))
+    return {k: {"ms_per_row": statistics.median(v), "rounds": v,
+                "ratio_vs_first": statistics.median(a / b for a, b in zip(v, first, strict=True))}
+            for k, v in times.items()}

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KV = tuple[torch.Tensor, torch.Tensor]
+KV = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
+"""One layer's cache: the keys and the values of each block of tokens run so far (``[B, h, n_i, d_h]`` each), kept
+as separate blocks: a reasoning step attends to them in place instead of copying them into one growing tensor."""
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -63,6 +65,26 @@ def attention(
     return dropout(weights, dropout_p, True) @ v
 
 
+def attention_over_blocks(
+    q: torch.Tensor, ks: tuple[torch.Tensor, ...], vs: tuple[torch.Tensor, ...], mask: torch.Tensor,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """:func:`attention` over keys/values given as blocks along the key axis (``mask`` covers them all, in order).
+
+    Equal to ``attention(q, cat(ks), cat(vs), mask)`` without the concatenation, which copied the whole cache at
+    every reasoning step (~40% of a ReaRec evaluation's reasoning time on the CPU).
+    """
+    if len(ks) == 1:
+        return attention(q, ks[0], vs[0], mask, dropout_p)
+    scores = torch.cat([q @ k.transpose(-1, -2) for k in ks], dim=-1) * (1.0 / math.sqrt(q.shape[-1]))
+    weights = dropout(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), dropout_p, True)
+    out, start = None, 0
+    for v in vs:
+        part = weights[..., start:start + v.shape[-2]] @ v
+        out, start = (part if out is None else out + part), start + v.shape[-2]
+    return out
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention whose keys/values are ``cache + new tokens`` (cache may be ``None``)."""
 
@@ -76,13 +98,14 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
         b, q, d = x.shape
-        qkv = self.qkv(x).view(b, q, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # One copy into [3, B, h, Q, d_h]: attention on contiguous heads is faster than on strided views (SDPA on
+        # the CPU: 9.2 ms with the copy vs 12.4 ms without, batch 256 x 50), and the cached keys/values of a
+        # reasoning step are then contiguous too (its matmuls would otherwise copy them at every step).
+        qkv = self.qkv(x).view(b, q, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
         qh, k, v = qkv[0], qkv[1], qkv[2]
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        o = attention(qh, k, v, mask, self.attn_dropout if self.training else 0.0)
-        return self.out(o.transpose(1, 2).reshape(b, q, d)), (k, v)
+        ks, vs = ((k,), (v,)) if past is None else ((*past[0], k), (*past[1], v))
+        o = attention_over_blocks(qh, ks, vs, mask, self.attn_dropout if self.training else 0.0)
+        return self.out(o.transpose(1, 2).reshape(b, q, d)), (ks, vs)
 
 
 class TransformerLayer(nn.Module):
