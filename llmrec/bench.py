@@ -27,8 +27,10 @@ def _count_forwards(model):
 
 @torch.no_grad()
 def floor_decode(model, input_ids, attention_mask, num_beams: int, steps: int) -> None:
-    """The bare model work any exact beam search must do: one prefill per prompt, then ``steps``
-    cached single-token forwards for all ``rows x beams`` (no search logic, no cache reordering)."""
+    """All-beams cached decoding without search logic: one prefill per prompt, then ``steps`` cached single-token
+    forwards for all ``rows x beams`` (no cache reordering). Not a lower bound: our search drops finished and dead
+    beams as it goes, so it can run fewer forwards than this (``ours_over_floor`` < 1 is possible); it is the cost
+    of decoding every beam to the longest title."""
     from llmrec.decoding.beam_search import prefill_prompts
 
     state = prefill_prompts(model, input_ids, attention_mask)

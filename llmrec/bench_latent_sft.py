@@ -63,7 +63,12 @@ def make_batches(tokenizer, args) -> list[dict[str, torch.Tensor]]:
     batches = []
     for _ in range(args.num_batches):
         prompts, completions = [], []
+        attempts = 0
         while len(prompts) < args.batch_size:
+            attempts += 1
+            if attempts > 1000 * args.batch_size:
+                raise SystemExit(f"no prompt of 3-10 history titles gives {pmin}-{pmax} tokens "
+                                 f"(found {len(prompts)} in {attempts - 1} tries); widen --prompt-len")
             history = rng.sample(titles, rng.randint(3, 10))
             prompt = template.render_prompt(history, noun="video games")
             n = len(tokenizer(prompt).input_ids)

@@ -41,7 +41,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if results:
         ks = [k for k in (1, 3, 5, 10) if k <= args.beams]
         table = markdown_table(results, ks)
-        (out / "results.md").write_text(table, encoding="utf-8")
+        from llmrec.data.canonical import atomic_write_text
+
+        atomic_write_text(out / "results.md", table)
         print(f"== results ({args.rows} test rows of {args.dataset}, item-level matching)")
         print(table, end="")
     return 0

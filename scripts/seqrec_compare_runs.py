@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
+
+from llmrec.data.canonical import atomic_write_text
 
 
 def main() -> int:
@@ -23,6 +24,11 @@ def main() -> int:
     ap.add_argument("--title", default="")
     ap.add_argument("--output", required=True, help="writes <output>.md and <output>.json (a copy of the second)")
     args = ap.parse_args()
+    seeds = [sorted(r["seed"] for r in json.loads(Path(f).read_text())["runs"][args.model])
+             for f in (args.first, args.second)]
+    if seeds[0] != seeds[1]:
+        raise SystemExit(f"the two results hold different seeds of {args.model} ({seeds[0]} vs {seeds[1]}): "
+                         "the means would not compare like with like")
     lines = [args.title, ""] if args.title else []
     lines += ["| setting | seed | valid NDCG@10 | test NDCG@10 | test HR@10 | best epoch |", "|---|---|---|---|---|---|"]
     for path, label in ((args.first, args.first_label), (args.second, args.second_label)):
@@ -36,8 +42,8 @@ def main() -> int:
                      f"{sum(r['test']['hr@10'] for r in runs) / n:.4f} | |")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    shutil.copy(args.second, out.with_suffix(".json"))
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".json"), Path(args.second).read_text(encoding="utf-8"))
     print("\n".join(lines))
     return 0
 

@@ -2,7 +2,8 @@
 
 Each block ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` in README.md is replaced by the
 contents of ``benchmarks/results/NAME.md`` (written by the benchmark commands). Blocks whose file does
-not exist are left as they are and reported.
+not exist are left as they are and reported; with ``--check`` they, and an opening marker without its matching
+closing marker, are failures (a block nothing can regenerate is a hand-typed table).
 
     python scripts/update_readme_results.py [--check]
 """
@@ -35,17 +36,24 @@ def render(readme: str, results_dir: Path) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
-    readme = ROOT / "README.md"
+    readme = args.readme
     old = readme.read_text(encoding="utf-8")
-    new, missing = render(old, ROOT / "benchmarks" / "results")
+    new, missing = render(old, args.results_dir)
     for name in missing:
         print(f"no benchmarks/results/{name}.md: block left as it is", file=sys.stderr)
+    openings = re.findall(r"<!-- results:([\w.-]+) -->", old)
+    matched = [m["name"] for m in BLOCK.finditer(old)]
+    unmatched = sorted(n for n in set(openings) if openings.count(n) != matched.count(n))
+    for name in unmatched:
+        print(f"README.md: results block {name} has no matching closing marker", file=sys.stderr)
     if args.check:
-        return int(new != old)
+        return int(new != old or bool(missing) or bool(unmatched))
     if new != old:
         readme.write_text(new, encoding="utf-8")
-        print("README.md updated")
+        print(f"{readme.name} updated")
     return 0
 
 

@@ -30,3 +30,16 @@ def test_readme_tables_match_results_files():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     new, _ = mod.render(readme, ROOT / "benchmarks" / "results")
     assert new == readme, "run: python scripts/update_readme_results.py"
+
+
+def test_check_fails_on_a_block_without_its_file_or_its_closing_marker(tmp_path):
+    mod = _module()
+    (tmp_path / "a.md").write_text("| 1 |\n")
+    readme = tmp_path / "README.md"
+    ok = "<!-- results:a -->\n| 1 |\n<!-- /results:a -->\n"
+    for text, rc in ((ok, 0),
+                     (ok.replace("| 1 |", "| 2 |"), 1),  # stale
+                     (ok + "<!-- results:gone -->\nhand-typed\n<!-- /results:gone -->\n", 1),  # no file
+                     (ok.replace("| 1 |", "| 2 |").replace("/results:a", "/results: a"), 1)):  # broken marker
+        readme.write_text(text)
+        assert mod.main(["--check", "--readme", str(readme), "--results-dir", str(tmp_path)]) == rc, text
