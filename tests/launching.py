@@ -41,3 +41,17 @@ def run_script_here(script: Path, *argv: object) -> None:
     finally:
         sys.argv = saved_argv
         torch.set_num_threads(threads)
+
+
+def assert_ranks_equal_single(two: Path, one: Path, atol: float = 1e-5) -> None:
+    """A 2-process run's saved weights (``rank0/1.safetensors`` in ``two``) are identical on both ranks and within
+    ``atol`` of the 1-process run's (``rank0.safetensors`` in ``one``)."""
+    from safetensors.torch import load_file
+
+    r0 = load_file(str(two / "rank0.safetensors"))
+    r1 = load_file(str(two / "rank1.safetensors"))
+    single = load_file(str(one / "rank0.safetensors"))
+    assert r0.keys() == r1.keys() == single.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+        assert (r0[k] - single[k]).abs().max().item() <= atol, k

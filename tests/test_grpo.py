@@ -510,7 +510,7 @@ save_file(state, f"{out}/rank{t.accelerator.process_index}.safetensors")
 
 @pytest.mark.parametrize("mode", ["batch", "group"])
 def test_two_processes_match_one_process(tmp_path, sft_dir, mode):
-    from tests.launching import accelerate_launch, run_script_here
+    from tests.launching import accelerate_launch, assert_ranks_equal_single, run_script_here
 
     sft, _, _ = sft_dir
     script = tmp_path / "dist_grpo.py"
@@ -521,13 +521,7 @@ def test_two_processes_match_one_process(tmp_path, sft_dir, mode):
     # exception") after both had finished.
     run_script_here(script, sft, tmp_path / "one", 4, mode)
     accelerate_launch(2, [script, sft, tmp_path / "two", 2, mode])
-    r0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
-    r1 = load_file(str(tmp_path / "two" / "rank1.safetensors"))
-    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
-    assert r0.keys() == r1.keys() == single.keys()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k
-        assert (r0[k] - single[k]).abs().max().item() <= 1e-5, k
+    assert_ranks_equal_single(tmp_path / "two", tmp_path / "one")
     one = json.loads((tmp_path / "one" / "grpo_results.json").read_text())
     two = json.loads((tmp_path / "two" / "grpo_results.json").read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)

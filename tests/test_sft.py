@@ -232,20 +232,14 @@ def test_two_processes_match_one_process(tmp_path, prepared_dir):
         "num_latent_tokens: 1\nlearning_rate: 5.0e-3\nwarmup_steps: 0\nmax_steps: 3\nlogging_steps: 1\n"
         "per_device_train_batch_size: 2\nsave_strategy: 'no'\ndisable_tqdm: true\nseed: 0\n"
     )
-    from tests.launching import accelerate_launch, run_script_here
+    from tests.launching import accelerate_launch, assert_ranks_equal_single, run_script_here
 
     script = tmp_path / "dist_sft.py"
     script.write_text(DIST_SCRIPT)
     # Same global batch (4 rows/step): 1 process x 2 accumulation steps vs 2 processes x 1.
     run_script_here(script, recipe, tmp_path / "one", "--gradient_accumulation_steps", "2")
     accelerate_launch(2, [script, recipe, tmp_path / "two", "--gradient_accumulation_steps", "1"])
-    r0 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
-    r1 = load_file(str(tmp_path / "two" / "rank1.safetensors"))
-    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
-    assert r0.keys() == r1.keys() == single.keys()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k
-        assert (r0[k] - single[k]).abs().max().item() <= 1e-5, k
+    assert_ranks_equal_single(tmp_path / "two", tmp_path / "one")
     one = json.loads((tmp_path / "one" / "train_results.json").read_text())
     two = json.loads((tmp_path / "two" / "train_results.json").read_text())
     assert (one["world_size"], two["world_size"]) == (1, 2)
