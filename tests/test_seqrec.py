@@ -538,3 +538,14 @@ def test_training_field_differences_names_changed_fields_and_reads_missing_ones_
     assert training_field_differences(finished, asked) == {"hidden_size": (32, asked["hidden_size"])}
     assert training_field_differences(finished, {**asked, "sla_exclude_final": True}) == {
         "hidden_size": (32, asked["hidden_size"]), "sla_exclude_final": (False, True)}
+
+
+def test_benchmark_table_says_one_seed_instead_of_a_zero_spread():
+    from llmrec.seqrec.bench import benchmark_table
+
+    row = {"ndcg@10": 0.05, "hr@10": 0.1, "epoch_s": 9.0, "infer_ms_per_row": 0.4}
+    one = dict(row, seeds=1, **{f"{k}_std": 0.0 for k in row})
+    three = dict(row, seeds=3, **{f"{k}_std": 0.01 for k in row})
+    table = benchmark_table({"sasrec": three, "lares": one}, "t")
+    assert "| sasrec | 3 | 0.0500 ± 0.0100 |" in table
+    assert "| lares | 1 | 0.0500 (1 seed) | 0.1000 (1 seed) | - | 9.00 (1 seed) | 0.400 (1 seed) |" in table

@@ -191,17 +191,19 @@ def benchmark_table(summary: dict[str, dict[str, float]], title: str, baseline: 
     lines = [
         f"# seqrec benchmark: {title}",
         "",
-        f"| model | seeds | NDCG@10 | HR@10 | {vs} | s/epoch | ms/row (inference) |",
+        f"| model | seeds | NDCG@10 | HR@10 | {vs} | s/epoch | ms/row (each run's test pass) |",
         "|---|---|---|---|---|---|---|",
     ]
     for m, r in summary.items():
         diff = (f"{r['ndcg@10_diff']:+.4f} [{r['ndcg@10_diff_lo']:+.4f}, {r['ndcg@10_diff_hi']:+.4f}]"
                 if "ndcg@10_diff" in r else "-")
-        lines.append(
-            f"| {m} | {int(r['seeds'])} | {r['ndcg@10']:.4f} ± {r['ndcg@10_std']:.4f} | "
-            f"{r['hr@10']:.4f} ± {r['hr@10_std']:.4f} | {diff} | {r['epoch_s']:.2f} ± {r['epoch_s_std']:.2f} | "
-            f"{r['infer_ms_per_row']:.3f} ± {r['infer_ms_per_row_std']:.3f} |"
-        )
+
+        def pm(key: str, digits: int, r=r) -> str:  # one seed has no spread: say so instead of "± 0"
+            return (f"{r[key]:.{digits}f} ± {r[f'{key}_std']:.{digits}f}" if r["seeds"] > 1
+                    else f"{r[key]:.{digits}f} (1 seed)")
+
+        lines.append(f"| {m} | {int(r['seeds'])} | {pm('ndcg@10', 4)} | {pm('hr@10', 4)} | {diff} | "
+                     f"{pm('epoch_s', 2)} | {pm('infer_ms_per_row', 3)} |")
     rows = {int(p) for p in (summary[m].get("paired_rows") for m in summary) if p}
     return "\n".join(lines) + "\n" + (f"\nDifferences: paired bootstrap over the {rows.pop()} test rows, each row's "
                                       "metrics averaged over the seeds both models have.\n" if len(rows) == 1 else "")
