@@ -97,8 +97,9 @@ def _coerce(parser, data: dict[str, Any], source: str, classes: Sequence[type] =
     ``null`` is refused for a field whose type does not admit None.
     """
     out = dict(data)
-    for k in sorted(_required_values(classes) & {k for k, v in out.items() if v is None}):
-        raise ConfigError(f"{source}: option '{k}': null is not allowed (it needs a value)")
+    nulls = sorted(_required_values(classes) & {k for k, v in out.items() if v is None})
+    if nulls:
+        raise ConfigError(f"{source}: option '{nulls[0]}': null is not allowed (it needs a value)")
     for action in parser._actions:
         k = action.dest
         if k not in out or action.type is None:

@@ -24,15 +24,14 @@ def main() -> int:
     ap.add_argument("--title", default="")
     ap.add_argument("--output", required=True, help="writes <output>.md and <output>.json (a copy of the second)")
     args = ap.parse_args()
-    seeds = [sorted(r["seed"] for r in json.loads(Path(f).read_text())["runs"][args.model])
-             for f in (args.first, args.second)]
+    both = [json.loads(Path(f).read_text())["runs"][args.model] for f in (args.first, args.second)]
+    seeds = [sorted(r["seed"] for r in runs) for runs in both]
     if seeds[0] != seeds[1]:
         raise SystemExit(f"the two results hold different seeds of {args.model} ({seeds[0]} vs {seeds[1]}): "
                          "the means would not compare like with like")
     lines = [args.title, ""] if args.title else []
     lines += ["| setting | seed | valid NDCG@10 | test NDCG@10 | test HR@10 | best epoch |", "|---|---|---|---|---|---|"]
-    for path, label in ((args.first, args.first_label), (args.second, args.second_label)):
-        runs = json.loads(Path(path).read_text())["runs"][args.model]
+    for runs, label in zip(both, (args.first_label, args.second_label), strict=True):
         for r in runs:
             lines.append(f"| {label} | {r['seed']} | {r['valid']['ndcg@10']:.4f} | {r['test']['ndcg@10']:.4f} | "
                          f"{r['test']['hr@10']:.4f} | {r['best_epoch']} |")
