@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -364,7 +365,7 @@ def test_checksum_mismatch_is_refused_and_leaves_no_cache(tmp_path, monkeypatch)
     with pytest.raises(ConversionError, match=f"expected {'ab' * 32}"):
         load_backbone(name)
     root = tmp_path / "llmrec-cache" / "models"
-    assert list(root.iterdir()) == []
+    assert [p for p in root.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_interrupted_conversion_never_leaves_a_broken_cache(tmp_path, monkeypatch):
@@ -383,13 +384,45 @@ def test_interrupted_conversion_never_leaves_a_broken_cache(tmp_path, monkeypatc
         convert_alias(name, force=True)
     assert alias_is_cached(name)
     assert (folder / "model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in folder.parent.iterdir()) == [name]
+    assert sorted(p.name for p in folder.parent.iterdir() if not p.name.endswith(".lock")) == [name]
 
-    # And with no previous copy, the interrupted conversion leaves nothing at all.
+    # And with no previous copy, the interrupted conversion leaves nothing at all (but its unlocked lock file).
     other = tmp_path / "other-cache"
     with pytest.raises(KeyboardInterrupt):
         convert_alias(name, cache_dir=other)
-    assert list(other.iterdir()) == []
+    assert [p for p in other.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_concurrent_first_loads_convert_once(tmp_path, monkeypatch):
+    # Processes started together (accelerate launch) all find the alias unconverted; one converts, the
+    # others wait for it and read its copy.
+    import threading
+
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    real_convert = backbone.convert_gguf
+    calls = []
+
+    def slow_convert(gguf_path, out_dir):
+        calls.append(out_dir)
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one converts
+        return real_convert(gguf_path, out_dir)
+
+    monkeypatch.setattr(backbone, "convert_gguf", slow_convert)
+    results, errors = [], []
+
+    def first_load():
+        try:
+            results.append(convert_alias(name))
+        except BaseException as e:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(calls) == 1
+    assert results == [alias_cache_path(name)] * 2 and alias_is_cached(name)
 
 
 def test_folder_without_marker_is_reconverted(tmp_path, monkeypatch):

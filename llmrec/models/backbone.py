@@ -496,6 +496,19 @@ def convert_alias(
     if not force and alias_is_cached(name, cache_dir):
         return dest
     _source_files(spec)  # fail on a missing package before creating any folder
+    from filelock import FileLock
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Processes started together (accelerate launch) would each convert the same alias; the lock makes the
+    # others wait and then read the copy the first one wrote.
+    with FileLock(str(dest.parent / f".{dest.name}.lock")):
+        if not force and alias_is_cached(name, cache_dir):
+            logger.info("%s was converted by another process meanwhile; using that copy", name)
+            return dest
+        return _convert_alias_locked(name, spec, dest)
+
+
+def _convert_alias_locked(name: str, spec: GGUFAlias, dest: Path) -> Path:
     start = time.monotonic()
     logger.info("converting %s into %s (once; later loads read the cache)", name, dest)
     with _atomic_dir(dest) as (out, scratch):
