@@ -449,7 +449,13 @@ def resolve_architecture(name: str) -> Architecture:
 
 
 def _tokenizer_length(name: str) -> int | None:
-    """``len(tokenizer)`` when the tokenizer is available offline without writing anything, else None."""
+    """``len(tokenizer)`` when the tokenizer is available offline without writing anything, or recorded in the
+    shipped architecture config, else None."""
+    length = _local_tokenizer_length(name)
+    return length if length is not None else _shipped_tokenizer_length(name)
+
+
+def _local_tokenizer_length(name: str) -> int | None:
     from llmrec.models import backbone
     from llmrec.models.tiny import TINY_ALIASES, build_tiny_tokenizer
 
@@ -476,6 +482,19 @@ def _tokenizer_length(name: str) -> int | None:
         return len(AutoTokenizer.from_pretrained(name, local_files_only=True, cache_dir=constants.HF_HUB_CACHE))
     except Exception:  # noqa: BLE001 -- the count is informative; any failure means "unknown"
         return None
+
+
+def _shipped_tokenizer_length(name: str) -> int | None:
+    """``len(tokenizer)`` recorded in the shipped architecture config (``_llmrec_tokenizer_length``), if any.
+
+    It tells a dry run whether the latent tokens need new embedding rows before the alias is converted or
+    the hub reached (SmolLM2's 49,152 rows are all taken; Qwen2.5 pads its vocabulary beyond the tokenizer).
+    """
+    shipped = known_config_path(name)
+    if shipped is None:
+        return None
+    length = _read_json(shipped).get("_llmrec_tokenizer_length")
+    return int(length) if length is not None else None
 
 
 # ---------------------------------------------------------------------------------------------- params

@@ -172,6 +172,18 @@ def test_games_recipe_dry_run(path, tmp_path, capsys):
         assert "llmrec data prepare --format seq-txt --input ../shared/data/amazon_games_dealrec --output data/games" in out
 
 
+def test_latent_rows_of_an_unconverted_alias_come_from_the_shipped_tokenizer_length(capsys):
+    # The alias is not converted in this test's private cache, so its tokenizer cannot be read; the shipped
+    # config records len(tokenizer). SmolLM2's 49,152 rows are all taken: the latent token adds one tied row
+    # of 576, as the real run's resize does. Qwen2.5 pads its vocabulary (151,936 rows for 151,665 tokens):
+    # no row is added there.
+    code, out = dry(["sft", "--config", "recipes/games/sft_latent.yaml"], capsys)
+    assert "added embedding rows 576," in out, out
+    assert "assumed to fit" not in out
+    code, out = dry(["sft", "--config", "recipes/gpu/sft_latent_lora.yaml"], capsys)
+    assert "parameters total" in out and "added embedding rows" not in out, out
+
+
 # ------------------------------------------------------------------------------------------------- models
 
 
