@@ -113,13 +113,28 @@ def _coerce(parser, data: dict[str, Any], source: str, classes: Sequence[type] =
             else:
                 v = _typed(action.type, v)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-            raise ConfigError(f"{source}: option '{k}': cannot read {out[k]!r} ({e})") from None
+            raise ConfigError(f"{source}: option '{k}': cannot read {_short(out[k])} ({_short_text(e)})") from None
         if action.choices is not None and v is not None:
             for x in v if isinstance(v, list) else [v]:
                 if x not in action.choices:
-                    raise ConfigError(f"{source}: option '{k}': {x!r} is not one of {list(action.choices)}")
+                    raise ConfigError(f"{source}: option '{k}': {_short(x)} is not one of {list(action.choices)}")
         out[k] = v
     return out
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for error messages: a recipe's YAML aliases can nest a small file into a value whose full
+    repr is gigabytes (10 levels of 10 aliases)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 80, 80
+    return r.repr(value)
+
+
+def _short_text(err: BaseException, limit: int = 300) -> str:
+    text = str(err)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def _typed(convert, value: Any) -> Any:

@@ -389,6 +389,10 @@ def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int 
             f"{weights} was trained on a catalogue of {state[key].shape[0] - 1} items, but {data_dir} has "
             f"{len(catalog)}: pass the dataset the run was trained on"
         )
+    from llmrec.decoding.guidance import check_trained_catalog
+
+    # Same size is not enough: another catalogue of as many items would give the right ids the wrong titles.
+    check_trained_catalog(cfg.dataset_dir, data_dir, f"seqrec run {path}")
     model = build_model(cfg, len(catalog))
     model.load_state_dict(state)
     model.eval().to(device)

@@ -111,3 +111,10 @@ def test_a_k_beyond_what_a_run_reports_is_refused(tmp_path):
     assert compare_runs(dirs, ["ndcg@10"])["rows"] == 1
     with pytest.raises(ValueError, match=r"b ranks 10 titles per row .*ndcg@20 would count"):
         compare_runs([dirs[0], dirs[1]], ["ndcg@10", "ndcg@20"])
+
+
+def test_a_truncated_results_file_is_named(tmp_path):
+    a, b = _run(tmp_path / "a", [0, 1]), _run(tmp_path / "b", [1, 0])
+    (b / "results.json").write_text('{"protocol": {"meth')
+    with pytest.raises(ValueError, match=r"b/results.json: not a results file of `llmrec evaluate`"):
+        compare_runs([a, b], ["ndcg@10"])

@@ -156,6 +156,16 @@ def test_yaml_is_loaded_safely(tmp_path: Path):
         read_recipe(p)
 
 
+def test_an_alias_bomb_gives_a_short_error(tmp_path: Path):
+    # ~300 bytes of YAML aliases nest into a value whose full repr has 10^6 items (~6 MB): the message stays short.
+    parts = ["&a0 [" + ", ".join(["x"] * 10) + "]"]
+    parts += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    p = recipe(tmp_path, "dataset: d\nepochs: [" + ", ".join(parts) + "]\n")
+    with pytest.raises(ConfigError, match="option 'epochs': cannot read") as err:
+        parse_config(CLASSES, p)
+    assert len(str(err.value)) < 1000 + len(str(p))
+
+
 def test_read_recipe_errors_and_shipped_recipes(tmp_path: Path, monkeypatch):
     with pytest.raises(ConfigError, match="not found"):
         read_recipe(tmp_path / "missing.yaml")

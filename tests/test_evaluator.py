@@ -173,6 +173,15 @@ def test_prompt_fit_longest_answer_is_recorded_and_the_default_fingerprint_is_un
         tiny_config(prepared_dir, tmp_path / "x", prompt_fit="answer")
 
 
+
+@pytest.mark.parametrize("bad,match", [(dict(ks=[0, 3]), "ks must be"), (dict(ks=[]), "ks must be"), (dict(ks=[5, 10]), "num_beams"),
+                                       (dict(history_length=-1), "history_length"), (dict(max_rows=-2), "max_rows")])
+def test_bad_settings_fail_before_any_row_is_ranked(prepared_dir, tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(prepared_dir, tmp_path / "x", **bad)
+    assert not (tmp_path / "x").exists()
+
+
 def test_rows_are_split_by_process_before_finished_rows_are_removed(prepared_dir, tmp_path):
     """Two processes read the part files at their own times: process 0 may append before process 1 reads. Each
     takes its share of the rows first, so process 1's share does not depend on what process 0 has written."""

@@ -148,6 +148,9 @@ def test_config_errors(tmp_path):
         LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, reward_funcs=["bleu"])
     with pytest.raises(ConfigError, match="reward_weights"):
         LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, reward_weights=[1.0, 2.0])
+    for bad in (dict(history_length=0), dict(max_train_rows=-5), dict(eval_rows=-1)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **bad)
     with pytest.raises(ConfigError, match="output_dir must differ"):
         LatentGRPOConfig(output_dir=str(tmp_path / "s"), sft_checkpoint=str(tmp_path / "s"), num_generations=4,
                          per_device_train_batch_size=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -265,10 +266,19 @@ def test_seqrec_recommendations_are_the_top_k_of_its_scores(data_dir, seqrec_run
     assert short.recommend([1, 2, 3], k=30) == [r for r in everything if r.item_id not in {1, 2, 3}]
 
 
-def test_seqrec_dataset_mismatch_and_bad_checkpoints_are_clear_errors(seqrec_run, tmp_path):
+def test_seqrec_dataset_mismatch_and_bad_checkpoints_are_clear_errors(data_dir, seqrec_run, tmp_path):
     other = write_prepared(tmp_path / "small", n_items=20)
     with pytest.raises(ValueError, match="trained on a catalogue of 30 items, but .* has 20"):
         Recommender.from_pretrained(seqrec_run, dataset=other)
+    # As many items but other titles: the ids would be right and the titles wrong.
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(data_dir, shuffled)
+    rows = (shuffled / "catalog.jsonl").read_text().splitlines()
+    titles = [json.loads(r)["title"] for r in rows][::-1]
+    (shuffled / "catalog.jsonl").write_text("".join(json.dumps({**json.loads(r), "title": t}) + "\n"
+                                                    for r, t in zip(rows, titles)))
+    with pytest.raises(ValueError, match="catalogue differs"):
+        Recommender.from_pretrained(seqrec_run, dataset=shuffled)
     unfinished = tmp_path / "unfinished"
     (unfinished / "train").mkdir(parents=True)
     (unfinished / "train" / "best.safetensors").write_bytes(b"")

@@ -428,6 +428,11 @@ def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
     (dict(temperature=0.0), "temperature"), (dict(dropout=1.0), "dropout"), (dict(valid_metric="ndcg@50"), "valid_metric"),
     (dict(valid_metric="auc@10"), "valid_metric"), (dict(test_depths=[0, 2]), "test_depths"),
     (dict(model="lares", rpt_epochs=1, rpt_group=1), "rpt_group"),
+    # patience 0 trained nothing and wrote the untrained model's results; eval_every 0 divided by zero
+    (dict(patience=0), "patience"), (dict(epochs=0), "epochs"), (dict(eval_every=0), "eval_every"),
+    (dict(hidden_size=-8), "hidden_size"), (dict(n_layers=-1), "n_layers"),
+    (dict(max_train_batches=-5), "max_train_batches"), (dict(lr=0.0), "lr"), (dict(kl_weight=-0.1), "kl_weight"),
+    (dict(hidden_size=10, n_heads=4), "divisible"), (dict(ks=[0, 10]), "ks"),
 ])
 def test_bad_settings_are_refused_at_once(bad, match):
     with pytest.raises(ValueError, match=match):

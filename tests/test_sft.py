@@ -168,6 +168,27 @@ def test_unknown_recipe_key_is_config_error(tmp_path):
     assert main(["sft", "--config", str(recipe)]) == 1
 
 
+@pytest.mark.parametrize("bad", [dict(history_length=-1), dict(history_length=0), dict(max_train_rows=-5)])
+def test_bad_sizes_are_config_errors(tmp_path, prepared_dir, bad):
+    # history_length <= 0 meant the whole history and was recorded as given; max_train_rows -5 crashed in sampling
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        make_config(tmp_path / "o", prepared_dir, **bad)
+
+
+def test_an_empty_history_is_an_error_naming_the_row(tmp_path, prepared_dir):
+    # It was skipped and counted as "answer does not fit max_length"; evaluate and seqrec refuse it.
+    from llmrec.models.tiny import build_tiny_tokenizer
+    from llmrec.training.sft import build_dataset
+
+    path = prepared_dir / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["history_item_ids"] = []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"train.jsonl, row 2, field 'history_item_ids': empty history"):
+        build_dataset(make_config(tmp_path / "o", prepared_dir, max_train_rows=None), build_tiny_tokenizer("tiny-qwen2"),
+                      "train", None)
+
+
 def test_shipped_recipes_parse():
     root = Path(__file__).resolve().parents[1] / "recipes" / "games"
     (lat,) = parse_config([LatentSFTConfig], root / "sft_latent.yaml")

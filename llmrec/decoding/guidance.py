@@ -178,6 +178,22 @@ def guidance_weights_path(run_dir: Path, results: dict) -> Path:
     return run_dir / phase / "best.safetensors"
 
 
+def check_trained_catalog(trained_dir: str | Path | None, data_dir: str | Path, what: str) -> None:
+    """Refuse an ID model on a catalogue other than the one it was trained on (its item ids would name other items).
+
+    ``trained_dir`` is the prepared dataset the run recorded; when its ``catalog.jsonl`` is no longer there the
+    check is skipped (the item count is checked separately). Raises ``ValueError`` naming ``what``.
+    """
+    if trained_dir is None:
+        return
+    trained_on = Path(str(trained_dir)) / "catalog.jsonl"
+    ours = Path(data_dir) / "catalog.jsonl"
+    if trained_on.exists() and ours.exists() and trained_on.read_bytes() != ours.read_bytes():
+        raise ValueError(
+            f"{what}: the ID model was trained on {trained_on.parent}, whose "
+            f"catalogue differs from {ours.parent}'s (item ids would not match)")
+
+
 def load_guidance_model(run_dir: str | Path, device: torch.device | str = "cpu", num_items: int | None = None):
     """Load a finished ``llmrec seqrec train`` run directory as an eval-mode ID model.
 

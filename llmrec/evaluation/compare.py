@@ -69,7 +69,10 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
         raise ValueError("the runs share no rows")
     for r in run_dirs:  # K beyond a beam run's list (e.g. @20 of 10 beams) would count unranked targets as misses
         res = Path(r) / "results.json"
-        proto = json.loads(res.read_text()).get("protocol", {}) if res.exists() else {}
+        try:
+            proto = json.loads(res.read_text(encoding="utf-8")).get("protocol", {}) if res.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{res}: not a results file of `llmrec evaluate` ({e})") from None
         beams = proto.get("num_beams") if proto.get("method") == "beam" else None
         beyond = [m for m in metrics if beams and int(m.split("@")[1]) > beams]
         if beyond:

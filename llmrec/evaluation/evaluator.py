@@ -102,7 +102,17 @@ class EvalConfig:
             raise ValueError("guidance_checkpoint only applies to method=beam")
         if self.method == "seqrec" and not self.checkpoint:
             raise ValueError("method=seqrec needs checkpoint: a `llmrec seqrec train` output_dir")
+        if not self.ks or any(int(k) < 1 for k in self.ks):
+            # checked here, not after the beam search over every row
+            raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {self.ks}")
         self.ks = sorted({int(k) for k in self.ks})
+        if self.method == "beam" and self.ks[0] > self.num_beams:
+            raise ValueError(f"no cut-off in ks {self.ks} is <= num_beams ({self.num_beams}): a beam search ranks "
+                             f"num_beams titles; lower ks or raise num_beams")
+        if self.history_length < 1:
+            raise ValueError(f"history_length must be >= 1, got {self.history_length}")
+        if self.max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0 (0 = all rows), got {self.max_rows}")
 
     @property
     def guided(self) -> bool:
@@ -268,12 +278,9 @@ class Evaluator:
         if num_items != data.num_items:
             raise ValueError(f"{what}: the ID model was trained on {num_items} items, {data.directory} has "
                              f"{data.num_items}")
-        trained_on = Path(str(trained_dir)) / "catalog.jsonl"
-        ours = Path(data.directory) / "catalog.jsonl"
-        if trained_on.exists() and ours.exists() and trained_on.read_bytes() != ours.read_bytes():
-            raise ValueError(
-                f"{what}: the ID model was trained on {trained_on.parent}, whose "
-                f"catalogue differs from {ours.parent}'s (item ids would not match)")
+        from llmrec.decoding.guidance import check_trained_catalog
+
+        check_trained_catalog(trained_dir, data.directory, what)
 
     def _load_seqrec(self) -> int:
         """Load the evaluated ID model (method=seqrec); returns its history length."""

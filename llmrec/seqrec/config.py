@@ -149,6 +149,25 @@ class SeqRecConfig:
             raise ValueError(f"reason_steps (K) must be >= 0, got {self.reason_steps}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
+        # Sizes and counts: 0 or less would build no layer, run no epoch (patience 0 trained nothing and still
+        # wrote results of the untrained model) or divide by zero (eval_every); refused here, at the start.
+        for name in ("max_history", "hidden_size", "n_layers", "n_heads", "inner_size", "epochs", "patience",
+                     "eval_every", "n_pre_layers", "n_core_layers", "mean_recurrence", "filter_topk", "filter_passes",
+                     "rpt_batch_size", "rpt_reward_k", "rpt_patience", "cl_max_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_batches", "num_threads", "rpt_epochs", "rpt_max_rows", "warmup_epochs",
+                     "weight_decay", "kl_weight", "kl_cap", "pl_weight", "cl_weight", "noise_std", "tla_weight",
+                     "sla_weight", "rpt_beta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "rpt_lr", "pta_alpha", "align_tau", "state_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {self.ks}")
         if not 0 <= self.window_stride <= self.max_history:
             raise ValueError(f"window_stride must be in 0..max_history ({self.max_history}), got {self.window_stride}")
         if self.train_mode not in ("sequence", "rows"):

@@ -230,8 +230,9 @@ def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
             str(d): trainer.evaluate(data.test, depth=d, desc=f"test depth {d}") for d in cfg.test_depths
         }
     if acc.is_main_process:
+        markdown = results_markdown(res)  # rendered first: a failure must not leave a results.json behind
         atomic_write_json(out / RESULTS_JSON, res)
-        atomic_write_text(out / RESULTS_MD, results_markdown(res))
+        atomic_write_text(out / RESULTS_MD, markdown)
         logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if k.endswith("@10")})
     acc.wait_for_everyone()
     return res

@@ -202,6 +202,11 @@ class LatentGRPOConfig(GRPOConfig):
             )
         if not self.noise_scale > 0 or not math.isfinite(self.noise_scale):
             raise ConfigError(f"noise_scale must be > 0, got {self.noise_scale}")
+        for name in ("history_length", "max_train_rows"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (or null), got {getattr(self, name)}")
+        if self.eval_rows < 0:
+            raise ConfigError(f"eval_rows must be >= 0 (0 = no held-out check), got {self.eval_rows}")
         if self.noise_mode not in NOISE_MODES:
             raise ConfigError(f"noise_mode must be one of {NOISE_MODES}, got {self.noise_mode!r}")
         if self.advantage_mode not in ADVANTAGE_MODES:
@@ -656,6 +661,9 @@ class LatentGRPOTrainer:
                 raise ConfigError(f"exclude_sft_rows: the SFT checkpoint trained on every {split_name} row")
         for i in (candidates[j] for j in _subset(len(candidates), max_rows, c.seed)):
             ex = split[i]
+            if not ex["history_item_ids"]:
+                raise ValueError(f"{data.directory}/{split_name}.jsonl, row {i + 1}, field 'history_item_ids': "
+                                 "empty history")
             try:
                 p, comp, _ = encode_example(template, self.tokenizer, ex["history_titles"], ex["target_title"],
                                             max_length, noun, model.num_latent_tokens)

@@ -183,6 +183,11 @@ class LatentSFTConfig(transformers.TrainingArguments):
             raise ConfigError("num_latent_tokens must be >= 0")
         if self.max_length <= self.num_latent_tokens + 2:
             raise ConfigError(f"max_length {self.max_length} is too small")
+        if self.history_length < 1:
+            raise ConfigError(f"history_length must be >= 1, got {self.history_length}")
+        for name in ("max_train_rows", "max_eval_rows"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
         if self.eval_split in ("", "none", "None"):
             self.eval_split = None
         if self.eval_split is None:
@@ -252,6 +257,9 @@ def build_dataset(config: LatentSFTConfig, tokenizer, split: str, max_rows: int 
     out, skipped, dropped_total = [], 0, 0
     for i in _subset(len(rows), max_rows, config.seed):
         row = rows[i]
+        if not row["history_item_ids"]:
+            # as `llmrec evaluate` and `llmrec seqrec train`: a row without history has no prompt to learn from
+            raise ValueError(f"{data.directory}/{split}.jsonl, row {i + 1}, field 'history_item_ids': empty history")
         try:
             p, c, dropped = encode_example(
                 template, tokenizer, row["history_titles"], row["target_title"], config.max_length, config.noun,
