@@ -2,8 +2,8 @@
 
 Ranking metrics on a few hundred rows see only a handful of hits, so they cannot tell a GRPO run from its SFT
 start; the quantity GRPO optimises, measured on validation rows it never trained on, can. Each checkpoint (an
-``llmrec sft`` or ``llmrec grpo`` output directory) is scored on the same seeded validation rows; with
-``--baseline`` the per-row differences to the first checkpoint get a paired bootstrap 95% interval.
+``llmrec sft`` or ``llmrec grpo`` output directory) is scored on the same seeded validation rows; the per-row
+differences to the first checkpoint (the baseline) get a paired bootstrap 95% interval.
 
     python scripts/grpo_heldout_rewards.py runs/games-cmp/sft_latent runs/games-cmp/grpo_* --rows 500 \
         --output benchmarks/results/games_grpo_heldout_smollm2.json
