@@ -62,20 +62,90 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return n
 
 
-def parse_jsonl_lines(lines: Iterable[str], path: Path) -> Iterator[dict]:
-    """The JSON records of ``lines`` (blank lines skipped); a malformed one raises naming ``path`` and its line."""
+def _jsonl_records(lines: Iterable[str], path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, record) of ``lines``: blank lines are skipped but still counted, so the number
+    is the file's line, not the record's position; a line that is not a JSON object raises naming it."""
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataFormatError(path, i, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):  # `5`, `null`, `[1, 2]`: valid JSON, but no fields to read
+            raise DataFormatError(path, i, None, f"expected a JSON object, got {json.dumps(obj)[:40]}")
+        yield i, obj
+
+
+def parse_jsonl_lines(lines: Iterable[str], path: Path) -> Iterator[dict]:
+    """The JSON objects of ``lines`` (blank lines skipped); a malformed one raises naming ``path`` and its line."""
+    for _, obj in _jsonl_records(lines, path):
+        yield obj
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 file; undecodable bytes raise a DataFormatError naming the file and line (a bare
+    UnicodeDecodeError names neither). A byte-order mark at the start is dropped."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, n, None, f"bytes that are not UTF-8 at offset {e.start}") from None
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) of each record of a JSONL file: errors name the file and line."""
+    yield from _jsonl_records(_text_lines(path), path)
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        yield from parse_jsonl_lines(f, path)
+    for _, obj in jsonl_records(path):
+        yield obj
+
+
+def read_stats(path: Path) -> dict:
+    """A ``stats.json`` (``{}`` when absent); a damaged one raises naming the file (and line)."""
+    if not path.exists():
+        return {}
+    try:
+        stats = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, None, None, f"bytes that are not UTF-8 at offset {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, e.lineno, None, f"not valid JSON ({e.msg})") from None
+    if not isinstance(stats, dict):
+        raise DataFormatError(path, None, None, f"expected a JSON object, got {json.dumps(stats)[:40]}")
+    return stats
+
+
+def json_id(value: Any, path: Path, n: int, fld: str) -> str:
+    """An id field of a JSON record as a string: a non-empty string or an integer. ``null`` and ``true`` are
+    not ids (``str()`` would make every missing id the one id "None")."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataFormatError(path, n, fld, f"expected a string or integer id, got {json.dumps(value)[:40]}")
+    value = str(value)
+    if not value.strip():
+        raise DataFormatError(path, n, fld, "empty id")
+    return value
+
+
+def _item_id(value: Any, path: Path, n: int, fld: str, n_items: int) -> int:
+    # bool is a subclass of int in Python, but `true` is not an item id (Arrow would reject it later, unnamed)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataFormatError(path, n, fld, f"expected an integer item id, got {json.dumps(value)[:40]}")
+    if not 1 <= value <= n_items:
+        raise DataFormatError(path, n, fld, f"item {value} is not in the catalogue (ids 1..{n_items})")
+    return value
+
+
+def _timestamp(value: Any, path: Path, n: int) -> int | None:
+    # Exactly an int64 or null: 1.5 would be truncated to 1 and "123" parsed, both silently.
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise DataFormatError(path, n, "timestamp", f"expected an integer or null, got {json.dumps(value)[:40]}")
+    return value
 
 
 @contextmanager
@@ -152,8 +222,7 @@ def load_prepared(
 
     directory = resolve_dataset_dir(directory)
     catalog = ItemCatalog.load(directory / CATALOG_FILE)
-    stats_path = directory / STATS_FILE
-    stats = json.loads(stats_path.read_text(encoding="utf-8")) if stats_path.exists() else {}
+    stats = read_stats(directory / STATS_FILE)
     wanted = list(splits) if splits is not None else [s for s in SPLITS if (directory / f"{s}.jsonl").exists()]
     if not wanted:
         raise FileNotFoundError(f"{directory}: no split files (train/valid/test.jsonl) found")
@@ -172,23 +241,21 @@ def load_prepared(
             raise FileNotFoundError(f"{directory}: split '{name}' is missing ({path.name} not found)")
         cols: dict[str, list] = {k: [] for k in ROW_FIELDS}
         n_items = len(catalog)
-        for n, row in enumerate(read_jsonl(path), start=1):
+        for n, row in jsonl_records(path):  # n: the file's line, as an editor shows it
             for key in ROW_FIELDS:
                 if key not in row:
                     raise DataFormatError(path, n, key, "missing")
             hist = row["history_item_ids"]
             if not isinstance(hist, list):
                 raise DataFormatError(path, n, "history_item_ids", "expected a list of item ids")
-            for fld, ids in (("history_item_ids", hist), ("target_item_id", [row["target_item_id"]])):
-                for i in ids:
-                    if not isinstance(i, int) or not 1 <= i <= n_items:
-                        raise DataFormatError(path, n, fld, f"item {i!r} is not in the catalogue (ids 1..{n_items})")
+            for i in hist:
+                _item_id(i, path, n, "history_item_ids", n_items)
             if max_history is not None and max_history > 0:
                 hist = hist[-max_history:]
-            cols["user_id"].append(row["user_id"])
+            cols["user_id"].append(json_id(row["user_id"], path, n, "user_id"))
             cols["history_item_ids"].append(hist)
-            cols["target_item_id"].append(row["target_item_id"])
-            cols["timestamp"].append(row["timestamp"])
+            cols["target_item_id"].append(_item_id(row["target_item_id"], path, n, "target_item_id", n_items))
+            cols["timestamp"].append(_timestamp(row["timestamp"], path, n))
         if with_titles:
             title = catalog.title
             cols["history_titles"] = [[title(i) for i in h] for h in cols["history_item_ids"]]

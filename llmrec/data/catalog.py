@@ -12,18 +12,20 @@ Title kinds found in real recommendation data (see ../shared/data/README.md):
 with it before examples are formed (as if it had never been seen); ``keep`` keeps it. The default
 drops html, placeholder and empty titles (an LLM cannot generate them meaningfully) and keeps
 duplicates: items sharing a title become one path of the decoding trie and evaluation reports
-title-level and item-level matching. The counts land in ``stats.json``.
+title-level and item-level matching. The counts land in ``stats.json``. ``prepare`` refuses
+``empty=keep``: a prepared catalogue has a title for every item (its loader rejects an empty one).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmrec.data.canonical import CATALOG_FILE, DataFormatError, read_jsonl, write_jsonl
+from llmrec.data.canonical import CATALOG_FILE, DataFormatError, json_id, jsonl_records, write_jsonl
 
 TITLE_KINDS = ("html", "placeholder", "empty", "duplicate")
 POLICIES = ("keep", "drop")
@@ -206,14 +208,26 @@ class ItemCatalog:
         if not path.exists():
             raise FileNotFoundError(f"catalogue file not found: {path}")
         raw_ids, titles = [], []
-        for n, row in enumerate(read_jsonl(path), start=1):
+        line_of: dict[str, int] = {}
+        for n, row in jsonl_records(path):  # n: the file's line (blank lines counted), for the messages
             for key in ("item_id", "raw_id", "title"):
                 if key not in row:
                     raise DataFormatError(path, n, key, "missing")
-            if row["item_id"] != n:
-                raise DataFormatError(path, n, "item_id", f"expected {n} (ids must be contiguous from 1)")
-            raw_ids.append(row["raw_id"])
-            titles.append(row["title"])
+            expected = len(titles) + 1
+            if isinstance(row["item_id"], bool) or row["item_id"] != expected:  # True == 1 in Python
+                raise DataFormatError(path, n, "item_id", f"expected {expected} (ids must be contiguous from 1)")
+            raw = json_id(row["raw_id"], path, n, "raw_id")
+            if raw in line_of:
+                raise DataFormatError(path, n, "raw_id", f"raw id {raw!r} is also on line {line_of[raw]}")
+            line_of[raw] = n
+            title = row["title"]
+            # prepare gives every item a title (items without one are dropped), and a model cannot generate ""
+            if not isinstance(title, str):
+                raise DataFormatError(path, n, "title", f"expected a string, got {json.dumps(title)[:40]}")
+            if not title.strip():
+                raise DataFormatError(path, n, "title", "empty title (a prepared catalogue has a title for every item)")
+            raw_ids.append(raw)
+            titles.append(title)
         if not titles:
             raise DataFormatError(path, None, None, "the catalogue is empty")
         return cls(raw_ids, titles)

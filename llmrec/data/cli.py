@@ -14,6 +14,17 @@ def _split_list(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (``--max-history -5`` used to mean "all", as 0 does)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all), got {value}")
+    return value
+
+
 def read_source(args: argparse.Namespace):
     """Dispatch to the reader of ``args.format``."""
     from llmrec.data import formats
@@ -86,12 +97,13 @@ def format_stats(stats: dict) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from llmrec.data.canonical import read_stats
     from llmrec.data.samples import resolve_dataset_dir
 
     path = resolve_dataset_dir(args.directory) / "stats.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a prepared directory")
-    stats = json.loads(path.read_text(encoding="utf-8"))
+    stats = read_stats(path)  # a damaged file: an error naming it, not a bare JSONDecodeError
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -106,11 +118,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--output", required=True, help="output directory (written atomically)")
     p.add_argument("--splits", default=None, help="comma-separated splits to prepare (default: all three; "
                    "a missing split is an error unless named here, e.g. valid,test)")
-    p.add_argument("--max-history", type=int, default=50, help="keep the last N history items (0 = all)")
+    p.add_argument("--max-history", type=_non_negative_int, default=50, help="keep the last N history items (0 = all)")
     p.add_argument("--eval-rows", choices=("all", "first"), default="all",
                    help="time splits: one row per valid/test interaction (all) or only the user's first")
     p.add_argument("--title-policy", default=None,
-                   help="keep/drop per title kind, e.g. 'html=drop,placeholder=drop,empty=drop,duplicate=keep' (the default)")
+                   help="keep/drop per title kind, e.g. 'html=drop,placeholder=drop,empty=drop,duplicate=keep' (the default; "
+                   "empty titles are always dropped)")
     p.add_argument("--category", default=None, help="category / file-name stem when a folder holds several")
     p.add_argument("--titles-from", choices=("auto", "npy", "jsonl"), default="auto", help="seq-txt: title map source")
     p.add_argument("--on-unknown-item", choices=("error", "skip"), default="error",

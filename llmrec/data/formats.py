@@ -19,17 +19,17 @@ import ast
 import csv
 import gzip
 import html
-import io
 import json
 import math
 import random
+import re
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llmrec.data.canonical import SPLITS, DataFormatError
+from llmrec.data.canonical import SPLITS, DataFormatError, json_id
 
 FORMATS = ("d3-csv", "seq-txt", "recbole", "csv", "amazon2018", "amazon2023")
 
@@ -58,17 +58,11 @@ class RawData:
 # --------------------------------------------------------------------------- helpers
 
 
-def _open_text(path: Path):
-    """Open a UTF-8 text file (gzip if it ends in .gz); bytes that are not UTF-8 raise per row."""
-    if not path.exists():
-        raise FileNotFoundError(f"input file not found: {path}")
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict", newline="")
-    return open(path, encoding="utf-8", errors="strict", newline="")
-
-
 def _lines(path: Path):
-    """Yield (line number, text) and turn undecodable bytes into a DataFormatError for that line."""
+    """Yield (line number, text) and turn undecodable bytes into a DataFormatError for that line.
+
+    A UTF-8 byte-order mark at the start (Excel writes one) is dropped: kept, it would glue itself to the
+    first column's name and that column would be reported missing."""
     if not path.exists():
         raise FileNotFoundError(f"input file not found: {path}")
     opener = gzip.open if path.suffix == ".gz" else open
@@ -83,13 +77,17 @@ def _lines(path: Path):
                 raise DataFormatError(path, n + 1, None, f"cannot read the file ({type(e).__name__}: {e})") from None
             n += 1
             try:
-                yield n, raw.decode("utf-8")
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataFormatError(path, n, None, f"bytes that are not UTF-8 at offset {e.start}") from None
 
 
 def _csv_rows(path: Path, delimiter: str = ","):
-    """Yield (line number, dict row) of a CSV file with a header, with per-row decoding errors."""
+    """Yield (line number, dict row) of a CSV file with a header, with per-row decoding errors.
+
+    The line number is the line where the record starts: a quoted field may span lines, and an unclosed
+    quote swallows the lines after it, so the start is where to look.
+    """
     text_lines = (line for _, line in _lines(path))
     reader = csv.reader(text_lines, delimiter=delimiter)
     try:
@@ -100,27 +98,42 @@ def _csv_rows(path: Path, delimiter: str = ","):
         raise DataFormatError(path, 1, None, f"bad CSV header ({e})") from None
     header = [h.strip() for h in header]
     while True:
+        start = reader.line_num + 1  # blank lines are records of their own ([]), so this stays exact
         try:
             values = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataFormatError(path, reader.line_num, None, f"bad CSV ({e})") from None
+            raise DataFormatError(path, start, None, f"bad CSV ({e})") from None
         except DataFormatError:
             raise
         if not values:
             continue
         if len(values) != len(header):
-            raise DataFormatError(
-                path, reader.line_num, None, f"{len(values)} fields where the header has {len(header)}"
-            )
-        yield reader.line_num, dict(zip(header, values))
+            spans = f" (the record runs to line {reader.line_num}: an unclosed quote?)" if reader.line_num > start else ""
+            raise DataFormatError(path, start, None, f"{len(values)} fields where the header has {len(header)}{spans}")
+        yield start, dict(zip(header, values))
 
 
 def _require(row: dict, key: str, path: Path, n: int) -> str:
     if key not in row:
         raise DataFormatError(path, n, key, "missing column")
     return row[key]
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_id(value: str, path: Path, n: int, fld: str) -> str:
+    """A user or item id read from a text field: not empty, and no line break or other control character --
+    an id read from a CSV field with a newline in it means an unclosed quote merged several records into one.
+    Returns ``value`` unchanged."""
+    if not value.strip():
+        raise DataFormatError(path, n, fld, "empty id")
+    if _CONTROL_RE.search(value):
+        hint = " (an unclosed quote on this line?)" if "\n" in value else ""
+        raise DataFormatError(path, n, fld, f"id {value[:40]!r} contains a line break or control character{hint}")
+    return value
 
 
 def _int(value, path: Path, n: int, fld: str) -> int:
@@ -202,7 +215,7 @@ def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None)
             )
         rows = []
         for n, row in _csv_rows(path):
-            user = _require(row, "user_id", path, n)
+            user = _check_id(_require(row, "user_id", path, n), path, n, "user_id")
             hist = [str(_int(x, path, n, "history_item_id")) for x in _literal_list(_require(row, "history_item_id", path, n), path, n, "history_item_id")]
             target = str(_int(_require(row, "item_id", path, n), path, n, "item_id"))
             ts = _int(_require(row, "timestamp", path, n), path, n, "timestamp")
@@ -271,7 +284,7 @@ def read_seq_titles(input_dir: Path, titles_from: str = "auto") -> dict[str, str
             key = "seq_id" if "seq_id" in obj else "item_id"
             if key not in obj:
                 raise DataFormatError(jsonl, n, "item_id", "missing (expected seq_id or item_id)")
-            _set_title(titles, str(obj[key]), obj.get("title"), jsonl, n, key)
+            _set_title(titles, json_id(obj[key], jsonl, n, key), obj.get("title"), jsonl, n, key)
         return titles
     raise ValueError(f"--titles-from must be auto, npy or jsonl, got {titles_from!r}")
 
@@ -332,7 +345,8 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
         parts = line.rstrip("\r\n").split("\t")
         if len(parts) <= max(cols["item_id"], cols[title_col]):
             raise DataFormatError(item, n, title_col, "missing field")
-        _set_title(titles, parts[cols["item_id"]].strip(), parts[cols[title_col]], item, n, "item_id")
+        it = _check_id(parts[cols["item_id"]], item, n, "item_id").strip()
+        _set_title(titles, it, parts[cols[title_col]], item, n, "item_id")
     seqs: dict[str, dict] = {}
     skipped: dict[str, int] = {}
     lines = _lines(inter)
@@ -351,7 +365,9 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
         parts = line.rstrip("\r\n").split("\t")
         if len(parts) != len(cols):
             raise DataFormatError(inter, n, None, f"{len(parts)} fields where the header has {len(cols)}")
-        user, it = parts[cols["user_id"]].strip(), parts[cols["item_id"]].strip()
+        # an empty id would become the user "" / item "": one user for every such row
+        user = _check_id(parts[cols["user_id"]], inter, n, "user_id").strip()
+        it = _check_id(parts[cols["item_id"]], inter, n, "item_id").strip()
         ts = _int(parts[cols["timestamp"]], inter, n, "timestamp")
         if it not in titles:
             if on_unknown == "skip":
@@ -419,20 +435,16 @@ def read_generic_csv(
     u_col, i_col, t_col, item_col, title_col = columns
     titles: dict[str, str | None] = {}
     for n, row in _csv_rows(items):
-        it = _require(row, item_col, items, n).strip()
-        if not it:
-            raise DataFormatError(items, n, item_col, "empty item id")
+        it = _check_id(_require(row, item_col, items, n), items, n, item_col).strip()
         if it in titles:
             raise DataFormatError(items, n, item_col, f"item {it} appears twice")
         titles[it] = _require(row, title_col, items, n)
     events: dict[str, list] = defaultdict(list)
     skipped: dict[str, int] = {}
     for n, row in _csv_rows(interactions):
-        user = _require(row, u_col, interactions, n).strip()
-        it = _require(row, i_col, interactions, n).strip()
+        user = _check_id(_require(row, u_col, interactions, n), interactions, n, u_col).strip()
+        it = _check_id(_require(row, i_col, interactions, n), interactions, n, i_col).strip()
         ts = _int(_require(row, t_col, interactions, n), interactions, n, t_col)
-        if not user:
-            raise DataFormatError(interactions, n, u_col, "empty user id")
         if it not in titles:
             if on_unknown == "skip":
                 skipped["unknown_item_interactions"] = skipped.get("unknown_item_interactions", 0) + 1
@@ -478,13 +490,16 @@ def read_amazon2023(
     for n, obj in _jsonl_objects(meta):
         if "parent_asin" not in obj:
             raise DataFormatError(meta, n, "parent_asin", "missing")
-        _set_title(titles, str(obj["parent_asin"]), obj.get("title"), meta, n, "parent_asin")
+        _set_title(titles, json_id(obj["parent_asin"], meta, n, "parent_asin"), obj.get("title"), meta, n, "parent_asin")
     events: dict[str, list] = defaultdict(list)
     skipped: dict[str, int] = {}
     for n, obj in _jsonl_objects(reviews):
         for key in ("user_id", "parent_asin", "timestamp"):
             if key not in obj:
                 raise DataFormatError(reviews, n, key, "missing")
+        # json_id, not str(): str(None) would make every null id one item (or user) "None"
+        user = json_id(obj["user_id"], reviews, n, "user_id")
+        it = json_id(obj["parent_asin"], reviews, n, "parent_asin")
         if min_rating is not None:
             if "rating" not in obj:
                 raise DataFormatError(reviews, n, "rating", "missing")
@@ -495,13 +510,12 @@ def read_amazon2023(
             if rating < min_rating:
                 skipped["below_min_rating"] = skipped.get("below_min_rating", 0) + 1
                 continue
-        it = str(obj["parent_asin"])
         if it not in titles:
             if on_unknown == "skip":
                 skipped["unknown_item_interactions"] = skipped.get("unknown_item_interactions", 0) + 1
                 continue
             raise DataFormatError(reviews, n, "parent_asin", f"item {it} has no metadata in {meta.name}")
-        events[str(obj["user_id"])].append((_int(obj["timestamp"], reviews, n, "timestamp"), n, it))
+        events[user].append((_int(obj["timestamp"], reviews, n, "timestamp"), n, it))
     mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs)
     return RawData(titles=titles, mode=mode, sequences=seqs, skipped=skipped, source={"format": "amazon2023", "category": category})
 
@@ -544,17 +558,23 @@ def read_amazon2018(
     reviews = _find(input_dir, [f"{category}_5.json", f"{category}.json"])
     meta = _find(input_dir, [f"meta_{category}.json"])
     raw_titles: dict[str, str | None] = {}
+    conflicts = 0
     for n, obj in _jsonl_objects(meta):
         if "asin" not in obj:
             raise DataFormatError(meta, n, "asin", "missing")
-        raw_titles[str(obj["asin"])] = obj.get("title")
+        asin = json_id(obj["asin"], meta, n, "asin")
+        # The 2018 meta files repeat asins. D3 reads them into a dict, so the last title wins; so do we (the
+        # protocol's items and titles), counting the repeats whose title differs instead of failing on them.
+        conflicts += asin in raw_titles and raw_titles[asin] != obj.get("title")
+        raw_titles[asin] = obj.get("title")
     titles = {a: _d3_clean_title(t) for a, t in raw_titles.items()}
     all_events = []
     for n, obj in _jsonl_objects(reviews):
         for key in ("reviewerID", "asin", "unixReviewTime"):
             if key not in obj:
                 raise DataFormatError(reviews, n, key, "missing")
-        all_events.append((str(obj["reviewerID"]), str(obj["asin"]), _int(obj["unixReviewTime"], reviews, n, "unixReviewTime"), n))
+        all_events.append((json_id(obj["reviewerID"], reviews, n, "reviewerID"), json_id(obj["asin"], reviews, n, "asin"),
+                           _int(obj["unixReviewTime"], reviews, n, "unixReviewTime"), n))
 
     def month_ts(ym: tuple[int, int]) -> int:
         # UTC (Amazon's unixReviewTime values are midnight-UTC day stamps): D3's code uses the local time of the
@@ -593,7 +613,7 @@ def read_amazon2018(
     kept_titles = {i: titles[i] for i in items}
     window = f"{sy}-{sm}-{ey}-{em}"
     return RawData(
-        titles=kept_titles, mode="rows", rows=rows,
+        titles=kept_titles, mode="rows", rows=rows, skipped={"meta_asin_title_conflicts_last_kept": conflicts} if conflicts else {},
         source={"format": "amazon2018", "category": category, "window": window, "raw_reviews": len(all_events),
                 "raw_meta_items": len(raw_titles)},
     )

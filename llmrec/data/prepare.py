@@ -141,6 +141,12 @@ def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None
     opts = opts or PrepareOptions()
     if opts.eval_rows not in ("all", "first"):
         raise ValueError(f"eval_rows must be 'all' or 'first', got {opts.eval_rows!r}")
+    if opts.max_history < 0:  # would silently mean "all" (0)
+        raise ValueError(f"max_history must be >= 0 (0 = all), got {opts.max_history}")
+    if opts.title_policy is not None and opts.title_policy.empty == "keep":
+        # A prepared catalogue has a title for every item (the loader rejects an empty one): an item without a
+        # title cannot be recommended by its title, so it is dropped and counted.
+        raise ValueError("title policy empty=keep is not allowed: a prepared catalogue has a title for every item")
     raw_stats = raw_counts(raw)
     kept, report = clean_titles(raw.titles, opts.title_policy)
     # Only items that occur somewhere in the data enter the catalogue (as every reader's id space).

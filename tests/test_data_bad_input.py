@@ -1,0 +1,250 @@
+"""Bad input to the readers and to a prepared directory: a DataFormatError naming the file, the 1-based LINE
+and the field -- never a merged id, a silently changed value, or a bare TypeError / ArrowTypeError /
+UnicodeDecodeError / JSONDecodeError. Tiny hand-written files only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmrec.cli import main
+from llmrec.data import formats
+from llmrec.data.canonical import DataFormatError, load_prepared
+from llmrec.data.catalog import ItemCatalog, TitlePolicy
+from llmrec.data.prepare import PrepareOptions, prepare
+
+
+def jsonl(rows: list) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def err_of(fn) -> str:
+    with pytest.raises(DataFormatError) as e:
+        fn()
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------- raw readers: missing / empty ids
+
+
+def write_amazon2023(root: Path, reviews: list[dict], meta: list[dict]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "VG.jsonl").write_text(jsonl(reviews))
+    (root / "meta_VG.jsonl").write_text(jsonl(meta))
+    return root
+
+
+AMZ_META = [{"parent_asin": "B1", "title": "One"}, {"parent_asin": "B2", "title": "Two"}]
+
+
+def amz_review(user, item, ts: int) -> dict:
+    return {"user_id": user, "parent_asin": item, "timestamp": ts, "rating": 5}
+
+
+@pytest.mark.parametrize("where, value, field", [("review", "user_id", "user_id"), ("review", "parent_asin", "parent_asin"),
+                                                  ("meta", "parent_asin", "parent_asin")])
+def test_amazon2023_null_id_is_an_error_not_the_id_none(tmp_path: Path, where, value, field):
+    reviews = [amz_review("u1", "B1", 1), amz_review("u1", "B2", 2), amz_review("u2", "B1", 3)]
+    meta = [dict(m) for m in AMZ_META]
+    if where == "review":
+        reviews[2][value] = None  # str(None) made every such row the user (item) "None"
+    else:
+        meta[1][value] = None
+    src = write_amazon2023(tmp_path / "a", reviews, meta)
+    name = "VG.jsonl" if where == "review" else "meta_VG.jsonl"
+    line = 3 if where == "review" else 2
+    msg = err_of(lambda: formats.read_amazon2023(src, "VG", split="loo"))
+    assert msg.startswith(f"{src / name}, row {line}, field '{field}'") and "null" in msg
+
+
+def write_amazon2018(root: Path, reviews: list[dict], meta: list[dict]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "VG.json").write_text(jsonl(reviews))
+    (root / "meta_VG.json").write_text(jsonl(meta))
+    return root
+
+
+def test_amazon2018_null_ids_and_conflicting_meta_titles(tmp_path: Path):
+    reviews = [{"reviewerID": "U1", "asin": "A1", "unixReviewTime": 1}, {"reviewerID": None, "asin": "A1",
+                                                                         "unixReviewTime": 2}]
+    src = write_amazon2018(tmp_path / "a", reviews, [{"asin": "A1", "title": "Game"}])
+    assert err_of(lambda: formats.read_amazon2018(src, "VG", min_items=1)).startswith(
+        f"{src / 'VG.json'}, row 2, field 'reviewerID'")
+    # the same asin twice with another title: the last one wins, as in D3's process.py (the protocol), and
+    # the conflict is counted in stats.json's skips (it used to pass silently)
+    meta = [{"asin": "A1", "title": "Game"}, {"asin": "A2", "title": "Other"}, {"asin": "A1", "title": "Not Game"}]
+    src = write_amazon2018(tmp_path / "b", reviews[:1], meta)
+    raw = formats.read_amazon2018(src, "VG", min_items=1)
+    assert raw.skipped == {"meta_asin_title_conflicts_last_kept": 1}
+    # the same record twice (real meta files repeat some) is harmless
+    src = write_amazon2018(tmp_path / "c", reviews[:1], meta[:2] + meta[:1])
+    same = formats.read_amazon2018(src, "VG", min_items=1)
+    assert same.source["raw_meta_items"] == 2 and same.skipped == {}
+
+
+def test_recbole_empty_user_id_is_an_error_like_csv(tmp_path: Path):
+    src = tmp_path / "rb"
+    src.mkdir()
+    (src / "x.item").write_text("item_id:token\ttitle:token_seq\n1\tOne\n2\tTwo\n")
+    (src / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\t1\t1\n\n \t2\t2\n")
+    assert err_of(lambda: formats.read_recbole(src)) == f"{src / 'x.inter'}, row 4, field 'user_id': empty id"
+    (src / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\t1\t1\n")
+    (src / "x.item").write_text("item_id:token\ttitle:token_seq\n1\tOne\n\tNo id\n")
+    assert err_of(lambda: formats.read_recbole(src)) == f"{src / 'x.item'}, row 3, field 'item_id': empty id"
+
+
+# --------------------------------------------------------------------------- raw CSV: quotes, BOM
+
+
+def write_csv(root: Path, items: str, interactions: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "items.csv").write_bytes(items.encode("utf-8"))
+    (root / "interactions.csv").write_bytes(interactions.encode("utf-8"))
+    return root
+
+
+INTERACTIONS = "user,item,timestamp\n" + "".join(f"u{u},{i},{10 * u + i}\n" for u in (1, 2) for i in (1, 2, 3))
+
+
+def test_unclosed_quote_in_items_csv_is_blamed_on_its_line(tmp_path: Path):
+    # line 4 opens a quote that line 6 closes: three records used to become one item whose id has newlines,
+    # and the error then blamed interactions.csv
+    items = 'item,title\n1,One\n2,Two\n"99,Unclosed title\n3,Three\n4",Four\n'
+    src = write_csv(tmp_path / "c", items, INTERACTIONS)
+    msg = err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv"))
+    assert msg.startswith(f"{src / 'items.csv'}, row 4, field 'item': id '99,Unclosed title\\n3,Three")
+    assert "line break" in msg
+    # merged into a record of the wrong width: the line it starts on, and where it ends
+    (src / "items.csv").write_text('item,title\n1,One\n2,Two\n"99,Unclosed title\n3,Three\n4,"Four"\n')
+    assert err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv")) == (
+        f"{src / 'items.csv'}, row 4: 1 fields where the header has 2 (the record runs to line 6: an unclosed quote?)")
+
+
+def test_csv_record_lines_count_blank_lines_and_multiline_titles(tmp_path: Path):
+    items = 'item,title\n1,"One,\nwith a newline"\n\n2,Two\n3,Three\n'
+    bad = "user,item,timestamp\nu1,1,1\n\n\nu1,2,x\n"
+    src = write_csv(tmp_path / "c", items, bad)
+    assert err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv")).startswith(
+        f"{src / 'interactions.csv'}, row 5, field 'timestamp'")
+    (src / "items.csv").write_text(items + "3,Three again\n")  # the 5th record, on line 7
+    assert "row 7, field 'item': item 3 appears twice" in err_of(
+        lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv"))
+
+
+def test_utf8_bom_at_the_start_of_a_csv_is_ignored(tmp_path: Path):
+    src = write_csv(tmp_path / "c", "\ufeffitem,title\n1,One\n2,Two\n3,Three\n", "\ufeff" + INTERACTIONS)
+    raw = formats.read_generic_csv(src / "interactions.csv", src / "items.csv")
+    assert sorted(raw.titles) == ["1", "2", "3"] and sorted(raw.sequences) == ["u1", "u2"]
+
+
+# --------------------------------------------------------------------------- prepared directory
+
+
+CATALOG = [{"item_id": k, "raw_id": f"r{k}", "title": f"Title {k}"} for k in (1, 2, 3)]
+ROWS = [{"user_id": "u1", "history_item_ids": [1, 2], "target_item_id": 3, "timestamp": 30},
+        {"user_id": "u2", "history_item_ids": [2], "target_item_id": 1, "timestamp": None}]
+
+
+def write_prepared(root: Path, rows_text: str | None = None, catalog_text: str | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "catalog.jsonl").write_text(jsonl(CATALOG) if catalog_text is None else catalog_text)
+    (root / "test.jsonl").write_text(jsonl(ROWS) if rows_text is None else rows_text)
+    (root / "stats.json").write_text('{"rows": {"test": 2}}\n')
+    return root
+
+
+def test_a_good_prepared_dir_loads(tmp_path: Path):
+    data = load_prepared(write_prepared(tmp_path / "d"))
+    assert data.splits["test"]["timestamp"] == [30, None] and data.stats == {"rows": {"test": 2}}
+
+
+def bad_row(**change) -> str:
+    return jsonl([ROWS[0], {**ROWS[1], **change}])  # the changed row is line 2
+
+
+@pytest.mark.parametrize("text, where", [
+    (jsonl(ROWS[:1]) + "5\n", "row 2: expected a JSON object, got 5"),
+    (jsonl(ROWS[:1]) + "null\n", "row 2: expected a JSON object, got null"),
+    (bad_row(history_item_ids=[True]), "row 2, field 'history_item_ids': expected an integer item id, got true"),
+    (bad_row(target_item_id=True), "row 2, field 'target_item_id': expected an integer item id, got true"),
+    (bad_row(timestamp=1.5), "row 2, field 'timestamp': expected an integer or null, got 1.5"),
+    (bad_row(timestamp="abc"), "row 2, field 'timestamp': expected an integer or null, got \"abc\""),
+    (bad_row(user_id=None), "row 2, field 'user_id': expected a string or integer id, got null"),
+    (bad_row(user_id=""), "row 2, field 'user_id': empty id"),
+])
+def test_bad_split_rows_name_file_line_field(tmp_path: Path, text: str, where: str):
+    d = write_prepared(tmp_path / "d", rows_text=text)
+    assert err_of(lambda: load_prepared(d)) == f"{d / 'test.jsonl'}, {where}"
+
+
+def test_split_errors_give_the_file_line_not_the_record_number(tmp_path: Path):
+    # blank lines are skipped but still lines: the bad id is on line 5, in the second record
+    rows = jsonl(ROWS[:1]) + "\n  \n\n" + jsonl([{**ROWS[1], "history_item_ids": [9]}])
+    d = write_prepared(tmp_path / "d", rows_text=rows)
+    assert err_of(lambda: load_prepared(d)).startswith(f"{d / 'test.jsonl'}, row 5, field 'history_item_ids': item 9")
+
+
+@pytest.mark.parametrize("change, where", [
+    ({"title": 12}, "row 2, field 'title': expected a string, got 12"),
+    ({"title": None}, "row 2, field 'title': expected a string, got null"),
+    ({"title": " "}, "row 2, field 'title': empty title"),
+    ({"raw_id": "r1"}, "row 2, field 'raw_id': raw id 'r1' is also on line 1"),
+    ({"raw_id": None}, "row 2, field 'raw_id': expected a string or integer id, got null"),
+])
+def test_bad_catalogue_rows_name_file_line_field(tmp_path: Path, change: dict, where: str):
+    cat = jsonl([CATALOG[0], {**CATALOG[1], **change}, CATALOG[2]])
+    d = write_prepared(tmp_path / "d", catalog_text=cat)
+    assert err_of(lambda: load_prepared(d)).startswith(f"{d / 'catalog.jsonl'}, {where}")
+
+
+def test_catalogue_ids_stay_contiguous_across_blank_lines(tmp_path: Path):
+    p = tmp_path / "c.jsonl"
+    p.write_text("\n" + jsonl(CATALOG[:1]) + "\n" + jsonl(CATALOG[1:]))
+    assert ItemCatalog.load(p).titles == ["Title 1", "Title 2", "Title 3"]
+    p.write_text(jsonl([{**CATALOG[0], "item_id": True}]))  # True == 1 in Python
+    assert err_of(lambda: ItemCatalog.load(p)) == f"{p}, row 1, field 'item_id': expected 1 (ids must be contiguous from 1)"
+    p.write_text("\n" + jsonl(CATALOG[:1]) + "7\n")
+    assert err_of(lambda: ItemCatalog.load(p)) == f"{p}, row 3: expected a JSON object, got 7"
+
+
+def test_non_utf8_split_and_damaged_stats_name_the_file(tmp_path: Path, capsys):
+    d = write_prepared(tmp_path / "d")
+    (d / "test.jsonl").write_bytes(jsonl(ROWS).encode() + b'{"user_id": "\xff"}\n')
+    assert err_of(lambda: load_prepared(d)).startswith(f"{d / 'test.jsonl'}, row 3: bytes that are not UTF-8")
+    d = write_prepared(tmp_path / "e")
+    (d / "stats.json").write_text('{\n  "rows": {"te')
+    assert err_of(lambda: load_prepared(d)).startswith(f"{d / 'stats.json'}, row 2: not valid JSON")
+    assert main(["data", "stats", str(d)]) == 1
+    assert f"{d / 'stats.json'}, row 2: not valid JSON" in capsys.readouterr().err
+    (d / "stats.json").write_text("[1]\n")
+    assert err_of(lambda: load_prepared(d)) == f"{d / 'stats.json'}: expected a JSON object, got [1]"
+
+
+# --------------------------------------------------------------------------- prepare options
+
+
+def test_prepare_refuses_empty_titles_kept_and_negative_max_history(tmp_path: Path):
+    inter = "user,item,timestamp\n" + "".join(f"u1,{i},{i}\n" for i in (1, 2, 3, 4, 5))
+    src = write_csv(tmp_path / "c", "item,title\n1,One\n2,\n3,Three\n4,Four\n5,Five\n", inter)
+    raw = formats.read_generic_csv(src / "interactions.csv", src / "items.csv")
+    # kept, item 2 would get the title "" that load_prepared rejects
+    with pytest.raises(ValueError, match="empty=keep is not allowed"):
+        prepare(raw, tmp_path / "out", PrepareOptions(title_policy=TitlePolicy.parse("empty=keep")))
+    with pytest.raises(ValueError, match="max_history must be >= 0"):
+        prepare(raw, tmp_path / "out", PrepareOptions(max_history=-5))
+    assert not (tmp_path / "out").exists()
+    stats = prepare(raw, tmp_path / "out")  # the default drops item 2 and counts it
+    assert stats["cleaning"]["dropped_items"]["empty"] == 1
+    assert load_prepared(tmp_path / "out").num_items == 4
+
+
+def test_cli_rejects_negative_max_history(tmp_path: Path, capsys):
+    src = write_csv(tmp_path / "c", "item,title\n1,One\n2,Two\n3,Three\n", INTERACTIONS)
+    with pytest.raises(SystemExit) as e:
+        main(["data", "prepare", "--format", "csv", "--input", str(src), "--output", str(tmp_path / "o"),
+              "--max-history", "-5"])
+    assert e.value.code == 2
+    assert "argument --max-history: must be >= 0 (0 = all), got -5" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
