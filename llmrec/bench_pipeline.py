@@ -301,6 +301,7 @@ class Pipeline:
 
     def _check_finished(self, stage: str, seed: int) -> None:
         """A finished training stage is reused only if it was made with what this pipeline asks for."""
+        from llmrec.data.canonical import read_stats
         from llmrec.models.backbone import concrete_dtype_name
 
         d = self.stage_dir(stage, seed)
@@ -310,7 +311,7 @@ class Pipeline:
         if stage.startswith("sft_"):
             res = json.loads((d / "train_results.json").read_text())
             args = json.loads((d / "training_args.json").read_text()) if (d / "training_args.json").exists() else {}
-            n_train = json.loads((self.data_dir / "stats.json").read_text()).get("rows", {}).get("train")
+            n_train = read_stats(self.data_dir / "stats.json").get("rows", {}).get("train")
             wanted = {"model": o.model, "dataset": str(self.data_dir), "train_rows": min(o.train_rows, n_train or o.train_rows),
                       "seed": seed, "model_dtype": concrete_dtype_name(o.dtype)}
             found = {"model": res.get("config", {}).get("model_name_or_path"), "dataset": res.get("config", {}).get("dataset"),

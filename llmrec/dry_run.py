@@ -284,9 +284,9 @@ def check_dataset(report: DryRunReport, dataset: str | None, splits: Sequence[st
         report.missing_input(f"dataset {dataset} (no catalog.jsonl: not a prepared directory)",
                              _prepare_hint(recipe, key, dataset))
         return None
-    stats: dict = {}
-    if (directory / "stats.json").exists():
-        stats = json.loads((directory / "stats.json").read_text(encoding="utf-8"))
+    from llmrec.data.canonical import read_stats
+
+    stats = read_stats(directory / "stats.json")  # {} when absent; a damaged one is named
     items = (stats.get("cleaned") or {}).get("catalog_items") or _count_lines(directory / "catalog.jsonl")
     report.item("catalogue items", f"{items:,}")
     rows: dict[str, int] = {}

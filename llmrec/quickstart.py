@@ -10,11 +10,11 @@ test rows, beside the popularity baseline and the zero-shot model -> one metrics
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from llmrec.data.canonical import read_stats
     from llmrec.data.cli import format_stats
     from llmrec.data.samples import resolve_dataset_dir
     from llmrec.evaluation.evaluator import EvalConfig, evaluate, markdown_table
@@ -22,7 +22,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     data_dir = resolve_dataset_dir(args.dataset)
     print(f"== data: {args.dataset} ({data_dir})")
-    stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
+    stats = read_stats(data_dir / "stats.json")
     # a directory written by `llmrec data prepare` has the full report; a hand-made one may only count rows
     print(format_stats(stats) if "raw" in stats else f"rows: {stats.get('rows')}")
     stages = [("popularity", {"method": "popularity"}), ("zero_shot", {"method": "beam"})]

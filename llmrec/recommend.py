@@ -736,26 +736,18 @@ class Recommender:
 
 def _read_input(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` of every non-blank line of a histories JSONL file, shape-checked."""
-    from llmrec.data.canonical import DataFormatError
+    from llmrec.data.canonical import DataFormatError, jsonl_records
 
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, n, None, f"not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataFormatError(path, n, None, 'expected an object like {"history": [...], "user": ...}')
-            if "history" not in row:
-                raise DataFormatError(path, n, "history", "missing")
-            if not isinstance(row["history"], list):
-                raise DataFormatError(path, n, "history", "expected a list of item titles or ids")
-            rows.append((n, row))
+    # jsonl_records names the file and line of undecodable bytes, invalid JSON and non-object lines
+    for n, row in jsonl_records(path):
+        if "history" not in row:
+            raise DataFormatError(path, n, "history", "missing")
+        if not isinstance(row["history"], list):
+            raise DataFormatError(path, n, "history", "expected a list of item titles or ids")
+        rows.append((n, row))
     return rows
 
 

@@ -337,6 +337,9 @@ def test_cli_jsonl_in_and_out(seqrec_run, tmp_path, capsys):
     bad.write_text('{"user": "x", "items": [1]}\n')
     assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(bad), "--output", str(out2)]) == 1
     assert "bad.jsonl, row 1, field 'history': missing" in capsys.readouterr().err
+    bad.write_bytes(b'{"history": [1]}\n\n{"history": ["Caf\xe9"]}\n')  # latin-1, not UTF-8
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(bad), "--output", str(out2)]) == 1
+    assert "bad.jsonl, row 3" in capsys.readouterr().err and not out2.exists()
 
 
 def test_cli_history_prints_a_table(data_dir, zero_shot, capsys):
