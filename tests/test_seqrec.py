@@ -164,6 +164,10 @@ def test_empty_evaluation_history_is_a_clear_error(tmp_path):
     write_jsonl(d / "test.jsonl", rows)
     with pytest.raises(ValueError, match=r"test\.jsonl, row 2, field 'history_item_ids': empty history"):
         load_seqrec_data(d)
+    # the file's line is named, not the row's position: two blank lines first put that row on line 4
+    (d / "test.jsonl").write_text("\n\n" + (d / "test.jsonl").read_text())
+    with pytest.raises(ValueError, match=r"test\.jsonl, row 4, field 'history_item_ids': empty history"):
+        load_seqrec_data(d)
 
 
 def test_empty_split_is_a_clear_error(tmp_path):

@@ -183,8 +183,8 @@ def test_an_empty_history_is_an_error_naming_the_row(tmp_path, prepared_dir):
     path = prepared_dir / "train.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[1]["history_item_ids"] = []
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"train.jsonl, row 2, field 'history_item_ids': empty history"):
+    path.write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))  # a blank first line: the row is on line 3
+    with pytest.raises(ValueError, match=r"train.jsonl, row 3, field 'history_item_ids': empty history"):
         build_dataset(make_config(tmp_path / "o", prepared_dir, max_train_rows=None), build_tiny_tokenizer("tiny-qwen2"),
                       "train", None)
 

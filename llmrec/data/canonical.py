@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,10 +198,18 @@ class PreparedData:
     catalog: Any  # llmrec.data.catalog.ItemCatalog
     splits: Any  # datasets.DatasetDict
     stats: dict
+    lines: dict[str, list[int]] = field(default_factory=dict)  # split -> each row's line in its file
 
     @property
     def num_items(self) -> int:
         return len(self.catalog)
+
+    def row_error(self, split: str, index: int, fld: str, problem: str) -> DataFormatError:
+        """A :class:`DataFormatError` for row ``index`` (0-based) of ``split``, naming its file and line (blank
+        lines make the line differ from the row's position)."""
+        lines = self.lines.get(split)
+        line = lines[index] if lines is not None and index < len(lines) else index + 1
+        return DataFormatError(self.directory / f"{split}.jsonl", line, fld, problem)
 
 
 def load_prepared(
@@ -235,13 +243,16 @@ def load_prepared(
         }
     )
     out = {}
+    line_numbers: dict[str, list[int]] = {}
     for name in wanted:
         path = directory / f"{name}.jsonl"
         if not path.exists():
             raise FileNotFoundError(f"{directory}: split '{name}' is missing ({path.name} not found)")
         cols: dict[str, list] = {k: [] for k in ROW_FIELDS}
         n_items = len(catalog)
+        line_numbers[name] = []
         for n, row in jsonl_records(path):  # n: the file's line, as an editor shows it
+            line_numbers[name].append(n)
             for key in ROW_FIELDS:
                 if key not in row:
                     raise DataFormatError(path, n, key, "missing")
@@ -266,4 +277,4 @@ def load_prepared(
         else:
             feats = features
         out[name] = Dataset.from_dict(cols, features=feats)
-    return PreparedData(directory=directory, catalog=catalog, splits=DatasetDict(out), stats=stats)
+    return PreparedData(directory=directory, catalog=catalog, splits=DatasetDict(out), stats=stats, lines=line_numbers)

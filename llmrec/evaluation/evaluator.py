@@ -291,14 +291,10 @@ class Evaluator:
         return int(self.seqrec_info["max_history"])
 
     def _check_rows(self, data, split) -> None:
-        n = data.num_items
-        for i, row in enumerate(split):
-            t = row["target_item_id"]
-            if not 1 <= t <= n:
-                raise ValueError(f"{data.directory}/{self.config.split}.jsonl, row {i + 1}, field 'target_item_id': "
-                                 f"item {t} is not in the catalogue (ids 1..{n})")
-            if not row["history_item_ids"]:
-                raise ValueError(f"{data.directory}/{self.config.split}.jsonl, row {i + 1}, field 'history_item_ids': empty history")
+        # Ids outside the catalogue were refused by load_prepared; a row without history has no prompt.
+        for i, hist in enumerate(split["history_item_ids"]):
+            if not hist:
+                raise data.row_error(self.config.split, i, "history_item_ids", "empty history")
 
     def _done_rows(self) -> dict[int, dict]:
         """The rows finished so far (every process's part file).

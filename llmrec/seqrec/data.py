@@ -64,23 +64,12 @@ def left_pad(histories: list[list[int]], length: int) -> np.ndarray:
     return out
 
 
-def _check_ids(split: str, histories: list[list[int]], targets: list[int], num_items: int, directory) -> None:
-    """Raise ``ValueError`` naming the split file, row and field of the first id outside 1..N."""
-    for r, (h, t) in enumerate(zip(histories, targets), start=1):
+def _check_histories(split: str, histories: list[list[int]], prepared) -> None:
+    """An evaluation row needs at least one history item (ids outside 1..N were refused by ``load_prepared``)."""
+    for r, h in enumerate(histories):
         if not h and split != "train":  # scoring all-padding input would rank items from nothing
-            raise ValueError(f"{directory}/{split}.jsonl, row {r}, field 'history_item_ids': empty history (an "
-                             "evaluation row needs at least one item)")
-        if not 1 <= t <= num_items:
-            raise ValueError(
-                f"{directory}/{split}.jsonl, row {r}, field 'target_item_id': item id {t} is not in the "
-                f"catalogue (ids 1..{num_items})"
-            )
-        for i in h:
-            if not 1 <= i <= num_items:
-                raise ValueError(
-                    f"{directory}/{split}.jsonl, row {r}, field 'history_item_ids': item id {i} is not in "
-                    f"the catalogue (ids 1..{num_items}; 0 is padding and never a history item)"
-                )
+            raise prepared.row_error(split, r, "history_item_ids",
+                                     "empty history (an evaluation row needs at least one item)")
 
 
 def build_chains(
@@ -284,7 +273,7 @@ def load_seqrec_data(
             raise ValueError(f"{prepared.directory}/{name}.jsonl: split '{name}' is empty")
         hists = [list(h) for h in ds["history_item_ids"]]
         targets = list(ds["target_item_id"])
-        _check_ids(name, hists, targets, n, prepared.directory)
+        _check_histories(name, hists, prepared)
         splits[name] = SplitRows(
             name=name,
             inputs=left_pad(hists, max_history),

@@ -662,8 +662,7 @@ class LatentGRPOTrainer:
         for i in (candidates[j] for j in _subset(len(candidates), max_rows, c.seed)):
             ex = split[i]
             if not ex["history_item_ids"]:
-                raise ValueError(f"{data.directory}/{split_name}.jsonl, row {i + 1}, field 'history_item_ids': "
-                                 "empty history")
+                raise data.row_error(split_name, i, "history_item_ids", "empty history")
             try:
                 p, comp, _ = encode_example(template, self.tokenizer, ex["history_titles"], ex["target_title"],
                                             max_length, noun, model.num_latent_tokens)

@@ -259,7 +259,7 @@ def build_dataset(config: LatentSFTConfig, tokenizer, split: str, max_rows: int 
         row = rows[i]
         if not row["history_item_ids"]:
             # as `llmrec evaluate` and `llmrec seqrec train`: a row without history has no prompt to learn from
-            raise ValueError(f"{data.directory}/{split}.jsonl, row {i + 1}, field 'history_item_ids': empty history")
+            raise data.row_error(split, i, "history_item_ids", "empty history")
         try:
             p, c, dropped = encode_example(
                 template, tokenizer, row["history_titles"], row["target_title"], config.max_length, config.noun,
