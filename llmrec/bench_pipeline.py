@@ -433,6 +433,10 @@ class Pipeline:
                 extra.update(length_penalty=0.0, guidance_checkpoint=str(self.stage_dir("seqrec_sasrec", seed)),
                              guidance_weight=d3_weight)
         (cfg,) = parse_config([EvalConfig], self.recipes / "games" / "eval.yaml", extra=extra)
+        if (out / "results.json").exists():
+            # Finished: the evaluator only checks the protocol fingerprint and returns the stored results (no LM
+            # is loaded), so no fresh process is needed (a rerun of a long report spawned one per evaluation).
+            return evaluate(cfg)
         return self._call(evaluate, cfg)
 
     def run(self) -> dict:

@@ -93,6 +93,16 @@ def test_stages_in_their_own_processes_give_the_same_results(report, tmp_path):
 
     assert summary(tmp_path / "runs") == summary(root / "runs")
 
+    # A rerun finds everything finished: no stage needs a fresh process (it spawned one per finished evaluation).
+    import llmrec.isolation
+
+    def no_process(*a, **kw):
+        raise AssertionError("a finished stage was run in a fresh process")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llmrec.isolation, "run_isolated", no_process)
+        assert main(args + ["--no-report"]) == 0
+
 
 def test_d3_evaluations_use_the_sasrec_of_the_same_seed(report):
     root, _ = report
