@@ -106,6 +106,20 @@ def test_checkpoint_missing_files_is_a_clear_error(prepared_dir, tmp_path):
     assert not out.exists()
 
 
+def test_an_unfinished_training_run_is_not_evaluated(prepared_dir, tmp_path):
+    # A run killed during its final save: checkpoint-N folders and a complete-looking adapter at the top level
+    # (head-only GRPO copies its SFT start there first), but no train_results.json / grpo_results.json. It was
+    # evaluated, reporting the starting model's numbers under the run's name.
+    run = tmp_path / "grpo"
+    (run / "checkpoint-8").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / name).write_text("{}")
+    out = tmp_path / "ev"
+    with pytest.raises(CheckpointError, match="has not finished"):
+        evaluate(tiny_config(prepared_dir, out, checkpoint=str(run)))
+    assert not out.exists()
+
+
 def test_empty_catalogue_is_a_clear_error(prepared_dir, tmp_path):
     (prepared_dir / "catalog.jsonl").write_text("")
     with pytest.raises(ValueError, match="catalogue is empty"):

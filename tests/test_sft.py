@@ -113,6 +113,42 @@ def test_resume_matches_uninterrupted(tmp_path, prepared_dir):
         assert abs(la[step] - lb[step]) <= 1e-6
 
 
+def test_a_checkpoint_with_a_cut_trainer_state_is_not_resumed_from(tmp_path):
+    # transformers writes trainer_state.json in place: a kill during the write left it empty, and every rerun
+    # failed on it (a bare JSON error) instead of resuming from the checkpoint before.
+    for step, text in ((2, '{"global_step": 2}'), (4, "")):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(text)
+    assert last_complete_checkpoint(tmp_path).endswith("checkpoint-2")
+
+
+def test_a_run_killed_at_its_early_stop_finishes_without_training_on(tmp_path, prepared_dir):
+    # Killed after the checkpoint at which early stopping ended the run, before the final save: the rerun
+    # trained on past the stop (transformers does not honour a saved stop) and picked a later best checkpoint.
+    kw = dict(num_latent_tokens=1, max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps",
+              eval_steps=2, eval_split="valid", max_eval_rows=4, load_best_model_at_end=True,
+              metric_for_best_model="eval_loss", early_stopping_patience=1)
+    cfg = make_config(tmp_path / "a", prepared_dir, **kw)
+    assert cfg.restore_callback_states_from_checkpoint  # the early-stopping counter survives a resume
+    first = run_sft(cfg)
+    out = tmp_path / "a"
+    state_path = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["stateful_callbacks"]["TrainerControl"]["args"]["should_training_stop"] = True  # the stop at step 2
+    state_path.write_text(json.dumps(state))
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "train_results.json").unlink()
+    again = run_sft(make_config(out, prepared_dir, max_steps=8, **{k: v for k, v in kw.items() if k != "max_steps"}))
+    assert again["global_step"] == 2 and again["resumed_from"].endswith("checkpoint-2")
+    assert again["best_checkpoint"] == state["best_model_checkpoint"]
+    assert not (out / "checkpoint-4").exists() and not (out / "checkpoint-6").exists()
+    head = load_file(str(out / "latent_head.safetensors"))
+    best = load_file(str(Path(state["best_model_checkpoint"]) / "latent_head.safetensors"))
+    assert all(torch.equal(head[k], best[k]) for k in head) and first["global_step"] == 4
+
+
 def test_tokenizer_already_has_latent_token(tmp_path, prepared_dir):
     from llmrec.models.backbone import load_backbone
     from llmrec.models.latent import LatentConfig, add_latent_tokens

@@ -151,6 +151,12 @@ class LatentSFTConfig(transformers.TrainingArguments):
     early_stopping_patience: int = field(
         default=1, metadata={"help": "Stop after this many evaluations without a better eval_loss (0 = off)."}
     )
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True,
+        metadata={"help": "On resume, restore the callbacks' state (the early-stopping counter) from the checkpoint. "
+                  "transformers' default (False) restarts the count, so a resumed run trained past the step where "
+                  "the uninterrupted one stopped."},
+    )
     # Trainer defaults changed for this task (D3/LatentR3 recipe, CPU sized).
     output_dir: str | None = field(default="runs/sft", metadata={"help": "Where checkpoints and results go."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate (AdamW)."})
@@ -543,9 +549,30 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     found = []
     for p in folder.iterdir():
         m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").exists():
+        if m and p.is_dir() and _readable_state(p / "trainer_state.json"):
             found.append((int(m.group(1)), p))
     return str(max(found)[1]) if found else None
+
+
+def _stopped_at(checkpoint: str | os.PathLike) -> bool:
+    """Whether training stopped at ``checkpoint`` (early stopping): the saved TrainerControl says so."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
+    return bool((control.get("args") or {}).get("should_training_stop"))
+
+
+def _readable_state(path: Path) -> bool:
+    """transformers writes ``trainer_state.json`` in place, not atomically: a kill during that write leaves it
+    empty or cut short, and resuming from it failed on every rerun (a bare JSON error). Such a checkpoint is
+    incomplete, so the previous one is used."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        if path.exists():
+            logger.warning("%s is empty or cut short (a save was interrupted): not resuming from %s",
+                           path, path.parent.name)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -689,7 +716,19 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     resume = last_complete_checkpoint(out_dir)
     if resume:
         logger.info("resuming from %s", resume)
-    train_out = trainer.train(resume_from_checkpoint=resume)
+    if resume and _stopped_at(resume):
+        # Killed after the checkpoint where early stopping ended the run and before the final save: resuming
+        # would train on past the stop (transformers does not honour the saved stop), so finish from the
+        # checkpoint's state instead: the best model, as the uninterrupted run does.
+        logger.info("%s is where early stopping ended the run; finishing without training further", resume)
+        trainer.state = transformers.TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        if config.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+            trainer._load_best_model()
+        else:
+            trainer._load_from_checkpoint(resume)
+        train_out = None
+    else:
+        train_out = trainer.train(resume_from_checkpoint=resume)
     t_train = time.time()
     trainer.save_model(str(out_dir))
     history = trainer.state.log_history
@@ -697,7 +736,8 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "output_dir": str(out_dir),
         "resumed_from": resume,
         "global_step": trainer.state.global_step,
-        "train_loss": train_out.training_loss,
+        # None when the run resumed at its early stop (nothing trained in this invocation)
+        "train_loss": train_out.training_loss if train_out is not None else None,
         "train_losses": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -708,7 +748,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "timings_s": {"model": round(t_model - t0, 3), "data": round(t_data - t_model, 3),
                       "train": round(t_train - t_data, 3), "total": round(time.time() - t0, 3)},
         "config": config.checkpoint_fields(),
-        "metrics": train_out.metrics,
+        "metrics": train_out.metrics if train_out is not None else {},
     }
     if config.should_save:
         _atomic_write_json(out_dir / RESULTS_NAME, results)
