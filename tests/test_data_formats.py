@@ -764,6 +764,25 @@ def test_atomic_directory_replaces_and_cleans(tmp_path: Path):
     assert sorted(p.name for p in final.iterdir()) == ["y"] and _leftovers(tmp_path) == []
 
 
+def test_atomic_directory_removes_what_killed_runs_left(tmp_path: Path):
+    # A SIGKILLed prepare leaves its full-size temporary (or moved-aside) copy; the next run removes those of
+    # dead processes, and never another live process's.
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    final = tmp_path / "final"
+    left = [tmp_path / f".final.tmp-{dead_pid}-abc", tmp_path / f".final.old-{dead_pid}"]
+    live = tmp_path / f".final.tmp-{os.getppid()}-xyz"  # a process that is alive (this test's parent)
+    for d in left + [live]:
+        d.mkdir()
+        (d / "train.jsonl").write_text("{}\n")
+    with atomic_directory(final) as tmp:
+        (tmp / "x").write_text("1")
+    assert not any(d.exists() for d in left) and live.exists()
+
+
 def test_prepare_errors_without_items(tmp_path: Path):
     root = tmp_path / "src"
     root.mkdir()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -157,7 +158,7 @@ def atomic_directory(final: str | os.PathLike):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -170,6 +171,27 @@ def atomic_directory(final: str | os.PathLike):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _remove_leftovers(final)
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Remove the temporary and moved-aside copies that killed runs left beside ``final`` (each as large as the
+    output; nothing else removes them). Only those whose process (the pid in the name) is gone are touched."""
+    for p in list(final.parent.glob(f".{final.name}.tmp-*")) + list(final.parent.glob(f".{final.name}.old-*")):
+        m = re.match(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)", p.name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

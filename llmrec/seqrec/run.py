@@ -231,8 +231,10 @@ def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
         }
     if acc.is_main_process:
         markdown = results_markdown(res)  # rendered first: a failure must not leave a results.json behind
-        atomic_write_json(out / RESULTS_JSON, res)
+        # results.json last: it is what marks the run finished (a kill between the two left no results.md, and a
+        # pipeline that found results.json never wrote it)
         atomic_write_text(out / RESULTS_MD, markdown)
+        atomic_write_json(out / RESULTS_JSON, res)
         logger.info("test: %s", {k: round(v, 4) for k, v in test.items() if k.endswith("@10")})
     acc.wait_for_everyone()
     return res
