@@ -112,6 +112,7 @@ def test_an_unfinished_training_run_is_not_evaluated(prepared_dir, tmp_path):
     # evaluated, reporting the starting model's numbers under the run's name.
     run = tmp_path / "grpo"
     (run / "checkpoint-8").mkdir(parents=True)
+    (run / "checkpoint-8" / "grpo_state.json").write_text("{}")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (run / name).write_text("{}")
     out = tmp_path / "ev"

@@ -31,15 +31,17 @@ def checkpoint_kind(path: str | Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
-    if any(p.is_dir() for p in path.glob("checkpoint-*")) and not any(
-            (path / f).exists() for f in ("train_results.json", "grpo_results.json")):
+    # llmrec's own checkpoint-N folders (SFT: llmrec_config.json, GRPO: grpo_state.json); another tool's
+    # training output with checkpoint folders is not judged by llmrec's completion files.
+    ours = [p for p in path.glob("checkpoint-*") if (p / "llmrec_config.json").exists() or (p / "grpo_state.json").exists()]
+    if ours and not any((path / f).exists() for f in ("train_results.json", "grpo_results.json")):
         # A training output whose final save never finished (killed): its top-level files can be a mix of the
         # previous save and the starting point (head-only GRPO copies its SFT checkpoint there first), so
         # evaluating it would report another model's numbers under this name.
         raise CheckpointError(
             f"{path} is a training run that has not finished (checkpoint-N folders, but no train_results.json or "
-            f"grpo_results.json): rerun the same `llmrec sft`/`llmrec grpo` command to finish it, or give one of "
-            f"its checkpoint-N folders")
+            f"grpo_results.json): rerun the same `llmrec sft`/`llmrec grpo` command to finish it (an SFT run's "
+            f"checkpoint-N folders are evaluable as they are)")
     if all((path / f).exists() for f in ADAPTER_FILES):
         return "adapter"
     if all((path / f).exists() for f in FULL_MODEL_FILES) and list(path.glob("*.safetensors")):
