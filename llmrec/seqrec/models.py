@@ -26,9 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec.seqrec.fused_losses import fused_ce_sum, fused_erl_loss
+from llmrec.seqrec.keyed_random import keyed_generator, keyed_trunc_normal, row_keys
 from llmrec.seqrec.modules import KV, Backbone, Encoder, causal_mask, init_weights
 
 MODEL_NAMES = ("sasrec", "rearec-erl", "rearec-prl", "lares")
+
+# Streams of LARES's keyed draws (keyed_random): with the seed, epoch, step or row, each draw has its own key.
+SPT_DEPTH, SPT_STATE, ALIGN_DEPTH, ALIGN_STATE, AUG_STATE, SLA_STEP = 1, 2, 3, 4, 5, 6
+RPT_DEPTH, RPT_STATE, EVAL_STATE, FILTER_STATE = 7, 8, 9, 10
 
 
 @dataclass
@@ -39,6 +44,8 @@ class LossContext:
     epoch: int = 0  # 0-based training epoch
     aug_pool: Any = None  # SameTargetPool (LARES SPT)
     extra: dict = field(default_factory=dict)
+    seed: int = 0  # run seed: keys the draws that must not depend on the process layout
+    step: int = 0  # 0-based batch index within the epoch (the same global batch on every layout)
 
 
 def _query_positions(targets: torch.Tensor) -> torch.Tensor:
@@ -317,6 +324,10 @@ class LARES(SeqRecModel):
     is drawn once per forward call from the Poisson-lognormal scheme in training and fixed to
     ``mean_recurrence`` at evaluation. ``state_init="normal_zero"`` (default here) uses a zero initial
     state at evaluation so metrics are deterministic; ``"normal"`` keeps the official random one.
+
+    Random depths and initial states are keyed draws (:mod:`llmrec.seqrec.keyed_random`): a depth by the seed,
+    epoch and global step, an initial state by the seed, epoch and the example's row, so training gives the
+    same result on any number of processes (dropout aside) and a resumed run repeats the uninterrupted one.
     """
 
     def __init__(
@@ -379,23 +390,36 @@ class LARES(SeqRecModel):
         self.apply(init_weights)
 
     # -- recurrence --------------------------------------------------------------------------------
-    def sample_depth(self) -> int:
-        """Training depth: k = 1 + Poisson(lambda), lambda ~ LogNormal(ln mu - s^2/2, s = 0.5), k <= 3 mu."""
+    def sample_depth(self, generator: torch.Generator | None = None) -> int:
+        """Training depth: k = 1 + Poisson(lambda), lambda ~ LogNormal(ln mu - s^2/2, s = 0.5), k <= 3 mu.
+
+        ``generator`` (CPU) makes the draw a keyed one; without it the global generator is used.
+        """
         mu = self.mean_recurrence
         if self.depth_sampling == "constant" or not self.training:
             return mu
         s = 0.5
-        rate = math.exp(torch.randn(()).item() * s + math.log(mu) - s * s / 2)
-        k = 1 + int(torch.poisson(torch.tensor(rate)).item())
+        rate = math.exp(torch.randn((), generator=generator).item() * s + math.log(mu) - s * s / 2)
+        k = 1 + int(torch.poisson(torch.tensor(rate), generator=generator).item())
         return min(k, 3 * mu)
 
-    def initial_state(self, like: torch.Tensor, random: bool | None = None) -> torch.Tensor:
+    def initial_state(
+        self, like: torch.Tensor, random: bool | None = None, keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """T_0 shaped like ``like [B, L, d]``: zeros, or ``scale * truncnorm(std)`` (at 3 std).
+
+        ``keys [B]`` (:func:`~llmrec.seqrec.keyed_random.row_keys`) draws row ``i``'s state from ``keys[i]``
+        alone; without them the global generator is used.
+        """
         if random is None:
             random = self.state_init == "normal" or (self.state_init == "normal_zero" and self.training)
         if not random:
             return torch.zeros_like(like)
-        z = torch.empty_like(like)
-        nn.init.trunc_normal_(z, 0.0, self.state_std, -3 * self.state_std, 3 * self.state_std)
+        if keys is not None:
+            z = keyed_trunc_normal(keys.to(like.device), tuple(like.shape[1:]), self.state_std).to(like.dtype)
+        else:
+            z = torch.empty_like(like)
+            nn.init.trunc_normal_(z, 0.0, self.state_std, -3 * self.state_std, 3 * self.state_std)
         return self.state_scale * z
 
     def _fuse(self, T: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -412,13 +436,15 @@ class LARES(SeqRecModel):
         depth: int,
         T0: torch.Tensor | None = None,
         collect: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run pre-block + ``depth`` core steps; return the final ``T [B, L, d]`` and, if ``collect``
-        (positions) is given, the state at those positions after every step."""
+        (positions) is given, the state at those positions after every step. ``keys``: see
+        :meth:`initial_state` (unused when ``T0`` is given)."""
         valid = ids > 0
         mask = causal_mask(valid)
         H, _ = self.backbone.encoder(self.backbone.embed(ids), mask)
-        T = self.initial_state(H) if T0 is None else T0
+        T = self.initial_state(H, keys=keys) if T0 is None else T0
         steps = []
         for _ in range(depth):
             T, _ = self.core(self.core_ln(self._fuse(T, H)), mask)
@@ -426,13 +452,15 @@ class LARES(SeqRecModel):
                 steps.append(T[:, collect])
         return T, steps
 
-    def user_vectors(self, ids: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        T, _ = self.states(ids, depth or self.mean_recurrence)
+    def user_vectors(
+        self, ids: torch.Tensor, depth: int | None = None, keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        T, _ = self.states(ids, depth or self.mean_recurrence, keys=keys)
         return T[:, -1]
 
     @torch.no_grad()
-    def score(self, ids: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        return self.backbone.item_logits(self.user_vectors(ids, depth))
+    def score(self, ids: torch.Tensor, depth: int | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+        return self.backbone.item_logits(self.user_vectors(ids, depth, keys))
 
     # -- SPT ---------------------------------------------------------------------------------------
     def _nce(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -444,8 +472,13 @@ class LARES(SeqRecModel):
         if ctx.extra.get("phase") == "rpt":
             return self.rpt_loss(batch, ctx)
         ids, tgt = batch["input_ids"], batch["target_ids"]
+        seed, epoch, step = ctx.seed, ctx.epoch, ctx.step
         # (a) recommendation loss at every loss position, with its own random depth.
-        T, _ = self.states(ids, self.sample_depth())
+        T, _ = self.states(
+            ids,
+            self.sample_depth(keyed_generator(seed, SPT_DEPTH, epoch, step)),
+            keys=row_keys(batch["row_index"], seed, SPT_STATE, epoch),
+        )
         m = tgt > 0
         ce = self.ce_sum(T[m], tgt[m])
         loss = ce / ctx.denom
@@ -460,11 +493,11 @@ class LARES(SeqRecModel):
             else:
                 row_index = batch["row_index"]
             last = torch.tensor([ids.shape[1] - 1], device=ids.device)
-            k2 = self.sample_depth()
-            Tb, steps = self.states(ids, k2, collect=last)
+            k2 = self.sample_depth(keyed_generator(seed, ALIGN_DEPTH, epoch, step))
+            Tb, steps = self.states(ids, k2, collect=last, keys=row_keys(row_index, seed, ALIGN_STATE, epoch))
             u_b = Tb[:, -1]
             aug = ctx.aug_pool.sample(tgt[:, -1], row_index).to(ids.device)
-            u_c = self.states(aug, k2)[0][:, -1]
+            u_c = self.states(aug, k2, keys=row_keys(row_index, seed, AUG_STATE, epoch))[0][:, -1]
             logs["depth"] = float(k2)
             if self.tla_weight > 0:
                 tla = (self._nce(u_b, u_c) + self._nce(u_c, u_b)) / 2
@@ -472,7 +505,7 @@ class LARES(SeqRecModel):
                 logs["tla"] = tla.detach().item()
             n_choices = k2 - 1 if self.sla_exclude_final else k2
             if self.sla_weight > 0 and k2 > 1 and n_choices > 0:
-                j = int(torch.randint(n_choices, ()).item())
+                j = int(torch.randint(n_choices, (), generator=keyed_generator(seed, SLA_STEP, epoch, step)).item())
                 t_j = steps[j][:, 0]
                 sla = (self._nce(u_b, t_j) + self._nce(t_j, u_b)) / 2
                 loss = loss + self.sla_weight * sla
@@ -510,11 +543,14 @@ class LARES(SeqRecModel):
         last = torch.tensor([ids.shape[1] - 1], device=ids.device)
         B = len(ids)
         rewards, terms = [], []
-        for _ in range(G):
-            k = self.sample_depth()
+        for g in range(G):
+            # Keyed by (step, rollout) and (row, rollout): the same rollouts on any number of processes.
+            k = self.sample_depth(keyed_generator(ctx.seed, RPT_DEPTH, ctx.epoch, ctx.step, g))
             with torch.no_grad():
                 T0 = self.initial_state(
-                    ids.new_empty((*ids.shape, self.backbone.hidden), dtype=torch.float), random=True
+                    ids.new_empty((*ids.shape, self.backbone.hidden), dtype=torch.float),
+                    random=True,
+                    keys=row_keys(batch["row_index"], ctx.seed, RPT_STATE, ctx.epoch, g),
                 )
             _, steps = self.states(ids, k, T0=T0, collect=last)
             o = torch.stack([s[:, 0] for s in steps], 1)  # [B, k, d]

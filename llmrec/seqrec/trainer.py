@@ -6,7 +6,9 @@
   divided by the number of processes, so 2 processes give the same update as 1 with the same batch.
   In-batch negatives of the contrastive terms (PRL RCL, LARES TLA/SLA) are NOT gathered across
   processes: each process contrasts within its own slice (documented deviation; with one process
-  nothing changes).
+  nothing changes). LARES's random depths and initial states (SPT, the filter, RPT) are keyed draws
+  (seed, epoch, global step, row), so with dropout off its phases give the same weights on any number
+  of processes; dropout masks are drawn per process.
 * Early stopping on a validation metric (``ndcg@10`` by default); the best weights of a phase are
   kept as ``<phase>/best.safetensors``; ``<phase>/last.safetensors`` + ``last_optim.pt`` +
   ``state.json`` are written every epoch so an interrupted run resumes where it stopped.
@@ -29,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from llmrec.data.canonical import atomic_write_json
 from llmrec.seqrec.data import EvalRows, SameTargetPool, SeqRecData, SplitRows
-from llmrec.seqrec.models import LARES, LossContext, SeqRecModel
+from llmrec.seqrec.keyed_random import row_keys
+from llmrec.seqrec.models import EVAL_STATE, FILTER_STATE, LARES, LossContext, SeqRecModel
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +126,18 @@ class SeqRecTrainer:
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def ranks(self, rows: SplitRows, depth: int | None = None, desc: str = "eval") -> torch.Tensor:
-        """0-based full-ranking rank of every row's target (in row order, gathered across processes)."""
+    def ranks(
+        self,
+        rows: SplitRows,
+        depth: int | None = None,
+        desc: str = "eval",
+        state_key: tuple[int, ...] = (EVAL_STATE,),
+    ) -> torch.Tensor:
+        """0-based full-ranking rank of every row's target (in row order, gathered across processes).
+
+        A LARES initial state that is random at evaluation (``state_init: normal``) is drawn per row from the
+        seed, ``state_key`` and the row's index, so the ranks do not depend on the number of processes.
+        """
         from llmrec.evaluation.metrics import ranks_from_scores
 
         model = self.unwrapped
@@ -137,11 +150,10 @@ class SeqRecTrainer:
         for batch in self._bar(loader, desc=desc):
             ids = batch["input_ids"]
             t0 = time.perf_counter()
-            scores = (
-                model.score(ids, depth)
-                if (depth is not None and isinstance(model, LARES))
-                else model.score(ids)
-            )
+            if isinstance(model, LARES):
+                scores = model.score(ids, depth, keys=row_keys(batch["index"], self.cfg.seed, *state_key))
+            else:
+                scores = model.score(ids)
             self.eval_seconds += time.perf_counter() - t0
             self.eval_rows += len(ids)
             if self.cfg.mask_history:
@@ -236,7 +248,14 @@ class SeqRecTrainer:
                     batch = _without_loader_padding(batch, remainder, acc.process_index)
                 local = (batch["target_ids"] > 0).sum().float()
                 denom = acc.reduce(local, reduction="sum") / acc.num_processes
-                ctx = LossContext(denom=denom.clamp_min(1.0), epoch=epoch, aug_pool=aug_pool, extra=extra)
+                ctx = LossContext(
+                    denom=denom.clamp_min(1.0),
+                    epoch=epoch,
+                    aug_pool=aug_pool,
+                    extra=extra,
+                    seed=cfg.seed,
+                    step=n_batches,
+                )
                 loss, logs = self.wrapped(batch, ctx)
                 acc.backward(loss)
                 optim.step()
@@ -341,7 +360,7 @@ class SeqRecTrainer:
         try:
             hit = torch.zeros(len(idx), dtype=torch.bool)
             for p in range(self.cfg.filter_passes):
-                hit |= self.ranks(sub, desc=f"filter pass {p + 1}") < self.cfg.filter_topk
+                hit |= self.ranks(sub, desc=f"filter pass {p + 1}", state_key=(FILTER_STATE, p)) < self.cfg.filter_topk
         finally:
             model.state_init = saved
         keep = np.zeros(len(tr), dtype=bool)
