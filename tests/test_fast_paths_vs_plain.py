@@ -1,8 +1,9 @@
 """Optimised code paths against plain reference forms, in value AND gradients (or full rankings).
 
 * ReaRec sequence-mode training: the block-mask batched prefix reasoning (one encoded sequence, the reasoning
-  tokens of all prefixes together, a KV cache, fused losses) against each prefix encoded alone and reasoned at
-  its last position, with plain ``F.cross_entropy`` / ``_erl_loss_reference``: loss and every gradient.
+  tokens of all prefixes together, a KV cache, fused losses) against each prefix encoded alone, unpadded, and
+  reasoned by re-encoding it with its reasoning tokens (no cache, no block mask), with plain ``F.cross_entropy``
+  (annealed temperatures) / ``_erl_loss_reference``: loss and every parameter's gradient.
 * BIGRec (N = 0): ``LatentReasoningLM._forward_plain`` (decoder + LM head on the completion positions only)
   against the plain transformers forward with labels: loss, logits and every gradient, base weights included.
 * Latent evaluation: prefill with latents + constrained beam search over a catalogue smaller than the beam
@@ -19,13 +20,27 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from test_latent import KINDS, _batch, _grads, _max_rel_diff, _wrapper
+from test_latent import KINDS, _batch, _grads, _wrapper
 
 from llmrec.decoding.beam_search import PromptState, constrained_beam_search_from_state
 from llmrec.decoding.trie import TitleTrie
 from llmrec.models.latent import IGNORE_INDEX, build_naive_inputs, padding_position_ids
 from llmrec.seqrec.models import LossContext, ReaRec
 from llmrec.seqrec.modules import Backbone
+
+
+def _worst_grad_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The largest ``max|got - want| / max|want|`` over the parameters, and the parameter it is found at."""
+    assert got.keys() == want.keys(), got.keys() ^ want.keys()
+    worst, at = 0.0, ""
+    for name, w in want.items():
+        scale = w.abs().max().item()
+        assert scale > 0, f"zero gradient for {name}: the comparison would be vacuous"
+        rel = (got[name] - w).abs().max().item() / scale
+        if rel >= worst:
+            worst, at = rel, name
+    return worst, at
+
 
 # ------------------------------------------------------------------------- ReaRec batched prefix reasoning
 
@@ -56,19 +71,31 @@ def _sequence_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, tgt
 
 
+def _plain_reasoning_states(model: ReaRec, items: torch.Tensor) -> torch.Tensor:
+    """``[K+1, d]`` states of one unpadded prefix ``items [1, n]`` without a KV cache or a block mask: step k
+    re-encodes the items and the k reasoning tokens so far as one plain causal sequence, reads the last."""
+    bb = model.backbone
+    x_items = bb.embed(items)
+    states, tokens = [], []
+    for k in range(model.K + 1):
+        if k:
+            tokens.append(bb.input_norm(states[-1] + model.rpe.weight[k - 1]))
+        x = torch.cat([x_items, *(t[:, None] for t in tokens)], 1)
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()[None, None]
+        out, _ = bb.encoder(x, causal)
+        states.append(out[:, -1])
+    return torch.cat(states)
+
+
 def _rearec_plain_loss(model: ReaRec, ids: torch.Tensor, tgt: torch.Tensor, denom: float) -> torch.Tensor:
-    """Each loss position's prefix encoded alone (left-padded), reasoned at its last position; plain losses."""
-    L = ids.shape[1]
+    """Each loss position's prefix encoded alone (no padding) and reasoned plainly; plain losses."""
     states, targets = [], []
     for b in range(ids.shape[0]):
-        for p in range(L):
+        for p in range(ids.shape[1]):
             if tgt[b, p] == 0:
                 continue
-            real = ids[b, : p + 1][ids[b, : p + 1] > 0]
-            prefix = torch.zeros(1, L, dtype=torch.long)
-            prefix[0, L - len(real):] = real
-            h, cache, valid = model.backbone.encode(prefix)
-            states.append(model.reason(h, cache, valid, torch.tensor([L - 1]))[0, :, 0])  # [K+1, d]
+            items = ids[b, : p + 1][ids[b, : p + 1] > 0]
+            states.append(_plain_reasoning_states(model, items[None]))
             targets.append(int(tgt[b, p]))
     Rm, t = torch.stack(states), torch.tensor(targets)
     bb = model.backbone
@@ -97,7 +124,8 @@ def _loss_and_grads(model: ReaRec, fn) -> tuple[torch.Tensor, dict[str, torch.Te
 @pytest.mark.parametrize("mode", ["erl", "prl"])
 def test_rearec_batched_prefix_training_loss_and_grads_equal_per_prefix_plain_form(mode, K, temperature):
     """Extends test_batched_prefix_reasoning_equals_per_prefix_forwards (forward values) to the training loss
-    and the gradient of every parameter. PRL runs without its noisy view: once before the warm-up ends
+    and the gradient of every parameter; the plain form shares no reasoning code with ``ReaRec.reason``, so a
+    gradient lost in its KV cache shows too. PRL runs without its noisy view: once before the warm-up ends
     (epoch 0 < warmup_epochs) and once past it with cl_weight 0; both must equal the same plain form."""
     seed = 10 * K + int(temperature == 0.5)
     model = _rearec(mode, K, temperature, seed, warmup_epochs=2)
@@ -124,9 +152,10 @@ def test_rearec_batched_prefix_training_loss_and_grads_equal_per_prefix_plain_fo
         got, got_grads = _loss_and_grads(model, fast)
         assert "rcl" not in logs  # no noisy view: the plain form has none
         if mode == "erl":
-            assert logs["kl"] > 1e-3  # the diversity term is not negligible
+            assert logs["kl"] > 0.1  # the diversity term is not negligible
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
-        assert _max_rel_diff(got_grads, want_grads) < 1e-11, (mode, K, temperature, ctx.epoch)
+        worst, at = _worst_grad_diff(got_grads, want_grads)
+        assert worst < 1e-11, f"epoch {ctx.epoch}: gradient of {at} off by {worst:.2e} (relative to its max)"
 
 
 # ----------------------------------------------------------------------------------- BIGRec N = 0 path
@@ -159,7 +188,8 @@ def test_bigrec_plain_path_grads_equal_hf_forward_grads(kind):
     keep = out.labels != IGNORE_INDEX
     torch.testing.assert_close(out.logits[keep], ref.logits[:, p.shape[1] - 1 : -1][keep], rtol=0, atol=1e-12)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=0)  # both losses softmax in float32
-    assert _max_rel_diff(g_fast, g_ref) < 1e-9
+    worst, at = _worst_grad_diff(g_fast, g_ref)
+    assert worst < 1e-12, f"gradient of {at} off by {worst:.2e} (relative to its max)"
 
 
 # ------------------------------------------------------------------- latent prefill + beam search
@@ -171,7 +201,7 @@ PROMPTS = [
     "x ### Response: \n",
 ]
 TITLE_WORDS = "Super Mario Zelda Halo Tetris Sonic Kirby Gold Deluxe Edition Dark Souls 2 3".split()
-SCORE_TOL = 1e-5  # the search accumulates float32 log-probs of the float64 model's logits
+SCORE_RTOL = 1e-6  # the search sums float32 log-probs of the float64 model's logits (seen: <= 1.4e-7)
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -221,8 +251,9 @@ def test_latent_beam_search_equals_ranking_every_title_by_naive_teacher_forcing(
         for r, o in enumerate(outs):
             want = {t: s / len(path) ** lp for t, (s, path) in enumerate(zip(plain[r], trie.title_token_ids))}
             order = sorted(want, key=lambda t: -want[t])
-            gaps = [want[a] - want[b] for a, b in zip(order, order[1:])]
-            assert min(gaps) > 10 * SCORE_TOL, "near-tied titles: the expected order would be fragile"
-            assert o.title_ranking == order, (kind, n, lp, r)
+            tol = {t: SCORE_RTOL * max(1.0, abs(s)) for t, s in want.items()}
+            assert all(want[a] - want[b] > tol[a] + tol[b] for a, b in zip(order, order[1:])), (
+                "near-tied titles: their expected order would be fragile; change the catalogue")
+            assert o.title_ranking == order, (kind, n, lp, r)  # every title, in the plain order
             for t, s in o.hypotheses:
-                assert abs(s - want[t]) < SCORE_TOL, (kind, n, lp, r, t, s, want[t])
+                assert abs(s - want[t]) <= tol[t], (kind, n, lp, r, t, s, want[t])
