@@ -81,6 +81,32 @@ def test_checkpoint_contents_and_reload(tmp_path, prepared_dir):
         assert torch.equal(head[k], v), k
 
 
+def test_eval_loss_is_the_token_mean_over_every_validation_row(tmp_path, prepared_dir):
+    # The plain form: each validation row alone through the trained model, completion-token cross-entropy
+    # summed, over all rows / all their completion tokens. 5 rows in eval batches of 2: a partial last batch.
+    from llmrec.models.latent import completion_cross_entropy
+    from llmrec.training.sft import LatentSFTCollator, build_dataset
+
+    kw = dict(num_latent_tokens=1, max_steps=2, save_strategy="steps", save_steps=2, eval_strategy="steps",
+              eval_steps=2, eval_split="valid", max_eval_rows=5, per_device_eval_batch_size=2)
+    res = run_sft(make_config(tmp_path / "run", prepared_dir, **kw))
+    model, tok = build_model(make_config(tmp_path / "other", prepared_dir, **kw))
+    load_sft_weights(model, tmp_path / "run")
+    model.eval()
+    rows = build_dataset(make_config(tmp_path / "other", prepared_dir, **kw), tok, "valid", 5)
+    assert len(rows) == 5
+    collate = LatentSFTCollator(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(rows)):
+            batch = collate([rows[i]])
+            labels = batch.pop("labels")
+            out = model(**batch)
+            total += completion_cross_entropy(out.logits, out.labels, reduction="sum").item()
+            tokens += int((labels != -100).sum())
+    assert res["eval_losses"][-1]["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
 class _Killed(RuntimeError):
     pass
 

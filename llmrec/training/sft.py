@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 
@@ -605,6 +607,17 @@ class LatentSFTModule(nn.Module):
         self.latent_lm.causal_lm.activation_checkpointing_disable()
 
 
+def _eval_loss_from_row_sums(prediction: transformers.EvalPrediction) -> dict[str, float]:
+    """eval_loss = completion tokens' summed cross-entropy over all validation rows / their token count.
+
+    ``prediction.predictions`` holds one ``[loss sum, token count]`` per validation row (from
+    :meth:`LatentSFTTrainer.prediction_step`), so the value is the same however the rows were batched and
+    split over processes (the token-level mean of the training loss, over the whole split).
+    """
+    sums = np.asarray(prediction.predictions, dtype=np.float64).reshape(-1, 2)
+    return {"loss": float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))}
+
+
 def _latent_lm(module: nn.Module) -> LatentReasoningLM:
     while not isinstance(module, LatentReasoningLM):
         inner = getattr(module, "latent_lm", None)
@@ -620,7 +633,14 @@ class LatentSFTTrainer(transformers.Trainer):
     """Trainer for :class:`LatentReasoningLM`: completion-only loss, llmrec checkpoint layout."""
 
     def __init__(self, *args, sft_config: LatentSFTConfig | None = None, **kwargs):
+        if kwargs.get("compute_metrics") is not None:
+            raise ValueError("LatentSFTTrainer computes eval_loss itself (per row, see prediction_step); "
+                             "compute_metrics is not supported")
+        kwargs["compute_metrics"] = _eval_loss_from_row_sums
         super().__init__(*args, **kwargs)
+        if self.args.batch_eval_metrics:
+            raise ValueError("LatentSFTTrainer does not support batch_eval_metrics=True: eval_loss is computed "
+                             "once over every validation row")
         self.sft_config = sft_config if sft_config is not None else (
             self.args if isinstance(self.args, LatentSFTConfig) else None)
         # The loss below is a sum normalised by the step's completion-token count (num_items_in_batch).
@@ -640,12 +660,23 @@ class LatentSFTTrainer(transformers.Trainer):
         return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Per-row ``[loss sum, completion tokens]`` as the "predictions"; ``eval_loss`` is computed from them.
+
+        Why not a batch loss: transformers repeats a batch's scalar loss once per row, and on several processes
+        accelerate pads the last partial batch with copies of early rows. ``gather_for_metrics`` drops the
+        copies' rows, but a batch mean has them mixed in, so eval_loss (model selection, early stopping)
+        depended on the number of processes. Per-row values come out of the gather exactly once per row.
+        """
         inputs = dict(self._prepare_inputs(inputs))
         inputs.pop("labels", None)
         with torch.no_grad():
             out = model(**inputs)
-            loss = completion_cross_entropy(out.logits, out.labels).detach()
-        return loss, None, None
+            token_loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
+                                         out.labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                         reduction="none").view(out.labels.shape)
+            row_stats = torch.stack([token_loss.sum(1), (out.labels != IGNORE_INDEX).sum(1).float()], dim=1)
+        # label_ids must be non-None for transformers to call compute_metrics; nothing reads them.
+        return None, row_stats, torch.zeros(len(row_stats), device=row_stats.device)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
