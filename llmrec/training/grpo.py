@@ -936,11 +936,12 @@ class LatentGRPOTrainer:
         else:  # dapo: token mean over the optimiser batch
             loss = per_token.sum() * world / max(self._norm_tokens, 1.0)
         loss = loss * scale
-        n_tok = mask.sum().clamp(min=1)
+        # Sums and the token count, not this micro-batch's means: train_step logs token means over the whole
+        # optimiser batch, which do not depend on how prompts fall into micro-batches and processes.
         is_clipped = ((ratio < 1.0 - c.epsilon) & (adv < 0)) | ((ratio > hi) & (adv > 0))
-        stats = {"clip_ratio": float((is_clipped.float() * mask).sum() / n_tok)}
+        stats = {"tokens": float(mask.sum()), "clipped_tokens": float((is_clipped.float() * mask).sum())}
         if kl is not None:
-            stats["kl"] = float((kl * mask).sum() / n_tok)
+            stats["kl_sum"] = float((kl * mask).sum())
         return loss, stats
 
     def _zero_weight_pass(self, b: GRPOBatch) -> torch.Tensor:
@@ -964,7 +965,8 @@ class LatentGRPOTrainer:
         torch.manual_seed(_seed_for(c.seed, step, self.rank, 4))
         batches = self.local_micro_batches(step)
         stats = self.score(step, batches)
-        loss_sum, clip, kls = 0.0, [], []
+        loss_sum = 0.0
+        token_sums = torch.zeros(3, dtype=torch.float64)  # completion tokens, clipped tokens, KL sum
         for _ in range(c.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for m, b in enumerate(batches):
@@ -975,10 +977,9 @@ class LatentGRPOTrainer:
                     loss, s = self._loss(b)
                     self.accelerator.backward(loss)
                 loss_sum += float(loss.detach())
-                if "clip_ratio" in s:  # not from a zero-weight pass
-                    clip.append(s["clip_ratio"])
-                if "kl" in s:
-                    kls.append(s["kl"])
+                if "tokens" in s:  # not from a zero-weight pass
+                    token_sums += torch.tensor([s["tokens"], s["clipped_tokens"], s.get("kl_sum", 0.0)],
+                                               dtype=torch.float64)
             params = [p for p in self.module.parameters() if p.requires_grad]
             finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
             flag = self.accelerator.reduce(torch.tensor([0.0 if finite else 1.0], device=self.accelerator.device), "sum")
@@ -996,11 +997,12 @@ class LatentGRPOTrainer:
             self.scheduler.step()  # always: the schedule stays a function of the step count (resume relies on it)
         loss_total = torch.tensor([loss_sum / c.num_iterations], device=self.accelerator.device)
         stats["loss"] = float(self.accelerator.reduce(loss_total, "mean"))
-        dev = self.accelerator.device
-        stats["clip_ratio"] = float(self.accelerator.reduce(torch.tensor([sum(clip) / max(len(clip), 1)], device=dev),
-                                                            "mean"))
-        if kls:
-            stats["kl"] = float(self.accelerator.reduce(torch.tensor([sum(kls) / len(kls)], device=dev), "mean"))
+        # Token means over the optimiser batch (all processes, micro-steps and iterations).
+        tokens, clipped, kl_sum = self.accelerator.reduce(
+            token_sums.to(torch.float32).to(self.accelerator.device), "sum").tolist()
+        stats["clip_ratio"] = clipped / max(tokens, 1.0)
+        if c.beta > 0:
+            stats["kl"] = kl_sum / max(tokens, 1.0)
         stats["learning_rate"] = float(self.scheduler.get_last_lr()[0])
         stats["nonfinite_grad_steps"] = self.nonfinite_steps
         return stats

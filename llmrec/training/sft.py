@@ -135,7 +135,9 @@ class LatentSFTConfig(transformers.TrainingArguments):
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_dropout: float = field(default=0.05, metadata={
+        "help": "LoRA dropout. Its masks come from each process's own generator: with dropout > 0, N processes "
+                "train with other (equally distributed) masks than 1 process; 0 makes runs layout-exact."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata={"help": "Module names LoRA is applied to."},
