@@ -81,14 +81,16 @@ def test_checkpoint_contents_and_reload(tmp_path, prepared_dir):
         assert torch.equal(head[k], v), k
 
 
-def test_eval_loss_is_the_token_mean_over_every_validation_row(tmp_path, prepared_dir):
+@pytest.mark.parametrize("concat", [True, False])
+def test_eval_loss_is_the_token_mean_over_every_validation_row(tmp_path, prepared_dir, concat):
     # The plain form: each validation row alone through the trained model, completion-token cross-entropy
     # summed, over all rows / all their completion tokens. 5 rows in eval batches of 2: a partial last batch.
     from llmrec.models.latent import completion_cross_entropy
     from llmrec.training.sft import LatentSFTCollator, build_dataset
 
     kw = dict(num_latent_tokens=1, max_steps=2, save_strategy="steps", save_steps=2, eval_strategy="steps",
-              eval_steps=2, eval_split="valid", max_eval_rows=5, per_device_eval_batch_size=2)
+              eval_steps=2, eval_split="valid", max_eval_rows=5, per_device_eval_batch_size=2,
+              eval_do_concat_batches=concat)
     res = run_sft(make_config(tmp_path / "run", prepared_dir, **kw))
     model, tok = build_model(make_config(tmp_path / "other", prepared_dir, **kw))
     load_sft_weights(model, tmp_path / "run")

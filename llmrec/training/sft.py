@@ -616,7 +616,9 @@ def _eval_loss_from_row_sums(prediction: transformers.EvalPrediction) -> dict[st
     :meth:`LatentSFTTrainer.prediction_step`), so the value is the same however the rows were batched and
     split over processes (the token-level mean of the training loss, over the whole split).
     """
-    sums = np.asarray(prediction.predictions, dtype=np.float64).reshape(-1, 2)
+    preds = prediction.predictions
+    batches = preds if isinstance(preds, (list, tuple)) else [preds]  # a list when eval_do_concat_batches=False
+    sums = np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1, 2) for b in batches])
     return {"loss": float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))}
 
 
