@@ -198,6 +198,13 @@ class LatentSFTConfig(transformers.TrainingArguments):
         for name in ("max_train_rows", "max_eval_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
+        for name in ("batch_eval_metrics", "eval_use_gather_object"):
+            # eval_loss is computed once from every validation row's loss sum and token count (see
+            # LatentSFTTrainer.prediction_step); per-batch metrics and object gathering would break that
+            # (gather_object joins batches row-wise: the first evaluation saw only some rows on 2 processes).
+            if getattr(self, name):
+                raise ConfigError(f"{name}: true is not supported by llmrec's SFT (eval_loss is computed over "
+                                  "every validation row at once)")
         if self.eval_split in ("", "none", "None"):
             self.eval_split = None
         if self.eval_split is None:
@@ -642,9 +649,6 @@ class LatentSFTTrainer(transformers.Trainer):
                              "compute_metrics is not supported")
         kwargs["compute_metrics"] = _eval_loss_from_row_sums
         super().__init__(*args, **kwargs)
-        if self.args.batch_eval_metrics:
-            raise ValueError("LatentSFTTrainer does not support batch_eval_metrics=True: eval_loss is computed "
-                             "once over every validation row")
         self.sft_config = sft_config if sft_config is not None else (
             self.args if isinstance(self.args, LatentSFTConfig) else None)
         # The loss below is a sum normalised by the step's completion-token count (num_items_in_batch).
