@@ -248,3 +248,11 @@ def test_cli_rejects_negative_max_history(tmp_path: Path, capsys):
     assert e.value.code == 2
     assert "argument --max-history: must be >= 0 (0 = all), got -5" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_load_prepared_refuses_a_history_cap_below_one(prepared_dir, bad):
+    # 0 and -1 used to mean "the whole history" without a word; None is the one way to ask for it.
+    with pytest.raises(ValueError, match="max_history must be"):
+        load_prepared(prepared_dir, max_history=bad)
+    assert all(len(h) == 1 for h in load_prepared(prepared_dir, max_history=1).splits["test"]["history_item_ids"])

@@ -242,14 +242,17 @@ def load_prepared(
 ) -> PreparedData:
     """Load a directory written by ``llmrec data prepare`` (or a named embedded sample).
 
-    ``splits`` defaults to the split files present. ``max_history`` keeps the most recent items of
-    each history. ``with_titles`` adds ``history_titles`` / ``target_title`` columns.
+    ``splits`` defaults to the split files present. ``max_history`` (>= 1; None = all) keeps the most recent
+    items of each history. ``with_titles`` adds ``history_titles`` / ``target_title`` columns.
     """
     from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
     from llmrec.data.catalog import ItemCatalog
     from llmrec.data.samples import resolve_dataset_dir
 
+    if max_history is not None and max_history < 1:
+        # 0 and negative values used to mean "keep all" silently; None is the one way to say that.
+        raise ValueError(f"max_history must be an int >= 1, or None for the whole history; got {max_history!r}")
     directory = resolve_dataset_dir(directory)
     catalog = ItemCatalog.load(directory / CATALOG_FILE)
     stats = read_stats(directory / STATS_FILE)
@@ -283,7 +286,7 @@ def load_prepared(
                 raise DataFormatError(path, n, "history_item_ids", "expected a list of item ids")
             for i in hist:
                 _item_id(i, path, n, "history_item_ids", n_items)
-            if max_history is not None and max_history > 0:
+            if max_history is not None:
                 hist = hist[-max_history:]
             cols["user_id"].append(json_id(row["user_id"], path, n, "user_id"))
             cols["history_item_ids"].append(hist)
