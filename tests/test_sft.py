@@ -145,6 +145,8 @@ def test_resume_matches_uninterrupted(tmp_path, prepared_dir):
     lb = {r["step"]: r["loss"] for r in resumed["train_losses"]}
     for step in (4, 5, 6):
         assert abs(la[step] - lb[step]) <= 1e-6
+    # the mean over all 6 steps, not this invocation's 3 steps' sum over 6 (the logged losses have 4 decimals)
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-4)
 
 
 def test_a_checkpoint_with_a_cut_trainer_state_is_not_resumed_from(tmp_path):

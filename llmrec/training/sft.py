@@ -714,6 +714,26 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _mean_train_loss(train_out, history: list[dict], global_step: int, resumed: bool) -> float | None:
+    """The training loss averaged over every step of the run.
+
+    transformers' ``training_loss`` only sums the steps of this invocation (over all steps): after a resume it
+    is too small (0.0 when resumed at the last step). A resumed run takes the step-weighted mean of the logged
+    losses instead (restored with the checkpoint; logged to 4 decimals); None when the logs do not reach the
+    last step (``logging_steps`` does not divide it).
+    """
+    if train_out is not None and not resumed:
+        return train_out.training_loss
+    logged = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not logged or logged[-1][0] != global_step:
+        return None
+    total, previous = 0.0, 0
+    for step, loss in logged:
+        total += loss * (step - previous)
+        previous = step
+    return total / global_step
+
+
 def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     """Train; resume from the last complete checkpoint in ``output_dir``; write ``train_results.json``.
 
@@ -775,8 +795,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "output_dir": str(out_dir),
         "resumed_from": resume,
         "global_step": trainer.state.global_step,
-        # None when the run resumed at its early stop (nothing trained in this invocation)
-        "train_loss": train_out.training_loss if train_out is not None else None,
+        "train_loss": _mean_train_loss(train_out, history, trainer.state.global_step, resumed=resume is not None),
         "train_losses": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "best_checkpoint": trainer.state.best_model_checkpoint,
