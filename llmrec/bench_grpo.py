@@ -144,7 +144,9 @@ def bench_grpo(args: argparse.Namespace) -> dict:
           f"float32 max rel grad diff {max_rel:.3g}")
     return {
         "model": args.model, "dtype": args.dtype, "group_size": args.group_size, "prompts": args.prompts,
-        "train_lora": bool(args.train_lora), "steps_timed": args.steps, "batch_shapes": shapes,
+        "train_lora": bool(args.train_lora), "steps_timed": args.steps, "warmup_steps": args.warmup,
+        "batch_shapes": shapes, "prompt_len_range": list(args.prompt_len),
+        "completion_len_range": list(args.completion_len), "noise_scale": args.noise_scale, "seed": args.seed,
         "torch_threads": torch.get_num_threads(),
         "ours_step_s": round(med["ours"], 4), "naive_step_s": round(med["naive"], 4),
         "ours_over_naive": round(med["ours"] / med["naive"], 4), "max_rel_grad_diff_vs_naive": max_rel,

@@ -32,6 +32,9 @@ def test_bench_grpo_tiny(tmp_path, capsys):
     for key in ("ours_step_s", "naive_step_s", "ours_over_naive", "max_rel_grad_diff_vs_naive"):
         assert key in last
     assert last["max_rel_grad_diff_vs_naive"] < 1e-4
+    # the JSON records how the batches were drawn
+    assert last["seed"] == 0 and last["noise_scale"] == 1.5 and last["warmup_steps"] == 0
+    assert last["prompt_len_range"] == [150, 250] and last["completion_len_range"] == [15, 25]
 
 
 def test_bench_decoding_tiny(tmp_path, capsys, prepared_dir):
