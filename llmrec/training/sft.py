@@ -717,8 +717,8 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 def _mean_train_loss(train_out, history: list[dict], global_step: int, resumed: bool) -> float | None:
     """The training loss averaged over every step of the run.
 
-    transformers' ``training_loss`` only sums the steps of this invocation (over all steps): after a resume it
-    is too small (0.0 when resumed at the last step). A resumed run takes the step-weighted mean of the logged
+    transformers' ``training_loss`` averages only the steps trained in this invocation: after a resume it is the
+    mean of the remaining steps (0.0 when resumed at the last step). A resumed run takes the step-weighted mean of the logged
     losses instead (restored with the checkpoint; logged to 4 decimals); None when the logs do not reach the
     last step (``logging_steps`` does not divide it).
     """
