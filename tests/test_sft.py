@@ -109,10 +109,11 @@ def test_eval_loss_is_the_token_mean_over_every_validation_row(tmp_path, prepare
     assert res["eval_losses"][-1]["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
 
 
-@pytest.mark.parametrize("option", ["batch_eval_metrics", "eval_use_gather_object"])
-def test_eval_options_that_would_break_eval_loss_are_refused_at_config_time(tmp_path, option):
+@pytest.mark.parametrize("option, value", [("batch_eval_metrics", True), ("eval_use_gather_object", True),
+                                           ("include_for_metrics", ["inputs"])])
+def test_eval_options_that_would_break_eval_loss_are_refused_at_config_time(tmp_path, option, value):
     with pytest.raises(ConfigError, match=option):
-        make_config(tmp_path / "run", tmp_path, **{option: True})
+        make_config(tmp_path / "run", tmp_path, **{option: value})
 
 
 class _Killed(RuntimeError):

@@ -205,6 +205,11 @@ class LatentSFTConfig(transformers.TrainingArguments):
             if getattr(self, name):
                 raise ConfigError(f"{name}: true is not supported by llmrec's SFT (eval_loss is computed over "
                                   "every validation row at once)")
+        if self.include_for_metrics:
+            # Nothing would read them (eval_loss is the only metric), and with "inputs" the evaluation loop
+            # failed (seen in a review); refusing at config time beats failing at the first evaluation.
+            raise ConfigError(f"include_for_metrics: {self.include_for_metrics!r} is not supported by llmrec's "
+                              "SFT (its only eval metric is eval_loss, computed from per-row loss sums)")
         if self.eval_split in ("", "none", "None"):
             self.eval_split = None
         if self.eval_split is None:
