@@ -26,7 +26,8 @@ a history is what the evaluator ranked for it:
 
 * **LLM**: the history's titles (the most recent ``history_length``) are rendered with the prompt
   template and the catalogue's titles are ranked by constrained beam search
-  (:func:`llmrec.decoding.search.rank_batch`, the evaluator's code path) with ``num_beams >= k``. A
+  (:func:`llmrec.decoding.search.rank_batch`, the evaluator's code path) with ``num_beams >= k`` (at
+  most the number of distinct titles: that search prunes nothing, a wider beam ranks the same). A
   title shared by several items expands to those items in ascending id order (the evaluator's item
   level); each item carries its title's beam score (log-probability / length**length_penalty). Beam
   search is approximate, so the beam width changes the ranking: with the default ``num_beams = k`` the
@@ -67,7 +68,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import logging
 import numbers
 import os
@@ -237,11 +237,14 @@ class _LLMBackend:
 
     def beams_for(self, k: int, excluded: set[int] | None) -> int:
         """Beam width for one history: ``num_beams`` (at least ``k``), plus one per distinct title among the
-        excluded item ids, so that ``k`` items remain after removing them whenever the catalogue has them."""
+        excluded item ids, so that ``k`` items remain after removing them whenever the catalogue has them; at most
+        the number of distinct titles."""
         beams = max(self.num_beams or k, k)
         if excluded:
             beams += len({self.catalog.title(i) for i in excluded})
-        return beams
+        # With as many beams as titles nothing is ever pruned, so a wider beam ranks the same -- but its buffers
+        # grow with the width (k=10**9 would allocate gigabytes per history).
+        return min(beams, len(self.trie.titles))
 
     @torch.no_grad()
     def recommend(self, histories: list[list[int]], k: int,
@@ -331,6 +334,14 @@ def _resolve_dataset(dataset: str | os.PathLike | None, recorded: str | None, so
         raise
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file as a mapping; a damaged one (bad bytes, invalid JSON, not an object) raises a
+    :class:`~llmrec.data.canonical.DataFormatError` naming the file (a bare JSON error names nothing)."""
+    from llmrec.data.canonical import read_stats
+
+    return read_stats(path)  # not only for stats.json: any JSON-object file, {} when absent
+
+
 def _load_catalog(data_dir: Path):
     from llmrec.data.canonical import CATALOG_FILE
     from llmrec.data.catalog import ItemCatalog
@@ -349,8 +360,8 @@ def is_seqrec_run(path: str | os.PathLike) -> bool:
     if not results.is_file():
         return False
     try:
-        cfg = json.loads(results.read_text(encoding="utf-8")).get("config")
-    except (json.JSONDecodeError, AttributeError):
+        cfg = _read_json_object(results).get("config")
+    except ValueError:  # damaged: not recognisable as a seqrec run here
         return False
     return isinstance(cfg, dict) and cfg.get("model") in MODEL_NAMES
 
@@ -358,6 +369,7 @@ def is_seqrec_run(path: str | os.PathLike) -> bool:
 def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int | None):
     from safetensors.torch import load_file
 
+    from llmrec.data.canonical import DataFormatError
     from llmrec.seqrec.config import SeqRecConfig
     from llmrec.seqrec.models import build_model
 
@@ -367,7 +379,7 @@ def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int 
             f"{path} is a seqrec run without {SEQREC_RESULTS}: the run has not finished (rerun "
             "`llmrec seqrec train` with the same output_dir to resume it)"
         )
-    res = json.loads(results_path.read_text(encoding="utf-8"))
+    res = _read_json_object(results_path)
     stored = res.get("config")
     if not isinstance(stored, dict):
         raise ValueError(f"{results_path}: no 'config' mapping (not written by `llmrec seqrec train`?)")
@@ -375,7 +387,10 @@ def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int 
     unknown = sorted(set(stored) - known)
     if unknown:
         logger.warning("%s: ignoring config keys this llmrec does not know: %s", results_path, unknown)
-    cfg = SeqRecConfig(**{k: v for k, v in stored.items() if k in known})
+    try:
+        cfg = SeqRecConfig(**{k: v for k, v in stored.items() if k in known})
+    except (TypeError, ValueError) as e:  # a hand-edited value ("16" for 16) fails deep in SeqRecConfig's checks
+        raise DataFormatError(results_path, None, "config", f"not a valid seqrec config: {e}") from None
     data_dir = _resolve_dataset(dataset, cfg.dataset_dir, str(results_path))
     catalog = _load_catalog(data_dir)
     phase = "rpt" if res.get("selected_phase") == "rpt" else "train"
@@ -421,8 +436,7 @@ def _check_model_name(name: str) -> None:
 def _read_llmrec_config(path: Path) -> dict[str, Any]:
     from llmrec.training.sft import LLMREC_CONFIG_NAME
 
-    meta_path = path / LLMREC_CONFIG_NAME
-    return json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+    return _read_json_object(path / LLMREC_CONFIG_NAME)
 
 
 # ------------------------------------------------------------------------------------------- recommender
@@ -446,8 +460,10 @@ class Recommender:
                  info: dict[str, Any] | None = None) -> None:
         if on_unknown not in ON_UNKNOWN:
             raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
-        if history_length < 1 or batch_size < 1:
-            raise ValueError("history_length and batch_size must be >= 1")
+        if history_length < 1:
+            raise ValueError(f"history_length must be >= 1, got {history_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self._backend = backend
         self.kind: str = backend.kind
         self.catalog = catalog
@@ -508,8 +524,9 @@ class Recommender:
                 (default: those recorded in the SFT checkpoint's ``llmrec_config.json``, else
                 ``llmrec evaluate``'s defaults). ``history_length`` also applies to ID models (default and
                 maximum: the run's ``max_history``).
-            num_beams: LLM beam width (default ``k``; never fewer than ``k``). Fix it (e.g. to the
-                evaluation's ``num_beams``) for rankings that do not depend on ``k``.
+            num_beams: LLM beam width (default ``k``; never fewer than ``k``, nor more than the catalogue's
+                distinct titles). Fix it (e.g. to the evaluation's ``num_beams``) for rankings that do not
+                depend on ``k``.
             length_penalty: LLM beam score = log-prob sum / length**length_penalty (default 1.0).
             use_chat_template: wrap LLM prompts in the tokenizer's chat template (default False).
             batch_size: histories per forward batch (default 8 for LLMs, 256 for ID models).
@@ -535,7 +552,9 @@ class Recommender:
                 logger.warning("%s is an ID-model run: ignoring LLM-only options %s", path, ignored)
             model, catalog, cfg, info = _load_seqrec(path, dataset, dev, history_length)
             length = history_length or cfg.max_history
-            backend = _SeqRecBackend(model, catalog, cfg.max_history, dev, batch_size or SEQREC_BATCH_SIZE)
+            # `batch_size or default` would turn 0 into the default silently; 0 is refused by __init__, as for LLMs.
+            size = SEQREC_BATCH_SIZE if batch_size is None else batch_size
+            backend = _SeqRecBackend(model, catalog, cfg.max_history, dev, size)
             exclude = cfg.mask_history if exclude_history is None else exclude_history
             return cls(backend, catalog, history_length=length, batch_size=backend.batch_size,
                        on_unknown=on_unknown, exclude_history=exclude, info=info)
@@ -586,7 +605,7 @@ class Recommender:
             base = base or meta.get("model_name_or_path")
         elif path.is_dir():
             if checkpoint_kind(path) == "adapter" and base is None:
-                adapter_cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+                adapter_cfg = _read_json_object(path / "adapter_config.json")
                 base = adapter_cfg.get("base_model_name_or_path")
                 if not base:
                     raise ValueError(f"{path}: the adapter records no base model; pass base_model (--base-model)")
@@ -677,7 +696,9 @@ class Recommender:
         if len(histories) == 0:
             raise HistoryError("history is empty: give at least one item title or catalogue id")
         first = histories[0]
-        single = isinstance(first, (str, numbers.Integral))
+        # One history unless its first entry is itself a list of entries: `[None, 1]` or `[2.5, 3]` is one history
+        # with a bad entry (reported at its position), not a batch whose "history 0" is not a list.
+        single = isinstance(first, (str, bytes)) or not isinstance(first, Iterable)
         return ([histories] if single else list(histories)), single
 
     # -- recommending --------------------------------------------------------------------------------
@@ -748,6 +769,8 @@ def _read_input(path: Path) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(row["history"], list):
             raise DataFormatError(path, n, "history", "expected a list of item titles or ids")
         rows.append((n, row))
+    if not rows:  # an empty output "succeeding" would hide a wrong or truncated input file
+        raise DataFormatError(path, None, None, "no histories (the file is empty or has only blank lines)")
     return rows
 
 
@@ -765,6 +788,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.output is not None and Path(args.output).is_dir():
+        # Checked before loading the model: the atomic write would fail only after every history was ranked.
+        raise ValueError(f"--output {args.output} is a directory: give the path of the JSONL file to write")
+    if args.item_ids and args.input is not None:
+        # Ignoring it would keep the file's JSON strings as titles (and titles such as "1942" exist).
+        raise ValueError("--item-ids applies to --history only: in an --input file, give item ids as JSON integers "
+                         "(a JSON string is always a title)")
     if args.input is not None:
         input_path = Path(args.input)
         rows = _read_input(input_path)
@@ -841,7 +871,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--output", metavar="JSONL", default=None,
                    help="where recommendations go, written atomically (default: stdout / a table for --history)")
     p.add_argument("--k", type=int, default=10, help="recommendations per history (default 10)")
-    p.add_argument("--item-ids", action="store_true", help="--history values are catalogue item ids, not titles")
+    p.add_argument("--item-ids", action="store_true",
+                   help="--history values are catalogue item ids, not titles (--input files: JSON integers are ids)")
     p.add_argument("--on-unknown", choices=ON_UNKNOWN, default="error",
                    help="a history title not in the catalogue: error (default) or skip it with a warning")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,

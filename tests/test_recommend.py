@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -357,3 +358,106 @@ def test_cli_history_prints_a_table(data_dir, zero_shot, capsys):
     assert capsys.readouterr().out.splitlines()[2:] == table[2:]
     assert main([*args, "--history", "Not A Title"]) == 1
     assert "--history, position 1: title 'Not A Title' is not in the catalogue" in capsys.readouterr().err
+
+
+# -- bad input: checkpoint files, options, histories ------------------------------------------------------
+
+
+def test_damaged_checkpoint_json_is_an_error_naming_the_file(data_dir, seqrec_run, tmp_path):
+    """results.json, llmrec_config.json and adapter_config.json that are not JSON objects, and a stored seqrec config
+    with a value of the wrong type, are errors naming the file (not a bare JSON error or an AttributeError)."""
+    run = tmp_path / "run"
+    shutil.copytree(seqrec_run, run)
+    results = json.loads((run / "results.json").read_text())
+    for text in ("{", "[1]"):
+        (run / "results.json").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(str(run / "results.json"))):
+            Recommender.from_pretrained(run)
+    results["config"]["hidden_size"] = "16"
+    (run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=re.escape(str(run / "results.json")) + ".*'config'"):
+        Recommender.from_pretrained(run)
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    for text in ("{oops", "[1]"):
+        (llm / "llmrec_config.json").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(str(llm / "llmrec_config.json"))):
+            Recommender.from_pretrained(llm, dataset=data_dir)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("[]")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(str(adapter / "adapter_config.json"))):
+        Recommender.from_pretrained(adapter, dataset=data_dir)
+
+
+def test_batch_size_zero_is_an_error_for_id_models_too(seqrec_run):
+    """batch_size=0 was silently replaced by the default for ID models (LLMs refused it)."""
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        Recommender.from_pretrained(seqrec_run, batch_size=0)
+
+
+def test_one_history_with_a_bad_first_entry_is_reported_at_its_position(zero_shot):
+    """A history whose first entry is neither a title nor an id is one history with a bad entry, not a batch whose
+    "history 0" is not a list."""
+    for bad, got in (([None, 1], "NoneType None"), ([2.5, 3], "float 2.5"), ([b"Halo", 1], "bytes b'Halo'")):
+        with pytest.raises(HistoryError, match=rf"^history, position 1: expected an item title \(str\) or id "
+                                               rf"\(int\), got {re.escape(got)}$"):
+            zero_shot.recommend(bad, k=3)
+    with pytest.raises(TypeError, match="history 1: a history is a list"):
+        zero_shot.recommend([[1], None], k=3)  # a batch is still recognised by its first history
+    assert zero_shot.recommend([(1, 2), [3]], k=3) == zero_shot.recommend([[1, 2], [3]], k=3)
+
+
+def test_cli_refuses_item_ids_with_input_and_an_input_without_histories(seqrec_run, tmp_path, capsys):
+    """--item-ids with --input was silently ignored (JSON strings stay titles, and titles such as "1942" exist); an
+    input file without histories wrote an empty output and succeeded."""
+    from llmrec.cli import main
+
+    inp = tmp_path / "histories.jsonl"
+    out = tmp_path / "recs.jsonl"
+    inp.write_text(json.dumps({"history": ["1", "2"]}) + "\n")
+    args = ["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), "--output", str(out)]
+    assert main([*args, "--item-ids"]) == 1
+    assert "--item-ids applies to --history only" in capsys.readouterr().err and not out.exists()
+    for text in ("", "\n  \n"):
+        inp.write_text(text)
+        assert main(args) == 1
+        assert f"{inp}: no histories" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_output_that_is_a_directory_is_refused_before_recommending(seqrec_run, tmp_path, capsys):
+    """--output naming a directory failed only when writing, after every recommendation was computed, with an
+    IsADirectoryError traceback."""
+    from llmrec.cli import main
+
+    inp = tmp_path / "histories.jsonl"
+    inp.write_text(json.dumps({"history": [1, 2]}) + "\n")
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), "--output", str(tmp_path)]) == 1
+    assert f"--output {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_llm_k_beyond_the_catalogue_does_not_widen_the_beam_past_its_titles(zero_shot, monkeypatch):
+    """A beam wider than the number of distinct titles finds nothing more (every title is already kept), but its
+    buffers grow with the width: ``k=10**9`` asked for gigabytes per history. The beam is capped at the titles;
+    the result is every item, as for an exact ``k``."""
+    import llmrec.decoding.search as search
+
+    n_titles = len(set(zero_shot.catalog.titles))
+    widths: list[int] = []
+    real = search.rank_batch
+
+    def spy(model, tokenizer, trie, template, examples, config, *args, **kw):
+        widths.append(config.num_beams)
+        if config.num_beams > n_titles:  # fail here rather than allocate for 10**9 beams
+            raise AssertionError(f"beam width {config.num_beams} > {n_titles} distinct titles")
+        return real(model, tokenizer, trie, template, examples, config, *args, **kw)
+
+    monkeypatch.setattr(search, "rank_batch", spy)
+    everything = zero_shot.recommend([[1, 2], [5]], k=len(zero_shot.catalog))
+    assert zero_shot.recommend([[1, 2], [5]], k=10**9) == everything
+    assert [len(r) for r in everything] == [len(zero_shot.catalog)] * 2
+    alone = zero_shot.recommend([1, 2], k=len(zero_shot.catalog))  # alone: no batch padding, same scores
+    excluded = zero_shot.recommend([1, 2], k=10**9, exclude_history=True)
+    assert excluded == [r for r in alone if r.item_id not in {1, 2}]
+    assert max(widths) == n_titles
