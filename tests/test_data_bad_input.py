@@ -256,3 +256,158 @@ def test_load_prepared_refuses_a_history_cap_below_one(prepared_dir, bad):
     with pytest.raises(ValueError, match="max_history must be"):
         load_prepared(prepared_dir, max_history=bad)
     assert all(len(h) == 1 for h in load_prepared(prepared_dir, max_history=1).splits["test"]["history_item_ids"])
+
+
+# --------------------------------------------------------------------------- review: titles that are not strings
+
+
+def test_json_titles_that_are_not_strings_are_errors(tmp_path: Path):
+    # str() made the list ["A", "B"] the title "['A', 'B']" and 5 the title "5", silently
+    reviews = [amz_review("u1", "B1", 1), amz_review("u1", "B2", 2)]
+    for k, (title, shown) in enumerate(((["A", "B"], '["A", "B"]'), (5, "5"), ({"t": 1}, '{"t": 1}'))):
+        src = write_amazon2023(tmp_path / f"a{k}", reviews, [AMZ_META[0], {"parent_asin": "B2", "title": title}])
+        assert err_of(lambda src=src: formats.read_amazon2023(src, "VG", split="loo")) == (
+            f"{src / 'meta_VG.jsonl'}, row 2, field 'title': expected a string or null, got {shown}")
+    src = tmp_path / "seq"
+    (src / "derived").mkdir(parents=True)
+    (src / "derived" / "items.jsonl").write_text(jsonl([{"seq_id": 1, "title": "A"}, {"seq_id": 2, "title": 7}]))
+    assert err_of(lambda: formats.read_seq_titles(src, "jsonl")) == (
+        f"{src / 'derived' / 'items.jsonl'}, row 2, field 'title': expected a string or null, got 7")
+    # null is a missing title: kept as None, then dropped and counted as "empty" by prepare (as before)
+    (src / "derived" / "items.jsonl").write_text(jsonl([{"seq_id": 1, "title": "A"}, {"seq_id": 2, "title": None}]))
+    assert formats.read_seq_titles(src, "jsonl") == {"1": "A", "2": None}
+
+
+def test_npy_titles_that_are_not_strings_are_errors_and_nan_is_missing(tmp_path: Path):
+    import numpy as np
+
+    src = tmp_path / "seq"
+    src.mkdir()
+    (src / "sequential_data.txt").write_text("1 1 2 3 4 1 3 1\n")
+    npy = src / "title_maps.npy"
+    # NaN (pandas' missing value) became the title "nan", and bytes the title "b'C'"
+    np.save(npy, {"seqid2title": {"1": "A", "2": float("nan"), "3": "C", "4": None}}, allow_pickle=True)
+    assert formats.read_seq_titles(src, "npy") == {"1": "A", "2": None, "3": "C", "4": None}
+    stats = prepare(formats.read_seq_txt(src), tmp_path / "out")
+    assert stats["cleaning"]["dropped_items"]["empty"] == 2
+    assert [json.loads(x)["title"] for x in (tmp_path / "out" / "catalog.jsonl").read_text().splitlines()] == ["A", "C"]
+    np.save(npy, {"seqid2title": {"1": "A", "2": b"C"}}, allow_pickle=True)
+    assert err_of(lambda: formats.read_seq_titles(src, "npy")) == (
+        f"{npy}, field 'seqid2title': the title of item '2' is bytes, not a string")
+    # keys 1 and "1" are one id once made strings: the second title silently replaced the first
+    np.save(npy, {"seqid2title": {1: "A", "1": "Other", "2": "B"}}, allow_pickle=True)
+    assert err_of(lambda: formats.read_seq_titles(src, "npy")) == (
+        f"{npy}, field 'seqid2title': item 1 appears twice with different titles ('A', 'Other')")
+
+
+# --------------------------------------------------------------------------- review: rows and ids
+
+
+def test_recbole_item_row_with_extra_fields_is_an_error(tmp_path: Path):
+    # a tab inside a title split it: the title was silently cut to its first part ("Two")
+    src = tmp_path / "rb"
+    src.mkdir()
+    (src / "x.item").write_text("item_id:token\ttitle:token_seq\tyear:token\n1\tOne\t1990\n2\tTwo\tPart\t1991\n")
+    (src / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\t1\t1\nu1\t2\t2\n")
+    assert err_of(lambda: formats.read_recbole(src)) == f"{src / 'x.item'}, row 3: 4 fields where the header has 3"
+    (src / "x.item").write_text("item_id:token\ttitle:token_seq\tyear:token\n1\tOne\t1990\n2\tTwo\n")
+    assert err_of(lambda: formats.read_recbole(src)) == f"{src / 'x.item'}, row 3: 2 fields where the header has 3"
+
+
+def test_seq_txt_user_ids_are_compared_as_integers(tmp_path: Path):
+    # "1.0" passed the integer check but stayed its own user: user 1's valid row lost its train history
+    src = tmp_path / "seq"
+    src.mkdir()
+    (src / "derived").mkdir()
+    (src / "derived" / "items.jsonl").write_text(jsonl([{"seq_id": k, "title": f"T{k}"} for k in (1, 2, 3, 4)]))
+    (src / "sequential_train.txt").write_text("1 1 2\n2 3 4\n")
+    (src / "sequential_valid.txt").write_text("1.0 3\n2 1\n")
+    (src / "sequential_test.txt").write_text("01 4\n2 2\n")
+    raw = formats.read_seq_txt(src)
+    assert raw.sequences["1"] == {"train": [("1", None), ("2", None)], "valid": [("3", None)], "test": [("4", None)]}
+    assert sorted(raw.sequences) == ["1", "2"]
+    (src / "sequential_train.txt").write_text("1 1 2\n2 3 4\n01 3\n")
+    assert err_of(lambda: formats.read_seq_txt(src)) == (
+        f"{src / 'sequential_train.txt'}, row 3, field 'user_id': user 1 appears twice")
+
+
+def test_d3_info_ids_are_compared_as_integers_and_category_may_be_a_prefix(tmp_path: Path):
+    root = tmp_path / "d3"
+    (root / "info").mkdir(parents=True)
+    (root / "test").mkdir()
+    (root / "info" / "Toys_5_2017.txt").write_text("One\t01\nTwo\t2\n")
+    (root / "test" / "Toys_5_2017.csv").write_text('user_id,history_item_id,item_id,timestamp\nu1,"[1]",2,5\n')
+    # the info id "01" and the row's 1 are one item (rows were already read as integers): it used to be
+    # "item 1 is not in Toys_5_2017.txt"
+    raw = formats.read_d3_csv(root, ["test"])
+    assert raw.titles == {"1": "One", "2": "Two"} and raw.rows["test"] == [formats.RawRow("u1", ["1"], "2", 5)]
+    # --category picks the info file by prefix; the split files are named after that file, not the prefix
+    # (it used to look for test/Toys.csv and report the split missing)
+    assert formats.read_d3_csv(root, ["test"], category="Toys").rows == raw.rows
+    (root / "info" / "Toys_5_2017.txt").write_text("One\t01\nTwo\t2\nUno\t1\n")
+    assert err_of(lambda: formats.read_d3_csv(root, ["test"])) == (
+        f"{root / 'info' / 'Toys_5_2017.txt'}, row 3, field 'item_id': item id 1 appears twice")
+
+
+# --------------------------------------------------------------------------- review: an --output that exists
+
+
+def test_output_that_is_not_a_prepared_directory_is_refused(tmp_path: Path, capsys):
+    inter = "user,item,timestamp\n" + "".join(f"u{u},{i},{10 * u + i}\n" for u in (1, 2) for i in (1, 2, 3, 1, 2))
+    src = write_csv(tmp_path / "c", "item,title\n1,One\n2,Two\n3,Three\n", inter)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    # --output = --input (or a folder holding it, or any other folder): it was replaced as a whole, which
+    # deleted the raw files
+    for out in (src, tmp_path):
+        assert main(["data", "prepare", "--format", "csv", "--input", str(src), "--output", str(out)]) == 1
+        assert "exists and is not a prepared directory" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    # a file: it was replaced by the directory, and a moved-aside copy ".afile.old-<pid>" was left behind
+    (tmp_path / "afile").write_text("keep me")
+    assert main(["data", "prepare", "--format", "csv", "--input", str(src), "--output", str(tmp_path / "afile")]) == 1
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "c"]
+    # an empty directory and a previous output (even of fewer splits) are fine: the latter is replaced
+    (tmp_path / "empty").mkdir()
+    raw = formats.read_generic_csv(src / "interactions.csv", src / "items.csv")
+    prepare(raw, tmp_path / "empty")
+    prepare(raw, tmp_path / "empty", splits=["test"])
+    prepare(raw, tmp_path / "empty")
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
+        "catalog.jsonl", "stats.json", "test.jsonl", "train.jsonl", "valid.jsonl"]
+
+
+def test_seq_txt_with_cr_line_endings_is_an_error_and_crlf_is_fine(tmp_path: Path):
+    src = tmp_path / "seq"
+    (src / "derived").mkdir(parents=True)
+    (src / "derived" / "items.jsonl").write_text(jsonl([{"seq_id": k, "title": f"T{k}"} for k in range(1, 6)]))
+    # "\r" only: read as one line, users 2 and 3 (ids included) became items of user 1, silently
+    (src / "sequential_data.txt").write_bytes(b"1 1 2 3\r2 3 4 5\r3 1 5 2\r")
+    assert err_of(lambda: formats.read_seq_txt(src)) == (
+        f"{src / 'sequential_data.txt'}, row 1: a line break inside the line (a file with \\r line endings?): "
+        "lines must end with \\n or \\r\\n")
+    (src / "sequential_data.txt").write_bytes(b"1 1 2 3\r\n2 3 4 5\r\n3 1 5 2")
+    assert formats.read_seq_txt(src).sequences["3"] == {"all": [("1", None), ("5", None), ("2", None)]}
+
+
+def test_seq_txt_named_later_splits_keep_the_earlier_windows_in_their_histories(tmp_path: Path):
+    src = tmp_path / "seq"
+    (src / "derived").mkdir(parents=True)
+    (src / "derived" / "items.jsonl").write_text(jsonl([{"seq_id": k, "title": f"T{k}"} for k in range(1, 6)]))
+    (src / "sequential_train.txt").write_text("1 1 2\n2 3 4\n")
+    (src / "sequential_valid.txt").write_text("1 3 5\n2 1 5\n")
+    (src / "sequential_test.txt").write_text("1 4\n2 2\n")
+    prepare(formats.read_seq_txt(src), tmp_path / "all")
+    # --splits valid,test read only those files: the histories silently lost the train items ([3] for [1, 2, 3])
+    prepare(formats.read_seq_txt(src, splits=["valid", "test"]), tmp_path / "vt", splits=["valid", "test"])
+    for split in ("valid", "test"):
+        assert (tmp_path / "vt" / f"{split}.jsonl").read_bytes() == (tmp_path / "all" / f"{split}.jsonl").read_bytes()
+    assert not (tmp_path / "vt" / "train.jsonl").exists()
+    # without the train file there are no such histories: an error naming it, not shorter histories
+    (src / "sequential_train.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"split 'train' is missing \(sequential_train.txt not found\) "
+                                                r"\(its items begin the histories of the 'test' rows\)"):
+        formats.read_seq_txt(src, splits=["valid", "test"])
+    with pytest.raises(ValueError, match="unknown split"):
+        formats.read_seq_txt(src, splits=["tran"])

@@ -115,7 +115,8 @@ def register_cli(subparsers) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--format", required=True, choices=FORMATS, help="source format")
     p.add_argument("--input", required=True, help="source file or directory")
-    p.add_argument("--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--output", required=True, help="output directory (written atomically; an existing one must be empty or a previous output, "
+                   "which is replaced)")
     p.add_argument("--splits", default=None, help="comma-separated splits to prepare (default: all three; "
                    "a missing split is an error unless named here, e.g. valid,test)")
     p.add_argument("--max-history", type=_non_negative_int, default=50, help="keep the last N history items (0 = all)")

@@ -163,6 +163,26 @@ def _set_title(titles: dict[str, str | None], item: str, title: str | None, path
     titles[item] = title
 
 
+def _json_title(obj: dict, path: Path, n: int, fld: str = "title") -> str | None:
+    """The title of a JSON record: a string, or ``None`` when null or absent (a missing title, which ``prepare``
+    drops and counts). Anything else is an error: ``str()`` would make ``["A", "B"]`` the title "['A', 'B']"."""
+    title = obj.get(fld)
+    if title is not None and not isinstance(title, str):
+        raise DataFormatError(path, n, fld, f"expected a string or null, got {json.dumps(title)[:40]}")
+    return title
+
+
+def _npy_title(value, path: Path, key: str, item) -> str | None:
+    """A title from a pickled title map: a string, or ``None`` for a missing one (``None`` or pandas' NaN). Anything
+    else is an error: ``str()`` made NaN the title "nan" and bytes the title "b'...'"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if not isinstance(value, str):  # numpy's str_ is a str
+        raise DataFormatError(path, None, key, f"the title of item {str(item)[:40]!r} is {type(value).__name__}, "
+                                               "not a string")
+    return str(value)
+
+
 def _literal_list(value: str, path: Path, n: int, fld: str) -> list:
     # ast.literal_eval evaluates literals only: never eval() data.
     try:
@@ -200,11 +220,13 @@ def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None)
         if "\t" not in line:
             raise DataFormatError(info, n, None, "expected 'title<TAB>item_id'")
         title, item = line.rsplit("\t", 1)
-        _int(item, info, n, "item_id")
-        if item.strip() in titles:
-            raise DataFormatError(info, n, "item_id", f"item id {item.strip()} appears twice")
-        titles[item.strip()] = title
-    cat = category or info.stem
+        # as an integer, the way the rows' ids are read below: "01" kept as text never matched a row's 1
+        item = str(_int(item, info, n, "item_id"))
+        if item in titles:
+            raise DataFormatError(info, n, "item_id", f"item id {item} appears twice")
+        titles[item] = title
+    # the split files carry the info file's name: --category may be only a prefix of it
+    cat = info.stem
     raw = RawData(titles=titles, mode="rows", source={"format": "d3-csv", "info": str(info)})
     for split in splits:
         path = input_dir / split / f"{cat}.csv"
@@ -235,13 +257,22 @@ def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None)
 # --------------------------------------------------------------------------- sequence text + title map
 
 
+# Characters str.split() and str.splitlines() take for line breaks, besides the "\n" (or "\r\n") that ends a line.
+_INNER_BREAK_RE = re.compile(r"[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
 def _seq_file(path: Path, split: str, known: dict, seqs: dict, on_unknown: str, skipped: dict) -> None:
     for n, line in _lines(path):
+        # str.split() splits at a "\r" too: a file with "\r" line endings was read as one line, every other user
+        # (and its id) merged into the first user's sequence
+        if _INNER_BREAK_RE.search(line.rstrip("\r\n")):
+            raise DataFormatError(path, n, None, "a line break inside the line (a file with \\r line endings?): "
+                                                 "lines must end with \\n or \\r\\n")
         parts = line.split()
         if not parts:
             continue
-        user = parts[0]
-        _int(user, path, n, "user_id")
+        # as an integer: "1.0" or "01" kept as text would be another user than the "1" of the other files
+        user = str(_int(parts[0], path, n, "user_id"))
         items = []
         for pos, tok in enumerate(parts[1:], start=1):
             _int(tok, path, n, f"item {pos}")
@@ -276,7 +307,10 @@ def read_seq_titles(input_dir: Path, titles_from: str = "auto") -> dict[str, str
             if key in maps:
                 if not isinstance(maps[key], dict):
                     raise DataFormatError(npy, None, key, f"expected a dict, got {type(maps[key]).__name__}")
-                return {str(k): (None if v is None else str(v)) for k, v in maps[key].items()}
+                titles: dict[str, str | None] = {}
+                for k, v in maps[key].items():  # _set_title: the keys 1 and "1" are one id once made strings
+                    _set_title(titles, str(k), _npy_title(v, npy, key, k), npy, None, key)
+                return titles
         raise DataFormatError(npy, None, None, f"no 'seqid2title' or 'id2title' map (keys: {list(maps)})")
     if titles_from == "jsonl":
         titles: dict[str, str | None] = {}
@@ -284,7 +318,7 @@ def read_seq_titles(input_dir: Path, titles_from: str = "auto") -> dict[str, str
             key = "seq_id" if "seq_id" in obj else "item_id"
             if key not in obj:
                 raise DataFormatError(jsonl, n, "item_id", "missing (expected seq_id or item_id)")
-            _set_title(titles, json_id(obj[key], jsonl, n, key), obj.get("title"), jsonl, n, key)
+            _set_title(titles, json_id(obj[key], jsonl, n, key), _json_title(obj, jsonl, n), jsonl, n, key)
         return titles
     raise ValueError(f"--titles-from must be auto, npy or jsonl, got {titles_from!r}")
 
@@ -300,11 +334,20 @@ def read_seq_txt(input_dir: Path, titles_from: str = "auto", on_unknown: str = "
         mode = "loo"
     else:
         mode = "windows"
-        for split in splits or list(SPLITS):
+        named = splits or list(SPLITS)
+        unknown = [s for s in named if s not in SPLITS]
+        if unknown:
+            raise ValueError(f"unknown split(s) {', '.join(unknown)}: the splits are {', '.join(SPLITS)}")
+        # A split's histories hold every earlier window: reading only the named files (--splits valid,test) made
+        # the valid and test histories silently lose the user's train items. So every window up to the last
+        # named one is read; only the named splits are written (prepare's `splits`).
+        last = max(SPLITS.index(s) for s in named)
+        for split in SPLITS[: last + 1]:
             path = input_dir / f"sequential_{split}.txt"
             if not path.exists():
+                why = "" if split in named else f" (its items begin the histories of the '{SPLITS[last]}' rows)"
                 raise FileNotFoundError(
-                    f"{input_dir}: split '{split}' is missing ({path.name} not found); "
+                    f"{input_dir}: split '{split}' is missing ({path.name} not found){why}; "
                     "name the splits that exist with --splits"
                 )
             _seq_file(path, split, titles, seqs, on_unknown, skipped)
@@ -343,8 +386,9 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
         if not line.strip():
             continue
         parts = line.rstrip("\r\n").split("\t")
-        if len(parts) <= max(cols["item_id"], cols[title_col]):
-            raise DataFormatError(item, n, title_col, "missing field")
+        # as in the .inter file: a tab inside a title made an extra field and cut the title at it, silently
+        if len(parts) != len(cols):
+            raise DataFormatError(item, n, None, f"{len(parts)} fields where the header has {len(cols)}")
         it = _check_id(parts[cols["item_id"]], item, n, "item_id").strip()
         _set_title(titles, it, parts[cols[title_col]], item, n, "item_id")
     seqs: dict[str, dict] = {}
@@ -490,7 +534,8 @@ def read_amazon2023(
     for n, obj in _jsonl_objects(meta):
         if "parent_asin" not in obj:
             raise DataFormatError(meta, n, "parent_asin", "missing")
-        _set_title(titles, json_id(obj["parent_asin"], meta, n, "parent_asin"), obj.get("title"), meta, n, "parent_asin")
+        _set_title(titles, json_id(obj["parent_asin"], meta, n, "parent_asin"), _json_title(obj, meta, n), meta, n,
+                   "parent_asin")
     events: dict[str, list] = defaultdict(list)
     skipped: dict[str, int] = {}
     for n, obj in _jsonl_objects(reviews):

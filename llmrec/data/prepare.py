@@ -19,7 +19,8 @@ Steps, the same for every format:
 
    an example whose history is empty (a user's first interaction) is skipped and counted;
    histories keep their last ``max_history`` items;
-5. write everything into a temporary directory and rename it into place: nothing half-written.
+5. write everything into a temporary directory and rename it into place: nothing half-written. An
+   existing output is replaced only if it is empty or a previous prepared directory (:func:`check_output`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmrec.data.canonical import SPLITS, atomic_directory, atomic_write_json, write_jsonl
+from llmrec.data.canonical import (
+    CATALOG_FILE,
+    SPLITS,
+    STATS_FILE,
+    atomic_directory,
+    atomic_write_json,
+    write_jsonl,
+)
 from llmrec.data.catalog import ItemCatalog, TitlePolicy, clean_titles
 from llmrec.data.formats import RawData
 
@@ -41,6 +49,28 @@ class PrepareOptions:
     max_history: int = 50
     eval_rows: str = "all"  # "all" | "first"
     title_policy: TitlePolicy | None = None
+
+
+PREPARED_FILES = frozenset({CATALOG_FILE, STATS_FILE, *(f"{s}.jsonl" for s in SPLITS)})
+
+
+def check_output(output: str | Path) -> None:
+    """Refuse an ``output`` that exists and is not a directory ``prepare`` wrote (or an empty one).
+
+    The output is replaced as a whole, so pointing it at the input folder, a folder holding it, or any other
+    folder used to delete that folder with everything in it; a file was replaced and its moved-aside copy
+    left behind. A previous prepared directory holds only the files ``prepare`` writes and is replaced.
+    """
+    output = Path(output)
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ValueError(f"output {output} exists and is not a directory: choose another --output")
+    foreign = sorted(p.name for p in output.iterdir() if p.name not in PREPARED_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(f"output {output} exists and is not a prepared directory (it holds {shown}); it would be "
+                         "replaced as a whole: choose a new or empty directory, or remove it first")
 
 
 def raw_counts(raw: RawData) -> dict:
@@ -139,6 +169,7 @@ def _rows_from_rows(raw: RawData, to_id: dict[str, int], opts: PrepareOptions, s
 def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None, splits: list[str] | None = None) -> dict:
     """Clean, number, form examples and write the prepared directory atomically; return the stats."""
     opts = opts or PrepareOptions()
+    check_output(output)
     if opts.eval_rows not in ("all", "first"):
         raise ValueError(f"eval_rows must be 'all' or 'first', got {opts.eval_rows!r}")
     if opts.max_history < 0:  # would silently mean "all" (0)
