@@ -861,6 +861,8 @@ def plot_report(result: dict, path: Path) -> None:
 
     import matplotlib
 
+    from llmrec.data.canonical import give_default_permissions
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -885,6 +887,7 @@ def plot_report(result: dict, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)
+        give_default_permissions(tmp)  # mkstemp's 0600 would make the report's plot private
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -764,6 +764,30 @@ def test_atomic_directory_replaces_and_cleans(tmp_path: Path):
     assert sorted(p.name for p in final.iterdir()) == ["y"] and _leftovers(tmp_path) == []
 
 
+def test_atomic_outputs_get_the_permissions_of_a_plain_write(tmp_path: Path):
+    # tempfile makes files 0600 and directories 0700: a prepared dataset or a results file written through it
+    # was unreadable by anyone else on a shared machine. They now get what open()/mkdir() give under the umask.
+    import os
+    import stat
+
+    from llmrec.data.canonical import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "prepared") as tmp:
+            atomic_write_text(tmp / "stats.json", "{}")
+        atomic_write_text(tmp_path / "results.json", "{}")
+        os.umask(0o027)
+        atomic_write_text(tmp_path / "private.json", "{}")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "prepared") == 0o755
+    assert mode(tmp_path / "prepared" / "stats.json") == 0o644
+    assert mode(tmp_path / "results.json") == 0o644
+    assert mode(tmp_path / "private.json") == 0o640
+
+
 def test_atomic_directory_removes_what_killed_runs_left(tmp_path: Path):
     # A SIGKILLed prepare leaves its full-size temporary (or moved-aside) copy; the next run removes those of
     # dead processes, and never another live process's.

@@ -149,6 +149,24 @@ def _timestamp(value: Any, path: Path, n: int) -> int | None:
     return value
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; set it straight back (done per call: a program may change it).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_permissions(path: str | os.PathLike) -> None:
+    """Give a file or directory made by ``tempfile`` the permissions a plain ``open``/``mkdir`` would have.
+
+    ``mkstemp`` creates files 0600 and ``mkdtemp`` directories 0700 (private by design), so every output written
+    through a temporary and a rename -- prepared datasets, results, reports -- was unreadable by the rest of a
+    team sharing a cluster, unlike the checkpoints written in place beside them.
+    """
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_current_umask())
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike):
     """Yield a temporary directory beside ``final``; on success it replaces ``final`` in one rename.
@@ -159,6 +177,7 @@ def atomic_directory(final: str | os.PathLike):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    give_default_permissions(tmp)
     try:
         yield tmp
     except BaseException:
@@ -202,6 +221,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+        give_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -366,7 +366,7 @@ def _atomic_dir(dest: Path) -> Iterator[tuple[Path, Path]]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     out, scratch = work / "out", work / "scratch"
-    out.mkdir()
+    out.mkdir()  # a plain mkdir (umask permissions): `out` becomes `dest`, `work` (0700) is removed
     scratch.mkdir()
     try:
         yield out, scratch
