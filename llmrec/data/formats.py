@@ -526,8 +526,9 @@ def read_amazon2023(
     cutoffs: tuple[int, int] | None = None, min_rating: float | None = None, on_unknown: str = "skip",
 ) -> RawData:
     """Amazon Reviews 2023: ``<Category>.jsonl`` (user_id, parent_asin, rating, timestamp in ms) and
-    ``meta_<Category>.jsonl`` (parent_asin, title). Items without metadata are skipped by default
-    (counted), as ReaRec requires items to have a title."""
+    ``meta_<Category>.jsonl`` (parent_asin, title). Items without metadata are skipped by this function's default
+    (counted), as ReaRec requires items to have a title; ``llmrec data prepare`` passes its ``--on-unknown-item``,
+    whose default is ``error`` for every format (pass ``skip`` there for ReaRec's behaviour)."""
     reviews = _find(input_dir, [f"{category}.jsonl"])
     meta = _find(input_dir, [f"meta_{category}.jsonl"])
     titles: dict[str, str | None] = {}
