@@ -136,3 +136,9 @@ def test_paired_bootstrap():
     assert same == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError):
         paired_bootstrap_ci(a, b[:-1])
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_paired_bootstrap_needs_a_resample(n):
+    with pytest.raises(ValueError, match="n_resamples must be >= 1"):
+        paired_bootstrap_ci([1.0, 0.0], [0.0, 0.0], n_resamples=n)

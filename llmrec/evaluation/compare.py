@@ -16,16 +16,27 @@ from pathlib import Path
 
 import numpy as np
 
-from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics, rows_for_power
+from llmrec.evaluation.metrics import METRIC_NAMES, paired_bootstrap_ci, per_row_metrics, rows_for_power
+
+
+def _is_rank(value: object) -> bool:
+    """A rank as `llmrec evaluate` writes it: a non-negative int, or None (the target is not in the list)."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 
 def load_rankings(run_dir: str | Path) -> dict[int, dict]:
-    """``row -> ranking record`` of an evaluation run (clear error if the run is missing or unfinished)."""
+    """``row -> ranking record`` of an evaluation run (clear error if the run is missing or unfinished).
+
+    A damaged file is an error naming it, the line and the field, never a silent wrong number: a record without
+    an integer ``row``, a ``target_item_id`` and an integer-or-null ``item_rank`` (and ``title_rank``, when
+    present), or a row given twice (which record would count?).
+    """
     run = Path(run_dir)
     path = run / "rankings.jsonl"
     if not (run / "results.json").exists() or not path.exists():
         raise FileNotFoundError(f"{run}: not a finished evaluation (needs results.json and rankings.jsonl)")
-    records = {}
+    records: dict[int, dict] = {}
+    line_of: dict[int, int] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -33,8 +44,52 @@ def load_rankings(run_dir: str | Path) -> dict[int, dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {n}: {e}") from None
-        records[int(rec["row"])] = rec
+        row = rec.get("row") if isinstance(rec, dict) else None
+        if not isinstance(row, int) or isinstance(row, bool) or row < 0:
+            raise ValueError(f"{path}, line {n}, field 'row': expected a row index (int >= 0) in a JSON object, "
+                             f"got {line[:80]!r}")
+        if "target_item_id" not in rec:
+            raise ValueError(f"{path}, line {n}, field 'target_item_id': missing")
+        # title_rank may be absent (a run with item matching only, e.g. scripts/rank_fusion.py); compare_runs then
+        # refuses level="title" for it.
+        for name in ("item_rank", "title_rank"):
+            if (name == "item_rank" or name in rec) and (name not in rec or not _is_rank(rec[name])):
+                raise ValueError(f"{path}, line {n}, field {name!r}: expected an int >= 0 or null, "
+                                 f"got {rec.get(name, 'nothing')!r}")
+        if row in records:
+            raise ValueError(f"{path}, line {n}: row {row} is also on line {line_of[row]} (a damaged or "
+                             "concatenated rankings file)")
+        records[row], line_of[row] = rec, n
     return records
+
+
+def _parse_metrics(metrics: list[str]) -> list[int]:
+    """The cut-offs of metric names such as ``ndcg@10``; a malformed name is a clear error."""
+    if not metrics:
+        raise ValueError("no metric to compare; use e.g. ndcg@10, hr@10, mrr@10")
+    ks = []
+    for m in metrics:
+        name, _, k = m.partition("@")
+        if name not in METRIC_NAMES or not k.isdigit() or int(k) < 1:
+            raise ValueError(f"unknown metric {m!r}; use e.g. ndcg@10, hr@10, mrr@10 (one of {', '.join(METRIC_NAMES)}"
+                             " @ a cut-off >= 1)")
+        ks.append(int(k))
+    return sorted(set(ks))
+
+
+def _list_length(proto: dict, level: str) -> int | None:
+    """How many items (or titles) per row a run's ranked list holds at ``level``; None when any K is fine.
+
+    A K beyond it would count every target ranked past the list as a miss. Beam search returns ``num_beams``
+    titles (the item metrics are reported up to that K too); popularity keeps the top ``max(ks)`` items and
+    titles; seqrec's item rank is the target's full-catalogue rank, its title list the first ``max(ks)`` titles.
+    """
+    method, ks = proto.get("method"), proto.get("ks")
+    if method == "beam":
+        return proto.get("num_beams")
+    if ks and (method == "popularity" or (method == "seqrec" and level == "title")):
+        return max(int(k) for k in ks)
+    return None
 
 
 def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "item", n_resamples: int = 10000,
@@ -59,26 +114,47 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
         raise ValueError("compare needs at least two runs")
     if level not in ("item", "title"):
         raise ValueError(f"level must be 'item' or 'title', got {level!r}")
+    ks = _parse_metrics(metrics)
     runs = [load_rankings(r) for r in run_dirs]
+    protos = []
+    for r, recs in zip(run_dirs, runs):
+        res = Path(r) / "results.json"
+        try:
+            proto = json.loads(res.read_text(encoding="utf-8")).get("protocol", {}) if res.exists() else {}
+            if not isinstance(proto, dict):
+                raise AttributeError(f"its protocol is a {type(proto).__name__}, not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{res}: not a results file of `llmrec evaluate` ({e})") from None
+        # results.json is written after rankings.jsonl: fewer records than its rows is a damaged copy (cut at a line
+        # end), and the missing rows would silently drop out of the shared rows.
+        if isinstance(proto.get("rows"), int) and proto["rows"] != len(recs):
+            raise ValueError(f"{Path(r) / 'rankings.jsonl'} has {len(recs)} rows, but {res} says the evaluation ranked "
+                             f"{proto['rows']} (a damaged or replaced rankings file)")
+        # K beyond a run's list (e.g. @20 of 10 beams) would count targets it never ranked as misses.
+        length = _list_length(proto, level)
+        beyond = [m for m in metrics if length and int(m.split("@")[1]) > length]
+        if beyond:
+            what = "titles per row (num_beams" if proto.get("method") == "beam" else f"{level}s per row (max(ks)"
+            raise ValueError(f"{r} ranks {length} {what}, {res}): {', '.join(beyond)} would count "
+                             f"targets it never ranked as misses; compare at K <= {length}")
+        protos.append(proto)
+    splits = {p["split"] for p in protos if "split" in p}
+    if len(splits) > 1:  # row i of one split is not row i of another, whatever their targets
+        raise ValueError(f"the runs evaluate different splits ({', '.join(sorted(splits))}): not the same rows")
     shared = sorted(set.intersection(*(set(r) for r in runs)))
     for row in shared:
         targets = {r[row]["target_item_id"] for r in runs}
         if len(targets) != 1:
             raise ValueError(f"row {row} has different targets in the runs ({sorted(targets)}): not the same split")
+        users = {str(u) for r in runs if (u := r[row].get("user_id")) is not None}
+        if len(users) > 1:
+            raise ValueError(f"row {row} has different users in the runs ({sorted(users)}): not the same split")
     if not shared:
         raise ValueError("the runs share no rows")
-    for r in run_dirs:  # K beyond a beam run's list (e.g. @20 of 10 beams) would count unranked targets as misses
-        res = Path(r) / "results.json"
-        try:
-            proto = json.loads(res.read_text(encoding="utf-8")).get("protocol", {}) if res.exists() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ValueError(f"{res}: not a results file of `llmrec evaluate` ({e})") from None
-        beams = proto.get("num_beams") if proto.get("method") == "beam" else None
-        beyond = [m for m in metrics if beams and int(m.split("@")[1]) > beams]
-        if beyond:
-            raise ValueError(f"{r} ranks {beams} titles per row (num_beams, {res}): {', '.join(beyond)} would count "
-                             "targets it never ranked as misses; compare at K <= num_beams")
-    ks = sorted({int(m.split("@")[1]) for m in metrics})
+    for r, recs in zip(run_dirs, runs):
+        if any(f"{level}_rank" not in recs[row] for row in shared):
+            raise ValueError(f"{Path(r) / 'rankings.jsonl'} has no {level}_rank (a run without {level} matching); "
+                             "compare at the other level")
     per_seed = [per_row_metrics([recs[row][f"{level}_rank"] for row in shared], ks) for recs in runs]  # None = miss
     per_run = [{m: np.mean([per_seed[i][m] for i in range(g, g + seeds_per_run)], axis=0) for m in per_seed[g]}
                for g in range(0, len(runs), seeds_per_run)]

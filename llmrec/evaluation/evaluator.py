@@ -16,7 +16,9 @@ process ``b % world_size``. A batch therefore holds the same rows (and the same 
 number of processes, so one process and several give the same rankings. Each process appends its
 finished rows to ``rankings/part-<rank>.jsonl`` as it goes; a rerun reads every part file and skips
 finished rows, so an interrupted evaluation resumes where it stopped (the output directory must be on
-a filesystem all processes share, as it is on one machine). The main process then merges the parts
+a filesystem all processes share, as it is on one machine). Finished or partial rows are reused only under the
+same protocol fingerprint and only while their users and targets are still the split's rows; a start that failed
+before ranking any row does not hold its directory against a corrected rerun. The main process then merges the parts
 in row order, computes the metrics and writes ``rankings.jsonl``, ``results.json`` and ``results.md``
 atomically.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -94,6 +97,12 @@ class EvalConfig:
             raise ValueError(f"split must be train, valid or test, got {self.split!r}")
         if self.prompt_fit not in PROMPT_FITS:
             raise ValueError(f"prompt_fit must be one of {PROMPT_FITS}, got {self.prompt_fit!r}")
+        from llmrec.decoding.search import TOKENIZATIONS
+
+        if self.tokenization not in TOKENIZATIONS:  # checked here, not after the output directory is claimed
+            raise ValueError(f"tokenization must be one of {TOKENIZATIONS}, got {self.tokenization!r}")
+        if not math.isfinite(self.length_penalty):  # a NaN beam score would rank titles arbitrarily
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if self.num_beams < 1 or self.batch_size < 1:
             raise ValueError("num_beams and batch_size must be >= 1")
         if not self.guidance_weight >= 0:
@@ -317,18 +326,25 @@ class Evaluator:
                 done[rec["row"]] = rec
         return done
 
-    def _check_done_rows(self, done: dict[int, dict], split) -> None:
-        """Records of a partial evaluation are reused only for the rows they were made for: the fingerprint names
-        the dataset directory, not its contents, and a dataset prepared again in place may have other rows."""
+    def _has_records(self) -> bool:
+        """Some part file holds a complete record: a row was ranked under the protocol in ``protocol.json``."""
+        return any(b"\n" in part.read_bytes() for part in (self.out / "rankings").glob("part-*.jsonl"))
+
+    def _check_done_rows(self, done: dict[int, dict], split, source: Path | None = None,
+                         what: str = "partial evaluation") -> None:
+        """Records of a partial (or finished) evaluation are reused only for the rows they were made for: the
+        fingerprint names the dataset directory, not its contents, and a dataset prepared again in place may have
+        other rows."""
         if not done:
             return
+        source = self.out / "rankings" if source is None else source
         users, targets = list(split["user_id"]), list(split["target_item_id"])
         for row, rec in sorted(done.items()):
             ex = (users[row], targets[row]) if 0 <= row < len(users) else None
             if ex is None or (rec["user_id"], rec["target_item_id"]) != ex:
                 found = "no such row" if ex is None else f"user {ex[0]!r}, target {ex[1]}"
                 raise ValueError(
-                    f"{self.out / 'rankings'}: the partial evaluation's row {row} is user {rec['user_id']!r}, target "
+                    f"{source}: the {what}'s row {row} is user {rec['user_id']!r}, target "
                     f"{rec['target_item_id']}, but {self.config.split} row {row} of {self.config.dataset} has "
                     f"{found} (was the dataset prepared again?); remove {self.out} or choose another output_dir")
 
@@ -359,13 +375,24 @@ class Evaluator:
         if results_path.exists():
             prev = json.loads(results_path.read_text())
             if prev.get("fingerprint") == fp:
+                # Same protocol, but maybe not the same rows: the dataset may have been prepared again in place.
+                rankings = self.out / "rankings.jsonl"
+                if rankings.exists():
+                    finished = {rec["row"]: rec for rec in parse_jsonl_lines(
+                        rankings.read_text(encoding="utf-8").splitlines(), rankings)}
+                    self._check_done_rows(finished, split, rankings, "finished evaluation")
                 logger.info("%s is complete for this protocol; nothing to do", results_path)
                 return prev
             raise ValueError(f"{self.out} holds results of a different protocol; choose another output_dir")
         proto_path = self.out / "protocol.json"
         if self.state.is_main_process:
             if proto_path.exists() and json.loads(proto_path.read_text()).get("fingerprint") != fp:
-                raise ValueError(f"{self.out} holds a partial evaluation of a different protocol; choose another output_dir")
+                # A start that failed before ranking any row (a typo in the prompt or model name, say) left only
+                # protocol.json: nothing to reuse or to protect, so the corrected run takes the directory.
+                if self._has_records():
+                    raise ValueError(f"{self.out} holds a partial evaluation of a different protocol; choose another "
+                                     "output_dir")
+                logger.warning("%s: replacing the protocol of a start that ranked no row", proto_path)
             (self.out / "rankings").mkdir(parents=True, exist_ok=True)
             atomic_write_json(proto_path, {"fingerprint": fp, "protocol": protocol})
         self.state.wait_for_everyone()

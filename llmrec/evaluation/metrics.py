@@ -163,6 +163,8 @@ def paired_bootstrap_ci(
         raise ValueError("cannot bootstrap zero rows")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_resamples < 1:  # no resample has no percentile (numpy would raise an IndexError naming nothing)
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     diff = a - b
     n = diff.size
     rng = np.random.default_rng(seed)

@@ -47,10 +47,21 @@ def run_seqrec_benchmark(
     """
     from llmrec.config import coerce_fields, read_recipe, to_dict
     from llmrec.seqrec.config import SeqRecConfig, training_field_differences
-    from llmrec.seqrec.run import RESULTS_JSON, run_seqrec
+    from llmrec.seqrec.models import MODEL_NAMES
+    from llmrec.seqrec.run import RESULTS_JSON, RUN_CONFIG_JSON, data_difference, data_sha256, run_seqrec
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    # Checked before the first run trains: a repeated model reused its own runs and counted every seed twice in
+    # its mean +- std, and an unknown name failed only after the models before it had trained.
+    if not models:
+        raise ValueError("no model to benchmark (an empty model list)")
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {MODEL_NAMES}")
+    repeated = sorted({m for m in models if models.count(m) > 1})
+    if repeated:
+        raise ValueError(f"model(s) {repeated} named more than once")
     output = Path(output)
     recipe = overrides.pop("config", None)
 
@@ -66,6 +77,7 @@ def run_seqrec_benchmark(
     overrides = coerce_fields([SeqRecConfig], overrides, "benchmark overrides")
     runs: dict[str, list[dict]] = {}
     finished: dict[str, dict[int, tuple[Path, dict]]] = {}  # model -> seed -> (run dir, its test metrics)
+    digests: dict[str, str | None] | None = None  # of the dataset's files, read once when a finished run needs them
     for model in models:
         for s in range(seeds):
             run_dir = output / "runs" / f"{model}_seed{s}"
@@ -84,6 +96,17 @@ def run_seqrec_benchmark(
                     details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in sorted(diff.items()))
                     raise ValueError(f"{res_file} is a finished run made with {details}; remove it or use "
                                      "another output directory")
+                # ... and on the same data: the dataset directory's files may have been re-prepared or edited since.
+                # A run made before results.json recorded the digests has them (or the stats) in run_config.json.
+                if digests is None:
+                    digests = data_sha256(dataset_dir)
+                run_config = run_dir / RUN_CONFIG_JSON
+                recorded = res if "data_sha256" in res else (
+                    json.loads(run_config.read_text()) if run_config.exists() else {})
+                data = data_difference(recorded, dataset_dir, digests)
+                if data:
+                    raise ValueError(f"{res_file} is a finished run made with {data}; remove it or use another "
+                                     "output directory")
             elif report_only:  # summarise what has finished; a cut run is not reported
                 continue
             else:

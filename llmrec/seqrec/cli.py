@@ -10,11 +10,17 @@ import argparse
 
 
 def _train(args: argparse.Namespace) -> int:
-    from llmrec.config import parse_config
+    from llmrec.config import ConfigError, parse_config
     from llmrec.seqrec.config import SeqRecConfig
     from llmrec.seqrec.run import run_seqrec
 
     (cfg,) = parse_config([SeqRecConfig], args.config, args.overrides)
+    unused = cfg.unused_fields()
+    if unused:  # one run: a setting its model never reads would be recorded as if it had shaped the result
+        where = f"{args.config} + command line" if args.config else "command line"
+        raise ConfigError(f"{where}: {cfg.model} does not read "
+                          + ", ".join(f"{k} (set to {v!r})" for k, v in unused.items())
+                          + "; remove them, or set model to the one they are for")
     res = run_seqrec(cfg)
     t = res["test"]
     print(

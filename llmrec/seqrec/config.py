@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import numbers
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +20,32 @@ def _f(default, help: str, **kw):
 
 # Fields that do not change what a run trains or selects: a resumed or reused run may differ in them.
 RESULT_NEUTRAL_FIELDS = ("output_dir", "resume", "progress", "num_threads", "eval_batch_size", "test_depths")
+
+_REAREC_FIELDS = ("reason_steps",)
+_ERL_FIELDS = ("kl_weight", "kl_cap")
+_PRL_FIELDS = ("pta_alpha", "pl_weight", "cl_weight", "noise_std", "warmup_epochs", "cl_max_rows")
+_LARES_FIELDS = ("n_pre_layers", "n_core_layers", "mean_recurrence", "depth_sampling", "state_init", "state_std",
+                 "state_scale", "fuse", "tla_weight", "sla_weight", "align_tau", "align_sim", "sla_exclude_final",
+                 "filter_topk", "filter_passes", "rpt_epochs", "rpt_max_rows", "rpt_lr", "rpt_batch_size", "rpt_group",
+                 "rpt_beta", "rpt_reward", "rpt_reward_k", "rpt_dropout", "rpt_patience", "test_depths")
+# The fields only some models read (every other field is read by all four: LARES too builds, then replaces, the
+# n_layers encoder, which moves the random initialisation of its own layers).
+MODEL_FIELDS: dict[str, tuple[str, ...]] = {
+    "sasrec": (),
+    "rearec-erl": _REAREC_FIELDS + _ERL_FIELDS,
+    "rearec-prl": _REAREC_FIELDS + _PRL_FIELDS,
+    "lares": _LARES_FIELDS,
+}
+# Values of the string fields that name a choice: anything else is refused (rpt_reward "NDCG" trained with the
+# recall reward, as the model tests only for "ndcg").
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train_mode": ("sequence", "rows"),
+    "depth_sampling": ("poisson-lognormal", "constant"),
+    "state_init": ("normal", "normal_zero", "zero"),
+    "fuse": ("add", "concat", "linear"),
+    "align_sim": ("dot", "cos"),
+    "rpt_reward": ("recall", "ndcg"),
+}
 
 
 def training_fields(config: dict) -> dict:
@@ -145,8 +174,18 @@ class SeqRecConfig:
 
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}")
+        self._check_types()
         if self.reason_steps < 0:
             raise ValueError(f"reason_steps (K) must be >= 0, got {self.reason_steps}")
+        # NaN passes every range check below (nan < 0 and nan <= 0 are False) and inf is no setting either: a NaN
+        # kl_weight silently trained without the KL term (its "> 0" test is False) and was recorded as NaN.
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name} must be a finite number, got {v}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
         # Sizes and counts: 0 or less would build no layer, run no epoch (patience 0 trained nothing and still
@@ -170,8 +209,6 @@ class SeqRecConfig:
             raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {self.ks}")
         if not 0 <= self.window_stride <= self.max_history:
             raise ValueError(f"window_stride must be in 0..max_history ({self.max_history}), got {self.window_stride}")
-        if self.train_mode not in ("sequence", "rows"):
-            raise ValueError(f"train_mode must be 'sequence' or 'rows', got {self.train_mode!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         for name in ("dropout", "attn_dropout", "input_dropout", "rpt_dropout"):
@@ -186,3 +223,43 @@ class SeqRecConfig:
         if self.rpt_epochs > 0 and self.rpt_group < 2:
             # one rollout has no group spread: its standardised advantage is 0/0
             raise ValueError(f"rpt_group (G) must be >= 2 for RPT, got {self.rpt_group}")
+
+    def _check_types(self) -> None:
+        """Each field's value of its declared type (a bool 0/1 becomes False/True, as "0"/"1" on the command line).
+
+        Recipes and command lines are converted by the parser, but values reach the config from Python as well (the
+        benchmark, the pipeline, scripts): ``mask_history="false"`` was true, ``mask_history=2`` too, and
+        ``max_train_batches=1.5`` ran two batches.
+        """
+        # The declared annotations, as text: HfArgumentParser replaces a field's .type with the resolved type.
+        hints = {name: str(t).replace("<class '", "").replace("'>", "")
+                 for name, t in typing.get_type_hints(SeqRecConfig).items()}
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), hints[f.name]
+            if kind == "bool":
+                if isinstance(v, numbers.Integral) and not isinstance(v, bool) and v in (0, 1):
+                    setattr(self, f.name, bool(v))
+                elif not isinstance(v, bool):
+                    raise ValueError(f"{f.name} must be true or false, got {v!r}")
+            elif kind == "int" and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ValueError(f"{f.name} must be an integer, got {v!r}")
+            elif kind in ("float", "float | None") and not (v is None and kind != "float") and (
+                    isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise ValueError(f"{f.name} must be a number, got {v!r}")
+            elif kind == "str" and not isinstance(v, str):
+                raise ValueError(f"{f.name} must be a string, got {v!r}")
+            elif kind == "list[int]" and (not isinstance(v, list) or any(
+                    isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in v)):
+                raise ValueError(f"{f.name} must be a list of integers, got {v!r}")
+
+    def unused_fields(self) -> dict[str, Any]:
+        """``{field: value}`` of the fields set away from their default that ``model`` does not read.
+
+        Such a value changes nothing (``pta_alpha`` for SASRec, ``test_depths`` for ReaRec) yet is recorded in the
+        run's config as if it had been used. ``llmrec seqrec train`` refuses them; a benchmark's shared settings
+        (applied to every model) may hold them.
+        """
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(self)}
+        others = {name for fields in MODEL_FIELDS.values() for name in fields} - set(MODEL_FIELDS[self.model])
+        return {name: getattr(self, name) for name in sorted(others) if getattr(self, name) != defaults[name]}

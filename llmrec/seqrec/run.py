@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -11,8 +12,8 @@ from typing import Any
 import torch
 
 from llmrec.config import to_dict
-from llmrec.data.canonical import atomic_write_json, atomic_write_text
-from llmrec.seqrec.config import SeqRecConfig, training_fields
+from llmrec.data.canonical import CATALOG_FILE, SPLITS, atomic_write_json, atomic_write_text
+from llmrec.seqrec.config import SeqRecConfig, training_field_differences, training_fields
 from llmrec.seqrec.data import SameTargetPool, load_seqrec_data
 from llmrec.seqrec.models import LARES, ReaRec, build_model
 from llmrec.seqrec.trainer import SeqRecTrainer, make_accelerator
@@ -85,34 +86,86 @@ def results_markdown(res: dict[str, Any]) -> str:
 
 
 RUN_CONFIG_JSON = "run_config.json"
+DATA_FILES = (CATALOG_FILE, *(f"{split}.jsonl" for split in SPLITS))  # what load_seqrec_data reads
+
+
+def data_sha256(dataset_dir: str | Path) -> dict[str, str | None]:
+    """``{file: SHA-256}`` of the prepared files a run reads (catalogue and splits; None for a missing file).
+
+    ``stats.json`` alone (counts) does not tell a re-prepared or edited dataset from the one a run was trained on,
+    and a directory may have none.
+    """
+    digests: dict[str, str | None] = {}
+    for name in DATA_FILES:
+        path = Path(dataset_dir) / name
+        if not path.exists():
+            digests[name] = None
+            continue
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(block)
+        digests[name] = h.hexdigest()
+    return digests
 
 
 def _run_identity(cfg: SeqRecConfig) -> dict[str, Any]:
-    """What a run directory's checkpoints were trained with: the training fields and the data's statistics."""
+    """What a run directory's checkpoints were trained with: the training fields and the data (statistics, digest)."""
     stats = Path(cfg.dataset_dir) / "stats.json"
     return {"config": training_fields(to_dict(cfg)),
-            "data_stats": json.loads(stats.read_text()) if stats.exists() else None}
+            "data_stats": json.loads(stats.read_text()) if stats.exists() else None,
+            "data_sha256": data_sha256(cfg.dataset_dir)}
 
 
-def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> None:
-    """Refuse to resume (or reuse) checkpoints trained with other settings or data; record this run's identity.
+def data_difference(recorded: dict[str, Any], dataset_dir: str | Path,
+                    digests: dict[str, str | None] | None = None) -> str | None:
+    """Why the data a run recorded (``recorded``: its ``data_sha256`` and/or ``data_stats``) is not the data in
+    ``dataset_dir`` now, or None if it is. ``digests``: ``data_sha256(dataset_dir)`` when the caller has it.
+
+    A record without digests (made before they were recorded) is compared by its ``stats.json`` content only.
+    """
+    if recorded.get("data_sha256") is not None:
+        now = digests if digests is not None else data_sha256(dataset_dir)
+        changed = [name for name in DATA_FILES if recorded["data_sha256"].get(name) != now[name]]
+        if changed:
+            return (f"another dataset (the contents of {', '.join(str(Path(dataset_dir) / f) for f in changed)} are "
+                    "not those it was trained on)")
+        return None
+    stats = Path(dataset_dir) / "stats.json"
+    if "data_stats" in recorded and recorded["data_stats"] != (json.loads(stats.read_text()) if stats.exists() else None):
+        return f"another dataset ({stats} differs)"
+    return None
+
+
+def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, str | None]:
+    """Refuse to resume (or reuse) checkpoints trained with other settings or data; record this run's identity and
+    return the data's digests (:func:`data_sha256`).
 
     Without this a rerun with, say, another learning rate in the same ``output_dir`` would load the old run's
-    weights and report them under the new config.
+    weights and report them under the new config; or, with the dataset's files replaced, report weights trained
+    on the old data as trained on the new.
     """
     path = out / RUN_CONFIG_JSON
     want = json.loads(json.dumps(_run_identity(cfg)))  # JSON round trip: compare like with like
     if cfg.resume and path.exists():
         have = json.loads(path.read_text())
-        diff = {k: (have["config"].get(k), v) for k, v in want["config"].items() if have["config"].get(k) != v}
-        if have.get("data_stats") != want["data_stats"]:
-            diff["dataset (stats.json)"] = ("another dataset", str(Path(cfg.dataset_dir) / "stats.json"))
-        if diff:
-            details = ", ".join(f"{k}={h!r} (asked: {w!r})" for k, (h, w) in diff.items())
-            raise ValueError(f"{out} holds a run made with {details}; use another output_dir, set resume: false to "
-                             "train from scratch there, or remove it")
+        # As a finished run is read back: "data/x/" is "data/x", a field newer than the run is its default.
+        diff = training_field_differences(have["config"], to_dict(cfg))
+        details = [f"{k}={h!r} (asked: {w!r})" for k, (h, w) in diff.items()]
+        data = data_difference(have, cfg.dataset_dir, want["data_sha256"])
+        if data:
+            details.append(data)
+        if details:
+            raise ValueError(f"{out} holds a run made with {', '.join(details)}; use another output_dir, set resume: "
+                             "false to train from scratch there, or remove it")
     if is_main:
+        if not cfg.resume:
+            # Training from scratch: the old run's results must not outlive its weights (results.json marks the
+            # directory a finished run; cut after a phase, it would stand beside the new run's best weights).
+            for name in (RESULTS_JSON, RESULTS_MD):
+                (out / name).unlink(missing_ok=True)
         atomic_write_json(path, want)
+    return want["data_sha256"]
 
 
 def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
@@ -136,7 +189,7 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
 def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     acc = make_accelerator(cfg.seed)
-    _check_resumable(cfg, out, acc.is_main_process)
+    digests = _check_resumable(cfg, out, acc.is_main_process)
     data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode, cfg.window_stride)
     model = build_model(cfg, data.num_items)
     trainer = SeqRecTrainer(cfg, data, model, acc, out)
@@ -223,6 +276,8 @@ def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
         },
         "phases": [p.__dict__ for p in phases],
         "config": to_dict(cfg),
+        # the data the weights were trained and tested on: a finished run is reused only for the same files
+        "data_sha256": digests,
     }
     res.update(extra)
     if isinstance(model, LARES) and cfg.test_depths:

@@ -1,0 +1,159 @@
+"""Bad input to ``llmrec evaluate`` / ``llmrec compare``: a clear error naming the file, row and field (never a
+silent wrong number), and an output directory a failed start does not block."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmrec.evaluation.compare import compare_runs
+from llmrec.evaluation.evaluator import EvalConfig, evaluate
+
+
+def _run(path: Path, item_ranks: list[int | None], protocol: dict | None = None, users: str = "u") -> Path:
+    """An evaluation output directory as `llmrec evaluate` writes it (one record per row, in row order)."""
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({} if protocol is None else {"protocol": protocol}))
+    with open(path / "rankings.jsonl", "w") as f:
+        for row, rank in enumerate(item_ranks):
+            f.write(json.dumps({"row": row, "user_id": f"{users}{row}", "target_item_id": 100 + row,
+                                "item_rank": rank, "title_rank": rank}) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------ compare
+
+
+def test_a_k_beyond_a_popularity_list_is_refused(tmp_path):
+    """Popularity keeps the top max(ks) items: @10 of a ks=[1, 5] run would count ranks 5..9 as misses."""
+    a = _run(tmp_path / "a", [0, 1, 2], {"method": "seqrec", "ks": [1, 5, 10], "rows": 3})
+    b = _run(tmp_path / "b", [0, None, None], {"method": "popularity", "ks": [1, 5], "rows": 3})
+    assert compare_runs([a, b], ["hr@5"], n_resamples=50)["rows"] == 3
+    with pytest.raises(ValueError, match=r"b ranks 5 .*hr@10 would count"):
+        compare_runs([a, b], ["hr@5", "hr@10"], n_resamples=50)
+
+
+def test_a_k_beyond_a_seqrec_title_list_is_refused(tmp_path):
+    """seqrec's item rank is its full-catalogue rank (any K), its title list only the first max(ks) titles."""
+    a = _run(tmp_path / "a", [0, 1, 2], {"method": "seqrec", "ks": [1, 5], "rows": 3})
+    b = _run(tmp_path / "b", [0, 7, 2], {"method": "seqrec", "ks": [1, 10], "rows": 3})
+    assert compare_runs([a, b], ["hr@10"], n_resamples=50)["metrics"]["hr@10"] == [1.0, 1.0]  # item level: fine
+    with pytest.raises(ValueError, match=r"a ranks 5 titles .*hr@10 would count"):
+        compare_runs([a, b], ["hr@10"], level="title", n_resamples=50)
+
+
+def test_duplicate_rows_in_a_rankings_file_are_refused(tmp_path):
+    a, b = _run(tmp_path / "a", [0, 1, 2]), _run(tmp_path / "b", [0, 1, 2])
+    with open(b / "rankings.jsonl", "a") as f:  # row 1 again, now a miss: which one counts?
+        f.write(json.dumps({"row": 1, "user_id": "u1", "target_item_id": 101, "item_rank": None,
+                            "title_rank": None}) + "\n")
+    with pytest.raises(ValueError, match=r"b/rankings.jsonl, line 4: row 1 is also on line 2"):
+        compare_runs([a, b], ["hr@10"], n_resamples=50)
+
+
+def test_a_truncated_rankings_file_is_refused(tmp_path):
+    a = _run(tmp_path / "a", [0, 1, 2], {"method": "seqrec", "ks": [10], "rows": 3})
+    b = _run(tmp_path / "b", [0, 1, 2], {"method": "seqrec", "ks": [10], "rows": 3})
+    lines = (b / "rankings.jsonl").read_text().splitlines(keepends=True)
+    (b / "rankings.jsonl").write_text("".join(lines[:2]) + lines[2][:20])  # cut in the middle of the last line
+    with pytest.raises(ValueError, match=r"b/rankings.jsonl, line 3"):
+        compare_runs([a, b], ["hr@10"], n_resamples=50)
+    (b / "rankings.jsonl").write_text("".join(lines[:2]))  # cut at a line end: a row is gone
+    with pytest.raises(ValueError, match=r"b/rankings.jsonl has 2 rows, .*results.json.* 3"):
+        compare_runs([a, b], ["hr@10"], n_resamples=50)
+
+
+@pytest.mark.parametrize("record,field", [({"user_id": "u0", "target_item_id": 100, "item_rank": 0, "title_rank": 0},
+                                           "row"),
+                                          ({"row": "0", "target_item_id": 100, "item_rank": 0, "title_rank": 0}, "row"),
+                                          ({"row": 0, "target_item_id": 100, "title_rank": 0}, "item_rank"),
+                                          ({"row": 0, "target_item_id": 100, "item_rank": "3", "title_rank": 0},
+                                           "item_rank"),
+                                          ({"row": 0, "item_rank": 0, "title_rank": 0}, "target_item_id"),
+                                          ([0, 1], "row")])
+def test_a_damaged_ranking_record_names_the_file_line_and_field(tmp_path, record, field):
+    a, b = _run(tmp_path / "a", [0, 1]), _run(tmp_path / "b", [0, 1])
+    lines = (b / "rankings.jsonl").read_text().splitlines(keepends=True)
+    (b / "rankings.jsonl").write_text(json.dumps(record) + "\n" + lines[1])
+    with pytest.raises(ValueError, match=rf"b/rankings.jsonl, line 1.*{field}"):
+        compare_runs([a, b], ["hr@10"], n_resamples=50)
+
+
+def test_a_run_without_title_ranks_compares_at_item_level_only(tmp_path):
+    """scripts/rank_fusion.py writes item ranks only: fine at item level, a clear error at title level."""
+    a, b = _run(tmp_path / "a", [0, 1]), _run(tmp_path / "b", [1, 0])
+    lines = [json.loads(x) for x in (b / "rankings.jsonl").read_text().splitlines()]
+    (b / "rankings.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "title_rank"}) + "\n"
+                                              for r in lines))
+    assert compare_runs([a, b], ["hr@1"], n_resamples=50)["metrics"]["hr@1"] == [0.5, 0.5]
+    with pytest.raises(ValueError, match=r"b/rankings.jsonl has no title_rank"):
+        compare_runs([a, b], ["hr@1"], level="title", n_resamples=50)
+
+
+def test_runs_of_different_splits_or_users_are_not_paired(tmp_path):
+    a = _run(tmp_path / "a", [0, 1], {"method": "popularity", "ks": [10], "split": "test", "rows": 2})
+    b = _run(tmp_path / "b", [0, 1], {"method": "popularity", "ks": [10], "split": "valid", "rows": 2})
+    with pytest.raises(ValueError, match=r"split.*test.*valid"):
+        compare_runs([a, b], ["hr@10"], n_resamples=50)
+    c = _run(tmp_path / "c", [0, 1], users="v")  # same targets, other users: another dataset
+    with pytest.raises(ValueError, match=r"row 0 .*different users"):
+        compare_runs([a, c], ["hr@10"], n_resamples=50)
+
+
+@pytest.mark.parametrize("metric", ["ndcg10", "ndcg@x", "ndcg@0", "recall@10", "@10"])
+def test_a_malformed_metric_name_is_a_clear_error(tmp_path, metric):
+    a, b = _run(tmp_path / "a", [0, 1]), _run(tmp_path / "b", [1, 0])
+    with pytest.raises(ValueError, match=r"metric .*e\.g\. ndcg@10"):
+        compare_runs([a, b], ["hr@10", metric], n_resamples=50)
+    with pytest.raises(ValueError, match="no metric"):
+        compare_runs([a, b], [], n_resamples=50)
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+def _config(data: Path, out: Path, **kw) -> EvalConfig:
+    base = dict(dataset=str(data), split="test", method="beam", model_name_or_path="tiny-qwen2", dtype="float32",
+                prompt="d3", noun="video games", num_beams=4, batch_size=3, ks=[1, 3], output_dir=str(out), max_rows=3)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_an_unknown_tokenization_fails_before_anything_is_written(prepared_dir, tmp_path):
+    with pytest.raises(ValueError, match="tokenization must be one of"):
+        _config(prepared_dir, tmp_path / "ev", tokenization="sep")
+    with pytest.raises(ValueError, match="length_penalty"):
+        _config(prepared_dir, tmp_path / "ev", length_penalty=float("nan"))
+    assert not (tmp_path / "ev").exists()
+
+
+def test_a_start_that_failed_before_any_row_does_not_block_the_corrected_rerun(prepared_dir, tmp_path):
+    """A typo (here a prompt name) stops the run after protocol.json is written but before any row is ranked: the
+    corrected rerun starts afresh instead of refusing the directory as "a partial evaluation of a different
+    protocol". Once a row is ranked, a different protocol is still refused."""
+    out = tmp_path / "ev"
+    with pytest.raises(Exception, match="not found"):
+        evaluate(_config(prepared_dir, out, prompt="no-such-prompt"))
+    assert (out / "protocol.json").exists() and not (out / "results.json").exists()
+    res = evaluate(_config(prepared_dir, out))
+    assert res["protocol"]["prompt"] == "d3"
+    assert json.loads((out / "protocol.json").read_text())["fingerprint"] == res["fingerprint"]
+    # A partial evaluation with ranked rows is not overwritten by another protocol.
+    (out / "results.json").unlink()
+    with pytest.raises(ValueError, match="partial evaluation of a different protocol"):
+        evaluate(_config(prepared_dir, out, num_beams=3))
+
+
+def test_finished_results_of_a_dataset_prepared_again_are_not_returned(prepared_dir, tmp_path):
+    """The fingerprint names the dataset directory, not its contents: finished results whose rows are not the
+    dataset's rows any more are refused, as a partial evaluation's are."""
+    from tests.conftest import write_prepared
+
+    out = tmp_path / "pop"
+    first = evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+    assert evaluate(_config(prepared_dir, out, method="popularity", max_rows=0)) == first  # unchanged: reused
+    write_prepared(prepared_dir, seed=1)  # same directory, same row count, other rows
+    with pytest.raises(ValueError, match=r"rankings.jsonl: .*row \d+ is user .*was the dataset prepared again"):
+        evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))

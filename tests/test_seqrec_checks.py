@@ -1,0 +1,186 @@
+"""Input and reuse checks of ``llmrec seqrec``: changed data under a run, settings no model reads, values that are
+not numbers, benchmark model lists. Tiny synthetic data, CPU, seconds each."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_seqrec import tiny_cfg, write_successor_dataset  # noqa: E402
+
+from llmrec.seqrec.config import SeqRecConfig  # noqa: E402
+
+
+def _change_one_target(path: Path) -> None:
+    """Rewrite ``path`` (a split file) with its first row's target replaced: same row count, other content."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["target_item_id"] = rows[0]["target_item_id"] % 12 + 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_resume_refuses_a_dataset_whose_files_changed(tmp_path):
+    """Same dataset_dir, other contents (re-prepared, edited; no stats.json to tell): the rerun must not load the
+    old run's weights and report them as trained on this data."""
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=2, eval_every=1)
+    run_seqrec(cfg)
+    assert run_seqrec(cfg)["config"] == dataclasses.asdict(cfg)  # unchanged data: resumes (finished: reloads)
+    _change_one_target(d / "train.jsonl")
+    with pytest.raises(ValueError, match=r"holds a run made with .*dataset.*train\.jsonl"):
+        run_seqrec(cfg)
+
+
+def test_resume_of_a_run_recorded_without_a_data_digest_checks_its_stats(tmp_path):
+    """A run directory written before the digest was recorded still resumes (its stats.json identity is checked)."""
+    from llmrec.seqrec.run import RUN_CONFIG_JSON, run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=2, eval_every=1)
+    first = run_seqrec(cfg)
+    path = Path(cfg.output_dir) / RUN_CONFIG_JSON
+    old = json.loads(path.read_text())
+    old.pop("data_sha256")
+    path.write_text(json.dumps(old))
+    assert run_seqrec(cfg)["test"] == first["test"]
+    assert "data_sha256" in json.loads(path.read_text())  # recorded from now on
+
+
+def test_benchmark_refuses_a_finished_run_of_other_data(tmp_path):
+    """A finished run's results.json is reused only if the dataset's files are those it was trained on."""
+    from llmrec.seqrec.bench import run_seqrec_benchmark
+
+    d = write_successor_dataset(tmp_path / "d")
+    kw = dict(max_history=10, hidden_size=16, n_layers=1, inner_size=32, epochs=1, batch_size=8, progress=False)
+    out = tmp_path / "bench"
+    first = run_seqrec_benchmark(d, ["sasrec"], 1, out, **kw)
+    assert run_seqrec_benchmark(d, ["sasrec"], 1, out, **kw) == first
+    _change_one_target(d / "test.jsonl")
+    with pytest.raises(ValueError, match=r"sasrec_seed0.*results\.json.*another dataset.*test\.jsonl"):
+        run_seqrec_benchmark(d, ["sasrec"], 1, out, **kw)
+    with pytest.raises(ValueError, match=r"another dataset"):
+        run_seqrec_benchmark(d, ["sasrec"], 1, out, report_only=True, **kw)
+
+
+def test_benchmark_refuses_repeated_unknown_or_no_models(tmp_path):
+    """"sasrec,sasrec" counted every seed twice (the mean +- std of duplicated runs); an unknown name was found only
+    after the models before it had trained; an empty list wrote an empty table."""
+    from llmrec.seqrec.bench import run_seqrec_benchmark
+
+    d = write_successor_dataset(tmp_path / "d")
+    for models, match in ((["sasrec", "sasrec"], "more than once"), (["sasrec", "sasrce"], "unknown model"),
+                          ([], "no model")):
+        with pytest.raises(ValueError, match=match):
+            run_seqrec_benchmark(d, models, 1, tmp_path / "bench", epochs=1, progress=False)
+        assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.parametrize("field", ["kl_weight", "cl_weight", "temperature", "lr", "state_scale", "noise_std",
+                                   "weight_decay", "kl_cap", "tla_weight"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_numbers_are_refused(field, value):
+    """``nan < 0`` is False: NaN passed the range checks and trained a NaN model whose ranking was reported."""
+    with pytest.raises(ValueError, match=field):
+        SeqRecConfig(dataset_dir="x", **{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("rpt_reward", "NDCG"), ("rpt_reward", "ndcg@10"), ("fuse", "sum"),
+                                         ("state_init", "random"), ("depth_sampling", "poisson"),
+                                         ("align_sim", "cosine")])
+def test_unknown_choices_are_refused_at_once(field, value):
+    """rpt_reward other than "ndcg" trained with the recall reward silently; the others failed only when the model
+    was built, after the data had been read."""
+    with pytest.raises(ValueError, match=field):
+        SeqRecConfig(dataset_dir="x", model="lares", **{field: value})
+
+
+def test_fields_the_model_does_not_read_are_named():
+    cfg = SeqRecConfig(dataset_dir="x", model="sasrec", pta_alpha=1.2, test_depths=[2], reason_steps=2)
+    assert cfg.unused_fields() == {"pta_alpha": 1.2, "test_depths": [2]}
+    assert SeqRecConfig(dataset_dir="x", model="rearec-erl", pta_alpha=1.2).unused_fields() == {"pta_alpha": 1.2}
+    assert SeqRecConfig(dataset_dir="x", model="rearec-prl", pta_alpha=1.2, kl_weight=0.1).unused_fields() == {
+        "kl_weight": 0.1}
+    assert SeqRecConfig(dataset_dir="x", model="lares", rpt_epochs=2, test_depths=[1, 2]).unused_fields() == {}
+
+
+def test_cli_train_refuses_settings_the_model_does_not_read(tmp_path, capsys):
+    """`llmrec seqrec train --config sasrec.yaml --pta_alpha 2` trained a plain SASRec and recorded pta_alpha 2."""
+    from llmrec.cli import main
+
+    d = write_successor_dataset(tmp_path / "d")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: sasrec\ndataset_dir: {d}\nmax_history: 10\nhidden_size: 16\nn_layers: 1\nepochs: 1\n")
+    out = tmp_path / "out"
+    assert main(["seqrec", "train", "--config", str(recipe), "--output_dir", str(out), "--progress", "false",
+                 "--pta_alpha", "2", "--test_depths", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "pta_alpha" in err and "test_depths" in err and "sasrec" in err
+    assert not out.exists()
+
+
+def test_training_from_scratch_removes_the_old_runs_results_first(tmp_path, monkeypatch):
+    """resume: false over a finished run, cut after its train phase: the old results.json (which marks the directory
+    a finished run for the pipeline, the benchmark and `llmrec recommend`) must not stand beside the new weights."""
+    from llmrec.seqrec import trainer as T
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=2, eval_every=1)
+    run_seqrec(cfg)
+    out = Path(cfg.output_dir)
+    assert (out / "results.json").exists()
+    real = T.SeqRecTrainer.evaluate
+
+    def killed_at_test(self, rows, depth=None, desc="eval"):
+        if desc == "test":
+            raise KeyboardInterrupt("killed")
+        return real(self, rows, depth, desc)
+
+    monkeypatch.setattr(T.SeqRecTrainer, "evaluate", killed_at_test)
+    with pytest.raises(KeyboardInterrupt):
+        run_seqrec(dataclasses.replace(cfg, lr=0.5, resume=False))
+    assert (out / "train" / "done.json").exists()  # the new train phase finished: its best weights are in place
+    assert not (out / "results.json").exists() and not (out / "results.md").exists()
+
+
+def test_resume_reads_the_same_directory_spelled_otherwise_and_fields_added_later_as_their_defaults(tmp_path):
+    """"data/x/" and "data/x" are one dataset; a field the recorded run's code did not have yet is its default
+    (as the benchmark reads a finished run): neither is another setting."""
+    from llmrec.seqrec.run import RUN_CONFIG_JSON, run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=1)
+    first = run_seqrec(cfg)
+    assert run_seqrec(dataclasses.replace(cfg, dataset_dir=str(d) + "/"))["test"] == first["test"]
+    path = Path(cfg.output_dir) / RUN_CONFIG_JSON
+    old = json.loads(path.read_text())
+    del old["config"]["sla_exclude_final"]
+    path.write_text(json.dumps(old))
+    assert run_seqrec(cfg)["test"] == first["test"]
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("mask_history", "false", "true or false"), ("mask_history", 2, "true or false"), ("progress", None, "true or false"),
+    ("max_train_batches", 1.5, "integer"), ("epochs", True, "integer"), ("lr", "1e-3", "number"),
+    ("input_dropout", "0.2", "number"), ("valid_metric", 10, "string"), ("ks", [5, 10.5], "list of integers"),
+    ("test_depths", 2, "list of integers"),
+])
+def test_values_of_another_type_are_refused(field, value, match):
+    """From Python (the benchmark, the pipeline, scripts) values reach the config unconverted: "false" was true."""
+    with pytest.raises(ValueError, match=f"{field} must be .*{match}"):
+        SeqRecConfig(dataset_dir="x", **{field: value})
+
+
+def test_booleans_zero_and_one_read_as_false_and_true():
+    import numpy as np
+
+    cfg = SeqRecConfig(dataset_dir="x", mask_history=1, progress=0, epochs=np.int64(3), lr=np.float64(0.01))
+    assert cfg.mask_history is True and cfg.progress is False and cfg.epochs == 3
+    assert SeqRecConfig(dataset_dir="x", input_dropout=None, lr=1).lr == 1
