@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -95,18 +94,11 @@ def data_sha256(dataset_dir: str | Path) -> dict[str, str | None]:
     ``stats.json`` alone (counts) does not tell a re-prepared or edited dataset from the one a run was trained on,
     and a directory may have none.
     """
-    digests: dict[str, str | None] = {}
-    for name in DATA_FILES:
-        path = Path(dataset_dir) / name
-        if not path.exists():
-            digests[name] = None
-            continue
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                h.update(block)
-        digests[name] = h.hexdigest()
-    return digests
+    # imported here, as the evaluator does: the module imports transformers
+    from llmrec.models.backbone import sha256_of_files
+
+    files = {name: Path(dataset_dir) / name for name in DATA_FILES}
+    return {name: sha256_of_files([path]) if path.exists() else None for name, path in files.items()}
 
 
 def _run_identity(cfg: SeqRecConfig) -> dict[str, Any]:
