@@ -332,12 +332,17 @@ class Pipeline:
         elif stage.startswith("seqrec_"):
             from llmrec.config import to_dict
             from llmrec.seqrec.config import SeqRecConfig, training_field_differences
+            from llmrec.seqrec.run import data_difference
 
             # Every field that decides what was trained (recipe edits included), not only the --id keys.
+            res = json.loads((d / "results.json").read_text())
             diff = training_field_differences(
-                json.loads((d / "results.json").read_text()).get("config", {}),
-                to_dict(SeqRecConfig(**self._seqrec_fields(stage[len("seqrec_"):], seed))))
+                res.get("config", {}), to_dict(SeqRecConfig(**self._seqrec_fields(stage[len("seqrec_"):], seed))))
             found, wanted = {k: f for k, (f, _) in diff.items()}, {k: w for k, (_, w) in diff.items()}
+            # The same dataset path may hold other files now (re-prepared or edited): the run records their digests.
+            data = data_difference(res, self.data_dir)
+            if data:
+                found["data"], wanted["data"] = data, "the files in " + str(self.data_dir)
         bad = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v and not (
             isinstance(v, float) and isinstance(found.get(k), (int, float)) and abs(found[k] - v) <= 1e-12 * abs(v))}
         if bad:

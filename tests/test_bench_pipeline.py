@@ -179,6 +179,33 @@ def test_a_finished_stage_of_another_dtype_is_refused(report):
             other._check_finished(stage, 0)
 
 
+def test_a_finished_id_model_trained_on_other_files_is_refused(report, tmp_path):
+    # Same dataset path and config, other contents (re-prepared or edited): the finished SASRec run must not be
+    # reused as if trained on these files.
+    import shutil
+
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+
+    root, data = report
+    data_copy, runs = tmp_path / "data", tmp_path / "runs"
+    shutil.copytree(data, data_copy)
+    shutil.copytree(root / "runs" / "seqrec_sasrec", runs / "seqrec_sasrec")
+    res_file = runs / "seqrec_sasrec" / "results.json"
+    res = json.loads(res_file.read_text())
+    res["config"].update(dataset_dir=str(data_copy), output_dir=str(runs / "seqrec_sasrec"))
+    res_file.write_text(json.dumps(res))
+    id_overrides = {"epochs": 2, "hidden_size": 16, "inner_size": 32, "max_history": 5, "progress": False,
+                    "num_threads": 1}  # the fixture's --id
+    pipeline = Pipeline(PipelineOptions(dataset=str(data_copy), model="tiny-qwen2", output_dir=str(runs),
+                                        id_overrides=id_overrides))
+    pipeline._check_finished("seqrec_sasrec", 0)  # the same files: reused
+    train = data_copy / "train.jsonl"
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join(rows[1:] + rows[:1]) + "\n")
+    with pytest.raises(ValueError, match="train.jsonl are not those it was trained on"):
+        pipeline._check_finished("seqrec_sasrec", 0)
+
+
 def test_report_only_and_bad_options(report, tmp_path):
     from llmrec.bench_pipeline import Pipeline, PipelineOptions
 
