@@ -154,6 +154,11 @@ def _typed(convert, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("expected a string (quote it)")
         return str(value)
+    if getattr(convert, "__name__", "") == "string_to_bool":  # transformers' type for bool fields
+        # Passed through unchecked, `mask_history: 2` or `use_chat_template: 0.5` reached the config as a
+        # truthy non-bool; YAML reads true/false/yes/no as booleans already.
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
     return value
 
 

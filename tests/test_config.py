@@ -101,7 +101,9 @@ def test_yaml_values_of_the_wrong_type_and_repeated_keys_are_errors(tmp_path: Pa
                                      ("epochs: 1.5", "expected an integer"),
                                      ("ks: [1.5]", "expected an integer"),
                                      ("noun: [a, b]", "expected one value"),
-                                     ("noun: yes", "expected a string"))):
+                                     ("noun: yes", "expected a string"),
+                                     ("use_chat_template: 2", "expected true or false"),
+                                     ("use_chat_template: 0.5", "expected true or false"))):
         bad = recipe(tmp_path, f"dataset: d\n{text}\n", f"bad{i}.yaml")
         with pytest.raises(ConfigError, match=rf"bad{i}.yaml: option '\w+': cannot read .*{why}"):
             parse_config(CLASSES, bad)
