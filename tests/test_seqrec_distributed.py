@@ -63,8 +63,12 @@ def test_two_processes_match_one_process(tmp_path):
                     # and Adam turns the float noise of its gradient (another summation order per layout) into
                     # steps of ~lr there, which no output sees: compare the query and value parts only.
                     x, y = (torch.cat([t[:16], t[32:]]) for t in (x, y))
-                # The rows the loader adds to a last batch, if trained on, move the weights by ~1e-2.
-                assert torch.allclose(x, y, atol=3e-5, rtol=1e-4), (name, phase, k, (x - y).abs().max())
+                # The rows the loader adds to a last batch, if trained on, move the weights by ~1e-2. RPT starts
+                # from SPT weights that already differ by float noise (~6e-6: another summation order per layout)
+                # and its 2 epochs at lr 1e-2 under Adam grow that tenfold: up to 6.2e-5 on one AVX2 machine, under
+                # 3e-5 on another. Its tolerance is still two orders below a layout-dependent result.
+                atol = 2e-4 if phase == "rpt" else 3e-5
+                assert torch.allclose(x, y, atol=atol, rtol=1e-4), (name, phase, k, (x - y).abs().max())
         one = json.loads((tmp_path / "one" / name / "results.json").read_text())
         two = json.loads((tmp_path / "two" / name / "results.json").read_text())
         assert (one["timings"]["num_processes"], two["timings"]["num_processes"]) == (1, 2)
