@@ -32,6 +32,7 @@ def floor_decode(model, input_ids, attention_mask, num_beams: int, steps: int) -
     beams as it goes, so it can run fewer forwards than this (``ours_over_floor`` < 1 is possible); it is the cost
     of decoding every beam to the longest title."""
     from llmrec.decoding.beam_search import prefill_prompts
+    from llmrec.models.kv_cache_naming import cache_kwargs, returned_cache
 
     state = prefill_prompts(model, input_ids, attention_mask)
     cache = state.past_key_values
@@ -41,9 +42,9 @@ def floor_decode(model, input_ids, attention_mask, num_beams: int, steps: int) -
     tok = state.next_token_logits.argmax(-1).repeat_interleave(num_beams, dim=0)
     for _ in range(steps):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=cache,
-                    use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                    **cache_kwargs(cache))
+        cache = returned_cache(out)
         tok = out.logits[:, -1].argmax(-1)
         pos = pos + 1
 

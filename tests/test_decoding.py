@@ -12,6 +12,7 @@ from llmrec.decoding.beam_search import (
     reference_constrained_beam_search,
 )
 from llmrec.decoding.trie import TitleTokenizationError, TitleTrie
+from llmrec.models.kv_cache_naming import cache_kwargs
 from llmrec.models.tiny import build_tiny
 
 PREFIX = "### Response: \n"
@@ -255,10 +256,10 @@ def test_search_from_custom_prompt_state(tiny):
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=input_ids[:, :-3], attention_mask=mask[:, :-3], position_ids=pos[:, :-3],
-              past_key_values=cache, use_cache=True)
+              use_cache=True, **cache_kwargs(cache))
         embeds = model.get_input_embeddings()(input_ids[:, -3:])
         out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos[:, -3:],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **cache_kwargs(cache))
     state = PromptState(out.logits[:, -1], cache, mask, pos[:, -1] + 1)
     got = constrained_beam_search_from_state(model, trie, state, num_beams=5)
     for g, w in zip(got, want, strict=True):

@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 
+from llmrec.models.kv_cache_naming import cache_kwargs, returned_cache
 from llmrec.models.latent import (
     IGNORE_INDEX,
     LATENT_CONFIG_NAME,
@@ -334,8 +335,8 @@ def test_prefill_with_latents_continues_like_forward(kind, n):
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         with torch.no_grad():
             step = w.model(input_ids=c[:, j : j + 1], attention_mask=mask, position_ids=nxt[:, None],
-                           past_key_values=cache, use_cache=True)
-        cache, nxt = step.past_key_values, nxt + 1
+                           use_cache=True, **cache_kwargs(cache))
+        cache, nxt = returned_cache(step), nxt + 1
         torch.testing.assert_close(step.logits[:, -1], ref.logits[:, j + 1], rtol=0, atol=1e-5)
 
 

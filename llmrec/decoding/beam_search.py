@@ -52,6 +52,7 @@ import torch
 
 from llmrec.decoding.guidance import TitleGuidance
 from llmrec.decoding.trie import TitleTrie
+from llmrec.models.kv_cache_naming import cache_kwargs, returned_cache
 
 if TYPE_CHECKING:
     from transformers import Cache
@@ -150,13 +151,13 @@ def prefill_prompts(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,  # only the last position's logits are needed; [R, P, V] could be huge
+        **cache_kwargs(cache),
     )
     return PromptState(
         next_token_logits=out.logits[:, -1, :],
-        past_key_values=out.past_key_values,
+        past_key_values=returned_cache(out),
         attention_mask=attention_mask,
         next_position_ids=position_ids[:, -1] + 1,
     )
@@ -324,10 +325,10 @@ def constrained_beam_search_from_state(
             input_ids=new_tok[:, None],
             attention_mask=attn,
             position_ids=pos[:, None],
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(cache),
         )
-        cache = out.past_key_values
+        cache = returned_cache(out)
         logits = out.logits[:, -1, :]
         next_pos = pos + 1
         step += 1

@@ -547,6 +547,8 @@ class LatentReasoningLM(nn.Module):
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, Any]:
         """One decoder call -> (final-layer hidden states after the final norm, cache)."""
+        from llmrec.models.kv_cache_naming import cache_kwargs, returned_cache
+
         if use_cache and past_key_values is None:
             from transformers import DynamicCache
 
@@ -555,10 +557,10 @@ class LatentReasoningLM(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values if use_cache else None,
             use_cache=use_cache,
+            **cache_kwargs(past_key_values if use_cache else None),
         )
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+        return out.last_hidden_state, (returned_cache(out) if use_cache else None)
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, query_index: torch.Tensor | int) -> torch.Tensor:
         assert self.latent_head is not None
