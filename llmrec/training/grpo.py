@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -941,7 +942,7 @@ class LatentGRPOTrainer:
         is_clipped = ((ratio < 1.0 - c.epsilon) & (adv < 0)) | ((ratio > hi) & (adv > 0))
         stats = {"tokens": float(mask.sum()), "clipped_tokens": float((is_clipped.float() * mask).sum())}
         if kl is not None:
-            stats["kl_sum"] = float((kl * mask).sum())
+            stats["kl_sum"] = float((kl.detach() * mask).sum())
         return loss, stats
 
     def _zero_weight_pass(self, b: GRPOBatch) -> torch.Tensor:
@@ -1073,8 +1074,10 @@ class LatentGRPOTrainer:
         self.skipped_groups = int(st["skipped_groups"])
         self.nonfinite_steps = int(st["nonfinite_steps"])
         self.eval_before = st.get("eval_before")
-        for _ in range(self.global_step * self.config.num_iterations):  # the schedule is a function of the step count
-            self.scheduler.step()
+        with warnings.catch_warnings():  # fast-forwarding a fresh scheduler, not skipping an optimiser step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            for _ in range(self.global_step * self.config.num_iterations):  # the schedule is a function of the step
+                self.scheduler.step()
 
     def save_model(self, output_dir: str | Path) -> None:
         """A checkpoint `llmrec evaluate --checkpoint` reads: the SFT checkpoint with this run's trained weights."""
