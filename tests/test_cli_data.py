@@ -116,15 +116,28 @@ def test_failing_run_keeps_existing_output(tmp_path: Path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--time-cutoffs", "5"], "--time-cutoffs takes two timestamps"),
+        (["--split", "time", "--time-cutoffs", "5"], "--time-cutoffs takes two timestamps"),
         (["--title-policy", "html=sometimes"], "title policy for 'html'"),
-        (["--split", "time", "--time-cutoffs", "5,x"], "invalid literal"),
+        (["--split", "time", "--time-cutoffs", "5,x"], "--time-cutoffs takes two timestamps VALID_START,TEST_START"),
+        (["--split", "time", "--time-cutoffs", "8,5"], "with VALID_START <= TEST_START, got '8,5'"),
+        (["--split", "time", "--time-cutoffs", "5,nan"], "--time-cutoffs takes two timestamps"),
+        # Ignored before: a leave-one-out split has no cutoffs.
+        (["--time-cutoffs", "5,8"], "applies to --format csv or amazon2023 with --split time"),
     ],
 )
 def test_bad_options_return_1(tmp_path: Path, capsys, extra, message):
     src = write_csv_source(tmp_path / "src")
     assert main(prepare_args("csv", src, tmp_path / "out", *extra)) == 1
     assert message in capsys.readouterr().err
+
+
+def test_time_cutoffs_accept_fractional_timestamps(tmp_path: Path):
+    src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("csv", src, out, "--split", "time", "--time-cutoffs", "4.5,7.5", "--max-history", "2")) == 0
+    ref = tmp_path / "ref"
+    assert main(prepare_args("csv", src, ref, "--split", "time", "--time-cutoffs", "5,8", "--max-history", "2")) == 0
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):  # integer timestamps: t < 4.5 iff t < 5
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
 
 
 def test_missing_input_and_category(tmp_path: Path, capsys):

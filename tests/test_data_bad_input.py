@@ -133,6 +133,14 @@ def test_csv_record_lines_count_blank_lines_and_multiline_titles(tmp_path: Path)
         lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv"))
 
 
+def test_csv_column_named_twice_is_an_error(tmp_path: Path):
+    # A dict row kept the last of the two: the timestamps silently came from the second column.
+    src = write_csv(tmp_path / "c", "item,title\n1,One\n2,Two\n3,Three\n",
+                    "user,item,timestamp,timestamp\n" + "".join(f"u{u},{i},{i},0\n" for u in (1, 2) for i in (1, 2, 3)))
+    assert err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv")) == (
+        f"{src / 'interactions.csv'}, row 1, field 'timestamp': column named more than once in the header: timestamp")
+
+
 def test_utf8_bom_at_the_start_of_a_csv_is_ignored(tmp_path: Path):
     src = write_csv(tmp_path / "c", "\ufeffitem,title\n1,One\n2,Two\n3,Three\n", "\ufeff" + INTERACTIONS)
     raw = formats.read_generic_csv(src / "interactions.csv", src / "items.csv")

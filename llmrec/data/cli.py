@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from llmrec.data.canonical import SPLITS
@@ -25,6 +26,24 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _parse_time_cutoffs(text: str, fmt: str, split: str) -> tuple[float, float]:
+    """``--time-cutoffs VALID_START,TEST_START`` -> two timestamps (ints where they are integers)."""
+    usage = f"--time-cutoffs takes two timestamps VALID_START,TEST_START with VALID_START <= TEST_START, got {text!r}"
+    if fmt not in ("csv", "amazon2023") or split != "time":
+        raise ValueError(f"--time-cutoffs applies to --format csv or amazon2023 with --split time (got --format {fmt} "
+                         f"--split {split}); it would be ignored")
+    parts = [x.strip() for x in text.split(",")]
+    if len(parts) != 2:
+        raise ValueError(usage)
+    try:
+        values = tuple(int(x) if x.lstrip("+-").isdigit() else float(x) for x in parts)
+    except ValueError:
+        raise ValueError(usage) from None
+    if not all(math.isfinite(v) for v in values) or values[0] > values[1]:
+        raise ValueError(usage)
+    return values
+
+
 def read_source(args: argparse.Namespace):
     """Dispatch to the reader of ``args.format``."""
     from llmrec.data import formats
@@ -33,9 +52,7 @@ def read_source(args: argparse.Namespace):
     if not inp.exists():
         raise FileNotFoundError(f"input not found: {inp}")
     splits = _split_list(args.splits)
-    cutoffs = tuple(int(x) for x in args.time_cutoffs.split(",")) if args.time_cutoffs else None
-    if cutoffs is not None and len(cutoffs) != 2:
-        raise ValueError("--time-cutoffs takes two timestamps: VALID_START,TEST_START")
+    cutoffs = _parse_time_cutoffs(args.time_cutoffs, args.format, args.split) if args.time_cutoffs else None
     if args.format == "d3-csv":
         return formats.read_d3_csv(inp, splits or ["train", "valid", "test"], args.category)
     if args.format == "seq-txt":

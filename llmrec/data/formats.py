@@ -97,6 +97,9 @@ def _csv_rows(path: Path, delimiter: str = ","):
     except csv.Error as e:
         raise DataFormatError(path, 1, None, f"bad CSV header ({e})") from None
     header = [h.strip() for h in header]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:  # a dict row would silently keep the last of them
+        raise DataFormatError(path, 1, repeated[0], f"column named more than once in the header: {', '.join(repeated)}")
     while True:
         start = reader.line_num + 1  # blank lines are records of their own ([]), so this stays exact
         try:
