@@ -2,7 +2,7 @@
 
 transformers 5.x renamed the ``past_key_values`` argument of every model's ``forward`` (and the field of its
 outputs) to ``cache``: releases from the rename on warn on the old name on every call and 5.40 drops it, while
-releases before it know only the old name. The package supports ``transformers>=5.0``, so every call that
+releases before it (5.23) know only the old name. The package supports both, so every call that
 hands a cache to a model or reads one back goes through these two helpers instead of naming either spelling.
 
 Example::
