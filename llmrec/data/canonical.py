@@ -167,6 +167,20 @@ def give_default_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_current_umask())
 
 
+def give_saved_weights_default_permissions(path: str | os.PathLike) -> None:
+    """Give the ``.safetensors`` files at ``path`` (a file, or every one under a directory) the permissions a plain
+    ``open`` would have.
+
+    safetensors 0.8 writes through a temporary file that it renames into place, so every file it saves (through
+    ``save_file`` or a transformers/peft ``save_pretrained``) is 0600 whatever the umask (safetensors issue
+    #782): checkpoints and adapters a teammate on a shared cluster cannot load, beside 0644 configs.
+    """
+    path = Path(path)
+    for f in [path] if path.is_file() else path.rglob("*.safetensors"):  # a file: whatever its name (a .tmp)
+        if f.is_file():
+            give_default_permissions(f)
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike):
     """Yield a temporary directory beside ``final``; on success it replaces ``final`` in one rename.

@@ -455,6 +455,9 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     model.generation_config = copy.deepcopy(gguf_model.generation_config)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    from llmrec.data.canonical import give_saved_weights_default_permissions
+
+    give_saved_weights_default_permissions(out_dir)
     del model  # the reload below needs the memory more (0.5B params are 2 GB in float32)
 
     reloaded_tok = AutoTokenizer.from_pretrained(str(out_dir))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llmrec.data.canonical import atomic_write_json
+from llmrec.data.canonical import atomic_write_json, give_saved_weights_default_permissions
 from llmrec.seqrec.data import EvalRows, SameTargetPool, SeqRecData, SplitRows
 from llmrec.seqrec.keyed_random import row_keys
 from llmrec.seqrec.models import EVAL_STATE, FILTER_STATE, LARES, LossContext, SeqRecModel
@@ -87,6 +87,7 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    give_saved_weights_default_permissions(tmp)
     tmp.replace(path)
 
 

@@ -43,6 +43,7 @@ from torch import nn
 from trl import GRPOConfig
 
 from llmrec.config import ConfigError
+from llmrec.data.canonical import give_saved_weights_default_permissions
 from llmrec.distributed import accelerator_kwargs, has_accelerator
 from llmrec.models.latent import LatentReasoningLM, build_naive_inputs
 from llmrec.training.advantages import ADVANTAGE_MODES, compute_advantages
@@ -528,6 +529,7 @@ def _save_flat(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str,
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    give_saved_weights_default_permissions(tmp)
     os.replace(tmp, path)
 
 
@@ -1098,6 +1100,7 @@ class LatentGRPOTrainer:
                 if f.is_file() and f.name not in ("train_results.json", RESULTS_NAME, TRAINING_ARGS_JSON):
                     shutil.copy2(f, out / f.name)
             lm.save_pretrained(out)
+            give_saved_weights_default_permissions(out)
         meta = json.loads((out / LLMREC_CONFIG_NAME).read_text(encoding="utf-8")) if (out / LLMREC_CONFIG_NAME).exists() else {}
         meta["grpo"] = {"sft_checkpoint": str(src) if src else None, "steps": self.global_step,
                         "advantage_mode": self.config.advantage_mode, "reward_funcs": self.config.reward_funcs,

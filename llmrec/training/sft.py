@@ -45,6 +45,7 @@ import transformers
 from torch import nn
 
 from llmrec.config import ConfigError
+from llmrec.data.canonical import give_saved_weights_default_permissions
 from llmrec.distributed import has_accelerator
 from llmrec.models.latent import (
     IGNORE_INDEX,
@@ -443,6 +444,7 @@ def save_sft_checkpoint(model: LatentReasoningLM, tokenizer, output_dir: str | o
                "latent_token_ids": list(model.config.latent_token_ids or []),
                "embedding_rows": model.embed_tokens.weight.shape[0], **(sft_fields or {})}
     (out / LLMREC_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    give_saved_weights_default_permissions(out)
     if training_args is not None:
         (out / TRAINING_ARGS_JSON).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
 
