@@ -39,12 +39,12 @@ def mean(xs):
 
 @pytest.mark.parametrize("n_latent", [0, 1])
 def test_loss_decreases_lora(tmp_path, prepared_dir, n_latent):
-    cfg = make_config(tmp_path / "run", prepared_dir, num_latent_tokens=n_latent, max_steps=10)
+    cfg = make_config(tmp_path / "run", prepared_dir, num_latent_tokens=n_latent, max_steps=16)
     res = run_sft(cfg)
     losses = [r["loss"] for r in res["train_losses"]]
-    assert len(losses) == 10
+    assert len(losses) == 16
     assert mean(losses[-3:]) < mean(losses[:3]) - 0.3, losses
-    assert json.loads((tmp_path / "run" / "train_results.json").read_text())["global_step"] == 10
+    assert json.loads((tmp_path / "run" / "train_results.json").read_text())["global_step"] == 16
 
 
 def test_checkpoint_contents_and_reload(tmp_path, prepared_dir):
@@ -442,3 +442,26 @@ def test_gradient_checkpointing_trains_as_without_it(tmp_path, prepared_dir, n_l
     assert w_plain.keys() == w_ckpt.keys()
     for k in w_plain:
         assert (w_plain[k] - w_ckpt[k]).abs().max().item() <= 1e-5, k
+
+
+def test_initial_weights_do_not_depend_on_what_loading_drew_from_the_generator(tmp_path, prepared_dir, monkeypatch):
+    # A GGUF alias's first use converts it inside the loading call, building a randomly initialised model first:
+    # that run's LoRA and pooling-head initialisation (drawn after loading) differed from every later run's.
+    import llmrec.training.sft as sft
+
+    cfg = make_config(tmp_path / "out", prepared_dir)
+    reference, _ = build_model(cfg)
+    real_load = sft._load_base
+
+    def load_that_draws(config):
+        loaded = real_load(config)  # (the tiny builder seeds itself, so draw after it)
+        torch.randn(1000)  # what a conversion's random init consumes
+        return loaded
+
+    monkeypatch.setattr(sft, "_load_base", load_that_draws)
+    other, _ = build_model(cfg)
+    ref_params, other_params = dict(reference.named_parameters()), dict(other.named_parameters())
+    trained = [n for n, p in ref_params.items() if p.requires_grad]
+    assert any("lora_A" in n for n in trained) and any("latent_head" in n for n in trained)
+    for n in trained:
+        assert torch.equal(ref_params[n], other_params[n]), n

@@ -378,6 +378,10 @@ def build_model(config: LatentSFTConfig):
     """``(LatentReasoningLM, tokenizer)``: base LM + latent tokens + LoRA (or full) + a fresh pooling head."""
     transformers.set_seed(config.seed)
     base, tokenizer = _load_base(config)
+    # Again after loading: the random initialisation below (LoRA, pooling head) must not depend on what loading
+    # drew from the generator -- a GGUF alias's first use converts it in this process by building a randomly
+    # initialised model first, which made that one run train differently from every later run of the same recipe.
+    transformers.set_seed(config.seed)
     latent = config.latent_config()
     old_rows = base.get_input_embeddings().weight.shape[0]
     add_latent_tokens(tokenizer, base, latent)
