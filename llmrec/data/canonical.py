@@ -168,7 +168,7 @@ def give_default_permissions(path: str | os.PathLike) -> None:
 
 
 def give_saved_weights_default_permissions(path: str | os.PathLike) -> None:
-    """Give the ``.safetensors`` files at ``path`` (a file, or every one under a directory) the permissions a plain
+    """Give the ``.safetensors`` files at ``path`` (a file, or every one directly in a directory) the permissions a plain
     ``open`` would have.
 
     safetensors 0.8 writes through a temporary file that it renames into place, so every file it saves (through
@@ -176,7 +176,7 @@ def give_saved_weights_default_permissions(path: str | os.PathLike) -> None:
     #782): checkpoints and adapters a teammate on a shared cluster cannot load, beside 0644 configs.
     """
     path = Path(path)
-    for f in [path] if path.is_file() else path.rglob("*.safetensors"):  # a file: whatever its name (a .tmp)
+    for f in [path] if path.is_file() else path.glob("*.safetensors"):  # a file: whatever its name (a .tmp)
         if f.is_file():
             give_default_permissions(f)
 
