@@ -52,7 +52,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,7 @@ class PipelineOptions:
     dtype: str = "bfloat16"
     grpo_stage: str = "grpo_latent"
     grpo_overrides: dict[str, Any] = field(default_factory=dict)
+    sft_overrides: dict[str, Any] = field(default_factory=dict)
     d3_weights: list[float] = field(default_factory=lambda: [1.0])
     d3_valid_rows: int = 200
     id_overrides: dict[str, Any] = field(default_factory=dict)
@@ -135,6 +136,18 @@ class Pipeline:
             from llmrec.training.grpo import LatentGRPOConfig
 
             opts = replace(opts, grpo_overrides=coerce_fields([LatentGRPOConfig], opts.grpo_overrides, "--grpo"))
+        if opts.sft_overrides:
+            from llmrec.training.sft import LatentSFTConfig
+
+            own = {"dataset": "--dataset", "model_name_or_path": "--model", "model_dtype": "--dtype",
+                   "max_train_rows": "--train-rows", "seed": "--seeds", "output_dir": "--output-dir",
+                   "max_eval_rows": None}
+            for key in opts.sft_overrides:
+                if key in own:
+                    raise ValueError(f"--sft {key}: the pipeline sets it" + (f" (use {own[key]})" if own[key] else
+                                     " (the protocol's 200 validation rows)"))
+
+            opts = replace(opts, sft_overrides=coerce_fields([LatentSFTConfig], opts.sft_overrides, "--sft"))
         if opts.id_overrides:
             from llmrec.seqrec.config import SeqRecConfig
 
@@ -240,7 +253,7 @@ class Pipeline:
             dataset=str(self.data_dir), model_name_or_path=o.model, model_dtype=o.dtype,
             max_train_rows=o.train_rows, max_eval_rows=200, per_device_train_batch_size=8,
             gradient_accumulation_steps=2, eval_steps=16, save_steps=16, logging_steps=4, num_train_epochs=1,
-            seed=seed, output_dir=str(out)))
+            seed=seed, output_dir=str(out)) | o.sft_overrides)
         self._call(run_sft, cfg)
         return out
 
@@ -317,6 +330,13 @@ class Pipeline:
             found = {"model": res.get("config", {}).get("model_name_or_path"), "dataset": res.get("config", {}).get("dataset"),
                      "train_rows": res.get("num_train_rows"), "seed": args.get("seed", seed),
                      "model_dtype": res.get("config", {}).get("model_dtype")}
+            if o.sft_overrides:
+                from llmrec.training.sft import LatentSFTConfig
+
+                # A key the run did not record (a field added later) had its default then.
+                defaults = {f.name: f.default for f in fields(LatentSFTConfig)}
+                wanted.update(o.sft_overrides)
+                found.update({k: res.get("config", {}).get(k, args.get(k, defaults.get(k))) for k in o.sft_overrides})
         elif stage == "grpo_latent":
             g = self._grpo_settings(seed)
             wanted = {"sft_checkpoint": str(self.stage_dir("sft_latent", seed)), **o.grpo_overrides}
@@ -641,6 +661,7 @@ class Pipeline:
                 "d3_weights": {m: {s: protocols[(m, s)]["guidance"]["weight"] for s in seeds}
                                for m, seeds in finished.items() if m.endswith("+d3")},
                 "d3_selection": self._d3_selections(finished),
+                "llm_sft_overrides": o.sft_overrides,
                 "id_models_train_on": "the whole train split", "id_overrides": o.id_overrides,
                 "matching": "item level (title level reported too); items absent from a ranked list are misses",
                 "llm_eval": {k: llm_proto.get(k) for k in ("num_beams", "prompt", "dtype")},
@@ -744,7 +765,7 @@ class Pipeline:
             value = getattr(o, field_name)
             if value != getattr(d, field_name):
                 parts.append(f"{flag} {','.join(f'{v:g}' if isinstance(v, float) else v for v in value) if isinstance(value, list) else value}")
-        for flag, pairs in (("--grpo", o.grpo_overrides), ("--id", o.id_overrides)):
+        for flag, pairs in (("--sft", o.sft_overrides), ("--grpo", o.grpo_overrides), ("--id", o.id_overrides)):
             if pairs:
                 # JSON lists without spaces survive the shell and parse back as YAML: reward_funcs=["a","b"]
                 parts.append(flag + " " + " ".join(
@@ -778,8 +799,10 @@ def report_markdown(result: dict, command: str = "") -> str:
     text = (f"{p['test_rows']} test rows of {p['dataset']} (the same rows, seed {p['row_seed']}, for every method), "
             "item-level matching, items missing from a list count as misses.")
     if p.get("llm"):
+        sft = p.get("llm_sft_overrides")
         text += (f" LLMs: {p['llm']} {p['llm_eval'].get('dtype')}, {p['llm_train_rows']} train rows per seed, "
-                 f"{p['llm_eval'].get('num_beams')} beams; GRPO: {_grpo_text(p['grpo_settings'])}.")
+                 + (f"SFT with {', '.join(f'{k}={v}' for k, v in sft.items())}, " if sft else "")
+                 + f"{p['llm_eval'].get('num_beams')} beams; GRPO: {_grpo_text(p['grpo_settings'])}.")
     selections = p.get("d3_selection") or {}
     if selections:
         first = next(iter(next(iter(selections.values())).values()))
@@ -925,6 +948,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         dataset=args.dataset, model=args.model, seeds=args.seeds, methods=methods, output_dir=args.output_dir,
         results_dir=args.results_dir, name=args.name, train_rows=args.train_rows, test_rows=args.test_rows,
         row_seed=args.row_seed, grpo_rows=args.grpo_rows, dtype=args.dtype, grpo_stage=args.grpo_stage, grpo_overrides=_pairs(args.grpo, "--grpo"),
+        sft_overrides=_pairs(args.sft, "--sft"),
         d3_weights=_weights(args.d3_weight),
         d3_valid_rows=args.d3_valid_rows, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
         report_only=args.report_only, no_report=args.no_report, in_process=args.in_process)
@@ -949,6 +973,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "refused, and the report refuses evaluations of different dtypes")
     p.add_argument("--grpo-stage", default="grpo_latent",
                    help="directory name of the GRPO run (e.g. the run a validation sweep selected)")
+    p.add_argument("--sft", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="LatentSFTConfig overrides for both SFT runs (latent and BIGRec), e.g. head_output_norm=true "
+                        "learning_rate=1e-4; a finished SFT stage made without them is refused")
     p.add_argument("--grpo", nargs="*", default=[], metavar="KEY=VALUE",
                    help="LatentGRPOConfig overrides, e.g. noise_mode=relative noise_scale=0.3")
     p.add_argument("--id", nargs="*", default=[], metavar="KEY=VALUE",

@@ -780,7 +780,7 @@ def _warmup(warmup: float, total: int | None) -> str:
 
 _SFT_FIELDS = ("model_name_or_path", "model_dtype", "finetune", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target_modules", "num_latent_tokens", "head_num_heads", "head_dim", "rope_base", "head_dtype",
-               "dataset", "train_split", "eval_split", "max_train_rows", "max_eval_rows", "history_length", "prompt",
+               "head_output_norm", "dataset", "train_split", "eval_split", "max_train_rows", "max_eval_rows", "history_length", "prompt",
                "noun", "max_length", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
                "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                "gradient_accumulation_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
@@ -796,7 +796,7 @@ _EVAL_FIELDS = ("dataset", "split", "max_rows", "row_seed", "method", "model_nam
                 "prompt", "noun", "history_length", "max_prompt_length", "num_beams", "length_penalty",
                 "tokenization", "guidance_checkpoint", "guidance_weight", "batch_size", "ks", "output_dir")
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-_HEAD_FIELDS = ("head_num_heads", "head_dim", "rope_base", "head_dtype")
+_HEAD_FIELDS = ("head_num_heads", "head_dim", "rope_base", "head_dtype", "head_output_norm")
 
 
 def _report_config(report: DryRunReport, config: Any, names: Iterable[str], skip: Iterable[str] = ()) -> None:

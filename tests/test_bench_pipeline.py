@@ -138,6 +138,10 @@ def test_changed_options_are_refused_not_silently_reused(report, capsys):
     assert main(_args(data, root, grpo="epsilon=0.2")) == 0
     assert main(_args(data, root, grpo="epsilon=0.3")) == 1
     assert "epsilon=0.2 (asked: 0.3)" in capsys.readouterr().err
+    # An SFT option: both SFT stages were trained without the output norm (recorded as its default).
+    assert main(_args(data, root, sft="head_output_norm=false")) == 0
+    assert main(_args(data, root, sft="head_output_norm=true")) == 1
+    assert "head_output_norm=False (asked: True)" in capsys.readouterr().err
     res = json.loads((root / "results" / "tiny.json").read_text())
     assert res["protocol"]["row_seed"] == 0 and res["protocol"]["llm"] == "tiny-qwen2"
     assert res["protocol"]["llm_train_rows"] == 8
@@ -162,6 +166,39 @@ def test_id_overrides_are_typed_and_the_command_is_complete(report):
         Pipeline(PipelineOptions(dataset=str(data), grpo_overrides={"learning_rte": 1e-5}))
     with pytest.raises(ConfigError, match="--id: unknown option.*'epoch'"):
         Pipeline(PipelineOptions(dataset=str(data), id_overrides={"epoch": 3}))
+    f = Pipeline(PipelineOptions(dataset=str(data), sft_overrides={"head_output_norm": "true", "learning_rate": "1e-4"}))
+    assert f.opts.sft_overrides == {"head_output_norm": True, "learning_rate": 1e-4}
+    assert "--sft head_output_norm=True learning_rate=0.0001" in f.command()
+    with pytest.raises(ConfigError, match="--sft: unknown option.*'head_outptu_norm'"):
+        Pipeline(PipelineOptions(dataset=str(data), sft_overrides={"head_outptu_norm": True}))
+    with pytest.raises(ValueError, match="--sft seed: the pipeline sets it .use --seeds"):
+        Pipeline(PipelineOptions(dataset=str(data), sft_overrides={"seed": 3}))
+
+
+def test_sft_overrides_reach_both_sft_runs_and_the_report(report, tmp_path):
+    from safetensors.torch import load_file
+
+    from llmrec.cli import main
+    from llmrec.models.latent import LATENT_CONFIG_NAME, LATENT_HEAD_NAME
+
+    root, data = report
+    args = _args(data, tmp_path, sft="head_output_norm=true")
+    args[args.index("--methods") + 1] = "bigrec-sft,latent-sft,latent-sft+grpo"
+    assert main(args) == 0
+    runs = tmp_path / "runs"
+    latent = json.loads((runs / "sft_latent" / LATENT_CONFIG_NAME).read_text())["config"]
+    assert latent["head_output_norm"] is True
+    # GRPO loads the head with its norm and saves it in the same form (this run's single step has a warm-up
+    # learning rate of 0, so nothing moves; tests/test_grpo.py covers training).
+    sft_head, grpo_head = (load_file(str(runs / d / LATENT_HEAD_NAME)) for d in ("sft_latent", "grpo_latent"))
+    assert sft_head.keys() == grpo_head.keys() and "output_norm_weight" in grpo_head
+    assert json.loads((runs / "grpo_latent" / LATENT_CONFIG_NAME).read_text())["config"]["head_output_norm"]
+    for kind in ("latent", "bigrec"):
+        assert json.loads((runs / f"sft_{kind}" / "train_results.json").read_text())["config"]["head_output_norm"]
+    res = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    assert res["protocol"]["llm_sft_overrides"] == {"head_output_norm": True}
+    assert "SFT with head_output_norm=True" in (tmp_path / "results" / "tiny.md").read_text()
+    assert "--sft head_output_norm=True" in (tmp_path / "results" / "tiny.md").read_text()
 
 
 def test_a_finished_stage_of_another_dtype_is_refused(report):

@@ -164,14 +164,16 @@ def test_config_errors(tmp_path):
 # ----------------------------------------------------------------------------------------- tiny SFT start
 
 
-def _sft(root: Path, data: Path, model: str = "tiny-qwen2", n_latent: int = 1, lora_dropout: float = 0.0) -> Path:
+def _sft(root: Path, data: Path, model: str = "tiny-qwen2", n_latent: int = 1, lora_dropout: float = 0.0,
+         head_output_norm: bool = False) -> Path:
     out = root / f"sft-{model}-{n_latent}" if lora_dropout == 0 else root / f"sft-{model}-{n_latent}-d{lora_dropout}"
+    out = out.with_name(out.name + "-norm") if head_output_norm else out
     if not (out / "train_results.json").exists():
         run_sft(LatentSFTConfig(
             output_dir=str(out), model_name_or_path=model, dataset=str(data), max_train_rows=8, eval_split=None,
             max_length=384, history_length=2, learning_rate=1e-2, per_device_train_batch_size=2, max_steps=2,
             save_strategy="no", lora_r=4, lora_alpha=8, lora_dropout=lora_dropout, num_latent_tokens=n_latent,
-            disable_tqdm=True, seed=0,
+            disable_tqdm=True, seed=0, head_output_norm=head_output_norm,
         ))
     return out
 
@@ -218,12 +220,13 @@ def _fast_vs_naive(trainer: LatentGRPOTrainer):
     return results
 
 
-@pytest.mark.parametrize("model,n_latent,train_lora", [
-    ("tiny-qwen2", 1, False), ("tiny-llama", 1, True), ("tiny-qwen2", 2, True), ("tiny-llama", 2, False),
+@pytest.mark.parametrize("model,n_latent,train_lora,head_output_norm", [
+    ("tiny-qwen2", 1, False, False), ("tiny-llama", 1, True, False), ("tiny-qwen2", 2, True, False),
+    ("tiny-llama", 2, False, False), ("tiny-qwen2", 2, False, True),
 ])
-def test_shared_prefix_equals_naive_per_member_form(tmp_path, sft_dir, model, n_latent, train_lora):
+def test_shared_prefix_equals_naive_per_member_form(tmp_path, sft_dir, model, n_latent, train_lora, head_output_norm):
     _, data, root = sft_dir
-    sft = _sft(root, data, model, n_latent)
+    sft = _sft(root, data, model, n_latent, head_output_norm=head_output_norm)
     trainer = LatentGRPOTrainer(grpo_config(tmp_path / "o", sft, train_lora=train_lora, per_device_train_batch_size=8))
     (lp_a, lat_a, g_a), (lp_b, lat_b, g_b), (lp_c, _, g_c) = _fast_vs_naive(trainer)
     assert (lp_b - lp_c).abs().max().item() < 1e-5  # naive, member by member vs 3 rows per pass (padded)
@@ -234,6 +237,7 @@ def test_shared_prefix_equals_naive_per_member_form(tmp_path, sft_dir, model, n_
     assert g_a.keys() == g_b.keys() and g_a
     assert any("lora_" in k for k in g_a) == train_lora
     assert any("latent_head" in k for k in g_a)
+    assert any("output_norm_weight" in k for k in g_a) == head_output_norm
     for k in g_a:
         rel = (g_a[k] - g_b[k]).abs().max().item() / max(g_b[k].abs().max().item(), 1e-30)
         assert rel < 1e-4, (k, rel)

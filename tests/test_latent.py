@@ -23,6 +23,7 @@ from llmrec.models.latent import (
     add_latent_tokens,
     build_naive_inputs,
     completion_cross_entropy,
+    input_embedding_rms,
     padding_position_ids,
 )
 from llmrec.models.tiny import build_tiny, build_tiny_model, build_tiny_tokenizer
@@ -47,9 +48,9 @@ def _batch(tok, prompts=PROMPTS, completions=COMPLETIONS):
     return p.input_ids, p.attention_mask, c.input_ids, c.attention_mask
 
 
-def _wrapper(kind: str, n: int, *, lora: bool = False, seed: int = 0):
+def _wrapper(kind: str, n: int, *, lora: bool = False, seed: int = 0, head_output_norm: bool = False):
     model, tok = build_tiny(kind)
-    cfg = LatentConfig(num_latent_tokens=n)
+    cfg = LatentConfig(num_latent_tokens=n, head_output_norm=head_output_norm)
     add_latent_tokens(tok, model, cfg)
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -188,6 +189,38 @@ def test_pooling_head_init_and_dtype():
     assert head(h, torch.ones(2, 4), 3).dtype == torch.float32  # fp32 whatever the LM dtype
 
 
+def test_input_embedding_rms_is_the_median_row_rms():
+    w = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 1.0], [6.0, 8.0], [0.0, 2.0]])
+    # row RMS: 3.5355, 0, 1, 7.0711, 1.4142 -> median 1.4142
+    assert input_embedding_rms(w) == pytest.approx(2**0.5)
+
+
+def test_head_output_norm_puts_latents_at_the_input_embeddings_scale():
+    torch.manual_seed(0)
+    plain = LatentPoolingHead(32, num_heads=2, head_dim=8)
+    normed = LatentPoolingHead(32, num_heads=2, head_dim=8, output_norm=True)
+    normed.load_state_dict({**plain.state_dict(), "output_norm_weight": torch.ones(32)})
+    normed.scale_output_to(0.25)
+    h, mask = torch.randn(3, 6, 32) * 50, torch.ones(3, 6, dtype=torch.long)
+    ref = plain(h, mask, 5)
+    expected = ref / ref.pow(2).mean(-1, keepdim=True).sqrt() * 0.25  # the obviously right form
+    torch.testing.assert_close(normed(h, mask, 5), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="output_norm=True"):
+        plain.scale_output_to(1.0)
+    with pytest.raises(ValueError, match="positive finite"):
+        normed.scale_output_to(0.0)
+
+    # In the wrapper, every latent starts at the RMS of the LM's token embeddings, whatever the hidden states'.
+    w, tok = _wrapper("tiny-qwen2", 2, head_output_norm=True)
+    target = input_embedding_rms(w.embed_tokens.weight)
+    p, pm, c, cm = _batch(tok)
+    rms = w(p, pm, c, cm).latents.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, target), rtol=1e-3, atol=0)  # eps 1e-6 aside
+    off, _ = _wrapper("tiny-qwen2", 2)
+    assert off.latent_head.output_norm_weight is None
+    assert "output_norm_weight" not in off.latent_head.state_dict()  # the paper's head saves what it always did
+
+
 def test_padding_position_ids():
     m = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
     assert padding_position_ids(m).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 0, 0]]
@@ -199,8 +232,11 @@ def test_padding_position_ids():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("naive_side", ["right", "left"])
-def test_efficient_forward_equals_naive_logits_and_grads(kind, n, naive_side):
-    w, tok = _wrapper(kind, n, lora=True)
+@pytest.mark.parametrize("head_output_norm", [False, True])
+def test_efficient_forward_equals_naive_logits_and_grads(kind, n, naive_side, head_output_norm):
+    if head_output_norm and naive_side == "left":
+        pytest.skip("one padding side is enough for the output norm")
+    w, tok = _wrapper(kind, n, lora=True, head_output_norm=head_output_norm)
     w.train()
     p, pm, c, cm = _batch(tok)
 
@@ -366,6 +402,31 @@ def test_save_load_round_trip(tmp_path):
     add_latent_tokens(other_tok, None, LatentConfig(num_latent_tokens=2))
     with pytest.raises(ValueError, match="tokenizer maps latent tokens"):
         LatentReasoningLM.from_pretrained(tmp_path, base, tokenizer=other_tok)
+
+
+def test_save_load_round_trip_with_output_norm(tmp_path):
+    w, tok = _wrapper("tiny-qwen2", 1, head_output_norm=True)
+    with torch.no_grad():
+        w.latent_head.output_norm_weight.mul_(torch.rand(w.lm_config.hidden_size) + 0.5)  # trained, not the init
+    w.save_pretrained(tmp_path)
+    base, _ = build_tiny("tiny-qwen2")
+    base.resize_token_embeddings(w.embed_tokens.weight.shape[0])
+    base.load_state_dict(w.model.state_dict())
+    back = LatentReasoningLM.from_pretrained(tmp_path, base, tokenizer=tok)
+    assert back.config.head_output_norm
+    torch.testing.assert_close(back.latent_head.output_norm_weight, w.latent_head.output_norm_weight, rtol=0, atol=0)
+    p, pm, c, cm = _batch(tok)
+    torch.testing.assert_close(back(p, pm, c, cm).logits, w(p, pm, c, cm).logits, rtol=0, atol=0)
+
+
+def test_config_written_before_the_output_norm_loads_as_the_papers_head(tmp_path):
+    w, tok = _wrapper("tiny-qwen2", 1)
+    w.save_pretrained(tmp_path)
+    payload = json.loads((tmp_path / LATENT_CONFIG_NAME).read_text())
+    del payload["config"]["head_output_norm"]
+    (tmp_path / LATENT_CONFIG_NAME).write_text(json.dumps(payload))
+    back = LatentReasoningLM.from_pretrained(tmp_path, w.model, tokenizer=tok)
+    assert not back.config.head_output_norm and back.latent_head.output_norm_weight is None
 
 
 def test_save_load_zero_latents(tmp_path):

@@ -63,6 +63,7 @@ __all__ = [
     "add_latent_tokens",
     "build_naive_inputs",
     "completion_cross_entropy",
+    "input_embedding_rms",
     "padding_position_ids",
 ]
 
@@ -110,6 +111,15 @@ class LatentConfig:
     head_dtype: str = field(
         default="float32",
         metadata={"help": "dtype of the pooling head's parameters and computation, independent of the LM's dtype."},
+    )
+    head_output_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "End the pooling head with an RMSNorm whose weight starts at the RMS of the LM's input "
+            "embeddings, so every latent enters the LM at a token embedding's scale. Off (the paper's head), a "
+            "latent comes out at the scale of final-layer hidden states: after latent SFT on Games its norm was "
+            "about 8x a token embedding's (median row) on SmolLM2-135M and 290x on Qwen2.5-Coder-0.5B."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -288,6 +298,13 @@ def add_latent_tokens(tokenizer, model: nn.Module | None, config: LatentConfig) 
 # ------------------------------------------------------------------------------------------ pooling head
 
 
+def input_embedding_rms(weight: torch.Tensor) -> float:
+    """Median over the vocabulary of each token embedding row's RMS (the median ignores a few outlier rows, e.g.
+    never-trained padding rows of zeros)."""
+    w = weight.detach().float()
+    return float(w.pow(2).mean(-1).sqrt().median())
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -302,6 +319,11 @@ class LatentPoolingHead(nn.Module):
     the result is used directly as the latent position's input embedding, so V is full hidden width
     (split over heads). ``head_dim`` only sets the Q/K width per head.
 
+    ``output_norm=True`` (not the paper) appends an RMSNorm with a learnable per-channel weight
+    (``output_norm_weight``), which :class:`LatentReasoningLM` starts at the RMS of the LM's input embeddings:
+    the paper's latent has the scale of final-layer hidden states, which for some LMs is hundreds of times a
+    token embedding's, an input the LM never saw in pre-training.
+
     RoPE positions are per-row ``cumsum(mask) - 1`` (see :func:`padding_position_ids`), so a row gives
     the same result whether it is left- or right-padded; only relative offsets matter to RoPE, so the
     choice of origin is otherwise immaterial. Computation runs in the head's parameter dtype (float32 by
@@ -315,6 +337,8 @@ class LatentPoolingHead(nn.Module):
         head_dim: int | None = None,
         rope_base: float = 1000.0,
         dtype: torch.dtype = torch.float32,
+        output_norm: bool = False,
+        output_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
@@ -326,17 +350,32 @@ class LatentPoolingHead(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=True, dtype=dtype)
         self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=True, dtype=dtype)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=True, dtype=dtype)
+        self.output_norm_eps = output_norm_eps
+        self.output_norm_weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype)) if output_norm else None
         self.reset_parameters()
 
     @classmethod
     def from_config(cls, hidden_size: int, config: LatentConfig) -> LatentPoolingHead:
-        return cls(hidden_size, config.head_num_heads, config.head_dim, config.rope_base, config.torch_head_dtype)
+        return cls(hidden_size, config.head_num_heads, config.head_dim, config.rope_base, config.torch_head_dtype,
+                   output_norm=config.head_output_norm)
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        """Normal(0, std) weights and zero biases: HF's default init, which the paper's head got."""
+        """Normal(0, std) weights and zero biases: HF's default init, which the paper's head got; an output norm's
+        weight starts at 1 (see :meth:`scale_output_to`)."""
         for lin in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(lin.weight, mean=0.0, std=std)
             nn.init.zeros_(lin.bias)
+        if self.output_norm_weight is not None:
+            nn.init.ones_(self.output_norm_weight)
+
+    @torch.no_grad()
+    def scale_output_to(self, rms: float) -> None:
+        """Start the output norm's weight at ``rms`` (every latent then has that RMS). Requires ``output_norm``."""
+        if self.output_norm_weight is None:
+            raise ValueError("scale_output_to needs a head built with output_norm=True")
+        if not (rms > 0 and math.isfinite(rms)):
+            raise ValueError(f"output RMS must be a positive finite number, got {rms}")
+        self.output_norm_weight.fill_(rms)
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [B, heads, T, d]; positions: [B, T]
@@ -383,8 +422,10 @@ class LatentPoolingHead(nn.Module):
         k = self._rope(k, positions)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # [B, nh, 1, T]
         scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
-        out = scores.softmax(dim=-1) @ v  # [B, nh, 1, H/nh]
-        return out.reshape(b, self.hidden_size)
+        out = (scores.softmax(dim=-1) @ v).reshape(b, self.hidden_size)  # [B, H]
+        if self.output_norm_weight is not None:
+            out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.output_norm_eps) * self.output_norm_weight
+        return out
 
 
 # ------------------------------------------------------------------------------------------ the wrapper
@@ -494,7 +535,10 @@ class LatentReasoningLM(nn.Module):
                 raise ValueError("num_latent_tokens=0 takes no pooling head")
             self.latent_head = None
         else:
-            head = head if head is not None else LatentPoolingHead.from_config(hidden, config)
+            if head is None:
+                head = LatentPoolingHead.from_config(hidden, config)
+                if head.output_norm_weight is not None:
+                    head.scale_output_to(input_embedding_rms(self.embed_tokens.weight))
             if head.hidden_size != hidden:
                 raise ValueError(f"pooling head width {head.hidden_size} != model hidden size {hidden}")
             self.latent_head = head.to(self.embed_tokens.weight.device)

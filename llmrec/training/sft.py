@@ -82,7 +82,7 @@ FINETUNE_MODES = ("lora", "qlora", "full")
 # Fields of the SFT config stored in llmrec_config.json (what inference needs to rebuild prompts + model).
 _CHECKPOINT_FIELDS = (
     "model_name_or_path", "dataset", "prompt", "noun", "history_length", "max_length", "num_latent_tokens",
-    "latent_tokens", "head_num_heads", "head_dim", "rope_base", "head_dtype", "finetune", "model_dtype",
+    "latent_tokens", "head_num_heads", "head_dim", "rope_base", "head_dtype", "head_output_norm", "finetune", "model_dtype",
     "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
 )
 
@@ -129,6 +129,11 @@ class LatentSFTConfig(transformers.TrainingArguments):
     head_dim: int | None = field(default=None, metadata={"help": "Pooling head query/key width per head (None = full)."})
     rope_base: float = field(default=1000.0, metadata={"help": "RoPE base of the pooling head."})
     head_dtype: str = field(default="float32", metadata={"help": "dtype of the pooling head."})
+    head_output_norm: bool = field(
+        default=False,
+        metadata={"help": "End the pooling head with an RMSNorm starting at the input embeddings' RMS, so latents "
+                  "enter the LM at a token embedding's scale (not the paper; off = the paper's head)."},
+    )
     finetune: str = field(
         default="lora",
         metadata={"help": "lora (peft adapter on the LM), qlora (4-bit base via bitsandbytes + LoRA) or full.",
@@ -226,7 +231,7 @@ class LatentSFTConfig(transformers.TrainingArguments):
         return LatentConfig(
             num_latent_tokens=self.num_latent_tokens, latent_tokens=self.latent_tokens,
             head_num_heads=self.head_num_heads, head_dim=self.head_dim, rope_base=self.rope_base,
-            head_dtype=self.head_dtype,
+            head_dtype=self.head_dtype, head_output_norm=self.head_output_norm,
         )
 
     def checkpoint_fields(self) -> dict[str, Any]:
