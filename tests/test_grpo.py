@@ -4,6 +4,7 @@ per-member form, config errors, NaN groups, resume, checkpoints, and 1 vs 2 proc
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -241,6 +242,19 @@ def test_shared_prefix_equals_naive_per_member_form(tmp_path, sft_dir, model, n_
     for k in g_a:
         rel = (g_a[k] - g_b[k]).abs().max().item() / max(g_b[k].abs().max().item(), 1e-30)
         assert rel < 1e-4, (k, rel)
+
+
+def test_absolute_noise_on_normalised_latents_is_warned_about(tmp_path, sft_dir, caplog):
+    _, data, root = sft_dir
+    sft = _sft(root, data, "tiny-qwen2", 2, head_output_norm=True)
+    with caplog.at_level(logging.WARNING, logger="llmrec.training.grpo"):
+        LatentGRPOTrainer(grpo_config(tmp_path / "a", sft, noise_mode="absolute", noise_scale=1.5))
+    assert "normalises its latents" in caplog.text and "noise_mode=relative" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llmrec.training.grpo"):
+        LatentGRPOTrainer(grpo_config(tmp_path / "r", sft, noise_mode="relative", noise_scale=0.3))
+        LatentGRPOTrainer(grpo_config(tmp_path / "p", _sft(root, data), noise_mode="absolute", noise_scale=1.5))
+    assert "normalises its latents" not in caplog.text
 
 
 def test_training_runs_and_checkpoint_evaluates(tmp_path, sft_dir):

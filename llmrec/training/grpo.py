@@ -510,6 +510,14 @@ def _load_policy(config: LatentGRPOConfig):
                                            merge=not config.train_lora)
     if model.num_latent_tokens < 1:
         raise ConfigError(f"{config.sft_checkpoint} has no latent token: latent GRPO needs a latent SFT checkpoint")
+    norm = model.latent_head.output_norm_weight
+    if norm is not None and config.noise_mode == "absolute":
+        # The paper's absolute 1.5 was sized for latents at the scale of final-layer hidden states; a normalised
+        # latent is ~100x smaller, and the same noise would drown it.
+        rms = float(norm.detach().float().pow(2).mean().sqrt())
+        logger.warning("%s normalises its latents (head_output_norm; RMS about %.3g): absolute noise of std %g is "
+                       "%.0fx that; noise_mode=relative sizes the noise to each latent", config.sft_checkpoint, rms,
+                       config.noise_scale, config.noise_scale / rms)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.latent_head.parameters():
