@@ -118,3 +118,15 @@ def test_a_truncated_results_file_is_named(tmp_path):
     (b / "results.json").write_text('{"protocol": {"meth')
     with pytest.raises(ValueError, match=r"b/results.json: not a results file of `llmrec evaluate`"):
         compare_runs([a, b], ["ndcg@10"])
+
+
+def test_cli_writes_the_printed_table_and_the_json(tmp_path, capsys):
+    from llmrec.cli import main
+
+    a, b = _run(tmp_path / "a", [0, None, 3, None]), _run(tmp_path / "b", [1, 2, None, None])
+    md, js = tmp_path / "out" / "cmp.md", tmp_path / "out" / "cmp.json"
+    md.parent.mkdir()
+    assert main(["compare", str(a), str(b), "--markdown", str(md), "--output", str(js), "--resamples", "200"]) == 0
+    printed = capsys.readouterr().out
+    assert md.read_text() == comparison_table(json.loads(js.read_text()))
+    assert printed.startswith(md.read_text()) and "| run | hr@10 | ndcg@10 |" in md.read_text()

@@ -43,16 +43,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from llmrec.data.canonical import atomic_write_json
+    from llmrec.data.canonical import atomic_write_json, atomic_write_text
     from llmrec.evaluation.compare import compare_runs, comparison_table
 
     result = compare_runs(args.runs, [m.strip() for m in args.metrics.split(",") if m.strip()], level=args.level,
                           n_resamples=args.resamples, seed=args.seed,
                           power_rel=[float(r) for r in args.power_rel.split(",") if r.strip()],
                           seeds_per_run=args.seeds_per_run)
-    print(comparison_table(result), end="")
+    table = comparison_table(result)
+    print(table, end="")
     if args.output:
         atomic_write_json(Path(args.output), result)
+    if args.markdown:
+        atomic_write_text(Path(args.markdown), table)
     print(json.dumps(result, sort_keys=True))
     return 0
 
@@ -75,4 +78,7 @@ def register_compare_cli(subparsers) -> None:
                    help="every N consecutive directories are the seeds of one run (e.g. --seeds-per-run 3 A0 A1 A2 B0 "
                         "B1 B2): each row's metrics are averaged over them before the differences")
     p.add_argument("--output", default=None, help="also write the JSON result here")
+    p.add_argument("--markdown", default=None,
+                   help="also write the printed table here (e.g. benchmarks/results/NAME.md, which "
+                        "scripts/update_readme_results.py copies into README blocks)")
     p.set_defaults(func=cmd_compare)
