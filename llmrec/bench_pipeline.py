@@ -139,13 +139,12 @@ class Pipeline:
         if opts.sft_overrides:
             from llmrec.training.sft import LatentSFTConfig
 
-            own = {"dataset": "--dataset", "model_name_or_path": "--model", "model_dtype": "--dtype",
-                   "max_train_rows": "--train-rows", "seed": "--seeds", "output_dir": "--output-dir",
-                   "max_eval_rows": None}
+            own = {"dataset": "use --dataset", "model_name_or_path": "use --model", "model_dtype": "use --dtype",
+                   "max_train_rows": "use --train-rows", "seed": "use --seeds", "output_dir": "use --output-dir",
+                   "max_eval_rows": "the protocol's 200 validation rows"}
             for key in opts.sft_overrides:
                 if key in own:
-                    raise ValueError(f"--sft {key}: the pipeline sets it" + (f" (use {own[key]})" if own[key] else
-                                     " (the protocol's 200 validation rows)"))
+                    raise ValueError(f"--sft {key}: the pipeline sets it ({own[key]})")
 
             opts = replace(opts, sft_overrides=coerce_fields([LatentSFTConfig], opts.sft_overrides, "--sft"))
         if opts.id_overrides:
