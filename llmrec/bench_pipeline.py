@@ -52,7 +52,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -330,10 +330,11 @@ class Pipeline:
                      "train_rows": res.get("num_train_rows"), "seed": args.get("seed", seed),
                      "model_dtype": res.get("config", {}).get("model_dtype")}
             if o.sft_overrides:
+                from llmrec.config import field_defaults
                 from llmrec.training.sft import LatentSFTConfig
 
                 # A key the run did not record (a field added later) had its default then.
-                defaults = {f.name: f.default for f in fields(LatentSFTConfig)}
+                defaults = field_defaults(LatentSFTConfig)
                 wanted.update(o.sft_overrides)
                 found.update({k: res.get("config", {}).get(k, args.get(k, defaults.get(k))) for k in o.sft_overrides})
         elif stage == "grpo_latent":

@@ -162,6 +162,18 @@ def _typed(convert, value: Any) -> Any:
     return value
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """``{field: default}`` of a dataclass, calling ``default_factory`` where there is one; a required field
+    (no default) is left out."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def coerce_fields(classes: Sequence[type], data: dict[str, Any], source: str) -> dict[str, Any]:
     """Check ``data``'s keys against the dataclasses and convert strings as the command line would
     (YAML reads ``1e-3`` as a string): for values collected outside :func:`parse_config`."""

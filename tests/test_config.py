@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from llmrec.config import ConfigError, check_keys, parse_config, read_recipe, to_dict
+from llmrec.config import ConfigError, check_keys, field_defaults, parse_config, read_recipe, to_dict
 
 
 @dataclass
@@ -35,6 +35,13 @@ def recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     p = tmp_path / name
     p.write_text(text, encoding="utf-8")
     return p
+
+
+def test_field_defaults_call_default_factories_and_leave_out_required_fields():
+    assert field_defaults(DataCfg) == {"max_history": 10, "noun": "items"}  # `dataset` has no default
+    defaults = field_defaults(TrainCfg)
+    assert defaults["ks"] == [1, 5, 10] and defaults["note"] is None and defaults["epochs"] == 1
+    assert defaults["ks"] is not field_defaults(TrainCfg)["ks"]  # a fresh list each call, as the dataclass gives
 
 
 def test_recipe_only(tmp_path: Path):

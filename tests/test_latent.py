@@ -195,6 +195,13 @@ def test_input_embedding_rms_is_the_median_row_rms():
     assert input_embedding_rms(w) == pytest.approx(2**0.5)
 
 
+def test_input_embedding_rms_in_chunks_equals_the_whole_matrix_at_once():
+    torch.manual_seed(0)
+    w = (torch.randn(20000, 16) * torch.rand(20000, 1) * 3).to(torch.bfloat16)  # three chunks, the last partial
+    plain = float(w.float().pow(2).mean(-1).sqrt().median())
+    assert input_embedding_rms(w) == plain
+
+
 def test_head_output_norm_puts_latents_at_the_input_embeddings_scale():
     torch.manual_seed(0)
     plain = LatentPoolingHead(32, num_heads=2, head_dim=8)

@@ -300,9 +300,12 @@ def add_latent_tokens(tokenizer, model: nn.Module | None, config: LatentConfig) 
 
 def input_embedding_rms(weight: torch.Tensor) -> float:
     """Median over the vocabulary of each token embedding row's RMS (the median ignores a few outlier rows, e.g.
-    never-trained padding rows of zeros)."""
-    w = weight.detach().float()
-    return float(w.pow(2).mean(-1).sqrt().median())
+    never-trained padding rows of zeros).
+
+    Rows are upcast in chunks, so a bf16 embedding of a large vocabulary is never copied whole in float32."""
+    w = weight.detach()
+    row_rms = torch.cat([chunk.float().pow(2).mean(-1).sqrt() for chunk in w.split(8192)])
+    return float(row_rms.median())
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -259,7 +259,8 @@ class SeqRecConfig:
         run's config as if it had been used. ``llmrec seqrec train`` refuses them; a benchmark's shared settings
         (applied to every model) may hold them.
         """
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in dataclasses.fields(self)}
+        from llmrec.config import field_defaults
+
+        defaults = field_defaults(type(self))
         others = {name for fields in MODEL_FIELDS.values() for name in fields} - set(MODEL_FIELDS[self.model])
         return {name: getattr(self, name) for name in sorted(others) if getattr(self, name) != defaults[name]}
