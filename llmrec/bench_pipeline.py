@@ -19,7 +19,9 @@ rearec-prl, lares          ranking over all items (``llmrec evaluate --method se
 
 Every stage writes its own directory and is skipped when its output exists (training resumes from
 its last checkpoint, evaluation from its finished rows), so a long report can be completed over
-several runs; ``--report-only`` builds the report from whatever has finished. Stages and evaluations
+several runs; ``--report-only`` builds the report from whatever has finished. A finished training stage is reused
+only if it was made with what the pipeline would ask for now, field by field for the SFT and ID-model runs (an
+edited recipe included); anything else is an error naming the field. Stages and evaluations
 are locked (``<output-dir>/.locks/``): several processes on one output directory, each with its own
 ``--methods``, can run side by side (one per core on a CPU) and share the stages they have in common;
 run them with ``--no-report`` and write the report of all of them with a final ``--report-only``.
@@ -78,6 +80,18 @@ DIFFERENCES = (
 )
 REPORT_KS = (1, 5, 10, 20)
 SEED_INDEPENDENT = ("popularity", "zero-shot")
+# SFT settings that change nothing about the trained adapter and head, so a finished SFT stage is reused whatever
+# they were: where and how often to log, how many data workers, the evaluation batch. ``model_dtype`` is checked
+# as the concrete dtype the run recorded ("fast" and "bfloat16" may be one dtype).
+SFT_RESULT_NEUTRAL_FIELDS = frozenset({
+    "output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "logging_first_step", "logging_strategy",
+    "logging_nan_inf_filter", "disable_tqdm", "save_total_limit", "dataloader_num_workers",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_pin_memory", "per_device_eval_batch_size",
+    "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
+    "hub_private_repo", "hub_always_push", "hub_revision", "model_dtype",
+})
+# SFT settings that act only when a run resumes from a checkpoint: not compared for a run that never resumed.
+SFT_RESUME_ONLY_FIELDS = frozenset({"restore_callback_states_from_checkpoint"})
 
 
 @dataclass
@@ -241,20 +255,26 @@ class Pipeline:
             return fn(cfg)
         return run_isolated(fn, cfg)
 
-    def _sft(self, kind: str, seed: int) -> Path:
+    def _sft_config(self, kind: str, seed: int):
+        """The :class:`~llmrec.training.sft.LatentSFTConfig` of one SFT stage: the Games recipe, then the settings of
+        scripts/games_sft_comparison.sh (model selection on 200 validation rows), then ``--sft``."""
         from llmrec.config import parse_config
-        from llmrec.training.sft import LatentSFTConfig, run_sft
+        from llmrec.training.sft import LatentSFTConfig
 
-        out = self.stage_dir(f"sft_{kind}", seed)
         o = self.opts
-        # The settings of scripts/games_sft_comparison.sh (model selection on 200 validation rows).
         (cfg,) = parse_config([LatentSFTConfig], self.recipes / "games" / f"sft_{kind}.yaml", extra=dict(
             dataset=str(self.data_dir), model_name_or_path=o.model, model_dtype=o.dtype,
             max_train_rows=o.train_rows, max_eval_rows=200, per_device_train_batch_size=8,
             gradient_accumulation_steps=2, eval_steps=16, save_steps=16, logging_steps=4, num_train_epochs=1,
-            seed=seed, output_dir=str(out)) | o.sft_overrides)
+            seed=seed, output_dir=str(self.stage_dir(f"sft_{kind}", seed))) | o.sft_overrides)
+        return cfg
+
+    def _sft(self, kind: str, seed: int) -> Path:
+        from llmrec.training.sft import run_sft
+
+        cfg = self._sft_config(kind, seed)
         self._call(run_sft, cfg)
-        return out
+        return Path(cfg.output_dir)
 
     def _grpo(self, seed: int) -> Path:
         from llmrec.config import parse_config
@@ -329,14 +349,15 @@ class Pipeline:
             found = {"model": res.get("config", {}).get("model_name_or_path"), "dataset": res.get("config", {}).get("dataset"),
                      "train_rows": res.get("num_train_rows"), "seed": args.get("seed", seed),
                      "model_dtype": res.get("config", {}).get("model_dtype")}
-            if o.sft_overrides:
-                from llmrec.config import field_defaults
+            if args:  # recorded by every SFT run: the full config, so recipe edits are caught too, not only --sft
+                from llmrec.config import config_differences, field_defaults
                 from llmrec.training.sft import LatentSFTConfig
 
-                # A key the run did not record (a field added later) had its default then.
-                defaults = field_defaults(LatentSFTConfig)
-                wanted.update(o.sft_overrides)
-                found.update({k: res.get("config", {}).get(k, args.get(k, defaults.get(k))) for k in o.sft_overrides})
+                ignore = SFT_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if res.get("resumed_from") is None else set())
+                diff = config_differences(args, self._sft_config(stage[4:], seed).to_dict(),
+                                          field_defaults(LatentSFTConfig), ignore=ignore, paths=("dataset",))
+                found.update({k: f for k, (f, _) in diff.items()})
+                wanted.update({k: w for k, (_, w) in diff.items()})
         elif stage == "grpo_latent":
             g = self._grpo_settings(seed)
             wanted = {"sft_checkpoint": str(self.stage_dir("sft_latent", seed)), **o.grpo_overrides}

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
+import math
+import os
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +175,34 @@ def field_defaults(cls: type) -> dict[str, Any]:
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()
     return out
+
+
+def config_differences(found: dict[str, Any], wanted: dict[str, Any], defaults: dict[str, Any], *,
+                       ignore: Collection[str] = (), paths: Collection[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """``{field: (found, wanted)}`` where a finished run's recorded config (``found``) differs from the config asked
+    for now (``wanted``); the fields in ``ignore`` (where to log, how many threads, ...) are not compared.
+
+    Both go through JSON first (tuples vs lists, enums vs their values); floats equal to a relative 1e-12 count as
+    equal; the fields in ``paths`` are compared as normalised paths ("data/x/" and "data/x" are one directory). A
+    field the finished run does not record (added to the config after it ran) counts as its entry in ``defaults``,
+    the behaviour of the code that trained it.
+    """
+
+    def plain(d: dict[str, Any]) -> dict[str, Any]:
+        out = json.loads(json.dumps({k: v for k, v in d.items() if k not in ignore}, default=str))
+        for k in paths:
+            if isinstance(out.get(k), str) and out[k]:
+                out[k] = os.path.normpath(out[k])
+        return out
+
+    found, wanted = plain({**defaults, **found}), plain(wanted)
+
+    def same(f: Any, w: Any) -> bool:
+        if isinstance(w, float) and isinstance(f, (int, float)) and not isinstance(f, bool):
+            return math.isclose(f, w, rel_tol=1e-12)
+        return f == w
+
+    return {k: (found.get(k), w) for k, w in wanted.items() if not same(found.get(k), w)}
 
 
 def coerce_fields(classes: Sequence[type], data: dict[str, Any], source: str) -> dict[str, Any]:

@@ -147,6 +147,38 @@ def test_changed_options_are_refused_not_silently_reused(report, capsys):
     assert res["protocol"]["llm_train_rows"] == 8
 
 
+def test_a_recipe_edit_after_a_finished_sft_stage_is_refused(report, tmp_path, capsys):
+    """The SFT stages are checked field by field against the config the pipeline would build now: an edited recipe
+    (here the latent SFT's learning rate and the BIGRec SFT's LoRA targets, a list) is caught, not only ``--sft``
+    keys; a setting that changes nothing trained (how often to log) is not."""
+    import shutil
+
+    import yaml
+
+    from llmrec.cli import main
+    from llmrec.resources import resource_dir
+
+    root, data = report
+    recipes = tmp_path / "recipes"
+    shutil.copytree(resource_dir("recipes"), recipes)
+    latent, bigrec = recipes / "games" / "sft_latent.yaml", recipes / "games" / "sft_bigrec.yaml"
+    original = {f: f.read_text() for f in (latent, bigrec)}
+
+    def run(path: Path, **changes) -> int:
+        for f, text in original.items():
+            f.write_text(text)
+        path.write_text(yaml.safe_dump({**yaml.safe_load(original[path]), **changes}))
+        capsys.readouterr()
+        return main(_args(data, root, recipes=recipes))
+
+    assert run(latent, per_device_eval_batch_size=2) == 0
+    assert run(latent, learning_rate=1e-4) == 1
+    assert "learning_rate=0.0003 (asked: 0.0001)" in capsys.readouterr().err
+    assert run(bigrec, lora_target_modules=["q_proj", "v_proj"]) == 1
+    err = capsys.readouterr().err
+    assert "sft_bigrec holds a finished run made with lora_target_modules=" in err and "(asked: ['q_proj', 'v_proj'])" in err
+
+
 def test_id_overrides_are_typed_and_the_command_is_complete(report):
     from llmrec.bench_pipeline import Pipeline, PipelineOptions
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,27 +53,12 @@ def training_fields(config: dict) -> dict:
 
 def training_field_differences(found: dict, wanted: dict) -> dict[str, tuple[Any, Any]]:
     """``{field: (found, wanted)}`` for the training fields where a finished run's config (``found``, as read back
-    from its ``results.json``) differs from the config asked for now (``wanted``, a ``to_dict`` of a config).
+    from its ``results.json``) differs from the config asked for now (``wanted``, a ``to_dict`` of a config); see
+    :func:`llmrec.config.config_differences`."""
+    from llmrec.config import config_differences, to_dict
 
-    Both go through JSON first (tuples vs lists); floats equal to a relative 1e-12 count as equal. A field the
-    finished run does not record (added to the config after it ran) counts as its default, the behaviour of the
-    code that trained it.
-    """
-    from llmrec.config import to_dict
-
-    defaults = json.loads(json.dumps(to_dict(SeqRecConfig())))
-    found = {**defaults, **json.loads(json.dumps(training_fields(found)))}
-    wanted = json.loads(json.dumps(training_fields(wanted)))
-    for cfg in (found, wanted):  # "data/x/" and "data/x" are one directory
-        if cfg.get("dataset_dir"):
-            cfg["dataset_dir"] = os.path.normpath(cfg["dataset_dir"])
-
-    def same(f: Any, w: Any) -> bool:
-        if isinstance(w, float) and isinstance(f, (int, float)):
-            return math.isclose(f, w, rel_tol=1e-12)
-        return f == w
-
-    return {k: (found.get(k), w) for k, w in wanted.items() if not same(found.get(k), w)}
+    return config_differences(found, wanted, to_dict(SeqRecConfig()), ignore=RESULT_NEUTRAL_FIELDS,
+                              paths=("dataset_dir",))
 
 
 @dataclass
