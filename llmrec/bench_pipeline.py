@@ -20,8 +20,10 @@ rearec-prl, lares          ranking over all items (``llmrec evaluate --method se
 Every stage writes its own directory and is skipped when its output exists (training resumes from
 its last checkpoint, evaluation from its finished rows), so a long report can be completed over
 several runs; ``--report-only`` builds the report from whatever has finished. A finished training stage is reused
-only if it was made with what the pipeline would ask for now, field by field for the SFT and ID-model runs (an
-edited recipe included); anything else is an error naming the field. Stages and evaluations
+only if it was made with what the pipeline would ask for now (otherwise an error names the field): the SFT and
+ID-model runs field by field against the config built now, an edited recipe included (an SFT run older than its
+``training_args.json`` only on model, data, rows, seed and dtype); the GRPO run on the ``--grpo`` keys, its prompts and
+dtype, and for seeds > 0 on seed 0's settings (seed 0's run may come from a sweep). Stages and evaluations
 are locked (``<output-dir>/.locks/``): several processes on one output directory, each with its own
 ``--methods``, can run side by side (one per core on a CPU) and share the stages they have in common;
 run them with ``--no-report`` and write the report of all of them with a final ``--report-only``.
@@ -56,7 +58,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmrec.training.sft import LatentSFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +86,23 @@ DIFFERENCES = (
 REPORT_KS = (1, 5, 10, 20)
 SEED_INDEPENDENT = ("popularity", "zero-shot")
 # SFT settings that change nothing about the trained adapter and head, so a finished SFT stage is reused whatever
-# they were: where and how often to log, how many data workers, the evaluation batch. ``model_dtype`` is checked
-# as the concrete dtype the run recorded ("fast" and "bfloat16" may be one dtype).
+# they were: where and how often to log, how many data workers, which hub. ``model_dtype`` is checked as the
+# concrete dtype the run recorded ("fast" and "bfloat16" may be one dtype); ``use_cpu`` follows the machine (set
+# when no accelerator is found), as the ID-model check ignores the device. The evaluation batch changes only the
+# padding of the validation loss (in bf16 it may move that loss in the last digits, so a near tie between two
+# checkpoints could in principle go the other way).
 SFT_RESULT_NEUTRAL_FIELDS = frozenset({
     "output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "logging_first_step", "logging_strategy",
-    "logging_nan_inf_filter", "disable_tqdm", "save_total_limit", "dataloader_num_workers",
+    "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
+    "skip_memory_metrics", "include_num_input_tokens_seen", "project", "trackio_space_id", "trackio_bucket_id",
+    "trackio_static_space_id", "save_total_limit", "save_on_each_node", "dataloader_num_workers",
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_pin_memory", "per_device_eval_batch_size",
-    "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_strategy", "hub_token",
-    "hub_private_repo", "hub_always_push", "hub_revision", "model_dtype",
+    "torch_empty_cache_steps", "ddp_timeout", "do_train", "do_predict", "resume_from_checkpoint", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "model_dtype",
+    "use_cpu",
 })
 # SFT settings that act only when a run resumes from a checkpoint: not compared for a run that never resumed.
-SFT_RESUME_ONLY_FIELDS = frozenset({"restore_callback_states_from_checkpoint"})
+SFT_RESUME_ONLY_FIELDS = frozenset({"restore_callback_states_from_checkpoint", "ignore_data_skip", "save_only_model"})
 
 
 @dataclass
@@ -255,7 +266,7 @@ class Pipeline:
             return fn(cfg)
         return run_isolated(fn, cfg)
 
-    def _sft_config(self, kind: str, seed: int):
+    def _sft_config(self, kind: str, seed: int) -> LatentSFTConfig:
         """The :class:`~llmrec.training.sft.LatentSFTConfig` of one SFT stage: the Games recipe, then the settings of
         scripts/games_sft_comparison.sh (model selection on 200 validation rows), then ``--sft``."""
         from llmrec.config import parse_config
@@ -350,12 +361,14 @@ class Pipeline:
                      "train_rows": res.get("num_train_rows"), "seed": args.get("seed", seed),
                      "model_dtype": res.get("config", {}).get("model_dtype")}
             if args:  # recorded by every SFT run: the full config, so recipe edits are caught too, not only --sft
-                from llmrec.config import config_differences, field_defaults
+                from llmrec.config import config_differences
                 from llmrec.training.sft import LatentSFTConfig
 
                 ignore = SFT_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if res.get("resumed_from") is None else set())
+                # A field the run did not record takes its default as a built config holds it (after
+                # TrainingArguments.__post_init__, which rewrites some, e.g. report_to "none" -> []).
                 diff = config_differences(args, self._sft_config(stage[4:], seed).to_dict(),
-                                          field_defaults(LatentSFTConfig), ignore=ignore, paths=("dataset",))
+                                          LatentSFTConfig().to_dict(), ignore=ignore, paths=("dataset",))
                 found.update({k: f for k, (f, _) in diff.items()})
                 wanted.update({k: w for k, (_, w) in diff.items()})
         elif stage == "grpo_latent":

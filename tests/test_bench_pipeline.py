@@ -179,6 +179,34 @@ def test_a_recipe_edit_after_a_finished_sft_stage_is_refused(report, tmp_path, c
     assert "sft_bigrec holds a finished run made with lora_target_modules=" in err and "(asked: ['q_proj', 'v_proj'])" in err
 
 
+def test_sft_fields_a_run_did_not_record_or_that_act_only_on_resume(report, capsys):
+    """A field the finished run did not record (added later) counts as its default, after TrainingArguments'
+    __post_init__; a field that acts only on resume is compared only for a run that resumed."""
+    from llmrec.cli import main
+
+    root, data = report
+    d = root / "runs" / "sft_latent"
+    saved = {f: (d / f).read_text() for f in ("training_args.json", "train_results.json")}
+    args, res = json.loads(saved["training_args.json"]), json.loads(saved["train_results.json"])
+    try:
+        # an older run: no head_output_norm, no report_to (which __post_init__ rewrites from "none" to [])
+        (d / "training_args.json").write_text(json.dumps(
+            {k: v for k, v in args.items() if k not in ("head_output_norm", "report_to")}))
+        assert main(_args(data, root)) == 0
+        assert main(_args(data, root, sft="head_output_norm=true")) == 1
+        assert "head_output_norm=False (asked: True)" in capsys.readouterr().err
+        # made with transformers' default for the resume-only field: fine unless the run resumed
+        (d / "training_args.json").write_text(json.dumps({**args, "restore_callback_states_from_checkpoint": False}))
+        assert main(_args(data, root)) == 0
+        (d / "train_results.json").write_text(json.dumps({**res, "resumed_from": str(d / "checkpoint-2")}))
+        capsys.readouterr()
+        assert main(_args(data, root)) == 1
+        assert "restore_callback_states_from_checkpoint=False (asked: True)" in capsys.readouterr().err
+    finally:
+        for f, text in saved.items():
+            (d / f).write_text(text)
+
+
 def test_id_overrides_are_typed_and_the_command_is_complete(report):
     from llmrec.bench_pipeline import Pipeline, PipelineOptions
 
