@@ -182,10 +182,10 @@ def config_differences(found: dict[str, Any], wanted: dict[str, Any], defaults: 
     """``{field: (found, wanted)}`` where a finished run's recorded config (``found``) differs from the config asked
     for now (``wanted``); the fields in ``ignore`` (where to log, how many threads, ...) are not compared.
 
-    Both go through JSON first (tuples vs lists, str-valued enums vs their values); floats equal to a relative 1e-12 count as
-    equal; the fields in ``paths`` are compared as normalised paths ("data/x/" and "data/x" are one directory). A
-    field the finished run does not record (added to the config after it ran) counts as its entry in ``defaults``,
-    the behaviour of the code that trained it.
+    Both go through JSON first (tuples vs lists, str-valued enums vs their values); floats equal to a relative
+    1e-12 count as equal; the fields in ``paths`` are compared as normalised paths ("data/x/" and "data/x" are one
+    directory). A field the finished run does not record (added to the config after it ran) counts as its entry in
+    ``defaults``, the behaviour of the code that trained it.
     """
 
     def plain(d: dict[str, Any]) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def test_changed_options_are_refused_not_silently_reused(report, capsys):
 def test_a_recipe_edit_after_a_finished_sft_stage_is_refused(report, tmp_path, capsys):
     """The SFT stages are checked field by field against the config the pipeline would build now: an edited recipe
     (here the latent SFT's learning rate and the BIGRec SFT's LoRA targets, a list) is caught, not only ``--sft``
-    keys; a setting that changes nothing trained (how often to log) is not."""
+    keys; a setting that changes nothing trained (the evaluation batch) is not."""
     import shutil
 
     import yaml
