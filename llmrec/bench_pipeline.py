@@ -22,8 +22,9 @@ its last checkpoint, evaluation from its finished rows), so a long report can be
 several runs; ``--report-only`` builds the report from whatever has finished. A finished training stage is reused
 only if it was made with what the pipeline would ask for now (otherwise an error names the field): the SFT and
 ID-model runs field by field against the config built now, an edited recipe included (an SFT run older than its
-``training_args.json`` only on model, data, rows, seed and dtype); the GRPO run on the ``--grpo`` keys, its prompts and
-dtype, and for seeds > 0 on seed 0's settings (seed 0's run may come from a sweep). Stages and evaluations
+``training_args.json`` only on model, data, rows, seed and dtype); the GRPO runs field by field as well (seeds > 0
+train with seed 0's settings), except seed 0's run in a ``--grpo-stage`` of its own, which may come from a sweep and
+is checked on the ``--grpo`` keys, its prompts and dtype. Stages and evaluations
 are locked (``<output-dir>/.locks/``): several processes on one output directory, each with its own
 ``--methods``, can run side by side (one per core on a CPU) and share the stages they have in common;
 run them with ``--no-report`` and write the report of all of them with a final ``--report-only``.
@@ -52,6 +53,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 import time
@@ -61,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from llmrec.training.grpo import LatentGRPOConfig
     from llmrec.training.sft import LatentSFTConfig
 
 logger = logging.getLogger(__name__)
@@ -101,6 +104,8 @@ SFT_RESULT_NEUTRAL_FIELDS = frozenset({
     "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "model_dtype",
     "use_cpu",
 })
+# The same for GRPO; ``max_train_rows`` is checked as the number of prompts the run drew (``prompts``).
+GRPO_RESULT_NEUTRAL_FIELDS = SFT_RESULT_NEUTRAL_FIELDS | {"max_train_rows"}
 # SFT settings that act only when a run resumes from a checkpoint: not compared for a run that never resumed.
 SFT_RESUME_ONLY_FIELDS = frozenset({"restore_callback_states_from_checkpoint", "ignore_data_skip", "save_only_model"})
 
@@ -287,21 +292,29 @@ class Pipeline:
         self._call(run_sft, cfg)
         return Path(cfg.output_dir)
 
-    def _grpo(self, seed: int) -> Path:
+    def _grpo_config(self, seed: int) -> LatentGRPOConfig:
+        """The :class:`~llmrec.training.grpo.LatentGRPOConfig` of one GRPO stage: the Games recipe, the pipeline's
+        batch layout, for seeds > 0 the settings of seed 0's run (which a sweep may have chosen), then ``--grpo``."""
         from llmrec.config import parse_config
-        from llmrec.training.grpo import LatentGRPOConfig, run_grpo
+        from llmrec.training.grpo import LatentGRPOConfig
 
-        out = self.stage_dir("grpo_latent", seed)
         o = self.opts
         extra = dict(sft_checkpoint=str(self.stage_dir("sft_latent", seed)), dataset=str(self.data_dir),
                      model_dtype=o.dtype, max_train_rows=o.grpo_rows, per_device_train_batch_size=8,
-                     gradient_accumulation_steps=4, save_steps=4, seed=seed, output_dir=str(out))
-        if seed > 0:  # every seed trains with the settings of seed 0's run (which a sweep may have chosen)
+                     gradient_accumulation_steps=4, save_steps=4, seed=seed,
+                     output_dir=str(self.stage_dir("grpo_latent", seed)))
+        if seed > 0:
             extra.update(self._grpo_settings(0, for_training=True))
         extra.update(o.grpo_overrides)
         (cfg,) = parse_config([LatentGRPOConfig], self.recipes / "games" / "grpo_latent.yaml", extra=extra)
+        return cfg
+
+    def _grpo(self, seed: int) -> Path:
+        from llmrec.training.grpo import run_grpo
+
+        cfg = self._grpo_config(seed)
         self._call(run_grpo, cfg)
-        return out
+        return Path(cfg.output_dir)
 
     def _seqrec_fields(self, model: str, seed: int) -> dict[str, Any]:
         from llmrec.config import coerce_fields, read_recipe
@@ -355,9 +368,11 @@ class Pipeline:
             res = json.loads((d / "train_results.json").read_text())
             args = json.loads((d / "training_args.json").read_text()) if (d / "training_args.json").exists() else {}
             n_train = read_stats(self.data_dir / "stats.json").get("rows", {}).get("train")
-            wanted = {"model": o.model, "dataset": str(self.data_dir), "train_rows": min(o.train_rows, n_train or o.train_rows),
+            wanted = {"model": o.model, "dataset": os.path.normpath(self.data_dir), "train_rows": min(o.train_rows, n_train or o.train_rows),
                       "seed": seed, "model_dtype": concrete_dtype_name(o.dtype)}
-            found = {"model": res.get("config", {}).get("model_name_or_path"), "dataset": res.get("config", {}).get("dataset"),
+            recorded_data = res.get("config", {}).get("dataset")
+            found = {"model": res.get("config", {}).get("model_name_or_path"),
+                     "dataset": os.path.normpath(recorded_data) if recorded_data else recorded_data,
                      "train_rows": res.get("num_train_rows"), "seed": args.get("seed", seed),
                      "model_dtype": res.get("config", {}).get("model_dtype")}
             if args:  # recorded by every SFT run: the full config, so recipe edits are caught too, not only --sft
@@ -379,10 +394,26 @@ class Pipeline:
             if g.get("model_dtype") is not None:  # recorded by every run since GRPO wrote its own training args
                 wanted["model_dtype"] = concrete_dtype_name(o.dtype)
             found = {"prompts": g.get("prompts"), **{k: g.get(k) for k in wanted if k != "prompts"}}
+            if found["sft_checkpoint"]:  # "runs/x/" and "runs/x" are one directory
+                found["sft_checkpoint"] = os.path.normpath(found["sft_checkpoint"])
             if seed > 0 and self._find(self.stage_dir("grpo_latent", 0) / "grpo_results.json").exists():
                 ref = self._grpo_settings(0, for_training=True)
                 wanted.update({k: v for k, v in ref.items() if k not in o.grpo_overrides and k != "max_train_rows"})
                 found.update({k: g.get(k) for k in ref if k not in found})
+            args_file = self._find(d / "training_args.json")
+            args = json.loads(args_file.read_text()) if args_file.exists() else {}
+            if "advantage_mode" in args and (o.grpo_stage == "grpo_latent" or seed > 0):
+                # The run's full config against the one built now, so recipe edits are caught too. Not for seed 0
+                # in a --grpo-stage of its own: that run may come from a sweep with settings of its own.
+                from llmrec.config import config_differences
+                from llmrec.training.grpo import LatentGRPOConfig
+
+                resumed = json.loads(self._find(d / "grpo_results.json").read_text()).get("resumed_from")
+                ignore = GRPO_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if resumed is None else set())
+                diff = config_differences(args, self._grpo_config(seed).to_dict(), LatentGRPOConfig().to_dict(),
+                                          ignore=ignore, paths=("dataset", "sft_checkpoint"))
+                found.update({k: f for k, (f, _) in diff.items()})
+                wanted.update({k: w for k, (_, w) in diff.items()})
         elif stage.startswith("seqrec_"):
             from llmrec.config import to_dict
             from llmrec.seqrec.config import SeqRecConfig, training_field_differences

@@ -147,10 +147,11 @@ def test_changed_options_are_refused_not_silently_reused(report, capsys):
     assert res["protocol"]["llm_train_rows"] == 8
 
 
-def test_a_recipe_edit_after_a_finished_sft_stage_is_refused(report, tmp_path, capsys):
-    """The SFT stages are checked field by field against the config the pipeline would build now: an edited recipe
-    (here the latent SFT's learning rate and the BIGRec SFT's LoRA targets, a list) is caught, not only ``--sft``
-    keys; a setting that changes nothing trained (the evaluation batch) is not."""
+def test_a_recipe_edit_after_a_finished_training_stage_is_refused(report, tmp_path, capsys):
+    """The SFT and GRPO stages are checked field by field against the config the pipeline would build now: an edited
+    recipe (here the latent SFT's learning rate, the BIGRec SFT's LoRA targets, a list, and GRPO's reward weights and
+    clip) is caught, not only ``--sft`` / ``--grpo`` keys; a setting that changes nothing trained (the evaluation
+    batch, how often GRPO logs) is not."""
     import shutil
 
     import yaml
@@ -162,7 +163,8 @@ def test_a_recipe_edit_after_a_finished_sft_stage_is_refused(report, tmp_path, c
     recipes = tmp_path / "recipes"
     shutil.copytree(resource_dir("recipes"), recipes)
     latent, bigrec = recipes / "games" / "sft_latent.yaml", recipes / "games" / "sft_bigrec.yaml"
-    original = {f: f.read_text() for f in (latent, bigrec)}
+    grpo = recipes / "games" / "grpo_latent.yaml"
+    original = {f: f.read_text() for f in (latent, bigrec, grpo)}
 
     def run(path: Path, **changes) -> int:
         for f, text in original.items():
@@ -177,11 +179,17 @@ def test_a_recipe_edit_after_a_finished_sft_stage_is_refused(report, tmp_path, c
     assert run(bigrec, lora_target_modules=["q_proj", "v_proj"]) == 1
     err = capsys.readouterr().err
     assert "sft_bigrec holds a finished run made with lora_target_modules=" in err and "(asked: ['q_proj', 'v_proj'])" in err
+    assert run(grpo, logging_steps=3) == 0
+    assert run(grpo, epsilon_high=0.3, reward_weights=[2.0]) == 1
+    err = capsys.readouterr().err
+    assert "grpo_latent holds a finished run made with" in err
+    assert "epsilon_high=0.28 (asked: 0.3)" in err and "reward_weights=[1.0] (asked: [2.0])" in err
 
 
 def test_sft_fields_a_run_did_not_record_or_that_act_only_on_resume(report, capsys):
     """A field the finished run did not record (added later) counts as its default, after TrainingArguments'
-    __post_init__; a field that acts only on resume is compared only for a run that resumed."""
+    __post_init__; a field that acts only on resume is compared only for a run that resumed; recorded paths are
+    compared as paths."""
     from llmrec.cli import main
 
     root, data = report
@@ -197,6 +205,9 @@ def test_sft_fields_a_run_did_not_record_or_that_act_only_on_resume(report, caps
         assert "head_output_norm=False (asked: True)" in capsys.readouterr().err
         # made with transformers' default for the resume-only field: fine unless the run resumed
         (d / "training_args.json").write_text(json.dumps({**args, "restore_callback_states_from_checkpoint": False}))
+        assert main(_args(data, root)) == 0
+        # the data directory recorded with a trailing slash is the same directory
+        (d / "train_results.json").write_text(json.dumps({**res, "config": {**res["config"], "dataset": str(data) + "/"}}))
         assert main(_args(data, root)) == 0
         (d / "train_results.json").write_text(json.dumps({**res, "resumed_from": str(d / "checkpoint-2")}))
         capsys.readouterr()
