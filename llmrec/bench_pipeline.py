@@ -629,7 +629,7 @@ class Pipeline:
 
         from llmrec.data.canonical import atomic_write_json, atomic_write_text
         from llmrec.evaluation.compare import load_rankings
-        from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics
+        from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics, seed_row_bootstrap_ci
 
         o = self.opts
         finished = self._finished()
@@ -697,13 +697,19 @@ class Pipeline:
                 continue
             entry = {"name": label, "treatment": treat, "baseline": base, "seeds": shared, "metrics": {}}
             for metric in ("ndcg@10", "hr@10"):
-                t = np.mean([per_row[treat][s][metric] for s in shared], axis=0)
-                b = np.mean([per_row[base][s if s in per_row[base] else min(per_row[base])][metric] for s in shared],
-                            axis=0)
+                t_seeds = np.stack([per_row[treat][s][metric] for s in shared])
+                b_seeds = np.stack([per_row[base][s if s in per_row[base] else min(per_row[base])][metric]
+                                    for s in shared])
+                t, b = t_seeds.mean(axis=0), b_seeds.mean(axis=0)
                 d, lo, hi = paired_bootstrap_ci(t, b, seed=0)
                 rel = d / float(b.mean()) if float(b.mean()) > 0 else math.nan
                 entry["metrics"][metric] = {"diff": d, "ci95": [lo, hi], "relative": rel,
-                                            "excludes_zero": bool(lo > 0 or hi < 0)}
+                                            "excludes_zero": bool(lo > 0 or hi < 0),
+                                            "per_seed_diff": [float(x) for x in (t_seeds - b_seeds).mean(axis=1)]}
+                if len(shared) > 1:  # the training runs' spread too (seed s paired with seed s)
+                    _, lo2, hi2 = seed_row_bootstrap_ci(t_seeds, b_seeds, seed=0)
+                    entry["metrics"][metric].update(ci95_seeds_rows=[lo2, hi2],
+                                                    excludes_zero_seeds_rows=bool(lo2 > 0 or hi2 < 0))
             diffs.append(entry)
         # The protocol as the runs recorded it (not as this invocation's flags say).
         beam = [(m, s) for (m, s), p in protocols.items() if p["method"] == "beam"]
@@ -919,16 +925,23 @@ def report_markdown(result: dict, command: str = "") -> str:
         lines.append(f"| {m['label']} | {n} | {hist} | " + " | ".join(cells) + f" | {title} | "
                      + " | ".join(times) + " |")
     lines += ["", "Differences (paired bootstrap 95% intervals over the test rows, on the seeds both methods have, "
-              "per-row metrics averaged over those seeds first; the best ID model is the one with the highest mean "
-              "validation NDCG@10, never chosen on the test rows):", "", "| difference | NDCG@10 diff [95% CI] | rel. | HR@10 diff [95% CI] |", "|---|---|---|---|"]
+              "per-row metrics averaged over those seeds first: these trained models on other rows; with 2 or more "
+              "seeds, \"seeds+rows\" resamples the seeds too, seed s paired with seed s: other training runs as well. "
+              "The best ID model is the one with the highest mean validation NDCG@10, never chosen on the test "
+              "rows):", "", "| difference | seeds | NDCG@10 diff [95% CI] | rel. | NDCG@10 seeds+rows [95% CI] | "
+              "HR@10 diff [95% CI] |", "|---|---|---|---|---|---|"]
+
+    def interval(ci: list[float] | None) -> str:
+        return "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
     for d in result["differences"]:
         n, h = d["metrics"]["ndcg@10"], d["metrics"]["hr@10"]
         name = d["name"]
         if d["baseline"] in ID_MODELS and d["treatment"] not in ID_MODELS:
             name += f" ({result['methods'][d['baseline']]['label']})"
         rel = f"{n['relative'] * 100:+.0f}%" if math.isfinite(n["relative"]) else "-"
-        lines.append(f"| {name} | {n['diff']:+.4f} [{n['ci95'][0]:+.4f}, {n['ci95'][1]:+.4f}] | {rel} | "
-                     f"{h['diff']:+.4f} [{h['ci95'][0]:+.4f}, {h['ci95'][1]:+.4f}] |")
+        lines.append(f"| {name} | {len(d['seeds'])} | {n['diff']:+.4f} {interval(n['ci95'])} | {rel} | "
+                     f"{interval(n.get('ci95_seeds_rows'))} | {h['diff']:+.4f} {interval(h['ci95'])} |")
     full = result.get("id_models_full_test") or {}
     if full:
         n_rows = {r["test_rows"] for seeds in full.values() for r in seeds.values()}

@@ -246,6 +246,33 @@ def test_id_overrides_are_typed_and_the_command_is_complete(report):
         Pipeline(PipelineOptions(dataset=str(data), sft_overrides={"seed": 3}))
 
 
+def test_differences_over_two_seeds_also_resample_the_seeds(report, tmp_path):
+    """With two seeds each difference carries its per-seed values and a seeds+rows interval (seed s paired with seed
+    s); a one-seed difference has none (the fixture's report shows "-")."""
+    from llmrec.cli import main
+
+    root, data = report
+    assert "| latent SFT vs BIGRec SFT | 1 |" in (root / "results" / "tiny.md").read_text()
+    assert "ci95_seeds_rows" not in json.loads((root / "results" / "tiny.json").read_text())["differences"][0]["metrics"][
+        "ndcg@10"]
+    args = _args(data, tmp_path, seeds=2)
+    args[args.index("--methods") + 1] = "bigrec-sft,latent-sft"
+    assert main(args) == 0
+    res = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    (d,) = [d for d in res["differences"] if d["name"] == "latent SFT vs BIGRec SFT"]
+    assert d["seeds"] == [0, 1]
+    n = d["metrics"]["ndcg@10"]
+
+    def ndcg(run: str) -> float:
+        return json.loads((tmp_path / "runs" / run / "results.json").read_text())["metrics"]["item"]["ndcg@10"]
+
+    assert n["per_seed_diff"] == pytest.approx([ndcg("eval_sft_latent") - ndcg("eval_sft_bigrec"),
+                                                ndcg("seed1/eval_sft_latent") - ndcg("seed1/eval_sft_bigrec")])
+    lo, hi = n["ci95_seeds_rows"]
+    assert lo <= n["diff"] <= hi
+    assert f"| latent SFT vs BIGRec SFT | 2 | {n['diff']:+.4f} [" in (tmp_path / "results" / "tiny.md").read_text()
+
+
 def test_sft_overrides_reach_both_sft_runs_and_the_report(report, tmp_path):
     from safetensors.torch import load_file
 

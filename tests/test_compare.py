@@ -85,6 +85,14 @@ def test_seed_groups_average_each_row_over_the_seeds_first(tmp_path):
     assert res["differences"]["ndcg@10"][0]["diff"] == pytest.approx(b.mean() - a.mean())
     assert res["runs"] == [f"{a0} + {a1}", f"{b0} + {b1}"] and res["seeds_per_run"] == 2
     assert "averaged over the 2 seeds" in comparison_table(res)
+    # the seeds+rows interval pairs seed i with the baseline's seed i and reports each seed's difference
+    d = res["differences"]["ndcg@10"][0]
+    per_seed = [(ndcg([0, 2, None, None]) - ndcg([0, None, 3, None])).mean(),
+                (ndcg([1, 2, 0, None]) - ndcg([None, None, 3, 1])).mean()]
+    assert d["per_seed_diff"] == pytest.approx(per_seed)
+    assert d["ci95_seeds_rows"][0] <= d["diff"] <= d["ci95_seeds_rows"][1]
+    assert "seeds+rows [" in comparison_table(res)
+    assert "ci95_seeds_rows" not in compare_runs([a0, b0], ["hr@10"], n_resamples=200)["differences"]["hr@10"][0]
     # one seed per run is the plain comparison; the directories must split into whole groups of two runs or more
     assert compare_runs([a0, b0], ["hr@10"], n_resamples=200)["metrics"]["hr@10"] == pytest.approx([0.5, 0.5])
     with pytest.raises(ValueError, match="groups of seeds_per_run = 3"):

@@ -13,6 +13,8 @@ from llmrec.evaluation.metrics import (
     per_row_metrics,
     rank_of_target,
     ranks_from_scores,
+    resampled_cell_means,
+    seed_row_bootstrap_ci,
 )
 
 
@@ -142,3 +144,40 @@ def test_paired_bootstrap():
 def test_paired_bootstrap_needs_a_resample(n):
     with pytest.raises(ValueError, match="n_resamples must be >= 1"):
         paired_bootstrap_ci([1.0, 0.0], [0.0, 0.0], n_resamples=n)
+
+
+def test_resampled_cell_means_equal_the_per_resample_loop():
+    """The vectorised gather equals the obviously right form: index the drawn seeds and rows, take the mean."""
+    rng = np.random.default_rng(3)
+    values = rng.random((4, 9))
+    seed_idx, row_idx = rng.integers(0, 4, size=(50, 4)), rng.integers(0, 9, size=(50, 9))
+    naive = [values[np.ix_(s, r)].mean() for s, r in zip(seed_idx, row_idx)]
+    np.testing.assert_allclose(resampled_cell_means(values, seed_idx, row_idx), naive, rtol=1e-12)
+
+
+def test_seed_row_bootstrap_counts_the_spread_between_seeds():
+    # Seed 0 gains 1 on every row, seed 1 loses 1: seed-averaged rows show no spread at all, yet another pair of
+    # training runs could land anywhere from -1 to +1.
+    a = np.array([[1.0] * 50, [-1.0] * 50])
+    b = np.zeros_like(a)
+    assert paired_bootstrap_ci(a.mean(axis=0), b.mean(axis=0), n_resamples=500) == (0.0, 0.0, 0.0)
+    diff, lo, hi = seed_row_bootstrap_ci(a, b, n_resamples=2000, seed=1)
+    assert (diff, lo, hi) == (0.0, -1.0, 1.0)
+    assert seed_row_bootstrap_ci(a, b, n_resamples=2000, seed=1) == (diff, lo, hi)  # seeded
+    # One seed: the row bootstrap (another random stream, so equal only up to resampling noise).
+    rng = np.random.default_rng(0)
+    x, y = (rng.random((1, 400)) < 0.6).astype(float), (rng.random((1, 400)) < 0.4).astype(float)
+    d1, lo1, hi1 = seed_row_bootstrap_ci(x, y, n_resamples=4000)
+    d0, lo0, hi0 = paired_bootstrap_ci(x[0], y[0], n_resamples=4000)
+    assert d1 == pytest.approx(d0) and lo1 == pytest.approx(lo0, abs=0.01) and hi1 == pytest.approx(hi0, abs=0.01)
+
+
+@pytest.mark.parametrize("a, b, n, match", [
+    (np.zeros(4), np.zeros(4), 10, "seeds, rows"),
+    (np.zeros((2, 4)), np.zeros((2, 3)), 10, "seeds, rows"),
+    (np.zeros((0, 4)), np.zeros((0, 4)), 10, "zero seeds"),
+    (np.zeros((2, 4)), np.zeros((2, 4)), 0, "n_resamples"),
+])
+def test_seed_row_bootstrap_refuses_bad_input(a, b, n, match):
+    with pytest.raises(ValueError, match=match):
+        seed_row_bootstrap_ci(a, b, n_resamples=n)
