@@ -349,8 +349,9 @@ class Pipeline:
             # by GRPO hold a copy of the SFT's training args instead: those lack the GRPO fields and are ignored).
             g = {**args, **g}
         if for_training:
+            # Not max_train_rows: every seed draws --grpo-rows prompts (the protocol), whatever seed 0's sweep used.
             keys = ("advantage_mode", "reward_funcs", "noise_scale", "noise_mode", "learning_rate", "train_lora",
-                    "num_generations", "max_train_rows")
+                    "num_generations")
             return {k: g[k] for k in keys if g.get(k) is not None}
         g["prompts"] = json.loads(results_file.read_text()).get("prompts")
         return g
@@ -388,7 +389,7 @@ class Pipeline:
                 wanted.update({k: w for k, (_, w) in diff.items()})
         elif stage == "grpo_latent":
             g = self._grpo_settings(seed)
-            wanted = {"sft_checkpoint": str(self.stage_dir("sft_latent", seed)), **o.grpo_overrides}
+            wanted = {"sft_checkpoint": os.path.normpath(self.stage_dir("sft_latent", seed)), **o.grpo_overrides}
             if o.grpo_stage == "grpo_latent" or seed > 0:
                 wanted["prompts"] = o.grpo_rows
             if g.get("model_dtype") is not None:  # recorded by every run since GRPO wrote its own training args
@@ -398,7 +399,7 @@ class Pipeline:
                 found["sft_checkpoint"] = os.path.normpath(found["sft_checkpoint"])
             if seed > 0 and self._find(self.stage_dir("grpo_latent", 0) / "grpo_results.json").exists():
                 ref = self._grpo_settings(0, for_training=True)
-                wanted.update({k: v for k, v in ref.items() if k not in o.grpo_overrides and k != "max_train_rows"})
+                wanted.update({k: v for k, v in ref.items() if k not in o.grpo_overrides})
                 found.update({k: g.get(k) for k in ref if k not in found})
             args_file = self._find(d / "training_args.json")
             args = json.loads(args_file.read_text()) if args_file.exists() else {}
@@ -629,7 +630,7 @@ class Pipeline:
 
         from llmrec.data.canonical import atomic_write_json, atomic_write_text
         from llmrec.evaluation.compare import load_rankings
-        from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics, seed_row_bootstrap_ci
+        from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics, seed_row_ci
 
         o = self.opts
         finished = self._finished()
@@ -706,8 +707,8 @@ class Pipeline:
                 entry["metrics"][metric] = {"diff": d, "ci95": [lo, hi], "relative": rel,
                                             "excludes_zero": bool(lo > 0 or hi < 0),
                                             "per_seed_diff": [float(x) for x in (t_seeds - b_seeds).mean(axis=1)]}
-                if len(shared) > 1:  # the training runs' spread too (seed s paired with seed s)
-                    _, lo2, hi2 = seed_row_bootstrap_ci(t_seeds, b_seeds, seed=0)
+                if len(shared) > 1 and len(rows) > 1:  # the training runs' spread too (seed s paired with seed s)
+                    _, lo2, hi2 = seed_row_ci(t_seeds, b_seeds)
                     entry["metrics"][metric].update(ci95_seeds_rows=[lo2, hi2],
                                                     excludes_zero_seeds_rows=bool(lo2 > 0 or hi2 < 0))
             diffs.append(entry)
@@ -926,7 +927,8 @@ def report_markdown(result: dict, command: str = "") -> str:
                      + " | ".join(times) + " |")
     lines += ["", "Differences (paired bootstrap 95% intervals over the test rows, on the seeds both methods have, "
               "per-row metrics averaged over those seeds first: these trained models on other rows; with 2 or more "
-              "seeds, \"seeds+rows\" resamples the seeds too, seed s paired with seed s: other training runs as well. "
+              "seeds, \"seeds+rows\" counts the seeds' spread too, seed s paired with seed s (crossed random effects, t with "
+              "Satterthwaite df): other training runs as well. "
               "The best ID model is the one with the highest mean validation NDCG@10, never chosen on the test "
               "rows):", "", "| difference | seeds | NDCG@10 diff [95% CI] | rel. | NDCG@10 seeds+rows [95% CI] | "
               "HR@10 diff [95% CI] |", "|---|---|---|---|---|---|"]

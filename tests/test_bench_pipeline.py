@@ -186,6 +186,40 @@ def test_a_recipe_edit_after_a_finished_training_stage_is_refused(report, tmp_pa
     assert "epsilon_high=0.28 (asked: 0.3)" in err and "reward_weights=[1.0] (asked: [2.0])" in err
 
 
+def test_seed_0_in_a_grpo_stage_of_its_own_may_come_from_a_sweep(report, tmp_path, capsys):
+    """Seed 0's run in a ``--grpo-stage`` of its own is checked on the ``--grpo`` keys only (a sweep chose its settings);
+    the seeds after it train with seed 0's swept settings and are then checked field by field. The output directory
+    is given through "x/..", which the recorded checkpoint paths do not spell out."""
+    import shutil
+
+    import yaml
+
+    from llmrec.cli import main
+    from llmrec.resources import resource_dir
+
+    root, data = report
+    recipes = tmp_path / "recipes"
+    shutil.copytree(resource_dir("recipes"), recipes)
+
+    (tmp_path / "x").mkdir()  # an output path through "..": the recorded paths are compared as paths
+
+    def run(seeds: int, *grpo: str) -> int:
+        args = _args(data, tmp_path / "x" / "..", seeds=seeds, grpo_stage="grpo_sweep", recipes=recipes)
+        args[args.index("--methods") + 1] = "latent-sft+grpo"
+        capsys.readouterr()
+        return main(args + (["--grpo", *grpo] if grpo else []))
+
+    assert run(1, "epsilon_high=0.3", "learning_rate=2e-4") == 0  # "the sweep's" seed 0
+    assert run(2) == 0  # seed 0 reused as it is; seed 1 trains with its learning rate
+    seed1 = json.loads((tmp_path / "runs" / "seed1" / "grpo_sweep" / "training_args.json").read_text())
+    assert seed1["learning_rate"] == 2e-4 and seed1["epsilon_high"] == 0.28
+    grpo = recipes / "games" / "grpo_latent.yaml"
+    grpo.write_text(yaml.safe_dump({**yaml.safe_load(grpo.read_text()), "epsilon_high": 0.25}))
+    assert run(2) == 1
+    err = capsys.readouterr().err
+    assert "seed1/grpo_sweep holds a finished run made with epsilon_high=0.28 (asked: 0.25)" in err
+
+
 def test_sft_fields_a_run_did_not_record_or_that_act_only_on_resume(report, capsys):
     """A field the finished run did not record (added later) counts as its default, after TrainingArguments'
     __post_init__; a field that acts only on resume is compared only for a run that resumed; recorded paths are

@@ -13,8 +13,8 @@ from llmrec.evaluation.metrics import (
     per_row_metrics,
     rank_of_target,
     ranks_from_scores,
-    resampled_cell_means,
-    seed_row_bootstrap_ci,
+    seed_row_ci,
+    student_t_quantile,
 )
 
 
@@ -146,38 +146,67 @@ def test_paired_bootstrap_needs_a_resample(n):
         paired_bootstrap_ci([1.0, 0.0], [0.0, 0.0], n_resamples=n)
 
 
-def test_resampled_cell_means_equal_the_per_resample_loop():
-    """The vectorised gather equals the obviously right form: index the drawn seeds and rows, take the mean."""
-    rng = np.random.default_rng(3)
-    values = rng.random((4, 9))
-    seed_idx, row_idx = rng.integers(0, 4, size=(50, 4)), rng.integers(0, 9, size=(50, 9))
-    naive = [values[np.ix_(s, r)].mean() for s, r in zip(seed_idx, row_idx)]
-    np.testing.assert_allclose(resampled_cell_means(values, seed_idx, row_idx), naive, rtol=1e-12)
+@pytest.mark.parametrize("p, df, expected", [
+    (0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 10, 2.228139), (0.995, 3, 5.840909), (0.975, 30, 2.042272),
+    (0.025, 5, -2.570582), (0.975, 1e7, 1.959964),
+])
+def test_student_t_quantile_matches_the_tables(p, df, expected):
+    assert student_t_quantile(p, df) == pytest.approx(expected, rel=1e-5)
 
 
-def test_seed_row_bootstrap_counts_the_spread_between_seeds():
+def _crossed_coverage(n_seeds: int, sd_seed: float, sd_row: float, sd_cell: float, sims: int = 400) -> float:
+    """How often :func:`seed_row_ci` covers the true mean difference 0 over data drawn from the crossed model."""
+    rng = np.random.default_rng(n_seeds)
+    hits = 0
+    for _ in range(sims):
+        d = (rng.normal(0, sd_seed, (n_seeds, 1)) + rng.normal(0, sd_row, (1, 200))
+             + rng.normal(0, sd_cell, (n_seeds, 200)))
+        _, lo, hi = seed_row_ci(d, np.zeros_like(d))
+        hits += lo <= 0.0 <= hi
+    return hits / sims
+
+
+@pytest.mark.parametrize("n_seeds, sd_seed, sd_row, sd_cell", [
+    (3, 1.0, 1.0, 1.0),  # the seeds dominate
+    (3, 0.0, 1.0, 3.0),  # the seed x row interaction dominates (where resampling both levels over-covers)
+    (6, 0.2, 1.0, 3.0),
+])
+def test_seed_row_ci_covers_the_true_difference_at_its_level(n_seeds, sd_seed, sd_row, sd_cell):
+    # 400 draws: the coverage estimate has a standard error of about 0.011 around 0.95
+    assert 0.91 <= _crossed_coverage(n_seeds, sd_seed, sd_row, sd_cell) <= 0.985
+
+
+def test_seed_row_ci_counts_the_spread_between_seeds_and_pairs_them():
     # Seed 0 gains 1 on every row, seed 1 loses 1: seed-averaged rows show no spread at all, yet another pair of
-    # training runs could land anywhere from -1 to +1.
+    # training runs could land anywhere; the interval is the t(1) one of the two seed means.
     a = np.array([[1.0] * 50, [-1.0] * 50])
     b = np.zeros_like(a)
     assert paired_bootstrap_ci(a.mean(axis=0), b.mean(axis=0), n_resamples=500) == (0.0, 0.0, 0.0)
-    diff, lo, hi = seed_row_bootstrap_ci(a, b, n_resamples=2000, seed=1)
-    assert (diff, lo, hi) == (0.0, -1.0, 1.0)
-    assert seed_row_bootstrap_ci(a, b, n_resamples=2000, seed=1) == (diff, lo, hi)  # seeded
-    # One seed: the row bootstrap (another random stream, so equal only up to resampling noise).
+    diff, lo, hi = seed_row_ci(a, b)
+    assert diff == 0.0 and lo == pytest.approx(-12.706205, rel=1e-5) and hi == pytest.approx(12.706205, rel=1e-5)
+    # A shift that both runs of a seed share cancels in the pairing: only the rows' spread is left.
     rng = np.random.default_rng(0)
-    x, y = (rng.random((1, 400)) < 0.6).astype(float), (rng.random((1, 400)) < 0.4).astype(float)
-    d1, lo1, hi1 = seed_row_bootstrap_ci(x, y, n_resamples=4000)
+    x = (rng.random((3, 400)) < 0.3).astype(float)
+    y = (rng.random((3, 400)) < 0.2).astype(float)
+    shift = np.array([[5.0], [-3.0], [9.0]])
+    assert seed_row_ci(x + shift, y + shift) == pytest.approx(seed_row_ci(x, y))
+    # With the seeds agreeing, the interval is close to the row bootstrap of the seed-averaged rows.
+    same = np.tile(x[:1], (3, 1)), np.tile(y[:1], (3, 1))
+    d, lo, hi = seed_row_ci(*same)
     d0, lo0, hi0 = paired_bootstrap_ci(x[0], y[0], n_resamples=4000)
-    assert d1 == pytest.approx(d0) and lo1 == pytest.approx(lo0, abs=0.01) and hi1 == pytest.approx(hi0, abs=0.01)
+    assert d == pytest.approx(d0) and lo == pytest.approx(lo0, abs=0.01) and hi == pytest.approx(hi0, abs=0.01)
+    # Every cell the same: no spread to go by.
+    assert seed_row_ci(np.ones((2, 3)), np.zeros((2, 3))) == (1.0, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("a, b, n, match", [
-    (np.zeros(4), np.zeros(4), 10, "seeds, rows"),
-    (np.zeros((2, 4)), np.zeros((2, 3)), 10, "seeds, rows"),
-    (np.zeros((0, 4)), np.zeros((0, 4)), 10, "zero seeds"),
-    (np.zeros((2, 4)), np.zeros((2, 4)), 0, "n_resamples"),
+@pytest.mark.parametrize("a, b, match", [
+    (np.zeros(4), np.zeros(4), "seeds, rows"),
+    (np.zeros((2, 4)), np.zeros((2, 3)), "seeds, rows"),
+    (np.zeros((1, 4)), np.zeros((1, 4)), "at least 2 seeds"),
+    (np.zeros((3, 1)), np.zeros((3, 1)), "at least 2 seeds and 2 rows"),
 ])
-def test_seed_row_bootstrap_refuses_bad_input(a, b, n, match):
+def test_seed_row_ci_refuses_bad_input(a, b, match):
     with pytest.raises(ValueError, match=match):
-        seed_row_bootstrap_ci(a, b, n_resamples=n)
+        seed_row_ci(a, b)
+    with pytest.raises(ValueError, match="df > 0"):
+        student_t_quantile(0.5, 0.0)

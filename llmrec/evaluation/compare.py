@@ -6,7 +6,7 @@ of every difference. Differences come with their paired bootstrap 95% interval
 (:func:`llmrec.evaluation.metrics.paired_bootstrap_ci`). With ``seeds_per_run`` > 1 every run is a group of
 that many directories (the seeds of one method): each row's metrics are averaged over the group's seeds before
 the differences, so the interval is over rows of seed-averaged values (as ``llmrec bench pipeline`` reports); a
-second interval resamples the seeds as well (:func:`llmrec.evaluation.metrics.seed_row_bootstrap_ci`).
+second interval counts the seeds' spread as well (:func:`llmrec.evaluation.metrics.seed_row_ci`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from llmrec.evaluation.metrics import (
     paired_bootstrap_ci,
     per_row_metrics,
     rows_for_power,
-    seed_row_bootstrap_ci,
+    seed_row_ci,
 )
 
 
@@ -105,8 +105,9 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
 
     ``seeds_per_run`` = n > 1: every n consecutive directories are the seeds of one run (``A0 A1 B0 B1`` with n =
     2 compares A with B), each row's metrics averaged over them first; the result's ``runs`` then lists the
-    groups, each as its directories joined by ``" + "``, and each difference also has ``ci95_seeds_rows`` (seeds
-    and rows resampled, seed i paired with the baseline's seed i) and ``per_seed_diff``.
+    groups, each as its directories joined by ``" + "``, and each difference also has ``per_seed_diff`` and
+    ``ci95_seeds_rows`` (:func:`~llmrec.evaluation.metrics.seed_row_ci`: seeds and rows, seed i paired with the
+    baseline's seed i).
 
     ``power_rel`` (e.g. ``[0.03, 0.17]``): for each difference, also the rows a paired comparison with rows like
     these would need to detect a true difference of that size relative to the baseline's mean (two-sided 5%,
@@ -177,14 +178,15 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
             d, lo, hi = paired_bootstrap_ci(v[m], per_run[0][m], n_resamples=n_resamples, seed=seed)
             entry = {"diff": d, "ci95": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)}
             if seeds_per_run > 1:
-                # Seeds resampled too (seed i of this run paired with seed i of the baseline): what another set of
+                # The seeds' spread too (seed i of this run paired with seed i of the baseline): what another set of
                 # training runs could give, not only these models on other rows.
                 treated, base = (np.stack([per_seed[first + i][m] for i in range(seeds_per_run)])
                                  for first in (g * seeds_per_run, 0))
-                _, lo2, hi2 = seed_row_bootstrap_ci(treated, base, n_resamples=n_resamples, seed=seed)
-                entry["ci95_seeds_rows"] = [lo2, hi2]
-                entry["excludes_zero_seeds_rows"] = bool(lo2 > 0 or hi2 < 0)
                 entry["per_seed_diff"] = [float(x) for x in (treated - base).mean(axis=1)]
+                if len(shared) > 1:
+                    _, lo2, hi2 = seed_row_ci(treated, base)
+                    entry["ci95_seeds_rows"] = [lo2, hi2]
+                    entry["excludes_zero_seeds_rows"] = bool(lo2 > 0 or hi2 < 0)
             if power_rel:
                 if len(shared) < 2:
                     raise ValueError(f"the runs share {len(shared)} row: the rows needed (power_rel) take >= 2")
@@ -219,7 +221,8 @@ def comparison_table(result: dict) -> str:
         f", each row's metrics averaged over the {seeds} seeds of a run" if seeds > 1 else "") + \
         "; differences to the first run with paired bootstrap 95% intervals" + (
         " over rows (these trained models on other rows) and, after \"seeds+rows\", over seeds and rows (seed i "
-        "paired with the first run's seed i: other training runs too)" if any(
+        "paired with the first run's seed i; crossed random effects, t with Satterthwaite df: other training runs "
+        "too)" if any(
             "ci95_seeds_rows" in d for ds in result["differences"].values() for d in ds) else "") + ".\n"
     power = [(m, i, d["rows_for_power"]) for m in metrics for i, d in enumerate(result["differences"][m], 1)
              if "rows_for_power" in d]
