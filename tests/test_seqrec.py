@@ -475,6 +475,9 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     assert summary["rearec-erl"]["ndcg@10_diff"] == pytest.approx(
         summary["rearec-erl"]["ndcg@10"] - summary["sasrec"]["ndcg@10"])
     assert "NDCG@10 vs sasrec [95% CI]" in (out / "seqrec_bench.md").read_text()
+    assert paired["rearec-erl"]["ndcg@10"]["ci95_seeds_rows"] == want["ci95_seeds_rows"]
+    lo, hi = want["ci95_seeds_rows"]
+    assert f"; seeds+rows [{lo:+.4f}, {hi:+.4f}]" in (out / "seqrec_bench.md").read_text()
     stamp = (out / "runs" / "sasrec_seed0" / "results.json").stat().st_mtime_ns
     again = run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 2, out, **kw)  # every run is skipped
     assert again == summary

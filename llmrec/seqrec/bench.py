@@ -129,6 +129,8 @@ def run_seqrec_benchmark(
             for metric in ("ndcg@10", "hr@10"):
                 d = paired[model][metric]
                 row[f"{metric}_diff"], (row[f"{metric}_diff_lo"], row[f"{metric}_diff_hi"]) = d["diff"], d["ci95"]
+                if "ci95_seeds_rows" in d:  # two seeds or more: the training runs' spread counted too
+                    row[f"{metric}_diff_seeds_rows_lo"], row[f"{metric}_diff_seeds_rows_hi"] = d["ci95_seeds_rows"]
             row["paired_rows"] = paired[model]["rows"]
         summary[model] = row
     table = benchmark_table(summary, str(dataset_dir), baseline=next(iter(runs), None))
@@ -175,7 +177,8 @@ def paired_differences(finished: dict[str, dict[int, tuple[Path, dict]]], datase
     ``finished``: model -> config seed -> (run directory, the run's test metrics). Pairs on the test rows, with
     each row's metrics averaged over the seeds both models have
     (:func:`llmrec.evaluation.compare.compare_runs` with ``seeds_per_run``). Returns ``{model: {"baseline",
-    "seeds", "rows", "ndcg@10": {"diff", "ci95", "excludes_zero"}, "hr@10": {...}}}``.
+    "seeds", "rows", "ndcg@10": {"diff", "ci95", "excludes_zero", ...}, "hr@10": {...}}}``, with two seeds or more
+    also ``ci95_seeds_rows`` and ``per_seed_diff``.
     """
     from llmrec.evaluation.compare import compare_runs
 
@@ -220,6 +223,8 @@ def benchmark_table(summary: dict[str, dict[str, float]], title: str, baseline: 
     for m, r in summary.items():
         diff = (f"{r['ndcg@10_diff']:+.4f} [{r['ndcg@10_diff_lo']:+.4f}, {r['ndcg@10_diff_hi']:+.4f}]"
                 if "ndcg@10_diff" in r else "-")
+        if "ndcg@10_diff_seeds_rows_lo" in r:
+            diff += f"; seeds+rows [{r['ndcg@10_diff_seeds_rows_lo']:+.4f}, {r['ndcg@10_diff_seeds_rows_hi']:+.4f}]"
 
         def pm(key: str, digits: int, r=r) -> str:  # one seed has no spread: say so instead of "± 0"
             return (f"{r[key]:.{digits}f} ± {r[f'{key}_std']:.{digits}f}" if r["seeds"] > 1
@@ -229,7 +234,9 @@ def benchmark_table(summary: dict[str, dict[str, float]], title: str, baseline: 
                      f"{pm('epoch_s', 2)} | {pm('infer_ms_per_row', 3)} |")
     rows = {int(p) for p in (summary[m].get("paired_rows") for m in summary) if p}
     return "\n".join(lines) + "\n" + (f"\nDifferences: paired bootstrap over the {rows.pop()} test rows, each row's "
-                                      "metrics averaged over the seeds both models have.\n" if len(rows) == 1 else "")
+                                      "metrics averaged over the seeds both models have (these trained models); "
+                                      "seeds+rows: the spread between seeds counted too (seed s paired with seed s; "
+                                      "llmrec.evaluation.metrics.seed_row_ci).\n" if len(rows) == 1 else "")
 
 
 @torch.no_grad()
