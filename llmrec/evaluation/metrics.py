@@ -222,7 +222,8 @@ def seed_row_ci(
     ms_seed = n_rows * float(((seed_means - mean) ** 2).sum()) / df_seed
     ms_row = n_seeds * float(((row_means - mean) ** 2).sum()) / df_row
     ms_err = float(((d - seed_means[:, None] - row_means[None, :] + mean) ** 2).sum()) / df_err
-    # var(mean) * S * R as a sum of (coefficient, mean square, its df): var(e) = MS_err, S var(seed) ... = MS - MS_err
+    # E[MS_seed] = R var(seed) + var(e), E[MS_row] = S var(row) + var(e), E[MS_err] = var(e), so S R var(mean) =
+    # MS_err + (MS_seed - MS_err) + (MS_row - MS_err): kept as (coefficient, mean square, its df) for Satterthwaite.
     terms = [(1.0, ms_err, df_err)]
     for ms, df in ((ms_seed, df_seed), (ms_row, df_row)):
         if ms > ms_err:  # a component estimated below 0 counts as 0
