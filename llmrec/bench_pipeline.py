@@ -44,7 +44,8 @@ zero-shot) are shared by all seeds.
 The report (``<results-dir>/<name>.md``, ``.json`` and ``.png``): per method HR@K / NDCG@K (K = 1, 5,
 10; 20 where the ranked list is long enough) as mean +- std over the finished seeds, title-level
 NDCG@10, training and evaluation time, and the paired bootstrap 95% intervals of the differences the
-LatentR3 claims are about (per-row metrics averaged over seeds first).
+LatentR3 claims are about (per-row metrics averaged over seeds first) and, with two seeds or more, the interval that
+counts the spread between training runs too (:func:`llmrec.evaluation.metrics.seed_row_ci`).
 """
 
 from __future__ import annotations
