@@ -630,8 +630,8 @@ class Pipeline:
         import numpy as np
 
         from llmrec.data.canonical import atomic_write_json, atomic_write_text
-        from llmrec.evaluation.compare import load_rankings
-        from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics, seed_row_ci
+        from llmrec.evaluation.compare import load_rankings, seed_level_difference
+        from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics
 
         o = self.opts
         finished = self._finished()
@@ -707,11 +707,7 @@ class Pipeline:
                 rel = d / float(b.mean()) if float(b.mean()) > 0 else math.nan
                 entry["metrics"][metric] = {"diff": d, "ci95": [lo, hi], "relative": rel,
                                             "excludes_zero": bool(lo > 0 or hi < 0),
-                                            "per_seed_diff": [float(x) for x in (t_seeds - b_seeds).mean(axis=1)]}
-                if len(shared) > 1 and len(rows) > 1:  # the training runs' spread too (seed s paired with seed s)
-                    _, lo2, hi2 = seed_row_ci(t_seeds, b_seeds)
-                    entry["metrics"][metric].update(ci95_seeds_rows=[lo2, hi2],
-                                                    excludes_zero_seeds_rows=bool(lo2 > 0 or hi2 < 0))
+                                            **seed_level_difference(t_seeds, b_seeds)}
             diffs.append(entry)
         # The protocol as the runs recorded it (not as this invocation's flags say).
         beam = [(m, s) for (m, s), p in protocols.items() if p["method"] == "beam"]

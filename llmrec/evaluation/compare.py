@@ -178,15 +178,9 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
             d, lo, hi = paired_bootstrap_ci(v[m], per_run[0][m], n_resamples=n_resamples, seed=seed)
             entry = {"diff": d, "ci95": [lo, hi], "excludes_zero": bool(lo > 0 or hi < 0)}
             if seeds_per_run > 1:
-                # The seeds' spread too (seed i of this run paired with seed i of the baseline): what another set of
-                # training runs could give, not only these models on other rows.
                 treated, base = (np.stack([per_seed[first + i][m] for i in range(seeds_per_run)])
                                  for first in (g * seeds_per_run, 0))
-                entry["per_seed_diff"] = [float(x) for x in (treated - base).mean(axis=1)]
-                if len(shared) > 1:
-                    _, lo2, hi2 = seed_row_ci(treated, base)
-                    entry["ci95_seeds_rows"] = [lo2, hi2]
-                    entry["excludes_zero_seeds_rows"] = bool(lo2 > 0 or hi2 < 0)
+                entry.update(seed_level_difference(treated, base))
             if power_rel:
                 if len(shared) < 2:
                     raise ValueError(f"the runs share {len(shared)} row: the rows needed (power_rel) take >= 2")
@@ -196,6 +190,18 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
                 entry["rows_for_power"] = {r: None if math.isnan(n) else math.ceil(n) for r, n in needed.items()}
             diffs.append(entry)
         out["differences"][m] = diffs
+    return out
+
+
+def seed_level_difference(treated: np.ndarray, base: np.ndarray) -> dict:
+    """``per_seed_diff`` of two ``(seeds, rows)`` arrays (seed i paired with seed i) and, with 2 seeds and 2 rows or
+    more, ``ci95_seeds_rows`` / ``excludes_zero_seeds_rows``: the interval that counts the seeds' spread too
+    (:func:`~llmrec.evaluation.metrics.seed_row_ci`), i.e. what another set of training runs could give, not only
+    these models on other rows."""
+    out: dict = {"per_seed_diff": [float(x) for x in (treated - base).mean(axis=1)]}
+    if min(treated.shape) > 1:
+        _, lo, hi = seed_row_ci(treated, base)
+        out.update(ci95_seeds_rows=[lo, hi], excludes_zero_seeds_rows=bool(lo > 0 or hi < 0))
     return out
 
 
