@@ -10,6 +10,10 @@ best approximate this gradient, so if it does not raise the held-out likelihood,
     python scripts/grpo_head_likelihood_bound.py runs/games-cmp/sft_latent --lr 1e-4 1e-3 --prompts 128 \
         --steps 32 --eval-rows 300 --output-root runs/games-cmp --results benchmarks/results/games_head_bound_smollm2
 
+``--objective candidate_softmax --rank-candidates K`` bounds the discriminative rewards instead (``reciprocal_rank``,
+``candidate_log_softmax``): the exact gradient of the true item's log-softmax among the K items a GRPO run draws for
+the prompt, measured on held-out rows by the same log-softmax and reciprocal rank among K items drawn per row.
+
 Each learning rate writes an ``llmrec grpo``-style checkpoint (``<output-root>/head_ll_lr<lr>``; an existing
 finished one is reused), so ``llmrec evaluate --checkpoint`` can rank with it too; the results files get a
 paired bootstrap interval of the held-out difference per run.
@@ -22,17 +26,32 @@ import json
 from pathlib import Path
 
 
-def make_trainer_class():
+def make_trainer_class(objective: str):
     import torch
 
     from llmrec.training.grpo import LatentGRPOTrainer
+    from llmrec.training.rewards import RewardInputs, candidate_log_softmax
 
-    class HeadLikelihoodTrainer(LatentGRPOTrainer):
+    class HeadBoundTrainer(LatentGRPOTrainer):
         """The GRPO trainer's loop, checkpoints and held-out check with one change: each optimiser step follows
-        the exact gradient of the mean per-token log-likelihood of the true title under the noise-free latent."""
+        the exact gradient of the objective at the noise-free latent: the mean per-token log-likelihood of the
+        true title (``likelihood``), or its log-softmax among the step's sampled candidates (``candidate_softmax``)."""
+
+        def _objective(self, step: int, b, t) -> torch.Tensor:
+            g = self.config.num_generations
+            zeros = lambda r: torch.zeros(r.shape[0] * g, r.shape[-1], device=r.device)  # noqa: E731
+            if objective == "likelihood":
+                lp = self.module(**t, noise_fn=zeros).logprobs
+                lp = lp.view(-1, g, lp.shape[-1])[:, 0]  # member 0: the latent itself
+                mask = t["completion_attention_mask"].float()
+                return (lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            latent = self.module(**t, noise_fn=zeros, latent_only=True).latent.float()
+            scores, target = self._candidate_scores(step // self.steps_per_epoch, [self.rows[r] for r in b.rows],
+                                                    b.rows, t, latent, 1)
+            return candidate_log_softmax(RewardInputs(latent.new_zeros(len(b.rows), 1), latent.new_ones(len(b.rows), 1),
+                                                      scores, target))
 
         def train_step(self, step: int) -> dict[str, float]:
-            g = self.config.num_generations
             dev = self.accelerator.device
             batches = self.local_micro_batches(step)
             n_prompts = sum(len(b.rows) for b in batches)
@@ -41,10 +60,7 @@ def make_trainer_class():
             for b in batches:
                 t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
                                                         "completion_input_ids", "completion_attention_mask")}
-                res = self.module(**t, noise_fn=lambda r: torch.zeros(r.shape[0] * g, r.shape[-1], device=r.device))
-                lp = res.logprobs.view(-1, g, res.logprobs.shape[-1])[:, 0]  # member 0: the latent itself
-                mask = t["completion_attention_mask"].float()
-                ll = (lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+                ll = self._objective(step, b, t)
                 self.accelerator.backward(-ll.sum() / n_prompts)
                 ll_sum += float(ll.detach().sum())
             stats = {"loss": -ll_sum / n_prompts, "reward": ll_sum / n_prompts}
@@ -56,7 +72,7 @@ def make_trainer_class():
             stats["learning_rate"] = float(self.scheduler.get_last_lr()[0])
             return stats
 
-    return HeadLikelihoodTrainer
+    return HeadBoundTrainer
 
 
 def main() -> int:
@@ -71,6 +87,9 @@ def main() -> int:
                     help="prompts from train rows the SFT did not train on (LatentGRPOConfig.exclude_sft_rows)")
     ap.add_argument("--train-lora", action="store_true",
                     help="train the LoRA adapter too (LatentGRPOConfig.train_lora): the ceiling of a GRPO run that does")
+    ap.add_argument("--objective", choices=["likelihood", "candidate_softmax"], default="likelihood")
+    ap.add_argument("--rank-candidates", type=int, default=20,
+                    help="candidate_softmax: items per prompt (target included), in training and held out")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--output-root", default="runs/games-cmp")
     ap.add_argument("--results", default=None, help="writes <results>.json and <results>.md")
@@ -83,14 +102,19 @@ def main() -> int:
     from llmrec.evaluation.metrics import paired_bootstrap_ci
     from llmrec.training.grpo import RESULTS_NAME, LatentGRPOConfig
 
-    trainer_cls = make_trainer_class()
+    trainer_cls = make_trainer_class(args.objective)
     per_step = args.prompts // args.steps
+    cand = args.objective == "candidate_softmax"
+    main_metric = "candidate_log_softmax" if cand else "log_likelihood"
+    rank = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=args.rank_candidates) if cand else {}
     runs = []
     for lr in args.lr:
-        out = Path(args.output_root) / f"{'lora' if args.train_lora else 'head'}_ll_lr{lr:g}"
+        out = Path(args.output_root) / f"{'lora' if args.train_lora else 'head'}_{'cls' if cand else 'll'}_lr{lr:g}"
         if (out / RESULTS_NAME).exists() and (out / "per_row.json").exists():
             res = json.loads((out / RESULTS_NAME).read_text())
             rows = json.loads((out / "per_row.json").read_text())
+            if isinstance(rows["before"], list):  # the likelihood-only layout of earlier runs
+                rows = {when: {"log_likelihood": v} for when, v in rows.items()}
         else:
             # G = 2 (the minimum the trainer takes): member 1 is scored but unused. The rows, their order, AdamW,
             # the schedule and the clipping are the GRPO runs' (same seed, prompts and steps).
@@ -99,22 +123,26 @@ def main() -> int:
                                    gradient_accumulation_steps=1, max_train_rows=args.prompts, num_train_epochs=1,
                                    learning_rate=lr, eval_rows=args.eval_rows, seed=args.seed, save_steps=8,
                                    exclude_sft_rows=args.exclude_sft_rows, train_lora=args.train_lora,
-                                   retrain=False)
+                                   retrain=False, **rank)
             trainer = trainer_cls(cfg)
             before = trainer.evaluate_rewards(per_row=True)
             trainer.config.eval_rows = 0  # measured here, with per-row values, instead of inside train()
             res = trainer.train()
             trainer.config.eval_rows = args.eval_rows
             after = trainer.evaluate_rewards(per_row=True)
-            rows = {"before": before["per_row"]["log_likelihood"], "after": after["per_row"]["log_likelihood"]}
+            rows = {"before": before["per_row"], "after": after["per_row"]}
             from llmrec.data.canonical import atomic_write_json
 
             atomic_write_json(out / "per_row.json", rows)
             del trainer
-        d, lo, hi = paired_bootstrap_ci(np.array(rows["after"]), np.array(rows["before"]), seed=0)
+        metrics = {}
+        for name in (m for m in ("log_likelihood", "reciprocal_rank", "candidate_log_softmax") if m in rows["after"]):
+            after, before = np.array(rows["after"][name]), np.array(rows["before"][name])
+            d, lo, hi = paired_bootstrap_ci(after, before, seed=0)
+            metrics[name] = {"before": float(before.mean()), "after": float(after.mean()), "diff": d, "ci95": [lo, hi]}
+        # The top-level before/after/diff/ci95 are those of the trained objective's held-out measure.
         runs.append({"run": str(out), "lr": lr, "steps": res["global_step"], "prompts": res["prompts"],
-                     "before": float(np.mean(rows["before"])), "after": float(np.mean(rows["after"])),
-                     "diff": d, "ci95": [lo, hi], "train_seconds": res["train_seconds_this_run"]})
+                     **metrics[main_metric], "metrics": metrics, "train_seconds": res["train_seconds_this_run"]})
         print(json.dumps(runs[-1]), flush=True)
     if args.results:
         from llmrec.data.canonical import atomic_write_json, atomic_write_text
@@ -123,19 +151,34 @@ def main() -> int:
         atomic_write_json(base.with_suffix(".json"), {"sft_checkpoint": args.sft_checkpoint, "eval_rows":
                                                       args.eval_rows, "seed": args.seed, "prompts": args.prompts,
                                                       "steps": args.steps, "exclude_sft_rows": args.exclude_sft_rows,
-                                                      "train_lora": args.train_lora,
+                                                      "train_lora": args.train_lora, "objective": args.objective,
+                                                      "rank_candidates": args.rank_candidates if cand else None,
                                                       "runs": runs})
         source = ("train rows the SFT never saw" if args.exclude_sft_rows else
                   f"seeded train subset, seed {args.seed}: the SFT's own rows when it used the same seed and >= as many")
         what = "Head + LoRA" if args.train_lora else "Head-only"
-        lines = [f"{what} training with the exact likelihood gradient (`python scripts/grpo_head_likelihood_bound.py"
-                 f" {args.sft_checkpoint} ...`): {args.prompts} prompts ({source}), {args.steps} steps, held-out mean per-token "
-                 f"log-likelihood of the true title under the noise-free latent on {args.eval_rows} validation rows "
+        if cand:
+            goal = (f"the exact gradient of the true item's log-softmax among {args.rank_candidates} sampled items "
+                    f"(`--objective candidate_softmax`)")
+            measure = (f"the held-out log-softmax and reciprocal rank of the true item among {args.rank_candidates} "
+                       "items drawn per row, and the mean per-token log-likelihood of its title,")
+        else:
+            goal = "the exact likelihood gradient"
+            measure = "held-out mean per-token log-likelihood of the true title"
+        names = [m for m in ("log_likelihood", "reciprocal_rank", "candidate_log_softmax") if m in runs[0]["metrics"]]
+        lines = [f"{what} training with {goal} (`python scripts/grpo_head_likelihood_bound.py"
+                 f" {args.sft_checkpoint} ...`): {args.prompts} prompts ({source}), {args.steps} steps, {measure} "
+                 f"under the noise-free latent on {args.eval_rows} validation rows "
                  "(paired bootstrap 95% interval of after - before):", "",
-                 "| run | lr | before | after | diff [95% CI] |", "|---|---|---|---|---|"]
+                 "| run | lr | " + " | ".join(f"{n} before | after | diff [95% CI]" for n in names) + " |",
+                 "|---|---|" + "---|---|---|" * len(names)]
         for r in runs:
-            lines.append(f"| {r['run']} | {r['lr']:g} | {r['before']:.4f} | {r['after']:.4f} | "
-                         f"{r['diff']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] |")
+            cells = []
+            for n in names:
+                m = r["metrics"][n]
+                cells += [f"{m['before']:.4f}", f"{m['after']:.4f}",
+                          f"{m['diff']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"]
+            lines.append(f"| {r['run']} | {r['lr']:g} | " + " | ".join(cells) + " |")
         atomic_write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
     return 0
 

@@ -7,6 +7,9 @@ differences to the first checkpoint (the baseline) get a paired bootstrap 95% in
 
     python scripts/grpo_heldout_rewards.py runs/games-cmp/sft_latent runs/games-cmp/grpo_* --rows 500 \
         --output benchmarks/results/games_grpo_heldout_smollm2.json
+
+``--rank-candidates K`` adds the discriminative side: the reciprocal rank and the softmax log-probability of the
+true item among K items drawn per row (the target and K - 1 others, the same draw for every checkpoint).
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import json
 import sys
 from pathlib import Path
 
+# Per-row metrics compared between checkpoints, with their column titles.
+METRICS = {"log_likelihood": "mean log-likelihood / token", "reciprocal_rank": "reciprocal rank",
+           "candidate_log_softmax": "candidate log-softmax"}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,6 +31,8 @@ def main() -> int:
     ap.add_argument("--split", default="valid")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0, help="seed of the row subset")
+    ap.add_argument("--rank-candidates", type=int, default=0,
+                    help="also the target's reciprocal rank / log-softmax among this many sampled items (0 = off)")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
 
@@ -41,32 +50,40 @@ def main() -> int:
             print(f"skip {ckpt}: not a finished run", file=sys.stderr)
             continue
         # G = 2 (the minimum) and 8 prompts per batch: every member is the noise-free latent here.
+        rank = dict(reward_funcs=["neg_ppl", "candidate_log_softmax"], rank_candidates=args.rank_candidates) \
+            if args.rank_candidates else {}
         cfg = LatentGRPOConfig(output_dir="/tmp/unused", sft_checkpoint=ckpt, model_dtype=args.dtype,
                                num_generations=2, per_device_train_batch_size=16, max_train_rows=8,
-                               eval_rows=args.rows, eval_split=args.split, seed=args.seed, disable_tqdm=True)
+                               eval_rows=args.rows, eval_split=args.split, seed=args.seed, disable_tqdm=True, **rank)
         trainer = LatentGRPOTrainer(cfg)
         full = trainer.evaluate_rewards(per_row=True)
-        per_row.append(np.array(full.pop("per_row")["log_likelihood"]))
+        per_row.append({k: np.array(v) for k, v in full.pop("per_row").items() if k in METRICS})
         results.append({"checkpoint": ckpt, **full})
         print(json.dumps(results[-1]), flush=True)
         del trainer
     base = per_row[0]
     for res, vals in zip(results[1:], per_row[1:]):
-        d, lo, hi = paired_bootstrap_ci(vals, base, seed=0)
-        res["log_likelihood_diff_vs_first"] = {"diff": d, "ci95": [lo, hi]}
+        for k in vals:
+            d, lo, hi = paired_bootstrap_ci(vals[k], base[k], seed=0)
+            res[f"{k}_diff_vs_first"] = {"diff": d, "ci95": [lo, hi]}
     out = {"split": args.split, "rows": results[0]["rows"], "row_seed": args.seed, "results": results}
     if args.output:
         from llmrec.data.canonical import atomic_write_json, atomic_write_text
 
         atomic_write_json(Path(args.output), out)
+        shown = [k for k in METRICS if k in results[0]]
+        cand = f" ({args.rank_candidates} candidates per row)" if args.rank_candidates else ""
         lines = [f"Held-out rewards of the noise-free latent on {out['rows']} {args.split} rows (seed {args.seed}; "
                  "`python scripts/grpo_heldout_rewards.py ...`); first row = the baseline of the differences "
-                 "(paired bootstrap 95% intervals over rows):", "",
-                 "| checkpoint | mean log-likelihood / token | diff [95% CI] | mean -PPL |", "|---|---|---|---|"]
+                 f"(paired bootstrap 95% intervals over rows){cand}:", "",
+                 "| checkpoint | " + " | ".join(f"{METRICS[k]} | diff [95% CI]" for k in shown) + " | mean -PPL |",
+                 "|---|" + "---|---|" * len(shown) + "---|"]
         for r in results:
-            d = r.get("log_likelihood_diff_vs_first")
-            diff = f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "-"
-            lines.append(f"| {r['checkpoint']} | {r['log_likelihood']:.4f} | {diff} | {r['neg_ppl']:.2f} |")
+            cells = []
+            for k in shown:
+                d = r.get(f"{k}_diff_vs_first")
+                cells += [f"{r[k]:.4f}", f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "-"]
+            lines.append(f"| {r['checkpoint']} | " + " | ".join(cells) + f" | {r['neg_ppl']:.2f} |")
         atomic_write_text(Path(args.output).with_suffix(".md"), "\n".join(lines) + "\n")
     print(json.dumps(out))
     return 0

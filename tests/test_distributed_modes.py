@@ -107,7 +107,8 @@ for name, kw in configs.items():
 # differ by 1-8e-5 between 1 and 2 processes and as much between two micro-batch layouts of one process, hence
 # their lower learning rates (a layout bug still moves the weights by ~lr).
 GRPO_CONFIGS = {
-    "rank_reward": dict(reward_funcs=["neg_ppl", "reciprocal_rank"], reward_weights=[1.0, 0.5], rank_candidates=5),
+    "rank_reward": dict(reward_funcs=["neg_ppl", "reciprocal_rank", "candidate_log_softmax"],
+                        reward_weights=[1.0, 0.5, 0.5], rank_candidates=5, eval_rows=5),
     "kl": dict(beta=0.1),
     "kl_lora": dict(beta=0.1, train_lora=True),
     "dapo_cosine": dict(loss_type="dapo", lr_scheduler_type="cosine", warmup_steps=1),
@@ -138,8 +139,10 @@ def test_grpo_two_processes_match_one_process(grpo_runs, name):
     for x, y in zip(a["log_history"], b["log_history"]):
         assert x["reward"] == pytest.approx(y["reward"], rel=1e-6)
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        # Candidate scores come from chunks of other compositions on 2 processes: float32 noise of ~1e-7 on a
+        # reward std of ~0.03.
         for key in (k for k in x if k.startswith("rewards/")):
-            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), key
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-9), key
     trained = load_file(str(one / "rank0.safetensors"))
     assert any("lora_" in k for k in trained) == GRPO_CONFIGS[name].get("train_lora", False)
     # kl and clip_ratio are token means over the optimiser batch (they were means of per-micro-batch means,
@@ -156,6 +159,10 @@ def test_grpo_two_processes_match_one_process(grpo_runs, name):
         assert max(h["clip_ratio"] for h in a["log_history"]) > 0 and max(h["clip_ratio"] for h in b["log_history"]) > 0
     if name == "rank_reward":
         assert "rewards/reciprocal_rank/mean" in a["log_history"][-1]
+        assert "rewards/candidate_log_softmax/mean" in a["log_history"][-1]
+        for when in ("eval_before", "eval_after"):  # held-out candidate draws do not depend on the layout
+            for k in ("reciprocal_rank", "candidate_log_softmax"):
+                assert a[when][k] == pytest.approx(b[when][k], rel=1e-6), (when, k)
     if name == "eval_rows":
         for when in ("eval_before", "eval_after"):
             assert a[when]["rows"] == b[when]["rows"] == 5

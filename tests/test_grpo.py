@@ -26,6 +26,7 @@ from llmrec.training.grpo import (
 from llmrec.training.rewards import (
     REWARD_FUNCTIONS,
     RewardInputs,
+    candidate_log_softmax,
     combine_rewards,
     log_likelihood,
     neg_ppl,
@@ -57,6 +58,23 @@ def test_reciprocal_rank_hand_computed_with_ties():
         reciprocal_rank(RewardInputs(torch.zeros(1, 1), torch.ones(1, 1)))
 
 
+def test_candidate_log_softmax_hand_computed():
+    # target col 0 with probabilities 0.5 / 0.25 / 0.25 -> log 0.5; target col 1 of [1, 1, 1, 1] -> log 1/4
+    scores = torch.stack([torch.log(torch.tensor([0.5, 0.25, 0.25, 1e-30])), torch.zeros(4)])
+    out = candidate_log_softmax(RewardInputs(torch.zeros(2, 1), torch.ones(2, 1), scores, torch.tensor([0, 1])))
+    assert out.dtype == torch.float64
+    assert out.tolist() == pytest.approx([math.log(0.5), math.log(0.25)], rel=1e-6)
+    # Shifting every score by a constant changes nothing; raising the target's score raises the reward even where
+    # the reciprocal rank (already 1) stays put.
+    shifted = candidate_log_softmax(RewardInputs(torch.zeros(2, 1), torch.ones(2, 1), scores - 7.0, torch.tensor([0, 1])))
+    assert shifted.tolist() == pytest.approx(out.tolist(), rel=1e-6)
+    up = scores.clone()
+    up[0, 0] += 0.1
+    assert candidate_log_softmax(RewardInputs(torch.zeros(2, 1), torch.ones(2, 1), up, torch.tensor([0, 1])))[0] > out[0]
+    with pytest.raises(ValueError, match="candidate_scores"):
+        candidate_log_softmax(RewardInputs(torch.zeros(1, 1), torch.ones(1, 1)))
+
+
 def test_docstring_examples_hold():
     import doctest
 
@@ -71,7 +89,7 @@ def test_combine_rewards_weighted_sum_and_registry():
     total = combine_rewards({"neg_ppl": torch.tensor([-2.0, -4.0]), "log_likelihood": torch.tensor([-1.0, 0.0])},
                             {"neg_ppl": 0.5, "log_likelihood": 2.0})
     assert total.tolist() == [-3.0, -2.0]
-    assert {"neg_ppl", "log_likelihood", "reciprocal_rank"} <= set(REWARD_FUNCTIONS)
+    assert {"neg_ppl", "log_likelihood", "reciprocal_rank", "candidate_log_softmax"} <= set(REWARD_FUNCTIONS)
 
 
 # --------------------------------------------------------------------------------------------- advantages
@@ -242,6 +260,18 @@ def test_shared_prefix_equals_naive_per_member_form(tmp_path, sft_dir, model, n_
     for k in g_a:
         rel = (g_a[k] - g_b[k]).abs().max().item() / max(g_b[k].abs().max().item(), 1e-30)
         assert rel < 1e-4, (k, rel)
+
+
+def test_candidate_log_softmax_reward_trains_with_an_advantage_in_every_group(tmp_path, sft_dir):
+    sft, _, _ = sft_dir
+    res = run_grpo(grpo_config(tmp_path / "g", sft, reward_funcs=["candidate_log_softmax"], rank_candidates=5,
+                               advantage_mode="group", policy_logprob="gaussian", noise_mode="relative",
+                               noise_scale=0.3))
+    for entry in res["log_history"]:
+        reward = entry["rewards/candidate_log_softmax/mean"]
+        assert math.isfinite(reward) and reward < 0
+        # A continuous reward differs between the members of every group, so no group is left without advantages.
+        assert entry["advantage/abs_mean"] > 0.1 and entry["grad_norm"] > 0
 
 
 def test_absolute_noise_on_normalised_latents_is_warned_about(tmp_path, sft_dir, caplog):
@@ -457,6 +487,37 @@ def test_held_out_rewards_before_and_after_training(tmp_path, sft_dir):
     assert fast.evaluate_rewards()["log_likelihood"] == pytest.approx(-float(out.loss), abs=1e-4)
 
 
+def test_held_out_candidate_rewards_match_plain_forwards(tmp_path, sft_dir):
+    """With a candidate reward, eval_rows also reports the target's reciprocal rank and log-softmax among
+    rank_candidates items drawn per held-out row; each candidate's score equals a plain teacher-forced forward of
+    [prompt, latent, candidate title] (no cached prefix), and the draw does not depend on the training epoch."""
+    sft, _, _ = sft_dir
+    t = LatentGRPOTrainer(grpo_config(tmp_path / "a", sft, eval_rows=3, rank_candidates=4,
+                                      reward_funcs=["neg_ppl", "candidate_log_softmax"]))
+    res = t.evaluate_rewards(per_row=True)
+    assert set(res["per_row"]) == {"neg_ppl", "log_likelihood", "reciprocal_rank", "candidate_log_softmax"}
+    row = t._eval_rows[1]
+    items = candidate_items(t.config.seed, -1, 1, row["target_item_id"], t.num_items, 4,
+                            t.same_title.get(tuple(t.candidate_completions[row["target_item_id"]]), frozenset()))
+    assert items[0] == row["target_item_id"] and len(set(items)) == 4
+    scores = []
+    with torch.no_grad():
+        for it in items:
+            comp = t.candidate_completions[it]
+            out = t.latent_lm(torch.tensor([row["prompt_ids"]]), torch.ones(1, len(row["prompt_ids"]), dtype=torch.long),
+                              torch.tensor([comp]), return_loss=True)
+            scores.append(-float(out.loss))
+    scores_t = torch.tensor(scores, dtype=torch.float64)
+    rank = 1 + int((scores_t[1:] >= scores_t[0]).sum())
+    assert res["per_row"]["reciprocal_rank"][1] == pytest.approx(1 / rank)
+    assert res["per_row"]["candidate_log_softmax"][1] == pytest.approx(
+        float(scores_t[0] - torch.logsumexp(scores_t, 0)), abs=1e-4)
+    assert res["candidate_log_softmax"] == pytest.approx(sum(res["per_row"]["candidate_log_softmax"]) / 3)
+    # Without a candidate reward the candidate metrics are not computed.
+    plain = LatentGRPOTrainer(grpo_config(tmp_path / "b", sft, eval_rows=3)).evaluate_rewards()
+    assert "reciprocal_rank" not in plain and plain["log_likelihood"] == pytest.approx(res["log_likelihood"], abs=1e-6)
+
+
 @pytest.mark.parametrize("dropout", [False, True])
 def test_resume_matches_uninterrupted(tmp_path, sft_dir, dropout):
     sft, data, root = sft_dir
@@ -508,6 +569,24 @@ def test_score_candidates_matches_per_candidate_forward(sft_dir):
             m = cmask[ci].float()
             want = (lp[0] * m).sum() / m.sum()
             assert abs(got[gi, ci].item() - want.item()) < 1e-4
+    # Differentiable in the latents (the exact candidate-softmax bound trains through it): the same gradient as
+    # the per-candidate forwards.
+    weights = torch.randn(2, 3)
+    lat_a = lat.clone().requires_grad_(True)
+    (score_candidates(model, prompt, torch.ones_like(prompt), lat_a, cands, cmask, chunk_rows=4) * weights).sum().backward()
+    lat_b = lat.clone().requires_grad_(True)
+    with torch.no_grad():
+        base = model.encode_prefix(prompt).latents[:, -1]
+    total = 0.0
+    for gi in range(2):
+        for ci in range(3):
+            lp = module(prompt, torch.ones_like(prompt), cands[ci : ci + 1], cmask[ci : ci + 1],
+                        noise=lat_b[gi : gi + 1] - base).logprobs
+            m = cmask[ci].float()
+            total = total + weights[gi, ci] * (lp[0] * m).sum() / m.sum()
+    total.backward()
+    assert lat_a.grad.abs().max() > 0
+    assert torch.allclose(lat_a.grad, lat_b.grad, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------- two processes
@@ -621,11 +700,13 @@ def test_exclude_sft_rows_draws_prompts_the_sft_never_saw(tmp_path, sft_dir):
         LatentGRPOTrainer(grpo_config(tmp_path / "c", tmp_path / "g", exclude_sft_rows=True))
 
 
-@pytest.mark.parametrize("train_lora", [False, True])
-def test_head_likelihood_bound_script_follows_the_exact_likelihood_gradient(tmp_path, sft_dir, train_lora):
-    """scripts/grpo_head_likelihood_bound.py: one step is plain gradient ascent on the mean per-token log-likelihood
-    of the true titles under the noise-free latent (same batch, checked against autograd on that objective), on the
-    head alone or (--train-lora) on the head and the LoRA adapter."""
+@pytest.mark.parametrize(("train_lora", "objective"),
+                         [(False, "likelihood"), (True, "likelihood"), (False, "candidate_softmax")])
+def test_head_bound_script_follows_the_exact_gradient(tmp_path, sft_dir, train_lora, objective):
+    """scripts/grpo_head_likelihood_bound.py: one step is plain gradient ascent on the objective at the noise-free
+    latent (same batch, checked against autograd on a plain form of it), on the head alone or (--train-lora) on the
+    head and the LoRA adapter: the mean per-token log-likelihood of the true titles, or the true item's log-softmax
+    among the step's sampled candidates, each scored by its own teacher-forced forward."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -633,12 +714,14 @@ def test_head_likelihood_bound_script_follows_the_exact_likelihood_gradient(tmp_
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     sft, _, _ = sft_dir
-    trainer = mod.make_trainer_class()(grpo_config(tmp_path / "b", sft, num_generations=2, per_device_train_batch_size=4,
-                                                   gradient_accumulation_steps=1, max_train_rows=8, max_grad_norm=0.0,
-                                                   learning_rate=1e-3, train_lora=train_lora))
+    rank = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4) if objective != "likelihood" else {}
+    trainer = mod.make_trainer_class(objective)(grpo_config(
+        tmp_path / "b", sft, num_generations=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        max_train_rows=8, max_grad_norm=0.0, learning_rate=1e-3, train_lora=train_lora, **rank))
     b = trainer.local_micro_batches(0)[0]
     t = {k: getattr(b, k) for k in ("prompt_input_ids", "prompt_attention_mask", "completion_input_ids",
                                      "completion_attention_mask")}
+    zeros = torch.zeros(2, trainer.latent_lm.lm_config.hidden_size)
 
     def mean_ll():
         res = trainer.module(**t, noise_fn=lambda r: torch.zeros(r.shape[0] * 2, r.shape[-1]))
@@ -646,16 +729,33 @@ def test_head_likelihood_bound_script_follows_the_exact_likelihood_gradient(tmp_
         m = t["completion_attention_mask"].float()
         return ((lp * m).sum(-1) / m.sum(-1)).mean()
 
+    def mean_candidate_log_softmax():
+        total = 0.0
+        for i, row in enumerate(b.rows):
+            target = trainer.rows[row]["target_item_id"]
+            same = trainer.same_title.get(tuple(trainer.candidate_completions[target]), frozenset())
+            scores = []
+            for item in candidate_items(trainer.config.seed, 0, row, target, trainer.num_items, 4, same):
+                comp = torch.tensor([trainer.candidate_completions[item]])
+                lp = trainer.module(t["prompt_input_ids"][i : i + 1], t["prompt_attention_mask"][i : i + 1], comp,
+                                    torch.ones_like(comp), noise=zeros).logprobs[0]  # member 0 of 2 identical
+                scores.append(lp.mean())
+            scores = torch.stack(scores)
+            total = total + scores[0] - torch.logsumexp(scores, 0)
+        return total / len(b.rows)
+
+    objective_fn = mean_ll if objective == "likelihood" else mean_candidate_log_softmax
     params = [p for p in trainer.module.parameters() if p.requires_grad]
     names = [n for n, p in trainer.module.named_parameters() if p.requires_grad]
     assert any("lora_" in n for n in names) == train_lora
-    want = torch.autograd.grad(-mean_ll(), params)
-    before = mean_ll().item()
+    want = torch.autograd.grad(-objective_fn(), params)
+    before = objective_fn().item()
     trainer.optimizer.zero_grad(set_to_none=True)
     stats = trainer.train_step(0)
     # train_step stepped AdamW on exactly that gradient; its first step moves against the gradient's sign.
     assert stats["reward"] == pytest.approx(before, abs=1e-5)
     got = [p.grad for p in params]
+    assert any(float(a.abs().max()) > 0 for a in got)
     for a, e in zip(got, want):
         assert torch.allclose(a, e, rtol=1e-4, atol=1e-7)
-    assert mean_ll().item() > before
+    assert objective_fn().item() > before

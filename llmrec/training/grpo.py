@@ -470,13 +470,13 @@ class LatentGRPOModule(nn.Module):
         return MemberScores(torch.stack(rows), latent, noise)
 
 
-@torch.no_grad()
 def score_candidates(latent_lm: LatentReasoningLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      member_latents: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor,
                      chunk_rows: int) -> torch.Tensor:
     """Mean per-token log-likelihood of each candidate completion under each member's latent, ``[G, K]``.
 
     ``prompt_ids [1, P]`` one prompt; ``member_latents [G, H]`` (noise included); ``cand_ids [K, C]``.
+    Differentiable with respect to ``member_latents`` (the rewards call it under ``torch.no_grad()``).
     """
     g, k = member_latents.shape[0], cand_ids.shape[0]
     prefix = latent_lm.encode_prefix(prompt_ids, prompt_mask, use_cache=True)
@@ -778,7 +778,9 @@ class LatentGRPOTrainer:
             mask = t["completion_attention_mask"].repeat_interleave(g, 0)
             inputs = RewardInputs(lp, mask)
             if self.uses_candidates:
-                inputs.candidate_scores, inputs.target_index = self._candidate_scores(epoch, b, t, latent)
+                members = latent.float().repeat_interleave(g, 0) + b.noise
+                inputs.candidate_scores, inputs.target_index = self._candidate_scores(
+                    epoch, [self.rows[r] for r in b.rows], b.rows, t, members, g)
             for name in self.active_rewards:
                 per_fn[name].append(REWARD_FUNCTIONS[name](inputs).double())
             positions.append(torch.tensor(b.positions, device=dev))
@@ -830,22 +832,23 @@ class LatentGRPOTrainer:
         self._norm_tokens, self._norm_members = float(totals[0]), float(totals[1])
         return stats
 
-    def _candidate_scores(self, epoch, b: GRPOBatch, t, latent) -> tuple[torch.Tensor, torch.Tensor]:
+    def _candidate_scores(self, epoch: int, rows: list[dict], row_ids: list[int], t: dict[str, torch.Tensor],
+                          members: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``[len(rows) * group, K]`` of each prompt's sampled candidates (target first) under its
+        ``group`` member latents (``members``, noise included), and the target's column (0)."""
         c = self.config
-        g = c.num_generations
         scores = []
-        for i, row in enumerate(b.rows):
-            target = self.rows[row]["target_item_id"]
+        for i, (row, row_id) in enumerate(zip(rows, row_ids)):
+            target = row["target_item_id"]
             same_title = self.same_title.get(tuple(self.candidate_completions[target]), frozenset())
-            items = candidate_items(c.seed, epoch, row, target, self.num_items, c.rank_candidates, same_title)
+            items = candidate_items(c.seed, epoch, row_id, target, self.num_items, c.rank_candidates, same_title)
             cand = _collate([{"prompt_ids": [0], "completion_ids": self.candidate_completions[it]} for it in items],
                             self.pad)
             p_ids = t["prompt_input_ids"][i : i + 1]
             p_mask = t["prompt_attention_mask"][i : i + 1]
             keep = int(p_mask.sum())
-            members = latent[i : i + 1].float() + b.noise[i * g : (i + 1) * g]
             scores.append(score_candidates(
-                self.latent_lm, p_ids[:, -keep:], p_mask[:, -keep:], members,
+                self.latent_lm, p_ids[:, -keep:], p_mask[:, -keep:], members[i * group : (i + 1) * group],
                 cand["completion_input_ids"].to(p_ids.device), cand["completion_attention_mask"].to(p_ids.device),
                 c.rank_chunk_rows,
             ))
@@ -856,7 +859,9 @@ class LatentGRPOTrainer:
     def evaluate_rewards(self, per_row: bool = False) -> dict[str, Any]:
         """Mean noise-free ``neg_ppl`` and ``log_likelihood`` over the held-out ``eval_rows`` (all processes).
 
-        With ``per_row``, also the per-row values in row order (for paired comparisons of checkpoints).
+        When a candidate reward is active, also ``reciprocal_rank`` and ``candidate_log_softmax`` of the target
+        among ``rank_candidates`` items drawn per held-out row (the same draw for every checkpoint with the same
+        seed). With ``per_row``, also the per-row values in row order (for paired comparisons of checkpoints).
         """
         c = self.config
         if self._eval_rows is None:
@@ -866,24 +871,31 @@ class LatentGRPOTrainer:
         module = self.accelerator.unwrap_model(self.module)
         mine = list(range(self.rank, len(rows), self.world))
         per = c.prompts_per_micro_batch
-        # [row index, neg_ppl, log_likelihood]; padded with index -1 to the same length on every process.
-        local = torch.full((-(-len(rows) // self.world), 3), -1.0, dtype=torch.float64, device=dev)
+        names = ["neg_ppl", "log_likelihood"]
+        if self.uses_candidates:
+            names += ["reciprocal_rank", "candidate_log_softmax"]
+        # [row index, *names]; padded with index -1 to the same length on every process.
+        local = torch.full((-(-len(rows) // self.world), 1 + len(names)), -1.0, dtype=torch.float64, device=dev)
         for lo in range(0, len(mine), per):
             chunk = mine[lo:lo + per]
             t = {k: v.to(dev) for k, v in _collate([rows[r] for r in chunk], self.pad).items()}
             res = module(**t, noise_fn=lambda r: torch.zeros(r.shape[0] * g, r.shape[-1], device=r.device))
             lp = res.logprobs.view(-1, g, res.logprobs.shape[-1])[:, 0]  # member 0: the pooled latent itself
             inputs = RewardInputs(lp, t["completion_attention_mask"])
+            if self.uses_candidates:
+                # Held-out draws (epoch -1) never coincide with a training epoch's.
+                inputs.candidate_scores, inputs.target_index = self._candidate_scores(
+                    -1, [rows[r] for r in chunk], chunk, t, res.latent.float(), 1)
             local[lo:lo + len(chunk), 0] = torch.tensor(chunk, dtype=torch.float64, device=dev)
-            local[lo:lo + len(chunk), 1] = REWARD_FUNCTIONS["neg_ppl"](inputs)
-            local[lo:lo + len(chunk), 2] = REWARD_FUNCTIONS["log_likelihood"](inputs)
+            for j, name in enumerate(names, start=1):
+                local[lo:lo + len(chunk), j] = REWARD_FUNCTIONS[name](inputs)
         allv = self.accelerator.gather(local)
         allv = allv[allv[:, 0] >= 0]
         allv = allv[torch.argsort(allv[:, 0])]
-        out: dict[str, Any] = {"rows": int(allv.shape[0]), "split": c.eval_split,
-                               "neg_ppl": float(allv[:, 1].mean()), "log_likelihood": float(allv[:, 2].mean())}
+        out: dict[str, Any] = {"rows": int(allv.shape[0]), "split": c.eval_split}
+        out.update({name: float(allv[:, j].mean()) for j, name in enumerate(names, start=1)})
         if per_row:
-            out["per_row"] = {"neg_ppl": allv[:, 1].tolist(), "log_likelihood": allv[:, 2].tolist()}
+            out["per_row"] = {name: allv[:, j].tolist() for j, name in enumerate(names, start=1)}
         return out
 
     # -- training

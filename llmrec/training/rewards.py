@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["REWARD_FUNCTIONS", "RewardInputs", "combine_rewards", "log_likelihood", "neg_ppl", "reciprocal_rank"]
+__all__ = [
+    "REWARD_FUNCTIONS",
+    "RewardInputs",
+    "candidate_log_softmax",
+    "combine_rewards",
+    "log_likelihood",
+    "neg_ppl",
+    "reciprocal_rank",
+]
 
 
 @dataclass
@@ -82,12 +90,34 @@ def reciprocal_rank(inputs: RewardInputs) -> torch.Tensor:
     return 1.0 / (1.0 + at_least.to(scores.dtype))
 
 
+def candidate_log_softmax(inputs: RewardInputs) -> torch.Tensor:
+    """Log-probability of the true item under a softmax over the sampled candidates' ``candidate_scores``.
+
+    The continuous form of :func:`reciprocal_rank` (a sampled-softmax objective): it rewards pushing the
+    target above the other candidates too, but moves with every change of the scores. The reciprocal rank of a
+    target among a few random candidates is often the same for every member of a group -- small noise
+    rarely reorders them -- which leaves the group without an advantage; this reward does not.
+
+    >>> scores = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]))
+    >>> [round(x, 6) for x in candidate_log_softmax(RewardInputs(torch.zeros(2, 1), torch.ones(2, 1), scores,
+    ...                                                          torch.tensor([0, 2]))).tolist()]
+    [-0.693147, -0.510826]
+    """
+    if inputs.candidate_scores is None or inputs.target_index is None:
+        raise ValueError("candidate_log_softmax needs candidate_scores and target_index (enable rank_candidates)")
+    scores = inputs.candidate_scores.double()
+    target = scores.gather(1, inputs.target_index[:, None].long()).squeeze(1)
+    return target - torch.logsumexp(scores, dim=-1)
+
+
 REWARD_FUNCTIONS: dict[str, Callable[[RewardInputs], torch.Tensor]] = {
     "neg_ppl": neg_ppl,
     "log_likelihood": log_likelihood,
     "reciprocal_rank": reciprocal_rank,
+    "candidate_log_softmax": candidate_log_softmax,
 }
-RANK_REWARDS = frozenset({"reciprocal_rank"})
+# Rewards that score a sampled candidate set (rank_candidates) under each member's latent.
+RANK_REWARDS = frozenset({"reciprocal_rank", "candidate_log_softmax"})
 
 
 def combine_rewards(per_function: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
