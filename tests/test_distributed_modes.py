@@ -109,6 +109,8 @@ for name, kw in configs.items():
 GRPO_CONFIGS = {
     "rank_reward": dict(reward_funcs=["neg_ppl", "reciprocal_rank", "candidate_log_softmax"],
                         reward_weights=[1.0, 0.5, 0.5], rank_candidates=5, eval_rows=5),
+    "rank_popularity": dict(reward_funcs=["candidate_log_softmax"], rank_candidates=5, rank_negatives="popularity",
+                            advantage_mode="group", learning_rate=5e-4),
     "kl": dict(beta=0.1),
     "kl_lora": dict(beta=0.1, train_lora=True),
     "dapo_cosine": dict(loss_type="dapo", lr_scheduler_type="cosine", warmup_steps=1),

@@ -148,6 +148,28 @@ def test_noise_depends_on_seed_epoch_row_only():
         candidate_items(0, 0, 3, target=5, num_items=4, k=6)
 
 
+def test_popularity_candidates_follow_the_weights():
+    """rank_negatives=popularity: others drawn without replacement in proportion to the weights, never the target
+    or an excluded item, the same draw for the same (seed, epoch, row)."""
+    w = torch.ones(20)
+    w[[1, 2]] = 200.0  # items 2 and 3: ~20x the mass of the other 18 together
+    draws = [candidate_items(0, 0, r, target=7, num_items=20, k=3, exclude=frozenset({7, 9}), weights=w)
+             for r in range(200)]
+    for c in draws:
+        assert c[0] == 7 and len(set(c)) == 3 and 9 not in c[1:] and all(1 <= i <= 20 for i in c)
+    both = sum(set(c[1:]) == {2, 3} for c in draws)
+    assert 150 < both < 200  # P(both) = 400/418 * 200/218 ~ 0.88
+    assert draws[5] == candidate_items(0, 0, 5, target=7, num_items=20, k=3, exclude=frozenset({7, 9}), weights=w)
+    assert draws[5] != candidate_items(0, 1, 5, target=7, num_items=20, k=3, exclude=frozenset({7, 9}), weights=w) \
+        or draws[6] != candidate_items(0, 1, 6, target=7, num_items=20, k=3, exclude=frozenset({7, 9}), weights=w)
+    # A target with all the mass still gets k - 1 others.
+    heavy = torch.ones(20)
+    heavy[6] = 1e9
+    assert len(set(candidate_items(0, 0, 1, target=7, num_items=20, k=20, weights=heavy))) == 20
+    with pytest.raises(ValueError, match="positive"):
+        candidate_items(0, 0, 1, target=7, num_items=20, k=3, weights=torch.zeros(20))
+
+
 # ------------------------------------------------------------------------------------------------- config
 
 
@@ -272,6 +294,25 @@ def test_candidate_log_softmax_reward_trains_with_an_advantage_in_every_group(tm
         assert math.isfinite(reward) and reward < 0
         # A continuous reward differs between the members of every group, so no group is left without advantages.
         assert entry["advantage/abs_mean"] > 0.1 and entry["grad_norm"] > 0
+
+
+def test_popularity_negatives_count_the_train_split_targets(tmp_path, sft_dir):
+    sft, data, _ = sft_dir
+    t = LatentGRPOTrainer(grpo_config(tmp_path / "p", sft, reward_funcs=["candidate_log_softmax"], rank_candidates=4,
+                                      rank_negatives="popularity", max_train_rows=4))
+    counts = torch.zeros(t.num_items, dtype=torch.float64)
+    for line in (Path(data) / "train.jsonl").read_text().splitlines():  # every train row, not the 4 prompts
+        counts[json.loads(line)["target_item_id"] - 1] += 1
+    assert counts.sum() > 4
+    assert torch.equal(t.candidate_weights, counts + 1)
+    assert LatentGRPOTrainer(grpo_config(tmp_path / "u", sft, reward_funcs=["candidate_log_softmax"],
+                                         rank_candidates=4)).candidate_weights is None
+    res = run_grpo(grpo_config(tmp_path / "r", sft, reward_funcs=["candidate_log_softmax"], rank_candidates=4,
+                               rank_negatives="popularity", max_steps=1, eval_rows=3))
+    assert math.isfinite(res["log_history"][0]["rewards/candidate_log_softmax/mean"])
+    assert 0 < res["eval_before"]["reciprocal_rank"] <= 1
+    with pytest.raises(ConfigError, match="rank_negatives"):
+        grpo_config(tmp_path / "x", sft, rank_negatives="hard")
 
 
 def test_absolute_noise_on_normalised_latents_is_warned_about(tmp_path, sft_dir, caplog):

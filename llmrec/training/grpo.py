@@ -59,6 +59,7 @@ RESULTS_NAME = "grpo_results.json"
 NOISE_MODES = ("absolute", "relative")
 LOSS_TYPES = ("grpo", "dapo")
 POLICY_LOGPROBS = ("target", "gaussian")
+RANK_NEGATIVES = ("uniform", "popularity")
 # TRL GRPOConfig fields this trainer does not implement: setting one would otherwise be silently ignored.
 IGNORED_TRL_FIELDS = {
     "scale_rewards": "advantages come from advantage_mode",
@@ -157,6 +158,12 @@ class LatentGRPOConfig(GRPOConfig):
     rank_candidates: int = field(
         default=100, metadata={"help": "Candidate set size (target included) of rank-based rewards."}
     )
+    rank_negatives: str = field(
+        default="uniform",
+        metadata={"help": "How the other candidates of a rank-based reward are drawn: uniform over the catalogue, "
+                  "or popularity (in proportion to 1 + the item's count as a train-split target): harder "
+                  "negatives, closer to the items a beam search ranks above the target."},
+    )
     rank_chunk_rows: int = field(
         default=64, metadata={"help": "Rows per forward when scoring candidates (memory vs speed)."}
     )
@@ -232,6 +239,8 @@ class LatentGRPOConfig(GRPOConfig):
                               "reward functions")
         if any(r in RANK_REWARDS for r in self.reward_funcs) and self.rank_candidates < 2:
             raise ConfigError("rank_candidates must be >= 2")
+        if self.rank_negatives not in RANK_NEGATIVES:
+            raise ConfigError(f"rank_negatives must be one of {RANK_NEGATIVES}, got {self.rank_negatives!r}")
         if self.num_iterations < 1:
             raise ConfigError("num_iterations must be >= 1")
         if self.sft_checkpoint and Path(self.output_dir).resolve() == Path(self.sft_checkpoint).resolve():
@@ -286,15 +295,25 @@ def member_noise(seed: int, epoch: int, row: int, group_size: int, hidden: int,
 
 
 def candidate_items(seed: int, epoch: int, row: int, target: int, num_items: int, k: int,
-                    exclude: frozenset[int] = frozenset()) -> list[int]:
+                    exclude: frozenset[int] = frozenset(), weights: torch.Tensor | None = None) -> list[int]:
     """``k`` item ids in 1..num_items with the target at position 0 and ``k-1`` distinct others.
 
-    ``exclude`` (e.g. items sharing the target's title, which would tie with it) are never drawn.
+    ``exclude`` (e.g. items sharing the target's title, which would tie with it) are never drawn. ``weights``
+    (``[num_items]``, positive, item ``i`` at index ``i - 1``): the others are drawn without replacement with these
+    probabilities (e.g. popularity) instead of uniformly.
     """
     if k > num_items - len(exclude - {target}):
         raise ValueError(f"rank_candidates={k} exceeds the catalogue size {num_items} (minus excluded items)")
     g = torch.Generator().manual_seed(_seed_for(seed, epoch, row, 2))
-    others = [i for i in (torch.randperm(num_items, generator=g) + 1).tolist() if i != target and i not in exclude]
+    if weights is None:
+        order = torch.randperm(num_items, generator=g) + 1
+    else:
+        if weights.shape != (num_items,) or not bool((weights > 0).all()):
+            raise ValueError(f"candidate weights must be {num_items} positive values")
+        w = weights.double().clone()
+        w[[i - 1 for i in exclude | {target} if 1 <= i <= num_items]] = 0.0  # never drawn, so k - 1 always suffice
+        order = torch.multinomial(w, k - 1, replacement=False, generator=g) + 1
+    others = [i for i in order.tolist() if i != target and i not in exclude]
     return [target] + others[: k - 1]
 
 
@@ -552,11 +571,12 @@ class LatentGRPOTrainer:
             configured split of the checkpoint's dataset.
         num_items: catalogue size (rank rewards sample candidates from it).
         candidate_completions: ``item_id -> completion token ids`` (rank rewards).
+        item_counts: ``[num_items]`` train-split target count of each item (``rank_negatives="popularity"``).
     """
 
     def __init__(self, config: LatentGRPOConfig, model=None, tokenizer=None, meta=None, rows=None,
                  num_items: int | None = None, candidate_completions: dict[int, list[int]] | None = None,
-                 callbacks: list | None = None):
+                 callbacks: list | None = None, item_counts: torch.Tensor | None = None):
         from accelerate import Accelerator
 
         self.config = config
@@ -567,7 +587,7 @@ class LatentGRPOTrainer:
         self.meta = dict(meta or {})
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if rows is None:
-            rows, num_items, candidate_completions = self._load_rows(model)
+            rows, num_items, candidate_completions, item_counts = self._load_rows(model)
         self.rows = rows
         self._eval_rows: list[dict] | None = None
         self.eval_before: dict | None = None
@@ -585,6 +605,11 @@ class LatentGRPOTrainer:
         self.uses_candidates = any(r in RANK_REWARDS for r in self.active_rewards)
         if self.uses_candidates and (not num_items or not self.candidate_completions):
             raise ConfigError("rank-based rewards need the catalogue (num_items, candidate_completions)")
+        self.candidate_weights = None
+        if self.uses_candidates and config.rank_negatives == "popularity":
+            if item_counts is None or tuple(item_counts.shape) != (num_items,):
+                raise ConfigError("rank_negatives=popularity needs item_counts, one count per catalogue item")
+            self.candidate_weights = item_counts.double() + 1.0  # + 1: never-seen items can still be drawn
         self.accelerator = Accelerator(gradient_accumulation_steps=1, **accelerator_kwargs())
         from accelerate.utils import DistributedType
 
@@ -707,14 +732,18 @@ class LatentGRPOTrainer:
     def _load_rows(self, model):
         c = self.config
         rows, data, template = self._encode_split(model, c.train_split, c.max_train_rows)
-        cands = None
+        cands, counts = None, None
         if any(r in RANK_REWARDS for r in c.reward_funcs):
             eos = self.tokenizer.eos_token_id
             cands = {}
             for item in data.catalog.item_ids:
                 text = template.render_completion(data.catalog.title(item))
                 cands[item] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos]
-        return rows, len(data.catalog), cands
+            if c.rank_negatives == "popularity":
+                # The whole train split (not only the prompts' subset): every item's count as a next item.
+                targets = torch.tensor(data.splits[c.train_split]["target_item_id"], dtype=torch.long)
+                counts = torch.bincount(targets - 1, minlength=len(data.catalog))[: len(data.catalog)]
+        return rows, len(data.catalog), cands, counts
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Row order of an epoch (seeded; identical on every process)."""
@@ -841,7 +870,8 @@ class LatentGRPOTrainer:
         for i, (row, row_id) in enumerate(zip(rows, row_ids)):
             target = row["target_item_id"]
             same_title = self.same_title.get(tuple(self.candidate_completions[target]), frozenset())
-            items = candidate_items(c.seed, epoch, row_id, target, self.num_items, c.rank_candidates, same_title)
+            items = candidate_items(c.seed, epoch, row_id, target, self.num_items, c.rank_candidates, same_title,
+                                    self.candidate_weights)
             cand = _collate([{"prompt_ids": [0], "completion_ids": self.candidate_completions[it]} for it in items],
                             self.pad)
             p_ids = t["prompt_input_ids"][i : i + 1]
