@@ -351,8 +351,9 @@ class Pipeline:
             g = {**args, **g}
         if for_training:
             # Not max_train_rows: every seed draws --grpo-rows prompts (the protocol), whatever seed 0's sweep used.
-            keys = ("advantage_mode", "reward_funcs", "noise_scale", "noise_mode", "learning_rate", "train_lora",
-                    "num_generations")
+            keys = ("advantage_mode", "reward_funcs", "reward_weights", "noise_scale", "noise_mode", "learning_rate",
+                    "train_lora", "num_generations", "policy_logprob", "antithetic_noise", "num_iterations", "beta",
+                    "rank_candidates", "rank_negatives")
             return {k: g[k] for k in keys if g.get(k) is not None}
         g["prompts"] = json.loads(results_file.read_text()).get("prompts")
         return g

@@ -39,7 +39,10 @@ def make_trainer_class(objective: str):
 
         def _objective(self, step: int, b, t) -> torch.Tensor:
             g = self.config.num_generations
-            zeros = lambda r: torch.zeros(r.shape[0] * g, r.shape[-1], device=r.device)  # noqa: E731
+
+            def zeros(latent: torch.Tensor) -> torch.Tensor:  # every member is the noise-free latent
+                return torch.zeros(latent.shape[0] * g, latent.shape[-1], device=latent.device)
+
             if objective == "likelihood":
                 lp = self.module(**t, noise_fn=zeros).logprobs
                 lp = lp.view(-1, g, lp.shape[-1])[:, 0]  # member 0: the latent itself
@@ -96,6 +99,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.prompts % args.steps:
         raise SystemExit(f"--prompts {args.prompts} must be a multiple of --steps {args.steps}")
+    if args.train_lora and args.objective == "candidate_softmax":
+        # The candidates are scored on copies of the prompt's KV cache, which needs no gradient only when the LM is
+        # frozen (llmrec.training.grpo.score_candidates).
+        raise SystemExit("--objective candidate_softmax trains the head only: drop --train-lora")
 
     import numpy as np
 
@@ -106,11 +113,15 @@ def main() -> int:
     per_step = args.prompts // args.steps
     cand = args.objective == "candidate_softmax"
     main_metric = "candidate_log_softmax" if cand else "log_likelihood"
-    rank = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=args.rank_candidates) if cand else {}
+    cand_kwargs = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=args.rank_candidates) if cand else {}
     runs = []
     for lr in args.lr:
         out = Path(args.output_root) / f"{'lora' if args.train_lora else 'head'}_{'cls' if cand else 'll'}_lr{lr:g}"
         if (out / RESULTS_NAME).exists() and (out / "per_row.json").exists():
+            done = json.loads((out / "training_args.json").read_text()) if (out / "training_args.json").exists() else {}
+            if cand and done.get("rank_candidates") != args.rank_candidates:
+                raise SystemExit(f"{out} was measured with rank_candidates={done.get('rank_candidates')}, not "
+                                 f"{args.rank_candidates}: give another --output-root")
             res = json.loads((out / RESULTS_NAME).read_text())
             rows = json.loads((out / "per_row.json").read_text())
             if isinstance(rows["before"], list):  # the likelihood-only layout of earlier runs
@@ -123,7 +134,7 @@ def main() -> int:
                                    gradient_accumulation_steps=1, max_train_rows=args.prompts, num_train_epochs=1,
                                    learning_rate=lr, eval_rows=args.eval_rows, seed=args.seed, save_steps=8,
                                    exclude_sft_rows=args.exclude_sft_rows, train_lora=args.train_lora,
-                                   retrain=False, **rank)
+                                   retrain=False, **cand_kwargs)
             trainer = trainer_cls(cfg)
             before = trainer.evaluate_rewards(per_row=True)
             trainer.config.eval_rows = 0  # measured here, with per-row values, instead of inside train()
@@ -137,9 +148,9 @@ def main() -> int:
             del trainer
         metrics = {}
         for name in (m for m in ("log_likelihood", "reciprocal_rank", "candidate_log_softmax") if m in rows["after"]):
-            after, before = np.array(rows["after"][name]), np.array(rows["before"][name])
-            d, lo, hi = paired_bootstrap_ci(after, before, seed=0)
-            metrics[name] = {"before": float(before.mean()), "after": float(after.mean()), "diff": d, "ci95": [lo, hi]}
+            post, pre = np.array(rows["after"][name]), np.array(rows["before"][name])
+            d, lo, hi = paired_bootstrap_ci(post, pre, seed=0)
+            metrics[name] = {"before": float(pre.mean()), "after": float(post.mean()), "diff": d, "ci95": [lo, hi]}
         # The top-level before/after/diff/ci95 are those of the trained objective's held-out measure.
         runs.append({"run": str(out), "lr": lr, "steps": res["global_step"], "prompts": res["prompts"],
                      **metrics[main_metric], "metrics": metrics, "train_seconds": res["train_seconds_this_run"]})

@@ -50,11 +50,11 @@ def main() -> int:
             print(f"skip {ckpt}: not a finished run", file=sys.stderr)
             continue
         # G = 2 (the minimum) and 8 prompts per batch: every member is the noise-free latent here.
-        rank = dict(reward_funcs=["neg_ppl", "candidate_log_softmax"], rank_candidates=args.rank_candidates) \
+        cand_kwargs = dict(reward_funcs=["neg_ppl", "candidate_log_softmax"], rank_candidates=args.rank_candidates) \
             if args.rank_candidates else {}
         cfg = LatentGRPOConfig(output_dir="/tmp/unused", sft_checkpoint=ckpt, model_dtype=args.dtype,
                                num_generations=2, per_device_train_batch_size=16, max_train_rows=8,
-                               eval_rows=args.rows, eval_split=args.split, seed=args.seed, disable_tqdm=True, **rank)
+                               eval_rows=args.rows, eval_split=args.split, seed=args.seed, disable_tqdm=True, **cand_kwargs)
         trainer = LatentGRPOTrainer(cfg)
         full = trainer.evaluate_rewards(per_row=True)
         per_row.append({k: np.array(v) for k, v in full.pop("per_row").items() if k in METRICS})

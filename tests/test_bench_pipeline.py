@@ -209,10 +209,10 @@ def test_seed_0_in_a_grpo_stage_of_its_own_may_come_from_a_sweep(report, tmp_pat
         capsys.readouterr()
         return main(args + (["--grpo", *grpo] if grpo else []))
 
-    assert run(1, "epsilon_high=0.3", "learning_rate=2e-4") == 0  # "the sweep's" seed 0
-    assert run(2) == 0  # seed 0 reused as it is; seed 1 trains with its learning rate
+    assert run(1, "epsilon_high=0.3", "learning_rate=2e-4", "num_iterations=2") == 0  # "the sweep's" seed 0
+    assert run(2) == 0  # seed 0 reused as it is; seed 1 trains with its learning rate and iterations
     seed1 = json.loads((tmp_path / "runs" / "seed1" / "grpo_sweep" / "training_args.json").read_text())
-    assert seed1["learning_rate"] == 2e-4 and seed1["epsilon_high"] == 0.28
+    assert seed1["learning_rate"] == 2e-4 and seed1["num_iterations"] == 2 and seed1["epsilon_high"] == 0.28
     grpo = recipes / "games" / "grpo_latent.yaml"
     grpo.write_text(yaml.safe_dump({**yaml.safe_load(grpo.read_text()), "epsilon_high": 0.25}))
     assert run(2) == 1

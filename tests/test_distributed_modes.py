@@ -141,10 +141,11 @@ def test_grpo_two_processes_match_one_process(grpo_runs, name):
     for x, y in zip(a["log_history"], b["log_history"]):
         assert x["reward"] == pytest.approx(y["reward"], rel=1e-6)
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
-        # Candidate scores come from chunks of other compositions on 2 processes: float32 noise of ~1e-7 on a
-        # reward std of ~0.03.
+        # The member latents are pooled from left-padded prompt batches of another make-up on 2 processes: float32
+        # noise of ~1e-7, which the small std of the candidate log-softmax (~0.03) turns into ~2e-6 relative.
         for key in (k for k in x if k.startswith("rewards/")):
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-9), key
+            rel = 1e-5 if key.startswith("rewards/candidate_log_softmax/") else 1e-6
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-9), key
     trained = load_file(str(one / "rank0.safetensors"))
     assert any("lora_" in k for k in trained) == GRPO_CONFIGS[name].get("train_lora", False)
     # kl and clip_ratio are token means over the optimiser batch (they were means of per-micro-batch means,

@@ -151,8 +151,10 @@ class LatentGRPOConfig(GRPOConfig):
     eval_rows: int = field(
         default=0,
         metadata={"help": "Held-out rows (eval_split, seeded subset) whose noise-free rewards -- neg_ppl and "
-                  "log_likelihood of the true title under the pooled latent -- are measured before and after "
-                  "training: a low-variance check that GRPO improved what it optimises on rows it never saw (0 = off)."},
+                  "log_likelihood of the true title under the pooled latent, and with a candidate reward on, the "
+                  "target's reciprocal_rank and candidate_log_softmax among rank_candidates items drawn per row -- "
+                  "are measured before and after training: a low-variance check that GRPO improved what it "
+                  "optimises on rows it never saw (0 = off)."},
     )
     eval_split: str = field(default="valid", metadata={"help": "Split of the eval_rows."})
     rank_candidates: int = field(
@@ -495,7 +497,9 @@ def score_candidates(latent_lm: LatentReasoningLM, prompt_ids: torch.Tensor, pro
     """Mean per-token log-likelihood of each candidate completion under each member's latent, ``[G, K]``.
 
     ``prompt_ids [1, P]`` one prompt; ``member_latents [G, H]`` (noise included); ``cand_ids [K, C]``.
-    Differentiable with respect to ``member_latents`` (the rewards call it under ``torch.no_grad()``).
+    The rewards call it under ``torch.no_grad()``. With gradients on, it is differentiable with respect to
+    ``member_latents`` only when the prompt's KV cache needs no gradient (one latent token, frozen LM): a cache
+    that does is not a graph leaf, and the per-chunk copy of it raises.
     """
     g, k = member_latents.shape[0], cand_ids.shape[0]
     prefix = latent_lm.encode_prefix(prompt_ids, prompt_mask, use_cache=True)
@@ -609,7 +613,9 @@ class LatentGRPOTrainer:
         if self.uses_candidates and config.rank_negatives == "popularity":
             if item_counts is None or tuple(item_counts.shape) != (num_items,):
                 raise ConfigError("rank_negatives=popularity needs item_counts, one count per catalogue item")
-            self.candidate_weights = item_counts.double() + 1.0  # + 1: never-seen items can still be drawn
+            self.candidate_weights = item_counts.double().cpu() + 1.0  # + 1: never-seen items can still be drawn
+        elif config.rank_negatives != "uniform":
+            logger.warning("rank_negatives=%s has no effect: no active reward scores candidates", config.rank_negatives)
         self.accelerator = Accelerator(gradient_accumulation_steps=1, **accelerator_kwargs())
         from accelerate.utils import DistributedType
 
@@ -741,7 +747,7 @@ class LatentGRPOTrainer:
                 cands[item] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos]
             if c.rank_negatives == "popularity":
                 # The whole train split (not only the prompts' subset): every item's count as a next item.
-                targets = torch.tensor(data.splits[c.train_split]["target_item_id"], dtype=torch.long)
+                targets = torch.tensor(list(data.splits[c.train_split]["target_item_id"]), dtype=torch.long)
                 counts = torch.bincount(targets - 1, minlength=len(data.catalog))[: len(data.catalog)]
         return rows, len(data.catalog), cands, counts
 
@@ -890,8 +896,10 @@ class LatentGRPOTrainer:
         """Mean noise-free ``neg_ppl`` and ``log_likelihood`` over the held-out ``eval_rows`` (all processes).
 
         When a candidate reward is active, also ``reciprocal_rank`` and ``candidate_log_softmax`` of the target
-        among ``rank_candidates`` items drawn per held-out row (the same draw for every checkpoint with the same
-        seed). With ``per_row``, also the per-row values in row order (for paired comparisons of checkpoints).
+        among ``rank_candidates`` items drawn per held-out row. The draw is keyed by the seed and the row's index in
+        ``eval_split``, and follows ``rank_candidates`` and ``rank_negatives``: checkpoints compare on the same
+        candidates only when those three settings agree. With ``per_row``, also the per-row values in row order
+        (for paired comparisons of checkpoints).
         """
         c = self.config
         if self._eval_rows is None:
@@ -913,9 +921,11 @@ class LatentGRPOTrainer:
             lp = res.logprobs.view(-1, g, res.logprobs.shape[-1])[:, 0]  # member 0: the pooled latent itself
             inputs = RewardInputs(lp, t["completion_attention_mask"])
             if self.uses_candidates:
-                # Held-out draws (epoch -1) never coincide with a training epoch's.
+                # Keyed by "epoch" -1 and the row's index in its split, so that the draw of a row does not depend
+                # on eval_rows (the size of the subset it came from).
+                held = [rows[r] for r in chunk]
                 inputs.candidate_scores, inputs.target_index = self._candidate_scores(
-                    -1, [rows[r] for r in chunk], chunk, t, res.latent.float(), 1)
+                    -1, held, [row["row_index"] for row in held], t, res.latent.float(), 1)
             local[lo:lo + len(chunk), 0] = torch.tensor(chunk, dtype=torch.float64, device=dev)
             for j, name in enumerate(names, start=1):
                 local[lo:lo + len(chunk), j] = REWARD_FUNCTIONS[name](inputs)
