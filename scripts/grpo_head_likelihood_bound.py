@@ -93,6 +93,8 @@ def main() -> int:
     ap.add_argument("--objective", choices=["likelihood", "candidate_softmax"], default="likelihood")
     ap.add_argument("--rank-candidates", type=int, default=20,
                     help="candidate_softmax: items per prompt (target included), in training and held out")
+    ap.add_argument("--rank-negatives", choices=["uniform", "popularity"], default="uniform",
+                    help="candidate_softmax: how the other candidates are drawn (LatentGRPOConfig.rank_negatives)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--output-root", default="runs/games-cmp")
     ap.add_argument("--results", default=None, help="writes <results>.json and <results>.md")
@@ -113,10 +115,12 @@ def main() -> int:
     per_step = args.prompts // args.steps
     cand = args.objective == "candidate_softmax"
     main_metric = "candidate_log_softmax" if cand else "log_likelihood"
-    cand_kwargs = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=args.rank_candidates) if cand else {}
+    cand_kwargs = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=args.rank_candidates,
+                       rank_negatives=args.rank_negatives) if cand else {}
     runs = []
     for lr in args.lr:
-        out = Path(args.output_root) / f"{'lora' if args.train_lora else 'head'}_{'cls' if cand else 'll'}_lr{lr:g}"
+        kind = ("cls" + ("_pop" if args.rank_negatives == "popularity" else "")) if cand else "ll"
+        out = Path(args.output_root) / f"{'lora' if args.train_lora else 'head'}_{kind}_lr{lr:g}"
         if (out / RESULTS_NAME).exists() and (out / "per_row.json").exists():
             done = json.loads((out / "training_args.json").read_text()) if (out / "training_args.json").exists() else {}
             if cand and done.get("rank_candidates") != args.rank_candidates:
@@ -164,15 +168,17 @@ def main() -> int:
                                                       "steps": args.steps, "exclude_sft_rows": args.exclude_sft_rows,
                                                       "train_lora": args.train_lora, "objective": args.objective,
                                                       "rank_candidates": args.rank_candidates if cand else None,
+                                                      "rank_negatives": args.rank_negatives if cand else None,
                                                       "runs": runs})
         source = ("train rows the SFT never saw" if args.exclude_sft_rows else
                   f"seeded train subset, seed {args.seed}: the SFT's own rows when it used the same seed and >= as many")
         what = "Head + LoRA" if args.train_lora else "Head-only"
         if cand:
-            goal = (f"the exact gradient of the true item's log-softmax among {args.rank_candidates} sampled items "
+            goal = (f"the exact gradient of the true item's log-softmax among {args.rank_candidates} items drawn "
+                    f"{'by popularity' if args.rank_negatives == 'popularity' else 'uniformly'} "
                     f"(`--objective candidate_softmax`)")
             measure = (f"the held-out log-softmax and reciprocal rank of the true item among {args.rank_candidates} "
-                       "items drawn per row, and the mean per-token log-likelihood of its title,")
+                       "items drawn the same way per row, and the mean per-token log-likelihood of its title,")
         else:
             goal = "the exact likelihood gradient"
             measure = "held-out mean per-token log-likelihood of the true title"

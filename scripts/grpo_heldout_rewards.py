@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the row subset")
     ap.add_argument("--rank-candidates", type=int, default=0,
                     help="also the target's reciprocal rank / log-softmax among this many sampled items (0 = off)")
+    ap.add_argument("--rank-negatives", choices=["uniform", "popularity"], default="uniform",
+                    help="how the other candidates are drawn (LatentGRPOConfig.rank_negatives)")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
 
@@ -50,8 +52,8 @@ def main() -> int:
             print(f"skip {ckpt}: not a finished run", file=sys.stderr)
             continue
         # G = 2 (the minimum) and 8 prompts per batch: every member is the noise-free latent here.
-        cand_kwargs = dict(reward_funcs=["neg_ppl", "candidate_log_softmax"], rank_candidates=args.rank_candidates) \
-            if args.rank_candidates else {}
+        cand_kwargs = dict(reward_funcs=["neg_ppl", "candidate_log_softmax"], rank_candidates=args.rank_candidates,
+                           rank_negatives=args.rank_negatives) if args.rank_candidates else {}
         cfg = LatentGRPOConfig(output_dir="/tmp/unused", sft_checkpoint=ckpt, model_dtype=args.dtype,
                                num_generations=2, per_device_train_batch_size=16, max_train_rows=8,
                                eval_rows=args.rows, eval_split=args.split, seed=args.seed, disable_tqdm=True, **cand_kwargs)
@@ -66,13 +68,16 @@ def main() -> int:
         for k in vals:
             d, lo, hi = paired_bootstrap_ci(vals[k], base[k], seed=0)
             res[f"{k}_diff_vs_first"] = {"diff": d, "ci95": [lo, hi]}
-    out = {"split": args.split, "rows": results[0]["rows"], "row_seed": args.seed, "results": results}
+    out = {"split": args.split, "rows": results[0]["rows"], "row_seed": args.seed,
+           "rank_candidates": args.rank_candidates or None,
+           "rank_negatives": args.rank_negatives if args.rank_candidates else None, "results": results}
     if args.output:
         from llmrec.data.canonical import atomic_write_json, atomic_write_text
 
         atomic_write_json(Path(args.output), out)
         shown = [k for k in METRICS if k in results[0]]
-        cand = f" ({args.rank_candidates} candidates per row)" if args.rank_candidates else ""
+        cand = (f" ({args.rank_candidates} candidates per row, drawn {'by popularity' if args.rank_negatives == 'popularity' else 'uniformly'})"
+                if args.rank_candidates else "")
         lines = [f"Held-out rewards of the noise-free latent on {out['rows']} {args.split} rows (seed {args.seed}; "
                  "`python scripts/grpo_heldout_rewards.py ...`); first row = the baseline of the differences "
                  f"(paired bootstrap 95% intervals over rows){cand}:", "",
