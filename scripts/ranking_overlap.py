@@ -36,11 +36,12 @@ def main() -> int:
     ap.add_argument("reference", type=Path)
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--markdown", type=Path, default=None, help="also write the table here (atomically)")
     args = ap.parse_args()
     ref = top_items(args.reference, args.k)
     k, name = args.k, args.reference.name
-    print(f"| run | rows | mean top-{k} overlap with {name} | hits@{k} | {name} hits | both | either |\n"
-          "|---|---|---|---|---|---|---|")
+    lines = [f"| run | rows | mean top-{k} overlap with {name} | hits@{k} | {name} hits | both | either |",
+             "|---|---|---|---|---|---|---|"]
     for run in args.runs:
         lists = top_items(run, k)
         rows = sorted(set(lists) & set(ref))
@@ -50,7 +51,14 @@ def main() -> int:
         hit, ref_hit = [lists[r][1] for r in rows], [ref[r][1] for r in rows]
         both = sum(a and b for a, b in zip(hit, ref_hit))
         either = sum(a or b for a, b in zip(hit, ref_hit))
-        print(f"| {run.name} | {len(rows)} | {share:.2f} | {sum(hit)} | {sum(ref_hit)} | {both} | {either} |")
+        lines.append(f"| {run.name} | {len(rows)} | {share:.2f} | {sum(hit)} | {sum(ref_hit)} | {both} | {either} |")
+    print("\n".join(lines))
+    if args.markdown:
+        from llmrec.data.canonical import atomic_write_text
+
+        runs = " ".join(str(r) for r in (args.reference, *args.runs))
+        atomic_write_text(args.markdown, f"Top-{k} overlap (`python scripts/ranking_overlap.py {runs}`):\n\n"
+                          + "\n".join(lines) + "\n")
     return 0
 
 

@@ -220,3 +220,28 @@ def test_rows_are_split_by_process_before_finished_rows_are_removed(prepared_dir
     first._run_popularity(data, split, rows, first._done_rows())  # process 0 appends its share ...
     second._run_popularity(data, split, rows, second._done_rows())  # ... before process 1 reads the part files
     assert sorted(first._done_rows()) == sorted(rows)
+
+
+def test_dataset_defaults_to_the_one_the_checkpoint_was_trained_on(tmp_path, caplog):
+    """Without --dataset, a checkpoint is evaluated on the dataset it records (not silently on the embedded
+    sample); --dataset overrides; a checkpoint recording none falls back to the sample with a warning."""
+    import logging
+
+    from llmrec.evaluation.evaluator import EvalConfig
+
+    llm = tmp_path / "sft"
+    llm.mkdir()
+    (llm / "llmrec_config.json").write_text(json.dumps({"dataset": "data/games", "num_latent_tokens": 1}))
+    assert EvalConfig(checkpoint=str(llm)).dataset == "data/games"
+    assert EvalConfig(checkpoint=str(llm), dataset="other").dataset == "other"
+    seqrec = tmp_path / "sasrec"
+    seqrec.mkdir()
+    (seqrec / "results.json").write_text(json.dumps({"protocol": {"dataset_dir": "/data/ml100k"}, "config": {}}))
+    assert EvalConfig(method="seqrec", checkpoint=str(seqrec)).dataset == "/data/ml100k"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "llmrec_config.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.evaluator"):
+        assert EvalConfig(checkpoint=str(bare)).dataset == "games-sample"
+    assert "records no dataset" in caplog.text
+    assert EvalConfig().dataset == "games-sample"  # zero-shot without a checkpoint

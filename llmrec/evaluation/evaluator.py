@@ -57,7 +57,11 @@ PROMPT_FITS = ("own_answer", "longest_answer")
 class EvalConfig:
     """Options of ``llmrec evaluate`` (recipe keys and ``--name value`` overrides)."""
 
-    dataset: str = field(default="games-sample", metadata={"help": "Prepared dataset directory or embedded sample name."})
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Prepared dataset directory or embedded sample name (default: the dataset the checkpoint "
+                  "records it was trained on; without a checkpoint, the embedded games-sample)."},
+    )
     split: str = field(default="test", metadata={"help": "Split to evaluate: valid or test."})
     max_rows: int = field(default=0, metadata={"help": "Evaluate a seeded random subset of this many rows (0 = all)."})
     row_seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
@@ -91,6 +95,15 @@ class EvalConfig:
         from llmrec.models.backbone import concrete_dtype_name
 
         self.dtype = concrete_dtype_name(self.dtype)
+        if self.dataset is None:
+            # Not silently the embedded sample for a model trained on another dataset.
+            recorded = recorded_dataset(self.checkpoint) if self.checkpoint else None
+            self.dataset = recorded or DEFAULT_DATASET
+            if recorded:
+                logger.info("dataset: %s (recorded by %s; --dataset overrides)", recorded, self.checkpoint)
+            elif self.checkpoint and Path(self.checkpoint).is_dir():
+                logger.warning("%s records no dataset: evaluating on the embedded %s (give --dataset)",
+                               self.checkpoint, DEFAULT_DATASET)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.split not in ("train", "valid", "test"):
@@ -127,6 +140,27 @@ class EvalConfig:
     def guided(self) -> bool:
         """D3 guidance is on: a guidance checkpoint and a non-zero weight."""
         return self.method == "beam" and self.guidance_checkpoint is not None and self.guidance_weight != 0
+
+
+DEFAULT_DATASET = "games-sample"
+
+
+def recorded_dataset(checkpoint: str | Path) -> str | None:
+    """The dataset a trained checkpoint records (``llmrec sft`` / ``llmrec grpo``: ``llmrec_config.json``;
+    ``llmrec seqrec train``: ``results.json``), or None if it records none (or is not a trained checkpoint)."""
+    from llmrec.training.sft import LLMREC_CONFIG_NAME
+
+    d = Path(checkpoint)
+    try:
+        if (d / LLMREC_CONFIG_NAME).is_file():
+            return json.loads((d / LLMREC_CONFIG_NAME).read_text(encoding="utf-8")).get("dataset") or None
+        if (d / "results.json").is_file():
+            res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+            found = res.get("protocol", {}).get("dataset_dir") or (res.get("config") or {}).get("dataset_dir")
+            return str(found) if found else None
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        return None  # not a file written by llmrec: the loaders report what is wrong with it
+    return None
 
 
 def select_rows(n: int, max_rows: int, seed: int) -> list[int]:
