@@ -1,6 +1,8 @@
 """llmrec: LLM-based sequential recommendation with latent reasoning tokens."""
 
+import atexit as _atexit
 import logging as _logging
+import sys as _sys
 
 __version__ = "0.1.0"
 
@@ -11,3 +13,19 @@ __version__ = "0.1.0"
 _bnb_cpu_logger = _logging.getLogger("bitsandbytes.backends.cpu.ops")
 if _bnb_cpu_logger.level == _logging.NOTSET:
     _bnb_cpu_logger.setLevel(_logging.ERROR)
+
+
+def _destroy_process_group_at_exit() -> None:
+    """End the default process group, if a run started one, while the interpreter is still whole.
+
+    A process that leaves its gloo group alive until interpreter finalisation can abort with "terminate called
+    without an active exception" (gloo's worker threads still hold tensors while Python is torn down), failing a
+    run whose work had finished. Registered at import, so every entry point and every script using llmrec ends
+    its group cleanly; torch is looked up, not imported, so importing llmrec stays cheap.
+    """
+    dist = _sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_atexit.register(_destroy_process_group_at_exit)
