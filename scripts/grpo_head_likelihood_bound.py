@@ -50,7 +50,7 @@ def make_trainer_class(objective: str):
                 return (lp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
             latent = self.module(**t, noise_fn=zeros, latent_only=True).latent.float()
             scores, target = self._candidate_scores(step // self.steps_per_epoch, [self.rows[r] for r in b.rows],
-                                                    b.rows, t, latent, 1)
+                                                    b.rows, t, latent, 1, self.config.train_split)
             return candidate_log_softmax(RewardInputs(latent.new_zeros(len(b.rows), 1), latent.new_ones(len(b.rows), 1),
                                                       scores, target))
 
@@ -93,7 +93,7 @@ def main() -> int:
     ap.add_argument("--objective", choices=["likelihood", "candidate_softmax"], default="likelihood")
     ap.add_argument("--rank-candidates", type=int, default=20,
                     help="candidate_softmax: items per prompt (target included), in training and held out")
-    ap.add_argument("--rank-negatives", choices=["uniform", "popularity"], default="uniform",
+    ap.add_argument("--rank-negatives", choices=["uniform", "popularity", "beam"], default="uniform",
                     help="candidate_softmax: how the other candidates are drawn (LatentGRPOConfig.rank_negatives)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--output-root", default="runs/games-cmp")
@@ -119,7 +119,7 @@ def main() -> int:
                        rank_negatives=args.rank_negatives) if cand else {}
     runs = []
     for lr in args.lr:
-        kind = ("cls" + ("_pop" if args.rank_negatives == "popularity" else "")) if cand else "ll"
+        kind = ("cls" + {"uniform": "", "popularity": "_pop", "beam": "_beam"}[args.rank_negatives]) if cand else "ll"
         out = Path(args.output_root) / f"{'lora' if args.train_lora else 'head'}_{kind}_lr{lr:g}"
         if (out / RESULTS_NAME).exists() and (out / "per_row.json").exists():
             done = json.loads((out / "training_args.json").read_text()) if (out / "training_args.json").exists() else {}
@@ -174,8 +174,9 @@ def main() -> int:
                   f"seeded train subset, seed {args.seed}: the SFT's own rows when it used the same seed and >= as many")
         what = "Head + LoRA" if args.train_lora else "Head-only"
         if cand:
-            goal = (f"the exact gradient of the true item's log-softmax among {args.rank_candidates} items drawn "
-                    f"{'by popularity' if args.rank_negatives == 'popularity' else 'uniformly'} "
+            drawn = {"popularity": "items drawn by popularity", "uniform": "items drawn uniformly",
+                     "beam": "items (the starting model's beam search, topped up uniformly)"}[args.rank_negatives]
+            goal = (f"the exact gradient of the true item's log-softmax among {args.rank_candidates} {drawn} "
                     f"(`--objective candidate_softmax`)")
             measure = (f"the held-out log-softmax and reciprocal rank of the true item among {args.rank_candidates} "
                        "items drawn the same way per row, and the mean per-token log-likelihood of its title,")

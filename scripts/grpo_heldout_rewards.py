@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 # Per-row metrics compared between checkpoints, with their column titles.
@@ -33,8 +34,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the row subset")
     ap.add_argument("--rank-candidates", type=int, default=0,
                     help="also the target's reciprocal rank / log-softmax among this many sampled items (0 = off)")
-    ap.add_argument("--rank-negatives", choices=["uniform", "popularity"], default="uniform",
-                    help="how the other candidates are drawn (LatentGRPOConfig.rank_negatives)")
+    ap.add_argument("--rank-negatives", choices=["uniform", "popularity", "beam"], default="uniform",
+                    help="how the other candidates are drawn (LatentGRPOConfig.rank_negatives); beam: mined once by "
+                    "the first checkpoint's beam search, the same candidates for every checkpoint")
     ap.add_argument("--output", default=None)
     args = ap.parse_args()
 
@@ -44,6 +46,8 @@ def main() -> int:
     from llmrec.training.grpo import LatentGRPOConfig, LatentGRPOTrainer
 
     results, per_row = [], []
+    mined: dict = {}  # rank_negatives=beam: the first checkpoint's beam-search items, reused by the others
+    scratch = tempfile.mkdtemp(prefix="grpo_heldout_")
     for n, ckpt in enumerate(args.checkpoints):
         done = Path(ckpt) / ("grpo_results.json" if (Path(ckpt) / "grpo_results.json").exists() else "train_results.json")
         if not done.exists():
@@ -54,11 +58,13 @@ def main() -> int:
         # G = 2 (the minimum) and 8 prompts per batch: every member is the noise-free latent here.
         cand_kwargs = dict(reward_funcs=["neg_ppl", "candidate_log_softmax"], rank_candidates=args.rank_candidates,
                            rank_negatives=args.rank_negatives) if args.rank_candidates else {}
-        cfg = LatentGRPOConfig(output_dir="/tmp/unused", sft_checkpoint=ckpt, model_dtype=args.dtype,
+        cfg = LatentGRPOConfig(output_dir=f"{scratch}/{n}", sft_checkpoint=ckpt, model_dtype=args.dtype,
                                num_generations=2, per_device_train_batch_size=16, max_train_rows=8,
                                eval_rows=args.rows, eval_split=args.split, seed=args.seed, disable_tqdm=True, **cand_kwargs)
         trainer = LatentGRPOTrainer(cfg)
+        trainer.beam_negatives = dict(mined)
         full = trainer.evaluate_rewards(per_row=True)
+        mined = mined or trainer.beam_negatives
         per_row.append({k: np.array(v) for k, v in full.pop("per_row").items() if k in METRICS})
         results.append({"checkpoint": ckpt, **full})
         print(json.dumps(results[-1]), flush=True)
@@ -76,8 +82,9 @@ def main() -> int:
 
         atomic_write_json(Path(args.output), out)
         shown = [k for k in METRICS if k in results[0]]
-        cand = (f" ({args.rank_candidates} candidates per row, drawn {'by popularity' if args.rank_negatives == 'popularity' else 'uniformly'})"
-                if args.rank_candidates else "")
+        drawn = {"popularity": "drawn by popularity", "uniform": "drawn uniformly",
+                 "beam": "the first checkpoint's beam search"}[args.rank_negatives]
+        cand = f" ({args.rank_candidates} candidates per row, {drawn})" if args.rank_candidates else ""
         lines = [f"Held-out rewards of the noise-free latent on {out['rows']} {args.split} rows (seed {args.seed}; "
                  "`python scripts/grpo_heldout_rewards.py ...`); first row = the baseline of the differences "
                  f"(paired bootstrap 95% intervals over rows){cand}:", "",

@@ -111,6 +111,9 @@ GRPO_CONFIGS = {
                         reward_weights=[1.0, 0.5, 0.5], rank_candidates=5, eval_rows=5),
     "rank_popularity": dict(reward_funcs=["candidate_log_softmax"], rank_candidates=5, rank_negatives="popularity",
                             advantage_mode="group", learning_rate=5e-4),
+    # negatives mined by each process's share of the beam searches, gathered: the same on both layouts
+    "rank_beam": dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4, rank_negatives="beam",
+                      advantage_mode="group", eval_rows=5, learning_rate=5e-4),
     "kl": dict(beta=0.1),
     "kl_lora": dict(beta=0.1, train_lora=True),
     "dapo_cosine": dict(loss_type="dapo", lr_scheduler_type="cosine", warmup_steps=1),
@@ -166,6 +169,11 @@ def test_grpo_two_processes_match_one_process(grpo_runs, name):
         for when in ("eval_before", "eval_after"):  # held-out candidate draws do not depend on the layout
             for k in ("reciprocal_rank", "candidate_log_softmax"):
                 assert a[when][k] == pytest.approx(b[when][k], rel=1e-6), (when, k)
+    if name == "rank_beam":  # one beam search per prompt, split over the processes, gathered whole
+        mined = [json.loads((d / "beam_negatives.json").read_text())["rows"] for d in (one, two)]
+        assert mined[0] == mined[1] and len(mined[0]["valid"]) == 5 and len(mined[0]["train"]) >= 8
+        for when in ("eval_before", "eval_after"):
+            assert a[when]["candidate_log_softmax"] == pytest.approx(b[when]["candidate_log_softmax"], rel=1e-5)
     if name == "eval_rows":
         for when in ("eval_before", "eval_after"):
             assert a[when]["rows"] == b[when]["rows"] == 5

@@ -324,6 +324,71 @@ def test_popularity_negatives_count_the_train_split_targets(tmp_path, sft_dir):
     assert 0 < res["eval_before"]["reciprocal_rank"] <= 1
     with pytest.raises(ConfigError, match="rank_negatives"):
         grpo_config(tmp_path / "x", sft, rank_negatives="hard")
+    rows = [dict(r) for r in t.rows]
+    for r in rows:
+        r.pop("row_index")
+    with pytest.raises(ConfigError, match="title trie"):
+        LatentGRPOTrainer(grpo_config(tmp_path / "y", sft, reward_funcs=["candidate_log_softmax"], rank_candidates=4,
+                                      rank_negatives="beam"), model=t.latent_lm, tokenizer=t.tokenizer, meta=t.meta,
+                          rows=rows, num_items=t.num_items, candidate_completions=t.candidate_completions)
+
+
+def test_candidate_items_take_the_first_items_then_draw():
+    # the target (3), an excluded item (5) and a repeat are left out of ``first``; draws fill the rest
+    items = candidate_items(0, 0, 0, 3, 20, 5, frozenset({5}), first=[7, 3, 5, 7, 9])
+    assert items[:3] == [3, 7, 9] and len(set(items)) == 5 and 5 not in items
+    assert candidate_items(0, 0, 0, 3, 20, 3, first=[7, 9, 11, 12]) == [3, 7, 9]  # only the first k - 1
+    assert candidate_items(0, 0, 0, 3, 20, 4, first=[]) == candidate_items(0, 0, 0, 3, 20, 4)
+    with pytest.raises(ValueError, match="not both"):
+        candidate_items(0, 0, 0, 3, 20, 4, weights=torch.ones(20), first=[7])
+
+
+def test_beam_negatives_are_the_starting_models_beam_search(tmp_path, sft_dir):
+    """rank_negatives=beam: each prompt's negatives are the items a plain (one prompt, unpadded) constrained beam
+    search of the starting model ranks, in order; mined for the train prompts and the held-out rows before
+    training, kept in output_dir, and found there again by a resumed run (not mined by its trained head)."""
+    from llmrec.decoding.beam_search import PromptState, constrained_beam_search_from_state
+
+    sft, _, _ = sft_dir
+    kw = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4, rank_negatives="beam", max_train_rows=8,
+              eval_rows=3, max_steps=2, save_steps=1, advantage_mode="group")
+    t = LatentGRPOTrainer(grpo_config(tmp_path / "b", sft, **kw))
+    t.mine_beam_negatives("train", t.rows)
+    lm = t.latent_lm
+    for row in t.rows:
+        ids = torch.tensor([row["prompt_ids"]])
+        with torch.no_grad():
+            cache, logits, mask, pos = lm.prefill_with_latents(ids, torch.ones_like(ids))
+            out = constrained_beam_search_from_state(lm.causal_lm, t.title_trie, PromptState(
+                next_token_logits=logits.float(), past_key_values=cache, attention_mask=mask, next_position_ids=pos),
+                num_beams=4, length_penalty=1.0)[0]
+        assert t.beam_negatives[("train", row["row_index"])] == list(out.item_ranking)
+        target = row["target_item_id"]
+        same = t.same_title.get(tuple(t.candidate_completions[target]), frozenset())
+        hard = [i for i in out.item_ranking if i != target and i not in same]
+        assert candidate_items(0, 0, 0, target, t.num_items, 4, same, first=hard)[1 : 1 + len(hard[:3])] == hard[:3]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_1(trainer, stats):
+        if trainer.global_step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        LatentGRPOTrainer(grpo_config(tmp_path / "r", sft, **kw), callbacks=[stop_after_1]).train()
+    saved = json.loads((tmp_path / "r" / "beam_negatives.json").read_text())
+    assert set(saved["rows"]) == {"train", "valid"} and len(saved["rows"]["valid"]) == 3
+    assert saved["rows"]["train"] == {str(k[1]): v for k, v in t.beam_negatives.items()}
+    resumed = LatentGRPOTrainer(grpo_config(tmp_path / "r", sft, **kw))
+    with torch.no_grad():  # a head unlike the starting one: mining again would give other items
+        for p in resumed.latent_lm.latent_head.parameters():
+            p.add_(torch.randn_like(p))
+    res = resumed.train()
+    assert res["resumed_from"].endswith("checkpoint-1")
+    assert {k: v for k, v in resumed.beam_negatives.items() if k[0] == "train"} == t.beam_negatives
+    assert math.isfinite(res["log_history"][-1]["rewards/candidate_log_softmax/mean"])
+    assert 0 < res["eval_after"]["reciprocal_rank"] <= 1
 
 
 def test_absolute_noise_on_normalised_latents_is_warned_about(tmp_path, sft_dir, caplog):

@@ -59,7 +59,8 @@ RESULTS_NAME = "grpo_results.json"
 NOISE_MODES = ("absolute", "relative")
 LOSS_TYPES = ("grpo", "dapo")
 POLICY_LOGPROBS = ("target", "gaussian")
-RANK_NEGATIVES = ("uniform", "popularity")
+RANK_NEGATIVES = ("uniform", "popularity", "beam")
+BEAM_NEGATIVES_NAME = "beam_negatives.json"
 # TRL GRPOConfig fields this trainer does not implement: setting one would otherwise be silently ignored.
 IGNORED_TRL_FIELDS = {
     "scale_rewards": "advantages come from advantage_mode",
@@ -163,8 +164,12 @@ class LatentGRPOConfig(GRPOConfig):
     rank_negatives: str = field(
         default="uniform",
         metadata={"help": "How the other candidates of a rank-based reward are drawn: uniform over the catalogue, "
-                  "or popularity (in proportion to 1 + the item's count as a train-split target): harder "
-                  "negatives, closer to the items a beam search ranks above the target."},
+                  "popularity (in proportion to 1 + the item's count as a train-split target): harder "
+                  "negatives, closer to the items a beam search ranks above the target; or beam: the items the "
+                  "starting model's own constrained beam search returns for the prompt (noise-free latent, "
+                  "rank_candidates beams, length penalty 1), i.e. the items that compete with the target at "
+                  "evaluation, topped up uniformly when the search returns fewer. Beam negatives are mined once, "
+                  f"before training (and before a resume loads its checkpoint), and kept in output_dir/{BEAM_NEGATIVES_NAME}."},
     )
     rank_chunk_rows: int = field(
         default=64, metadata={"help": "Rows per forward when scoring candidates (memory vs speed)."}
@@ -297,15 +302,19 @@ def member_noise(seed: int, epoch: int, row: int, group_size: int, hidden: int,
 
 
 def candidate_items(seed: int, epoch: int, row: int, target: int, num_items: int, k: int,
-                    exclude: frozenset[int] = frozenset(), weights: torch.Tensor | None = None) -> list[int]:
+                    exclude: frozenset[int] = frozenset(), weights: torch.Tensor | None = None,
+                    first: list[int] | None = None) -> list[int]:
     """``k`` item ids in 1..num_items with the target at position 0 and ``k-1`` distinct others.
 
     ``exclude`` (e.g. items sharing the target's title, which would tie with it) are never drawn. ``weights``
     (``[num_items]``, positive, item ``i`` at index ``i - 1``): the others are drawn without replacement with these
-    probabilities (e.g. popularity) instead of uniformly.
+    probabilities (e.g. popularity) instead of uniformly. ``first`` (e.g. a beam search's items for the row): these
+    others come first, in their order (the target, excluded and repeated ones left out); draws fill the rest.
     """
     if k > num_items - len(exclude - {target}):
         raise ValueError(f"rank_candidates={k} exceeds the catalogue size {num_items} (minus excluded items)")
+    if first and weights is not None:
+        raise ValueError("give either weights or first items, not both")
     g = torch.Generator().manual_seed(_seed_for(seed, epoch, row, 2))
     if weights is None:
         order = torch.randperm(num_items, generator=g) + 1
@@ -315,8 +324,13 @@ def candidate_items(seed: int, epoch: int, row: int, target: int, num_items: int
         w = weights.double().clone()
         w[[i - 1 for i in exclude | {target} if 1 <= i <= num_items]] = 0.0  # never drawn, so k - 1 always suffice
         order = torch.multinomial(w, k - 1, replacement=False, generator=g) + 1
-    others = [i for i in order.tolist() if i != target and i not in exclude]
-    return [target] + others[: k - 1]
+    others: list[int] = []
+    for i in [*(first or []), *order.tolist()]:
+        if i != target and i not in exclude and i not in others:
+            others.append(i)
+            if len(others) == k - 1:
+                break
+    return [target] + others
 
 
 # ------------------------------------------------------------------------------------------------ batch
@@ -576,11 +590,13 @@ class LatentGRPOTrainer:
         num_items: catalogue size (rank rewards sample candidates from it).
         candidate_completions: ``item_id -> completion token ids`` (rank rewards).
         item_counts: ``[num_items]`` train-split target count of each item (``rank_negatives="popularity"``).
+        title_trie: the catalogue's :class:`~llmrec.decoding.trie.TitleTrie` in the completion format
+            (``rank_negatives="beam"``); default: built from the dataset with the rows.
     """
 
     def __init__(self, config: LatentGRPOConfig, model=None, tokenizer=None, meta=None, rows=None,
                  num_items: int | None = None, candidate_completions: dict[int, list[int]] | None = None,
-                 callbacks: list | None = None, item_counts: torch.Tensor | None = None):
+                 callbacks: list | None = None, item_counts: torch.Tensor | None = None, title_trie=None):
         from accelerate import Accelerator
 
         self.config = config
@@ -591,7 +607,7 @@ class LatentGRPOTrainer:
         self.meta = dict(meta or {})
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if rows is None:
-            rows, num_items, candidate_completions, item_counts = self._load_rows(model)
+            rows, num_items, candidate_completions, item_counts, title_trie = self._load_rows(model)
         self.rows = rows
         self._eval_rows: list[dict] | None = None
         self.eval_before: dict | None = None
@@ -610,10 +626,18 @@ class LatentGRPOTrainer:
         if self.uses_candidates and (not num_items or not self.candidate_completions):
             raise ConfigError("rank-based rewards need the catalogue (num_items, candidate_completions)")
         self.candidate_weights = None
+        self.title_trie = title_trie
+        # (split, row index) -> the starting model's beam-search items for that row (rank_negatives=beam)
+        self.beam_negatives: dict[tuple[str, int], list[int]] = {}
         if self.uses_candidates and config.rank_negatives == "popularity":
             if item_counts is None or tuple(item_counts.shape) != (num_items,):
                 raise ConfigError("rank_negatives=popularity needs item_counts, one count per catalogue item")
             self.candidate_weights = item_counts.double().cpu() + 1.0  # + 1: never-seen items can still be drawn
+        elif self.uses_candidates and config.rank_negatives == "beam":
+            if title_trie is None:
+                raise ConfigError("rank_negatives=beam needs the catalogue's title trie (title_trie)")
+            if any("row_index" not in r for r in rows):
+                raise ConfigError("rank_negatives=beam keys each prompt's negatives by its row_index: every row needs one")
         elif config.rank_negatives != "uniform":
             logger.warning("rank_negatives=%s has no effect: no active reward scores candidates", config.rank_negatives)
         self.accelerator = Accelerator(gradient_accumulation_steps=1, **accelerator_kwargs())
@@ -738,7 +762,7 @@ class LatentGRPOTrainer:
     def _load_rows(self, model):
         c = self.config
         rows, data, template = self._encode_split(model, c.train_split, c.max_train_rows)
-        cands, counts = None, None
+        cands, counts, trie = None, None, None
         if any(r in RANK_REWARDS for r in c.reward_funcs):
             eos = self.tokenizer.eos_token_id
             cands = {}
@@ -749,7 +773,11 @@ class LatentGRPOTrainer:
                 # The whole train split (not only the prompts' subset): every item's count as a next item.
                 targets = torch.tensor(list(data.splits[c.train_split]["target_item_id"]), dtype=torch.long)
                 counts = torch.bincount(targets - 1, minlength=len(data.catalog))[: len(data.catalog)]
-        return rows, len(data.catalog), cands, counts
+            if c.rank_negatives == "beam":
+                from llmrec.decoding.search import build_catalog_trie
+
+                trie = build_catalog_trie(data.catalog, self.tokenizer, template)
+        return rows, len(data.catalog), cands, counts, trie
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Row order of an epoch (seeded; identical on every process)."""
@@ -815,7 +843,7 @@ class LatentGRPOTrainer:
             if self.uses_candidates:
                 members = latent.float().repeat_interleave(g, 0) + b.noise
                 inputs.candidate_scores, inputs.target_index = self._candidate_scores(
-                    epoch, [self.rows[r] for r in b.rows], b.rows, t, members, g)
+                    epoch, [self.rows[r] for r in b.rows], b.rows, t, members, g, self.config.train_split)
             for name in self.active_rewards:
                 per_fn[name].append(REWARD_FUNCTIONS[name](inputs).double())
             positions.append(torch.tensor(b.positions, device=dev))
@@ -868,16 +896,22 @@ class LatentGRPOTrainer:
         return stats
 
     def _candidate_scores(self, epoch: int, rows: list[dict], row_ids: list[int], t: dict[str, torch.Tensor],
-                          members: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+                          members: torch.Tensor, group: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores ``[len(rows) * group, K]`` of each prompt's sampled candidates (target first) under its
-        ``group`` member latents (``members``, noise included), and the target's column (0)."""
+        ``group`` member latents (``members``, noise included), and the target's column (0). ``split``: the rows'
+        split (beam negatives are looked up by split and row index)."""
         c = self.config
         scores = []
         for i, (row, row_id) in enumerate(zip(rows, row_ids)):
             target = row["target_item_id"]
             same_title = self.same_title.get(tuple(self.candidate_completions[target]), frozenset())
+            first = None
+            if c.rank_negatives == "beam":
+                first = self.beam_negatives.get((split, row.get("row_index", -1)))
+                if first is None:
+                    raise RuntimeError(f"no beam negatives were mined for {split} row {row.get('row_index')}")
             items = candidate_items(c.seed, epoch, row_id, target, self.num_items, c.rank_candidates, same_title,
-                                    self.candidate_weights)
+                                    self.candidate_weights, first)
             cand = _collate([{"prompt_ids": [0], "completion_ids": self.candidate_completions[it]} for it in items],
                             self.pad)
             p_ids = t["prompt_input_ids"][i : i + 1]
@@ -890,6 +924,67 @@ class LatentGRPOTrainer:
             ))
         s = torch.cat(scores)
         return s, torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
+
+    def mine_beam_negatives(self, split: str, rows: list[dict]) -> None:
+        """Fill ``self.beam_negatives`` for ``rows`` of ``split`` (``rank_negatives=beam``): each row's items as the
+        current model ranks them by constrained beam search (noise-free latent, ``rank_candidates`` beams, length
+        penalty 1, the evaluation's scoring), shared by every process.
+
+        Call it on every process with the same rows, before training changes the model: rows already mined (or
+        found in ``output_dir/beam_negatives.json`` from an earlier start of this run) are not searched again.
+        """
+        from accelerate.utils import gather_object
+        from tqdm.auto import tqdm
+
+        from llmrec.data.canonical import atomic_write_json
+        from llmrec.decoding.beam_search import PromptState, constrained_beam_search_from_state
+
+        c = self.config
+        path = Path(c.output_dir) / BEAM_NEGATIVES_NAME
+        fingerprint = {"sft_checkpoint": str(c.sft_checkpoint), "num_beams": c.rank_candidates,
+                       "dataset": str(c.dataset or self.meta.get("dataset")), "seed": c.seed}
+        if not self.beam_negatives and path.exists():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("fingerprint") == fingerprint:
+                self.beam_negatives = {(sp, int(r)): items for sp, by_row in saved["rows"].items()
+                                       for r, items in by_row.items()}
+            else:
+                logger.warning("%s was mined with other settings (%s); mining again", path, saved.get("fingerprint"))
+        todo = [row for row in rows if (split, row["row_index"]) not in self.beam_negatives]
+        if not todo:
+            return
+        module = self.accelerator.unwrap_model(self.module)
+        lm = module.latent_lm
+        was_training = lm.training
+        lm.eval()  # dropout off: the ranking the model gives at evaluation
+        mine = todo[self.rank :: self.world]
+        per = max(1, c.rank_chunk_rows // c.rank_candidates)  # beams x rows per search, as candidate scoring's chunks
+        found: list[tuple[int, list[int]]] = []
+        bar = tqdm(total=len(todo), desc=f"beam negatives ({split})", disable=not self.accelerator.is_main_process)
+        for lo in range(0, len(mine), per):
+            chunk = mine[lo : lo + per]
+            t = _collate(chunk, self.pad)
+            with torch.no_grad():
+                cache, logits, mask, next_pos = lm.prefill_with_latents(
+                    t["prompt_input_ids"].to(self.accelerator.device),
+                    t["prompt_attention_mask"].to(self.accelerator.device))
+                outs = constrained_beam_search_from_state(
+                    lm.causal_lm, self.title_trie,
+                    PromptState(next_token_logits=logits.float(), past_key_values=cache, attention_mask=mask,
+                                next_position_ids=next_pos),
+                    num_beams=c.rank_candidates, length_penalty=1.0)
+            found += [(row["row_index"], [int(i) for i in o.item_ranking]) for row, o in zip(chunk, outs)]
+            bar.update(len(chunk) * self.world)
+        bar.close()
+        lm.train(was_training)
+        for row_index, items in gather_object(found) if self.world > 1 else found:
+            self.beam_negatives[(split, int(row_index))] = items
+        if self.accelerator.is_main_process:
+            by_split: dict[str, dict[str, list[int]]] = {}
+            for (sp, r), items in sorted(self.beam_negatives.items()):
+                by_split.setdefault(sp, {})[str(r)] = items
+            atomic_write_json(path, {"fingerprint": fingerprint, "rows": by_split})
+        self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
     def evaluate_rewards(self, per_row: bool = False) -> dict[str, Any]:
@@ -904,6 +999,8 @@ class LatentGRPOTrainer:
         c = self.config
         if self._eval_rows is None:
             self._eval_rows = self._encode_split(self.latent_lm, c.eval_split, c.eval_rows)[0]
+        if self.uses_candidates and c.rank_negatives == "beam":
+            self.mine_beam_negatives(c.eval_split, self._eval_rows)
         rows, g, dev = self._eval_rows, c.num_generations, self.accelerator.device
         # The unwrapped module: a DDP forward may run collectives, and processes can hold different row counts.
         module = self.accelerator.unwrap_model(self.module)
@@ -925,7 +1022,7 @@ class LatentGRPOTrainer:
                 # on eval_rows (the size of the subset it came from).
                 held = [rows[r] for r in chunk]
                 inputs.candidate_scores, inputs.target_index = self._candidate_scores(
-                    -1, held, [row["row_index"] for row in held], t, res.latent.float(), 1)
+                    -1, held, [row["row_index"] for row in held], t, res.latent.float(), 1, c.eval_split)
             local[lo:lo + len(chunk), 0] = torch.tensor(chunk, dtype=torch.float64, device=dev)
             for j, name in enumerate(names, start=1):
                 local[lo:lo + len(chunk), j] = REWARD_FUNCTIONS[name](inputs)
@@ -1182,6 +1279,12 @@ class LatentGRPOTrainer:
         c = self.config
         out_dir = Path(c.output_dir)
         resumed = None
+        if self.uses_candidates and c.rank_negatives == "beam":
+            # Mined by the starting model, before a resume loads a checkpoint (or found in the run's file).
+            self.mine_beam_negatives(c.train_split, self.rows)
+            if c.eval_rows:
+                self._eval_rows = self._encode_split(self.latent_lm, c.eval_split, c.eval_rows)[0]
+                self.mine_beam_negatives(c.eval_split, self._eval_rows)
         if resume:
             last = last_grpo_checkpoint(out_dir)
             if last is not None:
