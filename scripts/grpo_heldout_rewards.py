@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -62,13 +63,20 @@ def main() -> int:
                                num_generations=2, per_device_train_batch_size=16, max_train_rows=8,
                                eval_rows=args.rows, eval_split=args.split, seed=args.seed, disable_tqdm=True, **cand_kwargs)
         trainer = LatentGRPOTrainer(cfg)
-        trainer.beam_negatives = dict(mined)
+        if mined:
+            # Every row's candidates as the first checkpoint mined them (a prompt this checkpoint encodes otherwise
+            # has none: an error, not a silent search by this checkpoint's own model).
+            trainer.beam_negatives = dict(mined)
+            trainer._eval_rows = trainer._encode_split(trainer.latent_lm, args.split, args.rows)[0]
+            for row in trainer._eval_rows:
+                trainer.beam_negatives_for(args.split, row)
         full = trainer.evaluate_rewards(per_row=True)
         mined = mined or trainer.beam_negatives
         per_row.append({k: np.array(v) for k, v in full.pop("per_row").items() if k in METRICS})
         results.append({"checkpoint": ckpt, **full})
         print(json.dumps(results[-1]), flush=True)
         del trainer
+    shutil.rmtree(scratch, ignore_errors=True)
     base = per_row[0]
     for res, vals in zip(results[1:], per_row[1:]):
         for k in vals:

@@ -331,6 +331,11 @@ def test_popularity_negatives_count_the_train_split_targets(tmp_path, sft_dir):
         LatentGRPOTrainer(grpo_config(tmp_path / "y", sft, reward_funcs=["candidate_log_softmax"], rank_candidates=4,
                                       rank_negatives="beam"), model=t.latent_lm, tokenizer=t.tokenizer, meta=t.meta,
                           rows=rows, num_items=t.num_items, candidate_completions=t.candidate_completions)
+    with pytest.raises(ConfigError, match="row_index"):
+        LatentGRPOTrainer(grpo_config(tmp_path / "z", sft, reward_funcs=["candidate_log_softmax"], rank_candidates=4,
+                                      rank_negatives="beam"), model=t.latent_lm, tokenizer=t.tokenizer, meta=t.meta,
+                          rows=rows, num_items=t.num_items, candidate_completions=t.candidate_completions,
+                          title_trie=object())
 
 
 def test_candidate_items_take_the_first_items_then_draw():
@@ -343,15 +348,17 @@ def test_candidate_items_take_the_first_items_then_draw():
         candidate_items(0, 0, 0, 3, 20, 4, weights=torch.ones(20), first=[7])
 
 
-def test_beam_negatives_are_the_starting_models_beam_search(tmp_path, sft_dir):
+def test_beam_negatives_are_the_starting_models_beam_search(tmp_path, sft_dir, monkeypatch):
     """rank_negatives=beam: each prompt's negatives are the items a plain (one prompt, unpadded) constrained beam
-    search of the starting model ranks, in order; mined for the train prompts and the held-out rows before
-    training, kept in output_dir, and found there again by a resumed run (not mined by its trained head)."""
+    search of the starting model ranks, in order, and they open the prompt's candidate list in training and held
+    out; mined for the train prompts and the held-out rows before training, kept in output_dir, found there again
+    by a resumed run (not mined by its own head), and mined before the resume loads its checkpoint without it."""
+    import llmrec.training.grpo as grpo_module
     from llmrec.decoding.beam_search import PromptState, constrained_beam_search_from_state
 
     sft, _, _ = sft_dir
     kw = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4, rank_negatives="beam", max_train_rows=8,
-              eval_rows=3, max_steps=2, save_steps=1, advantage_mode="group")
+              eval_rows=3, max_steps=2, save_steps=1, advantage_mode="group", learning_rate=5e-2)
     t = LatentGRPOTrainer(grpo_config(tmp_path / "b", sft, **kw))
     t.mine_beam_negatives("train", t.rows)
     lm = t.latent_lm
@@ -362,11 +369,27 @@ def test_beam_negatives_are_the_starting_models_beam_search(tmp_path, sft_dir):
             out = constrained_beam_search_from_state(lm.causal_lm, t.title_trie, PromptState(
                 next_token_logits=logits.float(), past_key_values=cache, attention_mask=mask, next_position_ids=pos),
                 num_beams=4, length_penalty=1.0)[0]
-        assert t.beam_negatives[("train", row["row_index"])] == list(out.item_ranking)
-        target = row["target_item_id"]
-        same = t.same_title.get(tuple(t.candidate_completions[target]), frozenset())
-        hard = [i for i in out.item_ranking if i != target and i not in same]
-        assert candidate_items(0, 0, 0, target, t.num_items, 4, same, first=hard)[1 : 1 + len(hard[:3])] == hard[:3]
+        assert t.beam_negatives_for("train", row) == list(out.item_ranking)
+    start = {k: v for k, v in t.beam_negatives.items()}
+
+    # the mined items open every candidate list the rewards score (training and held out)
+    seen = []
+    real = grpo_module.candidate_items
+
+    def spy(*args, **kwargs):
+        items = real(*args, **kwargs)
+        seen.append((args[3], args[8] if len(args) > 8 else kwargs.get("first"), items))
+        return items
+
+    monkeypatch.setattr(grpo_module, "candidate_items", spy)
+    t.score(0, t.local_micro_batches(0))
+    t.evaluate_rewards()
+    assert len(seen) == t.prompts_per_step + 3
+    for target, first, items in seen:
+        assert first is not None and target not in items[1:]
+        hard = [i for i in dict.fromkeys(first) if i != target and i in items]
+        assert items[1 : 1 + len(hard)] == hard
+    monkeypatch.setattr(grpo_module, "candidate_items", real)
 
     class Stop(Exception):
         pass
@@ -379,16 +402,32 @@ def test_beam_negatives_are_the_starting_models_beam_search(tmp_path, sft_dir):
         LatentGRPOTrainer(grpo_config(tmp_path / "r", sft, **kw), callbacks=[stop_after_1]).train()
     saved = json.loads((tmp_path / "r" / "beam_negatives.json").read_text())
     assert set(saved["rows"]) == {"train", "valid"} and len(saved["rows"]["valid"]) == 3
-    assert saved["rows"]["train"] == {str(k[1]): v for k, v in t.beam_negatives.items()}
+    assert {(int(r), e["prompt"]): e["items"] for r, e in saved["rows"]["train"].items()} == {
+        (k[1], k[2]): v for k, v in start.items()}
     resumed = LatentGRPOTrainer(grpo_config(tmp_path / "r", sft, **kw))
-    with torch.no_grad():  # a head unlike the starting one: mining again would give other items
+    with torch.no_grad():  # a head unlike the starting one: mining again would give other items (checked below)
         for p in resumed.latent_lm.latent_head.parameters():
             p.add_(torch.randn_like(p))
     res = resumed.train()
     assert res["resumed_from"].endswith("checkpoint-1")
-    assert {k: v for k, v in resumed.beam_negatives.items() if k[0] == "train"} == t.beam_negatives
+    assert {k: v for k, v in resumed.beam_negatives.items() if k[0] == "train"} == start
     assert math.isfinite(res["log_history"][-1]["rewards/candidate_log_softmax/mean"])
     assert 0 < res["eval_after"]["reciprocal_rank"] <= 1
+    other = LatentGRPOTrainer(grpo_config(tmp_path / "other", sft, **kw))
+    other.latent_lm.latent_head.load_state_dict(resumed.latent_lm.latent_head.state_dict())
+    other.mine_beam_negatives("train", other.rows)
+    assert other.beam_negatives != start  # so the perturbed head, had it mined, would have been seen
+    # after a step, rows without negatives are an error, never mined by the trained model
+    other.global_step = 1
+    with pytest.raises(RuntimeError, match="starting model"):
+        other.mine_beam_negatives("valid", other._encode_split(other.latent_lm, "valid", 2)[0])
+
+    # Without the file, a resume mines before loading its checkpoint: the starting model's items again.
+    (tmp_path / "r" / "beam_negatives.json").unlink()
+    (tmp_path / "r" / "grpo_results.json").unlink()
+    again = LatentGRPOTrainer(grpo_config(tmp_path / "r", sft, **kw))
+    again.train()
+    assert {k: v for k, v in again.beam_negatives.items() if k[0] == "train"} == start
 
 
 def test_absolute_noise_on_normalised_latents_is_warned_about(tmp_path, sft_dir, caplog):

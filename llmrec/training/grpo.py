@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -299,6 +300,15 @@ def member_noise(seed: int, epoch: int, row: int, group_size: int, hidden: int,
     else:
         eps = torch.randn(group_size - 1, hidden, generator=g)
     return torch.cat([torch.zeros(1, hidden), eps], dim=0)
+
+
+def _prompt_digest(row: dict) -> str:
+    """A short digest of a row's prompt tokens: mined negatives belong to the prompt they were mined for."""
+    return hashlib.sha256(json.dumps(row["prompt_ids"]).encode()).hexdigest()[:16]
+
+
+def _beam_key(split: str, row_index: int, digest: str) -> tuple[str, int, str]:
+    return (split, int(row_index), digest)
 
 
 def candidate_items(seed: int, epoch: int, row: int, target: int, num_items: int, k: int,
@@ -627,8 +637,9 @@ class LatentGRPOTrainer:
             raise ConfigError("rank-based rewards need the catalogue (num_items, candidate_completions)")
         self.candidate_weights = None
         self.title_trie = title_trie
-        # (split, row index) -> the starting model's beam-search items for that row (rank_negatives=beam)
-        self.beam_negatives: dict[tuple[str, int], list[int]] = {}
+        # (split, row index, prompt digest) -> the starting model's beam-search items (rank_negatives=beam)
+        self.beam_negatives: dict[tuple[str, int, str], list[int]] = {}
+        self._beam_cache_read = False
         if self.uses_candidates and config.rank_negatives == "popularity":
             if item_counts is None or tuple(item_counts.shape) != (num_items,):
                 raise ConfigError("rank_negatives=popularity needs item_counts, one count per catalogue item")
@@ -905,11 +916,7 @@ class LatentGRPOTrainer:
         for i, (row, row_id) in enumerate(zip(rows, row_ids)):
             target = row["target_item_id"]
             same_title = self.same_title.get(tuple(self.candidate_completions[target]), frozenset())
-            first = None
-            if c.rank_negatives == "beam":
-                first = self.beam_negatives.get((split, row.get("row_index", -1)))
-                if first is None:
-                    raise RuntimeError(f"no beam negatives were mined for {split} row {row.get('row_index')}")
+            first = self.beam_negatives_for(split, row) if c.rank_negatives == "beam" else None
             items = candidate_items(c.seed, epoch, row_id, target, self.num_items, c.rank_candidates, same_title,
                                     self.candidate_weights, first)
             cand = _collate([{"prompt_ids": [0], "completion_ids": self.candidate_completions[it]} for it in items],
@@ -930,8 +937,10 @@ class LatentGRPOTrainer:
         current model ranks them by constrained beam search (noise-free latent, ``rank_candidates`` beams, length
         penalty 1, the evaluation's scoring), shared by every process.
 
-        Call it on every process with the same rows, before training changes the model: rows already mined (or
-        found in ``output_dir/beam_negatives.json`` from an earlier start of this run) are not searched again.
+        Call it on every process with the same rows, before training changes the model (it refuses once a step has
+        been taken). Rows already mined, or found in ``output_dir/beam_negatives.json`` from an earlier start of this
+        run (same SFT weights, dtype and beams; each row's entry also carries a digest of its prompt tokens), are not
+        searched again. Each prompt is searched alone (no padding), so the items do not depend on the batch layout.
         """
         from accelerate.utils import gather_object
         from tqdm.auto import tqdm
@@ -941,50 +950,69 @@ class LatentGRPOTrainer:
 
         c = self.config
         path = Path(c.output_dir) / BEAM_NEGATIVES_NAME
-        fingerprint = {"sft_checkpoint": str(c.sft_checkpoint), "num_beams": c.rank_candidates,
-                       "dataset": str(c.dataset or self.meta.get("dataset")), "seed": c.seed}
-        if not self.beam_negatives and path.exists():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("fingerprint") == fingerprint:
-                self.beam_negatives = {(sp, int(r)): items for sp, by_row in saved["rows"].items()
-                                       for r, items in by_row.items()}
-            else:
-                logger.warning("%s was mined with other settings (%s); mining again", path, saved.get("fingerprint"))
-        todo = [row for row in rows if (split, row["row_index"]) not in self.beam_negatives]
+        if not self._beam_cache_read:
+            self._beam_cache_read = True
+            if path.exists() and not c.retrain:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                if saved.get("fingerprint") == self._beam_fingerprint():
+                    for sp, by_row in saved["rows"].items():
+                        for r, entry in by_row.items():
+                            self.beam_negatives.setdefault(_beam_key(sp, int(r), entry["prompt"]), entry["items"])
+                else:
+                    logger.warning("%s was mined by other weights or settings; mining again", path)
+        todo = [row for row in rows if _beam_key(split, row["row_index"], _prompt_digest(row)) not in self.beam_negatives]
         if not todo:
             return
-        module = self.accelerator.unwrap_model(self.module)
-        lm = module.latent_lm
+        if self.global_step > 0:
+            raise RuntimeError(f"{len(todo)} {split} rows have no beam negatives, and the model has trained "
+                               f"{self.global_step} steps: negatives are mined by the starting model only")
+        lm = self.accelerator.unwrap_model(self.module).latent_lm
         was_training = lm.training
-        lm.eval()  # dropout off: the ranking the model gives at evaluation
         mine = todo[self.rank :: self.world]
-        per = max(1, c.rank_chunk_rows // c.rank_candidates)  # beams x rows per search, as candidate scoring's chunks
-        found: list[tuple[int, list[int]]] = []
-        bar = tqdm(total=len(todo), desc=f"beam negatives ({split})", disable=not self.accelerator.is_main_process)
-        for lo in range(0, len(mine), per):
-            chunk = mine[lo : lo + per]
-            t = _collate(chunk, self.pad)
-            with torch.no_grad():
-                cache, logits, mask, next_pos = lm.prefill_with_latents(
-                    t["prompt_input_ids"].to(self.accelerator.device),
-                    t["prompt_attention_mask"].to(self.accelerator.device))
-                outs = constrained_beam_search_from_state(
-                    lm.causal_lm, self.title_trie,
-                    PromptState(next_token_logits=logits.float(), past_key_values=cache, attention_mask=mask,
-                                next_position_ids=next_pos),
-                    num_beams=c.rank_candidates, length_penalty=1.0)
-            found += [(row["row_index"], [int(i) for i in o.item_ranking]) for row, o in zip(chunk, outs)]
-            bar.update(len(chunk) * self.world)
-        bar.close()
-        lm.train(was_training)
-        for row_index, items in gather_object(found) if self.world > 1 else found:
-            self.beam_negatives[(split, int(row_index))] = items
+        found: list[tuple[str, int, str, list[int]]] = []
+        bar = tqdm(total=len(mine), desc=f"beam negatives ({split}, this process's rows)",
+                   disable=not self.accelerator.is_main_process)
+        lm.eval()  # dropout off: the ranking the model gives at evaluation
+        try:
+            for row in mine:
+                ids = torch.tensor([row["prompt_ids"]], device=self.accelerator.device)
+                with torch.no_grad():
+                    cache, logits, mask, next_pos = lm.prefill_with_latents(ids, torch.ones_like(ids))
+                    out = constrained_beam_search_from_state(
+                        lm.causal_lm, self.title_trie,
+                        PromptState(next_token_logits=logits.float(), past_key_values=cache, attention_mask=mask,
+                                    next_position_ids=next_pos),
+                        num_beams=c.rank_candidates, length_penalty=1.0)[0]
+                found.append((split, row["row_index"], _prompt_digest(row), [int(i) for i in out.item_ranking]))
+                bar.update(1)
+        finally:
+            lm.train(was_training)
+            bar.close()
+        for sp, row_index, digest, items in gather_object(found) if self.world > 1 else found:
+            self.beam_negatives[_beam_key(sp, int(row_index), digest)] = items
         if self.accelerator.is_main_process:
-            by_split: dict[str, dict[str, list[int]]] = {}
-            for (sp, r), items in sorted(self.beam_negatives.items()):
-                by_split.setdefault(sp, {})[str(r)] = items
-            atomic_write_json(path, {"fingerprint": fingerprint, "rows": by_split})
+            by_split: dict[str, dict[str, dict]] = {}
+            for (sp, r, digest), items in sorted(self.beam_negatives.items()):
+                by_split.setdefault(sp, {})[str(r)] = {"prompt": digest, "items": items}
+            atomic_write_json(path, {"fingerprint": self._beam_fingerprint(), "rows": by_split})
         self.accelerator.wait_for_everyone()
+
+    def beam_negatives_for(self, split: str, row: dict) -> list[int]:
+        """The mined beam-search items of ``row`` (of ``split``), best first."""
+        items = self.beam_negatives.get(_beam_key(split, row["row_index"], _prompt_digest(row)))
+        if items is None:
+            raise RuntimeError(f"no beam negatives were mined for {split} row {row['row_index']} (this prompt)")
+        return items
+
+    def _beam_fingerprint(self) -> dict:
+        """What the mined items depend on besides each row's prompt: the starting weights, dtype and beams."""
+        from llmrec.evaluation.evaluator import weights_sha256
+
+        c = self.config
+        return {"sft_checkpoint": str(c.sft_checkpoint),
+                "sft_weights": weights_sha256(c.sft_checkpoint) if c.sft_checkpoint else None,
+                "model_name_or_path": c.model_name_or_path, "model_dtype": c.model_dtype,
+                "num_beams": c.rank_candidates, "length_penalty": 1.0}
 
     @torch.no_grad()
     def evaluate_rewards(self, per_row: bool = False) -> dict[str, Any]:
