@@ -1311,7 +1311,8 @@ class LatentGRPOTrainer:
             # Mined by the starting model, before a resume loads a checkpoint (or found in the run's file).
             self.mine_beam_negatives(c.train_split, self.rows)
             if c.eval_rows:
-                self._eval_rows = self._encode_split(self.latent_lm, c.eval_split, c.eval_rows)[0]
+                if self._eval_rows is None:
+                    self._eval_rows = self._encode_split(self.latent_lm, c.eval_split, c.eval_rows)[0]
                 self.mine_beam_negatives(c.eval_split, self._eval_rows)
         if resume:
             last = last_grpo_checkpoint(out_dir)
