@@ -228,6 +228,21 @@ def sft_dir(tmp_path_factory):
     return _sft(root, data), data, root
 
 
+class _Stop(Exception):
+    pass
+
+
+def _train_until(config: LatentGRPOConfig, step: int) -> None:
+    """Train and stop (as a kill would) right after optimiser step ``step`` and its checkpoint."""
+
+    def stop(trainer, stats):
+        if trainer.global_step == step:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        LatentGRPOTrainer(config, callbacks=[stop]).train()
+
+
 def grpo_config(out: Path, sft: Path, **kw) -> LatentGRPOConfig:
     base = dict(output_dir=str(out), sft_checkpoint=str(sft), num_generations=4, per_device_train_batch_size=4,
                 gradient_accumulation_steps=2, max_steps=3, learning_rate=5e-3, save_steps=100, seed=0,
@@ -391,15 +406,7 @@ def test_beam_negatives_are_the_starting_models_beam_search(tmp_path, sft_dir, m
         assert items[1 : 1 + len(hard)] == hard
     monkeypatch.setattr(grpo_module, "candidate_items", real)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_1(trainer, stats):
-        if trainer.global_step == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        LatentGRPOTrainer(grpo_config(tmp_path / "r", sft, **kw), callbacks=[stop_after_1]).train()
+    _train_until(grpo_config(tmp_path / "r", sft, **kw), 1)
     saved = json.loads((tmp_path / "r" / "beam_negatives.json").read_text())
     assert set(saved["rows"]) == {"train", "valid"} and len(saved["rows"]["valid"]) == 3
     assert {(int(r), e["prompt"]): e["items"] for r, e in saved["rows"]["train"].items()} == {
@@ -683,16 +690,7 @@ def test_resume_matches_uninterrupted(tmp_path, sft_dir, dropout):
         kw = dict(train_lora=True, disable_dropout=False)
     full = run_grpo(grpo_config(tmp_path / "full", sft, max_steps=4, **kw))
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_2(trainer, stats):
-        if trainer.global_step == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        LatentGRPOTrainer(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, **kw),
-                          callbacks=[stop_after_2]).train()
+    _train_until(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, **kw), 2)
     assert (tmp_path / "cut" / "checkpoint-2" / "grpo_state.json").exists()
     resumed = run_grpo(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, **kw))
     assert resumed["resumed_from"].endswith("checkpoint-2")
