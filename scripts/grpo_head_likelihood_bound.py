@@ -59,6 +59,7 @@ def make_trainer_class(objective: str):
             batches = self.local_micro_batches(step)
             n_prompts = sum(len(b.rows) for b in batches)
             self.optimizer.zero_grad(set_to_none=True)
+            self._current_beam_hits = []  # filled by _candidate_scores under rank_negatives=beam_current
             ll_sum = 0.0
             for b in batches:
                 t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
@@ -67,6 +68,8 @@ def make_trainer_class(objective: str):
                 self.accelerator.backward(-ll.sum() / n_prompts)
                 ll_sum += float(ll.detach().sum())
             stats = {"loss": -ll_sum / n_prompts, "reward": ll_sum / n_prompts}
+            if self._current_beam_hits:
+                stats["beam_current/target_in_beam"] = sum(self._current_beam_hits) / len(self._current_beam_hits)
             if self.config.max_grad_norm and self.config.max_grad_norm > 0:
                 stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.module.parameters(),
                                                                             self.config.max_grad_norm))
@@ -93,7 +96,7 @@ def main() -> int:
     ap.add_argument("--objective", choices=["likelihood", "candidate_softmax"], default="likelihood")
     ap.add_argument("--rank-candidates", type=int, default=20,
                     help="candidate_softmax: items per prompt (target included), in training and held out")
-    ap.add_argument("--rank-negatives", choices=["uniform", "popularity", "beam"], default="uniform",
+    ap.add_argument("--rank-negatives", choices=["uniform", "popularity", "beam", "beam_current"], default="uniform",
                     help="candidate_softmax: how the other candidates are drawn (LatentGRPOConfig.rank_negatives)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--output-root", default="runs/games-cmp")
@@ -119,7 +122,8 @@ def main() -> int:
                        rank_negatives=args.rank_negatives) if cand else {}
     runs = []
     for lr in args.lr:
-        kind = ("cls" + {"uniform": "", "popularity": "_pop", "beam": "_beam"}[args.rank_negatives]) if cand else "ll"
+        kind = ("cls" + {"uniform": "", "popularity": "_pop", "beam": "_beam",
+                          "beam_current": "_beamcur"}[args.rank_negatives]) if cand else "ll"
         out = Path(args.output_root) / f"{'lora' if args.train_lora else 'head'}_{kind}_lr{lr:g}"
         if (out / RESULTS_NAME).exists() and (out / "per_row.json").exists():
             done = json.loads((out / "training_args.json").read_text()) if (out / "training_args.json").exists() else {}
@@ -175,7 +179,9 @@ def main() -> int:
         what = "Head + LoRA" if args.train_lora else "Head-only"
         if cand:
             drawn = {"popularity": "items drawn by popularity", "uniform": "items drawn uniformly",
-                     "beam": "items (the starting model's beam search, topped up uniformly)"}[args.rank_negatives]
+                     "beam": "items (the starting model's beam search, topped up uniformly)",
+                     "beam_current": "items (the current head's beam search at each step, topped up uniformly; "
+                                     "held out: the starting model's)"}[args.rank_negatives]
             goal = (f"the exact gradient of the true item's log-softmax among {args.rank_candidates} {drawn} "
                     f"(`--objective candidate_softmax`)")
             measure = (f"the held-out log-softmax and reciprocal rank of the true item among {args.rank_candidates} "

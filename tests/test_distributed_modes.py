@@ -114,6 +114,10 @@ GRPO_CONFIGS = {
     # negatives mined by each process's share of the beam searches, gathered: the same on both layouts
     "rank_beam": dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4, rank_negatives="beam",
                       advantage_mode="group", eval_rows=5, learning_rate=5e-4),
+    # each process searches its own prompts with the current (identical) weights at every step
+    "rank_beam_current": dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4,
+                              rank_negatives="beam_current", advantage_mode="group", eval_rows=5,
+                              learning_rate=5e-4),
     "kl": dict(beta=0.1),
     "kl_lora": dict(beta=0.1, train_lora=True),
     "dapo_cosine": dict(loss_type="dapo", lr_scheduler_type="cosine", warmup_steps=1),
@@ -174,6 +178,11 @@ def test_grpo_two_processes_match_one_process(grpo_runs, name):
         assert mined[0] == mined[1] and len(mined[0]["valid"]) == 5 and len(mined[0]["train"]) >= 8
         for when in ("eval_before", "eval_after"):
             assert a[when]["candidate_log_softmax"] == pytest.approx(b[when]["candidate_log_softmax"], rel=1e-5)
+    if name == "rank_beam_current":  # train prompts searched at each step; only the held-out rows ahead
+        mined = [json.loads((d / "beam_negatives.json").read_text())["rows"] for d in (one, two)]
+        assert mined[0] == mined[1] and set(mined[0]) == {"valid"}
+        for x, y in zip(a["log_history"], b["log_history"]):
+            assert x["beam_current/target_in_beam"] == y["beam_current/target_in_beam"]
     if name == "eval_rows":
         for when in ("eval_before", "eval_after"):
             assert a[when]["rows"] == b[when]["rows"] == 5

@@ -437,6 +437,55 @@ def test_beam_negatives_are_the_starting_models_beam_search(tmp_path, sft_dir, m
     assert {k: v for k, v in again.beam_negatives.items() if k[0] == "train"} == start
 
 
+def test_beam_current_negatives_follow_the_trained_head(tmp_path, sft_dir, monkeypatch):
+    """rank_negatives=beam_current: each step's train prompts get the beam-search items of the head as it is at
+    that step (not the starting model's), while the held-out check keeps the starting model's items, mined once
+    before training; the log reports how often the target is among the current items."""
+    import llmrec.training.grpo as grpo_module
+
+    sft, _, _ = sft_dir
+    kw = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4, rank_negatives="beam_current",
+              max_train_rows=8, eval_rows=3, max_steps=1, advantage_mode="group")
+    t = LatentGRPOTrainer(grpo_config(tmp_path / "c", sft, **kw))
+    start = [t.beam_search_items(row) for row in t.rows]
+    held = t._encode_split(t.latent_lm, "valid", 3)[0]
+    t.mine_beam_negatives("valid", held)  # what train() does before its first step
+    held_start = [t.beam_negatives_for("valid", row) for row in held]
+    assert not any(k[0] == "train" for k in t.beam_negatives)  # train prompts are not mined ahead
+    t.global_step = 1
+    with torch.no_grad():  # the head after some training: its beam search ranks other items
+        for p in t.latent_lm.latent_head.parameters():
+            p.add_(torch.randn_like(p))
+    assert [t.beam_search_items(row) for row in t.rows] != start
+
+    seen = []
+    real = grpo_module.candidate_items
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("first", args[8] if len(args) > 8 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "candidate_items", spy)
+    for step in range(t.steps_per_epoch):  # every prompt once
+        stats = t.score(step, t.local_micro_batches(step))
+        step_rows = [t.rows[r] for b in t.local_micro_batches(step) for r in b.rows]
+        hits = [row["target_item_id"] in t.beam_search_items(row) for row in step_rows]
+        assert stats["beam_current/target_in_beam"] == pytest.approx(sum(hits) / len(hits))
+    order = [t.rows[r] for step in range(t.steps_per_epoch) for b in t.local_micro_batches(step) for r in b.rows]
+    assert seen == [t.beam_search_items(row) for row in order]
+    seen.clear()
+    t._eval_rows = held
+    t.evaluate_rewards()  # held out: the starting model's items, not the perturbed head's
+    assert seen == held_start
+    monkeypatch.setattr(grpo_module, "candidate_items", real)
+
+    res = run_grpo(grpo_config(tmp_path / "r", sft, **kw))
+    saved = json.loads((tmp_path / "r" / "beam_negatives.json").read_text())
+    assert set(saved["rows"]) == {"valid"}  # only the held-out rows are mined ahead
+    assert 0.0 <= res["log_history"][0]["beam_current/target_in_beam"] <= 1.0
+    assert 0 < res["eval_after"]["reciprocal_rank"] <= 1
+
+
 def test_absolute_noise_on_normalised_latents_is_warned_about(tmp_path, sft_dir, caplog):
     _, data, root = sft_dir
     sft = _sft(root, data, "tiny-qwen2", 2, head_output_norm=True)
