@@ -183,6 +183,8 @@ def test_grpo_two_processes_match_one_process(grpo_runs, name):
         assert mined[0] == mined[1] and set(mined[0]) == {"valid"}
         for x, y in zip(a["log_history"], b["log_history"]):
             assert x["beam_current/target_in_beam"] == y["beam_current/target_in_beam"]
+        for when in ("eval_before", "eval_after"):
+            assert a[when]["candidate_log_softmax"] == pytest.approx(b[when]["candidate_log_softmax"], rel=1e-5)
     if name == "eval_rows":
         for when in ("eval_before", "eval_after"):
             assert a[when]["rows"] == b[when]["rows"] == 5

@@ -475,9 +475,33 @@ def test_beam_current_negatives_follow_the_trained_head(tmp_path, sft_dir, monke
     assert seen == [t.beam_search_items(row) for row in order]
     seen.clear()
     t._eval_rows = held
+    searched = t.beam_search_items
+
+    def no_search(row):
+        raise AssertionError("the held-out check searched with the current head")
+
+    monkeypatch.setattr(t, "beam_search_items", no_search)
     t.evaluate_rewards()  # held out: the starting model's items, not the perturbed head's
     assert seen == held_start
+    monkeypatch.setattr(t, "beam_search_items", searched)
     monkeypatch.setattr(grpo_module, "candidate_items", real)
+
+    # the search runs without dropout and gives the policy back in the mode it trains in
+    import llmrec.decoding.beam_search as beam_module
+
+    modes = []
+    with_dropout = LatentGRPOTrainer(grpo_config(tmp_path / "d", sft, disable_dropout=False, **kw))
+    real_search = beam_module.constrained_beam_search_from_state
+
+    def watch(causal_lm, *args, **kwargs):
+        modes.append(causal_lm.training)
+        return real_search(causal_lm, *args, **kwargs)
+
+    monkeypatch.setattr(beam_module, "constrained_beam_search_from_state", watch)
+    assert with_dropout.latent_lm.training
+    with_dropout.score(0, with_dropout.local_micro_batches(0))
+    assert modes and not any(modes) and with_dropout.latent_lm.training
+    monkeypatch.setattr(beam_module, "constrained_beam_search_from_state", real_search)
 
     res = run_grpo(grpo_config(tmp_path / "r", sft, **kw))
     saved = json.loads((tmp_path / "r" / "beam_negatives.json").read_text())
@@ -730,13 +754,15 @@ def test_held_out_candidate_rewards_match_plain_forwards(tmp_path, sft_dir):
     assert "reciprocal_rank" not in plain and plain["log_likelihood"] == pytest.approx(res["log_likelihood"], abs=1e-6)
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_resume_matches_uninterrupted(tmp_path, sft_dir, dropout):
+@pytest.mark.parametrize(("dropout", "beam_current"), [(False, False), (True, False), (True, True)])
+def test_resume_matches_uninterrupted(tmp_path, sft_dir, dropout, beam_current):
     sft, data, root = sft_dir
     kw: dict = dict(num_iterations=2)
     if dropout:  # LoRA dropout on during GRPO: the resumed run must draw the same masks
         sft = _sft(root, data, lora_dropout=0.3)
         kw = dict(train_lora=True, disable_dropout=False)
+    if beam_current:  # negatives searched by the current policy (dropout off for the search, back on after)
+        kw.update(reward_funcs=["candidate_log_softmax"], rank_candidates=4, rank_negatives="beam_current")
     full = run_grpo(grpo_config(tmp_path / "full", sft, max_steps=4, **kw))
 
     _train_until(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, **kw), 2)
@@ -749,6 +775,9 @@ def test_resume_matches_uninterrupted(tmp_path, sft_dir, dropout):
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     assert [h["loss"] for h in full["log_history"]] == pytest.approx([h["loss"] for h in resumed["log_history"]],
                                                                       abs=1e-6)
+    if beam_current:
+        assert [h["beam_current/target_in_beam"] for h in full["log_history"]] == [
+            h["beam_current/target_in_beam"] for h in resumed["log_history"]]
 
 
 def test_score_candidates_matches_per_candidate_forward(sft_dir):
@@ -903,13 +932,15 @@ def test_exclude_sft_rows_draws_prompts_the_sft_never_saw(tmp_path, sft_dir):
         LatentGRPOTrainer(grpo_config(tmp_path / "c", tmp_path / "g", exclude_sft_rows=True))
 
 
-@pytest.mark.parametrize(("train_lora", "objective"),
-                         [(False, "likelihood"), (True, "likelihood"), (False, "candidate_softmax")])
-def test_head_bound_script_follows_the_exact_gradient(tmp_path, sft_dir, train_lora, objective):
+@pytest.mark.parametrize(("train_lora", "objective", "negatives"),
+                         [(False, "likelihood", None), (True, "likelihood", None),
+                          (False, "candidate_softmax", "uniform"), (False, "candidate_softmax", "beam_current")])
+def test_head_bound_script_follows_the_exact_gradient(tmp_path, sft_dir, train_lora, objective, negatives):
     """scripts/grpo_head_likelihood_bound.py: one step is plain gradient ascent on the objective at the noise-free
     latent (same batch, checked against autograd on a plain form of it), on the head alone or (--train-lora) on the
     head and the LoRA adapter: the mean per-token log-likelihood of the true titles, or the true item's log-softmax
-    among the step's sampled candidates, each scored by its own teacher-forced forward."""
+    among the step's sampled candidates (uniform, or led by the current head's beam-search items), each scored by its
+    own teacher-forced forward."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -917,7 +948,8 @@ def test_head_bound_script_follows_the_exact_gradient(tmp_path, sft_dir, train_l
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     sft, _, _ = sft_dir
-    rank = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4) if objective != "likelihood" else {}
+    rank = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4,
+                rank_negatives=negatives) if objective != "likelihood" else {}
     trainer = mod.make_trainer_class(objective)(grpo_config(
         tmp_path / "b", sft, num_generations=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
         max_train_rows=8, max_grad_norm=0.0, learning_rate=1e-3, train_lora=train_lora, **rank))
@@ -938,7 +970,8 @@ def test_head_bound_script_follows_the_exact_gradient(tmp_path, sft_dir, train_l
             target = trainer.rows[row]["target_item_id"]
             same = trainer.same_title.get(tuple(trainer.candidate_completions[target]), frozenset())
             scores = []
-            for item in candidate_items(trainer.config.seed, 0, row, target, trainer.num_items, 4, same):
+            first = trainer.beam_search_items(trainer.rows[row]) if negatives == "beam_current" else None
+            for item in candidate_items(trainer.config.seed, 0, row, target, trainer.num_items, 4, same, first=first):
                 comp = torch.tensor([trainer.candidate_completions[item]])
                 lp = trainer.module(t["prompt_input_ids"][i : i + 1], t["prompt_attention_mask"][i : i + 1], comp,
                                     torch.ones_like(comp), noise=zeros).logprobs[0]  # member 0 of 2 identical
@@ -957,6 +990,7 @@ def test_head_bound_script_follows_the_exact_gradient(tmp_path, sft_dir, train_l
     stats = trainer.train_step(0)
     # train_step stepped AdamW on exactly that gradient; its first step moves against the gradient's sign.
     assert stats["reward"] == pytest.approx(before, abs=1e-5)
+    assert ("beam_current/target_in_beam" in stats) == (negatives == "beam_current")
     got = [p.grad for p in params]
     assert any(float(a.abs().max()) > 0 for a in got)
     for a, e in zip(got, want):

@@ -173,8 +173,8 @@ class LatentGRPOConfig(GRPOConfig):
                   "rank_candidates beams, length penalty 1), i.e. the items that compete with the target at "
                   "evaluation, topped up uniformly when the search returns fewer. Beam negatives are mined once, "
                   f"before training (and before a resume loads its checkpoint), and kept in output_dir/{BEAM_NEGATIVES_NAME}; "
-                  "or beam_current: the same search run by the current policy at every optimiser step for that "
-                  "step's prompts (the items that compete with the target now; ~1 s per prompt at 20 beams on a "
+                  "or beam_current: the same search run by the current policy once per optimiser step, when the "
+                  "step is scored, for that step's prompts (the items that compete with the target now; ~1 s per prompt at 20 beams on a "
                   "135M model on CPU), while the held-out check keeps the starting model's items (mined once, as "
                   "for beam) so that checkpoints compare on the same candidates."},
     )
@@ -643,7 +643,8 @@ class LatentGRPOTrainer:
             raise ConfigError("rank-based rewards need the catalogue (num_items, candidate_completions)")
         self.candidate_weights = None
         self.title_trie = title_trie
-        # (split, row index, prompt digest) -> the starting model's beam-search items (rank_negatives=beam)
+        # (split, row index, prompt digest) -> the starting model's beam-search items (rank_negatives=beam; with
+        # beam_current only the held-out rows')
         self.beam_negatives: dict[tuple[str, int, str], list[int]] = {}
         self._current_beam_hits: list[float] = []
         self._beam_cache_read = False
@@ -654,9 +655,8 @@ class LatentGRPOTrainer:
         elif self.uses_candidates and config.rank_negatives in BEAM_RANK_NEGATIVES:
             if title_trie is None:
                 raise ConfigError(f"rank_negatives={config.rank_negatives} needs the catalogue's title trie (title_trie)")
-            if any("row_index" not in r for r in rows):
-                raise ConfigError(f"rank_negatives={config.rank_negatives} keys each prompt's negatives by its "
-                                  "row_index: every row needs one")
+            if config.rank_negatives == "beam" and any("row_index" not in r for r in rows):
+                raise ConfigError("rank_negatives=beam keys each prompt's negatives by its row_index: every row needs one")
         elif config.rank_negatives != "uniform":
             logger.warning("rank_negatives=%s has no effect: no active reward scores candidates", config.rank_negatives)
         self.accelerator = Accelerator(gradient_accumulation_steps=1, **accelerator_kwargs())
@@ -908,7 +908,7 @@ class LatentGRPOTrainer:
             "skipped_groups_total": self.skipped_groups,
         })
         if self._current_beam_hits:
-            # The train prompts' hit rate@rank_candidates under the current policy's beam search.
+            # How often the target's title is among the current policy's rank_candidates beams (train prompts).
             hits = self.accelerator.gather(torch.tensor(self._current_beam_hits, device=dev))
             stats["beam_current/target_in_beam"] = float(hits.mean())
         # Normalisers of the loss over the whole optimiser batch (all processes, all micro-steps).
@@ -953,9 +953,9 @@ class LatentGRPOTrainer:
         return s, torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
 
     def mine_beam_negatives(self, split: str, rows: list[dict]) -> None:
-        """Fill ``self.beam_negatives`` for ``rows`` of ``split`` (``rank_negatives=beam``): each row's items as the
-        current model ranks them by constrained beam search (noise-free latent, ``rank_candidates`` beams, length
-        penalty 1, the evaluation's scoring), shared by every process.
+        """Fill ``self.beam_negatives`` for ``rows`` of ``split`` (``rank_negatives=beam``, and the held-out rows
+        under ``beam_current``): each row's items as the current model ranks them by constrained beam search
+        (:meth:`beam_search_items`), shared by every process.
 
         Call it on every process with the same rows, before training changes the model (it refuses once a step has
         been taken). Rows already mined, or found in ``output_dir/beam_negatives.json`` from an earlier start of this
