@@ -1038,6 +1038,14 @@ class LatentGRPOTrainer:
                 "model_name_or_path": c.model_name_or_path, "model_dtype": c.model_dtype,
                 "num_beams": c.rank_candidates, "length_penalty": 1.0}
 
+    def _mine_held_out_negatives(self) -> None:
+        """Encode the held-out ``eval_rows`` once and, under a beam ``rank_negatives``, mine their starting items."""
+        c = self.config
+        if self._eval_rows is None:
+            self._eval_rows = self._encode_split(self.latent_lm, c.eval_split, c.eval_rows)[0]
+        if self.uses_candidates and c.rank_negatives in BEAM_RANK_NEGATIVES:
+            self.mine_beam_negatives(c.eval_split, self._eval_rows)
+
     @torch.no_grad()
     def evaluate_rewards(self, per_row: bool = False) -> dict[str, Any]:
         """Mean noise-free ``neg_ppl`` and ``log_likelihood`` over the held-out ``eval_rows`` (all processes).
@@ -1049,10 +1057,7 @@ class LatentGRPOTrainer:
         (for paired comparisons of checkpoints).
         """
         c = self.config
-        if self._eval_rows is None:
-            self._eval_rows = self._encode_split(self.latent_lm, c.eval_split, c.eval_rows)[0]
-        if self.uses_candidates and c.rank_negatives in BEAM_RANK_NEGATIVES:
-            self.mine_beam_negatives(c.eval_split, self._eval_rows)
+        self._mine_held_out_negatives()
         rows, g, dev = self._eval_rows, c.num_generations, self.accelerator.device
         # The unwrapped module: a DDP forward may run collectives, and processes can hold different row counts.
         module = self.accelerator.unwrap_model(self.module)
@@ -1338,9 +1343,7 @@ class LatentGRPOTrainer:
             if c.rank_negatives == "beam":
                 self.mine_beam_negatives(c.train_split, self.rows)
             if c.eval_rows:
-                if self._eval_rows is None:
-                    self._eval_rows = self._encode_split(self.latent_lm, c.eval_split, c.eval_rows)[0]
-                self.mine_beam_negatives(c.eval_split, self._eval_rows)
+                self._mine_held_out_negatives()
         if resume:
             last = last_grpo_checkpoint(out_dir)
             if last is not None:
