@@ -1,4 +1,5 @@
-"""README results tables are copies of the generated files in benchmarks/results (scripts/update_readme_results.py)."""
+"""README and experiment-log tables are copies of the generated files in benchmarks/results
+(scripts/update_readme_results.py)."""
 
 from __future__ import annotations
 
@@ -25,11 +26,26 @@ def test_render_replaces_blocks_and_keeps_missing(tmp_path):
     assert missing == ["b"]
 
 
-def test_readme_tables_match_results_files():
+def test_documents_tables_match_results_files():
     mod = _module()
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    new, _ = mod.render(readme, ROOT / "benchmarks" / "results")
-    assert new == readme, "run: python scripts/update_readme_results.py"
+    assert [d.relative_to(ROOT).as_posix() for d in mod.DOCUMENTS] == ["README.md", "benchmarks/README.md"]
+    for doc in mod.DOCUMENTS:
+        text = doc.read_text(encoding="utf-8")
+        new, missing = mod.render(text, ROOT / "benchmarks" / "results")
+        assert new == text and not missing, f"{doc}: run python scripts/update_readme_results.py"
+
+
+def test_check_covers_every_document(tmp_path):
+    mod = _module()
+    (tmp_path / "a.md").write_text("| 1 |\n")
+    good, stale = tmp_path / "README.md", tmp_path / "LOG.md"
+    good.write_text("<!-- results:a -->\n| 1 |\n<!-- /results:a -->\n")
+    stale.write_text("<!-- results:a -->\n| 2 |\n<!-- /results:a -->\n")
+    args = ["--results-dir", str(tmp_path), "--readme", str(good), "--readme", str(stale)]
+    assert mod.main(["--check", *args]) == 1
+    assert mod.main(args) == 0
+    assert stale.read_text() == good.read_text()
+    assert mod.main(["--check", *args]) == 0
 
 
 def test_check_fails_on_a_block_without_its_file_or_its_closing_marker(tmp_path):
