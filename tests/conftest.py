@@ -78,3 +78,12 @@ def train_tiny_sasrec(data_dir: Path, out: Path, **overrides) -> Path:
     fields.update(overrides)
     run_seqrec(SeqRecConfig(**fields))
     return out
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files under ``log_dir``: ``{tag: [(step, value), ...]}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -563,6 +563,24 @@ def test_training_runs_and_checkpoint_evaluates(tmp_path, sft_dir):
     assert run_grpo(grpo_config(out, sft))["train_seconds_this_run"] == res["train_seconds_this_run"]
 
 
+def test_tensorboard_logs_every_step_and_the_held_out_check(tmp_path, sft_dir):
+    from conftest import read_scalars
+
+    from llmrec.tensorboard_log import flat_scalars
+
+    sft, _, _ = sft_dir
+    res = run_grpo(grpo_config(tmp_path / "grpo", sft, report_to="tensorboard", eval_rows=4))
+    scalars = read_scalars(tmp_path / "grpo" / "runs")
+    steps = res["log_history"]
+    assert scalars["train/reward"] == [(s["step"], pytest.approx(s["reward"])) for s in steps]
+    assert [step for step, _ in scalars["train/latent_norm"]] == [1, 2, 3]
+    for when, step in (("eval_before", 0), ("eval_after", 3)):
+        for name, value in flat_scalars(res[when], prefix="held_out/").items():
+            assert (step, pytest.approx(value)) in scalars[name], name
+    with pytest.raises(ConfigError, match="report_to .'wandb'. is not supported"):
+        grpo_config(tmp_path / "other", sft, report_to="wandb")
+
+
 def test_nan_reward_group_is_skipped_and_counted(tmp_path, sft_dir, monkeypatch):
     sft, _, _ = sft_dir
     import llmrec.training.grpo as grpo

@@ -309,6 +309,30 @@ def test_resume_skips_finished_phase(tmp_path):
     assert again["test"] == first["test"] and again["timings"]["epochs"] == first["timings"]["epochs"]
 
 
+def test_tensorboard_logs_each_epochs_losses_and_validation_metrics(tmp_path, monkeypatch):
+    import sys
+
+    from conftest import read_scalars
+
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    res = run_seqrec(tiny_cfg(tmp_path, d, epochs=3, eval_every=1, report_to="tensorboard"))
+    scalars = read_scalars(Path(res["config"]["output_dir"]) / "tensorboard")
+    history = res["phases"][0]["history"]
+    assert len(history) == 3
+    assert scalars["train/loss"] == [(e["epoch"], pytest.approx(e["loss"])) for e in history]
+    assert scalars["train/valid/ndcg@10"] == [(e["epoch"], pytest.approx(e["valid"]["ndcg@10"])) for e in history]
+    assert [step for step, _ in scalars["train/seconds"]] == [1, 2, 3]
+    assert not [t for t in scalars if "test" in t]  # the test split is never logged
+    # Asked for without the package: refused when the config is built, before any work.
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ImportError, match="llmrec\\[tensorboard\\]"):
+        tiny_cfg(tmp_path / "other", d, report_to="tensorboard")
+    with pytest.raises(ValueError, match="report_to must be one of"):
+        tiny_cfg(tmp_path / "other", d, report_to="wandb")
+
+
 def test_num_threads_applies_to_the_run_only(tmp_path, monkeypatch):
     """Several stages in one process (the pipeline's --in-process, the tests): a run's thread count ends with it."""
     import torch

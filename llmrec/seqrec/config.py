@@ -17,7 +17,8 @@ def _f(default, help: str, **kw):
 
 
 # Fields that do not change what a run trains or selects: a resumed or reused run may differ in them.
-RESULT_NEUTRAL_FIELDS = ("output_dir", "resume", "progress", "num_threads", "eval_batch_size", "test_depths")
+RESULT_NEUTRAL_FIELDS = ("output_dir", "resume", "progress", "num_threads", "eval_batch_size", "test_depths",
+                         "report_to")
 
 _REAREC_FIELDS = ("reason_steps",)
 _ERL_FIELDS = ("kl_weight", "kl_cap")
@@ -43,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fuse": ("add", "concat", "linear"),
     "align_sim": ("dot", "cos"),
     "rpt_reward": ("recall", "ndcg"),
+    "report_to": ("none", "tensorboard"),
 }
 
 
@@ -111,6 +113,10 @@ class SeqRecConfig:
     resume: bool = _f(True, "resume from the run directory's checkpoints if present")
     max_train_batches: int = _f(0, "stop an epoch after N batches (0 = all; for smoke tests)")
     progress: bool = _f(True, "tqdm progress bars on the main process")
+    report_to: str = _f(
+        "none", "none | tensorboard: each epoch's training losses, validation metrics and seconds as scalars "
+        "under output_dir/tensorboard, tagged by phase (pip install 'llmrec[tensorboard]')"
+    )
     num_threads: int = _f(0, "torch intra-op threads per process (0 = torch's default)")
     # ReaRec
     reason_steps: int = _f(2, "ReaRec: reasoning steps K (same in training and inference)")
@@ -154,6 +160,7 @@ class SeqRecConfig:
 
     def __post_init__(self) -> None:
         from llmrec.seqrec.models import MODEL_NAMES
+        from llmrec.tensorboard_log import require_tensorboard
 
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}")
@@ -169,6 +176,8 @@ class SeqRecConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        if self.report_to == "tensorboard":
+            require_tensorboard()
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
         # Sizes and counts: 0 or less would build no layer, run no epoch (patience 0 trained nothing and still

@@ -243,6 +243,7 @@ def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     )
     if extra.get("selected_phase") == "spt":
         best = phases[0]
+    trainer.scalars.close()  # training is over: the test split is not logged
     trainer.eval_seconds, trainer.eval_rows = 0.0, 0
     test = trainer.evaluate(data.test, desc="test")
     infer_ms = 1000 * trainer.eval_seconds / max(trainer.eval_rows, 1)

@@ -33,6 +33,7 @@ from llmrec.data.canonical import atomic_write_json, give_saved_weights_default_
 from llmrec.seqrec.data import EvalRows, SameTargetPool, SeqRecData, SplitRows
 from llmrec.seqrec.keyed_random import row_keys
 from llmrec.seqrec.models import EVAL_STATE, FILTER_STATE, LARES, LossContext, SeqRecModel
+from llmrec.tensorboard_log import ScalarLog
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class SeqRecTrainer:
         self.is_main = accelerator.is_main_process
         self.eval_seconds = 0.0
         self.eval_rows = 0
+        tensorboard = self.is_main and getattr(cfg, "report_to", "none") == "tensorboard"
+        self.scalars = ScalarLog(self.out / "tensorboard" if tensorboard else None)
 
     @property
     def unwrapped(self) -> SeqRecModel:
@@ -285,6 +288,7 @@ class SeqRecTrainer:
                 else:
                     bad += 1
             res.history.append(entry)
+            self.scalars.add(phase, {k: v for k, v in entry.items() if k != "epoch"}, epoch + 1)
             if self.is_main:
                 logger.info(
                     "%s epoch %d: loss %.4f  valid %s %.4f  (%.1fs)%s",

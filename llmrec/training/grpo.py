@@ -47,6 +47,7 @@ from llmrec.config import ConfigError
 from llmrec.data.canonical import give_saved_weights_default_permissions
 from llmrec.distributed import accelerator_kwargs, has_accelerator
 from llmrec.models.latent import LatentReasoningLM, build_naive_inputs
+from llmrec.tensorboard_log import ScalarLog, wants_tensorboard
 from llmrec.training.advantages import ADVANTAGE_MODES, compute_advantages
 from llmrec.training.rewards import RANK_REWARDS, REWARD_FUNCTIONS, RewardInputs, combine_rewards
 
@@ -204,7 +205,11 @@ class LatentGRPOConfig(GRPOConfig):
     logging_steps: float = field(default=1, metadata={"help": "Log every N optimiser steps."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N optimiser steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep this many checkpoints."})
-    report_to: None | str | list[str] = field(default="none", metadata={"help": "none or tensorboard."})
+    report_to: None | str | list[str] = field(
+        default="none",
+        metadata={"help": "none or tensorboard: every step's logged values as scalars under output_dir/runs "
+                  "(pip install 'llmrec[tensorboard]')."},
+    )
     bf16: bool | None = field(default=False, metadata={"help": "Unused: set model_dtype instead."})
 
     def __post_init__(self) -> None:
@@ -262,6 +267,10 @@ class LatentGRPOConfig(GRPOConfig):
         if not has_accelerator():
             self.use_cpu = True
         super().__post_init__()
+        try:  # other integrations are refused, not silently skipped
+            wants_tensorboard(self.report_to, "latent GRPO")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         global_rows = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
         if global_rows % self.num_generations:
             raise ConfigError(f"the global batch ({global_rows} rows) must be divisible by num_generations")
@@ -714,7 +723,7 @@ class LatentGRPOTrainer:
         self.skipped_groups = 0
         self._finite_row: int | None = None  # set by score(): see _zero_weight_pass
         self.nonfinite_steps = 0
-        self.writer = None
+        self.scalars = ScalarLog(None)
 
     # -- data
 
@@ -1350,14 +1359,13 @@ class LatentGRPOTrainer:
                 self.load_checkpoint(last)
                 resumed = str(last)
                 logger.info("resuming from %s (step %d)", last, self.global_step)
-        if "tensorboard" in (c.report_to or []) and self.accelerator.is_main_process:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(getattr(c, "logging_dir", None) or str(out_dir / "runs"))
+        if wants_tensorboard(c.report_to, "latent GRPO") and self.accelerator.is_main_process:
+            self.scalars = ScalarLog(getattr(c, "logging_dir", None) or out_dir / "runs")
         t0 = time.time()
         if c.eval_rows and self.eval_before is None and self.global_step == 0:
             self.eval_before = self.evaluate_rewards()
             logger.info("held-out rewards before training: %s", self.eval_before)
+            self.scalars.add("held_out", self.eval_before, 0)
         bar = tqdm(total=self.max_steps, initial=self.global_step, desc="latent GRPO",
                    disable=not self.accelerator.is_main_process)
         while self.global_step < self.max_steps:
@@ -1368,10 +1376,7 @@ class LatentGRPOTrainer:
             self.log_history.append(stats)
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward']:.3f}", loss=f"{stats['loss']:.4f}")
-            if self.writer is not None:
-                for k, v in stats.items():
-                    if isinstance(v, (int, float)) and math.isfinite(v):
-                        self.writer.add_scalar(f"train/{k}", v, self.global_step)
+            self.scalars.add("train", stats, self.global_step)
             if c.logging_steps and self.global_step % _every(c.logging_steps, self.max_steps) == 0:
                 logger.info("step %d: %s", self.global_step,
                             {k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()})
@@ -1385,6 +1390,7 @@ class LatentGRPOTrainer:
         if c.eval_rows:
             eval_after = self.evaluate_rewards()
             logger.info("held-out rewards after training: %s (before: %s)", eval_after, self.eval_before)
+            self.scalars.add("held_out", eval_after, self.global_step)
         self.save_model(out_dir)
         results = {
             "output_dir": str(out_dir), "sft_checkpoint": c.sft_checkpoint, "resumed_from": resumed,
@@ -1398,8 +1404,7 @@ class LatentGRPOTrainer:
             from llmrec.data.canonical import atomic_write_json
 
             atomic_write_json(out_dir / RESULTS_NAME, results)
-        if self.writer is not None:
-            self.writer.close()
+        self.scalars.close()
         self.accelerator.wait_for_everyone()
         return results
 
