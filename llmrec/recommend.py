@@ -85,6 +85,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ON_UNKNOWN",
     "HistoryError",
+    "PromptFitError",
     "Recommendation",
     "Recommender",
     "ResolvedHistory",
@@ -154,6 +155,14 @@ class HistoryError(ValueError):
 
 class UnknownItemError(HistoryError):
     """A title or item id that is not in the catalogue (the message names it and its position)."""
+
+
+class PromptFitError(HistoryError):
+    """A history whose prompt cannot fit the model's token budget (``index``: its position in the batch)."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
 
 
 def normalize_title(title: str) -> str:
@@ -247,9 +256,10 @@ class _LLMBackend:
         return min(beams, len(self.trie.titles))
 
     @torch.no_grad()
-    def recommend(self, histories: list[list[int]], k: int,
-                  excluded: list[set[int]] | None) -> list[list[Recommendation]]:
+    def recommend(self, histories: list[list[int]], k: int, excluded: list[set[int]] | None,
+                  first_index: int = 0) -> list[list[Recommendation]]:
         from llmrec.decoding.search import rank_batch
+        from llmrec.prompts import PromptError
 
         out: list[list[Recommendation]] = [[] for _ in histories]
         # Histories that need the same beam width are decoded together: a history's recommendations must not
@@ -263,7 +273,11 @@ class _LLMBackend:
                                        self.length_penalty)
             examples = [{"history_titles": [self.catalog.title(i) for i in histories[m]], "target_title": None}
                         for m in members]
-            ranked = rank_batch(self.model, self.tokenizer, self.trie, self.template, examples, settings)
+            try:
+                ranked = rank_batch(self.model, self.tokenizer, self.trie, self.template, examples, settings)
+            except PromptError:
+                self._raise_for_unfit(members, examples, settings, first_index)
+                raise
             for m, (titles, items, scores) in zip(members, ranked):
                 score_of = dict(zip(titles, scores))
                 seen = excluded[m] if excluded else set()
@@ -277,6 +291,20 @@ class _LLMBackend:
                         break
                 out[m] = recs
         return out
+
+    def _raise_for_unfit(self, members: list[int], examples: list[dict], settings, first_index: int) -> None:
+        """Name the first history of a failed batch whose prompt cannot be rendered within the token budget."""
+        from llmrec.decoding.search import answer_budget, render_prompts
+        from llmrec.prompts import PromptError
+
+        budget = answer_budget(self.trie, self.model)
+        for m, example in zip(members, examples):
+            try:
+                render_prompts(self.template, self.tokenizer, [example], settings, budget)
+            except PromptError as e:
+                index = first_index + m
+                raise PromptFitError(f"history {index} (newest item {example['history_titles'][-1]!r}): {e}",
+                                      index) from None
 
 
 class _SeqRecBackend:
@@ -296,8 +324,8 @@ class _SeqRecBackend:
 
         return mask_items(score_histories(self.model, histories, self.max_history, self.device), excluded or [])
 
-    def recommend(self, histories: list[list[int]], k: int,
-                  excluded: list[set[int]] | None) -> list[list[Recommendation]]:
+    def recommend(self, histories: list[list[int]], k: int, excluded: list[set[int]] | None,
+                  first_index: int = 0) -> list[list[Recommendation]]:
         from llmrec.seqrec.scoring import top_k
 
         values, order = top_k(self.scores(histories, excluded), k)
@@ -729,6 +757,8 @@ class Recommender:
         Raises:
             UnknownItemError: an unknown item id, or an unknown title with ``on_unknown="error"``.
             HistoryError: an empty history (or one emptied by skipping), or an entry of the wrong type.
+            PromptFitError: (LLMs) a history whose prompt cannot fit the token budget even with its newest item
+                alone (``index`` names it).
         """
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -748,7 +778,7 @@ class Recommender:
         out: list[list[Recommendation]] = []
         for lo in starts:
             hi = lo + self.batch_size
-            out.extend(self._backend.recommend(kept[lo:hi], int(k), excluded[lo:hi] if excluded else None))
+            out.extend(self._backend.recommend(kept[lo:hi], int(k), excluded[lo:hi] if excluded else None, lo))
         return out[0] if single else out
 
 
@@ -821,7 +851,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             if input_path is None:
                 raise
             raise DataFormatError(input_path, n, "history", str(e)) from None
-    recs = rec.recommend([r.item_ids for r in resolved], k=args.k, progress=input_path is not None) if resolved else []
+    try:
+        recs = rec.recommend([r.item_ids for r in resolved], k=args.k, progress=input_path is not None) if resolved else []
+    except PromptFitError as e:
+        if input_path is None:
+            raise
+        raise DataFormatError(input_path, rows[e.index][0], "history", str(e)) from None
     n_skipped = sum(len(r.skipped) for r in resolved)
     if input_path is None and args.output is None:
         src = rec.info.get("checkpoint") or rec.info.get("model")

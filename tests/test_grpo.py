@@ -581,6 +581,20 @@ def test_tensorboard_logs_every_step_and_the_held_out_check(tmp_path, sft_dir):
         grpo_config(tmp_path / "other", sft, report_to="wandb")
 
 
+def test_checkpoint_records_the_prompt_settings_grpo_trained_with(tmp_path, sft_dir):
+    """GRPO may read another history length / token budget than its SFT start: its checkpoint says what it used."""
+    from llmrec.recommend import Recommender
+
+    sft, data, _ = sft_dir
+    out = tmp_path / "grpo"
+    run_grpo(grpo_config(out, sft, history_length=1, max_length=300, max_steps=1))
+    meta = json.loads((out / "llmrec_config.json").read_text())
+    assert (meta["history_length"], meta["max_length"], meta["dataset"]) == (1, 300, str(data))
+    assert meta["grpo"]["sft_prompt_settings"] == {"dataset": str(data), "history_length": 2, "max_length": 384}
+    rec = Recommender.from_pretrained(out, device="cpu")
+    assert rec.history_length == 1 and rec.info["max_prompt_length"] == 300
+
+
 def test_nan_reward_group_is_skipped_and_counted(tmp_path, sft_dir, monkeypatch):
     sft, _, _ = sft_dir
     import llmrec.training.grpo as grpo

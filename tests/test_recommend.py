@@ -461,3 +461,30 @@ def test_llm_k_beyond_the_catalogue_does_not_widen_the_beam_past_its_titles(zero
     excluded = zero_shot.recommend([1, 2], k=10**9, exclude_history=True)
     assert excluded == [r for r in alone if r.item_id not in {1, 2}]
     assert max(widths) == n_titles
+
+
+def test_a_history_whose_prompt_cannot_fit_is_named(data_dir, tmp_path, capsys):
+    """The newest item's title alone overflows the prompt budget: the error names that history (and, from a
+    file, its row), not just "a prompt"."""
+    from llmrec.cli import main
+    from llmrec.recommend import PromptFitError
+
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    cat = ItemCatalog.load(d / "catalog.jsonl")
+    titles = list(cat.titles)
+    titles[4] = " ".join(["Super Mario"] * 45) + " X"  # item 5
+    ItemCatalog(cat.raw_ids, titles).save(d / "catalog.jsonl")
+    rec = Recommender.from_pretrained("tiny-qwen2", dataset=d, dtype="float32", batch_size=2)
+    assert len(rec.recommend([5, 1], k=2)) == 2  # an old long title is left out of the prompt: fine
+    with pytest.raises(PromptFitError, match=r"history 2 \(newest item 'Super Mario Super Mario") as e:
+        rec.recommend([[1, 2], [3], [1, 5]], k=2)  # the third history, in the second batch of 2
+    assert e.value.index == 2
+    inp = tmp_path / "histories.jsonl"
+    inp.write_text("".join(json.dumps({"user": u, "history": h}) + "\n\n"
+                           for u, h in (("a", [1, 2]), ("b", [3]), ("c", [1, 5]))))
+    out = tmp_path / "recs.jsonl"
+    assert main(["recommend", "--checkpoint", "tiny-qwen2", "--dataset", str(d), "--dtype", "float32",
+                 "--input", str(inp), "--output", str(out), "--k", "2", "--batch-size", "2"]) == 1
+    assert "histories.jsonl, row 5, field 'history': history 2" in capsys.readouterr().err
+    assert not out.exists()

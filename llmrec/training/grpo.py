@@ -727,6 +727,16 @@ class LatentGRPOTrainer:
 
     # -- data
 
+    def prompt_settings(self) -> dict[str, Any]:
+        """The dataset, history length and token budget this run's prompts are built with (the config's, else the
+        SFT checkpoint's); the saved checkpoint records them, so evaluation and `Recommender` read the same."""
+        c, meta = self.config, self.meta
+        dataset = c.dataset or meta.get("dataset")
+        if not dataset:
+            raise ConfigError("no dataset given and the SFT checkpoint records none")
+        return {"dataset": dataset, "history_length": c.history_length or meta.get("history_length", 10),
+                "max_length": c.max_length or meta.get("max_length", 512)}
+
     def _encode_split(self, model, split_name: str, max_rows: int | None) -> tuple[list[dict], Any, Any]:
         """Prompt/completion ids of a seeded subset of ``split_name`` (rows whose answer cannot fit are skipped)."""
         from llmrec.data.canonical import load_prepared
@@ -735,11 +745,8 @@ class LatentGRPOTrainer:
 
         c = self.config
         meta = self.meta
-        dataset = c.dataset or meta.get("dataset")
-        if not dataset:
-            raise ConfigError("no dataset given and the SFT checkpoint records none")
-        history = c.history_length or meta.get("history_length", 10)
-        max_length = c.max_length or meta.get("max_length", 512)
+        settings = self.prompt_settings()
+        dataset, history, max_length = settings["dataset"], settings["history_length"], settings["max_length"]
         template = PromptTemplate.load(meta.get("prompt", "d3"))
         noun = meta.get("noun", "items")
         data = load_prepared(dataset, splits=[split_name], max_history=history)
@@ -1326,7 +1333,13 @@ class LatentGRPOTrainer:
             lm.save_pretrained(out)
             give_saved_weights_default_permissions(out)
         meta = json.loads((out / LLMREC_CONFIG_NAME).read_text(encoding="utf-8")) if (out / LLMREC_CONFIG_NAME).exists() else {}
-        meta["grpo"] = {"sft_checkpoint": str(src) if src else None, "steps": self.global_step,
+        # The prompt settings GRPO trained with, which evaluation and Recommender read; they may differ from the SFT
+        # run's, which the "grpo" record keeps.
+        settings = self.prompt_settings()
+        sft_settings = {k: meta.get(k) for k in settings}
+        meta.update(settings)
+        meta["grpo"] = {"sft_checkpoint": str(src) if src else None, "sft_prompt_settings": sft_settings,
+                        "steps": self.global_step,
                         "advantage_mode": self.config.advantage_mode, "reward_funcs": self.config.reward_funcs,
                         "noise_scale": self.config.noise_scale, "noise_mode": self.config.noise_mode,
                         "learning_rate": self.config.learning_rate, "train_lora": self.config.train_lora,
