@@ -320,9 +320,13 @@ class _SeqRecBackend:
         ``excluded``: per history, item ids that score -inf (the whole given history, which may be longer than
         the part the model reads).
         """
-        from llmrec.seqrec.scoring import mask_items, score_histories
+        from llmrec.seqrec.scoring import history_keys, mask_items, score_histories
 
-        return mask_items(score_histories(self.model, histories, self.max_history, self.device), excluded or [])
+        # Keyed by the history's content: a LARES with a random initial state gives one history the same
+        # recommendations alone, in any batch and on every call.
+        keys = history_keys(histories, self.max_history)
+        return mask_items(score_histories(self.model, histories, self.max_history, self.device, keys=keys),
+                          excluded or [])
 
     def recommend(self, histories: list[list[int]], k: int, excluded: list[set[int]] | None,
                   first_index: int = 0) -> list[list[Recommendation]]:

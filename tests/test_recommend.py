@@ -488,3 +488,23 @@ def test_a_history_whose_prompt_cannot_fit_is_named(data_dir, tmp_path, capsys):
                  "--input", str(inp), "--output", str(out), "--k", "2", "--batch-size", "2"]) == 1
     assert "histories.jsonl, row 5, field 'history': history 2" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_lares_with_a_random_initial_state_recommends_the_same_alone_batched_and_again(data_dir, tmp_path):
+    """``state_init: normal`` draws LARES's initial state at evaluation too: keyed by the history's content, a
+    history gets the same list alone, in a batch and on every call (before: the global generator's next draws)."""
+    run = train_tiny_sasrec(data_dir, tmp_path / "lares", model="lares", state_init="normal", rpt_epochs=0,
+                            epochs=1)
+    rec = Recommender.from_pretrained(run, batch_size=2)
+    histories = [[1, 2, 3], [5, 9], [12, 7, 23, 4]]
+    torch.manual_seed(0)
+    batched = rec.recommend(histories, k=5)
+    torch.manual_seed(1)
+    for history, got in zip(histories, batched):
+        alone = rec.recommend(history, k=5)
+        assert rec.recommend(history, k=5) == alone  # again: bit for bit
+        assert [r.item_id for r in alone] == [r.item_id for r in got]  # in a batch: float rounding only
+        assert [r.score for r in alone] == pytest.approx([r.score for r in got], abs=1e-5)
+    # The draws are the model's: another history content gets other initial states (scores differ).
+    s = rec._backend.scores([[1, 2, 3], [1, 2, 3], [2, 1, 3]])
+    assert torch.equal(s[0], s[1]) and not torch.equal(s[0], s[2])

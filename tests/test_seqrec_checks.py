@@ -108,6 +108,12 @@ def test_fields_the_model_does_not_read_are_named():
     assert SeqRecConfig(dataset_dir="x", model="rearec-prl", pta_alpha=1.2, kl_weight=0.1).unused_fields() == {
         "kl_weight": 0.1}
     assert SeqRecConfig(dataset_dir="x", model="lares", rpt_epochs=2, test_depths=[1, 2]).unused_fields() == {}
+    # Fields another setting turns off: rows mode has no windows, a LARES without RPT neither filters nor runs RPT.
+    assert SeqRecConfig(dataset_dir="x", train_mode="rows", window_stride=3).unused_fields() == {"window_stride": 3}
+    assert SeqRecConfig(dataset_dir="x", window_stride=3).unused_fields() == {}
+    assert SeqRecConfig(dataset_dir="x", model="lares", rpt_lr=0.5, filter_topk=7, rpt_beta=9.0).unused_fields() == {
+        "filter_topk": 7, "rpt_beta": 9.0, "rpt_lr": 0.5}
+    assert SeqRecConfig(dataset_dir="x", model="lares", rpt_epochs=1, rpt_lr=0.5).unused_fields() == {}
 
 
 def test_cli_train_refuses_settings_the_model_does_not_read(tmp_path, capsys):
@@ -184,3 +190,23 @@ def test_booleans_zero_and_one_read_as_false_and_true():
     cfg = SeqRecConfig(dataset_dir="x", mask_history=1, progress=0, epochs=np.int64(3), lr=np.float64(0.01))
     assert cfg.mask_history is True and cfg.progress is False and cfg.epochs == 3
     assert SeqRecConfig(dataset_dir="x", input_dropout=None, lr=1).lr == 1
+
+
+def test_batches_that_cannot_be_split_over_the_processes_are_refused_before_any_work(tmp_path, monkeypatch):
+    """LARES's rpt_batch_size was checked only when RPT started, after the whole SPT phase had trained (and its
+    run directory then refused the corrected value)."""
+    import types
+
+    from llmrec.seqrec import run as run_module
+
+    monkeypatch.setattr(run_module, "make_accelerator", lambda seed: types.SimpleNamespace(num_processes=2))
+    d = write_successor_dataset(tmp_path / "d")
+    cases = ((dict(eval_batch_size=5), "eval_batch_size 5"),
+             (dict(model="lares", rpt_epochs=1, rpt_batch_size=5), "rpt_batch_size 5"),
+             (dict(batch_size=7), "batch_size 7"))
+    for kw, named in cases:
+        out = tmp_path / f"run-{named.split()[0]}"
+        cfg = SeqRecConfig(dataset_dir=str(d), output_dir=str(out), progress=False, **kw)
+        with pytest.raises(ValueError, match=f"{named}: not divisible by the 2 processes"):
+            run_module.run_seqrec(cfg)
+        assert not out.exists()

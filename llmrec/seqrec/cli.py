@@ -18,9 +18,9 @@ def _train(args: argparse.Namespace) -> int:
     unused = cfg.unused_fields()
     if unused:  # one run: a setting its model never reads would be recorded as if it had shaped the result
         where = f"{args.config} + command line" if args.config else "command line"
-        raise ConfigError(f"{where}: {cfg.model} does not read "
+        raise ConfigError(f"{where}: this {cfg.model} run does not read "
                           + ", ".join(f"{k} (set to {v!r})" for k, v in unused.items())
-                          + "; remove them, or set model to the one they are for")
+                          + "; remove them, or set the model (or train_mode, rpt_epochs) they are for")
     res = run_seqrec(cfg)
     t = res["test"]
     print(

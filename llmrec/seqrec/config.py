@@ -27,6 +27,9 @@ _LARES_FIELDS = ("n_pre_layers", "n_core_layers", "mean_recurrence", "depth_samp
                  "state_scale", "fuse", "tla_weight", "sla_weight", "align_tau", "align_sim", "sla_exclude_final",
                  "filter_topk", "filter_passes", "rpt_epochs", "rpt_max_rows", "rpt_lr", "rpt_batch_size", "rpt_group",
                  "rpt_beta", "rpt_reward", "rpt_reward_k", "rpt_dropout", "rpt_patience", "test_depths")
+# LARES fields read only when RPT runs (rpt_epochs > 0): the between-phase filter and RPT itself.
+_RPT_FIELDS = ("filter_topk", "filter_passes", "rpt_max_rows", "rpt_lr", "rpt_batch_size", "rpt_group", "rpt_beta",
+               "rpt_reward", "rpt_reward_k", "rpt_dropout", "rpt_patience")
 # The fields only some models read (every other field is read by all four: LARES too builds, then replaces, the
 # n_layers encoder, which moves the random initialisation of its own layers).
 MODEL_FIELDS: dict[str, tuple[str, ...]] = {
@@ -102,7 +105,7 @@ class SeqRecConfig:
     eval_batch_size: int = _f(256, "evaluation batch (rows)")
     lr: float = _f(1e-3, "Adam learning rate")
     weight_decay: float = _f(0.0, "Adam weight decay")
-    patience: int = _f(10, "early stopping: epochs without a better validation metric")
+    patience: int = _f(10, "early stopping: validations (every eval_every epochs) without a better metric")
     valid_metric: str = _f("ndcg@10", "validation metric for early stopping and model selection")
     eval_every: int = _f(1, "validate every N epochs")
     ks: list[int] = _f([1, 5, 10, 20], "cut-offs K of the reported metrics")
@@ -155,7 +158,7 @@ class SeqRecConfig:
     rpt_reward: str = _f("recall", "LARES RPT: recall | ndcg")
     rpt_reward_k: int = _f(10, "LARES RPT: reward cut-off k")
     rpt_dropout: float = _f(0.1, "LARES RPT: dropout of the policy")
-    rpt_patience: int = _f(3, "LARES RPT: early-stopping patience")
+    rpt_patience: int = _f(3, "LARES RPT: early-stopping patience (validations without a better metric)")
     test_depths: list[int] = _f([], "LARES: extra test depths to report (e.g. 1 2 4 8 12)")
 
     def __post_init__(self) -> None:
@@ -245,14 +248,20 @@ class SeqRecConfig:
                 raise ValueError(f"{f.name} must be a list of integers, got {v!r}")
 
     def unused_fields(self) -> dict[str, Any]:
-        """``{field: value}`` of the fields set away from their default that ``model`` does not read.
+        """``{field: value}`` of the fields set away from their default that this run does not read.
 
-        Such a value changes nothing (``pta_alpha`` for SASRec, ``test_depths`` for ReaRec) yet is recorded in the
-        run's config as if it had been used. ``llmrec seqrec train`` refuses them; a benchmark's shared settings
-        (applied to every model) may hold them.
+        Those are the fields of other models (``pta_alpha`` for SASRec, ``test_depths`` for ReaRec) and the fields
+        another setting turns off (``window_stride`` with ``train_mode: rows``; the filter and RPT fields of a LARES
+        with ``rpt_epochs: 0``). Such a value changes nothing yet is recorded in the run's config as if it had been
+        used. ``llmrec seqrec train`` refuses them; a benchmark's shared settings (applied to every model) may hold
+        them.
         """
         from llmrec.config import field_defaults
 
         defaults = field_defaults(type(self))
         others = {name for fields in MODEL_FIELDS.values() for name in fields} - set(MODEL_FIELDS[self.model])
+        if self.train_mode == "rows":
+            others.add("window_stride")
+        if self.model == "lares" and self.rpt_epochs == 0:
+            others.update(_RPT_FIELDS)
         return {name: getattr(self, name) for name in sorted(others) if getattr(self, name) != defaults[name]}

@@ -181,6 +181,12 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
 def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     acc = make_accelerator(cfg.seed)
+    # Every batch is split evenly over the processes: checked before any work (RPT's came after all of SPT).
+    sizes = ["batch_size", "eval_batch_size"] + (["rpt_batch_size"] if cfg.model == "lares" and cfg.rpt_epochs else [])
+    uneven = [f"{name} {getattr(cfg, name)}" for name in sizes if getattr(cfg, name) % acc.num_processes]
+    if uneven:
+        raise ValueError(f"{', '.join(uneven)}: not divisible by the {acc.num_processes} processes "
+                         "(each batch is split evenly across them)")
     digests = _check_resumable(cfg, out, acc.is_main_process)
     data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode, cfg.window_stride)
     model = build_model(cfg, data.num_items)

@@ -13,11 +13,15 @@ def score_histories(
     max_history: int,
     device: torch.device | str,
     mask_history: bool = False,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[B, N]`` float scores (column ``j`` = item ``j + 1``) of the item ids after each history.
 
     Histories are left-padded (or cut to their last ``max_history`` items) as in training. With
     ``mask_history`` every item of a row's own history scores ``-inf`` (the seqrec evaluation's option).
+    ``keys`` (one int64 per history, e.g. :func:`history_keys`): the draws of a LARES whose initial state is random
+    at evaluation (``state_init: normal``); without them a random state comes from the global generator, so the
+    scores would depend on the call. Other models ignore them.
 
     >>> from llmrec.seqrec.models import SASRec
     >>> from llmrec.seqrec.modules import Backbone
@@ -26,12 +30,28 @@ def score_histories(
     >>> s.shape, s[0, :2].tolist()
     (torch.Size([2, 5]), [-inf, -inf])
     """
+    from llmrec.seqrec.models import LARES
+
     ids = torch.from_numpy(left_pad(histories, max_history)).to(device)
+    kw = {"keys": keys.to(ids.device)} if keys is not None and isinstance(model, LARES) else {}
     with torch.no_grad():
-        scores = model.score(ids).float()
+        scores = model.score(ids, **kw).float()
     if mask_history:
         mask_items(scores, histories)
     return scores
+
+
+def history_keys(histories: list[list[int]], max_history: int, *key: int) -> torch.Tensor:
+    """One int64 key per history from the items the model reads (its last ``max_history``) and ``key``: the same
+    history gets the same random draws whatever else is scored with it.
+
+    >>> a, b = history_keys([[1, 2, 3], [9, 2, 3]], 2), history_keys([[2, 3]], 2)
+    >>> bool(a[0] == a[1] == b[0])
+    True
+    """
+    from llmrec.seqrec.keyed_random import mix
+
+    return torch.tensor([mix(*key, len(h[-max_history:]), *h[-max_history:]) for h in histories], dtype=torch.long)
 
 
 def mask_items(scores: torch.Tensor, items_per_row) -> torch.Tensor:
