@@ -586,7 +586,7 @@ class Pipeline:
 
     def _archive(self, method: str, seed: int, eval_dir: Path) -> None:
         """Copy what the report needs of one finished evaluation (from the run directory) into the archive."""
-        from llmrec.data.canonical import atomic_write_text
+        from llmrec.data.canonical import atomic_write_text, read_jsonl
 
         def put(src: Path, text: str | None = None) -> None:
             dst = self._mirror(src)
@@ -597,8 +597,9 @@ class Pipeline:
 
         put(eval_dir / "results.json")
         keep = ("row", "user_id", "target_item_id", "item_ranking", "item_rank", "title_rank")
-        lines = [json.loads(line) for line in (eval_dir / "rankings.jsonl").read_text(encoding="utf-8").splitlines()
-                 if line.strip()]
+        # read_jsonl splits at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which
+        # `llmrec evaluate` writes raw inside strings (a title holding one)
+        lines = list(read_jsonl(eval_dir / "rankings.jsonl"))
         put(eval_dir / "rankings.jsonl",
             "".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in sorted(lines, key=lambda r: r["row"])))
         for stage in self.needs(method):

@@ -439,7 +439,8 @@ def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int 
     from llmrec.decoding.guidance import check_trained_catalog
 
     # Same size is not enough: another catalogue of as many items would give the right ids the wrong titles.
-    check_trained_catalog(cfg.dataset_dir, data_dir, f"seqrec run {path}")
+    check_trained_catalog(cfg.dataset_dir, data_dir, f"seqrec run {path}",
+                          (res.get("data_sha256") or {}).get("catalog.jsonl"))
     model = build_model(cfg, len(catalog))
     model.load_state_dict(state)
     model.eval().to(device)

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from llmrec.data.canonical import read_jsonl  # lines end at "\n" only (titles may hold U+2028)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -129,8 +131,8 @@ def main() -> int:
         a = json.loads((evals[f"{name}_full"] / "results.json").read_text())["metrics"]["item"]
         b = json.loads((evals[f"{name}_cut"] / "results.json").read_text())["metrics"]["item"]
         metrics[name] = {"uninterrupted": a, "resumed": b, "equal": a == b}
-        ra = [json.loads(x)["item_ranking"] for x in (evals[f"{name}_full"] / "rankings.jsonl").read_text().splitlines()]
-        rb = [json.loads(x)["item_ranking"] for x in (evals[f"{name}_cut"] / "rankings.jsonl").read_text().splitlines()]
+        ra = [r["item_ranking"] for r in read_jsonl(evals[f"{name}_full"] / "rankings.jsonl")]
+        rb = [r["item_ranking"] for r in read_jsonl(evals[f"{name}_cut"] / "rankings.jsonl")]
         same_rankings[name] = sum(x == y for x, y in zip(ra, rb)) / len(ra)
     result = {
         "model": args.model, "dataset": args.dataset, "sft_rows": args.sft_rows, "grpo_prompts": args.grpo_rows,

@@ -587,3 +587,22 @@ def test_best_id_model_is_chosen_on_validation_not_on_the_test_rows():
     full["lares"][0]["valid_ndcg@10"] = None
     assert Pipeline._best_id_model(["sasrec", "lares"], full) is None
     assert Pipeline._best_id_model([], full) is None
+
+
+def test_archive_reads_rankings_with_unicode_line_separators(tmp_path):
+    """Titles with U+2028 / U+2029 / U+0085 stay raw in rankings.jsonl: the archive copy splits lines at "\\n" only."""
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+    from llmrec.data.catalog import ItemCatalog
+    from llmrec.evaluation.evaluator import EvalConfig, evaluate
+
+    data = write_prepared(tmp_path / "data", n_items=30, n_users=12)
+    seps = ["\u2028", "\u2029", "\x85"]
+    ItemCatalog([str(i) for i in range(1, 31)], [f"Game{seps[i % 3]}{i}" for i in range(1, 31)]).save(data / "catalog.jsonl")
+    pipe = Pipeline(PipelineOptions(dataset=str(data), methods=["popularity"], output_dir=str(tmp_path / "runs"),
+                                    results_dir=str(tmp_path / "results"), name="tiny"))
+    eval_dir = pipe.eval_dir("popularity", 0)
+    evaluate(EvalConfig(dataset=str(data), method="popularity", ks=[1, 5], output_dir=str(eval_dir)))
+    pipe._archive("popularity", 0, eval_dir)
+    archived = [json.loads(x) for x in (pipe._mirror(eval_dir) / "rankings.jsonl").read_text(encoding="utf-8")
+                .split("\n") if x]
+    assert [r["row"] for r in archived] == list(range(12))

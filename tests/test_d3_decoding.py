@@ -125,6 +125,16 @@ def test_node_mass_input_errors(tiny_qwen):
     assert lp.shape == (1, 4) and torch.isneginf(lp[0, 0]) and float(lp[0, 1:].exp().sum()) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("weight", [float("inf"), float("nan")])
+def test_an_infinite_or_nan_guidance_weight_is_refused(prepared_dir, tmp_path, weight):
+    """inf * 0 (a step that keeps the whole item mass) is NaN: an inf weight lost every beam and ranked nothing."""
+    with pytest.raises(ValueError, match="guidance weight must be a finite number"):
+        TitleGuidance(torch.zeros(1, 3), weight)
+    with pytest.raises(ValueError, match="guidance_weight must be a finite number"):
+        _eval_config(prepared_dir, tmp_path / "x", guidance_checkpoint=str(tmp_path / "sasrec"), guidance_weight=weight)
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------------------------ guided search
 
 

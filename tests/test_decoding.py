@@ -273,3 +273,37 @@ def test_prefill_rejects_right_padding(tiny):
     input_ids, mask = encode(tok, PROMPTS)
     with pytest.raises(ValueError, match="left-padded"):
         prefill_prompts(model, input_ids, mask.flip(1))
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Llama 3's template trims the user content (the answer prefix's trailing whitespace is then gone)
+TRIMMING = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}"
+            "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+            "{% endif %}")
+
+
+@pytest.mark.parametrize("chat_template,context", [
+    (CHATML, "### Response: \n<|im_end|>\n<|im_start|>assistant\n"),
+    (TRIMMING, "### Response:<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+])
+def test_chat_template_answer_context_is_what_every_wrapped_prompt_ends_with(tiny, chat_template, context):
+    """Not the whole prompt wrapped for a history ["x"] (then `separate` failed for every chat template)."""
+    import copy
+
+    from llmrec.data.catalog import ItemCatalog
+    from llmrec.decoding.search import answer_context, build_catalog_trie
+    from llmrec.prompts import PromptTemplate, wrap_chat
+
+    tok = copy.deepcopy(tiny[1])
+    tok.chat_template = chat_template
+    tpl = PromptTemplate.load("d3")
+    assert answer_context(tpl, tok, use_chat_template=True) == context
+    for history in (["x"], ["Halo", "Super Mario Bros. 3"]):
+        assert wrap_chat(tok, tpl.render_prompt(history, "video games")).endswith(context)
+    titles, ids = random_catalogue(0, 12)
+    catalog = ItemCatalog([str(i) for i in ids], titles)
+    paths = {tz: build_catalog_trie(catalog, tok, tpl, use_chat_template=True, tokenization=tz).title_token_ids
+             for tz in ("separate", "joint")}
+    assert paths["separate"] == paths["joint"]
+    assert answer_context(tpl, tok, use_chat_template=False) == tpl.answer_prefix

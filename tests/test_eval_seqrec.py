@@ -45,6 +45,26 @@ def test_seqrec_method_equals_the_seqrec_test_metrics(data_dir, sasrec_run, tmp_
     assert res["protocol"]["id_model"] == "sasrec"
 
 
+def test_lares_with_a_random_initial_state_gives_its_trainers_test_metrics(data_dir, tmp_path):
+    """``state_init: normal`` draws LARES's initial state at evaluation too. The trainer draws it per row from the
+    seed and the row's index; the evaluator now does the same (it drew from the global generator, so its metrics
+    differed from the run's and from one evaluation to the next)."""
+    import torch
+
+    from llmrec.evaluation.evaluator import evaluate
+
+    run = train_tiny_sasrec(data_dir, tmp_path / "lares", model="lares", state_init="normal", rpt_epochs=0,
+                            max_history=6, ks=[1, 5, 10, 20], epochs=2)
+    trained = json.loads((run / "results.json").read_text())
+    torch.manual_seed(123)
+    res = evaluate(_config(data_dir, run, tmp_path / "eval"))
+    for k in ("hr@1", "hr@10", "ndcg@10", "ndcg@20", "mrr@10"):
+        assert res["metrics"]["item"][k] == pytest.approx(trained["test"][k], abs=1e-9), k
+    torch.manual_seed(7)
+    again = evaluate(_config(data_dir, run, tmp_path / "eval2"))
+    assert again["metrics"] == res["metrics"]
+
+
 def test_mask_history_masks_the_same_items_in_training_and_evaluation(data_dir, tmp_path):
     """With mask_history the run's own test metrics (trainer) equal the evaluator's: both mask the history items
     the model reads (the last max_history), on rows where masking the whole history would differ."""

@@ -245,3 +245,80 @@ def test_dataset_defaults_to_the_one_the_checkpoint_was_trained_on(tmp_path, cap
         assert EvalConfig(checkpoint=str(bare)).dataset == "games-sample"
     assert "records no dataset" in caplog.text
     assert EvalConfig().dataset == "games-sample"  # zero-shot without a checkpoint
+
+
+def test_titles_with_unicode_line_separators_are_evaluated_resumed_and_compared(prepared_dir, tmp_path):
+    """U+2028, U+2029 and U+0085 stay raw inside the JSON strings of the rankings (ensure_ascii=False), and
+    str.splitlines() breaks lines at them: every reader of the rankings must split at "\\n" only."""
+    from llmrec.data.catalog import ItemCatalog
+    from llmrec.evaluation.compare import compare_runs, load_rankings
+
+    seps = ["\u2028", "\u2029", "\x85"]
+    n = 30
+    ItemCatalog([str(i) for i in range(1, n + 1)],
+                [f"Game{seps[i % 3]}{i}" for i in range(1, n + 1)]).save(prepared_dir / "catalog.jsonl")
+    full = evaluate(tiny_config(prepared_dir, tmp_path / "full", method="popularity"))
+    ranked = [json.loads(x) for x in (tmp_path / "full" / "rankings.jsonl").read_text(encoding="utf-8").split("\n")
+              if x]
+    assert len(ranked) == 12 and any(s in t for s in seps for t in ranked[0]["title_ranking"])
+    # a rerun on the finished directory reads its rankings.jsonl back (to check its rows)
+    assert evaluate(tiny_config(prepared_dir, tmp_path / "full", method="popularity")) == full
+    # resumed from a part file of finished rows (written as the evaluator writes them), with CRLF line ends too
+    part_dir = tmp_path / "resumed" / "rankings"
+    part_dir.mkdir(parents=True)
+    write_jsonl(part_dir / "part-0.jsonl", ranked[:4])
+    with open(part_dir / "part-0.jsonl", "ab") as f:
+        f.write(json.dumps(ranked[4], ensure_ascii=False).encode() + b"\r\n")
+    resumed = evaluate(tiny_config(prepared_dir, tmp_path / "resumed", method="popularity"))
+    assert resumed["metrics"] == full["metrics"]
+    assert (tmp_path / "resumed" / "rankings.jsonl").read_bytes() == (tmp_path / "full" / "rankings.jsonl").read_bytes()
+    assert sorted(load_rankings(tmp_path / "full")) == list(range(12))
+    cmp = compare_runs([tmp_path / "full", tmp_path / "resumed"], ["hr@5"], n_resamples=50)
+    assert cmp["rows"] == 12
+
+
+def test_chat_template_separate_and_joint_tokenization_rank_the_same(prepared_dir, tmp_path, monkeypatch):
+    """With a chat template the text before the answer is the answer prefix + the template's assistant header, not
+    the whole wrapped prompt: `separate` (the default) worked never, and must rank as `joint` does."""
+    import llmrec.models.checkpoint as ck
+
+    load = ck.load_for_inference
+
+    def with_chat_template(*args, **kwargs):
+        model, tok = load(*args, **kwargs)
+        tok.chat_template = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n"
+                             "{% endfor %}{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}")
+        return model, tok
+
+    monkeypatch.setattr(ck, "load_for_inference", with_chat_template)
+    runs = {}
+    for tz in ("separate", "joint"):
+        res = evaluate(tiny_config(prepared_dir, tmp_path / tz, use_chat_template=True, tokenization=tz, max_rows=6))
+        assert res["protocol"]["use_chat_template"] is True
+        runs[tz] = [json.loads(x) for x in (tmp_path / tz / "rankings.jsonl").read_text().splitlines()]
+    assert len(runs["separate"]) == 6
+    assert [(r["item_ranking"], r["scores"]) for r in runs["separate"]] == \
+        [(r["item_ranking"], r["scores"]) for r in runs["joint"]]
+    # and not the rankings without the chat template: the wrapped prompt did reach the model
+    plain = evaluate(tiny_config(prepared_dir, tmp_path / "plain", max_rows=6))
+    plain_ranked = [json.loads(x) for x in (tmp_path / "plain" / "rankings.jsonl").read_text().splitlines()]
+    assert plain["fingerprint"] != res["fingerprint"]
+    assert [r["scores"] for r in plain_ranked] != [r["scores"] for r in runs["separate"]]
+
+
+def test_numeric_settings_are_floats_whatever_number_type_is_given(prepared_dir, tmp_path):
+    """`length_penalty=1` from Python is the protocol of `length_penalty: 1.0` (one fingerprint), not "1"."""
+    from llmrec.data.canonical import load_prepared
+    from llmrec.evaluation.evaluator import Evaluator, protocol_fingerprint
+
+    as_int = tiny_config(prepared_dir, tmp_path / "x", length_penalty=1, guidance_weight=2)
+    as_float = tiny_config(prepared_dir, tmp_path / "x", length_penalty=1.0, guidance_weight=2.0)
+    assert isinstance(as_int.length_penalty, float) and isinstance(as_int.guidance_weight, float)
+    data = load_prepared(str(prepared_dir), splits=["test"])
+    protocols = [Evaluator(c)._protocol(data, [0, 1]) for c in (as_int, as_float)]
+    assert protocol_fingerprint(protocols[0]) == protocol_fingerprint(protocols[1])
+    with pytest.raises(ValueError, match="length_penalty must be a number"):
+        tiny_config(prepared_dir, tmp_path / "x", length_penalty=True)
+    with pytest.raises(ValueError, match="guidance_weight must be a number"):
+        tiny_config(prepared_dir, tmp_path / "x", guidance_weight="1")
+    assert not (tmp_path / "x").exists()

@@ -508,3 +508,29 @@ def test_lares_with_a_random_initial_state_recommends_the_same_alone_batched_and
     # The draws are the model's: another history content gets other initial states (scores differ).
     s = rec._backend.scores([[1, 2, 3], [1, 2, 3], [2, 1, 3]])
     assert torch.equal(s[0], s[1]) and not torch.equal(s[0], s[2])
+
+
+def test_a_moved_dataset_is_still_checked_against_the_recorded_catalogue_digest(data_dir, tmp_path):
+    """Once the dataset a run was trained on has moved, another catalogue of as many items was accepted (wrong
+    titles for the right ids); the run's recorded SHA-256 of its catalogue now decides -- in recommend, in
+    `llmrec evaluate --method seqrec` and for D3 guidance alike."""
+    from llmrec.evaluation.evaluator import EvalConfig, evaluate
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    run = train_tiny_sasrec(tmp_path / "data", tmp_path / "run", max_history=10, epochs=1, seed=42)
+    shutil.move(str(tmp_path / "data"), str(tmp_path / "moved"))
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "moved", other)
+    rows = (other / "catalog.jsonl").read_text().splitlines()
+    titles = [json.loads(r)["title"] for r in rows][::-1]
+    (other / "catalog.jsonl").write_text("".join(json.dumps({**json.loads(r), "title": t}) + "\n"
+                                                 for r, t in zip(rows, titles)))
+    with pytest.raises(ValueError, match="recorded SHA-256 differs"):
+        Recommender.from_pretrained(run, dataset=other)
+    assert Recommender.from_pretrained(run, dataset=tmp_path / "moved").recommend([1, 2], k=3)
+    for kw in (dict(method="seqrec", checkpoint=str(run)),
+               dict(method="beam", model_name_or_path="tiny-qwen2", guidance_checkpoint=str(run), guidance_weight=1.0,
+                    num_beams=3, length_penalty=0.0)):
+        with pytest.raises(ValueError, match="recorded SHA-256 differs"):
+            evaluate(EvalConfig(dataset=str(other), split="test", max_rows=3, ks=[1, 3], history_length=2,
+                                output_dir=str(tmp_path / f"eval-{kw['method']}"), **kw))

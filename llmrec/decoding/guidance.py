@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,7 @@ class TitleGuidance:
 
     Attributes:
         node_log_mass: ``[R, num_nodes]`` log item mass of every trie node (:meth:`ItemMassIndex.log_mass`).
-        weight: ``w >= 0``; a step from node ``n`` to child ``c`` adds ``w * (node_log_mass[r, c] -
+        weight: finite ``w >= 0``; a step from node ``n`` to child ``c`` adds ``w * (node_log_mass[r, c] -
             node_log_mass[r, n])`` to the candidate's log-prob (see the module docstring).
     """
 
@@ -145,8 +146,9 @@ class TitleGuidance:
     weight: float
 
     def __post_init__(self) -> None:
-        if not float(self.weight) >= 0.0:
-            raise ValueError(f"guidance weight must be >= 0, got {self.weight}")
+        # inf is refused too: inf * 0 (a step that keeps the whole mass) is NaN, and every beam would be lost
+        if not (math.isfinite(float(self.weight)) and float(self.weight) >= 0.0):
+            raise ValueError(f"guidance weight must be a finite number >= 0, got {self.weight}")
         self.weight = float(self.weight)
 
     @classmethod
@@ -178,20 +180,41 @@ def guidance_weights_path(run_dir: Path, results: dict) -> Path:
     return run_dir / phase / "best.safetensors"
 
 
-def check_trained_catalog(trained_dir: str | Path | None, data_dir: str | Path, what: str) -> None:
+def check_trained_catalog(trained_dir: str | Path | None, data_dir: str | Path, what: str,
+                          catalog_sha256: str | None = None) -> None:
     """Refuse an ID model on a catalogue other than the one it was trained on (its item ids would name other items).
 
-    ``trained_dir`` is the prepared dataset the run recorded; when its ``catalog.jsonl`` is no longer there the
-    check is skipped (the item count is checked separately). Raises ``ValueError`` naming ``what``.
+    ``trained_dir`` is the prepared dataset the run recorded, ``catalog_sha256`` the digest of its
+    ``catalog.jsonl`` the run recorded (``results.json``'s ``data_sha256``). The files are compared while the
+    trained-on one is there; once it has moved, the recorded digest is (runs from before digests were recorded
+    are then not checked; the item count is checked separately). Raises ``ValueError`` naming ``what``.
     """
-    if trained_dir is None:
-        return
-    trained_on = Path(str(trained_dir)) / "catalog.jsonl"
     ours = Path(data_dir) / "catalog.jsonl"
-    if trained_on.exists() and ours.exists() and trained_on.read_bytes() != ours.read_bytes():
-        raise ValueError(
-            f"{what}: the ID model was trained on {trained_on.parent}, whose "
-            f"catalogue differs from {ours.parent}'s (item ids would not match)")
+    trained_on = Path(str(trained_dir)) / "catalog.jsonl" if trained_dir is not None else None
+    if not ours.exists():
+        return
+    if trained_on is not None and trained_on.exists():
+        if trained_on.read_bytes() != ours.read_bytes():
+            raise ValueError(
+                f"{what}: the ID model was trained on {trained_on.parent}, whose "
+                f"catalogue differs from {ours.parent}'s (item ids would not match)")
+    elif catalog_sha256 is not None:
+        from llmrec.models.backbone import sha256_of_files
+
+        if sha256_of_files([ours]) != catalog_sha256:
+            raise ValueError(
+                f"{what}: {ours} is not the catalogue the ID model was trained on (its recorded SHA-256 differs; "
+                f"item ids would not match)")
+
+
+def eval_keys(rows: list[int], info: dict) -> torch.Tensor:
+    """Per-row keys of an ID model's random evaluation draws (a LARES with ``state_init: normal``): the keys its
+    trainer's test evaluation uses for the same split rows, so `llmrec evaluate --method seqrec` and D3 guidance
+    reproduce it whatever the batches and processes. ``info`` is :func:`load_guidance_model`'s."""
+    from llmrec.seqrec.keyed_random import row_keys
+    from llmrec.seqrec.models import EVAL_STATE
+
+    return row_keys(torch.tensor(rows, dtype=torch.long), int(info["seed"]), EVAL_STATE)
 
 
 def load_guidance_model(run_dir: str | Path, device: torch.device | str = "cpu", num_items: int | None = None):
@@ -242,12 +265,12 @@ def load_guidance_model(run_dir: str | Path, device: torch.device | str = "cpu",
     model = build_model(cfg, trained_items)
     model.load_state_dict(state)
     model.eval().to(device)
-    if getattr(model, "state_init", None) == "normal":
-        logger.warning("guidance model %s (LARES, state_init=normal) draws a random initial state at evaluation: "
-                       "its guidance, and so the rankings, are not deterministic", run)
     info = {
-        "model": cfg.model, "max_history": cfg.max_history, "num_items": trained_items,
+        # seed: a LARES with a random initial state at evaluation (state_init normal) draws it per row from the seed
+        # and the row's index (eval_keys), as its own trainer's test evaluation does
+        "model": cfg.model, "seed": cfg.seed, "max_history": cfg.max_history, "num_items": trained_items,
         "dataset_dir": results.get("protocol", {}).get("dataset_dir", cfg.dataset_dir),
         "weights": str(weights.relative_to(run)), "mask_history": bool(cfg.mask_history),
+        "catalog_sha256": (results.get("data_sha256") or {}).get("catalog.jsonl"),
     }
     return model, info

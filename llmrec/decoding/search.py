@@ -16,9 +16,27 @@ from llmrec.prompts import PromptTemplate, render_to_fit, wrap_chat
 
 
 def answer_context(template: PromptTemplate, tokenizer, use_chat_template: bool) -> str:
-    """The text every prompt ends with right before the answer (what the trie checks titles against)."""
+    """The text every prompt ends with right before the answer (what the trie checks titles against).
+
+    Without a chat template: the template's answer prefix. With one: the answer prefix as the chat template
+    renders it at the end of the user turn, then the template's text up to the answer (the end of the user
+    turn and the assistant header of ``add_generation_prompt``), e.g.
+    ``"### Response: \\n<|im_end|>\\n<|im_start|>assistant\\n"``. Never the history, which differs by prompt.
+    """
     if use_chat_template:
-        return wrap_chat(tokenizer, template.render_prompt(["x"]))
+        prompt = template.render_prompt(["x"])
+        wrapped = wrap_chat(tokenizer, prompt)
+        # The user content up to its answer prefix. Some chat templates trim the content (Llama 3's does), which
+        # can only change its end: without an answer prefix the prompt's trailing whitespace may be gone.
+        head = prompt[: len(prompt) - len(template.answer_prefix)]
+        for part in (head, head.rstrip()):
+            at = wrapped.rfind(part)
+            if part and at >= 0:
+                return wrapped[at + len(part):]
+        raise ValueError(
+            f"prompt template '{template.name}': the tokenizer's chat template does not keep the prompt's text in "
+            f"the user turn ({wrapped[:200]!r}...), so where the answer starts is unknown"
+        )
     if not template.answer_prefix:
         raise ValueError(f"prompt template '{template.name}' declares no answer_prefix")
     return template.answer_prefix
@@ -49,8 +67,9 @@ def build_catalog_trie(
         tail = tokenizer(context, add_special_tokens=False)["input_ids"]
         ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
         if ids[len(ids) - len(tail):] != tail:
+            what = "answer prefix" if not use_chat_template else "answer prefix and chat template's assistant header"
             raise ValueError(
-                f"prompt template '{template.name}': its answer prefix {context!r} tokenizes differently at the "
+                f"prompt template '{template.name}': its {what} {context!r} tokenizes differently at the "
                 "end of a prompt than alone; the decoding root would be ambiguous"
             )
     return TitleTrie(

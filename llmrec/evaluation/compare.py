@@ -44,7 +44,9 @@ def load_rankings(run_dir: str | Path) -> dict[int, dict]:
         raise FileNotFoundError(f"{run}: not a finished evaluation (needs results.json and rankings.jsonl)")
     records: dict[int, dict] = {}
     line_of: dict[int, int] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # split at "\n" only (read_text has turned "\r\n" into "\n"): str.splitlines() also breaks at U+0085, U+2028
+    # and U+2029, which `llmrec evaluate` writes raw inside strings (a title holding one)
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

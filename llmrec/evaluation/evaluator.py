@@ -44,6 +44,7 @@ from llmrec.data.canonical import (
     dumps_line,
     load_prepared,
     parse_jsonl_lines,
+    read_jsonl,
 )
 from llmrec.evaluation.metrics import compute_metrics
 
@@ -114,12 +115,19 @@ class EvalConfig:
 
         if self.tokenization not in TOKENIZATIONS:  # checked here, not after the output directory is claimed
             raise ValueError(f"tokenization must be one of {TOKENIZATIONS}, got {self.tokenization!r}")
+        for name in ("length_penalty", "guidance_weight"):
+            # As floats: `length_penalty=1` from Python would otherwise be "1" in the protocol, not "1.0", another
+            # fingerprint than the same setting from a recipe or the command line (which give floats).
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
         if not math.isfinite(self.length_penalty):  # a NaN beam score would rank titles arbitrarily
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
         if self.num_beams < 1 or self.batch_size < 1:
             raise ValueError("num_beams and batch_size must be >= 1")
-        if not self.guidance_weight >= 0:
-            raise ValueError(f"guidance_weight must be >= 0, got {self.guidance_weight}")
+        if not (math.isfinite(self.guidance_weight) and self.guidance_weight >= 0):  # inf * 0 = NaN beam scores
+            raise ValueError(f"guidance_weight must be a finite number >= 0, got {self.guidance_weight}")
         if self.guidance_checkpoint is not None and self.method != "beam":
             raise ValueError("guidance_checkpoint only applies to method=beam")
         if self.method == "seqrec" and not self.checkpoint:
@@ -312,18 +320,18 @@ class Evaluator:
             return
         self.guidance_model, self.guidance_info = load_guidance_model(
             c.guidance_checkpoint, self.state.device, num_items=data.num_items)
-        self._check_catalog(data, data.num_items, self.guidance_info["dataset_dir"],
-                            f"guidance checkpoint {c.guidance_checkpoint}")
+        self._check_catalog(data, data.num_items, self.guidance_info, f"guidance checkpoint {c.guidance_checkpoint}")
 
     @staticmethod
-    def _check_catalog(data, num_items: int, trained_dir, what: str) -> None:
-        """An ID model's item ids only mean something on the catalogue it was trained on."""
+    def _check_catalog(data, num_items: int, info: dict, what: str) -> None:
+        """An ID model's item ids only mean something on the catalogue it was trained on (``info``:
+        :func:`~llmrec.decoding.guidance.load_guidance_model`'s)."""
         if num_items != data.num_items:
             raise ValueError(f"{what}: the ID model was trained on {num_items} items, {data.directory} has "
                              f"{data.num_items}")
         from llmrec.decoding.guidance import check_trained_catalog
 
-        check_trained_catalog(trained_dir, data.directory, what)
+        check_trained_catalog(info["dataset_dir"], data.directory, what, info.get("catalog_sha256"))
 
     def _load_seqrec(self) -> int:
         """Load the evaluated ID model (method=seqrec); returns its history length."""
@@ -356,7 +364,9 @@ class Evaluator:
                 if part.name == f"part-{self.state.process_index}.jsonl":
                     with open(part, "r+b") as f:
                         f.truncate(len(complete))
-            for rec in parse_jsonl_lines(complete.decode("utf-8").splitlines(), part):
+            # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which dumps_line
+            # leaves raw inside strings (a title holding one would cut its record in two)
+            for rec in parse_jsonl_lines(complete.decode("utf-8").split("\n"), part):
                 done[rec["row"]] = rec
         return done
 
@@ -401,7 +411,7 @@ class Evaluator:
         self._check_rows(data, split)
         self._load_guidance(data)  # fail before anything is written
         if c.method == "seqrec":
-            self._check_catalog(data, self.seqrec_info["num_items"], self.seqrec_info["dataset_dir"], c.checkpoint)
+            self._check_catalog(data, self.seqrec_info["num_items"], self.seqrec_info, c.checkpoint)
         rows = select_rows(len(split), c.max_rows, c.row_seed)
         protocol = self._protocol(data, rows)
         fp = protocol_fingerprint(protocol)
@@ -412,8 +422,7 @@ class Evaluator:
                 # Same protocol, but maybe not the same rows: the dataset may have been prepared again in place.
                 rankings = self.out / "rankings.jsonl"
                 if rankings.exists():
-                    finished = {rec["row"]: rec for rec in parse_jsonl_lines(
-                        rankings.read_text(encoding="utf-8").splitlines(), rankings)}
+                    finished = {rec["row"]: rec for rec in read_jsonl(rankings)}  # lines end at "\n" only
                     self._check_done_rows(finished, split, rankings, "finished evaluation")
                 logger.info("%s is complete for this protocol; nothing to do", results_path)
                 return prev
@@ -503,6 +512,7 @@ class Evaluator:
         """Full-catalogue ranking by the ID model; rows in batches of 256 (a forward is cheap)."""
         from tqdm.auto import tqdm
 
+        from llmrec.decoding.guidance import eval_keys
         from llmrec.evaluation.metrics import ranks_from_scores
         from llmrec.seqrec.scoring import score_histories, top_k
 
@@ -515,7 +525,7 @@ class Evaluator:
             batch = mine[i:i + 256]
             histories = [list(split[r]["history_item_ids"]) for r in batch]
             scores = score_histories(model, histories, int(info["max_history"]), self.state.device,
-                                     bool(info["mask_history"]))
+                                     bool(info["mask_history"]), keys=eval_keys(batch, info))
             targets = torch.tensor([split[r]["target_item_id"] for r in batch], device=scores.device)
             full_ranks = ranks_from_scores(scores, targets - 1).tolist()
             values, order = top_k(scores, scores.shape[1])
@@ -566,7 +576,12 @@ class Evaluator:
 
     def _guidance_source(self, trie):
         """A function ``rows -> TitleGuidance`` scoring the rows' histories with the ID model."""
-        from llmrec.decoding.guidance import ItemMassIndex, TitleGuidance, item_log_probs_from_scores
+        from llmrec.decoding.guidance import (
+            ItemMassIndex,
+            TitleGuidance,
+            eval_keys,
+            item_log_probs_from_scores,
+        )
         from llmrec.seqrec.scoring import score_histories
 
         c = self.config
@@ -578,7 +593,8 @@ class Evaluator:
         device = self.state.device
 
         def guide(rows: list[int]) -> TitleGuidance:
-            scores = score_histories(self.guidance_model, [list(histories[r]) for r in rows], length, device)
+            scores = score_histories(self.guidance_model, [list(histories[r]) for r in rows], length, device,
+                                     keys=eval_keys(rows, self.guidance_info))
             return TitleGuidance.from_item_log_probs(index, item_log_probs_from_scores(scores), c.guidance_weight)
 
         return guide
