@@ -177,3 +177,81 @@ def test_stats_prints(tmp_path: Path, capsys):
     assert "prepared dataset directory not found" in capsys.readouterr().err
     assert main(["data", "stats", str(src)]) == 1
     assert "not a prepared directory" in capsys.readouterr().err
+
+
+def write_amazon2018_source(root: Path) -> Path:
+    """5 reviewers x 12 items inside D3's default window: every user and item passes the 5-core."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = 1514764800  # 2018-01-01 UTC
+    (root / "Toys.json").write_text("".join(
+        json.dumps({"reviewerID": f"U{u}", "asin": f"A{k:02d}", "unixReviewTime": base + k * 864000 + u * 3600}) + "\n"
+        for u in range(1, 6) for k in range(1, 13)))
+    (root / "meta_Toys.json").write_text("".join(
+        json.dumps({"asin": f"A{k:02d}", "title": f"Toy {k}"}) + "\n" for k in range(1, 13)))
+    return root
+
+
+@pytest.mark.parametrize("extra, longest, recorded", [([], 10, 10), (["--max-history", "3"], 3, 3),
+                                                      (["--max-history", "0"], 11, 0)])
+def test_amazon2018_max_history_reaches_the_reader(tmp_path: Path, extra, longest, recorded):
+    # --max-history was not passed to the reader (always D3's 10) while stats.json recorded the value given (50)
+    src, out = write_amazon2018_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("amazon2018", src, out, "--category", "Toys", "--min-items", "1", *extra)) == 0
+    rows = [r for split in ("train", "valid", "test") for r in read_rows(out / f"{split}.jsonl")]
+    assert max(len(r["history_item_ids"]) for r in rows) == longest
+    assert json.loads((out / "stats.json").read_text())["options"]["max_history"] == recorded
+
+
+def test_max_history_default_of_the_other_formats_is_50(tmp_path: Path):
+    src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("csv", src, out)) == 0
+    assert json.loads((out / "stats.json").read_text())["options"]["max_history"] == 50
+
+
+@pytest.mark.parametrize("fmt", ["recbole", "seq-txt", "d3-csv", "amazon2018"])
+@pytest.mark.parametrize("extra, option", [(["--split", "time"], "--split"), (["--valid-ratio", "0.2"], "--valid-ratio"),
+                                           (["--test-ratio", "0.05"], "--test-ratio")])
+def test_split_options_are_refused_where_the_input_fixes_the_splits(tmp_path: Path, capsys, fmt, extra, option):
+    # they were silently ignored (as --time-cutoffs was, which is refused already); refused before any reading
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    assert main(prepare_args(fmt, src, out, "--category", "Toys", *extra)) == 1
+    err = capsys.readouterr().err
+    assert f"{option} applies to --format csv or amazon2023" in err and "it would be ignored" in err
+    assert f"--format {fmt}" in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--valid-ratio", "0.3"], ["--split", "time", "--time-cutoffs", "5,8",
+                                                                 "--test-ratio", "0.3"]])
+def test_ratios_are_refused_where_a_csv_split_ignores_them(tmp_path: Path, capsys, extra):
+    src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("csv", src, out, *extra)) == 1
+    err = capsys.readouterr().err
+    assert "applies to --format csv or amazon2023 with --split time and no --time-cutoffs" in err
+    assert "it would be ignored" in err and not out.exists()
+
+
+def test_split_options_at_their_defaults_are_accepted_everywhere(tmp_path: Path):
+    d3 = write_d3_source(tmp_path / "d3")
+    assert main(prepare_args("d3-csv", d3, tmp_path / "o1", "--splits", "valid,test", "--split", "loo",
+                             "--valid-ratio", "0.1", "--test-ratio", "0.1")) == 0
+    src = write_csv_source(tmp_path / "src")
+    assert main(prepare_args("csv", src, tmp_path / "o2", "--split", "time", "--valid-ratio", "0.2",
+                             "--test-ratio", "0.2")) == 0
+
+
+def test_a_split_named_twice_is_refused(tmp_path: Path, capsys):
+    # --splits test,test wrote test.jsonl twice and counted its rows twice in cleaned.examples
+    src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("csv", src, out, "--splits", "test,valid,test")) == 1
+    err = capsys.readouterr().err
+    assert "split 'test' is named more than once in the splits to prepare (test, valid, test)" in err
+    assert not out.exists()
+    from llmrec.data.formats import read_generic_csv
+    from llmrec.data.prepare import prepare
+
+    raw = read_generic_csv(src / "interactions.csv", src / "items.csv")
+    with pytest.raises(ValueError, match="split 'test' is named more than once"):
+        prepare(raw, out, splits=["test", "test"])
+    assert not out.exists()
+    assert prepare(raw, out, splits=["test"])["cleaned"]["examples"] == 2

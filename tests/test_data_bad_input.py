@@ -116,10 +116,31 @@ def test_unclosed_quote_in_items_csv_is_blamed_on_its_line(tmp_path: Path):
     msg = err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv"))
     assert msg.startswith(f"{src / 'items.csv'}, row 4, field 'item': id '99,Unclosed title\\n3,Three")
     assert "line break" in msg
-    # merged into a record of the wrong width: the line it starts on, and where it ends
+    # merged up to a quote that text follows (strict parsing): the line it starts on, and where it ends
     (src / "items.csv").write_text('item,title\n1,One\n2,Two\n"99,Unclosed title\n3,Three\n4,"Four"\n')
     assert err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv")) == (
-        f"{src / 'items.csv'}, row 4: 1 fields where the header has 2 (the record runs to line 6: an unclosed quote?)")
+        f"{src / 'items.csv'}, row 4: bad CSV (',' expected after '\"'; the record runs to line 6: an unclosed quote?)")
+    # merged into a record of the wrong width: the line it starts on, and where it ends
+    (src / "items.csv").write_text('item,title\n1,One\n2,Two\n"99,Unclosed title\n3,Three\n4",Four,x\n')
+    assert err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv")) == (
+        f"{src / 'items.csv'}, row 4: 3 fields where the header has 2 (the record runs to line 6: an unclosed quote?)")
+
+
+def test_unclosed_quote_in_the_last_column_is_an_error_not_one_long_title(tmp_path: Path):
+    # the lenient parser made '2,"Tetris' swallow the rest of the file: one item titled "Tetris\n3,Zelda\n4,Mario",
+    # items 3 and 4 gone without a word
+    inter = "user,item,timestamp\nu1,1,1\nu1,2,2\nu1,1,3\n"
+    src = write_csv(tmp_path / "c", 'item,title\n1,Halo\n2,"Tetris\n3,Zelda\n4,Mario\n', inter)
+    assert err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv")) == (
+        f"{src / 'items.csv'}, row 3: bad CSV (unexpected end of data; the record runs to line 5: an unclosed quote?)")
+    # a quote closed in the middle of a field, text after it: was read as "Tetris" plus the rest, silently
+    (src / "items.csv").write_text('item,title\n1,Halo\n2,"Tet"ris\n')
+    assert err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv")) == (
+        f"{src / 'items.csv'}, row 3: bad CSV (',' expected after '\"')")
+    # a quoted title that spans lines and is closed stays a title
+    (src / "items.csv").write_text('item,title\n1,Halo\n2,"Tetris\nDeluxe"\n')
+    raw = formats.read_generic_csv(src / "interactions.csv", src / "items.csv")
+    assert raw.titles == {"1": "Halo", "2": "Tetris\nDeluxe"}
 
 
 def test_csv_record_lines_count_blank_lines_and_multiline_titles(tmp_path: Path):
@@ -361,7 +382,9 @@ def test_d3_info_ids_are_compared_as_integers_and_category_may_be_a_prefix(tmp_p
 
 
 def test_output_that_is_not_a_prepared_directory_is_refused(tmp_path: Path, capsys):
-    inter = "user,item,timestamp\n" + "".join(f"u{u},{i},{10 * u + i}\n" for u in (1, 2) for i in (1, 2, 3, 1, 2))
+    # items seen again later (not exact repeats of an interaction, which are dropped)
+    inter = "user,item,timestamp\n" + "".join(f"u{u},{i},{10 * u + k}\n" for u in (1, 2)
+                                              for k, i in enumerate((1, 2, 3, 1, 2)))
     src = write_csv(tmp_path / "c", "item,title\n1,One\n2,Two\n3,Three\n", inter)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
     # --output = --input (or a folder holding it, or any other folder): it was replaced as a whole, which

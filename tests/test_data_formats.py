@@ -374,6 +374,25 @@ def test_recbole_typed_headers_and_stable_ties(tmp_path: Path):
     assert dir_bytes(out) == dir_bytes(out2)
 
 
+def test_recbole_exact_repeats_are_dropped_and_counted(tmp_path: Path):
+    # "u1 4 4" twice: the test target was the very event that ended its own history
+    src = tmp_path / "ml"
+    src.mkdir()
+    (src / "ml.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                                  "u1\t1\t1\nu1\t2\t2\nu1\t3\t3\nu1\t4\t4\nu1\t4\t4\nu1\t2\t5\n")
+    (src / "ml.item").write_text("item_id:token\ttitle:token_seq\n" + "".join(f"{k}\tT{k}\n" for k in range(1, 5)))
+    raw = formats.read_recbole(src)
+    # the repeat of 4 at t=4 goes, item 2 again at t=5 is another interaction and stays
+    assert raw.sequences["u1"] == {"all": [("1", 1), ("2", 2), ("3", 3), ("4", 4), ("2", 5)]}
+    assert raw.skipped == {"duplicate_interactions_dropped": 1}
+    out = tmp_path / "out"
+    prepare(raw, out)
+    assert rows_of(out, "valid") == [("u1", [1, 2, 3], 4, 4)]
+    assert rows_of(out, "test") == [("u1", [1, 2, 3, 4], 2, 5)]
+    st = stats_of(out)
+    assert st["skipped"]["duplicate_interactions_dropped"] == 1 and st["raw"]["interactions"] == 5
+
+
 def test_recbole_errors(tmp_path: Path):
     src = tmp_path / "ml"
     src.mkdir()
@@ -483,6 +502,26 @@ def test_generic_csv_ties_keep_file_order(tmp_path: Path):
     assert [it for it, _ in raw.sequences["u"]["all"]] == ["i2", "i3", "i1", "i5"]
 
 
+def test_generic_csv_exact_repeats_are_dropped_and_counted(tmp_path: Path):
+    events = [("d", "i1", 1), ("d", "i2", 2), ("d", "i3", 3), ("d", "i4", 4), ("d", "i4", 4),
+              ("e", "i1", 7), ("e", "i2", 5), ("e", "i1", 7), ("e", "i1", 9)]  # e: a repeat that is not adjacent
+    root = write_generic(tmp_path / "src", events)
+    raw = read_csv_dir(root, split="loo")
+    assert raw.skipped == {"duplicate_interactions_dropped": 2}
+    assert raw.sequences["e"] == {"all": [("i2", 5), ("i1", 7), ("i1", 9)]}  # i1 at t=9 is another interaction
+    out = tmp_path / "out"
+    prepare(raw, out)
+    # the test row of d used to be history [1, 2, 3, 4] -> target 4: the same event on both sides
+    assert rows_of(out, "test") == [("d", [1, 2, 3], 4, 4), ("e", [2, 1], 1, 9)]
+    assert stats_of(out)["skipped"]["duplicate_interactions_dropped"] == 2
+    # a time split: the quantile cutoffs count each interaction once
+    timed = read_csv_dir(root, split="time")
+    assert timed.skipped == {"duplicate_interactions_dropped": 2}
+    assert sum(len(w) for seq in timed.sequences.values() for w in seq.values()) == 7
+    # no repeats: no key (as the other skip counts)
+    assert read_csv_dir(write_generic(tmp_path / "clean"), split="loo").skipped == {}
+
+
 def test_generic_csv_errors(tmp_path: Path):
     root = write_generic(tmp_path / "src", CSV_EVENTS + [("d", "i9", 11)])
     with pytest.raises(DataFormatError) as e:
@@ -547,6 +586,18 @@ def test_amazon2023(tmp_path: Path, gz: bool):
                                          "unknown_item_interactions": 1, "users_too_short_for_leave_one_out": 1}
     with pytest.raises(DataFormatError, match="parent_asin.*no metadata"):
         formats.read_amazon2023(src, "Video_Games", on_unknown="error")
+
+
+def test_amazon2023_exact_repeats_are_dropped_and_counted(tmp_path: Path):
+    root = tmp_path / "amz"
+    root.mkdir()
+    reviews = [("u1", "B1", 1000), ("u1", "B2", 2000), ("u1", "B3", 3000), ("u1", "B3", 3000), ("u1", "B3", 3500)]
+    (root / "VG.jsonl").write_text("".join(json.dumps({"user_id": u, "parent_asin": a, "rating": 5.0, "timestamp": t})
+                                           + "\n" for u, a, t in reviews))
+    (root / "meta_VG.jsonl").write_text("".join(json.dumps(m) + "\n" for m in AMZ23_META))
+    raw = formats.read_amazon2023(root, "VG", split="loo")
+    assert raw.sequences["u1"] == {"all": [("B1", 1000), ("B2", 2000), ("B3", 3000), ("B3", 3500)]}
+    assert raw.skipped == {"duplicate_interactions_dropped": 1}
 
 
 def test_amazon2023_time_split(tmp_path: Path):
@@ -638,6 +689,29 @@ def test_amazon2018_d3_protocol(tmp_path: Path):
     assert st["rows"] == {"train": 44, "valid": 5, "test": 6}
     assert st["skipped"] == {}
     assert st["raw"]["users"] == 5 and st["raw"]["items"] == 12 and st["raw"]["catalog_items"] == 12
+
+
+def test_amazon2018_keeps_exact_repeats_as_d3_and_counts_them(tmp_path: Path):
+    """D3's process.py keeps a review repeated exactly (the LatentR3 CDs data has rows whose target is the last
+    history item's very review): the protocol's rows keep it, stats.json counts it."""
+    src = write_amazon2018(tmp_path / "src")
+    with gzip.open(src / "Toys_5.json.gz", "at", encoding="utf-8") as f:
+        f.write(json.dumps({"reviewerID": "U1", "asin": "A12", "unixReviewTime": BASE + 120 * DAY + HOUR}) + "\n")
+    raw = formats.read_amazon2018(src, "Toys", min_items=1)
+    assert raw.skipped == {"duplicate_interactions_kept": 1}
+    last = [r for r in raw.rows["test"] if r.user == "U1"][-1]
+    assert (last.history[-1], last.target, last.timestamp) == ("A12", "A12", BASE + 120 * DAY + HOUR)
+    assert sum(len(rows) for rows in raw.rows.values()) == 56
+    assert formats.read_amazon2018(write_amazon2018(tmp_path / "clean"), "Toys", min_items=1).skipped == {}
+
+
+def test_amazon2018_max_history(tmp_path: Path):
+    src = write_amazon2018(tmp_path / "src")
+    longest = {h: max(len(r.history) for rows in formats.read_amazon2018(src, "Toys", min_items=1, max_history=h)
+                      .rows.values() for r in rows) for h in (3, 10, 0)}
+    assert longest == {3: 3, 10: 10, 0: 11}  # 0 = all (it used to give every row an empty history)
+    with pytest.raises(ValueError, match="max_history must be >= 0"):
+        formats.read_amazon2018(src, "Toys", min_items=1, max_history=-1)
 
 
 @pytest.mark.skipif(not hasattr(__import__("time"), "tzset"), reason="needs time.tzset (POSIX)")
@@ -807,6 +881,29 @@ def test_atomic_directory_removes_what_killed_runs_left(tmp_path: Path):
     assert not any(d.exists() for d in left) and live.exists()
 
 
+def test_duplicate_titles_are_judged_among_the_items_used(tmp_path: Path):
+    """Item 9 shares item 1's title but never occurs: duplicate=drop dropped item 1 (and its interactions)."""
+    from llmrec.data.catalog import TitlePolicy
+
+    titles = {"1": "Halo", "2": "Tetris", "3": "Zelda", "4": "Mario", "9": "Halo", "5": "Pong"}
+    seqs = {"u1": {"all": [(str(k), k) for k in range(1, 6)]}}
+    raw = formats.RawData(titles=titles, mode="loo", sequences=seqs)
+    drop = PrepareOptions(title_policy=TitlePolicy.parse("duplicate=drop"))
+    out = tmp_path / "out"
+    stats = prepare(raw, out, drop)
+    assert catalog_of(out) == [(1, "1", "Halo"), (2, "2", "Tetris"), (3, "3", "Zelda"), (4, "4", "Mario"),
+                               (5, "5", "Pong")]
+    assert rows_of(out, "test") == [("u1", [1, 2, 3, 4], 5, 5)]
+    assert stats["cleaning"]["found"]["duplicate"] == 0 and stats["cleaning"]["items_sharing_a_title"] == 0
+    assert stats["raw"]["catalog_items"] == 6 and "interactions_item_dropped" not in stats["skipped"]
+    # two items that both occur and share a title are still duplicates, and both go with duplicate=drop
+    seqs["u1"]["all"].append(("9", 6))
+    stats = prepare(formats.RawData(titles=titles, mode="loo", sequences=seqs), out, drop)
+    assert [c[1] for c in catalog_of(out)] == ["2", "3", "4", "5"]
+    assert stats["cleaning"]["found"]["duplicate"] == 1 and stats["cleaning"]["dropped_items"]["duplicate"] == 2
+    assert stats["skipped"]["interactions_item_dropped"] == 2
+
+
 def test_prepare_errors_without_items(tmp_path: Path):
     root = tmp_path / "src"
     root.mkdir()
@@ -947,7 +1044,7 @@ def test_integer_fields_are_exact_and_conflicting_titles_are_errors(tmp_path: Pa
     f = tmp_path / "x.csv"
     assert _int("1700000000123456789", f, 1, "ts") == 1700000000123456789  # a float would round it
     assert _int(1700000000123456789, f, 1, "ts") == 1700000000123456789
-    assert _int("12", f, 1, "ts") == _int(12.0, f, 1, "ts") == _int(" 1.2e1", f, 1, "ts") == 12
+    assert _int("12", f, 1, "ts") == _int(12.0, f, 1, "ts") == _int(" 12.0", f, 1, "ts") == 12
     for bad in ("1.5", "x", None, True):
         with pytest.raises(DataFormatError, match="expected an integer"):
             _int(bad, f, 3, "ts")
@@ -956,6 +1053,25 @@ def test_integer_fields_are_exact_and_conflicting_titles_are_errors(tmp_path: Pa
     _set_title(titles, "7", "Halo", f, 2, "item_id")  # the same title again: harmless
     with pytest.raises(DataFormatError, match=r"x.csv.*row 3.*item_id.*item 7 appears twice with different titles"):
         _set_title(titles, "7", "Tetris", f, 3, "item_id")
+
+
+def test_integer_fields_take_integer_syntax_only(tmp_path: Path):
+    """Integer fields went through float(): "1_000" became 1000 and "12345678901234567e3" was rounded."""
+    from llmrec.data.formats import _int
+
+    f = tmp_path / "x.csv"
+    assert _int("+7", f, 1, "ts") == 7 and _int("-7", f, 1, "ts") == -7
+    assert _int("1.0", f, 1, "ts") == _int("1.00", f, 1, "ts") == 1  # a zero fraction: files written through floats
+    assert _int("12345678901234567000", f, 1, "ts") == 12345678901234567000
+    assert _int(2.0**53, f, 1, "ts") == 2**53
+    for bad in ("1_000", "12345678901234567e3", "1e3", "1.2e1", "0x10", "١٢", "1.", ".0", "1.05", "", 2.0**60):
+        with pytest.raises(DataFormatError, match=r"row 3, field 'ts': expected an integer"):
+            _int(bad, f, 3, "ts")
+    # through a reader: the row, not a silently changed timestamp
+    root = write_generic(tmp_path / "src", [("a", "i1", 1), ("a", "i2", "1_000")])
+    with pytest.raises(DataFormatError, match=r"interactions.csv, row 3, field 'timestamp': expected an integer, "
+                                              r"got '1_000'"):
+        read_csv_dir(root)
 
 
 def test_eval_rows_first_never_lets_a_later_interaction_stand_in(tmp_path: Path):

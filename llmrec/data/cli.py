@@ -15,6 +15,14 @@ def _split_list(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
+# Defaults of the split options: a value other than these is refused where the option would be ignored.
+DEFAULT_SPLIT = "loo"
+DEFAULT_RATIO = 0.1
+# --max-history when not given: the history cap of prepare, and for amazon2018 D3's protocol (10 previous items).
+DEFAULT_MAX_HISTORY = 50
+D3_MAX_HISTORY = 10
+
+
 def _non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (``--max-history -5`` used to mean "all", as 0 does)."""
     try:
@@ -44,14 +52,42 @@ def _parse_time_cutoffs(text: str, fmt: str, split: str) -> tuple[float, float]:
     return values
 
 
+def _check_split_options(args: argparse.Namespace) -> None:
+    """Refuse ``--split`` and the ratio options where they would be silently ignored (as ``--time-cutoffs`` is):
+    ``--split`` for the formats whose splits the input (or D3's protocol, for amazon2018) fixes, the ratios
+    everywhere but a csv/amazon2023 ratio time split. Only values other than the defaults are refused: argparse
+    cannot tell a default given on the command line from one left out."""
+    ratio_format = args.format in ("csv", "amazon2023")
+    if args.split != DEFAULT_SPLIT and not ratio_format:
+        fixed_by = "D3's protocol" if args.format == "amazon2018" else "the input"
+        raise ValueError(f"--split applies to --format csv or amazon2023 (got --format {args.format}, whose splits "
+                         f"are fixed by {fixed_by}); it would be ignored")
+    for name, value in (("--valid-ratio", args.valid_ratio), ("--test-ratio", args.test_ratio)):
+        if value != DEFAULT_RATIO and not (ratio_format and args.split == "time" and not args.time_cutoffs):
+            raise ValueError(f"{name} applies to --format csv or amazon2023 with --split time and no --time-cutoffs "
+                             f"(got --format {args.format} --split {args.split}"
+                             f"{' --time-cutoffs ' + args.time_cutoffs if args.time_cutoffs else ''}); "
+                             "it would be ignored")
+
+
+def max_history_of(args: argparse.Namespace) -> int:
+    """``--max-history``, or when not given the format's default: D3's 10 for amazon2018, 50 otherwise."""
+    if args.max_history is not None:
+        return args.max_history
+    return D3_MAX_HISTORY if args.format == "amazon2018" else DEFAULT_MAX_HISTORY
+
+
 def read_source(args: argparse.Namespace):
     """Dispatch to the reader of ``args.format``."""
     from llmrec.data import formats
+    from llmrec.data.prepare import check_split_names
 
     inp = Path(args.input)
     if not inp.exists():
         raise FileNotFoundError(f"input not found: {inp}")
     splits = _split_list(args.splits)
+    check_split_names(splits)  # before reading, which may take long
+    _check_split_options(args)
     cutoffs = _parse_time_cutoffs(args.time_cutoffs, args.format, args.split) if args.time_cutoffs else None
     if args.format == "d3-csv":
         return formats.read_d3_csv(inp, splits or ["train", "valid", "test"], args.category)
@@ -71,7 +107,8 @@ def read_source(args: argparse.Namespace):
     if args.format == "amazon2018":
         if not args.category:
             raise ValueError("--format amazon2018 needs --category (e.g. Video_Games)")
-        return formats.read_amazon2018(inp, args.category, start=args.start, end=args.end, min_items=args.min_items)
+        return formats.read_amazon2018(inp, args.category, start=args.start, end=args.end, min_items=args.min_items,
+                                       max_history=max_history_of(args))
     raise ValueError(f"unknown format {args.format!r}; known: {', '.join(FORMATS)}")
 
 
@@ -79,7 +116,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from llmrec.data.catalog import TitlePolicy
     from llmrec.data.prepare import PrepareOptions, prepare
 
-    opts = PrepareOptions(max_history=args.max_history, eval_rows=args.eval_rows,
+    opts = PrepareOptions(max_history=max_history_of(args), eval_rows=args.eval_rows,
                           title_policy=TitlePolicy.parse(args.title_policy))
     raw = read_source(args)
     stats = prepare(raw, args.output, opts, _split_list(args.splits))
@@ -136,7 +173,9 @@ def register_cli(subparsers) -> None:
                    "which is replaced)")
     p.add_argument("--splits", default=None, help="comma-separated splits to prepare (default: all three; "
                    "a missing split is an error unless named here, e.g. valid,test)")
-    p.add_argument("--max-history", type=_non_negative_int, default=50, help="keep the last N history items (0 = all)")
+    p.add_argument("--max-history", type=_non_negative_int, default=None,
+                   help=f"keep the last N history items (0 = all); when not given {DEFAULT_MAX_HISTORY}, and for amazon2018 "
+                   f"{D3_MAX_HISTORY} (D3's protocol), whose reader forms the histories")
     p.add_argument("--eval-rows", choices=("all", "first"), default="all",
                    help="time splits: one row per valid/test interaction (all) or only the user's first")
     p.add_argument("--title-policy", default=None,
@@ -146,9 +185,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--titles-from", choices=("auto", "npy", "jsonl"), default="auto", help="seq-txt: title map source")
     p.add_argument("--on-unknown-item", choices=("error", "skip"), default="error",
                    help="an interaction with an item that has no title: error, or skip and count it")
-    p.add_argument("--split", choices=("loo", "time"), default="loo", help="csv/amazon2023: leave-one-out or global time split")
-    p.add_argument("--valid-ratio", type=float, default=0.1, help="time split: share of interactions in valid")
-    p.add_argument("--test-ratio", type=float, default=0.1, help="time split: share of interactions in test")
+    p.add_argument("--split", choices=("loo", "time"), default=DEFAULT_SPLIT,
+                   help="csv/amazon2023: leave-one-out or global time split (other formats: refused, the input fixes it)")
+    p.add_argument("--valid-ratio", type=float, default=DEFAULT_RATIO, help="time split: share of interactions in valid")
+    p.add_argument("--test-ratio", type=float, default=DEFAULT_RATIO, help="time split: share of interactions in test")
     p.add_argument("--time-cutoffs", default=None, help="time split: absolute cutoffs VALID_START,TEST_START instead of ratios")
     p.add_argument("--min-rating", type=float, default=None, help="amazon2023: keep interactions rated at least this")
     p.add_argument("--interactions", default=None, help="csv: interactions file (default INPUT/interactions.csv)")

@@ -2,7 +2,9 @@
 
 Every reader validates as it reads and raises :class:`DataFormatError` naming file, row (1-based
 line, header included for CSV) and field. Nothing is cleaned here: cleaning and example forming
-happen in :mod:`llmrec.data.prepare`, the same for every format.
+happen in :mod:`llmrec.data.prepare`, the same for every format. The one exception: an interaction repeated
+exactly (same user, item and timestamp) is dropped by the readers that sort timestamped events (RecBole, CSV,
+Amazon 2023) and counted (``duplicate_interactions_dropped``); Amazon 2018 keeps them, as D3's protocol does.
 
 ``RawData`` comes in one of three shapes:
 
@@ -21,6 +23,7 @@ import gzip
 import html
 import json
 import math
+import numbers
 import random
 import re
 import zlib
@@ -86,10 +89,13 @@ def _csv_rows(path: Path, delimiter: str = ","):
     """Yield (line number, dict row) of a CSV file with a header, with per-row decoding errors.
 
     The line number is the line where the record starts: a quoted field may span lines, and an unclosed
-    quote swallows the lines after it, so the start is where to look.
+    quote swallows the lines after it, so the start is where to look. Parsing is strict: an unclosed quote that
+    runs to the end of the file, or a closing quote followed by more text, is an error -- the lenient parser
+    silently made the rest of the file one field (an unclosed quote in the last column: one title holding every
+    later record, whose items vanished).
     """
     text_lines = (line for _, line in _lines(path))
-    reader = csv.reader(text_lines, delimiter=delimiter)
+    reader = csv.reader(text_lines, delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -107,7 +113,8 @@ def _csv_rows(path: Path, delimiter: str = ","):
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataFormatError(path, start, None, f"bad CSV ({e})") from None
+            spans = f"; the record runs to line {reader.line_num}: an unclosed quote?" if reader.line_num > start else ""
+            raise DataFormatError(path, start, None, f"bad CSV ({e}{spans})") from None
         except DataFormatError:
             raise
         if not values:
@@ -139,20 +146,26 @@ def _check_id(value: str, path: Path, n: int, fld: str) -> str:
     return value
 
 
+_INT_RE = re.compile(r"[+-]?[0-9]+(?:\.0+)?")  # [0-9]: ASCII digits only (int() also takes "١٢")
+
+
 def _int(value, path: Path, n: int, fld: str) -> int:
-    """An integer field: ``12``, ``"12"``, ``12.0`` or ``"1.2e1"``; exact for integers beyond 2**53 (nanosecond
-    timestamps), which a float would round."""
+    """An integer field: ``12``, ``"12"``, ``"+12"``, or with a zero fraction (``12.0``, ``"12.0"``, as files written
+    through floats have them). Exact for integers beyond 2**53 (nanosecond timestamps): a string is never read
+    through a float, and a float beyond 2**53 (which may already be rounded) is an error. Anything else is an
+    error, ``"1.5"``, ``"1e3"`` and ``"1_000"`` too (``float()`` took the last two, rounding big ones)."""
     try:
         if isinstance(value, bool):
             raise ValueError
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value.strip())
-        f = float(value)
-        if f != int(f):
-            raise ValueError
-        return int(f)
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, float):
+            if not value.is_integer() or abs(value) > 2**53:
+                raise ValueError
+            return int(value)
+        if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
+            return int(value.strip().split(".", 1)[0])
+        raise ValueError
     except (TypeError, ValueError, OverflowError):
         raise DataFormatError(path, n, fld, f"expected an integer, got {str(value)[:40]!r}") from None
 
@@ -422,6 +435,7 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
                 continue
             raise DataFormatError(inter, n, "item_id", f"item {it} is not in {item.name}")
         events[user].append((ts, n, it))
+    _drop_repeated_events(events, skipped)
     for user, ev in events.items():
         ev.sort(key=lambda e: (e[0], e[1]))  # by time; ties keep file order (stable, fixed)
         seqs[user] = {"all": [(it, ts) for ts, _, it in ev]}
@@ -429,6 +443,28 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
 
 
 # --------------------------------------------------------------------------- generic CSV and Amazon 2023
+
+
+def _drop_repeated_events(events: dict[str, list[tuple[int, int, str]]], skipped: dict[str, int]) -> None:
+    """Drop, in place, every ``(timestamp, line, item)`` event that repeats an earlier one of the same user exactly
+    (the same item at the same timestamp), keeping the first in file order, and count them in
+    ``skipped["duplicate_interactions_dropped"]`` (only when there are some, as the other skip counts). Kept, such a
+    repeat made a leave-one-out test target the very event that ends its own history. The same item at another
+    timestamp is another interaction and stays."""
+    dropped = 0
+    for user, ev in events.items():
+        seen: set[tuple[int, str]] = set()
+        kept = []
+        for e in ev:
+            key = (e[0], e[2])
+            if key in seen:
+                dropped += 1
+                continue
+            seen.add(key)
+            kept.append(e)
+        events[user] = kept
+    if dropped:
+        skipped["duplicate_interactions_dropped"] = skipped.get("duplicate_interactions_dropped", 0) + dropped
 
 
 def _events_to_sequences(
@@ -498,6 +534,7 @@ def read_generic_csv(
                 continue
             raise DataFormatError(interactions, n, i_col, f"item {it!r} is not in {items.name}")
         events[user].append((ts, n, it))
+    _drop_repeated_events(events, skipped)
     mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs)
     return RawData(titles=titles, mode=mode, sequences=seqs, skipped=skipped, source={"format": "csv", "split": split})
 
@@ -565,6 +602,7 @@ def read_amazon2023(
                 continue
             raise DataFormatError(reviews, n, "parent_asin", f"item {it} has no metadata in {meta.name}")
         events[user].append((_int(obj["timestamp"], reviews, n, "timestamp"), n, it))
+    _drop_repeated_events(events, skipped)
     mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs)
     return RawData(titles=titles, mode=mode, sequences=seqs, skipped=skipped, source={"format": "amazon2023", "category": category})
 
@@ -603,7 +641,14 @@ def read_amazon2018(
     """Raw Amazon Reviews 2018 json/json.gz + meta, processed as D3/LatentR3's ``process.py``:
     time window [start, end) in UTC, title filter, iterative k-core, widen the window back by
     ``widen_months`` until there are ``min_items`` items (or the data runs out), one example per
-    position with the previous <= ``max_history`` items, global 80/10/10 by target time."""
+    position with the previous <= ``max_history`` items (D3: 10; 0 = all), global 80/10/10 by target time.
+
+    Reviews repeated exactly (same reviewer, item and time; the 2018 files have some) are kept, as D3 keeps them
+    (the LatentR3 CDs data has rows whose target is the last history item's very review): dropping them would
+    change the k-core and so every row of the protocol. They are counted in ``skipped`` as
+    ``duplicate_interactions_kept``; the other readers drop them."""
+    if max_history < 0:  # ev[pos - max_history:pos] would silently be another window
+        raise ValueError(f"max_history must be >= 0 (0 = all), got {max_history}")
     reviews = _find(input_dir, [f"{category}_5.json", f"{category}.json"])
     meta = _find(input_dir, [f"meta_{category}.json"])
     raw_titles: dict[str, str | None] = {}
@@ -653,7 +698,7 @@ def read_amazon2018(
     for u in sorted(by_user):
         ev = sorted(by_user[u], key=lambda e: (e[0], e[1]))
         for pos in range(1, len(ev)):
-            hist = [i for _, _, i in ev[max(0, pos - max_history):pos]]
+            hist = [i for _, _, i in ev[max(0, pos - max_history) if max_history > 0 else 0:pos]]
             samples.append(RawRow(u, hist, ev[pos][2], ev[pos][0]))
     samples.sort(key=lambda r: r.timestamp)  # stable: ties keep user/position order
     n = len(samples)
@@ -661,8 +706,12 @@ def read_amazon2018(
     rows = {"train": samples[:a], "valid": samples[a:b], "test": samples[b:]}
     kept_titles = {i: titles[i] for i in items}
     window = f"{sy}-{sm}-{ey}-{em}"
+    skipped = {"meta_asin_title_conflicts_last_kept": conflicts} if conflicts else {}
+    repeats = len(events) - len({(u, i, ts) for u, i, ts, _ in events})
+    if repeats:
+        skipped["duplicate_interactions_kept"] = repeats
     return RawData(
-        titles=kept_titles, mode="rows", rows=rows, skipped={"meta_asin_title_conflicts_last_kept": conflicts} if conflicts else {},
+        titles=kept_titles, mode="rows", rows=rows, skipped=skipped,
         source={"format": "amazon2018", "category": category, "window": window, "raw_reviews": len(all_events),
                 "raw_meta_items": len(raw_titles)},
     )

@@ -4,8 +4,9 @@ Steps, the same for every format:
 
 1. read (``llmrec.data.formats``) and count the raw input: users, items, interactions, before any
    cleaning (``stats.json: raw``);
-2. clean titles with the :class:`~llmrec.data.catalog.TitlePolicy` -- a dropped item disappears from
-   every sequence and history, as if never seen;
+2. clean the titles of the items that occur in the data with the :class:`~llmrec.data.catalog.TitlePolicy`
+   (a duplicate shares its title with another such item) -- a dropped item disappears from every sequence and
+   history, as if never seen;
 3. number the kept items 1..N in source-id order (0 is padding) -> ``catalog.jsonl``;
 4. form examples:
 
@@ -71,6 +72,17 @@ def check_output(output: str | Path) -> None:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ValueError(f"output {output} exists and is not a prepared directory (it holds {shown}); it would be "
                          "replaced as a whole: choose a new or empty directory, or remove it first")
+
+
+def check_split_names(splits: list[str] | None) -> None:
+    """Refuse a split named twice (``--splits test,test``): its file was written twice and its rows counted twice
+    in ``cleaned.examples``."""
+    seen: set[str] = set()
+    for s in splits or []:
+        if s in seen:
+            raise ValueError(f"split '{s}' is named more than once in the splits to prepare ({', '.join(splits)}): "
+                             "name each once")
+        seen.add(s)
 
 
 def raw_counts(raw: RawData) -> dict:
@@ -178,9 +190,11 @@ def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None
         # A prepared catalogue has a title for every item (the loader rejects an empty one): an item without a
         # title cannot be recommended by its title, so it is dropped and counted.
         raise ValueError("title policy empty=keep is not allowed: a prepared catalogue has a title for every item")
+    check_split_names(splits)
     raw_stats = raw_counts(raw)
-    kept, report = clean_titles(raw.titles, opts.title_policy)
-    # Only items that occur somewhere in the data enter the catalogue (as every reader's id space).
+    # Only items that occur somewhere in the data enter the catalogue (as every reader's id space), and titles are
+    # judged among them: a title shared only with an item that never occurs is no duplicate (duplicate=drop
+    # dropped such an item), and the title-kind counts describe the items of the data.
     used: set[str] = set()
     if raw.mode == "rows":
         for rows in raw.rows.values():
@@ -191,7 +205,8 @@ def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None
         for windows in raw.sequences.values():
             for seq in windows.values():
                 used.update(it for it, _ in seq)
-    catalog = ItemCatalog.from_titles({r: t for r, t in kept.items() if r in used})
+    kept, report = clean_titles({r: t for r, t in raw.titles.items() if r in used}, opts.title_policy)
+    catalog = ItemCatalog.from_titles(kept)
     if len(catalog) == 0:
         raise ValueError("no items left after cleaning: nothing to prepare")
     to_id = {r: i + 1 for i, r in enumerate(catalog.raw_ids)}
