@@ -245,6 +245,9 @@ SFT_CONFIGS = {
     # from per-row sums that gather_for_metrics returns once per row (a batch-mean loss had the copy mixed in:
     # eval_loss, and so model selection, differed from 1 process: 6.32724 vs 6.32866)
     "eval_select_uneven": dict(_EVAL_SELECT, max_eval_rows=5),
+    # 7 train rows, global batch 4: on 2 processes accelerate completed the last batch with a copy of an early row,
+    # trained on twice (weights differed from 1 process by 4e-3); a loss-free filler row now completes it on both
+    "train_uneven": dict(max_train_rows=7, max_steps=4),
 }
 
 

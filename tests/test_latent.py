@@ -189,6 +189,18 @@ def test_pooling_head_init_and_dtype():
     assert head(h, torch.ones(2, 4), 3).dtype == torch.float32  # fp32 whatever the LM dtype
 
 
+def test_pooling_head_keeps_its_dtype_inside_autocast():
+    """The Trainer's bf16: true runs the forward under autocast, which computed the fp32 head's matmuls in bf16
+    (outputs off by ~1% of their scale): training pooled otherwise than inference."""
+    torch.manual_seed(0)
+    head = LatentPoolingHead.from_config(64, LatentConfig(head_output_norm=True))
+    h, mask = torch.randn(2, 5, 64, dtype=torch.bfloat16), torch.ones(2, 5)
+    plain = head(h, mask, 4)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        inside = head(h, mask, 4)
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+
+
 def test_input_embedding_rms_is_the_median_row_rms():
     w = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 1.0], [6.0, 8.0], [0.0, 2.0]])
     # row RMS: 3.5355, 0, 1, 7.0711, 1.4142 -> median 1.4142

@@ -79,6 +79,19 @@ def test_checkpoint_contents_and_reload(tmp_path, prepared_dir):
     head = load_file(str(out / "latent_head.safetensors"))
     for k, v in model.latent_head.state_dict().items():
         assert torch.equal(head[k], v), k
+    # A checkpoint whose save was cut before llmrec_config.json (written last) is refused: it loaded as a plain
+    # adapter, without the latent token the model was trained with.
+    import shutil
+
+    from llmrec.models.checkpoint import CheckpointError, checkpoint_kind, load_for_inference
+
+    cut = tmp_path / "cut" / "checkpoint-4"
+    shutil.copytree(ckpt, cut)
+    for name in ("llmrec_config.json", "trainer_state.json", "latent_config.json", "latent_head.safetensors"):
+        (cut / name).unlink(missing_ok=True)
+    assert checkpoint_kind(ckpt) == "adapter"
+    with pytest.raises(CheckpointError, match="save was interrupted"):
+        load_for_inference(None, str(cut), dtype="float32")
 
 
 @pytest.mark.parametrize("concat", [True, False])
@@ -241,7 +254,8 @@ def test_unknown_recipe_key_is_config_error(tmp_path):
     assert main(["sft", "--config", str(recipe)]) == 1
 
 
-@pytest.mark.parametrize("bad", [dict(history_length=-1), dict(history_length=0), dict(max_train_rows=-5)])
+@pytest.mark.parametrize("bad", [dict(history_length=-1), dict(history_length=0), dict(max_train_rows=-5),
+                                 dict(label_smoothing_factor=0.1)])
 def test_bad_sizes_are_config_errors(tmp_path, prepared_dir, bad):
     # history_length <= 0 meant the whole history and was recorded as given; max_train_rows -5 crashed in sampling
     with pytest.raises(ConfigError, match=next(iter(bad))):
@@ -400,6 +414,9 @@ def test_full_finetune_checkpoint(tmp_path, prepared_dir):
         a = model.prefill_with_latents(ids, torch.ones_like(ids))[1]
         b = trained.eval().prefill_with_latents(ids, torch.ones_like(ids))[1]
     assert (a - b).abs().max().item() < 1e-5
+    # Another base named for it is refused, as for an adapter (the evaluator labelled its results with that name).
+    with pytest.raises(ValueError, match="trained on base model 'tiny-llama'"):
+        load_sft_checkpoint(out, "tiny-qwen2")
 
 
 def test_retrain_trains_a_finished_run_again_from_the_start(tmp_path, prepared_dir):
@@ -465,3 +482,43 @@ def test_initial_weights_do_not_depend_on_what_loading_drew_from_the_generator(t
     assert any("lora_A" in n for n in trained) and any("latent_head" in n for n in trained)
     for n in trained:
         assert torch.equal(ref_params[n], other_params[n]), n
+
+
+def test_filler_rows_add_no_loss_and_no_gradient(tmp_path, prepared_dir):
+    """fill_global_batches completes the last global batch with loss-free copies of a row: the loss and the
+    gradients of a batch with fillers equal those of the batch without them."""
+    from llmrec.training.sft import LatentSFTModule, LatentSFTTrainer, build_dataset, fill_global_batches
+
+    cfg = make_config(tmp_path / "o", prepared_dir, num_latent_tokens=1, max_train_rows=3)
+    model, tok = build_model(cfg)
+    ds = build_dataset(cfg, tok, "train", 3)
+    filled = fill_global_batches(ds, 4)
+    assert len(filled) == 4 and filled.rows[3] == dict(ds.rows[0], no_loss=True)
+    assert fill_global_batches(filled, 4) is filled and len(fill_global_batches(ds, 3)) == 3
+    collate = LatentSFTCollator(tok.pad_token_id)
+    trainer = LatentSFTTrainer(model=LatentSFTModule(model), args=cfg, train_dataset=ds, data_collator=collate,
+                               processing_class=tok, sft_config=cfg)
+
+    def loss_and_grads(rows):
+        batch = collate(rows)
+        tokens = int((batch["labels"] != -100).sum())
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(tokens))
+        loss.backward()
+        return loss.detach(), tokens, [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+    plain, filled_ = loss_and_grads(ds.rows), loss_and_grads(filled.rows)
+    assert plain[1] == filled_[1] and torch.allclose(plain[0], filled_[0], atol=1e-6)
+    assert len(plain[2]) == len(filled_[2]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain[2], filled_[2]))
+
+
+def test_early_stopping_without_reloading_the_best_model(tmp_path, prepared_dir):
+    """early_stopping_patience was silently ignored when load_best_model_at_end was false."""
+    kw = dict(eval_split="valid", max_eval_rows=4, max_train_rows=8, per_device_eval_batch_size=2,
+              eval_strategy="steps", eval_steps=1, save_strategy="no", early_stopping_patience=1, max_steps=6,
+              learning_rate=0.05)
+    stopped = run_sft(make_config(tmp_path / "a", prepared_dir, load_best_model_at_end=False, **kw))
+    assert stopped["global_step"] < 6
+    losses = [e["eval_loss"] for e in stopped["eval_losses"]]
+    assert min(losses) < losses[-1]  # it stopped because the eval loss rose

@@ -20,6 +20,8 @@ import torch
 
 FULL_MODEL_FILES = ("config.json",)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What only an llmrec latent checkpoint holds (beside llmrec_config.json, written after them).
+LATENT_FILES = ("latent_embeddings.safetensors", "latent_config.json", "latent_head.safetensors")
 
 
 class CheckpointError(FileNotFoundError):
@@ -42,6 +44,13 @@ def checkpoint_kind(path: str | Path) -> str:
             f"{path} is a training run that has not finished (checkpoint-N folders, but no train_results.json or "
             f"grpo_results.json): rerun the same `llmrec sft`/`llmrec grpo` command to finish it (an SFT run's "
             f"checkpoint-N folders are evaluable as they are)")
+    latent = [f for f in LATENT_FILES if (path / f).exists()]
+    if latent and not (path / "llmrec_config.json").exists():
+        # llmrec writes llmrec_config.json last: without it the save was cut, and the weights would load as a plain
+        # LM, without the latent tokens the model was trained with.
+        raise CheckpointError(
+            f"{path} holds llmrec latent files ({', '.join(latent)}) but no llmrec_config.json, which an llmrec "
+            f"save writes last: the save was interrupted; use an earlier checkpoint or rerun the training command")
     if all((path / f).exists() for f in ADAPTER_FILES):
         return "adapter"
     if all((path / f).exists() for f in FULL_MODEL_FILES) and list(path.glob("*.safetensors")):

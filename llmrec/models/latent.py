@@ -403,7 +403,15 @@ class LatentPoolingHead(nn.Module):
             attention_mask: ``[B, T]`` 0/1, 1 on real tokens (either padding side).
             query_index: ``[B]`` (or an int for all rows) column of the query, i.e. the position right
                 before the latent; keys are the real tokens at columns ``<= query_index``.
+
+        The head computes in its parameters' dtype (``head_dtype``) even inside an autocast region (the
+        Trainer's ``bf16: true``), so training and inference pool alike.
         """
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            return self._pool(hidden_states, attention_mask, query_index)
+
+    def _pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+              query_index: torch.Tensor | int) -> torch.Tensor:
         dtype = self.q_proj.weight.dtype
         b, t, _ = hidden_states.shape
         mask = attention_mask.to(hidden_states.device).bool()

@@ -82,6 +82,11 @@ def build_chains(
     at input position ``p``). Rows are visited in file order per user; a row extends the most recent
     chain of its user whose tail equals its history, else it starts a new chain. Rows with an empty
     history have no input and are skipped.
+
+    Exact when a user's train rows are all the prefixes of their train sequence, as ``llmrec data prepare``
+    writes them (a dropped item leaves every history, not only its own row). A dataset whose rows were dropped
+    while their items stay in later, truncated histories can make the match ambiguous: a row may then join a
+    chain whose earlier items are not its own true context (same tail, other items before it).
     """
     by_user: dict[str, list[int]] = defaultdict(list)
     for r, u in enumerate(user_ids):

@@ -67,6 +67,7 @@ __all__ = [
     "LatentSFTTrainer",
     "build_model",
     "encode_example",
+    "fill_global_batches",
     "last_complete_checkpoint",
     "load_sft_checkpoint",
     "load_sft_weights",
@@ -159,7 +160,8 @@ class LatentSFTConfig(transformers.TrainingArguments):
                   "pipelines can be rerun."},
     )
     early_stopping_patience: int = field(
-        default=1, metadata={"help": "Stop after this many evaluations without a better eval_loss (0 = off)."}
+        default=1, metadata={"help": "Stop after this many evaluations without a better eval_loss (0 = off); the "
+                             "best checkpoint is then reloaded if load_best_model_at_end."}
     )
     restore_callback_states_from_checkpoint: bool = field(
         default=True,
@@ -211,6 +213,11 @@ class LatentSFTConfig(transformers.TrainingArguments):
             if getattr(self, name):
                 raise ConfigError(f"{name}: true is not supported by llmrec's SFT (eval_loss is computed over "
                                   "every validation row at once)")
+        if self.label_smoothing_factor:
+            # compute_loss is llmrec's completion-token cross-entropy: the factor would be ignored (it failed
+            # with an AttributeError instead)
+            raise ConfigError(f"label_smoothing_factor: {self.label_smoothing_factor} is not supported by llmrec's "
+                              "SFT loss (plain completion-token cross-entropy); remove it")
         if self.include_for_metrics:
             # Nothing would read them (eval_loss is the only metric), and with "inputs" the evaluation loop
             # failed (seen in a review); refusing at config time beats failing at the first evaluation.
@@ -269,6 +276,20 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
+def fill_global_batches(ds: _ListDataset, global_batch: int) -> _ListDataset:
+    """``ds`` plus loss-free rows (copies of its first row marked ``no_loss``) up to a multiple of ``global_batch``.
+
+    With several processes accelerate completes an epoch's short last batch with copies of the epoch's first
+    rows, which were then trained on a second time: 2 processes did not give 1 process's weights. Rows that add
+    no loss and no token to the normaliser fill every global batch instead; the number added depends on the
+    global batch only, so 1 and N processes with the same global batch see the same rows in the same steps.
+    """
+    extra = -len(ds) % global_batch
+    if not extra:
+        return ds
+    return _ListDataset(ds.rows + [dict(ds.rows[0], no_loss=True)] * extra)
+
+
 def _subset(n: int, k: int | None, seed: int) -> list[int]:
     if k is None or k >= n:
         return list(range(n))
@@ -308,7 +329,8 @@ def build_dataset(config: LatentSFTConfig, tokenizer, split: str, max_rows: int 
 
 @dataclass
 class LatentSFTCollator:
-    """Left-padded prompts, right-padded completions (+ ``labels`` = completion ids, -100 on padding)."""
+    """Left-padded prompts, right-padded completions (+ ``labels`` = completion ids, -100 on padding and on the
+    rows marked ``no_loss``, which a ``no_loss_rows`` entry then flags; see :func:`fill_global_batches`)."""
 
     pad_token_id: int
 
@@ -326,13 +348,17 @@ class LatentSFTCollator:
             p_mask[r, pw - len(p):] = 1
             c_ids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
             c_mask[r, : len(c)] = 1
-        return {
+        no_loss = torch.tensor([bool(f.get("no_loss", False)) for f in features])
+        batch = {
             "prompt_input_ids": p_ids,
             "prompt_attention_mask": p_mask,
             "completion_input_ids": c_ids,
             "completion_attention_mask": c_mask,
-            "labels": c_ids.masked_fill(c_mask == 0, IGNORE_INDEX),
+            "labels": c_ids.masked_fill((c_mask == 0) | no_loss[:, None], IGNORE_INDEX),
         }
+        if bool(no_loss.any()):  # only then: a batch is otherwise exactly the model's inputs plus labels
+            batch["no_loss_rows"] = no_loss
+        return batch
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -521,7 +547,7 @@ def load_sft_checkpoint(
     from transformers import AutoTokenizer
 
     from llmrec.models.backbone import load_backbone
-    from llmrec.models.checkpoint import adapter_base, checkpoint_kind
+    from llmrec.models.checkpoint import adapter_base, checkpoint_kind, recorded_base
     from llmrec.models.latent import LATENT_CONFIG_NAME
 
     ckpt = Path(checkpoint)
@@ -529,6 +555,10 @@ def load_sft_checkpoint(
     meta_path = ckpt / LLMREC_CONFIG_NAME
     meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
     if kind == "full":
+        if recorded_base(ckpt)[0]:
+            # The weights are the checkpoint's own, but a caller naming another base would label the results
+            # with it (the evaluator's protocol and run name): the same check as for an adapter.
+            adapter_base(ckpt, model_name_or_path)
         lm, tokenizer = load_backbone(str(ckpt), dtype=dtype)
     else:
         from peft import PeftModel
@@ -674,11 +704,15 @@ class LatentSFTTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         inputs.pop("labels", None)
+        no_loss = inputs.pop("no_loss_rows", None)
         out = model(**inputs)
+        labels = out.labels
+        if no_loss is not None and bool(no_loss.any()):  # batch-filling rows (fill_global_batches): no loss
+            labels = labels.masked_fill(no_loss.to(labels.device)[:, None], IGNORE_INDEX)
         if num_items_in_batch is None:
-            loss = completion_cross_entropy(out.logits, out.labels)
+            loss = completion_cross_entropy(out.logits, labels)
         else:
-            loss = completion_cross_entropy(out.logits, out.labels, reduction="sum") / num_items_in_batch
+            loss = completion_cross_entropy(out.logits, labels, reduction="sum") / num_items_in_batch
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.accelerator.num_processes
         return (loss, out) if return_outputs else loss
@@ -693,6 +727,7 @@ class LatentSFTTrainer(transformers.Trainer):
         """
         inputs = dict(self._prepare_inputs(inputs))
         inputs.pop("labels", None)
+        inputs.pop("no_loss_rows", None)  # validation rows are never filled (fill_global_batches is for training)
         with torch.no_grad():
             out = model(**inputs)
             token_loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(),
@@ -778,10 +813,13 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     model, tokenizer = build_model(config)
     t_model = time.time()
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
+    num_train_rows = len(train_ds)
+    global_batch = config.per_device_train_batch_size * config.world_size * config.gradient_accumulation_steps
+    train_ds = fill_global_batches(train_ds, global_batch)
     eval_ds = build_dataset(config, tokenizer, config.eval_split, config.max_eval_rows) if config.eval_split else None
     t_data = time.time()
     callbacks = list(callbacks or [])
-    if eval_ds is not None and config.early_stopping_patience > 0 and config.load_best_model_at_end:
+    if eval_ds is not None and config.early_stopping_patience > 0:  # without load_best: the last weights are kept
         callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = LatentSFTTrainer(
@@ -816,7 +854,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_eval_loss": trainer.state.best_metric,
-        "num_train_rows": len(train_ds),
+        "num_train_rows": num_train_rows,
         "num_eval_rows": len(eval_ds) if eval_ds is not None else 0,
         "world_size": config.world_size,
         "timings_s": {"model": round(t_model - t0, 3), "data": round(t_data - t_model, 3),
