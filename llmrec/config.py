@@ -205,6 +205,19 @@ def config_differences(found: dict[str, Any], wanted: dict[str, Any], defaults: 
     return {k: (found.get(k), w) for k, w in wanted.items() if not same(found.get(k), w)}
 
 
+def refuse_changed_resume(checkpoint: str | os.PathLike, found: dict[str, Any], wanted: dict[str, Any],
+                          defaults: dict[str, Any], *, ignore: Collection[str] = (),
+                          paths: Collection[str] = ()) -> None:
+    """Raise :class:`ConfigError` if the settings a checkpoint was trained with (``found``) differ from the ones a
+    run resuming from it asks for (``wanted``): the resumed run would mix the two and record only the new ones.
+    See :func:`config_differences` for ``defaults``, ``ignore`` and ``paths``."""
+    diff = config_differences(found, wanted, defaults, ignore=ignore, paths=paths)
+    if diff:
+        changed = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in sorted(diff.items()))
+        raise ConfigError(f"{checkpoint} was trained with {changed}: resume with the settings it was trained with, "
+                          "or train in another output_dir (SFT: or retrain: true)")
+
+
 def coerce_fields(classes: Sequence[type], data: dict[str, Any], source: str) -> dict[str, Any]:
     """Check ``data``'s keys against the dataclasses and convert strings as the command line would
     (YAML reads ``1e-3`` as a string): for values collected outside :func:`parse_config`."""

@@ -812,6 +812,18 @@ def test_resume_matches_uninterrupted(tmp_path, sft_dir, dropout, beam_current):
             h["beam_current/target_in_beam"] for h in resumed["log_history"]]
 
 
+def test_a_resume_with_other_settings_is_refused_before_any_work(tmp_path, sft_dir, monkeypatch):
+    """A cut run restarted with another learning rate resumed, mixed the two and recorded only the new one."""
+    sft, _, _ = sft_dir
+    _train_until(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2), 2)
+    assert json.loads((tmp_path / "cut" / "checkpoint-2" / "grpo_state.json").read_text())["config"]["learning_rate"]
+    monkeypatch.setattr(LatentGRPOTrainer, "load_checkpoint", lambda self, path: pytest.fail("loaded"))
+    with pytest.raises(ConfigError, match=r"checkpoint-2 was trained with learning_rate=0.005 \(asked: 0.05\)"):
+        run_grpo(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, learning_rate=0.05))
+    with pytest.raises(ConfigError, match=r"global_train_batch_size=8 \(asked: 4\)"):
+        run_grpo(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, gradient_accumulation_steps=1))
+
+
 def test_score_candidates_matches_per_candidate_forward(sft_dir):
     sft, _, _ = sft_dir
     from llmrec.training.sft import load_sft_checkpoint

@@ -190,10 +190,10 @@ def test_a_run_killed_at_its_early_stop_finishes_without_training_on(tmp_path, p
 
     shutil.rmtree(out / "checkpoint-4")
     (out / "train_results.json").unlink()
-    again = run_sft(make_config(out, prepared_dir, max_steps=8, **{k: v for k, v in kw.items() if k != "max_steps"}))
+    again = run_sft(make_config(out, prepared_dir, **kw))
     assert again["global_step"] == 2 and again["resumed_from"].endswith("checkpoint-2")
     assert again["best_checkpoint"] == state["best_model_checkpoint"]
-    assert not (out / "checkpoint-4").exists() and not (out / "checkpoint-6").exists()
+    assert not (out / "checkpoint-4").exists()  # trained on past the stop, it would have saved checkpoint-4 again
     head = load_file(str(out / "latent_head.safetensors"))
     best = load_file(str(Path(state["best_model_checkpoint"]) / "latent_head.safetensors"))
     assert all(torch.equal(head[k], best[k]) for k in head) and first["global_step"] == 4
@@ -522,3 +522,21 @@ def test_early_stopping_without_reloading_the_best_model(tmp_path, prepared_dir)
     assert stopped["global_step"] < 6
     losses = [e["eval_loss"] for e in stopped["eval_losses"]]
     assert min(losses) < losses[-1]  # it stopped because the eval loss rose
+
+
+def test_a_resume_with_other_settings_is_refused(tmp_path, prepared_dir):
+    """A run cut after a checkpoint and restarted with another learning rate resumed from it, trained its last
+    steps with the new one, and recorded only the new one."""
+    kw = dict(num_latent_tokens=1, max_steps=4, save_strategy="steps", save_steps=2)
+    out = tmp_path / "run"
+    run_sft(make_config(out, prepared_dir, **kw))
+    (out / "train_results.json").unlink()  # as if killed after checkpoint-4... resume from the last checkpoint
+    with pytest.raises(ConfigError, match=r"checkpoint-4 was trained with learning_rate=0.01 \(asked: 0.05\)"):
+        run_sft(make_config(out, prepared_dir, learning_rate=0.05, **kw))
+    # The same global batch on another layout, or where it logs, is no change.
+    again = run_sft(make_config(out, prepared_dir, logging_steps=2, per_device_train_batch_size=1,
+                                gradient_accumulation_steps=2, **kw))
+    assert again["resumed_from"].endswith("checkpoint-4")
+    with pytest.raises(ConfigError, match=r"global_train_batch_size=2 \(asked: 4\)"):
+        (out / "train_results.json").unlink()
+        run_sft(make_config(out, prepared_dir, per_device_train_batch_size=4, **kw))

@@ -1266,7 +1266,7 @@ class LatentGRPOTrainer:
             _save_flat(flat, tmp / OPTIMIZER_NAME, metadata={"param_groups": json.dumps(groups)})
             state = {"global_step": self.global_step, "log_history": self.log_history,
                      "skipped_groups": self.skipped_groups, "nonfinite_steps": self.nonfinite_steps,
-                     "eval_before": self.eval_before}
+                     "eval_before": self.eval_before, "config": self._resume_settings()}
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
@@ -1281,6 +1281,23 @@ class LatentGRPOTrainer:
         ckpts = sorted(_checkpoints(Path(self.config.output_dir)), key=lambda p: int(p.name.split("-")[1]))
         for old in ckpts[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def _resume_settings(self) -> dict[str, Any]:
+        """The configuration a checkpoint records, with the global batch (a resume may change the layout)."""
+        c = self.config
+        global_batch = c.per_device_train_batch_size * self.world * c.gradient_accumulation_steps
+        return dict(json.loads(json.dumps(c.to_dict(), default=str)), global_train_batch_size=global_batch)
+
+    def check_resume_settings(self, path: Path) -> None:
+        """Refuse to resume ``path`` under other settings than it was trained with (checkpoints before 2026-12-05
+        do not record them and are not checked)."""
+        from llmrec.config import field_defaults, refuse_changed_resume
+        from llmrec.training.sft import RESUME_NEUTRAL_FIELDS
+
+        found = json.loads((path / STATE_NAME).read_text(encoding="utf-8")).get("config")
+        if found is not None:
+            refuse_changed_resume(path, found, self._resume_settings(), field_defaults(LatentGRPOConfig),
+                                  ignore=RESUME_NEUTRAL_FIELDS, paths=("dataset", "sft_checkpoint"))
 
     def load_checkpoint(self, path: Path) -> None:
         from safetensors import safe_open
@@ -1359,6 +1376,9 @@ class LatentGRPOTrainer:
         c = self.config
         out_dir = Path(c.output_dir)
         resumed = None
+        last = last_grpo_checkpoint(out_dir) if resume else None
+        if last is not None:  # before any work (mining beam negatives can take minutes)
+            self.check_resume_settings(last)
         if self.uses_candidates and c.rank_negatives in BEAM_RANK_NEGATIVES:
             # Mined by the starting model, before a resume loads a checkpoint (or found in the run's file);
             # beam_current mines the train prompts at each step instead, and keeps these for the held-out check.
@@ -1366,12 +1386,10 @@ class LatentGRPOTrainer:
                 self.mine_beam_negatives(c.train_split, self.rows)
             if c.eval_rows:
                 self._mine_held_out_negatives()
-        if resume:
-            last = last_grpo_checkpoint(out_dir)
-            if last is not None:
-                self.load_checkpoint(last)
-                resumed = str(last)
-                logger.info("resuming from %s (step %d)", last, self.global_step)
+        if last is not None:
+            self.load_checkpoint(last)
+            resumed = str(last)
+            logger.info("resuming from %s (step %d)", last, self.global_step)
         if wants_tensorboard(c.report_to, "latent GRPO") and self.accelerator.is_main_process:
             self.scalars = ScalarLog(getattr(c, "logging_dir", None) or out_dir / "runs")
         t0 = time.time()

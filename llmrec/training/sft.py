@@ -88,6 +88,33 @@ _CHECKPOINT_FIELDS = (
 )
 
 
+# SFT settings that change nothing about the trained adapter and head: where and how often to log, how many data
+# workers, which hub. ``model_dtype`` is compared as the concrete dtype a run records ("fast" and "bfloat16" may be
+# one dtype); ``use_cpu`` follows the machine (set when no accelerator is found). The evaluation batch changes only
+# the padding of the validation loss. (The pipeline's reuse check of a finished stage and the resume check share it.)
+SFT_RESULT_NEUTRAL_FIELDS = frozenset({
+    "output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "logging_first_step", "logging_strategy",
+    "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
+    "skip_memory_metrics", "include_num_input_tokens_seen", "project", "trackio_space_id", "trackio_bucket_id",
+    "trackio_static_space_id", "save_total_limit", "save_on_each_node", "dataloader_num_workers",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_pin_memory", "per_device_eval_batch_size",
+    "torch_empty_cache_steps", "ddp_timeout", "do_train", "do_predict", "resume_from_checkpoint", "push_to_hub",
+    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "model_dtype",
+    "use_cpu",
+})
+# Settings that act only when a run resumes from a checkpoint.
+SFT_RESUME_ONLY_FIELDS = frozenset({"restore_callback_states_from_checkpoint", "ignore_data_skip", "save_only_model"})
+# What a resume may change besides the neutral fields: the process layout of the same global batch (compared as
+# ``global_train_batch_size``), and retrain. ``model_dtype`` is compared (both sides are concrete dtypes).
+RESUME_NEUTRAL_FIELDS = (SFT_RESULT_NEUTRAL_FIELDS - {"model_dtype"}) | SFT_RESUME_ONLY_FIELDS | {
+    "per_device_train_batch_size", "gradient_accumulation_steps", "retrain"}
+
+
+def global_train_batch_size(args) -> int:
+    """Rows per optimiser step over all processes (``per_device_train_batch_size x world_size x accumulation``)."""
+    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+
+
 # ----------------------------------------------------------------------------------------------- config
 
 
@@ -743,7 +770,10 @@ class LatentSFTTrainer(transformers.Trainer):
             return
         model = _latent_lm(self.accelerator.unwrap_model(self.model))
         fields_ = self.sft_config.checkpoint_fields() if self.sft_config is not None else {}
-        save_sft_checkpoint(model, self.processing_class, output_dir, fields_, self.args.to_dict())
+        a = self.args  # the trainer's process count (args.world_size reads a state a resume may have reset)
+        global_batch = a.per_device_train_batch_size * self.accelerator.num_processes * a.gradient_accumulation_steps
+        args = dict(a.to_dict(), global_train_batch_size=global_batch)
+        save_sft_checkpoint(model, self.processing_class, output_dir, fields_, args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = _latent_lm(self.accelerator.unwrap_model(model if model is not None else self.model))
@@ -814,8 +844,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     t_model = time.time()
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
     num_train_rows = len(train_ds)
-    global_batch = config.per_device_train_batch_size * config.world_size * config.gradient_accumulation_steps
-    train_ds = fill_global_batches(train_ds, global_batch)
+    train_ds = fill_global_batches(train_ds, global_train_batch_size(config))
     eval_ds = build_dataset(config, tokenizer, config.eval_split, config.max_eval_rows) if config.eval_split else None
     t_data = time.time()
     callbacks = list(callbacks or [])
@@ -828,6 +857,17 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     )
     resume = last_complete_checkpoint(out_dir)
     if resume:
+        recorded = Path(resume) / TRAINING_ARGS_JSON
+        if recorded.exists():
+            from llmrec.config import field_defaults, refuse_changed_resume
+
+            found = json.loads(recorded.read_text(encoding="utf-8"))
+            wanted = config.to_dict()
+            if "global_train_batch_size" in found:  # recorded since 2026-12-05
+                wanted["global_train_batch_size"] = global_train_batch_size(config)
+            # the dataclass defaults: building a LatentSFTConfig here would reset the accelerator state
+            refuse_changed_resume(resume, found, wanted, field_defaults(LatentSFTConfig), ignore=RESUME_NEUTRAL_FIELDS,
+                                  paths=("dataset",))
         logger.info("resuming from %s", resume)
     if resume and _stopped_at(resume):
         # Killed after the checkpoint where early stopping ended the run and before the final save: resuming
