@@ -38,7 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register_cli(sub)
+    _no_abbreviations(parser)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """Refuse abbreviated options on every (sub)command: `bench seqrec --seed 7` was read as `--seeds 7`, and an
+    override a command does not know could be taken for another option it has."""
+    parser.allow_abbrev = False
+    for action in parser._actions:  # argparse keeps subcommands there (no public accessor)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _no_abbreviations(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

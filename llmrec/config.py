@@ -58,6 +58,10 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of option names to values")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:  # YAML 1.1 reads `on:`, `yes:` as true and `1:` as an int; no option has such a name
+        raise ConfigError(f"{path}: option names must be text, got {', '.join(repr(k) for k in odd)} (quote a key "
+                          "that YAML reads as a boolean or a number)")
     return data
 
 

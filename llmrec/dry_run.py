@@ -827,8 +827,8 @@ def _model_section(report: DryRunReport, name: str, dtype: str, embedding_rows: 
     report.item("model", f"{name} in {dtype}")
     try:
         arch = resolve_architecture(name)
-    except ValueError as e:
-        report.error(str(e))
+    except (ValueError, OSError, RuntimeError) as e:  # a bad GGUF checksum, a corrupt cached config.json, ...
+        report.error(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
         return None
     _report_architecture(report, arch)
     cfg = arch.config.get_text_config() if hasattr(arch.config, "get_text_config") else arch.config

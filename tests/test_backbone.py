@@ -303,6 +303,19 @@ def test_local_directory_round_trip_and_pad_default(tmp_path):
     assert torch.equal(logits(loaded), logits(model))
 
 
+def test_a_saved_tiny_llama_reloads_with_the_same_token_ids(tmp_path):
+    """(tiny-qwen2 does not: transformers loads a qwen2 model directory's tokenizer as Qwen2Tokenizer, which
+    rebuilds Qwen2's pre-tokenizer, digits split one by one; the tiny BPE was trained without it. Training it with
+    Qwen2's pre-tokenizer changes the ids every tiny-model test is built on: left as it is, see the module
+    docstring of llmrec.models.tiny.)"""
+    model, tok = build_tiny("tiny-llama")
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    _, loaded = load_backbone(str(tmp_path / "m"), dtype="float32")
+    for text in ("Anno 2070", "Star Wars Vol. 2", "Café 10 x", '### Response: \n"Halo 3"\n'):
+        assert loaded(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
 def test_trust_remote_code_is_off_by_default(tmp_path, monkeypatch):
     seen = {}
 
@@ -391,6 +404,28 @@ def test_interrupted_conversion_never_leaves_a_broken_cache(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         convert_alias(name, cache_dir=other)
     assert [p for p in other.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_damaged_cache_is_converted_again_or_named(tmp_path, monkeypatch):
+    """A marker vouched for files a crash may have left short (nothing was flushed before it), and a damaged copy
+    failed with a bare SafetensorError; leftover temporary folders of killed conversions stayed forever."""
+    name, original, _ = make_fake_alias(tmp_path, monkeypatch)
+    folder = convert_alias(name)
+    marker = json.loads((folder / "llmrec_conversion.json").read_text())
+    assert marker["file_sizes"]["model.safetensors"] == (folder / "model.safetensors").stat().st_size
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short
+    assert not alias_is_cached(name)
+    stale = folder.parent / f".{name}.tmp-killed"
+    (stale / "out").mkdir(parents=True)
+    model, _ = load_backbone(name, dtype="float32")  # converted again
+    assert alias_is_cached(name) and not stale.exists()
+    assert torch.allclose(logits(model), logits(original), atol=1e-5)
+    # Damage the sizes cannot see (same length): the error names the cache and the command that mends it.
+    config = folder / "config.json"
+    config.write_text("{" + " " * (len(config.read_text()) - 1))
+    with pytest.raises(BackboneLoadError, match=f"llmrec models convert {name}"):
+        load_backbone(name, dtype="float32")
 
 
 def test_concurrent_first_loads_convert_once(tmp_path, monkeypatch):

@@ -198,3 +198,29 @@ def test_check_keys_and_to_dict():
     assert d == {"dataset": "d", "max_history": 10, "noun": "items", "learning_rate": 1e-4, "epochs": 1,
                  "use_chat_template": False, "ks": [1, 5, 10], "note": None, "dtype": "float32"}
     assert to_dict(DataCfg(dataset=Path("a/b")))["dataset"] == "a/b"
+
+
+@pytest.mark.parametrize("key", ["on", "yes", "1"])
+def test_a_key_yaml_reads_as_a_boolean_or_a_number_is_a_config_error(tmp_path: Path, key):
+    """`on:` is True and `1:` is 1 in YAML 1.1: they crashed in the suggestion code with a TypeError."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"{key}: 3\n")
+    with pytest.raises(ConfigError, match="option names must be text"):
+        read_recipe(recipe)
+
+
+def test_abbreviated_options_are_refused_on_every_command(capsys):
+    """`llmrec evaluate --check ck` was read as --checkpoint, `bench seqrec --seed 7` as --seeds 7."""
+    from llmrec.cli import build_parser, main
+
+    assert main(["evaluate", "--check", "ck"]) != 0
+    assert "--check" in capsys.readouterr().err
+
+    def parsers(p):
+        yield p
+        for action in p._actions:
+            if hasattr(action, "choices") and isinstance(action.choices, dict):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    assert all(not p.allow_abbrev for p in parsers(build_parser()))

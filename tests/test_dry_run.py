@@ -371,6 +371,21 @@ def test_missing_dataset_is_reported_and_other_checks_still_run(tmp_path, capsys
     assert not missing.exists()
 
 
+@pytest.mark.parametrize("error", [OSError("cached config.json is not a valid JSON file"),
+                                   RuntimeError("the GGUF file has sha256 2f8d...")])
+def test_an_unreadable_model_is_reported_not_raised(prepared_dir, capsys, monkeypatch, error):
+    """A corrupt cached config (OSError) or a GGUF with a bad checksum (a ConversionError, a RuntimeError) ended
+    the dry run with a traceback and no report."""
+    import llmrec.dry_run as dr
+
+    def unreadable(name):
+        raise error
+
+    monkeypatch.setattr(dr, "resolve_architecture", unreadable)
+    code, out = dry(["sft", "--model_name_or_path", "tiny-qwen2", "--dataset", str(prepared_dir)], capsys)
+    assert code == EXIT_INVALID and f"ERROR {type(error).__name__}: {error}" in out and "accelerate plan" in out
+
+
 def test_missing_split_is_reported(prepared_dir, capsys):
     (prepared_dir / "valid.jsonl").unlink()
     code, out = dry(["sft", "--model_name_or_path", "tiny-qwen2", "--dataset", str(prepared_dir)], capsys)

@@ -177,6 +177,18 @@ def test_empty_split_is_a_clear_error(tmp_path):
         load_seqrec_data(d)
 
 
+def test_a_bad_dataset_fails_before_the_run_directory_is_claimed(tmp_path):
+    """A missing or empty dataset failed only after run_config.json was written into output_dir."""
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    (d / "test.jsonl").write_text("")
+    for data in (d, tmp_path / "missing"):
+        with pytest.raises((ValueError, FileNotFoundError)):
+            run_seqrec(tiny_cfg(tmp_path, data))
+        assert not (tmp_path / "run").exists()
+
+
 def test_negative_k_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="reason_steps"):
         SeqRecConfig(dataset_dir="x", model="rearec-erl", reason_steps=-1)

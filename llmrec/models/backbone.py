@@ -351,8 +351,27 @@ def alias_is_cached(name: str, cache_dir: str | os.PathLike[str] | None = None) 
     """Whether a complete converted copy of alias ``name`` from the expected GGUF is in the cache."""
     if name in TINY_ALIASES:
         return False
-    marker = _read_marker(alias_cache_path(name, cache_dir))
-    return marker is not None and marker.get("sha256") == _alias(name).sha256
+    folder = alias_cache_path(name, cache_dir)
+    marker = _read_marker(folder)
+    if marker is None or marker.get("sha256") != _alias(name).sha256:
+        return False
+    # Markers since 2026-12-05 list every file's size: a file cut short (a crash before the data reached the disk)
+    # makes the copy incomplete, to be converted again, rather than a model that fails to load or loads wrong.
+    sizes = marker.get("file_sizes") or {}
+    try:
+        return all((folder / f).stat().st_size == size for f, size in sizes.items())
+    except OSError:
+        return False
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk (before the rename that publishes it)."""
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_file()), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -508,6 +527,9 @@ def convert_alias(
         if not force and alias_is_cached(name, cache_dir):
             logger.info("%s was converted by another process meanwhile; using that copy", name)
             return dest
+        # Under the lock no other conversion of this alias runs: a temporary folder left here is a killed one's.
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         return _convert_alias_locked(name, spec, dest)
 
 
@@ -527,7 +549,11 @@ def _convert_alias_locked(name: str, spec: GGUFAlias, dest: Path) -> Path:
         }
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             marker["transformers"] = importlib.metadata.version("transformers")
+        marker["file_sizes"] = {p.relative_to(out).as_posix(): p.stat().st_size
+                                for p in sorted(out.rglob("*")) if p.is_file()}
+        _fsync_tree(out)  # the files reach the disk before the marker that vouches for them
         (out / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _fsync_tree(out)
     logger.info("converted %s in %.1fs", name, time.monotonic() - start)
     return dest
 
@@ -659,10 +685,16 @@ def load_backbone(
 
     if model_name_or_path in ALIASES:
         folder = convert_alias(model_name_or_path, cache_dir)
-        model, tokenizer = _load_pretrained(
-            str(folder), torch_dtype, trust_remote_code=False, hub_kwargs={"local_files_only": True},
-            model_kwargs=model_kwargs, is_local=True,
-        )
+        try:
+            model, tokenizer = _load_pretrained(
+                str(folder), torch_dtype, trust_remote_code=False, hub_kwargs={"local_files_only": True},
+                model_kwargs=model_kwargs, is_local=True,
+            )
+        except Exception as err:  # any failure here means a damaged cache (a SafetensorError too)
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BackboneLoadError(
+                f"the converted copy of '{model_name_or_path}' in {folder} cannot be loaded ({first_line}): "
+                f"convert it again with `llmrec models convert {model_name_or_path}`") from err
         return _finish(model, tokenizer, device)
 
     path = Path(model_name_or_path).expanduser()

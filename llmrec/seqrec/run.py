@@ -187,8 +187,9 @@ def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     if uneven:
         raise ValueError(f"{', '.join(uneven)}: not divisible by the {acc.num_processes} processes "
                          "(each batch is split evenly across them)")
-    digests = _check_resumable(cfg, out, acc.is_main_process)
+    # The data first: a missing or bad dataset must fail before the run directory is claimed (run_config.json).
     data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode, cfg.window_stride)
+    digests = _check_resumable(cfg, out, acc.is_main_process)
     model = build_model(cfg, data.num_items)
     trainer = SeqRecTrainer(cfg, data, model, acc, out)
     t_start = time.perf_counter()
