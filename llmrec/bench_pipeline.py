@@ -24,7 +24,9 @@ only if it was made with what the pipeline would ask for now (otherwise an error
 ID-model runs field by field against the config built now, an edited recipe included (an SFT run older than its
 ``training_args.json`` only on model, data, rows, seed and dtype); the GRPO runs field by field as well (seeds > 0
 train with seed 0's settings), except seed 0's run in a ``--grpo-stage`` of its own, which may come from a sweep and
-is checked on the ``--grpo`` keys, its prompts and dtype. Stages and evaluations
+is checked on the ``--grpo`` keys, its prompts and dtype; an ID model's run is not compared on the fields it does
+not read (``--id`` applies to every ID model). ``--sft``, ``--grpo`` and ``--id`` refuse the keys the pipeline sets
+itself (seed, dataset, rows, dtype, output directory, ...). Stages and evaluations
 are locked (``<output-dir>/.locks/``): several processes on one output directory, each with its own
 ``--methods``, can run side by side (one per core on a CPU) and share the stages they have in common;
 run them with ``--no-report`` and write the report of all of them with a final ``--report-only``.
@@ -36,14 +38,18 @@ ranks; titles and beam scores left out), the D3 selections, the training summari
 ``<results-dir>/<name>_runs/`` (same layout as ``--output-dir``), which is meant to be committed: a
 checkout without the run directory (another machine, a later session) still reports every finished
 method, and ``run`` skips a method whose test evaluation is there, so the report grows across machines
-without retraining what it already holds. Weights are never copied. Seed 0's stages sit at
-the top of ``--output-dir`` (the layout of ``scripts/games_sft_comparison.sh``, whose finished runs are
-thus reused), seed ``s > 0``'s under ``seed<s>/``. The seed-independent evaluations (popularity,
+without retraining what it already holds. Such an archived method is checked first, as a finished stage in the run
+directory is (its archived training summaries; its recorded evaluation protocol against the evaluation asked for
+now, but for the checkpoints' digests), and refused on a mismatch, ``--report-only`` included: the report labels
+it with this invocation's settings. The checks read the prepared dataset (``--dataset``). Weights are never
+copied. Seed 0's stages sit at the top of ``--output-dir`` (the layout of ``scripts/games_sft_comparison.sh``, whose
+finished runs are thus reused), seed ``s > 0``'s under ``seed<s>/``. The seed-independent evaluations (popularity,
 zero-shot) are shared by all seeds.
 
 The report (``<results-dir>/<name>.md``, ``.json`` and ``.png``): per method HR@K / NDCG@K (K = 1, 5,
 10; 20 where the ranked list is long enough) as mean +- std over the finished seeds, title-level
-NDCG@10, training and evaluation time, and the paired bootstrap 95% intervals of the differences the
+NDCG@10, training and evaluation time (evaluations of one beam-search setting only: history length and length
+penalty included, D3's length penalty of 0 apart), and the paired bootstrap 95% intervals of the differences the
 LatentR3 claims are about (per-row metrics averaged over seeds first) and, with two seeds or more, the interval that
 counts the spread between training runs too (:func:`llmrec.evaluation.metrics.seed_row_ci`).
 """
@@ -63,7 +69,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmrec.training.neutral_fields import SFT_RESULT_NEUTRAL_FIELDS, SFT_RESUME_ONLY_FIELDS
+
 if TYPE_CHECKING:
+    from llmrec.evaluation.evaluator import EvalConfig
     from llmrec.training.grpo import LatentGRPOConfig
     from llmrec.training.sft import LatentSFTConfig
 
@@ -89,26 +98,73 @@ DIFFERENCES = (
 )
 REPORT_KS = (1, 5, 10, 20)
 SEED_INDEPENDENT = ("popularity", "zero-shot")
-# SFT settings that change nothing about the trained adapter and head, so a finished SFT stage is reused whatever
-# they were: where and how often to log, how many data workers, which hub. ``model_dtype`` is checked as the
-# concrete dtype the run recorded ("fast" and "bfloat16" may be one dtype); ``use_cpu`` follows the machine (set
-# when no accelerator is found), as the ID-model check ignores the device. The evaluation batch changes only the
-# padding of the validation loss (in bf16 it may move that loss in the last digits, so a near tie between two
-# checkpoints could in principle go the other way).
-SFT_RESULT_NEUTRAL_FIELDS = frozenset({
-    "output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "logging_first_step", "logging_strategy",
-    "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
-    "skip_memory_metrics", "include_num_input_tokens_seen", "project", "trackio_space_id", "trackio_bucket_id",
-    "trackio_static_space_id", "save_total_limit", "save_on_each_node", "dataloader_num_workers",
-    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_pin_memory", "per_device_eval_batch_size",
-    "torch_empty_cache_steps", "ddp_timeout", "do_train", "do_predict", "resume_from_checkpoint", "push_to_hub",
-    "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "model_dtype",
-    "use_cpu",
-})
-# The same for GRPO; ``max_train_rows`` is checked as the number of prompts the run drew (``prompts``).
+# SFT_RESULT_NEUTRAL_FIELDS / SFT_RESUME_ONLY_FIELDS: settings that change nothing trained, so a finished stage is
+# reused whatever they were (shared with the resume check of `llmrec sft` / `llmrec grpo`). The same for GRPO; ``max_train_rows`` is checked as the number of prompts the run drew (``prompts``).
 GRPO_RESULT_NEUTRAL_FIELDS = SFT_RESULT_NEUTRAL_FIELDS | {"max_train_rows"}
-# SFT settings that act only when a run resumes from a checkpoint: not compared for a run that never resumed.
-SFT_RESUME_ONLY_FIELDS = frozenset({"restore_callback_states_from_checkpoint", "ignore_data_skip", "save_only_model"})
+
+
+def sft_run_differences(results: dict, args: dict, cfg: LatentSFTConfig,
+                        n_train: int | None) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (found, asked)}`` where a finished SFT run differs from ``cfg``, the config a rerun would train.
+
+    ``results`` and ``args``: the run's ``train_results.json`` and ``training_args.json`` (``{}`` for a run older
+    than that file); ``n_train``: the rows of the train split (a subset asked larger than the split is the split),
+    None if unknown. Model, data, rows, seed and the concrete dtype are read from the results; with ``args`` every
+    other field too (an edited recipe included), except those that change nothing trained
+    (:data:`SFT_RESULT_NEUTRAL_FIELDS`) and, for a run that never resumed, those that act only on resume.
+    """
+    from llmrec.models.backbone import concrete_dtype_name
+
+    rows = cfg.max_train_rows
+    if n_train:
+        rows = n_train if rows is None else min(rows, n_train)
+    recorded = results.get("config", {})
+    wanted = {"model": cfg.model_name_or_path, "dataset": os.path.normpath(cfg.dataset) if cfg.dataset else cfg.dataset,
+              "train_rows": rows, "seed": cfg.seed, "model_dtype": concrete_dtype_name(cfg.model_dtype)}
+    found = {"model": recorded.get("model_name_or_path"),
+             "dataset": os.path.normpath(recorded["dataset"]) if recorded.get("dataset") else recorded.get("dataset"),
+             "train_rows": results.get("num_train_rows"), "seed": args.get("seed", cfg.seed),
+             "model_dtype": recorded.get("model_dtype")}
+    if args:  # recorded by every SFT run: the full config, so recipe edits are caught too
+        from llmrec.config import config_differences
+        from llmrec.training.sft import LatentSFTConfig
+
+        ignore = SFT_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if results.get("resumed_from") is None else set())
+        # A field the run did not record takes its default as a built config holds it (after
+        # TrainingArguments.__post_init__, which rewrites some, e.g. report_to "none" -> []).
+        diff = config_differences(args, cfg.to_dict(), LatentSFTConfig().to_dict(), ignore=ignore, paths=("dataset",))
+        found.update({k: f for k, (f, _) in diff.items()})
+        wanted.update({k: w for k, (_, w) in diff.items()})
+    return mismatches(found, wanted)
+
+
+def mismatches(found: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (found, wanted)}`` for the keys of ``wanted`` whose value differs in ``found`` (a float equal to a
+    relative 1e-12)."""
+    def same(f: Any, w: Any) -> bool:
+        if isinstance(w, float) and isinstance(f, (int, float)) and not isinstance(f, bool):
+            return abs(f - w) <= 1e-12 * abs(w)
+        return f == w
+
+    return {k: (found.get(k), w) for k, w in wanted.items() if not same(found.get(k), w)}
+
+
+def _unused_seqrec_fields(config: dict[str, Any]) -> set[str]:
+    """The fields an ID-model run with ``config`` does not read (:meth:`SeqRecConfig.unused_fields`), or none if
+    ``config`` is not a valid config (then nothing is left out of a comparison)."""
+    from llmrec.seqrec.config import SeqRecConfig
+
+    try:
+        return set(SeqRecConfig(**config).unused_fields())
+    except (TypeError, ValueError, ImportError):
+        return set()
+
+
+def _refuse_own_keys(overrides: dict[str, Any], flag: str, own: dict[str, str]) -> None:
+    """Refuse an override of a setting the pipeline sets itself (``own``: key -> what sets it)."""
+    for key in overrides:
+        if key in own:
+            raise ValueError(f"{flag} {key}: the pipeline sets it ({own[key]})")
 
 
 @dataclass
@@ -150,6 +206,13 @@ class PipelineOptions:
             raise ValueError("test_rows, train_rows and grpo_rows must be >= 1")
         if not self.d3_weights or not all(w > 0 for w in self.d3_weights):
             raise ValueError(f"d3_weights must be > 0 (D3 without guidance is not D3), got {self.d3_weights}")
+        # The selection keys its scores and evaluation directories by f"{w:g}": a weight given twice (or two that
+        # print alike) would run the sweep, then fail to match the grid it recorded on every later run.
+        keys = [f"{w:g}" for w in self.d3_weights]
+        repeated = sorted({k for k in keys if keys.count(k) > 1}, key=float)
+        if repeated:
+            raise ValueError(f"--d3-weight: weight(s) {', '.join(repeated)} given more than once "
+                             f"({','.join(keys)}); give each weight once")
         if self.d3_valid_rows < 1:
             raise ValueError(f"d3_valid_rows must be >= 1, got {self.d3_valid_rows}")
 
@@ -166,26 +229,34 @@ class Pipeline:
         if opts.grpo_overrides:
             from llmrec.training.grpo import LatentGRPOConfig
 
+            # Set by the pipeline for every seed and checked as such (the prompts against --grpo-rows, the dtype
+            # against --dtype, ...): a --grpo value would win over them in training and then fail that check.
+            _refuse_own_keys(opts.grpo_overrides, "--grpo", {
+                "max_train_rows": "use --grpo-rows", "model_dtype": "use --dtype", "seed": "use --seeds",
+                "output_dir": "use --output-dir and --grpo-stage", "dataset": "use --dataset",
+                "sft_checkpoint": "the latent SFT stage of the same seed"})
             opts = replace(opts, grpo_overrides=coerce_fields([LatentGRPOConfig], opts.grpo_overrides, "--grpo"))
         if opts.sft_overrides:
             from llmrec.training.sft import LatentSFTConfig
 
-            own = {"dataset": "use --dataset", "model_name_or_path": "use --model", "model_dtype": "use --dtype",
-                   "max_train_rows": "use --train-rows", "seed": "use --seeds", "output_dir": "use --output-dir",
-                   "max_eval_rows": "the protocol's 200 validation rows"}
-            for key in opts.sft_overrides:
-                if key in own:
-                    raise ValueError(f"--sft {key}: the pipeline sets it ({own[key]})")
-
+            _refuse_own_keys(opts.sft_overrides, "--sft", {
+                "dataset": "use --dataset", "model_name_or_path": "use --model", "model_dtype": "use --dtype",
+                "max_train_rows": "use --train-rows", "seed": "use --seeds", "output_dir": "use --output-dir",
+                "max_eval_rows": "the protocol's 200 validation rows"})
             opts = replace(opts, sft_overrides=coerce_fields([LatentSFTConfig], opts.sft_overrides, "--sft"))
         if opts.id_overrides:
             from llmrec.seqrec.config import SeqRecConfig
 
+            # Set per stage after the overrides (_seqrec_fields): a --id value would be dropped without a word.
+            _refuse_own_keys(opts.id_overrides, "--id", {
+                "model": "use --methods", "seed": "use --seeds", "output_dir": "use --output-dir",
+                "dataset_dir": "use --dataset"})
             opts = replace(opts, id_overrides=coerce_fields([SeqRecConfig], opts.id_overrides, "--id"))
         self.opts = opts
         self.out = Path(opts.output_dir)
         self.recipes = Path(opts.recipes) if opts.recipes else resource_dir("recipes")
         self.data_dir = Path(opts.dataset)
+        self._checked: set[tuple[str, int]] = set()  # (method, seed) of the archived evaluations checked
 
     # ------------------------------------------------------------------ layout
 
@@ -358,42 +429,75 @@ class Pipeline:
         g["prompts"] = json.loads(results_file.read_text()).get("prompts")
         return g
 
-    def _check_finished(self, stage: str, seed: int) -> None:
-        """A finished training stage is reused only if it was made with what this pipeline asks for."""
+    def _stage_summary(self, stage: str, seed: int) -> Path:
+        """The file that marks a training stage finished (in the run directory, else its archived copy)."""
+        name = {"grpo_latent": "grpo_results.json"}.get(stage, "train_results.json" if stage.startswith("sft_")
+                                                       else "results.json")
+        return self._find(self.stage_dir(stage, seed) / name)
+
+    def _train_rows(self, split: str = "train") -> int | None:
+        """The rows of a split of the dataset (its ``stats.json``), or None if it does not say."""
         from llmrec.data.canonical import read_stats
+
+        return read_stats(self.data_dir / "stats.json").get("rows", {}).get(split)
+
+    def _grpo_prompts(self, seed: int) -> int:
+        """The prompts a GRPO stage draws: ``--grpo-rows``, or every row it may draw from if there are fewer (its
+        train split, less the SFT's own rows with ``exclude_sft_rows``), as the SFT check caps ``--train-rows``."""
+        cfg = self._grpo_config(seed)
+        asked = cfg.max_train_rows if cfg.max_train_rows is not None else self.opts.grpo_rows
+        n = self._train_rows(cfg.train_split)
+        if n is None:
+            return asked
+        if cfg.exclude_sft_rows:
+            sft = self._sft_config("latent", seed)
+            if sft.train_split == cfg.train_split:
+                n -= n if sft.max_train_rows is None else min(sft.max_train_rows, n)
+        return min(asked, n)
+
+    def _moved(self, path: str, recorded_dir: str, stage: str, seed: int) -> str:
+        """``path``, recorded by a run made in ``recorded_dir`` (that run's directory for ``stage`` and ``seed``,
+        under the output directory it was made in), as the same path under this ``--output-dir``; unchanged if it
+        is not under that output directory."""
+        rel_stage = self.stage_dir(stage, seed).relative_to(self.out).parts
+        rec = Path(os.path.normpath(recorded_dir)).parts
+        if len(rec) < len(rel_stage) or rec[len(rec) - len(rel_stage):] != rel_stage:
+            return path
+        try:
+            rel = Path(os.path.normpath(path)).relative_to(Path(*rec[:len(rec) - len(rel_stage)]))
+        except ValueError:
+            return path
+        return os.path.normpath(self.out / rel)
+
+    def _check_finished(self, stage: str, seed: int) -> None:
+        """A finished training stage is reused only if it was made with what this pipeline asks for (read from the
+        run directory, else from the archive: a method found only there is checked the same way)."""
         from llmrec.models.backbone import concrete_dtype_name
 
         d = self.stage_dir(stage, seed)
+        where = self._stage_summary(stage, seed).parent
         o = self.opts
         wanted: dict[str, Any] = {}
         found: dict[str, Any] = {}
         if stage.startswith("sft_"):
-            res = json.loads((d / "train_results.json").read_text())
-            args = json.loads((d / "training_args.json").read_text()) if (d / "training_args.json").exists() else {}
-            n_train = read_stats(self.data_dir / "stats.json").get("rows", {}).get("train")
-            wanted = {"model": o.model, "dataset": os.path.normpath(self.data_dir), "train_rows": min(o.train_rows, n_train or o.train_rows),
-                      "seed": seed, "model_dtype": concrete_dtype_name(o.dtype)}
-            recorded_data = res.get("config", {}).get("dataset")
-            found = {"model": res.get("config", {}).get("model_name_or_path"),
-                     "dataset": os.path.normpath(recorded_data) if recorded_data else recorded_data,
-                     "train_rows": res.get("num_train_rows"), "seed": args.get("seed", seed),
-                     "model_dtype": res.get("config", {}).get("model_dtype")}
-            if args:  # recorded by every SFT run: the full config, so recipe edits are caught too, not only --sft
-                from llmrec.config import config_differences
-                from llmrec.training.sft import LatentSFTConfig
-
-                ignore = SFT_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if res.get("resumed_from") is None else set())
-                # A field the run did not record takes its default as a built config holds it (after
-                # TrainingArguments.__post_init__, which rewrites some, e.g. report_to "none" -> []).
-                diff = config_differences(args, self._sft_config(stage[4:], seed).to_dict(),
-                                          LatentSFTConfig().to_dict(), ignore=ignore, paths=("dataset",))
-                found.update({k: f for k, (f, _) in diff.items()})
-                wanted.update({k: w for k, (_, w) in diff.items()})
+            res = json.loads(self._find(d / "train_results.json").read_text())
+            args_file = self._find(d / "training_args.json")
+            args = json.loads(args_file.read_text()) if args_file.exists() else {}
+            diff = sft_run_differences(res, args, self._sft_config(stage[4:], seed), self._train_rows())
+            found, wanted = {k: f for k, (f, _) in diff.items()}, {k: w for k, (_, w) in diff.items()}
         elif stage == "grpo_latent":
             g = self._grpo_settings(seed)
+            args_file = self._find(d / "training_args.json")
+            args = json.loads(args_file.read_text()) if args_file.exists() else {}
+            if where != d and args.get("output_dir"):
+                # An archived run records the paths of the machine and output directory it was made in: its SFT
+                # checkpoint is compared as a path in this output directory (the same seed's sft_latent).
+                for rec in (g, args):
+                    if rec.get("sft_checkpoint"):
+                        rec["sft_checkpoint"] = self._moved(rec["sft_checkpoint"], args["output_dir"], stage, seed)
             wanted = {"sft_checkpoint": os.path.normpath(self.stage_dir("sft_latent", seed)), **o.grpo_overrides}
             if o.grpo_stage == "grpo_latent" or seed > 0:
-                wanted["prompts"] = o.grpo_rows
+                wanted["prompts"] = self._grpo_prompts(seed)
             if g.get("model_dtype") is not None:  # recorded by every run since GRPO wrote its own training args
                 wanted["model_dtype"] = concrete_dtype_name(o.dtype)
             found = {"prompts": g.get("prompts"), **{k: g.get(k) for k in wanted if k != "prompts"}}
@@ -403,8 +507,6 @@ class Pipeline:
                 ref = self._grpo_settings(0, for_training=True)
                 wanted.update({k: v for k, v in ref.items() if k not in o.grpo_overrides})
                 found.update({k: g.get(k) for k in ref if k not in found})
-            args_file = self._find(d / "training_args.json")
-            args = json.loads(args_file.read_text()) if args_file.exists() else {}
             if "advantage_mode" in args and (o.grpo_stage == "grpo_latent" or seed > 0):
                 # The run's full config against the one built now, so recipe edits are caught too. Not for seed 0
                 # in a --grpo-stage of its own: that run may come from a sweep with settings of its own.
@@ -422,21 +524,29 @@ class Pipeline:
             from llmrec.seqrec.config import SeqRecConfig, training_field_differences
             from llmrec.seqrec.run import data_difference
 
-            # Every field that decides what was trained (recipe edits included), not only the --id keys.
-            res = json.loads((d / "results.json").read_text())
-            diff = training_field_differences(
-                res.get("config", {}), to_dict(SeqRecConfig(**self._seqrec_fields(stage[len("seqrec_"):], seed))))
+            # Every field that decides what was trained (recipe edits included), not only the --id keys; but not
+            # the fields this model does not read (another model's, or one another setting turns off: --id applies
+            # to every ID model), which change nothing trained.
+            res = json.loads(self._find(d / "results.json").read_text())
+            cfg = SeqRecConfig(**self._seqrec_fields(stage[len("seqrec_"):], seed))
+            diff = training_field_differences(res.get("config", {}), to_dict(cfg))
+            unused = set(cfg.unused_fields()) | _unused_seqrec_fields(
+                {**to_dict(cfg), **{k: f for k, (f, _) in diff.items()}})
+            diff = {k: v for k, v in diff.items() if k not in unused}
             found, wanted = {k: f for k, (f, _) in diff.items()}, {k: w for k, (_, w) in diff.items()}
             # The same dataset path may hold other files now (re-prepared or edited): the run records their digests.
             data = data_difference(res, self.data_dir)
             if data:
                 found["data"], wanted["data"] = data, "the files in " + str(self.data_dir)
-        bad = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v and not (
-            isinstance(v, float) and isinstance(found.get(k), (int, float)) and abs(found[k] - v) <= 1e-12 * abs(v))}
+        bad = mismatches(found, wanted)
         if bad:
             details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in bad.items())
-            raise ValueError(f"{d} holds a finished run made with {details}; use another --output-dir"
-                             f"{' or --grpo-stage' if stage == 'grpo_latent' else ''}, or remove the run")
+            remedy = (f"rerun with the settings it was made with, use another --name, or remove it from "
+                      f"{self.archive_dir}" if where != d else
+                      f"use another --output-dir{' or --grpo-stage' if stage == 'grpo_latent' else ''}, or remove "
+                      "the run")
+            raise ValueError(f"{where}{' (archived)' if where != d else ''} holds a finished run made with {details}; "
+                             f"{remedy}")
 
     def _lock(self, name: str, seed: int):
         """An exclusive file lock on one stage or evaluation of one seed.
@@ -496,19 +606,13 @@ class Pipeline:
         atomic_write_json(f, {"method": method, "seed": seed, "split": "valid", "rows": o.d3_valid_rows,
                               "row_seed": o.row_seed, "valid_ndcg@10": scores, "chosen": chosen})
 
-    def _evaluate(self, method: str, seed: int, split: str = "test", max_rows: int | None = None,
-                  d3_weight: float | None = None, out: Path | None = None) -> dict:
+    def _eval_config(self, method: str, seed: int, split: str, max_rows: int | None, d3_weight: float | None,
+                     out: Path) -> EvalConfig:
+        """The :class:`~llmrec.evaluation.evaluator.EvalConfig` of one evaluation: recipes/games/eval.yaml, then the
+        protocol (dataset, rows, row seed, dtype), the method and its checkpoints."""
         from llmrec.config import parse_config
-        from llmrec.evaluation.evaluator import EvalConfig, evaluate
+        from llmrec.evaluation.evaluator import EvalConfig
 
-        if method.endswith("+d3") and d3_weight is None:
-            self._select_d3_weight(method, seed)
-            d3_weight = self.d3_weight(method, seed)
-        out = out or self.eval_dir(method, seed, d3_weight)
-        # A finished evaluation is still passed to the evaluator: it returns the stored results when their
-        # protocol fingerprint (rows, checkpoint, decoding) is this one, and refuses a different protocol.
-        if not (out / "results.json").exists():
-            print(f"== seed {seed}: evaluate {method} ({split}) -> {out}", flush=True)
         extra: dict[str, Any] = dict(dataset=str(self.data_dir), split=split,
                                      max_rows=max_rows or self.opts.test_rows, row_seed=self.opts.row_seed,
                                      output_dir=str(out))
@@ -526,6 +630,21 @@ class Pipeline:
                 extra.update(length_penalty=0.0, guidance_checkpoint=str(self.stage_dir("seqrec_sasrec", seed)),
                              guidance_weight=d3_weight)
         (cfg,) = parse_config([EvalConfig], self.recipes / "games" / "eval.yaml", extra=extra)
+        return cfg
+
+    def _evaluate(self, method: str, seed: int, split: str = "test", max_rows: int | None = None,
+                  d3_weight: float | None = None, out: Path | None = None) -> dict:
+        from llmrec.evaluation.evaluator import evaluate
+
+        if method.endswith("+d3") and d3_weight is None:
+            self._select_d3_weight(method, seed)
+            d3_weight = self.d3_weight(method, seed)
+        out = out or self.eval_dir(method, seed, d3_weight)
+        # A finished evaluation is still passed to the evaluator: it returns the stored results when their
+        # protocol fingerprint (rows, checkpoint, decoding) is this one, and refuses a different protocol.
+        if not (out / "results.json").exists():
+            print(f"== seed {seed}: evaluate {method} ({split}) -> {out}", flush=True)
+        cfg = self._eval_config(method, seed, split, max_rows, d3_weight, out)
         if (out / "results.json").exists():
             # Finished: the evaluator only checks the protocol fingerprint and returns the stored results (no LM
             # is loaded), so no fresh process is needed (a rerun of a long report spawned one per evaluation).
@@ -543,6 +662,7 @@ class Pipeline:
                     if seed > 0 and method in SEED_INDEPENDENT:
                         continue
                     if self._archived_only(method, seed):
+                        self._check_archived(method, seed)
                         print(f"== seed {seed}: {method} finished in {self.archive_dir} (skipped)", flush=True)
                         continue
                     for stage in self.needs(method):
@@ -570,6 +690,53 @@ class Pipeline:
             return False
         found = self._finished_eval_dir(d)
         return found is not None and found != d
+
+    def _check_archived(self, method: str, seed: int) -> None:
+        """An evaluation found only in the archive is skipped, and reported under this invocation's flags, only if
+        it was made with what this invocation asks for, as one in the run directory is: each training stage it
+        needs is checked as :meth:`_check_finished` checks a finished stage (from its archived summary), and its
+        recorded protocol against the evaluation the pipeline would run now (the evaluator's fingerprint check, but
+        for the checkpoints' paths and digests, which the archive cannot hold)."""
+        if (method, seed) in self._checked:
+            return
+        d = self.eval_dir(method, seed)
+        found = self._finished_eval_dir(d)
+        if found is None or found == d:  # not archived: the evaluator checks it (run), or nothing is there
+            return
+        self._ensure_data()  # the checks read the data's size and digests
+        for stage in self.needs(method):
+            if not self._stage_summary(stage, seed).exists():
+                raise ValueError(
+                    f"{found} holds an archived evaluation of {method} (seed {seed}) but neither "
+                    f"{self.stage_dir(stage, seed)} nor {self._mirror(self.stage_dir(stage, seed))} holds the finished "
+                    f"{stage} it needs: what it was trained with cannot be checked; copy that stage's summary into the "
+                    "archive, or remove the evaluation from it")
+            self._check_finished(stage, seed)
+        proto = json.loads((found / "results.json").read_text())["protocol"]
+        cfg = self._eval_config(method, seed, "test", None, self.d3_weight(method, seed) if method.endswith("+d3")
+                                else None, d)
+        wanted: dict[str, Any] = {"dataset": os.path.normpath(cfg.dataset), "split": cfg.split,
+                                  "max_rows": cfg.max_rows, "row_seed": cfg.row_seed, "method": cfg.method,
+                                  "ks": list(cfg.ks)}
+        if cfg.method != "seqrec":  # an ID model reads its own history length
+            wanted["history_length"] = cfg.history_length
+        if cfg.method == "beam":
+            wanted.update({k: getattr(cfg, k) for k in (
+                "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams", "length_penalty",
+                "max_prompt_length", "batch_size", "prompt_fit")}, model=cfg.model_name_or_path,
+                guidance_weight=cfg.guidance_weight if cfg.guided else None)
+        got = {k: proto.get(k) for k in wanted}
+        got["dataset"] = os.path.normpath(proto["dataset"]) if proto.get("dataset") else proto.get("dataset")
+        if cfg.method == "beam":  # recorded only when not the default / only when guided
+            got["prompt_fit"] = proto.get("prompt_fit", "own_answer")
+            got["guidance_weight"] = (proto.get("guidance") or {}).get("weight")
+        bad = mismatches(got, wanted)
+        if bad:
+            details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in bad.items())
+            raise ValueError(f"{found} holds an archived evaluation of {method} (seed {seed}) made with {details}; "
+                             f"rerun with the settings it was made with, use another --name, or remove it from "
+                             f"{self.archive_dir}")
+        self._checked.add((method, seed))
 
     def _finished(self) -> dict[str, dict[int, Path]]:
         runs: dict[str, dict[int, Path]] = {}
@@ -639,6 +806,10 @@ class Pipeline:
         finished = self._finished()
         if not finished:
             raise FileNotFoundError(f"no finished evaluation under {self.out}: nothing to report")
+        for m, seeds in finished.items():
+            for s, d in seeds.items():
+                if d != self.eval_dir(m, s):  # archived: the report labels it with this invocation's settings
+                    self._check_archived(m, s)
         rankings = {m: {s: load_rankings(d) for s, d in seeds.items()} for m, seeds in finished.items()}
         protocols = {(m, s): json.loads((d / "results.json").read_text())["protocol"]
                      for m, seeds in finished.items() for s, d in seeds.items()}
@@ -792,18 +963,24 @@ class Pipeline:
 
     @staticmethod
     def _check_same_protocol(protocols: dict[tuple[str, int], dict], finished: dict[str, dict[int, Path]]) -> None:
-        """One test set for every run, and one LM setting for every beam-search run (length penalty and guidance
-        aside: D3 changes them), so a finished run made with other options cannot slip into the table."""
+        """One test set for every run, and one LM setting for every beam-search run (history length included; the
+        length penalty within the D3 rows and within the others: D3 sets it to 0; guidance aside), so a finished run
+        made with other options cannot slip into the table, nor seeds of one method made under different ones."""
         shared = ("dataset", "split", "row_seed")
         beam = ("model", "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams",
-                "max_prompt_length", "prompt_fit")
-        ref: dict[str, tuple[tuple[str, int], Any]] = {}
+                "max_prompt_length", "prompt_fit", "history_length")
+        ref: dict[tuple[str, bool], tuple[tuple[str, int], Any]] = {}
         for (m, s), p in protocols.items():
-            for key in shared + (beam if p["method"] == "beam" else ()):
-                first = ref.setdefault(key, ((m, s), p.get(key)))
+            keys = [(k, False) for k in shared]
+            if p["method"] == "beam":
+                keys += [(k, False) for k in beam] + [("length_penalty", m.endswith("+d3"))]
+            for key, d3 in keys:
+                first = ref.setdefault((key, d3), ((m, s), p.get(key)))
                 if p.get(key) != first[1]:
                     (m0, s0), v0 = first
-                    raise ValueError(f"the finished evaluations differ in {key}: {v0!r} in {finished[m0][s0]}, "
+                    among = (" (among the D3 rows)" if d3 else " (among the rows without D3)") \
+                        if key == "length_penalty" else ""
+                    raise ValueError(f"the finished evaluations differ in {key}{among}: {v0!r} in {finished[m0][s0]}, "
                                      f"{p.get(key)!r} in {finished[m][s]}; rerun one of them or report them apart")
         # A D3 row and its plain row decode the same checkpoint (a stage retrained on another machine may not be
         # bitwise the same; evaluations made before the digest was recorded are not checked).

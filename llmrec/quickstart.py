@@ -5,12 +5,29 @@ so a rerun continues where an interrupted one stopped): prepare the embedded sam
 LoRA (recipes/games/sft_latent.yaml on a train subset, model selection on validation rows) -> latent
 GRPO from it (recipes/games/grpo_latent.yaml) -> constrained beam-search evaluation of both on the same
 test rows, beside the popularity baseline and the zero-shot model -> one metrics table.
+
+A finished stage is skipped only if it was made with what is asked now: a finished training stage made with
+other settings (``--train-rows``, ``--grpo-rows``, ``--seed``, ``--model``, ``--dtype``, ``--dataset`` or an
+edited recipe) is refused, naming the setting and the directory, and so is a finished evaluation of another
+protocol (``--rows``, ``--beams``, ...): use another ``--output-dir`` or remove the stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmrec.training.grpo import LatentGRPOConfig
+    from llmrec.training.sft import LatentSFTConfig
+
+# The flag that sets each compared setting of a training stage (the others come from the shipped recipes).
+_FLAGS = {"seed": "--seed", "model": "--model", "model_name_or_path": "--model", "model_dtype": "--dtype",
+          "dataset": "--dataset"}
+_SFT_FLAGS = {**_FLAGS, "train_rows": "--train-rows", "max_train_rows": "--train-rows"}
+_GRPO_FLAGS = {**_FLAGS, "prompts": "--grpo-rows", "sft_checkpoint": "--output-dir"}
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -64,6 +81,7 @@ def train_stages(args: argparse.Namespace, data_dir: Path, out: Path) -> tuple[P
         max_train_rows=args.train_rows, max_eval_rows=64, per_device_train_batch_size=8,
         gradient_accumulation_steps=2, eval_steps=8, save_steps=8, logging_steps=4, output_dir=str(sft_dir),
         seed=args.seed))
+    check_finished_sft(sft, data_dir)
     res = run_sft(sft)
     print(f"   steps {res['global_step']}, best eval loss {res['best_eval_loss']}")
     print(f"== latent GRPO ({args.grpo_rows} prompts, head only) -> {grpo_dir}")
@@ -71,10 +89,73 @@ def train_stages(args: argparse.Namespace, data_dir: Path, out: Path) -> tuple[P
         sft_checkpoint=str(sft_dir), dataset=str(data_dir), model_dtype=args.dtype, max_train_rows=args.grpo_rows,
         per_device_train_batch_size=8, gradient_accumulation_steps=2, save_steps=4, output_dir=str(grpo_dir),
         seed=args.seed))
+    check_finished_grpo(grpo, data_dir)
     res = run_grpo(grpo)
     last = res["log_history"][-1] if res["log_history"] else {}
     print(f"   steps {res['global_step']}, last reward {last.get('reward')}")
     return sft_dir, grpo_dir
+
+
+def _split_rows(data_dir: Path, split: str) -> int | None:
+    """The rows of a split of a prepared dataset (its ``stats.json``), or None if it does not say."""
+    from llmrec.data.canonical import read_stats
+
+    return read_stats(data_dir / "stats.json").get("rows", {}).get(split)
+
+
+def _refuse(out_dir: Path, what: str, diff: dict[str, tuple[Any, Any]], flags: dict[str, str]) -> None:
+    """Raise naming each setting of ``diff`` (found, asked, and the flag that sets it) and the directory."""
+    if diff:
+        details = ", ".join(f"{k}={f!r} (asked: {w!r}{' by ' + flags[k] if k in flags else ''})"
+                            for k, (f, w) in diff.items())
+        raise ValueError(f"{out_dir} holds a finished {what} made with {details}; rerun with the settings it was "
+                         f"made with, use another --output-dir, or remove {out_dir}")
+
+
+def check_finished_sft(cfg: LatentSFTConfig, data_dir: Path) -> None:
+    """Refuse a finished latent SFT in ``cfg.output_dir`` made with other settings than ``cfg`` (the run would
+    otherwise be reused as it is): rows, seed, model, data, dtype and every other trained field, as
+    ``llmrec bench pipeline`` checks its SFT stages (:func:`llmrec.bench_pipeline.sft_run_differences`)."""
+    from llmrec.bench_pipeline import sft_run_differences
+    from llmrec.training.sft import TRAINING_ARGS_JSON
+
+    out = Path(cfg.output_dir)
+    if not (out / "train_results.json").exists():
+        return  # trains, or resumes (a resume made with other settings is refused by run_sft)
+    results = json.loads((out / "train_results.json").read_text(encoding="utf-8"))
+    args_file = out / TRAINING_ARGS_JSON
+    args = json.loads(args_file.read_text(encoding="utf-8")) if args_file.exists() else {}
+    _refuse(out, "latent SFT", sft_run_differences(results, args, cfg, _split_rows(data_dir, cfg.train_split)),
+            _SFT_FLAGS)
+
+
+def check_finished_grpo(cfg: LatentGRPOConfig, data_dir: Path) -> None:
+    """Refuse a finished latent GRPO in ``cfg.output_dir`` made with other settings than ``cfg``: the prompts it
+    drew (``--grpo-rows``, or the whole train split when it has fewer rows) and every other trained field of the
+    config it recorded (``training_args.json``), the checkpoint it started from and its dtype included."""
+    from llmrec.bench_pipeline import GRPO_RESULT_NEUTRAL_FIELDS, SFT_RESUME_ONLY_FIELDS, mismatches
+    from llmrec.config import config_differences
+    from llmrec.training.grpo import LatentGRPOConfig
+    from llmrec.training.sft import TRAINING_ARGS_JSON
+
+    out = Path(cfg.output_dir)
+    if not (out / "grpo_results.json").exists():
+        return
+    results = json.loads((out / "grpo_results.json").read_text(encoding="utf-8"))
+    n = _split_rows(data_dir, cfg.train_split)
+    asked = cfg.max_train_rows if cfg.max_train_rows is not None else n
+    args_file = out / TRAINING_ARGS_JSON
+    args = json.loads(args_file.read_text(encoding="utf-8")) if args_file.exists() else {}
+    found: dict[str, Any] = {"prompts": results.get("prompts")}
+    wanted: dict[str, Any] = {"prompts": min(asked, n) if asked is not None and n else asked}
+    if "advantage_mode" in args:  # the run's own full config (older runs held a copy of the SFT's)
+        found["model_dtype"], wanted["model_dtype"] = args.get("model_dtype"), cfg.model_dtype  # both concrete
+        ignore = GRPO_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if results.get("resumed_from") is None else set())
+        diff = config_differences(args, cfg.to_dict(), LatentGRPOConfig().to_dict(), ignore=ignore,
+                                  paths=("dataset", "sft_checkpoint"))
+        found.update({k: f for k, (f, _) in diff.items()})
+        wanted.update({k: w for k, (_, w) in diff.items()})
+    _refuse(out, "latent GRPO", mismatches(found, wanted), _GRPO_FLAGS)
 
 
 def register_cli(subparsers) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -606,3 +607,157 @@ def test_archive_reads_rankings_with_unicode_line_separators(tmp_path):
     archived = [json.loads(x) for x in (pipe._mirror(eval_dir) / "rankings.jsonl").read_text(encoding="utf-8")
                 .split("\n") if x]
     assert [r["row"] for r in archived] == list(range(12))
+
+
+def test_a_method_found_only_in_the_archive_is_checked_before_it_is_skipped_or_reported(report, tmp_path, capsys):
+    """A checkout with the archive but no run directory: a method whose evaluation is archived is skipped (and
+    reported under this invocation's flags) only if its archived training summaries and evaluation protocol match
+    what is asked now, as a stage in the run directory is checked; otherwise nothing is run and no report written."""
+    import shutil
+
+    from llmrec.cli import main
+
+    root, data = report
+    results = tmp_path / "results"
+    shutil.copytree(root / "results", results)
+    report_md = (results / "tiny.md").read_text()
+
+    def run(*extra: str, **kw) -> str:
+        args = _args(data, tmp_path, **kw) + list(extra)
+        capsys.readouterr()
+        assert main(args) == 1
+        assert (results / "tiny.md").read_text() == report_md  # never relabelled with the refused settings
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+        return capsys.readouterr().err
+
+    err = run("--sft", "learning_rate=0.5")
+    assert "tiny_runs/sft_bigrec (archived) holds a finished run made with learning_rate=0.0003 (asked: 0.5)" in err
+    args = _args(data, tmp_path)
+    args[args.index("--id") + 1] = "epochs=7"
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "tiny_runs/seqrec_sasrec (archived) holds a finished run made with epochs=2 (asked: 7)" in \
+        capsys.readouterr().err
+    assert "max_rows=6 (asked: 5)" in run(test_rows=5)
+    assert "row_seed=0 (asked: 3)" in run(row_seed=3)
+    assert "prompts=4 (asked: 3)" in run(grpo_rows=3)
+    assert "archived evaluation of zero-shot (seed 0) made with dtype='float32' (asked: 'bfloat16')" in \
+        run(dtype="bfloat16")
+    # --report-only labels the report with this invocation's flags as well: refused the same way
+    err = run("--report-only", "--sft", "learning_rate=0.5")
+    assert "(archived) holds a finished run made with learning_rate=0.0003 (asked: 0.5)" in err
+    # an archived evaluation whose training stage is in neither place cannot be checked: refused
+    (results / "tiny_runs" / "seqrec_sasrec" / "results.json").unlink()
+    err = run()
+    assert "holds an archived evaluation of bigrec-sft+d3 (seed 0)" in err and "cannot be checked" in err
+    # the same settings: accepted (test_archive_lets_another_checkout_report_and_skip_finished_methods)
+
+
+def test_seeds_evaluated_under_another_beam_protocol_are_not_averaged(report):
+    """The report refuses to put evaluations made with another history length, or (among the rows without D3, and
+    among the D3 rows) another length penalty, into one table; D3's own length penalty of 0 beside the plain rows'
+    is fine."""
+    from llmrec.bench_pipeline import Pipeline
+
+    root, _ = report
+    finished = {m: {0: root / "runs" / d, 1: root / "runs" / "seed1" / d}
+                for m, d in (("bigrec-sft", "eval_sft_bigrec"), ("bigrec-sft+d3", "eval_sft_bigrec_d3"))}
+
+    def proto(name: str) -> dict:
+        return json.loads((root / "runs" / name / "results.json").read_text())["protocol"]
+
+    plain, d3 = proto("eval_sft_bigrec"), proto("eval_sft_bigrec_d3")
+    assert plain["length_penalty"] == 1.0 and d3["length_penalty"] == 0.0
+    same = {("bigrec-sft", 0): plain, ("bigrec-sft", 1): dict(plain), ("bigrec-sft+d3", 0): d3,
+            ("bigrec-sft+d3", 1): dict(d3)}
+    Pipeline._check_same_protocol(same, finished)
+    for key, method, value, where in (("history_length", "bigrec-sft", 3, ""),
+                                      ("history_length", "bigrec-sft+d3", 3, ""),
+                                      ("length_penalty", "bigrec-sft", 0.3, " (among the rows without D3)"),
+                                      ("length_penalty", "bigrec-sft+d3", 0.3, " (among the D3 rows)")):
+        mixed = dict(same)
+        mixed[(method, 1)] = {**same[(method, 1)], key: value}
+        with pytest.raises(ValueError, match=rf"differ in {key}{re.escape(where)}: .* {value!r} in .*seed1"):
+            Pipeline._check_same_protocol(mixed, finished)
+
+
+def test_grpo_and_id_keys_the_pipeline_sets_are_refused(report):
+    """Like --sft's: a --grpo or --id key the pipeline sets itself would be overridden (--id) or win over the
+    pipeline's value and then fail the finished-stage check of the same command (--grpo)."""
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+
+    _, data = report
+    for key, value, hint in (("max_train_rows", 8, "--grpo-rows"), ("model_dtype", "bfloat16", "--dtype"),
+                             ("seed", 3, "--seeds"), ("output_dir", "x", "--output-dir"), ("dataset", "x", "--dataset"),
+                             ("sft_checkpoint", "x", "latent SFT stage")):
+        with pytest.raises(ValueError, match=f"--grpo {key}: the pipeline sets it .*{hint}"):
+            Pipeline(PipelineOptions(dataset=str(data), grpo_overrides={key: value}))
+    for key, value, hint in (("seed", 3, "--seeds"), ("model", "lares", "--methods"), ("output_dir", "x", "--output-dir"),
+                             ("dataset_dir", "x", "--dataset")):
+        with pytest.raises(ValueError, match=f"--id {key}: the pipeline sets it .*{hint}"):
+            Pipeline(PipelineOptions(dataset=str(data), id_overrides={key: value}))
+    Pipeline(PipelineOptions(dataset=str(data), grpo_overrides={"noise_scale": 0.3}, id_overrides={"epochs": 3}))
+
+
+FIXTURE_ID = {"epochs": 2, "hidden_size": 16, "inner_size": 32, "max_history": 5, "progress": False, "num_threads": 1}
+
+
+def _fixture_pipeline(root: Path, data: Path, **kw):
+    """A Pipeline with the fixture's options (``kw`` replaces some)."""
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+
+    opts = dict(dataset=str(data), model="tiny-qwen2", output_dir=str(root / "runs"), train_rows=8, grpo_rows=4,
+                dtype="float32", id_overrides=dict(FIXTURE_ID))
+    return Pipeline(PipelineOptions(**{**opts, **kw}))
+
+
+def test_grpo_prompts_are_capped_at_the_rows_it_can_draw(report):
+    """--grpo-rows above the train split's size trains on every row; the same command then accepts that run (the
+    SFT check caps --train-rows the same way), and a smaller --grpo-rows is still refused."""
+    root, data = report
+    n_train = json.loads((data / "stats.json").read_text())["rows"]["train"]
+    f = root / "runs" / "grpo_latent" / "grpo_results.json"
+    saved = f.read_text()
+    try:
+        f.write_text(json.dumps({**json.loads(saved), "prompts": n_train}))  # as a run with --grpo-rows >= n_train
+        _fixture_pipeline(root, data, grpo_rows=n_train + 24)._check_finished("grpo_latent", 0)
+        with pytest.raises(ValueError, match=rf"prompts={n_train} \(asked: 4\)"):
+            _fixture_pipeline(root, data)._check_finished("grpo_latent", 0)
+    finally:
+        f.write_text(saved)
+    # with exclude_sft_rows the prompts come from the rows the SFT (8 of them) did not train on
+    excl = _fixture_pipeline(root, data, grpo_rows=n_train, grpo_overrides={"exclude_sft_rows": True})
+    assert excl._grpo_prompts(0) == n_train - 8
+
+
+def test_an_id_key_a_model_does_not_read_does_not_block_its_finished_stage(report):
+    """--id applies to every ID model: a key SASRec does not read (ReaRec-ERL's kl_weight) leaves its finished run
+    (and D3's guide) reusable, whichever side holds it; a key it reads is still compared."""
+    root, data = report
+    _fixture_pipeline(root, data, id_overrides={**FIXTURE_ID, "kl_weight": 0.3})._check_finished("seqrec_sasrec", 0)
+    with pytest.raises(ValueError, match=r"dropout=0.5 \(asked: 0.3\)"):
+        _fixture_pipeline(root, data, id_overrides={**FIXTURE_ID, "kl_weight": 0.3, "dropout": 0.3}
+                          )._check_finished("seqrec_sasrec", 0)
+    f = root / "runs" / "seqrec_sasrec" / "results.json"
+    saved = f.read_text()
+    try:
+        res = json.loads(saved)
+        f.write_text(json.dumps({**res, "config": {**res["config"], "kl_weight": 0.3}}))  # a run made with it
+        _fixture_pipeline(root, data)._check_finished("seqrec_sasrec", 0)
+    finally:
+        f.write_text(saved)
+
+
+def test_a_repeated_d3_weight_is_refused_before_any_work(report, capsys):
+    from llmrec.bench_pipeline import PipelineOptions
+    from llmrec.cli import main
+
+    root, data = report
+    with pytest.raises(ValueError, match="weight.s. 3 given more than once"):
+        PipelineOptions(d3_weights=[1.0, 3.0, 3.0])
+    with pytest.raises(ValueError, match="weight.s. 1 given more than once"):
+        PipelineOptions(d3_weights=[1.0, 1.0000001])  # one key "1" in the selection's grid
+    capsys.readouterr()
+    assert main(_args(data, root, d3_weight="1,3,3", name="tiny_dup")) == 1
+    assert "--d3-weight: weight(s) 3 given more than once" in capsys.readouterr().err
+    assert not (root / "results" / "tiny_dup.json").exists()

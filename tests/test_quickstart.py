@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
+import pytest
+
 from llmrec.cli import main
+from tests.conftest import write_prepared
 
 
-def test_quickstart_tiny_end_to_end_and_rerun(tmp_path, prepared_dir, capsys):
-    out = tmp_path / "qs"
-    argv = ["quickstart", "--dataset", str(prepared_dir), "--model", "tiny-qwen2", "--dtype", "float32",
-            "--rows", "4", "--beams", "3", "--batch-size", "4", "--train-rows", "8", "--grpo-rows", "4",
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished quickstart (its argv, output directory and printed text), shared by the tests below."""
+    root = tmp_path_factory.mktemp("quickstart")
+    out = root / "qs"
+    argv = ["quickstart", "--dataset", str(write_prepared(root / "data")), "--model", "tiny-qwen2", "--dtype",
+            "float32", "--rows", "4", "--beams", "3", "--batch-size", "4", "--train-rows", "8", "--grpo-rows", "4",
             "--output-dir", str(out)]
-    assert main(argv) == 0
-    text = capsys.readouterr().out
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert main(argv) == 0
+    return argv, out, text.getvalue()
+
+
+def test_quickstart_tiny_end_to_end_and_rerun(finished):
+    argv, out, text = finished
     for stage in ("== latent SFT", "== latent GRPO", "== evaluate: sft_latent", "== evaluate: grpo_latent"):
         assert stage in text, stage
     table = (out / "results.md").read_text()
@@ -23,4 +38,33 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path, prepared_dir, capsys):
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     assert main(argv) == 0  # everything finished: the rerun only reads and reprints
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamp
+    assert (out / "results.md").read_text() == table
+
+
+def test_quickstart_refuses_a_finished_stage_made_with_other_settings(finished, capsys):
+    """A rerun asking for other settings does not reuse (and reprint) the finished stages as if made with them:
+    the training stage is refused, naming the setting, its flag and the directory; nothing is rewritten."""
+    argv, out, _ = finished
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    table = (out / "results.md").read_text()
+
+    def rerun(flag: str, value: str) -> str:
+        args = list(argv)
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+        capsys.readouterr()
+        assert main(args) == 1
+        return capsys.readouterr().err
+
+    sft, grpo = out / "sft_latent", out / "grpo_latent"
+    assert f"{sft} holds a finished latent SFT made with train_rows=8 (asked: 6 by --train-rows)" in \
+        rerun("--train-rows", "6")
+    assert f"{sft} holds a finished latent SFT made with seed=0 (asked: 1 by --seed)" in rerun("--seed", "1")
+    err = rerun("--grpo-rows", "3")
+    assert f"{grpo} holds a finished latent GRPO made with prompts=4 (asked: 3 by --grpo-rows)" in err
+    assert "use another --output-dir" in err
+    assert "different protocol" in rerun("--rows", "3")  # an evaluation: refused by the evaluator
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == stamp
     assert (out / "results.md").read_text() == table

@@ -1292,7 +1292,7 @@ class LatentGRPOTrainer:
         """Refuse to resume ``path`` under other settings than it was trained with (checkpoints before 2026-12-05
         do not record them and are not checked)."""
         from llmrec.config import field_defaults, refuse_changed_resume
-        from llmrec.training.sft import RESUME_NEUTRAL_FIELDS
+        from llmrec.training.neutral_fields import RESUME_NEUTRAL_FIELDS
 
         found = json.loads((path / STATE_NAME).read_text(encoding="utf-8")).get("config")
         if found is not None:
