@@ -189,6 +189,9 @@ def test_config_errors(tmp_path):
         LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, reward_funcs=["bleu"])
     with pytest.raises(ConfigError, match="reward_weights"):
         LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, reward_weights=[1.0, 2.0])
+    with pytest.raises(ConfigError, match=r"\['neg_ppl'\] named more than once"):  # weights and rewards misaligned
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4,
+                         reward_funcs=["neg_ppl", "neg_ppl"], reward_weights=[1.0, 1.0])
     for bad in (dict(history_length=0), dict(max_train_rows=-5), dict(eval_rows=-1)):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **bad)
@@ -197,7 +200,8 @@ def test_config_errors(tmp_path):
                          per_device_train_batch_size=4)
     # TRL options this trainer does not implement are refused rather than silently ignored
     for name, value in (("scale_rewards", "batch"), ("importance_sampling_level", "sequence"), ("delta", 2.0),
-                        ("use_vllm", True), ("temperature", 0.7), ("optim", "adafactor")):
+                        ("use_vllm", True), ("temperature", 0.7), ("optim", "adafactor"), ("entropy_coef", 0.5),
+                        ("multi_objective_aggregation", "normalize_then_sum"), ("shuffle_dataset", False)):
         with pytest.raises(ConfigError, match=f"{name}=.*does not implement"):
             LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: value})
 
@@ -1040,3 +1044,99 @@ def test_head_bound_script_follows_the_exact_gradient(tmp_path, sft_dir, train_l
     for a, e in zip(got, want):
         assert torch.allclose(a, e, rtol=1e-4, atol=1e-7)
     assert objective_fn().item() > before
+
+
+def test_head_bound_script_reuses_a_finished_run_only_with_its_settings(tmp_path, sft_dir, monkeypatch):
+    """scripts/grpo_head_likelihood_bound.py: a finished run in ``<output-root>/head_ll_lr<lr>`` is reused only when
+    it was made with the settings asked for now (SFT checkpoint, prompts, steps, held-out rows, seed, ...), read from
+    the settings file the script writes, or for runs made before it from the trainer's own records; any difference
+    is refused, naming the directory and what was found and asked."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "head_bound", Path(__file__).resolve().parent.parent / "scripts" / "grpo_head_likelihood_bound.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sft, _, _ = sft_dir
+    root = tmp_path / "root"
+    base = [str(sft), "--lr", "1e-3", "--prompts", "4", "--steps", "2", "--eval-rows", "4", "--dtype", "float32",
+            "--output-root", str(root), "--results", str(tmp_path / "res")]
+
+    def run(*extra: str) -> dict:
+        monkeypatch.setattr("sys.argv", ["grpo_head_likelihood_bound.py", *base, *extra])
+        assert mod.main() == 0
+        return json.loads((tmp_path / "res.json").read_text())
+
+    first = run()
+    out = root / "head_ll_lr0.001"
+    assert json.loads((out / mod.SETTINGS_NAME).read_text())["prompts"] == 4
+    stamp = (out / "per_row.json").stat().st_mtime_ns
+    assert run()["runs"] == first["runs"]  # the same settings: reused, not measured again
+    assert (out / "per_row.json").stat().st_mtime_ns == stamp
+    refused = [(["--seed", "1"], "seed: found 0, asked 1"), (["--eval-rows", "3"], "eval_rows: found 4, asked 3"),
+               (["--prompts", "8", "--steps", "4"], "prompts: found 4, asked 8; steps: found 2, asked 4"),
+               (["--exclude-sft-rows"], "exclude_sft_rows: found False, asked True"),
+               (["--dtype", "bfloat16"], "dtype: found 'float32', asked 'bfloat16'")]
+    for extra, found in refused:
+        with pytest.raises(SystemExit, match=f"{out}.*{found}"):
+            run(*extra)
+    base[0] = str(tmp_path / "other_sft")
+    with pytest.raises(SystemExit, match=f"sft_checkpoint: found '{sft}', asked '{tmp_path / 'other_sft'}'"):
+        run()
+    base[0] = str(sft)
+    # A run made before the settings file: the trainer's training_args.json, grpo_results.json and the count of
+    # per-row values stand for it.
+    (out / mod.SETTINGS_NAME).unlink()
+    assert run()["runs"] == first["runs"]
+    for extra, found in refused:
+        with pytest.raises(SystemExit, match=f"{out}.*{found}"):
+            run(*extra)
+    assert (out / "per_row.json").stat().st_mtime_ns == stamp
+
+
+def test_retrain_starts_over_without_the_earlier_runs_checkpoints(tmp_path, sft_dir):
+    """retrain kept the earlier run's checkpoint-N: rotation (by step) deleted the new run's newer-looking ones
+    first, and a later resume loaded the earlier run's weights."""
+    sft, _, _ = sft_dir
+    out = tmp_path / "grpo"
+    run_grpo(grpo_config(out, sft, max_steps=4, save_steps=1, save_total_limit=2))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+    def stop(trainer, stats):
+        if trainer.global_step == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_grpo(grpo_config(out, sft, max_steps=4, save_steps=1, save_total_limit=2, retrain=True), callbacks=[stop])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (out / "grpo_results.json").exists()
+
+
+def test_scheduler_kwargs_reach_the_scheduler(tmp_path, sft_dir):
+    sft, _, _ = sft_dir
+    lrs = {}
+    for cycles in (0.5, 2.0):
+        t = LatentGRPOTrainer(grpo_config(tmp_path / f"c{cycles}", sft, max_steps=8, lr_scheduler_type="cosine",
+                                          lr_scheduler_kwargs={"num_cycles": cycles}))
+        lrs[cycles] = []
+        for _ in range(8):
+            lrs[cycles].append(t.scheduler.get_last_lr()[0])
+            t.optimizer.step()
+            t.scheduler.step()
+    assert lrs[0.5] != lrs[2.0]
+
+
+def test_held_out_check_runs_without_dropout(tmp_path, sft_dir):
+    """With disable_dropout false the held-out "noise-free" rewards changed from one call to the next."""
+    sft, data, root = sft_dir
+    sft = _sft(root, data, lora_dropout=0.3)
+    t = LatentGRPOTrainer(grpo_config(tmp_path / "g", sft, train_lora=True, disable_dropout=False, eval_rows=4))
+    lm = t.accelerator.unwrap_model(t.module).latent_lm
+    with torch.no_grad():  # a trained-looking adapter, so that its dropout matters
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    t.module.train()
+    first, second = t.evaluate_rewards(), t.evaluate_rewards()
+    assert first["neg_ppl"] == second["neg_ppl"] and t.module.training
+

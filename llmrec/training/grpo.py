@@ -83,6 +83,9 @@ IGNORED_TRL_FIELDS = {
     "off_policy_mask_threshold": "no off-policy masking",
     "torch_compile": "not supported",
     "optim": "the optimiser is torch AdamW (adam_beta1/2, adam_epsilon, weight_decay apply)",
+    "entropy_coef": "no entropy bonus",
+    "multi_objective_aggregation": "rewards are combined by reward_weights, then advantage_mode",
+    "shuffle_dataset": "every epoch draws its prompt order from the seed",
 }
 
 
@@ -253,6 +256,9 @@ class LatentGRPOConfig(GRPOConfig):
         unknown = [r for r in self.reward_funcs if r not in REWARD_FUNCTIONS]
         if unknown or not self.reward_funcs:
             raise ConfigError(f"unknown reward function(s) {unknown}; choose from {sorted(REWARD_FUNCTIONS)}")
+        twice = sorted({r for r in self.reward_funcs if self.reward_funcs.count(r) > 1})
+        if twice:  # their weights collapsed into one and their per-prompt rewards were misaligned
+            raise ConfigError(f"reward function(s) {twice} named more than once; give each once (weight it instead)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
                               "reward functions")
@@ -699,7 +705,8 @@ class LatentGRPOTrainer:
 
         self.scheduler = get_scheduler(config.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=config.get_warmup_steps(self.max_steps * config.num_iterations),
-                                       num_training_steps=self.max_steps * config.num_iterations)
+                                       num_training_steps=self.max_steps * config.num_iterations,
+                                       scheduler_specific_kwargs=config.lr_scheduler_kwargs or {})
         self.module, self.optimizer = self.accelerator.prepare(module, self.optimizer)
         self.ref_module = None
         if config.beta > 0:
@@ -1072,11 +1079,20 @@ class LatentGRPOTrainer:
         candidates only when those three settings agree. With ``per_row``, also the per-row values in row order
         (for paired comparisons of checkpoints).
         """
-        c = self.config
         self._mine_held_out_negatives()
-        rows, g, dev = self._eval_rows, c.num_generations, self.accelerator.device
+        rows = self._eval_rows
         # The unwrapped module: a DDP forward may run collectives, and processes can hold different row counts.
         module = self.accelerator.unwrap_model(self.module)
+        was_training = module.training
+        module.eval()  # noise-free and dropout-free: the same value on every call, comparable before and after
+        try:
+            return self._held_out_rewards(module, rows, per_row)
+        finally:
+            module.train(was_training)
+
+    def _held_out_rewards(self, module, rows: list[dict], per_row: bool) -> dict[str, Any]:
+        c = self.config
+        g, dev = c.num_generations, self.accelerator.device
         mine = list(range(self.rank, len(rows), self.world))
         per = c.prompts_per_micro_batch
         names = ["neg_ppl", "log_likelihood"]
@@ -1464,6 +1480,20 @@ def run_grpo(config: LatentGRPOConfig, callbacks: list | None = None) -> dict[st
     if (out / RESULTS_NAME).exists() and not config.retrain:
         logger.info("%s holds a finished run (%s); skipping (set retrain: true to train again)", out, RESULTS_NAME)
         return json.loads((out / RESULTS_NAME).read_text(encoding="utf-8"))
+    if config.retrain:
+        from accelerate import PartialState
+
+        # The old run's checkpoints would outrank the new run's in rotation (by step) and be what a later resume
+        # picks up; its results would make a rerun return the old run.
+        old = _checkpoints(out)
+        if old or (out / RESULTS_NAME).exists():
+            logger.warning("retrain: training %s again from the start; removing the earlier run's %d checkpoint(s)",
+                           out, len(old))
+        if PartialState().is_main_process:
+            for ckpt in old:
+                shutil.rmtree(ckpt)
+            (out / RESULTS_NAME).unlink(missing_ok=True)
+        PartialState().wait_for_everyone()
     trainer = LatentGRPOTrainer(config, callbacks=callbacks)
     return trainer.train(resume=not config.retrain)
 
