@@ -15,8 +15,9 @@ best approximate this gradient, so if it does not raise the held-out likelihood,
 the prompt, measured on held-out rows by the same log-softmax and reciprocal rank among K items drawn per row.
 
 Each learning rate writes an ``llmrec grpo``-style checkpoint (``<output-root>/head_ll_lr<lr>``; an existing
-finished one is reused), so ``llmrec evaluate --checkpoint`` can rank with it too; the results files get a
-paired bootstrap interval of the held-out difference per run.
+finished one is reused when it was made with the same settings, and refused otherwise: give another
+``--output-root``), so ``llmrec evaluate --checkpoint`` can rank with it too; the results files get a paired
+bootstrap interval of the held-out difference per run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,63 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+# The settings of a finished run, written next to its per_row.json (runs made before it are read from their
+# training_args.json, grpo_results.json and per_row.json: recorded_settings).
+SETTINGS_NAME = "head_bound_args.json"
+
+
+def run_settings(args: argparse.Namespace, lr: float) -> dict:
+    """What a run of this script measured with: a finished run is reused only when all of it is the same."""
+    out = {"sft_checkpoint": str(args.sft_checkpoint), "objective": args.objective, "train_lora": args.train_lora,
+           "learning_rate": lr, "prompts": args.prompts, "steps": args.steps, "eval_rows": args.eval_rows,
+           "seed": args.seed, "exclude_sft_rows": args.exclude_sft_rows, "dtype": args.dtype}
+    if args.objective == "candidate_softmax":
+        out.update(rank_candidates=args.rank_candidates, rank_negatives=args.rank_negatives)
+    return out
+
+
+def recorded_settings(out: Path, rows: dict) -> dict:
+    """The settings a finished run in ``out`` was made with (``rows``: its per_row.json).
+
+    Runs made before the script wrote ``SETTINGS_NAME``: from the trainer's training_args.json (the objective from
+    its reward_funcs) and grpo_results.json; the recorded ``eval_rows`` is 0 there (the script measures the held-out
+    rows itself), so the count of per-row values stands for it. A field its version of the config did not have yet
+    had the behaviour of today's default.
+    """
+    import dataclasses
+
+    from llmrec.training.grpo import LatentGRPOConfig
+
+    if (out / SETTINGS_NAME).exists():
+        return json.loads((out / SETTINGS_NAME).read_text())
+    if not (out / "training_args.json").exists():
+        return {}
+    ta = {**{f.name: f.default for f in dataclasses.fields(LatentGRPOConfig) if f.default is not dataclasses.MISSING},
+          **json.loads((out / "training_args.json").read_text())}
+    res = json.loads((out / "grpo_results.json").read_text())
+    per_row = next(iter(rows["before"].values())) if isinstance(rows["before"], dict) else rows["before"]
+    cand = "candidate_log_softmax" in (ta.get("reward_funcs") or [])
+    return {"sft_checkpoint": ta.get("sft_checkpoint"), "objective": "candidate_softmax" if cand else "likelihood",
+            "train_lora": ta.get("train_lora"), "learning_rate": ta.get("learning_rate"),
+            "prompts": ta.get("max_train_rows"), "steps": res.get("max_steps", res.get("global_step")),
+            "eval_rows": ta.get("eval_rows") or len(per_row), "seed": ta.get("seed"),
+            "exclude_sft_rows": ta.get("exclude_sft_rows"), "dtype": ta.get("model_dtype"),
+            "rank_candidates": ta.get("rank_candidates"), "rank_negatives": ta.get("rank_negatives")}
+
+
+def settings_differences(found: dict, asked: dict) -> list[str]:
+    """``name: found X, asked Y`` for each asked setting the finished run was not made with."""
+
+    def same(k: str, a, b) -> bool:
+        if k == "sft_checkpoint" and a is not None:
+            return str(a) == str(b) or Path(a).resolve() == Path(b).resolve()
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return float(a) == float(b)
+        return a == b
+
+    return [f"{k}: found {found[k]!r}, asked {v!r}" if k in found else f"{k}: not recorded, asked {v!r}"
+            for k, v in asked.items() if k not in found or not same(k, found[k], v)]
 
 
 def make_trainer_class(objective: str):
@@ -125,13 +183,14 @@ def main() -> int:
         kind = ("cls" + {"uniform": "", "popularity": "_pop", "beam": "_beam",
                           "beam_current": "_beamcur"}[args.rank_negatives]) if cand else "ll"
         out = Path(args.output_root) / f"{'lora' if args.train_lora else 'head'}_{kind}_lr{lr:g}"
+        settings = run_settings(args, lr)
         if (out / RESULTS_NAME).exists() and (out / "per_row.json").exists():
-            done = json.loads((out / "training_args.json").read_text()) if (out / "training_args.json").exists() else {}
-            if cand and done.get("rank_candidates") != args.rank_candidates:
-                raise SystemExit(f"{out} was measured with rank_candidates={done.get('rank_candidates')}, not "
-                                 f"{args.rank_candidates}: give another --output-root")
-            res = json.loads((out / RESULTS_NAME).read_text())
             rows = json.loads((out / "per_row.json").read_text())
+            diff = settings_differences(recorded_settings(out, rows), settings)
+            if diff:
+                raise SystemExit(f"{out} holds a finished run made with other settings ({'; '.join(diff)}): give "
+                                 "another --output-root (or remove the directory to measure again)")
+            res = json.loads((out / RESULTS_NAME).read_text())
             if isinstance(rows["before"], list):  # the likelihood-only layout of earlier runs
                 rows = {when: {"log_likelihood": v} for when, v in rows.items()}
         else:
@@ -152,6 +211,7 @@ def main() -> int:
             rows = {"before": before["per_row"], "after": after["per_row"]}
             from llmrec.data.canonical import atomic_write_json
 
+            atomic_write_json(out / SETTINGS_NAME, settings)  # before per_row.json, which marks the run finished
             atomic_write_json(out / "per_row.json", rows)
             del trainer
         metrics = {}

@@ -199,6 +199,28 @@ def test_seed_row_ci_counts_the_spread_between_seeds_and_pairs_them():
     assert seed_row_ci(np.ones((2, 3)), np.zeros((2, 3))) == (1.0, 1.0, 1.0)
 
 
+def test_seed_row_ci_satterthwaite_df_combines_each_mean_squares_coefficients():
+    # d = 0.5 + seed_i + row_j + e_ij on 3 seeds x 6 rows, every effect summing to 0 along each axis, so the mean
+    # squares are exact: MS_seed = 6 * (9 + 0 + 9) / 2 = 54, MS_err = (4 * 4 * 3) / (2 * 5) = 4.8.
+    seed = np.array([3.0, 0.0, -3.0])[:, None]
+    e = np.array([[2.0, -2.0, 2.0, -2.0, 2.0, -2.0], [-2.0, 2.0, -2.0, 2.0, -2.0, 2.0], [0.0] * 6])
+    zeros = np.zeros((3, 6))
+    # Rows 3, -3, 1, -1, 2, -2: MS_row = 3 * 28 / 5 = 16.8 > MS_err, both components kept, so 18 var = MS_seed +
+    # MS_row - MS_err (MS_err's net coefficient -1) and df = 66^2 / (54^2 / 2 + 16.8^2 / 5 + 4.8^2 / 10).
+    d = 0.5 + seed + np.array([3.0, -3.0, 1.0, -1.0, 2.0, -2.0])[None, :] + e
+    mean, lo, hi = seed_row_ci(d, zeros)
+    half = student_t_quantile(0.975, 66.0**2 / (54.0**2 / 2 + 16.8**2 / 5 + 4.8**2 / 10)) * math.sqrt(66.0 / 18)
+    assert mean == pytest.approx(0.5) and (lo, hi) == pytest.approx((0.5 - half, 0.5 + half), rel=1e-12)
+    # Rows 1, -1, 1, -1, 0, 0: MS_row = 3 * 4 / 5 = 2.4 < MS_err, cut to 0, so 18 var = MS_err + (MS_seed - MS_err)
+    # = MS_seed alone (MS_err's net coefficient 0) and df = MS_seed's, 2: the t(2) interval of the 3 seed means.
+    d = 0.5 + seed + np.array([1.0, -1.0, 1.0, -1.0, 0.0, 0.0])[None, :] + e
+    mean, lo, hi = seed_row_ci(d, zeros)
+    half = 4.302653 * math.sqrt(54.0 / 18)  # t(0.975, 2) sqrt(3)
+    assert mean == pytest.approx(0.5) and (lo, hi) == pytest.approx((0.5 - half, 0.5 + half), rel=1e-5)
+    seed_means = d.mean(axis=1)
+    assert half == pytest.approx(4.302653 * seed_means.std(ddof=1) / math.sqrt(3), rel=1e-12)
+
+
 @pytest.mark.parametrize("a, b, match", [
     (np.zeros(4), np.zeros(4), "seeds, rows"),
     (np.zeros((2, 4)), np.zeros((2, 3)), "seeds, rows"),

@@ -597,3 +597,71 @@ def test_benchmark_table_says_one_seed_instead_of_a_zero_spread():
     table = benchmark_table({"sasrec": three, "lares": one}, "t")
     assert "| sasrec | 3 | 0.0500 ± 0.0100 |" in table
     assert "| lares | 1 | 0.0500 (1 seed) | 0.1000 (1 seed) | - | 9.00 (1 seed) | 0.400 (1 seed) |" in table
+
+
+def test_benchmark_timings_are_over_the_runs_made_with_this_invocations_settings(tmp_path):
+    """A resumed benchmark reuses a finished run whatever threads and eval batch size it ran with (its metrics do not
+    depend on them), but its timings do: epoch_s and infer_ms_per_row average only the runs made with this
+    invocation's threads, eval batch size and processes, and the table and JSON say over how many."""
+    from llmrec.seqrec.bench import run_seqrec_benchmark
+
+    d = write_successor_dataset(tmp_path / "d")
+    kw = dict(max_history=10, hidden_size=16, n_layers=1, inner_size=32, epochs=1, batch_size=8, progress=False)
+    out = tmp_path / "bench"
+    run_seqrec_benchmark(d, ["sasrec"], 1, out, num_threads=1, eval_batch_size=1, **kw)
+    summary = run_seqrec_benchmark(d, ["sasrec"], 2, out, num_threads=2, eval_batch_size=8, **kw)["sasrec"]
+    saved = json.loads((out / "seqrec_bench.json").read_text())
+    first, second = (r["timings"] for r in saved["runs"]["sasrec"])
+    assert (first["torch_threads"], first["eval_batch_size"], second["torch_threads"], second["eval_batch_size"]) == (
+        1, 1, 2, 8)
+    assert summary["seeds"] == 2 and summary["timing_runs"] == 1  # the metrics over both seeds, the timings not
+    assert summary["ndcg@10"] == pytest.approx(sum(r["test"]["ndcg@10"] for r in saved["runs"]["sasrec"]) / 2)
+    assert (summary["epoch_s"], summary["infer_ms_per_row"]) == (second["epoch_s"], second["infer_ms_per_row"])
+    assert saved["summary"]["sasrec"]["timing_runs"] == 1
+    assert saved["timing_settings"] == {"sasrec": {"torch_threads": 2, "eval_batch_size": 8, "num_processes": 1}}
+    md = (out / "seqrec_bench.md").read_text()
+    assert f"| {second['epoch_s']:.2f} (1 of 2 runs) | {second['infer_ms_per_row']:.3f} (1 of 2 runs) |" in md
+    assert "only over the runs made with this invocation's torch threads, eval batch size and processes" in md
+    # the first session's settings again: its run's timings
+    again = run_seqrec_benchmark(d, ["sasrec"], 2, out, report_only=True, num_threads=1, eval_batch_size=1, **kw)
+    assert again["sasrec"]["timing_runs"] == 1 and again["sasrec"]["infer_ms_per_row"] == first["infer_ms_per_row"]
+    # none made with these: no timing, the metrics still reported
+    none = run_seqrec_benchmark(d, ["sasrec"], 2, out, report_only=True, num_threads=1, eval_batch_size=8, **kw)
+    assert none["sasrec"]["timing_runs"] == 0 and none["sasrec"]["epoch_s"] is None
+    assert none["sasrec"]["ndcg@10"] == summary["ndcg@10"]
+    assert f"| {summary['hr@10']:.4f} ± {summary['hr@10_std']:.4f} | - | - | - |" in (out / "seqrec_bench.md").read_text()
+
+
+def test_inference_bench_times_each_model_on_its_own_max_history(tmp_path, monkeypatch):
+    """Each model is timed on the split's rows as its own max_history cuts them (loaded once per distinct value)."""
+    import llmrec.seqrec.data
+    import llmrec.seqrec.models
+    from llmrec.seqrec.bench import measure_inference
+
+    d = write_successor_dataset(tmp_path / "d")
+    widths: dict[str, set[int]] = {}
+    loads: list[int] = []
+    build, load = llmrec.seqrec.models.build_model, llmrec.seqrec.data.load_seqrec_data
+
+    def spy_build(cfg, n):
+        m = build(cfg, n)
+        score = m.score
+
+        def timed_score(x, _score=score, _h=cfg.max_history):
+            widths.setdefault(_h, set()).add(x.shape[1])
+            return _score(x)
+
+        m.score = timed_score
+        return m
+
+    def spy_load(dataset_dir, max_history, *a, **k):
+        loads.append(max_history)
+        return load(dataset_dir, max_history, *a, **k)
+
+    monkeypatch.setattr(llmrec.seqrec.models, "build_model", spy_build)
+    monkeypatch.setattr(llmrec.seqrec.data, "load_seqrec_data", spy_load)
+    small = dict(model="sasrec", hidden_size=16, n_layers=1, n_heads=2, inner_size=32)
+    res = measure_inference(d, {"h3": {**small, "max_history": 3}, "h6": {**small, "max_history": 6},
+                                "h3-again": {**small, "max_history": 3}}, repeats=1)
+    assert set(res) == {"h3", "h6", "h3-again"}
+    assert widths == {3: {3}, 6: {6}} and loads == [3, 6]

@@ -223,11 +223,15 @@ def seed_row_ci(
     ms_row = n_seeds * float(((row_means - mean) ** 2).sum()) / df_row
     ms_err = float(((d - seed_means[:, None] - row_means[None, :] + mean) ** 2).sum()) / df_err
     # E[MS_seed] = R var(seed) + var(e), E[MS_row] = S var(row) + var(e), E[MS_err] = var(e), so S R var(mean) =
-    # MS_err + (MS_seed - MS_err) + (MS_row - MS_err): kept as (coefficient, mean square, its df) for Satterthwaite.
-    terms = [(1.0, ms_err, df_err)]
-    for ms, df in ((ms_seed, df_seed), (ms_row, df_row)):
+    # MS_err + (MS_seed - MS_err) + (MS_row - MS_err) = sum of c * MS, each mean square with one net coefficient c
+    # (MS_err's: 1 minus one per component kept); Satterthwaite's df = (sum c MS)^2 / sum (c MS)^2 / df.
+    coef = {"seed": 0.0, "row": 0.0, "err": 1.0}
+    for name, ms in (("seed", ms_seed), ("row", ms_row)):
         if ms > ms_err:  # a component estimated below 0 counts as 0
-            terms += [(1.0, ms, df), (-1.0, ms_err, df_err)]
+            coef[name] += 1.0
+            coef["err"] -= 1.0
+    terms = [(coef[k], ms, df) for k, ms, df in (("seed", ms_seed, df_seed), ("row", ms_row, df_row),
+                                                 ("err", ms_err, df_err)) if coef[k] != 0.0]
     var = sum(c * ms for c, ms, _ in terms) / (n_seeds * n_rows)
     if var <= 0.0:
         return mean, mean, mean

@@ -5,7 +5,9 @@ skipping (model, seed) runs whose ``results.json`` already exists (so an interru
 prints a mean +- std table and writes ``seqrec_bench.json`` / ``seqrec_bench.md`` into ``output``. Each finished
 run's test rows are also ranked by ``llmrec evaluate --method seqrec`` (``<run>/test_eval``, the per-row file that
 ``llmrec compare`` reads), so every model gets its paired bootstrap 95% interval against the first model (per-row
-metrics averaged over the seeds both have), not only mean +- std over seeds.
+metrics averaged over the seeds both have), not only mean +- std over seeds. A finished run is reused whatever threads,
+eval batch size and processes it ran with (the metrics do not depend on them); its timings do, so the timing columns
+average only the runs made with this invocation's (``timing_settings``) and say so when those are not all.
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ import torch
 from llmrec.data.canonical import atomic_write_json, atomic_write_text
 
 REPORTED = ("ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row")
+TIMED = ("epoch_s", "infer_ms_per_row")  # depend on timing_settings, which a reused run need not share
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
+
+
+def timing_settings(cfg: Any, num_processes: int) -> dict[str, int]:
+    """What a run's timings depend on besides the model and the data, under the names ``run_seqrec`` records them in
+    ``timings``: torch's intra-op threads (``cfg.num_threads``, or this process's when 0), the eval batch size and
+    the number of processes."""
+    return {"torch_threads": cfg.num_threads if cfg.num_threads > 0 else torch.get_num_threads(),
+            "eval_batch_size": cfg.eval_batch_size, "num_processes": num_processes}
 
 
 def run_seqrec_benchmark(
@@ -43,7 +54,9 @@ def run_seqrec_benchmark(
     its path is replaced by each model's name, so every model reads its own recipe);
     ``model_overrides[model]`` adds per-model fields; ``report_only`` trains nothing and summarises the
     finished runs (seeds that have not finished are left out, and the table says how many seeds each has). Returns
-    ``{model: {"ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row", "<key>_std", "seeds"}}``.
+    ``{model: {"ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row", "<key>_std", "seeds", "timing_runs"}}``: the
+    metrics over every seed; ``epoch_s`` and ``infer_ms_per_row`` over the ``timing_runs`` runs whose recorded
+    threads, eval batch size and processes are this invocation's (:func:`timing_settings`; None when none is).
     """
     from llmrec.config import coerce_fields, read_recipe, to_dict
     from llmrec.seqrec.config import SeqRecConfig, training_field_differences
@@ -78,12 +91,14 @@ def run_seqrec_benchmark(
     runs: dict[str, list[dict]] = {}
     finished: dict[str, dict[int, tuple[Path, dict]]] = {}  # model -> seed -> (run dir, its test metrics)
     digests: dict[str, str | None] | None = None  # of the dataset's files, read once when a finished run needs them
+    asked: dict[str, SeqRecConfig] = {}  # model -> a config of this invocation (for its timing settings)
     for model in models:
         for s in range(seeds):
             run_dir = output / "runs" / f"{model}_seed{s}"
             res_file = run_dir / RESULTS_JSON
             fields = {**recipe_for(model), **overrides, **(model_overrides or {}).get(model, {})}
             fields.update(model=model, dataset_dir=str(dataset_dir), output_dir=str(run_dir), seed=42 + s)
+            asked[model] = SeqRecConfig(**fields)
             if res_file.exists():
                 res = json.loads(res_file.read_text())
                 if "config" not in res:
@@ -114,17 +129,24 @@ def run_seqrec_benchmark(
             runs.setdefault(model, []).append(res)
             finished.setdefault(model, {})[res["seed"]] = (run_dir, res["test"])
     paired = paired_differences(finished, dataset_dir)
+    timing: dict[str, dict[str, int]] = {}  # model -> this invocation's timing settings
+    if runs:
+        from accelerate import PartialState  # set up by now (by the training or by ranking the test rows)
+
+        timing = {m: timing_settings(asked[m], PartialState().num_processes) for m in runs}
     summary: dict[str, dict[str, float]] = {}
     for model, rs in runs.items():
+        # The timings only of the runs made with this invocation's threads, eval batch size and processes: a reused
+        # run may have been made with others, which change its timings but not its metrics.
+        timed = [r for r in rs if all(r["timings"].get(k) == v for k, v in timing[model].items())]
         vals = {
             "ndcg@10": [r["test"]["ndcg@10"] for r in rs],
             "hr@10": [r["test"]["hr@10"] for r in rs],
-            "epoch_s": [r["timings"]["epoch_s"] for r in rs],
-            "infer_ms_per_row": [r["timings"]["infer_ms_per_row"] for r in rs],
+            **{k: [r["timings"][k] for r in timed] for k in TIMED},
         }
-        row: dict[str, float] = {"seeds": len(rs)}
+        row: dict[str, float | None] = {"seeds": len(rs), "timing_runs": len(timed)}
         for k, xs in vals.items():
-            row[k], row[f"{k}_std"] = _mean_std(xs)
+            row[k], row[f"{k}_std"] = _mean_std(xs) if xs else (None, None)
         if model in paired:
             for metric in ("ndcg@10", "hr@10"):
                 d = paired[model][metric]
@@ -140,6 +162,8 @@ def run_seqrec_benchmark(
         {
             "dataset_dir": str(dataset_dir),
             "summary": summary,
+            # what summary's epoch_s and infer_ms_per_row were made with (over its timing_runs runs)
+            "timing_settings": timing,
             "runs": {m: [_brief(r) for r in rs] for m, rs in runs.items()},
             "paired": paired,
         },
@@ -212,7 +236,10 @@ def _brief(r: dict) -> dict:
 
 
 def benchmark_table(summary: dict[str, dict[str, float]], title: str, baseline: str | None = None) -> str:
-    """Markdown table: mean +- std over seeds of each reported number, and the paired differences to ``baseline``."""
+    """Markdown table: mean +- std over seeds of each reported number, and the paired differences to ``baseline``.
+
+    The timings are over a row's ``timing_runs`` (default: all its seeds); when those are fewer, the cell says how
+    many (``-`` for none)."""
     vs = f"NDCG@10 vs {baseline} [95% CI]" if baseline else "NDCG@10 diff [95% CI]"
     lines = [
         f"# seqrec benchmark: {title}",
@@ -230,13 +257,26 @@ def benchmark_table(summary: dict[str, dict[str, float]], title: str, baseline: 
             return (f"{r[key]:.{digits}f} ± {r[f'{key}_std']:.{digits}f}" if r["seeds"] > 1
                     else f"{r[key]:.{digits}f} (1 seed)")
 
+        def timed(key: str, digits: int, r=r) -> str:  # over the runs made with this invocation's timing settings
+            n, seeds = int(r.get("timing_runs", r["seeds"])), int(r["seeds"])
+            if n == seeds:
+                return pm(key, digits)
+            if n == 0:
+                return "-"
+            return (f"{r[key]:.{digits}f} ± {r[f'{key}_std']:.{digits}f}" if n > 1 else f"{r[key]:.{digits}f}") + \
+                f" ({n} of {seeds} runs)"
+
         lines.append(f"| {m} | {int(r['seeds'])} | {pm('ndcg@10', 4)} | {pm('hr@10', 4)} | {diff} | "
-                     f"{pm('epoch_s', 2)} | {pm('infer_ms_per_row', 3)} |")
+                     f"{timed('epoch_s', 2)} | {timed('infer_ms_per_row', 3)} |")
     rows = {int(p) for p in (summary[m].get("paired_rows") for m in summary) if p}
+    partly = any(int(r.get("timing_runs", r["seeds"])) < r["seeds"] for r in summary.values())
     return "\n".join(lines) + "\n" + (f"\nDifferences: paired bootstrap over the {rows.pop()} test rows, each row's "
                                       "metrics averaged over the seeds both models have (these trained models); "
                                       "seeds+rows: the spread between seeds counted too (seed s paired with seed s; "
-                                      "llmrec.evaluation.metrics.seed_row_ci).\n" if len(rows) == 1 else "")
+                                      "llmrec.evaluation.metrics.seed_row_ci).\n" if len(rows) == 1 else "") + \
+        ("\nTimings (s/epoch, ms/row): only over the runs made with this invocation's torch threads, eval batch size "
+         "and processes (\"k of n runs\"; -: none), which change them; the metrics are over all seeds.\n"
+         if partly else "")
 
 
 @torch.no_grad()
@@ -248,7 +288,8 @@ def measure_inference(
     split: str = "test",
     clock: str = "process",
 ) -> dict[str, dict[str, Any]]:
-    """Scoring latency per row of each model over a split, at ``eval_batch_size``.
+    """Scoring latency per row of each model over a split, at ``eval_batch_size``, each on the split's rows as its own
+    ``max_history`` cuts them (as training and evaluation give them to it).
 
     ``models`` maps a label to SeqRecConfig fields (e.g. ``{"sasrec": {"model": "sasrec"},
     "rearec-k2": {"model": "rearec-erl", "reason_steps": 2}}``). Latency does not depend on the
@@ -266,20 +307,24 @@ def measure_inference(
         raise ValueError(f"clock must be 'process' or 'wall', got {clock!r}")
     now = time.process_time if clock == "process" else time.perf_counter
     built = {}
-    data = None
+    inputs: dict[str, torch.Tensor] = {}  # label -> the split's rows cut to the model's own max_history
+    loaded: dict[int, torch.Tensor] = {}
     for label, fields in models.items():
         cfg = SeqRecConfig(dataset_dir=str(dataset_dir), **fields)
-        if data is None:
+        if cfg.max_history not in loaded:
             data = load_seqrec_data(dataset_dir, cfg.max_history)
+            loaded[cfg.max_history], num_items = torch.from_numpy(getattr(data, split).inputs), data.num_items
+        inputs[label] = loaded[cfg.max_history]
         torch.manual_seed(0)
-        built[label] = build_model(cfg, data.num_items).eval()
-    rows = torch.from_numpy(getattr(data, split).inputs)
+        built[label] = build_model(cfg, num_items).eval()
     times: dict[str, list[float]] = {k: [] for k in built}
-    for m in built.values():  # warm-up: the whole split once
+    for label, m in built.items():  # warm-up: the whole split once
+        rows = inputs[label]
         for i in range(0, len(rows), eval_batch_size):
             m.score(rows[i : i + eval_batch_size])
     for _ in range(repeats):
         for label, m in built.items():
+            rows = inputs[label]
             t0 = now()
             for i in range(0, len(rows), eval_batch_size):
                 m.score(rows[i : i + eval_batch_size])
