@@ -129,6 +129,11 @@ GRPO_CONFIGS = {
                                 antithetic_noise=True, num_generations=5, per_device_train_batch_size=10,
                                 advantage_mode="group", learning_rate=5e-4),
     "two_latents_lora": dict(sft_checkpoint="@sft2", train_lora=True, learning_rate=1e-3),
+    # vanilla GRPO: each member samples a title (draws keyed by seed, epoch, row and member), rewarded on it
+    "generate": dict(rollout="generate", reward_funcs=["exact_match", "token_f1"], temperature=1.5,
+                     advantage_mode="group", learning_rate=5e-3),
+    "generate_lora_kl": dict(rollout="generate", reward_funcs=["token_f1"], train_lora=True, beta=0.1,
+                             num_iterations=2),
 }
 
 

@@ -3,6 +3,7 @@ per-member form, config errors, NaN groups, resume, checkpoints, and 1 vs 2 proc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -200,7 +201,7 @@ def test_config_errors(tmp_path):
                          per_device_train_batch_size=4)
     # TRL options this trainer does not implement are refused rather than silently ignored
     for name, value in (("scale_rewards", "batch"), ("importance_sampling_level", "sequence"), ("delta", 2.0),
-                        ("use_vllm", True), ("temperature", 0.7), ("optim", "adafactor"), ("entropy_coef", 0.5),
+                        ("use_vllm", True), ("optim", "adafactor"), ("entropy_coef", 0.5),
                         ("multi_objective_aggregation", "normalize_then_sum"), ("shuffle_dataset", False)):
         with pytest.raises(ConfigError, match=f"{name}=.*does not implement"):
             LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: value})
@@ -1140,3 +1141,120 @@ def test_held_out_check_runs_without_dropout(tmp_path, sft_dir):
     first, second = t.evaluate_rewards(), t.evaluate_rewards()
     assert first["neg_ppl"] == second["neg_ppl"] and t.module.training
 
+
+
+# ------------------------------------------------------------------------------- generation mode (vanilla GRPO)
+
+
+def test_title_rewards_hand_computed():
+    from llmrec.training.rewards import exact_match, token_f1
+
+    inputs = RewardInputs(torch.zeros(4, 1), torch.ones(4, 1),
+                          sampled_titles=["Halo 3", "halo 3", "Halo Wars 2", "Tetris"],
+                          target_titles=["Halo 3", "Halo 3", "Halo 3", "Halo 3"])
+    assert exact_match(inputs).tolist() == [1.0, 0.0, 0.0, 0.0]  # the trie's spelling, exactly
+    # "Halo Wars 2" vs "Halo 3": 1 common word of 3 sampled / 2 true: P 1/3, R 1/2, F1 0.4
+    assert token_f1(inputs).tolist() == pytest.approx([1.0, 1.0, 0.4, 0.0])
+    with pytest.raises(ValueError, match="rollout: generate"):
+        token_f1(RewardInputs(torch.zeros(1, 1), torch.ones(1, 1)))
+
+
+def test_cached_constrained_sampling_equals_the_plain_recomputed_form(sft_dir):
+    """The sampler with the prompt's KV cache and noised latents draws the titles the obviously-right form draws
+    (every step recomputed from scratch on [prompt, noised latent, sampled prefix]), from the same uniforms."""
+    from llmrec.data.canonical import load_prepared
+    from llmrec.decoding.beam_search import PromptState
+    from llmrec.decoding.sampling import constrained_sample_from_state, plain_constrained_sample
+    from llmrec.decoding.search import build_catalog_trie
+    from llmrec.prompts import PromptTemplate
+    from llmrec.training.sft import load_sft_checkpoint
+
+    sft, data, _ = sft_dir
+    lm, tok, _ = load_sft_checkpoint(sft, dtype="float32")
+    lm.eval()
+    trie = build_catalog_trie(load_prepared(data, splits=["train"]).catalog, tok, PromptTemplate.load("d3"))
+    t = LatentGRPOTrainer(grpo_config(Path(sft).parent / "unused", sft, rollout="generate",
+                                      reward_funcs=["token_f1"]))
+    b = t.local_micro_batches(0)[0]
+    g, depth = 4, int(trie.depth.max())
+    torch.manual_seed(0)
+    noise = torch.randn(len(b.rows) * g, lm.lm_config.hidden_size) * 0.5
+    for temperature in (1.0, 0.3):
+        uniforms = torch.rand(len(b.rows) * g, depth, dtype=torch.float64)
+        cache, logits, mask, pos = lm.prefill_with_latents(b.prompt_input_ids, b.prompt_attention_mask,
+                                                           latent_noise=noise, repeats=g)
+        fast = constrained_sample_from_state(lm.causal_lm, trie, PromptState(logits, cache, mask, pos), uniforms,
+                                             temperature)
+
+        def next_logits(r, toks, temperature=temperature):
+            p = b.prompt_input_ids[r // g: r // g + 1]
+            m = b.prompt_attention_mask[r // g: r // g + 1]
+            prefix = lm.encode_prefix(p, m)
+            last = prefix.latents[:, -1] + noise[r:r + 1]
+            prefix = dataclasses.replace(prefix, latents=torch.cat([prefix.latents[:, :-1], last[:, None]], 1))
+            ids = torch.tensor([toks + [0]])
+            return lm.decode_completion(prefix, ids, torch.ones_like(ids)).logits[0, len(toks)].float()
+
+        plain = plain_constrained_sample(next_logits, trie, uniforms, temperature)
+        assert [(x.title_index, x.token_ids) for x in fast] == [(x.title_index, x.token_ids) for x in plain]
+        assert all(x.token_ids == list(trie_path) for x, trie_path in
+                   zip(fast, (trie.title_token_ids[x.title_index] for x in fast)))
+    assert len({x.title_index for x in fast}) > 1  # the draws differ between members
+
+
+def test_generation_mode_trains_on_sampled_titles(tmp_path, sft_dir):
+    sft, _, _ = sft_dir
+    out = tmp_path / "gen"
+    cfg = grpo_config(out, sft, rollout="generate", reward_funcs=["exact_match", "token_f1"],
+                      reward_weights=[1.0, 0.5], temperature=1.5, advantage_mode="group")
+    trainer = LatentGRPOTrainer(cfg)
+    batches = trainer.local_micro_batches(0)
+    trainer.score(0, batches)
+    b = batches[0]
+    g = cfg.num_generations
+    assert b.completion_input_ids.shape[0] == len(b.rows) * g  # one sampled completion per member
+    assert b.old_logprobs.shape == b.completion_input_ids.shape
+    # the same keyed draws again (scoring is deterministic), other draws at another epoch
+    again = trainer.local_micro_batches(0)
+    trainer.score(0, again)
+    assert torch.equal(again[0].completion_input_ids, b.completion_input_ids)
+    res = run_grpo(cfg)
+    last = res["log_history"][-1]
+    for key in ("rewards/exact_match/mean", "rewards/token_f1/mean", "advantage/abs_mean", "loss"):
+        assert key in last and math.isfinite(last[key]), key
+    assert 0.0 <= last["rewards/token_f1/mean"] <= 1.0
+    head = load_file(str(out / "latent_head.safetensors"))
+    start = load_file(str(sft / "latent_head.safetensors"))
+    assert any(not torch.equal(head[k], start[k]) for k in head)
+
+
+def test_shared_prefix_equals_naive_on_per_member_completions(tmp_path, sft_dir):
+    """Generation mode gives every member its own completion: both forms score [B * G, C] completions alike."""
+    sft, _, _ = sft_dir
+    fast_t = LatentGRPOTrainer(grpo_config(tmp_path / "f", sft, rollout="generate", reward_funcs=["token_f1"]))
+    naive_t = LatentGRPOTrainer(grpo_config(tmp_path / "n", sft, rollout="generate", reward_funcs=["token_f1"],
+                                            naive_forward=True))
+    fb, nb = fast_t.local_micro_batches(0), naive_t.local_micro_batches(0)
+    fast_t.score(0, fb)
+    naive_t.score(0, nb)
+    for a, b in zip(fb, nb):
+        assert torch.equal(a.completion_input_ids, b.completion_input_ids)
+        mask = a.completion_attention_mask.bool()
+        assert torch.allclose(a.old_logprobs[mask], b.old_logprobs[mask], atol=1e-4)
+
+
+def test_generation_mode_config_errors(tmp_path):
+    base = dict(output_dir=str(tmp_path / "o"), sft_checkpoint=str(tmp_path / "s"), num_generations=4,
+                per_device_train_batch_size=4)
+    with pytest.raises(ConfigError, match="need rollout: generate"):
+        LatentGRPOConfig(**base, reward_funcs=["exact_match"])
+    with pytest.raises(ConfigError, match="reward_funcs must be among"):
+        LatentGRPOConfig(**base, rollout="generate", reward_funcs=["neg_ppl"])
+    with pytest.raises(ConfigError, match="policy_logprob must be target"):
+        LatentGRPOConfig(**base, rollout="generate", reward_funcs=["token_f1"], policy_logprob="gaussian")
+    with pytest.raises(ConfigError, match="temperature=0.5 applies to rollout: generate"):
+        LatentGRPOConfig(**base, temperature=0.5)
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        LatentGRPOConfig(**base, rollout="generate", reward_funcs=["token_f1"], temperature=0.0)
+    with pytest.raises(ConfigError, match="rollout must be one of"):
+        LatentGRPOConfig(**base, rollout="sample")

@@ -896,7 +896,8 @@ class LatentReasoningLM(nn.Module):
 
     @torch.no_grad()
     def prefill_with_latents(
-        self, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor | None = None
+        self, prompt_input_ids: torch.Tensor, prompt_attention_mask: torch.Tensor | None = None,
+        latent_noise: torch.Tensor | None = None, repeats: int = 1,
     ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prefill left-padded prompts and the (noise-free) latents for decoding.
 
@@ -904,13 +905,25 @@ class LatentReasoningLM(nn.Module):
         ``last_logits`` is the output at the last latent (the last prompt token when N=0) and predicts the
         first answer token; continue decoding with the cache, appending a 1 to the mask and using
         ``next_position_ids`` (+1 per step). Matches ``llmrec.decoding.beam_search.PromptState``.
+
+        ``repeats``: every prompt becomes that many consecutive rows (``B * repeats`` rows; the prompt pass runs
+        once); ``latent_noise`` ``[B * repeats, H]`` is added to each row's last latent (GRPO's members).
         """
         prefix = self.encode_prefix(prompt_input_ids, prompt_attention_mask, use_cache=True)
         if self.num_latent_tokens == 0:
+            if latent_noise is not None:
+                raise ValueError("latent_noise needs a latent token (num_latent_tokens >= 1)")
+            if repeats > 1:
+                prefix = prefix.repeat_interleave(repeats)
             last = prefix.hidden_states[:, -1]
             return prefix.past_key_values, self._lm_head(last), prefix.attention_mask, prefix.next_position_ids
-        b = prompt_input_ids.shape[0]
-        e = prefix.latents[:, -1:].to(self.embed_tokens.weight.dtype)
+        if repeats > 1:
+            prefix = prefix.repeat_interleave(repeats)
+        b = prompt_input_ids.shape[0] * repeats
+        e = prefix.latents[:, -1:]
+        if latent_noise is not None:
+            e = e + latent_noise[:, None].to(e.dtype)
+        e = e.to(self.embed_tokens.weight.dtype)
         mask = torch.cat([prefix.attention_mask, prefix.attention_mask.new_ones(b, 1)], dim=1)
         h, cache = self._run(e, mask, prefix.next_position_ids[:, None], prefix.past_key_values, True)
         return cache, self._lm_head(h[:, -1]), mask, prefix.next_position_ids + 1

@@ -49,7 +49,13 @@ from llmrec.distributed import accelerator_kwargs, has_accelerator
 from llmrec.models.latent import LatentReasoningLM, build_naive_inputs
 from llmrec.tensorboard_log import ScalarLog, wants_tensorboard
 from llmrec.training.advantages import ADVANTAGE_MODES, compute_advantages
-from llmrec.training.rewards import RANK_REWARDS, REWARD_FUNCTIONS, RewardInputs, combine_rewards
+from llmrec.training.rewards import (
+    GENERATION_REWARDS,
+    RANK_REWARDS,
+    REWARD_FUNCTIONS,
+    RewardInputs,
+    combine_rewards,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,10 @@ RESULTS_NAME = "grpo_results.json"
 NOISE_MODES = ("absolute", "relative")
 LOSS_TYPES = ("grpo", "dapo")
 POLICY_LOGPROBS = ("target", "gaussian")
+# latent: members differ by their latent noise, scored on the true title (the paper); generate: each member samples a
+# title under its (noised) latent with constrained sampling, rewarded by GENERATION_REWARDS (vanilla GRPO).
+ROLLOUTS = ("latent", "generate")
+SAMPLE_STREAM = 7  # the key stream of generation-mode sampling (seqrec.keyed_random.mix)
 RANK_NEGATIVES = ("uniform", "popularity", "beam", "beam_current")
 # The negatives drawn from a constrained beam search (they need the catalogue's title trie).
 BEAM_RANK_NEGATIVES = ("beam", "beam_current")
@@ -74,7 +84,6 @@ IGNORED_TRL_FIELDS = {
     "mask_truncated_completions": "no text is generated",
     "use_vllm": "no text is generated",
     "sync_ref_model": "the reference is the frozen SFT model",
-    "temperature": "no text is generated",
     "top_p": "no text is generated",
     "top_k": "no text is generated",
     "repetition_penalty": "no text is generated",
@@ -145,6 +154,14 @@ class LatentGRPOConfig(GRPOConfig):
         metadata={"help": "Draw members 1..G-1 as mirrored pairs (eps, -eps) (num_generations must be odd): the "
                   "pair's baseline and curvature terms cancel in the advantage-weighted sum, a variance "
                   "reduction for policy_logprob=gaussian."},
+    )
+    rollout: str = field(
+        default="latent",
+        metadata={"help": "latent (the paper): the G members differ only by their latent noise and are scored on "
+                  "the true title, no text is generated. generate (the vanilla GRPO the paper compares against): "
+                  "each member samples a catalogue title under its (noised) latent by constrained sampling at "
+                  "`temperature`, is rewarded by exact_match / token_f1, and the ratio is over the sampled title's "
+                  "tokens; same trainer, same advantages."},
     )
     policy_logprob: str = field(
         default="target",
@@ -244,6 +261,13 @@ class LatentGRPOConfig(GRPOConfig):
             raise ConfigError(f"advantage_mode must be one of {sorted(ADVANTAGE_MODES)}, got {self.advantage_mode!r}")
         if self.policy_logprob not in POLICY_LOGPROBS:
             raise ConfigError(f"policy_logprob must be one of {POLICY_LOGPROBS}, got {self.policy_logprob!r}")
+        if self.rollout not in ROLLOUTS:
+            raise ConfigError(f"rollout must be one of {ROLLOUTS}, got {self.rollout!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.rollout == "latent" and self.temperature != 1.0:
+            raise ConfigError(f"temperature={self.temperature!r} applies to rollout: generate (the latent rollout "
+                              "generates no text); remove it")
         if self.antithetic_noise and self.num_generations % 2 == 0:
             raise ConfigError(f"antithetic_noise pairs members 1..G-1, so num_generations must be odd (member 0 "
                               f"keeps the noise-free latent), got {self.num_generations}")
@@ -262,6 +286,15 @@ class LatentGRPOConfig(GRPOConfig):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
                               "reward functions")
+        generated = [r for r in self.reward_funcs if r in GENERATION_REWARDS]
+        if self.rollout == "generate" and len(generated) < len(self.reward_funcs):
+            raise ConfigError(f"rollout: generate rewards the sampled titles: reward_funcs must be among "
+                              f"{sorted(GENERATION_REWARDS)}, got {self.reward_funcs}")
+        if self.rollout == "latent" and generated:
+            raise ConfigError(f"{generated} reward sampled titles: they need rollout: generate")
+        if self.rollout == "generate" and self.policy_logprob != "target":
+            raise ConfigError("rollout: generate takes the ratio over the sampled titles' tokens: "
+                              "policy_logprob must be target")
         if any(r in RANK_REWARDS for r in self.reward_funcs) and self.rank_candidates < 2:
             raise ConfigError("rank_candidates must be >= 2")
         if self.rank_negatives not in RANK_NEGATIVES:
@@ -408,6 +441,16 @@ def _collate(rows: list[dict], pad: int) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------- module
 
 
+def member_rows(x: torch.Tensor, group: int, prompts: int) -> torch.Tensor:
+    """A completion tensor with one row per member: ``[B, C]`` (the true title, shared by a prompt's members) is
+    repeated ``group`` times per prompt; ``[B * G, C]`` (each member's own sampled title) is returned as it is."""
+    if x.shape[0] == prompts * group:
+        return x
+    if x.shape[0] != prompts:
+        raise ValueError(f"completions have {x.shape[0]} rows for {prompts} prompts x {group} members")
+    return x.repeat_interleave(group, dim=0)
+
+
 def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log p of ``ids`` under ``logits`` ([M, C, V] -> [M, C]), in float32."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)
@@ -497,8 +540,8 @@ class LatentGRPOModule(nn.Module):
         members = prefix.repeat_interleave(g)
         last = members.latents[:, -1] + noise.to(members.latents.dtype)
         members = dataclasses.replace(members, latents=torch.cat([members.latents[:, :-1], last[:, None]], dim=1))
-        c_ids = completion_input_ids.repeat_interleave(g, dim=0)
-        c_mask = completion_attention_mask.repeat_interleave(g, dim=0)
+        c_ids = member_rows(completion_input_ids, g, latent.shape[0])
+        c_mask = member_rows(completion_attention_mask, g, latent.shape[0])
         out = lm.decode_completion(members, c_ids, c_mask)
         return MemberScores(_token_logprobs(out.logits, c_ids), latent, noise, kept)
 
@@ -513,8 +556,9 @@ class LatentGRPOModule(nn.Module):
                 noise = noise_fn(lm.encode_prefix(p_ids, p_mask).latents[:, -1])
         n = lm.num_latent_tokens
         ids = lm.config.latent_token_ids
+        b = p_ids.shape[0]
         x, am, lab = build_naive_inputs(p_ids.repeat_interleave(g, 0), p_mask.repeat_interleave(g, 0),
-                                        c_ids.repeat_interleave(g, 0), c_mask.repeat_interleave(g, 0), ids,
+                                        member_rows(c_ids, g, b), member_rows(c_mask, g, b), ids,
                                         self.pad_token_id, "right")
         rows, latents = [], []
         step = max(1, self.naive_rows_per_pass)
@@ -658,6 +702,9 @@ class LatentGRPOTrainer:
             raise ConfigError("rank-based rewards need the catalogue (num_items, candidate_completions)")
         self.candidate_weights = None
         self.title_trie = title_trie
+        if config.rollout == "generate" and (title_trie is None or any("target_title" not in r for r in rows)):
+            raise ConfigError("rollout: generate samples catalogue titles: it needs the title trie (title_trie) and "
+                              "every row's target_title")
         # (split, row index, prompt digest) -> the starting model's beam-search items (rank_negatives=beam; with
         # beam_current only the held-out rows')
         self.beam_negatives: dict[tuple[str, int, str], list[int]] = {}
@@ -778,7 +825,7 @@ class LatentGRPOTrainer:
                 skipped += 1
                 continue
             rows.append({"prompt_ids": p, "completion_ids": comp, "target_item_id": int(ex["target_item_id"]),
-                         "row_index": i})
+                         "target_title": ex["target_title"], "row_index": i})
         if skipped:
             logger.warning("%s: skipped %d rows whose answer does not fit max_length=%d", split_name, skipped,
                            max_length)
@@ -815,10 +862,10 @@ class LatentGRPOTrainer:
                 # The whole train split (not only the prompts' subset): every item's count as a next item.
                 targets = torch.tensor(list(data.splits[c.train_split]["target_item_id"]), dtype=torch.long)
                 counts = torch.bincount(targets - 1, minlength=len(data.catalog))[: len(data.catalog)]
-            if c.rank_negatives in BEAM_RANK_NEGATIVES:
-                from llmrec.decoding.search import build_catalog_trie
+        if c.rollout == "generate" or (cands is not None and c.rank_negatives in BEAM_RANK_NEGATIVES):
+            from llmrec.decoding.search import build_catalog_trie
 
-                trie = build_catalog_trie(data.catalog, self.tokenizer, template)
+            trie = build_catalog_trie(data.catalog, self.tokenizer, template)
         return rows, len(data.catalog), cands, counts, trie
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -870,10 +917,20 @@ class LatentGRPOTrainer:
         per_fn: dict[str, list[torch.Tensor]] = {name: [] for name in self.active_rewards}
         positions, latent_norms, noise_norms = [], [], []
         self._current_beam_hits = []  # filled by _candidate_scores under rank_negatives=beam_current
+        sampled_titles = None
         for b in batches:
             t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
                                                       "completion_input_ids", "completion_attention_mask")}
-            res = self.module(**t, noise_fn=lambda r, rows=b.rows: self._scaled_noise(epoch, rows, r),
+            noise_fn = (lambda r, rows=b.rows: self._scaled_noise(epoch, rows, r))  # noqa: E731
+            if c.rollout == "generate":
+                # Each member samples a title under its noised latent; the completions become the samples.
+                lat = self.module(**t, noise_fn=noise_fn, latent_only=True)
+                b.noise = lat.noise if lat.noise is not None else noise_fn(lat.latent.detach())
+                sampled_titles = self.sample_titles(epoch, b, t)
+                t["completion_input_ids"] = b.completion_input_ids.to(dev)
+                t["completion_attention_mask"] = b.completion_attention_mask.to(dev)
+                noise_fn = None
+            res = self.module(**t, noise=b.noise if noise_fn is None else None, noise_fn=noise_fn,
                               keep_prompt_state=True)
             lp, latent, b.noise, b.prompt_state = res.logprobs, res.latent, res.noise, res.prompt_state
             b.old_logprobs = lp
@@ -881,8 +938,11 @@ class LatentGRPOTrainer:
             if self.ref_module is not None:
                 reuse = b.prompt_state if self.ref_module.prompt_state_reusable() else None
                 b.ref_logprobs = self.ref_module(**t, noise=b.noise, prompt_state=reuse).logprobs
-            mask = t["completion_attention_mask"].repeat_interleave(g, 0)
+            mask = member_rows(t["completion_attention_mask"], g, len(b.rows))
             inputs = RewardInputs(lp, mask)
+            if sampled_titles is not None:
+                inputs.sampled_titles = sampled_titles
+                inputs.target_titles = [self.rows[r]["target_title"] for r in b.rows for _ in range(g)]
             if self.uses_candidates:
                 members = latent.float().repeat_interleave(g, 0) + b.noise
                 inputs.candidate_scores, inputs.target_index = self._candidate_scores(
@@ -935,12 +995,42 @@ class LatentGRPOTrainer:
             hits = self.accelerator.gather(torch.tensor(self._current_beam_hits, device=dev))
             stats["beam_current/target_in_beam"] = float(hits.mean())
         # Normalisers of the loss over the whole optimiser batch (all processes, all micro-steps).
-        tokens = sum(float((b.completion_attention_mask.sum(-1).repeat_interleave(g).to(dev) * b.valid).sum())
+        tokens = sum(float((member_rows(b.completion_attention_mask, g, len(b.rows)).sum(-1).to(dev) * b.valid).sum())
                      for b in batches)
         members = sum(float(b.valid.sum()) for b in batches)
         totals = self.accelerator.reduce(torch.tensor([tokens, members], device=dev, dtype=torch.float64), "sum")
         self._norm_tokens, self._norm_members = float(totals[0]), float(totals[1])
         return stats
+
+    @torch.no_grad()
+    def sample_titles(self, epoch: int, b: GRPOBatch, t: dict[str, torch.Tensor]) -> list[str]:
+        """rollout: generate. One catalogue title per member of ``b``, sampled under the member's noised latent
+        (``b.noise``) by constrained sampling at ``temperature``; the draws are keyed by the seed, the epoch, the
+        row and the member, so the process layout cannot change them. Sets ``b.completion_input_ids`` /
+        ``b.completion_attention_mask`` to the sampled completions (``[B * G, C]``) and returns their titles."""
+        from llmrec.decoding.beam_search import PromptState
+        from llmrec.decoding.sampling import constrained_sample_from_state
+        from llmrec.seqrec.keyed_random import mix
+
+        c, g, trie = self.config, self.config.num_generations, self.title_trie
+        lm = self.accelerator.unwrap_model(self.module).latent_lm
+        cache, logits, mask, pos = lm.prefill_with_latents(t["prompt_input_ids"], t["prompt_attention_mask"],
+                                                           latent_noise=b.noise, repeats=g)
+        depth = int(trie.depth.max())
+        uniforms = torch.stack([
+            torch.rand(depth, generator=torch.Generator().manual_seed(mix(c.seed, SAMPLE_STREAM, epoch, r, k)),
+                       dtype=torch.float64)
+            for r in b.rows for k in range(g)])
+        samples = constrained_sample_from_state(lm.causal_lm, trie, PromptState(logits, cache, mask, pos), uniforms,
+                                                c.temperature)
+        width = max(len(x.token_ids) for x in samples)
+        ids = torch.full((len(samples), width), self.pad, dtype=torch.long)
+        att = torch.zeros((len(samples), width), dtype=torch.long)
+        for i, x in enumerate(samples):
+            ids[i, : len(x.token_ids)] = torch.tensor(x.token_ids)
+            att[i, : len(x.token_ids)] = 1
+        b.completion_input_ids, b.completion_attention_mask = ids, att
+        return [trie.titles[x.title_index] for x in samples]
 
     def _candidate_scores(self, epoch: int, rows: list[dict], row_ids: list[int], t: dict[str, torch.Tensor],
                           members: torch.Tensor, group: int, split: str,
@@ -1145,7 +1235,7 @@ class LatentGRPOTrainer:
             if keep.numel() == 0:
                 keep, scale = keep.new_zeros(1), 0.0
             members = (keep[:, None] * g + torch.arange(g, device=keep.device)).flatten()
-            t = {k: v[keep] for k, v in t.items()}
+            t = {k: v[members] if v.shape[0] == len(b.rows) * g else v[keep] for k, v in t.items()}
             noise, old, adv = noise[members], old[members], adv[members]
             ref = ref[members] if ref is not None else None
             state = None  # recompute the prompt pass for the kept prompts
@@ -1163,7 +1253,7 @@ class LatentGRPOTrainer:
             mask = torch.ones_like(lp)
         else:
             lp = res.logprobs
-            mask = t["completion_attention_mask"].repeat_interleave(g, 0).float()
+            mask = member_rows(t["completion_attention_mask"], g, t["prompt_input_ids"].shape[0]).float()
         if c.num_iterations == 1:
             old = lp.detach()  # the ratio is exactly 1 (as TRL); only the advantage-weighted gradient acts
         ratio = torch.exp(torch.where(mask > 0, lp - old, torch.zeros_like(lp)))

@@ -1,8 +1,8 @@
-"""Continuous rule-based rewards of latent GRPO: small pure functions over a group's scores.
+"""Rule-based rewards of latent GRPO: small pure functions over a group's scores.
 
 Every reward takes a :class:`RewardInputs` (the members' per-token log-probabilities of the true next
-item's title under their latent, and optionally the scores of a sampled candidate set) and returns one
-float per member. Rewards are combined as a weighted sum (TRL's ``reward_funcs`` / ``reward_weights``);
+item's title under their latent, and optionally the scores of a sampled candidate set; in generation mode the
+titles the members sampled) and returns one float per member. Rewards are combined as a weighted sum (TRL's ``reward_funcs`` / ``reward_weights``);
 :data:`REWARD_FUNCTIONS` is the registry recipes name them from.
 """
 
@@ -18,9 +18,11 @@ __all__ = [
     "RewardInputs",
     "candidate_log_softmax",
     "combine_rewards",
+    "exact_match",
     "log_likelihood",
     "neg_ppl",
     "reciprocal_rank",
+    "token_f1",
 ]
 
 
@@ -34,12 +36,17 @@ class RewardInputs:
         candidate_scores: ``[M, C]`` mean per-token log-likelihood of each sampled candidate title under the
             member's latent, or ``None`` when no rank-based reward is enabled.
         target_index: ``[M]`` column of the true item in ``candidate_scores``.
+        sampled_titles: generation mode (``rollout: generate``): the title each member sampled (then
+            ``token_logprobs`` are those of the sampled title's tokens, not the target's).
+        target_titles: generation mode: each member's true next-item title.
     """
 
     token_logprobs: torch.Tensor
     token_mask: torch.Tensor
     candidate_scores: torch.Tensor | None = None
     target_index: torch.Tensor | None = None
+    sampled_titles: list[str] | None = None
+    target_titles: list[str] | None = None
 
 
 def _mean_logprob(inputs: RewardInputs) -> torch.Tensor:
@@ -110,14 +117,60 @@ def candidate_log_softmax(inputs: RewardInputs) -> torch.Tensor:
     return target - torch.logsumexp(scores, dim=-1)
 
 
+def _titles(inputs: RewardInputs, name: str) -> list[tuple[str, str]]:
+    if inputs.sampled_titles is None or inputs.target_titles is None:
+        raise ValueError(f"{name} rewards sampled titles: it needs rollout: generate")
+    return list(zip(inputs.sampled_titles, inputs.target_titles, strict=True))
+
+
+def exact_match(inputs: RewardInputs) -> torch.Tensor:
+    """1 if the member sampled the true item's title, else 0 (titles compared exactly, as the trie spells them).
+
+    >>> exact_match(RewardInputs(torch.zeros(2, 1), torch.ones(2, 1), sampled_titles=["Halo 3", "Halo"],
+    ...                          target_titles=["Halo 3", "Halo 3"]))
+    tensor([1., 0.], dtype=torch.float64)
+    """
+    return torch.tensor([float(s == t) for s, t in _titles(inputs, "exact_match")], dtype=torch.float64)
+
+
+def _words(title: str) -> list[str]:
+    return title.casefold().split()
+
+
+def token_f1(inputs: RewardInputs) -> torch.Tensor:
+    """F1 of the sampled title's words against the true title's (case-folded, split on whitespace, counted with
+    multiplicity as SQuAD's F1): partial credit for a title that shares words with the true one.
+
+    >>> token_f1(RewardInputs(torch.zeros(3, 1), torch.ones(3, 1), sampled_titles=["Halo 3", "Halo Wars", "Tetris"],
+    ...                       target_titles=["Halo 3", "halo 3", "Halo 3"]))
+    tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
+    """
+    from collections import Counter
+
+    out = []
+    for sampled, target in _titles(inputs, "token_f1"):
+        a, b = Counter(_words(sampled)), Counter(_words(target))
+        common = sum((a & b).values())
+        if common == 0:
+            out.append(0.0)
+            continue
+        precision, recall = common / sum(a.values()), common / sum(b.values())
+        out.append(2 * precision * recall / (precision + recall))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 REWARD_FUNCTIONS: dict[str, Callable[[RewardInputs], torch.Tensor]] = {
     "neg_ppl": neg_ppl,
     "log_likelihood": log_likelihood,
     "reciprocal_rank": reciprocal_rank,
     "candidate_log_softmax": candidate_log_softmax,
+    "exact_match": exact_match,
+    "token_f1": token_f1,
 }
 # Rewards that score a sampled candidate set (rank_candidates) under each member's latent.
 RANK_REWARDS = frozenset({"reciprocal_rank", "candidate_log_softmax"})
+# Rewards of the titles members sample (rollout: generate), the vanilla GRPO the paper compares against.
+GENERATION_REWARDS = frozenset({"exact_match", "token_f1"})
 
 
 def combine_rewards(per_function: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
