@@ -56,6 +56,16 @@ def sft_run(data_dir, tmp_path_factory) -> Path:
     return out
 
 
+def copy_with_reversed_titles(data: Path, out: Path) -> Path:
+    """A copy of a prepared dataset whose catalogue has as many items, with the titles in reverse order."""
+    shutil.copytree(data, out)
+    rows = (out / "catalog.jsonl").read_text().splitlines()
+    titles = [json.loads(r)["title"] for r in rows][::-1]
+    (out / "catalog.jsonl").write_text("".join(json.dumps({**json.loads(r), "title": t}) + "\n"
+                                               for r, t in zip(rows, titles)))
+    return out
+
+
 def eval_config(data: Path, out: Path, **kw) -> EvalConfig:
     base = dict(dataset=str(data), split="test", method="beam", model_name_or_path="tiny-qwen2", dtype="float32",
                 prompt="d3", noun="video games", num_beams=4, batch_size=3, ks=[1, 3], output_dir=str(out))
@@ -272,12 +282,7 @@ def test_seqrec_dataset_mismatch_and_bad_checkpoints_are_clear_errors(data_dir, 
     with pytest.raises(ValueError, match="trained on a catalogue of 30 items, but .* has 20"):
         Recommender.from_pretrained(seqrec_run, dataset=other)
     # As many items but other titles: the ids would be right and the titles wrong.
-    shuffled = tmp_path / "shuffled"
-    shutil.copytree(data_dir, shuffled)
-    rows = (shuffled / "catalog.jsonl").read_text().splitlines()
-    titles = [json.loads(r)["title"] for r in rows][::-1]
-    (shuffled / "catalog.jsonl").write_text("".join(json.dumps({**json.loads(r), "title": t}) + "\n"
-                                                    for r, t in zip(rows, titles)))
+    shuffled = copy_with_reversed_titles(data_dir, tmp_path / "shuffled")
     with pytest.raises(ValueError, match="catalogue differs"):
         Recommender.from_pretrained(seqrec_run, dataset=shuffled)
     unfinished = tmp_path / "unfinished"
@@ -519,12 +524,7 @@ def test_a_moved_dataset_is_still_checked_against_the_recorded_catalogue_digest(
     shutil.copytree(data_dir, tmp_path / "data")
     run = train_tiny_sasrec(tmp_path / "data", tmp_path / "run", max_history=10, epochs=1, seed=42)
     shutil.move(str(tmp_path / "data"), str(tmp_path / "moved"))
-    other = tmp_path / "other"
-    shutil.copytree(tmp_path / "moved", other)
-    rows = (other / "catalog.jsonl").read_text().splitlines()
-    titles = [json.loads(r)["title"] for r in rows][::-1]
-    (other / "catalog.jsonl").write_text("".join(json.dumps({**json.loads(r), "title": t}) + "\n"
-                                                 for r, t in zip(rows, titles)))
+    other = copy_with_reversed_titles(tmp_path / "moved", tmp_path / "other")
     with pytest.raises(ValueError, match="recorded SHA-256 differs"):
         Recommender.from_pretrained(run, dataset=other)
     assert Recommender.from_pretrained(run, dataset=tmp_path / "moved").recommend([1, 2], k=3)
