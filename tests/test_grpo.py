@@ -1274,3 +1274,17 @@ def test_generation_mode_resume_matches_uninterrupted(tmp_path, sft_dir):
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     assert [h["rewards/token_f1/mean"] for h in full["log_history"]] == pytest.approx(
         [h["rewards/token_f1/mean"] for h in resumed["log_history"]], abs=1e-9)
+
+
+def test_a_step_whose_every_group_is_nan_is_skipped_once(tmp_path, sft_dir):
+    """Every prompt NaN inside the model: the step ran a zero-weight pass on a NaN prompt, logged loss NaN and was
+    counted twice (skipped groups and a non-finite gradient). It is now skipped: loss 0, no gradient counted."""
+    sft, _, _ = sft_dir
+    trainer = LatentGRPOTrainer(grpo_config(tmp_path / "nan", sft, max_steps=1))
+    trainer.latent_lm.embed_tokens.register_forward_hook(lambda m, a, o: o * float("nan"))
+    before = {k: v.detach().clone() for k, v in trainer._trainable_state().items()}
+    res = trainer.train()
+    step = res["log_history"][0]
+    assert res["skipped_groups"] == trainer.prompts_per_step and res["nonfinite_grad_steps"] == 0
+    assert step["loss"] == 0.0 and step["skipped_groups"] == trainer.prompts_per_step
+    assert all(torch.equal(v, before[k]) for k, v in trainer._trainable_state().items())

@@ -1307,9 +1307,12 @@ class LatentGRPOTrainer:
         stats = self.score(step, batches)
         loss_sum = 0.0
         token_sums = torch.zeros(3, dtype=torch.float64)  # completion tokens, clipped tokens, KL sum
+        # No group of the whole step (all processes) scored finite: nothing to learn, and any pass would run on a
+        # NaN prompt (loss NaN, counted again as a non-finite gradient). The step is skipped; the schedule moves on.
+        everything_skipped = self._norm_members == 0
         for _ in range(c.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for m, b in enumerate(batches):
+            for m, b in enumerate(batches if not everything_skipped else []):
                 last = m == len(batches) - 1
                 # Gradients are all-reduced once per optimiser update, on the last micro-step.
                 ctx = self.accelerator.no_sync(self.module) if not last else contextlib.nullcontext()
