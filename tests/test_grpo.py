@@ -1288,3 +1288,25 @@ def test_a_step_whose_every_group_is_nan_is_skipped_once(tmp_path, sft_dir):
     assert res["skipped_groups"] == trainer.prompts_per_step and res["nonfinite_grad_steps"] == 0
     assert step["loss"] == 0.0 and step["skipped_groups"] == trainer.prompts_per_step
     assert all(torch.equal(v, before[k]) for k, v in trainer._trainable_state().items())
+
+
+def test_a_resume_on_another_layout_of_the_same_global_batch_is_accepted(tmp_path, sft_dir):
+    """TRL records steps_per_generation (= the accumulation steps) in the config: it must not block a resume with
+    another split of the same global batch (8 rows as 4 x 2 accumulation, then as 8 x 1)."""
+    sft, _, _ = sft_dir
+    _train_until(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2), 2)
+    resumed = run_grpo(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, per_device_train_batch_size=8,
+                                   gradient_accumulation_steps=1))
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
+
+
+def test_generation_mode_skips_a_nan_group_not_the_step(tmp_path, sft_dir):
+    """A title sampled from NaN logits still gets a finite title reward: the member's NaN log-probs now make its
+    group skipped (as in the latent mode) instead of dropping the whole update."""
+    sft, _, _ = sft_dir
+    trainer, res, before = _train_with_a_nan_prompt(tmp_path / "g", sft, rollout="generate",
+                                                    reward_funcs=["token_f1"], advantage_mode="group")
+    assert res["skipped_groups"] == 1 and res["nonfinite_grad_steps"] == 0
+    after = trainer._trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(bool(torch.isfinite(v).all()) for v in after.values())

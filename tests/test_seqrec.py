@@ -337,10 +337,15 @@ def test_tensorboard_logs_each_epochs_losses_and_validation_metrics(tmp_path, mo
     assert scalars["train/valid/ndcg@10"] == [(e["epoch"], pytest.approx(e["valid"]["ndcg@10"])) for e in history]
     assert [step for step, _ in scalars["train/seconds"]] == [1, 2, 3]
     assert not [t for t in scalars if "test" in t]  # the test split is never logged
-    # Asked for without the package: refused when the config is built, before any work.
+    # Asked for without the package: refused when the run starts, before any work; but a finished run's config
+    # (evaluate, D3 guidance, recommend rebuild it) still loads.
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(ImportError, match="llmrec\\[tensorboard\\]"):
-        tiny_cfg(tmp_path / "other", d, report_to="tensorboard")
+        run_seqrec(tiny_cfg(tmp_path / "other", d, report_to="tensorboard"))
+    assert not (tmp_path / "other").exists()
+    from llmrec.recommend import Recommender
+
+    assert Recommender.from_pretrained(res["config"]["output_dir"]).recommend([1, 2], k=2)
     with pytest.raises(ValueError, match="report_to must be one of"):
         tiny_cfg(tmp_path / "other", d, report_to="wandb")
 

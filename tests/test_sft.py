@@ -540,3 +540,25 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, prepared_dir):
     with pytest.raises(ConfigError, match=r"global_train_batch_size=2 \(asked: 4\)"):
         (out / "train_results.json").unlink()
         run_sft(make_config(out, prepared_dir, per_device_train_batch_size=4, **kw))
+
+
+def test_filler_rows_are_left_out_with_drop_last_and_for_older_checkpoints(tmp_path, prepared_dir):
+    """drop_last drops the partial batch as asked (filling it added a step); a checkpoint written before the
+    fillers existed resumes over the rows alone (fillers would redraw the epoch's order)."""
+    from llmrec.training.sft import TRAINING_ARGS_JSON, _fills_global_batches
+
+    assert _fills_global_batches(make_config(tmp_path / "a", prepared_dir), None)
+    assert not _fills_global_batches(make_config(tmp_path / "a", prepared_dir, dataloader_drop_last=True), None)
+    old = tmp_path / "checkpoint-2"
+    old.mkdir()
+    (old / TRAINING_ARGS_JSON).write_text(json.dumps({"learning_rate": 0.01}))
+    assert not _fills_global_batches(make_config(tmp_path / "a", prepared_dir), str(old))
+    (old / TRAINING_ARGS_JSON).write_text(json.dumps({"learning_rate": 0.01, "global_train_batch_size": 2}))
+    assert _fills_global_batches(make_config(tmp_path / "a", prepared_dir), str(old))
+
+
+def test_evaluation_switched_off_with_an_eval_split_trains(tmp_path, prepared_dir):
+    """early_stopping_patience (default 1) with eval_strategy no: transformers' callback asserted at train start."""
+    res = run_sft(make_config(tmp_path / "o", prepared_dir, eval_split="valid", eval_strategy="no",
+                              load_best_model_at_end=False, max_steps=2))
+    assert res["global_step"] == 2

@@ -163,7 +163,6 @@ class SeqRecConfig:
 
     def __post_init__(self) -> None:
         from llmrec.seqrec.models import MODEL_NAMES
-        from llmrec.tensorboard_log import require_tensorboard
 
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}")
@@ -179,8 +178,6 @@ class SeqRecConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
-        if self.report_to == "tensorboard":
-            require_tensorboard()
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
         # Sizes and counts: 0 or less would build no layer, run no epoch (patience 0 trained nothing and still

@@ -168,6 +168,10 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
     """
     if not cfg.dataset_dir:
         raise ValueError("dataset_dir is required (a directory written by `llmrec data prepare`)")
+    if cfg.report_to == "tensorboard":  # here, not in the config: a finished run's config must load without it
+        from llmrec.tensorboard_log import require_tensorboard
+
+        require_tensorboard()
     if cfg.num_threads <= 0:
         return _run_seqrec(cfg)
     previous = torch.get_num_threads()

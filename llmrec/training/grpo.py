@@ -948,7 +948,13 @@ class LatentGRPOTrainer:
                 inputs.candidate_scores, inputs.target_index = self._candidate_scores(
                     epoch, [self.rows[r] for r in b.rows], b.rows, t, members, g, self.config.train_split)
             for name in self.active_rewards:
-                per_fn[name].append(REWARD_FUNCTIONS[name](inputs).double())
+                values = REWARD_FUNCTIONS[name](inputs).double()
+                if sampled_titles is not None:
+                    # A title's reward is finite even when it was drawn from NaN logits: the member's own log-probs
+                    # tell, and its group is then skipped as in the latent mode (not the whole step).
+                    finite = torch.isfinite(torch.where(mask > 0, lp, torch.zeros_like(lp))).all(-1)
+                    values = torch.where(finite.to(values.device), values, torch.full_like(values, float("nan")))
+                per_fn[name].append(values)
             positions.append(torch.tensor(b.positions, device=dev))
             latent_norms.append(latent.float().norm(dim=-1))
             noise_norms.append(b.noise.view(len(b.rows), g, -1)[:, 1:].norm(dim=-1).mean(-1))
@@ -1405,8 +1411,11 @@ class LatentGRPOTrainer:
 
         found = json.loads((path / STATE_NAME).read_text(encoding="utf-8")).get("config")
         if found is not None:
+            # TRL derives steps_per_generation / generation_batch_size from the layout; this trainer reads neither
+            # (global_train_batch_size covers the batch)
             refuse_changed_resume(path, found, self._resume_settings(), field_defaults(LatentGRPOConfig),
-                                  ignore=RESUME_NEUTRAL_FIELDS, paths=("dataset", "sft_checkpoint"))
+                                  ignore=RESUME_NEUTRAL_FIELDS | {"steps_per_generation", "generation_batch_size"},
+                                  paths=("dataset", "sft_checkpoint"))
 
     def load_checkpoint(self, path: Path) -> None:
         from safetensors import safe_open

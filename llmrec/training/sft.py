@@ -296,6 +296,19 @@ def fill_global_batches(ds: _ListDataset, global_batch: int) -> _ListDataset:
     return _ListDataset(ds.rows + [dict(ds.rows[0], no_loss=True)] * extra)
 
 
+def _fills_global_batches(config: LatentSFTConfig, resume: str | None) -> bool:
+    """Whether the run completes its last global batch with filler rows (:func:`fill_global_batches`): not with
+    ``dataloader_drop_last`` (the partial batch is dropped, as asked), and not when resuming a checkpoint written
+    before the fillers existed (its epoch order was drawn over the rows alone: the fillers would reshuffle it)."""
+    if config.dataloader_drop_last:
+        return False
+    if resume:
+        recorded = Path(resume) / TRAINING_ARGS_JSON
+        if not recorded.exists() or "global_train_batch_size" not in json.loads(recorded.read_text(encoding="utf-8")):
+            return False
+    return True
+
+
 def _subset(n: int, k: int | None, seed: int) -> list[int]:
     if k is None or k >= n:
         return list(range(n))
@@ -819,23 +832,8 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
                 shutil.rmtree(ckpt)
             (out_dir / RESULTS_NAME).unlink()
         PartialState().wait_for_everyone()
-    model, tokenizer = build_model(config)
-    t_model = time.time()
-    train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
-    num_train_rows = len(train_ds)
-    train_ds = fill_global_batches(train_ds, global_train_batch_size(config))
-    eval_ds = build_dataset(config, tokenizer, config.eval_split, config.max_eval_rows) if config.eval_split else None
-    t_data = time.time()
-    callbacks = list(callbacks or [])
-    if eval_ds is not None and config.early_stopping_patience > 0:  # without load_best: the last weights are kept
-        callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = LatentSFTTrainer(
-        model=LatentSFTModule(model), args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=LatentSFTCollator(pad), processing_class=tokenizer, callbacks=callbacks, sft_config=config,
-    )
     resume = last_complete_checkpoint(out_dir)
-    if resume:
+    if resume:  # before the model is built: a changed setting is refused at once
         recorded = Path(resume) / TRAINING_ARGS_JSON
         if recorded.exists():
             from llmrec.config import field_defaults, refuse_changed_resume
@@ -847,6 +845,24 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
             # the dataclass defaults: building a LatentSFTConfig here would reset the accelerator state
             refuse_changed_resume(resume, found, wanted, field_defaults(LatentSFTConfig), ignore=RESUME_NEUTRAL_FIELDS,
                                   paths=("dataset",))
+    model, tokenizer = build_model(config)
+    t_model = time.time()
+    train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
+    num_train_rows = len(train_ds)
+    if _fills_global_batches(config, resume):
+        train_ds = fill_global_batches(train_ds, global_train_batch_size(config))
+    eval_ds = build_dataset(config, tokenizer, config.eval_split, config.max_eval_rows) if config.eval_split else None
+    t_data = time.time()
+    callbacks = list(callbacks or [])
+    if eval_ds is not None and config.early_stopping_patience > 0 and config.eval_strategy != "no":
+        # without load_best_model_at_end the last weights are kept
+        callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = LatentSFTTrainer(
+        model=LatentSFTModule(model), args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=LatentSFTCollator(pad), processing_class=tokenizer, callbacks=callbacks, sft_config=config,
+    )
+    if resume:
         logger.info("resuming from %s", resume)
     if resume and _stopped_at(resume):
         # Killed after the checkpoint where early stopping ended the run and before the final save: resuming
