@@ -845,6 +845,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     rec = Recommender.from_pretrained(
         args.checkpoint, args.dataset, args.device, base_model=args.base_model, dtype=args.dtype,
         prompt=args.prompt, noun=args.noun, history_length=args.history_length, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, max_prompt_length=args.max_prompt_length,
+        use_chat_template=args.use_chat_template, tokenization=args.tokenization,
         batch_size=args.batch_size, on_unknown=args.on_unknown, exclude_history=args.exclude_history,
     )
     resolved = []
@@ -927,4 +929,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--noun", default=None, help="LLM item noun (default: the checkpoint's, else 'video games')")
     p.add_argument("--history-length", type=int, default=None,
                    help="most recent history items used (default: the checkpoint's)")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="LLM beam score = log-prob sum / length**penalty (default 1.0; 0 as D3 decoding)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="LLM prompt + answer token budget (default: the checkpoint's max_length, else 512)")
+    p.add_argument("--use-chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap LLM prompts in the tokenizer's chat template (default: off)")
+    p.add_argument("--tokenization", choices=("separate", "joint"), default=None,
+                   help="LLM prompt/answer tokenization (default: the checkpoint's, else separate)")
     p.set_defaults(func=cmd_recommend)

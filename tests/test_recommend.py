@@ -363,6 +363,13 @@ def test_cli_history_prints_a_table(data_dir, zero_shot, capsys):
     assert capsys.readouterr().out.splitlines()[2:] == table[2:]
     assert main([*args, "--history", "Not A Title"]) == 1
     assert "--history, position 1: title 'Not A Title' is not in the catalogue" in capsys.readouterr().err
+    # The decoding settings of an evaluation can be given on the command line too (D3's length penalty 0, ...).
+    d3 = Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="float32", length_penalty=0.0,
+                                     max_prompt_length=400).recommend(titles, k=3)
+    assert main([*args, "--length-penalty", "0", "--max-prompt-length", "400", "--history", *titles]) == 0
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [int(line.split()[1]) for line in lines] == [r.item_id for r in d3]
+    assert [f"{r.score:.4f}" for r in d3] == [line.split()[2] for line in lines] != [x.split()[2] for x in table[2:]]
 
 
 # -- bad input: checkpoint files, options, histories ------------------------------------------------------
