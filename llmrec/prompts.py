@@ -109,7 +109,11 @@ def render_example(
 
 
 def encode(tokenizer, text: str, first: bool) -> list[int]:
-    """Token ids of a text piece; special tokens (BOS) only on the first piece, as D3 concatenates parts."""
+    """Token ids of a text piece; special tokens (BOS) only on the first piece, as D3 concatenates parts, and not
+    when the text already opens with the BOS token (a chat template that writes it, as Llama 3's): never two."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if first and bos and text.startswith(bos):
+        first = False
     return tokenizer(text, add_special_tokens=first)["input_ids"]
 
 

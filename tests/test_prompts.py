@@ -261,3 +261,27 @@ def test_evaluation_prompts_are_cut_without_looking_at_the_answer(tokenizer):
     cfg.prompt_fit = "own_answer"
     short, long = render_prompts(tpl, tokenizer, rows, cfg, reserved=30)
     assert len(encode(tokenizer, long, first=True)) < len(encode(tokenizer, short, first=True))
+
+
+def test_a_chat_template_that_writes_the_bos_token_gives_one_bos():
+    """Llama 3 style templates write BOS themselves: encoding the wrapped prompt added a second one."""
+    from llmrec.models.tiny import build_tiny_tokenizer
+    from llmrec.prompts import encode, wrap_chat
+
+    tok = build_tiny_tokenizer("tiny-llama")
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ids = encode(tok, wrap_chat(tok, "Halo"), first=True)
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    assert encode(tok, "Halo", first=True)[0] == tok.bos_token_id  # a plain prompt still gets its BOS
+
+
+def test_the_trie_renders_completions_as_training_does():
+    """A literal brace in a completion format: SFT's render_completion keeps it, the trie's str.format raised."""
+    from llmrec.decoding.trie import TitleTrie
+    from llmrec.models.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer("tiny-qwen2")
+    trie = TitleTrie(tok, ["Halo", "Tetris"], [1, 2], context_prefix="### Response: \n",
+                     completion_format='{"title": "{title}"}\n')
+    want = tok('{"title": "Halo"}\n', add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert trie.title_token_ids[0] == want

@@ -12,7 +12,7 @@ from llmrec.decoding.beam_search import (
 from llmrec.decoding.guidance import TitleGuidance
 from llmrec.decoding.trie import TitleTrie
 from llmrec.models.latent import LatentReasoningLM
-from llmrec.prompts import PromptTemplate, render_to_fit, wrap_chat
+from llmrec.prompts import PromptTemplate, encode, render_to_fit, wrap_chat
 
 
 def answer_context(template: PromptTemplate, tokenizer, use_chat_template: bool) -> str:
@@ -84,7 +84,7 @@ def build_catalog_trie(
 
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``input_ids`` / ``attention_mask`` (special tokens such as BOS included)."""
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = [encode(tokenizer, p, first=True) for p in prompts]  # one BOS, also after a chat template
     width = max(len(e) for e in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)

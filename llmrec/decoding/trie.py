@@ -120,7 +120,9 @@ class TitleTrie:
             item: t for t, items in enumerate(self.title_item_ids) for item in items
         }
 
-        completions = [completion_format.format(title=t) for t in self.titles]
+        # replace, not str.format: a literal brace in the format is text (PromptTemplate.render_completion does the
+        # same, so training and decoding see one completion)
+        completions = [completion_format.replace("{title}", t) for t in self.titles]
         if joint_tokenization:
             paths = _tokenize_in_context(tokenizer, context_prefix, completions, self.titles)
         else:

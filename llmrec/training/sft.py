@@ -261,12 +261,12 @@ def encode_example(template, tokenizer, history_titles, target_title, max_length
     prompt ids include special tokens; completion ids are the completion text without special tokens
     plus EOS. The oldest history items are dropped until prompt + latents + completion + EOS fit.
     """
-    from llmrec.prompts import render_to_fit
+    from llmrec.prompts import encode, render_to_fit
 
     rendered, dropped = render_to_fit(
         template, tokenizer, list(history_titles), target_title, max_length - num_latent_tokens, noun=noun
     )
-    prompt_ids = tokenizer(rendered["prompt"], add_special_tokens=True)["input_ids"]
+    prompt_ids = encode(tokenizer, rendered["prompt"], first=True)
     completion_ids = tokenizer(rendered["completion"], add_special_tokens=False)["input_ids"]
     return list(prompt_ids), list(completion_ids) + [tokenizer.eos_token_id], dropped
 
