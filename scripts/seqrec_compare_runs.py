@@ -41,8 +41,8 @@ def main() -> int:
                      f"{sum(r['test']['hr@10'] for r in runs) / n:.4f} | |")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    atomic_write_text(out.with_suffix(".json"), Path(args.second).read_text(encoding="utf-8"))
+    atomic_write_text(Path(f"{out}.md"), "\n".join(lines) + "\n")
+    atomic_write_text(Path(f"{out}.json"), Path(args.second).read_text(encoding="utf-8"))
     print("\n".join(lines))
     return 0
 

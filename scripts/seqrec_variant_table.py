@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['label']} | {r['seed']} | {r['valid'][m]:.4f} | {dv} | {r['test'][m]:.4f} | {dt} | "
                      f"{r['test']['hr@10']:.4f} | {sel} |")
     out = Path(args.output)
-    atomic_write_json(out.with_suffix(".json"), {"metric": m, "runs": rows})
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_json(Path(f"{out}.json"), {"metric": m, "runs": rows})
+    atomic_write_text(Path(f"{out}.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

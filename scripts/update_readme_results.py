@@ -54,7 +54,9 @@ def update(doc: Path, results_dir: Path, check: bool) -> bool:
             print(f"{name}: not up to date", file=sys.stderr)
         return new == old and not missing and not unmatched
     if new != old:
-        doc.write_text(new, encoding="utf-8")
+        from llmrec.data.canonical import atomic_write_text
+
+        atomic_write_text(doc, new)
         print(f"{name} updated")
     return not missing and not unmatched
 
