@@ -285,3 +285,29 @@ def test_the_trie_renders_completions_as_training_does():
                      completion_format='{"title": "{title}"}\n')
     want = tok('{"title": "Halo"}\n', add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert trie.title_token_ids[0] == want
+
+
+def test_own_answer_evaluation_keeps_the_history_sft_kept_for_a_latent_model():
+    """own_answer fitted the prompt in the whole budget, SFT/GRPO in the budget minus the latent tokens: near the
+    budget a latent model was evaluated with one more history item than it was trained with."""
+    from types import SimpleNamespace
+
+    from llmrec.decoding.search import render_prompts
+    from llmrec.models.tiny import build_tiny_tokenizer
+    from llmrec.training.sft import encode_example
+
+    tok, tpl = build_tiny_tokenizer("tiny-llama"), PromptTemplate.load("d3")
+    row = {"history_titles": ["Halo", "Tetris", "Kirby", "Minecraft", "Zelda"], "target_title": "Pokemon Red"}
+    checked = 0
+    for budget in range(120, 260):
+        try:
+            sft_prompt, _, _ = encode_example(tpl, tok, row["history_titles"], row["target_title"], budget,
+                                              "video games", num_latent_tokens=1)
+        except PromptError:
+            continue
+        cfg = SimpleNamespace(prompt_fit="own_answer", max_prompt_length=budget, noun="video games",
+                              use_chat_template=False)
+        (prompt,) = render_prompts(tpl, tok, [row], cfg, reserved=99, latent_tokens=1)
+        assert encode(tok, prompt, first=True) == sft_prompt, budget
+        checked += 1
+    assert checked > 50

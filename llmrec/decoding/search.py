@@ -103,19 +103,20 @@ def answer_budget(trie: TitleTrie, model=None) -> int:
     return max(len(p) for p in trie.title_token_ids) + latent
 
 
-def render_prompts(template: PromptTemplate, tokenizer, examples: list[dict], config, reserved: int = 0) -> list[str]:
+def render_prompts(template: PromptTemplate, tokenizer, examples: list[dict], config, reserved: int = 0,
+                   latent_tokens: int = 0) -> list[str]:
     """Prompts for ``examples`` (rows with ``history_titles``), histories cut from the left to fit.
 
-    ``config.prompt_fit`` (default ``own_answer``): ``own_answer`` fits prompt + the row's ``target_title`` in
-    ``config.max_prompt_length`` (as SFT does); ``longest_answer`` fits the prompt alone in
-    ``max_prompt_length - reserved`` (see :func:`answer_budget`) and never reads the target.
+    ``config.prompt_fit`` (default ``own_answer``): ``own_answer`` fits prompt + the model's ``latent_tokens`` + the
+    row's ``target_title`` in ``config.max_prompt_length`` (as SFT and GRPO do); ``longest_answer`` fits the prompt
+    alone in ``max_prompt_length - reserved`` (see :func:`answer_budget`, latents included) and never reads the target.
     """
     own = getattr(config, "prompt_fit", "own_answer") == "own_answer"
     out = []
     for ex in examples:
         rendered, _ = render_to_fit(
             template, tokenizer, list(ex["history_titles"]), ex["target_title"] if own else None,
-            config.max_prompt_length if own else config.max_prompt_length - reserved,
+            config.max_prompt_length - latent_tokens if own else config.max_prompt_length - reserved,
             noun=config.noun, use_chat_template=config.use_chat_template,
         )
         out.append(rendered["prompt"])
@@ -132,7 +133,8 @@ def rank_batch(
     """
     if not examples:
         return []
-    prompts = render_prompts(template, tokenizer, examples, config, answer_budget(trie, model))
+    latent = model.num_latent_tokens if isinstance(model, LatentReasoningLM) else 0
+    prompts = render_prompts(template, tokenizer, examples, config, answer_budget(trie, model), latent)
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
     if isinstance(model, LatentReasoningLM):

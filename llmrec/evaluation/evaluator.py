@@ -77,7 +77,7 @@ class EvalConfig:
     history_length: int = field(default=10, metadata={"help": "Most recent history items shown in the prompt (D3: 10)."})
     max_prompt_length: int = field(default=512, metadata={"help": "Token budget of prompt + answer; longer histories are cut from the left (see prompt_fit)."})
     prompt_fit: str = field(default="own_answer", metadata={"help": "What a prompt leaves room for within max_prompt_length: own_answer (the row's "
-                                                                    "true answer, as in SFT; then how much history a row keeps depends on its "
+                                                                    "true answer and the latent tokens, as in SFT and GRPO; then how much history a row keeps depends on its "
                                                                     "answer's length: 3 of the Games report's 500 test rows at 512 tokens) or "
                                                                     "longest_answer (the longest catalogue answer + the latent tokens: never reads "
                                                                     "the answer; what `llmrec recommend` does). own_answer is the default so that "
