@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def test_two_processes_give_the_same_results_as_one(prepared_dir, tmp_path):
     assert r1 == r2
 
 
-def test_evaluator_loads_a_latent_sft_checkpoint(prepared_dir, tmp_path):
+def test_evaluator_loads_a_latent_sft_checkpoint(prepared_dir, tmp_path, caplog):
     """`llmrec evaluate --checkpoint` on a latent SFT checkpoint decodes with the latent in place and
     ranks exactly as the trained LatentReasoningLM does when driven by hand."""
     import torch
@@ -161,8 +162,12 @@ def test_evaluator_loads_a_latent_sft_checkpoint(prepared_dir, tmp_path):
         max_train_rows=4, eval_split=None, max_length=384, history_length=2, learning_rate=1e-2, warmup_steps=0,
         per_device_train_batch_size=2, max_steps=2, logging_steps=1, save_strategy="no", lora_dropout=0.0,
         lora_r=4, lora_alpha=8, seed=0, disable_tqdm=True, num_latent_tokens=1))
-    res = evaluate(tiny_config(prepared_dir, tmp_path / "ev", checkpoint=str(run), history_length=2))
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.evaluator"):
+        res = evaluate(tiny_config(prepared_dir, tmp_path / "ev", checkpoint=str(run), history_length=2))
     assert res["protocol"]["checkpoint"] == str(run)
+    # trained with max_length 384: the evaluation's 512-token prompts are said to differ (history_length agrees)
+    warned = [r.getMessage() for r in caplog.records if "was trained with" in r.getMessage()]
+    assert len(warned) == 1 and "max_length=384 (here 512)" in warned[0] and "history_length" not in warned[0]
     saved = [json.loads(x) for x in (tmp_path / "ev" / "rankings.jsonl").read_text().splitlines()]
 
     model, tok, _ = load_sft_checkpoint(run, "tiny-qwen2", dtype="float32")

@@ -394,6 +394,27 @@ class Evaluator:
 
     # ------------------------------------------------------------------ run
 
+    def _warn_on_other_prompt_settings(self) -> None:
+        """Say so when the checkpoint was trained on other prompts than this evaluation builds: the evaluation
+        takes its prompt settings from its own config (the recipe or the command line), not from the checkpoint."""
+        from llmrec.training.sft import LLMREC_CONFIG_NAME
+
+        c = self.config
+        path = Path(c.checkpoint) / LLMREC_CONFIG_NAME
+        if not path.is_file():
+            return
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return  # the loader reports it
+        asked = {"prompt": c.prompt, "noun": c.noun, "history_length": c.history_length,
+                 "max_length": c.max_prompt_length}
+        other = {k: (meta[k], v) for k, v in asked.items() if k in meta and meta[k] != v}
+        if other and self.state.is_main_process:
+            logger.warning("%s was trained with %s: this evaluation builds its prompts otherwise (pass the "
+                           "checkpoint's values to evaluate it on the prompts it learnt)", c.checkpoint,
+                           ", ".join(f"{k}={f!r} (here {v!r})" for k, (f, v) in other.items()))
+
     def run(self) -> dict | None:
         """Evaluate (resuming if possible); returns the results dict on the main process."""
         c = self.config
@@ -401,6 +422,7 @@ class Evaluator:
             from llmrec.models.checkpoint import checkpoint_kind
 
             checkpoint_kind(c.checkpoint)  # fail before anything is written
+            self._warn_on_other_prompt_settings()
         # Popularity needs the training targets; the LM path only the evaluated split.
         wanted = sorted({c.split, "train"}) if c.method == "popularity" else [c.split]
         history_length = c.history_length
