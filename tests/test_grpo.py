@@ -1231,9 +1231,10 @@ def test_generation_mode_trains_on_sampled_titles(tmp_path, sft_dir):
 def test_shared_prefix_equals_naive_on_per_member_completions(tmp_path, sft_dir):
     """Generation mode gives every member its own completion: both forms score [B * G, C] completions alike."""
     sft, _, _ = sft_dir
-    fast_t = LatentGRPOTrainer(grpo_config(tmp_path / "f", sft, rollout="generate", reward_funcs=["token_f1"]))
+    fast_t = LatentGRPOTrainer(grpo_config(tmp_path / "f", sft, rollout="generate", reward_funcs=["token_f1"],
+                                           temperature=1.7))
     naive_t = LatentGRPOTrainer(grpo_config(tmp_path / "n", sft, rollout="generate", reward_funcs=["token_f1"],
-                                            naive_forward=True))
+                                            naive_forward=True, temperature=1.7))
     fb, nb = fast_t.local_micro_batches(0), naive_t.local_micro_batches(0)
     fast_t.score(0, fb)
     naive_t.score(0, nb)
@@ -1241,6 +1242,17 @@ def test_shared_prefix_equals_naive_on_per_member_completions(tmp_path, sft_dir)
         assert torch.equal(a.completion_input_ids, b.completion_input_ids)
         mask = a.completion_attention_mask.bool()
         assert torch.allclose(a.old_logprobs[mask], b.old_logprobs[mask], atol=1e-4)
+    # The ratio is over the distribution the titles were sampled from: the logits at the sampling temperature (TRL).
+    b = fb[0]
+    module = fast_t.accelerator.unwrap_model(fast_t.module)
+    t = {k: getattr(b, k) for k in ("prompt_input_ids", "prompt_attention_mask", "completion_input_ids",
+                                     "completion_attention_mask")}
+    with torch.no_grad():
+        at_t = module(**t, noise=b.noise, temperature=1.7).logprobs
+        at_1 = module(**t, noise=b.noise).logprobs
+    mask = b.completion_attention_mask.bool()
+    assert torch.allclose(b.old_logprobs[mask], at_t[mask], atol=1e-5)
+    assert not torch.allclose(b.old_logprobs[mask], at_1[mask], atol=1e-3)
 
 
 def test_generation_mode_config_errors(tmp_path):

@@ -451,9 +451,10 @@ def member_rows(x: torch.Tensor, group: int, prompts: int) -> torch.Tensor:
     return x.repeat_interleave(group, dim=0)
 
 
-def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log p of ``ids`` under ``logits`` ([M, C, V] -> [M, C]), in float32."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+def _token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p of ``ids`` under ``logits / temperature`` ([M, C, V] -> [M, C]), in float32."""
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
 
 
 @dataclass
@@ -500,7 +501,7 @@ class LatentGRPOModule(nn.Module):
 
     def forward(self, prompt_input_ids, prompt_attention_mask, completion_input_ids, completion_attention_mask,
                 noise=None, noise_fn=None, keep_prompt_state: bool = False, prompt_state=None,
-                latent_only: bool = False) -> MemberScores:
+                latent_only: bool = False, temperature: float = 1.0) -> MemberScores:
         """Score the G members of each prompt; see :class:`MemberScores`.
 
         ``noise`` is added to the last latent of each member; or ``noise_fn(latent)`` draws it from the
@@ -516,7 +517,7 @@ class LatentGRPOModule(nn.Module):
                                 noise, None)
         if self.naive:
             return self._naive(prompt_input_ids, prompt_attention_mask, completion_input_ids,
-                               completion_attention_mask, noise, noise_fn)
+                               completion_attention_mask, noise, noise_fn, temperature)
         kept = None
         if prompt_state is not None:
             if not self.prompt_state_reusable():
@@ -543,9 +544,9 @@ class LatentGRPOModule(nn.Module):
         c_ids = member_rows(completion_input_ids, g, latent.shape[0])
         c_mask = member_rows(completion_attention_mask, g, latent.shape[0])
         out = lm.decode_completion(members, c_ids, c_mask)
-        return MemberScores(_token_logprobs(out.logits, c_ids), latent, noise, kept)
+        return MemberScores(_token_logprobs(out.logits, c_ids, temperature), latent, noise, kept)
 
-    def _naive(self, p_ids, p_mask, c_ids, c_mask, noise, noise_fn):
+    def _naive(self, p_ids, p_mask, c_ids, c_mask, noise, noise_fn, temperature: float = 1.0):
         # The paper's form, member by member: N+1 full passes over [prompt, latents, completion] per member.
         lm = self.latent_lm
         g = self.group_size
@@ -570,7 +571,7 @@ class LatentGRPOModule(nn.Module):
             for j in range(hi - lo):
                 labels = out.labels[j]
                 keep = labels != -100
-                lp = _token_logprobs(out.logits[j : j + 1, keep], labels[keep][None])[0]
+                lp = _token_logprobs(out.logits[j : j + 1, keep], labels[keep][None], temperature)[0]
                 row = torch.zeros(c_ids.shape[1], device=lp.device, dtype=lp.dtype)
                 row[: lp.shape[0]] = lp
                 rows.append(row)
@@ -702,6 +703,9 @@ class LatentGRPOTrainer:
             raise ConfigError("rank-based rewards need the catalogue (num_items, candidate_completions)")
         self.candidate_weights = None
         self.title_trie = title_trie
+        # The ratio (and KL) of sampled titles is over the distribution they were sampled from: the logits at the
+        # sampling temperature, as TRL's GRPO computes them. The latent mode scores the true title at temperature 1.
+        self.logit_temperature = config.temperature if config.rollout == "generate" else 1.0
         if config.rollout == "generate" and (title_trie is None or any("target_title" not in r for r in rows)):
             raise ConfigError("rollout: generate samples catalogue titles: it needs the title trie (title_trie) and "
                               "every row's target_title")
@@ -931,13 +935,14 @@ class LatentGRPOTrainer:
                 t["completion_attention_mask"] = b.completion_attention_mask.to(dev)
                 noise_fn = None
             res = self.module(**t, noise=b.noise if noise_fn is None else None, noise_fn=noise_fn,
-                              keep_prompt_state=True)
+                              keep_prompt_state=True, temperature=self.logit_temperature)
             lp, latent, b.noise, b.prompt_state = res.logprobs, res.latent, res.noise, res.prompt_state
             b.old_logprobs = lp
             b.latent = latent.detach().float()
             if self.ref_module is not None:
                 reuse = b.prompt_state if self.ref_module.prompt_state_reusable() else None
-                b.ref_logprobs = self.ref_module(**t, noise=b.noise, prompt_state=reuse).logprobs
+                b.ref_logprobs = self.ref_module(**t, noise=b.noise, prompt_state=reuse,
+                                                 temperature=self.logit_temperature).logprobs
             mask = member_rows(t["completion_attention_mask"], g, len(b.rows))
             inputs = RewardInputs(lp, mask)
             if sampled_titles is not None:
@@ -1247,7 +1252,7 @@ class LatentGRPOTrainer:
             state = None  # recompute the prompt pass for the kept prompts
         # The prompt pass of the scoring step is reused when exact (frozen LM, N = 1): the head is re-applied.
         gaussian = c.policy_logprob == "gaussian"
-        res = self.module(**t, noise=noise, prompt_state=state, latent_only=gaussian)
+        res = self.module(**t, noise=noise, prompt_state=state, latent_only=gaussian, temperature=self.logit_temperature)
         if gaussian:
             # Each member's latent z_k = r_old + eps_k as a sample of N(r_theta, std_k^2 I): one "token" per member.
             r_old = b.latent if keep.numel() == len(b.rows) else b.latent[keep]
