@@ -69,6 +69,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmrec.config import mismatches
 from llmrec.training.neutral_fields import SFT_RESULT_NEUTRAL_FIELDS, SFT_RESUME_ONLY_FIELDS
 
 if TYPE_CHECKING:
@@ -138,15 +139,16 @@ def sft_run_differences(results: dict, args: dict, cfg: LatentSFTConfig,
     return mismatches(found, wanted)
 
 
-def mismatches(found: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{key: (found, wanted)}`` for the keys of ``wanted`` whose value differs in ``found`` (a float equal to a
-    relative 1e-12)."""
-    def same(f: Any, w: Any) -> bool:
-        if isinstance(w, float) and isinstance(f, (int, float)) and not isinstance(f, bool):
-            return abs(f - w) <= 1e-12 * abs(w)
-        return f == w
+def grpo_config_differences(args: dict, cfg: LatentGRPOConfig, resumed_from: str | None) -> dict[str, tuple[Any, Any]]:
+    """``{field: (found, asked)}`` where a finished GRPO run's recorded config (``training_args.json``) differs from
+    ``cfg``, the config a rerun would train, leaving out what changes nothing trained
+    (:data:`GRPO_RESULT_NEUTRAL_FIELDS`) and, for a run that never resumed, what acts only on resume."""
+    from llmrec.config import config_differences
+    from llmrec.training.grpo import LatentGRPOConfig
 
-    return {k: (found.get(k), w) for k, w in wanted.items() if not same(found.get(k), w)}
+    ignore = GRPO_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if resumed_from is None else set())
+    return config_differences(args, cfg.to_dict(), LatentGRPOConfig().to_dict(), ignore=ignore,
+                              paths=("dataset", "sft_checkpoint"))
 
 
 def _unused_seqrec_fields(config: dict[str, Any]) -> set[str]:
@@ -510,13 +512,8 @@ class Pipeline:
             if "advantage_mode" in args and (o.grpo_stage == "grpo_latent" or seed > 0):
                 # The run's full config against the one built now, so recipe edits are caught too. Not for seed 0
                 # in a --grpo-stage of its own: that run may come from a sweep with settings of its own.
-                from llmrec.config import config_differences
-                from llmrec.training.grpo import LatentGRPOConfig
-
                 resumed = json.loads(self._find(d / "grpo_results.json").read_text()).get("resumed_from")
-                ignore = GRPO_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if resumed is None else set())
-                diff = config_differences(args, self._grpo_config(seed).to_dict(), LatentGRPOConfig().to_dict(),
-                                          ignore=ignore, paths=("dataset", "sft_checkpoint"))
+                diff = grpo_config_differences(args, self._grpo_config(seed), resumed)
                 found.update({k: f for k, (f, _) in diff.items()})
                 wanted.update({k: w for k, (_, w) in diff.items()})
         elif stage.startswith("seqrec_"):

@@ -199,8 +199,12 @@ def config_differences(found: dict[str, Any], wanted: dict[str, Any], defaults: 
                 out[k] = os.path.normpath(out[k])
         return out
 
-    found, wanted = plain({**defaults, **found}), plain(wanted)
+    return mismatches(plain({**defaults, **found}), plain(wanted))
 
+
+def mismatches(found: dict[str, Any], wanted: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (found, wanted)}`` for the keys of ``wanted`` whose value differs in ``found`` (floats equal to a
+    relative 1e-12 count as equal)."""
     def same(f: Any, w: Any) -> bool:
         if isinstance(w, float) and isinstance(f, (int, float)) and not isinstance(f, bool):
             return math.isclose(f, w, rel_tol=1e-12)

@@ -133,9 +133,8 @@ def check_finished_grpo(cfg: LatentGRPOConfig, data_dir: Path) -> None:
     """Refuse a finished latent GRPO in ``cfg.output_dir`` made with other settings than ``cfg``: the prompts it
     drew (``--grpo-rows``, or the whole train split when it has fewer rows) and every other trained field of the
     config it recorded (``training_args.json``), the checkpoint it started from and its dtype included."""
-    from llmrec.bench_pipeline import GRPO_RESULT_NEUTRAL_FIELDS, SFT_RESUME_ONLY_FIELDS, mismatches
-    from llmrec.config import config_differences
-    from llmrec.training.grpo import LatentGRPOConfig
+    from llmrec.bench_pipeline import grpo_config_differences
+    from llmrec.config import mismatches
     from llmrec.training.sft import TRAINING_ARGS_JSON
 
     out = Path(cfg.output_dir)
@@ -150,9 +149,7 @@ def check_finished_grpo(cfg: LatentGRPOConfig, data_dir: Path) -> None:
     wanted: dict[str, Any] = {"prompts": min(asked, n) if asked is not None and n else asked}
     if "advantage_mode" in args:  # the run's own full config (older runs held a copy of the SFT's)
         found["model_dtype"], wanted["model_dtype"] = args.get("model_dtype"), cfg.model_dtype  # both concrete
-        ignore = GRPO_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if results.get("resumed_from") is None else set())
-        diff = config_differences(args, cfg.to_dict(), LatentGRPOConfig().to_dict(), ignore=ignore,
-                                  paths=("dataset", "sft_checkpoint"))
+        diff = grpo_config_differences(args, cfg, results.get("resumed_from"))
         found.update({k: f for k, (f, _) in diff.items()})
         wanted.update({k: w for k, (_, w) in diff.items()})
     _refuse(out, "latent GRPO", mismatches(found, wanted), _GRPO_FLAGS)

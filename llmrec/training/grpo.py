@@ -1404,9 +1404,11 @@ class LatentGRPOTrainer:
 
     def _resume_settings(self) -> dict[str, Any]:
         """The configuration a checkpoint records, with the global batch (a resume may change the layout)."""
+        from llmrec.training.sft import global_train_batch_size
+
         c = self.config
-        global_batch = c.per_device_train_batch_size * self.world * c.gradient_accumulation_steps
-        return dict(json.loads(json.dumps(c.to_dict(), default=str)), global_train_batch_size=global_batch)
+        return dict(json.loads(json.dumps(c.to_dict(), default=str)),
+                    global_train_batch_size=global_train_batch_size(c, self.world))
 
     def check_resume_settings(self, path: Path) -> None:
         """Refuse to resume ``path`` under other settings than it was trained with (checkpoints before 2026-12-05

@@ -89,9 +89,11 @@ _CHECKPOINT_FIELDS = (
 )
 
 
-def global_train_batch_size(args) -> int:
-    """Rows per optimiser step over all processes (``per_device_train_batch_size x world_size x accumulation``)."""
-    return args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+def global_train_batch_size(args, processes: int | None = None) -> int:
+    """Rows per optimiser step over all processes (``per_device_train_batch_size x processes x accumulation``;
+    ``processes`` defaults to ``args.world_size``)."""
+    world = args.world_size if processes is None else processes
+    return args.per_device_train_batch_size * world * args.gradient_accumulation_steps
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -762,9 +764,9 @@ class LatentSFTTrainer(transformers.Trainer):
             return
         model = _latent_lm(self.accelerator.unwrap_model(self.model))
         fields_ = self.sft_config.checkpoint_fields() if self.sft_config is not None else {}
-        a = self.args  # the trainer's process count (args.world_size reads a state a resume may have reset)
-        global_batch = a.per_device_train_batch_size * self.accelerator.num_processes * a.gradient_accumulation_steps
-        args = dict(a.to_dict(), global_train_batch_size=global_batch)
+        # the trainer's process count: args.world_size reads a state a resume may have reset
+        args = dict(self.args.to_dict(),
+                    global_train_batch_size=global_train_batch_size(self.args, self.accelerator.num_processes))
         save_sft_checkpoint(model, self.processing_class, output_dir, fields_, args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
