@@ -80,6 +80,8 @@ from typing import Any
 
 import torch
 
+from llmrec.evaluation.evaluator import PROMPT_DEFAULTS
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -99,9 +101,7 @@ ON_UNKNOWN = ("error", "skip")
 SEQREC_RESULTS = "results.json"
 # Defaults for LLMs whose checkpoint records no settings (base models, plain checkpoints): EvalConfig's.
 LLM_DEFAULTS: dict[str, Any] = {
-    "prompt": "d3", "noun": "video games", "history_length": 10, "max_prompt_length": 512,
-    "length_penalty": 1.0, "tokenization": "separate", "use_chat_template": False, "dtype": "bfloat16",
-    "batch_size": 8,
+    **PROMPT_DEFAULTS, "length_penalty": 1.0, "use_chat_template": False, "dtype": "bfloat16", "batch_size": 8,
 }
 SEQREC_BATCH_SIZE = 256
 

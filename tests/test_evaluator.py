@@ -163,12 +163,26 @@ def test_evaluator_loads_a_latent_sft_checkpoint(prepared_dir, tmp_path, caplog)
         per_device_train_batch_size=2, max_steps=2, logging_steps=1, save_strategy="no", lora_dropout=0.0,
         lora_r=4, lora_alpha=8, seed=0, disable_tqdm=True, num_latent_tokens=1))
     with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.evaluator"):
-        res = evaluate(tiny_config(prepared_dir, tmp_path / "ev", checkpoint=str(run), history_length=2))
+        res = evaluate(tiny_config(prepared_dir, tmp_path / "ev", checkpoint=str(run), history_length=2,
+                                   max_prompt_length=512))
     assert res["protocol"]["checkpoint"] == str(run)
-    # trained with max_length 384: the evaluation's 512-token prompts are said to differ (history_length agrees)
+    # trained with max_length 384: the evaluation's 512-token prompts (asked for) are said to differ
+    # (history_length agrees)
     warned = [r.getMessage() for r in caplog.records if "was trained with" in r.getMessage()]
-    assert len(warned) == 1 and "max_length=384 (here 512)" in warned[0] and "history_length" not in warned[0]
+    assert len(warned) == 1 and "max_prompt_length=384 (here 512)" in warned[0] and "history_length" not in warned[0]
     saved = [json.loads(x) for x in (tmp_path / "ev" / "rankings.jsonl").read_text().splitlines()]
+    # Left unset, the prompt settings are the checkpoint's: its history length and token budget, no warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.evaluator"):
+        own = tiny_config(prepared_dir, tmp_path / "ev_own", checkpoint=str(run), prompt=None, noun=None)
+        assert (own.history_length, own.max_prompt_length, own.prompt, own.tokenization) == (2, 384, "d3", "separate")
+        res_own = evaluate(own)
+    assert not [r for r in caplog.records if "was trained with" in r.getMessage()]
+    assert res_own["protocol"]["history_length"] == 2
+    # ...and without a checkpoint, EvalConfig's documented defaults
+    base = tiny_config(prepared_dir, tmp_path / "unused", prompt=None, noun=None)
+    assert (base.prompt, base.noun, base.history_length, base.max_prompt_length, base.tokenization) == (
+        "d3", "video games", 10, 512, "separate")
 
     model, tok, _ = load_sft_checkpoint(run, "tiny-qwen2", dtype="float32")
     cfg = tiny_config(prepared_dir, tmp_path / "unused", history_length=2)

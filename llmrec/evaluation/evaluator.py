@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,11 +72,16 @@ class EvalConfig:
     checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint directory to evaluate instead of the base model (method=seqrec: the seqrec run directory)."})
     dtype: str = field(default="bfloat16", metadata={"help": "Model dtype: bfloat16, float32, float16, or fast (bfloat16 where the hardware "
                                               "computes it natively, else float32)."})
-    prompt: str = field(default="d3", metadata={"help": "Prompt template name (prompts/) or path."})
-    noun: str = field(default="video games", metadata={"help": "Item noun used by the prompt (D3: 'video games' for Games)."})
+    prompt: str | None = field(default=None, metadata={"help": "Prompt template name (prompts/) or path (default: the one "
+                                                        "the checkpoint was trained with, else d3)."})
+    noun: str | None = field(default=None, metadata={"help": "Item noun used by the prompt (default: the checkpoint's, else "
+                                                      "'video games', D3's for Games)."})
     use_chat_template: bool = field(default=False, metadata={"help": "Wrap the prompt in the tokenizer's chat template."})
-    history_length: int = field(default=10, metadata={"help": "Most recent history items shown in the prompt (D3: 10)."})
-    max_prompt_length: int = field(default=512, metadata={"help": "Token budget of prompt + answer; longer histories are cut from the left (see prompt_fit)."})
+    history_length: int | None = field(default=None, metadata={"help": "Most recent history items shown in the prompt "
+                                                                "(default: the checkpoint's, else 10 as D3)."})
+    max_prompt_length: int | None = field(default=None, metadata={"help": "Token budget of prompt + answer; longer histories "
+                                                                   "are cut from the left (see prompt_fit; default: the "
+                                                                   "checkpoint's max_length, else 512)."})
     prompt_fit: str = field(default="own_answer", metadata={"help": "What a prompt leaves room for within max_prompt_length: own_answer (the row's "
                                                                     "true answer and the latent tokens, as in SFT and GRPO; then how much history a row keeps depends on its "
                                                                     "answer's length: 3 of the Games report's 500 test rows at 512 tokens) or "
@@ -83,7 +89,9 @@ class EvalConfig:
                                                                     "the answer; what `llmrec recommend` does). own_answer is the default so that "
                                                                     "finished evaluations stay comparable."})
     num_beams: int = field(default=10, metadata={"help": "Beams (and returned titles) per row."})
-    tokenization: str = field(default="separate", metadata={"help": "separate (D3: prompt and answer tokenized apart, ids concatenated) or joint (one string; titles checked at the boundary)."})
+    tokenization: str | None = field(default=None, metadata={"help": "separate (D3: prompt and answer tokenized apart, ids "
+                                                              "concatenated) or joint (one string; titles checked at the "
+                                                              "boundary); default: the checkpoint's, else separate."})
     length_penalty: float = field(default=1.0, metadata={"help": "Beam score = logprob sum / length**penalty (1.0 BIGRec/LatentR3, 0.0 D3)."})
     guidance_checkpoint: str | None = field(default=None, metadata={"help": "D3 text-free assistant: a `llmrec seqrec train` output_dir (same prepared dataset) whose ID model guides the beam search (None = off)."})
     guidance_weight: float = field(default=1.0, metadata={"help": "Weight w of the guidance: each step adds w * log P_ID(token | prefix), so a title gains w * log P_ID(title) (0 = off)."})
@@ -107,6 +115,7 @@ class EvalConfig:
                                self.checkpoint, DEFAULT_DATASET)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        self._resolve_prompt_settings()
         if self.split not in ("train", "valid", "test"):
             raise ValueError(f"split must be train, valid or test, got {self.split!r}")
         if self.prompt_fit not in PROMPT_FITS:
@@ -144,6 +153,21 @@ class EvalConfig:
         if self.max_rows < 0:
             raise ValueError(f"max_rows must be >= 0 (0 = all rows), got {self.max_rows}")
 
+    def _resolve_prompt_settings(self) -> None:
+        """Fill the prompt settings left unset: an LLM checkpoint is evaluated on the prompts it learnt (the
+        values its ``llmrec_config.json`` records), anything else with :data:`PROMPT_DEFAULTS`. A value given
+        explicitly is kept (``run`` warns when it differs from the checkpoint's)."""
+        recorded = recorded_prompt_settings(self.checkpoint) if self.method == "beam" and self.checkpoint else {}
+        taken = []
+        for name, default in PROMPT_DEFAULTS.items():
+            if getattr(self, name) is None:
+                if name in recorded:
+                    taken.append(name)
+                setattr(self, name, recorded.get(name, default))
+        if taken:
+            logger.info("prompt settings of %s: %s (options override)", self.checkpoint,
+                        ", ".join(f"{k}={getattr(self, k)!r}" for k in taken))
+
     @property
     def guided(self) -> bool:
         """D3 guidance is on: a guidance checkpoint and a non-zero weight."""
@@ -151,6 +175,13 @@ class EvalConfig:
 
 
 DEFAULT_DATASET = "games-sample"
+# Prompt settings of an evaluation whose checkpoint records none (base models, plain adapters, ID models).
+PROMPT_DEFAULTS: dict[str, Any] = {
+    "prompt": "d3", "noun": "video games", "history_length": 10, "max_prompt_length": 512, "tokenization": "separate",
+}
+# EvalConfig field -> the key `llmrec sft` / `llmrec grpo` record it under in llmrec_config.json.
+_RECORDED_AS = {"prompt": "prompt", "noun": "noun", "history_length": "history_length",
+                "max_prompt_length": "max_length", "tokenization": "tokenization"}
 
 
 def recorded_dataset(checkpoint: str | Path) -> str | None:
@@ -169,6 +200,22 @@ def recorded_dataset(checkpoint: str | Path) -> str | None:
     except (json.JSONDecodeError, AttributeError, TypeError):
         return None  # not a file written by llmrec: the loaders report what is wrong with it
     return None
+
+
+def recorded_prompt_settings(checkpoint: str | Path) -> dict[str, Any]:
+    """The prompt settings an ``llmrec sft`` / ``llmrec grpo`` checkpoint was trained with, under
+    :class:`EvalConfig`'s names (``max_length`` -> ``max_prompt_length``); {} for anything else (a base model, a
+    plain adapter, a file not written by llmrec: the loaders report what is wrong with those)."""
+    from llmrec.training.sft import LLMREC_CONFIG_NAME
+
+    path = Path(checkpoint) / LLMREC_CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    return {name: meta[key] for name, key in _RECORDED_AS.items() if meta.get(key) is not None}
 
 
 def select_rows(n: int, max_rows: int, seed: int) -> list[int]:
@@ -395,24 +442,14 @@ class Evaluator:
     # ------------------------------------------------------------------ run
 
     def _warn_on_other_prompt_settings(self) -> None:
-        """Say so when the checkpoint was trained on other prompts than this evaluation builds: the evaluation
-        takes its prompt settings from its own config (the recipe or the command line), not from the checkpoint."""
-        from llmrec.training.sft import LLMREC_CONFIG_NAME
-
+        """Say so when the checkpoint was trained on other prompts than this evaluation builds (settings given
+        explicitly that differ from the ones the checkpoint records; unset ones were taken from it)."""
         c = self.config
-        path = Path(c.checkpoint) / LLMREC_CONFIG_NAME
-        if not path.is_file():
-            return
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return  # the loader reports it
-        asked = {"prompt": c.prompt, "noun": c.noun, "history_length": c.history_length,
-                 "max_length": c.max_prompt_length}
-        other = {k: (meta[k], v) for k, v in asked.items() if k in meta and meta[k] != v}
+        recorded = recorded_prompt_settings(c.checkpoint)
+        other = {k: (v, getattr(c, k)) for k, v in recorded.items() if getattr(c, k) != v}
         if other and self.state.is_main_process:
-            logger.warning("%s was trained with %s: this evaluation builds its prompts otherwise (pass the "
-                           "checkpoint's values to evaluate it on the prompts it learnt)", c.checkpoint,
+            logger.warning("%s was trained with %s: this evaluation builds its prompts otherwise (leave these "
+                           "options unset to evaluate it on the prompts it learnt)", c.checkpoint,
                            ", ".join(f"{k}={f!r} (here {v!r})" for k, (f, v) in other.items()))
 
     def run(self) -> dict | None:
