@@ -307,3 +307,52 @@ def test_chat_template_answer_context_is_what_every_wrapped_prompt_ends_with(tin
              for tz in ("separate", "joint")}
     assert paths["separate"] == paths["joint"]
     assert answer_context(tpl, tok, use_chat_template=False) == tpl.answer_prefix
+
+
+# ------------------------------------------------------------------------------------------ sampling log-probs
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_constrained_token_logprobs_equal_the_plain_restricted_softmax(tiny, temperature):
+    """The vectorised log-probs of drawn titles (generation-mode GRPO's ratio) equal, value and gradient, a
+    per-position log-softmax over the tokens the trie allows there (what draw_token samples from); padding
+    positions (node -1) give the full-vocabulary value; forced tokens give 0."""
+    from llmrec.decoding.sampling import constrained_token_logprobs, draw_token, trie_nodes
+
+    _, tok = tiny
+    titles, ids = random_catalogue(3, 12)
+    trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
+    paths = [trie.title_token_ids[i] for i in (0, 3, 5, 7)]
+    width = max(len(p) for p in paths) + 1
+    m, v = len(paths), len(tok)
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(m, width, v, generator=gen) * 3).requires_grad_(True)
+    x = torch.zeros(m, width, dtype=torch.long)
+    nodes = torch.full((m, width), -1, dtype=torch.long)
+    for i, p in enumerate(paths):
+        x[i, : len(p)] = torch.tensor(p)
+        nodes[i, : len(p)] = torch.tensor(trie_nodes(trie, p))
+    fast = constrained_token_logprobs(logits, x, nodes, trie.child_ptr, trie.child_tokens, temperature)
+    plain = torch.zeros(m, width)
+    forced = 0
+    for i, p in enumerate(paths):
+        for j in range(width):
+            if j >= len(p):
+                plain[i, j] = torch.log_softmax(logits[i, j] / temperature, -1)[x[i, j]]
+                continue
+            allowed, _ = trie.children(int(nodes[i, j]))
+            plain[i, j] = torch.log_softmax(logits[i, j, allowed] / temperature, -1)[allowed.index(p[j])]
+            # the probability draw_token samples this token with: the same distribution
+            k = allowed.index(p[j])
+            lo = torch.softmax(logits[i, j, allowed].detach().double() / temperature, -1)[:k].sum().item()
+            hi = lo + plain[i, j].exp().item()
+            assert draw_token(logits[i, j].detach(), torch.tensor(allowed), (lo + hi) / 2, temperature) == k
+            forced += len(allowed) == 1
+    assert forced > 0 and torch.allclose(fast, plain, atol=1e-5)
+    assert (fast[nodes >= 0][torch.tensor([len(trie.children(int(n))[0]) == 1 for n in nodes[nodes >= 0]])] == 0).all()
+    weights = torch.randn(m, width, generator=gen)
+    (g_fast,) = torch.autograd.grad((fast * weights).sum(), logits)
+    (g_plain,) = torch.autograd.grad((plain * weights).sum(), logits)
+    assert torch.allclose(g_fast, g_plain, atol=1e-5)
+    with pytest.raises(ValueError, match="not a continuation"):
+        trie_nodes(trie, [paths[0][0], paths[1][-1] + 10**6])

@@ -19,6 +19,7 @@ from llmrec.training.grpo import (
     LatentGRPOConfig,
     LatentGRPOModule,
     LatentGRPOTrainer,
+    _seed_for,
     candidate_items,
     member_noise,
     run_grpo,
@@ -138,6 +139,11 @@ def test_noise_depends_on_seed_epoch_row_only():
     assert not torch.equal(a, member_noise(0, 0, 8, 4, 16))
     assert not torch.equal(a, member_noise(0, 1, 7, 4, 16))
     assert not torch.equal(a, member_noise(1, 0, 7, 4, 16))
+    # rows past the linear key's span do not repeat a row of the next epoch (they did: row 1_000_033 of epoch 0
+    # drew row 0 of epoch 1's noise); below it the seeds are the ones earlier runs drew
+    assert not torch.equal(member_noise(0, 0, 1_000_033, 4, 16), member_noise(0, 1, 0, 4, 16))
+    assert not torch.equal(member_noise(0, 0, 2_000_066, 4, 16), member_noise(0, 2, 0, 4, 16))
+    assert _seed_for(42, 3, 17, 1) == ((42 * 1_000_003 + 3) * 1_000_033 + 17) * 31 + 1
     m = member_noise(0, 0, 7, 5, 16, antithetic=True)
     assert m[0].abs().sum() == 0 and torch.equal(m[2], -m[1]) and torch.equal(m[4], -m[3])
     assert not torch.equal(m[1].abs(), m[3].abs())
@@ -202,7 +208,9 @@ def test_config_errors(tmp_path):
     # TRL options this trainer does not implement are refused rather than silently ignored
     for name, value in (("scale_rewards", "batch"), ("importance_sampling_level", "sequence"), ("delta", 2.0),
                         ("use_vllm", True), ("optim", "adafactor"), ("entropy_coef", 0.5),
-                        ("multi_objective_aggregation", "normalize_then_sum"), ("shuffle_dataset", False)):
+                        ("multi_objective_aggregation", "normalize_then_sum"), ("shuffle_dataset", False),
+                        ("min_p", 0.2), ("generation_kwargs", {"top_k": 3}), ("use_adaptive_entropy", True),
+                        ("max_completion_length", 16), ("cast_lm_head_to_fp32", True)):
         with pytest.raises(ConfigError, match=f"{name}=.*does not implement"):
             LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: value})
 
@@ -681,6 +689,24 @@ def test_options_train(tmp_path, sft_dir, kw):
         assert (out / "checkpoint-1" / "grpo_state.json").exists()
 
 
+def test_bias_corrected_kl_changes_the_gradient_once_the_policy_moved(tmp_path, sft_dir):
+    """use_bias_correction_kl (TRL's option; off by default here) multiplies the k3 term by the ratio: at the first
+    step the policy is the reference (k3 = 0 and its gradient 0 either way), so the first update is the same; after
+    it the ratio's gradient k3 * grad(logp) adds to the KL's and the second update differs."""
+    sft, _, _ = sft_dir
+    assert LatentGRPOConfig.__dataclass_fields__["use_bias_correction_kl"].default is False
+    states = {}
+    for flag in (False, True):
+        for steps in (1, 2):
+            trainer = LatentGRPOTrainer(grpo_config(tmp_path / f"{flag}{steps}", sft, max_steps=steps, beta=0.5,
+                                                    learning_rate=0.05, use_bias_correction_kl=flag))
+            trainer.train()
+            states[flag, steps] = trainer._trainable_state()
+    for k, v in states[False, 1].items():
+        assert torch.allclose(v, states[True, 1][k], atol=1e-7), k
+    assert any(not torch.allclose(v, states[True, 2][k], atol=1e-7) for k, v in states[False, 2].items())
+
+
 def test_clip_acts_with_several_iterations(tmp_path, sft_dir):
     sft, _, _ = sft_dir
     res = run_grpo(grpo_config(tmp_path / "o", sft, max_steps=2, num_iterations=3, learning_rate=0.3,
@@ -1155,6 +1181,13 @@ def test_title_rewards_hand_computed():
     assert exact_match(inputs).tolist() == [1.0, 0.0, 0.0, 0.0]  # the trie's spelling, exactly
     # "Halo Wars 2" vs "Halo 3": 1 common word of 3 sampled / 2 true: P 1/3, R 1/2, F1 0.4
     assert token_f1(inputs).tolist() == pytest.approx([1.0, 1.0, 0.4, 0.0])
+    # SQuAD's normalisation: punctuation breaks words, articles drop out ("Zelda (Gold Edition)" was 1/3, "Halo 3."
+    # vs "Halo 3" 1/2 before); "Spider-Man" vs "Spider Man" are the same words; titles with no words left compare
+    # whole; "Halo 3: ODST" vs "Halo 2": 1 common word of 3 / 2, F1 0.4
+    marked = RewardInputs(torch.zeros(6, 1), torch.ones(6, 1),
+                          sampled_titles=["Zelda (Gold Edition)", "Halo 3.", "The Spider-Man", "Halo 3: ODST", "!!", "?"],
+                          target_titles=["Zelda Gold Edition", "Halo 3", "Spider Man", "Halo 2", "!!", "!"])
+    assert token_f1(marked).tolist() == pytest.approx([1.0, 1.0, 1.0, 0.4, 1.0, 0.0])
     with pytest.raises(ValueError, match="rollout: generate"):
         token_f1(RewardInputs(torch.zeros(1, 1), torch.ones(1, 1)))
 
@@ -1242,17 +1275,46 @@ def test_shared_prefix_equals_naive_on_per_member_completions(tmp_path, sft_dir)
         assert torch.equal(a.completion_input_ids, b.completion_input_ids)
         mask = a.completion_attention_mask.bool()
         assert torch.allclose(a.old_logprobs[mask], b.old_logprobs[mask], atol=1e-4)
-    # The ratio is over the distribution the titles were sampled from: the logits at the sampling temperature (TRL).
+    # The ratio is over the distribution the titles were sampled from (generate_logprob constrained, the default):
+    # the logits at the sampling temperature, softmaxed over the tokens the trie allows after each prefix. The plain
+    # form: each member's logits recomputed on its own, log-softmax over the allowed tokens' logits / T.
     b = fb[0]
     module = fast_t.accelerator.unwrap_model(fast_t.module)
+    lm, trie, g = module.latent_lm, fast_t.title_trie, fast_t.config.num_generations
     t = {k: getattr(b, k) for k in ("prompt_input_ids", "prompt_attention_mask", "completion_input_ids",
                                      "completion_attention_mask")}
+    mask = b.completion_attention_mask.bool()
+    forced = 0
     with torch.no_grad():
+        for r in range(b.completion_input_ids.shape[0]):
+            prefix = lm.encode_prefix(b.prompt_input_ids[r // g: r // g + 1], b.prompt_attention_mask[r // g: r // g + 1])
+            last = prefix.latents[:, -1] + b.noise[r:r + 1]
+            prefix = dataclasses.replace(prefix, latents=torch.cat([prefix.latents[:, :-1], last[:, None]], 1))
+            n_tok = int(mask[r].sum())
+            ids = b.completion_input_ids[r: r + 1, :n_tok]
+            logits = lm.decode_completion(prefix, ids, torch.ones_like(ids)).logits[0].float()
+            node = 0
+            for j, tok in enumerate(ids[0].tolist()):
+                allowed, children = trie.children(node)
+                plain = torch.log_softmax(logits[j, allowed] / 1.7, -1)[allowed.index(tok)]
+                assert b.completion_nodes[r, j] == node
+                assert b.old_logprobs[r, j].item() == pytest.approx(plain.item(), abs=1e-5)
+                if len(allowed) == 1:  # a forced token: the sampler had no choice, log-prob 0
+                    assert b.old_logprobs[r, j].item() == 0.0
+                    forced += 1
+                node = children[allowed.index(tok)]
+        assert forced > 0
+        # vocab (TRL's convention): the whole vocabulary's softmax at the sampling temperature, not at 1
         at_t = module(**t, noise=b.noise, temperature=1.7).logprobs
         at_1 = module(**t, noise=b.noise).logprobs
-    mask = b.completion_attention_mask.bool()
-    assert torch.allclose(b.old_logprobs[mask], at_t[mask], atol=1e-5)
-    assert not torch.allclose(b.old_logprobs[mask], at_1[mask], atol=1e-3)
+    vocab_t = LatentGRPOTrainer(grpo_config(tmp_path / "v", sft, rollout="generate", reward_funcs=["token_f1"],
+                                            temperature=1.7, generate_logprob="vocab"))
+    vb = vocab_t.local_micro_batches(0)
+    vocab_t.score(0, vb)
+    assert vb[0].completion_nodes is None and torch.equal(vb[0].completion_input_ids, b.completion_input_ids)
+    assert torch.allclose(vb[0].old_logprobs[mask], at_t[mask], atol=1e-5)
+    assert not torch.allclose(vb[0].old_logprobs[mask], at_1[mask], atol=1e-3)
+    assert (vb[0].old_logprobs[mask] < b.old_logprobs[mask] + 1e-6).all()  # restricting can only raise them
 
 
 def test_generation_mode_config_errors(tmp_path):
@@ -1264,6 +1326,10 @@ def test_generation_mode_config_errors(tmp_path):
         LatentGRPOConfig(**base, rollout="generate", reward_funcs=["neg_ppl"])
     with pytest.raises(ConfigError, match="policy_logprob must be target"):
         LatentGRPOConfig(**base, rollout="generate", reward_funcs=["token_f1"], policy_logprob="gaussian")
+    with pytest.raises(ConfigError, match="generate_logprob='vocab' applies to rollout: generate"):
+        LatentGRPOConfig(**base, generate_logprob="vocab")
+    with pytest.raises(ConfigError, match="generate_logprob must be one of"):
+        LatentGRPOConfig(**base, rollout="generate", reward_funcs=["token_f1"], generate_logprob="full")
     with pytest.raises(ConfigError, match="temperature=0.5 applies to rollout: generate"):
         LatentGRPOConfig(**base, temperature=0.5)
     with pytest.raises(ConfigError, match="temperature must be > 0"):

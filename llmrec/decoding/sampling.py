@@ -21,7 +21,14 @@ from llmrec.decoding.beam_search import PromptState
 from llmrec.decoding.trie import TitleTrie
 from llmrec.models.kv_cache_naming import cache_kwargs, returned_cache
 
-__all__ = ["SampledTitle", "constrained_sample_from_state", "plain_constrained_sample", "draw_token"]
+__all__ = [
+    "SampledTitle",
+    "constrained_sample_from_state",
+    "constrained_token_logprobs",
+    "draw_token",
+    "plain_constrained_sample",
+    "trie_nodes",
+]
 
 
 @dataclass
@@ -41,6 +48,61 @@ def draw_token(logits: torch.Tensor, allowed: torch.Tensor, u: float, temperatur
     p = torch.softmax(logits[allowed].double() / temperature, dim=-1)
     cdf = p.cumsum(0)
     return min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype) * cdf[-1]).item()), len(allowed) - 1)
+
+
+def trie_nodes(trie: TitleTrie, token_ids: list[int]) -> list[int]:
+    """The trie node each token of a title's completion is drawn at (the root for the first token): where
+    :func:`constrained_token_logprobs` reads the tokens the sampler chose among.
+
+    Raises:
+        ValueError: if ``token_ids`` leaves the trie (not a completion of one of its titles).
+    """
+    nodes, node = [], 0
+    for tok in token_ids:
+        allowed, lo = _allowed(trie, node)
+        hit = (allowed == tok).nonzero()
+        if hit.numel() == 0:
+            raise ValueError(f"token {tok} at position {len(nodes)} is not a continuation the title trie allows")
+        nodes.append(node)
+        node = int(trie.child_nodes[lo + int(hit[0])])
+    return nodes
+
+
+def constrained_token_logprobs(logits: torch.Tensor, ids: torch.Tensor, nodes: torch.Tensor, child_ptr: torch.Tensor,
+                               child_tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of ``ids`` under the distribution :func:`draw_token` samples from: the softmax of
+    ``logits / temperature`` over the tokens the trie allows at each position's node, in float32.
+
+    Args:
+        logits: ``[M, C, V]``; ``logits[m, t]`` is the next-token distribution for ``ids[m, t]``.
+        ids: ``[M, C]`` the drawn tokens.
+        nodes: ``[M, C]`` the trie node of each position (:func:`trie_nodes`); < 0 on padding, where the
+            result is the full-vocabulary log-probability (callers mask those positions).
+        child_ptr, child_tokens: the trie's CSR arrays (:class:`~llmrec.decoding.trie.TitleTrie`), on the logits'
+            device.
+
+    A position whose node allows one token has log-probability 0: the sampler had no choice there.
+    Differentiable in ``logits``; the work is over the allowed tokens only, not ``[M, C, V]``.
+    """
+    x = logits.float() if temperature == 1.0 else logits.float() / temperature
+    m, c, v = x.shape
+    flat = x.reshape(m * c, v)
+    chosen = flat.gather(1, ids.reshape(-1, 1)).squeeze(1)
+    node = nodes.reshape(-1)
+    on = node >= 0
+    pos = on.nonzero().squeeze(1)
+    start = child_ptr[node[on]]
+    counts = child_ptr[node[on] + 1] - start
+    seg = torch.repeat_interleave(pos, counts)  # the flat position of every allowed token
+    offset = torch.arange(int(counts.sum()), device=x.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    vals = flat[seg, child_tokens[torch.repeat_interleave(start, counts) + offset]]
+    # A log-sum-exp per position over its allowed tokens (the max taken out for stability, without gradient).
+    peak = torch.full((m * c,), float("-inf"), device=x.device).scatter_reduce(0, seg, vals.detach(), "amax")
+    peak = torch.where(on, peak, torch.zeros_like(peak))
+    sums = torch.zeros(m * c, device=x.device).scatter_add(0, seg, torch.exp(vals - peak[seg]))
+    lse_allowed = peak + torch.log(torch.where(on, sums, torch.ones_like(sums)))
+    lse = torch.where(on, lse_allowed, torch.logsumexp(flat, dim=-1))
+    return (chosen - lse).view(m, c)
 
 
 def _allowed(trie: TitleTrie, node: int) -> tuple[torch.Tensor, int]:

@@ -70,29 +70,39 @@ POLICY_LOGPROBS = ("target", "gaussian")
 # latent: members differ by their latent noise, scored on the true title (the paper); generate: each member samples a
 # title under its (noised) latent with constrained sampling, rewarded by GENERATION_REWARDS (vanilla GRPO).
 ROLLOUTS = ("latent", "generate")
+GENERATE_LOGPROBS = ("constrained", "vocab")
 SAMPLE_STREAM = 7  # the key stream of generation-mode sampling (seqrec.keyed_random.mix)
 RANK_NEGATIVES = ("uniform", "popularity", "beam", "beam_current")
 # The negatives drawn from a constrained beam search (they need the catalogue's title trie).
 BEAM_RANK_NEGATIVES = ("beam", "beam_current")
 BEAM_NEGATIVES_NAME = "beam_negatives.json"
 # TRL GRPOConfig fields this trainer does not implement: setting one would otherwise be silently ignored.
+_SAMPLING = "generation mode samples from the trie-constrained softmax at `temperature` only; the latent mode samples no text"
 IGNORED_TRL_FIELDS = {
     "scale_rewards": "advantages come from advantage_mode",
     "importance_sampling_level": "the ratio is per token",
     "delta": "no two-sided clipping",
     "top_entropy_quantile": "no entropy masking",
-    "mask_truncated_completions": "no text is generated",
-    "use_vllm": "no text is generated",
+    "mask_truncated_completions": "sampled titles end where the catalogue's titles end: none is truncated",
+    "max_completion_length": "sampled titles end where the catalogue's titles end",
+    "use_vllm": "titles are sampled by llmrec's constrained sampler",
+    "use_transformers_paged": "titles are sampled by llmrec's constrained sampler",
+    "use_transformers_continuous_batching": "titles are sampled by llmrec's constrained sampler",
+    "cache_implementation": "titles are sampled by llmrec's constrained sampler",
     "sync_ref_model": "the reference is the frozen SFT model",
-    "top_p": "no text is generated",
-    "top_k": "no text is generated",
-    "repetition_penalty": "no text is generated",
-    "generation_batch_size": "no text is generated",
+    "top_p": _SAMPLING,
+    "top_k": _SAMPLING,
+    "min_p": _SAMPLING,
+    "repetition_penalty": _SAMPLING,
+    "generation_kwargs": _SAMPLING,
+    "generation_batch_size": "every optimiser batch is scored once (num_iterations reuses it)",
     "steps_per_generation": "every optimiser batch is scored once (num_iterations reuses it)",
     "off_policy_mask_threshold": "no off-policy masking",
     "torch_compile": "not supported",
+    "cast_lm_head_to_fp32": "the LM head computes in the model's dtype, log-softmax in float32",
     "optim": "the optimiser is torch AdamW (adam_beta1/2, adam_epsilon, weight_decay apply)",
     "entropy_coef": "no entropy bonus",
+    "use_adaptive_entropy": "no entropy bonus",
     "multi_objective_aggregation": "rewards are combined by reward_weights, then advantage_mode",
     "shuffle_dataset": "every epoch draws its prompt order from the seed",
 }
@@ -163,6 +173,15 @@ class LatentGRPOConfig(GRPOConfig):
                   "`temperature`, is rewarded by exact_match / token_f1, and the ratio is over the sampled title's "
                   "tokens; same trainer, same advantages."},
     )
+    generate_logprob: str = field(
+        default="constrained",
+        metadata={"help": "rollout: generate. Log-probs of the sampled titles' tokens in the ratio and the KL. "
+                  "constrained: under the distribution the titles are drawn from (the softmax at `temperature` "
+                  "over the tokens the title trie allows after each prefix; a token the trie forces has log-prob "
+                  "0): the policy gradient of the sampler itself. vocab: the softmax over the whole vocabulary "
+                  "(TRL's convention under a constraining logits processor): adds a term that moves the "
+                  "probability mass the trie's tokens hold along high-advantage titles."},
+    )
     policy_logprob: str = field(
         default="target",
         metadata={"help": "What the ratio and the advantage weight. target (the paper): the per-token log-probs of "
@@ -231,6 +250,13 @@ class LatentGRPOConfig(GRPOConfig):
                   "(pip install 'llmrec[tensorboard]')."},
     )
     bf16: bool | None = field(default=False, metadata={"help": "Unused: set model_dtype instead."})
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={"help": "Multiply the per-token KL term (beta > 0) by the ratio, as TRL's option of this name does "
+                  "(its default True: the unbiased reverse-KL gradient for tokens sampled from the policy, i.e. "
+                  "rollout: generate). Default False here: in the latent mode the scored tokens are the true "
+                  "title's, not samples of the policy, and the KL is k3 on them as in TRL before this option."},
+    )
 
     def __post_init__(self) -> None:
         from llmrec.models.backbone import concrete_dtype_name
@@ -265,6 +291,11 @@ class LatentGRPOConfig(GRPOConfig):
             raise ConfigError(f"rollout must be one of {ROLLOUTS}, got {self.rollout!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.generate_logprob not in GENERATE_LOGPROBS:
+            raise ConfigError(f"generate_logprob must be one of {GENERATE_LOGPROBS}, got {self.generate_logprob!r}")
+        if self.rollout == "latent" and self.generate_logprob != "constrained":
+            raise ConfigError(f"generate_logprob={self.generate_logprob!r} applies to rollout: generate (the latent "
+                              "rollout scores the true title); remove it")
         if self.rollout == "latent" and self.temperature != 1.0:
             raise ConfigError(f"temperature={self.temperature!r} applies to rollout: generate (the latent rollout "
                               "generates no text); remove it")
@@ -327,9 +358,18 @@ class LatentGRPOConfig(GRPOConfig):
 # ------------------------------------------------------------------------------------------------ noise
 
 
+_ROW_SPAN, _EPOCH_SPAN = 1_000_033, 1_000_003
+
+
 def _seed_for(seed: int, epoch: int, row: int, salt: int) -> int:
     # A fixed mix (not Python's hash, which is salted per process) of the identifiers of one draw.
-    x = (seed * 1_000_003 + epoch) * 1_000_033 + row
+    if not (0 <= row < _ROW_SPAN and 0 <= epoch < _EPOCH_SPAN):
+        # Past its spans the linear form repeats another draw's seed (row 1_000_033 of epoch 0 = row 0 of
+        # epoch 1): a hashed key there; the linear form is kept below them so earlier runs reproduce.
+        from llmrec.seqrec.keyed_random import mix
+
+        return mix(seed, epoch, row, salt, _ROW_SPAN)
+    x = (seed * _EPOCH_SPAN + epoch) * _ROW_SPAN + row
     return (x * 31 + salt) % (2**63 - 1)
 
 
@@ -416,6 +456,9 @@ class GRPOBatch:
     advantages: torch.Tensor | None = None  # [B*G]
     latent: torch.Tensor | None = None  # [B, H] the noise-free latents at scoring time (detached)
     valid: torch.Tensor | None = None  # [B*G] False for members of skipped groups
+    # [B*G, C] rollout: generate with generate_logprob constrained: the title-trie node each sampled token was drawn
+    # at (-1 on padding); the log-probs are then the sampler's (softmax over the node's allowed tokens)
+    completion_nodes: torch.Tensor | None = None
     prompt_state: Any = None  # the prompts' encoded state from scoring, reused by the loss pass when exact
 
 
@@ -483,9 +526,12 @@ class LatentGRPOModule(nn.Module):
     """
 
     def __init__(self, latent_lm: LatentReasoningLM, group_size: int, naive: bool = False, pad_token_id: int = 0,
-                 naive_rows_per_pass: int = 1):
+                 naive_rows_per_pass: int = 1, title_trie=None):
         super().__init__()
         self.latent_lm = latent_lm
+        # rollout: generate, generate_logprob constrained: completions given with their trie nodes are scored under
+        # the sampler's distribution (a plain attribute: not a parameter or buffer, so DDP and saves ignore it)
+        self.title_trie = title_trie
         self.group_size = group_size
         self.naive = naive
         self.pad_token_id = pad_token_id
@@ -501,14 +547,15 @@ class LatentGRPOModule(nn.Module):
 
     def forward(self, prompt_input_ids, prompt_attention_mask, completion_input_ids, completion_attention_mask,
                 noise=None, noise_fn=None, keep_prompt_state: bool = False, prompt_state=None,
-                latent_only: bool = False, temperature: float = 1.0) -> MemberScores:
+                latent_only: bool = False, temperature: float = 1.0, completion_nodes=None) -> MemberScores:
         """Score the G members of each prompt; see :class:`MemberScores`.
 
         ``noise`` is added to the last latent of each member; or ``noise_fn(latent)`` draws it from the
         pooled (noise-free) latents ``[B, H]`` (relative noise scales need them). ``prompt_state`` (from an
         earlier call with ``keep_prompt_state``) replaces the prompt pass; the latent is pooled again from
         its hidden states, so the head still receives gradients. ``latent_only`` stops after pooling (no
-        completion pass): the Gaussian policy's log-density needs only the latents.
+        completion pass): the Gaussian policy's log-density needs only the latents. ``completion_nodes``
+        (``[B*G, C]``, sampled titles' trie nodes) scores them under the constrained sampler's distribution.
         """
         lm = self.latent_lm
         g = self.group_size
@@ -517,7 +564,7 @@ class LatentGRPOModule(nn.Module):
                                 noise, None)
         if self.naive:
             return self._naive(prompt_input_ids, prompt_attention_mask, completion_input_ids,
-                               completion_attention_mask, noise, noise_fn, temperature)
+                               completion_attention_mask, noise, noise_fn, temperature, completion_nodes)
         kept = None
         if prompt_state is not None:
             if not self.prompt_state_reusable():
@@ -544,9 +591,21 @@ class LatentGRPOModule(nn.Module):
         c_ids = member_rows(completion_input_ids, g, latent.shape[0])
         c_mask = member_rows(completion_attention_mask, g, latent.shape[0])
         out = lm.decode_completion(members, c_ids, c_mask)
-        return MemberScores(_token_logprobs(out.logits, c_ids, temperature), latent, noise, kept)
+        return MemberScores(self._logprobs(out.logits, c_ids, temperature, completion_nodes), latent, noise, kept)
 
-    def _naive(self, p_ids, p_mask, c_ids, c_mask, noise, noise_fn, temperature: float = 1.0):
+    def _logprobs(self, logits: torch.Tensor, ids: torch.Tensor, temperature: float,
+                  nodes: torch.Tensor | None) -> torch.Tensor:
+        if nodes is None:
+            return _token_logprobs(logits, ids, temperature)
+        if self.title_trie is None:
+            raise ValueError("completion_nodes given to a module without a title trie")
+        from llmrec.decoding.sampling import constrained_token_logprobs
+
+        t = self.title_trie.tensors_on(logits.device)
+        return constrained_token_logprobs(logits, ids, nodes.to(logits.device), t.child_ptr, t.child_tokens,
+                                          temperature)
+
+    def _naive(self, p_ids, p_mask, c_ids, c_mask, noise, noise_fn, temperature: float = 1.0, nodes=None):
         # The paper's form, member by member: N+1 full passes over [prompt, latents, completion] per member.
         lm = self.latent_lm
         g = self.group_size
@@ -571,7 +630,8 @@ class LatentGRPOModule(nn.Module):
             for j in range(hi - lo):
                 labels = out.labels[j]
                 keep = labels != -100
-                lp = _token_logprobs(out.logits[j : j + 1, keep], labels[keep][None], temperature)[0]
+                own = None if nodes is None else nodes[lo + j, : int(keep.sum())][None]
+                lp = self._logprobs(out.logits[j : j + 1, keep], labels[keep][None], temperature, own)[0]
                 row = torch.zeros(c_ids.shape[1], device=lp.device, dtype=lp.dtype)
                 row[: lp.shape[0]] = lp
                 rows.append(row)
@@ -704,8 +764,11 @@ class LatentGRPOTrainer:
         self.candidate_weights = None
         self.title_trie = title_trie
         # The ratio (and KL) of sampled titles is over the distribution they were sampled from: the logits at the
-        # sampling temperature, as TRL's GRPO computes them. The latent mode scores the true title at temperature 1.
+        # sampling temperature (as TRL's GRPO), softmaxed over the trie's allowed tokens (generate_logprob
+        # constrained) or the whole vocabulary (vocab, TRL's convention). The latent mode scores the true title at
+        # temperature 1 over the whole vocabulary.
         self.logit_temperature = config.temperature if config.rollout == "generate" else 1.0
+        self.constrained_logprobs = config.rollout == "generate" and config.generate_logprob == "constrained"
         if config.rollout == "generate" and (title_trie is None or any("target_title" not in r for r in rows)):
             raise ConfigError("rollout: generate samples catalogue titles: it needs the title trie (title_trie) and "
                               "every row's target_title")
@@ -748,7 +811,9 @@ class LatentGRPOTrainer:
         else:
             model.train()
         self.latent_lm = model
-        module = LatentGRPOModule(model, config.num_generations, config.naive_forward, self.pad)
+        trie_for_logprobs = title_trie if self.constrained_logprobs else None
+        module = LatentGRPOModule(model, config.num_generations, config.naive_forward, self.pad,
+                                  title_trie=trie_for_logprobs)
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                            eps=config.adam_epsilon, weight_decay=config.weight_decay)
@@ -774,7 +839,8 @@ class LatentGRPOTrainer:
                     p.requires_grad_(False)
             ref.to(self.accelerator.device)
             (ref if config.train_lora else ref.latent_head).eval()  # the shared LM keeps the policy's mode
-            self.ref_module = LatentGRPOModule(ref, config.num_generations, config.naive_forward, self.pad)
+            self.ref_module = LatentGRPOModule(ref, config.num_generations, config.naive_forward, self.pad,
+                                               title_trie=trie_for_logprobs)
         self.callbacks = list(callbacks or [])
         self.global_step = 0
         self.log_history: list[dict] = []
@@ -933,6 +999,8 @@ class LatentGRPOTrainer:
                 sampled_titles = self.sample_titles(epoch, b, t)
                 t["completion_input_ids"] = b.completion_input_ids.to(dev)
                 t["completion_attention_mask"] = b.completion_attention_mask.to(dev)
+                if b.completion_nodes is not None:
+                    t["completion_nodes"] = b.completion_nodes.to(dev)
                 noise_fn = None
             res = self.module(**t, noise=b.noise if noise_fn is None else None, noise_fn=noise_fn,
                               keep_prompt_state=True, temperature=self.logit_temperature)
@@ -1020,7 +1088,7 @@ class LatentGRPOTrainer:
         row and the member, so the process layout cannot change them. Sets ``b.completion_input_ids`` /
         ``b.completion_attention_mask`` to the sampled completions (``[B * G, C]``) and returns their titles."""
         from llmrec.decoding.beam_search import PromptState
-        from llmrec.decoding.sampling import constrained_sample_from_state
+        from llmrec.decoding.sampling import constrained_sample_from_state, trie_nodes
         from llmrec.seqrec.keyed_random import mix
 
         c, g, trie = self.config, self.config.num_generations, self.title_trie
@@ -1037,10 +1105,14 @@ class LatentGRPOTrainer:
         width = max(len(x.token_ids) for x in samples)
         ids = torch.full((len(samples), width), self.pad, dtype=torch.long)
         att = torch.zeros((len(samples), width), dtype=torch.long)
+        nodes = torch.full((len(samples), width), -1, dtype=torch.long)
         for i, x in enumerate(samples):
             ids[i, : len(x.token_ids)] = torch.tensor(x.token_ids)
             att[i, : len(x.token_ids)] = 1
+            if self.constrained_logprobs:
+                nodes[i, : len(x.token_ids)] = torch.tensor(trie_nodes(trie, x.token_ids))
         b.completion_input_ids, b.completion_attention_mask = ids, att
+        b.completion_nodes = nodes if self.constrained_logprobs else None
         return [trie.titles[x.title_index] for x in samples]
 
     def _candidate_scores(self, epoch: int, rows: list[dict], row_ids: list[int], t: dict[str, torch.Tensor],
@@ -1234,6 +1306,8 @@ class LatentGRPOTrainer:
         dev = self.accelerator.device
         t = {k: getattr(b, k).to(dev) for k in ("prompt_input_ids", "prompt_attention_mask",
                                                   "completion_input_ids", "completion_attention_mask")}
+        if b.completion_nodes is not None:
+            t["completion_nodes"] = b.completion_nodes.to(dev)
         noise, old, ref, adv = b.noise, b.old_logprobs, b.ref_logprobs, b.advantages
         state = b.prompt_state
         scale = 1.0
@@ -1276,6 +1350,8 @@ class LatentGRPOTrainer:
         if c.beta > 0:
             d = torch.where(mask > 0, ref - lp, torch.zeros_like(lp))
             kl = torch.exp(d) - d - 1.0
+            if c.use_bias_correction_kl:  # TRL's correction: the ratio's gradient acts even where it equals 1
+                kl = kl * ratio
             per_token = per_token + c.beta * kl
         # DDP averages gradients over processes, hence x world: the sum over processes and micro-steps is then
         # the objective normalised over the whole optimiser batch, whatever the layout.

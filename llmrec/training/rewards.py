@@ -8,6 +8,7 @@ titles the members sampled) and returns one float per member. Rewards are combin
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,23 +134,35 @@ def exact_match(inputs: RewardInputs) -> torch.Tensor:
     return torch.tensor([float(s == t) for s, t in _titles(inputs, "exact_match")], dtype=torch.float64)
 
 
+_ARTICLES = frozenset({"a", "an", "the"})
+
+
 def _words(title: str) -> list[str]:
-    return title.casefold().split()
+    """SQuAD's answer normalisation for titles: case-folded, punctuation (any Unicode P* character) read as a
+    word break -- "Halo 3: ODST" and "Halo 3 ODST" are the same words -- and the articles a/an/the dropped."""
+    spaced = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in title.casefold())
+    return [w for w in spaced.split() if w not in _ARTICLES]
 
 
 def token_f1(inputs: RewardInputs) -> torch.Tensor:
-    """F1 of the sampled title's words against the true title's (case-folded, split on whitespace, counted with
-    multiplicity as SQuAD's F1): partial credit for a title that shares words with the true one.
+    """F1 of the sampled title's words against the true title's (normalised as SQuAD's answers: case-folded,
+    punctuation as word breaks, articles dropped; words counted with multiplicity): partial credit for a title
+    that shares words with the true one. Two titles with no words left after normalising score 1 only if they
+    are equal up to case.
 
-    >>> token_f1(RewardInputs(torch.zeros(3, 1), torch.ones(3, 1), sampled_titles=["Halo 3", "Halo Wars", "Tetris"],
-    ...                       target_titles=["Halo 3", "halo 3", "Halo 3"]))
-    tensor([1.0000, 0.5000, 0.0000], dtype=torch.float64)
+    >>> token_f1(RewardInputs(torch.zeros(4, 1), torch.ones(4, 1),
+    ...                       sampled_titles=["Halo 3", "Halo Wars", "Tetris", "The Halo (3): ODST"],
+    ...                       target_titles=["Halo 3", "halo 3", "Halo 3", "Halo 3 ODST"]))
+    tensor([1.0000, 0.5000, 0.0000, 1.0000], dtype=torch.float64)
     """
     from collections import Counter
 
     out = []
     for sampled, target in _titles(inputs, "token_f1"):
         a, b = Counter(_words(sampled)), Counter(_words(target))
+        if not a and not b:
+            out.append(float(sampled.casefold() == target.casefold()))
+            continue
         common = sum((a & b).values())
         if common == 0:
             out.append(0.0)
