@@ -393,6 +393,12 @@ def test_prefill_with_latents_continues_like_forward(kind, n):
                            use_cache=True, **cache_kwargs(cache))
         cache, nxt = returned_cache(step), nxt + 1
         torch.testing.assert_close(step.logits[:, -1], ref.logits[:, j + 1], rtol=0, atol=1e-5)
+    # GRPO's members: noise of one row per prompt x repeat; one row's noise is not broadcast to every row
+    h = w.lm_config.hidden_size
+    with pytest.raises(ValueError, match="latent_noise must have shape"):
+        w.prefill_with_latents(p, pm, latent_noise=torch.zeros(1, h), repeats=2)
+    _, noised, _, _ = w.prefill_with_latents(p, pm, latent_noise=torch.zeros(p.shape[0] * 2, h), repeats=2)
+    torch.testing.assert_close(noised, last.repeat_interleave(2, 0), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- persistence

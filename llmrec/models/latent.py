@@ -922,6 +922,9 @@ class LatentReasoningLM(nn.Module):
         b = prompt_input_ids.shape[0] * repeats
         e = prefix.latents[:, -1:]
         if latent_noise is not None:
+            if tuple(latent_noise.shape) != (b, e.shape[-1]):  # not broadcast: one row's noise would reach every row
+                raise ValueError(f"latent_noise must have shape {(b, e.shape[-1])} (prompts x repeats, hidden), "
+                                 f"got {tuple(latent_noise.shape)}")
             e = e + latent_noise[:, None].to(e.dtype)
         e = e.to(self.embed_tokens.weight.dtype)
         mask = torch.cat([prefix.attention_mask, prefix.attention_mask.new_ones(b, 1)], dim=1)
