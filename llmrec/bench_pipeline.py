@@ -144,10 +144,12 @@ def grpo_config_differences(args: dict, cfg: LatentGRPOConfig, resumed_from: str
     ``cfg``, the config a rerun would train, leaving out what changes nothing trained
     (:data:`GRPO_RESULT_NEUTRAL_FIELDS`) and, for a run that never resumed, what acts only on resume."""
     from llmrec.config import config_differences
-    from llmrec.training.grpo import LatentGRPOConfig
+    from llmrec.training.grpo import LatentGRPOConfig, inert_fields
 
-    ignore = GRPO_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if resumed_from is None else set())
-    return config_differences(args, cfg.to_dict(), LatentGRPOConfig().to_dict(), ignore=ignore,
+    wanted = cfg.to_dict()
+    ignore = (GRPO_RESULT_NEUTRAL_FIELDS | (SFT_RESUME_ONLY_FIELDS if resumed_from is None else set())
+              | inert_fields(args, wanted))
+    return config_differences(args, wanted, LatentGRPOConfig().to_dict(), ignore=ignore,
                               paths=("dataset", "sft_checkpoint"))
 
 

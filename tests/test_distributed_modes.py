@@ -131,7 +131,7 @@ GRPO_CONFIGS = {
     "two_latents_lora": dict(sft_checkpoint="@sft2", train_lora=True, learning_rate=1e-3),
     # vanilla GRPO: each member samples a title (draws keyed by seed, epoch, row and member), rewarded on it
     "generate": dict(rollout="generate", reward_funcs=["exact_match", "token_f1"], temperature=1.5,
-                     advantage_mode="group", learning_rate=5e-3),
+                     advantage_mode="group", learning_rate=5e-3, eval_rows=5),
     "generate_lora_kl": dict(rollout="generate", reward_funcs=["token_f1"], train_lora=True, beta=0.1,
                              num_iterations=2),
 }
@@ -196,6 +196,11 @@ def test_grpo_two_processes_match_one_process(grpo_runs, name):
             for k in ("neg_ppl", "log_likelihood"):
                 assert a[when][k] == pytest.approx(b[when][k], rel=1e-6), (when, k)
         assert a["eval_after"] != a["eval_before"]
+    if name == "generate":  # held-out titles sampled per row and member, keyed: the same on any layout
+        for when in ("eval_before", "eval_after"):
+            for k in ("exact_match", "token_f1", "log_likelihood"):
+                assert a[when][k] == pytest.approx(b[when][k], rel=1e-6), (when, k)
+            assert 0.0 <= a[when]["token_f1"] <= 1.0
     if name == "nan_group":
         assert a["skipped_groups"] == b["skipped_groups"] == 1
         assert a["nonfinite_grad_steps"] == b["nonfinite_grad_steps"] == 0

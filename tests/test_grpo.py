@@ -19,6 +19,7 @@ from llmrec.training.grpo import (
     LatentGRPOConfig,
     LatentGRPOModule,
     LatentGRPOTrainer,
+    _collate,
     _seed_for,
     candidate_items,
     member_noise,
@@ -33,6 +34,7 @@ from llmrec.training.rewards import (
     log_likelihood,
     neg_ppl,
     reciprocal_rank,
+    token_f1,
 )
 from llmrec.training.sft import LatentSFTConfig, run_sft
 
@@ -707,6 +709,20 @@ def test_bias_corrected_kl_changes_the_gradient_once_the_policy_moved(tmp_path, 
     assert any(not torch.allclose(v, states[True, 2][k], atol=1e-7) for k, v in states[False, 2].items())
 
 
+def test_bias_correction_flag_is_inert_without_kl(tmp_path):
+    """Runs recorded TRL's default use_bias_correction_kl=True before the option was implemented (and trained
+    without it): without a KL term it changes nothing, so finished runs and checkpoints are not refused over it."""
+    from llmrec.bench_pipeline import grpo_config_differences
+
+    base = dict(output_dir=str(tmp_path / "o"), sft_checkpoint=str(tmp_path / "s"), num_generations=4,
+                per_device_train_batch_size=4)
+    cfg = LatentGRPOConfig(**base)
+    assert grpo_config_differences({**cfg.to_dict(), "use_bias_correction_kl": True}, cfg, None) == {}
+    with_kl = LatentGRPOConfig(**base, beta=0.1)
+    assert grpo_config_differences({**with_kl.to_dict(), "use_bias_correction_kl": True}, with_kl, None) == {
+        "use_bias_correction_kl": (True, False)}
+
+
 def test_clip_acts_with_several_iterations(tmp_path, sft_dir):
     sft, _, _ = sft_dir
     res = run_grpo(grpo_config(tmp_path / "o", sft, max_steps=2, num_iterations=3, learning_rate=0.3,
@@ -1173,7 +1189,7 @@ def test_held_out_check_runs_without_dropout(tmp_path, sft_dir):
 
 
 def test_title_rewards_hand_computed():
-    from llmrec.training.rewards import exact_match, token_f1
+    from llmrec.training.rewards import exact_match
 
     inputs = RewardInputs(torch.zeros(4, 1), torch.ones(4, 1),
                           sampled_titles=["Halo 3", "halo 3", "Halo Wars 2", "Tetris"],
@@ -1239,8 +1255,21 @@ def test_generation_mode_trains_on_sampled_titles(tmp_path, sft_dir):
     sft, _, _ = sft_dir
     out = tmp_path / "gen"
     cfg = grpo_config(out, sft, rollout="generate", reward_funcs=["exact_match", "token_f1"],
-                      reward_weights=[1.0, 0.5], temperature=1.5, advantage_mode="group")
+                      reward_weights=[1.0, 0.5], temperature=1.5, advantage_mode="group", eval_rows=4)
     trainer = LatentGRPOTrainer(cfg)
+    # The held-out check reports what this mode trains on: the noise-free policy's rewards over G titles sampled
+    # per row (keyed: the same values on every call), beside the true title's likelihood.
+    held = trainer.evaluate_rewards(per_row=True)
+    assert held == trainer.evaluate_rewards(per_row=True)
+    assert held["rows"] == 4 and 0.0 <= held["token_f1"] <= 1.0 and held["exact_match"] in [x / 16 for x in range(17)]
+    first = trainer._eval_rows[0]
+    draws = trainer._draw_titles(trainer.latent_lm, _collate([first], trainer.pad),
+                                 torch.zeros(4, trainer.latent_lm.lm_config.hidden_size),
+                                 [(-1, first["row_index"], k) for k in range(4)])
+    f1 = token_f1(RewardInputs(torch.zeros(4, 1), torch.ones(4, 1),
+                               sampled_titles=[trainer.title_trie.titles[x.title_index] for x in draws],
+                               target_titles=[first["target_title"]] * 4))
+    assert held["per_row"]["token_f1"][0] == pytest.approx(float(f1.mean()))
     batches = trainer.local_micro_batches(0)
     trainer.score(0, batches)
     b = batches[0]

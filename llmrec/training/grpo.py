@@ -111,6 +111,15 @@ IGNORED_TRL_FIELDS = {
 # ----------------------------------------------------------------------------------------------- config
 
 
+def inert_fields(found: dict[str, Any], wanted: dict[str, Any]) -> set[str]:
+    """Fields that change nothing a GRPO run trains under both recorded configs, so a finished run or a checkpoint
+    is not refused over them: ``use_bias_correction_kl`` without a KL term (beta 0). Runs before the option was
+    implemented here (2026-12-05) recorded TRL's default True and trained without the correction."""
+    if not (found.get("beta") or 0.0) and not (wanted.get("beta") or 0.0):
+        return {"use_bias_correction_kl"}
+    return set()
+
+
 @dataclass
 class LatentGRPOConfig(GRPOConfig):
     """Latent GRPO on top of an llmrec SFT checkpoint; TRL's ``GRPOConfig`` fields keep their meaning.
@@ -195,10 +204,11 @@ class LatentGRPOConfig(GRPOConfig):
     eval_rows: int = field(
         default=0,
         metadata={"help": "Held-out rows (eval_split, seeded subset) whose noise-free rewards -- neg_ppl and "
-                  "log_likelihood of the true title under the pooled latent, and with a candidate reward on, the "
-                  "target's reciprocal_rank and candidate_log_softmax among rank_candidates items drawn per row -- "
-                  "are measured before and after training: a low-variance check that GRPO improved what it "
-                  "optimises on rows it never saw (0 = off)."},
+                  "log_likelihood of the true title under the pooled latent; with a candidate reward on, the "
+                  "target's reciprocal_rank and candidate_log_softmax among rank_candidates items drawn per row; "
+                  "under rollout: generate, exact_match and token_f1 averaged over G titles sampled per row -- "
+                  "are measured before and after training: a check that GRPO improved what it optimises on rows "
+                  "it never saw (0 = off)."},
     )
     eval_split: str = field(default="valid", metadata={"help": "Split of the eval_rows."})
     rank_candidates: int = field(
@@ -1086,22 +1096,13 @@ class LatentGRPOTrainer:
         """rollout: generate. One catalogue title per member of ``b``, sampled under the member's noised latent
         (``b.noise``) by constrained sampling at ``temperature``; the draws are keyed by the seed, the epoch, the
         row and the member, so the process layout cannot change them. Sets ``b.completion_input_ids`` /
-        ``b.completion_attention_mask`` to the sampled completions (``[B * G, C]``) and returns their titles."""
-        from llmrec.decoding.beam_search import PromptState
-        from llmrec.decoding.sampling import constrained_sample_from_state, trie_nodes
-        from llmrec.seqrec.keyed_random import mix
+        ``b.completion_attention_mask`` (and ``b.completion_nodes`` under generate_logprob constrained) to the
+        sampled completions (``[B * G, C]``) and returns their titles."""
+        from llmrec.decoding.sampling import trie_nodes
 
-        c, g, trie = self.config, self.config.num_generations, self.title_trie
+        g, trie = self.config.num_generations, self.title_trie
         lm = self.accelerator.unwrap_model(self.module).latent_lm
-        cache, logits, mask, pos = lm.prefill_with_latents(t["prompt_input_ids"], t["prompt_attention_mask"],
-                                                           latent_noise=b.noise, repeats=g)
-        depth = int(trie.depth.max())
-        uniforms = torch.stack([
-            torch.rand(depth, generator=torch.Generator().manual_seed(mix(c.seed, SAMPLE_STREAM, epoch, r, k)),
-                       dtype=torch.float64)
-            for r in b.rows for k in range(g)])
-        samples = constrained_sample_from_state(lm.causal_lm, trie, PromptState(logits, cache, mask, pos), uniforms,
-                                                c.temperature)
+        samples = self._draw_titles(lm, t, b.noise, [(epoch, r, k) for r in b.rows for k in range(g)])
         width = max(len(x.token_ids) for x in samples)
         ids = torch.full((len(samples), width), self.pad, dtype=torch.long)
         att = torch.zeros((len(samples), width), dtype=torch.long)
@@ -1114,6 +1115,25 @@ class LatentGRPOTrainer:
         b.completion_input_ids, b.completion_attention_mask = ids, att
         b.completion_nodes = nodes if self.constrained_logprobs else None
         return [trie.titles[x.title_index] for x in samples]
+
+    def _draw_titles(self, lm: LatentReasoningLM, t: dict[str, torch.Tensor], noise: torch.Tensor,
+                     keys: list[tuple[int, int, int]]) -> list:
+        """G constrained samples per prompt of ``t`` (``noise`` ``[B * G, H]`` on the last latent), member ``i``'s
+        uniforms keyed by the seed and ``keys[i]`` = (epoch, row, member); the held-out check uses epoch -1."""
+        from llmrec.decoding.beam_search import PromptState
+        from llmrec.decoding.sampling import constrained_sample_from_state
+        from llmrec.seqrec.keyed_random import mix
+
+        c, g, trie = self.config, self.config.num_generations, self.title_trie
+        cache, logits, mask, pos = lm.prefill_with_latents(t["prompt_input_ids"], t["prompt_attention_mask"],
+                                                           latent_noise=noise, repeats=g)
+        depth = int(trie.depth.max())
+        uniforms = torch.stack([
+            torch.rand(depth, generator=torch.Generator().manual_seed(mix(c.seed, SAMPLE_STREAM, *key)),
+                       dtype=torch.float64)
+            for key in keys])
+        return constrained_sample_from_state(lm.causal_lm, trie, PromptState(logits, cache, mask, pos), uniforms,
+                                             c.temperature)
 
     def _candidate_scores(self, epoch: int, rows: list[dict], row_ids: list[int], t: dict[str, torch.Tensor],
                           members: torch.Tensor, group: int, split: str,
@@ -1271,6 +1291,9 @@ class LatentGRPOTrainer:
         names = ["neg_ppl", "log_likelihood"]
         if self.uses_candidates:
             names += ["reciprocal_rank", "candidate_log_softmax"]
+        generating = c.rollout == "generate"
+        if generating:
+            names += sorted(GENERATION_REWARDS)
         # [row index, *names]; padded with index -1 to the same length on every process.
         local = torch.full((-(-len(rows) // self.world), 1 + len(names)), -1.0, dtype=torch.float64, device=dev)
         for lo in range(0, len(mine), per):
@@ -1286,9 +1309,23 @@ class LatentGRPOTrainer:
                 inputs.candidate_scores, inputs.target_index = self._candidate_scores(
                     -1, held, [row["row_index"] for row in held], t, res.latent.float(), 1, c.eval_split,
                     held_out=True)
+            sampled = None
+            if generating:
+                # The noise-free policy's expected reward on the row, estimated from G titles it samples (keyed by
+                # "epoch" -1, the row's index in its split and the member, as the candidates above).
+                held = [rows[r] for r in chunk]
+                zeros = torch.zeros(len(chunk) * g, res.latent.shape[-1], device=dev)
+                draws = self._draw_titles(module.latent_lm, t, zeros,
+                                          [(-1, row["row_index"], k) for row in held for k in range(g)])
+                sampled = RewardInputs(lp, t["completion_attention_mask"],
+                                       sampled_titles=[self.title_trie.titles[x.title_index] for x in draws],
+                                       target_titles=[row["target_title"] for row in held for _ in range(g)])
             local[lo:lo + len(chunk), 0] = torch.tensor(chunk, dtype=torch.float64, device=dev)
             for j, name in enumerate(names, start=1):
-                local[lo:lo + len(chunk), j] = REWARD_FUNCTIONS[name](inputs)
+                if name in GENERATION_REWARDS:
+                    local[lo:lo + len(chunk), j] = REWARD_FUNCTIONS[name](sampled).view(-1, g).mean(1).to(dev)
+                else:
+                    local[lo:lo + len(chunk), j] = REWARD_FUNCTIONS[name](inputs)
         allv = self.accelerator.gather(local)
         allv = allv[allv[:, 0] >= 0]
         allv = allv[torch.argsort(allv[:, 0])]
@@ -1496,8 +1533,10 @@ class LatentGRPOTrainer:
         if found is not None:
             # TRL derives steps_per_generation / generation_batch_size from the layout; this trainer reads neither
             # (global_train_batch_size covers the batch)
-            refuse_changed_resume(path, found, self._resume_settings(), field_defaults(LatentGRPOConfig),
-                                  ignore=RESUME_NEUTRAL_FIELDS | {"steps_per_generation", "generation_batch_size"},
+            wanted = self._resume_settings()
+            refuse_changed_resume(path, found, wanted, field_defaults(LatentGRPOConfig),
+                                  ignore=RESUME_NEUTRAL_FIELDS | {"steps_per_generation", "generation_batch_size"}
+                                  | inert_fields(found, wanted),
                                   paths=("dataset", "sft_checkpoint"))
 
     def load_checkpoint(self, path: Path) -> None:
