@@ -15,9 +15,8 @@ protocol (``--rows``, ``--beams``, ...): use another ``--output-dir`` or remove 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from llmrec.training.grpo import LatentGRPOConfig
@@ -28,6 +27,7 @@ _FLAGS = {"seed": "--seed", "model": "--model", "model_name_or_path": "--model",
           "dataset": "--dataset"}
 _SFT_FLAGS = {**_FLAGS, "train_rows": "--train-rows", "max_train_rows": "--train-rows"}
 _GRPO_FLAGS = {**_FLAGS, "prompts": "--grpo-rows", "sft_checkpoint": "--output-dir"}
+_REMEDY = "rerun with the settings it was made with, use another --output-dir, or remove {out}"
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -96,63 +96,23 @@ def train_stages(args: argparse.Namespace, data_dir: Path, out: Path) -> tuple[P
     return sft_dir, grpo_dir
 
 
-def _split_rows(data_dir: Path, split: str) -> int | None:
-    """The rows of a split of a prepared dataset (its ``stats.json``), or None if it does not say."""
-    from llmrec.data.canonical import read_stats
-
-    return read_stats(data_dir / "stats.json").get("rows", {}).get(split)
-
-
-def _refuse(out_dir: Path, what: str, diff: dict[str, tuple[Any, Any]], flags: dict[str, str]) -> None:
-    """Raise naming each setting of ``diff`` (found, asked, and the flag that sets it) and the directory."""
-    if diff:
-        details = ", ".join(f"{k}={f!r} (asked: {w!r}{' by ' + flags[k] if k in flags else ''})"
-                            for k, (f, w) in diff.items())
-        raise ValueError(f"{out_dir} holds a finished {what} made with {details}; rerun with the settings it was "
-                         f"made with, use another --output-dir, or remove {out_dir}")
-
-
 def check_finished_sft(cfg: LatentSFTConfig, data_dir: Path) -> None:
     """Refuse a finished latent SFT in ``cfg.output_dir`` made with other settings than ``cfg`` (the run would
-    otherwise be reused as it is): rows, seed, model, data, dtype and every other trained field, as
-    ``llmrec bench pipeline`` checks its SFT stages (:func:`llmrec.bench_pipeline.sft_run_differences`)."""
-    from llmrec.bench_pipeline import sft_run_differences
-    from llmrec.training.sft import TRAINING_ARGS_JSON
+    otherwise be reused as it is), naming the quickstart's flags (see
+    :func:`llmrec.training.finished_runs.finished_sft_differences`)."""
+    from llmrec.training.finished_runs import finished_sft_differences, refuse_other_finished_run
 
-    out = Path(cfg.output_dir)
-    if not (out / "train_results.json").exists():
-        return  # trains, or resumes (a resume made with other settings is refused by run_sft)
-    results = json.loads((out / "train_results.json").read_text(encoding="utf-8"))
-    args_file = out / TRAINING_ARGS_JSON
-    args = json.loads(args_file.read_text(encoding="utf-8")) if args_file.exists() else {}
-    _refuse(out, "latent SFT", sft_run_differences(results, args, cfg, _split_rows(data_dir, cfg.train_split)),
-            _SFT_FLAGS)
+    refuse_other_finished_run(Path(cfg.output_dir), "latent SFT", finished_sft_differences(cfg, data_dir),
+                              _REMEDY.format(out=cfg.output_dir), _SFT_FLAGS)
 
 
 def check_finished_grpo(cfg: LatentGRPOConfig, data_dir: Path) -> None:
-    """Refuse a finished latent GRPO in ``cfg.output_dir`` made with other settings than ``cfg``: the prompts it
-    drew (``--grpo-rows``, or the whole train split when it has fewer rows) and every other trained field of the
-    config it recorded (``training_args.json``), the checkpoint it started from and its dtype included."""
-    from llmrec.bench_pipeline import grpo_config_differences
-    from llmrec.config import mismatches
-    from llmrec.training.sft import TRAINING_ARGS_JSON
+    """Refuse a finished latent GRPO in ``cfg.output_dir`` made with other settings than ``cfg`` (see
+    :func:`llmrec.training.finished_runs.finished_grpo_differences`)."""
+    from llmrec.training.finished_runs import finished_grpo_differences, refuse_other_finished_run
 
-    out = Path(cfg.output_dir)
-    if not (out / "grpo_results.json").exists():
-        return
-    results = json.loads((out / "grpo_results.json").read_text(encoding="utf-8"))
-    n = _split_rows(data_dir, cfg.train_split)
-    asked = cfg.max_train_rows if cfg.max_train_rows is not None else n
-    args_file = out / TRAINING_ARGS_JSON
-    args = json.loads(args_file.read_text(encoding="utf-8")) if args_file.exists() else {}
-    found: dict[str, Any] = {"prompts": results.get("prompts")}
-    wanted: dict[str, Any] = {"prompts": min(asked, n) if asked is not None and n else asked}
-    if "advantage_mode" in args:  # the run's own full config (older runs held a copy of the SFT's)
-        found["model_dtype"], wanted["model_dtype"] = args.get("model_dtype"), cfg.model_dtype  # both concrete
-        diff = grpo_config_differences(args, cfg, results.get("resumed_from"))
-        found.update({k: f for k, (f, _) in diff.items()})
-        wanted.update({k: w for k, (_, w) in diff.items()})
-    _refuse(out, "latent GRPO", mismatches(found, wanted), _GRPO_FLAGS)
+    refuse_other_finished_run(Path(cfg.output_dir), "latent GRPO", finished_grpo_differences(cfg, data_dir),
+                              _REMEDY.format(out=cfg.output_dir), _GRPO_FLAGS)
 
 
 def register_cli(subparsers) -> None:

@@ -541,8 +541,8 @@ def test_absolute_noise_on_normalised_latents_is_warned_about(tmp_path, sft_dir,
 def test_training_runs_and_checkpoint_evaluates(tmp_path, sft_dir):
     sft, data, _ = sft_dir
     out = tmp_path / "grpo"
-    res = run_grpo(grpo_config(out, sft, reward_funcs=["neg_ppl", "reciprocal_rank"], reward_weights=[1.0, 1.0],
-                               rank_candidates=5))
+    kw = dict(reward_funcs=["neg_ppl", "reciprocal_rank"], reward_weights=[1.0, 1.0], rank_candidates=5)
+    res = run_grpo(grpo_config(out, sft, **kw))
     assert res["global_step"] == 3 and len(res["log_history"]) == 3
     last = res["log_history"][-1]
     for key in ("rewards/neg_ppl/mean", "rewards/reciprocal_rank/mean", "advantage/abs_mean", "latent_norm",
@@ -574,8 +574,14 @@ def test_training_runs_and_checkpoint_evaluates(tmp_path, sft_dir):
     trained = load_file(str(out / "latent_head.safetensors"))
     for k, v in loaded.latent_head.state_dict().items():
         assert torch.equal(v, trained[k]), k
-    # A finished run is skipped on a rerun.
-    assert run_grpo(grpo_config(out, sft))["train_seconds_this_run"] == res["train_seconds_this_run"]
+    # A finished run is skipped on a rerun with its settings; with others it is refused, naming them.
+    assert run_grpo(grpo_config(out, sft, **kw))["train_seconds_this_run"] == res["train_seconds_this_run"]
+    with pytest.raises(ValueError, match=r"holds a finished GRPO run made with .*noise_scale=1\.5 \(asked: 3\.0\)"):
+        run_grpo(grpo_config(out, sft, **kw, noise_scale=3.0))
+    with pytest.raises(ValueError, match=r"reward_funcs=\['neg_ppl', 'reciprocal_rank'\] \(asked: \['neg_ppl'\]\)"):
+        run_grpo(grpo_config(out, sft))
+    with pytest.raises(ValueError, match=rf"prompts={res['prompts']} \(asked: 4\)"):
+        run_grpo(grpo_config(out, sft, **kw, max_train_rows=4))
 
 
 def test_tensorboard_logs_every_step_and_the_held_out_check(tmp_path, sft_dir):

@@ -430,6 +430,12 @@ def test_retrain_trains_a_finished_run_again_from_the_start(tmp_path, prepared_d
     assert again["resumed_from"] is None and again["global_step"] == 2
     assert not (out / "checkpoint-4").exists() and (out / "checkpoint-2").is_dir()
     assert again["train_loss"] != first["train_loss"]
+    # Without retrain, the finished run is returned only for the settings it was made with: another learning rate
+    # is refused with the difference named (it returned the other run's results before), the same one is skipped
+    with pytest.raises(ValueError, match=r"holds a finished SFT run made with learning_rate=0\.005 \(asked: 0\.05\)"):
+        run_sft(make_config(out, prepared_dir, max_steps=2, save_strategy="steps", save_steps=2, learning_rate=5e-2))
+    assert run_sft(make_config(out, prepared_dir, max_steps=2, save_strategy="steps", save_steps=2,
+                               learning_rate=5e-3)) == again
 
 
 @pytest.mark.parametrize("n_latent", [0, 1])

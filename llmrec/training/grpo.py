@@ -1698,11 +1698,35 @@ def last_grpo_checkpoint(out_dir: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
 
+def _prompt_dataset_dir(config: LatentGRPOConfig) -> Path | None:
+    """The prepared dataset the prompts come from (``dataset``, else the one the SFT checkpoint records), or None
+    if it cannot be found."""
+    from llmrec.data.samples import resolve_dataset_dir
+    from llmrec.training.sft import LLMREC_CONFIG_NAME
+
+    name = config.dataset
+    if name is None and config.sft_checkpoint:
+        meta = Path(config.sft_checkpoint) / LLMREC_CONFIG_NAME
+        try:
+            name = json.loads(meta.read_text(encoding="utf-8")).get("dataset") if meta.is_file() else None
+        except (json.JSONDecodeError, AttributeError):
+            name = None
+    try:
+        return resolve_dataset_dir(name) if name else None
+    except (OSError, ValueError):
+        return None
+
+
 def run_grpo(config: LatentGRPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Train (resuming from the last checkpoint; a finished run is skipped unless ``retrain``)."""
     out = Path(config.output_dir)
     if (out / RESULTS_NAME).exists() and not config.retrain:
-        logger.info("%s holds a finished run (%s); skipping (set retrain: true to train again)", out, RESULTS_NAME)
+        from llmrec.training.finished_runs import finished_grpo_differences, refuse_other_finished_run
+
+        refuse_other_finished_run(out, "GRPO run", finished_grpo_differences(config, _prompt_dataset_dir(config)),
+                                  "set retrain: true to train it again with these settings, or use another output_dir")
+        logger.info("%s holds a finished run (%s) made with these settings; skipping (set retrain: true to train "
+                    "again)", out, RESULTS_NAME)
         return json.loads((out / RESULTS_NAME).read_text(encoding="utf-8"))
     if config.retrain:
         from accelerate import PartialState

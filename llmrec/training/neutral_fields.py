@@ -8,9 +8,9 @@ from __future__ import annotations
 
 # Where and how often to log, how many data workers, which hub. ``model_dtype`` is checked as the concrete dtype a
 # run recorded ("fast" and "bfloat16" may be one dtype); ``use_cpu`` follows the machine (set when no accelerator is
-# found), as the ID-model check ignores the device. The evaluation batch changes only the padding of the validation
-# loss (in bf16 it may move that loss in the last digits, so a near tie between two checkpoints could in principle
-# go the other way).
+# found), as the ID-model check ignores the device; ``retrain`` says whether to train again, not how. The evaluation
+# batch changes only the padding of the validation loss (in bf16 it may move that loss in the last digits, so a near
+# tie between two checkpoints could in principle go the other way).
 SFT_RESULT_NEUTRAL_FIELDS = frozenset({
     "output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "logging_first_step", "logging_strategy",
     "logging_nan_inf_filter", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
@@ -19,7 +19,7 @@ SFT_RESULT_NEUTRAL_FIELDS = frozenset({
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_pin_memory", "per_device_eval_batch_size",
     "torch_empty_cache_steps", "ddp_timeout", "do_train", "do_predict", "resume_from_checkpoint", "push_to_hub",
     "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "model_dtype",
-    "use_cpu",
+    "use_cpu", "retrain",
 })
 # Settings that act only when a run resumes from a checkpoint: not compared for a run that never resumed.
 SFT_RESUME_ONLY_FIELDS = frozenset({"restore_callback_states_from_checkpoint", "ignore_data_skip", "save_only_model"})

@@ -1,0 +1,86 @@
+"""Is a finished SFT / GRPO run in an ``output_dir`` the run asked for now?
+
+``llmrec sft`` / ``llmrec grpo`` skip a finished run (so pipelines can be rerun) and the quickstart reuses its
+stages: both only when the run was made with the settings asked for now, compared field by field (what changes
+nothing trained left out). :func:`refuse_other_finished_run` is the error that names each difference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmrec.training.grpo import LatentGRPOConfig
+    from llmrec.training.sft import LatentSFTConfig
+
+
+def split_rows(data_dir: Path | None, split: str) -> int | None:
+    """The rows of a split of a prepared dataset (its ``stats.json``), or None if unknown."""
+    from llmrec.data.canonical import read_stats
+
+    if data_dir is None or not (Path(data_dir) / "stats.json").is_file():
+        return None
+    return read_stats(Path(data_dir) / "stats.json").get("rows", {}).get(split)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def finished_sft_differences(cfg: LatentSFTConfig, data_dir: Path | None) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (found, asked)}`` between the finished SFT run in ``cfg.output_dir`` and ``cfg`` ({} if there is
+    no finished run): rows, seed, model, data, dtype and every other trained field
+    (:func:`llmrec.bench_pipeline.sft_run_differences`). ``data_dir``: the prepared dataset, for the rows of the
+    train split (None if unknown: then an unlimited ``max_train_rows`` is taken to mean the rows the run had)."""
+    from llmrec.bench_pipeline import sft_run_differences
+    from llmrec.training.sft import RESULTS_NAME, TRAINING_ARGS_JSON
+
+    out = Path(cfg.output_dir)
+    if not (out / RESULTS_NAME).exists():
+        return {}
+    results = _read_json(out / RESULTS_NAME)
+    n_train = split_rows(data_dir, cfg.train_split)
+    if n_train is None and cfg.max_train_rows is None:
+        n_train = results.get("num_train_rows")
+    return sft_run_differences(results, _read_json(out / TRAINING_ARGS_JSON), cfg, n_train)
+
+
+def finished_grpo_differences(cfg: LatentGRPOConfig, data_dir: Path | None) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (found, asked)}`` between the finished GRPO run in ``cfg.output_dir`` and ``cfg`` ({} if there is
+    none): the prompts it drew (``max_train_rows``, or the whole train split when it has fewer rows) and every other
+    trained field of the config it recorded, the checkpoint it started from and its dtype included."""
+    from llmrec.bench_pipeline import grpo_config_differences
+    from llmrec.config import mismatches
+    from llmrec.training.grpo import RESULTS_NAME
+    from llmrec.training.sft import TRAINING_ARGS_JSON
+
+    out = Path(cfg.output_dir)
+    if not (out / RESULTS_NAME).exists():
+        return {}
+    results = _read_json(out / RESULTS_NAME)
+    args = _read_json(out / TRAINING_ARGS_JSON)
+    n = split_rows(data_dir, cfg.train_split)
+    asked = cfg.max_train_rows if cfg.max_train_rows is not None else n
+    found: dict[str, Any] = {"prompts": results.get("prompts")}
+    wanted: dict[str, Any] = {"prompts": min(asked, n) if asked is not None and n else asked}
+    if wanted["prompts"] is None:  # the split's size is unknown and no limit was asked: nothing to compare
+        found, wanted = {}, {}
+    if "advantage_mode" in args:  # the run's own full config (older runs held a copy of the SFT's)
+        found["model_dtype"], wanted["model_dtype"] = args.get("model_dtype"), cfg.model_dtype  # both concrete
+        diff = grpo_config_differences(args, cfg, results.get("resumed_from"))
+        found.update({k: f for k, (f, _) in diff.items()})
+        wanted.update({k: w for k, (_, w) in diff.items()})
+    return mismatches(found, wanted)
+
+
+def refuse_other_finished_run(out_dir: Path, what: str, diff: dict[str, tuple[Any, Any]], remedy: str,
+                              flags: dict[str, str] | None = None) -> None:
+    """Raise ``ValueError`` naming each setting of ``diff`` (found, asked, and the flag in ``flags`` that sets it),
+    the directory and ``remedy``."""
+    if diff:
+        flags = flags or {}
+        details = ", ".join(f"{k}={f!r} (asked: {w!r}{' by ' + flags[k] if k in flags else ''})"
+                            for k, (f, w) in diff.items())
+        raise ValueError(f"{out_dir} holds a finished {what} made with {details}; {remedy}")
