@@ -43,6 +43,10 @@ def test_seqrec_method_equals_the_seqrec_test_metrics(data_dir, sasrec_run, tmp_
         assert res["metrics"]["item"][k] == pytest.approx(trained["test"][k], abs=1e-9), k
     assert res["protocol"]["history_length"] == 6  # the ID model's own, not the prompt's 10
     assert res["protocol"]["id_model"] == "sasrec"
+    # The run given to the LLM path (method beam, the default) is named as an ID model, before anything is written
+    with pytest.raises(ValueError, match="is a `llmrec seqrec train` run .* --method seqrec"):
+        evaluate(_config(data_dir, sasrec_run, tmp_path / "as_llm", method="beam", model_name_or_path="tiny-qwen2"))
+    assert not (tmp_path / "as_llm").exists()
 
 
 def test_lares_with_a_random_initial_state_gives_its_trainers_test_metrics(data_dir, tmp_path):

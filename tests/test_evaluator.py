@@ -83,7 +83,7 @@ def test_beam_evaluation_and_resume_give_the_same_rankings(prepared_dir, tmp_pat
         evaluate(tiny_config(prepared_dir, tmp_path / "stale"))
     # A finished evaluation is not redone; a different protocol in the same dir is refused.
     assert evaluate(tiny_config(prepared_dir, tmp_path / "full"))["metrics"] == full["metrics"]
-    with pytest.raises(ValueError, match="different protocol"):
+    with pytest.raises(ValueError, match=r"different protocol \(num_beams=4 \(here 3\)\)"):  # names what differs
         evaluate(tiny_config(prepared_dir, tmp_path / "full", num_beams=3))
 
 
@@ -179,10 +179,17 @@ def test_evaluator_loads_a_latent_sft_checkpoint(prepared_dir, tmp_path, caplog)
         res_own = evaluate(own)
     assert not [r for r in caplog.records if "was trained with" in r.getMessage()]
     assert res_own["protocol"]["history_length"] == 2
+    # The base model too: left unset it is the one the checkpoint records; another one is refused before anything
+    # is written (it failed at model load, after protocol.json and rankings/ were made)
+    assert tiny_config(prepared_dir, tmp_path / "unused", checkpoint=str(run),
+                       model_name_or_path=None).model_name_or_path == "tiny-qwen2"
+    with pytest.raises(ValueError, match="trained on base model 'tiny-qwen2'"):
+        evaluate(tiny_config(prepared_dir, tmp_path / "other_base", checkpoint=str(run), model_name_or_path="tiny-llama"))
+    assert not (tmp_path / "other_base").exists()
     # ...and without a checkpoint, EvalConfig's documented defaults
-    base = tiny_config(prepared_dir, tmp_path / "unused", prompt=None, noun=None)
-    assert (base.prompt, base.noun, base.history_length, base.max_prompt_length, base.tokenization) == (
-        "d3", "video games", 10, 512, "separate")
+    base = tiny_config(prepared_dir, tmp_path / "unused", prompt=None, noun=None, model_name_or_path=None)
+    assert (base.prompt, base.noun, base.history_length, base.max_prompt_length, base.tokenization,
+            base.model_name_or_path) == ("d3", "video games", 10, 512, "separate", "smollm2-135m")
 
     model, tok, _ = load_sft_checkpoint(run, "tiny-qwen2", dtype="float32")
     cfg = tiny_config(prepared_dir, tmp_path / "unused", history_length=2)

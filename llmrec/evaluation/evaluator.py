@@ -68,7 +68,10 @@ class EvalConfig:
     max_rows: int = field(default=0, metadata={"help": "Evaluate a seeded random subset of this many rows (0 = all)."})
     row_seed: int = field(default=0, metadata={"help": "Seed of the row subset."})
     method: str = field(default="beam", metadata={"help": "beam (constrained beam search with the LM), popularity, or seqrec (full ranking by the ID model of a `llmrec seqrec train` run given as checkpoint)."})
-    model_name_or_path: str = field(default="smollm2-135m", metadata={"help": "Hub id, local dir, or alias (smollm2-135m, qwen2.5-coder-0.5b, tiny-qwen2, tiny-llama)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id, local dir, or alias (smollm2-135m, "
+                                                                    "qwen2.5-coder-0.5b, tiny-qwen2, tiny-llama); "
+                                                                    "default: the base model a checkpoint records, "
+                                                                    "else smollm2-135m."})
     checkpoint: str | None = field(default=None, metadata={"help": "Trained checkpoint directory to evaluate instead of the base model (method=seqrec: the seqrec run directory)."})
     dtype: str = field(default="bfloat16", metadata={"help": "Model dtype: bfloat16, float32, float16, or fast (bfloat16 where the hardware "
                                               "computes it natively, else float32)."})
@@ -158,6 +161,11 @@ class EvalConfig:
         values its ``llmrec_config.json`` records), anything else with :data:`PROMPT_DEFAULTS`. A value given
         explicitly is kept (``run`` warns when it differs from the checkpoint's)."""
         recorded = recorded_prompt_settings(self.checkpoint) if self.method == "beam" and self.checkpoint else {}
+        if self.model_name_or_path is None:
+            base = _recorded_base_or_none(self.checkpoint) if self.method == "beam" and self.checkpoint else None
+            self.model_name_or_path = base or DEFAULT_MODEL
+            if base:
+                logger.info("base model: %s (recorded by %s; --model_name_or_path overrides)", base, self.checkpoint)
         taken = []
         for name, default in PROMPT_DEFAULTS.items():
             if getattr(self, name) is None:
@@ -175,6 +183,7 @@ class EvalConfig:
 
 
 DEFAULT_DATASET = "games-sample"
+DEFAULT_MODEL = "smollm2-135m"
 # Prompt settings of an evaluation whose checkpoint records none (base models, plain adapters, ID models).
 PROMPT_DEFAULTS: dict[str, Any] = {
     "prompt": "d3", "noun": "video games", "history_length": 10, "max_prompt_length": 512, "tokenization": "separate",
@@ -216,6 +225,32 @@ def recorded_prompt_settings(checkpoint: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         return {}
     return {name: meta[key] for name, key in _RECORDED_AS.items() if meta.get(key) is not None}
+
+
+def _recorded_base_or_none(checkpoint: str | Path) -> str | None:
+    """The base model a checkpoint records (:func:`llmrec.models.checkpoint.recorded_base`), or None when it records
+    none or its files are unreadable (the loaders report those)."""
+    from llmrec.models.checkpoint import recorded_base
+
+    try:
+        return recorded_base(checkpoint)[0]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _protocol_changes(found: Any, wanted: dict, limit: int = 6) -> str:
+    """What differs between a recorded evaluation protocol and this one, for an error message."""
+    from llmrec.config import mismatches
+
+    if not isinstance(found, dict):
+        return "it records no protocol"
+    found, wanted = json.loads(json.dumps(found, default=str)), json.loads(json.dumps(wanted, default=str))
+    diff = mismatches(found, wanted)
+    diff.update({k: (v, None) for k, v in found.items() if k not in wanted})
+    parts = [f"{k}={f!r} (here {w!r})" for k, (f, w) in sorted(diff.items())]
+    if not parts:
+        return "recorded by another version of llmrec"
+    return ", ".join(parts[:limit]) + (f" and {len(parts) - limit} more" if len(parts) > limit else "")
 
 
 def select_rows(n: int, max_rows: int, seed: int) -> list[int]:
@@ -456,9 +491,14 @@ class Evaluator:
         """Evaluate (resuming if possible); returns the results dict on the main process."""
         c = self.config
         if c.method == "beam" and c.checkpoint is not None:
-            from llmrec.models.checkpoint import checkpoint_kind
+            from llmrec.models.checkpoint import adapter_base, checkpoint_kind
 
-            checkpoint_kind(c.checkpoint)  # fail before anything is written
+            ckpt = Path(c.checkpoint)
+            if (ckpt / "results.json").is_file() and (ckpt / "train" / "best.safetensors").is_file():
+                raise ValueError(f"{ckpt} is a `llmrec seqrec train` run (an ID model): evaluate it with "
+                                 f"--method seqrec")
+            checkpoint_kind(c.checkpoint)  # fail before anything is written: not a checkpoint, or another base model
+            adapter_base(c.checkpoint, c.model_name_or_path)
             self._warn_on_other_prompt_settings()
         # Popularity needs the training targets; the LM path only the evaluated split.
         wanted = sorted({c.split, "train"}) if c.method == "popularity" else [c.split]
@@ -485,14 +525,17 @@ class Evaluator:
                     self._check_done_rows(finished, split, rankings, "finished evaluation")
                 logger.info("%s is complete for this protocol; nothing to do", results_path)
                 return prev
-            raise ValueError(f"{self.out} holds results of a different protocol; choose another output_dir")
+            raise ValueError(f"{self.out} holds results of a different protocol "
+                             f"({_protocol_changes(prev.get('protocol'), protocol)}); choose another output_dir")
         proto_path = self.out / "protocol.json"
         if self.state.is_main_process:
-            if proto_path.exists() and json.loads(proto_path.read_text()).get("fingerprint") != fp:
+            old = json.loads(proto_path.read_text()) if proto_path.exists() else None
+            if old is not None and old.get("fingerprint") != fp:
                 # A start that failed before ranking any row (a typo in the prompt or model name, say) left only
                 # protocol.json: nothing to reuse or to protect, so the corrected run takes the directory.
                 if self._has_records():
-                    raise ValueError(f"{self.out} holds a partial evaluation of a different protocol; choose another "
+                    raise ValueError(f"{self.out} holds a partial evaluation of a different protocol "
+                                     f"({_protocol_changes(old.get('protocol'), protocol)}); choose another "
                                      "output_dir")
                 logger.warning("%s: replacing the protocol of a start that ranked no row", proto_path)
             (self.out / "rankings").mkdir(parents=True, exist_ok=True)
