@@ -240,6 +240,17 @@ def test_split_options_at_their_defaults_are_accepted_everywhere(tmp_path: Path)
                              "--test-ratio", "0.2")) == 0
 
 
+def test_a_zero_ratio_leaves_its_split_out(tmp_path: Path):
+    """README: a ratio of 0 writes no such split (it failed: "split 'test' has no examples after cleaning")."""
+    src = write_csv_source(tmp_path / "src")
+    assert main(prepare_args("csv", src, tmp_path / "o", "--split", "time", "--valid-ratio", "0.3",
+                             "--test-ratio", "0")) == 0
+    assert {p.name for p in (tmp_path / "o").glob("*.jsonl")} == {"catalog.jsonl", "train.jsonl", "valid.jsonl"}
+    assert main(prepare_args("csv", src, tmp_path / "o0", "--split", "time", "--valid-ratio", "0",
+                             "--test-ratio", "0.3")) == 0
+    assert not (tmp_path / "o0" / "valid.jsonl").exists() and (tmp_path / "o0" / "test.jsonl").exists()
+
+
 def test_a_split_named_twice_is_refused(tmp_path: Path, capsys):
     # --splits test,test wrote test.jsonl twice and counted its rows twice in cleaned.examples
     src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"

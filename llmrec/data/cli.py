@@ -70,6 +70,17 @@ def _check_split_options(args: argparse.Namespace) -> None:
                              "it would be ignored")
 
 
+def _splits_to_prepare(args: argparse.Namespace) -> list[str] | None:
+    """``--splits``; without it, a ratio time split leaves out the split whose ratio is 0 (it has no rows), else
+    None (all the input has)."""
+    splits = _split_list(args.splits)
+    if splits is None and args.format in ("csv", "amazon2023") and args.split == "time" and not args.time_cutoffs:
+        zero = {name for name, ratio in (("valid", args.valid_ratio), ("test", args.test_ratio)) if ratio == 0}
+        if zero:
+            return [s for s in ("train", "valid", "test") if s not in zero]
+    return splits
+
+
 def max_history_of(args: argparse.Namespace) -> int:
     """``--max-history``, or when not given the format's default: D3's 10 for amazon2018, 50 otherwise."""
     if args.max_history is not None:
@@ -119,7 +130,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     opts = PrepareOptions(max_history=max_history_of(args), eval_rows=args.eval_rows,
                           title_policy=TitlePolicy.parse(args.title_policy))
     raw = read_source(args)
-    stats = prepare(raw, args.output, opts, _split_list(args.splits))
+    stats = prepare(raw, args.output, opts, _splits_to_prepare(args))
     print(format_stats(stats))
     return 0
 
