@@ -303,8 +303,12 @@ class _LLMBackend:
                 render_prompts(self.template, self.tokenizer, [example], settings, budget)
             except PromptError as e:
                 index = first_index + m
-                raise PromptFitError(f"history {index} (newest item {example['history_titles'][-1]!r}): {e}",
-                                      index) from None
+                latents = " and the latent tokens" if getattr(self.model, "num_latent_tokens", 0) else ""
+                raise PromptFitError(
+                    f"history {index} (newest item {example['history_titles'][-1]!r}): {e} (the prompt's budget is "
+                    f"max_prompt_length {settings.max_prompt_length} minus {budget} tokens kept for the catalogue's "
+                    f"longest answer{latents}; raise "
+                    f"max_prompt_length)", index) from None
 
 
 class _SeqRecBackend:

@@ -492,6 +492,8 @@ def test_a_history_whose_prompt_cannot_fit_is_named(data_dir, tmp_path, capsys):
     with pytest.raises(PromptFitError, match=r"history 2 \(newest item 'Super Mario Super Mario") as e:
         rec.recommend([[1, 2], [3], [1, 5]], k=2)  # the third history, in the second batch of 2
     assert e.value.index == 2
+    # the budget it was held to is explained: max_prompt_length less the room kept for the longest answer
+    assert "the prompt's budget is max_prompt_length 512 minus" in str(e.value) and "raise max_prompt_length" in str(e.value)
     inp = tmp_path / "histories.jsonl"
     inp.write_text("".join(json.dumps({"user": u, "history": h}) + "\n\n"
                            for u, h in (("a", [1, 2]), ("b", [3]), ("c", [1, 5]))))
