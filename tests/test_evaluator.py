@@ -186,6 +186,17 @@ def test_evaluator_loads_a_latent_sft_checkpoint(prepared_dir, tmp_path, caplog)
     with pytest.raises(ValueError, match="trained on base model 'tiny-qwen2'"):
         evaluate(tiny_config(prepared_dir, tmp_path / "other_base", checkpoint=str(run), model_name_or_path="tiny-llama"))
     assert not (tmp_path / "other_base").exists()
+    # Evaluated on another dataset than it was trained on: said (the Games recipes train on the sample and evaluate
+    # on data/games); its own dataset under another spelling is not
+    import shutil
+
+    shutil.copytree(prepared_dir, tmp_path / "other_data")
+    for data, warned in ((tmp_path / "other_data", True), (Path(str(prepared_dir) + "/"), False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.evaluator"):
+            evaluate(tiny_config(data, tmp_path / f"ev_{warned}", checkpoint=str(run), history_length=2,
+                                 max_prompt_length=384, max_rows=1))
+        assert ("is evaluated on" in caplog.text) == warned, caplog.text
     # ...and without a checkpoint, EvalConfig's documented defaults
     base = tiny_config(prepared_dir, tmp_path / "unused", prompt=None, noun=None, model_name_or_path=None)
     assert (base.prompt, base.noun, base.history_length, base.max_prompt_length, base.tokenization,

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -251,6 +252,17 @@ def _protocol_changes(found: Any, wanted: dict, limit: int = 6) -> str:
     if not parts:
         return "recorded by another version of llmrec"
     return ", ".join(parts[:limit]) + (f" and {len(parts) - limit} more" if len(parts) > limit else "")
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    """Two names of one prepared dataset (paths normalised, embedded sample names resolved)."""
+    from llmrec.data.samples import SAMPLES, sample_cache_dir
+
+    def where(name: str) -> str:  # without preparing a sample that is not there yet
+        path = sample_cache_dir(name) if name in SAMPLES and not Path(name).exists() else Path(name)
+        return str(path.resolve()) if path.exists() else os.path.normpath(name)
+
+    return a == b or where(a) == where(b)
 
 
 def select_rows(n: int, max_rows: int, seed: int) -> list[int]:
@@ -486,6 +498,10 @@ class Evaluator:
             logger.warning("%s was trained with %s: this evaluation builds its prompts otherwise (leave these "
                            "options unset to evaluate it on the prompts it learnt)", c.checkpoint,
                            ", ".join(f"{k}={f!r} (here {v!r})" for k, (f, v) in other.items()))
+        trained_on = recorded_dataset(c.checkpoint)
+        if trained_on and self.state.is_main_process and not _same_dataset(trained_on, c.dataset):
+            logger.warning("%s was trained on %s and is evaluated on %s (another catalogue: leave dataset unset to "
+                           "evaluate it on its own)", c.checkpoint, trained_on, c.dataset)
 
     def run(self) -> dict | None:
         """Evaluate (resuming if possible); returns the results dict on the main process."""
