@@ -1086,3 +1086,14 @@ def test_eval_rows_first_never_lets_a_later_interaction_stand_in(tmp_path: Path)
     assert rows_of(out, "test") == [("u", [1, 2], 3, 3), ("v", [1, 3, 2], 3, 4)]
     assert stats_of(out)["skipped"] == {"train_rows_empty_history": 1, "valid_rows_empty_history": 1,
                                         "valid_rows_not_first": 1}
+
+
+def test_eval_rows_first_is_refused_where_it_would_be_ignored(tmp_path: Path):
+    """Leave-one-out gives one valid/test row per user whatever eval_rows says, and fixed rows are taken as they
+    are: eval_rows=first there was silently ignored (while stats.json recorded it)."""
+    raw = formats.RawData(titles={"a": "A game", "b": "B game", "c": "C game", "d": "D game"}, mode="loo",
+                          sequences={"u": {"all": [("a", 1), ("b", 2), ("c", 3), ("d", 4)]}})
+    with pytest.raises(ValueError, match="eval_rows 'first' applies to time-window splits .*'loo'"):
+        prepare(raw, tmp_path / "out", PrepareOptions(eval_rows="first"))
+    assert not (tmp_path / "out").exists()
+    prepare(raw, tmp_path / "out", PrepareOptions(eval_rows="all"))

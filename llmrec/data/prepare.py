@@ -191,6 +191,10 @@ def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None
         # title cannot be recommended by its title, so it is dropped and counted.
         raise ValueError("title policy empty=keep is not allowed: a prepared catalogue has a title for every item")
     check_split_names(splits)
+    if opts.eval_rows == "first" and raw.mode != "windows":
+        # leave-one-out has one valid/test row per user anyway; fixed rows (d3-csv, amazon2018) are taken as they are
+        raise ValueError(f"eval_rows 'first' applies to time-window splits (this input's split mode is "
+                         f"{raw.mode!r}); it would be ignored")
     raw_stats = raw_counts(raw)
     # Only items that occur somewhere in the data enter the catalogue (as every reader's id space), and titles are
     # judged among them: a title shared only with an item that never occurs is no duplicate (duplicate=drop
