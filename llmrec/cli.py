@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Modules that provide `register_cli(subparsers)`, in the order their commands are listed.
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors (DataFormatError, ConfigError, ...) carry file/row/field; no traceback for them.
         print(f"llmrec: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader of stdout went away (`llmrec data stats ... | head`): not an error of ours. Point stdout at
+        # devnull so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
 
 
 if __name__ == "__main__":

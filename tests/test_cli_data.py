@@ -173,6 +173,13 @@ def test_stats_prints(tmp_path: Path, capsys):
     assert "skipped: train_rows_empty_history 3  users_too_short_for_leave_one_out 1" in printed
     assert main(["data", "stats", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads((out / "stats.json").read_text())
+    # A reader that goes away (`llmrec data stats DIR | head`) ends the command quietly, not with a traceback
+    import subprocess
+    import sys
+
+    done = subprocess.run(f"{sys.executable} -m llmrec.cli data stats {out} | true", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
     assert main(["data", "stats", str(tmp_path / "nope")]) == 1
     assert "prepared dataset directory not found" in capsys.readouterr().err
     assert main(["data", "stats", str(src)]) == 1

@@ -87,6 +87,12 @@ def test_beam_evaluation_and_resume_give_the_same_rankings(prepared_dir, tmp_pat
         evaluate(tiny_config(prepared_dir, tmp_path / "full", num_beams=3))
 
 
+def test_popularity_with_a_checkpoint_is_refused(prepared_dir, tmp_path):
+    # it was accepted and the checkpoint silently not used
+    with pytest.raises(ValueError, match="method=popularity .* reads no checkpoint"):
+        tiny_config(prepared_dir, tmp_path / "p", method="popularity", checkpoint=str(tmp_path / "ckpt"))
+
+
 def test_target_not_in_catalogue_is_a_clear_error(prepared_dir, tmp_path):
     rows = [json.loads(x) for x in (prepared_dir / "test.jsonl").read_text().splitlines()]
     rows[2]["target_item_id"] = 999

@@ -143,6 +143,9 @@ class EvalConfig:
             raise ValueError(f"guidance_weight must be a finite number >= 0, got {self.guidance_weight}")
         if self.guidance_checkpoint is not None and self.method != "beam":
             raise ValueError("guidance_checkpoint only applies to method=beam")
+        if self.method == "popularity" and self.checkpoint:
+            raise ValueError(f"method=popularity ranks items by training counts: it reads no checkpoint (got "
+                             f"{self.checkpoint}); drop --checkpoint or use method beam / seqrec")
         if self.method == "seqrec" and not self.checkpoint:
             raise ValueError("method=seqrec needs checkpoint: a `llmrec seqrec train` output_dir")
         if not self.ks or any(int(k) < 1 for k in self.ks):
