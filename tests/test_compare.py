@@ -138,3 +138,28 @@ def test_cli_writes_the_printed_table_and_the_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert md.read_text() == comparison_table(json.loads(js.read_text()))
     assert printed.startswith(md.read_text()) and "| run | hr@10 | ndcg@10 |" in md.read_text()
+
+
+def test_runs_sharing_part_of_their_rows_or_other_datasets_are_warned_about(tmp_path, caplog):
+    """A 3-row and a 6-row run compared on their shared rows only: said, as are runs recording other datasets."""
+    import logging
+
+    small = _run(tmp_path / "small", [0, None, 2])
+    big = _run(tmp_path / "big", [1, 0, None, 3, 0, 2])
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
+        assert compare_runs([small, big], ["ndcg@10"])["rows"] == 3
+    assert not caplog.records  # all 3 rows of the smaller run are shared
+    part = _run(tmp_path / "part", [None, None, None, 0, 1])
+    (part / "results.json").write_text(json.dumps({"protocol": {"dataset": "data/other"}}))
+    (big / "results.json").write_text(json.dumps({"protocol": {"dataset": "data/games"}}))
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
+        compare_runs([part, big], ["ndcg@10"])
+    assert "different datasets (data/games, data/other)" in caplog.text
+    sparse = _run(tmp_path / "sparse", [])
+    with open(sparse / "rankings.jsonl", "w") as f:  # rows 0 and 9 only: one shared with the 6-row run
+        for row in (0, 9):
+            f.write(json.dumps({"row": row, "target_item_id": 100 + row, "item_rank": 0, "title_rank": 0}) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
+        assert compare_runs([sparse, big], ["ndcg@10"])["rows"] == 1
+    assert "the runs share 1 of the 2 rows of the smallest run" in caplog.text

@@ -12,6 +12,7 @@ second interval counts the seeds' spread as well (:func:`llmrec.evaluation.metri
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from llmrec.evaluation.metrics import (
     rows_for_power,
     seed_row_ci,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _is_rank(value: object) -> bool:
@@ -162,6 +165,16 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
             raise ValueError(f"row {row} has different users in the runs ({sorted(users)}): not the same split")
     if not shared:
         raise ValueError("the runs share no rows")
+    fewest = min(len(r) for r in runs)
+    if len(shared) < fewest:
+        # Subsets of other sizes (max_rows) are separate seeded draws, not nested: they share few rows.
+        logger.warning("the runs share %d of the %d rows of the smallest run: compared on those only (evaluate "
+                       "them with the same max_rows and row_seed to compare them on all their rows)",
+                       len(shared), fewest)
+    datasets = {str(p["dataset"]) for p in protos if p.get("dataset")}
+    if len(datasets) > 1:
+        logger.warning("the runs record different datasets (%s): the same row indices and targets may still be "
+                       "other rows", ", ".join(sorted(datasets)))
     for r, recs in zip(run_dirs, runs):
         if any(f"{level}_rank" not in recs[row] for row in shared):
             raise ValueError(f"{Path(r) / 'rankings.jsonl'} has no {level}_rank (a run without {level} matching); "
