@@ -787,14 +787,15 @@ _SFT_FIELDS = ("model_name_or_path", "model_dtype", "finetune", "lora_r", "lora_
                "load_best_model_at_end", "early_stopping_patience", "bf16", "fp16",
                "seed", "output_dir")
 _GRPO_FIELDS = ("sft_checkpoint", "model_name_or_path", "model_dtype", "dataset", "train_split", "max_train_rows",
-                "history_length", "max_length", "num_generations", "reward_funcs", "reward_weights",
-                "advantage_mode", "noise_scale", "noise_mode", "loss_type", "num_iterations", "epsilon",
+                "history_length", "max_length", "rollout", "temperature", "policy_logprob", "num_generations",
+                "reward_funcs", "reward_weights", "advantage_mode", "noise_scale", "noise_mode", "loss_type", "num_iterations", "epsilon",
                 "epsilon_high", "beta", "train_lora", "naive_forward", "learning_rate", "lr_scheduler_type",
                 "warmup_steps", "max_grad_norm", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "save_steps", "seed", "output_dir")
 _EVAL_FIELDS = ("dataset", "split", "max_rows", "row_seed", "method", "model_name_or_path", "checkpoint", "dtype",
-                "prompt", "noun", "history_length", "max_prompt_length", "num_beams", "length_penalty",
-                "tokenization", "guidance_checkpoint", "guidance_weight", "batch_size", "ks", "output_dir")
+                "prompt", "noun", "use_chat_template", "history_length", "max_prompt_length", "prompt_fit",
+                "num_beams", "length_penalty", "tokenization", "guidance_checkpoint", "guidance_weight", "batch_size",
+                "ks", "output_dir")
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 _HEAD_FIELDS = ("head_num_heads", "head_dim", "rope_base", "head_dtype", "head_output_norm")
 
