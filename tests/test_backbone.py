@@ -577,6 +577,15 @@ def test_cli_convert_and_errors(tmp_path, monkeypatch, capsys):
     assert _cli(["models", "convert", name]) == 1
     assert f"llmrec models install {name}" in capsys.readouterr().err
     assert _cli(["models"]) == 2  # no subcommand: help
+    # install says whether the model still has to be converted (it said so also for a converted one)
+    monkeypatch.setattr(backbone, "install_alias", lambda alias: None)
+    monkeypatch.setattr(backbone, "_installation_problem", lambda spec: None)
+    capsys.readouterr()
+    assert _cli(["models", "install", name]) == 0
+    assert "converted into the cache on first use" in capsys.readouterr().out
+    convert_alias(name)
+    assert _cli(["models", "install", name]) == 0
+    assert "already converted in" in capsys.readouterr().out
 
 
 def test_device_argument_moves_the_model():

@@ -768,7 +768,9 @@ def _cmd_install(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if args.alias in ALIASES:
+    if args.alias in ALIASES and alias_is_cached(args.alias):
+        print(f"installed {args.alias}; already converted in {alias_cache_path(args.alias)}")
+    elif args.alias in ALIASES:
         print(
             f"installed {args.alias}; it is converted into the cache on first use, "
             f"or now with: llmrec models convert {args.alias}"
