@@ -39,13 +39,18 @@ class PromptTemplate:
 
     @classmethod
     def load(cls, name_or_path: str) -> PromptTemplate:
-        """Load ``d3`` / ``clean`` (shipped) or a path to a template file."""
-        path = Path(name_or_path)
-        if not path.exists():
-            path = resource_dir("prompts") / f"{name_or_path}.txt"
+        """Load ``d3`` / ``clean`` (shipped) or a path to a template file.
+
+        A shipped name wins over a file or folder of that name in the working directory (every recipe's default
+        ``prompt: d3`` must not depend on where it runs); write ``./d3`` to mean such a file.
+        """
+        shipped = resource_dir("prompts") / f"{name_or_path}.txt"
+        path = shipped if shipped.is_file() and "/" not in str(name_or_path) else Path(name_or_path)
         if not path.exists():
             known = sorted(p.stem for p in resource_dir("prompts").glob("*.txt"))
             raise PromptError(f"prompt template '{name_or_path}' not found (shipped: {', '.join(known)})")
+        if not path.is_file():
+            raise PromptError(f"prompt template {path} is not a file")
         text = path.read_text(encoding="utf-8")
         if not text.startswith("---\n") or "\n---\n" not in text[3:]:
             raise PromptError(f"{path}: expected a '---' front matter block before the prompt body")

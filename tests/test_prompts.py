@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from llmrec.prompts import PromptError, PromptTemplate, encode, render_example, render_to_fit, wrap_chat
+from llmrec.resources import resource_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -311,3 +312,15 @@ def test_own_answer_evaluation_keeps_the_history_sft_kept_for_a_latent_model():
         assert encode(tok, prompt, first=True) == sft_prompt, budget
         checked += 1
     assert checked > 50
+
+
+def test_a_shipped_name_wins_over_a_file_or_folder_of_that_name(tmp_path, monkeypatch):
+    """A `d3/` folder in the working directory broke every recipe's default `prompt: d3` (IsADirectoryError)."""
+    shipped = PromptTemplate.load("d3")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d3").mkdir()
+    assert PromptTemplate.load("d3") == shipped
+    (tmp_path / "mine.txt").write_text((resource_dir("prompts") / "clean.txt").read_text())
+    assert PromptTemplate.load("mine.txt").body == PromptTemplate.load("clean").body
+    with pytest.raises(PromptError, match="is not a file"):
+        PromptTemplate.load("./d3")
