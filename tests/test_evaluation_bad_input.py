@@ -157,3 +157,43 @@ def test_finished_results_of_a_dataset_prepared_again_are_not_returned(prepared_
     write_prepared(prepared_dir, seed=1)  # same directory, same row count, other rows
     with pytest.raises(ValueError, match=r"rankings.jsonl: .*row \d+ is user .*was the dataset prepared again"):
         evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+
+
+def test_output_and_option_mistakes_are_named_before_any_work(prepared_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):  # a NotADirectoryError traceback at the first write before
+        with pytest.raises(ValueError, match="is a file, not a directory"):
+            _config(prepared_dir, out)
+    with pytest.raises(ValueError, match="row_seed must be >= 0, got -1"):  # numpy's "expected non-negative"
+        _config(prepared_dir, tmp_path / "ev", max_rows=3, row_seed=-1)
+    with pytest.raises(ValueError, match="^batch_size must be >= 1"):  # it said "num_beams and batch_size"
+        _config(prepared_dir, tmp_path / "ev", batch_size=0)
+
+
+def test_an_empty_split_is_refused_before_anything_is_written(prepared_dir, tmp_path):
+    """An empty train.jsonl gave popularity results of all zeros (exit 0); an empty test split failed only after
+    protocol.json and rankings/ were written, without naming the file."""
+    import shutil
+
+    data = tmp_path / "emptied"
+    shutil.copytree(prepared_dir, data)
+    (data / "train.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"train\.jsonl has no rows: nothing to count popularity from"):
+        evaluate(_config(data, tmp_path / "pop", method="popularity"))
+    (data / "test.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"test\.jsonl has no rows: nothing to evaluate"):
+        evaluate(_config(data, tmp_path / "beam"))
+    assert not (tmp_path / "pop").exists() and not (tmp_path / "beam").exists()
+
+
+def test_damaged_or_shortened_outputs_of_a_finished_run_are_named(prepared_dir, tmp_path):
+    out = tmp_path / "pop"
+    evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+    ranked = (out / "rankings.jsonl").read_text().splitlines(keepends=True)
+    (out / "rankings.jsonl").write_text("".join(ranked[:-1]))  # a copy that lost its last line
+    with pytest.raises(ValueError, match=r"rankings\.jsonl lacks 1 of the \d+ rows .*results\.json was computed"):
+        evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+    (out / "results.json").write_text('{"protocol": ')
+    with pytest.raises(ValueError, match=r"results\.json is damaged"):
+        evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))

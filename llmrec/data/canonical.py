@@ -227,6 +227,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_directory_path(path: str | os.PathLike, what: str = "output directory") -> None:
+    """Raise ``ValueError`` if ``path`` (a directory to write into, existing or not) is a file or lies under one:
+    said before any work, not at the first save after it."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "is" if q == p else f"lies under {q}, which is"
+                raise ValueError(f"{what} {p} {where} a file, not a directory")
+            return
+
+
+def check_file_path(path: str | os.PathLike, what: str = "output file") -> None:
+    """Raise ``ValueError`` if ``path`` (a file to write) is a directory or lies under a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {p} is a directory")
+    check_directory_path(p.parent, f"{what} {p}: its folder")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file through a temporary file and a rename (never half-written)."""
     path = Path(path)

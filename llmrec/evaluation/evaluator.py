@@ -137,8 +137,11 @@ class EvalConfig:
             setattr(self, name, float(value))
         if not math.isfinite(self.length_penalty):  # a NaN beam score would rank titles arbitrarily
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
-        if self.num_beams < 1 or self.batch_size < 1:
-            raise ValueError("num_beams and batch_size must be >= 1")
+        for name in ("num_beams", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.row_seed < 0:  # numpy's seeds are unsigned
+            raise ValueError(f"row_seed must be >= 0, got {self.row_seed}")
         if not (math.isfinite(self.guidance_weight) and self.guidance_weight >= 0):  # inf * 0 = NaN beam scores
             raise ValueError(f"guidance_weight must be a finite number >= 0, got {self.guidance_weight}")
         if self.guidance_checkpoint is not None and self.method != "beam":
@@ -155,10 +158,18 @@ class EvalConfig:
         if self.method == "beam" and self.ks[0] > self.num_beams:
             raise ValueError(f"no cut-off in ks {self.ks} is <= num_beams ({self.num_beams}): a beam search ranks "
                              f"num_beams titles; lower ks or raise num_beams")
+        beyond = [k for k in self.ks if k > self.num_beams] if self.method == "beam" else []
+        if beyond:
+            # info, not a warning: the defaults (ks up to 20, 10 beams) do this on purpose for the ID models' @20
+            logger.info("ks %s exceed num_beams %d: not reported for this run (a beam search ranks num_beams titles)",
+                        beyond, self.num_beams)
         if self.history_length < 1:
             raise ValueError(f"history_length must be >= 1, got {self.history_length}")
         if self.max_rows < 0:
             raise ValueError(f"max_rows must be >= 0 (0 = all rows), got {self.max_rows}")
+        from llmrec.data.canonical import check_directory_path
+
+        check_directory_path(self.output_dir, "output_dir")
 
     def _resolve_prompt_settings(self) -> None:
         """Fill the prompt settings left unset: an LLM checkpoint is evaluated on the prompts it learnt (the
@@ -240,6 +251,17 @@ def _recorded_base_or_none(checkpoint: str | Path) -> str | None:
         return recorded_base(checkpoint)[0]
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _read_json_file(path: Path) -> dict:
+    """A JSON object written by an earlier evaluation; a damaged one is named (it is not ours to repair)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged ({e}): remove it, or choose another output_dir") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object: remove it, or choose another output_dir")
+    return data
 
 
 def _protocol_changes(found: Any, wanted: dict, limit: int = 6) -> str:
@@ -526,6 +548,10 @@ class Evaluator:
             history_length = self._load_seqrec()  # the ID model reads its own history length
         data = load_prepared(c.dataset, splits=wanted, max_history=history_length)
         split = data.splits[c.split]
+        for name in wanted:  # checked before anything is written (metrics over no row, popularity of nothing)
+            if len(data.splits[name]) == 0:
+                raise ValueError(f"{Path(data.directory) / (name + '.jsonl')} has no rows: nothing to "
+                                 f"{'count popularity from' if name != c.split else 'evaluate'}")
         self._check_rows(data, split)
         self._load_guidance(data)  # fail before anything is written
         if c.method == "seqrec":
@@ -535,20 +561,25 @@ class Evaluator:
         fp = protocol_fingerprint(protocol)
         results_path = self.out / "results.json"
         if results_path.exists():
-            prev = json.loads(results_path.read_text())
+            prev = _read_json_file(results_path)
             if prev.get("fingerprint") == fp:
                 # Same protocol, but maybe not the same rows: the dataset may have been prepared again in place.
                 rankings = self.out / "rankings.jsonl"
                 if rankings.exists():
                     finished = {rec["row"]: rec for rec in read_jsonl(rankings)}  # lines end at "\n" only
                     self._check_done_rows(finished, split, rankings, "finished evaluation")
+                    lost = [r for r in rows if r not in finished]
+                    if lost:  # a damaged copy would otherwise pass for the finished evaluation its results describe
+                        raise ValueError(f"{rankings} lacks {len(lost)} of the {len(rows)} rows {results_path} was "
+                                         f"computed from (first: row {lost[0]}): remove {results_path} to rank them "
+                                         f"again")
                 logger.info("%s is complete for this protocol; nothing to do", results_path)
                 return prev
             raise ValueError(f"{self.out} holds results of a different protocol "
                              f"({_protocol_changes(prev.get('protocol'), protocol)}); choose another output_dir")
         proto_path = self.out / "protocol.json"
         if self.state.is_main_process:
-            old = json.loads(proto_path.read_text()) if proto_path.exists() else None
+            old = _read_json_file(proto_path) if proto_path.exists() else None
             if old is not None and old.get("fingerprint") != fp:
                 # A start that failed before ranking any row (a typo in the prompt or model name, say) left only
                 # protocol.json: nothing to reuse or to protect, so the corrected run takes the directory.
