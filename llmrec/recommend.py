@@ -69,6 +69,7 @@ import argparse
 import dataclasses
 import difflib
 import logging
+import math
 import numbers
 import os
 import sys
@@ -350,7 +351,10 @@ class _SeqRecBackend:
 
 def _default_device(device: torch.device | str | None) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...): {e}") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -577,6 +581,9 @@ class Recommender:
         """
         if on_unknown not in ON_UNKNOWN:
             raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
+        if length_penalty is not None and not math.isfinite(float(length_penalty)):
+            # NaN beam scores rank titles arbitrarily (an empty list); inf makes every score -0.0
+            raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
         dev = _default_device(device)
         path = Path(checkpoint_dir)
         if path.is_dir() and is_seqrec_run(path):
@@ -827,9 +834,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
-    if args.output is not None and Path(args.output).is_dir():
+    if args.output is not None:
+        from llmrec.data.canonical import check_file_path
+
         # Checked before loading the model: the atomic write would fail only after every history was ranked.
-        raise ValueError(f"--output {args.output} is a directory: give the path of the JSONL file to write")
+        check_file_path(args.output, "--output")
     if args.item_ids and args.input is not None:
         # Ignoring it would keep the file's JSON strings as titles (and titles such as "1942" exist).
         raise ValueError("--item-ids applies to --history only: in an --input file, give item ids as JSON integers "

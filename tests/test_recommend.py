@@ -447,6 +447,16 @@ def test_cli_output_that_is_a_directory_is_refused_before_recommending(seqrec_ru
     inp.write_text(json.dumps({"history": [1, 2]}) + "\n")
     assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), "--output", str(tmp_path)]) == 1
     assert f"--output {tmp_path} is a directory" in capsys.readouterr().err
+    # ...or under a file (a FileExistsError after every recommendation before)
+    (tmp_path / "afile").write_text("x")
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), "--output",
+                 str(tmp_path / "afile" / "x.jsonl")]) == 1
+    assert "afile is a file, not a directory" in capsys.readouterr().err
+    # a device name torch does not know, and a non-finite length penalty, are clear errors
+    for extra, message in ((["--device", "gpu7"], "device 'gpu7' is not a torch device"),
+                           (["--length-penalty", "nan"], "length_penalty must be a finite number")):
+        assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), *extra]) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_llm_k_beyond_the_catalogue_does_not_widen_the_beam_past_its_titles(zero_shot, monkeypatch):
