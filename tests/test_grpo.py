@@ -201,9 +201,16 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"\['neg_ppl'\] named more than once"):  # weights and rewards misaligned
         LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4,
                          reward_funcs=["neg_ppl", "neg_ppl"], reward_weights=[1.0, 1.0])
-    for bad in (dict(history_length=0), dict(max_train_rows=-5), dict(eval_rows=-1)):
+    for bad in (dict(history_length=0), dict(max_train_rows=-5), dict(eval_rows=-1),
+                dict(gradient_accumulation_steps=0), dict(num_train_epochs=0)):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **bad)
+    with pytest.raises(ConfigError, match="per_device_train_batch_size must be >= 1"):  # a ZeroDivisionError before
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=0)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):  # found at the final save, after training
+        LatentGRPOConfig(**{**base, "output_dir": str(tmp_path / "afile")}, num_generations=4,
+                         per_device_train_batch_size=4)
     with pytest.raises(ConfigError, match="output_dir must differ"):
         LatentGRPOConfig(output_dir=str(tmp_path / "s"), sft_checkpoint=str(tmp_path / "s"), num_generations=4,
                          per_device_train_batch_size=4)

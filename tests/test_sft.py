@@ -255,11 +255,19 @@ def test_unknown_recipe_key_is_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(history_length=-1), dict(history_length=0), dict(max_train_rows=-5),
-                                 dict(label_smoothing_factor=0.1)])
+                                 dict(label_smoothing_factor=0.1), dict(per_device_train_batch_size=0),
+                                 dict(num_train_epochs=0, max_steps=-1)])
 def test_bad_sizes_are_config_errors(tmp_path, prepared_dir, bad):
-    # history_length <= 0 meant the whole history and was recorded as given; max_train_rows -5 crashed in sampling
+    # history_length <= 0 meant the whole history and was recorded as given; max_train_rows -5 crashed in sampling;
+    # batch 0 was a ZeroDivisionError; 0 epochs wrote a finished-looking checkpoint of step 0
     with pytest.raises(ConfigError, match=next(iter(bad))):
         make_config(tmp_path / "o", prepared_dir, **bad)
+
+
+def test_an_output_dir_under_a_file_is_a_config_error(tmp_path, prepared_dir):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="lies under .*afile, which is a file"):
+        make_config(tmp_path / "afile" / "run", prepared_dir)
 
 
 def test_an_empty_history_is_an_error_naming_the_row(tmp_path, prepared_dir):

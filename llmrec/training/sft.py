@@ -89,6 +89,25 @@ _CHECKPOINT_FIELDS = (
 )
 
 
+def check_training_length(config) -> None:
+    """Refuse batch sizes < 1 (a ZeroDivisionError deep in the trainer) and a run of no steps (``max_steps`` not
+    set and ``num_train_epochs`` <= 0: a finished-looking checkpoint of step 0), and an ``output_dir`` that is or
+    lies under a file (found at the first save, after the training). Shared by SFT and GRPO configs."""
+    from llmrec.data.canonical import check_directory_path
+
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.max_steps <= 0 and not config.num_train_epochs > 0:
+        raise ConfigError(f"num_train_epochs must be > 0 when max_steps is not set (got num_train_epochs "
+                          f"{config.num_train_epochs}, max_steps {config.max_steps}): the run would train nothing")
+    if config.output_dir:
+        try:
+            check_directory_path(config.output_dir, "output_dir")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 def global_train_batch_size(args, processes: int | None = None) -> int:
     """Rows per optimiser step over all processes (``per_device_train_batch_size x processes x accumulation``;
     ``processes`` defaults to ``args.world_size``)."""
@@ -214,6 +233,7 @@ class LatentSFTConfig(transformers.TrainingArguments):
         for name in ("max_train_rows", "max_eval_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
+        check_training_length(self)
         for name in ("batch_eval_metrics", "eval_use_gather_object"):
             # eval_loss is computed once from every validation row's loss sum and token count (see
             # LatentSFTTrainer.prediction_step); per-batch metrics and object gathering would break that
