@@ -87,6 +87,20 @@ def test_beam_evaluation_and_resume_give_the_same_rankings(prepared_dir, tmp_pat
         evaluate(tiny_config(prepared_dir, tmp_path / "full", num_beams=3))
 
 
+def test_a_model_that_cannot_be_loaded_is_a_message_not_a_traceback(prepared_dir, tmp_path, monkeypatch, capsys):
+    import llmrec.models.checkpoint as checkpoint
+    from llmrec.cli import main
+    from llmrec.models.backbone import BackboneLoadError
+
+    def fail(*args, **kwargs):
+        raise BackboneLoadError("could not load 'nope-model': no such model (a hint)")
+
+    monkeypatch.setattr(checkpoint, "load_for_inference", fail)
+    assert main(["evaluate", "--dataset", str(prepared_dir), "--model_name_or_path", "nope-model", "--max_rows", "1",
+                 "--output_dir", str(tmp_path / "ev")]) == 1
+    assert "llmrec: error: could not load 'nope-model'" in capsys.readouterr().err
+
+
 def test_popularity_with_a_checkpoint_is_refused(prepared_dir, tmp_path):
     # it was accepted and the checkpoint silently not used
     with pytest.raises(ValueError, match="method=popularity .* reads no checkpoint"):
