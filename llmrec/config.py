@@ -50,12 +50,19 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         path = resolve_resource(path, "recipes")
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    if Path(path).is_dir():
+        raise ConfigError(f"{path} is a directory: give a recipe file (e.g. recipes/games/eval.yaml)")
     try:
         data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeySafeLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e})") from None
     if data is None:
-        return {}
+        # An empty file (or one cut off to nothing) is not "all defaults": that started hours-long runs on the
+        # defaults (an evaluation of every test row of the embedded sample, say).
+        raise ConfigError(f"{path}: the recipe is empty (give options on the command line instead of an empty "
+                          f"--config)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of option names to values")
     odd = [k for k in data if not isinstance(k, str)]

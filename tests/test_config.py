@@ -182,7 +182,11 @@ def test_read_recipe_errors_and_shipped_recipes(tmp_path: Path, monkeypatch):
         read_recipe(recipe(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="not valid YAML"):
         read_recipe(recipe(tmp_path, "a: [1, 2\n"))
-    assert read_recipe(recipe(tmp_path, "# only a comment\n")) == {}
+    # an empty recipe (or one cut off to nothing) is refused, not read as "all defaults"; so is a directory
+    with pytest.raises(ConfigError, match="the recipe is empty"):
+        read_recipe(recipe(tmp_path, "# only a comment\n"))
+    with pytest.raises(ConfigError, match="is a directory"):
+        read_recipe(tmp_path)
     # shipped recipes resolve from any working directory
     monkeypatch.chdir(tmp_path)
     shipped = read_recipe("recipes/games/eval.yaml")
