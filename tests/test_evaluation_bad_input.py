@@ -197,3 +197,12 @@ def test_damaged_or_shortened_outputs_of_a_finished_run_are_named(prepared_dir, 
     (out / "results.json").write_text('{"protocol": ')
     with pytest.raises(ValueError, match=r"results\.json is damaged"):
         evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+
+
+def test_a_prompt_budget_too_small_names_the_split_file_and_rows(prepared_dir, tmp_path):
+    from llmrec.prompts import PromptError
+
+    with pytest.raises(ValueError, match="max_prompt_length must be >= 1"):
+        _config(prepared_dir, tmp_path / "neg", max_prompt_length=-1)
+    with pytest.raises(PromptError, match=r"test\.jsonl rows 0\.\.\d+ \(0-based\): .*\(max_prompt_length 12\)"):
+        evaluate(_config(prepared_dir, tmp_path / "small", max_prompt_length=12, max_rows=0))

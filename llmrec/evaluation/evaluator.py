@@ -140,6 +140,8 @@ class EvalConfig:
         for name in ("num_beams", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.row_seed < 0:  # numpy's seeds are unsigned
             raise ValueError(f"row_seed must be >= 0, got {self.row_seed}")
         if not (math.isfinite(self.guidance_weight) and self.guidance_weight >= 0):  # inf * 0 = NaN beam scores
@@ -700,7 +702,7 @@ class Evaluator:
 
         from llmrec.decoding.search import build_catalog_trie, rank_batch
         from llmrec.models.checkpoint import load_for_inference
-        from llmrec.prompts import PromptTemplate
+        from llmrec.prompts import PromptError, PromptTemplate
 
         c = self.config
         template = PromptTemplate.load(c.prompt)
@@ -717,8 +719,12 @@ class Evaluator:
                    desc=f"evaluate {c.split}", disable=not self.state.is_main_process, unit="row")
         for batch in todo:
             examples = [split[r] for r in batch]
-            ranked = rank_batch(model, tokenizer, trie, template, examples, c,
-                                guidance=guide(batch) if guide is not None else None)
+            try:
+                ranked = rank_batch(model, tokenizer, trie, template, examples, c,
+                                    guidance=guide(batch) if guide is not None else None)
+            except PromptError as e:  # name where: the split's file and the batch's rows
+                raise PromptError(f"{Path(data.directory) / (c.split + '.jsonl')} rows {batch[0]}..{batch[-1]} "
+                                  f"(0-based): {e} (max_prompt_length {c.max_prompt_length})") from None
             recs = [self._record(data, split, r, t, i, s) for r, (t, i, s) in zip(batch, ranked)]
             self._append(recs)
             recs_all.extend(recs)
