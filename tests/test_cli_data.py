@@ -186,6 +186,30 @@ def test_stats_prints(tmp_path: Path, capsys):
     assert "not a prepared directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("edit,field,problem", [
+    (lambda s: s.clear(), "raw", "missing"),  # was KeyError: 'raw'
+    (lambda s: s["raw"].update(users="x"), "raw.users", 'expected a count (a number), got "x"'),  # was "Cannot
+    (lambda s: s["cleaned"].update(examples=None), "cleaned.examples", "got null"),  # specify ',' with 's'."
+    (lambda s: s.update(rows=[3, 2, 2]), "rows", "expected a JSON object"),
+    (lambda s: s["rows"].update(train=True), "rows.train", "got true"),
+    (lambda s: s["cleaning"]["dropped_items"].pop("html"), "cleaning.dropped_items.html", "missing"),
+    (lambda s: s["raw"]["per_split"].update(train={"rows": "3"}), "raw.per_split.train.rows", 'got "3"'),
+    (lambda s: s.update(skipped={"train_rows_empty_history": "3"}), "skipped.train_rows_empty_history", 'got "3"'),
+])
+def test_stats_of_a_hand_edited_stats_json_names_the_file_and_field(tmp_path: Path, capsys, edit, field, problem):
+    src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("csv", src, out)) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    stats["raw"]["per_split"] = {"train": {"rows": 3}}
+    edit(stats)
+    (out / "stats.json").write_text(json.dumps(stats))
+    capsys.readouterr()
+    assert main(["data", "stats", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"llmrec: error: {out / 'stats.json'}, field '{field}': ") and problem in err, err
+    assert main(["data", "stats", str(out), "--json"]) == 0  # the raw file is still shown as it is
+
+
 def write_amazon2018_source(root: Path) -> Path:
     """5 reviewers x 12 items inside D3's default window: every user and item passes the 5-core."""
     root.mkdir(parents=True, exist_ok=True)

@@ -140,6 +140,24 @@ def test_cli_writes_the_printed_table_and_the_json(tmp_path, capsys):
     assert printed.startswith(md.read_text()) and "| run | hr@10 | ndcg@10 |" in md.read_text()
 
 
+@pytest.mark.parametrize("value,problem", [("abc", "'abc' is not a number"), ("0.03,x", "'x' is not a number"),
+                                           ("-0.1", "'-0.1': a relative effect must be finite and > 0"),
+                                           ("nan", "'nan': a relative effect must be finite and > 0")])
+def test_cli_refuses_a_power_rel_that_is_not_positive_numbers_naming_the_option(tmp_path, capsys, value, problem):
+    """`--power-rel abc` printed a bare "could not convert string to float: 'abc'" (no option named)."""
+    from llmrec.cli import main
+
+    a, b = _run(tmp_path / "a", [0, None, 3, 1]), _run(tmp_path / "b", [1, 0, None, 1])
+    with pytest.raises(SystemExit) as caught:
+        main(["compare", str(a), str(b), "--power-rel", value])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --power-rel: {problem}" in err and "could not convert" not in err
+    assert main(["compare", str(a), str(b), "--power-rel", "0.03, 0.17", "--resamples", "50"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert list(result["differences"]["hr@10"][0]["rows_for_power"]) == ["0.03", "0.17"]
+
+
 def test_runs_sharing_part_of_their_rows_or_other_datasets_are_warned_about(tmp_path, caplog):
     """A 3-row and a 6-row run compared on their shared rows only: said, as are runs recording other datasets."""
     import logging

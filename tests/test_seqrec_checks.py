@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -210,3 +211,99 @@ def test_batches_that_cannot_be_split_over_the_processes_are_refused_before_any_
         with pytest.raises(ValueError, match=f"{named}: not divisible by the 2 processes"):
             run_module.run_seqrec(cfg)
         assert not out.exists()
+
+
+def _cut(path: Path, keep: int | None = None) -> None:
+    """Truncate ``path`` (to half its size by default): a copy or a disk that stopped part way."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+def test_damaged_checkpoints_are_named_with_what_to_do(tmp_path, capsys):
+    """A truncated best/last checkpoint raised safetensors' bare "incomplete metadata" (a traceback naming no file);
+    a truncated optimiser state torch's "failed finding central directory"."""
+    from llmrec.cli import main
+    from llmrec.safetensors_io import SafetensorsFileError
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=1)
+    run_seqrec(cfg)
+    pdir = Path(cfg.output_dir) / "train"
+    remedy = re.escape(f"checkpoint of the run in {cfg.output_dir}: train the run again from scratch (resume: false")
+    _cut(pdir / "best.safetensors")  # a finished phase is reloaded from it
+    with pytest.raises(SafetensorsFileError, match=rf"train/best\.safetensors: damaged .*incomplete metadata.*{remedy}"):
+        run_seqrec(cfg)
+    (pdir / "done.json").unlink()  # an unfinished phase resumes from its last slot
+    _cut(pdir / "last-0.safetensors", keep=100)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in dataclasses.asdict(cfg).items()))
+    assert main(["seqrec", "train", "--config", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert f"llmrec: error: {pdir / 'last-0.safetensors'}: damaged or not a safetensors file" in err
+    assert "Traceback" not in err and "SafetensorError" not in err
+    _cut(pdir / "best.safetensors", keep=0)
+    run_seqrec(dataclasses.replace(cfg, resume=False))  # the way out the message names
+    _cut(pdir / "last_optim-0.pt")
+    (pdir / "done.json").unlink()
+    with pytest.raises(ValueError, match=r"last_optim-0\.pt: damaged or not an optimiser checkpoint.*resume: false"):
+        run_seqrec(cfg)
+
+
+def test_an_id_model_with_damaged_weights_or_results_is_named(tmp_path):
+    """`llmrec evaluate --method seqrec` and D3 guidance read a run's train/best.safetensors and results.json."""
+    from llmrec.decoding.guidance import load_guidance_model
+    from llmrec.safetensors_io import SafetensorsFileError
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=1)
+    run_seqrec(cfg)
+    run = Path(cfg.output_dir)
+    results = (run / "results.json").read_text()
+    (run / "results.json").write_text(results[:40])
+    with pytest.raises(ValueError, match=rf"checkpoint {run}: results\.json is damaged \(.*resume: false"):
+        load_guidance_model(run)
+    (run / "results.json").write_text("[1, 2]")
+    with pytest.raises(FileNotFoundError, match="results.json has no 'config'"):  # was AttributeError: 'list'...
+        load_guidance_model(run)
+    (run / "results.json").write_text(results)
+    _cut(run / "train" / "best.safetensors")
+    with pytest.raises(SafetensorsFileError, match=rf"{run / 'train' / 'best.safetensors'}: damaged .*resume: false"):
+        load_guidance_model(run)
+
+
+@pytest.mark.parametrize("train_mode", ["sequence", "rows"])
+def test_train_rows_with_an_empty_history_are_warned_about_and_counted(tmp_path, caplog, train_mode):
+    """They were skipped with only an INFO line whose row count had changed; results.json did not say so."""
+    import logging
+
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    path = d / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows[:3]:
+        r["history_item_ids"] = []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.INFO, logger="llmrec.seqrec.data"):
+        res = run_seqrec(tiny_cfg(tmp_path, d, epochs=1, train_mode=train_mode))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"train.jsonl: 3 of {len(rows)} train rows have an empty history and are skipped" in m for m in warned)
+    assert res["protocol"]["skipped"] == {"train_rows_empty_history": 3}
+    assert res["protocol"]["train_targets"] == len(rows) - 3
+    saved = json.loads((Path(res["config"]["output_dir"]) / "results.json").read_text())
+    assert saved["protocol"]["skipped"] == {"train_rows_empty_history": 3}
+
+
+def test_a_dataset_without_empty_histories_records_none_and_does_not_warn(tmp_path, caplog):
+    import logging
+
+    from llmrec.seqrec.data import load_seqrec_data
+
+    d = write_successor_dataset(tmp_path / "d")
+    with caplog.at_level(logging.INFO, logger="llmrec.seqrec.data"):
+        data = load_seqrec_data(d, 10)
+    # nothing recorded: the protocol of clean data is what earlier runs recorded (finished runs compare equal)
+    assert data.train_rows_empty_history == 0 and "skipped" not in data.protocol()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

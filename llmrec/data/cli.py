@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from llmrec.data.canonical import SPLITS
 from llmrec.data.formats import FORMATS
@@ -131,7 +132,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                           title_policy=TitlePolicy.parse(args.title_policy))
     raw = read_source(args)
     stats = prepare(raw, args.output, opts, _splits_to_prepare(args))
-    print(format_stats(stats))
+    print(format_stats(stats, Path(args.output) / "stats.json"))
     return 0
 
 
@@ -140,24 +141,70 @@ def _in_split_order(d: dict) -> list:
     return sorted(d.items(), key=lambda kv: SPLITS.index(kv[0]) if kv[0] in SPLITS else len(SPLITS))
 
 
-def format_stats(stats: dict) -> str:
-    """A short human-readable summary of a stats.json."""
-    raw, clean = stats["raw"], stats["cleaned"]
+def _stats_field(parent: dict, key: str, where: str, path: str | Path, kind: str) -> Any:
+    """``parent[key]`` of a stats.json, checked to be ``kind`` ("object" or "count"); else an error naming the file
+    and the field (``where``: its dotted name). A hand-edited or foreign file gave a bare KeyError or a format error
+    ("Cannot specify ',' with 's'") naming neither."""
+    from llmrec.data.canonical import DataFormatError
+
+    if key not in parent:
+        raise DataFormatError(path, None, where, "missing (not a stats.json written by `llmrec data prepare`?)")
+    value = parent[key]
+    ok = isinstance(value, dict) if kind == "object" else (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    if not ok:
+        expected = "a JSON object" if kind == "object" else "a count (a number)"
+        raise DataFormatError(path, None, where, f"expected {expected}, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _counts(parent: dict, key: str, where: str, path: str | Path) -> dict:
+    """An object of counts (``rows``, ``skipped``, a ``per_split`` entry), each checked as :func:`_stats_field`."""
+    d = _stats_field(parent, key, where, path, "object")
+    for k in d:
+        _stats_field(d, k, f"{where}.{k}", path, "count")
+    return d
+
+
+def format_stats(stats: dict, path: str | Path = "stats.json") -> str:
+    """A short human-readable summary of a stats.json (``path``: the file, for the errors).
+
+    Raises:
+        DataFormatError: a field the summary shows is missing or of another type (names ``path`` and the field).
+    """
+    from llmrec.data.canonical import DataFormatError
+
+    raw = _stats_field(stats, "raw", "raw", path, "object")
+    clean = _stats_field(stats, "cleaned", "cleaned", path, "object")
+    n = {f"raw.{k}": _stats_field(raw, k, f"raw.{k}", path, "count")
+         for k in ("users", "items", "interactions", "catalog_items")}
+    n |= {f"cleaned.{k}": _stats_field(clean, k, f"cleaned.{k}", path, "count")
+          for k in ("users", "items_in_examples", "catalog_items", "examples")}
     lines = [
         f"source: {json.dumps(stats.get('source', {}), sort_keys=True)}",
-        f"raw:     users {raw['users']:,}  items {raw['items']:,}  interactions {raw['interactions']:,}  "
-        f"(catalogue titles {raw['catalog_items']:,})",
+        f"raw:     users {n['raw.users']:,}  items {n['raw.items']:,}  interactions {n['raw.interactions']:,}  "
+        f"(catalogue titles {n['raw.catalog_items']:,})",
     ]
-    for split, c in _in_split_order(raw.get("per_split", {})):
+    per_split = _stats_field(raw, "per_split", "raw.per_split", path, "object") if "per_split" in raw else {}
+    for split in per_split:
+        _counts(per_split, split, f"raw.per_split.{split}", path)
+    for split, c in _in_split_order(per_split):
         lines.append(f"  raw {split}: " + "  ".join(f"{k} {v:,}" for k, v in c.items()))
-    lines.append(f"cleaned: users {clean['users']:,}  items {clean['items_in_examples']:,}  "
-                 f"catalogue {clean['catalog_items']:,}  examples {clean['examples']:,}")
-    lines.append("rows:    " + "  ".join(f"{s} {n:,}" for s, n in _in_split_order(stats["rows"])))
-    c = stats["cleaning"]
-    lines.append("titles:  " + "  ".join(f"{k} {c['found'][k]} found/{c['dropped_items'][k]} dropped ({c['policy'][k]})"
-                                         for k in c["found"]))
-    if stats.get("skipped"):
-        lines.append("skipped: " + "  ".join(f"{k} {v:,}" for k, v in stats["skipped"].items()))
+    lines.append(f"cleaned: users {n['cleaned.users']:,}  items {n['cleaned.items_in_examples']:,}  "
+                 f"catalogue {n['cleaned.catalog_items']:,}  examples {n['cleaned.examples']:,}")
+    rows = _counts(stats, "rows", "rows", path)
+    lines.append("rows:    " + "  ".join(f"{s} {count:,}" for s, count in _in_split_order(rows)))
+    c = _stats_field(stats, "cleaning", "cleaning", path, "object")
+    found, dropped, policy = (_stats_field(c, k, f"cleaning.{k}", path, "object")
+                              for k in ("found", "dropped_items", "policy"))
+    for k in found:  # every title kind found has its dropped count and policy
+        _stats_field(dropped, k, f"cleaning.dropped_items.{k}", path, "count")
+        if k not in policy:
+            raise DataFormatError(path, None, f"cleaning.policy.{k}", "missing")
+    lines.append("titles:  " + "  ".join(f"{k} {found[k]} found/{dropped[k]} dropped ({policy[k]})" for k in found))
+    skipped = _counts(stats, "skipped", "skipped", path) if stats.get("skipped") else {}
+    if skipped:
+        lines.append("skipped: " + "  ".join(f"{k} {v:,}" for k, v in skipped.items()))
     return "\n".join(lines)
 
 
@@ -169,7 +216,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a prepared directory")
     stats = read_stats(path)  # a damaged file: an error naming it, not a bare JSONDecodeError
-    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats, path))
     return 0
 
 

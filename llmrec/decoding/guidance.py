@@ -226,13 +226,14 @@ def load_guidance_model(run_dir: str | Path, device: torch.device | str = "cpu",
 
     Raises:
         CheckpointError: the directory, ``results.json`` or the weights file is missing.
+        SafetensorsFileError: (a ``ValueError``) the weights file is damaged or not a safetensors file.
         ValueError: ``num_items`` is given and differs from the catalogue size the model was trained on.
     """
-    from safetensors.torch import load_file
-
     from llmrec.models.checkpoint import CheckpointError
+    from llmrec.safetensors_io import load_safetensors
     from llmrec.seqrec.config import SeqRecConfig
     from llmrec.seqrec.models import build_model
+    from llmrec.seqrec.trainer import checkpoint_remedy
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -244,15 +245,19 @@ def load_guidance_model(run_dir: str | Path, device: torch.device | str = "cpu",
             f"ID-model (seqrec) checkpoint {run}: results.json is missing (it holds the run's config and is written when "
             f"`llmrec seqrec train` finishes); found {present[:12] or 'nothing'}"
         )
-    results = json.loads(results_path.read_text(encoding="utf-8"))
-    if not isinstance(results.get("config"), dict):
+    try:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # a bare JSONDecodeError would name no file
+        raise ValueError(f"ID-model (seqrec) checkpoint {run}: results.json is damaged ({e}); {checkpoint_remedy(run)}"
+                         ) from None
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
         raise CheckpointError(f"ID-model (seqrec) checkpoint {run}: results.json has no 'config' (not a seqrec run?)")
     weights = guidance_weights_path(run, results)
     if not weights.exists():
         raise CheckpointError(f"ID-model (seqrec) checkpoint {run}: weights {weights.relative_to(run)} are missing")
     known = {f.name for f in dataclasses.fields(SeqRecConfig)}
     cfg = SeqRecConfig(**{k: v for k, v in results["config"].items() if k in known})
-    state = load_file(str(weights))
+    state = load_safetensors(weights, remedy=checkpoint_remedy(run))
     key = "backbone.item_emb.weight"
     if key not in state:
         raise CheckpointError(f"ID-model (seqrec) checkpoint {run}: {weights.name} has no {key} (not a seqrec model?)")

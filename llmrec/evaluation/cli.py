@@ -48,7 +48,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     result = compare_runs(args.runs, [m.strip() for m in args.metrics.split(",") if m.strip()], level=args.level,
                           n_resamples=args.resamples, seed=args.seed,
-                          power_rel=[float(r) for r in args.power_rel.split(",") if r.strip()],
+                          power_rel=args.power_rel,
                           seeds_per_run=args.seeds_per_run)
     table = comparison_table(result)
     print(table, end="")
@@ -58,6 +58,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
         atomic_write_text(Path(args.markdown), table)
     print(json.dumps(result, sort_keys=True))
     return 0
+
+
+def _relative_effects(text: str) -> list[float]:
+    """argparse type of ``--power-rel``: comma-separated finite numbers > 0 (``abc`` was reported as a bare
+    "could not convert string to float", naming no option)."""
+    import math
+
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number (expected e.g. 0.03,0.17)") from None
+        if not 0 < value < math.inf:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{part!r}: a relative effect must be finite and > 0 (e.g. 0.03)")
+        values.append(value)
+    return values
 
 
 def register_compare_cli(subparsers) -> None:
@@ -71,7 +90,7 @@ def register_compare_cli(subparsers) -> None:
     p.add_argument("--level", default="item", choices=("item", "title"), help="matching level")
     p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--power-rel", default="", metavar="R1,R2",
+    p.add_argument("--power-rel", type=_relative_effects, default=[], metavar="R1,R2",
                    help="also print the rows needed to detect true differences of these sizes relative to the "
                         "baseline's mean (e.g. 0.03,0.17; two-sided 5%%, 80%% power)")
     p.add_argument("--seeds-per-run", type=int, default=1, metavar="N",

@@ -237,9 +237,12 @@ class SeqRecData:
     valid: SplitRows
     test: SplitRows
     train: TrainExamples
+    # Train rows with an empty history: no input to predict from, so no example is made of them.
+    train_rows_empty_history: int = 0
 
     def protocol(self) -> dict:
-        return {
+        """The data side of a run's ``results.json`` protocol (sizes, train mode, rows skipped)."""
+        proto = {
             "dataset_dir": str(self.directory),
             "num_items": self.num_items,
             "max_history": self.max_history,
@@ -248,6 +251,9 @@ class SeqRecData:
             "train_examples": len(self.train),
             "train_targets": self.train.num_targets,
         }
+        if self.train_rows_empty_history:  # only then: the protocol of clean data stays what earlier runs recorded
+            proto["skipped"] = {"train_rows_empty_history": self.train_rows_empty_history}
+        return proto
 
     def rows_examples(self, keep: np.ndarray | None = None) -> TrainExamples:
         """Train rows as last-position examples (optionally only ``keep``-masked rows, for LARES RPT)."""
@@ -287,6 +293,14 @@ def load_seqrec_data(
             user_ids=list(ds["user_id"]),
         )
     tr = splits["train"]
+    n_empty = sum(1 for h in tr.histories if not h)
+    if n_empty:
+        # Said at WARNING (it was only visible as a smaller row count in an INFO line): these rows are not trained
+        # on, and `llmrec data prepare` never writes them, so the file was made or edited by other means.
+        logger.warning(
+            "%s/train.jsonl: %d of %d train rows have an empty history and are skipped (an ID model needs at least "
+            "one history item to predict from); the count is recorded in results.json (protocol.skipped)",
+            prepared.directory, n_empty, len(tr))
     data = SeqRecData(
         directory=Path(prepared.directory),
         num_items=n,
@@ -298,6 +312,7 @@ def load_seqrec_data(
         train=TrainExamples(
             np.zeros((0, max_history), np.int64), np.zeros((0, max_history), np.int64), np.zeros(0, np.int64)
         ),
+        train_rows_empty_history=n_empty,
     )
     if train_mode == "sequence":
         chains = build_chains(tr.user_ids, tr.histories, list(tr.targets))

@@ -244,7 +244,7 @@ def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
         if not rpt.best_valid or rpt.best_valid[cfg.valid_metric] <= spt_valid[cfg.valid_metric]:
             from llmrec.seqrec.trainer import _load_weights
 
-            _load_weights(trainer.unwrapped, out / "train" / "best.safetensors")
+            _load_weights(trainer.unwrapped, out / "train" / "best.safetensors", trainer.checkpoint_remedy)
             extra["selected_phase"] = "spt"
         else:
             extra["selected_phase"] = "rpt"

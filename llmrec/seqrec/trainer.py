@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from llmrec.data.canonical import atomic_write_json, give_saved_weights_default_permissions
+from llmrec.safetensors_io import load_safetensors
 from llmrec.seqrec.data import EvalRows, SameTargetPool, SeqRecData, SplitRows
 from llmrec.seqrec.keyed_random import row_keys
 from llmrec.seqrec.models import EVAL_STATE, FILTER_STATE, LARES, LossContext, SeqRecModel
@@ -98,10 +99,34 @@ def _last_paths(pdir: Path, slot: int | None) -> tuple[Path, Path]:
     return pdir / f"last{suffix}.safetensors", pdir / f"last_optim{suffix}.pt"
 
 
-def _load_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
+def checkpoint_remedy(output_dir: Path) -> str:
+    """The way out of a damaged checkpoint of the run in ``output_dir``: it cannot be resumed, only retrained."""
+    return (f"it is a checkpoint of the run in {output_dir}: train the run again from scratch (resume: false, "
+            "i.e. --resume false) or in another output_dir")
 
-    model.load_state_dict(load_file(str(path)))
+
+def _load_weights(model: torch.nn.Module, path: Path, remedy: str | None = None) -> None:
+    """Load ``path`` into ``model``; a damaged file is a ``SafetensorsFileError`` naming it (and ``remedy``)."""
+    model.load_state_dict(load_safetensors(path, remedy=remedy))
+
+
+def _load_optimizer_state(path: Path, remedy: str) -> dict:
+    """The optimiser state saved beside a ``last-*.safetensors``; a damaged file is a ``ValueError`` naming it.
+
+    torch.load reports a truncated or foreign file as a bare RuntimeError ("failed finding central directory"),
+    EOFError, KeyError or OSError ("Invalid argument"), naming no file.
+    """
+    import pickle
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: optimiser checkpoint not found; {remedy}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError) as e:
+        # (OSError: a short file can make torch's zip reader fail with EINVAL, naming no file)
+        first = str(e).split(". ")[0][:160]  # torch's RuntimeError goes on for several sentences about trust
+        problem = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise ValueError(f"{path}: damaged or not an optimiser checkpoint ({problem}); {remedy}") from None
 
 
 class SeqRecTrainer:
@@ -116,6 +141,11 @@ class SeqRecTrainer:
         self.eval_rows = 0
         tensorboard = self.is_main and getattr(cfg, "report_to", "none") == "tensorboard"
         self.scalars = ScalarLog(self.out / "tensorboard" if tensorboard else None)
+
+    @property
+    def checkpoint_remedy(self) -> str:
+        """What to do about a damaged checkpoint of this run (appended to the error naming it)."""
+        return checkpoint_remedy(self.out)
 
     @property
     def unwrapped(self) -> SeqRecModel:
@@ -210,7 +240,7 @@ class SeqRecTrainer:
         acc.wait_for_everyone()
         if cfg.resume and done_file.exists() and best_path.exists():
             res = PhaseResult(**json.loads(done_file.read_text()))
-            _load_weights(self.unwrapped, best_path)
+            _load_weights(self.unwrapped, best_path, self.checkpoint_remedy)
             logger.info(
                 "phase %s already finished (best epoch %d); loaded its best weights", phase, res.best_epoch
             )
@@ -228,8 +258,8 @@ class SeqRecTrainer:
             st = json.loads(state_file.read_text())
             slot, best_file = st.get("slot"), st.get("best_file", "best.safetensors")  # absent: the older layout
             last_path, optim_path = _last_paths(pdir, slot)
-            _load_weights(self.unwrapped, last_path)
-            optim.load_state_dict(torch.load(optim_path, map_location="cpu", weights_only=True))
+            _load_weights(self.unwrapped, last_path, self.checkpoint_remedy)
+            optim.load_state_dict(_load_optimizer_state(optim_path, self.checkpoint_remedy))
             res = PhaseResult(**st["result"])
             start_epoch, bad = st["epoch"] + 1, st["bad"]
             torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
@@ -332,7 +362,7 @@ class SeqRecTrainer:
         if state_file.exists():
             best_file = json.loads(state_file.read_text()).get("best_file", "best.safetensors")
         if best_file and (pdir / best_file).exists():
-            _load_weights(self.unwrapped, pdir / best_file)
+            _load_weights(self.unwrapped, pdir / best_file, self.checkpoint_remedy)
             if self.is_main:
                 _save_weights(self.unwrapped, best_path)
         if self.is_main:
