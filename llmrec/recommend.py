@@ -407,9 +407,8 @@ def is_seqrec_run(path: str | os.PathLike) -> bool:
 
 
 def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int | None):
-    from safetensors.torch import load_file
-
     from llmrec.data.canonical import DataFormatError
+    from llmrec.safetensors_io import load_safetensors
     from llmrec.seqrec.config import SeqRecConfig
     from llmrec.seqrec.models import build_model
 
@@ -437,7 +436,7 @@ def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int 
     weights = path / phase / "best.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"{path}: the selected weights {phase}/best.safetensors are missing")
-    state = load_file(str(weights))
+    state = load_safetensors(weights)
     key = "backbone.item_emb.weight"
     if key in state and state[key].shape[0] - 1 != len(catalog):
         raise ValueError(

@@ -89,3 +89,11 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu", remedy: str |
     """
     with open_safetensors(path, "pt", device, remedy) as f:
         return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def check_safetensors(path: str | os.PathLike, remedy: str | None = None) -> None:
+    """Read ``path``'s header (cheap) so that a damaged file is named before a library that reads it itself (peft's
+    adapter loading, say) reports it without a path. A missing file is left to that library."""
+    if Path(path).exists():
+        with open_safetensors(path, remedy=remedy):
+            pass

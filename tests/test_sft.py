@@ -576,3 +576,20 @@ def test_evaluation_switched_off_with_an_eval_split_trains(tmp_path, prepared_di
     res = run_sft(make_config(tmp_path / "o", prepared_dir, eval_split="valid", eval_strategy="no",
                               load_best_model_at_end=False, max_steps=2))
     assert res["global_step"] == 2
+
+
+def test_a_damaged_weights_file_of_a_checkpoint_is_named(tmp_path, prepared_dir):
+    """A truncated latent_head / adapter file gave safetensors' "incomplete metadata" with no file named."""
+    from llmrec.safetensors_io import SafetensorsFileError
+    from llmrec.training.sft import load_sft_checkpoint
+
+    out = tmp_path / "run"
+    run_sft(make_config(out, prepared_dir, max_steps=1, num_latent_tokens=1))
+    for name in ("latent_head.safetensors", "adapter_model.safetensors"):
+        path = out / name
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(SafetensorsFileError, match=rf"{name}: damaged or not a safetensors file"):
+            load_sft_checkpoint(out, dtype="float32")
+        path.write_bytes(whole)
+    load_sft_checkpoint(out, dtype="float32")

@@ -133,6 +133,8 @@ def load_for_inference(
         return model, tokenizer
     from peft import PeftModel
 
+    from llmrec.safetensors_io import check_safetensors
+
     model, tokenizer = load_backbone(adapter_base(ckpt, model_name_or_path), dtype=dtype)
     if (ckpt / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
@@ -142,6 +144,7 @@ def load_for_inference(
             tokenizer.pad_token = tokenizer.eos_token
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
+    check_safetensors(ckpt / "adapter_model.safetensors")  # named if damaged (peft would not)
     model = PeftModel.from_pretrained(model, str(ckpt)).merge_and_unload()
     model.eval()
     if device is not None:

@@ -957,7 +957,7 @@ class LatentReasoningLM(nn.Module):
 
         With ``tokenizer`` given, checks that each latent token still maps to its stored id.
         """
-        from safetensors.torch import load_file
+        from llmrec.safetensors_io import load_safetensors
 
         folder = Path(directory)
         config, meta = LatentConfig.load_json(folder / LATENT_CONFIG_NAME)
@@ -974,5 +974,5 @@ class LatentReasoningLM(nn.Module):
         head = None
         if config.num_latent_tokens:
             head = LatentPoolingHead.from_config(hidden, config)
-            head.load_state_dict(load_file(str(folder / LATENT_HEAD_NAME)), strict=True)
+            head.load_state_dict(load_safetensors(folder / LATENT_HEAD_NAME), strict=True)
         return cls(base_model, config, head)

@@ -527,7 +527,7 @@ def save_sft_checkpoint(model: LatentReasoningLM, tokenizer, output_dir: str | o
 
 def load_sft_weights(model: LatentReasoningLM, checkpoint: str | os.PathLike) -> None:
     """Load the trained weights of ``checkpoint`` (adapter or full LM, and the head) into ``model`` in place."""
-    from safetensors.torch import load_file
+    from llmrec.safetensors_io import load_safetensors
 
     ckpt = Path(checkpoint)
     lm = model.model
@@ -537,12 +537,12 @@ def load_sft_weights(model: LatentReasoningLM, checkpoint: str | os.PathLike) ->
         path = ckpt / "adapter_model.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"{ckpt}: no adapter_model.safetensors to resume from")
-        result = set_peft_model_state_dict(lm, load_file(str(path)))
+        result = set_peft_model_state_dict(lm, load_safetensors(path))
         if result.unexpected_keys:
             raise ValueError(f"{ckpt}: unexpected adapter keys {result.unexpected_keys[:5]}")
         emb_path = ckpt / LATENT_EMBEDDINGS_NAME
         if emb_path.exists():
-            rows = load_file(str(emb_path))
+            rows = load_safetensors(emb_path)
             ids = rows["latent_token_ids"].tolist()
             causal = model.causal_lm
             with torch.no_grad():
@@ -556,7 +556,7 @@ def load_sft_weights(model: LatentReasoningLM, checkpoint: str | os.PathLike) ->
 
         single = ckpt / "model.safetensors"
         if single.exists():
-            result = lm.load_state_dict(load_file(str(single)), strict=False)
+            result = lm.load_state_dict(load_safetensors(single), strict=False)
             tied = set(getattr(lm, "all_tied_weights_keys", {}) or {}) | set(getattr(lm, "_tied_weights_keys", None) or [])
             missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
             if missing or result.unexpected_keys:
@@ -567,7 +567,7 @@ def load_sft_weights(model: LatentReasoningLM, checkpoint: str | os.PathLike) ->
         head_path = ckpt / LATENT_HEAD_NAME
         if not head_path.exists():
             raise FileNotFoundError(f"{ckpt}: no {LATENT_HEAD_NAME}")
-        model.latent_head.load_state_dict(load_file(str(head_path)), strict=True)
+        model.latent_head.load_state_dict(load_safetensors(head_path), strict=True)
 
 
 def load_sft_checkpoint(
@@ -584,12 +584,12 @@ def load_sft_checkpoint(
     is applied (merged when ``merge``). A checkpoint without ``latent_config.json`` gives the plain LM (N=0).
     Decode with :meth:`LatentReasoningLM.prefill_with_latents` -> ``PromptState`` -> constrained beam search.
     """
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from llmrec.models.backbone import load_backbone
     from llmrec.models.checkpoint import adapter_base, checkpoint_kind, recorded_base
     from llmrec.models.latent import LATENT_CONFIG_NAME
+    from llmrec.safetensors_io import check_safetensors, load_safetensors
 
     ckpt = Path(checkpoint)
     kind = checkpoint_kind(ckpt)
@@ -615,7 +615,7 @@ def load_sft_checkpoint(
             _init_new_rows(lm, rows)
         emb_path = ckpt / LATENT_EMBEDDINGS_NAME
         if emb_path.exists():
-            saved = load_file(str(emb_path))
+            saved = load_safetensors(emb_path)
             ids = saved["latent_token_ids"].tolist()
             with torch.no_grad():
                 w = lm.get_input_embeddings().weight
@@ -623,6 +623,7 @@ def load_sft_checkpoint(
                 if "output_embeddings" in saved:
                     o = lm.get_output_embeddings().weight
                     o[ids] = saved["output_embeddings"].to(o.dtype)
+        check_safetensors(ckpt / "adapter_model.safetensors")  # named if damaged (peft would not)
         lm = PeftModel.from_pretrained(lm, str(ckpt))
         if merge:
             lm = lm.merge_and_unload()
