@@ -297,3 +297,10 @@ def test_a_split_named_twice_is_refused(tmp_path: Path, capsys):
         prepare(raw, out, splits=["test", "test"])
     assert not out.exists()
     assert prepare(raw, out, splits=["test"])["cleaned"]["examples"] == 2
+
+
+def test_an_output_under_a_file_is_refused(tmp_path: Path, capsys):
+    src = write_csv_source(tmp_path / "src")
+    (tmp_path / "afile").write_text("x")
+    assert main(prepare_args("csv", src, tmp_path / "afile" / "sub")) == 1
+    assert "afile, which is a file, not a directory" in capsys.readouterr().err

@@ -181,3 +181,16 @@ def test_runs_sharing_part_of_their_rows_or_other_datasets_are_warned_about(tmp_
     with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
         assert compare_runs([sparse, big], ["ndcg@10"])["rows"] == 1
     assert "the runs share 1 of the 2 rows of the smallest run" in caplog.text
+
+
+def test_cli_output_paths_that_cannot_be_written_are_refused_first(tmp_path, capsys):
+    """--output / --markdown naming a directory (or a path under a file) failed after the bootstrap, with a
+    traceback."""
+    from llmrec.cli import main
+
+    a, b = _run(tmp_path / "a", [0, None, 3, None]), _run(tmp_path / "b", [1, 2, None, None])
+    (tmp_path / "afile").write_text("x")
+    for flag, path, message in (("--output", tmp_path, "is a directory"),
+                                ("--markdown", tmp_path / "afile" / "t.md", "afile is a file, not a directory")):
+        assert main(["compare", str(a), str(b), flag, str(path)]) == 1
+        assert message in capsys.readouterr().err

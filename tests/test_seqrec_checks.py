@@ -307,3 +307,11 @@ def test_a_dataset_without_empty_histories_records_none_and_does_not_warn(tmp_pa
     # nothing recorded: the protocol of clean data is what earlier runs recorded (finished runs compare equal)
     assert data.train_rows_empty_history == 0 and "skipped" not in data.protocol()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_an_output_dir_under_a_file_is_refused_at_config_time(tmp_path):
+    from llmrec.seqrec.config import SeqRecConfig
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="output_dir .* a file, not a directory"):  # a traceback at the first write
+        SeqRecConfig(dataset_dir="x", output_dir=str(tmp_path / "afile"))

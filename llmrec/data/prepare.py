@@ -37,6 +37,7 @@ from llmrec.data.canonical import (
     STATS_FILE,
     atomic_directory,
     atomic_write_json,
+    check_directory_path,
     write_jsonl,
 )
 from llmrec.data.catalog import ItemCatalog, TitlePolicy, clean_titles
@@ -64,6 +65,7 @@ def check_output(output: str | Path) -> None:
     """
     output = Path(output)
     if not output.exists():
+        check_directory_path(output, "--output")  # a parent that is a file: said now, not as a traceback
         return
     if not output.is_dir():
         raise ValueError(f"output {output} exists and is not a directory: choose another --output")

@@ -43,9 +43,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from llmrec.data.canonical import atomic_write_json, atomic_write_text
+    from llmrec.data.canonical import atomic_write_json, atomic_write_text, check_file_path
     from llmrec.evaluation.compare import compare_runs, comparison_table
 
+    for flag, path in (("--output", args.output), ("--markdown", args.markdown)):
+        if path:  # before the bootstrap, not at the write after it
+            check_file_path(path, flag)
     result = compare_runs(args.runs, [m.strip() for m in args.metrics.split(",") if m.strip()], level=args.level,
                           n_resamples=args.resamples, seed=args.seed,
                           power_rel=args.power_rel,

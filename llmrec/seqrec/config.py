@@ -167,6 +167,9 @@ class SeqRecConfig:
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_NAMES}")
         self._check_types()
+        from llmrec.data.canonical import check_directory_path
+
+        check_directory_path(self.output_dir, "output_dir")
         if self.reason_steps < 0:
             raise ValueError(f"reason_steps (K) must be >= 0, got {self.reason_steps}")
         # NaN passes every range check below (nan < 0 and nan <= 0 are False) and inf is no setting either: a NaN
