@@ -210,22 +210,29 @@ _RECORDED_AS = {"prompt": "prompt", "noun": "noun", "history_length": "history_l
                 "max_prompt_length": "max_length", "tokenization": "tokenization"}
 
 
+def _json_object_or_empty(path: Path) -> dict:
+    """A JSON object file an llmrec run wrote, or {} when it is absent or not one (the loaders report damage)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def recorded_dataset(checkpoint: str | Path) -> str | None:
     """The dataset a trained checkpoint records (``llmrec sft`` / ``llmrec grpo``: ``llmrec_config.json``;
     ``llmrec seqrec train``: ``results.json``), or None if it records none (or is not a trained checkpoint)."""
     from llmrec.training.sft import LLMREC_CONFIG_NAME
 
     d = Path(checkpoint)
-    try:
-        if (d / LLMREC_CONFIG_NAME).is_file():
-            return json.loads((d / LLMREC_CONFIG_NAME).read_text(encoding="utf-8")).get("dataset") or None
-        if (d / "results.json").is_file():
-            res = json.loads((d / "results.json").read_text(encoding="utf-8"))
-            found = res.get("protocol", {}).get("dataset_dir") or (res.get("config") or {}).get("dataset_dir")
-            return str(found) if found else None
-    except (json.JSONDecodeError, AttributeError, TypeError):
-        return None  # not a file written by llmrec: the loaders report what is wrong with it
-    return None
+    if (d / LLMREC_CONFIG_NAME).is_file():
+        found = _json_object_or_empty(d / LLMREC_CONFIG_NAME).get("dataset")
+        return str(found) if found else None
+    res = _json_object_or_empty(d / "results.json")
+    proto, cfg = res.get("protocol"), res.get("config")
+    found = (proto.get("dataset_dir") if isinstance(proto, dict) else None) or (
+        cfg.get("dataset_dir") if isinstance(cfg, dict) else None)
+    return str(found) if found else None
 
 
 def recorded_prompt_settings(checkpoint: str | Path) -> dict[str, Any]:
@@ -234,13 +241,7 @@ def recorded_prompt_settings(checkpoint: str | Path) -> dict[str, Any]:
     plain adapter, a file not written by llmrec: the loaders report what is wrong with those)."""
     from llmrec.training.sft import LLMREC_CONFIG_NAME
 
-    path = Path(checkpoint) / LLMREC_CONFIG_NAME
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    if not isinstance(meta, dict):
-        return {}
+    meta = _json_object_or_empty(Path(checkpoint) / LLMREC_CONFIG_NAME)
     return {name: meta[key] for name, key in _RECORDED_AS.items() if meta.get(key) is not None}
 
 

@@ -16,6 +16,17 @@ if TYPE_CHECKING:
     from llmrec.training.sft import LatentSFTConfig
 
 
+def dataset_dir_or_none(name: str | None) -> Path | None:
+    """The prepared dataset directory ``name`` names (an embedded sample resolved), or None if it cannot be found
+    (then the comparisons that need the split's size leave it out)."""
+    from llmrec.data.samples import resolve_dataset_dir
+
+    try:
+        return resolve_dataset_dir(name) if name else None
+    except (OSError, ValueError):
+        return None
+
+
 def split_rows(data_dir: Path | None, split: str) -> int | None:
     """The rows of a split of a prepared dataset (its ``stats.json``), or None if unknown."""
     from llmrec.data.canonical import read_stats

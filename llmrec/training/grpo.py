@@ -1704,20 +1704,13 @@ def last_grpo_checkpoint(out_dir: str | Path) -> Path | None:
 def _prompt_dataset_dir(config: LatentGRPOConfig) -> Path | None:
     """The prepared dataset the prompts come from (``dataset``, else the one the SFT checkpoint records), or None
     if it cannot be found."""
-    from llmrec.data.samples import resolve_dataset_dir
-    from llmrec.training.sft import LLMREC_CONFIG_NAME
+    from llmrec.evaluation.evaluator import recorded_dataset
+    from llmrec.training.finished_runs import dataset_dir_or_none
 
     name = config.dataset
     if name is None and config.sft_checkpoint:
-        meta = Path(config.sft_checkpoint) / LLMREC_CONFIG_NAME
-        try:
-            name = json.loads(meta.read_text(encoding="utf-8")).get("dataset") if meta.is_file() else None
-        except (json.JSONDecodeError, AttributeError):
-            name = None
-    try:
-        return resolve_dataset_dir(name) if name else None
-    except (OSError, ValueError):
-        return None
+        name = recorded_dataset(config.sft_checkpoint)
+    return dataset_dir_or_none(name)
 
 
 def run_grpo(config: LatentGRPOConfig, callbacks: list | None = None) -> dict[str, Any]:

@@ -830,16 +830,6 @@ def _mean_train_loss(train_out, history: list[dict], global_step: int, resumed: 
     return total / global_step
 
 
-def _dataset_dir_or_none(config: LatentSFTConfig) -> Path | None:
-    """The prepared dataset directory of ``config`` (an embedded sample resolved), or None if it cannot be found."""
-    from llmrec.data.samples import resolve_dataset_dir
-
-    try:
-        return resolve_dataset_dir(config.dataset) if config.dataset else None
-    except (OSError, ValueError):
-        return None
-
-
 def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     """Train; resume from the last complete checkpoint in ``output_dir``; write ``train_results.json``.
 
@@ -851,9 +841,14 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     if (out_dir / RESULTS_NAME).exists() and not config.retrain:
         # A finished run is not resumed: early stopping ended it, and resuming would train on past that point. It is
         # returned only if it was made with the settings asked for now (not silently another run's results).
-        from llmrec.training.finished_runs import finished_sft_differences, refuse_other_finished_run
+        from llmrec.training.finished_runs import (
+            dataset_dir_or_none,
+            finished_sft_differences,
+            refuse_other_finished_run,
+        )
 
-        refuse_other_finished_run(out_dir, "SFT run", finished_sft_differences(config, _dataset_dir_or_none(config)),
+        diff = finished_sft_differences(config, dataset_dir_or_none(config.dataset))
+        refuse_other_finished_run(out_dir, "SFT run", diff,
                                   "set retrain: true to train it again with these settings, or use another output_dir")
         logger.info("%s holds a finished run (%s) made with these settings; skipping (set retrain: true to train "
                     "again)", out_dir, RESULTS_NAME)
