@@ -41,12 +41,14 @@ import numpy as np
 import torch
 
 from llmrec.data.canonical import (
+    DataFormatError,
     atomic_write_json,
     atomic_write_text,
     dumps_line,
     load_prepared,
     parse_jsonl_lines,
     read_jsonl,
+    read_stats,
 )
 from llmrec.evaluation.metrics import compute_metrics
 
@@ -213,10 +215,9 @@ _RECORDED_AS = {"prompt": "prompt", "noun": "noun", "history_length": "history_l
 def _json_object_or_empty(path: Path) -> dict:
     """A JSON object file an llmrec run wrote, or {} when it is absent or not one (the loaders report damage)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return read_stats(path) if path.is_file() else {}
+    except DataFormatError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def recorded_dataset(checkpoint: str | Path) -> str | None:
@@ -259,12 +260,9 @@ def _recorded_base_or_none(checkpoint: str | Path) -> str | None:
 def _read_json_file(path: Path) -> dict:
     """A JSON object written by an earlier evaluation; a damaged one is named (it is not ours to repair)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged ({e}): remove it, or choose another output_dir") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object: remove it, or choose another output_dir")
-    return data
+        return read_stats(path)  # any JSON-object file, damage named
+    except DataFormatError as e:
+        raise ValueError(f"{path} is damaged ({e.problem}): remove it, or choose another output_dir") from None
 
 
 def _protocol_changes(found: Any, wanted: dict, limit: int = 6) -> str:

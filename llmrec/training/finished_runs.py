@@ -7,9 +7,10 @@ nothing trained left out). :func:`refuse_other_finished_run` is the error that n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llmrec.data.canonical import read_stats
 
 if TYPE_CHECKING:
     from llmrec.training.grpo import LatentGRPOConfig
@@ -29,15 +30,9 @@ def dataset_dir_or_none(name: str | None) -> Path | None:
 
 def split_rows(data_dir: Path | None, split: str) -> int | None:
     """The rows of a split of a prepared dataset (its ``stats.json``), or None if unknown."""
-    from llmrec.data.canonical import read_stats
-
     if data_dir is None or not (Path(data_dir) / "stats.json").is_file():
         return None
     return read_stats(Path(data_dir) / "stats.json").get("rows", {}).get(split)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def finished_sft_differences(cfg: LatentSFTConfig, data_dir: Path | None) -> dict[str, tuple[Any, Any]]:
@@ -51,11 +46,11 @@ def finished_sft_differences(cfg: LatentSFTConfig, data_dir: Path | None) -> dic
     out = Path(cfg.output_dir)
     if not (out / RESULTS_NAME).exists():
         return {}
-    results = _read_json(out / RESULTS_NAME)
+    results = read_stats(out / RESULTS_NAME)
     n_train = split_rows(data_dir, cfg.train_split)
     if n_train is None and cfg.max_train_rows is None:
         n_train = results.get("num_train_rows")
-    return sft_run_differences(results, _read_json(out / TRAINING_ARGS_JSON), cfg, n_train)
+    return sft_run_differences(results, read_stats(out / TRAINING_ARGS_JSON), cfg, n_train)
 
 
 def finished_grpo_differences(cfg: LatentGRPOConfig, data_dir: Path | None) -> dict[str, tuple[Any, Any]]:
@@ -70,8 +65,8 @@ def finished_grpo_differences(cfg: LatentGRPOConfig, data_dir: Path | None) -> d
     out = Path(cfg.output_dir)
     if not (out / RESULTS_NAME).exists():
         return {}
-    results = _read_json(out / RESULTS_NAME)
-    args = _read_json(out / TRAINING_ARGS_JSON)
+    results = read_stats(out / RESULTS_NAME)
+    args = read_stats(out / TRAINING_ARGS_JSON)
     n = split_rows(data_dir, cfg.train_split)
     asked = cfg.max_train_rows if cfg.max_train_rows is not None else n
     found: dict[str, Any] = {"prompts": results.get("prompts")}

@@ -277,9 +277,9 @@ class LatentGRPOConfig(GRPOConfig):
             if name in defaults and getattr(self, name) != defaults[name]:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is a TRL GRPOConfig option latent GRPO does not "
                                   f"implement ({why}); remove it")
-        from llmrec.training.sft import check_training_length
+        from llmrec.training.sft import check_common_training_settings
 
-        check_training_length(self)
+        check_common_training_settings(self)
         if self.num_generations is None or self.num_generations < 2:
             raise ConfigError(f"num_generations (the group size G) must be >= 2, got {self.num_generations}")
         if self.per_device_train_batch_size % self.num_generations != 0:

@@ -89,7 +89,7 @@ _CHECKPOINT_FIELDS = (
 )
 
 
-def check_training_length(config) -> None:
+def check_common_training_settings(config) -> None:
     """Refuse batch sizes < 1 (a ZeroDivisionError deep in the trainer) and a run of no steps (``max_steps`` not
     set and ``num_train_epochs`` <= 0: a finished-looking checkpoint of step 0), and an ``output_dir`` that is or
     lies under a file (found at the first save, after the training). Shared by SFT and GRPO configs."""
@@ -233,7 +233,7 @@ class LatentSFTConfig(transformers.TrainingArguments):
         for name in ("max_train_rows", "max_eval_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
-        check_training_length(self)
+        check_common_training_settings(self)
         for name in ("batch_eval_metrics", "eval_use_gather_object"):
             # eval_loss is computed once from every validation row's loss sum and token count (see
             # LatentSFTTrainer.prediction_step); per-batch metrics and object gathering would break that
