@@ -194,3 +194,25 @@ def test_cli_output_paths_that_cannot_be_written_are_refused_first(tmp_path, cap
                                 ("--markdown", tmp_path / "afile" / "t.md", "afile is a file, not a directory")):
         assert main(["compare", str(a), str(b), flag, str(path)]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_labels_name_the_runs_in_the_table_and_the_directories_follow_it(tmp_path, capsys):
+    from llmrec.cli import main
+
+    dirs = [_run(tmp_path / n, ranks) for n, ranks in (("a0", [0, None, 3]), ("a1", [None, None, 3]),
+                                                         ("b0", [0, 2, None]), ("b1", [1, 2, None]))]
+    plain = compare_runs(dirs, ["hr@10"], seeds_per_run=2)
+    named = compare_runs(dirs, ["hr@10"], seeds_per_run=2, labels=["base", "other"])
+    assert named.pop("labels") == ["base", "other"] and named == plain  # labels change no number
+    table = comparison_table(dict(named, labels=["base", "other"]))
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| base | ") and rows[2].startswith("| other | ")
+    assert f"- other: `{dirs[2]} + {dirs[3]}`" in table  # each label's directories, below the table
+    assert str(dirs[0]) not in "\n".join(rows)
+    for bad, problem in ((["base"], "1 labels for 2 runs"), (["x", "x"], "distinct"), (["x", ""], "non-empty"),
+                         (["a|b", "c"], "free of")):
+        with pytest.raises(ValueError, match=problem):
+            compare_runs(dirs, ["hr@10"], seeds_per_run=2, labels=bad)
+    assert main(["compare", *map(str, dirs), "--seeds-per-run", "2", "--labels", "base,other",
+                 "--metrics", "hr@10"]) == 0
+    assert "| other | " in capsys.readouterr().out

@@ -52,7 +52,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare_runs(args.runs, [m.strip() for m in args.metrics.split(",") if m.strip()], level=args.level,
                           n_resamples=args.resamples, seed=args.seed,
                           power_rel=args.power_rel,
-                          seeds_per_run=args.seeds_per_run)
+                          seeds_per_run=args.seeds_per_run,
+                          labels=None if args.labels is None else args.labels.split(","))
     table = comparison_table(result)
     print(table, end="")
     if args.output:
@@ -99,6 +100,9 @@ def register_compare_cli(subparsers) -> None:
     p.add_argument("--seeds-per-run", type=int, default=1, metavar="N",
                    help="every N consecutive directories are the seeds of one run (e.g. --seeds-per-run 3 A0 A1 A2 B0 "
                         "B1 B2): each row's metrics are averaged over them before the differences")
+    p.add_argument("--labels", default=None, metavar="A,B",
+                   help="comma-separated short names of the runs (one per run, or per group with --seeds-per-run), "
+                        "shown in the table instead of the directories, which are listed below it")
     p.add_argument("--output", default=None, help="also write the JSON result here")
     p.add_argument("--markdown", default=None,
                    help="also write the printed table here (e.g. benchmarks/results/NAME.md, which "

@@ -105,8 +105,12 @@ def _list_length(proto: dict, level: str) -> int | None:
 
 
 def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "item", n_resamples: int = 10000,
-                 seed: int = 0, power_rel: list[float] | tuple[float, ...] = (), seeds_per_run: int = 1) -> dict:
+                 seed: int = 0, power_rel: list[float] | tuple[float, ...] = (), seeds_per_run: int = 1,
+                 labels: list[str] | None = None) -> dict:
     """Per-run metric means on the shared rows and each run's difference to the first run (with CI).
+
+    ``labels``: one short name per run (per group of seeds), shown in :func:`comparison_table` instead of the
+    directories (which then follow the table); stored under ``"labels"``.
 
     ``seeds_per_run`` = n > 1: every n consecutive directories are the seeds of one run (``A0 A1 B0 B1`` with n =
     2 compares A with B), each row's metrics averaged over them first; the result's ``runs`` then lists the
@@ -126,6 +130,13 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
     groups = [list(run_dirs[i:i + seeds_per_run]) for i in range(0, len(run_dirs), seeds_per_run)]
     if len(groups) < 2:
         raise ValueError("compare needs at least two runs")
+    if labels is not None:
+        labels = [str(x).strip() for x in labels]
+        if len(labels) != len(groups):
+            raise ValueError(f"{len(labels)} labels for {len(groups)} runs (one label per run"
+                             + (f", i.e. per group of {seeds_per_run} seeds" if seeds_per_run > 1 else "") + ")")
+        if not all(labels) or len(set(labels)) != len(labels) or any("|" in x for x in labels):
+            raise ValueError(f"labels must be non-empty, distinct and free of '|', got {labels}")
     if level not in ("item", "title"):
         raise ValueError(f"level must be 'item' or 'title', got {level!r}")
     ks = _parse_metrics(metrics)
@@ -184,6 +195,8 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
                for g in range(0, len(runs), seeds_per_run)]
     out = {"rows": len(shared), "level": level, "runs": [" + ".join(str(r) for r in g) for g in groups],
            "seeds_per_run": seeds_per_run, "metrics": {}, "differences": {}}
+    if labels is not None:
+        out["labels"] = labels
     for m in metrics:
         if m not in per_run[0]:
             raise ValueError(f"unknown metric {m!r}; use e.g. ndcg@10, hr@10, mrr@10")
@@ -223,9 +236,10 @@ def seed_level_difference(treated: np.ndarray, base: np.ndarray) -> dict:
 def comparison_table(result: dict) -> str:
     """Markdown: one row per run, each metric with its difference to the first run and the 95% interval."""
     metrics = list(result["metrics"])
+    names = result.get("labels") or result["runs"]
     head = "| run | " + " | ".join(metrics) + " |\n|---|" + "---|" * len(metrics) + "\n"
     lines = []
-    for i, run in enumerate(result["runs"]):
+    for i, name in enumerate(names):
         cells = []
         for m in metrics:
             v = result["metrics"][m][i]
@@ -236,7 +250,7 @@ def comparison_table(result: dict) -> str:
                 both = "" if "ci95_seeds_rows" not in d else \
                     f"; seeds+rows [{d['ci95_seeds_rows'][0]:+.4f}, {d['ci95_seeds_rows'][1]:+.4f}]"
                 cells.append(f"{v:.4f} ({d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]{both})")
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     seeds = result.get("seeds_per_run", 1)
     text = head + "\n".join(lines) + f"\n\n{result['rows']} shared rows, {result['level']}-level matching" + (
         f", each row's metrics averaged over the {seeds} seeds of a run" if seeds > 1 else "") + \
@@ -245,6 +259,10 @@ def comparison_table(result: dict) -> str:
         "paired with the first run's seed i; crossed random effects, t with Satterthwaite df: other training runs "
         "too)" if any(
             "ci95_seeds_rows" in d for ds in result["differences"].values() for d in ds) else "") + ".\n"
+    if result.get("labels"):
+        text += "\nRuns:\n\n" + "".join(
+            f"- {label}: `{run}`\n"
+            for label, run in zip(result["labels"], result["runs"]))
     power = [(m, i, d["rows_for_power"]) for m in metrics for i, d in enumerate(result["differences"][m], 1)
              if "rows_for_power" in d]
     if power:
@@ -256,5 +274,5 @@ def comparison_table(result: dict) -> str:
                  + "---|" * len(rels) + "\n")
         for m, i, rows in power:
             cells = ["-" if n is None else f"{n:,}" for n in rows.values()]
-            text += f"| {result['runs'][i]} | {m} | " + " | ".join(cells) + " |\n"
+            text += f"| {names[i]} | {m} | " + " | ".join(cells) + " |\n"
     return text
