@@ -34,7 +34,9 @@ a history is what the evaluator ranked for it:
   top 3 of ``k=5`` need not be the result of ``k=3``; fix ``num_beams`` to make rankings independent
   of ``k`` (the evaluator's ``num_beams`` reproduces its rankings). The
   prompt keeps the most recent history items that fit ``max_prompt_length`` minus the latent tokens
-  minus the longest catalogue answer, exactly as the evaluator renders it (neither reads the true answer).
+  minus the longest catalogue answer: the evaluator's ``prompt_fit="longest_answer"``, which never reads the true
+  answer (its default ``"own_answer"`` fits each test prompt around the row's own target title instead, so a
+  history near the length limit can keep one item more or less there than here).
 * **ID models** (SASRec, ReaRec, LARES): every catalogue item is scored for the left-padded history
   (:meth:`~llmrec.seqrec.models.SeqRecModel.score`; padding id 0 is never a candidate) and the top ``k``
   are returned, ties broken by the smaller item id (as the seqrec evaluation ranks).

@@ -846,13 +846,16 @@ def test_held_out_candidate_rewards_match_plain_forwards(tmp_path, sft_dir):
     assert "reciprocal_rank" not in plain and plain["log_likelihood"] == pytest.approx(res["log_likelihood"], abs=1e-6)
 
 
-@pytest.mark.parametrize(("dropout", "beam_current"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(("dropout", "beam_current"), [(False, False), (True, False), (True, True), ("off", False)])
 def test_resume_matches_uninterrupted(tmp_path, sft_dir, dropout, beam_current):
     sft, data, root = sft_dir
     kw: dict = dict(num_iterations=2)
     if dropout:  # LoRA dropout on during GRPO: the resumed run must draw the same masks
         sft = _sft(root, data, lora_dropout=0.3)
         kw = dict(train_lora=True, disable_dropout=False)
+    if dropout == "off":  # an adapter with dropout, switched off by disable_dropout, and the held-out check before
+        # step 1 (a resumed run skips it): the check left dropout on for the uninterrupted run's every step
+        kw = dict(train_lora=True, disable_dropout=True, eval_rows=2)
     if beam_current:  # negatives searched by the current policy (dropout off for the search, back on after)
         kw.update(reward_funcs=["candidate_log_softmax"], rank_candidates=4, rank_negatives="beam_current")
     full = run_grpo(grpo_config(tmp_path / "full", sft, max_steps=4, **kw))
@@ -1195,6 +1198,20 @@ def test_held_out_check_runs_without_dropout(tmp_path, sft_dir):
     t.module.train()
     first, second = t.evaluate_rewards(), t.evaluate_rewards()
     assert first["neg_ppl"] == second["neg_ppl"] and t.module.training
+
+
+def test_held_out_check_leaves_dropout_off_when_disable_dropout():
+    """The wrapper module started in training mode over the eval-mode LM; the check restored the wrapper's flag on
+    every submodule and so turned the LM's dropout on for the rest of the run."""
+    from torch import nn
+
+    from llmrec.training.grpo import _eval_mode
+
+    outer = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2)))
+    outer[1].eval()
+    with _eval_mode(outer):
+        assert not any(m.training for m in outer.modules())
+    assert [m.training for m in outer.modules()] == [True, True, False, False, False]
 
 
 

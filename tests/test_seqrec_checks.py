@@ -315,3 +315,18 @@ def test_an_output_dir_under_a_file_is_refused_at_config_time(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="output_dir .* a file, not a directory"):  # a traceback at the first write
         SeqRecConfig(dataset_dir="x", output_dir=str(tmp_path / "afile"))
+
+
+def test_top_k_refuses_nan_scores_where_the_list_and_the_rank_would_disagree():
+    """A descending sort puts NaN first while ranks_from_scores never counts it as higher."""
+    import torch
+
+    from llmrec.evaluation.metrics import ranks_from_scores
+    from llmrec.seqrec.scoring import top_k
+
+    scores = torch.tensor([[0.5, 2.0, 1.0], [float("nan"), 2.0, 1.0]])
+    assert ranks_from_scores(scores, torch.tensor([1, 1])).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="NaN for 1 of 2 histories \\(first: batch row 1\\)"):
+        top_k(scores, 2)
+    values, order = top_k(scores[:1], 2)
+    assert order.tolist() == [[1, 2]] and values.tolist() == [[2.0, 1.0]]

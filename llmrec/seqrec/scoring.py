@@ -66,7 +66,13 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best ``(values, columns)`` per row; equal scores rank the smaller item id first.
 
     The stable descending sort gives the same order as :func:`llmrec.evaluation.metrics.ranks_from_scores`
-    counts ranks, so a list and its reported rank never disagree on ties.
+    counts ranks, so a list and its reported rank never disagree on ties. NaN scores are refused: a descending
+    sort puts them first, where ``ranks_from_scores`` never counts them as higher, so list and rank would disagree
+    (and a model that scores NaN is broken, not ranking).
     """
+    if torch.isnan(scores).any():
+        rows = torch.isnan(scores).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"the model scored NaN for {len(rows)} of {scores.shape[0]} histories (first: batch row "
+                         f"{rows[0]}): its weights or inputs are not finite")
     values, order = torch.sort(scores, dim=1, descending=True, stable=True)
     return values[:, :k], order[:, :k]

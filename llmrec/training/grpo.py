@@ -727,6 +727,23 @@ def _save_flat(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """``module`` and all its submodules in eval mode inside the block; afterwards every submodule's own mode back.
+
+    ``module.train(was_training)`` would set the outer module's flag on all of them: a wrapper in training mode
+    over an eval-mode LM (``disable_dropout``) turned dropout on for every later step, and a resumed run, which
+    skips the held-out check before its first step, trained without it (review).
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class LatentGRPOTrainer:
     """The latent GRPO loop: score the optimiser batch without gradients, gather, advantages, then train.
 
@@ -827,6 +844,9 @@ class LatentGRPOTrainer:
         trie_for_logprobs = title_trie if self.constrained_logprobs else None
         module = LatentGRPOModule(model, config.num_generations, config.naive_forward, self.pad,
                                   title_trie=trie_for_logprobs)
+        # A new nn.Module starts in training mode: give the wrapper the model's mode, so that code saving and
+        # restoring ``module.training`` (the held-out check) puts the model back in the mode asked for.
+        module.train(not config.disable_dropout)
         params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                            eps=config.adam_epsilon, weight_decay=config.weight_decay)
@@ -1226,9 +1246,7 @@ class LatentGRPOTrainer:
         from llmrec.decoding.beam_search import PromptState, constrained_beam_search_from_state
 
         lm = self.accelerator.unwrap_model(self.module).latent_lm
-        was_training = lm.training
-        lm.eval()
-        try:
+        with _eval_mode(lm):
             ids = torch.tensor([row["prompt_ids"]], device=self.accelerator.device)
             cache, logits, mask, next_pos = lm.prefill_with_latents(ids, torch.ones_like(ids))
             out = constrained_beam_search_from_state(
@@ -1236,8 +1254,6 @@ class LatentGRPOTrainer:
                 PromptState(next_token_logits=logits.float(), past_key_values=cache, attention_mask=mask,
                             next_position_ids=next_pos),
                 num_beams=self.config.rank_candidates, length_penalty=1.0)[0]
-        finally:
-            lm.train(was_training)
         return [int(i) for i in out.item_ranking]
 
     def beam_negatives_for(self, split: str, row: dict) -> list[int]:
@@ -1279,12 +1295,8 @@ class LatentGRPOTrainer:
         rows = self._eval_rows
         # The unwrapped module: a DDP forward may run collectives, and processes can hold different row counts.
         module = self.accelerator.unwrap_model(self.module)
-        was_training = module.training
-        module.eval()  # noise-free and dropout-free: the same value on every call, comparable before and after
-        try:
+        with _eval_mode(module):  # noise-free and dropout-free: the same value on every call, comparable
             return self._held_out_rewards(module, rows, per_row)
-        finally:
-            module.train(was_training)
 
     def _held_out_rewards(self, module, rows: list[dict], per_row: bool) -> dict[str, Any]:
         c = self.config
