@@ -222,6 +222,10 @@ def test_config_errors(tmp_path):
                         ("max_completion_length", 16), ("cast_lm_head_to_fp32", True)):
         with pytest.raises(ConfigError, match=f"{name}=.*does not implement"):
             LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: value})
+    # TrainingArguments fields the HF Trainer acts on and this trainer does not read (review)
+    for name in ("bf16", "fp16", "gradient_checkpointing", "activation_checkpointing"):
+        with pytest.raises(ConfigError, match=f"{name}=True has no effect in latent GRPO"):
+            LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: True})
 
 
 # ----------------------------------------------------------------------------------------- tiny SFT start
@@ -731,6 +735,10 @@ def test_bias_correction_flag_is_inert_without_kl(tmp_path):
                 per_device_train_batch_size=4)
     cfg = LatentGRPOConfig(**base)
     assert grpo_config_differences({**cfg.to_dict(), "use_bias_correction_kl": True}, cfg, None) == {}
+    # likewise TRL's gradient_checkpointing=True (mirrored to activation_checkpointing), never implemented here
+    assert not cfg.gradient_checkpointing and not cfg.activation_checkpointing
+    old_run = {**cfg.to_dict(), "gradient_checkpointing": True, "activation_checkpointing": True}
+    assert grpo_config_differences(old_run, cfg, None) == {}
     with_kl = LatentGRPOConfig(**base, beta=0.1)
     assert grpo_config_differences({**with_kl.to_dict(), "use_bias_correction_kl": True}, with_kl, None) == {
         "use_bias_correction_kl": (True, False)}

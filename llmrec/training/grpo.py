@@ -114,10 +114,13 @@ IGNORED_TRL_FIELDS = {
 def inert_fields(found: dict[str, Any], wanted: dict[str, Any]) -> set[str]:
     """Fields that change nothing a GRPO run trains under both recorded configs, so a finished run or a checkpoint
     is not refused over them: ``use_bias_correction_kl`` without a KL term (beta 0). Runs before the option was
-    implemented here (2026-12-05) recorded TRL's default True and trained without the correction."""
+    implemented here (2026-12-05) recorded TRL's default True and trained without the correction; likewise
+    ``gradient_checkpointing`` (TRL's True recorded, never implemented)."""
+    # recorded as TRL's True before 2026-12-05 (the new name mirrors the old), never acted on
+    never_read = {"gradient_checkpointing", "activation_checkpointing"}
     if not (found.get("beta") or 0.0) and not (wanted.get("beta") or 0.0):
-        return {"use_bias_correction_kl"}
-    return set()
+        return {"use_bias_correction_kl"} | never_read
+    return never_read
 
 
 @dataclass
@@ -259,7 +262,12 @@ class LatentGRPOConfig(GRPOConfig):
         metadata={"help": "none or tensorboard: every step's logged values as scalars under output_dir/runs "
                   "(pip install 'llmrec[tensorboard]')."},
     )
-    bf16: bool | None = field(default=False, metadata={"help": "Unused: set model_dtype instead."})
+    bf16: bool | None = field(default=False, metadata={
+        "help": "Not read by latent GRPO (must stay false): the weights' dtype is model_dtype, mixed precision is the "
+                "accelerate config's (mixed_precision)."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={
+        "help": "Not implemented by latent GRPO (leave unset, as activation_checkpointing, its new name in "
+                "transformers 5; TRL's default true did nothing here)."})
     use_bias_correction_kl: bool = field(
         default=False,
         metadata={"help": "Multiply the per-token KL term (beta > 0) by the ratio, as TRL's option of this name does "
@@ -277,6 +285,12 @@ class LatentGRPOConfig(GRPOConfig):
             if name in defaults and getattr(self, name) != defaults[name]:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is a TRL GRPOConfig option latent GRPO does not "
                                   f"implement ({why}); remove it")
+        for name, instead in (("bf16", "set model_dtype, or mixed_precision in the accelerate config"),
+                              ("fp16", "set model_dtype, or mixed_precision in the accelerate config"),
+                              ("gradient_checkpointing", "latent GRPO does not implement it"),
+                              ("activation_checkpointing", "latent GRPO does not implement it")):
+            if getattr(self, name):  # TrainingArguments fields the Trainer would act on; this trainer does not
+                raise ConfigError(f"{name}={getattr(self, name)!r} has no effect in latent GRPO ({instead}); remove it")
         from llmrec.training.sft import check_common_training_settings
 
         check_common_training_settings(self)
