@@ -105,6 +105,23 @@ def test_chains_regroup_prefix_rows_with_truncated_histories():
     assert inputs[0].tolist() == seq[-5:-1] and tgts[0].tolist() == seq[-4:]
 
 
+def test_sequence_mode_warns_when_chains_give_more_context_than_any_row(tmp_path, caplog):
+    """Rows prepared with a 3-item history: chains rebuild 6-item contexts that no train, valid or test row reads."""
+    d = write_successor_dataset(tmp_path / "d", max_history=3)
+    for split in ("valid", "test"):  # as `data prepare --max-history 3` writes them (the helper cuts train only)
+        rows = [json.loads(line) for line in (d / f"{split}.jsonl").read_text().splitlines()]
+        write_jsonl(d / f"{split}.jsonl", [dict(r, history_item_ids=r["history_item_ids"][-3:]) for r in rows])
+    with caplog.at_level("WARNING", logger="llmrec.seqrec.data"):
+        load_seqrec_data(d, max_history=10)
+    assert "contexts of up to 6 items, but no row's history holds more than 3" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llmrec.seqrec.data"):
+        load_seqrec_data(d, max_history=3)
+        load_seqrec_data(d, max_history=10, train_mode="rows")
+        load_seqrec_data(write_successor_dataset(tmp_path / "full"), max_history=10)
+    assert "contexts of up to" not in caplog.text
+
+
 @pytest.mark.parametrize("stride", [1, 2, 3, 4])
 def test_window_stride_trains_each_row_once_with_enough_context(stride):
     """Every row's target is one loss position exactly once, with its full history when the chain has it

@@ -115,6 +115,35 @@ def test_fields_the_model_does_not_read_are_named():
     assert SeqRecConfig(dataset_dir="x", model="lares", rpt_lr=0.5, filter_topk=7, rpt_beta=9.0).unused_fields() == {
         "filter_topk": 7, "rpt_beta": 9.0, "rpt_lr": 0.5}
     assert SeqRecConfig(dataset_dir="x", model="lares", rpt_epochs=1, rpt_lr=0.5).unused_fields() == {}
+    # PRL without noise has no noisy view, so no contrastive term (review: cl_weight was recorded as if it acted)
+    assert SeqRecConfig(dataset_dir="x", model="rearec-prl", noise_std=0.0, cl_weight=0.5).unused_fields() == {
+        "cl_weight": 0.5}
+    assert SeqRecConfig(dataset_dir="x", model="rearec-prl", cl_weight=0.5).unused_fields() == {}
+
+
+def test_reported_cut_off_10_is_required():
+    """ks without 10 trained a whole run, then failed on the NDCG@10 of its summary (LARES: before results.json)."""
+    with pytest.raises(ValueError, match="ks must include 10"):
+        SeqRecConfig(dataset_dir="x", ks=[5, 20], valid_metric="ndcg@20")
+    assert SeqRecConfig(dataset_dir="x", ks=[10]).ks == [10]
+
+
+def test_scoring_helpers_refuse_ids_outside_the_catalogue_and_empty_histories():
+    """id 0 in mask_items wrote -inf to column -1 (the last item); an all-padding history was scored silently."""
+    import torch
+
+    from llmrec.seqrec.models import SASRec
+    from llmrec.seqrec.modules import Backbone
+    from llmrec.seqrec.scoring import mask_items, score_histories
+
+    model = SASRec(Backbone(num_items=5, max_len=4, hidden=8, heads=2, inner=16)).eval()
+    for histories, problem in (([[1], []], "history 1 is empty"), ([[0]], "item id 0, outside the catalogue's 1..5"),
+                               ([[2, 6]], "item id 6")):
+        with pytest.raises(ValueError, match=problem):
+            score_histories(model, histories, 4, "cpu")
+    with pytest.raises(ValueError, match="masked row 0 holds item id 0"):
+        mask_items(torch.zeros(1, 5), [[0]])
+    assert mask_items(torch.zeros(1, 5), [[5]]).tolist() == [[0, 0, 0, 0, float("-inf")]]
 
 
 def test_cli_train_refuses_settings_the_model_does_not_read(tmp_path, capsys):

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     from llmrec.seqrec.config import SeqRecConfig
     from llmrec.seqrec.run import run_seqrec
 
-    data_dir, out = sys.argv[1], sys.argv[2]
+    data_dir, out, rows_data_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
     common = dict(dataset_dir=data_dir, max_history=10, hidden_size=16, n_layers=1, n_heads=2, inner_size=32,
                   dropout=0.0, attn_dropout=0.0, epochs=2, batch_size=6, eval_batch_size=8, lr=1e-2,
@@ -37,6 +37,10 @@ SCRIPT = textwrap.dedent(
     }
     for name, extra in models.items():
         run_seqrec(SeqRecConfig(model=name, output_dir=f"{out}/{name}", **common, **extra))
+    # One sample per row, 65 rows in global batches of 8: the last batch holds one loss position, fewer than the
+    # processes (its loss normaliser was floored at 1 per process, halving its gradient on 2 processes)
+    run_seqrec(SeqRecConfig(model="sasrec", output_dir=f"{out}/sasrec-rows", train_mode="rows",
+                            **dict(common, dataset_dir=rows_data_dir, batch_size=8)))
     """
 )
 
@@ -47,11 +51,13 @@ def test_two_processes_match_one_process(tmp_path):
     # 16 train windows in global batches of 6, 6 and 4: with 2 processes accelerate fills the last batch with 2
     # rows from the epoch's start (3 per process), which must carry no loss.
     data = write_successor_dataset(tmp_path / "d")
+    rows_data = write_successor_dataset(tmp_path / "d65", users=13, length=8)  # 13 users x 5 train rows
+    assert sum(1 for _ in open(rows_data / "train.jsonl")) == 65
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    run_script_here(script, data, tmp_path / "one")  # 1 process: this one
-    accelerate_launch(2, [script, data, tmp_path / "two"])
-    for name in ("sasrec", "rearec-erl", "rearec-prl", "lares"):
+    run_script_here(script, data, tmp_path / "one", rows_data)  # 1 process: this one
+    accelerate_launch(2, [script, data, tmp_path / "two", rows_data])
+    for name in ("sasrec", "rearec-erl", "rearec-prl", "lares", "sasrec-rows"):
         phases = ("train", "rpt") if name == "lares" else ("train",)
         for phase in phases:
             a, b = (load_file(str(_last_weights(tmp_path / run / name / phase))) for run in ("one", "two"))

@@ -108,7 +108,7 @@ class SeqRecConfig:
     patience: int = _f(10, "early stopping: validations (every eval_every epochs) without a better metric")
     valid_metric: str = _f("ndcg@10", "validation metric for early stopping and model selection")
     eval_every: int = _f(1, "validate every N epochs")
-    ks: list[int] = _f([1, 5, 10, 20], "cut-offs K of the reported metrics")
+    ks: list[int] = _f([1, 5, 10, 20], "cut-offs K of the reported metrics (10 among them)")
     mask_history: bool = _f(
         False, "set the scores of the history items the model reads (the last max_history) to -inf at evaluation, "
         "in the trainer and in `llmrec evaluate --method seqrec` alike (default: no masking)"
@@ -128,7 +128,8 @@ class SeqRecConfig:
     pta_alpha: float = _f(5.0, "PRL: temperature annealing alpha (step k at tau*alpha^(K-k))")
     pl_weight: float = _f(1.0, "PRL: weight of the mean CE of the earlier steps")
     cl_weight: float = _f(1.0, "PRL: weight of the reasoning-aware contrastive loss")
-    noise_std: float = _f(0.01, "PRL: std of the Gaussian noise on reasoning tokens of the noisy view")
+    noise_std: float = _f(0.01, "PRL: std of the Gaussian noise on reasoning tokens of the noisy view (0: no noisy "
+                                "view and no contrastive term; cl_weight then unused)")
     warmup_epochs: int = _f(2, "PRL: epochs before the noisy view and the contrastive loss start")
     cl_max_rows: int = _f(1024, "PRL: max rows in one contrastive similarity matrix (random subset)")
     # LARES
@@ -202,6 +203,8 @@ class SeqRecConfig:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {self.ks}")
+        if 10 not in self.ks:  # the run's summary, markdown and `bench seqrec` report NDCG@10 and HR@10
+            raise ValueError(f"ks must include 10 (NDCG@10 and HR@10 are reported by every run), got {self.ks}")
         if not 0 <= self.window_stride <= self.max_history:
             raise ValueError(f"window_stride must be in 0..max_history ({self.max_history}), got {self.window_stride}")
         if self.temperature <= 0:
@@ -264,4 +267,6 @@ class SeqRecConfig:
             others.add("window_stride")
         if self.model == "lares" and self.rpt_epochs == 0:
             others.update(_RPT_FIELDS)
+        if self.model == "rearec-prl" and self.noise_std == 0:  # no noisy view: the contrastive term is off
+            others.update(("cl_weight", "cl_max_rows"))
         return {name: getattr(self, name) for name in sorted(others) if getattr(self, name) != defaults[name]}

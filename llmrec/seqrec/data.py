@@ -325,6 +325,16 @@ def load_seqrec_data(
         logger.info(
             "train: %d rows grouped into %d chains / %d windows", n_rows, len(chains), len(data.train)
         )
+        # Chains rebuild contexts as long as a user's whole train sequence; rows prepared with a shorter history
+        # (data prepare --max-history) never read that much, in training rows or in evaluation (review).
+        longest_row = max(len(h) for split in splits.values() for h in split.histories)
+        longest_context = min(max_history, max((len(seq) for seq, _ in chains), default=1) - 1)
+        if longest_context > longest_row:
+            logger.warning(
+                "%s: sequence mode trains with contexts of up to %d items, but no row's history holds more than %d "
+                "(the preparation's --max-history?), nor does any validation or test row; set max_history: %d, or "
+                "train_mode: rows, to train on the contexts the rows have", prepared.directory, longest_context,
+                longest_row, longest_row)
     else:
         data.train = data.rows_examples()
     if len(data.train) == 0:

@@ -32,6 +32,7 @@ def score_histories(
     """
     from llmrec.seqrec.models import LARES
 
+    _check_item_ids(histories, model.backbone.num_items, "history")
     ids = torch.from_numpy(left_pad(histories, max_history)).to(device)
     kw = {"keys": keys.to(ids.device)} if keys is not None and isinstance(model, LARES) else {}
     with torch.no_grad():
@@ -54,8 +55,21 @@ def history_keys(histories: list[list[int]], max_history: int, *key: int) -> tor
     return torch.tensor([mix(*key, len(h[-max_history:]), *h[-max_history:]) for h in histories], dtype=torch.long)
 
 
+def _check_item_ids(rows, num_items: int, what: str) -> None:
+    """Every id of every row in ``1..num_items`` and no row empty: id 0 is padding (a history of only padding, or
+    column -1, i.e. the last item, in :func:`mask_items`), larger ids are not in the catalogue. The callers check
+    their inputs first; these public helpers must not turn a bad id into another item's score."""
+    for row, items in enumerate(rows):
+        if what == "history" and not len(items):
+            raise ValueError(f"{what} {row} is empty: an ID model needs at least one item to score from")
+        bad = [i for i in items if not 1 <= int(i) <= num_items]
+        if bad:
+            raise ValueError(f"{what} {row} holds item id {bad[0]}, outside the catalogue's 1..{num_items}")
+
+
 def mask_items(scores: torch.Tensor, items_per_row) -> torch.Tensor:
     """Set ``scores[row, item - 1]`` to -inf for every item id of each row's collection (in place; returned)."""
+    _check_item_ids(items_per_row, scores.shape[1], "masked row")
     for row, items in enumerate(items_per_row):
         if items:
             scores[row, torch.tensor(sorted(set(items)), device=scores.device) - 1] = float("-inf")

@@ -281,9 +281,11 @@ class SeqRecTrainer:
                 if n_batches == last_batch and remainder:
                     batch = _without_loader_padding(batch, remainder, acc.process_index)
                 local = (batch["target_ids"] > 0).sum().float()
-                denom = acc.reduce(local, reduction="sum") / acc.num_processes
+                # The global count's floor of 1 before the split over processes: a short last batch with fewer
+                # loss positions than processes (rows mode, RPT) had its gradient scaled down by the floor (review).
+                denom = acc.reduce(local, reduction="sum").clamp_min(1.0) / acc.num_processes
                 ctx = LossContext(
-                    denom=denom.clamp_min(1.0),
+                    denom=denom,
                     epoch=epoch,
                     aug_pool=aug_pool,
                     extra=extra,
