@@ -194,6 +194,9 @@ def test_damaged_or_shortened_outputs_of_a_finished_run_are_named(prepared_dir, 
     (out / "rankings.jsonl").write_text("".join(ranked[:-1]))  # a copy that lost its last line
     with pytest.raises(ValueError, match=r"rankings\.jsonl lacks 1 of the \d+ rows .*results\.json was computed"):
         evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+    (out / "rankings.jsonl").unlink()  # returned the stored metrics; the report's archive then failed on the file
+    with pytest.raises(ValueError, match=r"rankings\.jsonl is missing beside the finished .*results\.json: remove"):
+        evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
     (out / "results.json").write_text('{"protocol": ')
     with pytest.raises(ValueError, match=r"results\.json is damaged"):
         evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))

@@ -566,14 +566,15 @@ class Evaluator:
             if prev.get("fingerprint") == fp:
                 # Same protocol, but maybe not the same rows: the dataset may have been prepared again in place.
                 rankings = self.out / "rankings.jsonl"
-                if rankings.exists():
-                    finished = {rec["row"]: rec for rec in read_jsonl(rankings)}  # lines end at "\n" only
-                    self._check_done_rows(finished, split, rankings, "finished evaluation")
-                    lost = [r for r in rows if r not in finished]
-                    if lost:  # a damaged copy would otherwise pass for the finished evaluation its results describe
-                        raise ValueError(f"{rankings} lacks {len(lost)} of the {len(rows)} rows {results_path} was "
-                                         f"computed from (first: row {lost[0]}): remove {results_path} to rank them "
-                                         f"again")
+                if not rankings.exists():  # `compare`, the report and its archive read the rankings, not only metrics
+                    raise ValueError(f"{rankings} is missing beside the finished {results_path}: remove "
+                                     f"{results_path} to rank the rows again")
+                finished = {rec["row"]: rec for rec in read_jsonl(rankings)}  # lines end at "\n" only
+                self._check_done_rows(finished, split, rankings, "finished evaluation")
+                lost = [r for r in rows if r not in finished]
+                if lost:  # a damaged copy would otherwise pass for the finished evaluation its results describe
+                    raise ValueError(f"{rankings} lacks {len(lost)} of the {len(rows)} rows {results_path} was "
+                                     f"computed from (first: row {lost[0]}): remove {results_path} to rank them again")
                 logger.info("%s is complete for this protocol; nothing to do", results_path)
                 return prev
             raise ValueError(f"{self.out} holds results of a different protocol "
