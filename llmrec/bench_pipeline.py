@@ -40,10 +40,15 @@ checkout without the run directory (another machine, a later session) still repo
 method, and ``run`` skips a method whose test evaluation is there, so the report grows across machines
 without retraining what it already holds. Such an archived method is checked first, as a finished stage in the run
 directory is (its archived training summaries; its recorded evaluation protocol against the evaluation asked for
-now, but for the checkpoints' digests), and refused on a mismatch, ``--report-only`` included: the report labels
-it with this invocation's settings. The checks read the prepared dataset (``--dataset``). Weights are never
-copied. Seed 0's stages sit at the top of ``--output-dir`` (the layout of ``scripts/games_sft_comparison.sh``, whose
-finished runs are thus reused), seed ``s > 0``'s under ``seed<s>/``. The seed-independent evaluations (popularity,
+now, but for the checkpoints' digests), and refused on a mismatch. The report labels every evaluation with this
+invocation's settings, so it checks each one it holds the same way, the run directory's too (``--report-only``
+passes none of them through the evaluator). The checks read the prepared dataset (``--dataset``). Weights are never
+copied. A D3 weight selection records the protocol of its validation evaluations (the checkpoints' digests
+included) and is reused only with the same weights and decoding settings (the stages' weights in a run, the test
+evaluation's in the report), else refused, naming the file to remove; one written before it recorded them is
+checked against its per-weight evaluations, or without them selected again by a run and reported as it is. Seed
+0's stages sit at the top of ``--output-dir`` (the layout of ``scripts/games_sft_comparison.sh``, whose finished
+runs are thus reused), seed ``s > 0``'s under ``seed<s>/``. The seed-independent evaluations (popularity,
 zero-shot) are shared by all seeds.
 
 The report (``<results-dir>/<name>.md``, ``.json`` and ``.png``): per method HR@K / NDCG@K (K = 1, 5,
@@ -151,6 +156,35 @@ def grpo_config_differences(args: dict, cfg: LatentGRPOConfig, resumed_from: str
               | inert_fields(args, wanted))
     return config_differences(args, wanted, LatentGRPOConfig().to_dict(), ignore=ignore,
                               paths=("dataset", "sft_checkpoint"))
+
+
+def eval_protocol_differences(proto: dict, cfg: EvalConfig) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (found, asked)}`` where a finished evaluation's recorded protocol (its ``results.json``'s
+    ``protocol``) differs from ``cfg``, the evaluation the pipeline would run now: the evaluator's fingerprint check,
+    but for the checkpoints' paths and digests (an archive holds no weights, and a run directory may have moved)."""
+    wanted: dict[str, Any] = {"dataset": os.path.normpath(cfg.dataset), "split": cfg.split,
+                              "max_rows": cfg.max_rows, "row_seed": cfg.row_seed, "method": cfg.method,
+                              "ks": list(cfg.ks)}
+    if cfg.method != "seqrec":  # an ID model reads its own history length
+        wanted["history_length"] = cfg.history_length
+    if cfg.method == "beam":
+        wanted.update({k: getattr(cfg, k) for k in (
+            "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams", "length_penalty",
+            "max_prompt_length", "batch_size", "prompt_fit")}, model=cfg.model_name_or_path,
+            guidance_weight=cfg.guidance_weight if cfg.guided else None)
+    got = {k: proto.get(k) for k in wanted}
+    got["dataset"] = os.path.normpath(proto["dataset"]) if proto.get("dataset") else proto.get("dataset")
+    if cfg.method == "beam":  # recorded only when not the default / only when guided
+        got["prompt_fit"] = proto.get("prompt_fit", "own_answer")
+        got["guidance_weight"] = (proto.get("guidance") or {}).get("weight")
+    return mismatches(got, wanted)
+
+
+def recorded_d3_digests(proto: dict) -> dict[str, str | None]:
+    """The digests of the weights a D3 evaluation decoded, as its recorded ``protocol`` holds them: the LM
+    checkpoint's and the guiding ID model's (None where not recorded)."""
+    return {"checkpoint_sha256": proto.get("checkpoint_sha256"),
+            "guidance_sha256": (proto.get("guidance") or {}).get("id_weights_sha256")}
 
 
 def _unused_seqrec_fields(config: dict[str, Any]) -> set[str]:
@@ -585,14 +619,27 @@ class Pipeline:
 
         o = self.opts
         f = self.d3_selection_file(method, seed)
-        if len(o.d3_weights) == 1 or self._find(f).exists():
+        if len(o.d3_weights) == 1:
             return
+        if self._find(f).exists():
+            # Reused only if chosen on the weights this seed's stages hold now (retrained: refused, as a stale
+            # finished stage is) and with the decoding settings asked for now; one that cannot be checked (written
+            # before selections recorded that, its per-weight evaluations gone) is stale: selected again.
+            if self._check_d3_selection(method, seed, self._current_d3_digests(method, seed)):
+                return
+            print(f"== seed {seed}: {self._find(f)} does not say which checkpoints it was selected on: selecting "
+                  "again", flush=True)
         scores: dict[str, float] = {}
+        protocol: dict[str, Any] = {}
         for w in o.d3_weights:
             out = f.parent / f"{method}_w{w:g}"
             self._evaluate(method, seed, split="valid", max_rows=o.d3_valid_rows, d3_weight=w, out=out)
             res = json.loads((out / "results.json").read_text())
             scores[f"{w:g}"] = float(res["metrics"]["item"]["ndcg@10"])
+            # What the choice depends on: every weight's evaluation passed the evaluator's fingerprint check with
+            # this seed's weights and settings, so their protocols differ in the guidance weight only.
+            protocol = {**res["protocol"], "guidance": {k: v for k, v in res["protocol"]["guidance"].items()
+                                                        if k != "weight"}}
         chosen = max(o.d3_weights, key=lambda w: (scores[f"{w:g}"], -w))
         print(f"== seed {seed}: {method} D3 weight {chosen:g} (validation NDCG@10 "
               + ", ".join(f"{k}: {v:.4f}" for k, v in scores.items()) + ")", flush=True)
@@ -603,7 +650,59 @@ class Pipeline:
             print(f"WARNING: the D3 weight chosen for {method} (seed {seed}) is the grid's {edge}; consider a wider "
                   "--d3-weight grid", file=sys.stderr, flush=True)
         atomic_write_json(f, {"method": method, "seed": seed, "split": "valid", "rows": o.d3_valid_rows,
-                              "row_seed": o.row_seed, "valid_ndcg@10": scores, "chosen": chosen})
+                              "row_seed": o.row_seed, "valid_ndcg@10": scores, "chosen": chosen,
+                              "protocol": protocol})
+
+    def _current_d3_digests(self, method: str, seed: int) -> dict[str, str | None]:
+        """The digests of the weights a D3 evaluation of ``method`` would decode now, as the evaluator records them
+        (:func:`recorded_d3_digests`); None where the run directory holds no such weights."""
+        from llmrec.decoding.guidance import guidance_weights_path
+        from llmrec.evaluation.evaluator import weights_sha256
+
+        cfg = self._eval_config(method, seed, "valid", self.opts.d3_valid_rows, self.opts.d3_weights[0],
+                                self.d3_selection_file(method, seed).parent)
+        guide, guide_results = Path(cfg.guidance_checkpoint), Path(cfg.guidance_checkpoint) / "results.json"
+        return {"checkpoint_sha256": weights_sha256(cfg.checkpoint),
+                "guidance_sha256": weights_sha256(guidance_weights_path(guide, json.loads(guide_results.read_text())))
+                if guide_results.exists() else None}
+
+    def _check_d3_selection(self, method: str, seed: int, digests: dict[str, str | None]) -> bool:
+        """Refuse a D3 weight selection unless its validation evaluations decoded the weights whose ``digests`` are
+        given (those the stages hold now, or those the test evaluation recorded; None: unknown, not compared) with
+        the settings asked for now (:func:`eval_protocol_differences`, the guidance weight aside). False if it
+        cannot be checked.
+
+        The selection records the evaluations' protocol. One written before it did is checked against the
+        per-weight evaluations' ``results.json`` still in the run directory; with none of them (e.g. a committed
+        archive holds only the selection file) it cannot be checked.
+        """
+        f = self.d3_selection_file(method, seed)
+        where = self._find(f)
+        if len(self.opts.d3_weights) == 1 or not where.exists():  # one weight: used as it is, nothing selected
+            return True
+        sel = json.loads(where.read_text())
+        if "protocol" in sel:
+            records = {where: sel["protocol"]}
+        else:
+            results = [f.parent / f"{method}_w{w}" / "results.json" for w in sel.get("valid_ndcg@10", {})]
+            records = {r.parent: json.loads(r.read_text())["protocol"] for r in results if r.exists()}
+            if not records:
+                return False
+        cfg = self._eval_config(method, seed, "valid", self.opts.d3_valid_rows, self.opts.d3_weights[0], f.parent)
+        for source, proto in records.items():
+            bad = {k: v for k, v in eval_protocol_differences(proto, cfg).items() if k != "guidance_weight"}
+            recorded = recorded_d3_digests(proto)
+            known = [k for k, v in recorded.items() if v is not None and digests.get(k) is not None]
+            bad |= mismatches({k: recorded[k] for k in known}, {k: digests[k] for k in known})
+            if bad:
+                details = ", ".join(f"{k}={got!r} (asked: {want!r})" for k, (got, want) in bad.items())
+                remedy = (f"remove it from {self.archive_dir}" if where != f else
+                          f"remove it and the evaluations {f.parent / (method + '_w*')} to select again, or use "
+                          "another --output-dir")
+                raise ValueError(f"{where}{' (archived)' if where != f else ''}: the D3 weight of {method} (seed "
+                                 f"{seed}) was selected on validation evaluations"
+                                 + (f" ({source})" if source != where else "") + f" made with {details}; {remedy}")
+        return True
 
     def _eval_config(self, method: str, seed: int, split: str, max_rows: int | None, d3_weight: float | None,
                      out: Path) -> EvalConfig:
@@ -661,7 +760,7 @@ class Pipeline:
                     if seed > 0 and method in SEED_INDEPENDENT:
                         continue
                     if self._archived_only(method, seed):
-                        self._check_archived(method, seed)
+                        self._check_evaluation(method, seed)
                         print(f"== seed {seed}: {method} finished in {self.archive_dir} (skipped)", flush=True)
                         continue
                     for stage in self.needs(method):
@@ -690,51 +789,47 @@ class Pipeline:
         found = self._finished_eval_dir(d)
         return found is not None and found != d
 
-    def _check_archived(self, method: str, seed: int) -> None:
-        """An evaluation found only in the archive is skipped, and reported under this invocation's flags, only if
-        it was made with what this invocation asks for, as one in the run directory is: each training stage it
-        needs is checked as :meth:`_check_finished` checks a finished stage (from its archived summary), and its
-        recorded protocol against the evaluation the pipeline would run now (the evaluator's fingerprint check, but
-        for the checkpoints' paths and digests, which the archive cannot hold)."""
+    def _check_evaluation(self, method: str, seed: int) -> None:
+        """A finished test evaluation is skipped (found only in the archive) or reported under this invocation's
+        flags only if it was made with what this invocation asks for, wherever it is (run directory or archive):
+        each training stage it needs is checked as :meth:`_check_finished` checks a finished stage (in the run
+        directory, else from its archived summary), its recorded protocol against the evaluation the pipeline would
+        run now (:func:`eval_protocol_differences`), and a D3 method's weight selection against the weights the
+        evaluation decoded (:meth:`_check_d3_selection`). One in the run directory that ``run`` evaluated in this
+        invocation passed the evaluator's fingerprint check, so it passes these (which leave out the checkpoints'
+        paths)."""
         if (method, seed) in self._checked:
             return
         d = self.eval_dir(method, seed)
         found = self._finished_eval_dir(d)
-        if found is None or found == d:  # not archived: the evaluator checks it (run), or nothing is there
+        if found is None:
             return
-        self._ensure_data()  # the checks read the data's size and digests
+        what = f"{'an archived' if found != d else 'a finished'} evaluation of {method} (seed {seed})"
+        if self.needs(method):
+            self._ensure_data()  # the stage checks read the data's size and digests
         for stage in self.needs(method):
             if not self._stage_summary(stage, seed).exists():
                 raise ValueError(
-                    f"{found} holds an archived evaluation of {method} (seed {seed}) but neither "
-                    f"{self.stage_dir(stage, seed)} nor {self._mirror(self.stage_dir(stage, seed))} holds the finished "
-                    f"{stage} it needs: what it was trained with cannot be checked; copy that stage's summary into the "
-                    "archive, or remove the evaluation from it")
+                    f"{found} holds {what} but neither {self.stage_dir(stage, seed)} nor "
+                    f"{self._mirror(self.stage_dir(stage, seed))} holds the finished {stage} it needs: what it was "
+                    f"trained with cannot be checked; " + ("copy that stage's summary into the archive, or remove "
+                                                           "the evaluation from it" if found != d else
+                                                           "restore that stage, or remove the evaluation"))
             self._check_finished(stage, seed)
         proto = json.loads((found / "results.json").read_text())["protocol"]
         cfg = self._eval_config(method, seed, "test", None, self.d3_weight(method, seed) if method.endswith("+d3")
                                 else None, d)
-        wanted: dict[str, Any] = {"dataset": os.path.normpath(cfg.dataset), "split": cfg.split,
-                                  "max_rows": cfg.max_rows, "row_seed": cfg.row_seed, "method": cfg.method,
-                                  "ks": list(cfg.ks)}
-        if cfg.method != "seqrec":  # an ID model reads its own history length
-            wanted["history_length"] = cfg.history_length
-        if cfg.method == "beam":
-            wanted.update({k: getattr(cfg, k) for k in (
-                "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams", "length_penalty",
-                "max_prompt_length", "batch_size", "prompt_fit")}, model=cfg.model_name_or_path,
-                guidance_weight=cfg.guidance_weight if cfg.guided else None)
-        got = {k: proto.get(k) for k in wanted}
-        got["dataset"] = os.path.normpath(proto["dataset"]) if proto.get("dataset") else proto.get("dataset")
-        if cfg.method == "beam":  # recorded only when not the default / only when guided
-            got["prompt_fit"] = proto.get("prompt_fit", "own_answer")
-            got["guidance_weight"] = (proto.get("guidance") or {}).get("weight")
-        bad = mismatches(got, wanted)
+        bad = eval_protocol_differences(proto, cfg)
         if bad:
             details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in bad.items())
-            raise ValueError(f"{found} holds an archived evaluation of {method} (seed {seed}) made with {details}; "
-                             f"rerun with the settings it was made with, use another --name, or remove it from "
-                             f"{self.archive_dir}")
+            remedy = (f"remove it from {self.archive_dir}" if found != d else "remove it")
+            raise ValueError(f"{found} holds {what} made with {details}; rerun with the settings it was made with, "
+                             f"use another --{'name' if found != d else 'output-dir'}, or {remedy}")
+        # The weight it was tested with must have been selected on the weights it decoded. A selection that cannot
+        # be checked (the committed archives' older ones) is reported as it is: nothing here could select again.
+        if method.endswith("+d3") and not self._check_d3_selection(method, seed, recorded_d3_digests(proto)):
+            logger.warning("%s does not say which checkpoints it was selected on (written before selections recorded "
+                           "it): not checked against %s", self._find(self.d3_selection_file(method, seed)), found)
         self._checked.add((method, seed))
 
     def _finished(self) -> dict[str, dict[int, Path]]:
@@ -805,10 +900,6 @@ class Pipeline:
         finished = self._finished()
         if not finished:
             raise FileNotFoundError(f"no finished evaluation under {self.out}: nothing to report")
-        for m, seeds in finished.items():
-            for s, d in seeds.items():
-                if d != self.eval_dir(m, s):  # archived: the report labels it with this invocation's settings
-                    self._check_archived(m, s)
         rankings = {m: {s: load_rankings(d) for s, d in seeds.items()} for m, seeds in finished.items()}
         protocols = {(m, s): json.loads((d / "results.json").read_text())["protocol"]
                      for m, seeds in finished.items() for s, d in seeds.items()}
@@ -829,6 +920,13 @@ class Pipeline:
                         raise ValueError(f"row {r} is user {recs[r]['user_id']} -> {recs[r]['target_item_id']} in "
                                          f"{finished[m][s]} but user {some[r]['user_id']} -> "
                                          f"{some[r]['target_item_id']} in {finished[ref_method][min(ref_seeds)]}")
+        # The report labels every evaluation with this invocation's settings (the protocol line, "Reproduce:", the SFT
+        # and GRPO text) and copies it into the archive: each must have been made with them, the run directory's
+        # (which --report-only never passes through the evaluator) as well as the archive's. Checked after the
+        # runs are compared with each other, whose messages name both sides of a difference.
+        for m, seeds in finished.items():
+            for s in seeds:
+                self._check_evaluation(m, s)
         methods: dict[str, dict] = {}
         per_row: dict[str, dict[int, dict[str, np.ndarray]]] = {}  # method -> seed -> metric -> per-row values
         for method, seeds in rankings.items():

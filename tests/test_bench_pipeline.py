@@ -409,7 +409,7 @@ def test_report_only_and_bad_options(report, tmp_path):
     # a subset of the finished methods reports just those
     res = Pipeline(PipelineOptions(dataset=str(data), output_dir=str(root / "runs"), report_only=True,
                                    methods=["popularity", "sasrec"], results_dir=str(tmp_path / "r"),
-                                   name="sub", test_rows=6)).run()
+                                   name="sub", test_rows=6, id_overrides=dict(FIXTURE_ID))).run()
     assert set(res["methods"]) == {"popularity", "sasrec"}
     assert not (tmp_path / "r" / "sub.md.tmp").exists()
     # a finished beam evaluation made with another LM setting is refused, naming both runs
@@ -761,3 +761,114 @@ def test_a_repeated_d3_weight_is_refused_before_any_work(report, capsys):
     assert main(_args(data, root, d3_weight="1,3,3", name="tiny_dup")) == 1
     assert "--d3-weight: weight(s) 3 given more than once" in capsys.readouterr().err
     assert not (root / "results" / "tiny_dup.json").exists()
+
+
+def test_report_only_checks_the_evaluations_of_the_run_directory_too(report, tmp_path, capsys):
+    """--report-only labels the report with this invocation's flags (protocol line, "Reproduce:", SFT text) and
+    archives what it reports: an evaluation in the run directory made with other settings, or whose training stage
+    was, is refused as an archived one is, naming the directory and the settings, and nothing is written; with the
+    settings it was made with, it is reported."""
+    from llmrec.cli import main
+
+    root, data = report
+    results = tmp_path / "results"
+
+    def run(*extra: str, **kw) -> int:
+        args = _args(data, root, **kw) + ["--report-only", *extra]
+        args[args.index("--results-dir") + 1] = str(results)
+        capsys.readouterr()
+        return main(args)
+
+    runs = root / "runs"
+    for kw, extra, message in (
+            ({"row_seed": 7}, (), f"{runs}/eval_popularity holds a finished evaluation of popularity (seed 0) made with "
+                                  "row_seed=0 (asked: 7)"),
+            ({"test_rows": 5}, (), "eval_popularity holds a finished evaluation of popularity (seed 0) made with "
+                                   "max_rows=6 (asked: 5)"),
+            ({"dtype": "bfloat16"}, (), f"{runs}/eval_zero_shot holds a finished evaluation of zero-shot (seed 0) made "
+                                        "with dtype='float32' (asked: 'bfloat16')"),
+            ({"model": "other-model"}, (), "zero-shot (seed 0) made with model='tiny-qwen2' (asked: 'other-model')"),
+            ({}, ("--sft", "learning_rate=0.5"), f"{runs}/sft_bigrec holds a finished run made with "
+                                                 "learning_rate=0.0003 (asked: 0.5)")):
+        assert run(*extra, **kw) == 1
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert not results.exists()  # no report, no archive copy
+    assert run() == 0
+    res = json.loads((results / "tiny.json").read_text())
+    assert set(res["methods"]) == set(METHODS.split(",")) and res["protocol"]["row_seed"] == 0
+    assert (results / "tiny_runs" / "eval_zero_shot" / "results.json").exists()
+
+
+def test_a_d3_selection_is_reused_only_on_the_weights_and_settings_it_was_made_with(report, tmp_path, capsys):
+    """The D3 weight selection records what its validation evaluations decoded (the checkpoints' digests, the
+    decoding settings): after the SFT stage or the SASRec guide was retrained (other weights in the same
+    directory), or with other decoding settings, it is refused, naming the setting and the files to remove. One
+    written before selections recorded that is checked against its per-weight evaluations, and selected again
+    without them. The report checks it against the digests its test evaluation recorded."""
+    import shutil
+
+    root, data = report
+    runs = tmp_path / "runs"
+    for stage in ("sft_bigrec", "seqrec_sasrec"):
+        shutil.copytree(root / "runs" / stage, runs / stage)
+    p = _fixture_pipeline(tmp_path, data, d3_weights=[0.5, 2.0], d3_valid_rows=4, in_process=True,
+                          results_dir=str(tmp_path / "results"))  # not the committed archive (the default)
+    m = "bigrec-sft+d3"
+    p._select_d3_weight(m, 0)
+    f = p.d3_selection_file(m, 0)
+    written = f.read_text()
+    sft_weights = sorted((runs / "sft_bigrec").glob("*.safetensors"))[0]
+    guide_weights = runs / "seqrec_sasrec" / "train" / "best.safetensors"
+
+    def refused(key: str) -> None:
+        with pytest.raises(ValueError, match=rf"{key}='[0-9a-f]{{64}}' \(asked: '[0-9a-f]{{64}}'\)") as e:
+            p._select_d3_weight(m, 0)
+        assert str(e.value).startswith(f"{f}: the D3 weight of {m} (seed 0) was selected on validation ")
+        assert f"remove it and the evaluations {f.parent / (m + '_w*')} to select again" in str(e.value)
+
+    saved = sft_weights.read_bytes()
+    sft_weights.write_bytes(saved + b" ")  # the SFT stage retrained: other weights in the same directory
+    refused("checkpoint_sha256")
+    sft_weights.write_bytes(saved)
+
+    sel = json.loads(written)
+    valid = json.loads((f.parent / f"{m}_w0.5" / "results.json").read_text())["protocol"]
+    assert sel["protocol"]["checkpoint_sha256"] == valid["checkpoint_sha256"] is not None
+    assert sel["protocol"]["guidance"]["id_weights_sha256"] == valid["guidance"]["id_weights_sha256"] is not None
+    assert "weight" not in sel["protocol"]["guidance"]
+    old = {k: v for k, v in sel.items() if k != "protocol"}  # as selections were written before they recorded it
+    for record in (sel, old):  # the same weights: reused as it is
+        f.write_text(json.dumps(record))
+        stamp = f.stat().st_mtime_ns
+        p._select_d3_weight(m, 0)
+        assert f.stat().st_mtime_ns == stamp
+    for weights, key in ((sft_weights, "checkpoint_sha256"), (guide_weights, "guidance_sha256")):
+        saved = weights.read_bytes()
+        weights.write_bytes(saved + b" ")  # retrained
+        try:
+            for record in (sel, old):  # the old one: its per-weight evaluations' results.json tell
+                f.write_text(json.dumps(record))
+                refused(key)
+        finally:
+            weights.write_bytes(saved)
+    f.write_text(json.dumps({**sel, "protocol": {**sel["protocol"], "num_beams": sel["protocol"]["num_beams"] + 1}}))
+    with pytest.raises(ValueError, match=rf"num_beams={sel['protocol']['num_beams'] + 1} \(asked: "):
+        p._select_d3_weight(m, 0)
+
+    # The report's check: the digests the test evaluation recorded.
+    f.write_text(json.dumps(sel))
+    assert p._check_d3_selection(m, 0, {"checkpoint_sha256": valid["checkpoint_sha256"], "guidance_sha256": None})
+    with pytest.raises(ValueError, match=r"checkpoint_sha256=.*\(asked: '0000"):
+        p._check_d3_selection(m, 0, {"checkpoint_sha256": "0" * 64, "guidance_sha256": None})
+
+    # An old selection whose per-weight evaluations are gone cannot be checked: selected again, recording it.
+    for w in ("0.5", "2"):
+        shutil.rmtree(f.parent / f"{m}_w{w}")
+    f.write_text(json.dumps(old))
+    assert not p._check_d3_selection(m, 0, {"checkpoint_sha256": "0" * 64, "guidance_sha256": None})
+    capsys.readouterr()
+    p._select_d3_weight(m, 0)
+    assert "does not say which checkpoints it was selected on: selecting again" in capsys.readouterr().out
+    again = json.loads(f.read_text())
+    assert again["protocol"] == sel["protocol"] and again["chosen"] == sel["chosen"]
