@@ -1498,6 +1498,8 @@ class LatentGRPOTrainer:
             token_sums.to(torch.float32).to(self.accelerator.device), "sum").tolist()
         stats["clip_ratio"] = clipped / max(tokens, 1.0)
         if c.beta > 0:
+            # The mean k3 term the loss penalises, per token. In the latent mode the tokens are the true title's,
+            # not samples of the policy, so this is the penalty's value, not an estimate of KL(policy || ref).
             stats["kl"] = kl_sum / max(tokens, 1.0)
         stats["learning_rate"] = float(self.scheduler.get_last_lr()[0])
         stats["nonfinite_grad_steps"] = self.nonfinite_steps
