@@ -113,6 +113,24 @@ def render_example(
     return {"prompt": prompt, "completion": completion}
 
 
+def check_titles_are_plain_text(tokenizer, titles, item_ids, where: str) -> None:
+    """Refuse a catalogue whose titles contain one of the tokenizer's special or added tokens (``<|endoftext|>``, a
+    chat marker, a latent thought token, SmolLM2's ``<file_sep>``): tokenizing the text reads it as that control token, so the prompt would hold an
+    end of sequence or a latent position in mid-history, and the title's answer an EOS before its end. ``where``
+    names the catalogue (its file) in the error.
+    """
+    # Added tokens (SmolLM2's "<file_sep>", ...) are matched in text as special ones are, special or not.
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    specials = sorted({t for t in [*getattr(tokenizer, "all_special_tokens", []), *added] if t}, key=len,
+                      reverse=True)
+    for item_id, title in zip(item_ids, titles, strict=True):
+        hit = next((t for t in specials if t in title), None) if title else None
+        if hit is not None:
+            raise PromptError(f"{where}: item {item_id}'s title {title!r} contains the tokenizer's special token "
+                              f"{hit!r}, which tokenizing reads as that control token, not as text; edit the title "
+                              "or remove the item")
+
+
 def encode(tokenizer, text: str, first: bool) -> list[int]:
     """Token ids of a text piece; special tokens (BOS) only on the first piece, as D3 concatenates parts, and not
     when the text already opens with the BOS token (a chat template that writes it, as Llama 3's): never two."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -282,6 +283,31 @@ def test_an_empty_history_is_an_error_naming_the_row(tmp_path, prepared_dir):
     with pytest.raises(ValueError, match=r"train.jsonl, row 3, field 'history_item_ids': empty history"):
         build_dataset(make_config(tmp_path / "o", prepared_dir, max_train_rows=None), build_tiny_tokenizer("tiny-qwen2"),
                       "train", None)
+
+
+@pytest.mark.parametrize("special", ["<|endoftext|>", "<|Thought|>"])
+def test_a_title_holding_a_special_token_is_refused_before_training(prepared_dir, tmp_path, special):
+    """Tokenizing the text read it as the control token: an EOS (or a latent position) in mid-history, an EOS
+    inside the answer; the trie refused it only at evaluation, after SFT had trained on it."""
+    from llmrec.data.catalog import ItemCatalog
+    from llmrec.decoding.search import build_catalog_trie
+    from llmrec.models.tiny import build_tiny_tokenizer
+    from llmrec.prompts import PromptError, PromptTemplate
+    from llmrec.training.sft import build_dataset
+
+    tok = build_tiny_tokenizer("tiny-qwen2")
+    if special not in tok.all_special_tokens:  # the latent token, as a latent model registers it
+        tok.add_special_tokens({"additional_special_tokens": [special]})
+    path = prepared_dir / "catalog.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[3]["title"] = f"Beta {special} Edition"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_config(tmp_path / "o", prepared_dir, max_train_rows=None)
+    want = rf"catalog.jsonl: item 4's title 'Beta {re.escape(special)} Edition' contains the tokenizer's special token"
+    with pytest.raises(PromptError, match=want):
+        build_dataset(cfg, tok, "train", None)
+    with pytest.raises(PromptError, match=want):
+        build_catalog_trie(ItemCatalog.load(path), tok, PromptTemplate.load("d3"))
 
 
 def test_shipped_recipes_parse():

@@ -152,6 +152,7 @@ class ItemCatalog:
 
     def __init__(self, raw_ids: Iterable[str], titles: Iterable[str]):
         self.raw_ids: list[str] = [str(r) for r in raw_ids]
+        self.path: Path | None = None  # the file it was loaded from (ItemCatalog.load)
         self.titles: list[str] = list(titles)
         if len(self.raw_ids) != len(self.titles):
             raise ValueError("raw_ids and titles differ in length")
@@ -230,4 +231,6 @@ class ItemCatalog:
             titles.append(title)
         if not titles:
             raise DataFormatError(path, None, None, "the catalogue is empty")
-        return cls(raw_ids, titles)
+        catalog = cls(raw_ids, titles)
+        catalog.path = path  # named by checks that read the titles later (e.g. special tokens in a title)
+        return catalog

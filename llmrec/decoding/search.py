@@ -12,7 +12,7 @@ from llmrec.decoding.beam_search import (
 from llmrec.decoding.guidance import TitleGuidance
 from llmrec.decoding.trie import TitleTrie
 from llmrec.models.latent import LatentReasoningLM
-from llmrec.prompts import PromptTemplate, encode, render_to_fit, wrap_chat
+from llmrec.prompts import PromptTemplate, check_titles_are_plain_text, encode, render_to_fit, wrap_chat
 
 
 def answer_context(template: PromptTemplate, tokenizer, use_chat_template: bool) -> str:
@@ -45,6 +45,12 @@ def answer_context(template: PromptTemplate, tokenizer, use_chat_template: bool)
 TOKENIZATIONS = ("separate", "joint")
 
 
+def _catalog_name(catalog) -> str:
+    """The catalogue's file where it is known (a prepared dataset's), for error messages."""
+    path = getattr(catalog, "path", None)
+    return str(path) if path else "the catalogue"
+
+
 def build_catalog_trie(
     catalog, tokenizer, template: PromptTemplate, use_chat_template: bool = False, tokenization: str = "separate"
 ) -> TitleTrie:
@@ -59,6 +65,7 @@ def build_catalog_trie(
     """
     if tokenization not in TOKENIZATIONS:
         raise ValueError(f"tokenization must be one of {TOKENIZATIONS}, got {tokenization!r}")
+    check_titles_are_plain_text(tokenizer, catalog.titles, catalog.item_ids, _catalog_name(catalog))
     context = answer_context(template, tokenizer, use_chat_template)
     if tokenization == "separate":
         sample = template.render_prompt(["Example title"])

@@ -911,7 +911,7 @@ class LatentGRPOTrainer:
     def _encode_split(self, model, split_name: str, max_rows: int | None) -> tuple[list[dict], Any, Any]:
         """Prompt/completion ids of a seeded subset of ``split_name`` (rows whose answer cannot fit are skipped)."""
         from llmrec.data.canonical import load_prepared
-        from llmrec.prompts import PromptError, PromptTemplate
+        from llmrec.prompts import PromptError, PromptTemplate, check_titles_are_plain_text
         from llmrec.training.sft import _subset, encode_example
 
         c = self.config
@@ -921,6 +921,8 @@ class LatentGRPOTrainer:
         template = PromptTemplate.load(meta.get("prompt", "d3"))
         noun = meta.get("noun", "items")
         data = load_prepared(dataset, splits=[split_name], max_history=history)
+        check_titles_are_plain_text(self.tokenizer, data.catalog.titles, data.catalog.item_ids,
+                                    str(data.catalog.path))
         split = data.splits[split_name]
         rows, skipped = [], 0
         candidates = list(range(len(split)))

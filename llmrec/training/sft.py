@@ -339,9 +339,10 @@ def _subset(n: int, k: int | None, seed: int) -> list[int]:
 
 def build_dataset(config: LatentSFTConfig, tokenizer, split: str, max_rows: int | None) -> _ListDataset:
     from llmrec.data.canonical import load_prepared
-    from llmrec.prompts import PromptError, PromptTemplate
+    from llmrec.prompts import PromptError, PromptTemplate, check_titles_are_plain_text
 
     data = load_prepared(config.dataset, splits=[split], max_history=config.history_length)
+    check_titles_are_plain_text(tokenizer, data.catalog.titles, data.catalog.item_ids, str(data.catalog.path))
     rows = data.splits[split]
     template = PromptTemplate.load(config.prompt)
     out, skipped, dropped_total = [], 0, 0
