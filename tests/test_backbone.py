@@ -423,9 +423,17 @@ def test_a_damaged_cache_is_converted_again_or_named(tmp_path, monkeypatch):
     assert torch.allclose(logits(model), logits(original), atol=1e-5)
     # Damage the sizes cannot see (same length): the error names the cache and the command that mends it.
     config = folder / "config.json"
-    config.write_text("{" + " " * (len(config.read_text()) - 1))
+    text = config.read_text()
+    config.write_text("{" + " " * (len(text) - 1))
     with pytest.raises(BackboneLoadError, match=f"llmrec models convert {name}"):
         load_backbone(name, dtype="float32")
+    with pytest.raises(BackboneLoadError, match=f"llmrec models convert {name}"):  # with options too
+        load_backbone(name, dtype="float32", attn_implementation="eager")
+    # An intact copy and a bad option: the option's own error, not "convert it again" (which fails the same way)
+    config.write_text(text)
+    with pytest.raises(ValueError, match="bogus") as info:
+        load_backbone(name, dtype="float32", attn_implementation="bogus")
+    assert not isinstance(info.value, BackboneLoadError)
 
 
 def test_concurrent_first_loads_convert_once(tmp_path, monkeypatch):

@@ -326,6 +326,26 @@ def test_qlora_without_gpu_is_a_clear_error(tmp_path, prepared_dir):
         build_model(make_config(tmp_path / "q", prepared_dir, finetune="qlora"))
 
 
+@pytest.mark.parametrize("dtype,want", [("bf16", torch.bfloat16), ("float32", torch.float32), ("auto", None)])
+def test_qlora_compute_dtype_reads_every_dtype_name(tmp_path, prepared_dir, monkeypatch, dtype, want):
+    """getattr(torch, model_dtype) failed on "bf16"/"fp32" (names every other path accepts) with an AttributeError."""
+    import llmrec.models.backbone as backbone
+    from llmrec.training.sft import _load_base
+
+    seen = {}
+
+    def fake_load(name, dtype=None, quantization_config=None, **kw):
+        seen["compute"] = quantization_config.bnb_4bit_compute_dtype
+        raise ImportError("stop here")  # becomes the "needs bitsandbytes" ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backbone, "load_backbone", fake_load)
+    cfg = make_config(tmp_path / "q", prepared_dir, finetune="qlora", model_dtype=dtype)
+    with pytest.raises(ConfigError, match="qlora needs bitsandbytes" if want else "must name a dtype"):
+        _load_base(cfg)
+    assert seen.get("compute") == want
+
+
 def test_cli_sft_in_process(tmp_path, prepared_dir, capsys):
     from llmrec.cli import main
 
@@ -451,6 +471,16 @@ def test_full_finetune_checkpoint(tmp_path, prepared_dir):
     # Another base named for it is refused, as for an adapter (the evaluator labelled its results with that name).
     with pytest.raises(ValueError, match="trained on base model 'tiny-llama'"):
         load_sft_checkpoint(out, "tiny-qwen2")
+    # An untied LM head missing from the checkpoint (here: a tied model's save, which holds the head once, as the
+    # embedding) is named; it was skipped for every model, so an untied one kept its base head silently.
+    untied, _ = build_model(make_config(tmp_path / "y", prepared_dir, model_name_or_path="tiny-llama",
+                                        finetune="full", num_latent_tokens=1))
+    lm = untied.causal_lm
+    lm.config.tie_word_embeddings = False
+    lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone())
+    lm._tied_weights_keys, lm.all_tied_weights_keys = [], {}
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
+        load_sft_weights(untied, out)
 
 
 def test_retrain_trains_a_finished_run_again_from_the_start(tmp_path, prepared_dir):

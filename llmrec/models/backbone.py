@@ -646,6 +646,17 @@ def _load_pretrained(
     return model, tokenizer
 
 
+def _names_cache_files(err: Exception) -> bool:
+    """True if ``err`` is about the converted copy's own files (a damaged config or weights), not the options."""
+    return any(name in str(err) for name in ("config.json", "safetensors", "tokenizer"))
+
+
+def _damaged_copy(name: str, folder: Path, err: Exception) -> BackboneLoadError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return BackboneLoadError(f"the converted copy of '{name}' in {folder} cannot be loaded ({first_line}): "
+                             f"convert it again with `llmrec models convert {name}`")
+
+
 def load_backbone(
     model_name_or_path: str,
     dtype: str | torch.dtype = "bfloat16",
@@ -690,11 +701,16 @@ def load_backbone(
                 str(folder), torch_dtype, trust_remote_code=False, hub_kwargs={"local_files_only": True},
                 model_kwargs=model_kwargs, is_local=True,
             )
-        except Exception as err:  # any failure here means a damaged cache (a SafetensorError too)
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BackboneLoadError(
-                f"the converted copy of '{model_name_or_path}' in {folder} cannot be loaded ({first_line}): "
-                f"convert it again with `llmrec models convert {model_name_or_path}`") from err
+        except Exception as err:
+            # _load_pretrained wraps a local directory's ValueError/OSError in a BackboneLoadError: judge the cause.
+            cause = err.__cause__ if isinstance(err, BackboneLoadError) and err.__cause__ is not None else err
+            if isinstance(cause, (ImportError, TypeError)) or (
+                    isinstance(cause, ValueError) and not isinstance(cause, json.JSONDecodeError) and model_kwargs
+                    and not _names_cache_files(cause)):
+                # The caller's options (a missing package, attn_implementation="bogus", a bad keyword): not the
+                # cache's fault, and converting it again would fail the same way.
+                raise cause from None
+            raise _damaged_copy(model_name_or_path, folder, err) from err  # a damaged copy (SafetensorError, ...)
         return _finish(model, tokenizer, device)
 
     path = Path(model_name_or_path).expanduser()

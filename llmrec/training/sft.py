@@ -428,13 +428,19 @@ def _load_base(config: LatentSFTConfig):
             "finetune=qlora needs bitsandbytes 4-bit kernels on a CUDA GPU; this machine has none. "
             "Use finetune=lora (or full) on CPU."
         )
+    from llmrec.models.backbone import resolve_dtype
+
+    compute_dtype = resolve_dtype(config.model_dtype)  # "bf16", "fp32", ... as everywhere (getattr(torch, ...) failed)
+    if not isinstance(compute_dtype, torch.dtype):
+        raise ConfigError(f"finetune=qlora computes in model_dtype, which must name a dtype (e.g. bfloat16), got "
+                          f"{config.model_dtype!r}")
     try:
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=getattr(torch, config.model_dtype),
+            bnb_4bit_compute_dtype=compute_dtype,
         )
         model, tok = load_backbone(config.model_name_or_path, dtype=config.model_dtype, quantization_config=quant)
     except ImportError as e:
@@ -558,12 +564,16 @@ def load_sft_weights(model: LatentReasoningLM, checkpoint: str | os.PathLike) ->
         single = ckpt / "model.safetensors"
         if single.exists():
             result = lm.load_state_dict(load_safetensors(single), strict=False)
-            tied = set(getattr(lm, "all_tied_weights_keys", {}) or {}) | set(getattr(lm, "_tied_weights_keys", None) or [])
-            missing = [k for k in result.missing_keys if k not in tied and not k.endswith("lm_head.weight")]
-            if missing or result.unexpected_keys:
-                raise ValueError(f"{ckpt}: missing {missing[:5]} / unexpected {result.unexpected_keys[:5]} weights")
-        else:
-            load_sharded_checkpoint(lm, str(ckpt), strict=False)
+        else:  # the same check for a sharded save (it was loaded unchecked)
+            result = load_sharded_checkpoint(lm, str(ckpt), strict=False)
+        tied = set(getattr(lm, "all_tied_weights_keys", {}) or {}) | set(getattr(lm, "_tied_weights_keys", None) or [])
+        # A tied LM head is the embedding (saved once); an untied one must be in the checkpoint, or the model would
+        # keep the base model's head silently (review).
+        ties_head = bool(getattr(getattr(lm, "config", None), "tie_word_embeddings", False))
+        missing = [k for k in result.missing_keys
+                   if k not in tied and not (ties_head and k.endswith("lm_head.weight"))]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{ckpt}: missing {missing[:5]} / unexpected {result.unexpected_keys[:5]} weights")
     if model.latent_head is not None:
         head_path = ckpt / LATENT_HEAD_NAME
         if not head_path.exists():
