@@ -691,6 +691,30 @@ def test_amazon2018_d3_protocol(tmp_path: Path):
     assert st["raw"]["users"] == 5 and st["raw"]["items"] == 12 and st["raw"]["catalog_items"] == 12
 
 
+def test_amazon2018_follows_d3_at_ties_titles_and_the_window_end(tmp_path: Path):
+    """Review: rows of the same day were ordered by user id, D3 orders them by the user's first review in the file
+    (which decides the rows at the split points); the title filter unescaped every entity and counted words with
+    split() where D3 replaces &quot;/&amp; only and counts split(" "); a review at the end's midnight was dropped."""
+    assert formats._d3_clean_title("Sid Meier&#39;s Civilization IV") == "Sid Meier&#39;s Civilization IV"
+    assert formats._d3_clean_title(' &quot;Tetris&quot; &amp; Co ') == "Tetris\" & Co"
+    nineteen = "A  " + " ".join(["w"] * 18)  # 19 words and a double space: 20 items in split(" ")
+    assert formats._d3_clean_title(nineteen) == nineteen and formats._d3_clean_title(nineteen + " w") is None
+    src = tmp_path / "src"
+    src.mkdir()
+    end = int(datetime(2018, 11, 1, tzinfo=timezone.utc).timestamp())
+    reviews = []
+    for u in ("Z", "M", "A"):  # file order Z, M, A: every user's reviews on the same days
+        reviews += [{"reviewerID": u, "asin": f"B{k}", "unixReviewTime": BASE + k * DAY} for k in range(1, 6)]
+    reviews.append({"reviewerID": "Z", "asin": "B1", "unixReviewTime": end})  # at the end's midnight: kept
+    (src / "Toys_5.json").write_text("".join(json.dumps(r) + "\n" for r in reviews))
+    (src / "meta_Toys.json").write_text("".join(json.dumps({"asin": f"B{k}", "title": f"Game {k}"}) + "\n"
+                                                for k in range(1, 6)))
+    raw = formats.read_amazon2018(src, "Toys", min_items=1, kcore=1)
+    rows = [(r.user, r.target) for split in ("train", "valid", "test") for r in raw.rows[split]]
+    assert rows[:3] == [("Z", "B2"), ("M", "B2"), ("A", "B2")]  # first-appearance order among same-day rows
+    assert rows[-1] == ("Z", "B1") and raw.rows["test"][-1].timestamp == end
+
+
 def test_amazon2018_keeps_exact_repeats_as_d3_and_counts_them(tmp_path: Path):
     """D3's process.py keeps a review repeated exactly (the LatentR3 CDs data has rows whose target is the last
     history item's very review): the protocol's rows keep it, stats.json counts it."""

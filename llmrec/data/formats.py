@@ -20,11 +20,9 @@ from __future__ import annotations
 import ast
 import csv
 import gzip
-import html
 import json
 import math
 import numbers
-import random
 import re
 import zlib
 from collections import defaultdict
@@ -611,12 +609,14 @@ def read_amazon2023(
 
 
 def _d3_clean_title(title) -> str | None:
-    """D3's title filter: drop missing and ``<span id`` titles, unescape, strip spaces and quotes,
-    keep 2+ characters and at most 20 words."""
+    """D3's title filter, as its ``process.py`` has it: drop missing and ``<span id`` titles; replace ``&quot;``
+    and ``&amp;`` (no other entity: ``&#39;`` stays, as in D3's item set); strip spaces, then double quotes; keep
+    2+ characters and at most 20 space-separated words (``split(" ")``: a double space counts an empty word).
+    A fuller clean-up would keep or drop other titles than D3, and so change the k-core and every row."""
     if not isinstance(title, str) or "<span id" in title:
         return None
-    t = html.unescape(title.replace("&quot;", '"').replace("&amp;", "&")).strip().strip('"').strip()
-    if len(t) <= 1 or len(t.split()) > 20:
+    t = title.replace("&quot;", '"').replace("&amp;", "&").strip(" ").strip('"')
+    if len(t) <= 1 or len(t.split(" ")) > 20:
         return None
     return t
 
@@ -680,7 +680,8 @@ def read_amazon2018(
     earliest = min((e[2] for e in all_events), default=0)
     while True:
         lo, hi = month_ts((sy, sm)), month_ts((ey, em))
-        events = [e for e in all_events if lo <= e[2] < hi and titles.get(e[1])]
+        # D3 drops only reviews after the end (ts > end): one at exactly the end's midnight is kept
+        events = [e for e in all_events if lo <= e[2] <= hi and titles.get(e[1])]
         events = _kcore(events, kcore)
         n_items = len({e[1] for e in events})
         if n_items >= min_items or lo <= earliest:
@@ -689,13 +690,14 @@ def read_amazon2018(
         while sm <= 0:
             sm += 12
             sy -= 1
-    items = sorted({e[1] for e in events})
-    random.Random(42).shuffle(items)  # D3 numbers items in a seeded shuffle; we keep the order in raw ids
+    items = sorted({e[1] for e in events})  # D3 numbers items in a seeded shuffle; the catalogue keeps raw-id order
+    # Users in the order of their first review in the file (D3 builds a dict of them): the stable sort by target
+    # time below keeps that order among rows of the same day, which decides the rows at the split points.
     by_user: dict[str, list] = defaultdict(list)
-    for u, i, ts, n in events:
+    for u, i, ts, n in sorted(events, key=lambda e: e[3]):
         by_user[u].append((ts, n, i))
     samples = []
-    for u in sorted(by_user):
+    for u in by_user:
         ev = sorted(by_user[u], key=lambda e: (e[0], e[1]))
         for pos in range(1, len(ev)):
             hist = [i for _, _, i in ev[max(0, pos - max_history) if max_history > 0 else 0:pos]]
