@@ -30,7 +30,12 @@ from llmrec.data.canonical import CATALOG_FILE, DataFormatError, json_id, jsonl_
 TITLE_KINDS = ("html", "placeholder", "empty", "duplicate")
 POLICIES = ("keep", "drop")
 
-_HTML_RE = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*(\s|>|/|$)")
+# Known HTML tag names only: any "<word ...>" also matched titles such as "Best of <Disc 2>" or "<Unknown Artist>",
+# whose items (and interactions) the default policy drops (review). The scraped fragments in real catalogues are
+# <span ...>, <div ...>, <a ...>, <br>, <b>, <i>, <p>, <img ...>, <li>, <font ...>.
+_HTML_TAGS = ("span", "div", "a", "p", "b", "i", "u", "br", "hr", "img", "li", "ul", "ol", "em", "strong", "font",
+              "table", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "sup", "sub", "small", "script", "style")
+_HTML_RE = re.compile(r"</?(?:" + "|".join(_HTML_TAGS) + r")(\s|>|/|$)", re.IGNORECASE)
 _PLACEHOLDER_RE = re.compile(r"^title_\d+$")
 
 
@@ -41,6 +46,8 @@ def classify_title(title: str | None) -> str | None:
     'html'
     >>> classify_title("title_17"), classify_title("  "), classify_title("Anno 2070")
     ('placeholder', 'empty', None)
+    >>> classify_title("Best of <Disc 2>"), classify_title("Halo <br>Legendary"), classify_title("x</DIV>")
+    (None, 'html', 'html')
     """
     if title is None or not str(title).strip():
         return "empty"
