@@ -51,7 +51,8 @@ class PromptTemplate:
             raise PromptError(f"prompt template '{name_or_path}' not found (shipped: {', '.join(known)})")
         if not path.is_file():
             raise PromptError(f"prompt template {path} is not a file")
-        text = path.read_text(encoding="utf-8")
+        # Windows line endings (an editor's) read as the plain ones; "\r" is not part of any prompt
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
         if not text.startswith("---\n") or "\n---\n" not in text[3:]:
             raise PromptError(f"{path}: expected a '---' front matter block before the prompt body")
         head, body = text[4:].split("\n---\n", 1)

@@ -178,6 +178,16 @@ def test_custom_template_file(tmp_path: Path):
     assert tpl.render_completion("z") == "z"
 
 
+
+def test_a_template_with_windows_line_endings_reads_as_with_plain_ones(tmp_path: Path):
+    """A file saved with CRLF was refused as having no front matter block."""
+    text = (Path(__file__).resolve().parents[1] / "prompts" / "d3.txt").read_text(encoding="utf-8")
+    p = tmp_path / "crlf.txt"
+    p.write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+    crlf, plain = PromptTemplate.load(str(p)), PromptTemplate.load("d3")
+    assert crlf.render_prompt(["Halo"], "games") == plain.render_prompt(["Halo"], "games")
+    assert crlf.answer_prefix == plain.answer_prefix
+
 @pytest.mark.parametrize(
     "text, message",
     [
