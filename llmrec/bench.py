@@ -133,9 +133,21 @@ def _print_table(result: dict, keys: list[str]) -> None:
         print(f"{k:<{width}}  {result[k]}")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from llmrec.data.canonical import atomic_write_json
+SPEED_BENCHES = ("decoding", "latent-sft", "grpo")
 
+
+def command_arguments(args: argparse.Namespace) -> dict:
+    """The options a benchmark ran with (its argparse namespace without the dispatch entries), recorded in its JSON
+    so a committed result says what was measured."""
+    return {k: v for k, v in sorted(vars(args).items())
+            if k not in ("func", "accepts_overrides", "command", "bench") and not callable(v)}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llmrec.data.canonical import atomic_write_json, check_file_path
+
+    if args.output:  # before the benchmark (seqrec and pipeline run for hours), not at the write after it
+        check_file_path(args.output, "--output")
     if args.bench == "decoding":
         result = bench_decoding(args)
         _print_table(result, list(result))
@@ -168,9 +180,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = cmd_pipeline(args)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(args.bench)
+    if args.bench in SPEED_BENCHES:
+        result = {**result, "args": command_arguments(args)}
+    line = json.dumps(result, sort_keys=True)
+    print(line, flush=True)  # first: a failing write must not lose what was measured
     if args.output:
         atomic_write_json(Path(args.output), result)
-    print(json.dumps(result, sort_keys=True))
     return 0
 
 

@@ -18,6 +18,8 @@ def test_bench_latent_sft_tiny(tmp_path, capsys):
                 "max_abs_logit_diff_vs_naive", "max_rel_grad_diff_vs_naive"):
         assert key in last
     assert last["num_latent_tokens"] == 2
+    # every option it ran with (seed, warm-up, batches, LoRA settings were missing)
+    assert last["args"]["num_batches"] == 1 and last["args"]["warmup"] == 0 and last["args"]["model"] == "tiny-llama"
     # the efficient form is exact against the naive two-pass form (float32)
     assert last["max_abs_logit_diff_vs_naive"] < 1e-4 and last["max_rel_grad_diff_vs_naive"] < 1e-4
 
@@ -51,3 +53,12 @@ def test_bench_decoding_tiny(tmp_path, capsys, prepared_dir):
     for key in ("ours_rows_per_s", "reference_rows_per_s", "floor_rows_per_s", "speedup_vs_reference",
                 "ours_over_floor", "mean_steps_per_batch"):
         assert last[key] > 0
+
+
+def test_a_bad_output_is_refused_before_the_benchmark_runs(tmp_path, capsys):
+    """It ran the whole benchmark, then failed on the write with a traceback and printed no result."""
+    (tmp_path / "afile").write_text("")
+    for argv in (["grpo", "--model", "tiny-qwen2"], ["seqrec", "--dataset", str(tmp_path / "none")]):
+        assert main(["bench", *argv, "--output", str(tmp_path / "afile" / "x.json")]) != 0
+        err = capsys.readouterr().err
+        assert "--output" in err and "afile" in err

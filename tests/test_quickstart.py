@@ -68,3 +68,13 @@ def test_quickstart_refuses_a_finished_stage_made_with_other_settings(finished, 
     assert "different protocol" in rerun("--rows", "3")  # an evaluation: refused by the evaluator
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == stamp
     assert (out / "results.md").read_text() == table
+
+
+@pytest.mark.parametrize("flag,value", [("--grpo-rows", "0"), ("--rows", "0"), ("--beams", "0"),
+                                        ("--train-rows", "-1")])
+def test_quickstart_refuses_bad_counts_before_any_stage(tmp_path, capsys, flag, value):
+    """--grpo-rows 0 failed (naming max_train_rows) only after the SFT stage had trained."""
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--dataset", str(tmp_path / "no-data"), "--model", "tiny-qwen2", flag, value,
+                 "--output-dir", str(out)]) == 1
+    assert f"{flag} must be >= " in capsys.readouterr().err and not out.exists()
