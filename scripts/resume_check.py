@@ -85,6 +85,11 @@ def main() -> int:
 
     def stage(name: str, cmd: list[str], done_file: str, ready_file: str) -> None:
         full, cut = out / f"{name}_full", out / f"{name}_cut"
+        for run in (full, cut):
+            if (run / done_file).exists():
+                # Finished: the command itself checks that it was made with these settings (--sft-rows, ...) and
+                # reuses it, or refuses naming the setting; a plain skip reported old runs under new flags.
+                _run([*cmd, "--output_dir", str(run)], log)
         if not (full / done_file).exists():
             t0 = time.monotonic()
             _run([*cmd, "--output_dir", str(full)], log)
