@@ -57,11 +57,24 @@ llmrec evaluate --config recipes/games/eval.yaml --dataset "$DATA" --max_rows "$
 while [ ! -f "$OUT/eval_sft_latent/results.json" ] || [ ! -f "$OUT/eval_sft_bigrec/results.json" ]; do sleep 30; done
 llmrec compare "$OUT/eval_sft_latent" "$OUT/eval_$best" "$OUT/eval_sft_bigrec" --metrics hr@1,hr@5,hr@10,ndcg@5,ndcg@10 \
   --output "$OUT/${NAME}_compare.json" | head -n -1 | tee "$OUT/${NAME}_compare.md"
-# The committed results: validation sweep + test comparison.
+# The committed results: validation sweep + test comparison. G and what was trained are the recipe's: read back
+# from the best run's own configuration rather than assumed.
+trained=$(python - "$OUT/$best/training_args.json" <<'PY'
+import json, sys
+a = json.load(open(sys.argv[1]))
+print(a["num_generations"], "head + LoRA" if a.get("train_lora") else "head only")
+PY
+)
+G=${trained%% *}; TRAINED=${trained#* }
+# put SRC DEST: copy beside DEST and rename into place, so a failure midway (or a reader meanwhile) never meets a
+# half-written committed file; what a failure leaves beside it is removed on exit.
+put() { cp "$1" "$2.tmp.$$"; mv "$2.tmp.$$" "$2"; }
+trap 'rm -f benchmarks/results/*.tmp.$$' EXIT
 mkdir -p benchmarks/results
-{ echo "Latent GRPO sweep ($GRPO_ROWS prompts per run, G=8, head only, noise $NOISE_SCALE $NOISE_MODE), screened on $VAL_ROWS validation rows"
+{ echo "Latent GRPO sweep ($GRPO_ROWS prompts per run, G=$G, $TRAINED, noise $NOISE_SCALE $NOISE_MODE), screened on $VAL_ROWS validation rows"
   echo "(first row: the latent SFT starting point):"; echo; cat "$OUT/${NAME}_sweep.md"; echo
-  echo "Best on validation: $best. Test, 500 rows (first row: latent SFT; differences with paired bootstrap 95% intervals):"
-  echo; cat "$OUT/${NAME}_compare.md"; } > benchmarks/results/${NAME}_smollm2.md
-cp "$OUT/${NAME}_sweep.json" benchmarks/results/${NAME}_sweep_smollm2.json
-cp "$OUT/${NAME}_compare.json" benchmarks/results/${NAME}_smollm2.json
+  echo "Best on validation: $best. Test, $EVAL_ROWS rows (first row: latent SFT; differences with paired bootstrap 95% intervals):"
+  echo; cat "$OUT/${NAME}_compare.md"; } > "$OUT/${NAME}_smollm2.md"
+put "$OUT/${NAME}_smollm2.md" "benchmarks/results/${NAME}_smollm2.md"
+put "$OUT/${NAME}_sweep.json" "benchmarks/results/${NAME}_sweep_smollm2.json"
+put "$OUT/${NAME}_compare.json" "benchmarks/results/${NAME}_smollm2.json"

@@ -59,3 +59,27 @@ def test_check_fails_on_a_block_without_its_file_or_its_closing_marker(tmp_path)
                      (ok.replace("| 1 |", "| 2 |").replace("/results:a", "/results: a"), 1)):  # broken marker
         readme.write_text(text)
         assert mod.main(["--check", "--readme", str(readme), "--results-dir", str(tmp_path)]) == rc, text
+
+
+def test_check_and_update_fail_on_a_stray_or_malformed_marker(tmp_path, capsys):
+    """A closing marker whose opening was deleted leaves a hand-typed table above it; a malformed marker is not
+    seen by the block pattern: both are errors naming the file and line, in both modes."""
+    mod = _module()
+    (tmp_path / "a.md").write_text("| 1 |\n")
+    readme = tmp_path / "README.md"
+    ok = "<!-- results:a -->\n| 1 |\n<!-- /results:a -->\n"
+    for text, line, what in (
+            (ok + "intro\n| a | 999 (hand-typed) |\n<!-- /results:a -->\n", 6, "closing marker without its opening"),
+            (ok + "<!-- results:a-->\n| 999 |\n", 4, "malformed results marker '<!-- results:a-->'"),
+            (ok + "<!--results:a -->\n| 999 |\n", 4, "malformed results marker"),
+            (ok + "<!-- Results:b -->\n| 999 |\n<!-- /results:b -->\n", 4, "malformed results marker"),
+            ("<!-- results:a -->\n<!-- results:a -->\n| 1 |\n<!-- /results:a -->\n", 2,
+             "opening marker without its closing")):
+        for check in (["--check"], []):
+            readme.write_text(text)
+            assert mod.main([*check, "--readme", str(readme), "--results-dir", str(tmp_path)]) == 1, (text, check)
+            err = capsys.readouterr().err
+            assert f"{readme}:{line}: error: " in err and what in err, (text, err)
+    readme.write_text(ok)
+    assert mod.main(["--check", "--readme", str(readme), "--results-dir", str(tmp_path)]) == 0
+    assert mod.marker_errors(ok) == []
