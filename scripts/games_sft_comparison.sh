@@ -25,9 +25,13 @@ llmrec evaluate "${EVAL[@]}" --checkpoint "$OUT/sft_latent" --output_dir "$OUT/e
 llmrec compare "$OUT/eval_sft_bigrec" "$OUT/eval_sft_latent" "$OUT/eval_zero_shot" "$OUT/eval_popularity" \
   --metrics hr@1,hr@5,hr@10,ndcg@5,ndcg@10 --output "$OUT/compare.json" | head -n -1 | tee "$OUT/compare.md"
 # The committed results (the README shows the .md).
+# Built in $OUT, then renamed into place: an interrupted run never leaves a half-written committed file.
+put() { cp "$1" "$2.tmp.$$"; mv "$2.tmp.$$" "$2"; }
+trap 'rm -f benchmarks/results/*.tmp.$$' EXIT
 mkdir -p benchmarks/results
 { echo "SmolLM2-135M bf16, LoRA r8, $TRAIN_ROWS train rows (1 epoch, batch 16, lr 3e-4, seed 0, model selection on 200"
   echo "validation rows), $EVAL_ROWS test rows of the DEALRec Games time split, 10 beams, item-level matching;"
   echo "first row = BIGRec-style SFT, the baseline of the differences (paired bootstrap 95% intervals):"
-  echo; cat "$OUT/compare.md"; } > benchmarks/results/games_sft_smollm2.md
-cp "$OUT/compare.json" benchmarks/results/games_sft_smollm2.json
+  echo; cat "$OUT/compare.md"; } > "$OUT/games_sft_smollm2.md"
+put "$OUT/games_sft_smollm2.md" benchmarks/results/games_sft_smollm2.md
+put "$OUT/compare.json" benchmarks/results/games_sft_smollm2.json
