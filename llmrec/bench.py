@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from llmrec.config import StoreOnce
+
 
 def _count_forwards(model):
     """Attach a counter of ``model.forward`` calls; returns (counter dict, handle)."""
@@ -225,7 +227,7 @@ def register_cli(subparsers) -> None:
     s.add_argument("--dataset", required=True, help="prepared dataset directory")
     s.add_argument("--models", default="sasrec,rearec-erl,rearec-prl,lares")
     s.add_argument("--seeds", type=int, default=3)
-    s.add_argument("--config", default=None, help="a seqrec recipe whose values come first; '{model}' in the path "
+    s.add_argument("--config", default=None, action=StoreOnce, help="a seqrec recipe whose values come first; '{model}' in the path "
                    "is replaced per model, e.g. 'recipes/seqrec/{model}_ml100k.yaml'")
     s.add_argument("--output-dir", default="benchmarks/results/seqrec", help="runs and summary (resumable)")
     s.add_argument("--report-only", action="store_true", help="train nothing; summarise the finished runs")

@@ -4,6 +4,11 @@ Every config is a dataclass whose fields carry a ``help`` string (the TRL conven
 is a flat mapping of those field names; command-line ``--field value`` overrides it. Unknown keys in
 a recipe are an error that names the file and the key (with the nearest known key), never ignored.
 YAML is read with ``yaml.safe_load`` only.
+
+Values read the same from a recipe and from the command line: for a field whose type admits None, ``null``,
+``Null``, ``NULL``, ``~`` (YAML's spellings) and ``None`` mean None; a mapping is a value where the type admits a
+dict (``lr_scheduler_kwargs: {num_cycles: 2}``) and a list where it admits a list; a negative number
+(``-1e-5``, ``-0.5``) is a value, also among the values of a list option.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
 import re
+import types
 import typing
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -25,6 +32,20 @@ import yaml
 
 class ConfigError(ValueError):
     """A recipe or command line that does not fit the config schema."""
+
+
+class StoreOnce(argparse.Action):
+    """argparse ``store`` that refuses a second occurrence of the option (``--config a.yaml --config b.yaml`` ran
+    b.yaml alone, silently), as a recipe refuses a key given twice.
+
+    The option's default must be None: a value already stored that is not the default is the first occurrence.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, self.default)
+        if before is not self.default:
+            parser.error(f"{option_string} is given twice ({before!r} and {values!r}): give it once")
+        setattr(namespace, self.dest, values)
 
 
 class _UniqueKeySafeLoader(yaml.SafeLoader):
@@ -88,19 +109,81 @@ def check_keys(data: dict[str, Any], classes: Sequence[type], source: str) -> No
         raise ConfigError(f"{source}: unknown option(s) {', '.join(parts)}")
 
 
-def _required_values(classes: Sequence[type]) -> set[str]:
-    """Names of the fields whose type does not admit None (``lr: float``, not ``lr: float | None``)."""
-    names: set[str] = set()
+def _field_hints(classes: Sequence[type]) -> dict[str, Any]:
+    """``{field: resolved type hint}`` of the dataclasses' init fields.
+
+    Read from the annotations, not from ``Field.type``: ``HfArgumentParser`` overwrites that with the one type it
+    parses (``dict | str | None`` becomes ``str``), which would hide that a dict or None is allowed.
+    """
+    out: dict[str, Any] = {}
     for cls in classes:
         try:
             hints = typing.get_type_hints(cls)
-        except Exception:  # noqa: BLE001 - an unresolvable annotation elsewhere: no None check for this class
+        except Exception:  # noqa: BLE001 - an unresolvable annotation elsewhere: no type checks for this class
             continue
         for f in dataclasses.fields(cls):
-            hint = hints.get(f.name)
-            if f.init and hint is not None and hint is not Any and type(None) not in typing.get_args(hint):
-                names.add(f.name)
-    return names
+            if f.init and f.name in hints:
+                out[f.name] = hints[f.name]
+    return out
+
+
+def _admits(hint: Any, kind: type | None) -> bool:
+    """Whether a field of type ``hint`` may hold None (``kind`` None), a list or a dict (``kind`` list / dict)."""
+    if hint is Any:
+        return True
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    members = typing.get_args(hint) if union else (hint,)
+    if kind is None:
+        return type(None) in members
+    return any(m is kind or typing.get_origin(m) is kind for m in members)
+
+
+def _hint_text(hint: Any) -> str:
+    """``int``, ``str | None``, ``dict[str, Any] | str | None``: a field's type as an error message names it."""
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+def _required_values(classes: Sequence[type]) -> set[str]:
+    """Names of the fields whose type does not admit None (``lr: float``, not ``lr: float | None``)."""
+    return {name for name, hint in _field_hints(classes).items() if not _admits(hint, None)}
+
+
+# What YAML reads as null, plus Python's spelling: the same words mean None on the command line (for a field that
+# admits None), where `--max_train_rows null` was an invalid int and `--checkpoint null` the path "null". Not
+# "none": `report_to: none` is transformers' "no integrations", and an empty string stays an empty string (as
+# `key: ''` in YAML).
+_NULL_WORDS = frozenset({"null", "Null", "NULL", "~", "None"})
+
+
+def _null_or(convert: Any) -> Any:
+    """An optional field's argparse type: a null word is None, any other text goes through ``convert``. The
+    wrapper keeps ``convert``'s name (argparse's "invalid int value") and is unwrapped by :func:`_typed`."""
+
+    @functools.wraps(convert, updated=())  # `updated=()`: do not copy a class's attributes (int.__dict__)
+    def read(text: str) -> Any:
+        return None if text in _NULL_WORDS else convert(text)
+
+    return read
+
+
+class _ChoicesOrNull(list):
+    """An optional field's choices (``ddp_backend``): None, read from ``null``, is one of them too, without
+    being listed in the help or in an error message."""
+
+    def __contains__(self, value: object) -> bool:
+        return value is None or super().__contains__(value)
+
+
+def _null_list(values: list | None, listed: bool) -> list | None:
+    """A list option's values once read: ``--k null`` (``[None]`` from one value, not from a YAML list) is None,
+    as ``k: null`` is; a null among other values is refused (it passed into the list as a None item)."""
+    if values is None or not any(v is None for v in values):
+        return values
+    if len(values) == 1 and not listed:
+        return None
+    raise ValueError("null is not a list item (give null alone for no list)")
 
 
 def _coerce(parser, data: dict[str, Any], source: str, classes: Sequence[type] = ()) -> dict[str, Any]:
@@ -114,6 +197,7 @@ def _coerce(parser, data: dict[str, Any], source: str, classes: Sequence[type] =
     nulls = sorted(_required_values(classes) & {k for k, v in out.items() if v is None})
     if nulls:
         raise ConfigError(f"{source}: option '{nulls[0]}': null is not allowed (it needs a value)")
+    hints = _field_hints(classes)
     for action in parser._actions:
         k = action.dest
         if k not in out or action.type is None:
@@ -121,11 +205,14 @@ def _coerce(parser, data: dict[str, Any], source: str, classes: Sequence[type] =
         v = out[k]
         try:
             if action.nargs in ("+", "*"):
-                if v is not None and not isinstance(v, list):
+                listed = isinstance(v, list)
+                if v is not None and not listed:
                     v = [v]  # one value for a list option, as `--k 3` on the command line
-                v = None if v is None else [_typed(action.type, x) for x in v]
+                v = _null_list(None if v is None else [_typed(action.type, x) for x in v], listed)
             else:
-                v = _typed(action.type, v)
+                v = _typed(action.type, v, hints.get(k))
+                if isinstance(v, list):  # a list where the type admits one (`report_to: [tensorboard]`)
+                    v = _null_list(v, listed=True)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
             raise ConfigError(f"{source}: option '{k}': cannot read {_short(out[k])} ({_short_text(e)})") from None
         if action.choices is not None and v is not None:
@@ -151,13 +238,25 @@ def _short_text(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
-def _typed(convert, value: Any) -> Any:
+def _typed(convert, value: Any, hint: Any = None) -> Any:
     """One option value as the command line would read it: strings through the option's type; other YAML values
-    checked against it (``true`` is not a number, a list is not one value, ``1.5`` is not an integer)."""
+    checked against it (``true`` is not a number, ``1.5`` is not an integer).
+
+    ``hint`` is the field's declared type: a mapping is kept where it admits a dict (transformers' ``dict | str |
+    None`` fields, which ``HfArgumentParser`` parses as ``str``) and a list is read item by item where it admits a
+    list (``report_to: None | str | list[str]``); elsewhere a mapping or a list is refused.
+    """
     if isinstance(value, str) or value is None:
         return value if value is None else convert(value)
+    if isinstance(value, dict) and hint is not None and _admits(hint, dict):
+        return value
+    if isinstance(value, list) and hint is not None and _admits(hint, list):
+        return [_typed(convert, x) for x in value]
     if isinstance(value, (list, dict)):
-        raise ValueError(f"expected one value, got a {type(value).__name__}")
+        what = "one value or a list" if hint is not None and _admits(hint, list) else "one value"
+        of = _hint_text(hint) if hint is not None else getattr(convert, "__name__", str(convert))
+        raise ValueError(f"expected {what} of type {of}, got a {'mapping' if isinstance(value, dict) else 'list'}")
+    convert = getattr(convert, "__wrapped__", convert)  # an optional field's null-reading wrapper (_null_or)
     if convert in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("expected a number")
@@ -236,25 +335,56 @@ def refuse_changed_resume(checkpoint: str | os.PathLike, found: dict[str, Any], 
 def coerce_fields(classes: Sequence[type], data: dict[str, Any], source: str) -> dict[str, Any]:
     """Check ``data``'s keys against the dataclasses and convert strings as the command line would
     (YAML reads ``1e-3`` as a string): for values collected outside :func:`parse_config`."""
+    check_keys(data, classes, source)
+    return _coerce(_parser(classes), data, source, classes)
+
+
+# A whole argument that is a negative number: `-2`, `-0.5`, `-.5`, `-1e-5`, `-1E+3`, `-inf`. (\Z, not $: "$"
+# also matches before a final newline.)
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\Z|-inf(inity)?\Z", re.IGNORECASE)
+
+
+def _parser(classes: Sequence[type]):
+    """``HfArgumentParser`` for the dataclasses, reading values as a recipe does (see the module docstring).
+
+    - No abbreviations: "--epoch" must not silently mean "--epochs" (a recipe's "epoch" is an error).
+    - Every negative number is a value: argparse (before Python 3.13) takes an argument starting with ``-`` that
+      is not a plain decimal (``-1e-5``) for an option, and ends a list option's values there (``--reward_weights
+      1.0 -1e-1`` was "unknown option -1e-1"). The parser has no option that looks like a number, so nothing that
+      is an option (``--name``, ``-h``) reads as one.
+    - An optional field reads the null words as None, and None passes its choices.
+    """
     from transformers import HfArgumentParser
 
-    check_keys(data, classes, source)
-    return _coerce(HfArgumentParser(list(classes)), data, source, classes)
+    parser = HfArgumentParser(list(classes))
+    parser.allow_abbrev = False
+    parser._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own test (private; `.match` at the start)
+    hints = _field_hints(classes)
+    for action in parser._actions:
+        hint = hints.get(action.dest)
+        if action.type is None or hint is None or not _admits(hint, None):
+            continue
+        action.type = _null_or(action.type)
+        if action.choices is not None:
+            action.choices = _ChoicesOrNull(action.choices)
+    return parser
 
 
-_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf(inity)?", re.IGNORECASE)
-
-
-def _attach_negative_numbers(args: list[str]) -> list[str]:
-    """``--lr -1e-5`` -> ``--lr=-1e-5``: argparse (before Python 3.13) reads a value starting with ``-`` that is
-    not a plain decimal as an option, so a negative number in scientific notation would be an error."""
-    out: list[str] = []
-    for a in args:
-        if (out and _NEGATIVE_NUMBER.fullmatch(a) and out[-1].startswith("--") and "=" not in out[-1]):
-            out[-1] = f"{out[-1]}={a}"
-        else:
-            out.append(a)
-    return out
+def _refuse_repeated_options(parser, args: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` for a field given twice on the command line (``--ks 1 --ks 5``, or
+    ``--max_history`` and ``--max-history``, or ``--x`` and ``--no_x``): argparse keeps the last one silently."""
+    seen: dict[str, str] = {}
+    for arg in args:
+        if arg == "--":  # what follows is not options (argparse's convention)
+            break
+        name = arg.split("=", 1)[0]
+        action = parser._option_string_actions.get(name)
+        if action is None:  # a value (also a negative number), or an unknown option (reported by the parse)
+            continue
+        if action.dest in seen:
+            both = "" if seen[action.dest] == name else f" (as {seen[action.dest]} and {name})"
+            raise ConfigError(f"command line: option '{action.dest}' is given twice{both}: give it once")
+        seen[action.dest] = name
 
 
 def parse_config(
@@ -268,10 +398,7 @@ def parse_config(
     Returns one instance per class, in order. ``args`` are ``--name value`` pairs (the remainder of
     the CLI after the subcommand's own flags).
     """
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(list(classes))
-    parser.allow_abbrev = False  # "--epoch" must not silently mean "--epochs" (a recipe's "epoch" is an error)
+    parser = _parser(classes)
     data: dict[str, Any] = {}
     if config_path is not None:
         data = read_recipe(config_path)
@@ -287,12 +414,19 @@ def parse_config(
         for action in parser._actions:
             if action.dest in data:
                 action.required = False
+        _refuse_repeated_options(parser, args)
         try:
-            outputs, unknown = parser.parse_known_args(_attach_negative_numbers(list(args)))
+            outputs, unknown = parser.parse_known_args(list(args))
         except SystemExit as e:
             raise ConfigError(f"bad command-line override in {list(args)}") from e
         if unknown:
             raise ConfigError(f"unknown command-line option(s): {' '.join(unknown)}")
+        for action in parser._actions:
+            if action.nargs in ("+", "*") and isinstance(getattr(outputs, action.dest, None), list):
+                try:  # `--latent_tokens null` is None (a recipe's lists were checked by _coerce already)
+                    setattr(outputs, action.dest, _null_list(getattr(outputs, action.dest), listed=False))
+                except ValueError as e:
+                    raise ConfigError(f"command line: option '{action.dest}': {e}") from None
         result = []
         for cls in classes:
             names = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -228,3 +229,144 @@ def test_abbreviated_options_are_refused_on_every_command(capsys):
                     yield from parsers(sub)
 
     assert all(not p.allow_abbrev for p in parsers(build_parser()))
+
+
+@dataclass
+class OptCfg:
+    """Optional, list and dict fields typed the way transformers' TrainingArguments types them."""
+
+    max_rows: int | None = field(default=None, metadata={"help": "row cap (None = all)"})
+    checkpoint: str | None = field(default=None, metadata={"help": "checkpoint directory"})
+    weights: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "reward weights"})
+    tokens: list[str] | None = field(default=None, metadata={"help": "added tokens"})
+    scheduler_kwargs: dict | str | None = field(default=None, metadata={"help": "like lr_scheduler_kwargs"})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "like report_to"})
+    backend: str | None = field(default=None, metadata={"help": "like ddp_backend", "choices": ["nccl", "gloo"]})
+
+
+OPT = [DataCfg, TrainCfg, OptCfg]
+
+
+def test_null_on_the_command_line_clears_an_optional_field(tmp_path: Path):
+    """`--max_rows null` was "invalid int value" and `--checkpoint null` the path "null": the null words read as a
+    YAML null does, for a field that admits None."""
+    p = recipe(tmp_path, "dataset: d\nmax_rows: 5\ncheckpoint: runs/x\ntokens: [a]\nbackend: gloo\n")
+    for word in ("null", "Null", "NULL", "~", "None"):
+        *_, opt = parse_config(OPT, p, ["--max_rows", word, "--checkpoint", word, "--tokens", word,
+                                        "--backend", word])
+        assert (opt.max_rows, opt.checkpoint, opt.tokens, opt.backend) == (None, None, None, None), word
+    *_, opt = parse_config(OPT, p, ["--max_rows", "3", "--backend", "nccl"])
+    assert opt.max_rows == 3 and opt.checkpoint == "runs/x" and opt.tokens == ["a"] and opt.backend == "nccl"
+    # the same words in a recipe (YAML reads `None` as text) and through `extra` (`llmrec evaluate --checkpoint`)
+    *_, opt = parse_config(OPT, recipe(tmp_path, "dataset: d\ncheckpoint: None\nmax_rows: None\n", "n.yaml"))
+    assert opt.checkpoint is None and opt.max_rows is None
+    *_, opt = parse_config(OPT, p, None, extra={"checkpoint": "null"})
+    assert opt.checkpoint is None
+    # not "none" (transformers' report_to: no integrations) nor "" (an empty string, as `key: ''`)
+    *_, opt = parse_config(OPT, p, ["--report_to", "none", "--checkpoint", ""])
+    assert opt.report_to == "none" and opt.checkpoint == ""
+    with pytest.raises(ConfigError, match="bad command-line override"):  # a field that needs a value
+        parse_config(OPT, p, ["--epochs", "null"])
+    with pytest.raises(ConfigError, match=r"command line: option 'tokens': null is not a list item"):
+        parse_config(OPT, p, ["--tokens", "a", "null"])
+    with pytest.raises(ConfigError, match=r"l.yaml: option 'tokens': cannot read \[None\] \(null is not a list item"):
+        parse_config(OPT, recipe(tmp_path, "dataset: d\ntokens: [null]\n", "l.yaml"))
+    with pytest.raises(ConfigError, match=r"c.yaml: option 'backend': 'mpi' is not one of \['nccl', 'gloo'\]"):
+        parse_config(OPT, recipe(tmp_path, "dataset: d\nbackend: mpi\n", "c.yaml"))
+
+
+@pytest.mark.parametrize("values", [["-0.5", "1.0"], ["1.0", "-1e-1"], ["-1e-1", "-2"], ["-inf", "-.5", "3"],
+                                    ["-1E+2"]])
+def test_negative_numbers_are_values_of_a_list_option(tmp_path: Path, values):
+    """`--weights -0.5 1.0` was "unknown command-line option(s): 1.0" and `--weights 1.0 -1e-1` took -1e-1 for an
+    option; the same list in YAML parsed."""
+    *_, opt = parse_config(OPT, None, ["--dataset", "d", "--weights", *values, "--max_rows", "-3"])
+    assert opt.weights == [float(v) for v in values] and opt.max_rows == -3
+    yaml_list = recipe(tmp_path, f"dataset: d\nweights: [{', '.join(values)}]\n")
+    if "-inf" not in values:  # YAML's infinity is .inf
+        assert parse_config(OPT, yaml_list)[2].weights == opt.weights
+    # an option is still an option, after negative numbers too
+    _, train, opt = parse_config(OPT, None, ["--dataset", "d", "--weights", *values, "--epochs", "2"])
+    assert train.epochs == 2 and opt.weights == [float(v) for v in values]
+    with pytest.raises(ConfigError, match=r"unknown command-line option\(s\): -x"):
+        parse_config(OPT, None, ["--dataset", "d", "--weights", *values, "-x"])
+
+
+def test_the_llmrec_command_passes_negative_list_values_on_in_order():
+    from llmrec.cli import build_parser
+
+    args, rest = build_parser().parse_known_args(["grpo", "--reward_weights", "-0.5", "-1e-1", "1", "--seed", "-2"])
+    assert rest == ["--reward_weights", "-0.5", "-1e-1", "1", "--seed", "-2"]
+
+
+def test_yaml_mappings_and_lists_where_the_type_admits_them(tmp_path: Path):
+    """`lr_scheduler_kwargs: {num_cycles: 2}` and `report_to: [tensorboard]` were refused ("expected one value, got
+    a dict"/"a list") although transformers types them `dict | str | None` and `None | str | list[str]`."""
+    p = recipe(tmp_path, "dataset: d\nscheduler_kwargs: {num_cycles: 2, inner: {a: 1}}\nreport_to: [tensorboard, 3]\n")
+    for args in (None, ["--max_rows", "1"]):
+        *_, opt = parse_config(OPT, p, args)
+        assert opt.scheduler_kwargs == {"num_cycles": 2, "inner": {"a": 1}}
+        assert opt.report_to == ["tensorboard", "3"]  # read item by item, as the command line would
+    *_, opt = parse_config(OPT, p, ["--scheduler_kwargs", '{"x": 1}', "--report_to", "wandb"])
+    assert opt.scheduler_kwargs == '{"x": 1}' and opt.report_to == "wandb"  # text: TrainingArguments reads the JSON
+    for i, (text, why) in enumerate((
+            ("noun: {a: 1}", r"'noun': cannot read \{'a': 1\} \(expected one value of type str, got a mapping\)"),
+            ("max_rows: [1]", r"'max_rows': cannot read \[1\] \(expected one value of type int \| None, got a list"),
+            ("report_to: {a: 1}", r"'report_to': .*expected one value or a list of type None \| str \| list\[str\], "
+                                  "got a mapping"),
+            ("scheduler_kwargs: [1]", r"'scheduler_kwargs': .*expected one value of type dict \| str \| None, got a "
+                                      "list"),
+            ("report_to: [[a]]", r"'report_to': .*expected one value of type str, got a list"),
+            ("weights: [{a: 1}]", r"'weights': .*expected one value of type float, got a mapping"))):
+        with pytest.raises(ConfigError, match=rf"bad{i}.yaml: option {why}"):
+            parse_config(OPT, recipe(tmp_path, f"dataset: d\n{text}\n", f"bad{i}.yaml"))
+
+
+def test_transformers_dict_and_list_fields_from_a_recipe(tmp_path: Path):
+    from transformers import TrainingArguments
+
+    p = recipe(tmp_path, f"output_dir: {tmp_path / 'out'}\nlr_scheduler_kwargs: {{num_cycles: 2}}\n"
+                         "report_to: [tensorboard]\n")
+    (args,) = parse_config([TrainingArguments], p)
+    assert args.lr_scheduler_kwargs == {"num_cycles": 2} and args.report_to == ["tensorboard"]
+
+
+def test_a_key_given_twice_on_the_command_line_is_an_error(tmp_path: Path):
+    """`--ks 1 --ks 5` gave [5]: argparse keeps the last occurrence silently (a recipe refuses a repeated key)."""
+    p = recipe(tmp_path, "dataset: d\nks: [3]\n")
+    for args, shown in ((["--ks", "1", "--ks", "5"], "'ks' is given twice: "),
+                        (["--epochs=1", "--epochs", "2"], "'epochs' is given twice: "),
+                        (["--max_history", "1", "--max-history", "2"],
+                         "'max_history' is given twice (as --max_history and --max-history)")):
+        with pytest.raises(ConfigError, match=rf"^command line: option {re.escape(shown)}"):
+            parse_config(CLASSES, p, args)
+    _, train = parse_config(CLASSES, p, ["--ks", "1", "5"])  # once, over the recipe's: fine
+    assert train.ks == [1, 5]
+
+
+def test_evaluate_checkpoint_and_config_given_explicitly(tmp_path: Path, monkeypatch, capsys):
+    """`llmrec evaluate --checkpoint ""` silently kept the recipe's checkpoint (`if args.checkpoint`), `--checkpoint
+    null` was the path "null", and a second `--config` replaced the first silently."""
+    import llmrec.dry_run
+    from llmrec.cli import main
+    from llmrec.evaluation.evaluator import EvalConfig
+
+    p = recipe(tmp_path, "checkpoint: runs/x\nmax_rows: 3\n")
+    seen = []
+
+    def fake_dry_run(stage, args, extra=None):
+        seen.append(parse_config([EvalConfig], args.config, args.overrides, extra=extra)[0])
+        return 0
+
+    monkeypatch.setattr(llmrec.dry_run, "maybe_dry_run", fake_dry_run)
+    assert main(["evaluate", "--config", str(p), "--checkpoint", "null"]) == 0
+    assert seen[-1].checkpoint is None
+    assert main(["evaluate", "--config", str(p), "--checkpoint", "runs/y"]) == 0
+    assert seen[-1].checkpoint == "runs/y"
+    for argv, why in ((["--checkpoint", ""], "argument --checkpoint: empty: give a checkpoint directory, or null"),
+                      (["--checkpoint", "a", "--checkpoint", "b"], "--checkpoint is given twice"),
+                      (["--config", "b.yaml"], f"--config is given twice ('{p}' and 'b.yaml')")):
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--config", str(p), *argv])
+        assert why in capsys.readouterr().err
+    assert len(seen) == 2

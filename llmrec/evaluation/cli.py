@@ -9,7 +9,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from llmrec.config import parse_config
     from llmrec.evaluation.evaluator import EvalConfig, evaluate
 
-    extra = {"checkpoint": args.checkpoint} if args.checkpoint else None
+    # `is not None`: an explicit `--checkpoint null` (None, the base model) must replace the recipe's checkpoint too
+    extra = {"checkpoint": args.checkpoint} if args.checkpoint is not None else None
     from llmrec.dry_run import maybe_dry_run
 
     if (code := maybe_dry_run("evaluate", args, extra=extra)) is not None:
@@ -24,14 +25,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_argument(text: str) -> str:
+    """argparse type of ``--checkpoint``: an empty value is refused. It silently kept the recipe's checkpoint (and
+    would read as the working directory): the base model is asked for with ``null``, which EvalConfig reads as
+    None."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give a checkpoint directory, or null to evaluate the base model "
+                                         "without the recipe's checkpoint")
+    return text
+
+
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="constrained beam-search evaluation (or popularity) on a split; writes results.json",
         description="Options not listed here are EvalConfig fields, given as --name value (see recipes/games/eval.yaml).",
     )
-    p.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/games/eval.yaml)")
-    p.add_argument("--checkpoint", default=None, help="trained checkpoint directory to evaluate")
+    from llmrec.config import StoreOnce
+
+    p.add_argument("--config", default=None, action=StoreOnce, help="recipe YAML (e.g. recipes/games/eval.yaml)")
+    p.add_argument("--checkpoint", default=None, action=StoreOnce, type=_checkpoint_argument,
+                   help="trained checkpoint directory to evaluate (overrides the recipe's; null: none, the base model)")
     from llmrec.dry_run import add_dry_run_arguments
 
     add_dry_run_arguments(p)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from llmrec.config import StoreOnce
+
 
 def _train(args: argparse.Namespace) -> int:
     from llmrec.config import ConfigError, parse_config
@@ -40,6 +42,6 @@ def register_cli(subparsers) -> None:
         help="train, select on validation and test one model; writes results.json / results.md",
         description="Options of the recipe can be overridden as --field value (see llmrec/seqrec/config.py).",
     )
-    t.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/seqrec/sasrec_ml100k.yaml)")
+    t.add_argument("--config", default=None, action=StoreOnce, help="recipe YAML (e.g. recipes/seqrec/sasrec_ml100k.yaml)")
     t.set_defaults(func=_train, accepts_overrides=True)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from llmrec.config import StoreOnce
+
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from llmrec.dry_run import maybe_dry_run
@@ -50,7 +52,7 @@ def register_cli(subparsers) -> None:
         description="Options not listed here are LatentSFTConfig / TrainingArguments fields, given as "
         "--name value (see recipes/games/sft_latent.yaml). Reruns resume from the last checkpoint in output_dir.",
     )
-    p.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/games/sft_latent.yaml)")
+    p.add_argument("--config", default=None, action=StoreOnce, help="recipe YAML (e.g. recipes/games/sft_latent.yaml)")
     add_dry_run_arguments(p)
     p.set_defaults(func=cmd_sft, accepts_overrides=True)
     g = subparsers.add_parser(
@@ -59,6 +61,6 @@ def register_cli(subparsers) -> None:
         description="Options not listed here are LatentGRPOConfig / trl GRPOConfig fields, given as --name value "
         "(see recipes/games/grpo_latent.yaml). Reruns resume from the last checkpoint in output_dir.",
     )
-    g.add_argument("--config", default=None, help="recipe YAML (e.g. recipes/games/grpo_latent.yaml)")
+    g.add_argument("--config", default=None, action=StoreOnce, help="recipe YAML (e.g. recipes/games/grpo_latent.yaml)")
     add_dry_run_arguments(g)
     g.set_defaults(func=cmd_grpo, accepts_overrides=True)
