@@ -457,3 +457,21 @@ def test_accelerate_plan_sources(monkeypatch, capsys):
         resolve_accelerate_plan("recipes/accelerate/no_such.yaml")
 
 
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_num_processes_must_be_a_positive_integer(value, capsys):
+    """-2 planned a global batch of -8 rows and said READY; 0 was ignored."""
+    with pytest.raises(SystemExit) as info:
+        main(["sft", "--config", "recipes/games/sft_latent.yaml", "--dry-run", "--num-processes", value])
+    assert info.value.code == 2 and "--num-processes" in capsys.readouterr().err
+
+
+def test_zero2_config_leaves_accumulation_and_clipping_to_the_recipe():
+    """A fixed gradient_accumulation_steps: 1 / gradient_clipping: 1.0 there made the Trainer refuse every shipped
+    SFT recipe (accumulation 8 or 16) under DeepSpeed: left out, DeepSpeed reads TrainingArguments' values."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "zero2.yaml"
+    ds = yaml.safe_load(path.read_text())["deepspeed_config"]
+    assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds

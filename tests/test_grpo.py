@@ -222,6 +222,12 @@ def test_config_errors(tmp_path):
                         ("max_completion_length", 16), ("cast_lm_head_to_fp32", True)):
         with pytest.raises(ConfigError, match=f"{name}=.*does not implement"):
             LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: value})
+    for name, value in (("save_strategy", "no"), ("per_device_eval_batch_size", 64), ("dataloader_num_workers", 4),
+                        ("eval_strategy", "steps"), ("load_best_model_at_end", True), ("resume_from_checkpoint", "x")):
+        with pytest.raises(ConfigError, match=f"{name}=.*does not implement"):
+            LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: value})
+    with pytest.raises(ConfigError, match="output_dir is required"):  # was a TypeError from Path(None)
+        LatentGRPOConfig(sft_checkpoint=str(tmp_path / "s"), num_generations=4, per_device_train_batch_size=4)
     # TrainingArguments fields the HF Trainer acts on and this trainer does not read (review)
     for name in ("bf16", "fp16", "gradient_checkpointing", "activation_checkpointing"):
         with pytest.raises(ConfigError, match=f"{name}=True has no effect in latent GRPO"):

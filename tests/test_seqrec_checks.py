@@ -359,3 +359,14 @@ def test_top_k_refuses_nan_scores_where_the_list_and_the_rank_would_disagree():
         top_k(scores, 2)
     values, order = top_k(scores[:1], 2)
     assert order.tolist() == [[1, 2]] and values.tolist() == [[2.0, 1.0]]
+
+
+@pytest.mark.parametrize("key,flag", [("seed", "--seeds"), ("model", "--models"), ("dataset_dir", "--dataset"),
+                                      ("output_dir", "--output-dir")])
+def test_bench_refuses_overrides_of_what_it_sets_per_run(tmp_path, key, flag):
+    """--seed 7 was replaced by 42 + s without a word (and so were model, dataset_dir, output_dir)."""
+    from llmrec.seqrec.bench import run_seqrec_benchmark
+
+    with pytest.raises(ValueError, match=f"the benchmark sets {key} \\(use {flag}"):
+        run_seqrec_benchmark(tmp_path / "data", ["sasrec"], 1, tmp_path / "out", **{key: "7"})
+    assert not (tmp_path / "out").exists()

@@ -43,6 +43,7 @@ def run_seqrec_benchmark(
     models: list[str],
     seeds: int,
     output: Path,
+    /,  # positional only: a SeqRecConfig field of that name (dataset_dir) in ``overrides`` is then refused below
     model_overrides: dict[str, dict[str, Any]] | None = None,
     report_only: bool = False,
     **overrides: Any,
@@ -77,6 +78,13 @@ def run_seqrec_benchmark(
         raise ValueError(f"model(s) {repeated} named more than once")
     output = Path(output)
     recipe = overrides.pop("config", None)
+    # Set per run by the benchmark itself: an override of them was replaced without a word (--seed 7 ran seeds
+    # 42.., --dataset_dir another dataset's name in the table).
+    own = {"model": "--models", "seed": "--seeds (seed 42 + s for s < seeds)", "dataset_dir": "--dataset",
+           "output_dir": "--output-dir"}
+    taken = [k for k in overrides if k in own]
+    if taken:
+        raise ValueError("the benchmark sets " + ", ".join(f"{k} (use {own[k]})" for k in taken) + " itself")
 
     def recipe_for(model: str) -> dict[str, Any]:
         # "{model}" in the recipe path picks each model's own recipe (e.g. recipes/seqrec/{model}_ml100k.yaml).

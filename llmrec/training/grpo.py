@@ -105,6 +105,25 @@ IGNORED_TRL_FIELDS = {
     "use_adaptive_entropy": "no entropy bonus",
     "multi_objective_aggregation": "rewards are combined by reward_weights, then advantage_mode",
     "shuffle_dataset": "every epoch draws its prompt order from the seed",
+    # TrainingArguments fields the HF Trainer acts on; this trainer is not a Trainer (review: accepted and ignored)
+    "save_strategy": "a checkpoint every save_steps optimiser steps",
+    "save_only_model": "checkpoints hold the trained weights, optimiser and RNG state (resume needs them)",
+    "eval_strategy": "the held-out check (eval_rows) runs before and after training",
+    "eval_steps": "the held-out check (eval_rows) runs before and after training",
+    "eval_on_start": "the held-out check (eval_rows) runs before and after training",
+    "per_device_eval_batch_size": "the held-out check scores prompts_per_micro_batch prompts at a time",
+    "load_best_model_at_end": "the last step's weights are the result (no model selection here)",
+    "metric_for_best_model": "the last step's weights are the result (no model selection here)",
+    "logging_strategy": "every optimiser step is logged",
+    "logging_first_step": "every optimiser step is logged",
+    "dataloader_num_workers": "prompts are tokenised once up front, no DataLoader",
+    "resume_from_checkpoint": "a rerun resumes from the last checkpoint in output_dir (retrain: true starts over)",
+    "push_to_hub": "not supported",
+    "neftune_noise_alpha": "not supported",
+    "use_liger_kernel": "not supported",
+    "auto_find_batch_size": "not supported",
+    "full_determinism": "noise and prompt order are keyed draws from seed",
+    "data_seed": "noise and prompt order are keyed draws from seed",
 }
 
 
@@ -279,6 +298,9 @@ class LatentGRPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         from llmrec.models.backbone import concrete_dtype_name
 
+        if self.sft_checkpoint and not self.output_dir:  # a run's config (the bare default config is a template of
+            # defaults, compared against): checked first, the checks below read it (a bare TypeError before)
+            raise ConfigError("output_dir is required (where the GRPO checkpoints and results go)")
         self.model_dtype = concrete_dtype_name(self.model_dtype)
         defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name in IGNORED_TRL_FIELDS}
         for name, why in IGNORED_TRL_FIELDS.items():
@@ -1243,7 +1265,7 @@ class LatentGRPOTrainer:
         mine = todo[self.rank :: self.world]
         found: list[tuple[str, int, str, list[int]]] = []
         for row in tqdm(mine, desc=f"beam negatives ({split}, this process's rows)",
-                        disable=not self.accelerator.is_main_process):
+                        disable=not self.accelerator.is_main_process or bool(self.config.disable_tqdm)):
             found.append((split, row["row_index"], _prompt_digest(row), self.beam_search_items(row)))
         for sp, row_index, digest, items in gather_object(found) if self.world > 1 else found:
             self.beam_negatives[_beam_key(sp, int(row_index), digest)] = items
@@ -1671,7 +1693,7 @@ class LatentGRPOTrainer:
             logger.info("held-out rewards before training: %s", self.eval_before)
             self.scalars.add("held_out", self.eval_before, 0)
         bar = tqdm(total=self.max_steps, initial=self.global_step, desc="latent GRPO",
-                   disable=not self.accelerator.is_main_process)
+                   disable=not self.accelerator.is_main_process or bool(self.config.disable_tqdm))
         while self.global_step < self.max_steps:
             stats = self.train_step(self.global_step)
             self.global_step += 1
