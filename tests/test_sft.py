@@ -649,3 +649,15 @@ def test_a_damaged_weights_file_of_a_checkpoint_is_named(tmp_path, prepared_dir)
             load_sft_checkpoint(out, dtype="float32")
         path.write_bytes(whole)
     load_sft_checkpoint(out, dtype="float32")
+
+
+def test_no_eval_split_says_which_asked_settings_it_turns_off(tmp_path, caplog):
+    """--eval_split none turned a recipe's early stopping off without a word."""
+    with caplog.at_level("WARNING", logger="llmrec.training.sft"):
+        cfg = LatentSFTConfig(output_dir=str(tmp_path / "o"), eval_split="none", early_stopping_patience=2)
+    assert cfg.early_stopping_patience == 0 and not cfg.load_best_model_at_end
+    assert "eval_split is none: early_stopping_patience turned off" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llmrec.training.sft"):
+        LatentSFTConfig(output_dir=str(tmp_path / "o"), eval_split=None)  # the defaults: nothing asked, nothing said
+    assert "turned off" not in caplog.text

@@ -34,7 +34,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +254,17 @@ class LatentSFTConfig(transformers.TrainingArguments):
         if self.eval_split in ("", "none", "None"):
             self.eval_split = None
         if self.eval_split is None:
+            # No validation split: nothing to evaluate, select or stop on. Said, not silent (a recipe's
+            # load_best_model_at_end: true with --eval_split none on the command line is this case).
+            defaults = {f.name: f.default for f in fields(self)}
+            off = [k for k, on in (("eval_strategy", str(getattr(self.eval_strategy, "value", self.eval_strategy))
+                                    not in ("no", str(defaults["eval_strategy"]))),
+                                   ("load_best_model_at_end", self.load_best_model_at_end
+                                    and not defaults["load_best_model_at_end"]),
+                                   ("early_stopping_patience", self.early_stopping_patience
+                                    and self.early_stopping_patience != defaults["early_stopping_patience"])) if on]
+            if off:  # only what was asked for (a recipe's or the command line's), not the defaults
+                logger.warning("eval_split is none: %s turned off (they need validation rows)", ", ".join(off))
             self.eval_strategy = "no"
             self.load_best_model_at_end = False
             self.early_stopping_patience = 0
