@@ -48,6 +48,22 @@ class StoreOnce(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def int_at_least(least: int, meaning: str = "") -> typing.Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``least`` (``meaning`` is said after the bound, e.g. ``" (0 = all)"``).
+    Plain ``int`` took ``--num-processes -2`` (a negative global batch) and ``--max-history -5``."""
+
+    def read(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}{meaning}, got {value}")
+        return value
+
+    return read
+
+
 class _UniqueKeySafeLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
 

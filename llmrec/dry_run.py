@@ -47,6 +47,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from llmrec.config import int_at_least
+
 __all__ = [
     "EXIT_INVALID",
     "EXIT_MISSING",
@@ -1131,20 +1133,9 @@ def add_dry_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerate-config", default=None, metavar="FILE",
                         help="dry run: plan for this accelerate config (e.g. recipes/accelerate/ddp.yaml); default: "
                         "the running accelerate launch, else the recipe's own launch command")
-    parser.add_argument("--num-processes", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--num-processes", type=int_at_least(1), default=None, metavar="N",
                         help="dry run: plan for N processes (as accelerate launch --num_processes N)")
 
-
-
-def _positive_int(text: str) -> int:
-    """argparse type of ``--num-processes``: an integer >= 1 (-2 planned a global batch of -8 rows; 0 was ignored)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 _STAGES = {
     "sft": ("llmrec.training.sft", "LatentSFTConfig", dry_run_sft),

@@ -1062,12 +1062,9 @@ def test_head_bound_script_follows_the_exact_gradient(tmp_path, sft_dir, train_l
     head and the LoRA adapter: the mean per-token log-likelihood of the true titles, or the true item's log-softmax
     among the step's sampled candidates (uniform, or led by the current head's beam-search items), each scored by its
     own teacher-forced forward."""
-    import importlib.util
+    from tests.conftest import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "head_bound", Path(__file__).resolve().parent.parent / "scripts" / "grpo_head_likelihood_bound.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("grpo_head_likelihood_bound")
     sft, _, _ = sft_dir
     rank = dict(reward_funcs=["candidate_log_softmax"], rank_candidates=4,
                 rank_negatives=negatives) if objective != "likelihood" else {}
@@ -1124,12 +1121,9 @@ def test_head_bound_script_reuses_a_finished_run_only_with_its_settings(tmp_path
     it was made with the settings asked for now (SFT checkpoint, prompts, steps, held-out rows, seed, ...), read from
     the settings file the script writes, or for runs made before it from the trainer's own records; any difference
     is refused, naming the directory and what was found and asked."""
-    import importlib.util
+    from tests.conftest import load_script
 
-    spec = importlib.util.spec_from_file_location(
-        "head_bound", Path(__file__).resolve().parent.parent / "scripts" / "grpo_head_likelihood_bound.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("grpo_head_likelihood_bound")
     sft, _, _ = sft_dir
     root = tmp_path / "root"
     base = [str(sft), "--lr", "1e-3", "--prompts", "4", "--steps", "2", "--eval-rows", "4", "--dtype", "float32",

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rank_fusion.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("rank_fusion", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("rank_fusion")
 
 
 def _run(d: Path, rows: list[tuple[int, int, list[int]]]) -> Path:

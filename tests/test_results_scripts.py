@@ -4,7 +4,6 @@ scripts/seqrec_ml100k.sh) and scripts/games_grpo_sweep.sh (run against a stand-i
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import shutil
@@ -13,14 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _table_module():
-    spec = importlib.util.spec_from_file_location("seqrec_ml100k_table", ROOT / "scripts" / "seqrec_ml100k_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("seqrec_ml100k_table")
 
 
 def _run(seed: int, ndcg: float, threads: int = 1) -> dict:

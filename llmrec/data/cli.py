@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llmrec.config import int_at_least
 from llmrec.data.canonical import SPLITS
 from llmrec.data.formats import FORMATS
 
@@ -22,17 +23,6 @@ DEFAULT_RATIO = 0.1
 # --max-history when not given: the history cap of prepare, and for amazon2018 D3's protocol (10 previous items).
 DEFAULT_MAX_HISTORY = 50
 D3_MAX_HISTORY = 10
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (``--max-history -5`` used to mean "all", as 0 does)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all), got {value}")
-    return value
 
 
 def _parse_time_cutoffs(text: str, fmt: str, split: str) -> tuple[float, float]:
@@ -231,7 +221,7 @@ def register_cli(subparsers) -> None:
                    "which is replaced)")
     p.add_argument("--splits", default=None, help="comma-separated splits to prepare (default: all three; "
                    "a missing split is an error unless named here, e.g. valid,test)")
-    p.add_argument("--max-history", type=_non_negative_int, default=None,
+    p.add_argument("--max-history", type=int_at_least(0, " (0 = all)"), default=None,  # -5 meant "all"
                    help=f"keep the last N history items (0 = all); when not given {DEFAULT_MAX_HISTORY}, and for amazon2018 "
                    f"{D3_MAX_HISTORY} (D3's protocol), whose reader forms the histories")
     p.add_argument("--eval-rows", choices=("all", "first"), default="all",
