@@ -36,8 +36,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from llmrec.data.samples import resolve_dataset_dir
     from llmrec.evaluation.evaluator import EvalConfig, evaluate, markdown_table
 
-    for flag, value, least in (("--rows", args.rows, 1), ("--beams", args.beams, 1), ("--batch-size", args.batch_size, 1),
-                               ("--train-rows", args.train_rows, 0), ("--grpo-rows", args.grpo_rows, 1)):
+    counts = [("--rows", args.rows, 1), ("--beams", args.beams, 1), ("--batch-size", args.batch_size, 1),
+              ("--train-rows", args.train_rows, 0)]
+    if args.train_rows > 0:  # --train-rows 0 runs no training stage: nothing reads --grpo-rows
+        counts.append(("--grpo-rows", args.grpo_rows, 1))
+    for flag, value, least in counts:
         if value < least:  # at once, not after the stages before the one that reads it (--grpo-rows 0 after SFT)
             raise ValueError(f"{flag} must be >= {least}, got {value}")
     out = Path(args.output_dir)

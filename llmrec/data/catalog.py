@@ -30,12 +30,15 @@ from llmrec.data.canonical import CATALOG_FILE, DataFormatError, json_id, jsonl_
 TITLE_KINDS = ("html", "placeholder", "empty", "duplicate")
 POLICIES = ("keep", "drop")
 
-# Known HTML tag names only: any "<word ...>" also matched titles such as "Best of <Disc 2>" or "<Unknown Artist>",
-# whose items (and interactions) the default policy drops (review). The scraped fragments in real catalogues are
-# <span ...>, <div ...>, <a ...>, <br>, <b>, <i>, <p>, <img ...>, <li>, <font ...>.
+# Markup, not any "<word ...>": "Best of <Disc 2>", "<I Love Lucy> Season 1" or "<A Tribe Called Quest>" are titles,
+# whose items (and interactions) the default policy would drop (review). Scraped fragments are lowercase: a known
+# tag closed at once (<br>, <b>, <br/>) or with an attribute (<span class="a-size-medium ..., <a href=...), any
+# closing tag (</center>), or a comment.
 _HTML_TAGS = ("span", "div", "a", "p", "b", "i", "u", "br", "hr", "img", "li", "ul", "ol", "em", "strong", "font",
-              "table", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "sup", "sub", "small", "script", "style")
-_HTML_RE = re.compile(r"</?(?:" + "|".join(_HTML_TAGS) + r")(\s|>|/|$)", re.IGNORECASE)
+              "table", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "sup", "sub", "small", "script", "style",
+              "center", "iframe", "html", "body", "head", "meta", "link", "section", "article", "input", "form",
+              "button", "label", "select", "option", "noscript", "strike", "big", "tt", "pre", "code", "blockquote")
+_HTML_RE = re.compile(r"<(?:" + "|".join(_HTML_TAGS) + r")(?:\s*/?>|\s+[a-z-]+\s*=)|</[a-z][a-z0-9]*\s*>|<!--")
 _PLACEHOLDER_RE = re.compile(r"^title_\d+$")
 
 
@@ -46,8 +49,10 @@ def classify_title(title: str | None) -> str | None:
     'html'
     >>> classify_title("title_17"), classify_title("  "), classify_title("Anno 2070")
     ('placeholder', 'empty', None)
-    >>> classify_title("Best of <Disc 2>"), classify_title("Halo <br>Legendary"), classify_title("x</DIV>")
-    (None, 'html', 'html')
+    >>> [classify_title(t) for t in ("Best of <Disc 2>", "<I Love Lucy> Season 1", "<A Tribe Called Quest>")]
+    [None, None, None]
+    >>> [classify_title(t) for t in ("Halo <br>Legend", "<center>Halo</center>", 'x <a href="y">', "<!-- x -->")]
+    ['html', 'html', 'html', 'html']
     """
     if title is None or not str(title).strip():
         return "empty"

@@ -639,7 +639,7 @@ def read_amazon2018(
     widen_months: int = 3, kcore: int = 5, max_history: int = 10, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
 ) -> RawData:
     """Raw Amazon Reviews 2018 json/json.gz + meta, processed as D3/LatentR3's ``process.py``:
-    time window [start, end) in UTC, title filter, iterative k-core, widen the window back by
+    time window [start, end] in UTC (D3 drops only reviews after the end), title filter, iterative k-core, widen the window back by
     ``widen_months`` until there are ``min_items`` items (or the data runs out), one example per
     position with the previous <= ``max_history`` items (D3: 10; 0 = all), global 80/10/10 by target time.
 
