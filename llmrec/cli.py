@@ -69,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors (DataFormatError, ConfigError, ...) carry file/row/field; no traceback for them.
         print(f"llmrec: error: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:
+        # An optional package a requested feature needs (report_to: tensorboard without tensorboard): one line.
+        tb_log = sys.modules.get("llmrec.tensorboard_log")
+        if tb_log is not None and isinstance(e, tb_log.MissingPackageError):
+            print(f"llmrec: error: {e}", file=sys.stderr)
+            return 1
+        raise
     except BrokenPipeError:
         # The reader of stdout went away (`llmrec data stats ... | head`): not an error of ours. Point stdout at
         # devnull so that the interpreter's final flush does not raise again.

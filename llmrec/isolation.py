@@ -39,6 +39,11 @@ def _exit_when_parent_ends(sentinel: int) -> None:
     os._exit(1)  # nobody waits for the result; a stage left running would go on writing its outputs
 
 
+# Most specific first: the exception types the CLI and the callers tell apart.
+_STANDARD_BASES = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+                   KeyError, IndexError, TypeError, ValueError, OSError, RuntimeError)
+
+
 def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     parent = multiprocessing.parent_process()
     if parent is not None:
@@ -52,7 +57,14 @@ def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
             pickle.loads(pickle.dumps(e))
             conn.send(("raise", e, tb))
         except Exception:
-            conn.send(("error", f"{type(e).__name__}: {e}", tb))
+            # One whose constructor takes other arguments than its args (DataFormatError(path, row, field,
+            # problem)) cannot be rebuilt: send its nearest standard base class with its message, so the CLI still
+            # prints "llmrec: error: ..." and callers still catch ValueError (it became a traceback; review).
+            base = next((b for b in _STANDARD_BASES if isinstance(e, b)), None)
+            if base is not None:
+                conn.send(("raise", base(str(e)), tb))
+            else:
+                conn.send(("error", f"{type(e).__name__}: {e}", tb))
         conn.close()
         raise SystemExit(1) from None
     try:

@@ -38,13 +38,18 @@ def wants_tensorboard(report_to: str | list[str] | None, owner: str) -> bool:
     return bool(names)
 
 
+class MissingPackageError(ImportError):
+    """An optional package a requested feature needs is not installed (the message says what to install);
+    ``llmrec`` prints it as one line."""
+
+
 def require_tensorboard() -> None:
-    """Raise a clear ImportError if the tensorboard package is missing."""
+    """Raise a clear :class:`MissingPackageError` if the tensorboard package is missing."""
     try:
         import tensorboard  # noqa: F401
     except ImportError as e:
-        raise ImportError('report_to tensorboard needs the tensorboard package: pip install "llmrec[tensorboard]"'
-                          ) from e
+        raise MissingPackageError('report_to tensorboard needs the tensorboard package: pip install '
+                                  '"llmrec[tensorboard]"') from e
 
 
 def flat_scalars(values: Mapping, prefix: str = "") -> dict[str, float]:

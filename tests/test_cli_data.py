@@ -304,3 +304,38 @@ def test_an_output_under_a_file_is_refused(tmp_path: Path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(prepare_args("csv", src, tmp_path / "afile" / "sub")) == 1
     assert "afile, which is a file, not a directory" in capsys.readouterr().err
+
+
+def test_concurrent_first_uses_of_the_sample_prepare_it_once(tmp_path, monkeypatch):
+    """Two processes starting together (accelerate launch) both prepared it; the second's copy replaced the first
+    in two renames, between which the directory was missing for a process already reading it."""
+    import threading
+    import time
+
+    import llmrec.data.prepare as prepare_module
+    from llmrec.data.samples import resolve_dataset_dir, sample_cache_dir
+
+    monkeypatch.setenv("LLMREC_CACHE", str(tmp_path / "cache"))
+    real, calls = prepare_module.prepare, []
+
+    def slow_prepare(raw, out, *a, **kw):
+        calls.append(out)
+        time.sleep(0.5)  # the other caller arrives while this one prepares
+        return real(raw, out, *a, **kw)
+
+    monkeypatch.setattr(prepare_module, "prepare", slow_prepare)
+    results, errors = [], []
+
+    def first_use():
+        try:
+            results.append(resolve_dataset_dir("games-sample"))
+        except BaseException as e:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(calls) == 1
+    assert results == [sample_cache_dir("games-sample")] * 2 and (results[0] / "stats.json").exists()

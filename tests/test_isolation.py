@@ -36,6 +36,14 @@ def _raise_unpicklable() -> None:
     raise _Unpicklable(1, 2)
 
 
+def _raise_bad_row() -> None:
+    from pathlib import Path
+
+    from llmrec.data.canonical import DataFormatError
+
+    raise DataFormatError(Path("data/x/train.jsonl"), 12, "history_item_ids", "unknown item id 99")
+
+
 def test_an_exception_in_the_stage_is_raised_in_the_parent_as_itself_with_its_traceback():
     with pytest.raises(json.JSONDecodeError, match="Expecting property name") as e:
         run_isolated(json.loads, "{")
@@ -45,6 +53,11 @@ def test_an_exception_in_the_stage_is_raised_in_the_parent_as_itself_with_its_tr
     with pytest.raises(StageProcessError, match="_Unpicklable: 1 and 2") as e2:
         run_isolated(_raise_unpicklable)
     assert "In the stage's process" in str(e2.value)
+    # ... or, when it is a standard error (the package's DataFormatError is a ValueError), as that, with its message:
+    # the CLI's one-line "llmrec: error: ..." (it was a StageProcessError, a RuntimeError: a two-process traceback)
+    with pytest.raises(ValueError, match="train.jsonl, row 12, field 'history_item_ids': unknown item id 99") as e3:
+        run_isolated(_raise_bad_row)
+    assert isinstance(e3.value.__cause__, StageProcessError) and "DataFormatError" in str(e3.value.__cause__)
 
 
 def _return_a_lambda():

@@ -38,6 +38,17 @@ def test_missing_package_is_a_clear_error_before_any_work(monkeypatch, tmp_path)
     assert wants_tensorboard("none", "test") is False  # not asked for: no import at all
 
 
+def test_the_cli_says_the_missing_package_in_one_line(monkeypatch, tmp_path, capsys):
+    """It was a chained two-exception traceback."""
+    from llmrec.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    assert main(["seqrec", "train", "--dataset_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+                 "--report_to", "tensorboard"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmrec: error: report_to tensorboard needs the tensorboard package") and "Traceback" not in err
+
+
 def test_scalar_log_writes_readable_events_and_disabled_log_writes_nothing(tmp_path):
     with ScalarLog(tmp_path / "tb") as log:
         log.add("train", {"loss": 2.0, "valid": {"ndcg@10": 0.1}}, 1)

@@ -38,15 +38,18 @@ def resolve_dataset_dir(directory: str | os.PathLike) -> Path:
     if name in SAMPLES and not Path(name).exists():
         target = sample_cache_dir(name)
         if not (target / "stats.json").exists():
+            from filelock import FileLock
+
             from llmrec.data.formats import read_seq_txt
             from llmrec.data.prepare import prepare
 
-            try:
-                prepare(read_seq_txt(sample_source(name)), target)
-            except OSError:
-                # Several processes may prepare the sample at once; one rename wins, which is fine.
+            # Processes starting together (accelerate launch) prepare it once, one after the other: without the
+            # lock the second finished copy replaced the first in two renames, between which the directory was
+            # missing for a process already reading it (review).
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(target.parent / f".{target.name}.lock")):
                 if not (target / "stats.json").exists():
-                    raise
+                    prepare(read_seq_txt(sample_source(name)), target)
         return target
     path = Path(directory)
     if not path.is_dir():

@@ -715,7 +715,9 @@ class Evaluator:
         trie = build_catalog_trie(data.catalog, tokenizer, template, c.use_chat_template, c.tokenization)
         guide = self._guidance_source(trie) if c.guided else None
         recs_all = []
-        bar = tqdm(total=len(rows), initial=len(rows) - sum(len(b) for b in todo) * self.state.num_processes,
+        # The main process's share times the processes estimates what is left (its batches may hold a row more
+        # than others': never below 0, which showed as "-4/500")
+        bar = tqdm(total=len(rows), initial=max(0, len(rows) - sum(len(b) for b in todo) * self.state.num_processes),
                    desc=f"evaluate {c.split}", disable=not self.state.is_main_process, unit="row")
         for batch in todo:
             examples = [split[r] for r in batch]
