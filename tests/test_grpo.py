@@ -1177,6 +1177,32 @@ def test_retrain_starts_over_without_the_earlier_runs_checkpoints(tmp_path, sft_
         run_grpo(grpo_config(out, sft, max_steps=4, save_steps=1, save_total_limit=2, retrain=True), callbacks=[stop])
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (out / "grpo_results.json").exists()
+    # The earlier run's model is gone from the top too: evaluate read it as the new run's (review)
+    from llmrec.models.checkpoint import CheckpointError, checkpoint_kind
+
+    assert not (out / "latent_head.safetensors").exists() and not (out / "llmrec_config.json").exists()
+    with pytest.raises(CheckpointError):
+        checkpoint_kind(out)
+
+
+def test_a_final_save_cut_short_is_not_taken_for_the_grpo_model(tmp_path, sft_dir, monkeypatch):
+    """Head-only GRPO copied the SFT checkpoint's files, llmrec_config.json included, before writing its head: a
+    kill in between left a folder evaluate and recommend read as the GRPO model with the SFT head (review)."""
+    from llmrec.models.checkpoint import CheckpointError, checkpoint_kind
+    from llmrec.models.latent import LatentReasoningLM
+
+    sft, _, _ = sft_dir
+    out = tmp_path / "grpo"
+
+    def killed(self, directory):  # the process dies while the new head is written
+        raise _Stop
+
+    monkeypatch.setattr(LatentReasoningLM, "save_pretrained", killed)
+    with pytest.raises(_Stop):
+        run_grpo(grpo_config(out, sft, max_steps=1, save_steps=50))
+    assert (out / "latent_config.json").exists() and not (out / "llmrec_config.json").exists()
+    with pytest.raises(CheckpointError, match="no llmrec_config.json"):
+        checkpoint_kind(out)
 
 
 def test_scheduler_kwargs_reach_the_scheduler(tmp_path, sft_dir):

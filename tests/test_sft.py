@@ -493,6 +493,12 @@ def test_retrain_trains_a_finished_run_again_from_the_start(tmp_path, prepared_d
                                 learning_rate=5e-3, retrain=True))
     assert again["resumed_from"] is None and again["global_step"] == 2
     assert not (out / "checkpoint-4").exists() and (out / "checkpoint-2").is_dir()
+    from llmrec.models.checkpoint import remove_saved_model
+
+    # retrain first removes the finished run's top-level model (a retrain cut short before its final save left it
+    # readable as the new run's); the new run's final save wrote it again
+    assert (out / "llmrec_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert "adapter_model.safetensors" in remove_saved_model(out) and not (out / "llmrec_config.json").exists()
     assert again["train_loss"] != first["train_loss"]
     # Without retrain, the finished run is returned only for the settings it was made with: another learning rate
     # is refused with the difference named (it returned the other run's results before), the same one is skipped

@@ -28,6 +28,24 @@ class CheckpointError(FileNotFoundError):
     """A checkpoint directory that is missing files."""
 
 
+def remove_saved_model(directory: str | Path) -> list[str]:
+    """Delete the model files a finished run saved at the top of ``directory`` (its llmrec_config.json, adapter
+    or full weights, latent files); the names removed.
+
+    ``retrain`` calls it: the finished run's model stayed beside the new run's output until its final save, so a
+    new run cut short (no checkpoint-N yet) left the old model there for `llmrec evaluate` to read as the new one.
+    """
+    directory = Path(directory)
+    names = ["llmrec_config.json", *ADAPTER_FILES, *FULL_MODEL_FILES, *LATENT_FILES, "model.safetensors.index.json"]
+    files = [directory / n for n in names] + sorted(directory.glob("model*.safetensors"))
+    removed = []
+    for f in files:
+        if f.is_file():
+            f.unlink()
+            removed.append(f.name)
+    return removed
+
+
 def checkpoint_kind(path: str | Path) -> str:
     """``"full"`` or ``"adapter"``; raises :class:`CheckpointError` naming the missing files."""
     path = Path(path)

@@ -44,7 +44,7 @@ from torch import nn
 from trl import GRPOConfig
 
 from llmrec.config import ConfigError
-from llmrec.data.canonical import give_saved_weights_default_permissions
+from llmrec.data.canonical import atomic_write_text, give_saved_weights_default_permissions
 from llmrec.distributed import accelerator_kwargs, has_accelerator
 from llmrec.models.latent import LatentReasoningLM, build_naive_inputs
 from llmrec.tensorboard_log import ScalarLog, wants_tensorboard
@@ -1635,16 +1635,25 @@ class LatentGRPOTrainer:
         out.mkdir(parents=True, exist_ok=True)
         lm = self.accelerator.unwrap_model(self.module).latent_lm
         src = Path(self.config.sft_checkpoint) if self.config.sft_checkpoint else None
+        # llmrec_config.json is written last: a save cut short leaves latent files without it, which every reader
+        # refuses (checkpoint_kind). Copied first, as it was, a kill before the new head left a folder that
+        # evaluate and recommend took for the GRPO model while it held the SFT head (review).
+        config_path = out / LLMREC_CONFIG_NAME
+        config_path.unlink(missing_ok=True)
         if self.config.train_lora or src is None:
             save_sft_checkpoint(lm, self.tokenizer, out, sft_fields=self.meta)
+            meta = json.loads(config_path.read_text(encoding="utf-8"))
+            config_path.unlink()
         else:
             # Head-only training: the LM is the SFT checkpoint's; copy its files and write the new head.
             for f in src.iterdir():
-                if f.is_file() and f.name not in ("train_results.json", RESULTS_NAME, TRAINING_ARGS_JSON):
+                if f.is_file() and f.name not in ("train_results.json", RESULTS_NAME, TRAINING_ARGS_JSON,
+                                                  LLMREC_CONFIG_NAME):
                     shutil.copy2(f, out / f.name)
             lm.save_pretrained(out)
             give_saved_weights_default_permissions(out)
-        meta = json.loads((out / LLMREC_CONFIG_NAME).read_text(encoding="utf-8")) if (out / LLMREC_CONFIG_NAME).exists() else {}
+            meta = (json.loads((src / LLMREC_CONFIG_NAME).read_text(encoding="utf-8"))
+                    if (src / LLMREC_CONFIG_NAME).exists() else {})
         # The prompt settings GRPO trained with, which evaluation and Recommender read; they may differ from the SFT
         # run's, which the "grpo" record keeps.
         settings = self.prompt_settings()
@@ -1657,10 +1666,10 @@ class LatentGRPOTrainer:
                         "learning_rate": self.config.learning_rate, "train_lora": self.config.train_lora,
                         "num_generations": self.config.num_generations, "max_train_rows": self.config.max_train_rows,
                         "seed": self.config.seed}
-        (out / LLMREC_CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
         # This run's full configuration (the SFT checkpoint's training_args.json is not copied: it described SFT).
         (out / TRAINING_ARGS_JSON).write_text(json.dumps(self.config.to_dict(), indent=2, default=str) + "\n",
                                               encoding="utf-8")
+        atomic_write_text(config_path, json.dumps(meta, indent=2, default=str) + "\n")  # last: the save is complete
 
     # -- loop
 
@@ -1779,6 +1788,8 @@ def run_grpo(config: LatentGRPOConfig, callbacks: list | None = None) -> dict[st
     if config.retrain:
         from accelerate import PartialState
 
+        from llmrec.models.checkpoint import remove_saved_model
+
         # The old run's checkpoints would outrank the new run's in rotation (by step) and be what a later resume
         # picks up; its results would make a rerun return the old run.
         old = _checkpoints(out)
@@ -1789,6 +1800,7 @@ def run_grpo(config: LatentGRPOConfig, callbacks: list | None = None) -> dict[st
             for ckpt in old:
                 shutil.rmtree(ckpt)
             (out / RESULTS_NAME).unlink(missing_ok=True)
+            remove_saved_model(out)  # a retrain cut short must not leave the old model readable as the new one
         PartialState().wait_for_everyone()
     trainer = LatentGRPOTrainer(config, callbacks=callbacks)
     return trainer.train(resume=not config.retrain)

@@ -878,6 +878,8 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     if (out_dir / RESULTS_NAME).exists() and config.retrain:
         from accelerate import PartialState
 
+        from llmrec.models.checkpoint import remove_saved_model
+
         # Resuming from the finished run's last checkpoint would train nothing; and a stale checkpoint with a
         # higher step than this run reaches would be what a later resume of this run picks up.
         old = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
@@ -887,6 +889,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
             for ckpt in old:
                 shutil.rmtree(ckpt)
             (out_dir / RESULTS_NAME).unlink()
+            remove_saved_model(out_dir)  # a retrain cut short must not leave the old model readable as the new one
         PartialState().wait_for_everyone()
     resume = last_complete_checkpoint(out_dir)
     if resume:  # before the model is built: a changed setting is refused at once
