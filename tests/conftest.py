@@ -97,3 +97,23 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def call_concurrently(fn, n: int = 2) -> tuple[list, list]:
+    """``fn()`` in ``n`` threads started together (as processes of one launch would): ``(results, errors)``."""
+    import threading
+
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(fn())
+        except BaseException as e:  # noqa: BLE001 -- returned for the test's assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors

@@ -439,7 +439,7 @@ def test_a_damaged_cache_is_converted_again_or_named(tmp_path, monkeypatch):
 def test_concurrent_first_loads_convert_once(tmp_path, monkeypatch):
     # Processes started together (accelerate launch) all find the alias unconverted; one converts, the
     # others wait for it and read its copy.
-    import threading
+    from tests.conftest import call_concurrently
 
     name, _, _ = make_fake_alias(tmp_path, monkeypatch)
     real_convert = backbone.convert_gguf
@@ -451,19 +451,7 @@ def test_concurrent_first_loads_convert_once(tmp_path, monkeypatch):
         return real_convert(gguf_path, out_dir)
 
     monkeypatch.setattr(backbone, "convert_gguf", slow_convert)
-    results, errors = [], []
-
-    def first_load():
-        try:
-            results.append(convert_alias(name))
-        except BaseException as e:  # noqa: BLE001 -- reported by the assertion below
-            errors.append(e)
-
-    threads = [threading.Thread(target=first_load) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = call_concurrently(lambda: convert_alias(name))
     assert errors == [] and len(calls) == 1
     assert results == [alias_cache_path(name)] * 2 and alias_is_cached(name)
 

@@ -309,11 +309,11 @@ def test_an_output_under_a_file_is_refused(tmp_path: Path, capsys):
 def test_concurrent_first_uses_of_the_sample_prepare_it_once(tmp_path, monkeypatch):
     """Two processes starting together (accelerate launch) both prepared it; the second's copy replaced the first
     in two renames, between which the directory was missing for a process already reading it."""
-    import threading
     import time
 
     import llmrec.data.prepare as prepare_module
     from llmrec.data.samples import resolve_dataset_dir, sample_cache_dir
+    from tests.conftest import call_concurrently
 
     monkeypatch.setenv("LLMREC_CACHE", str(tmp_path / "cache"))
     real, calls = prepare_module.prepare, []
@@ -324,18 +324,6 @@ def test_concurrent_first_uses_of_the_sample_prepare_it_once(tmp_path, monkeypat
         return real(raw, out, *a, **kw)
 
     monkeypatch.setattr(prepare_module, "prepare", slow_prepare)
-    results, errors = [], []
-
-    def first_use():
-        try:
-            results.append(resolve_dataset_dir("games-sample"))
-        except BaseException as e:  # noqa: BLE001 -- reported by the assertion below
-            errors.append(e)
-
-    threads = [threading.Thread(target=first_use) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = call_concurrently(lambda: resolve_dataset_dir("games-sample"))
     assert errors == [] and len(calls) == 1
     assert results == [sample_cache_dir("games-sample")] * 2 and (results[0] / "stats.json").exists()
