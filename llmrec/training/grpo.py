@@ -44,7 +44,7 @@ from torch import nn
 from trl import GRPOConfig
 
 from llmrec.config import ConfigError
-from llmrec.data.canonical import atomic_write_text, give_saved_weights_default_permissions
+from llmrec.data.canonical import atomic_directory, atomic_write_text, give_saved_weights_default_permissions
 from llmrec.distributed import accelerator_kwargs, has_accelerator
 from llmrec.models.latent import LatentReasoningLM, build_naive_inputs
 from llmrec.tensorboard_log import ScalarLog, wants_tensorboard
@@ -1540,24 +1540,22 @@ class LatentGRPOTrainer:
         self.accelerator.wait_for_everyone()
         out = Path(self.config.output_dir) / f"checkpoint-{self.global_step}"
         if self.accelerator.is_main_process:
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            _save_flat(self._trainable_state(), tmp / "trainable.safetensors")
-            opt = self.optimizer.state_dict()
-            flat, groups = {}, []
-            for pid, st in opt["state"].items():
-                for k, v in st.items():
-                    flat[f"{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-            for gr in opt["param_groups"]:
-                groups.append({k: v for k, v in gr.items()})
-            _save_flat(flat, tmp / OPTIMIZER_NAME, metadata={"param_groups": json.dumps(groups)})
-            state = {"global_step": self.global_step, "log_history": self.log_history,
-                     "skipped_groups": self.skipped_groups, "nonfinite_steps": self.nonfinite_steps,
-                     "eval_before": self.eval_before, "config": self._resume_settings()}
-            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
+            # Written beside it and renamed into place (an existing checkpoint-N is moved aside first, not deleted
+            # before the rename; temporary copies of killed runs are removed): never a half-written checkpoint-N.
+            with atomic_directory(out) as tmp:
+                _save_flat(self._trainable_state(), tmp / "trainable.safetensors")
+                opt = self.optimizer.state_dict()
+                flat, groups = {}, []
+                for pid, st in opt["state"].items():
+                    for k, v in st.items():
+                        flat[f"{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+                for gr in opt["param_groups"]:
+                    groups.append({k: v for k, v in gr.items()})
+                _save_flat(flat, tmp / OPTIMIZER_NAME, metadata={"param_groups": json.dumps(groups)})
+                state = {"global_step": self.global_step, "log_history": self.log_history,
+                         "skipped_groups": self.skipped_groups, "nonfinite_steps": self.nonfinite_steps,
+                         "eval_before": self.eval_before, "config": self._resume_settings()}
+                (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
             self._rotate()
         self.accelerator.wait_for_everyone()
         return out
