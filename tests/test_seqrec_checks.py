@@ -370,3 +370,15 @@ def test_bench_refuses_overrides_of_what_it_sets_per_run(tmp_path, key, flag):
     with pytest.raises(ValueError, match=f"the benchmark sets {key} \\(use {flag}"):
         run_seqrec_benchmark(tmp_path / "data", ["sasrec"], 1, tmp_path / "out", **{key: "7"})
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_of_a_finished_run_keeps_its_training_time(prepared_dir, tmp_path):
+    """The rerun trained nothing and wrote its own ~0 s as train_total_s (the pipeline report's training time)."""
+    from tests.conftest import train_tiny_sasrec
+
+    out = train_tiny_sasrec(prepared_dir, tmp_path / "run")
+    first = json.loads((out / "results.json").read_text())
+    train_tiny_sasrec(prepared_dir, out)
+    again = json.loads((out / "results.json").read_text())
+    assert again["timings"]["train_total_s"] == first["timings"]["train_total_s"] > 0
+    assert again["test"] == first["test"]

@@ -249,6 +249,11 @@ def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
         else:
             extra["selected_phase"] = "rpt"
     train_s = time.perf_counter() - t_start
+    previous = out / RESULTS_JSON
+    if trainer.epochs_trained == 0 and previous.exists():
+        # A rerun of a finished run trains nothing: keep the training time it recorded (it was overwritten with
+        # this rerun's ~0 s, which the pipeline report then showed as the model's training time; review)
+        train_s = float(json.loads(previous.read_text()).get("timings", {}).get("train_total_s", train_s))
     best = (
         max(phases, key=lambda p: p.best_valid.get(cfg.valid_metric, -1.0)) if len(phases) > 1 else phases[0]
     )

@@ -138,6 +138,7 @@ class SeqRecTrainer:
         self.wrapped = accelerator.prepare(model)
         self.is_main = accelerator.is_main_process
         self.eval_seconds = 0.0
+        self.epochs_trained = 0  # by this process's fit calls (a rerun of a finished run trains none)
         self.eval_rows = 0
         tensorboard = self.is_main and getattr(cfg, "report_to", "none") == "tensorboard"
         self.scalars = ScalarLog(self.out / "tensorboard" if tensorboard else None)
@@ -307,6 +308,7 @@ class SeqRecTrainer:
             secs = time.perf_counter() - t0
             res.epoch_seconds.append(secs)
             res.epochs_run = epoch + 1
+            self.epochs_trained += 1
             entry: dict[str, Any] = {"epoch": epoch + 1, "seconds": round(secs, 3)}
             entry.update({k: round(v / max(n_batches, 1), 5) for k, v in sums.items()})
             improved = False
