@@ -81,6 +81,9 @@ def test_two_processes_match_one_process(tmp_path):
         assert one["timings"]["epochs"] == two["timings"]["epochs"] == 2 * len(phases)
         # the same validation ranking (gathered across the 2 processes) from the same weights
         assert one["valid"] == pytest.approx(two["valid"], abs=1e-6)
+        # the logged epoch loss is the batch loss on both layouts (2 processes logged rank 0's share alone)
+        losses = [[e["loss"] for e in r["phases"][0]["history"]] for r in (one, two)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-4), name
     lares = [json.loads((tmp_path / run / "lares" / "results.json").read_text()) for run in ("one", "two")]
     # the filter (random initial states) kept the same rows, and RPT trained on them (its weights moved)
     assert lares[0]["rpt_rows_kept"] == lares[1]["rpt_rows_kept"] > 0

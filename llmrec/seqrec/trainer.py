@@ -306,6 +306,10 @@ class SeqRecTrainer:
                 if cfg.max_train_batches and n_batches >= cfg.max_train_batches:
                     break
             secs = time.perf_counter() - t0
+            if acc.num_processes > 1 and "loss" in sums:
+                # Each process's loss is its share of the batch loss (local sum over global count / processes):
+                # their mean is the batch loss 1 process computes. Logged was rank 0's share alone (review).
+                sums["loss"] = float(acc.reduce(torch.tensor(sums["loss"], device=acc.device), reduction="mean"))
             res.epoch_seconds.append(secs)
             res.epochs_run = epoch + 1
             self.epochs_trained += 1
