@@ -475,3 +475,18 @@ def test_zero2_config_leaves_accumulation_and_clipping_to_the_recipe():
     path = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "zero2.yaml"
     ds = yaml.safe_load(path.read_text())["deepspeed_config"]
     assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds
+
+
+def test_an_uninstalled_qwen_alias_is_a_missing_input_with_its_install_command(capsys):
+    """It was INVALID (exit 1: "architecture unknown until converted"); its shipped config makes it exit 3."""
+    from llmrec.models import backbone
+
+    if backbone.alias_is_installed("qwen2.5-coder-0.5b"):
+        pytest.skip("the alias is installed here")
+    code, out = dry(["sft", "--config", "recipes/games/sft_latent.yaml", "--model_name_or_path",
+                     "qwen2.5-coder-0.5b"], capsys)
+    assert code == EXIT_MISSING, out
+    assert "shape: layers 24, hidden 896, intermediate 4864, heads 14 (kv 2), vocab 151936" in out
+    assert "make it with: llmrec models install qwen2.5-coder-0.5b" in out
+    # len(tokenizer) 151,936 fills the vocabulary: the latent token adds a row to the embedding and the untied head
+    assert "added embedding rows 1,792," in out and "base LM 630,167,424" in out
