@@ -257,12 +257,9 @@ class LatentSFTConfig(transformers.TrainingArguments):
             # No validation split: nothing to evaluate, select or stop on. Said, not silent (a recipe's
             # load_best_model_at_end: true with --eval_split none on the command line is this case).
             defaults = {f.name: f.default for f in fields(self)}
-            off = [k for k, on in (("eval_strategy", str(getattr(self.eval_strategy, "value", self.eval_strategy))
-                                    not in ("no", str(defaults["eval_strategy"]))),
-                                   ("load_best_model_at_end", self.load_best_model_at_end
-                                    and not defaults["load_best_model_at_end"]),
-                                   ("early_stopping_patience", self.early_stopping_patience
-                                    and self.early_stopping_patience != defaults["early_stopping_patience"])) if on]
+            off_values = {"eval_strategy": "no", "load_best_model_at_end": False, "early_stopping_patience": 0}
+            off = [k for k, off_value in off_values.items()  # set away from both "off" and the default: asked for
+                   if str(getattr(getattr(self, k), "value", getattr(self, k))) not in (str(off_value), str(defaults[k]))]
             if off:  # only what was asked for (a recipe's or the command line's), not the defaults
                 logger.warning("eval_split is none: %s turned off (they need validation rows)", ", ".join(off))
             self.eval_strategy = "no"
