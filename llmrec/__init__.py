@@ -25,6 +25,11 @@ def _destroy_process_group_at_exit() -> None:
     """
     dist = _sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        import gc
+
+        # Models and accelerators left in reference cycles still hold the group; collected first, destroying
+        # it frees the group and joins its worker threads (see llmrec.distributed.import_dynamo_before_process_group).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -41,6 +41,16 @@ SCRIPT = textwrap.dedent(
     # processes (its loss normaliser was floored at 1 per process, halving its gradient on 2 processes)
     run_seqrec(SeqRecConfig(model="sasrec", output_dir=f"{out}/sasrec-rows", train_mode="rows",
                             **dict(common, dataset_dir=rows_data_dir, batch_size=8)))
+
+    # What llmrec does at exit: destroying the group must free it and join gloo's worker threads. A group kept
+    # alive (importing torch._dynamo after it was created, as DDP does, holds it) leaves them running past
+    # the interpreter, and about one launch in 20 then aborted at exit (SIGABRT) after its work had finished.
+    import os
+    import llmrec
+    llmrec._destroy_process_group_at_exit()
+    if os.path.isdir("/proc/self/task"):
+        threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+        assert not [t for t in threads if "gloo" in t], threads
     """
 )
 

@@ -56,10 +56,12 @@ def make_accelerator(seed: int):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
-    # cpu=True when there is no GPU: accelerate then turns a multi-process launch (WORLD_SIZE > 1) into
-    # gloo MULTI_CPU; without it the launched processes would each train alone.
+    from llmrec.distributed import accelerator_kwargs
+
+    # cpu=True when there is no accelerator: accelerate then turns a multi-process launch (WORLD_SIZE > 1)
+    # into gloo MULTI_CPU; without it the launched processes would each train alone.
     acc = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        **accelerator_kwargs(),
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True),
     )
     set_seed(seed)
