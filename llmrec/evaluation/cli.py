@@ -35,12 +35,21 @@ def _checkpoint_argument(text: str) -> str:
     return text
 
 
+def _eval_config_class() -> tuple[type, None]:
+    from llmrec.evaluation.evaluator import EvalConfig
+
+    return EvalConfig, None
+
+
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="constrained beam-search evaluation (or popularity) on a split; writes results.json",
-        description="Options not listed here are EvalConfig fields, given as --name value (see recipes/games/eval.yaml).",
+        description="Every EvalConfig field (listed below) is a recipe key or --name value (see recipes/games/eval.yaml).",
     )
+    from llmrec.config_help import add_config_fields_help
+
+    add_config_fields_help(p, _eval_config_class)
     from llmrec.config import StoreOnce
 
     p.add_argument("--config", default=None, action=StoreOnce, help="recipe YAML (e.g. recipes/games/eval.yaml)")

@@ -33,15 +33,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_class() -> tuple[type, None]:
+    from llmrec.seqrec.config import SeqRecConfig
+
+    return SeqRecConfig, None
+
+
 def register_cli(subparsers) -> None:
     """Add the ``seqrec`` command group."""
+    from llmrec.config_help import add_config_fields_help
+
     p = subparsers.add_parser("seqrec", help="ID-based sequential recommenders (SASRec, ReaRec, LARES)")
     sub = p.add_subparsers(dest="seqrec_command", metavar="SUBCOMMAND")
     t = sub.add_parser(
         "train",
         help="train, select on validation and test one model; writes results.json / results.md",
-        description="Options of the recipe can be overridden as --field value (see llmrec/seqrec/config.py).",
+        description="Every SeqRecConfig field (listed below) is a recipe key, overridden by --name value.",
     )
+    add_config_fields_help(t, _config_class)
     t.add_argument("--config", default=None, action=StoreOnce, help="recipe YAML (e.g. recipes/seqrec/sasrec_ml100k.yaml)")
     t.set_defaults(func=_train, accepts_overrides=True)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])

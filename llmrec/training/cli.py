@@ -43,24 +43,45 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft_config_classes() -> tuple[type, type]:
+    import transformers
+
+    from llmrec.training.sft import LatentSFTConfig
+
+    return LatentSFTConfig, transformers.TrainingArguments
+
+
+def _grpo_config_classes() -> tuple[type, type]:
+    from trl import GRPOConfig
+
+    from llmrec.training.grpo import LatentGRPOConfig
+
+    return LatentGRPOConfig, GRPOConfig
+
+
 def register_cli(subparsers) -> None:
+    from llmrec.config_help import add_config_fields_help
     from llmrec.dry_run import add_dry_run_arguments
 
     p = subparsers.add_parser(
         "sft",
         help="supervised fine-tuning (LoRA/full) with N latent thought tokens; N=0 is the BIGRec baseline",
-        description="Options not listed here are LatentSFTConfig / TrainingArguments fields, given as "
+        description="Every LatentSFTConfig / TrainingArguments field (listed below) is a recipe key or "
         "--name value (see recipes/games/sft_latent.yaml). Reruns resume from the last checkpoint in output_dir.",
     )
+    add_config_fields_help(p, _sft_config_classes)
     p.add_argument("--config", default=None, action=StoreOnce, help="recipe YAML (e.g. recipes/games/sft_latent.yaml)")
     add_dry_run_arguments(p)
     p.set_defaults(func=cmd_sft, accepts_overrides=True)
     g = subparsers.add_parser(
         "grpo",
         help="latent GRPO from a latent SFT checkpoint (noise-perturbed latents, continuous rewards)",
-        description="Options not listed here are LatentGRPOConfig / trl GRPOConfig fields, given as --name value "
-        "(see recipes/games/grpo_latent.yaml). Reruns resume from the last checkpoint in output_dir.",
+        description="Every LatentGRPOConfig / trl GRPOConfig field (listed below) is a recipe key or --name value "
+        "(see recipes/games/grpo_latent.yaml), except the ones latent GRPO does not implement (bf16, "
+        "gradient_checkpointing, eval_strategy, use_vllm, top_p, ...): those are refused, with the reason, when "
+        "set. Reruns resume from the last checkpoint in output_dir.",
     )
+    add_config_fields_help(g, _grpo_config_classes)
     g.add_argument("--config", default=None, action=StoreOnce, help="recipe YAML (e.g. recipes/games/grpo_latent.yaml)")
     add_dry_run_arguments(g)
     g.set_defaults(func=cmd_grpo, accepts_overrides=True)
