@@ -1242,7 +1242,7 @@ def plot_report(result: dict, path: Path) -> None:
 
     import matplotlib
 
-    from llmrec.data.canonical import give_default_permissions
+    from llmrec.data.canonical import give_default_permissions, replace_durably
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1269,7 +1269,7 @@ def plot_report(result: dict, path: Path) -> None:
     try:
         fig.savefig(tmp, format="png", dpi=110)
         give_default_permissions(tmp)  # mkstemp's 0600 would make the report's plot private
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -197,6 +198,7 @@ def atomic_directory(final: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_tree(tmp)
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         os.replace(final, old)
@@ -204,7 +206,47 @@ def atomic_directory(final: str | os.PathLike):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _fsync_directory(final.parent)
     _remove_leftovers(final)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush ``path``'s data to the disk: a file renamed into place after this is whole after a power loss or a
+    kernel crash too (a rename can reach the disk before the data it names, leaving an empty or partial file)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename the finished temporary file ``tmp`` onto ``path`` after flushing its data to the disk, and make the
+    rename itself durable: the last step of every atomic write of a file written by another library (safetensors,
+    torch.save, matplotlib)."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_directory(Path(path).parent)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make the renames and new names in directory ``path`` durable (POSIX; a no-op where directories cannot be
+    opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # file systems that refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """:func:`fsync_file` every file under directory ``root``, then the directories themselves."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        _fsync_directory(Path(folder))
 
 
 def _remove_leftovers(final: Path) -> None:
@@ -214,7 +256,10 @@ def _remove_leftovers(final: Path) -> None:
         m = re.match(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)", p.name)
         if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -248,18 +293,27 @@ def check_file_path(path: str | os.PathLike, what: str = "output file") -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary file and a rename (never half-written)."""
+    """Write a text file through a temporary file, flushed to the disk, and a rename (never half-written, also
+    after a power loss). Temporary files that killed writers left beside ``path`` are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    # The pid in the name tells _remove_leftovers whose it is (a SIGKILLed writer cannot remove its own).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
-        give_default_permissions(tmp)
+            f.flush()
+            os.fsync(f.fileno())
+        try:  # a rewritten file keeps the permissions its owner gave it (a results file made private stays so)
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        except FileNotFoundError:
+            give_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+    _remove_leftovers(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

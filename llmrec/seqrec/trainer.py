@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llmrec.data.canonical import atomic_write_json, give_saved_weights_default_permissions
+from llmrec.data.canonical import atomic_write_json, give_saved_weights_default_permissions, replace_durably
 from llmrec.safetensors_io import load_safetensors
 from llmrec.seqrec.data import EvalRows, SameTargetPool, SeqRecData, SplitRows
 from llmrec.seqrec.keyed_random import row_keys
@@ -92,7 +92,7 @@ def _save_weights(model: torch.nn.Module, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     give_saved_weights_default_permissions(tmp)
-    tmp.replace(path)
+    replace_durably(tmp, path)
 
 
 def _last_paths(pdir: Path, slot: int | None) -> tuple[Path, Path]:
@@ -348,7 +348,7 @@ class SeqRecTrainer:
                 _save_weights(self.unwrapped, last_path)
                 tmp = optim_path.with_name(optim_path.name + ".tmp")
                 torch.save(optim.state_dict(), tmp)
-                tmp.replace(optim_path)
+                replace_durably(tmp, optim_path)
                 atomic_write_json(
                     state_file,
                     {

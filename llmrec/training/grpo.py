@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 import warnings
@@ -44,7 +43,12 @@ from torch import nn
 from trl import GRPOConfig
 
 from llmrec.config import ConfigError
-from llmrec.data.canonical import atomic_directory, atomic_write_text, give_saved_weights_default_permissions
+from llmrec.data.canonical import (
+    atomic_directory,
+    atomic_write_text,
+    give_saved_weights_default_permissions,
+    replace_durably,
+)
 from llmrec.distributed import accelerator_kwargs, has_accelerator
 from llmrec.models.latent import LatentReasoningLM, build_naive_inputs
 from llmrec.tensorboard_log import ScalarLog, wants_tensorboard
@@ -760,7 +764,7 @@ def _save_flat(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     give_saved_weights_default_permissions(tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ import transformers
 from torch import nn
 
 from llmrec.config import ConfigError
-from llmrec.data.canonical import give_saved_weights_default_permissions
+from llmrec.data.canonical import atomic_write_text, give_saved_weights_default_permissions
 from llmrec.distributed import has_accelerator
 from llmrec.models.latent import (
     IGNORE_INDEX,
@@ -823,12 +823,6 @@ class LatentSFTTrainer(transformers.Trainer):
 # ------------------------------------------------------------------------------------------------ run
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _mean_train_loss(train_out, history: list[dict], global_step: int, resumed: bool) -> float | None:
     """The training loss averaged over every step of the run.
 
@@ -954,6 +948,6 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "metrics": train_out.metrics if train_out is not None else {},
     }
     if config.should_save:
-        _atomic_write_json(out_dir / RESULTS_NAME, results)
+        atomic_write_text(out_dir / RESULTS_NAME, json.dumps(results, indent=2, default=str) + "\n")
     return results
 
