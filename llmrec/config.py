@@ -25,7 +25,7 @@ import types
 import typing
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -360,6 +360,12 @@ def coerce_fields(classes: Sequence[type], data: dict[str, Any], source: str) ->
 _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?\Z|-inf(inity)?\Z", re.IGNORECASE)
 
 
+def _refuse_override(message: str) -> NoReturn:
+    """``error`` of the override parser: argparse's would print the usage of every field (the hundreds of
+    TrainingArguments ones too) before the message, then exit."""
+    raise ConfigError(f"command line: {message}")
+
+
 def _parser(classes: Sequence[type]):
     """``HfArgumentParser`` for the dataclasses, reading values as a recipe does (see the module docstring).
 
@@ -374,6 +380,7 @@ def _parser(classes: Sequence[type]):
 
     parser = HfArgumentParser(list(classes))
     parser.allow_abbrev = False
+    parser.error = _refuse_override  # a bad value is one line naming it, not the usage of every field first
     parser._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own test (private; `.match` at the start)
     hints = _field_hints(classes)
     for action in parser._actions:
@@ -431,10 +438,7 @@ def parse_config(
             if action.dest in data:
                 action.required = False
         _refuse_repeated_options(parser, args)
-        try:
-            outputs, unknown = parser.parse_known_args(list(args))
-        except SystemExit as e:
-            raise ConfigError(f"bad command-line override in {list(args)}") from e
+        outputs, unknown = parser.parse_known_args(list(args))  # a bad value: ConfigError (_refuse_override)
         if unknown:
             raise ConfigError(f"unknown command-line option(s): {' '.join(unknown)}")
         for action in parser._actions:

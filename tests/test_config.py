@@ -145,8 +145,18 @@ def test_unknown_cli_option(tmp_path: Path):
     # no abbreviations: "--epoch" is not "--epochs"
     with pytest.raises(ConfigError, match="--epoch"):
         parse_config(CLASSES, p, ["--epoch", "3"])
-    with pytest.raises(ConfigError, match="bad command-line override"):
+    with pytest.raises(ConfigError, match=r"^command line: argument --epochs: invalid int value: 'many'$"):
         parse_config(CLASSES, p, ["--epochs", "many"])
+
+
+def test_a_bad_override_is_one_line_without_the_usage_of_every_field(tmp_path: Path, capsys):
+    # argparse printed the usage of every field (hundreds of lines with TrainingArguments) before the message
+    from llmrec.cli import main
+
+    p = recipe(tmp_path, "dataset_dir: d\n")
+    assert main(["seqrec", "train", "--config", str(p), "--epochs", "abc"]) == 1
+    err = capsys.readouterr().err
+    assert err == "llmrec: error: command line: argument --epochs: invalid int value: 'abc'\n"
 
 
 def test_missing_required_field(tmp_path: Path):
@@ -265,7 +275,7 @@ def test_null_on_the_command_line_clears_an_optional_field(tmp_path: Path):
     # not "none" (transformers' report_to: no integrations) nor "" (an empty string, as `key: ''`)
     *_, opt = parse_config(OPT, p, ["--report_to", "none", "--checkpoint", ""])
     assert opt.report_to == "none" and opt.checkpoint == ""
-    with pytest.raises(ConfigError, match="bad command-line override"):  # a field that needs a value
+    with pytest.raises(ConfigError, match="argument --epochs: invalid int value: 'null'"):  # a field that needs a value
         parse_config(OPT, p, ["--epochs", "null"])
     with pytest.raises(ConfigError, match=r"command line: option 'tokens': null is not a list item"):
         parse_config(OPT, p, ["--tokens", "a", "null"])
