@@ -380,3 +380,19 @@ def test_evaluate_checkpoint_and_config_given_explicitly(tmp_path: Path, monkeyp
             main(["evaluate", "--config", str(p), *argv])
         assert why in capsys.readouterr().err
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize(
+    "module, class_name, field_name",
+    [("llmrec.evaluation.evaluator", "EvalConfig", "dtype"), ("llmrec.training.sft", "LatentSFTConfig", "model_dtype"),
+     ("llmrec.training.grpo", "LatentGRPOConfig", "model_dtype")],
+)
+def test_an_unknown_dtype_is_refused_when_the_config_is_read(module, class_name, field_name, tmp_path):
+    # It was accepted, and refused only when the model was about to load (after the data).
+    import importlib
+
+    cls = getattr(importlib.import_module(module), class_name)
+    kwargs = {"output_dir": str(tmp_path)}
+    with pytest.raises(ValueError, match=rf"^{field_name}: unsupported dtype 'bogus'; use one of"):
+        cls(**kwargs, **{field_name: "bogus"})
+    assert getattr(cls(**kwargs, **{field_name: "float32"}), field_name) == "float32"

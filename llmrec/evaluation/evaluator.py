@@ -107,9 +107,9 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "Random seed (evaluation is deterministic; kept for the record)."})
 
     def __post_init__(self) -> None:
-        from llmrec.models.backbone import concrete_dtype_name
+        from llmrec.models.backbone import checked_dtype_name
 
-        self.dtype = concrete_dtype_name(self.dtype)
+        self.dtype = checked_dtype_name(self.dtype, "dtype")
         if self.dataset is None:
             # Not silently the embedded sample for a model trained on another dataset.
             recorded = recorded_dataset(self.checkpoint) if self.checkpoint else None

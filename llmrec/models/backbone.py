@@ -213,6 +213,16 @@ def concrete_dtype_name(name: str) -> str:
     return "bfloat16" if native_bf16() else "float32"
 
 
+def checked_dtype_name(name: str, field: str) -> str:
+    """:func:`concrete_dtype_name`, refusing a name :func:`resolve_dtype` does not know (``ValueError`` naming
+    ``field``): said when the config is read, not after the data is loaded and the model is about to be."""
+    try:
+        resolve_dtype(name)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
+    return concrete_dtype_name(name)
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """Map a dtype name ("bfloat16", "float32", "float16", "auto", or short forms) to a torch dtype.
 

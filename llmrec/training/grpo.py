@@ -300,12 +300,12 @@ class LatentGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self) -> None:
-        from llmrec.models.backbone import concrete_dtype_name
+        from llmrec.models.backbone import checked_dtype_name
 
         if self.sft_checkpoint and not self.output_dir:  # a run's config (the bare default config is a template of
             # defaults, compared against): checked first, the checks below read it (a bare TypeError before)
             raise ConfigError("output_dir is required (where the GRPO checkpoints and results go)")
-        self.model_dtype = concrete_dtype_name(self.model_dtype)
+        self.model_dtype = checked_dtype_name(self.model_dtype, "model_dtype")
         defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name in IGNORED_TRL_FIELDS}
         for name, why in IGNORED_TRL_FIELDS.items():
             if name in defaults and getattr(self, name) != defaults[name]:

@@ -219,9 +219,9 @@ class LatentSFTConfig(transformers.TrainingArguments):
     prediction_loss_only: bool = field(default=True, metadata={"help": "Eval computes the loss only."})
 
     def __post_init__(self) -> None:
-        from llmrec.models.backbone import concrete_dtype_name
+        from llmrec.models.backbone import checked_dtype_name
 
-        self.model_dtype = concrete_dtype_name(self.model_dtype)
+        self.model_dtype = checked_dtype_name(self.model_dtype, "model_dtype")
         if self.finetune not in FINETUNE_MODES:
             raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
         if self.num_latent_tokens < 0:
