@@ -65,11 +65,17 @@ def int_at_least(least: int, meaning: str = "") -> typing.Callable[[str], int]:
 
 
 class _UniqueKeySafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently).
+
+    Merge keys (``<<: *defaults``) work as in YAML: the merged keys are defaults that the mapping's own keys
+    override, so only the mapping's own keys are checked for repeats.
+    """
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # constructed by SafeLoader's flatten_mapping, below
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -254,6 +260,23 @@ def _short_text(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
+# A number with an exponent, as YAML 1.2 reads one; PyYAML (YAML 1.1) reads `1e-6` and `2E5` as text.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+\Z")
+
+
+def _yaml12_numbers(value: Any) -> Any:
+    """``value`` (a mapping kept whole, e.g. ``lr_scheduler_kwargs``) with every text that is a number with an
+    exponent read as a float, at any depth: its keys have no declared types to convert them later, and
+    ``{min_lr: 1e-6}`` reached the scheduler as the string "1e-6" (a TypeError at the first step)."""
+    if isinstance(value, dict):
+        return {k: _yaml12_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml12_numbers(v) for v in value]
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+        return float(value)
+    return value
+
+
 def _typed(convert, value: Any, hint: Any = None) -> Any:
     """One option value as the command line would read it: strings through the option's type; other YAML values
     checked against it (``true`` is not a number, ``1.5`` is not an integer).
@@ -265,7 +288,7 @@ def _typed(convert, value: Any, hint: Any = None) -> Any:
     if isinstance(value, str) or value is None:
         return value if value is None else convert(value)
     if isinstance(value, dict) and hint is not None and _admits(hint, dict):
-        return value
+        return _yaml12_numbers(value)
     if isinstance(value, list) and hint is not None and _admits(hint, list):
         return [_typed(convert, x) for x in value]
     if isinstance(value, (list, dict)):

@@ -396,3 +396,27 @@ def test_an_unknown_dtype_is_refused_when_the_config_is_read(module, class_name,
     with pytest.raises(ValueError, match=rf"^{field_name}: unsupported dtype 'bogus'; use one of"):
         cls(**kwargs, **{field_name: "bogus"})
     assert getattr(cls(**kwargs, **{field_name: "float32"}), field_name) == "float32"
+
+
+def test_yaml_merge_keys_are_defaults_the_mapping_overrides(tmp_path: Path):
+    # `<<: *anchor` was refused ("could not determine a constructor for the tag ...merge")
+    text = ("base: &b\n  x: 1\n  y: 2\nmore: &m\n  z: 3\n"
+            "run:\n  <<: *b\n  y: 5\nboth:\n  <<: [*b, *m]\n  x: 0\n")
+    data = read_recipe(recipe(tmp_path, text))
+    assert data["run"] == {"x": 1, "y": 5} and data["both"] == {"x": 0, "y": 2, "z": 3}
+    # a key given twice by the mapping itself is still refused
+    with pytest.raises(ConfigError, match="option 'y' is given twice"):
+        read_recipe(recipe(tmp_path, "base: &b\n  x: 1\nrun:\n  <<: *b\n  y: 5\n  y: 6\n", "twice.yaml"))
+
+
+def test_numbers_with_an_exponent_inside_a_mapping_option_are_numbers(tmp_path: Path):
+    # PyYAML (YAML 1.1) reads 1e-6 as text; a mapping option keeps its values as given, so {min_lr: 1e-6} reached
+    # the LR scheduler as the string "1e-6". Plain words and quoted-looking text stay text.
+    from llmrec.training.sft import LatentSFTConfig
+
+    text = ("output_dir: out\nlr_scheduler_type: cosine_with_min_lr\n"
+            "lr_scheduler_kwargs: {min_lr: 1e-6, nested: {a: [2E5, -.5e+2]}, name: cosine, v: 1.5, n: 3}\n")
+    (cfg,) = parse_config([LatentSFTConfig], recipe(tmp_path, text))
+    kwargs = cfg.lr_scheduler_kwargs
+    assert kwargs == {"min_lr": 1e-6, "nested": {"a": [2e5, -50.0]}, "name": "cosine", "v": 1.5, "n": 3}
+    assert isinstance(kwargs["min_lr"], float) and isinstance(kwargs["n"], int)
