@@ -13,12 +13,15 @@ template (the answer then follows the assistant header directly).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from llmrec.resources import resource_dir
+
+_PLACEHOLDER = re.compile(r"\{noun\}|\{history\}")
 
 TEMPLATE_KEYS = {"description", "history_item", "history_separator", "completion", "answer_prefix"}
 
@@ -82,8 +85,10 @@ class PromptTemplate:
         if not history_titles:
             raise PromptError("cannot render a prompt for an empty history")
         history = self.history_separator.join(self.history_item.replace("{title}", t) for t in history_titles)
-        # str.replace, not str.format: titles may contain braces.
-        return self.body.replace("{noun}", noun).replace("{history}", history)
+        # One pass over the body, not str.format (titles may contain braces) nor two replaces (a noun holding
+        # "{history}" had the history put inside it).
+        values = {"{noun}": noun, "{history}": history}
+        return _PLACEHOLDER.sub(lambda m: values[m.group(0)], self.body)
 
     def render_completion(self, title: str) -> str:
         return self.completion_format.replace("{title}", title)

@@ -334,3 +334,12 @@ def test_a_shipped_name_wins_over_a_file_or_folder_of_that_name(tmp_path, monkey
     assert PromptTemplate.load("mine.txt").body == PromptTemplate.load("clean").body
     with pytest.raises(PromptError, match="is not a file"):
         PromptTemplate.load("./d3")
+
+
+def test_placeholders_in_the_noun_or_titles_stay_text():
+    # The noun was put in first and the history second, so a noun holding "{history}" got the history inside it.
+    tpl = PromptTemplate.load("d3")
+    plain = tpl.render_prompt(["Halo {noun}", "Pong {history}"], noun="games")
+    assert "Halo {noun}" in plain and "Pong {history}" in plain
+    odd = tpl.render_prompt(["Halo"], noun="{history} games")
+    assert odd == tpl.render_prompt(["Halo"], noun="GAMES").replace("GAMES", "{history} games")
