@@ -80,16 +80,28 @@ def _step(module: LatentGRPOModule, batch, noise, advantages) -> None:
     loss.backward()
 
 
-def _grads(module: LatentGRPOModule, batch, noise, advantages, naive: bool) -> dict[str, torch.Tensor]:
-    module.naive = naive
-    module.naive_rows_per_pass = 1
+def _grads(module: LatentGRPOModule, batch, noise, advantages, form: str, timed_path: bool) -> dict[str, torch.Tensor]:
+    """The gradients of one step of ``form`` (ours, naive, naive_batched): along the timed path (the scoring
+    pass's prompt state reused by the loss pass, :func:`_step`) or through one plain forward."""
+    module.naive = form != "ours"
+    module.naive_rows_per_pass = module.group_size * batch["prompt_input_ids"].shape[0] if form == "naive_batched" else 1
     module.zero_grad(set_to_none=True)
-    lp = module(**batch, noise=noise).logprobs
-    mask = batch["completion_attention_mask"].repeat_interleave(module.group_size, 0).to(lp.dtype)
-    (-((lp * mask).sum(-1) / mask.sum(-1) * advantages).mean()).backward()
+    if timed_path:
+        _step(module, batch, noise, advantages)
+    else:
+        lp = module(**batch, noise=noise).logprobs
+        mask = batch["completion_attention_mask"].repeat_interleave(module.group_size, 0).to(lp.dtype)
+        (-((lp * mask).sum(-1) / mask.sum(-1) * advantages).mean()).backward()
     out = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
     return out
+
+
+def _max_rel_diff(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    if got.keys() != reference.keys() or not reference:
+        raise RuntimeError("the two forms train different tensors")
+    return max((got[n] - reference[n]).abs().max().item() / max(reference[n].abs().max().item(), 1e-30)
+               for n in reference)
 
 
 def bench_grpo(args: argparse.Namespace) -> dict:
@@ -127,21 +139,24 @@ def bench_grpo(args: argparse.Namespace) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     del module
 
+    # Exactness in float32 on the first batch, against the naive per-member form along the plain forward: ours
+    # along the timed path and along the plain forward (the trainer takes either), naive_batched as timed.
     exact, _ = _build(args, "float32")
-    max_rel = 0.0
-    for b, (noise, adv) in zip(batches[:1], inputs[:1]):
-        a = _grads(exact, b, noise, adv, naive=False)
-        c = _grads(exact, b, noise, adv, naive=True)
-        if a.keys() != c.keys() or not a:
-            raise RuntimeError("the two forms train different tensors")
-        for n in a:
-            max_rel = max(max_rel, (a[n] - c[n]).abs().max().item() / max(c[n].abs().max().item(), 1e-30))
+    b, (noise, adv) = batches[0], inputs[0]
+    reference = _grads(exact, b, noise, adv, "naive", timed_path=False)
+    rel = {
+        "ours_timed_path": _max_rel_diff(_grads(exact, b, noise, adv, "ours", timed_path=True), reference),
+        "ours_plain_forward": _max_rel_diff(_grads(exact, b, noise, adv, "ours", timed_path=False), reference),
+        "naive_batched_timed_path": _max_rel_diff(_grads(exact, b, noise, adv, "naive_batched", timed_path=True),
+                                                  reference),
+    }
+    max_rel = max(rel["ours_timed_path"], rel["ours_plain_forward"])
     print(f"host load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{'form':<15}{'median s':>10}{'min s':>9}{'max s':>9}")
     for k, v in times.items():
         print(f"{k:<15}{med[k]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}")
     print(f"ours/naive {med['ours'] / med['naive']:.3f} (ours/naive_batched {med['ours'] / med['naive_batched']:.3f}); "
-          f"float32 max rel grad diff {max_rel:.3g}")
+          "float32 max rel grad diff vs naive: " + ", ".join(f"{k} {v:.3g}" for k, v in rel.items()))
     return {
         "model": args.model, "dtype": args.dtype, "group_size": args.group_size, "prompts": args.prompts,
         "train_lora": bool(args.train_lora), "steps_timed": args.steps, "warmup_steps": args.warmup,
@@ -150,6 +165,7 @@ def bench_grpo(args: argparse.Namespace) -> dict:
         "torch_threads": torch.get_num_threads(),
         "ours_step_s": round(med["ours"], 4), "naive_step_s": round(med["naive"], 4),
         "ours_over_naive": round(med["ours"] / med["naive"], 4), "max_rel_grad_diff_vs_naive": max_rel,
+        "max_rel_grad_diff_vs_naive_by_path": rel,
         "naive_batched_step_s": round(med["naive_batched"], 4),
         "ours_over_naive_batched": round(med["ours"] / med["naive_batched"], 4),
     }

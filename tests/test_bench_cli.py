@@ -34,6 +34,11 @@ def test_bench_grpo_tiny(tmp_path, capsys):
     for key in ("ours_step_s", "naive_step_s", "ours_over_naive", "max_rel_grad_diff_vs_naive"):
         assert key in last
     assert last["max_rel_grad_diff_vs_naive"] < 1e-4
+    # each path the timed loop and the trainer take, and the batched naive form, against the per-member form
+    by_path = last["max_rel_grad_diff_vs_naive_by_path"]
+    assert set(by_path) == {"ours_timed_path", "ours_plain_forward", "naive_batched_timed_path"}
+    assert max(by_path.values()) < 1e-4
+    assert last["max_rel_grad_diff_vs_naive"] == max(by_path["ours_timed_path"], by_path["ours_plain_forward"])
     # the JSON records how the batches were drawn
     assert last["seed"] == 0 and last["noise_scale"] == 1.5 and last["warmup_steps"] == 0
     assert last["prompt_len_range"] == [150, 250] and last["completion_len_range"] == [15, 25]
