@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import shutil
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 _MISSING = object()
 
@@ -47,12 +47,14 @@ def _differs(a: object, b: object) -> bool:
         return True
 
 
-def config_fields_help(config_class: type, base: type | None = None, width: int | None = None) -> str:
+def config_fields_help(config_class: type, base: type | None = None, width: int | None = None,
+                       refused: Collection[str] = (), skip: Collection[str] = ()) -> str:
     """The help text of ``config_class``'s fields, for the end of a command's ``--help``.
 
     With ``base`` (the library class the config extends, e.g. ``transformers.TrainingArguments``), only the
     fields ``config_class`` adds are described; the base's fields whose default it changes are listed with
-    their new default, and the rest are pointed to. Example::
+    their new default, and the rest are pointed to, except ``refused`` (base fields the command refuses when
+    set). ``skip``: fields not to describe (the command has them as its own options). Example::
 
         >>> @dataclasses.dataclass
         ... class Config:
@@ -66,7 +68,7 @@ def config_fields_help(config_class: type, base: type | None = None, width: int 
     base_fields = {f.name: f for f in dataclasses.fields(base)} if base is not None else {}
     own, changed = [], []
     for f in dataclasses.fields(config_class):
-        if not f.init or f.name.startswith("_"):
+        if not f.init or f.name.startswith("_") or f.name in skip or f.name in refused:
             continue
         if f.name not in base_fields:
             own.append(f)
@@ -81,8 +83,9 @@ def config_fields_help(config_class: type, base: type | None = None, width: int 
     if base is not None:
         lines.append("")
         lines += textwrap.wrap(
-            f"Every {base.__module__.split('.')[0]}.{base.__name__} field is accepted too, as a recipe key or "
-            f"--name value (see its documentation)"
+            f"Every {base.__module__.split('.')[0]}.{base.__name__} field"
+            + (" (but the ones refused: see above)" if refused else "")
+            + " is accepted too, as a recipe key or --name value (see its documentation)"
             + (", with these defaults changed here: " + ", ".join(f"{f.name}={_shown(_default(f))}" for f in changed)
                if changed else "") + ".",
             width,
@@ -90,13 +93,16 @@ def config_fields_help(config_class: type, base: type | None = None, width: int 
     return "\n".join(lines) + "\n"
 
 
-def add_config_fields_help(parser: argparse.ArgumentParser, load: Callable[[], tuple[type, type | None]]) -> None:
-    """Append :func:`config_fields_help` of ``load()`` (the config class and its library base, or None) to
-    ``parser``'s help; ``load`` runs only when the help is formatted."""
+def add_config_fields_help(parser: argparse.ArgumentParser, load: Callable[[], tuple]) -> None:
+    """Append :func:`config_fields_help` of ``load()`` -- the config class, its library base (or None) and
+    optionally the base fields the command refuses -- to ``parser``'s help; ``load`` runs only when the help is
+    formatted. Fields that are options of ``parser`` itself (``--checkpoint``) are described there only."""
     format_help = parser.format_help
 
     def format_help_with_fields() -> str:
-        config_class, base = load()
-        return format_help() + "\n" + config_fields_help(config_class, base)
+        config_class, base, *refused = load()
+        own_options = {o.lstrip("-") for a in parser._actions for o in a.option_strings}
+        return format_help() + "\n" + config_fields_help(config_class, base, refused=refused[0] if refused else (),
+                                                         skip=own_options)
 
     parser.format_help = format_help_with_fields  # argparse's print_help calls self.format_help()

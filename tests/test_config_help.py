@@ -85,10 +85,25 @@ def test_every_recipe_command_lists_each_of_its_own_fields_with_its_help(command
     inherited = {f.name for f in dataclasses.fields(bases[0])} if bases else set()
     own = [f for f in dataclasses.fields(config_class) if f.init and f.name not in inherited]
     assert own
+    options_text = out.split(f"{class_name} fields", 1)[0]
     for f in own:
+        if f"  --{f.name} " in options_text:  # an option of the command itself (evaluate --checkpoint): there only
+            assert f"--{f.name} VALUE" not in fields_text, f.name
+            continue
         assert f"  --{f.name} VALUE  (default: " in fields_text, f.name
         first_words = " ".join(str(f.metadata.get("help", "")).split()[:3])
         assert first_words in " ".join(fields_text.split()), f.name
+
+
+def test_grpo_help_does_not_offer_the_fields_it_refuses(capsys):
+    from llmrec.training.grpo import IGNORED_TRL_FIELDS, NO_EFFECT_FIELDS
+
+    with pytest.raises(SystemExit):
+        main(["grpo", "--help"])
+    tail = " ".join(capsys.readouterr().out.split("LatentGRPOConfig fields", 1)[1].split())
+    assert "(but the ones refused: see above)" in tail
+    for name in set(IGNORED_TRL_FIELDS) | set(NO_EFFECT_FIELDS):  # bf16=false was listed as a changed default
+        assert f" {name}=" not in tail and f"--{name} " not in tail, name
 
 
 def test_docstring_example():

@@ -51,12 +51,12 @@ def _sft_config_classes() -> tuple[type, type]:
     return LatentSFTConfig, transformers.TrainingArguments
 
 
-def _grpo_config_classes() -> tuple[type, type]:
+def _grpo_config_classes() -> tuple[type, type, set[str]]:
     from trl import GRPOConfig
 
-    from llmrec.training.grpo import LatentGRPOConfig
+    from llmrec.training.grpo import IGNORED_TRL_FIELDS, NO_EFFECT_FIELDS, LatentGRPOConfig
 
-    return LatentGRPOConfig, GRPOConfig
+    return LatentGRPOConfig, GRPOConfig, set(IGNORED_TRL_FIELDS) | set(NO_EFFECT_FIELDS)
 
 
 def register_cli(subparsers) -> None:

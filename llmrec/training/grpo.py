@@ -134,6 +134,15 @@ IGNORED_TRL_FIELDS = {
 # ----------------------------------------------------------------------------------------------- config
 
 
+# TrainingArguments fields the Trainer would act on and this trainer does not (refused when true), with what to do.
+NO_EFFECT_FIELDS = {
+    "bf16": "set model_dtype, or mixed_precision in the accelerate config",
+    "fp16": "set model_dtype, or mixed_precision in the accelerate config",
+    "gradient_checkpointing": "latent GRPO does not implement it",
+    "activation_checkpointing": "latent GRPO does not implement it",
+}
+
+
 def inert_fields(found: dict[str, Any], wanted: dict[str, Any]) -> set[str]:
     """Fields that change nothing a GRPO run trains under both recorded configs, so a finished run or a checkpoint
     is not refused over them: ``use_bias_correction_kl`` without a KL term (beta 0). Runs before the option was
@@ -311,10 +320,7 @@ class LatentGRPOConfig(GRPOConfig):
             if name in defaults and getattr(self, name) != defaults[name]:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is a TRL GRPOConfig option latent GRPO does not "
                                   f"implement ({why}); remove it")
-        for name, instead in (("bf16", "set model_dtype, or mixed_precision in the accelerate config"),
-                              ("fp16", "set model_dtype, or mixed_precision in the accelerate config"),
-                              ("gradient_checkpointing", "latent GRPO does not implement it"),
-                              ("activation_checkpointing", "latent GRPO does not implement it")):
+        for name, instead in NO_EFFECT_FIELDS.items():
             if getattr(self, name):  # TrainingArguments fields the Trainer would act on; this trainer does not
                 raise ConfigError(f"{name}={getattr(self, name)!r} has no effect in latent GRPO ({instead}); remove it")
         from llmrec.training.sft import check_common_training_settings
