@@ -65,24 +65,45 @@ def int_at_least(least: int, meaning: str = "") -> typing.Callable[[str], int]:
 
 
 class _UniqueKeySafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently).
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently),
+    and reads numbers with an exponent as YAML 1.2 does.
 
     Merge keys (``<<: *defaults``) work as in YAML: the merged keys are defaults that the mapping's own keys
-    override, so only the mapping's own keys are checked for repeats.
+    override, so only the mapping's own keys are checked for repeats -- before PyYAML merges anything into the
+    mapping (``flatten_mapping``, which also runs on an anchor's mapping when another one merges it first).
     """
 
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # constructed by SafeLoader's flatten_mapping, below
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"option {key!r} is given twice (lines {seen[key] + 1} and "
-                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node):
+        checked = self.__dict__.setdefault("_llmrec_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen: dict[Any, int] = {}
+            merges = 0
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    merges += 1
+                    if merges > 1:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"'<<' is given twice (line {key_node.start_mark.line + 1}): merge several "
+                            "mappings as <<: [*a, *b]", key_node.start_mark)
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"option {key!r} is given twice (lines {seen[key] + 1} and "
+                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        super().flatten_mapping(node)
+
+
+# PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent: `1e-6`, `2E5` and `1.0e5` read as text,
+# which no typed field converts inside a mapping option ({min_lr: 1e-6} reached the LR scheduler as "1e-6").
+# YAML 1.2 reads them as numbers; quoted ("1e5") they stay text.
+_UniqueKeySafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -260,23 +281,6 @@ def _short_text(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
-# A number with an exponent, as YAML 1.2 reads one; PyYAML (YAML 1.1) reads `1e-6` and `2E5` as text.
-_EXPONENT_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+\Z")
-
-
-def _yaml12_numbers(value: Any) -> Any:
-    """``value`` (a mapping kept whole, e.g. ``lr_scheduler_kwargs``) with every text that is a number with an
-    exponent read as a float, at any depth: its keys have no declared types to convert them later, and
-    ``{min_lr: 1e-6}`` reached the scheduler as the string "1e-6" (a TypeError at the first step)."""
-    if isinstance(value, dict):
-        return {k: _yaml12_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_yaml12_numbers(v) for v in value]
-    if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
-        return float(value)
-    return value
-
-
 def _typed(convert, value: Any, hint: Any = None) -> Any:
     """One option value as the command line would read it: strings through the option's type; other YAML values
     checked against it (``true`` is not a number, ``1.5`` is not an integer).
@@ -288,7 +292,7 @@ def _typed(convert, value: Any, hint: Any = None) -> Any:
     if isinstance(value, str) or value is None:
         return value if value is None else convert(value)
     if isinstance(value, dict) and hint is not None and _admits(hint, dict):
-        return _yaml12_numbers(value)
+        return value
     if isinstance(value, list) and hint is not None and _admits(hint, list):
         return [_typed(convert, x) for x in value]
     if isinstance(value, (list, dict)):

@@ -404,19 +404,31 @@ def test_yaml_merge_keys_are_defaults_the_mapping_overrides(tmp_path: Path):
             "run:\n  <<: *b\n  y: 5\nboth:\n  <<: [*b, *m]\n  x: 0\n")
     data = read_recipe(recipe(tmp_path, text))
     assert data["run"] == {"x": 1, "y": 5} and data["both"] == {"x": 0, "y": 2, "z": 3}
-    # a key given twice by the mapping itself is still refused
+    # an anchor that merges itself, merged by a mapping read before it (its keys were checked after the merge)
+    nested = "a: &a {x: 1}\nouter: {b: &b {<<: *a, x: 3}}\nd: {<<: *b}\n"
+    assert read_recipe(recipe(tmp_path, nested, "nested.yaml")) == {"a": {"x": 1}, "outer": {"b": {"x": 3}},
+                                                                      "d": {"x": 1}}
+    # a key given twice by the mapping itself is still refused, and so is a second `<<`
     with pytest.raises(ConfigError, match="option 'y' is given twice"):
         read_recipe(recipe(tmp_path, "base: &b\n  x: 1\nrun:\n  <<: *b\n  y: 5\n  y: 6\n", "twice.yaml"))
+    with pytest.raises(ConfigError, match="'<<' is given twice"):
+        read_recipe(recipe(tmp_path, "base: &b\n  x: 1\nrun:\n  <<: *b\n  <<: *b\n", "twice2.yaml"))
 
 
 def test_numbers_with_an_exponent_inside_a_mapping_option_are_numbers(tmp_path: Path):
     # PyYAML (YAML 1.1) reads 1e-6 as text; a mapping option keeps its values as given, so {min_lr: 1e-6} reached
-    # the LR scheduler as the string "1e-6". Plain words and quoted-looking text stay text.
+    # the LR scheduler as the string "1e-6". As in YAML 1.2, unquoted ones are numbers; quoted ones stay text.
     from llmrec.training.sft import LatentSFTConfig
 
-    text = ("output_dir: out\nlr_scheduler_type: cosine_with_min_lr\n"
-            "lr_scheduler_kwargs: {min_lr: 1e-6, nested: {a: [2E5, -.5e+2]}, name: cosine, v: 1.5, n: 3}\n")
+    text = ("output_dir: out\nlr_scheduler_type: cosine_with_min_lr\nmax_steps: 1e3\n"
+            "lr_scheduler_kwargs: {min_lr: 1e-6, nested: {a: [2E5, -.5e+2]}, name: cosine, v: 1.5, n: 3, "
+            "q: '1e5', w: 12e3x}\n")
     (cfg,) = parse_config([LatentSFTConfig], recipe(tmp_path, text))
     kwargs = cfg.lr_scheduler_kwargs
-    assert kwargs == {"min_lr": 1e-6, "nested": {"a": [2e5, -50.0]}, "name": "cosine", "v": 1.5, "n": 3}
+    assert kwargs == {"min_lr": 1e-6, "nested": {"a": [2e5, -50.0]}, "name": "cosine", "v": 1.5, "n": 3,
+                      "q": "1e5", "w": "12e3x"}
     assert isinstance(kwargs["min_lr"], float) and isinstance(kwargs["n"], int)
+    assert cfg.max_steps == 1000 and isinstance(cfg.max_steps, int)  # an integer field given 1e3
+    import yaml
+
+    assert yaml.safe_load("a: 1e-6") == {"a": "1e-6"}  # PyYAML's own loader is left as it is
