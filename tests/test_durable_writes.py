@@ -108,3 +108,48 @@ def test_a_rewritten_file_keeps_the_permissions_its_owner_gave_it(tmp_path):
     os.chmod(target, 0o600)  # made private by its owner
     canonical.atomic_write_text(target, '{"a": 1}\n')
     assert stat.S_IMODE(target.stat().st_mode) == 0o600 and target.read_text() == '{"a": 1}\n'
+
+
+def test_a_failed_sync_removes_the_temporary_folder(tmp_path, monkeypatch):
+    # fsync_tree ran after the clean-up: a failure there (EIO) left a temporary as large as the output (review)
+    def fail(root):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(canonical, "fsync_tree", fail)
+    with pytest.raises(OSError, match="Input/output error"):
+        with canonical.atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "data").write_text("x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_symlinks_in_an_output_folder_are_not_followed_when_syncing(tmp_path):
+    final = tmp_path / "out"
+    with canonical.atomic_directory(final) as tmp:
+        (tmp / "weights").write_text("w")
+        os.symlink(tmp_path / "nowhere", tmp / "dangling")  # a dangling link failed the whole write
+    assert (final / "weights").read_text() == "w" and os.path.islink(final / "dangling")
+
+
+def test_a_symlink_loop_as_target_is_replaced_as_before(tmp_path):
+    loop = tmp_path / "results.json"
+    os.symlink(loop, loop)  # stat() fails with ELOOP; the write went on before permissions were kept
+    canonical.atomic_write_text(loop, "{}\n")
+    assert loop.read_text() == "{}\n" and not loop.is_symlink()
+
+
+def test_temporaries_of_another_machine_are_left_alone(tmp_path):
+    # On a file system shared by several machines a pid says nothing about another node's writer, which may be
+    # alive: only this machine's leftovers (the host is in the name) are judged by their pid.
+    from llmrec.data.canonical import _writer_tag
+
+    pid, host = _writer_tag().split("@")
+    assert pid == str(os.getpid()) and len(host) == 8
+    dead = _dead_pid()
+    here = tmp_path / f".results.json.tmp-{dead}@{host}-abc"
+    elsewhere = tmp_path / f".results.json.tmp-{dead}@{'0' * 8 if host != '0' * 8 else '1' * 8}-abc"
+    for p in (here, elsewhere):
+        p.write_text("partial")
+    canonical.atomic_write_text(tmp_path / "results.json", "{}\n")
+    assert not here.exists() and elsewhere.exists()
+    with canonical.atomic_directory(tmp_path / "out") as tmp:
+        assert tmp.name.startswith(f".out.tmp-{os.getpid()}@{host}-")

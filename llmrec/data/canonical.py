@@ -191,16 +191,16 @@ def atomic_directory(final: str | os.PathLike):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_writer_tag()}-", dir=final.parent))
     give_default_permissions(tmp)
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_tree(tmp)
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = final.parent / f".{final.name}.old-{_writer_tag()}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -213,7 +213,7 @@ def atomic_directory(final: str | os.PathLike):
 def fsync_file(path: str | os.PathLike) -> None:
     """Flush ``path``'s data to the disk: a file renamed into place after this is whole after a power loss or a
     kernel crash too (a rename can reach the disk before the data it names, leaving an empty or partial file)."""
-    with open(path, "rb") as f:
+    with open(path, "r+b" if os.name == "nt" else "rb") as f:  # Windows cannot flush a read-only handle
         os.fsync(f.fileno())
 
 
@@ -242,19 +242,35 @@ def _fsync_directory(path: Path) -> None:
 
 
 def fsync_tree(root: Path) -> None:
-    """:func:`fsync_file` every file under directory ``root``, then the directories themselves."""
+    """:func:`fsync_file` every file under directory ``root`` (symbolic links are names only: not followed) and
+    every directory's entries."""
     for folder, _, files in os.walk(root):
         for name in files:
-            fsync_file(Path(folder) / name)
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_file(Path(folder) / name)
         _fsync_directory(Path(folder))
+
+
+def _writer_tag() -> str:
+    """``<pid>@<host>`` of this process, in the names of its temporaries: the pid says whether their writer is
+    gone, the host (8 hex digits of its name's hash) that the pid is one of this machine's -- on a file system
+    shared by several machines (multi-node training) another node's live writer has a pid unknown here."""
+    import hashlib
+    import socket
+
+    return f"{os.getpid()}@{hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]}"
 
 
 def _remove_leftovers(final: Path) -> None:
     """Remove the temporary and moved-aside copies that killed runs left beside ``final`` (each as large as the
-    output; nothing else removes them). Only those whose process (the pid in the name) is gone are touched."""
+    output; nothing else removes them). Only this machine's (by the host in the name; names without one, of
+    older versions, are taken for this machine's) whose process (the pid in the name) is gone are touched."""
+    here = _writer_tag().split("@")[1]
     for p in list(final.parent.glob(f".{final.name}.tmp-*")) + list(final.parent.glob(f".{final.name}.old-*")):
-        m = re.match(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)", p.name)
-        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+        m = re.match(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)(?:@([0-9a-f]{{8}}))?(?:-|\Z)", p.name)
+        if m is None or (m.group(2) is not None and m.group(2) != here):
+            continue
+        if int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -297,16 +313,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     after a power loss). Temporary files that killed writers left beside ``path`` are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The pid in the name tells _remove_leftovers whose it is (a SIGKILLed writer cannot remove its own).
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    # The pid and host in the name tell _remove_leftovers whose it is (a SIGKILLed writer cannot remove its own).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_writer_tag()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        try:  # a rewritten file keeps the permissions its owner gave it (a results file made private stays so)
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        except FileNotFoundError:
+        try:  # a rewritten file keeps the read/write/execute bits its owner gave it (a private results file stays so)
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) & 0o777)
+        except OSError:  # a new file (or one that cannot be looked at: a symlink loop): what open() would give
             give_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
