@@ -19,6 +19,23 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+# Where launchers put the number of processes: torchrun/accelerate, then MPI (Intel, Open MPI, MVAPICH), as
+# accelerate's own state reads them.
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> int:
+    """The number of processes this one was launched among (1 when not launched by a multi-process launcher)."""
+    for name in _WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return max(int(value), 1)
+            except ValueError:
+                continue
+    return 1
+
+
 def import_dynamo_before_process_group() -> None:
     """Import ``torch._dynamo`` before a process group exists, when this process will join one.
 
@@ -29,9 +46,10 @@ def import_dynamo_before_process_group() -> None:
     interpreter finalisation, and the process aborts ("terminate called without an active exception", SIGABRT)
     after its work had finished: about one 2-process ``seqrec train`` in 20 failed so. Imported first, nothing
     holds the group, and destroying it joins those threads while the interpreter is whole. A single process
-    (no ``WORLD_SIZE`` > 1) has no group and skips the ~1 s import.
+    (:func:`launched_processes` 1) has no group and skips the ~1 s import. (The SFT and GRPO modules import it
+    anyway, through transformers.)
     """
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if launched_processes() > 1:
         import torch._dynamo  # noqa: F401
 
 
@@ -46,8 +64,8 @@ def distributed_state():
 def accelerator_kwargs() -> dict:
     """Keyword arguments for ``accelerate.Accelerator`` matching :func:`distributed_state`.
 
-    Called before the Accelerator (and so the process group) is created, it also imports ``torch._dynamo``
-    first when processes are launched (see :func:`import_dynamo_before_process_group`).
+    Called before the Accelerator is created, it also imports ``torch._dynamo`` when processes are launched, in
+    case the Accelerator is what creates the process group (see :func:`import_dynamo_before_process_group`).
     """
     import_dynamo_before_process_group()
     return {"cpu": not has_accelerator()}

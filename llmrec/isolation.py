@@ -77,8 +77,10 @@ def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
 
 
 def in_distributed_launch() -> bool:
-    """True under ``accelerate launch``/``torchrun`` with several processes (a child would join their group)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True under ``accelerate launch``/``torchrun``/MPI with several processes (a child would join their group)."""
+    from llmrec.distributed import launched_processes
+
+    return launched_processes() > 1
 
 
 def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -126,3 +126,16 @@ def test_the_stage_process_ends_when_its_parent_is_killed():
     finally:
         parent.kill()
         parent.wait()
+
+
+@pytest.mark.parametrize("variable", ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"])
+def test_every_launcher_counts_as_a_distributed_launch(monkeypatch, variable):
+    # accelerate sizes an MPI launch from PMI_SIZE / OMPI_COMM_WORLD_SIZE; only WORLD_SIZE was read (review)
+    from llmrec.distributed import launched_processes
+    from llmrec.isolation import in_distributed_launch
+
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_processes() == 1 and not in_distributed_launch()
+    monkeypatch.setenv(variable, "4")
+    assert launched_processes() == 4 and in_distributed_launch()
