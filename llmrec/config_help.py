@@ -37,7 +37,17 @@ def _shown(value: object) -> str:
         return str(value).lower()
     if isinstance(value, str):
         return repr(value) if value == "" or value != value.strip() else value
+    if isinstance(value, (list, tuple)):  # as a recipe writes it
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
     return str(getattr(value, "value", value))  # an Enum's value, as a recipe writes it
+
+
+def _metavar(default: object) -> str:
+    if isinstance(default, bool):
+        return "true|false"
+    if isinstance(default, (list, tuple)):
+        return "VALUE [VALUE ...]"
+    return "VALUE"
 
 
 def _differs(a: object, b: object) -> bool:
@@ -76,7 +86,8 @@ def config_fields_help(config_class: type, base: type | None = None, width: int 
             changed.append(f)
     lines = [f"{config_class.__name__} fields (recipe keys, or --name value on the command line):"]
     for f in own:
-        lines.append(f"  --{f.name} VALUE  (default: {_shown(_default(f))})")
+        default = _default(f)
+        lines.append(f"  --{f.name} {_metavar(default)}  (default: {_shown(default)})")
         text = " ".join(str(f.metadata.get("help", "")).split())
         if text:
             lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")

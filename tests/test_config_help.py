@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 
 import pytest
 
@@ -32,8 +33,8 @@ def test_own_fields_are_described_and_changed_defaults_of_the_base_named():
     assert lines[0] == "_Config fields (recipe keys, or --name value on the command line):"
     assert "  --data VALUE  (default: null)" in lines
     assert "      Dataset directory (prepared)." in lines  # whitespace of the help string normalised
-    assert "  --ks VALUE  (default: [1, 10])" in lines  # a default_factory's product
-    assert "  --flag VALUE  (default: false)" in lines  # a field without help: its line alone
+    assert "  --ks VALUE [VALUE ...]  (default: [1, 10])" in lines  # a default_factory's product
+    assert "  --flag true|false  (default: false)" in lines  # a field without help: its line alone
     assert "--_private" not in text and "--lr" not in text and "--epochs" not in text
     assert lines[-1].endswith("._Base field is accepted too, as a recipe key or --name value (see its "
                               "documentation), with these defaults changed here: epochs=5.")
@@ -88,9 +89,10 @@ def test_every_recipe_command_lists_each_of_its_own_fields_with_its_help(command
     options_text = out.split(f"{class_name} fields", 1)[0]
     for f in own:
         if f"  --{f.name} " in options_text:  # an option of the command itself (evaluate --checkpoint): there only
-            assert f"--{f.name} VALUE" not in fields_text, f.name
+            assert f"--{f.name} " not in fields_text, f.name
             continue
-        assert f"  --{f.name} VALUE  (default: " in fields_text, f.name
+        assert re.search(rf"^  --{f.name} (VALUE|VALUE \[VALUE \.\.\.\]|true\|false)  \(default: ", fields_text,
+                         re.MULTILINE), f.name
         first_words = " ".join(str(f.metadata.get("help", "")).split()[:3])
         assert first_words in " ".join(fields_text.split()), f.name
 
