@@ -1524,7 +1524,11 @@ class LatentGRPOTrainer:
                     stats["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.module.parameters(),
                                                                                 c.max_grad_norm))
                 self.optimizer.step()
-            self.scheduler.step()  # always: the schedule stays a function of the step count (resume relies on it)
+            with warnings.catch_warnings():
+                # Always: the schedule stays a function of the step count (resume relies on it). After a skipped
+                # first update torch warns that the schedule's first value is skipped, which is what is meant.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.scheduler.step()
         loss_total = torch.tensor([loss_sum / c.num_iterations], device=self.accelerator.device)
         stats["loss"] = float(self.accelerator.reduce(loss_total, "mean"))
         # Token means over the optimiser batch (all processes, micro-steps and iterations).
