@@ -510,8 +510,9 @@ def test_retrain_trains_a_finished_run_again_from_the_start(tmp_path, prepared_d
 
 @pytest.mark.parametrize("n_latent", [0, 1])
 def test_gradient_checkpointing_trains_as_without_it(tmp_path, prepared_dir, n_latent):
-    """gradient_checkpointing recomputes activations in the backward pass: same losses and weights, and the
-    LoRA adapter gets gradients also without a latent token (no input of a layer then requires grad)."""
+    """activation_checkpointing (transformers 5's name of gradient_checkpointing, a deprecated alias) recomputes
+    activations in the backward pass: same losses and weights, and the LoRA adapter gets gradients also without a
+    latent token (no input of a layer then requires grad)."""
     from transformers import TrainerCallback
 
     class SeeCheckpointing(TrainerCallback):
@@ -526,7 +527,7 @@ def test_gradient_checkpointing_trains_as_without_it(tmp_path, prepared_dir, n_l
         seen = SeeCheckpointing()
         seen.on = []
         res = run_sft(make_config(out, prepared_dir, max_steps=2, num_latent_tokens=n_latent,
-                                  gradient_checkpointing=gc), callbacks=[seen])
+                                  activation_checkpointing=gc), callbacks=[seen])
         assert seen.on == [gc, gc]  # the decoder layers do checkpoint (or not)
         runs[gc] = res, load_file(str(out / "adapter_model.safetensors"))
     (plain, w_plain), (ckpt, w_ckpt) = runs[False], runs[True]
