@@ -3,6 +3,7 @@
 import atexit as _atexit
 import logging as _logging
 import sys as _sys
+import warnings as _warnings
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,11 @@ __version__ = "0.1.0"
 _bnb_cpu_logger = _logging.getLogger("bitsandbytes.backends.cpu.ops")
 if _bnb_cpu_logger.level == _logging.NOTSET:
     _bnb_cpu_logger.setLevel(_logging.ERROR)
+
+# peft's PeftModel reads transformers 5's deprecated `is_gradient_checkpointing` while wrapping a model, so every
+# LoRA SFT, GRPO, evaluation and recommend run printed a FutureWarning about code that is neither the user's nor
+# llmrec's. Only that message is ignored.
+_warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _destroy_process_group_at_exit() -> None:
