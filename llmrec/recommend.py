@@ -639,7 +639,10 @@ class Recommender:
                 return opts[key]
             return meta.get(meta_key or key, LLM_DEFAULTS[key])
 
-        dtype = setting("dtype", "model_dtype")
+        from llmrec.models.backbone import checked_dtype_name
+
+        # Checked before anything loads, and recorded as the dtype used ("fast" is bfloat16 or float32 here).
+        dtype = checked_dtype_name(setting("dtype", "model_dtype"), "dtype")
         data_dir = _resolve_dataset(dataset, meta.get("dataset"), f"{name} ({source})")
         catalog = _load_catalog(data_dir)
         base = opts.get("base_model")

@@ -553,3 +553,13 @@ def test_a_moved_dataset_is_still_checked_against_the_recorded_catalogue_digest(
         with pytest.raises(ValueError, match="recorded SHA-256 differs"):
             evaluate(EvalConfig(dataset=str(other), split="test", max_rows=3, ks=[1, 3], history_length=2,
                                 output_dir=str(tmp_path / f"eval-{kw['method']}"), **kw))
+
+
+def test_dtype_is_checked_before_loading_and_recorded_as_used(data_dir):
+    # "fast" was recorded as "fast" (not the dtype used), and an unknown name was refused only by the model load
+    from llmrec.models.backbone import concrete_dtype_name
+
+    rec = Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="fast", batch_size=3)
+    assert rec.info["dtype"] == concrete_dtype_name("fast") in ("bfloat16", "float32")
+    with pytest.raises(ValueError, match=r"^dtype: unsupported dtype 'bogus'"):
+        Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="bogus")
