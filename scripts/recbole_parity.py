@@ -79,6 +79,18 @@ def _crosscheck(entries: dict[int, dict], rec: dict[int, dict[str, float]], out:
     return lines
 
 
+def runs_by_seed(runs: list[tuple[str, int, dict]], setting: str) -> dict[int, dict]:
+    """``{seed: metrics}`` of one setting's ``(file, seed, metrics)`` runs; a seed found twice (two files of one
+    seed, say a rerun beside the first run) is an error naming both files, not one silently replacing the other."""
+    out: dict[int, dict] = {}
+    source: dict[int, str] = {}
+    for path, seed, metrics in runs:
+        if seed in out:
+            raise SystemExit(f"{setting}: seed {seed} is given twice ({source[seed]} and {path}): keep one")
+        out[seed], source[seed] = metrics, path
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recbole", required=True, help="glob of scripts/recbole_sasrec_ml100k.py outputs")
@@ -98,24 +110,26 @@ def main() -> int:
     rec_files = sorted(glob.glob(args.recbole))
     if not rec_files:
         raise SystemExit(f"no RecBole results match {args.recbole!r}")
-    rec: dict[int, dict[str, float]] = {}
+    rec_runs = []
     for f in rec_files:
         r = json.loads(Path(f).read_text())
         if r.get("history_masking"):
             raise SystemExit(f"{f}: RecBole ran with history masking; llmrec's protocol does not mask")
         t = r["test"]
-        rec[int(r["seed"])] = {"ndcg@10": t["ndcg@10"], "hr@10": t["hit@10"], "ndcg@20": t["ndcg@20"],
-                               "valid_ndcg@10": r["best_valid_ndcg@10"]}
+        rec_runs.append((f, int(r["seed"]), {"ndcg@10": t["ndcg@10"], "hr@10": t["hit@10"], "ndcg@20": t["ndcg@20"],
+                                             "valid_ndcg@10": r["best_valid_ndcg@10"]}))
+    rec = runs_by_seed(rec_runs, "RecBole 1.2 SASRec")
     settings["RecBole 1.2 SASRec"] = rec
     for pattern, label in args.ours:
         runs = []
         for path in sorted(glob.glob(pattern)) or [pattern]:
             res = json.loads(Path(path).read_text())
-            runs += res["runs"].get("sasrec", []) if "runs" in res else [res] if res.get("model") == "sasrec" else []
+            found = res["runs"].get("sasrec", []) if "runs" in res else [res] if res.get("model") == "sasrec" else []
+            runs += [(path, int(r["seed"]), {**{m: r["test"][m] for m in METRICS}, "valid_ndcg@10": r["valid"]["ndcg@10"]})
+                     for r in found]
         if not runs:
             raise SystemExit(f"{pattern}: no sasrec runs (`llmrec bench seqrec` results or sasrec runs' results.json)")
-        settings[label] = {int(r["seed"]): {**{m: r["test"][m] for m in METRICS}, "valid_ndcg@10": r["valid"]["ndcg@10"]}
-                           for r in runs}
+        settings[label] = runs_by_seed(runs, label)
 
     ref = _mean_std([v["ndcg@10"] for v in rec.values()])[0]
     summary = {}
