@@ -1235,6 +1235,14 @@ def report_markdown(result: dict, command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def ndcg_bars(methods: list[tuple[str, dict]], k: int) -> tuple[list[float], list[float]]:
+    """The bar heights (means over seeds) and error bars (stds) of NDCG@``k`` per method; NaN (no bar, not a bar
+    at 0 that reads as a measured zero) where a method has no NDCG@``k`` (an evaluation with fewer beams)."""
+    nan = float("nan")
+    return ([m["mean"].get(f"ndcg@{k}", nan) for _, m in methods],
+            [m["std"].get(f"ndcg@{k}", nan) for _, m in methods])
+
+
 def plot_report(result: dict, path: Path) -> None:
     """NDCG@K by method (bars = mean over seeds, error bars = std), written atomically as PNG."""
     import os
@@ -1253,8 +1261,7 @@ def plot_report(result: dict, path: Path) -> None:
     width = 0.8 / len(ks)
     for j, k in enumerate(ks):
         xs = [i + (j - (len(ks) - 1) / 2) * width for i in range(len(methods))]
-        means = [m["mean"].get(f"ndcg@{k}", 0.0) for _, m in methods]
-        stds = [m["std"].get(f"ndcg@{k}", 0.0) for _, m in methods]
+        means, stds = ndcg_bars(methods, k)
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"NDCG@{k}")
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels([m["label"] for _, m in methods], rotation=35, ha="right", fontsize=8)

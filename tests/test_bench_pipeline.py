@@ -872,3 +872,18 @@ def test_a_d3_selection_is_reused_only_on_the_weights_and_settings_it_was_made_w
     assert "does not say which checkpoints it was selected on: selecting again" in capsys.readouterr().out
     again = json.loads(f.read_text())
     assert again["protocol"] == sel["protocol"] and again["chosen"] == sel["chosen"]
+
+
+def test_a_missing_ndcg_is_no_bar_not_a_zero_bar(tmp_path):
+    # A method without NDCG@10 (evaluated with fewer beams) was drawn as a bar at 0, read as a measured zero.
+    import math
+
+    from llmrec.bench_pipeline import ndcg_bars, plot_report
+
+    methods = [("a", {"label": "A", "mean": {"ndcg@10": 0.02}, "std": {"ndcg@10": 0.001}}),
+               ("b", {"label": "B", "mean": {"ndcg@1": 0.01}, "std": {"ndcg@1": 0.0}})]
+    means, stds = ndcg_bars(methods, 10)
+    assert means[0] == 0.02 and stds[0] == 0.001 and math.isnan(means[1]) and math.isnan(stds[1])
+    result = {"methods": dict(methods), "protocol": {"dataset": "d", "test_rows": 5, "llm": "tiny"}}
+    plot_report(result, tmp_path / "plot.png")  # NaN bars are left out, not an error
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
