@@ -415,6 +415,28 @@ def test_lares_resumed_after_spt_filters_and_trains_rpt_as_an_uninterrupted_run(
     assert again["test"] == first["test"]
 
 
+def test_lares_trained_from_zero_states_is_filtered_and_post_trained_from_zero_states(tmp_path, monkeypatch):
+    """``state_init: zero``: the between-phase filter (one pass: the passes would agree) and the RPT rollouts with
+    their frozen reference start from T0 = 0, the state SPT trained on; they drew 3 * truncnorm before."""
+    from llmrec.seqrec import models as M
+    from llmrec.seqrec.run import run_seqrec
+
+    seen, real = [], M.LARES.states
+
+    def spy(self, ids, depth, T0=None, collect=None, keys=None):
+        used = self.initial_state(self.backbone.embed(ids), keys=keys) if T0 is None else T0
+        seen.append(float(used.abs().max()))
+        return real(self, ids, depth, T0=T0, collect=collect, keys=keys)
+
+    monkeypatch.setattr(M.LARES, "states", spy)
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, model="lares", epochs=1, mean_recurrence=2, rpt_epochs=1, rpt_batch_size=16,
+                   rpt_lr=1e-3, state_init="zero", filter_passes=3)
+    result = run_seqrec(cfg)
+    assert result["rpt_rows_kept"] > 0 and len(seen) > 0
+    assert max(seen) == 0.0
+
+
 def test_a_run_cut_while_writing_its_checkpoint_resumes_from_the_previous_complete_one(tmp_path, monkeypatch):
     """Killed after an epoch's weights were written but before its state.json: the rerun resumes from the previous
     epoch's complete checkpoint (slot and best file named by the state) and ends as an uninterrupted run."""

@@ -133,7 +133,7 @@ def constrained_sample_from_state(model, trie: TitleTrie, state: PromptState, un
         raise ValueError(f"uniforms must be [{n_rows}, >= {depth}] (rows x the trie's depth), got {tuple(uniforms.shape)}")
     device = state.next_token_logits.device
     logits = state.next_token_logits.float()
-    cache, attn = state.past_key_values, state.attention_mask
+    cache, attn = state.past_key_values, state.attention_mask.to(device=device, dtype=torch.long)
     pos = state.next_position_ids.to(device=device, dtype=torch.long)
     nodes, tokens, done = [0] * n_rows, [[] for _ in range(n_rows)], [False] * n_rows
     titles = [-1] * n_rows

@@ -549,7 +549,9 @@ class LARES(SeqRecModel):
             with torch.no_grad():
                 T0 = self.initial_state(
                     ids.new_empty((*ids.shape, self.backbone.hidden), dtype=torch.float),
-                    random=True,
+                    # Random unless the model was trained from zeros ('zero'): rollouts start from the
+                    # states SPT trained on, whatever the module's train/eval mode.
+                    random=self.state_init != "zero",
                     keys=row_keys(batch["row_index"], ctx.seed, RPT_STATE, ctx.epoch, g),
                 )
             _, steps = self.states(ids, k, T0=T0, collect=last)

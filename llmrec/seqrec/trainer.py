@@ -384,7 +384,8 @@ class SeqRecTrainer:
     @torch.no_grad()
     def lares_filter(self, candidates: np.ndarray | None = None) -> np.ndarray:
         """Keep a train row if its target is in the top-``filter_topk`` in ANY of ``filter_passes``
-        eval-mode passes with a random initial state (the official filter); returns a row mask.
+        eval-mode passes with a random initial state (the official filter); returns a row mask. A model
+        trained with ``state_init: zero`` is filtered in one pass from zeros, the state it knows.
 
         ``candidates`` (row indices) restricts the passes to those rows (others are not kept): with an
         RPT row budget, filtering a random candidate subset costs a fraction of all train rows.
@@ -401,10 +402,14 @@ class SeqRecTrainer:
             [tr.user_ids[i] for i in idx],
         )
         saved = model.state_init
-        model.state_init = "normal"  # random T0 even in eval mode: the passes differ through it
+        # Random T0 even in eval mode: the passes differ through it. A model trained from zeros
+        # ('zero') is filtered from zeros, as it was trained; its passes would all agree, so one runs.
+        passes = 1 if saved == "zero" else self.cfg.filter_passes
+        if saved != "zero":
+            model.state_init = "normal"
         try:
             hit = torch.zeros(len(idx), dtype=torch.bool)
-            for p in range(self.cfg.filter_passes):
+            for p in range(passes):
                 hit |= self.ranks(sub, desc=f"filter pass {p + 1}", state_key=(FILTER_STATE, p)) < self.cfg.filter_topk
         finally:
             model.state_init = saved
