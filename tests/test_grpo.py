@@ -693,6 +693,43 @@ def test_nan_inside_the_model_skips_the_group_not_the_step(tmp_path, sft_dir):
         assert (v - after[4][k]).abs().max().item() <= 1e-5, k
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_non_finite_gradient_skips_the_update_and_backs_off_the_loss_scale(tmp_path, sft_dir, monkeypatch, scaled):
+    """A step whose gradient is not finite leaves the weights as they were (counted) and the next step trains. Under
+    fp16 loss scaling (accelerate's GradScaler; GPU only, so the CPU accelerator is given one here) the scaler still
+    sees the overflowing step and lowers its scale: skipped past it, the scale stayed where it overflowed and every
+    later step overflowed too (review)."""
+    import accelerate
+
+    sft, _, _ = sft_dir
+    if scaled:
+        class ScaledAccelerator(accelerate.Accelerator):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+        monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    states = []
+    trainer = LatentGRPOTrainer(grpo_config(tmp_path / "o", sft, max_steps=2, max_grad_norm=0.0),
+                                callbacks=[lambda tr, stats: states.append(
+                                    {k: v.detach().clone() for k, v in tr._trainable_state().items()})])
+    before = {k: v.detach().clone() for k, v in trainer._trainable_state().items()}
+    real_loss = trainer._loss
+
+    def overflow_at_first_step(b):
+        loss, s = real_loss(b)
+        return (loss * float("inf") if trainer.global_step == 0 else loss), s
+
+    monkeypatch.setattr(trainer, "_loss", overflow_at_first_step)
+    res = trainer.train()
+    assert res["nonfinite_grad_steps"] == 1
+    assert all(torch.equal(before[k], v) for k, v in states[0].items())
+    assert any(not torch.equal(states[0][k], v) for k, v in states[1].items())
+    assert all(torch.isfinite(v).all() for v in states[1].values())
+    if scaled:
+        assert trainer.accelerator.scaler.get_scale() == 512.0
+
+
 @pytest.mark.parametrize("kw", [
     {"beta": 0.1},
     {"loss_type": "dapo", "advantage_mode": "group"},
@@ -730,6 +767,32 @@ def test_bias_corrected_kl_changes_the_gradient_once_the_policy_moved(tmp_path, 
     for k, v in states[False, 1].items():
         assert torch.allclose(v, states[True, 1][k], atol=1e-7), k
     assert any(not torch.allclose(v, states[True, 2][k], atol=1e-7) for k, v in states[False, 2].items())
+
+
+@pytest.mark.parametrize("rollout", ["noise", "generate"])
+def test_reference_is_scored_in_the_policys_mixed_precision(tmp_path, sft_dir, monkeypatch, rollout):
+    """Under accelerate's bf16 mixed precision (the GPU recipes' accelerate configs) the prepared policy runs under
+    autocast; the frozen reference must too: at the first step the policy is the reference, so their token log-probs
+    are equal and the k3 term is 0. Scored in float32 beside a bf16 policy they differed by ~1e-3 (review)."""
+    from accelerate.state import AcceleratorState
+
+    sft, _, _ = sft_dir
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(True)  # the env is read when the state is first made
+    try:
+        kw = {"rollout": "generate", "reward_funcs": ["exact_match", "token_f1"]} if rollout == "generate" else {}
+        trainer = LatentGRPOTrainer(grpo_config(tmp_path / "out", sft, max_steps=1, beta=0.5, **kw))
+        assert trainer.accelerator.mixed_precision == "bf16"
+        batches = trainer.local_micro_batches(0)
+        trainer.score(0, batches)
+        b = batches[0]
+        mask = b.completion_attention_mask.bool()
+        if len(mask) != len(b.old_logprobs):  # noise rollouts: one completion per prompt, shared by its members
+            mask = mask.repeat_interleave(trainer.config.num_generations, 0)
+        assert torch.equal(b.old_logprobs[mask], b.ref_logprobs[mask])
+    finally:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+        AcceleratorState._reset_state(True)
 
 
 def test_bias_correction_flag_is_inert_without_kl(tmp_path):

@@ -279,8 +279,9 @@ class LatentGRPOConfig(GRPOConfig):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (the paper sweeps 1e-5..5e-4)."})
     loss_type: str = field(
         default="grpo",
-        metadata={"help": "grpo: mean over each member's tokens, then over members; dapo: mean over all tokens "
-                  "of the optimiser batch (the paper's token mean)."},
+        metadata={"help": "grpo: mean over each member's tokens, then over members (the paper's loss: its token "
+                  "mean runs over a micro-batch of one group, whose members share the target title's length); dapo: "
+                  "mean over all tokens of the optimiser batch (longer titles weigh more)."},
     )
     epsilon_high: float | None = field(default=0.28, metadata={"help": "Upper clip (1 + epsilon_high), the paper's."})
     disable_dropout: bool = field(default=True, metadata={"help": "Run the model without dropout (deterministic)."})
@@ -1090,8 +1091,11 @@ class LatentGRPOTrainer:
             b.latent = latent.detach().float()
             if self.ref_module is not None:
                 reuse = b.prompt_state if self.ref_module.prompt_state_reusable() else None
-                b.ref_logprobs = self.ref_module(**t, noise=b.noise, prompt_state=reuse,
-                                                 temperature=self.logit_temperature).logprobs
+                # Under the policy's mixed precision: accelerate autocasts only the prepared module's forward, and
+                # a reference scored in another precision makes the KL non-zero where policy == reference.
+                with self.accelerator.autocast():
+                    b.ref_logprobs = self.ref_module(**t, noise=b.noise, prompt_state=reuse,
+                                                     temperature=self.logit_temperature).logprobs
             mask = member_rows(t["completion_attention_mask"], g, len(b.rows))
             inputs = RewardInputs(lp, mask)
             if sampled_titles is not None:
@@ -1173,7 +1177,8 @@ class LatentGRPOTrainer:
 
         g, trie = self.config.num_generations, self.title_trie
         lm = self.accelerator.unwrap_model(self.module).latent_lm
-        samples = self._draw_titles(lm, t, b.noise, [(epoch, r, k) for r in b.rows for k in range(g)])
+        with self.accelerator.autocast():  # the policy's precision: the titles are drawn from the trained policy
+            samples = self._draw_titles(lm, t, b.noise, [(epoch, r, k) for r in b.rows for k in range(g)])
         width = max(len(x.token_ids) for x in samples)
         ids = torch.full((len(samples), width), self.pad, dtype=torch.long)
         att = torch.zeros((len(samples), width), dtype=torch.long)
@@ -1518,6 +1523,10 @@ class LatentGRPOTrainer:
                 if float(flag) > 0:
                     self.nonfinite_steps += 1
                     logger.warning("step %d: non-finite gradient, update skipped", step)
+                    if self.accelerator.scaler is not None:
+                        # fp16 loss scaling: the scaler's step sees the inf, skips the update and lowers the scale.
+                        # Not calling it left the scale where it overflowed, so every later step overflowed too.
+                        self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             else:
                 if c.max_grad_norm and c.max_grad_norm > 0:
