@@ -120,9 +120,12 @@ def main() -> int:
     if args.output:
         path = Path(args.output)
         atomic_write_json(path, out)
+        command = (f"python scripts/seqrec_fused_loss_bench.py --dataset {args.dataset} --models {args.models} "
+                   + (f"--recipe {args.recipe} " if args.recipe != ap.get_default("recipe") else "")
+                   + f"--reps {args.reps} --threads {args.threads} --output {args.output}")
         lines = [f"Training step per model on {args.dataset} ({out['num_items']:,} items; each model's Games recipe, "
                  f"{args.threads} thread, median of {args.reps} batches, forms interleaved; "
-                 "`python scripts/seqrec_fused_loss_bench.py`). plain = F.cross_entropy over the full logits (ERL: "
+                 f"`{command}`). plain = F.cross_entropy over the full logits (ERL: "
                  "the pairwise-KL loop); one chunk = ERL's closed form unchunked (its previous implementation):", "",
                  "| model | fused | plain | one chunk | fused / plain | fused / one chunk | max rel. grad diff |",
                  "|---|---|---|---|---|---|---|"]
