@@ -1,6 +1,6 @@
 """Training steps of the ID models with the fused chunked losses vs their plain forms, side by side on real batches.
 
-    python scripts/seqrec_fused_loss_bench.py --dataset /tmp/prep/games --models sasrec,rearec-erl,rearec-prl,lares \
+    python scripts/seqrec_fused_loss_bench.py --dataset data/games --models sasrec,rearec-erl,rearec-prl,lares \
         --reps 5 --output benchmarks/results/seqrec_fused_loss_games.json
 
 Per model (recipes/seqrec/<model>_games.yaml's settings), the same weights and the same batches (the first

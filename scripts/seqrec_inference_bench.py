@@ -1,7 +1,7 @@
 """Inference latency of the ID models side by side (the ID-baseline issue's target: ReaRec with K = 2 at most 1.15x
 SASRec's time per row at evaluation batch 256).
 
-    python scripts/seqrec_inference_bench.py --dataset /tmp/prep/ml100k --output benchmarks/results/seqrec_inference_ml100k
+    python scripts/seqrec_inference_bench.py --dataset data/ml100k --output benchmarks/results/seqrec_inference_ml100k
 
 Each model is built from its own recipe (recipes/seqrec/<model>_<recipe-dataset>.yaml: the settings it is trained and
 evaluated with), freshly initialised (latency does not depend on the weights), and timed over the whole test split in

@@ -8,7 +8,7 @@
 # keeps the committed models that $OUT does not hold (so models can be run on different machines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${DATA:-/tmp/prep/ml100k}
+DATA=${DATA:-data/ml100k}
 OUT=${OUT:-runs/seqrec-bench-ml100k}
 MODELS=${MODELS:-sasrec,rearec-prl,rearec-erl,lares}
 SEEDS=${SEEDS:-3}
