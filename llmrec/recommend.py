@@ -36,7 +36,11 @@ a history is what the evaluator ranked for it:
   prompt keeps the most recent history items that fit ``max_prompt_length`` minus the latent tokens
   minus the longest catalogue answer: the evaluator's ``prompt_fit="longest_answer"``, which never reads the true
   answer (its default ``"own_answer"`` fits each test prompt around the row's own target title instead, so a
-  history near the length limit can keep one item more or less there than here).
+  history near the length limit can keep one item more or less there than here). The LLM computes in the
+  checkpoint's ``model_dtype`` unless ``dtype`` is given, where the evaluator defaults to bfloat16: pass the
+  evaluation's ``dtype`` to reproduce it. In bfloat16 the left padding of a batch moves beam scores by ~1e-4, so
+  a near-tie can order differently with other batch-mates (the evaluator records its ``batch_size`` for this
+  reason); in float32 rankings do not depend on the batch in practice.
 * **ID models** (SASRec, ReaRec, LARES): every catalogue item is scored for the left-padded history
   (:meth:`~llmrec.seqrec.models.SeqRecModel.score`; padding id 0 is never a candidate) and the top ``k``
   are returned, ties broken by the smaller item id (as the seqrec evaluation ranks).
@@ -44,10 +48,11 @@ a history is what the evaluator ranked for it:
 History items are **not excluded** by default, following both evaluations (``history_masked: False``
 in the evaluator's protocol; ``mask_history`` of the seqrec run, False unless the run set it).
 ``exclude_history=True`` removes the item ids of the whole given history from the candidates (also those older
-than the ``history_length`` items the model reads; item level: another item sharing a history item's title stays a
-candidate); for LLMs each history's beam is widened by the number of its distinct history titles so that ``k``
-items remain whenever the catalogue has them, and histories are decoded in groups of equal width, so a history's
-recommendations do not depend on the other histories of its batch.
+than the ``history_length`` items the model reads, which the seqrec evaluation of a ``mask_history`` run does not
+mask: its rows hold only those; item level: another item sharing a history item's title stays a candidate); for
+LLMs each history's beam is widened by the number of its distinct history titles so that ``k`` items remain
+whenever the catalogue has them, and histories are decoded in groups of equal width, so the exclusion of one
+history does not change the beam width of another.
 
 Histories are lists of titles (``str``) or catalogue item ids (``int``), which may be mixed; a string is
 always a title (titles such as ``"1942"`` exist). A title is matched exactly, then after Unicode NFKC,
@@ -573,8 +578,9 @@ class Recommender:
             use_chat_template: wrap LLM prompts in the tokenizer's chat template (default False).
             batch_size: histories per forward batch (default 8 for LLMs, 256 for ID models).
             on_unknown: ``"error"`` or ``"skip"`` for history titles not in the catalogue.
-            exclude_history: remove history items from the recommendations (default: as the model's
-                evaluation -- no for LLMs, the run's ``mask_history`` for ID models).
+            exclude_history: remove the whole given history's items from the recommendations (default: no
+                for LLMs, the run's ``mask_history`` for ID models, whose evaluation masks only the
+                ``max_history`` items the model reads).
 
         Raises:
             FileNotFoundError: missing checkpoint files or dataset (the message says which).
@@ -935,8 +941,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--on-unknown", choices=ON_UNKNOWN, default="error",
                    help="a history title not in the catalogue: error (default) or skip it with a warning")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
-                   help="remove history items from the recommendations (default: as the model's evaluation, "
-                        "i.e. no for LLMs and the run's mask_history for ID models)")
+                   help="remove the whole given history's items from the recommendations (default: no for LLMs, "
+                        "the run's mask_history for ID models, whose evaluation masks only the max_history items "
+                        "the model reads)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="LLM dtype (default: the checkpoint's, else bfloat16)")
     p.add_argument("--base-model", default=None, help="base LM of an adapter checkpoint (default: recorded)")
