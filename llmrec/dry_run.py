@@ -869,7 +869,7 @@ def dry_run_sft(config: Any, plan: AcceleratePlan, recipe: Path | None, report: 
     if counts is not None:
         _report_counts(report, counts, training=True)
     if config.finetune == "qlora" and not torch.cuda.is_available():
-        report.note("finetune=qlora needs a CUDA GPU (bitsandbytes 4-bit); this machine has none")
+        report.note("finetune=qlora without a CUDA GPU: bitsandbytes runs the 4-bit layers on the CPU (slow)")
     _report_plan(report, plan)
     precision = "bf16" if config.bf16 else "fp16" if config.fp16 else plan.mixed_precision
     report.item("mixed precision", f"{precision} (weights {config.model_dtype}"

@@ -693,6 +693,24 @@ def test_nan_inside_the_model_skips_the_group_not_the_step(tmp_path, sft_dir):
         assert (v - after[4][k]).abs().max().item() <= 1e-5, k
 
 
+@pytest.mark.parametrize("train_lora", [False, True])
+def test_grpo_trains_a_qlora_checkpoint(tmp_path, prepared_dir, train_lora):
+    """A QLoRA SFT checkpoint (4-bit base): GRPO's scoring pass runs without gradients in eval mode, where
+    bitsandbytes repacked the weights for a CPU kernel without backward and the loss pass then failed."""
+    from llmrec.training.sft import LatentSFTConfig, run_sft
+
+    sft = tmp_path / "sft"
+    run_sft(LatentSFTConfig(output_dir=str(sft), model_name_or_path="tiny-qwen2", model_dtype="float32",
+                            dataset=str(prepared_dir), finetune="qlora", max_train_rows=4, eval_split=None,
+                            max_length=384, history_length=2, learning_rate=1e-2, per_device_train_batch_size=2,
+                            max_steps=1, save_strategy="no", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                            num_latent_tokens=1, disable_tqdm=True, seed=0))
+    out = tmp_path / "grpo"
+    res = run_grpo(grpo_config(out, sft, max_steps=2, train_lora=train_lora))
+    assert res["nonfinite_grad_steps"] == 0 and all(math.isfinite(h["loss"]) for h in res["log_history"])
+    assert json.loads((out / "llmrec_config.json").read_text())["finetune"] == "qlora"
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 def test_non_finite_gradient_skips_the_update_and_backs_off_the_loss_scale(tmp_path, sft_dir, monkeypatch, scaled):
     """A step whose gradient is not finite leaves the weights as they were (counted) and the next step trains. Under

@@ -667,6 +667,38 @@ def _damaged_copy(name: str, folder: Path, err: Exception) -> BackboneLoadError:
                              f"convert it again with `llmrec models convert {name}`")
 
 
+def qlora_quantization_config(compute_dtype: str | torch.dtype) -> Any:
+    """The 4-bit setting of ``finetune: qlora`` (NF4, double quantisation; QLoRA's), computing in ``compute_dtype``.
+
+    Training and every later load of a QLoRA checkpoint use it, so its adapter is applied to the base it was
+    trained on. Needs bitsandbytes (a clear error without it).
+    """
+    torch_dtype = resolve_dtype(compute_dtype)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"QLoRA computes in a named dtype (e.g. bfloat16), got {compute_dtype!r}")
+    try:
+        import bitsandbytes  # noqa: F401  (transformers would only fail later, inside from_pretrained)
+    except ImportError as e:
+        raise ImportError(f"finetune=qlora needs bitsandbytes (pip install bitsandbytes): {e}") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch_dtype)
+
+
+def keep_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking a model's 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` forward in eval mode without gradients repacks its weight for a
+    faster kernel, and every later forward takes that kernel, which has no backward (autograd fails: "a view of a
+    leaf Variable ... in-place"). A run that evaluates or scores before training (SFT validation, GRPO's scoring
+    pass) would train no further; a model that will train keeps the portable layout. No effect without 4-bit layers.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_backbone(
     model_name_or_path: str,
     dtype: str | torch.dtype = "bfloat16",
@@ -701,7 +733,17 @@ def load_backbone(
 
     if model_name_or_path in TINY_ALIASES:
         tiny_dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
+        quantization = model_kwargs.pop("quantization_config", None)
         model, tokenizer = build_tiny(model_name_or_path, dtype=tiny_dtype, **model_kwargs)
+        if quantization is not None:
+            # Quantisation happens as from_pretrained loads weights: the (seeded) tiny model goes through a copy.
+            import tempfile
+
+            from transformers import AutoModelForCausalLM
+
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, dtype=tiny_dtype)
         return _finish(model, tokenizer, device)
 
     if model_name_or_path in ALIASES:

@@ -427,33 +427,32 @@ def _init_new_rows(lm: nn.Module, old_rows: int) -> None:
 
 
 def _load_base(config: LatentSFTConfig):
-    from llmrec.models.backbone import load_backbone
+    from llmrec.models.backbone import (
+        keep_4bit_weights_trainable_on_cpu,
+        load_backbone,
+        qlora_quantization_config,
+        resolve_dtype,
+    )
 
     if config.finetune != "qlora":
         return load_backbone(config.model_name_or_path, dtype=config.model_dtype)
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            "finetune=qlora needs bitsandbytes 4-bit kernels on a CUDA GPU; this machine has none. "
-            "Use finetune=lora (or full) on CPU."
-        )
-    from llmrec.models.backbone import resolve_dtype
-
     compute_dtype = resolve_dtype(config.model_dtype)  # "bf16", "fp32", ... as everywhere (getattr(torch, ...) failed)
     if not isinstance(compute_dtype, torch.dtype):
         raise ConfigError(f"finetune=qlora computes in model_dtype, which must name a dtype (e.g. bfloat16), got "
                           f"{config.model_dtype!r}")
     try:
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-        model, tok = load_backbone(config.model_name_or_path, dtype=config.model_dtype, quantization_config=quant)
+        quant = qlora_quantization_config(compute_dtype)
     except ImportError as e:
-        raise ConfigError(f"finetune=qlora needs bitsandbytes: {e}") from None
-    return prepare_model_for_kbit_training(model), tok
+        raise ConfigError(str(e)) from None
+    if not torch.cuda.is_available():
+        logger.warning("finetune=qlora without a CUDA GPU: bitsandbytes runs its 4-bit layers on the CPU, correct "
+                       "but slow; finetune=lora trains the same adapter on an unquantised base")
+    from peft import prepare_model_for_kbit_training
+
+    model, tok = load_backbone(config.model_name_or_path, dtype=config.model_dtype, quantization_config=quant)
+    keep_4bit_weights_trainable_on_cpu(model)  # validation between steps would otherwise end training on a CPU
+    # peft's default turns gradient checkpointing on; the config's own switch decides, as for LoRA and full.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(config.gradient_checkpointing)), tok
 
 
 def _causal(m: nn.Module) -> nn.Module:
@@ -600,7 +599,8 @@ def load_sft_checkpoint(
 
     For an adapter checkpoint, ``model_name_or_path`` (default: the one recorded in ``llmrec_config.json``)
     is loaded, resized to the checkpoint tokenizer, given the saved latent embedding rows, and the adapter
-    is applied (merged when ``merge``). A checkpoint without ``latent_config.json`` gives the plain LM (N=0).
+    is applied (merged when ``merge``; a QLoRA checkpoint's base is loaded in 4-bit, as it was trained, and
+    never merged). A checkpoint without ``latent_config.json`` gives the plain LM (N=0).
     Decode with :meth:`LatentReasoningLM.prefill_with_latents` -> ``PromptState`` -> constrained beam search.
     """
     from transformers import AutoTokenizer
@@ -623,7 +623,21 @@ def load_sft_checkpoint(
     else:
         from peft import PeftModel
 
-        lm, tokenizer = load_backbone(adapter_base(ckpt, model_name_or_path), dtype=dtype)
+        quantized = {}
+        if meta.get("finetune") == "qlora":
+            # The adapter was trained on the 4-bit base: applied to the unquantised one it is another model
+            # (first-token logits moved by ~1e-2 on a tiny model). Kept unmerged: merging into 4-bit weights
+            # requantises them.
+            from llmrec.models.backbone import keep_4bit_weights_trainable_on_cpu, qlora_quantization_config
+
+            quantized = {"quantization_config": qlora_quantization_config(dtype)}
+            merge = False
+        lm, tokenizer = load_backbone(adapter_base(ckpt, model_name_or_path), dtype=dtype, **quantized)
+        if quantized:
+            # bitsandbytes' CPU inference kernel (AVX512-BF16) rounds differently from the layout the adapter was
+            # trained with (first-token logits ~4e-3 apart on a tiny model): evaluate what was trained. GRPO,
+            # which loads through here, also needs it to train (that kernel has no backward).
+            keep_4bit_weights_trainable_on_cpu(lm)
         if (ckpt / "tokenizer_config.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
             if tokenizer.pad_token is None:
