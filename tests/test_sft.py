@@ -337,6 +337,8 @@ def test_qlora_trains_on_a_4bit_base_and_reloads_as_trained(tmp_path, prepared_d
     trained, tok = build_model(make_config(tmp_path / "x", prepared_dir, model_name_or_path=kind, finetune="qlora",
                                            num_latent_tokens=1))
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trained.causal_lm.modules())
+    # Gradient checkpointing as configured (off here), not peft's kbit default (on).
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in trained.modules())
     load_sft_weights(trained, out)
     trained.eval()
     model, _, meta = load_sft_checkpoint(out)
