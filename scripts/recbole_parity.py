@@ -4,6 +4,9 @@
         --ours benchmarks/results/seqrec_ml100k_bench.json "llmrec, stride 50 (default)" \
         --ours benchmarks/results/seqrec_ml100k_stride25_9seeds.json "llmrec, window_stride 25" \
         --ours benchmarks/results/seqrec_ml100k_stride10.json "llmrec, window_stride 10" \
+        --ours benchmarks/results/seqrec_ml100k_stride10_lr2e-3.json "llmrec, window_stride 10, lr 2e-3" \
+        --ours benchmarks/results/seqrec_ml100k_stride10_lr5e-4.json "llmrec, window_stride 10, lr 5e-4" \
+        --ours benchmarks/results/seqrec_ml100k_stride10_b128.json "llmrec, window_stride 10, batch 128" \
         --ours benchmarks/results/seqrec_ml100k_stride25_dropout0.3.json "llmrec, window_stride 25, dropout 0.3" \
         --ours benchmarks/results/seqrec_ml100k_stride25_dropout0.2.json "llmrec, window_stride 25, dropout 0.2" \
         --ours 'benchmarks/results/sasrec_ml100k_rows_b2048_seed*.json' "llmrec, train_mode rows, batch 2048" \
