@@ -109,8 +109,8 @@ SEED_INDEPENDENT = ("popularity", "zero-shot")
 GRPO_RESULT_NEUTRAL_FIELDS = SFT_RESULT_NEUTRAL_FIELDS | {"max_train_rows"}
 
 
-def sft_run_differences(results: dict, args: dict, cfg: LatentSFTConfig,
-                        n_train: int | None) -> dict[str, tuple[Any, Any]]:
+def sft_run_differences(results: dict, args: dict, cfg: LatentSFTConfig, n_train: int | None,
+                        data_dir: Path | None = None) -> dict[str, tuple[Any, Any]]:
     """``{setting: (found, asked)}`` where a finished SFT run differs from ``cfg``, the config a rerun would train.
 
     ``results`` and ``args``: the run's ``train_results.json`` and ``training_args.json`` (``{}`` for a run older
@@ -118,6 +118,8 @@ def sft_run_differences(results: dict, args: dict, cfg: LatentSFTConfig,
     None if unknown. Model, data, rows, seed and the concrete dtype are read from the results; with ``args`` every
     other field too (an edited recipe included), except those that change nothing trained
     (:data:`SFT_RESULT_NEUTRAL_FIELDS`) and, for a run that never resumed, those that act only on resume.
+    ``data_dir``: the prepared dataset now, compared by content with the digests the run recorded (None: not
+    compared; runs before 2026-12-05 recorded none).
     """
     from llmrec.models.backbone import concrete_dtype_name
 
@@ -141,6 +143,12 @@ def sft_run_differences(results: dict, args: dict, cfg: LatentSFTConfig,
         diff = config_differences(args, cfg.to_dict(), LatentSFTConfig().to_dict(), ignore=ignore, paths=("dataset",))
         found.update({k: f for k, (f, _) in diff.items()})
         wanted.update({k: w for k, (_, w) in diff.items()})
+    if data_dir is not None and results.get("data_sha256") is not None:
+        from llmrec.data.identity import data_difference
+
+        data = data_difference(results, data_dir)
+        if data:
+            found["data"], wanted["data"] = data, f"the files in {data_dir}"
     return mismatches(found, wanted)
 
 
@@ -185,6 +193,24 @@ def recorded_d3_digests(proto: dict) -> dict[str, str | None]:
     checkpoint's and the guiding ID model's (None where not recorded)."""
     return {"checkpoint_sha256": proto.get("checkpoint_sha256"),
             "guidance_sha256": (proto.get("guidance") or {}).get("id_weights_sha256")}
+
+
+def _evaluated_weights(proto: dict, cfg: EvalConfig) -> dict[str, tuple[str | None, str | None]]:
+    """``{what: (digest the evaluation recorded, digest of the weights cfg points to now)}`` for the LM checkpoint,
+    an ID model's weights and a D3 guide's (None where not recorded or not on disk)."""
+    from llmrec.evaluation.evaluator import weights_sha256
+
+    out: dict[str, tuple[str | None, str | None]] = {}
+    if proto.get("checkpoint_sha256") is not None and cfg.checkpoint:
+        out["checkpoint"] = (proto["checkpoint_sha256"], weights_sha256(cfg.checkpoint))
+    if proto.get("id_weights_sha256") is not None and proto.get("id_weights") and cfg.checkpoint:
+        now = Path(cfg.checkpoint) / proto["id_weights"]
+        out["ID model"] = (proto["id_weights_sha256"], weights_sha256(now) if now.is_file() else None)
+    guide = proto.get("guidance") or {}
+    if guide.get("id_weights_sha256") is not None and guide.get("id_weights") and cfg.guidance_checkpoint:
+        now = Path(cfg.guidance_checkpoint) / guide["id_weights"]
+        out["D3 guide"] = (guide["id_weights_sha256"], weights_sha256(now) if now.is_file() else None)
+    return out
 
 
 def _unused_seqrec_fields(config: dict[str, Any]) -> set[str]:
@@ -402,9 +428,10 @@ class Pipeline:
         self._call(run_sft, cfg)
         return Path(cfg.output_dir)
 
-    def _grpo_config(self, seed: int) -> LatentGRPOConfig:
+    def _grpo_config(self, seed: int, follow_seed0: bool = True) -> LatentGRPOConfig:
         """The :class:`~llmrec.training.grpo.LatentGRPOConfig` of one GRPO stage: the Games recipe, the pipeline's
-        batch layout, for seeds > 0 the settings of seed 0's run (which a sweep may have chosen), then ``--grpo``."""
+        batch layout, for seeds > 0 the settings of seed 0's run (which a sweep may have chosen; not with
+        ``follow_seed0=False``), then ``--grpo``."""
         from llmrec.config import parse_config
         from llmrec.training.grpo import LatentGRPOConfig
 
@@ -413,7 +440,7 @@ class Pipeline:
                      model_dtype=o.dtype, max_train_rows=o.grpo_rows, per_device_train_batch_size=8,
                      gradient_accumulation_steps=4, save_steps=4, seed=seed,
                      output_dir=str(self.stage_dir("grpo_latent", seed)))
-        if seed > 0:
+        if seed > 0 and follow_seed0:
             extra.update(self._grpo_settings(0, for_training=True))
         extra.update(o.grpo_overrides)
         (cfg,) = parse_config([LatentGRPOConfig], self.recipes / "games" / "grpo_latent.yaml", extra=extra)
@@ -458,8 +485,26 @@ class Pipeline:
             # The run's full LatentGRPOConfig, so any --grpo key can be checked (runs before this file was written
             # by GRPO hold a copy of the SFT's training args instead: those lack the GRPO fields and are ignored).
             g = {**args, **g}
-        if for_training:
-            # Not max_train_rows: every seed draws --grpo-rows prompts (the protocol), whatever seed 0's sweep used.
+        if for_training and "advantage_mode" in args:
+            # Every trained field in which seed 0's run differs from what the recipe and the pipeline give (a sweep
+            # may have changed any: batch layout, schedule, loss type...). Not the per-seed fields, nor
+            # max_train_rows: every seed draws --grpo-rows prompts (the protocol), whatever seed 0's sweep used.
+            from llmrec.config import config_differences, field_defaults
+            from llmrec.training.grpo import (
+                IGNORED_TRL_FIELDS,
+                NO_EFFECT_FIELDS,
+                LatentGRPOConfig,
+                inert_fields,
+            )
+
+            base = self._grpo_config(0, follow_seed0=False).to_dict()
+            per_seed = {"seed", "sft_checkpoint", "dataset", "max_train_rows", "model_dtype"}
+            # Nor what latent GRPO never reads (recorded as TrainingArguments left them; refused if set).
+            unread = set(NO_EFFECT_FIELDS) | set(IGNORED_TRL_FIELDS) | inert_fields(args, base)
+            diff = config_differences(args, base, field_defaults(LatentGRPOConfig),
+                                      ignore=GRPO_RESULT_NEUTRAL_FIELDS | SFT_RESUME_ONLY_FIELDS | per_seed | unread)
+            return {k: found for k, (found, _) in diff.items()}
+        if for_training:  # a run before GRPO recorded its full config: the settings its llmrec_config.json holds
             keys = ("advantage_mode", "reward_funcs", "reward_weights", "noise_scale", "noise_mode", "learning_rate",
                     "train_lora", "num_generations", "policy_logprob", "antithetic_noise", "num_iterations", "beta",
                     "rank_candidates", "rank_negatives")
@@ -521,9 +566,11 @@ class Pipeline:
             res = json.loads(self._find(d / "train_results.json").read_text())
             args_file = self._find(d / "training_args.json")
             args = json.loads(args_file.read_text()) if args_file.exists() else {}
-            diff = sft_run_differences(res, args, self._sft_config(stage[4:], seed), self._train_rows())
+            diff = sft_run_differences(res, args, self._sft_config(stage[4:], seed), self._train_rows(), self.data_dir)
             found, wanted = {k: f for k, (f, _) in diff.items()}, {k: w for k, (_, w) in diff.items()}
         elif stage == "grpo_latent":
+            from llmrec.training.finished_runs import grpo_start_differences
+
             g = self._grpo_settings(seed)
             args_file = self._find(d / "training_args.json")
             args = json.loads(args_file.read_text()) if args_file.exists() else {}
@@ -541,6 +588,13 @@ class Pipeline:
             found = {"prompts": g.get("prompts"), **{k: g.get(k) for k in wanted if k != "prompts"}}
             if found["sft_checkpoint"]:  # "runs/x/" and "runs/x" are one directory
                 found["sft_checkpoint"] = os.path.normpath(found["sft_checkpoint"])
+            # By content too: the same seed's sft_latent retrained after this run trained on it (an archived run's
+            # SFT weights are not in the archive: the run directory's, if any, are compared).
+            results = json.loads(self._find(d / "grpo_results.json").read_text())
+            sft_dir = self.stage_dir("sft_latent", seed)
+            start = grpo_start_differences(results, str(sft_dir) if sft_dir.is_dir() else None, self.data_dir)
+            found.update(start)
+            wanted.update({k: "what it holds now" for k in start})
             if seed > 0 and self._find(self.stage_dir("grpo_latent", 0) / "grpo_results.json").exists():
                 ref = self._grpo_settings(0, for_training=True)
                 wanted.update({k: v for k, v in ref.items() if k not in o.grpo_overrides})
@@ -554,8 +608,8 @@ class Pipeline:
                 wanted.update({k: w for k, (_, w) in diff.items()})
         elif stage.startswith("seqrec_"):
             from llmrec.config import to_dict
+            from llmrec.data.identity import data_difference
             from llmrec.seqrec.config import SeqRecConfig, training_field_differences
-            from llmrec.seqrec.run import data_difference
 
             # Every field that decides what was trained (recipe edits included), not only the --id keys; but not
             # the fields this model does not read (another model's, or one another setting turns off: --id applies
@@ -820,6 +874,12 @@ class Pipeline:
         cfg = self._eval_config(method, seed, "test", None, self.d3_weight(method, seed) if method.endswith("+d3")
                                 else None, d)
         bad = eval_protocol_differences(proto, cfg)
+        if found == d:
+            # The weights are on disk here: a stage retrained since the evaluation (same path, other weights) makes
+            # it another model's result, which the evaluator would refuse too.
+            bad |= {f"{name} weights": (recorded[:12], now[:12])
+                    for name, (recorded, now) in _evaluated_weights(proto, cfg).items()
+                    if recorded is not None and now is not None and recorded != now}
         if bad:
             details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in bad.items())
             remedy = (f"remove it from {self.archive_dir}" if found != d else "remove it")

@@ -189,8 +189,10 @@ def test_a_recipe_edit_after_a_finished_training_stage_is_refused(report, tmp_pa
 
 def test_seed_0_in_a_grpo_stage_of_its_own_may_come_from_a_sweep(report, tmp_path, capsys):
     """Seed 0's run in a ``--grpo-stage`` of its own is checked on the ``--grpo`` keys only (a sweep chose its settings);
-    the seeds after it train with seed 0's swept settings and are then checked field by field. The output directory
-    is given through "x/..", which the recorded checkpoint paths do not spell out."""
+    the seeds after it train with every trained setting of seed 0's run (they took only 14 named keys: epsilon_high,
+    the batch layout, the schedule... came from the recipe, and the report averaged seeds trained differently), and
+    a recipe edited since does not split them. The output directory is given through "x/..", which the recorded
+    checkpoint paths do not spell out."""
     import shutil
 
     import yaml
@@ -213,12 +215,12 @@ def test_seed_0_in_a_grpo_stage_of_its_own_may_come_from_a_sweep(report, tmp_pat
     assert run(1, "epsilon_high=0.3", "learning_rate=2e-4", "num_iterations=2") == 0  # "the sweep's" seed 0
     assert run(2) == 0  # seed 0 reused as it is; seed 1 trains with its learning rate and iterations
     seed1 = json.loads((tmp_path / "runs" / "seed1" / "grpo_sweep" / "training_args.json").read_text())
-    assert seed1["learning_rate"] == 2e-4 and seed1["num_iterations"] == 2 and seed1["epsilon_high"] == 0.28
+    assert seed1["learning_rate"] == 2e-4 and seed1["num_iterations"] == 2 and seed1["epsilon_high"] == 0.3
     grpo = recipes / "games" / "grpo_latent.yaml"
-    grpo.write_text(yaml.safe_dump({**yaml.safe_load(grpo.read_text()), "epsilon_high": 0.25}))
-    assert run(2) == 1
-    err = capsys.readouterr().err
-    assert "seed1/grpo_sweep holds a finished run made with epsilon_high=0.28 (asked: 0.25)" in err
+    grpo.write_text(yaml.safe_dump({**yaml.safe_load(grpo.read_text()), "epsilon_high": 0.25, "beta": 0.1}))
+    assert run(2) == 0  # both seeds follow seed 0's run, not the recipe edited since
+    assert run(2, "learning_rate=3e-4") == 1  # a --grpo key is asked of every seed
+    assert "grpo_sweep holds a finished run made with learning_rate=0.0002 (asked: 0.0003)" in capsys.readouterr().err
 
 
 def test_sft_fields_a_run_did_not_record_or_that_act_only_on_resume(report, capsys):
@@ -761,6 +763,37 @@ def test_a_repeated_d3_weight_is_refused_before_any_work(report, capsys):
     assert main(_args(data, root, d3_weight="1,3,3", name="tiny_dup")) == 1
     assert "--d3-weight: weight(s) 3 given more than once" in capsys.readouterr().err
     assert not (root / "results" / "tiny_dup.json").exists()
+
+
+def test_stages_and_evaluations_on_retrained_weights_or_other_data_are_refused(report):
+    """Checked by content, not only by path (review): a GRPO stage whose SFT checkpoint was retrained since (the
+    remedy of a refused SFT: remove it, train again) is refused, and so is an evaluation in the run directory of
+    weights retrained since (--report-only reported it); an SFT stage on a dataset prepared again in place is
+    refused (ID-model stages already were). The fixture's files are changed in place and restored."""
+    root, data = report
+    pipeline = _fixture_pipeline(root, data, methods=["latent-sft", "latent-sft+grpo"], test_rows=6)
+    for stage in ("sft_latent", "grpo_latent"):
+        pipeline._check_finished(stage, 0)
+    pipeline._check_evaluation("latent-sft", 0)
+    head = root / "runs" / "sft_latent" / "latent_head.safetensors"
+    train = data / "train.jsonl"
+    saved = {head: head.read_bytes(), train: train.read_text()}
+    try:
+        head.write_bytes(saved[head] + b" ")  # other weights at the same path
+        with pytest.raises(ValueError, match=r"grpo_latent holds a finished run made with sft weights='sha256 "):
+            pipeline._check_finished("grpo_latent", 0)
+        with pytest.raises(ValueError, match=r"eval_sft_latent holds a finished evaluation of latent-sft \(seed 0\) "
+                                             r"made with checkpoint weights="):
+            _fixture_pipeline(root, data, methods=["latent-sft"], test_rows=6)._check_evaluation("latent-sft", 0)
+        head.write_bytes(saved[head])
+        rows = saved[train].splitlines()
+        train.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # the same rows in another order
+        with pytest.raises(ValueError, match="sft_latent holds a finished run made with data="):
+            pipeline._check_finished("sft_latent", 0)
+    finally:
+        head.write_bytes(saved[head])
+        train.write_text(saved[train])
+    pipeline._check_finished("grpo_latent", 0)
 
 
 def test_report_only_checks_the_evaluations_of_the_run_directory_too(report, tmp_path, capsys):

@@ -201,7 +201,7 @@ def test_read_recipe_errors_and_shipped_recipes(tmp_path: Path, monkeypatch):
     # shipped recipes resolve from any working directory
     monkeypatch.chdir(tmp_path)
     shipped = read_recipe("recipes/games/eval.yaml")
-    assert shipped["prompt"] == "d3" and shipped["ks"] == [1, 3, 5, 10]
+    assert shipped["prompt"] == "d3" and shipped["ks"] == [1, 3, 5, 10, 20]
     assert read_recipe("games/eval.yaml") == shipped
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llmrec.config import ConfigError
 from llmrec.training.advantages import batch_advantages, compute_advantages, group_advantages
@@ -691,6 +691,42 @@ def test_nan_inside_the_model_skips_the_group_not_the_step(tmp_path, sft_dir):
         assert any(not torch.equal(before[k], after[per_device][k]) for k in before)
     for k, v in after[8].items():  # the same update from the same optimiser batch
         assert (v - after[4][k]).abs().max().item() <= 1e-5, k
+
+
+def test_a_run_on_a_retrained_sft_checkpoint_or_other_data_is_neither_reused_nor_resumed(tmp_path, sft_dir):
+    """GRPO records what it started from by content (the SFT checkpoint's weights, the prepared files): a finished
+    run whose SFT checkpoint was retrained in place since is refused, not returned as done; a cut run is not resumed
+    on other SFT weights or on a dataset prepared again (it compared only the SFT checkpoint's path)."""
+    import shutil
+
+    sft, data, _ = sft_dir
+    own_sft, own_data = tmp_path / "sft", tmp_path / "data"
+    shutil.copytree(sft, own_sft)
+    shutil.copytree(data, own_data)
+    cfg = grpo_config(tmp_path / "done", own_sft, max_steps=1, dataset=str(own_data))
+    first = run_grpo(cfg)
+    assert first["sft_weights_sha256"] and set(first["data_sha256"]) >= {"catalog.jsonl", "train.jsonl"}
+    assert run_grpo(cfg)["global_step"] == 1  # the same start: reused
+    head = own_sft / "latent_head.safetensors"
+    original = head.read_bytes()
+    retrained = {k: v + 1e-3 for k, v in load_file(str(head)).items()}  # other weights at the same path
+    save_file(retrained, str(head))
+    with pytest.raises(ValueError, match=r"holds a finished GRPO run made with sft weights='sha256 "):
+        run_grpo(cfg)
+    head.write_bytes(original)
+    cut = grpo_config(tmp_path / "cut", own_sft, max_steps=3, save_steps=1, dataset=str(own_data))
+    _train_until(cut, 1)
+    save_file(retrained, str(head))
+    with pytest.raises(ConfigError, match="was trained from other SFT weights than this run would start from"):
+        run_grpo(cut)
+    head.write_bytes(original)
+    train = own_data / "train.jsonl"
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join(rows[1:] + rows[:1]) + "\n")
+    with pytest.raises(ConfigError, match="was trained from other data than"):
+        run_grpo(cut)
+    with pytest.raises(ValueError, match=r"made with data='other prepared files"):
+        run_grpo(cfg)
 
 
 @pytest.mark.parametrize("train_lora", [False, True])

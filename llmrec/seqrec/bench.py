@@ -60,9 +60,10 @@ def run_seqrec_benchmark(
     threads, eval batch size and processes are this invocation's (:func:`timing_settings`; None when none is).
     """
     from llmrec.config import coerce_fields, read_recipe, to_dict
+    from llmrec.data.identity import data_difference, data_sha256
     from llmrec.seqrec.config import SeqRecConfig, training_field_differences
     from llmrec.seqrec.models import MODEL_NAMES
-    from llmrec.seqrec.run import RESULTS_JSON, RUN_CONFIG_JSON, data_difference, data_sha256, run_seqrec
+    from llmrec.seqrec.run import RESULTS_JSON, RUN_CONFIG_JSON, run_seqrec
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")

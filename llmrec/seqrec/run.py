@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from llmrec.config import to_dict
-from llmrec.data.canonical import CATALOG_FILE, SPLITS, atomic_write_json, atomic_write_text
+from llmrec.data.canonical import atomic_write_json, atomic_write_text
+from llmrec.data.identity import data_difference, data_sha256
 from llmrec.seqrec.config import SeqRecConfig, training_field_differences, training_fields
 from llmrec.seqrec.data import SameTargetPool, load_seqrec_data
 from llmrec.seqrec.models import LARES, ReaRec, build_model
@@ -85,48 +86,12 @@ def results_markdown(res: dict[str, Any]) -> str:
 
 
 RUN_CONFIG_JSON = "run_config.json"
-DATA_FILES = (CATALOG_FILE, *(f"{split}.jsonl" for split in SPLITS))  # what load_seqrec_data reads
-
-
-def data_sha256(dataset_dir: str | Path) -> dict[str, str | None]:
-    """``{file: SHA-256}`` of the prepared files a run reads (catalogue and splits; None for a missing file).
-
-    ``stats.json`` alone (counts) does not tell a re-prepared or edited dataset from the one a run was trained on,
-    and a directory may have none.
-    """
-    # imported here, as the evaluator does: the module imports transformers
-    from llmrec.models.backbone import sha256_of_files
-
-    files = {name: Path(dataset_dir) / name for name in DATA_FILES}
-    return {name: sha256_of_files([path]) if path.exists() else None for name, path in files.items()}
-
-
 def _run_identity(cfg: SeqRecConfig) -> dict[str, Any]:
     """What a run directory's checkpoints were trained with: the training fields and the data (statistics, digest)."""
     stats = Path(cfg.dataset_dir) / "stats.json"
     return {"config": training_fields(to_dict(cfg)),
             "data_stats": json.loads(stats.read_text()) if stats.exists() else None,
             "data_sha256": data_sha256(cfg.dataset_dir)}
-
-
-def data_difference(recorded: dict[str, Any], dataset_dir: str | Path,
-                    digests: dict[str, str | None] | None = None) -> str | None:
-    """Why the data a run recorded (``recorded``: its ``data_sha256`` and/or ``data_stats``) is not the data in
-    ``dataset_dir`` now, or None if it is. ``digests``: ``data_sha256(dataset_dir)`` when the caller has it.
-
-    A record without digests (made before they were recorded) is compared by its ``stats.json`` content only.
-    """
-    if recorded.get("data_sha256") is not None:
-        now = digests if digests is not None else data_sha256(dataset_dir)
-        changed = [name for name in DATA_FILES if recorded["data_sha256"].get(name) != now[name]]
-        if changed:
-            return (f"another dataset (the contents of {', '.join(str(Path(dataset_dir) / f) for f in changed)} are "
-                    "not those it was trained on)")
-        return None
-    stats = Path(dataset_dir) / "stats.json"
-    if "data_stats" in recorded and recorded["data_stats"] != (json.loads(stats.read_text()) if stats.exists() else None):
-        return f"another dataset ({stats} differs)"
-    return None
 
 
 def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, str | None]:

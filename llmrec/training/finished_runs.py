@@ -50,7 +50,7 @@ def finished_sft_differences(cfg: LatentSFTConfig, data_dir: Path | None) -> dic
     n_train = split_rows(data_dir, cfg.train_split)
     if n_train is None and cfg.max_train_rows is None:
         n_train = results.get("num_train_rows")
-    return sft_run_differences(results, read_stats(out / TRAINING_ARGS_JSON), cfg, n_train)
+    return sft_run_differences(results, read_stats(out / TRAINING_ARGS_JSON), cfg, n_train, data_dir)
 
 
 def finished_grpo_differences(cfg: LatentGRPOConfig, data_dir: Path | None) -> dict[str, tuple[Any, Any]]:
@@ -73,12 +73,32 @@ def finished_grpo_differences(cfg: LatentGRPOConfig, data_dir: Path | None) -> d
     wanted: dict[str, Any] = {"prompts": min(asked, n) if asked is not None and n else asked}
     if wanted["prompts"] is None:  # the split's size is unknown and no limit was asked: nothing to compare
         found, wanted = {}, {}
+    start = grpo_start_differences(results, cfg.sft_checkpoint, data_dir)
+    found.update(start)
+    wanted.update({k: "what it holds now" for k in start})
     if "advantage_mode" in args:  # the run's own full config (older runs held a copy of the SFT's)
         found["model_dtype"], wanted["model_dtype"] = args.get("model_dtype"), cfg.model_dtype  # both concrete
         diff = grpo_config_differences(args, cfg, results.get("resumed_from"))
         found.update({k: f for k, (f, _) in diff.items()})
         wanted.update({k: w for k, (_, w) in diff.items()})
     return mismatches(found, wanted)
+
+
+def grpo_start_differences(results: dict, sft_checkpoint: str | None, data_dir: Path | None) -> dict[str, str]:
+    """``{"sft weights" | "data": what the run started from}`` where a finished GRPO run's results record another
+    SFT checkpoint content or other data than ``sft_checkpoint`` and ``data_dir`` hold now (a retrained SFT in the
+    same directory, a dataset prepared again in place); {} for runs that recorded neither."""
+    from llmrec.training.grpo import start_differences, start_identity
+
+    if results.get("sft_weights_sha256") is None and results.get("data_sha256") is None:
+        return {}
+    changed = start_differences(results, start_identity(sft_checkpoint, data_dir))
+    out = {}
+    if "other SFT weights" in changed:
+        out["sft weights"] = f"sha256 {results['sft_weights_sha256'][:12]} (retrained since)"
+    if "other data" in changed:
+        out["data"] = "other prepared files (prepared again since)"
+    return out
 
 
 def refuse_other_finished_run(out_dir: Path, what: str, diff: dict[str, tuple[Any, Any]], remedy: str,

@@ -927,6 +927,7 @@ class LatentGRPOTrainer:
         self.skipped_groups = 0
         self._finite_row: int | None = None  # set by score(): see _zero_weight_pass
         self.nonfinite_steps = 0
+        self._start_identity: dict[str, Any] | None = None
         self.scalars = ScalarLog(None)
 
     # -- data
@@ -1577,7 +1578,8 @@ class LatentGRPOTrainer:
                 _save_flat(flat, tmp / OPTIMIZER_NAME, metadata={"param_groups": json.dumps(groups)})
                 state = {"global_step": self.global_step, "log_history": self.log_history,
                          "skipped_groups": self.skipped_groups, "nonfinite_steps": self.nonfinite_steps,
-                         "eval_before": self.eval_before, "config": self._resume_settings()}
+                         "eval_before": self.eval_before, "config": self._resume_settings(),
+                         "start": self.start_identity()}
                 (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
             self._rotate()
         self.accelerator.wait_for_everyone()
@@ -1590,6 +1592,15 @@ class LatentGRPOTrainer:
         ckpts = sorted(_checkpoints(Path(self.config.output_dir)), key=lambda p: int(p.name.split("-")[1]))
         for old in ckpts[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def start_identity(self) -> dict[str, Any]:
+        """What this run starts from, by content: ``sft_weights_sha256`` (the SFT checkpoint's weight files,
+        :func:`~llmrec.evaluation.evaluator.weights_sha256`) and ``data_sha256`` (the prepared dataset's files; None
+        if it cannot be found). Recorded in checkpoints and results: a path can hold a retrained SFT or a dataset
+        prepared again later, and a resumed or reused run must not mix them."""
+        if self._start_identity is None:
+            self._start_identity = start_identity(self.config.sft_checkpoint, _prompt_dataset_dir(self.config))
+        return self._start_identity
 
     def _resume_settings(self) -> dict[str, Any]:
         """The configuration a checkpoint records, with the global batch (a resume may change the layout)."""
@@ -1605,7 +1616,15 @@ class LatentGRPOTrainer:
         from llmrec.config import field_defaults, refuse_changed_resume
         from llmrec.training.neutral_fields import RESUME_NEUTRAL_FIELDS
 
-        found = json.loads((path / STATE_NAME).read_text(encoding="utf-8")).get("config")
+        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+        start = state.get("start")  # recorded since 2026-12-05
+        if start is not None:
+            changed = start_differences(start, self.start_identity())
+            if changed:
+                raise ConfigError(f"{path} was trained from {' and '.join(changed)} than this run would start from "
+                                  "(the SFT checkpoint or the dataset has changed since): train in another output_dir, "
+                                  "or set retrain: true")
+        found = state.get("config")
         if found is not None:
             # TRL derives steps_per_generation / generation_batch_size from the layout; this trainer reads neither
             # (global_train_batch_size covers the batch)
@@ -1749,7 +1768,8 @@ class LatentGRPOTrainer:
             self.scalars.add("held_out", eval_after, self.global_step)
         self.save_model(out_dir)
         results = {
-            "output_dir": str(out_dir), "sft_checkpoint": c.sft_checkpoint, "resumed_from": resumed,
+            "output_dir": str(out_dir), "sft_checkpoint": c.sft_checkpoint, **self.start_identity(),
+            "resumed_from": resumed,
             "global_step": self.global_step, "max_steps": self.max_steps, "prompts": len(self.rows),
             "prompts_per_step": self.prompts_per_step, "world_size": self.world,
             "skipped_groups": self.skipped_groups, "nonfinite_grad_steps": self.nonfinite_steps,
@@ -1763,6 +1783,28 @@ class LatentGRPOTrainer:
         self.scalars.close()
         self.accelerator.wait_for_everyone()
         return results
+
+
+def start_identity(sft_checkpoint: str | None, data_dir: Path | None) -> dict[str, Any]:
+    """``{"sft_weights_sha256", "data_sha256"}`` of an SFT checkpoint and a prepared dataset (None where missing)."""
+    from llmrec.data.identity import data_sha256
+    from llmrec.evaluation.evaluator import weights_sha256
+
+    return {"sft_weights_sha256": weights_sha256(sft_checkpoint) if sft_checkpoint else None,
+            "data_sha256": data_sha256(data_dir) if data_dir is not None else None}
+
+
+def start_differences(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How what a GRPO run recorded it started from (:meth:`LatentGRPOTrainer.start_identity`, or its results)
+    differs from ``now``: "other SFT weights" and/or "other data" (each compared only where both are known)."""
+    out = []
+    was, isnow = recorded.get("sft_weights_sha256"), now.get("sft_weights_sha256")
+    if was is not None and isnow is not None and was != isnow:
+        out.append("other SFT weights")
+    was, isnow = recorded.get("data_sha256"), now.get("data_sha256")
+    if was is not None and isnow is not None and was != isnow:
+        out.append("other data")
+    return out
 
 
 def _every(x: float, max_steps: int) -> int:

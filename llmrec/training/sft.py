@@ -857,6 +857,16 @@ def _mean_train_loss(train_out, history: list[dict], global_step: int, resumed: 
     return total / global_step
 
 
+def _data_digests(dataset: str | None) -> dict[str, str | None] | None:
+    """The prepared files a run reads, by content (:func:`llmrec.data.identity.data_sha256`), or None if the dataset
+    cannot be found: recorded in the results, so a finished run is not reused on other data at the same path."""
+    from llmrec.data.identity import data_sha256
+    from llmrec.training.finished_runs import dataset_dir_or_none
+
+    data_dir = dataset_dir_or_none(dataset)
+    return data_sha256(data_dir) if data_dir is not None else None
+
+
 def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     """Train; resume from the last complete checkpoint in ``output_dir``; write ``train_results.json``.
 
@@ -911,6 +921,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
                                   paths=("dataset",))
     model, tokenizer = build_model(config)
     t_model = time.time()
+    data_digests = _data_digests(config.dataset)
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
     num_train_rows = len(train_ds)
     if _fills_global_batches(config, resume):
@@ -955,6 +966,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "best_eval_loss": trainer.state.best_metric,
         "num_train_rows": num_train_rows,
         "num_eval_rows": len(eval_ds) if eval_ds is not None else 0,
+        "data_sha256": data_digests,
         "world_size": config.world_size,
         "timings_s": {"model": round(t_model - t0, 3), "data": round(t_data - t_model, 3),
                       "train": round(t_train - t_data, 3), "total": round(time.time() - t0, 3)},
