@@ -259,8 +259,12 @@ class PipelineOptions:
     in_process: bool = False
 
     def __post_init__(self) -> None:
+        from llmrec.models.backbone import checked_dtype_name
+
         if self.report_only and self.no_report:
             raise ValueError("report_only and no_report exclude each other")
+        # Canonical ("bf16" -> "bfloat16"), as every config records it: an alias no longer refuses finished stages.
+        self.dtype = checked_dtype_name(self.dtype, "--dtype")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -555,8 +559,6 @@ class Pipeline:
     def _check_finished(self, stage: str, seed: int) -> None:
         """A finished training stage is reused only if it was made with what this pipeline asks for (read from the
         run directory, else from the archive: a method found only there is checked the same way)."""
-        from llmrec.models.backbone import concrete_dtype_name
-
         d = self.stage_dir(stage, seed)
         where = self._stage_summary(stage, seed).parent
         o = self.opts
@@ -584,7 +586,7 @@ class Pipeline:
             if o.grpo_stage == "grpo_latent" or seed > 0:
                 wanted["prompts"] = self._grpo_prompts(seed)
             if g.get("model_dtype") is not None:  # recorded by every run since GRPO wrote its own training args
-                wanted["model_dtype"] = concrete_dtype_name(o.dtype)
+                wanted["model_dtype"] = o.dtype
             found = {"prompts": g.get("prompts"), **{k: g.get(k) for k in wanted if k != "prompts"}}
             if found["sft_checkpoint"]:  # "runs/x/" and "runs/x" are one directory
                 found["sft_checkpoint"] = os.path.normpath(found["sft_checkpoint"])

@@ -615,6 +615,15 @@ def test_fast_dtype_is_bf16_only_where_native(monkeypatch):
         assert LatentSFTConfig(output_dir="x", model_dtype="fast").model_dtype == want
         assert LatentGRPOConfig(output_dir="x", sft_checkpoint="s", model_dtype="fast").model_dtype == want
     assert bb.concrete_dtype_name("float16") == "float16"
+    # Configs record canonical names, so runs asked with an alias and with the full name compare equal (bench
+    # pipeline --dtype bf16 refused every finished stage recorded as 'bfloat16').
+    for alias, name in (("bf16", "bfloat16"), ("fp32", "float32"), ("half", "float16"), ("torch.float32", "float32"),
+                        ("auto", "auto")):
+        assert bb.checked_dtype_name(alias, "x") == name
+    assert LatentSFTConfig(output_dir="x", model_dtype="bf16").model_dtype == "bfloat16"
+    from llmrec.bench_pipeline import PipelineOptions
+
+    assert PipelineOptions(dtype="bf16").dtype == "bfloat16"
     with pytest.raises(ValueError, match="fast"):
         bb.resolve_dtype("int8")
 

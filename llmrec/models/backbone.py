@@ -214,13 +214,15 @@ def concrete_dtype_name(name: str) -> str:
 
 
 def checked_dtype_name(name: str, field: str) -> str:
-    """:func:`concrete_dtype_name`, refusing a name :func:`resolve_dtype` does not know (``ValueError`` naming
-    ``field``): said when the config is read, not after the data is loaded and the model is about to be."""
+    """The canonical name of a dtype (``"bf16"`` / ``"fast"`` -> ``"bfloat16"``, ...; ``"auto"`` unchanged), refusing
+    a name :func:`resolve_dtype` does not know (``ValueError`` naming ``field``): said when the config is read, not
+    after the data is loaded and the model is about to be. Configs record it, so runs made with ``bf16`` and with
+    ``bfloat16`` compare equal."""
     try:
-        resolve_dtype(name)
+        resolved = resolve_dtype(name)
     except ValueError as e:
         raise ValueError(f"{field}: {e}") from None
-    return concrete_dtype_name(name)
+    return str(resolved).removeprefix("torch.") if isinstance(resolved, torch.dtype) else concrete_dtype_name(name)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
