@@ -590,11 +590,13 @@ class Pipeline:
             found = {"prompts": g.get("prompts"), **{k: g.get(k) for k in wanted if k != "prompts"}}
             if found["sft_checkpoint"]:  # "runs/x/" and "runs/x" are one directory
                 found["sft_checkpoint"] = os.path.normpath(found["sft_checkpoint"])
-            # By content too: the same seed's sft_latent retrained after this run trained on it (an archived run's
-            # SFT weights are not in the archive: the run directory's, if any, are compared).
+            # By content too: the same seed's sft_latent retrained after this run trained on it. Not for an archived
+            # run (its SFT's weights are not in the archive, and the archived latent-sft evaluation is reported as it
+            # is): only its data is compared.
             results = json.loads(self._find(d / "grpo_results.json").read_text())
             sft_dir = self.stage_dir("sft_latent", seed)
-            start = grpo_start_differences(results, str(sft_dir) if sft_dir.is_dir() else None, self.data_dir)
+            start = grpo_start_differences(results, str(sft_dir) if where == d and sft_dir.is_dir() else None,
+                                           self.data_dir)
             found.update(start)
             wanted.update({k: "what it holds now" for k in start})
             if seed > 0 and self._find(self.stage_dir("grpo_latent", 0) / "grpo_results.json").exists():

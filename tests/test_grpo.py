@@ -727,6 +727,19 @@ def test_a_run_on_a_retrained_sft_checkpoint_or_other_data_is_neither_reused_nor
         run_grpo(cut)
     with pytest.raises(ValueError, match=r"made with data='other prepared files"):
         run_grpo(cfg)
+    train.write_text("\n".join(rows) + "\n")
+    # What is recorded is what the run loaded, even if the SFT directory changes while it trains.
+    from llmrec.evaluation.evaluator import weights_sha256
+
+    loaded = weights_sha256(own_sft)
+
+    def retrain_sft(trainer, stats):
+        if trainer.global_step == 1:
+            save_file(retrained, str(head))
+
+    res = LatentGRPOTrainer(grpo_config(tmp_path / "moving", own_sft, max_steps=2, dataset=str(own_data)),
+                            callbacks=[retrain_sft]).train()
+    assert res["sft_weights_sha256"] == loaded != weights_sha256(own_sft)
 
 
 @pytest.mark.parametrize("train_lora", [False, True])

@@ -349,6 +349,10 @@ def test_qlora_trains_on_a_4bit_base_and_reloads_as_trained(tmp_path, prepared_d
         got = model.prefill_with_latents(ids, torch.ones_like(ids))[1]
         want = trained.prefill_with_latents(ids, torch.ones_like(ids))[1]
     assert (got - want).abs().max().item() < 1e-4
+    # dtype "auto" (the evaluator accepts it) computes in the dtype the adapter was trained in.
+    auto, _, _ = load_sft_checkpoint(out, dtype="auto")
+    with torch.no_grad():
+        assert (auto.prefill_with_latents(ids, torch.ones_like(ids))[1] - want).abs().max().item() < 1e-4
 
 
 def test_qlora_trains_on_after_a_validation_pass(tmp_path, prepared_dir):

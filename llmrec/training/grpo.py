@@ -816,6 +816,8 @@ class LatentGRPOTrainer:
         torch.manual_seed(config.seed)
         if model is None:
             model, tokenizer, meta = _load_policy(config)
+        # Hashed as the SFT checkpoint is loaded: what this run trains from, whatever that directory holds later.
+        self._start_identity = start_identity(config.sft_checkpoint, _prompt_dataset_dir(config))
         self.tokenizer = tokenizer
         self.meta = dict(meta or {})
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -927,7 +929,6 @@ class LatentGRPOTrainer:
         self.skipped_groups = 0
         self._finite_row: int | None = None  # set by score(): see _zero_weight_pass
         self.nonfinite_steps = 0
-        self._start_identity: dict[str, Any] | None = None
         self.scalars = ScalarLog(None)
 
     # -- data
@@ -1597,9 +1598,8 @@ class LatentGRPOTrainer:
         """What this run starts from, by content: ``sft_weights_sha256`` (the SFT checkpoint's weight files,
         :func:`~llmrec.evaluation.evaluator.weights_sha256`) and ``data_sha256`` (the prepared dataset's files; None
         if it cannot be found). Recorded in checkpoints and results: a path can hold a retrained SFT or a dataset
-        prepared again later, and a resumed or reused run must not mix them."""
-        if self._start_identity is None:
-            self._start_identity = start_identity(self.config.sft_checkpoint, _prompt_dataset_dir(self.config))
+        prepared again later, and a resumed or reused run must not mix them. Computed when the trainer loads the
+        SFT checkpoint."""
         return self._start_identity
 
     def _resume_settings(self) -> dict[str, Any]:

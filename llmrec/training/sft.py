@@ -630,7 +630,9 @@ def load_sft_checkpoint(
             # requantises them.
             from llmrec.models.backbone import keep_4bit_weights_trainable_on_cpu, qlora_quantization_config
 
-            quantized = {"quantization_config": qlora_quantization_config(dtype)}
+            # "auto" names no compute dtype: the one the adapter was trained in.
+            compute = dtype if str(dtype) != "auto" else meta.get("model_dtype") or "float32"
+            quantized = {"quantization_config": qlora_quantization_config(compute)}
             merge = False
         lm, tokenizer = load_backbone(adapter_base(ckpt, model_name_or_path), dtype=dtype, **quantized)
         if quantized:
