@@ -364,6 +364,21 @@ def test_qlora_trains_on_after_a_validation_pass(tmp_path, prepared_dir):
     assert len(res["train_losses"]) == 3 and all(math.isfinite(r["loss"]) for r in res["train_losses"])
 
 
+def test_report_to_null_and_a_non_positive_learning_rate(tmp_path, prepared_dir):
+    """``report_to: null`` means no integration (TrainingArguments kept [None], which the Trainer refused after the
+    model was loaded; GRPO refused it as "[None] is not supported"); a learning rate <= 0 is refused when the config
+    is read (AdamW refused it only after loading; the dry run said READY)."""
+    from llmrec.training.grpo import LatentGRPOConfig
+
+    assert make_config(tmp_path / "a", prepared_dir, report_to=None).report_to == []
+    assert LatentGRPOConfig(output_dir=str(tmp_path / "g"), sft_checkpoint="s", report_to=None).report_to == []
+    for lr in (-3e-4, 0.0, float("nan")):
+        with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+            make_config(tmp_path / "b", prepared_dir, learning_rate=lr)
+        with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+            LatentGRPOConfig(output_dir=str(tmp_path / "g"), sft_checkpoint="s", learning_rate=lr)
+
+
 def test_qlora_without_bitsandbytes_is_a_clear_error(tmp_path, prepared_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(ConfigError, match="qlora needs bitsandbytes"):

@@ -315,6 +315,8 @@ class LatentGRPOConfig(GRPOConfig):
         if self.sft_checkpoint and not self.output_dir:  # a run's config (the bare default config is a template of
             # defaults, compared against): checked first, the checks below read it (a bare TypeError before)
             raise ConfigError("output_dir is required (where the GRPO checkpoints and results go)")
+        if self.report_to is None:  # `report_to: null` means no integration, as in SFT
+            self.report_to = "none"
         self.model_dtype = checked_dtype_name(self.model_dtype, "model_dtype")
         defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name in IGNORED_TRL_FIELDS}
         for name, why in IGNORED_TRL_FIELDS.items():

@@ -98,6 +98,8 @@ def check_common_training_settings(config) -> None:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not config.learning_rate > 0:  # AdamW refuses it only once the model is loaded
+        raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
     if config.max_steps <= 0 and not config.num_train_epochs > 0:
         raise ConfigError(f"num_train_epochs must be > 0 when max_steps is not set (got num_train_epochs "
                           f"{config.num_train_epochs}, max_steps {config.max_steps}): the run would train nothing")
@@ -221,6 +223,8 @@ class LatentSFTConfig(transformers.TrainingArguments):
     def __post_init__(self) -> None:
         from llmrec.models.backbone import checked_dtype_name
 
+        if self.report_to is None:  # `report_to: null`: TrainingArguments would keep [None] and the Trainer refuse it
+            self.report_to = "none"
         self.model_dtype = checked_dtype_name(self.model_dtype, "model_dtype")
         if self.finetune not in FINETUNE_MODES:
             raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
