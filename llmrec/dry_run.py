@@ -585,6 +585,12 @@ def count_parameters(
 
         lcfg = LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora.get("lora_dropout", 0.0),
                           target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM", bias="none")
+        if extra_embedding_rows > 0:
+            # SFT adds the latent tokens' rows before wrapping: an adapter on the embedding or the LM head is as
+            # wide as the resized matrix.
+            with torch.device("meta"):
+                model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + extra_embedding_rows,
+                                              mean_resizing=False)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
             peft_model = get_peft_model(model, lcfg)

@@ -209,6 +209,27 @@ def test_qwen_meta_model_parameter_count():
         count_parameters(cfg, lora={**lora, "target_modules": ["no_such_proj"]})
 
 
+def test_lora_on_the_embeddings_counts_the_rows_the_latent_tokens_add(tmp_path):
+    """LoRA targets that include the embedding and the LM head: the dry run counts what build_model trains (it
+    wrapped the matrices at their size before the latent token's row was added: 12,672 against 12,688)."""
+    from llmrec.models.latent import LatentConfig
+    from llmrec.models.tiny import build_tiny
+    from llmrec.training.sft import LatentSFTConfig, build_model
+
+    targets = ["embed_tokens", "lm_head", "q_proj"]
+    cfg = LatentSFTConfig(output_dir=str(tmp_path / "o"), model_name_or_path="tiny-qwen2", model_dtype="float32",
+                          lora_target_modules=targets, num_latent_tokens=1)
+    model, tok = build_model(cfg)
+    real = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    base, _ = build_tiny("tiny-qwen2")
+    added = len(tok) - base.get_input_embeddings().weight.shape[0]
+    assert added == 1
+    counts = count_parameters(base.config, "float32", extra_embedding_rows=added, latent=LatentConfig(num_latent_tokens=1),
+                              lora={"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": targets},
+                              train_lora=True)
+    assert counts.parts["LoRA adapters"] == real
+
+
 def test_architecture_from_hf_cache_and_local_dir(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -372,6 +372,8 @@ def test_report_to_null_and_a_non_positive_learning_rate(tmp_path, prepared_dir)
 
     assert make_config(tmp_path / "a", prepared_dir, report_to=None).report_to == []
     assert LatentGRPOConfig(output_dir=str(tmp_path / "g"), sft_checkpoint="s", report_to=None).report_to == []
+    with pytest.raises(ConfigError, match="num_train_epochs must be > 0 and finite"):  # a traceback in the dry run
+        make_config(tmp_path / "c", prepared_dir, max_steps=-1, num_train_epochs=float("inf"))
     for lr in (-3e-4, 0.0, float("nan")):
         with pytest.raises(ConfigError, match="learning_rate must be > 0"):
             make_config(tmp_path / "b", prepared_dir, learning_rate=lr)

@@ -100,9 +100,10 @@ def check_common_training_settings(config) -> None:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not config.learning_rate > 0:  # AdamW refuses it only once the model is loaded
         raise ConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
-    if config.max_steps <= 0 and not config.num_train_epochs > 0:
-        raise ConfigError(f"num_train_epochs must be > 0 when max_steps is not set (got num_train_epochs "
-                          f"{config.num_train_epochs}, max_steps {config.max_steps}): the run would train nothing")
+    if config.max_steps <= 0 and not 0 < config.num_train_epochs < float("inf"):
+        raise ConfigError(f"num_train_epochs must be > 0 and finite when max_steps is not set (got num_train_epochs "
+                          f"{config.num_train_epochs}, max_steps {config.max_steps}): the run would train nothing, "
+                          "or never end")
     if config.output_dir:
         try:
             check_directory_path(config.output_dir, "output_dir")
