@@ -159,6 +159,25 @@ def test_finished_results_of_a_dataset_prepared_again_are_not_returned(prepared_
         evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
 
 
+def test_popularity_results_of_another_training_split_are_not_returned(prepared_dir, tmp_path):
+    """Popularity's fingerprint names the test rows only: after train.jsonl changed (prepared again with another
+    cut-off) the finished and the partial popularity lists were returned as they were."""
+    out = tmp_path / "pop"
+    evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+    train = prepared_dir / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    for row in rows:  # every training target becomes item 29: the most popular item is another one now
+        row["target_item_id"] = 29
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"rankings\.jsonl: the finished evaluation's popularity list .* not the "
+                                         r"one .*train\.jsonl gives now .*training split changed since"):
+        evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+    (out / "results.json").unlink()  # a cut run: its parts are not resumed either
+    (out / "rankings.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"rankings: the partial evaluation's popularity list"):
+        evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+
+
 def test_output_and_option_mistakes_are_named_before_any_work(prepared_dir, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")

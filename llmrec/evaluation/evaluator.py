@@ -512,6 +512,21 @@ class Evaluator:
                     f"{rec['target_item_id']}, but {self.config.split} row {row} of {self.config.dataset} has "
                     f"{found} (was the dataset prepared again?); remove {self.out} or choose another output_dir")
 
+    def _check_popularity_list(self, data, done: dict[int, dict], source: Path, what: str) -> None:
+        """Popularity records are reused only while they hold the list the training split gives now: the
+        fingerprint names the test rows, and train.jsonl prepared again (another cut-off, more users) changes the
+        counts without changing them."""
+        if self.config.method != "popularity" or not done:
+            return
+        k = max(self.config.ks)
+        items = popularity_ranking(list(data.splits["train"]["target_item_id"]), k)
+        row, rec = min(done.items())
+        if rec["item_ranking"] != items:  # one list for every row: the first record tells
+            raise ValueError(
+                f"{source}: the {what}'s popularity list (top items {rec['item_ranking'][:3]}) is not the one "
+                f"{Path(data.directory) / 'train.jsonl'} gives now (top items {items[:3]}): the training split "
+                f"changed since; remove {self.out} or choose another output_dir")
+
     # ------------------------------------------------------------------ run
 
     def _warn_on_other_prompt_settings(self) -> None:
@@ -571,6 +586,7 @@ class Evaluator:
                                      f"{results_path} to rank the rows again")
                 finished = {rec["row"]: rec for rec in read_jsonl(rankings)}  # lines end at "\n" only
                 self._check_done_rows(finished, split, rankings, "finished evaluation")
+                self._check_popularity_list(data, finished, rankings, "finished evaluation")
                 lost = [r for r in rows if r not in finished]
                 if lost:  # a damaged copy would otherwise pass for the finished evaluation its results describe
                     raise ValueError(f"{rankings} lacks {len(lost)} of the {len(rows)} rows {results_path} was "
@@ -596,6 +612,7 @@ class Evaluator:
 
         done = self._done_rows()
         self._check_done_rows(done, split)
+        self._check_popularity_list(data, done, self.out / "rankings", "partial evaluation")
         start = time.perf_counter()
         if c.method == "popularity":
             new = self._run_popularity(data, split, rows, done)
