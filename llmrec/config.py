@@ -106,6 +106,48 @@ _UniqueKeySafeLoader.add_implicit_resolver(
 )
 
 
+class _SourcedInt(int):
+    """A YAML integer that remembers how the recipe wrote it, for a text field (see :func:`_typed`)."""
+
+    yaml_source: str
+
+
+class _SourcedFloat(float):
+    """A YAML float that remembers how the recipe wrote it, for a text field (see :func:`_typed`)."""
+
+    yaml_source: str
+
+
+def _sourced(number_type: type, construct):
+    def construct_sourced(loader, node):
+        value = number_type(construct(loader, node))
+        value.yaml_source = node.value
+        return value
+
+    return construct_sourced
+
+
+# YAML 1.1 reads `0123` as octal 83, `0x10` as 16 and `1:30` as 90: a text field given one (`output_dir: 0123`)
+# must get the text as written, not str() of the number (the run went to runs/83).
+_UniqueKeySafeLoader.add_constructor(
+    "tag:yaml.org,2002:int", _sourced(_SourcedInt, yaml.constructor.SafeConstructor.construct_yaml_int))
+_UniqueKeySafeLoader.add_constructor(
+    "tag:yaml.org,2002:float", _sourced(_SourcedFloat, yaml.constructor.SafeConstructor.construct_yaml_float))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with the YAML numbers' source text dropped (plain ``int``/``float``), inside lists and mappings too."""
+    if isinstance(value, _SourcedInt):
+        return int(value)
+    if isinstance(value, _SourcedFloat):
+        return float(value)
+    if isinstance(value, list):
+        return [_plain(x) for x in value]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe YAML (safe loader) into a flat dict; clear errors for missing/bad files."""
     from llmrec.resources import resolve_resource
@@ -263,7 +305,7 @@ def _coerce(parser, data: dict[str, Any], source: str, classes: Sequence[type] =
                 if x not in action.choices:
                     raise ConfigError(f"{source}: option '{k}': {_short(x)} is not one of {list(action.choices)}")
         out[k] = v
-    return out
+    return {k: _plain(v) for k, v in out.items()}
 
 
 def _short(value: Any) -> str:
@@ -309,7 +351,7 @@ def _typed(convert, value: Any, hint: Any = None) -> Any:
     if convert is str:
         if isinstance(value, bool):
             raise ValueError("expected a string (quote it)")
-        return str(value)
+        return getattr(value, "yaml_source", None) or str(value)  # `0123` as written, not octal 83
     if getattr(convert, "__name__", "") == "string_to_bool":  # transformers' type for bool fields
         # Passed through unchecked, `mask_history: 2` or `use_chat_template: 0.5` reached the config as a
         # truthy non-bool; YAML reads true/false/yes/no as booleans already.

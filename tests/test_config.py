@@ -98,6 +98,22 @@ def test_recipe_values_are_typed_like_the_command_line(tmp_path: Path):
         parse_config(CLASSES, bad)
 
 
+def test_a_number_given_to_a_text_field_keeps_the_text_the_recipe_wrote(tmp_path: Path):
+    """YAML 1.1 reads `0123` as octal 83, `0x10` as 16 and `1:30` as 90: text fields got str() of the number
+    (`output_dir: 0123` wrote to '83'). Numeric fields still read the numbers, and no value keeps the YAML
+    number's wrapper type."""
+    p = recipe(tmp_path, "dataset: 0123\nnoun: 0x10\nnote: 1:30\nmax_history: 0x10\nlearning_rate: 1e-3\n"
+                         "ks: [010, 10]\n", "numbers.yaml")
+    data, train = parse_config(CLASSES, p)
+    assert (data.dataset, data.noun, train.note) == ("0123", "0x10", "1:30")
+    assert data.max_history == 16 and train.ks == [8, 10] and train.learning_rate == 1e-3
+    assert type(data.max_history) is int and type(train.learning_rate) is float
+    assert [type(k) for k in train.ks] == [int, int]
+    p = recipe(tmp_path, "dataset: 1.50\nnote: .inf\n", "floats.yaml")
+    data, train = parse_config(CLASSES, p)
+    assert (data.dataset, train.note) == ("1.50", ".inf")
+
+
 def test_yaml_values_of_the_wrong_type_and_repeated_keys_are_errors(tmp_path: Path):
     """Non-string YAML values are checked against the field as the command line would read them, and a key given
     twice is an error (plain YAML keeps the last one silently)."""
