@@ -40,7 +40,11 @@ a history is what the evaluator ranked for it:
   checkpoint's ``model_dtype`` unless ``dtype`` is given, where the evaluator defaults to bfloat16: pass the
   evaluation's ``dtype`` to reproduce it. In bfloat16 the left padding of a batch moves beam scores by ~1e-4, so
   a near-tie can order differently with other batch-mates (the evaluator records its ``batch_size`` for this
-  reason); in float32 rankings do not depend on the batch in practice.
+  reason); in float32 rankings do not depend on the batch in practice. **D3 decoding**: with
+  ``guidance_checkpoint`` (a seqrec run on the same catalogue) and ``guidance_weight``, every beam step adds the
+  weighted log of the ID model's probability mass over the items whose titles extend the prefix, as ``llmrec
+  evaluate --guidance_checkpoint`` does; the ID model reads each given history up to its own ``max_history``, and
+  the scores include the guidance (D3 decodes with ``length_penalty=0``).
 * **ID models** (SASRec, ReaRec, LARES): every catalogue item is scored for the left-padded history
   (:meth:`~llmrec.seqrec.models.SeqRecModel.score`; padding id 0 is never a candidate) and the top ``k``
   are returned, ties broken by the smaller item id (as the seqrec evaluation ranks).
@@ -242,6 +246,7 @@ class _LLMBackend:
         self.noun, self.use_chat_template = noun, use_chat_template
         self.num_beams, self.length_penalty, self.batch_size = num_beams, length_penalty, batch_size
         self.num_latent_tokens = model.num_latent_tokens if isinstance(model, LatentReasoningLM) else 0
+        self.guidance: tuple[_SeqRecBackend, float, Any] | None = None  # (ID model, weight, title mass index)
         longest_answer = max(len(p) for p in self.trie.title_token_ids)  # completion + EOS
         # rank_batch leaves room for the longest answer and the latent tokens itself (answer_budget): checked here
         # so that a budget too small fails when the recommender is built.
@@ -251,6 +256,20 @@ class _LLMBackend:
                 f"max_prompt_length {max_prompt_length} leaves no room for a prompt: the longest catalogue "
                 f"answer takes {longest_answer} tokens and there are {self.num_latent_tokens} latent tokens"
             )
+
+    def guide_with(self, id_model: _SeqRecBackend, weight: float) -> None:
+        """D3 decoding: every beam step adds ``weight`` times the log of the ID model's probability mass over the
+        items whose titles extend the prefix (:mod:`llmrec.decoding.guidance`, as ``llmrec evaluate
+        --guidance_checkpoint``)."""
+        from llmrec.decoding.guidance import ItemMassIndex
+
+        self.guidance = (id_model, weight, ItemMassIndex(self.trie))
+
+    def _guidance_for(self, histories: list[list[int]]):
+        from llmrec.decoding.guidance import TitleGuidance, item_log_probs_from_scores
+
+        id_model, weight, index = self.guidance
+        return TitleGuidance.from_item_log_probs(index, item_log_probs_from_scores(id_model.scores(histories)), weight)
 
     def beams_for(self, k: int, excluded: set[int] | None) -> int:
         """Beam width for one history: ``num_beams`` (at least ``k``), plus one per distinct title among the
@@ -265,7 +284,9 @@ class _LLMBackend:
 
     @torch.no_grad()
     def recommend(self, histories: list[list[int]], k: int, excluded: list[set[int]] | None,
-                  first_index: int = 0) -> list[list[Recommendation]]:
+                  first_index: int = 0, whole_histories: list[list[int]] | None = None) -> list[list[Recommendation]]:
+        """``histories``: what the prompt shows; ``whole_histories``: the given histories, which the guiding ID
+        model reads up to its own ``max_history`` (default: ``histories``)."""
         from llmrec.decoding.search import rank_batch
         from llmrec.prompts import PromptError
 
@@ -281,8 +302,12 @@ class _LLMBackend:
                                        self.length_penalty)
             examples = [{"history_titles": [self.catalog.title(i) for i in histories[m]], "target_title": None}
                         for m in members]
+            guidance = None
+            if self.guidance is not None:
+                guidance = self._guidance_for([(whole_histories or histories)[m] for m in members])
             try:
-                ranked = rank_batch(self.model, self.tokenizer, self.trie, self.template, examples, settings)
+                ranked = rank_batch(self.model, self.tokenizer, self.trie, self.template, examples, settings,
+                                    guidance=guidance)
             except PromptError:
                 self._raise_for_unfit(members, examples, settings, first_index)
                 raise
@@ -341,7 +366,7 @@ class _SeqRecBackend:
                           excluded or [])
 
     def recommend(self, histories: list[list[int]], k: int, excluded: list[set[int]] | None,
-                  first_index: int = 0) -> list[list[Recommendation]]:
+                  first_index: int = 0, whole_histories: list[list[int]] | None = None) -> list[list[Recommendation]]:
         from llmrec.seqrec.scoring import top_k
 
         values, order = top_k(self.scores(histories, excluded), k)
@@ -554,6 +579,8 @@ class Recommender:
         batch_size: int | None = None,
         on_unknown: str = "error",
         exclude_history: bool | None = None,
+        guidance_checkpoint: str | os.PathLike | None = None,
+        guidance_weight: float | None = None,
     ) -> Recommender:
         """Load a trained model (or a base model for zero-shot use) with its catalogue.
 
@@ -581,6 +608,12 @@ class Recommender:
             exclude_history: remove the whole given history's items from the recommendations (default: no
                 for LLMs, the run's ``mask_history`` for ID models, whose evaluation masks only the
                 ``max_history`` items the model reads).
+            guidance_checkpoint: (LLMs) D3 decoding: a ``llmrec seqrec train`` run (e.g. SASRec) on the same
+                catalogue whose item probabilities guide the beam search, as ``llmrec evaluate
+                --guidance_checkpoint`` does; it reads each given history up to its own ``max_history``.
+            guidance_weight: weight of the guidance (required with ``guidance_checkpoint``: use the one selected
+                on validation, e.g. by ``llmrec bench pipeline``; 0 turns it off). D3 decodes with
+                ``length_penalty=0``.
 
         Raises:
             FileNotFoundError: missing checkpoint files or dataset (the message says which).
@@ -591,9 +624,18 @@ class Recommender:
         if length_penalty is not None and not math.isfinite(float(length_penalty)):
             # NaN beam scores rank titles arbitrarily (an empty list); inf makes every score -0.0
             raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
+        if guidance_checkpoint is not None:
+            if guidance_weight is None:
+                raise ValueError("guidance_checkpoint needs guidance_weight (the D3 weight selected on validation)")
+            if isinstance(guidance_weight, bool) or not math.isfinite(float(guidance_weight)) or guidance_weight < 0:
+                raise ValueError(f"guidance_weight must be a finite number >= 0, got {guidance_weight!r}")
+        elif guidance_weight is not None:
+            raise ValueError("guidance_weight is given without guidance_checkpoint (the ID model that guides)")
         dev = _default_device(device)
         path = Path(checkpoint_dir)
         if path.is_dir() and is_seqrec_run(path):
+            if guidance_checkpoint is not None:
+                raise ValueError(f"{path} is an ID-model run: guidance_checkpoint guides an LLM's beam search")
             llm_only = {"base_model": base_model, "dtype": dtype, "prompt": prompt, "noun": noun,
                         "max_prompt_length": max_prompt_length, "num_beams": num_beams,
                         "length_penalty": length_penalty, "tokenization": tokenization,
@@ -614,7 +656,7 @@ class Recommender:
             noun=noun, history_length=history_length, max_prompt_length=max_prompt_length,
             num_beams=num_beams, length_penalty=length_penalty, tokenization=tokenization,
             use_chat_template=use_chat_template, batch_size=batch_size, on_unknown=on_unknown,
-            exclude_history=exclude_history,
+            exclude_history=exclude_history, guidance_checkpoint=guidance_checkpoint, guidance_weight=guidance_weight,
         )
 
     @classmethod
@@ -681,6 +723,16 @@ class Recommender:
             "max_prompt_length": max_prompt_length, "tokenization": setting("tokenization"),
             "use_chat_template": backend.use_chat_template, "num_latent_tokens": backend.num_latent_tokens,
         }
+        guide = opts.get("guidance_checkpoint")
+        if guide is not None and opts["guidance_weight"] == 0:
+            logger.warning("guidance_weight is 0: guidance_checkpoint %s is not used", guide)
+        elif guide is not None:
+            # Checked against this catalogue by its recorded digest (item ids must mean the same items).
+            id_model, _, id_cfg, id_info = _load_seqrec(Path(guide), data_dir, device, None)
+            backend.guide_with(_SeqRecBackend(id_model, catalog, id_cfg.max_history, device, backend.batch_size),
+                               float(opts["guidance_weight"]))
+            info["guidance"] = {"checkpoint": str(guide), "weight": float(opts["guidance_weight"]),
+                                "id_model": id_info["model"], "id_max_history": id_cfg.max_history}
         # The evaluator never masks history items (protocol: history_masked False).
         exclude = bool(opts.get("exclude_history") or False)
         return cls(backend, catalog, history_length=int(setting("history_length")), batch_size=backend.batch_size,
@@ -804,7 +856,8 @@ class Recommender:
         out: list[list[Recommendation]] = []
         for lo in starts:
             hi = lo + self.batch_size
-            out.extend(self._backend.recommend(kept[lo:hi], int(k), excluded[lo:hi] if excluded else None, lo))
+            out.extend(self._backend.recommend(kept[lo:hi], int(k), excluded[lo:hi] if excluded else None, lo,
+                                               whole_histories=[r.item_ids for r in resolved[lo:hi]]))
         return out[0] if single else out
 
 
@@ -871,6 +924,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         length_penalty=args.length_penalty, max_prompt_length=args.max_prompt_length,
         use_chat_template=args.use_chat_template, tokenization=args.tokenization,
         batch_size=args.batch_size, on_unknown=args.on_unknown, exclude_history=args.exclude_history,
+        guidance_checkpoint=args.guidance_checkpoint, guidance_weight=args.guidance_weight,
     )
     resolved = []
     for n, row in rows:
@@ -961,4 +1015,9 @@ def register_cli(subparsers) -> None:
                    help="wrap LLM prompts in the tokenizer's chat template (default: off)")
     p.add_argument("--tokenization", choices=("separate", "joint"), default=None,
                    help="LLM prompt/answer tokenization (default: the checkpoint's, else separate)")
+    p.add_argument("--guidance-checkpoint", default=None, metavar="SEQREC_RUN",
+                   help="LLM D3 decoding: a `llmrec seqrec train` run on the same catalogue guides the beam search "
+                        "(with --guidance-weight and, as D3, --length-penalty 0)")
+    p.add_argument("--guidance-weight", type=float, default=None,
+                   help="weight of the ID model's log title mass (the one selected on validation)")
     p.set_defaults(func=cmd_recommend)

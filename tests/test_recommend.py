@@ -98,6 +98,43 @@ def test_llm_recommendations_equal_the_evaluator_ranking(data_dir, zero_shot, tm
     assert zero_shot.info["kind"] == "llm" and zero_shot.info["source"] == "base model"
 
 
+def test_d3_guided_recommendations_equal_the_guided_evaluator_ranking(data_dir, seqrec_run, tmp_path, capsys):
+    """D3 decoding through recommend (it had no guidance option, so a D3-guided evaluation could not be reproduced
+    by a user): same rankings and scores as `llmrec evaluate` with the same guidance checkpoint and weight."""
+    # The prompt shows 3 items; the ID model reads up to its own max_history (10), as in the evaluator.
+    evaluate(eval_config(data_dir, tmp_path / "ev", guidance_checkpoint=str(seqrec_run), guidance_weight=2.0,
+                         history_length=3))
+    ranked = read_rankings(tmp_path / "ev")
+    histories = list(load_prepared(data_dir, splits=["test"]).splits["test"]["history_item_ids"])
+    guided = Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="float32", batch_size=3,
+                                         history_length=3, guidance_checkpoint=seqrec_run, guidance_weight=2.0)
+    assert guided.info["guidance"] == {"checkpoint": str(seqrec_run), "weight": 2.0, "id_model": "sasrec",
+                                       "id_max_history": 10}
+    recs = guided.recommend(histories, k=4)
+    assert_same_as_evaluator(recs, ranked, 4)
+    plain = Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="float32", batch_size=3,
+                                        history_length=3).recommend(histories, k=4)
+    assert [[r.item_id for r in x] for x in recs] != [[r.item_id for r in x] for x in plain]  # the guidance acts
+
+    from llmrec.cli import main
+
+    assert main(["recommend", "--checkpoint", "tiny-qwen2", "--dataset", str(data_dir), "--dtype", "float32",
+                 "--history-length", "3", "--item-ids", "--history", *map(str, histories[0]), "--k", "4",
+                 "--guidance-checkpoint",
+                 str(seqrec_run), "--guidance-weight", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [int(line.split()[1]) for line in table[2:]] == [r.item_id for r in recs[0]]
+
+    for kw, why in (({"guidance_checkpoint": seqrec_run}, "needs guidance_weight"),
+                    ({"guidance_weight": 1.0}, "without guidance_checkpoint"),
+                    ({"guidance_checkpoint": seqrec_run, "guidance_weight": -1.0}, "finite number >= 0"),
+                    ({"guidance_checkpoint": seqrec_run, "guidance_weight": float("nan")}, "finite number >= 0")):
+        with pytest.raises(ValueError, match=why):
+            Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, **kw)
+    with pytest.raises(ValueError, match="is an ID-model run: guidance_checkpoint guides an LLM"):
+        Recommender.from_pretrained(seqrec_run, guidance_checkpoint=seqrec_run, guidance_weight=1.0)
+
+
 def test_titles_ids_and_normalised_titles_give_the_same_result(zero_shot):
     cat = zero_shot.catalog
     by_id = [[1, 5, 9], [12, 2]]
