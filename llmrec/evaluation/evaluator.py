@@ -520,7 +520,7 @@ class Evaluator:
             return
         k = max(self.config.ks)
         items = popularity_ranking(list(data.splits["train"]["target_item_id"]), k)
-        row, rec = min(done.items())
+        _, rec = min(done.items())
         if rec["item_ranking"] != items:  # one list for every row: the first record tells
             raise ValueError(
                 f"{source}: the {what}'s popularity list (top items {rec['item_ranking'][:3]}) is not the one "
