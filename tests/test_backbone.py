@@ -63,8 +63,9 @@ def _permute_for_llama_cpp(weight, n_head: int):
     )
 
 
-def write_tiny_gguf(kind: str, path: Path):
-    """Write tiny model ``kind`` as a float32 GGUF file; return the original ``(model, tokenizer)``."""
+def write_tiny_gguf(kind: str, path: Path, pre: str | None = None):
+    """Write tiny model ``kind`` as a float32 GGUF file (pre-tokenizer type ``pre``, by default the one of its
+    tokenizer: qwen2 or the GPT-2 split); return the original ``(model, tokenizer)``."""
     import gguf
 
     model, tok = build_tiny(kind)
@@ -94,7 +95,7 @@ def write_tiny_gguf(kind: str, path: Path):
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     special = set(tok.all_special_ids)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre or ("qwen2" if kind == "tiny-qwen2" else "default"))
     writer.add_token_list(tokens)
     writer.add_token_merges(merges)
     writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3 = control
@@ -125,11 +126,12 @@ def write_tiny_gguf(kind: str, path: Path):
     return model, tok
 
 
-def make_fake_alias(tmp_path: Path, monkeypatch, kind: str = "tiny-llama", parts: int = 1, sha256=None):
+def make_fake_alias(tmp_path: Path, monkeypatch, kind: str = "tiny-llama", parts: int = 1, sha256=None,
+                    pre: str | None = None):
     """Register an alias whose GGUF (split into ``parts`` packages) lives in fake packages on sys.path."""
     gguf_path = tmp_path / "src" / f"{kind}.gguf"
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
-    model, tok = write_tiny_gguf(kind, gguf_path)
+    model, tok = write_tiny_gguf(kind, gguf_path, pre)
     blob = gguf_path.read_bytes()
     site = tmp_path / "site"
     tag = uuid.uuid4().hex[:8]
@@ -144,7 +146,7 @@ def make_fake_alias(tmp_path: Path, monkeypatch, kind: str = "tiny-llama", parts
         (folder / f"model{suffix}").write_bytes(blob[i * step : (i + 1) * step])
         modules.append(module)
     monkeypatch.syspath_prepend(str(site))
-    name = f"fake-{kind}-{parts}"
+    name = f"fake-{kind}-{parts}" + (f"-{pre}" if pre else "")
     spec = GGUFAlias(
         name=name,
         description="test alias",
@@ -371,6 +373,34 @@ def test_gguf_alias_converts_once_then_loads_from_cache(tmp_path, monkeypatch, k
     # The cache alone is enough: the package may be uninstalled afterwards.
     monkeypatch.setattr(backbone, "_installation_problem", lambda spec: "uninstalled")
     load_backbone(name, dtype="auto")
+
+
+def test_the_gguf_pre_tokenizer_type_decides_how_digits_split(tmp_path, monkeypatch):
+    """SmolLM2's GGUF names the "smollm" pre-tokenizer (every digit isolated before the GPT-2 split), for which
+    transformers has no rule: its plain byte-level split made "x\n\n2" and "Vol.  2" other tokens than the model
+    was trained on. An unknown type is refused; copies converted before the fix are converted again."""
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch, kind="tiny-llama", pre="smollm")
+    _, tok = load_backbone(name, dtype="float32")
+    split = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    assert [piece for piece, _ in split("x\n\n2 players")] == ["x", "ĊĊ", "2", "Ġplayers"]
+    assert [piece for piece, _ in split("Vol.  25")] == ["Vol", ".", "ĠĠ", "2", "5"]  # was "Ġ", "Ġ25"
+    folder = alias_cache_path(name)
+    marker = json.loads((folder / "llmrec_conversion.json").read_text())
+    assert marker["pre_tokenizer"] == "smollm" and marker["conversion_version"] == backbone._CONVERSION_VERSION
+
+    plain, _, _ = make_fake_alias(tmp_path / "plain", monkeypatch, kind="tiny-llama", pre="default")
+    _, tok = load_backbone(plain, dtype="float32")  # the GPT-2 split, as before
+    assert [piece for piece, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x\n\n2 players")] == [
+        "x", "Ċ", "Ċ", "2", "Ġplayers"]
+
+    del marker["conversion_version"]  # a copy made by the conversion before the fix
+    (folder / "llmrec_conversion.json").write_text(json.dumps(marker))
+    assert not alias_is_cached(name)
+
+    odd, _, _ = make_fake_alias(tmp_path / "odd", monkeypatch, kind="tiny-llama", pre="made-up")
+    with pytest.raises(ConversionError, match="pre-tokenizer type 'made-up' is not known"):
+        load_backbone(odd)
+    assert not alias_cache_path(odd).exists()
 
 
 def test_checksum_mismatch_is_refused_and_leaves_no_cache(tmp_path, monkeypatch):

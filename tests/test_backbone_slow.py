@@ -52,6 +52,11 @@ def test_alias_converts_then_reloads_and_knows_paris(alias, model_type, layers, 
     assert second < first / 3, (first, second)
     assert model.config.model_type == model_type
     assert tok.pad_token is not None
+    if alias == "smollm2-135m":
+        # GGUF pre-tokenizer type "smollm": every digit split off before the GPT-2 split, so a whitespace run before
+        # a digit stays one token (copies converted before conversion version 2 split it in two).
+        pieces = tok.convert_ids_to_tokens(tok("Bloody Roar  3\n\n2", add_special_tokens=False)["input_ids"])
+        assert pieces[-4:] == ["ĠĠ", "3", "ĊĊ", "2"], pieces
 
     answer = _greedy_answer(model, tok, "What is the capital of France?")
     print(f"\n{alias}: conversion+load {first:.1f}s, cached load {second:.1f}s, answer: {answer!r}")

@@ -160,6 +160,16 @@ _MARKER = "llmrec_conversion.json"
 # so anything beyond rounding noise means the config or the weights did not round-trip.
 _LOGITS_ATOL = 1e-4
 _VERIFY_TEXT = "The capital of France is"
+_VERIFY_DIGITS = "Vol.  2 -\n\n3 players, 1,024"  # whitespace runs before digits: where pre-tokenizers differ
+# Copies converted before this version are converted again: version 2 (2026-12-05) splits digits as the GGUF's
+# pre-tokenizer type says (SmolLM2's "smollm"), which version 1 left to transformers' plain byte-level default.
+_CONVERSION_VERSION = 2
+# llama.cpp's pre-tokenizer types that isolate every digit before the GPT-2 split (llama-vocab.cpp); transformers
+# 5 has no rule for them and falls back to the GPT-2 split alone, so a whitespace run before a digit ("Vol.  2",
+# "\n\n2") became other tokens than the model was trained on.
+_DIGITS_THEN_GPT2 = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"})
+# Types whose split is the GPT-2 one transformers applies by default.
+_GPT2_SPLIT = frozenset({"gpt-2", "default"})
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -367,6 +377,8 @@ def alias_is_cached(name: str, cache_dir: str | os.PathLike[str] | None = None) 
     marker = _read_marker(folder)
     if marker is None or marker.get("sha256") != _alias(name).sha256:
         return False
+    if marker.get("conversion_version", 1) != _CONVERSION_VERSION:  # made by a conversion since corrected
+        return False
     # Markers since 2026-12-05 list every file's size: a file cut short (a crash before the data reached the disk)
     # makes the copy incomplete, to be converted again, rather than a model that fails to load or loads wrong.
     sizes = marker.get("file_sizes") or {}
@@ -454,6 +466,32 @@ def _strip_gguf_config(config: PretrainedConfig) -> PretrainedConfig:
     return config
 
 
+def gguf_pre_tokenizer_fix(gguf_path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Give a byte-level BPE tokenizer that transformers built from a GGUF file the pre-tokenizer the file names
+    (``tokenizer.ggml.pre``) where transformers has no rule for it; returns that type (None if not recorded).
+
+    Raises :class:`ConversionError` for a type neither transformers nor llmrec knows: its split is unknown, and
+    the plain byte-level one would tokenize some text differently from the model.
+    """
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    fields = GGUFReader(str(gguf_path)).fields
+    if "tokenizer.ggml.model" not in fields or fields["tokenizer.ggml.model"].contents() != "gpt2":
+        return None  # sentencepiece vocabularies have no such split
+    pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
+    if pre in _DIGITS_THEN_GPT2:
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    elif pre is not None and pre not in _GPT2_SPLIT and pre not in GGUF_PRE_TOKENIZER_SPLITS:
+        raise ConversionError(f"{gguf_path}: pre-tokenizer type {pre!r} is not known to transformers or llmrec; "
+                              "the converted tokenizer would split text differently from the model")
+    return pre
+
+
 def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Convert a GGUF checkpoint into a float32 safetensors model + tokenizer folder ``out_dir``.
 
@@ -467,6 +505,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    pre_tokenizer = gguf_pre_tokenizer_fix(gguf_path, tokenizer)
     model_kw: dict[str, Any] = {"gguf_file": gguf_path.name}
     try:
         from transformers import GgufConfig
@@ -493,10 +532,11 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
     reloaded_tok = AutoTokenizer.from_pretrained(str(out_dir))
     sample = [{"role": "user", "content": _VERIFY_TEXT}]
+    for text in (_VERIFY_TEXT, _VERIFY_DIGITS):
+        if tokenizer(text)["input_ids"] != reloaded_tok(text)["input_ids"]:
+            raise ConversionError(f"saved tokenizer encodes {text!r} differently: {reloaded_tok(text)['input_ids']} "
+                                  f"!= {tokenizer(text)['input_ids']}")
     ids_ref = tokenizer(_VERIFY_TEXT)["input_ids"]
-    ids_new = reloaded_tok(_VERIFY_TEXT)["input_ids"]
-    if ids_ref != ids_new:
-        raise ConversionError(f"saved tokenizer encodes differently: {ids_new} != {ids_ref}")
     if tokenizer.chat_template is not None:
         chat_ref = tokenizer.apply_chat_template(sample, tokenize=False, add_generation_prompt=True)
         chat_new = reloaded_tok.apply_chat_template(sample, tokenize=False, add_generation_prompt=True)
@@ -514,7 +554,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         raise ConversionError(
             f"converted model does not reproduce the GGUF model's logits (max |diff| = {max_diff:.3g})"
         )
-    return {"max_abs_logit_diff": max_diff, "verify_input_ids": ids_ref}
+    return {"max_abs_logit_diff": max_diff, "verify_input_ids": ids_ref, "pre_tokenizer": pre_tokenizer}
 
 
 def convert_alias(
@@ -556,6 +596,7 @@ def _convert_alias_locked(name: str, spec: GGUFAlias, dest: Path) -> Path:
             "sha256": spec.sha256,
             "requirements": list(spec.requirements),
             "dtype": "float32",
+            "conversion_version": _CONVERSION_VERSION,
             "seconds": round(time.monotonic() - start, 1),
             **facts,
         }
