@@ -262,6 +262,40 @@ def test_ratios_are_refused_where_a_csv_split_ignores_them(tmp_path: Path, capsy
     assert "it would be ignored" in err and not out.exists()
 
 
+@pytest.mark.parametrize(("fmt", "extra", "option"), [
+    ("recbole", ["--min-rating", "4"], "--min-rating applies to --format amazon2023"),
+    ("recbole", ["--interactions", "x.csv"], "--interactions applies to --format csv"),
+    ("recbole", ["--titles-from", "npy"], "--titles-from applies to --format seq-txt"),
+    ("recbole", ["--start", "2030-01"], "--start applies to --format amazon2018"),
+    ("recbole", ["--min-items", "99"], "--min-items applies to --format amazon2018"),
+    ("seq-txt", ["--category", "Toys"], "--category applies to --format d3-csv or recbole"),
+    ("d3-csv", ["--on-unknown-item", "skip"], "--on-unknown-item applies to --format seq-txt"),
+    ("amazon2023", ["--category", "V", "--min-rating", "nan"], "--min-rating must be a finite number"),
+    ("amazon2018", ["--category", "V", "--end", "2018-11-01"], "--end takes a month as YYYY-MM"),
+    ("amazon2018", ["--category", "V", "--start", "2018-13"], "--start takes a month as YYYY-MM"),
+])
+def test_options_the_format_does_not_read_are_refused(tmp_path: Path, capsys, fmt, extra, option):
+    """`--format recbole --min-rating 4` prepared every rating (the option is amazon2023's), and the other
+    format-specific options were ignored as silently; amazon2018's months failed with "too many values to unpack"."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    assert main(prepare_args(fmt, src, out, *extra)) == 1
+    err = capsys.readouterr().err
+    assert option in err and "Traceback" not in err and not out.exists()
+
+
+def test_a_history_length_beyond_the_prepared_one_is_warned_about(tmp_path: Path, caplog):
+    from llmrec.data.canonical import load_prepared
+
+    src, out = write_csv_source(tmp_path / "src"), tmp_path / "out"
+    assert main(prepare_args("csv", src, out, "--max-history", "2")) == 0
+    with caplog.at_level("WARNING", logger="llmrec.data.canonical"):
+        load_prepared(out, max_history=2)
+        assert not caplog.records
+        load_prepared(out, max_history=5)
+    assert "prepared with --max-history 2: histories hold at most 2 items, not the 5 asked" in caplog.text
+
+
 def test_split_options_at_their_defaults_are_accepted_everywhere(tmp_path: Path):
     d3 = write_d3_source(tmp_path / "d3")
     assert main(prepare_args("d3-csv", d3, tmp_path / "o1", "--splits", "valid,test", "--split", "loo",

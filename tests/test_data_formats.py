@@ -1027,12 +1027,38 @@ def test_amazon2023_bad_rating(tmp_path: Path):
     (src / "V.jsonl").write_text(json.dumps({"user_id": "u", "parent_asin": "B1", "rating": "five",
                                              "timestamp": 1}) + "\n")
     (src / "meta_V.jsonl").write_text(json.dumps({"parent_asin": "B1", "title": "T"}) + "\n")
-    with pytest.raises(DataFormatError, match=r"V.jsonl, row 1, field 'rating': expected a number, got 'five'"):
+    with pytest.raises(DataFormatError, match=r"V.jsonl, row 1, field 'rating': expected a finite number, got \"five\""):
         formats.read_amazon2023(src, "V", min_rating=3)
-    (src / "V.jsonl").write_text(json.dumps({"user_id": "u", "parent_asin": "B1", "rating": None,
+    # NaN passed every threshold (the row was kept) and `true` read as 1.0; null, as before, is refused too.
+    for rating in ("null", "NaN", '"nan"', "true", "Infinity"):
+        (src / "V.jsonl").write_text(f'{{"user_id": "u", "parent_asin": "B1", "rating": {rating}, "timestamp": 1}}\n')
+        with pytest.raises(DataFormatError, match="field 'rating': expected a finite number"):
+            formats.read_amazon2023(src, "V", min_rating=3)
+    (src / "V.jsonl").write_text(json.dumps({"user_id": "u", "parent_asin": "B1", "rating": "4.0",
                                              "timestamp": 1}) + "\n")
-    with pytest.raises(DataFormatError, match="field 'rating'"):
-        formats.read_amazon2023(src, "V", min_rating=3)
+    assert formats.read_amazon2023(src, "V", min_rating=3).skipped == {}  # a number as text: read as before
+
+
+def test_a_title_with_an_unpaired_surrogate_is_named(tmp_path: Path):
+    """`"\\ud83c"` is valid JSON but not Unicode text: prepare failed with a bare UnicodeEncodeError naming no file,
+    line or field, and so did loading a catalogue holding one."""
+    from llmrec.data.canonical import load_prepared
+
+    src = write_loo(tmp_path / "src", "jsonl")
+    items = src / "derived" / "items.jsonl"
+    lines = items.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"title": "One"', '"title": "One \\ud83c"')
+    items.write_text("".join(lines))
+    with pytest.raises(DataFormatError, match=r"items\.jsonl, row 2, field 'title': an unpaired UTF-16 surrogate"):
+        formats.read_seq_txt(src)
+    out = tmp_path / "out"
+    prepare(formats.read_seq_txt(write_loo(tmp_path / "ok", "jsonl")), out)
+    catalog = out / "catalog.jsonl"
+    rows = catalog.read_text().splitlines(keepends=True)
+    rows[0] = rows[0].replace('"Zero"', '"Zero \\udc00"')
+    catalog.write_text("".join(rows))
+    with pytest.raises(DataFormatError, match=r"catalog\.jsonl, row 1, field 'title': an unpaired UTF-16 surrogate"):
+        load_prepared(out)
 
 
 def test_items_jsonl_line_that_is_not_an_object(tmp_path: Path):

@@ -18,6 +18,7 @@ JSON lines are written with sorted keys and fixed separators, so the same input 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 CATALOG_FILE = "catalog.jsonl"
@@ -76,7 +79,21 @@ def _jsonl_records(lines: Iterable[str], path: Path) -> Iterator[tuple[int, dict
             raise DataFormatError(path, i, None, f"not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):  # `5`, `null`, `[1, 2]`: valid JSON, but no fields to read
             raise DataFormatError(path, i, None, f"expected a JSON object, got {json.dumps(obj)[:40]}")
+        check_no_lone_surrogates(line, obj, path, i)
         yield i, obj
+
+
+def check_no_lone_surrogates(line: str, obj: dict, path: Path, n: int) -> None:
+    """Refuse a JSON record whose strings hold an unpaired UTF-16 surrogate escape (``"\\ud83c"``): valid JSON, but
+    not Unicode text, so it failed later with a bare UnicodeEncodeError naming no file, line or field."""
+    if "\\ud" not in line and "\\uD" not in line:  # the only way a surrogate gets into a decoded UTF-8 line
+        return
+    for key, value in obj.items():
+        try:
+            json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataFormatError(path, n, str(key), f"an unpaired UTF-16 surrogate ({e.object[e.start]!a}): not "
+                                                     "Unicode text") from None
 
 
 def parse_jsonl_lines(lines: Iterable[str], path: Path) -> Iterator[dict]:
@@ -380,6 +397,11 @@ def load_prepared(
     directory = resolve_dataset_dir(directory)
     catalog = ItemCatalog.load(directory / CATALOG_FILE)
     stats = read_stats(directory / STATS_FILE)
+    prepared_cap = (stats.get("options") or {}).get("max_history")
+    if max_history is not None and isinstance(prepared_cap, int) and 0 < prepared_cap < max_history:
+        logger.warning("%s was prepared with --max-history %d: histories hold at most %d items, not the %d asked "
+                       "(prepare it again with --max-history %d or 0 to read more)", directory, prepared_cap,
+                       prepared_cap, max_history, max_history)
     wanted = list(splits) if splits is not None else [s for s in SPLITS if (directory / f"{s}.jsonl").exists()]
     if not wanted:
         raise FileNotFoundError(f"{directory}: no split files (train/valid/test.jsonl) found")

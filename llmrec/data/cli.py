@@ -61,6 +61,37 @@ def _check_split_options(args: argparse.Namespace) -> None:
                              "it would be ignored")
 
 
+# Options read by some formats only: (flag, attribute, formats that read it, default). Given to another format they
+# were ignored without a word (`--format recbole --min-rating 4` prepared every rating).
+_FORMAT_OPTIONS = (
+    ("--min-rating", "min_rating", ("amazon2023",), None),
+    ("--interactions", "interactions", ("csv",), None),
+    ("--items", "items", ("csv",), None),
+    ("--titles-from", "titles_from", ("seq-txt",), "auto"),
+    ("--category", "category", ("d3-csv", "recbole", "amazon2023", "amazon2018"), None),
+    ("--on-unknown-item", "on_unknown_item", ("seq-txt", "recbole", "csv", "amazon2023"), "error"),
+    ("--start", "start", ("amazon2018",), "2017-10"),
+    ("--end", "end", ("amazon2018",), "2018-11"),
+    ("--min-items", "min_items", ("amazon2018",), 5000),
+)
+
+
+def _check_format_options(args: argparse.Namespace) -> None:
+    """Refuse an option the chosen format does not read (only values other than the default: argparse cannot tell
+    a default given on the command line from one left out)."""
+    for flag, attr, formats, default in _FORMAT_OPTIONS:
+        if getattr(args, attr) != default and args.format not in formats:
+            raise ValueError(f"{flag} applies to --format {' or '.join(formats)} (got --format {args.format}); "
+                             "it would be ignored")
+    if args.min_rating is not None and not math.isfinite(args.min_rating):
+        raise ValueError(f"--min-rating must be a finite number, got {args.min_rating}")
+    if args.format == "amazon2018":
+        for flag, text in (("--start", args.start), ("--end", args.end)):
+            parts = text.split("-")
+            if len(parts) != 2 or not all(x.isdigit() for x in parts) or not 1 <= int(parts[1]) <= 12:
+                raise ValueError(f"{flag} takes a month as YYYY-MM (e.g. 2018-11), got {text!r}")
+
+
 def _splits_to_prepare(args: argparse.Namespace) -> list[str] | None:
     """``--splits``; without it, a ratio time split leaves out the split whose ratio is 0 (it has no rows), else
     None (all the input has)."""
@@ -90,6 +121,7 @@ def read_source(args: argparse.Namespace):
     splits = _split_list(args.splits)
     check_split_names(splits)  # before reading, which may take long
     _check_split_options(args)
+    _check_format_options(args)
     cutoffs = _parse_time_cutoffs(args.time_cutoffs, args.format, args.split) if args.time_cutoffs else None
     if args.format == "d3-csv":
         return formats.read_d3_csv(inp, splits or ["train", "valid", "test"], args.category)
@@ -242,7 +274,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--interactions", default=None, help="csv: interactions file (default INPUT/interactions.csv)")
     p.add_argument("--items", default=None, help="csv: items file (default INPUT/items.csv)")
     p.add_argument("--start", default="2017-10", help="amazon2018: window start YYYY-MM (widened back as D3 does)")
-    p.add_argument("--end", default="2018-11", help="amazon2018: window end YYYY-MM (exclusive)")
+    p.add_argument("--end", default="2018-11", help="amazon2018: window end YYYY-MM (reviews up to the first "
+                   "day of that month, that day included, as D3 keeps them)")
     p.add_argument("--min-items", type=int, default=5000, help="amazon2018: widen the window until this many items")
     p.set_defaults(func=cmd_prepare)
     s = sub.add_parser("stats", help="print the stats of a prepared directory")

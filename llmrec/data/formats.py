@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llmrec.data.canonical import SPLITS, DataFormatError, json_id
+from llmrec.data.canonical import SPLITS, DataFormatError, check_no_lone_surrogates, json_id
 
 FORMATS = ("d3-csv", "seq-txt", "recbole", "csv", "amazon2018", "amazon2023")
 
@@ -547,6 +547,7 @@ def _jsonl_objects(path: Path):
             raise DataFormatError(path, n, None, f"not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise DataFormatError(path, n, None, "expected a JSON object")
+        check_no_lone_surrogates(line, obj, path, n)
         yield n, obj
 
 
@@ -587,10 +588,14 @@ def read_amazon2023(
         if min_rating is not None:
             if "rating" not in obj:
                 raise DataFormatError(reviews, n, "rating", "missing")
+            value = obj["rating"]
+            # float() took `true` as 1.0, and NaN (JSON's NaN or "nan") is a rating no threshold removes
             try:
-                rating = float(obj["rating"])
+                rating = math.nan if isinstance(value, bool) else float(value)
             except (TypeError, ValueError):
-                raise DataFormatError(reviews, n, "rating", f"expected a number, got {str(obj['rating'])[:40]!r}") from None
+                rating = math.nan
+            if not math.isfinite(rating):
+                raise DataFormatError(reviews, n, "rating", f"expected a finite number, got {json.dumps(value)[:40]}")
             if rating < min_rating:
                 skipped["below_min_rating"] = skipped.get("below_min_rating", 0) + 1
                 continue
