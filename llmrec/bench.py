@@ -124,9 +124,9 @@ def bench_decoding(args: argparse.Namespace) -> dict:
 
 
 def _yaml_scalar(text: str):
-    import yaml
+    from llmrec.config import load_yaml_text
 
-    return yaml.safe_load(text)
+    return load_yaml_text(text)  # typed later by coerce_fields, as a recipe's values
 
 
 def _print_table(result: dict, keys: list[str]) -> None:

@@ -462,7 +462,7 @@ class Pipeline:
         from llmrec.seqrec.config import SeqRecConfig
 
         recipe = self.recipes / "seqrec" / f"{model}_games.yaml"
-        fields = coerce_fields([SeqRecConfig], {**read_recipe(recipe), **self.opts.id_overrides},
+        fields = coerce_fields([SeqRecConfig], {**read_recipe(recipe, keep_number_text=True), **self.opts.id_overrides},
                                f"{recipe} + --id")
         fields.update(model=model, dataset_dir=str(self.data_dir), output_dir=str(self.stage_dir(f"seqrec_{model}", seed)),
                       seed=42 + seed)
@@ -1348,14 +1348,14 @@ def plot_report(result: dict, path: Path) -> None:
 
 
 def _pairs(values: list[str], what: str) -> dict[str, Any]:
-    import yaml
+    from llmrec.config import load_yaml_text
 
     out: dict[str, Any] = {}
     for v in values:
         if "=" not in v:
             raise ValueError(f"{what}: expected key=value, got {v!r}")
         k, raw = v.split("=", 1)
-        out[k.strip()] = yaml.safe_load(raw)
+        out[k.strip()] = load_yaml_text(raw)  # typed by coerce_fields, as a recipe's values
     return out
 
 

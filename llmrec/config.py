@@ -148,8 +148,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe YAML (safe loader) into a flat dict; clear errors for missing/bad files."""
+def load_yaml_text(text: str) -> Any:
+    """A YAML value given as text (``key=value`` pairs, option values) read as a recipe's are: numbers keep their
+    source text until a field types them (:func:`coerce_fields`), so ``noun=0x10`` is '0x10' there too."""
+    return yaml.load(text, Loader=_UniqueKeySafeLoader)  # a SafeLoader
+
+
+def yaml_text(value: Any) -> str:
+    """A recipe value as text, as a text field reads it (``0123`` as written, not octal 83)."""
+    return getattr(value, "yaml_source", None) or str(value)
+
+
+def read_recipe(path: str | Path, keep_number_text: bool = False) -> dict[str, Any]:
+    """Read a recipe YAML (safe loader) into a flat dict; clear errors for missing/bad files.
+
+    ``keep_number_text``: numbers keep their source text for :func:`coerce_fields` (which gives a text field
+    ``0123`` as written); without it every value is a plain Python value.
+    """
     from llmrec.resources import resolve_resource
 
     try:
@@ -175,7 +190,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if odd:  # YAML 1.1 reads `on:`, `yes:` as true and `1:` as an int; no option has such a name
         raise ConfigError(f"{path}: option names must be text, got {', '.join(repr(k) for k in odd)} (quote a key "
                           "that YAML reads as a boolean or a number)")
-    return data
+    return data if keep_number_text else _plain(data)
 
 
 def field_names(classes: Sequence[type]) -> set[str]:
@@ -351,7 +366,7 @@ def _typed(convert, value: Any, hint: Any = None) -> Any:
     if convert is str:
         if isinstance(value, bool):
             raise ValueError("expected a string (quote it)")
-        return getattr(value, "yaml_source", None) or str(value)  # `0123` as written, not octal 83
+        return yaml_text(value)  # `0123` as written, not octal 83
     if getattr(convert, "__name__", "") == "string_to_bool":  # transformers' type for bool fields
         # Passed through unchecked, `mask_history: 2` or `use_chat_template: 0.5` reached the config as a
         # truthy non-bool; YAML reads true/false/yes/no as booleans already.
@@ -493,7 +508,7 @@ def parse_config(
     parser = _parser(classes)
     data: dict[str, Any] = {}
     if config_path is not None:
-        data = read_recipe(config_path)
+        data = read_recipe(config_path, keep_number_text=True)
         check_keys(data, classes, str(config_path))
         data = _coerce(parser, data, str(config_path), classes)
     if extra:

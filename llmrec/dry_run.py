@@ -177,6 +177,7 @@ def _recipes_writing(output_dir: str, prefixes: tuple[str, ...]) -> list[Path]:
     """Shipped recipes whose ``output_dir`` is ``output_dir`` (the run that makes a missing checkpoint)."""
     import yaml
 
+    from llmrec.config import load_yaml_text, yaml_text
     from llmrec.resources import resource_dir
 
     try:
@@ -188,10 +189,11 @@ def _recipes_writing(output_dir: str, prefixes: tuple[str, ...]) -> list[Path]:
         if p.parent.name == "accelerate" or not p.name.startswith(prefixes):
             continue
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            data = load_yaml_text(p.read_text(encoding="utf-8"))
         except yaml.YAMLError:
             continue
-        if isinstance(data, dict) and data.get("output_dir") and Path(str(data["output_dir"])) == Path(output_dir):
+        # as the recipe's run reads it: `output_dir: 0123` is '0123', not octal 83
+        if isinstance(data, dict) and data.get("output_dir") and Path(yaml_text(data["output_dir"])) == Path(output_dir):
             found.append(p)
     return found
 
@@ -201,15 +203,13 @@ def _planned_sft(output_dir: str, depth: int = 0) -> tuple[Any, str] | None:
 
     A GRPO output leads to the SFT recipe of its ``sft_checkpoint`` (GRPO keeps the SFT model's shape).
     """
-    import yaml
-
-    from llmrec.config import ConfigError, parse_config
+    from llmrec.config import ConfigError, load_yaml_text, parse_config, yaml_text
 
     for p in _recipes_writing(output_dir, ("sft", "grpo")):
         if p.name.startswith("grpo"):
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = load_yaml_text(p.read_text(encoding="utf-8")) or {}
             if depth == 0 and data.get("sft_checkpoint"):
-                found = _planned_sft(str(data["sft_checkpoint"]), depth + 1)
+                found = _planned_sft(yaml_text(data["sft_checkpoint"]), depth + 1)
                 if found is not None:
                     return found[0], f"{found[1]} (via {_recipe_label(p)})"
             continue

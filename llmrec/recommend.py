@@ -44,7 +44,9 @@ a history is what the evaluator ranked for it:
   ``guidance_checkpoint`` (a seqrec run on the same catalogue) and ``guidance_weight``, every beam step adds the
   weighted log of the ID model's probability mass over the items whose titles extend the prefix, as ``llmrec
   evaluate --guidance_checkpoint`` does; the ID model reads each given history up to its own ``max_history``, and
-  the scores include the guidance (D3 decodes with ``length_penalty=0``).
+  the scores include the guidance (D3 decodes with ``length_penalty=0``). The rankings equal the guided
+  evaluation's, except with a LARES guide that draws its initial state (``state_init: normal``): its draws are keyed
+  by the history's content here and by the split row there (a warning says so).
 * **ID models** (SASRec, ReaRec, LARES): every catalogue item is scored for the left-padded history
   (:meth:`~llmrec.seqrec.models.SeqRecModel.score`; padding id 0 is never a candidate) and the top ``k``
   are returned, ties broken by the smaller item id (as the seqrec evaluation ranks).
@@ -727,8 +729,15 @@ class Recommender:
         if guide is not None and opts["guidance_weight"] == 0:
             logger.warning("guidance_weight is 0: guidance_checkpoint %s is not used", guide)
         elif guide is not None:
+            if not Path(guide).is_dir() or not is_seqrec_run(guide):
+                raise FileNotFoundError(f"guidance_checkpoint {guide} is not a `llmrec seqrec train` run directory "
+                                        "(results.json + train/best.safetensors)")
             # Checked against this catalogue by its recorded digest (item ids must mean the same items).
             id_model, _, id_cfg, id_info = _load_seqrec(Path(guide), data_dir, device, None)
+            if id_cfg.model == "lares" and id_cfg.state_init == "normal":
+                logger.warning("guidance_checkpoint %s draws a random initial state (state_init: normal): recommend "
+                               "keys it by each history's content, the evaluator by the split row, so guided "
+                               "rankings can differ from the evaluation's", guide)
             backend.guide_with(_SeqRecBackend(id_model, catalog, id_cfg.max_history, device, backend.batch_size),
                                float(opts["guidance_weight"]))
             info["guidance"] = {"checkpoint": str(guide), "weight": float(opts["guidance_weight"]),

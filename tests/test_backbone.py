@@ -127,7 +127,7 @@ def write_tiny_gguf(kind: str, path: Path, pre: str | None = None):
 
 
 def make_fake_alias(tmp_path: Path, monkeypatch, kind: str = "tiny-llama", parts: int = 1, sha256=None,
-                    pre: str | None = None):
+                    pre: str | None = None, conversion_version: int = 1):
     """Register an alias whose GGUF (split into ``parts`` packages) lives in fake packages on sys.path."""
     gguf_path = tmp_path / "src" / f"{kind}.gguf"
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +154,7 @@ def make_fake_alias(tmp_path: Path, monkeypatch, kind: str = "tiny-llama", parts
         modules=tuple(modules),
         file_glob="model.gguf" if parts == 1 else "model.part*",
         sha256=sha256 or hashlib.sha256(blob).hexdigest(),
+        conversion_version=conversion_version,
     )
     monkeypatch.setitem(ALIASES, name, spec)
     return name, model, tok
@@ -379,14 +380,14 @@ def test_the_gguf_pre_tokenizer_type_decides_how_digits_split(tmp_path, monkeypa
     """SmolLM2's GGUF names the "smollm" pre-tokenizer (every digit isolated before the GPT-2 split), for which
     transformers has no rule: its plain byte-level split made "x\n\n2" and "Vol.  2" other tokens than the model
     was trained on. An unknown type is refused; copies converted before the fix are converted again."""
-    name, _, _ = make_fake_alias(tmp_path, monkeypatch, kind="tiny-llama", pre="smollm")
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch, kind="tiny-llama", pre="smollm", conversion_version=2)
     _, tok = load_backbone(name, dtype="float32")
     split = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
     assert [piece for piece, _ in split("x\n\n2 players")] == ["x", "ĊĊ", "2", "Ġplayers"]
     assert [piece for piece, _ in split("Vol.  25")] == ["Vol", ".", "ĠĠ", "2", "5"]  # was "Ġ", "Ġ25"
     folder = alias_cache_path(name)
     marker = json.loads((folder / "llmrec_conversion.json").read_text())
-    assert marker["pre_tokenizer"] == "smollm" and marker["conversion_version"] == backbone._CONVERSION_VERSION
+    assert marker["pre_tokenizer"] == "smollm" and marker["conversion_version"] == 2
 
     plain, _, _ = make_fake_alias(tmp_path / "plain", monkeypatch, kind="tiny-llama", pre="default")
     _, tok = load_backbone(plain, dtype="float32")  # the GPT-2 split, as before
@@ -396,6 +397,14 @@ def test_the_gguf_pre_tokenizer_type_decides_how_digits_split(tmp_path, monkeypa
     del marker["conversion_version"]  # a copy made by the conversion before the fix
     (folder / "llmrec_conversion.json").write_text(json.dumps(marker))
     assert not alias_is_cached(name)
+    # An alias whose copy the fix does not change (version 1, as Qwen2.5's) keeps its older copies.
+    plain_folder = alias_cache_path(plain)
+    plain_marker = json.loads((plain_folder / "llmrec_conversion.json").read_text())
+    del plain_marker["conversion_version"]
+    (plain_folder / "llmrec_conversion.json").write_text(json.dumps(plain_marker))
+    assert alias_is_cached(plain)
+    assert backbone.ALIASES["smollm2-135m"].conversion_version == 2
+    assert backbone.ALIASES["qwen2.5-coder-0.5b"].conversion_version == 1
 
     odd, _, _ = make_fake_alias(tmp_path / "odd", monkeypatch, kind="tiny-llama", pre="made-up")
     with pytest.raises(ConversionError, match="pre-tokenizer type 'made-up' is not known"):

@@ -112,6 +112,14 @@ def test_a_number_given_to_a_text_field_keeps_the_text_the_recipe_wrote(tmp_path
     p = recipe(tmp_path, "dataset: 1.50\nnote: .inf\n", "floats.yaml")
     data, train = parse_config(CLASSES, p)
     assert (data.dataset, train.note) == ("1.50", ".inf")
+    # read_recipe gives plain values (scripts build configs from it directly); key=value pairs of the bench
+    # commands read numbers as recipes do.
+    assert [type(v) for v in read_recipe(tmp_path / "numbers.yaml").values()] == [int, int, int, int, float, list]
+    from llmrec.bench_pipeline import _pairs
+    from llmrec.config import coerce_fields
+
+    assert coerce_fields(CLASSES, _pairs(["noun=0x10", "max_history=0x10"], "--sft"), "--sft") == {
+        "noun": "0x10", "max_history": 16}
 
 
 def test_yaml_values_of_the_wrong_type_and_repeated_keys_are_errors(tmp_path: Path):

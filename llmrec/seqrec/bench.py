@@ -92,7 +92,7 @@ def run_seqrec_benchmark(
         if not recipe:
             return {}
         path = str(recipe).replace("{model}", model)
-        return coerce_fields([SeqRecConfig], read_recipe(path), path)
+        return coerce_fields([SeqRecConfig], read_recipe(path, keep_number_text=True), path)
 
     for model in models:  # every recipe read (and checked) before the first run starts
         recipe_for(model)
