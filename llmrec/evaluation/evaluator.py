@@ -602,7 +602,8 @@ class Evaluator:
                 logger.info("%s is complete for this protocol; nothing to do", results_path)
                 return prev
             raise ValueError(f"{self.out} holds results of a different protocol "
-                             f"({_protocol_changes(prev.get('protocol'), protocol)}); choose another output_dir")
+                             f"({_protocol_changes(prev.get('protocol'), protocol)}); choose another output_dir, "
+                             f"or remove {self.out} to evaluate again")
         proto_path = self.out / "protocol.json"
         if self.state.is_main_process:
             old = _read_json_file(proto_path) if proto_path.exists() else None
