@@ -186,6 +186,33 @@ def test_training_from_scratch_removes_the_old_runs_results_first(tmp_path, monk
     assert not (out / "results.json").exists() and not (out / "results.md").exists()
 
 
+def test_a_lares_run_from_scratch_cut_before_rpt_does_not_take_up_the_old_runs_rpt(tmp_path, monkeypatch):
+    """resume: false forgot only the phase it started: a run cut before RPT (here in the between-phase filter)
+    left the old run's finished RPT phase, which the next, resumed run reported under the new config."""
+    from llmrec.seqrec import trainer as T
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, model="lares", epochs=2, mean_recurrence=2, rpt_epochs=1, rpt_batch_size=16,
+                   rpt_lr=1e-3)
+    run_seqrec(cfg)
+    new = dataclasses.replace(cfg, lr=3e-3)
+    alone = run_seqrec(dataclasses.replace(new, output_dir=str(tmp_path / "alone")))
+    real = T.SeqRecTrainer.lares_filter
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed in the filter")
+
+    monkeypatch.setattr(T.SeqRecTrainer, "lares_filter", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_seqrec(dataclasses.replace(new, resume=False))
+    out = Path(cfg.output_dir)
+    assert not (out / "rpt" / "done.json").exists() and not (out / "rpt" / "state.json").exists()
+    monkeypatch.setattr(T.SeqRecTrainer, "lares_filter", real)
+    resumed = run_seqrec(new)
+    assert resumed["test"] == alone["test"] and resumed["rpt_rows_kept"] == alone["rpt_rows_kept"]
+
+
 def test_resume_reads_the_same_directory_spelled_otherwise_and_fields_added_later_as_their_defaults(tmp_path):
     """"data/x/" and "data/x" are one dataset; a field the recorded run's code did not have yet is its default
     (as the benchmark reads a finished run): neither is another setting."""

@@ -121,6 +121,10 @@ def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, s
             # directory a finished run; cut after a phase, it would stand beside the new run's best weights).
             for name in (RESULTS_JSON, RESULTS_MD):
                 (out / name).unlink(missing_ok=True)
+            # ... nor its phases' states: each phase forgets its own when it starts, but a run cut before LARES's
+            # RPT left the old run's finished RPT phase to be taken up by the next (resumed) run under this config.
+            for phase_file in (*out.glob("*/done.json"), *out.glob("*/state.json")):
+                phase_file.unlink()
         atomic_write_json(path, want)
     return want["data_sha256"]
 
