@@ -682,6 +682,27 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, prepared_dir):
         run_sft(make_config(out, prepared_dir, per_device_train_batch_size=4, **kw))
 
 
+def test_a_cut_run_resumes_only_on_its_data_and_retrain_starts_it_over(tmp_path, prepared_dir):
+    """A cut run resumed silently on a dataset prepared again in place (steps on both, only the new digests
+    recorded); and `retrain: true`, which the refusal of a changed setting recommends, still resumed a cut run
+    (only a finished run's checkpoints were removed)."""
+    from conftest import write_prepared
+
+    kw = dict(num_latent_tokens=1, max_steps=4, save_strategy="steps", save_steps=2)
+    out = tmp_path / "run"
+    run_sft(make_config(out, prepared_dir, **kw))
+    (out / "train_results.json").unlink()  # as if killed after checkpoint-4
+    # retrain with another setting: trained from the start, not refused as a resume with other settings
+    again = run_sft(make_config(out, prepared_dir, learning_rate=0.05, retrain=True, **kw))
+    assert again["resumed_from"] is None and again["global_step"] == 4
+    (out / "train_results.json").unlink()
+    write_prepared(prepared_dir, seed=1)  # same directory, other rows
+    with pytest.raises(ConfigError, match=r"checkpoint-4 was trained on another dataset .*set retrain: true"):
+        run_sft(make_config(out, prepared_dir, learning_rate=0.05, **kw))
+    fresh = run_sft(make_config(out, prepared_dir, learning_rate=0.05, retrain=True, **kw))
+    assert fresh["resumed_from"] is None
+
+
 def test_filler_rows_are_left_out_with_drop_last_and_for_older_checkpoints(tmp_path, prepared_dir):
     """drop_last drops the partial batch as asked (filling it added a step); a checkpoint written before the
     fillers existed resumes over the rows alone (fillers would redraw the epoch's order)."""

@@ -828,6 +828,8 @@ class LatentSFTTrainer(transformers.Trainer):
         # the trainer's process count: args.world_size reads a state a resume may have reset
         args = dict(self.args.to_dict(),
                     global_train_batch_size=global_train_batch_size(self.args, self.accelerator.num_processes))
+        if getattr(self, "data_sha256", None) is not None:  # a resume on other data is refused (run_sft)
+            args["data_sha256"] = self.data_sha256
         save_sft_checkpoint(model, self.processing_class, output_dir, fields_, args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -897,20 +899,21 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         logger.info("%s holds a finished run (%s) made with these settings; skipping (set retrain: true to train "
                     "again)", out_dir, RESULTS_NAME)
         return json.loads((out_dir / RESULTS_NAME).read_text(encoding="utf-8"))
-    if (out_dir / RESULTS_NAME).exists() and config.retrain:
+    old = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
+    if config.retrain and ((out_dir / RESULTS_NAME).exists() or old):
         from accelerate import PartialState
 
         from llmrec.models.checkpoint import remove_saved_model
 
-        # Resuming from the finished run's last checkpoint would train nothing; and a stale checkpoint with a
-        # higher step than this run reaches would be what a later resume of this run picks up.
-        old = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
-        logger.warning("retrain: training %s again from the start; removing the finished run's %d checkpoint(s)",
+        # Resuming from the old run's last checkpoint would train nothing (a finished run) or continue it (a cut
+        # one, which the resume refusal tells to set retrain); and a stale checkpoint with a higher step than this
+        # run reaches would be what a later resume of this run picks up.
+        logger.warning("retrain: training %s again from the start; removing the old run's %d checkpoint(s)",
                        out_dir, len(old))
         if PartialState().is_main_process:
             for ckpt in old:
                 shutil.rmtree(ckpt)
-            (out_dir / RESULTS_NAME).unlink()
+            (out_dir / RESULTS_NAME).unlink(missing_ok=True)
             remove_saved_model(out_dir)  # a retrain cut short must not leave the old model readable as the new one
         PartialState().wait_for_everyone()
     resume = last_complete_checkpoint(out_dir)
@@ -926,9 +929,20 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
             # the dataclass defaults: building a LatentSFTConfig here would reset the accelerator state
             refuse_changed_resume(resume, found, wanted, field_defaults(LatentSFTConfig), ignore=RESUME_NEUTRAL_FIELDS,
                                   paths=("dataset",))
+    data_digests = _data_digests(config.dataset)
+    if resume and (Path(resume) / TRAINING_ARGS_JSON).exists() and data_digests is not None:
+        from llmrec.data.identity import data_difference
+        from llmrec.training.finished_runs import dataset_dir_or_none
+
+        found = json.loads((Path(resume) / TRAINING_ARGS_JSON).read_text(encoding="utf-8"))
+        other = data_difference(found, dataset_dir_or_none(config.dataset), data_digests)  # recorded since 2026-12-05
+        if other and "data_sha256" in found:
+            from llmrec.config import ConfigError
+
+            raise ConfigError(f"{resume} was trained on {other}: resuming would mix steps on both; set retrain: "
+                              "true to train again on this data, or train in another output_dir")
     model, tokenizer = build_model(config)
     t_model = time.time()
-    data_digests = _data_digests(config.dataset)
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
     num_train_rows = len(train_ds)
     if _fills_global_batches(config, resume):
@@ -944,6 +958,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         model=LatentSFTModule(model), args=config, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=LatentSFTCollator(pad), processing_class=tokenizer, callbacks=callbacks, sft_config=config,
     )
+    trainer.data_sha256 = data_digests  # recorded in each checkpoint
     if resume:
         logger.info("resuming from %s", resume)
     if resume and _stopped_at(resume):
