@@ -523,7 +523,7 @@ class Evaluator:
     def _check_popularity_list(self, data, done: dict[int, dict], source: Path, what: str) -> None:
         """Popularity records are reused only while they hold the list the training split gives now: the
         fingerprint names the test rows, and train.jsonl prepared again (another cut-off, more users) changes the
-        counts without changing them."""
+        counts without changing the fingerprint."""
         if self.config.method != "popularity" or not done:
             return
         k = max(self.config.ks)
