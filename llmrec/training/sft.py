@@ -185,9 +185,9 @@ class LatentSFTConfig(transformers.TrainingArguments):
     )
     retrain: bool = field(
         default=False,
-        metadata={"help": "Train again, from the start, even if output_dir holds a finished run (train_results.json): "
-                  "that run's checkpoint-* directories are removed first. By default such a run is skipped, so "
-                  "pipelines can be rerun."},
+        metadata={"help": "Train again, from the start, even if output_dir holds a finished run (train_results.json) "
+                  "or an interrupted one: that run's checkpoint-* directories are removed first. By default a "
+                  "finished run is skipped (so pipelines can be rerun) and an interrupted one resumed."},
     )
     early_stopping_patience: int = field(
         default=1, metadata={"help": "Stop after this many evaluations without a better eval_loss (0 = off); the "
