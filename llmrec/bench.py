@@ -225,8 +225,10 @@ def register_cli(subparsers) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Extra --field value pairs are SeqRecConfig fields applied to every run.")
     s.add_argument("--dataset", required=True, help="prepared dataset directory")
-    s.add_argument("--models", default="sasrec,rearec-erl,rearec-prl,lares")
-    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--models", default="sasrec,rearec-erl,rearec-prl,lares",
+                   help="comma-separated ID models to train and test")
+    s.add_argument("--seeds", type=int, default=3,
+                   help="number of seeds per model (a count, not a seed): run s uses seed 42 + s, s = 0..N-1")
     s.add_argument("--config", default=None, action=StoreOnce, help="a seqrec recipe whose values come first; '{model}' in the path "
                    "is replaced per model, e.g. 'recipes/seqrec/{model}_ml100k.yaml'")
     s.add_argument("--output-dir", default="benchmarks/results/seqrec", help="runs and summary (resumable)")

@@ -1209,7 +1209,8 @@ def report_markdown(result: dict, command: str = "") -> str:
             "item-level matching, items missing from a list count as misses.")
     if p.get("llm"):
         sft = p.get("llm_sft_overrides")
-        text += (f" LLMs: {p['llm']} {p['llm_eval'].get('dtype')}, {p['llm_train_rows']} train rows per seed, "
+        rows = f"{p['llm_train_rows']} train rows per seed, " if p.get("llm_train_rows") is not None else ""
+        text += (f" LLMs: {p['llm']} {p['llm_eval'].get('dtype')}, {rows}"
                  + (f"SFT with {', '.join(f'{k}={v}' for k, v in sft.items())}, " if sft else "")
                  + f"{p['llm_eval'].get('num_beams')} beams; GRPO: {_grpo_text(p['grpo_settings'])}.")
     selections = p.get("d3_selection") or {}

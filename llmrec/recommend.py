@@ -440,7 +440,8 @@ def is_seqrec_run(path: str | os.PathLike) -> bool:
     return isinstance(cfg, dict) and cfg.get("model") in MODEL_NAMES
 
 
-def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int | None):
+def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int | None,
+                 remedy: str = "pass the dataset the run was trained on"):
     from llmrec.data.canonical import DataFormatError
     from llmrec.safetensors_io import load_safetensors
     from llmrec.seqrec.config import SeqRecConfig
@@ -475,7 +476,7 @@ def _load_seqrec(path: Path, dataset, device: torch.device, history_length: int 
     if key in state and state[key].shape[0] - 1 != len(catalog):
         raise ValueError(
             f"{weights} was trained on a catalogue of {state[key].shape[0] - 1} items, but {data_dir} has "
-            f"{len(catalog)}: pass the dataset the run was trained on"
+            f"{len(catalog)}: {remedy}"
         )
     from llmrec.decoding.guidance import check_trained_catalog
 
@@ -694,6 +695,12 @@ class Recommender:
         # Checked before anything loads, and recorded as the dtype used ("fast" is bfloat16 or float32 here).
         dtype = checked_dtype_name(setting("dtype", "model_dtype"), "dtype")
         data_dir = _resolve_dataset(dataset, meta.get("dataset"), f"{name} ({source})")
+        if dataset is not None and meta.get("dataset"):
+            from llmrec.evaluation.evaluator import _same_dataset
+
+            if not _same_dataset(str(meta["dataset"]), str(dataset)):  # as the evaluator warns
+                logger.warning("%s was trained on %s and ranks the catalogue of %s (another catalogue: leave the "
+                               "dataset unset to rank its own)", name, meta["dataset"], dataset)
         catalog = _load_catalog(data_dir)
         base = opts.get("base_model")
         if meta:
@@ -733,7 +740,10 @@ class Recommender:
                 raise FileNotFoundError(f"guidance_checkpoint {guide} is not a `llmrec seqrec train` run directory "
                                         "(results.json + train/best.safetensors)")
             # Checked against this catalogue by its recorded digest (item ids must mean the same items).
-            id_model, _, id_cfg, id_info = _load_seqrec(Path(guide), data_dir, device, None)
+            id_model, _, id_cfg, id_info = _load_seqrec(
+                Path(guide), data_dir, device, None,
+                remedy=f"guide with an ID model trained on {data_dir}, the catalogue the LLM ranks "
+                       "(`llmrec seqrec train ... --dataset_dir` it)")
             if id_cfg.model == "lares" and id_cfg.state_init == "normal":
                 logger.warning("guidance_checkpoint %s draws a random initial state (state_init: normal): recommend "
                                "keys it by each history's content, the evaluator by the split row, so guided "

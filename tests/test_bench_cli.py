@@ -67,3 +67,14 @@ def test_a_bad_output_is_refused_before_the_benchmark_runs(tmp_path, capsys):
         assert main(["bench", *argv, "--output", str(tmp_path / "afile" / "x.json")]) != 0
         err = capsys.readouterr().err
         assert "--output" in err and "afile" in err
+
+
+def test_bench_seqrec_help_says_seeds_is_a_count(capsys):
+    """`--seeds 42` (meant as "seed 42", as the docs name seeds 42, 43, 44) queued 42 seeds per model: the help
+    said nothing about the option."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["bench", "seqrec", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "number of seeds per model (a count, not a seed): run s uses seed 42 + s" in text

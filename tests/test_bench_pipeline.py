@@ -920,3 +920,19 @@ def test_a_missing_ndcg_is_no_bar_not_a_zero_bar(tmp_path):
     result = {"methods": dict(methods), "protocol": {"dataset": "d", "test_rows": 5, "llm": "tiny"}}
     plot_report(result, tmp_path / "plot.png")  # NaN bars are left out, not an error
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_leaves_out_the_train_rows_when_no_lm_was_trained():
+    """A report of popularity, zero-shot and ID models only read "LLMs: smollm2-135m bfloat16, None train rows per
+    seed"; checked on the committed SmolLM2 report's result with its train rows taken out."""
+    import copy
+
+    from llmrec.bench_pipeline import report_markdown
+
+    committed = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+                            / "pipeline_games_smollm2.json").read_text())
+    assert "train rows per seed" in report_markdown(committed)
+    untrained = copy.deepcopy(committed)
+    untrained["protocol"]["llm_train_rows"] = None
+    text = report_markdown(untrained)
+    assert "None" not in text.split("\n")[0] and "train rows per seed" not in text

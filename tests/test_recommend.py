@@ -267,6 +267,20 @@ def test_sft_checkpoint_loads_and_recommends(data_dir, sft_run, tmp_path, capsys
     assert [int(line.split()[1]) for line in table[2:]] == [r.item_id for r in rec.recommend([1, 2], k=3)]
 
 
+def test_another_catalogue_is_warned_about_and_a_guide_of_another_catalogue_names_the_fix(data_dir, sft_run, tmp_path,
+                                                                                          caplog):
+    """An LLM trained on one catalogue ranked another without a word (the evaluator warns); a guide trained on
+    another catalogue was refused with "pass the dataset the run was trained on", which would make the LLM rank
+    the ID model's catalogue instead of its own."""
+    other = write_prepared(tmp_path / "other", n_items=40)
+    with caplog.at_level("WARNING", logger="llmrec.recommend"):
+        Recommender.from_pretrained(sft_run, dataset=other, batch_size=3)
+    assert "was trained on" in caplog.text and "another catalogue" in caplog.text
+    guide = train_tiny_sasrec(other, tmp_path / "guide", max_history=10, epochs=1, seed=42)
+    with pytest.raises(ValueError, match=r"guide with an ID model trained on .*the catalogue the LLM ranks"):
+        Recommender.from_pretrained(sft_run, batch_size=3, guidance_checkpoint=guide, guidance_weight=1.0)
+
+
 def test_a_checkpoint_on_another_base_model_is_a_clear_error(sft_run):
     from llmrec.models.checkpoint import load_for_inference
 
