@@ -988,7 +988,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add the ``recommend`` command."""
+    """Add the ``recommend`` command (each option also under its underscore spelling, as the config commands
+    accept ``--max_prompt_length`` and ``--max-prompt-length``)."""
     p = subparsers.add_parser(
         "recommend",
         help="top-k items for user histories with a trained model (table, or JSONL in/out)",
@@ -1009,34 +1010,34 @@ def register_cli(subparsers) -> None:
     p.add_argument("--output", metavar="JSONL", default=None,
                    help="where recommendations go, written atomically (default: stdout / a table for --history)")
     p.add_argument("--k", type=int, default=10, help="recommendations per history (default 10)")
-    p.add_argument("--item-ids", action="store_true",
+    p.add_argument("--item-ids", "--item_ids", action="store_true",
                    help="--history values are catalogue item ids, not titles (--input files: JSON integers are ids)")
-    p.add_argument("--on-unknown", choices=ON_UNKNOWN, default="error",
+    p.add_argument("--on-unknown", "--on_unknown", choices=ON_UNKNOWN, default="error",
                    help="a history title not in the catalogue: error (default) or skip it with a warning")
-    p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--exclude-history", "--exclude_history", action=argparse.BooleanOptionalAction, default=None,
                    help="remove the whole given history's items from the recommendations (default: no for LLMs, "
                         "the run's mask_history for ID models, whose evaluation masks only the max_history items "
                         "the model reads)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="LLM dtype (default: the checkpoint's, else bfloat16)")
-    p.add_argument("--base-model", default=None, help="base LM of an adapter checkpoint (default: recorded)")
-    p.add_argument("--num-beams", type=int, default=None, help="LLM beams (default and minimum: --k)")
-    p.add_argument("--batch-size", type=int, default=None, help="histories per batch")
+    p.add_argument("--base-model", "--base_model", default=None, help="base LM of an adapter checkpoint (default: recorded)")
+    p.add_argument("--num-beams", "--num_beams", type=int, default=None, help="LLM beams (default and minimum: --k)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=None, help="histories per batch")
     p.add_argument("--prompt", default=None, help="LLM prompt template (default: the checkpoint's, else d3)")
     p.add_argument("--noun", default=None, help="LLM item noun (default: the checkpoint's, else 'video games')")
-    p.add_argument("--history-length", type=int, default=None,
+    p.add_argument("--history-length", "--history_length", type=int, default=None,
                    help="most recent history items used (default: the checkpoint's)")
-    p.add_argument("--length-penalty", type=float, default=None,
+    p.add_argument("--length-penalty", "--length_penalty", type=float, default=None,
                    help="LLM beam score = log-prob sum / length**penalty (default 1.0; 0 as D3 decoding)")
-    p.add_argument("--max-prompt-length", type=int, default=None,
+    p.add_argument("--max-prompt-length", "--max_prompt_length", type=int, default=None,
                    help="LLM prompt + answer token budget (default: the checkpoint's max_length, else 512)")
-    p.add_argument("--use-chat-template", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--use-chat-template", "--use_chat_template", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap LLM prompts in the tokenizer's chat template (default: off)")
     p.add_argument("--tokenization", choices=("separate", "joint"), default=None,
                    help="LLM prompt/answer tokenization (default: the checkpoint's, else separate)")
-    p.add_argument("--guidance-checkpoint", default=None, metavar="SEQREC_RUN",
+    p.add_argument("--guidance-checkpoint", "--guidance_checkpoint", default=None, metavar="SEQREC_RUN",
                    help="LLM D3 decoding: a `llmrec seqrec train` run on the same catalogue guides the beam search "
                         "(with --guidance-weight and, as D3, --length-penalty 0)")
-    p.add_argument("--guidance-weight", type=float, default=None,
+    p.add_argument("--guidance-weight", "--guidance_weight", type=float, default=None,
                    help="weight of the ID model's log title mass (the one selected on validation)")
     p.set_defaults(func=cmd_recommend)

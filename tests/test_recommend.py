@@ -627,3 +627,15 @@ def test_dtype_is_checked_before_loading_and_recorded_as_used(data_dir):
     assert rec.info["dtype"] == concrete_dtype_name("fast") in ("bfloat16", "float32")
     with pytest.raises(ValueError, match=r"^dtype: unsupported dtype 'bogus'"):
         Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="bogus")
+
+
+def test_cli_options_take_the_underscore_spelling_too(seqrec_run, capsys):
+    """`evaluate --guidance_checkpoint` works (config commands accept both spellings); `recommend` refused
+    `--guidance_checkpoint` / `--history_length` with the top-level usage."""
+    from llmrec.cli import main
+
+    head, tail = ["recommend", "--checkpoint", str(seqrec_run)], ["--k", "3", "--history", "1", "2"]
+    assert main(head + ["--item-ids", "--history-length", "1"] + tail) == 0
+    hyphen = capsys.readouterr().out
+    assert main(head + ["--item_ids", "--history_length", "1"] + tail) == 0
+    assert capsys.readouterr().out == hyphen and "top 3" in hyphen
