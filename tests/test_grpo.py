@@ -232,6 +232,17 @@ def test_config_errors(tmp_path):
     for name in ("bf16", "fp16", "gradient_checkpointing", "activation_checkpointing"):
         with pytest.raises(ConfigError, match=f"{name}=True has no effect in latent GRPO"):
             LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: True})
+    # ... and fields inherited from TRL / TrainingArguments that were accepted and ignored (review, 2026-12-05):
+    # torch_compile_backend even turned torch_compile on behind the torch_compile refusal; fsdp ran plain DDP
+    for name, value in (("torch_compile_backend", "inductor"), ("torch_compile_mode", "max-autotune"),
+                        ("fsdp", "full_shard"), ("deepspeed", "ds.json"), ("ddp_backend", "gloo"),
+                        ("model_init_kwargs", {"attn_implementation": "eager"}),
+                        ("num_generations_eval", 4), ("bf16_full_eval", True), ("log_completions", True),
+                        ("enable_jit_checkpoint", True), ("optim_args", "foo=1"), ("torch_empty_cache_steps", 5)):
+        with pytest.raises(ConfigError, match=f"{name}=.* has no effect in latent GRPO"):
+            LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: value})
+    with pytest.raises(ConfigError, match="train_sampling_strategy=.*does not implement"):
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, train_sampling_strategy="sequential")
 
 
 # ----------------------------------------------------------------------------------------- tiny SFT start
@@ -1613,3 +1624,13 @@ def test_generation_mode_skips_a_nan_group_not_the_step(tmp_path, sft_dir):
     after = trainer._trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(bool(torch.isfinite(v).all()) for v in after.values())
+
+
+def test_every_refused_trl_field_exists_on_the_config():
+    """A name in the refusal lists that the config does not have guards nothing (a misspelt or removed field)."""
+    import dataclasses
+
+    from llmrec.training.grpo import IGNORED_TRL_FIELDS, NO_EFFECT_FIELDS
+
+    names = {f.name for f in dataclasses.fields(LatentGRPOConfig)}
+    assert [n for n in (*IGNORED_TRL_FIELDS, *NO_EFFECT_FIELDS) if n not in names] == []

@@ -128,18 +128,40 @@ IGNORED_TRL_FIELDS = {
     "auto_find_batch_size": "not supported",
     "full_determinism": "noise and prompt order are keyed draws from seed",
     "data_seed": "noise and prompt order are keyed draws from seed",
+    "train_sampling_strategy": "every epoch draws its prompt order from the seed",
 }
 
 
 # ----------------------------------------------------------------------------------------------- config
 
 
+_LAUNCH = "processes and devices come from `accelerate launch` and its config (FSDP and DeepSpeed are refused there)"
 # TrainingArguments fields the Trainer would act on and this trainer does not (refused when true), with what to do.
 NO_EFFECT_FIELDS = {
     "bf16": "set model_dtype, or mixed_precision in the accelerate config",
     "fp16": "set model_dtype, or mixed_precision in the accelerate config",
     "gradient_checkpointing": "latent GRPO does not implement it",
     "activation_checkpointing": "latent GRPO does not implement it",
+    # accepted and ignored until 2026-12-05 (review of the inherited fields)
+    "torch_compile_backend": "torch_compile is not supported",
+    "torch_compile_mode": "torch_compile is not supported",
+    "fsdp": _LAUNCH,
+    "deepspeed": _LAUNCH,
+    "ddp_backend": _LAUNCH,
+    "ddp_find_unused_parameters": _LAUNCH,
+    "ddp_bucket_cap_mb": _LAUNCH,
+    "ddp_broadcast_buffers": _LAUNCH,
+    "model_init_kwargs": "the policy is the SFT checkpoint, loaded in model_dtype",
+    "num_generations_eval": "the held-out check samples num_generations titles",
+    "bf16_full_eval": "the held-out check computes in model_dtype",
+    "fp16_full_eval": "the held-out check computes in model_dtype",
+    "log_completions": "not implemented",
+    "num_completions_to_print": "not implemented",
+    "log_unique_prompts": "not implemented",
+    "enable_jit_checkpoint": "checkpoints are written every save_steps; a killed run resumes from the last one",
+    "optim_args": "the optimiser is torch AdamW (adam_beta1/2, adam_epsilon, weight_decay apply)",
+    "chat_template_kwargs": "prompts are built with the SFT checkpoint's prompt settings",
+    "torch_empty_cache_steps": "not implemented",
 }
 
 
@@ -324,7 +346,7 @@ class LatentGRPOConfig(GRPOConfig):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is a TRL GRPOConfig option latent GRPO does not "
                                   f"implement ({why}); remove it")
         for name, instead in NO_EFFECT_FIELDS.items():
-            if getattr(self, name):  # TrainingArguments fields the Trainer would act on; this trainer does not
+            if getattr(self, name, None):  # TrainingArguments fields the Trainer would act on; this trainer does not
                 raise ConfigError(f"{name}={getattr(self, name)!r} has no effect in latent GRPO ({instead}); remove it")
         from llmrec.training.sft import check_common_training_settings
 
@@ -394,6 +416,14 @@ class LatentGRPOConfig(GRPOConfig):
             raise ConfigError(f"rank_negatives must be one of {RANK_NEGATIVES}, got {self.rank_negatives!r}")
         if self.num_iterations < 1:
             raise ConfigError("num_iterations must be >= 1")
+        if self.num_iterations > 1 and self.sft_checkpoint:
+            logger.warning("num_iterations=%d: a step (max_steps, logging_steps, save_steps) is one scored batch "
+                           "followed by %d optimiser updates (TRL counts updates); warmup_steps counts updates",
+                           self.num_iterations, self.num_iterations)
+        if self.sft_checkpoint and self.epsilon != 0.2 and self.epsilon_high == 0.28:
+            logger.warning("epsilon=%s with epsilon_high left at 0.28 clips the ratio to [1 - %s, 1.28] (TRL's "
+                           "epsilon_high follows epsilon); set epsilon_high too for a symmetric clip", self.epsilon,
+                           self.epsilon)
         if self.sft_checkpoint and Path(self.output_dir).resolve() == Path(self.sft_checkpoint).resolve():
             raise ConfigError("output_dir must differ from sft_checkpoint (the SFT checkpoint is read, never overwritten)")
         if not has_accelerator():
