@@ -917,10 +917,13 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
             remove_saved_model(out_dir)  # a retrain cut short must not leave the old model readable as the new one
         PartialState().wait_for_everyone()
     resume = last_complete_checkpoint(out_dir)
-    if resume:  # before the model is built: a changed setting is refused at once
+    data_digests = _data_digests(config.dataset)
+    if resume:  # before the model is built: a changed setting or other data is refused at once
         recorded = Path(resume) / TRAINING_ARGS_JSON
         if recorded.exists():
             from llmrec.config import field_defaults, refuse_changed_resume
+            from llmrec.data.identity import data_difference
+            from llmrec.training.finished_runs import dataset_dir_or_none
 
             found = json.loads(recorded.read_text(encoding="utf-8"))
             wanted = config.to_dict()
@@ -929,18 +932,11 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
             # the dataclass defaults: building a LatentSFTConfig here would reset the accelerator state
             refuse_changed_resume(resume, found, wanted, field_defaults(LatentSFTConfig), ignore=RESUME_NEUTRAL_FIELDS,
                                   paths=("dataset",))
-    data_digests = _data_digests(config.dataset)
-    if resume and (Path(resume) / TRAINING_ARGS_JSON).exists() and data_digests is not None:
-        from llmrec.data.identity import data_difference
-        from llmrec.training.finished_runs import dataset_dir_or_none
-
-        found = json.loads((Path(resume) / TRAINING_ARGS_JSON).read_text(encoding="utf-8"))
-        other = data_difference(found, dataset_dir_or_none(config.dataset), data_digests)  # recorded since 2026-12-05
-        if other and "data_sha256" in found:
-            from llmrec.config import ConfigError
-
-            raise ConfigError(f"{resume} was trained on {other}: resuming would mix steps on both; set retrain: "
-                              "true to train again on this data, or train in another output_dir")
+            # the data's digests: recorded in checkpoints since 2026-12-05 (older ones are compared by settings only)
+            other = data_digests and data_difference(found, dataset_dir_or_none(config.dataset), data_digests)
+            if other:
+                raise ConfigError(f"{resume} was trained on {other}: resuming would mix steps on both; set retrain: "
+                                  "true to train again on this data, or train in another output_dir")
     model, tokenizer = build_model(config)
     t_model = time.time()
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
