@@ -583,8 +583,11 @@ def count_parameters(
     if lora:
         from peft import LoraConfig, get_peft_model
 
+        from llmrec.training.sft import peft_target_modules
+
         lcfg = LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora.get("lora_dropout", 0.0),
-                          target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM", bias="none")
+                          target_modules=peft_target_modules(lora["target_modules"]), task_type="CAUSAL_LM",
+                          bias="none")
         if extra_embedding_rows > 0:
             # SFT adds the latent tokens' rows before wrapping: an adapter on the embedding or the LM head is as
             # wide as the resized matrix.

@@ -511,3 +511,33 @@ def test_an_uninstalled_qwen_alias_is_a_missing_input_with_its_install_command(c
     assert "make it with: llmrec models install qwen2.5-coder-0.5b" in out
     # len(tokenizer) 151,936 fills the vocabulary: the latent token adds a row to the embedding and the untied head
     assert "added embedding rows 1,792," in out and "base LM 630,167,424" in out
+
+
+def test_lora_all_linear_shorthand_trains_and_counts_every_linear_layer(tmp_path):
+    """``lora_target_modules: [all-linear]`` (peft's shorthand, which peft knows only as a string): SFT wraps every
+    linear layer but the output head, and the dry run counts the same adapters (in a list, peft looked for a module
+    called 'all-linear' and failed)."""
+    from llmrec.models.latent import LatentConfig
+    from llmrec.models.tiny import build_tiny
+    from llmrec.training.sft import LatentSFTConfig, build_model
+
+    cfg = LatentSFTConfig(output_dir=str(tmp_path / "o"), model_name_or_path="tiny-qwen2", model_dtype="float32",
+                          lora_target_modules=["all-linear"], num_latent_tokens=1)
+    model, tok = build_model(cfg)
+    wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    real = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    base, _ = build_tiny("tiny-qwen2")
+    counts = count_parameters(base.config, "float32", extra_embedding_rows=len(tok) - base.get_input_embeddings().weight.shape[0],
+                              latent=LatentConfig(num_latent_tokens=1), train_lora=True,
+                              lora={"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": ["all-linear"]})
+    assert counts.parts["LoRA adapters"] == real
+
+
+@pytest.mark.parametrize("targets", [[], ["null"], ["None"], [""], ["all-linear", "q_proj"]])
+def test_lora_target_modules_peft_would_misread_are_refused(tmp_path, targets):
+    from llmrec.config import ConfigError
+    from llmrec.training.sft import LatentSFTConfig
+
+    with pytest.raises(ConfigError, match="lora_target_modules"):
+        LatentSFTConfig(output_dir=str(tmp_path / "o"), model_name_or_path="tiny-qwen2", lora_target_modules=targets)

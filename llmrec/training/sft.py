@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,31 @@ def global_train_batch_size(args, processes: int | None = None) -> int:
 # ----------------------------------------------------------------------------------------------- config
 
 
+def check_lora_target_modules(modules: Sequence[str]) -> None:
+    """Refuse a ``lora_target_modules`` peft would misread: no module (peft then fails deep in the model wrap),
+    ``null``/``none`` given on the command line (read as a module named 'null'), or ``all-linear`` beside other
+    names (peft knows the shorthand only alone, and looked for a module called 'all-linear')."""
+    mods = list(modules)
+    if not mods:
+        raise ConfigError("lora_target_modules: give at least one module name (e.g. q_proj v_proj) or all-linear")
+    for m in mods:
+        if not isinstance(m, str) or m.strip().lower() in ("", "null", "none"):
+            raise ConfigError(f"lora_target_modules: {m!r} is not a module name (give module names such as q_proj, "
+                              "or all-linear)")
+    if len(mods) > 1 and any(m.lower() == "all-linear" for m in mods):
+        raise ConfigError(f"lora_target_modules: all-linear stands alone (it already covers every linear layer), "
+                          f"got {mods}")
+
+
+def peft_target_modules(modules: Sequence[str]) -> list[str] | str:
+    """``lora_target_modules`` as ``peft.LoraConfig`` reads it: the shorthand ``all-linear`` works only as a
+    string (in a list, peft looks for a module of that name); other names stay a list."""
+    mods = list(modules)
+    if len(mods) == 1 and mods[0].lower() == "all-linear":
+        return "all-linear"
+    return mods
+
+
 @dataclass
 class LatentSFTConfig(transformers.TrainingArguments):
     """SFT of a causal LM with latent reasoning tokens; defaults sized for a small CPU run."""
@@ -177,7 +203,8 @@ class LatentSFTConfig(transformers.TrainingArguments):
                 "train with other (equally distributed) masks than 1 process; 0 makes runs layout-exact."})
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "Module names LoRA is applied to."},
+        metadata={"help": "Module names LoRA is applied to (suffixes of the model's module names, as peft reads "
+                          "them), or all-linear alone: every linear layer but the output head (peft's shorthand)."},
     )
     model_dtype: str = field(
         default="bfloat16", metadata={"help": "dtype the base model is loaded in (bfloat16, float32, float16, or fast: "
@@ -235,6 +262,7 @@ class LatentSFTConfig(transformers.TrainingArguments):
             raise ConfigError(f"max_length {self.max_length} is too small")
         if self.history_length < 1:
             raise ConfigError(f"history_length must be >= 1, got {self.history_length}")
+        check_lora_target_modules(self.lora_target_modules)
         for name in ("max_train_rows", "max_eval_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
@@ -483,7 +511,7 @@ def build_model(config: LatentSFTConfig):
 
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM", bias="none",
+            target_modules=peft_target_modules(config.lora_target_modules), task_type="CAUSAL_LM", bias="none",
         )
         lm = get_peft_model(base, lora)
     else:
