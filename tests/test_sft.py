@@ -752,3 +752,15 @@ def test_no_eval_split_says_which_asked_settings_it_turns_off(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="llmrec.training.sft"):
         LatentSFTConfig(output_dir=str(tmp_path / "o"), eval_split=None)  # the defaults: nothing asked, nothing said
     assert "turned off" not in caplog.text
+
+
+@pytest.mark.parametrize("dtype, warned", [("bfloat16", True), ("float32", False)])
+def test_full_finetune_in_half_precision_warns(tmp_path, prepared_dir, caplog, dtype, warned):
+    """finetune=full on half-precision weights has no float32 master copy: AdamW's small updates are rounded away
+    (norm weights near 1.0 never move), which the default model_dtype (bfloat16) did silently."""
+    cfg = make_config(tmp_path / "run", prepared_dir, finetune="full", model_dtype=dtype, num_latent_tokens=1)
+    with caplog.at_level("WARNING", logger="llmrec.training.sft"):
+        build_model(cfg)
+    assert ("finetune=full trains the weights in bfloat16" in caplog.text) == warned
+    if warned:
+        assert "model_dtype: float32 and bf16: true" in caplog.text

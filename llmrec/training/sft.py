@@ -518,6 +518,16 @@ def build_model(config: LatentSFTConfig):
         lm = base
         for p in lm.parameters():
             p.requires_grad_(True)
+        half = {p.dtype for p in lm.parameters()} & {torch.bfloat16, torch.float16}
+        if half:
+            # AdamW then updates the half-precision weights in place, with no float32 master copy: an update below
+            # half a unit in the last place of a weight is rounded away (every RMSNorm weight near 1.0 stays
+            # bit-identical at lr 3e-4). Not refused: it halves the memory and some users choose it knowingly.
+            logger.warning(
+                "finetune=full trains the weights in %s (model_dtype=%s): updates smaller than the weights' rounding "
+                "step are lost (norm weights near 1.0 do not move at usual learning rates). For float32 weights "
+                "under mixed precision set model_dtype: float32 and bf16: true (recipes/gpu/sft_latent_full.yaml).",
+                str(next(iter(half))).replace("torch.", ""), config.model_dtype)
     from transformers.trainer_utils import align_special_tokens
 
     align_special_tokens(_causal(lm), tokenizer)
