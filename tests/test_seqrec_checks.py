@@ -409,3 +409,77 @@ def test_a_rerun_of_a_finished_run_keeps_its_training_time(prepared_dir, tmp_pat
     again = json.loads((out / "results.json").read_text())
     assert again["timings"]["train_total_s"] == first["timings"]["train_total_s"] > 0
     assert again["test"] == first["test"]
+
+
+def test_lares_filter_keeping_no_row_skips_rpt(tmp_path):
+    """A filter that keeps no train row (filter_topk 1 on 300 items, a small candidate budget): RPT is skipped and
+    the SPT model is the result. Its loader failed on the empty row set after the whole SPT phase, on every rerun."""
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d", num_items=300, users=16, length=9)
+    cfg = tiny_cfg(tmp_path, d, model="lares", epochs=1, lr=1e-6, eval_every=1, rpt_epochs=1, mean_recurrence=2,
+                   filter_topk=1, rpt_max_rows=5)
+    res = run_seqrec(cfg)
+    assert res["rpt_rows_kept"] == 0 and res["selected_phase"] == "spt" and res["best_phase"] == "train"
+    assert [p["name"] for p in res["phases"]] == ["train"]
+    assert run_seqrec(cfg)["test"] == res["test"]  # the rerun reuses the finished SPT phase
+
+
+def test_lares_filter_ranks_without_history_masking(tmp_path):
+    """The filter between SPT and RPT keeps rows by the unmasked rank, as RPT's reward ranks (mask_history is an
+    evaluation choice): masked, every row whose target repeats a history item was dropped from RPT."""
+    import numpy as np
+    import torch
+
+    from llmrec.data.canonical import write_jsonl
+    from llmrec.seqrec.data import load_seqrec_data
+    from llmrec.seqrec.models import build_model
+    from llmrec.seqrec.trainer import SeqRecTrainer, make_accelerator
+
+    d = write_successor_dataset(tmp_path / "d", num_items=40, users=40, length=12)
+    for split in ("train", "valid", "test"):  # each user cycles over 5 items: most targets repeat a history item
+        rows = [json.loads(line) for line in (d / f"{split}.jsonl").read_text().splitlines()]
+        for r in rows:
+            u, n = int(r["user_id"][1:]), len(r["history_item_ids"])
+            r["history_item_ids"] = [1 + (u + i % 5) % 40 for i in range(n)]
+            r["target_item_id"] = 1 + (u + n % 5) % 40
+        write_jsonl(d / f"{split}.jsonl", rows)
+    data = load_seqrec_data(d, max_history=10)
+    repeats = np.array([t in h[-10:] for h, t in zip(data.train_rows.histories, data.train_rows.targets)])
+    assert repeats.sum() > 100
+    kept = {}
+    for mask in (False, True):
+        cfg = tiny_cfg(tmp_path / f"m{mask}", d, model="lares", mask_history=mask, filter_topk=20, rpt_epochs=1)
+        torch.manual_seed(0)
+        trainer = SeqRecTrainer(cfg, data, build_model(cfg, data.num_items), make_accelerator(cfg.seed),
+                                Path(cfg.output_dir))
+        kept[mask] = trainer.lares_filter()
+    assert kept[True][repeats].sum() > 0
+    assert (kept[True] == kept[False]).all()
+
+
+def test_lares_same_target_partner_is_never_an_empty_history():
+    """LARES's same-target augmentation pairs rows with other rows that have a history: an empty-history train
+    row (all padding, not trained on) was picked as the partner, aligning with the state of padding."""
+    import numpy as np
+    import torch
+
+    from llmrec.seqrec.data import SameTargetPool, SplitRows, left_pad
+
+    hist = [[2, 5], [], [3]]
+    pool = SameTargetPool(SplitRows("train", left_pad(hist, 4), np.array([7, 7, 9]), hist, ["a", "b", "c"]))
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        assert pool.sample(torch.tensor([7]), torch.tensor([0]), generator=g).tolist() == [[0, 0, 2, 5]]
+    own = torch.tensor([[0, 0, 0, 4]])
+    # a target only an empty-history row leads to: the row's own input, not padding
+    hist = [[], [3]]
+    pool = SameTargetPool(SplitRows("train", left_pad(hist, 4), np.array([7, 9]), hist, ["a", "b"]))
+    assert pool.sample(torch.tensor([7]), torch.tensor([-1]), own_inputs=own).tolist() == [[0, 0, 0, 4]]
+
+
+def test_pta_alpha_below_one_is_refused():
+    """tau_k = tau * alpha^(K-k) with alpha >= 1 (the spec); below 1 the annealing ran backwards unnoticed."""
+    with pytest.raises(ValueError, match="pta_alpha must be >= 1"):
+        SeqRecConfig(model="rearec-prl", dataset_dir="x", pta_alpha=0.5)
+    assert SeqRecConfig(model="rearec-prl", dataset_dir="x", pta_alpha=1.0).pta_alpha == 1.0

@@ -125,7 +125,7 @@ class SeqRecConfig:
     reason_steps: int = _f(2, "ReaRec: reasoning steps K (same in training and inference)")
     kl_weight: float = _f(0.05, "ERL: weight lambda of the KL diversity term (subtracted)")
     kl_cap: float = _f(1.0, "ERL: cap on the per-row mean pairwise KL (0 = unbounded)")
-    pta_alpha: float = _f(5.0, "PRL: temperature annealing alpha (step k at tau*alpha^(K-k))")
+    pta_alpha: float = _f(5.0, "PRL: temperature annealing alpha >= 1 (step k at tau*alpha^(K-k))")
     pl_weight: float = _f(1.0, "PRL: weight of the mean CE of the earlier steps")
     cl_weight: float = _f(1.0, "PRL: weight of the reasoning-aware contrastive loss")
     noise_std: float = _f(0.01, "PRL: std of the Gaussian noise on reasoning tokens of the noisy view (0: no noisy "
@@ -146,7 +146,8 @@ class SeqRecConfig:
     tla_weight: float = _f(0.1, "LARES SPT: trajectory-level alignment weight alpha")
     sla_weight: float = _f(0.5, "LARES SPT: step-level alignment weight gamma")
     align_tau: float = _f(1.0, "LARES SPT: alignment NCE temperature")
-    align_sim: str = _f("dot", "LARES SPT: dot | cos")
+    align_sim: str = _f("dot", "LARES SPT: similarity of the alignment NCE, dot | cos (only the alignment's; the "
+                               "official sem_func cos also normalises the recommendation scores, this does not)")
     sla_exclude_final: bool = _f(False, "LARES SPT: never draw the final step for SLA")
     filter_topk: int = _f(100, "LARES: keep a train row for RPT if its target is in the top-k in any pass")
     filter_passes: int = _f(3, "LARES: filter passes (random initial state each)")
@@ -196,7 +197,11 @@ class SeqRecConfig:
                      "sla_weight", "rpt_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "rpt_lr", "pta_alpha", "align_tau", "state_std"):
+        if self.pta_alpha < 1:
+            # The spec's tau_k = tau * alpha^(K-k) with alpha >= 1: below 1 the earliest steps get the sharpest
+            # targets and the annealing runs backwards (review)
+            raise ValueError(f"pta_alpha must be >= 1 (step k trains at tau * alpha^(K-k)), got {self.pta_alpha}")
+        for name in ("lr", "rpt_lr", "align_tau", "state_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.hidden_size % self.n_heads:

@@ -186,11 +186,16 @@ class EvalRows(Dataset):
 
 
 class SameTargetPool:
-    """Train rows grouped by target, for LARES's "semantic augmentation" (another row, same next item)."""
+    """Train rows grouped by target, for LARES's "semantic augmentation" (another row, same next item).
+
+    Only rows with a history are partners: an empty-history row is all padding (and is not trained on), and
+    aligning with the state of an all-padding input taught nothing but noise (review).
+    """
 
     def __init__(self, rows: SplitRows):
         self.inputs = torch.from_numpy(rows.inputs)
-        order = np.argsort(rows.targets, kind="stable")
+        with_history = np.nonzero((rows.inputs > 0).any(axis=1))[0] if len(rows.targets) else np.zeros(0, np.int64)
+        order = with_history[np.argsort(rows.targets[with_history], kind="stable")]
         sorted_t = rows.targets[order]
         uniq, starts, counts = np.unique(sorted_t, return_index=True, return_counts=True)
         n = int(rows.targets.max()) + 1 if len(rows.targets) else 1
@@ -200,10 +205,12 @@ class SameTargetPool:
         self.count[uniq] = counts
         self.order = order
 
-    def sample(self, targets: torch.Tensor, exclude_rows: torch.Tensor, generator=None) -> torch.Tensor:
+    def sample(self, targets: torch.Tensor, exclude_rows: torch.Tensor, generator=None,
+               own_inputs: torch.Tensor | None = None) -> torch.Tensor:
         """One random train row per target with the same target, other than ``exclude_rows`` when one exists.
 
-        Rows whose target has no other row are paired with themselves (as the LARES code does).
+        Rows whose target has no other row are paired with themselves (as the LARES code does); a target no row
+        with a history leads to is paired with ``own_inputs`` (the batch's own rows; all padding if not given).
         """
         t = targets.cpu().numpy()
         ex = exclude_rows.cpu().numpy()
@@ -220,6 +227,8 @@ class SameTargetPool:
                 members = members[members != ex[i]]
             picks[i] = members[min(int(u[i] * len(members)), len(members) - 1)]
         out = torch.zeros(len(t), self.inputs.shape[1], dtype=torch.long)
+        if own_inputs is not None:
+            out[:, -own_inputs.shape[1]:] = own_inputs[:, -out.shape[1]:].cpu()
         ok = picks >= 0
         out[torch.from_numpy(ok)] = self.inputs[torch.from_numpy(picks[ok])]
         return out

@@ -496,7 +496,7 @@ class LARES(SeqRecModel):
             k2 = self.sample_depth(keyed_generator(seed, ALIGN_DEPTH, epoch, step))
             Tb, steps = self.states(ids, k2, collect=last, keys=row_keys(row_index, seed, ALIGN_STATE, epoch))
             u_b = Tb[:, -1]
-            aug = ctx.aug_pool.sample(tgt[:, -1], row_index).to(ids.device)
+            aug = ctx.aug_pool.sample(tgt[:, -1], row_index, own_inputs=ids).to(ids.device)
             u_c = self.states(aug, k2, keys=row_keys(row_index, seed, AUG_STATE, epoch))[0][:, -1]
             logs["depth"] = float(k2)
             if self.tla_weight > 0:

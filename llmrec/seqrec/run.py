@@ -195,28 +195,35 @@ def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
             extra["rpt_rows_used"] = int(keep.sum())
         extra["rpt_rows_total"] = len(keep)
         logger.info("LARES filter kept %d / %d train rows for RPT", keep.sum(), len(keep))
-        model.rpt = {
-            "group": cfg.rpt_group,
-            "beta": cfg.rpt_beta,
-            "reward": cfg.rpt_reward,
-            "reward_k": cfg.rpt_reward_k,
-        }
-        model.make_reference()
-        spt_valid = phases[0].best_valid
-        set_dropout(model, cfg.rpt_dropout)
-        torch.manual_seed(cfg.seed + 2)
-        rpt = trainer.fit(
-            "rpt", data.rows_examples(keep), cfg.rpt_lr, cfg.rpt_epochs, cfg.rpt_patience, cfg.rpt_batch_size
-        )
-        phases.append(rpt)
-        # Model selection on validation only: keep the SPT weights if RPT never beat them.
-        if not rpt.best_valid or rpt.best_valid[cfg.valid_metric] <= spt_valid[cfg.valid_metric]:
-            from llmrec.seqrec.trainer import _load_weights
-
-            _load_weights(trainer.unwrapped, out / "train" / "best.safetensors", trainer.checkpoint_remedy)
+        if not keep.any():
+            # Nothing to reinforce (a small filter_topk or candidate budget): the SPT model is the result. RPT's
+            # loader failed on the empty set after the whole SPT phase, and again on every rerun (review).
+            logger.warning("LARES filter kept no train row (filter_topk %d): RPT skipped, the SPT model is the result",
+                           cfg.filter_topk)
             extra["selected_phase"] = "spt"
         else:
-            extra["selected_phase"] = "rpt"
+            model.rpt = {
+                "group": cfg.rpt_group,
+                "beta": cfg.rpt_beta,
+                "reward": cfg.rpt_reward,
+                "reward_k": cfg.rpt_reward_k,
+            }
+            model.make_reference()
+            spt_valid = phases[0].best_valid
+            set_dropout(model, cfg.rpt_dropout)
+            torch.manual_seed(cfg.seed + 2)
+            rpt = trainer.fit(
+                "rpt", data.rows_examples(keep), cfg.rpt_lr, cfg.rpt_epochs, cfg.rpt_patience, cfg.rpt_batch_size
+            )
+            phases.append(rpt)
+            # Model selection on validation only: keep the SPT weights if RPT never beat them.
+            if not rpt.best_valid or rpt.best_valid[cfg.valid_metric] <= spt_valid[cfg.valid_metric]:
+                from llmrec.seqrec.trainer import _load_weights
+
+                _load_weights(trainer.unwrapped, out / "train" / "best.safetensors", trainer.checkpoint_remedy)
+                extra["selected_phase"] = "spt"
+            else:
+                extra["selected_phase"] = "rpt"
     train_s = time.perf_counter() - t_start
     previous = out / RESULTS_JSON
     if trainer.epochs_trained == 0 and previous.exists():

@@ -169,12 +169,16 @@ class SeqRecTrainer:
         depth: int | None = None,
         desc: str = "eval",
         state_key: tuple[int, ...] = (EVAL_STATE,),
+        mask_history: bool | None = None,
     ) -> torch.Tensor:
         """0-based full-ranking rank of every row's target (in row order, gathered across processes).
 
         A LARES initial state that is random at evaluation (``state_init: normal``) is drawn per row from the
         seed, ``state_key`` and the row's index, so the ranks do not depend on the number of processes.
+        ``mask_history`` (default: the config's) ranks the row's history items last.
         """
+        if mask_history is None:
+            mask_history = self.cfg.mask_history
         from llmrec.evaluation.metrics import ranks_from_scores
 
         model = self.unwrapped
@@ -193,7 +197,7 @@ class SeqRecTrainer:
                 scores = model.score(ids)
             self.eval_seconds += time.perf_counter() - t0
             self.eval_rows += len(ids)
-            if self.cfg.mask_history:
+            if mask_history:
                 hist = torch.zeros_like(scores, dtype=torch.bool)
                 valid = ids > 0
                 rows_i = torch.arange(len(ids), device=ids.device)[:, None].expand_as(ids)[valid]
@@ -410,7 +414,10 @@ class SeqRecTrainer:
         try:
             hit = torch.zeros(len(idx), dtype=torch.bool)
             for p in range(passes):
-                hit |= self.ranks(sub, desc=f"filter pass {p + 1}", state_key=(FILTER_STATE, p)) < self.cfg.filter_topk
+                # Unmasked, as RPT's rank reward is (mask_history is an evaluation choice): masked, every row
+                # whose target repeats a history item was dropped from RPT (review).
+                ranks = self.ranks(sub, desc=f"filter pass {p + 1}", state_key=(FILTER_STATE, p), mask_history=False)
+                hit |= ranks < self.cfg.filter_topk
         finally:
             model.state_init = saved
         keep = np.zeros(len(tr), dtype=bool)
