@@ -216,3 +216,29 @@ def test_labels_name_the_runs_in_the_table_and_the_directories_follow_it(tmp_pat
     assert main(["compare", *map(str, dirs), "--seeds-per-run", "2", "--labels", "base,other",
                  "--metrics", "hr@10"]) == 0
     assert "| other | " in capsys.readouterr().out
+
+
+def test_lm_runs_of_other_numerics_are_warned_about(tmp_path, caplog):
+    """LM runs in different dtypes, or in bfloat16 with different batch sizes: part of their difference is
+    arithmetic (in bf16 a row's batch-mates reorder many top-10 lists), which compare now says."""
+    import logging
+
+    def proto(run, **kw):
+        (run / "results.json").write_text(json.dumps({"protocol": {"method": "beam", **kw}}))
+
+    a, b = _run(tmp_path / "a", [0, None, 2]), _run(tmp_path / "b", [1, 0, None])
+    ids = _run(tmp_path / "ids", [0, 1, 2])
+    (ids / "results.json").write_text(json.dumps({"protocol": {"method": "seqrec", "batch_size": 256}}))
+    cases = [
+        (dict(dtype="bfloat16", batch_size=8), dict(dtype="bfloat16", batch_size=8), None),
+        (dict(dtype="float32", batch_size=1), dict(dtype="float32", batch_size=8), None),
+        (dict(dtype="bfloat16", batch_size=1), dict(dtype="bfloat16", batch_size=8), "different batch sizes (1, 8)"),
+        (dict(dtype="bfloat16", batch_size=8), dict(dtype="float32", batch_size=8), "different dtypes (bfloat16, float32)"),
+    ]
+    for pa, pb, want in cases:
+        proto(a, **pa)
+        proto(b, **pb)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
+            compare_runs([a, b, ids], ["ndcg@10"])
+        assert (want in caplog.text) if want else not caplog.records, (pa, pb, caplog.text)
