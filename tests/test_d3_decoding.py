@@ -151,13 +151,15 @@ def test_weight_zero_is_the_unguided_search(tiny):
             assert a.hypotheses == b.hypotheses and a.item_ranking == b.item_ranking  # bit for bit
 
 
+@pytest.mark.parametrize("early_stopping", [True, False])
 @pytest.mark.parametrize(
     "seed,n_titles,num_beams,length_penalty,weight",
     [(0, 40, 4, 1.0, 1.0), (1, 60, 6, 0.0, 0.5), (2, 80, 5, 1.0, 3.0), (3, 30, 4, 0.0, 2.0)],
 )
-def test_guided_search_matches_generate_with_a_logits_processor(tiny, seed, n_titles, num_beams, length_penalty, weight):
-    """Our tensor search with guidance == transformers' generate with the guidance as a LogitsProcessor,
-    and every returned score == (teacher-forced LM log-prob + w * log P_ID(title)) / L**lp."""
+def test_guided_search_matches_generate_with_a_logits_processor(tiny, seed, n_titles, num_beams, length_penalty, weight,
+                                                                early_stopping):
+    """Our tensor search with guidance == transformers' generate with the guidance as a LogitsProcessor (either
+    early_stopping), and every returned score == (teacher-forced LM log-prob + w * log P_ID(title)) / L**lp."""
     model, tok = tiny
     titles, ids = random_catalogue(seed, n_titles)
     trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
@@ -165,9 +167,10 @@ def test_guided_search_matches_generate_with_a_logits_processor(tiny, seed, n_ti
     guidance = TitleGuidance.from_item_log_probs(ItemMassIndex(trie), item_lp, weight)
     input_ids, mask = encode(tok, PROMPTS)
     ours = constrained_beam_search(model, trie, input_ids, mask, num_beams=num_beams,
-                                   length_penalty=length_penalty, guidance=guidance)
+                                   length_penalty=length_penalty, guidance=guidance, early_stopping=early_stopping)
     ref = reference_constrained_beam_search(model, trie, input_ids, mask, num_beams=num_beams,
-                                            length_penalty=length_penalty, guidance=guidance)
+                                            length_penalty=length_penalty, guidance=guidance,
+                                            early_stopping=early_stopping)
     plain = constrained_beam_search(model, trie, input_ids, mask, num_beams=num_beams, length_penalty=length_penalty)
     assert any(o.title_ranking != p.title_ranking for o, p in zip(ours, plain, strict=True))  # guidance matters
     for r, (prompt, o, h) in enumerate(zip(PROMPTS, ours, ref, strict=True)):

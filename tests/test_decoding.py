@@ -356,3 +356,41 @@ def test_constrained_token_logprobs_equal_the_plain_restricted_softmax(tiny, tem
     assert torch.allclose(g_fast, g_plain, atol=1e-5)
     with pytest.raises(ValueError, match="not a continuation"):
         trie_nodes(trie, [paths[0][0], paths[1][-1] + 10**6])
+
+
+def _sharp(kind: str, seed: int):
+    """A tiny model with weights ~N(0, 1/fan_in) and larger embeddings: peaked next-token distributions, so
+    beam search decisions (and early stopping) matter, unlike the near-uniform default initialisation."""
+    model, tok = build_tiny(kind, seed=seed)
+    g = torch.Generator().manual_seed(seed + 123)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 1.0 / p.shape[-1] ** 0.5, generator=g)
+        model.get_input_embeddings().weight.mul_(3.0)
+    return model.eval(), tok
+
+
+def test_early_stopping_false_matches_generate():
+    """early_stopping=False (generate's default, what the papers' code ran): the same rankings and scores as
+    transformers, on models and beams where it returns other lists than early_stopping=True on some rows."""
+    prompts = PROMPTS + ['Recommend the next item "Zelda" "Tetris" "Sonic" ### Response: \n', "a ### Response: \n"]
+    differ = rows = 0
+    for kind, seed in [(k, s) for k in ("tiny-qwen2", "tiny-llama") for s in range(3)]:
+        model, tok = _sharp(kind, seed)
+        titles, ids = random_catalogue(seed, 80)
+        trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
+        input_ids, mask = encode(tok, prompts)
+        for lp, beams in ((1.0, 5), (0.0, 5), (0.5, 3)):
+            ours = constrained_beam_search(model, trie, input_ids, mask, num_beams=beams, length_penalty=lp,
+                                           early_stopping=False)
+            ref = reference_constrained_beam_search(model, trie, input_ids, mask, num_beams=beams,
+                                                    length_penalty=lp, early_stopping=False)
+            stop = constrained_beam_search(model, trie, input_ids, mask, num_beams=beams, length_penalty=lp)
+            for o, r, e in zip(ours, ref, stop, strict=True):
+                assert o.title_ranking == r.title_ranking
+                for (_, so), (_, sr) in zip(o.hypotheses, r.hypotheses, strict=True):
+                    assert so == pytest.approx(sr, abs=1e-4)
+                rows += 1
+                differ += o.title_ranking != e.title_ranking
+    assert differ > 0, f"early stopping changed no ranking in {rows} rows: the case under test did not occur"

@@ -2,7 +2,7 @@
 
 :func:`constrained_beam_search` ranks the titles of a :class:`~llmrec.decoding.trie.TitleTrie` for a
 left-padded batch of prompts. It reproduces the semantics of transformers' beam search
-(``generate(num_beams=B, num_return_sequences=B, early_stopping=True, do_sample=False,
+(``generate(num_beams=B, num_return_sequences=B, early_stopping=True or False, do_sample=False,
 length_penalty=lp, prefix_allowed_tokens_fn=...)``), but with its own loop:
 
 * each prompt is prefilled once (``generate`` prefills every prompt ``B`` times);
@@ -21,7 +21,10 @@ Semantics matched (transformers 5.x ``GenerationMixin._beam_search``):
   decoder_prompt_len``); the running beams of the next step are the first ``B`` of the ``2B`` that did not
   finish;
 * a row keeps its ``B`` best finished hypotheses and stops accepting new ones once it holds ``B``
-  (``early_stopping=True``), or when it has no running beam left. The search stops when every row is done.
+  (``early_stopping=True``, the default here), or when it has no running beam left. With
+  ``early_stopping=False`` (``generate``'s own default, which the BIGRec / D3 / LatentR3 code ran) a full row
+  goes on while its best running beam's score, normalised at its current length, beats its worst finished
+  one, and a better title then replaces the worst. The search stops when every row is done.
 
 The one deliberate difference is transformers' placeholder beams. It starts beams ``1..B-1`` as copies
 of beam 0 at score ``-1e9``, and refills the running set with just-finished beams at a ``-1e9`` penalty
@@ -173,6 +176,7 @@ def constrained_beam_search(
     num_beams: int,
     length_penalty: float = 1.0,
     guidance: TitleGuidance | None = None,
+    early_stopping: bool = True,
 ) -> list[BeamSearchOutput]:
     """Rank the trie's titles for each prompt of a left-padded batch by constrained beam search.
 
@@ -185,6 +189,10 @@ def constrained_beam_search(
             1.0 as in BIGRec / LatentR3, 0.0 (plain sum) as in D3.
         guidance: optional D3 guidance by an ID model (one row per prompt); see
             :mod:`llmrec.decoding.guidance`. ``None`` or weight 0 = the plain LM search.
+        early_stopping: transformers' flag. True: a row stops once it holds ``B`` finished titles. False
+            (``generate``'s default, so what the BIGRec / D3 / LatentR3 code ran): it goes on while its best
+            running beam, normalised at its current length, beats its worst finished title, and better titles
+            replace worse ones.
 
     Returns:
         One :class:`BeamSearchOutput` per prompt.
@@ -193,7 +201,8 @@ def constrained_beam_search(
         return []
     state = prefill_prompts(model, input_ids, attention_mask)
     return constrained_beam_search_from_state(
-        model, trie, state, num_beams=num_beams, length_penalty=length_penalty, guidance=guidance
+        model, trie, state, num_beams=num_beams, length_penalty=length_penalty, guidance=guidance,
+        early_stopping=early_stopping,
     )
 
 
@@ -212,6 +221,7 @@ def constrained_beam_search_from_state(
     num_beams: int,
     length_penalty: float = 1.0,
     guidance: TitleGuidance | None = None,
+    early_stopping: bool = True,
 ) -> list[BeamSearchOutput]:
     """Constrained beam search starting from a prefilled :class:`PromptState` (see the module docstring).
 
@@ -249,7 +259,7 @@ def constrained_beam_search_from_state(
 
     fin_score = torch.full((n_rows, beams), float("-inf"), dtype=torch.float32, device=device)
     fin_title = torch.full((n_rows, beams), -1, dtype=torch.long, device=device)
-    row_full = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    row_done = torch.zeros(n_rows, dtype=torch.bool, device=device)  # takes no more titles, runs no more beams
     neg_inf = torch.tensor(float("-inf"), device=device)
 
     step = 0
@@ -293,20 +303,29 @@ def constrained_beam_search_from_state(
         title_at = tt.terminal[child]
         is_fin = valid & (title_at >= 0)
 
-        # -- finished hypotheses: only the first B of the 2B may be kept, and only while the row
-        # has free slots (early_stopping=True); score normalised by the generated length incl. EOS.
+        # -- finished hypotheses: only the first B of the 2B may be kept, and only while the row is not done;
+        # score normalised by the generated length incl. EOS. The row keeps its B best.
         in_top_b = torch.arange(k, device=device) < beams
-        take = is_fin & in_top_b[None, :] & ~row_full[:, None]
+        take = is_fin & in_top_b[None, :] & ~row_done[:, None]
         norm = top_val / float(step + 1) ** length_penalty
         merged_score = torch.cat([fin_score, torch.where(take, norm, neg_inf)], dim=1)
         merged_title = torch.cat([fin_title, torch.where(take, title_at, -1)], dim=1)
         fin_score, keep_idx = _best(merged_score, beams)  # ties: earlier-finished first, then candidate order
         fin_title = merged_title.gather(1, keep_idx)
         row_full = (fin_title >= 0).all(dim=1)
+        not_fin = valid & ~is_fin
+        if early_stopping:
+            row_done = row_full
+        else:
+            # transformers' heuristic (`_check_early_stop_heuristic`): a full row is done once its best running
+            # beam, normalised at its current length (step + 1 tokens), no longer beats its worst finished title;
+            # once done it stays done.
+            best_running = torch.where(not_fin, top_val, neg_inf).max(dim=1).values
+            can_improve = best_running / float(step + 1) ** length_penalty > fin_score.min(dim=1).values
+            row_done = row_done | (row_full & ~can_improve)
 
         # -- running beams of the next step: the first B of the 2B that did not finish, in rows still open.
-        not_fin = valid & ~is_fin
-        keep = not_fin & ((not_fin.cumsum(dim=1) - 1) < beams) & ~row_full[:, None]
+        keep = not_fin & ((not_fin.cumsum(dim=1) - 1) < beams) & ~row_done[:, None]
         sel_row, sel_k = keep.nonzero(as_tuple=True)  # row-major: rows sorted, best first within a row
         if sel_row.numel() == 0:
             break
@@ -431,10 +450,11 @@ def reference_constrained_beam_search(
     num_beams: int,
     length_penalty: float = 1.0,
     guidance: TitleGuidance | None = None,
+    early_stopping: bool = True,
 ) -> list[BeamSearchOutput]:
     """The same search done by transformers' ``generate`` with ``prefix_allowed_tokens_fn`` (slow).
 
-    Uses a complete ``GenerationConfig`` (greedy beam search, ``early_stopping=True``,
+    Uses a complete ``GenerationConfig`` (greedy beam search, the given ``early_stopping``,
     ``num_return_sequences=num_beams``, neutral penalties) and temporarily blanks
     ``model.generation_config`` so none of the checkpoint's generation defaults leak in. Returned
     sequences are mapped back to title indices; placeholder beams (score ``<= -1e9`` before length
@@ -455,7 +475,7 @@ def reference_constrained_beam_search(
         do_sample=False,
         num_beams=num_beams,
         num_return_sequences=num_beams,
-        early_stopping=True,
+        early_stopping=early_stopping,
         length_penalty=float(length_penalty),
         max_new_tokens=trie.max_depth,
         min_new_tokens=0,

@@ -141,6 +141,7 @@ def rank_batch(
     if not examples:
         return []
     latent = model.num_latent_tokens if isinstance(model, LatentReasoningLM) else 0
+    early_stopping = bool(getattr(config, "early_stopping", True))
     prompts = render_prompts(template, tokenizer, examples, config, answer_budget(trie, model), latent)
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
@@ -151,10 +152,12 @@ def rank_batch(
         state = PromptState(next_token_logits=logits.float(), past_key_values=cache, attention_mask=full_mask,
                             next_position_ids=next_pos)
         outputs = constrained_beam_search_from_state(model.causal_lm, trie, state, num_beams=config.num_beams,
-                                                     length_penalty=config.length_penalty, guidance=guidance)
+                                                     length_penalty=config.length_penalty, guidance=guidance,
+                                                     early_stopping=early_stopping)
     else:
         outputs = constrained_beam_search(model, trie, ids, mask, num_beams=config.num_beams,
-                                          length_penalty=config.length_penalty, guidance=guidance)
+                                          length_penalty=config.length_penalty, guidance=guidance,
+                                          early_stopping=early_stopping)
     return [
         ([trie.titles[t] for t in o.title_ranking], list(o.item_ranking), [round(float(s), 6) for _, s in o.hypotheses])
         for o in outputs

@@ -99,6 +99,10 @@ class EvalConfig:
                                                               "concatenated) or joint (one string; titles checked at the "
                                                               "boundary); default: the checkpoint's, else separate."})
     length_penalty: float = field(default=1.0, metadata={"help": "Beam score = logprob sum / length**penalty (1.0 BIGRec/LatentR3, 0.0 D3)."})
+    early_stopping: bool = field(default=True, metadata={"help": "transformers' beam-search flag: true stops a row at num_beams finished titles "
+                                                         "(the committed evaluations); false (generate's default, which the BIGRec/D3/"
+                                                         "LatentR3 code ran) searches on while a running beam may still beat the worst "
+                                                         "finished title. Only with fewer beams than titles do the two differ."})
     guidance_checkpoint: str | None = field(default=None, metadata={"help": "D3 text-free assistant: a `llmrec seqrec train` output_dir (same prepared dataset) whose ID model guides the beam search (None = off)."})
     guidance_weight: float = field(default=1.0, metadata={"help": "Weight w of the guidance: each step adds w * log P_ID(token | prefix), so a title gains w * log P_ID(title) (0 = off)."})
     batch_size: int = field(default=8, metadata={"help": "Rows per batch (per process)."})
@@ -425,6 +429,8 @@ class Evaluator:
                     p["backbone_conversion_version"] = version
             if c.prompt_fit != "own_answer":  # only when not the default: earlier fingerprints stay what they were
                 p["prompt_fit"] = c.prompt_fit
+            if not c.early_stopping:  # likewise
+                p["early_stopping"] = False
             if c.guided:
                 # Only when on, so the fingerprints of unguided evaluations stay what they were.
                 g = self.guidance_info
