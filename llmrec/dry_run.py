@@ -805,8 +805,8 @@ _GRPO_FIELDS = ("sft_checkpoint", "model_name_or_path", "model_dtype", "dataset"
                 "gradient_accumulation_steps", "save_steps", "seed", "output_dir")
 _EVAL_FIELDS = ("dataset", "split", "max_rows", "row_seed", "method", "model_name_or_path", "checkpoint", "dtype",
                 "prompt", "noun", "use_chat_template", "history_length", "max_prompt_length", "prompt_fit",
-                "num_beams", "length_penalty", "tokenization", "guidance_checkpoint", "guidance_weight", "batch_size",
-                "ks", "output_dir")
+                "num_beams", "length_penalty", "early_stopping", "tokenization", "guidance_checkpoint", "guidance_weight",
+                "batch_size", "ks", "output_dir")
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 _HEAD_FIELDS = ("head_num_heads", "head_dim", "rope_base", "head_dtype", "head_output_norm")
 
