@@ -118,6 +118,7 @@ SEQREC_RESULTS = "results.json"
 # Defaults for LLMs whose checkpoint records no settings (base models, plain checkpoints): EvalConfig's.
 LLM_DEFAULTS: dict[str, Any] = {
     **PROMPT_DEFAULTS, "length_penalty": 1.0, "use_chat_template": False, "dtype": "bfloat16", "batch_size": 8,
+    "early_stopping": True,
 }
 SEQREC_BATCH_SIZE = 256
 
@@ -231,6 +232,7 @@ class _DecodeSettings:
     use_chat_template: bool
     num_beams: int
     length_penalty: float
+    early_stopping: bool = True
     prompt_fit: str = "longest_answer"  # a recommender has no answer to leave room for
 
 
@@ -239,7 +241,7 @@ class _LLMBackend:
 
     def __init__(self, model, tokenizer, catalog, *, prompt: str, noun: str, use_chat_template: bool,
                  tokenization: str, max_prompt_length: int, num_beams: int | None, length_penalty: float,
-                 batch_size: int) -> None:
+                 batch_size: int, early_stopping: bool = True) -> None:
         from llmrec.decoding.search import build_catalog_trie
         from llmrec.models.latent import LatentReasoningLM
         from llmrec.prompts import PromptTemplate
@@ -249,6 +251,7 @@ class _LLMBackend:
         self.trie = build_catalog_trie(catalog, tokenizer, self.template, use_chat_template, tokenization)
         self.noun, self.use_chat_template = noun, use_chat_template
         self.num_beams, self.length_penalty, self.batch_size = num_beams, length_penalty, batch_size
+        self.early_stopping = early_stopping
         self.num_latent_tokens = model.num_latent_tokens if isinstance(model, LatentReasoningLM) else 0
         self.guidance: tuple[_SeqRecBackend, float, Any] | None = None  # (ID model, weight, title mass index)
         longest_answer = max(len(p) for p in self.trie.title_token_ids)  # completion + EOS
@@ -303,7 +306,7 @@ class _LLMBackend:
             by_width.setdefault(self.beams_for(k, excluded[i] if excluded else None), []).append(i)
         for width, members in by_width.items():
             settings = _DecodeSettings(self.max_prompt_length, self.noun, self.use_chat_template, width,
-                                       self.length_penalty)
+                                       self.length_penalty, self.early_stopping)
             examples = [{"history_titles": [self.catalog.title(i) for i in histories[m]], "target_title": None}
                         for m in members]
             guidance = None
@@ -579,6 +582,7 @@ class Recommender:
         max_prompt_length: int | None = None,
         num_beams: int | None = None,
         length_penalty: float | None = None,
+        early_stopping: bool | None = None,
         tokenization: str | None = None,
         use_chat_template: bool | None = None,
         batch_size: int | None = None,
@@ -607,6 +611,8 @@ class Recommender:
                 distinct titles). Fix it (e.g. to the evaluation's ``num_beams``) for rankings that do not
                 depend on ``k``.
             length_penalty: LLM beam score = log-prob sum / length**length_penalty (default 1.0).
+            early_stopping: transformers' beam-search flag, as ``llmrec evaluate --early_stopping`` (default True;
+                False is ``generate``'s default, which the papers' code ran).
             use_chat_template: wrap LLM prompts in the tokenizer's chat template (default False).
             batch_size: histories per forward batch (default 8 for LLMs, 256 for ID models).
             on_unknown: ``"error"`` or ``"skip"`` for history titles not in the catalogue.
@@ -643,8 +649,8 @@ class Recommender:
                 raise ValueError(f"{path} is an ID-model run: guidance_checkpoint guides an LLM's beam search")
             llm_only = {"base_model": base_model, "dtype": dtype, "prompt": prompt, "noun": noun,
                         "max_prompt_length": max_prompt_length, "num_beams": num_beams,
-                        "length_penalty": length_penalty, "tokenization": tokenization,
-                        "use_chat_template": use_chat_template}
+                        "length_penalty": length_penalty, "early_stopping": early_stopping,
+                        "tokenization": tokenization, "use_chat_template": use_chat_template}
             ignored = sorted(k for k, v in llm_only.items() if v is not None)
             if ignored:
                 logger.warning("%s is an ID-model run: ignoring LLM-only options %s", path, ignored)
@@ -659,8 +665,8 @@ class Recommender:
         return cls._from_llm(
             path, str(checkpoint_dir), dataset, dev, base_model=base_model, dtype=dtype, prompt=prompt,
             noun=noun, history_length=history_length, max_prompt_length=max_prompt_length,
-            num_beams=num_beams, length_penalty=length_penalty, tokenization=tokenization,
-            use_chat_template=use_chat_template, batch_size=batch_size, on_unknown=on_unknown,
+            num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+            tokenization=tokenization, use_chat_template=use_chat_template, batch_size=batch_size, on_unknown=on_unknown,
             exclude_history=exclude_history, guidance_checkpoint=guidance_checkpoint, guidance_weight=guidance_weight,
         )
 
@@ -726,11 +732,13 @@ class Recommender:
             use_chat_template=bool(setting("use_chat_template")), tokenization=setting("tokenization"),
             max_prompt_length=max_prompt_length, num_beams=opts.get("num_beams"),
             length_penalty=float(setting("length_penalty")), batch_size=int(setting("batch_size")),
+            early_stopping=bool(setting("early_stopping")),
         )
         info = {
             "kind": "llm", "source": source, "checkpoint": str(path) if path.is_dir() else None, "model": base,
             "dataset": str(data_dir), "dtype": dtype, "prompt": backend.template.name, "noun": backend.noun,
             "num_beams": opts.get("num_beams"), "length_penalty": backend.length_penalty,
+            "early_stopping": backend.early_stopping,
             "max_prompt_length": max_prompt_length, "tokenization": setting("tokenization"),
             "use_chat_template": backend.use_chat_template, "num_latent_tokens": backend.num_latent_tokens,
         }
@@ -942,7 +950,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     rec = Recommender.from_pretrained(
         args.checkpoint, args.dataset, args.device, base_model=args.base_model, dtype=args.dtype,
         prompt=args.prompt, noun=args.noun, history_length=args.history_length, num_beams=args.num_beams,
-        length_penalty=args.length_penalty, max_prompt_length=args.max_prompt_length,
+        length_penalty=args.length_penalty, early_stopping=args.early_stopping, max_prompt_length=args.max_prompt_length,
         use_chat_template=args.use_chat_template, tokenization=args.tokenization,
         batch_size=args.batch_size, on_unknown=args.on_unknown, exclude_history=args.exclude_history,
         guidance_checkpoint=args.guidance_checkpoint, guidance_weight=args.guidance_weight,
@@ -1031,6 +1039,9 @@ def register_cli(subparsers) -> None:
                    help="most recent history items used (default: the checkpoint's)")
     p.add_argument("--length-penalty", "--length_penalty", type=float, default=None,
                    help="LLM beam score = log-prob sum / length**penalty (default 1.0; 0 as D3 decoding)")
+    p.add_argument("--early-stopping", "--early_stopping", action=argparse.BooleanOptionalAction, default=None,
+                   help="LLM beam search stops a history at num_beams finished titles (default; --no-early-stopping: "
+                        "generate's default, which the papers' code ran, as `llmrec evaluate --early_stopping false`)")
     p.add_argument("--max-prompt-length", "--max_prompt_length", type=int, default=None,
                    help="LLM prompt + answer token budget (default: the checkpoint's max_length, else 512)")
     p.add_argument("--use-chat-template", "--use_chat_template", action=argparse.BooleanOptionalAction, default=None,
