@@ -1634,3 +1634,15 @@ def test_every_refused_trl_field_exists_on_the_config():
 
     names = {f.name for f in dataclasses.fields(LatentGRPOConfig)}
     assert [n for n in (*IGNORED_TRL_FIELDS, *NO_EFFECT_FIELDS) if n not in names] == []
+
+
+def test_prompts_left_out_of_each_epoch_are_logged(tmp_path, sft_dir, caplog):
+    """An epoch's last incomplete optimiser batch is dropped (dataloader_drop_last is not read): said at start."""
+    sft = sft_dir[0]
+    with caplog.at_level(logging.INFO, logger="llmrec.training.grpo"):
+        LatentGRPOTrainer(grpo_config(tmp_path / "a", sft, max_train_rows=7))  # 2 prompts per step
+    assert "7 prompts, 2 per optimiser step: 3 steps per epoch; the last 1 prompts" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="llmrec.training.grpo"):
+        LatentGRPOTrainer(grpo_config(tmp_path / "b", sft, max_train_rows=8))
+    assert "left out" not in caplog.text

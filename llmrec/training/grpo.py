@@ -915,6 +915,11 @@ class LatentGRPOTrainer:
         if self.prompts_per_step > len(rows):
             raise ConfigError(f"an optimiser step needs {self.prompts_per_step} prompts, the split has {len(rows)}")
         self.steps_per_epoch = len(rows) // self.prompts_per_step  # the last incomplete batch of an epoch is dropped
+        left_out = len(rows) - self.steps_per_epoch * self.prompts_per_step
+        if left_out and self.accelerator.is_main_process:
+            # Said, as dataloader_drop_last (which this trainer does not read) would suggest otherwise.
+            logger.info("%d prompts, %d per optimiser step: %d steps per epoch; the last %d prompts of each epoch's "
+                        "shuffled order are left out", len(rows), self.prompts_per_step, self.steps_per_epoch, left_out)
         self.max_steps = config.max_steps if config.max_steps > 0 else max(
             1, int(self.steps_per_epoch * config.num_train_epochs))
         if config.disable_dropout:
