@@ -31,7 +31,7 @@ def test_bench_grpo_tiny(tmp_path, capsys):
     assert rc == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(out.read_text())
-    for key in ("ours_step_s", "naive_step_s", "ours_over_naive", "max_rel_grad_diff_vs_naive"):
+    for key in ("ours_step_s", "naive_step_s", "ours_over_naive", "ours_over_naive_paired", "max_rel_grad_diff_vs_naive"):
         assert key in last
     assert last["max_rel_grad_diff_vs_naive"] < 1e-4
     # each path the timed loop and the trainer take, and the batched naive form, against the per-member form

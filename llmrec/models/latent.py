@@ -455,7 +455,8 @@ class LatentLMOutput:
             for N >= 1, ``logits[:, 0]`` is the output at the last latent position). Naive form
             ``[B, L-1, V]``: the full sequence's logits without the last position.
         labels: same shape as ``logits[..., 0]``; the target token ids, -100 where nothing is scored.
-            Logits at -100 positions (padding queries) are unspecified and differ between the forms.
+            Logits at -100 positions (prompt, latents, padding) are unspecified and differ between the forms
+            (the naive form does not project them: zeros).
         latents: ``[B, N, H]`` pooled latent vectors in the head's dtype (noise included), ``None`` for N=0.
         latent_hidden_states: ``[B, N, H]`` final-layer hidden states at the latent positions.
         loss: filled by :meth:`LatentReasoningLM.loss`.
@@ -849,9 +850,17 @@ class LatentReasoningLM(nn.Module):
             after = col_range[None, :] > cols[:, -1:]
             labels = input_ids.masked_fill(~(after & mask.bool()), IGNORE_INDEX)
         latent_hidden = hidden.gather(1, cols[..., None].expand(-1, -1, hsz)) if n else None
+        # The LM head at the scored positions only (the others' logits are unspecified, here zeros): the vocabulary
+        # projection of every prompt position was most of the head's cost and would flatter a comparison with the
+        # efficient form, which projects only the completion (benchmark review).
+        shifted = labels[:, 1:]
+        scored = shifted != IGNORE_INDEX
+        projected = self._lm_head(hidden[:, :-1][scored])
+        logits = projected.new_zeros(b, length - 1, projected.shape[-1])
+        logits[scored] = projected
         return LatentLMOutput(
-            logits=self._lm_head(hidden[:, :-1]),
-            labels=labels[:, 1:],
+            logits=logits,
+            labels=shifted,
             latents=torch.stack(latents, dim=1) if latents else None,
             latent_hidden_states=latent_hidden,
         )
