@@ -15,7 +15,9 @@ validation NDCG@10 with patience 10. RecBole's full-ranking evaluation masks the
 history; llmrec's protocol does not, so the masking is switched off here unless ``--mask-history`` is given (the
 JSON records which). Writes one JSON object with the test metrics, the epochs run and the seconds per epoch.
 
-RecBole trains every prefix as its own sample (~110 s per epoch here, often 50+ epochs), so the run is resumable:
+RecBole trains every prefix as its own sample (the issue quotes ~110 s per epoch; the recorded runs here took
+250-390 s, their ``epoch_s`` including each epoch's validation and checkpoint, which llmrec's excludes: ~0.3% of
+its epoch; often 50+ epochs), so the run is resumable:
 after every epoch the model, optimiser, early-stopping state and all random states (global torch, numpy, python,
 the training loader's shuffling generator) go to ``--work-dir/latest.pth`` (RecBole's own pickle format: this
 script runs RecBole as a reference, in its own venv); a rerun with the same arguments continues from there with
