@@ -178,12 +178,13 @@ def eval_protocol_differences(proto: dict, cfg: EvalConfig) -> dict[str, tuple[A
     if cfg.method == "beam":
         wanted.update({k: getattr(cfg, k) for k in (
             "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams", "length_penalty",
-            "max_prompt_length", "batch_size", "prompt_fit")}, model=cfg.model_name_or_path,
+            "max_prompt_length", "batch_size", "prompt_fit", "early_stopping")}, model=cfg.model_name_or_path,
             guidance_weight=cfg.guidance_weight if cfg.guided else None)
     got = {k: proto.get(k) for k in wanted}
     got["dataset"] = os.path.normpath(proto["dataset"]) if proto.get("dataset") else proto.get("dataset")
     if cfg.method == "beam":  # recorded only when not the default / only when guided
         got["prompt_fit"] = proto.get("prompt_fit", "own_answer")
+        got["early_stopping"] = proto.get("early_stopping", True)
         got["guidance_weight"] = (proto.get("guidance") or {}).get("weight")
     return mismatches(got, wanted)
 
@@ -1128,8 +1129,9 @@ class Pipeline:
         length penalty within the D3 rows and within the others: D3 sets it to 0; guidance aside), so a finished run
         made with other options cannot slip into the table, nor seeds of one method made under different ones."""
         shared = ("dataset", "split", "row_seed")
+        # batch_size too: in bfloat16 a row's batch-mates move its beam scores (experiment log)
         beam = ("model", "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams",
-                "max_prompt_length", "prompt_fit", "history_length")
+                "max_prompt_length", "prompt_fit", "early_stopping", "history_length", "batch_size")
         ref: dict[tuple[str, bool], tuple[tuple[str, int], Any]] = {}
         for (m, s), p in protocols.items():
             keys = [(k, False) for k in shared]

@@ -675,12 +675,32 @@ def test_seeds_evaluated_under_another_beam_protocol_are_not_averaged(report):
     Pipeline._check_same_protocol(same, finished)
     for key, method, value, where in (("history_length", "bigrec-sft", 3, ""),
                                       ("history_length", "bigrec-sft+d3", 3, ""),
+                                      ("early_stopping", "bigrec-sft", False, ""),
+                                      ("batch_size", "bigrec-sft+d3", 1, ""),
                                       ("length_penalty", "bigrec-sft", 0.3, " (among the rows without D3)"),
                                       ("length_penalty", "bigrec-sft+d3", 0.3, " (among the D3 rows)")):
         mixed = dict(same)
         mixed[(method, 1)] = {**same[(method, 1)], key: value}
         with pytest.raises(ValueError, match=rf"differ in {key}{re.escape(where)}: .* {value!r} in .*seed1"):
             Pipeline._check_same_protocol(mixed, finished)
+
+
+def test_eval_protocol_differences_see_early_stopping():
+    """A finished evaluation decoded with the other early_stopping (recorded only when false) is a mismatch, as
+    prompt_fit is: it was accepted as the pipeline's evaluation (and D3 selections likewise)."""
+    from llmrec.bench_pipeline import eval_protocol_differences
+    from llmrec.evaluation.evaluator import EvalConfig
+
+    cfg = EvalConfig(dataset="data/games", split="test", method="beam", model_name_or_path="tiny-qwen2",
+                     dtype="float32", num_beams=4, ks=[1, 3], batch_size=8)
+    proto = {"dataset": "data/games", "split": "test", "max_rows": cfg.max_rows, "row_seed": cfg.row_seed,
+             "method": "beam", "ks": [1, 3], "history_length": cfg.history_length, "model": "tiny-qwen2",
+             **{k: getattr(cfg, k) for k in ("dtype", "prompt", "noun", "use_chat_template", "tokenization",
+                                             "num_beams", "length_penalty", "max_prompt_length", "batch_size")}}
+    assert eval_protocol_differences(proto, cfg) == {}
+    assert eval_protocol_differences({**proto, "early_stopping": False}, cfg) == {"early_stopping": (False, True)}
+    cfg.early_stopping = False
+    assert eval_protocol_differences(proto, cfg) == {"early_stopping": (True, False)}
 
 
 def test_grpo_and_id_keys_the_pipeline_sets_are_refused(report):

@@ -541,3 +541,15 @@ def test_lora_target_modules_peft_would_misread_are_refused(tmp_path, targets):
 
     with pytest.raises(ConfigError, match="lora_target_modules"):
         LatentSFTConfig(output_dir=str(tmp_path / "o"), model_name_or_path="tiny-qwen2", lora_target_modules=targets)
+
+
+def test_lora_target_modules_as_one_string_from_python(tmp_path):
+    """peft's own form from Python (``"all-linear"``, one module name): one item, not a list of characters; a full
+    fine-tune does not read the field, so it is not checked there."""
+    from llmrec.training.sft import LatentSFTConfig
+
+    cfg = LatentSFTConfig(output_dir=str(tmp_path / "o"), model_name_or_path="tiny-qwen2",
+                          lora_target_modules="all-linear")
+    assert cfg.lora_target_modules == ["all-linear"]
+    LatentSFTConfig(output_dir=str(tmp_path / "o"), model_name_or_path="tiny-qwen2", finetune="full",
+                    lora_target_modules=[])

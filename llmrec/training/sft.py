@@ -126,7 +126,7 @@ def check_lora_target_modules(modules: Sequence[str]) -> None:
     """Refuse a ``lora_target_modules`` peft would misread: no module (peft then fails deep in the model wrap),
     ``null``/``none`` given on the command line (read as a module named 'null'), or ``all-linear`` beside other
     names (peft knows the shorthand only alone, and looked for a module called 'all-linear')."""
-    mods = list(modules)
+    mods = list(modules or [])
     if not mods:
         raise ConfigError("lora_target_modules: give at least one module name (e.g. q_proj v_proj) or all-linear")
     for m in mods:
@@ -262,7 +262,10 @@ class LatentSFTConfig(transformers.TrainingArguments):
             raise ConfigError(f"max_length {self.max_length} is too small")
         if self.history_length < 1:
             raise ConfigError(f"history_length must be >= 1, got {self.history_length}")
-        check_lora_target_modules(self.lora_target_modules)
+        if isinstance(self.lora_target_modules, str):  # peft's own form (`"all-linear"`, one name) from Python
+            self.lora_target_modules = [self.lora_target_modules]
+        if self.finetune != "full":
+            check_lora_target_modules(self.lora_target_modules)
         for name in ("max_train_rows", "max_eval_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
