@@ -67,6 +67,22 @@ def prepared_dir(tmp_path: Path) -> Path:
     return write_prepared(tmp_path / "data")
 
 
+@pytest.fixture
+def early_stopping_seen(monkeypatch) -> list[bool]:
+    """The ``early_stopping`` of every ``constrained_beam_search`` call that ``llmrec.decoding.search`` makes."""
+    import llmrec.decoding.search as search
+
+    seen: list[bool] = []
+    real = search.constrained_beam_search
+
+    def spy(*args, **kw):
+        seen.append(kw["early_stopping"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(search, "constrained_beam_search", spy)
+    return seen
+
+
 def train_tiny_sasrec(data_dir: Path, out: Path, **overrides) -> Path:
     """A finished ``llmrec seqrec train`` run of a tiny SASRec on ``data_dir`` (seconds on one thread)."""
     from llmrec.seqrec.config import SeqRecConfig

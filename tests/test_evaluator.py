@@ -245,19 +245,10 @@ def test_prompt_fit_longest_answer_is_recorded_and_the_default_fingerprint_is_un
         tiny_config(prepared_dir, tmp_path / "x", prompt_fit="answer")
 
 
-def test_early_stopping_false_reaches_the_search_and_is_recorded(prepared_dir, tmp_path, monkeypatch):
+def test_early_stopping_false_reaches_the_search_and_is_recorded(prepared_dir, tmp_path, early_stopping_seen):
     """early_stopping: false (generate's default, the papers' code) is passed to the beam search and recorded in
     the protocol; the default (true) leaves the fingerprints of finished evaluations as they were."""
-    import llmrec.decoding.search as search
-
-    seen = []
-    real = search.constrained_beam_search
-
-    def spy(*args, **kw):
-        seen.append(kw["early_stopping"])
-        return real(*args, **kw)
-
-    monkeypatch.setattr(search, "constrained_beam_search", spy)
+    seen = early_stopping_seen
     default = evaluate(tiny_config(prepared_dir, tmp_path / "stop", max_rows=4))
     assert "early_stopping" not in default["protocol"] and seen and all(seen)
     seen.clear()

@@ -641,20 +641,12 @@ def test_cli_options_take_the_underscore_spelling_too(seqrec_run, capsys):
     assert capsys.readouterr().out == hyphen and "top 3" in hyphen
 
 
-def test_early_stopping_reaches_the_beam_search(data_dir, capsys, monkeypatch):
+def test_early_stopping_reaches_the_beam_search(data_dir, capsys, early_stopping_seen):
     """early_stopping=False (generate's default, as `llmrec evaluate --early_stopping false`) is what the search
     runs with, from Python and from the command line (--no-early-stopping); the default stays True."""
-    import llmrec.decoding.search as search
     from llmrec.cli import main
 
-    seen = []
-    real = search.constrained_beam_search
-
-    def spy(*args, **kw):
-        seen.append(kw["early_stopping"])
-        return real(*args, **kw)
-
-    monkeypatch.setattr(search, "constrained_beam_search", spy)
+    seen = early_stopping_seen
     rec = Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="float32", early_stopping=False)
     title = rec.catalog.title(2)
     rec.recommend([title], k=3)
