@@ -102,7 +102,8 @@ class EvalConfig:
     early_stopping: bool = field(default=True, metadata={"help": "transformers' beam-search flag: true stops a row at num_beams finished titles "
                                                          "(the committed evaluations); false (generate's default, which the BIGRec/D3/"
                                                          "LatentR3 code ran) searches on while a running beam may still beat the worst "
-                                                         "finished title. Only with fewer beams than titles do the two differ."})
+                                                         "finished title. They differ with fewer beams than titles, then on many rows (other top-1 on 79 of "
+                                                         "200 quickstart rows: benchmarks/results/early_stopping_quickstart_grpo.md)."})
     guidance_checkpoint: str | None = field(default=None, metadata={"help": "D3 text-free assistant: a `llmrec seqrec train` output_dir (same prepared dataset) whose ID model guides the beam search (None = off)."})
     guidance_weight: float = field(default=1.0, metadata={"help": "Weight w of the guidance: each step adds w * log P_ID(token | prefix), so a title gains w * log P_ID(title) (0 = off)."})
     batch_size: int = field(default=8, metadata={"help": "Rows per batch (per process)."})
