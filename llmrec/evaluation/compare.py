@@ -104,7 +104,7 @@ def _list_length(proto: dict, level: str) -> int | None:
     return None
 
 
-def _warn_numerics(run_dirs: list[str | Path], protos: list[dict]) -> None:
+def _warn_numerics(protos: list[dict]) -> None:
     """Say when LM evaluations differ in what their numbers are computed with, not in the model.
 
     In bfloat16 the batch a row shares changes its beam scores: between batch 1 and 8 of the quickstart's GRPO
@@ -112,20 +112,20 @@ def _warn_numerics(run_dirs: list[str | Path], protos: list[dict]) -> None:
     top-10 orders changed (hits@10 did not; benchmarks/README.md); in float32 the rankings were identical. A
     difference between such runs is partly arithmetic.
     """
-    lm = [(str(r), p) for r, p in zip(run_dirs, protos) if p.get("method") == "beam" and p.get("dtype")]
-    dtypes = sorted({str(p["dtype"]) for _, p in lm})
+    lm = [p for p in protos if p.get("method") == "beam" and p.get("dtype")]
+    dtypes = sorted({str(p["dtype"]) for p in lm})
     if len(dtypes) > 1:
         logger.warning("the LM runs compute in different dtypes (%s): part of their differences is arithmetic "
                        "(bfloat16 moves beam scores by up to ~0.07 from float32 and reorders many top-10 lists)",
                        ", ".join(dtypes))
         return
-    half = [(r, p) for r, p in lm if str(p["dtype"]) in ("bfloat16", "float16")]
-    batches = sorted({int(p["batch_size"]) for _, p in half if isinstance(p.get("batch_size"), int)})
+    half = [p for p in lm if str(p["dtype"]) in ("bfloat16", "float16")]
+    batches = sorted({int(p["batch_size"]) for p in half if isinstance(p.get("batch_size"), int)})
     if len(batches) > 1:
         logger.warning("the LM runs compute in %s with different batch sizes (%s): in half precision a row's batch-"
                        "mates move its beam scores (by up to ~0.07, reordering many top-10 lists), so part of their "
                        "differences is arithmetic; evaluate with one batch_size (or in float32) to compare models "
-                       "only", half[0][1]["dtype"], ", ".join(map(str, batches)))
+                       "only", half[0]["dtype"], ", ".join(map(str, batches)))
 
 
 def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "item", n_resamples: int = 10000,
@@ -210,7 +210,7 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
     if len(datasets) > 1:
         logger.warning("the runs record different datasets (%s): the same row indices and targets may still be "
                        "other rows", ", ".join(sorted(datasets)))
-    _warn_numerics(run_dirs, protos)
+    _warn_numerics(protos)
     for r, recs in zip(run_dirs, runs):
         if any(f"{level}_rank" not in recs[row] for row in shared):
             raise ValueError(f"{Path(r) / 'rankings.jsonl'} has no {level}_rank (a run without {level} matching); "
