@@ -170,6 +170,8 @@ def eval_protocol_differences(proto: dict, cfg: EvalConfig) -> dict[str, tuple[A
     """``{setting: (found, asked)}`` where a finished evaluation's recorded protocol (its ``results.json``'s
     ``protocol``) differs from ``cfg``, the evaluation the pipeline would run now: the evaluator's fingerprint check,
     but for the checkpoints' paths and digests (an archive holds no weights, and a run directory may have moved)."""
+    from llmrec.evaluation.evaluator import UNRECORDED_BEAM_DEFAULTS
+
     wanted: dict[str, Any] = {"dataset": os.path.normpath(cfg.dataset), "split": cfg.split,
                               "max_rows": cfg.max_rows, "row_seed": cfg.row_seed, "method": cfg.method,
                               "ks": list(cfg.ks)}
@@ -183,8 +185,7 @@ def eval_protocol_differences(proto: dict, cfg: EvalConfig) -> dict[str, tuple[A
     got = {k: proto.get(k) for k in wanted}
     got["dataset"] = os.path.normpath(proto["dataset"]) if proto.get("dataset") else proto.get("dataset")
     if cfg.method == "beam":  # recorded only when not the default / only when guided
-        got["prompt_fit"] = proto.get("prompt_fit", "own_answer")
-        got["early_stopping"] = proto.get("early_stopping", True)
+        got.update({k: proto.get(k, default) for k, default in UNRECORDED_BEAM_DEFAULTS.items()})
         got["guidance_weight"] = (proto.get("guidance") or {}).get("weight")
     return mismatches(got, wanted)
 
@@ -254,6 +255,7 @@ class PipelineOptions:
     d3_weights: list[float] = field(default_factory=lambda: [1.0])
     d3_valid_rows: int = 200
     id_overrides: dict[str, Any] = field(default_factory=dict)
+    eval_overrides: dict[str, Any] = field(default_factory=dict)
     recipes: str | None = None
     report_only: bool = False
     no_report: bool = False
@@ -321,6 +323,15 @@ class Pipeline:
                 "model": "use --methods", "seed": "use --seeds", "output_dir": "use --output-dir",
                 "dataset_dir": "use --dataset"})
             opts = replace(opts, id_overrides=coerce_fields([SeqRecConfig], opts.id_overrides, "--id"))
+        if opts.eval_overrides:
+            from llmrec.evaluation.evaluator import EvalConfig
+
+            _refuse_own_keys(opts.eval_overrides, "--eval", {
+                "dataset": "use --dataset", "split": "the protocol's test split", "max_rows": "use --test-rows",
+                "row_seed": "use --row-seed", "output_dir": "use --output-dir", "model_name_or_path": "use --model",
+                "dtype": "use --dtype", "method": "use --methods", "checkpoint": "each method's trained stage",
+                "guidance_checkpoint": "the SASRec stage of the same seed", "guidance_weight": "use --d3-weight"})
+            opts = replace(opts, eval_overrides=coerce_fields([EvalConfig], opts.eval_overrides, "--eval"))
         self.opts = opts
         self.out = Path(opts.output_dir)
         self.recipes = Path(opts.recipes) if opts.recipes else resource_dir("recipes")
@@ -775,6 +786,9 @@ class Pipeline:
                                      output_dir=str(out))
         extra["model_name_or_path"] = self.opts.model
         extra["dtype"] = self.opts.dtype
+        if method not in ID_MODELS and method != "popularity":
+            # Decoding settings of every LM evaluation (D3's length penalty 0 set below wins: D3 is defined by it).
+            extra.update(self.opts.eval_overrides)
         if method == "popularity":
             extra["method"] = "popularity"
         elif method in ID_MODELS:
@@ -1067,8 +1081,11 @@ class Pipeline:
                 "d3_selection": self._d3_selections(finished),
                 "llm_sft_overrides": o.sft_overrides,
                 "id_models_train_on": "the whole train split", "id_overrides": o.id_overrides,
+                "llm_eval_overrides": o.eval_overrides,
                 "matching": "item level (title level reported too); items absent from a ranked list are misses",
-                "llm_eval": {k: llm_proto.get(k) for k in ("num_beams", "prompt", "dtype")},
+                "llm_eval": {**{k: llm_proto.get(k) for k in ("num_beams", "prompt", "dtype")},
+                             # recorded by the evaluator only when not transformers' default
+                             "early_stopping": llm_proto.get("early_stopping", True) if llm_proto else None},
                 "seeds": o.seeds,
                 "best_id_model_selection": "highest mean validation NDCG@10 (each run's own model selection "
                                            "split; never the test rows)",
@@ -1176,7 +1193,8 @@ class Pipeline:
             value = getattr(o, field_name)
             if value != getattr(d, field_name):
                 parts.append(f"{flag} {','.join(f'{v:g}' if isinstance(v, float) else v for v in value) if isinstance(value, list) else value}")
-        for flag, pairs in (("--sft", o.sft_overrides), ("--grpo", o.grpo_overrides), ("--id", o.id_overrides)):
+        for flag, pairs in (("--sft", o.sft_overrides), ("--grpo", o.grpo_overrides), ("--id", o.id_overrides),
+                            ("--eval", o.eval_overrides)):
             if pairs:
                 # JSON lists without spaces survive the shell and parse back as YAML: reward_funcs=["a","b"]
                 parts.append(flag + " " + " ".join(
@@ -1214,7 +1232,12 @@ def report_markdown(result: dict, command: str = "") -> str:
         rows = f"{p['llm_train_rows']} train rows per seed, " if p.get("llm_train_rows") is not None else ""
         text += (f" LLMs: {p['llm']} {p['llm_eval'].get('dtype')}, {rows}"
                  + (f"SFT with {', '.join(f'{k}={v}' for k, v in sft.items())}, " if sft else "")
-                 + f"{p['llm_eval'].get('num_beams')} beams; GRPO: {_grpo_text(p['grpo_settings'])}.")
+                 + f"{p['llm_eval'].get('num_beams')} beams"
+                 + (" with early_stopping false (generate's default, the papers' decoding)"
+                    if p['llm_eval'].get('early_stopping') is False else "")
+                 + (f" ({', '.join(f'{k}={v}' for k, v in ev.items() if k != 'early_stopping')})"
+                    if (ev := p.get("llm_eval_overrides")) and set(ev) != {"early_stopping"} else "")
+                 + f"; GRPO: {_grpo_text(p['grpo_settings'])}.")
     selections = p.get("d3_selection") or {}
     if selections:
         first = next(iter(next(iter(selections.values())).values()))
@@ -1377,7 +1400,8 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         row_seed=args.row_seed, grpo_rows=args.grpo_rows, dtype=args.dtype, grpo_stage=args.grpo_stage, grpo_overrides=_pairs(args.grpo, "--grpo"),
         sft_overrides=_pairs(args.sft, "--sft"),
         d3_weights=_weights(args.d3_weight),
-        d3_valid_rows=args.d3_valid_rows, id_overrides=_pairs(args.id, "--id"), recipes=args.recipes,
+        d3_valid_rows=args.d3_valid_rows, id_overrides=_pairs(args.id, "--id"), eval_overrides=_pairs(args.eval, "--eval"),
+        recipes=args.recipes,
         report_only=args.report_only, no_report=args.no_report, in_process=args.in_process)
 
 
@@ -1407,6 +1431,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LatentGRPOConfig overrides, e.g. noise_mode=relative noise_scale=0.3")
     p.add_argument("--id", nargs="*", default=[], metavar="KEY=VALUE",
                    help="SeqRecConfig overrides for every ID model, e.g. epochs=10 patience=3")
+    p.add_argument("--eval", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="EvalConfig overrides for every LM evaluation (zero-shot, BIGRec, latent, their D3 rows), e.g. "
+                        "early_stopping=false (the papers' decoding: generate's default) or num_beams=20; D3 rows keep "
+                        "length penalty 0; a finished evaluation made with other settings is refused")
     p.add_argument("--d3-weight", default="1", help="weight of the SASRec guidance in D3 decoding; a comma list "
                    "(e.g. 0.3,1,3) selects one per D3 method and seed on --d3-valid-rows validation rows")
     p.add_argument("--d3-valid-rows", type=int, default=200, help="validation rows of the D3 weight selection")

@@ -956,3 +956,55 @@ def test_the_report_leaves_out_the_train_rows_when_no_lm_was_trained():
     untrained["protocol"]["llm_train_rows"] = None
     text = report_markdown(untrained)
     assert "None" not in text.split("\n")[0] and "train rows per seed" not in text
+
+
+def test_eval_overrides_reach_every_lm_evaluation_and_the_report(report, tmp_path, capsys):
+    """``--eval`` sets the decoding of every LM evaluation (D3 rows keep length penalty 0), not the ID models' or
+    popularity's; the report states it and reproduces it; a finished evaluation decoded otherwise is refused."""
+
+    from llmrec.cli import main
+
+    root, data = report
+    args = _args(data, tmp_path, name="es")
+    args[args.index("--methods") + 1] = "popularity,zero-shot,bigrec-sft,bigrec-sft+d3,sasrec"
+    args += ["--eval", "early_stopping=false", "length_penalty=0.5"]
+    assert main(args) == 0
+    runs = tmp_path / "runs"
+
+    def proto(d: str) -> dict:
+        return json.loads((runs / d / "results.json").read_text())["protocol"]
+
+    for d in ("eval_zero_shot", "eval_sft_bigrec"):
+        assert proto(d)["early_stopping"] is False and proto(d)["length_penalty"] == 0.5
+    assert proto("eval_sft_bigrec_d3")["early_stopping"] is False and proto("eval_sft_bigrec_d3")["length_penalty"] == 0
+    assert "early_stopping" not in proto("eval_sasrec") and "early_stopping" not in proto("eval_popularity")
+    res = json.loads((tmp_path / "results" / "es.json").read_text())
+    assert res["protocol"]["llm_eval_overrides"] == {"early_stopping": False, "length_penalty": 0.5}
+    assert res["protocol"]["llm_eval"]["early_stopping"] is False
+    md = (tmp_path / "results" / "es.md").read_text()
+    assert "10 beams with early_stopping false (generate's default, the papers' decoding) (length_penalty=0.5)" in md
+    assert "--eval early_stopping=False length_penalty=0.5" in md
+    # The fixture's evaluations decoded with early stopping: asking for another decoding on them is refused
+    # (before anything runs: --no-report, nothing is written).
+    other = _args(data, root, name="other")
+    other[other.index("--methods") + 1] = "bigrec-sft"
+    assert main(other + ["--no-report", "--eval", "early_stopping=false"]) != 0
+    err = capsys.readouterr().err
+    assert "eval_sft_bigrec holds results of a different protocol (early_stopping=True (here False))" in err
+
+
+def test_eval_overrides_are_typed_and_checked(tmp_path):
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+    from llmrec.config import ConfigError
+
+    data = write_prepared(tmp_path / "data", n_items=12, n_users=4, seed=1)
+    p = Pipeline(PipelineOptions(dataset=str(data), eval_overrides={"early_stopping": "false", "num_beams": "20"}))
+    assert p.opts.eval_overrides == {"early_stopping": False, "num_beams": 20}
+    assert p._eval_config("bigrec-sft", 0, "test", None, None, tmp_path / "e").early_stopping is False
+    assert p._eval_config("sasrec", 0, "test", None, None, tmp_path / "e").num_beams == 10  # unread by an ID model
+    with pytest.raises(ConfigError, match="--eval: unknown option.*'early_stoping'"):
+        Pipeline(PipelineOptions(dataset=str(data), eval_overrides={"early_stoping": False}))
+    with pytest.raises(ValueError, match="--eval guidance_weight: the pipeline sets it .use --d3-weight"):
+        Pipeline(PipelineOptions(dataset=str(data), eval_overrides={"guidance_weight": 3}))
+    with pytest.raises(ValueError, match="--eval max_rows: the pipeline sets it .use --test-rows"):
+        Pipeline(PipelineOptions(dataset=str(data), eval_overrides={"max_rows": 3}))

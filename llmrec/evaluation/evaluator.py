@@ -270,6 +270,10 @@ def _read_json_file(path: Path) -> dict:
         raise ValueError(f"{path} is damaged ({e.problem}): remove it, or choose another output_dir") from None
 
 
+# Beam-search settings a protocol records only when they differ from these (so earlier fingerprints stay valid).
+UNRECORDED_BEAM_DEFAULTS: dict[str, Any] = {"prompt_fit": "own_answer", "early_stopping": True}
+
+
 def _protocol_changes(found: Any, wanted: dict, limit: int = 6) -> str:
     """What differs between a recorded evaluation protocol and this one, for an error message."""
     from llmrec.config import mismatches
@@ -277,6 +281,11 @@ def _protocol_changes(found: Any, wanted: dict, limit: int = 6) -> str:
     if not isinstance(found, dict):
         return "it records no protocol"
     found, wanted = json.loads(json.dumps(found, default=str)), json.loads(json.dumps(wanted, default=str))
+    # Beam settings recorded only when not the default (protocol()): show the default, not None.
+    for key, default in UNRECORDED_BEAM_DEFAULTS.items():
+        if found.get("method") == "beam" == wanted.get("method"):
+            found.setdefault(key, default)
+            wanted.setdefault(key, default)
     diff = mismatches(found, wanted)
     diff.update({k: (v, None) for k, v in found.items() if k not in wanted})
     parts = [f"{k}={f!r} (here {w!r})" for k, (f, w) in sorted(diff.items())]
