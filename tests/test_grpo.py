@@ -235,7 +235,8 @@ def test_config_errors(tmp_path):
     # ... and fields inherited from TRL / TrainingArguments that were accepted and ignored (review, 2026-12-05):
     # torch_compile_backend even turned torch_compile on behind the torch_compile refusal; fsdp ran plain DDP
     for name, value in (("torch_compile_backend", "inductor"), ("torch_compile_mode", "max-autotune"),
-                        ("fsdp", "full_shard"), ("deepspeed", "ds.json"), ("ddp_backend", "gloo"),
+                        ("fsdp", "full_shard"), ("fsdp_config", {"min_num_params": 10}), ("deepspeed", "ds.json"),
+                        ("ddp_backend", "gloo"), ("accelerator_config", {"split_batches": True}),
                         ("model_init_kwargs", {"attn_implementation": "eager"}),
                         ("num_generations_eval", 4), ("bf16_full_eval", True), ("log_completions", True),
                         ("enable_jit_checkpoint", True), ("optim_args", "foo=1"), ("torch_empty_cache_steps", 5)):

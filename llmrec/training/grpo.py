@@ -146,6 +146,7 @@ NO_EFFECT_FIELDS = {
     "torch_compile_backend": "torch_compile is not supported",
     "torch_compile_mode": "torch_compile is not supported",
     "fsdp": _LAUNCH,
+    "fsdp_config": _LAUNCH,
     "deepspeed": _LAUNCH,
     "ddp_backend": _LAUNCH,
     "ddp_find_unused_parameters": _LAUNCH,
@@ -348,6 +349,13 @@ class LatentGRPOConfig(GRPOConfig):
         for name, instead in NO_EFFECT_FIELDS.items():
             if getattr(self, name, None):  # TrainingArguments fields the Trainer would act on; this trainer does not
                 raise ConfigError(f"{name}={getattr(self, name)!r} has no effect in latent GRPO ({instead}); remove it")
+        from transformers.trainer_pt_utils import AcceleratorConfig
+
+        # Always set (TrainingArguments makes one), so refused only when it differs from the default.
+        if self.accelerator_config is not None and self.accelerator_config != AcceleratorConfig():
+            raise ConfigError(f"accelerator_config={self.accelerator_config!r} has no effect in latent GRPO (the "
+                              "trainer builds its own Accelerator: batches split by prompts, not by the HF Trainer's "
+                              "options); remove it")
         from llmrec.training.sft import check_common_training_settings
 
         check_common_training_settings(self)
