@@ -437,10 +437,8 @@ class Evaluator:
                 version = alias_conversion_version(c.model_name_or_path)
                 if version is not None and version > 1:
                     p["backbone_conversion_version"] = version
-            if c.prompt_fit != "own_answer":  # only when not the default: earlier fingerprints stay what they were
-                p["prompt_fit"] = c.prompt_fit
-            if not c.early_stopping:  # likewise
-                p["early_stopping"] = False
+            # Only when not the default: earlier fingerprints stay what they were.
+            p.update({k: getattr(c, k) for k, default in UNRECORDED_BEAM_DEFAULTS.items() if getattr(c, k) != default})
             if c.guided:
                 # Only when on, so the fingerprints of unguided evaluations stay what they were.
                 g = self.guidance_info
