@@ -332,6 +332,14 @@ class Pipeline:
                 "dtype": "use --dtype", "method": "use --methods", "checkpoint": "each method's trained stage",
                 "guidance_checkpoint": "the SASRec stage of the same seed", "guidance_weight": "use --d3-weight"})
             opts = replace(opts, eval_overrides=coerce_fields([EvalConfig], opts.eval_overrides, "--eval"))
+            # The differences and the D3 weight selection compare NDCG@10 and HR@10: refused now, not after training.
+            ev = opts.eval_overrides
+            if "ks" in ev and 10 not in ev["ks"]:
+                raise ValueError(f"--eval ks={ev['ks']}: the report needs 10 among the cut-offs (its differences and "
+                                 "the D3 weight selection compare NDCG@10)")
+            if ev.get("num_beams", 10) < 10:
+                raise ValueError(f"--eval num_beams={ev['num_beams']}: the report needs at least 10 beams (a beam "
+                                 "search ranks num_beams titles; its differences compare NDCG@10)")
         self.opts = opts
         self.out = Path(opts.output_dir)
         self.recipes = Path(opts.recipes) if opts.recipes else resource_dir("recipes")
@@ -509,6 +517,7 @@ class Pipeline:
             from llmrec.training.grpo import (
                 IGNORED_TRL_FIELDS,
                 NO_EFFECT_FIELDS,
+                NON_DEFAULT_REFUSED_FIELDS,
                 LatentGRPOConfig,
                 inert_fields,
             )
@@ -516,7 +525,8 @@ class Pipeline:
             base = self._grpo_config(0, follow_seed0=False).to_dict()
             per_seed = {"seed", "sft_checkpoint", "dataset", "max_train_rows", "model_dtype"}
             # Nor what latent GRPO never reads (recorded as TrainingArguments left them; refused if set).
-            unread = set(NO_EFFECT_FIELDS) | set(IGNORED_TRL_FIELDS) | inert_fields(args, base)
+            unread = set(NO_EFFECT_FIELDS) | set(IGNORED_TRL_FIELDS) | set(NON_DEFAULT_REFUSED_FIELDS) \
+                | inert_fields(args, base)
             diff = config_differences(args, base, field_defaults(LatentGRPOConfig),
                                       ignore=GRPO_RESULT_NEUTRAL_FIELDS | SFT_RESUME_ONLY_FIELDS | per_seed | unread)
             return {k: found for k, (found, _) in diff.items()}
@@ -1145,6 +1155,8 @@ class Pipeline:
         """One test set for every run, and one LM setting for every beam-search run (history length included; the
         length penalty within the D3 rows and within the others: D3 sets it to 0; guidance aside), so a finished run
         made with other options cannot slip into the table, nor seeds of one method made under different ones."""
+        from llmrec.evaluation.evaluator import UNRECORDED_BEAM_DEFAULTS
+
         shared = ("dataset", "split", "row_seed")
         # batch_size too: in bfloat16 a row's batch-mates move its beam scores (experiment log)
         beam = ("model", "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams",
@@ -1155,13 +1167,14 @@ class Pipeline:
             if p["method"] == "beam":
                 keys += [(k, False) for k in beam] + [("length_penalty", m.endswith("+d3"))]
             for key, d3 in keys:
-                first = ref.setdefault((key, d3), ((m, s), p.get(key)))
-                if p.get(key) != first[1]:
+                value = p.get(key, UNRECORDED_BEAM_DEFAULTS.get(key)) if p["method"] == "beam" else p.get(key)
+                first = ref.setdefault((key, d3), ((m, s), value))
+                if value != first[1]:
                     (m0, s0), v0 = first
                     among = (" (among the D3 rows)" if d3 else " (among the rows without D3)") \
                         if key == "length_penalty" else ""
                     raise ValueError(f"the finished evaluations differ in {key}{among}: {v0!r} in {finished[m0][s0]}, "
-                                     f"{p.get(key)!r} in {finished[m][s]}; rerun one of them or report them apart")
+                                     f"{value!r} in {finished[m][s]}; rerun one of them or report them apart")
         # A D3 row and its plain row decode the same checkpoint (a stage retrained on another machine may not be
         # bitwise the same; evaluations made before the digest was recorded are not checked).
         for (m, s), p in protocols.items():
@@ -1183,7 +1196,10 @@ class Pipeline:
     def command(self) -> str:
         """The command line that reproduces this report (options that differ from the defaults)."""
         o, d = self.opts, PipelineOptions()
-        parts = ["llmrec bench pipeline", f"--dataset {o.dataset}", f"--model {o.model}", f"--seeds {o.seeds}"]
+        from shlex import quote  # a value with a space (noun=board games, a path) stays one argument
+
+        parts = ["llmrec bench pipeline", f"--dataset {quote(o.dataset)}", f"--model {quote(o.model)}",
+                 f"--seeds {o.seeds}"]
         flags = {"methods": "--methods", "output_dir": "--output-dir", "results_dir": "--results-dir", "name": "--name",
                  "recipes": "--recipes",
                  "train_rows": "--train-rows", "test_rows": "--test-rows", "row_seed": "--row-seed",
@@ -1192,13 +1208,15 @@ class Pipeline:
         for field_name, flag in flags.items():
             value = getattr(o, field_name)
             if value != getattr(d, field_name):
-                parts.append(f"{flag} {','.join(f'{v:g}' if isinstance(v, float) else v for v in value) if isinstance(value, list) else value}")
+                text = ",".join(f"{v:g}" if isinstance(v, float) else v for v in value) if isinstance(value, list) \
+                    else str(value)
+                parts.append(f"{flag} {quote(text)}")
         for flag, pairs in (("--sft", o.sft_overrides), ("--grpo", o.grpo_overrides), ("--id", o.id_overrides),
                             ("--eval", o.eval_overrides)):
             if pairs:
-                # JSON lists without spaces survive the shell and parse back as YAML: reward_funcs=["a","b"]
+                # Lists and dicts as JSON, which parses back as YAML: 'reward_funcs=["a","b"]'
                 parts.append(flag + " " + " ".join(
-                    f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}"
+                    quote(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}")
                     for k, v in pairs.items()))
         return " ".join(parts)
 

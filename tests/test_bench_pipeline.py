@@ -267,7 +267,7 @@ def test_id_overrides_are_typed_and_the_command_is_complete(report):
     g = Pipeline(PipelineOptions(dataset=str(data), grpo_overrides={"learning_rate": "1e-5",
                                                                     "reward_funcs": ["neg_ppl", "log_likelihood"]}))
     assert g.opts.grpo_overrides["learning_rate"] == 1e-5
-    assert '--grpo learning_rate=1e-05 reward_funcs=["neg_ppl","log_likelihood"]' in g.command()
+    assert """--grpo learning_rate=1e-05 'reward_funcs=["neg_ppl","log_likelihood"]'""" in g.command()
     from llmrec.config import ConfigError
 
     with pytest.raises(ConfigError, match="--grpo: unknown option.*'learning_rte'"):
@@ -683,6 +683,10 @@ def test_seeds_evaluated_under_another_beam_protocol_are_not_averaged(report):
         mixed[(method, 1)] = {**same[(method, 1)], key: value}
         with pytest.raises(ValueError, match=rf"differ in {key}{re.escape(where)}: .* {value!r} in .*seed1"):
             Pipeline._check_same_protocol(mixed, finished)
+    # early_stopping is recorded only when false: the other run shows the default, not None (review)
+    mixed = {**same, ("bigrec-sft", 0): {**plain, "early_stopping": False}}
+    with pytest.raises(ValueError, match=r"differ in early_stopping: False in .*, True in .*seed1"):
+        Pipeline._check_same_protocol(mixed, finished)
 
 
 def test_eval_protocol_differences_see_early_stopping():
@@ -1008,3 +1012,37 @@ def test_eval_overrides_are_typed_and_checked(tmp_path):
         Pipeline(PipelineOptions(dataset=str(data), eval_overrides={"guidance_weight": 3}))
     with pytest.raises(ValueError, match="--eval max_rows: the pipeline sets it .use --test-rows"):
         Pipeline(PipelineOptions(dataset=str(data), eval_overrides={"max_rows": 3}))
+    # the report compares NDCG@10 (review: a bare KeyError after all the training)
+    with pytest.raises(ValueError, match=r"--eval num_beams=5: the report needs at least 10 beams"):
+        Pipeline(PipelineOptions(dataset=str(data), eval_overrides={"num_beams": 5}))
+    with pytest.raises(ValueError, match=r"--eval ks=\[1, 5\]: the report needs 10 among the cut-offs"):
+        Pipeline(PipelineOptions(dataset=str(data), eval_overrides={"ks": [1, 5]}))
+    # the Reproduce command quotes what the shell would split (review: noun=board games came back as two arguments)
+    from llmrec.bench_pipeline import options_from_args
+    from llmrec.cli import build_parser
+
+    spaced = Pipeline(PipelineOptions(dataset=str(data), eval_overrides={"noun": "board games", "ks": [1, 10]}))
+    import shlex
+
+    argv = shlex.split(spaced.command())[3:]  # after "llmrec bench pipeline"
+    again = options_from_args(build_parser().parse_args(["bench", "pipeline", *argv]))
+    assert Pipeline(again).opts.eval_overrides == {"noun": "board games", "ks": [1, 10]}
+
+
+def test_seed0_grpo_accelerator_config_is_not_copied_to_later_seeds(tmp_path):
+    """Seed 0's recorded accelerator_config (never read by latent GRPO; accepted before it was refused) is not one of
+    the trained settings later seeds copy, and a recorded default one (dict form) is accepted (review)."""
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+
+    data = write_prepared(tmp_path / "data", n_items=12, n_users=4, seed=1)
+    p = Pipeline(PipelineOptions(dataset=str(data), output_dir=str(tmp_path / "runs"), seeds=2))
+    args = p._grpo_config(0).to_dict()
+    assert isinstance(args["accelerator_config"], dict)  # as training_args.json records it
+    args["accelerator_config"] = {**args["accelerator_config"], "split_batches": True}
+    d = p.stage_dir("grpo_latent", 0)
+    d.mkdir(parents=True)
+    (d / "training_args.json").write_text(json.dumps(args, default=str))
+    (d / "llmrec_config.json").write_text(json.dumps({"grpo": {}}))
+    (d / "grpo_results.json").write_text(json.dumps({"prompts": 64}))
+    assert "accelerator_config" not in p._grpo_settings(0, for_training=True)
+    assert not p._grpo_config(1).accelerator_config.split_batches

@@ -242,6 +242,9 @@ def test_config_errors(tmp_path):
                         ("enable_jit_checkpoint", True), ("optim_args", "foo=1"), ("torch_empty_cache_steps", 5)):
         with pytest.raises(ConfigError, match=f"{name}=.* has no effect in latent GRPO"):
             LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, **{name: value})
+    # accelerator_config always holds one: its default, also in the dict form a recorded config has, is accepted
+    for default in (None, {}, {"split_batches": False, "even_batches": True}):
+        LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, accelerator_config=default)
     with pytest.raises(ConfigError, match="train_sampling_strategy=.*does not implement"):
         LatentGRPOConfig(**base, num_generations=4, per_device_train_batch_size=4, train_sampling_strategy="sequential")
 
@@ -1631,10 +1634,10 @@ def test_every_refused_trl_field_exists_on_the_config():
     """A name in the refusal lists that the config does not have guards nothing (a misspelt or removed field)."""
     import dataclasses
 
-    from llmrec.training.grpo import IGNORED_TRL_FIELDS, NO_EFFECT_FIELDS
+    from llmrec.training.grpo import IGNORED_TRL_FIELDS, NO_EFFECT_FIELDS, NON_DEFAULT_REFUSED_FIELDS
 
     names = {f.name for f in dataclasses.fields(LatentGRPOConfig)}
-    assert [n for n in (*IGNORED_TRL_FIELDS, *NO_EFFECT_FIELDS) if n not in names] == []
+    assert [n for n in (*IGNORED_TRL_FIELDS, *NO_EFFECT_FIELDS, *NON_DEFAULT_REFUSED_FIELDS) if n not in names] == []
 
 
 def test_prompts_left_out_of_each_epoch_are_logged(tmp_path, sft_dir, caplog):

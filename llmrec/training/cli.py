@@ -54,9 +54,14 @@ def _sft_config_classes() -> tuple[type, type]:
 def _grpo_config_classes() -> tuple[type, type, set[str]]:
     from trl import GRPOConfig
 
-    from llmrec.training.grpo import IGNORED_TRL_FIELDS, NO_EFFECT_FIELDS, LatentGRPOConfig
+    from llmrec.training.grpo import (
+        IGNORED_TRL_FIELDS,
+        NO_EFFECT_FIELDS,
+        NON_DEFAULT_REFUSED_FIELDS,
+        LatentGRPOConfig,
+    )
 
-    return LatentGRPOConfig, GRPOConfig, set(IGNORED_TRL_FIELDS) | set(NO_EFFECT_FIELDS)
+    return LatentGRPOConfig, GRPOConfig, set(IGNORED_TRL_FIELDS) | set(NO_EFFECT_FIELDS) | set(NON_DEFAULT_REFUSED_FIELDS)
 
 
 def register_cli(subparsers) -> None:

@@ -164,6 +164,26 @@ NO_EFFECT_FIELDS = {
     "chat_template_kwargs": "prompts are built with the SFT checkpoint's prompt settings",
     "torch_empty_cache_steps": "not implemented",
 }
+# TrainingArguments fields that always hold a value (TrainingArguments builds one): refused when not the default.
+NON_DEFAULT_REFUSED_FIELDS = {
+    "accelerator_config": "the trainer builds its own Accelerator and splits batches by prompts; its options are not "
+                          "read",
+}
+
+
+def _is_default_accelerator_config(value: Any) -> bool:
+    """True for None, the default ``AcceleratorConfig`` or its dict form (as a recorded training_args.json holds it;
+    TrainingArguments converts a dict only after this config's checks)."""
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        try:
+            value = AcceleratorConfig(**value)
+        except TypeError:  # an unknown key: not the default
+            return False
+    return value == AcceleratorConfig()
 
 
 def inert_fields(found: dict[str, Any], wanted: dict[str, Any]) -> set[str]:
@@ -349,13 +369,9 @@ class LatentGRPOConfig(GRPOConfig):
         for name, instead in NO_EFFECT_FIELDS.items():
             if getattr(self, name, None):  # TrainingArguments fields the Trainer would act on; this trainer does not
                 raise ConfigError(f"{name}={getattr(self, name)!r} has no effect in latent GRPO ({instead}); remove it")
-        from transformers.trainer_pt_utils import AcceleratorConfig
-
-        # Always set (TrainingArguments makes one), so refused only when it differs from the default.
-        if self.accelerator_config is not None and self.accelerator_config != AcceleratorConfig():
-            raise ConfigError(f"accelerator_config={self.accelerator_config!r} has no effect in latent GRPO (the "
-                              "trainer builds its own Accelerator: batches split by prompts, not by the HF Trainer's "
-                              "options); remove it")
+        for name, instead in NON_DEFAULT_REFUSED_FIELDS.items():
+            if not _is_default_accelerator_config(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)!r} has no effect in latent GRPO ({instead}); remove it")
         from llmrec.training.sft import check_common_training_settings
 
         check_common_training_settings(self)
