@@ -282,8 +282,8 @@ def _protocol_changes(found: Any, wanted: dict, limit: int = 6) -> str:
         return "it records no protocol"
     found, wanted = json.loads(json.dumps(found, default=str)), json.loads(json.dumps(wanted, default=str))
     # Beam settings recorded only when not the default (protocol()): show the default, not None.
-    for key, default in UNRECORDED_BEAM_DEFAULTS.items():
-        if found.get("method") == "beam" == wanted.get("method"):
+    if found.get("method") == "beam" == wanted.get("method"):
+        for key, default in UNRECORDED_BEAM_DEFAULTS.items():
             found.setdefault(key, default)
             wanted.setdefault(key, default)
     diff = mismatches(found, wanted)

@@ -369,9 +369,9 @@ class LatentGRPOConfig(GRPOConfig):
         for name, instead in NO_EFFECT_FIELDS.items():
             if getattr(self, name, None):  # TrainingArguments fields the Trainer would act on; this trainer does not
                 raise ConfigError(f"{name}={getattr(self, name)!r} has no effect in latent GRPO ({instead}); remove it")
-        for name, instead in NON_DEFAULT_REFUSED_FIELDS.items():
-            if not _is_default_accelerator_config(getattr(self, name)):
-                raise ConfigError(f"{name}={getattr(self, name)!r} has no effect in latent GRPO ({instead}); remove it")
+        if not _is_default_accelerator_config(self.accelerator_config):
+            raise ConfigError(f"accelerator_config={self.accelerator_config!r} has no effect in latent GRPO "
+                              f"({NON_DEFAULT_REFUSED_FIELDS['accelerator_config']}); remove it")
         from llmrec.training.sft import check_common_training_settings
 
         check_common_training_settings(self)
