@@ -983,6 +983,7 @@ class Pipeline:
 
         from llmrec.data.canonical import atomic_write_json, atomic_write_text
         from llmrec.evaluation.compare import load_rankings, seed_level_difference
+        from llmrec.evaluation.evaluator import UNRECORDED_BEAM_DEFAULTS
         from llmrec.evaluation.metrics import paired_bootstrap_ci, per_row_metrics
 
         o = self.opts
@@ -1094,8 +1095,8 @@ class Pipeline:
                 "llm_eval_overrides": o.eval_overrides,
                 "matching": "item level (title level reported too); items absent from a ranked list are misses",
                 "llm_eval": {**{k: llm_proto.get(k) for k in ("num_beams", "prompt", "dtype")},
-                             # recorded by the evaluator only when not transformers' default
-                             "early_stopping": llm_proto.get("early_stopping", True) if llm_proto else None},
+                             "early_stopping": llm_proto.get("early_stopping", UNRECORDED_BEAM_DEFAULTS["early_stopping"])
+                             if llm_proto else None},
                 "seeds": o.seeds,
                 "best_id_model_selection": "highest mean validation NDCG@10 (each run's own model selection "
                                            "split; never the test rows)",
