@@ -7,7 +7,9 @@ any single stage needs. On a 24 GiB machine, of two such processes side by side 
 A stage run by :func:`run_isolated` starts from a clean process and returns all of its memory when it ends.
 
 The child is started with the ``spawn`` method (no fork of a process that holds threads and torch state),
-inherits the environment (``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES``, ...) and the terminal, so its progress
+inherits the environment (``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES``, ...), the parent's torch intra-op thread
+count (``torch.set_num_threads``, which no environment variable carries: on AVX2 CPUs a float32 reduction's last bits
+depend on it, so a stage in its own process computes exactly as it would in the parent) and the terminal, so its progress
 bars show as usual; the function, its arguments and its return value must be picklable. The child ends itself
 when the parent goes away however it ended (``kill``, SIGKILL, a scheduler's SIGTERM, where the parent has no
 chance to stop it), so a stopped pipeline never leaves a stage training on its own in the background.
@@ -19,6 +21,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable
@@ -44,12 +47,16 @@ _STANDARD_BASES = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADi
                    KeyError, IndexError, TypeError, ValueError, OSError, RuntimeError)
 
 
-def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict, torch_threads: int | None = None) -> None:
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_exit_when_parent_ends, args=(parent.sentinel,), daemon=True,
                          name="llmrec-exit-with-parent").start()
     try:
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         result = fn(*args, **kwargs)
     except BaseException as e:  # any failure, KeyboardInterrupt included, goes back to the parent
         tb = traceback.format_exc()
@@ -97,7 +104,9 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
     name = getattr(fn, "__qualname__", repr(fn))
-    proc = ctx.Process(target=_child, args=(sender, fn, args, kwargs), name=f"llmrec:{name}")
+    # The parent's thread count, if it set one (torch imported); a parent without torch leaves the child's default.
+    torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    proc = ctx.Process(target=_child, args=(sender, fn, args, kwargs, torch_threads), name=f"llmrec:{name}")
     proc.start()
     sender.close()  # the child holds the only writer: recv() ends with EOFError if it dies without a word
     try:

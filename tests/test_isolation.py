@@ -27,6 +27,27 @@ def test_returns_the_value_computed_in_another_process_with_the_same_environment
     assert pid != os.getpid() and env == "inherited"
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_the_stage_computes_on_the_parents_torch_thread_count(monkeypatch):
+    """torch.set_num_threads is no environment variable: without passing it on, a stage under a parent that set 1
+    thread ran on every core, and on AVX2 CPUs float32 sums differ in their last bits with the thread count (the
+    pipeline's in-process and own-process SFT eval_loss differed by 6e-8)."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child's default, unlike the parent's setting below
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert run_isolated(_torch_threads) == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Unpicklable(Exception):
     def __init__(self, a, b):
         super().__init__(f"{a} and {b}")
