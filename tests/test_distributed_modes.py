@@ -155,9 +155,12 @@ def test_grpo_two_processes_match_one_process(grpo_runs, name):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
         # The member latents are pooled from left-padded prompt batches of another make-up on 2 processes: float32
         # noise of ~1e-7, which the small std of the candidate log-softmax (~0.03) turns into ~2e-6 relative.
+        # A std's noise is that of the rewards it spreads, so its tolerance scales with their size: on an AVX2 CPU
+        # the tiny model's neg_ppl rewards near -620 moved the mean by 1.6e-5 and the std of 21 by 2.6e-5 between layouts.
         for key in (k for k in x if k.startswith("rewards/")):
             rel = 1e-5 if key.startswith("rewards/candidate_log_softmax/") else 1e-6
-            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-9), key
+            scale = abs(x[key.removesuffix("/std") + "/mean"]) if key.endswith("/std") else 0.0
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=max(rel * scale, 1e-9)), key
     trained = load_file(str(one / "rank0.safetensors"))
     assert any("lora_" in k for k in trained) == GRPO_CONFIGS[name].get("train_lora", False)
     # kl and clip_ratio are token means over the optimiser batch (they were means of per-micro-batch means,
