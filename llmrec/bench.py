@@ -175,7 +175,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise ConfigError(f"expected --field value overrides, got {key!r}")
             overrides[key[2:]] = _yaml_scalar(rest.pop(0))
         result = run_seqrec_benchmark(args.dataset, [m.strip() for m in args.models.split(",") if m.strip()],
-                                      args.seeds, Path(args.output_dir), report_only=args.report_only, **overrides)
+                                      args.seeds, Path(args.output_dir), report_only=args.report_only,
+                                      jobs=args.jobs, **overrides)
     elif args.bench == "pipeline":
         from llmrec.bench_pipeline import cmd_pipeline
 
@@ -233,6 +234,10 @@ def register_cli(subparsers) -> None:
                    "is replaced per model, e.g. 'recipes/seqrec/{model}_ml100k.yaml'")
     s.add_argument("--output-dir", default="benchmarks/results/seqrec", help="runs and summary (resumable)")
     s.add_argument("--report-only", action="store_true", help="train nothing; summarise the finished runs")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process with its share of the torch threads (unless "
+                   "--num_threads is given) and its output in <run>/train.log, all models' seed 0 first; the metrics "
+                   "are those of 1 job, the epoch times those of a shared machine (1: one run after another, here)")
     s.add_argument("--output", default=None, help="also write the JSON result here")
     s.set_defaults(func=cmd_bench, accepts_overrides=True)
     from llmrec.bench_pipeline import add_arguments as add_pipeline_arguments

@@ -580,6 +580,58 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
         run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 2, out, **kw)
 
 
+def test_benchmark_jobs_train_runs_at_once_with_the_results_of_one_job(tmp_path, monkeypatch):
+    """--jobs 2 trains two runs at once, each in its own process and log, and ends with what one job gives: the same
+    metrics, epochs and weights per run; each run's share of the threads is recorded where none was asked."""
+    from safetensors.torch import load_file
+
+    from llmrec.seqrec.bench import run_seqrec_benchmark
+
+    d = write_successor_dataset(tmp_path / "d")
+    kw = dict(max_history=10, hidden_size=16, n_layers=1, inner_size=32, epochs=2, batch_size=8, progress=False)
+    models = ["sasrec", "rearec-erl"]
+    # the same threads per run both ways (float32 sums' last bits depend on them on some CPUs)
+    one = run_seqrec_benchmark(d, models, 2, tmp_path / "one", num_threads=2, **kw)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        two = run_seqrec_benchmark(d, models, 2, tmp_path / "two", jobs=2, **kw)
+    finally:
+        torch.set_num_threads(before)
+    for m in models:
+        assert two[m]["ndcg@10"] == one[m]["ndcg@10"] and two[m]["hr@10"] == one[m]["hr@10"]
+        for s in range(2):
+            a, b = (tmp_path / w / "runs" / f"{m}_seed{s}" for w in ("one", "two"))
+            ra, rb = (json.loads((r / "results.json").read_text()) for r in (a, b))
+            assert (ra["valid"], ra["test"], ra["best_epoch"]) == (rb["valid"], rb["test"], rb["best_epoch"])
+            assert rb["config"]["num_threads"] == 2  # 4 threads over 2 jobs
+            wa, wb = (load_file(str(r / "train" / "best.safetensors")) for r in (a, b))
+            assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+            assert (b / "train.log").exists() and not (a / "train.log").exists()
+    assert json.loads((tmp_path / "two" / "seqrec_bench.json").read_text())["jobs"] == 2
+    # a rerun finds every run finished: nothing is trained again
+    assert run_seqrec_benchmark(d, models, 2, tmp_path / "two", jobs=2, **kw)["sasrec"]["seeds"] == 2
+    with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
+        run_seqrec_benchmark(d, models, 1, tmp_path / "x", jobs=0, **kw)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="accelerate launch"):
+        run_seqrec_benchmark(d, models, 1, tmp_path / "x", jobs=2, **kw)
+
+
+def test_benchmark_jobs_a_failing_run_lets_the_others_finish(tmp_path):
+    from llmrec.seqrec.bench import _train_in_parallel
+
+    d = write_successor_dataset(tmp_path / "d")
+    kw = dict(max_history=10, hidden_size=16, n_layers=1, inner_size=32, epochs=1, batch_size=8, progress=False,
+              num_threads=1, model="sasrec", seed=42)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    pending = [("sasrec", 0, bad, {**kw, "dataset_dir": str(tmp_path / "missing"), "output_dir": str(bad)}),
+               ("sasrec", 1, good, {**kw, "dataset_dir": str(d), "output_dir": str(good)})]
+    with pytest.raises(RuntimeError, match=r"sasrec seed 0 \(log: .*bad/train.log\) failed"):
+        _train_in_parallel(pending, 2)
+    assert (good / "results.json").exists() and (bad / "train.log").exists()
+
+
 def test_benchmark_reads_each_models_own_recipe(tmp_path):
     from llmrec.config import ConfigError
     from llmrec.seqrec.bench import run_seqrec_benchmark

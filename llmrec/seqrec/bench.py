@@ -46,6 +46,7 @@ def run_seqrec_benchmark(
     /,  # positional only: a SeqRecConfig field of that name (dataset_dir) in ``overrides`` is then refused below
     model_overrides: dict[str, dict[str, Any]] | None = None,
     report_only: bool = False,
+    jobs: int = 1,
     **overrides: Any,
 ) -> dict[str, dict[str, float]]:
     """Train + test each model for seeds ``0..seeds-1`` (config seed = 42 + s) on ``dataset_dir``.
@@ -54,7 +55,11 @@ def run_seqrec_benchmark(
     ``config`` key names a recipe whose values come first, with ``model`` replaced per run; ``{model}`` in
     its path is replaced by each model's name, so every model reads its own recipe);
     ``model_overrides[model]`` adds per-model fields; ``report_only`` trains nothing and summarises the
-    finished runs (seeds that have not finished are left out, and the table says how many seeds each has). Returns
+    finished runs (seeds that have not finished are left out, and the table says how many seeds each has). ``jobs``
+    > 1 trains that many runs at once, each in a process of its own (:func:`~llmrec.isolation.run_isolated`) with
+    this process's torch threads divided among them unless ``num_threads`` is given, its output in
+    ``<run>/train.log``, seed by seed (all models' seed 0 first, so a benchmark cut short has its seeds evenly);
+    the runs' metrics are those of ``jobs`` 1, their epoch times those of a machine shared by ``jobs`` runs. Returns
     ``{model: {"ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row", "<key>_std", "seeds", "timing_runs"}}``: the
     metrics over every seed; ``epoch_s`` and ``infer_ms_per_row`` over the ``timing_runs`` runs whose recorded
     threads, eval batch size and processes are this invocation's (:func:`timing_settings`; None when none is).
@@ -67,6 +72,14 @@ def run_seqrec_benchmark(
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if jobs > 1:
+        from llmrec.isolation import in_distributed_launch
+
+        if in_distributed_launch():  # a run's own process would join (and hang) the launched process group
+            raise ValueError("jobs > 1 runs each run in a process of its own, which cannot join an `accelerate "
+                             "launch` with several processes; use jobs 1 there (every process trains each run)")
     # Checked before the first run trains: a repeated model reused its own runs and counted every seed twice in
     # its mean +- std, and an unknown name failed only after the models before it had trained.
     if not models:
@@ -101,40 +114,55 @@ def run_seqrec_benchmark(
     finished: dict[str, dict[int, tuple[Path, dict]]] = {}  # model -> seed -> (run dir, its test metrics)
     digests: dict[str, str | None] | None = None  # of the dataset's files, read once when a finished run needs them
     asked: dict[str, SeqRecConfig] = {}  # model -> a config of this invocation (for its timing settings)
+    # jobs processes share the cores: each takes its part of this process's threads where the run names none
+    # (torch's default is every core, so jobs runs would each start that many and oversubscribe the machine)
+    threads_per_job = max(1, torch.get_num_threads() // jobs)
+    plans: list[tuple[str, int, Path, dict[str, Any]]] = []  # (model, s, run dir, config fields), model by model
     for model in models:
         for s in range(seeds):
             run_dir = output / "runs" / f"{model}_seed{s}"
-            res_file = run_dir / RESULTS_JSON
             fields = {**recipe_for(model), **overrides, **(model_overrides or {}).get(model, {})}
             fields.update(model=model, dataset_dir=str(dataset_dir), output_dir=str(run_dir), seed=42 + s)
+            if jobs > 1 and not int(fields.get("num_threads") or 0):
+                fields["num_threads"] = threads_per_job
             asked[model] = SeqRecConfig(**fields)
-            if res_file.exists():
-                res = json.loads(res_file.read_text())
-                if "config" not in res:
-                    raise ValueError(f"{res_file} records no config, so what it was trained with cannot be checked; "
-                                     "remove it or use another output directory")
-                # A finished run is reused only if it was trained with what is asked now (an edited recipe or
-                # other options must not be reported under results of the old settings).
-                diff = training_field_differences(res.get("config", {}), to_dict(SeqRecConfig(**fields)))
-                if diff:
-                    details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in sorted(diff.items()))
-                    raise ValueError(f"{res_file} is a finished run made with {details}; remove it or use "
-                                     "another output directory")
-                # ... and on the same data: the dataset directory's files may have been re-prepared or edited since.
-                # A run made before results.json recorded the digests has them (or the stats) in run_config.json.
-                if digests is None:
-                    digests = data_sha256(dataset_dir)
-                run_config = run_dir / RUN_CONFIG_JSON
-                recorded = res if "data_sha256" in res else (
-                    json.loads(run_config.read_text()) if run_config.exists() else {})
-                data = data_difference(recorded, dataset_dir, digests)
-                if data:
-                    raise ValueError(f"{res_file} is a finished run made with {data}; remove it or use another "
-                                     "output directory")
-            elif report_only:  # summarise what has finished; a cut run is not reported
-                continue
-            else:
-                res = run_seqrec(SeqRecConfig(**fields))
+            plans.append((model, s, run_dir, fields))
+    # Every finished run is checked before the first training starts (an edited recipe or other options must not
+    # be reported under results of the old settings, nor found out about only after hours of other runs).
+    results: dict[tuple[str, int], dict] = {}
+    for model, s, run_dir, fields in plans:
+        res_file = run_dir / RESULTS_JSON
+        if not res_file.exists():
+            continue
+        res = json.loads(res_file.read_text())
+        if "config" not in res:
+            raise ValueError(f"{res_file} records no config, so what it was trained with cannot be checked; "
+                             "remove it or use another output directory")
+        diff = training_field_differences(res.get("config", {}), to_dict(SeqRecConfig(**fields)))
+        if diff:
+            details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in sorted(diff.items()))
+            raise ValueError(f"{res_file} is a finished run made with {details}; remove it or use "
+                             "another output directory")
+        # ... and on the same data: the dataset directory's files may have been re-prepared or edited since.
+        # A run made before results.json recorded the digests has them (or the stats) in run_config.json.
+        if digests is None:
+            digests = data_sha256(dataset_dir)
+        run_config = run_dir / RUN_CONFIG_JSON
+        recorded = res if "data_sha256" in res else (json.loads(run_config.read_text()) if run_config.exists() else {})
+        data = data_difference(recorded, dataset_dir, digests)
+        if data:
+            raise ValueError(f"{res_file} is a finished run made with {data}; remove it or use another "
+                             "output directory")
+        results[model, s] = res
+    pending = [] if report_only else [p for p in plans if (p[0], p[1]) not in results]  # a cut run is not reported
+    if jobs == 1:
+        for model, s, _, fields in pending:
+            results[model, s] = run_seqrec(SeqRecConfig(**fields))
+    else:
+        results.update(_train_in_parallel(pending, jobs))
+    for model, s, run_dir, _ in plans:
+        if (model, s) in results:
+            res = results[model, s]
             runs.setdefault(model, []).append(res)
             finished.setdefault(model, {})[res["seed"]] = (run_dir, res["test"])
     paired = paired_differences(finished, dataset_dir)
@@ -171,6 +199,7 @@ def run_seqrec_benchmark(
         {
             "dataset_dir": str(dataset_dir),
             "summary": summary,
+            "jobs": jobs,  # runs trained at once by this invocation (their epoch times share the machine)
             # what summary's epoch_s and infer_ms_per_row were made with (over its timing_runs runs)
             "timing_settings": timing,
             "runs": {m: [_brief(r) for r in rs] for m, rs in runs.items()},
@@ -179,6 +208,63 @@ def run_seqrec_benchmark(
     )
     atomic_write_text(output / "seqrec_bench.md", table)
     return summary
+
+
+def _train_logged(cfg: Any, log: Path) -> dict[str, Any]:
+    """``run_seqrec(cfg)`` with this process's stdout and stderr (progress bars included) appended to ``log``."""
+    import os
+    import sys
+
+    from llmrec.seqrec.run import run_seqrec
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab", buffering=0) as f:  # noqa: SIM115 - the descriptors below point at it until we return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)  # a run's own process: nothing else writes to the terminal from it
+        return run_seqrec(cfg)
+
+
+def _train_in_parallel(pending: list[tuple[str, int, Path, dict[str, Any]]], jobs: int) -> dict[tuple[str, int], dict]:
+    """Train ``pending`` runs ``jobs`` at a time, each in its own process, seed by seed; their results.
+
+    A failing run does not stop the others: its error is raised once every run has ended (the first, with the
+    names and logs of any others).
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    from llmrec.isolation import run_isolated
+    from llmrec.seqrec.config import SeqRecConfig
+
+    order = sorted(pending, key=lambda p: p[1])  # stable: models in their given order within a seed
+    results: dict[tuple[str, int], dict] = {}
+    failed: list[tuple[str, BaseException]] = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(order), desc="runs", unit="run") as bar:
+        futures = {}
+        for model, s, run_dir, fields in order:
+            log = run_dir / "train.log"
+            futures[pool.submit(run_isolated, _train_logged, SeqRecConfig(**fields), log)] = (model, s, log)
+        for future in as_completed(futures):
+            model, s, log = futures[future]
+            try:
+                res = future.result()
+            except Exception as e:  # noqa: BLE001 - raised below, after the other runs
+                failed.append((f"{model} seed {s} (log: {log})", e))
+                bar.write(f"{model} seed {s} failed: {type(e).__name__}: {e} (log: {log})")
+            else:
+                results[model, s] = res
+                bar.write(f"{model} seed {s}: valid ndcg@10 {res['valid']['ndcg@10']:.4f}, "
+                          f"test ndcg@10 {res['test']['ndcg@10']:.4f} (best epoch {res.get('best_epoch')})")
+            bar.update()
+    if failed:
+        name, error = failed[0]
+        others = "; ".join(n for n, _ in failed[1:])
+        raise RuntimeError(f"{name} failed: {type(error).__name__}: {error}"
+                           + (f" (also failed: {others})" if others else "")) from error
+    return results
 
 
 def rank_test_rows(run_dir: Path, dataset_dir: str | Path, expected: dict[str, float]) -> Path:
