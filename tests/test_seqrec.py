@@ -632,6 +632,33 @@ def test_benchmark_jobs_a_failing_run_lets_the_others_finish(tmp_path):
     assert (good / "results.json").exists() and (bad / "train.log").exists()
 
 
+def test_benchmark_jobs_interrupted_stops_its_runs_and_starts_no_other(tmp_path, monkeypatch):
+    import concurrent.futures
+    import multiprocessing
+    import time
+
+    from llmrec.seqrec.bench import _train_in_parallel
+
+    d = write_successor_dataset(tmp_path / "d")
+    kw = dict(max_history=10, hidden_size=16, n_layers=1, inner_size=32, epochs=200, batch_size=8, progress=False,
+              num_threads=1, model="sasrec", dataset_dir=str(d))
+    dirs = [tmp_path / f"run{i}" for i in range(3)]
+    pending = [("sasrec", i, r, {**kw, "seed": 42 + i, "output_dir": str(r)}) for i, r in enumerate(dirs)]
+
+    def ctrl_c_once_the_first_run_trains(futures):
+        deadline = time.monotonic() + 120
+        while not (dirs[0] / "train.log").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concurrent.futures, "as_completed", ctrl_c_once_the_first_run_trains)
+    with pytest.raises(KeyboardInterrupt):
+        _train_in_parallel(pending, 1)
+    assert not [c for c in multiprocessing.active_children() if c.name.startswith("llmrec:")]
+    assert (dirs[0] / "train.log").exists() and not (dirs[0] / "results.json").exists()
+    assert not (dirs[1] / "train.log").exists() and not (dirs[2] / "train.log").exists()
+
+
 def test_benchmark_reads_each_models_own_recipe(tmp_path):
     from llmrec.config import ConfigError
     from llmrec.seqrec.bench import run_seqrec_benchmark

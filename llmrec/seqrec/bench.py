@@ -13,6 +13,7 @@ average only the runs made with this invocation's (``timing_settings``) and say 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -242,23 +243,35 @@ def _train_in_parallel(pending: list[tuple[str, int, Path, dict[str, Any]]], job
     order = sorted(pending, key=lambda p: p[1])  # stable: models in their given order within a seed
     results: dict[tuple[str, int], dict] = {}
     failed: list[tuple[str, BaseException]] = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(order), desc="runs", unit="run") as bar:
-        futures = {}
-        for model, s, run_dir, fields in order:
-            log = run_dir / "train.log"
-            futures[pool.submit(run_isolated, _train_logged, SeqRecConfig(**fields), log)] = (model, s, log)
-        for future in as_completed(futures):
-            model, s, log = futures[future]
-            try:
-                res = future.result()
-            except Exception as e:  # noqa: BLE001 - raised below, after the other runs
-                failed.append((f"{model} seed {s} (log: {log})", e))
-                bar.write(f"{model} seed {s} failed: {type(e).__name__}: {e} (log: {log})")
-            else:
-                results[model, s] = res
-                bar.write(f"{model} seed {s}: valid ndcg@10 {res['valid']['ndcg@10']:.4f}, "
-                          f"test ndcg@10 {res['test']['ndcg@10']:.4f} (best epoch {res.get('best_epoch')})")
-            bar.update()
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        with tqdm(total=len(order), desc="runs", unit="run") as bar:
+            futures = {}
+            for model, s, run_dir, fields in order:
+                log = run_dir / "train.log"
+                futures[pool.submit(run_isolated, _train_logged, SeqRecConfig(**fields), log)] = (model, s, log)
+            for future in as_completed(futures):
+                model, s, log = futures[future]
+                try:
+                    res = future.result()
+                except Exception as e:  # noqa: BLE001 - raised below, after the other runs
+                    failed.append((f"{model} seed {s} (log: {log})", e))
+                    bar.write(f"{model} seed {s} failed: {type(e).__name__}: {e} (log: {log})")
+                else:
+                    results[model, s] = res
+                    bar.write(f"{model} seed {s}: valid ndcg@10 {res['valid']['ndcg@10']:.4f}, "
+                              f"test ndcg@10 {res['test']['ndcg@10']:.4f} (best epoch {res.get('best_epoch')})")
+                bar.update()
+    except BaseException:
+        # Interrupted (Ctrl-C here, not in the runs): no queued run may start, and the running ones are stopped, not
+        # left training on their own (they resume from their checkpoints on a rerun).
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            if child.name == f"llmrec:{_train_logged.__qualname__}":
+                child.terminate()
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown(wait=True)
     if failed:
         name, error = failed[0]
         others = "; ".join(n for n, _ in failed[1:])
