@@ -235,9 +235,11 @@ def register_cli(subparsers) -> None:
     s.add_argument("--output-dir", default="benchmarks/results/seqrec", help="runs and summary (resumable)")
     s.add_argument("--report-only", action="store_true", help="train nothing; summarise the finished runs")
     s.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at once, each in its own process with its share of the torch threads (unless "
-                   "--num_threads is given) and its output in <run>/train.log, all models' seed 0 first; the metrics "
-                   "are those of 1 job, the epoch times those of a shared machine (1: one run after another, here)")
+                   help="runs trained at once, each in its own process with its share of this process's torch "
+                   "threads (at least 1; unless --num_threads > 0 is given) and its output and log in "
+                   "<run>/train.log, all models' seed 0 first; the metrics and weights are those of 1 job with the "
+                   "same threads per run, the timings those of a shared machine (recorded as concurrent_runs) "
+                   "(1: one run after another, in this process)")
     s.add_argument("--output", default=None, help="also write the JSON result here")
     s.set_defaults(func=cmd_bench, accepts_overrides=True)
     from llmrec.bench_pipeline import add_arguments as add_pipeline_arguments

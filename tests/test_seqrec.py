@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -610,7 +611,15 @@ def test_benchmark_jobs_train_runs_at_once_with_the_results_of_one_job(tmp_path,
             assert (b / "train.log").exists() and not (a / "train.log").exists()
     assert json.loads((tmp_path / "two" / "seqrec_bench.json").read_text())["jobs"] == 2
     # a rerun finds every run finished: nothing is trained again
-    assert run_seqrec_benchmark(d, models, 2, tmp_path / "two", jobs=2, **kw)["sasrec"]["seeds"] == 2
+    stamps = {r: r.stat().st_mtime_ns for r in (tmp_path / "two" / "runs").glob("*/results.json")}
+    again = run_seqrec_benchmark(d, models, 2, tmp_path / "two", jobs=2, num_threads=2, **kw)
+    assert again["sasrec"]["seeds"] == 2 and len(stamps) == 4
+    assert {r: r.stat().st_mtime_ns for r in stamps} == stamps
+    # the runs' timings were made two at a time: recorded so, and reported only beside runs made so
+    assert all(json.loads(r.read_text())["timings"]["concurrent_runs"] == 2 for r in stamps)
+    assert again["sasrec"]["timing_runs"] == 2
+    assert run_seqrec_benchmark(d, models, 2, tmp_path / "two", report_only=True, num_threads=2,
+                                **kw)["sasrec"]["timing_runs"] == 0
     with pytest.raises(ValueError, match="jobs must be an integer >= 1"):
         run_seqrec_benchmark(d, models, 1, tmp_path / "x", jobs=0, **kw)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -618,7 +627,9 @@ def test_benchmark_jobs_train_runs_at_once_with_the_results_of_one_job(tmp_path,
         run_seqrec_benchmark(d, models, 1, tmp_path / "x", jobs=2, **kw)
 
 
-def test_benchmark_jobs_a_failing_run_lets_the_others_finish(tmp_path):
+def test_benchmark_jobs_a_failing_run_lets_the_others_finish(tmp_path, capsys):
+    """The queued run after a failing one still trains; the failure is raised as its run raised it (so the CLI
+    prints one line), named with its log when it happens; the log holds the run's records and the traceback."""
     from llmrec.seqrec.bench import _train_in_parallel
 
     d = write_successor_dataset(tmp_path / "d")
@@ -627,9 +638,15 @@ def test_benchmark_jobs_a_failing_run_lets_the_others_finish(tmp_path):
     good, bad = tmp_path / "good", tmp_path / "bad"
     pending = [("sasrec", 0, bad, {**kw, "dataset_dir": str(tmp_path / "missing"), "output_dir": str(bad)}),
                ("sasrec", 1, good, {**kw, "dataset_dir": str(d), "output_dir": str(good)})]
-    with pytest.raises(RuntimeError, match=r"sasrec seed 0 \(log: .*bad/train.log\) failed"):
-        _train_in_parallel(pending, 2)
-    assert (good / "results.json").exists() and (bad / "train.log").exists()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        _train_in_parallel(pending, 1)
+    assert (good / "results.json").exists()
+    assert re.search(r"sasrec seed 0 failed: FileNotFoundError: .*missing.* \(log: .*bad/train.log\)",
+                     "".join(capsys.readouterr()))
+    assert "Traceback" in (bad / "train.log").read_text()
+    good_log = (good / "train.log").read_text()
+    assert "INFO llmrec.seqrec" in good_log and json.loads((good / "results.json").read_text())["timings"][
+        "concurrent_runs"] == 1
 
 
 def test_benchmark_jobs_interrupted_stops_its_runs_and_starts_no_other(tmp_path, monkeypatch):
@@ -741,7 +758,8 @@ def test_benchmark_timings_are_over_the_runs_made_with_this_invocations_settings
     assert summary["ndcg@10"] == pytest.approx(sum(r["test"]["ndcg@10"] for r in saved["runs"]["sasrec"]) / 2)
     assert (summary["epoch_s"], summary["infer_ms_per_row"]) == (second["epoch_s"], second["infer_ms_per_row"])
     assert saved["summary"]["sasrec"]["timing_runs"] == 1
-    assert saved["timing_settings"] == {"sasrec": {"torch_threads": 2, "eval_batch_size": 8, "num_processes": 1}}
+    assert saved["timing_settings"] == {"sasrec": {"torch_threads": 2, "eval_batch_size": 8, "num_processes": 1,
+                                                   "concurrent_runs": 1}}
     md = (out / "seqrec_bench.md").read_text()
     assert f"| {second['epoch_s']:.2f} (1 of 2 runs) | {second['infer_ms_per_row']:.3f} (1 of 2 runs) |" in md
     assert "only over the runs made with this invocation's torch threads, eval batch size and processes" in md

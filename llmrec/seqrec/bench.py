@@ -31,12 +31,17 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
 
 
-def timing_settings(cfg: Any, num_processes: int) -> dict[str, int]:
+def timing_settings(cfg: Any, num_processes: int, concurrent_runs: int = 1) -> dict[str, int]:
     """What a run's timings depend on besides the model and the data, under the names ``run_seqrec`` records them in
-    ``timings``: torch's intra-op threads (``cfg.num_threads``, or this process's when 0), the eval batch size and
-    the number of processes."""
+    ``timings``: torch's intra-op threads (``cfg.num_threads``, or this process's when 0), the eval batch size,
+    the number of processes and the number of runs trained at once (``jobs``; a run recorded without it had 1)."""
     return {"torch_threads": cfg.num_threads if cfg.num_threads > 0 else torch.get_num_threads(),
-            "eval_batch_size": cfg.eval_batch_size, "num_processes": num_processes}
+            "eval_batch_size": cfg.eval_batch_size, "num_processes": num_processes, "concurrent_runs": concurrent_runs}
+
+
+def _recorded_timing_setting(timings: dict[str, Any], key: str) -> Any:
+    # runs finished before concurrent_runs was recorded were trained one at a time
+    return timings.get(key, 1 if key == "concurrent_runs" else None)
 
 
 def run_seqrec_benchmark(
@@ -60,7 +65,9 @@ def run_seqrec_benchmark(
     > 1 trains that many runs at once, each in a process of its own (:func:`~llmrec.isolation.run_isolated`) with
     this process's torch threads divided among them unless ``num_threads`` is given, its output in
     ``<run>/train.log``, seed by seed (all models' seed 0 first, so a benchmark cut short has its seeds evenly);
-    the runs' metrics are those of ``jobs`` 1, their epoch times those of a machine shared by ``jobs`` runs. Returns
+    the runs' metrics and weights are those of ``jobs`` 1 with the same threads per run (``num_threads`` 0 means
+    "not given" here; at least 1 thread each), their timings those of a machine shared by ``jobs`` runs (recorded as
+    ``concurrent_runs``, one of the timing settings). Returns
     ``{model: {"ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row", "<key>_std", "seeds", "timing_runs"}}``: the
     metrics over every seed; ``epoch_s`` and ``infer_ms_per_row`` over the ``timing_runs`` runs whose recorded
     threads, eval batch size and processes are this invocation's (:func:`timing_settings`; None when none is).
@@ -156,10 +163,13 @@ def run_seqrec_benchmark(
                              "output directory")
         results[model, s] = res
     pending = [] if report_only else [p for p in plans if (p[0], p[1]) not in results]  # a cut run is not reported
+    if pending and not Path(dataset_dir).is_dir():  # before any run directory is made (each run would fail on it)
+        raise FileNotFoundError(f"dataset directory {dataset_dir} does not exist (prepare it with `llmrec data "
+                                "prepare`)")
     if jobs == 1:
         for model, s, _, fields in pending:
             results[model, s] = run_seqrec(SeqRecConfig(**fields))
-    else:
+    elif pending:
         results.update(_train_in_parallel(pending, jobs))
     for model, s, run_dir, _ in plans:
         if (model, s) in results:
@@ -171,12 +181,12 @@ def run_seqrec_benchmark(
     if runs:
         from accelerate import PartialState  # set up by now (by the training or by ranking the test rows)
 
-        timing = {m: timing_settings(asked[m], PartialState().num_processes) for m in runs}
+        timing = {m: timing_settings(asked[m], PartialState().num_processes, jobs) for m in runs}
     summary: dict[str, dict[str, float]] = {}
     for model, rs in runs.items():
         # The timings only of the runs made with this invocation's threads, eval batch size and processes: a reused
         # run may have been made with others, which change its timings but not its metrics.
-        timed = [r for r in rs if all(r["timings"].get(k) == v for k, v in timing[model].items())]
+        timed = [r for r in rs if all(_recorded_timing_setting(r["timings"], k) == v for k, v in timing[model].items())]
         vals = {
             "ndcg@10": [r["test"]["ndcg@10"] for r in rs],
             "hr@10": [r["test"]["hr@10"] for r in rs],
@@ -211,10 +221,13 @@ def run_seqrec_benchmark(
     return summary
 
 
-def _train_logged(cfg: Any, log: Path) -> dict[str, Any]:
-    """``run_seqrec(cfg)`` with this process's stdout and stderr (progress bars included) appended to ``log``."""
+def _train_logged(cfg: Any, log: Path, concurrent_runs: int) -> dict[str, Any]:
+    """``run_seqrec(cfg)`` with this process's stdout, stderr and log records (INFO, as the CLI's) appended to ``log``,
+    a failure's traceback included (it also goes back to the parent)."""
+    import logging
     import os
     import sys
+    import traceback
 
     from llmrec.seqrec.run import run_seqrec
 
@@ -224,14 +237,21 @@ def _train_logged(cfg: Any, log: Path) -> dict[str, Any]:
         sys.stderr.flush()
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)  # a run's own process: nothing else writes to the terminal from it
-        return run_seqrec(cfg)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr, force=True)
+        try:
+            return run_seqrec(cfg, concurrent_runs=concurrent_runs)
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+            raise
 
 
 def _train_in_parallel(pending: list[tuple[str, int, Path, dict[str, Any]]], jobs: int) -> dict[tuple[str, int], dict]:
     """Train ``pending`` runs ``jobs`` at a time, each in its own process, seed by seed; their results.
 
-    A failing run does not stop the others: its error is raised once every run has ended (the first, with the
-    names and logs of any others).
+    A failing run does not stop the others: each failure is written out when it happens (run, error, log), and once
+    every run has ended the first failing run's (in run order) error is raised again as it was raised in its run.
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -241,21 +261,22 @@ def _train_in_parallel(pending: list[tuple[str, int, Path, dict[str, Any]]], job
     from llmrec.seqrec.config import SeqRecConfig
 
     order = sorted(pending, key=lambda p: p[1])  # stable: models in their given order within a seed
+    models_order = list(dict.fromkeys(p[0] for p in pending))
+    futures: dict = {}
     results: dict[tuple[str, int], dict] = {}
-    failed: list[tuple[str, BaseException]] = []
+    failed: list[tuple[tuple[int, int], BaseException]] = []  # ((seed, model index), error)
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         with tqdm(total=len(order), desc="runs", unit="run") as bar:
-            futures = {}
             for model, s, run_dir, fields in order:
                 log = run_dir / "train.log"
-                futures[pool.submit(run_isolated, _train_logged, SeqRecConfig(**fields), log)] = (model, s, log)
+                futures[pool.submit(run_isolated, _train_logged, SeqRecConfig(**fields), log, jobs)] = (model, s, log)
             for future in as_completed(futures):
                 model, s, log = futures[future]
                 try:
                     res = future.result()
                 except Exception as e:  # noqa: BLE001 - raised below, after the other runs
-                    failed.append((f"{model} seed {s} (log: {log})", e))
+                    failed.append(((s, models_order.index(model)), e))
                     bar.write(f"{model} seed {s} failed: {type(e).__name__}: {e} (log: {log})")
                 else:
                     results[model, s] = res
@@ -264,19 +285,22 @@ def _train_in_parallel(pending: list[tuple[str, int, Path, dict[str, Any]]], job
                 bar.update()
     except BaseException:
         # Interrupted (Ctrl-C here, not in the runs): no queued run may start, and the running ones are stopped, not
-        # left training on their own (they resume from their checkpoints on a rerun).
+        # left training on their own (they resume from their checkpoints on a rerun). A worker may be starting a run
+        # as this happens (past the cancel, not yet a child), so stop children until every worker has returned.
         pool.shutdown(wait=False, cancel_futures=True)
-        for child in multiprocessing.active_children():
-            if child.name == f"llmrec:{_train_logged.__qualname__}":
-                child.terminate()
+        # (done(), not concurrent.futures.wait: a future cancelled by shutdown stays "not done" for wait())
+        while True:
+            for child in multiprocessing.active_children():
+                if child.name == f"llmrec:{_train_logged.__qualname__}":
+                    child.terminate()
+            if all(f.done() for f in futures):
+                break
+            time.sleep(0.2)
         pool.shutdown(wait=True)
         raise
     pool.shutdown(wait=True)
     if failed:
-        name, error = failed[0]
-        others = "; ".join(n for n, _ in failed[1:])
-        raise RuntimeError(f"{name} failed: {type(error).__name__}: {error}"
-                           + (f" (also failed: {others})" if others else "")) from error
+        raise min(failed, key=lambda f: f[0])[1]
     return results
 
 

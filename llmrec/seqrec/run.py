@@ -129,11 +129,12 @@ def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, s
     return want["data_sha256"]
 
 
-def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
+def run_seqrec(cfg: SeqRecConfig, *, concurrent_runs: int = 1) -> dict[str, Any]:
     """Run one configuration end to end (resumable); return the results dict (also written to disk).
 
     ``num_threads`` > 0 sets torch's intra-op threads for the run only: the caller's setting is restored after it
-    (the pipeline's ``--in-process`` stages and the tests run several stages in one process).
+    (the pipeline's ``--in-process`` stages and the tests run several stages in one process). ``concurrent_runs``
+    is recorded with the timings: how many runs the caller trains at once on this machine (``bench seqrec --jobs``).
     """
     if not cfg.dataset_dir:
         raise ValueError("dataset_dir is required (a directory written by `llmrec data prepare`)")
@@ -142,16 +143,16 @@ def run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
 
         require_tensorboard()
     if cfg.num_threads <= 0:
-        return _run_seqrec(cfg)
+        return _run_seqrec(cfg, concurrent_runs)
     previous = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        return _run_seqrec(cfg)
+        return _run_seqrec(cfg, concurrent_runs)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
+def _run_seqrec(cfg: SeqRecConfig, concurrent_runs: int = 1) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     acc = make_accelerator(cfg.seed)
     # Every batch is split evenly over the processes: checked before any work (RPT's came after all of SPT).
@@ -258,6 +259,7 @@ def _run_seqrec(cfg: SeqRecConfig) -> dict[str, Any]:
             "eval_batch_size": cfg.eval_batch_size,
             "num_processes": acc.num_processes,
             "torch_threads": torch.get_num_threads(),
+            "concurrent_runs": concurrent_runs,
         },
         "phases": [p.__dict__ for p in phases],
         "config": to_dict(cfg),
