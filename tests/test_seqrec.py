@@ -376,7 +376,7 @@ def test_num_threads_applies_to_the_run_only(tmp_path, monkeypatch):
 
     seen = []
     real = run_module._run_seqrec
-    monkeypatch.setattr(run_module, "_run_seqrec", lambda cfg: seen.append(torch.get_num_threads()) or real(cfg))
+    monkeypatch.setattr(run_module, "_run_seqrec", lambda cfg, *a: seen.append(torch.get_num_threads()) or real(cfg, *a))
     before = torch.get_num_threads()
     d = write_successor_dataset(tmp_path / "d")
     wanted = 2 if before == 1 else 1
