@@ -219,7 +219,7 @@ def _field_hints(classes: Sequence[type]) -> dict[str, Any]:
     for cls in classes:
         try:
             hints = typing.get_type_hints(cls)
-        except Exception:  # noqa: BLE001 - an unresolvable annotation elsewhere: no type checks for this class
+        except Exception:  # an unresolvable annotation elsewhere: no type checks for this class
             continue
         for f in dataclasses.fields(cls):
             if f.init and f.name in hints:

@@ -439,7 +439,7 @@ def resolve_architecture(name: str) -> Architecture:
                                 "the Hugging Face Hub (config.json read into memory, nothing cached)")
         except _HubAnswered as e:
             raise ValueError(f"cannot read the architecture of '{name}': {e}") from None
-        except Exception as e:  # noqa: BLE001 -- any transport failure means "unreachable"
+        except Exception as e:  # any transport failure means "unreachable"
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     shipped = known_config_path(name)
     if shipped is None:
@@ -482,7 +482,7 @@ def _local_tokenizer_length(name: str) -> int | None:
         if not isinstance(try_to_load_from_cache(name, "tokenizer_config.json", cache_dir=constants.HF_HUB_CACHE), str):
             return None
         return len(AutoTokenizer.from_pretrained(name, local_files_only=True, cache_dir=constants.HF_HUB_CACHE))
-    except Exception:  # noqa: BLE001 -- the count is informative; any failure means "unknown"
+    except Exception:  # the count is informative; any failure means "unknown"
         return None
 
 

@@ -124,7 +124,7 @@ def call_concurrently(fn, n: int = 2) -> tuple[list, list]:
     def call():
         try:
             results.append(fn())
-        except BaseException as e:  # noqa: BLE001 -- returned for the test's assertion
+        except BaseException as e:  # returned for the test's assertion
             errors.append(e)
 
     threads = [threading.Thread(target=call) for _ in range(n)]

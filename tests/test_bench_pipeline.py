@@ -560,7 +560,7 @@ def test_two_processes_on_one_output_dir_share_a_stage_instead_of_training_it_tw
     def lane(methods: list[str], errors: list) -> None:
         try:
             assert Pipeline(options(methods, no_report=True)).run() == {}
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+        except BaseException as e:  # reported by the main thread
             errors.append(e)
 
     errors: list = []

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_seqrec import tiny_cfg, write_successor_dataset  # noqa: E402
+from test_seqrec import tiny_cfg, write_successor_dataset
 
-from llmrec.seqrec.config import SeqRecConfig  # noqa: E402
+from llmrec.seqrec.config import SeqRecConfig
 
 
 def _change_one_target(path: Path) -> None:

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launching import accelerate_launch, run_script_here  # noqa: E402
-from test_seqrec import write_successor_dataset  # noqa: E402
+from launching import accelerate_launch, run_script_here
+from test_seqrec import write_successor_dataset
 
 SCRIPT = textwrap.dedent(
     """

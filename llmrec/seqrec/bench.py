@@ -232,7 +232,7 @@ def _train_logged(cfg: Any, log: Path, concurrent_runs: int) -> dict[str, Any]:
     from llmrec.seqrec.run import run_seqrec
 
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab", buffering=0) as f:  # noqa: SIM115 - the descriptors below point at it until we return
+    with open(log, "ab", buffering=0) as f:  # the descriptors below point at it until we return
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(f.fileno(), 1)
@@ -275,7 +275,7 @@ def _train_in_parallel(pending: list[tuple[str, int, Path, dict[str, Any]]], job
                 model, s, log = futures[future]
                 try:
                     res = future.result()
-                except Exception as e:  # noqa: BLE001 - raised below, after the other runs
+                except Exception as e:  # raised below, after the other runs
                     failed.append(((s, models_order.index(model)), e))
                     bar.write(f"{model} seed {s} failed: {type(e).__name__}: {e} (log: {log})")
                 else:
