@@ -233,7 +233,7 @@ def test_kv_cached_reasoning_equals_recomputing_the_extended_sequence():
     ids = torch.tensor([[0, 0, 3, 4, 5, 6, 7], [1, 2, 3, 9, 8, 7, 6], [0, 0, 0, 0, 0, 0, 11]])
     with torch.no_grad():
         h, cache, valid = model.backbone.encode(ids)
-        cached = model.reason(h, cache, valid, torch.tensor([6]))[:, :, 0]
+        cached = model.reason(h, cache, valid, torch.full((len(ids),), 6))
     full = model.reason_recompute(ids)
     assert torch.allclose(cached, full, atol=1e-5), (cached - full).abs().max()
 
@@ -264,22 +264,146 @@ def test_attention_over_cache_blocks_equals_attention_over_the_concatenated_cach
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_prefix_cache_attention_equals_attention_over_each_prefixs_copied_keys(dropout_p):
+    """Two reasoning steps of PrefixCache (the rows' item keys read in place, queries laid out per row) give the
+    outputs and gradients of attention over each prefix's own copy of its row's keys plus its earlier tokens
+    (dropout: the same random stream, as the weights have the same elements in the same order)."""
+    from llmrec.seqrec.modules import PrefixCache, attention_over_blocks
+
+    g = torch.Generator().manual_seed(0)
+    B, h, L, dh = 3, 2, 6, 4
+    keys = torch.randn(B, h, L, dh, generator=g, requires_grad=True)
+    values = torch.randn(B, h, L, dh, generator=g, requires_grad=True)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, :3] = False
+    rows, pos = torch.tensor([0, 0, 1, 1, 1, 2]), torch.tensor([3, 5, 0, 2, 5, 4])
+    steps = [tuple(torch.randn(len(rows), h, 1, dh, generator=g, requires_grad=True) for _ in range(3))
+             for _ in range(2)]
+    item_allow = valid[rows] & (torch.arange(L)[None] <= pos[:, None])
+    outs, grads = [], []
+    for prefix_cache in (True, False):
+        torch.manual_seed(1)
+        got = []
+        if prefix_cache:
+            cache = PrefixCache.for_prefixes([((keys,), (values,))], valid, rows, pos)[0]
+            for q, k, v in steps:
+                o, cache = cache.attend(q, k, v, dropout_p)
+                got.append(o)
+        else:
+            ks, vs = (keys[rows],), (values[rows],)
+            for i, (q, k, v) in enumerate(steps):
+                ks, vs = (*ks, k), (*vs, v)
+                mask = torch.cat([item_allow, torch.ones(len(rows), i + 1, dtype=torch.bool)], -1)[:, None, None]
+                got.append(attention_over_blocks(q, ks, vs, mask, dropout_p))
+        out = torch.cat(got, -1)
+        outs.append(out)
+        leaves = [keys, values, *(t for step in steps for t in step)]
+        grads.append(torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).cos()).sum(), leaves))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_batched_prefix_reasoning_equals_per_prefix_forwards():
+    """Every prefix's reasoning, run together (the prefixes read in training, and the every-position reference
+    form), equals encoding that prefix alone and reasoning from its last position."""
     model = _rearec(K=2)
-    ids = torch.tensor([[0, 0, 5, 3, 8, 2, 9], [4, 4, 1, 7, 6, 2, 3]])
+    ids = torch.tensor([[0, 0, 5, 3, 8, 2, 9], [4, 4, 1, 7, 6, 2, 3], [0, 0, 0, 0, 0, 0, 6]])
     L = ids.shape[1]
+    rows, pos = (ids > 0).nonzero(as_tuple=True)
+    keep = torch.arange(len(rows)) % 3 != 1  # a subset too: prefixes are read independently of each other
     with torch.no_grad():
         h, cache, valid = model.backbone.encode(ids)
-        batched = model.reason(h, cache, valid, torch.arange(L))  # [B, K+1, L, d]
-        for b in range(len(ids)):
-            for p in range(L):
-                if ids[b, p] == 0:
-                    continue
-                prefix = torch.zeros(1, L, dtype=torch.long)
-                prefix[0, L - p - 1 :] = ids[b, : p + 1]  # the prefix alone, left-padded
-                h1, c1, v1 = model.backbone.encode(prefix)
-                single = model.reason(h1, c1, v1, torch.tensor([L - 1]))[0, :, 0]
-                assert torch.allclose(batched[b, :, p], single, atol=1e-5), (b, p)
+        pairs = model.reason(h, cache, valid, pos, rows)  # [N, K+1, d]
+        subset = model.reason(h, cache, valid, pos[keep], rows[keep])
+        dense = model.reason_dense(h, cache, valid, torch.arange(L))  # [B, K+1, L, d]
+        for n, (b, p) in enumerate(zip(rows.tolist(), pos.tolist(), strict=True)):
+            prefix = torch.zeros(1, L, dtype=torch.long)
+            prefix[0, L - p - 1 :] = ids[b, : p + 1]  # the prefix alone, left-padded
+            h1, c1, v1 = model.backbone.encode(prefix)
+            single = model.reason(h1, c1, v1, torch.tensor([L - 1]))[0]
+            assert torch.allclose(pairs[n], single, atol=1e-5), (b, p)
+            assert torch.allclose(dense[b, :, p], single, atol=1e-5), (b, p)
+    torch.testing.assert_close(subset, pairs[keep], atol=1e-6, rtol=1e-5)
+
+
+def test_prefix_reasoning_follows_a_given_base_and_takes_prefixes_in_any_order():
+    """PRL's noisy view builds step k's token from ``base`` (here random, so it differs from the chain's own states):
+    the same as the every-position form given the same base; prefixes may come in any order, rows may have none,
+    and there may be no prefix at all."""
+    model = _rearec(K=2, L=8)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 30, (4, 8), generator=g)
+    ids[0, :5] = 0
+    ids[1, :7] = 0
+    with torch.no_grad():
+        h, cache, valid = model.backbone.encode(ids)
+        rows, pos = (ids > 0).nonzero(as_tuple=True)
+        base = torch.randn(len(rows), 3, 16, generator=g)
+        dense_base = base.new_zeros(4, 3, 8, 16)
+        dense_base[rows, :, pos] = base
+        got = model.reason(h, cache, valid, pos, rows, base=base)
+        want = model.reason_dense(h, cache, valid, torch.arange(8), base=dense_base)[rows, :, pos]
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        assert (got[:, 1:] - model.reason(h, cache, valid, pos, rows)[:, 1:]).abs().max() > 1e-3
+        shuffled = torch.randperm(len(rows), generator=g)
+        torch.testing.assert_close(model.reason(h, cache, valid, pos[shuffled], rows[shuffled], base=base[shuffled]),
+                                   got[shuffled], atol=1e-6, rtol=1e-5)
+        some_rows, some_pos = torch.tensor([3, 1, 3]), torch.tensor([2, 7, 7])  # rows 0 and 2 have none
+        torch.testing.assert_close(model.reason(h, cache, valid, some_pos, some_rows),
+                                   model.reason_dense(h, cache, valid, torch.arange(8))[some_rows, :, some_pos],
+                                   atol=1e-6, rtol=1e-5)
+        none = torch.zeros(0, dtype=torch.long)
+        assert model.reason(h, cache, valid, none, none).shape == (0, 3, 16)
+        with pytest.raises(ValueError, match=r"pos must have shape \(4,\)"):
+            model.reason(h, cache, valid, torch.tensor([7]))  # one position for every row is not this call
+
+
+@pytest.mark.parametrize("mode", ["erl", "prl"])
+def test_a_batch_without_targets_gives_a_zero_loss_not_nan(mode):
+    from llmrec.seqrec.models import LossContext
+
+    torch.manual_seed(0)
+    model = ReaRec(Backbone(30, 6, hidden=16, inner=32, dropout=0.0, attn_dropout=0.0), mode=mode, warmup_epochs=0)
+    ids = torch.tensor([[0, 0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10]])
+    loss, logs = model.loss({"input_ids": ids, "target_ids": torch.zeros_like(ids)}, LossContext(epoch=3))
+    loss.backward()
+    assert loss.item() == 0.0 and all(v == v for v in logs.values()), logs  # no NaN in the loss or the logs
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.reasoning_layout = "pair"
+    with pytest.raises(ValueError, match="reasoning_layout must be 'pairs' or 'dense'"):
+        model.loss({"input_ids": ids, "target_ids": ids}, LossContext(epoch=3))
+
+
+@pytest.mark.parametrize("mode", ["erl", "prl"])
+def test_training_loss_over_target_prefixes_equals_the_every_position_form(mode):
+    """The loss reasons only over the prefixes that have a target; the reference reasons over every position of
+    every row: the same loss and gradients (dropout off, PRL's noisy view on with noise 0 so both views agree)."""
+    from llmrec.seqrec.models import LossContext
+
+    torch.manual_seed(0)
+    bb = Backbone(30, 8, hidden=16, n_layers=2, heads=2, inner=32, dropout=0.0, attn_dropout=0.0)
+    model = ReaRec(bb, mode=mode, reason_steps=2, noise_std=0.0, warmup_epochs=0)
+    model.noise_std = 1e-30  # switches the contrastive view on; adds nothing representable to a token
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 31, (5, 8), generator=g)
+    ids[0, :5] = 0  # short histories: left padding, as on Games
+    ids[1, :7] = 0
+    tgt = torch.randint(1, 31, (5, 8), generator=g) * (ids > 0)
+    tgt[2, :4] = 0  # a window whose first positions are context only (window_stride)
+    batch = {"input_ids": ids, "target_ids": tgt}
+    out = {}
+    for layout in ("pairs", "dense"):
+        model.reasoning_layout = layout
+        model.zero_grad(set_to_none=True)
+        loss, logs = model.loss(batch, LossContext(denom=float((tgt > 0).sum()), epoch=5))
+        loss.backward()
+        out[layout] = (loss.detach(), logs, {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(out["pairs"][0], out["dense"][0], atol=1e-6, rtol=1e-5)
+    assert out["pairs"][1].keys() == out["dense"][1].keys() and ("rcl" in out["pairs"][1]) == (mode == "prl")
+    for name, grad in out["dense"][2].items():
+        torch.testing.assert_close(out["pairs"][2][name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_lares_recurrence_is_deterministic_at_eval_with_zero_state():
@@ -625,6 +749,23 @@ def test_benchmark_jobs_train_runs_at_once_with_the_results_of_one_job(tmp_path,
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="accelerate launch"):
         run_seqrec_benchmark(d, models, 1, tmp_path / "x", jobs=2, **kw)
+
+
+def test_benchmark_jobs_more_than_the_cpus_warns(tmp_path, monkeypatch, caplog):
+    """More jobs than usable CPUs still trains (a thread each) but says the runs will share cores."""
+    import llmrec.seqrec.bench as bench
+
+    d = write_successor_dataset(tmp_path / "d")
+    kw = dict(max_history=10, hidden_size=16, n_layers=1, inner_size=32, epochs=1, batch_size=8, progress=False)
+    monkeypatch.setattr(bench, "_usable_cpus", lambda: 1)
+    with caplog.at_level("WARNING", logger="llmrec.seqrec.bench"):
+        bench.run_seqrec_benchmark(d, ["sasrec"], 1, tmp_path / "out", jobs=2, report_only=True, **kw)
+    assert "jobs 2 is more than the 1 CPU(s)" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(bench, "_usable_cpus", lambda: 2)
+    with caplog.at_level("WARNING", logger="llmrec.seqrec.bench"):
+        bench.run_seqrec_benchmark(d, ["sasrec"], 1, tmp_path / "out", jobs=2, report_only=True, **kw)
+    assert "CPU(s)" not in caplog.text
 
 
 def test_benchmark_jobs_a_failing_run_lets_the_others_finish(tmp_path, capsys):

@@ -13,7 +13,9 @@ average only the runs made with this invocation's (``timing_settings``) and say 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
+import os
 import statistics
 import time
 from pathlib import Path
@@ -23,12 +25,22 @@ import torch
 
 from llmrec.data.canonical import atomic_write_json, atomic_write_text
 
+logger = logging.getLogger(__name__)
+
 REPORTED = ("ndcg@10", "hr@10", "epoch_s", "infer_ms_per_row")
 TIMED = ("epoch_s", "infer_ms_per_row")  # depend on timing_settings, which a reused run need not share
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it, else every CPU)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every OS (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def timing_settings(cfg: Any, num_processes: int, concurrent_runs: int = 1) -> dict[str, int]:
@@ -125,6 +137,10 @@ def run_seqrec_benchmark(
     # jobs processes share the cores: each takes its part of this process's threads where the run names none
     # (torch's default is every core, so jobs runs would each start that many and oversubscribe the machine)
     threads_per_job = max(1, torch.get_num_threads() // jobs)
+    cpus = _usable_cpus()
+    if jobs > cpus:  # still one thread each: the runs share cores, and their epoch times say so (concurrent_runs)
+        logger.warning("jobs %d is more than the %d CPU(s) this process may use: the runs will share cores and each "
+                       "train slower than one job at a time would", jobs, cpus)
     plans: list[tuple[str, int, Path, dict[str, Any]]] = []  # (model, s, run dir, config fields), model by model
     for model in models:
         for s in range(seeds):

@@ -27,7 +27,7 @@ from torch import nn
 
 from llmrec.seqrec.fused_losses import fused_ce_sum, fused_erl_loss
 from llmrec.seqrec.keyed_random import keyed_generator, keyed_trunc_normal, row_keys
-from llmrec.seqrec.modules import KV, Backbone, Encoder, causal_mask, init_weights
+from llmrec.seqrec.modules import KV, Backbone, Encoder, PrefixCache, causal_mask, init_weights
 
 MODEL_NAMES = ("sasrec", "rearec-erl", "rearec-prl", "lares")
 
@@ -46,14 +46,6 @@ class LossContext:
     extra: dict = field(default_factory=dict)
     seed: int = 0  # run seed: keys the draws that must not depend on the process layout
     step: int = 0  # 0-based batch index within the epoch (the same global batch on every layout)
-
-
-def _query_positions(targets: torch.Tensor) -> torch.Tensor:
-    """Positions to read out: every position in sequence mode, the last one for last-position rows."""
-    L = targets.shape[1]
-    if targets[:, :-1].any():
-        return torch.arange(L, device=targets.device)
-    return torch.tensor([L - 1], device=targets.device)
 
 
 class SeqRecModel(nn.Module):
@@ -115,11 +107,11 @@ class ReaRec(SeqRecModel):
     table from the item positions), applies the backbone's input LayerNorm + dropout, and runs the same
     encoder on it with every layer's K/V cache, so a step costs one token per prefix.
 
-    ``reason`` takes the query positions ``qpos``: the last position at inference (plain KV-cached
-    decoding) or every position in sequence-mode training. There the reasoning tokens of ALL prefixes
-    of the one encoded sequence run together: the token of prefix ``p`` attends to item keys
-    ``j <= p`` and to its own earlier reasoning tokens only (a block mask), which is exactly the
-    per-prefix computation (tested against per-prefix forwards).
+    ``reason`` takes the prefixes to reason from, as (row, position) pairs: every row's last position at
+    inference, every position that has a target in sequence-mode training. There the reasoning tokens of all
+    those prefixes of the encoded windows run together: the token of prefix ``p`` attends to its row's item
+    keys ``j <= p`` and to its own earlier reasoning tokens only, which is exactly the per-prefix computation
+    (tested against per-prefix forwards, and against ``reason_dense``, the every-position form).
     """
 
     def __init__(
@@ -152,6 +144,7 @@ class ReaRec(SeqRecModel):
         )
         # Reasoning position embeddings (only when K > 0, so DDP sees no unused parameter).
         self.rpe = nn.Embedding(reason_steps, backbone.hidden) if reason_steps > 0 else None
+        self.reasoning_layout = "pairs"  # "dense": reason_dense in training (the reference; tests, benchmarks)
         self.apply(init_weights)
 
     # -- reasoning ---------------------------------------------------------------------------------
@@ -160,15 +153,58 @@ class ReaRec(SeqRecModel):
         h: torch.Tensor,
         cache: list[KV],
         valid: torch.Tensor,
+        pos: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        base: torch.Tensor | None = None,
+        noise_std: float = 0.0,
+    ) -> torch.Tensor:
+        """Run K steps for the prefixes ``(rows[n], pos[n])``; return ``R [N, K+1, d]`` (``R[:, 0]`` = r0).
+
+        The prefix of row ``b`` ending at position ``p`` is what a per-prefix forward would encode: its
+        reasoning tokens attend to the row's item keys ``j <= p`` and to their own earlier tokens, nothing else.
+        ``rows`` may come in any order (``nonzero`` gives them ascending); ``None`` means one prefix per row, ``pos[b]`` for row ``b``
+        (inference: every row's last position). The reasoning tokens of the N prefixes are the only new tokens
+        (:class:`~llmrec.seqrec.modules.PrefixCache` attends them to their rows' cached items), so the work grows
+        with the prefixes read, not with ``B x L``: in training, the positions that have a target (about 1 in 9
+        of a Games window, which is mostly padding). ``base`` (``[N, K+1, d]``)
+        builds step k's token from ``base[:, k-1]`` instead of this chain's own previous state (PRL's noisy view
+        reuses the clean chain's states, as its code does); ``noise_std`` adds fresh Gaussian noise to every
+        reasoning token (std, not variance). :meth:`reason_dense` is the former every-position form.
+        """
+        if rows is None:
+            if pos.shape != (h.shape[0],):
+                raise ValueError(f"rows=None reads one prefix per row: pos must have shape ({h.shape[0]},), got "
+                                 f"{tuple(pos.shape)}")
+            rows = torch.arange(len(pos), device=h.device)
+        states = [h[rows, pos]]  # [N, d]
+        if self.K == 0:
+            return torch.stack(states, 1)
+        past = PrefixCache.for_prefixes(cache, valid, rows, pos)
+        for k in range(1, self.K + 1):
+            src = states[-1] if base is None else base[:, k - 1]
+            x = src + self.rpe.weight[k - 1]
+            if noise_std > 0:
+                x = x + torch.randn_like(x) * noise_std
+            x = self.backbone.input_norm(x)[:, None]  # [N, 1, d]: one new token per prefix
+            r, past = self.backbone.encoder(x, None, past)
+            states.append(r[:, 0])
+        return torch.stack(states, 1)
+
+    def reason_dense(
+        self,
+        h: torch.Tensor,
+        cache: list[KV],
+        valid: torch.Tensor,
         qpos: torch.Tensor,
         base: torch.Tensor | None = None,
         noise_std: float = 0.0,
     ) -> torch.Tensor:
-        """Run K steps from the encoded items; return ``R [B, K+1, P, d]`` (``R[:, 0]`` = r0 at ``qpos``).
+        """The reference form of :meth:`reason`: the prefixes ending at every ``qpos`` of EVERY row at once, as
+        ``R [B, K+1, P, d]`` (a block mask keeps each prefix to its own keys), whether or not a prefix is read.
 
-        ``base`` (``[B, K+1, P, d]``) builds step k's token from ``base[:, k-1]`` instead of this
-        chain's own previous state (PRL's noisy view reuses the clean chain's states, as its code does);
-        ``noise_std`` adds fresh Gaussian noise to every reasoning token (std, not variance).
+        What training ran before (B x L reasoning tokens per step, most of them padding on short-history
+        data); kept for the tests and for ``scripts/seqrec_reasoning_layout_bench.py``. ``base`` is
+        ``[B, K+1, P, d]`` here.
         """
         B, L, _ = h.shape
         P = qpos.numel()
@@ -190,6 +226,25 @@ class ReaRec(SeqRecModel):
             r, past = self.backbone.encoder(x, mask, past)
             states.append(r)
         return torch.stack(states, 1)
+
+    def _reason_targets(
+        self, h: torch.Tensor, cache: list[KV], valid: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+        base: torch.Tensor | None = None, noise_std: float = 0.0,
+    ) -> torch.Tensor:
+        """``R [N, K+1, d]`` of the training prefixes ``(rows, pos)`` by :meth:`reason`, or, when
+        ``reasoning_layout`` is ``"dense"`` (tests and benchmarks only), by :meth:`reason_dense` over every row
+        at the positions read, then picked out (the same values; other random draws where dropout is on)."""
+        if self.reasoning_layout == "pairs":
+            return self.reason(h, cache, valid, pos, rows, base=base, noise_std=noise_std)
+        if self.reasoning_layout != "dense":
+            raise ValueError(f"reasoning_layout must be 'pairs' or 'dense', got {self.reasoning_layout!r}")
+        qpos = torch.unique(pos)
+        col = torch.searchsorted(qpos, pos)
+        dense_base = None
+        if base is not None:  # the pairs' states put back in place; the other prefixes' outputs are never read
+            dense_base = base.new_zeros(h.shape[0], base.shape[1], len(qpos), base.shape[2])
+            dense_base[rows, :, col] = base
+        return self.reason_dense(h, cache, valid, qpos, base=dense_base, noise_std=noise_std)[rows, :, col]
 
     @torch.no_grad()
     def reason_recompute(self, ids: torch.Tensor) -> torch.Tensor:
@@ -215,25 +270,23 @@ class ReaRec(SeqRecModel):
 
     def user_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         h, cache, valid = self.backbone.encode(ids)
-        R = self.reason(h, cache, valid, torch.tensor([ids.shape[1] - 1], device=ids.device))
-        return self._readout(R[:, :, 0])
+        last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+        return self._readout(self.reason(h, cache, valid, last))
 
     # -- losses ------------------------------------------------------------------------------------
     def loss(self, batch, ctx):
         ids, tgt = batch["input_ids"], batch["target_ids"]
         h, cache, valid = self.backbone.encode(ids)
-        qpos = _query_positions(tgt)
-        R = self.reason(h, cache, valid, qpos)  # [B, K+1, P, d]
-        m = tgt[:, qpos] > 0  # [B, P]
-        Rm = R.permute(0, 2, 1, 3)[m]  # [M, K+1, d]
-        t = tgt[:, qpos][m]
-        n = max(int(m.sum()), 1)
+        rows, pos = (tgt > 0).nonzero(as_tuple=True)  # the prefixes with a target, row by row
+        Rm = self._reason_targets(h, cache, valid, rows, pos)  # [M, K+1, d]
+        t = tgt[rows, pos]
+        n = max(len(t), 1)
         logs: dict[str, float] = {}
         if self.mode == "erl":
             if self.kl_weight > 0 and self.K > 0:
                 loss, ce, kl = self._erl_loss(Rm, t, float(ctx.denom))
                 logs["ce"] = ce.item() / n
-                logs["kl"] = kl.mean().item()
+                logs["kl"] = kl.mean().item() if len(kl) else 0.0
             else:
                 ce = self.ce_sum(Rm.mean(1), t)
                 loss = ce / ctx.denom
@@ -256,8 +309,7 @@ class ReaRec(SeqRecModel):
             # official code leaves it undefined there and crashes).
             if self.K > 0 and self.cl_weight > 0 and self.noise_std > 0 and ctx.epoch >= self.warmup_epochs:
                 h2, cache2, _ = self.backbone.encode(ids)  # second view: its own dropout masks and cache
-                R2 = self.reason(h2, cache2, valid, qpos, base=R, noise_std=self.noise_std)
-                R2m = R2.permute(0, 2, 1, 3)[m]
+                R2m = self._reason_targets(h2, cache2, valid, rows, pos, base=Rm, noise_std=self.noise_std)
                 cl = self._rcl(Rm, R2m)
                 loss = loss + self.cl_weight * cl
                 logs["rcl"] = cl.detach().item()
@@ -306,6 +358,8 @@ class ReaRec(SeqRecModel):
         similarity matrix is rows^2). Negatives are local to the process (not gathered).
         """
         M = Rm.shape[0]
+        if M == 0:  # no prefix with a target in this batch: a mean over no rows would be NaN
+            return Rm.sum() * 0.0
         if M > self.cl_max_rows:
             idx = torch.randperm(M, device=Rm.device)[: self.cl_max_rows]
             Rm, R2m = Rm[idx], R2m[idx]
