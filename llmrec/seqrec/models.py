@@ -162,14 +162,14 @@ class ReaRec(SeqRecModel):
 
         The prefix of row ``b`` ending at position ``p`` is what a per-prefix forward would encode: its
         reasoning tokens attend to the row's item keys ``j <= p`` and to their own earlier tokens, nothing else.
-        ``rows`` may come in any order (``nonzero`` gives them ascending); ``None`` means one prefix per row, ``pos[b]`` for row ``b``
-        (inference: every row's last position). The reasoning tokens of the N prefixes are the only new tokens
+        ``rows`` may come in any order; ``None`` means one prefix per row, ``pos[b]`` for row ``b`` (inference:
+        every row's last position). The reasoning tokens of the N prefixes are the only new tokens
         (:class:`~llmrec.seqrec.modules.PrefixCache` attends them to their rows' cached items), so the work grows
         with the prefixes read, not with ``B x L``: in training, the positions that have a target (about 1 in 9
-        of a Games window, which is mostly padding). ``base`` (``[N, K+1, d]``)
-        builds step k's token from ``base[:, k-1]`` instead of this chain's own previous state (PRL's noisy view
-        reuses the clean chain's states, as its code does); ``noise_std`` adds fresh Gaussian noise to every
-        reasoning token (std, not variance). :meth:`reason_dense` is the former every-position form.
+        of a Games window, which is mostly padding). ``base`` (``[N, K+1, d]``) builds step k's token from
+        ``base[:, k-1]`` instead of this chain's own previous state (PRL's noisy view reuses the clean chain's
+        states, as its code does); ``noise_std`` adds fresh Gaussian noise to every reasoning token (std, not
+        variance). :meth:`reason_dense` is the former every-position form.
         """
         if rows is None:
             if pos.shape != (h.shape[0],):

@@ -183,7 +183,8 @@ class TransformerLayer(nn.Module):
         self.ln2 = nn.LayerNorm(hidden, eps=eps)
         self.drop = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: KV | PrefixCache | None = None
+                ) -> tuple[torch.Tensor, KV | PrefixCache]:
         a, kv = self.attn(x, mask, past)
         x = self.ln1(x + self.drop(a))
         f = self.fc2(F.gelu(self.fc1(x)))
@@ -209,8 +210,8 @@ class Encoder(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, past: list[KV] | None = None
-    ) -> tuple[torch.Tensor, list[KV]]:
+        self, x: torch.Tensor, mask: torch.Tensor | None, past: list[KV] | list[PrefixCache] | None = None
+    ) -> tuple[torch.Tensor, list[KV] | list[PrefixCache]]:
         cache = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, mask, None if past is None else past[i])
