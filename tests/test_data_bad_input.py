@@ -442,3 +442,96 @@ def test_seq_txt_named_later_splits_keep_the_earlier_windows_in_their_histories(
         formats.read_seq_txt(src, splits=["valid", "test"])
     with pytest.raises(ValueError, match="unknown split"):
         formats.read_seq_txt(src, splits=["tran"])
+
+
+# --------------------------------------------------------------------------- review 2026-12-06
+
+
+def _d3_source(root: Path, info: str, rows: str, cat: str = "Toys") -> Path:
+    (root / "info").mkdir(parents=True, exist_ok=True)
+    (root / "test").mkdir(exist_ok=True)
+    (root / "info" / f"{cat}.txt").write_text(info)
+    (root / "test" / f"{cat}.csv").write_text(rows)
+    return root
+
+
+def test_d3_row_titles_that_are_not_the_info_files_are_an_error(tmp_path: Path):
+    head = "user_id,history_item_id,item_id,history_item_title,item_title,timestamp\n"
+    root = _d3_source(tmp_path / "d3", "Alpha\t0\nBeta\t1\nGamma\t2\n",
+                      head + "u1,\"[0, 1]\",2,\"['Alpha', 'Beta ']\",Gamma,5\n")
+    # the same titles (up to surrounding spaces): read as before
+    assert formats.read_d3_csv(root, ["test"]).rows["test"] == [formats.RawRow("u1", ["0", "1"], "2", 5)]
+    csv_path = root / "test" / "Toys.csv"
+    # an info file of another preprocessing run: every id named another item's title, silently
+    csv_path.write_text(head + "u1,\"[0, 1]\",2,\"['Gamma', 'Beta']\",Alpha,5\n")
+    assert err_of(lambda: formats.read_d3_csv(root, ["test"])) == (
+        f"{csv_path}, row 2, field 'history_item_title[0]': title 'Gamma' of item 0 differs from Toys.txt's 'Alpha': "
+        "the info file is not this data's")
+    csv_path.write_text(head + "u1,\"[0, 1]\",2,\"['Alpha', 'Beta']\",Alpha,5\n")
+    assert "field 'item_title': title 'Alpha' of item 2 differs from Toys.txt's 'Gamma'" in err_of(
+        lambda: formats.read_d3_csv(root, ["test"]))
+
+
+def test_d3_category_that_is_a_whole_name_beats_a_longer_name_it_starts(tmp_path: Path):
+    rows = "user_id,history_item_id,item_id,timestamp\nu1,\"[0]\",1,5\n"
+    root = _d3_source(tmp_path / "d3", "Alpha\t0\nBeta\t1\n", rows, cat="Toys")
+    _d3_source(root, "Uno\t0\nDos\t1\n", rows, cat="Toys_and_Games")
+    # "Toys" was "several info files (Toys.txt, Toys_and_Games.txt); pick one with --category"
+    assert formats.read_d3_csv(root, ["test"], category="Toys").titles == {"0": "Alpha", "1": "Beta"}
+    assert formats.read_d3_csv(root, ["test"], category="Toys_and").titles == {"0": "Uno", "1": "Dos"}
+    with pytest.raises(ValueError, match="several info files"):
+        formats.read_d3_csv(root, ["test"], category="To")
+
+
+def test_recbole_title_column_is_title_or_one_ending_in_title(tmp_path: Path):
+    src = tmp_path / "rb"
+    src.mkdir()
+    (src / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\t1\t1\nu1\t2\t2\n")
+    # the first column merely containing "title" was taken: every title became a number
+    (src / "x.item").write_text("item_id:token\ttitle_len:float\tmovie_title:token_seq\n1\t9\tToy Story\n2\t7\tHeat\n")
+    assert formats.read_recbole(src).titles == {"1": "Toy Story", "2": "Heat"}
+    (src / "x.item").write_text("item_id:token\tmovie_title:token_seq\ttitle:token_seq\n1\tA\tToy Story\n2\tB\tHeat\n")
+    assert formats.read_recbole(src).titles == {"1": "Toy Story", "2": "Heat"}
+    (src / "x.item").write_text("item_id:token\tmovie_title:token_seq\tbook_title:token_seq\n1\tA\tB\n")
+    assert err_of(lambda: formats.read_recbole(src)) == (
+        f"{src / 'x.item'}, row 1, field 'title': several title columns (movie_title, book_title): keep one")
+    (src / "x.item").write_text("item_id:token\tsubtitle:token_seq\n1\tA\n")
+    assert "no title column" in err_of(lambda: formats.read_recbole(src))
+
+
+def test_a_timestamp_beyond_int64_is_an_error_of_the_input_row(tmp_path: Path):
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "items.csv").write_text("item,title\n1,One\n2,Two\n")
+    (src / "interactions.csv").write_text("user,item,timestamp\nu1,1,1\nu1,2,99999999999999999999\n")
+    # prepare used to succeed and load_prepared to fail later, naming test.jsonl instead of this row
+    assert err_of(lambda: formats.read_generic_csv(src / "interactions.csv", src / "items.csv")) == (
+        f"{src / 'interactions.csv'}, row 3, field 'timestamp': timestamp 99999999999999999999 is outside the "
+        "64-bit integer range")
+    (src / "interactions.csv").write_text(f"user,item,timestamp\nu1,1,1\nu1,2,{2**63 - 1}\n")
+    assert formats.read_generic_csv(src / "interactions.csv", src / "items.csv").sequences
+
+
+def test_output_dot_is_refused_before_any_work_and_a_symlinked_output_updates_its_target(
+        tmp_path: Path, monkeypatch, capsys):
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "items.csv").write_text("item,title\n1,One\n2,Two\n3,Three\n")
+    (src / "interactions.csv").write_text("user,item,timestamp\n" + "".join(
+        f"u{u},{i},{10 * u + k}\n" for u in (1, 2) for k, i in enumerate((1, 2, 3, 1, 2))))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    # "." crashed in the rename and left a complete "..tmp-*" copy inside, which then blocked every rerun
+    for out in (".", str(tmp_path)):
+        assert main(["data", "prepare", "--format", "csv", "--input", str(src), "--output", out]) == 1
+        assert "is the current directory or holds it" in capsys.readouterr().err
+        assert list(work.iterdir()) == []
+    # a symlink: the directory it points to gets the output (the link itself was replaced, leaving that
+    # directory stale and a ".link.old-*" link behind)
+    (work / "real").mkdir()
+    (work / "link").symlink_to("real")
+    assert main(["data", "prepare", "--format", "csv", "--input", str(src), "--output", "link"]) == 0
+    assert (work / "link").is_symlink() and sorted(p.name for p in work.iterdir()) == ["link", "real"]
+    assert sorted(p.name for p in (work / "real").iterdir()) == [
+        "catalog.jsonl", "stats.json", "test.jsonl", "train.jsonl", "valid.jsonl"]

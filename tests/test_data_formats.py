@@ -862,6 +862,26 @@ def test_atomic_directory_replaces_and_cleans(tmp_path: Path):
     assert sorted(p.name for p in final.iterdir()) == ["y"] and _leftovers(tmp_path) == []
 
 
+def test_atomic_directory_puts_the_old_output_back_when_the_new_one_cannot_take_its_place(tmp_path: Path,
+                                                                                        monkeypatch):
+    final = tmp_path / "final"
+    with atomic_directory(final) as tmp:
+        (tmp / "x").write_text("1")
+    real_replace = os.replace
+
+    def replace_failing_into_final(src, dst):
+        if Path(dst) == final and ".tmp-" in str(src):  # the new output only; putting the old one back works
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_failing_into_final)
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_directory(final) as tmp:
+            (tmp / "x").write_text("2")
+    # the old output was left moved aside (".final.old-*") and the new one in its temporary directory
+    assert (final / "x").read_text() == "1" and _leftovers(tmp_path) == []
+
+
 def test_atomic_outputs_get_the_permissions_of_a_plain_write(tmp_path: Path):
     # tempfile makes files 0600 and directories 0700: a prepared dataset or a results file written through it
     # was unreadable by anyone else on a shared machine. They now get what open()/mkdir() give under the umask.

@@ -199,6 +199,23 @@ def give_saved_weights_default_permissions(path: str | os.PathLike) -> None:
             give_default_permissions(f)
 
 
+def replaceable_directory(path: str | os.PathLike) -> Path:
+    """``path`` as the absolute directory that :func:`atomic_directory` replaces, refusing one it cannot.
+
+    A symlink stands for the directory it points to (replacing the link itself left that directory stale and
+    the link's moved-aside copy behind). The current directory or one holding it cannot be renamed (``.`` has no
+    name to put a temporary directory beside): it is refused before any work.
+    """
+    final = Path(os.path.abspath(path))
+    if final.is_symlink():
+        final = final.resolve()
+    cwd = Path.cwd().resolve()
+    if final.resolve() == cwd or final.resolve() in cwd.parents:
+        raise ValueError(f"output {path} is the current directory or holds it, which cannot be replaced as a whole: "
+                         "name a directory inside it (e.g. data/mine)")
+    return final
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike):
     """Yield a temporary directory beside ``final``; on success it replaces ``final`` in one rename.
@@ -206,23 +223,26 @@ def atomic_directory(final: str | os.PathLike):
     If the body raises, the temporary directory is removed and ``final`` is left as it was, so a
     failed run never leaves a half-written output directory.
     """
-    final = Path(final)
+    final = replaceable_directory(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_writer_tag()}-", dir=final.parent))
     give_default_permissions(tmp)
+    old: Path | None = None
     try:
         yield tmp
         fsync_tree(tmp)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{_writer_tag()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
     except BaseException:
+        if old is not None and old.exists() and not final.exists():
+            os.replace(old, final)  # the new output could not take its place: the old one goes back
+            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{_writer_tag()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
     _fsync_directory(final.parent)
     _remove_leftovers(final)
 

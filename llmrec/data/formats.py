@@ -168,6 +168,15 @@ def _int(value, path: Path, n: int, fld: str) -> int:
         raise DataFormatError(path, n, fld, f"expected an integer, got {str(value)[:40]!r}") from None
 
 
+def _timestamp(value, path: Path, n: int, fld: str) -> int:
+    """A timestamp field: an integer as :func:`_int` reads it, within the int64 range the prepared files hold
+    (``load_prepared`` refuses anything else, and then names the prepared file instead of this input row)."""
+    ts = _int(value, path, n, fld)
+    if not -(2**63) <= ts < 2**63:
+        raise DataFormatError(path, n, fld, f"timestamp {ts} is outside the 64-bit integer range")
+    return ts
+
+
 def _set_title(titles: dict[str, str | None], item: str, title: str | None, path: Path, n: int, fld: str) -> None:
     """Record an item's title; the same id again with another title is an error (which one holds?), with the same
     title it is harmless."""
@@ -211,7 +220,9 @@ def _literal_list(value: str, path: Path, n: int, fld: str) -> list:
 def _one_file(directory: Path, pattern: str, what: str, category: str | None) -> Path:
     files = sorted(directory.glob(pattern))
     if category:
-        files = [f for f in files if f.name.startswith(category)]
+        # A name that is exactly the category wins: "Toys" picks Toys.txt beside Toys_and_Games.txt.
+        exact = [f for f in files if f.stem == category or f.name == category]
+        files = exact or [f for f in files if f.name.startswith(category)]
     if not files:
         raise FileNotFoundError(f"{directory}: no {what} file matching '{pattern}'" + (f" for '{category}'" if category else ""))
     if len(files) > 1:
@@ -221,6 +232,12 @@ def _one_file(directory: Path, pattern: str, what: str, category: str | None) ->
 
 
 # --------------------------------------------------------------------------- D3 / BIGRec / LatentR3 CSV
+
+
+def _check_row_title(title, expected: str | None, item: str, path: Path, n: int, fld: str, info: Path) -> None:
+    if str(title).strip() != (expected or "").strip():
+        raise DataFormatError(path, n, fld, f"title {str(title)[:60]!r} of item {item} differs from {info.name}'s "
+                                            f"{(expected or '')[:60]!r}: the info file is not this data's")
 
 
 def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None) -> RawData:
@@ -254,15 +271,20 @@ def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None)
             user = _check_id(_require(row, "user_id", path, n), path, n, "user_id")
             hist = [str(_int(x, path, n, "history_item_id")) for x in _literal_list(_require(row, "history_item_id", path, n), path, n, "history_item_id")]
             target = str(_int(_require(row, "item_id", path, n), path, n, "item_id"))
-            ts = _int(_require(row, "timestamp", path, n), path, n, "timestamp")
-            # The titles columns must agree in length with the ids (a cheap consistency check).
+            ts = _timestamp(_require(row, "timestamp", path, n), path, n, "timestamp")
+            for item, fld in [(i, "history_item_id") for i in hist] + [(target, "item_id")]:
+                if item not in titles:
+                    raise DataFormatError(path, n, fld, f"item {item} is not in {info.name}")
+            # The rows' own titles must be the info file's for the same ids: an info file from another
+            # preprocessing run maps every id to another item's title, which nothing else would notice.
             if "history_item_title" in row:
                 htitles = _literal_list(row["history_item_title"], path, n, "history_item_title")
                 if len(htitles) != len(hist):
                     raise DataFormatError(path, n, "history_item_title", "length differs from history_item_id")
-            for item, fld in [(i, "history_item_id") for i in hist] + [(target, "item_id")]:
-                if item not in titles:
-                    raise DataFormatError(path, n, fld, f"item {item} is not in {info.name}")
+                for pos, (item, t) in enumerate(zip(hist, htitles)):
+                    _check_row_title(t, titles[item], item, path, n, f"history_item_title[{pos}]", info)
+            if "item_title" in row:
+                _check_row_title(row["item_title"], titles[target], target, path, n, "item_title", info)
             rows.append(RawRow(user, hist, target, ts))
         raw.rows[split] = rows
     return raw
@@ -393,9 +415,15 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
     cols = _recbole_header(item, header)
     if "item_id" not in cols:
         raise DataFormatError(item, 1, "item_id", "missing column")
-    title_col = next((c for c in cols if "title" in c), None)
-    if title_col is None:
-        raise DataFormatError(item, 1, "title", "no title column (expected e.g. movie_title:token_seq)")
+    # "title" itself, else one name ending in "_title" (movie_title): a first column merely containing
+    # "title" (title_len, subtitle) was taken before, its values becoming every item's title.
+    title_cols = [c for c in cols if c == "title"] or [c for c in cols if c.endswith("_title")]
+    if not title_cols:
+        raise DataFormatError(item, 1, "title", "no title column (expected 'title' or a name ending in '_title', "
+                                                "e.g. movie_title:token_seq)")
+    if len(title_cols) > 1:
+        raise DataFormatError(item, 1, "title", f"several title columns ({', '.join(title_cols)}): keep one")
+    title_col = title_cols[0]
     for n, line in lines:
         if not line.strip():
             continue
@@ -426,7 +454,7 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
         # an empty id would become the user "" / item "": one user for every such row
         user = _check_id(parts[cols["user_id"]], inter, n, "user_id").strip()
         it = _check_id(parts[cols["item_id"]], inter, n, "item_id").strip()
-        ts = _int(parts[cols["timestamp"]], inter, n, "timestamp")
+        ts = _timestamp(parts[cols["timestamp"]], inter, n, "timestamp")
         if it not in titles:
             if on_unknown == "skip":
                 skipped["unknown_item_interactions"] = skipped.get("unknown_item_interactions", 0) + 1
@@ -525,7 +553,7 @@ def read_generic_csv(
     for n, row in _csv_rows(interactions):
         user = _check_id(_require(row, u_col, interactions, n), interactions, n, u_col).strip()
         it = _check_id(_require(row, i_col, interactions, n), interactions, n, i_col).strip()
-        ts = _int(_require(row, t_col, interactions, n), interactions, n, t_col)
+        ts = _timestamp(_require(row, t_col, interactions, n), interactions, n, t_col)
         if it not in titles:
             if on_unknown == "skip":
                 skipped["unknown_item_interactions"] = skipped.get("unknown_item_interactions", 0) + 1
@@ -604,7 +632,7 @@ def read_amazon2023(
                 skipped["unknown_item_interactions"] = skipped.get("unknown_item_interactions", 0) + 1
                 continue
             raise DataFormatError(reviews, n, "parent_asin", f"item {it} has no metadata in {meta.name}")
-        events[user].append((_int(obj["timestamp"], reviews, n, "timestamp"), n, it))
+        events[user].append((_timestamp(obj["timestamp"], reviews, n, "timestamp"), n, it))
     _drop_repeated_events(events, skipped)
     mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs)
     return RawData(titles=titles, mode=mode, sequences=seqs, skipped=skipped, source={"format": "amazon2023", "category": category})

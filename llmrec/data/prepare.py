@@ -38,6 +38,7 @@ from llmrec.data.canonical import (
     atomic_directory,
     atomic_write_json,
     check_directory_path,
+    replaceable_directory,
     write_jsonl,
 )
 from llmrec.data.catalog import ItemCatalog, TitlePolicy, clean_titles
@@ -63,6 +64,7 @@ def check_output(output: str | Path) -> None:
     folder used to delete that folder with everything in it; a file was replaced and its moved-aside copy
     left behind. A previous prepared directory holds only the files ``prepare`` writes and is replaced.
     """
+    replaceable_directory(output)  # "." (or a folder holding the current one) is refused here, before any work
     output = Path(output)
     if not output.exists():
         check_directory_path(output, "--output")  # a parent that is a file: said now, not as a traceback
