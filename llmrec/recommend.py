@@ -57,7 +57,8 @@ History items are **not excluded** by default, following both evaluations (``his
 in the evaluator's protocol; ``mask_history`` of the seqrec run, False unless the run set it).
 ``exclude_history=True`` removes the item ids of the whole given history from the candidates (also those older
 than the ``history_length`` items the model reads, which the seqrec evaluation of a ``mask_history`` run does not
-mask: its rows hold only those; item level: another item sharing a history item's title stays a candidate); for
+mask: its rows hold only those; item level: another item sharing the title of a history item given by id stays a
+candidate; a title given as a title removes all its items); for
 LLMs each history's beam is widened by the number of its distinct history titles so that ``k`` items remain
 whenever the catalogue has them, and histories are decoded in groups of equal width, so the exclusion of one
 history does not change the beam width of another.
@@ -68,9 +69,12 @@ case folding and whitespace collapsing (:func:`normalize_title`). A title that s
 or matches several distinct titles after normalisation, is an :class:`UnknownItemError` naming the
 title and its 1-based position (``on_unknown="error"``, default) or is dropped with a logged warning
 and recorded in :attr:`Recommender.last_skipped` (``on_unknown="skip"``). An id outside the catalogue
-is always an error, as is an empty history (or one whose every item was skipped). A title shared by
-several items stands for the item with the smallest id (this matters only for ID models; pass ids to
-choose).
+is always an error, as is an empty history (or one whose every item was skipped; over an ``--input`` file with
+``--on-unknown skip`` such a row gets no recommendations, is listed and counted, and the rest go on). A title
+shared by several items stands for the item with the smallest id (this matters only for ID models; pass ids to
+choose), with a logged warning, listed in :attr:`ResolvedHistory.shared_titles` and the output line's
+``shared_titles``; ``exclude_history`` then removes every item of that title (which of them the user meant is
+not known).
 
 The CLI (``llmrec recommend``) prints a table for one ``--history`` or maps ``--input`` JSONL
 (``{"history": [...], "user": ...}`` per line) to ``--output`` JSONL (``{"user": ...,
@@ -90,7 +94,7 @@ import os
 import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +106,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ON_UNKNOWN",
+    "EmptiedHistoryError",
     "HistoryError",
     "PromptFitError",
     "Recommendation",
     "Recommender",
     "ResolvedHistory",
+    "SharedTitle",
     "SkippedItem",
     "UnknownItemError",
     "normalize_title",
@@ -158,12 +164,31 @@ class SkippedItem:
         return {"position": self.position, "value": self.value, "reason": self.reason}
 
 
+@dataclass(frozen=True)
+class SharedTitle:
+    """A history title that several catalogue items carry: it stands for the smallest of ``item_ids`` (an ID
+    model reads that one; pass an id to choose another), and ``exclude_history`` removes all of them."""
+
+    position: int
+    value: str
+    item_ids: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "value": self.value, "item_ids": list(self.item_ids)}
+
+
 @dataclass
 class ResolvedHistory:
-    """A history mapped to catalogue item ids (oldest first), with the entries that were skipped."""
+    """A history mapped to catalogue item ids (oldest first), with the entries that were skipped and the
+    titles that several items share."""
 
     item_ids: list[int]
     skipped: list[SkippedItem]
+    shared_titles: list[SharedTitle] = field(default_factory=list)
+
+    def excluded_ids(self) -> set[int]:
+        """The items ``exclude_history`` removes: the history's ids, and every item of a title given in it."""
+        return set(self.item_ids).union(*(s.item_ids for s in self.shared_titles))
 
 
 class HistoryError(ValueError):
@@ -172,6 +197,14 @@ class HistoryError(ValueError):
 
 class UnknownItemError(HistoryError):
     """A title or item id that is not in the catalogue (the message names it and its position)."""
+
+
+class EmptiedHistoryError(HistoryError):
+    """A history whose every item was an unknown title skipped by ``on_unknown="skip"`` (``skipped`` lists them)."""
+
+    def __init__(self, message: str, skipped: list[SkippedItem]):
+        super().__init__(message)
+        self.skipped = skipped
 
 
 class PromptFitError(HistoryError):
@@ -197,8 +230,10 @@ class _TitleIndex:
     def __init__(self, catalog) -> None:
         self.catalog = catalog
         self.exact: dict[str, int] = {}
+        self.items: dict[str, list[int]] = {}  # title -> all its item ids, ascending
         for item_id, title in enumerate(catalog.titles, start=1):
             self.exact.setdefault(title, item_id)  # ascending ids: a shared title keeps its smallest id
+            self.items.setdefault(title, []).append(item_id)
         self.normalized: dict[str, list[str]] = {}
         for title in self.exact:
             self.normalized.setdefault(normalize_title(title), []).append(title)
@@ -391,9 +426,15 @@ class _SeqRecBackend:
 def _default_device(device: torch.device | str | None) -> torch.device:
     if device is not None:
         try:
-            return torch.device(device)
+            dev = torch.device(device)
         except RuntimeError as e:
             raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...): {e}") from None
+        # Said now, not as an assertion deep in torch after the model has loaded.
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} usable CUDA devices")
+        if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device!r}: MPS is not available on this machine")
+        return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -792,6 +833,7 @@ class Recommender:
         n = len(self.catalog)
         ids: list[int] = []
         skipped: list[SkippedItem] = []
+        shared: list[SharedTitle] = []
         for pos, value in enumerate(history, start=1):
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 if not 1 <= int(value) <= n:
@@ -805,6 +847,11 @@ class Recommender:
             item, reason = self._titles.lookup(value)
             if item is not None:
                 ids.append(item)
+                sharing = self._titles.items[self.catalog.title(item)]
+                if len(sharing) > 1:
+                    logger.warning("%sposition %d: title %r is shared by items %s; it stands for item %d (give an "
+                                   "item id to choose another)", at, pos, value, sharing, item)
+                    shared.append(SharedTitle(pos, value, sharing))
                 continue
             if on_unknown == "skip":
                 logger.warning("%sposition %d: skipping title %r: %s", at, pos, value, reason)
@@ -815,12 +862,15 @@ class Recommender:
             raise UnknownItemError(f"{at}position {pos}: title {value!r} {reason}{more} "
                                    "(on_unknown='skip' / --on-unknown skip drops such titles)")
         if not ids:
-            raise HistoryError(f"{label or 'history'}: all {len(history)} of its items were unknown titles "
-                               "and were skipped; nothing to recommend from")
-        return ResolvedHistory(ids, skipped)
+            raise EmptiedHistoryError(f"{label or 'history'}: all {len(history)} of its items were unknown titles "
+                                      "and were skipped; nothing to recommend from", skipped)
+        return ResolvedHistory(ids, skipped, shared)
 
     @staticmethod
     def _as_batch(histories: Any) -> tuple[list, bool]:
+        if hasattr(histories, "tolist") and not isinstance(histories, (str, bytes, list, tuple)):
+            # a torch tensor or numpy array of ids: iterating a tensor gives 0-d tensors, not ints
+            histories = histories.tolist()
         if isinstance(histories, (str, bytes)):
             raise TypeError("histories must be one history (a list of titles / ids) or a list of histories, "
                             "got a single string: wrap it in a list")
@@ -873,10 +923,20 @@ class Recommender:
         resolved = [self.resolve_history(h, on_unknown, label="history" if single else f"history {i}")
                     for i, h in enumerate(batch)]
         self.last_skipped = [r.skipped for r in resolved]
+        out = self.rank_resolved(resolved, k, exclude_history=exclude_history, progress=progress)
+        return out[0] if single else out
+
+    def rank_resolved(self, resolved: list[ResolvedHistory], k: int, *, exclude_history: bool | None = None,
+                      progress: bool = False) -> list[list[Recommendation]]:
+        """Top-``k`` items for histories already resolved by :meth:`resolve_history` (one list per history);
+        :meth:`recommend` is this after resolving. With ``exclude_history``, a title given in a history that
+        several items share excludes all of them (:meth:`ResolvedHistory.excluded_ids`)."""
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
         exclude = self.exclude_history if exclude_history is None else exclude_history
         kept = [r.item_ids[-self.history_length:] for r in resolved]  # what the model reads
         # Exclusion covers the whole given history, not only the part the model reads.
-        excluded = [set(r.item_ids) for r in resolved] if exclude else None
+        excluded = [r.excluded_ids() for r in resolved] if exclude else None
         starts = range(0, len(kept), self.batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -887,7 +947,7 @@ class Recommender:
             hi = lo + self.batch_size
             out.extend(self._backend.recommend(kept[lo:hi], int(k), excluded[lo:hi] if excluded else None, lo,
                                                whole_histories=[r.item_ids for r in resolved[lo:hi]]))
-        return out[0] if single else out
+        return out
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -960,17 +1020,30 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         label = "--history" if input_path is None else ""
         try:
             resolved.append(rec.resolve_history(row["history"], label=label))
+        except EmptiedHistoryError as e:
+            if input_path is None:
+                raise
+            # --on-unknown skip over a file: a row with no known item gets no recommendations, listed and
+            # counted like its skipped titles, instead of stopping the whole file at its first such row.
+            logger.warning("%s, row %d: %s", input_path, n, e)
+            resolved.append(ResolvedHistory([], e.skipped))
         except (HistoryError, TypeError) as e:
             if input_path is None:
                 raise
             raise DataFormatError(input_path, n, "history", str(e)) from None
+    usable = [i for i, r in enumerate(resolved) if r.item_ids]
+    recs: list[list[Recommendation]] = [[] for _ in resolved]
     try:
-        recs = rec.recommend([r.item_ids for r in resolved], k=args.k, progress=input_path is not None) if resolved else []
+        if usable:
+            batch = rec.rank_resolved([resolved[i] for i in usable], k=args.k, progress=input_path is not None)
+            for i, items in zip(usable, batch):
+                recs[i] = items
     except PromptFitError as e:
         if input_path is None:
             raise
-        raise DataFormatError(input_path, rows[e.index][0], "history", str(e)) from None
+        raise DataFormatError(input_path, rows[usable[e.index]][0], "history", str(e)) from None
     n_skipped = sum(len(r.skipped) for r in resolved)
+    n_emptied = len(resolved) - len(usable)
     if input_path is None and args.output is None:
         src = rec.info.get("checkpoint") or rec.info.get("model")
         print(f"top {args.k} for a history of {len(resolved[0].item_ids)} items "
@@ -978,11 +1051,16 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(_table(recs[0]))
         for s in resolved[0].skipped:
             print(f"skipped position {s.position}: {s.value!r} ({s.reason})", file=sys.stderr)
+        for t in resolved[0].shared_titles:
+            print(f"position {t.position}: title {t.value!r} is shared by items {t.item_ids} (read as item "
+                  f"{t.item_ids[0]})", file=sys.stderr)
         return 0
     lines = []
     for (_, row), r, items in zip(rows, resolved, recs):
         out: dict[str, Any] = {"recommendations": [x.to_dict() for x in items],
                                "skipped": [s.to_dict() for s in r.skipped]}
+        if r.shared_titles:  # only where it happens: the documented line shape stays as it was
+            out["shared_titles"] = [t.to_dict() for t in r.shared_titles]
         if "user" in row:
             out["user"] = row["user"]
         lines.append(dumps_line(out))
@@ -990,7 +1068,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         sys.stdout.write("".join(lines))
     else:
         atomic_write_text(args.output, "".join(lines))
-        print(f"wrote {len(lines)} lines to {args.output} (k={args.k}; {n_skipped} unknown titles skipped)")
+        print(f"wrote {len(lines)} lines to {args.output} (k={args.k}; {n_skipped} unknown titles skipped"
+              + (f"; {n_emptied} histories with no known item, given no recommendations)" if n_emptied else ")"))
     if n_skipped:
         logger.warning("skipped %d unknown history titles in %d histories (listed under 'skipped')",
                        n_skipped, sum(bool(r.skipped) for r in resolved))

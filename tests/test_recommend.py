@@ -657,3 +657,84 @@ def test_early_stopping_reaches_the_beam_search(data_dir, capsys, early_stopping
     assert main([*args, "--history", title]) == 0
     capsys.readouterr()
     assert seen == [False, True]
+
+
+# --------------------------------------------------------------------------- review 2026-12-06
+
+
+def _shared_title(catalog) -> tuple[str, list[int]]:
+    ids: dict[str, list[int]] = {}
+    for item in range(1, len(catalog) + 1):
+        ids.setdefault(catalog.title(item), []).append(item)
+    title, items = next((t, i) for t, i in ids.items() if len(i) > 1)
+    return title, items
+
+
+@pytest.mark.parametrize("kind", ["seqrec", "llm"])
+def test_a_shared_title_is_warned_listed_and_excluded_whole(kind, seqrec_run, zero_shot, caplog):
+    rec = Recommender.from_pretrained(seqrec_run) if kind == "seqrec" else zero_shot
+    title, items = _shared_title(rec.catalog)
+    other = next(i for i in range(1, len(rec.catalog) + 1) if i not in items)
+    with caplog.at_level(logging.WARNING, logger="llmrec.recommend"):
+        resolved = rec.resolve_history([other, title])
+    assert resolved.item_ids == [other, items[0]]  # the smallest id, as before
+    assert [t.to_dict() for t in resolved.shared_titles] == [{"position": 2, "value": title, "item_ids": items}]
+    assert f"title {title!r} is shared by items {items}" in caplog.text
+    everything = len(rec.catalog)
+    by_title = rec.recommend([other, title], k=everything, exclude_history=True)
+    # which of the items the user meant is not known: none of them comes back (item 4 was recommended here)
+    assert not {other, *items} & {r.item_id for r in by_title}
+    by_id = rec.recommend([other, items[0]], k=everything, exclude_history=True)
+    assert {r.item_id for r in by_id} & set(items) == set(items[1:])  # an id names one item: only it goes
+    assert rec.recommend([other, title], k=5) == rec.recommend([other, items[0]], k=5)  # no exclusion: the same
+
+
+def test_cli_lists_shared_titles_and_gives_a_row_without_known_items_no_recommendations(seqrec_run, tmp_path,
+                                                                                         capsys):
+    from llmrec.cli import main
+
+    rec = Recommender.from_pretrained(seqrec_run)
+    title, items = _shared_title(rec.catalog)
+    inp = tmp_path / "histories.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"user": "a", "history": [1, title]}, {"user": "b", "history": ["No Such Game"]},
+        {"user": "c", "history": ["Nor This", "Nor That"]}, {"user": "d", "history": [2]}]))
+    out = tmp_path / "recs.jsonl"
+    # --on-unknown skip used to stop at user b ("all 1 of its items were unknown titles"), writing nothing and
+    # never reaching user c
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), "--output", str(out),
+                 "--k", "3", "--on-unknown", "skip"]) == 0
+    assert "3 unknown titles skipped; 2 histories with no known item, given no recommendations" in capsys.readouterr().out
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["user"] for x in lines] == ["a", "b", "c", "d"]
+    assert lines[0]["shared_titles"] == [{"position": 2, "value": title, "item_ids": items}]
+    assert "shared_titles" not in lines[3]
+    assert lines[1]["recommendations"] == [] and [s["value"] for s in lines[1]["skipped"]] == ["No Such Game"]
+    assert lines[2]["recommendations"] == [] and len(lines[2]["skipped"]) == 2
+    want = rec.recommend([[1, items[0]], [2]], k=3)
+    assert [lines[0]["recommendations"], lines[3]["recommendations"]] == [[r.to_dict() for r in w] for w in want]
+    # the Python API and a single --history still refuse an emptied history
+    with pytest.raises(HistoryError, match="all 1 of its items were unknown titles"):
+        rec.recommend(["No Such Game"], on_unknown="skip")
+
+
+def test_tensor_and_array_histories_are_ids(seqrec_run):
+    import numpy as np
+
+    rec = Recommender.from_pretrained(seqrec_run)
+    want = rec.recommend([1, 2, 3], k=4)
+    # a 1-D tensor was "iteration over a 0-d tensor", a 2-D one "got Tensor tensor(1)"
+    assert rec.recommend(torch.tensor([1, 2, 3]), k=4) == want == rec.recommend(np.array([1, 2, 3]), k=4)
+    assert rec.recommend(torch.tensor([[1, 2, 3], [4, 5, 6]]), k=4) == rec.recommend([[1, 2, 3], [4, 5, 6]], k=4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unavailable_device_is_refused_before_loading(seqrec_run, capsys):
+    from llmrec.cli import main
+
+    with pytest.raises(ValueError, match="'cuda': this machine has 0 usable CUDA devices"):
+        Recommender.from_pretrained(seqrec_run, device="cuda")
+    # it was an AssertionError traceback from torch after the model had loaded
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--history", "1", "2", "--item-ids",
+                 "--device", "cuda:1"]) == 1
+    assert "usable CUDA devices" in capsys.readouterr().err
