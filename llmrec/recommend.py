@@ -859,6 +859,9 @@ class Recommender:
                 continue
             hint = self._titles.suggestions(value) if reason.startswith("is not in") else []
             more = f"; closest titles: {', '.join(repr(s) for s in hint)}" if hint else ""
+            if value.strip().isascii() and value.strip().isdigit() and 1 <= int(value) <= n:
+                # the CLI's --history 12 40 without --item-ids, or ids read from text
+                more += f"; to give item id {int(value)}, pass an int (CLI: --item-ids)"
             raise UnknownItemError(f"{at}position {pos}: title {value!r} {reason}{more} "
                                    "(on_unknown='skip' / --on-unknown skip drops such titles)")
         if not ids:
@@ -919,6 +922,7 @@ class Recommender:
         """
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        self.last_skipped = []  # a call that fails below must not leave the previous call's entries here
         batch, single = self._as_batch(histories)
         resolved = [self.resolve_history(h, on_unknown, label="history" if single else f"history {i}")
                     for i, h in enumerate(batch)]

@@ -738,3 +738,14 @@ def test_an_unavailable_device_is_refused_before_loading(seqrec_run, capsys):
     assert main(["recommend", "--checkpoint", str(seqrec_run), "--history", "1", "2", "--item-ids",
                  "--device", "cuda:1"]) == 1
     assert "usable CUDA devices" in capsys.readouterr().err
+
+
+def test_digit_titles_hint_at_ids_and_a_failed_call_leaves_no_stale_skips(seqrec_run):
+    rec = Recommender.from_pretrained(seqrec_run)
+    with pytest.raises(UnknownItemError, match=r"title '12' .*to give item id 12, pass an int \(CLI: --item-ids\)"):
+        rec.recommend(["12", 40])
+    rec.recommend([1, "No Such Game"], k=2, on_unknown="skip")
+    assert [s.value for s in rec.last_skipped[0]] == ["No Such Game"]
+    with pytest.raises(UnknownItemError):
+        rec.recommend([999999])
+    assert rec.last_skipped == []  # it kept the previous call's entries
