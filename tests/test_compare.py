@@ -111,12 +111,13 @@ def test_a_k_beyond_what_a_run_reports_is_refused(tmp_path):
     for name in ("a", "b"):
         d = tmp_path / name
         d.mkdir()
-        (d / "rankings.jsonl").write_text(json.dumps({"row": 0, "user_id": "u", "target_item_id": 1,
-                                                      "item_rank": 0, "title_rank": 0}) + "\n")
+        (d / "rankings.jsonl").write_text("".join(json.dumps({"row": r, "user_id": "u", "target_item_id": 1,
+                                                              "item_rank": r, "title_rank": r}) + "\n"
+                                                  for r in (0, 1)))
         proto = {"method": "beam", "num_beams": 10} if name == "b" else {"method": "seqrec"}
         (d / "results.json").write_text(json.dumps({"protocol": proto}))
         dirs.append(d)
-    assert compare_runs(dirs, ["ndcg@10"])["rows"] == 1
+    assert compare_runs(dirs, ["ndcg@10"])["rows"] == 2
     with pytest.raises(ValueError, match=r"b ranks 10 titles per row .*ndcg@20 would count"):
         compare_runs([dirs[0], dirs[1]], ["ndcg@10", "ndcg@20"])
 
@@ -174,13 +175,13 @@ def test_runs_sharing_part_of_their_rows_or_other_datasets_are_warned_about(tmp_
         compare_runs([part, big], ["ndcg@10"])
     assert "different datasets (data/games, data/other)" in caplog.text
     sparse = _run(tmp_path / "sparse", [])
-    with open(sparse / "rankings.jsonl", "w") as f:  # rows 0 and 9 only: one shared with the 6-row run
-        for row in (0, 9):
+    with open(sparse / "rankings.jsonl", "w") as f:  # rows 0, 1 and 9 only: two shared with the 6-row run
+        for row in (0, 1, 9):
             f.write(json.dumps({"row": row, "target_item_id": 100 + row, "item_rank": 0, "title_rank": 0}) + "\n")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
-        assert compare_runs([sparse, big], ["ndcg@10"])["rows"] == 1
-    assert "the runs share 1 of the 2 rows of the smallest run" in caplog.text
+        assert compare_runs([sparse, big], ["ndcg@10"])["rows"] == 2
+    assert "the runs share 2 of the 3 rows of the smallest run" in caplog.text
 
 
 def test_cli_output_paths_that_cannot_be_written_are_refused_first(tmp_path, capsys):
@@ -242,3 +243,24 @@ def test_lm_runs_of_other_numerics_are_warned_about(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
             compare_runs([a, b, ids], ["ndcg@10"])
         assert (want in caplog.text) if want else not caplog.records, (pa, pb, caplog.text)
+
+
+def test_one_shared_row_gives_no_bootstrap_interval(tmp_path):
+    from llmrec.evaluation.metrics import paired_bootstrap_ci
+
+    # it was a zero-width interval [-1, -1] marked excludes_zero: "significant" from one row
+    with pytest.raises(ValueError, match="at least 2 paired rows, got 1"):
+        paired_bootstrap_ci([0.0], [1.0])
+    a, b = _run(tmp_path / "a", [0]), _run(tmp_path / "b", [None])
+    with pytest.raises(ValueError, match="at least 2 paired rows"):
+        compare_runs([a, b], ["ndcg@10"])
+    assert paired_bootstrap_ci([0.0, 1.0], [1.0, 1.0])[0] == -0.5
+
+
+def test_the_power_table_says_it_sizes_the_rows_only_interval_when_seeds_are_averaged(tmp_path):
+    ranks = [[0, None, 3, None, 1, 2], [None, 0, 3, 4, None, 2], [0, 0, None, 1, 2, None], [1, None, 0, 0, 2, 5]]
+    runs = [_run(tmp_path / f"r{i}", r) for i, r in enumerate(ranks)]
+    two_seeds = comparison_table(compare_runs(runs, ["ndcg@10"], seeds_per_run=2, power_rel=[0.5]))
+    assert "for the rows-only interval with these 2 seeds per row" in two_seeds
+    one_seed = comparison_table(compare_runs(runs[:2], ["ndcg@10"], power_rel=[0.5]))
+    assert "rows-only interval" not in one_seed and "Rows a paired comparison would need" in one_seed

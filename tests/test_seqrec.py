@@ -947,3 +947,17 @@ def test_inference_bench_times_each_model_on_its_own_max_history(tmp_path, monke
                                 "h3-again": {**small, "max_history": 3}}, repeats=1)
     assert set(res) == {"h3", "h6", "h3-again"}
     assert widths == {3: {3}, 6: {6}} and loads == [3, 6]
+
+
+def test_benchmark_table_says_over_how_many_seeds_a_difference_is_paired():
+    from llmrec.seqrec.bench import benchmark_table
+
+    row = {"ndcg@10": 0.05, "hr@10": 0.1, "epoch_s": 9.0, "infer_ms_per_row": 0.4}
+    three = dict(row, seeds=3, **{f"{k}_std": 0.01 for k in row})
+    diff = {"ndcg@10_diff": 0.001, "ndcg@10_diff_lo": -0.002, "ndcg@10_diff_hi": 0.004, "paired_rows": 10}
+    one = dict(row, seeds=1, **{f"{k}_std": 0.0 for k in row}, **diff, paired_seeds=1)
+    both = dict(three, **diff, paired_seeds=3)
+    table = benchmark_table({"sasrec": three, "prl": one, "erl": both}, "t", baseline="sasrec")
+    # the NDCG@10 columns are over 3 seeds and 1; the difference only over the one seed both have
+    assert "| prl | 1 | 0.0500 (1 seed) | 0.1000 (1 seed) | +0.0010 [-0.0020, +0.0040] (1 paired seed) |" in table
+    assert "| erl | 3 | 0.0500 ± 0.0100 | 0.1000 ± 0.0100 | +0.0010 [-0.0020, +0.0040] |" in table

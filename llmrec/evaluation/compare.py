@@ -294,7 +294,10 @@ def comparison_table(result: dict) -> str:
         rels = list(power[0][2])
         text += ("\nRows a paired comparison would need to detect a true difference of the given size relative to the "
                  "baseline's mean (two-sided 5%, 80% power, per-row spread as observed here; - : no row differs or "
-                 "the baseline's mean is 0):\n\n"
+                 "the baseline's mean is 0)" + (
+                     f"; for the rows-only interval with these {result['seeds_per_run']} seeds per row: the seeds+rows "
+                     "interval also carries the spread between training runs, which no number of rows narrows"
+                     if result.get("seeds_per_run", 1) > 1 else "") + ":\n\n"
                  "| run | metric | " + " | ".join(f"{float(r) * 100:g}%" for r in rels) + " |\n|---|---|"
                  + "---|" * len(rels) + "\n")
         for m, i, rows in power:

@@ -218,6 +218,7 @@ def run_seqrec_benchmark(
                 if "ci95_seeds_rows" in d:  # two seeds or more: the training runs' spread counted too
                     row[f"{metric}_diff_seeds_rows_lo"], row[f"{metric}_diff_seeds_rows_hi"] = d["ci95_seeds_rows"]
             row["paired_rows"] = paired[model]["rows"]
+            row["paired_seeds"] = len(paired[model]["seeds"])
         summary[model] = row
     table = benchmark_table(summary, str(dataset_dir), baseline=next(iter(runs), None))
     print(table)
@@ -400,6 +401,11 @@ def benchmark_table(summary: dict[str, dict[str, float]], title: str, baseline: 
                 if "ndcg@10_diff" in r else "-")
         if "ndcg@10_diff_seeds_rows_lo" in r:
             diff += f"; seeds+rows [{r['ndcg@10_diff_seeds_rows_lo']:+.4f}, {r['ndcg@10_diff_seeds_rows_hi']:+.4f}]"
+        base_seeds = summary[baseline]["seeds"] if baseline in summary else r["seeds"]
+        if "paired_seeds" in r and r["paired_seeds"] < max(r["seeds"], base_seeds):
+            # the columns beside it are over all of each model's seeds: say over which this one is
+            n = int(r["paired_seeds"])
+            diff += f" ({n} paired seed{'s' if n > 1 else ''})"
 
         def pm(key: str, digits: int, r=r) -> str:  # one seed has no spread: say so instead of "± 0"
             return (f"{r[key]:.{digits}f} ± {r[f'{key}_std']:.{digits}f}" if r["seeds"] > 1
