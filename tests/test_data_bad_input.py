@@ -77,11 +77,11 @@ def test_amazon2018_null_ids_and_conflicting_meta_titles(tmp_path: Path):
     meta = [{"asin": "A1", "title": "Game"}, {"asin": "A2", "title": "Other"}, {"asin": "A1", "title": "Not Game"}]
     src = write_amazon2018(tmp_path / "b", reviews[:1], meta)
     raw = formats.read_amazon2018(src, "VG", min_items=1)
-    assert raw.skipped == {"meta_asin_title_conflicts_last_kept": 1}
+    assert raw.skipped == {"meta_asin_title_conflicts_last_kept": 1, "reviews_removed_by_kcore": 1}  # 1 review < 5
     # the same record twice (real meta files repeat some) is harmless
     src = write_amazon2018(tmp_path / "c", reviews[:1], meta[:2] + meta[:1])
     same = formats.read_amazon2018(src, "VG", min_items=1)
-    assert same.source["raw_meta_items"] == 2 and same.skipped == {}
+    assert same.source["raw_meta_items"] == 2 and same.skipped == {"reviews_removed_by_kcore": 1}  # no conflict
 
 
 def test_recbole_empty_user_id_is_an_error_like_csv(tmp_path: Path):

@@ -687,7 +687,9 @@ def test_amazon2018_d3_protocol(tmp_path: Path):
     assert max(len(r[1]) for split in ("train", "valid", "test") for r in rows_of(out, split)) == 10
     st = stats_of(out)
     assert st["rows"] == {"train": 44, "valid": 5, "test": 6}
-    assert st["skipped"] == {}
+    # every one of the 98 raw reviews is in the 60 kept or counted: O01/F01 outside the window, H01/X01/N01/W01
+    # without a usable title, U6 and G01 removed by the 5-core (these were not counted)
+    assert st["skipped"] == {"reviews_outside_window": 10, "reviews_item_without_usable_title": 20, "reviews_removed_by_kcore": 8}
     assert st["raw"]["users"] == 5 and st["raw"]["items"] == 12 and st["raw"]["catalog_items"] == 12
 
 
@@ -722,11 +724,12 @@ def test_amazon2018_keeps_exact_repeats_as_d3_and_counts_them(tmp_path: Path):
     with gzip.open(src / "Toys_5.json.gz", "at", encoding="utf-8") as f:
         f.write(json.dumps({"reviewerID": "U1", "asin": "A12", "unixReviewTime": BASE + 120 * DAY + HOUR}) + "\n")
     raw = formats.read_amazon2018(src, "Toys", min_items=1)
-    assert raw.skipped == {"duplicate_interactions_kept": 1}
+    assert raw.skipped == {"duplicate_interactions_kept": 1, **{"reviews_outside_window": 10, "reviews_item_without_usable_title": 20, "reviews_removed_by_kcore": 8}}
     last = [r for r in raw.rows["test"] if r.user == "U1"][-1]
     assert (last.history[-1], last.target, last.timestamp) == ("A12", "A12", BASE + 120 * DAY + HOUR)
     assert sum(len(rows) for rows in raw.rows.values()) == 56
-    assert formats.read_amazon2018(write_amazon2018(tmp_path / "clean"), "Toys", min_items=1).skipped == {}
+    assert "duplicate_interactions_kept" not in formats.read_amazon2018(write_amazon2018(tmp_path / "clean"), "Toys",
+                                                                        min_items=1).skipped
 
 
 def test_amazon2018_max_history(tmp_path: Path):

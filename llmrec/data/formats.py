@@ -714,8 +714,9 @@ def read_amazon2018(
     while True:
         lo, hi = month_ts((sy, sm)), month_ts((ey, em))
         # D3 drops only reviews after the end (ts > end): one at exactly the end's midnight is kept
-        events = [e for e in all_events if lo <= e[2] <= hi and titles.get(e[1])]
-        events = _kcore(events, kcore)
+        in_window = [e for e in all_events if lo <= e[2] <= hi]
+        titled = [e for e in in_window if titles.get(e[1])]
+        events = _kcore(titled, kcore)
         n_items = len({e[1] for e in events})
         if n_items >= min_items or lo <= earliest:
             break
@@ -742,6 +743,12 @@ def read_amazon2018(
     kept_titles = {i: titles[i] for i in items}
     window = f"{sy}-{sm}-{ey}-{em}"
     skipped = {"meta_asin_title_conflicts_last_kept": conflicts} if conflicts else {}
+    # The protocol's filters, counted for stats.json (the final window's): every raw review is in a row or here.
+    for key, n_dropped in (("reviews_outside_window", len(all_events) - len(in_window)),
+                           ("reviews_item_without_usable_title", len(in_window) - len(titled)),
+                           ("reviews_removed_by_kcore", len(titled) - len(events))):
+        if n_dropped:
+            skipped[key] = n_dropped
     repeats = len(events) - len({(u, i, ts) for u, i, ts, _ in events})
     if repeats:
         skipped["duplicate_interactions_kept"] = repeats
