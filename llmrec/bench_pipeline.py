@@ -131,7 +131,9 @@ def sft_run_differences(results: dict, args: dict, cfg: LatentSFTConfig, n_train
               "train_rows": rows, "seed": cfg.seed, "model_dtype": concrete_dtype_name(cfg.model_dtype)}
     found = {"model": recorded.get("model_name_or_path"),
              "dataset": os.path.normpath(recorded["dataset"]) if recorded.get("dataset") else recorded.get("dataset"),
-             "train_rows": results.get("num_train_rows"), "seed": args.get("seed", cfg.seed),
+             # the rows drawn (runs before 2026-12-06 recorded only those kept after skipping rows too long)
+             "train_rows": results.get("drawn_train_rows", results.get("num_train_rows")),
+             "seed": args.get("seed", cfg.seed),
              "model_dtype": recorded.get("model_dtype")}
     if args:  # recorded by every SFT run: the full config, so recipe edits are caught too
         from llmrec.config import config_differences
@@ -268,13 +270,18 @@ class PipelineOptions:
             raise ValueError("report_only and no_report exclude each other")
         # Canonical ("bf16" -> "bfloat16"), as every config records it: an alias no longer refuses finished stages.
         self.dtype = checked_dtype_name(self.dtype, "--dtype")
+        if not self.methods:
+            raise ValueError(f"methods is empty; choose from {', '.join(METHODS)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
-        if self.test_rows < 1 or self.train_rows < 1 or self.grpo_rows < 1:
-            raise ValueError("test_rows, train_rows and grpo_rows must be >= 1")
+        if self.train_rows < 1 or self.grpo_rows < 1:
+            raise ValueError("train_rows and grpo_rows must be >= 1")
+        if self.test_rows < 2:  # the report's paired bootstrap intervals need two rows (it failed after all the work)
+            raise ValueError(f"--test-rows must be >= 2 (the report's paired intervals resample rows), got "
+                             f"{self.test_rows}")
         if not self.d3_weights or not all(w > 0 for w in self.d3_weights):
             raise ValueError(f"d3_weights must be > 0 (D3 without guidance is not D3), got {self.d3_weights}")
         # The selection keys its scores and evaluation directories by f"{w:g}": a weight given twice (or two that
@@ -535,7 +542,8 @@ class Pipeline:
                     "train_lora", "num_generations", "policy_logprob", "antithetic_noise", "num_iterations", "beta",
                     "rank_candidates", "rank_negatives")
             return {k: g[k] for k in keys if g.get(k) is not None}
-        g["prompts"] = json.loads(results_file.read_text()).get("prompts")
+        res = json.loads(results_file.read_text())
+        g["prompts"] = res.get("drawn_prompts", res.get("prompts"))  # drawn, before skipping those too long
         return g
 
     def _stage_summary(self, stage: str, seed: int) -> Path:
@@ -590,7 +598,8 @@ class Pipeline:
             res = json.loads(self._find(d / "train_results.json").read_text())
             args_file = self._find(d / "training_args.json")
             args = json.loads(args_file.read_text()) if args_file.exists() else {}
-            diff = sft_run_differences(res, args, self._sft_config(stage[4:], seed), self._train_rows(), self.data_dir)
+            sft_cfg = self._sft_config(stage[4:], seed)  # its own train split (--sft train_split=...), capped there
+            diff = sft_run_differences(res, args, sft_cfg, self._train_rows(sft_cfg.train_split), self.data_dir)
             found, wanted = {k: f for k, (f, _) in diff.items()}, {k: w for k, (_, w) in diff.items()}
         elif stage == "grpo_latent":
             from llmrec.training.finished_runs import grpo_start_differences
@@ -605,8 +614,9 @@ class Pipeline:
                     if rec.get("sft_checkpoint"):
                         rec["sft_checkpoint"] = self._moved(rec["sft_checkpoint"], args["output_dir"], stage, seed)
             wanted = {"sft_checkpoint": os.path.normpath(self.stage_dir("sft_latent", seed)), **o.grpo_overrides}
-            if o.grpo_stage == "grpo_latent" or seed > 0:
-                wanted["prompts"] = self._grpo_prompts(seed)
+            # every seed's run, seed 0's in a --grpo-stage of its own (a sweep's) too: the seeds' mean is over runs
+            # that drew the same number of prompts (a sweep's run of 8 was averaged with seeds of --grpo-rows 4)
+            wanted["prompts"] = self._grpo_prompts(seed)
             if g.get("model_dtype") is not None:  # recorded by every run since GRPO wrote its own training args
                 wanted["model_dtype"] = o.dtype
             found = {"prompts": g.get("prompts"), **{k: g.get(k) for k in wanted if k != "prompts"}}
@@ -903,12 +913,12 @@ class Pipeline:
         cfg = self._eval_config(method, seed, "test", None, self.d3_weight(method, seed) if method.endswith("+d3")
                                 else None, d)
         bad = eval_protocol_differences(proto, cfg)
-        if found == d:
-            # The weights are on disk here: a stage retrained since the evaluation (same path, other weights) makes
-            # it another model's result, which the evaluator would refuse too.
-            bad |= {f"{name} weights": (recorded[:12], now[:12])
-                    for name, (recorded, now) in _evaluated_weights(proto, cfg).items()
-                    if recorded is not None and now is not None and recorded != now}
+        # Where the stage's weights are on disk here: a stage retrained since the evaluation (same path, other
+        # weights) makes it another model's result, which the evaluator would refuse too. An archived evaluation
+        # as well: beside a retrained stage it was reported as that stage's result (review).
+        bad |= {f"{name} weights": (recorded[:12], now[:12])
+                for name, (recorded, now) in _evaluated_weights(proto, cfg).items()
+                if recorded is not None and now is not None and recorded != now}
         if bad:
             details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in bad.items())
             remedy = (f"remove it from {self.archive_dir}" if found != d else "remove it")
@@ -1412,6 +1422,10 @@ def _weights(text: str) -> list[float]:
 
 
 def options_from_args(args: argparse.Namespace) -> PipelineOptions:
+    if args.methods is not None and not args.methods.strip(" ,"):
+        # "" selected every method (hours of work) and "," none (failing only at the end)
+        raise ValueError(f"--methods {args.methods!r} names no method; leave it out for all of them, or choose from "
+                         f"{','.join(METHODS)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
     return PipelineOptions(
         dataset=args.dataset, model=args.model, seeds=args.seeds, methods=methods, output_dir=args.output_dir,

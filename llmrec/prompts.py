@@ -63,9 +63,19 @@ class PromptTemplate:
             meta = yaml.safe_load(head) or {}
         except yaml.YAMLError as e:
             raise PromptError(f"{path}: bad front matter ({e})") from None
+        if not isinstance(meta, dict):
+            raise PromptError(f"{path}: the front matter must be key: value lines")
         unknown = set(meta) - TEMPLATE_KEYS
         if unknown:
             raise PromptError(f"{path}: unknown front matter keys {sorted(unknown)}")
+        not_text = sorted(k for k, v in meta.items() if not isinstance(v, str))
+        if not_text:  # `completion: null` loaded and failed later with an AttributeError
+            raise PromptError(f"{path}: front matter {not_text} must be text (quote it)")
+        for key in ("history_item", "completion"):
+            # a typo such as {titel} made every history item, or every answer, the same literal text: the model
+            # trained on it without a word
+            if key in meta and "{title}" not in meta[key]:
+                raise PromptError(f"{path}: {key} {meta[key]!r} has no {{title}} placeholder")
         if "{history}" not in body:
             raise PromptError(f"{path}: the body has no {{history}} placeholder")
         tpl = cls(

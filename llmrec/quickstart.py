@@ -68,7 +68,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         from llmrec.data.canonical import atomic_write_text
 
         atomic_write_text(out / "results.md", table)
-        print(f"== results ({args.rows} test rows of {args.dataset}, item-level matching)")
+        rows = results[0]["protocol"].get("rows", args.rows)  # a split with fewer rows than --rows: all of them
+        print(f"== results ({rows} test rows of {args.dataset}, item-level matching)")
         print(table, end="")
     return 0
 

@@ -651,7 +651,8 @@ class Recommender:
             num_beams: LLM beam width (default ``k``; never fewer than ``k``, nor more than the catalogue's
                 distinct titles). Fix it (e.g. to the evaluation's ``num_beams``) for rankings that do not
                 depend on ``k``.
-            length_penalty: LLM beam score = log-prob sum / length**length_penalty (default 1.0).
+            length_penalty: LLM beam score = log-prob sum / length**length_penalty (default 1.0; between -10 and
+                10).
             early_stopping: transformers' beam-search flag, as ``llmrec evaluate --early_stopping`` (default True;
                 False is ``generate``'s default, which the papers' code ran).
             use_chat_template: wrap LLM prompts in the tokenizer's chat template (default False).
@@ -673,9 +674,12 @@ class Recommender:
         """
         if on_unknown not in ON_UNKNOWN:
             raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
-        if length_penalty is not None and not math.isfinite(float(length_penalty)):
-            # NaN beam scores rank titles arbitrarily (an empty list); inf makes every score -0.0
-            raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
+        if length_penalty is not None:
+            from llmrec.decoding.beam_search import check_length_penalty
+
+            # NaN beam scores rank titles arbitrarily (an empty list), inf makes every score -0.0, and beyond
+            # |10| the length normaliser overflows (700) or empties the rankings (-700)
+            check_length_penalty(length_penalty)
         if guidance_checkpoint is not None:
             if guidance_weight is None:
                 raise ValueError("guidance_checkpoint needs guidance_weight (the D3 weight selected on validation)")

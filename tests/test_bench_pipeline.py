@@ -221,6 +221,13 @@ def test_seed_0_in_a_grpo_stage_of_its_own_may_come_from_a_sweep(report, tmp_pat
     assert run(2) == 0  # both seeds follow seed 0's run, not the recipe edited since
     assert run(2, "learning_rate=3e-4") == 1  # a --grpo key is asked of every seed
     assert "grpo_sweep holds a finished run made with learning_rate=0.0002 (asked: 0.0003)" in capsys.readouterr().err
+    # and its prompts: seed 0's 4 were averaged with seeds drawing --grpo-rows 3 (review)
+    args = _args(data, tmp_path / "x" / "..", seeds=1, grpo_stage="grpo_sweep", recipes=recipes)
+    args[args.index("--methods") + 1] = "latent-sft+grpo"
+    args[args.index("--grpo-rows") + 1] = "3"
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "grpo_sweep holds a finished run made with prompts=4 (asked: 3)" in err and "seed1" not in err
 
 
 def test_sft_fields_a_run_did_not_record_or_that_act_only_on_resume(report, capsys):
@@ -386,6 +393,19 @@ def test_report_only_and_bad_options(report, tmp_path):
         PipelineOptions(methods=["sasrec", "bert4rec"])
     with pytest.raises(ValueError, match="d3_weights"):
         PipelineOptions(d3_weights=[1.0, 0])
+    # one test row: accepted, then the report's bootstrap failed after every stage had run (review)
+    with pytest.raises(ValueError, match="--test-rows must be >= 2"):
+        PipelineOptions(test_rows=1)
+    # "" selected every method, "," none (failing at the end) (review)
+    import argparse
+
+    from llmrec.bench_pipeline import options_from_args
+
+    for empty in ("", ",", " , "):
+        with pytest.raises(ValueError, match="names no method"):
+            options_from_args(argparse.Namespace(methods=empty))
+    with pytest.raises(ValueError, match="methods is empty"):
+        PipelineOptions(methods=[])
     from llmrec.bench_pipeline import _weights
 
     assert _weights("0.3, 1,3") == [0.3, 1.0, 3.0]
@@ -527,6 +547,28 @@ def test_archive_lets_another_checkout_report_and_skip_finished_methods(report, 
     assert after["differences"] == before["differences"]
     assert after["protocol"]["grpo_settings"] == before["protocol"]["grpo_settings"]
     assert after["protocol"]["llm_train_rows"] == before["protocol"]["llm_train_rows"]
+
+
+def test_an_archived_evaluation_beside_a_retrained_stage_is_refused(report, tmp_path, capsys):
+    """The run directory's sft_latent holds other weights than those its archived evaluation decoded (retrained):
+    the archived result was skipped to and reported as that stage's (review); now refused, naming the weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmrec.cli import main
+
+    root, data = report
+    shutil.copytree(root / "results", tmp_path / "results")
+    shutil.copytree(root / "runs" / "sft_latent", tmp_path / "runs" / "sft_latent")
+    f = tmp_path / "runs" / "sft_latent" / "adapter_model.safetensors"
+    save_file({k: v + 0.5 for k, v in load_file(str(f)).items()}, str(f))
+    args = _args(data, tmp_path)
+    args[args.index("--methods") + 1] = "latent-sft"
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "an archived evaluation of latent-sft (seed 0)" in err and "checkpoint weights" in err
 
 
 def test_two_processes_on_one_output_dir_share_a_stage_instead_of_training_it_twice(tmp_path, monkeypatch):
@@ -745,7 +787,8 @@ def test_grpo_prompts_are_capped_at_the_rows_it_can_draw(report):
     f = root / "runs" / "grpo_latent" / "grpo_results.json"
     saved = f.read_text()
     try:
-        f.write_text(json.dumps({**json.loads(saved), "prompts": n_train}))  # as a run with --grpo-rows >= n_train
+        # as a run with --grpo-rows >= n_train
+        f.write_text(json.dumps({**json.loads(saved), "prompts": n_train, "drawn_prompts": n_train}))
         _fixture_pipeline(root, data, grpo_rows=n_train + 24)._check_finished("grpo_latent", 0)
         with pytest.raises(ValueError, match=rf"prompts={n_train} \(asked: 4\)"):
             _fixture_pipeline(root, data)._check_finished("grpo_latent", 0)
@@ -1046,3 +1089,20 @@ def test_seed0_grpo_accelerator_config_is_not_copied_to_later_seeds(tmp_path):
     (d / "grpo_results.json").write_text(json.dumps({"prompts": 64}))
     assert "accelerator_config" not in p._grpo_settings(0, for_training=True)
     assert not p._grpo_config(1).accelerator_config.split_batches
+
+
+def test_an_sft_on_another_split_is_capped_at_that_split_s_rows(report, tmp_path, capsys):
+    """``--sft train_split=valid`` with ``--train-rows`` above the valid split's rows: the stage trains on every
+    valid row, and its check capped --train-rows at the train split's rows instead, refusing the stage it had just
+    trained (the report failed, and every rerun) (review)."""
+    from llmrec.cli import main
+
+    _, data = report
+    n_valid = json.loads((data / "stats.json").read_text())["rows"]["valid"]
+    args = _args(data, tmp_path) + ["--sft", "train_split=valid"]
+    args[args.index("--methods") + 1] = "bigrec-sft"
+    args[args.index("--train-rows") + 1] = str(n_valid + 6)
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "runs" / "sft_bigrec" / "train_results.json").read_text())["num_train_rows"] \
+        == n_valid
+    assert main(args) == 0

@@ -268,6 +268,80 @@ def test_search_from_custom_prompt_state(tiny):
             assert a == pytest.approx(b, abs=1e-4)
 
 
+def test_non_finite_logits_are_an_error_naming_the_rows_and_step(tiny):
+    """One NaN or +inf logit anywhere in a row's vocabulary (a float16 overflow; here even at tokens the trie does
+    not allow) made that row's normaliser non-finite: every candidate dropped out and the row returned no title,
+    which the evaluator counted as a miss. Now an error naming the rows and the step; masked (-inf) logits are fine."""
+    model, tok = tiny
+    titles, ids = random_catalogue(0, 20)
+    trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
+    input_ids, mask = encode(tok, PROMPTS)
+    state = prefill_prompts(model, input_ids, mask)
+    first = set(trie.child_tokens[: int(trie.child_ptr[1])].tolist())  # the tokens a title may start with
+    outside = next(t for t in range(len(tok)) if t not in first)
+    state.next_token_logits = state.next_token_logits.clone()
+    state.next_token_logits[1, outside] = float("inf")
+    state.next_token_logits[2, outside] = float("nan")
+    with pytest.raises(ValueError, match=r"prompt row\(s\) \(0-based\) 1, 2 at decoding step 0: .*"
+                                                   r"bfloat16 or float32 instead of float16"):
+        constrained_beam_search_from_state(model, trie, state, num_beams=4)
+
+    # ...at a later step too: the first beam (prompt row 0) gets a NaN logit at step 1
+    class Poisoned(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            out = self.inner(**kw)
+            out.logits[0, -1, outside] = float("nan")
+            return out
+
+    with pytest.raises(ValueError, match=r"prompt row\(s\) \(0-based\) 0 at decoding step 1"):
+        constrained_beam_search_from_state(Poisoned(model), trie, prefill_prompts(model, input_ids, mask), num_beams=4)
+
+    # Masked logits: every token a title cannot start with at -inf leaves the search as it was (length_penalty 0:
+    # the row's scores all move by the same constant)
+    want = constrained_beam_search(model, trie, input_ids, mask, num_beams=4, length_penalty=0.0)
+    state = prefill_prompts(model, input_ids, mask)
+    keep = torch.zeros(len(tok), dtype=torch.bool)
+    keep[sorted(first)] = True
+    state.next_token_logits = state.next_token_logits.float().masked_fill(~keep, float("-inf"))
+    got = constrained_beam_search_from_state(model, trie, state, num_beams=4, length_penalty=0.0)
+    assert [g.title_ranking for g in got] == [w.title_ranking for w in want] and all(g.title_ranking for g in got)
+
+
+def test_draw_token_refuses_non_finite_probabilities():
+    """With a NaN (or +inf) logit among the allowed tokens the inverse CDF silently picked the last token; only a
+    caller that discards the draw asks for it now."""
+    from llmrec.decoding.sampling import draw_token
+
+    allowed = torch.tensor([0, 1, 2, 3])
+    for bad in ([float("nan")] * 4, [0.0, float("inf"), 0.0, 0.0], [float("-inf")] * 4):
+        with pytest.raises(ValueError, match="not finite.*bfloat16 or float32"):
+            draw_token(torch.tensor(bad), allowed, 0.1, 1.0)
+    # the placeholder a caller that discards such draws asks for (generation-mode GRPO skips the group)
+    assert draw_token(torch.tensor([float("nan")] * 4), allowed, 0.1, 1.0, allow_non_finite=True) == 3
+    # masked tokens are not drawn, and the others are drawn as before
+    assert draw_token(torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0]), allowed, 0.1, 1.0) == 1
+    assert draw_token(torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0]), allowed, 0.9, 1.0) == 3
+
+
+@pytest.mark.parametrize("length_penalty", [700.0, -700.0, 10.5, float("nan")])
+def test_a_length_penalty_beyond_ten_is_refused(tiny, length_penalty):
+    """At 700, ``L ** length_penalty`` overflowed (OverflowError); at -700 every score became -inf (empty rankings)."""
+    model, tok = tiny
+    titles, ids = random_catalogue(0, 20)
+    trie = TitleTrie(tok, titles, ids, context_prefix=PREFIX)
+    input_ids, mask = encode(tok, PROMPTS)
+    with pytest.raises(ValueError, match=r"length_penalty must be (between -10 and 10|a finite number)"):
+        constrained_beam_search(model, trie, input_ids, mask, num_beams=4, length_penalty=length_penalty)
+    for edge in (10.0, -10.0):  # the bounds themselves rank every row in full
+        out = constrained_beam_search(model, trie, input_ids, mask, num_beams=4, length_penalty=edge)
+        assert all(len(o.title_ranking) == 4 for o in out)
+        assert all(s > float("-inf") for o in out for _, s in o.hypotheses)
+
+
 def test_prefill_rejects_right_padding(tiny):
     model, tok = tiny
     input_ids, mask = encode(tok, PROMPTS)

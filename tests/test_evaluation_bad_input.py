@@ -126,6 +126,9 @@ def test_an_unknown_tokenization_fails_before_anything_is_written(prepared_dir, 
         _config(prepared_dir, tmp_path / "ev", tokenization="sep")
     with pytest.raises(ValueError, match="length_penalty"):
         _config(prepared_dir, tmp_path / "ev", length_penalty=float("nan"))
+    for extreme in (700.0, -700.0):  # an OverflowError in the search / every row's ranking empty
+        with pytest.raises(ValueError, match="length_penalty must be between -10 and 10"):
+            _config(prepared_dir, tmp_path / "ev", length_penalty=extreme)
     assert not (tmp_path / "ev").exists()
 
 
@@ -190,6 +193,88 @@ def test_a_zero_shot_result_of_an_older_converted_copy_is_not_returned(prepared_
     with pytest.raises(ValueError, match=r"different protocol \(backbone_conversion_version=None \(here 2\)\)"):
         evaluate(_config(prepared_dir, out))
     assert evaluate(_config(prepared_dir, tmp_path / "zs2"))["protocol"]["backbone_conversion_version"] == 2
+
+
+def test_rankings_over_a_catalogue_prepared_again_are_not_reused(prepared_dir, tmp_path):
+    """The fingerprint names the dataset directory: a catalogue prepared again in place (other titles, the same split
+    rows) passed the row checks, and finished or partial rankings over the old titles were reused. Now refused by the
+    catalogue's recorded SHA-256; results recorded before it was are not compared."""
+    import hashlib
+
+    from conftest import make_titles
+
+    from llmrec.data.catalog import ItemCatalog
+
+    out = tmp_path / "pop"
+    catalog = prepared_dir / "catalog.jsonl"
+
+    def run() -> dict:
+        return evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+
+    first = run()
+    original = catalog.read_bytes()
+    ItemCatalog([str(i) for i in range(1, 31)], [f"Renamed {t}" for t in make_titles(30)]).save(catalog)
+    with pytest.raises(ValueError, match=r"results\.json: the finished evaluation was ranked over another catalogue "
+                                         r"than .*catalog\.jsonl holds now .*prepared again since; remove"):
+        run()
+    assert first["catalog_sha256"] == hashlib.sha256(original).hexdigest()  # recorded beside the fingerprint
+    (out / "results.json").unlink()  # a partial evaluation: protocol.json and the part files
+    with pytest.raises(ValueError, match=r"rankings: the partial evaluation was ranked over another catalogue"):
+        run()
+    catalog.write_bytes(original)
+    assert run()["metrics"] == first["metrics"]  # the same catalogue: resumed
+    recorded = json.loads((out / "results.json").read_text())
+    del recorded["catalog_sha256"]  # finished before the digest was recorded
+    (out / "results.json").write_text(json.dumps(recorded))
+    ItemCatalog([str(i) for i in range(1, 31)], [f"Renamed {t}" for t in make_titles(30)]).save(catalog)
+    assert run() == recorded
+
+
+def _drop(name: str):
+    return lambda rec: {k: v for k, v in rec.items() if k != name}
+
+
+def _set(name: str, value):
+    return lambda rec: {**rec, name: value}
+
+
+@pytest.mark.parametrize("damage,field", [(_drop("row"), "row"), (_set("row", "1"), "row"),
+                                          (_drop("user_id"), "user_id"), (_set("target_item_id", "5"),
+                                                                          "target_item_id"),
+                                          (_set("item_rank", "3"), "item_rank"), (_drop("title_rank"), "title_rank"),
+                                          (_set("item_ranking", None), "item_ranking")])
+def test_a_damaged_record_of_a_finished_or_partial_run_names_the_file_line_and_field(prepared_dir, tmp_path, damage,
+                                                                                      field):
+    """A damaged record in a finished rankings.jsonl or a resume part file was a bare KeyError / TypeError (or
+    passed, to fail in the metrics), naming neither the file nor the line."""
+    from llmrec.data.canonical import DataFormatError
+
+    out = tmp_path / "pop"
+    evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+    lines = (out / "rankings.jsonl").read_text().splitlines(keepends=True)
+    bad = json.dumps(damage(json.loads(lines[1]))) + "\n"
+    (out / "rankings.jsonl").write_text(lines[0] + bad + "".join(lines[2:]))
+    with pytest.raises(DataFormatError, match=rf"rankings\.jsonl, row 2, field '{field}': expected .*remove "):
+        evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+    (out / "results.json").unlink()  # resumed from the part files: one damaged on its third line
+    for part in (out / "rankings").glob("part-*.jsonl"):
+        part.unlink()
+    (out / "rankings" / "part-0.jsonl").write_text(lines[0] + "\n" + bad)
+    with pytest.raises(DataFormatError, match=rf"part-0\.jsonl, row 3, field '{field}': .*remove this part file"):
+        evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+
+
+def test_bytes_that_are_not_utf8_in_a_part_file_name_the_file_and_line(prepared_dir, tmp_path):
+    """A bare UnicodeDecodeError before."""
+    from llmrec.data.canonical import DataFormatError
+
+    out = tmp_path / "pop"
+    evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
+    lines = (out / "rankings.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "results.json").unlink()
+    (out / "rankings" / "part-0.jsonl").write_bytes(lines[0] + lines[1].replace(b'"user_id":"', b'"user_id":"\xff'))
+    with pytest.raises(DataFormatError, match=r"part-0\.jsonl, row 2: bytes that are not UTF-8"):
+        evaluate(_config(prepared_dir, out, method="popularity", max_rows=0))
 
 
 def test_output_and_option_mistakes_are_named_before_any_work(prepared_dir, tmp_path):

@@ -391,3 +391,66 @@ def test_numeric_settings_are_floats_whatever_number_type_is_given(prepared_dir,
     with pytest.raises(ValueError, match="guidance_weight must be a number"):
         tiny_config(prepared_dir, tmp_path / "x", guidance_weight="1")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_dataset_given_as_a_relative_or_absolute_path_is_one_protocol(prepared_dir, tmp_path, monkeypatch):
+    """The protocol names the dataset as it was given: `data` and its absolute path gave two fingerprints, so a
+    finished or partial evaluation of one dataset was "a different protocol" under the other spelling. Now compared
+    by resolved path, the recorded spelling and fingerprint kept; another directory is still another protocol."""
+    import shutil
+
+    monkeypatch.chdir(prepared_dir.parent)
+    out = tmp_path / "pop"
+
+    def run(dataset: str) -> dict:
+        return evaluate(tiny_config(Path(dataset), out, method="popularity"))
+
+    first = run(prepared_dir.name)
+    assert first["protocol"]["dataset"] == prepared_dir.name
+    assert run(str(prepared_dir)) == first  # finished: reused as it is
+    (out / "results.json").unlink()  # a partial evaluation (protocol.json and the part files are left)
+    again = run(str(prepared_dir.resolve()))
+    assert (again["fingerprint"], again["protocol"], again["metrics"]) == (first["fingerprint"], first["protocol"],
+                                                                          first["metrics"])
+    assert json.loads((out / "protocol.json").read_text())["fingerprint"] == first["fingerprint"]
+    copy = shutil.copytree(prepared_dir, tmp_path / "copy")
+    with pytest.raises(ValueError, match=r"holds results of a different protocol \(dataset='data'"):
+        run(str(copy))
+
+
+def test_a_finished_run_without_results_md_gets_it_written_again(prepared_dir, tmp_path, capsys):
+    """`llmrec evaluate` on a finished run prints its results.md: a missing one was a FileNotFoundError."""
+    from llmrec.cli import main
+
+    args = ["evaluate", "--dataset", str(prepared_dir), "--method", "popularity", "--ks", "1", "5",
+            "--output_dir", str(tmp_path / "pop")]
+    assert main(args) == 0
+    table = (tmp_path / "pop" / "results.md").read_text()
+    capsys.readouterr()
+    (tmp_path / "pop" / "results.md").unlink()
+    assert main(args) == 0
+    assert (tmp_path / "pop" / "results.md").read_text() == table
+    assert table in capsys.readouterr().out
+
+
+def test_non_finite_logits_stop_the_evaluation_naming_the_split_rows(prepared_dir, tmp_path, monkeypatch):
+    """A NaN logit (a float16 overflow) gave its row an empty ranking, recorded as a miss; now an error naming the
+    split's rows."""
+    import llmrec.models.checkpoint as checkpoint
+
+    real = checkpoint.load_for_inference
+
+    def poisoned(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+
+        def overflow(module, args, kwargs, output):  # the prefill of a batch's second prompt overflows
+            if kwargs["input_ids"].shape[1] > 1:
+                output.logits[1, -1, 0] = float("nan")
+
+        model.register_forward_hook(overflow, with_kwargs=True)
+        return model, tokenizer
+
+    monkeypatch.setattr(checkpoint, "load_for_inference", poisoned)
+    with pytest.raises(ValueError, match=r"test\.jsonl row\(s\) \(0-based\) 1 at decoding step 0"):
+        evaluate(tiny_config(prepared_dir, tmp_path / "ev", batch_size=3))
+    assert not (tmp_path / "ev" / "results.json").exists()

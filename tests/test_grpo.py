@@ -124,6 +124,29 @@ def test_non_finite_group_is_skipped(mode):
     assert torch.isfinite(adv).all()
 
 
+def test_batch_advantage_of_a_huge_but_finite_reward_is_not_zeroed():
+    """||A|| squared its entries: one member ~1e200 off the baseline made it inf and every advantage 0."""
+    r = torch.tensor([[-50.0, -40.0, -60.0, -1e200], [-30.0, -20.0, -35.0, -25.0]], dtype=torch.float64)
+    adv, valid = compute_advantages(r, "batch")
+    assert valid.all()
+    a = r - r[:, 0].mean()
+    assert torch.allclose(adv, a / (a / 1e200).norm() / 1e200)  # the huge member -> ~-1, the others ~1e-199
+    assert adv[0, 3] == pytest.approx(-1.0) and bool((adv[1] != 0).all())
+
+
+@pytest.mark.parametrize("mode", ["batch", "group"])
+def test_a_group_whose_advantages_would_overflow_is_skipped(mode):
+    r = torch.tensor([[-1.7e308, 1.7e308], [1.0, 3.0], [2.0, 2.5]], dtype=torch.float64)  # differences: inf
+    adv, valid = compute_advantages(r, mode)
+    assert valid.tolist() == [False, True, True] and torch.isfinite(adv).all()
+    assert adv[0].tolist() == [0.0, 0.0]
+    assert torch.allclose(adv[1:], compute_advantages(r[1:], mode)[0])
+    # rewards up to 1e300 apart: a group std that squared them overflowed, NaN advantages in a "valid" group
+    r = torch.tensor([[-1e300, 1e300, 0.0], [1.0, 3.0, 2.0]], dtype=torch.float64)
+    adv, valid = compute_advantages(r, mode)
+    assert valid.all() and torch.isfinite(adv).all() and adv[0, 1] > 0 > adv[0, 0]
+
+
 def test_advantage_errors():
     with pytest.raises(ValueError, match="advantage mode"):
         compute_advantages(torch.zeros(2, 2), "nope")
@@ -180,6 +203,22 @@ def test_popularity_candidates_follow_the_weights():
 
 
 # ------------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(rank_chunk_rows=0), "rank_chunk_rows"),
+    (dict(reward_weights=[float("nan")]), "reward_weights must be finite"),
+    (dict(beta=-0.5), "beta"),
+    (dict(epsilon=1.5), "epsilon must be"),
+    (dict(epsilon_high=-0.1), "epsilon_high"),
+    (dict(max_length=0), "max_length"),
+])
+def test_config_values_refused_at_start(tmp_path, kw, match):
+    """Accepted before, then failing after the model loaded (rank_chunk_rows), training nothing (a NaN weight),
+    silently dropping the KL (beta < 0), a negative clip bound, or a max_length 0 silently taken as the SFT's."""
+    with pytest.raises(ConfigError, match=match):
+        LatentGRPOConfig(output_dir=str(tmp_path / "o"), sft_checkpoint=str(tmp_path / "s"), num_generations=4,
+                         per_device_train_batch_size=4, **kw)
 
 
 def test_config_errors(tmp_path):
@@ -810,6 +849,47 @@ def test_non_finite_gradient_skips_the_update_and_backs_off_the_loss_scale(tmp_p
     assert all(torch.isfinite(v).all() for v in states[1].values())
     if scaled:
         assert trainer.accelerator.scaler.get_scale() == 512.0
+
+
+def test_a_resumed_run_keeps_the_loss_scale(tmp_path, sft_dir, monkeypatch):
+    """The GradScaler's state is in the checkpoint: a resumed fp16 run restarted at the initial scale (review)."""
+    import accelerate
+
+    sft, _, _ = sft_dir
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    scales = {}
+
+    def run(name: str, stop_at: int | None = None) -> None:
+        trainer = LatentGRPOTrainer(grpo_config(tmp_path / name, sft, max_steps=3, save_steps=1, max_grad_norm=0.0))
+        real_loss = trainer._loss
+
+        def overflow_first(b):
+            loss, s = real_loss(b)
+            return (loss * float("inf") if trainer.global_step == 0 else loss), s
+
+        def record(tr, stats):
+            scales.setdefault(name, []).append(tr.accelerator.scaler.get_scale())
+            if tr.global_step == stop_at:
+                raise _Stop
+
+        trainer._loss = overflow_first
+        trainer.callbacks.append(record)
+        if stop_at is None:
+            trainer.train()
+        else:
+            with pytest.raises(_Stop):
+                trainer.train()
+
+    run("full")
+    run("cut", stop_at=1)
+    run("cut")
+    assert scales["full"] == [512.0, 512.0, 512.0] and scales["cut"] == scales["full"]
 
 
 @pytest.mark.parametrize("kw", [
@@ -1650,3 +1730,30 @@ def test_prompts_left_out_of_each_epoch_are_logged(tmp_path, sft_dir, caplog):
     with caplog.at_level(logging.INFO, logger="llmrec.training.grpo"):
         LatentGRPOTrainer(grpo_config(tmp_path / "b", sft, max_train_rows=8))
     assert "left out" not in caplog.text
+
+
+def test_a_finished_run_is_compared_by_the_prompts_it_drew_not_those_that_fit(tmp_path, sft_dir):
+    """Rows whose answer does not fit max_length are skipped after the draw: an identical rerun is reused (it was
+    refused: the prompts kept were compared with the rows asked), and a run asking for as many rows as the first
+    one kept is refused (it draws another subset; it was reused)."""
+    sft, data, _ = sft_dir
+    base = dict(max_steps=1, max_length=138, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    res = run_grpo(grpo_config(tmp_path / "all", sft, **base))
+    assert res["prompts"] < res["drawn_prompts"] == json.loads((data / "stats.json").read_text())["rows"]["train"]
+    assert run_grpo(grpo_config(tmp_path / "all", sft, **base))["train_seconds_this_run"] == \
+        res["train_seconds_this_run"]
+    part = run_grpo(grpo_config(tmp_path / "part", sft, max_train_rows=12, **base))
+    assert part["drawn_prompts"] == 12
+    kept = part["prompts"]
+    assert kept < 12, "max_length=138 must skip a row of this subset for the test to mean anything"
+    with pytest.raises(ValueError, match=rf"prompts=12 \(asked: {kept}\)"):
+        run_grpo(grpo_config(tmp_path / "part", sft, max_train_rows=kept, **base))
+
+
+def test_a_finished_run_drawn_without_the_sft_rows_is_reused_on_an_identical_rerun(tmp_path, sft_dir):
+    sft, _, _ = sft_dir
+    cfg = dict(max_steps=1, exclude_sft_rows=True, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    res = run_grpo(grpo_config(tmp_path / "g", sft, **cfg))
+    assert run_grpo(grpo_config(tmp_path / "g", sft, **cfg))["train_seconds_this_run"] == res["train_seconds_this_run"]
+    with pytest.raises(ValueError, match=r"prompts=\d+ \(asked: 3\)"):
+        run_grpo(grpo_config(tmp_path / "g", sft, max_train_rows=3, **cfg))

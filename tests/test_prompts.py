@@ -196,6 +196,12 @@ def test_a_template_with_windows_line_endings_reads_as_with_plain_ones(tmp_path:
         ("---\ncolour: red\n---\n{history}", r"unknown front matter keys \['colour'\]"),
         ("---\ndescription: x\n---\nno placeholder", "no {history} placeholder"),
         ("---\nanswer_prefix: 'Out: '\n---\n{history}\nIn: ", "does not end with answer_prefix"),
+        # a typo'd placeholder made every answer / history item one literal text, trained on silently (review)
+        ("---\ncompletion: '\"{titel}\"'\n---\n{history}", r"completion .* has no \{title\} placeholder"),
+        ("---\nhistory_item: '{name}'\n---\n{history}", r"history_item .* has no \{title\} placeholder"),
+        ("---\ncompletion: null\n---\n{history}", r"\['completion'\] must be text"),
+        ("---\nhistory_item: 5\n---\n{history}", r"\['history_item'\] must be text"),
+        ("---\n- a list\n---\n{history}", "must be key: value lines"),
     ],
 )
 def test_bad_template_files(tmp_path: Path, text: str, message: str):

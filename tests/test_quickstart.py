@@ -29,6 +29,7 @@ def test_quickstart_tiny_end_to_end_and_rerun(finished):
     argv, out, text = finished
     for stage in ("== latent SFT", "== latent GRPO", "== evaluate: sft_latent", "== evaluate: grpo_latent"):
         assert stage in text, stage
+    assert "== results (4 test rows of" in text  # the rows evaluated (the protocol's), not --rows as asked
     table = (out / "results.md").read_text()
     assert table.count("\n| ") >= 4  # popularity, zero-shot, latent SFT, latent SFT + GRPO
     for name in ("eval_popularity", "eval_zero_shot", "eval_sft_latent", "eval_grpo_latent"):

@@ -523,6 +523,13 @@ def test_cli_output_that_is_a_directory_is_refused_before_recommending(seqrec_ru
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("length_penalty", [700.0, -700.0])
+def test_an_extreme_length_penalty_is_refused_before_loading(tmp_path, length_penalty):
+    """At 700 the beam search overflowed (OverflowError); at -700 every recommendation list came back empty."""
+    with pytest.raises(ValueError, match="length_penalty must be between -10 and 10"):
+        Recommender.from_pretrained(tmp_path / "not-loaded", length_penalty=length_penalty)
+
+
 def test_llm_k_beyond_the_catalogue_does_not_widen_the_beam_past_its_titles(zero_shot, monkeypatch):
     """A beam wider than the number of distinct titles finds nothing more (every title is already kept), but its
     buffers grow with the width: ``k=10**9`` asked for gigabytes per history. The beam is capped at the titles;

@@ -166,6 +166,20 @@ def test_resume_matches_uninterrupted(tmp_path, prepared_dir):
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-4)
 
 
+def test_the_mean_train_loss_of_a_run_resumed_between_two_logs_is_unknown():
+    """Resumed at step 3 with logs every 2 steps: the step-4 log averages step 4 only, and step 3's loss is in no
+    log; weighting that log by 2 steps gave a wrong train_loss (review). At a logged step the mean is exact."""
+    from types import SimpleNamespace
+
+    from llmrec.training.sft import _mean_train_loss
+
+    history = [{"step": 2, "loss": 6.0}, {"step": 4, "loss": 4.0}, {"step": 6, "loss": 5.0}]
+    assert _mean_train_loss(None, history, 6, resumed_at=3) is None
+    assert _mean_train_loss(None, history, 6, resumed_at=4) == pytest.approx(5.0)
+    assert _mean_train_loss(SimpleNamespace(training_loss=4.9), history, 6, resumed_at=None) == 4.9
+    assert _mean_train_loss(None, history[:2], 6, resumed_at=4) is None  # the logs do not reach the last step
+
+
 def test_a_checkpoint_with_a_cut_trainer_state_is_not_resumed_from(tmp_path):
     # transformers writes trainer_state.json in place: a kill during the write left it empty, and every rerun
     # failed on it (a bare JSON error) instead of resuming from the checkpoint before.
@@ -259,10 +273,16 @@ def test_unknown_recipe_key_is_config_error(tmp_path):
 
 @pytest.mark.parametrize("bad", [dict(history_length=-1), dict(history_length=0), dict(max_train_rows=-5),
                                  dict(label_smoothing_factor=0.1), dict(per_device_train_batch_size=0),
-                                 dict(num_train_epochs=0, max_steps=-1)])
+                                 dict(num_train_epochs=0, max_steps=-1), dict(lora_r=0), dict(lora_dropout=2.0),
+                                 dict(early_stopping_patience=-1), dict(head_dim=7), dict(head_num_heads=0),
+                                 dict(neftune_noise_alpha=5.0), dict(average_tokens_across_devices=False),
+                                 dict(save_only_model=True, save_strategy="steps")])
 def test_bad_sizes_are_config_errors(tmp_path, prepared_dir, bad):
     # history_length <= 0 meant the whole history and was recorded as given; max_train_rows -5 crashed in sampling;
-    # batch 0 was a ZeroDivisionError; 0 epochs wrote a finished-looking checkpoint of step 0
+    # batch 0 was a ZeroDivisionError; 0 epochs wrote a finished-looking checkpoint of step 0; the head's settings
+    # failed only once the model was loaded; lora_r 0, dropout 2 and patience -1 were accepted; NEFTune crashed at
+    # the start of training; per-process token means weighted filler-only processes as full ones; save_only_model
+    # checkpoints resumed silently with a fresh optimiser and the warmup restarted (review)
     with pytest.raises(ConfigError, match=next(iter(bad))):
         make_config(tmp_path / "o", prepared_dir, **bad)
 
@@ -321,38 +341,41 @@ def test_shipped_recipes_parse():
     assert "accelerate launch" in (root / "sft_latent.yaml").read_text().splitlines()[1]
 
 
-@pytest.mark.parametrize("kind", ["tiny-qwen2", "tiny-llama"])
-def test_qlora_trains_on_a_4bit_base_and_reloads_as_trained(tmp_path, prepared_dir, kind):
+@pytest.mark.parametrize("kind, model_dtype", [("tiny-qwen2", "float32"), ("tiny-llama", "float32"),
+                                               ("tiny-qwen2", "bfloat16")])
+def test_qlora_trains_on_a_4bit_base_and_reloads_as_trained(tmp_path, prepared_dir, kind, model_dtype):
     """finetune=qlora: the base's linear layers are bitsandbytes 4-bit (on a CPU too, by bitsandbytes' portable
     code), LoRA trains, and load_sft_checkpoint applies the adapter to the same 4-bit base, unmerged: the first
-    answer token's logits are the training model's. It merged the adapter into the unquantised base (~1e-2 away)."""
+    answer token's logits are the training model's. It merged the adapter into the unquantised base (~1e-2 away).
+    In bfloat16 it ran the layers training had in float32 (peft's kbit preparation) in bfloat16 (~3e-3 away), and
+    "auto" quantised the base from its stored float32 instead of the trained dtype (~4e-2 away) (review)."""
     import bitsandbytes as bnb
 
     from llmrec.training.sft import load_sft_checkpoint
 
     out = tmp_path / "run"
     res = run_sft(make_config(out, prepared_dir, model_name_or_path=kind, finetune="qlora", num_latent_tokens=1,
-                              max_steps=2))
+                              max_steps=2, model_dtype=model_dtype))
     assert all(math.isfinite(r["loss"]) for r in res["train_losses"])
     trained, tok = build_model(make_config(tmp_path / "x", prepared_dir, model_name_or_path=kind, finetune="qlora",
-                                           num_latent_tokens=1))
+                                           num_latent_tokens=1, model_dtype=model_dtype))
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trained.causal_lm.modules())
     # Gradient checkpointing as configured (off here), not peft's kbit default (on).
     assert not any(getattr(m, "gradient_checkpointing", False) for m in trained.modules())
     load_sft_weights(trained, out)
     trained.eval()
-    model, _, meta = load_sft_checkpoint(out)
+    model, _, meta = load_sft_checkpoint(out, dtype=model_dtype)
     assert meta["finetune"] == "qlora"
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.causal_lm.modules())
     ids = torch.tensor([tok("Halo Gold")["input_ids"]])
     with torch.no_grad():
-        got = model.prefill_with_latents(ids, torch.ones_like(ids))[1]
-        want = trained.prefill_with_latents(ids, torch.ones_like(ids))[1]
+        got = model.prefill_with_latents(ids, torch.ones_like(ids))[1].float()
+        want = trained.prefill_with_latents(ids, torch.ones_like(ids))[1].float()
     assert (got - want).abs().max().item() < 1e-4
     # dtype "auto" (the evaluator accepts it) computes in the dtype the adapter was trained in.
     auto, _, _ = load_sft_checkpoint(out, dtype="auto")
     with torch.no_grad():
-        assert (auto.prefill_with_latents(ids, torch.ones_like(ids))[1] - want).abs().max().item() < 1e-4
+        assert (auto.prefill_with_latents(ids, torch.ones_like(ids))[1].float() - want).abs().max().item() < 1e-4
 
 
 def test_qlora_trains_on_after_a_validation_pass(tmp_path, prepared_dir):

@@ -47,6 +47,7 @@ guidance, or with ``w = 0``, the search is the unguided one bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,7 +63,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BeamSearchOutput",
+    "MAX_ABS_LENGTH_PENALTY",
+    "NonFiniteLogitsError",
     "PromptState",
+    "check_length_penalty",
     "prefill_prompts",
     "constrained_beam_search",
     "constrained_beam_search_from_state",
@@ -70,6 +74,48 @@ __all__ = [
     "make_prefix_allowed_tokens_fn",
     "TrieGuidanceLogitsProcessor",
 ]
+
+
+# Beyond |length_penalty| = 10 the normaliser ``L ** length_penalty`` stops being a length penalty: at 700 it
+# overflows a float (an OverflowError once a title has two tokens), at -700 it turns every score into -inf (empty
+# rankings). Within the bound scores stay finite for any title a catalogue holds (1,000 tokens: 1000 ** 10 = 1e30,
+# far from float32's 3.4e38 either way); the papers use 0 (D3) and 1 (BIGRec, LatentR3).
+MAX_ABS_LENGTH_PENALTY = 10.0
+
+
+def check_length_penalty(value: float, name: str = "length_penalty") -> float:
+    """``value`` as a float if it is a usable beam length penalty (finite, ``|value| <= 10``), else ValueError.
+
+    >>> check_length_penalty(1)
+    1.0
+    """
+    if isinstance(value, (bool, str)):  # float("1") and float(True) would pass for numbers
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):  # a NaN beam score would rank titles arbitrarily; inf makes every score -0.0
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if abs(value) > MAX_ABS_LENGTH_PENALTY:
+        raise ValueError(f"{name} must be between {-MAX_ABS_LENGTH_PENALTY:g} and {MAX_ABS_LENGTH_PENALTY:g} (the "
+                         "exponent of the title length dividing its log-prob: 1.0 as BIGRec/LatentR3, 0.0 as D3), "
+                         f"got {value:g}")
+    return value
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model gave a live beam next-token logits whose log-sum-exp is NaN or infinite (see the search loop).
+
+    Attributes:
+        rows: the affected prompt rows (0-based rows of the searched batch).
+        step: the decoding step (0 = the first completion token).
+    """
+
+    def __init__(self, rows: list[int], step: int, where: str = "prompt row(s) (0-based)"):
+        self.rows, self.step = rows, step
+        shown = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+        super().__init__(
+            f"the model's next-token logits are not finite (a NaN or +inf logit, or all -inf) for {where} {shown} "
+            f"at decoding step {step}: their titles cannot be scored (each would be an empty ranking, counted as a "
+            "miss). This is usually a float16 overflow: run the model in bfloat16 or float32 instead of float16")
 
 
 @dataclass
@@ -186,7 +232,8 @@ def constrained_beam_search(
         input_ids, attention_mask: ``[R, P]`` left-padded prompts.
         num_beams: beam width ``B``; at most ``B`` titles are returned per prompt.
         length_penalty: exponent on the generated length (EOS included) dividing the summed log-probs;
-            1.0 as in BIGRec / LatentR3, 0.0 (plain sum) as in D3.
+            1.0 as in BIGRec / LatentR3, 0.0 (plain sum) as in D3; at most 10 in absolute value
+            (:data:`MAX_ABS_LENGTH_PENALTY`).
         guidance: optional D3 guidance by an ID model (one row per prompt); see
             :mod:`llmrec.decoding.guidance`. ``None`` or weight 0 = the plain LM search.
         early_stopping: transformers' flag. True: a row stops once it holds ``B`` finished titles. False
@@ -196,6 +243,11 @@ def constrained_beam_search(
 
     Returns:
         One :class:`BeamSearchOutput` per prompt.
+
+    Raises:
+        NonFiniteLogitsError: the model's logits for a live beam hold a NaN or +inf (or are all -inf), e.g. a
+            float16 overflow; the search does not return the empty rankings those rows would get.
+        ValueError: ``num_beams < 1`` or a length penalty outside ``[-10, 10]``.
     """
     if input_ids.shape[0] == 0:
         return []
@@ -227,10 +279,12 @@ def constrained_beam_search_from_state(
 
     ``state.past_key_values`` is consumed (reordered and shrunk in place). Returns one
     :class:`BeamSearchOutput` per row of the state. ``guidance`` (one row per state row) adds the ID
-    model's ``w * log(M(child) / M(node))`` to each candidate's step log-prob.
+    model's ``w * log(M(child) / M(node))`` to each candidate's step log-prob. Raises as
+    :func:`constrained_beam_search` does.
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    length_penalty = check_length_penalty(length_penalty)
     logits = state.next_token_logits
     device = logits.device
     n_rows = logits.shape[0]
@@ -267,6 +321,12 @@ def constrained_beam_search_from_state(
         # -- step log-probs of the allowed continuations only: logit - logsumexp (== log_softmax gathered)
         logits = logits.float()
         lse = torch.logsumexp(logits, dim=-1)
+        # One NaN or +inf logit anywhere in a beam's vocabulary (a float16 overflow) makes its normaliser
+        # non-finite, so every candidate of the beam would drop out as invalid and its row return no title:
+        # counted as a miss, silently. Masked (-inf) logits are fine as long as one logit is finite. One
+        # reduction and host sync per step, beside the ones the step already makes.
+        if not bool(torch.isfinite(lse).all()):
+            raise NonFiniteLogitsError(sorted(set(live_row[~torch.isfinite(lse)].tolist())), step)
         counts = tt.child_ptr[live_node + 1] - tt.child_ptr[live_node]
         beam_of_edge = torch.repeat_interleave(torch.arange(live_node.numel(), device=device), counts)
         n_edges = beam_of_edge.numel()

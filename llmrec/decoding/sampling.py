@@ -39,13 +39,24 @@ class SampledTitle:
     token_ids: list[int]
 
 
-def draw_token(logits: torch.Tensor, allowed: torch.Tensor, u: float, temperature: float) -> int:
+def draw_token(logits: torch.Tensor, allowed: torch.Tensor, u: float, temperature: float, *,
+               allow_non_finite: bool = False) -> int:
     """Index into ``allowed`` drawn from ``softmax(logits[allowed] / temperature)`` by inverse CDF at ``u``.
 
     >>> draw_token(torch.tensor([0.0, 5.0, 0.0]), torch.tensor([0, 2]), 0.6, 1.0)  # 50/50 between ids 0 and 2
     1
+
+    Raises:
+        ValueError: the allowed tokens' probabilities are not finite (a NaN or +inf logit among them, or all
+            -inf): there is no distribution to draw from, and the inverse CDF would silently pick the last allowed
+            token. With ``allow_non_finite`` that last token is returned instead, as a placeholder for a caller
+            that discards the draw (see :func:`constrained_sample_from_state`).
     """
     p = torch.softmax(logits[allowed].double() / temperature, dim=-1)
+    if not allow_non_finite and not bool(torch.isfinite(p).all()):
+        raise ValueError(f"the next-token probabilities over the {len(allowed)} allowed tokens are not finite (a NaN "
+                         "or +inf logit among them, or all -inf): nothing to draw from. This is usually a float16 "
+                         "overflow: run the model in bfloat16 or float32 instead of float16")
     cdf = p.cumsum(0)
     return min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype) * cdf[-1]).item()), len(allowed) - 1)
 
@@ -114,7 +125,7 @@ def _allowed(trie: TitleTrie, node: int) -> tuple[torch.Tensor, int]:
 
 @torch.no_grad()
 def constrained_sample_from_state(model, trie: TitleTrie, state: PromptState, uniforms: torch.Tensor,
-                                  temperature: float = 1.0) -> list[SampledTitle]:
+                                  temperature: float = 1.0, *, allow_non_finite: bool = False) -> list[SampledTitle]:
     """One title per row of ``state``, drawn token by token under the trie's constraint.
 
     Args:
@@ -124,6 +135,10 @@ def constrained_sample_from_state(model, trie: TitleTrie, state: PromptState, un
         uniforms: ``[R, D]`` uniforms in (0, 1), row ``r``'s draw of step ``t`` at ``[r, t]``; ``D`` at least the
             trie's depth (the longest title's token count).
         temperature: > 0; the allowed tokens' logits are divided by it before the softmax.
+        allow_non_finite: a row whose logits are not finite (a NaN forward) still gets a title, drawn with the last
+            allowed token at each such step, instead of failing the whole batch (:func:`draw_token` raises with
+            False, the default). Generation-mode GRPO turns it on: it scores the drawn tokens under the same NaN
+            logits and skips that group, while the batch's other prompts still train.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -143,7 +158,8 @@ def constrained_sample_from_state(model, trie: TitleTrie, state: PromptState, un
             if done[r]:
                 continue
             allowed, lo = _allowed(trie, nodes[r])
-            j = draw_token(logits[r].cpu(), allowed, float(uniforms[r, step]), temperature)
+            j = draw_token(logits[r].cpu(), allowed, float(uniforms[r, step]), temperature,
+                           allow_non_finite=allow_non_finite)
             feed[r] = allowed[j]
             tokens[r].append(int(allowed[j]))
             nodes[r] = int(trie.child_nodes[lo + j])

@@ -17,10 +17,13 @@ number of processes, so one process and several give the same rankings. Each pro
 finished rows to ``rankings/part-<rank>.jsonl`` as it goes; a rerun reads every part file and skips
 finished rows, so an interrupted evaluation resumes where it stopped (the output directory must be on
 a filesystem all processes share, as it is on one machine). Finished or partial rows are reused only under the
-same protocol fingerprint and only while their users and targets are still the split's rows; a start that failed
-before ranking any row does not hold its directory against a corrected rerun. The main process then merges the parts
-in row order, computes the metrics and writes ``rankings.jsonl``, ``results.json`` and ``results.md``
-atomically.
+same protocol fingerprint (the dataset compared by its resolved path: ``data/games`` and its absolute path are one
+dataset), only while their users and targets are still the split's rows, and only while the catalogue is the one they
+were ranked over (``catalog_sha256``, the SHA-256 of ``catalog.jsonl``, recorded beside the fingerprint in
+``protocol.json`` and ``results.json`` but not part of it, so results recorded before it stay valid; those are not
+compared); a start that failed before ranking any row does not hold its directory against a corrected rerun. The main
+process then merges the parts in row order, computes the metrics and writes ``rankings.jsonl``, ``results.json`` and
+``results.md`` atomically (a finished run whose ``results.md`` is missing gets it written again).
 """
 
 from __future__ import annotations
@@ -45,9 +48,9 @@ from llmrec.data.canonical import (
     atomic_write_json,
     atomic_write_text,
     dumps_line,
+    jsonl_records,
     load_prepared,
     parse_jsonl_lines,
-    read_jsonl,
     read_stats,
 )
 from llmrec.evaluation.metrics import compute_metrics
@@ -98,7 +101,7 @@ class EvalConfig:
     tokenization: str | None = field(default=None, metadata={"help": "separate (D3: prompt and answer tokenized apart, ids "
                                                               "concatenated) or joint (one string; titles checked at the "
                                                               "boundary); default: the checkpoint's, else separate."})
-    length_penalty: float = field(default=1.0, metadata={"help": "Beam score = logprob sum / length**penalty (1.0 BIGRec/LatentR3, 0.0 D3)."})
+    length_penalty: float = field(default=1.0, metadata={"help": "Beam score = logprob sum / length**penalty (1.0 BIGRec/LatentR3, 0.0 D3; between -10 and 10)."})
     early_stopping: bool = field(default=True, metadata={"help": "transformers' beam-search flag: true stops a row at num_beams finished titles "
                                                          "(the committed evaluations); false (generate's default, which the BIGRec/D3/"
                                                          "LatentR3 code ran) searches on while a running beam may still beat the worst "
@@ -142,8 +145,9 @@ class EvalConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             setattr(self, name, float(value))
-        if not math.isfinite(self.length_penalty):  # a NaN beam score would rank titles arbitrarily
-            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+        from llmrec.decoding.beam_search import check_length_penalty
+
+        check_length_penalty(self.length_penalty)  # NaN, inf or beyond 10: arbitrary, overflowing or empty rankings
         for name in ("num_beams", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -330,6 +334,68 @@ def protocol_fingerprint(protocol: dict) -> str:
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _as_recorded(record: dict, protocol: dict, fp: str) -> tuple[dict, str] | None:
+    """``(protocol, fingerprint)`` to go on with if ``record`` (a ``results.json`` or ``protocol.json``) was made
+    under ``protocol`` (fingerprint ``fp``), else None.
+
+    The protocol names the dataset directory as it was given, so ``data/games`` and its absolute path give two
+    fingerprints for one dataset. A record that differs only in that spelling is the same protocol: its own protocol
+    and fingerprint are kept, so the fingerprints already recorded stay what they are.
+    """
+    if record.get("fingerprint") == fp:
+        return protocol, fp
+    found = record.get("protocol")
+    named = found.get("dataset") if isinstance(found, dict) else None
+    if not isinstance(named, str) or named == protocol.get("dataset"):
+        return None
+    respelled = {**protocol, "dataset": named}
+    if protocol_fingerprint(respelled) == record.get("fingerprint") and _same_dataset(named, protocol["dataset"]):
+        return respelled, record["fingerprint"]
+    return None
+
+
+def catalog_sha256(dataset_dir: str | Path) -> str:
+    """SHA-256 of a prepared dataset's ``catalog.jsonl``: the value :func:`llmrec.data.identity.data_sha256` gives
+    for that file (what training runs record), without reading the splits too."""
+    from llmrec.data.canonical import CATALOG_FILE
+    from llmrec.models.backbone import sha256_of_files
+
+    return sha256_of_files([Path(dataset_dir) / CATALOG_FILE])
+
+
+def _is_rank(value: Any) -> bool:
+    """A rank as :meth:`Evaluator._record` writes it: an int >= 0, or None (the target is not in the list)."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def _check_ranking_record(rec: dict, path: Path, line: int, remedy: str) -> int:
+    """The row of a ranking record read back (a part file, or a finished ``rankings.jsonl``), after checking the
+    fields reuse, the metrics and the merged ``rankings.jsonl`` read: a damaged record is a
+    :class:`DataFormatError` naming the file, line (its ``row``) and field, ending with ``remedy``, not a bare
+    KeyError or TypeError later."""
+
+    def bad(name: str, expected: str) -> DataFormatError:
+        found = json.dumps(rec[name], ensure_ascii=False)[:40] if name in rec else "nothing"
+        return DataFormatError(path, line, name, f"expected {expected}, got {found} (a damaged record); {remedy}")
+
+    row = rec.get("row")
+    if isinstance(row, bool) or not isinstance(row, int) or row < 0:
+        raise bad("row", "a row index (an int >= 0)")
+    user = rec.get("user_id")
+    if isinstance(user, bool) or not isinstance(user, (str, int)):
+        raise bad("user_id", "a string or integer id")
+    target = rec.get("target_item_id")
+    if isinstance(target, bool) or not isinstance(target, int):
+        raise bad("target_item_id", "an item id (an int)")
+    for name in ("item_rank", "title_rank"):
+        if name not in rec or not _is_rank(rec[name]):
+            raise bad(name, "an int >= 0 or null")
+    for name in ("item_ranking", "title_ranking", "scores"):
+        if not isinstance(rec.get(name), list):
+            raise bad(name, "a list")
+    return row
+
+
 def rank_of(ranking: list, target) -> int | None:
     try:
         return ranking.index(target)
@@ -506,10 +572,19 @@ class Evaluator:
                 if part.name == f"part-{self.state.process_index}.jsonl":
                     with open(part, "r+b") as f:
                         f.truncate(len(complete))
+            try:
+                text = complete.decode("utf-8")
+            except UnicodeDecodeError as e:  # a bare UnicodeDecodeError named neither the file nor the line
+                raise DataFormatError(part, complete.count(b"\n", 0, e.start) + 1, None,
+                                      f"bytes that are not UTF-8 at offset {e.start}") from None
             # split at "\n" only: str.splitlines() also breaks at U+0085, U+2028 and U+2029, which dumps_line
             # leaves raw inside strings (a title holding one would cut its record in two)
-            for rec in parse_jsonl_lines(complete.decode("utf-8").split("\n"), part):
-                done[rec["row"]] = rec
+            lines = text.split("\n")
+            # parse_jsonl_lines skips blank lines: the line number of each record it yields, for the field checks
+            numbers = (n for n, line in enumerate(lines, start=1) if line.strip())
+            remedy = "remove this part file to rank its rows again"
+            for n, rec in zip(numbers, parse_jsonl_lines(lines, part), strict=True):
+                done[_check_ranking_record(rec, part, n, remedy)] = rec
         return done
 
     def _has_records(self) -> bool:
@@ -548,6 +623,19 @@ class Evaluator:
                 f"{source}: the {what}'s popularity list (top items {rec['item_ranking'][:3]}) is not the one "
                 f"{Path(data.directory) / 'train.jsonl'} gives now (top items {items[:3]}): the training split "
                 f"changed since; remove {self.out} or choose another output_dir")
+
+    def _check_catalog_digest(self, data, record: dict, digest: str, source: Path, what: str) -> None:
+        """Rankings are reused only over the catalogue they were ranked over: the fingerprint names the dataset
+        directory, and a catalogue prepared again in place (another title-cleaning rule, say) changes the titles
+        (and what a title rank means) without changing the fingerprint or the split's rows. ``record``: the
+        ``results.json`` or ``protocol.json`` that recorded ``catalog_sha256`` (none before it was recorded: not
+        compared)."""
+        recorded = record.get("catalog_sha256")
+        if recorded is not None and recorded != digest:
+            raise ValueError(
+                f"{source}: the {what} was ranked over another catalogue than {Path(data.directory) / 'catalog.jsonl'} "
+                f"holds now (SHA-256 {str(recorded)[:12]}..., now {digest[:12]}...): the catalogue was prepared again "
+                f"since; remove {self.out} or choose another output_dir")
 
     # ------------------------------------------------------------------ run
 
@@ -597,22 +685,32 @@ class Evaluator:
         rows = select_rows(len(split), c.max_rows, c.row_seed)
         protocol = self._protocol(data, rows)
         fp = protocol_fingerprint(protocol)
+        catalog_digest = catalog_sha256(data.directory)
         results_path = self.out / "results.json"
         if results_path.exists():
             prev = _read_json_file(results_path)
-            if prev.get("fingerprint") == fp:
-                # Same protocol, but maybe not the same rows: the dataset may have been prepared again in place.
+            if _as_recorded(prev, protocol, fp) is not None:
+                # Same protocol, but maybe not the same rows or titles: the dataset may have been prepared again in
+                # place.
                 rankings = self.out / "rankings.jsonl"
                 if not rankings.exists():  # `compare`, the report and its archive read the rankings, not only metrics
                     raise ValueError(f"{rankings} is missing beside the finished {results_path}: remove "
                                      f"{results_path} to rank the rows again")
-                finished = {rec["row"]: rec for rec in read_jsonl(rankings)}  # lines end at "\n" only
+                # jsonl_records splits lines at "\n" only
+                remedy = f"remove {results_path} to merge the part files again (or {self.out} to rank every row again)"
+                finished = {_check_ranking_record(rec, rankings, n, remedy): rec for n, rec in jsonl_records(rankings)}
                 self._check_done_rows(finished, split, rankings, "finished evaluation")
                 self._check_popularity_list(data, finished, rankings, "finished evaluation")
+                self._check_catalog_digest(data, prev, catalog_digest, results_path, "finished evaluation")
                 lost = [r for r in rows if r not in finished]
                 if lost:  # a damaged copy would otherwise pass for the finished evaluation its results describe
                     raise ValueError(f"{rankings} lacks {len(lost)} of the {len(rows)} rows {results_path} was "
                                      f"computed from (first: row {lost[0]}): remove {results_path} to rank them again")
+                table = self.out / "results.md"
+                if self.state.is_main_process and not table.exists():
+                    # `llmrec evaluate` prints it, and the report copies it: written again from the finished results
+                    logger.warning("%s is missing beside the finished %s: writing it again", table, results_path)
+                    atomic_write_text(table, self._markdown(prev))
                 logger.info("%s is complete for this protocol; nothing to do", results_path)
                 return prev
             raise ValueError(f"{self.out} holds results of a different protocol "
@@ -621,7 +719,8 @@ class Evaluator:
         proto_path = self.out / "protocol.json"
         if self.state.is_main_process:
             old = _read_json_file(proto_path) if proto_path.exists() else None
-            if old is not None and old.get("fingerprint") != fp:
+            matched = _as_recorded(old, protocol, fp) if old is not None else None
+            if old is not None and matched is None:
                 # A start that failed before ranking any row (a typo in the prompt or model name, say) left only
                 # protocol.json: nothing to reuse or to protect, so the corrected run takes the directory.
                 if self._has_records():
@@ -629,8 +728,12 @@ class Evaluator:
                                      f"({_protocol_changes(old.get('protocol'), protocol)}); choose another "
                                      "output_dir")
                 logger.warning("%s: replacing the protocol of a start that ranked no row", proto_path)
+            elif matched is not None:
+                protocol, fp = matched  # the dataset as the partial evaluation named it
+                if self._has_records():
+                    self._check_catalog_digest(data, old, catalog_digest, self.out / "rankings", "partial evaluation")
             (self.out / "rankings").mkdir(parents=True, exist_ok=True)
-            atomic_write_json(proto_path, {"fingerprint": fp, "protocol": protocol})
+            atomic_write_json(proto_path, {"fingerprint": fp, "protocol": protocol, "catalog_sha256": catalog_digest})
         self.state.wait_for_everyone()
 
         done = self._done_rows()
@@ -668,14 +771,20 @@ class Evaluator:
         if c.guided:
             name += f" + D3 guidance ({self.guidance_info['model']}, w={c.guidance_weight:g})"
         results = {
-            "name": name, "fingerprint": fp, "protocol": protocol, "metrics": metrics,
-            "primary_matching": "item", "num_processes": self.state.num_processes,
+            "name": name, "fingerprint": fp, "protocol": protocol, "catalog_sha256": catalog_digest,
+            "metrics": metrics, "primary_matching": "item", "num_processes": self.state.num_processes,
             "eval_seconds_this_run": round(elapsed, 2), "versions": package_versions(),
         }
         atomic_write_text(self.out / "rankings.jsonl", "".join(dumps_line(rec) for rec in ordered))
-        atomic_write_text(self.out / "results.md", markdown_table([results], [k for k in c.ks if max_k is None or k <= max_k]))
+        atomic_write_text(self.out / "results.md", self._markdown(results))
         atomic_write_json(results_path, results)
         return results
+
+    def _markdown(self, results: dict) -> str:
+        """``results.md``: the metrics table at the cut-offs the run reports (a beam search's up to num_beams)."""
+        c = self.config
+        max_k = c.num_beams if c.method == "beam" else None
+        return markdown_table([results], [k for k in c.ks if max_k is None or k <= max_k])
 
     def _append(self, records: list[dict]) -> None:
         path = self.out / "rankings" / f"part-{self.state.process_index}.jsonl"
@@ -740,6 +849,7 @@ class Evaluator:
     def _run_beam(self, data, split, rows, done) -> list[dict]:
         from tqdm.auto import tqdm
 
+        from llmrec.decoding.beam_search import NonFiniteLogitsError
         from llmrec.decoding.search import build_catalog_trie, rank_batch
         from llmrec.models.checkpoint import load_for_inference
         from llmrec.prompts import PromptError, PromptTemplate
@@ -767,6 +877,9 @@ class Evaluator:
             except PromptError as e:  # name where: the split's file and the batch's rows
                 raise PromptError(f"{Path(data.directory) / (c.split + '.jsonl')} rows {batch[0]}..{batch[-1]} "
                                   f"(0-based): {e} (max_prompt_length {c.max_prompt_length})") from None
+            except NonFiniteLogitsError as e:  # the split's rows, not the batch's
+                raise NonFiniteLogitsError([batch[i] for i in e.rows], e.step,
+                                           f"{Path(data.directory) / (c.split + '.jsonl')} row(s) (0-based)") from None
             recs = [self._record(data, split, r, t, i, s) for r, (t, i, s) in zip(batch, ranked)]
             self._append(recs)
             recs_all.extend(recs)

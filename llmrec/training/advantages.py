@@ -1,7 +1,7 @@
 """Advantages of latent GRPO, computed on the whole optimiser batch gathered from every process.
 
 Rewards arrive as ``[num_groups, G]`` (member 0 of each group is the noise-free latent). Groups whose
-rewards are not all finite are *skipped*: their advantages are 0 and they take no part in any baseline
+rewards are not all finite (or beyond +-1e300, taken as an overflow) are *skipped*: their advantages are 0 and they take no part in any baseline
 or normalisation, so one bad group cannot poison the batch.
 """
 
@@ -26,7 +26,11 @@ def batch_advantages(rewards: torch.Tensor, valid: torch.Tensor, eps: float = 1e
         return out
     r = rewards[valid]
     a = r - r[:, 0].mean()
-    out[valid] = a / (a.norm() + eps)
+    # The norm of a / max|a|, times max|a|: a.norm() squares first, and one member ~1e154 off the baseline (a
+    # perplexity reward of a very unlikely title) would make it inf and every advantage of the batch 0.
+    scale = a.abs().max()
+    norm = scale * (a / scale).norm() if scale > 0 else scale
+    out[valid] = a / (norm + eps)
     return out
 
 
@@ -41,11 +45,16 @@ def group_advantages(rewards: torch.Tensor, valid: torch.Tensor, eps: float = 1e
     if not bool(valid.any()):
         return out
     r = rewards[valid]
-    out[valid] = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + eps)
+    d = r - r.mean(dim=1, keepdim=True)
+    # the std of d / max|d|, times max|d|: as the batch norm, so that squaring cannot overflow
+    scale = d.abs().amax(dim=1, keepdim=True)
+    std = scale * (d / torch.where(scale > 0, scale, 1.0)).std(dim=1, keepdim=True)
+    out[valid] = d / (std + eps)
     return out
 
 
 ADVANTAGE_MODES = {"batch": batch_advantages, "group": group_advantages}
+MAX_ABS_REWARD = 1e300
 
 
 def compute_advantages(rewards: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +64,7 @@ def compute_advantages(rewards: torch.Tensor, mode: str) -> tuple[torch.Tensor, 
     if rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be [num_groups, G >= 2], got {tuple(rewards.shape)}")
     rewards = rewards.double()
-    valid = torch.isfinite(rewards).all(dim=1)
+    # A reward beyond +-1e300 is taken as an overflow (differences of such rewards would not be finite).
+    valid = (torch.isfinite(rewards) & (rewards.abs() <= MAX_ABS_REWARD)).all(dim=1)
     safe = torch.where(valid[:, None], rewards, torch.zeros_like(rewards))
     return ADVANTAGE_MODES[mode](safe, valid), valid

@@ -49,7 +49,7 @@ def finished_sft_differences(cfg: LatentSFTConfig, data_dir: Path | None) -> dic
     results = read_stats(out / RESULTS_NAME)
     n_train = split_rows(data_dir, cfg.train_split)
     if n_train is None and cfg.max_train_rows is None:
-        n_train = results.get("num_train_rows")
+        n_train = results.get("drawn_train_rows", results.get("num_train_rows"))
     return sft_run_differences(results, read_stats(out / TRAINING_ARGS_JSON), cfg, n_train, data_dir)
 
 
@@ -68,8 +68,14 @@ def finished_grpo_differences(cfg: LatentGRPOConfig, data_dir: Path | None) -> d
     results = read_stats(out / RESULTS_NAME)
     args = read_stats(out / TRAINING_ARGS_JSON)
     n = split_rows(data_dir, cfg.train_split)
+    if n and cfg.exclude_sft_rows and cfg.sft_checkpoint:  # it draws from the rows its SFT did not train on
+        from llmrec.training.grpo import sft_train_row_indices
+
+        n -= len(sft_train_row_indices(cfg.sft_checkpoint, cfg.train_split, n))
     asked = cfg.max_train_rows if cfg.max_train_rows is not None else n
-    found: dict[str, Any] = {"prompts": results.get("prompts")}
+    # the prompts drawn, before those whose answer does not fit max_length were skipped (runs before 2026-12-06
+    # recorded only the prompts kept)
+    found: dict[str, Any] = {"prompts": results.get("drawn_prompts", results.get("prompts"))}
     wanted: dict[str, Any] = {"prompts": min(asked, n) if asked is not None and n else asked}
     if wanted["prompts"] is None:  # the split's size is unknown and no limit was asked: nothing to compare
         found, wanted = {}, {}

@@ -384,7 +384,7 @@ class LatentGRPOConfig(GRPOConfig):
             )
         if not self.noise_scale > 0 or not math.isfinite(self.noise_scale):
             raise ConfigError(f"noise_scale must be > 0, got {self.noise_scale}")
-        for name in ("history_length", "max_train_rows"):
+        for name in ("history_length", "max_train_rows", "max_length"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (or null), got {getattr(self, name)}")
         if self.eval_rows < 0:
@@ -425,6 +425,17 @@ class LatentGRPOConfig(GRPOConfig):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
                               "reward functions")
+        if self.reward_weights is not None and not all(math.isfinite(float(w)) for w in self.reward_weights):
+            # a NaN weight made every group's reward NaN: every group skipped, nothing trained
+            raise ConfigError(f"reward_weights must be finite numbers, got {self.reward_weights}")
+        if not (math.isfinite(self.beta) and self.beta >= 0):  # a negative beta silently meant no KL
+            raise ConfigError(f"beta (the KL weight) must be >= 0, got {self.beta}")
+        if not 0 <= self.epsilon < 1:  # the ratio's lower clip bound 1 - epsilon must stay > 0
+            raise ConfigError(f"epsilon must be in [0, 1), got {self.epsilon}")
+        if self.epsilon_high is not None and not (math.isfinite(self.epsilon_high) and self.epsilon_high >= 0):
+            raise ConfigError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        if self.rank_chunk_rows < 1:
+            raise ConfigError(f"rank_chunk_rows must be >= 1, got {self.rank_chunk_rows}")
         generated = [r for r in self.reward_funcs if r in GENERATION_REWARDS]
         if self.rollout == "generate" and len(generated) < len(self.reward_funcs):
             raise ConfigError(f"rollout: generate rewards the sampled titles: reward_funcs must be among "
@@ -847,6 +858,23 @@ def _eval_mode(module: torch.nn.Module):
             m.training = training
 
 
+def sft_train_row_indices(sft_checkpoint: str | Path, split_name: str, n: int) -> set[int]:
+    """Row indices of ``split_name`` (``n`` rows) that the SFT checkpoint trained on: its seeded ``max_train_rows``
+    subset, read from its ``training_args.json`` (what ``exclude_sft_rows`` leaves out)."""
+    from llmrec.training.sft import TRAINING_ARGS_JSON, _subset
+
+    f = Path(sft_checkpoint) / TRAINING_ARGS_JSON
+    if not f.exists():
+        raise ConfigError(f"exclude_sft_rows: {f} is missing, so the SFT's train rows are unknown")
+    args = json.loads(f.read_text(encoding="utf-8"))
+    if "advantage_mode" in args:
+        raise ConfigError(f"exclude_sft_rows: {sft_checkpoint} is a GRPO output; give the SFT checkpoint it "
+                          "started from")
+    if args.get("train_split", "train") != split_name:
+        return set()
+    return set(_subset(n, args.get("max_train_rows"), int(args.get("seed", 0))))
+
+
 class LatentGRPOTrainer:
     """The latent GRPO loop: score the optimiser batch without gradients, gather, advantages, then train.
 
@@ -877,6 +905,8 @@ class LatentGRPOTrainer:
         self.tokenizer = tokenizer
         self.meta = dict(meta or {})
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # per split: rows drawn (before those whose answer does not fit were skipped); given rows: all of them
+        self.drawn_rows: dict[str, int] = {}
         if rows is None:
             rows, num_items, candidate_completions, item_counts, title_trie = self._load_rows(model)
         self.rows = rows
@@ -1023,13 +1053,15 @@ class LatentGRPOTrainer:
         rows, skipped = [], 0
         candidates = list(range(len(split)))
         if c.exclude_sft_rows and split_name == c.train_split:
-            seen = self._sft_train_rows(split_name, len(split))
+            seen = sft_train_row_indices(c.sft_checkpoint, split_name, len(split))
             candidates = [i for i in candidates if i not in seen]
             logger.info("exclude_sft_rows: %d of %d %s rows were the SFT's; drawing from the other %d",
                         len(seen), len(split), split_name, len(candidates))
             if not candidates:
                 raise ConfigError(f"exclude_sft_rows: the SFT checkpoint trained on every {split_name} row")
-        for i in (candidates[j] for j in _subset(len(candidates), max_rows, c.seed)):
+        drawn = _subset(len(candidates), max_rows, c.seed)
+        self.drawn_rows[split_name] = len(drawn)
+        for i in (candidates[j] for j in drawn):
             ex = split[i]
             if not ex["history_item_ids"]:
                 raise data.row_error(split_name, i, "history_item_ids", "empty history")
@@ -1047,21 +1079,6 @@ class LatentGRPOTrainer:
         if not rows:
             raise ValueError(f"split '{split_name}' of {dataset} has no usable rows")
         return rows, data, template
-
-    def _sft_train_rows(self, split_name: str, n: int) -> set[int]:
-        """Row indices of ``split_name`` the SFT checkpoint trained on (its seeded ``max_train_rows`` subset)."""
-        from llmrec.training.sft import TRAINING_ARGS_JSON, _subset
-
-        f = Path(self.config.sft_checkpoint) / TRAINING_ARGS_JSON
-        if not f.exists():
-            raise ConfigError(f"exclude_sft_rows: {f} is missing, so the SFT's train rows are unknown")
-        args = json.loads(f.read_text(encoding="utf-8"))
-        if "advantage_mode" in args:
-            raise ConfigError(f"exclude_sft_rows: {self.config.sft_checkpoint} is a GRPO output; give the SFT "
-                              "checkpoint it started from")
-        if args.get("train_split", "train") != split_name:
-            return set()
-        return set(_subset(n, args.get("max_train_rows"), int(args.get("seed", 0))))
 
     def _load_rows(self, model):
         c = self.config
@@ -1271,8 +1288,10 @@ class LatentGRPOTrainer:
             torch.rand(depth, generator=torch.Generator().manual_seed(mix(c.seed, SAMPLE_STREAM, *key)),
                        dtype=torch.float64)
             for key in keys])
+        # a NaN forward still draws a placeholder title: scored under the same NaN logits, its group is skipped
+        # (counted) while the batch's other prompts train
         return constrained_sample_from_state(lm.causal_lm, trie, PromptState(logits, cache, mask, pos), uniforms,
-                                             c.temperature)
+                                             c.temperature, allow_non_finite=True)
 
     def _candidate_scores(self, epoch: int, rows: list[dict], row_ids: list[int], t: dict[str, torch.Tensor],
                           members: torch.Tensor, group: int, split: str,
@@ -1642,6 +1661,8 @@ class LatentGRPOTrainer:
                          "skipped_groups": self.skipped_groups, "nonfinite_steps": self.nonfinite_steps,
                          "eval_before": self.eval_before, "config": self._resume_settings(),
                          "start": self.start_identity()}
+                if self.accelerator.scaler is not None:  # fp16 loss scaling: its scale and growth tracker
+                    state["grad_scaler"] = self.accelerator.scaler.state_dict()
                 (tmp / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
             self._rotate()
         self.accelerator.wait_for_everyone()
@@ -1720,6 +1741,9 @@ class LatentGRPOTrainer:
         self.skipped_groups = int(st["skipped_groups"])
         self.nonfinite_steps = int(st["nonfinite_steps"])
         self.eval_before = st.get("eval_before")
+        if self.accelerator.scaler is not None and st.get("grad_scaler"):
+            # else a resumed fp16 run restarts at the initial loss scale and skips updates that overflow it again
+            self.accelerator.scaler.load_state_dict(st["grad_scaler"])
         with warnings.catch_warnings():  # fast-forwarding a fresh scheduler, not skipping an optimiser step
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             for _ in range(self.global_step * self.config.num_iterations):  # the schedule is a function of the step
@@ -1832,6 +1856,7 @@ class LatentGRPOTrainer:
             "output_dir": str(out_dir), "sft_checkpoint": c.sft_checkpoint, **self.start_identity(),
             "resumed_from": resumed,
             "global_step": self.global_step, "max_steps": self.max_steps, "prompts": len(self.rows),
+            "drawn_prompts": self.drawn_rows.get(c.train_split, len(self.rows)),
             "prompts_per_step": self.prompts_per_step, "world_size": self.world,
             "skipped_groups": self.skipped_groups, "nonfinite_grad_steps": self.nonfinite_steps,
             "train_seconds_this_run": round(time.time() - t0, 3),

@@ -269,6 +269,33 @@ class LatentSFTConfig(transformers.TrainingArguments):
         for name in ("max_train_rows", "max_eval_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
+        try:  # the pooling head's settings, checked before any model is loaded (they failed only after)
+            self.latent_config()
+        except ValueError as e:
+            raise ConfigError(f"latent head: {e}") from None
+        if self.finetune != "full":
+            if self.lora_r < 1:
+                raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+            if not 0 <= self.lora_dropout < 1:
+                raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.early_stopping_patience < 0:  # a negative patience silently meant no early stopping
+            raise ConfigError(f"early_stopping_patience must be >= 0 (0 = no early stopping), got "
+                              f"{self.early_stopping_patience}")
+        if self.save_only_model and str(getattr(self.save_strategy, "value", self.save_strategy)) != "no":
+            # its checkpoints hold no optimiser, scheduler or RNG state, and transformers resumes from them
+            # silently with a fresh AdamW and the warmup restarted
+            raise ConfigError("save_only_model: true makes checkpoints llmrec cannot resume from (no optimiser, "
+                              "scheduler or RNG state); remove it, or set save_strategy: no")
+        if self.neftune_noise_alpha is not None:
+            # NEFTune hooks the model's input embeddings, which the latent module does not expose (it failed with
+            # an AttributeError at the start of training)
+            raise ConfigError(f"neftune_noise_alpha: {self.neftune_noise_alpha} is not supported by llmrec's SFT; "
+                              "remove it")
+        if not self.average_tokens_across_devices:
+            # the loss is a mean over every completion token of the global batch; per-process means weight a
+            # process holding only loss-free filler rows as much as the others
+            raise ConfigError("average_tokens_across_devices: false is not supported by llmrec's SFT (its loss "
+                              "is the mean over every completion token of the global batch); remove it")
         check_common_training_settings(self)
         for name in ("batch_eval_metrics", "eval_use_gather_object"):
             # eval_loss is computed once from every validation row's loss sum and token count (see
@@ -338,8 +365,12 @@ def encode_example(template, tokenizer, history_titles, target_title, max_length
 
 
 class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
+    """Encoded rows; ``drawn_rows``: how many rows of the split were drawn for them (before rows that do not fit
+    ``max_length`` were skipped), what a rerun with the same settings draws again."""
+
+    def __init__(self, rows: list[dict], drawn_rows: int | None = None):
         self.rows = rows
+        self.drawn_rows = len(rows) if drawn_rows is None else drawn_rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -390,7 +421,8 @@ def build_dataset(config: LatentSFTConfig, tokenizer, split: str, max_rows: int 
     rows = data.splits[split]
     template = PromptTemplate.load(config.prompt)
     out, skipped, dropped_total = [], 0, 0
-    for i in _subset(len(rows), max_rows, config.seed):
+    drawn = _subset(len(rows), max_rows, config.seed)
+    for i in drawn:
         row = rows[i]
         if not row["history_item_ids"]:
             # as `llmrec evaluate` and `llmrec seqrec train`: a row without history has no prompt to learn from
@@ -410,7 +442,7 @@ def build_dataset(config: LatentSFTConfig, tokenizer, split: str, max_rows: int 
     logger.info("%s: %d rows (%d history items dropped to fit)", split, len(out), dropped_total)
     if not out:
         raise ValueError(f"split '{split}' of {config.dataset} has no usable rows")
-    return _ListDataset(out)
+    return _ListDataset(out, drawn_rows=len(drawn))
 
 
 @dataclass
@@ -489,6 +521,14 @@ def _load_base(config: LatentSFTConfig):
     keep_4bit_weights_trainable_on_cpu(model)  # validation between steps would otherwise end training on a CPU
     # peft's default turns gradient checkpointing on; the config's own switch decides, as for LoRA and full.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(config.gradient_checkpointing)), tok
+
+
+def upcast_non_4bit_parameters(model: nn.Module) -> None:
+    """Cast the float16/bfloat16 parameters that are not 4-bit to float32, as peft's
+    ``prepare_model_for_kbit_training`` does for QLoRA training: a QLoRA checkpoint reloads as the model it trained."""
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and p.__class__.__name__ != "Params4bit":
+            p.data = p.data.float()
 
 
 def _causal(m: nn.Module) -> nn.Module:
@@ -680,12 +720,18 @@ def load_sft_checkpoint(
             compute = dtype if str(dtype) != "auto" else meta.get("model_dtype") or "float32"
             quantized = {"quantization_config": qlora_quantization_config(compute)}
             merge = False
+            # "auto" would load (and quantise) the base in the dtype it is stored in; training quantised it from
+            # model_dtype, so the 4-bit weights differed (first-token logits ~4e-2 apart on a tiny model)
+            dtype = compute
         lm, tokenizer = load_backbone(adapter_base(ckpt, model_name_or_path), dtype=dtype, **quantized)
         if quantized:
             # bitsandbytes' CPU inference kernel (AVX512-BF16) rounds differently from the layout the adapter was
             # trained with (first-token logits ~4e-3 apart on a tiny model): evaluate what was trained. GRPO,
             # which loads through here, also needs it to train (that kernel has no backward).
             keep_4bit_weights_trainable_on_cpu(lm)
+            # Training ran the layers that are not 4-bit (embeddings, norms, lm_head) in float32
+            # (peft's prepare_model_for_kbit_training): in bfloat16 here they gave another model (~3e-3).
+            upcast_non_4bit_parameters(lm)
         if (ckpt / "tokenizer_config.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
             if tokenizer.pad_token is None:
@@ -739,6 +785,12 @@ def _stopped_at(checkpoint: str | os.PathLike) -> bool:
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
     control = (state.get("stateful_callbacks") or {}).get("TrainerControl") or {}
     return bool((control.get("args") or {}).get("should_training_stop"))
+
+
+def _checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    """The optimiser step a checkpoint was saved at (its ``trainer_state.json``)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state.get("global_step", 0))
 
 
 def _readable_state(path: Path) -> bool:
@@ -887,18 +939,22 @@ class LatentSFTTrainer(transformers.Trainer):
 # ------------------------------------------------------------------------------------------------ run
 
 
-def _mean_train_loss(train_out, history: list[dict], global_step: int, resumed: bool) -> float | None:
+def _mean_train_loss(train_out, history: list[dict], global_step: int, resumed_at: int | None) -> float | None:
     """The training loss averaged over every step of the run.
 
     transformers' ``training_loss`` averages only the steps trained in this invocation: after a resume it is the
-    mean of the remaining steps (0.0 when resumed at the last step). A resumed run takes the step-weighted mean of the logged
-    losses instead (restored with the checkpoint; logged to 4 decimals); None when the logs do not reach the
-    last step (``logging_steps`` does not divide it).
+    mean of the remaining steps (0.0 when resumed at the last step). A resumed run (``resumed_at``: the step of the
+    checkpoint it resumed from) takes the step-weighted mean of the logged losses instead (restored with the
+    checkpoint; logged to 4 decimals); None when the logs do not reach the last step (``logging_steps`` does not
+    divide it) or when the run resumed between two logs (the first log after it averages only the steps since the
+    resume: the steps between the previous log and the checkpoint are in no log).
     """
-    if train_out is not None and not resumed:
+    if train_out is not None and resumed_at is None:
         return train_out.training_loss
     logged = [(h["step"], h["loss"]) for h in history if "loss" in h]
     if not logged or logged[-1][0] != global_step:
+        return None
+    if resumed_at and resumed_at not in {step for step, _ in logged} and resumed_at < global_step:
         return None
     total, previous = 0.0, 0
     for step, loss in logged:
@@ -981,7 +1037,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     model, tokenizer = build_model(config)
     t_model = time.time()
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
-    num_train_rows = len(train_ds)
+    num_train_rows, drawn_train_rows = len(train_ds), train_ds.drawn_rows
     if _fills_global_batches(config, resume):
         train_ds = fill_global_batches(train_ds, global_train_batch_size(config))
     eval_ds = build_dataset(config, tokenizer, config.eval_split, config.max_eval_rows) if config.eval_split else None
@@ -1018,12 +1074,15 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "output_dir": str(out_dir),
         "resumed_from": resume,
         "global_step": trainer.state.global_step,
-        "train_loss": _mean_train_loss(train_out, history, trainer.state.global_step, resumed=resume is not None),
+        "train_loss": _mean_train_loss(train_out, history, trainer.state.global_step,
+                                       resumed_at=_checkpoint_step(resume) if resume else None),
         "train_losses": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_eval_loss": trainer.state.best_metric,
         "num_train_rows": num_train_rows,
+        # the rows drawn before those that do not fit max_length were skipped: what a rerun is compared by
+        "drawn_train_rows": drawn_train_rows,
         "num_eval_rows": len(eval_ds) if eval_ds is not None else 0,
         "data_sha256": data_digests,
         "world_size": config.world_size,
