@@ -1356,10 +1356,11 @@ def report_markdown(result: dict, command: str = "") -> str:
 
 def ndcg_bars(methods: list[tuple[str, dict]], k: int) -> tuple[list[float], list[float]]:
     """The bar heights (means over seeds) and error bars (stds) of NDCG@``k`` per method; NaN (no bar, not a bar
-    at 0 that reads as a measured zero) where a method has no NDCG@``k`` (an evaluation with fewer beams)."""
+    at 0 that reads as a measured zero) where a method has no NDCG@``k`` (an evaluation with fewer beams), and no
+    error bar for a method of one seed (its std is unknown, not 0: a zero-length bar read as no spread)."""
     nan = float("nan")
     return ([m["mean"].get(f"ndcg@{k}", nan) for _, m in methods],
-            [m["std"].get(f"ndcg@{k}", nan) for _, m in methods])
+            [m["std"].get(f"ndcg@{k}", nan) if len(m.get("seeds", (0, 1))) > 1 else nan for _, m in methods])
 
 
 def plot_report(result: dict, path: Path) -> None:

@@ -987,6 +987,11 @@ def test_a_missing_ndcg_is_no_bar_not_a_zero_bar(tmp_path):
     result = {"methods": dict(methods), "protocol": {"dataset": "d", "test_rows": 5, "llm": "tiny"}}
     plot_report(result, tmp_path / "plot.png")  # NaN bars are left out, not an error
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one seed: no error bar (the JSON's std 0.0 drew a zero-length one, read as no spread between seeds) (review)
+    one = [("c", {"label": "C", "seeds": [0], "mean": {"ndcg@10": 0.03}, "std": {"ndcg@10": 0.0}}),
+           ("d", {"label": "D", "seeds": [0, 1], "mean": {"ndcg@10": 0.03}, "std": {"ndcg@10": 0.002}})]
+    _, stds = ndcg_bars(one, 10)
+    assert math.isnan(stds[0]) and stds[1] == 0.002
 
 
 def test_the_report_leaves_out_the_train_rows_when_no_lm_was_trained():
