@@ -102,3 +102,40 @@ def test_lares_training_draws_do_not_use_the_global_generator():
     T_both, _ = model.states(batch["input_ids"], 2, keys=row_keys(batch["row_index"], 5, 2, 1))
     T_one, _ = model.states(batch["input_ids"][1:], 2, keys=row_keys(batch["row_index"][1:], 5, 2, 1))
     assert torch.allclose(T_both[1], T_one[0], atol=1e-6)
+
+
+def test_lares_alignment_partner_is_a_keyed_draw():
+    """The same-target partner of the alignment terms (TLA/SLA) came from the global generator: a row's partner
+    depended on the other rows of its batch (so on the number of processes) and on the global state (review)."""
+    import numpy as np
+
+    from llmrec.seqrec.data import SameTargetPool, SplitRows, left_pad
+    from llmrec.seqrec.models import LARES, LossContext
+    from llmrec.seqrec.modules import Backbone
+
+    hists = [[i % 9 + 1, i % 7 + 2] for i in range(24)]
+    pool = SameTargetPool(SplitRows("train", left_pad(hists, 6), np.array([6, 11] * 12), hists,
+                                    [str(i) for i in range(24)]))
+    seen: list[torch.Tensor] = []
+    real_sample = pool.sample
+
+    def sample(targets, exclude_rows, generator=None, own_inputs=None, uniforms=None):
+        out = real_sample(targets, exclude_rows, generator, own_inputs,
+                          **({"uniforms": uniforms} if uniforms is not None else {}))
+        seen.append(out)
+        return out
+
+    pool.sample = sample
+    torch.manual_seed(0)
+    model = LARES(Backbone(20, 6, hidden=8, n_layers=1, heads=2, inner=16, dropout=0.0, attn_dropout=0.0),
+                  heads=2, inner=16, dropout=0.0, attn_dropout=0.0, mean_recurrence=3, tla_weight=0.5,
+                  sla_weight=0.5)
+    model.train()
+    batch = {"input_ids": torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 7, 8, 9, 10], [0, 0, 0, 3, 4, 5]]),
+             "target_ids": torch.tensor([[0, 2, 3, 4, 5, 6], [0, 0, 8, 9, 10, 11], [0, 0, 0, 4, 5, 6]]),
+             "row_index": torch.tensor([1, 4, 9])}
+    for global_seed, rows in ((1, slice(None)), (2, slice(1, None)), (3, slice(1, None))):
+        torch.manual_seed(global_seed)
+        model.loss({k: v[rows] for k, v in batch.items()}, LossContext(denom=10.0, epoch=1, seed=5, step=3,
+                                                                        aug_pool=pool))
+    assert torch.equal(seen[0][1:], seen[1]) and torch.equal(seen[1], seen[2])

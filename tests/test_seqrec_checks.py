@@ -119,6 +119,19 @@ def test_fields_the_model_does_not_read_are_named():
     assert SeqRecConfig(dataset_dir="x", model="rearec-prl", noise_std=0.0, cl_weight=0.5).unused_fields() == {
         "cl_weight": 0.5}
     assert SeqRecConfig(dataset_dir="x", model="rearec-prl", cl_weight=0.5).unused_fields() == {}
+    # More settings a weight of 0 switches off, recorded as if they had shaped the result (review)
+    def unused(model: str, **kw) -> dict:
+        return SeqRecConfig(dataset_dir="x", model=model, **kw).unused_fields()
+
+    assert unused("rearec-prl", noise_std=0.0, warmup_epochs=7) == {"warmup_epochs": 7}
+    assert unused("rearec-prl", cl_weight=0.0, noise_std=0.5, cl_max_rows=8) == {"cl_max_rows": 8, "noise_std": 0.5}
+    assert unused("rearec-prl", cl_weight=0.0, noise_std=0.0) == {}  # both switched off: neither is refused
+    assert unused("rearec-prl", pl_weight=0.0, pta_alpha=3.0) == {"pta_alpha": 3.0}
+    assert unused("rearec-erl", kl_weight=0.0, kl_cap=5.0) == {"kl_cap": 5.0}
+    assert unused("rearec-erl", reason_steps=0, kl_weight=0.1) == {"kl_weight": 0.1}
+    assert unused("lares", tla_weight=0.0, sla_weight=0.0, align_tau=0.2, align_sim="cos",
+                  sla_exclude_final=True) == {"align_sim": "cos", "align_tau": 0.2, "sla_exclude_final": True}
+    assert unused("lares", sla_weight=0.0, align_tau=0.2, sla_exclude_final=True) == {"sla_exclude_final": True}
 
 
 def test_reported_cut_off_10_is_required():

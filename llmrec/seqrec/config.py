@@ -260,7 +260,8 @@ class SeqRecConfig:
 
         Those are the fields of other models (``pta_alpha`` for SASRec, ``test_depths`` for ReaRec) and the fields
         another setting turns off (``window_stride`` with ``train_mode: rows``; the filter and RPT fields of a LARES
-        with ``rpt_epochs: 0``). Such a value changes nothing yet is recorded in the run's config as if it had been
+        with ``rpt_epochs: 0``, its alignment settings with both alignment weights 0; a loss term's settings when
+        its weight is 0, every ReaRec field with ``reason_steps: 0``). Such a value changes nothing yet is recorded in the run's config as if it had been
         used. ``llmrec seqrec train`` refuses them; a benchmark's shared settings (applied to every model) may hold
         them.
         """
@@ -272,6 +273,22 @@ class SeqRecConfig:
             others.add("window_stride")
         if self.model == "lares" and self.rpt_epochs == 0:
             others.update(_RPT_FIELDS)
-        if self.model == "rearec-prl" and self.noise_std == 0:  # no noisy view: the contrastive term is off
-            others.update(("cl_weight", "cl_max_rows"))
+        if self.model in ("rearec-erl", "rearec-prl") and self.reason_steps == 0:  # no reasoning step: SASRec
+            others.update(_ERL_FIELDS if self.model == "rearec-erl" else _PRL_FIELDS)
+        if self.model == "rearec-erl" and self.kl_weight == 0:  # the KL term is off, and its cap with it
+            others.add("kl_cap")
+        if self.model == "rearec-prl":
+            if self.pl_weight == 0:  # no progressive-temperature loss: its annealing alpha is not read
+                others.add("pta_alpha")
+            if self.noise_std == 0 or self.cl_weight == 0:  # the contrastive term (noisy view) is off
+                others.update(("cl_max_rows", "warmup_epochs"))
+                if self.noise_std == 0 and self.cl_weight != 0:
+                    others.add("cl_weight")
+                if self.cl_weight == 0 and self.noise_std != 0:
+                    others.add("noise_std")
+        if self.model == "lares":
+            if self.tla_weight == 0 and self.sla_weight == 0:  # no alignment term: its NCE settings are not read
+                others.update(("align_tau", "align_sim", "sla_exclude_final"))
+            elif self.sla_weight == 0:
+                others.add("sla_exclude_final")
         return {name: getattr(self, name) for name in sorted(others) if getattr(self, name) != defaults[name]}

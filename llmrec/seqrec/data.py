@@ -206,16 +206,18 @@ class SameTargetPool:
         self.order = order
 
     def sample(self, targets: torch.Tensor, exclude_rows: torch.Tensor, generator=None,
-               own_inputs: torch.Tensor | None = None) -> torch.Tensor:
+               own_inputs: torch.Tensor | None = None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
         """One random train row per target with the same target, other than ``exclude_rows`` when one exists.
 
         Rows whose target has no other row are paired with themselves (as the LARES code does); a target no row
         with a history leads to is paired with ``own_inputs`` (the batch's own rows; all padding if not given).
+        ``uniforms``: one draw in [0, 1) per row picking its partner (LARES passes keyed draws, so a row's partner
+        does not depend on the batch or the process layout); default drawn from ``generator``.
         """
         t = targets.cpu().numpy()
         ex = exclude_rows.cpu().numpy()
         cnt = self.count[np.clip(t, 0, len(self.count) - 1)]
-        u = torch.rand(len(t), generator=generator).numpy()
+        u = (uniforms.cpu().double() if uniforms is not None else torch.rand(len(t), generator=generator)).numpy()
         picks = np.empty(len(t), np.int64)
         for i in range(len(t)):
             c = int(cnt[i])

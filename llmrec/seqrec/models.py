@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmrec.seqrec.fused_losses import fused_ce_sum, fused_erl_loss
-from llmrec.seqrec.keyed_random import keyed_generator, keyed_trunc_normal, row_keys
+from llmrec.seqrec.keyed_random import keyed_generator, keyed_trunc_normal, keyed_uniform, row_keys
 from llmrec.seqrec.modules import KV, Backbone, Encoder, PrefixCache, causal_mask, init_weights
 
 MODEL_NAMES = ("sasrec", "rearec-erl", "rearec-prl", "lares")
 
 # Streams of LARES's keyed draws (keyed_random): with the seed, epoch, step or row, each draw has its own key.
 SPT_DEPTH, SPT_STATE, ALIGN_DEPTH, ALIGN_STATE, AUG_STATE, SLA_STEP = 1, 2, 3, 4, 5, 6
-RPT_DEPTH, RPT_STATE, EVAL_STATE, FILTER_STATE = 7, 8, 9, 10
+RPT_DEPTH, RPT_STATE, EVAL_STATE, FILTER_STATE, AUG_PICK = 7, 8, 9, 10, 11
 
 
 @dataclass
@@ -550,7 +550,10 @@ class LARES(SeqRecModel):
             k2 = self.sample_depth(keyed_generator(seed, ALIGN_DEPTH, epoch, step))
             Tb, steps = self.states(ids, k2, collect=last, keys=row_keys(row_index, seed, ALIGN_STATE, epoch))
             u_b = Tb[:, -1]
-            aug = ctx.aug_pool.sample(tgt[:, -1], row_index, own_inputs=ids).to(ids.device)
+            # the partner drawn per row (keyed): it drew from the global generator, so a row's partner depended on
+            # where the row sat in the batch and on the number of processes
+            pick = keyed_uniform(row_keys(row_index, seed, AUG_PICK, epoch), (1,))[:, 0]
+            aug = ctx.aug_pool.sample(tgt[:, -1], row_index, own_inputs=ids, uniforms=pick).to(ids.device)
             u_c = self.states(aug, k2, keys=row_keys(row_index, seed, AUG_STATE, epoch))[0][:, -1]
             logs["depth"] = float(k2)
             if self.tla_weight > 0:
