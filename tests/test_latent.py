@@ -92,6 +92,15 @@ def test_config_defaults_and_validation():
         LatentConfig(head_dim=7)
     with pytest.raises(ValueError):
         LatentConfig(head_dtype="float33")
+    # head_dtype by the resolver of model_dtype: "bf16" was refused though model_dtype takes it; int8 failed with a
+    # traceback at the first parameter; float64 passed here but not the dry run (review)
+    assert LatentConfig(head_dtype="bf16").head_dtype == "bfloat16"
+    for bad in ("int8", "float64", "auto"):
+        with pytest.raises(ValueError, match="head_dtype"):
+            LatentConfig(head_dtype=bad)
+    from llmrec.models.backbone import checked_dtype_name
+
+    assert checked_dtype_name("AUTO", "dtype") == checked_dtype_name("torch.auto", "dtype") == "auto"
     for f in LatentConfig.__dataclass_fields__.values():
         assert f.metadata.get("help"), f"field {f.name} has no help string"
 

@@ -49,6 +49,18 @@ def test_the_cli_says_the_missing_package_in_one_line(monkeypatch, tmp_path, cap
     assert err.startswith("llmrec: error: report_to tensorboard needs the tensorboard package") and "Traceback" not in err
 
 
+def test_sft_says_the_missing_package_in_one_line_before_loading_anything(monkeypatch, tmp_path, capsys):
+    """``llmrec sft --report_to tensorboard`` without tensorboard: transformers' callback raised a RuntimeError
+    traceback once training started (review)."""
+    from llmrec.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    assert main(["sft", "--dataset", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+                 "--report_to", "tensorboard"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmrec: error: report_to tensorboard needs the tensorboard package") and "Traceback" not in err
+
+
 def test_scalar_log_writes_readable_events_and_disabled_log_writes_nothing(tmp_path):
     with ScalarLog(tmp_path / "tb") as log:
         log.add("train", {"loss": 2.0, "valid": {"ndcg@10": 0.1}}, 1)

@@ -232,7 +232,9 @@ def checked_dtype_name(name: str, field: str) -> str:
         resolved = resolve_dtype(name)
     except ValueError as e:
         raise ValueError(f"{field}: {e}") from None
-    return str(resolved).removeprefix("torch.") if isinstance(resolved, torch.dtype) else concrete_dtype_name(name)
+    if resolved == "auto":  # "AUTO", "torch.auto": one spelling, as "BF16" becomes "bfloat16"
+        return "auto"
+    return str(resolved).removeprefix("torch.")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -930,6 +932,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 2
     except (AliasNotInstalledError, ConversionError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # an unwritable --cache-dir: a traceback before
+        print(f"error: cannot convert {args.alias} into {args.cache_dir or 'the cache'}: {err}", file=sys.stderr)
         return 1
     print(f"converted {args.alias} into {folder} in {time.monotonic() - start:.1f}s")
     return 0

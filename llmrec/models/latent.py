@@ -143,8 +143,15 @@ class LatentConfig:
             raise ValueError("head_num_heads must be >= 1")
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             raise ValueError(f"head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
-        if not isinstance(getattr(torch, self.head_dtype, None), torch.dtype):
-            raise ValueError(f"head_dtype {self.head_dtype!r} is not a torch dtype name")
+        # The resolver of model_dtype / dtype, so "bf16" is bfloat16 here too, and only the float dtypes the
+        # package runs (int8 failed with a traceback at the first parameter; float64 passed here but not the dry run)
+        from llmrec.models.backbone import checked_dtype_name
+
+        name = checked_dtype_name(self.head_dtype, "head_dtype")
+        if name == "auto":
+            raise ValueError("head_dtype: name a dtype (bfloat16, float32, float16), not auto: the head is built "
+                             "here, not loaded")
+        self.head_dtype = name
 
     @property
     def torch_head_dtype(self) -> torch.dtype:

@@ -270,9 +270,16 @@ class LatentSFTConfig(transformers.TrainingArguments):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (or null for all rows), got {getattr(self, name)}")
         try:  # the pooling head's settings, checked before any model is loaded (they failed only after)
-            self.latent_config()
+            self.head_dtype = self.latent_config().head_dtype  # canonical ("bf16" -> "bfloat16"), as recorded
         except ValueError as e:
             raise ConfigError(f"latent head: {e}") from None
+        reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        if "tensorboard" in reports:
+            # transformers' callback raised a RuntimeError (a traceback) once training started; other integrations
+            # are transformers' own to check
+            from llmrec.tensorboard_log import require_tensorboard
+
+            require_tensorboard()
         if self.finetune != "full":
             if self.lora_r < 1:
                 raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
