@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from llmrec.config import int_at_least
 from llmrec.models.backbone import load_backbone
 from llmrec.models.latent import (
     IGNORE_INDEX,
@@ -165,18 +166,20 @@ def exactness(args, batches) -> tuple[float, float]:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of ``llmrec bench latent-sft``."""
     ap.add_argument("--model", default="smollm2-135m", help="backbone alias, directory or hub id")
-    ap.add_argument("--batch-size", type=int, default=4)
+    # bounded here: a count of 0 ended in a traceback, or (--exact-batches 0) in exactness numbers never measured
+    ap.add_argument("--batch-size", type=int_at_least(1), default=4)
     ap.add_argument("--prompt-len", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"))
     ap.add_argument("--completion-len", type=int, nargs=2, default=(15, 25), metavar=("MIN", "MAX"))
-    ap.add_argument("--num-latent", type=int, default=1, help="latent tokens N of the latent forms")
-    ap.add_argument("--num-batches", type=int, default=3, help="distinct batches, cycled over the steps")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
+    ap.add_argument("--num-latent", type=int_at_least(1), default=1, help="latent tokens N of the latent forms")
+    ap.add_argument("--num-batches", type=int_at_least(1), default=3, help="distinct batches, cycled over the steps")
+    ap.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed steps per variant")
+    ap.add_argument("--steps", type=int_at_least(1), default=5, help="timed steps per variant (median reported)")
     ap.add_argument("--dtype", default="bfloat16", help="dtype of the timed runs")
-    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-r", type=int_at_least(1), default=8)
     ap.add_argument("--lora-targets", default=LORA_TARGETS)
-    ap.add_argument("--exact-batches", type=int, default=1, help="batches used for the float32 exactness check")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--exact-batches", type=int_at_least(1), default=1,
+                    help="batches used for the float32 exactness check (at most --num-batches)")
+    ap.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall",
@@ -187,6 +190,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def bench_latent_sft(args: argparse.Namespace) -> dict:
     """Time the three forms side by side on the same batches; exactness in float32. Returns the result dict."""
+    if args.exact_batches < 1:  # the command line bounds it; a caller's namespace may not
+        raise ValueError("--exact-batches must be >= 1: with no batch compared, the exactness numbers mean nothing")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -215,6 +220,7 @@ def bench_latent_sft(args: argparse.Namespace) -> dict:
     del latent, plain
 
     max_logit, max_rel = exactness(args, batches)
+    compared = len(batches[: args.exact_batches])
 
     other = "wall" if args.clock == "cpu" else "cpu"
     print(f"clock: {args.clock} (median {other} time in the last columns); host load average "
@@ -223,7 +229,8 @@ def bench_latent_sft(args: argparse.Namespace) -> dict:
     for k, v in times.items():
         print(f"{k:<14}{med[k]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}{med[k] / med['plain']:>9.3f}"
               f"{med_other[k]:>10.3f}{med_other[k] / med_other['plain']:>9.3f}")
-    print(f"float32 efficient vs naive: max |logit diff| {max_logit:.3g}, max rel grad diff {max_rel:.3g}")
+    print(f"float32 efficient vs naive ({compared} batch(es)): max |logit diff| {max_logit:.3g}, max rel grad diff "
+          f"{max_rel:.3g}")
     result = {
         "model": args.model,
         "dtype": args.dtype,
@@ -243,5 +250,8 @@ def bench_latent_sft(args: argparse.Namespace) -> dict:
         f"{other}_naive_over_plain": round(med_other["naive_latent"] / med_other["plain"], 4),
         "max_abs_logit_diff_vs_naive": max_logit,
         "max_rel_grad_diff_vs_naive": max_rel,
+        # the batches the two max diffs above are over (--exact-batches asks, --num-batches caps it); results
+        # written before this key existed compared min(args.exact_batches, args.num_batches) as well
+        "exactness_batches_compared": compared,
     }
     return result

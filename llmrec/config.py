@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import inspect
 import json
 import math
 import os
@@ -268,6 +269,26 @@ def _null_or(convert: Any) -> Any:
     return read
 
 
+def _json_mapping_text(convert: Any) -> Any:
+    """The argparse type of a field that admits a dict (transformers' ``lr_scheduler_kwargs: dict | str | None``,
+    parsed as ``str``): text starting with ``{`` must be the JSON that transformers reads it as. The recipe's YAML
+    form ``{num_cycles: 2}`` failed inside TrainingArguments with a bare JSON error naming neither the option nor
+    the expected form (argparse names the option). Other text (a path: ``fsdp_config``) passes unchanged."""
+
+    @functools.wraps(convert, updated=())  # keeps the name and ``__wrapped__`` (see _typed)
+    def read(text: str) -> Any:
+        if isinstance(text, str) and text.startswith("{"):  # what transformers json.loads (_VALID_DICT_FIELDS)
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as e:
+                raise argparse.ArgumentTypeError(
+                    f"expects a JSON mapping (keys and strings in double quotes), such as '{{\"num_cycles\": 2}}'; "
+                    f"got {text!r} ({e})") from None
+        return convert(text)
+
+    return read
+
+
 class _ChoicesOrNull(list):
     """An optional field's choices (``ddp_backend``): None, read from ``null``, is one of them too, without
     being listed in the help or in an error message."""
@@ -356,7 +377,7 @@ def _typed(convert, value: Any, hint: Any = None) -> Any:
         what = "one value or a list" if hint is not None and _admits(hint, list) else "one value"
         of = _hint_text(hint) if hint is not None else getattr(convert, "__name__", str(convert))
         raise ValueError(f"expected {what} of type {of}, got a {'mapping' if isinstance(value, dict) else 'list'}")
-    convert = getattr(convert, "__wrapped__", convert)  # an optional field's null-reading wrapper (_null_or)
+    convert = inspect.unwrap(convert)  # the wrappers of an optional field (_null_or) and a dict field (_json_mapping_text)
     if convert in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("expected a number")
@@ -469,6 +490,8 @@ def _parser(classes: Sequence[type]):
     hints = _field_hints(classes)
     for action in parser._actions:
         hint = hints.get(action.dest)
+        if action.type is not None and hint is not None and hint is not Any and _admits(hint, dict):
+            action.type = _json_mapping_text(action.type)
         if action.type is None or hint is None or not _admits(hint, None):
             continue
         action.type = _null_or(action.type)

@@ -674,6 +674,7 @@ class AcceleratePlan:
 
 
 def _plan_from_file(path: str, label: str | None = None) -> AcceleratePlan:
+    import yaml
     from accelerate.commands.config.config_args import ClusterConfig
 
     from llmrec.config import ConfigError
@@ -682,8 +683,9 @@ def _plan_from_file(path: str, label: str | None = None) -> AcceleratePlan:
     try:
         resolved = resolve_resource(path, "recipes")
         cfg = ClusterConfig.from_yaml_file(yaml_file=str(resolved))
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        raise ConfigError(f"accelerate config {path}: {e}") from None
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as e:  # missing, unreadable, not YAML, wrong keys
+        # one line (a YAML error spans several)
+        raise ConfigError(f"accelerate config {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
     dist = getattr(cfg.distributed_type, "value", str(cfg.distributed_type))
     mp = getattr(cfg.mixed_precision, "value", str(cfg.mixed_precision or "no"))
     n = cfg.num_processes if cfg.num_processes and cfg.num_processes > 0 else 1
@@ -857,6 +859,17 @@ def _model_section(report: DryRunReport, name: str, dtype: str, embedding_rows: 
         return None
 
 
+def _check_qlora(report: DryRunReport, compute_dtype: Any) -> None:
+    """A 4-bit base needs bitsandbytes and a named compute dtype: the setting the run builds, checked as it is
+    (the run refuses either when it loads the model; the dry run said READY)."""
+    from llmrec.models.backbone import qlora_quantization_config
+
+    try:
+        qlora_quantization_config(compute_dtype)
+    except (ImportError, ValueError) as e:
+        report.error(str(e))
+
+
 def dry_run_sft(config: Any, plan: AcceleratePlan, recipe: Path | None, report: DryRunReport) -> None:
     """Checks of ``llmrec sft``: data splits, model + LoRA/full + head on meta, batch and steps."""
     lora = config.finetune in ("lora", "qlora")
@@ -877,8 +890,10 @@ def dry_run_sft(config: Any, plan: AcceleratePlan, recipe: Path | None, report: 
     )
     if counts is not None:
         _report_counts(report, counts, training=True)
-    if config.finetune == "qlora" and not torch.cuda.is_available():
-        report.note("finetune=qlora without a CUDA GPU: bitsandbytes runs the 4-bit layers on the CPU (slow)")
+    if config.finetune == "qlora":
+        _check_qlora(report, config.model_dtype)
+        if not torch.cuda.is_available():
+            report.note("finetune=qlora without a CUDA GPU: bitsandbytes runs the 4-bit layers on the CPU (slow)")
     _report_plan(report, plan)
     precision = "bf16" if config.bf16 else "fp16" if config.fp16 else plan.mixed_precision
     report.item("mixed precision", f"{precision} (weights {config.model_dtype}"
@@ -961,6 +976,34 @@ def _adapter_base(report: DryRunReport, ckpt: Path, model_name_or_path: str | No
         return recorded_base(ckpt)[0] or model_name_or_path
 
 
+def _rows_left_by_sft(report: DryRunReport, ckpt: Path | None, split: str, n: int) -> int | None:
+    """Rows of ``split`` (``n``) that ``exclude_sft_rows`` leaves to draw the prompts from, as the trainer counts
+    them; None (steps unknown) when the SFT checkpoint is not there yet or its train rows cannot be read (an
+    error, as in the run)."""
+    from llmrec.config import ConfigError
+    from llmrec.training.grpo import sft_train_row_indices
+    from llmrec.training.sft import TRAINING_ARGS_JSON
+
+    if ckpt is None or not ckpt.is_dir():
+        report.note("exclude_sft_rows: the rows left to draw from are known once the SFT checkpoint exists")
+        return None
+    try:
+        seen = sft_train_row_indices(ckpt, split, n)
+    except ConfigError as e:  # no training_args.json, or a GRPO output given as the SFT checkpoint
+        report.error(str(e))
+        return None
+    except ValueError as e:  # a damaged training_args.json (json names no file)
+        report.error(f"exclude_sft_rows: {ckpt / TRAINING_ARGS_JSON} cannot be read: {e}")
+        return None
+    left = n - len(seen)
+    report.item("exclude_sft_rows", f"{len(seen):,} of {n:,} {split} rows were the SFT's; the prompts are drawn "
+                f"from the other {left:,}")
+    if left == 0:
+        report.error(f"exclude_sft_rows: the SFT checkpoint trained on every {split} row")
+        return None
+    return left
+
+
 def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report: DryRunReport) -> None:
     """Checks of ``llmrec grpo``: the SFT checkpoint, data, head-only (or + LoRA) counts, groups and steps."""
     from llmrec.models.latent import LATENT_CONFIG_NAME, LatentConfig
@@ -995,9 +1038,14 @@ def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report:
             report.error(f"{ckpt} has no {LATENT_CONFIG_NAME}: latent GRPO needs a latent SFT checkpoint")
         report.item("checkpoint", f"{ckpt} ({kind or '?'}; finetune {meta.get('finetune', '?')}, "
                     f"{latent.num_latent_tokens} latent token(s))")
+        if kind == "adapter" and meta.get("finetune") == "qlora":  # loaded onto a 4-bit base, as it was trained
+            _check_qlora(report, config.model_dtype if config.model_dtype != "auto"
+                         else meta.get("model_dtype") or "float32")
     dataset = config.dataset or meta.get("dataset")
+    # the held-out check reads its split when the run starts (a missing one ended the real run, not the dry run)
+    splits = [config.train_split] + ([config.eval_split] if config.eval_rows > 0 else [])
     if dataset:
-        rows = check_dataset(report, dataset, [config.train_split], recipe)
+        rows = check_dataset(report, dataset, splits, recipe)
     else:
         report.section("data")
         rows = None
@@ -1045,22 +1093,113 @@ def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report:
         report.error(f"the global batch ({global_rows} rows) must be divisible by num_generations ({g})")
         return
     prompts = (rows or {}).get(config.train_split)
+    if prompts is not None and config.exclude_sft_rows:
+        prompts = _rows_left_by_sft(report, ckpt, config.train_split, prompts)
     total = None
     if prompts is not None:
         used = min(prompts, config.max_train_rows) if config.max_train_rows else prompts
         if global_rows // g > used:
-            report.error(f"an optimiser step needs {global_rows // g} prompts, the split has {used}")
+            report.error(f"an optimiser step needs {global_rows // g} prompts, "
+                         + (f"exclude_sft_rows leaves {used}" if config.exclude_sft_rows else f"the split has {used}"))
         else:
             steps = grpo_steps_per_epoch(used, per, world, ga, g)
             total = config.max_steps if config.max_steps > 0 else max(1, int(steps * config.num_train_epochs))
             report.item("steps per epoch", f"{steps:,} ({used:,} prompts; the last incomplete batch is dropped)")
             report.item("total steps", f"{total:,}")
     else:
-        report.item("steps per epoch", "unknown until the dataset is prepared")
+        report.item("steps per epoch", "unknown until the dataset is prepared" if not config.exclude_sft_rows
+                    else "unknown until the dataset is prepared and the SFT's train rows are known")
     report.item("warmup", _warmup(config.warmup_steps, total))
+    if config.eval_rows > 0:
+        held = (rows or {}).get(config.eval_split)
+        report.item("held-out check", f"{min(config.eval_rows, held) if held is not None else config.eval_rows:,} "
+                    f"{config.eval_split} rows, before and after training")
     from llmrec.training.grpo import RESULTS_NAME, last_grpo_checkpoint
 
     _report_output(report, config.output_dir, RESULTS_NAME, config.retrain, last_grpo_checkpoint)
+
+
+def _dataset_directory(dataset: str) -> Path:
+    """Where ``dataset`` (a prepared directory or an embedded sample's name) is read from, preparing nothing."""
+    from llmrec.data.samples import SAMPLES, sample_cache_dir
+
+    return sample_cache_dir(dataset) if dataset in SAMPLES and not Path(dataset).exists() else Path(dataset)
+
+
+def _check_seqrec_run(report: DryRunReport, run: Path, dataset: str | None) -> int | None:
+    """Check the ``llmrec seqrec train`` run that ``evaluate --method seqrec`` ranks with, as the evaluator loads it
+    (:func:`~llmrec.decoding.guidance.load_guidance_model`): its results.json config, the selected weights' tensor
+    names and shapes against the model that config builds (on the meta device: the header is read, no tensor), and
+    the catalogue it was trained on. Returns the catalogue size it was trained on (None when unknown)."""
+    import dataclasses
+
+    from llmrec.decoding.guidance import check_trained_catalog, guidance_weights_path
+    from llmrec.safetensors_io import open_safetensors
+    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.seqrec.models import build_model
+
+    report.section("ID model (method seqrec: full ranking by a `llmrec seqrec train` run)")
+    report.item("checkpoint", str(run))
+    results_path = run / "results.json"
+    if not results_path.is_file():
+        fix = _command_for_run(str(run), ("sasrec", "rearec", "lares"),
+                               f"llmrec seqrec train --config recipes/seqrec/sasrec_games.yaml --dataset_dir "
+                               f"{dataset} --output_dir {run}")
+        state = "directory not found" if not run.is_dir() else "no results.json: the run has not finished"
+        report.missing_input(f"ID-model run {run} ({state})", fix)
+        return None
+    try:
+        results = _read_json(results_path)
+    except (UnicodeDecodeError, ValueError) as e:
+        report.error(f"{results_path} is damaged ({e})")
+        return None
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        report.error(f"{results_path} has no 'config' (not a `llmrec seqrec train` run?)")
+        return None
+    known = {f.name for f in dataclasses.fields(SeqRecConfig)}
+    try:
+        cfg = SeqRecConfig(**{k: v for k, v in results["config"].items() if k in known})
+    except (TypeError, ValueError) as e:
+        report.error(f"{results_path}: its config does not load ({e})")
+        return None
+    weights = guidance_weights_path(run, results)
+    try:
+        with open_safetensors(weights) as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, ValueError) as e:  # missing, damaged or not a safetensors file (the message names it)
+        report.error(f"ID-model weights: {e}")
+        return None
+    key = "backbone.item_emb.weight"
+    if key not in found:
+        report.error(f"{weights} has no {key} (not a seqrec model?)")
+        return None
+    items = found[key][0] - 1
+    with torch.device("meta"):
+        wanted = {k: tuple(v.shape) for k, v in build_model(cfg, items).state_dict().items()}
+    if found != wanted:  # the evaluator's load_state_dict (strict) would refuse it
+        other = sorted(k for k in found.keys() & wanted.keys() if found[k] != wanted[k])
+        report.error(f"{weights} does not fit the {cfg.model} its results.json describes (missing "
+                     f"{sorted(wanted.keys() - found.keys())[:3]}, unexpected {sorted(found.keys() - wanted.keys())[:3]}"
+                     f", other shapes {other[:3]})")
+    report.item("model", f"{cfg.model} (ID model): hidden {cfg.hidden_size}, {cfg.n_layers} layer(s), "
+                f"{cfg.n_heads} head(s); reads the last {cfg.max_history} items of each history")
+    report.item("weights", f"{weights.relative_to(run)} ({_fmt_count(sum(math.prod(s) for s in found.values()))} "
+                f"parameters, trained on {items:,} items)")
+    if dataset:
+        directory = _dataset_directory(dataset)
+        catalog = directory / "catalog.jsonl"
+        if catalog.exists():
+            n = _count_lines(catalog)
+            trained_on = (results.get("protocol") or {}).get("dataset_dir", cfg.dataset_dir)
+            try:
+                if n != items:
+                    raise ValueError(f"checkpoint {run}: the ID model was trained on {items:,} items, {directory} "
+                                     f"has {n:,}")
+                check_trained_catalog(trained_on, directory, f"checkpoint {run}",
+                                      (results.get("data_sha256") or {}).get("catalog.jsonl"))
+            except ValueError as e:
+                report.error(str(e))
+    return items
 
 
 def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, report: DryRunReport) -> None:
@@ -1088,8 +1227,13 @@ def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, rep
             kind, meta, latent = _read_checkpoint(ckpt, report)
             report.item("checkpoint", f"{ckpt} ({kind or '?'}, "
                         f"{latent.num_latent_tokens if latent else 0} latent token(s))")
+            if kind == "adapter" and meta.get("finetune") == "qlora":  # loaded onto a 4-bit base, as it was trained
+                _check_qlora(report, config.dtype if config.dtype != "auto" else meta.get("model_dtype") or "float32")
             if meta.get("dataset") and Path(str(meta["dataset"])) != Path(config.dataset):
                 report.note(f"the checkpoint was trained on {meta['dataset']}, evaluated on {config.dataset}")
+    seqrec_items = None
+    if config.method == "seqrec":
+        seqrec_items = _check_seqrec_run(report, Path(config.checkpoint), config.dataset)
     if config.method == "beam" and config.guidance_checkpoint:
         report.section("D3 guidance")
         g = Path(config.guidance_checkpoint)
@@ -1114,13 +1258,20 @@ def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, rep
     if config.method == "beam":
         report.item("precision", f"weights {config.dtype} (evaluate does not autocast)")
         report.item("batch per process", f"{config.batch_size} rows x {config.num_beams} beams")
+    elif config.method == "seqrec":
+        report.item("model", "the ID model above: every catalogue item scored per row (full ranking)"
+                    + (f", {seqrec_items:,} items" if seqrec_items is not None else ""))
     else:
         report.item("model", "none: the popularity ranking of the training targets")
     if n is not None:
         used = min(n, config.max_rows) if config.max_rows > 0 else n
-        batches = math.ceil(used / config.batch_size)
-        report.item("rows", f"{used:,} of {n:,} {config.split} rows in {batches:,} batches; batch b goes to process "
-                    f"b mod {world} (~{math.ceil(batches / world):,} per process)")
+        if config.method == "seqrec":  # the evaluator stripes rows over the processes, 256 per forward
+            report.item("rows", f"{used:,} of {n:,} {config.split} rows; row r goes to process r mod {world} "
+                        f"(~{math.ceil(used / world):,} per process, scored 256 at a time)")
+        else:
+            batches = math.ceil(used / config.batch_size)
+            report.item("rows", f"{used:,} of {n:,} {config.split} rows in {batches:,} batches; batch b goes to "
+                        f"process b mod {world} (~{math.ceil(batches / world):,} per process)")
     else:
         report.item("rows", "unknown until the dataset is prepared")
     report.section("output")

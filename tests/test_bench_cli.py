@@ -78,3 +78,28 @@ def test_bench_seqrec_help_says_seeds_is_a_count(capsys):
         main(["bench", "seqrec", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "number of seeds per model (a count, not a seed): run s uses seed 42 + s" in text
+
+
+def test_bench_counts_below_their_bound_are_usage_errors(capsys):
+    """`bench grpo --num-batches 0` ended in a ZeroDivisionError, `--steps 0` in "no median for empty data", and
+    `bench latent-sft --exact-batches 0` reported exactness numbers it never measured: argparse refuses them now."""
+    import pytest
+
+    for argv in (["grpo", "--num-batches", "0"], ["grpo", "--steps", "0"], ["grpo", "--prompts", "0"],
+                 ["grpo", "--group-size", "1"], ["grpo", "--warmup", "-1"],
+                 ["latent-sft", "--exact-batches", "0"], ["latent-sft", "--num-batches", "0"],
+                 ["latent-sft", "--steps", "0"], ["latent-sft", "--batch-size", "0"], ["latent-sft", "--lora-r", "0"],
+                 ["latent-sft", "--num-latent", "0"], ["latent-sft", "--threads", "-1"]):
+        with pytest.raises(SystemExit) as info:
+            main(["bench", *argv, "--model", "tiny-qwen2"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and f"argument {argv[1]}: must be >= " in err, (argv, err)
+
+
+def test_bench_latent_sft_records_the_batches_its_exactness_compares(tmp_path, capsys):
+    """The JSON says over how many batches the max diffs are taken: --exact-batches capped by --num-batches."""
+    rc = main(["bench", "latent-sft", "--model", "tiny-qwen2", "--steps", "1", "--warmup", "0", "--num-batches", "1",
+               "--batch-size", "1", "--dtype", "float32", "--exact-batches", "3", "--lora-targets", "q_proj,v_proj"])
+    assert rc == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["exactness_batches_compared"] == 1 and last["args"]["exact_batches"] == 3

@@ -456,3 +456,23 @@ def test_numbers_with_an_exponent_inside_a_mapping_option_are_numbers(tmp_path: 
     import yaml
 
     assert yaml.safe_load("a: 1e-6") == {"a": "1e-6"}  # PyYAML's own loader is left as it is
+
+
+def test_a_mapping_option_in_recipe_form_on_the_command_line_names_the_option_and_the_json_form(tmp_path: Path):
+    """`--lr_scheduler_kwargs "{num_cycles: 2}"` (the recipe's YAML form) failed inside TrainingArguments with a bare
+    JSON error ("Expecting property name enclosed in double quotes") naming neither the option nor the form."""
+    from transformers import TrainingArguments
+
+    for args in (["--lr_scheduler_kwargs", "{num_cycles: 2}"], ["--lr-scheduler-kwargs={num_cycles: 2}"]):
+        with pytest.raises(ConfigError, match=r"lr_scheduler_kwargs.*expects a JSON mapping .*'\{\"num_cycles\": 2\}'"):
+            parse_config([TrainingArguments], None, ["--output_dir", str(tmp_path / "o"), *args])
+    (ok,) = parse_config([TrainingArguments], None, ["--output_dir", str(tmp_path / "o"), "--lr_scheduler_kwargs",
+                                                     '{"num_cycles": 2}'])
+    assert ok.lr_scheduler_kwargs == {"num_cycles": 2}
+    # the same text quoted in a recipe; text that is no mapping (fsdp_config: a path) and null still pass
+    with pytest.raises(ConfigError, match=r"r.yaml: option 'scheduler_kwargs': .*expects a JSON mapping"):
+        parse_config(OPT, recipe(tmp_path, "dataset: d\nscheduler_kwargs: '{num_cycles: 2}'\n", "r.yaml"))
+    *_, opt = parse_config(OPT, recipe(tmp_path, "dataset: d\n"), ["--scheduler_kwargs", "cfg/fsdp.json"])
+    assert opt.scheduler_kwargs == "cfg/fsdp.json"
+    *_, opt = parse_config(OPT, recipe(tmp_path, "dataset: d\n"), ["--scheduler_kwargs", "null"])
+    assert opt.scheduler_kwargs is None

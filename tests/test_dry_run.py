@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -553,3 +554,158 @@ def test_lora_target_modules_as_one_string_from_python(tmp_path):
     assert cfg.lora_target_modules == ["all-linear"]
     LatentSFTConfig(output_dir=str(tmp_path / "o"), model_name_or_path="tiny-qwen2", finetune="full",
                     lora_target_modules=[])
+
+
+# ------------------------------------------------------------------- checks the real run makes (review fixes)
+
+
+def _grpo_argv(sft: Path, out: Path, *extra: str) -> list[str]:
+    return ["grpo", "--sft_checkpoint", str(sft), "--output_dir", str(out), "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--model_dtype", "float32", *extra]
+
+
+def _sft_trained_on(sft: Path, rows: int, seed: int = 42) -> None:
+    """Record, as a real SFT run does, that ``sft`` trained on a seeded subset of ``rows`` train rows."""
+    (sft / "training_args.json").write_text(json.dumps({"train_split": "train", "max_train_rows": rows, "seed": seed}))
+
+
+def test_grpo_exclude_sft_rows_counts_steps_from_the_rows_left(sft_checkpoint, prepared_dir, tmp_path, capsys):
+    """exclude_sft_rows: the trainer draws the prompts from the rows the SFT did not train on; the dry run counted
+    steps over the whole split (READY where the trainer refused: too few rows left)."""
+    from llmrec.config import parse_config
+    from llmrec.training.grpo import LatentGRPOConfig, LatentGRPOTrainer
+
+    n = json.loads((prepared_dir / "stats.json").read_text())["rows"]["train"]
+    _sft_trained_on(sft_checkpoint, n // 2)
+    argv = _grpo_argv(sft_checkpoint, tmp_path / "grpo", "--gradient_accumulation_steps", "1",
+                      "--exclude_sft_rows", "true")
+    code, out = dry(argv, capsys)
+    assert code == EXIT_READY, out
+    assert f"exclude_sft_rows: {n // 2:,} of {n:,} train rows were the SFT's" in out
+    trainer = LatentGRPOTrainer(parse_config([LatentGRPOConfig], None, argv[1:])[0])
+    assert number(out, "steps per epoch") == trainer.steps_per_epoch == (n - n // 2) // 2
+    # two rows left, four prompts a step: the trainer has no step to take
+    _sft_trained_on(sft_checkpoint, n - 2)
+    code, out = dry(_grpo_argv(sft_checkpoint, tmp_path / "grpo", "--gradient_accumulation_steps", "2",
+                               "--exclude_sft_rows", "true"), capsys)
+    assert code == EXIT_INVALID and "an optimiser step needs 4 prompts, exclude_sft_rows leaves 2" in out
+
+
+def test_grpo_exclude_sft_rows_without_the_sfts_training_args_is_an_error(sft_checkpoint, tmp_path, capsys):
+    code, out = dry(_grpo_argv(sft_checkpoint, tmp_path / "grpo", "--exclude_sft_rows", "true"), capsys)
+    assert code == EXIT_INVALID, out
+    assert "ERROR exclude_sft_rows:" in out and "training_args.json is missing" in out
+
+
+def test_grpo_eval_split_is_checked_when_eval_rows_is_set(sft_checkpoint, prepared_dir, tmp_path, capsys):
+    """The held-out check reads eval_split at the start of the run; the dry run checked the train split only."""
+    (prepared_dir / "valid.jsonl").unlink()
+    code, out = dry(_grpo_argv(sft_checkpoint, tmp_path / "grpo"), capsys)
+    assert code == EXIT_READY, out  # no held-out check: valid is not read
+    code, out = dry(_grpo_argv(sft_checkpoint, tmp_path / "grpo", "--eval_rows", "4"), capsys)
+    assert code == EXIT_MISSING, out
+    assert "MISSING split 'valid'" in out
+
+
+def test_evaluate_seqrec_checks_the_id_model_run(prepared_dir, tmp_path, capsys):
+    """--method seqrec: the dry run checked nothing and described the popularity baseline (READY for a run directory
+    that does not exist)."""
+    from tests.conftest import train_tiny_sasrec
+
+    argv = ["evaluate", "--dataset", str(prepared_dir), "--method", "seqrec", "--output_dir", str(tmp_path / "ev")]
+    code, out = dry([*argv, "--checkpoint", str(tmp_path / "no_such_run")], capsys)
+    assert code == EXIT_MISSING, out
+    assert f"MISSING ID-model run {tmp_path / 'no_such_run'} (directory not found)" in out
+    assert "llmrec seqrec train" in out and "popularity" not in out
+
+    run = train_tiny_sasrec(prepared_dir, tmp_path / "sasrec")
+    before = tree(tmp_path)
+    code, out = dry([*argv, "--checkpoint", str(run)], capsys)
+    assert code == EXIT_READY, out
+    assert tree(tmp_path) == before
+    items = len((prepared_dir / "catalog.jsonl").read_text().splitlines())
+    assert "model: sasrec (ID model)" in out and f"trained on {items:,} items" in out
+    assert "popularity" not in out
+
+    (run / "train" / "best.safetensors").write_bytes(b"not a safetensors file")
+    code, out = dry([*argv, "--checkpoint", str(run)], capsys)
+    assert code == EXIT_INVALID and "ERROR ID-model weights:" in out and "best.safetensors" in out
+
+    other = tmp_path / "other"
+    from tests.conftest import write_prepared
+
+    write_prepared(other, n_items=25)
+    run = train_tiny_sasrec(prepared_dir, tmp_path / "sasrec2")
+    code, out = dry(["evaluate", "--dataset", str(other), "--method", "seqrec", "--checkpoint", str(run),
+                     "--output_dir", str(tmp_path / "ev")], capsys)
+    assert code == EXIT_INVALID and f"trained on {items:,} items" in out and "has 25" in out
+
+
+def test_a_full_checkpoint_without_its_model_weights_is_not_full(tmp_path, prepared_dir, capsys):
+    """checkpoint_kind called a folder "full" for config.json and any *.safetensors: a full latent checkpoint whose
+    model.safetensors is gone (latent_head.safetensors left) passed the dry run, and the load failed."""
+    from llmrec.models.checkpoint import CheckpointError, checkpoint_kind
+    from llmrec.training.sft import LatentSFTConfig, build_model, save_sft_checkpoint
+
+    cfg = LatentSFTConfig(model_name_or_path="tiny-llama", model_dtype="float32", dataset=str(prepared_dir),
+                          finetune="full", output_dir=str(tmp_path / "sft"), num_latent_tokens=1, history_length=3,
+                          max_length=256, eval_split=None)
+    model, tok = build_model(cfg)
+    save_sft_checkpoint(model, tok, tmp_path / "sft", cfg.checkpoint_fields())
+    assert checkpoint_kind(tmp_path / "sft") == "full"
+    (tmp_path / "sft" / "model.safetensors").rename(tmp_path / "sft" / "model-00001-of-00001.safetensors")
+    assert checkpoint_kind(tmp_path / "sft") == "full"  # a shard of the model's weights
+    (tmp_path / "sft" / "model-00001-of-00001.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        checkpoint_kind(tmp_path / "sft")
+    code, out = dry(["evaluate", "--dataset", str(prepared_dir), "--checkpoint", str(tmp_path / "sft"),
+                     "--output_dir", str(tmp_path / "ev")], capsys)
+    assert code == EXIT_INVALID and "is not a usable checkpoint" in out
+
+
+@pytest.mark.parametrize("missing,extra,message", [
+    ("bitsandbytes", ["--finetune", "qlora"], "finetune=qlora needs bitsandbytes"),
+    ("tensorboard", ["--report_to", "tensorboard"], "report_to tensorboard needs the tensorboard package"),
+])
+def test_sft_needing_a_missing_optional_package_is_invalid(missing, extra, message, prepared_dir, tmp_path, capsys,
+                                                           monkeypatch):
+    """The dry run said READY; the real run refuses (QLoRA when it loads the model; tensorboard now when the SFT
+    config is built, so the dry run fails there too, as an `llmrec: error:` line)."""
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` fails as if it were not installed
+    argv = ["sft"] + sft_args(prepared_dir, tmp_path / "out", num_latent_tokens="1") + extra
+    code = main(argv + ["--dry-run"])
+    captured = capsys.readouterr()
+    assert code == EXIT_INVALID, captured.out
+    assert f"ERROR {message}" in captured.out or f"llmrec: error: {message}" in captured.err
+    monkeypatch.delitem(sys.modules, missing)
+    code, out = dry(argv, capsys)
+    assert code == EXIT_READY, out
+
+
+def test_grpo_and_evaluate_of_a_qlora_checkpoint_need_bitsandbytes(sft_checkpoint, prepared_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    """A QLoRA adapter is loaded onto the 4-bit base it was trained on: without bitsandbytes the run fails."""
+    meta_path = sft_checkpoint / "llmrec_config.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "finetune": "qlora"}))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    for argv in (_grpo_argv(sft_checkpoint, tmp_path / "grpo"),
+                 ["evaluate", "--dataset", str(prepared_dir), "--checkpoint", str(sft_checkpoint),
+                  "--output_dir", str(tmp_path / "ev")]):
+        code, out = dry(argv, capsys)
+        assert code == EXIT_INVALID and "ERROR finetune=qlora needs bitsandbytes" in out, out
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("a: [\n", "accelerate config bad.yaml: while parsing a flow node"),  # not YAML: was a yaml traceback
+    (None, "accelerate config bad.yaml: [Errno 21]"),  # a directory: was an IsADirectoryError traceback
+])
+def test_an_unreadable_accelerate_config_is_a_config_error(text, expected, capsys):
+    bad = Path("bad.yaml")
+    if text is None:
+        bad.mkdir()
+    else:
+        bad.write_text(text)
+    assert main(["sft", "--config", "recipes/games/sft_latent.yaml", "--dry-run", "--accelerate-config",
+                 "bad.yaml"]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert f"llmrec: error: {expected}" in err and "Traceback" not in err

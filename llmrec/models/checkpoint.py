@@ -2,7 +2,8 @@
 
 A checkpoint directory is one of:
 
-* a full model saved with ``save_pretrained`` (``config.json`` + ``*.safetensors``);
+* a full model saved with ``save_pretrained`` (``config.json`` + ``model.safetensors``, or its shards
+  ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``);
 * a peft adapter in its standard form (``adapter_config.json`` + ``adapter_model.safetensors``),
   applied to its recorded base model and merged for speed; naming another base is an error (an adapter on
   the wrong base fails deep inside peft on a shape mismatch or, worse, loads).
@@ -71,12 +72,16 @@ def checkpoint_kind(path: str | Path) -> str:
             f"save writes last: the save was interrupted; use an earlier checkpoint or rerun the training command")
     if all((path / f).exists() for f in ADAPTER_FILES):
         return "adapter"
-    if all((path / f).exists() for f in FULL_MODEL_FILES) and list(path.glob("*.safetensors")):
+    # The model's own weights, not any *.safetensors: a full latent checkpoint whose model.safetensors is gone
+    # still holds latent_head.safetensors, and was called "full" (the dry run said READY, the load failed).
+    weights = (path / "model.safetensors.index.json").exists() or any(path.glob("model*.safetensors"))
+    if all((path / f).exists() for f in FULL_MODEL_FILES) and weights:
         return "full"
     present = sorted(p.name for p in path.iterdir())
     raise CheckpointError(
         f"{path} is not a usable checkpoint: expected a peft adapter ({', '.join(ADAPTER_FILES)}) or a full "
-        f"model (config.json + *.safetensors); found {present[:12] or 'nothing'}"
+        f"model (config.json + model.safetensors, or model.safetensors.index.json and its shards); found "
+        f"{present[:12] or 'nothing'}"
     )
 
 
