@@ -262,22 +262,18 @@ def check_dataset(report: DryRunReport, dataset: str | None, splits: Sequence[st
     A missing directory, catalogue or split is a missing input (with the command that prepares it), never
     an exception: the other checks of the dry run still run. Nothing is prepared or written.
     """
-    from llmrec.data.samples import SAMPLES, sample_cache_dir
-
     report.section("data")
     if not dataset:
         report.error(f"no {key} given")
         return None
     splits = [s for s in dict.fromkeys(splits) if s]
-    if dataset in SAMPLES and not Path(dataset).exists():
-        target = sample_cache_dir(dataset)
+    directory = _dataset_directory(dataset)
+    if directory != Path(dataset):  # an embedded sample's name
         report.item(key, f"{dataset} (embedded sample)")
-        if not (target / "stats.json").exists():
-            report.note(f"prepared into {target} on first use (not yet; the dry run prepares nothing)")
+        if not (directory / "stats.json").exists():
+            report.note(f"prepared into {directory} on first use (not yet; the dry run prepares nothing)")
             return None
-        directory = target
     else:
-        directory = Path(dataset)
         report.item(key, str(directory))
         if not directory.is_dir():
             report.missing_input(f"dataset {dataset} (directory not found)", _prepare_hint(recipe, key, dataset))

@@ -53,6 +53,7 @@ from llmrec.data.canonical import (
     parse_jsonl_lines,
     read_stats,
 )
+from llmrec.evaluation.compare import _is_rank
 from llmrec.evaluation.metrics import compute_metrics
 
 logger = logging.getLogger(__name__)
@@ -361,11 +362,6 @@ def catalog_sha256(dataset_dir: str | Path) -> str:
     from llmrec.models.backbone import sha256_of_files
 
     return sha256_of_files([Path(dataset_dir) / CATALOG_FILE])
-
-
-def _is_rank(value: Any) -> bool:
-    """A rank as :meth:`Evaluator._record` writes it: an int >= 0, or None (the target is not in the list)."""
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 
 def _check_ranking_record(rec: dict, path: Path, line: int, remedy: str) -> int:
