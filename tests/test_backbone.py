@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -279,6 +280,27 @@ def test_install_alias_reports_pip_failure(monkeypatch):
 def test_tiny_aliases_need_no_install():
     install_alias("tiny-qwen2")  # no pip, no error
     assert alias_is_installed("tiny-llama")
+
+
+@pytest.mark.parametrize("kind", ["tiny-qwen2", "tiny-llama"])
+def test_building_a_tiny_model_leaves_the_global_rng_alone_and_keeps_its_weights(kind):
+    """build_tiny_model reseeded the global RNG (torch.manual_seed): whatever a caller drew after loading a tiny
+    model followed seed 0, not the caller's seed. It no longer touches it, and draws the weights it always drew."""
+    from transformers import AutoModelForCausalLM
+
+    from llmrec.models.tiny import build_tiny_model
+
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    expected = torch.rand(4)
+    torch.set_rng_state(state)
+    model = build_tiny_model(kind, seed=3)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(3)  # what the build did before: the same weights (committed tests rely on them)
+    reference = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
 
 
 def test_unreachable_hub_id_gives_clear_error():
@@ -710,6 +732,25 @@ def test_a_plain_adapter_loads_onto_its_recorded_base_only(tmp_path):
         loaded, _ = load_for_inference(name, str(tmp_path / "adapter"), "float32")
         torch.testing.assert_close(loaded(ids).logits, merged(ids).logits)
 
+
+
+@pytest.mark.parametrize("text", ['{"model_name_or_path": "tiny-qwen2",', "[1]"])
+def test_a_damaged_llmrec_config_of_a_checkpoint_is_an_error_naming_the_file(tmp_path, text):
+    """A cut or hand-edited llmrec_config.json was a bare json error (or an AttributeError for a non-object) that
+    named no file, from every loader: the kind check they all run first names it, as does recorded_base."""
+    from llmrec.data.canonical import DataFormatError
+    from llmrec.models.checkpoint import checkpoint_kind, load_for_inference, recorded_base
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "llmrec_config.json").write_text(text, encoding="utf-8")
+    (ckpt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny-qwen2"}))
+    (ckpt / "adapter_model.safetensors").write_bytes(b"")
+    named = re.escape(str(ckpt / "llmrec_config.json")) + r".*(not valid JSON|expected a JSON object)"
+    for call in (lambda: checkpoint_kind(ckpt), lambda: recorded_base(ckpt),
+                 lambda: load_for_inference(None, str(ckpt), dtype="float32")):
+        with pytest.raises(DataFormatError, match=named):
+            call()
 
 def bb_load(name: str):
     from llmrec.models.backbone import load_backbone

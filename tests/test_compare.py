@@ -122,6 +122,29 @@ def test_a_k_beyond_what_a_run_reports_is_refused(tmp_path):
         compare_runs([dirs[0], dirs[1]], ["ndcg@10", "ndcg@20"])
 
 
+
+def test_a_k_beyond_the_stored_list_of_a_rank_fusion_run_is_refused(tmp_path):
+    """A rank_fusion run (scripts/rank_fusion.py) records no ks: its K was not checked, so @K past the fused top it
+    stores (the depth it is scored at) gave a number from the union of lists cut at other depths (10 beams and an ID
+    model's top 20), beside an ID model's full-catalogue @K. Refused, naming the fusion, its two runs and the depth."""
+    seqrec = tmp_path / "sasrec"
+    seqrec.mkdir()
+    (seqrec / "results.json").write_text(json.dumps({"protocol": {"method": "seqrec", "ks": [10, 20]}}))
+    (seqrec / "rankings.jsonl").write_text("".join(json.dumps({"row": r, "target_item_id": 100 + r, "item_rank": rank})
+                                                   + "\n" for r, rank in enumerate([0, 14, 3])))
+    fusion = tmp_path / "fusion"
+    fusion.mkdir()
+    (fusion / "results.json").write_text(json.dumps({"protocol": {
+        "method": "rank_fusion", "runs": ["eval_lm", "eval_sasrec"], "c": 60.0, "rows": 3, "matching": ["item"]}}))
+    # its top 10 stored; item_rank is the target's position in the whole union (12 on row 1: past the stored top)
+    (fusion / "rankings.jsonl").write_text("".join(
+        json.dumps({"row": r, "target_item_id": 100 + r, "item_ranking": list(range(1, 11)), "item_rank": rank}) + "\n"
+        for r, rank in enumerate([1, 12, None])))
+    assert compare_runs([seqrec, fusion], ["hr@10", "ndcg@10"])["metrics"]["hr@10"] == [2 / 3, 1 / 3]
+    with pytest.raises(ValueError, match=r"fusion is a rank fusion of eval_lm and eval_sasrec scored on its top 10 "
+                                         r"items .*hr@20 would be another number .*compare at K <= 10"):
+        compare_runs([seqrec, fusion], ["hr@10", "hr@20"])
+
 def test_a_truncated_results_file_is_named(tmp_path):
     a, b = _run(tmp_path / "a", [0, 1]), _run(tmp_path / "b", [1, 0])
     (b / "results.json").write_text('{"protocol": {"meth')

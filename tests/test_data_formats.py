@@ -207,6 +207,19 @@ def test_d3_csv_wrong_field_count_and_duplicate_info_id(d3_dir: Path):
         formats.read_d3_csv(d3_dir, ["test"])
 
 
+def test_d3_csv_user_ids_are_stripped_as_its_item_ids_are(tmp_path: Path):
+    """d3-csv read its item ids as integers (surrounding spaces dropped) but kept its user ids as written: " u1"
+    (after a ", " separator) was another user than "u1", in the prepared rows and in the user counts."""
+    root = write_d3(tmp_path / "d3", "Cat", {"1": "One", "2": "Two", "3": "Three"},
+                    {"train": [("u1", [1], 2, 5), (" u1", [1, 2], 3, 6), ("u2 ", [2], 3, 7)]})
+    raw = formats.read_d3_csv(root, ["train"])
+    assert [r.user for r in raw.rows["train"]] == ["u1", "u1", "u2"]
+    out = tmp_path / "out"
+    prepare(raw, out, splits=["train"])
+    assert [r[0] for r in rows_of(out, "train")] == ["u1", "u1", "u2"]
+    assert stats_of(out)["raw"]["users"] == 2
+
+
 # --------------------------------------------------------------------------- seq-txt (time windows)
 
 
@@ -541,6 +554,21 @@ def test_generic_csv_errors(tmp_path: Path):
         read_csv_dir(write_generic(tmp_path / "src3"), split="random")
     with pytest.raises(FileNotFoundError, match="input file not found"):
         formats.read_generic_csv(tmp_path / "nope.csv", tmp_path / "src3" / "items.csv")
+
+
+def test_csv_fields_longer_than_the_csv_modules_default_limit_are_read(tmp_path: Path):
+    """A field over csv's default limit (131072 characters; a long item description) was refused as "bad CSV".
+    It is read, in both CSV formats, and the csv module's process-wide limit is left as it was."""
+    long = "Long title " * 20_000  # 220,000 characters
+    root = write_generic(tmp_path / "src")
+    (root / "items.csv").write_text("item,title\n" + "".join(
+        f'i{k},"{long if k == 2 else f"Title {k}"}"\n' for k in range(1, 6)))
+    limit = csv.field_size_limit()
+    assert limit < len(long)
+    assert read_csv_dir(root).titles["i2"] == long
+    d3 = write_d3(tmp_path / "d3", "Cat", {"1": "One", "2": long}, {"test": [("u", [1], 2, 5)]})
+    assert formats.read_d3_csv(d3, ["test"]).titles["2"] == long  # its item_title column holds the long title
+    assert csv.field_size_limit() == limit
 
 
 # --------------------------------------------------------------------------- amazon2023

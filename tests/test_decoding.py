@@ -103,6 +103,27 @@ def test_trie_errors(tiny):
     TitleTrie(tok, titles, [1, 2, 3, 4], context_prefix="### Response: \n", completion_format="{title}\n")
 
 
+def test_distinct_titles_with_one_tokenization_are_refused_naming_every_pair_and_its_items():
+    """A tokenizer that normalises text (here: lower-cases) can give distinct titles one token path. They are not
+    merged (a leaf is one title string, and title-level matching compares strings); the error names every such
+    pair with its items, counts them and says what to do -- not only the first pair, with no items or remedy."""
+    from tokenizers import normalizers
+
+    from llmrec.models.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer("tiny-qwen2")
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    # Exact duplicates are still one shared title.
+    assert TitleTrie(tok, ["Halo", "Zelda", "Halo"], [1, 2, 3], context_prefix=PREFIX).title_item_ids == [[1, 3], [2]]
+    with pytest.raises(ValueError) as err:
+        TitleTrie(tok, ["Halo", "Zelda", "HALO", "Kirby", "kirby", "Halo"], [1, 2, 3, 4, 5, 6], context_prefix=PREFIX)
+    msg = str(err.value)
+    assert msg.startswith("2 title(s) tokenize to the same completion")
+    assert "'Halo' (item(s) [1, 6]) and 'HALO' (item(s) [3])" in msg
+    assert "'Kirby' (item(s) [4]) and 'kirby' (item(s) [5])" in msg
+    assert "one spelling in the catalogue" in msg and "Zelda" not in msg
+
+
 def test_trie_prefix_titles_need_eos(tiny):
     _, tok = tiny
     with pytest.raises(ValueError, match="add_eos=True"):

@@ -62,6 +62,19 @@ def test_reciprocal_rank_hand_computed_with_ties():
         reciprocal_rank(RewardInputs(torch.zeros(1, 1), torch.ones(1, 1)))
 
 
+def test_reciprocal_rank_of_a_member_with_a_nan_score_is_nan():
+    """A NaN competitor must not rank below the target (NaN >= x is False, which improved the rank to 1/2 here),
+    nor a NaN target give inf: the member's reward is NaN, so the trainer skips and counts its group."""
+    nan = float("nan")
+    scores = torch.tensor([[-1.0, nan, -0.2],    # true rank unknown (2 or 3); was 1/2
+                           [nan, -0.5, -0.2],    # NaN target; was inf
+                           [-1.0, -0.5, -0.2]])  # finite: rank 3
+    rr = reciprocal_rank(RewardInputs(torch.zeros(3, 1), torch.ones(3, 1), scores, torch.zeros(3, dtype=torch.long)))
+    assert math.isnan(rr[0]) and math.isnan(rr[1]) and rr[2].item() == pytest.approx(1 / 3)
+    _, valid = compute_advantages(torch.stack([rr, torch.tensor([0.5, 0.5, 0.5])]), "group")
+    assert valid.tolist() == [False, True]
+
+
 def test_candidate_log_softmax_hand_computed():
     # target col 0 with probabilities 0.5 / 0.25 / 0.25 -> log 0.5; target col 1 of [1, 1, 1, 1] -> log 1/4
     scores = torch.stack([torch.log(torch.tensor([0.5, 0.25, 0.25, 1e-30])), torch.zeros(4)])
@@ -539,9 +552,13 @@ def test_beam_current_negatives_follow_the_trained_head(tmp_path, sft_dir, monke
     held_start = [t.beam_negatives_for("valid", row) for row in held]
     assert not any(k[0] == "train" for k in t.beam_negatives)  # train prompts are not mined ahead
     t.global_step = 1
-    with torch.no_grad():  # the head after some training: its beam search ranks other items
+    # The head after some training: its beam search ranks other items. A seeded draw: on this tiny model most draws
+    # move no row's items, and the global RNG's state here is whatever loading left (a tiny model's build reseeded
+    # it to 0 until it stopped touching it).
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
         for p in t.latent_lm.latent_head.parameters():
-            p.add_(torch.randn_like(p))
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
     assert [t.beam_search_items(row) for row in t.rows] != start
 
     seen = []
@@ -1255,6 +1272,32 @@ def test_reused_prompt_state_equals_fresh_prompt_pass(tmp_path, sft_dir, model):
     assert not module.prompt_state_reusable()  # a trainable LM weight makes the prompt pass depend on training
     with pytest.raises(ValueError, match="frozen LM"):
         module(**t, noise=noise, prompt_state=state)
+
+
+@pytest.mark.parametrize("use_cpu", [True, False])
+def test_use_cpu_reaches_the_trainers_accelerator_on_a_gpu_machine(tmp_path, sft_dir, monkeypatch, use_cpu):
+    """use_cpu (a TrainingArguments field) is honoured by the SFT Trainer's Accelerator; GRPO builds its own, which
+    looked only at the machine: use_cpu=true on a GPU machine trained on the GPU. (No GPU here: the machine says it
+    has one, and the kwargs the trainer gives accelerate.Accelerator are recorded.)"""
+    import accelerate
+
+    import llmrec.distributed as distributed
+    import llmrec.training.grpo as grpo_module
+
+    monkeypatch.setattr(distributed, "has_accelerator", lambda: True)
+    monkeypatch.setattr(grpo_module, "has_accelerator", lambda: True)
+    seen = []
+    real = accelerate.Accelerator
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **{**kwargs, "cpu": True})  # there is no GPU to run on here
+
+    monkeypatch.setattr(accelerate, "Accelerator", recording)
+    config = grpo_config(tmp_path / "o", sft_dir[0], use_cpu=use_cpu, max_train_rows=8, eval_rows=2)
+    assert config.use_cpu is use_cpu
+    LatentGRPOTrainer(config)
+    assert [kw["cpu"] for kw in seen] == [use_cpu]
 
 
 def test_exclude_sft_rows_draws_prompts_the_sft_never_saw(tmp_path, sft_dir):

@@ -83,6 +83,21 @@ def _lines(path: Path):
                 raise DataFormatError(path, n, None, f"bytes that are not UTF-8 at offset {e.start}") from None
 
 
+# csv's default field size limit (131072 characters) refused a long field (an item's description) as "bad CSV".
+# 2**31 - 1: the largest limit a C long holds on every platform (sys.maxsize overflows where a long is 32 bits).
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _next_record(reader) -> list[str]:
+    """``next(reader)`` with long fields accepted. The limit is process-wide state of the csv module: it is raised
+    only for this call and then restored, so that reading a dataset changes nothing for other csv users."""
+    old = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        return next(reader)
+    finally:
+        csv.field_size_limit(old)
+
+
 def _csv_rows(path: Path, delimiter: str = ","):
     """Yield (line number, dict row) of a CSV file with a header, with per-row decoding errors.
 
@@ -95,7 +110,7 @@ def _csv_rows(path: Path, delimiter: str = ","):
     text_lines = (line for _, line in _lines(path))
     reader = csv.reader(text_lines, delimiter=delimiter, strict=True)
     try:
-        header = next(reader)
+        header = _next_record(reader)
     except StopIteration:
         raise DataFormatError(path, 1, None, "empty file (no header)") from None
     except csv.Error as e:
@@ -107,7 +122,7 @@ def _csv_rows(path: Path, delimiter: str = ","):
     while True:
         start = reader.line_num + 1  # blank lines are records of their own ([]), so this stays exact
         try:
-            values = next(reader)
+            values = _next_record(reader)
         except StopIteration:
             return
         except csv.Error as e:
@@ -268,7 +283,9 @@ def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None)
             )
         rows = []
         for n, row in _csv_rows(path):
-            user = _check_id(_require(row, "user_id", path, n), path, n, "user_id")
+            # stripped, as the item ids beside it (read as integers) and the other CSV readers' user ids are: " u1"
+            # after a ", " separator was another user than "u1"
+            user = _check_id(_require(row, "user_id", path, n), path, n, "user_id").strip()
             hist = [str(_int(x, path, n, "history_item_id")) for x in _literal_list(_require(row, "history_item_id", path, n), path, n, "history_item_id")]
             target = str(_int(_require(row, "item_id", path, n), path, n, "item_id"))
             ts = _timestamp(_require(row, "timestamp", path, n), path, n, "timestamp")

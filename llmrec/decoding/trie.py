@@ -64,8 +64,9 @@ class TitleTrie:
 
     Raises:
         ValueError: on an empty catalogue, mismatched lengths, duplicate item ids, a completion that
-            contains EOS before its end, or (``add_eos=False``) a completion that is a token-prefix of
-            another, which would leave the end of a title ambiguous.
+            contains EOS before its end, distinct titles whose completions tokenize identically (the message
+            names each such pair with its items, up to five, and the count), or (``add_eos=False``) a completion
+            that is a token-prefix of another, which would leave the end of a title ambiguous.
         TitleTokenizationError: if some titles tokenize differently in context (the message names the
             first few and gives the count).
     """
@@ -149,6 +150,7 @@ class TitleTrie:
         children: list[dict[int, int]] = [{}]
         terminal: list[int] = [-1]
         depth: list[int] = [0]
+        collisions: list[tuple[int, int]] = []  # (title index already at the leaf, title index reaching it)
         for title_idx, path in enumerate(paths):
             node = 0
             for tok in path:
@@ -160,13 +162,25 @@ class TitleTrie:
                     terminal.append(-1)
                     depth.append(depth[node] + 1)
                 node = nxt
-            # Distinct titles can still collide on tokens (e.g. a tokenizer that normalises text).
+            # Distinct titles can still collide on tokens (a tokenizer that normalises text: case, Unicode, an
+            # unknown-character token). They are not merged as a shared title: a leaf is one title string, and
+            # title-level matching (the evaluator's title rank, the GRPO title rewards) compares strings, so the
+            # other spelling's items would be listed while its title never matched. Every collision is reported.
             if terminal[node] != -1:
-                other = self.titles[terminal[node]]
-                raise ValueError(
-                    f"titles {other!r} and {self.titles[title_idx]!r} tokenize to the same completion"
-                )
+                collisions.append((terminal[node], title_idx))
+                continue
             terminal[node] = title_idx
+        if collisions:
+            def named(t: int) -> str:
+                return f"{self.titles[t]!r} (item(s) {self.title_item_ids[t]})"
+
+            pairs = "; ".join(f"{named(a)} and {named(b)}" for a, b in collisions[:5])
+            raise ValueError(
+                f"{len(collisions)} title(s) tokenize to the same completion as another, distinct title, so the "
+                f"search could not tell them apart: {pairs}{' ...' if len(collisions) > 5 else ''}. Give such "
+                "items one spelling in the catalogue (they then share one title, as items with equal titles do), "
+                "make the titles differ in a way the tokenizer keeps, or use a tokenizer that does not normalise them"
+            )
         # A beam stops when it reaches a terminal node, so a terminal with children would make the end
         # of a title ambiguous (only possible without EOS).
         ambiguous = [self.titles[terminal[n]] for n in range(len(children)) if terminal[n] >= 0 and children[n]]

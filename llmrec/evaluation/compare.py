@@ -89,16 +89,23 @@ def _parse_metrics(metrics: list[str]) -> list[int]:
     return sorted(set(ks))
 
 
-def _list_length(proto: dict, level: str) -> int | None:
+def _list_length(proto: dict, level: str, records: dict[int, dict]) -> int | None:
     """How many items (or titles) per row a run's ranked list holds at ``level``; None when any K is fine.
 
     A K beyond it would count every target ranked past the list as a miss. Beam search returns ``num_beams``
     titles (the item metrics are reported up to that K too); popularity keeps the top ``max(ks)`` items and
     titles; seqrec's item rank is the target's full-catalogue rank, its title list the first ``max(ks)`` titles.
+    A ``rank_fusion`` run (scripts/rank_fusion.py) stores its fused list's top ``max(ks)`` items, the depth it is
+    scored at, and records no ``ks``: its ``item_rank`` is a position in the union of two stored lists cut at
+    other depths (10 beams and an ID model's top 20), not a fused ranking past the stored top, so the longest
+    stored list is its length.
     """
     method, ks = proto.get("method"), proto.get("ks")
     if method == "beam":
         return proto.get("num_beams")
+    if method == "rank_fusion":
+        stored = [len(r["item_ranking"]) for r in records.values() if isinstance(r.get("item_ranking"), list)]
+        return max(stored, default=0) or None
     if ks and (method == "popularity" or (method == "seqrec" and level == "title")):
         return max(int(k) for k in ks)
     return None
@@ -180,8 +187,13 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
             raise ValueError(f"{Path(r) / 'rankings.jsonl'} has {len(recs)} rows, but {res} says the evaluation ranked "
                              f"{proto['rows']} (a damaged or replaced rankings file)")
         # K beyond a run's list (e.g. @20 of 10 beams) would count targets it never ranked as misses.
-        length = _list_length(proto, level)
+        length = _list_length(proto, level, recs)
         beyond = [m for m in metrics if length and int(m.split("@")[1]) > length]
+        if beyond and proto.get("method") == "rank_fusion":
+            raise ValueError(f"{r} is a rank fusion of {' and '.join(map(str, proto.get('runs') or ['two runs']))} "
+                             f"scored on its top {length} items ({Path(r) / 'rankings.jsonl'}): past them its item "
+                             f"ranks are positions in lists cut at other depths, not a fused ranking, so "
+                             f"{', '.join(beyond)} would be another number than the fusion's; compare at K <= {length}")
         if beyond:
             what = "titles per row (num_beams" if proto.get("method") == "beam" else f"{level}s per row (max(ks)"
             raise ValueError(f"{r} ranks {length} {what}, {res}): {', '.join(beyond)} would count "

@@ -14,10 +14,11 @@ have added tokens). A directory that is neither form is a clear error listing wh
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from llmrec.data.canonical import read_stats
 
 FULL_MODEL_FILES = ("config.json",)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -48,7 +49,8 @@ def remove_saved_model(directory: str | Path) -> list[str]:
 
 
 def checkpoint_kind(path: str | Path) -> str:
-    """``"full"`` or ``"adapter"``; raises :class:`CheckpointError` naming the missing files."""
+    """``"full"`` or ``"adapter"``; raises :class:`CheckpointError` naming the missing files, and
+    :class:`~llmrec.data.canonical.DataFormatError` naming a damaged ``llmrec_config.json``."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
@@ -70,6 +72,9 @@ def checkpoint_kind(path: str | Path) -> str:
         raise CheckpointError(
             f"{path} holds llmrec latent files ({', '.join(latent)}) but no llmrec_config.json, which an llmrec "
             f"save writes last: the save was interrupted; use an earlier checkpoint or rerun the training command")
+    # Every loader (evaluate, GRPO's SFT checkpoint, load_for_inference) asks for the kind first: a damaged
+    # llmrec_config.json is named here, not left to a bare json error that names no file.
+    read_stats(path / "llmrec_config.json")
     if all((path / f).exists() for f in ADAPTER_FILES):
         return "adapter"
     # The model's own weights, not any *.safetensors: a full latent checkpoint whose model.safetensors is gone
@@ -91,7 +96,7 @@ def recorded_base(checkpoint: str | Path) -> tuple[str | None, str]:
     ckpt = Path(checkpoint)
     for name, key in (("llmrec_config.json", "model_name_or_path"), ("adapter_config.json", "base_model_name_or_path")):
         if (ckpt / name).exists():
-            value = json.loads((ckpt / name).read_text(encoding="utf-8")).get(key)
+            value = read_stats(ckpt / name).get(key)  # damage named (file, line), not a bare json error
             if value:
                 return str(value), name
     return None, ""

@@ -99,7 +99,7 @@ def build_tiny_model(
     """A small random causal LM of the real Qwen2 or Llama architecture.
 
     ``vocab_size`` defaults to the tiny tokenizer's size. Weights are drawn from ``seed`` so two
-    calls give identical models.
+    calls give identical models; the global torch RNG state is not changed.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -123,8 +123,12 @@ def build_tiny_model(
         config = Qwen2Config(**common, bos_token_id=None)
     else:
         config = LlamaConfig(**common, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # The same draws as torch.manual_seed(seed), on a forked CPU generator: the caller's RNG state (CPU and CUDA) is
+    # left as it was. Reseeding it globally made whatever a caller drew after loading a tiny model follow seed 0,
+    # not the caller's own seed. The model is built on the CPU, so the weights are those of the global reseed.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     return model
 

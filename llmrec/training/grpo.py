@@ -800,6 +800,15 @@ def score_candidates(latent_lm: LatentReasoningLM, prompt_ids: torch.Tensor, pro
 # ---------------------------------------------------------------------------------------------- trainer
 
 
+def grpo_accelerator_kwargs(config: LatentGRPOConfig) -> dict[str, Any]:
+    """Keyword arguments of the trainer's ``accelerate.Accelerator``: the machine's (:func:`accelerator_kwargs`), with
+    ``use_cpu`` honoured. The SFT path's transformers Trainer builds its Accelerator with ``cpu=use_cpu``; this
+    trainer builds its own, which looked only at the machine, so ``use_cpu: true`` trained on the GPU anyway."""
+    kwargs = accelerator_kwargs()
+    kwargs["cpu"] = bool(kwargs.get("cpu")) or bool(config.use_cpu)
+    return kwargs
+
+
 def _load_policy(config: LatentGRPOConfig):
     """The SFT checkpoint as ``(LatentReasoningLM, tokenizer, llmrec meta)`` with the trainable parts set."""
     from llmrec.training.sft import load_sft_checkpoint
@@ -953,7 +962,7 @@ class LatentGRPOTrainer:
                 raise ConfigError("rank_negatives=beam keys each prompt's negatives by its row_index: every row needs one")
         elif config.rank_negatives != "uniform":
             logger.warning("rank_negatives=%s has no effect: no active reward scores candidates", config.rank_negatives)
-        self.accelerator = Accelerator(gradient_accumulation_steps=1, **accelerator_kwargs())
+        self.accelerator = Accelerator(gradient_accumulation_steps=1, **grpo_accelerator_kwargs(config))
         from accelerate.utils import DistributedType
 
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):

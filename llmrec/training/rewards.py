@@ -84,18 +84,22 @@ def reciprocal_rank(inputs: RewardInputs) -> torch.Tensor:
     """``1 / rank`` of the true item among the sampled candidates, ranked by ``candidate_scores``.
 
     Ties are counted against the target (rank = 1 + candidates scoring at least as high, itself excluded),
-    so a latent that makes every candidate look alike earns nothing.
+    so a latent that makes every candidate look alike earns nothing. A member with a NaN among its scores (the
+    target's or a competitor's) gets a NaN reward, as from :func:`candidate_log_softmax`: its rank is unknown, and
+    the trainer skips (and counts) groups with a non-finite reward. (Compared as numbers, a NaN competitor never
+    scores "at least as high", so it silently improved the target's rank; a NaN target gave ``inf``.)
 
-    >>> scores = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0], [-2.0, -2.0, -5.0]])
-    >>> reciprocal_rank(RewardInputs(torch.zeros(3, 1), torch.ones(3, 1), scores, torch.tensor([0, 2, 1])))
-    tensor([1.0000, 0.3333, 0.5000])
+    >>> scores = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0], [-2.0, -2.0, -5.0], [-2.0, float("nan"), -1.0]])
+    >>> reciprocal_rank(RewardInputs(torch.zeros(4, 1), torch.ones(4, 1), scores, torch.tensor([0, 2, 1, 0])))
+    tensor([1.0000, 0.3333, 0.5000,    nan])
     """
     if inputs.candidate_scores is None or inputs.target_index is None:
         raise ValueError("reciprocal_rank needs candidate_scores and target_index (enable rank_candidates)")
     scores = inputs.candidate_scores
     target = scores.gather(1, inputs.target_index[:, None].long())
     at_least = (scores >= target).sum(-1) - 1  # the target itself is not a competitor
-    return 1.0 / (1.0 + at_least.to(scores.dtype))
+    rr = 1.0 / (1.0 + at_least.to(scores.dtype))
+    return torch.where(torch.isnan(scores).any(-1), torch.full_like(rr, float("nan")), rr)
 
 
 def candidate_log_softmax(inputs: RewardInputs) -> torch.Tensor:
