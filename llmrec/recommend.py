@@ -93,7 +93,7 @@ import numbers
 import os
 import sys
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,24 @@ class PromptFitError(HistoryError):
         self.index = index
 
 
+def _check_option_types(ints: dict[str, Any], flags: dict[str, Any]) -> None:
+    """Refuse API options of the wrong type before anything loads: ``exclude_history="no"`` is truthy (it excluded),
+    ``history_length=2.5`` failed as a bare slice TypeError at the first recommend, ``"3"`` as a comparison error."""
+    for name, value in ints.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False (or None: the default), got {type(value).__name__} {value!r}")
+
+
+def _check_ordered(history: Any, what: str) -> None:
+    """A set (or a mapping's keys) has no oldest-first order: its iteration order (hash order, per process for
+    strings) would silently become the history's order."""
+    if isinstance(history, (Set, Mapping)):
+        raise TypeError(f"{what} is a {type(history).__name__}, which has no order: give a list, oldest item first")
+
+
 def normalize_title(title: str) -> str:
     """The key of the second, lenient title match: NFKC, case folded, whitespace collapsed.
 
@@ -329,6 +347,7 @@ class _LLMBackend:
                   first_index: int = 0, whole_histories: list[list[int]] | None = None) -> list[list[Recommendation]]:
         """``histories``: what the prompt shows; ``whole_histories``: the given histories, which the guiding ID
         model reads up to its own ``max_history`` (default: ``histories``)."""
+        from llmrec.decoding.beam_search import NonFiniteLogitsError
         from llmrec.decoding.search import rank_batch
         from llmrec.prompts import PromptError
 
@@ -353,6 +372,11 @@ class _LLMBackend:
             except PromptError:
                 self._raise_for_unfit(members, examples, settings, first_index)
                 raise
+            except NonFiniteLogitsError as e:
+                # Its rows are those of this width group of this chunk ("row 0" for the third history of a call):
+                # name the histories as given to the call, which the CLI maps to its input lines.
+                raise NonFiniteLogitsError([first_index + members[r] for r in e.rows], e.step,
+                                           "histories (0-based, in the order given)") from None
             for m, (titles, items, scores) in zip(members, ranked):
                 score_of = dict(zip(titles, scores))
                 seen = excluded[m] if excluded else set()
@@ -674,6 +698,10 @@ class Recommender:
         """
         if on_unknown not in ON_UNKNOWN:
             raise ValueError(f"on_unknown must be one of {ON_UNKNOWN}, got {on_unknown!r}")
+        _check_option_types(
+            {"history_length": history_length, "max_prompt_length": max_prompt_length, "num_beams": num_beams,
+             "batch_size": batch_size},
+            {"exclude_history": exclude_history, "early_stopping": early_stopping, "use_chat_template": use_chat_template})
         if length_penalty is not None:
             from llmrec.decoding.beam_search import check_length_penalty
 
@@ -830,6 +858,7 @@ class Recommender:
         if isinstance(history, (str, bytes)) or not isinstance(history, Iterable):
             raise TypeError(f"{label or 'history'}: a history is a list of item titles or ids, "
                             f"got {type(history).__name__}")
+        _check_ordered(history, label or "history")
         history = list(history)
         if not history:
             raise HistoryError(f"{label or 'history'} is empty: give at least one item title or catalogue id")
@@ -864,8 +893,10 @@ class Recommender:
             hint = self._titles.suggestions(value) if reason.startswith("is not in") else []
             more = f"; closest titles: {', '.join(repr(s) for s in hint)}" if hint else ""
             if value.strip().isascii() and value.strip().isdigit() and 1 <= int(value) <= n:
-                # the CLI's --history 12 40 without --item-ids, or ids read from text
-                more += f"; to give item id {int(value)}, pass an int (CLI: --item-ids)"
+                # the CLI's --history 12 40 without --item-ids, or ids read from text; --item-ids is refused with
+                # --input, whose files give ids as JSON numbers (pointing a file's user to it led nowhere)
+                more += (f"; to give item id {int(value)}, pass an int (CLI: --item-ids with --history; in an "
+                         f"--input file, the JSON number {int(value)} without quotes)")
             raise UnknownItemError(f"{at}position {pos}: title {value!r} {reason}{more} "
                                    "(on_unknown='skip' / --on-unknown skip drops such titles)")
         if not ids:
@@ -881,6 +912,7 @@ class Recommender:
         if isinstance(histories, (str, bytes)):
             raise TypeError("histories must be one history (a list of titles / ids) or a list of histories, "
                             "got a single string: wrap it in a list")
+        _check_ordered(histories, "histories")
         if not isinstance(histories, Sequence):
             if not isinstance(histories, Iterable):
                 raise TypeError(f"histories must be a list, got {type(histories).__name__}")
@@ -921,12 +953,15 @@ class Recommender:
         Raises:
             UnknownItemError: an unknown item id, or an unknown title with ``on_unknown="error"``.
             HistoryError: an empty history (or one emptied by skipping), or an entry of the wrong type.
+            TypeError: a history (or the batch) that is a set or mapping (no oldest-first order), or an
+                ``exclude_history`` that is not a bool.
             PromptFitError: (LLMs) a history whose prompt cannot fit the token budget even with its newest item
                 alone (``index`` names it).
         """
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         self.last_skipped = []  # a call that fails below must not leave the previous call's entries here
+        _check_option_types({}, {"exclude_history": exclude_history})
         batch, single = self._as_batch(histories)
         resolved = [self.resolve_history(h, on_unknown, label="history" if single else f"history {i}")
                     for i, h in enumerate(batch)]
@@ -941,6 +976,7 @@ class Recommender:
         several items share excludes all of them (:meth:`ResolvedHistory.excluded_ids`)."""
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        _check_option_types({}, {"exclude_history": exclude_history})
         exclude = self.exclude_history if exclude_history is None else exclude_history
         kept = [r.item_ids[-self.history_length:] for r in resolved]  # what the model reads
         # Exclusion covers the whole given history, not only the part the model reads.
@@ -991,6 +1027,7 @@ def _table(recs: list[Recommendation]) -> str:
 def cmd_recommend(args: argparse.Namespace) -> int:
     """``llmrec recommend``: see :func:`register_cli`."""
     from llmrec.data.canonical import DataFormatError, atomic_write_text, dumps_line
+    from llmrec.decoding.beam_search import NonFiniteLogitsError
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
@@ -1050,6 +1087,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         if input_path is None:
             raise
         raise DataFormatError(input_path, rows[usable[e.index]][0], "history", str(e)) from None
+    except NonFiniteLogitsError as e:
+        if input_path is None:
+            raise
+        raise NonFiniteLogitsError([rows[usable[i]][0] for i in e.rows], e.step, f"{input_path} line(s)") from None
     n_skipped = sum(len(r.skipped) for r in resolved)
     n_emptied = len(resolved) - len(usable)
     if input_path is None and args.output is None:

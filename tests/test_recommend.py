@@ -749,10 +749,86 @@ def test_an_unavailable_device_is_refused_before_loading(seqrec_run, capsys):
 
 def test_digit_titles_hint_at_ids_and_a_failed_call_leaves_no_stale_skips(seqrec_run):
     rec = Recommender.from_pretrained(seqrec_run)
-    with pytest.raises(UnknownItemError, match=r"title '12' .*to give item id 12, pass an int \(CLI: --item-ids\)"):
+    with pytest.raises(UnknownItemError, match=r"title '12' .*to give item id 12, pass an int \(CLI: --item-ids with --history"):
         rec.recommend(["12", 40])
     rec.recommend([1, "No Such Game"], k=2, on_unknown="skip")
     assert [s.value for s in rec.last_skipped[0]] == ["No Such Game"]
     with pytest.raises(UnknownItemError):
         rec.recommend([999999])
     assert rec.last_skipped == []  # it kept the previous call's entries
+
+
+# --------------------------------------------------------------------------- review 2026-12-07
+
+
+def test_non_finite_logits_name_the_history_and_its_input_line(data_dir, tmp_path, monkeypatch, capsys):
+    """NaN logits (a float16 overflow) for one history were reported as "prompt row(s) (0-based) 0": the row of its
+    beam-search batch, not the history (here the third, in the second batch of 2), nor the --input file's line."""
+    from llmrec.cli import main
+    from llmrec.decoding.beam_search import NonFiniteLogitsError
+
+    rec = Recommender.from_pretrained("tiny-qwen2", dataset=data_dir, dtype="float32", batch_size=2)
+    tok, cat = rec._backend.tokenizer, rec.catalog
+
+    def tokens(text: str) -> set[int]:
+        return set(tok(text, add_special_tokens=False)["input_ids"])
+
+    common = tokens(rec._backend.template.render_prompt([cat.title(1)])) | tokens(cat.title(2)) | tokens(cat.title(3))
+    item = next(i for i in range(4, len(cat) + 1) if tokens(cat.title(i)) - common)
+    marker = min(tokens(cat.title(item)) - common)  # in the prompt of the history holding `item` only
+
+    def poison(module, args, kwargs, output):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] > 1:  # the prompt's prefill
+            output.logits[(ids == marker).any(dim=1)] = float("nan")
+        return output
+
+    handle = rec.model.register_forward_hook(poison, with_kwargs=True)
+    try:
+        histories = [[1, 2], [3], [item]]
+        with pytest.raises(NonFiniteLogitsError, match=r"for histories \(0-based, in the order given\) 2 at") as e:
+            rec.recommend(histories, k=2)
+        assert e.value.rows == [2]
+        inp = tmp_path / "histories.jsonl"
+        inp.write_text("".join(json.dumps({"history": h}) + "\n\n" for h in histories))  # lines 1, 3, 5
+        monkeypatch.setattr(Recommender, "from_pretrained", classmethod(lambda cls, *a, **kw: rec))
+        out = tmp_path / "recs.jsonl"
+        assert main(["recommend", "--checkpoint", "tiny-qwen2", "--dataset", str(data_dir), "--input", str(inp),
+                     "--output", str(out), "--k", "2"]) == 1
+        assert f"for {inp} line(s) 5 at decoding step 0" in capsys.readouterr().err and not out.exists()
+    finally:
+        handle.remove()
+
+
+def test_unordered_histories_and_options_of_the_wrong_type_are_refused(seqrec_run, tmp_path):
+    """A set was read in hash order (titles: another order in every process), exclude_history="no" excluded (a
+    truthy string), and history_length=2.5 loaded fine and failed at the first recommend as a bare slice error."""
+    rec = Recommender.from_pretrained(seqrec_run)
+    titles = [rec.catalog.title(i) for i in (9, 2, 5)]
+    with pytest.raises(TypeError, match="history is a set, which has no order: give a list, oldest item first"):
+        rec.resolve_history(set(titles))
+    for bad, what in (({9, 2, 5}, "histories is a set"), ([[1], frozenset({9, 2})], "history 1 is a frozenset"),
+                      ({9: 1, 2: 1}, "histories is a dict")):
+        with pytest.raises(TypeError, match=f"{what}, which has no order"):
+            rec.recommend(bad, k=3)
+    with pytest.raises(TypeError, match="exclude_history must be True or False .* got str 'no'"):
+        rec.recommend([9, 2, 5], k=3, exclude_history="no")
+    for kw, message in (({"exclude_history": "false"}, "exclude_history must be True or False"),
+                        ({"history_length": 2.5}, "history_length must be an integer, got float 2.5"),
+                        ({"batch_size": "8"}, "batch_size must be an integer, got str '8'"),
+                        ({"num_beams": True}, "num_beams must be an integer, got bool True")):
+        with pytest.raises(TypeError, match=message):
+            Recommender.from_pretrained(seqrec_run, **kw)
+        with pytest.raises(TypeError, match=message):  # an LLM too, before anything loads
+            Recommender.from_pretrained(tmp_path / "not-loaded", **kw)
+
+
+def test_a_digit_title_in_an_input_file_hints_at_a_json_number(seqrec_run, tmp_path, capsys):
+    """The hint said "(CLI: --item-ids)", which --input refuses: a file gives ids as JSON numbers."""
+    from llmrec.cli import main
+
+    inp = tmp_path / "histories.jsonl"
+    inp.write_text(json.dumps({"history": [1, "5"]}) + "\n")
+    assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp)]) == 1
+    assert "row 1, field 'history': position 2: title '5'" in (err := capsys.readouterr().err)
+    assert "in an --input file, the JSON number 5 without quotes" in err
