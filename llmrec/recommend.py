@@ -997,6 +997,9 @@ class Recommender:
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+INPUT_FIELDS = frozenset({"history", "user"})  # what an --input line is read for
+
+
 def _read_input(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, row)`` of every non-blank line of a histories JSONL file, shape-checked."""
     from llmrec.data.canonical import DataFormatError, jsonl_records
@@ -1004,15 +1007,24 @@ def _read_input(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     rows = []
+    ignored: dict[str, tuple[int, int]] = {}  # field -> (first line, lines)
     # jsonl_records names the file and line of undecodable bytes, invalid JSON and non-object lines
     for n, row in jsonl_records(path):
         if "history" not in row:
             raise DataFormatError(path, n, "history", "missing")
         if not isinstance(row["history"], list):
             raise DataFormatError(path, n, "history", "expected a list of item titles or ids")
+        for key in row.keys() - INPUT_FIELDS:
+            first, count = ignored.get(key, (n, 0))
+            ignored[key] = (first, count + 1)
         rows.append((n, row))
     if not rows:  # an empty output "succeeding" would hide a wrong or truncated input file
         raise DataFormatError(path, None, None, "no histories (the file is empty or has only blank lines)")
+    if ignored:
+        # Read but not used: a misspelt "user" ("users", "user_id") would otherwise vanish from the output unnoticed.
+        logger.warning("%s: ignoring field(s) an input line does not have: %s (a line holds %s)", path,
+                       ", ".join(f"{k!r} on {c} line(s), first line {f}" for k, (f, c) in sorted(ignored.items())),
+                       " and ".join(repr(k) for k in sorted(INPUT_FIELDS)))
     return rows
 
 

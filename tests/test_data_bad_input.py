@@ -535,3 +535,61 @@ def test_output_dot_is_refused_before_any_work_and_a_symlinked_output_updates_it
     assert (work / "link").is_symlink() and sorted(p.name for p in work.iterdir()) == ["link", "real"]
     assert sorted(p.name for p in (work / "real").iterdir()) == [
         "catalog.jsonl", "stats.json", "test.jsonl", "train.jsonl", "valid.jsonl"]
+
+
+# --------------------------------------------------------------------------- review: split names, npy text, headers
+
+
+def test_a_split_name_other_than_train_valid_test_is_refused(tmp_path: Path, capsys):
+    rows = "user_id,history_item_id,item_id,timestamp\nu1,\"[0]\",1,5\n"
+    root = _d3_source(tmp_path / "d3", "Alpha\t0\nBeta\t1\n", rows)
+    (root / "test").rename(root / "dev")
+    # dev/Toys.csv was read as a split "dev" and written as dev.jsonl: a file load_prepared never reads, which made
+    # the next prepare into that directory refuse it as "not a prepared directory (it holds dev.jsonl)"
+    with pytest.raises(ValueError, match=r"unknown split\(s\) dev: the splits are train, valid, test"):
+        formats.read_d3_csv(root, ["dev"])
+    raw = formats.RawData(titles={"0": "Alpha", "1": "Beta"}, mode="rows",
+                          rows={"dev": [formats.RawRow("u1", ["0"], "1", 5)]})
+    with pytest.raises(ValueError, match=r"unknown split 'dev' in the splits to prepare \(dev\)"):
+        prepare(raw, tmp_path / "out", splits=["dev"])
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "prepare", "--format", "d3-csv", "--input", str(root), "--output", str(tmp_path / "out"),
+                 "--splits", "dev"]) == 1
+    assert "unknown split 'dev'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_an_npy_title_with_an_unpaired_surrogate_is_named(tmp_path: Path):
+    import numpy as np
+
+    src = tmp_path / "seq"
+    src.mkdir()
+    (src / "sequential_data.txt").write_text("1 1 2 3 1\n2 2 3 1 2\n")
+    npy = src / "title_maps.npy"
+    # a pickle keeps the lone surrogate (items.jsonl is checked for them): prepare then failed writing the catalogue
+    # with a bare UnicodeEncodeError naming no file or item
+    np.save(npy, {"seqid2title": {"1": "One \ud83c", "2": "Two", "3": "Three"}}, allow_pickle=True)
+    assert err_of(lambda: formats.read_seq_txt(src)) == (
+        f"{npy}, field 'seqid2title': the title of item '1' holds an unpaired UTF-16 surrogate ('\\ud83c'): "
+        "not Unicode text")
+
+
+def test_recbole_column_named_twice_in_a_header_is_an_error(tmp_path: Path):
+    src = tmp_path / "rb"
+    src.mkdir()
+    (src / "x.item").write_text("item_id:token\ttitle:token_seq\n1\tA\n2\tB\n")
+    (src / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\ttimestamp:float\nu1\t1\t1\t2\n")
+    # the last of the two was kept: every row was then blamed for "4 fields where the header has 3"
+    assert err_of(lambda: formats.read_recbole(src)) == (
+        f"{src / 'x.inter'}, row 1, field 'timestamp': column named more than once in the header")
+    (src / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\t1\t1\nu1\t2\t2\n")
+    (src / "x.item").write_text("item_id:token\ttitle:token_seq\ttitle:token\n1\tA\tB\n")
+    assert err_of(lambda: formats.read_recbole(src)) == (
+        f"{src / 'x.item'}, row 1, field 'title': column named more than once in the header")
+
+
+def test_a_title_kind_named_twice_in_the_title_policy_is_refused():
+    # "html=keep,html=drop" silently meant the last one
+    with pytest.raises(ValueError, match="title kind 'html' is named more than once in title policy"):
+        TitlePolicy.parse("html=keep,placeholder=drop,html=drop")
+    assert TitlePolicy.parse("html=keep,placeholder=keep").as_dict() == {
+        "html": "keep", "placeholder": "keep", "empty": "drop", "duplicate": "keep"}

@@ -502,6 +502,23 @@ def test_cli_refuses_item_ids_with_input_and_an_input_without_histories(seqrec_r
         assert f"{inp}: no histories" in capsys.readouterr().err and not out.exists()
 
 
+def test_cli_warns_about_input_fields_it_does_not_read(seqrec_run, tmp_path, caplog):
+    """A misspelt "user" ("users") was dropped from the output without a word: fields other than "history" and
+    "user" are named in a warning with their line counts; the recommendations are still written."""
+    from llmrec.cli import main
+
+    inp = tmp_path / "histories.jsonl"
+    out = tmp_path / "recs.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"history": [1, 2], "user": "a"}, {"history": [2, 3], "users": "b"}, {"history": [3], "users": "c", "x": 1})))
+    with caplog.at_level("WARNING", logger="llmrec.recommend"):
+        assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp), "--output", str(out)]) == 0
+    assert "ignoring field(s)" in caplog.text
+    assert "'users' on 2 line(s), first line 2" in caplog.text and "'x' on 1 line(s), first line 3" in caplog.text
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x.get("user") for x in lines] == ["a", None, None]
+
+
 def test_cli_output_that_is_a_directory_is_refused_before_recommending(seqrec_run, tmp_path, capsys):
     """--output naming a directory failed only when writing, after every recommendation was computed, with an
     IsADirectoryError traceback."""

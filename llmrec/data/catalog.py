@@ -84,12 +84,16 @@ class TitlePolicy:
         policy = cls()
         if not spec:
             return policy
+        named: set[str] = set()
         for part in spec.split(","):
             if "=" not in part:
                 raise ValueError(f"bad title policy '{part}': expected kind=keep|drop")
             kind, value = (s.strip() for s in part.split("=", 1))
             if kind not in TITLE_KINDS:
                 raise ValueError(f"unknown title kind '{kind}' in title policy; kinds: {TITLE_KINDS}")
+            if kind in named:  # "html=keep,html=drop" silently meant the last one
+                raise ValueError(f"title kind '{kind}' is named more than once in title policy {spec!r}: name each once")
+            named.add(kind)
             setattr(policy, kind, value)
         policy.__post_init__()
         return policy

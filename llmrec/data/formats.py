@@ -218,6 +218,11 @@ def _npy_title(value, path: Path, key: str, item) -> str | None:
     if not isinstance(value, str):  # numpy's str_ is a str
         raise DataFormatError(path, None, key, f"the title of item {str(item)[:40]!r} is {type(value).__name__}, "
                                                "not a string")
+    try:  # a pickle keeps an unpaired UTF-16 surrogate, which failed writing the catalogue with a bare UnicodeEncodeError
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataFormatError(path, None, key, f"the title of item {str(item)[:40]!r} holds an unpaired UTF-16 "
+                                               f"surrogate ({e.object[e.start]!a}): not Unicode text") from None
     return str(value)
 
 
@@ -257,6 +262,9 @@ def _check_row_title(title, expected: str | None, item: str, path: Path, n: int,
 
 def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None) -> RawData:
     """D3/BIGRec/LatentR3 layout: ``info/<cat>.txt`` (``title<TAB>id``) + ``<split>/<cat>.csv``."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:  # a dev/ folder was read as a split of that name, which prepare then wrote as dev.jsonl
+        raise ValueError(f"unknown split(s) {', '.join(unknown)}: the splits are {', '.join(SPLITS)}")
     info = _one_file(input_dir / "info", "*.txt", "info", category)
     titles: dict[str, str | None] = {}
     for n, line in _lines(info):
@@ -411,9 +419,14 @@ def read_seq_txt(input_dir: Path, titles_from: str = "auto", on_unknown: str = "
 
 
 def _recbole_header(path: Path, header_line: str) -> dict[str, int]:
-    cols = {}
+    cols: dict[str, int] = {}
     for i, h in enumerate(header_line.rstrip("\r\n").split("\t")):
-        cols[h.split(":", 1)[0].strip()] = i
+        name = h.split(":", 1)[0].strip()
+        # as the CSV readers: a name given twice kept only its last column, and every row was then blamed for
+        # having one field more than the header ("4 fields where the header has 3")
+        if name in cols:
+            raise DataFormatError(path, 1, name, "column named more than once in the header")
+        cols[name] = i
     return cols
 
 

@@ -80,9 +80,14 @@ def check_output(output: str | Path) -> None:
 
 def check_split_names(splits: list[str] | None) -> None:
     """Refuse a split named twice (``--splits test,test``): its file was written twice and its rows counted twice
-    in ``cleaned.examples``."""
+    in ``cleaned.examples``. Refuse a name other than train/valid/test too: the d3-csv reader read ``dev/<cat>.csv``
+    for ``--splits dev`` and ``prepare`` wrote ``dev.jsonl``, which ``load_prepared`` never reads and which made the
+    next ``prepare`` into that directory refuse it as "not a prepared directory"."""
     seen: set[str] = set()
     for s in splits or []:
+        if s not in SPLITS:
+            raise ValueError(f"unknown split '{s}' in the splits to prepare ({', '.join(splits)}): the splits are "
+                             f"{', '.join(SPLITS)}")
         if s in seen:
             raise ValueError(f"split '{s}' is named more than once in the splits to prepare ({', '.join(splits)}): "
                              "name each once")
