@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -140,11 +142,20 @@ def timed(fn, batch, model) -> tuple[float, float]:
     return dt
 
 
+def nan_max(values: Iterable[float]) -> float:
+    """The largest of ``values``, NaN if any is NaN. Python's ``max`` keeps whichever of a number and a NaN it
+    saw first (``max(0.0, nan) == 0.0``), so a NaN difference -- the two forms as far apart as they can be, or
+    both broken -- was reported as exact."""
+    vals = list(values)
+    return math.nan if any(math.isnan(v) for v in vals) else max(vals)
+
+
 def exactness(args, batches) -> tuple[float, float]:
     """Max |logit diff| and max relative grad diff of the efficient vs the naive form, in float32."""
     latent, _, tok = build(args, "float32", random_lora_b=True)
     ids = latent.config.latent_token_ids
-    max_logit, max_rel = 0.0, 0.0
+    logit_diffs: list[float] = []
+    rel_diffs: list[float] = []
     for b in batches[: args.exact_batches]:
         eff = latent.loss(**b)
         eff.loss.backward()
@@ -155,12 +166,14 @@ def exactness(args, batches) -> tuple[float, float]:
         nai.loss.backward()
         g_nai = {n: p.grad.clone() for n, p in latent.named_parameters() if p.grad is not None}
         latent.zero_grad(set_to_none=True)
+        if g_eff.keys() != g_nai.keys():  # a gradient one form gives and the other not is no match at all
+            raise RuntimeError(f"the efficient and naive forms train different tensors: only efficient "
+                               f"{sorted(g_eff.keys() - g_nai.keys())}, only naive {sorted(g_nai.keys() - g_eff.keys())}")
         a = eff.logits[eff.labels != IGNORE_INDEX].detach()
         c = nai.logits[nai.labels != IGNORE_INDEX].detach()
-        max_logit = max(max_logit, (a - c).abs().max().item())
-        for n, g in g_nai.items():
-            max_rel = max(max_rel, (g_eff[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-30))
-    return max_logit, max_rel
+        logit_diffs.append((a - c).abs().max().item())
+        rel_diffs += [(g_eff[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-30) for n, g in g_nai.items()]
+    return nan_max(logit_diffs), nan_max(rel_diffs)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

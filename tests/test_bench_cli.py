@@ -103,3 +103,100 @@ def test_bench_latent_sft_records_the_batches_its_exactness_compares(tmp_path, c
     assert rc == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["exactness_batches_compared"] == 1 and last["args"]["exact_batches"] == 3
+
+
+def test_bench_exactness_maxima_do_not_drop_a_nan():
+    """Python's max keeps whichever of a number and a NaN came first: a NaN gradient difference in any tensor but
+    the first was reported as 0 (exact)."""
+    import math
+
+    import torch
+
+    from llmrec.bench_grpo import _max_rel_diff
+
+    ok, nan = torch.ones(3), torch.full((3,), float("nan"))
+    assert math.isnan(_max_rel_diff({"a": ok, "b": nan}, {"a": ok, "b": ok}))
+    assert math.isnan(_max_rel_diff({"a": nan, "b": ok}, {"a": ok, "b": ok}))
+
+
+def test_bench_latent_sft_exactness_reports_nan_outputs_as_nan(monkeypatch):
+    """A model whose outputs are NaN gave NaN in both forms; exactness() reported (0.0, 0.0), i.e. exact."""
+    import argparse
+    import math
+
+    import torch
+
+    import llmrec.bench_latent_sft as bls
+
+    real = bls.build
+
+    def nan_head(*a, **k):
+        latent, plain, tok = real(*a, **k)
+        with torch.no_grad():
+            latent.latent_head.v_proj.bias.fill_(float("nan"))
+        return latent, plain, tok
+
+    ap = argparse.ArgumentParser()
+    bls.add_arguments(ap)
+    args = ap.parse_args(["--model", "tiny-qwen2", "--batch-size", "1", "--num-batches", "1",
+                          "--lora-targets", "q_proj,v_proj"])
+    batches = bls.make_batches(real(args, "float32", random_lora_b=False)[2], args)
+    monkeypatch.setattr(bls, "build", nan_head)
+    logit_diff, grad_diff = bls.exactness(args, batches)
+    assert math.isnan(logit_diff) and math.isnan(grad_diff)
+
+
+def test_bench_decoding_floor_warmup_decodes_the_steps_of_its_timed_run(tmp_path, monkeypatch, prepared_dir):
+    """The floor's warm-up took its step count from a forward counter that the reference search had also run up:
+    it decoded about twice the steps that the timed floor then decoded on the same batch."""
+    import llmrec.bench as bench
+
+    steps: list[int] = []
+    real = bench.floor_decode
+
+    def spy(model, ids, mask, num_beams, n):
+        steps.append(n)
+        return real(model, ids, mask, num_beams, n)
+
+    monkeypatch.setattr(bench, "floor_decode", spy)
+    assert main(["bench", "decoding", "--model", "tiny-qwen2", "--dataset", str(prepared_dir), "--rows", "4",
+                 "--beams", "3", "--batch-size", "2", "--dtype", "float32", "--noun", "items"]) == 0
+    # calls: the warm-up on batch 0, then the timed batch 0, batch 1
+    assert len(steps) == 3 and steps[0] == steps[1] > 0
+
+
+def test_bench_latent_sft_exactness_refuses_forms_that_train_different_tensors(monkeypatch):
+    """Gradients were compared over the naive form's tensors only: one that only the efficient form trained was
+    left out of the reported maximum."""
+    import argparse
+
+    import pytest
+    import torch
+
+    import llmrec.bench_latent_sft as bls
+
+    real = bls.build
+
+    def extra_grad(*a, **k):
+        latent, plain, tok = real(*a, **k)
+        loss = latent.loss
+        extra = torch.nn.Parameter(torch.ones(2))
+        latent.register_parameter("only_efficient", extra)
+
+        def spied(**kw):
+            out = loss(**kw)
+            if "labels" not in kw:  # the efficient form's call (the naive one passes labels)
+                out.loss = out.loss + extra.sum()
+            return out
+
+        latent.loss = spied
+        return latent, plain, tok
+
+    ap = argparse.ArgumentParser()
+    bls.add_arguments(ap)
+    args = ap.parse_args(["--model", "tiny-qwen2", "--batch-size", "1", "--num-batches", "1",
+                          "--lora-targets", "q_proj,v_proj"])
+    batches = bls.make_batches(real(args, "float32", random_lora_b=False)[2], args)
+    monkeypatch.setattr(bls, "build", extra_grad)
+    with pytest.raises(RuntimeError, match=r"only efficient \['only_efficient'\]"):
+        bls.exactness(args, batches)
