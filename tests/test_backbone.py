@@ -517,6 +517,34 @@ def test_concurrent_first_loads_convert_once(tmp_path, monkeypatch):
     assert results == [alias_cache_path(name)] * 2 and alias_is_cached(name)
 
 
+def test_an_unwritable_or_full_cache_is_a_load_error_naming_the_remedy(tmp_path, monkeypatch):
+    """`llmrec quickstart` with a read-only cache, or a disk that fills during conversion, ended in a traceback (a
+    bare OSError; safetensors' SafetensorError for a full disk): the CLI reports a BackboneLoadError in one line."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    name, _, _ = make_fake_alias(tmp_path, monkeypatch)
+    (tmp_path / "afile").write_text("x")  # a cache folder that cannot be created
+    with pytest.raises(BackboneLoadError, match="LLMREC_CACHE") as info:
+        load_backbone(name, cache_dir=tmp_path / "afile" / "c")
+    assert isinstance(info.value.__cause__, NotADirectoryError)
+    for failure in (OSError(errno.ENOSPC, "No space left on device"),
+                    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        def full_disk(gguf_path, out_dir, failure=failure):
+            (Path(out_dir) / "model.safetensors").write_bytes(b"part")
+            raise failure
+
+        monkeypatch.setattr(backbone, "convert_gguf", full_disk)
+        with pytest.raises(BackboneLoadError, match=f"cannot convert {name} into .*No space left on device"):
+            load_backbone(name)
+        root = alias_cache_path(name).parent
+        assert [p.name for p in root.iterdir()] == [f".{name}.lock"]  # nothing half-written stays
+    monkeypatch.setattr(backbone, "convert_gguf", lambda *a: (_ for _ in ()).throw(SafetensorError("bad header")))
+    with pytest.raises(SafetensorError):  # not a write failure: not blamed on the cache folder
+        load_backbone(name)
+
+
 def test_folder_without_marker_is_reconverted(tmp_path, monkeypatch):
     name, _, _ = make_fake_alias(tmp_path, monkeypatch)
     folder = alias_cache_path(name)
@@ -771,3 +799,24 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_once(monkeypatch, caplog):
             bb.load_backbone("tiny-qwen2", dtype="float32")
         hits = [r for r in caplog.records if "without native bf16" in r.getMessage()]
         assert len(hits) == (1 if warned else 0)
+
+
+def test_a_conversion_error_in_any_command_is_one_line(monkeypatch, capsys):
+    """A GGUF that fails its checksum (ConversionError) reached `llmrec quickstart` as a traceback; the message
+    itself says what to do, as the other model errors' do."""
+    from llmrec import cli
+
+    def failing(args):
+        raise ConversionError("the GGUF file has sha256 00, expected ab: reinstall the package")
+
+    real = cli.build_parser
+
+    def parser():
+        p = real()
+        for action in p._subparsers._group_actions:
+            action.choices["quickstart"].set_defaults(func=failing)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert cli.main(["quickstart"]) == 1
+    assert capsys.readouterr().err.strip() == "llmrec: error: the GGUF file has sha256 00, expected ab: reinstall the package"

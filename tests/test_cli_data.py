@@ -361,3 +361,20 @@ def test_concurrent_first_uses_of_the_sample_prepare_it_once(tmp_path, monkeypat
     results, errors = call_concurrently(lambda: resolve_dataset_dir("games-sample"))
     assert errors == [] and len(calls) == 1
     assert results == [sample_cache_dir("games-sample")] * 2 and (results[0] / "stats.json").exists()
+
+
+def test_samples_and_models_share_one_cache_root(monkeypatch, tmp_path):
+    """The prepared samples' cache ignored XDG_CACHE_HOME and did not expand ~ (models did), so data and models
+    could land in different roots; an empty LLMREC_CACHE meant the working directory."""
+    from llmrec.data.samples import cache_root, sample_cache_dir
+    from llmrec.models.backbone import default_cache_dir
+
+    monkeypatch.delenv("LLMREC_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "llmrec" == default_cache_dir().parent
+    assert sample_cache_dir("games").parent.parent == cache_root()
+    monkeypatch.setenv("LLMREC_CACHE", "")
+    assert cache_root() == tmp_path / "xdg" / "llmrec"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLMREC_CACHE", "~/c")
+    assert cache_root() == tmp_path / "home" / "c" == default_cache_dir().parent

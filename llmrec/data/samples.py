@@ -15,7 +15,14 @@ SAMPLES = {"games-sample": "games_sample"}
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LLMREC_CACHE", Path.home() / ".cache" / "llmrec"))
+    """llmrec's cache folder (prepared samples, converted models): ``$LLMREC_CACHE``, else
+    ``$XDG_CACHE_HOME/llmrec``, else ``~/.cache/llmrec``; ``~`` expanded. One rule for data and models: the
+    samples' copy ignored XDG_CACHE_HOME and took an empty LLMREC_CACHE as the working directory."""
+    root = os.environ.get("LLMREC_CACHE")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "llmrec"
 
 
 def sample_source(name: str) -> Path:

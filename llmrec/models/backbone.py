@@ -98,7 +98,8 @@ class ConversionError(RuntimeError):
 
 
 class BackboneLoadError(OSError):
-    """A hub id or local directory could not be loaded (no network, no such repo, bad folder)."""
+    """A hub id or local directory could not be loaded (no network, no such repo, bad folder), or an alias could not
+    be converted into its cache folder (unwritable, disk full)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,13 +349,10 @@ def install_alias(name: str) -> None:
 
 
 def default_cache_dir() -> Path:
-    """Folder holding converted aliases: ``$LLMREC_CACHE/models``, else ``~/.cache/llmrec/models``."""
-    root = os.environ.get("LLMREC_CACHE")
-    if root:
-        return Path(root).expanduser() / "models"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "llmrec" / "models"
+    """Folder holding converted aliases: ``models`` in :func:`llmrec.data.samples.cache_root`."""
+    from llmrec.data.samples import cache_root
+
+    return cache_root() / "models"
 
 
 def alias_cache_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -571,7 +569,8 @@ def convert_alias(
     """Convert alias ``name`` into its cache folder (unless already there and ``force`` is False).
 
     Returns the cache folder. Raises :class:`AliasNotInstalledError` when the packages are missing,
-    :class:`ConversionError` when the GGUF is corrupt or the copy fails verification.
+    :class:`ConversionError` when the GGUF is corrupt or the copy fails verification,
+    :class:`BackboneLoadError` when the cache folder cannot be written (read-only, disk full).
     """
     spec = _alias(name)
     dest = alias_cache_path(name, cache_dir)
@@ -579,18 +578,37 @@ def convert_alias(
         return dest
     _source_files(spec)  # fail on a missing package before creating any folder
     from filelock import FileLock
+    from safetensors import SafetensorError
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Processes started together (accelerate launch) would each convert the same alias; the lock makes the
-    # others wait and then read the copy the first one wrote.
-    with FileLock(str(dest.parent / f".{dest.name}.lock")):
-        if not force and alias_is_cached(name, cache_dir):
-            logger.info("%s was converted by another process meanwhile; using that copy", name)
-            return dest
-        # Under the lock no other conversion of this alias runs: a temporary folder left here is a killed one's.
-        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        return _convert_alias_locked(name, spec, dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Processes started together (accelerate launch) would each convert the same alias; the lock makes the
+        # others wait and then read the copy the first one wrote.
+        with FileLock(str(dest.parent / f".{dest.name}.lock")):
+            if not force and alias_is_cached(name, cache_dir):
+                logger.info("%s was converted by another process meanwhile; using that copy", name)
+                return dest
+            # Under the lock no other conversion of this alias runs: a temporary folder left here is a killed one's.
+            for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            return _convert_alias_locked(name, spec, dest)
+    # A read-only or full cache failed `llmrec quickstart` with a traceback (a bare OSError, or safetensors' own
+    # SafetensorError for a full disk): a BackboneLoadError is reported by the CLI as one line saying what to do.
+    except OSError as err:
+        raise _cache_write_error(name, dest, err) from err
+    except SafetensorError as err:
+        if "I/O error" not in str(err):  # only failed writes; anything else is not the cache folder's fault
+            raise
+        raise _cache_write_error(name, dest, err) from err
+
+
+def _cache_write_error(name: str, dest: Path, err: Exception) -> BackboneLoadError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return BackboneLoadError(
+        f"cannot convert {name} into {dest}: {first_line}\n"
+        f"The converted copy needs a writable folder with room for the model in float32: free space there, or "
+        f"point the cache elsewhere (environment variable LLMREC_CACHE, or --cache-dir of `llmrec models convert`)"
+    )
 
 
 def _convert_alias_locked(name: str, spec: GGUFAlias, dest: Path) -> Path:
@@ -930,11 +948,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     except UnknownAliasError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (AliasNotInstalledError, ConversionError) as err:
+    except (AliasNotInstalledError, ConversionError, BackboneLoadError) as err:  # BackboneLoadError: cache unwritable
         print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # an unwritable --cache-dir: a traceback before
-        print(f"error: cannot convert {args.alias} into {args.cache_dir or 'the cache'}: {err}", file=sys.stderr)
         return 1
     print(f"converted {args.alias} into {folder} in {time.monotonic() - start:.1f}s")
     return 0
