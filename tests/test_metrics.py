@@ -13,6 +13,7 @@ from llmrec.evaluation.metrics import (
     per_row_metrics,
     rank_of_target,
     ranks_from_scores,
+    rows_for_power,
     seed_row_ci,
     student_t_quantile,
 )
@@ -251,3 +252,14 @@ def test_seed_row_ci_refuses_bad_input(a, b, match):
         seed_row_ci(a, b)
     with pytest.raises(ValueError, match="df > 0"):
         student_t_quantile(0.5, 0.0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_paired_statistics_refuse_non_finite_values(bad):
+    """A NaN (or inf) value gave a (nan, nan, nan) bootstrap interval (or (-inf, nan, 0.75)) that reads as "does not
+    exclude 0", a NaN row count that compare shows as "no row differs", and a seed_row_ci error about df."""
+    a, b = [bad, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 1.0]
+    for call in (lambda: paired_bootstrap_ci(a, b, n_resamples=50), lambda: paired_bootstrap_ci(b, a, n_resamples=50),
+                 lambda: rows_for_power(a, b, effect=0.1), lambda: seed_row_ci([a, b], [b, b])):
+        with pytest.raises(ValueError, match="must be finite, got 1 NaN or infinite"):
+            call()

@@ -140,6 +140,14 @@ def ranks_from_scores(
     return out
 
 
+def _check_finite(a: np.ndarray, b: np.ndarray) -> None:
+    """Refuse NaN / inf values: they gave a NaN interval (or ``(-inf, nan, x)``) read as "does not exclude 0", a NaN
+    row count read as "no row differs", or an error about Student's t degrees of freedom."""
+    bad = int((~np.isfinite(a)).sum() + (~np.isfinite(b)).sum())
+    if bad:
+        raise ValueError(f"paired samples must be finite, got {bad} NaN or infinite value(s)")
+
+
 def paired_bootstrap_ci(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,
@@ -160,6 +168,7 @@ def paired_bootstrap_ci(
     b = np.asarray(b, dtype=np.float64).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"paired samples must have the same length, got {a.size} and {b.size}")
+    _check_finite(a, b)
     if a.size < 2:  # one row resamples to itself: a zero-width interval that "excludes 0" whatever the systems
         raise ValueError(f"a bootstrap interval needs at least 2 paired rows, got {a.size}")
     if not 0.0 < alpha < 1.0:
@@ -213,6 +222,7 @@ def seed_row_ci(
     b = np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"need two (seeds, rows) arrays of one shape, got {a.shape} and {b.shape}")
+    _check_finite(a, b)
     n_seeds, n_rows = a.shape
     if n_seeds < 2 or n_rows < 2:
         raise ValueError(f"need at least 2 seeds and 2 rows to estimate both spreads, got {n_seeds} and {n_rows}")
@@ -314,6 +324,7 @@ def rows_for_power(
     b = np.asarray(b, dtype=np.float64).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"paired samples must have the same length, got {a.size} and {b.size}")
+    _check_finite(a, b)
     diff = a - b
     if diff.size < 2:
         raise ValueError(f"need at least 2 paired rows, got {diff.size}")
