@@ -119,9 +119,21 @@ def test_bench_exactness_maxima_do_not_drop_a_nan():
     assert math.isnan(_max_rel_diff({"a": nan, "b": ok}, {"a": ok, "b": ok}))
 
 
+def _tiny_latent_sft_batches():
+    """``bench latent-sft``'s arguments for one one-row batch on the tiny Qwen2, and that batch."""
+    import argparse
+
+    import llmrec.bench_latent_sft as bls
+
+    ap = argparse.ArgumentParser()
+    bls.add_arguments(ap)
+    args = ap.parse_args(["--model", "tiny-qwen2", "--batch-size", "1", "--num-batches", "1",
+                          "--lora-targets", "q_proj,v_proj"])
+    return args, bls.make_batches(bls.build(args, "float32", random_lora_b=False)[2], args)
+
+
 def test_bench_latent_sft_exactness_reports_nan_outputs_as_nan(monkeypatch):
     """A model whose outputs are NaN gave NaN in both forms; exactness() reported (0.0, 0.0), i.e. exact."""
-    import argparse
     import math
 
     import torch
@@ -136,11 +148,7 @@ def test_bench_latent_sft_exactness_reports_nan_outputs_as_nan(monkeypatch):
             latent.latent_head.v_proj.bias.fill_(float("nan"))
         return latent, plain, tok
 
-    ap = argparse.ArgumentParser()
-    bls.add_arguments(ap)
-    args = ap.parse_args(["--model", "tiny-qwen2", "--batch-size", "1", "--num-batches", "1",
-                          "--lora-targets", "q_proj,v_proj"])
-    batches = bls.make_batches(real(args, "float32", random_lora_b=False)[2], args)
+    args, batches = _tiny_latent_sft_batches()
     monkeypatch.setattr(bls, "build", nan_head)
     logit_diff, grad_diff = bls.exactness(args, batches)
     assert math.isnan(logit_diff) and math.isnan(grad_diff)
@@ -168,8 +176,6 @@ def test_bench_decoding_floor_warmup_decodes_the_steps_of_its_timed_run(tmp_path
 def test_bench_latent_sft_exactness_refuses_forms_that_train_different_tensors(monkeypatch):
     """Gradients were compared over the naive form's tensors only: one that only the efficient form trained was
     left out of the reported maximum."""
-    import argparse
-
     import pytest
     import torch
 
@@ -192,11 +198,7 @@ def test_bench_latent_sft_exactness_refuses_forms_that_train_different_tensors(m
         latent.loss = spied
         return latent, plain, tok
 
-    ap = argparse.ArgumentParser()
-    bls.add_arguments(ap)
-    args = ap.parse_args(["--model", "tiny-qwen2", "--batch-size", "1", "--num-batches", "1",
-                          "--lora-targets", "q_proj,v_proj"])
-    batches = bls.make_batches(real(args, "float32", random_lora_b=False)[2], args)
+    args, batches = _tiny_latent_sft_batches()
     monkeypatch.setattr(bls, "build", extra_grad)
     with pytest.raises(RuntimeError, match=r"only efficient \['only_efficient'\]"):
         bls.exactness(args, batches)
