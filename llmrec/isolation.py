@@ -125,7 +125,10 @@ def run_isolated(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         code = proc.exitcode
         how = f"exit code {code}"
         if code is not None and code < 0:
-            sig = signal.Signals(-code).name
+            try:
+                sig = signal.Signals(-code).name
+            except ValueError:  # no name (e.g. SIGRTMIN+6 is 40): the number, not a ValueError hiding the death
+                sig = str(-code)
             how = f"signal {sig}" + (" (out of memory? see `dmesg`)" if sig == "SIGKILL" else "")
         raise StageProcessError(f"{name} died in its own process ({how}) before returning")
     status, value, tb = message

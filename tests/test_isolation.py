@@ -20,6 +20,10 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _die_by_a_realtime_signal() -> None:
+    os.kill(os.getpid(), signal.SIGRTMIN + 6)  # terminates by default; signal.Signals has no member for it
+
+
 def test_returns_the_value_computed_in_another_process_with_the_same_environment(monkeypatch):
     monkeypatch.setenv("LLMREC_ISOLATION_PROBE", "inherited")
     assert run_isolated(operator.add, 2, 3) == 5
@@ -93,6 +97,13 @@ def test_a_return_value_that_cannot_be_pickled_is_named_not_reported_as_a_crash(
 def test_a_stage_killed_by_a_signal_is_reported_not_taken_for_success():
     with pytest.raises(StageProcessError, match="SIGKILL.*out of memory"):
         run_isolated(_die)
+
+
+def test_a_stage_killed_by_a_signal_without_a_name_is_still_reported_as_a_dead_stage():
+    """signal.Signals(40) raised ValueError('40 is not a valid Signals') in the parent instead of the
+    StageProcessError that says the stage died."""
+    with pytest.raises(StageProcessError, match=f"signal {int(signal.SIGRTMIN) + 6}\\)"):
+        run_isolated(_die_by_a_realtime_signal)
 
 
 def test_pipeline_runs_stages_in_their_own_process_unless_asked_or_distributed(tmp_path, monkeypatch):

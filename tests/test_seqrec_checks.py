@@ -496,3 +496,29 @@ def test_pta_alpha_below_one_is_refused():
     with pytest.raises(ValueError, match="pta_alpha must be >= 1"):
         SeqRecConfig(model="rearec-prl", dataset_dir="x", pta_alpha=0.5)
     assert SeqRecConfig(model="rearec-prl", dataset_dir="x", pta_alpha=1.0).pta_alpha == 1.0
+
+
+def test_validation_ranks_refuse_nan_scores(tmp_path):
+    """ranks_from_scores never counts a NaN item as higher: a model scoring NaN for some items got optimistic
+    validation and test metrics from the trainer (evaluate and recommend already refused NaN through top_k)."""
+    from llmrec.seqrec.data import load_seqrec_data
+    from llmrec.seqrec.models import build_model
+    from llmrec.seqrec.trainer import SeqRecTrainer, make_accelerator
+
+    d = write_successor_dataset(tmp_path / "d", num_items=20, users=12, length=8)
+    data = load_seqrec_data(d, max_history=10)
+    cfg = tiny_cfg(tmp_path / "m", d)
+    model = build_model(cfg, data.num_items)
+    trainer = SeqRecTrainer(cfg, data, model, make_accelerator(cfg.seed), Path(cfg.output_dir))
+    assert len(trainer.ranks(data.valid)) == len(data.valid.targets)  # finite: ranks as before
+    score = model.score
+
+    def nan_for_one_item(ids):  # item column 0 NaN for every row whose target is another item
+        s = score(ids)
+        s[:, 0] = float("nan")
+        return s
+
+    model.score = nan_for_one_item
+    assert int(data.valid.targets[0]) != 1
+    with pytest.raises(ValueError, match=r"scored NaN for some items of valid rows \[0"):
+        trainer.ranks(data.valid)

@@ -197,6 +197,14 @@ class SeqRecTrainer:
                 scores = model.score(ids)
             self.eval_seconds += time.perf_counter() - t0
             self.eval_rows += len(ids)
+            nan_rows = torch.isnan(scores).any(dim=1)
+            if bool(nan_rows.any()):
+                # ranks_from_scores never counts a NaN item as higher, so a model scoring NaN (diverged, or NaN
+                # weights) got optimistic metrics here; evaluate and recommend refuse NaN scores too (scoring.top_k)
+                bad = batch["index"][nan_rows.to(batch["index"].device)].tolist()
+                raise ValueError(f"the model scored NaN for some items of {rows.name} rows {bad[:5]}"
+                                 f"{' ...' if len(bad) > 5 else ''} ({len(bad)} in this batch): its ranks would be "
+                                 f"meaningless (diverged training or NaN weights)")
             if mask_history:
                 hist = torch.zeros_like(scores, dtype=torch.bool)
                 valid = ids > 0
