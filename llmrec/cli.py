@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
     except (OSError, RuntimeError) as e:
-        # A model that cannot be loaded, is not installed or fails its conversion check: the message says what to do (the module is only
-        # looked up when it was imported: importing it here would load torch for every command).
+        # A model that cannot be loaded, is not installed or fails its conversion check: the message says what to
+        # do (the module is only looked up when it was imported: importing it here would load torch for every
+        # command).
         backbone = sys.modules.get("llmrec.models.backbone")
         if backbone is not None and isinstance(e, (backbone.BackboneLoadError, backbone.AliasNotInstalledError,
                                                        backbone.ConversionError)):

@@ -197,14 +197,13 @@ class SeqRecTrainer:
                 scores = model.score(ids)
             self.eval_seconds += time.perf_counter() - t0
             self.eval_rows += len(ids)
-            nan_rows = torch.isnan(scores).any(dim=1)
-            if bool(nan_rows.any()):
-                # ranks_from_scores never counts a NaN item as higher, so a model scoring NaN (diverged, or NaN
-                # weights) got optimistic metrics here; evaluate and recommend refuse NaN scores too (scoring.top_k)
-                bad = batch["index"][nan_rows.to(batch["index"].device)].tolist()
-                raise ValueError(f"the model scored NaN for some items of {rows.name} rows {bad[:5]}"
-                                 f"{' ...' if len(bad) > 5 else ''} ({len(bad)} in this batch): its ranks would be "
-                                 f"meaningless (diverged training or NaN weights)")
+            # ranks_from_scores never counts a NaN item as higher, so a model scoring NaN (diverged, or NaN weights)
+            # got optimistic metrics; evaluate and recommend refuse NaN scores too (scoring.top_k). Such rows are
+            # refused after the gather below, on every process at once (one process raising alone would leave the
+            # others waiting in the gather); a placeholder score keeps ranks_from_scores from raising first.
+            nan_rows = torch.isnan(scores).any(dim=1).long()  # long: gathered over gloo too
+            if bool(nan_rows.any()):  # masked_fill, not nan_to_num, which would also make -inf finite
+                scores = scores.masked_fill(torch.isnan(scores), 0.0)
             if mask_history:
                 hist = torch.zeros_like(scores, dtype=torch.bool)
                 valid = ids > 0
@@ -212,7 +211,12 @@ class SeqRecTrainer:
                 hist[rows_i, ids[valid] - 1] = True
                 scores = scores.masked_fill(hist, float("-inf"))
             r = ranks_from_scores(scores, batch["target"] - 1)
-            r, idx = self.acc.gather_for_metrics((r, batch["index"]))
+            r, idx, nan_rows = self.acc.gather_for_metrics((r, batch["index"], nan_rows))
+            if bool(nan_rows.any()):
+                bad = idx[nan_rows > 0].tolist()
+                raise ValueError(f"the model scored NaN for some items of {rows.name} rows {bad[:5]}"
+                                 f"{' ...' if len(bad) > 5 else ''} ({len(bad)} in this batch): its ranks would be "
+                                 f"meaningless (diverged training or NaN weights)")
             all_ranks.append(r.cpu())
             all_idx.append(idx.cpu())
         model.train(was_training)
