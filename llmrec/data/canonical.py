@@ -124,7 +124,8 @@ def read_jsonl(path: Path) -> Iterator[dict]:
 
 
 def read_stats(path: Path) -> dict:
-    """A ``stats.json`` (``{}`` when absent); a damaged one raises naming the file (and line)."""
+    """A JSON-object file such as ``stats.json`` or a checkpoint's ``llmrec_config.json`` (``{}`` when absent); a
+    damaged one raises naming the file (and line)."""
     if not path.exists():
         return {}
     try:
