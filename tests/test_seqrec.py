@@ -961,3 +961,60 @@ def test_benchmark_table_says_over_how_many_seeds_a_difference_is_paired():
     # the NDCG@10 columns are over 3 seeds and 1; the difference only over the one seed both have
     assert "| prl | 1 | 0.0500 (1 seed) | 0.1000 (1 seed) | +0.0010 [-0.0020, +0.0040] (1 paired seed) |" in table
     assert "| erl | 3 | 0.0500 ± 0.0100 | 0.1000 ± 0.0100 | +0.0010 [-0.0020, +0.0040] |" in table
+
+
+def _rcl_by_hand(clean: torch.Tensor, noisy: torch.Tensor, sequence: torch.Tensor, tau: float, same_ok: bool):
+    """The contrastive term written out anchor by anchor: -log softmax of the positive over the kept negatives."""
+    total = 0.0
+    K = clean.shape[1] - 1
+    for k in range(1, K + 1):
+        terms = []
+        for i in range(clean.shape[0]):
+            keep = [j for j in range(clean.shape[0]) if j == i or same_ok or sequence[j] != sequence[i]]
+            logits = torch.stack([noisy[i, k] @ clean[j, k] / tau for j in keep])
+            terms.append(-torch.log_softmax(logits, 0)[keep.index(i)])
+        total = total + torch.stack(terms).mean()
+    return total / K
+
+
+@pytest.mark.parametrize("negatives", ["batch", "other_sequences"])
+def test_prl_contrastive_negatives_equal_the_anchor_by_anchor_form(negatives):
+    """``cl_negatives="other_sequences"`` leaves out of each prefix's softmax the other prefixes of its own training
+    sequence (in sequence mode they share most of its history); ``"batch"`` keeps every other prefix."""
+    torch.manual_seed(0)
+    model = ReaRec(Backbone(30, 6, hidden=16, inner=32), mode="prl", reason_steps=2, cl_negatives=negatives)
+    model.backbone.temperature = 0.7
+    g = torch.Generator().manual_seed(3)
+    clean, noisy = torch.randn(7, 3, 16, generator=g), torch.randn(7, 3, 16, generator=g)
+    sequence = torch.tensor([0, 0, 0, 1, 1, 2, 3])
+    got = model._rcl(clean, noisy, sequence)
+    want = _rcl_by_hand(clean, noisy, sequence, 0.7, same_ok=negatives == "batch")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # One prefix per sequence (rows mode): nothing to leave out, both settings give the same term.
+    one_each = torch.arange(7)
+    torch.testing.assert_close(model._rcl(clean, noisy, one_each), _rcl_by_hand(clean, noisy, one_each, 0.7, True))
+    with pytest.raises(ValueError, match="cl_negatives must be"):
+        ReaRec(Backbone(30, 6, hidden=16, inner=32), mode="prl", cl_negatives="others")
+
+
+def test_prl_loss_masks_same_sequence_negatives_through_the_training_loss():
+    """Through ``loss``: the masked setting changes only the contrastive term, and by as much as the by-hand form."""
+    from llmrec.seqrec.models import LossContext
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 31, (3, 6), generator=g)
+    batch = {"input_ids": ids, "target_ids": torch.randint(1, 31, (3, 6), generator=g)}
+    logs = {}
+    for negatives in ("batch", "other_sequences"):
+        torch.manual_seed(0)
+        model = ReaRec(Backbone(30, 6, hidden=16, inner=32, dropout=0.0, attn_dropout=0.0), mode="prl",
+                       warmup_epochs=0, cl_negatives=negatives)
+        torch.manual_seed(1)  # the noisy view's draws
+        _, logs[negatives] = model.loss(batch, LossContext(epoch=1))
+    assert logs["batch"]["ce"] == logs["other_sequences"]["ce"] and logs["batch"]["pta"] == logs["other_sequences"]["pta"]
+    # Each anchor competes with 12 others of other rows instead of 17: the term falls.
+    assert logs["other_sequences"]["rcl"] < logs["batch"]["rcl"]
+    with pytest.raises(ValueError, match="cl_negatives"):
+        SeqRecConfig(dataset_dir="x", model="rearec-prl", cl_negatives="other")
+    assert SeqRecConfig(dataset_dir="x", model="sasrec", cl_negatives="other_sequences").unused_fields() == {
+        "cl_negatives": "other_sequences"}

@@ -22,7 +22,7 @@ RESULT_NEUTRAL_FIELDS = ("output_dir", "resume", "progress", "num_threads", "eva
 
 _REAREC_FIELDS = ("reason_steps",)
 _ERL_FIELDS = ("kl_weight", "kl_cap")
-_PRL_FIELDS = ("pta_alpha", "pl_weight", "cl_weight", "noise_std", "warmup_epochs", "cl_max_rows")
+_PRL_FIELDS = ("pta_alpha", "pl_weight", "cl_weight", "noise_std", "warmup_epochs", "cl_max_rows", "cl_negatives")
 _LARES_FIELDS = ("n_pre_layers", "n_core_layers", "mean_recurrence", "depth_sampling", "state_init", "state_std",
                  "state_scale", "fuse", "tla_weight", "sla_weight", "align_tau", "align_sim", "sla_exclude_final",
                  "filter_topk", "filter_passes", "rpt_epochs", "rpt_max_rows", "rpt_lr", "rpt_batch_size", "rpt_group",
@@ -43,6 +43,7 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "train_mode": ("sequence", "rows"),
     "depth_sampling": ("poisson-lognormal", "constant"),
+    "cl_negatives": ("batch", "other_sequences"),
     "state_init": ("normal", "normal_zero", "zero"),
     "fuse": ("add", "concat", "linear"),
     "align_sim": ("dot", "cos"),
@@ -132,6 +133,13 @@ class SeqRecConfig:
                                 "view and no contrastive term; cl_weight then unused)")
     warmup_epochs: int = _f(2, "PRL: epochs before the noisy view and the contrastive loss start")
     cl_max_rows: int = _f(1024, "PRL: max rows in one contrastive similarity matrix (random subset)")
+    cl_negatives: str = _f(
+        "batch",
+        "PRL: the contrastive negatives of a prefix: 'batch' (every other prefix in the batch) or 'other_sequences' "
+        "(not the other prefixes of its own training sequence). In sequence mode a batch row holds many prefixes of "
+        "one user, which share most of their history and carry most of the negatives' softmax mass; the ReaRec "
+        "code's batches of random rows rarely hold two of one user. In rows mode the two are the same.",
+    )
     # LARES
     n_pre_layers: int = _f(1, "LARES: pre-block layers")
     n_core_layers: int = _f(1, "LARES: shared recurrent core layers")
@@ -281,7 +289,7 @@ class SeqRecConfig:
             if self.pl_weight == 0:  # no progressive-temperature loss: its annealing alpha is not read
                 others.add("pta_alpha")
             if self.noise_std == 0 or self.cl_weight == 0:  # the contrastive term (noisy view) is off
-                others.update(("cl_max_rows", "warmup_epochs"))
+                others.update(("cl_max_rows", "warmup_epochs", "cl_negatives"))
                 if self.noise_std == 0 and self.cl_weight != 0:
                     others.add("cl_weight")
                 if self.cl_weight == 0 and self.noise_std != 0:

@@ -127,13 +127,17 @@ class ReaRec(SeqRecModel):
         noise_std: float = 0.01,
         warmup_epochs: int = 2,
         cl_max_rows: int = 1024,
+        cl_negatives: str = "batch",
     ):
         super().__init__()
         if mode not in ("erl", "prl"):
             raise ValueError(f"ReaRec mode must be 'erl' or 'prl', got {mode!r}")
         if reason_steps < 0:
             raise ValueError(f"reason_steps (K) must be >= 0, got {reason_steps}")
+        if cl_negatives not in ("batch", "other_sequences"):
+            raise ValueError(f"cl_negatives must be 'batch' or 'other_sequences', got {cl_negatives!r}")
         self.backbone, self.mode, self.K = backbone, mode, reason_steps
+        self.cl_negatives = cl_negatives
         self.kl_weight, self.kl_cap = kl_weight, kl_cap
         self.pta_alpha, self.pl_weight = pta_alpha, pl_weight
         self.cl_weight, self.noise_std, self.warmup_epochs, self.cl_max_rows = (
@@ -310,7 +314,7 @@ class ReaRec(SeqRecModel):
             if self.K > 0 and self.cl_weight > 0 and self.noise_std > 0 and ctx.epoch >= self.warmup_epochs:
                 h2, cache2, _ = self.backbone.encode(ids)  # second view: its own dropout masks and cache
                 R2m = self._reason_targets(h2, cache2, valid, rows, pos, base=Rm, noise_std=self.noise_std)
-                cl = self._rcl(Rm, R2m)
+                cl = self._rcl(Rm, R2m, rows)
                 loss = loss + self.cl_weight * cl
                 logs["rcl"] = cl.detach().item()
         return loss, logs
@@ -351,11 +355,13 @@ class ReaRec(SeqRecModel):
                     total = total + (p[:, j] * (logp[:, j] - logp[:, i].detach())).sum(-1)
         return total / (K1 * (K1 - 1))
 
-    def _rcl(self, Rm: torch.Tensor, R2m: torch.Tensor) -> torch.Tensor:
-        """InfoNCE per step k >= 1: noisy r~_k vs clean r_k of the same row, others in the batch negatives.
+    def _rcl(self, Rm: torch.Tensor, R2m: torch.Tensor, sequence: torch.Tensor | None = None) -> torch.Tensor:
+        """InfoNCE per step k >= 1: noisy r~_k vs clean r_k of the same prefix, the other prefixes in the batch
+        negatives; with ``cl_negatives="other_sequences"``, not those of the same training sequence
+        (``sequence [M]``: each prefix's batch row).
 
-        Rows beyond ``cl_max_rows`` are subsampled (sequence mode has one row per position, and the
-        similarity matrix is rows^2). Negatives are local to the process (not gathered).
+        Prefixes beyond ``cl_max_rows`` are subsampled (sequence mode has one per position, and the
+        similarity matrix is prefixes^2). Negatives are local to the process (not gathered).
         """
         M = Rm.shape[0]
         if M == 0:  # no prefix with a target in this batch: a mean over no rows would be NaN
@@ -363,11 +369,20 @@ class ReaRec(SeqRecModel):
         if M > self.cl_max_rows:
             idx = torch.randperm(M, device=Rm.device)[: self.cl_max_rows]
             Rm, R2m = Rm[idx], R2m[idx]
+            sequence = sequence[idx] if sequence is not None else None
         labels = torch.arange(Rm.shape[0], device=Rm.device)
         tau = self.backbone.temperature
-        return (
-            sum(F.cross_entropy(R2m[:, k] @ Rm[:, k].T / tau, labels) for k in range(1, self.K + 1)) / self.K
-        )
+        # Same-sequence negatives: masked out of the softmax (the positive, on the diagonal, stays).
+        drop = None
+        if self.cl_negatives == "other_sequences" and sequence is not None:
+            drop = (sequence[:, None] == sequence[None, :]) & (labels[:, None] != labels[None, :])
+        total = Rm.new_zeros(())
+        for k in range(1, self.K + 1):
+            logits = R2m[:, k] @ Rm[:, k].T / tau
+            if drop is not None:
+                logits = logits.masked_fill(drop, float("-inf"))
+            total = total + F.cross_entropy(logits, labels)
+        return total / self.K
 
 
 class LARES(SeqRecModel):
@@ -672,6 +687,7 @@ def build_model(cfg: Any, num_items: int) -> SeqRecModel:
             noise_std=cfg.noise_std,
             warmup_epochs=cfg.warmup_epochs,
             cl_max_rows=cfg.cl_max_rows,
+            cl_negatives=cfg.cl_negatives,
         )
     return LARES(
         bb,

@@ -273,11 +273,12 @@ class LatentGRPOConfig(GRPOConfig):
         default="target",
         metadata={"help": "What the ratio and the advantage weight. target (the paper): the per-token log-probs of "
                   "the true title under each member's noised latent -- a pathwise, advantage-weighted likelihood "
-                  "gradient, which does not follow the gradient of the expected reward (with zero-mean advantages "
-                  "it has no first-order effect on the noise-free latent; with mostly negative ones it lowers the "
-                  "target's likelihood). gaussian: the log-density of each member's latent under N(latent, std^2 I) "
-                  "of the current head -- the score-function (evolution-strategies) gradient of the expected "
-                  "reward; one 'token' per member."},
+                  "gradient, which does not follow the gradient of the expected reward: to second order in the "
+                  "noise its expected update moves the latent along sigma^2 H g (g, H: gradient and curvature of the "
+                  "target's log-likelihood in the latent), which lowers the likelihood where it is concave, and mostly "
+                  "negative advantages (noise that hurts) lower it further. gaussian: the log-density of each "
+                  "member's latent under N(latent, std^2 I) of the current head -- the score-function "
+                  "(evolution-strategies) gradient of the expected reward; one 'token' per member."},
     )
     eval_rows: int = field(
         default=0,
