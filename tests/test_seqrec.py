@@ -1018,3 +1018,34 @@ def test_prl_loss_masks_same_sequence_negatives_through_the_training_loss():
         SeqRecConfig(dataset_dir="x", model="rearec-prl", cl_negatives="other")
     assert SeqRecConfig(dataset_dir="x", model="sasrec", cl_negatives="other_sequences").unused_fields() == {
         "cl_negatives": "other_sequences"}
+
+
+def test_a_finished_run_continued_with_more_patience_equals_that_patience_from_scratch(tmp_path):
+    """The trainer resumes weights, optimiser, RNG state and the early-stopping counter: a run stopped at patience 1,
+    continued (its done.json removed, patience and epochs raised in run_config.json), ends as the run with the larger
+    patience and epochs trained from scratch -- how the Beauty runs were taken from patience 4 to 10 (experiment log).
+    PRL with dropout and the noisy view on, so every RNG stream must continue where it stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d", num_items=30, users=40, length=12)
+    kw = dict(model="rearec-prl", eval_every=1, lr=3e-3, dropout=0.3, attn_dropout=0.2, batch_size=16)
+    short = run_seqrec(tiny_cfg(tmp_path / "p1", d, patience=1, epochs=12, **kw))
+    assert short["timings"]["epochs"] < 12  # it stopped early
+    full = run_seqrec(tiny_cfg(tmp_path / "p3", d, patience=3, epochs=16, **kw))
+    src, dst = tmp_path / "p1" / "run", tmp_path / "cont" / "run"
+    shutil.copytree(src, dst)
+    for name in ("train/done.json", "results.json", "results.md"):
+        (dst / name).unlink(missing_ok=True)
+    shutil.rmtree(dst / "test_eval", ignore_errors=True)
+    recorded = json.loads((dst / "run_config.json").read_text())
+    recorded["config"].update(patience=3, epochs=16, output_dir=str(dst))
+    (dst / "run_config.json").write_text(json.dumps(recorded))
+    cont = run_seqrec(tiny_cfg(tmp_path / "cont", d, patience=3, epochs=16, **kw))
+    assert cont["phases"][0]["epochs_run"] == full["phases"][0]["epochs_run"] > short["phases"][0]["epochs_run"]
+    assert cont["test"] == full["test"] and cont["best_epoch"] == full["best_epoch"]
+    a, b = load_file(str(tmp_path / "p3/run/train/best.safetensors")), load_file(str(dst / "train/best.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
