@@ -355,7 +355,7 @@ class ReaRec(SeqRecModel):
                     total = total + (p[:, j] * (logp[:, j] - logp[:, i].detach())).sum(-1)
         return total / (K1 * (K1 - 1))
 
-    def _rcl(self, Rm: torch.Tensor, R2m: torch.Tensor, sequence: torch.Tensor | None = None) -> torch.Tensor:
+    def _rcl(self, Rm: torch.Tensor, R2m: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
         """InfoNCE per step k >= 1: noisy r~_k vs clean r_k of the same prefix, the other prefixes in the batch
         negatives; with ``cl_negatives="other_sequences"``, not those of the same training sequence
         (``sequence [M]``: each prefix's batch row).
@@ -369,12 +369,12 @@ class ReaRec(SeqRecModel):
         if M > self.cl_max_rows:
             idx = torch.randperm(M, device=Rm.device)[: self.cl_max_rows]
             Rm, R2m = Rm[idx], R2m[idx]
-            sequence = sequence[idx] if sequence is not None else None
+            sequence = sequence[idx]
         labels = torch.arange(Rm.shape[0], device=Rm.device)
         tau = self.backbone.temperature
         # Same-sequence negatives: masked out of the softmax (the positive, on the diagonal, stays).
         drop = None
-        if self.cl_negatives == "other_sequences" and sequence is not None:
+        if self.cl_negatives == "other_sequences":
             drop = (sequence[:, None] == sequence[None, :]) & (labels[:, None] != labels[None, :])
         total = Rm.new_zeros(())
         for k in range(1, self.K + 1):
