@@ -691,8 +691,8 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     assert not (out / "runs" / "lares_seed0").exists()
     assert (out / "runs" / "sasrec_seed0" / "results.json").stat().st_mtime_ns == stamp
     # a finished run made with other settings is not reported as if made with these
-    with pytest.raises(ValueError, match=r"sasrec_seed0.*results.json.*epochs=2 \(asked: 3\)"):
-        run_seqrec_benchmark(d, ["sasrec"], 1, out, **{**kw, "epochs": 3})
+    with pytest.raises(ValueError, match=r"sasrec_seed0.*results.json.*epochs=2 \(asked: 1\); remove it"):
+        run_seqrec_benchmark(d, ["sasrec"], 1, out, **{**kw, "epochs": 1})
     with pytest.raises(ValueError, match=r"hidden_size=16 \(asked: 8\)"):
         run_seqrec_benchmark(d, ["sasrec"], 1, out, report_only=True, **{**kw, "hidden_size": 8})
     assert run_seqrec_benchmark(d, ["sasrec"], 1, out, **{**kw, "progress": True})["sasrec"]["seeds"] == 1
@@ -703,6 +703,17 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     stale.write_text(json.dumps(res))
     with pytest.raises(ValueError, match=r"rearec-erl_seed0/test_eval: test ndcg@10 .* is not the run's own"):
         run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 2, out, **kw)
+    # Larger stopping rules: --report-only refuses to report the shorter run, a benchmark trains it on (its test rows
+    # ranked again), ending as the longer run from scratch.
+    with pytest.raises(ValueError, match=r"epochs=2 \(asked: 3\); run without --report-only to train it on"):
+        run_seqrec_benchmark(d, ["sasrec"], 1, out, report_only=True, **{**kw, "epochs": 3})
+    longer = run_seqrec_benchmark(d, ["sasrec"], 1, out, **{**kw, "epochs": 3})
+    scratch = run_seqrec_benchmark(d, ["sasrec"], 1, tmp_path / "scratch", **{**kw, "epochs": 3})
+    assert longer["sasrec"]["ndcg@10"] == scratch["sasrec"]["ndcg@10"]
+    res = json.loads((r / "sasrec_seed0/results.json").read_text())
+    assert res["timings"]["epochs"] == 3 and res["config"]["epochs"] == 3
+    ranked = json.loads((r / "sasrec_seed0/test_eval/results.json").read_text())["metrics"]["item"]
+    assert ranked["ndcg@10"] == pytest.approx(res["test"]["ndcg@10"], abs=1e-6)
 
 
 def test_benchmark_jobs_train_runs_at_once_with_the_results_of_one_job(tmp_path, monkeypatch):
@@ -1049,3 +1060,91 @@ def test_a_finished_run_continued_with_more_patience_equals_that_patience_from_s
     assert cont["test"] == full["test"] and cont["best_epoch"] == full["best_epoch"]
     a, b = load_file(str(tmp_path / "p3/run/train/best.safetensors")), load_file(str(dst / "train/best.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The supported form: the same config with the larger stopping rules, in the finished run's own directory.
+    ext = tmp_path / "ext" / "run"
+    shutil.copytree(src, ext)
+    extended = run_seqrec(tiny_cfg(tmp_path / "ext", d, patience=3, epochs=16, **kw))
+    assert extended["test"] == full["test"] and _trajectory(extended) == _trajectory(full)
+    b = load_file(str(ext / "train/best.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((ext / "run_config.json").read_text())["config"]["patience"] == 3
+
+
+def _trajectory(res: dict) -> list[dict]:
+    """Each phase's epochs, losses and validations, without their seconds."""
+    return [{**{k: v for k, v in p.items() if k != "epoch_seconds"},
+             "history": [{k: v for k, v in e.items() if k != "seconds"} for e in p["history"]]} for p in res["phases"]]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_lares_extended_trains_spt_on_and_redoes_rpt_as_the_larger_run_from_scratch(tmp_path):
+    """Raising SPT's patience reopens SPT; RPT, which started from SPT's old best weights, is trained again from the
+    new ones (its old checkpoints are not resumed): the result is the larger run from scratch. Raising only
+    rpt_patience reopens RPT alone."""
+    import shutil
+
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d", num_items=20, users=16, length=10)
+    kw = dict(model="lares", eval_every=1, lr=1e-2, dropout=0.2, attn_dropout=0.1, batch_size=16, mean_recurrence=2,
+              rpt_epochs=3, rpt_batch_size=16, rpt_lr=1e-3, epochs=10)
+    short = run_seqrec(tiny_cfg(tmp_path / "p1", d, patience=1, rpt_patience=1, **kw))
+    assert short["phases"][0]["epochs_run"] < 10 and short["phases"][1]["epochs_run"] < 3
+    shutil.copytree(tmp_path / "p1", tmp_path / "ext")
+    full = run_seqrec(tiny_cfg(tmp_path / "p3", d, patience=3, rpt_patience=1, **kw))
+    assert full["phases"][0]["epochs_run"] > short["phases"][0]["epochs_run"]
+    extended = run_seqrec(tiny_cfg(tmp_path / "ext", d, patience=3, rpt_patience=1, **kw))
+    assert _trajectory(extended) == _trajectory(full) and extended["test"] == full["test"]
+    assert extended["selected_phase"] == full["selected_phase"]
+    for phase in ("train", "rpt"):
+        assert _same_weights(tmp_path / f"p3/run/{phase}/best.safetensors", tmp_path / f"ext/run/{phase}/best.safetensors")
+    # RPT alone: SPT stays finished, RPT trains on from its last epoch.
+    rpt_full = run_seqrec(tiny_cfg(tmp_path / "r3", d, patience=3, rpt_patience=3, **kw))
+    rpt_ext = run_seqrec(tiny_cfg(tmp_path / "ext", d, patience=3, rpt_patience=3, **kw))
+    assert _trajectory(rpt_ext) == _trajectory(rpt_full) and rpt_ext["test"] == rpt_full["test"]
+
+
+def test_a_run_resumed_with_smaller_stopping_rules_is_refused_and_left_as_it_was(tmp_path):
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=4, eval_every=1, patience=3)
+    first = run_seqrec(cfg)
+    out = Path(cfg.output_dir)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for field, value in (("epochs", 3), ("patience", 2)):
+        with pytest.raises(ValueError, match=rf"{field}=\d+ \(asked: {value}\) \({field} can be raised on a run, "
+                                              "not lowered"):
+            run_seqrec(tiny_cfg(tmp_path, d, **{**dict(epochs=4, eval_every=1, patience=3), field: value}))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A larger value with another change is refused as before, for the other change.
+    with pytest.raises(ValueError, match=r"holds a run made with lr=.*asked: 0\.5\)"):
+        run_seqrec(tiny_cfg(tmp_path, d, epochs=6, eval_every=1, patience=3, lr=0.5))
+    assert run_seqrec(cfg)["test"] == first["test"]
+
+
+def test_raising_the_epochs_of_a_run_that_validated_its_last_epoch_off_schedule_is_refused(tmp_path):
+    """With eval_every 2, a 5-epoch run validated epoch 5 only because it was its last; a 7-epoch run does not, so
+    its early-stopping state is not the one the longer run has: refused before anything is changed."""
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    run_seqrec(tiny_cfg(tmp_path, d, epochs=5, eval_every=2, patience=50))
+    with pytest.raises(ValueError, match="epochs cannot be raised from 5 to 7: the train phase ran all 5 epochs"):
+        run_seqrec(tiny_cfg(tmp_path, d, epochs=7, eval_every=2, patience=50))
+    assert (Path(tmp_path) / "run" / "results.json").exists()
+    # On its schedule (4 epochs, validated at 2 and 4) the run extends, as the 6-epoch run from scratch.
+    run_seqrec(tiny_cfg(tmp_path / "a", d, epochs=4, eval_every=2, patience=50))
+    ext = run_seqrec(tiny_cfg(tmp_path / "a", d, epochs=6, eval_every=2, patience=50))
+    full = run_seqrec(tiny_cfg(tmp_path / "b", d, epochs=6, eval_every=2, patience=50))
+    assert _trajectory(ext) == _trajectory(full) and ext["test"] == full["test"]
+    # A finished phase without its last state cannot be trained on: refused, not reported under the new rules.
+    (tmp_path / "a" / "run" / "train" / "state.json").unlink()
+    with pytest.raises(ValueError, match="the train phase is finished but has no state.json"):
+        run_seqrec(tiny_cfg(tmp_path / "a", d, epochs=8, eval_every=2, patience=50))

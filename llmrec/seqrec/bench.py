@@ -5,7 +5,9 @@ skipping (model, seed) runs whose ``results.json`` already exists (so an interru
 prints a mean +- std table and writes ``seqrec_bench.json`` / ``seqrec_bench.md`` into ``output``. Each finished
 run's test rows are also ranked by ``llmrec evaluate --method seqrec`` (``<run>/test_eval``, the per-row file that
 ``llmrec compare`` reads), so every model gets its paired bootstrap 95% interval against the first model (per-row
-metrics averaged over the seeds both have), not only mean +- std over seeds. A finished run is reused whatever threads,
+metrics averaged over the seeds both have), not only mean +- std over seeds. A finished run asked for with larger
+stopping rules (``--epochs``, ``--patience``; :data:`~llmrec.seqrec.config.EXTENDABLE_FIELDS`) trains on from its
+checkpoints, as that run from scratch would. A finished run is reused whatever threads,
 eval batch size and processes it ran with (the metrics do not depend on them); its timings do, so the timing columns
 average only the runs made with this invocation's (``timing_settings``) and say so when those are not all.
 """
@@ -86,9 +88,9 @@ def run_seqrec_benchmark(
     """
     from llmrec.config import coerce_fields, read_recipe, to_dict
     from llmrec.data.identity import data_difference, data_sha256
-    from llmrec.seqrec.config import SeqRecConfig, training_field_differences
+    from llmrec.seqrec.config import SeqRecConfig, split_extension, training_field_differences
     from llmrec.seqrec.models import MODEL_NAMES
-    from llmrec.seqrec.run import RESULTS_JSON, RUN_CONFIG_JSON, run_seqrec
+    from llmrec.seqrec.run import RESULTS_JSON, RUN_CONFIG_JSON, refuse_inexact_extension, run_seqrec
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -162,11 +164,13 @@ def run_seqrec_benchmark(
         if "config" not in res:
             raise ValueError(f"{res_file} records no config, so what it was trained with cannot be checked; "
                              "remove it or use another output directory")
-        diff = training_field_differences(res.get("config", {}), to_dict(SeqRecConfig(**fields)))
-        if diff:
-            details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in sorted(diff.items()))
-            raise ValueError(f"{res_file} is a finished run made with {details}; remove it or use "
-                             "another output directory")
+        raised, diff = split_extension(training_field_differences(res.get("config", {}),
+                                                                  to_dict(SeqRecConfig(**fields))))
+        if diff or (raised and report_only):
+            details = ", ".join(f"{k}={f!r} (asked: {w!r})" for k, (f, w) in sorted({**diff, **raised}.items()))
+            remedy = ("run without --report-only to train it on with the larger stopping rules" if not diff else
+                      "remove it or use another output directory")
+            raise ValueError(f"{res_file} is a finished run made with {details}; {remedy}")
         # ... and on the same data: the dataset directory's files may have been re-prepared or edited since.
         # A run made before results.json recorded the digests has them (or the stats) in run_config.json.
         if digests is None:
@@ -177,6 +181,11 @@ def run_seqrec_benchmark(
         if data:
             raise ValueError(f"{res_file} is a finished run made with {data}; remove it or use another "
                              "output directory")
+        if raised:  # trained on by run_seqrec from its checkpoints (its results are removed then)
+            refuse_inexact_extension(run_dir, res["config"], SeqRecConfig(**fields))
+            logger.info("%s: a finished run made with %s: extending it", run_dir,
+                        ", ".join(f"{k} {f} (asked: {w})" for k, (f, w) in raised.items()))
+            continue
         results[model, s] = res
     pending = [] if report_only else [p for p in plans if (p[0], p[1]) not in results]  # a cut run is not reported
     if pending and not Path(dataset_dir).is_dir():  # before any run directory is made (each run would fail on it)
@@ -330,8 +339,9 @@ def rank_test_rows(run_dir: Path, dataset_dir: str | Path, expected: dict[str, f
     from accelerate import PartialState
 
     from llmrec.evaluation.evaluator import EvalConfig, evaluate
+    from llmrec.seqrec.run import TEST_EVAL_DIR
 
-    out = run_dir / "test_eval"
+    out = run_dir / TEST_EVAL_DIR
     if not (out / "results.json").exists():
         evaluate(EvalConfig(method="seqrec", checkpoint=str(run_dir), dataset=str(dataset_dir), split="test",
                             output_dir=str(out)))

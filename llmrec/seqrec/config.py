@@ -20,6 +20,12 @@ def _f(default, help: str, **kw):
 RESULT_NEUTRAL_FIELDS = ("output_dir", "resume", "progress", "num_threads", "eval_batch_size", "test_depths",
                          "report_to")
 
+# Stopping rules a run may be resumed with larger values of, finished or not ("extending" it): the trainer restores
+# the weights, optimiser, RNG state and early-stopping counter of the last epoch, so a run trained on to a later epoch
+# or with more patience is the run those settings make from scratch (as transformers' Trainer resumes with a larger
+# num_train_epochs). Smaller values are refused: the run may have trained past where they would have stopped it.
+EXTENDABLE_FIELDS = ("epochs", "patience", "rpt_epochs", "rpt_patience")
+
 _REAREC_FIELDS = ("reason_steps",)
 _ERL_FIELDS = ("kl_weight", "kl_cap")
 _PRL_FIELDS = ("pta_alpha", "pl_weight", "cl_weight", "noise_std", "warmup_epochs", "cl_max_rows", "cl_negatives")
@@ -67,6 +73,15 @@ def training_field_differences(found: dict, wanted: dict) -> dict[str, tuple[Any
                               paths=("dataset_dir",))
 
 
+def split_extension(diff: dict[str, tuple[Any, Any]]) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """``(raised, other)``: the differences of :func:`training_field_differences` split into the stopping rules
+    asked for with larger values than the run was made with (:data:`EXTENDABLE_FIELDS`: a resume extends the run)
+    and every other difference (a resume would mix two configurations)."""
+    raised = {k: (f, w) for k, (f, w) in diff.items()
+              if k in EXTENDABLE_FIELDS and isinstance(f, int) and isinstance(w, int) and w > f}
+    return raised, {k: v for k, v in diff.items() if k not in raised}
+
+
 @dataclass
 class SeqRecConfig:
     """Everything one ID-model training run needs."""
@@ -101,7 +116,9 @@ class SeqRecConfig:
     )
     temperature: float = _f(1.0, "logits = h.E^T / temperature (ReaRec code: 0.07; RecBole SASRec: 1)")
     # optimisation
-    epochs: int = _f(200, "maximum training epochs (phase 1)")
+    epochs: int = _f(
+        200, "maximum training epochs (phase 1); raised on a run directory that holds a run (finished or not), the "
+        "run trains on from its last epoch (so does a raised patience, rpt_epochs or rpt_patience)")
     batch_size: int = _f(256, "global training batch (examples; split across processes)")
     eval_batch_size: int = _f(256, "evaluation batch (rows)")
     lr: float = _f(1e-3, "Adam learning rate")

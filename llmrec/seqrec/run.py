@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,13 @@ import torch
 from llmrec.config import to_dict
 from llmrec.data.canonical import atomic_write_json, atomic_write_text
 from llmrec.data.identity import data_difference, data_sha256
-from llmrec.seqrec.config import SeqRecConfig, training_field_differences, training_fields
+from llmrec.seqrec.config import (
+    EXTENDABLE_FIELDS,
+    SeqRecConfig,
+    split_extension,
+    training_field_differences,
+    training_fields,
+)
 from llmrec.seqrec.data import SameTargetPool, load_seqrec_data
 from llmrec.seqrec.models import LARES, ReaRec, build_model
 from llmrec.seqrec.trainer import SeqRecTrainer, make_accelerator
@@ -22,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
+# The run's test rows ranked by `llmrec evaluate --method seqrec` (``llmrec bench seqrec`` writes it for its paired
+# intervals): made from the finished run's weights, so it goes with results.json.
+TEST_EVAL_DIR = "test_eval"
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
@@ -101,32 +111,69 @@ def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, s
     Without this a rerun with, say, another learning rate in the same ``output_dir`` would load the old run's
     weights and report them under the new config; or, with the dataset's files replaced, report weights trained
     on the old data as trained on the new.
+
+    A run asked for with larger stopping rules (:data:`EXTENDABLE_FIELDS`) than it was made with is extended: its
+    results are removed, and the trainer trains on from the last epoch of each phase the new rules reopen.
     """
     path = out / RUN_CONFIG_JSON
     want = json.loads(json.dumps(_run_identity(cfg)))  # JSON round trip: compare like with like
+    raised: dict[str, tuple[Any, Any]] = {}
     if cfg.resume and path.exists():
         have = json.loads(path.read_text())
         # As a finished run is read back: "data/x/" is "data/x", a field newer than the run is its default.
-        diff = training_field_differences(have["config"], to_dict(cfg))
+        raised, diff = split_extension(training_field_differences(have["config"], to_dict(cfg)))
         details = [f"{k}={h!r} (asked: {w!r})" for k, (h, w) in diff.items()]
         data = data_difference(have, cfg.dataset_dir, want["data_sha256"])
         if data:
             details.append(data)
         if details:
-            raise ValueError(f"{out} holds a run made with {', '.join(details)}; use another output_dir, set resume: "
-                             "false to train from scratch there, or remove it")
+            lowered = [k for k in diff if k in EXTENDABLE_FIELDS]
+            hint = (f" ({', '.join(lowered)} can be raised on a run, not lowered: it may have trained past where the "
+                    "smaller value stops)" if lowered else "")
+            raise ValueError(f"{out} holds a run made with {', '.join(details)}{hint}; use another output_dir, set "
+                             "resume: false to train from scratch there, or remove it")
+        if raised:
+            refuse_inexact_extension(out, have["config"], cfg)
     if is_main:
-        if not cfg.resume:
+        if not cfg.resume or raised:
             # Training from scratch: the old run's results must not outlive its weights (results.json marks the
             # directory a finished run; cut after a phase, it would stand beside the new run's best weights).
+            # Extending: the results are the shorter run's, and its best weights may change.
             for name in (RESULTS_JSON, RESULTS_MD):
                 (out / name).unlink(missing_ok=True)
+            if (out / TEST_EVAL_DIR).is_dir():
+                shutil.rmtree(out / TEST_EVAL_DIR)
+        if raised:
+            logger.info("%s: extending the run made with %s: each phase these reopen trains on from its last epoch",
+                        out, ", ".join(f"{k} {h}" for k, (h, _) in raised.items()))
+        if not cfg.resume:
             # ... nor its phases' states: each phase forgets its own when it starts, but a run cut before LARES's
             # RPT left the old run's finished RPT phase to be taken up by the next (resumed) run under this config.
             for phase_file in (*out.glob("*/done.json"), *out.glob("*/state.json")):
                 phase_file.unlink()
         atomic_write_json(path, want)
     return want["data_sha256"]
+
+
+def refuse_inexact_extension(out: Path, found: dict[str, Any], cfg: SeqRecConfig) -> None:
+    """Raise if raising a phase's epochs would not give the run those epochs make from scratch: a phase that ran all
+    its epochs validated the last one because it was the last, off the ``eval_every`` schedule, and that validation
+    (a best epoch, a patience count) is in its early-stopping state. Also a finished phase without its last
+    epoch's state (``state.json``), which would stay finished whatever the new rules: the run would be reported under
+    them unchanged."""
+    for phase, name in (("train", "epochs"), ("rpt", "rpt_epochs")):
+        old, new = found.get(name), getattr(cfg, name)
+        state = out / phase / "state.json"
+        if (out / phase / "done.json").exists() and not state.exists():
+            raise ValueError(f"{out}: the {phase} phase is finished but has no {state.name} to train on from; "
+                             "train from scratch (resume: false) or in another output_dir")
+        if not isinstance(old, int) or new <= old or old % cfg.eval_every == 0 or not state.exists():
+            continue
+        if json.loads(state.read_text())["epoch"] + 1 == old:
+            raise ValueError(f"{out}: {name} cannot be raised from {old} to {new}: the {phase} phase ran all {old} "
+                             f"epochs and validated the last because it was the last (eval_every "
+                             f"{cfg.eval_every}), which a run of {new} epochs does not, so its early-stopping state is "
+                             "not that run's; train from scratch (resume: false) or in another output_dir")
 
 
 def run_seqrec(cfg: SeqRecConfig, *, concurrent_runs: int = 1) -> dict[str, Any]:
