@@ -1083,13 +1083,14 @@ def _same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_lares_extended_trains_spt_on_and_redoes_rpt_as_the_larger_run_from_scratch(tmp_path):
+def test_lares_extended_trains_spt_on_and_redoes_rpt_as_the_larger_run_from_scratch(tmp_path, monkeypatch):
     """Raising SPT's patience reopens SPT; RPT, which started from SPT's old best weights, is trained again from the
-    new ones (its old checkpoints are not resumed): the result is the larger run from scratch. Raising only
-    rpt_patience reopens RPT alone."""
+    new ones (its old checkpoints are not resumed), also when the extension is cut between the phases: the result is
+    the larger run from scratch. Raising only rpt_patience reopens RPT alone."""
     import shutil
 
     from llmrec.seqrec.run import run_seqrec
+    from llmrec.seqrec.trainer import SeqRecTrainer
 
     d = write_successor_dataset(tmp_path / "d", num_items=20, users=16, length=10)
     kw = dict(model="lares", eval_every=1, lr=1e-2, dropout=0.2, attn_dropout=0.1, batch_size=16, mean_recurrence=2,
@@ -1099,6 +1100,10 @@ def test_lares_extended_trains_spt_on_and_redoes_rpt_as_the_larger_run_from_scra
     shutil.copytree(tmp_path / "p1", tmp_path / "ext")
     full = run_seqrec(tiny_cfg(tmp_path / "p3", d, patience=3, rpt_patience=1, **kw))
     assert full["phases"][0]["epochs_run"] > short["phases"][0]["epochs_run"]
+    with monkeypatch.context() as m:  # cut after SPT trained on, before RPT starts
+        m.setattr(SeqRecTrainer, "lares_filter", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            run_seqrec(tiny_cfg(tmp_path / "ext", d, patience=3, rpt_patience=1, **kw))
     extended = run_seqrec(tiny_cfg(tmp_path / "ext", d, patience=3, rpt_patience=1, **kw))
     assert _trajectory(extended) == _trajectory(full) and extended["test"] == full["test"]
     assert extended["selected_phase"] == full["selected_phase"]
@@ -1108,6 +1113,19 @@ def test_lares_extended_trains_spt_on_and_redoes_rpt_as_the_larger_run_from_scra
     rpt_full = run_seqrec(tiny_cfg(tmp_path / "r3", d, patience=3, rpt_patience=3, **kw))
     rpt_ext = run_seqrec(tiny_cfg(tmp_path / "ext", d, patience=3, rpt_patience=3, **kw))
     assert _trajectory(rpt_ext) == _trajectory(rpt_full) and rpt_ext["test"] == rpt_full["test"]
+
+
+def test_split_extension_separates_raised_stopping_rules_and_frees_rpts_settings_when_rpt_is_added():
+    from llmrec.seqrec.config import split_extension
+
+    diff = {"epochs": (40, 60), "patience": (10, 4), "lr": (1e-3, 2e-3)}
+    assert split_extension(diff) == ({"epochs": (40, 60)}, {"patience": (10, 4), "lr": (1e-3, 2e-3)})
+    # RPT added to a run made without it: RPT's settings were never read, so any may be chosen ...
+    added = {"rpt_epochs": (0, 2), "rpt_patience": (3, 1), "rpt_lr": (5e-4, 1e-3), "filter_topk": (100, 50)}
+    assert split_extension(added) == ({"rpt_epochs": (0, 2)}, {})
+    # ... but not once RPT has run.
+    assert split_extension({"rpt_epochs": (1, 2), "rpt_patience": (3, 1)}) == (
+        {"rpt_epochs": (1, 2)}, {"rpt_patience": (3, 1)})
 
 
 def test_a_run_resumed_with_smaller_stopping_rules_is_refused_and_left_as_it_was(tmp_path):
@@ -1122,6 +1140,15 @@ def test_a_run_resumed_with_smaller_stopping_rules_is_refused_and_left_as_it_was
         with pytest.raises(ValueError, match=rf"{field}=\d+ \(asked: {value}\) \({field} can be raised on a run, "
                                               "not lowered"):
             run_seqrec(tiny_cfg(tmp_path, d, **{**dict(epochs=4, eval_every=1, patience=3), field: value}))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A larger value whose phase lost its last checkpoint cannot train on: refused before anything changes.
+    slot = json.loads((out / "train" / "state.json").read_text())["slot"]
+    weights = out / "train" / f"last-{slot}.safetensors"
+    kept = weights.read_bytes()
+    weights.unlink()
+    with pytest.raises(ValueError, match=rf"cannot train on: its last checkpoint \(last-{slot}.safetensors"):
+        run_seqrec(tiny_cfg(tmp_path, d, epochs=6, eval_every=1, patience=5))
+    weights.write_bytes(kept)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # A larger value with another change is refused as before, for the other change.
     with pytest.raises(ValueError, match=r"holds a run made with lr=.*asked: 0\.5\)"):
@@ -1140,8 +1167,24 @@ def test_raising_the_epochs_of_a_run_that_validated_its_last_epoch_off_schedule_
         run_seqrec(tiny_cfg(tmp_path, d, epochs=7, eval_every=2, patience=50))
     assert (Path(tmp_path) / "run" / "results.json").exists()
     # On its schedule (4 epochs, validated at 2 and 4) the run extends, as the 6-epoch run from scratch.
-    run_seqrec(tiny_cfg(tmp_path / "a", d, epochs=4, eval_every=2, patience=50))
+    first = run_seqrec(tiny_cfg(tmp_path / "a", d, epochs=4, eval_every=2, patience=50))
+    # ... also when cut after the last epoch's checkpoint, before the phase's done.json.
+    from llmrec.seqrec import trainer
+
+    write = trainer.atomic_write_json
+
+    def cut_at_done(path, obj):
+        if Path(path).name == "done.json":
+            raise KeyboardInterrupt
+        write(path, obj)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(trainer, "atomic_write_json", cut_at_done)
+        with pytest.raises(KeyboardInterrupt):
+            run_seqrec(tiny_cfg(tmp_path / "a", d, epochs=6, eval_every=2, patience=50))
     ext = run_seqrec(tiny_cfg(tmp_path / "a", d, epochs=6, eval_every=2, patience=50))
+    # its training time: the finished run's, then the extension's
+    assert ext["timings"]["train_total_s"] > first["timings"]["train_total_s"]
     full = run_seqrec(tiny_cfg(tmp_path / "b", d, epochs=6, eval_every=2, patience=50))
     assert _trajectory(ext) == _trajectory(full) and ext["test"] == full["test"]
     # A finished phase without its last state cannot be trained on: refused, not reported under the new rules.

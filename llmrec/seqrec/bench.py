@@ -90,7 +90,7 @@ def run_seqrec_benchmark(
     from llmrec.data.identity import data_difference, data_sha256
     from llmrec.seqrec.config import SeqRecConfig, split_extension, training_field_differences
     from llmrec.seqrec.models import MODEL_NAMES
-    from llmrec.seqrec.run import RESULTS_JSON, RUN_CONFIG_JSON, refuse_inexact_extension, run_seqrec
+    from llmrec.seqrec.run import RESULTS_JSON, RUN_CONFIG_JSON, plan_extension, run_seqrec
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -182,7 +182,7 @@ def run_seqrec_benchmark(
             raise ValueError(f"{res_file} is a finished run made with {data}; remove it or use another "
                              "output directory")
         if raised:  # trained on by run_seqrec from its checkpoints (its results are removed then)
-            refuse_inexact_extension(run_dir, res["config"], SeqRecConfig(**fields))
+            plan_extension(run_dir, res["config"], SeqRecConfig(**fields))  # raises where it cannot
             logger.info("%s: a finished run made with %s: extending it", run_dir,
                         ", ".join(f"{k} {f} (asked: {w})" for k, (f, w) in raised.items()))
             continue

@@ -76,10 +76,13 @@ def training_field_differences(found: dict, wanted: dict) -> dict[str, tuple[Any
 def split_extension(diff: dict[str, tuple[Any, Any]]) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
     """``(raised, other)``: the differences of :func:`training_field_differences` split into the stopping rules
     asked for with larger values than the run was made with (:data:`EXTENDABLE_FIELDS`: a resume extends the run)
-    and every other difference (a resume would mix two configurations)."""
+    and every other difference (a resume would mix two configurations), leaving out RPT's settings when RPT is
+    added to a run made without it."""
     raised = {k: (f, w) for k, (f, w) in diff.items()
               if k in EXTENDABLE_FIELDS and isinstance(f, int) and isinstance(w, int) and w > f}
-    return raised, {k: v for k, v in diff.items() if k not in raised}
+    # A run without RPT never read RPT's settings: adding RPT to it may choose them.
+    unread = _RPT_FIELDS if raised.get("rpt_epochs", (None,))[0] == 0 else ()
+    return raised, {k: v for k, v in diff.items() if k not in raised and k not in unread}
 
 
 @dataclass

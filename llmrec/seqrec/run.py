@@ -32,6 +32,8 @@ RESULTS_MD = "results.md"
 # The run's test rows ranked by `llmrec evaluate --method seqrec` (``llmrec bench seqrec`` writes it for its paired
 # intervals): made from the finished run's weights, so it goes with results.json.
 TEST_EVAL_DIR = "test_eval"
+# In run_config.json of an extended run: the finished run's training seconds, which its results then add to.
+TRAIN_S_BEFORE = "train_s_before_extension"
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
@@ -104,20 +106,24 @@ def _run_identity(cfg: SeqRecConfig) -> dict[str, Any]:
             "data_sha256": data_sha256(cfg.dataset_dir)}
 
 
-def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, str | None]:
-    """Refuse to resume (or reuse) checkpoints trained with other settings or data; record this run's identity and
-    return the data's digests (:func:`data_sha256`).
+def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, Any]:
+    """Refuse to resume (or reuse) checkpoints trained with other settings or data; record this run's identity
+    (config, data statistics and digests, :func:`data_sha256`).
 
     Without this a rerun with, say, another learning rate in the same ``output_dir`` would load the old run's
     weights and report them under the new config; or, with the dataset's files replaced, report weights trained
     on the old data as trained on the new.
 
     A run asked for with larger stopping rules (:data:`EXTENDABLE_FIELDS`) than it was made with is extended: its
-    results are removed, and the trainer trains on from the last epoch of each phase the new rules reopen.
+    results are removed, and the trainer trains on from the last epoch of each phase the new rules reopen
+    (:func:`plan_extension`).
+
+    Returns the run's identity as recorded in ``run_config.json``.
     """
     path = out / RUN_CONFIG_JSON
     want = json.loads(json.dumps(_run_identity(cfg)))  # JSON round trip: compare like with like
     raised: dict[str, tuple[Any, Any]] = {}
+    plan: dict[str, str] = {}
     if cfg.resume and path.exists():
         have = json.loads(path.read_text())
         # As a finished run is read back: "data/x/" is "data/x", a field newer than the run is its default.
@@ -133,7 +139,12 @@ def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, s
             raise ValueError(f"{out} holds a run made with {', '.join(details)}{hint}; use another output_dir, set "
                              "resume: false to train from scratch there, or remove it")
         if raised:
-            refuse_inexact_extension(out, have["config"], cfg)
+            plan = plan_extension(out, have["config"], cfg)
+        if raised and (out / RESULTS_JSON).exists():  # the finished run's training time, which the extension adds to
+            timings = json.loads((out / RESULTS_JSON).read_text()).get("timings", {})
+            want[TRAIN_S_BEFORE] = float(timings.get("train_total_s", 0.0))
+        elif TRAIN_S_BEFORE in have:  # an extension cut and resumed (or extended again), or rerun when finished
+            want[TRAIN_S_BEFORE] = have[TRAIN_S_BEFORE]
     if is_main:
         if not cfg.resume or raised:
             # Training from scratch: the old run's results must not outlive its weights (results.json marks the
@@ -144,36 +155,66 @@ def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, s
             if (out / TEST_EVAL_DIR).is_dir():
                 shutil.rmtree(out / TEST_EVAL_DIR)
         if raised:
-            logger.info("%s: extending the run made with %s: each phase these reopen trains on from its last epoch",
-                        out, ", ".join(f"{k} {h}" for k, (h, _) in raised.items()))
+            # On disk before any training, so an extension cut at any point resumes as one: a reopened phase is no
+            # longer finished, a phase after it has no state to be taken up.
+            for phase, how in plan.items():
+                (out / phase / "done.json").unlink(missing_ok=True)
+                if how == "start over":
+                    (out / phase / "state.json").unlink(missing_ok=True)
+            logger.info("%s: extending the run made with %s: %s", out,
+                        ", ".join(f"{k} {h}" for k, (h, _) in raised.items()),
+                        ", ".join(f"{p} {how}" for p, how in plan.items()) or "no phase trains further")
         if not cfg.resume:
             # ... nor its phases' states: each phase forgets its own when it starts, but a run cut before LARES's
             # RPT left the old run's finished RPT phase to be taken up by the next (resumed) run under this config.
             for phase_file in (*out.glob("*/done.json"), *out.glob("*/state.json")):
                 phase_file.unlink()
         atomic_write_json(path, want)
-    return want["data_sha256"]
+    return want
 
 
-def refuse_inexact_extension(out: Path, found: dict[str, Any], cfg: SeqRecConfig) -> None:
-    """Raise if raising a phase's epochs would not give the run those epochs make from scratch: a phase that ran all
-    its epochs validated the last one because it was the last, off the ``eval_every`` schedule, and that validation
-    (a best epoch, a patience count) is in its early-stopping state. Also a finished phase without its last
-    epoch's state (``state.json``), which would stay finished whatever the new rules: the run would be reported under
-    them unchanged."""
-    for phase, name in (("train", "epochs"), ("rpt", "rpt_epochs")):
-        old, new = found.get(name), getattr(cfg, name)
-        state = out / phase / "state.json"
-        if (out / phase / "done.json").exists() and not state.exists():
-            raise ValueError(f"{out}: the {phase} phase is finished but has no {state.name} to train on from; "
-                             "train from scratch (resume: false) or in another output_dir")
-        if not isinstance(old, int) or new <= old or old % cfg.eval_every == 0 or not state.exists():
+def plan_extension(out: Path, found: dict[str, Any], cfg: SeqRecConfig) -> dict[str, str]:
+    """The phases a run asked for with larger stopping rules than ``found`` (its recorded config) reopens:
+    ``{phase: "train on" | "start over"}``. A phase trains on from its last epoch when the new ``epochs``/``patience``
+    no longer stop it where it stopped; every later phase (LARES's RPT after SPT) starts over, since it began from the
+    weights that phase will change.
+
+    Raises where training on would not give the run the larger rules make from scratch, or could not run: a phase
+    that ran all its epochs validated the last because it was the last (off the ``eval_every`` schedule, a
+    validation the longer run does not make, in its early-stopping state); a finished phase without its last
+    state or checkpoint.
+    """
+    from llmrec.seqrec.trainer import _last_paths
+
+    plan: dict[str, str] = {}
+    for phase, epochs_field, patience_field in (("train", "epochs", "patience"), ("rpt", "rpt_epochs", "rpt_patience")):
+        pdir = out / phase
+        done, state = pdir / "done.json", pdir / "state.json"
+        if plan:  # an earlier phase trains on
+            if done.exists() or state.exists():
+                plan[phase] = "start over"
             continue
-        if json.loads(state.read_text())["epoch"] + 1 == old:
-            raise ValueError(f"{out}: {name} cannot be raised from {old} to {new}: the {phase} phase ran all {old} "
-                             f"epochs and validated the last because it was the last (eval_every "
-                             f"{cfg.eval_every}), which a run of {new} epochs does not, so its early-stopping state is "
-                             "not that run's; train from scratch (resume: false) or in another output_dir")
+        if not state.exists():
+            if done.exists():
+                raise ValueError(f"{out}: the {phase} phase is finished but has no {state.name} to train on from; "
+                                 "train from scratch (resume: false) or in another output_dir")
+            continue
+        st = json.loads(state.read_text())
+        epochs, patience = getattr(cfg, epochs_field), getattr(cfg, patience_field)
+        if st["bad"] >= patience or st["epoch"] + 1 >= epochs:
+            continue  # the new rules stop it where it stopped
+        old = found.get(epochs_field)
+        if isinstance(old, int) and st["epoch"] + 1 == old and old % cfg.eval_every:
+            raise ValueError(f"{out}: {epochs_field} cannot be raised from {old} to {epochs}: the {phase} phase ran all "
+                             f"{old} epochs and validated the last because it was the last (eval_every "
+                             f"{cfg.eval_every}), which a run of {epochs} epochs does not, so its early-stopping state "
+                             "is not that run's; train from scratch (resume: false) or in another output_dir")
+        missing = [p.name for p in _last_paths(pdir, st.get("slot")) if not p.exists()]
+        if missing:
+            raise ValueError(f"{out}: the {phase} phase cannot train on: its last checkpoint ({', '.join(missing)} in "
+                             f"{pdir}) is missing; train from scratch (resume: false) or in another output_dir")
+        plan[phase] = "train on"
+    return plan
 
 
 def run_seqrec(cfg: SeqRecConfig, *, concurrent_runs: int = 1) -> dict[str, Any]:
@@ -210,7 +251,7 @@ def _run_seqrec(cfg: SeqRecConfig, concurrent_runs: int = 1) -> dict[str, Any]:
                          "(each batch is split evenly across them)")
     # The data first: a missing or bad dataset must fail before the run directory is claimed (run_config.json).
     data = load_seqrec_data(cfg.dataset_dir, cfg.max_history, cfg.train_mode, cfg.window_stride)
-    digests = _check_resumable(cfg, out, acc.is_main_process)
+    identity = _check_resumable(cfg, out, acc.is_main_process)
     model = build_model(cfg, data.num_items)
     trainer = SeqRecTrainer(cfg, data, model, acc, out)
     t_start = time.perf_counter()
@@ -278,6 +319,8 @@ def _run_seqrec(cfg: SeqRecConfig, concurrent_runs: int = 1) -> dict[str, Any]:
         # A rerun of a finished run trains nothing: keep the training time it recorded (it was overwritten with
         # this rerun's ~0 s, which the pipeline report then showed as the model's training time; review)
         train_s = float(json.loads(previous.read_text()).get("timings", {}).get("train_total_s", train_s))
+    else:
+        train_s += identity.get(TRAIN_S_BEFORE, 0.0)  # an extended run: the run it extended trained this long first
     best = (
         max(phases, key=lambda p: p.best_valid.get(cfg.valid_metric, -1.0)) if len(phases) > 1 else phases[0]
     )
@@ -311,7 +354,7 @@ def _run_seqrec(cfg: SeqRecConfig, concurrent_runs: int = 1) -> dict[str, Any]:
         "phases": [p.__dict__ for p in phases],
         "config": to_dict(cfg),
         # the data the weights were trained and tested on: a finished run is reused only for the same files
-        "data_sha256": digests,
+        "data_sha256": identity["data_sha256"],
     }
     res.update(extra)
     if isinstance(model, LARES) and cfg.test_depths:

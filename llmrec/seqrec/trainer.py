@@ -243,11 +243,7 @@ class SeqRecTrainer:
         extra: dict | None = None,
         aug_pool: SameTargetPool | None = None,
     ) -> PhaseResult:
-        """Train until ``epochs`` or early stopping; leave the best weights loaded; resumable.
-
-        A finished phase is trained on from its last epoch when ``epochs`` and ``patience`` no longer stop it there
-        (a run extended with larger values; see ``EXTENDABLE_FIELDS``); a phase after one that trained in this
-        trainer starts over, since the weights it started from have changed."""
+        """Train until ``epochs`` or early stopping; leave the best weights loaded; resumable."""
         cfg, acc = self.cfg, self.acc
         pdir = self.out / phase
         done_file, state_file = pdir / "done.json", pdir / "state.json"
@@ -257,23 +253,17 @@ class SeqRecTrainer:
         # weights with an old state.
         slot: int | None = None
         best_file: str | None = None
-        # Training from scratch, an older run's state must not be resumed later; after an earlier phase trained
-        # here (a run resumed or extended before this phase), this phase's state followed other weights.
-        if (not cfg.resume or self.epochs_trained) and self.is_main:
+        if not cfg.resume and self.is_main:  # training from scratch: an older run's state must not be resumed later
             for f in (done_file, state_file):
                 f.unlink(missing_ok=True)
         acc.wait_for_everyone()
         if cfg.resume and done_file.exists() and best_path.exists():
-            last = json.loads(state_file.read_text()) if state_file.exists() else None
-            if last is None or last["bad"] >= patience or last["epoch"] + 1 >= epochs:
-                res = PhaseResult(**json.loads(done_file.read_text()))
-                _load_weights(self.unwrapped, best_path, self.checkpoint_remedy)
-                logger.info(
-                    "phase %s already finished (best epoch %d); loaded its best weights", phase, res.best_epoch
-                )
-                return res
-            logger.info("phase %s stopped after epoch %d (%d validations without a better one); extended to %d "
-                        "epochs and patience %d, it trains on", phase, last["epoch"] + 1, last["bad"], epochs, patience)
+            res = PhaseResult(**json.loads(done_file.read_text()))
+            _load_weights(self.unwrapped, best_path, self.checkpoint_remedy)
+            logger.info(
+                "phase %s already finished (best epoch %d); loaded its best weights", phase, res.best_epoch
+            )
+            return res
         if batch_size % acc.num_processes:
             raise ValueError(f"batch size {batch_size} is not divisible by {acc.num_processes} processes")
         optim = torch.optim.Adam(self.wrapped.parameters(), lr=lr, weight_decay=cfg.weight_decay)
