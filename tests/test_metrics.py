@@ -41,6 +41,20 @@ def test_hand_computed():
     assert set(m) == {f"{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 3, 5)}
 
 
+def test_ranks_in_any_form_give_the_same_metrics_and_broken_ranks_are_refused_with_their_row():
+    want = compute_metrics([0, 2, None, -1], ks=(1, 3))
+    for form in (np.array([0, 2, -1, -5]), torch.tensor([0, 2, -1, -1]), np.array([0.0, 2.0, -1.0, -1.0]),
+                 torch.tensor([0.0, 2.0, -1.0, -1.0], dtype=torch.float16), [0, 2.0, None, -3]):
+        assert compute_metrics(form, ks=(1, 3)) == want
+    # A NaN became a huge negative int64 (an absent target) and 1.5 was truncated to 1: both silently.
+    for bad, row in ((np.array([0.0, np.nan]), 1), (torch.tensor([1.5, 0.0]), 0), ([0, None, 2.5], 2),
+                     ([float("inf")], 0)):
+        with pytest.raises(ValueError, match=rf"rank of row {row} is .*whole numbers"):
+            compute_metrics(bad, ks=(10,))
+    with pytest.raises(ValueError, match="whole numbers"):
+        per_row_metrics(["0", "1"], ks=(10,))
+
+
 def test_max_k_filters_cutoffs_and_inputs():
     m = compute_metrics(np.array([0, 12]), ks=(1, 5, 10, 20), max_k=10)
     assert set(m) == {f"{n}@{k}" for n in ("hr", "ndcg", "mrr") for k in (1, 5, 10)}

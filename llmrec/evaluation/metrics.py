@@ -36,13 +36,29 @@ def rank_of_target(ranked_ids: Iterable[Hashable], target: Hashable) -> int | No
 
 
 def _ranks_array(ranks: RankLike) -> np.ndarray:
-    """int64 array with ``-1`` for absent targets (``None`` or any negative rank)."""
+    """int64 array with ``-1`` for absent targets (``None`` or any negative rank).
+
+    Ranks given as floats must be whole numbers: a NaN (cast to int64 it became a huge negative number, an absent
+    target) or a fractional rank (truncated) is refused with the row it is in, not counted as something else.
+    """
     if isinstance(ranks, torch.Tensor):
-        arr = ranks.detach().cpu().numpy().astype(np.int64, copy=False).reshape(-1)
+        values = ranks.detach().cpu().numpy().reshape(-1)
     elif isinstance(ranks, np.ndarray):
-        arr = ranks.astype(np.int64, copy=False).reshape(-1)
+        values = ranks.reshape(-1)
     else:
-        arr = np.fromiter((-1 if r is None else int(r) for r in ranks), dtype=np.int64)
+        values = np.array([-1 if r is None else r for r in ranks])
+        if values.dtype == object:
+            bad = next(i for i, r in enumerate(ranks) if r is not None and not isinstance(r, (int, float, np.number)))
+            raise ValueError(f"rank of row {bad} is {ranks[bad]!r}: ranks must be whole numbers or None")
+    if values.size and values.dtype.kind == "f":
+        whole = np.isfinite(values) & (values == np.round(values))
+        if not whole.all():
+            bad = int(np.argmin(whole))
+            raise ValueError(f"rank of row {bad} is {float(values[bad])!r}: ranks must be whole numbers (0-based; negative or "
+                             "None for a target not in the list)")
+    elif values.size and values.dtype.kind not in "iub":
+        raise ValueError(f"ranks must be whole numbers, got an array of {values.dtype}")
+    arr = values.astype(np.int64, copy=False)
     return np.where(arr < 0, -1, arr)
 
 
