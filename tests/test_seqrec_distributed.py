@@ -41,6 +41,9 @@ SCRIPT = textwrap.dedent(
     # processes (its loss normaliser was floored at 1 per process, halving its gradient on 2 processes)
     run_seqrec(SeqRecConfig(model="sasrec", output_dir=f"{out}/sasrec-rows", train_mode="rows",
                             **dict(common, dataset_dir=rows_data_dir, batch_size=8)))
+    # A finished run extended (epochs 2 -> 3: the main process alone edits its directory, every process resumes).
+    run_seqrec(SeqRecConfig(model="sasrec", output_dir=f"{out}/sasrec-ext", **common))
+    run_seqrec(SeqRecConfig(model="sasrec", output_dir=f"{out}/sasrec-ext", **dict(common, epochs=3, resume=True)))
 
     # What llmrec does at exit: destroying the group must free it and join gloo's worker threads. A group kept
     # alive (importing torch._dynamo after it was created, as DDP does, holds it) leaves them running past
@@ -94,6 +97,13 @@ def test_two_processes_match_one_process(tmp_path):
         # the logged epoch loss is the batch loss on both layouts (2 processes logged rank 0's share alone)
         losses = [[e["loss"] for e in r["phases"][0]["history"]] for r in (one, two)]
         assert losses[0] == pytest.approx(losses[1], rel=1e-4), name
+    ext = [json.loads((tmp_path / run / "sasrec-ext" / "results.json").read_text()) for run in ("one", "two")]
+    assert ext[0]["timings"]["epochs"] == ext[1]["timings"]["epochs"] == 3
+    assert ext[0]["valid"] == pytest.approx(ext[1]["valid"], abs=1e-6)
+    a, b = (load_file(str(_last_weights(tmp_path / run / "sasrec-ext" / "train"))) for run in ("one", "two"))
+    for k in a:
+        if not k.endswith("qkv.bias"):  # as above
+            assert torch.allclose(a[k], b[k], atol=3e-5, rtol=1e-4), ("sasrec-ext", k, (a[k] - b[k]).abs().max())
     lares = [json.loads((tmp_path / run / "lares" / "results.json").read_text()) for run in ("one", "two")]
     # the filter (random initial states) kept the same rows, and RPT trained on them (its weights moved)
     assert lares[0]["rpt_rows_kept"] == lares[1]["rpt_rows_kept"] > 0
