@@ -191,6 +191,12 @@ def run_seqrec_benchmark(
     if pending and not Path(dataset_dir).is_dir():  # before any run directory is made (each run would fail on it)
         raise FileNotFoundError(f"dataset directory {dataset_dir} does not exist (prepare it with `llmrec data "
                                 "prepare`)")
+    if pending:
+        from accelerate import PartialState
+
+        # Under several processes: every one has read the finished runs before the main one removes the results of
+        # a run it extends (or another process would find them half gone).
+        PartialState().wait_for_everyone()
     if jobs == 1:
         for model, s, _, fields in pending:
             results[model, s] = run_seqrec(SeqRecConfig(**fields))
