@@ -47,9 +47,6 @@ def _ranks_array(ranks: RankLike) -> np.ndarray:
         values = ranks.reshape(-1)
     else:
         values = np.array([-1 if r is None else r for r in ranks])
-        if values.dtype == object:
-            bad = next(i for i, r in enumerate(ranks) if r is not None and not isinstance(r, (int, float, np.number)))
-            raise ValueError(f"rank of row {bad} is {ranks[bad]!r}: ranks must be whole numbers or None")
     if values.size and values.dtype.kind == "f":
         whole = np.isfinite(values) & (values == np.round(values))
         if not whole.all():
