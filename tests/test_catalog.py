@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from llmrec.data.canonical import DataFormatError
-from llmrec.data.catalog import ItemCatalog, TitlePolicy, classify_title, clean_titles
+from llmrec.data.catalog import (
+    ItemCatalog,
+    TitlePolicy,
+    classify_title,
+    clean_titles,
+    has_char_refs,
+    normalize_title_text,
+)
 
 
 @pytest.mark.parametrize(
@@ -53,11 +60,61 @@ def test_title_policy_parse():
         ("html=maybe", "must be one of"),
         ("junk=drop", "unknown title kind 'junk'"),
         ("html=drop,,", "bad title policy"),
+        ("text=drop", "'text' must be one of"),
+        ("text=normalize,text=keep", "named more than once"),
     ],
 )
 def test_title_policy_errors(spec, message):
     with pytest.raises(ValueError, match=message):
         TitlePolicy.parse(spec)
+
+
+def test_title_policy_text_choice():
+    assert TitlePolicy.parse(None).text == "keep"
+    p = TitlePolicy.parse("text=normalize,duplicate=drop")
+    assert p.text == "normalize" and p.duplicate == "drop" and p.html == "drop"
+    assert "text" not in p.as_dict()  # the keep/drop choices per kind only
+
+
+@pytest.mark.parametrize(
+    "raw, normalized, refs",
+    [
+        ("Orcs &amp; Humans", "Orcs & Humans", True),
+        ("Mouse &ndash; 11 Buttons", "Mouse \u2013 11 Buttons", True),
+        ("Don&#39;t Starve", "Don't Starve", True),
+        ("Caf&#xE9; &#X41;", "Caf\u00e9 A", True),
+        ("Star&nbsp;Fox", "Star Fox", True),  # the no-break space becomes a plain one
+        ("&lt;Disc 2&gt;", "<Disc 2>", True),
+        ("AT&T", "AT&T", False),  # no reference
+        ("Tom & Jerry", "Tom & Jerry", False),
+        ("&copy 2010", "&copy 2010", False),  # no ";": html.unescape of the whole title would decode it
+        ("R&D;", "R&D;", False),  # "&D;" is no entity: left as it is, and not counted
+        ("&amp;amp;", "&amp;", True),  # decoded once, as the source escaped it once more
+        ("Halo\t3  -\n Xbox", "Halo 3 - Xbox", False),
+    ],
+)
+def test_normalize_title_text(raw, normalized, refs):
+    assert normalize_title_text(raw) == normalized
+    assert has_char_refs(raw) is refs
+
+
+def test_clean_titles_normalize_text_before_judging_kinds():
+    raw = {"1": "Orcs &amp; Humans", "2": "Orcs & Humans", "3": "&lt;b&gt;x&lt;/b&gt;", "4": "&nbsp;",
+           "5": "Halo\t3", "6": "Tetris"}
+    kept, report = clean_titles(raw)  # text=keep: as the source has them, counted
+    assert kept == {"1": "Orcs &amp; Humans", "2": "Orcs & Humans", "3": "&lt;b&gt;x&lt;/b&gt;", "4": "&nbsp;",
+                    "5": "Halo\t3", "6": "Tetris"}
+    assert report.found == {"html": 0, "placeholder": 0, "empty": 0, "duplicate": 0}
+    assert report.as_dict()["text"] == {"policy": "keep", "with_char_refs": 3, "with_irregular_whitespace": 1,
+                                        "normalized": 0}
+    kept, report = clean_titles(raw, TitlePolicy.parse("text=normalize"))
+    # the decoded markup is html and "&nbsp;" is empty (both dropped); items 1 and 2 now share a title
+    assert kept == {"1": "Orcs & Humans", "2": "Orcs & Humans", "5": "Halo 3", "6": "Tetris"}
+    assert report.found == {"html": 1, "placeholder": 0, "empty": 1, "duplicate": 1}
+    assert report.dropped_raw_ids == ["3", "4"] and report.items_sharing_a_title == 2
+    assert report.as_dict()["text"] == {"policy": "normalize", "with_char_refs": 3, "with_irregular_whitespace": 1,
+                                        "normalized": 4}
+    json.dumps(report.as_dict())
 
 
 def test_title_policy_constructor_validates():

@@ -186,6 +186,26 @@ def test_stats_prints(tmp_path: Path, capsys):
     assert "not a prepared directory" in capsys.readouterr().err
 
 
+def test_prepare_normalizes_title_text_when_asked(tmp_path: Path, capsys):
+    src = write_csv_source(tmp_path / "src")
+    titles = ["Orcs &amp; Humans", "Don&#39;t Starve", "Halo\t3", "Orcs & Humans", "Tetris"]
+    (src / "items.csv").write_text("item,title\n" + "".join(f"i{k},{t}\n" for k, t in enumerate(titles, 1)))
+    assert main(prepare_args("csv", src, tmp_path / "kept")) == 0
+    assert main(prepare_args("csv", src, tmp_path / "norm", "--title-policy", "text=normalize")) == 0
+    capsys.readouterr()
+    catalog = {m: [json.loads(line)["title"] for line in (tmp_path / m / "catalog.jsonl").read_text().splitlines()]
+               for m in ("kept", "norm")}
+    assert catalog["kept"] == titles  # the default: as the source has them
+    assert catalog["norm"] == ["Orcs & Humans", "Don't Starve", "Halo 3", "Orcs & Humans", "Tetris"]
+    stats = json.loads((tmp_path / "norm" / "stats.json").read_text())["cleaning"]
+    assert stats["text"] == {"policy": "normalize", "with_char_refs": 2, "with_irregular_whitespace": 1,
+                             "normalized": 3}
+    assert stats["found"]["duplicate"] == 1  # "Orcs &amp; Humans" decoded is item 4's title
+    assert main(["data", "stats", str(tmp_path / "kept")]) == 0
+    assert ("text (keep): 2 with HTML character references, 1 with tabs/line breaks/repeated spaces, 0 normalized"
+            in capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("edit,field,problem", [
     (lambda s: s.clear(), "raw", "missing"),  # was KeyError: 'raw'
     (lambda s: s["raw"].update(users="x"), "raw.users", 'expected a count (a number), got "x"'),  # was "Cannot
@@ -193,6 +213,8 @@ def test_stats_prints(tmp_path: Path, capsys):
     (lambda s: s.update(rows=[3, 2, 2]), "rows", "expected a JSON object"),
     (lambda s: s["rows"].update(train=True), "rows.train", "got true"),
     (lambda s: s["cleaning"]["dropped_items"].pop("html"), "cleaning.dropped_items.html", "missing"),
+    (lambda s: s["cleaning"]["text"].update(normalized="2"), "cleaning.text.normalized", 'got "2"'),
+    (lambda s: s["cleaning"]["text"].pop("policy"), "cleaning.text.policy", "missing"),
     (lambda s: s["raw"]["per_split"].update(train={"rows": "3"}), "raw.per_split.train.rows", 'got "3"'),
     (lambda s: s.update(skipped={"train_rows_empty_history": "3"}), "skipped.train_rows_empty_history", 'got "3"'),
 ])

@@ -14,10 +14,22 @@ drops html, placeholder and empty titles (an LLM cannot generate them meaningful
 duplicates: items sharing a title become one path of the decoding trie and evaluation reports
 title-level and item-level matching. The counts land in ``stats.json``. ``prepare`` refuses
 ``empty=keep``: a prepared catalogue has a title for every item (its loader rejects an empty one).
+
+Title *text* is a separate choice, ``text=keep|normalize`` in the same policy string. Scraped Amazon titles hold
+HTML character references (``Orcs &amp; Humans``, ``Mouse &ndash; 11 Buttons``: 745 of the 17,332 items of DEALRec
+Games, 1,236 of the 12,101 of Beauty) and irregular whitespace (151 and 173 titles: double spaces, in Beauty also
+two tabs and a line break), which an LLM then reads and has to generate verbatim. ``normalize`` decodes every reference that
+ends in ``;`` (``html.unescape`` on it alone, so ``AT&T`` or ``&copy`` without its ``;`` stay as they are) and makes
+every whitespace run (tabs, line breaks, no-break spaces) one space, before the kinds are judged (so
+``Halo &amp; Co`` and ``Halo & Co`` become one title, a duplicate). The default ``keep`` leaves the text as the
+source has it, as the papers' data do (D3's Amazon 2018 reader decodes ``&amp;`` and ``&quot;`` only, in
+:mod:`llmrec.data.formats`): prepared data, and the results made on it, stay the same. Either way the titles
+holding references or irregular whitespace are counted in ``stats.json`` (``cleaning.text``).
 """
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections import Counter, defaultdict
@@ -29,6 +41,7 @@ from llmrec.data.canonical import CATALOG_FILE, DataFormatError, json_id, jsonl_
 
 TITLE_KINDS = ("html", "placeholder", "empty", "duplicate")
 POLICIES = ("keep", "drop")
+TEXT_POLICIES = ("keep", "normalize")
 
 # Markup, not any "<word ...>": "Best of <Disc 2>", "<I Love Lucy> Season 1" or "<A Tribe Called Quest>" are titles,
 # whose items (and interactions) the default policy would drop (review). Scraped fragments are lowercase: a known
@@ -40,6 +53,35 @@ _HTML_TAGS = ("span", "div", "a", "p", "b", "i", "u", "br", "hr", "img", "li", "
               "button", "label", "select", "option", "noscript", "strike", "big", "tt", "pre", "code", "blockquote")
 _HTML_RE = re.compile(r"<(?:" + "|".join(_HTML_TAGS) + r")(?:\s*/?>|\s+[a-z-]+\s*=)|</[a-z][a-z0-9]*\s*>|<!--")
 _PLACEHOLDER_RE = re.compile(r"^title_\d+$")
+# A character reference with its ";": named (&amp; &ndash; &frac12;), decimal (&#39;) or hexadecimal (&#x2019;).
+_CHAR_REF_RE = re.compile(r"&(?:[A-Za-z][A-Za-z0-9]*|#[0-9]+|#[xX][0-9A-Fa-f]+);")
+_IRREGULAR_SPACE_RE = re.compile(r"[^\S ]|  ")  # whitespace other than a space, or two spaces in a row
+
+
+def has_char_refs(title: str) -> bool:
+    """Whether ``title`` holds an HTML character reference that :func:`normalize_title_text` decodes.
+
+    >>> has_char_refs("Orcs &amp; Humans"), has_char_refs("AT&T"), has_char_refs("Tom & Jerry")
+    (True, False, False)
+    """
+    return any(html.unescape(m.group()) != m.group() for m in _CHAR_REF_RE.finditer(title))
+
+
+def normalize_title_text(title: str) -> str:
+    """Decode the HTML character references ending in ``;`` and make each whitespace run one space; strip.
+
+    An unknown name (``&foo;``) stays as it is, as does a reference without its ``;`` (``&copy 2010``), which
+    ``html.unescape`` of the whole title would decode.
+
+    >>> normalize_title_text("Orcs &amp; Humans &ndash; PC")
+    'Orcs & Humans – PC'
+    >>> normalize_title_text("Don&#39;t\tStarve&nbsp; Together ")
+    "Don't Starve Together"
+    >>> normalize_title_text("AT&T &copy 2010 &foo;")
+    'AT&T &copy 2010 &foo;'
+    """
+    decoded = _CHAR_REF_RE.sub(lambda m: html.unescape(m.group()), title)
+    return " ".join(decoded.split())
 
 
 def classify_title(title: str | None) -> str | None:
@@ -66,31 +108,35 @@ def classify_title(title: str | None) -> str | None:
 
 @dataclass
 class TitlePolicy:
-    """What to do with each kind of bad title: ``keep`` or ``drop`` (the item and its interactions)."""
+    """What to do with each kind of bad title: ``keep`` or ``drop`` (the item and its interactions); and with the
+    text of every title: ``text="keep"`` as the source has it, or ``"normalize"`` (:func:`normalize_title_text`)."""
 
     html: str = "drop"
     placeholder: str = "drop"
     empty: str = "drop"
     duplicate: str = "keep"
+    text: str = "keep"
 
     def __post_init__(self) -> None:
         for kind in TITLE_KINDS:
             if getattr(self, kind) not in POLICIES:
                 raise ValueError(f"title policy for '{kind}' must be one of {POLICIES}, got {getattr(self, kind)!r}")
+        if self.text not in TEXT_POLICIES:
+            raise ValueError(f"title policy for 'text' must be one of {TEXT_POLICIES}, got {self.text!r}")
 
     @classmethod
     def parse(cls, spec: str | None) -> TitlePolicy:
-        """Parse ``"html=drop,duplicate=drop"`` (unnamed kinds keep their defaults)."""
+        """Parse ``"html=drop,duplicate=drop,text=normalize"`` (unnamed kinds keep their defaults)."""
         policy = cls()
         if not spec:
             return policy
         named: set[str] = set()
         for part in spec.split(","):
             if "=" not in part:
-                raise ValueError(f"bad title policy '{part}': expected kind=keep|drop")
+                raise ValueError(f"bad title policy '{part}': expected kind=keep|drop or text=keep|normalize")
             kind, value = (s.strip() for s in part.split("=", 1))
-            if kind not in TITLE_KINDS:
-                raise ValueError(f"unknown title kind '{kind}' in title policy; kinds: {TITLE_KINDS}")
+            if kind not in (*TITLE_KINDS, "text"):
+                raise ValueError(f"unknown title kind '{kind}' in title policy; kinds: {TITLE_KINDS}, and 'text'")
             if kind in named:  # "html=keep,html=drop" silently meant the last one
                 raise ValueError(f"title kind '{kind}' is named more than once in title policy {spec!r}: name each once")
             named.add(kind)
@@ -99,6 +145,7 @@ class TitlePolicy:
         return policy
 
     def as_dict(self) -> dict[str, str]:
+        """The keep/drop choice per title kind (the text choice is :attr:`text`)."""
         return {k: getattr(self, k) for k in TITLE_KINDS}
 
 
@@ -111,10 +158,19 @@ class CleaningReport:
     policy: dict[str, str] = field(default_factory=dict)
     dropped_raw_ids: list[str] = field(default_factory=list)
     items_sharing_a_title: int = 0
+    # title text: the policy, the titles holding character references / irregular whitespace (as the source has
+    # them, counted under either policy) and the titles text=normalize changed
+    text_policy: str = "keep"
+    with_char_refs: int = 0
+    with_irregular_whitespace: int = 0
+    text_normalized: int = 0
 
     def as_dict(self) -> dict:
         return {"found": dict(self.found), "dropped_items": dict(self.dropped), "policy": dict(self.policy),
-                "items_sharing_a_title": self.items_sharing_a_title}
+                "items_sharing_a_title": self.items_sharing_a_title,
+                "text": {"policy": self.text_policy, "with_char_refs": self.with_char_refs,
+                         "with_irregular_whitespace": self.with_irregular_whitespace,
+                         "normalized": self.text_normalized}}
 
 
 def clean_titles(
@@ -122,13 +178,22 @@ def clean_titles(
 ) -> tuple[dict[str, str], CleaningReport]:
     """Apply ``policy`` to ``raw_id -> title``; return the kept ``raw_id -> stripped title`` and a report.
 
-    A duplicate is any item whose stripped title equals another *kept* item's title (after the other
-    kinds are handled), so dropping duplicates removes every item of a shared title.
+    With ``text="normalize"`` each title's text is normalised first (:func:`normalize_title_text`), so its kind
+    is judged on the text that is kept. A duplicate is any item whose stripped title equals another *kept* item's
+    title (after the other kinds are handled), so dropping duplicates removes every item of a shared title.
     """
     policy = policy or TitlePolicy()
-    report = CleaningReport(policy=policy.as_dict())
+    report = CleaningReport(policy=policy.as_dict(), text_policy=policy.text)
     kept: dict[str, str] = {}
     for raw_id, title in raw_titles.items():
+        if title is not None:
+            stripped = str(title).strip()
+            report.with_char_refs += has_char_refs(stripped)
+            report.with_irregular_whitespace += bool(_IRREGULAR_SPACE_RE.search(stripped))
+            if policy.text == "normalize":
+                normalized = normalize_title_text(stripped)
+                report.text_normalized += normalized != stripped
+                title = normalized
         kind = classify_title(title)
         if kind is not None:
             report.found[kind] += 1

@@ -224,6 +224,15 @@ def format_stats(stats: dict, path: str | Path = "stats.json") -> str:
         if k not in policy:
             raise DataFormatError(path, None, f"cleaning.policy.{k}", "missing")
     lines.append("titles:  " + "  ".join(f"{k} {found[k]} found/{dropped[k]} dropped ({policy[k]})" for k in found))
+    if "text" in c:  # prepared before the title text was counted: no line
+        text = _stats_field(c, "text", "cleaning.text", path, "object")
+        t = {k: _stats_field(text, k, f"cleaning.text.{k}", path, "count")
+             for k in ("with_char_refs", "with_irregular_whitespace", "normalized")}
+        if "policy" not in text:
+            raise DataFormatError(path, None, "cleaning.text.policy", "missing")
+        lines.append(f"  text ({text['policy']}): {t['with_char_refs']:,} with HTML character references, "
+                     f"{t['with_irregular_whitespace']:,} with tabs/line breaks/repeated spaces, "
+                     f"{t['normalized']:,} normalized")
     skipped = _counts(stats, "skipped", "skipped", path) if stats.get("skipped") else {}
     if skipped:
         lines.append("skipped: " + "  ".join(f"{k} {v:,}" for k, v in skipped.items()))
@@ -260,7 +269,8 @@ def register_cli(subparsers) -> None:
                    help="time splits: one row per valid/test interaction (all) or only the user's first")
     p.add_argument("--title-policy", default=None,
                    help="keep/drop per title kind, e.g. 'html=drop,placeholder=drop,empty=drop,duplicate=keep' (the default; "
-                   "empty titles are always dropped)")
+                   "empty titles are always dropped); 'text=normalize' also decodes HTML character references (&amp; "
+                   "&#39; &ndash;) and makes whitespace runs one space (default text=keep: as the source has them)")
     p.add_argument("--category", default=None, help="category / file-name stem when a folder holds several")
     p.add_argument("--titles-from", choices=("auto", "npy", "jsonl"), default="auto", help="seq-txt: title map source")
     p.add_argument("--on-unknown-item", choices=("error", "skip"), default="error",
