@@ -64,8 +64,9 @@ whenever the catalogue has them, and histories are decoded in groups of equal wi
 history does not change the beam width of another.
 
 Histories are lists of titles (``str``) or catalogue item ids (``int``), which may be mixed; a string is
-always a title (titles such as ``"1942"`` exist). A title is matched exactly, then after Unicode NFKC,
-case folding and whitespace collapsing (:func:`normalize_title`). A title that still matches nothing,
+always a title (titles such as ``"1942"`` exist). A title is matched exactly, then after decoding HTML
+character references (the catalogue's ``Orcs &amp; Humans`` is found as ``Orcs & Humans`` and the other way round),
+Unicode NFKC, case folding and whitespace collapsing (:func:`normalize_title`). A title that still matches nothing,
 or matches several distinct titles after normalisation, is an :class:`UnknownItemError` naming the
 title and its 1-based position (``on_unknown="error"``, default) or is dropped with a logged warning
 and recorded in :attr:`Recommender.last_skipped` (``on_unknown="skip"``). An id outside the catalogue
@@ -100,6 +101,7 @@ from typing import Any
 
 import torch
 
+from llmrec.data.catalog import normalize_title_text
 from llmrec.evaluation.evaluator import PROMPT_DEFAULTS
 
 logger = logging.getLogger(__name__)
@@ -234,12 +236,14 @@ def _check_ordered(history: Any, what: str) -> None:
 
 
 def normalize_title(title: str) -> str:
-    """The key of the second, lenient title match: NFKC, case folded, whitespace collapsed.
+    """The key of the second, lenient title match: HTML character references decoded
+    (:func:`~llmrec.data.catalog.normalize_title_text`; scraped catalogues hold them, users type the characters),
+    NFKC, case folded, whitespace collapsed.
 
-    >>> normalize_title("  Super  MARIO\\tbros ")
-    'super mario bros'
+    >>> normalize_title("  Super  MARIO\\tbros "), normalize_title("Orcs &amp; Humans")
+    ('super mario bros', 'orcs & humans')
     """
-    return " ".join(unicodedata.normalize("NFKC", title).casefold().split())
+    return " ".join(unicodedata.normalize("NFKC", normalize_title_text(title)).casefold().split())
 
 
 class _TitleIndex:
@@ -265,8 +269,10 @@ class _TitleIndex:
             return self.exact[candidates[0]], ""
         if candidates:
             shown = ", ".join(repr(c) for c in candidates[:5])
-            return None, f"matches {len(candidates)} catalogue titles after case/whitespace normalisation ({shown})"
-        return None, "is not in the catalogue (no exact or case/whitespace-insensitive match)"
+            return None, (f"matches {len(candidates)} catalogue titles after normalisation (case, whitespace, HTML "
+                          f"character references: {shown})")
+        return None, ("is not in the catalogue (no exact match, nor one that ignores case, whitespace and HTML "
+                      "character references)")
 
     def suggestions(self, title: str, n: int = 3) -> list[str]:
         close = difflib.get_close_matches(normalize_title(title), list(self.normalized), n=n, cutoff=0.6)
@@ -846,7 +852,7 @@ class Recommender:
                         label: str = "history") -> ResolvedHistory:
         """Map one history (titles and/or item ids, oldest first) to catalogue item ids.
 
-        Titles are matched exactly, then case/whitespace-normalised; ``on_unknown`` (default: the
+        Titles are matched exactly, then normalised (:func:`normalize_title`); ``on_unknown`` (default: the
         recommender's) decides whether an unmatched title raises :class:`UnknownItemError` or is skipped
         with a warning (and listed in the result). Ids outside the catalogue and empty histories always
         raise. ``label`` names the history in messages (``""``: positions only). The whole history is

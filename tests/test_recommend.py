@@ -220,6 +220,22 @@ def test_title_matching_is_exact_then_normalised_and_refuses_ambiguity():
     assert item is None and "matches 2 catalogue titles" in reason
 
 
+def test_title_matching_decodes_html_character_references():
+    """A scraped catalogue's "Orcs &amp; Humans" is found as the "Orcs & Humans" a user types, and a normalised
+    catalogue's "Orcs & Humans" as the source's escaped form; a bare "&" or "&copy" without ";" is no reference."""
+    assert normalize_title("Don&#39;t  STARVE&nbsp;") == "don't starve"
+    index = _TitleIndex(ItemCatalog(["a", "b", "c"], ["Orcs &amp; Humans", "AT&T Phone", "Mouse \u2013 PC"]))
+    assert index.lookup("orcs & humans") == (1, "") and index.lookup("Orcs &amp; Humans") == (1, "")
+    assert index.lookup("AT&T phone") == (2, "") and index.lookup("Mouse &ndash; PC") == (3, "")
+    item, reason = index.lookup("Orcs Humans")
+    assert item is None and "HTML character references" in reason
+    assert index.suggestions("Orcs & Humanz") == ["Orcs &amp; Humans"]
+    both = _TitleIndex(ItemCatalog(["a", "b"], ["A &amp; B", "A & B"]))  # exact first; else two candidates
+    assert both.lookup("A & B") == (2, "") and both.lookup("A &amp; B") == (1, "")
+    item, reason = both.lookup("a & b")
+    assert item is None and "matches 2 catalogue titles" in reason
+
+
 def test_exclude_history_llm(zero_shot):
     history = [12, 7, 23]  # among the tiny model's favourite titles, so they would be recommended
     plain = zero_shot.recommend(history, k=5)
