@@ -1132,7 +1132,7 @@ def _check_seqrec_run(report: DryRunReport, run: Path, dataset: str | None) -> i
     from llmrec.decoding.guidance import check_trained_catalog, guidance_weights_path
     from llmrec.safetensors_io import open_safetensors
     from llmrec.seqrec.config import SeqRecConfig
-    from llmrec.seqrec.models import build_model
+    from llmrec.seqrec.models import backbone_of, build_model
 
     report.section("ID model (method seqrec: full ranking by a `llmrec seqrec train` run)")
     report.item("checkpoint", str(run))
@@ -1177,8 +1177,10 @@ def _check_seqrec_run(report: DryRunReport, run: Path, dataset: str | None) -> i
         report.error(f"{weights} does not fit the {cfg.model} its results.json describes (missing "
                      f"{sorted(wanted.keys() - found.keys())[:3]}, unexpected {sorted(found.keys() - wanted.keys())[:3]}"
                      f", other shapes {other[:3]})")
-    report.item("model", f"{cfg.model} (ID model): hidden {cfg.hidden_size}, {cfg.n_layers} layer(s), "
-                f"{cfg.n_heads} head(s); reads the last {cfg.max_history} items of each history")
+    encoder = (f"{cfg.n_layers} GRU layer(s)" if backbone_of(cfg) == "gru" else
+               f"{cfg.n_layers} Transformer layer(s), {cfg.n_heads} head(s)")
+    report.item("model", f"{cfg.model} (ID model): hidden {cfg.hidden_size}, {encoder}; reads the last "
+                f"{cfg.max_history} items of each history")
     report.item("weights", f"{weights.relative_to(run)} ({_fmt_count(sum(math.prod(s) for s in found.values()))} "
                 f"parameters, trained on {items:,} items)")
     if dataset:

@@ -216,7 +216,7 @@ def test_negative_k_is_a_clear_error(tmp_path):
 
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model"):
-        SeqRecConfig(dataset_dir="x", model="gru4rec")
+        SeqRecConfig(dataset_dir="x", model="bert4rec")
 
 
 # -- reasoning exactness ----------------------------------------------------------------------------
@@ -424,7 +424,9 @@ def test_lares_recurrence_is_deterministic_at_eval_with_zero_state():
     [
         ("sasrec", {}),
         ("sasrec", {"train_mode": "rows"}),
+        ("gru4rec", {}),
         ("rearec-erl", {"reason_steps": 2}),
+        ("rearec-erl", {"reason_steps": 2, "backbone": "gru"}),
         (
             "rearec-prl",
             {"reason_steps": 2, "warmup_epochs": 5, "temperature": 0.2},
@@ -649,7 +651,7 @@ def test_bad_settings_are_refused_at_once(bad, match):
 
 
 def test_build_model_names(tmp_path):
-    for name in ("sasrec", "rearec-erl", "rearec-prl", "lares"):
+    for name in ("sasrec", "gru4rec", "rearec-erl", "rearec-prl", "lares"):
         m = build_model(SeqRecConfig(dataset_dir="x", model=name, hidden_size=8, inner_size=8), 10)
         assert m.score(torch.tensor([[0, 1, 2]])).shape == (1, 10)
 

@@ -37,6 +37,11 @@ SCRIPT = textwrap.dedent(
     }
     for name, extra in models.items():
         run_seqrec(SeqRecConfig(model=name, output_dir=f"{out}/{name}", **common, **extra))
+    # The GRU backbone: GRU4Rec, and ReaRec reasoning on it (noisy view off, as for the Transformer above: the
+    # contrastive term's in-batch negatives are local to each process)
+    run_seqrec(SeqRecConfig(model="gru4rec", output_dir=f"{out}/gru4rec", **common))
+    run_seqrec(SeqRecConfig(model="rearec-prl", backbone="gru", output_dir=f"{out}/rearec-prl-gru", **common,
+                            reason_steps=2, noise_std=0.0))
     # One sample per row, 65 rows in global batches of 8: the last batch holds one loss position, fewer than the
     # processes (its loss normaliser was floored at 1 per process, halving its gradient on 2 processes)
     run_seqrec(SeqRecConfig(model="sasrec", output_dir=f"{out}/sasrec-rows", train_mode="rows",
@@ -70,7 +75,7 @@ def test_two_processes_match_one_process(tmp_path):
     script.write_text(SCRIPT)
     run_script_here(script, data, tmp_path / "one", rows_data)  # 1 process: this one
     accelerate_launch(2, [script, data, tmp_path / "two", rows_data])
-    for name in ("sasrec", "rearec-erl", "rearec-prl", "lares", "sasrec-rows"):
+    for name in ("sasrec", "rearec-erl", "rearec-prl", "lares", "sasrec-rows", "gru4rec", "rearec-prl-gru"):
         phases = ("train", "rpt") if name == "lares" else ("train",)
         for phase in phases:
             a, b = (load_file(str(_last_weights(tmp_path / run / name / phase))) for run in ("one", "two"))

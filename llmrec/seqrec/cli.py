@@ -43,7 +43,7 @@ def register_cli(subparsers) -> None:
     """Add the ``seqrec`` command group."""
     from llmrec.config_help import add_config_fields_help
 
-    p = subparsers.add_parser("seqrec", help="ID-based sequential recommenders (SASRec, ReaRec, LARES)")
+    p = subparsers.add_parser("seqrec", help="ID-based sequential recommenders (SASRec, GRU4Rec, ReaRec, LARES)")
     sub = p.add_subparsers(dest="seqrec_command", metavar="SUBCOMMAND")
     t = sub.add_parser(
         "train",

@@ -36,10 +36,12 @@ _LARES_FIELDS = ("n_pre_layers", "n_core_layers", "mean_recurrence", "depth_samp
 # LARES fields read only when RPT runs (rpt_epochs > 0): the between-phase filter and RPT itself.
 _RPT_FIELDS = ("filter_topk", "filter_passes", "rpt_max_rows", "rpt_lr", "rpt_batch_size", "rpt_group", "rpt_beta",
                "rpt_reward", "rpt_reward_k", "rpt_dropout", "rpt_patience")
-# The fields only some models read (every other field is read by all four: LARES too builds, then replaces, the
-# n_layers encoder, which moves the random initialisation of its own layers).
+# The fields only some models read (every other field is read by all of them: LARES too builds, then replaces, the
+# n_layers encoder, which moves the random initialisation of its own layers; a GRU backbone reads no attention field,
+# see SeqRecConfig.unused_fields).
 MODEL_FIELDS: dict[str, tuple[str, ...]] = {
     "sasrec": (),
+    "gru4rec": (),
     "rearec-erl": _REAREC_FIELDS + _ERL_FIELDS,
     "rearec-prl": _REAREC_FIELDS + _PRL_FIELDS,
     "lares": _LARES_FIELDS,
@@ -48,6 +50,7 @@ MODEL_FIELDS: dict[str, tuple[str, ...]] = {
 # recall reward, as the model tests only for "ndcg").
 CHOICES: dict[str, tuple[str, ...]] = {
     "train_mode": ("sequence", "rows"),
+    "backbone": ("auto", "transformer", "gru"),
     "depth_sampling": ("poisson-lognormal", "constant"),
     "cl_negatives": ("batch", "other_sequences"),
     "state_init": ("normal", "normal_zero", "zero"),
@@ -91,7 +94,7 @@ class SeqRecConfig:
 
     dataset_dir: str = _f("", "prepared dataset directory (`llmrec data prepare` output)")
     output_dir: str = _f("runs/seqrec", "run directory: checkpoints, results.json, results.md")
-    model: str = _f("sasrec", "sasrec | rearec-erl | rearec-prl | lares")
+    model: str = _f("sasrec", "sasrec | gru4rec | rearec-erl | rearec-prl | lares")
     seed: int = _f(42, "random seed (model init, shuffling, dropout, depth sampling)")
     # data
     max_history: int = _f(50, "history length L (most recent items kept; pad id 0, left padding)")
@@ -108,14 +111,20 @@ class SeqRecConfig:
         "full history, as RecBole's samples, at max_history times the windows)",
     )
     # backbone
+    backbone: str = _f(
+        "auto",
+        "the encoder: auto (the model's own: a GRU for gru4rec, the causal Transformer for the others) | transformer "
+        "| gru (ReaRec on GRU4Rec's encoder; sasrec and lares run on the Transformer only, gru4rec on the GRU only)",
+    )
     hidden_size: int = _f(64, "embedding / hidden size d")
-    n_layers: int = _f(2, "Transformer layers (SASRec / ReaRec encoder)")
+    n_layers: int = _f(2, "Transformer layers (SASRec / ReaRec encoder), or GRU layers on the GRU backbone")
     n_heads: int = _f(2, "attention heads")
     inner_size: int = _f(256, "feed-forward inner size")
-    dropout: float = _f(0.5, "hidden dropout")
+    dropout: float = _f(0.5, "hidden dropout (GRU backbone: the dropout on the item embeddings, its only one)")
     attn_dropout: float = _f(0.5, "attention dropout")
     input_dropout: float | None = _f(
-        None, "dropout after the input LayerNorm (None = dropout; ReaRec code uses 0.2)"
+        None, "dropout after the input LayerNorm (None = dropout; ReaRec code uses 0.2; GRU backbone: replaces "
+        "dropout when set)"
     )
     temperature: float = _f(1.0, "logits = h.E^T / temperature (ReaRec code: 0.07; RecBole SASRec: 1)")
     # optimisation
@@ -202,6 +211,12 @@ class SeqRecConfig:
         check_directory_path(self.output_dir, "output_dir")
         if self.reason_steps < 0:
             raise ValueError(f"reason_steps (K) must be >= 0, got {self.reason_steps}")
+        own = {"sasrec": "transformer", "lares": "transformer", "gru4rec": "gru"}.get(self.model)
+        if own and self.backbone not in ("auto", own):
+            other = {"sasrec": "gru4rec is the plain model on the GRU", "gru4rec": "sasrec is the plain model on the "
+                     "Transformer", "lares": "its pre-block and recurrent core are Transformer layers"}[self.model]
+            raise ValueError(f"backbone {self.backbone!r} with model {self.model}: {self.model} runs on the {own} "
+                             f"backbone only ({other}); ReaRec runs on either")
         # NaN passes every range check below (nan < 0 and nan <= 0 are False) and inf is no setting either: a NaN
         # kl_weight silently trained without the KL term (its "> 0" test is False) and was recorded as NaN.
         for f in dataclasses.fields(self):
@@ -232,7 +247,9 @@ class SeqRecConfig:
         for name in ("lr", "rpt_lr", "align_tau", "state_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.hidden_size % self.n_heads:
+        from llmrec.seqrec.models import backbone_of
+
+        if backbone_of(self) == "transformer" and self.hidden_size % self.n_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by n_heads ({self.n_heads})")
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"ks must be a non-empty list of cut-offs >= 1, got {self.ks}")
@@ -294,9 +311,12 @@ class SeqRecConfig:
         them.
         """
         from llmrec.config import field_defaults
+        from llmrec.seqrec.models import backbone_of
 
         defaults = field_defaults(type(self))
         others = {name for fields in MODEL_FIELDS.values() for name in fields} - set(MODEL_FIELDS[self.model])
+        if backbone_of(self) == "gru":  # no attention: a GRU reads neither its heads, its FFN nor its dropout
+            others.update(("n_heads", "inner_size", "attn_dropout"))
         if self.train_mode == "rows":
             others.add("window_stride")
         if self.model == "lares" and self.rpt_epochs == 0:

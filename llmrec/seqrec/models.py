@@ -1,4 +1,6 @@
-"""SASRec, ReaRec (ERL / PRL) and LARES on the shared :class:`~llmrec.seqrec.modules.Backbone`.
+"""SASRec, GRU4Rec, ReaRec (ERL / PRL) and LARES on the backbone interface of :mod:`llmrec.seqrec.modules`
+(the causal Transformer :class:`~llmrec.seqrec.modules.Backbone`, or :class:`~llmrec.seqrec.modules.GRUBackbone` for
+GRU4Rec and, with ``backbone: gru``, ReaRec).
 
 Every model implements the same two calls used by the trainer:
 
@@ -27,9 +29,10 @@ from torch import nn
 
 from llmrec.seqrec.fused_losses import fused_ce_sum, fused_erl_loss
 from llmrec.seqrec.keyed_random import keyed_generator, keyed_trunc_normal, keyed_uniform, row_keys
-from llmrec.seqrec.modules import KV, Backbone, Encoder, PrefixCache, causal_mask, init_weights
+from llmrec.seqrec.modules import KV, Backbone, Encoder, GRUBackbone, causal_mask, init_weights
 
-MODEL_NAMES = ("sasrec", "rearec-erl", "rearec-prl", "lares")
+MODEL_NAMES = ("sasrec", "gru4rec", "rearec-erl", "rearec-prl", "lares")
+BACKBONES = ("transformer", "gru")
 
 # Streams of LARES's keyed draws (keyed_random): with the seed, epoch, step or row, each draw has its own key.
 SPT_DEPTH, SPT_STATE, ALIGN_DEPTH, ALIGN_STATE, AUG_STATE, SLA_STEP = 1, 2, 3, 4, 5, 6
@@ -51,7 +54,7 @@ class LossContext:
 class SeqRecModel(nn.Module):
     """Base class: a backbone, a loss and last-position scoring."""
 
-    backbone: Backbone
+    backbone: Backbone | GRUBackbone
 
     def forward(
         self, batch: dict[str, torch.Tensor], ctx: LossContext
@@ -81,9 +84,12 @@ class SeqRecModel(nn.Module):
 
 
 class SASRec(SeqRecModel):
-    """Causal Transformer, tied item embeddings, full-softmax CE (per position or last position)."""
+    """Causal Transformer, tied item embeddings, full-softmax CE (per position or last position).
 
-    def __init__(self, backbone: Backbone):
+    The head and loss read the backbone interface only: :class:`GRU4Rec` is this model on :class:`GRUBackbone`.
+    """
+
+    def __init__(self, backbone: Backbone | GRUBackbone):
         super().__init__()
         self.backbone = backbone
         self.apply(init_weights)
@@ -100,12 +106,25 @@ class SASRec(SeqRecModel):
         return ce / ctx.denom, {"ce": ce.detach().item() / max(int(m.sum()), 1)}
 
 
+class GRU4Rec(SASRec):
+    """GRU4Rec (Hidasi et al.; RecBole's form with full-softmax CE): a GRU over the item embeddings, its output
+    at the last position scored against the tied item table. Trained as SASRec is (every prefix of a window in
+    one pass, per-position loss), so the two differ only in the encoder."""
+
+    def __init__(self, backbone: GRUBackbone):
+        if not isinstance(backbone, GRUBackbone):
+            raise TypeError(f"GRU4Rec runs on a GRUBackbone, got {type(backbone).__name__}")
+        super().__init__(backbone)
+
+
 class ReaRec(SeqRecModel):
     """ReaRec: K reasoning steps that feed the last hidden state back (ERL or PRL learning).
 
     Step k builds the token ``r_{k-1} + p^R_k`` (reasoning position embedding ``p^R``, a separate
     table from the item positions), applies the backbone's input LayerNorm + dropout, and runs the same
-    encoder on it with every layer's K/V cache, so a step costs one token per prefix.
+    encoder on it with every layer's K/V cache, so a step costs one token per prefix. Written against the
+    backbone interface (``encode``, ``prefix_cache``, ``step``): on :class:`GRUBackbone` a step continues each
+    prefix's recurrent state instead (the ReaRec paper applies the method to several sequential encoders).
 
     ``reason`` takes the prefixes to reason from, as (row, position) pairs: every row's last position at
     inference, every position that has a target in sequence-mode training. There the reasoning tokens of all
@@ -116,7 +135,7 @@ class ReaRec(SeqRecModel):
 
     def __init__(
         self,
-        backbone: Backbone,
+        backbone: Backbone | GRUBackbone,
         mode: str = "erl",
         reason_steps: int = 2,
         kl_weight: float = 0.05,
@@ -155,7 +174,7 @@ class ReaRec(SeqRecModel):
     def reason(
         self,
         h: torch.Tensor,
-        cache: list[KV],
+        cache: list[KV] | list[torch.Tensor],
         valid: torch.Tensor,
         pos: torch.Tensor,
         rows: torch.Tensor | None = None,
@@ -183,21 +202,21 @@ class ReaRec(SeqRecModel):
         states = [h[rows, pos]]  # [N, d]
         if self.K == 0:
             return torch.stack(states, 1)
-        past = PrefixCache.for_prefixes(cache, valid, rows, pos)
+        past = self.backbone.prefix_cache(cache, valid, rows, pos)
         for k in range(1, self.K + 1):
             src = states[-1] if base is None else base[:, k - 1]
             x = src + self.rpe.weight[k - 1]
             if noise_std > 0:
                 x = x + torch.randn_like(x) * noise_std
             x = self.backbone.input_norm(x)[:, None]  # [N, 1, d]: one new token per prefix
-            r, past = self.backbone.encoder(x, None, past)
+            r, past = self.backbone.step(x, past)
             states.append(r[:, 0])
         return torch.stack(states, 1)
 
     def reason_dense(
         self,
         h: torch.Tensor,
-        cache: list[KV],
+        cache: list[KV] | list[torch.Tensor],
         valid: torch.Tensor,
         qpos: torch.Tensor,
         base: torch.Tensor | None = None,
@@ -208,8 +227,10 @@ class ReaRec(SeqRecModel):
 
         What training ran before (B x L reasoning tokens per step, most of them padding on short-history
         data); kept for the tests and for ``scripts/seqrec_reasoning_layout_bench.py``. ``base`` is
-        ``[B, K+1, P, d]`` here.
+        ``[B, K+1, P, d]`` here. Transformer backbone only (its block mask has no meaning for a GRU).
         """
+        if not isinstance(self.backbone, Backbone):
+            raise ValueError("reason_dense (reasoning_layout 'dense') needs the Transformer backbone")
         B, L, _ = h.shape
         P = qpos.numel()
         states = [h[:, qpos]]
@@ -232,7 +253,7 @@ class ReaRec(SeqRecModel):
         return torch.stack(states, 1)
 
     def _reason_targets(
-        self, h: torch.Tensor, cache: list[KV], valid: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+        self, h: torch.Tensor, cache: list[KV] | list[torch.Tensor], valid: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
         base: torch.Tensor | None = None, noise_std: float = 0.0,
     ) -> torch.Tensor:
         """``R [N, K+1, d]`` of the training prefixes ``(rows, pos)`` by :meth:`reason`, or, when
@@ -254,18 +275,17 @@ class ReaRec(SeqRecModel):
     def reason_recompute(self, ids: torch.Tensor) -> torch.Tensor:
         """Reference without a cache: re-encode items + all reasoning tokens so far at every step.
 
-        Returns ``R [B, K+1, d]`` at the last position; used by tests to check the KV-cached path.
+        Returns ``R [B, K+1, d]`` at the last position; used by tests to check the cached path (on either backbone).
         """
         x_items = self.backbone.embed(ids)
         valid = ids > 0
-        h, _ = self.backbone.encoder(x_items, causal_mask(valid))
+        h = self.backbone.run(x_items, valid)
         states, toks = [h[:, -1]], []
         for k in range(1, self.K + 1):
             toks.append(self.backbone.input_norm(states[-1] + self.rpe.weight[k - 1]))
             x = torch.cat([x_items, torch.stack(toks, 1)], 1)
             v = torch.cat([valid, torch.ones(len(ids), k, dtype=torch.bool, device=ids.device)], 1)
-            out, _ = self.backbone.encoder(x, causal_mask(v))
-            states.append(out[:, -1])
+            states.append(self.backbone.run(x, v)[:, -1])
         return torch.stack(states, 1)
 
     def _readout(self, R: torch.Tensor) -> torch.Tensor:
@@ -421,6 +441,9 @@ class LARES(SeqRecModel):
         sla_exclude_final: bool = False,
     ):
         super().__init__()
+        if not isinstance(backbone, Backbone):
+            raise ValueError(f"LARES runs on the Transformer backbone (its pre-block and recurrent core are Transformer "
+                             f"layers over every position), got {type(backbone).__name__}")
         if mean_recurrence < 1:
             raise ValueError(f"mean_recurrence must be >= 1, got {mean_recurrence}")
         if depth_sampling not in ("poisson-lognormal", "constant"):
@@ -656,24 +679,44 @@ class LARES(SeqRecModel):
         return loss, {"reward": R.mean().detach().item(), "kl": sum(k.mean().item() for _, k in terms) / G}
 
 
+def backbone_of(cfg: Any) -> str:
+    """The backbone a config's model runs on: its ``backbone`` field, or with ``auto`` (and in configs recorded
+    before the field existed) the model's own: a GRU for GRU4Rec, the Transformer for the others."""
+    kind = getattr(cfg, "backbone", "auto")
+    if kind == "auto":
+        return "gru" if cfg.model == "gru4rec" else "transformer"
+    return kind
+
+
 def build_model(cfg: Any, num_items: int) -> SeqRecModel:
     """Build the model named by ``cfg.model`` from a :class:`~llmrec.seqrec.config.SeqRecConfig`."""
     if cfg.model not in MODEL_NAMES:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {MODEL_NAMES}")
-    bb = Backbone(
-        num_items,
-        cfg.max_history,
-        hidden=cfg.hidden_size,
-        n_layers=cfg.n_layers,
-        heads=cfg.n_heads,
-        inner=cfg.inner_size,
-        dropout=cfg.dropout,
-        attn_dropout=cfg.attn_dropout,
-        input_dropout=cfg.input_dropout,
-        temperature=cfg.temperature,
-    )
+    kind = backbone_of(cfg)
+    if kind not in BACKBONES:
+        raise ValueError(f"unknown backbone {kind!r}; choose one of {BACKBONES}")
+    if kind == "gru":
+        # GRU4Rec's input dropout is its only dropout (RecBole's dropout_prob on the item embeddings)
+        bb: Backbone | GRUBackbone = GRUBackbone(
+            num_items, cfg.max_history, hidden=cfg.hidden_size, n_layers=cfg.n_layers,
+            dropout=cfg.dropout if cfg.input_dropout is None else cfg.input_dropout, temperature=cfg.temperature)
+    else:
+        bb = Backbone(
+            num_items,
+            cfg.max_history,
+            hidden=cfg.hidden_size,
+            n_layers=cfg.n_layers,
+            heads=cfg.n_heads,
+            inner=cfg.inner_size,
+            dropout=cfg.dropout,
+            attn_dropout=cfg.attn_dropout,
+            input_dropout=cfg.input_dropout,
+            temperature=cfg.temperature,
+        )
     if cfg.model == "sasrec":
         return SASRec(bb)
+    if cfg.model == "gru4rec":
+        return GRU4Rec(bb)
     if cfg.model.startswith("rearec"):
         return ReaRec(
             bb,

@@ -1,4 +1,5 @@
-"""Transformer building blocks and the backbone interface shared by SASRec, ReaRec and LARES.
+"""Transformer building blocks, the GRU backbone, and the backbone interface shared by SASRec, GRU4Rec, ReaRec
+and LARES.
 
 The layers follow RecBole's (and so both papers' code) **post-LN** Transformer: attention ->
 dropout -> residual -> LayerNorm, then FFN (GELU) -> dropout -> residual -> LayerNorm. Attention
@@ -248,14 +249,22 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 
 
 class Backbone(nn.Module):
-    """The interface every reasoning module is written against.
+    """The interface every reasoning module is written against, here on the causal Transformer (SASRec's).
 
     * ``embed(ids)`` -> input vectors ``[B, L, d]`` (item + position embedding, LayerNorm, dropout);
     * ``input_norm(x)`` -> the same LayerNorm + dropout, for vectors that are not items (reasoning tokens);
-    * ``encode(ids)`` -> ``(h [B, L, d], kv cache per layer, valid [B, L])``;
+    * ``encode(ids)`` -> ``(h [B, L, d], cache, valid [B, L])``: the output at every position and what a
+      reasoning step continues from (here every layer's K/V);
+    * ``run(x, valid)`` -> ``h [B, L, d]`` of input vectors ``x`` (a plain causal pass, no cache);
+    * ``prefix_cache(cache, valid, rows, pos)`` -> the state of the prefixes ending at ``(rows[n], pos[n])``;
+    * ``step(x [N, 1, d], past)`` -> ``(out [N, 1, d], past)``: one more token per prefix (a reasoning step);
     * ``item_logits(h)`` -> scores over the N real items ``[..., N]`` (column ``j`` is item ``j + 1``):
-      dot product with the tied item table, divided by ``temperature``.
+      dot product with the tied item table ``item_emb``, divided by ``temperature``.
+
+    :class:`GRUBackbone` is the same interface on a GRU (GRU4Rec's), so ReaRec reasons on either.
     """
+
+    kind = "transformer"
 
     def __init__(
         self,
@@ -291,8 +300,94 @@ class Backbone(nn.Module):
         h, cache = self.encoder(self.embed(ids), causal_mask(valid))
         return h, cache, valid
 
+    def run(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, causal_mask(valid))[0]
+
+    def prefix_cache(self, cache: list[KV], valid: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor
+                     ) -> list[PrefixCache]:
+        return PrefixCache.for_prefixes(cache, valid, rows, pos)
+
+    def step(self, x: torch.Tensor, past: list[PrefixCache]) -> tuple[torch.Tensor, list[PrefixCache]]:
+        return self.encoder(x, None, past)
+
     def item_logits(self, h: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        t = self.temperature if temperature is None else temperature
-        logits = h @ self.item_emb.weight[1:].T
-        # Dividing by 1 is a full pass over [rows, N] (and one more in backward) for nothing.
-        return logits if t == 1 else logits / t
+        return tied_item_logits(self, h, temperature)
+
+
+def tied_item_logits(backbone: nn.Module, h: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    """``h`` scored against ``backbone.item_emb`` without its padding row, divided by the temperature."""
+    t = backbone.temperature if temperature is None else temperature
+    logits = h @ backbone.item_emb.weight[1:].T
+    # Dividing by 1 is a full pass over [rows, N] (and one more in backward) for nothing.
+    return logits if t == 1 else logits / t
+
+
+class GRUBackbone(nn.Module):
+    """GRU4Rec's encoder (RecBole's form: item embedding -> dropout -> GRU layers without biases -> Linear) behind
+    the :class:`Backbone` interface.
+
+    Histories are left-padded; a GRU has no mask, so the padding must leave its state where it starts (zero). It
+    does exactly: padding inputs are zeroed (whatever the padding row of the table holds after initialisation),
+    and a bias-free GRU maps a zero input and a zero state to a zero state, in every layer (tested against the
+    unpadded history). The cache of a reasoning step is every layer's state at every position (``[B, L, d]``
+    per layer); a step runs one token per prefix from its prefix's states, so ReaRec's K steps cost K tokens
+    per prefix here as on the Transformer. No position embedding (the recurrence orders the items), and
+    ``input_norm`` is the input dropout alone (there is no input LayerNorm to share with reasoning tokens).
+    """
+
+    kind = "gru"
+
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        hidden: int = 64,
+        n_layers: int = 1,
+        dropout: float = 0.3,
+        temperature: float = 1.0,
+    ):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"a GRU backbone needs n_layers >= 1, got {n_layers}")
+        self.num_items, self.max_len, self.hidden, self.temperature = num_items, max_len, hidden, temperature
+        self.item_emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.in_drop = Dropout(dropout)
+        # One module per layer: a reasoning step needs every layer's state at every position, which a
+        # multi-layer nn.GRU returns only for its last layer.
+        self.grus = nn.ModuleList(nn.GRU(hidden, hidden, 1, bias=False, batch_first=True) for _ in range(n_layers))
+        self.dense = nn.Linear(hidden, hidden)
+        for gru in self.grus:  # RecBole's GRU4Rec initialisation of the recurrent weights
+            nn.init.xavier_uniform_(gru.weight_ih_l0)
+            nn.init.xavier_uniform_(gru.weight_hh_l0)
+
+    def input_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.in_drop(x)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.input_norm(self.item_emb(ids) * (ids > 0).unsqueeze(-1))
+
+    def _layers(self, x: torch.Tensor, h0: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        states = []
+        for i, gru in enumerate(self.grus):
+            x, _ = gru(x, None if h0 is None else h0[i][None].contiguous())
+            states.append(x)
+        return x, states
+
+    def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        valid = ids > 0
+        out, states = self._layers(self.embed(ids))
+        return self.dense(out), states, valid
+
+    def run(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.dense(self._layers(x * valid.unsqueeze(-1))[0])
+
+    def prefix_cache(self, cache: list[torch.Tensor], valid: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor
+                     ) -> list[torch.Tensor]:
+        return [states[rows, pos] for states in cache]  # [N, d] per layer
+
+    def step(self, x: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out, states = self._layers(x, past)
+        return self.dense(out), [s[:, -1] for s in states]
+
+    def item_logits(self, h: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        return tied_item_logits(self, h, temperature)

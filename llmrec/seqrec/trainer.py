@@ -1,4 +1,4 @@
-"""One full-ranking trainer for SASRec, ReaRec and LARES, on accelerate.
+"""One full-ranking trainer for SASRec, GRU4Rec, ReaRec and LARES, on accelerate.
 
 * Any number of processes (``accelerate launch``): the loader is prepared with ``split_batches=True``
   so ``batch_size`` is the GLOBAL batch, each process sees its slice, and the prepared (DDP) model
