@@ -18,9 +18,9 @@ title-level and item-level matching. The counts land in ``stats.json``. ``prepar
 Title *text* is a separate choice, ``text=keep|normalize`` in the same policy string. Scraped Amazon titles hold
 HTML character references (``Orcs &amp; Humans``, ``Mouse &ndash; 11 Buttons``: 745 of the 17,332 items of DEALRec
 Games, 1,236 of the 12,101 of Beauty) and irregular whitespace (151 and 173 titles: double spaces, in Beauty also
-two tabs and a line break), which an LLM then reads and has to generate verbatim. ``normalize`` decodes every reference that
-ends in ``;`` (``html.unescape`` on it alone, so ``AT&T`` or ``&copy`` without its ``;`` stay as they are) and makes
-every whitespace run (tabs, line breaks, no-break spaces) one space, before the kinds are judged (so
+two tabs and a line break), which an LLM then reads and has to generate verbatim. ``normalize`` decodes every
+reference that ends in ``;`` (``html.unescape`` on it alone, so ``AT&T`` or ``&copy`` without its ``;`` stay as they
+are) and makes every whitespace run (tabs, line breaks, no-break spaces) one space, before the kinds are judged (so
 ``Halo &amp; Co`` and ``Halo & Co`` become one title, a duplicate). The default ``keep`` leaves the text as the
 source has it, as the papers' data do (D3's Amazon 2018 reader decodes ``&amp;`` and ``&quot;`` only, in
 :mod:`llmrec.data.formats`): prepared data, and the results made on it, stay the same. Either way the titles

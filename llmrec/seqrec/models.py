@@ -124,7 +124,8 @@ class ReaRec(SeqRecModel):
     table from the item positions), applies the backbone's input LayerNorm + dropout, and runs the same
     encoder on it with every layer's K/V cache, so a step costs one token per prefix. Written against the
     backbone interface (``encode``, ``prefix_cache``, ``step``): on :class:`GRUBackbone` a step continues each
-    prefix's recurrent state instead (the ReaRec paper applies the method to several sequential encoders).
+    prefix's recurrent state instead (the paper applies ReaRec to Transformer encoders only: SASRec, BERT4Rec,
+    UniSRec, MoRec; on a GRU it is this package's extension, the same steps on another encoder).
 
     ``reason`` takes the prefixes to reason from, as (row, position) pairs: every row's last position at
     inference, every position that has a target in sequence-mode training. There the reasoning tokens of all

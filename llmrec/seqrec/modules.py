@@ -264,8 +264,6 @@ class Backbone(nn.Module):
     :class:`GRUBackbone` is the same interface on a GRU (GRU4Rec's), so ReaRec reasons on either.
     """
 
-    kind = "transformer"
-
     def __init__(
         self,
         num_items: int,
@@ -334,8 +332,6 @@ class GRUBackbone(nn.Module):
     per prefix here as on the Transformer. No position embedding (the recurrence orders the items), and
     ``input_norm`` is the input dropout alone (there is no input LayerNorm to share with reasoning tokens).
     """
-
-    kind = "gru"
 
     def __init__(
         self,
