@@ -85,7 +85,7 @@ for name, kw in configs.items():
     nan = kw.pop("nan_first_prompt", False)
     cfg = dict(output_dir=f"{out}/{name}", num_generations=4, per_device_train_batch_size=8,
                gradient_accumulation_steps=accum, max_steps=3, learning_rate=5e-3, save_steps=100, seed=0,
-               warmup_steps=0, lr_scheduler_type="constant", disable_tqdm=True)
+               warmup_steps=0, lr_scheduler_type="constant", disable_tqdm=True, adam_epsilon=1e-6)
     cfg.update(kw)
     t = LatentGRPOTrainer(LatentGRPOConfig(**cfg))
     if nan:  # as tests/test_grpo.py::_train_with_a_nan_prompt: the first prompt of step 0 is NaN inside the model
@@ -105,7 +105,11 @@ for name, kw in configs.items():
 # said otherwise. Adam turns the float noise of a near-zero gradient element (another summation order: the layouts'
 # micro-batches hold other prompts) into a step of up to ~lr: at lr 5e-3 the Gaussian policy and two latent tokens
 # differ by 1-8e-5 between 1 and 2 processes and as much between two micro-batch layouts of one process, hence
-# their lower learning rates (a layout bug still moves the weights by ~lr).
+# their lower learning rates (a layout bug still moves the weights by ~lr). The script's adam_epsilon of 1e-6 (the
+# default 1e-8) bounds it further: an element's step is ~lr * g / (|g| + eps), so the noise of a gradient below eps
+# moves it by ~noise * lr / eps. With 1e-8, rank_popularity's key projection differed by 8.6e-5 between the layouts
+# on one Xeon (2.8 GHz, AVX2; 13 of its 4096 elements above 1e-5, the code of several sessions), under 1e-5 on others;
+# with 1e-6 every configuration is within 7e-6 there.
 GRPO_CONFIGS = {
     "rank_reward": dict(reward_funcs=["neg_ppl", "reciprocal_rank", "candidate_log_softmax"],
                         reward_weights=[1.0, 0.5, 0.5], rank_candidates=5, eval_rows=5),
