@@ -1138,7 +1138,7 @@ def _check_seqrec_run(report: DryRunReport, run: Path, dataset: str | None) -> i
     report.item("checkpoint", str(run))
     results_path = run / "results.json"
     if not results_path.is_file():
-        fix = _command_for_run(str(run), ("sasrec", "rearec", "lares"),
+        fix = _command_for_run(str(run), ("sasrec", "gru4rec", "rearec", "lares"),
                                f"llmrec seqrec train --config recipes/seqrec/sasrec_games.yaml --dataset_dir "
                                f"{dataset} --output_dir {run}")
         state = "directory not found" if not run.is_dir() else "no results.json: the run has not finished"

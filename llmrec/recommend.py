@@ -64,9 +64,10 @@ whenever the catalogue has them, and histories are decoded in groups of equal wi
 history does not change the beam width of another.
 
 Histories are lists of titles (``str``) or catalogue item ids (``int``), which may be mixed; a string is
-always a title (titles such as ``"1942"`` exist). A title is matched exactly, then after decoding HTML
-character references (the catalogue's ``Orcs &amp; Humans`` is found as ``Orcs & Humans`` and the other way round),
-Unicode NFKC, case folding and whitespace collapsing (:func:`normalize_title`). A title that still matches nothing,
+always a title (titles such as ``"1942"`` exist). A title is matched exactly, then after Unicode NFKC, case folding
+and whitespace collapsing, then after also decoding HTML character references (:func:`normalize_title`: the
+catalogue's ``Orcs &amp; Humans`` is found as ``Orcs & Humans`` and the other way round; a catalogue holding both
+forms of a title matches each by the earlier tiers). A title that still matches nothing,
 or matches several distinct titles after normalisation, is an :class:`UnknownItemError` naming the
 title and its 1-based position (``on_unknown="error"``, default) or is dropped with a logged warning
 and recorded in :attr:`Recommender.last_skipped` (``on_unknown="skip"``). An id outside the catalogue
@@ -243,7 +244,12 @@ def normalize_title(title: str) -> str:
     >>> normalize_title("  Super  MARIO\\tbros "), normalize_title("Orcs &amp; Humans")
     ('super mario bros', 'orcs & humans')
     """
-    return " ".join(unicodedata.normalize("NFKC", normalize_title_text(title)).casefold().split())
+    return _fold_title(normalize_title_text(title))
+
+
+def _fold_title(title: str) -> str:
+    """NFKC, case folded, whitespace collapsed: the lenient key before references are decoded."""
+    return " ".join(unicodedata.normalize("NFKC", title).casefold().split())
 
 
 class _TitleIndex:
@@ -256,15 +262,20 @@ class _TitleIndex:
         for item_id, title in enumerate(catalog.titles, start=1):
             self.exact.setdefault(title, item_id)  # ascending ids: a shared title keeps its smallest id
             self.items.setdefault(title, []).append(item_id)
+        # Two lenient tiers: a catalogue prepared with text=keep can hold a title both escaped and plain
+        # ("Sid Meier&#39;s ..." and "Sid Meier's ..." on Games), which only the decoding tier merges; a
+        # query that the folding alone matches to one title is not made ambiguous by that.
+        self.folded: dict[str, list[str]] = {}
         self.normalized: dict[str, list[str]] = {}
         for title in self.exact:
+            self.folded.setdefault(_fold_title(title), []).append(title)
             self.normalized.setdefault(normalize_title(title), []).append(title)
 
     def lookup(self, title: str) -> tuple[int | None, str]:
         """``(item id, "")`` or ``(None, reason)``."""
         if title in self.exact:
             return self.exact[title], ""
-        candidates = self.normalized.get(normalize_title(title), [])
+        candidates = self.folded.get(_fold_title(title)) or self.normalized.get(normalize_title(title), [])
         if len(candidates) == 1:
             return self.exact[candidates[0]], ""
         if candidates:

@@ -90,6 +90,9 @@ def test_title_policy_text_choice():
         ("&copy 2010", "&copy 2010", False),  # no ";": html.unescape of the whole title would decode it
         ("R&D;", "R&D;", False),  # "&D;" is no entity: left as it is, and not counted
         ("&amp;amp;", "&amp;", True),  # decoded once, as the source escaped it once more
+        # unknown names whose start is an entity HTML5 allows without ";": html.unescape would decode that start
+        ("&copyright; &ampersand; I &lt3; NY", "&copyright; &ampersand; I &lt3; NY", False),
+        ("&notes; &amp;", "&notes; &", True),
         ("Halo\t3  -\n Xbox", "Halo 3 - Xbox", False),
     ],
 )

@@ -607,7 +607,7 @@ def test_grpo_eval_split_is_checked_when_eval_rows_is_set(sft_checkpoint, prepar
     assert "MISSING split 'valid'" in out
 
 
-def test_evaluate_seqrec_checks_the_id_model_run(prepared_dir, tmp_path, capsys):
+def test_evaluate_seqrec_checks_the_id_model_run(prepared_dir, tmp_path, capsys, monkeypatch):
     """--method seqrec: the dry run checked nothing and described the popularity baseline (READY for a run directory
     that does not exist)."""
     from tests.conftest import train_tiny_sasrec
@@ -617,6 +617,10 @@ def test_evaluate_seqrec_checks_the_id_model_run(prepared_dir, tmp_path, capsys)
     assert code == EXIT_MISSING, out
     assert f"MISSING ID-model run {tmp_path / 'no_such_run'} (directory not found)" in out
     assert "llmrec seqrec train" in out and "popularity" not in out
+    # a missing run that a shipped recipe writes: that recipe's command (GRU4Rec's was SASRec's fallback)
+    monkeypatch.chdir(tmp_path)  # the recipe's relative output_dir, missing here
+    code, out = dry([*argv, "--checkpoint", "runs/seqrec/gru4rec_games"], capsys)
+    assert code == EXIT_MISSING and "--config recipes/seqrec/gru4rec_games.yaml" in out, out
 
     run = train_tiny_sasrec(prepared_dir, tmp_path / "sasrec")
     before = tree(tmp_path)

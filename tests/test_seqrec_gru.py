@@ -143,3 +143,25 @@ def test_backbone_choice_per_model():
     # the GRU's dropout is its input dropout: input_dropout, when set, replaces dropout
     assert build_model(cfg(model="gru4rec", dropout=0.3), 10).backbone.in_drop.p == 0.3
     assert build_model(cfg(model="gru4rec", dropout=0.3, input_dropout=0.1), 10).backbone.in_drop.p == 0.1
+    # ... so a dropout beside an input_dropout is never read on the GRU (on the Transformer it is, in its layers)
+    assert unused(model="gru4rec", dropout=0.3, input_dropout=0.1) == {"dropout": 0.3}
+    assert unused(model="rearec-erl", backbone="gru", dropout=0.3, input_dropout=0.1) == {"dropout": 0.3}
+    assert unused(model="gru4rec", dropout=0.3) == {} and unused(model="sasrec", dropout=0.3, input_dropout=0.1) == {}
+
+
+def test_a_run_resumes_whether_its_backbone_was_named_or_left_auto():
+    """"auto" is the model's own backbone: naming it is the same run (a resume or a benchmark's reuse was refused
+    over the spelling); another backbone is still a difference."""
+    from llmrec.config import to_dict
+    from llmrec.seqrec.config import training_field_differences
+
+    def diff(model: str, found: str, wanted: str) -> dict:
+        return training_field_differences(to_dict(SeqRecConfig(dataset_dir="x", model=model, backbone=found)),
+                                          to_dict(SeqRecConfig(dataset_dir="x", model=model, backbone=wanted)))
+
+    assert diff("gru4rec", "auto", "gru") == {} and diff("sasrec", "transformer", "auto") == {}
+    assert diff("rearec-erl", "auto", "gru") == {"backbone": ("auto", "gru")}
+    found = to_dict(SeqRecConfig(dataset_dir="x", model="gru4rec"))
+    del found["backbone"]  # recorded before the field existed
+    assert training_field_differences(found, to_dict(SeqRecConfig(dataset_dir="x", model="gru4rec",
+                                                                   backbone="gru"))) == {}

@@ -30,6 +30,7 @@ holding references or irregular whitespace are counted in ``stats.json`` (``clea
 from __future__ import annotations
 
 import html
+import html.entities
 import json
 import re
 from collections import Counter, defaultdict
@@ -61,10 +62,22 @@ _IRREGULAR_SPACE_RE = re.compile(r"[^\S ]|  ")  # whitespace other than a space,
 def has_char_refs(title: str) -> bool:
     """Whether ``title`` holds an HTML character reference that :func:`normalize_title_text` decodes.
 
-    >>> has_char_refs("Orcs &amp; Humans"), has_char_refs("AT&T"), has_char_refs("Tom & Jerry")
+    >>> has_char_refs("Orcs &amp; Humans"), has_char_refs("AT&T"), has_char_refs("Tom &ampersand;")
     (True, False, False)
     """
-    return any(html.unescape(m.group()) != m.group() for m in _CHAR_REF_RE.finditer(title))
+    return any(_decode_char_ref(m) != m.group() for m in _CHAR_REF_RE.finditer(title))
+
+
+def _decode_char_ref(match: re.Match[str]) -> str:
+    """One reference matched by ``_CHAR_REF_RE``, decoded; an unknown name unchanged.
+
+    ``html.unescape`` alone would decode the known prefix of an unknown name (HTML5 lets ``&copy`` stand
+    without its ``;``), turning ``&copyright;`` into ``©right;``; a name is decoded only if it is whole.
+    """
+    ref = match.group()
+    if ref.startswith("&#"):
+        return html.unescape(ref)
+    return html.entities.html5.get(ref[1:], ref)
 
 
 def normalize_title_text(title: str) -> str:
@@ -77,10 +90,10 @@ def normalize_title_text(title: str) -> str:
     'Orcs & Humans – PC'
     >>> normalize_title_text("Don&#39;t\tStarve&nbsp; Together ")
     "Don't Starve Together"
-    >>> normalize_title_text("AT&T &copy 2010 &foo;")
-    'AT&T &copy 2010 &foo;'
+    >>> normalize_title_text("AT&T &copy 2010 &foo; &copyright; &lt3;")
+    'AT&T &copy 2010 &foo; &copyright; &lt3;'
     """
-    decoded = _CHAR_REF_RE.sub(lambda m: html.unescape(m.group()), title)
+    decoded = _CHAR_REF_RE.sub(_decode_char_ref, title)
     return " ".join(decoded.split())
 
 

@@ -7,6 +7,7 @@ import math
 import numbers
 import typing
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -71,9 +72,16 @@ def training_field_differences(found: dict, wanted: dict) -> dict[str, tuple[Any
     from its ``results.json``) differs from the config asked for now (``wanted``, a ``to_dict`` of a config); see
     :func:`llmrec.config.config_differences`."""
     from llmrec.config import config_differences, to_dict
+    from llmrec.seqrec.models import backbone_of
 
-    return config_differences(found, wanted, to_dict(SeqRecConfig()), ignore=RESULT_NEUTRAL_FIELDS,
-                              paths=("dataset_dir",))
+    defaults = to_dict(SeqRecConfig())
+    diff = config_differences(found, wanted, defaults, ignore=RESULT_NEUTRAL_FIELDS, paths=("dataset_dir",))
+    if "backbone" in diff:  # "auto" and the backbone it stands for are one model ("gru" for gru4rec)
+        resolved = {backbone_of(SimpleNamespace(**{k: c.get(k, defaults[k]) for k in ("model", "backbone")}))
+                    for c in (found, wanted)}
+        if len(resolved) == 1:
+            del diff["backbone"]
+    return diff
 
 
 def split_extension(diff: dict[str, tuple[Any, Any]]) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
@@ -317,6 +325,8 @@ class SeqRecConfig:
         others = {name for fields in MODEL_FIELDS.values() for name in fields} - set(MODEL_FIELDS[self.model])
         if backbone_of(self) == "gru":  # no attention: a GRU reads neither its heads, its FFN nor its dropout
             others.update(("n_heads", "inner_size", "attn_dropout"))
+            if self.input_dropout is not None:  # its one dropout is on the input, where input_dropout replaces it
+                others.add("dropout")
         if self.train_mode == "rows":
             others.add("window_stride")
         if self.model == "lares" and self.rpt_epochs == 0:
