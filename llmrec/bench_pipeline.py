@@ -1365,16 +1365,9 @@ def ndcg_bars(methods: list[tuple[str, dict]], k: int) -> tuple[list[float], lis
 
 def plot_report(result: dict, path: Path) -> None:
     """NDCG@K by method (bars = mean over seeds, error bars = std), written atomically as PNG."""
-    import os
-    import tempfile
+    from llmrec.plotting import pyplot, save_figure
 
-    import matplotlib
-
-    from llmrec.data.canonical import give_default_permissions, replace_durably
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     methods = list(result["methods"].items())
     ks = [1, 5, 10]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(methods) + 2), 4.0))
@@ -1390,17 +1383,7 @@ def plot_report(result: dict, path: Path) -> None:
     ax.set_title(f"{Path(p['dataset']).name}: {p['test_rows']} test rows, LLM {p['llm']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110)
-        give_default_permissions(tmp)  # mkstemp's 0600 would make the report's plot private
-        replace_durably(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure(fig, path)
 
 
 def _pairs(values: list[str], what: str) -> dict[str, Any]:

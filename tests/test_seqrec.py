@@ -656,6 +656,22 @@ def test_build_model_names(tmp_path):
         assert m.score(torch.tensor([[0, 1, 2]])).shape == (1, 10)
 
 
+def test_validation_curve_counts_the_phases_on_and_finds_the_selected_epoch():
+    from llmrec.seqrec.bench import validation_curve
+
+    def entry(epoch, ndcg=None):
+        return {"epoch": epoch, **({"valid": {"ndcg@10": ndcg}} if ndcg is not None else {})}
+
+    # LARES: 3 SPT epochs (the second not evaluated, eval_every 2 style), then 2 RPT epochs; RPT's first selected
+    lares = {"best_phase": "rpt", "best_epoch": 1, "phases": [
+        {"name": "train", "history": [entry(1, 0.1), entry(2), entry(3, 0.3)]},
+        {"name": "rpt", "history": [entry(1, 0.4), entry(2, 0.35)]}]}
+    assert validation_curve(lares) == ([1, 3, 4, 5], [0.1, 0.3, 0.4, 0.35], 4)
+    sasrec = {"best_phase": "train", "best_epoch": 2, "phases": [{"name": "train", "history": [entry(1, .2), entry(2, .3)]}]}
+    assert validation_curve(sasrec) == ([1, 2], [0.2, 0.3], 2)
+    assert validation_curve({"best_epoch": 1}) == ([], [], None)  # recorded without phases: nothing to draw
+
+
 def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     from llmrec.seqrec.bench import run_seqrec_benchmark
 
@@ -670,6 +686,7 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
         assert key in summary["sasrec"]
     assert "± " in capsys.readouterr().out
     assert (out / "seqrec_bench.json").exists() and (out / "seqrec_bench.md").exists()
+    assert (out / "seqrec_bench.png").read_bytes().startswith(b"\x89PNG")
     # every model beside the first gets its paired interval over the test rows, seeds averaged per row first
     from llmrec.evaluation.compare import compare_runs
 

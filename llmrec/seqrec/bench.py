@@ -2,7 +2,8 @@
 
 ``run_seqrec_benchmark`` trains and tests every model for every seed on the same prepared split,
 skipping (model, seed) runs whose ``results.json`` already exists (so an interrupted benchmark resumes),
-prints a mean +- std table and writes ``seqrec_bench.json`` / ``seqrec_bench.md`` into ``output``. Each finished
+prints a mean +- std table and writes ``seqrec_bench.json`` / ``seqrec_bench.md`` into ``output``, with
+``seqrec_bench.png`` (each run's validation curve, test NDCG@10 per model). Each finished
 run's test rows are also ranked by ``llmrec evaluate --method seqrec`` (``<run>/test_eval``, the per-row file that
 ``llmrec compare`` reads), so every model gets its paired bootstrap 95% interval against the first model (per-row
 metrics averaged over the seeds both have), not only mean +- std over seeds. A finished run asked for with larger
@@ -250,7 +251,66 @@ def run_seqrec_benchmark(
         },
     )
     atomic_write_text(output / "seqrec_bench.md", table)
+    if runs:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            plot_seqrec_benchmark(runs, output / "seqrec_bench.png", title=str(dataset_dir))
     return summary
+
+
+def validation_curve(result: dict, metric: str = "ndcg@10") -> tuple[list[int], list[float], int | None]:
+    """``(epochs, values, selected)`` of one run's ``results.json``: the validation ``metric`` after each evaluated
+    epoch, the phases one after another (LARES: SPT's epochs, then RPT's continue the count), and the position in
+    that count of the epoch model selection took (None if the run records no phases)."""
+    xs: list[int] = []
+    ys: list[float] = []
+    selected = None
+    count = 0
+    for phase in result.get("phases", []):
+        for entry in phase.get("history", []):
+            count += 1
+            if "valid" in entry and metric in entry["valid"]:
+                xs.append(count)
+                ys.append(entry["valid"][metric])
+                if phase.get("name") == result.get("best_phase", "train") and entry["epoch"] == result["best_epoch"]:
+                    selected = count
+    return xs, ys, selected
+
+
+def plot_seqrec_benchmark(runs: dict[str, list[dict]], path: Path, title: str = "") -> None:
+    """Two panels written atomically as PNG: every run's validation NDCG@10 by epoch (a dot at the epoch model
+    selection took: how far each run trained past its best, and whether it was still rising), and test NDCG@10 per
+    model (bar = mean over seeds, error bar = std when there are two seeds or more, dots = the seeds)."""
+    from llmrec.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(11.0, 4.0), gridspec_kw={"width_ratios": [3, 2]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (model, rs) in enumerate(runs.items()):
+        color = colors[i % len(colors)]
+        for j, r in enumerate(rs):
+            xs, ys, selected = validation_curve(r)
+            curves.plot(xs, ys, color=color, alpha=0.7, lw=1.2, label=model if j == 0 else None)
+            if selected is not None:
+                curves.plot([selected], [ys[xs.index(selected)]], "o", color=color, ms=5)
+        test = [r["test"]["ndcg@10"] for r in rs]
+        mean = statistics.fmean(test)
+        std = statistics.stdev(test) if len(test) > 1 else None  # one seed: its spread is unknown, not 0
+        bars.bar(i, mean, 0.6, color=color, alpha=0.6, yerr=std, capsize=3)
+        bars.plot([i] * len(test), test, "k.", ms=4)
+    curves.set_xlabel("epoch (LARES: SPT, then RPT)")
+    curves.set_ylabel("validation NDCG@10")
+    curves.set_title("validation by epoch (dot: selected epoch)", fontsize=9)
+    curves.legend(fontsize=8)
+    bars.set_xticks(range(len(runs)))
+    bars.set_xticklabels(list(runs), rotation=30, ha="right", fontsize=8)
+    bars.set_ylabel("test NDCG@10")
+    bars.set_title("test (bar: mean, error bar: std over seeds, dots: seeds)", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def _train_logged(cfg: Any, log: Path, concurrent_runs: int) -> dict[str, Any]:
