@@ -638,6 +638,7 @@ def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
 @pytest.mark.parametrize("bad,match", [
     (dict(temperature=0.0), "temperature"), (dict(dropout=1.0), "dropout"), (dict(valid_metric="ndcg@50"), "valid_metric"),
     (dict(valid_metric="auc@10"), "valid_metric"), (dict(test_depths=[0, 2]), "test_depths"),
+    (dict(valid_metric="ndcg@010"), "valid_metric"),  # passed, then failed at the first validation
     (dict(model="lares", rpt_epochs=1, rpt_group=1), "rpt_group"),
     # patience 0 trained nothing and wrote the untrained model's results; eval_every 0 divided by zero
     (dict(patience=0), "patience"), (dict(epochs=0), "epochs"), (dict(eval_every=0), "eval_every"),
@@ -1185,6 +1186,17 @@ def test_raising_the_epochs_of_a_run_that_validated_its_last_epoch_off_schedule_
     with pytest.raises(ValueError, match="epochs cannot be raised from 5 to 7: the train phase ran all 5 epochs"):
         run_seqrec(tiny_cfg(tmp_path, d, epochs=7, eval_every=2, patience=50))
     assert (Path(tmp_path) / "run" / "results.json").exists()
+    # ... also when that validation ended the run by early stopping (patience 1, epoch 3 worse than epoch 2): the
+    # longer run never makes it and trains on, so "the new rules stop it where it stopped" does not hold (this was
+    # taken as a finished extension: the 3-epoch trajectory recorded under epochs 8).
+    stopped = Path(tmp_path) / "stopped"
+    kw = dict(eval_every=2, patience=1, lr=0.2, dropout=0.5, attn_dropout=0.5, batch_size=16, hidden_size=16, seed=46)
+    d2 = write_successor_dataset(tmp_path / "d2", num_items=30, users=40, length=12)
+    short = run_seqrec(tiny_cfg(stopped, d2, epochs=3, **kw))
+    valid = [e.get("valid", {}).get("ndcg@10") for e in short["phases"][0]["history"]]
+    with pytest.raises(ValueError, match="epochs cannot be raised from 3 to 8: the train phase ran all 3 epochs"):
+        run_seqrec(tiny_cfg(stopped, d2, epochs=8, **kw))
+    assert valid[0] is None and valid[2] < valid[1], valid  # the case above: epoch 3 counted as bad
     # On its schedule (4 epochs, validated at 2 and 4) the run extends, as the 6-epoch run from scratch.
     first = run_seqrec(tiny_cfg(tmp_path / "a", d, epochs=4, eval_every=2, patience=50))
     # ... also when cut after the last epoch's checkpoint, before the phase's done.json.

@@ -99,9 +99,15 @@ def test_two_processes_match_one_process(tmp_path):
         assert one["timings"]["epochs"] == two["timings"]["epochs"] == 2 * len(phases)
         # the same validation ranking (gathered across the 2 processes) from the same weights
         assert one["valid"] == pytest.approx(two["valid"], abs=1e-6)
-        # the logged epoch loss is the batch loss on both layouts (2 processes logged rank 0's share alone)
-        losses = [[e["loss"] for e in r["phases"][0]["history"]] for r in (one, two)]
-        assert losses[0] == pytest.approx(losses[1], rel=1e-4), name
+        # every logged term is the batch's on both layouts (2 processes logged rank 0's share alone: the loss, then
+        # CE, KL, PTA, depth, RPT's reward and KL)
+        for p, phase in enumerate(phases):
+            logged = [[{k: v for k, v in e.items() if k not in ("seconds", "valid")} for e in r["phases"][p]["history"]]
+                      for r in (one, two)]
+            assert len(logged[0]) == len(logged[1])
+            for a, b in zip(*logged):
+                assert a == pytest.approx(b, rel=1e-4, abs=1e-6), (name, phase, a, b)
+            assert set(logged[0][0]) > {"epoch", "loss"}, logged[0][0]
     ext = [json.loads((tmp_path / run / "sasrec-ext" / "results.json").read_text()) for run in ("one", "two")]
     assert ext[0]["timings"]["epochs"] == ext[1]["timings"]["epochs"] == 3
     assert ext[0]["valid"] == pytest.approx(ext[1]["valid"], abs=1e-6)
@@ -119,3 +125,38 @@ def test_two_processes_match_one_process(tmp_path):
 def _last_weights(phase_dir: Path) -> Path:
     """The last epoch's weights: the checkpoint slot its state.json names."""
     return phase_dir / f"last-{json.loads((phase_dir / 'state.json').read_text())['slot']}.safetensors"
+
+
+BENCH_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from llmrec.seqrec.bench import run_seqrec_benchmark
+
+    torch.set_num_threads(1)
+    run_seqrec_benchmark(sys.argv[1], ["sasrec", "rearec-erl"], 1, sys.argv[2], max_history=10, hidden_size=16,
+                         n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=2, batch_size=6,
+                         eval_batch_size=8, lr=1e-2, progress=False)
+    """
+)
+
+
+def test_bench_seqrec_under_two_processes_trains_each_run_across_them(tmp_path):
+    """The benchmark set up accelerate's state first, without a process group on a machine without GPUs: each
+    launched process trained every run alone, in the same directories, recorded 1 process and printed the table."""
+    data = write_successor_dataset(tmp_path / "d")
+    script = tmp_path / "bench.py"
+    script.write_text(BENCH_SCRIPT)
+    run_script_here(script, data, tmp_path / "one")
+    out = accelerate_launch(2, [script, data, tmp_path / "two"])
+    assert out.count("| model |") == 1, out  # one process prints the table
+    for name in ("sasrec", "rearec-erl"):
+        one, two = (json.loads((tmp_path / run / "runs" / f"{name}_seed0" / "results.json").read_text())
+                    for run in ("one", "two"))
+        assert (one["timings"]["num_processes"], two["timings"]["num_processes"]) == (1, 2)
+        assert one["valid"] == pytest.approx(two["valid"], abs=1e-6)
+        assert one["test"] == pytest.approx(two["test"], abs=1e-6)
+    summaries = [json.loads((tmp_path / run / "seqrec_bench.json").read_text())["summary"] for run in ("one", "two")]
+    assert summaries[0]["rearec-erl"]["ndcg@10_diff"] == pytest.approx(summaries[1]["rearec-erl"]["ndcg@10_diff"],
+                                                                       abs=1e-6)
+    assert (tmp_path / "two" / "seqrec_bench.png").exists()

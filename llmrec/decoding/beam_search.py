@@ -36,7 +36,10 @@ a row has had fewer than ``B`` real continuations at every step (a catalogue sma
 one whose titles all share their first words), and there transformers returns fewer real titles than it
 could. Here placeholder beams do not exist: a row returns only real titles with finite scores
 (possibly fewer than ``B``), and otherwise the two searches coincide. The tests check this against
-:func:`reference_constrained_beam_search`, which drops placeholder hypotheses from ``generate``'s output.
+:func:`reference_constrained_beam_search`, which drops placeholder hypotheses from ``generate``'s output. One more
+exception, at strongly negative length penalties (below about -8): a long title's normalised score (sum / L^lp) can
+fall below the -1e9 that marks ``generate``'s empty finished slots, which then outrank it (and its early-stop check
+can end a row that is not full); this search keeps ranking the real titles.
 
 D3 guidance (optional, :mod:`llmrec.decoding.guidance`): with a :class:`TitleGuidance` of weight ``w``,
 each candidate's step log-prob gains ``w * log(M(child) / M(node))`` (the ID model's item mass under the

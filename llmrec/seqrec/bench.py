@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from llmrec.data.canonical import atomic_write_json, atomic_write_text
+from llmrec.distributed import distributed_state
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +194,11 @@ def run_seqrec_benchmark(
         raise FileNotFoundError(f"dataset directory {dataset_dir} does not exist (prepare it with `llmrec data "
                                 "prepare`)")
     if pending:
-        from accelerate import PartialState
-
         # Under several processes: every one has read the finished runs before the main one removes the results of
-        # a run it extends (or another process would find them half gone).
-        PartialState().wait_for_everyone()
+        # a run it extends (or another process would find them half gone). distributed_state, not a bare
+        # PartialState: the first to set up accelerate's state here, the latter formed no process group on a
+        # machine without GPUs, and every process then trained every run alone in the same directories (review).
+        distributed_state().wait_for_everyone()
     if jobs == 1:
         for model, s, _, fields in pending:
             results[model, s] = run_seqrec(SeqRecConfig(**fields))
@@ -211,9 +212,7 @@ def run_seqrec_benchmark(
     paired = paired_differences(finished, dataset_dir)
     timing: dict[str, dict[str, int]] = {}  # model -> this invocation's timing settings
     if runs:
-        from accelerate import PartialState  # set up by now (by the training or by ranking the test rows)
-
-        timing = {m: timing_settings(asked[m], PartialState().num_processes, jobs) for m in runs}
+        timing = {m: timing_settings(asked[m], distributed_state().num_processes, jobs) for m in runs}
     summary: dict[str, dict[str, float]] = {}
     for model, rs in runs.items():
         # The timings only of the runs made with this invocation's threads, eval batch size and processes: a reused
@@ -237,6 +236,8 @@ def run_seqrec_benchmark(
             row["paired_seeds"] = len(paired[model]["seeds"])
         summary[model] = row
     table = benchmark_table(summary, str(dataset_dir), baseline=next(iter(runs), None))
+    if not distributed_state().is_main_process:  # every process has the summary; one prints and writes it
+        return summary
     print(table)
     atomic_write_json(
         output / "seqrec_bench.json",
@@ -252,10 +253,7 @@ def run_seqrec_benchmark(
     )
     atomic_write_text(output / "seqrec_bench.md", table)
     if runs:
-        from accelerate import PartialState
-
-        if PartialState().is_main_process:
-            plot_seqrec_benchmark(runs, output / "seqrec_bench.png", title=str(dataset_dir))
+        plot_seqrec_benchmark(runs, output / "seqrec_bench.png", title=str(dataset_dir))
     return summary
 
 
@@ -402,8 +400,6 @@ def rank_test_rows(run_dir: Path, dataset_dir: str | Path, expected: dict[str, f
     Its metrics must be the run's own test metrics (``expected``, from ``results.json``): the same model, rows and
     tie-breaking; a mismatch (e.g. a stale ``test_eval`` left from an earlier run in that directory) is an error.
     """
-    from accelerate import PartialState
-
     from llmrec.evaluation.evaluator import EvalConfig, evaluate
     from llmrec.seqrec.run import TEST_EVAL_DIR
 
@@ -411,7 +407,7 @@ def rank_test_rows(run_dir: Path, dataset_dir: str | Path, expected: dict[str, f
     if not (out / "results.json").exists():
         evaluate(EvalConfig(method="seqrec", checkpoint=str(run_dir), dataset=str(dataset_dir), split="test",
                             output_dir=str(out)))
-    PartialState().wait_for_everyone()  # the main process writes the files the others read next
+    distributed_state().wait_for_everyone()  # the main process writes the files the others read next
     got = json.loads((out / "results.json").read_text())["metrics"]["item"]
     for metric in ("ndcg@10", "hr@10"):
         if abs(got[metric] - expected[metric]) > 1e-6:

@@ -272,7 +272,8 @@ class SeqRecConfig:
             if v is not None and not 0 <= v < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {v}")
         metric, _, k = self.valid_metric.partition("@")
-        if metric not in ("hr", "ndcg", "mrr") or not k.isdigit() or int(k) not in self.ks:
+        # str(int(k)) == k: the metrics are keyed "ndcg@10"; "ndcg@010" passed here and failed at the first validation
+        if metric not in ("hr", "ndcg", "mrr") or not k.isdigit() or str(int(k)) != k or int(k) not in self.ks:
             raise ValueError(f"valid_metric must be hr|ndcg|mrr@K with K in ks {self.ks}, got {self.valid_metric!r}")
         if any(d < 1 for d in self.test_depths):
             raise ValueError(f"test_depths must be >= 1, got {self.test_depths}")

@@ -201,14 +201,16 @@ def plan_extension(out: Path, found: dict[str, Any], cfg: SeqRecConfig) -> dict[
             continue
         st = json.loads(state.read_text())
         epochs, patience = getattr(cfg, epochs_field), getattr(cfg, patience_field)
-        if st["bad"] >= patience or st["epoch"] + 1 >= epochs:
-            continue  # the new rules stop it where it stopped
         old = found.get(epochs_field)
-        if isinstance(old, int) and st["epoch"] + 1 == old and old % cfg.eval_every:
+        # Checked before "the new rules stop it where it stopped": an early stop that this off-schedule validation
+        # made (its bad count reaching patience) is one the longer run never makes, so it would train on.
+        if isinstance(old, int) and epochs > old and st["epoch"] + 1 == old and old % cfg.eval_every:
             raise ValueError(f"{out}: {epochs_field} cannot be raised from {old} to {epochs}: the {phase} phase ran all "
                              f"{old} epochs and validated the last because it was the last (eval_every "
                              f"{cfg.eval_every}), which a run of {epochs} epochs does not, so its early-stopping state "
                              "is not that run's; train from scratch (resume: false) or in another output_dir")
+        if st["bad"] >= patience or st["epoch"] + 1 >= epochs:
+            continue  # the new rules stop it where it stopped
         missing = [p.name for p in _last_paths(pdir, st.get("slot")) if not p.exists()]
         if missing:
             raise ValueError(f"{out}: the {phase} phase cannot train on: its last checkpoint ({', '.join(missing)} in "

@@ -303,6 +303,9 @@ class SeqRecTrainer:
                 # The global count's floor of 1 before the split over processes: a short last batch with fewer
                 # loss positions than processes (rows mode, RPT) had its gradient scaled down by the floor (review).
                 denom = acc.reduce(local, reduction="sum").clamp_min(1.0) / acc.num_processes
+                # This process's part of the batch's loss positions: its logged terms (means over its own rows) are
+                # weighted by it, so their sum over processes is the batch's mean that 1 process logs.
+                share = float(local) / float(denom * acc.num_processes) if acc.num_processes > 1 else 1.0
                 ctx = LossContext(
                     denom=denom,
                     epoch=epoch,
@@ -317,17 +320,23 @@ class SeqRecTrainer:
                 optim.zero_grad(set_to_none=True)
                 logs["loss"] = loss.detach().item()
                 for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    sums[k] = sums.get(k, 0.0) + (v if k == "loss" else v * share)
                 n_batches += 1
                 if self.is_main and cfg.progress:
                     bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 if cfg.max_train_batches and n_batches >= cfg.max_train_batches:
                     break
             secs = time.perf_counter() - t0
-            if acc.num_processes > 1 and "loss" in sums:
+            if acc.num_processes > 1 and sums:
                 # Each process's loss is its share of the batch loss (local sum over global count / processes):
-                # their mean is the batch loss 1 process computes. Logged was rank 0's share alone (review).
-                sums["loss"] = float(acc.reduce(torch.tensor(sums["loss"], device=acc.device), reduction="mean"))
+                # their mean is the batch loss 1 process computes. Every other term was weighted by the process's
+                # share of the loss positions above: their sum is the batch's mean (exact for the means over loss
+                # positions, as CE; a weighted mean of the processes' values for the others). Logged was rank 0's
+                # value alone (reviews).
+                keys = sorted(sums)  # the same on every process: they depend on the config, epoch and step only
+                summed = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device),
+                                    reduction="sum").tolist()
+                sums = {k: v / acc.num_processes if k == "loss" else v for k, v in zip(keys, summed)}
             res.epoch_seconds.append(secs)
             res.epochs_run = epoch + 1
             self.epochs_trained += 1
