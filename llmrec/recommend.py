@@ -79,9 +79,9 @@ choose), with a logged warning, listed in :attr:`ResolvedHistory.shared_titles` 
 not known).
 
 The CLI (``llmrec recommend``) prints a table for one ``--history`` or maps ``--input`` JSONL
-(``{"history": [...], "user": ...}`` per line) to ``--output`` JSONL (``{"user": ...,
-"recommendations": [{"item_id", "title", "score"}], "skipped": [...]}`` per line, same order),
-written atomically.
+(``{"history": [...], "user": ...}`` per line) to ``--output`` JSONL (``{"user": ..., "line": ...,
+"recommendations": [{"item_id", "title", "score"}], "skipped": [...]}`` per line, same order; ``line`` is the input
+line it answers, as blank input lines are skipped), written atomically.
 """
 
 from __future__ import annotations
@@ -1134,8 +1134,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                   f"{t.item_ids[0]})", file=sys.stderr)
         return 0
     lines = []
-    for (_, row), r, items in zip(rows, resolved, recs):
-        out: dict[str, Any] = {"recommendations": [x.to_dict() for x in items],
+    for (line, row), r, items in zip(rows, resolved, recs):
+        # "line": blank input lines are skipped, so the output's position alone could not be joined back to the
+        # input row (a row without "user" had nothing else to join on)
+        out: dict[str, Any] = {"line": line, "recommendations": [x.to_dict() for x in items],
                                "skipped": [s.to_dict() for s in r.skipped]}
         if r.shared_titles:  # only where it happens: the documented line shape stays as it was
             out["shared_titles"] = [t.to_dict() for t in r.shared_titles]
@@ -1163,7 +1165,8 @@ def register_cli(subparsers) -> None:
         description="llmrec recommend --checkpoint DIR --history 'title 1' 'title 2' --k 10   (prints a table)\n"
                     "llmrec recommend --checkpoint DIR --input histories.jsonl --output recs.jsonl\n\n"
                     'Input lines: {"history": [titles or item ids], "user": optional}; output lines: '
-                    '{"user", "recommendations": [{"item_id", "title", "score"}], "skipped": [...]}, same order.',
+                    '{"user", "line", "recommendations": [{"item_id", "title", "score"}], "skipped": [...]}, same '
+                    'order (line: the input line answered; blank input lines are skipped).',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True,

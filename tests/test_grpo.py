@@ -438,6 +438,17 @@ def test_popularity_negatives_count_the_train_split_targets(tmp_path, sft_dir):
     assert 0 < res["eval_before"]["reciprocal_rank"] <= 1
     with pytest.raises(ConfigError, match="rank_negatives"):
         grpo_config(tmp_path / "x", sft, rank_negatives="hard")
+    # A target whose title another item shares has one candidate fewer: too many candidates are refused at start
+    # (a run died at the first such target, and again at every resume).
+    twins = dict(t.candidate_completions)
+    twins[2] = list(twins[1])
+    kw = dict(model=t.latent_lm, tokenizer=t.tokenizer, meta=t.meta, rows=t.rows, num_items=t.num_items,
+              candidate_completions=twins)
+    with pytest.raises(ConfigError, match=f"rank_candidates={t.num_items} exceeds the {t.num_items - 1} candidates"):
+        LatentGRPOTrainer(grpo_config(tmp_path / "w", sft, reward_funcs=["candidate_log_softmax"],
+                                      rank_candidates=t.num_items), **kw)
+    LatentGRPOTrainer(grpo_config(tmp_path / "w", sft, reward_funcs=["candidate_log_softmax"],
+                                  rank_candidates=t.num_items - 1), **kw)
     rows = [dict(r) for r in t.rows]
     for r in rows:
         r.pop("row_index")

@@ -407,6 +407,7 @@ def test_cli_jsonl_in_and_out(seqrec_run, tmp_path, capsys):
     # Items 3 and 4 share a title: the title stands for the smaller id.
     want = rec.recommend([[1, 2, 3], [3, 5], [6, 8]], k=4)
     assert [x.get("user") for x in lines] == ["u1", None, 7] and "user" not in lines[1]
+    assert [x["line"] for x in lines] == [1, 3, 4]  # the input lines answered (line 2 is blank)
     for line, recs in zip(lines, want):
         assert line["recommendations"] == [r.to_dict() for r in recs]
     assert lines[0]["skipped"] == [] and lines[2]["skipped"][0]["position"] == 2

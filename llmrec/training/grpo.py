@@ -278,7 +278,10 @@ class LatentGRPOConfig(GRPOConfig):
                   "target's log-likelihood in the latent), which lowers the likelihood where it is concave, and mostly "
                   "negative advantages (noise that hurts) lower it further. gaussian: the log-density of each "
                   "member's latent under N(latent, std^2 I) of the current head -- the score-function "
-                  "(evolution-strategies) gradient of the expected reward; one 'token' per member."},
+                  "(evolution-strategies) gradient of the expected reward; one 'token' per member. The std is held "
+                  "fixed at its value when the members were drawn: with noise_mode relative it scales with the "
+                  "latent's norm, whose own effect on the density is not differentiated (the gradient at fixed "
+                  "sigma)."},
     )
     eval_rows: int = field(
         default=0,
@@ -936,6 +939,15 @@ class LatentGRPOTrainer:
         self.uses_candidates = any(r in RANK_REWARDS for r in self.active_rewards)
         if self.uses_candidates and (not num_items or not self.candidate_completions):
             raise ConfigError("rank-based rewards need the catalogue (num_items, candidate_completions)")
+        if self.uses_candidates:
+            # Checked here, not only per prompt when drawn: a target whose title k other items share leaves
+            # num_items - k candidates, and a run reaching such a target died there (and at every resume).
+            largest_twins = max((len(v) - 1 for v in self.same_title.values()), default=0)
+            if config.rank_candidates > num_items - largest_twins:
+                raise ConfigError(
+                    f"rank_candidates={config.rank_candidates} exceeds the {num_items - largest_twins} candidates some "
+                    f"targets have (catalogue of {num_items} items; {largest_twins + 1} items share one title, and "
+                    "the target's title twins are never drawn)")
         self.candidate_weights = None
         self.title_trie = title_trie
         # The ratio (and KL) of sampled titles is over the distribution they were sampled from: the logits at the
