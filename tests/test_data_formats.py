@@ -150,6 +150,19 @@ def test_d3_csv_max_history_and_load_prepared(d3_dir: Path, tmp_path: Path):
     assert data1.splits["valid"][0]["history_item_ids"] == [3]
 
 
+def test_d3_csv_catalogue_is_the_info_files_items_whichever_splits_are_read(d3_dir: Path, tmp_path: Path):
+    """D3/BIGRec decode over every item of the info file: an item in no row read (here one in no row at all) is a
+    candidate too, and the ids do not depend on --splits (from valid,test alone the train-only items were missing)."""
+    info = next((d3_dir / "info").glob("*.txt"))
+    info.write_text(info.read_text() + "Epsilon\t11\n")
+    prepare(formats.read_d3_csv(d3_dir, ["train", "valid", "test"]), tmp_path / "all")
+    prepare(formats.read_d3_csv(d3_dir, ["test"]), tmp_path / "test", splits=["test"])
+    assert catalog_of(tmp_path / "all") == catalog_of(tmp_path / "test") == [
+        (1, "0", "Alpha"), (2, "1", "Beta"), (3, "2", "Gamma"), (4, "10", "Delta"), (5, "11", "Epsilon")]
+    assert rows_of(tmp_path / "test", "test") == rows_of(tmp_path / "all", "test")
+    assert stats_of(tmp_path / "all")["cleaned"]["catalog_items"] == 5
+
+
 def test_d3_csv_named_splits_and_missing_split(d3_dir: Path, tmp_path: Path):
     (d3_dir / "train" / "Toys_5_2017-10-2018-11.csv").unlink()
     with pytest.raises(FileNotFoundError, match="split 'train' is missing.*--splits"):

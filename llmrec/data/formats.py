@@ -54,6 +54,9 @@ class RawData:
     rows: dict[str, list[RawRow]] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    # Which items enter the catalogue: "data", those occurring in the rows/sequences read; "titles", every item of
+    # the title source, where it is the protocol's candidate set (d3-csv's info file: D3/BIGRec decode over it)
+    catalog_from: str = "data"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -281,7 +284,9 @@ def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None)
         titles[item] = title
     # the split files carry the info file's name: --category may be only a prefix of it
     cat = info.stem
-    raw = RawData(titles=titles, mode="rows", source={"format": "d3-csv", "info": str(info)})
+    # The info file is the item universe D3/BIGRec/LatentR3 decode over: its items are the catalogue whichever splits
+    # are read (from valid,test alone, the ~5% of the CDs items that occur only in train were missing)
+    raw = RawData(titles=titles, mode="rows", source={"format": "d3-csv", "info": str(info)}, catalog_from="titles")
     for split in splits:
         path = input_dir / split / f"{cat}.csv"
         if not path.exists():

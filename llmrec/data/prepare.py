@@ -205,11 +205,14 @@ def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None
         raise ValueError(f"eval_rows 'first' applies to time-window splits (this input's split mode is "
                          f"{raw.mode!r}); it would be ignored")
     raw_stats = raw_counts(raw)
-    # Only items that occur somewhere in the data enter the catalogue (as every reader's id space), and titles are
+    # Only items that occur somewhere in the data enter the catalogue (as every reader's id space; d3-csv: every item
+    # of its info file, the candidate set of that protocol), and titles are
     # judged among them: a title shared only with an item that never occurs is no duplicate (duplicate=drop
     # dropped such an item), and the title-kind counts describe the items of the data.
     used: set[str] = set()
-    if raw.mode == "rows":
+    if raw.catalog_from == "titles":  # the source's item list is the protocol's candidate set (d3-csv)
+        used.update(raw.titles)
+    elif raw.mode == "rows":
         for rows in raw.rows.values():
             for r in rows:
                 used.add(r.target)
