@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -199,6 +200,12 @@ def test_evaluator_loads_a_latent_sft_checkpoint(prepared_dir, tmp_path, caplog)
         res_own = evaluate(own)
     assert not [r for r in caplog.records if "was trained with" in r.getMessage()]
     assert res_own["protocol"]["history_length"] == 2
+    # llmrec SFT trains on plain prompts: a chat-template evaluation of it is another prompt (it was not warned)
+    from llmrec.evaluation.evaluator import prompt_setting_differences
+
+    assert prompt_setting_differences(own) == {}
+    assert prompt_setting_differences(dataclasses.replace(own, use_chat_template=True)) == {
+        "use_chat_template": (False, True)}
     # The base model too: left unset it is the one the checkpoint records; another one is refused before anything
     # is written (it failed at model load, after protocol.json and rankings/ were made)
     assert tiny_config(prepared_dir, tmp_path / "unused", checkpoint=str(run),

@@ -141,18 +141,21 @@ def test_resume_matches_uninterrupted(tmp_path, prepared_dir):
 
     class KillAfterSave(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            if state.global_step == 3:
+            if state.global_step == 2:
                 raise _Killed
 
-    kw = dict(num_latent_tokens=1, max_steps=6, save_strategy="steps", save_steps=3, lora_dropout=0.1,
-              learning_rate=5e-3, warmup_steps=2)
+    # Two saves after the resume (steps 4 and 6): with save_total_limit 2 the rotation deletes checkpoint-2, which
+    # the run resumed from (its step was read from it again after training, and the run crashed there).
+    kw = dict(num_latent_tokens=1, max_steps=6, save_strategy="steps", save_steps=2, lora_dropout=0.1,
+              learning_rate=5e-3, warmup_steps=2, save_total_limit=2)
     full = run_sft(make_config(tmp_path / "a", prepared_dir, **kw))
     with pytest.raises(_Killed):
         run_sft(make_config(tmp_path / "b", prepared_dir, **kw), callbacks=[KillAfterSave()])
-    assert last_complete_checkpoint(tmp_path / "b").endswith("checkpoint-3")
+    assert last_complete_checkpoint(tmp_path / "b").endswith("checkpoint-2")
     assert not (tmp_path / "b" / "train_results.json").exists()
     resumed = run_sft(make_config(tmp_path / "b", prepared_dir, **kw))
-    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 6
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 6
+    assert not (tmp_path / "b" / "checkpoint-2").exists()  # rotated away during the resumed run
     for name in ("adapter_model.safetensors", "latent_head.safetensors"):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
         assert set(a) == set(b)
@@ -160,9 +163,9 @@ def test_resume_matches_uninterrupted(tmp_path, prepared_dir):
             assert (a[k] - b[k]).abs().max().item() <= 1e-6, (name, k)
     la = {r["step"]: r["loss"] for r in full["train_losses"]}
     lb = {r["step"]: r["loss"] for r in resumed["train_losses"]}
-    for step in (4, 5, 6):
+    for step in (3, 4, 5, 6):
         assert abs(la[step] - lb[step]) <= 1e-6
-    # the mean over all 6 steps, not this invocation's 3 steps' sum over 6 (the logged losses have 4 decimals)
+    # the mean over all 6 steps, not this invocation's 4 steps' sum over 6 (the logged losses have 4 decimals)
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-4)
 
 

@@ -256,6 +256,19 @@ def recorded_prompt_settings(checkpoint: str | Path) -> dict[str, Any]:
     return {name: meta[key] for name, key in _RECORDED_AS.items() if meta.get(key) is not None}
 
 
+def prompt_setting_differences(config: EvalConfig) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (trained with, here)}``: the prompt settings of ``config`` that differ from the ones its checkpoint
+    was trained with (:func:`recorded_prompt_settings`). ``llmrec sft`` / ``llmrec grpo`` train on plain prompts and
+    record no chat-template setting: ``use_chat_template`` on their checkpoints is a difference too."""
+    from llmrec.training.sft import LLMREC_CONFIG_NAME
+
+    recorded = recorded_prompt_settings(config.checkpoint) if config.checkpoint else {}
+    other = {k: (v, getattr(config, k)) for k, v in recorded.items() if getattr(config, k) != v}
+    if config.use_chat_template and config.checkpoint and (Path(config.checkpoint) / LLMREC_CONFIG_NAME).is_file():
+        other["use_chat_template"] = (False, True)
+    return other
+
+
 def _recorded_base_or_none(checkpoint: str | Path) -> str | None:
     """The base model a checkpoint records (:func:`llmrec.models.checkpoint.recorded_base`), or None when it records
     none or its files are unreadable (the loaders report those)."""
@@ -639,8 +652,7 @@ class Evaluator:
         """Say so when the checkpoint was trained on other prompts than this evaluation builds (settings given
         explicitly that differ from the ones the checkpoint records; unset ones were taken from it)."""
         c = self.config
-        recorded = recorded_prompt_settings(c.checkpoint)
-        other = {k: (v, getattr(c, k)) for k, v in recorded.items() if getattr(c, k) != v}
+        other = prompt_setting_differences(c)
         if other and self.state.is_main_process:
             logger.warning("%s was trained with %s: this evaluation builds its prompts otherwise (leave these "
                            "options unset to evaluate it on the prompts it learnt)", c.checkpoint,

@@ -1021,6 +1021,9 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
             remove_saved_model(out_dir)  # a retrain cut short must not leave the old model readable as the new one
         PartialState().wait_for_everyone()
     resume = last_complete_checkpoint(out_dir)
+    # Read now: the checkpoint rotation (save_total_limit) deletes the resumed-from checkpoint once later ones are
+    # saved, and reading it after training crashed the run before its results were written.
+    resumed_at = _checkpoint_step(resume) if resume else None
     data_digests = _data_digests(config.dataset)
     if resume:  # before the model is built: a changed setting or other data is refused at once
         recorded = Path(resume) / TRAINING_ARGS_JSON
@@ -1082,7 +1085,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "resumed_from": resume,
         "global_step": trainer.state.global_step,
         "train_loss": _mean_train_loss(train_out, history, trainer.state.global_step,
-                                       resumed_at=_checkpoint_step(resume) if resume else None),
+                                       resumed_at=resumed_at),
         "train_losses": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         "eval_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],
         "best_checkpoint": trainer.state.best_model_checkpoint,
