@@ -352,6 +352,7 @@ class Pipeline:
         self.recipes = Path(opts.recipes) if opts.recipes else resource_dir("recipes")
         self.data_dir = Path(opts.dataset)
         self._checked: set[tuple[str, int]] = set()  # (method, seed) of the archived evaluations checked
+        self._train_targets: list[int] | None = None  # the train split's targets, read once (popularity's check)
 
     # ------------------------------------------------------------------ layout
 
@@ -848,6 +849,7 @@ class Pipeline:
         o = self.opts
         if not o.report_only:
             self._ensure_data()
+            self._check_stage_configs()
             for seed in range(o.seeds):
                 for method in o.methods:
                     if seed > 0 and method in SEED_INDEPENDENT:
@@ -864,6 +866,20 @@ class Pipeline:
         if o.no_report:
             return {}
         return self.report()
+
+    def _check_stage_configs(self) -> None:
+        """Build (and so check) the config of every training stage the methods need before the first one runs: a
+        wrong --sft, --grpo or --id value (``n_heads`` not dividing ``hidden_size``, a negative learning rate) failed
+        only when its stage started, after the stages before it had trained (review)."""
+        from llmrec.seqrec.config import SeqRecConfig
+
+        for stage in dict.fromkeys(s for m in self.opts.methods for s in self.needs(m)):
+            if stage.startswith("sft_"):
+                self._sft_config(stage.removeprefix("sft_"), 0)
+            elif stage == "grpo_latent":
+                self._grpo_config(0, follow_seed0=False)
+            elif stage.startswith("seqrec_"):
+                SeqRecConfig(**self._seqrec_fields(stage.removeprefix("seqrec_"), 0))
 
     def _ensure_data(self) -> None:
         if not (self.data_dir / "stats.json").exists():
@@ -909,7 +925,9 @@ class Pipeline:
                                                            "the evaluation from it" if found != d else
                                                            "restore that stage, or remove the evaluation"))
             self._check_finished(stage, seed)
-        proto = json.loads((found / "results.json").read_text())["protocol"]
+        recorded = json.loads((found / "results.json").read_text())
+        self._check_evaluated_data(method, found, recorded, what, archived=found != d)
+        proto = recorded["protocol"]
         cfg = self._eval_config(method, seed, "test", None, self.d3_weight(method, seed) if method.endswith("+d3")
                                 else None, d)
         bad = eval_protocol_differences(proto, cfg)
@@ -930,6 +948,31 @@ class Pipeline:
             logger.warning("%s does not say which checkpoints it was selected on (written before selections recorded "
                            "it): not checked against %s", self._find(self.d3_selection_file(method, seed)), found)
         self._checked.add((method, seed))
+
+    def _check_evaluated_data(self, method: str, found: Path, recorded: dict, what: str, archived: bool) -> None:
+        """An evaluation is reported only over the data there is now: the catalogue it recorded
+        (``catalog_sha256``; not compared for evaluations from before it was recorded) and, for popularity, the
+        list the training split gives now. The evaluator checks both when it runs; an evaluation that is only
+        reported (archived, or ``--report-only``) was not checked, and popularity and zero-shot have no training
+        stage whose data digests would catch a dataset prepared again in place (review)."""
+        from llmrec.evaluation.evaluator import catalog_sha256, popularity_ranking
+
+        self._ensure_data()
+        remedy = f"remove it from {self.archive_dir}" if archived else "remove it to evaluate again"
+        digest = recorded.get("catalog_sha256")
+        if digest is not None and digest != catalog_sha256(self.data_dir):
+            raise ValueError(f"{found} holds {what} ranked over another catalogue than {self.data_dir} holds now "
+                             f"(prepared again since?); {remedy}")
+        if method == "popularity":
+            from llmrec.data.canonical import jsonl_records
+
+            first = next(rec for _, rec in jsonl_records(found / "rankings.jsonl"))
+            if self._train_targets is None:
+                self._train_targets = [r["target_item_id"] for _, r in jsonl_records(self.data_dir / "train.jsonl")]
+            now = popularity_ranking(self._train_targets, len(first["item_ranking"]))
+            if first["item_ranking"] != now:
+                raise ValueError(f"{found} holds {what} whose list (top items {first['item_ranking'][:3]}) is not the "
+                                 f"one {self.data_dir / 'train.jsonl'} gives now (top items {now[:3]}); {remedy}")
 
     def _finished(self) -> dict[str, dict[int, Path]]:
         runs: dict[str, dict[int, Path]] = {}
@@ -1346,9 +1389,9 @@ def report_markdown(result: dict, command: str = "") -> str:
         for m, seeds in full.items():
             for s, r in sorted(seeds.items()):
                 t = r["test"]
-                lines.append(f"| {LABELS[m]} | {s} | {r['valid_ndcg@10']:.4f} | {t['ndcg@10']:.4f} | {t['hr@10']:.4f} | "
-                             f"{t.get('ndcg@20', math.nan):.4f} | {r['best_epoch']} / {r['epochs']} | "
-                             f"{r['epoch_s']:.0f} |")
+                lines.append(f"| {LABELS[m]} | {s} | {_num(r['valid_ndcg@10'], 4)} | {t['ndcg@10']:.4f} | "
+                             f"{t['hr@10']:.4f} | {t.get('ndcg@20', math.nan):.4f} | {r['best_epoch']} / {r['epochs']} | "
+                             f"{_num(r['epoch_s'], 0)} |")
     if result["missing"]:
         lines += ["", "Not finished yet (no evaluation): " + ", ".join(LABELS[m] for m in result["missing"]) + "."]
     return "\n".join(lines) + "\n"
@@ -1361,6 +1404,12 @@ def ndcg_bars(methods: list[tuple[str, dict]], k: int) -> tuple[list[float], lis
     nan = float("nan")
     return ([m["mean"].get(f"ndcg@{k}", nan) for _, m in methods],
             [m["std"].get(f"ndcg@{k}", nan) if len(m.get("seeds", (0, 1))) > 1 else nan for _, m in methods])
+
+
+def _num(value: float | None, digits: int) -> str:
+    """``value`` with ``digits`` decimals, "-" when a run did not record it (an ID-model run without a validation
+    score: the report ended in a TypeError, after its JSON was written)."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def plot_report(result: dict, path: Path) -> None:

@@ -863,6 +863,48 @@ def test_stages_and_evaluations_on_retrained_weights_or_other_data_are_refused(r
     pipeline._check_finished("grpo_latent", 0)
 
 
+def test_popularity_and_zero_shot_are_reported_only_over_the_data_there_is_now(report):
+    """They have no training stage whose data digests would catch a dataset prepared again in place, and the
+    evaluator checks its data only when it runs: an evaluation only reported (archived, --report-only) gave the
+    old list's and the old catalogue's numbers (review). The fixture's files are changed in place and restored."""
+    root, data = report
+    pipeline = _fixture_pipeline(root, data, methods=["popularity", "zero-shot"], test_rows=6)
+    for method in ("popularity", "zero-shot"):
+        pipeline._check_evaluation(method, 0)
+    train, catalog = data / "train.jsonl", data / "catalog.jsonl"
+    saved = {train: train.read_text(), catalog: catalog.read_text()}
+    try:
+        rows = [json.loads(x) for x in saved[train].splitlines()]
+        least = min(range(1, 31), key=lambda i: sum(r["target_item_id"] == i for r in rows))
+        train.write_text(saved[train] + "".join(json.dumps(dict(rows[0], target_item_id=least)) + "\n"
+                                                for _ in range(20)))  # now the most popular item
+        with pytest.raises(ValueError, match=r"eval_popularity holds a finished evaluation of popularity \(seed 0\) "
+                                             r"whose list \(top items .*\) is not the one .*train.jsonl gives now"):
+            _fixture_pipeline(root, data, methods=["popularity"], test_rows=6)._check_evaluation("popularity", 0)
+        train.write_text(saved[train])
+        first, rest = saved[catalog].split("\n", 1)
+        catalog.write_text(json.dumps(dict(json.loads(first), title="Another title")) + "\n" + rest)
+        with pytest.raises(ValueError, match=r"eval_zero_shot holds a finished evaluation of zero-shot \(seed 0\) "
+                                             r"ranked over another catalogue"):
+            _fixture_pipeline(root, data, methods=["zero-shot"], test_rows=6)._check_evaluation("zero-shot", 0)
+    finally:
+        train.write_text(saved[train])
+        catalog.write_text(saved[catalog])
+
+
+def test_a_wrong_stage_setting_fails_before_any_stage_trains(tmp_path, capsys):
+    """--id n_heads=3 with hidden_size 16 failed only when the SASRec stage started, after BIGRec SFT had trained
+    and been evaluated (review): every stage's config is built first."""
+    from llmrec.cli import main
+
+    data = write_prepared(tmp_path / "data", n_items=30, n_users=14, seed=5)
+    args = _args(data, tmp_path, methods="bigrec-sft,sasrec")
+    args[args.index("inner_size=32")] = "n_heads=3"
+    assert main(args) == 1
+    assert "hidden_size (16) must be divisible by n_heads (3)" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "sft_bigrec").exists()
+
+
 def test_report_only_checks_the_evaluations_of_the_run_directory_too(report, tmp_path, capsys):
     """--report-only labels the report with this invocation's flags (protocol line, "Reproduce:", SFT text) and
     archives what it reports: an evaluation in the run directory made with other settings, or whose training stage
