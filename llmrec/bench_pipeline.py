@@ -966,7 +966,9 @@ class Pipeline:
         if method == "popularity":
             from llmrec.data.canonical import jsonl_records
 
-            first = next(rec for _, rec in jsonl_records(found / "rankings.jsonl"))
+            first = next((rec for _, rec in jsonl_records(found / "rankings.jsonl")), None)
+            if first is None:  # no ranked row: no list to compare
+                return
             if self._train_targets is None:
                 self._train_targets = [r["target_item_id"] for _, r in jsonl_records(self.data_dir / "train.jsonl")]
             now = popularity_ranking(self._train_targets, len(first["item_ranking"]))
