@@ -780,6 +780,20 @@ def test_no_eval_split_says_which_asked_settings_it_turns_off(tmp_path, caplog):
     assert "turned off" not in caplog.text
 
 
+def test_model_selection_on_the_test_or_training_split_is_said(tmp_path, caplog):
+    """eval_split test (or the training split) selects the model on the rows it is reported on (or trained on):
+    accepted without a word before (review)."""
+    for split, rows in (("test", "test rows"), ("train", "its own training rows")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="llmrec.training.sft"):
+            LatentSFTConfig(output_dir=str(tmp_path / "o"), eval_split=split)
+        assert f"eval_split is '{split}': model selection then reads {rows}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llmrec.training.sft"):
+        LatentSFTConfig(output_dir=str(tmp_path / "o"))
+    assert "eval_split" not in caplog.text
+
+
 @pytest.mark.parametrize("dtype, warned", [("bfloat16", True), ("float32", False)])
 def test_full_finetune_in_half_precision_warns(tmp_path, prepared_dir, caplog, dtype, warned):
     """finetune=full on half-precision weights has no float32 master copy: AdamW's small updates are rounded away

@@ -335,6 +335,11 @@ class LatentSFTConfig(transformers.TrainingArguments):
             self.eval_strategy = "no"
             self.load_best_model_at_end = False
             self.early_stopping_patience = 0
+        if self.eval_split is not None and (self.eval_split == "test" or self.eval_split == self.train_split):
+            # Model selection on the rows a model is reported on (or trained on) makes its numbers optimistic:
+            # allowed (a user may mean it), never silent.
+            logger.warning("eval_split is %r: model selection then reads %s rows; the protocol selects on 'valid'",
+                           self.eval_split, "test" if self.eval_split == "test" else "its own training")
         if not has_accelerator():
             self.use_cpu = True
         self.remove_unused_columns = False
