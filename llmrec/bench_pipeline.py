@@ -400,7 +400,15 @@ class Pipeline:
         return self.stage_dir(name, seed)
 
     def d3_selection_file(self, method: str, seed: int) -> Path:
-        return self.seed_dir(seed) / "d3_selection" / f"{method}.json"
+        return self.seed_dir(seed) / "d3_selection" / f"{self._d3_name(method)}.json"
+
+    def _d3_name(self, method: str) -> str:
+        """The stem of a D3 method's weight selection and of its per-weight validation evaluations. The GRPO
+        method's depends on ``--grpo-stage`` (the default keeps the plain name): a selection decodes that stage's
+        weights, and one shared by every stage made reporting a second stage refuse the first one's (review)."""
+        if method == "latent-sft+grpo+d3" and self.opts.grpo_stage != "grpo_latent":
+            return f"{method}.{self.opts.grpo_stage}"
+        return method
 
     def d3_weight(self, method: str, seed: int) -> float:
         """The guidance weight of a D3 method: the only one given, or the one selected on validation rows."""
@@ -723,7 +731,7 @@ class Pipeline:
         scores: dict[str, float] = {}
         protocol: dict[str, Any] = {}
         for w in o.d3_weights:
-            out = f.parent / f"{method}_w{w:g}"
+            out = f.parent / f"{self._d3_name(method)}_w{w:g}"
             self._evaluate(method, seed, split="valid", max_rows=o.d3_valid_rows, d3_weight=w, out=out)
             res = json.loads((out / "results.json").read_text())
             scores[f"{w:g}"] = float(res["metrics"]["item"]["ndcg@10"])
@@ -775,7 +783,7 @@ class Pipeline:
         if "protocol" in sel:
             records = {where: sel["protocol"]}
         else:
-            results = [f.parent / f"{method}_w{w}" / "results.json" for w in sel.get("valid_ndcg@10", {})]
+            results = [f.parent / f"{self._d3_name(method)}_w{w}" / "results.json" for w in sel.get("valid_ndcg@10", {})]
             records = {r.parent: json.loads(r.read_text())["protocol"] for r in results if r.exists()}
             if not records:
                 return False
@@ -788,7 +796,7 @@ class Pipeline:
             if bad:
                 details = ", ".join(f"{k}={got!r} (asked: {want!r})" for k, (got, want) in bad.items())
                 remedy = (f"remove it from {self.archive_dir}" if where != f else
-                          f"remove it and the evaluations {f.parent / (method + '_w*')} to select again, or use "
+                          f"remove it and the evaluations {f.parent / (self._d3_name(method) + '_w*')} to select again, or use "
                           "another --output-dir")
                 raise ValueError(f"{where}{' (archived)' if where != f else ''}: the D3 weight of {method} (seed "
                                  f"{seed}) was selected on validation evaluations"

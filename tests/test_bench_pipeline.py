@@ -942,6 +942,19 @@ def test_report_only_checks_the_evaluations_of_the_run_directory_too(report, tmp
     assert (results / "tiny_runs" / "eval_zero_shot" / "results.json").exists()
 
 
+def test_each_grpo_stage_has_its_own_d3_weight_selection(report):
+    """The selection (and its per-weight validation evaluations) decodes one GRPO stage's weights: shared by every
+    --grpo-stage, reporting a sweep's stage after the default one was refused over the default's selection
+    (review). The default stage keeps the name the committed reports use; the BIGRec D3 selection is shared."""
+    root, data = report
+    default = _fixture_pipeline(root, data, d3_weights=[0.5, 1.0])
+    sweep = _fixture_pipeline(root, data, d3_weights=[0.5, 1.0], grpo_stage="grpo_b")
+    m = "latent-sft+grpo+d3"
+    assert default.d3_selection_file(m, 0).name == "latent-sft+grpo+d3.json"
+    assert sweep.d3_selection_file(m, 0).name == "latent-sft+grpo+d3.grpo_b.json"
+    assert sweep.d3_selection_file("bigrec-sft+d3", 0) == default.d3_selection_file("bigrec-sft+d3", 0)
+
+
 def test_a_d3_selection_is_reused_only_on_the_weights_and_settings_it_was_made_with(report, tmp_path, capsys):
     """The D3 weight selection records what its validation evaluations decoded (the checkpoints' digests, the
     decoding settings): after the SFT stage or the SASRec guide was retrained (other weights in the same
