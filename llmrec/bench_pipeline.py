@@ -400,15 +400,24 @@ class Pipeline:
         return self.stage_dir(name, seed)
 
     def d3_selection_file(self, method: str, seed: int) -> Path:
-        return self.seed_dir(seed) / "d3_selection" / f"{self._d3_name(method)}.json"
+        return self.seed_dir(seed) / "d3_selection" / f"{self._d3_name(method, seed)}.json"
 
-    def _d3_name(self, method: str) -> str:
+    def _d3_name(self, method: str, seed: int) -> str:
         """The stem of a D3 method's weight selection and of its per-weight validation evaluations. The GRPO
         method's depends on ``--grpo-stage`` (the default keeps the plain name): a selection decodes that stage's
-        weights, and one shared by every stage made reporting a second stage refuse the first one's (review)."""
-        if method == "latent-sft+grpo+d3" and self.opts.grpo_stage != "grpo_latent":
-            return f"{method}.{self.opts.grpo_stage}"
-        return method
+        weights, and one shared by every stage made reporting a second stage refuse the first one's (review). A
+        selection made before (plain name, in the run directory or the archive; the committed reports') is still
+        read where the stage has none of its own and it does not name the stage it was made for (those made since
+        do): it is checked against the stage's weights as before."""
+        if method != "latent-sft+grpo+d3" or self.opts.grpo_stage == "grpo_latent":
+            return method
+        own = f"{method}.{self.opts.grpo_stage}"
+        folder = self.seed_dir(seed) / "d3_selection"
+        plain = self._find(folder / f"{method}.json")
+        if (not self._find(folder / f"{own}.json").exists() and plain.exists()
+                and "grpo_stage" not in json.loads(plain.read_text())):
+            return method
+        return own
 
     def d3_weight(self, method: str, seed: int) -> float:
         """The guidance weight of a D3 method: the only one given, or the one selected on validation rows."""
@@ -731,7 +740,7 @@ class Pipeline:
         scores: dict[str, float] = {}
         protocol: dict[str, Any] = {}
         for w in o.d3_weights:
-            out = f.parent / f"{self._d3_name(method)}_w{w:g}"
+            out = f.parent / f"{self._d3_name(method, seed)}_w{w:g}"
             self._evaluate(method, seed, split="valid", max_rows=o.d3_valid_rows, d3_weight=w, out=out)
             res = json.loads((out / "results.json").read_text())
             scores[f"{w:g}"] = float(res["metrics"]["item"]["ndcg@10"])
@@ -748,9 +757,10 @@ class Pipeline:
             # kept, so a wider grid (after removing the selection file) only evaluates the new weights.
             print(f"WARNING: the D3 weight chosen for {method} (seed {seed}) is the grid's {edge}; consider a wider "
                   "--d3-weight grid", file=sys.stderr, flush=True)
+        stage = {"grpo_stage": o.grpo_stage} if method == "latent-sft+grpo+d3" else {}  # whose weights it decoded
         atomic_write_json(f, {"method": method, "seed": seed, "split": "valid", "rows": o.d3_valid_rows,
                               "row_seed": o.row_seed, "valid_ndcg@10": scores, "chosen": chosen,
-                              "protocol": protocol})
+                              "protocol": protocol, **stage})
 
     def _current_d3_digests(self, method: str, seed: int) -> dict[str, str | None]:
         """The digests of the weights a D3 evaluation of ``method`` would decode now, as the evaluator records them
@@ -783,7 +793,8 @@ class Pipeline:
         if "protocol" in sel:
             records = {where: sel["protocol"]}
         else:
-            results = [f.parent / f"{self._d3_name(method)}_w{w}" / "results.json" for w in sel.get("valid_ndcg@10", {})]
+            stem = self._d3_name(method, seed)
+            results = [f.parent / f"{stem}_w{w}" / "results.json" for w in sel.get("valid_ndcg@10", {})]
             records = {r.parent: json.loads(r.read_text())["protocol"] for r in results if r.exists()}
             if not records:
                 return False
@@ -796,8 +807,8 @@ class Pipeline:
             if bad:
                 details = ", ".join(f"{k}={got!r} (asked: {want!r})" for k, (got, want) in bad.items())
                 remedy = (f"remove it from {self.archive_dir}" if where != f else
-                          f"remove it and the evaluations {f.parent / (self._d3_name(method) + '_w*')} to select again, or use "
-                          "another --output-dir")
+                          f"remove it and the evaluations {f.parent / (self._d3_name(method, seed) + '_w*')} to select "
+                          "again, or use another --output-dir")
                 raise ValueError(f"{where}{' (archived)' if where != f else ''}: the D3 weight of {method} (seed "
                                  f"{seed}) was selected on validation evaluations"
                                  + (f" ({source})" if source != where else "") + f" made with {details}; {remedy}")

@@ -942,17 +942,29 @@ def test_report_only_checks_the_evaluations_of_the_run_directory_too(report, tmp
     assert (results / "tiny_runs" / "eval_zero_shot" / "results.json").exists()
 
 
-def test_each_grpo_stage_has_its_own_d3_weight_selection(report):
+def test_each_grpo_stage_has_its_own_d3_weight_selection(report, tmp_path):
     """The selection (and its per-weight validation evaluations) decodes one GRPO stage's weights: shared by every
     --grpo-stage, reporting a sweep's stage after the default one was refused over the default's selection
     (review). The default stage keeps the name the committed reports use; the BIGRec D3 selection is shared."""
     root, data = report
-    default = _fixture_pipeline(root, data, d3_weights=[0.5, 1.0])
-    sweep = _fixture_pipeline(root, data, d3_weights=[0.5, 1.0], grpo_stage="grpo_b")
+    res = str(tmp_path / "results")  # not the default results dir, whose committed archives hold older selections
+    default = _fixture_pipeline(root, data, d3_weights=[0.5, 1.0], results_dir=res)
+    sweep = _fixture_pipeline(root, data, d3_weights=[0.5, 1.0], grpo_stage="grpo_b", results_dir=res)
     m = "latent-sft+grpo+d3"
     assert default.d3_selection_file(m, 0).name == "latent-sft+grpo+d3.json"
     assert sweep.d3_selection_file(m, 0).name == "latent-sft+grpo+d3.grpo_b.json"
     assert sweep.d3_selection_file("bigrec-sft+d3", 0) == default.d3_selection_file("bigrec-sft+d3", 0)
+    # A selection made before (the plain name; the committed reports' archives) is read where the stage has none of
+    # its own, and checked against its weights as before.
+    old = _fixture_pipeline(root, data, d3_weights=[0.5, 1.0], grpo_stage="grpo_b", output_dir=str(tmp_path / "r"),
+                            results_dir=res)
+    assert old.d3_selection_file(m, 0).name == "latent-sft+grpo+d3.grpo_b.json"
+    (tmp_path / "r" / "d3_selection").mkdir(parents=True)
+    (tmp_path / "r" / "d3_selection" / "latent-sft+grpo+d3.json").write_text("{}")
+    assert old.d3_selection_file(m, 0).name == "latent-sft+grpo+d3.json"
+    # ... but not one that names the stage it was made for (the default stage's, since)
+    (tmp_path / "r" / "d3_selection" / "latent-sft+grpo+d3.json").write_text('{"grpo_stage": "grpo_latent"}')
+    assert old.d3_selection_file(m, 0).name == "latent-sft+grpo+d3.grpo_b.json"
 
 
 def test_a_d3_selection_is_reused_only_on_the_weights_and_settings_it_was_made_with(report, tmp_path, capsys):
