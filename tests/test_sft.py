@@ -95,6 +95,15 @@ def test_checkpoint_contents_and_reload(tmp_path, prepared_dir):
     assert checkpoint_kind(ckpt) == "adapter"
     with pytest.raises(CheckpointError, match="save was interrupted"):
         load_for_inference(None, str(cut), dtype="float32")
+    # A hand-deleted latent_config.json (the rest complete) loaded as the plain LM (N=0), silently.
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / "latent_config.json").unlink()
+    with pytest.raises(CheckpointError, match="latent_config.json .* is missing"):
+        load_for_inference(None, str(bare), dtype="float32")
+    (bare / "latent_head.safetensors").unlink()  # the recorded latent token alone is enough to refuse
+    with pytest.raises(CheckpointError, match="latent_config.json .* is missing"):
+        checkpoint_kind(bare)
 
 
 @pytest.mark.parametrize("concat", [True, False])

@@ -74,7 +74,16 @@ def checkpoint_kind(path: str | Path) -> str:
             f"save writes last: the save was interrupted; use an earlier checkpoint or rerun the training command")
     # Every loader (evaluate, GRPO's SFT checkpoint, load_for_inference) asks for the kind first: a damaged
     # llmrec_config.json is named here, not left to a bare json error that names no file.
-    read_stats(path / "llmrec_config.json")
+    meta = read_stats(path / "llmrec_config.json")
+    if (path / "llmrec_config.json").exists() and not (path / "latent_config.json").exists():
+        # latent_config.json is written before llmrec_config.json, so only a hand deletion gets here; without it
+        # the loaders built a plain LM (N=0) and evaluated the model without the latent tokens it was trained with.
+        trained_latents = meta.get("num_latent_tokens") or len(meta.get("latent_token_ids") or [])
+        if trained_latents or (path / "latent_head.safetensors").exists():
+            raise CheckpointError(
+                f"{path} was trained with latent tokens (llmrec_config.json, latent_head.safetensors), but its "
+                f"latent_config.json (their ids and pooling head settings) is missing: restore it, or use an "
+                f"earlier checkpoint")
     if all((path / f).exists() for f in ADAPTER_FILES):
         return "adapter"
     # The model's own weights, not any *.safetensors: a full latent checkpoint whose model.safetensors is gone
