@@ -183,3 +183,20 @@ def test_title_metrics_read_past_items_that_share_a_title(tmp_path):
     pop = evaluate(EvalConfig(dataset=str(data), split="test", method="popularity", ks=[1, 5, 10, 20],
                               output_dir=str(tmp_path / "pop")))
     assert pop["metrics"]["title"]["hr@20"] == 1.0
+
+
+def test_score_histories_masks_only_the_items_the_model_reads():
+    """Given a history longer than max_history, mask_history masks its last max_history items, as the trainer
+    does (it masked the whole history given: the same only for the evaluator's rows, already cut)."""
+    import torch
+
+    from llmrec.seqrec.models import SASRec
+    from llmrec.seqrec.modules import Backbone
+    from llmrec.seqrec.scoring import score_histories
+
+    torch.manual_seed(0)
+    model = SASRec(Backbone(num_items=8, max_len=3, hidden=8, heads=2, inner=16)).eval()
+    masked = score_histories(model, [[1, 2, 3, 4, 5]], 3, "cpu", mask_history=True)
+    plain = score_histories(model, [[1, 2, 3, 4, 5]], 3, "cpu")
+    assert torch.isinf(masked[0, 2:5]).all()  # items 3, 4, 5
+    assert torch.equal(masked[0, [0, 1, 5, 6, 7]], plain[0, [0, 1, 5, 6, 7]])

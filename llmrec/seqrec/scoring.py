@@ -18,7 +18,8 @@ def score_histories(
     """``[B, N]`` float scores (column ``j`` = item ``j + 1``) of the item ids after each history.
 
     Histories are left-padded (or cut to their last ``max_history`` items) as in training. With
-    ``mask_history`` every item of a row's own history scores ``-inf`` (the seqrec evaluation's option).
+    ``mask_history`` the history items the model reads (the last ``max_history``) score ``-inf``, as the trainer
+    masks them (the seqrec run's option; the evaluator's rows are already cut to ``max_history``).
     ``keys`` (one int64 per history, e.g. :func:`history_keys`): the draws of a LARES whose initial state is random
     at evaluation (``state_init: normal``); without them a random state comes from the global generator, so the
     scores would depend on the call. Other models ignore them.
@@ -38,7 +39,7 @@ def score_histories(
     with torch.no_grad():
         scores = model.score(ids, **kw).float()
     if mask_history:
-        mask_items(scores, histories)
+        mask_items(scores, [h[-max_history:] for h in histories])
     return scores
 
 
