@@ -312,9 +312,17 @@ def test_unreachable_hub_id_gives_clear_error():
     assert "smollm2-135m" in message and "local" in message
 
 
-def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
+def test_missing_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="is not a model directory"):
         load_backbone(str(tmp_path / "nowhere"))
+    # A relative "dir/name" whose folder exists is a mistyped path, not a hub id (it spent ~25 s on hub retries).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(FileNotFoundError, match="local folder 'outputs' exists"):
+        load_backbone("outputs/sft-gmaes", local_files_only=False)
+    # a folder without a model config: named as load_backbone names it (it was a bare ValueError)
+    with pytest.raises(BackboneLoadError, match="could not read a model config from the local directory"):
+        describe_architecture(str(tmp_path / "outputs"))
 
 
 def test_local_directory_round_trip_and_pad_default(tmp_path):
@@ -412,9 +420,13 @@ def test_the_gguf_pre_tokenizer_type_decides_how_digits_split(tmp_path, monkeypa
     assert marker["pre_tokenizer"] == "smollm" and marker["conversion_version"] == 2
 
     plain, _, _ = make_fake_alias(tmp_path / "plain", monkeypatch, kind="tiny-llama", pre="default")
-    _, tok = load_backbone(plain, dtype="float32")  # the GPT-2 split, as before
-    assert [piece for piece, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x\n\n2 players")] == [
-        "x", "Ċ", "Ċ", "2", "Ġplayers"]
+    _, tok = load_backbone(plain, dtype="float32")
+    split = tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    assert [piece for piece, _ in split("x\n\n2 players")] == ["x", "Ċ", "Ċ", "2", "Ġplayers"]
+    # llama.cpp's "default": punctuation runs, the GPT-2 split, digit runs, groups of three digits (it was the
+    # GPT-2 split alone: "Ġ2070", "ĠVol", "Ġ12345")
+    assert [piece for piece, _ in split("Anno 2070, Vol. 12345")] == [
+        "Anno", "Ġ", "207", "0", ",", "ĠVol", ".", "Ġ", "123", "45"]
 
     del marker["conversion_version"]  # a copy made by the conversion before the fix
     (folder / "llmrec_conversion.json").write_text(json.dumps(marker))
@@ -494,6 +506,15 @@ def test_a_damaged_cache_is_converted_again_or_named(tmp_path, monkeypatch):
     config.write_text(text)
     with pytest.raises(ValueError, match="bogus") as info:
         load_backbone(name, dtype="float32", attn_implementation="bogus")
+    assert not isinstance(info.value, BackboneLoadError)
+
+    # nor the machine's (out of memory, no CUDA for device_map): reconverting needs more memory still
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("unable to mmap 538090408 bytes: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(backbone, "_load_pretrained", no_memory)
+    with pytest.raises(RuntimeError, match="Cannot allocate memory") as info:
+        load_backbone(name, dtype="float32")
     assert not isinstance(info.value, BackboneLoadError)
 
 

@@ -170,7 +170,17 @@ _VERIFY_DIGITS = "Vol.  2 -\n\n3 players, 1,024"  # whitespace runs before digit
 # "\n\n2") became other tokens than the model was trained on.
 _DIGITS_THEN_GPT2 = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"})
 # Types whose split is the GPT-2 one transformers applies by default.
-_GPT2_SPLIT = frozenset({"gpt-2", "default"})
+_GPT2_SPLIT = frozenset({"gpt-2"})
+# llama.cpp's "default" type (also what it uses when a file records none): four regexes applied in turn, each
+# splitting the pieces of the one before (llama-vocab.cpp): punctuation runs, the GPT-2 pattern, digit runs, then
+# groups of three digits. It was taken for the GPT-2 split alone ("Anno 2070": "Anno", " 2070" instead of "Anno",
+# " ", "207", "0").
+_DEFAULT_SPLIT_REGEXES = (
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+)
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -474,7 +484,8 @@ def _strip_gguf_config(config: PretrainedConfig) -> PretrainedConfig:
 
 def gguf_pre_tokenizer_fix(gguf_path: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase) -> str | None:
     """Give a byte-level BPE tokenizer that transformers built from a GGUF file the pre-tokenizer the file names
-    (``tokenizer.ggml.pre``) where transformers has no rule for it; returns that type (None if not recorded).
+    (``tokenizer.ggml.pre``) where transformers has no rule for it; returns that type (None if not recorded: then,
+    as llama.cpp does, the "default" split).
 
     Raises :class:`ConversionError` for a type neither transformers nor llmrec knows: its split is unknown, and
     the plain byte-level one would tokenize some text differently from the model.
@@ -487,12 +498,19 @@ def gguf_pre_tokenizer_fix(gguf_path: str | os.PathLike[str], tokenizer: PreTrai
     if "tokenizer.ggml.model" not in fields or fields["tokenizer.ggml.model"].contents() != "gpt2":
         return None  # sentencepiece vocabularies have no such split
     pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else None
-    if pre in _DIGITS_THEN_GPT2:
+    if pre in (None, "default"):
+        from tokenizers import Regex
+
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            *(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _DEFAULT_SPLIT_REGEXES),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    elif pre in _DIGITS_THEN_GPT2:
         tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
-    elif pre is not None and pre not in _GPT2_SPLIT and pre not in GGUF_PRE_TOKENIZER_SPLITS:
+    elif pre not in _GPT2_SPLIT and pre not in GGUF_PRE_TOKENIZER_SPLITS:
         raise ConversionError(f"{gguf_path}: pre-tokenizer type {pre!r} is not known to transformers or llmrec; "
                               "the converted tokenizer would split text differently from the model")
     return pre
@@ -643,12 +661,14 @@ def _convert_alias_locked(name: str, spec: GGUFAlias, dest: Path) -> Path:
 
 
 def _looks_like_path(name: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else is meant as a file-system path.
+    # Hub ids are "name" or "org/name"; anything else is meant as a file-system path, and so is "dir/name" where
+    # a local folder "dir" exists (a mistyped "outputs/sft-gmaes" spent ~25 s on hub retries, then blamed the hub).
     return (
         os.path.isabs(name)
         or name.startswith((".", "~"))
         or name.count("/") > 1
         or os.sep != "/" and os.sep in name
+        or name.count("/") == 1 and Path(name.split("/")[0]).is_dir()
     )
 
 
@@ -725,9 +745,23 @@ def _load_pretrained(
     return model, tokenizer
 
 
-def _names_cache_files(err: Exception) -> bool:
-    """True if ``err`` is about the converted copy's own files (a damaged config or weights), not the options."""
-    return any(name in str(err) for name in ("config.json", "safetensors", "tokenizer"))
+def _copy_is_intact(folder: Path) -> bool:
+    """Whether a converted copy's files read back: its JSON files parse and its weights' headers match their sizes.
+
+    A failed load of an intact copy is not the copy's fault (out of memory, no CUDA for ``device_map``, a bad
+    option): "convert it again" would send the user into a conversion that needs more memory and fails the same way.
+    """
+    from llmrec.safetensors_io import check_safetensors
+
+    try:
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            if (folder / name).exists():
+                json.loads((folder / name).read_text(encoding="utf-8"))
+        for weights in folder.glob("model*.safetensors"):
+            check_safetensors(weights)
+    except Exception:  # any damage at all: the copy is what to blame
+        return False
+    return True
 
 
 def _damaged_copy(name: str, folder: Path, err: Exception) -> BackboneLoadError:
@@ -825,11 +859,9 @@ def load_backbone(
         except Exception as err:
             # _load_pretrained wraps a local directory's ValueError/OSError in a BackboneLoadError: judge the cause.
             cause = err.__cause__ if isinstance(err, BackboneLoadError) and err.__cause__ is not None else err
-            if isinstance(cause, (ImportError, TypeError)) or (
-                    isinstance(cause, ValueError) and not isinstance(cause, json.JSONDecodeError) and model_kwargs
-                    and not _names_cache_files(cause)):
-                # The caller's options (a missing package, attn_implementation="bogus", a bad keyword): not the
-                # cache's fault, and converting it again would fail the same way.
+            if isinstance(cause, (ImportError, TypeError)) or _copy_is_intact(folder):
+                # The caller's options (a missing package, attn_implementation="bogus", a bad keyword) or the machine
+                # (memory, no CUDA): not the cache's fault, and converting it again would fail the same way.
                 raise cause from None
             raise _damaged_copy(model_name_or_path, folder, err) from err  # a damaged copy (SafetensorError, ...)
         return _finish(model, tokenizer, device)
@@ -838,8 +870,10 @@ def load_backbone(
     if path.is_dir():
         source, is_local = str(path), True
     elif _looks_like_path(model_name_or_path) or path.exists():
+        local = f" (the local folder '{model_name_or_path.split('/')[0]}' exists, so it is not looked up on the Hub)" \
+            if model_name_or_path.count("/") == 1 and Path(model_name_or_path.split("/")[0]).is_dir() else ""
         raise FileNotFoundError(
-            f"'{model_name_or_path}' is not a model directory (and not a known alias: "
+            f"'{model_name_or_path}' is not a model directory{local} (and not a known alias: "
             f"{', '.join(known_aliases())})"
         )
     else:
@@ -883,6 +917,12 @@ def describe_architecture(
     source = str(path) if path.is_dir() else model_name_or_path
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as err:  # a local folder without a model config ("Unrecognized model in ..."), as load_backbone
+        if not path.is_dir():
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackboneLoadError(f"could not read a model config from the local directory '{source}': {first_line}") \
+            from err
     except OSError as err:
         raise BackboneLoadError(
             f"could not read the config of '{model_name_or_path}' (not a local directory, and the "
