@@ -922,23 +922,51 @@ def dry_run_sft(config: Any, plan: AcceleratePlan, recipe: Path | None, report: 
         stop = (f"; early stopping after {config.early_stopping_patience} evaluation(s) without a better eval_loss"
                 if config.early_stopping_patience and config.load_best_model_at_end else "")
         report.item("validation loss", f"{when} on {f'{eval_rows:,} ' if eval_rows else ''}{config.eval_split} rows{stop}")
-    from llmrec.training.sft import RESULTS_NAME, last_complete_checkpoint
+    from llmrec.training.finished_runs import (
+        dataset_dir_or_none,
+        finished_sft_differences,
+        refuse_other_finished_run,
+    )
+    from llmrec.training.sft import RESULTS_NAME, last_complete_checkpoint, refuse_changed_sft_resume
 
-    _report_output(report, config.output_dir, RESULTS_NAME, config.retrain, last_complete_checkpoint)
+    def check_finished() -> None:
+        refuse_other_finished_run(Path(config.output_dir), "SFT run",
+                                  finished_sft_differences(config, dataset_dir_or_none(config.dataset)),
+                                  "set retrain: true to train it again with these settings, or use another output_dir")
+
+    _report_output(report, config.output_dir, RESULTS_NAME, config.retrain, last_complete_checkpoint, check_finished,
+                   lambda ckpt: refuse_changed_sft_resume(config, ckpt, plan.num_processes))
 
 
 def _report_output(report: DryRunReport, output_dir: str | None, results_name: str, retrain: bool,
-                   last_checkpoint) -> None:
-    """What the real run would do with its output directory (skip a finished run, resume, start)."""
+                   last_checkpoint, check_finished=None, check_resume=None) -> None:
+    """What the real run would do with its output directory (skip a finished run, resume, start).
+
+    ``check_finished()`` and ``check_resume(checkpoint)`` are the real run's own refusals (a finished run or a
+    checkpoint made with other settings or data): their error is the report's, not a READY the run then refuses.
+    """
     report.section("output")
     out = Path(output_dir or ".")
     report.item("output_dir", str(out))
     if retrain:
         report.note("retrain: true -- the real run starts again")
     elif (out / results_name).exists():
-        report.note(f"{out} holds a finished run ({results_name}): the real run skips it (retrain: true trains again)")
+        try:
+            if check_finished is not None:
+                check_finished()
+        except (ValueError, OSError) as e:
+            report.error(str(e))
+            return
+        report.note(f"{out} holds a finished run ({results_name}) made with these settings: the real run skips it "
+                    "(retrain: true trains again)")
     else:
         last = last_checkpoint(out)
+        if last and check_resume is not None:
+            try:
+                check_resume(last)
+            except (ValueError, OSError) as e:
+                report.error(str(e))
+                return
         report.item("resume", f"from {last}" if last else "nothing to resume: a fresh run")
 
 
@@ -1110,9 +1138,21 @@ def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report:
         held = (rows or {}).get(config.eval_split)
         report.item("held-out check", f"{min(config.eval_rows, held) if held is not None else config.eval_rows:,} "
                     f"{config.eval_split} rows, before and after training")
-    from llmrec.training.grpo import RESULTS_NAME, last_grpo_checkpoint
+    from llmrec.training.finished_runs import finished_grpo_differences, refuse_other_finished_run
+    from llmrec.training.grpo import (
+        RESULTS_NAME,
+        _prompt_dataset_dir,
+        last_grpo_checkpoint,
+        refuse_changed_grpo_resume,
+    )
 
-    _report_output(report, config.output_dir, RESULTS_NAME, config.retrain, last_grpo_checkpoint)
+    def check_finished() -> None:
+        refuse_other_finished_run(Path(config.output_dir), "GRPO run",
+                                  finished_grpo_differences(config, _prompt_dataset_dir(config)),
+                                  "set retrain: true to train it again with these settings, or use another output_dir")
+
+    _report_output(report, config.output_dir, RESULTS_NAME, config.retrain, last_grpo_checkpoint, check_finished,
+                   lambda ckpt: refuse_changed_grpo_resume(ckpt, config, plan.num_processes))
 
 
 def _dataset_directory(dataset: str) -> Path:

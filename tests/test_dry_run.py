@@ -713,3 +713,48 @@ def test_an_unreadable_accelerate_config_is_a_config_error(text, expected, capsy
                  "bad.yaml"]) == EXIT_INVALID
     err = capsys.readouterr().err
     assert f"llmrec: error: {expected}" in err and "Traceback" not in err
+
+
+def test_an_output_dir_the_run_would_refuse_to_resume_or_skip_is_an_error(sft_checkpoint, prepared_dir, tmp_path,
+                                                                          capsys):
+    """The dry run said READY ("resume from checkpoint-4", "the real run skips it") where the real run refuses: a
+    checkpoint or a finished run made with other settings (a review)."""
+    from llmrec.config import parse_config
+    from llmrec.training.grpo import STATE_NAME, LatentGRPOConfig, resume_settings
+    from llmrec.training.sft import TRAINING_ARGS_JSON, LatentSFTConfig
+
+    out = tmp_path / "sft_out"
+    argv = ["sft"] + sft_args(prepared_dir, out, num_latent_tokens="1", learning_rate="3e-4")
+    (cfg,) = parse_config([LatentSFTConfig], None, argv[1:])
+    ckpt = out / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    (ckpt / TRAINING_ARGS_JSON).write_text(json.dumps({**cfg.to_dict(), "learning_rate": 1e-3}, default=str))
+    code, out_text = dry(argv, capsys)
+    assert code == EXIT_INVALID and "checkpoint-4 was trained with learning_rate=0.001 (asked: 0.0003)" in out_text
+    (ckpt / TRAINING_ARGS_JSON).write_text(json.dumps(cfg.to_dict(), default=str))  # the same settings: resumed
+    code, out_text = dry(argv, capsys)
+    assert code == EXIT_READY and f"resume: from {ckpt}" in out_text, out_text
+
+    done = tmp_path / "sft_done"
+    argv = ["sft"] + sft_args(prepared_dir, done, num_latent_tokens="1", learning_rate="3e-4")
+    (cfg,) = parse_config([LatentSFTConfig], None, argv[1:])
+    done.mkdir()
+    (done / TRAINING_ARGS_JSON).write_text(json.dumps({**cfg.to_dict(), "learning_rate": 1e-3}, default=str))
+    rows = json.loads((prepared_dir / "stats.json").read_text())["rows"]["train"]
+    (done / "train_results.json").write_text(json.dumps(
+        {"config": {**cfg.checkpoint_fields(), "learning_rate": 1e-3}, "num_train_rows": rows,
+         "drawn_train_rows": rows}, default=str))
+    code, out_text = dry(argv, capsys)
+    assert code == EXIT_INVALID and "holds a finished SFT run made with learning_rate=0.001 (asked: 0.0003)" in out_text
+
+    grpo = tmp_path / "grpo"
+    argv = _grpo_argv(sft_checkpoint, grpo, "--gradient_accumulation_steps", "1", "--learning_rate", "1e-4")
+    (gcfg,) = parse_config([LatentGRPOConfig], None, argv[1:])
+    (grpo / "checkpoint-2").mkdir(parents=True)
+    (grpo / "checkpoint-2" / STATE_NAME).write_text(json.dumps(
+        {"config": {**resume_settings(gcfg, 1), "learning_rate": 5e-5}}))
+    code, out_text = dry(argv, capsys)
+    assert code == EXIT_INVALID and "checkpoint-2 was trained with learning_rate=5e-05 (asked: 0.0001)" in out_text
+    code, out_text = dry(argv + ["--num-processes", "2"], capsys)  # and the global batch over the planned processes
+    assert code == EXIT_INVALID and "global_train_batch_size=8 (asked: 16)" in out_text, out_text

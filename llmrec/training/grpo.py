@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -1708,35 +1709,12 @@ class LatentGRPOTrainer:
 
     def _resume_settings(self) -> dict[str, Any]:
         """The configuration a checkpoint records, with the global batch (a resume may change the layout)."""
-        from llmrec.training.sft import global_train_batch_size
-
-        c = self.config
-        return dict(json.loads(json.dumps(c.to_dict(), default=str)),
-                    global_train_batch_size=global_train_batch_size(c, self.world))
+        return resume_settings(self.config, self.world)
 
     def check_resume_settings(self, path: Path) -> None:
         """Refuse to resume ``path`` under other settings than it was trained with (checkpoints before 2026-12-05
         do not record them and are not checked)."""
-        from llmrec.config import field_defaults, refuse_changed_resume
-        from llmrec.training.neutral_fields import RESUME_NEUTRAL_FIELDS
-
-        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-        start = state.get("start")  # recorded since 2026-12-05
-        if start is not None:
-            changed = start_differences(start, self.start_identity())
-            if changed:
-                raise ConfigError(f"{path} was trained from {' and '.join(changed)} than this run would start from "
-                                  "(the SFT checkpoint or the dataset has changed since): train in another output_dir, "
-                                  "or set retrain: true")
-        found = state.get("config")
-        if found is not None:
-            # TRL derives steps_per_generation / generation_batch_size from the layout; this trainer reads neither
-            # (global_train_batch_size covers the batch)
-            wanted = self._resume_settings()
-            refuse_changed_resume(path, found, wanted, field_defaults(LatentGRPOConfig),
-                                  ignore=RESUME_NEUTRAL_FIELDS | {"steps_per_generation", "generation_batch_size"}
-                                  | inert_fields(found, wanted),
-                                  paths=("dataset", "sft_checkpoint"))
+        refuse_changed_grpo_resume(path, self.config, self.world, self.start_identity())
 
     def load_checkpoint(self, path: Path) -> None:
         from safetensors import safe_open
@@ -1891,6 +1869,44 @@ class LatentGRPOTrainer:
         self.scalars.close()
         self.accelerator.wait_for_everyone()
         return results
+
+
+def resume_settings(config: LatentGRPOConfig, processes: int) -> dict[str, Any]:
+    """The configuration a GRPO checkpoint records, with the global batch over ``processes``."""
+    from llmrec.training.sft import global_train_batch_size
+
+    return dict(json.loads(json.dumps(config.to_dict(), default=str)),
+                global_train_batch_size=global_train_batch_size(config, processes))
+
+
+def refuse_changed_grpo_resume(path: str | os.PathLike, config: LatentGRPOConfig, processes: int,
+                               start_now: dict[str, Any] | None = None) -> None:
+    """Raise :class:`~llmrec.config.ConfigError` if resuming the GRPO checkpoint ``path`` under ``config`` on
+    ``processes`` processes would change a trained setting, or (``start_now``: :func:`start_identity` of this run,
+    computed when None) its SFT weights or data. The trainer and the dry run ask the same question."""
+    from llmrec.config import field_defaults, refuse_changed_resume
+    from llmrec.training.neutral_fields import RESUME_NEUTRAL_FIELDS
+
+    path = Path(path)
+    state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+    start = state.get("start")  # recorded since 2026-12-05
+    if start is not None:
+        if start_now is None:
+            start_now = start_identity(config.sft_checkpoint, _prompt_dataset_dir(config))
+        changed = start_differences(start, start_now)
+        if changed:
+            raise ConfigError(f"{path} was trained from {' and '.join(changed)} than this run would start from "
+                              "(the SFT checkpoint or the dataset has changed since): train in another output_dir, "
+                              "or set retrain: true")
+    found = state.get("config")
+    if found is not None:
+        # TRL derives steps_per_generation / generation_batch_size from the layout; this trainer reads neither
+        # (global_train_batch_size covers the batch)
+        wanted = resume_settings(config, processes)
+        refuse_changed_resume(path, found, wanted, field_defaults(LatentGRPOConfig),
+                              ignore=RESUME_NEUTRAL_FIELDS | {"steps_per_generation", "generation_batch_size"}
+                              | inert_fields(found, wanted),
+                              paths=("dataset", "sft_checkpoint"))
 
 
 def start_identity(sft_checkpoint: str | None, data_dir: Path | None) -> dict[str, Any]:

@@ -985,6 +985,34 @@ def _data_digests(dataset: str | None) -> dict[str, str | None] | None:
     return data_sha256(data_dir) if data_dir is not None else None
 
 
+def refuse_changed_sft_resume(config: LatentSFTConfig, checkpoint: str | os.PathLike, processes: int | None = None,
+                              data_digests: dict[str, str | None] | None = None) -> None:
+    """Raise :class:`~llmrec.config.ConfigError` if resuming ``checkpoint`` under ``config`` would change a trained
+    setting (``processes``: the launch's process count, for the global batch; default the running one) or the data
+    (its digests, recorded since 2026-12-05; older checkpoints are compared by settings only). The dry run asks the
+    same question."""
+    from llmrec.config import field_defaults, refuse_changed_resume
+    from llmrec.data.identity import data_difference
+    from llmrec.training.finished_runs import dataset_dir_or_none
+
+    recorded = Path(checkpoint) / TRAINING_ARGS_JSON
+    if not recorded.exists():
+        return
+    found = json.loads(recorded.read_text(encoding="utf-8"))
+    wanted = config.to_dict()
+    if "global_train_batch_size" in found:  # recorded since 2026-12-05
+        wanted["global_train_batch_size"] = global_train_batch_size(config, processes)
+    # the dataclass defaults: building a LatentSFTConfig here would reset the accelerator state
+    refuse_changed_resume(checkpoint, found, wanted, field_defaults(LatentSFTConfig), ignore=RESUME_NEUTRAL_FIELDS,
+                          paths=("dataset",))
+    if data_digests is None:
+        data_digests = _data_digests(config.dataset)
+    other = data_digests and data_difference(found, dataset_dir_or_none(config.dataset), data_digests)
+    if other:
+        raise ConfigError(f"{checkpoint} was trained on {other}: resuming would mix steps on both; set retrain: "
+                          "true to train again on this data, or train in another output_dir")
+
+
 def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     """Train; resume from the last complete checkpoint in ``output_dir``; write ``train_results.json``.
 
@@ -1031,24 +1059,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     resumed_at = _checkpoint_step(resume) if resume else None
     data_digests = _data_digests(config.dataset)
     if resume:  # before the model is built: a changed setting or other data is refused at once
-        recorded = Path(resume) / TRAINING_ARGS_JSON
-        if recorded.exists():
-            from llmrec.config import field_defaults, refuse_changed_resume
-            from llmrec.data.identity import data_difference
-            from llmrec.training.finished_runs import dataset_dir_or_none
-
-            found = json.loads(recorded.read_text(encoding="utf-8"))
-            wanted = config.to_dict()
-            if "global_train_batch_size" in found:  # recorded since 2026-12-05
-                wanted["global_train_batch_size"] = global_train_batch_size(config)
-            # the dataclass defaults: building a LatentSFTConfig here would reset the accelerator state
-            refuse_changed_resume(resume, found, wanted, field_defaults(LatentSFTConfig), ignore=RESUME_NEUTRAL_FIELDS,
-                                  paths=("dataset",))
-            # the data's digests: recorded in checkpoints since 2026-12-05 (older ones are compared by settings only)
-            other = data_digests and data_difference(found, dataset_dir_or_none(config.dataset), data_digests)
-            if other:
-                raise ConfigError(f"{resume} was trained on {other}: resuming would mix steps on both; set retrain: "
-                                  "true to train again on this data, or train in another output_dir")
+        refuse_changed_sft_resume(config, resume, data_digests=data_digests)
     model, tokenizer = build_model(config)
     t_model = time.time()
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
