@@ -14,21 +14,24 @@ far above both alone means the runs are complementary):
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
-def top_items(run: Path, k: int) -> dict[int, tuple[set[int], bool, int]]:
-    """Row -> (its top-``k`` item ids, whether the target is among them, the target item id)."""
-    out: dict[int, tuple[set[int], bool, int]] = {}
-    with (run / "rankings.jsonl").open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            rec = json.loads(line)
-            if "item_ranking" not in rec or "item_rank" not in rec:
-                raise SystemExit(f"{run}/rankings.jsonl line {n}: no item_ranking / item_rank")
-            rank = rec["item_rank"]  # 0-based, as the metrics; None: not in the list
-            out[int(rec["row"])] = (set(rec["item_ranking"][:k]), rank is not None and rank < k,
-                                    int(rec["target_item_id"]))
+def top_items(run: Path, k: int) -> dict[int, tuple[set[int], bool, int, str | None]]:
+    """Row -> (its top-``k`` item ids, whether the target is among them, the target item id, the user id).
+
+    Read by :func:`llmrec.evaluation.compare.load_rankings`, whose checks name a damaged file's line and refuse a
+    row given twice (read here line by line, the last record won)."""
+    from llmrec.evaluation.compare import load_rankings
+
+    out: dict[int, tuple[set[int], bool, int, str | None]] = {}
+    for row, rec in load_rankings(run).items():
+        if "item_ranking" not in rec:
+            raise SystemExit(f"{run}/rankings.jsonl row {row}: no item_ranking")
+        rank = rec["item_rank"]  # 0-based, as the metrics; None: not in the list
+        user = rec.get("user_id")
+        out[row] = (set(rec["item_ranking"][:k]), rank is not None and rank < k, int(rec["target_item_id"]),
+                    None if user is None else str(user))
     return out
 
 
@@ -48,10 +51,12 @@ def main() -> int:
         rows = sorted(set(lists) & set(ref))
         if not rows:
             raise SystemExit(f"{run}: no rows in common with {args.reference}")
-        other = [r for r in rows if lists[r][2] != ref[r][2]]
-        if other:  # the same row number of another split or dataset
-            raise SystemExit(f"{run}: row {other[0]} has target {lists[other[0]][2]}, {args.reference} has "
-                             f"{ref[other[0]][2]}: not the same rows")
+        # the same row number of another split or dataset: another target, or another user (where both record one)
+        other = [r for r in rows if lists[r][2] != ref[r][2]
+                 or None not in (lists[r][3], ref[r][3]) and lists[r][3] != ref[r][3]]
+        if other:
+            raise SystemExit(f"{run}: row {other[0]} has target {lists[other[0]][2]} (user {lists[other[0]][3]}), "
+                             f"{args.reference} has {ref[other[0]][2]} (user {ref[other[0]][3]}): not the same rows")
         # Per row over the shorter list's length (a list may hold fewer than k items).
         share = sum(len(lists[r][0] & ref[r][0]) / max(1, min(k, len(lists[r][0]), len(ref[r][0]))) for r in rows) / len(rows)
         hit, ref_hit = [lists[r][1] for r in rows], [ref[r][1] for r in rows]
