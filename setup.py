@@ -20,7 +20,9 @@ class BuildPyWithResources(build_py):
         for name in RESOURCE_DIRS:
             src = ROOT / name
             if not src.is_dir():
-                continue
+                # an sdist without them (see MANIFEST.in) built a wheel without recipes, failing only at run time
+                raise FileNotFoundError(f"{src} is missing: the package needs it at run time (MANIFEST.in grafts it "
+                                        "into the sdist)")
             dst = Path(self.build_lib) / "llmrec" / "_resources" / name
             if dst.exists():
                 shutil.rmtree(dst)

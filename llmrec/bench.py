@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llmrec.config import StoreOnce
+from llmrec.config import StoreOnce, int_at_least
 
 
 def _count_forwards(model):
@@ -202,9 +202,10 @@ def register_cli(subparsers) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--dataset", default="games-sample", help="prepared dir or sample name (test rows are used)")
-    d.add_argument("--rows", type=int, default=32)
-    d.add_argument("--beams", type=int, default=10)
-    d.add_argument("--batch-size", type=int, default=8)
+    # at least 1 at parse time: --rows 0 (or below) meant every test row to the row selection (3,343 x 3 contenders)
+    d.add_argument("--rows", type=int_at_least(1), default=32, help="test rows timed (seeded subset)")
+    d.add_argument("--beams", type=int_at_least(1), default=10)
+    d.add_argument("--batch-size", type=int_at_least(1), default=8)
     d.add_argument("--dtype", default="bfloat16")
     d.add_argument("--length-penalty", type=float, default=1.0)
     d.add_argument("--noun", default="video games")

@@ -74,34 +74,52 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_stages(args: argparse.Namespace, data_dir: Path, out: Path) -> tuple[Path, Path]:
-    """Latent SFT then latent GRPO with the shipped Games recipes, sized for a CPU; returns both output dirs."""
+def sft_config(args: argparse.Namespace, data_dir: Path, out: Path) -> LatentSFTConfig:
+    """The quickstart's latent SFT: the shipped Games recipe on ``--train-rows`` rows, sized for a CPU."""
     from llmrec.config import parse_config
     from llmrec.resources import resource_dir
-    from llmrec.training.grpo import LatentGRPOConfig, run_grpo
-    from llmrec.training.sft import LatentSFTConfig, run_sft
+    from llmrec.training.sft import LatentSFTConfig
 
-    recipes = resource_dir("recipes") / "games"
-    sft_dir, grpo_dir = out / "sft_latent", out / "grpo_latent"
-    print(f"== latent SFT ({args.train_rows} train rows, LoRA) -> {sft_dir}")
-    (sft,) = parse_config([LatentSFTConfig], recipes / "sft_latent.yaml", extra=dict(
+    # 128 rows at 16 a step are 8 steps: validated and saved at steps 4 and 8, so there are two checkpoints to
+    # choose from and a kill after step 4 resumes there (saved every 8, only the end was: a kill started over)
+    (sft,) = parse_config([LatentSFTConfig], resource_dir("recipes") / "games" / "sft_latent.yaml", extra=dict(
         dataset=str(data_dir), model_name_or_path=args.model, model_dtype=args.dtype,
         max_train_rows=args.train_rows, max_eval_rows=64, per_device_train_batch_size=8,
-        gradient_accumulation_steps=2, eval_steps=8, save_steps=8, logging_steps=4, output_dir=str(sft_dir),
-        seed=args.seed))
+        gradient_accumulation_steps=2, eval_steps=4, save_steps=4, logging_steps=4,
+        output_dir=str(out / "sft_latent"), seed=args.seed))
+    return sft
+
+
+def grpo_config(args: argparse.Namespace, data_dir: Path, out: Path) -> LatentGRPOConfig:
+    """The quickstart's latent GRPO from its SFT: the shipped Games recipe on ``--grpo-rows`` prompts."""
+    from llmrec.config import parse_config
+    from llmrec.resources import resource_dir
+    from llmrec.training.grpo import LatentGRPOConfig
+
+    (grpo,) = parse_config([LatentGRPOConfig], resource_dir("recipes") / "games" / "grpo_latent.yaml", extra=dict(
+        sft_checkpoint=str(out / "sft_latent"), dataset=str(data_dir), model_dtype=args.dtype,
+        max_train_rows=args.grpo_rows, per_device_train_batch_size=8, gradient_accumulation_steps=2, save_steps=4,
+        output_dir=str(out / "grpo_latent"), seed=args.seed))
+    return grpo
+
+
+def train_stages(args: argparse.Namespace, data_dir: Path, out: Path) -> tuple[Path, Path]:
+    """Latent SFT then latent GRPO with the shipped Games recipes, sized for a CPU; returns both output dirs."""
+    from llmrec.training.grpo import run_grpo
+    from llmrec.training.sft import run_sft
+
+    sft = sft_config(args, data_dir, out)
+    print(f"== latent SFT ({args.train_rows} train rows, LoRA) -> {sft.output_dir}")
     check_finished_sft(sft, data_dir)
     res = run_sft(sft)
     print(f"   steps {res['global_step']}, best eval loss {res['best_eval_loss']}")
-    print(f"== latent GRPO ({args.grpo_rows} prompts, head only) -> {grpo_dir}")
-    (grpo,) = parse_config([LatentGRPOConfig], recipes / "grpo_latent.yaml", extra=dict(
-        sft_checkpoint=str(sft_dir), dataset=str(data_dir), model_dtype=args.dtype, max_train_rows=args.grpo_rows,
-        per_device_train_batch_size=8, gradient_accumulation_steps=2, save_steps=4, output_dir=str(grpo_dir),
-        seed=args.seed))
+    grpo = grpo_config(args, data_dir, out)
+    print(f"== latent GRPO ({args.grpo_rows} prompts, head only) -> {grpo.output_dir}")
     check_finished_grpo(grpo, data_dir)
     res = run_grpo(grpo)
     last = res["log_history"][-1] if res["log_history"] else {}
     print(f"   steps {res['global_step']}, last reward {last.get('reward')}")
-    return sft_dir, grpo_dir
+    return Path(sft.output_dir), Path(grpo.output_dir)
 
 
 def check_finished_sft(cfg: LatentSFTConfig, data_dir: Path) -> None:

@@ -89,7 +89,9 @@ def test_bench_counts_below_their_bound_are_usage_errors(capsys):
                  ["grpo", "--group-size", "1"], ["grpo", "--warmup", "-1"],
                  ["latent-sft", "--exact-batches", "0"], ["latent-sft", "--num-batches", "0"],
                  ["latent-sft", "--steps", "0"], ["latent-sft", "--batch-size", "0"], ["latent-sft", "--lora-r", "0"],
-                 ["latent-sft", "--num-latent", "0"], ["latent-sft", "--threads", "-1"]):
+                 ["latent-sft", "--num-latent", "0"], ["latent-sft", "--threads", "-1"],
+                 ["decoding", "--rows", "0"], ["decoding", "--rows", "-3"], ["decoding", "--beams", "0"],
+                 ["decoding", "--batch-size", "0"]):  # decoding --rows 0 timed every test row
         with pytest.raises(SystemExit) as info:
             main(["bench", *argv, "--model", "tiny-qwen2"])
         err = capsys.readouterr().err

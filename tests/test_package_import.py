@@ -30,3 +30,23 @@ def test_wrapping_a_model_with_peft_prints_no_transformers_deprecation():
             "warnings.warn('another deprecation', FutureWarning)\n")
     out = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, check=True)
     assert "is_gradient_checkpointing" not in out.stderr and "another deprecation" in out.stderr
+
+
+def test_the_sdist_carries_every_prompt_and_recipe(tmp_path):
+    """setup.py copies prompts/ and recipes/ into the wheel; an sdist without them (no MANIFEST.in) built a wheel
+    without them, and `llmrec quickstart` failed at run time (a review)."""
+    import shutil
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and *.egg-info behind
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", "runs", "data", "benchmarks", "build", "dist",
+                                                             "*.egg-info", "__pycache__", ".*"))
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src, check=True,
+                   capture_output=True)
+    (tarball,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(tarball) as tar:
+        shipped = {"/".join(Path(n).parts[1:]) for n in tar.getnames()}
+    wanted = {str(p.relative_to(root)) for d in ("prompts", "recipes") for p in (root / d).rglob("*") if p.is_file()}
+    assert wanted and wanted <= shipped, sorted(wanted - shipped)[:5]

@@ -79,3 +79,20 @@ def test_quickstart_refuses_bad_counts_before_any_stage(tmp_path, capsys, flag, 
     assert main(["quickstart", "--dataset", str(tmp_path / "no-data"), "--model", "tiny-qwen2", flag, value,
                  "--output-dir", str(out)]) == 1
     assert f"{flag} must be >= " in capsys.readouterr().err and not out.exists()
+
+
+def test_the_default_sizes_validate_and_save_the_sft_before_its_last_step(tmp_path):
+    """At the default --train-rows the SFT took 8 steps and validated and saved every 8: one candidate for model
+    selection, and a kill before the end started the SFT over (the README promises a resume)."""
+    import math
+
+    from llmrec.cli import build_parser
+    from llmrec.quickstart import grpo_config, sft_config
+
+    args = build_parser().parse_args(["quickstart"])
+    sft = sft_config(args, tmp_path / "data", tmp_path / "qs")
+    steps = math.ceil(args.train_rows / (sft.per_device_train_batch_size * sft.gradient_accumulation_steps))
+    assert sft.load_best_model_at_end and steps % sft.save_steps == 0 and steps // sft.save_steps >= 2
+    assert sft.eval_steps == sft.save_steps  # every saved checkpoint is a validated candidate
+    grpo = grpo_config(args, tmp_path / "data", tmp_path / "qs")
+    assert grpo.sft_checkpoint == sft.output_dir
