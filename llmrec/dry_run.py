@@ -663,6 +663,9 @@ class AcceleratePlan:
     distributed_type: str = "NO"
     mixed_precision: str = "no"
     source: str = "no accelerate config: one process (plain `llmrec ...`)"
+    # The distributed type was set (a config file, --cpu, --multi_gpu, ...): accelerate launches a NO/--cpu plan as
+    # one process whatever --num_processes says, and promotes a process count to multi-GPU only when none was set.
+    type_fixed: bool = False
 
     @property
     def sharded(self) -> bool:
@@ -685,7 +688,9 @@ def _plan_from_file(path: str, label: str | None = None) -> AcceleratePlan:
     dist = getattr(cfg.distributed_type, "value", str(cfg.distributed_type))
     mp = getattr(cfg.mixed_precision, "value", str(cfg.mixed_precision or "no"))
     n = cfg.num_processes if cfg.num_processes and cfg.num_processes > 0 else 1
-    return AcceleratePlan(n, str(dist), str(mp), label or f"accelerate config {path}")
+    if str(dist) == "NO":
+        n = 1  # accelerate's simple launcher: one process, whatever num_processes the file holds
+    return AcceleratePlan(n, str(dist), str(mp), label or f"accelerate config {path}", type_fixed=True)
 
 
 def _plan_from_launch_command(command: str, recipe_label: str) -> AcceleratePlan:
@@ -707,16 +712,13 @@ def _plan_from_launch_command(command: str, recipe_label: str) -> AcceleratePlan
         i += 1
     label = f"the recipe's launch command ({recipe_label}: {command})"
     plan = _plan_from_file(str(opts["config_file"]), label) if "config_file" in opts else AcceleratePlan(source=label)
-    if opts.get("cpu"):
-        plan.distributed_type, plan.num_processes = "NO", 1
-    if opts.get("multi_gpu"):
-        plan.distributed_type = "MULTI_GPU"
-    if opts.get("use_fsdp"):
-        plan.distributed_type = "FSDP"
-    if opts.get("use_deepspeed"):
-        plan.distributed_type = "DEEPSPEED"
+    for flag, dist in (("cpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("use_fsdp", "FSDP"), ("use_deepspeed", "DEEPSPEED")):
+        if opts.get(flag):
+            plan.distributed_type, plan.type_fixed = dist, True
     if isinstance(opts.get("num_processes"), str):
         plan.num_processes = int(opts["num_processes"])
+    if opts.get("cpu") or plan.type_fixed and plan.distributed_type == "NO":
+        plan.num_processes = 1  # accelerate's simple launcher starts one process, whatever --num_processes says
     if isinstance(opts.get("mixed_precision"), str):
         plan.mixed_precision = str(opts["mixed_precision"])
     return plan
@@ -742,11 +744,15 @@ def resolve_accelerate_plan(accelerate_config: str | None = None, num_processes:
     else:
         launch = [c for c in _header_commands(recipe) if c.startswith("accelerate launch")]
         plan = _plan_from_launch_command(launch[0], _recipe_label(recipe)) if launch and recipe else AcceleratePlan()
-    if num_processes:
+    if num_processes and plan.type_fixed and plan.distributed_type == "NO":
+        # `accelerate launch --num_processes N` with this config (or --cpu) starts one process (simple launcher)
+        plan.source += (f", --num-processes {num_processes} ignored: accelerate launches distributed_type NO (or "
+                        f"--cpu) as one process; plan for N with a multi-process config such as recipes/accelerate/ddp.yaml")
+    elif num_processes:
         plan.num_processes = int(num_processes)
         plan.source += f", --num-processes {num_processes}"
-    if plan.num_processes > 1 and plan.distributed_type == "NO":
-        plan.distributed_type = "MULTI_GPU"
+    if plan.num_processes > 1 and plan.distributed_type == "NO" and not plan.type_fixed:
+        plan.distributed_type = "MULTI_GPU"  # as accelerate does with no type set, on a machine with the GPUs
     return plan
 
 

@@ -458,6 +458,20 @@ def test_accelerate_plan_sources(monkeypatch, capsys):
     assert (plan.num_processes, plan.distributed_type, plan.mixed_precision) == (1, "NO", "bf16")
     plan = resolve_accelerate_plan("recipes/accelerate/ddp.yaml", num_processes=8)
     assert (plan.num_processes, plan.distributed_type) == (8, "MULTI_GPU")
+    # accelerate launches a NO config or --cpu as one process whatever --num_processes says (simple launcher): the
+    # plan said 2 MULTI_GPU processes, halving the steps
+    plan = resolve_accelerate_plan("recipes/accelerate/single_gpu.yaml", num_processes=2)
+    assert (plan.num_processes, plan.distributed_type) == (1, "NO") and "--num-processes 2 ignored" in plan.source
+    from llmrec.dry_run import _plan_from_launch_command
+
+    for command in ("accelerate launch --cpu --num_processes 2 -m llmrec.cli sft",
+                    "accelerate launch --num_processes 2 --cpu -m llmrec.cli sft"):
+        plan = _plan_from_launch_command(command, "r")
+        assert (plan.num_processes, plan.distributed_type) == (1, "NO"), command
+    plan = _plan_from_launch_command("accelerate launch --multi_gpu --num_processes 2 -m llmrec.cli sft", "r")
+    assert (plan.num_processes, plan.distributed_type) == (2, "MULTI_GPU")
+    plan = resolve_accelerate_plan(num_processes=2)  # no type set: accelerate's promotion on a multi-GPU machine
+    assert (plan.num_processes, plan.distributed_type) == (2, "MULTI_GPU")
     assert resolve_accelerate_plan().source.startswith("no accelerate config")
     code, out = dry(["sft", "--config", "recipes/gpu/sft_latent_full.yaml", "--accelerate-config",
                      "recipes/accelerate/single_gpu.yaml", "--gradient_accumulation_steps", "32"], capsys)
