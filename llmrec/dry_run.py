@@ -1168,7 +1168,9 @@ def _dataset_directory(dataset: str) -> Path:
     return sample_cache_dir(dataset) if dataset in SAMPLES and not Path(dataset).exists() else Path(dataset)
 
 
-def _check_seqrec_run(report: DryRunReport, run: Path, dataset: str | None) -> int | None:
+def _check_seqrec_run(report: DryRunReport, run: Path, dataset: str | None,
+                      section: str = "ID model (method seqrec: full ranking by a `llmrec seqrec train` run)",
+                      label: str = "ID-model run") -> int | None:
     """Check the ``llmrec seqrec train`` run that ``evaluate --method seqrec`` ranks with, as the evaluator loads it
     (:func:`~llmrec.decoding.guidance.load_guidance_model`): its results.json config, the selected weights' tensor
     names and shapes against the model that config builds (on the meta device: the header is read, no tensor), and
@@ -1180,7 +1182,7 @@ def _check_seqrec_run(report: DryRunReport, run: Path, dataset: str | None) -> i
     from llmrec.seqrec.config import SeqRecConfig
     from llmrec.seqrec.models import backbone_of, build_model
 
-    report.section("ID model (method seqrec: full ranking by a `llmrec seqrec train` run)")
+    report.section(section)
     report.item("checkpoint", str(run))
     results_path = run / "results.json"
     if not results_path.is_file():
@@ -1188,7 +1190,7 @@ def _check_seqrec_run(report: DryRunReport, run: Path, dataset: str | None) -> i
                                f"llmrec seqrec train --config recipes/seqrec/sasrec_games.yaml --dataset_dir "
                                f"{dataset} --output_dir {run}")
         state = "directory not found" if not run.is_dir() else "no results.json: the run has not finished"
-        report.missing_input(f"ID-model run {run} ({state})", fix)
+        report.missing_input(f"{label} {run} ({state})", fix)
         return None
     try:
         results = _read_json(results_path)
@@ -1279,15 +1281,16 @@ def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, rep
     if config.method == "seqrec":
         seqrec_items = _check_seqrec_run(report, Path(config.checkpoint), config.dataset)
     if config.method == "beam" and config.guidance_checkpoint:
-        report.section("D3 guidance")
         g = Path(config.guidance_checkpoint)
-        report.item("guidance", f"{g} (weight {config.guidance_weight:g})" if config.guided else f"{g} (weight 0: off)")
-        if not (g / "results.json").exists():
-            fix = _command_for_run(str(g), ("sasrec", "rearec", "lares"),
-                                   f"llmrec seqrec train --config recipes/seqrec/sasrec_games.yaml "
-                                   f"--dataset_dir {config.dataset} --output_dir {g}")
-            report.missing_input(f"guidance run {g} ({'directory not found' if not g.is_dir() else 'no results.json'})",
-                                 fix)
+        if config.guided:
+            # the checks the evaluator's load makes (config, weights, the catalogue it was trained on): an ID model
+            # of another catalogue was READY here and refused by the run
+            _check_seqrec_run(report, g, config.dataset,
+                              section=f"D3 guidance (weight {config.guidance_weight:g}: the ID model's run)",
+                              label="guidance run")
+        else:
+            report.section("D3 guidance")
+            report.item("guidance", f"{g} (weight 0: off, the run does not read it)")
     if config.method == "beam":
         name = str(config.checkpoint) if kind == "full" else config.model_name_or_path
         if kind == "adapter":

@@ -772,3 +772,24 @@ def test_an_output_dir_the_run_would_refuse_to_resume_or_skip_is_an_error(sft_ch
     assert code == EXIT_INVALID and "checkpoint-2 was trained with learning_rate=5e-05 (asked: 0.0001)" in out_text
     code, out_text = dry(argv + ["--num-processes", "2"], capsys)  # and the global batch over the planned processes
     assert code == EXIT_INVALID and "global_train_batch_size=8 (asked: 16)" in out_text, out_text
+
+
+def test_d3_guidance_run_gets_the_checks_the_evaluator_makes(prepared_dir, tmp_path, capsys):
+    """A guidance run trained on another catalogue was READY (only its results.json was looked for) and the run
+    refused it; with guidance_weight 0 the run never reads it, yet the dry run demanded it (a review)."""
+    from tests.conftest import train_tiny_sasrec, write_prepared
+
+    other = write_prepared(tmp_path / "other", n_items=25)
+    run = train_tiny_sasrec(other, tmp_path / "sasrec")
+    argv = ["evaluate", "--dataset", str(prepared_dir), "--model_name_or_path", "tiny-qwen2", "--dtype", "float32",
+            "--history_length", "3", "--num_beams", "2", "--ks", "1", "2", "--length_penalty", "0.0",
+            "--output_dir", str(tmp_path / "ev")]
+    code, out = dry([*argv, "--guidance_checkpoint", str(run), "--guidance_weight", "1.0"], capsys)
+    assert code == EXIT_INVALID and "D3 guidance (weight 1" in out and "has 30" in out, out
+    code, out = dry([*argv, "--guidance_checkpoint", str(tmp_path / "nowhere"), "--guidance_weight", "0"], capsys)
+    assert code == EXIT_READY and "weight 0: off, the run does not read it" in out, out
+    code, out = dry([*argv, "--guidance_checkpoint", str(tmp_path / "nowhere"), "--guidance_weight", "1.0"], capsys)
+    assert code == EXIT_MISSING and "MISSING guidance run" in out, out
+    good = train_tiny_sasrec(prepared_dir, tmp_path / "sasrec_here")
+    code, out = dry([*argv, "--guidance_checkpoint", str(good), "--guidance_weight", "1.0"], capsys)
+    assert code == EXIT_READY and "model: sasrec (ID model)" in out, out
