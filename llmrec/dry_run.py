@@ -773,9 +773,12 @@ def _report_plan(report: DryRunReport, plan: AcceleratePlan) -> None:
                     f"(here the same launch would run {here})")
 
 
-def trainer_steps_per_epoch(rows: int, per_device: int, world: int, grad_accum: int) -> int:
-    """Optimiser steps of one epoch under ``transformers.Trainer`` + accelerate (the last partial step counts)."""
-    batches = math.ceil(math.ceil(rows / per_device) / world)
+def trainer_steps_per_epoch(rows: int, per_device: int, world: int, grad_accum: int, drop_last: bool = False) -> int:
+    """Optimiser steps of one epoch under ``transformers.Trainer`` + accelerate (the last partial step counts).
+
+    ``drop_last`` (``dataloader_drop_last``): the short last batch is dropped, then what does not fill a batch on
+    every process (it counted as a step: 33 rows, batch 4, accumulation 8 made 1 step, not 2)."""
+    batches = (rows // per_device) // world if drop_last else math.ceil(math.ceil(rows / per_device) / world)
     return max(1, batches // grad_accum + int(batches % grad_accum > 0))
 
 
@@ -911,7 +914,7 @@ def dry_run_sft(config: Any, plan: AcceleratePlan, recipe: Path | None, report: 
     total = None
     if train_rows is not None:
         used = min(train_rows, config.max_train_rows) if config.max_train_rows else train_rows
-        steps = trainer_steps_per_epoch(used, per, world, ga)
+        steps = trainer_steps_per_epoch(used, per, world, ga, config.dataloader_drop_last)
         total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps)
         report.item("steps per epoch", f"{steps:,} ({used:,} training rows)")
         report.item("total steps", f"{total:,}" + (" (max_steps)" if config.max_steps > 0
@@ -919,15 +922,22 @@ def dry_run_sft(config: Any, plan: AcceleratePlan, recipe: Path | None, report: 
     else:
         report.item("steps per epoch", "unknown until the dataset is prepared")
     report.item("warmup", _warmup(config.warmup_steps, total))
-    if config.eval_split:
+    strategy = str(getattr(config.eval_strategy, "value", config.eval_strategy))
+    if config.eval_split and strategy == "no":
+        report.item("validation loss", f"none (eval_strategy: no: the {config.eval_split} rows are never evaluated)")
+    elif config.eval_split:
         eval_rows = (rows or {}).get(config.eval_split)
         if eval_rows is not None and config.max_eval_rows:
             eval_rows = min(eval_rows, config.max_eval_rows)
-        strategy = str(getattr(config.eval_strategy, "value", config.eval_strategy))
         when = "each epoch" if strategy == "epoch" else f"every {config.eval_steps:g} steps"
+        # as run_sft: early stopping whenever there are validation rows and a patience (load_best_model_at_end only
+        # decides which weights are kept at the end)
         stop = (f"; early stopping after {config.early_stopping_patience} evaluation(s) without a better eval_loss"
-                if config.early_stopping_patience and config.load_best_model_at_end else "")
-        report.item("validation loss", f"{when} on {f'{eval_rows:,} ' if eval_rows else ''}{config.eval_split} rows{stop}")
+                if config.early_stopping_patience > 0 else "")
+        keep = "; the best checkpoint is loaded at the end" if config.load_best_model_at_end else \
+            "; the last weights are kept (load_best_model_at_end: false)"
+        report.item("validation loss", f"{when} on {f'{eval_rows:,} ' if eval_rows else ''}{config.eval_split} rows"
+                    f"{stop}{keep}")
     from llmrec.training.finished_runs import (
         dataset_dir_or_none,
         finished_sft_differences,
@@ -1139,7 +1149,14 @@ def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report:
     else:
         report.item("steps per epoch", "unknown until the dataset is prepared" if not config.exclude_sft_rows
                     else "unknown until the dataset is prepared and the SFT's train rows are known")
-    report.item("warmup", _warmup(config.warmup_steps, total))
+    ni = config.num_iterations
+    if ni > 1:  # the scheduler counts optimiser updates, num_iterations per scored batch (a "step")
+        updates = config.get_warmup_steps(total * ni) if total else (int(config.warmup_steps)
+                                                                     if config.warmup_steps >= 1 else None)
+        report.item("warmup", (f"{updates:,} optimiser updates ({ni} per step)" if updates is not None else
+                               f"{config.warmup_steps:g} of the run's optimiser updates ({ni} per step)"))
+    else:
+        report.item("warmup", _warmup(config.warmup_steps, total))
     if config.eval_rows > 0:
         held = (rows or {}).get(config.eval_split)
         report.item("held-out check", f"{min(config.eval_rows, held) if held is not None else config.eval_rows:,} "

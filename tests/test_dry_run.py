@@ -5,6 +5,7 @@ the command that makes them, config errors stay errors, and nothing is written. 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -793,3 +794,25 @@ def test_d3_guidance_run_gets_the_checks_the_evaluator_makes(prepared_dir, tmp_p
     good = train_tiny_sasrec(prepared_dir, tmp_path / "sasrec_here")
     code, out = dry([*argv, "--guidance_checkpoint", str(good), "--guidance_weight", "1.0"], capsys)
     assert code == EXIT_READY and "model: sasrec (ID model)" in out, out
+
+
+def test_sft_validation_drop_last_and_grpo_warmup_lines_say_what_the_run_does(sft_checkpoint, prepared_dir,
+                                                                               tmp_path, capsys):
+    """A review: eval_strategy no still printed "every N steps"; early stopping was left out without
+    load_best_model_at_end (run_sft stops early anyway); dataloader_drop_last counted the dropped batch as a step;
+    GRPO's warmup with num_iterations 2 was printed in steps but counts optimiser updates."""
+    base = ["sft"] + sft_args(prepared_dir, tmp_path / "out", eval_split="valid")
+    code, out = dry(base, capsys)  # sft_args: eval_strategy no
+    assert code == EXIT_READY and "validation loss: none (eval_strategy: no" in out, out
+    stepped = ["sft"] + sft_args(prepared_dir, tmp_path / "out", eval_split="valid", eval_strategy="steps",
+                                 eval_steps="1", early_stopping_patience="2")
+    code, out = dry(stepped, capsys)
+    assert "early stopping after 2 evaluation(s)" in out and "the last weights are kept" in out, out
+    train_rows = json.loads((prepared_dir / "stats.json").read_text())["rows"]["train"]
+    code, out = dry(base + ["--dataloader_drop_last", "true"], capsys)
+    assert number(out, "steps per epoch") == max(1, math.ceil((train_rows // 2) / 3))
+    assert trainer_steps_per_epoch(33, 4, 1, 8, drop_last=True) == 1  # 8 full batches: one step, not two
+    assert trainer_steps_per_epoch(33, 4, 1, 8) == 2
+    code, out = dry(_grpo_argv(sft_checkpoint, tmp_path / "grpo", "--gradient_accumulation_steps", "1",
+                               "--num_iterations", "2", "--warmup_steps", "10"), capsys)
+    assert "warmup: 10 optimiser updates (2 per step)" in out, out
