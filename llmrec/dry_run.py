@@ -843,14 +843,25 @@ def _model_section(report: DryRunReport, name: str, dtype: str, embedding_rows: 
     tokens' rows are worked out from the tokenizer when it is available offline.
     """
     report.section("model (meta device: shapes only, no weights loaded)")
-    report.item("model", f"{name} in {dtype}")
     try:
         arch = resolve_architecture(name)
     except (ValueError, OSError, RuntimeError) as e:  # a bad GGUF checksum, a corrupt cached config.json, ...
+        report.item("model", f"{name} in {dtype}")
         report.error(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
         return None
-    _report_architecture(report, arch)
     cfg = arch.config.get_text_config() if hasattr(arch.config, "get_text_config") else arch.config
+    if str(dtype) == "auto":
+        # the dtype the weights are stored in, as from_pretrained(dtype="auto") loads them: float32 for the built-in
+        # aliases (their converted copies) and tiny models, else the config's (float32 when it records none); it was
+        # sized as bfloat16, half the float32 weights the run loads
+        from llmrec.models.backbone import known_aliases
+
+        stored = None if name in known_aliases() else (getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None))
+        dtype = str(stored).removeprefix("torch.") if stored is not None and str(stored) != "auto" else "float32"
+        report.item("model", f"{name} in auto = {dtype} (the stored weights' dtype)")
+    else:
+        report.item("model", f"{name} in {dtype}")
+    _report_architecture(report, arch)
     if embedding_rows is not None:
         extra = max(0, embedding_rows - cfg.vocab_size)
     elif Path(name).is_dir() and (Path(name) / "config.json").exists() and (Path(name) / "llmrec_config.json").exists():

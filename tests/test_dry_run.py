@@ -816,3 +816,25 @@ def test_sft_validation_drop_last_and_grpo_warmup_lines_say_what_the_run_does(sf
     code, out = dry(_grpo_argv(sft_checkpoint, tmp_path / "grpo", "--gradient_accumulation_steps", "1",
                                "--num_iterations", "2", "--warmup_steps", "10"), capsys)
     assert "warmup: 10 optimiser updates (2 per step)" in out, out
+
+
+def test_dtype_auto_is_sized_in_the_stored_dtype(prepared_dir, tmp_path, capsys):
+    """dtype auto loads the weights in the dtype they are stored in; the dry run sized them as bfloat16 (a review:
+    ~0.3 GB for SmolLM2's ~0.5 GB of float32 weights)."""
+    from llmrec.models.backbone import load_backbone
+
+    for stored in ("float32", "bfloat16"):
+        lm, tok = load_backbone("tiny-llama", dtype=stored)
+        lm.save_pretrained(tmp_path / stored)
+        tok.save_pretrained(tmp_path / stored)
+        lines = {}
+        for dtype in (stored, "auto"):
+            code, out = dry(["evaluate", "--dataset", str(prepared_dir), "--model_name_or_path", str(tmp_path / stored),
+                             "--dtype", dtype, "--output_dir", str(tmp_path / "ev"), "--ks", "1", "--num_beams", "2"],
+                            capsys)
+            lines[dtype] = [line for line in out.splitlines() if "memory per process" in line]
+        assert lines["auto"] == lines[stored], lines
+        assert f"in auto = {stored} (the stored weights' dtype)" in out
+    code, out = dry(["evaluate", "--dataset", str(prepared_dir), "--model_name_or_path", "tiny-qwen2", "--dtype", "auto",
+                     "--output_dir", str(tmp_path / "ev"), "--ks", "1", "--num_beams", "2"], capsys)
+    assert "tiny-qwen2 in auto = float32" in out
