@@ -564,7 +564,11 @@ def count_parameters(
     if quantized_4bit:
         linear = sum(m.weight.numel() for n, m in model.named_modules()
                      if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
-        weight_bytes -= int(linear * (elem - 0.5))
+        # bitsandbytes holds the decoder's linear weights in 4 bits; QLoRA's prepare_model_for_kbit_training upcasts
+        # every other parameter (embeddings, norms, biases, an untied lm_head) to float32: they were sized in the
+        # model dtype (~30% under for Qwen2.5-1.5B in bfloat16)
+        elem = 4
+        weight_bytes = int(linear * 0.5) + (parts["base LM"] - linear) * elem
     hidden = config.get_text_config().hidden_size if hasattr(config, "get_text_config") else config.hidden_size
     tied = bool(getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                         "tie_word_embeddings", False))
@@ -875,6 +879,12 @@ def _model_section(report: DryRunReport, name: str, dtype: str, embedding_rows: 
         return None
 
 
+def _lora_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA settings an SFT checkpoint's llmrec_config.json records (for the adapter's size)."""
+    return {"r": meta.get("lora_r", 8), "lora_alpha": meta.get("lora_alpha", 16),
+            "lora_dropout": meta.get("lora_dropout", 0.0), "target_modules": meta.get("lora_target_modules")}
+
+
 def _check_qlora(report: DryRunReport, compute_dtype: Any) -> None:
     """A 4-bit base needs bitsandbytes and a named compute dtype: the setting the run builds, checked as it is
     (the run refuses either when it loads the model; the dry run said READY)."""
@@ -1109,18 +1119,22 @@ def dry_run_grpo(config: Any, plan: AcceleratePlan, recipe: Path | None, report:
         base = _adapter_base(report, ckpt, config.model_name_or_path)
     model_name = str(ckpt) if kind == "full" else base
     lora = None
+    # a QLoRA adapter stays unmerged on its 4-bit base (load_sft_checkpoint): its LoRA layers are part of the model
+    qlora = kind == "adapter" and meta.get("finetune") == "qlora"
     if config.train_lora:
         if kind == "full" or meta.get("finetune") == "full":
             report.error(f"train_lora: {ckpt} is not a LoRA checkpoint")
         elif meta:
-            lora = {"r": meta.get("lora_r", 8), "lora_alpha": meta.get("lora_alpha", 16),
-                    "lora_dropout": meta.get("lora_dropout", 0.0), "target_modules": meta.get("lora_target_modules")}
+            lora = _lora_from_meta(meta)
         else:
             report.note("train_lora: the adapter's size is known once the SFT checkpoint exists")
+    elif qlora:
+        lora = _lora_from_meta(meta)
     counts = None
     if model_name:
         counts = _model_section(report, model_name, config.model_dtype, embedding_rows=_recorded_rows(kind, meta),
-                                lora=lora, latent=latent, train_lm=False, train_lora=bool(lora), train_head=True)
+                                lora=lora, latent=latent, train_lm=False, train_lora=bool(lora) and config.train_lora,
+                                train_head=True, quantized_4bit=qlora)
     else:
         report.section("model (meta device: shapes only, no weights loaded)")
         report.error("no base model: set model_name_or_path (or run the SFT stage so its checkpoint records it)")
@@ -1323,8 +1337,9 @@ def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, rep
         name = str(config.checkpoint) if kind == "full" else config.model_name_or_path
         if kind == "adapter":
             name = _adapter_base(report, Path(config.checkpoint), config.model_name_or_path)
+        qlora = kind == "adapter" and meta.get("finetune") == "qlora"  # unmerged on its 4-bit base, as trained
         counts = _model_section(report, name, config.dtype, embedding_rows=_recorded_rows(kind, meta), latent=latent,
-                                train_head=False)
+                                train_head=False, lora=_lora_from_meta(meta) if qlora else None, quantized_4bit=qlora)
         if counts is not None:
             _report_counts(report, counts, training=False)
     _report_plan(report, plan)
