@@ -1317,6 +1317,8 @@ def grid_edge(chosen: float, grid: list[float]) -> str | None:
 
 def report_markdown(result: dict, command: str = "") -> str:
     """The report as Markdown: protocol line, metrics table, differences table, missing methods."""
+    from llmrec.evaluation.metrics import SEED_ROW_COVERAGE_NOTE
+
     p = result["protocol"]
     text = (f"{p['test_rows']} test rows of {p['dataset']} (the same rows, seed {p['row_seed']}, for every method), "
             "item-level matching, items missing from a list count as misses.")
@@ -1384,7 +1386,7 @@ def report_markdown(result: dict, command: str = "") -> str:
     lines += ["", "Differences (paired bootstrap 95% intervals over the test rows, on the seeds both methods have, "
               "per-row metrics averaged over those seeds first: these trained models on other rows; with 2 or more "
               "seeds, \"seeds+rows\" counts the seeds' spread too, seed s paired with seed s (crossed random effects, t with "
-              "Satterthwaite df): other training runs as well. "
+              f"Satterthwaite df; {SEED_ROW_COVERAGE_NOTE}): other training runs as well. "
               "The best ID model is the one with the highest mean validation NDCG@10, never chosen on the test "
               "rows):", "", "| difference | seeds | NDCG@10 diff [95% CI] | rel. | NDCG@10 seeds+rows [95% CI] | "
               "HR@10 diff [95% CI] |", "|---|---|---|---|---|---|"]

@@ -20,6 +20,7 @@ import numpy as np
 
 from llmrec.evaluation.metrics import (
     METRIC_NAMES,
+    SEED_ROW_COVERAGE_NOTE,
     paired_bootstrap_ci,
     per_row_metrics,
     rows_for_power,
@@ -294,7 +295,7 @@ def comparison_table(result: dict) -> str:
         "; differences to the first run with paired bootstrap 95% intervals" + (
         " over rows (these trained models on other rows) and, after \"seeds+rows\", over seeds and rows (seed i "
         "paired with the first run's seed i; crossed random effects, t with Satterthwaite df: other training runs "
-        "too)" if any(
+        f"too; {SEED_ROW_COVERAGE_NOTE})" if any(
             "ci95_seeds_rows" in d for ds in result["differences"].values() for d in ds) else "") + ".\n"
     if result.get("labels"):
         text += "\nRuns:\n\n" + "".join(

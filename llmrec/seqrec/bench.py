@@ -28,6 +28,7 @@ import torch
 
 from llmrec.data.canonical import atomic_write_json, atomic_write_text
 from llmrec.distributed import distributed_state
+from llmrec.evaluation.metrics import SEED_ROW_COVERAGE_NOTE
 
 logger = logging.getLogger(__name__)
 
@@ -499,7 +500,8 @@ def benchmark_table(summary: dict[str, dict[str, float]], title: str, baseline: 
     return "\n".join(lines) + "\n" + (f"\nDifferences: paired bootstrap over the {rows.pop()} test rows, each row's "
                                       "metrics averaged over the seeds both models have (these trained models); "
                                       "seeds+rows: the spread between seeds counted too (seed s paired with seed s; "
-                                      "llmrec.evaluation.metrics.seed_row_ci).\n" if len(rows) == 1 else "") + \
+                                      f"llmrec.evaluation.metrics.seed_row_ci; {SEED_ROW_COVERAGE_NOTE}).\n"
+                                      if len(rows) == 1 else "") + \
         ("\nTimings (s/epoch, ms/row): only over the runs made with this invocation's torch threads, eval batch size "
          "and processes (\"k of n runs\"; -: none), which change them; the metrics are over all seeds.\n"
          if partly else "")
