@@ -161,10 +161,14 @@ class SeqRecConfig:
     num_threads: int = _f(0, "torch intra-op threads per process (0 = torch's default)")
     # ReaRec
     reason_steps: int = _f(2, "ReaRec: reasoning steps K (same in training and inference)")
-    kl_weight: float = _f(0.05, "ERL: weight lambda of the KL diversity term (subtracted)")
-    kl_cap: float = _f(1.0, "ERL: cap on the per-row mean pairwise KL (0 = unbounded)")
+    kl_weight: float = _f(0.05, "ERL: weight lambda of the KL diversity term (subtracted); the term is the mean over "
+                          "ordered step pairs of KL(p_j || sg p_i), as the ReaRec code, which at K=2 is ~1/3 of the "
+                          "paper's sum over pairs (its gradient ~1/6): lambda here ~ 3x the paper's by value")
+    kl_cap: float = _f(1.0, "ERL: cap on the per-row mean pairwise KL, above which a row's KL has no gradient "
+                       "(ours, neither the paper's nor the code's: the subtracted term is unbounded; 0 = no cap)")
+    pl_weight: float = _f(1.0, "PRL: weight of the mean CE of the earlier steps (the code's form; the paper sums "
+                          "every step's CE: pl_weight = K gives the paper's loss)")
     pta_alpha: float = _f(5.0, "PRL: temperature annealing alpha >= 1 (step k at tau*alpha^(K-k))")
-    pl_weight: float = _f(1.0, "PRL: weight of the mean CE of the earlier steps")
     cl_weight: float = _f(1.0, "PRL: weight of the reasoning-aware contrastive loss")
     noise_std: float = _f(0.01, "PRL: std of the Gaussian noise on reasoning tokens of the noisy view (0: no noisy "
                                 "view and no contrastive term; cl_weight then unused)")
@@ -187,7 +191,9 @@ class SeqRecConfig:
     )
     state_std: float = _f(1.0, "LARES: initial-state truncated-normal std")
     state_scale: float = _f(3.0, "LARES: initial-state scale omega")
-    fuse: str = _f("add", "LARES: add (average) | concat | linear")
+    fuse: str = _f("add", "LARES: how the core's input joins the state T and the pre-block's H: add (their average) | "
+                   "concat (a linear map of [T, H]) | linear (sigmoid(g) T + (1 - sigmoid(g)) H with a learned gate g "
+                   "per dimension; the LARES code's gate is one scalar)")
     tla_weight: float = _f(0.1, "LARES SPT: trajectory-level alignment weight alpha")
     sla_weight: float = _f(0.5, "LARES SPT: step-level alignment weight gamma")
     align_tau: float = _f(1.0, "LARES SPT: alignment NCE temperature")
