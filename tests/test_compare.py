@@ -287,3 +287,19 @@ def test_the_power_table_says_it_sizes_the_rows_only_interval_when_seeds_are_ave
     assert "for the rows-only interval with these 2 seeds per row" in two_seeds
     one_seed = comparison_table(compare_runs(runs[:2], ["ndcg@10"], power_rel=[0.5]))
     assert "rows-only interval" not in one_seed and "Rows a paired comparison would need" in one_seed
+
+
+def test_a_difference_on_a_few_rows_says_how_many(tmp_path):
+    """Two runs differing on 2 of 60 rows: the bootstrap interval over 2 rows covers ~86% (a review); the cell says
+    how many rows differ and the text what that means. Many differing rows: no such remark."""
+    base = [None] * 60
+    few = list(base)
+    few[3], few[7] = 0, 2
+    res = compare_runs([_run(tmp_path / "a", base), _run(tmp_path / "b", few)], metrics=["ndcg@10"])
+    assert res["differences"]["ndcg@10"][0]["rows_differing"] == 2
+    text = comparison_table(res)
+    assert "; 2 row(s) differ)" in text and "Where fewer than 10 rows differ" in text
+    many = [0 if i % 2 else None for i in range(60)]
+    res = compare_runs([_run(tmp_path / "c", base), _run(tmp_path / "d", many)], metrics=["ndcg@10"])
+    assert res["differences"]["ndcg@10"][0]["rows_differing"] == 30
+    assert "row(s) differ" not in comparison_table(res)
