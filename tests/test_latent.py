@@ -278,7 +278,12 @@ def test_efficient_forward_equals_naive_logits_and_grads(kind, n, naive_side, he
     g_nai = _grads(w)
 
     assert torch.equal(eff.labels[eff.labels != IGNORE_INDEX], nai.labels[nai.labels != IGNORE_INDEX])
-    a, b = eff.logits[eff.labels != IGNORE_INDEX], nai.logits[nai.labels != IGNORE_INDEX]
+    # the naive loss builds the scored positions' logits only; laid out in full they are the same, as is the loss
+    a, b = eff.logits[eff.labels != IGNORE_INDEX], nai.scored_logits
+    with torch.no_grad():
+        full = w.forward_naive(x, am, lab)
+    assert nai.logits is None and torch.equal(full.logits[full.labels != IGNORE_INDEX], full.scored_logits)
+    torch.testing.assert_close(completion_cross_entropy(full.logits, full.labels), nai.loss, rtol=0, atol=1e-6)
     assert a.shape[0] == int(cm.sum())
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     torch.testing.assert_close(eff.loss, nai.loss, rtol=0, atol=1e-5)

@@ -466,13 +466,16 @@ class LatentLMOutput:
             (the naive form does not project them: zeros).
         latents: ``[B, N, H]`` pooled latent vectors in the head's dtype (noise included), ``None`` for N=0.
         latent_hidden_states: ``[B, N, H]`` final-layer hidden states at the latent positions.
+        scored_logits: naive form only, ``[S, V]``: the logits of the scored positions alone (``labels != -100``,
+            row by row), what ``logits[labels != -100]`` holds; with ``full_logits=False`` the only logits built.
         loss: filled by :meth:`LatentReasoningLM.loss`.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     labels: torch.Tensor
     latents: torch.Tensor | None = None
     latent_hidden_states: torch.Tensor | None = None
+    scored_logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
 
 
@@ -821,6 +824,7 @@ class LatentReasoningLM(nn.Module):
         labels: torch.Tensor | None = None,
         *,
         latent_noise: torch.Tensor | None = None,
+        full_logits: bool = True,
     ) -> LatentLMOutput:
         """The paper's reference computation: N+1 LM passes over the whole sequence.
 
@@ -829,6 +833,9 @@ class LatentReasoningLM(nn.Module):
                 right-padded (see :func:`build_naive_inputs`).
             labels: ``[B, L]`` targets, -100 on prompt, latents and padding. Default (N >= 1): the real
                 tokens after the last latent. Required for N = 0.
+            full_logits: also lay the scored logits out as ``[B, L-1, V]`` (``logits``); False leaves ``logits``
+                None and only ``scored_logits`` built (the loss and GRPO's naive form read those: filling and
+                reading back the full buffer cost ~70 ms per SmolLM2 row, ~2% of a naive GRPO step, a review).
 
         Pass i (i = 1..N) runs the LM with latents 1..i-1 already substituted, pools latent i with the
         query at the column right before it, and substitutes it; the last pass gives the logits.
@@ -863,13 +870,16 @@ class LatentReasoningLM(nn.Module):
         shifted = labels[:, 1:]
         scored = shifted != IGNORE_INDEX
         projected = self._lm_head(hidden[:, :-1][scored])
-        logits = projected.new_zeros(b, length - 1, projected.shape[-1])
-        logits[scored] = projected
+        logits = None
+        if full_logits:
+            logits = projected.new_zeros(b, length - 1, projected.shape[-1])
+            logits[scored] = projected
         return LatentLMOutput(
             logits=logits,
             labels=shifted,
             latents=torch.stack(latents, dim=1) if latents else None,
             latent_hidden_states=latent_hidden,
+            scored_logits=projected,
         )
 
     # -- loss
@@ -897,7 +907,10 @@ class LatentReasoningLM(nn.Module):
         if input_ids is not None:
             if prompt_input_ids is not None:
                 raise ValueError("pass either the prompt/completion tensors or input_ids, not both")
-            out = self.forward_naive(input_ids, attention_mask, labels, latent_noise=latent_noise)
+            out = self.forward_naive(input_ids, attention_mask, labels, latent_noise=latent_noise, full_logits=False)
+            scored = out.labels != IGNORE_INDEX  # the same tokens, the same mean, without the [B, L-1, V] buffer
+            out.loss = completion_cross_entropy(out.scored_logits[None], out.labels[scored][None], reduction)
+            return out
         else:
             if prompt_input_ids is None or completion_input_ids is None:
                 raise ValueError("loss needs prompt and completion tensors (or input_ids for the naive form)")

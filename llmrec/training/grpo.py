@@ -758,12 +758,16 @@ class LatentGRPOModule(nn.Module):
             hi = min(lo + step, x.shape[0])
             full = torch.zeros(hi - lo, n, lm.lm_config.hidden_size, device=x.device)
             full[:, -1] = noise[lo:hi].to(full.dtype)
-            out = lm.forward_naive(x[lo:hi], am[lo:hi], lab[lo:hi], latent_noise=full)
+            # only the scored rows' logits (the full [rows, L-1, V] buffer was filled and read back: ~2% of a step)
+            out = lm.forward_naive(x[lo:hi], am[lo:hi], lab[lo:hi], latent_noise=full, full_logits=False)
+            at = 0
             for j in range(hi - lo):
                 labels = out.labels[j]
                 keep = labels != -100
-                own = None if nodes is None else nodes[lo + j, : int(keep.sum())][None]
-                lp = self._logprobs(out.logits[j : j + 1, keep], labels[keep][None], temperature, own)[0]
+                count = int(keep.sum())
+                own = None if nodes is None else nodes[lo + j, :count][None]
+                lp = self._logprobs(out.scored_logits[None, at:at + count], labels[keep][None], temperature, own)[0]
+                at += count
                 row = torch.zeros(c_ids.shape[1], device=lp.device, dtype=lp.dtype)
                 row[: lp.shape[0]] = lp
                 rows.append(row)
