@@ -935,6 +935,13 @@ def dry_run_sft(config: Any, plan: AcceleratePlan, recipe: Path | None, report: 
     total = None
     if train_rows is not None:
         used = min(train_rows, config.max_train_rows) if config.max_train_rows else train_rows
+        from llmrec.config import ConfigError
+        from llmrec.training.sft import refuse_layout_dependent_drop_last
+
+        try:  # the run counts the rows kept (a row without history is skipped): checked on the rows drawn here
+            refuse_layout_dependent_drop_last(config, used, world)
+        except ConfigError as e:
+            report.error(str(e))
         steps = trainer_steps_per_epoch(used, per, world, ga, config.dataloader_drop_last)
         total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * steps)
         report.item("steps per epoch", f"{steps:,} ({used:,} training rows)")

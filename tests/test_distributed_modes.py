@@ -320,6 +320,10 @@ EVAL_CONFIGS = {
     "d3_latent": dict(checkpoint="@sft1", guidance_checkpoint="@sasrec", guidance_weight=1.0, length_penalty=0.0),
     "d3_zero_shot_subset": dict(guidance_checkpoint="@sasrec", guidance_weight=0.5, max_rows=7, batch_size=3),
     "seqrec": dict(method="seqrec", checkpoint="@sasrec", ks=[1, 5, 10]),
+    # rows split 2 + 1 over the processes: each process batched its own rows, so a row was scored in a batch of
+    # another size than on 1 process and its stored score differed in the 6th decimal (a review); 3 subsets
+    **{f"seqrec_three_rows_{seed}": dict(method="seqrec", checkpoint="@sasrec", ks=[1, 5, 10], max_rows=3,
+                                         row_seed=seed) for seed in range(3)},
     "popularity": dict(method="popularity", ks=[1, 5]),
     "joint_longest_answer": dict(tokenization="joint", prompt_fit="longest_answer", max_rows=7, batch_size=3),
 }

@@ -5,7 +5,6 @@ the command that makes them, config errors stay errors, and nothing is written. 
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -820,8 +819,15 @@ def test_sft_validation_drop_last_and_grpo_warmup_lines_say_what_the_run_does(sf
     code, out = dry(stepped, capsys)
     assert "early stopping after 2 evaluation(s)" in out and "the last weights are kept" in out, out
     train_rows = json.loads((prepared_dir / "stats.json").read_text())["rows"]["train"]
-    code, out = dry(base + ["--dataloader_drop_last", "true"], capsys)
-    assert number(out, "steps per epoch") == max(1, math.ceil((train_rows // 2) / 3))
+    one = ["sft"] + sft_args(prepared_dir, tmp_path / "out", gradient_accumulation_steps="1",
+                             dataloader_drop_last="true")
+    code, out = dry(one, capsys)
+    assert code == EXIT_READY and number(out, "steps per epoch") == train_rows // 2, out
+    # with accumulation (or processes) the rows dropped depend on the layout: refused, as the run refuses it
+    code, out = dry(base + ["--dataloader_drop_last", "true", "--max_train_rows", "35"], capsys)  # 35 % 6 rows left
+    assert code == EXIT_INVALID and "what is dropped would depend on the process layout" in out, out
+    code, out = dry(base + ["--dataloader_drop_last", "true", "--max_train_rows", "30"], capsys)  # whole batches
+    assert code == EXIT_READY and number(out, "steps per epoch") == 5, out
     assert trainer_steps_per_epoch(33, 4, 1, 8, drop_last=True) == 1  # 8 full batches: one step, not two
     assert trainer_steps_per_epoch(33, 4, 1, 8) == 2
     code, out = dry(_grpo_argv(sft_checkpoint, tmp_path / "grpo", "--gradient_accumulation_steps", "1",

@@ -813,3 +813,20 @@ def test_full_finetune_in_half_precision_warns(tmp_path, prepared_dir, caplog, d
     assert ("finetune=full trains the weights in bfloat16" in caplog.text) == warned
     if warned:
         assert "model_dtype: float32 and bf16: true" in caplog.text
+
+
+def test_drop_last_is_refused_where_what_it_drops_depends_on_the_layout(tmp_path, prepared_dir):
+    """With accumulation (or processes) and rows that are not whole global batches, 1 process x accumulation 2
+    dropped the short micro-batch and took a half step, 2 processes the whole round: other weights (a review)."""
+    from llmrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="depend on the process layout"):
+        run_sft(make_config(tmp_path / "a", prepared_dir, dataloader_drop_last=True, gradient_accumulation_steps=2,
+                            max_train_rows=7))
+    # one process without accumulation drops the short global batch itself: allowed, as are whole global batches
+    res = run_sft(make_config(tmp_path / "b", prepared_dir, dataloader_drop_last=True, max_train_rows=7,
+                              max_steps=-1, num_train_epochs=1))
+    assert res["global_step"] == 3
+    res = run_sft(make_config(tmp_path / "c", prepared_dir, dataloader_drop_last=True, gradient_accumulation_steps=2,
+                              max_train_rows=8, max_steps=-1, num_train_epochs=1))
+    assert res["global_step"] == 2

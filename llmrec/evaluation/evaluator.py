@@ -829,11 +829,15 @@ class Evaluator:
 
         info, model = self.seqrec_info, self.seqrec_model
         k = max(self.config.ks)
-        mine = [r for r in rows[self.state.process_index::self.state.num_processes] if r not in done]
+        # Batches of the protocol's row list, dealt to the processes, as _run_beam does: a row is scored in the same
+        # batch on any number of processes and after any resume (each process striding the rows and batching its own
+        # put a row in batches of other sizes, whose float sums differ in the last bits: the stored scores differed)
+        batches = [rows[i:i + 256] for i in range(0, len(rows), 256)]
+        mine = [b for i, b in enumerate(batches) if i % self.state.num_processes == self.state.process_index]
         recs_all = []
-        for i in tqdm(range(0, len(mine), 256), desc=f"evaluate {self.config.split} ({info['model']})",
-                      disable=not self.state.is_main_process, unit="batch"):
-            batch = mine[i:i + 256]
+        for batch in tqdm([b for b in mine if not all(r in done for r in b)],
+                          desc=f"evaluate {self.config.split} ({info['model']})",
+                          disable=not self.state.is_main_process, unit="batch"):
             histories = [list(split[r]["history_item_ids"]) for r in batch]
             scores = score_histories(model, histories, int(info["max_history"]), self.state.device,
                                      bool(info["mask_history"]), keys=eval_keys(batch, info))
@@ -843,6 +847,8 @@ class Evaluator:
             values = values[:, :k].tolist()
             recs = []
             for j, r in enumerate(batch):
+                if r in done:  # ranked before a resume: scored again only to keep the batch as it was
+                    continue
                 items = [c + 1 for c in order[j, :k].tolist()]
                 # Read further down the ranking in blocks only while shared titles leave fewer than k.
                 ranked = (c + 1 for at in range(0, order.shape[1], 4 * k) for c in order[j, at:at + 4 * k].tolist())

@@ -405,6 +405,24 @@ def fill_global_batches(ds: _ListDataset, global_batch: int) -> _ListDataset:
     return _ListDataset(ds.rows + [dict(ds.rows[0], no_loss=True)] * extra)
 
 
+def refuse_layout_dependent_drop_last(config: LatentSFTConfig, rows: int, processes: int) -> None:
+    """Refuse ``dataloader_drop_last`` where what it drops depends on the process layout: with several processes or
+    gradient accumulation and a train set that is not a whole number of global batches, transformers + accelerate
+    drop the short micro-batch on one process (then take a smaller last step) but the whole incomplete round on
+    several, so 2 processes trained other steps and weights than 1 with the same global batch (a review)."""
+    if not config.dataloader_drop_last:
+        return
+    per_step = processes * config.gradient_accumulation_steps
+    global_batch = config.per_device_train_batch_size * per_step
+    if per_step > 1 and rows % global_batch:
+        raise ConfigError(
+            f"dataloader_drop_last with {rows} train rows, not a multiple of the global batch ({global_batch} = "
+            f"{config.per_device_train_batch_size} x {processes} process(es) x {config.gradient_accumulation_steps} "
+            "accumulation): what is dropped would depend on the process layout. Leave it off (llmrec then completes "
+            "the last global batch with loss-free rows, the same on any layout), or set max_train_rows to a multiple "
+            "of the global batch")
+
+
 def _fills_global_batches(config: LatentSFTConfig, resume: str | None) -> bool:
     """Whether the run completes its last global batch with filler rows (:func:`fill_global_batches`): not with
     ``dataloader_drop_last`` (the partial batch is dropped, as asked), and not when resuming a checkpoint written
@@ -1036,10 +1054,10 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         logger.info("%s holds a finished run (%s) made with these settings; skipping (set retrain: true to train "
                     "again)", out_dir, RESULTS_NAME)
         return json.loads((out_dir / RESULTS_NAME).read_text(encoding="utf-8"))
+    from accelerate import PartialState
+
     old = sorted(p for p in out_dir.glob("checkpoint-*") if p.is_dir())
     if config.retrain and ((out_dir / RESULTS_NAME).exists() or old):
-        from accelerate import PartialState
-
         from llmrec.models.checkpoint import remove_saved_model
 
         # Resuming from the old run's last checkpoint would train nothing (a finished run) or continue it (a cut
@@ -1053,6 +1071,10 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
             (out_dir / RESULTS_NAME).unlink(missing_ok=True)
             remove_saved_model(out_dir)  # a retrain cut short must not leave the old model readable as the new one
         PartialState().wait_for_everyone()
+    # Every process picks the checkpoint itself: without a barrier a process could look before another had finished
+    # writing the last one (transformers' save has no barrier after rank 0 writes), and the two resumed from different
+    # steps and hung in their first collective (a run retried in the same process after an error, a review).
+    PartialState().wait_for_everyone()
     resume = last_complete_checkpoint(out_dir)
     # Read now: the checkpoint rotation (save_total_limit) deletes the resumed-from checkpoint once later ones are
     # saved, and reading it after training crashed the run before its results were written.
@@ -1064,6 +1086,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     t_model = time.time()
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
     num_train_rows, drawn_train_rows = len(train_ds), train_ds.drawn_rows
+    refuse_layout_dependent_drop_last(config, num_train_rows, config.world_size)
     if _fills_global_batches(config, resume):
         train_ds = fill_global_batches(train_ds, global_train_batch_size(config))
     eval_ds = build_dataset(config, tokenizer, config.eval_split, config.max_eval_rows) if config.eval_split else None
