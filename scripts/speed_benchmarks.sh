@@ -13,6 +13,8 @@ run() {  # run OUT.json llmrec bench ...: skipped when OUT.json exists
 }
 # latent GRPO step: shared prefix vs the naive per-member form, G = 8, timed in bf16, gradients compared in fp32
 run $R/grpo_smollm2_g8.json llmrec bench grpo --model smollm2-135m --group-size 8 --steps 5 --threads 1
+# the same in fp32 (for CPUs without native bf16, where bf16 is emulated)
+run $R/grpo_smollm2_g8_fp32.json llmrec bench grpo --model smollm2-135m --group-size 8 --steps 5 --threads 1 --dtype float32
 # latent SFT step: plain vs the one-pass latent forward vs the naive two-pass form
 run $R/latent_sft_smollm2.json llmrec bench latent-sft --model smollm2-135m --steps 5 --threads 1
 # constrained beam search: ours vs generate + prefix_allowed_tokens_fn vs a floor, on Games test rows
