@@ -455,14 +455,32 @@ def test_each_model_overfits_the_successor_pattern(tmp_path, model, extra):
         assert saved["best_phase"] == saved["selected_phase"].replace("spt", "train")
 
 
-def test_resume_skips_finished_phase(tmp_path):
+def trained_batches(monkeypatch) -> list[tuple[str, int]]:
+    """``(phase, epoch)`` of every training batch the trainer runs from now on: a resumed or finished run's rerun
+    must train only what is left (equal results alone cannot tell a resume from a seeded retrain from scratch)."""
+    from llmrec.seqrec import trainer as T
+
+    seen: list[tuple[str, int]] = []
+    real = T.LossContext
+
+    def counting(**kw):
+        seen.append((kw["extra"].get("phase"), kw["epoch"]))
+        return real(**kw)
+
+    monkeypatch.setattr(T, "LossContext", counting)
+    return seen
+
+
+def test_resume_skips_finished_phase(tmp_path, monkeypatch):
     from llmrec.seqrec.run import run_seqrec
 
     d = write_successor_dataset(tmp_path / "d")
     cfg = tiny_cfg(tmp_path, d, epochs=3, eval_every=1)
     first = run_seqrec(cfg)
+    seen = trained_batches(monkeypatch)
     again = run_seqrec(cfg)  # finished phase: loads best weights, does not retrain
     assert again["test"] == first["test"] and again["timings"]["epochs"] == first["timings"]["epochs"]
+    assert seen == []
 
 
 def test_tensorboard_logs_each_epochs_losses_and_validation_metrics(tmp_path, monkeypatch):
@@ -510,7 +528,7 @@ def test_num_threads_applies_to_the_run_only(tmp_path, monkeypatch):
     assert seen == [wanted] and torch.get_num_threads() == before
 
 
-def test_resume_after_an_early_stop_trains_no_extra_epoch(tmp_path):
+def test_resume_after_an_early_stop_trains_no_extra_epoch(tmp_path, monkeypatch):
     """Cut after the early stop's checkpoint but before done.json: the rerun finishes without another epoch."""
     from llmrec.seqrec.run import run_seqrec
 
@@ -521,11 +539,13 @@ def test_resume_after_an_early_stop_trains_no_extra_epoch(tmp_path):
     out = Path(cfg.output_dir)
     (out / "train" / "done.json").unlink()
     (out / "results.json").unlink()
+    seen = trained_batches(monkeypatch)
     again = run_seqrec(cfg)
     assert again["timings"]["epochs"] == first["timings"]["epochs"] and again["test"] == first["test"]
+    assert seen == []  # resumed at its stop: no batch trained
 
 
-def test_lares_resumed_after_spt_filters_and_trains_rpt_as_an_uninterrupted_run(tmp_path):
+def test_lares_resumed_after_spt_filters_and_trains_rpt_as_an_uninterrupted_run(tmp_path, monkeypatch):
     import shutil
 
     from llmrec.seqrec.run import run_seqrec
@@ -537,9 +557,11 @@ def test_lares_resumed_after_spt_filters_and_trains_rpt_as_an_uninterrupted_run(
     out = Path(cfg.output_dir)
     shutil.rmtree(out / "rpt")  # cut right after SPT
     (out / "results.json").unlink()
+    seen = trained_batches(monkeypatch)
     again = run_seqrec(cfg)
     assert again["rpt_rows_kept"] == first["rpt_rows_kept"]
     assert again["test"] == first["test"]
+    assert seen and {phase for phase, _ in seen} == {"rpt"}  # SPT's finished phase is not trained again
 
 
 def test_lares_trained_from_zero_states_is_filtered_and_post_trained_from_zero_states(tmp_path, monkeypatch):
@@ -591,8 +613,11 @@ def test_a_run_cut_while_writing_its_checkpoint_resumes_from_the_previous_comple
     with pytest.raises(KeyboardInterrupt):
         run_seqrec(cfg)
     monkeypatch.setattr(T, "atomic_write_json", real)
+    seen = trained_batches(monkeypatch)
     resumed = run_seqrec(cfg)
     assert resumed["test"] == whole["test"] and resumed["best_epoch"] == whole["best_epoch"]
+    # killed writing epoch 1's state: epoch 0's complete checkpoint is resumed, epochs 1 and 2 trained
+    assert sorted({epoch for _, epoch in seen}) == [1, 2]
     a, b = (load_file(str(Path(o) / "train" / "best.safetensors")) for o in (tmp_path / "whole", cfg.output_dir))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -704,8 +729,10 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     lo, hi = want["ci95_seeds_rows"]
     assert f"; seeds+rows [{lo:+.4f}, {hi:+.4f}]" in (out / "seqrec_bench.md").read_text()
     stamp = (out / "runs" / "sasrec_seed0" / "results.json").stat().st_mtime_ns
-    again = run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 2, out, **kw)  # every run is skipped
-    assert again == summary
+    with pytest.MonkeyPatch.context() as m:
+        seen = trained_batches(m)
+        again = run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 2, out, **kw)  # every run is skipped
+    assert again == summary and seen == []
     partial = run_seqrec_benchmark(d, ["sasrec", "lares"], 3, out, report_only=True, **kw)  # trains nothing
     assert set(partial) == {"sasrec"} and partial["sasrec"]["seeds"] == 2
     assert not (out / "runs" / "lares_seed0").exists()
@@ -1035,23 +1062,34 @@ def test_prl_loss_masks_same_sequence_negatives_through_the_training_loss():
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(1, 31, (3, 6), generator=g)
     batch = {"input_ids": ids, "target_ids": torch.randint(1, 31, (3, 6), generator=g)}
-    logs = {}
+    logs, seen = {}, {}
     for negatives in ("batch", "other_sequences"):
         torch.manual_seed(0)
         model = ReaRec(Backbone(30, 6, hidden=16, inner=32, dropout=0.0, attn_dropout=0.0), mode="prl",
                        warmup_epochs=0, cl_negatives=negatives)
+        real = model._rcl
+        model._rcl = lambda Rm, R2m, sequence, real=real, n=negatives: seen.setdefault(n, (Rm, R2m, sequence)) and \
+            real(Rm, R2m, sequence)
         torch.manual_seed(1)  # the noisy view's draws
         _, logs[negatives] = model.loss(batch, LossContext(epoch=1))
     assert logs["batch"]["ce"] == logs["other_sequences"]["ce"] and logs["batch"]["pta"] == logs["other_sequences"]["pta"]
     # Each anchor competes with 12 others of other rows instead of 17: the term falls.
     assert logs["other_sequences"]["rcl"] < logs["batch"]["rcl"]
+    # ... and by as much as the by-hand form on the states the loss built, with each prefix's own batch row as its
+    # sequence (the loss passing other ids, e.g. the positions, masked other negatives and still fell: a review)
+    rows = (batch["target_ids"] > 0).nonzero(as_tuple=True)[0]
+    for negatives in ("batch", "other_sequences"):
+        clean, noisy, sequence = seen[negatives]
+        assert torch.equal(sequence, rows)
+        want = _rcl_by_hand(clean.detach(), noisy.detach(), rows, 1.0, same_ok=negatives == "batch")
+        assert logs[negatives]["rcl"] == pytest.approx(float(want), rel=1e-5)
     with pytest.raises(ValueError, match="cl_negatives"):
         SeqRecConfig(dataset_dir="x", model="rearec-prl", cl_negatives="other")
     assert SeqRecConfig(dataset_dir="x", model="sasrec", cl_negatives="other_sequences").unused_fields() == {
         "cl_negatives": "other_sequences"}
 
 
-def test_a_finished_run_continued_with_more_patience_equals_that_patience_from_scratch(tmp_path):
+def test_a_finished_run_continued_with_more_patience_equals_that_patience_from_scratch(tmp_path, monkeypatch):
     """The trainer resumes weights, optimiser, RNG state and the early-stopping counter: a run stopped at patience 1,
     continued (its done.json removed, patience and epochs raised in run_config.json), ends as the run with the larger
     patience and epochs trained from scratch -- how the Beauty runs were taken from patience 4 to 10 (experiment log).
@@ -1075,7 +1113,11 @@ def test_a_finished_run_continued_with_more_patience_equals_that_patience_from_s
     recorded = json.loads((dst / "run_config.json").read_text())
     recorded["config"].update(patience=3, epochs=16, output_dir=str(dst))
     (dst / "run_config.json").write_text(json.dumps(recorded))
-    cont = run_seqrec(tiny_cfg(tmp_path / "cont", d, patience=3, epochs=16, **kw))
+    with monkeypatch.context() as m:
+        seen = trained_batches(m)
+        cont = run_seqrec(tiny_cfg(tmp_path / "cont", d, patience=3, epochs=16, **kw))
+    # continued after the short run's last epoch, not retrained from epoch 0
+    assert min(epoch for _, epoch in seen) == short["phases"][0]["epochs_run"]
     assert cont["phases"][0]["epochs_run"] == full["phases"][0]["epochs_run"] > short["phases"][0]["epochs_run"]
     assert cont["test"] == full["test"] and cont["best_epoch"] == full["best_epoch"]
     a, b = load_file(str(tmp_path / "p3/run/train/best.safetensors")), load_file(str(dst / "train/best.safetensors"))
@@ -1131,8 +1173,11 @@ def test_lares_extended_trains_spt_on_and_redoes_rpt_as_the_larger_run_from_scra
         assert _same_weights(tmp_path / f"p3/run/{phase}/best.safetensors", tmp_path / f"ext/run/{phase}/best.safetensors")
     # RPT alone: SPT stays finished, RPT trains on from its last epoch.
     rpt_full = run_seqrec(tiny_cfg(tmp_path / "r3", d, patience=3, rpt_patience=3, **kw))
+    seen = trained_batches(monkeypatch)
     rpt_ext = run_seqrec(tiny_cfg(tmp_path / "ext", d, patience=3, rpt_patience=3, **kw))
     assert _trajectory(rpt_ext) == _trajectory(rpt_full) and rpt_ext["test"] == rpt_full["test"]
+    assert {phase for phase, _ in seen} <= {"rpt"}
+    assert min((epoch for _, epoch in seen), default=None) in (None, extended["phases"][1]["epochs_run"])
 
 
 def test_split_extension_separates_raised_stopping_rules_and_frees_rpts_settings_when_rpt_is_added():
