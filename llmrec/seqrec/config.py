@@ -194,8 +194,10 @@ class SeqRecConfig:
     fuse: str = _f("add", "LARES: how the core's input joins the state T and the pre-block's H: add (their average) | "
                    "concat (a linear map of [T, H]) | linear (sigmoid(g) T + (1 - sigmoid(g)) H with a learned gate g "
                    "per dimension; the LARES code's gate is one scalar)")
-    tla_weight: float = _f(0.1, "LARES SPT: trajectory-level alignment weight alpha")
-    sla_weight: float = _f(0.5, "LARES SPT: step-level alignment weight gamma")
+    tla_weight: float = _f(0.1, "LARES SPT: trajectory-level alignment weight alpha. In train_mode sequence the "
+                           "alignment terms use each window's last position only (2.5% of ML-100K's train rows, NCE "
+                           "over the batch's windows); the paper aligns every train row (rows mode, batch 1024)")
+    sla_weight: float = _f(0.5, "LARES SPT: step-level alignment weight gamma (the same positions as tla_weight)")
     align_tau: float = _f(1.0, "LARES SPT: alignment NCE temperature")
     align_sim: str = _f("dot", "LARES SPT: similarity of the alignment NCE, dot | cos (only the alignment's; the "
                                "official sem_func cos also normalises the recommendation scores, this does not)")
