@@ -412,9 +412,8 @@ def refuse_layout_dependent_drop_last(config: LatentSFTConfig, rows: int, proces
     several, so 2 processes trained other steps and weights than 1 with the same global batch (a review)."""
     if not config.dataloader_drop_last:
         return
-    per_step = processes * config.gradient_accumulation_steps
-    global_batch = config.per_device_train_batch_size * per_step
-    if per_step > 1 and rows % global_batch:
+    global_batch = global_train_batch_size(config, processes)
+    if global_batch > config.per_device_train_batch_size and rows % global_batch:
         raise ConfigError(
             f"dataloader_drop_last with {rows} train rows, not a multiple of the global batch ({global_batch} = "
             f"{config.per_device_train_batch_size} x {processes} process(es) x {config.gradient_accumulation_steps} "
