@@ -959,6 +959,18 @@ class LatentSFTTrainer(transformers.Trainer):
         logger.info("resuming weights from %s", resume_from_checkpoint)
         load_sft_weights(target, resume_from_checkpoint)
 
+    def _finalize_training(self, *args, **kwargs):
+        # transformers averages the logged losses over the processes (nested_gather(...).mean()) but adds the steps
+        # after the last log from this process's own accumulator. compute_loss's value is a per-process share of the
+        # global token mean (local sum / global tokens x processes), so that remainder, ungathered, made train_loss
+        # depend on the process count and differ between ranks whenever logging_steps does not divide the steps
+        # (a review: 6.4974 on 2 processes vs 6.2933 on 1, identical weights). Gathered here as the logs are.
+        if self.args.world_size > 1:
+            from transformers.trainer_pt_utils import nested_gather
+
+            self._tr_loss = nested_gather(self._tr_loss.detach().clone(), self.args.parallel_mode).mean()
+        return super()._finalize_training(*args, **kwargs)
+
     def _load_best_model(self) -> None:
         logger.info("loading best model from %s (eval_loss %s)", self.state.best_model_checkpoint,
                     self.state.best_metric)
