@@ -7,7 +7,8 @@ weight, model name and history length; no ``guidance`` key means plain LM scores
 
 D3 guidance (``guidance_checkpoint``, ``guidance_weight``): a trained ``llmrec seqrec train`` run on the
 same prepared dataset scores every row from its history ids (cut to the ID model's own ``max_history``,
-not the prompt's ``history_length``); the softmax over its N items guides the beam search (see
+not the prompt's ``history_length``; unmasked even for a run trained with ``mask_history``, as
+the beam search itself never masks the history); the softmax over its N items guides the beam search (see
 :mod:`llmrec.decoding.guidance`): a title's beam score becomes ``(log p_LM(title) + w * log
 P_ID(title)) / L ** length_penalty``, and ``w`` also steers which beams survive each step.
 
