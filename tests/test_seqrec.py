@@ -1267,3 +1267,32 @@ def test_raising_the_epochs_of_a_run_that_validated_its_last_epoch_off_schedule_
     (tmp_path / "a" / "run" / "train" / "state.json").unlink()
     with pytest.raises(ValueError, match="the train phase is finished but has no state.json"):
         run_seqrec(tiny_cfg(tmp_path / "a", d, epochs=8, eval_every=2, patience=50))
+
+
+def test_lares_rpt_logs_reward_and_kl_over_the_real_rows_only():
+    """A 2-process run pads the last batch with filler rows (target 0): the logged reward and kl must be the real
+    rows' means, as 1 process logs them. They averaged the fillers in (a review: kl 0.00134 vs 0.00101)."""
+    from llmrec.seqrec.models import LARES, Backbone, LossContext
+
+    torch.manual_seed(0)
+    model = LARES(Backbone(20, 6, hidden=8, n_layers=1, heads=2, inner=16, dropout=0.0, attn_dropout=0.0),
+                  heads=2, inner=16, dropout=0.0, attn_dropout=0.0, mean_recurrence=3, tla_weight=0.5,
+                  sla_weight=0.5)
+    model.rpt = {"group": 3, "beta": 1.0, "reward_k": 5}
+    model.make_reference()
+    with torch.no_grad():  # the policy moves away from its reference, so the kl is not 0
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.train()
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 7, 8, 9, 10]])
+    tgt = torch.tensor([[0, 2, 3, 4, 5, 6], [0, 0, 8, 9, 10, 11]])
+    real = {"input_ids": ids, "target_ids": tgt, "row_index": torch.tensor([1, 4])}
+    padded = {"input_ids": torch.cat([ids, ids[:1].flip(1)]), "target_ids": torch.cat([tgt, torch.zeros_like(tgt[:1])]),
+              "row_index": torch.tensor([1, 4, 7])}
+    ctx = {"denom": 2.0, "epoch": 1, "seed": 5, "step": 3, "extra": {"phase": "rpt"}}
+    loss_real, logs_real = model.loss(real, LossContext(**ctx))
+    loss_padded, logs_padded = model.loss(padded, LossContext(**ctx))
+    assert logs_real["kl"] > 0
+    assert logs_padded["kl"] == pytest.approx(logs_real["kl"], rel=1e-5)
+    assert logs_padded["reward"] == pytest.approx(logs_real["reward"], rel=1e-5)
+    assert loss_padded.item() == pytest.approx(loss_real.item(), rel=1e-5)  # the loss already masked them

@@ -677,7 +677,12 @@ class LARES(SeqRecModel):
             total = total - (per_step.mean(1) * real).sum()
         # Rows summed and divided by denom (rows per process) -> mean over rows; then over rollouts.
         loss = total / (ctx.denom * G)
-        return loss, {"reward": R.mean().detach().item(), "kl": sum(k.mean().item() for _, k in terms) / G}
+        # Logged over the real rows only: the trainer weights each process's value by its share of real rows, and
+        # the fillers' stand-in target made the logged kl depend on the process count (a review).
+        n_real = real.sum().clamp(min=1)
+        reward = (R.mean(1) * real).sum() / n_real
+        kl_mean = sum((k.mean(1) * real).sum() for _, k in terms) / (G * n_real)
+        return loss, {"reward": reward.detach().item(), "kl": kl_mean.detach().item()}
 
 
 def backbone_of(cfg: Any) -> str:
