@@ -178,6 +178,32 @@ def test_resume_matches_uninterrupted(tmp_path, prepared_dir):
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-4)
 
 
+def test_a_checkpoint_between_two_logs_closes_a_log_so_the_resumed_run_logs_as_the_uninterrupted_one(
+        tmp_path, prepared_dir):
+    """Checkpoints every 3 steps, logs every 2: resumed at step 3, transformers' next log (step 4) averaged step 4
+    alone under the uninterrupted run's label, train_loss was unknown and metrics.train_loss was steps 4-5's mean
+    (a review). Every checkpoint is now also a log."""
+    from transformers import TrainerCallback
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Killed
+
+    kw = dict(num_latent_tokens=1, max_steps=5, save_strategy="steps", save_steps=3, logging_steps=2,
+              lora_dropout=0.0, learning_rate=5e-3, warmup_steps=0)
+    full = run_sft(make_config(tmp_path / "a", prepared_dir, **kw))
+    with pytest.raises(_Killed):
+        run_sft(make_config(tmp_path / "b", prepared_dir, **kw), callbacks=[KillAfterSave()])
+    resumed = run_sft(make_config(tmp_path / "b", prepared_dir, **kw))
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert [r["step"] for r in full["train_losses"]] == [r["step"] for r in resumed["train_losses"]] == [2, 3, 4, 5]
+    assert [r["loss"] for r in resumed["train_losses"]] == pytest.approx([r["loss"] for r in full["train_losses"]],
+                                                                         abs=1e-6)
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-4)
+    assert resumed["metrics"]["train_loss"] == resumed["train_loss"]
+
+
 def test_the_mean_train_loss_of_a_run_resumed_between_two_logs_is_unknown():
     """Resumed at step 3 with logs every 2 steps: the step-4 log averages step 4 only, and step 3's loss is in no
     log; weighting that log by 2 steps gave a wrong train_loss (review). At a logged step the mean is exact."""

@@ -980,6 +980,28 @@ class LatentSFTTrainer(transformers.Trainer):
 # ------------------------------------------------------------------------------------------------ run
 
 
+class LogAtCheckpoints(transformers.TrainerCallback):
+    """Close the loss-log window at every step a checkpoint may be saved at.
+
+    transformers restarts its log window at the checkpoint a run resumes from: resumed between two logs, the next log
+    averaged only the steps since the checkpoint under the same step label as the uninterrupted run's, and the run's
+    mean train_loss could not be computed (a review: step 4's logged loss 6.2571 resumed vs 6.2819). Logging at
+    every save (and every evaluation under ``save_strategy: best``) makes each checkpoint a log boundary.
+    """
+
+    def _log_if_saving(self, args, control):
+        if args.logging_strategy != "no" and (
+                control.should_save or (control.should_evaluate and args.save_strategy == "best")):
+            control.should_log = True
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._log_if_saving(args, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._log_if_saving(args, control)
+
+
 def _mean_train_loss(train_out, history: list[dict], global_step: int, resumed_at: int | None) -> float | None:
     """The training loss averaged over every step of the run.
 
@@ -1102,7 +1124,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         train_ds = fill_global_batches(train_ds, global_train_batch_size(config))
     eval_ds = build_dataset(config, tokenizer, config.eval_split, config.max_eval_rows) if config.eval_split else None
     t_data = time.time()
-    callbacks = list(callbacks or [])
+    callbacks = [LogAtCheckpoints(), *(callbacks or [])]
     if eval_ds is not None and config.early_stopping_patience > 0 and config.eval_strategy != "no":
         # without load_best_model_at_end the last weights are kept
         callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
@@ -1151,6 +1173,9 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "config": config.checkpoint_fields(),
         "metrics": train_out.metrics if train_out is not None else {},
     }
+    if resumed_at is not None and "train_loss" in results["metrics"]:
+        # transformers' is the mean over this invocation's steps only; the run's is above (or None if unknown)
+        results["metrics"] = dict(results["metrics"], train_loss=results["train_loss"])
     if config.should_save:
         atomic_write_text(out_dir / RESULTS_NAME, json.dumps(results, indent=2, default=str) + "\n")
     return results
