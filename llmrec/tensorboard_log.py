@@ -69,15 +69,18 @@ class ScalarLog:
 
     Args:
         log_dir: directory of the event files (created); ``None`` disables logging.
+        purge_step: a run resumed from its checkpoint at step ``T`` passes ``T + 1``: the points the cut run wrote
+            after its checkpoint (steps >= T + 1, written again by the resumed run) are hidden in TensorBoard
+            rather than shown twice (``SummaryWriter``'s ``purge_step``).
     """
 
-    def __init__(self, log_dir: str | Path | None):
+    def __init__(self, log_dir: str | Path | None, purge_step: int | None = None):
         self.writer = None
         if log_dir is not None:
             require_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def add(self, tag: str, values: Mapping, step: int) -> None:
         """Write every finite number of ``values`` (nested mappings flattened) as ``tag/<key>`` at ``step``."""

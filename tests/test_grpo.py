@@ -701,6 +701,21 @@ def test_tensorboard_logs_every_step_and_the_held_out_check(tmp_path, sft_dir):
         grpo_config(tmp_path / "other", sft, report_to="wandb")
 
 
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, sft_dir):
+    """Cut after step 3 with its last checkpoint at step 2: the resumed run writes step 3 again, and TensorBoard
+    showed both points (a review); the resumed writer purges the cut run's points after its checkpoint."""
+    from conftest import read_scalars
+
+    sft, _, _ = sft_dir
+    kw = dict(report_to="tensorboard", max_steps=4, save_steps=2)
+    full = run_grpo(grpo_config(tmp_path / "full", sft, **kw))
+    _train_until(grpo_config(tmp_path / "cut", sft, **kw), 3)
+    assert [step for step, _ in read_scalars(tmp_path / "cut" / "runs")["train/reward"]] == [1, 2, 3]
+    run_grpo(grpo_config(tmp_path / "cut", sft, **kw))
+    scalars = read_scalars(tmp_path / "cut" / "runs")
+    assert scalars["train/reward"] == [(s["step"], pytest.approx(s["reward"], rel=1e-6)) for s in full["log_history"]]
+
+
 def test_checkpoint_records_the_prompt_settings_grpo_trained_with(tmp_path, sft_dir):
     """GRPO may read another history length / token budget than its SFT start: its checkpoint says what it used."""
     from llmrec.recommend import Recommender

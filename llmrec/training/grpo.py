@@ -1824,7 +1824,8 @@ class LatentGRPOTrainer:
             resumed = str(last)
             logger.info("resuming from %s (step %d)", last, self.global_step)
         if wants_tensorboard(c.report_to, "latent GRPO") and self.accelerator.is_main_process:
-            self.scalars = ScalarLog(getattr(c, "logging_dir", None) or out_dir / "runs")
+            self.scalars = ScalarLog(getattr(c, "logging_dir", None) or out_dir / "runs",
+                                     purge_step=self.global_step + 1 if resumed else None)
         t0 = time.time()
         if c.eval_rows and self.eval_before is None and self.global_step == 0:
             self.eval_before = self.evaluate_rewards()
