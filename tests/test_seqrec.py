@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -481,6 +482,37 @@ def test_resume_skips_finished_phase(tmp_path, monkeypatch):
     again = run_seqrec(cfg)  # finished phase: loads best weights, does not retrain
     assert again["test"] == first["test"] and again["timings"]["epochs"] == first["timings"]["epochs"]
     assert seen == []
+
+
+def test_a_killed_and_resumed_run_reports_the_training_time_of_every_invocation(tmp_path, monkeypatch):
+    """train_total_s (the pipeline report's training time) counted only the last invocation (a review)."""
+    import time
+
+    from llmrec.seqrec.run import run_seqrec
+    from llmrec.seqrec.trainer import SeqRecTrainer
+
+    d = write_successor_dataset(tmp_path / "d")
+    cfg = tiny_cfg(tmp_path, d, epochs=4, eval_every=1, patience=10)
+    real_evaluate = SeqRecTrainer.evaluate
+    calls = []
+
+    def slow_then_killed(self, *args, **kwargs):  # 0.5 s per validation; killed in epoch 3's
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        time.sleep(0.5)
+        return real_evaluate(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(SeqRecTrainer, "evaluate", slow_then_killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_seqrec(cfg)
+    before = json.loads((Path(cfg.output_dir) / "train_seconds.json").read_text())["seconds"]
+    assert before >= 1.0  # epochs 1 and 2
+    res = run_seqrec(cfg)
+    assert res["timings"]["epochs"] == 4 and res["timings"]["train_total_s"] > before
+    fresh = run_seqrec(dataclasses.replace(cfg, resume=False))  # from scratch: the earlier time is not counted
+    assert fresh["timings"]["train_total_s"] < before
 
 
 def test_tensorboard_logs_each_epochs_losses_and_validation_metrics(tmp_path, monkeypatch):

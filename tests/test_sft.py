@@ -6,6 +6,7 @@ import json
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,9 @@ def test_a_checkpoint_between_two_logs_closes_a_log_so_the_resumed_run_logs_as_t
     from transformers import TrainerCallback
 
     class KillAfterSave(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            time.sleep(0.3)  # the cut invocation's training time, which the resumed run's timings_s.train includes
+
         def on_save(self, args, state, control, **kwargs):
             if state.global_step == 3:
                 raise _Killed
@@ -202,6 +206,8 @@ def test_a_checkpoint_between_two_logs_closes_a_log_so_the_resumed_run_logs_as_t
                                                                          abs=1e-6)
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], abs=1e-4)
     assert resumed["metrics"]["train_loss"] == resumed["train_loss"]
+    # timings_s.train counted the last invocation only (a review)
+    assert resumed["timings_s"]["train"] > resumed["timings_s"]["train_before_resume"] >= 0.9
 
 
 def test_the_mean_train_loss_of_a_run_resumed_between_two_logs_is_unknown():

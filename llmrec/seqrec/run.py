@@ -34,6 +34,7 @@ RESULTS_MD = "results.md"
 TEST_EVAL_DIR = "test_eval"
 # In run_config.json of an extended run: the finished run's training seconds, which its results then add to.
 TRAIN_S_BEFORE = "train_s_before_extension"
+TRAIN_SECONDS_JSON = "train_seconds.json"  # the run's training time up to its last finished epoch
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
@@ -169,6 +170,7 @@ def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, A
             # RPT left the old run's finished RPT phase to be taken up by the next (resumed) run under this config.
             for phase_file in (*out.glob("*/done.json"), *out.glob("*/state.json")):
                 phase_file.unlink()
+            (out / TRAIN_SECONDS_JSON).unlink(missing_ok=True)
         atomic_write_json(path, want)
     return want
 
@@ -257,6 +259,13 @@ def _run_seqrec(cfg: SeqRecConfig, concurrent_runs: int = 1) -> dict[str, Any]:
     model = build_model(cfg, data.num_items)
     trainer = SeqRecTrainer(cfg, data, model, acc, out)
     t_start = time.perf_counter()
+    # The training time of the invocations before this one (each epoch's end recorded it): a killed and resumed run
+    # reported only its last invocation's time (a review). An extension made before the file existed has the
+    # extended run's time in its identity.
+    clock_file = out / TRAIN_SECONDS_JSON
+    seconds_before = (float(json.loads(clock_file.read_text())["seconds"]) if cfg.resume and clock_file.exists()
+                      else float(identity.get(TRAIN_S_BEFORE, 0.0)))
+    trainer.training_clock = (clock_file, seconds_before, t_start)
     pool = SameTargetPool(data.train_rows) if isinstance(model, LARES) else None
     phases = [
         trainer.fit("train", data.train, cfg.lr, cfg.epochs, cfg.patience, cfg.batch_size, aug_pool=pool)
@@ -321,8 +330,8 @@ def _run_seqrec(cfg: SeqRecConfig, concurrent_runs: int = 1) -> dict[str, Any]:
         # A rerun of a finished run trains nothing: keep the training time it recorded (it was overwritten with
         # this rerun's ~0 s, which the pipeline report then showed as the model's training time; review)
         train_s = float(json.loads(previous.read_text()).get("timings", {}).get("train_total_s", train_s))
-    else:
-        train_s += identity.get(TRAIN_S_BEFORE, 0.0)  # an extended run: the run it extended trained this long first
+    else:  # the earlier invocations' (a resumed run) or the extended run's training time first
+        train_s += seconds_before
     best = (
         max(phases, key=lambda p: p.best_valid.get(cfg.valid_metric, -1.0)) if len(phases) > 1 else phases[0]
     )

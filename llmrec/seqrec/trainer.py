@@ -142,6 +142,9 @@ class SeqRecTrainer:
         self.eval_seconds = 0.0
         self.epochs_trained = 0  # by this process's fit calls (a rerun of a finished run trains none)
         self.eval_rows = 0
+        # (file, seconds trained before this invocation, this invocation's start): the run's training time so far is
+        # written there after every epoch, so a run killed and resumed reports the whole time (set by run_seqrec)
+        self.training_clock: tuple[Path, float, float] | None = None
         tensorboard = self.is_main and getattr(cfg, "report_to", "none") == "tensorboard"
         self.scalars = ScalarLog(self.out / "tensorboard" if tensorboard else None)
 
@@ -388,6 +391,9 @@ class SeqRecTrainer:
                         if torch.cuda.is_available() else None,
                     },
                 )
+                if self.training_clock is not None:
+                    clock_file, before, started = self.training_clock
+                    atomic_write_json(clock_file, {"seconds": before + time.perf_counter() - started})
             acc.wait_for_everyone()
             if bad >= patience:
                 logger.info("%s: early stop after epoch %d (best epoch %d)", phase, epoch + 1, res.best_epoch)

@@ -80,6 +80,7 @@ __all__ = [
 LLMREC_CONFIG_NAME = "llmrec_config.json"
 LATENT_EMBEDDINGS_NAME = "latent_embeddings.safetensors"
 TRAINING_ARGS_JSON = "training_args.json"
+TRAIN_SECONDS_KEY = "train_seconds"  # in a checkpoint's training_args.json: the run's training time up to it
 RESULTS_NAME = "train_results.json"
 FINETUNE_MODES = ("lora", "qlora", "full")
 # Fields of the SFT config stored in llmrec_config.json (what inference needs to rebuild prompts + model).
@@ -952,6 +953,9 @@ class LatentSFTTrainer(transformers.Trainer):
                     global_train_batch_size=global_train_batch_size(self.args, self.accelerator.num_processes))
         if getattr(self, "data_sha256", None) is not None:  # a resume on other data is refused (run_sft)
             args["data_sha256"] = self.data_sha256
+        clock = getattr(self, "training_clock", None)  # (seconds before this invocation, its training start)
+        if clock is not None:  # the run's training time up to this checkpoint, added by a run resuming from it
+            args[TRAIN_SECONDS_KEY] = clock[0] + time.time() - clock[1]
         save_sft_checkpoint(model, self.processing_class, output_dir, fields_, args)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -1134,6 +1138,11 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         data_collator=LatentSFTCollator(pad), processing_class=tokenizer, callbacks=callbacks, sft_config=config,
     )
     trainer.data_sha256 = data_digests  # recorded in each checkpoint
+    # Training time before this invocation (a resumed run: up to its checkpoint): timings_s.train counted only the
+    # last invocation (a review); the pipeline report reads it as the stage's training time.
+    train_s_before = (float(json.loads((Path(resume) / TRAINING_ARGS_JSON).read_text()).get(TRAIN_SECONDS_KEY, 0.0))
+                      if resume and (Path(resume) / TRAINING_ARGS_JSON).exists() else 0.0)
+    trainer.training_clock = (train_s_before, t_data)
     if resume:
         logger.info("resuming from %s", resume)
     if resume and _stopped_at(resume):
@@ -1168,8 +1177,10 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "num_eval_rows": len(eval_ds) if eval_ds is not None else 0,
         "data_sha256": data_digests,
         "world_size": config.world_size,
+        # train: every invocation's training (to the checkpoint a resume took up); the others this invocation's
         "timings_s": {"model": round(t_model - t0, 3), "data": round(t_data - t_model, 3),
-                      "train": round(t_train - t_data, 3), "total": round(time.time() - t0, 3)},
+                      "train": round(train_s_before + t_train - t_data, 3),
+                      "train_before_resume": round(train_s_before, 3), "total": round(time.time() - t0, 3)},
         "config": config.checkpoint_fields(),
         "metrics": train_out.metrics if train_out is not None else {},
     }
