@@ -1466,6 +1466,8 @@ def _pairs(values: list[str], what: str) -> dict[str, Any]:
         if "=" not in v:
             raise ValueError(f"{what}: expected key=value, got {v!r}")
         k, raw = v.split("=", 1)
+        if k.strip() in out:  # the last value won without a word (a review), as a key given twice in a recipe is refused
+            raise ValueError(f"{what}: {k.strip()} given twice ({k.strip()}={out[k.strip()]!r} and {v!r})")
         out[k.strip()] = load_yaml_text(raw)  # typed by coerce_fields, as a recipe's values
     return out
 

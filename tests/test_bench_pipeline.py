@@ -406,6 +406,12 @@ def test_report_only_and_bad_options(report, tmp_path):
             options_from_args(argparse.Namespace(methods=empty))
     with pytest.raises(ValueError, match="methods is empty"):
         PipelineOptions(methods=[])
+    from llmrec.bench_pipeline import _pairs
+
+    # the last value won without a word (a review)
+    with pytest.raises(ValueError, match=r"--eval: num_beams given twice \(num_beams=10 and 'num_beams=20'\)"):
+        _pairs(["num_beams=10", "num_beams=20"], "--eval")
+    assert _pairs(["num_beams=10", "ks=[1, 5]"], "--eval") == {"num_beams": 10, "ks": [1, 5]}
     from llmrec.bench_pipeline import _weights
 
     assert _weights("0.3, 1,3") == [0.3, 1.0, 3.0]

@@ -295,6 +295,10 @@ def test_ratios_are_refused_where_a_csv_split_ignores_them(tmp_path: Path, capsy
     ("amazon2023", ["--category", "V", "--min-rating", "nan"], "--min-rating must be a finite number"),
     ("amazon2018", ["--category", "V", "--end", "2018-11-01"], "--end takes a month as YYYY-MM"),
     ("amazon2018", ["--category", "V", "--start", "2018-13"], "--start takes a month as YYYY-MM"),
+    # an inverted window was silently widened back; year 0 failed naming no flag (a review)
+    ("amazon2018", ["--category", "V", "--start", "2019-01", "--end", "2018-11"], "--start 2019-01 is after --end"),
+    ("amazon2018", ["--category", "V", "--start", "0000-01"], "--start takes a month as YYYY-MM"),
+    ("amazon2018", ["--category", "V", "--end", "99999-01"], "--end takes a month as YYYY-MM"),
 ])
 def test_options_the_format_does_not_read_are_refused(tmp_path: Path, capsys, fmt, extra, option):
     """`--format recbole --min-rating 4` prepared every rating (the option is amazon2023's), and the other
@@ -304,6 +308,25 @@ def test_options_the_format_does_not_read_are_refused(tmp_path: Path, capsys, fm
     assert main(prepare_args(fmt, src, out, *extra)) == 1
     err = capsys.readouterr().err
     assert option in err and "Traceback" not in err and not out.exists()
+
+
+def test_data_emptied_by_skipped_rows_says_which_file_and_what_was_skipped(tmp_path: Path, capsys):
+    """Every interaction naming an item the items file lacks, skipped: the error blamed the title cleaning and named
+    no file or count (a review)."""
+    src = write_csv_source(tmp_path / "src", events=[("u1", "x1", 1), ("u1", "x2", 2)])
+    assert main(prepare_args("csv", src, tmp_path / "out", "--on-unknown-item", "skip", "--split", "time")) == 1
+    err = capsys.readouterr().err
+    assert f"{src / 'interactions.csv'}: no interactions to split (skipped while reading: unknown_item_interactions 2)" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_an_input_file_where_the_format_reads_a_directory_is_refused(tmp_path: Path, capsys):
+    """`--input ml-100k.inter` said "no .inter file matching '*.inter'" (a review)."""
+    src = write_csv_source(tmp_path / "src")
+    assert main(prepare_args("csv", src / "interactions.csv", tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "interactions.csv is a file: give the directory that holds the csv files" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_a_history_length_beyond_the_prepared_one_is_warned_about(tmp_path: Path, caplog):

@@ -59,6 +59,14 @@ def test_amazon2023_null_id_is_an_error_not_the_id_none(tmp_path: Path, where, v
     assert msg.startswith(f"{src / name}, row {line}, field '{field}'") and "null" in msg
 
 
+def test_amazon2023_review_giving_a_key_twice_is_an_error(tmp_path: Path):
+    src = write_amazon2023(tmp_path / "a", [amz_review("u1", "B1", 1), amz_review("u1", "B2", 2)], AMZ_META)
+    lines = (src / "VG.jsonl").read_text().splitlines()
+    (src / "VG.jsonl").write_text(lines[0] + "\n" + lines[1][:-1] + ', "parent_asin": "B1"}\n')
+    msg = err_of(lambda: formats.read_amazon2023(src, "VG", split="loo"))
+    assert msg == f"{src / 'VG.jsonl'}, row 2, field 'parent_asin': given twice in one JSON object (which value is meant?)"
+
+
 def write_amazon2018(root: Path, reviews: list[dict], meta: list[dict]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "VG.json").write_text(jsonl(reviews))
@@ -93,6 +101,19 @@ def test_recbole_empty_user_id_is_an_error_like_csv(tmp_path: Path):
     (src / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\t1\t1\n")
     (src / "x.item").write_text("item_id:token\ttitle:token_seq\n1\tOne\n\tNo id\n")
     assert err_of(lambda: formats.read_recbole(src)) == f"{src / 'x.item'}, row 3, field 'item_id': empty id"
+
+
+def test_recbole_files_with_cr_line_endings_are_named_as_such(tmp_path: Path):
+    """"\r"-only files were read as one line: "column named more than once in the header" (a review)."""
+    src = tmp_path / "rb"
+    src.mkdir()
+    (src / "x.item").write_bytes(b"item_id:token\ttitle:token_seq\r1\tOne\r2\tTwo\r")
+    (src / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu1\t1\t1\nu1\t2\t2\n")
+    assert err_of(lambda: formats.read_recbole(src)) == (
+        f"{src / 'x.item'}, row 1: a line break inside the line (a file with \\r line endings?): "
+        "lines must end with \\n or \\r\\n")
+    (src / "x.item").write_bytes(b"item_id:token\ttitle:token_seq\r\n1\tOne\r\n2\tTwo\r\n")  # \r\n is fine
+    assert formats.read_recbole(src).titles == {"1": "One", "2": "Two"}
 
 
 # --------------------------------------------------------------------------- raw CSV: quotes, BOM
@@ -202,6 +223,9 @@ def bad_row(**change) -> str:
     (bad_row(timestamp="abc"), "row 2, field 'timestamp': expected an integer or null, got \"abc\""),
     (bad_row(user_id=None), "row 2, field 'user_id': expected a string or integer id, got null"),
     (bad_row(user_id=""), "row 2, field 'user_id': empty id"),
+    # json.loads keeps the last of a key given twice: the row read as target 1, silently (a review)
+    (jsonl(ROWS[:1]) + json.dumps(ROWS[1])[:-1] + ', "target_item_id": 1}\n',
+     "row 2, field 'target_item_id': given twice in one JSON object (which value is meant?)"),
 ])
 def test_bad_split_rows_name_file_line_field(tmp_path: Path, text: str, where: str):
     d = write_prepared(tmp_path / "d", rows_text=text)

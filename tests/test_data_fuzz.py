@@ -36,7 +36,7 @@ FUZZ = settings(max_examples=_EXPLORE or 150, deadline=None, suppress_health_che
 
 # Plain ValueErrors that prepare / the readers raise on purpose, with a message that says what is wrong.
 CLEAR_VALUE_ERRORS = re.compile(
-    r"no items left after cleaning|has no examples after cleaning|is not in the input|no interactions to split"
+    r"no items left, nothing to prepare|has no examples after cleaning|is not in the input|no interactions to split"
     r"|\.npy: not a \.npy file|\.npy: cannot read the (pickled )?array|eval_rows 'first' applies to time-window splits"
 )
 

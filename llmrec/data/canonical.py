@@ -67,16 +67,39 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return n
 
 
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _object_refusing_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # json.loads keeps the last value of a key given twice, without a word
+        seen: set[str] = set()
+        raise _RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def loads_json_line(line: str, path: Path, n: int) -> Any:
+    """``json.loads(line)``, but an invalid line, or an object giving a key twice (read as its last value by
+    ``json.loads``), raises :class:`DataFormatError` naming ``path``, line ``n`` and the key."""
+    try:
+        return json.loads(line, object_pairs_hook=_object_refusing_repeated_keys)
+    except _RepeatedKey as e:
+        raise DataFormatError(path, n, e.key, "given twice in one JSON object (which value is meant?)") from None
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, n, None, f"not valid JSON ({e.msg})") from None
+
+
 def _jsonl_records(lines: Iterable[str], path: Path) -> Iterator[tuple[int, dict]]:
     """(1-based line number, record) of ``lines``: blank lines are skipped but still counted, so the number
-    is the file's line, not the record's position; a line that is not a JSON object raises naming it."""
+    is the file's line, not the record's position; a line that is not a JSON object, or that gives a key twice,
+    raises naming it."""
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, i, None, f"not valid JSON ({e.msg})") from None
+        obj = loads_json_line(line, path, i)
         if not isinstance(obj, dict):  # `5`, `null`, `[1, 2]`: valid JSON, but no fields to read
             raise DataFormatError(path, i, None, f"expected a JSON object, got {json.dumps(obj)[:40]}")
         check_no_lone_surrogates(line, obj, path, i)

@@ -88,8 +88,12 @@ def _check_format_options(args: argparse.Namespace) -> None:
     if args.format == "amazon2018":
         for flag, text in (("--start", args.start), ("--end", args.end)):
             parts = text.split("-")
-            if len(parts) != 2 or not all(x.isdigit() for x in parts) or not 1 <= int(parts[1]) <= 12:
+            if (len(parts) != 2 or not all(x.isdigit() for x in parts) or not 1 <= int(parts[1]) <= 12
+                    or not 1 <= int(parts[0]) <= 9998):  # datetime's years, and the month after --end
                 raise ValueError(f"{flag} takes a month as YYYY-MM (e.g. 2018-11), got {text!r}")
+        start, end = (tuple(int(x) for x in t.split("-")) for t in (args.start, args.end))
+        if start > end:  # the window was silently widened back from the start instead (a review)
+            raise ValueError(f"--start {args.start} is after --end {args.end}: the window would be empty")
 
 
 def _splits_to_prepare(args: argparse.Namespace) -> list[str] | None:
@@ -118,6 +122,9 @@ def read_source(args: argparse.Namespace):
     inp = Path(args.input)
     if not inp.exists():
         raise FileNotFoundError(f"input not found: {inp}")
+    if not inp.is_dir() and not (args.format == "csv" and args.interactions and args.items):  # every reader looks for its files in a directory ("no .inter file matching" named the file)
+        raise ValueError(f"--input {inp} is a file: give the directory that holds the {args.format} files"
+                         + (" (or --interactions/--items for csv files elsewhere)" if args.format == "csv" else ""))
     splits = _split_list(args.splits)
     check_split_names(splits)  # before reading, which may take long
     _check_split_options(args)
@@ -257,7 +264,7 @@ def register_cli(subparsers) -> None:
     p = sub.add_parser("prepare", help="convert a source dataset into DIR/{train,valid,test}.jsonl + catalog + stats",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--format", required=True, choices=FORMATS, help="source format")
-    p.add_argument("--input", required=True, help="source file or directory")
+    p.add_argument("--input", required=True, help="directory of the source files (the format's names in it)")
     p.add_argument("--output", required=True, help="output directory (written atomically; an existing one must be empty or a previous output, "
                    "which is replaced)")
     p.add_argument("--splits", default=None, help="comma-separated splits to prepare (default: all three; "

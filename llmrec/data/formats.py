@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llmrec.data.canonical import SPLITS, DataFormatError, check_no_lone_surrogates, json_id
+from llmrec.data.canonical import SPLITS, DataFormatError, check_no_lone_surrogates, json_id, loads_json_line
 
 FORMATS = ("d3-csv", "seq-txt", "recbole", "csv", "amazon2018", "amazon2023")
 
@@ -84,6 +84,17 @@ def _lines(path: Path):
                 yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataFormatError(path, n, None, f"bytes that are not UTF-8 at offset {e.start}") from None
+
+
+def _lines_ending_in_newlines(path: Path):
+    """:func:`_lines` of a file whose lines must end with ``\n`` (or ``\r\n``): a lone ``\r`` inside a line (a file
+    with ``\r`` line endings, read as one line) raises naming the file instead of a misleading error about the first
+    line's fields (a review: "column named more than once in the header")."""
+    for n, line in _lines(path):
+        if "\r" in line.rstrip("\r\n"):
+            raise DataFormatError(path, n, None, "a line break inside the line (a file with \\r line endings?): "
+                                                 "lines must end with \\n or \\r\\n")
+        yield n, line
 
 
 # csv's default field size limit (131072 characters) refused a long field (an item's description) as "bad CSV".
@@ -270,7 +281,7 @@ def read_d3_csv(input_dir: Path, splits: list[str], category: str | None = None)
         raise ValueError(f"unknown split(s) {', '.join(unknown)}: the splits are {', '.join(SPLITS)}")
     info = _one_file(input_dir / "info", "*.txt", "info", category)
     titles: dict[str, str | None] = {}
-    for n, line in _lines(info):
+    for n, line in _lines_ending_in_newlines(info):
         line = line.rstrip("\r\n")
         if not line.strip():
             continue
@@ -442,7 +453,7 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
     if not item.exists():
         raise FileNotFoundError(f"item file not found: {item}")
     titles: dict[str, str | None] = {}
-    lines = _lines(item)
+    lines = _lines_ending_in_newlines(item)
     try:
         _, header = next(lines)
     except StopIteration:
@@ -470,7 +481,7 @@ def read_recbole(input_dir: Path, name: str | None = None, on_unknown: str = "er
         _set_title(titles, it, parts[cols[title_col]], item, n, "item_id")
     seqs: dict[str, dict] = {}
     skipped: dict[str, int] = {}
-    lines = _lines(inter)
+    lines = _lines_ending_in_newlines(inter)
     try:
         _, header = next(lines)
     except StopIteration:
@@ -528,9 +539,13 @@ def _drop_repeated_events(events: dict[str, list[tuple[int, int, str]]], skipped
         skipped["duplicate_interactions_dropped"] = skipped.get("duplicate_interactions_dropped", 0) + dropped
 
 
+def _skip_text(skipped: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items()) if v) or "nothing"
+
+
 def _events_to_sequences(
     events: dict[str, list[tuple[int, int, str]]], split: str, valid_ratio: float, test_ratio: float,
-    cutoffs: tuple[int, int] | None,
+    cutoffs: tuple[int, int] | None, source: Path | None = None, skipped: dict[str, int] | None = None,
 ) -> tuple[str, dict]:
     """Order each user's events by (time, file order); split leave-one-out or at global time cutoffs.
 
@@ -549,8 +564,9 @@ def _events_to_sequences(
             raise ValueError(f"--valid-ratio {valid_ratio} and --test-ratio {test_ratio}: each must be >= 0 and "
                              "their sum < 1")
         all_ts = sorted(ts for ev in events.values() for ts, _, _ in ev)
-        if not all_ts:
-            raise ValueError("no interactions to split")
+        if not all_ts:  # say why: the readers' skip counts (the bare message named neither file nor cause)
+            raise ValueError(f"{source or 'the input'}: no interactions to split"
+                             + (f" (skipped while reading: {_skip_text(skipped)})" if skipped else " (no rows)"))
 
         def cutoff(train_share: float) -> float:
             # The timestamp of the first interaction after the first `train_share` of them (+1e-9: 30 * 0.9 is
@@ -596,7 +612,7 @@ def read_generic_csv(
             raise DataFormatError(interactions, n, i_col, f"item {it!r} is not in {items.name}")
         events[user].append((ts, n, it))
     _drop_repeated_events(events, skipped)
-    mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs)
+    mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs, interactions, skipped)
     return RawData(titles=titles, mode=mode, sequences=seqs, skipped=skipped, source={"format": "csv", "split": split})
 
 
@@ -604,10 +620,7 @@ def _jsonl_objects(path: Path):
     for n, line in _lines(path):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, n, None, f"not valid JSON ({e.msg})") from None
+        obj = loads_json_line(line, path, n)
         if not isinstance(obj, dict):
             raise DataFormatError(path, n, None, "expected a JSON object")
         check_no_lone_surrogates(line, obj, path, n)
@@ -669,7 +682,7 @@ def read_amazon2023(
             raise DataFormatError(reviews, n, "parent_asin", f"item {it} has no metadata in {meta.name}")
         events[user].append((_timestamp(obj["timestamp"], reviews, n, "timestamp"), n, it))
     _drop_repeated_events(events, skipped)
-    mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs)
+    mode, seqs = _events_to_sequences(events, split, valid_ratio, test_ratio, cutoffs, reviews, skipped)
     return RawData(titles=titles, mode=mode, sequences=seqs, skipped=skipped, source={"format": "amazon2023", "category": category})
 
 

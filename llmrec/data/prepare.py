@@ -187,6 +187,10 @@ def _rows_from_rows(raw: RawData, to_id: dict[str, int], opts: PrepareOptions, s
     return out
 
 
+def _source_text(raw: RawData) -> str:
+    return ", ".join(f"{k} {v}" for k, v in raw.source.items()) or "the input"
+
+
 def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None, splits: list[str] | None = None) -> dict:
     """Clean, number, form examples and write the prepared directory atomically; return the stats."""
     opts = opts or PrepareOptions()
@@ -223,8 +227,10 @@ def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None
                 used.update(it for it, _ in seq)
     kept, report = clean_titles({r: t for r, t in raw.titles.items() if r in used}, opts.title_policy)
     catalog = ItemCatalog.from_titles(kept)
-    if len(catalog) == 0:
-        raise ValueError("no items left after cleaning: nothing to prepare")
+    if len(catalog) == 0:  # say where the items went (it blamed the title cleaning whatever emptied the data)
+        skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(raw.skipped.items()) if v) or "nothing"
+        raise ValueError(f"no items left, nothing to prepare ({_source_text(raw)}): {len(used):,} items occur in "
+                         f"the rows read, {len(kept):,} of them with a usable title; skipped while reading: {skipped}")
     to_id = {r: i + 1 for i, r in enumerate(catalog.raw_ids)}
     skips: Counter = Counter(raw.skipped)
     if raw.mode == "rows":
@@ -236,7 +242,8 @@ def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None
         if s not in rows:
             raise ValueError(f"split '{s}' is not in the input")
         if not rows[s]:
-            raise ValueError(f"split '{s}' has no examples after cleaning")
+            dropped = ", ".join(f"{k} {v:,}" for k, v in sorted(skips.items()) if v) or "nothing"
+            raise ValueError(f"split '{s}' has no examples after cleaning ({_source_text(raw)}; skipped: {dropped})")
     users, items, inter = set(), set(), 0
     for s in wanted:
         for r in rows[s]:
