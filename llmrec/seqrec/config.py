@@ -116,7 +116,8 @@ class SeqRecConfig:
         "sequence mode: a window ends every window_stride positions and trains its last window_stride "
         "positions, so each of them sees >= max_history - window_stride earlier items (0 = max_history: "
         "non-overlapping windows, the first positions of a window see few items; 1 = every prefix with its "
-        "full history, as RecBole's samples, at max_history times the windows)",
+        "full history, as RecBole's samples, at up to max_history times the windows: one per train row; ~40x on "
+        "ML-100K, ~6x on Beauty and Games, whose sequences are short)",
     )
     # backbone
     backbone: str = _f(

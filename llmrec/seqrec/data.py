@@ -79,9 +79,9 @@ def build_chains(
 
     Returns ``(sequence, row_of)`` pairs: ``sequence`` holds items oldest first and ``row_of[p]`` is the
     train-row index whose target is ``sequence[p + 1]`` (``-1`` if no row has that target, i.e. no loss
-    at input position ``p``). Rows are visited in file order per user; a row extends the most recent
-    chain of its user whose tail equals its history, else it starts a new chain. Rows with an empty
-    history have no input and are skipped.
+    at input position ``p``). A user's rows are visited by history length (file order among equals); a row
+    extends the most recent chain of its user whose tail equals its history, else it starts a new chain.
+    Rows with an empty history have no input and are skipped.
 
     Exact when a user's train rows are all the prefixes of their train sequence, as ``llmrec data prepare``
     writes them (a dropped item leaves every history, not only its own row). A dataset whose rows were dropped
@@ -121,7 +121,8 @@ def chain_windows(
     and carry the loss of their last ``stride`` positions only, so every train row is one loss position
     exactly once. With ``stride < length`` each loss position sees at least ``length - stride`` earlier
     items (or all there are) instead of as few as none at a window's start: closer to per-prefix training
-    (``stride = 1``, RecBole's samples) at ``length / stride`` times the windows.
+    (``stride = 1``, RecBole's samples) at up to ``length / stride`` times the windows (fewer on short
+    sequences: stride 1 makes one window per train row).
     ``row_index`` is the train row of each window's last target (used by LARES's same-target
     augmentation); windows without any loss position are dropped.
     """
