@@ -1186,10 +1186,12 @@ class Pipeline:
             for s, d in seeds.items():
                 if d == self.eval_dir(m, s):  # from the run directory (not already the archived copy)
                     self._archive(m, s, d)
-        atomic_write_json(results_dir / f"{o.name}.json", result)
+        # The table and plot first, the JSON last (as a run's results.json): a report cut after the JSON left the
+        # previous .md, which update_readme_results.py copies into the README (a review).
         md = report_markdown(result, command=self.command())
         atomic_write_text(results_dir / f"{o.name}.md", md)
         plot_report(result, results_dir / f"{o.name}.png")
+        atomic_write_json(results_dir / f"{o.name}.json", result)
         print(md, end="")
         return result
 

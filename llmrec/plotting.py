@@ -21,12 +21,19 @@ def pyplot() -> Any:
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
     """Write ``fig`` as PNG to ``path`` through a temporary file and a durable rename (never half-written), then
     close it."""
-    from llmrec.data.canonical import give_default_permissions, replace_durably
+    from llmrec.data.canonical import (
+        _remove_leftovers,
+        _writer_tag,
+        give_default_permissions,
+        replace_durably,
+    )
 
     plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    # Named as atomic_write_text's temporaries (writer's pid and host), so a killed plot's file is removed by the
+    # next write beside it; "tmpXXXX.png.tmp" names were never removed (a review).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{_writer_tag()}-")
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=dpi)
@@ -36,3 +43,4 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
         plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _remove_leftovers(path)

@@ -440,6 +440,17 @@ def test_report_only_and_bad_options(report, tmp_path):
                                    name="sub", test_rows=6, id_overrides=dict(FIXTURE_ID))).run()
     assert set(res["methods"]) == {"popularity", "sasrec"}
     assert not (tmp_path / "r" / "sub.md.tmp").exists()
+    # the JSON last: a report cut after it left the previous .md for update_readme_results.py (a review)
+    stamps = {ext: (tmp_path / "r" / f"sub.{ext}").stat().st_mtime_ns for ext in ("md", "png", "json")}
+    import llmrec.bench_pipeline as bp
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(bp, "plot_report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            Pipeline(PipelineOptions(dataset=str(data), output_dir=str(root / "runs"), report_only=True,
+                                     methods=["popularity", "sasrec"], results_dir=str(tmp_path / "r"),
+                                     name="sub", test_rows=6, id_overrides=dict(FIXTURE_ID))).run()
+    assert (tmp_path / "r" / "sub.json").stat().st_mtime_ns == stamps["json"]  # not written before the plot
     # a finished beam evaluation made with another LM setting is refused, naming both runs
     mixed = tmp_path / "mixed_runs"
     for name in ("eval_sft_bigrec", "eval_sft_latent"):

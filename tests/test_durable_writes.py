@@ -153,3 +153,18 @@ def test_temporaries_of_another_machine_are_left_alone(tmp_path):
     assert not here.exists() and elsewhere.exists()
     with canonical.atomic_directory(tmp_path / "out") as tmp:
         assert tmp.name.startswith(f".out.tmp-{os.getpid()}@{host}-")
+
+
+def test_a_killed_plots_temporary_is_removed_by_the_next_plot_beside_it(tmp_path):
+    """save_figure's temporaries were "tmpXXXX.png.tmp", which nothing removed after a kill (a review)."""
+    pytest.importorskip("matplotlib")
+    from llmrec.data.canonical import _writer_tag
+    from llmrec.plotting import pyplot, save_figure
+
+    host = _writer_tag().split("@")[1]
+    left = tmp_path / f".plot.png.tmp-{_dead_pid()}@{host}-abc"
+    left.write_bytes(b"partial png")
+    fig = pyplot().figure()
+    save_figure(fig, tmp_path / "plot.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

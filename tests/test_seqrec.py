@@ -761,10 +761,19 @@ def test_benchmark_is_resumable_and_summarises(tmp_path, capsys):
     lo, hi = want["ci95_seeds_rows"]
     assert f"; seeds+rows [{lo:+.4f}, {hi:+.4f}]" in (out / "seqrec_bench.md").read_text()
     stamp = (out / "runs" / "sasrec_seed0" / "results.json").stat().st_mtime_ns
+    import llmrec.seqrec.bench as bench_module
+
+    written = []
     with pytest.MonkeyPatch.context() as m:
         seen = trained_batches(m)
+        for name in ("atomic_write_json", "atomic_write_text", "plot_seqrec_benchmark"):
+            real = getattr(bench_module, name)
+            m.setattr(bench_module, name, lambda *a, _real=real, **k: written.append(
+                next(Path(x).name for x in a if isinstance(x, (str, Path)))) or _real(*a, **k))
         again = run_seqrec_benchmark(d, ["sasrec", "rearec-erl"], 2, out, **kw)  # every run is skipped
     assert again == summary and seen == []
+    # the JSON last: a summary cut after it left the previous table for the README (a review)
+    assert written == ["seqrec_bench.md", "seqrec_bench.png", "seqrec_bench.json"]
     partial = run_seqrec_benchmark(d, ["sasrec", "lares"], 3, out, report_only=True, **kw)  # trains nothing
     assert set(partial) == {"sasrec"} and partial["sasrec"]["seeds"] == 2
     assert not (out / "runs" / "lares_seed0").exists()

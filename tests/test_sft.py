@@ -107,6 +107,35 @@ def test_checkpoint_contents_and_reload(tmp_path, prepared_dir):
         checkpoint_kind(bare)
 
 
+def test_a_save_cut_after_the_adapter_is_refused_not_evaluated_as_a_plain_adapter(tmp_path, prepared_dir, monkeypatch):
+    """peft writes a complete-looking adapter first; a kill before the latent files left a folder that evaluate and
+    recommend loaded as a plain LoRA model, without the latent token it was trained with (a review)."""
+    import safetensors.torch
+
+    from llmrec.models.checkpoint import CheckpointError, checkpoint_kind, load_for_inference
+    from llmrec.training.sft import LATENT_EMBEDDINGS_NAME
+
+    real = safetensors.torch.save_file
+
+    def killed_at_the_latent_rows(tensors, filename, *a, **k):
+        if str(filename).endswith(LATENT_EMBEDDINGS_NAME):
+            raise KeyboardInterrupt
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed_at_the_latent_rows)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(make_config(out, prepared_dir, num_latent_tokens=1, max_steps=1))
+    assert (out / "adapter_model.safetensors").exists() and not (out / "latent_config.json").exists()
+    with pytest.raises(CheckpointError, match="an llmrec save that was interrupted"):
+        checkpoint_kind(out)
+    with pytest.raises(CheckpointError, match="interrupted"):
+        load_for_inference(None, str(out), dtype="float32")
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    run_sft(make_config(out, prepared_dir, num_latent_tokens=1, max_steps=1))  # the rerun saves it whole
+    assert checkpoint_kind(out) == "adapter" and (out / "latent_config.json").exists()
+
+
 @pytest.mark.parametrize("concat", [True, False])
 def test_eval_loss_is_the_token_mean_over_every_validation_row(tmp_path, prepared_dir, concat):
     # The plain form: each validation row alone through the trained model, completion-token cross-entropy

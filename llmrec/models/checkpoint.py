@@ -24,6 +24,9 @@ FULL_MODEL_FILES = ("config.json",)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # What only an llmrec latent checkpoint holds (beside llmrec_config.json, written after them).
 LATENT_FILES = ("latent_embeddings.safetensors", "latent_config.json", "latent_head.safetensors")
+# Written by an llmrec save before its first file and removed after its last: a folder holding it is a cut save
+# (peft writes a complete-looking adapter first; the latent files and llmrec_config.json follow).
+SAVE_IN_PROGRESS = ".llmrec_save_in_progress"
 
 
 class CheckpointError(FileNotFoundError):
@@ -65,6 +68,12 @@ def checkpoint_kind(path: str | Path) -> str:
             f"{path} is a training run that has not finished (checkpoint-N folders, but no train_results.json or "
             f"grpo_results.json): rerun the same `llmrec sft`/`llmrec grpo` command to finish it (an SFT run's "
             f"checkpoint-N folders are evaluable as they are)")
+    if (path / SAVE_IN_PROGRESS).exists():
+        # Cut after peft wrote the adapter: it looked like a plain LoRA adapter and was evaluated without the
+        # latent tokens the model was trained with (a review).
+        raise CheckpointError(
+            f"{path} holds an llmrec save that was interrupted ({SAVE_IN_PROGRESS} is still there): use an earlier "
+            f"checkpoint or rerun the training command")
     latent = [f for f in LATENT_FILES if (path / f).exists()]
     if latent and not (path / "llmrec_config.json").exists():
         # llmrec writes llmrec_config.json last: without it the save was cut, and the weights would load as a plain

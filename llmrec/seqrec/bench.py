@@ -240,6 +240,10 @@ def run_seqrec_benchmark(
     if not distributed_state().is_main_process:  # every process has the summary; one prints and writes it
         return summary
     print(table)
+    # The table and plot first, the JSON last: a summary cut after the JSON left the previous table (a review).
+    atomic_write_text(output / "seqrec_bench.md", table)
+    if runs:
+        plot_seqrec_benchmark(runs, output / "seqrec_bench.png", title=str(dataset_dir))
     atomic_write_json(
         output / "seqrec_bench.json",
         {
@@ -252,9 +256,6 @@ def run_seqrec_benchmark(
             "paired": paired,
         },
     )
-    atomic_write_text(output / "seqrec_bench.md", table)
-    if runs:
-        plot_seqrec_benchmark(runs, output / "seqrec_bench.png", title=str(dataset_dir))
     return summary
 
 

@@ -377,6 +377,10 @@ class SeqRecTrainer:
                 tmp = optim_path.with_name(optim_path.name + ".tmp")
                 torch.save(optim.state_dict(), tmp)
                 replace_durably(tmp, optim_path)
+                if self.training_clock is not None:  # before the state that marks the epoch finished: a run cut
+                    # between the two retrains the epoch and counts its time twice (time spent), never zero times
+                    clock_file, before, started = self.training_clock
+                    atomic_write_json(clock_file, {"seconds": before + time.perf_counter() - started})
                 atomic_write_json(
                     state_file,
                     {
@@ -391,9 +395,6 @@ class SeqRecTrainer:
                         if torch.cuda.is_available() else None,
                     },
                 )
-                if self.training_clock is not None:
-                    clock_file, before, started = self.training_clock
-                    atomic_write_json(clock_file, {"seconds": before + time.perf_counter() - started})
             acc.wait_for_everyone()
             if bad >= patience:
                 logger.info("%s: early stop after epoch %d (best epoch %d)", phase, epoch + 1, res.best_epoch)

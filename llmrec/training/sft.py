@@ -627,8 +627,14 @@ def save_sft_checkpoint(model: LatentReasoningLM, tokenizer, output_dir: str | o
     """Write the LM (adapter or full), the latent head + config, the tokenizer and the llmrec config."""
     from safetensors.torch import save_file
 
+    from llmrec.models.checkpoint import SAVE_IN_PROGRESS
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A save cut anywhere before its end must not load as a model (checkpoint_kind refuses the marker); the old
+    # llmrec_config.json goes first, so a cut save is never read with the previous save's settings.
+    atomic_write_text(out / SAVE_IN_PROGRESS, "an llmrec save is being written here (a kill leaves this file)\n")
+    (out / LLMREC_CONFIG_NAME).unlink(missing_ok=True)
     lm = model.model
     if _is_peft(lm):
         lm.save_pretrained(str(out), save_embedding_layers=False)
@@ -649,10 +655,11 @@ def save_sft_checkpoint(model: LatentReasoningLM, tokenizer, output_dir: str | o
     payload = {"format": "llmrec-sft", "version": 1, "tokenization": "separate",
                "latent_token_ids": list(model.config.latent_token_ids or []),
                "embedding_rows": model.embed_tokens.weight.shape[0], **(sft_fields or {})}
-    (out / LLMREC_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    give_saved_weights_default_permissions(out)
     if training_args is not None:
-        (out / TRAINING_ARGS_JSON).write_text(json.dumps(training_args, indent=2, default=str) + "\n")
+        atomic_write_text(out / TRAINING_ARGS_JSON, json.dumps(training_args, indent=2, default=str) + "\n")
+    atomic_write_text(out / LLMREC_CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
+    give_saved_weights_default_permissions(out)
+    (out / SAVE_IN_PROGRESS).unlink()
 
 
 def load_sft_weights(model: LatentReasoningLM, checkpoint: str | os.PathLike) -> None:
