@@ -52,9 +52,12 @@ def main() -> int:
     records, ranks = [], []
     for r in rows:
         a, b = first[r], second[r]
-        if a["target_item_id"] != b["target_item_id"]:
-            raise SystemExit(f"row {r}: target {a['target_item_id']} in {args.run_a}, {b['target_item_id']} in "
-                             f"{args.run_b}: not the same rows")
+        # another split's or dataset's row of the same number: another target, or another user (where both record
+        # one; the target alone let two users with the same targets fuse, a review), as ranking_overlap.py checks
+        users = (a.get("user_id"), b.get("user_id"))
+        if a["target_item_id"] != b["target_item_id"] or None not in users and users[0] != users[1]:
+            raise SystemExit(f"row {r}: target {a['target_item_id']} (user {users[0]}) in {args.run_a}, "
+                             f"{b['target_item_id']} (user {users[1]}) in {args.run_b}: not the same rows")
         fused = fuse([a["item_ranking"], b["item_ranking"]], args.c)
         target = a["target_item_id"]
         rank = fused.index(target) if target in fused else None  # 0-based, as the evaluator writes it

@@ -119,6 +119,7 @@ def main() -> int:
         if r.get("history_masking"):
             raise SystemExit(f"{f}: RecBole ran with history masking; llmrec's protocol does not mask")
         t = r["test"]
+        rec_shape = (int(r["items"]), int(r["users"]))  # the checks below compare our runs with this
         rec_runs.append((f, int(r["seed"]), {"ndcg@10": t["ndcg@10"], "hr@10": t["hit@10"], "ndcg@20": t["ndcg@20"],
                                              "valid_ndcg@10": r["best_valid_ndcg@10"]}))
     rec = runs_by_seed(rec_runs, "RecBole 1.2 SASRec")
@@ -128,8 +129,17 @@ def main() -> int:
         for path in sorted(glob.glob(pattern)) or [pattern]:
             res = json.loads(Path(path).read_text())
             found = res["runs"].get("sasrec", []) if "runs" in res else [res] if res.get("model") == "sasrec" else []
-            runs += [(path, int(r["seed"]), {**{m: r["test"][m] for m in METRICS}, "valid_ndcg@10": r["valid"]["ndcg@10"]})
-                     for r in found]
+            for r in found:
+                # Another dataset's or protocol's SASRec was printed as "vs RecBole" under the ML-100K caption (a
+                # review): the catalogue, the test users and the unmasked history must be RecBole's.
+                p = r.get("protocol", {})
+                shape = (p.get("num_items"), p.get("rows", {}).get("test"))
+                if shape != rec_shape or p.get("mask_history") or p.get("split") != "loo":
+                    raise SystemExit(f"{path}: seed {r['seed']} is not on RecBole's protocol (items, test users "
+                                     f"{shape}, mask_history {p.get('mask_history')}, split {p.get('split')}; "
+                                     f"RecBole: {rec_shape}, unmasked leave-one-out)")
+                runs.append((path, int(r["seed"]),
+                             {**{m: r["test"][m] for m in METRICS}, "valid_ndcg@10": r["valid"]["ndcg@10"]}))
         if not runs:
             raise SystemExit(f"{pattern}: no sasrec runs (`llmrec bench seqrec` results or sasrec runs' results.json)")
         settings[label] = runs_by_seed(runs, label)

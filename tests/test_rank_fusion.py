@@ -63,3 +63,11 @@ def test_runs_on_different_rows_are_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="row 0: target 5 .* 6 .*not the same rows"):
         _module().main()
     assert not (tmp_path / "o").exists()
+    # the same targets, other users (a review)
+    other_users = _run(tmp_path / "c", [(0, 5, [5, 7])])
+    rankings = other_users / "rankings.jsonl"
+    rankings.write_text(rankings.read_text().replace('"u0"', '"x0"'))
+    monkeypatch.setattr(sys, "argv", ["rank_fusion.py", str(a), str(other_users), "--output", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"row 0: target 5 \(user u0\) .* 5 \(user x0\) .*not the same rows"):
+        _module().main()
+    assert not (tmp_path / "o").exists()
