@@ -172,3 +172,15 @@ def test_games_grpo_sweep_commits_what_it_ran(tmp_path):
                          "200 validation rows\n")
     assert "Best on validation: grpo_batch_lr1e-5. Test, 100 rows (" in md
     assert json.loads((results / "t_smollm2.json").read_text())["runs"][1] == f"{out}/eval_grpo_batch_lr1e-5"
+
+
+def test_seqrec_table_names_the_seeds_run_and_compares_with_sasrec_on_shared_seeds():
+    """The caption said "42, 43, 44" whatever the seeds were, and a 2-seed model's % was over SASRec's 3-seed mean
+    (a review)."""
+    mod = _table_module()
+    bench = {"dataset_dir": "/data", "summary": {"sasrec": _row(3, 0.06, 3), "lares": _row(2, 0.055, 2)},
+             "runs": {"sasrec": [_run(45, 0.05), _run(46, 0.05), _run(47, 0.08)],
+                      "lares": [_run(45, 0.055), _run(46, 0.055)]}, "paired": {}}
+    text = mod.table(bench)
+    assert "over the finished seeds of 45, 46, 47 (seeds column)" in text
+    assert "(+10.0% vs SASRec on seeds 45, 46)" in _row_of(text, "lares")  # not 0.055 / 0.06: -8.3%
