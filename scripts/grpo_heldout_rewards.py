@@ -47,6 +47,7 @@ def main() -> int:
     from llmrec.training.grpo import LatentGRPOConfig, LatentGRPOTrainer
 
     results, per_row = [], []
+    row_identity: tuple = ()  # (dataset, row indices, target titles) the baseline scored
     mined: dict = {}  # rank_negatives=beam: the first checkpoint's beam-search items, reused by the others
     scratch = tempfile.mkdtemp(prefix="grpo_heldout_")
     for n, ckpt in enumerate(args.checkpoints):
@@ -72,6 +73,16 @@ def main() -> int:
                 trainer.beam_negatives_for(args.split, row)
         full = trainer.evaluate_rewards(per_row=True)
         mined = mined or trainer.beam_negatives
+        rows_of = full["per_row"]
+        # Paired by position: the checkpoints must have scored the same rows of the same data (each reads the
+        # dataset its SFT checkpoint recorded, and drops rows whose answer does not fit its max_length; a review:
+        # two datasets' rows were given a "paired" interval).
+        identity = (str(Path(trainer.prompt_settings()["dataset"]).resolve()), rows_of["row_index"],
+                    rows_of["target_title"])
+        if per_row and identity != row_identity:
+            raise SystemExit(f"{ckpt}: scored other {args.split} rows than {args.checkpoints[0]} (dataset "
+                             f"{identity[0]} vs {row_identity[0]}, or rows dropped for length): not paired")
+        row_identity = identity
         per_row.append({k: np.array(v) for k, v in full.pop("per_row").items() if k in METRICS})
         results.append({"checkpoint": ckpt, **full})
         print(json.dumps(results[-1]), flush=True)

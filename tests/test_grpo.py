@@ -1084,8 +1084,12 @@ def test_held_out_rewards_before_and_after_training(tmp_path, sft_dir):
     fast = LatentGRPOTrainer(grpo_config(tmp_path / "c", sft, eval_rows=5))
     b_naive, b_fast = naive.evaluate_rewards(), fast.evaluate_rewards()
     assert b_fast == pytest.approx(before, abs=1e-6)
-    rows = fast.evaluate_rewards(per_row=True)["per_row"]["log_likelihood"]
+    per_row = fast.evaluate_rewards(per_row=True)["per_row"]
+    rows = per_row["log_likelihood"]
     assert len(rows) == 5 and sum(rows) / 5 == pytest.approx(before["log_likelihood"], abs=1e-9)
+    # which rows (scripts/grpo_heldout_rewards.py pairs checkpoints only on the same ones)
+    assert per_row["row_index"] == [r["row_index"] for r in fast._eval_rows]
+    assert per_row["target_title"] == [r["target_title"] for r in fast._eval_rows]
     assert b_naive["log_likelihood"] == pytest.approx(b_fast["log_likelihood"], abs=1e-5)
     assert b_naive["neg_ppl"] == pytest.approx(b_fast["neg_ppl"], rel=1e-5)
     # A held-out row's log-likelihood from the SFT forward: minus its mean completion-token cross-entropy.
@@ -1105,7 +1109,8 @@ def test_held_out_candidate_rewards_match_plain_forwards(tmp_path, sft_dir):
     t = LatentGRPOTrainer(grpo_config(tmp_path / "a", sft, eval_rows=3, rank_candidates=4,
                                       reward_funcs=["neg_ppl", "candidate_log_softmax"]))
     res = t.evaluate_rewards(per_row=True)
-    assert set(res["per_row"]) == {"neg_ppl", "log_likelihood", "reciprocal_rank", "candidate_log_softmax"}
+    assert set(res["per_row"]) == {"neg_ppl", "log_likelihood", "reciprocal_rank", "candidate_log_softmax", "row_index",
+                                   "target_title"}
     row = t._eval_rows[1]
     items = candidate_items(t.config.seed, -1, row["row_index"], row["target_item_id"], t.num_items, 4,
                             t.same_title.get(tuple(t.candidate_completions[row["target_item_id"]]), frozenset()))

@@ -1451,7 +1451,7 @@ class LatentGRPOTrainer:
         among ``rank_candidates`` items drawn per held-out row. The draw is keyed by the seed and the row's index in
         ``eval_split``, and follows ``rank_candidates`` and ``rank_negatives``: checkpoints compare on the same
         candidates only when those three settings agree. With ``per_row``, also the per-row values in row order
-        (for paired comparisons of checkpoints).
+        (for paired comparisons of checkpoints), with each row's index in ``eval_split`` and its target title.
         """
         self._mine_held_out_negatives()
         rows = self._eval_rows
@@ -1510,6 +1510,9 @@ class LatentGRPOTrainer:
         out.update({name: float(allv[:, j].mean()) for j, name in enumerate(names, start=1)})
         if per_row:
             out["per_row"] = {name: allv[:, j].tolist() for j, name in enumerate(names, start=1)}
+            # which rows, so a paired comparison can check it pairs the same rows (a review)
+            out["per_row"]["row_index"] = [rows[int(i)]["row_index"] for i in allv[:, 0].tolist()]
+            out["per_row"]["target_title"] = [rows[int(i)]["target_title"] for i in allv[:, 0].tolist()]
         return out
 
     # -- training
