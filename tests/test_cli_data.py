@@ -232,10 +232,10 @@ def test_stats_of_a_hand_edited_stats_json_names_the_file_and_field(tmp_path: Pa
     assert main(["data", "stats", str(out), "--json"]) == 0  # the raw file is still shown as it is
 
 
-def write_amazon2018_source(root: Path) -> Path:
-    """5 reviewers x 12 items inside D3's default window: every user and item passes the 5-core."""
+def write_amazon2018_source(root: Path, base: int = 1514764800) -> Path:
+    """5 reviewers x 12 items inside D3's default window (``base``: 2018-01-01 UTC): every user and item passes the
+    5-core."""
     root.mkdir(parents=True, exist_ok=True)
-    base = 1514764800  # 2018-01-01 UTC
     (root / "Toys.json").write_text("".join(
         json.dumps({"reviewerID": f"U{u}", "asin": f"A{k:02d}", "unixReviewTime": base + k * 864000 + u * 3600}) + "\n"
         for u in range(1, 6) for k in range(1, 13)))
@@ -253,6 +253,14 @@ def test_amazon2018_max_history_reaches_the_reader(tmp_path: Path, extra, longes
     rows = [r for split in ("train", "valid", "test") for r in read_rows(out / f"{split}.jsonl")]
     assert max(len(r["history_item_ids"]) for r in rows) == longest
     assert json.loads((out / "stats.json").read_text())["options"]["max_history"] == recorded
+
+
+def test_amazon2018_end_before_the_default_start_widens_back_as_before(tmp_path: Path):
+    """--end alone, before the default --start (2017-10): the reader widens the window back; the check that refuses
+    an inverted --start/--end must not refuse the start the user never gave (a review)."""
+    src, out = write_amazon2018_source(tmp_path / "src", base=1488326400), tmp_path / "out"  # 2017-03-01
+    assert main(prepare_args("amazon2018", src, out, "--category", "Toys", "--min-items", "1", "--end", "2017-06")) == 0
+    assert json.loads((out / "stats.json").read_text())["source"]["window"].endswith("-2017-6")
 
 
 def test_max_history_default_of_the_other_formats_is_50(tmp_path: Path):
@@ -299,6 +307,7 @@ def test_ratios_are_refused_where_a_csv_split_ignores_them(tmp_path: Path, capsy
     ("amazon2018", ["--category", "V", "--start", "2019-01", "--end", "2018-11"], "--start 2019-01 is after --end"),
     ("amazon2018", ["--category", "V", "--start", "0000-01"], "--start takes a month as YYYY-MM"),
     ("amazon2018", ["--category", "V", "--end", "99999-01"], "--end takes a month as YYYY-MM"),
+    ("amazon2018", ["--category", "V", "--start", "2017-10", "--end", "2017-06"], "--start 2017-10 is after --end"),
 ])
 def test_options_the_format_does_not_read_are_refused(tmp_path: Path, capsys, fmt, extra, option):
     """`--format recbole --min-rating 4` prepared every rating (the option is amazon2023's), and the other

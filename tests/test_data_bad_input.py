@@ -65,6 +65,11 @@ def test_amazon2023_review_giving_a_key_twice_is_an_error(tmp_path: Path):
     (src / "VG.jsonl").write_text(lines[0] + "\n" + lines[1][:-1] + ', "parent_asin": "B1"}\n')
     msg = err_of(lambda: formats.read_amazon2023(src, "VG", split="loo"))
     assert msg == f"{src / 'VG.jsonl'}, row 2, field 'parent_asin': given twice in one JSON object (which value is meant?)"
+    # a repeat inside a nested object no reader reads (an item's details) is not the record's field: left alone
+    (src / "VG.jsonl").write_text(jsonl([amz_review("u1", "B1", 1), amz_review("u1", "B2", 2)]))
+    meta = (src / "meta_VG.jsonl").read_text().splitlines()
+    (src / "meta_VG.jsonl").write_text(meta[0][:-1] + ', "details": {"Brand": "A", "Brand": "B"}}\n' + meta[1] + "\n")
+    assert formats.read_amazon2023(src, "VG", split="loo").titles == {"B1": "One", "B2": "Two"}
 
 
 def write_amazon2018(root: Path, reviews: list[dict], meta: list[dict]) -> Path:

@@ -716,6 +716,34 @@ def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path, sft_dir):
     assert scalars["train/reward"] == [(s["step"], pytest.approx(s["reward"], rel=1e-6)) for s in full["log_history"]]
 
 
+def test_a_head_only_save_cut_while_copying_the_sft_files_is_refused(tmp_path, sft_dir, monkeypatch):
+    """Head-only GRPO copies the SFT checkpoint's files first: cut after the adapter's, before the latent files, the
+    folder loaded as a plain LoRA adapter (a review). The save-in-progress marker covers the whole save."""
+    import llmrec.training.grpo as grpo
+    from llmrec.models.checkpoint import SAVE_IN_PROGRESS, CheckpointError, checkpoint_kind
+
+    sft, _, _ = sft_dir
+    real_copy = grpo.shutil.copy2
+
+    def cut_at_the_latent_files(src, dst, *a, **k):
+        if Path(src).name.startswith("latent"):  # the adapter's two files copied first (the directory's order)
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                real_copy(Path(src).parent / name, Path(dst).parent / name)
+            raise KeyboardInterrupt
+        return real_copy(src, dst, *a, **k)
+
+    out = tmp_path / "grpo"
+    with monkeypatch.context() as m:
+        m.setattr(grpo.shutil, "copy2", cut_at_the_latent_files)
+        with pytest.raises(KeyboardInterrupt):
+            run_grpo(grpo_config(out, sft, max_steps=1))
+    assert (out / "adapter_model.safetensors").exists() and not (out / "latent_config.json").exists()
+    with pytest.raises(CheckpointError, match="interrupted"):
+        checkpoint_kind(out)
+    run_grpo(grpo_config(out, sft, max_steps=1))  # the rerun's save removes the marker it finds
+    assert checkpoint_kind(out) == "adapter" and not (out / SAVE_IN_PROGRESS).exists()
+
+
 def test_checkpoint_records_the_prompt_settings_grpo_trained_with(tmp_path, sft_dir):
     """GRPO may read another history length / token budget than its SFT start: its checkpoint says what it used."""
     from llmrec.recommend import Recommender
@@ -1500,6 +1528,9 @@ def test_a_final_save_cut_short_is_not_taken_for_the_grpo_model(tmp_path, sft_di
     with pytest.raises(_Stop):
         run_grpo(grpo_config(out, sft, max_steps=1, save_steps=50))
     assert (out / "latent_config.json").exists() and not (out / "llmrec_config.json").exists()
+    with pytest.raises(CheckpointError, match="save that was interrupted"):  # the save-in-progress marker
+        checkpoint_kind(out)
+    (out / ".llmrec_save_in_progress").unlink()  # and without it, the missing llmrec_config.json
     with pytest.raises(CheckpointError, match="no llmrec_config.json"):
         checkpoint_kind(out)
 

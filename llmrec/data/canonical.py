@@ -67,29 +67,33 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return n
 
 
-class _RepeatedKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
+class _RepeatedKeyObject(dict):
+    """A JSON object that gave ``repeated`` twice (``json.loads`` keeps the last value, without a word)."""
+
+    repeated: str
 
 
-def _object_refusing_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
+def _object_noting_repeated_keys(pairs: list[tuple[str, Any]]) -> dict:
     obj = dict(pairs)
-    if len(obj) != len(pairs):  # json.loads keeps the last value of a key given twice, without a word
-        seen: set[str] = set()
-        raise _RepeatedKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return obj
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    noted = _RepeatedKeyObject(obj)
+    noted.repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return noted
 
 
 def loads_json_line(line: str, path: Path, n: int) -> Any:
-    """``json.loads(line)``, but an invalid line, or an object giving a key twice (read as its last value by
-    ``json.loads``), raises :class:`DataFormatError` naming ``path``, line ``n`` and the key."""
+    """``json.loads(line)``, but an invalid line, or a record giving one of its fields twice (read as the last
+    value by ``json.loads``), raises :class:`DataFormatError` naming ``path``, line ``n`` and the field. Repeats
+    inside nested objects (e.g. an Amazon item's ``details``, which no reader reads) are left alone."""
     try:
-        return json.loads(line, object_pairs_hook=_object_refusing_repeated_keys)
-    except _RepeatedKey as e:
-        raise DataFormatError(path, n, e.key, "given twice in one JSON object (which value is meant?)") from None
+        obj = json.loads(line, object_pairs_hook=_object_noting_repeated_keys)
     except json.JSONDecodeError as e:
         raise DataFormatError(path, n, None, f"not valid JSON ({e.msg})") from None
+    if isinstance(obj, _RepeatedKeyObject):
+        raise DataFormatError(path, n, obj.repeated, "given twice in one JSON object (which value is meant?)")
+    return obj
 
 
 def _jsonl_records(lines: Iterable[str], path: Path) -> Iterator[tuple[int, dict]]:

@@ -70,7 +70,7 @@ _FORMAT_OPTIONS = (
     ("--titles-from", "titles_from", ("seq-txt",), "auto"),
     ("--category", "category", ("d3-csv", "recbole", "amazon2023", "amazon2018"), None),
     ("--on-unknown-item", "on_unknown_item", ("seq-txt", "recbole", "csv", "amazon2023"), "error"),
-    ("--start", "start", ("amazon2018",), "2017-10"),
+    ("--start", "start", ("amazon2018",), None),
     ("--end", "end", ("amazon2018",), "2018-11"),
     ("--min-items", "min_items", ("amazon2018",), 5000),
 )
@@ -87,13 +87,16 @@ def _check_format_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--min-rating must be a finite number, got {args.min_rating}")
     if args.format == "amazon2018":
         for flag, text in (("--start", args.start), ("--end", args.end)):
+            if text is None:  # --start left out: D3's 2017-10, widened back as needed (also past an earlier --end)
+                continue
             parts = text.split("-")
             if (len(parts) != 2 or not all(x.isdigit() for x in parts) or not 1 <= int(parts[1]) <= 12
-                    or not 1 <= int(parts[0]) <= 9998):  # datetime's years, and the month after --end
+                    or not 1 <= int(parts[0]) <= 9999):  # datetime's years
                 raise ValueError(f"{flag} takes a month as YYYY-MM (e.g. 2018-11), got {text!r}")
-        start, end = (tuple(int(x) for x in t.split("-")) for t in (args.start, args.end))
-        if start > end:  # the window was silently widened back from the start instead (a review)
-            raise ValueError(f"--start {args.start} is after --end {args.end}: the window would be empty")
+        if args.start is not None:
+            start, end = (tuple(int(x) for x in t.split("-")) for t in (args.start, args.end))
+            if start > end:  # an inverted window was silently widened back from the start instead (a review)
+                raise ValueError(f"--start {args.start} is after --end {args.end}")
 
 
 def _splits_to_prepare(args: argparse.Namespace) -> list[str] | None:
@@ -148,7 +151,7 @@ def read_source(args: argparse.Namespace):
     if args.format == "amazon2018":
         if not args.category:
             raise ValueError("--format amazon2018 needs --category (e.g. Video_Games)")
-        return formats.read_amazon2018(inp, args.category, start=args.start, end=args.end, min_items=args.min_items,
+        return formats.read_amazon2018(inp, args.category, start=args.start or "2017-10", end=args.end, min_items=args.min_items,
                                        max_history=max_history_of(args))
     raise ValueError(f"unknown format {args.format!r}; known: {', '.join(FORMATS)}")
 
@@ -290,7 +293,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--min-rating", type=float, default=None, help="amazon2023: keep interactions rated at least this")
     p.add_argument("--interactions", default=None, help="csv: interactions file (default INPUT/interactions.csv)")
     p.add_argument("--items", default=None, help="csv: items file (default INPUT/items.csv)")
-    p.add_argument("--start", default="2017-10", help="amazon2018: window start YYYY-MM (widened back as D3 does)")
+    p.add_argument("--start", default=None, help="amazon2018: window start YYYY-MM (default 2017-10; widened back as "
+                   "D3 does)")
     p.add_argument("--end", default="2018-11", help="amazon2018: window end YYYY-MM (reviews up to the first "
                    "day of that month, that day included, as D3 keeps them)")
     p.add_argument("--min-items", type=int, default=5000, help="amazon2018: widen the window until this many items")

@@ -41,7 +41,8 @@ def remove_saved_model(directory: str | Path) -> list[str]:
     new run cut short (no checkpoint-N yet) left the old model there for `llmrec evaluate` to read as the new one.
     """
     directory = Path(directory)
-    names = ["llmrec_config.json", *ADAPTER_FILES, *FULL_MODEL_FILES, *LATENT_FILES, "model.safetensors.index.json"]
+    names = ["llmrec_config.json", *ADAPTER_FILES, *FULL_MODEL_FILES, *LATENT_FILES, "model.safetensors.index.json",
+             SAVE_IN_PROGRESS]
     files = [directory / n for n in names] + sorted(directory.glob("model*.safetensors"))
     removed = []
     for f in files:

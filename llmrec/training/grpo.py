@@ -1761,6 +1761,7 @@ class LatentGRPOTrainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
+        from llmrec.models.checkpoint import SAVE_IN_PROGRESS
         from llmrec.training.sft import LLMREC_CONFIG_NAME, TRAINING_ARGS_JSON, save_sft_checkpoint
 
         out = Path(output_dir)
@@ -1771,16 +1772,20 @@ class LatentGRPOTrainer:
         # refuses (checkpoint_kind). Copied first, as it was, a kill before the new head left a folder that
         # evaluate and recommend took for the GRPO model while it held the SFT head (review).
         config_path = out / LLMREC_CONFIG_NAME
+        # The marker before any file, removed after the last (both paths: head-only copies the SFT adapter first,
+        # and a kill there left a folder that loaded as a plain adapter; a review). Rewritten here, a stale one of
+        # a cut save is not left to refuse this finished model.
+        atomic_write_text(out / SAVE_IN_PROGRESS, "an llmrec save is being written here (a kill leaves this file)\n")
         config_path.unlink(missing_ok=True)
         if self.config.train_lora or src is None:
-            save_sft_checkpoint(lm, self.tokenizer, out, sft_fields=self.meta)
+            save_sft_checkpoint(lm, self.tokenizer, out, sft_fields=self.meta, finish=False)
             meta = json.loads(config_path.read_text(encoding="utf-8"))
             config_path.unlink()
         else:
             # Head-only training: the LM is the SFT checkpoint's; copy its files and write the new head.
             for f in src.iterdir():
                 if f.is_file() and f.name not in ("train_results.json", RESULTS_NAME, TRAINING_ARGS_JSON,
-                                                  LLMREC_CONFIG_NAME):
+                                                  LLMREC_CONFIG_NAME, SAVE_IN_PROGRESS):
                     shutil.copy2(f, out / f.name)
             lm.save_pretrained(out)
             give_saved_weights_default_permissions(out)
@@ -1802,6 +1807,7 @@ class LatentGRPOTrainer:
         (out / TRAINING_ARGS_JSON).write_text(json.dumps(self.config.to_dict(), indent=2, default=str) + "\n",
                                               encoding="utf-8")
         atomic_write_text(config_path, json.dumps(meta, indent=2, default=str) + "\n")  # last: the save is complete
+        (out / SAVE_IN_PROGRESS).unlink()
 
     # -- loop
 

@@ -623,8 +623,12 @@ def _is_peft(m: nn.Module) -> bool:
 
 
 def save_sft_checkpoint(model: LatentReasoningLM, tokenizer, output_dir: str | os.PathLike,
-                        sft_fields: dict[str, Any] | None = None, training_args: dict | None = None) -> None:
-    """Write the LM (adapter or full), the latent head + config, the tokenizer and the llmrec config."""
+                        sft_fields: dict[str, Any] | None = None, training_args: dict | None = None,
+                        finish: bool = True) -> None:
+    """Write the LM (adapter or full), the latent head + config, the tokenizer and the llmrec config.
+
+    ``finish=False`` leaves the save-in-progress marker for a caller that writes more files after (GRPO) and removes
+    the marker itself after its last one."""
     from safetensors.torch import save_file
 
     from llmrec.models.checkpoint import SAVE_IN_PROGRESS
@@ -659,7 +663,8 @@ def save_sft_checkpoint(model: LatentReasoningLM, tokenizer, output_dir: str | o
         atomic_write_text(out / TRAINING_ARGS_JSON, json.dumps(training_args, indent=2, default=str) + "\n")
     atomic_write_text(out / LLMREC_CONFIG_NAME, json.dumps(payload, indent=2) + "\n")
     give_saved_weights_default_permissions(out)
-    (out / SAVE_IN_PROGRESS).unlink()
+    if finish:
+        (out / SAVE_IN_PROGRESS).unlink()
 
 
 def load_sft_weights(model: LatentReasoningLM, checkpoint: str | os.PathLike) -> None:
