@@ -539,7 +539,8 @@ def _drop_repeated_events(events: dict[str, list[tuple[int, int, str]]], skipped
         skipped["duplicate_interactions_dropped"] = skipped.get("duplicate_interactions_dropped", 0) + dropped
 
 
-def _skip_text(skipped: dict[str, int]) -> str:
+def skip_counts_text(skipped: dict[str, int]) -> str:
+    """``"reason n, ..."`` of the non-zero skip counts, for error messages (``"nothing"`` if none)."""
     return ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items()) if v) or "nothing"
 
 
@@ -566,7 +567,7 @@ def _events_to_sequences(
         all_ts = sorted(ts for ev in events.values() for ts, _, _ in ev)
         if not all_ts:  # say why: the readers' skip counts (the bare message named neither file nor cause)
             raise ValueError(f"{source or 'the input'}: no interactions to split"
-                             + (f" (skipped while reading: {_skip_text(skipped)})" if skipped else " (no rows)"))
+                             + (f" (skipped while reading: {skip_counts_text(skipped)})" if skipped else " (no rows)"))
 
         def cutoff(train_share: float) -> float:
             # The timestamp of the first interaction after the first `train_share` of them (+1e-9: 30 * 0.9 is

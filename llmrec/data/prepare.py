@@ -42,7 +42,7 @@ from llmrec.data.canonical import (
     write_jsonl,
 )
 from llmrec.data.catalog import ItemCatalog, TitlePolicy, clean_titles
-from llmrec.data.formats import RawData
+from llmrec.data.formats import RawData, skip_counts_text
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +228,9 @@ def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None
     kept, report = clean_titles({r: t for r, t in raw.titles.items() if r in used}, opts.title_policy)
     catalog = ItemCatalog.from_titles(kept)
     if len(catalog) == 0:  # say where the items went (it blamed the title cleaning whatever emptied the data)
-        skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(raw.skipped.items()) if v) or "nothing"
         raise ValueError(f"no items left, nothing to prepare ({_source_text(raw)}): {len(used):,} items occur in "
-                         f"the rows read, {len(kept):,} of them with a usable title; skipped while reading: {skipped}")
+                         f"the rows read, {len(kept):,} of them with a usable title; skipped while reading: "
+                         f"{skip_counts_text(raw.skipped)}")
     to_id = {r: i + 1 for i, r in enumerate(catalog.raw_ids)}
     skips: Counter = Counter(raw.skipped)
     if raw.mode == "rows":
@@ -242,8 +242,8 @@ def prepare(raw: RawData, output: str | Path, opts: PrepareOptions | None = None
         if s not in rows:
             raise ValueError(f"split '{s}' is not in the input")
         if not rows[s]:
-            dropped = ", ".join(f"{k} {v:,}" for k, v in sorted(skips.items()) if v) or "nothing"
-            raise ValueError(f"split '{s}' has no examples after cleaning ({_source_text(raw)}; skipped: {dropped})")
+            raise ValueError(f"split '{s}' has no examples after cleaning ({_source_text(raw)}; skipped: "
+                             f"{skip_counts_text(skips)})")
     users, items, inter = set(), set(), 0
     for s in wanted:
         for r in rows[s]:
