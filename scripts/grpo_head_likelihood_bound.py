@@ -227,13 +227,6 @@ def main() -> int:
         from llmrec.data.canonical import atomic_write_json, atomic_write_text
 
         base = Path(args.results)
-        atomic_write_json(base.with_suffix(".json"), {"sft_checkpoint": args.sft_checkpoint, "eval_rows":
-                                                      args.eval_rows, "seed": args.seed, "prompts": args.prompts,
-                                                      "steps": args.steps, "exclude_sft_rows": args.exclude_sft_rows,
-                                                      "train_lora": args.train_lora, "objective": args.objective,
-                                                      "rank_candidates": args.rank_candidates if cand else None,
-                                                      "rank_negatives": args.rank_negatives if cand else None,
-                                                      "runs": runs})
         source = ("train rows the SFT never saw" if args.exclude_sft_rows else
                   f"seeded train subset, seed {args.seed}: the SFT's own rows when it used the same seed and >= as many")
         what = "Head + LoRA" if args.train_lora else "Head-only"
@@ -264,6 +257,13 @@ def main() -> int:
                           f"{m['diff']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"]
             lines.append(f"| {r['run']} | {r['lr']:g} | " + " | ".join(cells) + " |")
         atomic_write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
+        atomic_write_json(base.with_suffix(".json"), {"sft_checkpoint": args.sft_checkpoint, "eval_rows":
+                                                      args.eval_rows, "seed": args.seed, "prompts": args.prompts,
+                                                      "steps": args.steps, "exclude_sft_rows": args.exclude_sft_rows,
+                                                      "train_lora": args.train_lora, "objective": args.objective,
+                                                      "rank_candidates": args.rank_candidates if cand else None,
+                                                      "rank_negatives": args.rank_negatives if cand else None,
+                                                      "runs": runs})
     return 0
 
 

@@ -99,7 +99,6 @@ def main() -> int:
     if args.output:
         from llmrec.data.canonical import atomic_write_json, atomic_write_text
 
-        atomic_write_json(Path(args.output), out)
         shown = [k for k in METRICS if k in results[0]]
         drawn = {"popularity": "drawn by popularity", "uniform": "drawn uniformly",
                  "beam": "the first checkpoint's beam search"}[args.rank_negatives]
@@ -116,6 +115,7 @@ def main() -> int:
                 cells += [f"{r[k]:.4f}", f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]" if d else "-"]
             lines.append(f"| {r['checkpoint']} | " + " | ".join(cells) + f" | {r['neg_ppl']:.2f} |")
         atomic_write_text(Path(args.output).with_suffix(".md"), "\n".join(lines) + "\n")
+        atomic_write_json(Path(args.output), out)
     print(json.dumps(out))
     return 0
 

@@ -170,8 +170,8 @@ def main() -> int:
                      + _fmt(s["valid_ndcg@10"], len(by_seed)) + " |")
     if args.crosscheck:
         lines += _crosscheck(_crosscheck_entries(args.crosscheck), rec, out)
-    atomic_write_json(Path(args.output + ".json"), out)
     atomic_write_text(Path(args.output + ".md"), "\n".join(lines) + "\n")
+    atomic_write_json(Path(args.output + ".json"), out)
     print("\n".join(lines))
     return 0
 

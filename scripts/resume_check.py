@@ -148,7 +148,6 @@ def main() -> int:
     path = Path(args.results) if args.results else ROOT / "benchmarks" / "results" / f"resume_check_{args.model}.json"
     from llmrec.data.canonical import atomic_write_json, atomic_write_text
 
-    atomic_write_json(path, result)
     lines = [f"Kill-and-resume check ({args.model}, {args.dataset}; `python scripts/resume_check.py`): each run was "
              "SIGKILLed right after its checkpoint-2 and restarted with the same command.", "",
              "| stage | resumed from | weights bitwise equal | max abs diff | NDCG@10 full / resumed | identical rankings |",
@@ -160,6 +159,7 @@ def main() -> int:
                      f"{metrics[name]['uninterrupted']['ndcg@10']:.4f} / {metrics[name]['resumed']['ndcg@10']:.4f} | "
                      f"{same_rankings[name]:.3f} ({args.eval_rows} rows) |")
     atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_json(path, result)
     print("\n".join(lines))
     print(json.dumps(result))
     return 0

@@ -119,7 +119,6 @@ def main() -> int:
            "threads": args.threads, "models": results}
     if args.output:
         path = Path(args.output)
-        atomic_write_json(path, out)
         command = (f"python scripts/seqrec_fused_loss_bench.py --dataset {args.dataset} --models {args.models} "
                    + (f"--recipe {args.recipe} " if args.recipe != ap.get_default("recipe") else "")
                    + f"--reps {args.reps} --threads {args.threads} --output {args.output}")
@@ -135,6 +134,7 @@ def main() -> int:
             lines.append(f"| {name} | {r['fused_step_s']:.3f} s | {r['plain_step_s']:.3f} s | {one} | "
                          f"{r['fused_over_plain']:.2f} | {ratio} | {r['max_rel_grad_diff']:.1e} |")
         atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
+        atomic_write_json(path, out)
     print(json.dumps(out))
     return 0
 

@@ -53,8 +53,8 @@ def main() -> int:
     for name, r in res.items():
         extra = ", ".join(f"{k} {v}" for k, v in models[name].items() if k in ("reason_steps", "mean_recurrence"))
         lines.append(f"| {name} | {extra or '-'} | {r['ms_per_row']:.3f} | {r['ratio_vs_first']:.3f} |")
-    atomic_write_json(f"{args.output}.json", out)
     atomic_write_text(f"{args.output}.md", "\n".join(lines) + "\n")
+    atomic_write_json(f"{args.output}.json", out)
     print("\n".join(lines))
     return 0
 

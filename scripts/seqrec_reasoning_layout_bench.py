@@ -106,7 +106,6 @@ def main() -> int:
     out = {"dataset": args.dataset, "reps": args.reps, "threads": args.threads, "models": results}
     if args.output:
         path = Path(args.output)
-        atomic_write_json(path, out)
         command = (f"python scripts/seqrec_reasoning_layout_bench.py --dataset {args.dataset} --models {args.models} "
                    f"--recipe '{args.recipe}' "
                    + (f"--window_stride {args.window_stride} " if args.window_stride is not None else "")
@@ -123,6 +122,7 @@ def main() -> int:
                          f"{r['pairs_over_dense']:.2f} | {r['loss_pairs']:.6g} / {r['loss_dense']:.6g} | "
                          f"{r['max_rel_grad_diff']:.1e} |")
         atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
+        atomic_write_json(path, out)
     print(json.dumps(out))
     return 0
 

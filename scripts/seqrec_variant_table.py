@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['label']} | {r['seed']} | {r['valid'][m]:.4f} | {dv} | {r['test'][m]:.4f} | {dt} | "
                      f"{r['test']['hr@10']:.4f} | {sel} |")
     out = Path(args.output)
-    atomic_write_json(Path(f"{out}.json"), {"metric": m, "runs": rows})
     atomic_write_text(Path(f"{out}.md"), "\n".join(lines) + "\n")
+    atomic_write_json(Path(f"{out}.json"), {"metric": m, "runs": rows})
     print("\n".join(lines))
     return 0
 
