@@ -29,6 +29,15 @@ LATENT_FILES = ("latent_embeddings.safetensors", "latent_config.json", "latent_h
 SAVE_IN_PROGRESS = ".llmrec_save_in_progress"
 
 
+def mark_save_in_progress(directory: str | Path) -> None:
+    """Write the :data:`SAVE_IN_PROGRESS` marker into ``directory``: the first step of every llmrec save (SFT and
+    GRPO), which removes it after its last file."""
+    from llmrec.data.canonical import atomic_write_text
+
+    atomic_write_text(Path(directory) / SAVE_IN_PROGRESS,
+                      "an llmrec save is being written here (a kill leaves this file)\n")
+
+
 class CheckpointError(FileNotFoundError):
     """A checkpoint directory that is missing files."""
 

@@ -1761,7 +1761,7 @@ class LatentGRPOTrainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        from llmrec.models.checkpoint import SAVE_IN_PROGRESS
+        from llmrec.models.checkpoint import SAVE_IN_PROGRESS, mark_save_in_progress
         from llmrec.training.sft import LLMREC_CONFIG_NAME, TRAINING_ARGS_JSON, save_sft_checkpoint
 
         out = Path(output_dir)
@@ -1775,7 +1775,7 @@ class LatentGRPOTrainer:
         # The marker before any file, removed after the last (both paths: head-only copies the SFT adapter first,
         # and a kill there left a folder that loaded as a plain adapter; a review). Rewritten here, a stale one of
         # a cut save is not left to refuse this finished model.
-        atomic_write_text(out / SAVE_IN_PROGRESS, "an llmrec save is being written here (a kill leaves this file)\n")
+        mark_save_in_progress(out)
         config_path.unlink(missing_ok=True)
         if self.config.train_lora or src is None:
             save_sft_checkpoint(lm, self.tokenizer, out, sft_fields=self.meta, finish=False)

@@ -631,13 +631,13 @@ def save_sft_checkpoint(model: LatentReasoningLM, tokenizer, output_dir: str | o
     the marker itself after its last one."""
     from safetensors.torch import save_file
 
-    from llmrec.models.checkpoint import SAVE_IN_PROGRESS
+    from llmrec.models.checkpoint import SAVE_IN_PROGRESS, mark_save_in_progress
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A save cut anywhere before its end must not load as a model (checkpoint_kind refuses the marker); the old
     # llmrec_config.json goes first, so a cut save is never read with the previous save's settings.
-    atomic_write_text(out / SAVE_IN_PROGRESS, "an llmrec save is being written here (a kill leaves this file)\n")
+    mark_save_in_progress(out)
     (out / LLMREC_CONFIG_NAME).unlink(missing_ok=True)
     lm = model.model
     if _is_peft(lm):
