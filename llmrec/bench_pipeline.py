@@ -85,6 +85,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ID_MODELS = ("sasrec", "rearec-erl", "rearec-prl", "lares")
+# The beam search never masks history items (nor the papers' ID models): one table, one notion of a hit.
+MASKED_ID_MODELS = ("the table's rows rank history items like any other (the papers' protocol, and the beam search's); "
+                    "an ID model ranking them last would count other hits on the same rows")
 METHODS = ("popularity", "zero-shot", "bigrec-sft", "bigrec-sft+d3", "latent-sft", "latent-sft+grpo",
            "latent-sft+grpo+d3", *ID_MODELS)
 LABELS = {
@@ -328,7 +331,7 @@ class Pipeline:
             # Set per stage after the overrides (_seqrec_fields): a --id value would be dropped without a word.
             _refuse_own_keys(opts.id_overrides, "--id", {
                 "model": "use --methods", "seed": "use --seeds", "output_dir": "use --output-dir",
-                "dataset_dir": "use --dataset"})
+                "dataset_dir": "use --dataset", "mask_history": MASKED_ID_MODELS})
             opts = replace(opts, id_overrides=coerce_fields([SeqRecConfig], opts.id_overrides, "--id"))
         if opts.eval_overrides:
             from llmrec.evaluation.evaluator import EvalConfig
@@ -511,6 +514,8 @@ class Pipeline:
                                f"{recipe} + --id")
         fields.update(model=model, dataset_dir=str(self.data_dir), output_dir=str(self.stage_dir(f"seqrec_{model}", seed)),
                       seed=42 + seed)
+        if fields.get("mask_history"):
+            raise ValueError(f"{recipe}: mask_history true: {MASKED_ID_MODELS}")
         return fields
 
     def _seqrec(self, model: str, seed: int) -> Path:

@@ -778,10 +778,30 @@ def test_grpo_and_id_keys_the_pipeline_sets_are_refused(report):
         with pytest.raises(ValueError, match=f"--grpo {key}: the pipeline sets it .*{hint}"):
             Pipeline(PipelineOptions(dataset=str(data), grpo_overrides={key: value}))
     for key, value, hint in (("seed", 3, "--seeds"), ("model", "lares", "--methods"), ("output_dir", "x", "--output-dir"),
-                             ("dataset_dir", "x", "--dataset")):
+                             ("dataset_dir", "x", "--dataset"), ("mask_history", True, "the papers' protocol")):
         with pytest.raises(ValueError, match=f"--id {key}: the pipeline sets it .*{hint}"):
             Pipeline(PipelineOptions(dataset=str(data), id_overrides={key: value}))
     Pipeline(PipelineOptions(dataset=str(data), grpo_overrides={"noise_scale": 0.3}, id_overrides={"epochs": 3}))
+
+
+def test_an_id_recipe_masking_history_is_refused(report, tmp_path):
+    """The beam-search rows rank history items like any item: an ID recipe masking them would put another notion of
+    a hit into the same table (and the paired differences)."""
+    import shutil
+
+    from llmrec.bench_pipeline import Pipeline, PipelineOptions
+    from llmrec.resources import resource_dir
+
+    _, data = report
+    recipes = tmp_path / "recipes"
+    shutil.copytree(resource_dir("recipes"), recipes)
+    p = Pipeline(PipelineOptions(dataset=str(data), recipes=str(recipes)))
+    assert p._seqrec_fields("sasrec", 0)["mask_history"] is False
+    recipe = recipes / "seqrec" / "sasrec_games.yaml"
+    assert "\nmask_history: false\n" in recipe.read_text()
+    recipe.write_text(recipe.read_text().replace("\nmask_history: false\n", "\nmask_history: true\n"))
+    with pytest.raises(ValueError, match=r"sasrec_games.yaml: mask_history true: the table's rows rank history"):
+        p._seqrec_fields("sasrec", 0)
 
 
 FIXTURE_ID = {"epochs": 2, "hidden_size": 16, "inner_size": 32, "max_history": 5, "progress": False, "num_threads": 1}

@@ -303,3 +303,22 @@ def test_a_difference_on_a_few_rows_says_how_many(tmp_path):
     res = compare_runs([_run(tmp_path / "c", base), _run(tmp_path / "d", many)], metrics=["ndcg@10"])
     assert res["differences"]["ndcg@10"][0]["rows_differing"] == 30
     assert "row(s) differ" not in comparison_table(res)
+
+
+def test_runs_masking_history_differently_are_warned_about_and_named_in_the_table(tmp_path, caplog):
+    """A masked run cannot hit a target already in the history and ranks the others higher: compared with an
+    unmasked run, the difference includes the masking, which the warning and the table say."""
+    import logging
+
+    plain = _run(tmp_path / "plain", [0, 3, 12, None, 2])
+    masked = _run(tmp_path / "masked", [0, 2, 11, 1, 1])
+    (masked / "results.json").write_text(json.dumps({"protocol": {"history_masked": True}}))
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
+        res = compare_runs([plain, masked], ["ndcg@10"], labels=["plain", "masked"])
+    assert f"rank history items differently (masked: {masked}; not masked: {plain})" in caplog.text
+    assert res["history_masked"] == [False, True]
+    assert "History items ranked last (masked) in: masked; the other runs" in comparison_table(res)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
+        res = compare_runs([plain, _run(tmp_path / "plain2", [1, 3, 12, None, 2])], ["ndcg@10"])
+    assert not caplog.records and "history_masked" not in res and "masked" not in comparison_table(res)

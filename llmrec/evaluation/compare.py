@@ -227,6 +227,13 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
         logger.warning("the runs record different datasets (%s): the same row indices and targets may still be "
                        "other rows", ", ".join(sorted(datasets)))
     _warn_numerics(protos)
+    # A masked run can never hit a target already in the history and ranks every other one higher: its hits are
+    # another quantity than an unmasked run's on the same rows.
+    masked = [bool(p.get("history_masked", False)) for p in protos]
+    if len(set(masked)) > 1:
+        logger.warning("the runs rank history items differently (masked: %s; not masked: %s): their differences "
+                       "include the masking", ", ".join(str(r) for r, m in zip(run_dirs, masked) if m),
+                       ", ".join(str(r) for r, m in zip(run_dirs, masked) if not m))
     for r, recs in zip(run_dirs, runs):
         if any(f"{level}_rank" not in recs[row] for row in shared):
             raise ValueError(f"{Path(r) / 'rankings.jsonl'} has no {level}_rank (a run without {level} matching); "
@@ -236,6 +243,8 @@ def compare_runs(run_dirs: list[str | Path], metrics: list[str], level: str = "i
                for g in range(0, len(runs), seeds_per_run)]
     out = {"rows": len(shared), "level": level, "runs": [" + ".join(str(r) for r in g) for g in groups],
            "seeds_per_run": seeds_per_run, "metrics": {}, "differences": {}}
+    if any(masked):
+        out["history_masked"] = [any(masked[g:g + seeds_per_run]) for g in range(0, len(runs), seeds_per_run)]
     if labels is not None:
         out["labels"] = labels
     for m in metrics:
@@ -309,6 +318,10 @@ def comparison_table(result: dict) -> str:
         "bootstrap over those few rows: it covers less than 95% (~86% with 2-3 in simulation) and is [0, 0] with "
         "none.\n" if any(d.get("rows_differing", FEW_ROWS_DIFFERING) < FEW_ROWS_DIFFERING
                          for ds in result["differences"].values() for d in ds) else "")
+    if any(result.get("history_masked", ())):
+        text += "History items ranked last (masked) in: " + ", ".join(
+            name for name, m in zip(names, result["history_masked"]) if m) + "; the other runs rank them like any " \
+            "item.\n"
     if result.get("labels"):
         text += "\nRuns:\n\n" + "".join(
             f"- {label}: `{run}`\n"
