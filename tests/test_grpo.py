@@ -803,14 +803,17 @@ def test_nan_inside_the_model_skips_the_group_not_the_step(tmp_path, sft_dir):
     """A prompt whose forward is NaN gives NaN rewards; its group is skipped and never enters the loss pass, so
     the other group still trains and no NaN reaches the weights, whatever the micro-batch layout: with one prompt
     per micro-batch, the NaN prompt's micro-batch has no valid group and runs a zero-weight pass on a finite
-    prompt instead (a pass on the NaN prompt itself made the gradient NaN and dropped the whole step)."""
+    prompt instead (a pass on the NaN prompt itself made the gradient NaN and dropped the whole step). The logged
+    latent and noise norms are over the valid group, like the rewards (relative noise: the NaN latent's is NaN)."""
     sft, _, _ = sft_dir
     after = {}
     for per_device, accum in ((8, 1), (4, 2)):
         trainer, res, before = _train_with_a_nan_prompt(tmp_path / f"o{per_device}", sft,
                                                         per_device_train_batch_size=per_device,
-                                                        gradient_accumulation_steps=accum)
+                                                        gradient_accumulation_steps=accum, noise_mode="relative")
         assert res["skipped_groups"] == 1 and res["nonfinite_grad_steps"] == 0, per_device
+        step = res["log_history"][0]
+        assert math.isfinite(step["latent_norm"]) and math.isfinite(step["noise_norm"]), step
         after[per_device] = trainer._trainable_state()
         assert all(torch.isfinite(v).all() for v in after[per_device].values())
         assert any(not torch.equal(before[k], after[per_device][k]) for k in before)

@@ -1243,8 +1243,8 @@ class LatentGRPOTrainer:
             b.valid = valid[idx].repeat_interleave(g)
         n_bad = int((~valid).sum())
         self.skipped_groups += n_bad
-        lat = self.accelerator.gather(torch.cat(latent_norms))
-        noi = self.accelerator.gather(torch.cat(noise_norms))
+        # Over the valid groups, as every statistic here: a skipped group's latent may be NaN.
+        lat, noi = (self.accelerator.gather(torch.cat(v))[order][valid] for v in (latent_norms, noise_norms))
         stats: dict[str, float] = {}
         for name, v in gathered.items():
             ok = v[valid]
@@ -1256,8 +1256,8 @@ class LatentGRPOTrainer:
             "reward_std": float(ok.std()) if ok.numel() > 1 else 0.0,
             "advantage/abs_mean": float(adv[valid].abs().mean()) if bool(valid.any()) else 0.0,
             "advantage/std": float(adv[valid].std()) if bool(valid.any()) else 0.0,
-            "latent_norm": float(lat.mean()),
-            "noise_norm": float(noi.mean()),
+            "latent_norm": float(lat.mean()) if lat.numel() else float("nan"),
+            "noise_norm": float(noi.mean()) if noi.numel() else float("nan"),
             "skipped_groups": n_bad,
             "skipped_groups_total": self.skipped_groups,
         })
