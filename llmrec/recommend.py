@@ -51,7 +51,9 @@ a history is what the evaluator ranked for it:
   by the history's content here and by the split row there (a warning says so).
 * **ID models** (SASRec, ReaRec, LARES): every catalogue item is scored for the left-padded history
   (:meth:`~llmrec.seqrec.models.SeqRecModel.score`; padding id 0 is never a candidate) and the top ``k``
-  are returned, ties broken by the smaller item id (as the seqrec evaluation ranks).
+  are returned, ties broken by the smaller item id (as the seqrec evaluation ranks). A LARES with
+  ``state_init: normal`` is the exception, as a guide above: its initial-state draws are keyed by the history's
+  content here and by the split row in the evaluation (a warning says so).
 
 History items are **not excluded** by default, following both evaluations (``history_masked: False``
 in the evaluator's protocol; ``mask_history`` of the seqrec run, False unless the run set it).
@@ -89,6 +91,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import logging
 import math
 import numbers
@@ -745,6 +748,10 @@ class Recommender:
             if ignored:
                 logger.warning("%s is an ID-model run: ignoring LLM-only options %s", path, ignored)
             model, catalog, cfg, info = _load_seqrec(path, dataset, dev, history_length)
+            if cfg.model == "lares" and cfg.state_init == "normal":
+                logger.warning("%s draws a random initial state (state_init: normal): recommend keys it by each "
+                               "history's content, the evaluator by the split row, so its lists can differ from the "
+                               "evaluation's rankings of the same histories", path)
             length = history_length or cfg.max_history
             # `batch_size or default` would turn 0 into the default silently; 0 is refused by __init__, as for LLMs.
             size = SEQREC_BATCH_SIZE if batch_size is None else batch_size
@@ -995,6 +1002,14 @@ class Recommender:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         _check_option_types({}, {"exclude_history": exclude_history})
         exclude = self.exclude_history if exclude_history is None else exclude_history
+        n_items = len(self.catalog)
+        for i, r in enumerate(resolved):  # built by hand, not by resolve_history: checked as it checks
+            if not r.item_ids:
+                raise HistoryError(f"history {i} has no item ids (an empty history has nothing to recommend from)")
+            bad = next((x for x in r.item_ids if not isinstance(x, numbers.Integral) or isinstance(x, bool)
+                        or not 1 <= x <= n_items), None)
+            if bad is not None:
+                raise HistoryError(f"history {i}: item id {bad!r} is not a catalogue id (1..{n_items})")
         kept = [r.item_ids[-self.history_length:] for r in resolved]  # what the model reads
         # Exclusion covers the whole given history, not only the part the model reads.
         excluded = [r.excluded_ids() for r in resolved] if exclude else None
@@ -1031,6 +1046,11 @@ def _read_input(path: Path) -> list[tuple[int, dict[str, Any]]]:
             raise DataFormatError(path, n, "history", "missing")
         if not isinstance(row["history"], list):
             raise DataFormatError(path, n, "history", "expected a list of item titles or ids")
+        if "user" in row:
+            try:  # echoed into the output: Python's json reads NaN and Infinity, which no JSON reader accepts back
+                json.dumps(row["user"], allow_nan=False)
+            except ValueError:
+                raise DataFormatError(path, n, "user", "holds NaN or Infinity, which is not JSON (RFC 8259)") from None
         for key in row.keys() - INPUT_FIELDS:
             first, count = ignored.get(key, (n, 0))
             ignored[key] = (first, count + 1)

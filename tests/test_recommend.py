@@ -431,6 +431,12 @@ def test_cli_jsonl_in_and_out(seqrec_run, tmp_path, capsys):
     bad.write_bytes(b'{"history": [1]}\n\n{"history": ["Caf\xe9"]}\n')  # latin-1, not UTF-8
     assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(bad), "--output", str(out2)]) == 1
     assert "bad.jsonl, row 3" in capsys.readouterr().err and not out2.exists()
+    # "user" is echoed into the output: NaN or Infinity (read by Python's json) would make an output line not JSON.
+    for value in ("NaN", "-Infinity", '{"id": Infinity}'):
+        bad.write_text(f'{{"history": [1], "user": "u"}}\n{{"history": [1], "user": {value}}}\n')
+        assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(bad), "--output", str(out2)]) == 1
+        assert "bad.jsonl, row 2, field 'user': holds NaN or Infinity" in capsys.readouterr().err, value
+        assert not out2.exists()
 
 
 def test_cli_history_prints_a_table(data_dir, zero_shot, capsys):
@@ -623,12 +629,14 @@ def test_a_history_whose_prompt_cannot_fit_is_named(data_dir, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_lares_with_a_random_initial_state_recommends_the_same_alone_batched_and_again(data_dir, tmp_path):
+def test_lares_with_a_random_initial_state_recommends_the_same_alone_batched_and_again(data_dir, tmp_path, caplog):
     """``state_init: normal`` draws LARES's initial state at evaluation too: keyed by the history's content, a
     history gets the same list alone, in a batch and on every call (before: the global generator's next draws)."""
     run = train_tiny_sasrec(data_dir, tmp_path / "lares", model="lares", state_init="normal", rpt_epochs=0,
                             epochs=1)
-    rec = Recommender.from_pretrained(run, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="llmrec.recommend"):
+        rec = Recommender.from_pretrained(run, batch_size=2)
+    assert "draws a random initial state (state_init: normal)" in caplog.text  # not the evaluator's draws
     histories = [[1, 2, 3], [5, 9], [12, 7, 23, 4]]
     torch.manual_seed(0)
     batched = rec.recommend(histories, k=5)
@@ -662,6 +670,20 @@ def test_a_moved_dataset_is_still_checked_against_the_recorded_catalogue_digest(
         with pytest.raises(ValueError, match="recorded SHA-256 differs"):
             evaluate(EvalConfig(dataset=str(other), split="test", max_rows=3, ks=[1, 3], history_length=2,
                                 output_dir=str(tmp_path / f"eval-{kw['method']}"), **kw))
+
+
+def test_a_dataset_prepared_again_in_place_is_checked_against_the_recorded_catalogue_digest(data_dir, tmp_path):
+    """The recorded directory still there, but prepared again in place (same path, as many items, other titles): it
+    was compared with itself and passed, giving the right ids with the wrong titles."""
+    shutil.copytree(data_dir, tmp_path / "data")
+    run = train_tiny_sasrec(tmp_path / "data", tmp_path / "run", max_history=10, epochs=1, seed=42)
+    assert Recommender.from_pretrained(run).recommend([1, 2], k=3)
+    copy_with_reversed_titles(tmp_path / "data", tmp_path / "reversed")
+    shutil.rmtree(tmp_path / "data")
+    shutil.move(str(tmp_path / "reversed"), str(tmp_path / "data"))
+    with pytest.raises(ValueError, match=r"catalogue differs from the one the ID model was trained on .*recorded "
+                                         r"SHA-256 differs"):
+        Recommender.from_pretrained(run)
 
 
 def test_dtype_is_checked_before_loading_and_recorded_as_used(data_dir):
@@ -870,3 +892,18 @@ def test_a_digit_title_in_an_input_file_hints_at_a_json_number(seqrec_run, tmp_p
     assert main(["recommend", "--checkpoint", str(seqrec_run), "--input", str(inp)]) == 1
     assert "row 1, field 'history': position 2: title '5'" in (err := capsys.readouterr().err)
     assert "in an --input file, the JSON number 5 without quotes" in err
+
+
+def test_rank_resolved_refuses_histories_resolve_history_would_have_refused(seqrec_run, zero_shot):
+    """``rank_resolved`` is public: an empty or out-of-catalogue ResolvedHistory built by hand failed with a bare
+    IndexError (LLM) or scored padding, not as a named history."""
+    from llmrec.recommend import HistoryError, ResolvedHistory
+
+    for rec in (Recommender.from_pretrained(seqrec_run), zero_shot):
+        n = len(rec.catalog)
+        assert len(rec.rank_resolved([ResolvedHistory([1, 2], [])], k=2)[0]) == 2
+        with pytest.raises(HistoryError, match="history 1 has no item ids"):
+            rec.rank_resolved([ResolvedHistory([1], []), ResolvedHistory([], [])], k=2)
+        for bad in (0, n + 1, True):
+            with pytest.raises(HistoryError, match=rf"history 0: item id {bad!r} is not a catalogue id \(1..{n}\)"):
+                rec.rank_resolved([ResolvedHistory([1, bad], [])], k=2)

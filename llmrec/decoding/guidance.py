@@ -185,26 +185,27 @@ def check_trained_catalog(trained_dir: str | Path | None, data_dir: str | Path, 
     """Refuse an ID model on a catalogue other than the one it was trained on (its item ids would name other items).
 
     ``trained_dir`` is the prepared dataset the run recorded, ``catalog_sha256`` the digest of its
-    ``catalog.jsonl`` the run recorded (``results.json``'s ``data_sha256``). The files are compared while the
-    trained-on one is there; once it has moved, the recorded digest is (runs from before digests were recorded
-    are then not checked; the item count is checked separately). Raises ``ValueError`` naming ``what``.
+    ``catalog.jsonl`` the run recorded (``results.json``'s ``data_sha256``). The recorded digest is what counts: the
+    recorded directory may since have been prepared again in place, or be a relative path naming another directory
+    from here. Runs from before digests were recorded are compared with the recorded directory's file while it is
+    there, else not checked (the item count is checked separately). Raises ``ValueError`` naming ``what``.
     """
     ours = Path(data_dir) / "catalog.jsonl"
     trained_on = Path(str(trained_dir)) / "catalog.jsonl" if trained_dir is not None else None
     if not ours.exists():
         return
-    if trained_on is not None and trained_on.exists():
-        if trained_on.read_bytes() != ours.read_bytes():
-            raise ValueError(
-                f"{what}: the ID model was trained on {trained_on.parent}, whose "
-                f"catalogue differs from {ours.parent}'s (item ids would not match)")
-    elif catalog_sha256 is not None:
+    if catalog_sha256 is not None:
         from llmrec.models.backbone import sha256_of_files
 
         if sha256_of_files([ours]) != catalog_sha256:
             raise ValueError(
-                f"{what}: {ours} is not the catalogue the ID model was trained on (its recorded SHA-256 differs; "
-                f"item ids would not match)")
+                f"{what}: {ours}: the catalogue differs from the one the ID model was trained on"
+                f"{f' ({trained_dir})' if trained_dir is not None else ''} (its recorded SHA-256 differs; item ids "
+                f"would not match)")
+    elif trained_on is not None and trained_on.exists() and trained_on.read_bytes() != ours.read_bytes():
+        raise ValueError(
+            f"{what}: the ID model was trained on {trained_on.parent}, whose "
+            f"catalogue differs from {ours.parent}'s (item ids would not match)")
 
 
 def eval_keys(rows: list[int], info: dict) -> torch.Tensor:
