@@ -2,7 +2,8 @@
 
 Each argument is an ``llmrec evaluate`` output directory (its ``rankings.jsonl``); the first is the reference.
 For every other run it prints the mean over the shared rows of |top-K items of the run ∩ top-K items of the
-reference| / K (item level, as the metrics: a title shared by several items counts as those items), and how the
+reference| / min(K, the shorter of the two lists) (item level, as the metrics: a title shared by several items
+counts as those items; a list may hold fewer than K items), and how the
 two runs' hits@K overlap: rows hit by the run, by the reference, by both, by either (the per-row oracle of the two;
 far above both alone means the runs are complementary):
 
