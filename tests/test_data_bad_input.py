@@ -95,6 +95,18 @@ def test_amazon2018_null_ids_and_conflicting_meta_titles(tmp_path: Path):
     src = write_amazon2018(tmp_path / "c", reviews[:1], meta[:2] + meta[:1])
     same = formats.read_amazon2018(src, "VG", min_items=1)
     assert same.source["raw_meta_items"] == 2 and same.skipped == {"reviews_removed_by_kcore": 1}  # no conflict
+    # An entry with an unusable title (none, or too short) drops the asin for good, as D3's removal list does,
+    # whether a usable entry comes before or after it; of two usable titles the last wins.
+    five = [{"reviewerID": f"U{u}", "asin": a, "unixReviewTime": 10 * u + k}
+            for u in range(5) for k, a in enumerate(("A1", "A2", "A3", "A4", "A5"))]
+    meta = [{"asin": "A1"}, {"asin": "A1", "title": "Titled Later"}, {"asin": "A2", "title": "Titled First"},
+            {"asin": "A2", "title": "x"}, {"asin": "A3", "title": "Old"}, {"asin": "A3", "title": "New"},
+            {"asin": "A4", "title": "Four"}, {"asin": "A5", "title": "Five"}]
+    src = write_amazon2018(tmp_path / "d", five, meta)
+    raw = formats.read_amazon2018(src, "VG", min_items=1, kcore=1)
+    assert raw.titles == {"A3": "New", "A4": "Four", "A5": "Five"}
+    assert raw.skipped["meta_asin_dropped_for_an_unusable_entry"] == 2
+    assert raw.skipped["reviews_item_without_usable_title"] == 10
 
 
 def test_recbole_empty_user_id_is_an_error_like_csv(tmp_path: Path):

@@ -6,7 +6,8 @@ Title kinds found in real recommendation data (see ../shared/data/README.md):
                      29 items of the LatentR3 CDs data);
 * ``placeholder`` -- a generated stand-in such as ``title_1234`` (19 items of DEALRec Games);
 * ``empty``       -- missing or whitespace only;
-* ``duplicate``   -- the same title as another item (448 items of Games).
+* ``duplicate``   -- the same title as another item (468 items of Games once leading and trailing spaces are
+                     stripped; 448 with them).
 
 :class:`TitlePolicy` says what happens to each kind: ``drop`` removes the item and every interaction
 with it before examples are formed (as if it had never been seen); ``keep`` keeps it. The default

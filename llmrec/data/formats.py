@@ -734,16 +734,23 @@ def read_amazon2018(
     reviews = _find(input_dir, [f"{category}_5.json", f"{category}.json"])
     meta = _find(input_dir, [f"meta_{category}.json"])
     raw_titles: dict[str, str | None] = {}
+    usable: dict[str, str] = {}  # asin -> its last usable title
+    unusable: set[str] = set()  # asins with an entry whose title D3 drops
     conflicts = 0
     for n, obj in _jsonl_objects(meta):
         if "asin" not in obj:
             raise DataFormatError(meta, n, "asin", "missing")
         asin = json_id(obj["asin"], meta, n, "asin")
-        # The 2018 meta files repeat asins. D3 reads them into a dict, so the last title wins; so do we (the
-        # protocol's items and titles), counting the repeats whose title differs instead of failing on them.
+        # The 2018 meta files repeat asins. D3 reads them in order: an entry with an unusable title puts the asin
+        # on its removal list for good (a later good entry does not take it off), and of the usable titles the last
+        # wins. So do we (the protocol's items and titles), counting the repeats whose title differs.
         conflicts += asin in raw_titles and raw_titles[asin] != obj.get("title")
         raw_titles[asin] = obj.get("title")
-    titles = {a: _d3_clean_title(t) for a, t in raw_titles.items()}
+        if (clean := _d3_clean_title(obj.get("title"))) is None:
+            unusable.add(asin)
+        else:
+            usable[asin] = clean
+    titles = {a: t for a, t in usable.items() if a not in unusable}
     all_events = []
     for n, obj in _jsonl_objects(reviews):
         for key in ("reviewerID", "asin", "unixReviewTime"):
@@ -792,6 +799,8 @@ def read_amazon2018(
     kept_titles = {i: titles[i] for i in items}
     window = f"{sy}-{sm}-{ey}-{em}"
     skipped = {"meta_asin_title_conflicts_last_kept": conflicts} if conflicts else {}
+    if usable.keys() & unusable:  # their reviews are in reviews_item_without_usable_title
+        skipped["meta_asin_dropped_for_an_unusable_entry"] = len(usable.keys() & unusable)
     # The protocol's filters, counted for stats.json (the final window's): every raw review is in a row or here.
     for key, n_dropped in (("reviews_outside_window", len(all_events) - len(in_window)),
                            ("reviews_item_without_usable_title", len(in_window) - len(titled)),
