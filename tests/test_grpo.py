@@ -1796,14 +1796,23 @@ def test_a_step_whose_every_group_is_nan_is_skipped_once(tmp_path, sft_dir, recw
     assert all(torch.equal(v, before[k]) for k, v in trainer._trainable_state().items())
 
 
-def test_a_resume_on_another_layout_of_the_same_global_batch_is_accepted(tmp_path, sft_dir):
+def test_a_resume_on_another_layout_of_the_same_global_batch_is_accepted(tmp_path, sft_dir, caplog):
     """TRL records steps_per_generation (= the accumulation steps) in the config: it must not block a resume with
     another split of the same global batch (8 rows as 4 x 2 accumulation, then as 8 x 1)."""
     sft, _, _ = sft_dir
     _train_until(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2), 2)
-    resumed = run_grpo(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2, per_device_train_batch_size=8,
-                                   gradient_accumulation_steps=1))
+    with caplog.at_level(logging.WARNING, logger="llmrec.training.grpo"):
+        resumed = run_grpo(grpo_config(tmp_path / "cut", sft, max_steps=4, save_steps=2,
+                                       per_device_train_batch_size=8, gradient_accumulation_steps=1))
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 4
+    assert "neither layout" not in caplog.text  # dropout off (the default): the same run
+    # With dropout on, the masks are drawn per step and process: said (a review).
+    _train_until(grpo_config(tmp_path / "drop", sft, max_steps=4, save_steps=2, disable_dropout=False), 2)
+    with caplog.at_level(logging.WARNING, logger="llmrec.training.grpo"):
+        run_grpo(grpo_config(tmp_path / "drop", sft, max_steps=4, save_steps=2, disable_dropout=False,
+                             per_device_train_batch_size=8, gradient_accumulation_steps=1))
+    assert ("trained with 1 process(es) x 4 rows x accumulation 2, as 1 process(es) x 8 rows x accumulation 1: "
+            "with dropout on") in caplog.text
 
 
 def test_generation_mode_skips_a_nan_group_not_the_step(tmp_path, sft_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import sys
@@ -194,6 +195,7 @@ def test_resume_matches_uninterrupted(tmp_path, prepared_dir):
     assert not (tmp_path / "b" / "train_results.json").exists()
     resumed = run_sft(make_config(tmp_path / "b", prepared_dir, **kw))
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["global_step"] == 6
+    assert "layout_before_resume" not in resumed  # the same layout
     assert not (tmp_path / "b" / "checkpoint-2").exists()  # rotated away during the resumed run
     for name in ("adapter_model.safetensors", "latent_head.safetensors"):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
@@ -762,19 +764,25 @@ def test_early_stopping_without_reloading_the_best_model(tmp_path, prepared_dir)
     assert min(losses) < losses[-1]  # it stopped because the eval loss rose
 
 
-def test_a_resume_with_other_settings_is_refused(tmp_path, prepared_dir):
+def test_a_resume_with_other_settings_is_refused(tmp_path, prepared_dir, caplog):
     """A run cut after a checkpoint and restarted with another learning rate resumed from it, trained its last
     steps with the new one, and recorded only the new one."""
-    kw = dict(num_latent_tokens=1, max_steps=4, save_strategy="steps", save_steps=2)
+    kw = dict(num_latent_tokens=1, max_steps=4, save_strategy="steps", save_steps=2, lora_dropout=0.1)
     out = tmp_path / "run"
     run_sft(make_config(out, prepared_dir, **kw))
     (out / "train_results.json").unlink()  # as if killed after checkpoint-4... resume from the last checkpoint
     with pytest.raises(ConfigError, match=r"checkpoint-4 was trained with learning_rate=0.01 \(asked: 0.05\)"):
         run_sft(make_config(out, prepared_dir, learning_rate=0.05, **kw))
     # The same global batch on another layout, or where it logs, is no change.
-    again = run_sft(make_config(out, prepared_dir, logging_steps=2, per_device_train_batch_size=1,
-                                gradient_accumulation_steps=2, **kw))
+    # But with lora_dropout the masks are drawn per micro-batch and process: said, and recorded (a review).
+    with caplog.at_level(logging.WARNING, logger="llmrec.training.sft"):
+        again = run_sft(make_config(out, prepared_dir, logging_steps=2, per_device_train_batch_size=1,
+                                    gradient_accumulation_steps=2, **kw))
     assert again["resumed_from"].endswith("checkpoint-4")
+    assert again["layout_before_resume"] == {"world_size": 1, "per_device_train_batch_size": 2,
+                                             "gradient_accumulation_steps": 1}
+    assert "trained with 1 process(es) x 2 rows x accumulation 1, as 1 process(es) x 1 rows x accumulation 2" \
+        in caplog.text
     with pytest.raises(ConfigError, match=r"global_train_batch_size=2 \(asked: 4\)"):
         (out / "train_results.json").unlink()
         run_sft(make_config(out, prepared_dir, per_device_train_batch_size=4, **kw))

@@ -359,6 +359,9 @@ def _run_seqrec(cfg: SeqRecConfig, concurrent_runs: int = 1) -> dict[str, Any]:
             "infer_ms_per_row": infer_ms,
             "eval_batch_size": cfg.eval_batch_size,
             "num_processes": acc.num_processes,
+            # a checkpoint trained on other process counts was resumed (see SeqRecTrainer.fit)
+            **({"num_processes_before_resume": sorted(trainer.resumed_from_num_processes)}
+               if trainer.resumed_from_num_processes else {}),
             "torch_threads": torch.get_num_threads(),
             "concurrent_runs": concurrent_runs,
         },

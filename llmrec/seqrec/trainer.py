@@ -141,6 +141,8 @@ class SeqRecTrainer:
         self.is_main = accelerator.is_main_process
         self.eval_seconds = 0.0
         self.epochs_trained = 0  # by this process's fit calls (a rerun of a finished run trains none)
+        # Process counts of the checkpoints this invocation resumed that differ from its own (see fit).
+        self.resumed_from_num_processes: set[int] = set()
         self.eval_rows = 0
         # (file, seconds trained before this invocation, this invocation's start): the run's training time so far is
         # written there after every epoch, so a run killed and resumed reports the whole time (set by run_seqrec)
@@ -284,6 +286,15 @@ class SeqRecTrainer:
             optim.load_state_dict(_load_optimizer_state(optim_path, self.checkpoint_remedy))
             res = PhaseResult(**st["result"])
             start_epoch, bad = st["epoch"] + 1, st["bad"]
+            before = st.get("num_processes")  # recorded since 2026-12-07
+            if before is not None and before != acc.num_processes:
+                # Allowed (the global batch is the same), but with dropout each process draws the masks of its share
+                # of the batch: the result is neither layout's uninterrupted run (without dropout it is, up to the
+                # order of float sums). Said here and recorded in results.json.
+                self.resumed_from_num_processes.add(int(before))
+                logger.warning("phase %s: resuming a checkpoint trained on %d process(es) on %d: with dropout on, the "
+                               "masks are drawn per process, so the run is neither layout's uninterrupted run",
+                               phase, before, acc.num_processes)
             torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
             if st.get("cuda_rng") and torch.cuda.is_available() and len(st["cuda_rng"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all([torch.tensor(g, dtype=torch.uint8) for g in st["cuda_rng"]])
@@ -389,6 +400,7 @@ class SeqRecTrainer:
                         "slot": slot,
                         "best_file": best_file,
                         "result": res.__dict__,
+                        "num_processes": acc.num_processes,
                         "torch_rng": torch.get_rng_state().tolist(),
                         # dropout on GPU draws from the CUDA generators
                         "cuda_rng": [g.tolist() for g in torch.cuda.get_rng_state_all()]

@@ -1720,8 +1720,17 @@ class LatentGRPOTrainer:
 
     def check_resume_settings(self, path: Path) -> None:
         """Refuse to resume ``path`` under other settings than it was trained with (checkpoints before 2026-12-05
-        do not record them and are not checked)."""
+        do not record them and are not checked); warn about another process layout of the same global batch with
+        dropout on (``disable_dropout: false``), whose masks are drawn per step and process."""
+        from llmrec.training.sft import current_layout, layout_change, layout_text
+
         refuse_changed_grpo_resume(path, self.config, self.world, self.start_identity())
+        found = json.loads((path / STATE_NAME).read_text(encoding="utf-8")).get("config") or {}
+        before = layout_change(found, self.config, self.world)
+        if before is not None and not self.config.disable_dropout:
+            logger.warning("resuming %s, trained with %s, as %s: with dropout on (disable_dropout: false) the masks "
+                           "are drawn per step and process, so the run is neither layout's uninterrupted run", path,
+                           layout_text(before), layout_text(current_layout(self.config, self.world)))
 
     def load_checkpoint(self, path: Path) -> None:
         from safetensors import safe_open

@@ -1080,6 +1080,34 @@ def refuse_changed_sft_resume(config: LatentSFTConfig, checkpoint: str | os.Path
                           "true to train again on this data, or train in another output_dir")
 
 
+def layout_change(found: dict[str, Any], config: Any, processes: int | None = None) -> dict[str, int] | None:
+    """The process layout a checkpoint's recorded settings ``found`` were trained with (``world_size``,
+    ``per_device_train_batch_size``, ``gradient_accumulation_steps``) if ``config`` on ``processes`` (default its
+    ``world_size``) changes it, else None (also for settings recording no global batch, from before 2026-12-05).
+    A resume may change the layout of the same global batch, but with dropout the masks are drawn per micro-batch
+    and process: the run is then neither layout's uninterrupted run."""
+    if "global_train_batch_size" not in found:
+        return None
+    per_device, accumulation = int(found["per_device_train_batch_size"]), int(found["gradient_accumulation_steps"])
+    before = {"world_size": int(found["global_train_batch_size"]) // (per_device * accumulation),
+              "per_device_train_batch_size": per_device, "gradient_accumulation_steps": accumulation}
+    return before if before != current_layout(config, processes) else None
+
+
+def current_layout(config: Any, processes: int | None = None) -> dict[str, int]:
+    """The process layout ``config`` trains with on ``processes`` (default its ``world_size``), as
+    :func:`layout_change` reports a recorded one."""
+    return {"world_size": config.world_size if processes is None else processes,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps}
+
+
+def layout_text(layout: dict[str, int]) -> str:
+    """``"2 process(es) x 4 rows x accumulation 1"``."""
+    return (f"{layout['world_size']} process(es) x {layout['per_device_train_batch_size']} rows x accumulation "
+            f"{layout['gradient_accumulation_steps']}")
+
+
 def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     """Train; resume from the last complete checkpoint in ``output_dir``; write ``train_results.json``.
 
@@ -1129,8 +1157,17 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     # saved, and reading it after training crashed the run before its results were written.
     resumed_at = _checkpoint_step(resume) if resume else None
     data_digests = _data_digests(config.dataset)
+    layout_before = None
     if resume:  # before the model is built: a changed setting or other data is refused at once
         refuse_changed_sft_resume(config, resume, data_digests=data_digests)
+        recorded = Path(resume) / TRAINING_ARGS_JSON
+        layout_before = layout_change(json.loads(recorded.read_text(encoding="utf-8")), config) \
+            if recorded.exists() else None
+        if layout_before is not None and config.lora_dropout > 0:
+            logger.warning("resuming %s, trained with %s, as %s: with lora_dropout %g the masks are drawn per "
+                           "micro-batch and process, so the run is neither layout's uninterrupted run (recorded as "
+                           "layout_before_resume)", resume, layout_text(layout_before),
+                           layout_text(current_layout(config)), config.lora_dropout)
     model, tokenizer = build_model(config)
     t_model = time.time()
     train_ds = build_dataset(config, tokenizer, config.train_split, config.max_train_rows)
@@ -1189,6 +1226,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         "num_eval_rows": len(eval_ds) if eval_ds is not None else 0,
         "data_sha256": data_digests,
         "world_size": config.world_size,
+        **({"layout_before_resume": layout_before} if layout_before is not None else {}),
         # train: every invocation's training (to the checkpoint a resume took up); the others this invocation's
         "timings_s": {"model": round(t_model - t0, 3), "data": round(t_data - t_model, 3),
                       "train": round(train_s_before + t_train - t_data, 3),
