@@ -137,6 +137,11 @@ def test_seqrec_method_errors(data_dir, sasrec_run, tmp_path):
     with pytest.raises(ValueError, match="trained on 40 items"):
         evaluate(_config(other, sasrec_run, tmp_path / "c"))
     assert not (tmp_path / "c" / "results.json").exists()
+    # The run's own directory as output_dir: named as the training run it is, not as ~20 "changed" protocol fields.
+    before = (sasrec_run / "results.json").read_text()
+    with pytest.raises(ValueError, match=r"holds an `llmrec seqrec train` run, not an evaluation; choose another"):
+        evaluate(_config(data_dir, sasrec_run, sasrec_run))
+    assert (sasrec_run / "results.json").read_text() == before
 
 
 def test_an_evaluation_is_not_reused_after_its_model_is_retrained(data_dir, tmp_path):

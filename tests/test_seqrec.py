@@ -1373,3 +1373,23 @@ def test_lares_rpt_logs_reward_and_kl_over_the_real_rows_only():
     assert logs_padded["kl"] == pytest.approx(logs_real["kl"], rel=1e-5)
     assert logs_padded["reward"] == pytest.approx(logs_real["reward"], rel=1e-5)
     assert loss_padded.item() == pytest.approx(loss_real.item(), rel=1e-5)  # the loss already masked them
+
+
+def test_a_directory_holding_another_kind_of_run_is_refused(tmp_path):
+    """An `llmrec evaluate` output (results.json + rankings.jsonl, no run_config.json) had its results.json replaced
+    by the training's, with the evaluation's rankings left beside it (a review); an LLM checkpoint likewise."""
+    from llmrec.seqrec.run import run_seqrec
+
+    d = write_successor_dataset(tmp_path / "d")
+    for name, files in (("eval", ("results.json", "rankings.jsonl")), ("ckpt", ("llmrec_config.json",))):
+        cfg = tiny_cfg(tmp_path / name, d, epochs=1)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True)
+        for f in files:
+            (out / f).write_text('{"method": "popularity"}\n')
+        for resume in (True, False):
+            with pytest.raises(ValueError, match=rf"holds {files[0]}.* and no run_config.json: the output of another"):
+                run_seqrec(dataclasses.replace(cfg, resume=resume))
+        assert (out / files[0]).read_text() == '{"method": "popularity"}\n'
+    cfg = tiny_cfg(tmp_path / "own", d, epochs=1)
+    assert run_seqrec(cfg)["test"] == run_seqrec(cfg)["test"]  # its own finished run is still reused

@@ -722,6 +722,10 @@ class Evaluator:
                     atomic_write_text(table, self._markdown(prev))
                 logger.info("%s is complete for this protocol; nothing to do", results_path)
                 return prev
+            if (self.out / "run_config.json").exists() and "phases" in prev:
+                # not an evaluation at all: listing every protocol field as "changed" hid the point (a review)
+                raise ValueError(f"{self.out} holds an `llmrec seqrec train` run, not an evaluation; choose another "
+                                 f"output_dir (evaluate the run with --method seqrec --checkpoint {self.out})")
             raise ValueError(f"{self.out} holds results of a different protocol "
                              f"({_protocol_changes(prev.get('protocol'), protocol)}); choose another output_dir, "
                              f"or remove {self.out} to evaluate again")
