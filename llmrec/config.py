@@ -547,7 +547,12 @@ def parse_config(
         _refuse_repeated_options(parser, args)
         outputs, unknown = parser.parse_known_args(list(args))  # a bad value: ConfigError (_refuse_override)
         if unknown:
-            raise ConfigError(f"unknown command-line option(s): {' '.join(unknown)}")
+            # as check_keys suggests for a recipe's keys: a typo on the command line gets the same help
+            options = [o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--")]
+            hints = [f"{u} (did you mean --{close[0]}?)" for u in unknown if u.startswith("--")
+                     and (close := difflib.get_close_matches(u[2:].split("=", 1)[0], options, n=1))]
+            raise ConfigError(f"unknown command-line option(s): {' '.join(unknown)}"
+                              + (f"; {', '.join(hints)}" if hints else ""))
         for action in parser._actions:
             if action.nargs in ("+", "*") and isinstance(getattr(outputs, action.dest, None), list):
                 try:  # `--latent_tokens null` is None (a recipe's lists were checked by _coerce already)

@@ -167,8 +167,10 @@ def test_unknown_cli_option(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"unknown command-line option\(s\): --bogus 1"):
         parse_config(CLASSES, p, ["--bogus", "1"])
     # no abbreviations: "--epoch" is not "--epochs"
-    with pytest.raises(ConfigError, match="--epoch"):
-        parse_config(CLASSES, p, ["--epoch", "3"])
+    with pytest.raises(ConfigError, match=r"--epoch 3; --epoch \(did you mean --epochs\?\)$"):
+        parse_config(CLASSES, p, ["--epoch", "3"])  # a typo gets the suggestion a recipe's key gets
+    with pytest.raises(ConfigError, match=r"--bogus 1$"):  # nothing close: no suggestion
+        parse_config(CLASSES, p, ["--bogus", "1"])
     with pytest.raises(ConfigError, match=r"^command line: argument --epochs: invalid int value: 'many'$"):
         parse_config(CLASSES, p, ["--epochs", "many"])
 
