@@ -1375,7 +1375,37 @@ def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, rep
     out = Path(config.output_dir)
     report.item("output_dir", str(out))
     if (out / "results.json").exists():
-        report.note(f"{out} holds results.json: the real run does nothing for the same protocol and refuses another")
+        _check_finished_evaluation(config, out, report)
+
+
+def _check_finished_evaluation(config: Any, out: Path, report: DryRunReport) -> None:
+    """What the real run does with the ``results.json`` in ``out``: nothing for the same protocol; another protocol
+    or a seqrec training run there is refused (the settings compared as the pipeline compares finished
+    evaluations; the real run also compares the checkpoints' digests)."""
+    from llmrec.bench_pipeline import eval_protocol_differences
+    from llmrec.evaluation.evaluator import _same_dataset
+
+    results = out / "results.json"
+    try:
+        prev = json.loads(results.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        report.error(f"{results} cannot be read ({e}): remove it to evaluate again")
+        return
+    if not isinstance(prev, dict):
+        report.error(f"{results} is not a results file (a JSON {type(prev).__name__}): remove it to evaluate again")
+    elif (out / "run_config.json").exists() and "phases" in prev:
+        report.error(f"{out} holds an `llmrec seqrec train` run, not an evaluation; choose another output_dir")
+    else:
+        diff = eval_protocol_differences(prev.get("protocol") or {}, config)
+        if "dataset" in diff and _same_dataset(str(diff["dataset"][0]), str(diff["dataset"][1])):
+            del diff["dataset"]  # another spelling of the same directory (the real run accepts it too)
+        if diff:
+            changes = ", ".join(f"{k}={found!r} (here {asked!r})" for k, (found, asked) in diff.items())
+            report.error(f"{out} holds results of a different protocol ({changes}): the real run refuses it; choose "
+                         f"another output_dir, or remove {out} to evaluate again")
+        else:
+            report.note(f"{out} holds results.json of this protocol: the real run does nothing (remove it to "
+                        "evaluate again)")
 
 
 # ------------------------------------------------------------------------------------------------- entry

@@ -440,6 +440,24 @@ def test_without_dry_run_the_command_runs(prepared_dir, tmp_path, capsys):
     assert (out_dir / "results.json").exists()
 
 
+def test_a_finished_evaluation_of_another_protocol_is_invalid_in_the_dry_run(prepared_dir, tmp_path, capsys):
+    """The dry run said READY where the real run refuses the directory (a review): it now compares the finished
+    evaluation's protocol as the real run does, and names a seqrec training run's directory as such."""
+    out_dir = tmp_path / "pop"
+    args = ["evaluate", "--method", "popularity", "--dataset", str(prepared_dir), "--output_dir", str(out_dir)]
+    assert main([*args, "--max_rows", "5"]) == 0
+    capsys.readouterr()
+    code, out = dry([*args, "--max_rows", "5"], capsys)
+    assert code == 0 and "holds results.json of this protocol: the real run does nothing" in out
+    code, out = dry([*args, "--max_rows", "6"], capsys)
+    assert code == EXIT_INVALID and "holds results of a different protocol (max_rows=5 (here 6))" in out
+    assert main([*args, "--max_rows", "6"]) == 1  # as the real run says
+    (out_dir / "results.json").write_text('{"phases": [], "model": "sasrec"}')
+    (out_dir / "run_config.json").write_text("{}")
+    code, out = dry([*args, "--max_rows", "5"], capsys)
+    assert code == EXIT_INVALID and "holds an `llmrec seqrec train` run, not an evaluation" in out
+
+
 def test_dry_run_only_flags_need_dry_run(capsys):
     for stage in ("sft", "grpo", "evaluate"):
         assert main([stage, "--num-processes", "2"]) == EXIT_INVALID
