@@ -49,6 +49,17 @@ class StoreOnce(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+class LengthRange(argparse.Action):
+    """An argparse action for ``MIN MAX`` token lengths (``nargs=2``, ``type=int``): both >= 1 and MIN <= MAX, checked
+    at parse time (``--prompt-len 250 150`` failed only after the model had loaded, naming no option)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        low, high = values
+        if low < 1 or low > high:
+            parser.error(f"{option_string}: expected MIN MAX with 1 <= MIN <= MAX, got {low} {high}")
+        setattr(namespace, self.dest, (low, high))
+
+
 def int_at_least(least: int, meaning: str = "") -> typing.Callable[[str], int]:
     """An argparse ``type``: an integer >= ``least`` (``meaning`` is said after the bound, e.g. ``" (0 = all)"``).
     Plain ``int`` took ``--num-processes -2`` (a negative global batch) and ``--max-history -5``."""

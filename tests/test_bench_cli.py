@@ -98,6 +98,28 @@ def test_bench_counts_below_their_bound_are_usage_errors(capsys):
         assert info.value.code == 2 and f"argument {argv[1]}: must be >= " in err, (argv, err)
 
 
+def test_bench_length_ranges_are_checked_at_parse_time(capsys):
+    """`--prompt-len 250 150` (or non-positive lengths) failed only after the model had loaded, naming no option."""
+    import pytest
+
+    from llmrec.bench_latent_sft import add_arguments
+
+    for bench in ("grpo", "latent-sft"):
+        for flag in ("--prompt-len", "--completion-len"):
+            for low, high in (("250", "150"), ("0", "3"), ("-5", "-1")):
+                with pytest.raises(SystemExit) as info:
+                    main(["bench", bench, flag, low, high, "--model", "tiny-qwen2"])
+                err = capsys.readouterr().err
+                assert info.value.code == 2 and f"{flag}: expected MIN MAX with 1 <= MIN <= MAX, got {low} {high}" \
+                    in err, (bench, flag, err)
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    assert ap.parse_args(["--prompt-len", "7", "7"]).prompt_len == (7, 7)
+    assert ap.parse_args([]).completion_len == (15, 25)
+
+
 def test_bench_latent_sft_records_the_batches_its_exactness_compares(tmp_path, capsys):
     """The JSON says over how many batches the max diffs are taken: --exact-batches capped by --num-batches."""
     rc = main(["bench", "latent-sft", "--model", "tiny-qwen2", "--steps", "1", "--warmup", "0", "--num-batches", "1",
