@@ -322,3 +322,16 @@ def test_runs_masking_history_differently_are_warned_about_and_named_in_the_tabl
     with caplog.at_level(logging.WARNING, logger="llmrec.evaluation.compare"):
         res = compare_runs([plain, _run(tmp_path / "plain2", [1, 3, 12, None, 2])], ["ndcg@10"])
     assert not caplog.records and "history_masked" not in res and "masked" not in comparison_table(res)
+
+
+def test_cli_refuses_too_few_resamples_for_a_95_percent_interval(tmp_path, capsys):
+    """`--resamples 1` printed a "95% interval" that excluded the observed difference: below 40 resamples the 2.5%
+    tails of the percentile interval hold none."""
+    from llmrec.cli import main
+
+    a, b = _run(tmp_path / "a", [0, None, 3]), _run(tmp_path / "b", [1, 0, None])
+    for n in ("1", "39"):
+        with pytest.raises(SystemExit):
+            main(["compare", str(a), str(b), "--resamples", n])
+        assert "argument --resamples: must be >= 40" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--resamples", "40"]) == 0

@@ -107,6 +107,8 @@ def _relative_effects(text: str) -> list[float]:
 
 
 def register_compare_cli(subparsers) -> None:
+    from llmrec.config import int_at_least
+
     p = subparsers.add_parser(
         "compare",
         help="paired comparison of evaluation runs on their shared rows (bootstrap 95%% intervals)",
@@ -115,7 +117,10 @@ def register_compare_cli(subparsers) -> None:
     p.add_argument("runs", nargs="+", help="llmrec evaluate output directories")
     p.add_argument("--metrics", default="hr@10,ndcg@10", help="comma-separated, e.g. hr@5,ndcg@10,mrr@10")
     p.add_argument("--level", default="item", choices=("item", "title"), help="matching level")
-    p.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples")
+    # below 40 the 2.5% tails of the percentile interval hold no resample: `--resamples 1` gave a "95% interval"
+    # that excluded the observed difference (a review)
+    p.add_argument("--resamples", type=int_at_least(40), default=10000,
+                   help="bootstrap resamples (>= 40; 10,000 for stable interval ends)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--power-rel", type=_relative_effects, default=[], metavar="R1,R2",
                    help="also print the rows needed to detect true differences of these sizes relative to the "
