@@ -212,14 +212,13 @@ def register_cli(subparsers) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed of the row subset")
     d.add_argument("--output", default=None, help="also write the JSON result here")
     d.set_defaults(func=cmd_bench)
-    from llmrec.bench_latent_sft import add_arguments as add_latent_sft_arguments
+    from llmrec.bench_options import add_grpo_arguments, add_latent_sft_arguments
 
     ls = sub.add_parser("latent-sft", help="SFT step time: plain vs our latent forward vs the naive two-pass form",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_latent_sft_arguments(ls)
     ls.add_argument("--output", default=None, help="also write the JSON result here")
     ls.set_defaults(func=cmd_bench)
-    from llmrec.bench_grpo import add_arguments as add_grpo_arguments
 
     gr = sub.add_parser("grpo", help="latent GRPO step time: shared-prefix form vs the naive per-member form",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

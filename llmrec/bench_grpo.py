@@ -32,30 +32,10 @@ import time
 import torch
 
 from llmrec.bench_latent_sft import make_batches, nan_max
-from llmrec.config import LengthRange, int_at_least
+from llmrec.bench_options import add_grpo_arguments as add_arguments  # noqa: F401
 from llmrec.models.backbone import load_backbone
 from llmrec.models.latent import LatentConfig, LatentReasoningLM, add_latent_tokens
 from llmrec.training.grpo import LatentGRPOModule, member_noise
-
-
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of ``llmrec bench grpo``."""
-    ap.add_argument("--model", default="smollm2-135m", help="backbone alias, directory or hub id")
-    # bounded here: --num-batches 0 ended in a ZeroDivisionError, --steps 0 in "no median for empty data"
-    ap.add_argument("--group-size", type=int_at_least(2), default=8, help="G members per prompt")
-    ap.add_argument("--prompts", type=int_at_least(1), default=1, help="prompts per micro-batch (the paper: 1 group per device)")
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"), action=LengthRange,
-                    help="prompt lengths in tokens, drawn uniformly per row")
-    ap.add_argument("--completion-len", type=int, nargs=2, default=(15, 25), metavar=("MIN", "MAX"),
-                    action=LengthRange, help="target (title) lengths in tokens, drawn uniformly per row")
-    ap.add_argument("--num-batches", type=int_at_least(1), default=3, help="distinct batches, cycled over the steps")
-    ap.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed steps per form")
-    ap.add_argument("--steps", type=int_at_least(1), default=3, help="timed steps per form (median reported)")
-    ap.add_argument("--dtype", default="bfloat16", help="dtype of the timed runs")
-    ap.add_argument("--noise-scale", type=float, default=1.5, help="absolute noise std of the members 1..G-1")
-    ap.add_argument("--train-lora", action="store_true", help="also train LoRA adapters (default: head only)")
-    ap.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random batches and weights")
 
 
 def _build(args, dtype: str) -> tuple[LatentGRPOModule, object]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from llmrec.config import LengthRange, int_at_least
+from llmrec.bench_options import add_latent_sft_arguments as add_arguments  # noqa: F401
 from llmrec.models.backbone import load_backbone
 from llmrec.models.latent import (
     IGNORE_INDEX,
@@ -46,7 +46,6 @@ from llmrec.models.latent import (
 from llmrec.prompts import PromptTemplate
 
 ITEMS = Path(__file__).resolve().parent / "data/samples/games_sample/derived/items.jsonl"
-LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 def make_batches(tokenizer, args) -> list[dict[str, torch.Tensor]]:
@@ -174,33 +173,6 @@ def exactness(args, batches) -> tuple[float, float]:
         logit_diffs.append((a - c).abs().max().item())
         rel_diffs += [(g_eff[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-30) for n, g in g_nai.items()]
     return nan_max(logit_diffs), nan_max(rel_diffs)
-
-
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of ``llmrec bench latent-sft``."""
-    ap.add_argument("--model", default="smollm2-135m", help="backbone alias, directory or hub id")
-    # bounded here: a count of 0 ended in a traceback, or (--exact-batches 0) in exactness numbers never measured
-    ap.add_argument("--batch-size", type=int_at_least(1), default=4, help="rows per timed batch")
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"), action=LengthRange,
-                    help="prompt lengths in tokens, drawn uniformly per row")
-    ap.add_argument("--completion-len", type=int, nargs=2, default=(15, 25), metavar=("MIN", "MAX"),
-                    action=LengthRange, help="target (title) lengths in tokens, drawn uniformly per row")
-    ap.add_argument("--num-latent", type=int_at_least(1), default=1, help="latent tokens N of the latent forms")
-    ap.add_argument("--num-batches", type=int_at_least(1), default=3, help="distinct batches, cycled over the steps")
-    ap.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed steps per variant")
-    ap.add_argument("--steps", type=int_at_least(1), default=5, help="timed steps per variant (median reported)")
-    ap.add_argument("--dtype", default="bfloat16", help="dtype of the timed runs")
-    ap.add_argument("--lora-r", type=int_at_least(1), default=8, help="LoRA rank")
-    ap.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated module names LoRA adapts")
-    ap.add_argument("--exact-batches", type=int_at_least(1), default=1,
-                    help="batches used for the float32 exactness check (at most --num-batches)")
-    ap.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random batches and weights")
-    ap.add_argument(
-        "--clock", choices=("wall", "cpu"), default="wall",
-        help="clock of the headline numbers: wall time, or this process's CPU time (robust when other "
-        "processes share the cores; both are printed)",
-    )
 
 
 def bench_latent_sft(args: argparse.Namespace) -> dict:

@@ -50,3 +50,15 @@ def test_the_sdist_carries_every_prompt_and_recipe(tmp_path):
         shipped = {"/".join(Path(n).parts[1:]) for n in tar.getnames()}
     wanted = {str(p.relative_to(root)) for d in ("prompts", "recipes") for p in (root / d).rglob("*") if p.is_file()}
     assert wanted and wanted <= shipped, sorted(wanted - shipped)[:5]
+
+
+def test_building_the_command_line_parser_imports_no_training_library():
+    """The bench options lived in modules importing trl and peft: every `llmrec` command, `--help` included, paid
+    ~9 s of imports before parsing its arguments (a review's profile)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llmrec.cli; llmrec.cli.build_parser(); "
+            "print(sorted(m for m in ('trl', 'peft', 'transformers', 'datasets', 'accelerate') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
