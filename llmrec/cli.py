@@ -28,7 +28,8 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     from llmrec import __version__
 
-    parser = argparse.ArgumentParser(prog="llmrec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="llmrec", description="Fine-tune and evaluate LLM-based and ID-based sequential recommenders.")
     parser.add_argument("--version", action="version", version=f"llmrec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -114,3 +114,15 @@ def test_docstring_example():
     import llmrec.config_help
 
     assert doctest.testmod(llmrec.config_help).failed == 0
+
+
+def test_the_top_level_help_is_plain_text(capsys):
+    """It showed the module docstring's first line, RST markup included ("The ``llmrec`` command.")."""
+    import pytest
+
+    from llmrec.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "sequential recommenders" in out
