@@ -680,8 +680,9 @@ def test_cli_convert_and_errors(tmp_path, monkeypatch, capsys):
     assert "unknown model alias 'nope'" in capsys.readouterr().err
     (tmp_path / "afile").write_text("x")  # a cache directory under a file: a NotADirectoryError traceback (review)
     assert _cli(["models", "convert", name, "--cache-dir", str(tmp_path / "afile" / "c")]) == 1
-    assert f"error: cannot convert {name} into" in capsys.readouterr().err
+    assert f"llmrec models: error: cannot convert {name} into" in capsys.readouterr().err
     assert _cli(["models", "install", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("llmrec models: error: unknown model alias 'nope'")  # named as the others
     monkeypatch.setattr(backbone, "_installation_problem", lambda spec: "not installed")
     assert _cli(["models", "convert", name]) == 1
     assert f"llmrec models install {name}" in capsys.readouterr().err

@@ -940,10 +940,10 @@ def _cmd_install(args: argparse.Namespace) -> int:
     try:
         install_alias(args.alias)
     except UnknownAliasError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"llmrec models: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"llmrec models: error: {err}", file=sys.stderr)
         return 1
     if args.alias in ALIASES and alias_is_cached(args.alias):
         print(f"installed {args.alias}; already converted in {alias_cache_path(args.alias)}")
@@ -986,10 +986,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         folder = convert_alias(args.alias, args.cache_dir, force=True)
     except UnknownAliasError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"llmrec models: error: {err}", file=sys.stderr)
         return 2
     except (AliasNotInstalledError, ConversionError, BackboneLoadError) as err:  # BackboneLoadError: cache unwritable
-        print(f"error: {err}", file=sys.stderr)
+        print(f"llmrec models: error: {err}", file=sys.stderr)
         return 1
     print(f"converted {args.alias} into {folder} in {time.monotonic() - start:.1f}s")
     return 0
