@@ -821,6 +821,21 @@ def test_nan_inside_the_model_skips_the_group_not_the_step(tmp_path, sft_dir):
         assert (v - after[4][k]).abs().max().item() <= 1e-5, k
 
 
+def test_a_reward_that_ignores_nan_log_probs_still_skips_the_group(tmp_path, sft_dir, monkeypatch):
+    """A reward that does not read the log-probs (here a constant, as a user's own reward may be) stayed finite for a
+    NaN prompt: its group counted as valid and its NaN log-probs made the whole step's loss NaN (the step dropped)."""
+    import llmrec.training.grpo as grpo
+
+    sft, _, _ = sft_dir
+    monkeypatch.setitem(grpo.REWARD_FUNCTIONS, "neg_ppl",
+                        lambda inputs: torch.arange(inputs.token_mask.shape[0], dtype=torch.float64))
+    trainer, res, before = _train_with_a_nan_prompt(tmp_path / "c", sft)
+    assert res["skipped_groups"] == 1 and res["nonfinite_grad_steps"] == 0
+    after = trainer._trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the other group trained
+    assert all(bool(torch.isfinite(v).all()) for v in after.values())
+
+
 def test_a_run_on_a_retrained_sft_checkpoint_or_other_data_is_neither_reused_nor_resumed(tmp_path, sft_dir):
     """GRPO records what it started from by content (the SFT checkpoint's weights, the prepared files): a finished
     run whose SFT checkpoint was retrained in place since is refused, not returned as done; a cut run is not resumed

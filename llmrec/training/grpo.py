@@ -1212,13 +1212,13 @@ class LatentGRPOTrainer:
                 members = latent.float().repeat_interleave(g, 0) + b.noise
                 inputs.candidate_scores, inputs.target_index = self._candidate_scores(
                     epoch, [self.rows[r] for r in b.rows], b.rows, t, members, g, self.config.train_split)
+            # A reward may be finite where the member's log-probs are not (a title's reward in the generation mode,
+            # drawn from NaN logits; a reward that does not read them, such as a user's own): the member's own
+            # log-probs tell, and its group is then skipped (not the whole step, whose loss they would make NaN).
+            finite = torch.isfinite(torch.where(mask > 0, lp, torch.zeros_like(lp))).all(-1)
             for name in self.active_rewards:
                 values = REWARD_FUNCTIONS[name](inputs).double()
-                if sampled_titles is not None:
-                    # A title's reward is finite even when it was drawn from NaN logits: the member's own log-probs
-                    # tell, and its group is then skipped as in the latent mode (not the whole step).
-                    finite = torch.isfinite(torch.where(mask > 0, lp, torch.zeros_like(lp))).all(-1)
-                    values = torch.where(finite.to(values.device), values, torch.full_like(values, float("nan")))
+                values = torch.where(finite.to(values.device), values, torch.full_like(values, float("nan")))
                 per_fn[name].append(values)
             positions.append(torch.tensor(b.positions, device=dev))
             latent_norms.append(latent.float().norm(dim=-1))
