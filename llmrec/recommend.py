@@ -49,7 +49,7 @@ a history is what the evaluator ranked for it:
   the scores include the guidance (D3 decodes with ``length_penalty=0``). The rankings equal the guided
   evaluation's, except with a LARES guide that draws its initial state (``state_init: normal``): its draws are keyed
   by the history's content here and by the split row there (a warning says so).
-* **ID models** (SASRec, ReaRec, LARES): every catalogue item is scored for the left-padded history
+* **ID models** (SASRec, GRU4Rec, ReaRec, LARES): every catalogue item is scored for the left-padded history
   (:meth:`~llmrec.seqrec.models.SeqRecModel.score`; padding id 0 is never a candidate) and the top ``k``
   are returned, ties broken by the smaller item id (as the seqrec evaluation ranks). A LARES with
   ``state_init: normal`` is the exception, as a guide above: its initial-state draws are keyed by the history's

@@ -1,9 +1,10 @@
 """Evaluate a recommender on a split with constrained beam search (or a popularity ranking).
 
 Protocol, written into every ``results.json``: split, rows (a fixed, seeded subset or all), history
-length, prompt, beams, length penalty, matching level, model and checkpoint, package versions, and
+length, prompt, beams, length penalty, matching level, model and checkpoint, and
 (only when it is on) the D3 guidance: ``protocol["guidance"]`` holds the ID model's run directory,
-weight, model name and history length; no ``guidance`` key means plain LM scores.
+weight, model name and history length; no ``guidance`` key means plain LM scores. The package versions are
+recorded beside the protocol (``results.json``'s ``versions``).
 
 D3 guidance (``guidance_checkpoint``, ``guidance_weight``): a trained ``llmrec seqrec train`` run on the
 same prepared dataset scores every row from its history ids (cut to the ID model's own ``max_history``,

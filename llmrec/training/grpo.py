@@ -1,15 +1,18 @@
 """Latent GRPO (LatentR3's "LR-GRPO"): reinforce the pooled latent with continuous rule-based rewards.
 
-No text is generated. Each **group** is one training prompt with its true next item and ``G`` members:
-member 0 keeps the pooled latent ``r``, members ``1..G-1`` use ``r + eps`` with Gaussian ``eps``. Every
-member is scored by reward functions of the true title's likelihood under its latent
-(:mod:`llmrec.training.rewards`), advantages are computed over the whole optimiser batch gathered from
+With ``rollout: latent`` (the default, the paper's) no text is generated. Each **group** is one training prompt
+with its true next item and ``G`` members: member 0 keeps the pooled latent ``r``, members ``1..G-1`` use
+``r + eps`` with Gaussian ``eps``. Every member is scored by reward functions of the true item under its latent
+(its title's likelihood, or its rank among sampled candidates; :mod:`llmrec.training.rewards`); ``rollout:
+generate`` is the vanilla GRPO the paper compares against, titles sampled from the catalogue trie and rewarded by
+``exact_match`` / ``token_f1``. Advantages are computed over the whole optimiser batch gathered from
 every process (:mod:`llmrec.training.advantages`), and the clipped-ratio objective pushes the pooling
 head (and optionally LoRA) towards latents that make the true item likely.
 
 What differs from the reference code (see ``../shared/papers/latentr3.md`` section 7), on purpose:
 
-* gradients go through the accelerate-prepared (DDP/FSDP) module, so processes stay in sync;
+* gradients go through the accelerate-prepared (DDP) module, so processes stay in sync (FSDP and DeepSpeed are
+  refused);
 * "batch" in the batch advantage is the whole optimiser batch (all processes, all accumulation
   micro-steps): the batch is scored first without gradients, then trained on;
 * noise is drawn per sample from ``(seed, epoch, dataset row, member)``, never from a process's RNG, so the
@@ -654,7 +657,7 @@ class MemberScores:
 class LatentGRPOModule(nn.Module):
     """The per-member log-likelihood of the true title under a (noised) latent, shared-prefix or naive.
 
-    Called through the accelerate-prepared wrapper so that DDP/FSDP see every forward that needs gradients.
+    Called through the accelerate-prepared wrapper so that DDP sees every forward that needs gradients.
     """
 
     def __init__(self, latent_lm: LatentReasoningLM, group_size: int, naive: bool = False, pad_token_id: int = 0,
