@@ -525,28 +525,30 @@ def test_a_checkpoint_of_another_process_count_resumes_with_a_warning_and_is_rec
     from llmrec.seqrec.trainer import SeqRecTrainer
 
     d = write_successor_dataset(tmp_path / "d")
-    cfg = tiny_cfg(tmp_path, d, epochs=3, eval_every=1, patience=10)
     real_evaluate = SeqRecTrainer.evaluate
-    calls = []
+    for dropout in (0.1, 0.0):  # said only with dropout on (without, the resumed run is the same run); recorded both
+        cfg = tiny_cfg(tmp_path / str(dropout), d, epochs=3, eval_every=1, patience=10, dropout=dropout)
+        calls: list[int] = []
 
-    def killed_in_the_second_validation(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(self, *args, **kwargs)
+        def killed_in_the_second_validation(self, *args, calls=calls, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real_evaluate(self, *args, **kwargs)
 
-    with monkeypatch.context() as m:
-        m.setattr(SeqRecTrainer, "evaluate", killed_in_the_second_validation)
-        with pytest.raises(KeyboardInterrupt):
-            run_seqrec(cfg)
-    state_file = Path(cfg.output_dir) / "train" / "state.json"
-    state = json.loads(state_file.read_text())
-    assert state["epoch"] == 0 and state["num_processes"] == 1
-    state_file.write_text(json.dumps(dict(state, num_processes=2)))  # as if epoch 1 had run on 2 processes
-    with caplog.at_level(logging.WARNING, logger="llmrec.seqrec.trainer"):
-        res = run_seqrec(cfg)
-    assert "resuming a checkpoint trained on 2 process(es) on 1" in caplog.text
-    assert res["timings"]["num_processes"] == 1 and res["timings"]["num_processes_before_resume"] == [2]
+        with monkeypatch.context() as m:
+            m.setattr(SeqRecTrainer, "evaluate", killed_in_the_second_validation)
+            with pytest.raises(KeyboardInterrupt):
+                run_seqrec(cfg)
+        state_file = Path(cfg.output_dir) / "train" / "state.json"
+        state = json.loads(state_file.read_text())
+        assert state["epoch"] == 0 and state["num_processes"] == 1
+        state_file.write_text(json.dumps(dict(state, num_processes=2)))  # as if epoch 1 had run on 2 processes
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="llmrec.seqrec.trainer"):
+            res = run_seqrec(cfg)
+        assert ("resuming a checkpoint trained on 2 process(es) on 1" in caplog.text) == (dropout > 0)
+        assert res["timings"]["num_processes"] == 1 and res["timings"]["num_processes_before_resume"] == [2]
     again = run_seqrec(dataclasses.replace(cfg, resume=False, output_dir=str(tmp_path / "plain")))
     assert "num_processes_before_resume" not in again["timings"]
 

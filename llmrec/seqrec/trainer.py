@@ -131,6 +131,10 @@ def _load_optimizer_state(path: Path, remedy: str) -> dict:
         raise ValueError(f"{path}: damaged or not an optimiser checkpoint ({problem}); {remedy}") from None
 
 
+# The config's dropout rates of the supervised phase (any of them above 0: the masks are drawn per process).
+DROPOUT_FIELDS = ("dropout", "attn_dropout", "input_dropout")
+
+
 class SeqRecTrainer:
     """Trains one model in one or more phases and evaluates it with full ranking."""
 
@@ -292,9 +296,11 @@ class SeqRecTrainer:
                 # of the batch: the result is neither layout's uninterrupted run (without dropout it is, up to the
                 # order of float sums). Said here and recorded in results.json.
                 self.resumed_from_num_processes.add(int(before))
-                logger.warning("phase %s: resuming a checkpoint trained on %d process(es) on %d: with dropout on, the "
-                               "masks are drawn per process, so the run is neither layout's uninterrupted run",
-                               phase, before, acc.num_processes)
+                rates = ("rpt_dropout",) if phase == "rpt" else DROPOUT_FIELDS  # LARES's RPT policy has its own
+                if any((getattr(cfg, name, None) or 0) > 0 for name in rates):
+                    logger.warning("phase %s: resuming a checkpoint trained on %d process(es) on %d: with dropout on, "
+                                   "the masks are drawn per process, so the run is neither layout's uninterrupted run",
+                                   phase, before, acc.num_processes)
             torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
             if st.get("cuda_rng") and torch.cuda.is_available() and len(st["cuda_rng"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all([torch.tensor(g, dtype=torch.uint8) for g in st["cuda_rng"]])

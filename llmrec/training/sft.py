@@ -1163,7 +1163,7 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
         recorded = Path(resume) / TRAINING_ARGS_JSON
         layout_before = layout_change(json.loads(recorded.read_text(encoding="utf-8")), config) \
             if recorded.exists() else None
-        if layout_before is not None and config.lora_dropout > 0:
+        if layout_before is not None and config.lora_dropout > 0 and config.finetune != "full":
             logger.warning("resuming %s, trained with %s, as %s: with lora_dropout %g the masks are drawn per "
                            "micro-batch and process, so the run is neither layout's uninterrupted run (recorded as "
                            "layout_before_resume)", resume, layout_text(layout_before),
