@@ -1889,3 +1889,14 @@ def test_a_finished_run_drawn_without_the_sft_rows_is_reused_on_an_identical_rer
     assert run_grpo(grpo_config(tmp_path / "g", sft, **cfg))["train_seconds_this_run"] == res["train_seconds_this_run"]
     with pytest.raises(ValueError, match=r"prompts=\d+ \(asked: 3\)"):
         run_grpo(grpo_config(tmp_path / "g", sft, max_train_rows=3, **cfg))
+
+
+def test_a_directory_holding_another_kind_of_run_is_refused(tmp_path, sft_dir):
+    """As for SFT: GRPO into an `llmrec evaluate` output put its checkpoints beside the evaluation's files."""
+    sft, _, _ = sft_dir
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "protocol.json").write_text("{}\n")
+    with pytest.raises(ValueError, match=r"holds protocol.json: an `llmrec evaluate` output, not a `llmrec grpo` run"):
+        run_grpo(grpo_config(out, sft, max_steps=1))
+    assert sorted(p.name for p in out.iterdir()) == ["protocol.json"]

@@ -901,3 +901,15 @@ def test_drop_last_is_refused_where_what_it_drops_depends_on_the_layout(tmp_path
     res = run_sft(make_config(tmp_path / "c", prepared_dir, dataloader_drop_last=True, gradient_accumulation_steps=2,
                               max_train_rows=8, max_steps=-1, num_train_epochs=1))
     assert res["global_step"] == 2
+
+
+def test_a_directory_holding_another_kind_of_run_is_refused(tmp_path, prepared_dir):
+    """SFT into an `llmrec evaluate` output or a seqrec run's directory put its checkpoints beside the other run's
+    files (a review); refused before any work, nothing written."""
+    for name, kind in (("rankings.jsonl", "an `llmrec evaluate` output"), ("run_config.json", "an `llmrec seqrec train` run")):
+        out = tmp_path / name.split(".")[0]
+        out.mkdir()
+        (out / name).write_text("{}\n")
+        with pytest.raises(ValueError, match=rf"holds {name}: {kind}, not a `llmrec sft` run; use another output_dir"):
+            run_sft(make_config(out, prepared_dir, num_latent_tokens=1, max_steps=1))
+        assert sorted(p.name for p in out.iterdir()) == [name]

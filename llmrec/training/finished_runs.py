@@ -17,6 +17,20 @@ if TYPE_CHECKING:
     from llmrec.training.sft import LatentSFTConfig
 
 
+# Files other commands write at the top of their output_dir, and what they mark it as.
+OTHER_RUN_FILES = {"run_config.json": "an `llmrec seqrec train` run", "rankings.jsonl": "an `llmrec evaluate` output",
+                   "protocol.json": "an `llmrec evaluate` output"}
+
+
+def refuse_other_kind_of_run(out: Path, command: str) -> None:
+    """Refuse to train ``command`` (``llmrec sft`` / ``llmrec grpo``) into an ``output_dir`` holding another kind of
+    run: its checkpoints would sit beside the other run's files, a directory no command reads as one run any more."""
+    found = [name for name in OTHER_RUN_FILES if (out / name).is_file()]
+    if found:
+        raise ValueError(f"{out} holds {', '.join(found)}: {OTHER_RUN_FILES[found[0]]}, not a {command} run; use "
+                         "another output_dir")
+
+
 def dataset_dir_or_none(name: str | None) -> Path | None:
     """The prepared dataset directory ``name`` names (an embedded sample resolved), or None if it cannot be found
     (then the comparisons that need the split's size leave it out)."""
