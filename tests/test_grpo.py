@@ -1618,6 +1618,11 @@ def test_title_rewards_hand_computed():
     assert token_f1(marked).tolist() == pytest.approx([1.0, 1.0, 1.0, 0.4, 1.0, 0.0])
     with pytest.raises(ValueError, match="rollout: generate"):
         token_f1(RewardInputs(torch.zeros(1, 1), torch.ones(1, 1)))
+    # On the log-probs' device, as the likelihood rewards (here "meta" stands for a GPU): they were CPU tensors, and
+    # combining or gathering them with device tensors failed on the first GRPO step on a GPU (a review).
+    on_device = RewardInputs(torch.zeros(4, 1, device="meta"), torch.ones(4, 1, device="meta"),
+                             sampled_titles=inputs.sampled_titles, target_titles=inputs.target_titles)
+    assert exact_match(on_device).device.type == "meta" and token_f1(on_device).device.type == "meta"
 
 
 def test_cached_constrained_sampling_equals_the_plain_recomputed_form(sft_dir):

@@ -1220,8 +1220,10 @@ class LatentGRPOTrainer:
             # log-probs tell, and its group is then skipped (not the whole step, whose loss they would make NaN).
             finite = torch.isfinite(torch.where(mask > 0, lp, torch.zeros_like(lp))).all(-1)
             for name in self.active_rewards:
-                values = REWARD_FUNCTIONS[name](inputs).double()
-                values = torch.where(finite.to(values.device), values, torch.full_like(values, float("nan")))
+                # on this process's device whatever a reward returns (a user's may build a CPU tensor): the rewards
+                # are combined and gathered with device tensors (NCCL gathers device tensors only)
+                values = REWARD_FUNCTIONS[name](inputs).double().to(dev)
+                values = torch.where(finite.to(dev), values, torch.full_like(values, float("nan")))
                 per_fn[name].append(values)
             positions.append(torch.tensor(b.positions, device=dev))
             latent_norms.append(latent.float().norm(dim=-1))

@@ -135,7 +135,9 @@ def exact_match(inputs: RewardInputs) -> torch.Tensor:
     ...                          target_titles=["Halo 3", "Halo 3"]))
     tensor([1., 0.], dtype=torch.float64)
     """
-    return torch.tensor([float(s == t) for s, t in _titles(inputs, "exact_match")], dtype=torch.float64)
+    # on the log-probs' device, as the other rewards: a CPU tensor beside them failed on a GPU (combine, gather)
+    return torch.tensor([float(s == t) for s, t in _titles(inputs, "exact_match")], dtype=torch.float64,
+                        device=inputs.token_logprobs.device)
 
 
 _ARTICLES = frozenset({"a", "an", "the"})
@@ -173,7 +175,7 @@ def token_f1(inputs: RewardInputs) -> torch.Tensor:
             continue
         precision, recall = common / sum(a.values()), common / sum(b.values())
         out.append(2 * precision * recall / (precision + recall))
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor(out, dtype=torch.float64, device=inputs.token_logprobs.device)
 
 
 REWARD_FUNCTIONS: dict[str, Callable[[RewardInputs], torch.Tensor]] = {
