@@ -1395,3 +1395,24 @@ def test_a_directory_holding_another_kind_of_run_is_refused(tmp_path):
         assert (out / files[0]).read_text() == '{"method": "popularity"}\n'
     cfg = tiny_cfg(tmp_path / "own", d, epochs=1)
     assert run_seqrec(cfg)["test"] == run_seqrec(cfg)["test"]  # its own finished run is still reused
+
+
+def test_each_process_restores_its_own_generator_state():
+    """state.json holds every process's generator state; a process restores its own (rank 0's alone, restored on
+    every GPU, reset the other devices' CUDA generators to the seed's start), rank 0's under another process
+    count, and a state written before 2026-12-07 as it was read then."""
+    import torch
+
+    from llmrec.seqrec.trainer import _restore_rng
+
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append({"torch_rng": torch.get_rng_state().tolist(), "cuda_rng": None})
+    for index, want in ((0, 0), (1, 1), (2, 0)):
+        torch.manual_seed(99)
+        _restore_rng({"rng_by_process": states}, index)
+        assert torch.get_rng_state().tolist() == states[want]["torch_rng"], index
+    torch.manual_seed(99)
+    _restore_rng({"torch_rng": states[1]["torch_rng"], "cuda_rng": None}, 0)
+    assert torch.get_rng_state().tolist() == states[1]["torch_rng"]

@@ -131,6 +131,24 @@ def _load_optimizer_state(path: Path, remedy: str) -> dict:
         raise ValueError(f"{path}: damaged or not an optimiser checkpoint ({problem}); {remedy}") from None
 
 
+def _restore_rng(state: dict[str, Any], process_index: int) -> None:
+    """Set this process's generators to those a checkpoint's ``state.json`` recorded for it: its own entry of
+    ``rng_by_process`` (rank 0's under another process count, a resume that is warned about); older states hold
+    rank 0's CPU state and its process's CUDA generators of every device."""
+    import torch
+
+    if "rng_by_process" in state:
+        entries = state["rng_by_process"]
+        own = entries[process_index] if len(entries) > process_index else entries[0]
+        torch.set_rng_state(torch.tensor(own["torch_rng"], dtype=torch.uint8))
+        if own.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(own["cuda_rng"], dtype=torch.uint8))  # the current device's
+        return
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(g, dtype=torch.uint8) for g in state["cuda_rng"]])
+
+
 # The config's dropout rates of the supervised phase (any of them above 0: the masks are drawn per process).
 DROPOUT_FIELDS = ("dropout", "attn_dropout", "input_dropout")
 
@@ -301,9 +319,7 @@ class SeqRecTrainer:
                     logger.warning("phase %s: resuming a checkpoint trained on %d process(es) on %d: with dropout on, "
                                    "the masks are drawn per process, so the run is neither layout's uninterrupted run",
                                    phase, before, acc.num_processes)
-            torch.set_rng_state(torch.tensor(st["torch_rng"], dtype=torch.uint8))
-            if st.get("cuda_rng") and torch.cuda.is_available() and len(st["cuda_rng"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all([torch.tensor(g, dtype=torch.uint8) for g in st["cuda_rng"]])
+            _restore_rng(st, acc.process_index)
             logger.info("phase %s: resuming at epoch %d", phase, start_epoch)
         metric = cfg.valid_metric
         extra = dict(extra or {}, phase=phase)
@@ -374,6 +390,17 @@ class SeqRecTrainer:
                     bad += 1
             res.history.append(entry)
             self.scalars.add(phase, {k: v for k, v in entry.items() if k != "epoch"}, epoch + 1)
+            # Each process's own generators, which its dropout draws from (on a GPU, its device's CUDA generator):
+            # gathered, so that each process resumes its own. Rank 0's alone, restored everywhere, reset the other
+            # GPUs' generators to the seed's start (rank 0's process never draws on them; a review).
+            rng = {"torch_rng": torch.get_rng_state().tolist(),
+                   "cuda_rng": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
+            if acc.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                rng_by_process = gather_object([rng])
+            else:
+                rng_by_process = [rng]
             if self.is_main:
                 logger.info(
                     "%s epoch %d: loss %.4f  valid %s %.4f  (%.1fs)%s",
@@ -407,10 +434,7 @@ class SeqRecTrainer:
                         "best_file": best_file,
                         "result": res.__dict__,
                         "num_processes": acc.num_processes,
-                        "torch_rng": torch.get_rng_state().tolist(),
-                        # dropout on GPU draws from the CUDA generators
-                        "cuda_rng": [g.tolist() for g in torch.cuda.get_rng_state_all()]
-                        if torch.cuda.is_available() else None,
+                        "rng_by_process": rng_by_process,
                     },
                 )
             acc.wait_for_everyone()
