@@ -212,3 +212,37 @@ def test_a_two_process_run_with_dropout_resumes_as_it_would_have_gone_on(tmp_pat
     # each process's own generator states, which each restores (on GPUs: its own device's CUDA generator)
     state = json.loads((tmp_path / "two" / "cut" / "train" / "state.json").read_text())
     assert len(state["rng_by_process"]) == 2 and all(len(r["torch_rng"]) > 0 for r in state["rng_by_process"])
+
+
+LONE_BATCH_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from llmrec.seqrec.config import SeqRecConfig
+    from llmrec.seqrec.run import run_seqrec
+
+    data_dir, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    run_seqrec(SeqRecConfig(model="lares", dataset_dir=data_dir, output_dir=out, max_history=10, hidden_size=16,
+                            n_layers=1, n_heads=2, inner_size=32, dropout=0.0, attn_dropout=0.0, epochs=2,
+                            batch_size=8, eval_batch_size=8, lr=1e-2, progress=False, resume=False,
+                            mean_recurrence=2, tla_weight=0.1, sla_weight=0.1, rpt_epochs=0))
+    """
+)
+
+
+def test_a_process_holding_only_filler_rows_logs_what_the_others_log(tmp_path):
+    """3 train windows in a global batch of 8: one process holds only the rows the loader adds, so LARES's alignment
+    terms were missing from its logs and the processes reduced lists of other lengths: the run hung (a review)."""
+    data = write_successor_dataset(tmp_path / "d", users=3)
+    script = tmp_path / "lone.py"
+    script.write_text(LONE_BATCH_SCRIPT)
+    accelerate_launch(2, [script, data, tmp_path / "two"], timeout=240)  # the old failure was a hang
+    run_script_here(script, data, tmp_path / "one")
+    logged = [json.loads((tmp_path / run / "results.json").read_text())["phases"][0]["history"]
+              for run in ("one", "two")]
+    assert len(logged[0]) == len(logged[1]) == 2
+    assert all(a.keys() == b.keys() for a, b in zip(*logged))
+    # The alignment terms' in-batch negatives are local to a process (as the LARES code has them), so the loss and
+    # the weights after the first step depend on the layout here; the first epoch's supervised CE is the batch's.
+    assert logged[0][0]["ce"] == pytest.approx(logged[1][0]["ce"], rel=1e-4)

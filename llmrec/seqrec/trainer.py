@@ -369,8 +369,13 @@ class SeqRecTrainer:
                 # share of the loss positions above: their sum is the batch's mean (exact for the means over loss
                 # positions, as CE; a weighted mean of the processes' values for the others). Logged was rank 0's
                 # value alone (reviews).
-                keys = sorted(sums)  # the same on every process: they depend on the config, epoch and step only
-                summed = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device),
+                # The union of the processes' keys: a process whose rows were all the loader's filler (an epoch of
+                # one short batch) logs no alignment terms, and lists of other lengths hung the reduce (a review).
+                # Its share of those terms is 0, which is what it adds.
+                from accelerate.utils import gather_object
+
+                keys = sorted(set().union(*gather_object([sorted(sums)])))
+                summed = acc.reduce(torch.tensor([sums.get(k, 0.0) for k in keys], device=acc.device),
                                     reduction="sum").tolist()
                 sums = {k: v / acc.num_processes if k == "loss" else v for k, v in zip(keys, summed)}
             res.epoch_seconds.append(secs)
