@@ -13,15 +13,20 @@ from llmrec.config import LengthRange, int_at_least
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
+def _add_batch_shape_arguments(ap: argparse.ArgumentParser) -> None:
+    """The random batches' lengths, shared by both benchmarks."""
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"), action=LengthRange,
+                    help="prompt lengths in tokens, drawn uniformly per row")
+    ap.add_argument("--completion-len", type=int, nargs=2, default=(15, 25), metavar=("MIN", "MAX"),
+                    action=LengthRange, help="target (title) lengths in tokens, drawn uniformly per row")
+
+
 def add_latent_sft_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of ``llmrec bench latent-sft``."""
     ap.add_argument("--model", default="smollm2-135m", help="backbone alias, directory or hub id")
     # bounded here: a count of 0 ended in a traceback, or (--exact-batches 0) in exactness numbers never measured
     ap.add_argument("--batch-size", type=int_at_least(1), default=4, help="rows per timed batch")
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"), action=LengthRange,
-                    help="prompt lengths in tokens, drawn uniformly per row")
-    ap.add_argument("--completion-len", type=int, nargs=2, default=(15, 25), metavar=("MIN", "MAX"),
-                    action=LengthRange, help="target (title) lengths in tokens, drawn uniformly per row")
+    _add_batch_shape_arguments(ap)
     ap.add_argument("--num-latent", type=int_at_least(1), default=1, help="latent tokens N of the latent forms")
     ap.add_argument("--num-batches", type=int_at_least(1), default=3, help="distinct batches, cycled over the steps")
     ap.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed steps per variant")
@@ -46,10 +51,7 @@ def add_grpo_arguments(ap: argparse.ArgumentParser) -> None:
     # bounded here: --num-batches 0 ended in a ZeroDivisionError, --steps 0 in "no median for empty data"
     ap.add_argument("--group-size", type=int_at_least(2), default=8, help="G members per prompt")
     ap.add_argument("--prompts", type=int_at_least(1), default=1, help="prompts per micro-batch (the paper: 1 group per device)")
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=(150, 250), metavar=("MIN", "MAX"), action=LengthRange,
-                    help="prompt lengths in tokens, drawn uniformly per row")
-    ap.add_argument("--completion-len", type=int, nargs=2, default=(15, 25), metavar=("MIN", "MAX"),
-                    action=LengthRange, help="target (title) lengths in tokens, drawn uniformly per row")
+    _add_batch_shape_arguments(ap)
     ap.add_argument("--num-batches", type=int_at_least(1), default=3, help="distinct batches, cycled over the steps")
     ap.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed steps per form")
     ap.add_argument("--steps", type=int_at_least(1), default=3, help="timed steps per form (median reported)")
