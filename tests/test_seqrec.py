@@ -1383,16 +1383,16 @@ def test_a_directory_holding_another_kind_of_run_is_refused(tmp_path):
     from llmrec.seqrec.run import run_seqrec
 
     d = write_successor_dataset(tmp_path / "d")
-    for name, files in (("eval", ("results.json", "rankings.jsonl")), ("ckpt", ("llmrec_config.json",))):
+    for name, files in (("eval", ("rankings.jsonl", "results.json")), ("ckpt", ("llmrec_config.json",))):
         cfg = tiny_cfg(tmp_path / name, d, epochs=1)
         out = Path(cfg.output_dir)
         out.mkdir(parents=True)
         for f in files:
             (out / f).write_text('{"method": "popularity"}\n')
         for resume in (True, False):
-            with pytest.raises(ValueError, match=rf"holds {files[0]}.* and no run_config.json: the output of another"):
+            with pytest.raises(ValueError, match=rf"holds {files[0]}: an .*, not a `llmrec seqrec train` run; use"):
                 run_seqrec(dataclasses.replace(cfg, resume=resume))
-        assert (out / files[0]).read_text() == '{"method": "popularity"}\n'
+        assert (out / files[-1]).read_text() == '{"method": "popularity"}\n'
     cfg = tiny_cfg(tmp_path / "own", d, epochs=1)
     assert run_seqrec(cfg)["test"] == run_seqrec(cfg)["test"]  # its own finished run is still reused
 

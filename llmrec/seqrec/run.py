@@ -99,11 +99,6 @@ def results_markdown(res: dict[str, Any]) -> str:
 
 
 RUN_CONFIG_JSON = "run_config.json"
-# What other commands write at the top of their output_dir (evaluate; sft/grpo checkpoints).
-FOREIGN_RUN_FILES = ("results.json", "rankings.jsonl", "protocol.json", "llmrec_config.json", "adapter_config.json",
-                     "train_results.json")
-
-
 def _run_identity(cfg: SeqRecConfig) -> dict[str, Any]:
     """What a run directory's checkpoints were trained with: the training fields and the data (statistics, digest)."""
     stats = Path(cfg.dataset_dir) / "stats.json"
@@ -127,13 +122,11 @@ def _check_resumable(cfg: SeqRecConfig, out: Path, is_main: bool) -> dict[str, A
     Returns the run's identity as recorded in ``run_config.json``.
     """
     path = out / RUN_CONFIG_JSON
-    # Written before any training, so a directory without it holds no seqrec run: training there would replace
-    # another run's results.json (an `llmrec evaluate` output) or mix with an LLM checkpoint (a review).
-    foreign = [name for name in FOREIGN_RUN_FILES if (out / name).exists()] if not path.exists() else []
-    if foreign:
-        raise ValueError(f"{out} holds {', '.join(foreign)} and no {RUN_CONFIG_JSON}: the output of another kind of "
-                         "run (an `llmrec evaluate` output or an LLM checkpoint), which training here would "
-                         "overwrite; use another output_dir")
+    # Training there would replace an `llmrec evaluate` output's results.json (its rankings left beside), or mix
+    # with an LLM checkpoint (a review).
+    from llmrec.training.finished_runs import refuse_other_kind_of_run
+
+    refuse_other_kind_of_run(out, "`llmrec seqrec train`", own=(RUN_CONFIG_JSON,))
     want = json.loads(json.dumps(_run_identity(cfg)))  # JSON round trip: compare like with like
     raised: dict[str, tuple[Any, Any]] = {}
     plan: dict[str, str] = {}

@@ -17,17 +17,25 @@ if TYPE_CHECKING:
     from llmrec.training.sft import LatentSFTConfig
 
 
-# Files other commands write at the top of their output_dir, and what they mark it as.
-OTHER_RUN_FILES = {"run_config.json": "an `llmrec seqrec train` run", "rankings.jsonl": "an `llmrec evaluate` output",
-                   "protocol.json": "an `llmrec evaluate` output"}
+# Files the commands leave at the top of their output_dir, and the kind of run each marks.
+RUN_MARKER_FILES = {
+    "run_config.json": "an `llmrec seqrec train` run",
+    "rankings.jsonl": "an `llmrec evaluate` output",
+    "protocol.json": "an `llmrec evaluate` output",
+    "llmrec_config.json": "an LLM checkpoint (`llmrec sft` / `llmrec grpo`)",
+    "adapter_config.json": "an LLM checkpoint (`llmrec sft` / `llmrec grpo`)",
+    "train_results.json": "an `llmrec sft` run",
+}
+LLM_CHECKPOINT_FILES = ("llmrec_config.json", "adapter_config.json", "train_results.json")
 
 
-def refuse_other_kind_of_run(out: Path, command: str) -> None:
-    """Refuse to train ``command`` (``llmrec sft`` / ``llmrec grpo``) into an ``output_dir`` holding another kind of
-    run: its checkpoints would sit beside the other run's files, a directory no command reads as one run any more."""
-    found = [name for name in OTHER_RUN_FILES if (out / name).is_file()]
+def refuse_other_kind_of_run(out: Path, command: str, own: tuple[str, ...] = ()) -> None:
+    """Refuse to run ``command`` into an ``output_dir`` holding another kind of run (any of
+    :data:`RUN_MARKER_FILES` but its ``own``): its files would go beside (or over, for a ``results.json``) the other
+    run's, a directory no command reads as one run any more."""
+    found = [name for name in RUN_MARKER_FILES if name not in own and (out / name).is_file()]
     if found:
-        raise ValueError(f"{out} holds {', '.join(found)}: {OTHER_RUN_FILES[found[0]]}, not a {command} run; use "
+        raise ValueError(f"{out} holds {', '.join(found)}: {RUN_MARKER_FILES[found[0]]}, not a {command} run; use "
                          "another output_dir")
 
 

@@ -1991,10 +1991,10 @@ def _prompt_dataset_dir(config: LatentGRPOConfig) -> Path | None:
 
 def run_grpo(config: LatentGRPOConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Train (resuming from the last checkpoint; a finished run is skipped unless ``retrain``)."""
-    from llmrec.training.finished_runs import refuse_other_kind_of_run
+    from llmrec.training.finished_runs import LLM_CHECKPOINT_FILES, refuse_other_kind_of_run
 
     out = Path(config.output_dir)
-    refuse_other_kind_of_run(out, "`llmrec grpo`")
+    refuse_other_kind_of_run(out, "`llmrec grpo`", own=LLM_CHECKPOINT_FILES)
     if (out / RESULTS_NAME).exists() and not config.retrain:
         from llmrec.training.finished_runs import finished_grpo_differences, refuse_other_finished_run
 

@@ -1114,11 +1114,11 @@ def run_sft(config: LatentSFTConfig, callbacks: list | None = None) -> dict:
     ``callbacks`` are extra ``TrainerCallback`` objects (early stopping is added from the config).
     Returns the results dict (also written, atomically, to ``output_dir/train_results.json``).
     """
-    from llmrec.training.finished_runs import refuse_other_kind_of_run
+    from llmrec.training.finished_runs import LLM_CHECKPOINT_FILES, refuse_other_kind_of_run
 
     t0 = time.time()
     out_dir = Path(config.output_dir)
-    refuse_other_kind_of_run(out_dir, "`llmrec sft`")
+    refuse_other_kind_of_run(out_dir, "`llmrec sft`", own=LLM_CHECKPOINT_FILES)
     if (out_dir / RESULTS_NAME).exists() and not config.retrain:
         # A finished run is not resumed: early stopping ended it, and resuming would train on past that point. It is
         # returned only if it was made with the settings asked for now (not silently another run's results).
