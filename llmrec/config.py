@@ -280,6 +280,19 @@ def _null_or(convert: Any) -> Any:
     return read
 
 
+@functools.wraps(int, updated=())  # argparse's "invalid int value"; unwrapped to int by _typed
+def _integer_text(text: str) -> int:
+    """An integer field's argparse type: an integer, or a number equal to one (``2.0``, ``1e3``), as a recipe's
+    YAML reads them (``--epochs 2.0`` was refused where ``epochs: 2.0`` was read as 2; a review)."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # not a number: ValueError, argparse's "invalid int value"
+        if not value.is_integer():
+            raise ValueError(f"{text!r} is not an integer") from None
+        return int(value)
+
+
 def _json_mapping_text(convert: Any) -> Any:
     """The argparse type of a field that admits a dict (transformers' ``lr_scheduler_kwargs: dict | str | None``,
     parsed as ``str``): text starting with ``{`` must be the JSON that transformers reads it as. The recipe's YAML
@@ -402,6 +415,8 @@ def _typed(convert, value: Any, hint: Any = None) -> Any:
     if getattr(convert, "__name__", "") == "string_to_bool":  # transformers' type for bool fields
         # Passed through unchecked, `mask_history: 2` or `use_chat_template: 0.5` reached the config as a
         # truthy non-bool; YAML reads true/false/yes/no as booleans already.
+        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):  # as the command line reads "1"/"0"
+            return bool(value)
         if not isinstance(value, bool):
             raise ValueError("expected true or false")
     return value
@@ -501,6 +516,8 @@ def _parser(classes: Sequence[type]):
     hints = _field_hints(classes)
     for action in parser._actions:
         hint = hints.get(action.dest)
+        if action.type is int:
+            action.type = _integer_text
         if action.type is not None and hint is not None and hint is not Any and _admits(hint, dict):
             action.type = _json_mapping_text(action.type)
         if action.type is None or hint is None or not _admits(hint, None):

@@ -478,3 +478,20 @@ def test_a_mapping_option_in_recipe_form_on_the_command_line_names_the_option_an
     assert opt.scheduler_kwargs == "cfg/fsdp.json"
     *_, opt = parse_config(OPT, recipe(tmp_path, "dataset: d\n"), ["--scheduler_kwargs", "null"])
     assert opt.scheduler_kwargs is None
+
+
+def test_the_command_line_and_a_recipe_read_integers_and_booleans_alike(tmp_path: Path):
+    """`epochs: 2.0` was read as 2 in a recipe but `--epochs 2.0` refused; `--use_chat_template 1` was read as true
+    (transformers' parser) but `use_chat_template: 1` refused (a review): one rule for both now."""
+    p = recipe(tmp_path, "dataset: d\nepochs: 2.0\nuse_chat_template: 1\n")
+    _, train = parse_config(CLASSES, p)
+    assert train.epochs == 2 and train.use_chat_template is True
+    _, train = parse_config(CLASSES, recipe(tmp_path, "dataset: d\n", "plain.yaml"),
+                            ["--epochs", "3.0", "--ks", "1", "1e1", "--use_chat_template", "0"])
+    assert (train.epochs, train.ks, train.use_chat_template) == (3, [1, 10], False)
+    assert isinstance(train.epochs, int) and all(isinstance(k, int) for k in train.ks)
+    for value in ("1.5", "nan", "many"):
+        with pytest.raises(ConfigError, match=rf"argument --epochs: invalid int value: '{value}'"):
+            parse_config(CLASSES, p, ["--epochs", value])
+    with pytest.raises(ConfigError, match="expected true or false"):
+        parse_config(CLASSES, recipe(tmp_path, "dataset: d\nuse_chat_template: 2\n", "two.yaml"))
