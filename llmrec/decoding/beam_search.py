@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmrec.decoding.guidance import TitleGuidance
+from llmrec.decoding.shared_prompt import SharedPrompt, supports_shared_prompt, use_shared_prompt_attention
 from llmrec.decoding.trie import TitleTrie
 from llmrec.models.kv_cache_naming import cache_kwargs, returned_cache
 
@@ -277,13 +278,17 @@ def constrained_beam_search_from_state(
     length_penalty: float = 1.0,
     guidance: TitleGuidance | None = None,
     early_stopping: bool = True,
+    share_prompt_cache: bool | None = None,
 ) -> list[BeamSearchOutput]:
     """Constrained beam search starting from a prefilled :class:`PromptState` (see the module docstring).
 
     ``state.past_key_values`` is consumed (reordered and shrunk in place). Returns one
     :class:`BeamSearchOutput` per row of the state. ``guidance`` (one row per state row) adds the ID
-    model's ``w * log(M(child) / M(node))`` to each candidate's step log-prob. Raises as
-    :func:`constrained_beam_search` does.
+    model's ``w * log(M(child) / M(node))`` to each candidate's step log-prob. ``share_prompt_cache``: the
+    beams of a prompt read one copy of its KV cache (:mod:`llmrec.decoding.shared_prompt`) instead of each
+    carrying its own; ``None`` = whenever the architecture supports it, ``False`` = the per-beam cache (the
+    plain form, kept as the reference). Raises as :func:`constrained_beam_search` does, and ``ValueError`` for
+    ``share_prompt_cache=True`` on an architecture that cannot share it.
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
@@ -305,6 +310,19 @@ def constrained_beam_search_from_state(
     beams = num_beams
     tt = trie.tensors_on(device)
     cache = state.past_key_values
+    shared = None
+    if share_prompt_cache is None:
+        share_prompt_cache = supports_shared_prompt(model)
+    elif share_prompt_cache and not supports_shared_prompt(model):
+        raise ValueError(
+            f"share_prompt_cache=True: model type {getattr(model.config, 'model_type', '?')!r} is not one whose "
+            "attention can read a shared prompt cache (see llmrec.decoding.shared_prompt)"
+        )
+    if share_prompt_cache:
+        from transformers import DynamicCache
+
+        shared = SharedPrompt.from_cache(cache, state.attention_mask.to(device))
+        cache = DynamicCache()  # per beam: the generated positions only
 
     # Live beams, kept sorted by row and, within a row, best first (the order transformers keeps its
     # running beams in, which decides the candidate order on exact ties). Beam i uses cache row i.
@@ -401,15 +419,23 @@ def constrained_beam_search_from_state(
 
         # -- advance the model by one token for the surviving beams only.
         cache.reorder_cache(src_beam)
-        attn = torch.cat([attn[src_beam], attn.new_ones((src_beam.numel(), 1))], dim=1)
         pos = next_pos[src_beam]
-        out = model(
-            input_ids=new_tok[:, None],
-            attention_mask=attn,
-            position_ids=pos[:, None],
-            use_cache=True,
-            **cache_kwargs(cache),
-        )
+        if shared is None:
+            attn = torch.cat([attn[src_beam], attn.new_ones((src_beam.numel(), 1))], dim=1)
+            out = model(
+                input_ids=new_tok[:, None],
+                attention_mask=attn,
+                position_ids=pos[:, None],
+                use_cache=True,
+                **cache_kwargs(cache),
+            )
+        else:
+            shared.set_beams(live_row)
+            with use_shared_prompt_attention(model):
+                out = model(
+                    input_ids=new_tok[:, None], position_ids=pos[:, None], use_cache=True, shared_prompt=shared,
+                    **cache_kwargs(cache),
+                )
         cache = returned_cache(out)
         logits = out.logits[:, -1, :]
         next_pos = pos + 1

@@ -1,0 +1,217 @@
+"""Beams sharing their prompt's KV cache (llmrec.decoding.shared_prompt) against the plain per-beam cache.
+
+* The attention function against softmax attention over each beam's own concatenated ``[prompt ; generated]``
+  keys and values, written out in float64 (grouped-query heads, left padding, rows with different beam counts).
+* The constrained beam search with the shared prompt against the same search with one cache row per beam (the
+  form every other decoding test pins to transformers' ``generate``): identical ranked lists, scores within
+  1e-9 in float64, for both architectures, both length penalties, both early-stopping rules, latent prompts and
+  a LoRA-wrapped model.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_latent import KINDS, _wrapper
+from transformers import AttentionInterface
+
+from llmrec.decoding import shared_prompt as sp
+from llmrec.decoding.beam_search import PromptState, constrained_beam_search_from_state, prefill_prompts
+from llmrec.decoding.trie import TitleTrie
+from llmrec.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+PREFIX = "### Response: \n"
+PROMPTS = [
+    'The user has played: "Anno 2070", "Halo", "Kirby", "Tetris", "Sonic" ### Response: \n',
+    "x ### Response: \n",
+    'Bought "Zelda" then "Dark Souls 2" ### Response: \n',
+    'Played "Gold Edition" ### Response: \n',
+]
+WORDS = "Super Mario Zelda Halo Tetris Sonic Kirby Gold Deluxe Edition Dark Souls 2 3 Anno Metro".split()
+
+
+def _titles(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    titles: list[str] = []
+    while len(titles) < n:
+        t = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+        if t not in titles:
+            titles.append(t)
+    return titles
+
+
+def _spread(model: torch.nn.Module, seed: int = 3) -> None:
+    """Weights with a larger spread than the init's, so that the beams' scores differ clearly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+
+
+@pytest.fixture
+def counted_attention(monkeypatch):
+    """Count the calls of the shared-prompt attention (so a test cannot pass by never using it)."""
+    sp._register()
+    calls = {"n": 0, "rows": set()}
+    inner = AttentionInterface._global_mapping[sp.SHARED_PROMPT_ATTENTION]
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        calls["rows"].add(kwargs["shared_prompt"].num_rows)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, sp.SHARED_PROMPT_ATTENTION, counting)
+    return calls
+
+
+# ----------------------------------------------------------------------------------- the attention alone
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+
+def test_attention_equals_softmax_over_each_beams_concatenated_prompt_and_generated_positions():
+    g = torch.Generator().manual_seed(0)
+    rows, kv_heads, groups, dim, prompt_len, gen_len = 3, 2, 3, 8, 7, 4
+    heads = kv_heads * groups
+    beam_rows = [0, 0, 0, 2, 2]  # row 1 has no live beam: it is dropped from the shared prompt
+    n = len(beam_rows)
+    mask = torch.ones(rows, prompt_len, dtype=torch.bool)
+    mask[1, :5] = False
+    mask[2, :2] = False  # left padding
+    layers = 2
+    pk = [torch.randn(rows, kv_heads, prompt_len, dim, generator=g, dtype=torch.float64) for _ in range(layers)]
+    pv = [torch.randn(rows, kv_heads, prompt_len, dim, generator=g, dtype=torch.float64) for _ in range(layers)]
+    shared = sp.SharedPrompt(pk, pv, mask, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0,
+                             row_ids=torch.arange(rows))
+    shared.set_beams(torch.tensor(beam_rows))
+    assert shared.num_rows == 2 and shared.slots == 3
+    assert shared.beam_slot.tolist() == [0, 1, 2, 0, 1]
+    q = torch.randn(n, heads, 1, dim, generator=g, dtype=torch.float64)
+    k = torch.randn(n, kv_heads, gen_len, dim, generator=g, dtype=torch.float64)
+    v = torch.randn(n, kv_heads, gen_len, dim, generator=g, dtype=torch.float64)
+    for layer in range(layers):
+        got, weights = sp.shared_prompt_attention(_Layer(layer), q, k, v, None, scaling=0.3, shared_prompt=shared)
+        assert weights is None and got.shape == (n, 1, heads, dim)
+        for b, row in enumerate(beam_rows):
+            real = mask[row]
+            for h in range(heads):
+                kv = h // groups
+                keys = torch.cat([pk[layer][row, kv][real], k[b, kv]])
+                values = torch.cat([pv[layer][row, kv][real], v[b, kv]])
+                want = torch.softmax(keys @ q[b, h, 0] * 0.3, dim=0) @ values
+                torch.testing.assert_close(got[b, 0, h], want, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_refuses_what_it_does_not_compute():
+    q = torch.zeros(2, 2, 1, 4)
+    kv = torch.zeros(2, 2, 1, 4)
+    with pytest.raises(RuntimeError, match="shared_prompt= argument"):
+        sp.shared_prompt_attention(_Layer(0), q, kv, kv, None)
+    shared = sp.SharedPrompt([kv], [kv], torch.ones(2, 1, dtype=torch.bool), torch.zeros(0, dtype=torch.long),
+                             torch.zeros(0, dtype=torch.long), 0, row_ids=torch.arange(2))
+    shared.set_beams(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one token per beam"):
+        sp.shared_prompt_attention(_Layer(0), torch.zeros(2, 2, 3, 4), kv, kv, None, shared_prompt=shared)
+    with pytest.raises(ValueError, match="dropout"):
+        sp.shared_prompt_attention(_Layer(0), q, kv, kv, None, dropout=0.1, shared_prompt=shared)
+
+
+# ------------------------------------------------------------------------------------ the whole search
+
+
+def _search_both_ways(model, trie, make_state, **kw):
+    shared = constrained_beam_search_from_state(model, trie, make_state(), share_prompt_cache=True, **kw)
+    per_beam = constrained_beam_search_from_state(model, trie, make_state(), share_prompt_cache=False, **kw)
+    return shared, per_beam
+
+
+def _assert_same(shared, per_beam):
+    assert len(shared) == len(per_beam)
+    for a, b in zip(shared, per_beam, strict=True):
+        assert a.title_ranking == b.title_ranking
+        assert len(a.hypotheses) >= 1
+        for (ta, sa), (tb, sb) in zip(a.hypotheses, b.hypotheses, strict=True):
+            assert ta == tb and abs(sa - sb) <= 1e-9 * max(1.0, abs(sb)), (ta, sa, sb)
+
+
+@pytest.mark.parametrize("early_stopping", [True, False])
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_search_with_shared_prompt_equals_per_beam_cache(kind, length_penalty, early_stopping, counted_attention):
+    tok = build_tiny_tokenizer(kind)
+    model = build_tiny_model(kind, seed=1).double().eval()
+    _spread(model)
+    assert sp.supports_shared_prompt(model)
+    trie = TitleTrie(tok, _titles(40, seed=2), list(range(1, 41)), context_prefix=PREFIX)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert (enc.attention_mask == 0).any()
+
+    def state():
+        return prefill_prompts(model, enc.input_ids, enc.attention_mask)
+
+    shared, per_beam = _search_both_ways(model, trie, state, num_beams=6, length_penalty=length_penalty,
+                                         early_stopping=early_stopping)
+    assert counted_attention["n"] > 0
+    _assert_same(shared, per_beam)
+    # Rows finished at different steps, so the shared prompt was compacted on the way (not only full batches).
+    assert len(PROMPTS) in counted_attention["rows"] and min(counted_attention["rows"]) < len(PROMPTS)
+    assert model.config._attn_implementation == "sdpa"  # restored after the search
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_latent_search_with_shared_prompt_equals_per_beam_cache(kind, lora, counted_attention):
+    """The latent path (prefill with latent thoughts via inputs_embeds, a PEFT-wrapped model) as evaluate runs it."""
+    w, tok = _wrapper(kind, 2, lora=lora)
+    _spread(w)
+    w.double().eval()
+    trie = TitleTrie(tok, _titles(25, seed=5), list(range(1, 26)), context_prefix=PREFIX)
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+
+    def state():
+        with torch.no_grad():
+            cache, logits, mask, pos = w.prefill_with_latents(enc.input_ids, enc.attention_mask)
+        return PromptState(logits.float(), cache, mask, pos)
+
+    _assert_same(*_search_both_ways(w.causal_lm, trie, state, num_beams=5))
+    assert counted_attention["n"] > 0
+
+
+def test_unsupported_architecture_keeps_the_per_beam_cache(counted_attention):
+    tok = build_tiny_tokenizer("tiny-qwen2")
+    model = build_tiny_model("tiny-qwen2", seed=1).eval()
+    model.config.use_sliding_window = True
+    model.config.sliding_window = 4  # a window would hide prompt positions: not what the shared attention does
+    assert not sp.supports_shared_prompt(model)
+    trie = TitleTrie(tok, _titles(10, seed=2), list(range(1, 11)), context_prefix=PREFIX)
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    outs = constrained_beam_search_from_state(model, trie, prefill_prompts(model, enc.input_ids, enc.attention_mask),
+                                              num_beams=3)
+    assert len(outs) == 2 and counted_attention["n"] == 0
+    with pytest.raises(ValueError, match="share_prompt_cache=True"):
+        constrained_beam_search_from_state(model, trie, prefill_prompts(model, enc.input_ids, enc.attention_mask),
+                                           num_beams=3, share_prompt_cache=True)
+
+
+def test_the_models_attention_is_restored_when_a_step_fails():
+    tok = build_tiny_tokenizer("tiny-llama")
+    model = build_tiny_model("tiny-llama", seed=1).eval()
+    trie = TitleTrie(tok, _titles(10, seed=2), list(range(1, 11)), context_prefix=PREFIX)
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    state = prefill_prompts(model, enc.input_ids, enc.attention_mask)
+
+    def fail(module, args, kwargs):
+        raise RuntimeError("boom")
+
+    handle = model.register_forward_pre_hook(fail, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        constrained_beam_search_from_state(model, trie, state, num_beams=3)
+    handle.remove()
+    assert model.config._attn_implementation == "sdpa"
