@@ -52,10 +52,13 @@ def floor_decode(model, input_ids, attention_mask, num_beams: int, steps: int) -
 
 
 def bench_decoding(args: argparse.Namespace) -> dict:
-    """Ours vs transformers' ``generate`` + ``prefix_allowed_tokens_fn`` vs the floor, same rows."""
+    """Ours vs transformers' ``generate`` + ``prefix_allowed_tokens_fn`` vs the floor, same rows; and ours with
+    the beams of a prompt sharing its KV cache (the default where the architecture allows it) vs ours with one
+    cache row per beam (``share_prompt_cache=False``, the plain form)."""
     from llmrec.data.canonical import load_prepared
     from llmrec.decoding.beam_search import constrained_beam_search, reference_constrained_beam_search
     from llmrec.decoding.search import answer_budget, build_catalog_trie, encode_prompts, render_prompts
+    from llmrec.decoding.shared_prompt import supports_shared_prompt
     from llmrec.evaluation.evaluator import EvalConfig, select_rows
     from llmrec.models.backbone import load_backbone
     from llmrec.prompts import PromptTemplate
@@ -73,11 +76,18 @@ def bench_decoding(args: argparse.Namespace) -> dict:
     budget = answer_budget(trie, model)
     encoded = [encode_prompts(tok, render_prompts(template, tok, b, cfg, budget), "cpu") for b in batches]
     counter, handle = _count_forwards(model)
-    times = {"ours": 0.0, "reference": 0.0, "floor": 0.0}
-    ours_lists, ref_lists, steps = [], [], []
+    times = {"ours": 0.0, "per_beam": 0.0, "reference": 0.0, "floor": 0.0}
+    lists: dict[str, list] = {"ours": [], "per_beam": [], "reference": []}
+    steps = []
+    shared = supports_shared_prompt(model)
+
     def ours(ids, mask):
         return constrained_beam_search(model, trie, ids, mask, num_beams=cfg.num_beams,
                                        length_penalty=cfg.length_penalty)
+
+    def per_beam(ids, mask):
+        return constrained_beam_search(model, trie, ids, mask, num_beams=cfg.num_beams,
+                                       length_penalty=cfg.length_penalty, share_prompt_cache=False)
 
     def reference(ids, mask):
         return reference_constrained_beam_search(model, trie, ids, mask, num_beams=cfg.num_beams,
@@ -89,21 +99,21 @@ def bench_decoding(args: argparse.Namespace) -> dict:
     # Read before the reference runs: its forwards went into the count too, and the floor's warm-up decoded about
     # twice the steps its timed run on this batch does.
     warmup_steps = counter["n"] - 1
+    per_beam(*encoded[0])
     reference(*encoded[0])
     floor_decode(model, *encoded[0], cfg.num_beams, warmup_steps)
     # Interleave the contenders batch by batch, alternating who goes first, so that machine noise hits all of them
     # alike; the floor runs after ours (it decodes as many steps as our search took on that batch).
+    searches = {"ours": ours, "per_beam": per_beam, "reference": reference}
     for i, (ids, mask) in enumerate(encoded):
-        for name in ("ours", "reference") if i % 2 == 0 else ("reference", "ours"):
+        for name in list(searches) if i % 2 == 0 else list(searches)[::-1]:
             counter["n"] = 0
             t = time.perf_counter()
-            outs = ours(ids, mask) if name == "ours" else reference(ids, mask)
+            outs = searches[name](ids, mask)
             times[name] += time.perf_counter() - t
             if name == "ours":
                 n_steps = counter["n"] - 1
-                ours_lists += [o.title_ranking for o in outs]
-            else:
-                ref_lists += [o.title_ranking for o in outs]
+            lists[name] += [o.title_ranking for o in outs]
         steps.append(n_steps)
         t = time.perf_counter()
         floor_decode(model, ids, mask, cfg.num_beams, steps[-1])
@@ -113,15 +123,20 @@ def bench_decoding(args: argparse.Namespace) -> dict:
     result = {
         "rows": n, "beams": cfg.num_beams, "model": args.model, "dtype": args.dtype, "batch_size": cfg.batch_size,
         "dataset": str(args.dataset), "seed": args.seed, "length_penalty": cfg.length_penalty,
-        "timing": "perf_counter; one untimed warm-up batch; ours/reference alternate going first per batch",
+        "timing": "perf_counter; one untimed warm-up batch; ours, per_beam and reference in turn, the order "
+                  "reversed every other batch",
+        "ours_shares_prompt_cache": shared,
         "mean_prompt_tokens": round(sum(int(m.sum()) for _, m in encoded) / n, 1),
         "mean_steps_per_batch": round(sum(steps) / len(steps), 2),
         "ours_rows_per_s": round(n / times["ours"], 4),
         "reference_rows_per_s": round(n / times["reference"], 4),
         "floor_rows_per_s": round(n / times["floor"], 4),
+        "per_beam_rows_per_s": round(n / times["per_beam"], 4),
         "speedup_vs_reference": round(times["reference"] / times["ours"], 3),
+        "ours_over_per_beam": round(times["ours"] / times["per_beam"], 3),
         "ours_over_floor": round(times["ours"] / times["floor"], 3),
-        "identical_rankings": round(sum(a == b for a, b in zip(ours_lists, ref_lists)) / n, 4),
+        "identical_rankings": round(sum(a == b for a, b in zip(lists["ours"], lists["reference"])) / n, 4),
+        "identical_rankings_per_beam": round(sum(a == b for a, b in zip(lists["ours"], lists["per_beam"])) / n, 4),
     }
     return result
 
@@ -198,7 +213,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmarks (print a table and a last-line JSON object)")
     sub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    d = sub.add_parser("decoding", help="constrained beam search: ours vs generate+prefix_allowed_tokens_fn vs floor",
+    d = sub.add_parser("decoding", help="constrained beam search: ours vs generate+prefix_allowed_tokens_fn vs floor, and "
+                       "ours with a shared prompt cache vs one cache row per beam",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--model", default="smollm2-135m", help="backbone alias, directory or hub id")
     d.add_argument("--dataset", default="games-sample", help="prepared dir or sample name (test rows are used)")

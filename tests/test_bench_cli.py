@@ -45,18 +45,19 @@ def test_bench_grpo_tiny(tmp_path, capsys):
 
 
 def test_bench_decoding_tiny(tmp_path, capsys, prepared_dir):
-    """Ours and generate + prefix_allowed_tokens_fn give the same rankings on the same rows; the JSON records the
-    arguments and how it was timed."""
+    """Ours, ours with one cache row per beam, and generate + prefix_allowed_tokens_fn give the same rankings on
+    the same rows; the JSON records the arguments and how it was timed."""
     out = tmp_path / "decoding.json"
     rc = main(["bench", "decoding", "--model", "tiny-qwen2", "--dataset", str(prepared_dir), "--rows", "6",
                "--beams", "3", "--batch-size", "2", "--dtype", "float32", "--noun", "items", "--output", str(out)])
     assert rc == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(out.read_text())
-    assert last["rows"] == 6 and last["identical_rankings"] == 1.0
+    assert last["rows"] == 6 and last["identical_rankings"] == 1.0 and last["identical_rankings_per_beam"] == 1.0
+    assert last["ours_shares_prompt_cache"] is True
     assert last["dataset"] == str(prepared_dir) and last["seed"] == 0 and last["length_penalty"] == 1.0
-    for key in ("ours_rows_per_s", "reference_rows_per_s", "floor_rows_per_s", "speedup_vs_reference",
-                "ours_over_floor", "mean_steps_per_batch"):
+    for key in ("ours_rows_per_s", "reference_rows_per_s", "floor_rows_per_s", "per_beam_rows_per_s",
+                "speedup_vs_reference", "ours_over_floor", "ours_over_per_beam", "mean_steps_per_batch"):
         assert last[key] > 0
 
 

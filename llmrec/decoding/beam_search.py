@@ -9,7 +9,10 @@ length_penalty=lp, prefix_allowed_tokens_fn=...)``), but with its own loop:
 * the beams' trie nodes are a tensor and their allowed continuations are gathered from the trie's CSR
   arrays, so there is no per-beam Python;
 * only the live beams are forwarded: beams that finished, beams that fell off (fewer valid continuations
-  than beams) and rows that are done are dropped from the batch and the KV cache.
+  than beams) and rows that are done are dropped from the batch and the KV cache;
+* the beams of a prompt share its KV cache (:mod:`llmrec.decoding.shared_prompt`): one attention over the prompt
+  per prompt, and only the generated positions are kept (and reordered) per beam, where the plain form copies
+  every beam's whole cache at every step (``share_prompt_cache=False`` keeps that form, the reference).
 
 Semantics matched (transformers 5.x ``GenerationMixin._beam_search``):
 
@@ -227,6 +230,7 @@ def constrained_beam_search(
     length_penalty: float = 1.0,
     guidance: TitleGuidance | None = None,
     early_stopping: bool = True,
+    share_prompt_cache: bool | None = None,
 ) -> list[BeamSearchOutput]:
     """Rank the trie's titles for each prompt of a left-padded batch by constrained beam search.
 
@@ -244,6 +248,9 @@ def constrained_beam_search(
             (``generate``'s default, so what the BIGRec / D3 / LatentR3 code ran): it goes on while its best
             running beam, normalised at its current length, beats its worst finished title, and better titles
             replace worse ones.
+        share_prompt_cache: the beams of a prompt read one copy of its KV cache instead of each holding its own
+            (:mod:`llmrec.decoding.shared_prompt`; same rankings, less copying). ``None``: whenever the
+            architecture allows it; ``False``: one cache row per beam (the plain form).
 
     Returns:
         One :class:`BeamSearchOutput` per prompt.
@@ -251,14 +258,15 @@ def constrained_beam_search(
     Raises:
         NonFiniteLogitsError: the model's logits for a live beam hold a NaN or +inf (or are all -inf), e.g. a
             float16 overflow; the search does not return the empty rankings those rows would get.
-        ValueError: ``num_beams < 1`` or a length penalty outside ``[-10, 10]``.
+        ValueError: ``num_beams < 1``, a length penalty outside ``[-10, 10]``, or ``share_prompt_cache=True``
+            for an architecture whose attention cannot read a shared cache.
     """
     if input_ids.shape[0] == 0:
         return []
     state = prefill_prompts(model, input_ids, attention_mask)
     return constrained_beam_search_from_state(
         model, trie, state, num_beams=num_beams, length_penalty=length_penalty, guidance=guidance,
-        early_stopping=early_stopping,
+        early_stopping=early_stopping, share_prompt_cache=share_prompt_cache,
     )
 
 
@@ -286,9 +294,7 @@ def constrained_beam_search_from_state(
     :class:`BeamSearchOutput` per row of the state. ``guidance`` (one row per state row) adds the ID
     model's ``w * log(M(child) / M(node))`` to each candidate's step log-prob. ``share_prompt_cache``: the
     beams of a prompt read one copy of its KV cache (:mod:`llmrec.decoding.shared_prompt`) instead of each
-    carrying its own; ``None`` = whenever the architecture supports it, ``False`` = the per-beam cache (the
-    plain form, kept as the reference). Raises as :func:`constrained_beam_search` does, and ``ValueError`` for
-    ``share_prompt_cache=True`` on an architecture that cannot share it.
+    carrying its own (see :func:`constrained_beam_search`). Raises as :func:`constrained_beam_search` does.
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
