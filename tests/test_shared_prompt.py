@@ -108,6 +108,39 @@ def test_attention_equals_softmax_over_each_beams_concatenated_prompt_and_genera
                 torch.testing.assert_close(got[b, 0, h], want, rtol=1e-12, atol=1e-12)
 
 
+def test_half_precision_attention_rounds_only_its_output():
+    """bf16 inputs: scores, softmax and weighted sums are computed in fp32 (from_cache widens the prompt side once),
+    so the result is the float64 attention of the same bf16 inputs up to the final rounding to bf16."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(1)
+    rows, kv_heads, groups, dim, prompt_len, gen_len = 2, 2, 2, 16, 40, 3
+    heads = kv_heads * groups
+    cache = DynamicCache()
+    pk = torch.randn(rows, kv_heads, prompt_len, dim, generator=g).bfloat16()
+    pv = torch.randn(rows, kv_heads, prompt_len, dim, generator=g).bfloat16()
+    cache.update(pk, pv, 0)
+    mask = torch.ones(rows, prompt_len, dtype=torch.long)
+    mask[1, :7] = 0
+    shared = sp.SharedPrompt.from_cache(cache, mask)
+    assert shared.keys[0].dtype == torch.float32
+    shared.set_beams(torch.tensor([0, 0, 1]))
+    q = (torch.randn(3, heads, 1, dim, generator=g) * 2).bfloat16()
+    k = torch.randn(3, kv_heads, gen_len, dim, generator=g).bfloat16()
+    v = torch.randn(3, kv_heads, gen_len, dim, generator=g).bfloat16()
+    got, _ = sp.shared_prompt_attention(_Layer(0), q, k, v, None, scaling=dim**-0.5, shared_prompt=shared)
+    assert got.dtype == torch.bfloat16
+    for b, row in enumerate([0, 0, 1]):
+        real = mask[row].bool()
+        for h in range(heads):
+            kv = h // groups
+            keys = torch.cat([pk[row, kv][real], k[b, kv]]).double()
+            values = torch.cat([pv[row, kv][real], v[b, kv]]).double()
+            want = torch.softmax(keys @ q[b, h, 0].double() * dim**-0.5, dim=0) @ values
+            # bf16 has 8 significant bits: the one rounding of the output is within 2^-8 relative
+            torch.testing.assert_close(got[b, 0, h].double(), want, rtol=2**-8, atol=1e-3)
+
+
 def test_attention_refuses_what_it_does_not_compute():
     q = torch.zeros(2, 2, 1, 4)
     kv = torch.zeros(2, 2, 1, 4)

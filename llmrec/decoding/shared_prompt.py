@@ -71,10 +71,15 @@ class SharedPrompt:
 
     @classmethod
     def from_cache(cls, cache, prompt_mask: torch.Tensor) -> SharedPrompt:
-        """Take the layers of a prefilled transformers ``Cache`` (``R`` rows) as the shared prompt."""
+        """Take the layers of a prefilled transformers ``Cache`` (``R`` rows) as the shared prompt (in fp32 when the
+        cache is in half precision: one copy of ``R`` rows, read by every step)."""
         empty = torch.zeros(0, dtype=torch.long, device=prompt_mask.device)
+
+        def wide(t: torch.Tensor) -> torch.Tensor:
+            return t.to(torch.promote_types(t.dtype, torch.float32))
+
         return cls(
-            keys=[layer.keys for layer in cache.layers], values=[layer.values for layer in cache.layers],
+            keys=[wide(layer.keys) for layer in cache.layers], values=[wide(layer.values) for layer in cache.layers],
             prompt_mask=prompt_mask.bool(), beam_row=empty, beam_slot=empty, slots=0,
             row_ids=torch.arange(prompt_mask.shape[0], device=prompt_mask.device),
         )
@@ -136,8 +141,11 @@ def shared_prompt_attention(
     slots = sp.slots
     if scaling is None:
         scaling = dim**-0.5
-    q = query[:, :, 0, :]  # [N, H, D]
-    acc = torch.promote_types(query.dtype, torch.float32)  # scores and softmax in fp32 at least (bf16 models)
+    # The whole attention in fp32 at least (the prompt side was stored so): bf16 scores and weights would add
+    # rounding that transformers' SDPA kernels, which accumulate in fp32, do not.
+    acc = torch.promote_types(query.dtype, torch.float32)
+    q = query[:, :, 0, :].to(acc)  # [N, H, D]
+    pk, pv = pk.to(acc), pv.to(acc)  # no copy when stored wide (from_cache)
 
     # Prompt side: a prompt's beams become the query rows of one product with its keys. [R, Hkv, S*G, D]
     q_pad = q.new_zeros(rows, slots, heads, dim)
@@ -145,25 +153,25 @@ def shared_prompt_attention(
     q_pad = q_pad.view(rows, slots, kv_heads, groups, dim).permute(0, 2, 1, 3, 4).reshape(
         rows, kv_heads, slots * groups, dim
     )
-    prompt_scores = torch.matmul(q_pad, pk.transpose(-1, -2)).to(acc) * scaling  # [R, Hkv, S*G, P]
+    prompt_scores = torch.matmul(q_pad, pk.transpose(-1, -2)) * scaling  # [R, Hkv, S*G, P]
     prompt_scores = prompt_scores.masked_fill(~sp.prompt_mask[:, None, None, :], float("-inf"))
     prompt_scores = prompt_scores.view(rows, kv_heads, slots, groups, prompt_len).permute(0, 2, 1, 3, 4)
     prompt_scores = prompt_scores[sp.beam_row, sp.beam_slot]  # [N, Hkv, G, P]
 
     # Generated side: each beam against its own few positions. [N, Hkv, G, t]
     q_beam = q.view(n, kv_heads, groups, dim)
-    own_scores = torch.matmul(q_beam, key.transpose(-1, -2)).to(acc) * scaling
+    own_scores = torch.matmul(q_beam, key.to(acc).transpose(-1, -2)) * scaling
 
-    # One softmax over [prompt ; generated] (fp32 for a half-precision model, as transformers' eager attention).
-    probs = torch.softmax(torch.cat([prompt_scores, own_scores], dim=-1), dim=-1).to(value.dtype)
+    # One softmax over [prompt ; generated].
+    probs = torch.softmax(torch.cat([prompt_scores, own_scores], dim=-1), dim=-1)
     prompt_probs, own_probs = probs.split([prompt_len, key.shape[2]], dim=-1)
 
     p_pad = probs.new_zeros(rows, slots, kv_heads, groups, prompt_len)
     p_pad[sp.beam_row, sp.beam_slot] = prompt_probs
     p_pad = p_pad.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, slots * groups, prompt_len)
     prompt_out = torch.matmul(p_pad, pv).view(rows, kv_heads, slots, groups, dim).permute(0, 2, 1, 3, 4)
-    out = prompt_out[sp.beam_row, sp.beam_slot] + torch.matmul(own_probs, value)  # [N, Hkv, G, D]
-    return out.reshape(n, 1, heads, dim), None
+    out = prompt_out[sp.beam_row, sp.beam_slot] + torch.matmul(own_probs, value.to(acc))  # [N, Hkv, G, D]
+    return out.reshape(n, 1, heads, dim).to(query.dtype), None
 
 
 def _register() -> None:
