@@ -20,7 +20,10 @@ def accelerate_launch(num_processes: int, target: list[str], port_offset: int = 
     """``accelerate launch`` ``target`` (a script and its arguments, or ``-m module ...``) on ``num_processes``
     CPU processes (``--multi_gpu`` gives gloo when there is no GPU); its stdout. A failure shows the launch's stderr.
     """
-    port = str(29400 + (os.getpid() + port_offset) % 1000 + num_processes)
+    # Each pytest-xdist worker (gw0, gw1, ...) launches in its own 200-port range, so two workers' launches never meet
+    # on one port; within a worker (tests run one after another) the pid varies the port from run to run.
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    port = str(29400 + 200 * worker + 2 * ((os.getpid() + port_offset) % 99) + num_processes)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", MASTER_PORT=port)
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd += ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else ["--num_processes", "1"]

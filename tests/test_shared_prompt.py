@@ -141,11 +141,9 @@ def test_half_precision_attention_rounds_only_its_output():
             torch.testing.assert_close(got[b, 0, h].double(), want, rtol=2**-8, atol=1e-3)
 
 
-def test_attention_refuses_what_it_does_not_compute():
+def test_shared_attention_refuses_what_it_does_not_compute():
     q = torch.zeros(2, 2, 1, 4)
     kv = torch.zeros(2, 2, 1, 4)
-    with pytest.raises(RuntimeError, match="shared_prompt= argument"):
-        sp.shared_prompt_attention(_Layer(0), q, kv, kv, None)
     shared = sp.SharedPrompt([kv], [kv], torch.ones(2, 1, dtype=torch.bool), torch.zeros(0, dtype=torch.long),
                              torch.zeros(0, dtype=torch.long), 0, row_ids=torch.arange(2))
     shared.set_beams(torch.tensor([0, 1]))
@@ -247,4 +245,74 @@ def test_the_models_attention_is_restored_when_a_step_fails():
     with pytest.raises(RuntimeError, match="boom"):
         constrained_beam_search_from_state(model, trie, state, num_beams=3)
     handle.remove()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_without_a_shared_prompt_the_attention_is_sdpa():
+    """An ordinary forward while a search holds the model in the shared mode (another thread) is plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 5, 8, generator=g)
+    k = torch.randn(2, 2, 5, 8, generator=g)
+    v = torch.randn(2, 2, 5, 8, generator=g)
+    layer = _Layer(0)
+    layer.num_key_value_groups = 2
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    got, _ = sp.shared_prompt_attention(layer, q, k, v, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(layer, q, k, v, mask, scaling=0.25)
+    assert torch.equal(got, want)
+
+
+def test_searches_and_ordinary_forwards_in_threads_on_one_model():
+    """Two searches and a stream of plain forwards of a left-padded batch at once on one model: every search returns
+    what it returns alone, every forward its logits alone (while a search held the model in the shared mode too),
+    and the model's attention is its own again afterwards."""
+    import threading
+
+    tok = build_tiny_tokenizer("tiny-llama")
+    model = build_tiny_model("tiny-llama", seed=1).double().eval()
+    _spread(model)
+    trie = TitleTrie(tok, _titles(40, seed=2), list(range(1, 41)), context_prefix=PREFIX)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+
+    def search():
+        state = prefill_prompts(model, enc.input_ids, enc.attention_mask)
+        return constrained_beam_search_from_state(model, trie, state, num_beams=6)
+
+    with torch.no_grad():
+        want_logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+    want = search()
+    results, errors, forwards, seen_switched = [], [], [], []
+    searching = threading.Event()
+
+    def run_search():
+        try:
+            searching.set()
+            results.append(search())
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    def run_forwards():
+        try:
+            searching.wait()
+            while any(t.is_alive() for t in searchers):
+                seen_switched.append(model.config._attn_implementation == sp.SHARED_PROMPT_ATTENTION)
+                with torch.no_grad():
+                    forwards.append(model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits)
+        except BaseException as e:
+            errors.append(e)
+
+    searchers = [threading.Thread(target=run_search) for _ in range(2)]
+    forwarder = threading.Thread(target=run_forwards)
+    for t in [*searchers, forwarder]:
+        t.start()
+    for t in [*searchers, forwarder]:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 2 and forwards and any(seen_switched)
+    for got in results:
+        _assert_same(got, want)
+    for logits in forwards:
+        torch.testing.assert_close(logits, want_logits, rtol=1e-9, atol=1e-9)
     assert model.config._attn_implementation == "sdpa"

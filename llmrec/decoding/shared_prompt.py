@@ -26,6 +26,7 @@ and only for architectures whose attention follows that functional pattern and a
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -125,10 +126,12 @@ def shared_prompt_attention(
     Returns ``([N, 1, H, D], None)`` as transformers' attention functions do.
     """
     if shared_prompt is None:
-        raise RuntimeError(
-            f"the '{SHARED_PROMPT_ATTENTION}' attention needs the shared_prompt= argument of the model call; it is "
-            "only meant for the decoding steps of llmrec's constrained beam search"
-        )
+        # An ordinary forward while a search holds the model in this mode (another thread using the same model):
+        # plain SDPA, with the mask that transformers built by sdpa's mask function (registered for this name).
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     n, heads, q_len, dim = query.shape
     if q_len != 1:
         raise ValueError(f"shared-prompt attention decodes one token per beam, got {q_len} query positions")
@@ -176,9 +179,12 @@ def shared_prompt_attention(
 
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if SHARED_PROMPT_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
+        # Masks as for sdpa: what an ordinary forward during a search needs (the decoding steps ignore theirs).
+        AttentionMaskInterface.register(SHARED_PROMPT_ATTENTION, sdpa_mask)
 
 
 def supports_shared_prompt(model) -> bool:
@@ -192,15 +198,29 @@ def supports_shared_prompt(model) -> bool:
     return layer_types is None or all(t == "full_attention" for t in layer_types)
 
 
+# config id -> (blocks inside use_shared_prompt_attention, the implementation to restore after the last one)
+_switched: dict[int, tuple[int, str | None]] = {}
+_switch_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def use_shared_prompt_attention(model) -> Iterator[None]:
-    """Switch ``model``'s attention to :func:`shared_prompt_attention` for the duration of the block (the model's
-    own implementation is restored on exit, errors included)."""
+    """Switch ``model``'s attention to :func:`shared_prompt_attention` for the duration of the block; the model's
+    own implementation is restored when the last such block on it ends, errors included. Searches in several threads
+    on one model nest correctly, and an ordinary forward meanwhile runs as SDPA."""
     _register()
     config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = SHARED_PROMPT_ATTENTION
+    key = id(config)
+    with _switch_lock:
+        depth, before = _switched.get(key, (0, config._attn_implementation))
+        _switched[key] = (depth + 1, before)
+        config._attn_implementation = SHARED_PROMPT_ATTENTION
     try:
         yield
     finally:
-        config._attn_implementation = before
+        with _switch_lock:
+            depth, before = _switched.pop(key)
+            if depth > 1:
+                _switched[key] = (depth - 1, before)
+            else:
+                config._attn_implementation = before
