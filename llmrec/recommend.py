@@ -892,6 +892,8 @@ class Recommender:
         skipped: list[SkippedItem] = []
         shared: list[SharedTitle] = []
         for pos, value in enumerate(history, start=1):
+            if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+                value = value.item()  # an entry of a tensor / array history: a 0-d tensor or numpy scalar
             if isinstance(value, numbers.Integral) and not isinstance(value, bool):
                 if not 1 <= int(value) <= n:
                     raise UnknownItemError(
@@ -946,7 +948,8 @@ class Recommender:
         first = histories[0]
         # One history unless its first entry is itself a list of entries: `[None, 1]` or `[2.5, 3]` is one history
         # with a bad entry (reported at its position), not a batch whose "history 0" is not a list.
-        single = isinstance(first, (str, bytes)) or not isinstance(first, Iterable)
+        single = (isinstance(first, (str, bytes)) or not isinstance(first, Iterable)
+                  or getattr(first, "ndim", None) == 0)  # [tensor(3), tensor(5)]: one history of 0-d tensors
         return ([histories] if single else list(histories)), single
 
     # -- recommending --------------------------------------------------------------------------------

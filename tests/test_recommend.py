@@ -793,6 +793,12 @@ def test_tensor_and_array_histories_are_ids(seqrec_run):
     # a 1-D tensor was "iteration over a 0-d tensor", a 2-D one "got Tensor tensor(1)"
     assert rec.recommend(torch.tensor([1, 2, 3]), k=4) == want == rec.recommend(np.array([1, 2, 3]), k=4)
     assert rec.recommend(torch.tensor([[1, 2, 3], [4, 5, 6]]), k=4) == rec.recommend([[1, 2, 3], [4, 5, 6]], k=4)
+    # lists of 0-d tensors / numpy scalars (what iterating a tensor gives): "iteration over a 0-d tensor" before
+    assert rec.recommend([torch.tensor(1), torch.tensor(2), torch.tensor(3)], k=4) == want
+    assert rec.recommend(list(np.array([1, 2, 3])), k=4) == want
+    assert rec.recommend([list(torch.tensor([1, 2, 3])), [4, 5, 6]], k=4) == rec.recommend([[1, 2, 3], [4, 5, 6]], k=4)
+    with pytest.raises(HistoryError, match="position 2: expected an item title"):
+        rec.recommend([torch.tensor(1), torch.tensor(2.5)], k=4)  # a float id is refused, not truncated
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
