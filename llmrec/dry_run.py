@@ -1381,8 +1381,9 @@ def dry_run_evaluate(config: Any, plan: AcceleratePlan, recipe: Path | None, rep
 def _check_finished_evaluation(config: Any, out: Path, report: DryRunReport) -> None:
     """What the real run does with the ``results.json`` in ``out``: nothing for the same protocol; another protocol
     or a seqrec training run there is refused (the settings compared as the pipeline compares finished
-    evaluations; the real run also compares the checkpoints' digests)."""
-    from llmrec.bench_pipeline import eval_protocol_differences
+    evaluations, and the digests of the weights it evaluated against those the config points to now, as the real run
+    compares them)."""
+    from llmrec.bench_pipeline import _evaluated_weights, eval_protocol_differences
     from llmrec.evaluation.evaluator import _same_dataset
 
     results = out / "results.json"
@@ -1399,10 +1400,17 @@ def _check_finished_evaluation(config: Any, out: Path, report: DryRunReport) -> 
         diff = eval_protocol_differences(prev.get("protocol") or {}, config)
         if "dataset" in diff and _same_dataset(str(diff["dataset"][0]), str(diff["dataset"][1])):
             del diff["dataset"]  # another spelling of the same directory (the real run accepts it too)
+        # Weights retrained in place since (same paths, other digests): the real run's fingerprint differs too.
+        changed = [what for what, (then, now) in _evaluated_weights(prev.get("protocol") or {}, config).items()
+                   if now is not None and then != now]
         if diff:
             changes = ", ".join(f"{k}={found!r} (here {asked!r})" for k, (found, asked) in diff.items())
             report.error(f"{out} holds results of a different protocol ({changes}): the real run refuses it; choose "
                          f"another output_dir, or remove {out} to evaluate again")
+        elif changed:
+            report.error(f"{out} holds results of other weights: the {' and '.join(changed)} weights changed since "
+                         f"(another SHA-256); the real run refuses it: choose another output_dir, or remove {out} to "
+                         "evaluate again")
         else:
             report.note(f"{out} holds results.json of this protocol: the real run does nothing (remove it to "
                         "evaluate again)")

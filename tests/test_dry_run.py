@@ -458,6 +458,27 @@ def test_a_finished_evaluation_of_another_protocol_is_invalid_in_the_dry_run(pre
     assert code == EXIT_INVALID and "holds an `llmrec seqrec train` run, not an evaluation" in out
 
 
+def test_a_finished_evaluation_of_weights_retrained_in_place_is_invalid_in_the_dry_run(prepared_dir, tmp_path, capsys):
+    """The dry run compared the settings only: an ID model retrained in the same directory (same paths, other
+    weights) was READY, where the real run refuses the finished evaluation (its fingerprint records the digest)."""
+    from conftest import train_tiny_sasrec
+    from safetensors.torch import load_file, save_file
+
+    run = train_tiny_sasrec(prepared_dir, tmp_path / "sasrec")
+    out_dir = tmp_path / "eval"
+    args = ["evaluate", "--method", "seqrec", "--checkpoint", str(run), "--dataset", str(prepared_dir),
+            "--output_dir", str(out_dir)]
+    assert main(args) == 0
+    capsys.readouterr()
+    code, out = dry(args, capsys)
+    assert code == 0 and "holds results.json of this protocol" in out
+    weights = run / "train" / "best.safetensors"  # the file the evaluation read (its protocol names it)
+    save_file({k: v + 1 for k, v in load_file(weights).items()}, weights)
+    code, out = dry(args, capsys)
+    assert code == EXIT_INVALID and "holds results of other weights: the ID model weights changed" in out
+    assert main(args) == 1  # as the real run says
+
+
 def test_dry_run_only_flags_need_dry_run(capsys):
     for stage in ("sft", "grpo", "evaluate"):
         assert main([stage, "--num-processes", "2"]) == EXIT_INVALID
