@@ -20,12 +20,17 @@ cache passed as the model's cache, and hands them to the registered function, wh
 keys and values from a :class:`SharedPrompt` passed as a keyword argument of the model call. Used only for
 the single-token decoding steps of :func:`~llmrec.decoding.beam_search.constrained_beam_search_from_state`,
 and only for architectures whose attention follows that functional pattern and attends to every position
-(:func:`supports_shared_prompt`); other models keep the per-beam cache.
+(:func:`supports_shared_prompt`); other models keep the per-beam cache. The model's attention implementation is
+switched for each decoding step (:func:`use_shared_prompt_attention`) to a name registered per original
+implementation (``llmrec_shared_prompt+sdpa``, ``+eager``, ...), whose mask function and whose attention for a call
+without ``shared_prompt=`` are the original's: a forward of another thread during a search computes what it would
+without it, whichever side of a switch its layers run on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,6 +80,13 @@ class SharedPrompt:
         """Take the layers of a prefilled transformers ``Cache`` (``R`` rows) as the shared prompt (in fp32 when the
         cache is in half precision: one copy of ``R`` rows, read by every step)."""
         empty = torch.zeros(0, dtype=torch.long, device=prompt_mask.device)
+        for i, layer in enumerate(cache.layers):
+            if tuple(layer.keys.shape[::2]) != tuple(prompt_mask.shape):
+                raise ValueError(
+                    f"layer {i} of the prompt cache holds {layer.keys.shape[2]} positions of {layer.keys.shape[0]} "
+                    f"rows, the prompt mask {prompt_mask.shape[1]} of {prompt_mask.shape[0]} (a sliding-window "
+                    "cache?): the shared prompt needs every prompt position"
+                )
 
         def wide(t: torch.Tensor) -> torch.Tensor:
             return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -126,12 +138,7 @@ def shared_prompt_attention(
     Returns ``([N, 1, H, D], None)`` as transformers' attention functions do.
     """
     if shared_prompt is None:
-        # An ordinary forward while a search holds the model in this mode (another thread using the same model):
-        # plain SDPA, with the mask that transformers built by sdpa's mask function (registered for this name).
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        raise ValueError("shared_prompt_attention needs the prompts' cache (shared_prompt=)")
     n, heads, q_len, dim = query.shape
     if q_len != 1:
         raise ValueError(f"shared-prompt attention decodes one token per beam, got {q_len} query positions")
@@ -149,17 +156,20 @@ def shared_prompt_attention(
     acc = torch.promote_types(query.dtype, torch.float32)
     q = query[:, :, 0, :].to(acc)  # [N, H, D]
     pk, pv = pk.to(acc), pv.to(acc)  # no copy when stored wide (from_cache)
+    # Layers may sit on several devices (device_map): the rows and mask follow the layer's cache (no copy when there).
+    beam_row, beam_slot = sp.beam_row.to(pk.device), sp.beam_slot.to(pk.device)
+    prompt_mask = sp.prompt_mask.to(pk.device)
 
     # Prompt side: a prompt's beams become the query rows of one product with its keys. [R, Hkv, S*G, D]
     q_pad = q.new_zeros(rows, slots, heads, dim)
-    q_pad[sp.beam_row, sp.beam_slot] = q
+    q_pad[beam_row, beam_slot] = q
     q_pad = q_pad.view(rows, slots, kv_heads, groups, dim).permute(0, 2, 1, 3, 4).reshape(
         rows, kv_heads, slots * groups, dim
     )
     prompt_scores = torch.matmul(q_pad, pk.transpose(-1, -2)) * scaling  # [R, Hkv, S*G, P]
-    prompt_scores = prompt_scores.masked_fill(~sp.prompt_mask[:, None, None, :], float("-inf"))
+    prompt_scores = prompt_scores.masked_fill(~prompt_mask[:, None, None, :], float("-inf"))
     prompt_scores = prompt_scores.view(rows, kv_heads, slots, groups, prompt_len).permute(0, 2, 1, 3, 4)
-    prompt_scores = prompt_scores[sp.beam_row, sp.beam_slot]  # [N, Hkv, G, P]
+    prompt_scores = prompt_scores[beam_row, beam_slot]  # [N, Hkv, G, P]
 
     # Generated side: each beam against its own few positions. [N, Hkv, G, t]
     q_beam = q.view(n, kv_heads, groups, dim)
@@ -170,57 +180,85 @@ def shared_prompt_attention(
     prompt_probs, own_probs = probs.split([prompt_len, key.shape[2]], dim=-1)
 
     p_pad = probs.new_zeros(rows, slots, kv_heads, groups, prompt_len)
-    p_pad[sp.beam_row, sp.beam_slot] = prompt_probs
+    p_pad[beam_row, beam_slot] = prompt_probs
     p_pad = p_pad.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, slots * groups, prompt_len)
     prompt_out = torch.matmul(p_pad, pv).view(rows, kv_heads, slots, groups, dim).permute(0, 2, 1, 3, 4)
-    out = prompt_out[sp.beam_row, sp.beam_slot] + torch.matmul(own_probs, value.to(acc))  # [N, Hkv, G, D]
+    out = prompt_out[beam_row, beam_slot] + torch.matmul(own_probs, value.to(acc))  # [N, Hkv, G, D]
     return out.reshape(n, 1, heads, dim).to(query.dtype), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+def _model_eager_attention(module: torch.nn.Module):
+    """The eager attention function of ``module``'s modeling file: what its layers fall back to for ``"eager"``."""
+    return sys.modules[type(module).__module__].eager_attention_forward
 
-    if SHARED_PROMPT_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
-        # Masks as for sdpa: what an ordinary forward during a search needs (the decoding steps ignore theirs).
-        AttentionMaskInterface.register(SHARED_PROMPT_ATTENTION, sdpa_mask)
+
+def _switched_implementation(own: str | None) -> str:
+    """The name of the attention implementation a search switches a model whose own implementation is ``own`` to.
+
+    Its decoding steps (``shared_prompt=`` given) run :func:`shared_prompt_attention`; any other forward (another
+    thread using the model during a search) runs the model's own attention with the mask of the model's own mask
+    function, so that a forward whose layers straddle a switch sees one mask and one attention throughout.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    own = own or "eager"
+    name = f"{SHARED_PROMPT_ATTENTION}+{own}"
+    with _switch_lock:
+        if name in AttentionInterface._global_mapping:
+            return name
+
+        def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, shared_prompt=None,
+                      **kwargs):
+            if shared_prompt is None:
+                fallback = ALL_ATTENTION_FUNCTIONS.get_interface(own, _model_eager_attention(module))
+                return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return shared_prompt_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                           shared_prompt=shared_prompt)
+
+        AttentionInterface.register(name, attention)
+        own_mask = AttentionMaskInterface._global_mapping.get(own)
+        if own_mask is not None:  # else transformers builds no mask for either name
+            AttentionMaskInterface.register(name, own_mask)
+    return name
 
 
 def supports_shared_prompt(model) -> bool:
-    """Whether ``model`` (a transformers causal LM, possibly PEFT-wrapped) can decode with a shared prompt."""
+    """Whether ``model`` (a transformers causal LM, possibly PEFT-wrapped) can decode with a shared prompt: a
+    supported architecture whose every layer attends to every position (no sliding window: Mistral's default
+    4,096-token window, or Qwen2's when ``use_sliding_window`` is on, keeps the per-beam cache)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in _SUPPORTED_MODEL_TYPES:
         return False
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        return False  # a sliding window would hide part of the prompt: not what this attention computes
+    if getattr(config, "sliding_window", None) is not None:
+        return False  # a window hides far positions (and the prefill cache keeps only the window): not computed here
     layer_types = getattr(config, "layer_types", None)
     return layer_types is None or all(t == "full_attention" for t in layer_types)
 
 
 # config id -> (blocks inside use_shared_prompt_attention, the implementation to restore after the last one)
 _switched: dict[int, tuple[int, str | None]] = {}
-_switch_lock = threading.Lock()
+_switch_lock = threading.RLock()
 
 
 @contextlib.contextmanager
 def use_shared_prompt_attention(model) -> Iterator[None]:
-    """Switch ``model``'s attention to :func:`shared_prompt_attention` for the duration of the block; the model's
-    own implementation is restored when the last such block on it ends, errors included. Searches in several threads
-    on one model nest correctly, and an ordinary forward meanwhile runs as SDPA."""
-    _register()
+    """Switch ``model``'s attention to the shared-prompt one for the duration of the block; the model's own
+    implementation is restored when the last such block on it ends, errors included. Searches in several threads on
+    one model nest, and an ordinary forward meanwhile computes what it computes without them."""
     config = model.config
     key = id(config)
     with _switch_lock:
-        depth, before = _switched.get(key, (0, config._attn_implementation))
-        _switched[key] = (depth + 1, before)
-        config._attn_implementation = SHARED_PROMPT_ATTENTION
+        depth, own = _switched.get(key, (0, config._attn_implementation))
+        _switched[key] = (depth + 1, own)
+        config._attn_implementation = _switched_implementation(own)
     try:
         yield
     finally:
         with _switch_lock:
-            depth, before = _switched.pop(key)
+            depth, own = _switched.pop(key)
             if depth > 1:
-                _switched[key] = (depth - 1, before)
+                _switched[key] = (depth - 1, own)
             else:
-                config._attn_implementation = before
+                config._attn_implementation = own
