@@ -263,6 +263,22 @@ def test_a_sliding_window_keeps_the_per_beam_cache(counted_attention):
         sp.SharedPrompt.from_cache(state.past_key_values, state.attention_mask)
 
 
+def test_a_prompt_cache_that_cannot_be_shared_is_kept_per_beam(counted_attention):
+    """A PromptState built by hand on a cache without every prompt position as one row per prompt (here a
+    windowed cache under a model that attends to everything): the default search keeps it per beam, as before."""
+    model, tok = _tiny("mistral", sliding_window=None)
+    windowed, _ = _tiny("mistral", sliding_window=8)
+    trie = TitleTrie(tok, _titles(10, seed=2), list(range(1, 11)), context_prefix=PREFIX)
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    state = prefill_prompts(windowed, enc.input_ids, enc.attention_mask)  # its cache keeps the last 7 positions
+    assert state.past_key_values.layers[0].keys.shape[2] < enc.input_ids.shape[1]
+    assert len(constrained_beam_search_from_state(model, trie, state, num_beams=3)) == 2
+    assert counted_attention["n"] == 0
+    state = prefill_prompts(windowed, enc.input_ids, enc.attention_mask)
+    with pytest.raises(ValueError, match="needs every prompt position"):
+        constrained_beam_search_from_state(model, trie, state, num_beams=3, share_prompt_cache=True)
+
+
 def test_the_models_attention_is_restored_when_a_step_fails():
     tok = build_tiny_tokenizer("tiny-llama")
     model = build_tiny_model("tiny-llama", seed=1).eval()

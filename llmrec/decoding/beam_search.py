@@ -317,18 +317,22 @@ def constrained_beam_search_from_state(
     tt = trie.tensors_on(device)
     cache = state.past_key_values
     shared = None
-    if share_prompt_cache is None:
-        share_prompt_cache = supports_shared_prompt(model)
-    elif share_prompt_cache and not supports_shared_prompt(model):
+    if share_prompt_cache and not supports_shared_prompt(model):
         raise ValueError(
             f"share_prompt_cache=True: model type {getattr(model.config, 'model_type', '?')!r} is not one whose "
             "attention can read a shared prompt cache (see llmrec.decoding.shared_prompt)"
         )
-    if share_prompt_cache:
+    if share_prompt_cache or (share_prompt_cache is None and supports_shared_prompt(model)):
         from transformers import DynamicCache
 
-        shared = SharedPrompt.from_cache(cache, state.attention_mask.to(device))
-        cache = DynamicCache()  # per beam: the generated positions only
+        try:
+            shared = SharedPrompt.from_cache(cache, state.attention_mask.to(device))
+        except ValueError:
+            if share_prompt_cache:
+                raise
+            # a prompt cache that does not hold every prompt position as one row per prompt: keep it per beam
+        else:
+            cache = DynamicCache()  # per beam: the generated positions only
 
     # Live beams, kept sorted by row and, within a row, best first (the order transformers keeps its
     # running beams in, which decides the candidate order on exact ties). Beam i uses cache row i.

@@ -79,14 +79,17 @@ class SharedPrompt:
     def from_cache(cls, cache, prompt_mask: torch.Tensor) -> SharedPrompt:
         """Take the layers of a prefilled transformers ``Cache`` (``R`` rows) as the shared prompt (in fp32 when the
         cache is in half precision: one copy of ``R`` rows, read by every step)."""
-        empty = torch.zeros(0, dtype=torch.long, device=prompt_mask.device)
-        for i, layer in enumerate(cache.layers):
+        layers = getattr(cache, "layers", None)
+        if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+            raise ValueError(f"the prompt cache ({type(cache).__name__}) holds no keys and values to share")
+        for i, layer in enumerate(layers):
             if tuple(layer.keys.shape[::2]) != tuple(prompt_mask.shape):
                 raise ValueError(
                     f"layer {i} of the prompt cache holds {layer.keys.shape[2]} positions of {layer.keys.shape[0]} "
-                    f"rows, the prompt mask {prompt_mask.shape[1]} of {prompt_mask.shape[0]} (a sliding-window "
-                    "cache?): the shared prompt needs every prompt position"
+                    f"rows, the prompt mask {prompt_mask.shape[1]} of {prompt_mask.shape[0]} (a sliding-window or "
+                    "static cache?): the shared prompt needs every prompt position, one row per prompt"
                 )
+        empty = torch.zeros(0, dtype=torch.long, device=prompt_mask.device)
 
         def wide(t: torch.Tensor) -> torch.Tensor:
             return t.to(torch.promote_types(t.dtype, torch.float32))
