@@ -64,6 +64,7 @@ class SharedPrompt:
         beam_row: ``[N]`` prompt row of each live beam, non-decreasing (beams grouped by row).
         beam_slot: ``[N]`` index of the beam among its row's live beams.
         slots: the most live beams any row has (the query rows laid out per prompt).
+        row_ids: ``[R]`` the prompt each row holds, numbered as when built (rows whose search ended are dropped).
     """
 
     keys: list[torch.Tensor]
@@ -72,7 +73,6 @@ class SharedPrompt:
     beam_row: torch.Tensor
     beam_slot: torch.Tensor
     slots: int
-
     row_ids: torch.Tensor | None = None
 
     @classmethod
