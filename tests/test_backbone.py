@@ -842,20 +842,3 @@ def test_a_conversion_error_in_any_command_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", parser)
     assert cli.main(["quickstart"]) == 1
     assert capsys.readouterr().err.strip() == "llmrec: error: the GGUF file has sha256 00, expected ab: reinstall the package"
-
-
-def test_pickled_weights_are_not_loaded_unless_asked(tmp_path):
-    """A model directory (or hub repo) holding only a pytorch_model.bin was read with pickle; weights come from
-    safetensors only, unless the caller passes use_safetensors=False."""
-    from safetensors.torch import load_file
-
-    model, tok = build_tiny("tiny-llama")
-    model.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    weights = tmp_path / "m" / "model.safetensors"
-    torch.save(load_file(weights), tmp_path / "m" / "pytorch_model.bin")
-    weights.unlink()
-    with pytest.raises(BackboneLoadError, match="safetensors only.*use_safetensors=False"):
-        load_backbone(str(tmp_path / "m"), dtype="float32")
-    loaded, _ = load_backbone(str(tmp_path / "m"), dtype="float32", use_safetensors=False)
-    assert torch.equal(logits(loaded), logits(model))

@@ -725,19 +725,13 @@ def _load_pretrained(
         # retries (~25 s) rather than one round per tokenizer file.
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kwargs)
-        # Weights from safetensors only: a pickled pytorch_model.bin can run code when it is read. A caller who
-        # trusts such a file passes use_safetensors=False explicitly.
         model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **hub_kwargs,
-            **{"use_safetensors": True, **model_kwargs},
+            source, config=config, dtype=dtype, trust_remote_code=trust_remote_code, **hub_kwargs, **model_kwargs
         )
     except (OSError, ValueError) as err:
         if not is_local and not isinstance(err, OSError):
             raise
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "no file named model.safetensors" in first_line:
-            first_line += (" (weights are read from safetensors only; a pickled pytorch_model.bin you trust loads "
-                           "with use_safetensors=False)")
         if is_local:
             raise BackboneLoadError(
                 f"could not load a model from the local directory '{source}': {first_line}"
@@ -927,9 +921,6 @@ def describe_architecture(
         if not path.is_dir():
             raise
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "no file named model.safetensors" in first_line:
-            first_line += (" (weights are read from safetensors only; a pickled pytorch_model.bin you trust loads "
-                           "with use_safetensors=False)")
         raise BackboneLoadError(f"could not read a model config from the local directory '{source}': {first_line}") \
             from err
     except OSError as err:
