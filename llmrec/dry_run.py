@@ -1397,12 +1397,23 @@ def _check_finished_evaluation(config: Any, out: Path, report: DryRunReport) -> 
     elif (out / "run_config.json").exists() and "phases" in prev:
         report.error(f"{out} holds an `llmrec seqrec train` run, not an evaluation; choose another output_dir")
     else:
-        diff = eval_protocol_differences(prev.get("protocol") or {}, config)
+        proto = prev.get("protocol") or {}
+        diff = eval_protocol_differences(proto, config)
         if "dataset" in diff and _same_dataset(str(diff["dataset"][0]), str(diff["dataset"][1])):
             del diff["dataset"]  # another spelling of the same directory (the real run accepts it too)
+        # The real run's fingerprint also records the checkpoints' paths as given (the pipeline, which compares
+        # against archives, leaves them out): another spelling or a moved copy is another protocol there.
+        asked = {"checkpoint": config.checkpoint}
+        if getattr(config, "guided", False):
+            asked["guidance checkpoint"] = config.guidance_checkpoint
+        recorded = {"checkpoint": proto.get("checkpoint"),
+                    "guidance checkpoint": (proto.get("guidance") or {}).get("checkpoint")}
+        if proto.get("method") != "popularity":  # records no checkpoint
+            diff.update({k: (recorded[k], v) for k, v in asked.items() if recorded[k] != v})
         # Weights retrained in place since (same paths, other digests): the real run's fingerprint differs too.
-        changed = [what for what, (then, now) in _evaluated_weights(prev.get("protocol") or {}, config).items()
-                   if now is not None and then != now]
+        # Digests only when the settings agree (a full fine-tune's weights are gigabytes to hash).
+        changed = [] if diff else [what for what, (then, now) in _evaluated_weights(proto, config).items()
+                                   if now is not None and then != now]
         if diff:
             changes = ", ".join(f"{k}={found!r} (here {asked!r})" for k, (found, asked) in diff.items())
             report.error(f"{out} holds results of a different protocol ({changes}): the real run refuses it; choose "

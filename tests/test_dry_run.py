@@ -479,6 +479,24 @@ def test_a_finished_evaluation_of_weights_retrained_in_place_is_invalid_in_the_d
     assert main(args) == 1  # as the real run says
 
 
+def test_a_finished_evaluation_of_a_moved_checkpoint_is_invalid_in_the_dry_run(prepared_dir, tmp_path, capsys):
+    """The real run's fingerprint records the checkpoint's path as given: a copy elsewhere (same weights) is another
+    protocol there, and the dry run said "the real run does nothing" (a review)."""
+    import shutil
+
+    from conftest import train_tiny_sasrec
+
+    run = train_tiny_sasrec(prepared_dir, tmp_path / "sasrec")
+    out_dir = tmp_path / "eval"
+    args = ["evaluate", "--method", "seqrec", "--dataset", str(prepared_dir), "--output_dir", str(out_dir)]
+    assert main([*args, "--checkpoint", str(run)]) == 0
+    moved = shutil.copytree(run, tmp_path / "moved")
+    capsys.readouterr()
+    code, out = dry([*args, "--checkpoint", str(moved)], capsys)
+    assert code == EXIT_INVALID and "holds results of a different protocol (checkpoint=" in out
+    assert main([*args, "--checkpoint", str(moved)]) == 1  # as the real run says
+
+
 def test_dry_run_only_flags_need_dry_run(capsys):
     for stage in ("sft", "grpo", "evaluate"):
         assert main([stage, "--num-processes", "2"]) == EXIT_INVALID
