@@ -892,9 +892,15 @@ class Recommender:
         skipped: list[SkippedItem] = []
         shared: list[SharedTitle] = []
         for pos, value in enumerate(history, start=1):
-            if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-                value = value.item()  # an entry of a tensor / array history: a 0-d tensor or numpy scalar
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            # numpy datetimes and timedeltas count as integers (and their .item() can be an int): not ids
+            is_time = getattr(getattr(value, "dtype", None), "kind", "") in ("M", "m")
+            if getattr(value, "ndim", None) == 0 and hasattr(value, "item") and not is_time:
+                # an entry of a tensor / array history: a 0-d tensor or numpy scalar
+                try:
+                    value = value.item()
+                except (RuntimeError, ValueError):  # e.g. a meta tensor: reported below as what it is
+                    pass
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and not is_time:
                 if not 1 <= int(value) <= n:
                     raise UnknownItemError(
                         f"{at}position {pos}: item id {int(value)} is not in the catalogue (ids 1..{n})")

@@ -799,6 +799,8 @@ def test_tensor_and_array_histories_are_ids(seqrec_run):
     assert rec.recommend([list(torch.tensor([1, 2, 3])), [4, 5, 6]], k=4) == rec.recommend([[1, 2, 3], [4, 5, 6]], k=4)
     with pytest.raises(HistoryError, match="position 2: expected an item title"):
         rec.recommend([torch.tensor(1), torch.tensor(2.5)], k=4)  # a float id is refused, not truncated
+    with pytest.raises(HistoryError, match="position 2: expected an item title"):
+        rec.recommend([1, np.timedelta64(5, "ns")], k=4)  # its .item() is the int 5 (a review)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
