@@ -196,6 +196,9 @@ def test_search_with_shared_prompt_equals_per_beam_cache(kind, length_penalty, e
     # Rows finished at different steps, so the shared prompt was compacted on the way (not only full batches).
     assert len(PROMPTS) in counted_attention["rows"] and min(counted_attention["rows"]) < len(PROMPTS)
     assert model.config._attn_implementation == "sdpa"  # restored after the search
+    consumed = state()
+    constrained_beam_search_from_state(model, trie, consumed, num_beams=6)
+    assert not consumed.past_key_values.layers  # released: a bf16 original would outlive its fp32 copy otherwise
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
@@ -385,3 +388,31 @@ def test_searches_and_ordinary_forwards_in_threads_on_one_model(own):
     for logits in forwards:
         torch.testing.assert_close(logits, want_logits, rtol=1e-6, atol=1e-6)
     assert model.config._attn_implementation == own
+
+
+def test_a_kernel_that_reads_its_own_name_from_the_config_keeps_working_during_a_search():
+    """FlashAttention's forward picks its kernel by module.config._attn_implementation; during a search that names
+    the switched implementation, and another thread's forward on an FA model failed ("Could not find the currently
+    requested flash attention implementation"). The fallback now sees the model's own name."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    name = "llmrec_test_kernel"
+
+    def kernel(module, *args, **kwargs):
+        assert module.config._attn_implementation == name, module.config._attn_implementation
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register(name, kernel)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    tok = build_tiny_tokenizer("tiny-llama")
+    model = build_tiny_model("tiny-llama", seed=1, num_layers=4).eval()
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+    model.config._attn_implementation = name
+    with sp.use_shared_prompt_attention(model), torch.no_grad():
+        got = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert model.config._attn_implementation == name

@@ -332,6 +332,10 @@ def constrained_beam_search_from_state(
                 raise
             # a prompt cache that does not hold every prompt position as one row per prompt: keep it per beam
         else:
+            # The state's cache is consumed (as documented): drop its layers, so that a half-precision original does
+            # not stay alive beside the fp32 copy for the whole search.
+            if isinstance(getattr(cache, "layers", None), list):
+                cache.layers.clear()
             cache = DynamicCache()  # per beam: the generated positions only
 
     # Live beams, kept sorted by row and, within a row, best first (the order transformers keeps its

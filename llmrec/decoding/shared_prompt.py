@@ -195,6 +195,27 @@ def _model_eager_attention(module: torch.nn.Module):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+class _AsImplementation:
+    """``module`` seen through a config whose ``_attn_implementation`` is ``implementation`` (everything else is
+    the module's and its config's own)."""
+
+    def __init__(self, module: torch.nn.Module, implementation: str):
+        self._module = module
+        self.config = _ConfigAs(module.config, implementation)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+class _ConfigAs:
+    def __init__(self, config, implementation: str):
+        self._config = config
+        self._attn_implementation = implementation
+
+    def __getattr__(self, name: str):
+        return getattr(self._config, name)
+
+
 def _switched_implementation(own: str | None) -> str:
     """The name of the attention implementation a search switches a model whose own implementation is ``own`` to.
 
@@ -216,7 +237,10 @@ def _switched_implementation(own: str | None) -> str:
                       **kwargs):
             if shared_prompt is None:
                 fallback = ALL_ATTENTION_FUNCTIONS.get_interface(own, _model_eager_attention(module))
-                return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+                # The module as its own implementation sees it: FlashAttention's forward picks its kernel by
+                # module.config._attn_implementation, which names the switched implementation meanwhile.
+                return fallback(_AsImplementation(module, own), query, key, value, attention_mask, dropout=dropout,
+                                scaling=scaling, **kwargs)
             return shared_prompt_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                            shared_prompt=shared_prompt)
 
