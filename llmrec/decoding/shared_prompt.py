@@ -12,7 +12,8 @@ to reorder), and one attention function joins the two:
 * each beam's scores over its own generated positions are computed apart;
 * one softmax over the concatenated scores (the prompt's left padding masked), then the two weighted sums
   of values are added. That is exactly attention over ``[prompt ; generated]``; only the summation order
-  differs from the per-beam form (float rounding, ~1e-7 relative in fp32).
+  differs from the per-beam form: float rounding, which after SmolLM2's 30 layers moves fp32 title scores by
+  ~1e-6, so a near-tied beam can be kept by one form and dropped by the other (1 of 24 Games rows measured).
 
 It plugs into transformers through its attention interface (``AttentionInterface.register``): a model's
 attention layer projects and rotates the new token's query and key as usual, appends them to the per-beam
