@@ -317,12 +317,14 @@ def constrained_beam_search_from_state(
     tt = trie.tensors_on(device)
     cache = state.past_key_values
     shared = None
-    if share_prompt_cache and not supports_shared_prompt(model):
+    supported = supports_shared_prompt(model)
+    if share_prompt_cache and not supported:
+        model_type = getattr(getattr(model, "config", None), "model_type", "?")
         raise ValueError(
-            f"share_prompt_cache=True: model type {getattr(model.config, 'model_type', '?')!r} is not one whose "
+            f"share_prompt_cache=True: model type {model_type!r} is not one whose "
             "attention can read a shared prompt cache (see llmrec.decoding.shared_prompt)"
         )
-    if share_prompt_cache or (share_prompt_cache is None and supports_shared_prompt(model)):
+    if supported and share_prompt_cache is not False:
         from transformers import DynamicCache
 
         try:
