@@ -54,8 +54,23 @@ def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
                 _no_abbreviations(sub)
 
 
+# Libraries that print through a stream handler of their own and still propagate to the root logger: with a root
+# handler configured, each of their messages (huggingface_hub's retry warnings, for one) came out twice.
+_SELF_PRINTING_LIBRARIES = ("huggingface_hub", "datasets")
+
+
+def configure_logging(fmt: str, **basic_config: object) -> None:
+    """INFO logging to stderr in ``fmt`` for llmrec's commands, each message printed once.
+
+    ``basic_config`` goes to :func:`logging.basicConfig` (``stream``, ``force``).
+    """
+    logging.basicConfig(level=logging.INFO, format=fmt, **basic_config)
+    for name in _SELF_PRINTING_LIBRARIES:
+        logging.getLogger(name).propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging("%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if not getattr(args, "func", None):

@@ -842,3 +842,31 @@ def test_a_conversion_error_in_any_command_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", parser)
     assert cli.main(["quickstart"]) == 1
     assert capsys.readouterr().err.strip() == "llmrec: error: the GGUF file has sha256 00, expected ab: reinstall the package"
+
+
+@pytest.mark.parametrize("typo", ["smolm2-135m", "SmolLM2-135M", "qwen2.5-coder-0.5", "tiny-qwen"])
+def test_a_near_miss_of_an_alias_is_refused_before_the_hub(typo, monkeypatch):
+    # A namespace-less typo of an alias spent ~40 s of hub retries on a machine without network, then blamed the hub.
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(backbone, "_load_pretrained", no_hub)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", no_hub)
+    with pytest.raises(UnknownAliasError, match="did you mean '(smollm2-135m|qwen2.5-coder-0.5b|tiny-qwen2)'"):
+        load_backbone(typo)
+    with pytest.raises(UnknownAliasError, match="did you mean"):
+        describe_architecture(typo)
+
+
+def test_a_name_unlike_any_alias_still_goes_to_the_hub(monkeypatch):
+    asked = []
+
+    def fake_load(source, dtype, **kwargs):
+        asked.append(source)
+        raise BackboneLoadError("offline")
+
+    monkeypatch.setattr(backbone, "_load_pretrained", fake_load)
+    for name in ("gpt2", "Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-1B"):
+        with pytest.raises(BackboneLoadError):
+            load_backbone(name)
+    assert asked == ["gpt2", "Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-1B"]

@@ -432,3 +432,25 @@ def test_samples_and_models_share_one_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LLMREC_CACHE", "~/c")
     assert cache_root() == tmp_path / "home" / "c" == default_cache_dir().parent
+
+
+@pytest.mark.parametrize("library", ["huggingface_hub", "datasets"])
+def test_a_library_warning_is_printed_once_by_the_cli_logging(library):
+    # huggingface_hub and datasets print through a handler of their own and propagate to the root logger too, so
+    # under the CLI's root handler each hub retry warning came out twice. A fresh interpreter: pytest's own
+    # logging handlers on the root logger would hide the difference.
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from llmrec.cli import configure_logging\n"
+        "configure_logging('%(levelname)s %(name)s: %(message)s')\n"
+        f"import {library}.utils.logging as lib_logging\n"
+        f"lib_logging.get_logger('{library}.some_module').warning('marker-7f3a')\n"
+        "logging.getLogger('llmrec.anything').info('ours-9c1e')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("marker-7f3a") == 1, done.stderr
+    assert "INFO llmrec.anything: ours-9c1e" in done.stderr

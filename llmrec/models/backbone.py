@@ -660,6 +660,25 @@ def _convert_alias_locked(name: str, spec: GGUFAlias, dest: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
+def _refuse_near_alias(name: str) -> None:
+    """Refuse a namespace-less name that is a near miss of a built-in alias (``smolm2-135m``), before the hub.
+
+    Without a namespace a hub id can only be one of the hub's legacy canonical models (``gpt2``), none of which is
+    one letter off an alias, so a typo is far likelier; asking the hub for it costs ~40 s of retries on a machine
+    without network, then blames the hub.
+    """
+    import difflib
+
+    if "/" in name:
+        return
+    close = difflib.get_close_matches(name.lower(), known_aliases(), n=1, cutoff=0.8)
+    if close:
+        raise UnknownAliasError(
+            f"unknown model '{name}': not a local directory nor a built-in alias; did you mean '{close[0]}'? "
+            f"(aliases: {', '.join(known_aliases())}; a Hugging Face hub id is 'org/name')"
+        )
+
+
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else is meant as a file-system path, and so is "dir/name" where
     # a local folder "dir" exists (a mistyped "outputs/sft-gmaes" spent ~25 s on hub retries, then blamed the hub).
@@ -877,6 +896,7 @@ def load_backbone(
             f"{', '.join(known_aliases())})"
         )
     else:
+        _refuse_near_alias(model_name_or_path)
         source, is_local = model_name_or_path, False
     hub_kwargs: dict[str, Any] = {"local_files_only": local_files_only}
     if revision is not None:
@@ -914,6 +934,8 @@ def describe_architecture(
             config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         return _strip_gguf_config(config)
     path = Path(model_name_or_path).expanduser()
+    if not path.is_dir():
+        _refuse_near_alias(model_name_or_path)
     source = str(path) if path.is_dir() else model_name_or_path
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -321,6 +321,7 @@ def _train_logged(cfg: Any, log: Path, concurrent_runs: int) -> dict[str, Any]:
     import sys
     import traceback
 
+    from llmrec.cli import configure_logging
     from llmrec.seqrec.run import run_seqrec
 
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -329,8 +330,7 @@ def _train_logged(cfg: Any, log: Path, concurrent_runs: int) -> dict[str, Any]:
         sys.stderr.flush()
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)  # a run's own process: nothing else writes to the terminal from it
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            stream=sys.stderr, force=True)
+        configure_logging("%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
         try:
             return run_seqrec(cfg, concurrent_runs=concurrent_runs)
         except BaseException:
