@@ -316,7 +316,6 @@ def plot_seqrec_benchmark(runs: dict[str, list[dict]], path: Path, title: str = 
 def _train_logged(cfg: Any, log: Path, concurrent_runs: int) -> dict[str, Any]:
     """``run_seqrec(cfg)`` with this process's stdout, stderr and log records (INFO, as the CLI's) appended to ``log``,
     a failure's traceback included (it also goes back to the parent)."""
-    import logging
     import os
     import sys
     import traceback
