@@ -57,9 +57,15 @@ def bench_decoding(args: argparse.Namespace) -> dict:
     cache row per beam (``share_prompt_cache=False``, the plain form)."""
     from llmrec.data.canonical import load_prepared
     from llmrec.decoding.beam_search import constrained_beam_search, reference_constrained_beam_search
-    from llmrec.decoding.search import answer_budget, build_catalog_trie, encode_prompts, render_prompts
+    from llmrec.decoding.search import (
+        answer_budget,
+        build_catalog_trie,
+        encode_prompts,
+        prompt_lengths,
+        render_prompts,
+    )
     from llmrec.decoding.shared_prompt import supports_shared_prompt
-    from llmrec.evaluation.evaluator import EvalConfig, select_rows
+    from llmrec.evaluation.evaluator import EvalConfig, rows_by_length, select_rows
     from llmrec.models.backbone import load_backbone
     from llmrec.prompts import PromptTemplate
 
@@ -72,12 +78,19 @@ def bench_decoding(args: argparse.Namespace) -> dict:
     model, tok = load_backbone(args.model, dtype=args.dtype)
     template = PromptTemplate.load(cfg.prompt)
     trie = build_catalog_trie(data.catalog, tok, template)
-    batches = [[split[r] for r in rows[i:i + cfg.batch_size]] for i in range(0, len(rows), cfg.batch_size)]
     budget = answer_budget(trie, model)
-    encoded = [encode_prompts(tok, render_prompts(template, tok, b, cfg, budget), "cpu") for b in batches]
+
+    def encoded_batches(order: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = [[split[r] for r in order[i:i + cfg.batch_size]] for i in range(0, len(order), cfg.batch_size)]
+        return [encode_prompts(tok, render_prompts(template, tok, b, cfg, budget), "cpu") for b in batches]
+
+    encoded = encoded_batches(rows)
+    # The evaluator's batch_order "length": the same rows, batched longest prompt first.
+    by_length = rows_by_length(rows, prompt_lengths(model, tok, trie, template, [split[r] for r in rows], cfg))
+    encoded_by_length = encoded_batches(by_length)
     counter, handle = _count_forwards(model)
-    times = {"ours": 0.0, "per_beam": 0.0, "reference": 0.0, "floor": 0.0}
-    lists: dict[str, list] = {"ours": [], "per_beam": [], "reference": []}
+    times = {"ours": 0.0, "per_beam": 0.0, "reference": 0.0, "floor": 0.0, "length_sorted": 0.0}
+    lists: dict[str, list] = {"ours": [], "per_beam": [], "reference": [], "length_sorted": []}
     steps = []
     shared = supports_shared_prompt(model)
 
@@ -104,12 +117,13 @@ def bench_decoding(args: argparse.Namespace) -> dict:
     floor_decode(model, *encoded[0], cfg.num_beams, warmup_steps)
     # Interleave the contenders batch by batch, alternating who goes first, so that machine noise hits all of them
     # alike; the floor runs after ours (it decodes as many steps as our search took on that batch).
-    searches = {"ours": ours, "per_beam": per_beam, "reference": reference}
+    # length_sorted is ours on the i-th batch of the length-sorted rows (as many batches as in row order).
+    searches = {"ours": ours, "per_beam": per_beam, "reference": reference, "length_sorted": ours}
     for i, (ids, mask) in enumerate(encoded):
         for name in list(searches) if i % 2 == 0 else list(searches)[::-1]:
             counter["n"] = 0
             t = time.perf_counter()
-            outs = searches[name](ids, mask)
+            outs = searches[name](*(encoded_by_length[i] if name == "length_sorted" else (ids, mask)))
             times[name] += time.perf_counter() - t
             if name == "ours":
                 n_steps = counter["n"] - 1
@@ -120,13 +134,17 @@ def bench_decoding(args: argparse.Namespace) -> dict:
         times["floor"] += time.perf_counter() - t
     handle.remove()
     n = len(rows)
+    in_row_order = dict(zip(by_length, lists["length_sorted"]))
+    lists["length_sorted"] = [in_row_order[r] for r in rows]
     result = {
         "rows": n, "beams": cfg.num_beams, "model": args.model, "dtype": args.dtype, "batch_size": cfg.batch_size,
         "dataset": str(args.dataset), "seed": args.seed, "length_penalty": cfg.length_penalty,
-        "timing": "perf_counter; one untimed warm-up batch; ours, per_beam and reference in turn, the order "
-                  "reversed every other batch",
+        "timing": "perf_counter; one untimed warm-up batch; ours, per_beam, reference and length_sorted in turn, "
+                  "the order reversed every other batch",
         "ours_shares_prompt_cache": shared,
         "mean_prompt_tokens": round(sum(int(m.sum()) for _, m in encoded) / n, 1),
+        "mean_padded_prompt_tokens": round(sum(m.numel() for _, m in encoded) / n, 1),
+        "mean_padded_prompt_tokens_length_sorted": round(sum(m.numel() for _, m in encoded_by_length) / n, 1),
         "mean_steps_per_batch": round(sum(steps) / len(steps), 2),
         "ours_rows_per_s": round(n / times["ours"], 4),
         "reference_rows_per_s": round(n / times["reference"], 4),
@@ -134,9 +152,12 @@ def bench_decoding(args: argparse.Namespace) -> dict:
         "per_beam_rows_per_s": round(n / times["per_beam"], 4),
         "speedup_vs_reference": round(times["reference"] / times["ours"], 3),
         "ours_over_per_beam": round(times["ours"] / times["per_beam"], 3),
+        "length_sorted_over_ours": round(times["length_sorted"] / times["ours"], 3),
         "ours_over_floor": round(times["ours"] / times["floor"], 3),
         "identical_rankings": round(sum(a == b for a, b in zip(lists["ours"], lists["reference"])) / n, 4),
         "identical_rankings_per_beam": round(sum(a == b for a, b in zip(lists["ours"], lists["per_beam"])) / n, 4),
+        "identical_rankings_length_sorted": round(
+            sum(a == b for a, b in zip(lists["ours"], lists["length_sorted"])) / n, 4),
     }
     return result
 

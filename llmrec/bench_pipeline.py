@@ -185,7 +185,7 @@ def eval_protocol_differences(proto: dict, cfg: EvalConfig) -> dict[str, tuple[A
     if cfg.method == "beam":
         wanted.update({k: getattr(cfg, k) for k in (
             "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams", "length_penalty",
-            "max_prompt_length", "batch_size", "prompt_fit", "early_stopping")}, model=cfg.model_name_or_path,
+            "max_prompt_length", "batch_size", "prompt_fit", "early_stopping", "batch_order")}, model=cfg.model_name_or_path,
             guidance_weight=cfg.guidance_weight if cfg.guided else None)
     got = {k: proto.get(k) for k in wanted}
     got["dataset"] = os.path.normpath(proto["dataset"]) if proto.get("dataset") else proto.get("dataset")
@@ -1242,7 +1242,7 @@ class Pipeline:
         shared = ("dataset", "split", "row_seed")
         # batch_size too: in bfloat16 a row's batch-mates move its beam scores (experiment log)
         beam = ("model", "dtype", "prompt", "noun", "use_chat_template", "tokenization", "num_beams",
-                "max_prompt_length", "prompt_fit", "early_stopping", "history_length", "batch_size")
+                "max_prompt_length", "prompt_fit", "early_stopping", "history_length", "batch_size", "batch_order")
         ref: dict[tuple[str, bool], tuple[tuple[str, int], Any]] = {}
         for (m, s), p in protocols.items():
             keys = [(k, False) for k in shared]

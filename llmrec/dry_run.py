@@ -817,7 +817,7 @@ _GRPO_FIELDS = ("sft_checkpoint", "model_name_or_path", "model_dtype", "dataset"
 _EVAL_FIELDS = ("dataset", "split", "max_rows", "row_seed", "method", "model_name_or_path", "checkpoint", "dtype",
                 "prompt", "noun", "use_chat_template", "history_length", "max_prompt_length", "prompt_fit",
                 "num_beams", "length_penalty", "early_stopping", "tokenization", "guidance_checkpoint", "guidance_weight",
-                "batch_size", "ks", "output_dir")
+                "batch_size", "batch_order", "ks", "output_dir")
 _LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 _HEAD_FIELDS = ("head_num_heads", "head_dim", "rope_base", "head_dtype", "head_output_norm")
 

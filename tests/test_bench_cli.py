@@ -45,8 +45,8 @@ def test_bench_grpo_tiny(tmp_path, capsys):
 
 
 def test_bench_decoding_tiny(tmp_path, capsys, prepared_dir):
-    """Ours, ours with one cache row per beam, and generate + prefix_allowed_tokens_fn give the same rankings on
-    the same rows; the JSON records the arguments and how it was timed."""
+    """Ours, ours with one cache row per beam, ours on length-sorted batches and generate + prefix_allowed_tokens_fn
+    give the same rankings on the same rows; the JSON records the arguments and how it was timed."""
     out = tmp_path / "decoding.json"
     rc = main(["bench", "decoding", "--model", "tiny-qwen2", "--dataset", str(prepared_dir), "--rows", "6",
                "--beams", "3", "--batch-size", "2", "--dtype", "float32", "--noun", "items", "--output", str(out)])
@@ -54,6 +54,10 @@ def test_bench_decoding_tiny(tmp_path, capsys, prepared_dir):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(out.read_text())
     assert last["rows"] == 6 and last["identical_rankings"] == 1.0 and last["identical_rankings_per_beam"] == 1.0
+    # Length-sorted batches rank each row as row-order batches do (mapped back to the rows) and pad less.
+    assert last["identical_rankings_length_sorted"] == 1.0 and last["length_sorted_over_ours"] > 0
+    assert last["mean_prompt_tokens"] <= last["mean_padded_prompt_tokens_length_sorted"] \
+        <= last["mean_padded_prompt_tokens"]
     assert last["ours_shares_prompt_cache"] is True
     assert last["dataset"] == str(prepared_dir) and last["seed"] == 0 and last["length_penalty"] == 1.0
     for key in ("ours_rows_per_s", "reference_rows_per_s", "floor_rows_per_s", "per_beam_rows_per_s",

@@ -149,12 +149,13 @@ def test_empty_catalogue_is_a_clear_error(prepared_dir, tmp_path):
         evaluate(tiny_config(prepared_dir, tmp_path / "ev"))
 
 
-def test_two_processes_give_the_same_results_as_one(prepared_dir, tmp_path):
+@pytest.mark.parametrize("batch_order", ["rows", "length"])
+def test_two_processes_give_the_same_results_as_one(prepared_dir, tmp_path, batch_order):
     from llmrec.cli import main
     from tests.launching import accelerate_launch
 
     common = ["--dataset", str(prepared_dir), "--model_name_or_path", "tiny-qwen2", "--dtype", "float32",
-              "--num_beams", "4", "--batch_size", "2", "--ks", "1", "3", "--split", "test"]
+              "--num_beams", "4", "--batch_size", "2", "--ks", "1", "3", "--split", "test", "--batch_order", batch_order]
     assert main(["evaluate", *common, "--output_dir", str(tmp_path / "one")]) == 0  # 1 process: this one
     accelerate_launch(2, ["-m", "llmrec.cli", "evaluate", *common, "--output_dir", tmp_path / "two"])
     one = json.loads((tmp_path / "one" / "results.json").read_text())
@@ -461,3 +462,56 @@ def test_non_finite_logits_stop_the_evaluation_naming_the_split_rows(prepared_di
     with pytest.raises(ValueError, match=r"test\.jsonl row\(s\) \(0-based\) 1 at decoding step 0"):
         evaluate(tiny_config(prepared_dir, tmp_path / "ev", batch_size=3))
     assert not (tmp_path / "ev" / "results.json").exists()
+
+
+def test_rows_by_length_is_longest_first_ties_in_row_order():
+    from llmrec.evaluation.evaluator import rows_by_length
+
+    assert rows_by_length([4, 7, 9, 11, 20], [5, 9, 5, 12, 9]) == [11, 7, 20, 4, 9]
+    assert rows_by_length([], []) == []
+    with pytest.raises(ValueError, match="2 rows but 1 lengths"):
+        rows_by_length([1, 2], [3])
+
+
+def test_batch_order_length_batches_similar_prompts_and_ranks_as_row_order(prepared_dir, tmp_path, monkeypatch):
+    """batch_order length changes which rows share a batch, nothing else: the same rankings as row order (float32),
+    written in row order, resumable, and recorded in the protocol only when not the default."""
+    from llmrec.decoding import search
+
+    seen: list[list[int]] = []
+    real = search.rank_batch
+
+    def spy(model, tokenizer, trie, template, examples, config, guidance=None):
+        seen.append(search.prompt_lengths(model, tokenizer, trie, template, examples, config))
+        return real(model, tokenizer, trie, template, examples, config, guidance=guidance)
+
+    monkeypatch.setattr(search, "rank_batch", spy)
+    rows = evaluate(tiny_config(prepared_dir, tmp_path / "rows"))
+    row_batches, seen[:] = list(seen), []
+    by_length = evaluate(tiny_config(prepared_dir, tmp_path / "length", batch_order="length"))
+    flat = [n for batch in seen for n in batch]
+    assert flat == sorted(flat, reverse=True) and len(set(flat)) > 1  # longest first, and lengths do differ
+    assert sorted(flat) == sorted(n for batch in row_batches for n in batch)
+    # Less padding: each batch pads to its longest prompt.
+    assert sum(max(b) * len(b) for b in seen) < sum(max(b) * len(b) for b in row_batches)
+    assert "batch_order" not in rows["protocol"] and by_length["protocol"]["batch_order"] == "length"
+    assert by_length["fingerprint"] != rows["fingerprint"]
+    assert by_length["metrics"] == rows["metrics"]
+    a = [json.loads(x) for x in (tmp_path / "rows" / "rankings.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "length" / "rankings.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in b] == [r["row"] for r in a] == sorted(r["row"] for r in a)
+    assert [r["title_ranking"] for r in b] == [r["title_ranking"] for r in a]
+    for x, y in zip(a, b):
+        assert y["scores"] == pytest.approx(x["scores"], abs=1e-5)
+    # Resumed with some rows finished: the same file.
+    part = tmp_path / "resumed" / "rankings"
+    part.mkdir(parents=True)
+    write_jsonl(part / "part-0.jsonl", b[:3])  # rows 0-2, which length order may have put in other batches
+    resumed = evaluate(tiny_config(prepared_dir, tmp_path / "resumed", batch_order="length"))
+    assert resumed["metrics"] == by_length["metrics"]
+    assert (tmp_path / "resumed" / "rankings.jsonl").read_text() == (tmp_path / "length" / "rankings.jsonl").read_text()
+    # A partial evaluation in row order is another protocol.
+    with pytest.raises(ValueError, match=r"batch_order='rows' \(here 'length'\)|batch_order"):
+        evaluate(tiny_config(prepared_dir, tmp_path / "rows", batch_order="length"))
+    with pytest.raises(ValueError, match="batch_order must be one of"):
+        tiny_config(prepared_dir, tmp_path / "x", batch_order="longest")

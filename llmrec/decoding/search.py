@@ -130,6 +130,13 @@ def render_prompts(template: PromptTemplate, tokenizer, examples: list[dict], co
     return out
 
 
+def prompt_lengths(model, tokenizer, trie: TitleTrie, template: PromptTemplate, examples: list[dict], config) -> list[int]:
+    """Tokens of each example's prompt as :func:`rank_batch` encodes it (before padding; latent tokens not counted)."""
+    latent = model.num_latent_tokens if isinstance(model, LatentReasoningLM) else 0
+    prompts = render_prompts(template, tokenizer, examples, config, answer_budget(trie, model), latent)
+    return [len(encode(tokenizer, p, first=True)) for p in prompts]
+
+
 def rank_batch(
     model, tokenizer, trie: TitleTrie, template: PromptTemplate, examples: list[dict], config,
     guidance: TitleGuidance | None = None,

@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("beam", "popularity", "seqrec")
 PROMPT_FITS = ("own_answer", "longest_answer")
+BATCH_ORDERS = ("rows", "length")
 
 
 @dataclass
@@ -113,6 +114,11 @@ class EvalConfig:
     guidance_checkpoint: str | None = field(default=None, metadata={"help": "D3 text-free assistant: a `llmrec seqrec train` output_dir (same prepared dataset) whose ID model guides the beam search (None = off)."})
     guidance_weight: float = field(default=1.0, metadata={"help": "Weight w of the guidance: each step adds w * log P_ID(token | prefix), so a title gains w * log P_ID(title) (0 = off)."})
     batch_size: int = field(default=8, metadata={"help": "Rows per batch (per process)."})
+    batch_order: str = field(default="rows", metadata={"help": "Which rows share a batch (method beam): rows (in the "
+                                                       "order drawn; the committed evaluations) or length (rows of similar prompt length, "
+                                                       "longest first: less left padding to prefill and attend over, so faster; in float32 the "
+                                                       "same rankings, in bfloat16 a row's batch-mates move its scores, so it is part of the "
+                                                       "protocol). Results are written in row order either way."})
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20], metadata={"help": "Cut-offs K of HR@K, NDCG@K, MRR@K."})
     output_dir: str = field(default="runs/eval", metadata={"help": "Where rankings and results are written."})
     seed: int = field(default=0, metadata={"help": "Random seed (evaluation is deterministic; kept for the record)."})
@@ -151,6 +157,8 @@ class EvalConfig:
         from llmrec.decoding.beam_search import check_length_penalty
 
         check_length_penalty(self.length_penalty)  # NaN, inf or beyond 10: arbitrary, overflowing or empty rankings
+        if self.batch_order not in BATCH_ORDERS:
+            raise ValueError(f"batch_order must be one of {BATCH_ORDERS}, got {self.batch_order!r}")
         for name in ("num_beams", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -291,7 +299,7 @@ def _read_json_file(path: Path) -> dict:
 
 
 # Beam-search settings a protocol records only when they differ from these (so earlier fingerprints stay valid).
-UNRECORDED_BEAM_DEFAULTS: dict[str, Any] = {"prompt_fit": "own_answer", "early_stopping": True}
+UNRECORDED_BEAM_DEFAULTS: dict[str, Any] = {"prompt_fit": "own_answer", "early_stopping": True, "batch_order": "rows"}
 
 
 def _protocol_changes(found: Any, wanted: dict, limit: int = 6) -> str:
@@ -323,6 +331,17 @@ def _same_dataset(a: str, b: str) -> bool:
         return str(path.resolve()) if path.exists() else os.path.normpath(name)
 
     return a == b or where(a) == where(b)
+
+
+def rows_by_length(rows: list[int], lengths: list[int]) -> list[int]:
+    """``rows`` longest prompt first, ties in their given order (``batch_order: length``).
+
+    Longest first as the trainers' length grouping does: a batch too large for the device fails at once, not at
+    the end of a long evaluation."""
+    if len(rows) != len(lengths):
+        raise ValueError(f"{len(rows)} rows but {len(lengths)} lengths")
+    at = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
+    return [rows[i] for i in at]
 
 
 def select_rows(n: int, max_rows: int, seed: int) -> list[int]:
@@ -870,19 +889,30 @@ class Evaluator:
         from tqdm.auto import tqdm
 
         from llmrec.decoding.beam_search import NonFiniteLogitsError
-        from llmrec.decoding.search import build_catalog_trie, rank_batch
+        from llmrec.decoding.search import build_catalog_trie, prompt_lengths, rank_batch
         from llmrec.models.checkpoint import load_for_inference
         from llmrec.prompts import PromptError, PromptTemplate
 
         c = self.config
         template = PromptTemplate.load(c.prompt)
-        batches = [rows[i:i + c.batch_size] for i in range(0, len(rows), c.batch_size)]
-        mine = [b for i, b in enumerate(batches) if i % self.state.num_processes == self.state.process_index]
-        todo = [b for b in mine if not all(r in done for r in b)]
+
+        def my_unfinished_batches(order: list[int]) -> list[list[int]]:
+            batches = [order[i:i + c.batch_size] for i in range(0, len(order), c.batch_size)]
+            mine = [b for i, b in enumerate(batches) if i % self.state.num_processes == self.state.process_index]
+            return [b for b in mine if not all(r in done for r in b)]
+
+        # Batches by length need the tokenizer and the trie (a prompt's room for the answer) before they are known.
+        todo = my_unfinished_batches(rows) if c.batch_order == "rows" else [r for r in rows if r not in done]
         if not todo:
             return []
         model, tokenizer = load_for_inference(c.model_name_or_path, c.checkpoint, c.dtype, self.state.device)
         trie = build_catalog_trie(data.catalog, tokenizer, template, c.use_chat_template, c.tokenization)
+        if c.batch_order == "length":
+            # Every process computes the same order, so the batches are split between them as in row order.
+            lengths = prompt_lengths(model, tokenizer, trie, template, [split[r] for r in rows], c)
+            todo = my_unfinished_batches(rows_by_length(rows, lengths))
+            if not todo:
+                return []
         guide = self._guidance_source(trie) if c.guided else None
         recs_all = []
         # The main process's share times the processes estimates what is left (its batches may hold a row more
