@@ -1905,3 +1905,51 @@ def test_a_directory_holding_another_kind_of_run_is_refused(tmp_path, sft_dir):
     with pytest.raises(ValueError, match=r"holds protocol.json: an `llmrec evaluate` output, not a `llmrec grpo` run"):
         run_grpo(grpo_config(out, sft, max_steps=1))
     assert sorted(p.name for p in out.iterdir()) == ["protocol.json"]
+
+
+@pytest.mark.parametrize("variant", ["paper", "gaussian_group"])
+def test_gradient_direction_script_measures_the_trainers_gradient_and_the_exact_likelihood_one(tmp_path, sft_dir,
+                                                                                             variant):
+    """scripts/grpo_gradient_direction.py: its GRPO gradient is the one train_step hands to the optimiser, and its
+    likelihood gradient equals autograd of minus the mean per-token log-likelihood, prompt by prompt; the script
+    writes its table."""
+    from tests.conftest import load_script
+
+    mod = load_script("grpo_gradient_direction")
+    sft, data, _ = sft_dir
+    cfg = dict(num_generations=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_train_rows=8,
+               max_grad_norm=0.0, reward_funcs=["neg_ppl"], reward_weights=[1.0], **mod.VARIANTS[variant])
+    trainer = LatentGRPOTrainer(grpo_config(tmp_path / "a", sft, **cfg))
+    g_grpo, g_nll, stats, prompts = mod.step_gradients(trainer, 0)
+    assert prompts == 4 and float(g_grpo.norm()) > 0 and float(g_nll.norm()) > 0
+    params = [p for p in trainer.module.parameters() if p.requires_grad]
+    total = 0.0
+    for row in trainer.step_rows(0):  # one prompt per forward: another batching than the script's micro-batches
+        r = trainer.rows[row]
+        p_ids = torch.tensor([r["prompt_ids"]])
+        c_ids = torch.tensor([r["completion_ids"]])
+        lp = trainer.module(p_ids, torch.ones_like(p_ids), c_ids, torch.ones_like(c_ids),
+                            noise=torch.zeros(2, trainer.latent_lm.lm_config.hidden_size)).logprobs[0]
+        total = total - lp.mean() / prompts
+    want = torch.cat([g.flatten() for g in torch.autograd.grad(total, params)])
+    assert torch.allclose(g_nll, want, rtol=1e-4, atol=1e-7)
+    seen = {}
+    trainer.optimizer.step = lambda *a, **k: seen.setdefault(
+        "grad", torch.cat([p.grad.detach().flatten() for p in params]))
+    trainer.train_step(0)
+    assert torch.allclose(g_grpo, seen["grad"], rtol=1e-5, atol=1e-8)
+    assert -1.0 <= mod.cosine(g_grpo, g_nll) <= 1.0
+    out = tmp_path / "direction"
+    import sys
+
+    argv = [str(sft), "--variants", variant, "--prompts", "8", "--steps", "2", "--group-size", "2",
+            "--prompts-per-micro-batch", "2", "--dataset", str(data), "--output", str(out)]
+    old = sys.argv
+    sys.argv = ["grpo_gradient_direction.py", *argv]
+    try:
+        assert mod.main() == 0
+    finally:
+        sys.argv = old
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [r["variant"] for r in record["results"]] == [variant] and len(record["results"][0]["steps"]) == 2
+    assert f"| {variant} |" in out.with_suffix(".md").read_text()
