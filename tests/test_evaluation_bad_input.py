@@ -327,3 +327,7 @@ def test_a_prompt_budget_too_small_names_the_split_file_and_rows(prepared_dir, t
         _config(prepared_dir, tmp_path / "neg", max_prompt_length=-1)
     with pytest.raises(PromptError, match=r"test\.jsonl rows 0\.\.\d+ \(0-based\): .*\(max_prompt_length 12\)"):
         evaluate(_config(prepared_dir, tmp_path / "small", max_prompt_length=12, max_rows=0))
+    # batch_order length measures every prompt first: the same file and row named
+    with pytest.raises(PromptError, match=r"test\.jsonl row 0 \(0-based\): .*\(max_prompt_length 12\)"):
+        evaluate(_config(prepared_dir, tmp_path / "small_by_length", max_prompt_length=12, max_rows=0,
+                         batch_order="length"))

@@ -909,7 +909,13 @@ class Evaluator:
         trie = build_catalog_trie(data.catalog, tokenizer, template, c.use_chat_template, c.tokenization)
         if c.batch_order == "length":
             # Every process computes the same order, so the batches are split between them as in row order.
-            lengths = prompt_lengths(model, tokenizer, trie, template, [split[r] for r in rows], c)
+            lengths = []
+            for r in rows:
+                try:
+                    lengths += prompt_lengths(model, tokenizer, trie, template, [split[r]], c)
+                except PromptError as e:  # named as rank_batch's are
+                    raise PromptError(f"{Path(data.directory) / (c.split + '.jsonl')} row {r} (0-based): {e} "
+                                      f"(max_prompt_length {c.max_prompt_length})") from None
             todo = my_unfinished_batches(rows_by_length(rows, lengths))
             if not todo:
                 return []
