@@ -32,6 +32,7 @@ VARIANTS: dict[str, dict] = {
     "paper": dict(advantage_mode="batch", noise_mode="absolute", noise_scale=1.5, policy_logprob="target"),
     "group": dict(advantage_mode="group", noise_mode="absolute", noise_scale=1.5, policy_logprob="target"),
     "relative0.3": dict(advantage_mode="batch", noise_mode="relative", noise_scale=0.3, policy_logprob="target"),
+    "group_relative0.3": dict(advantage_mode="group", noise_mode="relative", noise_scale=0.3, policy_logprob="target"),
     "gaussian_group": dict(advantage_mode="group", noise_mode="relative", noise_scale=0.3, policy_logprob="gaussian"),
 }
 

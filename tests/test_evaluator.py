@@ -510,8 +510,8 @@ def test_batch_order_length_batches_similar_prompts_and_ranks_as_row_order(prepa
     resumed = evaluate(tiny_config(prepared_dir, tmp_path / "resumed", batch_order="length"))
     assert resumed["metrics"] == by_length["metrics"]
     assert (tmp_path / "resumed" / "rankings.jsonl").read_text() == (tmp_path / "length" / "rankings.jsonl").read_text()
-    # A partial evaluation in row order is another protocol.
-    with pytest.raises(ValueError, match=r"batch_order='rows' \(here 'length'\)|batch_order"):
+    # A finished evaluation in row order is another protocol.
+    with pytest.raises(ValueError, match=r"different protocol \(batch_order='rows' \(here 'length'\)\)"):
         evaluate(tiny_config(prepared_dir, tmp_path / "rows", batch_order="length"))
     with pytest.raises(ValueError, match="batch_order must be one of"):
         tiny_config(prepared_dir, tmp_path / "x", batch_order="longest")

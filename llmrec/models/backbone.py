@@ -674,7 +674,7 @@ def _refuse_near_alias(name: str) -> None:
     close = difflib.get_close_matches(name.lower(), known_aliases(), n=1, cutoff=0.8)
     if close:
         raise UnknownAliasError(
-            f"unknown model '{name}': not a local directory nor a built-in alias; did you mean '{close[0]}'? "
+            f"unknown model '{name}': neither a local directory nor a built-in alias; did you mean '{close[0]}'? "
             f"(aliases: {', '.join(known_aliases())}; a Hugging Face hub id is 'org/name')"
         )
 
