@@ -145,7 +145,8 @@ def main() -> int:
                   "steps": args.steps, "group_size": args.group_size, "dtype": args.dtype, "seed": args.seed,
                   "reward_funcs": ["neg_ppl"], "results": results}
         lines = [f"Latent GRPO gradient vs the exact likelihood gradient (`python scripts/grpo_gradient_direction.py "
-                 f"{args.sft_checkpoint} --prompts {args.prompts} --steps {args.steps}`; G = {args.group_size}, "
+                 f"{args.sft_checkpoint} --prompts {args.prompts} --steps {args.steps} --variants "
+                 f"{' '.join(args.variants)}`; G = {args.group_size}, "
                  f"{args.dtype}, reward neg_ppl, seed {args.seed}). cos > 0: descending the GRPO loss raises the "
                  "noise-free log-likelihood of the true title (first order).", "",
                  "| variant | settings | cos (all prompts) | AdamW first step cos | per-step cos |",
