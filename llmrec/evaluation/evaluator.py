@@ -909,13 +909,16 @@ class Evaluator:
         trie = build_catalog_trie(data.catalog, tokenizer, template, c.use_chat_template, c.tokenization)
         if c.batch_order == "length":
             # Every process computes the same order, so the batches are split between them as in row order.
-            lengths = []
-            for r in rows:
-                try:
-                    lengths += prompt_lengths(model, tokenizer, trie, template, [split[r]], c)
-                except PromptError as e:  # named as rank_batch's are
-                    raise PromptError(f"{Path(data.directory) / (c.split + '.jsonl')} row {r} (0-based): {e} "
-                                      f"(max_prompt_length {c.max_prompt_length})") from None
+            try:  # one call: each call scans the catalogue's titles for the answer budget
+                lengths = prompt_lengths(model, tokenizer, trie, template, [split[r] for r in rows], c)
+            except PromptError:
+                for r in rows:  # only on failure: find the row, named as rank_batch's are
+                    try:
+                        prompt_lengths(model, tokenizer, trie, template, [split[r]], c)
+                    except PromptError as e:
+                        raise PromptError(f"{Path(data.directory) / (c.split + '.jsonl')} row {r} (0-based): {e} "
+                                          f"(max_prompt_length {c.max_prompt_length})") from None
+                raise
             todo = my_unfinished_batches(rows_by_length(rows, lengths))
             if not todo:
                 return []
